@@ -1,0 +1,262 @@
+"""The config tree. Every field carries a one-line docstring that doubles as `--help` text (tyro reads them).
+
+`__post_init__` validates each section; errors name the option and its valid values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fasttune.errors import ConfigError
+
+ATTN_CHOICES = (
+    "auto",
+    "eager",
+    "sdpa",
+    "flex_attention",
+    "varlen",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+)
+MODEL_PRESETS = ("tiny", "small", "125m", "350m", "1b")
+DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+OVERLONG = ("truncate", "split", "drop")
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{option}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _positive(option: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{option}={value!r} is not valid; it must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Model shape built from a config when --model is not given: tiny (~5M), small, 125m, 350m, 1b."""
+    path: str | None = None
+    """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16, fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (slower)."""
+    trust_remote_code: bool = False
+    """Allow a local model folder to run its own Python code. Off: only transformers' own models load."""
+    liger: bool = False
+    """Patch in Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) when liger-kernel is installed."""
+
+    def __post_init__(self) -> None:
+        _choice("model.preset", self.preset, MODEL_PRESETS)
+        _choice("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Dataset: text file or folder, .jsonl/.json/.parquet/.csv, or a save_to_disk folder. None: the embedded
+    corpus (this Python's standard library source)."""
+    format: str = "auto"
+    """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
+    train_on_prompt: bool = False
+    """Supervised formats: also train on prompt tokens (default: loss on the response only)."""
+    max_length: int = 256
+    """Longest sample in tokens; longer ones are handled per `overlong`."""
+    overlong: str = "split"
+    """What to do with samples longer than max_length: truncate, split (into max_length pieces), drop."""
+    packing: bool = True
+    """Padding-free packing: samples share a micro-batch row with restarting positions and no cross-attention."""
+    micro_batch_size: int = 8
+    """Samples per micro-batch when padded; when packed, the token budget is micro_batch_size * max_length."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation (deterministic split)."""
+    tokenizer_vocab_size: int = 4096
+    """Vocabulary size of the byte-level BPE tokenizer trained on the embedded corpus."""
+    max_documents: int | None = None
+    """Use at most this many documents (None: all)."""
+    cache_dir: str = ".cache/fasttune"
+    """Where the trained tokenizer and the tokenized corpus are cached."""
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, DATA_FORMATS)
+        _choice("data.overlong", self.overlong, OVERLONG)
+        _positive("data.max_length", self.max_length)
+        _positive("data.micro_batch_size", self.micro_batch_size)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction!r} is not valid; it must be in [0, 1)")
+        if self.tokenizer_vocab_size < 260:
+            raise ConfigError(f"data.tokenizer_vocab_size={self.tokenizer_vocab_size} is too small; use >= 260")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: int = 32
+    """LoRA alpha (scaling = alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA path."""
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Module names that get adapters."""
+    merge_on_save: bool = True
+    """At the end of training, also save the adapters merged into the base weights (final/merged)."""
+
+    def __post_init__(self) -> None:
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 200
+    """Optimizer steps to run."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms and biases)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    eval_every: int = 50
+    """Validate every N steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per validation."""
+    log_every: int = 10
+    """Append to metrics.jsonl every N steps."""
+    save_every: int = 100
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    max_bad_steps: int = 3
+    """Non-finite loss/gradient steps skipped (with a warning) before training stops."""
+    oom_retry: bool = False
+    """On CUDA out-of-memory, halve the micro-batch and double grad_accum (same global batch) and retry."""
+    tensorboard: bool = False
+    """Also log to TensorBoard under the run directory."""
+    device: str = "auto"
+    """Device: auto (cuda if available), cpu, cuda, cuda:N."""
+    compile: bool = False
+    """torch.compile each decoder layer (needs a working compiler toolchain)."""
+
+    def __post_init__(self) -> None:
+        _positive("training.max_steps", self.max_steps)
+        _positive("training.lr", self.lr)
+        _positive("training.grad_accum", self.grad_accum)
+        _positive("training.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("training.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _positive("training.eval_every", self.eval_every, allow_zero=True)
+        _positive("training.save_every", self.save_every, allow_zero=True)
+        _positive("training.log_every", self.log_every)
+        _positive("training.keep_last", self.keep_last)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"training.min_lr_ratio={self.min_lr_ratio!r} is not valid; it must be in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"training.device={self.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    """Tokens to generate."""
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    sample_prompt: str = "def "
+    """Prompt for the sample printed at the end of training ('' to skip)."""
+
+    def __post_init__(self) -> None:
+        _positive("generation.max_new_tokens", self.max_new_tokens)
+        _positive("generation.temperature", self.temperature, allow_zero=True)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"generation.top_p={self.top_p!r} is not valid; it must be in (0, 1]")
+
+
+@dataclass
+class BaseConfig:
+    attn_implementation: str = "sdpa"
+    """Attention backend: auto, eager, sdpa, flex_attention, varlen, flash_attention_2/3/4."""
+    strict_attention: bool = False
+    """Fail instead of falling back when the requested attention backend is unavailable."""
+    experiment: str = "quick"
+    """Name of the preset this config came from (informational)."""
+    output_dir: str = "runs/quick"
+    """Run directory: config, metrics, plots and checkpoints go here."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in output_dir."""
+    overwrite: bool = False
+    """Delete an existing run in output_dir and start over."""
+    seed: int = 0
+    """Random seed (model init, data order, sampling)."""
+    force: bool = False
+    """Run a GPU-scale experiment on a machine without a GPU anyway."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self) -> None:
+        _choice("attn_implementation", self.attn_implementation, ATTN_CHOICES)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+        if self.lora.enabled and self.model.path is None and self.model.preset not in MODEL_PRESETS:
+            raise ConfigError("lora.enabled needs a base model (--model PATH or a model.preset)")
+
+    def validate(self) -> BaseConfig:
+        """Re-run every section's checks (after fields were changed in place)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.__post_init__()
+        self.__post_init__()
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+
+def to_dict(cfg: BaseConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> BaseConfig:
+    """Rebuild a config from `to_dict` output (e.g. the config.json in a run directory)."""
+    sections = {f.name: f.type for f in dataclasses.fields(BaseConfig)}
+    kwargs = {}
+    classes = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "training": TrainingConfig,
+        "lora": LoraConfig,
+        "generation": GenerationConfig,
+    }
+    for key, value in data.items():
+        if key not in sections:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sections)}")
+        if key in classes:
+            known = {f.name for f in dataclasses.fields(classes[key])}
+            unknown = set(value) - known
+            if unknown:
+                raise ConfigError(f"unknown option {key}.{sorted(unknown)[0]}; valid: {', '.join(sorted(known))}")
+            if key == "lora" and "targets" in value:
+                value = {**value, "targets": tuple(value["targets"])}
+            kwargs[key] = classes[key](**value)
+        else:
+            kwargs[key] = value
+    return BaseConfig(**kwargs)

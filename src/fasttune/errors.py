@@ -1,0 +1,21 @@
+"""The one exception type users see: a clear, one-line message with the fix, printed without a traceback."""
+
+
+class FasttuneError(Exception):
+    """A user-facing error. The CLI prints `error: <message>` and exits with `exit_code` (no traceback
+    unless --debug). The message names the file, line or option at fault and what to do about it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(FasttuneError):
+    """A config value is invalid: the message names the option and its valid values."""
+
+
+class DataError(FasttuneError):
+    """A dataset cannot be read or used: the message names the file (and line/record) and the fix."""
