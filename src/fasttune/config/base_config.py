@@ -21,9 +21,9 @@ ATTN_CHOICES = (
     "flash_attention_3",
     "flash_attention_4",
 )
-MODEL_PRESETS = ("tiny", "small", "125m", "350m", "1b")
+MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b")
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("truncate", "split", "drop")
 
 
@@ -41,11 +41,11 @@ def _positive(option: str, value: float, allow_zero: bool = False) -> None:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """Model shape built from a config when --model is not given: tiny (~5M), small, 125m, 350m, 1b."""
+    """Model shape built from a config when --model is not given: micro (tests), tiny (~4M), small, 125m, 350m, 1b."""
     path: str | None = None
     """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
     dtype: str = "auto"
-    """Compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16, fp32."""
+    """auto: fp32 weights + bf16 autocast on CUDA, fp32 on CPU; bf16: pure bf16 weights and optimizer; fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     trust_remote_code: bool = False
@@ -193,7 +193,7 @@ class BaseConfig:
     strict_attention: bool = False
     """Fail instead of falling back when the requested attention backend is unavailable."""
     experiment: str = "quick"
-    """Name of the preset this config came from (informational)."""
+    """Experiment preset (quick, full, sft, lora), applied first; the other options override it."""
     output_dir: str = "runs/quick"
     """Run directory: config, metrics, plots and checkpoints go here."""
     resume: bool = False

@@ -29,10 +29,12 @@ def full() -> BaseConfig:
         output_dir="runs/full",
         attn_implementation="auto",
         model=dataclasses.replace(cfg.model, preset="1b", dtype="bf16", liger=True),
-        data=dataclasses.replace(cfg.data, max_length=2048, micro_batch_size=8, max_documents=None,
-                                 tokenizer_vocab_size=32000),
-        training=dataclasses.replace(cfg.training, max_steps=2000, lr=3e-4, warmup_steps=100, eval_every=250,
-                                     save_every=500),
+        data=dataclasses.replace(
+            cfg.data, max_length=2048, micro_batch_size=8, max_documents=None, tokenizer_vocab_size=32000
+        ),
+        training=dataclasses.replace(
+            cfg.training, max_steps=2000, lr=3e-4, warmup_steps=100, eval_every=250, save_every=500
+        ),
     )
 
 
@@ -44,8 +46,9 @@ def sft() -> BaseConfig:
         experiment="sft",
         output_dir="runs/sft",
         data=dataclasses.replace(cfg.data, format="auto", max_length=1024, micro_batch_size=4, max_documents=None),
-        training=dataclasses.replace(cfg.training, max_steps=500, lr=2e-5, warmup_steps=20, weight_decay=0.0,
-                                     eval_every=100, save_every=250),
+        training=dataclasses.replace(
+            cfg.training, max_steps=500, lr=2e-5, warmup_steps=20, weight_decay=0.0, eval_every=100, save_every=250
+        ),
     )
 
 

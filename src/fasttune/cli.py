@@ -1,0 +1,194 @@
+"""Command line: `fasttune train|generate|doctor|bench|experiments`. Thin: parse, build a config, call one function.
+
+Bad input ends with one line `error: ...` and exit code 2 (no traceback unless --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fasttune.errors import FasttuneError
+
+log = logging.getLogger("fasttune")
+
+# Stable short flags: alias -> full tyro option.
+SHORT_FLAGS = {
+    "--model": "--model.path",
+    "--data": "--data.path",
+    "--max-steps": "--training.max-steps",
+    "--save-every": "--training.save-every",
+}
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars drown the training output
+
+
+def _pop_flag(args: list[str], flag: str, takes_value: bool = False) -> str | bool | None:
+    for i, a in enumerate(args):
+        if a == flag:
+            args.pop(i)
+            return args.pop(i) if takes_value and i < len(args) else (None if takes_value else True)
+        if takes_value and a.startswith(flag + "="):
+            args.pop(i)
+            return a.split("=", 1)[1]
+    return None if takes_value else False
+
+
+def _expand(arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    return SHORT_FLAGS.get(flag, flag) + eq + value
+
+
+def parse_train_args(argv: Sequence[str]):
+    """`--experiment NAME` picks the preset; every config field can then be overridden (tyro)."""
+    import tyro
+
+    from fasttune.config import BaseConfig, get_experiment
+
+    args = list(argv)
+    name = _pop_flag(args, "--experiment", takes_value=True) or "quick"
+    base = get_experiment(name)
+    args = [_expand(a) for a in args]
+    short = ", ".join(f"{k} = {v}" for k, v in SHORT_FLAGS.items())
+    cfg = tyro.cli(
+        BaseConfig,
+        default=base,
+        args=args,
+        prog=f"fasttune train --experiment {name}",
+        description=f"Train or fine-tune a causal LM; options override the preset. Short flags: {short}.",
+    )
+    return cfg.validate()
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from fasttune.train.loop import train
+
+    cfg = parse_train_args(argv)
+    result = train(cfg)
+    if result.first_val_loss is not None:
+        log.info("validation loss %.4f -> %.4f", result.first_val_loss, result.last_val_loss)
+    if cfg.generation.sample_prompt and result.checkpoint is not None:
+        from fasttune.generate.generate import generate, load_for_generation
+
+        model, tok = load_for_generation(result.checkpoint, cfg.training.device)
+        g = generate(
+            model,
+            tok,
+            cfg.generation.sample_prompt,
+            max_new_tokens=cfg.generation.max_new_tokens,
+            temperature=cfg.generation.temperature,
+            top_p=cfg.generation.top_p,
+        )
+        print(f"sample ({g.tokens_per_s:.0f} tok/s): {cfg.generation.sample_prompt}{g.text}")
+    return 0
+
+
+def cmd_generate(argv: Sequence[str]) -> int:
+    from fasttune.generate.generate import generate, load_for_generation
+
+    p = argparse.ArgumentParser(prog="fasttune generate", description="Generate text from a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (e.g. runs/quick/checkpoints/step-000200)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.max_new_tokens <= 0 or a.temperature < 0 or not 0 < a.top_p <= 1:
+        raise FasttuneError("--max-new-tokens must be > 0, --temperature >= 0 and --top-p in (0, 1]")
+    model, tok = load_for_generation(a.checkpoint, a.device)
+    sys.stdout.write(a.prompt)
+    g = generate(
+        model,
+        tok,
+        a.prompt,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        stream=True,
+        seed=a.seed,
+    )
+    print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_experiments(argv: Sequence[str]) -> int:
+    from fasttune.config.experiments import describe
+
+    for name, line in describe():
+        print(f"{name:8s} {line}")
+    return 0
+
+
+def cmd_doctor(argv: Sequence[str]) -> int:
+    try:
+        from fasttune.doctor.checks import main as doctor_main
+    except ImportError:
+        raise FasttuneError("`fasttune doctor` is not yet available in this version") from None
+    return doctor_main(argv)
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        from fasttune.bench.cli import main as bench_main
+    except ImportError:
+        raise FasttuneError("`fasttune bench` is not yet available in this version") from None
+    return bench_main(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "doctor": cmd_doctor,
+    "bench": cmd_bench,
+    "experiments": cmd_experiments,
+}
+
+
+def run(command: str, argv: Sequence[str]) -> int:
+    """Run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug)."""
+    args = list(argv)
+    debug = bool(_pop_flag(args, "--debug"))
+    _setup_logging(debug)
+    try:
+        return COMMANDS[command](args)
+    except FasttuneError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(
+            "usage: fasttune {train,generate,doctor,bench,experiments} [options]\n"
+            "  train        train / fine-tune (--experiment quick|full|sft|lora, see `fasttune train --help`)\n"
+            "  generate     generate text from a checkpoint\n"
+            "  doctor       diagnose which fast paths work here and how to fix the rest\n"
+            "  bench        measure attention backends and training throughput on this machine\n"
+            "  experiments  list the experiment presets",
+            file=sys.stderr if argv else sys.stdout,
+        )
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""From config to tokenized train/validation samples, the tokenizer and a data summary."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from fasttune.config import BaseConfig
+from fasttune.data.corpus import corpus_fingerprint, load_stdlib_corpus, stable_fraction
+from fasttune.data.packing import IGNORE, plan_micro_batches
+from fasttune.data.tokenizer import cached_tokenizer
+from fasttune.errors import DataError
+
+log = logging.getLogger("fasttune")
+
+
+@dataclass
+class DataSummary:
+    source: str
+    format: str
+    train_samples: int = 0
+    val_samples: int = 0
+    train_tokens: int = 0
+    longest: int = 0
+    truncated: int = 0
+    split: int = 0
+    dropped: int = 0
+    padded_tokens: int = 0
+    """Tokens the same samples would occupy as padded micro-batches (padding included)."""
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        saved = self.padded_tokens - self.train_tokens
+        pct = 100 * saved / self.padded_tokens if self.padded_tokens else 0.0
+        return [
+            f"data: {self.source} ({self.format})",
+            f"  samples: {self.train_samples:,} train, {self.val_samples:,} validation; "
+            f"{self.train_tokens:,} train tokens, longest {self.longest:,}",
+            f"  packing saves {saved:,} of {self.padded_tokens:,} padded tokens ({pct:.1f}%)",
+            f"  overlong samples: {self.truncated} truncated, {self.split} split, {self.dropped} dropped",
+            *self.notes,
+        ]
+
+
+@dataclass
+class DataBundle:
+    train: list[dict]
+    val: list[dict]
+    tokenizer: PreTrainedTokenizerBase
+    summary: DataSummary
+
+
+def fit_length(samples: list[dict], max_length: int, mode: str, summary: DataSummary) -> list[dict]:
+    """Apply the overlong policy (truncate / split / drop) and count what happened."""
+    out = []
+    for s in samples:
+        n = len(s["input_ids"])
+        if n <= max_length:
+            out.append(s)
+        elif mode == "truncate":
+            summary.truncated += 1
+            out.append({k: v[:max_length] for k, v in s.items()})
+        elif mode == "split":
+            summary.split += 1
+            for i in range(0, n, max_length):
+                piece = {k: v[i : i + max_length] for k, v in s.items()}
+                if len(piece["input_ids"]) > 1 and any(t != IGNORE for t in piece["labels"][1:]):
+                    out.append(piece)
+        else:
+            summary.dropped += 1
+    return [s for s in out if any(t != IGNORE for t in s["labels"][1:])]
+
+
+def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [{"input_ids": x + eos, "labels": x + eos} for x in ids]
+
+
+def _record_text(record: dict) -> str:
+    """The raw text of a record, for training a tokenizer (chat messages contribute their contents)."""
+    if isinstance(record.get("messages"), list):
+        return "\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
+    return "\n".join(str(v) for v in record.values() if isinstance(v, str))
+
+
+def _load_tokenizer(cfg: BaseConfig, texts: list[str], fingerprint: str) -> PreTrainedTokenizerBase:
+    if cfg.model.path:
+        try:
+            tok = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise DataError(
+                f"--model {cfg.model.path}: no usable tokenizer there ({e}); save one with "
+                "tokenizer.save_pretrained into that folder"
+            ) from None
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return cached_tokenizer(texts, cfg.data.tokenizer_vocab_size, cfg.data.cache_dir, fingerprint)
+
+
+def _split(items: list, val_fraction: float) -> tuple[list, list]:
+    """Deterministic split by a hash of each record's index (same records held out on every run)."""
+    train, val = [], []
+    for i, item in enumerate(items):
+        (val if stable_fraction(f"split:{i}") < val_fraction else train).append(item)
+    if val_fraction > 0 and not val and len(train) > 1:
+        val.append(train.pop())
+    return train, val
+
+
+def build_data(cfg: BaseConfig) -> DataBundle:
+    d = cfg.data
+    if d.path is None:
+        train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
+        tokenizer = _load_tokenizer(cfg, [x.text for x in train_docs], corpus_fingerprint(train_docs))
+        summary = DataSummary(
+            source=f"embedded corpus (Python stdlib, {len(train_docs) + len(val_docs)} files)", format="text"
+        )
+        train = _text_samples([x.text for x in train_docs], tokenizer)
+        val = _text_samples([x.text for x in val_docs], tokenizer)
+    else:
+        from fasttune.data.formats import load_records
+        from fasttune.data.sft import tokenize_records
+
+        records, fmt = load_records(d.path, d.format)
+        records = records[: d.max_documents]
+        train_recs, val_recs = _split(records, d.val_fraction)
+        texts = [_record_text(r) for r in train_recs]
+        tokenizer = _load_tokenizer(cfg, texts, hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16])
+        summary = DataSummary(source=d.path, format=fmt)
+        train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
+        val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
+    train = fit_length(train, d.max_length, d.overlong, summary)
+    val = fit_length(val, d.max_length, d.overlong, DataSummary("", ""))
+    if not train:
+        raise DataError(
+            f"{d.path or 'embedded corpus'}: no training samples left (every sample is empty or was "
+            "dropped as overlong); check data.max_length and data.overlong"
+        )
+    lengths = [len(s["input_ids"]) for s in train]
+    summary.train_samples, summary.val_samples = len(train), len(val)
+    summary.train_tokens, summary.longest = sum(lengths), max(lengths)
+    padded = plan_micro_batches(
+        lengths, packing=False, micro_batch_size=d.micro_batch_size, max_length=d.max_length, seed=cfg.seed, epoch=0
+    )
+    summary.padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
+    return DataBundle(train, val, tokenizer, summary)

@@ -1,0 +1,91 @@
+"""Text generation from a checkpoint: greedy or sampled (temperature, top-p), streamed, with tokens/s."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from threading import Thread
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from fasttune.errors import FasttuneError
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_for_generation(checkpoint: str | Path, device: str = "auto"):
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FasttuneError(
+            f"--checkpoint {path}: no config.json there; pass a checkpoint folder such as "
+            "runs/quick/checkpoints/step-000200"
+        )
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stream: bool = False,
+    seed: int = 0,
+) -> Generation:
+    """Generate a continuation of `prompt`; with stream=True the text is printed as it is produced."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    if enc["input_ids"].shape[1] == 0:
+        raise FasttuneError("--prompt is empty after tokenization; pass some text")
+    torch.manual_seed(seed)
+    kwargs = dict(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    t0 = time.perf_counter()
+    if stream:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result: dict = {}
+        thread = Thread(target=lambda: result.update(out=model.generate(**kwargs, streamer=streamer)))
+        thread.start()
+        for piece in streamer:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        thread.join()
+        out = result["out"]
+        sys.stdout.write("\n")
+    else:
+        out = model.generate(**kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    new = out[0, enc["input_ids"].shape[1] :]
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds)

@@ -1,0 +1,124 @@
+"""Checkpoints: HF `save_pretrained` (safetensors) + tokenizer + trainer state, written atomically.
+
+A checkpoint is written into `checkpoints/.tmp-step-N-<pid>`, every file fsync'ed, then renamed to
+`checkpoints/step-N` in one `os.rename`, so a crash, kill or full disk in the middle of a save leaves the
+previous checkpoint as it was. Only folders named `step-N` count as checkpoints; old ones are pruned only after
+a newer one is complete. States load with `torch.load(weights_only=True)`, weights only from safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from fasttune.errors import FasttuneError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.pt"
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array as a tensor: torch.load(weights_only=True) refuses numpy objects
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise FasttuneError(
+                f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint "
+                "is intact; free disk space or pick another --output-dir, then --resume"
+            ) from None
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    return state
+
+
+def load_weights(model, ckpt: Path, lora: bool) -> None:
+    """Load checkpoint weights into an already built model (safetensors only)."""
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FasttuneError(f"{ckpt}: no .safetensors weights; the checkpoint is incomplete, delete it and --resume")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(f))
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, tensors)
+        return
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise FasttuneError(
+            f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); resume with the same --model / model.preset as the original run"
+        )

@@ -1,0 +1,355 @@
+"""The one training loop. Full fine-tuning, LoRA, packing and padding are transforms of the model or the data,
+never copies of this loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fasttune.config import BaseConfig
+from fasttune.data.packing import collate, count_targets, plan_micro_batches, real_tokens
+from fasttune.data.pipeline import DataBundle, build_data
+from fasttune.errors import FasttuneError
+from fasttune.model.build import attention_flops, flops_per_token
+from fasttune.train import checkpoint as ckpt
+from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib, perplexity, print_summary, save_plots
+from fasttune.train.setup import build_optimizer, prepare_model, prepare_run_dir, resolve_device, write_config
+
+log = logging.getLogger("fasttune")
+
+
+class Interrupted(FasttuneError):
+    """Ctrl-C / SIGTERM: the run saved a checkpoint and stopped; exit code 130 (SIGINT) or 143 (SIGTERM)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    """Index of the next micro-batch in this epoch's plan."""
+    bad_steps: int = 0
+    micro_split: int = 1
+    """Each planned micro-batch runs as this many pieces (raised by the OOM retry; same global batch)."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    first_val_loss: float | None = None
+    last_val_loss: float | None = None
+    checkpoint: Path | None = None
+    records: list[dict] = field(default_factory=list)
+
+
+class DataStream:
+    """Deterministic micro-batch order: epoch plans depend only on (seed, epoch), position is (epoch, cursor)."""
+
+    def __init__(self, data: DataBundle, cfg: BaseConfig, state: TrainState):
+        self.data, self.cfg, self.state = data, cfg, state
+        self.lengths = [len(s["input_ids"]) for s in data.train]
+        self._plan_epoch, self._plan = -1, []
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if self._plan_epoch != epoch:
+            d = self.cfg.data
+            self._plan = plan_micro_batches(
+                self.lengths,
+                packing=d.packing,
+                micro_batch_size=d.micro_batch_size,
+                max_length=d.max_length,
+                seed=self.cfg.seed,
+                epoch=epoch,
+            )
+            self._plan_epoch = epoch
+        return self._plan
+
+    def next(self) -> list[dict]:
+        s = self.state
+        if s.cursor >= len(self.plan(s.epoch)):
+            s.epoch, s.cursor = s.epoch + 1, 0
+        idx = self.plan(s.epoch)[s.cursor]
+        s.cursor += 1
+        return [self.data.train[i] for i in idx]
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _split_samples(samples: list[dict], parts: int) -> list[list[dict]]:
+    parts = min(parts, len(samples))
+    return [samples[i::parts] for i in range(parts)]
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write("stopping after this step (Ctrl-C again to abort without saving)...")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def forward_backward(model, batches: list[dict], n_targets: int, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Sum of the micro-batches' token-mean losses, each normalised by the targets of the whole step, so the
+    result is the exact per-token mean whatever the split into micro-batches or the padding."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for b in batches:
+        with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(**b, use_cache=False, num_items_in_batch=n_targets)
+        out.loss.backward()
+        total += out.loss.detach().float()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, data: DataBundle, cfg: BaseConfig, device: torch.device, amp_dtype) -> float | None:
+    if not data.val:
+        return None
+    d = cfg.data
+    lengths = [len(s["input_ids"]) for s in data.val]
+    plan = plan_micro_batches(
+        lengths, packing=d.packing, micro_batch_size=d.micro_batch_size, max_length=d.max_length, seed=cfg.seed, epoch=0
+    )[: cfg.training.eval_batches]
+    model.eval()
+    loss_sum, n_sum = 0.0, 0
+    for idx in plan:
+        b = _to_device(
+            collate([data.val[i] for i in idx], packing=d.packing, pad_id=data.tokenizer.pad_token_id), device
+        )
+        n = count_targets(b)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(**b, use_cache=False, num_items_in_batch=1)  # loss = sum over target tokens
+        loss_sum += float(out.loss)
+        n_sum += n
+    model.train()
+    return loss_sum / max(n_sum, 1)
+
+
+def _oom_message(cfg: BaseConfig, state: TrainState, device: torch.device) -> str:
+    d = cfg.data
+    free, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+    return (
+        f"CUDA out of memory at step {state.step + 1}: micro-batch {d.micro_batch_size} samples / "
+        f"{d.micro_batch_size * d.max_length} tokens, split {state.micro_split}x; peak "
+        f"{peak_memory_gib(device) or 0:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB. Lower "
+        "--data.micro-batch-size (raise --training.grad-accum to keep the batch), turn on "
+        "--model.gradient-checkpointing, or pass --training.oom-retry"
+    )
+
+
+def train(cfg: BaseConfig) -> RunResult:
+    """Run (or resume) one training run as configured; returns where things went and the first/last losses."""
+    cfg.validate()
+    run_dir = prepare_run_dir(cfg)
+    torch.manual_seed(cfg.seed)
+    device, amp_dtype, param_dtype = resolve_device(cfg)
+    data = build_data(cfg)
+    for line in data.summary.lines():
+        log.info(line)
+    model, attn = prepare_model(cfg, data, device, param_dtype)
+    optimizer, scheduler = build_optimizer(cfg, model, device)
+    state = TrainState()
+    metrics = MetricsLog(run_dir, cfg.training.tensorboard)
+    if cfg.resume:
+        latest = ckpt.list_checkpoints(run_dir)
+        if not latest:
+            raise FasttuneError(
+                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; start over with --overwrite"
+            )
+        saved = ckpt.load_trainer_state(latest[-1])
+        ckpt.load_weights(model, latest[-1], lora=cfg.lora.enabled)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["state"])
+        ckpt.set_rng_state(saved["rng"])
+        metrics.truncate_after(state.step)
+        log.info("resumed from %s (step %d)", latest[-1], state.step)
+    write_config(cfg, run_dir)
+    stream = DataStream(data, cfg, state)
+    result = _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir)
+    metrics.close()
+    save_plots(metrics.records, run_dir)
+    result.records = metrics.records
+    _summarize(cfg, result, attn, device)
+    return result
+
+
+def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir) -> RunResult:
+    t = cfg.training
+    result = RunResult(run_dir=run_dir, steps=t.max_steps)
+    fpt, peak = flops_per_token(model.config), peak_flops(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer_state = lambda: {  # noqa: E731
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state.as_dict(),
+    }
+    save = lambda: ckpt.save_checkpoint(run_dir, state.step, model, data.tokenizer, trainer_state(), t.keep_last)  # noqa: E731
+    if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
+        val = evaluate(model, data, cfg, device, amp_dtype)
+        if val is not None:
+            metrics.append({"step": 0, "loss": None, "val_loss": val, "val_ppl": perplexity(val)})
+            log.info("step 0: val_loss %.4f  ppl %.2f", val, perplexity(val))
+    vals = [r["val_loss"] for r in metrics.records if r.get("val_loss") is not None]
+    result.first_val_loss = vals[0] if vals else None
+    model.train()
+    # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
+    live = sys.stderr.isatty()
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not live)
+    with StopSignals() as stop:
+        while state.step < t.max_steps:
+            t0 = time.perf_counter()
+            micro = [stream.next() for _ in range(t.grad_accum)]
+            samples = [s for mb in micro for s in mb]
+            pad = data.tokenizer.pad_token_id
+            while True:
+                pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
+                batches = [_to_device(collate(p, packing=cfg.data.packing, pad_id=pad), device) for p in pieces]
+                n_targets = sum(count_targets(b) for b in batches)
+                try:
+                    loss = forward_backward(model, batches, n_targets, amp_dtype)
+                    break
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    del batches
+                    torch.cuda.empty_cache()
+                    msg = _oom_message(cfg, state, device)
+                    if not t.oom_retry or state.micro_split >= max(len(mb) for mb in micro):
+                        raise FasttuneError(msg) from None
+                    state.micro_split *= 2
+                    log.warning(
+                        "out of memory; retrying with each micro-batch split %dx (same global batch)", state.micro_split
+                    )
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else 1e30)
+            loss_f, gn = float(loss), float(grad_norm)
+            if math.isfinite(loss_f) and math.isfinite(gn):
+                optimizer.step()
+            else:
+                state.bad_steps += 1
+                last = ckpt.list_checkpoints(run_dir)
+                if state.bad_steps > t.max_bad_steps:
+                    raise FasttuneError(
+                        f"stopped at step {state.step + 1}: {state.bad_steps} steps with non-finite loss/gradients "
+                        f"(loss {loss_f}, grad norm {gn}); last good checkpoint: {last[-1] if last else 'none'}. "
+                        "Lower --training.lr, check the data, or use --model.dtype fp32"
+                    )
+                log.warning(
+                    "step %d: non-finite loss %s / grad norm %s, update skipped (%d of %d allowed)",
+                    state.step + 1,
+                    loss_f,
+                    gn,
+                    state.bad_steps,
+                    t.max_bad_steps,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            dt = time.perf_counter() - t0
+            tokens = sum(real_tokens(b) for b in batches)
+            flops = fpt * tokens + attention_flops(model.config, [len(s["input_ids"]) for s in samples])
+            rec = {
+                "step": state.step,
+                "loss": loss_f,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": gn,
+                "tokens_per_s": tokens / dt,
+                "samples_per_s": len(samples) / dt,
+                "tokens": tokens,
+                "mfu": flops / dt / peak if peak else None,
+                "peak_mem_gib": peak_memory_gib(device),
+            }
+            result.first_loss = result.first_loss if result.first_loss is not None else loss_f
+            result.last_loss = loss_f
+            is_eval = (t.eval_every and state.step % t.eval_every == 0) or state.step == t.max_steps
+            if is_eval:
+                rec["val_loss"] = evaluate(model, data, cfg, device, amp_dtype)
+                if rec["val_loss"] is not None:
+                    rec["val_ppl"] = perplexity(rec["val_loss"])
+                    result.last_val_loss = rec["val_loss"]
+                    tqdm.write(
+                        f"step {state.step}: val_loss {rec['val_loss']:.4f}  ppl {rec['val_ppl']:.2f}", file=sys.stderr
+                    )
+            if is_eval or state.step % t.log_every == 0 or state.step == 1:
+                metrics.append(rec)
+            mem = f"{rec['peak_mem_gib']:.1f}G" if rec["peak_mem_gib"] is not None else "-"
+            status = (
+                f"loss {loss_f:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {rec['samples_per_s']:.1f} samp/s | "
+                f"lr {rec['lr']:.2e} | mem {mem}"
+            )
+            bar.set_postfix_str(status)
+            if not live and (state.step % t.log_every == 0 or state.step == 1):
+                log.info("step %d/%d: %s", state.step, t.max_steps, status)
+            bar.update(1)
+            if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
+                result.checkpoint = save()
+            if stop.signum is not None:
+                bar.close()
+                path = save()
+                code = 130 if stop.signum == signal.SIGINT else 143
+                raise Interrupted(
+                    f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the "
+                    f"same command plus --resume (output dir {run_dir})",
+                    exit_code=code,
+                )
+    bar.close()
+    return result
+
+
+def _summarize(cfg: BaseConfig, result: RunResult, attn, device: torch.device) -> None:
+    recs = [r for r in result.records if r.get("tokens_per_s")]
+    tps = sorted(r["tokens_per_s"] for r in recs[1:] or recs)
+    median = tps[len(tps) // 2] if tps else 0.0
+    mfus = sorted(r["mfu"] for r in recs[1:] if r.get("mfu"))
+    rows = [
+        ("experiment", cfg.experiment),
+        ("steps", str(result.steps)),
+        (
+            "train loss first -> last",
+            f"{result.first_loss:.4f} -> {result.last_loss:.4f}" if result.first_loss is not None else "-",
+        ),
+        (
+            "val loss first -> last",
+            f"{result.first_val_loss:.4f} -> {result.last_val_loss:.4f}" if result.first_val_loss is not None else "-",
+        ),
+        ("real tokens/s (median)", f"{median:,.0f}"),
+        ("MFU (median)", f"{100 * mfus[len(mfus) // 2]:.1f}%" if mfus else "n/a (no GPU peak known)"),
+        ("peak memory", f"{peak_memory_gib(device):.2f} GiB" if device.type == "cuda" else "n/a (CPU)"),
+        ("attention", attn.describe()),
+        ("packing", "on (padding-free)" if cfg.data.packing else "off (padded)"),
+        ("checkpoint", str(result.checkpoint)),
+        ("metrics", str(result.run_dir / "metrics.jsonl")),
+    ]
+    print_summary(rows)

@@ -1,0 +1,133 @@
+"""Honest per-step numbers: real (non-padding) tokens/s, samples/s, MFU, peak memory; metrics.jsonl, PNG curves,
+optional TensorBoard, and the end-of-run summary table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fasttune")
+
+# Dense bf16 tensor-core peak (FLOP/s) by device-name substring, from vendor datasheets; used for MFU only.
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl; mirrors to TensorBoard when asked."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.records: list[dict] = []
+        if self.path.exists():  # a resumed run keeps its history
+            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning(
+                    "training.tensorboard is on but tensorboard is not installed "
+                    "(pip install 'fasttune[tensorboard]'); logging to metrics.jsonl only"
+                )
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget steps logged after the checkpoint (they will be run again)."""
+        self.records = [r for r in self.records if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def save_plots(records: list[dict], run_dir: Path) -> list[Path]:
+    """loss.png (train and validation loss) and throughput.png (real tokens/s) in the run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
+    ax.set(xlabel="step", ylabel="loss", title="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    paths.append(run_dir / "loss.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    tps = [(r["step"], r["tokens_per_s"]) for r in records if r.get("tokens_per_s")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tps:
+        ax.plot(*zip(*tps, strict=True))
+    ax.set(xlabel="step", ylabel="real tokens / s", title="throughput (padding excluded)")
+    ax.grid(alpha=0.3)
+    paths.append(run_dir / "throughput.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def print_summary(rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fasttune run summary", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)

@@ -1,0 +1,202 @@
+"""Everything the loop needs before its first step: run directory checks, device and dtypes, the model with its
+attention backend (and LoRA / Liger / compile transforms), the optimizer and schedule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fasttune.config import BaseConfig, to_dict
+from fasttune.data.pipeline import DataBundle
+from fasttune.errors import ConfigError, FasttuneError
+from fasttune.model.build import build_model, load_model_config
+
+log = logging.getLogger("fasttune")
+
+RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
+RUN_ARTIFACTS = (*RUN_MARKERS, "loss.png", "throughput.png", "tensorboard")
+
+
+def prepare_run_dir(cfg: BaseConfig) -> Path:
+    """Check the output folder up front: writable, and an existing run is only touched by --resume/--overwrite."""
+    run_dir = cfg.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--output-dir {run_dir} is a file; choose a folder")
+    existing = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(
+            f"--output-dir {run_dir} already holds a run ({', '.join(existing)}); pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --output-dir"
+        )
+    if cfg.resume and not existing:
+        raise ConfigError(f"--resume: {run_dir} holds no run to resume; run without --resume")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--output-dir {run_dir} is not writable ({e.strerror or e}); choose another folder"
+        ) from None
+    if cfg.overwrite:
+        for name in RUN_ARTIFACTS:  # only what fasttune wrote; anything else of the user's stays
+            p = run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return run_dir
+
+
+def check_disk(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to start when a checkpoint could not fit: better now than after an hour of training."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need = int(1.1 * (weights + 2 * trainable) + 50e6)  # weights + AdamW moments + tokenizer/slack
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise FasttuneError(
+            f"--output-dir {run_dir}: {free / 1e9:.2f} GB free, a checkpoint needs about "
+            f"{need / 1e9:.2f} GB; free some space or choose another --output-dir"
+        )
+
+
+def _cpu_estimate(cfg: BaseConfig) -> str:
+    """How long this config would take on this CPU, from a measured matmul rate (not a guess)."""
+    a = torch.randn(1024, 1024)
+    t0 = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    rate = 4 * 2 * 1024**3 / (time.perf_counter() - t0)
+    from fasttune.model.build import PRESETS, flops_per_token, preset_config
+
+    conf = preset_config(cfg.model.preset if cfg.model.preset in PRESETS else "tiny", cfg.data.tokenizer_vocab_size)
+    tokens = cfg.training.max_steps * cfg.training.grad_accum * cfg.data.micro_batch_size * cfg.data.max_length
+    hours = flops_per_token(conf) * tokens / rate / 3600
+    return f"about {hours:,.0f} hours at this CPU's measured {rate / 1e9:.0f} GFLOP/s"
+
+
+def resolve_device(cfg: BaseConfig) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
+    """(device, autocast dtype or None, parameter dtype)."""
+    name = cfg.training.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"training.device={cfg.training.device} but no CUDA GPU is visible to torch "
+            f"{torch.__version__}; use --training.device cpu, or run `fasttune doctor`"
+        )
+    device = torch.device(name)
+    big = cfg.model.path is not None or cfg.model.preset in ("125m", "350m", "1b")
+    if device.type == "cpu" and big and not cfg.force:
+        raise ConfigError(
+            f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {_cpu_estimate(cfg)}."
+            " Run it on a CUDA machine, use --experiment quick, or pass --force to run here anyway"
+        )
+    if cfg.model.dtype == "bf16":
+        return device, None, torch.bfloat16  # pure bf16: weights, grads and optimizer moments
+    if cfg.model.dtype == "fp32" or device.type == "cpu":
+        return device, None, torch.float32
+    return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast
+
+
+@dataclass
+class AttentionChoice:
+    requested: str
+    name: str
+    hf_name: str
+    reason: str
+
+    def describe(self) -> str:
+        from fasttune import attention
+
+        kernel = ""
+        report = getattr(attention, "kernel_report", None)
+        if report is not None:
+            kernels = report()
+            if kernels:
+                kernel = f"; kernel: {', '.join(f'{k} x{v}' for k, v in kernels.items())}"
+        return f"{self.name} (requested {self.requested}: {self.reason}){kernel}"
+
+
+def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> AttentionChoice:
+    from fasttune import attention
+
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    r = attention.resolve(
+        cfg.attn_implementation,
+        device=device,
+        dtype=dtype,
+        head_dim=head_dim,
+        packed=cfg.data.packing,
+        strict=cfg.strict_attention,
+        model_config=model_config,
+    )
+    log.info("attention: %s (%s)", r.name, r.reason)
+    return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
+
+
+def _apply_liger(model, device: torch.device) -> None:
+    import importlib.util
+
+    if device.type != "cuda":
+        log.warning("model.liger: Liger kernels need a CUDA GPU; running without them")
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        log.warning("model.liger: liger-kernel is not installed (pip install 'fasttune[liger]'); running without it")
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    log.info("Liger kernels applied (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)")
+
+
+def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype):
+    vocab = len(data.tokenizer)
+    model_config = load_model_config(cfg.model, vocab)
+    compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
+    attn = _choose_attention(cfg, device, compute_dtype, model_config)
+    model = build_model(cfg.model, vocab, attn.hf_name, param_dtype).to(device)
+    model.config.use_cache = False  # training never needs a KV cache; also keeps HF's packed-sequence detection on
+    if cfg.model.liger:
+        _apply_liger(model, device)
+    if cfg.lora.enabled:
+        from fasttune.model.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.training.compile:
+        for layer in model.model.layers if hasattr(model, "model") else []:
+            layer.compile()
+    return model, attn
+
+
+def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.device):
+    """AdamW (fused on CUDA), no weight decay on norms and biases; linear warmup then cosine to min_lr_ratio."""
+    t = cfg.training
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    def schedule(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    check_disk(cfg.run_dir, model, optimizer)
+    return optimizer, scheduler
+
+
+def write_config(cfg: BaseConfig, run_dir: Path) -> None:
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

@@ -1,0 +1,87 @@
+"""Config: every preset builds and validates; bad values give one clear line naming the option and valid values."""
+
+import dataclasses
+import json
+
+import pytest
+
+from fasttune.cli import main, parse_train_args
+from fasttune.config import EXPERIMENTS, BaseConfig, from_dict, get_experiment, to_dict
+from fasttune.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_preset_builds_validates_and_round_trips(name):
+    cfg = get_experiment(name).validate()
+    assert cfg.experiment == name
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_default_attention_is_sdpa():
+    assert BaseConfig().attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("change", "option", "valid"),
+    [
+        ({"attn_implementation": "flashy"}, "attn_implementation='flashy'", "flash_attention_4"),
+        ({"model": {"preset": "huge"}}, "model.preset='huge'", "1b"),
+        ({"data": {"overlong": "cut"}}, "data.overlong='cut'", "truncate"),
+        ({"training": {"max_steps": 0}}, "training.max_steps=0", "> 0"),
+        ({"generation": {"top_p": 1.5}}, "generation.top_p=1.5", "(0, 1]"),
+    ],
+)
+def test_bad_values_name_option_and_valid_values(change, option, valid):
+    data = to_dict(get_experiment("quick"))
+    for k, v in change.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) else v
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    msg = str(e.value)
+    assert option in msg and valid in msg and "\n" not in msg
+
+
+def test_cli_overrides_and_short_flags():
+    cfg = parse_train_args(
+        [
+            "--experiment",
+            "quick",
+            "--max-steps",
+            "7",
+            "--data.max-length",
+            "128",
+            "--attn-implementation",
+            "eager",
+            "--output-dir=/tmp/x",
+            "--save-every",
+            "3",
+        ]
+    )
+    assert cfg.training.max_steps == 7 and cfg.training.save_every == 3
+    assert cfg.data.max_length == 128 and cfg.attn_implementation == "eager" and cfg.output_dir == "/tmp/x"
+    assert dataclasses.replace(cfg, output_dir="runs/quick").model == get_experiment("quick").model
+
+
+def test_cli_bad_value_is_one_line_error_without_traceback(capsys):
+    rc = main(["train", "--experiment", "quick", "--attn-implementation", "nope"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().startswith("error: attn_implementation='nope' is not valid")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_unknown_experiment(capsys):
+    assert main(["train", "--experiment", "nope"]) == 2
+    assert "--experiment 'nope' is unknown; choose one of: quick, full" in capsys.readouterr().err
+
+
+def test_experiments_lists_presets(capsys):
+    assert main(["experiments"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in EXPERIMENTS)
+
+
+def test_full_stops_on_cpu_with_estimate(tmp_path, capsys):
+    rc = main(["train", "--experiment", "full", "--output-dir", str(tmp_path / "r"), "--training.device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "GPU-scale" in err and "hours" in err and "--force" in err

@@ -1,0 +1,181 @@
+"""End to end on CPU with a micro model: train -> checkpoint -> resume gives the same losses as an uninterrupted
+run (bit-identical on CPU); checkpoints load with plain transformers; faults leave the last checkpoint intact."""
+
+import dataclasses
+import json
+import os
+import signal
+
+import pytest
+import torch
+from helpers import losses, tiny_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fasttune.cli import main
+from fasttune.errors import ConfigError, FasttuneError
+from fasttune.train import loop
+from fasttune.train.checkpoint import list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 6-step run, shared by the tests that compare against it."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = tiny_config(tmp)
+    return cfg, loop.train(cfg)
+
+
+def _fail_at(monkeypatch, call: int, exc_factory):
+    """Make the `call`-th forward_backward (1-based) raise; every other call runs for real."""
+    real, count = loop.forward_backward, {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            raise exc_factory()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_backward", wrapped)
+
+
+def test_run_directory_contents(reference):
+    cfg, result = reference
+    run = result.run_dir
+    for name in ("config.json", "metrics.jsonl", "loss.png", "throughput.png"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text())["attn_implementation"] == "sdpa"
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["step"] > 0]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all({"loss", "lr", "tokens_per_s", "samples_per_s"} <= set(r) for r in steps)
+    assert [r["step"] for r in recs if r.get("val_loss") is not None] == [0, 3, 6]
+    assert [p.name for p in list_checkpoints(run)] == ["step-000003", "step-000006"]
+    assert result.last_val_loss < result.first_val_loss  # even 6 steps learn something
+
+
+def test_checkpoint_loads_with_plain_transformers(reference):
+    _, result = reference
+    ckpt = result.checkpoint
+    assert (ckpt / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("def main():", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+
+
+def test_resume_after_crash_matches_uninterrupted_run(reference, tmp_path, monkeypatch):
+    ref_cfg, ref = reference
+    cfg = dataclasses.replace(tiny_config(tmp_path), seed=ref_cfg.seed)
+    _fail_at(monkeypatch, 5, lambda: RuntimeError("simulated crash"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(cfg)
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000003"]
+    monkeypatch.undo()
+    resumed = loop.train(dataclasses.replace(cfg, resume=True))
+    assert losses(resumed.records) == losses(ref.records)  # bit-identical on CPU
+    assert resumed.last_val_loss == ref.last_val_loss
+
+
+def test_existing_run_is_never_overwritten_silently(reference):
+    cfg, _ = reference
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+        loop.train(cfg)
+
+
+def test_resume_without_run_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        loop.train(dataclasses.replace(tiny_config(tmp_path), resume=True))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, caplog):
+    cfg = tiny_config(tmp_path, max_bad_steps=1)
+    calls = {"n": 0}
+    original = loop.forward_backward
+
+    def nan_from_step_4(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(loop, "forward_backward", nan_from_step_4)
+    with pytest.raises(FasttuneError, match="non-finite.*last good checkpoint: .*step-000003"):
+        loop.train(cfg)
+    assert "update skipped" in caplog.text
+    ckpts = list_checkpoints(cfg.run_dir)
+    assert [p.name for p in ckpts] == ["step-000003"]
+    AutoModelForCausalLM.from_pretrained(ckpts[-1])  # still loadable
+
+
+def test_oom_is_explained_or_retried_with_same_global_batch(tmp_path, monkeypatch, reference):
+    _, ref = reference
+    cfg = tiny_config(tmp_path / "a")
+    _fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with pytest.raises(FasttuneError, match="out of memory at step 2: micro-batch 4 samples / 256 tokens"):
+        loop.train(cfg)
+    monkeypatch.undo()
+    _fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    cfg = tiny_config(tmp_path / "b", oom_retry=True)
+    result = loop.train(cfg)
+    got, want = losses(result.records), losses(ref.records)
+    assert got.keys() == want.keys()
+    assert all(abs(got[k] - want[k]) < 1e-4 for k in got)  # split micro-batches: same loss up to fp32 rounding
+
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    from fasttune.train import checkpoint
+
+    cfg = tiny_config(tmp_path)
+    real_save, count = checkpoint.torch.save, {"n": 0}
+
+    def failing_save(obj, path, *a, **k):
+        count["n"] += 1
+        if count["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(FasttuneError, match="could not write checkpoint .*step-000006.*previous checkpoint is intact"):
+        loop.train(cfg)
+    root = cfg.run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003"]  # no half-written folder left behind
+    AutoModelForCausalLM.from_pretrained(root / "step-000003")
+
+
+def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    original, calls = loop.forward_backward, {"n": 0}
+
+    def interrupt_at_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_backward", interrupt_at_2)
+    with pytest.raises(loop.Interrupted, match="interrupted at step 2.*--resume") as e:
+        loop.train(cfg)
+    assert e.value.exit_code == 130
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000002"]
+
+
+def test_output_dir_checks(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        loop.train(dataclasses.replace(tiny_config(tmp_path), output_dir=str(blocker)))
+    with pytest.raises(ConfigError, match="not writable"):
+        loop.train(dataclasses.replace(tiny_config(tmp_path), output_dir=str(blocker / "run")))
+    from fasttune.train import setup
+
+    monkeypatch.setattr(setup.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(FasttuneError, match="GB free, a checkpoint needs about"):
+        loop.train(tiny_config(tmp_path / "disk"))
+    assert blocker.read_text() == "mine"
+
+
+def test_generate_command_streams_text(reference, capsys):
+    _, result = reference
+    rc = main(["generate", "--checkpoint", str(result.checkpoint), "--prompt", "import ", "--max-new-tokens", "8"])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out.startswith("import ") and "tok/s" in captured.err
