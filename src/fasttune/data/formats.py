@@ -1,0 +1,337 @@
+"""Read a user's dataset into records (plain dicts) and work out which of the four formats it is in.
+
+Inputs: a text file or a folder of them (one {"text"} record per file), .jsonl/.json (array or one object per line),
+.parquet, .csv, a folder of such data files, or a `datasets.save_to_disk` folder. Formats:
+
+    text               {"text": str}
+    alpaca             {"instruction": str, "input": str (optional, may be empty), "output": str}
+    prompt_completion  {"prompt": str, "completion": str}
+    chat               {"messages": [{"role": str, "content": str}, ...]} with at least one assistant turn
+
+Every problem with the input raises `DataError` with one line naming the file, the line or record, and the fix.
+User files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fasttune.errors import DataError
+
+FORMATS = ("text", "alpaca", "prompt_completion", "chat")
+FORMAT_KEYS = {
+    "text": '{"text"}',
+    "alpaca": '{"instruction", "input", "output"}',
+    "prompt_completion": '{"prompt", "completion"}',
+    "chat": '{"messages": [{"role", "content"}]}',
+}
+# Fields each format needs, and optional ones; all must be strings except chat's message list.
+_REQUIRED = {
+    "text": ("text",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "chat": ("messages",),
+}
+_OPTIONAL = {"alpaca": ("input",)}
+
+TEXT_SUFFIXES = frozenset(
+    ".txt .text .md .markdown .rst .tex .py .pyi .c .h .cc .cpp .hpp .cu .cuh .rs .go .java .kt .scala .js .ts "
+    ".jsx .tsx .rb .php .lua .sh .bash .sql .html .css .xml .yaml .yml .toml .ini .cfg".split()
+)
+DATA_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json", ".parquet", ".csv"})
+_FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
+
+
+@dataclass
+class _Table:
+    """Records read from one file, with where each came from so errors can point at the right line."""
+
+    file: Path
+    records: list[dict]
+    lines: list[int] | None = None
+    """1-based line of each record (JSON lines, CSV); None: records are named by their 0-based index."""
+    is_text_file: bool = False
+    """A plain text file read as one {"text"} record."""
+
+    def where(self, i: int) -> str:
+        return f"{self.file} line {self.lines[i]}" if self.lines is not None else f"{self.file} record {i}"
+
+
+def load_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
+    """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
+    when "auto") and return (records, format). Raises DataError on any problem with the input."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"{path}: no such file or folder; check --data.path")
+    tables = _read_path(root)
+    tables = [t for t in tables if t.records]
+    if not tables:
+        raise DataError(f"{path}: no records found (empty file or folder); add data or point --data.path elsewhere")
+    if tables[0].is_text_file:
+        if fmt not in ("auto", "text"):
+            raise DataError(f"{path}: plain text files are read as format 'text', not {fmt!r}; drop --data.format")
+        fmt = "text"
+    if fmt == "auto":
+        fmt = detect_format(tables[0].records[0], tables[0].where(0))
+    records: list[dict] = []
+    for table in tables:
+        for i, record in enumerate(table.records):
+            validate_record(record, fmt, table.where(i))
+        records.extend(table.records)
+    return records, fmt
+
+
+def detect_format(record: dict, where: str = "record 0") -> str:
+    """The format a record's keys say it is in; chat > alpaca > prompt_completion > text when several fit."""
+    keys = set(record)
+    if "messages" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    seen = ", ".join(sorted(map(str, keys))[:12]) or "none"
+    raise DataError(
+        f"{where}: cannot tell the data format from its keys ({seen}); expected {_FORMAT_HINT}; "
+        "rename the fields or pass --data.format"
+    )
+
+
+def validate_record(record: dict, fmt: str, where: str) -> None:
+    """Raise DataError naming the record and the field if `record` does not fit `fmt`."""
+    for name in _REQUIRED[fmt]:
+        if name not in record:
+            seen = ", ".join(sorted(map(str, record))[:12]) or "none"
+            raise DataError(
+                f"{where}: missing field {name!r} for format {fmt} {FORMAT_KEYS[fmt]} (keys seen: {seen}); "
+                "add it or pass the right --data.format"
+            )
+    for name in _REQUIRED[fmt] + _OPTIONAL.get(fmt, ()):
+        value = record.get(name)
+        if name in _OPTIONAL.get(fmt, ()) and value is None:
+            continue
+        if fmt == "chat":
+            _validate_messages(value, where)
+        elif not isinstance(value, str):
+            raise DataError(f"{where}: field {name!r} must be a string, got {_type_name(value)}; fix the record")
+
+
+def _validate_messages(messages: object, where: str) -> None:
+    if isinstance(messages, str):
+        raise DataError(
+            f"{where}: field 'messages' is a string, not a list of {{role, content}} objects; "
+            "store chat data as JSONL/JSON/Parquet, not CSV"
+        )
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list, got {_type_name(messages)}")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(
+                f"{where}: messages[{j}] must be an object with role and content, got {_type_name(message)}"
+            )
+        if "role" not in message and {"from", "value"} <= set(message):
+            raise DataError(f"{where}: messages[{j}] uses ShareGPT keys from/value; rename them to role/content")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise DataError(
+                    f"{where}: messages[{j}].{key} must be a string, got {_type_name(message.get(key))}; fix the record"
+                )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no message has role 'assistant', so there is nothing to train on; add a reply")
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null (missing value)"
+    text = repr(value)
+    return f"{type(value).__name__} ({text[:40]}{'...' if len(text) > 40 else ''})"
+
+
+# ---- reading files -------------------------------------------------------------------------------------------------
+
+
+def _read_path(root: Path) -> list[_Table]:
+    if root.is_dir():
+        if _is_saved_dataset(root):
+            return [_read_saved_dataset(root)]
+        try:
+            files = _folder_files(root)
+        except OSError as e:  # an unreadable subfolder
+            raise DataError(f"{root}: cannot list the folder ({e.strerror or e}); check its permissions") from e
+        return [_read_file(f) for f in files]
+    return [_read_file(root)]
+
+
+def _read_file(path: Path) -> _Table:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        text = _read_utf8(path)
+        # Whitespace-only files carry nothing to learn; skipping them keeps a folder of sources usable.
+        return _Table(path, [{"text": text}] if text.strip() else [], is_text_file=True)
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_json_lines(path, _read_utf8(path))
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(
+        f"{path}: unsupported file type {suffix or '(no extension)'!r}; use .jsonl, .json, .parquet, .csv, "
+        "a save_to_disk folder, or a text file (.txt, .md, .py, ...)"
+    )
+
+
+def _folder_files(root: Path) -> list[Path]:
+    """Text or data files under `root` (sorted, hidden and __pycache__ entries skipped; other types ignored)."""
+    files = [
+        p
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)
+        and p.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES
+    ]
+    if not files:
+        raise DataError(
+            f"{root}: folder has no text (.txt, .md, .py, ...) or data (.jsonl, .json, .parquet, .csv) files"
+        )
+    data = [p for p in files if p.suffix.lower() in DATA_SUFFIXES]
+    if data and len(data) < len(files):
+        text = next(p for p in files if p.suffix.lower() not in DATA_SUFFIXES)
+        raise DataError(
+            f"{root}: folder mixes data files ({data[0].name}) and text files ({text.name}); "
+            "point --data.path at one file or keep one kind per folder"
+        )
+    return files
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); check that the file exists and is readable") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}, line {line}); "
+            "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from e
+    return text.removeprefix("\ufeff")
+
+
+def _read_json(path: Path) -> _Table:
+    """A .json file holds an array of records, one object, or (like .jsonl) one object per line."""
+    text = _read_utf8(path)
+    if not text.strip():
+        return _Table(path, [])
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # "Extra data" after a complete first value means JSON lines; anything else is a real syntax error.
+        if e.msg == "Extra data" and not text.lstrip().startswith("["):
+            return _read_json_lines(path, text)
+        raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the file") from e
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: invalid JSON ({_one_line(e)}); fix the file") from e
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {_type_name(data)}; wrap the records in [...]")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path} record {i}: expected a JSON object, got {_type_name(record)}")
+    return _Table(path, data)
+
+
+def _read_json_lines(path: Path, text: str) -> _Table:
+    records: list[dict] = []
+    lines: list[int] = []
+    # Split on "\n" only: str.splitlines would also split at U+2028, which JSON strings may contain raw.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+            ) from e
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path} line {lineno}: invalid JSON ({_one_line(e)}); fix the line") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {_type_name(record)}")
+        records.append(record)
+        lines.append(lineno)
+    return _Table(path, records, lines)
+
+
+def _read_csv(path: Path) -> _Table:
+    """The csv module rather than pandas/pyarrow: cells stay strings (an answer "72" must not become an int)."""
+    # The 128 KiB default cell limit is a guard against runaway quoting; a long document in one cell is legitimate.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""), strict=True)
+    records: list[dict] = []
+    lines: list[int] = []
+    start = 2
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path} line {start}: more values than the {len(reader.fieldnames)} header columns")
+            missing = [k for k, v in row.items() if v is None]
+            if missing:
+                raise DataError(f"{path} line {start}: no value for column {missing[0]!r}; fix the row")
+            records.append(row)
+            lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.line_num}: malformed CSV ({_one_line(e)}); fix the quoting") from e
+    return _Table(path, records, lines)
+
+
+def _read_parquet(path: Path) -> _Table:
+    """pyarrow directly (a dependency of datasets): nothing is written to the HF cache for a one-off read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)}); re-export it") from e
+    return _Table(path, records)
+
+
+def _is_saved_dataset(root: Path) -> bool:
+    return root.is_dir() and (
+        (root / "dataset_dict.json").is_file()
+        or ((root / "state.json").is_file() and (root / "dataset_info.json").is_file())
+    )
+
+
+def _read_saved_dataset(root: Path) -> _Table:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(root))
+    except Exception as e:  # datasets raises many types for a damaged folder; all mean the same to the user
+        raise DataError(f"{root}: cannot load this save_to_disk folder ({_one_line(e)}); re-save it") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise DataError(f"{root}: dataset has splits {', '.join(ds)} and none is 'train'; save only the one to use")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return _Table(root, ds.to_list())
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:200] or type(error).__name__

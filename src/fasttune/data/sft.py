@@ -1,0 +1,237 @@
+"""Render records to text, tokenize them, and mask the loss to the response.
+
+Each record becomes one string plus the character spans that are trained; the string is tokenized once and a token
+is trained when it *starts* inside a trained span. Tokenizing the whole string (rather than prompt and response
+apart) gives the same ids the model sees at generation time, and SentencePiece tokenizers do not get a spurious
+word-start marker at the response. Tokenizers without offset mappings (slow ones) tokenize span by span instead.
+
+Rendering per format:
+    text               the text + EOS; every token trained.
+    alpaca             ALPACA_PROMPT (or ALPACA_PROMPT_NO_INPUT when input is empty) + output + EOS.
+    prompt_completion  prompt + completion + EOS, concatenated as-is (no template, as in TRL).
+    chat               the tokenizer's chat template; each assistant turn is trained from after its header
+                       (the add_generation_prompt text) through its end-of-turn marker; nothing is appended.
+Alpaca and prompt_completion never use the chat template, so the same data trains the same way on every model;
+convert to chat format to train through a model's template. Supervised formats train the response (and EOS) only
+unless train_on_prompt. A BOS id is prepended (never trained) when the tokenizer itself adds one, except for chat,
+whose templates write their own. Labels are aligned with input_ids (unshifted, HF convention; -100 = no loss).
+Nothing is truncated here: see `check_lengths`.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fasttune.data.formats import FORMATS, validate_record
+from fasttune.errors import DataError
+
+IGNORE_INDEX = -100
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+_ENCODE_CHUNK = 1024  # records per batched tokenizer call: parallel in Rust, bounded memory
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+Span = tuple[int, int]
+
+
+def format_prompt(record: dict, fmt: str) -> str:
+    """The prompt text of an alpaca or prompt_completion record, as trained: what generation should be fed."""
+    if fmt == "alpaca":
+        template = ALPACA_PROMPT if record.get("input") else ALPACA_PROMPT_NO_INPUT
+        return template.format(instruction=record["instruction"], input=record.get("input") or "")
+    if fmt == "prompt_completion":
+        return record["prompt"]
+    raise ValueError(f"format_prompt needs an alpaca or prompt_completion record, not {fmt!r}")
+
+
+def tokenize_records(
+    records: Sequence[dict], fmt: str, tokenizer, *, train_on_prompt: bool = False, source: str = "dataset"
+) -> list[dict]:
+    """Tokenize `records` of format `fmt` into [{"input_ids": [...], "labels": [...]}] (labels -100 where no loss).
+    `source` names the dataset in error messages."""
+    if fmt not in FORMATS:
+        raise DataError(f"data format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
+    for i, record in enumerate(records):
+        validate_record(record, fmt, f"{source} record {i}")
+    if fmt == "chat":
+        return _tokenize_chat(records, tokenizer, train_on_prompt, source)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"the tokenizer has no eos_token, needed to end each {fmt} sample; set tokenizer.eos_token")
+    rendered = [_render_plain(record, fmt, train_on_prompt) for record in records]
+    samples = _encode(tokenizer, rendered)
+    bos = _bos_prefix(tokenizer)
+    for sample in samples:
+        ids, labels = sample["input_ids"], sample["labels"]
+        if not ids or ids[-1] != eos:  # text that already ends in EOS keeps its own
+            ids.append(eos)
+            labels.append(eos)
+        sample["input_ids"], sample["labels"] = bos + ids, [IGNORE_INDEX] * len(bos) + labels
+    return samples
+
+
+def _render_plain(record: dict, fmt: str, train_on_prompt: bool) -> tuple[str, list[Span]]:
+    if fmt == "text":
+        text = record["text"]
+        return text, [(0, len(text))]
+    prompt = format_prompt(record, fmt)
+    response = record["output"] if fmt == "alpaca" else record["completion"]
+    text = prompt + response
+    return text, [(0 if train_on_prompt else len(prompt), len(text))]
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """[bos] when this tokenizer adds BOS on its own (Llama), [] when it does not (GPT-2, Qwen)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+# ---- chat ----------------------------------------------------------------------------------------------------------
+
+
+def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str) -> list[dict]:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError(
+            f"{source} is chat data but the tokenizer has no chat template; use a model whose tokenizer_config.json "
+            "has one, or convert the data to prompt/completion"
+        )
+    rendered: list[tuple[str, list[Span]]] = []
+    direct: dict[int, dict] = {}  # samples tokenized by the template's own {% generation %} mask
+    for i, record in enumerate(records):
+        where = f"{source} record {i}"
+        messages = record["messages"]
+        if train_on_prompt:
+            text = _render(tokenizer, messages, False, where)
+            rendered.append((text, [(0, len(text))]))
+            continue
+        spans = _assistant_spans(tokenizer, messages, where)
+        if spans is not None:
+            rendered.append(spans)
+        elif isinstance(template, str) and _GENERATION_TAG.search(template):
+            direct[i] = _generation_mask_sample(tokenizer, messages, where)
+            rendered.append(("", []))
+        else:
+            raise DataError(
+                f"{where}: the chat template renders a conversation differently from its own beginning, so the "
+                "assistant turns cannot be located; use a template with {% generation %} tags or --data.train_on_prompt"
+            )
+    samples = _encode(tokenizer, rendered)
+    for i, sample in direct.items():
+        samples[i] = sample
+    return samples
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja raises TemplateError/UndefinedError/its own raise_exception text
+        raise DataError(f"{where}: the chat template rejected this conversation ({' '.join(str(e).split())})") from e
+
+
+def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[Span]] | None:
+    """Render the conversation and, for each assistant turn, the prefixes just before its content (with the
+    generation prompt) and just after its end; their lengths are the turn's trained span. None when a prefix is
+    not a prefix of the full rendering (templates that rewrite earlier turns, e.g. strip reasoning)."""
+    full = _render(tokenizer, messages, False, where)
+    spans: list[Span] = []
+    for j, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # An assistant turn that opens the conversation has no prefix to render; train the whole turn.
+        before = _render(tokenizer, messages[:j], True, where) if j else ""
+        through = _render(tokenizer, messages[: j + 1], False, where)
+        if not (full.startswith(before) and full.startswith(through)) or len(through) <= len(before):
+            return None
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def _generation_mask_sample(tokenizer, messages: list[dict], where: str) -> dict:
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except Exception as e:
+        raise DataError(f"{where}: the chat template rejected this conversation ({' '.join(str(e).split())})") from e
+    ids = list(out["input_ids"])
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
+    return {"input_ids": ids, "labels": labels}
+
+
+# ---- tokenizing ----------------------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[dict]:
+    """Tokenize each (text, trained spans) pair into input_ids and labels."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [_encode_by_pieces(tokenizer, text, spans) for text, spans in rendered]
+    samples: list[dict] = []
+    for lo in range(0, len(rendered), _ENCODE_CHUNK):
+        chunk = rendered[lo : lo + _ENCODE_CHUNK]
+        enc = tokenizer([text for text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
+        for (_, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"], strict=True):
+            ids = list(ids)
+            samples.append({"input_ids": ids, "labels": _span_labels(ids, [start for start, _ in offsets], spans)})
+    return samples
+
+
+def _span_labels(ids: list[int], starts: list[int], spans: list[Span]) -> list[int]:
+    """Labels for tokens with sorted start offsets `starts`: the token where it starts inside a span, else -100."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for lo_char, hi_char in spans:
+        lo, hi = bisect_left(starts, lo_char), bisect_left(starts, hi_char)
+        labels[lo:hi] = ids[lo:hi]
+    return labels
+
+
+def _encode_by_pieces(tokenizer, text: str, spans: list[Span]) -> dict:
+    """Slow-tokenizer path: tokenize the text between span boundaries piece by piece."""
+    cuts = sorted({0, len(text), *(b for span in spans for b in span)})
+    ids: list[int] = []
+    labels: list[int] = []
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        piece = tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"]
+        trained = any(s <= lo and hi <= e for s, e in spans)
+        ids.extend(piece)
+        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
+    return {"input_ids": ids, "labels": labels}
+
+
+# ---- lengths -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LengthReport:
+    """How a tokenized dataset compares with the model's context, for the pipeline's overlong handling."""
+
+    samples: int
+    longest: int
+    overlong: int
+    """Samples longer than max_length."""
+    no_loss_if_truncated: int
+    """Samples whose trained tokens all lie beyond max_length: truncation would leave them nothing to learn."""
+    max_length: int
+
+    def message(self) -> str | None:
+        """A one-line warning when anything is overlong, else None."""
+        if not self.overlong:
+            return None
+        return (
+            f"{self.overlong} of {self.samples} samples are longer than max_length={self.max_length} "
+            f"(longest {self.longest} tokens); {self.no_loss_if_truncated} would keep no response if truncated"
+        )
+
+
+def check_lengths(samples: Sequence[dict], max_length: int) -> LengthReport:
+    """Count samples longer than `max_length` and those truncation would leave without any trained token."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    overlong = [s for s, n in zip(samples, lengths, strict=True) if n > max_length]
+    lost = sum(all(t == IGNORE_INDEX for t in s["labels"][:max_length]) for s in overlong)
+    return LengthReport(len(samples), max(lengths, default=0), len(overlong), lost, max_length)

@@ -1,0 +1,167 @@
+"""Bad input gives one clear DataError line naming the file, the line or record, and the field; never a traceback.
+The user's files are never changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+from fasttune.data.formats import load_records
+from fasttune.data.sft import tokenize_records
+from fasttune.errors import DataError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def fixtures_unchanged():
+    """Every test here must leave the fixture files byte-for-byte and mtime-for-mtime as they were."""
+
+    def snapshot():
+        return {
+            p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in FIXTURES.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+
+    before = snapshot()
+    yield
+    assert snapshot() == before
+
+
+def error_for(path: Path | str, fmt: str = "auto") -> str:
+    with pytest.raises(DataError) as info:
+        load_records(str(path), fmt)
+    message = str(info.value)
+    assert "\n" not in message, "error messages are one line"
+    return message
+
+
+def test_malformed_json_lines_names_file_and_line():
+    message = error_for(FIXTURES / "bad_json.jsonl")
+    assert "bad_json.jsonl line 3: invalid JSON" in message and "column" in message
+
+
+def test_malformed_json_array_names_file_and_line():
+    message = error_for(FIXTURES / "bad_array.json")
+    assert "bad_array.json line 4: invalid JSON" in message
+
+
+def test_missing_field_names_field_and_line():
+    message = error_for(FIXTURES / "missing_field.jsonl")
+    assert "missing_field.jsonl line 2: missing field 'output' for format alpaca" in message
+    assert "keys seen: input, instruction" in message
+
+
+def test_wrong_type_names_field_line_and_type():
+    # line 2 is blank, so the bad record is on line 3
+    message = error_for(FIXTURES / "wrong_type.jsonl")
+    assert "wrong_type.jsonl line 3: field 'completion' must be a string, got int (5)" in message
+
+
+def test_bad_chat_message_names_message_index():
+    message = error_for(FIXTURES / "bad_messages.jsonl")
+    assert "bad_messages.jsonl line 1: messages[1].content must be a string, got null" in message
+
+
+def test_record_index_for_json_arrays(tmp_path):
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ["d"]}]))
+    assert f"{path} record 1: field 'completion' must be a string, got list" in error_for(path)
+
+
+def test_empty_dataset():
+    assert "empty.jsonl: no records found" in error_for(FIXTURES / "empty.jsonl")
+
+
+def test_empty_folder(tmp_path):
+    assert "folder has no text" in error_for(tmp_path)
+
+
+def test_unknown_format_lists_formats_and_keys():
+    message = error_for(FIXTURES / "unknown_format.jsonl")
+    assert "unknown_format.jsonl line 1: cannot tell the data format from its keys (answer, question)" in message
+    for name in ("text", "alpaca", "prompt_completion", "chat", "--data.format"):
+        assert name in message
+
+
+def test_invalid_format_name():
+    message = error_for(FIXTURES / "alpaca.jsonl", "sharegpt")
+    assert "'sharegpt' is not valid" in message and "prompt_completion" in message
+
+
+def test_text_files_cannot_be_read_as_alpaca():
+    assert "plain text files are read as format 'text'" in error_for(FIXTURES / "text_folder", "alpaca")
+
+
+def test_chat_without_chat_template():
+    records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
+    with pytest.raises(DataError, match="chat.jsonl is chat data but the tokenizer has no chat template"):
+        tokenize_records(records, fmt, build_tiny_tokenizer(chat_template=None), source="chat.jsonl")
+
+
+def test_chat_template_that_raises_names_the_record():
+    tokenizer = build_tiny_tokenizer(chat_template="{{ raise_exception('roles must alternate') }}")
+    records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
+    with pytest.raises(DataError, match=r"data record 0: the chat template rejected .*roles must alternate"):
+        tokenize_records(records, fmt, tokenizer, source="data")
+
+
+def test_tokenize_validates_records_too():
+    with pytest.raises(DataError, match=r"ds record 1: missing field 'completion'"):
+        tokenize_records([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "prompt_completion", None, source="ds")
+
+
+@pytest.mark.parametrize("name, line", [("latin1.txt", 1), ("latin1.jsonl", 2)])
+def test_non_utf8_names_byte_offset(name, line):
+    message = error_for(FIXTURES / name)
+    offset = (FIXTURES / name).read_bytes().index(b"\xe9")
+    assert f"{name}: not UTF-8 text (byte 0xe9 at byte offset {offset}, line {line})" in message
+    assert "UTF-8" in message
+
+
+def test_nonexistent_path():
+    assert "does/not/exist.jsonl: no such file or folder" in error_for("does/not/exist.jsonl")
+
+
+def test_unsupported_extension():
+    message = error_for(FIXTURES / "table.xlsx")
+    assert "table.xlsx: unsupported file type '.xlsx'" in message and ".jsonl" in message
+
+
+def test_csv_row_with_extra_values():
+    assert "bad_row.csv line 3: more values than the 2 header columns" in error_for(FIXTURES / "bad_row.csv")
+
+
+def test_corrupt_parquet(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    assert "broken.parquet: not a readable Parquet file" in error_for(path)
+
+
+def test_mixed_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
+    assert "folder mixes data files (b.jsonl) and text files (a.txt)" in error_for(tmp_path)
+
+
+def test_chat_without_assistant_turn(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert "c.jsonl line 1: no message has role 'assistant'" in error_for(path)
+
+
+def test_sharegpt_keys_get_a_hint(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"messages": [{"from": "human", "value": "hi"}]}) + "\n")
+    assert "ShareGPT keys from/value; rename them to role/content" in error_for(path)
+
+
+def test_chat_in_csv_gets_a_hint(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text('messages\n"[{""role"": ""user""}]"\n')
+    assert "c.csv line 2: field 'messages' is a string" in error_for(path)

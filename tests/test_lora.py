@@ -1,0 +1,94 @@
+"""LoRA through peft: adapters train, save, reload to identical logits, and merge into a plain HF model."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fasttune.config.base_config import LoraConfig
+from fasttune.errors import FasttuneError
+from fasttune.model.lora import apply_lora, linear_module_names, save_lora
+
+peft = pytest.importorskip("peft")
+# peft itself still reads the deprecated transformers property; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+VOCAB = 300
+
+
+def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_train_save_reload_and_merge(tmp_path, tie):
+    base = tiny_llama(tie)
+    base.save_pretrained(tmp_path / "base")
+    cfg = LoraConfig(enabled=True, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj", "c_attn"))
+    model = apply_lora(base, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+    torch.manual_seed(1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        ids = torch.randint(0, VOCAB, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n), "adapters must have moved"
+
+    ids = torch.randint(0, VOCAB, (2, 12))
+    adapted = logits(model, ids)
+    assert not torch.allclose(adapted, logits(LlamaForCausalLM.from_pretrained(tmp_path / "base"), ids))
+    save_lora(model, tmp_path / "adapter", tmp_path / "merged")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.equal(logits(model, ids), adapted), "saving must not change the live model"
+
+    reloaded = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded.eval(), ids), adapted, rtol=0, atol=0)
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_no_matching_target_lists_linear_layers():
+    model = tiny_llama()
+    with pytest.raises(FasttuneError, match=r"match no linear layer.*named: .*down_proj.*q_proj") as info:
+        apply_lora(model, LoraConfig(targets=("c_attn", "c_proj")))
+    assert "lm_head" not in str(info.value)
+    assert linear_module_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_missing_peft_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    with pytest.raises(FasttuneError, match=r"pip install 'fasttune\[lora\]'"):
+        apply_lora(tiny_llama(), LoraConfig())
+
+
+def test_lora_module_does_not_import_peft():
+    import subprocess
+
+    code = "import sys, fasttune.model.lora; assert 'peft' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

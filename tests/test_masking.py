@@ -1,0 +1,161 @@
+"""Loss masking: exactly the response tokens (plus EOS / end-of-turn) carry labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+from fasttune.data.formats import load_records
+from fasttune.data.sft import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    check_lengths,
+    format_prompt,
+    tokenize_records,
+)
+from fasttune.errors import DataError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EOS = "<|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def trained_runs(tokenizer, sample: dict) -> list[str]:
+    """Decoded text of each contiguous run of trained tokens."""
+    runs, current = [], []
+    for token, label in zip(sample["input_ids"], sample["labels"], strict=True):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token, "a trained label is the token itself (unshifted)"
+            current.append(token)
+    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
+
+
+def test_alpaca_trains_exactly_the_response(tok):
+    records, fmt = load_records(str(FIXTURES / "gsm8k_alpaca_20.json"))
+    samples = tokenize_records(records, fmt, tok)
+    assert len(samples) == 20
+    for record, sample in zip(records, samples, strict=True):
+        assert trained_runs(tok, sample) == [record["output"] + EOS]
+        prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=record["instruction"])
+        assert tok.decode(sample["input_ids"]) == prompt + record["output"] + EOS
+
+
+def test_alpaca_with_input_uses_input_template(tok):
+    records, fmt = load_records(str(FIXTURES / "alpaca.jsonl"))
+    sample = tokenize_records(records[:1], fmt, tok)[0]
+    expected_prompt = ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 and 3")
+    assert format_prompt(records[0], fmt) == expected_prompt
+    assert tok.decode(sample["input_ids"]) == expected_prompt + "5" + EOS
+    assert trained_runs(tok, sample) == ["5" + EOS]
+
+
+def test_train_on_prompt_trains_everything(tok):
+    records, fmt = load_records(str(FIXTURES / "alpaca.jsonl"))
+    for sample in tokenize_records(records, fmt, tok, train_on_prompt=True):
+        assert sample["labels"] == sample["input_ids"]
+
+
+def test_prompt_completion_concatenates_as_is(tok):
+    records, fmt = load_records(str(FIXTURES / "prompt_completion.jsonl"))
+    for record, sample in zip(records, tokenize_records(records, fmt, tok), strict=True):
+        assert tok.decode(sample["input_ids"]) == record["prompt"] + record["completion"] + EOS
+        assert trained_runs(tok, sample) == [record["completion"] + EOS]
+
+
+def test_text_trains_all_and_ends_with_eos(tok):
+    records, fmt = load_records(str(FIXTURES / "text.jsonl"))
+    for record, sample in zip(records, tokenize_records(records, fmt, tok), strict=True):
+        assert sample["labels"] == sample["input_ids"]
+        assert sample["input_ids"][-1] == tok.eos_token_id
+        assert tok.decode(sample["input_ids"]) == record["text"] + EOS
+
+
+def test_bos_is_prepended_untrained_when_the_tokenizer_adds_it():
+    tok = build_tiny_tokenizer(bos="<s>")
+    sample = tokenize_records([{"prompt": "Q:", "completion": " 4"}], "prompt_completion", tok)[0]
+    assert sample["input_ids"][0] == tok.bos_token_id and sample["labels"][0] == IGNORE_INDEX
+    assert sample["input_ids"].count(tok.bos_token_id) == 1
+    assert trained_runs(tok, sample) == [" 4" + EOS]
+
+
+def test_chat_trains_each_assistant_turn(tok):
+    records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
+    samples = tokenize_records(records, fmt, tok)
+    for record, sample in zip(records, samples, strict=True):
+        replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        assert trained_runs(tok, sample) == [reply + "<|im_end|>\n" for reply in replies]
+        assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(record["messages"], tokenize=False)
+    # the control tokens are single special tokens, not spelled out in bytes
+    assert tok.convert_tokens_to_ids("<|im_start|>") in samples[0]["input_ids"]
+
+
+def test_chat_train_on_prompt(tok):
+    records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
+    for sample in tokenize_records(records, fmt, tok, train_on_prompt=True):
+        assert sample["labels"] == sample["input_ids"]
+
+
+# Not prefix-stable (the turn count at the top changes as the conversation grows), with {% generation %} tags.
+COUNTING_TEMPLATE = (
+    "{{ messages | length }} turns\n{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_unstable_template_falls_back_to_generation_mask():
+    tok = build_tiny_tokenizer(chat_template=COUNTING_TEMPLATE)
+    records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
+    for record, sample in zip(records, tokenize_records(records, fmt, tok), strict=True):
+        replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        assert trained_runs(tok, sample) == [reply + "<|im_end|>" for reply in replies]
+
+
+def test_unstable_template_without_generation_tags_is_a_data_error():
+    tok = build_tiny_tokenizer(
+        chat_template=COUNTING_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    )
+    records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
+    with pytest.raises(DataError, match=r"chat.jsonl record 0: the chat template renders a conversation differently"):
+        tokenize_records(records, fmt, tok, source="chat.jsonl")
+    assert tokenize_records(records, fmt, tok, train_on_prompt=True)  # needs no spans
+
+
+def test_slow_tokenizer_path_gives_the_same_masks(tok):
+    class Slow(type(tok)):
+        @property
+        def is_fast(self) -> bool:
+            return False
+
+    slow = build_tiny_tokenizer()
+    slow.__class__ = Slow
+    assert not slow.is_fast
+    for name in ("gsm8k_alpaca_20.json", "chat.jsonl", "prompt_completion.jsonl"):
+        records, fmt = load_records(str(FIXTURES / name))
+        slow_samples = tokenize_records(records, fmt, slow)
+        for record, fast, piecewise in zip(records, tokenize_records(records, fmt, tok), slow_samples, strict=True):
+            assert trained_runs(tok, piecewise) == trained_runs(tok, fast), record
+
+
+def test_check_lengths(tok):
+    records, fmt = load_records(str(FIXTURES / "gsm8k_alpaca_20.json"))
+    samples = tokenize_records(records, fmt, tok)
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    report = check_lengths(samples, lengths[10])
+    assert report.samples == 20 and report.longest == lengths[-1]
+    assert report.overlong == sum(n > lengths[10] for n in lengths)
+    assert 0 <= report.no_loss_if_truncated <= report.overlong and "longer than max_length" in report.message()
+    assert check_lengths(samples, 8).no_loss_if_truncated == 20  # 8 tokens hold only part of each prompt
+    assert check_lengths(samples, lengths[-1]).message() is None
