@@ -75,10 +75,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     result = train(cfg)
     if result.first_val_loss is not None:
         log.info("validation loss %.4f -> %.4f", result.first_val_loss, result.last_val_loss)
-    if cfg.generation.sample_prompt and result.checkpoint is not None:
+    if cfg.generation.sample_prompt and result.model_dir is not None:
         from fasttune.generate.generate import generate, load_for_generation
 
-        model, tok = load_for_generation(result.checkpoint, cfg.training.device)
+        model, tok = load_for_generation(result.model_dir, cfg.training.device)
         g = generate(
             model,
             tok,

@@ -53,6 +53,8 @@ class RunResult:
     first_val_loss: float | None = None
     last_val_loss: float | None = None
     checkpoint: Path | None = None
+    model_dir: Path | None = None
+    """A folder plain `AutoModelForCausalLM.from_pretrained` loads (the last checkpoint, or the merged LoRA model)."""
     records: list[dict] = field(default_factory=list)
 
 
@@ -201,6 +203,15 @@ def train(cfg: BaseConfig) -> RunResult:
     stream = DataStream(data, cfg, state)
     result = _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir)
     metrics.close()
+    result.model_dir = result.checkpoint
+    if cfg.lora.enabled:
+        from fasttune.model.lora import save_lora
+
+        merged = run_dir / "merged" if cfg.lora.merge_on_save else None
+        save_lora(model, run_dir / "adapter", merged)
+        if merged is not None:
+            data.tokenizer.save_pretrained(merged)
+            result.model_dir = merged
     save_plots(metrics.records, run_dir)
     result.records = metrics.records
     _summarize(cfg, result, attn, device)
@@ -350,6 +361,7 @@ def _summarize(cfg: BaseConfig, result: RunResult, attn, device: torch.device) -
         ("attention", attn.describe()),
         ("packing", "on (padding-free)" if cfg.data.packing else "off (padded)"),
         ("checkpoint", str(result.checkpoint)),
+        ("model for from_pretrained", str(result.model_dir)),
         ("metrics", str(result.run_dir / "metrics.jsonl")),
     ]
     print_summary(rows)

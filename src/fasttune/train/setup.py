@@ -17,12 +17,12 @@ import torch
 from fasttune.config import BaseConfig, to_dict
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError, FasttuneError
-from fasttune.model.build import build_model, load_model_config
+from fasttune.model.build import build_model, flops_per_token, load_model_config
 
 log = logging.getLogger("fasttune")
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
-RUN_ARTIFACTS = (*RUN_MARKERS, "loss.png", "throughput.png", "tensorboard")
+RUN_ARTIFACTS = (*RUN_MARKERS, "loss.png", "throughput.png", "tensorboard", "adapter", "merged")
 
 
 def prepare_run_dir(cfg: BaseConfig) -> Path:
@@ -66,19 +66,17 @@ def check_disk(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         )
 
 
-def _cpu_estimate(cfg: BaseConfig) -> str:
-    """How long this config would take on this CPU, from a measured matmul rate (not a guess)."""
+def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
+    """(estimated hours, measured GFLOP/s) for this config on this CPU, from a measured matmul rate."""
     a = torch.randn(1024, 1024)
+    a @ a
     t0 = time.perf_counter()
     for _ in range(4):
         a @ a
     rate = 4 * 2 * 1024**3 / (time.perf_counter() - t0)
-    from fasttune.model.build import PRESETS, flops_per_token, preset_config
-
-    conf = preset_config(cfg.model.preset if cfg.model.preset in PRESETS else "tiny", cfg.data.tokenizer_vocab_size)
+    conf = load_model_config(cfg.model, cfg.data.tokenizer_vocab_size)
     tokens = cfg.training.max_steps * cfg.training.grad_accum * cfg.data.micro_batch_size * cfg.data.max_length
-    hours = flops_per_token(conf) * tokens / rate / 3600
-    return f"about {hours:,.0f} hours at this CPU's measured {rate / 1e9:.0f} GFLOP/s"
+    return flops_per_token(conf) * tokens / rate / 3600, rate / 1e9
 
 
 def resolve_device(cfg: BaseConfig) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
@@ -92,12 +90,14 @@ def resolve_device(cfg: BaseConfig) -> tuple[torch.device, torch.dtype | None, t
             f"{torch.__version__}; use --training.device cpu, or run `fasttune doctor`"
         )
     device = torch.device(name)
-    big = cfg.model.path is not None or cfg.model.preset in ("125m", "350m", "1b")
-    if device.type == "cpu" and big and not cfg.force:
-        raise ConfigError(
-            f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {_cpu_estimate(cfg)}."
-            " Run it on a CUDA machine, use --experiment quick, or pass --force to run here anyway"
-        )
+    if device.type == "cpu" and not cfg.force:
+        hours, gflops = cpu_hours(cfg)
+        if hours > 1.0:  # GPU-scale work: say so before hours of tokenizing and training
+            raise ConfigError(
+                f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: about {hours:,.0f} hours at "
+                f"this CPU's measured {gflops:.0f} GFLOP/s. Run it on a CUDA machine, use --experiment quick, or "
+                "pass --force to run here anyway"
+            )
     if cfg.model.dtype == "bf16":
         return device, None, torch.bfloat16  # pure bf16: weights, grads and optimizer moments
     if cfg.model.dtype == "fp32" or device.type == "cpu":
@@ -161,6 +161,12 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     model_config = load_model_config(cfg.model, vocab)
     compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
     attn = _choose_attention(cfg, device, compute_dtype, model_config)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if cfg.model.path and context and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the context of {cfg.model.path} "
+            f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
+        )
     model = build_model(cfg.model, vocab, attn.hf_name, param_dtype).to(device)
     model.config.use_cache = False  # training never needs a KV cache; also keeps HF's packed-sequence detection on
     if cfg.model.liger:
