@@ -172,13 +172,15 @@ def _oom_message(cfg: BaseConfig, state: TrainState, device: torch.device) -> st
     )
 
 
-def train(cfg: BaseConfig) -> RunResult:
-    """Run (or resume) one training run as configured; returns where things went and the first/last losses."""
+def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
+    """Run (or resume) one training run as configured; returns where things went and the first/last losses.
+
+    `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop)."""
     cfg.validate()
     run_dir = prepare_run_dir(cfg)
     torch.manual_seed(cfg.seed)
     device, amp_dtype, param_dtype = resolve_device(cfg)
-    data = build_data(cfg)
+    data = data or build_data(cfg)
     for line in data.summary.lines():
         log.info(line)
     model, attn = prepare_model(cfg, data, device, param_dtype)
