@@ -5,11 +5,13 @@ Bad input ends with one line `error: ...` and exit code 2 (no traceback unless -
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
 from collections.abc import Sequence
 
-from fasttune.errors import FasttuneError
+from fasttune.errors import ConfigError, FasttuneError
 
 log = logging.getLogger("fasttune")
 
@@ -52,19 +54,30 @@ def parse_train_args(argv: Sequence[str]):
     import tyro
 
     from fasttune.config import BaseConfig, get_experiment
+    from fasttune.config.argcheck import explain
 
     args = list(argv)
     name = _pop_flag(args, "--experiment", takes_value=True) or "quick"
     base = get_experiment(name)
     args = [_expand(a) for a in args]
     short = ", ".join(f"{k} = {v}" for k, v in SHORT_FLAGS.items())
-    cfg = tyro.cli(
-        BaseConfig,
-        default=base,
-        args=args,
-        prog=f"fasttune train --experiment {name}",
-        description=f"Train or fine-tune a causal LM; options override the preset. Short flags: {short}.",
-    )
+    wants_help = any(a in ("-h", "--help") for a in args)
+    # tyro still prints some errors as a panel: mistakes get our one-line message instead (help stays tyro's)
+    quiet = contextlib.nullcontext() if wants_help else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            cfg = tyro.cli(
+                BaseConfig,
+                default=base,
+                args=args,
+                prog=f"fasttune train --experiment {name}",
+                description=f"Train or fine-tune a causal LM; options override the preset. Short flags: {short}.",
+                console_outputs=wants_help,
+            )
+    except SystemExit as e:
+        if wants_help or e.code == 0:
+            raise
+        raise ConfigError(explain(args)) from None
     return cfg.validate()
 
 
