@@ -1,0 +1,211 @@
+"""The attention kernels behind each backend, in two families with one signature each.
+
+Shape legend: B batch, H query heads, K kv heads (H % K == 0, GQA), S query length, L key length, D head dim,
+T flattened tokens. `scale` multiplies q.k; `window` is a sliding window w (key j visible from query i iff
+0 <= i - j < w, transformers' convention); `softcap` is c in c * tanh(score / c).
+
+  dense:  f(q_BHSD, k_BKLD, v_BKLD, mask, *, causal, scale, softcap, dropout) -> out_BHSD
+  varlen: f(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window, softcap, dropout) -> out_THD
+
+Optional packages are imported inside the functions, never at module import.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+# Which kernel actually ran, per call site, for the run summary (see kernel_report()).
+_REPORT: dict[str, str] = {}
+
+
+def kernel_report() -> dict[str, str]:
+    """{'<backend>/<path> <dtype> D<head dim>': kernel that ran}, e.g. {'sdpa/dense bf16 D128': 'CUDNN_ATTENTION'}."""
+    return dict(_REPORT)
+
+
+def _record(tag: str, q: torch.Tensor, kernel: str) -> None:
+    key = f"{tag} {str(q.dtype).removeprefix('torch.')} D{q.shape[-1]}"
+    if _REPORT.get(key) != kernel:
+        _REPORT[key] = kernel
+
+
+def repeat_kv(x_BKLD: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x_BKLD
+    b, k, seq, d = x_BKLD.shape
+    return x_BKLD[:, :, None].expand(b, k, n_rep, seq, d).reshape(b, k * n_rep, seq, d)
+
+
+def eager(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dropout=0.0) -> torch.Tensor:
+    """The reference: plain matmul-softmax-matmul, softmax in fp32 like transformers' eager path."""
+    n_rep = q_BHSD.shape[1] // k_BKLD.shape[1]
+    k_BHLD, v_BHLD = repeat_kv(k_BKLD, n_rep), repeat_kv(v_BKLD, n_rep)
+    s_BHSL = torch.matmul(q_BHSD, k_BHLD.transpose(-1, -2)) * scale
+    if softcap:
+        s_BHSL = torch.tanh(s_BHSL / softcap) * softcap
+    if mask is None and causal:
+        s_len, l_len = s_BHSL.shape[-2:]
+        mask = torch.ones(s_len, l_len, dtype=torch.bool, device=s_BHSL.device).tril(l_len - s_len)
+    if mask is not None and mask.dtype == torch.bool:
+        s_BHSL = s_BHSL.masked_fill(~mask, torch.finfo(s_BHSL.dtype).min)
+    elif mask is not None:
+        s_BHSL = s_BHSL + mask[..., : s_BHSL.shape[-1]]
+    p_BHSL = torch.softmax(s_BHSL, dim=-1, dtype=torch.float32).to(q_BHSD.dtype)
+    if dropout:
+        p_BHSL = F.dropout(p_BHSL, p=dropout, training=True)
+    return torch.matmul(p_BHSL, v_BHLD)
+
+
+# cuDNN attention is first on Hopper/Blackwell: 1.7-1.9x the FLASH kernel torch picks by default (ANCHORS.md).
+# Each entry: (backend name, expand kv heads to H first). cuDNN may reject GQA; expanding kv still beats FLASH.
+_SDPA_LADDER = (
+    ("CUDNN_ATTENTION", False),
+    ("CUDNN_ATTENTION", True),
+    ("FLASH_ATTENTION", False),
+    ("EFFICIENT_ATTENTION", False),
+    ("EFFICIENT_ATTENTION", True),
+    ("MATH", False),
+)
+_SDPA_CHOICE: dict[tuple, tuple[str, bool]] = {}
+
+
+def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dropout=0.0, tag="sdpa") -> torch.Tensor:
+    """torch SDPA. On CUDA it tries kernels fastest-first, once per signature, and keeps the first that runs, so
+    the report names the kernel that really ran rather than what a priority list hoped for."""
+    assert not softcap, "sdpa has no softcap; the dispatcher routes softcap to eager"
+    gqa = q_BHSD.shape[1] != k_BKLD.shape[1]
+    if q_BHSD.device.type != "cuda":
+        _record(tag, q_BHSD, f"{q_BHSD.device.type} sdpa")
+        return _sdpa_call(q_BHSD, k_BKLD, v_BKLD, mask, causal, scale, dropout, None, False)
+    sig = (tag, q_BHSD.dtype, q_BHSD.shape[-1], mask is not None and mask.dtype, causal, gqa, dropout > 0)
+    chosen = _SDPA_CHOICE.get(sig)
+    ladder = ((chosen,) if chosen else ()) + _SDPA_LADDER
+    for backend, expand in ladder:
+        if expand and not gqa:
+            continue  # expanding kv heads changes nothing without GQA
+        try:
+            out = _sdpa_call(q_BHSD, k_BKLD, v_BKLD, mask, causal, scale, dropout, backend, expand)
+        except RuntimeError:
+            continue
+        if chosen != (backend, expand):
+            _SDPA_CHOICE[sig] = (backend, expand)
+            _record(tag, q_BHSD, backend + (" (kv heads expanded)" if expand and gqa else ""))
+        return out
+    raise RuntimeError("no SDPA kernel accepted these inputs")
+
+
+def _sdpa_call(q, k, v, mask, causal, scale, dropout, backend: str | None, expand: bool) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = q.shape[1] != k.shape[1]
+    if expand and gqa:
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])
+        gqa = False
+    kwargs = dict(attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa)
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # flex is only fast compiled (ANCHORS.md: 381 vs ~23 TFLOP/s unfused); dynamic shapes because packed batches
+    # change length every step and a static compile per length would recompile endlessly.
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex(q_BHSD, k_BKLD, v_BKLD, block_mask, *, scale, softcap=None) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    score_mod = None
+    if softcap:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+
+    fn = _compiled_flex() if q_BHSD.device.type == "cuda" else flex_attention
+    _record("flex", q_BHSD, "flex compiled" if q_BHSD.device.type == "cuda" else "flex unfused (cpu)")
+    gqa = q_BHSD.shape[1] != k_BKLD.shape[1]
+    return fn(q_BHSD, k_BKLD, v_BKLD, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def torch_varlen(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window=None, softcap=None, dropout=0.0):
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA): causal via window_size=(-1, 0)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    assert not softcap, "varlen_attn has no softcap; the dispatcher routes softcap to eager"
+    window_size = (window - 1 if window else -1, 0)
+    kwargs = dict(scale=scale, window_size=window_size)
+    if q_THD.shape[1] != k_TKD.shape[1]:
+        if "enable_gqa" in _params(varlen_attn):
+            kwargs["enable_gqa"] = True
+        else:  # older torch: expand kv heads
+            n_rep = q_THD.shape[1] // k_TKD.shape[1]
+            k_TKD, v_TKD = k_TKD.repeat_interleave(n_rep, 1), v_TKD.repeat_interleave(n_rep, 1)
+    _record("varlen", q_THD, "torch varlen_attn")
+    return varlen_attn(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+@functools.cache
+def _params(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+FLASH_MODULES["flash_attention_4"] = "flash_attn.cute"
+
+
+def _flash_kwargs(fn, scale, window, softcap, dropout) -> dict:
+    params = _params(fn)
+    kwargs = dict(softmax_scale=scale, causal=True)
+    if window and "window_size" in params:
+        kwargs["window_size"] = (window - 1, 0)
+    elif window:
+        kwargs.update(window_size_left=window - 1, window_size_right=0)
+    if softcap:
+        kwargs["softcap"] = softcap
+    if dropout and "dropout_p" in params:
+        kwargs["dropout_p"] = dropout
+    return kwargs
+
+
+def _flash_fn(name: str, attr: str):
+    import importlib
+
+    return getattr(importlib.import_module(FLASH_MODULES[name]), attr)
+
+
+def flash_varlen(name: str):
+    """varlen kernel of the flash-attn package behind `name`; kwargs follow each version's own signature."""
+
+    def run(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window=None, softcap=None, dropout=0.0):
+        fn = _flash_fn(name, "flash_attn_varlen_func")
+        kwargs = _flash_kwargs(fn, scale, window, softcap, dropout)
+        for key, value in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+            if key in _params(fn):
+                kwargs[key] = int(value)  # FA4 crashes on a tensor max length (ANCHORS.md)
+        _record(name, q_THD, name + " varlen")
+        out = fn(q_THD, k_TKD, v_TKD, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def flash_dense(name: str):
+    """Dense (B, S, H, D) kernel of the same package for unpadded rows: FA4 through varlen measured 168 TFLOP/s at
+    1k tokens per row on H100 against 262 for its dense kernel in ANCHORS.md (docs/ATTENTION.md)."""
+
+    def run(q_BSHD, k_BLKD, v_BLKD, *, scale, window=None, softcap=None, dropout=0.0):
+        fn = _flash_fn(name, "flash_attn_func")
+        _record(name, q_BSHD, name + " dense")
+        out = fn(q_BSHD, k_BLKD, v_BLKD, **_flash_kwargs(fn, scale, window, softcap, dropout))
+        return out[0] if isinstance(out, tuple) else out
+
+    return run

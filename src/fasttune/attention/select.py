@@ -1,0 +1,171 @@
+"""Choosing a backend: validation, the loud fallback, strict mode and `auto`.
+
+`auto` takes the first usable backend from a preference list measured on H100 (ANCHORS.md, bf16 causal, fwd+bwd
+TFLOP/s at 4k: FA4 477 > sdpa-cuDNN 432 > flex 334 > sdpa-FLASH 250 > varlen 225), optionally re-ranked by a quick
+on-device timing cached per GPU and torch version in ~/.cache/fasttune/attention_auto.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fasttune.attention import BACKENDS
+from fasttune.attention.dispatch import HF_NAMES, NO_SOFTCAP, register_all
+from fasttune.attention.probe import probe, static_reason
+from fasttune.errors import FasttuneError
+
+logger = logging.getLogger("fasttune")
+
+# Fastest first. Packed: every flash kernel and varlen take documents natively; sdpa packs through varlen on CUDA
+# anyway, and compiled flex recompiles as pack lengths change, so it sits behind varlen until timed.
+_PREFER = {
+    ("hopper", False): ("flash_attention_4", "sdpa", "flash_attention_3", "flex_attention", "flash_attention_2"),
+    ("hopper", True): ("flash_attention_4", "flash_attention_3", "flash_attention_2", "varlen", "flex_attention"),
+    ("ampere", False): ("flash_attention_2", "sdpa", "flex_attention", "varlen"),
+    ("ampere", True): ("flash_attention_2", "varlen", "flex_attention", "sdpa"),
+    # CPU: flex is unfused without a GPU compile and varlen does not exist; sdpa has a fused CPU kernel.
+    ("cpu", False): ("sdpa", "eager"),
+    ("cpu", True): ("sdpa", "eager"),
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The backend to build the model with."""
+
+    name: str  # fasttune backend name, one of BACKENDS
+    hf_name: str  # pass as from_pretrained(..., attn_implementation=hf_name)
+    reason: str  # why this one, for the log and the run summary
+
+
+def register() -> dict[str, str]:
+    """Register every fasttune backend into transformers; fasttune name -> attn_implementation string."""
+    return register_all()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available(
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None, head_dim: int = 128, run: bool = False
+) -> dict[str, str | None]:
+    """{backend: None if usable here, else the reason}. run=True adds the tiny forward+backward per backend."""
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    check = probe if run else (lambda n, d, t, h: static_reason(n, d, t, h))
+    return {name: check(name, device, dtype, head_dim) for name in BACKENDS}
+
+
+def model_features(model_config) -> dict[str, object]:
+    """Attention features a transformers config asks for: logit softcap and sliding window."""
+    if model_config is None:
+        return {}
+    text_config = getattr(model_config, "get_text_config", lambda: model_config)()
+    features = {}
+    if getattr(text_config, "attn_logit_softcapping", None):
+        features["softcap"] = text_config.attn_logit_softcapping
+    if getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
+        features["sliding_window"] = text_config.sliding_window
+    return features
+
+
+def _feature_reason(name: str, features: dict) -> str | None:
+    if features.get("softcap") and name in NO_SOFTCAP:
+        return f"no attention logit softcap (model uses {features['softcap']})"
+    return None  # sliding windows: every backend is correct (sdpa/eager through an explicit mask)
+
+
+def _why_not(name, device, dtype, head_dim, features) -> str | None:
+    return _feature_reason(name, features) or probe(name, device, dtype, head_dim)
+
+
+def _family(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return "hopper" if torch.cuda.get_device_capability(device)[0] >= 9 else "ampere"
+
+
+def resolve(
+    requested: str,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    head_dim: int,
+    packed: bool,
+    strict: bool = False,
+    model_config=None,
+    measure: bool = False,
+) -> Resolved:
+    """Resolve a requested backend (or "auto") to a usable one and register it into transformers.
+
+    An unusable request logs one warning naming the reason and the backend used instead; strict=True raises
+    FasttuneError instead. measure=True lets `auto` time its top candidates on this device (cached)."""
+    device = torch.device(device)
+    if requested not in (*BACKENDS, "auto"):
+        raise FasttuneError(f"unknown attention backend '{requested}'; valid: {', '.join(('auto', *BACKENDS))}")
+    register_all()
+    features = model_features(model_config)
+    if requested != "auto":
+        why = _why_not(requested, device, dtype, head_dim, features)
+        if why is None:
+            return Resolved(requested, HF_NAMES[requested], "requested")
+        if strict:
+            raise FasttuneError(_strict_message(requested, why, device, dtype, head_dim, features))
+    choice = _auto(device, dtype, head_dim, packed, features, measure)
+    if requested != "auto":
+        logger.warning(f"attention backend '{requested}' unavailable: {why}; using '{choice.name}' instead")
+        return Resolved(choice.name, choice.hf_name, f"'{requested}' unavailable ({why}); auto: {choice.reason}")
+    logger.info(f"attention auto -> '{choice.name}': {choice.reason}")
+    return choice
+
+
+def _strict_message(requested, why, device, dtype, head_dim, features) -> str:
+    usable, unusable = [], []
+    for name in BACKENDS:
+        reason = _why_not(name, device, dtype, head_dim, features)
+        (usable if reason is None else unusable).append(name if reason is None else f"{name} ({reason})")
+    return (
+        f"attention backend '{requested}' is unavailable: {why}. Available here: {', '.join(usable)}. "
+        f"Unavailable: {'; '.join(unusable)}. Set attn_implementation to an available one, or strict_attention=False."
+    )
+
+
+def _auto(device, dtype, head_dim, packed, features, measure) -> Resolved:
+    order = _PREFER[(_family(device), packed)]
+    usable = [n for n in order if _why_not(n, device, dtype, head_dim, features) is None] or ["eager"]
+    layout = "packed" if packed else "padded"
+    reason = f"fastest usable for {device.type} {layout} D{head_dim} by measured preference {'>'.join(order)}"
+    if measure and device.type == "cuda" and len(usable) > 1:
+        name, reason = _timed_choice(usable[:3], device, dtype, head_dim, packed, features)
+        return Resolved(name, HF_NAMES[name], reason)
+    return Resolved(usable[0], HF_NAMES[usable[0]], reason)
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "fasttune" / "attention_auto.json"
+
+
+def _timed_choice(candidates, device, dtype, head_dim, packed, features) -> tuple[str, str]:
+    key = "|".join((torch.cuda.get_device_name(device), torch.__version__, str(dtype), f"D{head_dim}", str(packed)))
+    key += "|" + "/".join(candidates) + ("|softcap" if features.get("softcap") else "")
+    path = _cache_path()
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    if key not in cache:
+        from fasttune.attention.timing import time_backend
+
+        times = {n: time_backend(n, device, dtype, head_dim, packed, features) for n in candidates}
+        cache[key] = times
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1))
+    times = cache[key]
+    best = min(times, key=times.get)
+    shown = ", ".join(f"{n} {ms:.2f} ms" for n, ms in times.items())
+    return best, f"fastest fwd+bwd measured on this GPU ({shown}; cache {path})"

@@ -1,0 +1,182 @@
+"""Attention backends against a per-document reference at tiny shapes, CPU.
+
+Shape legend: B batch, H query heads, K kv heads, S query length, L key length, D head dim, T packed tokens.
+The reference runs every document alone with a plain loop (no fasttune code), so packed, padded and dense
+layouts of every backend are checked against the same numbers, forward and backward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fasttune.attention import available, kernel_report, resolve
+from fasttune.attention.dispatch import attention_forward
+from fasttune.attention.probe import explain_import_error, import_status, probe
+from fasttune.errors import FasttuneError
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+LENS = (5, 11, 1, 8)  # odd lengths, a one-token document
+CPU_FWD_BWD = ("eager", "sdpa")  # flex runs on CPU forward only (no CPU backward in torch)
+
+
+def reference(q_HTD, k_KTD, v_KTD, lens, *, scale, window=None, softcap=None):
+    """Each document alone, causal, in fp64: the ground truth. (H, T, D) in, (T, H, D) out."""
+    outs, start = [], 0
+    n_rep = q_HTD.shape[0] // k_KTD.shape[0]
+    for n in lens:
+        q, k, v = (x[:, start : start + n].double() for x in (q_HTD, k_KTD, v_KTD))
+        k, v = k.repeat_interleave(n_rep, 0), v.repeat_interleave(n_rep, 0)
+        s = q @ k.transpose(-1, -2) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        i, j = torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None, :]
+        allow = (j <= i) & ((i - j) < window if window else True)
+        outs.append(torch.softmax(s.masked_fill(~allow, float("-inf")), -1) @ v)
+        start += n
+    return torch.cat(outs, 1).transpose(0, 1)
+
+
+def make_qkv(dtype, n_heads=4, n_kv=2, head_dim=16, total=None, device="cpu"):
+    gen = torch.Generator().manual_seed(0)
+    total = total or sum(LENS)
+    return [torch.randn(h, total, head_dim, generator=gen).to(device, dtype) for h in (n_heads, n_kv, n_kv)]
+
+
+def packed_call(backend, q_HTD, k_KTD, v_KTD, lens, how, **kw):
+    """One row (1, H, T, D), documents given by cu_seq_lens kwargs or by restarting position_ids."""
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=q_HTD.device)
+    if how == "cu":
+        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    else:
+        extra = dict(position_ids=torch.cat([torch.arange(n) for n in lens])[None].to(q_HTD.device))
+    out_1THD, _ = attention_forward(backend, None, q_HTD[None], k_KTD[None], v_KTD[None], None, **extra, **kw)
+    return out_1THD[0]
+
+
+def padded_call(backend, q_HTD, k_KTD, v_KTD, lens, left=False, **kw):
+    """Documents as rows of a padded batch (B, H, Lmax, D) with a 2D padding mask; returns real tokens (T, H, D)."""
+    width, starts = max(lens), torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+
+    def rows(x_HTD):
+        out = x_HTD.new_zeros(len(lens), x_HTD.shape[0], width, x_HTD.shape[2])
+        for b, n in enumerate(lens):
+            at = width - n if left else 0
+            out[b, :, at : at + n] = x_HTD[:, starts[b] : starts[b] + n]
+        return out
+
+    mask_BL = torch.zeros(len(lens), width, dtype=torch.bool, device=q_HTD.device)
+    for b, n in enumerate(lens):
+        mask_BL[b, width - n if left else 0 : width if left else n] = True
+    out_BSHD, _ = attention_forward(backend, None, rows(q_HTD), rows(k_KTD), rows(v_KTD), mask_BL, **kw)
+    return torch.cat([out_BSHD[b, width - n :] if left else out_BSHD[b, :n] for b, n in enumerate(lens)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", CPU_FWD_BWD)
+@pytest.mark.parametrize("layout", ["cu", "position_ids", "padded-right", "padded-left"])
+def test_forward_backward_matches_reference(backend, layout, dtype):
+    q, k, v = (x.requires_grad_() for x in make_qkv(dtype))
+    scale = 16**-0.5
+    if layout.startswith("padded"):
+        out = padded_call(backend, q, k, v, LENS, left=layout.endswith("left"), scaling=scale)
+    else:
+        out = packed_call(backend, q, k, v, LENS, layout, scaling=scale)
+    ref = reference(q, k, v, LENS, scale=scale)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    grad_out = torch.randn_like(ref)
+    got = torch.autograd.grad(out.double(), (q, k, v), grad_out)
+    want = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w.double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("feature", ["plain", "window", "softcap", "mha"])
+def test_features_forward(backend, feature):
+    """Sliding window and softcap on packed and padded layouts; flex is forward-only on CPU."""
+    n_kv = 4 if feature == "mha" else 2
+    q, k, v = make_qkv(torch.float32, n_kv=n_kv)
+    kw = dict(scaling=0.3)
+    kw |= dict(sliding_window=3) if feature == "window" else {}
+    kw |= dict(softcap=2.0) if feature == "softcap" else {}
+    ref = reference(q, k, v, LENS, scale=0.3, window=kw.get("sliding_window"), softcap=kw.get("softcap"))
+    torch.testing.assert_close(packed_call(backend, q, k, v, LENS, "cu", **kw).double(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(padded_call(backend, q, k, v, LENS, **kw).double(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", CPU_FWD_BWD)
+def test_dense_causal_and_decode_step(backend):
+    """Unpacked rows are plain causal; a decode step (S < L, queries at the end) is bottom-right causal."""
+    q, k, v = make_qkv(torch.float32, total=9)
+    full, _ = attention_forward(backend, None, q[None], k[None], v[None], None, scaling=0.25)
+    torch.testing.assert_close(full[0].double(), reference(q, k, v, [9], scale=0.25), **TOL[torch.float32])
+    step, _ = attention_forward(backend, None, q[None, :, -2:], k[None], v[None], None, scaling=0.25)
+    torch.testing.assert_close(step[0], full[0, -2:], **TOL[torch.float32])
+
+
+def test_changing_one_document_leaves_the_others():
+    q, k, v = make_qkv(torch.float32)
+    base = packed_call("sdpa", q, k, v, LENS, "position_ids")
+    k2 = k.clone()
+    k2[:, : LENS[0]] += 5.0  # change the first document only
+    out = packed_call("sdpa", q, k2, v, LENS, "position_ids")
+    torch.testing.assert_close(out[LENS[0] :], base[LENS[0] :])
+    assert not torch.allclose(out[: LENS[0]], base[: LENS[0]])
+
+
+def test_kernel_report_names_what_ran():
+    q, k, v = make_qkv(torch.float32)
+    packed_call("sdpa", q, k, v, LENS, "cu")
+    assert kernel_report()["sdpa/packed float32 D16"] == "cpu sdpa"
+
+
+def test_available_keeps_reasons():
+    got = available(device="cpu", dtype=torch.float32, head_dim=16, run=True)
+    assert got["eager"] is None and got["sdpa"] is None
+    assert "CUDA" in got["flash_attention_4"] and "CUDA" in got["varlen"]
+    assert "backward on CPU" in got["flex_attention"]  # the tiny fwd+bwd probe keeps torch's own error
+
+
+def test_import_errors_are_classified():
+    assert "package not installed" in import_status("fasttune_no_such_module")
+    assert import_status("torch") is None
+    abi = explain_import_error(ImportError("/x/flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice"))
+    assert abi.startswith("ABI mismatch between torch")
+    assert "cannot" in explain_import_error(ImportError("cannot import name 'x'"))
+
+
+def test_unavailable_backend_warns_once_with_reason(caplog):
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        got = resolve("flash_attention_4", device="cpu", dtype=torch.float32, head_dim=16, packed=True)
+    assert got.name == "sdpa" and got.hf_name == "fasttune_sdp"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "flash_attention_4" in warnings[0] and "needs a CUDA GPU" in warnings[0]
+    assert "using 'sdpa' instead" in warnings[0]
+
+
+def test_strict_raises_listing_names_and_reasons():
+    with pytest.raises(FasttuneError) as err:
+        resolve("varlen", device="cpu", dtype=torch.float32, head_dim=16, packed=True, strict=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "Available here: eager, sdpa" in msg and "flash_attention_2 (" in msg
+    with pytest.raises(FasttuneError, match="valid: auto, eager"):
+        resolve("flash", device="cpu", dtype=torch.float32, head_dim=16, packed=True)
+
+
+def test_softcap_model_steers_away_from_sdpa(caplog):
+    class Config:
+        attn_logit_softcapping = 50.0
+
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        got = resolve("sdpa", device="cpu", dtype=torch.float32, head_dim=16, packed=False, model_config=Config())
+    assert got.name == "eager" and "softcap" in caplog.text
+    assert probe("sdpa", "cpu", torch.float32, 16) is None
+
+
+def test_auto_on_cpu_picks_sdpa(caplog):
+    with caplog.at_level(logging.INFO, logger="fasttune"):
+        got = resolve("auto", device="cpu", dtype=torch.float32, head_dim=16, packed=True)
+    assert got.name == "sdpa" and "auto -> 'sdpa'" in caplog.text
