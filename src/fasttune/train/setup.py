@@ -115,12 +115,8 @@ class AttentionChoice:
     def describe(self) -> str:
         from fasttune import attention
 
-        kernel = ""
-        report = getattr(attention, "kernel_report", None)
-        if report is not None:
-            kernels = report()
-            if kernels:
-                kernel = f"; kernel: {', '.join(f'{k} x{v}' for k, v in kernels.items())}"
+        kernels = attention.kernel_report()
+        kernel = f"; kernels: {', '.join(f'{k} -> {v}' for k, v in kernels.items())}" if kernels else ""
         return f"{self.name} (requested {self.requested}: {self.reason}){kernel}"
 
 
