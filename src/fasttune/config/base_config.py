@@ -9,18 +9,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fasttune.attention import BACKENDS
 from fasttune.errors import ConfigError
 
-ATTN_CHOICES = (
-    "auto",
-    "eager",
-    "sdpa",
-    "flex_attention",
-    "varlen",
-    "flash_attention_2",
-    "flash_attention_3",
-    "flash_attention_4",
-)
+ATTN_CHOICES = ("auto", *BACKENDS)
 MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b")
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")

@@ -1,0 +1,152 @@
+"""Facts about this machine that several checks share, gathered once and never raising.
+
+Every helper here returns None (or an empty value) when a fact cannot be read, so a missing tool or a broken driver
+shows up as a row in the table rather than as a crash.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Gpu:
+    name: str
+    cc: tuple[int, int]  # compute capability
+    total_gib: float
+
+
+@dataclass
+class Machine:
+    """What the checks need to know; built by `detect()`."""
+
+    python: tuple[int, int, int]
+    torch_version: str
+    torch_cuda: str | None  # torch.version.cuda: None for a CPU build
+    cxx11_abi: bool | None  # torch._C._GLIBCXX_USE_CXX11_ABI: prebuilt extension wheels must match it
+    cuda_available: bool
+    cuda_error: str | None  # why torch.cuda.is_available() is False on a CUDA build, when torch says
+    gpus: list[Gpu] = field(default_factory=list)
+    smi: dict[str, str] = field(default_factory=dict)  # nvidia-smi: name, driver, cuda (driver's max CUDA)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0) if self.gpus else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What fasttune trains in here: bf16 on CUDA (fp16 before Ampere), fp32 on CPU."""
+        if not self.gpus:
+            return torch.float32
+        return torch.bfloat16 if self.gpus[0].cc >= (8, 0) else torch.float16
+
+    @property
+    def cc(self) -> tuple[int, int] | None:
+        return self.gpus[0].cc if self.gpus else None
+
+    @property
+    def family(self) -> str:
+        """cpu | pre-ampere | ampere (8.x, incl. Ada) | hopper (9.x) | blackwell (10.x) | blackwell-consumer (12.x)."""
+        cc = self.cc
+        if cc is None:
+            return "cpu"
+        if cc[0] < 8:
+            return "pre-ampere"
+        return {8: "ampere", 9: "hopper", 10: "blackwell"}.get(cc[0], "blackwell-consumer")
+
+
+def detect() -> Machine:
+    m = Machine(
+        python=tuple(sys.version_info[:3]),
+        torch_version=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cxx11_abi=getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None),
+        cuda_available=False,
+        cuda_error=None,
+    )
+    try:
+        m.cuda_available = torch.cuda.is_available()
+        for i in range(torch.cuda.device_count() if m.cuda_available else 0):
+            props = torch.cuda.get_device_properties(i)
+            m.gpus.append(Gpu(props.name, (props.major, props.minor), props.total_memory / 2**30))
+    except Exception as exc:  # noqa: BLE001 - a broken driver is a finding, not a crash
+        m.cuda_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    m.smi = nvidia_smi()
+    return m
+
+
+def run(cmd: list[str], timeout: float = 10.0) -> tuple[int, str] | None:
+    """(exit code, stdout+stderr) of a command, or None if it is missing or hangs."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.returncode, (p.stdout + p.stderr).strip()
+
+
+def nvidia_smi() -> dict[str, str]:
+    """GPU name, driver version and the newest CUDA the driver supports, from nvidia-smi (works without torch)."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    out: dict[str, str] = {}
+    q = run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+    if q and q[0] == 0 and q[1]:
+        name, _, driver = q[1].splitlines()[0].rpartition(",")
+        out.update(name=name.strip(), driver=driver.strip())
+    header = run(["nvidia-smi"])
+    if header and (found := re.search(r"CUDA Version:\s*([\d.]+)", header[1])):
+        out["cuda"] = found.group(1)
+    return out
+
+
+def cuda_home() -> str | None:
+    """The toolkit torch.utils.cpp_extension builds with: CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    if nvcc := shutil.which("nvcc"):
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return "/usr/local/cuda" if os.path.exists("/usr/local/cuda") else None
+
+
+def nvcc_version(home: str | None) -> tuple[str, str] | None:
+    """(path, 'X.Y') of the toolkit's nvcc, or None when there is none."""
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return None
+    res = run([nvcc, "--version"])
+    found = re.search(r"release (\d+\.\d+)", res[1]) if res else None
+    return (nvcc, found.group(1)) if found else (nvcc, "unknown")
+
+
+def dist_version(*names: str) -> str | None:
+    """Installed version of the first pip distribution found among `names`."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def major_minor(version: str | None) -> tuple[int, int] | None:
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def wheel_tag(m: Machine) -> str:
+    """The build tags a prebuilt flash-attn 2 wheel must carry to load here, in its release file naming."""
+    cu = (m.torch_cuda or "?").split(".")[0]
+    tv = ".".join(m.torch_version.split("+")[0].split(".")[:2])
+    abi = {True: "TRUE", False: "FALSE"}.get(m.cxx11_abi, "?")
+    py = f"cp{m.python[0]}{m.python[1]}"
+    return f"+cu{cu}torch{tv}cxx11abi{abi}-{py}-{py}-linux_{platform.machine()}"

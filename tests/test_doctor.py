@@ -1,0 +1,258 @@
+"""`fasttune doctor` on this CPU machine, and simulated failures (ABI mismatch, nvcc mismatch, missing packages).
+
+Simulated machines are plain `Machine` values handed to single checks, so no GPU is needed and each test is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from fasttune import cli
+from fasttune.attention.probe import NEEDS, import_status
+from fasttune.doctor import attn, checks, packages, system, tools
+from fasttune.doctor.machine import Gpu, Machine
+from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Report, Row, render, run_check
+
+STATUSES = {OK, WARN, FAIL, SKIP}
+EXPECTED_IDS = {
+    "python", "torch", "transformers", "pip_check", "cuda", "gpu", "driver", "nvcc", "gcc", "ninja",
+    "sdpa.FLASH_ATTENTION", "sdpa.EFFICIENT_ATTENTION", "sdpa.CUDNN_ATTENTION", "sdpa.MATH", "sdpa.default",
+    "flex_attention", "varlen", "flash_attention_2", "flash_attention_3", "flash_attention_4", "backends",
+    "triton", "liger", "peft", "alloc_conf", "disk", "disk_hf", "ram",
+}  # fmt: skip
+ABI_ERROR = (
+    "/venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "
+    "undefined symbol: _ZN3c105ErrorC2ENS_14SourceLocationENSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE"
+)
+
+
+def machine(gpu: tuple[int, int] | None = (9, 0), torch_cuda: str | None = "13.0", **kw) -> Machine:
+    """A simulated machine: an H100-like GPU by default, or CPU-only with gpu=None."""
+    gpus = [Gpu("NVIDIA H100 80GB HBM3", gpu, 79.2)] if gpu else []
+    smi = {"name": "NVIDIA H100 80GB HBM3", "driver": "580.65", "cuda": "13.0"} if gpu else {}
+    base = dict(
+        python=(3, 11, 7),
+        torch_version=f"2.11.0+cu{torch_cuda.replace('.', '')}" if torch_cuda else "2.11.0+cpu",
+        torch_cuda=torch_cuda,
+        cxx11_abi=True,
+        cuda_available=bool(gpu),
+        cuda_error=None,
+        gpus=gpus,
+        smi=smi,
+    )
+    return Machine(**{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_import_cache():
+    """import_status is cached per module; simulated imports must not leak into other tests."""
+    import_status.cache_clear()
+    yield
+    import_status.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def cpu_json() -> dict:
+    """One real doctor run through the CLI entry point (`fasttune doctor --json`), shared by the tests below."""
+    out = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["doctor", "--json"])
+    payload = json.loads(out.getvalue())
+    payload["_rc"] = code
+    return payload
+
+
+def test_cpu_json_is_complete(cpu_json):
+    ids = {c["id"] for c in cpu_json["checks"]}
+    assert EXPECTED_IDS <= ids, f"missing checks: {EXPECTED_IDS - ids}"
+    for c in cpu_json["checks"]:
+        assert c["status"] in STATUSES, c
+        assert isinstance(c["reason"], str) and c["reason"], c
+        assert isinstance(c["fix"], str), c
+        assert c["status"] not in (WARN, FAIL) or c["fix"], f"a warn/fail row needs a fix: {c}"
+    assert cpu_json["_rc"] == cpu_json["exit_code"] == (1 if cpu_json["counts"][FAIL] else 0)
+    assert cpu_json["auto"]["packed"] in ("sdpa", "eager")
+
+
+def test_cpu_statements_are_clear(cpu_json):
+    by_id = {c["id"]: c for c in cpu_json["checks"]}
+    assert by_id["gpu"]["status"] == SKIP and "no CUDA GPU" in by_id["gpu"]["reason"]
+    assert by_id["sdpa.MATH"]["status"] == OK
+    assert by_id["sdpa.CUDNN_ATTENTION"]["status"] == SKIP
+    assert by_id["varlen"]["status"] == SKIP and "CUDA" in by_id["varlen"]["reason"]
+    assert any("no CUDA GPU" in line for line in cpu_json["advice"])
+    assert "attn_implementation='auto' picks" in cpu_json["closing"]
+
+
+def test_table_output_has_no_color_when_piped(capsys):
+    report = Report(rows=[Row("x", "S", "thing", FAIL, "broken", 'pip install "fasttune[fa4]"')], closing="done.")
+    buf = io.StringIO()
+    render(report, Console(file=buf, force_terminal=False, width=120))
+    text = buf.getvalue()
+    assert "\x1b[" not in text
+    assert 'pip install "fasttune[fa4]"' in text  # brackets survive: not read as markup
+    assert "fail" in text and "done." in text
+    assert report.exit_code == 1
+
+
+def _raise_on_import(monkeypatch, module: str, exc: Exception) -> None:
+    """Make `module` look installed but fail to import with `exc`; every other import is untouched."""
+    real_find, real_import = importlib.util.find_spec, importlib.import_module
+    spec = importlib.util.spec_from_loader(module, loader=None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == module else real_find(name, *a))
+
+    def fake_import(name, *a):
+        if name == module:
+            raise exc
+        return real_import(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+
+
+def test_undefined_symbol_is_explained_as_abi_mismatch(monkeypatch):
+    _raise_on_import(monkeypatch, NEEDS["flash_attention_2"].module, ImportError(ABI_ERROR))
+    monkeypatch.setattr(attn, "dist_version", lambda *names: "2.8.3" if "flash-attn" in names else None)
+    rows = {r.id: r for r in attn.check_flash_attn(machine())}
+    fa2 = rows["flash_attention_2"]
+    assert fa2.status == FAIL
+    assert "undefined symbol" in fa2.reason and "ABI mismatch" in fa2.reason
+    assert "torch 2.11.0, CUDA 13.0, Python 3.11" in fa2.reason
+    assert "_GLIBCXX_USE_CXX11_ABI=True" in fa2.reason
+    assert "+cu13torch2.11cxx11abiTRUE-cp311-cp311" in fa2.reason  # the prebuilt wheel that would load
+    assert "--no-build-isolation" in fa2.fix and "--no-cache-dir" in fa2.fix
+    assert "fasttune[fa4]" in fa2.fix  # on Hopper, skipping the build is the better fix
+
+
+def test_other_import_error_shows_real_text(monkeypatch):
+    _raise_on_import(monkeypatch, "liger_kernel", RuntimeError("triton 3.1 is too old for liger"))
+    (row,) = packages.check_liger(machine())
+    assert row.status == FAIL and "triton 3.1 is too old for liger" in row.reason and row.fix
+
+
+def test_missing_fa4_on_hopper_recommends_the_wheel(monkeypatch):
+    monkeypatch.setattr(attn, "import_status", lambda module: f"package not installed (no module '{module}')")
+    rows = {r.id: r for r in attn.check_flash_attn(machine())}
+    assert rows["flash_attention_4"].status == WARN
+    assert rows["flash_attention_4"].fix == 'pip install "fasttune[fa4]" "flash-attn-4[cu13]"'
+    assert rows["flash_attention_3"].status == SKIP and rows["flash_attention_2"].status == SKIP
+    ampere = {r.id: r for r in attn.check_flash_attn(machine(gpu=(8, 0), torch_cuda="12.8"))}
+    assert ampere["flash_attention_4"].status == SKIP  # FA4 does not serve Ampere: no nagging
+
+
+def test_missing_optional_packages(monkeypatch):
+    monkeypatch.setattr(packages, "import_status", lambda module: f"package not installed (no module '{module}')")
+    gpu, cpu = machine(), machine(gpu=None, torch_cuda=None)
+    (liger,) = packages.check_liger(gpu)
+    assert liger.status == WARN and liger.fix == 'pip install "fasttune[liger]"'
+    assert packages.check_liger(cpu)[0].status == SKIP
+    (peft,) = packages.check_peft(cpu)
+    assert peft.fix == 'pip install "fasttune[lora]"' and "LoRA" in peft.reason
+    assert packages.check_triton(gpu)[0].status == WARN
+
+
+def test_nvcc_major_mismatch(monkeypatch):
+    monkeypatch.setattr(tools, "cuda_home", lambda: "/usr/local/cuda-12.8")
+    monkeypatch.setattr(tools, "nvcc_version", lambda home: ("/usr/local/cuda-12.8/bin/nvcc", "12.8"))
+    (row,) = tools.check_nvcc(machine(torch_cuda="13.0"))
+    assert row.status == WARN
+    assert "CUDA 12.8" in row.reason and "CUDA 13.0" in row.reason
+    assert "export CUDA_HOME=/usr/local/cuda-13.0" in row.fix and "fasttune[fa4]" in row.fix
+    (same,) = tools.check_nvcc(machine(torch_cuda="12.6"))
+    assert same.status == OK and "torch only warns" in same.reason
+
+
+def test_cpu_torch_on_a_gpu_machine():
+    m = machine(torch_cuda=None, gpus=[], cuda_available=False)
+    (row,) = system.check_cuda(m)
+    assert row.status == FAIL and "CPU-only build" in row.reason
+    assert "--index-url https://download.pytorch.org/whl/cu130" in row.fix
+
+
+def test_driver_too_old_for_torch():
+    m = machine(torch_cuda="13.0", cuda_available=False, gpus=[], smi={"name": "A100", "driver": "550", "cuda": "12.4"})
+    (row,) = system.check_cuda(m)
+    assert row.status == FAIL and "12.4" in row.reason and "driver" in row.fix
+
+
+def test_alloc_conf_user_value_without_expandable_segments(monkeypatch):
+    monkeypatch.setattr(tools, "_initial_env", lambda: {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"})
+    (row,) = tools.check_alloc_conf(machine())
+    assert row.status == WARN
+    assert row.fix == 'export PYTORCH_ALLOC_CONF="expandable_segments:True,max_split_size_mb:512"'
+
+
+def test_a_crashing_check_becomes_a_fail_row(monkeypatch, capsys):
+    def check_boom(m):
+        raise ValueError("probe exploded")
+
+    (row,) = run_check(check_boom, machine(), section="X")
+    assert row.status == FAIL and "ValueError: probe exploded" in row.reason and row.fix
+    quick = (("Python", system.check_python), ("X", check_boom))
+    monkeypatch.setattr(checks, "CHECKS", quick)
+    monkeypatch.setattr(attn, "auto_choice", lambda m: ({}, "closing."))
+    assert checks.main(["--quick"]) == 1
+    out = capsys.readouterr()
+    assert "probe exploded" in out.out and "Traceback" not in out.out + out.err
+    assert checks.main(["--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err  # --debug shows it
+
+
+def test_installed_flash_attn_that_fails_to_run_on_gpu(monkeypatch):
+    """On a GPU the import row also reports the backend's tiny fwd+bwd probe (simulated here)."""
+    monkeypatch.setattr(attn, "import_status", lambda module: None)
+    monkeypatch.setattr(attn, "dist_version", lambda *names: "4.0.0b36")
+    reasons = dict.fromkeys(("flash_attention_2", "flash_attention_3"), None)
+    reasons["flash_attention_4"] = "fails a tiny forward+backward on cuda:0 bfloat16: AttributeError: nvvm"
+    monkeypatch.setattr(attn, "backend_reasons", lambda m: reasons)
+    rows = {r.id: r for r in attn.check_flash_attn(machine())}
+    assert rows["flash_attention_2"].status == OK
+    fa4 = rows["flash_attention_4"]
+    assert fa4.status == FAIL and "AttributeError: nvvm" in fa4.reason and "fasttune[fa4]" in fa4.fix
+
+
+def test_advice_fits_the_gpu(monkeypatch):
+    from fasttune.doctor.advice import advise
+
+    hopper = advise(machine(), [Row("flash_attention_4", "A", "fa4", WARN, "not installed", "pip ...")])
+    assert any("fasttune[fa4]" in line and "no compiler" in line for line in hopper)
+    assert not any("MAX_JOBS" in line for line in hopper)
+    ampere = machine(gpu=(8, 0), torch_cuda="12.8")
+    fast = advise(ampere, [Row("varlen", "A", "varlen", OK, "runs"), Row("sdpa.FLASH_ATTENTION", "A", "f", OK, "")])
+    assert any("without compiling" in line for line in fast) and not any("MAX_JOBS" in line for line in fast)
+    stuck = advise(ampere, [Row("varlen", "A", "varlen", WARN, "broken", "x")])
+    build = " ".join(stuck)
+    assert "MAX_JOBS=" in build and "--no-build-isolation" in build and "cu12torch2.11cxx11abiTRUE" in build
+
+
+def test_simulated_h100_run(monkeypatch, capsys):
+    """The whole report on a simulated H100 without flash-attn-4: every check runs, advice and closing fit."""
+    import fasttune.doctor.machine as machine_mod
+    from fasttune.attention import Resolved
+
+    monkeypatch.setattr(machine_mod, "detect", lambda: machine())
+    monkeypatch.setattr(system.torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_100", "compute_120"])
+    monkeypatch.setattr(attn, "sdpa_kernel_runs", lambda *a: dict.fromkeys(attn.SDPA_KERNELS))
+    monkeypatch.setattr(attn, "sdpa_default", lambda *a: "FLASH_ATTENTION")
+    reasons = {"eager": None, "sdpa": None, "flex_attention": None, "varlen": None}
+    reasons |= {f"flash_attention_{i}": "package not installed" for i in (2, 3, 4)}
+    monkeypatch.setattr(attn, "backend_reasons", lambda m: reasons)
+    monkeypatch.setattr(attn, "import_status", lambda module: f"package not installed (no module '{module}')")
+    auto = Resolved("sdpa", "fasttune_sdp", "fastest usable for cuda packed D128")
+    monkeypatch.setattr(attn, "resolve", lambda *a, **k: auto)
+    assert checks.main(["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {c["id"]: c for c in report["checks"]}
+    assert EXPECTED_IDS <= set(rows)
+    assert rows["gpu"]["status"] == OK and "9.0 (hopper)" in rows["gpu"]["reason"]
+    assert rows["flash_attention_4"]["status"] == WARN
+    assert "cuDNN first" in rows["sdpa.default"]["reason"]
+    assert any("flash-attn-4[cu13]" in line for line in report["advice"])
+    assert "NVIDIA H100" in report["closing"] and report["auto"]["packed"] == "sdpa"
