@@ -53,11 +53,14 @@ def parse_train_args(argv: Sequence[str]):
     """`--experiment NAME` picks the preset; every config field can then be overridden (tyro)."""
     import tyro
 
-    from fasttune.config import BaseConfig, get_experiment
+    from fasttune.config import EXPERIMENTS, BaseConfig, get_experiment
     from fasttune.config.argcheck import explain
 
     args = list(argv)
-    name = _pop_flag(args, "--experiment", takes_value=True) or "quick"
+    name = _pop_flag(args, "--experiment", takes_value=True)
+    if name == "" or (name is None and "--experiment" in argv):
+        raise ConfigError("--experiment needs a value; choose one of: " + ", ".join(EXPERIMENTS))
+    name = name or "quick"
     base = get_experiment(name)
     args = [_expand(a) for a in args]
     short = ", ".join(f"{k} = {v}" for k, v in SHORT_FLAGS.items())

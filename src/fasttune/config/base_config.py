@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(option: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{option}={value!r} is not valid; it must be {bound}")
 
@@ -81,6 +82,8 @@ class DataConfig:
         _choice("data.overlong", self.overlong, OVERLONG)
         _positive("data.max_length", self.max_length)
         _positive("data.micro_batch_size", self.micro_batch_size)
+        if self.max_documents is not None:
+            _positive("data.max_documents", self.max_documents)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} is not valid; it must be in [0, 1)")
         if self.tokenizer_vocab_size < 260:
@@ -105,6 +108,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout!r} is not valid; it must be in [0, 1)")
 
 
 @dataclass
@@ -154,6 +159,9 @@ class TrainingConfig:
         _positive("training.save_every", self.save_every, allow_zero=True)
         _positive("training.log_every", self.log_every)
         _positive("training.keep_last", self.keep_last)
+        _positive("training.eval_batches", self.eval_batches)
+        _positive("training.max_bad_steps", self.max_bad_steps, allow_zero=True)
+        _positive("training.weight_decay", self.weight_decay, allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"training.min_lr_ratio={self.min_lr_ratio!r} is not valid; it must be in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

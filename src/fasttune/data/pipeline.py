@@ -54,7 +54,8 @@ class DataBundle:
 
 
 def fit_length(samples: list[dict], max_length: int, mode: str, summary: DataSummary) -> list[dict]:
-    """Apply the overlong policy (truncate / split / drop) and count what happened."""
+    """Apply the overlong policy (truncate / split / drop) and count what happened. Samples left with no trained
+    token (e.g. a response cut off entirely by truncation) are dropped and counted as dropped."""
     out = []
     for s in samples:
         n = len(s["input_ids"])
@@ -65,16 +66,17 @@ def fit_length(samples: list[dict], max_length: int, mode: str, summary: DataSum
             out.append({k: v[:max_length] for k, v in s.items()})
         elif mode == "split":
             summary.split += 1
-            for i in range(0, n, max_length):
-                piece = {k: v[i : i + max_length] for k, v in s.items()}
-                if len(piece["input_ids"]) > 1 and any(t != IGNORE for t in piece["labels"][1:]):
-                    out.append(piece)
+            out.extend({k: v[i : i + max_length] for k, v in s.items()} for i in range(0, n, max_length))
         else:
             summary.dropped += 1
-    return [s for s in out if any(t != IGNORE for t in s["labels"][1:])]
+    kept = [s for s in out if any(t != IGNORE for t in s["labels"][1:])]
+    summary.dropped += len(out) - len(kept)
+    return kept
 
 
 def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    if not texts:
+        return []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [{"input_ids": x + eos, "labels": x + eos} for x in ids]
@@ -112,11 +114,12 @@ def _split(items: list, val_fraction: float) -> tuple[list, list]:
     return train, val
 
 
-def build_data(cfg: BaseConfig) -> DataBundle:
+def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> DataBundle:
+    """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
     d = cfg.data
     if d.path is None:
         train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
-        tokenizer = _load_tokenizer(cfg, [x.text for x in train_docs], corpus_fingerprint(train_docs))
+        tokenizer = tokenizer or _load_tokenizer(cfg, [x.text for x in train_docs], corpus_fingerprint(train_docs))
         summary = DataSummary(
             source=f"embedded corpus (Python stdlib, {len(train_docs) + len(val_docs)} files)", format="text"
         )
@@ -130,12 +133,21 @@ def build_data(cfg: BaseConfig) -> DataBundle:
         records = records[: d.max_documents]
         train_recs, val_recs = _split(records, d.val_fraction)
         texts = [_record_text(r) for r in train_recs]
-        tokenizer = _load_tokenizer(cfg, texts, hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16])
+        tokenizer = tokenizer or _load_tokenizer(cfg, texts, hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16])
         summary = DataSummary(source=d.path, format=fmt)
         train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
         val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
-    train = fit_length(train, d.max_length, d.overlong, summary)
-    val = fit_length(val, d.max_length, d.overlong, DataSummary("", ""))
+    overlong = d.overlong
+    if overlong == "split" and summary.format != "text":
+        # A split would train answers cut off from their prompts: truncate supervised samples instead.
+        log.warning(
+            "data.overlong=split applies to plain text only; truncating %s samples longer than %d tokens",
+            summary.format,
+            d.max_length,
+        )
+        overlong = "truncate"
+    train = fit_length(train, d.max_length, overlong, summary)
+    val = fit_length(val, d.max_length, overlong, DataSummary("", ""))
     if not train:
         raise DataError(
             f"{d.path or 'embedded corpus'}: no training samples left (every sample is empty or was "

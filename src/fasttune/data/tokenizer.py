@@ -13,6 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from fasttune.errors import ConfigError
+
 log = logging.getLogger("fasttune")
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -47,8 +49,14 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
         return AutoTokenizer.from_pretrained(path)
     log.info("training a %d-token byte-level BPE tokenizer on %d documents", vocab_size, len(texts))
     tok = train_tokenizer(texts, vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tokenizer-"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tokenizer-"))
+    except OSError as e:
+        raise ConfigError(
+            f"data.cache_dir={cache_dir!r} is not writable ({e.strerror or e}); pass "
+            "--data.cache-dir DIR with a writable folder"
+        ) from None
     tok.save_pretrained(tmp)
     try:
         os.replace(tmp, path)

@@ -79,15 +79,16 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
     return model
 
 
-def flops_per_token(config: PretrainedConfig) -> float:
-    """Training FLOPs per token of the dense layers: 6 * (non-embedding params + lm head). Attention's
-    sequence-length-dependent part is added per batch by `attention_flops`."""
+def flops_per_token(config: PretrainedConfig, lora: bool = False) -> float:
+    """Training FLOPs per token of the dense layers: 6 * (non-embedding params + lm head), or 4x with LoRA (frozen
+    weights need no weight gradients; the adapters are negligible). Activation recompute is not counted (MFU
+    counts model FLOPs). Attention's sequence-length-dependent part is added per batch by `attention_flops`."""
     h, n_layers = config.hidden_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or h // heads
     attn = h * head_dim * (2 * heads + 2 * kv)
     mlp = 3 * h * config.intermediate_size
-    return 6.0 * (n_layers * (attn + mlp) + h * config.vocab_size)
+    return (4.0 if lora else 6.0) * (n_layers * (attn + mlp) + h * config.vocab_size)
 
 
 def attention_flops(config: PretrainedConfig, seq_lens: list[int]) -> float:

@@ -79,10 +79,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # the same step saved again: move the complete one aside first, never delete it first
+            old = root / f".old-step-{step:06d}-{os.getpid()}"
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -114,7 +118,14 @@ def load_weights(model, ckpt: Path, lora: bool) -> None:
 
         set_peft_model_state_dict(model, tensors)
         return
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatch: another model shape than the one that wrote the checkpoint
+        first = str(e).strip().splitlines()[-1].strip()
+        raise FasttuneError(
+            f"{ckpt}: weights do not fit the model ({first}); resume with the same --model / "
+            "model.preset as the original run"
+        ) from None
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

@@ -3,6 +3,7 @@ never copies of this loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from fasttune.config import BaseConfig
 from fasttune.data.packing import collate, count_targets, plan_micro_batches, real_tokens
@@ -21,7 +23,14 @@ from fasttune.errors import FasttuneError
 from fasttune.model.build import attention_flops, flops_per_token
 from fasttune.train import checkpoint as ckpt
 from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib, perplexity, print_summary, save_plots
-from fasttune.train.setup import build_optimizer, prepare_model, prepare_run_dir, resolve_device, write_config
+from fasttune.train.setup import (
+    build_optimizer,
+    check_resume,
+    prepare_model,
+    prepare_run_dir,
+    resolve_device,
+    start_run,
+)
 
 log = logging.getLogger("fasttune")
 
@@ -157,7 +166,7 @@ def evaluate(model, data: DataBundle, cfg: BaseConfig, device: torch.device, amp
         loss_sum += float(out.loss)
         n_sum += n
     model.train()
-    return loss_sum / max(n_sum, 1)
+    return loss_sum / n_sum if n_sum else None
 
 
 def _oom_message(cfg: BaseConfig, state: TrainState, device: torch.device) -> str:
@@ -178,30 +187,37 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop)."""
     cfg.validate()
     run_dir = prepare_run_dir(cfg)
+    latest = None
+    if cfg.resume:
+        check_resume(cfg, run_dir)
+        found = ckpt.list_checkpoints(run_dir)
+        if not found:
+            raise FasttuneError(
+                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; start over with --overwrite"
+            )
+        latest = found[-1]
     torch.manual_seed(cfg.seed)
     device, amp_dtype, param_dtype = resolve_device(cfg)
-    data = data or build_data(cfg)
+    # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one.
+    data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None)
     for line in data.summary.lines():
         log.info(line)
     model, attn = prepare_model(cfg, data, device, param_dtype)
     optimizer, scheduler = build_optimizer(cfg, model, device)
     state = TrainState()
+    if latest is None:
+        start_run(cfg, run_dir)
     metrics = MetricsLog(run_dir, cfg.training.tensorboard)
-    if cfg.resume:
-        latest = ckpt.list_checkpoints(run_dir)
-        if not latest:
-            raise FasttuneError(
-                f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; start over with --overwrite"
-            )
-        saved = ckpt.load_trainer_state(latest[-1])
-        ckpt.load_weights(model, latest[-1], lora=cfg.lora.enabled)
+    if latest is not None:
+        saved = ckpt.load_trainer_state(latest)
+        ckpt.load_weights(model, latest, lora=cfg.lora.enabled)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
         ckpt.set_rng_state(saved["rng"])
         metrics.truncate_after(state.step)
-        log.info("resumed from %s (step %d)", latest[-1], state.step)
-    write_config(cfg, run_dir)
+        start_run(dataclasses.replace(cfg, overwrite=False), run_dir)  # the config now in force (e.g. max_steps)
+        log.info("resumed from %s (step %d)", latest, state.step)
     stream = DataStream(data, cfg, state)
     result = _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir)
     metrics.close()
@@ -220,17 +236,72 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     return result
 
 
+def _step(cfg, model, optimizer, params, micro, state, device, amp_dtype, pad_id):
+    """One optimizer step over `micro` (grad_accum micro-batches): forward+backward, clip, update. Returns
+    (loss, grad norm, batches). A CUDA out-of-memory anywhere in it is explained, or retried with each micro-batch
+    split in two when --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
+    t = cfg.training
+    while True:
+        pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
+        batches = [_to_device(collate(p, packing=cfg.data.packing, pad_id=pad_id), device) for p in pieces]
+        n_targets = sum(count_targets(b) for b in batches)
+        oom = False
+        try:
+            loss = forward_backward(model, batches, n_targets, amp_dtype)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else 1e30)
+            loss_f, gn = float(loss), float(grad_norm)
+            if math.isfinite(loss_f) and math.isfinite(gn):
+                optimizer.step()
+            return loss_f, gn, batches
+        except torch.OutOfMemoryError:
+            oom = True  # handled below, outside the except block, so the traceback's tensors can be freed
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+        if oom:
+            del batches
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not t.oom_retry or state.micro_split >= max(len(mb) for mb in micro):
+                raise FasttuneError(_oom_message(cfg, state, device))
+            state.micro_split *= 2
+            log.warning(
+                "out of memory; retrying with each micro-batch split %dx (same global batch)", state.micro_split
+            )
+
+
+def _check_finite(cfg, state: TrainState, loss_f: float, gn: float, run_dir: Path) -> None:
+    """Count a non-finite step (its update was skipped); stop with a diagnosis once there are too many."""
+    if math.isfinite(loss_f) and math.isfinite(gn):
+        return
+    state.bad_steps += 1
+    if state.bad_steps > cfg.training.max_bad_steps:
+        last = ckpt.list_checkpoints(run_dir)
+        raise FasttuneError(
+            f"stopped at step {state.step + 1}: {state.bad_steps} steps with non-finite loss/gradients (loss {loss_f}, "
+            f"grad norm {gn}); last good checkpoint: {last[-1] if last else 'none'}. Lower --training.lr, check the "
+            "data, or use --model.dtype fp32"
+        )
+    log.warning("step %d: non-finite loss %s / grad norm %s, update skipped (%d of %d allowed)", state.step + 1,
+                loss_f, gn, state.bad_steps, cfg.training.max_bad_steps)  # fmt: skip
+
+
 def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir) -> RunResult:
     t = cfg.training
     result = RunResult(run_dir=run_dir, steps=t.max_steps)
-    fpt, peak = flops_per_token(model.config), peak_flops(device)
+    fpt, peak = flops_per_token(model.config, lora=cfg.lora.enabled), peak_flops(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    trainer_state = lambda: {  # noqa: E731
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "state": state.as_dict(),
-    }
-    save = lambda: ckpt.save_checkpoint(run_dir, state.step, model, data.tokenizer, trainer_state(), t.keep_last)  # noqa: E731
+    saved_step = -1
+
+    def save() -> Path:
+        nonlocal saved_step
+        if saved_step != state.step:  # a Ctrl-C right after a periodic save does not save the same step twice
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "state": state.as_dict()}  # fmt: skip
+            result.checkpoint = ckpt.save_checkpoint(run_dir, state.step, model, data.tokenizer, trainer_state,
+                                                     t.keep_last)  # fmt: skip
+            saved_step = state.step
+        return result.checkpoint
+
     if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
         val = evaluate(model, data, cfg, device, amp_dtype)
         if val is not None:
@@ -247,96 +318,42 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
             t0 = time.perf_counter()
             micro = [stream.next() for _ in range(t.grad_accum)]
             samples = [s for mb in micro for s in mb]
-            pad = data.tokenizer.pad_token_id
-            while True:
-                pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
-                batches = [_to_device(collate(p, packing=cfg.data.packing, pad_id=pad), device) for p in pieces]
-                n_targets = sum(count_targets(b) for b in batches)
-                try:
-                    loss = forward_backward(model, batches, n_targets, amp_dtype)
-                    break
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    del batches
-                    torch.cuda.empty_cache()
-                    msg = _oom_message(cfg, state, device)
-                    if not t.oom_retry or state.micro_split >= max(len(mb) for mb in micro):
-                        raise FasttuneError(msg) from None
-                    state.micro_split *= 2
-                    log.warning(
-                        "out of memory; retrying with each micro-batch split %dx (same global batch)", state.micro_split
-                    )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else 1e30)
-            loss_f, gn = float(loss), float(grad_norm)
-            if math.isfinite(loss_f) and math.isfinite(gn):
-                optimizer.step()
-            else:
-                state.bad_steps += 1
-                last = ckpt.list_checkpoints(run_dir)
-                if state.bad_steps > t.max_bad_steps:
-                    raise FasttuneError(
-                        f"stopped at step {state.step + 1}: {state.bad_steps} steps with non-finite loss/gradients "
-                        f"(loss {loss_f}, grad norm {gn}); last good checkpoint: {last[-1] if last else 'none'}. "
-                        "Lower --training.lr, check the data, or use --model.dtype fp32"
-                    )
-                log.warning(
-                    "step %d: non-finite loss %s / grad norm %s, update skipped (%d of %d allowed)",
-                    state.step + 1,
-                    loss_f,
-                    gn,
-                    state.bad_steps,
-                    t.max_bad_steps,
-                )
-            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step trains with
+            loss_f, gn, batches = _step(cfg, model, optimizer, params, micro, state, device, amp_dtype,
+                                        data.tokenizer.pad_token_id)  # fmt: skip
+            _check_finite(cfg, state, loss_f, gn, run_dir)
             scheduler.step()
             state.step += 1
             dt = time.perf_counter() - t0
             tokens = sum(real_tokens(b) for b in batches)
             flops = fpt * tokens + attention_flops(model.config, [len(s["input_ids"]) for s in samples])
-            rec = {
-                "step": state.step,
-                "loss": loss_f,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": gn,
-                "tokens_per_s": tokens / dt,
-                "samples_per_s": len(samples) / dt,
-                "tokens": tokens,
-                "mfu": flops / dt / peak if peak else None,
-                "peak_mem_gib": peak_memory_gib(device),
-            }
+            rec = {"step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gn, "tokens_per_s": tokens / dt,
+                   "samples_per_s": len(samples) / dt, "tokens": tokens, "mfu": flops / dt / peak if peak else None,
+                   "peak_mem_gib": peak_memory_gib(device)}  # fmt: skip
             result.first_loss = result.first_loss if result.first_loss is not None else loss_f
             result.last_loss = loss_f
             is_eval = (t.eval_every and state.step % t.eval_every == 0) or state.step == t.max_steps
-            if is_eval:
-                rec["val_loss"] = evaluate(model, data, cfg, device, amp_dtype)
-                if rec["val_loss"] is not None:
-                    rec["val_ppl"] = perplexity(rec["val_loss"])
-                    result.last_val_loss = rec["val_loss"]
-                    tqdm.write(
-                        f"step {state.step}: val_loss {rec['val_loss']:.4f}  ppl {rec['val_ppl']:.2f}", file=sys.stderr
-                    )
+            if is_eval and (val := evaluate(model, data, cfg, device, amp_dtype)) is not None:
+                rec.update(val_loss=val, val_ppl=perplexity(val))
+                result.last_val_loss = val
+                tqdm.write(f"step {state.step}: val_loss {val:.4f}  ppl {perplexity(val):.2f}", file=sys.stderr)
             if is_eval or state.step % t.log_every == 0 or state.step == 1:
                 metrics.append(rec)
             mem = f"{rec['peak_mem_gib']:.1f}G" if rec["peak_mem_gib"] is not None else "-"
-            status = (
-                f"loss {loss_f:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {rec['samples_per_s']:.1f} samp/s | "
-                f"lr {rec['lr']:.2e} | mem {mem}"
-            )
+            status = (f"loss {loss_f:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {rec['samples_per_s']:.1f} samp/s | "
+                      f"lr {lr:.2e} | mem {mem}")  # fmt: skip
             bar.set_postfix_str(status)
+            bar.update(1)
             if not live and (state.step % t.log_every == 0 or state.step == 1):
                 log.info("step %d/%d: %s", state.step, t.max_steps, status)
-            bar.update(1)
             if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
-                result.checkpoint = save()
+                save()
             if stop.signum is not None:
                 bar.close()
                 path = save()
-                code = 130 if stop.signum == signal.SIGINT else 143
-                raise Interrupted(
-                    f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the "
-                    f"same command plus --resume (output dir {run_dir})",
-                    exit_code=code,
-                )
+                raise Interrupted(f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the "
+                                  f"same command plus --resume (output dir {run_dir})",
+                                  exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
     bar.close()
     return result
 

@@ -15,6 +15,8 @@ log = logging.getLogger("fasttune")
 # Dense bf16 tensor-core peak (FLOP/s) by device-name substring, from vendor datasheets; used for MFU only.
 PEAK_BF16 = {
     "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,
     "H800": 989e12,
     "GH200": 989e12,
@@ -50,8 +52,12 @@ class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         self.records: list[dict] = []
-        if self.path.exists():  # a resumed run keeps its history
-            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        if self.path.exists():  # a resumed run keeps its history; a line torn by a kill or a full disk is dropped
+            for line in self.path.read_text().splitlines():
+                try:
+                    self.records.append(json.loads(line))
+                except ValueError:
+                    log.warning("%s: skipping an incomplete line (the run was killed while writing it)", self.path)
         self.tb = None
         if tensorboard:
             try:
@@ -70,12 +76,14 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
+        # NaN/inf are not JSON: a non-finite loss is written as null (the warning in the log says which step)
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, int | float) and v is not None:
+                if k != "step" and isinstance(v, int | float):
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:

@@ -21,43 +21,96 @@ from fasttune.model.build import build_model, flops_per_token, load_model_config
 
 log = logging.getLogger("fasttune")
 
-RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
-RUN_ARTIFACTS = (*RUN_MARKERS, "loss.png", "throughput.png", "tensorboard", "adapter", "merged")
+RUN_MARKER = ".fasttune-run"
+"""Written into every run directory; only folders with it are ever resumed or cleared by --overwrite."""
+RUN_ARTIFACTS = ("config.json", "metrics.jsonl", "checkpoints", "loss.png", "throughput.png", "tensorboard", "adapter",
+                 "merged")  # fmt: skip
+# Options that may change when a run is resumed; everything else must match the run's config.json, or the resumed
+# run would silently train on other data, another tokenizer or another schedule.
+RESUME_MAY_CHANGE = ("training.max_steps", "training.save_every", "training.log_every", "training.eval_every",
+                     "training.eval_batches", "training.keep_last", "training.tensorboard", "training.device",
+                     "training.oom_retry", "training.max_bad_steps", "training.compile", "attn_implementation",
+                     "strict_attention", "resume", "overwrite", "force", "output_dir", "experiment", "data.cache_dir",
+                     "model.gradient_checkpointing", "model.liger", "generation.")  # fmt: skip
 
 
 def prepare_run_dir(cfg: BaseConfig) -> Path:
-    """Check the output folder up front: writable, and an existing run is only touched by --resume/--overwrite."""
+    """Check the output folder up front (nothing is deleted here): writable, and an existing run is only touched by
+    --resume or --overwrite, and a folder of someone else's files never."""
     run_dir = cfg.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--output-dir {run_dir} is a file; choose a folder")
-    existing = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
+    is_run = (run_dir / RUN_MARKER).is_file()
+    foreign = [m for m in RUN_ARTIFACTS if (run_dir / m).exists()]
+    if foreign and not is_run:
         raise ConfigError(
-            f"--output-dir {run_dir} already holds a run ({', '.join(existing)}); pass --resume to "
-            "continue it, --overwrite to replace it, or choose another --output-dir"
+            f"--output-dir {run_dir} holds files that fasttune did not write ({', '.join(foreign)}); "
+            "choose an empty or new folder"
         )
-    if cfg.resume and not existing:
+    if is_run and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(
+            f"--output-dir {run_dir} already holds a run; pass --resume to continue it, --overwrite "
+            "to replace it, or choose another --output-dir"
+        )
+    if cfg.resume and not is_run:
         raise ConfigError(f"--resume: {run_dir} holds no run to resume; run without --resume")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise ConfigError(
-            f"--output-dir {run_dir} is not writable ({e.strerror or e}); choose another folder"
-        ) from None
-    if cfg.overwrite:
-        for name in RUN_ARTIFACTS:  # only what fasttune wrote; anything else of the user's stays
-            p = run_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        msg = f"--output-dir {run_dir} is not writable ({e.strerror or e}); choose another folder"
+        raise ConfigError(msg) from None
     return run_dir
 
 
-def check_disk(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(cfg: BaseConfig, run_dir: Path) -> None:
+    """--resume continues the run as it was configured: options that change the data, tokenizer, model or schedule
+    must match the run's config.json (the ones in RESUME_MAY_CHANGE may differ)."""
+    try:
+        saved = _flat(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"--resume: cannot read {run_dir / 'config.json'} ({e}); start over with --overwrite"
+        ) from None
+    now = _flat(to_dict(cfg))
+    for key, value in now.items():
+        if key.startswith(RESUME_MAY_CHANGE) or key not in saved:
+            continue
+        old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+        if old != value:
+            raise ConfigError(
+                f"--resume: {key} is {value!r} but the run was started with {old!r}; resume with the "
+                "same value (or start a new run with another --output-dir)"
+            )
+
+
+def start_run(cfg: BaseConfig, run_dir: Path) -> None:
+    """Called once everything is checked: clear an old run for --overwrite (only fasttune's files), mark the folder
+    as a fasttune run and write the resolved config."""
+    if cfg.overwrite:
+        for name in RUN_ARTIFACTS:
+            p = run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    (run_dir / RUN_MARKER).write_text("fasttune run directory; see config.json\n")
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def check_disk(run_dir: Path, model: torch.nn.Module, keep_last: int) -> None:
     """Refuse to start when a checkpoint could not fit: better now than after an hour of training."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    need = int(1.1 * (weights + 2 * trainable) + 50e6)  # weights + AdamW moments + tokenizer/slack
+    # Pruning happens after a new checkpoint is complete, so keep_last + 1 exist at once (+ a merged LoRA model).
+    lora = trainable < weights
+    per_ckpt = (trainable if lora else weights) + 2 * trainable  # weights (or adapters) + AdamW moments
+    need = int(1.1 * per_ckpt * (keep_last + 1) + (weights if lora else 0) + 50e6)
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise FasttuneError(
@@ -196,9 +249,5 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    check_disk(cfg.run_dir, model, optimizer)
+    check_disk(cfg.run_dir, model, t.keep_last)
     return optimizer, scheduler
-
-
-def write_config(cfg: BaseConfig, run_dir: Path) -> None:
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
