@@ -130,7 +130,7 @@ def test_changing_one_document_leaves_the_others():
 def test_kernel_report_names_what_ran():
     q, k, v = make_qkv(torch.float32)
     packed_call("sdpa", q, k, v, LENS, "cu")
-    assert kernel_report()["sdpa/packed float32 D16"] == "cpu sdpa"
+    assert kernel_report()["sdpa/per-doc float32 D16"] == "cpu sdpa"  # packed: one causal call per document
 
 
 def test_available_keeps_reasons():

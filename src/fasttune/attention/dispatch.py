@@ -116,8 +116,8 @@ def _eager_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, so
 
 
 def _sdpa_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, softcap, dropout):
-    if varlen is not None and q_BHSD.is_cuda:
-        return _sdpa_packed_cuda(q_BHSD, k_BKLD, v_BKLD, varlen, scale=scale, window=window, dropout=dropout)
+    if varlen is not None:
+        return _sdpa_packed(q_BHSD, k_BKLD, v_BKLD, varlen, scale=scale, window=window, dropout=dropout)
     mask = _dense_mask(q_BHSD, k_BKLD.shape[2], padding_BL, varlen, window)
     causal = mask is None and q_BHSD.shape[2] > 1
     tag = "sdpa/packed" if varlen is not None else "sdpa/dense"
@@ -125,9 +125,10 @@ def _sdpa_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, sof
     return out_BHSD.transpose(1, 2)
 
 
-def _sdpa_packed_cuda(q_BHSD, k_BKLD, v_BKLD, varlen: Varlen, *, scale, window, dropout):
-    """Packed sdpa on CUDA without an O(T^2) mask: torch's varlen kernel (FLASH-class, one launch for all
-    documents) when it runs here, else one cuDNN/FLASH causal call per document."""
+def _sdpa_packed(q_BHSD, k_BKLD, v_BKLD, varlen: Varlen, *, scale, window, dropout):
+    """Packed sdpa without an O(T^2) mask: torch's varlen kernel (FLASH-class, one launch for all documents) when
+    it runs here (CUDA), else one causal sdpa call per document (also on CPU, where a T x T mask over a long pack
+    costs memory and sum(L_i^2) instead of T^2 attention work)."""
     from fasttune.attention.probe import probe
 
     if not dropout and probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None:
