@@ -111,7 +111,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     from fasttune.generate.generate import generate, load_for_generation
 
     p = argparse.ArgumentParser(prog="fasttune generate", description="Generate text from a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (e.g. runs/quick/checkpoints/step-000160)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (e.g. runs/quick/checkpoints/step-000300)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -15,8 +15,8 @@ def quick() -> BaseConfig:
         experiment="quick",
         output_dir="runs/quick",
         model=ModelConfig(preset="tiny"),
-        data=DataConfig(max_length=256, micro_batch_size=6, max_documents=600),
-        training=TrainingConfig(max_steps=160, lr=3e-3, warmup_steps=16, eval_every=40, save_every=80),
+        data=DataConfig(max_length=256, micro_batch_size=8, max_documents=600),
+        training=TrainingConfig(max_steps=300, lr=3e-3, warmup_steps=30, eval_every=60, save_every=150),
     )
 
 
