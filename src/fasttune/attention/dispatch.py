@@ -116,6 +116,11 @@ def _eager_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, so
 
 
 def _sdpa_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, softcap, dropout):
+    if padding_BL is not None and _varlen_runs(q_BHSD, window, dropout):
+        # Padded rows on CUDA: unpad into torch's varlen kernel instead of sdpa with a dense mask, which keeps
+        # cuDNN/FLASH off and measured 48-53% of the best kernel at 8k (docs/BENCHMARKS.md).
+        return _torch_varlen_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, None, scale=scale, window=None,
+                                  softcap=None, dropout=0.0)  # fmt: skip
     if varlen is not None:
         return _sdpa_packed(q_BHSD, k_BKLD, v_BKLD, varlen, scale=scale, window=window, dropout=dropout)
     mask = _dense_mask(q_BHSD, k_BKLD.shape[2], padding_BL, varlen, window)
@@ -125,6 +130,13 @@ def _sdpa_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, sof
     return out_BHSD.transpose(1, 2)
 
 
+def _varlen_runs(q_BHSD: torch.Tensor, window, dropout) -> bool:
+    from fasttune.attention.probe import probe
+
+    return (q_BHSD.is_cuda and window is None and not dropout
+            and probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None)  # fmt: skip
+
+
 def _sdpa_packed(q_BHSD, k_BKLD, v_BKLD, varlen: Varlen, *, scale, window, dropout):
     """Packed sdpa without an O(T^2) mask: torch's varlen kernel (FLASH-class, one launch for all documents) when
     it runs here (CUDA), else one causal sdpa call per document (also on CPU, where a T x T mask over a long pack
@@ -132,9 +144,8 @@ def _sdpa_packed(q_BHSD, k_BKLD, v_BKLD, varlen: Varlen, *, scale, window, dropo
     from fasttune.attention.probe import probe
 
     if not dropout and probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None:
-        return _varlen_family(kernels.torch_varlen)(
-            q_BHSD, k_BKLD, v_BKLD, None, varlen, scale=scale, window=window, softcap=None, dropout=0.0
-        )
+        return _torch_varlen_impl(q_BHSD, k_BKLD, v_BKLD, None, varlen, scale=scale, window=window, softcap=None,
+                                  dropout=0.0)  # fmt: skip
     batch, n_heads, q_len, head_dim = q_BHSD.shape
     lens = memo(varlen.cu_q, "lens", lambda: (varlen.cu_q[1:] - varlen.cu_q[:-1]).tolist())
     q_1HTD, k_1KTD, v_1KTD = (_one_row(x) for x in (q_BHSD, k_BKLD, v_BKLD))
@@ -178,6 +189,9 @@ def _varlen_family(kernel, dense_kernel=None):
         return from_flat(out_THD, varlen.idx_q, batch, q_len)
 
     return impl
+
+
+_torch_varlen_impl = _varlen_family(kernels.torch_varlen)
 
 
 def _flex_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, softcap, dropout):
@@ -232,7 +246,7 @@ _IMPLS = {
     "eager": _eager_impl,
     "sdpa": _sdpa_impl,
     "flex_attention": _flex_impl,
-    "varlen": _varlen_family(kernels.torch_varlen),
+    "varlen": _torch_varlen_impl,
     **{name: _varlen_family(kernels.flash_varlen(name), kernels.flash_dense(name)) for name in kernels.FLASH_MODULES},
 }
 

@@ -138,6 +138,8 @@ class TrainingConfig:
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    save_final: bool = True
+    """Save a checkpoint after the last step (benchmarks turn it off: a 1B checkpoint is ~7 GB of writes)."""
     max_bad_steps: int = 3
     """Non-finite loss/gradient steps skipped (with a warning) before training stops."""
     oom_retry: bool = False

@@ -238,13 +238,15 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
 
 def _step(cfg, model, optimizer, params, micro, state, device, amp_dtype, pad_id):
     """One optimizer step over `micro` (grad_accum micro-batches): forward+backward, clip, update. Returns
-    (loss, grad norm, batches). A CUDA out-of-memory anywhere in it is explained, or retried with each micro-batch
+    (loss, grad norm, real tokens). A CUDA out-of-memory anywhere in it is explained, or retried with each micro-batch
     split in two when --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
     t = cfg.training
     while True:
         pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
-        batches = [_to_device(collate(p, packing=cfg.data.packing, pad_id=pad_id), device) for p in pieces]
-        n_targets = sum(count_targets(b) for b in batches)
+        cpu_batches = [collate(p, packing=cfg.data.packing, pad_id=pad_id) for p in pieces]
+        n_targets = sum(count_targets(b) for b in cpu_batches)  # counted before the copy: no device sync
+        tokens = sum(real_tokens(b) for b in cpu_batches)
+        batches = [_to_device(b, device) for b in cpu_batches]
         oom = False
         try:
             loss = forward_backward(model, batches, n_targets, amp_dtype)
@@ -252,13 +254,13 @@ def _step(cfg, model, optimizer, params, micro, state, device, amp_dtype, pad_id
             loss_f, gn = float(loss), float(grad_norm)
             if math.isfinite(loss_f) and math.isfinite(gn):
                 optimizer.step()
-            return loss_f, gn, batches
+            return loss_f, gn, tokens
         except torch.OutOfMemoryError:
             oom = True  # handled below, outside the except block, so the traceback's tensors can be freed
         finally:
             optimizer.zero_grad(set_to_none=True)
         if oom:
-            del batches
+            del batches, cpu_batches
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if not t.oom_retry or state.micro_split >= max(len(mb) for mb in micro):
@@ -319,13 +321,12 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
             micro = [stream.next() for _ in range(t.grad_accum)]
             samples = [s for mb in micro for s in mb]
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trains with
-            loss_f, gn, batches = _step(cfg, model, optimizer, params, micro, state, device, amp_dtype,
+            loss_f, gn, tokens = _step(cfg, model, optimizer, params, micro, state, device, amp_dtype,
                                         data.tokenizer.pad_token_id)  # fmt: skip
             _check_finite(cfg, state, loss_f, gn, run_dir)
             scheduler.step()
             state.step += 1
             dt = time.perf_counter() - t0
-            tokens = sum(real_tokens(b) for b in batches)
             flops = fpt * tokens + attention_flops(model.config, [len(s["input_ids"]) for s in samples])
             rec = {"step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gn, "tokens_per_s": tokens / dt,
                    "samples_per_s": len(samples) / dt, "tokens": tokens, "mfu": flops / dt / peak if peak else None,
@@ -346,7 +347,7 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
             bar.update(1)
             if not live and (state.step % t.log_every == 0 or state.step == 1):
                 log.info("step %d/%d: %s", state.step, t.max_steps, status)
-            if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
+            if (t.save_every and state.step % t.save_every == 0) or (state.step == t.max_steps and t.save_final):
                 save()
             if stop.signum is not None:
                 bar.close()

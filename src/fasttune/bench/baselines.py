@@ -1,0 +1,175 @@
+"""Plain Hugging Face training baselines: the minimal loop people write with transformers alone.
+
+Each step: collate (right padding, or transformers' own `DataCollatorWithFlattening` for packing), forward with
+labels and `use_cache=False`, backward, gradient clipping to 1.0 (the HF Trainer default), fused AdamW step,
+`loss.item()`. Pure bf16 weights on CUDA, as in the ANCHORS.md baselines. Nothing of fasttune's runs here except
+the shared micro-batch order (8 samples per step, shuffled per epoch) so both sides see the same samples.
+
+Every packed baseline is checked for cross-document attention before it counts ("A leaky configuration is never
+a baseline", ANCHORS.md): a small model of the same attention setup scores two documents packed and each alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fasttune.data.packing import collate_padded, plan_micro_batches
+from fasttune.data.pipeline import DataBundle
+from fasttune.model.build import attention_flops, flops_per_token, preset_config
+from fasttune.train.metrics import peak_flops
+
+LEAK_TOLERANCE = 0.05  # relative max logit error; a leak measures 0.3-0.7 (ANCHORS.md), bf16 noise ~1e-2
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    attn: str  # transformers attn_implementation
+    packed: bool
+    liger: bool = False
+
+    @property
+    def flash_kwargs(self) -> bool:
+        """Packed flash attention gets cu_seq_lens/max_length kwargs (FA4 crashes from position_ids alone)."""
+        return self.packed and self.attn.startswith("flash")
+
+
+def _installed(dist: str, module: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec(module) is not None
+
+
+def baselines(device: torch.device) -> tuple[list[Baseline], list[str]]:
+    """The baselines that can run here, and a note for each one that cannot."""
+    found = [Baseline("HF sdpa padded", "sdpa", False), Baseline("HF sdpa packed (4D mask)", "sdpa", True)]
+    notes = []
+    if device.type != "cuda":
+        notes.append("- HF flash_attention_4 baselines: need CUDA")
+    elif not _installed("flash-attn-4", "flash_attn"):
+        notes.append("- HF flash_attention_4 baselines: flash-attn-4 not installed")
+    else:
+        found.append(Baseline("HF FA4 packed (cu_seq_lens)", "flash_attention_4", True))
+        if _installed("liger-kernel", "liger_kernel"):
+            found.append(Baseline("HF FA4 packed + Liger", "flash_attention_4", True, liger=True))
+        else:
+            notes.append("- HF FA4 + Liger baseline: liger-kernel not installed")
+    return found, notes
+
+
+@contextlib.contextmanager
+def llama_globals_restored():
+    """Liger patches transformers' Llama module globals (RoPE function, RMSNorm and MLP classes, forward), so every
+    later model would silently carry Liger kernels; restore them after each configuration."""
+    from transformers.models.llama import modeling_llama as m
+
+    saved = {k: getattr(m, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    forward = m.LlamaForCausalLM.forward
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(m, k, v)
+        m.LlamaForCausalLM.forward = forward
+
+
+def _build(preset: str, vocab: int, b: Baseline, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(preset_config(preset, vocab), attn_implementation=b.attn, dtype=dtype)
+    if b.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
+    return model.train()
+
+
+def _collate(samples: list[dict], b: Baseline, device: torch.device) -> dict:
+    if b.packed:
+        from transformers import DataCollatorWithFlattening
+
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=b.flash_kwargs)(samples, return_tensors="pt")
+    else:
+        batch = collate_padded(samples, pad_id=0)
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def leak_error(b: Baseline, device: torch.device, vocab: int = 512) -> float:
+    """Relative max logit error of two documents packed (as this baseline packs them) against each alone."""
+    if not b.packed:
+        return 0.0
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = _build("small", vocab, Baseline(b.name, b.attn, True), device, dtype)  # head dim 64: every kernel takes it
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in (37, 53)]
+    batch = _collate([{"input_ids": d, "labels": d} for d in docs], b, device)
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0].float()
+        alone = [model(input_ids=torch.tensor([d], device=device), use_cache=False).logits[0].float() for d in docs]
+    ref = torch.cat(alone)
+    return float((packed - ref).abs().max() / ref.abs().max())
+
+
+def run_baseline(
+    b: Baseline,
+    preset: str,
+    data: DataBundle,
+    device: torch.device,
+    *,
+    micro_batch: int,
+    warmup_steps: int,
+    steps: int,
+    seed: int,
+) -> dict:
+    """Train `steps` measured steps after `warmup_steps`; returns aggregate real tokens/s, samples/s, MFU, memory."""
+    vocab = len(data.tokenizer)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = _build(preset, vocab, b, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    lengths = [len(s["input_ids"]) for s in data.train]
+    fpt, peak = flops_per_token(model.config), peak_flops(device)
+    plan, epoch, per_step = [], 0, []
+    for step in range(warmup_steps + steps):
+        if not plan:
+            plan = plan_micro_batches(
+                lengths, packing=False, micro_batch_size=micro_batch, max_length=0, seed=seed, epoch=epoch
+            )
+            epoch += 1
+        idx = plan.pop(0)
+        t0 = time.perf_counter()
+        samples = [data.train[i] for i in idx]
+        batch = _collate(samples, b, device)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the usual per-step logging read; also ends the step on the host clock
+        dt = time.perf_counter() - t0
+        if step >= warmup_steps:
+            seq = [lengths[i] for i in idx]
+            per_step.append((dt, sum(seq), len(seq), fpt * sum(seq) + attention_flops(model.config, seq)))
+    del model, optimizer, params
+    return aggregate(per_step, peak)
+
+
+def aggregate(per_step: list[tuple[float, int, int, float]], peak: float | None) -> dict:
+    """(seconds, real tokens, samples, FLOPs) per step -> totals over the measured steps (not a mean of rates)."""
+    seconds = sum(s for s, *_ in per_step)
+    return {
+        "steps": len(per_step),
+        "tokens_per_s": sum(t for _, t, _, _ in per_step) / seconds,
+        "samples_per_s": sum(n for _, _, n, _ in per_step) / seconds,
+        "mfu": sum(f for *_, f in per_step) / seconds / peak if peak else None,
+    }

@@ -1,0 +1,328 @@
+"""Generation benchmark: HF `generate` (sdpa, DynamicCache) against fasttune's fast path, side by side in one run on the
+same random-init model, with a token-for-token check of the greedy outputs.
+
+    python -m fasttune.bench.generate --out runs/bench-generate          # or: fasttune bench generate ...
+
+On CUDA the default model is the Llama-3.2-1B-like `1b` preset in bf16; on CPU the `tiny` preset in float32, so the
+benchmark runs anywhere. tok/s counts new tokens of the whole batch; `first call` includes capturing the CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fasttune")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_model(model_shape: str, device: str, dtype: torch.dtype, vocab_size: int = 32000):
+    """Random-init Llama of a fasttune preset, built on `device` directly (a 1B init on the CPU takes a minute)."""
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.model.build import preset_config
+
+    config = preset_config(model_shape, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.to(device).eval()  # a no-op unless this transformers ignored the device context
+    model.generation_config.eos_token_id = None  # every call generates exactly `new_tokens`
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
+    # whole generate calls are host loops: a synchronized host clock around them is the honest measure
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def _hf_generate(model, input_ids_BP: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    return model.generate(
+        input_ids_BP,
+        attention_mask=torch.ones_like(input_ids_BP),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=0,
+    )
+
+
+def _match(ref_BS: torch.Tensor, out_BS: torch.Tensor, prompt_len: int) -> dict:
+    ref, out = ref_BS[:, prompt_len:].cpu(), out_BS[:, prompt_len:].cpu()
+    if ref.shape != out.shape:
+        return {"tokens_match": False, "match_fraction": 0.0, "first_mismatch_step": 0}
+    same = ref == out
+    bad_steps = (~same).any(0).nonzero()
+    return {
+        "tokens_match": bool(same.all()),
+        "match_fraction": round(same.float().mean().item(), 4),
+        "first_mismatch_step": int(bad_steps[0]) if len(bad_steps) else None,
+    }
+
+
+def _row(impl: str, batch: int, new_tokens: int, seconds: float, **extra) -> dict:
+    return {
+        "impl": impl,
+        "batch": batch,
+        "seconds": round(seconds, 4),
+        "tok_s": round(batch * new_tokens / seconds, 1),
+        "tok_s_per_seq": round(new_tokens / seconds, 1),
+        **extra,
+    }
+
+
+def bench_batch(
+    model, batch: int, prompt_len: int, new_tokens: int, eager: bool = True, contiguous_kv: bool = False
+) -> list[dict]:
+    """HF generate (after a warm-up), then the fast path's first call (graph capture included) and a warm call."""
+    from fasttune.generate.fast import FastGenerator
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(batch)
+    prompt_BP = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    _hf_generate(model, prompt_BP, 8)  # warm-up: kernel loads, cuBLAS handles
+    ref_BS, hf_s = _timed(lambda: _hf_generate(model, prompt_BP, new_tokens), device)
+    rows = [_row("hf_generate", batch, new_tokens, hf_s, speedup=1.0, tokens_match=True, match_fraction=1.0)]
+
+    variants = [("fasttune_eager", False)] if eager else []
+    if device.type == "cuda":
+        variants.append(("fasttune_graphs", True))
+    for impl, use_graphs in variants:
+        fast = FastGenerator(model, use_graphs=use_graphs, contiguous_kv=contiguous_kv)
+
+        def call(fast=fast):
+            return fast.generate(prompt_BP, max_new_tokens=new_tokens, pad_token_id=0)
+
+        first_BS, first_s = _timed(call, device)
+        out_BS, warm_s = _timed(call, device)
+        extra = {
+            "first_call_tok_s": round(batch * new_tokens / first_s, 1),
+            "capture_s": round(fast.capture_seconds, 2),
+        }
+        if use_graphs and not fast.use_graphs:
+            extra["note"] = "graph capture failed: ran eagerly (see the log)"
+        match = _match(ref_BS, out_BS, prompt_len)
+        match["tokens_match"] = match["tokens_match"] and torch.equal(first_BS, out_BS)
+        rows.append(_row(impl, batch, new_tokens, warm_s, speedup=round(hf_s / warm_s, 2), **match, **extra))
+        del fast  # frees its KV cache and graphs before the next variant
+    return rows
+
+
+def run(
+    model_shape: str = "1b",
+    batch_sizes: Sequence[int] = (1, 8),
+    prompt_len: int = 128,
+    new_tokens: int = 256,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    eager: bool = True,
+    contiguous_kv: bool = False,
+) -> list[dict]:
+    """One row per (batch size, implementation); shared fields say what ran where."""
+    import transformers
+
+    dev = torch.device(device)
+    model = build_model(model_shape, device, dtype)
+    common = {
+        "model_shape": model_shape,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "contiguous_kv": contiguous_kv,
+    }
+    rows = []
+    for batch in batch_sizes:
+        for row in bench_batch(model, batch, prompt_len, new_tokens, eager=eager, contiguous_kv=contiguous_kv):
+            rows.append({**row, **common})
+            log.info("%s", row)
+    return rows
+
+
+def _first_diff(ref: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> dict:
+    for step, (a, b) in enumerate(zip(ref, got, strict=True)):
+        if not torch.equal(a, b):
+            return {"first_diff_step": step, "max_abs_diff": float((a - b).abs().max())}
+    return {"first_diff_step": None, "max_abs_diff": 0.0}
+
+
+def _dynamic_loop(model, prompt_BP: torch.Tensor, new_tokens: int) -> list[torch.Tensor]:
+    """Greedy scores from HF's DynamicCache driven by the fast path's forward arguments: tells a difference made by
+    the fixed cache from one made by the loop."""
+    from transformers import DynamicCache
+
+    from fasttune.generate.fast import _cache_kwarg
+
+    cache = DynamicCache(config=model.config)
+    ids_BQ, pos_BQ = prompt_BP, torch.ones_like(prompt_BP).cumsum(-1) - 1
+    scores = []
+    for _ in range(new_tokens):
+        out = model(
+            input_ids=ids_BQ, position_ids=pos_BQ, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache}
+        )
+        scores.append(out.logits[:, -1, :].float())
+        ids_BQ, pos_BQ = scores[-1].argmax(-1)[:, None], pos_BQ[:, -1:] + 1
+    return scores
+
+
+def _sdpa_choice(model, batch: int, kv_len: int) -> dict:
+    """SDPA's backend for a decode step on packed keys (DynamicCache) and on a view of a longer buffer (fixed cache)."""
+    cfg, dev, dtype = model.config, model.device, model.dtype
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(batch, cfg.num_attention_heads, 1, head_dim, device=dev, dtype=dtype)
+    packed = torch.randn(batch, cfg.num_key_value_heads, kv_len, head_dim, device=dev, dtype=dtype)
+    view = torch.randn(batch, cfg.num_key_value_heads, kv_len + 128, head_dim, device=dev, dtype=dtype)[:, :, :kv_len]
+    try:
+        return {
+            name: int(torch._fused_sdp_choice(q, k, k, enable_gqa=True))
+            for name, k in (("packed", packed), ("view", view))
+        }
+    except (AttributeError, RuntimeError, TypeError) as e:
+        return {"error": str(e)}
+
+
+def diagnose(model, batch: int, prompt_len: int, new_tokens: int) -> list[dict]:
+    """Where fast-path scores first differ, bit for bit, from HF generate's: HF itself again, a DynamicCache loop,
+    the fixed cache with strided and with packed key views."""
+    from fasttune.generate.fast import FastGenerator
+
+    device = next(model.parameters()).device
+    prompt_BP = torch.randint(
+        3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(batch)
+    )
+    prompt_BP = prompt_BP.to(device)
+
+    def hf():
+        out = model.generate(
+            prompt_BP,
+            attention_mask=torch.ones_like(prompt_BP),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        return list(out.logits)
+
+    def fast(contiguous_kv: bool):
+        gen = FastGenerator(model, use_graphs=False, contiguous_kv=contiguous_kv)
+        scores: list[torch.Tensor] = []
+        select = gen._select
+        gen._select = lambda logits_BV, *key: (scores.append(logits_BV.clone()), select(logits_BV, *key))[1]
+        gen.generate(prompt_BP, max_new_tokens=new_tokens)
+        return scores
+
+    ref = hf()
+    variants = {
+        "hf_again": hf,
+        "dynamic_loop": lambda: _dynamic_loop(model, prompt_BP, new_tokens),
+        "fixed_view": lambda: fast(False),
+        "fixed_packed": lambda: fast(True),
+        "fixed_view_again": lambda: fast(False),
+    }
+    rows = [{"batch": batch, "variant": name, **_first_diff(ref, fn())} for name, fn in variants.items()]
+    rows.append({"batch": batch, "variant": "sdpa_backend", **_sdpa_choice(model, batch, prompt_len + 1)})
+    return rows
+
+
+COLUMNS = ["impl", "batch", "tok_s", "tok_s_per_seq", "speedup", "first_call_tok_s", "capture_s", "tokens_match"]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in COLUMNS) + " |" for r in rows]
+    if rows:
+        r = rows[0]
+        lines.append(
+            f"\n{r['model_shape']} shape, {r['dtype']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
+            f"greedy; {r['device']}, torch {r['torch']}, transformers {r['transformers']}"
+        )
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generate.json").write_text(json.dumps(rows, indent=2) + "\n")
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "generate.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "generate.md").write_text(to_markdown(rows) + "\n")
+
+
+def parse_args(argv: Sequence[str] | None):
+    p = argparse.ArgumentParser(prog="fasttune bench generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default=None, help="model preset (default: 1b on CUDA, tiny on CPU)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--no-eager", action="store_true", help="skip the fast path without graphs")
+    p.add_argument("--out", type=Path, default=None, help="folder for generate.json/.csv/.md")
+    p.add_argument("--contiguous-kv", action="store_true", help="fast path attends over packed copies of the keys")
+    p.add_argument("--diagnose", action="store_true", help="find where fast-path scores first differ from HF's")
+    p.add_argument("--verbose", action="store_true", help="debug logging of fasttune (e.g. graph capture failures)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:  # run as a module; the `fasttune` CLI configures logging itself
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    on_cuda = device.startswith("cuda")
+    if args.diagnose:
+        model = build_model(
+            args.shape or ("1b" if on_cuda else "tiny"), device, DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+        )
+        rows = [
+            r for b in args.batch_sizes.split(",") for r in diagnose(model, int(b), args.prompt_len, args.new_tokens)
+        ]
+        for r in rows:
+            print(r)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "diagnose.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    rows = run(
+        model_shape=args.shape or ("1b" if on_cuda else "tiny"),
+        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        device=device,
+        dtype=DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")],
+        eager=not args.no_eager,
+        contiguous_kv=args.contiguous_kv,
+    )
+    print(to_markdown(rows))
+    if args.out is not None:
+        write(rows, args.out)
+        print(f"\nwrote {args.out}/generate.json, .csv, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""`fasttune bench train`: end-to-end training throughput of fasttune's real loop against plain HF baselines.
+
+Every fasttune number comes from `fasttune.train.loop.train(cfg, data=DataBundle(...))`, read from the run's own
+metrics records (per-step real tokens, samples, MFU, peak memory; warm-up steps skipped); the optimizer step is
+part of every step on both sides. Warm-up and measurement are whole epochs of the sample set, so every
+configuration sees every sample equally often whatever its micro-batch plan. Ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fasttune.bench import baselines as hf
+from fasttune.bench.harness import Results, line_plot, peak_memory_gib, reset_peak_memory
+from fasttune.bench.workload import synthetic_bundle
+from fasttune.config import BaseConfig, get_experiment
+from fasttune.data.packing import plan_micro_batches
+from fasttune.train.metrics import peak_flops
+
+log = logging.getLogger("fasttune")
+
+
+@dataclass
+class TrainBench:
+    device: torch.device
+    lengths: list[int]
+    preset: str = "1b"
+    experiment: str = "full"
+    attns: list[str] = field(default_factory=lambda: ["auto", "sdpa"])
+    packings: list[bool] = field(default_factory=lambda: [True, False])
+    max_length: int = 2048
+    micro_batch: int = 8
+    vocab: int = 32000
+    warmup_epochs: int = 1
+    epochs: int = 3
+    baselines: bool = True
+    variants: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Extra fasttune runs (name, ["section.field=value", ...]) on top of attn auto, packing on."""
+    seed: int = 0
+
+
+def set_field(cfg: BaseConfig, assignment: str) -> None:
+    """Apply 'section.field=value' to a config, converting value to the field's current type."""
+    path, _, raw = assignment.partition("=")
+    *parents, name = path.strip().split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    if not hasattr(obj, name):
+        raise ValueError(f"unknown config field {path!r} in variant {assignment!r}")
+    old = getattr(obj, name)
+    if isinstance(old, bool):
+        value = raw.lower() in ("1", "true", "yes", "on")
+    elif isinstance(old, int | float):
+        value = type(old)(raw)
+    else:
+        value = None if raw.lower() == "none" else raw
+    setattr(obj, name, value)
+
+
+def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list[str], run_dir: Path):
+    """(config, warm-up steps): the experiment preset with the benchmark's shape, data layout and step count."""
+    cfg = get_experiment(bench.experiment)
+    cfg.attn_implementation, cfg.seed = attn, bench.seed
+    cfg.output_dir, cfg.overwrite, cfg.force = str(run_dir), True, True
+    cfg.model.preset, cfg.model.path = bench.preset, None
+    cfg.data.packing, cfg.data.max_length, cfg.data.micro_batch_size = packing, bench.max_length, bench.micro_batch
+    t = cfg.training
+    t.device, t.log_every, t.eval_every, t.save_every, t.tensorboard = str(bench.device), 1, 0, 0, False
+    for o in overrides:
+        set_field(cfg, o)
+    plan = plan_micro_batches(
+        bench.lengths,
+        packing=cfg.data.packing,
+        micro_batch_size=cfg.data.micro_batch_size,
+        max_length=cfg.data.max_length,
+        seed=bench.seed,
+        epoch=0,
+    )
+    per_epoch = -(-len(plan) // t.grad_accum)
+    warm = bench.warmup_epochs * per_epoch
+    t.max_steps = warm + bench.epochs * per_epoch
+    t.save_final = False  # a 1B checkpoint is ~7 GB of writes outside the timed steps
+    return cfg.validate(), warm
+
+
+def run_fasttune(bench: TrainBench, attn: str, packing: bool, overrides: list[str], data, root: Path) -> dict:
+    from fasttune.train.loop import train
+
+    name = f"{attn}-{'packed' if packing else 'padded'}-{len(list(root.iterdir()))}"
+    cfg, warm = fasttune_config(bench, attn, packing, overrides, root / name)
+    with hf.llama_globals_restored():
+        result = train(cfg, data=data)
+    return from_records(result.records, warm, peak_flops(bench.device))
+
+
+def from_records(records: list[dict], warm: int, peak: float | None) -> dict:
+    """Aggregate the loop's per-step records after the warm-up: step time = tokens / (tokens/s)."""
+    per_step = []
+    for r in records:
+        if r.get("step", 0) > warm and r.get("tokens_per_s"):
+            dt = r["tokens"] / r["tokens_per_s"]
+            flops = r["mfu"] * dt * peak if r.get("mfu") is not None and peak else 0.0
+            per_step.append((dt, r["tokens"], round(r["samples_per_s"] * dt), flops))
+    out = hf.aggregate(per_step, peak)
+    mems = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
+    out["peak_gib"] = max(mems) if mems else None
+    return out
+
+
+def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
+    """Every configuration to run, in order: HF baselines first, then fasttune's."""
+    from fasttune.attention import available
+
+    runs, notes = [], []
+    if bench.baselines:
+        found, notes = hf.baselines(bench.device)
+        runs += [{"stack": "HF", "baseline": b, "name": b.name} for b in found]
+    why = available(bench.device, head_dim=128)
+    for attn in bench.attns:
+        if attn != "auto" and why.get(attn):
+            notes.append(f"- fasttune {attn}: unavailable ({why[attn]})")
+            continue
+        for packing in bench.packings:
+            if attn == "eager" and packing and bench.device.type == "cuda":
+                notes.append("- fasttune eager packed: skipped (a T x T mask per layer over 16k-token packs)")
+                continue
+            layout = "packed" if packing else "padded"
+            runs.append({"stack": "fasttune", "attn": attn, "packing": packing, "name": f"fasttune {attn} {layout}"})
+    for name, overrides in bench.variants:
+        runs.append({"stack": "fasttune", "attn": "auto", "packing": True, "name": name, "overrides": overrides})
+    return runs, notes
+
+
+def run_all(bench: TrainBench, results: Results, progress=None) -> Results:
+    data = synthetic_bundle(bench.lengths, bench.vocab, bench.seed)
+    runs, notes = plan_runs(bench)
+    results.notes += notes
+    with tempfile.TemporaryDirectory(prefix="fasttune-bench-") as tmp:
+        for spec in runs:
+            if progress is not None:
+                progress.set_description(spec["name"])
+            reset_peak_memory(bench.device)
+            results.add(_run_one(bench, spec, data, Path(tmp)))
+            gc.collect()
+            reset_peak_memory(bench.device)
+            if progress is not None:
+                progress.update(1)
+    add_ratios(results.rows)
+    return results
+
+
+def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
+    """One configuration -> one row; a failure (often OOM) is a row with its status, not a crash of the table."""
+    row = {"config": spec["name"], "stack": spec["stack"]}
+    try:
+        if spec["stack"] == "HF":
+            b = spec["baseline"]
+            row.update(attn=b.attn, packing=b.packed, liger=b.liger, leak_err=hf.leak_error(b, bench.device))
+            reset_peak_memory(bench.device)
+            per_epoch = len(plan_micro_batches(bench.lengths, packing=False, micro_batch_size=bench.micro_batch,
+                                               max_length=0, seed=bench.seed, epoch=0))  # fmt: skip
+            with hf.llama_globals_restored():
+                row.update(
+                    hf.run_baseline(
+                        b, bench.preset, data, bench.device, micro_batch=bench.micro_batch,
+                        warmup_steps=bench.warmup_epochs * per_epoch, steps=bench.epochs * per_epoch, seed=bench.seed,
+                    )
+                )  # fmt: skip
+            row["peak_gib"] = peak_memory_gib(bench.device)
+        else:
+            overrides = spec.get("overrides", [])
+            row.update(attn=spec["attn"], packing=spec["packing"], overrides=" ".join(overrides))
+            row.update(run_fasttune(bench, spec["attn"], spec["packing"], overrides, data, tmp))
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        row["status"] = "OOM" if "out of memory" in text.lower() else f"error: {text[:160]}"
+        log.warning("bench train %s: %s", spec["name"], row["status"])
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Every row as a ratio of tokens/s against HF sdpa padded, the best leak-free HF stack, and eager."""
+
+    def ok(r):
+        return r.get("status") == "ok" and r.get("tokens_per_s")
+
+    hf_rows = [r for r in rows if r["stack"] == "HF" and ok(r)]
+    for r in hf_rows:
+        r["leak_free"] = (r.get("leak_err") or 0.0) < hf.LEAK_TOLERANCE
+    padded = next((r for r in hf_rows if r["attn"] == "sdpa" and not r["packing"]), None)
+    best = max((r for r in hf_rows if r["packing"] and r["leak_free"]), key=lambda r: r["tokens_per_s"], default=None)
+    eagers = [r for r in rows if ok(r) and r.get("attn") == "eager"]
+    eager = next((r for r in eagers if not r["packing"]), eagers[0] if eagers else None)  # padded: the classic
+    for r in rows:
+        if not ok(r):
+            continue
+        for key, ref in (("x_hf_sdpa_padded", padded), ("x_best_hf", best), ("x_eager", eager)):
+            r[key] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        if best is not None:
+            r["best_hf"] = best["config"]
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The ANCHORS.md training targets, judged on the default configuration (attn auto, packed)."""
+    main = next((r for r in rows if r.get("config") == "fasttune auto packed" and r.get("status") == "ok"), None)
+    best = next((r for r in rows if r.get("config") == (main or {}).get("best_hf")), None)
+    if main is None or main.get("x_hf_sdpa_padded") is None:
+        return ["- targets: not judged (fasttune auto packed or HF sdpa padded did not run)"]
+    lines = [f"- target >= 3.2x HF sdpa padded: {main['x_hf_sdpa_padded']:.2f}x"]
+    if best is not None:
+        mem = main.get("peak_gib"), best.get("peak_gib")
+        lines.append(f"- target >= 1.4x best leak-free HF stack ({best['config']}): {main['x_best_hf']:.2f}x")
+        if None not in mem:
+            lines.append(f"- peak memory {mem[0]:.1f} GiB vs {mem[1]:.1f} GiB for that stack (target: no higher)")
+    return lines
+
+
+MD_COLUMNS = (
+    ("config", "configuration"),
+    ("tokens_per_s", "real tok/s"),
+    ("samples_per_s", "samples/s"),
+    ("mfu", "MFU"),
+    ("peak_gib", "peak GiB"),
+    ("x_eager", "x eager"),
+    ("x_hf_sdpa_padded", "x HF sdpa padded"),
+    ("x_best_hf", "x best leak-free HF"),
+    ("leak_err", "leak err"),
+    ("status", "status"),
+)
+
+
+def plot(results: Results, path: Path) -> None:
+    ok = [r for r in results.rows if r.get("status") == "ok"]
+    panels = [
+        {"title": "real tokens/s (optimizer step included)", "kind": "bar", "series": {}},
+        {"title": "peak memory (GiB)", "kind": "bar", "series": {}},
+    ]
+    for r in ok:
+        panels[0]["series"][r["config"]] = r["tokens_per_s"]
+        if r.get("peak_gib") is not None:
+            panels[1]["series"][r["config"]] = r["peak_gib"]
+    line_plot(path, [p for p in panels if p["series"]] or panels[:1], f"training, {results.env.get('device')}")

@@ -1,0 +1,80 @@
+"""The training benchmark's workload: a realistic SFT length mix turned into synthetic token samples, handed to
+the real training loop as a `DataBundle`, and the plain-HF baselines' collation of the same samples."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from fasttune.data.pipeline import DataBundle, DataSummary
+
+
+def sft_lengths(n: int, median: float, mean: float, lo: int, hi: int, seed: int = 0) -> list[int]:
+    """n lognormal sample lengths with the given median and mean (before clipping to [lo, hi]).
+
+    Lognormal: median = exp(mu), mean = exp(mu + sigma^2 / 2), so sigma^2 = 2 ln(mean / median)."""
+    if not 0 < median <= mean:
+        raise ValueError(f"need 0 < median <= mean, got median {median}, mean {mean}")
+    mu, sigma = math.log(median), math.sqrt(2 * math.log(mean / median))
+    rng = random.Random(seed)
+    return [min(hi, max(lo, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def dataset_lengths(path: str, model_path: str | None, max_length: int, n: int) -> list[int]:
+    """Token lengths of a real dataset, tokenized exactly as `fasttune train --data PATH` would."""
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+
+    cfg = get_experiment("sft")
+    cfg.data.path, cfg.model.path, cfg.data.max_length = path, model_path, max_length
+    lengths = [len(s["input_ids"]) for s in build_data(cfg.validate()).train]
+    return lengths[:n] if n else lengths
+
+
+class SyntheticTokenizer:
+    """What the training loop needs of a tokenizer for synthetic tokens: a vocabulary size and a pad id."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def save_pretrained(self, path: str | Path) -> tuple:
+        return ()
+
+
+def synthetic_bundle(lengths: list[int], vocab_size: int, seed: int = 0) -> DataBundle:
+    """Random token ids of the given lengths (labels = inputs, every token trained), no validation split."""
+    rng = random.Random(seed)
+    train = []
+    for n in lengths:
+        ids = [rng.randrange(2, vocab_size) for _ in range(n)]
+        train.append({"input_ids": ids, "labels": list(ids)})
+    summary = DataSummary(
+        source=f"synthetic ({len(lengths)} samples, lengths {min(lengths)}..{max(lengths)})", format="tokens"
+    )
+    summary.train_samples, summary.train_tokens, summary.longest = len(train), sum(lengths), max(lengths)
+    return DataBundle(train, [], SyntheticTokenizer(vocab_size), summary)
+
+
+@dataclass
+class LengthStats:
+    n: int
+    median: float
+    mean: float
+    lo: int
+    hi: int
+
+    @classmethod
+    def of(cls, lengths: list[int]) -> LengthStats:
+        s = sorted(lengths)
+        return cls(len(s), s[len(s) // 2], sum(s) / len(s), s[0], s[-1])
+
+    def describe(self) -> str:
+        return f"{self.n} samples, median {self.median:.0f}, mean {self.mean:.0f}, min {self.lo}, max {self.hi} tokens"

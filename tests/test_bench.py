@@ -1,0 +1,136 @@
+"""`fasttune bench`: the shared harness at tiny CPU sizes, its outputs, and the FLOP counts against hand counts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+
+from fasttune.bench import cli
+from fasttune.bench.attention import attention_flops, make_case, max_error, reference
+from fasttune.bench.harness import markdown_table, time_ms
+from fasttune.bench.train import add_ratios, from_records
+from fasttune.bench.workload import sft_lengths, synthetic_bundle
+from fasttune.model.build import flops_per_token, preset_config
+
+
+def test_attention_flops_hand_count():
+    # one causal document of 4 tokens, 2 heads, head dim 8: QK^T and PV each 4*4/2 pairs * 8 MACs * 2 FLOP
+    # = 128 FLOP per head -> 2 matmuls * 2 heads * 128 = 512; fwd+bwd = 3.5 * 512
+    assert attention_flops([4], n_heads=2, head_dim=8, backward=False) == 512
+    assert attention_flops([4], n_heads=2, head_dim=8, backward=True) == 1792
+    assert attention_flops([4, 2], n_heads=2, head_dim=8, backward=False) == 512 + 128  # documents never interact
+
+
+def test_training_flops_hand_count():
+    # micro preset: hidden 64, 2 layers, 4 heads / 2 kv heads (head dim 16), MLP 128, vocab 100
+    # per layer: q,o 2*64*64 + k,v 2*64*32 = 12288; MLP 3*64*128 = 24576; lm head 64*100; x6 for fwd+bwd
+    expected = 6 * (2 * (12288 + 24576) + 64 * 100)
+    assert flops_per_token(preset_config("micro", 100)) == expected
+
+
+def test_reference_matches_eager_per_document():
+    case = make_case("packed", seq=8, tokens=24, n_heads=2, head_dim=4, device="cpu", dtype=torch.float32)
+    out_BSHD = torch.empty(1, 24, 2, 4)
+    for (r, s, n), ref_HND in zip(case.docs, reference(case), strict=True):
+        q, k, v = (x[r, :, s : s + n] for x in (case.q_BHSD, case.k_BHSD, case.v_BHSD))
+        p = (q @ k.transpose(-1, -2) / 2).masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf")).softmax(-1)
+        out_BSHD[r, s : s + n] = (p @ v).transpose(0, 1)
+        assert torch.allclose(ref_HND, (p @ v).detach(), atol=1e-6)
+    assert max_error(out_BSHD.detach(), case, reference(case)) < 1e-6
+
+
+def test_padded_case_masks_padding():
+    case = make_case("padded", seq=16, tokens=64, n_heads=1, head_dim=4, device="cpu", dtype=torch.float32)
+    assert case.mask_BS.shape == (4, 16)
+    assert case.doc_lens == [16, 15, 14, 13] == case.mask_BS.sum(1).tolist()
+
+
+def test_time_ms_cpu_median():
+    calls = []
+    ms = time_ms(lambda: calls.append(1), torch.device("cpu"), rep_ms=5)
+    assert ms >= 0 and len(calls) >= 4  # one warm-up call plus at least three timed
+
+
+def test_sft_lengths_mix():
+    lengths = sft_lengths(4000, median=400, mean=566, lo=32, hi=100_000, seed=1)
+    assert abs(statistics.median(lengths) - 400) < 25
+    assert abs(statistics.mean(lengths) - 566) < 40
+    clipped = sft_lengths(64, 400, 566, 32, 2048)
+    assert min(clipped) >= 32 and max(clipped) <= 2048 and len(clipped) == 64
+    data = synthetic_bundle(clipped, vocab_size=100)
+    assert [len(s["input_ids"]) for s in data.train] == clipped and len(data.tokenizer) == 100
+
+
+def test_from_records_totals_not_mean_of_rates():
+    records = [
+        {"step": 1, "tokens": 999, "tokens_per_s": 1.0, "samples_per_s": 1.0, "mfu": None, "peak_mem_gib": 9.0},
+        {"step": 2, "tokens": 100, "tokens_per_s": 100.0, "samples_per_s": 2.0, "mfu": None, "peak_mem_gib": 1.0},
+        {"step": 3, "tokens": 300, "tokens_per_s": 100.0, "samples_per_s": 4.0, "mfu": None, "peak_mem_gib": 2.0},
+    ]
+    out = from_records(records, warm=1, peak=None)  # step 1 is warm-up: skipped
+    assert out["steps"] == 2 and out["tokens_per_s"] == pytest.approx(100.0)
+    assert out["samples_per_s"] == pytest.approx((2 + 12) / 4)
+    assert out["peak_gib"] == 9.0  # memory is the run's peak, warm-up included
+
+
+def test_ratios_never_use_a_leaky_baseline():
+    rows = [
+        {"config": "pad", "stack": "HF", "attn": "sdpa", "packing": False, "tokens_per_s": 10.0, "status": "ok"},
+        {"config": "leaky", "stack": "HF", "attn": "x", "packing": True, "tokens_per_s": 90.0, "status": "ok",
+         "leak_err": 0.5},
+        {"config": "clean", "stack": "HF", "attn": "y", "packing": True, "tokens_per_s": 20.0, "status": "ok",
+         "leak_err": 0.0},
+        {"config": "ft", "stack": "fasttune", "attn": "auto", "packing": True, "tokens_per_s": 40.0, "status": "ok"},
+    ]  # fmt: skip
+    add_ratios(rows)
+    assert rows[3]["x_hf_sdpa_padded"] == 4.0 and rows[3]["x_best_hf"] == 2.0 and rows[3]["best_hf"] == "clean"
+
+
+def test_markdown_table():
+    md = markdown_table([{"a": 1234.5, "b": None}, {"a": 0.5, "b": "ok"}], [("a", "A"), ("b", "B")])
+    assert md.splitlines() == ["| A | B |", "|---|---|", "| 1,234 | - |", "| 0.50 | ok |"]
+
+
+def _outputs(out, name):
+    files = {s: out / f"{name}.{s}" for s in ("csv", "json", "md", "png")}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in files.values())
+    assert files["png"].read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(files["csv"].open()))
+    data = json.loads(files["json"].read_text())
+    assert len(rows) == len(data["rows"]) and data["env"]["torch"] == torch.__version__
+    table = [line for line in files["md"].read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and len({line.count("|") for line in table}) == 1
+    return data["rows"]
+
+
+def test_attention_bench_cpu(tmp_path):
+    argv = ["attention", "--device", "cpu", "--backends", "eager,sdpa", "--seq-lens", "8,16", "--head-dims", "8"]
+    assert cli.main([*argv, "--tokens", "32", "--heads", "2", "--out", str(tmp_path)]) == 0
+    rows = _outputs(tmp_path, "attention")
+    assert len(rows) == 2 * 2 * 3  # layouts x seq x (eager, sdpa, auto)
+    assert all(r["status"] == "ok" and r["max_err"] < 1e-5 and r["fwd_bwd_tflops"] > 0 for r in rows)
+    autos = [r for r in rows if r["backend"].startswith("auto")]
+    assert len(autos) == 4 and all(0 < r["auto_vs_best"] <= 1.0 for r in autos)
+
+
+def test_train_bench_cpu(tmp_path):
+    argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "6", "--median", "12"]
+    argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--micro-batch", "2", "--epochs", "1"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = _outputs(tmp_path, "train")
+    assert [r["config"] for r in rows] == ["HF sdpa padded", "HF sdpa packed (4D mask)", "fasttune auto packed"]
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
+    assert rows[1]["leak_err"] < 1e-4  # the packed HF baseline really is leak-free (fp32 on CPU)
+    assert rows[2]["x_hf_sdpa_padded"] == pytest.approx(rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"])
+
+
+def test_cli_usage_and_errors(capsys):
+    assert cli.main([]) == 0 and "attention" in capsys.readouterr().out
+    from fasttune.errors import FasttuneError
+
+    with pytest.raises(FasttuneError, match="unknown benchmark"):
+        cli.main(["nope"])
