@@ -2,14 +2,23 @@
 same random-init model, with a token-for-token check of the greedy outputs.
 
     python -m fasttune.bench.generate --out runs/bench-generate          # or: fasttune bench generate ...
+    python -m fasttune.bench.generate --diagnose --new-tokens 48         # where scores first differ, bit for bit
 
 On CUDA the default model is the Llama-3.2-1B-like `1b` preset in bf16; on CPU the `tiny` preset in float32, so the
 benchmark runs anywhere. tok/s counts new tokens of the whole batch; `first call` includes capturing the CUDA graphs.
+
+Measured 2026-11-25, H100 80GB (nvidia-h100-x1), torch 2.11.0+cu130, transformers 5.17.0, default command, 1b shape:
+HF generate 13.6 tok/s at batch 1 (this host ran HF's Python ~6x slower than the 81.5 of ANCHORS.md), fast path warm
+338-363 tok/s at batch 1 and 2250-2290 tok/s (286/sequence) at batch 8. `--diagnose`: fast-path scores equal HF's
+bit for bit at batch 1 over 48 steps, but at batch 8 HF generate does not reproduce its own scores (first differs at
+step 1) and neither does the fast path: SDPA picks cuDNN (backend 3) for the decode steps there, the likely source.
+So greedy tokens match HF up to where HF stops matching itself; `--sdpa flash` pins a backend for both (not yet run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -20,9 +29,28 @@ from pathlib import Path
 
 import torch
 
+from fasttune.bench.harness import sync
+
 log = logging.getLogger("fasttune")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
+
+
+def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
+    """Pin SDPA to one backend for HF and fasttune alike. On the H100 (torch 2.11) the default picks cuDNN for decode
+    steps, and HF generate then does not reproduce its own tokens run to run (docs in the module docstring)."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": "FLASH_ATTENTION",
+        "efficient": "EFFICIENT_ATTENTION",
+        "cudnn": "CUDNN_ATTENTION",
+        "math": "MATH",
+    }
+    return sdpa_kernel([getattr(SDPBackend, backend[name])])
 
 
 def build_model(model_shape: str, device: str, dtype: torch.dtype, vocab_size: int = 32000):
@@ -42,13 +70,11 @@ def build_model(model_shape: str, device: str, dtype: torch.dtype, vocab_size: i
 
 
 def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
-    # whole generate calls are host loops: a synchronized host clock around them is the honest measure
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    # one whole generate call is a multi-second host loop, not a kernel for do_bench: a synchronized host clock
+    sync(device)
     start = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return out, time.perf_counter() - start
 
 
@@ -89,10 +115,10 @@ def _row(impl: str, batch: int, new_tokens: int, seconds: float, **extra) -> dic
     }
 
 
-def bench_batch(
-    model, batch: int, prompt_len: int, new_tokens: int, eager: bool = True, contiguous_kv: bool = False
-) -> list[dict]:
-    """HF generate (after a warm-up), then the fast path's first call (graph capture included) and a warm call."""
+def bench_batch(model, batch: int, prompt_len: int, new_tokens: int, eager: bool = True) -> list[dict]:
+    """HF generate twice after a warm-up (the second run shows whether HF reproduces itself), then per fast variant a
+    first call (graph capture included) and a warm call. `tokens_match` compares with HF's first run, `self_match`
+    a run with the one before it."""
     from fasttune.generate.fast import FastGenerator
 
     device = next(model.parameters()).device
@@ -100,13 +126,28 @@ def bench_batch(
     prompt_BP = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
     _hf_generate(model, prompt_BP, 8)  # warm-up: kernel loads, cuBLAS handles
     ref_BS, hf_s = _timed(lambda: _hf_generate(model, prompt_BP, new_tokens), device)
-    rows = [_row("hf_generate", batch, new_tokens, hf_s, speedup=1.0, tokens_match=True, match_fraction=1.0)]
+    again_BS, again_s = _timed(lambda: _hf_generate(model, prompt_BP, new_tokens), device)
+    hf_s = min(hf_s, again_s)
+    self_match = _match(ref_BS, again_BS, prompt_len)
+    rows = [
+        _row(
+            "hf_generate",
+            batch,
+            new_tokens,
+            hf_s,
+            speedup=1.0,
+            tokens_match=True,
+            self_match=self_match["tokens_match"],
+        )
+    ]
+    if not self_match["tokens_match"]:
+        rows[0]["note"] = f"HF's second run differs from its first at step {self_match['first_mismatch_step']}"
 
     variants = [("fasttune_eager", False)] if eager else []
     if device.type == "cuda":
         variants.append(("fasttune_graphs", True))
     for impl, use_graphs in variants:
-        fast = FastGenerator(model, use_graphs=use_graphs, contiguous_kv=contiguous_kv)
+        fast = FastGenerator(model, use_graphs=use_graphs)
 
         def call(fast=fast):
             return fast.generate(prompt_BP, max_new_tokens=new_tokens, pad_token_id=0)
@@ -116,11 +157,11 @@ def bench_batch(
         extra = {
             "first_call_tok_s": round(batch * new_tokens / first_s, 1),
             "capture_s": round(fast.capture_seconds, 2),
+            "self_match": torch.equal(first_BS, out_BS),
         }
         if use_graphs and not fast.use_graphs:
             extra["note"] = "graph capture failed: ran eagerly (see the log)"
         match = _match(ref_BS, out_BS, prompt_len)
-        match["tokens_match"] = match["tokens_match"] and torch.equal(first_BS, out_BS)
         rows.append(_row(impl, batch, new_tokens, warm_s, speedup=round(hf_s / warm_s, 2), **match, **extra))
         del fast  # frees its KV cache and graphs before the next variant
     return rows
@@ -134,9 +175,9 @@ def run(
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
     eager: bool = True,
-    contiguous_kv: bool = False,
+    sdpa: str = "default",
 ) -> list[dict]:
-    """One row per (batch size, implementation); shared fields say what ran where."""
+    """One row per (batch size, implementation); shared fields say what ran where. `sdpa` pins SDPA's backend."""
     import transformers
 
     dev = torch.device(device)
@@ -149,11 +190,13 @@ def run(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "contiguous_kv": contiguous_kv,
+        "sdpa_backend": sdpa,
     }
     rows = []
     for batch in batch_sizes:
-        for row in bench_batch(model, batch, prompt_len, new_tokens, eager=eager, contiguous_kv=contiguous_kv):
+        with sdpa_backend(sdpa):
+            batch_rows = bench_batch(model, batch, prompt_len, new_tokens, eager=eager)
+        for row in batch_rows:
             rows.append({**row, **common})
             log.info("%s", row)
     return rows
@@ -201,9 +244,10 @@ def _sdpa_choice(model, batch: int, kv_len: int) -> dict:
         return {"error": str(e)}
 
 
+@torch.no_grad()
 def diagnose(model, batch: int, prompt_len: int, new_tokens: int) -> list[dict]:
     """Where fast-path scores first differ, bit for bit, from HF generate's: HF itself again, a DynamicCache loop,
-    the fixed cache with strided and with packed key views."""
+    the fast path's loop (without graphs) twice."""
     from fasttune.generate.fast import FastGenerator
 
     device = next(model.parameters()).device
@@ -224,8 +268,8 @@ def diagnose(model, batch: int, prompt_len: int, new_tokens: int) -> list[dict]:
         )
         return list(out.logits)
 
-    def fast(contiguous_kv: bool):
-        gen = FastGenerator(model, use_graphs=False, contiguous_kv=contiguous_kv)
+    def fast():
+        gen = FastGenerator(model, use_graphs=False)
         scores: list[torch.Tensor] = []
         select = gen._select
         gen._select = lambda logits_BV, *key: (scores.append(logits_BV.clone()), select(logits_BV, *key))[1]
@@ -236,16 +280,26 @@ def diagnose(model, batch: int, prompt_len: int, new_tokens: int) -> list[dict]:
     variants = {
         "hf_again": hf,
         "dynamic_loop": lambda: _dynamic_loop(model, prompt_BP, new_tokens),
-        "fixed_view": lambda: fast(False),
-        "fixed_packed": lambda: fast(True),
-        "fixed_view_again": lambda: fast(False),
+        "fast_eager": fast,
+        "fast_eager_again": fast,
     }
     rows = [{"batch": batch, "variant": name, **_first_diff(ref, fn())} for name, fn in variants.items()]
     rows.append({"batch": batch, "variant": "sdpa_backend", **_sdpa_choice(model, batch, prompt_len + 1)})
     return rows
 
 
-COLUMNS = ["impl", "batch", "tok_s", "tok_s_per_seq", "speedup", "first_call_tok_s", "capture_s", "tokens_match"]
+COLUMNS = [
+    "impl",
+    "batch",
+    "tok_s",
+    "tok_s_per_seq",
+    "speedup",
+    "first_call_tok_s",
+    "capture_s",
+    "tokens_match",
+    "first_mismatch_step",
+    "self_match",
+]
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -281,10 +335,15 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-eager", action="store_true", help="skip the fast path without graphs")
     p.add_argument("--out", type=Path, default=None, help="folder for generate.json/.csv/.md")
-    p.add_argument("--contiguous-kv", action="store_true", help="fast path attends over packed copies of the keys")
+    p.add_argument("--sdpa", default="default", choices=SDPA_BACKENDS, help="pin SDPA's backend for all runs")
     p.add_argument("--diagnose", action="store_true", help="find where fast-path scores first differ from HF's")
     p.add_argument("--verbose", action="store_true", help="debug logging of fasttune (e.g. graph capture failures)")
     return p.parse_args(argv)
+
+
+def run_diagnose(shape: str, batch_sizes: Sequence[int], prompt_len: int, new_tokens: int, device: str, dtype) -> list:
+    model = build_model(shape, device, dtype)
+    return [r for b in batch_sizes for r in diagnose(model, b, prompt_len, new_tokens)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -294,28 +353,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     on_cuda = device.startswith("cuda")
+    shape = args.shape or ("1b" if on_cuda else "tiny")
+    dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.diagnose:
-        model = build_model(
-            args.shape or ("1b" if on_cuda else "tiny"), device, DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
-        )
-        rows = [
-            r for b in args.batch_sizes.split(",") for r in diagnose(model, int(b), args.prompt_len, args.new_tokens)
-        ]
-        for r in rows:
-            print(r)
+        with sdpa_backend(args.sdpa):
+            rows = run_diagnose(shape, batch_sizes, args.prompt_len, args.new_tokens, device, dtype)
+        print("\n".join(str(r) for r in rows))
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "diagnose.json").write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     rows = run(
-        model_shape=args.shape or ("1b" if on_cuda else "tiny"),
-        batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        device=device,
-        dtype=DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")],
-        eager=not args.no_eager,
-        contiguous_kv=args.contiguous_kv,
+        shape, batch_sizes, args.prompt_len, args.new_tokens, device, dtype, eager=not args.no_eager, sdpa=args.sdpa
     )
     print(to_markdown(rows))
     if args.out is not None:

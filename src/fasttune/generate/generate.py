@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 from fasttune.errors import FasttuneError
+from fasttune.generate.fast import fast_generate, unsupported_reason
+
+log = logging.getLogger("fasttune")
 
 
 @dataclass
@@ -59,6 +63,10 @@ def generate(
     if enc["input_ids"].shape[1] == 0:
         raise FasttuneError("--prompt is empty after tokenization; pass some text")
     torch.manual_seed(seed)
+    reason = "fast path needs CUDA graphs" if device.type != "cuda" else unsupported_reason(model)
+    if reason is None:
+        return _generate_fast(model, tokenizer, enc, max_new_tokens, temperature, top_p, stream)
+    log.info("generate: HF generate (%s)", reason)
     kwargs = dict(
         **enc,
         max_new_tokens=max_new_tokens,
@@ -89,3 +97,42 @@ def generate(
     seconds = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1] :]
     return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds)
+
+
+def _generate_fast(model, tokenizer, enc, max_new_tokens: int, temperature: float, top_p: float, stream: bool):
+    """fasttune's static-cache decode loop (`fast.py`) for one call: HF generate's greedy tokens, faster."""
+    prompt_len = enc["input_ids"].shape[1]
+    new: list[int] = []
+    printed = ""
+
+    def on_token(tokens_B: list[int]) -> None:
+        nonlocal printed
+        new.append(tokens_B[0])
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+
+    t0 = time.perf_counter()
+    out = fast_generate(
+        model,
+        enc["input_ids"],
+        enc.get("attention_mask"),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=(getattr(model.generation_config, "top_k", None) or 0) if temperature > 0 else 0,  # HF's default 50
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0,
+        on_token=on_token if stream else None,
+        # One call per process (the CLI, the end-of-training sample): capturing a graph per KV length costs about
+        # what it saves within a single call (docs/BENCHMARKS.md), so only the static-cache loop runs here.
+        use_graphs=False,
+    )
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if stream:
+        sys.stdout.write("\n")
+    tokens = out[0, prompt_len:]
+    return Generation(tokenizer.decode(tokens, skip_special_tokens=True), int(tokens.numel()), seconds)
