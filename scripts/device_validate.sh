@@ -15,7 +15,8 @@ if [[ $mode == plain ]]; then
   pip .whl/*.whl /root/stage/pytest-*.whl /root/stage/pluggy-*.whl /root/stage/iniconfig-*.whl || exit 3
 else
   for h in /root/stage/*.part-aa; do [ -e "$h" ] || continue; b=${h%.part-aa}; cat "$h" ".devwheels-b/${b##*/}.part-ab" > "$b" && rm -f "$h"; done
-  pip /root/stage/*.whl .devwheels-c/*.whl .whl/*.whl || exit 3
+  rm -f /root/stage/pytest*.whl /root/stage/pluggy-*.whl /root/stage/iniconfig-*.whl  # installed by the plain call
+  pip /root/stage/*.whl .devwheels-c/*.whl || exit 3
   export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 fi
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee $OUT/versions.txt
