@@ -179,3 +179,11 @@ def test_generate_command_streams_text(reference, capsys):
     rc = main(["generate", "--checkpoint", str(result.checkpoint), "--prompt", "import ", "--max-new-tokens", "8"])
     captured = capsys.readouterr()
     assert rc == 0 and captured.out.startswith("import ") and "tok/s" in captured.err
+
+
+def test_tensorboard_logging_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = tiny_config(tmp_path, max_steps=2, tensorboard=True, eval_every=0, save_every=0)
+    loop.train(cfg)
+    events = list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
