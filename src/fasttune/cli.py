@@ -5,8 +5,6 @@ Bad input ends with one line `error: ...` and exit code 2 (no traceback unless -
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import sys
 from collections.abc import Sequence
@@ -51,10 +49,8 @@ def _expand(arg: str) -> str:
 
 def parse_train_args(argv: Sequence[str]):
     """`--experiment NAME` picks the preset; every config field can then be overridden (tyro)."""
-    import tyro
-
-    from fasttune.config import EXPERIMENTS, BaseConfig, get_experiment
-    from fasttune.config.argcheck import explain
+    from fasttune.config import EXPERIMENTS, get_experiment
+    from fasttune.config.argcheck import parse_overrides
 
     args = list(argv)
     name = _pop_flag(args, "--experiment", takes_value=True)
@@ -64,23 +60,12 @@ def parse_train_args(argv: Sequence[str]):
     base = get_experiment(name)
     args = [_expand(a) for a in args]
     short = ", ".join(f"{k} = {v}" for k, v in SHORT_FLAGS.items())
-    wants_help = any(a in ("-h", "--help") for a in args)
-    # tyro still prints some errors as a panel: mistakes get our one-line message instead (help stays tyro's)
-    quiet = contextlib.nullcontext() if wants_help else contextlib.redirect_stderr(io.StringIO())
-    try:
-        with quiet:
-            cfg = tyro.cli(
-                BaseConfig,
-                default=base,
-                args=args,
-                prog=f"fasttune train --experiment {name}",
-                description=f"Train or fine-tune a causal LM; options override the preset. Short flags: {short}.",
-                console_outputs=wants_help,
-            )
-    except SystemExit as e:
-        if wants_help or e.code == 0:
-            raise
-        raise ConfigError(explain(args)) from None
+    cfg = parse_overrides(
+        base,
+        args,
+        prog=f"fasttune train --experiment {name}",
+        description=f"Train or fine-tune a causal LM; options override the preset. Short flags: {short}.",
+    )
     return cfg.validate()
 
 
@@ -146,18 +131,14 @@ def cmd_experiments(argv: Sequence[str]) -> int:
 
 
 def cmd_doctor(argv: Sequence[str]) -> int:
-    try:
-        from fasttune.doctor.checks import main as doctor_main
-    except ImportError:
-        raise FasttuneError("`fasttune doctor` is not yet available in this version") from None
+    from fasttune.doctor.checks import main as doctor_main
+
     return doctor_main(argv)
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
-    try:
-        from fasttune.bench.cli import main as bench_main
-    except ImportError:
-        raise FasttuneError("`fasttune bench` is not yet available in this version") from None
+    from fasttune.bench.cli import main as bench_main
+
     return bench_main(argv)
 
 

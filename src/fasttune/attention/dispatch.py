@@ -116,34 +116,36 @@ def _eager_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, so
 
 
 def _sdpa_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, softcap, dropout):
-    if padding_BL is not None and _varlen_runs(q_BHSD, window, dropout):
+    if padding_BL is not None and window is None and not dropout and _varlen_runs(q_BHSD):
         # Padded rows on CUDA: unpad into torch's varlen kernel instead of sdpa with a dense mask, which keeps
         # cuDNN/FLASH off and measured 48-53% of the best kernel at 8k (docs/BENCHMARKS.md).
         return _torch_varlen_impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, None, scale=scale, window=None,
                                   softcap=None, dropout=0.0)  # fmt: skip
     if varlen is not None:
         return _sdpa_packed(q_BHSD, k_BKLD, v_BKLD, varlen, scale=scale, window=window, dropout=dropout)
-    mask = _dense_mask(q_BHSD, k_BKLD.shape[2], padding_BL, varlen, window)
+    mask = _dense_mask(q_BHSD, k_BKLD.shape[2], padding_BL, None, window)
     causal = mask is None and q_BHSD.shape[2] > 1
-    tag = "sdpa/packed" if varlen is not None else "sdpa/dense"
-    out_BHSD = kernels.sdpa(q_BHSD, k_BKLD, v_BKLD, mask, causal=causal, scale=scale, dropout=dropout, tag=tag)
+    out_BHSD = kernels.sdpa(q_BHSD, k_BKLD, v_BKLD, mask, causal=causal, scale=scale, dropout=dropout, tag="sdpa/dense")
     return out_BHSD.transpose(1, 2)
 
 
-def _varlen_runs(q_BHSD: torch.Tensor, window, dropout) -> bool:
+def _varlen_runs(q_BHSD: torch.Tensor) -> bool:
+    """Whether torch's varlen kernel runs for these queries; decided once per device/dtype/head dim, not per call."""
+    return q_BHSD.is_cuda and _varlen_runs_on(q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
+
+
+@functools.cache
+def _varlen_runs_on(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     from fasttune.attention.probe import probe
 
-    return (q_BHSD.is_cuda and window is None and not dropout
-            and probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None)  # fmt: skip
+    return probe("varlen", device, dtype, head_dim) is None
 
 
 def _sdpa_packed(q_BHSD, k_BKLD, v_BKLD, varlen: Varlen, *, scale, window, dropout):
     """Packed sdpa without an O(T^2) mask: torch's varlen kernel (FLASH-class, one launch for all documents) when
     it runs here (CUDA), else one causal sdpa call per document (also on CPU, where a T x T mask over a long pack
     costs memory and sum(L_i^2) instead of T^2 attention work)."""
-    from fasttune.attention.probe import probe
-
-    if not dropout and probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None:
+    if not dropout and _varlen_runs(q_BHSD):
         return _torch_varlen_impl(q_BHSD, k_BKLD, v_BKLD, None, varlen, scale=scale, window=window, softcap=None,
                                   dropout=0.0)  # fmt: skip
     batch, n_heads, q_len, head_dim = q_BHSD.shape

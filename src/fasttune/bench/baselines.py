@@ -12,13 +12,13 @@ a baseline", ANCHORS.md): a small model of the same attention setup scores two d
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
 import time
 from dataclasses import dataclass
 
 import torch
 
+from fasttune.attention import available
+from fasttune.attention.probe import import_status
 from fasttune.data.packing import collate_padded, plan_micro_batches
 from fasttune.data.pipeline import DataBundle
 from fasttune.model.build import attention_flops, flops_per_token, preset_config
@@ -40,28 +40,20 @@ class Baseline:
         return self.packed and self.attn.startswith("flash")
 
 
-def _installed(dist: str, module: str) -> bool:
-    try:
-        importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec(module) is not None
-
-
 def baselines(device: torch.device) -> tuple[list[Baseline], list[str]]:
     """The baselines that can run here, and a note for each one that cannot."""
     found = [Baseline("HF sdpa padded", "sdpa", False), Baseline("HF sdpa packed (4D mask)", "sdpa", True)]
     notes = []
     if device.type != "cuda":
         notes.append("- HF flash_attention_4 baselines: need CUDA")
-    elif not _installed("flash-attn-4", "flash_attn"):
-        notes.append("- HF flash_attention_4 baselines: flash-attn-4 not installed")
+    elif (why := available(device, torch.bfloat16, 128, run=True)["flash_attention_4"]) is not None:
+        notes.append(f"- HF flash_attention_4 baselines: {why}")  # the same probe as fasttune's own backend
     else:
         found.append(Baseline("HF FA4 packed (cu_seq_lens)", "flash_attention_4", True))
-        if _installed("liger-kernel", "liger_kernel"):
+        if (why := import_status("liger_kernel")) is None:
             found.append(Baseline("HF FA4 packed + Liger", "flash_attention_4", True, liger=True))
         else:
-            notes.append("- HF FA4 + Liger baseline: liger-kernel not installed")
+            notes.append(f"- HF FA4 + Liger baseline: {why}")
     return found, notes
 
 

@@ -19,7 +19,8 @@ import torch
 from fasttune.bench import baselines as hf
 from fasttune.bench.harness import Results, line_plot, peak_memory_gib, reset_peak_memory
 from fasttune.bench.workload import synthetic_bundle
-from fasttune.config import BaseConfig, get_experiment
+from fasttune.config import get_experiment
+from fasttune.config.argcheck import assignments_to_args, parse_overrides
 from fasttune.data.packing import plan_micro_batches
 from fasttune.train.metrics import peak_flops
 
@@ -45,25 +46,6 @@ class TrainBench:
     seed: int = 0
 
 
-def set_field(cfg: BaseConfig, assignment: str) -> None:
-    """Apply 'section.field=value' to a config, converting value to the field's current type."""
-    path, _, raw = assignment.partition("=")
-    *parents, name = path.strip().split(".")
-    obj = cfg
-    for p in parents:
-        obj = getattr(obj, p)
-    if not hasattr(obj, name):
-        raise ValueError(f"unknown config field {path!r} in variant {assignment!r}")
-    old = getattr(obj, name)
-    if isinstance(old, bool):
-        value = raw.lower() in ("1", "true", "yes", "on")
-    elif isinstance(old, int | float):
-        value = type(old)(raw)
-    else:
-        value = None if raw.lower() == "none" else raw
-    setattr(obj, name, value)
-
-
 def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list[str], run_dir: Path):
     """(config, warm-up steps): the experiment preset with the benchmark's shape, data layout and step count."""
     cfg = get_experiment(bench.experiment)
@@ -73,8 +55,8 @@ def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list
     cfg.data.packing, cfg.data.max_length, cfg.data.micro_batch_size = packing, bench.max_length, bench.micro_batch
     t = cfg.training
     t.device, t.log_every, t.eval_every, t.save_every, t.tensorboard = str(bench.device), 1, 0, 0, False
-    for o in overrides:
-        set_field(cfg, o)
+    cfg = parse_overrides(cfg, assignments_to_args(overrides), prog="fasttune bench train --variant")
+    t = cfg.training
     plan = plan_micro_batches(
         bench.lengths,
         packing=cfg.data.packing,

@@ -1,15 +1,17 @@
-"""One-line explanations for command-line mistakes, so a typo never prints a help panel or a traceback.
-
-tyro does the parsing; when it rejects the arguments, `explain(args)` names the first bad option and the fix."""
+"""Config overrides from the command line: tyro parses, and a mistake becomes one line naming the option and the fix
+(`explain`), never a help panel or a traceback. Used by `fasttune train` and by `fasttune bench train --variant`."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import types
 import typing
 
 from fasttune.config.base_config import BaseConfig
+from fasttune.errors import ConfigError
 
 
 def option_table(cls: type = BaseConfig, prefix: str = "") -> dict[str, type]:
@@ -75,3 +77,41 @@ def explain(args: list[str]) -> str:
         while typing.get_origin(kind) is tuple and i < len(args) and not args[i].startswith("--"):
             i += 1
     return "invalid arguments; see `fasttune train --help`"
+
+
+def parse_overrides(
+    base: BaseConfig, args: list[str], prog: str = "fasttune train", description: str = ""
+) -> BaseConfig:
+    """`base` with `args` (`--section.field VALUE`, `--flag`, `--no-flag`) applied and validated."""
+    import tyro
+
+    wants_help = any(a in ("-h", "--help") for a in args)
+    # tyro prints some errors as a panel even with console_outputs off: mistakes get explain()'s line instead
+    quiet = contextlib.nullcontext() if wants_help else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            cfg = tyro.cli(BaseConfig, default=base, args=args, prog=prog, description=description,
+                           console_outputs=wants_help)  # fmt: skip
+    except SystemExit as e:
+        if wants_help or e.code == 0:
+            raise
+        raise ConfigError(explain(args)) from None
+    return cfg.validate()
+
+
+def assignments_to_args(assignments: list[str]) -> list[str]:
+    """["section.field=value", ...] -> tyro arguments; booleans become --section.field / --section.no-field."""
+    table = option_table()
+    args = []
+    for assignment in assignments:
+        path, eq, value = assignment.strip().partition("=")
+        flag = "--" + path.replace("_", "-")
+        if not eq:
+            raise ConfigError(f"{assignment!r} is not section.field=value")
+        if table.get(flag) is bool:
+            on = value.lower() in ("1", "true", "yes", "on")
+            head, _, leaf = flag[2:].rpartition(".")
+            args.append(flag if on else "--" + (head + "." if head else "") + "no-" + leaf)
+        else:
+            args += [flag, value]
+    return args

@@ -342,8 +342,9 @@ def _trim(seq_BS: torch.Tensor, prompt_len: int, eos: list[int]) -> torch.Tensor
 def fast_generate(model, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None = None,
                   use_graphs: bool | None = None, **kwargs):  # fmt: skip
     """`FastGenerator.generate` with one generator kept on the model, so graphs captured once serve later calls."""
-    gen = model.__dict__.get("_fasttune_generator")
+    key = f"_fasttune_generator_{use_graphs}"  # one per setting: a later call never silently gets the other one
+    gen = model.__dict__.get(key)
     if gen is None:
         gen = FastGenerator(model, use_graphs=use_graphs)
-        model.__dict__["_fasttune_generator"] = gen
+        model.__dict__[key] = gen
     return gen.generate(input_ids_BP, attention_mask_BP, **kwargs)

@@ -192,13 +192,13 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> Attention
 
 
 def _apply_liger(model, device: torch.device) -> None:
-    import importlib.util
+    from fasttune.attention.probe import import_status
 
     if device.type != "cuda":
         log.warning("model.liger: Liger kernels need a CUDA GPU; running without them")
         return
-    if importlib.util.find_spec("liger_kernel") is None:
-        log.warning("model.liger: liger-kernel is not installed (pip install 'fasttune[liger]'); running without it")
+    if (why := import_status("liger_kernel")) is not None:
+        log.warning("model.liger: %s (pip install 'fasttune[liger]'); running without Liger", why)
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
