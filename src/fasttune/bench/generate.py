@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fasttune.bench.harness import sync
+from fasttune.model.build import head_dim as config_head_dim
 
 log = logging.getLogger("fasttune")
 
@@ -231,7 +232,7 @@ def _dynamic_loop(model, prompt_BP: torch.Tensor, new_tokens: int) -> list[torch
 def _sdpa_choice(model, batch: int, kv_len: int) -> dict:
     """SDPA's backend for a decode step on packed keys (DynamicCache) and on a view of a longer buffer (fixed cache)."""
     cfg, dev, dtype = model.config, model.device, model.dtype
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = config_head_dim(cfg)
     q = torch.randn(batch, cfg.num_attention_heads, 1, head_dim, device=dev, dtype=dtype)
     packed = torch.randn(batch, cfg.num_key_value_heads, kv_len, head_dim, device=dev, dtype=dtype)
     view = torch.randn(batch, cfg.num_key_value_heads, kv_len + 128, head_dim, device=dev, dtype=dtype)[:, :, :kv_len]

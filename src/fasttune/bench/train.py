@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from fasttune.bench import baselines as hf
-from fasttune.bench.harness import Results, line_plot, peak_memory_gib, reset_peak_memory
+from fasttune.bench.harness import Results, line_plot, reset_peak_memory
 from fasttune.bench.workload import synthetic_bundle
 from fasttune.config import get_experiment
 from fasttune.config.argcheck import assignments_to_args, parse_overrides
 from fasttune.data.packing import plan_micro_batches
-from fasttune.train.metrics import peak_flops
+from fasttune.train.metrics import peak_flops, peak_memory_gib
 
 log = logging.getLogger("fasttune")
 

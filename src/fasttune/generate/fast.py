@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from fasttune.model.build import head_dim as config_head_dim
+
 log = logging.getLogger("fasttune")
 
 MAX_EOS_IDS = 8  # eos ids live in a fixed-size buffer (padded with -1) so captured graphs never change shape
@@ -206,7 +208,7 @@ class FastGenerator:
         capacity = -(-length // 256) * 256  # round up: a few longer calls do not reallocate (and recapture) each time
         config = self.model.config.get_text_config(decoder=True)
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        head_dim = config_head_dim(config)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         dtype = next(self.model.parameters()).dtype
         dev = self.device

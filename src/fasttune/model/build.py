@@ -79,14 +79,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
     return model
 
 
+def head_dim(config: PretrainedConfig) -> int:
+    """Per-head width: the config's `head_dim` when it sets one (Gemma, Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def flops_per_token(config: PretrainedConfig, lora: bool = False) -> float:
     """Training FLOPs per token of the dense layers: 6 * (non-embedding params + lm head), or 4x with LoRA (frozen
     weights need no weight gradients; the adapters are negligible). Activation recompute is not counted (MFU
     counts model FLOPs). Attention's sequence-length-dependent part is added per batch by `attention_flops`."""
     h, n_layers = config.hidden_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    attn = h * head_dim * (2 * heads + 2 * kv)
+    attn = h * head_dim(config) * (2 * heads + 2 * kv)
     mlp = 3 * h * config.intermediate_size
     return (4.0 if lora else 6.0) * (n_layers * (attn + mlp) + h * config.vocab_size)
 
@@ -95,5 +99,4 @@ def attention_flops(config: PretrainedConfig, seq_lens: list[int]) -> float:
     """Training FLOPs of causal attention scores and values for documents of these lengths (fwd + bwd = 3x fwd;
     fwd = 2 matmuls * 2 flops * L^2/2 causal * head_dim * heads)."""
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 3.0 * 2 * 2 * 0.5 * heads * head_dim * config.num_hidden_layers * sum(n * n for n in seq_lens)
+    return 3.0 * 2 * 2 * 0.5 * heads * head_dim(config) * config.num_hidden_layers * sum(n * n for n in seq_lens)

@@ -18,7 +18,7 @@ import torch
 from fasttune.config import BaseConfig, to_dict
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError, FasttuneError
-from fasttune.model.build import build_model, flops_per_token, load_model_config
+from fasttune.model.build import build_model, flops_per_token, head_dim, load_model_config
 
 log = logging.getLogger("fasttune")
 
@@ -177,12 +177,11 @@ class AttentionChoice:
 def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> AttentionChoice:
     from fasttune import attention
 
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     r = attention.resolve(
         cfg.attn_implementation,
         device=device,
         dtype=dtype,
-        head_dim=head_dim,
+        head_dim=head_dim(model_config),
         packed=cfg.data.packing,
         strict=cfg.strict_attention,
         model_config=model_config,
