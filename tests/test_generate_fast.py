@@ -126,7 +126,7 @@ def test_bench_runs_on_cpu(tmp_path):
     assert all(r["tokens_match"] and r["tok_s"] > 0 and r["model_shape"] == "tiny" for r in rows)
     argv = ["--device", "cpu", "--batch-sizes", "1", "--prompt-len", "4", "--new-tokens", "3", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
-    assert {p.name for p in tmp_path.iterdir()} == {"generate.json", "generate.csv", "generate.md"}
+    assert {p.name for p in tmp_path.iterdir()} == {"generate.json", "generate.csv", "generate.md", "generate.png"}
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

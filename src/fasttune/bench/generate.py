@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import logging
 import platform
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fasttune.bench.harness import sync
+from fasttune.bench.harness import Results, environment, line_plot, resolve_device, sync
 from fasttune.model.build import head_dim as config_head_dim
 
 log = logging.getLogger("fasttune")
@@ -289,41 +288,20 @@ def diagnose(model, batch: int, prompt_len: int, new_tokens: int) -> list[dict]:
     return rows
 
 
-COLUMNS = [
-    "impl",
-    "batch",
-    "tok_s",
-    "tok_s_per_seq",
-    "speedup",
-    "first_call_tok_s",
-    "capture_s",
-    "tokens_match",
-    "first_mismatch_step",
-    "self_match",
-]
+MD_COLUMNS = [("impl", "implementation"), ("batch", "batch"), ("tok_s", "tok/s (batch)"),
+              ("tok_s_per_seq", "tok/s per sequence"), ("speedup", "x HF generate"),
+              ("first_call_tok_s", "first call tok/s"), ("capture_s", "graph capture s"),
+              ("tokens_match", "greedy tokens = HF"), ("first_mismatch_step", "first mismatch step"),
+              ("self_match", "HF = HF rerun")]  # fmt: skip
 
 
-def to_markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in COLUMNS) + " |" for r in rows]
-    if rows:
-        r = rows[0]
-        lines.append(
-            f"\n{r['model_shape']} shape, {r['dtype']}, prompt {r['prompt_len']}, {r['new_tokens']} new tokens, "
-            f"greedy; {r['device']}, torch {r['torch']}, transformers {r['transformers']}"
-        )
-    return "\n".join(lines)
+def _plot(rows: list[dict]):
+    def plot(path: Path) -> None:
+        series = {f"{r['impl']} b{r['batch']}": r["tok_s"] for r in rows if r.get("tok_s")}
+        line_plot(path, [{"title": "generation throughput", "ylabel": "", "xlabel": "tokens/s (whole batch)",
+                          "series": series, "kind": "bar"}], "fasttune bench generate")  # fmt: skip
 
-
-def write(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generate.json").write_text(json.dumps(rows, indent=2) + "\n")
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "generate.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "generate.md").write_text(to_markdown(rows) + "\n")
+    return plot
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -335,7 +313,7 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-eager", action="store_true", help="skip the fast path without graphs")
-    p.add_argument("--out", type=Path, default=None, help="folder for generate.json/.csv/.md")
+    p.add_argument("--out", type=Path, default=None, help="folder for generate.csv/.json/.md/.png")
     p.add_argument("--sdpa", default="default", choices=SDPA_BACKENDS, help="pin SDPA's backend for all runs")
     p.add_argument("--diagnose", action="store_true", help="find where fast-path scores first differ from HF's")
     p.add_argument("--verbose", action="store_true", help="debug logging of fasttune (e.g. graph capture failures)")
@@ -352,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:  # run as a module; the `fasttune` CLI configures logging itself
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(resolve_device(args.device))
     on_cuda = device.startswith("cuda")
     shape = args.shape or ("1b" if on_cuda else "tiny")
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
@@ -368,10 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run(
         shape, batch_sizes, args.prompt_len, args.new_tokens, device, dtype, eager=not args.no_eager, sdpa=args.sdpa
     )
-    print(to_markdown(rows))
+    res = Results("generate", environment(torch.device(device), ["generate", *(argv or [])]), rows=rows)
+    print(res.markdown(MD_COLUMNS))
     if args.out is not None:
-        write(rows, args.out)
-        print(f"\nwrote {args.out}/generate.json, .csv, .md")
+        paths = res.write(args.out, MD_COLUMNS, _plot(rows))
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
