@@ -1,8 +1,8 @@
 """Choosing a backend: validation, the loud fallback, strict mode and `auto`.
 
-`auto` takes the first usable backend from a preference list measured on H100 (ANCHORS.md, bf16 causal, fwd+bwd
-TFLOP/s at 4k: FA4 477 > sdpa-cuDNN 432 > flex 334 > sdpa-FLASH 250 > varlen 225), optionally re-ranked by a quick
-on-device timing cached per GPU and torch version in ~/.cache/fasttune/attention_auto.json.
+`auto` takes the first usable backend from a preference list measured on H100 (docs/ATTENTION.md, bf16 causal,
+fwd+bwd TFLOP/s, packed 4k documents: FA4 499 > flex 254 ~ sdpa->varlen 250 ~ varlen 248), optionally re-ranked by
+a quick on-device timing cached per GPU and torch version in ~/.cache/fasttune/attention_auto.json.
 """
 
 from __future__ import annotations
