@@ -66,10 +66,10 @@ def test_sft_lengths_mix():
 
 
 def test_from_records_totals_not_mean_of_rates():
-    records = [
-        {"step": 1, "tokens": 999, "tokens_per_s": 1.0, "samples_per_s": 1.0, "mfu": None, "peak_mem_gib": 9.0},
-        {"step": 2, "tokens": 100, "tokens_per_s": 100.0, "samples_per_s": 2.0, "mfu": None, "peak_mem_gib": 1.0},
-        {"step": 3, "tokens": 300, "tokens_per_s": 100.0, "samples_per_s": 4.0, "mfu": None, "peak_mem_gib": 2.0},
+    records = [  # the loop's own records: step time, tokens, samples, FLOPs
+        {"step": 1, "tokens": 999, "step_s": 999.0, "samples": 1, "flops": 0.0, "peak_mem_gib": 9.0},
+        {"step": 2, "tokens": 100, "step_s": 1.0, "samples": 2, "flops": 0.0, "peak_mem_gib": 1.0},
+        {"step": 3, "tokens": 300, "step_s": 3.0, "samples": 12, "flops": 0.0, "peak_mem_gib": 2.0},
     ]
     out = from_records(records, warm=1, peak=None)  # step 1 is warm-up: skipped
     assert out["steps"] == 2 and out["tokens_per_s"] == pytest.approx(100.0)

@@ -83,13 +83,9 @@ def run_fasttune(bench: TrainBench, attn: str, packing: bool, overrides: list[st
 
 
 def from_records(records: list[dict], warm: int, peak: float | None) -> dict:
-    """Aggregate the loop's per-step records after the warm-up: step time = tokens / (tokens/s)."""
-    per_step = []
-    for r in records:
-        if r.get("step", 0) > warm and r.get("tokens_per_s"):
-            dt = r["tokens"] / r["tokens_per_s"]
-            flops = r["mfu"] * dt * peak if r.get("mfu") is not None and peak else 0.0
-            per_step.append((dt, r["tokens"], round(r["samples_per_s"] * dt), flops))
+    """Aggregate the loop's own per-step records (time, tokens, samples, FLOPs) after the warm-up."""
+    per_step = [(r["step_s"], r["tokens"], r["samples"], r["flops"]) for r in records
+                if r.get("step", 0) > warm and r.get("step_s")]  # fmt: skip
     out = hf.aggregate(per_step, peak)
     mems = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
     out["peak_gib"] = max(mems) if mems else None

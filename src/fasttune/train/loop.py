@@ -329,7 +329,8 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
             dt = time.perf_counter() - t0
             flops = fpt * tokens + attention_flops(model.config, [len(s["input_ids"]) for s in samples])
             rec = {"step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gn, "tokens_per_s": tokens / dt,
-                   "samples_per_s": len(samples) / dt, "tokens": tokens, "mfu": flops / dt / peak if peak else None,
+                   "samples_per_s": len(samples) / dt, "tokens": tokens, "samples": len(samples), "step_s": dt,
+                   "flops": flops, "mfu": flops / dt / peak if peak else None,
                    "peak_mem_gib": peak_memory_gib(device)}  # fmt: skip
             result.first_loss = result.first_loss if result.first_loss is not None else loss_f
             result.last_loss = loss_f
