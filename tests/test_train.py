@@ -58,6 +58,7 @@ def test_checkpoint_loads_with_plain_transformers(reference):
     ckpt = result.checkpoint
     assert (ckpt / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.use_cache  # training passes use_cache=False per call; the saved model keeps its KV cache
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok("def main():", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=5, do_sample=False)

@@ -220,7 +220,6 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     with torch.device(device) if cfg.model.path is None else contextlib.nullcontext():
         model = build_model(cfg.model, vocab, attn.hf_name, param_dtype)
     model = model.to(device)
-    model.config.use_cache = False  # training never needs a KV cache; also keeps HF's packed-sequence detection on
     if cfg.model.liger:
         _apply_liger(model, device)
     if cfg.lora.enabled:
