@@ -78,3 +78,8 @@ def test_max_length_beyond_model_context_is_clear(tmp_path, base_model):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=1024))
     with pytest.raises(ConfigError, match="exceeds the context .*max_position_embeddings=512"):
         loop.train(cfg)
+
+
+def test_sample_prompt_is_a_held_out_question_for_supervised_data(tmp_path, base_model):
+    result = loop.train(_sft_config(tmp_path, base_model))
+    assert result.sample_prompt.startswith("### Instruction:\n") and result.sample_prompt.endswith("### Response:\n")

@@ -76,19 +76,14 @@ def cmd_train(argv: Sequence[str]) -> int:
     result = train(cfg)
     if result.first_val_loss is not None:
         log.info("validation loss %.4f -> %.4f", result.first_val_loss, result.last_val_loss)
-    if cfg.generation.sample_prompt and result.model_dir is not None:
+    prompt = result.sample_prompt
+    if prompt and result.model_dir is not None:
         from fasttune.generate.generate import generate, load_for_generation
 
         model, tok = load_for_generation(result.model_dir, cfg.training.device)
-        g = generate(
-            model,
-            tok,
-            cfg.generation.sample_prompt,
-            max_new_tokens=cfg.generation.max_new_tokens,
-            temperature=cfg.generation.temperature,
-            top_p=cfg.generation.top_p,
-        )
-        print(f"sample ({g.tokens_per_s:.0f} tok/s): {cfg.generation.sample_prompt}{g.text}")
+        g = generate(model, tok, prompt, max_new_tokens=cfg.generation.max_new_tokens,
+                     temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)  # fmt: skip
+        print(f"sample ({g.tokens_per_s:.0f} tok/s):\n{prompt}{g.text}")
     return 0
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fasttune.config import BaseConfig
-from fasttune.data.packing import collate, count_targets, plan_micro_batches, real_tokens
+from fasttune.data.packing import IGNORE, collate, count_targets, plan_micro_batches, real_tokens
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.errors import FasttuneError
 from fasttune.model.build import attention_flops, flops_per_token
@@ -64,6 +64,9 @@ class RunResult:
     checkpoint: Path | None = None
     model_dir: Path | None = None
     """A folder plain `AutoModelForCausalLM.from_pretrained` loads (the last checkpoint, or the merged LoRA model)."""
+    sample_prompt: str = ""
+    """What to generate from after training: generation.sample_prompt, or for supervised data whose prompt was left
+    at its default, the prompt of the first held-out sample (the model answers a question it did not train on)."""
     records: list[dict] = field(default_factory=list)
 
 
@@ -222,6 +225,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     result = _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir)
     metrics.close()
     result.model_dir = result.checkpoint
+    result.sample_prompt = _sample_prompt(cfg, data)
     if cfg.lora.enabled:
         from fasttune.model.lora import save_lora
 
@@ -358,6 +362,17 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
                                   exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
     bar.close()
     return result
+
+
+def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
+    default = type(cfg.generation)().sample_prompt
+    if cfg.generation.sample_prompt != default or data.summary.format == "text" or not data.val:
+        return cfg.generation.sample_prompt
+    ids, labels = data.val[0]["input_ids"], data.val[0]["labels"]
+    start = next((i for i, t in enumerate(labels) if t != IGNORE), 0)  # the first trained token: the answer starts
+    if ids[:1] == [data.tokenizer.bos_token_id]:
+        ids, start = ids[1:], start - 1  # generation tokenizes the prompt again and adds BOS itself
+    return data.tokenizer.decode(ids[:start]) if start > 0 else cfg.generation.sample_prompt
 
 
 def _summarize(cfg: BaseConfig, result: RunResult, attn, device: torch.device) -> None:
