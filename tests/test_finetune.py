@@ -81,5 +81,8 @@ def test_max_length_beyond_model_context_is_clear(tmp_path, base_model):
 
 
 def test_sample_prompt_is_a_held_out_question_for_supervised_data(tmp_path, base_model):
-    result = loop.train(_sft_config(tmp_path, base_model))
+    from fasttune.config import GenerationConfig
+
+    cfg = dataclasses.replace(_sft_config(tmp_path, base_model), generation=GenerationConfig())  # default prompt
+    result = loop.train(cfg)
     assert result.sample_prompt.startswith("### Instruction:\n") and result.sample_prompt.endswith("### Response:\n")
