@@ -151,6 +151,8 @@ def run(command: str, argv: Sequence[str]) -> int:
     args = list(argv)
     debug = bool(_pop_flag(args, "--debug"))
     _setup_logging(debug)
+    if debug and command == "doctor":
+        args.append("--debug")  # doctor shows the tracebacks of crashing checks itself
     try:
         return COMMANDS[command](args)
     except FasttuneError as e:
