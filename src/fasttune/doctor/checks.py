@@ -8,7 +8,6 @@ in one becomes a `fail` row, never a crash (traceback only with --debug). Exit c
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
 
@@ -95,8 +94,7 @@ def _finish(report: Report, machine, debug: bool) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(list(argv))
-    # `fasttune doctor --debug` reaches us without the flag: cli.run consumes it and turns on DEBUG logging.
-    debug = args.debug or logging.getLogger("fasttune").isEnabledFor(logging.DEBUG)
+    debug = args.debug
     if sys.stderr.isatty() and not args.json:
         with Console(stderr=True).status("fasttune doctor: running checks and tiny kernel probes (--quick skips them)"):
             report = diagnose(debug=debug, quick=args.quick)
