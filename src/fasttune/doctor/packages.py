@@ -29,39 +29,37 @@ def pinned_triton() -> str:
     return "triton"
 
 
-def check_triton(m: Machine) -> list[Row]:
-    why = import_status("triton")
+def _package_row(m: Machine, id_: str, label: str, module: str, missing: tuple[str, str, str] | None,
+                 fix_missing: str, fix_broken: str) -> list[Row]:  # fmt: skip
+    """ok when `module` imports; when it is missing, SKIP on a CPU-only machine with missing[0] as the reason, else
+    `missing[1]` (a status) with missing[2]; FAIL with the real import error when it is installed but broken."""
+    why = import_status(module)
     if why is None:
-        return [Row("triton", "Packages", "triton", OK, f"{dist_version('triton') or '?'} imports")]
+        return [Row(id_, "Packages", label, OK, f"{dist_version(label) or '?'} imports")]
     if _missing(why):
-        if not m.gpus:
-            return [Row("triton", "Packages", "triton", SKIP, "not installed; GPU-only (compiled flex, Liger)")]
-        reason = "not installed: compiled flex_attention, torch.compile and Liger kernels need it"
-        return [Row("triton", "Packages", "triton", WARN, reason, f'pip install "{pinned_triton()}"')]
-    fix = f'pip install --force-reinstall --no-deps "{pinned_triton()}"'
-    return [Row("triton", "Packages", "triton", FAIL, f"installed but broken: {why}", fix)]
+        cpu_reason, status, reason = missing
+        if not m.gpus and cpu_reason:
+            return [Row(id_, "Packages", label, SKIP, cpu_reason)]
+        return [Row(id_, "Packages", label, status, reason, fix_missing)]
+    return [Row(id_, "Packages", label, FAIL, f"installed but broken: {why}", fix_broken)]
+
+
+def check_triton(m: Machine) -> list[Row]:
+    missing = ("not installed; GPU-only (compiled flex, Liger)", WARN,
+               "not installed: compiled flex_attention, torch.compile and Liger kernels need it")  # fmt: skip
+    return _package_row(m, "triton", "triton", "triton", missing, f'pip install "{pinned_triton()}"',
+                        f'pip install --force-reinstall --no-deps "{pinned_triton()}"')  # fmt: skip
 
 
 def check_liger(m: Machine) -> list[Row]:
     """Liger's fused linear-cross-entropy and friends: the `full` preset turns them on when installed."""
-    why = import_status("liger_kernel")
-    if why is None:
-        return [Row("liger", "Packages", "liger-kernel", OK, f"{dist_version('liger-kernel') or '?'} imports")]
-    if _missing(why):
-        if not m.gpus:
-            return [Row("liger", "Packages", "liger-kernel", SKIP, "not installed; its triton kernels need a GPU")]
-        reason = "not installed: fused linear-cross-entropy, RMSNorm, SwiGLU, RoPE (less memory, faster; preset full)"
-        return [Row("liger", "Packages", "liger-kernel", WARN, reason, 'pip install "fasttune[liger]"')]
-    fix = 'pip install --force-reinstall --no-deps --no-cache-dir "liger-kernel>=0.6"'
-    return [Row("liger", "Packages", "liger-kernel", FAIL, f"installed but broken: {why}", fix)]
+    reason = "not installed: fused linear-cross-entropy, RMSNorm, SwiGLU, RoPE (less memory, faster; preset full)"
+    missing = ("not installed; its triton kernels need a GPU", WARN, reason)
+    return _package_row(m, "liger", "liger-kernel", "liger_kernel", missing, 'pip install "fasttune[liger]"',
+                        'pip install --force-reinstall --no-deps --no-cache-dir "liger-kernel>=0.6"')  # fmt: skip
 
 
 def check_peft(m: Machine) -> list[Row]:
-    why = import_status("peft")
-    if why is None:
-        return [Row("peft", "Packages", "peft", OK, f"{dist_version('peft') or '?'} imports")]
-    if _missing(why):
-        reason = "not installed: needed only for LoRA (--experiment lora)"
-        return [Row("peft", "Packages", "peft", SKIP, reason, 'pip install "fasttune[lora]"')]
-    fix = 'pip install --force-reinstall --no-deps --no-cache-dir "peft>=0.17"'
-    return [Row("peft", "Packages", "peft", FAIL, f"installed but broken: {why}", fix)]
+    missing = ("", SKIP, "not installed: needed only for LoRA (--experiment lora)")
+    return _package_row(m, "peft", "peft", "peft", missing, 'pip install "fasttune[lora]"',
+                        'pip install --force-reinstall --no-deps --no-cache-dir "peft>=0.17"')  # fmt: skip
