@@ -49,7 +49,8 @@ def test_kill_9_at_random_step_then_resume_matches_uninterrupted(tmp_path):
     target = random.Random().randint(2, 9)  # wait for at least one checkpoint, then kill somewhere after it
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and max(_losses(run) or {0: 0}) >= target:
+        has_checkpoint = any((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else False
+        if has_checkpoint and (run / "metrics.jsonl").exists() and max(_losses(run) or {0: 0}) >= target:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "run finished before the kill"

@@ -308,18 +308,18 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
             saved_step = state.step
         return result.checkpoint
 
-    if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
-        val = evaluate(model, data, cfg, device, amp_dtype)
-        if val is not None:
-            metrics.append({"step": 0, "loss": None, "val_loss": val, "val_ppl": perplexity(val)})
-            log.info("step 0: val_loss %.4f  ppl %.2f", val, perplexity(val))
-    vals = [r["val_loss"] for r in metrics.records if r.get("val_loss") is not None]
-    result.first_val_loss = vals[0] if vals else None
-    model.train()
-    # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
-    live = sys.stderr.isatty()
-    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not live)
-    with StopSignals() as stop:
+    with StopSignals() as stop:  # from here on, Ctrl-C / SIGTERM end with a saved checkpoint
+        if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
+            val = evaluate(model, data, cfg, device, amp_dtype)
+            if val is not None:
+                metrics.append({"step": 0, "loss": None, "val_loss": val, "val_ppl": perplexity(val)})
+                log.info("step 0: val_loss %.4f  ppl %.2f", val, perplexity(val))
+        vals = [r["val_loss"] for r in metrics.records if r.get("val_loss") is not None]
+        result.first_val_loss = vals[0] if vals else None
+        model.train()
+        # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
+        live = sys.stderr.isatty()
+        bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not live)
         while state.step < t.max_steps:
             t0 = time.perf_counter()
             micro = [stream.next() for _ in range(t.grad_accum)]
