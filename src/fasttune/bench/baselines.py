@@ -21,7 +21,7 @@ from fasttune.attention import available
 from fasttune.attention.probe import import_status
 from fasttune.data.packing import collate_padded, plan_micro_batches
 from fasttune.data.pipeline import DataBundle
-from fasttune.model.build import attention_flops, flops_per_token, preset_config
+from fasttune.model.build import attention_flops, build_preset, flops_per_token
 from fasttune.train.metrics import peak_flops
 
 LEAK_TOLERANCE = 0.05  # relative max logit error; a leak measures 0.3-0.7 (ANCHORS.md), bf16 noise ~1e-2
@@ -74,10 +74,7 @@ def llama_globals_restored():
 
 
 def _build(preset: str, vocab: int, b: Baseline, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(preset_config(preset, vocab), attn_implementation=b.attn, dtype=dtype)
+    model = build_preset(preset, vocab, b.attn, dtype, device)
     if b.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

@@ -55,15 +55,10 @@ def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
 
 def build_model(model_shape: str, device: str, dtype: torch.dtype, vocab_size: int = 32000):
     """Random-init Llama of a fasttune preset, built on `device` directly (a 1B init on the CPU takes a minute)."""
-    from transformers import AutoModelForCausalLM
+    from fasttune.model.build import build_preset
 
-    from fasttune.model.build import preset_config
-
-    config = preset_config(model_shape, vocab_size=vocab_size)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    model.to(device).eval()  # a no-op unless this transformers ignored the device context
+    model = build_preset(model_shape, vocab_size, "sdpa", dtype, device).eval()
     model.generation_config.eos_token_id = None  # every call generates exactly `new_tokens`
     model.generation_config.pad_token_id = 0
     return model

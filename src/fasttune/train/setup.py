@@ -3,7 +3,6 @@ attention backend (and LoRA / Liger / compile transforms), the optimizer and sch
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -216,10 +215,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
             f"data.max_length={cfg.data.max_length} exceeds the context of {cfg.model.path} "
             f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
         )
-    # A fresh preset is initialised on the device itself: a 1B random init on the CPU plus the copy took ~40 s.
-    with torch.device(device) if cfg.model.path is None else contextlib.nullcontext():
-        model = build_model(cfg.model, vocab, attn.hf_name, param_dtype)
-    model = model.to(device)
+    model = build_model(cfg.model, vocab, attn.hf_name, param_dtype, device)
     if cfg.model.liger:
         _apply_liger(model, device)
     if cfg.lora.enabled:
