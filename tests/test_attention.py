@@ -75,7 +75,7 @@ def padded_call(backend, q_HTD, k_KTD, v_KTD, lens, left=False, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", CPU_FWD_BWD)
+@pytest.mark.parametrize("backend", [*CPU_FWD_BWD, "auto"])
 @pytest.mark.parametrize("layout", ["cu", "position_ids", "padded-right", "padded-left"])
 def test_forward_backward_matches_reference(backend, layout, dtype):
     q, k, v = (x.requires_grad_() for x in make_qkv(dtype))
@@ -91,6 +91,22 @@ def test_forward_backward_matches_reference(backend, layout, dtype):
     want = torch.autograd.grad(ref, (q, k, v), grad_out)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w.double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex_attention"])
+def test_mask_with_a_hole_is_honoured(backend):
+    """Right-padded rows skip the mask (no real query can see a right pad under causality); any other mask, here
+    a row with padding in the middle, must still hide its pad keys: the row equals its real tokens alone."""
+    q, k, v = make_qkv(torch.float32, total=6)
+    keep = torch.tensor([True, True, False, False, True, True])
+    mask_BL = torch.stack([keep, torch.tensor([True] * 4 + [False] * 2)])
+    rows = [torch.stack([x, x]) for x in (q, k, v)]
+    out_BSHD, _ = attention_forward(backend, None, *rows, mask_BL, scaling=0.3)
+    ref = reference(q[:, keep], k[:, keep], v[:, keep], [4], scale=0.3)
+    torch.testing.assert_close(out_BSHD[0, keep].double(), ref, **TOL[torch.float32])
+    ref_right = reference(q[:, :4], k[:, :4], v[:, :4], [4], scale=0.3)
+    torch.testing.assert_close(out_BSHD[1, :4].double(), ref_right, **TOL[torch.float32])
+    assert torch.isfinite(out_BSHD).all()
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex_attention"])
@@ -146,6 +162,33 @@ def test_import_errors_are_classified():
     abi = explain_import_error(ImportError("/x/flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDevice"))
     assert abi.startswith("ABI mismatch between torch")
     assert "cannot" in explain_import_error(ImportError("cannot import name 'x'"))
+
+
+def test_auto_routes_each_call_by_layout_and_row_length(monkeypatch):
+    """On a Hopper GPU with flash-attn-4: documents and long rows -> FA4, short unpadded rows -> sdpa (cuDNN), and
+    calls with a window/softcap/dropout stay on FA4, which computes them natively. Usability is faked: CPU test."""
+    from fasttune.attention import select
+
+    usable = {"flash_attention_4", "sdpa", "varlen", "flex_attention"}
+    monkeypatch.setattr(select, "_family", lambda device: "hopper")
+    monkeypatch.setattr(select, "_why_not", lambda n, *a: None if n in usable else "absent")
+    monkeypatch.setattr(select, "probe", lambda n, *a: None if n in usable else "absent")
+    monkeypatch.setattr(select, "_PLANS", {})
+    plan = select.auto_plan(torch.device("cpu"), torch.bfloat16, 128)
+    assert plan == select.Plan(
+        packed="flash_attention_4", rows="flash_attention_4", short_rows="sdpa", short_below=1024
+    )
+    assert plan.route("packed", 512) == "flash_attention_4"
+    assert plan.route("rows", 1023) == "sdpa"
+    assert plan.route("rows", 1024) == "flash_attention_4"
+    assert plan.route("rows", 512, plain=False) == "flash_attention_4"
+    assert plan.route("padded", 512) == "flash_attention_4"  # left padding: FA4 on the unpadded tokens
+    got = resolve("auto", device="cpu", dtype=torch.bfloat16, head_dim=128, packed=True)
+    assert (got.name, got.hf_name) == ("flash_attention_4", "fasttune_auto") and "sdpa" in got.reason
+    usable.discard("flash_attention_4")
+    monkeypatch.setattr(select, "_PLANS", {})
+    assert select.auto_plan(torch.device("cpu"), torch.bfloat16, 128) == select.Plan("varlen", "sdpa", None, 1024)
+    assert select.auto_plan(torch.device("cpu"), torch.bfloat16, 64).short_below == 2048
 
 
 def test_unavailable_backend_warns_once_with_reason(caplog):

@@ -20,21 +20,21 @@ CUDA_BACKENDS = ("sdpa", "flex_attention", "varlen", "flash_attention_2", "flash
 
 
 def _usable(backend):
-    why = probe(backend, "cuda", torch.bfloat16, 128)
+    why = None if backend == "auto" else probe(backend, "cuda", torch.bfloat16, 128)
     if why:
         pytest.skip(f"{backend} unavailable here: {why}")
 
 
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
-@pytest.mark.parametrize("layout", ["cu", "position_ids", "padded", "dense"])
+@pytest.mark.parametrize("backend", [*CUDA_BACKENDS, "auto"])
+@pytest.mark.parametrize("layout", ["cu", "position_ids", "padded", "padded-left", "dense"])
 @pytest.mark.parametrize("window", [None, 256])
 def test_cuda_backend_matches_reference(backend, layout, window):
     _usable(backend)
     q, k, v = (x.requires_grad_() for x in make_qkv(torch.bfloat16, 8, 2, 128, sum(LENS), "cuda"))
     kw = dict(scaling=128**-0.5, sliding_window=window)
     lens = (sum(LENS),) if layout == "dense" else LENS  # dense: one unpadded row, the flash dense kernels
-    if layout == "padded":
-        out = padded_call(backend, q, k, v, LENS, **kw)
+    if layout.startswith("padded"):  # right padding runs as dense rows, left padding through unpadding
+        out = padded_call(backend, q, k, v, LENS, left=layout.endswith("left"), **kw)
     elif layout == "dense":
         out = attention_forward(backend, None, q[None], k[None], v[None], None, **kw)[0][0]
     else:

@@ -114,7 +114,9 @@ def test_attention_bench_cpu(tmp_path):
     assert len(rows) == 2 * 2 * 3  # layouts x seq x (eager, sdpa, auto)
     assert all(r["status"] == "ok" and r["max_err"] < 1e-5 and r["fwd_bwd_tflops"] > 0 for r in rows)
     autos = [r for r in rows if r["backend"].startswith("auto")]
-    assert len(autos) == 4 and all(0 < r["auto_vs_best"] <= 1.0 for r in autos)
+    # auto is timed as its own function (CPU: it routes to sdpa), so the ratio is measured, not 1.0 by construction
+    assert len(autos) == 4 and all(r["backend"] == "auto -> sdpa" and r["auto_vs_best"] > 0 for r in autos)
+    assert all(0 < r["route_vs_best"] <= 1.0 for r in autos)  # the routed kernel's row, same measurements as best
 
 
 def test_train_bench_cpu(tmp_path):

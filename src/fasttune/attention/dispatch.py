@@ -25,6 +25,7 @@ from fasttune.attention.layout import (
     from_flat,
     memo,
     packed_from_kwargs,
+    right_padded,
     to_flat,
     uniform,
     unpadded,
@@ -42,6 +43,7 @@ HF_NAMES = {
     "flash_attention_2": "fasttune_fa2",
     "flash_attention_3": "fasttune_fa3",
     "flash_attention_4": "fasttune_fa4",
+    "auto": "fasttune_auto",  # routes each call by layout and row length (select.auto_plan)
 }
 NO_SOFTCAP = {"sdpa", "varlen"}  # kernels without a logit softcap: such calls go to eager, loudly
 NO_DROPOUT = {"flex_attention", "varlen", "flash_attention_3", "flash_attention_4"}
@@ -79,15 +81,34 @@ def attention_forward(backend, module, query, key, value, attention_mask, scalin
     window = window if window and k_len > window else None  # a window wider than the call changes nothing
     softcap = kwargs.pop("softcap", None) or None
     dropout = float(dropout or 0.0)
-    backend = _route(backend, q_BHSD, softcap, dropout)
     opts = dict(scale=scale, window=window, softcap=softcap, dropout=dropout)
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
+        backend = _auto_route(q_BHSD, "padded", opts) if backend == "auto" else backend
+        backend = _route(backend, q_BHSD, softcap, dropout)
         return _given_mask(backend, q_BHSD, k_BKLD, v_BKLD, attention_mask, **opts), None
     padding_BL = attention_mask
     if padding_BL is not None and padding_BL.shape[1] != k_len:
         raise ValueError(f"2D attention mask covers {padding_BL.shape[1]} keys, the call has {k_len}")
+    if padding_BL is not None and q_len == k_len and right_padded(padding_BL):
+        # Under a causal mask no real query of a right-padded row can see a pad key, so the padding changes nothing
+        # a real token computes: run the rows dense (cuDNN / dense flash / cached causal BlockMask) instead of
+        # gathering real tokens into a varlen layout, which cost ~2x at 1k-token rows (docs/ATTENTION.md). Pad
+        # positions get finite values that nothing real reads (labels ignore them; their gradient is zero).
+        padding_BL = None
     varlen = packed_from_kwargs(kwargs, batch, q_len, k_len) if padding_BL is None else None
+    if backend == "auto":
+        layout = "packed" if varlen is not None else "rows" if padding_BL is None else "padded"
+        backend = _auto_route(q_BHSD, layout, opts)
+    backend = _route(backend, q_BHSD, softcap, dropout)
     return _IMPLS[backend](q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, **opts), None
+
+
+def _auto_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
+    from fasttune.attention.select import auto_plan
+
+    plan = auto_plan(q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
+    plain = not (opts["window"] or opts["softcap"] or opts["dropout"])
+    return plan.route(layout, q_BHSD.shape[2], plain=plain)
 
 
 def _given_mask(backend, q_BHSD, k_BKLD, v_BKLD, mask, *, scale, window, softcap, dropout) -> torch.Tensor:

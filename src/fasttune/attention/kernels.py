@@ -112,6 +112,9 @@ def _sdpa_call(q, k, v, mask, causal, scale, dropout, backend: str | None, expan
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -130,10 +133,16 @@ def flex(q_BHSD, k_BKLD, v_BKLD, block_mask, *, scale, softcap=None) -> torch.Te
         def score_mod(score, b, h, q_idx, kv_idx):
             return softcap * torch.tanh(score / softcap)
 
-    fn = _compiled_flex() if q_BHSD.device.type == "cuda" else flex_attention
     _record("flex", q_BHSD, "flex compiled" if q_BHSD.device.type == "cuda" else "flex unfused (cpu)")
     gqa = q_BHSD.shape[1] != k_BKLD.shape[1]
-    return fn(q_BHSD, k_BKLD, v_BKLD, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if q_BHSD.device.type != "cuda":
+        return flex_attention(q_BHSD, k_BKLD, v_BKLD, **kwargs)
+    # Each mask kind (causal, padding, documents, window), head dim and GQA setting is its own compiled graph.
+    # Past dynamo's default limit of 8 per function, torch silently runs flex unfused, which materialises the
+    # whole score matrix (a 16 GiB allocation in the attention bench): raise the limit for this call only.
+    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        return _compiled_flex()(q_BHSD, k_BKLD, v_BKLD, **kwargs)
 
 
 def torch_varlen(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window=None, softcap=None, dropout=0.0):

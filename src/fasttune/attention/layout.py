@@ -90,6 +90,16 @@ def _docs_from_positions(pos_BS: torch.Tensor) -> Varlen | None:
     return Varlen(cu, cu, max_len, max_len)
 
 
+def right_padded(padding_BL: torch.Tensor) -> bool:
+    """Whether every row is real tokens followed only by padding (no False before a True); one sync per mask."""
+
+    def check() -> bool:
+        m_BL = padding_BL.bool()
+        return not bool((m_BL[:, 1:] & ~m_BL[:, :-1]).any())
+
+    return memo(padding_BL, "right", check)
+
+
 def unpadded(padding_BL: torch.Tensor, q_len: int) -> Varlen:
     """Varlen layout of a padded batch: keep the True tokens of each row; queries are the last q_len keys."""
     return memo(padding_BL, f"unpad{q_len}", lambda: _unpad(padding_BL.bool(), q_len))

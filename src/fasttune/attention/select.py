@@ -39,8 +39,8 @@ _PREFER = {
 class Resolved:
     """The backend to build the model with."""
 
-    name: str  # fasttune backend name, one of BACKENDS
-    hf_name: str  # pass as from_pretrained(..., attn_implementation=hf_name)
+    name: str  # fasttune backend name, one of BACKENDS (for `auto`: what it runs for this layout's usual calls)
+    hf_name: str  # pass as from_pretrained(..., attn_implementation=hf_name); `auto` routes per call
     reason: str  # why this one, for the log and the run summary
 
 
@@ -121,7 +121,8 @@ def resolve(
     choice = _auto(device, dtype, head_dim, packed, features, measure)
     if requested != "auto":
         logger.warning(f"attention backend '{requested}' unavailable: {why}; using '{choice.name}' instead")
-        return Resolved(choice.name, choice.hf_name, f"'{requested}' unavailable ({why}); auto: {choice.reason}")
+        # the named fallback itself, not auto's per-call routing, so that the warning says what runs
+        return Resolved(choice.name, HF_NAMES[choice.name], f"'{requested}' unavailable ({why}); using {choice.name}")
     logger.info(f"attention auto -> '{choice.name}': {choice.reason}")
     return choice
 
@@ -137,15 +138,68 @@ def _strict_message(requested, why, device, dtype, head_dim, features) -> str:
     )
 
 
-def _auto(device, dtype, head_dim, packed, features, measure) -> Resolved:
+def _first_usable(device, dtype, head_dim, packed, features) -> tuple[list[str], tuple[str, ...]]:
     order = _PREFER[(_family(device), packed)]
-    usable = [n for n in order if _why_not(n, device, dtype, head_dim, features) is None] or ["eager"]
+    return [n for n in order if _why_not(n, device, dtype, head_dim, features) is None] or ["eager"], order
+
+
+def _auto(device, dtype, head_dim, packed, features, measure) -> Resolved:
+    usable, order = _first_usable(device, dtype, head_dim, packed, features)
     layout = "packed" if packed else "padded"
     reason = f"fastest usable for {device.type} {layout} D{head_dim} by measured preference {'>'.join(order)}"
     if measure and device.type == "cuda" and len(usable) > 1:
         name, reason = _timed_choice(usable[:3], device, dtype, head_dim, packed, features)
         return Resolved(name, HF_NAMES[name], reason)
-    return Resolved(usable[0], HF_NAMES[usable[0]], reason)
+    if features:  # softcap / sliding window: one backend that computes them natively for every call
+        return Resolved(usable[0], HF_NAMES[usable[0]], reason)
+    plan = auto_plan(device, dtype, head_dim)
+    return Resolved(plan.packed if packed else plan.rows, HF_NAMES["auto"], f"{reason}; per call: {plan.describe()}")
+
+
+# Unpadded (or right-padded) rows shorter than this many tokens run faster on cuDNN (through sdpa) than on
+# flash-attn-4's dense kernel on H100, bf16 fwd+bwd (docs/BENCHMARKS.md, two runs): D64 512/1k rows 136/202 vs
+# 114/156 TFLOP/s, 2k 264 vs 317; D128 512 rows 163 vs 165 and 126 vs 99, 1k 260 vs 279.
+SHORT_ROWS = {64: 2048, 128: 1024}
+SHORT_ROWS_DEFAULT = 1024
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the registered `auto` attention function runs, per call: documents (packed), rows (dense or padded), and
+    optionally another backend for unpadded rows shorter than `short_below` tokens."""
+
+    packed: str
+    rows: str
+    short_rows: str | None = None
+    short_below: int = SHORT_ROWS_DEFAULT  # row length (tokens) under which short_rows runs
+
+    def route(self, layout: str, row_len: int, *, plain: bool = True) -> str:
+        """layout: 'packed', 'rows' (unpadded or right-padded) or 'padded'; plain: no window/softcap/dropout."""
+        if layout == "packed":
+            return self.packed
+        if layout == "rows" and plain and self.short_rows and row_len < self.short_below:
+            return self.short_rows
+        return self.rows
+
+    def describe(self) -> str:
+        short = f" (< {self.short_below} tokens: {self.short_rows})" if self.short_rows else ""
+        return f"documents -> {self.packed}, rows -> {self.rows}{short}"
+
+
+_PLANS: dict[tuple, Plan] = {}
+
+
+def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
+    """The per-call routing of `auto` on this device, dtype and head dim (probes once, then cached)."""
+    key = (str(device), dtype, head_dim)
+    if key not in _PLANS:
+        packed = _first_usable(device, dtype, head_dim, True, {})[0][0]
+        rows = _first_usable(device, dtype, head_dim, False, {})[0][0]
+        short = None
+        if _family(device) == "hopper" and rows.startswith("flash") and probe("sdpa", device, dtype, head_dim) is None:
+            short = "sdpa"  # cuDNN through sdpa's ladder (kernel_report names the kernel that ran)
+        _PLANS[key] = Plan(packed, rows, short, SHORT_ROWS.get(head_dim, SHORT_ROWS_DEFAULT))
+    return _PLANS[key]
 
 
 def _cache_path() -> Path:

@@ -32,7 +32,7 @@ def time_ms(
     fn: Callable[[], object],
     device: torch.device,
     *,
-    warmup_ms: float = 25.0,
+    warmup_ms: float = 100.0,  # 25 ms left the first shape of a run up to 2x slow (clocks, plan caches)
     rep_ms: float = 100.0,
     grad_to_none: Sequence[torch.Tensor] | None = None,
 ) -> float:
