@@ -22,6 +22,8 @@ from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.errors import FasttuneError
 from fasttune.model.build import attention_flops, flops_per_token
 from fasttune.train import checkpoint as ckpt
+from fasttune.train import distributed
+from fasttune.train.distributed import Dist
 from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.setup import (
     build_optimizer,
@@ -136,32 +138,43 @@ class StopSignals:
             signal.signal(sig, old)
 
 
-def forward_backward(model, batches: list[dict], n_targets: int, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Sum of the micro-batches' token-mean losses, each normalised by the targets of the whole step, so the
-    result is the exact per-token mean whatever the split into micro-batches or the padding."""
+def forward_backward(
+    model, batches: list[dict], n_targets: int, amp_dtype: torch.dtype | None, world: int = 1
+) -> torch.Tensor:
+    """Sum of the micro-batches' token-mean losses, each normalised by the targets of the whole step (all ranks), so
+    the sum over ranks is the exact per-token mean whatever the split into micro-batches, ranks or padding. Under DDP
+    (which averages gradients over `world` ranks) the backward pass scales by world, and gradients are synchronised
+    once, on the last micro-batch."""
+    import contextlib
+
     total = torch.zeros((), device=next(model.parameters()).device)
-    for b in batches:
-        with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(**b, use_cache=False, num_items_in_batch=n_targets)
-        out.loss.backward()
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(**b, use_cache=False, num_items_in_batch=n_targets)
+            (out.loss * world if world > 1 else out.loss).backward()
         total += out.loss.detach().float()
     return total
 
 
 @torch.no_grad()
-def evaluate(model, data: DataBundle, cfg: BaseConfig, device: torch.device, amp_dtype) -> float | None:
+def evaluate(model, data: DataBundle, cfg: BaseConfig, device: torch.device, amp_dtype, d: Dist = distributed.SINGLE):
+    """Mean validation loss per target token over the first eval_batches batches (shared out over ranks)."""
     if not data.val:
         return None
-    d = cfg.data
+    dc = cfg.data
     lengths = [len(s["input_ids"]) for s in data.val]
     plan = plan_micro_batches(
-        lengths, packing=d.packing, micro_batch_size=d.micro_batch_size, max_length=d.max_length, seed=cfg.seed, epoch=0
-    )[: cfg.training.eval_batches]
+        lengths, packing=dc.packing, micro_batch_size=dc.micro_batch_size, max_length=dc.max_length, seed=cfg.seed,
+        epoch=0,
+    )[: cfg.training.eval_batches]  # fmt: skip
     model.eval()
     loss_sum, n_sum = 0.0, 0
-    for idx in plan:
+    for idx in plan[d.rank :: d.world]:
         b = _to_device(
-            collate([data.val[i] for i in idx], packing=d.packing, pad_id=data.tokenizer.pad_token_id), device
+            collate([data.val[i] for i in idx], packing=dc.packing, pad_id=data.tokenizer.pad_token_id), device
         )
         n = count_targets(b)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -169,6 +182,7 @@ def evaluate(model, data: DataBundle, cfg: BaseConfig, device: torch.device, amp
         loss_sum += float(out.loss)
         n_sum += n
     model.train()
+    loss_sum, n_sum = d.sum_([loss_sum, n_sum], device)
     return loss_sum / n_sum if n_sum else None
 
 
@@ -187,9 +201,24 @@ def _oom_message(cfg: BaseConfig, state: TrainState, device: torch.device) -> st
 def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     """Run (or resume) one training run as configured; returns where things went and the first/last losses.
 
-    `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop)."""
+    `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop). Under
+    torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
-    run_dir = prepare_run_dir(cfg)
+    d = distributed.from_env()
+    if d.on and cfg.training.oom_retry:
+        raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
+    device_name = distributed.init(d, cfg.training.device)
+    try:
+        return _train(cfg, data, d, device_name)
+    finally:
+        distributed.close(d)
+
+
+def _train(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -> RunResult:
+    if not d.main:
+        logging.getLogger("fasttune").setLevel(logging.WARNING)  # one rank reports
+        d.barrier()  # rank 0 checks the run folder (and tokenizes, caching the tokenizer) first
+    run_dir = prepare_run_dir(cfg) if d.main else cfg.run_dir
     latest = None
     if cfg.resume:
         check_resume(cfg, run_dir)
@@ -200,7 +229,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
             )
         latest = found[-1]
     torch.manual_seed(cfg.seed)
-    device, amp_dtype, param_dtype = resolve_device(cfg)
+    device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
     # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one.
     data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None)
     for line in data.summary.lines():
@@ -208,9 +237,11 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     model, attn = prepare_model(cfg, data, device, param_dtype)
     optimizer, scheduler = build_optimizer(cfg, model, device)
     state = TrainState()
-    if latest is None:
+    if latest is None and d.main:
         start_run(cfg, run_dir)
-    metrics = MetricsLog(run_dir, cfg.training.tensorboard)
+    if d.main:
+        d.barrier()
+    metrics = MetricsLog(run_dir, cfg.training.tensorboard, write=d.main)
     if latest is not None:
         saved = ckpt.load_trainer_state(latest)
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)
@@ -219,11 +250,14 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         state = TrainState(**saved["state"])
         ckpt.set_rng_state(saved["rng"])
         metrics.truncate_after(state.step)
-        start_run(dataclasses.replace(cfg, overwrite=False), run_dir)  # the config now in force (e.g. max_steps)
+        if d.main:
+            start_run(dataclasses.replace(cfg, overwrite=False), run_dir)  # the config now in force (e.g. max_steps)
         log.info("resumed from %s (step %d)", latest, state.step)
     stream = DataStream(data, cfg, state)
-    result = _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir)
+    result = _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir, d)
     metrics.close()
+    if not d.main:  # rank 0 saves, plots and reports
+        return result
     result.model_dir = result.checkpoint
     result.sample_prompt = _sample_prompt(cfg, data)
     if cfg.lora.enabled:
@@ -240,22 +274,23 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     return result
 
 
-def _step(cfg, model, optimizer, params, micro, state, device, amp_dtype, pad_id):
-    """One optimizer step over `micro` (grad_accum micro-batches): forward+backward, clip, update. Returns
-    (loss, grad norm, real tokens). A CUDA out-of-memory anywhere in it is explained, or retried with each micro-batch
-    split in two when --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
+def _step(cfg, model, optimizer, params, micro, state, device, amp_dtype, pad_id, d: Dist = distributed.SINGLE):
+    """One optimizer step over `micro` (grad_accum x world micro-batches; this rank trains every world-th one):
+    forward+backward, clip, update. Returns (loss, grad norm, real tokens), all for the whole step over all ranks.
+    A CUDA out-of-memory anywhere in it is explained, or retried with each micro-batch split in two when
+    --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
     t = cfg.training
     while True:
         pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
         cpu_batches = [collate(p, packing=cfg.data.packing, pad_id=pad_id) for p in pieces]
         n_targets = sum(count_targets(b) for b in cpu_batches)  # counted before the copy: no device sync
         tokens = sum(real_tokens(b) for b in cpu_batches)
-        batches = [_to_device(b, device) for b in cpu_batches]
+        batches = [_to_device(b, device) for b in cpu_batches[d.rank :: d.world]]
         oom = False
         try:
-            loss = forward_backward(model, batches, n_targets, amp_dtype)
+            loss = forward_backward(model, batches, n_targets, amp_dtype, d.world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else 1e30)
-            loss_f, gn = float(loss), float(grad_norm)
+            loss_f, gn = d.sum_([float(loss)], device)[0], float(grad_norm)  # gradients are already synchronised
             if math.isfinite(loss_f) and math.isfinite(gn):
                 optimizer.step()
             return loss_f, gn, tokens
@@ -291,26 +326,31 @@ def _check_finite(cfg, state: TrainState, loss_f: float, gn: float, run_dir: Pat
                 loss_f, gn, state.bad_steps, cfg.training.max_bad_steps)  # fmt: skip
 
 
-def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir) -> RunResult:
+def _fit(
+    cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir, d=distributed.SINGLE
+):
     t = cfg.training
     result = RunResult(run_dir=run_dir, steps=t.max_steps)
     fpt, peak = flops_per_token(model.config, lora=cfg.lora.enabled), peak_flops(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    trained = d.wrap(model, device)  # DDP over ranks (the model itself for one process)
     saved_step = -1
 
-    def save() -> Path:
+    def save() -> Path | None:
         nonlocal saved_step
         if saved_step != state.step:  # a Ctrl-C right after a periodic save does not save the same step twice
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "state": state.as_dict()}  # fmt: skip
-            result.checkpoint = ckpt.save_checkpoint(run_dir, state.step, model, data.tokenizer, trainer_state,
-                                                     t.keep_last)  # fmt: skip
+            if d.main:
+                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "state": state.as_dict()}  # fmt: skip
+                result.checkpoint = ckpt.save_checkpoint(run_dir, state.step, model, data.tokenizer, trainer_state,
+                                                         t.keep_last)  # fmt: skip
+            d.barrier()  # no rank runs ahead of (or exits before) the checkpoint
             saved_step = state.step
         return result.checkpoint
 
     with StopSignals() as stop:  # from here on, Ctrl-C / SIGTERM end with a saved checkpoint
         if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
-            val = evaluate(model, data, cfg, device, amp_dtype)
+            val = evaluate(model, data, cfg, device, amp_dtype, d)
             if val is not None:
                 metrics.append({"step": 0, "loss": None, "val_loss": val, "val_ppl": perplexity(val)})
                 log.info("step 0: val_loss %.4f  ppl %.2f", val, perplexity(val))
@@ -319,14 +359,15 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
         model.train()
         # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
         live = sys.stderr.isatty()
-        bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not live)
+        bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                   disable=not (live and d.main))  # fmt: skip
         while state.step < t.max_steps:
             t0 = time.perf_counter()
-            micro = [stream.next() for _ in range(t.grad_accum)]
+            micro = [stream.next() for _ in range(t.grad_accum * d.world)]
             samples = [s for mb in micro for s in mb]
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trains with
-            loss_f, gn, tokens = _step(cfg, model, optimizer, params, micro, state, device, amp_dtype,
-                                        data.tokenizer.pad_token_id)  # fmt: skip
+            loss_f, gn, tokens = _step(cfg, trained, optimizer, params, micro, state, device, amp_dtype,
+                                        data.tokenizer.pad_token_id, d)  # fmt: skip
             _check_finite(cfg, state, loss_f, gn, run_dir)
             scheduler.step()
             state.step += 1
@@ -334,15 +375,16 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
             flops = fpt * tokens + attention_flops(model.config, [len(s["input_ids"]) for s in samples])
             rec = {"step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gn, "tokens_per_s": tokens / dt,
                    "samples_per_s": len(samples) / dt, "tokens": tokens, "samples": len(samples), "step_s": dt,
-                   "flops": flops, "mfu": flops / dt / peak if peak else None,
+                   "flops": flops, "mfu": flops / dt / (peak * d.world) if peak else None,
                    "peak_mem_gib": peak_memory_gib(device)}  # fmt: skip
             result.first_loss = result.first_loss if result.first_loss is not None else loss_f
             result.last_loss = loss_f
             is_eval = (t.eval_every and state.step % t.eval_every == 0) or state.step == t.max_steps
-            if is_eval and (val := evaluate(model, data, cfg, device, amp_dtype)) is not None:
+            if is_eval and (val := evaluate(model, data, cfg, device, amp_dtype, d)) is not None:
                 rec.update(val_loss=val, val_ppl=perplexity(val))
                 result.last_val_loss = val
-                tqdm.write(f"step {state.step}: val_loss {val:.4f}  ppl {perplexity(val):.2f}", file=sys.stderr)
+                if d.main:
+                    tqdm.write(f"step {state.step}: val_loss {val:.4f}  ppl {perplexity(val):.2f}", file=sys.stderr)
             if is_eval or state.step % t.log_every == 0 or state.step == 1:
                 metrics.append(rec)
             mem = f"{rec['peak_mem_gib']:.1f}G" if rec["peak_mem_gib"] is not None else "-"
@@ -354,7 +396,10 @@ def _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device,
                 log.info("step %d/%d: %s", state.step, t.max_steps, status)
             if (t.save_every and state.step % t.save_every == 0) or (state.step == t.max_steps and t.save_final):
                 save()
-            if stop.signum is not None:
+            stopping = stop.signum is not None  # one snapshot: a signal arriving later counts at the next step
+            if d.on:  # every rank stops after the same step when any rank was signalled
+                stopping = d.sum_([float(stopping)], device)[0] > 0
+            if stopping:
                 bar.close()
                 path = save()
                 raise Interrupted(f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the "

@@ -47,19 +47,23 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl; mirrors to TensorBoard when asked."""
+    """Appends one JSON object per logged step to metrics.jsonl; mirrors to TensorBoard when asked. write=False
+    (the other ranks of a distributed run) keeps the records in memory and writes nothing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, write: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self.write = write
         self.records: list[dict] = []
-        if self.path.exists():  # a resumed run keeps its history; a line torn by a kill or a full disk is dropped
+        if (
+            write and self.path.exists()
+        ):  # a resumed run keeps its history; a line torn by a kill or a full disk is dropped
             for line in self.path.read_text().splitlines():
                 try:
                     self.records.append(json.loads(line))
                 except ValueError:
                     log.warning("%s: skipping an incomplete line (the run was killed while writing it)", self.path)
         self.tb = None
-        if tensorboard:
+        if tensorboard and write:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -73,12 +77,15 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """On resume, forget steps logged after the checkpoint (they will be run again)."""
         self.records = [r for r in self.records if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if self.write:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
         # NaN/inf are not JSON: a non-finite loss is written as null (the warning in the log says which step)
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.records.append(record)
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:

@@ -132,9 +132,9 @@ def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
     return flops_per_token(conf) * tokens / rate / 3600, rate / 1e9
 
 
-def resolve_device(cfg: BaseConfig) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
-    """(device, autocast dtype or None, parameter dtype)."""
-    name = cfg.training.device
+def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
+    """(device, autocast dtype or None, parameter dtype); `name` overrides training.device (a torchrun rank's GPU)."""
+    name = name or cfg.training.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

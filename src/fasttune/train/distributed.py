@@ -1,0 +1,94 @@
+"""Data-parallel training on torch.distributed (DDP), started by torchrun; one process is the same code with world 1.
+
+    torchrun --nproc_per_node 8 main.py --experiment full            # one node, 8 GPUs (NCCL)
+    torchrun --nproc_per_node 2 main.py --experiment quick --training.device cpu   # CPU processes (gloo)
+
+Each optimizer step takes grad_accum x world micro-batches from the same deterministic stream on every rank; rank r
+trains micro-batches r, r + world, ... of them. Every rank sees the whole step's plan, so the loss normalisation
+(targets of the whole step) needs no communication; DDP averages gradients, so each rank scales its loss by world to
+get the sum. One all-reduce per step carries the loss and the stop flag (Ctrl-C / SIGTERM on any rank stops all
+ranks after the same step). Rank 0 alone writes checkpoints, metrics and logs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fasttune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+    def sum_(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over ranks (identity for one process)."""
+        if not self.on:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        if not self.on:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+
+SINGLE = Dist()  # one process
+
+
+def from_env() -> Dist:
+    """The process's place in a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK), or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(d: Dist, device_name: str) -> str:
+    """Start the process group for `d` and return the device name this rank trains on ('cuda:<local rank>')."""
+    if not d.on or dist.is_initialized():
+        return device_name
+    cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        if torch.cuda.device_count() <= d.local_rank:
+            raise ConfigError(
+                f"torchrun started local rank {d.local_rank} but this machine shows {torch.cuda.device_count()} "
+                "GPU(s): lower --nproc_per_node, or pass --training.device cpu for CPU processes"
+            )
+        torch.cuda.set_device(d.local_rank)
+        device_name = f"cuda:{d.local_rank}"
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=30))
+    return device_name
+
+
+def close(d: Dist) -> None:
+    if d.on and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)

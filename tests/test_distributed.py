@@ -1,0 +1,67 @@
+"""Data parallel training (DDP via torchrun, gloo on CPU) computes what one process computes: two ranks with one
+micro-batch each give the losses, validation losses and weights of one process accumulating the same two
+micro-batches. Rank 0 alone writes the run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import losses, tiny_config
+from safetensors.torch import load_file
+
+from fasttune.train import loop
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def _cli_overrides(cfg) -> list[str]:
+    d, t = cfg.data, cfg.training
+    return [
+        "--experiment", "quick", "--model.preset", "micro", "--output-dir", cfg.output_dir,
+        "--data.max-documents", str(d.max_documents), "--data.tokenizer-vocab-size", str(d.tokenizer_vocab_size),
+        "--data.max-length", str(d.max_length), "--data.micro-batch-size", str(d.micro_batch_size),
+        "--data.cache-dir", d.cache_dir, "--training.device", "cpu", "--training.grad-accum", "1",
+        "--max-steps", str(t.max_steps), "--training.warmup-steps", str(t.warmup_steps),
+        "--training.eval-every", str(t.eval_every), "--training.eval-batches", str(t.eval_batches),
+        "--training.save-every", str(t.save_every), "--training.log-every", "1", "--training.lr", str(t.lr),
+        "--generation.max-new-tokens", "4",
+    ]  # fmt: skip
+
+
+def test_two_ranks_match_one_process_accumulating(tmp_path):
+    ref_cfg = tiny_config(tmp_path / "one", max_steps=3, eval_every=3, save_every=3, grad_accum=2)
+    ref = loop.train(ref_cfg)  # also caches the tokenizer the ranks load
+    ddp_cfg = tiny_config(tmp_path / "ddp", max_steps=3, eval_every=3, save_every=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fasttune",
+           "train", *_cli_overrides(ddp_cfg)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run = ddp_cfg.run_dir
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    got, want = losses(records), losses(ref.records)
+    assert got.keys() == want.keys() == {1, 2, 3}
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
+    vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    assert math.isclose(vals[-1], ref.last_val_loss, rel_tol=1e-5) and math.isclose(vals[0], ref.first_val_loss)
+    # both ranks' samples counted: tokens of a step = those of the accumulating process
+    assert [r["tokens"] for r in records if r.get("loss")] == [r["tokens"] for r in ref.records if r.get("loss")]
+    w_ddp = load_file(run / "checkpoints" / "step-000003" / "model.safetensors")
+    w_one = load_file(ref.checkpoint / "model.safetensors")
+    for name, w in w_one.items():
+        torch.testing.assert_close(w_ddp[name], w, atol=1e-5, rtol=1e-4)
+    assert proc.stdout.count("fasttune run summary") == 1  # one rank reports
+
+
+def test_oom_retry_is_refused_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny_config(tmp_path, oom_retry=True)
+    with pytest.raises(Exception, match="single-process only"):
+        loop.train(cfg)
