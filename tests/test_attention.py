@@ -223,3 +223,61 @@ def test_auto_on_cpu_picks_sdpa(caplog):
     with caplog.at_level(logging.INFO, logger="fasttune"):
         got = resolve("auto", device="cpu", dtype=torch.float32, head_dim=16, packed=True)
     assert got.name == "sdpa" and "auto -> 'sdpa'" in caplog.text
+
+
+def _right_padded_rows():
+    q, k, v = make_qkv(torch.float32, total=6)
+    rows = [torch.stack([x, x]) for x in (q, k, v)]
+    mask_BL = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    return q, k, v, rows, mask_BL
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "auto"])
+def test_padded_call_works_under_inference_mode(backend):
+    """Inference tensors have no version counter: the per-forward memo must not need one (HF pipelines)."""
+    q, k, v, rows, mask_BL = _right_padded_rows()
+    with torch.inference_mode():
+        right, _ = attention_forward(backend, None, *rows, mask_BL, scaling=0.3)
+        left, _ = attention_forward(backend, None, *rows, mask_BL.flip(1), scaling=0.3)
+    ref = reference(q[:, :4], k[:, :4], v[:, :4], [4], scale=0.3)
+    torch.testing.assert_close(right[1, :4].double(), ref, **TOL[torch.float32])
+    assert torch.isfinite(left).all()
+
+
+def test_padding_mask_wins_over_position_ids():
+    """With a padding mask, position_ids never define documents (scaled or offset positions are legitimate), so a
+    right-padded batch with positions 0, 2, 4, ... is plain causal per row, as in transformers."""
+    q, k, v, rows, mask_BL = _right_padded_rows()
+    pos = (2 * torch.arange(6))[None].expand(2, -1)
+    out, _ = attention_forward("sdpa", None, *rows, mask_BL, scaling=0.3, position_ids=pos)
+    ref = reference(q, k, v, [6], scale=0.3)
+    torch.testing.assert_close(out[0].double(), ref, **TOL[torch.float32])
+
+
+def test_lazy_auto_plan_under_no_grad_keeps_backends_usable(monkeypatch):
+    """auto's plan can first be made inside a forward under no_grad (its probes then run there): the backward part
+    of the probe must still run, so nothing is cached as unusable because of the caller's grad mode."""
+    from fasttune.attention import select
+
+    monkeypatch.setattr(select, "_PLANS", {})
+    q, k, v = make_qkv(torch.float32, head_dim=24, total=6)
+    with torch.no_grad():
+        out, _ = attention_forward("auto", None, q[None], k[None], v[None], None, scaling=0.3)
+    assert select.auto_plan(torch.device("cpu"), torch.float32, 24) == select.Plan("sdpa", "sdpa")
+    assert probe("sdpa", "cpu", torch.float32, 24) is None
+    torch.testing.assert_close(out[0].double(), reference(q, k, v, [6], scale=0.3), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "varlen", "auto"])
+def test_non_causal_module_is_bidirectional(backend):
+    """A module with is_causal=False (vision towers, bidirectional encoders) attends both ways, padding honoured."""
+    q, k, v, rows, mask_BL = _right_padded_rows()
+
+    class Encoder(torch.nn.Module):
+        is_causal = False
+
+    out, _ = attention_forward(backend, Encoder(), *rows, mask_BL, scaling=0.3)
+    keep = mask_BL[1]
+    s = q[:, keep] @ k.repeat_interleave(2, 0)[:, keep].transpose(-1, -2) * 0.3
+    want = (torch.softmax(s, -1) @ v.repeat_interleave(2, 0)[:, keep]).transpose(0, 1)
+    torch.testing.assert_close(out[1, :4], want, **TOL[torch.float32])

@@ -119,6 +119,15 @@ def test_attention_bench_cpu(tmp_path):
     assert all(0 < r["route_vs_best"] <= 1.0 for r in autos)  # the routed kernel's row, same measurements as best
 
 
+def test_attention_bench_left_padding_cpu(tmp_path):
+    """The opt-in left-padded layout times the unpadding path; its outputs still match the fp32 reference."""
+    argv = ["attention", "--device", "cpu", "--backends", "eager,sdpa", "--seq-lens", "16", "--head-dims", "8"]
+    argv += ["--layouts", "padded-left", "--tokens", "32", "--heads", "2", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = _outputs(tmp_path, "attention")
+    assert [r["layout"] for r in rows] == ["padded-left"] * 3 and all(r["max_err"] < 1e-5 for r in rows)
+
+
 def test_train_bench_cpu(tmp_path):
     argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "6", "--median", "12"]
     argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--micro-batch", "2", "--epochs", "1"]

@@ -82,6 +82,11 @@ def attention_forward(backend, module, query, key, value, attention_mask, scalin
     softcap = kwargs.pop("softcap", None) or None
     dropout = float(dropout or 0.0)
     opts = dict(scale=scale, window=window, softcap=softcap, dropout=dropout)
+    causal = kwargs.pop("is_causal", None)
+    if not (getattr(module, "is_causal", True) if causal is None else causal) and isinstance(
+        attention_mask, torch.Tensor | None
+    ):
+        return _bidirectional(backend, q_BHSD, k_BKLD, v_BKLD, attention_mask, **opts), None
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
         backend = _auto_route(q_BHSD, "padded", opts) if backend == "auto" else backend
         backend = _route(backend, q_BHSD, softcap, dropout)
@@ -95,7 +100,9 @@ def attention_forward(backend, module, query, key, value, attention_mask, scalin
         # gathering real tokens into a varlen layout, which cost ~2x at 1k-token rows (docs/ATTENTION.md). Pad
         # positions get finite values that nothing real reads (labels ignore them; their gradient is zero).
         padding_BL = None
-    varlen = packed_from_kwargs(kwargs, batch, q_len, k_len) if padding_BL is None else None
+    # documents come from kwargs only when the caller gave no mask: with a padding mask, position_ids may be
+    # scaled or offset for other reasons, and transformers does not infer packing either
+    varlen = packed_from_kwargs(kwargs, batch, q_len, k_len) if attention_mask is None else None
     if backend == "auto":
         layout = "packed" if varlen is not None else "rows" if padding_BL is None else "padded"
         backend = _auto_route(q_BHSD, layout, opts)
@@ -109,6 +116,23 @@ def _auto_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
     plan = auto_plan(q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
     plain = not (opts["window"] or opts["softcap"] or opts["dropout"])
     return plan.route(layout, q_BHSD.shape[2], plain=plain)
+
+
+def _bidirectional(backend, q_BHSD, k_BKLD, v_BKLD, mask, *, scale, window, softcap, dropout) -> torch.Tensor:
+    """A non-causal call (a bidirectional module, is_causal=False): sdpa (eager for softcap) with the padding mask;
+    every other path here is causal."""
+    if window is not None:
+        raise ValueError("fasttune attention: bidirectional sliding-window attention is not supported; load the "
+                         "model with attn_implementation='sdpa'")  # fmt: skip
+    if backend not in ("sdpa", "eager"):
+        _warn_once(f"fasttune attention: non-causal calls run on sdpa/eager, not '{backend}'")
+    if mask is not None and mask.ndim == 2:
+        mask = mask.bool()[:, None, None, :]
+    if backend == "eager" or softcap:
+        out_BHSD = kernels.eager(q_BHSD, k_BKLD, v_BKLD, mask, scale=scale, softcap=softcap, dropout=dropout)
+    else:
+        out_BHSD = kernels.sdpa(q_BHSD, k_BKLD, v_BKLD, mask, scale=scale, dropout=dropout, tag="sdpa/bidirectional")
+    return out_BHSD.transpose(1, 2)
 
 
 def _given_mask(backend, q_BHSD, k_BKLD, v_BKLD, mask, *, scale, window, softcap, dropout) -> torch.Tensor:

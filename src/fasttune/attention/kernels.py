@@ -120,7 +120,13 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     # flex is only fast compiled (ANCHORS.md: 381 vs ~23 TFLOP/s unfused); dynamic shapes because packed batches
-    # change length every step and a static compile per length would recompile endlessly.
+    # change length every step and a static compile per length would recompile endlessly. Each mask kind (causal,
+    # padding, documents, window), head dim and GQA setting is still its own graph: past dynamo's default limit of
+    # 8 per function, torch silently runs flex unfused, which materialises the whole score matrix (a 16 GiB
+    # allocation in the attention bench). So the process-wide limit is raised, never lowered, once. (A config patch
+    # around each call would also work, but breaks a user's torch.compile of the whole model: dynamo cannot trace it.)
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=True)
 
 
@@ -138,11 +144,7 @@ def flex(q_BHSD, k_BKLD, v_BKLD, block_mask, *, scale, softcap=None) -> torch.Te
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     if q_BHSD.device.type != "cuda":
         return flex_attention(q_BHSD, k_BKLD, v_BKLD, **kwargs)
-    # Each mask kind (causal, padding, documents, window), head dim and GQA setting is its own compiled graph.
-    # Past dynamo's default limit of 8 per function, torch silently runs flex unfused, which materialises the
-    # whole score matrix (a 16 GiB allocation in the attention bench): raise the limit for this call only.
-    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
-        return _compiled_flex()(q_BHSD, k_BKLD, v_BKLD, **kwargs)
+    return _compiled_flex()(q_BHSD, k_BKLD, v_BKLD, **kwargs)
 
 
 def torch_varlen(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window=None, softcap=None, dropout=0.0):

@@ -38,7 +38,9 @@ _MEMO: dict[tuple[int, str], tuple[weakref.ref, int, object]] = {}
 
 
 def memo(t: torch.Tensor, tag: str, build):
-    """build(), computed once per (tensor object, version, tag)."""
+    """build(), computed once per (tensor object, version, tag); inference tensors have no version: not cached."""
+    if t.is_inference():
+        return build()
     key = (id(t), tag)
     hit = _MEMO.get(key)
     if hit is not None and hit[0]() is t and hit[1] == t._version:

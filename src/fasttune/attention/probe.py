@@ -121,7 +121,14 @@ def _probe(name: str, device: str, dtype: torch.dtype, head_dim: int) -> str | N
 
 
 def smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Forward+backward of a tiny packed GQA call through fasttune's attention function; None or the error."""
+    """Forward+backward of a tiny packed GQA call through fasttune's attention function; None or the error.
+    Grad mode is forced on: a probe can first run inside a forward under no_grad/inference_mode (auto's lazy plan),
+    and the caller's grad mode must not make a backend look unusable (the result is cached)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _smoke_test(name, device, dtype, head_dim)
+
+
+def _smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     from fasttune.attention.dispatch import attention_forward
 
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -191,6 +191,9 @@ _PLANS: dict[tuple, Plan] = {}
 
 def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
     """The per-call routing of `auto` on this device, dtype and head dim (probes once, then cached)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one plan
     key = (str(device), dtype, head_dim)
     if key not in _PLANS:
         packed = _first_usable(device, dtype, head_dim, True, {})[0][0]

@@ -3,6 +3,8 @@ max error against an fp32 reference, over sequence lengths, head dims and two la
 
   padded: B = tokens // seq rows of `seq` keys, right padding of 0/6/12/19% on rows 1, 2, 3 (mod 4), 2D mask
           (what transformers hands an attention function for a padded batch; None when nothing is padded);
+          every backend runs right-padded rows dense (no real query sees a right pad under causality);
+  padded-left (on request): the same rows padded on the left, which every backend unpads;
   packed: one row of `tokens` tokens, documents of `seq` tokens end to end, boundaries as cu_seq_lens kwargs.
 
 The backends are called through transformers' attention registry exactly as a model calls them, so the numbers
@@ -29,6 +31,7 @@ log = logging.getLogger("fasttune")
 SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128)
 LAYOUTS = ("padded", "packed")
+ALL_LAYOUTS = (*LAYOUTS, "padded-left")  # left padding: the unpadding path (right-padded rows run dense)
 # Eager materialises B*H*S*S scores (bf16) plus an fp32 softmax: above this many score elements it takes tens of
 # GB and seconds per call, and only confirms that it is the slowest.
 EAGER_MAX_SCORES = 2**31
@@ -77,6 +80,8 @@ def make_case(layout: str, seq: int, tokens: int, n_heads: int, head_dim: int, d
     lens = [seq - (r % 4) * (seq // 16) for r in range(rows)]
     mask_BS = torch.arange(seq, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
     docs = [(r, 0, n) for r, n in enumerate(lens)]
+    if layout == "padded-left":
+        mask_BS, docs = mask_BS.flip(1), [(r, seq - n, n) for r, n in enumerate(lens)]
     return Case(q, k, v, None if bool(mask_BS.all()) else mask_BS, {}, docs)
 
 
@@ -171,7 +176,7 @@ def run(
             plan = auto_plan(device, dtype, d)
             for seq in seq_lens:
                 # the padded case is right-padded, which every backend runs as dense rows (dispatch.py)
-                auto = plan.route("packed" if layout == "packed" else "rows", seq)
+                auto = plan.route({"packed": "packed", "padded": "rows"}.get(layout, "padded"), seq)
                 _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, usable[d], hf_names, auto)
                 if progress is not None:
                     progress.update(1)

@@ -45,7 +45,12 @@ def attention_main(argv: Sequence[str]) -> int:
     p.add_argument("--backends", type=_strs, default=list(BACKENDS), help="comma-separated (default: all usable)")
     p.add_argument("--seq-lens", type=_ints, default=None, help="default 512..16384 on GPU, 16,32 on CPU")
     p.add_argument("--head-dims", type=_ints, default=list(bench.HEAD_DIMS))
-    p.add_argument("--layouts", type=_strs, default=list(bench.LAYOUTS), help="padded,packed")
+    p.add_argument(
+        "--layouts",
+        type=_strs,
+        default=list(bench.LAYOUTS),
+        help="padded,packed (default); padded-left times the unpadding path",
+    )
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 16384 GPU, 64 CPU)")
     p.add_argument("--heads", type=int, default=None, help="query = kv heads (default 16 GPU, 2 CPU)")
     p.add_argument("--device", default="auto")
@@ -56,8 +61,8 @@ def attention_main(argv: Sequence[str]) -> int:
     dtype = torch.bfloat16 if gpu else torch.float32
     seq_lens = a.seq_lens or (list(bench.SEQ_LENS) if gpu else [16, 32])
     unknown = [b for b in a.backends if b not in BACKENDS]
-    if unknown or any(x not in bench.LAYOUTS for x in a.layouts):
-        raise FasttuneError(f"--backends: choose from {', '.join(BACKENDS)}; --layouts: padded, packed")
+    if unknown or any(x not in bench.ALL_LAYOUTS for x in a.layouts):
+        raise FasttuneError(f"--backends: choose from {', '.join(BACKENDS)}; --layouts: {', '.join(bench.ALL_LAYOUTS)}")
     results = Results("attention", environment(device, ["attention", *argv]))
     total = len(a.layouts) * len(a.head_dims) * len(seq_lens)
     with tqdm(total=total, desc="attention shapes", dynamic_ncols=True) as bar:
