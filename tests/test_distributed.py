@@ -4,6 +4,7 @@ micro-batches. Rank 0 alone writes the run folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,15 +35,21 @@ def _cli_overrides(cfg) -> list[str]:
     ]  # fmt: skip
 
 
-def test_two_ranks_match_one_process_accumulating(tmp_path):
-    ref_cfg = tiny_config(tmp_path / "one", max_steps=3, eval_every=3, save_every=3, grad_accum=2)
-    ref = loop.train(ref_cfg)  # also caches the tokenizer the ranks load
-    ddp_cfg = tiny_config(tmp_path / "ddp", max_steps=3, eval_every=3, save_every=3)
+def _torchrun(cfg, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fasttune",
-           "train", *_cli_overrides(ddp_cfg)]  # fmt: skip
+           "train", *_cli_overrides(cfg), *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
+    ref_cfg = tiny_config(tmp_path / "one", max_steps=3, eval_every=3, save_every=3, grad_accum=2)
+    ref = loop.train(ref_cfg)  # also caches the tokenizer the ranks load
+    ddp_cfg = tiny_config(tmp_path / mode, max_steps=3, eval_every=3, save_every=3)
+    proc = _torchrun(ddp_cfg, *(["--training.fsdp"] if mode == "fsdp" else []))
 
     run = ddp_cfg.run_dir
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -58,6 +65,20 @@ def test_two_ranks_match_one_process_accumulating(tmp_path):
     for name, w in w_one.items():
         torch.testing.assert_close(w_ddp[name], w, atol=1e-5, rtol=1e-4)
     assert proc.stdout.count("fasttune run summary") == 1  # one rank reports
+
+
+def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):
+    """FSDP2 checkpoints gather the shards into ordinary files (weights + optimizer state); resuming from one on
+    two ranks continues exactly like a single process that never stopped."""
+    ref = loop.train(tiny_config(tmp_path / "one", max_steps=4, eval_every=0, save_every=4, grad_accum=2))
+    cfg = tiny_config(tmp_path / "fsdp", max_steps=2, eval_every=0, save_every=2)
+    _torchrun(cfg, "--training.fsdp")
+    _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=4)), "--training.fsdp",
+              "--resume")  # fmt: skip
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    got, want = losses(records), losses(ref.records)
+    assert got.keys() == want.keys() == {1, 2, 3, 4}
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
 
 
 def test_oom_retry_is_refused_under_torchrun(tmp_path, monkeypatch):

@@ -150,6 +150,9 @@ class TrainingConfig:
     """Device: auto (cuda if available), cpu, cuda, cuda:N."""
     compile: bool = False
     """torch.compile each decoder layer (needs a working compiler toolchain)."""
+    fsdp: bool = False
+    """Under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) instead of replicating
+    them (DDP): for models whose training state does not fit one GPU. Ignored in a single process."""
 
     def __post_init__(self) -> None:
         _positive("training.max_steps", self.max_steps)

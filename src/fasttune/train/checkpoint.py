@@ -68,14 +68,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int, state_dict: dict | None = None
+) -> Path:
+    """Write checkpoint `step` atomically; `state_dict`: the weights to save when not the model's own (FSDP2)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
         _fsync_tree(tmp)

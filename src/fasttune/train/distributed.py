@@ -1,6 +1,8 @@
-"""Data-parallel training on torch.distributed (DDP), started by torchrun; one process is the same code with world 1.
+"""Data-parallel training on torch.distributed (DDP, or FSDP2 with --training.fsdp), started by torchrun; one process
+is the same code with world 1.
 
     torchrun --nproc_per_node 8 main.py --experiment full            # one node, 8 GPUs (NCCL)
+    torchrun --nproc_per_node 8 main.py --experiment full --training.fsdp           # sharded (FSDP2)
     torchrun --nproc_per_node 2 main.py --experiment quick --training.device cpu   # CPU processes (gloo)
 
 Each optimizer step takes grad_accum x world micro-batches from the same deterministic stream on every rank; rank r
@@ -27,6 +29,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    fsdp: bool = False  # shard (FSDP2) rather than replicate (DDP)
 
     @property
     def main(self) -> bool:
@@ -49,23 +52,57 @@ class Dist:
         return t.tolist()
 
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """The module to train: DDP around `model`, or `model` itself sharded in place by FSDP2 (each decoder layer,
+        then the rest). Build the optimizer after this: FSDP2 replaces the parameters."""
         if not self.on:
+            return model
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder layer classes
+            for module in model.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module)
+            fully_shard(model)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def full_state(self, model, optimizer) -> tuple[dict | None, dict]:
+        """(weights for save_pretrained, None = the model's own; optimizer state) as rank 0 writes them. Under FSDP2
+        both are gathered from the shards (a collective: every rank calls this), so a checkpoint is the same files
+        whatever the number of ranks."""
+        if not (self.on and self.fsdp):
+            return None, optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+    def load_optimizer(self, model, optimizer, state: dict) -> None:
+        if not (self.on and self.fsdp):
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
 
 SINGLE = Dist()  # one process
 
 
-def from_env() -> Dist:
+def from_env(fsdp: bool = False) -> Dist:
     """The process's place in a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK), or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
 
 
 def init(d: Dist, device_name: str) -> str:

@@ -150,7 +150,9 @@ def forward_backward(
     total = torch.zeros((), device=next(model.parameters()).device)
     for i, b in enumerate(batches):
         last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()  # DDP
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(last)
         with sync:
             with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(**b, use_cache=False, num_items_in_batch=n_targets)
@@ -172,7 +174,9 @@ def evaluate(model, data: DataBundle, cfg: BaseConfig, device: torch.device, amp
     )[: cfg.training.eval_batches]  # fmt: skip
     model.eval()
     loss_sum, n_sum = 0.0, 0
-    for idx in plan[d.rank :: d.world]:
+    # ranks share the batches out; under FSDP2 every rank must run every forward (they all-gather weights together)
+    shard = d if not d.fsdp else distributed.SINGLE
+    for idx in plan[shard.rank :: shard.world]:
         b = _to_device(
             collate([data.val[i] for i in idx], packing=dc.packing, pad_id=data.tokenizer.pad_token_id), device
         )
@@ -182,7 +186,7 @@ def evaluate(model, data: DataBundle, cfg: BaseConfig, device: torch.device, amp
         loss_sum += float(out.loss)
         n_sum += n
     model.train()
-    loss_sum, n_sum = d.sum_([loss_sum, n_sum], device)
+    loss_sum, n_sum = shard.sum_([loss_sum, n_sum], device)
     return loss_sum / n_sum if n_sum else None
 
 
@@ -204,9 +208,11 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop). Under
     torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
-    d = distributed.from_env()
+    d = distributed.from_env(cfg.training.fsdp)
     if d.on and cfg.training.oom_retry:
         raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
+    if d.fsdp and cfg.lora.enabled:
+        raise FasttuneError("--training.fsdp with LoRA is not supported (adapters are small: DDP, the default, fits)")
     device_name = distributed.init(d, cfg.training.device)
     try:
         return _train(cfg, data, d, device_name)
@@ -235,17 +241,19 @@ def _train(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) 
     for line in data.summary.lines():
         log.info(line)
     model, attn = prepare_model(cfg, data, device, param_dtype)
-    optimizer, scheduler = build_optimizer(cfg, model, device)
-    state = TrainState()
+    if latest is not None:
+        ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
     if latest is None and d.main:
         start_run(cfg, run_dir)
     if d.main:
-        d.barrier()
+        d.barrier()  # the other ranks start now; from here on every collective is reached by all ranks
+    trained = d.wrap(model, device)  # DDP around the model, or the model sharded in place (FSDP2)
+    optimizer, scheduler = build_optimizer(cfg, model, device)
+    state = TrainState()
     metrics = MetricsLog(run_dir, cfg.training.tensorboard, write=d.main)
     if latest is not None:
         saved = ckpt.load_trainer_state(latest)
-        ckpt.load_weights(model, latest, lora=cfg.lora.enabled)
-        optimizer.load_state_dict(saved["optimizer"])
+        d.load_optimizer(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
         ckpt.set_rng_state(saved["rng"])
@@ -254,7 +262,9 @@ def _train(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) 
             start_run(dataclasses.replace(cfg, overwrite=False), run_dir)  # the config now in force (e.g. max_steps)
         log.info("resumed from %s (step %d)", latest, state.step)
     stream = DataStream(data, cfg, state)
-    result = _fit(cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir, d)
+    result = _fit(
+        cfg, model, trained, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir, d
+    )
     metrics.close()
     if not d.main:  # rank 0 saves, plots and reports
         return result
@@ -290,6 +300,7 @@ def _step(cfg, model, optimizer, params, micro, state, device, amp_dtype, pad_id
         try:
             loss = forward_backward(model, batches, n_targets, amp_dtype, d.world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else 1e30)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: DTensor
             loss_f, gn = d.sum_([float(loss)], device)[0], float(grad_norm)  # gradients are already synchronised
             if math.isfinite(loss_f) and math.isfinite(gn):
                 optimizer.step()
@@ -326,24 +337,23 @@ def _check_finite(cfg, state: TrainState, loss_f: float, gn: float, run_dir: Pat
                 loss_f, gn, state.bad_steps, cfg.training.max_bad_steps)  # fmt: skip
 
 
-def _fit(
-    cfg, model, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir, d=distributed.SINGLE
-):
+def _fit(cfg, model, trained, data, optimizer, scheduler, state, stream, metrics, device, amp_dtype, run_dir, d):
+    """`model`: the HF model (evaluation, saving); `trained`: what the steps run (DDP around it, or it sharded)."""
     t = cfg.training
     result = RunResult(run_dir=run_dir, steps=t.max_steps)
     fpt, peak = flops_per_token(model.config, lora=cfg.lora.enabled), peak_flops(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    trained = d.wrap(model, device)  # DDP over ranks (the model itself for one process)
     saved_step = -1
 
     def save() -> Path | None:
         nonlocal saved_step
         if saved_step != state.step:  # a Ctrl-C right after a periodic save does not save the same step twice
+            weights, optimizer_state = d.full_state(model, optimizer)  # every rank (FSDP2 gathers the shards)
             if d.main:
-                trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                trainer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                  "state": state.as_dict()}  # fmt: skip
                 result.checkpoint = ckpt.save_checkpoint(run_dir, state.step, model, data.tokenizer, trainer_state,
-                                                         t.keep_last)  # fmt: skip
+                                                         t.keep_last, weights)  # fmt: skip
             d.barrier()  # no rank runs ahead of (or exits before) the checkpoint
             saved_step = state.step
         return result.checkpoint
