@@ -86,3 +86,49 @@ def test_oom_retry_is_refused_under_torchrun(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, oom_retry=True)
     with pytest.raises(Exception, match="single-process only"):
         loop.train(cfg)
+
+
+def _rank_pid(agent_pid: int, rank: int) -> int | None:
+    """pid of the torchrun worker with RANK=rank among the agent's children (Linux /proc)."""
+    for stat in os.listdir("/proc"):
+        if not stat.isdigit():
+            continue
+        try:
+            ppid = int(open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = open(f"/proc/{stat}/environ", "rb").read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and f"RANK={rank}".encode() in environ:
+            return int(stat)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker through /proc (Linux)")
+def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step, rank 0 writes that step's checkpoint, and the run
+    resumes from it."""
+    import signal
+    import time
+
+    loop.train(tiny_config(tmp_path / "tok", max_steps=1, eval_every=0, save_every=0))  # cache the tokenizer
+    cfg = tiny_config(tmp_path / "run", max_steps=100000, eval_every=0, save_every=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fasttune",
+           "train", *_cli_overrides(cfg)]  # fmt: skip
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = cfg.run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    victim = _rank_pid(agent.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGTERM)
+    out, _ = agent.communicate(timeout=300)
+    checkpoints = sorted((cfg.run_dir / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.pt").is_file(), out[-3000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert step >= max(logged) >= 3, (step, logged)  # the checkpoint is the step both ranks stopped after
+    assert "interrupted at step" in out, out[-3000:]
+    _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=step + 1)), "--resume")
+    assert (cfg.run_dir / "checkpoints" / f"step-{step + 1:06d}").is_dir()
