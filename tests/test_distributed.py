@@ -81,6 +81,17 @@ def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
 
 
+def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
+    """A checkpoint of one process (positional optimizer state) resumes on two FSDP2 ranks (which load it by
+    parameter name), with a warning that the global batch changes."""
+    cfg = tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, fsdp=True)
+    loop.train(cfg)  # one process: --training.fsdp has nothing to shard
+    proc = _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=3)),
+                     "--training.fsdp", "--resume")  # fmt: skip
+    assert "resuming on 2 rank(s), the checkpoint trained on 1" in proc.stdout + proc.stderr
+    assert (cfg.run_dir / "checkpoints" / "step-000003").is_dir()
+
+
 def test_oom_retry_is_refused_under_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = tiny_config(tmp_path, oom_retry=True)

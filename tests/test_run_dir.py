@@ -24,6 +24,19 @@ def test_overwrite_with_bad_data_keeps_the_old_run(finished, tmp_path):
     assert checkpoint.list_checkpoints(result.run_dir)  # nothing deleted before the checks passed
 
 
+def test_overwrite_without_disk_space_keeps_the_old_run(finished, monkeypatch):
+    """The disk check runs before --overwrite clears anything."""
+    import shutil
+
+    from fasttune.errors import FasttuneError
+
+    cfg, result = finished
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(FasttuneError, match="free"):
+        loop.train(dataclasses.replace(cfg, overwrite=True))
+    assert checkpoint.list_checkpoints(result.run_dir) and (result.run_dir / "metrics.jsonl").is_file()
+
+
 def test_overwrite_replaces_run_but_keeps_user_files(finished):
     cfg, result = finished
     (result.run_dir / "notes.txt").write_text("mine")

@@ -8,8 +8,10 @@ is the same code with world 1.
 Each optimizer step takes grad_accum x world micro-batches from the same deterministic stream on every rank; rank r
 trains micro-batches r, r + world, ... of them. Every rank sees the whole step's plan, so the loss normalisation
 (targets of the whole step) needs no communication; DDP averages gradients, so each rank scales its loss by world to
-get the sum. One all-reduce per step carries the loss and the stop flag (Ctrl-C / SIGTERM on any rank stops all
-ranks after the same step). Rank 0 alone writes checkpoints, metrics and logs.
+get the sum. Two scalar all-reduces per step: the loss, and a stop flag (Ctrl-C / SIGTERM on any rank stops all
+ranks after the same step). Rank 0 alone writes checkpoints, metrics and logs; every rank reads the run folder, so
+several nodes need a shared filesystem. Start-up is serial (rank 0 checks the folder, tokenizes and builds the
+model first; the others then load the cached tokenizer), hence the long process-group timeout.
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ class Dist:
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def gather_rng(self) -> list | None:
+        """Every rank's random state (a collective), for the checkpoint; None in one process."""
+        if not self.on:
+            return None
+        from fasttune.train.checkpoint import rng_state
+
+        states: list = [None] * self.world
+        dist.all_gather_object(states, rng_state())
+        return states
+
     def full_state(self, model, optimizer) -> tuple[dict | None, dict]:
         """(weights for save_pretrained, None = the model's own; optimizer state) as rank 0 writes them. Under FSDP2
         both are gathered from the shards (a collective: every rank calls this), so a checkpoint is the same files
@@ -91,10 +103,27 @@ class Dist:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        if (
+            state["param_groups"]
+            and state["param_groups"][0]["params"]
+            and isinstance(state["param_groups"][0]["params"][0], int)
+        ):  # written by one process or DDP: parameters by position -> by name, the form FSDP2 loads
+            state = _by_name(model, optimizer, state)
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 SINGLE = Dist()  # one process
+
+
+def _by_name(model, optimizer, state: dict) -> dict:
+    """torch's positional optimizer state (params numbered in param-group order) keyed by parameter names instead."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+_CREATED = []  # the process group fasttune started (and so closes)
 
 
 def from_env(fsdp: bool = False) -> Dist:
@@ -107,8 +136,13 @@ def from_env(fsdp: bool = False) -> Dist:
 
 def init(d: Dist, device_name: str) -> str:
     """Start the process group for `d` and return the device name this rank trains on ('cuda:<local rank>')."""
-    if not d.on or dist.is_initialized():
+    if not d.on:
         return device_name
+    if ":" in device_name:
+        raise ConfigError(
+            f"training.device={device_name} under torchrun: each rank trains on cuda:<its local rank>; pass "
+            "--training.device cuda (or auto, or cpu), and pick GPUs with CUDA_VISIBLE_DEVICES"
+        )
     cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
         if torch.cuda.device_count() <= d.local_rank:
@@ -118,13 +152,16 @@ def init(d: Dist, device_name: str) -> str:
             )
         torch.cuda.set_device(d.local_rank)
         device_name = f"cuda:{d.local_rank}"
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=30))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(hours=2))
+        _CREATED.append(True)
     return device_name
 
 
 def close(d: Dist) -> None:
-    if d.on and dist.is_initialized():
+    if _CREATED and dist.is_initialized():
         dist.destroy_process_group()
+        _CREATED.clear()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from fasttune.train.distributed import Dist
 from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.setup import (
     build_optimizer,
+    check_disk,
     check_resume,
     prepare_model,
     prepare_run_dir,
@@ -128,8 +129,10 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
+        if self.signum is not None:  # SIGTERM again (torchrun forwards what a scheduler also sent): keep saving
+            return
         self.signum = signum
         tqdm.write("stopping after this step (Ctrl-C again to abort without saving)...")
 
@@ -222,7 +225,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
 
 def _train(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -> RunResult:
     if not d.main:
-        logging.getLogger("fasttune").setLevel(logging.WARNING)  # one rank reports
+        logging.getLogger("fasttune").setLevel(logging.ERROR)  # rank 0 reports (warnings are the same on all ranks)
         d.barrier()  # rank 0 checks the run folder (and tokenizes, caching the tokenizer) first
     run_dir = prepare_run_dir(cfg) if d.main else cfg.run_dir
     latest = None
@@ -243,9 +246,10 @@ def _train(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) 
     model, attn = prepare_model(cfg, data, device, param_dtype)
     if latest is not None:
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
-    if latest is None and d.main:
-        start_run(cfg, run_dir)
     if d.main:
+        check_disk(run_dir, model, cfg.training.keep_last)  # before start_run, which clears an --overwrite'd run
+        if latest is None:
+            start_run(cfg, run_dir)
         d.barrier()  # the other ranks start now; from here on every collective is reached by all ranks
     trained = d.wrap(model, device)  # DDP around the model, or the model sharded in place (FSDP2)
     optimizer, scheduler = build_optimizer(cfg, model, device)
@@ -256,7 +260,11 @@ def _train(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) 
         d.load_optimizer(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
-        ckpt.set_rng_state(saved["rng"])
+        ranks = saved.get("rng_ranks")
+        ckpt.set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else saved["rng"])
+        if saved.get("world", 1) != d.world:
+            log.warning("resuming on %d rank(s), the checkpoint trained on %d: the global batch (micro-batches x "
+                        "grad_accum x ranks) changes from here on", d.world, saved.get("world", 1))  # fmt: skip
         metrics.truncate_after(state.step)
         if d.main:
             start_run(dataclasses.replace(cfg, overwrite=False), run_dir)  # the config now in force (e.g. max_steps)
@@ -349,9 +357,12 @@ def _fit(cfg, model, trained, data, optimizer, scheduler, state, stream, metrics
         nonlocal saved_step
         if saved_step != state.step:  # a Ctrl-C right after a periodic save does not save the same step twice
             weights, optimizer_state = d.full_state(model, optimizer)  # every rank (FSDP2 gathers the shards)
+            rng_ranks = d.gather_rng()  # every rank's random state (dropout), None in one process
             if d.main:
                 trainer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                  "state": state.as_dict()}  # fmt: skip
+                if rng_ranks is not None:
+                    trainer_state.update(rng_ranks=rng_ranks, world=d.world)
                 result.checkpoint = ckpt.save_checkpoint(run_dir, state.step, model, data.tokenizer, trainer_state,
                                                          t.keep_last, weights)  # fmt: skip
             d.barrier()  # no rank runs ahead of (or exits before) the checkpoint
@@ -412,7 +423,8 @@ def _fit(cfg, model, trained, data, optimizer, scheduler, state, stream, metrics
             if stopping:
                 bar.close()
                 path = save()
-                raise Interrupted(f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the "
+                where = f"checkpoint saved to {path}" if d.main else f"rank {d.rank}; rank 0 saved the checkpoint"
+                raise Interrupted(f"interrupted at step {state.step}; {where}. Resume with the "
                                   f"same command plus --resume (output dir {run_dir})",
                                   exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
     bar.close()

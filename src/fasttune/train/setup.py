@@ -247,5 +247,4 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    check_disk(cfg.run_dir, model, t.keep_last)
     return optimizer, scheduler
