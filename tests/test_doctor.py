@@ -11,6 +11,7 @@ import io
 import json
 
 import pytest
+import torch
 from rich.console import Console
 
 from fasttune import cli
@@ -24,7 +25,7 @@ EXPECTED_IDS = {
     "python", "torch", "transformers", "pip_check", "cuda", "gpu", "driver", "nvcc", "gcc", "ninja",
     "sdpa.FLASH_ATTENTION", "sdpa.EFFICIENT_ATTENTION", "sdpa.CUDNN_ATTENTION", "sdpa.MATH", "sdpa.default",
     "flex_attention", "varlen", "flash_attention_2", "flash_attention_3", "flash_attention_4", "backends",
-    "triton", "liger", "peft", "alloc_conf", "disk", "disk_hf", "ram",
+    "triton", "liger", "peft", "alloc_conf", "disk", "disk_hf", "ram", "distributed",
 }  # fmt: skip
 ABI_ERROR = (
     "/venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "
@@ -174,6 +175,20 @@ def test_cpu_torch_on_a_gpu_machine():
     (row,) = system.check_cuda(m)
     assert row.status == FAIL and "CPU-only build" in row.reason
     assert "--index-url https://download.pytorch.org/whl/cu130" in row.fix
+
+
+def test_distributed_row(monkeypatch):
+    """One GPU: skip; several with NCCL: the torchrun command; several without NCCL: a warning with the fix."""
+    (one,) = system.check_distributed(machine())
+    assert one.status == SKIP
+    eight = machine(gpus=[Gpu("NVIDIA H100 80GB HBM3", (9, 0), 79.2)] * 8)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    (ok,) = system.check_distributed(eight)
+    assert ok.status == OK and "NCCL 2.27.3" in ok.reason and "--nproc_per_node 8" in ok.reason
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    (warn,) = system.check_distributed(eight)
+    assert warn.status == WARN and "gloo" in warn.reason and warn.fix
 
 
 def test_driver_too_old_for_torch():

@@ -25,6 +25,7 @@ CHECKS = (
     ("CUDA", system.check_cuda),
     ("CUDA", system.check_gpu),
     ("CUDA", system.check_driver),
+    ("CUDA", system.check_distributed),
     ("Build tools", tools.check_nvcc),
     ("Build tools", tools.check_gcc),
     ("Build tools", tools.check_ninja),

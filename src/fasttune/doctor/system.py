@@ -126,6 +126,24 @@ def check_gpu(m: Machine) -> list[Row]:
     return [Row("gpu", "CUDA", "GPU", OK, reason)]
 
 
+def check_distributed(m: Machine) -> list[Row]:
+    """Several GPUs: what `torchrun` (DDP / --training.fsdp) would use here."""
+    name = "multi-GPU (torchrun)"
+    if not torch.distributed.is_available():
+        why = f"torch {m.torch_version} was built without torch.distributed: one process only"
+        return [Row("distributed", "CUDA", name, WARN if len(m.gpus) > 1 else SKIP, why, torch_install(m))]
+    if len(m.gpus) < 2:
+        why = f"{len(m.gpus)} GPU visible: one process (CPU ranks with gloo work for tests)"
+        return [Row("distributed", "CUDA", name, SKIP, why)]
+    nccl = torch.distributed.is_nccl_available()
+    version = ".".join(map(str, torch.cuda.nccl.version())) if nccl else None
+    if not nccl:
+        why = f"{len(m.gpus)} GPUs but torch has no NCCL: multi-GPU training would fall back to slow gloo"
+        return [Row("distributed", "CUDA", name, WARN, why, torch_install(m))]
+    why = f"{len(m.gpus)} GPUs, NCCL {version}: torchrun --nproc_per_node {len(m.gpus)} main.py --experiment full"
+    return [Row("distributed", "CUDA", name, OK, why)]
+
+
 def check_driver(m: Machine) -> list[Row]:
     if not m.smi:
         if not m.gpus:
