@@ -143,3 +143,9 @@ def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
     assert "interrupted at step" in out, out[-3000:]
     _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=step + 1)), "--resume")
     assert (cfg.run_dir / "checkpoints" / f"step-{step + 1:06d}").is_dir()
+
+
+def test_explicit_gpu_index_is_refused_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exception, match="CUDA_VISIBLE_DEVICES"):
+        loop.train(tiny_config(tmp_path, device="cuda:1"))
