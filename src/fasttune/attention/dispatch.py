@@ -127,12 +127,10 @@ def _bidirectional(backend, q_BHSD, k_BKLD, v_BKLD, mask, *, scale, window, soft
     if backend not in ("sdpa", "eager"):
         _warn_once(f"fasttune attention: non-causal calls run on sdpa/eager, not '{backend}'")
     if mask is not None and mask.ndim == 2:
-        mask = mask.bool()[:, None, None, :]
-    if backend == "eager" or softcap:
-        out_BHSD = kernels.eager(q_BHSD, k_BKLD, v_BKLD, mask, scale=scale, softcap=softcap, dropout=dropout)
-    else:
-        out_BHSD = kernels.sdpa(q_BHSD, k_BKLD, v_BKLD, mask, scale=scale, dropout=dropout, tag="sdpa/bidirectional")
-    return out_BHSD.transpose(1, 2)
+        mask = mask.bool()[:, None, None, :]  # keys only: no causal part
+    return _given_mask(
+        backend, q_BHSD, k_BKLD, v_BKLD, mask, scale=scale, window=None, softcap=softcap, dropout=dropout
+    )
 
 
 def _given_mask(backend, q_BHSD, k_BKLD, v_BKLD, mask, *, scale, window, softcap, dropout) -> torch.Tensor:

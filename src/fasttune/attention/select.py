@@ -190,7 +190,12 @@ _PLANS: dict[tuple, Plan] = {}
 
 
 def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
-    """The per-call routing of `auto` on this device, dtype and head dim (probes once, then cached)."""
+    """The per-call routing of `auto` on this device, dtype and head dim (probes once, then cached). Called for every
+    attention call of an `auto` model: the device as given is looked up first, before any normalisation."""
+    plan = _PLANS.get((device, dtype, head_dim))
+    if plan is not None:
+        return plan
+    raw = (device, dtype, head_dim)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one plan
@@ -202,6 +207,7 @@ def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
         if _family(device) == "hopper" and rows.startswith("flash") and probe("sdpa", device, dtype, head_dim) is None:
             short = "sdpa"  # cuDNN through sdpa's ladder (kernel_report names the kernel that ran)
         _PLANS[key] = Plan(packed, rows, short, SHORT_ROWS.get(head_dim, SHORT_ROWS_DEFAULT))
+    _PLANS[raw] = _PLANS[key]
     return _PLANS[key]
 
 

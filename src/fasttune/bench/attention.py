@@ -185,6 +185,10 @@ def run(
     return results
 
 
+def _error_status(e: Exception) -> str:
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, backends, hf_names, auto) -> None:
     case = make_case(layout, seq, tokens, n_heads, d, device, dtype)
     ref = reference(case)
@@ -201,7 +205,7 @@ def _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, backends
             row["status"] = "ok"
             measured[b] = row
         except Exception as e:  # an unusable kernel at one shape is a result, not a crash of the whole table
-            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            row["status"] = _error_status(e)
             log.warning("attention bench %s %s D%d S%d: %s", b, layout, d, seq, row["status"])
         results.add(row)
         for x in (case.q_BHSD, case.k_BHSD, case.v_BHSD):
@@ -214,7 +218,7 @@ def _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, backends
     try:
         auto_row.update(measure("auto", hf_names["auto"], case, ref, device, d), status="ok")
     except Exception as e:
-        auto_row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        auto_row["status"] = _error_status(e)
     if best and "fwd_bwd_tflops" in auto_row:
         auto_row["best"] = best["backend"]
         auto_row["auto_vs_best"] = auto_row["fwd_bwd_tflops"] / best["fwd_bwd_tflops"]

@@ -3,6 +3,7 @@ never copies of this loop."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -148,8 +149,6 @@ def forward_backward(
     the sum over ranks is the exact per-token mean whatever the split into micro-batches, ranks or padding. Under DDP
     (which averages gradients over `world` ranks) the backward pass scales by world, and gradients are synchronised
     once, on the last micro-batch."""
-    import contextlib
-
     total = torch.zeros((), device=next(model.parameters()).device)
     for i, b in enumerate(batches):
         last = i == len(batches) - 1
