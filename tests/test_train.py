@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
 from fasttune.errors import ConfigError, FasttuneError
-from fasttune.train import loop
+from fasttune.train import loop, run
 from fasttune.train.checkpoint import list_checkpoints
 
 
@@ -27,7 +27,7 @@ def reference(tmp_path_factory):
 
 def _fail_at(monkeypatch, call: int, exc_factory):
     """Make the `call`-th forward_backward (1-based) raise; every other call runs for real."""
-    real, count = loop.forward_backward, {"n": 0}
+    real, count = run.forward_backward, {"n": 0}
 
     def wrapped(*args, **kwargs):
         count["n"] += 1
@@ -35,7 +35,7 @@ def _fail_at(monkeypatch, call: int, exc_factory):
             raise exc_factory()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "forward_backward", wrapped)
+    monkeypatch.setattr(run, "forward_backward", wrapped)
 
 
 def test_run_directory_contents(reference):
@@ -92,14 +92,14 @@ def test_resume_without_run_is_clear(tmp_path):
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, caplog):
     cfg = tiny_config(tmp_path, max_bad_steps=1)
     calls = {"n": 0}
-    original = loop.forward_backward
+    original = run.forward_backward
 
     def nan_from_step_4(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 4 else loss
 
-    monkeypatch.setattr(loop, "forward_backward", nan_from_step_4)
+    monkeypatch.setattr(run, "forward_backward", nan_from_step_4)
     with pytest.raises(FasttuneError, match="non-finite.*last good checkpoint: .*step-000003"):
         loop.train(cfg)
     assert "update skipped" in caplog.text
@@ -145,7 +145,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
-    original, calls = loop.forward_backward, {"n": 0}
+    original, calls = run.forward_backward, {"n": 0}
 
     def interrupt_at_2(*args, **kwargs):
         calls["n"] += 1
@@ -153,7 +153,7 @@ def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "forward_backward", interrupt_at_2)
+    monkeypatch.setattr(run, "forward_backward", interrupt_at_2)
     with pytest.raises(loop.Interrupted, match="interrupted at step 2.*--resume") as e:
         loop.train(cfg)
     assert e.value.exit_code == 130
@@ -167,9 +167,9 @@ def test_output_dir_checks(tmp_path, monkeypatch):
         loop.train(dataclasses.replace(tiny_config(tmp_path), output_dir=str(blocker)))
     with pytest.raises(ConfigError, match="not writable"):
         loop.train(dataclasses.replace(tiny_config(tmp_path), output_dir=str(blocker / "run")))
-    from fasttune.train import setup
+    import shutil
 
-    monkeypatch.setattr(setup.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(FasttuneError, match="GB free, a checkpoint needs about"):
         loop.train(tiny_config(tmp_path / "disk"))
     assert blocker.read_text() == "mine"

@@ -19,7 +19,7 @@ import torch
 
 from fasttune.attention import available
 from fasttune.attention.probe import import_status
-from fasttune.data.packing import collate_padded, plan_micro_batches
+from fasttune.data.packing import Batcher, collate_padded
 from fasttune.data.pipeline import DataBundle
 from fasttune.model.build import attention_flops, build_preset, flops_per_token
 from fasttune.train.metrics import peak_flops
@@ -128,12 +128,11 @@ def run_baseline(
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     lengths = [len(s["input_ids"]) for s in data.train]
     fpt, peak = flops_per_token(model.config), peak_flops(device)
+    batcher = Batcher(packing=False, micro_batch_size=micro_batch, max_length=0, seed=seed)  # the same sample order
     plan, epoch, per_step = [], 0, []
     for step in range(warmup_steps + steps):
         if not plan:
-            plan = plan_micro_batches(
-                lengths, packing=False, micro_batch_size=micro_batch, max_length=0, seed=seed, epoch=epoch
-            )
+            plan = batcher.plan(lengths, epoch=epoch)
             epoch += 1
         idx = plan.pop(0)
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from fasttune.bench.harness import Results, line_plot, reset_peak_memory
 from fasttune.bench.workload import synthetic_bundle
 from fasttune.config import get_experiment
 from fasttune.config.argcheck import assignments_to_args, parse_overrides
-from fasttune.data.packing import plan_micro_batches
+from fasttune.data.packing import Batcher
 from fasttune.train.metrics import peak_flops, peak_memory_gib
 
 log = logging.getLogger("fasttune")
@@ -57,14 +57,7 @@ def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list
     t.device, t.log_every, t.eval_every, t.save_every, t.tensorboard = str(bench.device), 1, 0, 0, False
     cfg = parse_overrides(cfg, assignments_to_args(overrides), prog="fasttune bench train --variant")
     t = cfg.training
-    plan = plan_micro_batches(
-        bench.lengths,
-        packing=cfg.data.packing,
-        micro_batch_size=cfg.data.micro_batch_size,
-        max_length=cfg.data.max_length,
-        seed=bench.seed,
-        epoch=0,
-    )
+    plan = Batcher.from_config(cfg.data, bench.seed).plan(bench.lengths, epoch=0)
     per_epoch = -(-len(plan) // t.grad_accum)
     warm = bench.warmup_epochs * per_epoch
     t.max_steps = warm + bench.epochs * per_epoch
@@ -142,8 +135,8 @@ def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
             b = spec["baseline"]
             row.update(attn=b.attn, packing=b.packed, liger=b.liger, leak_err=hf.leak_error(b, bench.device))
             reset_peak_memory(bench.device)
-            per_epoch = len(plan_micro_batches(bench.lengths, packing=False, micro_batch_size=bench.micro_batch,
-                                               max_length=0, seed=bench.seed, epoch=0))  # fmt: skip
+            batcher = Batcher(packing=False, micro_batch_size=bench.micro_batch, max_length=0, seed=bench.seed)
+            per_epoch = len(batcher.plan(bench.lengths, epoch=0))
             with hf.llama_globals_restored():
                 row.update(
                     hf.run_baseline(

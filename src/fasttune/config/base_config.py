@@ -20,6 +20,30 @@ DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("truncate", "split", "drop")
 
 
+RESUMABLE = {"may_change_on_resume": True}
+"""Field metadata (`field(default=..., metadata=RESUMABLE)`): the option may differ when a run is resumed. Every
+other option must match the run's config.json, or the resumed run would silently train on other data, another
+tokenizer or another schedule. On a section field it frees the whole section."""
+
+
+def may_change_on_resume(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+    """Dotted names of every option marked RESUMABLE (e.g. "training.max_steps")."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cls or BaseConfig):
+        name = prefix + f.name
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            whole = f.metadata.get("may_change_on_resume")
+            out |= (
+                {f"{name}.{g.name}" for g in dataclasses.fields(sub)}
+                if whole
+                else may_change_on_resume(sub, name + ".")
+            )
+        elif f.metadata.get("may_change_on_resume"):
+            out.add(name)
+    return frozenset(out)
+
+
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{option}={value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -39,11 +63,11 @@ class ModelConfig:
     """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
     dtype: str = "auto"
     """auto: fp32 weights + bf16 autocast on CUDA, fp32 on CPU; bf16: pure bf16 weights and optimizer; fp32."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata=RESUMABLE)
     """Recompute activations in backward to save memory (slower)."""
     trust_remote_code: bool = False
     """Allow a local model folder to run its own Python code. Off: only transformers' own models load."""
-    liger: bool = False
+    liger: bool = field(default=False, metadata=RESUMABLE)
     """Patch in Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) when liger-kernel is installed."""
 
     def __post_init__(self) -> None:
@@ -74,7 +98,7 @@ class DataConfig:
     """Vocabulary size of the byte-level BPE tokenizer trained on the embedded corpus."""
     max_documents: int | None = None
     """Use at most this many documents (None: all)."""
-    cache_dir: str = ".cache/fasttune"
+    cache_dir: str = field(default=".cache/fasttune", metadata=RESUMABLE)
     """Where the trained tokenizer and the tokenized corpus are cached."""
 
     def __post_init__(self) -> None:
@@ -114,7 +138,7 @@ class LoraConfig:
 
 @dataclass
 class TrainingConfig:
-    max_steps: int = 200
+    max_steps: int = field(default=200, metadata=RESUMABLE)
     """Optimizer steps to run."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
@@ -128,27 +152,27 @@ class TrainingConfig:
     """Micro-batches per optimizer step."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
-    eval_every: int = 50
+    eval_every: int = field(default=50, metadata=RESUMABLE)
     """Validate every N steps (0: only at the end)."""
-    eval_batches: int = 8
+    eval_batches: int = field(default=8, metadata=RESUMABLE)
     """Micro-batches per validation."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=RESUMABLE)
     """Append to metrics.jsonl every N steps."""
-    save_every: int = 100
+    save_every: int = field(default=100, metadata=RESUMABLE)
     """Checkpoint every N steps (0: only at the end)."""
-    keep_last: int = 2
+    keep_last: int = field(default=2, metadata=RESUMABLE)
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
     save_final: bool = True
     """Save a checkpoint after the last step (benchmarks turn it off: a 1B checkpoint is ~7 GB of writes)."""
-    max_bad_steps: int = 3
+    max_bad_steps: int = field(default=3, metadata=RESUMABLE)
     """Non-finite loss/gradient steps skipped (with a warning) before training stops."""
-    oom_retry: bool = False
+    oom_retry: bool = field(default=False, metadata=RESUMABLE)
     """On CUDA out-of-memory, halve the micro-batch and double grad_accum (same global batch) and retry."""
-    tensorboard: bool = False
+    tensorboard: bool = field(default=False, metadata=RESUMABLE)
     """Also log to TensorBoard under the run directory."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=RESUMABLE)
     """Device: auto (cuda if available), cpu, cuda, cuda:N."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=RESUMABLE)
     """torch.compile each decoder layer (needs a working compiler toolchain)."""
     fsdp: bool = False
     """Under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) instead of replicating
@@ -193,27 +217,27 @@ class GenerationConfig:
 
 @dataclass
 class BaseConfig:
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = field(default="sdpa", metadata=RESUMABLE)
     """Attention backend: auto, eager, sdpa, flex_attention, varlen, flash_attention_2/3/4."""
-    strict_attention: bool = False
+    strict_attention: bool = field(default=False, metadata=RESUMABLE)
     """Fail instead of falling back when the requested attention backend is unavailable."""
-    experiment: str = "quick"
+    experiment: str = field(default="quick", metadata=RESUMABLE)
     """Experiment preset (quick, full, sft, lora), applied first; the other options override it."""
-    output_dir: str = "runs/quick"
+    output_dir: str = field(default="runs/quick", metadata=RESUMABLE)
     """Run directory: config, metrics, plots and checkpoints go here."""
-    resume: bool = False
+    resume: bool = field(default=False, metadata=RESUMABLE)
     """Continue from the last complete checkpoint in output_dir."""
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=RESUMABLE)
     """Delete an existing run in output_dir and start over."""
     seed: int = 0
     """Random seed (model init, data order, sampling)."""
-    force: bool = False
+    force: bool = field(default=False, metadata=RESUMABLE)
     """Run a GPU-scale experiment on a machine without a GPU anyway."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
         _choice("attn_implementation", self.attn_implementation, ATTN_CHOICES)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 IGNORE = -100
+"""Label of a token that contributes no loss (PyTorch's cross-entropy `ignore_index`); the one constant."""
 
 
 def best_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -108,3 +110,30 @@ def real_tokens(batch: dict) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+@dataclass(frozen=True)
+class Batcher:
+    """How samples become micro-batches, built once from the data config: `plan` an epoch (lists of sample
+    indices, deterministic in (seed, epoch)), `collate` one micro-batch. Used by the training loop, the validation
+    pass, the data summary and the benchmarks, so they all batch the same way."""
+
+    packing: bool
+    micro_batch_size: int
+    max_length: int
+    seed: int = 0
+    pad_id: int = 0
+
+    @classmethod
+    def from_config(cls, data_cfg, seed: int, pad_id: int | None = 0, **changes) -> Batcher:
+        """`data_cfg`: a DataConfig (packing, micro_batch_size, max_length); `changes` override its fields."""
+        fields = dict(packing=data_cfg.packing, micro_batch_size=data_cfg.micro_batch_size,
+                      max_length=data_cfg.max_length)  # fmt: skip
+        return cls(**{**fields, **changes}, seed=seed, pad_id=pad_id or 0)
+
+    def plan(self, lengths: Sequence[int], epoch: int) -> list[list[int]]:
+        return plan_micro_batches(lengths, packing=self.packing, micro_batch_size=self.micro_batch_size,
+                                  max_length=self.max_length, seed=self.seed, epoch=epoch)  # fmt: skip
+
+    def collate(self, samples: Sequence[dict]) -> dict:
+        return collate(samples, packing=self.packing, pad_id=self.pad_id)

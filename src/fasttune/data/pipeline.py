@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fasttune.config import BaseConfig
 from fasttune.data.corpus import corpus_fingerprint, load_stdlib_corpus, stable_fraction
-from fasttune.data.packing import IGNORE, plan_micro_batches
+from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.tokenizer import cached_tokenizer
 from fasttune.errors import DataError
 
@@ -156,8 +156,6 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     lengths = [len(s["input_ids"]) for s in train]
     summary.train_samples, summary.val_samples = len(train), len(val)
     summary.train_tokens, summary.longest = sum(lengths), max(lengths)
-    padded = plan_micro_batches(
-        lengths, packing=False, micro_batch_size=d.micro_batch_size, max_length=d.max_length, seed=cfg.seed, epoch=0
-    )
+    padded = Batcher.from_config(d, cfg.seed, packing=False).plan(lengths, epoch=0)
     summary.padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
     return DataBundle(train, val, tokenizer, summary)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from fasttune.errors import FasttuneError
+from fasttune.train.run_dir import RunFolder
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -59,9 +60,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = run_dir / "checkpoints"
+def _folder(run: RunFolder | Path | str) -> RunFolder:
+    return run if isinstance(run, RunFolder) else RunFolder(Path(run))
+
+
+def list_checkpoints(run: RunFolder | Path | str) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    root = _folder(run).checkpoints
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
@@ -69,10 +74,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int, state_dict: dict | None = None
+    run: RunFolder | Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int, state_dict=None
 ) -> Path:
     """Write checkpoint `step` atomically; `state_dict`: the weights to save when not the model's own (FSDP2)."""
-    root = run_dir / "checkpoints"
+    root = _folder(run).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
@@ -98,9 +103,25 @@ def save_checkpoint(
                 "is intact; free disk space or pick another --output-dir, then --resume"
             ) from None
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    for old in list_checkpoints(run)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def check_disk(run: RunFolder, model: torch.nn.Module, keep_last: int) -> None:
+    """Refuse to start when a checkpoint could not fit: better now than after an hour of training."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # Pruning happens after a new checkpoint is complete, so keep_last + 1 exist at once (+ a merged LoRA model).
+    lora = trainable < weights
+    per_ckpt = (trainable if lora else weights) + 2 * trainable  # weights (or adapters) + AdamW moments
+    need = int(1.1 * per_ckpt * (keep_last + 1) + (weights if lora else 0) + 50e6)
+    free = shutil.disk_usage(run.path).free
+    if free < need:
+        raise FasttuneError(
+            f"--output-dir {run.path}: {free / 1e9:.2f} GB free, a checkpoint needs about "
+            f"{need / 1e9:.2f} GB; free some space or choose another --output-dir"
+        )
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fasttune.train.run_dir import RunFolder
+
 log = logging.getLogger("fasttune")
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name substring, from vendor datasheets; used for MFU only.
@@ -50,8 +52,8 @@ class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl; mirrors to TensorBoard when asked. write=False
     (the other ranks of a distributed run) keeps the records in memory and writes nothing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, write: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, folder: RunFolder, tensorboard: bool, write: bool = True):
+        self.path = folder.metrics
         self.write = write
         self.records: list[dict] = []
         if (
@@ -72,7 +74,7 @@ class MetricsLog:
                     "(pip install 'fasttune[tensorboard]'); logging to metrics.jsonl only"
                 )
             else:
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(folder.tensorboard))
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget steps logged after the checkpoint (they will be run again)."""
@@ -98,7 +100,7 @@ class MetricsLog:
             self.tb.close()
 
 
-def save_plots(records: list[dict], run_dir: Path) -> list[Path]:
+def save_plots(records: list[dict], folder: RunFolder) -> list[Path]:
     """loss.png (train and validation loss) and throughput.png (real tokens/s) in the run directory."""
     import matplotlib
 
@@ -116,7 +118,7 @@ def save_plots(records: list[dict], run_dir: Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="loss", title="loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    paths.append(run_dir / "loss.png")
+    paths.append(folder.loss_plot)
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -126,7 +128,7 @@ def save_plots(records: list[dict], run_dir: Path) -> list[Path]:
         ax.plot(*zip(*tps, strict=True))
     ax.set(xlabel="step", ylabel="real tokens / s", title="throughput (padding excluded)")
     ax.grid(alpha=0.3)
-    paths.append(run_dir / "throughput.png")
+    paths.append(folder.throughput_plot)
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)
     return paths

@@ -1,0 +1,50 @@
+"""Where and in which dtypes a run trains: the device (refusing a missing GPU, or GPU-scale work on a CPU), the
+autocast dtype and the parameter dtype."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fasttune.config import BaseConfig
+from fasttune.device import pick_device
+from fasttune.errors import ConfigError
+from fasttune.model.build import flops_per_token, load_model_config
+
+
+def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
+    """(estimated hours, measured GFLOP/s) for this config on this CPU, from a measured matmul rate."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    rate = 4 * 2 * 1024**3 / (time.perf_counter() - t0)
+    conf = load_model_config(cfg.model, cfg.data.tokenizer_vocab_size)
+    tokens = cfg.training.max_steps * cfg.training.grad_accum * cfg.data.micro_batch_size * cfg.data.max_length
+    return flops_per_token(conf) * tokens / rate / 3600, rate / 1e9
+
+
+def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
+    """(device, autocast dtype or None, parameter dtype); `name` overrides training.device (a torchrun rank's GPU)."""
+    name = name or cfg.training.device
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"training.device={cfg.training.device} but no CUDA GPU is visible to torch "
+            f"{torch.__version__}; use --training.device cpu, or run `fasttune doctor`"
+        )
+    device = pick_device(name)
+    if device.type == "cpu" and not cfg.force:
+        hours, gflops = cpu_hours(cfg)
+        if hours > 1.0:  # GPU-scale work: say so before hours of tokenizing and training
+            raise ConfigError(
+                f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: about {hours:,.0f} hours at "
+                f"this CPU's measured {gflops:.0f} GFLOP/s. Run it on a CUDA machine, use --experiment quick, or "
+                "pass --force to run here anyway"
+            )
+    if cfg.model.dtype == "bf16":
+        return device, None, torch.bfloat16  # pure bf16: weights, grads and optimizer moments
+    if cfg.model.dtype == "fp32" or device.type == "cpu":
+        return device, None, torch.float32
+    return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast

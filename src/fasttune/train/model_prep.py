@@ -1,0 +1,88 @@
+"""The model a run trains: its attention backend, then the Liger / LoRA / gradient-checkpointing / compile
+transforms, in that order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fasttune.config import BaseConfig
+from fasttune.data.pipeline import DataBundle
+from fasttune.errors import ConfigError
+from fasttune.model.build import build_model, head_dim, load_model_config
+
+log = logging.getLogger("fasttune")
+
+
+@dataclass
+class AttentionChoice:
+    requested: str
+    name: str
+    hf_name: str
+    reason: str
+
+    def describe(self) -> str:
+        from fasttune import attention
+
+        kernels = attention.kernel_report()
+        kernel = f"; kernels: {', '.join(f'{k} -> {v}' for k, v in kernels.items())}" if kernels else ""
+        return f"{self.name} (requested {self.requested}: {self.reason}){kernel}"
+
+
+def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> AttentionChoice:
+    from fasttune import attention
+
+    r = attention.resolve(
+        cfg.attn_implementation,
+        device=device,
+        dtype=dtype,
+        head_dim=head_dim(model_config),
+        packed=cfg.data.packing,
+        strict=cfg.strict_attention,
+        model_config=model_config,
+    )
+    log.info("attention: %s (%s)", r.name, r.reason)
+    return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
+
+
+def _apply_liger(model, device: torch.device) -> None:
+    from fasttune.attention.probe import import_status
+
+    if device.type != "cuda":
+        log.warning("model.liger: Liger kernels need a CUDA GPU; running without them")
+        return
+    if (why := import_status("liger_kernel")) is not None:
+        log.warning("model.liger: %s (pip install 'fasttune[liger]'); running without Liger", why)
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    log.info("Liger kernels applied (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)")
+
+
+def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype):
+    vocab = len(data.tokenizer)
+    model_config = load_model_config(cfg.model, vocab)
+    compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
+    attn = _choose_attention(cfg, device, compute_dtype, model_config)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if cfg.model.path and context and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the context of {cfg.model.path} "
+            f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
+        )
+    model = build_model(cfg.model, vocab, attn.hf_name, param_dtype, device)
+    if cfg.model.liger:
+        _apply_liger(model, device)
+    if cfg.lora.enabled:
+        from fasttune.model.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.training.compile:
+        for layer in model.model.layers if hasattr(model, "model") else []:
+            layer.compile()
+    return model, attn

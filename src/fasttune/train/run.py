@@ -1,0 +1,293 @@
+"""The state of one run and its four phases: `Run.step` (one optimizer step), `Run.evaluate`, `Run.save`, `Run.log`.
+The loop in fasttune.train.loop builds a Run and calls them; nothing else threads state through by hand."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fasttune.config import BaseConfig
+from fasttune.data.packing import Batcher, count_targets, real_tokens
+from fasttune.data.pipeline import DataBundle
+from fasttune.errors import FasttuneError
+from fasttune.model.build import attention_flops, flops_per_token
+from fasttune.train import checkpoint as ckpt
+from fasttune.train import distributed
+from fasttune.train.distributed import Dist
+from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib
+from fasttune.train.model_prep import AttentionChoice
+from fasttune.train.run_dir import RunFolder
+
+log = logging.getLogger("fasttune")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides weights, optimizer, scheduler and RNG to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    """Index of the next micro-batch in this epoch's plan."""
+    bad_steps: int = 0
+    micro_split: int = 1
+    """Each planned micro-batch runs as this many pieces (raised by the OOM retry; same global batch)."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    first_val_loss: float | None = None
+    last_val_loss: float | None = None
+    checkpoint: Path | None = None
+    model_dir: Path | None = None
+    """A folder plain `AutoModelForCausalLM.from_pretrained` loads (the last checkpoint, or the merged LoRA model)."""
+    sample_prompt: str = ""
+    """What to generate from after training: generation.sample_prompt, or for supervised data whose prompt was left
+    at its default, the prompt of the first held-out sample (the model answers a question it did not train on)."""
+    records: list[dict] = field(default_factory=list)
+
+
+class DataStream:
+    """Deterministic micro-batch order: epoch plans depend only on (seed, epoch), position is (epoch, cursor)."""
+
+    def __init__(self, samples: list[dict], batcher: Batcher, state: TrainState):
+        self.samples, self.batcher, self.state = samples, batcher, state
+        self.lengths = [len(s["input_ids"]) for s in samples]
+        self._plan_epoch, self._plan = -1, []
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if self._plan_epoch != epoch:
+            self._plan, self._plan_epoch = self.batcher.plan(self.lengths, epoch), epoch
+        return self._plan
+
+    def next(self) -> list[dict]:
+        s = self.state
+        if s.cursor >= len(self.plan(s.epoch)):
+            s.epoch, s.cursor = s.epoch + 1, 0
+        idx = self.plan(s.epoch)[s.cursor]
+        s.cursor += 1
+        return [self.samples[i] for i in idx]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _split_samples(samples: list[dict], parts: int) -> list[list[dict]]:
+    parts = min(parts, len(samples))
+    return [samples[i::parts] for i in range(parts)]
+
+
+def forward_backward(
+    model, batches: list[dict], n_targets: int, amp_dtype: torch.dtype | None, world: int = 1
+) -> torch.Tensor:
+    """Sum of the micro-batches' token-mean losses, each normalised by the targets of the whole step (all ranks), so
+    the sum over ranks is the exact per-token mean whatever the split into micro-batches, ranks or padding. Under DDP
+    (which averages gradients over `world` ranks) the backward pass scales by world, and gradients are synchronised
+    once, on the last micro-batch."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()  # DDP
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(last)
+        with sync:
+            with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(**b, use_cache=False, num_items_in_batch=n_targets)
+            (out.loss * world if world > 1 else out.loss).backward()
+        total += out.loss.detach().float()
+    return total
+
+
+@dataclass
+class Run:
+    """One run's state: config, data and its batcher, the model (`model`: the HF model, for evaluation and saving;
+    `trained`: what the steps run, DDP around it or it sharded), optimizer, schedule, data stream, metrics, device,
+    distributed place and run folder."""
+
+    cfg: BaseConfig
+    data: DataBundle
+    batcher: Batcher
+    folder: RunFolder
+    dist: Dist
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: torch.nn.Module
+    trained: torch.nn.Module
+    attn: AttentionChoice
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: TrainState
+    stream: DataStream
+    metrics: MetricsLog
+    result: RunResult
+    saved_step: int = -1
+
+    def __post_init__(self):
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.flops_per_token = flops_per_token(self.model.config, lora=self.cfg.lora.enabled)
+        self.peak = peak_flops(self.device)
+
+    # -- step ---------------------------------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One optimizer step over grad_accum x world micro-batches (this rank trains every world-th one); returns
+        the step's metrics record (loss, grad norm, throughput, ...), all for the whole step over all ranks."""
+        t, state, d = self.cfg.training, self.state, self.dist
+        t0 = time.perf_counter()
+        micro = [self.stream.next() for _ in range(t.grad_accum * d.world)]
+        samples = [s for mb in micro for s in mb]
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step trains with
+        loss_f, gn, tokens = self._update(micro)
+        self._check_finite(loss_f, gn)
+        self.scheduler.step()
+        state.step += 1
+        dt = time.perf_counter() - t0
+        lengths = [len(s["input_ids"]) for s in samples]
+        flops = self.flops_per_token * tokens + attention_flops(self.model.config, lengths)
+        r = self.result
+        r.first_loss = r.first_loss if r.first_loss is not None else loss_f
+        r.last_loss = loss_f
+        return {"step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gn, "tokens_per_s": tokens / dt,
+                "samples_per_s": len(samples) / dt, "tokens": tokens, "samples": len(samples), "step_s": dt,
+                "flops": flops, "mfu": flops / dt / (self.peak * d.world) if self.peak else None,
+                "peak_mem_gib": peak_memory_gib(self.device)}  # fmt: skip
+
+    def _update(self, micro: list[list[dict]]) -> tuple[float, float, int]:
+        """forward+backward, clip, update. Returns (loss, grad norm, real tokens). A CUDA out-of-memory anywhere in
+        it is explained, or retried with each micro-batch split in two when --training.oom-retry is on (the global
+        batch and the loss normalisation stay the same)."""
+        t, state, d, device = self.cfg.training, self.state, self.dist, self.device
+        while True:
+            pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
+            cpu_batches = [self.batcher.collate(p) for p in pieces]
+            n_targets = sum(count_targets(b) for b in cpu_batches)  # counted before the copy: no device sync
+            tokens = sum(real_tokens(b) for b in cpu_batches)
+            batches = [to_device(b, device) for b in cpu_batches[d.rank :: d.world]]
+            oom = False
+            try:
+                loss = forward_backward(self.trained, batches, n_targets, self.amp_dtype, d.world)
+                max_norm = t.max_grad_norm if t.max_grad_norm > 0 else 1e30
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
+                loss_f, gn = d.sum_([float(loss)], device)[0], float(grad_norm)  # gradients are already synchronised
+                if math.isfinite(loss_f) and math.isfinite(gn):
+                    self.optimizer.step()
+                return loss_f, gn, tokens
+            except torch.OutOfMemoryError:
+                oom = True  # handled below, outside the except block, so the traceback's tensors can be freed
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+            if oom:
+                del batches, cpu_batches
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not t.oom_retry or state.micro_split >= max(len(mb) for mb in micro):
+                    raise FasttuneError(self._oom_message())
+                state.micro_split *= 2
+                log.warning(
+                    "out of memory; retrying with each micro-batch split %dx (same global batch)", state.micro_split
+                )
+
+    def _oom_message(self) -> str:
+        d, device = self.cfg.data, self.device
+        free, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+        return (
+            f"CUDA out of memory at step {self.state.step + 1}: micro-batch {d.micro_batch_size} samples / "
+            f"{d.micro_batch_size * d.max_length} tokens, split {self.state.micro_split}x; peak "
+            f"{peak_memory_gib(device) or 0:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB. Lower "
+            "--data.micro-batch-size (raise --training.grad-accum to keep the batch), turn on "
+            "--model.gradient-checkpointing, or pass --training.oom-retry"
+        )
+
+    def _check_finite(self, loss_f: float, gn: float) -> None:
+        """Count a non-finite step (its update was skipped); stop with a diagnosis once there are too many."""
+        if math.isfinite(loss_f) and math.isfinite(gn):
+            return
+        state, t = self.state, self.cfg.training
+        state.bad_steps += 1
+        if state.bad_steps > t.max_bad_steps:
+            last = ckpt.list_checkpoints(self.folder)
+            raise FasttuneError(
+                f"stopped at step {state.step + 1}: {state.bad_steps} steps with non-finite loss/gradients (loss "
+                f"{loss_f}, grad norm {gn}); last good checkpoint: {last[-1] if last else 'none'}. Lower "
+                "--training.lr, check the data, or use --model.dtype fp32"
+            )
+        log.warning("step %d: non-finite loss %s / grad norm %s, update skipped (%d of %d allowed)", state.step + 1,
+                    loss_f, gn, state.bad_steps, t.max_bad_steps)  # fmt: skip
+
+    # -- evaluate -----------------------------------------------------------------------------------------------
+    def eval_due(self) -> bool:
+        t, step = self.cfg.training, self.state.step
+        return bool(t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss per target token over the first eval_batches batches (shared out over ranks)."""
+        val, d, device = self.data.val, self.dist, self.device
+        if not val:
+            return None
+        plan = self.batcher.plan([len(s["input_ids"]) for s in val], epoch=0)[: self.cfg.training.eval_batches]
+        self.model.eval()
+        loss_sum, n_sum = 0.0, 0
+        # ranks share the batches out; under FSDP2 every rank must run every forward (they all-gather weights)
+        shard = d if not d.fsdp else distributed.SINGLE
+        for idx in plan[shard.rank :: shard.world]:
+            b = to_device(self.batcher.collate([val[i] for i in idx]), device)
+            n = count_targets(b)
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.model(**b, use_cache=False, num_items_in_batch=1)  # loss = sum over target tokens
+            loss_sum += float(out.loss)
+            n_sum += n
+        self.model.train()
+        loss_sum, n_sum = shard.sum_([loss_sum, n_sum], device)
+        return loss_sum / n_sum if n_sum else None
+
+    # -- save ---------------------------------------------------------------------------------------------------
+    def save_due(self) -> bool:
+        t, step = self.cfg.training, self.state.step
+        return bool(t.save_every and step % t.save_every == 0) or (step == t.max_steps and t.save_final)
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (once: a Ctrl-C right after a periodic save does not save it twice)."""
+        d, state = self.dist, self.state
+        if self.saved_step != state.step:
+            weights, optimizer_state = d.full_state(self.model, self.optimizer)  # every rank (FSDP2 gathers)
+            rng_ranks = d.gather_rng()  # every rank's random state (dropout), None in one process
+            if d.main:
+                trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                                 "state": state.as_dict()}  # fmt: skip
+                if rng_ranks is not None:
+                    trainer_state.update(rng_ranks=rng_ranks, world=d.world)
+                self.result.checkpoint = ckpt.save_checkpoint(self.folder, state.step, self.model,
+                                                              self.data.tokenizer, trainer_state,
+                                                              self.cfg.training.keep_last, weights)  # fmt: skip
+            d.barrier()  # no rank runs ahead of (or exits before) the checkpoint
+            self.saved_step = state.step
+        return self.result.checkpoint
+
+    # -- log ----------------------------------------------------------------------------------------------------
+    def log_due(self) -> bool:
+        step = self.state.step
+        return step % self.cfg.training.log_every == 0 or step == 1
+
+    def log(self, rec: dict, evaluated: bool) -> None:
+        """Record the step in metrics.jsonl when due, and always after an evaluation."""
+        if rec.get("val_loss") is not None and self.dist.main:
+            tqdm.write(f"step {rec['step']}: val_loss {rec['val_loss']:.4f}  ppl {rec['val_ppl']:.2f}", file=sys.stderr)
+        if evaluated or self.log_due():
+            self.metrics.append(rec)
