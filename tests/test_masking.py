@@ -8,10 +8,10 @@ import pytest
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
 
 from fasttune.data.formats import load_records
+from fasttune.data.packing import IGNORE
 from fasttune.data.sft import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
-    IGNORE_INDEX,
     check_lengths,
     format_prompt,
     tokenize_records,
@@ -31,7 +31,7 @@ def trained_runs(tokenizer, sample: dict) -> list[str]:
     """Decoded text of each contiguous run of trained tokens."""
     runs, current = [], []
     for token, label in zip(sample["input_ids"], sample["labels"], strict=True):
-        if label == IGNORE_INDEX:
+        if label == IGNORE:
             if current:
                 runs.append(current)
             current = []
@@ -84,7 +84,7 @@ def test_text_trains_all_and_ends_with_eos(tok):
 def test_bos_is_prepended_untrained_when_the_tokenizer_adds_it():
     tok = build_tiny_tokenizer(bos="<s>")
     sample = tokenize_records([{"prompt": "Q:", "completion": " 4"}], "prompt_completion", tok)[0]
-    assert sample["input_ids"][0] == tok.bos_token_id and sample["labels"][0] == IGNORE_INDEX
+    assert sample["input_ids"][0] == tok.bos_token_id and sample["labels"][0] == IGNORE
     assert sample["input_ids"].count(tok.bos_token_id) == 1
     assert trained_runs(tok, sample) == [" 4" + EOS]
 

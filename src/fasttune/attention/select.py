@@ -18,6 +18,7 @@ import torch
 from fasttune.attention import BACKENDS
 from fasttune.attention.dispatch import HF_NAMES, NO_SOFTCAP, register_all
 from fasttune.attention.probe import probe, static_reason
+from fasttune.device import pick_device
 from fasttune.errors import FasttuneError
 
 logger = logging.getLogger("fasttune")
@@ -49,15 +50,11 @@ def register() -> dict[str, str]:
     return register_all()
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def available(
     device: torch.device | str | None = None, dtype: torch.dtype | None = None, head_dim: int = 128, run: bool = False
 ) -> dict[str, str | None]:
     """{backend: None if usable here, else the reason}. run=True adds the tiny forward+backward per backend."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     check = probe if run else (lambda n, d, t, h: static_reason(n, d, t, h))
     return {name: check(name, device, dtype, head_dim) for name in BACKENDS}

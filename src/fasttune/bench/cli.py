@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fasttune.bench.harness import Results, environment, resolve_device
+from fasttune.bench.harness import Results, environment
+from fasttune.device import pick_device
 from fasttune.errors import FasttuneError
 
 log = logging.getLogger("fasttune")
@@ -56,7 +57,7 @@ def attention_main(argv: Sequence[str]) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     a = p.parse_args(argv)
-    device = resolve_device(a.device)
+    device = pick_device(a.device)
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     seq_lens = a.seq_lens or (list(bench.SEQ_LENS) if gpu else [16, 32])
@@ -115,7 +116,7 @@ def train_main(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     a = p.parse_args(argv)
-    device = resolve_device(a.device)
+    device = pick_device(a.device)
     gpu = device.type == "cuda"
     max_length = a.max_length or (2048 if gpu else 256)
     if a.data:

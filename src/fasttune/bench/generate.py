@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from fasttune.bench.harness import Results, environment, line_plot, resolve_device, sync
+from fasttune.bench.harness import Results, environment, line_plot, sync
+from fasttune.device import pick_device
 from fasttune.model.build import head_dim as config_head_dim
 
 log = logging.getLogger("fasttune")
@@ -325,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:  # run as a module; the `fasttune` CLI configures logging itself
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    device = str(resolve_device(args.device))
+    device = str(pick_device(args.device))
     on_cuda = device.startswith("cuda")
     shape = args.shape or ("1b" if on_cuda else "tiny")
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]

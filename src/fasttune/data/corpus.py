@@ -32,6 +32,17 @@ def stable_fraction(name: str) -> float:
     return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
 
 
+def holdout(items: list, keys: list[str], val_fraction: float) -> tuple[list, list]:
+    """(train, validation): item i is held out when the hash of keys[i] falls below val_fraction, so the same items
+    are held out on every run; at least one is held out when val_fraction > 0 and there are two or more."""
+    train, val = [], []
+    for item, key in zip(items, keys, strict=True):
+        (val if stable_fraction("split:" + key) < val_fraction else train).append(item)
+    if val_fraction > 0 and not val and len(train) > 1:
+        val.append(train.pop())
+    return train, val
+
+
 def list_stdlib_files(root: Path | None = None) -> list[str]:
     """Relative paths of the stdlib .py files, in a stable pseudo-random order (so a prefix is a fair sample)."""
     root = root or stdlib_root()
@@ -50,16 +61,9 @@ def load_stdlib_corpus(max_documents: int | None, val_fraction: float) -> tuple[
     """(train, validation) documents of the embedded corpus."""
     root = stdlib_root()
     names = list_stdlib_files(root)[:max_documents]
-    train, val = [], []
-    for name in names:
-        text = (root / name).read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            continue
-        doc = Document(name, text)
-        (val if stable_fraction("split:" + name) < val_fraction else train).append(doc)
-    if not val and val_fraction > 0 and len(train) > 1:
-        val.append(train.pop())
-    return train, val
+    docs = [Document(name, (root / name).read_text(encoding="utf-8", errors="replace")) for name in names]
+    docs = [d for d in docs if d.text.strip()]
+    return holdout(docs, [d.name for d in docs], val_fraction)
 
 
 def corpus_fingerprint(docs: list[Document]) -> str:

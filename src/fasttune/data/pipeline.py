@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fasttune.config import BaseConfig
-from fasttune.data.corpus import corpus_fingerprint, load_stdlib_corpus, stable_fraction
+from fasttune.data.corpus import corpus_fingerprint, holdout, load_stdlib_corpus
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.tokenizer import cached_tokenizer
 from fasttune.errors import DataError
@@ -104,16 +104,6 @@ def _load_tokenizer(cfg: BaseConfig, texts: list[str], fingerprint: str) -> PreT
     return cached_tokenizer(texts, cfg.data.tokenizer_vocab_size, cfg.data.cache_dir, fingerprint)
 
 
-def _split(items: list, val_fraction: float) -> tuple[list, list]:
-    """Deterministic split by a hash of each record's index (same records held out on every run)."""
-    train, val = [], []
-    for i, item in enumerate(items):
-        (val if stable_fraction(f"split:{i}") < val_fraction else train).append(item)
-    if val_fraction > 0 and not val and len(train) > 1:
-        val.append(train.pop())
-    return train, val
-
-
 def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> DataBundle:
     """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
     d = cfg.data
@@ -131,7 +121,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
 
         records, fmt = load_records(d.path, d.format)
         records = records[: d.max_documents]
-        train_recs, val_recs = _split(records, d.val_fraction)
+        train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], d.val_fraction)
         texts = [_record_text(r) for r in train_recs]
         tokenizer = tokenizer or _load_tokenizer(cfg, texts, hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16])
         summary = DataSummary(source=d.path, format=fmt)

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fasttune.data.formats import FORMATS, validate_record
+from fasttune.data.packing import IGNORE
 from fasttune.errors import DataError
 
-IGNORE_INDEX = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 _ENCODE_CHUNK = 1024  # records per batched tokenizer call: parallel in Rust, bounded memory
@@ -69,7 +69,7 @@ def tokenize_records(
         if not ids or ids[-1] != eos:  # text that already ends in EOS keeps its own
             ids.append(eos)
             labels.append(eos)
-        sample["input_ids"], sample["labels"] = bos + ids, [IGNORE_INDEX] * len(bos) + labels
+        sample["input_ids"], sample["labels"] = bos + ids, [IGNORE] * len(bos) + labels
     return samples
 
 
@@ -161,7 +161,7 @@ def _generation_mask_sample(tokenizer, messages: list[dict], where: str) -> dict
     except Exception as e:
         raise DataError(f"{where}: the chat template rejected this conversation ({' '.join(str(e).split())})") from e
     ids = list(out["input_ids"])
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
+    labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"], strict=True)]
     return {"input_ids": ids, "labels": labels}
 
 
@@ -184,7 +184,7 @@ def _encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[dict]:
 
 def _span_labels(ids: list[int], starts: list[int], spans: list[Span]) -> list[int]:
     """Labels for tokens with sorted start offsets `starts`: the token where it starts inside a span, else -100."""
-    labels = [IGNORE_INDEX] * len(ids)
+    labels = [IGNORE] * len(ids)
     for lo_char, hi_char in spans:
         lo, hi = bisect_left(starts, lo_char), bisect_left(starts, hi_char)
         labels[lo:hi] = ids[lo:hi]
@@ -200,7 +200,7 @@ def _encode_by_pieces(tokenizer, text: str, spans: list[Span]) -> dict:
         piece = tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"]
         trained = any(s <= lo and hi <= e for s, e in spans)
         ids.extend(piece)
-        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
+        labels.extend(piece if trained else [IGNORE] * len(piece))
     return {"input_ids": ids, "labels": labels}
 
 
@@ -233,5 +233,5 @@ def check_lengths(samples: Sequence[dict], max_length: int) -> LengthReport:
     """Count samples longer than `max_length` and those truncation would leave without any trained token."""
     lengths = [len(s["input_ids"]) for s in samples]
     overlong = [s for s, n in zip(samples, lengths, strict=True) if n > max_length]
-    lost = sum(all(t == IGNORE_INDEX for t in s["labels"][:max_length]) for s in overlong)
+    lost = sum(all(t == IGNORE for t in s["labels"][:max_length]) for s in overlong)
     return LengthReport(len(samples), max(lengths, default=0), len(overlong), lost, max_length)

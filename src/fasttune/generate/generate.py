@@ -12,6 +12,7 @@ from threading import Thread
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+from fasttune.device import pick_device
 from fasttune.errors import FasttuneError
 from fasttune.generate.fast import fast_generate, unsupported_reason
 
@@ -36,9 +37,7 @@ def load_for_generation(checkpoint: str | Path, device: str = "auto"):
             f"--checkpoint {path}: no config.json there; pass a checkpoint folder such as "
             "runs/quick/checkpoints/step-000200"
         )
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
