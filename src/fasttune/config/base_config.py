@@ -18,6 +18,7 @@ MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b")
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("truncate", "split", "drop")
+MEMORY_PLANS = ("auto", "none", "ops", "attention", "mlp", "every:K", "full")
 
 
 RESUMABLE = {"may_change_on_resume": True}
@@ -55,6 +56,18 @@ def _positive(option: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{option}={value!r} is not valid; it must be {bound}")
 
 
+def memory_plan(value: str, option: str = "model.memory") -> str:
+    """A model.memory value, validated and normalised (every:1 is full)."""
+    if value.startswith("every:"):
+        k = value.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"{option}={value!r} is not valid; every:K needs an integer K >= 1 (e.g. every:2)")
+        return "full" if int(k) == 1 else f"every:{int(k)}"
+    if value not in MEMORY_PLANS or value == "every:K":
+        raise ConfigError(f"{option}={value!r} is not valid; choose one of: {', '.join(MEMORY_PLANS)}")
+    return value
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -64,15 +77,21 @@ class ModelConfig:
     dtype: str = "auto"
     """auto: fp32 weights + bf16 autocast on CUDA, fp32 on CPU; bf16: pure bf16 weights and optimizer; fp32."""
     gradient_checkpointing: bool = field(default=False, metadata=RESUMABLE)
-    """Recompute activations in backward to save memory (slower)."""
+    """Recompute every decoder layer in backward (the same as --model.memory full)."""
     trust_remote_code: bool = False
     """Allow a local model folder to run its own Python code. Off: only transformers' own models load."""
     liger: bool = field(default=False, metadata=RESUMABLE)
     """Patch in Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) when liger-kernel is installed."""
+    memory: str = field(default="auto", metadata=RESUMABLE)
+    """Activation memory plan: auto (least recomputation that fits the GPU), none, ops (recompute elementwise ops
+    only), attention, mlp (recompute that block), every:K (recompute every K-th layer), full."""
+    chunked_loss: bool = field(default=True, metadata=RESUMABLE)
+    """Compute the loss in token chunks, never holding the full logits (when Liger's fused loss is not on)."""
 
     def __post_init__(self) -> None:
         _choice("model.preset", self.preset, MODEL_PRESETS)
         _choice("model.dtype", self.dtype, DTYPES)
+        self.memory = memory_plan(self.memory)
 
 
 @dataclass

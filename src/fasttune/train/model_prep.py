@@ -1,4 +1,4 @@
-"""The model a run trains: its attention backend, then the Liger / LoRA / gradient-checkpointing / compile
+"""The model a run trains: its attention backend, then the Liger / LoRA / memory-plan / compile
 transforms, in that order."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from fasttune.config import BaseConfig
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
 from fasttune.model.build import build_model, head_dim, load_model_config
+from fasttune.train.memory import plan_memory
 
 log = logging.getLogger("fasttune")
 
@@ -80,8 +81,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         from fasttune.model.lora import apply_lora
 
         model = apply_lora(model, cfg.lora)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plan_memory(cfg, model, device)  # chunked loss + activation plan, or a clear stop when the step cannot fit
     if cfg.training.compile:
         for layer in model.model.layers if hasattr(model, "model") else []:
             layer.compile()

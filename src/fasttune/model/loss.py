@@ -1,0 +1,147 @@
+"""Chunked linear + cross-entropy: the causal-LM loss without ever holding the full logits.
+
+A 16k-token step at a 32k vocabulary holds 16k x 32k logits in bf16, their fp32 upcast and its gradient: ~5 GB, and
+four times that at Llama 3's 128k vocabulary (docs/BENCHMARKS.md, "Memory"). Here the tokens are cut into chunks of
+about 256 MiB of fp32 logits; each chunk's logits are computed, reduced to its loss, and turned straight into the
+gradients of the hidden states and the head weight (softmax minus one-hot), so only one chunk of logits exists at a
+time and the backward pass has nothing left to recompute (the approach of Liger's fused linear cross-entropy, in
+plain PyTorch so it works with no optional package).
+
+Semantics are Hugging Face's `ForCausalLMLoss` exactly: labels shifted left by one (or `shift_labels` given),
+-100 ignored, the logits computed in the compute dtype and upcast to fp32, the sum over targets divided by
+`num_items_in_batch` when given (the loop's whole-step target count over micro-batches and ranks), else the mean.
+Shapes: T tokens, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+log = logging.getLogger("fasttune")
+
+IGNORE = -100
+CHUNK_LOGITS_BYTES = 256 * 2**20
+"""fp32 logits per chunk: 2048 tokens at a 32k vocabulary, 512 at 128k (matmuls of that size still run at full
+tensor-core speed; the lm head is ~6% of a Llama step's FLOPs)."""
+
+
+def chunk_tokens(vocab: int, budget: int = CHUNK_LOGITS_BYTES) -> int:
+    """Tokens per chunk: the largest power of two whose fp32 logits fit `budget` (at least 64)."""
+    n = max(64, budget // (4 * vocab))
+    return 1 << (n.bit_length() - 1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over valid targets of CE(hidden_TH @ weight_VH^T + bias_V, targets_T) * scale, gradients computed in the
+    forward pass chunk by chunk (then scaled by the incoming gradient in backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden_TH, weight_VH, bias_V, targets_T, scale, chunk: int, dtype: torch.dtype, grad: bool):
+        need_h, need_w, need_b = (grad and n for n in ctx.needs_input_grad[:3])
+        w_VH = weight_VH.to(dtype)
+        b_V = bias_V.to(dtype) if bias_V is not None else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden_TH.device)
+        grad_h_TH = torch.empty_like(hidden_TH) if need_h else None
+        # fp32 accumulators: a bf16 sum over up to 64 chunks (32k tokens at 128k vocab) would lose ~1% of the gradient
+        grad_w_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
+        grad_b_V = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if need_b else None
+        for start in range(0, hidden_TH.shape[0], chunk):
+            h_CH = hidden_TH[start : start + chunk].to(dtype)
+            y_C = targets_T[start : start + chunk]
+            logits_CV = (h_CH @ w_VH.T if b_V is None else torch.addmm(b_V, h_CH, w_VH.T)).float()
+            valid_C = y_C != IGNORE
+            y_C = torch.where(valid_C, y_C, 0)
+            lse_C = torch.logsumexp(logits_CV, dim=-1)
+            picked_C = logits_CV.gather(1, y_C[:, None]).squeeze(1)
+            loss += torch.where(valid_C, lse_C - picked_C, 0.0).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d loss / d logits = (softmax - one_hot) * scale on valid rows, 0 elsewhere (in place: one buffer)
+            grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+            grad_CV[torch.arange(len(y_C), device=y_C.device), y_C] -= 1.0
+            grad_CV.mul_(torch.where(valid_C, scale, 0.0)[:, None])
+            if need_b:
+                grad_b_V += grad_CV.sum(0)
+            grad_CV = grad_CV.to(dtype)
+            if need_h:
+                grad_h_TH[start : start + chunk] = grad_CV @ w_VH
+            if need_w:
+                grad_w_VH += grad_CV.T @ h_CH
+        ctx.save_for_backward(grad_h_TH, grad_w_VH, grad_b_V)
+        ctx.weight_dtype = weight_VH.dtype
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        out = [None] * 8
+        if grad_h is not None:
+            out[0] = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            out[1] = (grad_w * grad_out).to(ctx.weight_dtype)
+        if grad_b is not None:
+            out[2] = (grad_b * grad_out).to(ctx.weight_dtype)
+        return tuple(out)
+
+
+def linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels_BS: torch.Tensor | None = None,
+                         num_items_in_batch: int | torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
+                         chunk: int | None = None) -> torch.Tensor:  # fmt: skip
+    """HF's causal-LM loss of `head(hidden)` against `labels` (shifted here) or `shift_labels` (already shifted)."""
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels_BS, (0, 1), value=IGNORE)[..., 1:]
+    hidden_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
+    targets_T = shift_labels.reshape(-1).to(hidden_TH.device)
+    device = hidden_TH.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_TH.dtype
+    if num_items_in_batch is None:
+        scale = 1.0 / (targets_T != IGNORE).sum().float()  # the mean (0/0 = nan with no target, as in HF)
+    else:
+        scale = 1.0 / torch.as_tensor(num_items_in_batch, device=hidden_TH.device).float()
+    chunk = chunk or chunk_tokens(head.weight.shape[0])
+    grad = torch.is_grad_enabled()  # evaluation (no_grad) computes the loss only
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden_TH, head.weight, head.bias, targets_T, scale, chunk, dtype, grad)
+
+
+def supports_chunked_loss(model: nn.Module) -> str | None:
+    """None when the model's loss can be computed here, else why not (logit softcapping or scaling, an lm head that
+    is not a plain Linear, no `.model` backbone)."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        return "the model transforms its logits (softcapping or scaling)"
+    if type(getattr(model, "lm_head", None)) is not nn.Linear or not isinstance(getattr(model, "model", None),
+                                                                                 nn.Module):  # fmt: skip
+        return "no plain `lm_head` Linear over a `model` backbone"
+    return None
+
+
+def _chunked_forward(self, *args, labels=None, **kwargs):
+    """`*ForCausalLM.forward` with labels: the backbone, then the chunked loss (no logits returned). Without labels
+    (generation) or when the head was wrapped later (LoRA on lm_head), the model's own forward."""
+    if args or (labels is None and kwargs.get("shift_labels") is None) or type(self.lm_head) is not nn.Linear:
+        return type(self).forward(self, *args, labels=labels, **kwargs)
+    shift_labels, n_items = kwargs.pop("shift_labels", None), kwargs.get("num_items_in_batch")
+    kwargs.pop("logits_to_keep", None)
+    out = self.model(**kwargs)  # the backbone gets what HF's forward gives it (num_items_in_batch included)
+    loss = linear_cross_entropy(out.last_hidden_state, self.lm_head, labels, n_items, shift_labels)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
+                                  hidden_states=out.hidden_states, attentions=out.attentions)  # fmt: skip
+
+
+def apply_chunked_loss(model: nn.Module) -> bool:
+    """Route this model instance's training loss through `linear_cross_entropy` (as Liger patches an instance);
+    False, with the reason logged, when the model does not allow it."""
+    why = supports_chunked_loss(model)
+    if why is not None:
+        log.info("chunked loss: not applied (%s); the model's own loss materialises the logits", why)
+        return False
+    model.forward = types.MethodType(_chunked_forward, model)
+    log.info("chunked loss: linear + cross-entropy in %d-token chunks (the full logits are never held)",
+             chunk_tokens(model.lm_head.weight.shape[0]))  # fmt: skip
+    return True

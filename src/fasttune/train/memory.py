@@ -1,0 +1,310 @@
+"""Training memory as a plan: what activations the backward pass keeps or recomputes, what the step will need, and
+whether that fits the GPU before the first step runs.
+
+Activation plans, from least to most recomputation (`model.memory`):
+- `none`: everything the backward pass needs is kept.
+- `ops`: torch's selective activation checkpointing inside every decoder layer: matmul and attention outputs are
+  kept, elementwise ops (RMSNorm, RoPE, SwiGLU, casts) are recomputed in backward. No matmul runs twice, and a
+  Llama layer keeps about half its activations (what Liger's fused norm/SwiGLU kernels also recompute).
+- `attention` / `mlp`: that block of every layer is recomputed in backward (kept: its input).
+- `every:K`: every K-th decoder layer is recomputed whole (kept: its input); the others use `ops`.
+- `full`: every decoder layer is recomputed whole (HF's gradient checkpointing).
+`auto` takes the first of those that fits the GPU's free memory for the configured tokens per micro-batch (`ops`
+before `none`: it recomputes no matmul), logs it with its predicted peak, and stops before the first step, naming
+the settings that would fit, when even `full` does not.
+
+Byte counts per token and decoder layer (bf16 compute, 2 bytes; h hidden, q = heads x head_dim, kv = kv heads x
+head_dim, i intermediate), counted from what autograd saves in HF's Llama layer: each unfused RMSNorm keeps its fp32
+upcast and its bf16 product input (6h), the q/k/v and gate/up projections their normed input (2h each), attention
+q, k, v and its output (4q + 4kv), SwiGLU gate, silu(gate), up and the product (8i). Checked against the H100 runs
+in docs/BENCHMARKS.md (1B shape, 16k tokens: 41.4 GiB measured without Liger, 41.1 predicted; see `Estimate.total`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from fasttune.config.base_config import memory_plan
+from fasttune.errors import FasttuneError
+
+log = logging.getLogger("fasttune")
+
+GiB = 2**30
+CANDIDATES = ("none", "ops", "attention", "mlp", "every:4", "every:2", "full")
+"""The plans `auto` chooses from, tried in order of recomputed matmul FLOPs, then of memory (so `ops`, which
+recomputes no matmul, comes before `none`)."""
+HEADROOM = 0.92
+"""Share of free memory a plan may fill: the allocator's fragmentation and kernel workspaces take the rest (the
+1B runs of docs/BENCHMARKS.md reserved 4-7% above their peak allocation)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    q: int
+    kv: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        heads = config.num_attention_heads
+        d = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, config.intermediate_size,
+                   config.vocab_size)  # fmt: skip
+
+
+def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False) -> float:
+    """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below)."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
+    norms = 4 * h if liger else 12 * h  # Liger's RMSNorm keeps its bf16 input (+ rstd); HF's 6h each
+    mlp = 6 * i if liger else 8 * i  # Liger's SwiGLU recomputes silu(gate)
+    stream = 4 * h if fp32_stream else 0  # autocast over fp32 weights: the residual stream and norms run in fp32
+    keep = {
+        "none": norms + 4 * h + 4 * q + 4 * kv + mlp + stream,
+        "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + 4 * i + 2 * h + stream,  # input, qkv, attn, o, gate+up, down
+        "attention": norms + 2 * h + mlp + stream,
+        "mlp": norms + 2 * h + 4 * q + 4 * kv + stream,
+        "full": 2 * h + stream // 2,
+    }
+    return float(keep[plan])
+
+
+def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False) -> float:
+    """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes."""
+    if plan.startswith("every:"):
+        k = int(plan.split(":")[1])
+        n_full = s.layers // k
+        kept = n_full * layer_bytes(s, "full", liger, fp32_stream)
+        kept += (s.layers - n_full) * layer_bytes(s, "ops", liger, fp32_stream)
+    else:
+        kept = s.layers * layer_bytes(s, plan, liger, fp32_stream)
+    recompute = 0.0 if plan == "none" else layer_bytes(s, "none", liger, fp32_stream)
+    return tokens * (kept + recompute)
+
+
+def recompute_flops(s: Shape, plan: str) -> float:
+    """Matmul FLOPs per token recomputed in backward (elementwise recompute counts as 0)."""
+    attn = 2 * s.hidden * (2 * s.q + 2 * s.kv)
+    mlp = 2 * 3 * s.hidden * s.intermediate
+    per_layer = {"none": 0, "ops": 0, "attention": attn, "mlp": mlp, "full": attn + mlp}
+    if plan.startswith("every:"):
+        return (s.layers // int(plan.split(":")[1])) * (attn + mlp)
+    return s.layers * per_layer[plan]
+
+
+@dataclass
+class Estimate:
+    """Predicted peak bytes of one training step, by part."""
+
+    plan: str
+    tokens: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    loss: float
+    fixed: float = 0.6 * GiB  # cuBLAS and attention workspaces, allocator slack
+
+    @property
+    def total(self) -> float:
+        # Gradients replace activations as backward runs (set_to_none between steps): the peak is at the start of
+        # backward or at the optimizer step (1B shape with Liger: 25.9 GiB predicted, 25.2 measured at 16k tokens;
+        # 16.6 vs 15.8 at 8k; without Liger 41.1 vs 41.4, docs/BENCHMARKS.md).
+        return self.weights + self.optimizer + max(self.grads, self.activations + self.loss) + self.fixed
+
+    def describe(self) -> str:
+        parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
+                 ("activations", self.activations), ("loss", self.loss))  # fmt: skip
+        return f"{self.total / GiB:.1f} GiB (" + ", ".join(f"{n} {v / GiB:.1f}" for n, v in parts) + ")"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What besides the plan decides the step's memory."""
+
+    shape: Shape
+    params: int
+    trainable: int
+    param_bytes: int
+    optimizer_bytes: float
+    """Optimizer state bytes per trainable parameter (AdamW: 2 moments in the parameter dtype)."""
+    tokens: int
+    """Tokens per micro-batch (the packing budget, or samples x max_length padded)."""
+    liger: bool = False
+    loss: str = "chunked"
+    """chunked (fasttune's), liger (fused), or hf (the full logits)."""
+    autocast: bool = False
+    """fp32 weights under bf16 autocast (bf16 copies of the weights are cached for the step)."""
+
+
+def estimate(st: Setup, plan: str) -> Estimate:
+    s = st.shape
+    from fasttune.model.loss import chunk_tokens
+
+    if st.loss == "hf":  # bf16 logits, their fp32 upcast and log-softmax, its fp32 gradient, the bf16 gradient
+        loss = st.tokens * s.vocab * 16.0
+    else:  # one chunk of fp32 logits and its gradient, the fp32 head-gradient accumulator
+        loss = chunk_tokens(s.vocab) * s.vocab * 6.0 + s.vocab * s.hidden * 4.0
+    weights = st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)
+    return Estimate(
+        plan=plan, tokens=st.tokens, weights=weights, grads=st.trainable * st.param_bytes,
+        optimizer=st.trainable * st.optimizer_bytes,
+        activations=activation_bytes(s, plan, st.tokens, st.liger, st.autocast), loss=loss,
+    )  # fmt: skip
+
+
+def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate:
+    """The plan to run: `requested`, or for auto the first of AUTO_ORDER whose estimate fits `free_bytes` (None: no
+    GPU to measure, plan `none`). Raises FasttuneError, before anything runs, when the chosen plan cannot fit."""
+    plan = memory_plan(requested)
+    if free_bytes is None:
+        return estimate(st, "none" if plan == "auto" else plan)
+    budget = free_bytes * HEADROOM
+    if plan != "auto":
+        est = estimate(st, plan)
+        if est.total > budget:
+            raise FasttuneError(_no_fit(st, est, free_bytes))
+        return est
+    for est in auto_order(st):
+        if est.total <= budget:
+            return est
+    raise FasttuneError(_no_fit(st, estimate(st, "full"), free_bytes))
+
+
+def auto_order(st: Setup) -> list[Estimate]:
+    """CANDIDATES' estimates, least recomputed matmul FLOPs first, then least memory."""
+    ests = [estimate(st, p) for p in CANDIDATES]
+    return sorted(ests, key=lambda e: (recompute_flops(st.shape, e.plan), e.total))
+
+
+def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
+    """What would fit instead: a smaller micro-batch, a plan with more recomputation, bf16 weights."""
+    budget = free_bytes * HEADROOM
+    fixes = []
+    fits = [e.plan for e in auto_order(st) if e.total <= budget]
+    if fits:
+        fixes.append(f"--model.memory {fits[0]}")
+    tokens = st.tokens
+    while tokens > 256 and estimate(Setup(**{**st.__dict__, "tokens": tokens}), "full").total > budget:
+        tokens //= 2
+    if tokens < st.tokens and estimate(Setup(**{**st.__dict__, "tokens": tokens}), "full").total <= budget:
+        fixes.append(f"about {tokens} tokens per micro-batch (lower --data.micro-batch-size or --data.max-length, "
+                     "raise --training.grad-accum to keep the batch) with --model.memory full")  # fmt: skip
+    if st.param_bytes == 4:
+        fixes.append("--model.dtype bf16 (halves weights, gradients and optimizer state)")
+    if st.trainable == st.params:
+        fixes.append("--lora.enabled (no gradients or optimizer state for the frozen weights)")
+    return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} "
+            f"({est.describe()}) for {st.tokens} tokens per micro-batch, but the GPU has {free_bytes / GiB:.1f} GiB "
+            f"free; try {' or '.join(fixes) if fixes else 'a smaller model'}")  # fmt: skip
+
+
+# --- applying a plan to the model --------------------------------------------------------------------------------
+
+_SAVE = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm")
+
+
+def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """`ops`: keep matmul and attention outputs (costly to recompute), recompute everything else (elementwise)."""
+    name = str(func)
+    if name.split(".")[1] in _SAVE or "attention" in name or "attn" in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _ops_context():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def _checkpoint_forward(module: torch.nn.Module, selective: bool) -> None:
+    """Wrap this module instance's forward in non-reentrant activation checkpointing (selective: keep matmuls)."""
+    forward = module.forward
+    context = {"context_fn": _ops_context} if selective else {}
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not (torch.is_grad_enabled() and module.training):
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
+
+    module.forward = run
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        raise FasttuneError(f"model.memory: {type(base).__name__} has no `model.layers` decoder stack to checkpoint; "
+                            "use --model.memory none")  # fmt: skip
+    return list(layers)
+
+
+def apply_plan(model: torch.nn.Module, plan: str) -> None:
+    """Install `plan` (a name from choose_plan, not auto) on the model's decoder layers, in place."""
+    if plan == "none":
+        return
+    layers = decoder_layers(model)
+    k = int(plan.split(":")[1]) if plan.startswith("every:") else 1
+    for n, layer in enumerate(layers):
+        if plan in ("attention", "mlp"):
+            block = getattr(layer, "self_attn" if plan == "attention" else "mlp", None)
+            if block is None:
+                raise FasttuneError(f"model.memory {plan}: decoder layer {type(layer).__name__} has no such block")
+            _checkpoint_forward(block, selective=False)
+        elif plan == "full" or (k > 1 and (n + 1) % k == 0):
+            _checkpoint_forward(layer, selective=False)
+        else:  # ops, and the layers every:K does not recompute whole
+            _checkpoint_forward(layer, selective=True)
+
+
+def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
+    """The memory-relevant facts of this configured run and built model."""
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    param_bytes = params[0].element_size() if params else 2
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return Setup(
+        shape=Shape.of(base.config), params=n, trainable=trainable, param_bytes=param_bytes,
+        optimizer_bytes=2.0 * param_bytes, tokens=cfg.data.micro_batch_size * cfg.data.max_length, liger=liger,
+        loss="liger" if liger else ("chunked" if chunked else "hf"),
+        autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
+    )  # fmt: skip
+
+
+def free_memory(device: torch.device) -> float | None:
+    """Bytes this process can still use on `device`: the driver's free memory plus what torch already holds (the
+    model's weights are counted by the estimate). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free + torch.cuda.memory_reserved(device))
+
+
+def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None) -> Estimate:
+    """Choose and install the run's memory transforms: the chunked loss (unless Liger's fused loss is on) and the
+    activation plan (`model.memory`; `model.gradient_checkpointing` means full). `free_bytes` replaces the
+    measured free memory (tests simulate GPUs with it)."""
+    from fasttune.model.loss import apply_chunked_loss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    liger = cfg.model.liger and "forward" in vars(base)  # Liger's fused loss patched this instance's forward
+    chunked = cfg.model.chunked_loss and not liger and apply_chunked_loss(base)
+    requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory
+    free = free_memory(device) if free_bytes is None else free_bytes
+    st = setup_of(cfg, model, liger, chunked)
+    est = choose_plan(requested, st, free)
+    why = "least recomputation that fits" if requested == "auto" else "as configured"
+    where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"
+    log.info("memory plan: %s (%s, %s); predicted peak %s for %d tokens per micro-batch", est.plan, requested if
+             requested != est.plan else why, where, est.describe(), st.tokens)  # fmt: skip
+    apply_plan(model, est.plan)
+    return est
