@@ -11,7 +11,7 @@ import torch
 from fasttune.data.packing import collate, count_targets
 from fasttune.model.build import build_preset
 from fasttune.model.loss import apply_chunked_loss, chunk_tokens, linear_cross_entropy
-from fasttune.train.loop import forward_backward
+from fasttune.train.run import forward_backward
 
 VOCAB = 300
 

@@ -12,8 +12,9 @@ from fasttune.config import ModelConfig
 from fasttune.data.packing import collate, count_targets
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import build_preset, preset_config
-from fasttune.train.loop import forward_backward, train
+from fasttune.train.loop import train
 from fasttune.train.memory import GiB, Setup, Shape, apply_plan, choose_plan, estimate
+from fasttune.train.run import forward_backward
 from tests.helpers import tiny_config
 
 VOCAB = 300

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from fasttune.data.packing import IGNORE
+
 log = logging.getLogger("fasttune")
 
-IGNORE = -100
 CHUNK_LOGITS_BYTES = 256 * 2**20
 """fp32 logits per chunk: 2048 tokens at a 32k vocabulary, 512 at 128k (matmuls of that size still run at full
 tensor-core speed; the lm head is ~6% of a Llama step's FLOPs)."""
