@@ -1,0 +1,184 @@
+"""The decode step of a Llama-family model over a static KV cache, with fused projections: what fast generation
+captures in one CUDA graph per (batch, cache capacity).
+
+HF's Llama decode step is ~780 small kernels per token (RMSNorm alone is 8 per norm, RoPE 10 per layer): ~2.8 ms
+per token in a graph on an H100, 20% of the weights' bandwidth bound (docs/BENCHMARKS.md, "Generation"). This module
+runs the same model from the same weights in ~15 kernels per layer:
+- q/k/v and gate/up projections are one matrix each (copies of HF's weights, refreshed when those change);
+- the residual add is fused into the o/down projections (`addmm`, one rounding instead of two);
+- RoPE is one complex multiply: q/k weight rows are permuted per head so that HF's rotate-half pairs (i, i + D/2)
+  sit side by side. Attention scores are dot products over the head dim, so the permutation leaves them unchanged;
+- attention reads the whole preallocated cache through one SDPA call with an additive mask (-inf on padding and on
+  slots not written yet), so shapes never depend on the step: one graph serves every step, prompt length and call.
+  Grouped-query attention is SDPA over (B, Hkv, G*Q, D) queries: no repeat of the keys.
+Rounding therefore differs from HF's (fp32: ~1e-6 relative in the logits; bf16: a few hundredths): greedy tokens
+equal HF's up to its first near-tie (docs/BENCHMARKS.md, tests/test_generate_fast.py).
+
+Legend: B batch, Q query positions of a forward (P at prefill, 1 at decode), T cache capacity, L layers,
+Hq/Hkv query/key-value heads, G = Hq/Hkv, D head dim, E hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm), RoPE,
+# full attention, o, RMSNorm, SwiGLU gate/up/down
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fused decoder cannot run `model`, or None when it can."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        return f"model type {kind!r}: the fused decoder supports {', '.join(SUPPORTED_TYPES)}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", kind == "mistral"):
+        return "sliding-window attention is not supported"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)}: only full-attention layers are supported"
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
+        return f"MLP activation {config.hidden_act!r} / MLP bias: only SwiGLU without bias is supported"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in STATIC_ROPE:
+        return f"rope type {rope_type!r}: only {', '.join(STATIC_ROPE)} are supported"
+    if getattr(model.model, "rotary_emb", None) is None:
+        return "no shared rotary embedding module (model.model.rotary_emb)"
+    return None
+
+
+def _rope_order(head_dim: int) -> torch.Tensor:
+    """Head-dim order that puts HF's rotate-half pairs (i, i + D/2) side by side: [0, D/2, 1, D/2 + 1, ...]."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).reshape(-1)
+
+
+class FusedDecoder:
+    """Fused copies of a model's weights, a static KV cache per batch size, and the forward over them."""
+
+    def __init__(self, model):
+        self.model = model
+        config = model.config
+        attn0 = model.model.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = attn0.head_dim
+        self.scale = float(attn0.scaling)
+        self.eps = float(model.model.norm.variance_epsilon)
+        self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 20))
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._version = None
+        self.layers: list[dict[str, torch.Tensor | None]] = []
+        self.refresh()
+        self._rope_table(self.max_positions)
+
+    def _sources(self) -> list[torch.Tensor]:
+        out = []
+        for layer in self.model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            out += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight]
+            out += [p.bias for p in (a.q_proj, a.k_proj, a.v_proj) if p.bias is not None]
+            out += [n.weight for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None]
+        return out
+
+    @torch.no_grad()
+    def refresh(self) -> bool:
+        """Re-fuse the weights if the model's changed since the last call (training between generations): in-place
+        updates bump each tensor's version counter, a host-side read. Copies into the same buffers, so captured
+        graphs stay valid. True when it copied."""
+        version = tuple((id(t), t._version) for t in self._sources())
+        if version == self._version:
+            return False
+        order = _rope_order(self.head_dim).to(self.device)
+        fresh = not self.layers
+
+        def permuted(w: torch.Tensor, heads: int) -> torch.Tensor:  # (heads*D, ...) rows in rope order per head
+            return w.reshape(heads, self.head_dim, *w.shape[1:])[:, order].reshape(w.shape)
+
+        for i, layer in enumerate(self.model.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            qkv = [permuted(a.q_proj.weight, self.heads), permuted(a.k_proj.weight, self.kv_heads), a.v_proj.weight]
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = torch.cat(
+                    [permuted(a.q_proj.bias, self.heads), permuted(a.k_proj.bias, self.kv_heads), a.v_proj.bias]
+                )
+            qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+            new = {
+                "qkv": torch.cat(qkv),  # (Hq*D + 2*Hkv*D, E)
+                "qkv_bias": bias,
+                "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]),  # (2I, E)
+                "q_norm": None if qn is None else qn.weight[order],
+                "k_norm": None if kn is None else kn.weight[order],
+            }
+            if fresh:
+                self.layers.append(new)
+            else:
+                for key, value in new.items():
+                    if value is not None:
+                        self.layers[i][key].copy_(value)
+        self._version = version
+        return True
+
+    @torch.no_grad()
+    def _rope_table(self, length: int) -> None:
+        """cos + i sin per (position, pair), float32, from HF's own rotary module (its scaling rules included)."""
+        positions = torch.arange(length, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=torch.float32)
+        cos, sin = self.model.model.rotary_emb(probe, positions)  # (1, T, D), halves equal
+        half = self.head_dim // 2
+        self.rope_TD2 = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
+
+    def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
+        """(L, 2, B, Hkv, T, D) keys and values. Zeros: slots never written are masked, and 0 * finite stays 0."""
+        shape = (len(self.layers), 2, batch, self.kv_heads, capacity, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _rope(self, x_BQHD: torch.Tensor, rope_BQ1D2: torch.Tensor) -> torch.Tensor:
+        shape = x_BQHD.shape
+        pairs = torch.view_as_complex(x_BQHD.float().reshape(*shape[:-1], -1, 2).contiguous())
+        return torch.view_as_real(pairs * rope_BQ1D2).reshape(shape).to(self.dtype)
+
+    def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
+                bias_B1QT: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
+        `slots_Q`, then attends over all T slots with the additive mask `bias_B1QT` (0 or -inf)."""
+        model = self.model.model
+        B, Q = ids_BQ.shape
+        Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        G = Hq // Hkv
+        rope_BQ1D2 = self.rope_TD2[pos_BQ][:, :, None]
+        bias_B1GQT = bias_B1QT if Q == 1 else bias_B1QT[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, 1, G * Q, -1)
+        h_BQE = model.embed_tokens(ids_BQ)
+        for layer, fused in zip(model.layers, self.layers, strict=True):
+            a = layer.self_attn
+            x_BQE = F.rms_norm(h_BQE, h_BQE.shape[-1:], layer.input_layernorm.weight, self.eps)
+            qkv_BQF = F.linear(x_BQE, fused["qkv"], fused["qkv_bias"])
+            q_BQHD = qkv_BQF[..., : Hq * D].view(B, Q, Hq, D)
+            k_BQHD = qkv_BQF[..., Hq * D : (Hq + Hkv) * D].view(B, Q, Hkv, D)
+            v_BQHD = qkv_BQF[..., (Hq + Hkv) * D :].view(B, Q, Hkv, D)
+            if fused["q_norm"] is not None:  # qwen3: per-head RMSNorm before RoPE
+                q_BQHD = F.rms_norm(q_BQHD, (D,), fused["q_norm"], self.eps)
+                k_BQHD = F.rms_norm(k_BQHD, (D,), fused["k_norm"], self.eps)
+            q_BQHD, k_BQHD = self._rope(q_BQHD, rope_BQ1D2), self._rope(k_BQHD, rope_BQ1D2)
+            kv_2BHQD = torch.stack([k_BQHD, v_BQHD]).transpose(2, 3)
+            kv_cache = cache[layer.self_attn.layer_idx]  # (2, B, Hkv, T, D)
+            kv_cache.index_copy_(3, slots_Q, kv_2BHQD)
+            # GQA as more queries per key head: query head h reads key head h // G, as HF's repeat_kv
+            q_BKGD = q_BQHD.view(B, Q, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Q, D)
+            o_BKGD = F.scaled_dot_product_attention(q_BKGD, kv_cache[0], kv_cache[1], bias_B1GQT, scale=self.scale)
+            o_BQF = o_BKGD.view(B, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, Hq * D)
+            h_NE = torch.addmm(h_BQE.reshape(B * Q, -1), o_BQF, a.o_proj.weight.t())  # residual fused
+            if a.o_proj.bias is not None:
+                h_NE = h_NE + a.o_proj.bias
+            x_NE = F.rms_norm(h_NE, h_NE.shape[-1:], layer.post_attention_layernorm.weight, self.eps)
+            gate_NI, up_NI = F.linear(x_NE, fused["gate_up"]).chunk(2, dim=-1)
+            h_NE = torch.addmm(h_NE, F.silu(gate_NI) * up_NI, layer.mlp.down_proj.weight.t())
+            h_BQE = h_NE.view(B, Q, -1)
+        x_BE = F.rms_norm(h_BQE[:, -1], h_BQE.shape[-1:], model.norm.weight, self.eps)
+        return self.model.lm_head(x_BE).float()  # HF generate scores in float32 too
