@@ -10,18 +10,19 @@ import pytest
 import torch
 
 from fasttune.bench import cli
-from fasttune.bench.attention import attention_flops, make_case, max_error, reference
+from fasttune.bench.attention import make_case, max_error, reference
 from fasttune.bench.harness import markdown_table, time_ms
 from fasttune.bench.train import add_ratios, from_records
 from fasttune.bench.workload import sft_lengths, synthetic_bundle
-from fasttune.model.build import flops_per_token, preset_config
+from fasttune.model.build import preset_config
+from fasttune.model.flops import attention_flops, dense_flops_per_token, step_flops
 
 
 def test_attention_flops_hand_count():
     # one causal document of 4 tokens, 2 heads, head dim 8: QK^T and PV each 4*4/2 pairs * 8 MACs * 2 FLOP
-    # = 128 FLOP per head -> 2 matmuls * 2 heads * 128 = 512; fwd+bwd = 3.5 * 512
+    # = 128 FLOP per head -> 2 matmuls * 2 heads * 128 = 512; fwd+bwd = 3 * 512 (model FLOPs)
     assert attention_flops([4], n_heads=2, head_dim=8, backward=False) == 512
-    assert attention_flops([4], n_heads=2, head_dim=8, backward=True) == 1792
+    assert attention_flops([4], n_heads=2, head_dim=8, backward=True) == 1536
     assert attention_flops([4, 2], n_heads=2, head_dim=8, backward=False) == 512 + 128  # documents never interact
 
 
@@ -29,7 +30,11 @@ def test_training_flops_hand_count():
     # micro preset: hidden 64, 2 layers, 4 heads / 2 kv heads (head dim 16), MLP 128, vocab 100
     # per layer: q,o 2*64*64 + k,v 2*64*32 = 12288; MLP 3*64*128 = 24576; lm head 64*100; x6 for fwd+bwd
     expected = 6 * (2 * (12288 + 24576) + 64 * 100)
-    assert flops_per_token(preset_config("micro", 100)) == expected
+    assert dense_flops_per_token(preset_config("micro", 100)) == expected
+    assert dense_flops_per_token(preset_config("micro", 100), lora=True) == expected * 2 / 3
+    # a step of documents 4 and 2 long adds their causal attention, 2 layers x 4 heads x head dim 16
+    attn = 3 * 2 * 2 * 16 * 4 * 2 * (4 * 4 / 2 + 2 * 2 / 2)
+    assert step_flops(preset_config("micro", 100), [4, 2]) == expected * 6 + attn
 
 
 def test_reference_matches_eager_per_document():

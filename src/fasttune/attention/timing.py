@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.attention.dispatch import attention_forward
+from fasttune.model.flops import attention_flops
 
 
 def time_backend(name: str, device, dtype, head_dim: int, packed: bool, features: dict, tokens: int = 8192) -> float:
@@ -45,7 +46,7 @@ def time_backend(name: str, device, dtype, head_dim: int, packed: bool, features
 
 
 def _tflops(name, device, dtype, seq, tokens, packed, n_heads=16, head_dim=128) -> float:
-    """fwd+bwd TFLOP/s of causal attention (fwd 2*2*S^2*D/2 per head and row, bwd 2.5x fwd)."""
+    """fwd+bwd TFLOP/s of causal attention (model FLOPs, fasttune.model.flops)."""
     rows = 1 if packed else tokens // seq
     length = tokens if packed else seq
     q_BHSD = torch.randn(rows, n_heads, length, head_dim, device=device, dtype=dtype, requires_grad=True)
@@ -67,7 +68,7 @@ def _tflops(name, device, dtype, seq, tokens, packed, n_heads=16, head_dim=128) 
         step()
     end.record()
     torch.cuda.synchronize(device)
-    flops = 3.5 * 2 * tokens * seq * head_dim * n_heads  # causal: half of 4*S^2*D per row, x3.5 for fwd+bwd
+    flops = attention_flops([seq] * (tokens // seq), n_heads, head_dim)
     return flops / (start.elapsed_time(end) / 10 * 1e-3) / 1e12
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.bench.harness import Results, line_plot, reset_peak_memory, sync, time_ms
+from fasttune.model.flops import attention_flops
 
 log = logging.getLogger("fasttune")
 
@@ -35,14 +36,6 @@ ALL_LAYOUTS = (*LAYOUTS, "padded-left")  # left padding: the unpadding path (rig
 # Eager materialises B*H*S*S scores (bf16) plus an fp32 softmax: above this many score elements it takes tens of
 # GB and seconds per call, and only confirms that it is the slowest.
 EAGER_MAX_SCORES = 2**31
-
-
-def attention_flops(doc_lens: Sequence[int], n_heads: int, head_dim: int, backward: bool) -> float:
-    """Causal attention FLOPs: forward is 2 matmuls (QK^T, PV) * 2 FLOP/MAC * S^2/2 causal pairs * D per head and
-    document; forward+backward counts 3.5x forward (backward = 5 matmuls vs 2), the FlashAttention convention
-    used for the ANCHORS.md kernel table."""
-    fwd = 2 * 2 * head_dim * n_heads * sum(n * n / 2 for n in doc_lens)
-    return fwd * (3.5 if backward else 1.0)
 
 
 @dataclass
@@ -131,8 +124,8 @@ def measure(backend: str, hf_name: str, case: Case, ref, device, head_dim: int) 
     return {
         "fwd_ms": fwd_ms,
         "fwd_bwd_ms": fwd_bwd_ms,
-        "fwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, False) / fwd_ms / 1e9,
-        "fwd_bwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, True) / fwd_bwd_ms / 1e9,
+        "fwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, backward=False) / fwd_ms / 1e9,
+        "fwd_bwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, backward=True) / fwd_bwd_ms / 1e9,
         "max_err": err,
     }
 

@@ -21,7 +21,8 @@ from fasttune.attention import available
 from fasttune.attention.probe import import_status
 from fasttune.data.packing import Batcher, collate_padded
 from fasttune.data.pipeline import DataBundle
-from fasttune.model.build import attention_flops, build_preset, flops_per_token
+from fasttune.model.build import build_preset
+from fasttune.model.flops import step_flops
 from fasttune.train.metrics import peak_flops
 
 LEAK_TOLERANCE = 0.05  # relative max logit error; a leak measures 0.3-0.7 (ANCHORS.md), bf16 noise ~1e-2
@@ -127,7 +128,7 @@ def run_baseline(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     lengths = [len(s["input_ids"]) for s in data.train]
-    fpt, peak = flops_per_token(model.config), peak_flops(device)
+    peak = peak_flops(device)
     batcher = Batcher(packing=False, micro_batch_size=micro_batch, max_length=0, seed=seed)  # the same sample order
     plan, epoch, per_step = [], 0, []
     for step in range(warmup_steps + steps):
@@ -147,7 +148,7 @@ def run_baseline(
         dt = time.perf_counter() - t0
         if step >= warmup_steps:
             seq = [lengths[i] for i in idx]
-            per_step.append((dt, sum(seq), len(seq), fpt * sum(seq) + attention_flops(model.config, seq)))
+            per_step.append((dt, sum(seq), len(seq), step_flops(model.config, seq)))
     del model, optimizer, params
     return aggregate(per_step, peak)
 

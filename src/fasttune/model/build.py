@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Pretrain
 
 from fasttune.config import ModelConfig
 from fasttune.errors import ConfigError
+from fasttune.model.flops import head_dim  # noqa: F401 (the model's shape facts, imported from here too)
 
 log = logging.getLogger("fasttune")
 
@@ -88,26 +89,3 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
         "model: %s, %.1fM parameters, attention %s", cfg.path or f"preset {cfg.preset}", n / 1e6, attn_implementation
     )
     return model
-
-
-def head_dim(config: PretrainedConfig) -> int:
-    """Per-head width: the config's `head_dim` when it sets one (Gemma, Qwen3), else hidden / heads."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def flops_per_token(config: PretrainedConfig, lora: bool = False) -> float:
-    """Training FLOPs per token of the dense layers: 6 * (non-embedding params + lm head), or 4x with LoRA (frozen
-    weights need no weight gradients; the adapters are negligible). Activation recompute is not counted (MFU
-    counts model FLOPs). Attention's sequence-length-dependent part is added per batch by `attention_flops`."""
-    h, n_layers = config.hidden_size, config.num_hidden_layers
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    attn = h * head_dim(config) * (2 * heads + 2 * kv)
-    mlp = 3 * h * config.intermediate_size
-    return (4.0 if lora else 6.0) * (n_layers * (attn + mlp) + h * config.vocab_size)
-
-
-def attention_flops(config: PretrainedConfig, seq_lens: list[int]) -> float:
-    """Training FLOPs of causal attention scores and values for documents of these lengths (fwd + bwd = 3x fwd;
-    fwd = 2 matmuls * 2 flops * L^2/2 causal * head_dim * heads)."""
-    heads = config.num_attention_heads
-    return 3.0 * 2 * 2 * 0.5 * heads * head_dim(config) * config.num_hidden_layers * sum(n * n for n in seq_lens)

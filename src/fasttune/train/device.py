@@ -10,7 +10,8 @@ import torch
 from fasttune.config import BaseConfig
 from fasttune.device import pick_device
 from fasttune.errors import ConfigError
-from fasttune.model.build import flops_per_token, load_model_config
+from fasttune.model.build import load_model_config
+from fasttune.model.flops import dense_flops_per_token
 
 
 def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
@@ -23,7 +24,7 @@ def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
     rate = 4 * 2 * 1024**3 / (time.perf_counter() - t0)
     conf = load_model_config(cfg.model, cfg.data.tokenizer_vocab_size)
     tokens = cfg.training.max_steps * cfg.training.grad_accum * cfg.data.micro_batch_size * cfg.data.max_length
-    return flops_per_token(conf) * tokens / rate / 3600, rate / 1e9
+    return dense_flops_per_token(conf) * tokens / rate / 3600, rate / 1e9
 
 
 def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.device, torch.dtype | None, torch.dtype]:

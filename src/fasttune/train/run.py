@@ -18,7 +18,7 @@ from fasttune.config import BaseConfig
 from fasttune.data.packing import Batcher, count_targets, real_tokens
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import FasttuneError
-from fasttune.model.build import attention_flops, flops_per_token
+from fasttune.model.flops import step_flops
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.distributed import Dist
@@ -140,7 +140,6 @@ class Run:
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.flops_per_token = flops_per_token(self.model.config, lora=self.cfg.lora.enabled)
         self.peak = peak_flops(self.device)
 
     # -- step ---------------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ class Run:
         state.step += 1
         dt = time.perf_counter() - t0
         lengths = [len(s["input_ids"]) for s in samples]
-        flops = self.flops_per_token * tokens + attention_flops(self.model.config, lengths)
+        flops = step_flops(self.model.config, lengths, lora=self.cfg.lora.enabled)
         r = self.result
         r.first_loss = r.first_loss if r.first_loss is not None else loss_f
         r.last_loss = loss_f

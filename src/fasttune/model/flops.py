@@ -1,0 +1,46 @@
+"""Training FLOPs, one convention for MFU, the training benchmark and the attention kernel timings.
+
+Model FLOPs: the arithmetic the step's math needs, whatever a kernel or an activation plan recomputes. A matmul
+costs 2 FLOPs per multiply-add; backward is twice forward (the input gradient and the weight gradient each cost a
+forward), so forward + backward = FWD_BWD = 3x forward, for the dense layers and for attention alike. With LoRA the
+frozen weights need no weight gradient: 2x forward for the dense layers. Causal attention does half of its S x S
+scores. (FlashAttention's papers count 3.5x for attention, because their backward recomputes the scores: hardware
+FLOPs. Attention TFLOP/s in docs/BENCHMARKS.md measured before 2026-11-28 used that count: multiply them by 6/7.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+FWD_BWD = 3.0
+"""Forward + backward FLOPs as a multiple of forward FLOPs."""
+
+
+def head_dim(config) -> int:
+    """Per-head width: the config's `head_dim` when it sets one (Gemma, Qwen3), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def attention_flops(doc_lens: Sequence[int], n_heads: int, head_dim: int, *, backward: bool = True,
+                    layers: int = 1) -> float:  # fmt: skip
+    """Causal attention of documents of these lengths: 2 matmuls (QK^T, PV) x 2 FLOPs x n^2/2 causal pairs x D
+    per head and document (documents never attend to each other), x FWD_BWD with backward."""
+    fwd = 2 * 2 * head_dim * n_heads * layers * sum(n * n / 2 for n in doc_lens)
+    return fwd * (FWD_BWD if backward else 1.0)
+
+
+def dense_flops_per_token(config, lora: bool = False) -> float:
+    """Training FLOPs per token of every matmul with weights (projections, MLP, lm head): 2 x weights forward,
+    x FWD_BWD (x 2 with LoRA: no weight gradients; the adapters are negligible)."""
+    h, n_layers = config.hidden_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    attn = h * head_dim(config) * (2 * heads + 2 * kv)
+    mlp = 3 * h * config.intermediate_size
+    return 2 * (2.0 if lora else FWD_BWD) * (n_layers * (attn + mlp) + h * config.vocab_size)
+
+
+def step_flops(config, doc_lens: Sequence[int], lora: bool = False) -> float:
+    """Model FLOPs of one training step over documents of these lengths (dense layers + causal attention)."""
+    dense = dense_flops_per_token(config, lora) * sum(doc_lens)
+    return dense + attention_flops(doc_lens, config.num_attention_heads, head_dim(config),
+                                   layers=config.num_hidden_layers)  # fmt: skip
