@@ -8,9 +8,14 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _reset_global_state():
-    """Seeds and the default dtype back to defaults, so a failing test does not leak state into the next."""
+    """Seeds, the default dtype and the attention package's caches (kernel report, SDPA choices, plans, probes,
+    memo, dynamo's recompile limit) back to defaults, so a failing test does not leak state into the next."""
+    from fasttune.attention import state
+
     random.seed(0)
     torch.manual_seed(0)
     dtype = torch.get_default_dtype()
+    state.reset()
     yield
+    state.reset()
     torch.set_default_dtype(dtype)

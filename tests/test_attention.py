@@ -12,8 +12,7 @@ import logging
 import pytest
 import torch
 
-from fasttune.attention import available, kernel_report, resolve
-from fasttune.attention.dispatch import attention_forward
+from fasttune.attention import available, function, kernel_report, resolve
 from fasttune.attention.probe import explain_import_error, import_status, probe
 from fasttune.errors import FasttuneError
 
@@ -37,6 +36,11 @@ def reference(q_HTD, k_KTD, v_KTD, lens, *, scale, window=None, softcap=None):
         outs.append(torch.softmax(s.masked_fill(~allow, float("-inf")), -1) @ v)
         start += n
     return torch.cat(outs, 1).transpose(0, 1)
+
+
+def attention_forward(backend, *args, **kwargs):
+    """Call the attention function registered for `backend` (or "auto"), as a model's layer does."""
+    return function(backend)(*args, **kwargs)
 
 
 def make_qkv(dtype, n_heads=4, n_kv=2, head_dim=16, total=None, device="cpu"):
@@ -173,7 +177,6 @@ def test_auto_routes_each_call_by_layout_and_row_length(monkeypatch):
     monkeypatch.setattr(select, "_family", lambda device: "hopper")
     monkeypatch.setattr(select, "_why_not", lambda n, *a: None if n in usable else "absent")
     monkeypatch.setattr(select, "probe", lambda n, *a: None if n in usable else "absent")
-    monkeypatch.setattr(select, "_PLANS", {})
     plan = select.auto_plan(torch.device("cpu"), torch.bfloat16, 128)
     assert plan == select.Plan(
         packed="flash_attention_4", rows="flash_attention_4", short_rows="sdpa", short_below=1024
@@ -186,7 +189,7 @@ def test_auto_routes_each_call_by_layout_and_row_length(monkeypatch):
     got = resolve("auto", device="cpu", dtype=torch.bfloat16, head_dim=128, packed=True)
     assert (got.name, got.hf_name) == ("flash_attention_4", "fasttune_auto") and "sdpa" in got.reason
     usable.discard("flash_attention_4")
-    monkeypatch.setattr(select, "_PLANS", {})
+    select.STATE.plans.clear()
     assert select.auto_plan(torch.device("cpu"), torch.bfloat16, 128) == select.Plan("varlen", "sdpa", None, 1024)
     assert select.auto_plan(torch.device("cpu"), torch.bfloat16, 64).short_below == 2048
 
@@ -259,7 +262,6 @@ def test_lazy_auto_plan_under_no_grad_keeps_backends_usable(monkeypatch):
     of the probe must still run, so nothing is cached as unusable because of the caller's grad mode."""
     from fasttune.attention import select
 
-    monkeypatch.setattr(select, "_PLANS", {})
     q, k, v = make_qkv(torch.float32, head_dim=24, total=6)
     with torch.no_grad():
         out, _ = attention_forward("auto", None, q[None], k[None], v[None], None, scaling=0.3)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attention import make_qkv, packed_call, padded_call, reference
+from test_attention import attention_forward, make_qkv, packed_call, padded_call, reference
 
 from fasttune.attention import kernel_report
-from fasttune.attention.dispatch import attention_forward
 from fasttune.attention.probe import probe
 
 pytestmark = [

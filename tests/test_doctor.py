@@ -15,7 +15,8 @@ import torch
 from rich.console import Console
 
 from fasttune import cli
-from fasttune.attention.probe import NEEDS, import_status
+from fasttune.attention import BACKENDS
+from fasttune.attention.probe import import_status
 from fasttune.doctor import attn, checks, packages, system, tools
 from fasttune.doctor.machine import Gpu, Machine
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Report, Row, render, run_check
@@ -119,7 +120,7 @@ def _raise_on_import(monkeypatch, module: str, exc: Exception) -> None:
 
 
 def test_undefined_symbol_is_explained_as_abi_mismatch(monkeypatch):
-    _raise_on_import(monkeypatch, NEEDS["flash_attention_2"].module, ImportError(ABI_ERROR))
+    _raise_on_import(monkeypatch, BACKENDS["flash_attention_2"].module, ImportError(ABI_ERROR))
     monkeypatch.setattr(attn, "dist_version", lambda *names: "2.8.3" if "flash-attn" in names else None)
     rows = {r.id: r for r in attn.check_flash_attn(machine())}
     fa2 = rows["flash_attention_2"]

@@ -19,6 +19,13 @@ Public API:
     import_status(module) -> str | None, explain_import_error(exc) -> str   (fasttune.attention.probe)
     kernel_report() -> dict[str, str]
         which kernel actually ran per call site, e.g. {"sdpa/dense bf16 D128": "CUDNN_ATTENTION"}.
+    function(name) -> the attention function registered for a backend or "auto" (what a model calls per layer).
+    BACKENDS: dict[str, Backend]   the one table of backends (fasttune.attention.backends).
+    reset()   forget every cache, report, plan and probe result (fasttune.attention.state; tests' autouse fixture).
+
+Layers, bottom up (each imports only those below it): state; kernels; layout; impls (one function per backend, every
+layout); backends (the table); dispatch (the registered function, per-call fallbacks); probe; timing; select
+(policy: resolve, auto's plan, the routes bound at registration).
 
 Usage:
 
@@ -32,7 +39,7 @@ Usage:
 
 Packed batches never attend across documents, with default arguments, in train and eval mode: the registered
 functions read document boundaries from the kwargs themselves (see docs/ATTENTION.md, "The trap").
-Importing this package imports neither torch kernels nor optional packages; the names load on first use.
+Importing this package imports neither torch nor optional packages; the names load on first use.
 """
 
 from __future__ import annotations
@@ -40,41 +47,40 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from fasttune.attention.backends import BACKENDS, Backend
     from fasttune.attention.kernels import kernel_report
     from fasttune.attention.probe import explain_import_error, import_status, probe
-    from fasttune.attention.select import Resolved, available, register, resolve
+    from fasttune.attention.select import Resolved, available, function, register, resolve
+    from fasttune.attention.state import reset
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "Resolved",
     "available",
     "explain_import_error",
+    "function",
     "import_status",
     "kernel_report",
     "probe",
     "register",
+    "reset",
     "resolve",
 ]
 
-BACKENDS = (
-    "eager",
-    "sdpa",
-    "flex_attention",
-    "varlen",
-    "flash_attention_2",
-    "flash_attention_3",
-    "flash_attention_4",
-)
-
 _LAZY = {
+    "BACKENDS": "backends",
+    "Backend": "backends",
     "Resolved": "select",
     "available": "select",
+    "function": "select",
     "register": "select",
     "resolve": "select",
     "probe": "probe",
     "import_status": "probe",
     "explain_import_error": "probe",
     "kernel_report": "kernels",
+    "reset": "state",
 }
 
 

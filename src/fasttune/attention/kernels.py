@@ -13,24 +13,25 @@ Optional packages are imported inside the functions, never at module import.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 
-# Which kernel actually ran, per call site, for the run summary (see kernel_report()).
-_REPORT: dict[str, str] = {}
+from fasttune.attention import state
+from fasttune.attention.state import STATE
 
 
 def kernel_report() -> dict[str, str]:
     """{'<backend>/<path> <dtype> D<head dim>': kernel that ran}, e.g. {'sdpa/dense bf16 D128': 'CUDNN_ATTENTION'}."""
-    return dict(_REPORT)
+    return dict(STATE.kernels)
 
 
 def _record(tag: str, q: torch.Tensor, kernel: str) -> None:
     key = f"{tag} {str(q.dtype).removeprefix('torch.')} D{q.shape[-1]}"
-    if _REPORT.get(key) != kernel:
-        _REPORT[key] = kernel
+    if STATE.kernels.get(key) != kernel:
+        STATE.kernels[key] = kernel
 
 
 def repeat_kv(x_BKLD: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -60,7 +61,7 @@ def eager(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dr
     return torch.matmul(p_BHSL, v_BHLD)
 
 
-# cuDNN attention is first on Hopper/Blackwell: 1.7-1.9x the FLASH kernel torch picks by default (ANCHORS.md).
+# cuDNN attention is first on Hopper/Blackwell: 1.7-1.9x the FLASH kernel torch picks by default (docs/BENCHMARKS.md).
 # Each entry: (backend name, expand kv heads to H first). cuDNN may reject GQA; expanding kv still beats FLASH.
 _SDPA_LADDER = (
     ("CUDNN_ATTENTION", False),
@@ -70,7 +71,6 @@ _SDPA_LADDER = (
     ("EFFICIENT_ATTENTION", True),
     ("MATH", False),
 )
-_SDPA_CHOICE: dict[tuple, tuple[str, bool]] = {}
 
 
 def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dropout=0.0, tag="sdpa") -> torch.Tensor:
@@ -82,7 +82,7 @@ def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dro
         _record(tag, q_BHSD, f"{q_BHSD.device.type} sdpa")
         return _sdpa_call(q_BHSD, k_BKLD, v_BKLD, mask, causal, scale, dropout, None, False)
     sig = (tag, q_BHSD.dtype, q_BHSD.shape[-1], mask is not None and mask.dtype, causal, gqa, dropout > 0)
-    chosen = _SDPA_CHOICE.get(sig)
+    chosen = STATE.sdpa_choice.get(sig)
     ladder = ((chosen,) if chosen else ()) + _SDPA_LADDER
     for backend, expand in ladder:
         if expand and not gqa:
@@ -92,7 +92,7 @@ def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dro
         except RuntimeError:
             continue
         if chosen != (backend, expand):
-            _SDPA_CHOICE[sig] = (backend, expand)
+            STATE.sdpa_choice[sig] = (backend, expand)
             _record(tag, q_BHSD, backend + (" (kv heads expanded)" if expand and gqa else ""))
         return out
     raise RuntimeError("no SDPA kernel accepted these inputs")
@@ -115,17 +115,20 @@ def _sdpa_call(q, k, v, mask, causal, scale, dropout, backend: str | None, expan
 FLEX_RECOMPILE_LIMIT = 64
 
 
-@functools.cache
+@state.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # flex is only fast compiled (ANCHORS.md: 381 vs ~23 TFLOP/s unfused); dynamic shapes because packed batches
+    # flex is only fast compiled (docs/BENCHMARKS.md: 381 vs ~23 TFLOP/s unfused); dynamic shapes because packed batches
     # change length every step and a static compile per length would recompile endlessly. Each mask kind (causal,
     # padding, documents, window), head dim and GQA setting is still its own graph: past dynamo's default limit of
     # 8 per function, torch silently runs flex unfused, which materialises the whole score matrix (a 16 GiB
-    # allocation in the attention bench). So the process-wide limit is raised, never lowered, once. (A config patch
-    # around each call would also work, but breaks a user's torch.compile of the whole model: dynamo cannot trace it.)
+    # allocation in the attention bench). So the process-wide limit is raised, never lowered, and the old value kept
+    # for state.reset(). (A config patch around each call would also work, but breaks a user's torch.compile of the
+    # whole model: dynamo cannot trace it.)
     dynamo = torch._dynamo.config
+    if STATE.recompile_limit is None:
+        STATE.recompile_limit = dynamo.recompile_limit
     dynamo.recompile_limit = max(dynamo.recompile_limit, FLEX_RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=True)
 
@@ -169,10 +172,6 @@ def _params(fn) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 
 
-FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
-FLASH_MODULES["flash_attention_4"] = "flash_attn.cute"
-
-
 def _flash_kwargs(fn, scale, window, softcap, dropout) -> dict:
     params = _params(fn)
     kwargs = dict(softmax_scale=scale, causal=True)
@@ -187,21 +186,15 @@ def _flash_kwargs(fn, scale, window, softcap, dropout) -> dict:
     return kwargs
 
 
-def _flash_fn(name: str, attr: str):
-    import importlib
-
-    return getattr(importlib.import_module(FLASH_MODULES[name]), attr)
-
-
-def flash_varlen(name: str):
-    """varlen kernel of the flash-attn package behind `name`; kwargs follow each version's own signature."""
+def flash_varlen(name: str, module: str):
+    """varlen kernel of the flash-attn package `module` (backend `name`); kwargs follow each version's signature."""
 
     def run(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window=None, softcap=None, dropout=0.0):
-        fn = _flash_fn(name, "flash_attn_varlen_func")
+        fn = importlib.import_module(module).flash_attn_varlen_func
         kwargs = _flash_kwargs(fn, scale, window, softcap, dropout)
         for key, value in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
             if key in _params(fn):
-                kwargs[key] = int(value)  # FA4 crashes on a tensor max length (ANCHORS.md)
+                kwargs[key] = int(value)  # FA4 4.0.0b36 crashes on a tensor max length
         _record(name, q_THD, name + " varlen")
         out = fn(q_THD, k_TKD, v_TKD, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kwargs)
         return out[0] if isinstance(out, tuple) else out
@@ -209,12 +202,12 @@ def flash_varlen(name: str):
     return run
 
 
-def flash_dense(name: str):
+def flash_dense(name: str, module: str):
     """Dense (B, S, H, D) kernel of the same package for unpadded rows: FA4 through varlen measured 168 TFLOP/s at
-    1k tokens per row on H100 against 262 for its dense kernel in ANCHORS.md (docs/ATTENTION.md)."""
+    1k tokens per row on H100 against 262 for its dense kernel (docs/BENCHMARKS.md)."""
 
     def run(q_BSHD, k_BLKD, v_BLKD, *, scale, window=None, softcap=None, dropout=0.0):
-        fn = _flash_fn(name, "flash_attn_func")
+        fn = importlib.import_module(module).flash_attn_func
         _record(name, q_BSHD, name + " dense")
         out = fn(q_BSHD, k_BLKD, v_BLKD, **_flash_kwargs(fn, scale, window, softcap, dropout))
         return out[0] if isinstance(out, tuple) else out

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fasttune.attention.state import STATE
+
 
 @dataclass(frozen=True)
 class Varlen:
@@ -32,23 +34,20 @@ class Varlen:
     idx_k: torch.Tensor | None = None  # same for keys in B*L
 
 
-# One-slot-per-tensor memo: every decoder layer of one forward gets the same position_ids / mask object, so the
-# host syncs needed for max lengths happen once per forward instead of once per layer.
-_MEMO: dict[tuple[int, str], tuple[weakref.ref, int, object]] = {}
-
-
 def memo(t: torch.Tensor, tag: str, build):
-    """build(), computed once per (tensor object, version, tag); inference tensors have no version: not cached."""
+    """build(), computed once per (tensor object, version, tag): every decoder layer of one forward gets the same
+    position_ids / mask object, so the host syncs behind max lengths happen once per forward, not once per layer.
+    Inference tensors have no version counter: they are not cached."""
     if t.is_inference():
         return build()
     key = (id(t), tag)
-    hit = _MEMO.get(key)
+    hit = STATE.memo.get(key)
     if hit is not None and hit[0]() is t and hit[1] == t._version:
         return hit[2]
     value = build()
-    if len(_MEMO) > 32:  # a forward touches one or two tensors; old entries are dead
-        _MEMO.clear()
-    _MEMO[key] = (weakref.ref(t), t._version, value)
+    if len(STATE.memo) > 32:  # a forward touches one or two tensors; old entries are dead
+        STATE.memo.clear()
+    STATE.memo[key] = (weakref.ref(t), t._version, value)
     return value
 
 

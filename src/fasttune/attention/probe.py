@@ -8,43 +8,14 @@ that imports but fails to run counts as unavailable, with its error.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 
-# pip distribution behind each optional module, for the "pip install ..." hint.
-PIP_NAMES = {"flash_attn_2_cuda": "flash-attn", "flash_attn_interface": "flash-attn-3 (built from hopper/)"}
-PIP_NAMES["flash_attn.cute"] = "flash-attn-4"
-
-HALF = (torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a backend needs to run: module to import, CUDA compute capability range, dtypes, head dim."""
-
-    module: str | None = None
-    cuda: bool = False
-    min_cc: tuple[int, int] = (0, 0)
-    max_cc: tuple[int, int] = (99, 99)
-    dtypes: tuple[torch.dtype, ...] | None = None
-    max_head_dim: int | None = None
-
-
-FLASH = dict(cuda=True, dtypes=HALF, max_head_dim=256)
-NEEDS: dict[str, Needs] = {
-    "eager": Needs(),
-    "sdpa": Needs(),
-    "flex_attention": Needs(module="torch.nn.attention.flex_attention"),
-    "varlen": Needs(module="torch.nn.attention.varlen", min_cc=(8, 0), **FLASH),
-    # flash-attn-4 also installs a `flash_attn` package (holding only .cute): FA2 is its compiled extension.
-    "flash_attention_2": Needs(module="flash_attn_2_cuda", min_cc=(8, 0), **FLASH),
-    "flash_attention_3": Needs(module="flash_attn_interface", min_cc=(9, 0), max_cc=(9, 9), **FLASH),
-    "flash_attention_4": Needs(module="flash_attn.cute", min_cc=(9, 0), max_cc=(10, 9), **FLASH),
-}
+from fasttune.attention import state
+from fasttune.attention.backends import BACKENDS, Backend
+from fasttune.attention.dispatch import attention_forward
 
 
 def explain_import_error(exc: BaseException) -> str:
@@ -60,7 +31,7 @@ def explain_import_error(exc: BaseException) -> str:
     return f"import failed: {type(exc).__name__}: {text}"
 
 
-@functools.cache
+@state.cache
 def import_status(module_name: str) -> str | None:
     """None if `module_name` imports cleanly, else the reason (missing package, ABI mismatch, import error)."""
     try:
@@ -68,7 +39,7 @@ def import_status(module_name: str) -> str | None:
     except (ImportError, ValueError) as exc:  # a dotted name whose parent is missing or broken
         return explain_import_error(exc)
     if spec is None:
-        hint = PIP_NAMES.get(module_name)
+        hint = next((b.pip for b in BACKENDS.values() if b.module == module_name and b.pip), None)
         return f"package not installed (no module '{module_name}')" + (f"; pip install {hint}" if hint else "")
     try:
         importlib.import_module(module_name)
@@ -79,7 +50,7 @@ def import_status(module_name: str) -> str | None:
 
 def static_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Reason `name` cannot run here without running anything, or None."""
-    needs = NEEDS[name]
+    needs = BACKENDS[name]
     if needs.cuda and device.type != "cuda":
         return f"needs a CUDA GPU (device is {device.type})"
     if needs.cuda and not torch.cuda.is_available():
@@ -93,13 +64,14 @@ def static_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim:
         if not needs.min_cc <= cc <= needs.max_cc:
             return f"GPU compute capability {cc[0]}.{cc[1]} outside the supported {_cc_range(needs)}"
     if needs.dtypes is not None and dtype not in needs.dtypes:
-        return f"dtype {str(dtype).removeprefix('torch.')} unsupported (needs float16 or bfloat16)"
+        shown = " or ".join(str(t).removeprefix("torch.") for t in needs.dtypes)
+        return f"dtype {str(dtype).removeprefix('torch.')} unsupported (needs {shown})"
     if needs.max_head_dim is not None and head_dim > needs.max_head_dim:
         return f"head dim {head_dim} unsupported (max {needs.max_head_dim})"
     return None
 
 
-def _cc_range(needs: Needs) -> str:
+def _cc_range(needs: Backend) -> str:
     low = f"{needs.min_cc[0]}.{needs.min_cc[1]}"
     return f">= {low}" if needs.max_cc == (99, 99) else f"{low}..{needs.max_cc[0]}.x"
 
@@ -112,7 +84,7 @@ def probe(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: i
     return _probe(name, str(device), dtype, head_dim)
 
 
-@functools.cache
+@state.cache
 def _probe(name: str, device: str, dtype: torch.dtype, head_dim: int) -> str | None:
     reason = static_reason(name, torch.device(device), dtype, head_dim)
     if reason is None:
@@ -129,8 +101,6 @@ def smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: in
 
 
 def _smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    from fasttune.attention.dispatch import attention_forward
-
     gen = torch.Generator(device="cpu").manual_seed(0)
     q_BHSD = torch.randn(1, 4, 48, head_dim, generator=gen).to(device, dtype).requires_grad_()
     k_BKLD = torch.randn(1, 2, 48, head_dim, generator=gen).to(device, dtype).requires_grad_()

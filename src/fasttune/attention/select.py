@@ -1,8 +1,11 @@
-"""Choosing a backend: validation, the loud fallback, strict mode and `auto`.
+"""Choosing a backend (policy): validation, the loud fallback, strict mode, `auto`, and the routes bound at
+registration.
 
-`auto` takes the first usable backend from a preference list measured on H100 (docs/ATTENTION.md, bf16 causal,
-fwd+bwd TFLOP/s, packed 4k documents: FA4 499 > flex 254 ~ sdpa->varlen 250 ~ varlen 248), optionally re-ranked by
-a quick on-device timing cached per GPU and torch version in ~/.cache/fasttune/attention_auto.json.
+`auto` takes the first usable backend in the preference order of the records (backends.py, measured on H100),
+optionally re-ranked by a quick on-device timing cached per GPU and torch version in
+~/.cache/fasttune/attention_auto.json. Routes: sdpa sends documents and padded rows to torch's varlen kernel where it
+runs; auto routes each call by layout and row length (Plan). Both are bound into the registered functions here, so
+the mechanism below (dispatch, impls, kernels) never imports this module.
 """
 
 from __future__ import annotations
@@ -15,25 +18,15 @@ from pathlib import Path
 
 import torch
 
-from fasttune.attention import BACKENDS
-from fasttune.attention.dispatch import HF_NAMES, NO_SOFTCAP, register_all
+from fasttune.attention import dispatch
+from fasttune.attention.backends import AUTO_HF_NAME, BACKENDS, preference
 from fasttune.attention.probe import probe, static_reason
+from fasttune.attention.state import STATE
+from fasttune.attention.timing import time_backend
 from fasttune.device import pick_device
 from fasttune.errors import FasttuneError
 
 logger = logging.getLogger("fasttune")
-
-# Fastest first. Packed: every flash kernel and varlen take documents natively; sdpa packs through varlen on CUDA
-# anyway, and compiled flex recompiles as pack lengths change, so it sits behind varlen until timed.
-_PREFER = {
-    ("hopper", False): ("flash_attention_4", "sdpa", "flash_attention_3", "flex_attention", "flash_attention_2"),
-    ("hopper", True): ("flash_attention_4", "flash_attention_3", "flash_attention_2", "varlen", "flex_attention"),
-    ("ampere", False): ("flash_attention_2", "sdpa", "flex_attention", "varlen"),
-    ("ampere", True): ("flash_attention_2", "varlen", "flex_attention", "sdpa"),
-    # CPU: flex is unfused without a GPU compile and varlen does not exist; sdpa has a fused CPU kernel.
-    ("cpu", False): ("sdpa", "eager"),
-    ("cpu", True): ("sdpa", "eager"),
-}
 
 
 @dataclass(frozen=True)
@@ -45,9 +38,40 @@ class Resolved:
     reason: str  # why this one, for the log and the run summary
 
 
+def routes() -> dict[str, dispatch.Route]:
+    """{backend name or 'auto': its route}, as registered into transformers."""
+    return {**{name: dispatch.fixed(name) for name in BACKENDS}, "sdpa": _sdpa_route, "auto": _auto_route}
+
+
 def register() -> dict[str, str]:
     """Register every fasttune backend into transformers; fasttune name -> attn_implementation string."""
-    return register_all()
+    return dispatch.register(routes())
+
+
+def function(name: str):
+    """The attention function registered for `name` (a backend or 'auto'): what a model calls, per layer."""
+    return dispatch.attention_function(routes()[name])
+
+
+def _sdpa_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
+    """sdpa on CUDA: documents and padded rows go to torch's varlen kernel when it runs here, instead of sdpa with
+    a dense mask, which keeps cuDNN/FLASH off and measured 48-53% of the best kernel at 8k (docs/BENCHMARKS.md)."""
+    if layout not in ("packed", "padded") or not q_BHSD.is_cuda or opts["dropout"]:
+        return "sdpa"
+    if layout == "padded" and opts["window"]:
+        return "sdpa"
+    key = (q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
+    runs = STATE.routes.get(key)
+    if runs is None:
+        runs = STATE.routes[key] = probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None
+    return "varlen" if runs else "sdpa"
+
+
+def _auto_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
+    plan = auto_plan(q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
+    plain = not (opts["window"] or opts["softcap"] or opts["dropout"])
+    name = plan.route(layout, q_BHSD.shape[2], plain=plain)
+    return _sdpa_route(q_BHSD, layout, opts) if name == "sdpa" else name
 
 
 def available(
@@ -74,7 +98,7 @@ def model_features(model_config) -> dict[str, object]:
 
 
 def _feature_reason(name: str, features: dict) -> str | None:
-    if features.get("softcap") and name in NO_SOFTCAP:
+    if features.get("softcap") and not BACKENDS[name].softcap:
         return f"no attention logit softcap (model uses {features['softcap']})"
     return None  # sliding windows: every backend is correct (sdpa/eager through an explicit mask)
 
@@ -107,19 +131,21 @@ def resolve(
     device = torch.device(device)
     if requested not in (*BACKENDS, "auto"):
         raise FasttuneError(f"unknown attention backend '{requested}'; valid: {', '.join(('auto', *BACKENDS))}")
-    register_all()
+    register()
     features = model_features(model_config)
     if requested != "auto":
         why = _why_not(requested, device, dtype, head_dim, features)
         if why is None:
-            return Resolved(requested, HF_NAMES[requested], "requested")
+            return Resolved(requested, BACKENDS[requested].hf_name, "requested")
         if strict:
             raise FasttuneError(_strict_message(requested, why, device, dtype, head_dim, features))
     choice = _auto(device, dtype, head_dim, packed, features, measure)
     if requested != "auto":
         logger.warning(f"attention backend '{requested}' unavailable: {why}; using '{choice.name}' instead")
         # the named fallback itself, not auto's per-call routing, so that the warning says what runs
-        return Resolved(choice.name, HF_NAMES[choice.name], f"'{requested}' unavailable ({why}); using {choice.name}")
+        return Resolved(
+            choice.name, BACKENDS[choice.name].hf_name, f"'{requested}' unavailable ({why}); using {choice.name}"
+        )
     logger.info(f"attention auto -> '{choice.name}': {choice.reason}")
     return choice
 
@@ -136,7 +162,7 @@ def _strict_message(requested, why, device, dtype, head_dim, features) -> str:
 
 
 def _first_usable(device, dtype, head_dim, packed, features) -> tuple[list[str], tuple[str, ...]]:
-    order = _PREFER[(_family(device), packed)]
+    order = preference(_family(device), "packed" if packed else "rows")
     return [n for n in order if _why_not(n, device, dtype, head_dim, features) is None] or ["eager"], order
 
 
@@ -146,11 +172,11 @@ def _auto(device, dtype, head_dim, packed, features, measure) -> Resolved:
     reason = f"fastest usable for {device.type} {layout} D{head_dim} by measured preference {'>'.join(order)}"
     if measure and device.type == "cuda" and len(usable) > 1:
         name, reason = _timed_choice(usable[:3], device, dtype, head_dim, packed, features)
-        return Resolved(name, HF_NAMES[name], reason)
+        return Resolved(name, BACKENDS[name].hf_name, reason)
     if features:  # softcap / sliding window: one backend that computes them natively for every call
-        return Resolved(usable[0], HF_NAMES[usable[0]], reason)
+        return Resolved(usable[0], BACKENDS[usable[0]].hf_name, reason)
     plan = auto_plan(device, dtype, head_dim)
-    return Resolved(plan.packed if packed else plan.rows, HF_NAMES["auto"], f"{reason}; per call: {plan.describe()}")
+    return Resolved(plan.packed if packed else plan.rows, AUTO_HF_NAME, f"{reason}; per call: {plan.describe()}")
 
 
 # Unpadded (or right-padded) rows shorter than this many tokens run faster on cuDNN (through sdpa) than on
@@ -171,7 +197,8 @@ class Plan:
     short_below: int = SHORT_ROWS_DEFAULT  # row length (tokens) under which short_rows runs
 
     def route(self, layout: str, row_len: int, *, plain: bool = True) -> str:
-        """layout: 'packed', 'rows' (unpadded or right-padded) or 'padded'; plain: no window/softcap/dropout."""
+        """layout: 'packed', 'rows' (unpadded or right-padded), 'padded' or 'given' (a 4D mask); plain: no
+        window/softcap/dropout."""
         if layout == "packed":
             return self.packed
         if layout == "rows" and plain and self.short_rows and row_len < self.short_below:
@@ -183,13 +210,10 @@ class Plan:
         return f"documents -> {self.packed}, rows -> {self.rows}{short}"
 
 
-_PLANS: dict[tuple, Plan] = {}
-
-
 def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
     """The per-call routing of `auto` on this device, dtype and head dim (probes once, then cached). Called for every
     attention call of an `auto` model: the device as given is looked up first, before any normalisation."""
-    plan = _PLANS.get((device, dtype, head_dim))
+    plan = STATE.plans.get((device, dtype, head_dim))
     if plan is not None:
         return plan
     raw = (device, dtype, head_dim)
@@ -197,15 +221,15 @@ def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one plan
     key = (str(device), dtype, head_dim)
-    if key not in _PLANS:
+    if key not in STATE.plans:
         packed = _first_usable(device, dtype, head_dim, True, {})[0][0]
         rows = _first_usable(device, dtype, head_dim, False, {})[0][0]
         short = None
         if _family(device) == "hopper" and rows.startswith("flash") and probe("sdpa", device, dtype, head_dim) is None:
             short = "sdpa"  # cuDNN through sdpa's ladder (kernel_report names the kernel that ran)
-        _PLANS[key] = Plan(packed, rows, short, SHORT_ROWS.get(head_dim, SHORT_ROWS_DEFAULT))
-    _PLANS[raw] = _PLANS[key]
-    return _PLANS[key]
+        STATE.plans[key] = Plan(packed, rows, short, SHORT_ROWS.get(head_dim, SHORT_ROWS_DEFAULT))
+    STATE.plans[raw] = STATE.plans[key]
+    return STATE.plans[key]
 
 
 def _cache_path() -> Path:
@@ -219,9 +243,7 @@ def _timed_choice(candidates, device, dtype, head_dim, packed, features) -> tupl
     path = _cache_path()
     cache = json.loads(path.read_text()) if path.exists() else {}
     if key not in cache:
-        from fasttune.attention.timing import time_backend
-
-        times = {n: time_backend(n, device, dtype, head_dim, packed, features) for n in candidates}
+        times = {n: time_backend(function(n), device, dtype, head_dim, packed, features) for n in candidates}
         cache[key] = times
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=1))

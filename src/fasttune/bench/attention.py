@@ -104,7 +104,7 @@ def attention_fn(hf_name: str):
 
 def measure(backend: str, hf_name: str, case: Case, ref, device, head_dim: int) -> dict:
     """Forward (no grad) and forward+backward times of one backend on one case, and its max error."""
-    fn = attention_fn(hf_name)
+    fn = attention_fn(hf_name)  # through transformers' registry, exactly as a model calls it
     q, k, v = case.q_BHSD, case.k_BHSD, case.v_BHSD
     scale = head_dim**-0.5
 

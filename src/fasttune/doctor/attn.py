@@ -13,12 +13,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fasttune.attention import available, import_status, kernel_report, resolve
-from fasttune.attention.probe import NEEDS
+from fasttune.attention import BACKENDS, available, import_status, kernel_report, resolve
 from fasttune.doctor.machine import Machine, dist_version, major_minor, wheel_tag
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
 
-HEAD_DIM = 128  # the head dim of the measured kernel table in ../shared/ANCHORS.md and of Llama-3-8B-class models
+HEAD_DIM = 128  # the head dim of the measured kernel tables in docs/BENCHMARKS.md and of Llama-3-8B-class models
 SDPA_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 _RUN = {"run": True}  # --quick sets run False: static checks only, no tiny kernel launches
 
@@ -118,7 +117,7 @@ def check_sdpa_default(m: Machine) -> list[Row]:
 def check_flex_varlen(m: Machine) -> list[Row]:
     reasons = backend_reasons(m)
     rows = []
-    for name, label in (("flex_attention", "flex attention"), ("varlen", "varlen (torch)")):
+    for name, label in ((b.name, b.label) for b in BACKENDS.values() if (b.module or "").startswith("torch.")):
         why = reasons[name]
         if why is None:
             how = "runs a tiny packed fwd+bwd" if _RUN["run"] else "available (static check, --quick)"
@@ -168,19 +167,12 @@ def auto_choice(m: Machine) -> tuple[dict[str, str], str]:
     return auto, f"{line} ({where}): {packed.reason}."
 
 
-FLASH = (
-    ("flash_attention_2", "flash-attn 2", ("flash-attn", "flash_attn")),
-    ("flash_attention_3", "flash-attn 3", ("flash-attn-3", "flash_attn_3", "flashattn-hopper")),
-    ("flash_attention_4", "flash-attn 4", ("flash-attn-4",)),
-)
-
-
 def check_flash_attn(m: Machine) -> list[Row]:
-    return [_flash_row(m, backend, label, dists) for backend, label, dists in FLASH]
+    """One row per backend that comes from a pip package (the flash-attn family)."""
+    return [_flash_row(m, b.name, b.label, b.module, b.dists) for b in BACKENDS.values() if b.dists]
 
 
-def _flash_row(m: Machine, backend: str, label: str, dists: tuple[str, ...]) -> Row:
-    module = NEEDS[backend].module
+def _flash_row(m: Machine, backend: str, label: str, module: str, dists: tuple[str, ...]) -> Row:
     version = dist_version(*dists)
     why = import_status(module)
     if why and why.startswith("package not installed"):
