@@ -14,7 +14,7 @@ from fasttune.attention import BACKENDS
 from fasttune.errors import ConfigError
 
 ATTN_CHOICES = ("auto", *BACKENDS)
-MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b")
+MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b", "llama-3.1-8b", "qwen2.5-7b")
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("truncate", "split", "drop")
@@ -71,7 +71,8 @@ def memory_plan(value: str, option: str = "model.memory") -> str:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """Model shape built from a config when --model is not given: micro (tests), tiny (~4M), small, 125m, 350m, 1b."""
+    """Model shape built from a config when --model is not given (random init): micro (tests), tiny (~4M), small,
+    125m, 350m, 1b, llama-3.1-8b, qwen2.5-7b (the published shapes, their own vocabularies)."""
     path: str | None = None
     """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
     dtype: str = "auto"

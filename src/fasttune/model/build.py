@@ -1,4 +1,5 @@
-"""Models: HF `LlamaForCausalLM` built from a named size preset, or a local HF model folder (no downloads)."""
+"""Models: an HF causal LM built from a named shape preset (random init), or a local HF model folder: pretrained
+weights, or only a config.json (random init, said loudly). No downloads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
 from fasttune.config import ModelConfig
 from fasttune.errors import ConfigError
@@ -25,8 +26,26 @@ PRESETS: dict[str, tuple[int, int, int, int, int, bool]] = {
     "1b": (2048, 16, 32, 8, 8192, False),
 }
 
+# Published shapes, random init (benchmarks, pre-training): each model's own config.json values, vocabulary included.
+REAL_SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
+    "llama-3.1-8b": (LlamaConfig, dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)),
+    "qwen2.5-7b": (Qwen2Config, dict(
+        hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643)),
+}  # fmt: skip
 
-def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 4096) -> LlamaConfig:
+
+def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 4096) -> PretrainedConfig:
+    """The preset's config; a real shape keeps its own vocabulary unless the tokenizer's is larger."""
+    if preset in REAL_SHAPES:
+        cls, kwargs = REAL_SHAPES[preset]
+        return cls(**{**kwargs, "vocab_size": max(kwargs["vocab_size"], vocab_size)})
     hidden, layers, heads, kv, inter, tie = PRESETS[preset]
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -71,11 +90,41 @@ def build_preset(preset: str, vocab_size: int, attn_implementation: str, dtype: 
     return model.to(device)  # a no-op unless this transformers ignored the device context
 
 
+def has_weights(path: str | Path) -> bool:
+    """Whether a model folder holds weights (safetensors or PyTorch files, sharded or not), not just a config."""
+    return any(next(Path(path).glob(p), None) for p in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json"))
+
+
+def config_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype a model folder's config declares (`dtype`, formerly `torch_dtype`), if any."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _random_init(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
+                 device: torch.device | str) -> PreTrainedModel:  # fmt: skip
+    config = load_model_config(cfg, vocab_size)
+    log.warning(
+        "--model %s holds a config.json but no weights: RANDOMLY INITIALISED %s (for benchmarks and pre-training; "
+        "a fine-tune needs the folder's *.safetensors)", cfg.path, type(config).__name__.removesuffix("Config"),
+    )  # fmt: skip
+    config.vocab_size = max(config.vocab_size, vocab_size)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype,
+                                                 trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    return model.to(device)
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> PreTrainedModel:  # fmt: skip
-    """A fresh model from a preset, or the pretrained weights of a local folder, in `dtype` on `device`."""
+    """A fresh model from a preset, the pretrained weights of a local folder, or a random init from a folder that
+    holds only config.json, in `dtype` on `device`."""
     if cfg.path is None:
         model = build_preset(cfg.preset, vocab_size, attn_implementation, dtype, device)
+    elif not has_weights(cfg.path):
+        model = _random_init(cfg, vocab_size, attn_implementation, dtype, device)
     else:
         load_model_config(cfg, vocab_size)  # clear error before transformers' own
         model = AutoModelForCausalLM.from_pretrained(

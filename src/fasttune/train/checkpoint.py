@@ -108,14 +108,12 @@ def save_checkpoint(
     return final
 
 
-def check_disk(run: RunFolder, model: torch.nn.Module, keep_last: int) -> None:
-    """Refuse to start when a checkpoint could not fit: better now than after an hour of training."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    # Pruning happens after a new checkpoint is complete, so keep_last + 1 exist at once (+ a merged LoRA model).
-    lora = trainable < weights
-    per_ckpt = (trainable if lora else weights) + 2 * trainable  # weights (or adapters) + AdamW moments
-    need = int(1.1 * per_ckpt * (keep_last + 1) + (weights if lora else 0) + 50e6)
+def check_disk(run: RunFolder, model: torch.nn.Module, keep_last: int, saves: int | None = None) -> None:
+    """Refuse to start when the checkpoints this run will write (`saves`; None: as many as are kept) could not fit:
+    better now than after an hour of training. The estimate is train/memory.disk_needed."""
+    from fasttune.train.memory import disk_needed
+
+    need = disk_needed(model, keep_last, keep_last + 1 if saves is None else saves)
     free = shutil.disk_usage(run.path).free
     if free < need:
         raise FasttuneError(

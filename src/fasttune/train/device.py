@@ -12,6 +12,7 @@ from fasttune.device import pick_device
 from fasttune.errors import ConfigError
 from fasttune.model.build import load_model_config
 from fasttune.model.flops import dense_flops_per_token
+from fasttune.train.memory import fp32_master_fits
 
 
 def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
@@ -48,4 +49,6 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
         return device, None, torch.bfloat16  # pure bf16: weights, grads and optimizer moments
     if cfg.model.dtype == "fp32" or device.type == "cpu":
         return device, None, torch.float32
+    if not fp32_master_fits(load_model_config(cfg.model, cfg.data.tokenizer_vocab_size), device, cfg.lora.enabled):
+        return device, None, torch.bfloat16  # auto, an 8B-class model: pure bf16 (train/memory.py says why)
     return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast

@@ -20,6 +20,7 @@ from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import resolve_device
 from fasttune.train.distributed import Dist
+from fasttune.train.memory import planned_saves
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.model_prep import prepare_model
 from fasttune.train.optim import build_optimizer
@@ -112,7 +113,8 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
     if latest is not None:
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
     if d.main:
-        ckpt.check_disk(folder, model, cfg.training.keep_last)  # before start, which clears an --overwrite'd run
+        t = cfg.training  # before start, which clears an --overwrite'd run:
+        ckpt.check_disk(folder, model, t.keep_last, planned_saves(t.max_steps, t.save_every, t.save_final))
         if latest is None:
             folder.start(cfg)
         d.barrier()  # the other ranks start now; from here on every collective is reached by all ranks

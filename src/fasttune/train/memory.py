@@ -308,3 +308,60 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
              requested != est.plan else why, where, est.describe(), st.tokens)  # fmt: skip
     apply_plan(model, est.plan)
     return est
+
+
+# --- precision and disk: what the run holds and writes -------------------------------------------------------------
+
+FP32_STATE_SHARE = 0.5
+"""fp32 master weights are chosen by `model.dtype auto` only while their training state (fp32 weights, gradients,
+two AdamW moments and the bf16 autocast copies: 18 bytes per parameter) takes at most this share of the GPU: the
+rest is for activations. An 8B model needs 144 GB that way, 64 GB held in bf16 (H200: 139 GiB)."""
+
+
+def param_count(config) -> int:
+    """Parameters of a decoder-only config (embeddings, attention with optional q/k/v biases, SwiGLU MLP, norms)."""
+    s = Shape.of(config)
+    bias = (s.q + 2 * s.kv) if getattr(config, "attention_bias", False) or config.model_type == "qwen2" else 0
+    layer = s.hidden * (2 * s.q + 2 * s.kv) + bias + 3 * s.hidden * s.intermediate + 2 * s.hidden
+    heads = 1 if getattr(config, "tie_word_embeddings", False) else 2
+    return s.layers * layer + heads * s.vocab * s.hidden + s.hidden
+
+
+def fp32_master_fits(config, device: torch.device, lora: bool = False, free_bytes: float | None = None) -> bool:
+    """Whether fp32 master weights (+ bf16 autocast) leave room for activations on this GPU; True off CUDA."""
+    free = free_memory(device) if free_bytes is None else free_bytes
+    if free is None:
+        return True
+    n = param_count(config)
+    need = n * (6 if lora else 18)  # LoRA: frozen fp32 weights + their bf16 copies only
+    if need <= FP32_STATE_SHARE * free:
+        return True
+    log.warning("model.dtype auto: fp32 master weights would hold %.0f GiB of %.0f GiB free for %.2fB parameters; "
+                "training in pure bf16 (weights, gradients and AdamW moments; checkpoints in bf16)", need / GiB,
+                free / GiB, n / 1e9)  # fmt: skip
+    return False
+
+
+def planned_saves(max_steps: int, save_every: int, save_final: bool, start_step: int = 0) -> int:
+    """Checkpoints this run will write: every save_every steps, plus the last step when save_final."""
+    steps = set(range(save_every, max_steps + 1, save_every)) if save_every else set()
+    if save_final:
+        steps.add(max_steps)
+    return len([s for s in steps if s > start_step])
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of one checkpoint, bytes of a merged LoRA model): weights in the dtype they are held in (or only the
+    trainable adapters) plus AdamW's two moments in the same dtype; safetensors and torch.save add ~nothing."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    lora = trainable < weights
+    return (trainable if lora else weights) + 2 * trainable, weights if lora else 0
+
+
+def disk_needed(model: torch.nn.Module, keep_last: int, saves: int) -> int:
+    """Bytes on disk at the fullest moment: a new checkpoint is complete before the oldest is pruned, so up to
+    keep_last + 1 exist at once, never more than the run writes; plus the merged LoRA model at the end."""
+    per_ckpt, merged = checkpoint_bytes(model)
+    at_once = min(keep_last + 1, saves)
+    return int(1.02 * per_ckpt * at_once + merged + 50e6) if at_once or merged else 0

@@ -1,0 +1,68 @@
+"""Real shapes: the Llama-3.1-8B and Qwen2.5-7B presets, a model folder with only config.json (random init, said
+loudly), the dtype auto picks for an 8B-class model, and the disk estimate of what a run really writes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
+from helpers import tiny_config
+from transformers import AutoModelForCausalLM
+
+from fasttune.model.build import preset_config
+from fasttune.train import loop
+from fasttune.train.memory import GiB, disk_needed, fp32_master_fits, param_count, planned_saves
+
+GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+
+
+@pytest.mark.parametrize(
+    "preset,billions,model_type", [("llama-3.1-8b", 8.030, "llama"), ("qwen2.5-7b", 7.616, "qwen2")]
+)
+def test_real_shape_presets(preset, billions, model_type):
+    """The published parameter counts (Llama-3.1-8B 8.03B, Qwen2.5-7B 7.62B), built on the meta device."""
+    config = preset_config(preset, vocab_size=4096)
+    assert config.model_type == model_type and config.vocab_size > 100_000  # their own vocabulary, not 4096
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / 1e9 - billions) < 0.005 and param_count(config) == n
+
+
+def test_config_only_folder_trains_from_random_init(tmp_path, caplog):
+    folder = tmp_path / "shape-only"
+    tok = build_tiny_tokenizer()
+    preset_config("micro", len(tok), max_position_embeddings=512).save_pretrained(folder)  # config.json only
+    tok.save_pretrained(folder)
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
+    cfg = dataclasses.replace(
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(folder)),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256),
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="fasttune"):
+        result = loop.train(cfg)
+    assert "RANDOMLY INITIALISED" in caplog.text and str(folder) in caplog.text
+    assert result.last_loss is not None and (result.model_dir / "model.safetensors").is_file()
+
+
+def test_auto_dtype_holds_an_8b_model_in_bf16():
+    llama8b = preset_config("llama-3.1-8b", 4096)
+    cuda = torch.device("cuda")
+    assert not fp32_master_fits(llama8b, cuda, free_bytes=139 * GiB)  # 144 GB of fp32 state alone
+    assert fp32_master_fits(preset_config("1b", 32000), cuda, free_bytes=139 * GiB)
+    assert fp32_master_fits(llama8b, cuda, lora=True, free_bytes=139 * GiB)  # frozen weights: no grads or moments
+    assert fp32_master_fits(llama8b, torch.device("cpu"))
+
+
+def test_disk_estimate_counts_what_the_run_writes():
+    assert planned_saves(500, 250, True) == 2  # steps 250 and 500 (the final save is step 500's)
+    assert planned_saves(20, 250, True) == 1 and planned_saves(20, 250, False) == 0
+    assert planned_saves(1000, 100, True, start_step=950) == 1
+    model = torch.nn.Linear(1000, 1000, bias=False).to(torch.bfloat16)  # 2 MB of bf16 weights
+    one = 3 * 2_000_000  # weights + two AdamW moments in bf16
+    assert disk_needed(model, keep_last=2, saves=0) == 0
+    assert disk_needed(model, keep_last=2, saves=1) == int(1.02 * one + 50e6)
+    assert disk_needed(model, keep_last=2, saves=10) == int(1.02 * one * 3 + 50e6)  # keep_last + 1 at once
