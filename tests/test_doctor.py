@@ -5,18 +5,15 @@ Simulated machines are plain `Machine` values handed to single checks, so no GPU
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import io
 import json
 
 import pytest
-import torch
 from rich.console import Console
 
 from fasttune import cli
 from fasttune.attention import BACKENDS
-from fasttune.attention.probe import import_status
+from fasttune.attention.probe import explain_import_error
 from fasttune.doctor import attn, checks, packages, system, tools
 from fasttune.doctor.machine import Gpu, Machine
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Report, Row, render, run_check
@@ -34,10 +31,16 @@ ABI_ERROR = (
 )
 
 
+MISSING = "package not installed (no module '{}')"
+H100_BACKENDS = {"eager": None, "sdpa": None, "flex_attention": None, "varlen": None}
+
+
 def machine(gpu: tuple[int, int] | None = (9, 0), torch_cuda: str | None = "13.0", **kw) -> Machine:
-    """A simulated machine: an H100-like GPU by default, or CPU-only with gpu=None."""
+    """A simulated machine: an H100-like GPU by default, or CPU-only with gpu=None; no optional package installed,
+    every torch backend and SDPA kernel runs, `auto` picks sdpa. Keyword arguments replace any fact."""
     gpus = [Gpu("NVIDIA H100 80GB HBM3", gpu, 79.2)] if gpu else []
     smi = {"name": "NVIDIA H100 80GB HBM3", "driver": "580.65", "cuda": "13.0"} if gpu else {}
+    missing = {f"flash_attention_{i}": MISSING.format(BACKENDS[f"flash_attention_{i}"].module) for i in (2, 3, 4)}
     base = dict(
         python=(3, 11, 7),
         torch_version=f"2.11.0+cu{torch_cuda.replace('.', '')}" if torch_cuda else "2.11.0+cpu",
@@ -47,16 +50,18 @@ def machine(gpu: tuple[int, int] | None = (9, 0), torch_cuda: str | None = "13.0
         cuda_error=None,
         gpus=gpus,
         smi=smi,
+        arch_list=["sm_80", "sm_90", "sm_100", "compute_120"] if torch_cuda else [],
+        cudnn=91900 if torch_cuda else None,
+        nccl="2.27.3" if torch_cuda else None,
+        versions={"transformers": "5.17.0", "torch": "2.11.0"},
+        imports={"triton": None} if torch_cuda else {},
+        backends={**H100_BACKENDS, **missing},
+        sdpa_kernels=dict.fromkeys(attn.SDPA_KERNELS),
+        sdpa_default="FLASH_ATTENTION",
+        sdpa_ran=["CUDNN_ATTENTION"],
+        auto={"packed": "sdpa", "padded": "sdpa", "reason": "fastest usable for cuda packed D128"},
     )
     return Machine(**{**base, **kw})
-
-
-@pytest.fixture(autouse=True)
-def _fresh_import_cache():
-    """import_status is cached per module; simulated imports must not leak into other tests."""
-    import_status.cache_clear()
-    yield
-    import_status.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -105,24 +110,9 @@ def test_table_output_has_no_color_when_piped(capsys):
     assert report.exit_code == 1
 
 
-def _raise_on_import(monkeypatch, module: str, exc: Exception) -> None:
-    """Make `module` look installed but fail to import with `exc`; every other import is untouched."""
-    real_find, real_import = importlib.util.find_spec, importlib.import_module
-    spec = importlib.util.spec_from_loader(module, loader=None)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == module else real_find(name, *a))
-
-    def fake_import(name, *a):
-        if name == module:
-            raise exc
-        return real_import(name, *a)
-
-    monkeypatch.setattr(importlib, "import_module", fake_import)
-
-
-def test_undefined_symbol_is_explained_as_abi_mismatch(monkeypatch):
-    _raise_on_import(monkeypatch, BACKENDS["flash_attention_2"].module, ImportError(ABI_ERROR))
-    monkeypatch.setattr(attn, "dist_version", lambda *names: "2.8.3" if "flash-attn" in names else None)
-    rows = {r.id: r for r in attn.check_flash_attn(machine())}
+def test_undefined_symbol_is_explained_as_abi_mismatch():
+    broken = {BACKENDS["flash_attention_2"].module: explain_import_error(ImportError(ABI_ERROR))}
+    rows = {r.id: r for r in attn.check_flash_attn(machine(imports=broken, versions={"flash-attn": "2.8.3"}))}
     fa2 = rows["flash_attention_2"]
     assert fa2.status == FAIL
     assert "undefined symbol" in fa2.reason and "ABI mismatch" in fa2.reason
@@ -133,14 +123,13 @@ def test_undefined_symbol_is_explained_as_abi_mismatch(monkeypatch):
     assert "fasttune[fa4]" in fa2.fix  # on Hopper, skipping the build is the better fix
 
 
-def test_other_import_error_shows_real_text(monkeypatch):
-    _raise_on_import(monkeypatch, "liger_kernel", RuntimeError("triton 3.1 is too old for liger"))
-    (row,) = packages.check_liger(machine())
+def test_other_import_error_shows_real_text():
+    broken = {"liger_kernel": explain_import_error(RuntimeError("triton 3.1 is too old for liger"))}
+    (row,) = packages.check_liger(machine(imports=broken))
     assert row.status == FAIL and "triton 3.1 is too old for liger" in row.reason and row.fix
 
 
-def test_missing_fa4_on_hopper_recommends_the_wheel(monkeypatch):
-    monkeypatch.setattr(attn, "import_status", lambda module: f"package not installed (no module '{module}')")
+def test_missing_fa4_on_hopper_recommends_the_wheel():
     rows = {r.id: r for r in attn.check_flash_attn(machine())}
     assert rows["flash_attention_4"].status == WARN
     assert rows["flash_attention_4"].fix == 'pip install "fasttune[fa4]" "flash-attn-4[cu13]"'
@@ -149,9 +138,8 @@ def test_missing_fa4_on_hopper_recommends_the_wheel(monkeypatch):
     assert ampere["flash_attention_4"].status == SKIP  # FA4 does not serve Ampere: no nagging
 
 
-def test_missing_optional_packages(monkeypatch):
-    monkeypatch.setattr(packages, "import_status", lambda module: f"package not installed (no module '{module}')")
-    gpu, cpu = machine(), machine(gpu=None, torch_cuda=None)
+def test_missing_optional_packages():
+    gpu, cpu = machine(imports={}), machine(gpu=None, torch_cuda=None)
     (liger,) = packages.check_liger(gpu)
     assert liger.status == WARN and liger.fix == 'pip install "fasttune[liger]"'
     assert packages.check_liger(cpu)[0].status == SKIP
@@ -160,14 +148,13 @@ def test_missing_optional_packages(monkeypatch):
     assert packages.check_triton(gpu)[0].status == WARN
 
 
-def test_nvcc_major_mismatch(monkeypatch):
-    monkeypatch.setattr(tools, "cuda_home", lambda: "/usr/local/cuda-12.8")
-    monkeypatch.setattr(tools, "nvcc_version", lambda home: ("/usr/local/cuda-12.8/bin/nvcc", "12.8"))
-    (row,) = tools.check_nvcc(machine(torch_cuda="13.0"))
+def test_nvcc_major_mismatch():
+    nvcc = dict(cuda_home="/usr/local/cuda-12.8", nvcc=("/usr/local/cuda-12.8/bin/nvcc", "12.8"))
+    (row,) = tools.check_nvcc(machine(torch_cuda="13.0", **nvcc))
     assert row.status == WARN
     assert "CUDA 12.8" in row.reason and "CUDA 13.0" in row.reason
     assert "export CUDA_HOME=/usr/local/cuda-13.0" in row.fix and "fasttune[fa4]" in row.fix
-    (same,) = tools.check_nvcc(machine(torch_cuda="12.6"))
+    (same,) = tools.check_nvcc(machine(torch_cuda="12.6", **nvcc))
     assert same.status == OK and "torch only warns" in same.reason
 
 
@@ -178,17 +165,14 @@ def test_cpu_torch_on_a_gpu_machine():
     assert "--index-url https://download.pytorch.org/whl/cu130" in row.fix
 
 
-def test_distributed_row(monkeypatch):
+def test_distributed_row():
     """One GPU: skip; several with NCCL: the torchrun command; several without NCCL: a warning with the fix."""
     (one,) = system.check_distributed(machine())
     assert one.status == SKIP
-    eight = machine(gpus=[Gpu("NVIDIA H100 80GB HBM3", (9, 0), 79.2)] * 8)
-    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
-    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
-    (ok,) = system.check_distributed(eight)
+    eight = [Gpu("NVIDIA H100 80GB HBM3", (9, 0), 79.2)] * 8
+    (ok,) = system.check_distributed(machine(gpus=eight))
     assert ok.status == OK and "NCCL 2.27.3" in ok.reason and "--nproc_per_node 8" in ok.reason
-    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
-    (warn,) = system.check_distributed(eight)
+    (warn,) = system.check_distributed(machine(gpus=eight, nccl=None))
     assert warn.status == WARN and "gloo" in warn.reason and warn.fix
 
 
@@ -198,9 +182,8 @@ def test_driver_too_old_for_torch():
     assert row.status == FAIL and "12.4" in row.reason and "driver" in row.fix
 
 
-def test_alloc_conf_user_value_without_expandable_segments(monkeypatch):
-    monkeypatch.setattr(tools, "_initial_env", lambda: {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"})
-    (row,) = tools.check_alloc_conf(machine())
+def test_alloc_conf_user_value_without_expandable_segments():
+    (row,) = tools.check_alloc_conf(machine(env={"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}))
     assert row.status == WARN
     assert row.fix == 'export PYTORCH_ALLOC_CONF="expandable_segments:True,max_split_size_mb:512"'
 
@@ -211,24 +194,30 @@ def test_a_crashing_check_becomes_a_fail_row(monkeypatch, capsys):
 
     (row,) = run_check(check_boom, machine(), section="X")
     assert row.status == FAIL and "ValueError: probe exploded" in row.reason and row.fix
-    quick = (("Python", system.check_python), ("X", check_boom))
-    monkeypatch.setattr(checks, "CHECKS", quick)
-    monkeypatch.setattr(attn, "auto_choice", lambda m: ({}, "closing."))
-    assert checks.main(["--quick"]) == 1
+    monkeypatch.setattr(checks, "CHECKS", (("Python", system.check_python), ("X", check_boom)))
+    assert checks.main(["--quick"], machine=machine()) == 1
     out = capsys.readouterr()
     assert "probe exploded" in out.out and "Traceback" not in out.out + out.err
-    assert checks.main(["--debug"]) == 1
+    assert checks.main(["--debug"], machine=machine()) == 1
     assert "Traceback" in capsys.readouterr().err  # --debug shows it
 
 
-def test_installed_flash_attn_that_fails_to_run_on_gpu(monkeypatch):
+def test_a_crashing_probe_fails_the_rows_that_need_it(capsys):
+    """A probe that crashed while gathering (kept in Machine.failed) fails only the rows that read its fact."""
+    m = machine(backends={}, failed={"backends": "RuntimeError: CUDA error: misaligned address"})
+    assert checks.main(["--json"], machine=m) == 1
+    rows = {c["id"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert rows["backends"]["status"] == FAIL and "misaligned address" in rows["backends"]["reason"]
+    assert rows["sdpa.MATH"]["status"] == OK and rows["python"]["status"] in (OK, WARN)
+
+
+def test_installed_flash_attn_that_fails_to_run_on_gpu():
     """On a GPU the import row also reports the backend's tiny fwd+bwd probe (simulated here)."""
-    monkeypatch.setattr(attn, "import_status", lambda module: None)
-    monkeypatch.setattr(attn, "dist_version", lambda *names: "4.0.0b36")
-    reasons = dict.fromkeys(("flash_attention_2", "flash_attention_3"), None)
+    flash = {b.module: None for b in BACKENDS.values() if b.dists}
+    reasons = {**H100_BACKENDS, "flash_attention_2": None, "flash_attention_3": None}
     reasons["flash_attention_4"] = "fails a tiny forward+backward on cuda:0 bfloat16: AttributeError: nvvm"
-    monkeypatch.setattr(attn, "backend_reasons", lambda m: reasons)
-    rows = {r.id: r for r in attn.check_flash_attn(machine())}
+    m = machine(imports=flash, backends=reasons, versions={"flash-attn": "2.8.3", "flash-attn-4": "4.0.0b36"})
+    rows = {r.id: r for r in attn.check_flash_attn(m)}
     assert rows["flash_attention_2"].status == OK
     fa4 = rows["flash_attention_4"]
     assert fa4.status == FAIL and "AttributeError: nvvm" in fa4.reason and "fasttune[fa4]" in fa4.fix
@@ -248,22 +237,9 @@ def test_advice_fits_the_gpu(monkeypatch):
     assert "MAX_JOBS=" in build and "--no-build-isolation" in build and "cu12torch2.11cxx11abiTRUE" in build
 
 
-def test_simulated_h100_run(monkeypatch, capsys):
+def test_simulated_h100_run(capsys):
     """The whole report on a simulated H100 without flash-attn-4: every check runs, advice and closing fit."""
-    import fasttune.doctor.machine as machine_mod
-    from fasttune.attention import Resolved
-
-    monkeypatch.setattr(machine_mod, "detect", lambda: machine())
-    monkeypatch.setattr(system.torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_100", "compute_120"])
-    monkeypatch.setattr(attn, "sdpa_kernel_runs", lambda *a: dict.fromkeys(attn.SDPA_KERNELS))
-    monkeypatch.setattr(attn, "sdpa_default", lambda *a: "FLASH_ATTENTION")
-    reasons = {"eager": None, "sdpa": None, "flex_attention": None, "varlen": None}
-    reasons |= {f"flash_attention_{i}": "package not installed" for i in (2, 3, 4)}
-    monkeypatch.setattr(attn, "backend_reasons", lambda m: reasons)
-    monkeypatch.setattr(attn, "import_status", lambda module: f"package not installed (no module '{module}')")
-    auto = Resolved("sdpa", "fasttune_sdp", "fastest usable for cuda packed D128")
-    monkeypatch.setattr(attn, "resolve", lambda *a, **k: auto)
-    assert checks.main(["--json"]) == 0
+    assert checks.main(["--json"], machine=machine()) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {c["id"]: c for c in report["checks"]}
     assert EXPECTED_IDS <= set(rows)

@@ -1,34 +1,56 @@
 """Attention checks: which SDPA kernels run here, flex/varlen, flash-attn 2/3/4, and what `auto` picks.
 
-Backend availability comes from fasttune.attention (available / probe / import_status / resolve), the same probes
-training uses, so doctor and `auto` never disagree. Only the per-kernel SDPA probe lives here: the attention
-package tries kernels in order but has no call that lists every kernel that runs.
+`gather` probes once and stores the results on the Machine; every check below is a pure function of it. Backend
+availability comes from fasttune.attention (available / import_status / resolve), the same probes training uses, so
+doctor and `auto` never disagree. Only the per-kernel SDPA probe lives here: the attention package tries kernels in
+order but has no call that lists every kernel that runs.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from fasttune.attention import BACKENDS, available, import_status, kernel_report, resolve
-from fasttune.doctor.machine import Machine, dist_version, major_minor, wheel_tag
+from fasttune.doctor.machine import Machine, major_minor, wheel_tag
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
 
 HEAD_DIM = 128  # the head dim of the measured kernel tables in docs/BENCHMARKS.md and of Llama-3-8B-class models
 SDPA_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-_RUN = {"run": True}  # --quick sets run False: static checks only, no tiny kernel launches
+PACKAGES = ("triton", "liger_kernel", "peft")  # optional packages behind the fast paths (doctor.packages)
 
 
-def set_run(run: bool) -> None:
-    _RUN["run"] = run
+def gather(m: Machine, run: bool = True, debug: bool = False) -> Machine:
+    """Add the probe results to `m` (run=False, --quick: static checks only, no tiny kernel launches). A probe that
+    crashes leaves its fact empty and its error in m.failed; the checks that read it fail with it, in their rows."""
+    modules = (*(b.module for b in BACKENDS.values() if b.module), *PACKAGES)
+    facts = (
+        ("imports", lambda: {mod: import_status(mod) for mod in modules}),
+        ("backends", lambda: available(m.device, m.dtype, HEAD_DIM, run=run)),  # sdpa's probe records its kernel
+        ("sdpa_ran", lambda: sorted({k for tag, k in kernel_report().items() if tag.startswith("sdpa")})),
+        ("sdpa_kernels", lambda: sdpa_kernel_runs(m.device, m.dtype, HEAD_DIM)),
+        ("sdpa_default", lambda: sdpa_default(m.device, m.dtype, HEAD_DIM)),
+        ("auto", lambda: auto_choice(m)),
+    )
+    m.probed = run
+    for name, compute in facts:
+        try:
+            setattr(m, name, compute())
+        except Exception as exc:  # noqa: BLE001 - a crashing probe is a finding, reported by the rows that need it
+            if debug:
+                traceback.print_exc()
+            m.failed[name] = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    return m
 
 
-def backend_reasons(m: Machine) -> dict[str, str | None]:
-    """{backend: None if usable here else why}, from fasttune.attention.available (cached probes)."""
-    return available(m.device, m.dtype, HEAD_DIM, run=_RUN["run"])
+def _fact(m: Machine, name: str):
+    if name in m.failed:
+        raise RuntimeError(f"probing {name} failed: {m.failed[name]}")
+    return getattr(m, name)
 
 
 def fa4_install(m: Machine) -> str:
@@ -76,7 +98,7 @@ def _dtype_name(m: Machine) -> str:
 def check_sdpa_kernels(m: Machine) -> list[Row]:
     where = f"{m.device.type} {_dtype_name(m)} D{HEAD_DIM}"
     rows = []
-    for name, why in sdpa_kernel_runs(m.device, m.dtype, HEAD_DIM).items():
+    for name, why in _fact(m, "sdpa_kernels").items():
         label = f"sdpa {name.removesuffix('_ATTENTION').lower()}"
         if why is None:
             rows.append(Row(f"sdpa.{name}", "Attention", label, OK, f"tiny causal fwd+bwd runs ({where})"))
@@ -100,27 +122,22 @@ def _torch_hint(m: Machine) -> str:
 
 def check_sdpa_default(m: Machine) -> list[Row]:
     """What torch picks by itself versus what fasttune's sdpa backend ran in its probe (it tries cuDNN first)."""
-    picked = sdpa_default(m.device, m.dtype, HEAD_DIM)
+    picked = m.sdpa_default
     reason = f"PyTorch's own priority picks {picked} for a causal {_dtype_name(m)} D{HEAD_DIM} call"
-    try:
-        backend_reasons(m)  # runs fasttune's sdpa probe, which records the kernel it used
-    except Exception:  # noqa: BLE001 - the backends row reports this failure; here it only loses a detail
-        pass
-    ran = sorted({k for tag, k in kernel_report().items() if tag.startswith("sdpa")})
-    if ran:
-        reason += f"; fasttune's sdpa backend ran {', '.join(ran)}"
+    if m.sdpa_ran:
+        reason += f"; fasttune's sdpa backend ran {', '.join(m.sdpa_ran)}"
     if m.family in ("hopper", "blackwell") and picked != "CUDNN_ATTENTION":
         reason += " (fasttune tries cuDNN first: 1.7x FLASH fwd+bwd at 4k on H100, docs/BENCHMARKS.md)"
     return [Row("sdpa.default", "Attention", "sdpa default", OK, reason)]
 
 
 def check_flex_varlen(m: Machine) -> list[Row]:
-    reasons = backend_reasons(m)
+    reasons = _backends(m)
     rows = []
     for name, label in ((b.name, b.label) for b in BACKENDS.values() if (b.module or "").startswith("torch.")):
         why = reasons[name]
         if why is None:
-            how = "runs a tiny packed fwd+bwd" if _RUN["run"] else "available (static check, --quick)"
+            how = "runs a tiny packed fwd+bwd" if m.probed else "available (static check, --quick)"
             status = OK if m.gpus or name != "flex_attention" else SKIP
             extra = "" if m.gpus else "; unfused on CPU, so fasttune uses it on CUDA only"
             rows.append(Row(name, "Attention", label, status, how + extra))
@@ -143,14 +160,18 @@ def _flex_varlen_fix(m: Machine, why: str) -> str:
     return "run `fasttune doctor --debug`; the error above comes from a tiny fwd+bwd on this GPU"
 
 
+def _backends(m: Machine) -> dict[str, str | None]:
+    return _fact(m, "backends")
+
+
 def check_backends(m: Machine) -> list[Row]:
-    reasons = backend_reasons(m)
+    reasons = _backends(m)
     usable = [n for n, why in reasons.items() if why is None]
     reason = f"usable here ({m.device.type}, {_dtype_name(m)}, D{HEAD_DIM}): {', '.join(usable)}"
     return [Row("backends", "Attention", "attention backends", OK, reason)]
 
 
-def auto_choice(m: Machine) -> tuple[dict[str, str], str]:
+def auto_choice(m: Machine) -> dict[str, str]:
     """What `attn_implementation="auto"` resolves to here, packed (fasttune's default) and padded."""
     quiet = logging.getLogger("fasttune")
     level = quiet.level
@@ -160,11 +181,16 @@ def auto_choice(m: Machine) -> tuple[dict[str, str], str]:
         padded = resolve("auto", device=m.device, dtype=m.dtype, head_dim=HEAD_DIM, packed=False)
     finally:
         quiet.setLevel(level)
-    auto = {"packed": packed.name, "padded": padded.name, "reason": packed.reason}
+    return {"packed": packed.name, "padded": padded.name, "reason": packed.reason}
+
+
+def closing_line(m: Machine) -> str:
+    """The closing line of the report: what `auto` picks here and why."""
+    _fact(m, "auto")
     where = f"{m.gpus[0].name if m.gpus else 'CPU'}, {_dtype_name(m)}, head dim {HEAD_DIM}"
-    line = f"attn_implementation='auto' picks '{packed.name}' here for packed batches"
-    line += "" if padded.name == packed.name else f" ('{padded.name}' when padded)"
-    return auto, f"{line} ({where}): {packed.reason}."
+    line = f"attn_implementation='auto' picks '{m.auto['packed']}' here for packed batches"
+    line += "" if m.auto["padded"] == m.auto["packed"] else f" ('{m.auto['padded']}' when padded)"
+    return f"{line} ({where}): {m.auto['reason']}."
 
 
 def check_flash_attn(m: Machine) -> list[Row]:
@@ -173,8 +199,8 @@ def check_flash_attn(m: Machine) -> list[Row]:
 
 
 def _flash_row(m: Machine, backend: str, label: str, module: str, dists: tuple[str, ...]) -> Row:
-    version = dist_version(*dists)
-    why = import_status(module)
+    version = m.version(*dists)
+    why = m.import_status(module)
     if why and why.startswith("package not installed"):
         return _missing_row(m, backend, label)
     if why:
@@ -183,9 +209,9 @@ def _flash_row(m: Machine, backend: str, label: str, module: str, dists: tuple[s
     shown = f"{version or 'unknown version'} imports ({module})"
     if not m.gpus:
         return Row(backend, "Attention", label, SKIP, f"{shown}; runs only on a CUDA GPU")
-    runs = backend_reasons(m)[backend]
+    runs = _backends(m)[backend]
     if runs is None:
-        return Row(backend, "Attention", label, OK, shown + ("; runs a tiny packed fwd+bwd" if _RUN["run"] else ""))
+        return Row(backend, "Attention", label, OK, shown + ("; runs a tiny packed fwd+bwd" if m.probed else ""))
     if "compute capability" in runs or "head dim" in runs or "dtype" in runs:
         return Row(backend, "Attention", label, SKIP, f"{shown}; {runs}")
     return Row(backend, "Attention", label, FAIL, f"{shown} but {runs}", _reinstall(m, backend))

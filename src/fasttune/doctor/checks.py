@@ -14,6 +14,7 @@ import traceback
 from rich.console import Console
 
 from fasttune.doctor import attn, packages, system, tools
+from fasttune.doctor.machine import Machine, detect
 from fasttune.doctor.report import FAIL, Report, Row, render, run_check, to_json
 
 # (section, check) in table order.
@@ -51,14 +52,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def diagnose(debug: bool = False, quick: bool = False) -> Report:
-    """Run every check and build the report; never raises."""
-    from fasttune.doctor.machine import detect
-
-    attn.set_run(not quick)
+def diagnose(debug: bool = False, quick: bool = False, machine: Machine | None = None) -> Report:
+    """Run every check on `machine` (default: this one, detected and probed) and build the report; never raises."""
     report = Report()
     try:
-        machine = detect()
+        machine = machine or attn.gather(detect(), run=not quick, debug=debug)
     except Exception as exc:  # noqa: BLE001 - without machine facts no other check can run
         if debug:
             traceback.print_exc()
@@ -84,7 +82,8 @@ def _finish(report: Report, machine, debug: bool) -> None:
             traceback.print_exc()
         report.advice = [f"(advice unavailable: {type(exc).__name__}: {exc})"]
     try:
-        report.auto, report.closing = attn.auto_choice(machine)
+        report.closing = attn.closing_line(machine)
+        report.auto = machine.auto
     except Exception as exc:  # noqa: BLE001
         if debug:
             traceback.print_exc()
@@ -93,14 +92,15 @@ def _finish(report: Report, machine, debug: bool) -> None:
         report.closing = "attn_implementation='auto' could not be resolved here (see the 'auto resolver' row)."
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], machine: Machine | None = None) -> int:
+    """`fasttune doctor [--json] [--quick] [--debug]`; `machine` replaces detection (tests: simulated machines)."""
     args = parse_args(list(argv))
     debug = args.debug
     if sys.stderr.isatty() and not args.json:
         with Console(stderr=True).status("fasttune doctor: running checks and tiny kernel probes (--quick skips them)"):
-            report = diagnose(debug=debug, quick=args.quick)
+            report = diagnose(debug=debug, quick=args.quick, machine=machine)
     else:
-        report = diagnose(debug=debug, quick=args.quick)
+        report = diagnose(debug=debug, quick=args.quick, machine=machine)
     if args.json:
         sys.stdout.write(to_json(report) + "\n")
     else:

@@ -1,7 +1,10 @@
-"""Facts about this machine that several checks share, gathered once and never raising.
+"""Facts about this machine that the checks share, gathered once and never raising.
 
-Every helper here returns None (or an empty value) when a fact cannot be read, so a missing tool or a broken driver
-shows up as a row in the table rather than as a crash.
+Every check is a pure function of the `Machine` value: `detect()` reads the hardware, the toolchain and the
+environment, `doctor.attn.gather()` adds the probe results (imports, attention backends, SDPA kernels, `auto`'s
+choice) with the same functions training uses. Tests hand simulated machines to the checks instead. Every helper
+here returns None (or an empty value) when a fact cannot be read, so a missing tool or a broken driver shows up as a
+row in the table rather than as a crash.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 
 @dataclass
@@ -37,6 +43,31 @@ class Machine:
     cuda_error: str | None  # why torch.cuda.is_available() is False on a CUDA build, when torch says
     gpus: list[Gpu] = field(default_factory=list)
     smi: dict[str, str] = field(default_factory=dict)  # nvidia-smi: name, driver, cuda (driver's max CUDA)
+    arch_list: list[str] = field(default_factory=list)  # torch.cuda.get_arch_list(): the kernels torch ships
+    cudnn: int | None = None  # torch.backends.cudnn.version(), e.g. 91900
+    distributed: bool = True  # torch.distributed.is_available()
+    nccl: str | None = None  # NCCL version torch ships, None without NCCL
+    cuda_home: str | None = None  # the toolkit torch.utils.cpp_extension would build with
+    nvcc: tuple[str, str] | None = None  # (path, "X.Y") of that toolkit's nvcc
+    env: dict[str, str] = field(default_factory=dict)  # the environment this process started with
+    versions: dict[str, str] = field(default_factory=dict)  # installed pip distribution -> version
+    # from doctor.attn.gather (the probes training uses); absent keys read as "not installed" / "not probed"
+    imports: dict[str, str | None] = field(default_factory=dict)  # module -> None if it imports, else why not
+    backends: dict[str, str | None] = field(default_factory=dict)  # attention backend -> None if usable, else why
+    probed: bool = True  # backends were probed with a tiny fwd+bwd (False under --quick: static checks)
+    sdpa_kernels: dict[str, str | None] = field(default_factory=dict)  # SDPA kernel -> None if it runs, else why
+    sdpa_default: str = "unknown"  # the kernel torch's own priority picks for a causal call
+    sdpa_ran: list[str] = field(default_factory=list)  # kernels fasttune's sdpa backend ran in its probe
+    auto: dict[str, str] = field(default_factory=dict)  # what 'auto' picks: packed, padded, reason
+    failed: dict[str, str] = field(default_factory=dict)  # fact -> the error of the probe that should have set it
+
+    def import_status(self, module: str) -> str | None:
+        return self.imports.get(module, f"package not installed (no module '{module}')")
+
+    def version(self, *dists: str) -> str | None:
+        """Installed version of the first of these pip distributions found."""
+        found = (self.versions.get(canonicalize_name(d)) for d in dists)
+        return next((v for v in found if v), None)
 
     @property
     def device(self) -> torch.device:
@@ -78,10 +109,31 @@ def detect() -> Machine:
         for i in range(torch.cuda.device_count() if m.cuda_available else 0):
             props = torch.cuda.get_device_properties(i)
             m.gpus.append(Gpu(props.name, (props.major, props.minor), props.total_memory / 2**30))
+        m.arch_list = list(torch.cuda.get_arch_list())
+        m.cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        m.distributed = torch.distributed.is_available()
+        if m.distributed and torch.distributed.is_nccl_available() and m.torch_cuda:
+            m.nccl = ".".join(map(str, torch.cuda.nccl.version()))
     except Exception as exc:  # noqa: BLE001 - a broken driver is a finding, not a crash
         m.cuda_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
     m.smi = nvidia_smi()
+    m.cuda_home = cuda_home()
+    m.nvcc = nvcc_version(m.cuda_home)
+    m.env = initial_env()
+    m.versions = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
+                  if d.metadata["Name"]}  # fmt: skip
     return m
+
+
+def initial_env() -> dict[str, str]:
+    """The environment this process started with: fasttune may set PYTORCH_ALLOC_CONF at startup, so os.environ
+    cannot tell a user's value from ours. /proc/self/environ keeps the original (Linux); elsewhere os.environ."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def run(cmd: list[str], timeout: float = 10.0) -> tuple[int, str] | None:
@@ -128,19 +180,13 @@ def nvcc_version(home: str | None) -> tuple[str, str] | None:
     return (nvcc, found.group(1)) if found else (nvcc, "unknown")
 
 
-def dist_version(*names: str) -> str | None:
-    """Installed version of the first pip distribution found among `names`."""
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def major_minor(version: str | None) -> tuple[int, int] | None:
-    found = re.match(r"(\d+)\.(\d+)", version or "")
-    return (int(found.group(1)), int(found.group(2))) if found else None
+    """(major, minor) of a version string ("2.11.0+cu130", "13.0", "580.65"), or None when it is not one."""
+    try:
+        release = Version(version or "").release
+    except InvalidVersion:
+        return None
+    return (release[0], release[1] if len(release) > 1 else 0)
 
 
 def wheel_tag(m: Machine) -> str:

@@ -1,16 +1,16 @@
 """Checks of the optional packages behind fasttune's fast paths: triton, liger-kernel, peft.
 
-Import state comes from fasttune.attention.import_status, so a package that is installed but broken shows the
-real import error (and an ABI mismatch is named as one), exactly as the attention backends report it.
+Import state (Machine.imports) comes from fasttune.attention.import_status, so a package that is installed but broken
+shows the real import error (and an ABI mismatch is named as one), exactly as the attention backends report it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import re
 
-from fasttune.attention import import_status
-from fasttune.doctor.machine import Machine, dist_version
+from packaging.requirements import InvalidRequirement, Requirement
+
+from fasttune.doctor.machine import Machine
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
 
 
@@ -21,11 +21,16 @@ def _missing(why: str | None) -> bool:
 def pinned_triton() -> str:
     """The triton version the installed torch wheel requires (CUDA wheels pin it exactly), as a pip spec."""
     try:
-        for req in importlib.metadata.requires("torch") or []:
-            if re.match(r"triton\b", req) and "extra" not in req:
-                return req.split(";")[0].replace(" ", "")
+        reqs = importlib.metadata.requires("torch") or []
     except importlib.metadata.PackageNotFoundError:
-        pass
+        return "triton"
+    for text in reqs:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if req.name == "triton" and "extra" not in str(req.marker or ""):
+            return f"triton{req.specifier}"
     return "triton"
 
 
@@ -33,9 +38,9 @@ def _package_row(m: Machine, id_: str, label: str, module: str, missing: tuple[s
                  fix_missing: str, fix_broken: str) -> list[Row]:  # fmt: skip
     """ok when `module` imports; when it is missing, SKIP on a CPU-only machine with missing[0] as the reason, else
     `missing[1]` (a status) with missing[2]; FAIL with the real import error when it is installed but broken."""
-    why = import_status(module)
+    why = m.import_status(module)
     if why is None:
-        return [Row(id_, "Packages", label, OK, f"{dist_version(label) or '?'} imports")]
+        return [Row(id_, "Packages", label, OK, f"{m.version(label) or '?'} imports")]
     if _missing(why):
         cpu_reason, status, reason = missing
         if not m.gpus and cpu_reason:

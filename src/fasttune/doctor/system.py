@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
-from fasttune.doctor.machine import Machine, dist_version, major_minor, run
+from fasttune.doctor.machine import Machine, major_minor, run
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
 
 MIN_PYTHON = (3, 11)
@@ -69,7 +67,7 @@ def check_torch(m: Machine) -> list[Row]:
 
 
 def check_transformers(m: Machine) -> list[Row]:
-    version = dist_version("transformers")
+    version = m.version("transformers")
     if version is None:
         return [
             Row("transformers", "Python", "transformers", FAIL, "not installed", 'pip install "transformers>=5.17"')
@@ -88,8 +86,7 @@ def check_cuda(m: Machine) -> list[Row]:
             reason = f"torch {m.torch_version} is a CPU-only build but this machine has a {gpu_here}"
             return [Row("cuda", "CUDA", "torch CUDA build", FAIL, reason, torch_install(m))]
         return [Row("cuda", "CUDA", "torch CUDA build", SKIP, "CPU-only torch and no NVIDIA GPU: training runs on CPU")]
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    found = f"torch built with CUDA {m.torch_cuda}, cuDNN {_cudnn(cudnn)}"
+    found = f"torch built with CUDA {m.torch_cuda}, cuDNN {_cudnn(m.cudnn)}"
     if m.cuda_available:
         return [Row("cuda", "CUDA", "torch CUDA build", OK, f"{found}; {len(m.gpus)} GPU(s) visible")]
     if not gpu_here:
@@ -117,7 +114,7 @@ def check_gpu(m: Machine) -> list[Row]:
     g = m.gpus[0]
     more = f" (+{len(m.gpus) - 1} more)" if len(m.gpus) > 1 else ""
     reason = f"{g.name}{more}, compute capability {g.cc[0]}.{g.cc[1]} ({m.family}), {g.total_gib:.1f} GiB"
-    arches = torch.cuda.get_arch_list()
+    arches = m.arch_list
     sm = g.cc[0] * 10 + g.cc[1]
     ptx = [int(a.split("_")[1].rstrip("af")) for a in arches if a.startswith("compute_")]
     if arches and f"sm_{sm}" not in arches and not any(p <= sm for p in ptx):
@@ -129,15 +126,14 @@ def check_gpu(m: Machine) -> list[Row]:
 def check_distributed(m: Machine) -> list[Row]:
     """Several GPUs: what `torchrun` (DDP / --training.fsdp) would use here."""
     name = "multi-GPU (torchrun)"
-    if not torch.distributed.is_available():
+    if not m.distributed:
         why = f"torch {m.torch_version} was built without torch.distributed: one process only"
         return [Row("distributed", "CUDA", name, WARN if len(m.gpus) > 1 else SKIP, why, torch_install(m))]
     if len(m.gpus) < 2:
         why = f"{len(m.gpus)} GPU visible: one process (CPU ranks with gloo work for tests)"
         return [Row("distributed", "CUDA", name, SKIP, why)]
-    nccl = torch.distributed.is_nccl_available()
-    version = ".".join(map(str, torch.cuda.nccl.version())) if nccl else None
-    if not nccl:
+    version = m.nccl
+    if not version:
         why = f"{len(m.gpus)} GPUs but torch has no NCCL: multi-GPU training would fall back to slow gloo"
         return [Row("distributed", "CUDA", name, WARN, why, torch_install(m))]
     why = f"{len(m.gpus)} GPUs, NCCL {version}: torchrun --nproc_per_node {len(m.gpus)} main.py --experiment full"

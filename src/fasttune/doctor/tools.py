@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from fasttune.doctor.machine import Machine, cuda_home, major_minor, nvcc_version, run
+from fasttune.doctor.machine import Machine, major_minor, run
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
 
 NO_COMPILE = "fasttune needs no compiler; only building flash-attn 2/3 from source does"
@@ -19,10 +19,9 @@ NO_COMPILE = "fasttune needs no compiler; only building flash-attn 2/3 from sour
 
 def check_nvcc(m: Machine) -> list[Row]:
     """The classic mismatch: torch's cpp_extension refuses to build with an nvcc of another CUDA major version."""
-    home = cuda_home()
-    found = nvcc_version(home)
+    home, found = m.cuda_home, m.nvcc
     if found is None:
-        where = f" (CUDA_HOME={home} has no bin/nvcc)" if os.environ.get("CUDA_HOME") else ""
+        where = f" (CUDA_HOME={home} has no bin/nvcc)" if m.env.get("CUDA_HOME") else ""
         status = WARN if where else SKIP
         fix = "unset CUDA_HOME, or point it at a CUDA toolkit" if where else ""
         return [Row("nvcc", "Build tools", "nvcc", status, f"no CUDA toolkit found{where}; {NO_COMPILE}", fix)]
@@ -75,19 +74,8 @@ def check_ninja(m: Machine) -> list[Row]:
     return [Row("ninja", "Build tools", "ninja", OK, f"{res[1]} at {path}")]
 
 
-def _initial_env() -> dict[str, str]:
-    """The environment this process started with: fasttune sets PYTORCH_ALLOC_CONF at import, so os.environ cannot
-    tell a user's value from ours. /proc/self/environ keeps the original (Linux); elsewhere os.environ is the guess."""
-    try:
-        raw = Path("/proc/self/environ").read_bytes()
-    except OSError:
-        return dict(os.environ)
-    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
-
-
 def check_alloc_conf(m: Machine) -> list[Row]:
-    env = _initial_env()
+    env = m.env
     user = {k: env[k] for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF") if k in env}
     name = "PYTORCH_ALLOC_CONF"
     if not user:
