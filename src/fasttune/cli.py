@@ -4,7 +4,6 @@ Bad input ends with one line `error: ...` and exit code 2 (no traceback unless -
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -88,33 +87,15 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
-    from fasttune.generate.generate import generate, load_for_generation
+    from fasttune.generate.commands import run_generate
 
-    p = argparse.ArgumentParser(prog="fasttune generate", description="Generate text from a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (e.g. runs/quick/checkpoints/step-000300)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.max_new_tokens <= 0 or a.temperature < 0 or not 0 < a.top_p <= 1:
-        raise FasttuneError("--max-new-tokens must be > 0, --temperature >= 0 and --top-p in (0, 1]")
-    model, tok = load_for_generation(a.checkpoint, a.device)
-    sys.stdout.write(a.prompt)
-    g = generate(
-        model,
-        tok,
-        a.prompt,
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_p=a.top_p,
-        stream=True,
-        seed=a.seed,
-    )
-    print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tok/s]", file=sys.stderr)
-    return 0
+    return run_generate(argv)
+
+
+def cmd_chat(argv: Sequence[str]) -> int:
+    from fasttune.generate.commands import run_chat
+
+    return run_chat(argv)
 
 
 def cmd_experiments(argv: Sequence[str]) -> int:
@@ -140,6 +121,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
 COMMANDS = {
     "train": cmd_train,
     "generate": cmd_generate,
+    "chat": cmd_chat,
     "doctor": cmd_doctor,
     "bench": cmd_bench,
     "experiments": cmd_experiments,
@@ -171,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "usage: fasttune {train,generate,doctor,bench,experiments} [options]\n"
             "  train        train / fine-tune (--experiment quick|full|sft|lora, see `fasttune train --help`)\n"
-            "  generate     generate text from a checkpoint\n"
+            "  generate     generate text from a checkpoint, a run folder or a LoRA adapter (--prompts FILE: batched)\n"
+            "  chat         chat with a fine-tuned model in the terminal\n"
             "  doctor       diagnose which fast paths work here and how to fix the rest\n"
             "  bench        measure attention backends and training throughput on this machine\n"
             "  experiments  list the experiment presets",

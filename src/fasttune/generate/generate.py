@@ -1,18 +1,24 @@
-"""Text generation from a checkpoint: greedy or sampled (temperature, top-p), streamed, with tokens/s."""
+"""Text generation from a checkpoint: greedy or sampled (temperature, top-p), one prompt streamed or many batched.
+
+On a CUDA GPU the fast decode path (`generate/fast.py`: static KV cache, graphs) runs by default; elsewhere, or for a
+model it does not support, HF `generate` runs and the log says why. Both take left-padded batches and stop each row
+at its own end of sequence (EOS, and a chat template's end-of-turn token).
+
+Legend: B batch, P prompt length (padded), N new tokens.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Thread
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import TextStreamer
 
-from fasttune.device import pick_device
 from fasttune.errors import FasttuneError
 from fasttune.generate.fast import fast_generate, unsupported_reason
 
@@ -24,114 +30,198 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float
+    """Wall time of the batch this generation was part of."""
+    finished: bool = True
+    """Stopped at an end-of-sequence token (False: cut at max_new_tokens)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_for_generation(checkpoint: str | Path, device: str = "auto"):
-    path = Path(checkpoint)
-    if not (path / "config.json").is_file():
+def load_for_generation(checkpoint: str | Path, device: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) from a checkpoint, model, adapter or run folder (see model/resolve.py)."""
+    from fasttune.model.load import load_for_inference
+
+    return load_for_inference(checkpoint, device, trust_remote_code)
+
+
+def slow_path_reason(model) -> str | None:
+    """Why the fast decode path will not run for this model here, or None when it will."""
+    if next(model.parameters()).device.type != "cuda":
+        return "the fast path needs a CUDA GPU"
+    return unsupported_reason(model)
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a reply: EOS (tokenizer and generation config) and the end-of-turn token the chat template
+    writes after an assistant message (e.g. ChatML's <|im_end|>, which is not always the EOS)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        try:
+            convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+            text = tokenizer.apply_chat_template(convo, tokenize=False)
+            after = tokenizer(text[text.rindex("b") + 1 :], add_special_tokens=False)["input_ids"]
+            if after and after[0] in tokenizer.all_special_ids:
+                ids.add(after[0])
+        except Exception:  # a template that rejects this probe: EOS alone
+            pass
+    return sorted(i for i in ids if i is not None)
+
+
+def fit_context(model, prompt_len: int, max_new_tokens: int, what: str = "the prompt") -> int:
+    """max_new_tokens, shortened to the model's context (max_position_embeddings); a prompt that does not fit stops."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return max_new_tokens
+    if prompt_len >= context:
         raise FasttuneError(
-            f"--checkpoint {path}: no config.json there; pass a checkpoint folder such as "
-            "runs/quick/checkpoints/step-000200"
+            f"{what} is {prompt_len} tokens, but the model's context is {context} (max_position_embeddings): "
+            "shorten it (or use a model with a longer context)"
         )
-    dev = pick_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(dev).eval()
-    return model, tokenizer
+    if prompt_len + max_new_tokens > context:
+        log.warning("%s: %d tokens + %d new exceed the context %d; generating at most %d new tokens", what,
+                    prompt_len, max_new_tokens, context, context - prompt_len)  # fmt: skip
+        return context - prompt_len
+    return max_new_tokens
+
+
+def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    ids_BP = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ids in enumerate(batch):
+        ids_BP[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask_BP[i, width - len(ids) :] = 1
+    return ids_BP.to(device), mask_BP.to(device)
+
+
+class _Printer(TextStreamer):
+    """HF's TextStreamer (word-boundary and multi-byte safe decoding), handing text to a callback instead of print."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
 
 
 @torch.no_grad()
-def generate(
+def generate_ids(
     model,
     tokenizer,
-    prompt: str,
+    batch: list[list[int]],
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    stream: bool = False,
     seed: int = 0,
-) -> Generation:
-    """Generate a continuation of `prompt`; with stream=True the text is printed as it is produced."""
+    on_text: Callable[[str], None] | None = None,
+    graphs: bool | None = False,
+) -> list[Generation]:
+    """Generate for each prompt (token ids) of `batch`, all at once; `on_text` (batch of one) gets the text as it
+    is produced. `graphs`: let the fast path capture CUDA graphs (pays off when many batches follow)."""
+    if on_text is not None and len(batch) != 1:
+        raise ValueError("streaming needs a batch of one")
+    if any(not ids for ids in batch):
+        raise FasttuneError("a prompt is empty after tokenization; pass some text")
     device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    if enc["input_ids"].shape[1] == 0:
-        raise FasttuneError("--prompt is empty after tokenization; pass some text")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    eos = stop_ids(model, tokenizer)
+    ids_BP, mask_BP = _left_pad(batch, pad_id, device)
     torch.manual_seed(seed)
-    reason = "fast path needs CUDA graphs" if device.type != "cuda" else unsupported_reason(model)
+    t0 = time.perf_counter()
+    reason = slow_path_reason(model)
+    out_BS = None
     if reason is None:
-        return _generate_fast(model, tokenizer, enc, max_new_tokens, temperature, top_p, stream)
-    log.info("generate: HF generate (%s)", reason)
+        try:
+            out_BS = _fast(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p,
+                           on_text, graphs)  # fmt: skip
+        except ValueError as e:  # a case the fast path refuses at run time: HF generate does it
+            reason = str(e)
+    if out_BS is None:
+        log.info("generate: HF generate (%s)", reason)
+        out_BS = _hf(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return [_result(tokenizer, row, ids_BP.shape[1], eos, seconds) for row in out_BS.tolist()]
+
+
+def _result(tokenizer, row: list[int], prompt_len: int, eos: list[int], seconds: float) -> Generation:
+    new = row[prompt_len:]
+    end = next((i for i, t in enumerate(new) if t in eos), None)
+    kept = new if end is None else new[: end + 1]  # the end-of-sequence token counts; the pad after it does not
+    return Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), seconds, end is not None)
+
+
+def _fast(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text, graphs):
+    """fasttune's static-cache decode loop (`fast.py`): HF generate's greedy tokens, faster."""
+    new: list[int] = []
+    printed = ""
+
+    def on_token(tokens_B: list[int]) -> None:
+        nonlocal printed
+        if tokens_B[0] in eos:
+            return  # the reply ends here (a batch of one stops at once)
+        new.append(tokens_B[0])
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            on_text(text[len(printed) :])
+            printed = text
+
+    return fast_generate(
+        model,
+        ids_BP,
+        mask_BP,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=(getattr(model.generation_config, "top_k", None) or 0) if temperature > 0 else 0,  # HF's default 50
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+        on_token=on_token if on_text is not None else None,
+        use_graphs=graphs,
+    )
+
+
+def _hf(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text):
     kwargs = dict(
-        **enc,
+        input_ids=ids_BP,
+        attention_mask=mask_BP,
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        eos_token_id=eos or None,
         use_cache=True,
     )
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    t0 = time.perf_counter()
+    if on_text is not None:
+        kwargs["streamer"] = _Printer(tokenizer, on_text)
+    return model.generate(**kwargs)
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def generate(model, tokenizer, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, stream: bool = False, seed: int = 0) -> Generation:  # fmt: skip
+    """Continue one prompt (text, tokenized as is, or token ids); with stream=True the text is printed as produced."""
+    ids = list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise FasttuneError("--prompt is empty after tokenization; pass some text")
+    max_new_tokens = fit_context(model, len(ids), max_new_tokens)
+    g = generate_ids(model, tokenizer, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     seed=seed, on_text=_stdout if stream else None)[0]  # fmt: skip
     if stream:
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result: dict = {}
-        thread = Thread(target=lambda: result.update(out=model.generate(**kwargs, streamer=streamer)))
-        thread.start()
-        for piece in streamer:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        thread.join()
-        out = result["out"]
-        sys.stdout.write("\n")
-    else:
-        out = model.generate(**kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    new = out[0, enc["input_ids"].shape[1] :]
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds)
-
-
-def _generate_fast(model, tokenizer, enc, max_new_tokens: int, temperature: float, top_p: float, stream: bool):
-    """fasttune's static-cache decode loop (`fast.py`) for one call: HF generate's greedy tokens, faster."""
-    prompt_len = enc["input_ids"].shape[1]
-    new: list[int] = []
-    printed = ""
-
-    def on_token(tokens_B: list[int]) -> None:
-        nonlocal printed
-        new.append(tokens_B[0])
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
-
-    t0 = time.perf_counter()
-    out = fast_generate(
-        model,
-        enc["input_ids"],
-        enc.get("attention_mask"),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=(getattr(model.generation_config, "top_k", None) or 0) if temperature > 0 else 0,  # HF's default 50
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0,
-        on_token=on_token if stream else None,
-        # One call per process (the CLI, the end-of-training sample): capturing a graph per KV length costs about
-        # what it saves within a single call (docs/BENCHMARKS.md), so only the static-cache loop runs here.
-        use_graphs=False,
-    )
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    if stream:
-        sys.stdout.write("\n")
-    tokens = out[0, prompt_len:]
-    return Generation(tokenizer.decode(tokens, skip_special_tokens=True), int(tokens.numel()), seconds)
+        _stdout("\n")
+    return g

@@ -4,6 +4,7 @@ evaluate, log, save."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -16,6 +17,8 @@ from fasttune.config import BaseConfig
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.errors import FasttuneError
+from fasttune.generate.template import record_prompt_format
+from fasttune.model.resolve import resolve_for_training
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import resolve_device
@@ -68,6 +71,8 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop). Under
     torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
+    if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     d = distributed.from_env(cfg.training.fsdp)
     if d.on and cfg.training.oom_retry:
         raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
@@ -109,6 +114,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
     data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None)
     for line in data.summary.lines():
         log.info(line)
+    record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
     model, attn = prepare_model(cfg, data, device, param_dtype)
     if latest is not None:
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
@@ -210,6 +216,7 @@ def _finish(run: Run) -> RunResult:
 
         merged = run.folder.merged if cfg.lora.merge_on_save else None
         save_lora(run.model, run.folder.adapter, merged)
+        data.tokenizer.save_pretrained(run.folder.adapter)  # the adapter alone is usable: its prompt format
         if merged is not None:
             data.tokenizer.save_pretrained(merged)
             result.model_dir = merged

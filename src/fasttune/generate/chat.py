@@ -1,0 +1,68 @@
+"""`fasttune chat`: talk to a fine-tuned model in the terminal, replies streamed as they are generated.
+
+Multi-turn when the model has a real chat template; a run trained on Alpaca or prompt/completion data saw single
+exchanges only, so there each message is answered on its own. Ctrl-D or Ctrl-C at the prompt ends the session
+(exit 0); Ctrl-C during a reply stops that reply and returns to the prompt. `/reset` forgets the conversation.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from fasttune.errors import FasttuneError
+from fasttune.generate.generate import fit_context, generate_ids
+from fasttune.generate.template import multi_turn, prompt_format, prompt_ids
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None, max_new_tokens: int = 256,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+              read: Callable[[str], str] = input) -> int:  # fmt: skip
+    fmt = "raw" if raw else prompt_format(tokenizer)
+    multi = multi_turn(fmt)
+    how = {"raw": "no template: each message is continued as plain text", "chat": "the model's chat template"}
+    how_fmt = how.get(fmt, f"the {fmt} prompt format the run trained with; each message is answered on its own")
+    print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D or Ctrl-C to quit, /reset to start over.",
+          file=sys.stderr)  # fmt: skip
+    history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
+    start = list(history)
+    while True:
+        try:
+            line = read(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            _say("\n")
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        messages = (history if multi else start) + [{"role": "user", "content": line}]
+        ids = prompt_ids(tokenizer, messages, raw=raw)
+        while multi and len(messages) > len(start) + 1 and _too_long(model, len(ids)):
+            messages = start + messages[len(start) + 2 :]  # forget the oldest exchange to stay within the context
+            ids = prompt_ids(tokenizer, messages, raw=raw)
+        try:
+            budget = fit_context(model, len(ids), max_new_tokens, "the message")
+        except FasttuneError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        try:
+            reply = generate_ids(model, tokenizer, [ids], max_new_tokens=budget, temperature=temperature,
+                                 top_p=top_p, seed=seed, on_text=_say)[0]  # fmt: skip
+        except KeyboardInterrupt:
+            _say("\n[stopped]\n")
+            continue
+        _say("\n")
+        if multi:
+            history = messages + [{"role": "assistant", "content": reply.text}]
+
+
+def _too_long(model, prompt_len: int) -> bool:
+    context = getattr(model.config, "max_position_embeddings", None)
+    return bool(context) and prompt_len >= context

@@ -1,0 +1,199 @@
+"""`fasttune generate` and `fasttune chat`: their options (dataclasses: the docstrings are the --help text) and the
+functions the CLI calls. A checkpoint can be a checkpoint, a run folder, a model folder or a LoRA adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fasttune.errors import ConfigError
+
+log = logging.getLogger("fasttune")
+CHECKPOINT_HELP = ("Checkpoint folder, run folder (its latest complete checkpoint; a LoRA run's merged model), model "
+                   "folder, or LoRA adapter folder (loaded on its base model).")  # fmt: skip
+
+
+@dataclass
+class SamplingArgs:
+    checkpoint: str
+    """Checkpoint, run folder (latest complete checkpoint; a LoRA run's merged/), model folder or LoRA adapter."""
+    max_new_tokens: int = 256
+    """Most tokens to generate per reply (fewer when the model's context ends first)."""
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    raw: bool = False
+    """Send the text as is, without the prompt format / chat template the model was trained with."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N."""
+    seed: int = 0
+    """Random seed for sampling."""
+    trust_remote_code: bool = False
+    """Allow a model folder that ships its own Python code to run it (off: refuse such folders)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"--max-new-tokens={self.max_new_tokens} is not valid; it must be > 0")
+        if not self.temperature >= 0:
+            raise ConfigError(f"--temperature={self.temperature} is not valid; it must be >= 0 (0: greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p={self.top_p} is not valid; it must be in (0, 1]")
+
+
+@dataclass
+class GenerateArgs(SamplingArgs):
+    prompt: str | None = None
+    """Text to answer, rendered with the model's prompt format unless --raw (then continued as is)."""
+    prompts: str | None = None
+    """JSONL file, one prompt per line (a JSON string, or an object with "prompt", "instruction" (+"input"),
+    "messages" or "text"): completions go to --output, generated in batches."""
+    output: str | None = None
+    """JSONL file for the completions of --prompts (default: the prompts file's name + .completions.jsonl)."""
+    overwrite: bool = False
+    """Replace an existing --output file."""
+    batch_size: int = 16
+    """Prompts generated together with --prompts."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.prompt is None) == (self.prompts is None):
+            raise ConfigError("pass either --prompt TEXT or --prompts FILE.jsonl (one of them)")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
+
+
+@dataclass
+class ChatArgs(SamplingArgs):
+    system: str | None = None
+    """System message that opens the conversation (models with a chat template only)."""
+
+
+def parse_args(cls: type, argv: Sequence[str], prog: str, description: str):
+    """`cls` filled from `argv` by tyro; a mistake is one line naming the option (no help panel, no traceback)."""
+    import contextlib
+    import io
+
+    import tyro
+
+    args = list(argv)
+    wants_help = any(a in ("-h", "--help") for a in args)
+    quiet = contextlib.nullcontext() if wants_help else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            return tyro.cli(cls, args=args, prog=prog, description=description, console_outputs=wants_help)
+    except SystemExit as e:
+        if wants_help or e.code == 0:
+            raise
+        raise ConfigError(_explain(cls, args, prog)) from None
+
+
+def _explain(cls: type, args: list[str], prog: str) -> str:
+    fields = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(cls)}
+    flags = set(fields) | {f"--no-{k[2:]}" for k, f in fields.items() if f.type in ("bool", bool)}
+    for i, arg in enumerate(args):
+        flag = arg.partition("=")[0]
+        if arg.startswith("-") and flag not in flags:
+            close = difflib.get_close_matches(flag, flags, n=1)
+            return f"unknown option {flag}; {'did you mean ' + close[0] + '? ' if close else ''}see `{prog} --help`"
+        if flag in fields and fields[flag].type not in ("bool", bool) and "=" not in arg:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                return f"{flag} needs a value"
+    missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in args]
+    if missing and not any(a.startswith(missing[0] + "=") for a in args):
+        return f"{missing[0]} is required; see `{prog} --help`"
+    return f"invalid arguments (a value of the wrong type?); see `{prog} --help`"
+
+
+def _load(a: SamplingArgs):
+    from fasttune.generate.generate import load_for_generation
+
+    return load_for_generation(a.checkpoint, a.device, a.trust_remote_code)
+
+
+def run_generate(argv: Sequence[str]) -> int:
+    a = parse_args(GenerateArgs, argv, "fasttune generate",
+                   "Generate from a checkpoint: one prompt streamed, or a JSONL file of prompts in batches. "
+                   + CHECKPOINT_HELP)  # fmt: skip
+    if a.prompts is not None:  # check the files before minutes of model loading
+        from fasttune.generate.prompts import check_output, read_prompts
+
+        records = read_prompts(a.prompts)
+        out = Path(a.output) if a.output else Path(a.prompts).with_suffix(".completions.jsonl")
+        check_output(out, a.overwrite)
+        model, tok = _load(a)
+        return _generate_file(model, tok, a, records, out)
+    if a.output is not None:
+        raise ConfigError("--output goes with --prompts FILE; with --prompt the text is printed")
+    model, tok = _load(a)
+    from fasttune.generate.generate import fit_context, generate_ids
+    from fasttune.generate.template import prompt_format, prompt_ids
+
+    fmt = "raw" if a.raw else prompt_format(tok)
+    if fmt != "raw":
+        log.info("prompt format: %s (--raw sends the text as is)", fmt)
+    ids = prompt_ids(tok, [{"role": "user", "content": a.prompt}], raw=a.raw)
+    budget = fit_context(model, len(ids), a.max_new_tokens, "--prompt")
+    if fmt == "raw":
+        sys.stdout.write(a.prompt)  # a continuation: show what it continues
+    g = generate_ids(model, tok, [ids], max_new_tokens=budget, temperature=a.temperature, top_p=a.top_p,
+                     seed=a.seed, on_text=_write)[0]  # fmt: skip
+    sys.stdout.write("\n")
+    print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) -> int:
+    from tqdm.auto import tqdm
+
+    from fasttune.generate.generate import fit_context, generate_ids
+    from fasttune.generate.prompts import record_messages, write_jsonl
+    from fasttune.generate.template import prompt_format, prompt_ids
+
+    fmt = "raw" if a.raw else prompt_format(tok)
+    ids = []
+    for r in records:
+        ids.append(prompt_ids(tok, record_messages(r, fmt), raw=a.raw))
+        fit_context(model, len(ids[-1]), 1, f"{a.prompts} line {r['_line']}: the prompt")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    done: dict[int, dict] = {}
+    new_tokens, seconds = 0, 0.0
+    bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr)
+    for lo in range(0, len(order), a.batch_size):
+        rows = order[lo : lo + a.batch_size]
+        budget = min(fit_context(model, len(ids[i]), a.max_new_tokens, "a prompt") for i in rows)
+        # graphs: captured once per batch shape, reused by the following batches
+        gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
+                            top_p=a.top_p, seed=a.seed + lo, graphs=None)  # fmt: skip
+        for i, g in zip(rows, gens, strict=True):
+            record = {k: v for k, v in records[i].items() if k != "_line"}
+            done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished}
+        new_tokens += sum(g.new_tokens for g in gens)
+        seconds += gens[0].seconds
+        bar.update(len(rows))
+        bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
+    bar.close()
+    write_jsonl(out, [done[i] for i in range(len(ids))])
+    print(f"{len(ids)} completions -> {out} ({new_tokens:,} tokens in {seconds:.1f} s: "
+          f"{new_tokens / max(seconds, 1e-9):,.0f} tok/s)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def run_chat(argv: Sequence[str]) -> int:
+    from fasttune.generate.chat import chat_loop
+
+    a = parse_args(ChatArgs, argv, "fasttune chat", "Chat with a model in the terminal, replies streamed. "
+                   + CHECKPOINT_HELP)  # fmt: skip
+    model, tok = _load(a)
+    return chat_loop(model, tok, raw=a.raw, system=a.system, max_new_tokens=a.max_new_tokens,
+                     temperature=a.temperature, top_p=a.top_p, seed=a.seed)  # fmt: skip

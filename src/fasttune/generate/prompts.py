@@ -1,0 +1,92 @@
+"""Prompt files for `fasttune generate --prompts FILE`: one JSON value per line in, one JSON object per line out.
+
+Each line is a JSON string (the prompt), or an object with "prompt", "instruction" (+ optional "input", Alpaca),
+"messages" (chat; a trailing assistant turn is dropped) or "text". Completions are written beside the input record's
+own fields, in the input order, to a new file (never over an existing one unless asked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fasttune.errors import DataError, FasttuneError
+
+PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Records of a JSONL prompt file, each as a dict (a bare string becomes {"prompt": ...})."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"--prompts {file}: no such file; pass a JSONL file with one prompt per line")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"--prompts {file}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            msg = f"{file} line {n}: invalid JSON ({e.msg} at column {e.colno}); write one JSON value per line"
+            raise DataError(msg) from None
+        record = {"prompt": value} if isinstance(value, str) else value
+        if not isinstance(record, dict) or not _has_prompt(record):
+            raise DataError(f"{file} line {n}: no prompt; give a JSON string or an object with {PROMPT_KEYS}")
+        record["_line"] = n
+        records.append(record)
+    if not records:
+        raise DataError(f"--prompts {file}: no prompts (the file is empty); write one JSON prompt per line, e.g. "
+                        '{"prompt": "What is 2 + 3?"}')  # fmt: skip
+    return records
+
+
+def _has_prompt(record: dict) -> bool:
+    if isinstance(record.get("messages"), list):
+        return any(isinstance(m, dict) and isinstance(m.get("content"), str) for m in record["messages"])
+    return any(isinstance(record.get(k), str) for k in ("prompt", "instruction", "text"))
+
+
+def record_messages(record: dict, prompt_format: str) -> list[dict]:
+    """The conversation to render for a prompt record; Alpaca's input goes where the run's format puts it."""
+    if isinstance(record.get("messages"), list):
+        messages = [m for m in record["messages"] if isinstance(m, dict)]
+        while len(messages) > 1 and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # a reference answer: the model writes its own
+        return messages
+    if isinstance(record.get("instruction"), str):
+        extra = record.get("input") or ""
+        if prompt_format == "alpaca":
+            return [{"role": "user", "content": record["instruction"], "input": extra}]
+        return [{"role": "user", "content": record["instruction"] + (f"\n\n{extra}" if extra else "")}]
+    text = record["prompt"] if isinstance(record.get("prompt"), str) else record["text"]
+    return [{"role": "user", "content": text}]
+
+
+def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
+    if path.exists() and not overwrite:
+        raise FasttuneError(f"{option} {path} already exists; choose another path or pass --overwrite to replace it")
+    if path.exists() and path.is_dir():
+        raise FasttuneError(f"{option} {path} is a folder; pass a file path")
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write atomically: a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        msg = f"could not write {path} ({e.strerror or e}); free disk space or choose another path"
+        raise FasttuneError(msg) from None

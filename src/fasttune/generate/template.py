@@ -1,0 +1,93 @@
+"""The prompt format a run trained with, recorded in its checkpoints and applied again at generation.
+
+Chat data trains through the tokenizer's own chat template, which the checkpoint keeps. Alpaca and prompt/completion
+data do not use a chat template (data/sft.py renders them), so training records their format *as* the tokenizer's
+chat template (`record_prompt_format`, called once the data is tokenized): every checkpoint's tokenizer then renders
+`[{"role": "user", "content": ...}]` exactly as the run's prompts were rendered, for fasttune (`generate`, `chat`)
+and for plain HF users alike (`tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`,
+then `tokenizer(text)`). A Jinja comment in the template names the format. Plain-text runs record nothing.
+
+A base model's chat template is replaced in the checkpoints of an Alpaca or prompt/completion run (logged): the
+fine-tuned model answers the format it was trained on, not the base's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from fasttune.errors import FasttuneError
+
+log = logging.getLogger("fasttune")
+
+_MARKER = re.compile(r"fasttune prompt format: (\w+)")
+
+# Alpaca as data/sft.py renders it (ALPACA_PROMPT / ALPACA_PROMPT_NO_INPUT + output + EOS); a user message's optional
+# "input" key fills the Input section. System messages are not part of the format and are skipped.
+ALPACA_TEMPLATE = (
+    "{#- fasttune prompt format: alpaca -#}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'user' -%}\n"
+    "{{- '### Instruction:\\n' + message['content'] + '\\n\\n' -}}\n"
+    "{%- if message.get('input') -%}{{- '### Input:\\n' + message['input'] + '\\n\\n' -}}{%- endif -%}\n"
+    "{{- '### Response:\\n' -}}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{{- message['content'] + eos_token -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}"
+)
+# prompt + completion + EOS, concatenated as-is (no scaffolding), as data/sft.py trains them.
+PROMPT_COMPLETION_TEMPLATE = (
+    "{#- fasttune prompt format: prompt_completion -#}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'user' -%}{{- message['content'] -}}\n"
+    "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}"
+)
+TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "prompt_completion": PROMPT_COMPLETION_TEMPLATE}
+
+
+def record_prompt_format(tokenizer, fmt: str) -> None:
+    """Training hook: make `tokenizer` (saved into every checkpoint) carry the data format `fmt` it was trained on."""
+    template = TEMPLATES.get(fmt)
+    if template is None or tokenizer.chat_template == template:
+        return  # chat: the tokenizer's template is the format already; text: no prompt format
+    if tokenizer.chat_template:
+        log.info("checkpoints: the tokenizer's chat template becomes the %s prompt format this run trains on", fmt)
+    tokenizer.chat_template = template
+
+
+def prompt_format(tokenizer) -> str:
+    """alpaca / prompt_completion (recorded by a fasttune run), chat (a model's own template), or raw (none)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        return "raw" if not template else "chat"
+    m = _MARKER.search(template)
+    return m.group(1) if m else "chat"
+
+
+def multi_turn(fmt: str) -> bool:
+    """Alpaca and prompt/completion runs trained on single exchanges: each chat turn starts afresh."""
+    return fmt == "chat"
+
+
+def prompt_ids(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
+    """Token ids the model sees for `messages` (the last one the user's): through the template the run trained with,
+    ending where the answer starts; raw (or no template): the last message's text as is, tokenized as a continuation."""
+    fmt = "raw" if raw else prompt_format(tokenizer)
+    if fmt == "raw":
+        return list(tokenizer(messages[-1]["content"])["input_ids"])
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja's TemplateError / UndefinedError / the template's own raise_exception
+        raise FasttuneError(
+            f"the model's chat template rejected the prompt ({' '.join(str(e).split())}); pass --raw to send the "
+            "text as is"
+        ) from None
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if fmt in TEMPLATES:
+        from fasttune.data.sft import _bos_prefix  # training puts BOS in front exactly when the tokenizer adds one
+
+        ids = _bos_prefix(tokenizer) + ids
+    return ids

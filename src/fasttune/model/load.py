@@ -1,0 +1,103 @@
+"""Load what `model.resolve` found, for inference (generate, chat, eval): model + tokenizer, on a device, eval mode.
+
+A LoRA adapter is applied with peft and merged into the in-memory copy of the base weights (peft's
+merge_and_unload), so inference runs a plain HF model: the fast decode path and every attention backend apply, and
+no adapter matmuls are paid per token. Nothing on disk changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from fasttune.errors import FasttuneError
+from fasttune.model.resolve import ModelSource, refuse_remote_code, resolve
+
+log = logging.getLogger("fasttune")
+
+TRUST_FLAG = "--trust-remote-code"
+
+
+def inference_device(device: str = "auto") -> torch.device:
+    from fasttune.device import pick_device
+
+    if device == "auto":
+        return pick_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FasttuneError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FasttuneError(f"--device {device!r} is not valid; choose auto, cpu, cuda or cuda:N") from None
+
+
+def _remote_code_error(e: Exception, where: Path) -> FasttuneError | None:
+    if "trust_remote_code" in str(e):
+        return FasttuneError(
+            f"{where} needs its own model code, which transformers runs only when allowed; if you trust that "
+            f"folder's Python files, pass {TRUST_FLAG}"
+        )
+    return None
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src.tokenizer_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        err = _remote_code_error(e, src.tokenizer_dir)
+        raise err or FasttuneError(
+            f"{src.tokenizer_dir}: the tokenizer there cannot be loaded ({str(e).splitlines()[0]}); save a working one "
+            "with tokenizer.save_pretrained into that folder"
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False):  # fmt: skip
+    """The model of `src` (with its adapter merged in), in `dtype` (bf16 on CUDA, fp32 on CPU by default)."""
+    from transformers import AutoModelForCausalLM
+
+    refuse_remote_code(src.model_dir, trust_remote_code, TRUST_FLAG)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        err = _remote_code_error(e, src.model_dir)
+        raise err or FasttuneError(
+            f"{src.model_dir}: cannot load the model ({str(e).splitlines()[0]}); check that the folder holds a "
+            "complete save_pretrained model"
+        ) from None
+    if src.adapter_dir is not None:
+        from fasttune.model.lora import _peft
+
+        peft = _peft()
+        with warnings.catch_warnings():  # peft asks the model for a deprecated attribute (a FutureWarning per load)
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.PeftModel.from_pretrained(model, src.adapter_dir).merge_and_unload()
+    return model.to(device).eval()
+
+
+def load_for_inference(path: str | Path, device: str = "auto", trust_remote_code: bool = False,
+                       option: str = "--checkpoint"):  # fmt: skip
+    """(model, tokenizer) for any folder `resolve` accepts; logs what a run folder or adapter resolved to."""
+    src = resolve(path, option=option)
+    if src.note:
+        log.info("%s", src.note)
+    refuse_remote_code(src.model_dir, trust_remote_code, TRUST_FLAG)  # before any transformers call could ask
+    tokenizer = load_tokenizer(src, trust_remote_code)
+    model = load_model(src, inference_device(device), trust_remote_code=trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise FasttuneError(
+            f"{src.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model.get_input_embeddings().num_embeddings} embeddings; pair the checkpoint with its own tokenizer"
+        )
+    return model, tokenizer

@@ -1,0 +1,184 @@
+"""Which folder to load when the user names one: a model folder, a checkpoint, a LoRA adapter or a whole run folder.
+
+One resolver for every place that takes a model or checkpoint path (`train --model`, `generate`, `chat`, `eval`):
+
+    model / checkpoint folder   config.json + weights: loaded as is
+    LoRA adapter folder         adapter_config.json (+ adapter_model.safetensors): base model + adapter
+    run folder                  a LoRA run with merged/: that; else the latest complete checkpoints/step-N (say so)
+
+Nothing is loaded here (no torch): only paths are checked, so every mistake is one line naming the folder and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fasttune.errors import FasttuneError
+
+log = logging.getLogger("fasttune")
+
+ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class ModelSource:
+    """What to load for a path the user gave."""
+
+    model_dir: Path
+    """A folder `AutoModelForCausalLM.from_pretrained` loads: the model itself, or an adapter's base model."""
+    tokenizer_dir: Path
+    """Where the tokenizer is (an adapter's own folder when it saved one, else the model folder)."""
+    adapter_dir: Path | None = None
+    """A peft LoRA adapter to apply on top of model_dir."""
+    note: str | None = None
+    """What was picked for a run folder or an adapter, as one line for the log."""
+
+    def describe(self) -> str:
+        return f"{self.model_dir} + adapter {self.adapter_dir}" if self.adapter_dir else str(self.model_dir)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def is_run_folder(path: Path) -> bool:
+    from fasttune.train.run_dir import RunFolder
+
+    run = RunFolder(path)
+    return run.is_run or run.checkpoints.is_dir()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run (the loop's own list), or None."""
+    from fasttune.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = True) -> ModelSource:
+    """The ModelSource for `path` as given to `option`; `adapters=False` where only a full model will do (training).
+    Raises FasttuneError naming the folder and the fix."""
+    given = Path(path)
+    if not str(path):
+        raise FasttuneError(f"{option} is empty; pass a checkpoint, run or model folder")
+    if not given.exists():
+        raise FasttuneError(f"{option} {given}: no such folder; pass a checkpoint, run or model folder")
+    if not given.is_dir():
+        raise FasttuneError(f"{option} {given} is a file; pass the folder that holds config.json")
+    if is_run_folder(given):  # before config.json: a run folder holds the run's config.json, not a model's
+        return _run_folder(given, option, adapters)
+    if (given / "config.json").is_file():
+        return _checked(ModelSource(given, given), option)
+    if (given / ADAPTER_CONFIG).is_file():
+        return _adapter(given, option, adapters)
+    raise FasttuneError(
+        f"{option} {given}: not a model folder (no config.json), a LoRA adapter (no {ADAPTER_CONFIG}) or a fasttune "
+        "run folder; pass e.g. runs/quick or runs/quick/checkpoints/step-000300"
+    )
+
+
+def _run_folder(run: Path, option: str, adapters: bool) -> ModelSource:
+    from fasttune.train.run_dir import RunFolder
+
+    merged = RunFolder(run).merged
+    if (merged / "config.json").is_file():
+        src = _checked(ModelSource(merged, merged), option)
+        src.note = f"{run} is a LoRA run folder: using its merged model {merged}"
+        return src
+    latest = latest_checkpoint(run)
+    if latest is None:
+        adapter = RunFolder(run).adapter
+        if (adapter / ADAPTER_CONFIG).is_file():
+            return _adapter(adapter, option, adapters, why=f"{run} is a LoRA run folder: using {adapter}")
+        raise FasttuneError(
+            f"{option} {run}: this run folder has no complete checkpoint yet; let the run save one "
+            "(--training.save-every) or resume it with --resume"
+        )
+    why = f"{run} is a run folder: using its latest complete checkpoint {latest}"
+    if (latest / ADAPTER_CONFIG).is_file():
+        return _adapter(latest, option, adapters, why=why)
+    src = _checked(ModelSource(latest, latest), option)
+    src.note = why
+    return src
+
+
+def _adapter(adapter: Path, option: str, adapters: bool, why: str | None = None) -> ModelSource:
+    where = adapter / ADAPTER_CONFIG
+    if not adapters:
+        run = adapter.parent.parent if adapter.parent.name == "checkpoints" else adapter.parent
+        raise FasttuneError(
+            f"{option} {adapter} is a LoRA adapter, not a full model; pass its run's merged model "
+            f"({run / 'merged'}, written with --lora.merge-on-save) or the base model"
+        )
+    try:
+        base_name = json.loads(where.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise FasttuneError(f"{where}: unreadable ({e}); the adapter folder is damaged") from None
+    if not base_name:
+        raise FasttuneError(f"{where} names no base model (base_model_name_or_path); set it to the base model folder")
+    # The base as written: absolute, else relative to the working directory (peft's convention), else to the adapter's
+    # run (older fasttune runs stored the path relative to where training was started).
+    candidates = [Path(base_name)] + [p / base_name for p in (adapter.parent, *adapter.parents) if p != Path(".")]
+    base = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if base is None:
+        raise FasttuneError(
+            f"{where}: base model {base_name!r} not found from here; set base_model_name_or_path in that file to "
+            "the base model folder (an absolute path), or run from the folder training ran in"
+        )
+    tokenizer = adapter if _has_tokenizer(adapter) else base
+    src = _checked(ModelSource(base, tokenizer, adapter_dir=adapter), option)
+    src.note = (why + "; " if why else "") + f"LoRA adapter {adapter} on base model {base}"
+    return src
+
+
+def _checked(src: ModelSource, option: str) -> ModelSource:
+    if not _has_tokenizer(src.tokenizer_dir):
+        raise FasttuneError(
+            f"{option} {src.tokenizer_dir}: no tokenizer in this folder; save one there with "
+            f"tokenizer.save_pretrained('{src.tokenizer_dir}') (e.g. the base model's)"
+        )
+    return src
+
+
+def needs_remote_code(model_dir: Path) -> str | None:
+    """The auto_map class name when the folder's config asks for its own Python code that transformers lacks."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # transformers reports an unreadable config itself
+    auto_map = config.get("auto_map") or {}
+    if not auto_map:
+        return None
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return None  # transformers has its own class for it: loads without the folder's code
+    return auto_map.get("AutoModelForCausalLM") or next(iter(auto_map.values()))
+
+
+def refuse_remote_code(model_dir: Path, trust: bool, flag: str) -> None:
+    """Stop before transformers would ask on the terminal (or fail) when a folder needs its own code."""
+    if trust:
+        return
+    code = needs_remote_code(model_dir)
+    if code:
+        raise FasttuneError(
+            f"{model_dir} needs its own model code ({code} in config.json's auto_map), which transformers runs only "
+            f"when allowed; if you trust that folder's Python files, pass {flag}"
+        )
+
+
+def resolve_for_training(path: str | None) -> str | None:
+    """`train --model PATH`: a run folder becomes the full-model folder to start from (logged); a model folder stays
+    as given (its remote-code check is model/build.py's)."""
+    if path is None or ((Path(path) / "config.json").is_file() and not is_run_folder(Path(path))):
+        return path
+    src = resolve(path, option="--model", adapters=False)
+    if src.note:
+        log.info("--model: %s", src.note)
+    return str(src.model_dir)

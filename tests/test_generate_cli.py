@@ -1,0 +1,255 @@
+"""`fasttune generate` / `chat` after fine-tuning: the run's prompt format, run folders and adapters, prompt files.
+References: the training samples' own prompt tokens, and plain HF `generate` on the same checkpoint."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
+from helpers import tiny_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fasttune.cli import main
+from fasttune.data.sft import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, format_prompt, tokenize_records
+from fasttune.errors import DataError, FasttuneError
+from fasttune.generate.chat import chat_loop
+from fasttune.generate.prompts import read_prompts
+from fasttune.generate.template import prompt_format, prompt_ids, record_prompt_format
+from fasttune.model.build import preset_config
+from fasttune.train import loop
+
+GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+RECORDS = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "How many clips did Natalia sell?", "input": "", "output": "72"},
+]
+
+
+def _base(path: Path, chat_template=None, context: int = 512) -> Path:
+    tok = build_tiny_tokenizer(chat_template=chat_template, bos="<s>")  # a Llama-like tokenizer that adds BOS
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=context)).save_pretrained(
+        path
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+def _train(tmp: Path, base: Path, data: Path = GSM8K, **lora) -> loop.RunResult:
+    cfg = tiny_config(tmp, max_steps=2, save_every=2, eval_every=0)
+    cfg = dataclasses.replace(
+        cfg,
+        experiment="lora" if lora else "sft",
+        model=dataclasses.replace(cfg.model, path=str(base)),
+        data=dataclasses.replace(cfg.data, path=str(data), max_length=256, val_fraction=0.2),
+        lora=dataclasses.replace(cfg.lora, **lora),
+    )
+    return loop.train(cfg)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft")
+    return _train(tmp, _base(tmp / "base"))
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch):
+    """The token ids every generate_ids call gets (the rendered prompts), recorded while it runs as usual."""
+    import fasttune.generate.generate as gen
+
+    seen, real = [], gen.generate_ids
+    monkeypatch.setattr(gen, "generate_ids", lambda model, tok, batch, **kw: seen.extend(batch) or real(
+        model, tok, batch, **kw))  # fmt: skip
+    return seen
+
+
+def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> str:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "prompt_completion"])
+def test_recorded_format_renders_the_trained_prompt_tokens(fmt):
+    tok = build_tiny_tokenizer(chat_template=None, bos="<s>")
+    records = RECORDS if fmt == "alpaca" else [{"prompt": "2 + 3 =", "completion": " 5"}]
+    samples = tokenize_records(records, fmt, tok)
+    record_prompt_format(tok, fmt)
+    assert prompt_format(tok) == fmt
+    for record, sample in zip(records, samples, strict=True):
+        first_trained = next(i for i, t in enumerate(sample["labels"]) if t != IGNORE_INDEX)
+        message = {"role": "user", "content": record.get("instruction", record.get("prompt"))}
+        if record.get("input"):
+            message["input"] = record["input"]
+        assert prompt_ids(tok, [message]) == sample["input_ids"][:first_trained]
+
+
+def test_chat_data_keeps_the_models_template(tmp_path):
+    from fixtures.tiny_tokenizer import CHATML
+
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    record_prompt_format(tok, "chat")
+    assert tok.chat_template == CHATML and prompt_format(tok) == "chat"
+    messages = [{"role": "user", "content": "Hello"}]
+    sample = tokenize_records([{"messages": [*messages, {"role": "assistant", "content": "Hi"}]}], "chat", tok)[0]
+    first_trained = next(i for i, t in enumerate(sample["labels"]) if t != IGNORE_INDEX)
+    assert prompt_ids(tok, messages) == sample["input_ids"][:first_trained]
+
+
+def test_sft_checkpoint_carries_the_alpaca_format_for_plain_hf(sft_run):
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    text = tok.apply_chat_template([{"role": "user", "content": "Why?"}], tokenize=False, add_generation_prompt=True)
+    assert text == ALPACA_PROMPT_NO_INPUT.format(instruction="Why?") == format_prompt({"instruction": "Why?"}, "alpaca")
+
+
+def test_generate_on_a_run_folder_answers_in_the_trained_format_like_hf(sft_run, capsys, prompts_seen):
+    question = "How many clips did Natalia sell?"
+    rc = main(["generate", "--checkpoint", str(sft_run.run_dir), "--prompt", question, "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    ids = tok(format_prompt({"instruction": question}, "alpaca"))["input_ids"]  # BOS + the Alpaca prompt, as trained
+    assert rc == 0 and prompts_seen == [ids] and out == _hf_greedy(sft_run.checkpoint, ids, 6) + "\n"
+    assert f"using its latest complete checkpoint {sft_run.checkpoint}" in err and "prompt format: alpaca" in err
+
+
+def test_generate_raw_continues_the_text(sft_run, capsys):
+    rc = main(["generate", "--checkpoint", str(sft_run.checkpoint), "--prompt", "Natalia", "--raw",
+               "--max-new-tokens", "5"])  # fmt: skip
+    out = capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    assert rc == 0 and out == "Natalia" + _hf_greedy(sft_run.checkpoint, tok("Natalia")["input_ids"], 5) + "\n"
+
+
+def test_prompt_file_is_batched_and_matches_one_prompt_at_a_time(sft_run, tmp_path, capsys, prompts_seen):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = ['"Natalia sold clips"', json.dumps({"instruction": "Add the numbers.", "input": "2 and 3"}),
+             "", json.dumps({"prompt": "Weng earns $12 an hour for babysitting. How much?"})]  # fmt: skip
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    rc = main(["generate", "--checkpoint", str(sft_run.run_dir), "--prompts", str(prompts), "--output", str(out),
+               "--batch-size", "2", "--max-new-tokens", "6"])  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r.get("prompt", r.get("instruction")) for r in rows] == [
+        "Natalia sold clips", "Add the numbers.", "Weng earns $12 an hour for babysitting. How much?"]  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    for row in rows:
+        record = {"instruction": row.get("instruction") or row["prompt"], "input": row.get("input", "")}
+        ids = tok(format_prompt(record, "alpaca"))["input_ids"]
+        assert ids in prompts_seen and row["completion"] == _hf_greedy(sft_run.checkpoint, ids, 6)
+    assert len(prompts_seen) == 3
+    assert "3 completions" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(sft_run.run_dir), "--prompts", str(prompts), "--output",
+                 str(out)]) == 2  # fmt: skip
+    assert "already exists; choose another path or pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "no prompts \\(the file is empty\\)"),
+        ("\n\n", "no prompts"),
+        ('"ok"\n{"prompt": "x\n', "line 2: invalid JSON"),
+        ('{"answer": 1}\n', "line 1: no prompt"),
+    ],  # fmt: skip
+)
+def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_prompts(path)
+
+
+def test_prompt_longer_than_the_context_is_one_line(tmp_path, capsys):
+    base = _base(tmp_path / "short", context=32)
+    rc = main(["generate", "--checkpoint", str(base), "--prompt", "word " * 40, "--raw"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: --prompt is ") and "context is 32" in err[-1]
+
+
+def test_lora_adapter_and_lora_run_folder_load_like_peft(tmp_path, capsys):
+    from peft import PeftModel
+
+    base = _base(tmp_path / "base")
+    result = _train(tmp_path / "l", base, enabled=True, rank=4, alpha=8, merge_on_save=False)
+    capsys.readouterr()
+    run = result.run_dir
+    ids = AutoTokenizer.from_pretrained(run / "adapter")(format_prompt({"instruction": "Hi"}, "alpaca"))["input_ids"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
+    want = peft_model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    want_text = AutoTokenizer.from_pretrained(base).decode(want[0, len(ids) :], skip_special_tokens=True)
+    for target in (run, run / "adapter"):
+        assert main(["generate", "--checkpoint", str(target), "--prompt", "Hi", "--max-new-tokens", "5"]) == 0
+        out, err = capsys.readouterr()
+        assert out == want_text + "\n" and f"on base model {base}" in err
+    from fasttune.model.load import load_for_inference
+
+    probe = torch.tensor([ids])
+    with torch.no_grad():
+        want_logits, base_logits = peft_model(probe).logits, AutoModelForCausalLM.from_pretrained(base)(probe).logits
+        got = load_for_inference(run)[0](probe).logits
+    torch.testing.assert_close(got, want_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, base_logits)  # the adapter is applied
+
+
+def test_chat_is_multi_turn_with_a_chat_template_and_exits_on_eof(tmp_path, capsys):
+    from fixtures.tiny_tokenizer import CHATML
+
+    from fasttune.model.load import load_for_inference
+
+    model, tok = load_for_inference(_base(tmp_path / "chat", chat_template=CHATML))
+    seen = []
+    lines = iter(["Hello", "", "And you?"])
+
+    def read(prompt):
+        seen.append(prompt_ids(tok, [{"role": "user", "content": "x"}]))
+        return next(lines)  # StopIteration after the last line is not EOF: wrap it
+
+    def read_eof(prompt):
+        try:
+            return read(prompt)
+        except StopIteration:
+            raise EOFError from None
+
+    calls = []
+    import fasttune.generate.chat as chat_mod
+
+    real = chat_mod.prompt_ids
+    chat_mod.prompt_ids = lambda t, messages, raw=False: calls.append(messages) or real(t, messages, raw)
+    try:
+        assert chat_loop(model, tok, max_new_tokens=3, read=read_eof) == 0
+    finally:
+        chat_mod.prompt_ids = real
+    assert [m["content"] for m in calls[0]] == ["Hello"]
+    assert [m["role"] for m in calls[1]] == ["user", "assistant", "user"] and calls[1][-1]["content"] == "And you?"
+    assert "multi-turn" in capsys.readouterr().err
+
+
+def test_chat_ctrl_c_at_the_prompt_exits_cleanly(sft_run, capsys):
+    from fasttune.model.load import load_for_inference
+
+    model, tok = load_for_inference(sft_run.run_dir)
+
+    def interrupt(prompt):
+        raise KeyboardInterrupt
+
+    assert chat_loop(model, tok, read=interrupt) == 0
+    assert "answered on its own" in capsys.readouterr().err  # alpaca: single exchanges, as trained
+
+
+def test_train_from_a_run_folder_starts_from_its_latest_checkpoint(sft_run, tmp_path):
+    result = _train(tmp_path, sft_run.run_dir)
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["model"]["path"] == str(sft_run.checkpoint)
+
+
+def test_training_refuses_a_lora_adapter_as_model_with_the_fix(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
+    with pytest.raises(FasttuneError, match="is a LoRA adapter, not a full model"):
+        _train(tmp_path / "t", adapter)

@@ -1,0 +1,134 @@
+"""model/resolve.py: which folder a user's --checkpoint / --model path means (run folders, checkpoints, adapters)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fasttune.cli import main
+from fasttune.errors import FasttuneError
+from fasttune.model.resolve import refuse_remote_code, resolve, resolve_for_training
+
+
+def _model(path: Path, tokenizer: bool = True, **config) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    if tokenizer:
+        (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+def _checkpoint(run: Path, step: int, complete: bool = True, adapter_base: str | None = None) -> Path:
+    ckpt = run / "checkpoints" / f"step-{step:06d}"
+    if adapter_base is None:
+        _model(ckpt)
+    else:
+        ckpt.mkdir(parents=True)
+        (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": adapter_base}))
+        (ckpt / "tokenizer.json").write_text("{}")
+    if complete:
+        (ckpt / "trainer_state.pt").write_bytes(b"")
+    return ckpt
+
+
+def _run(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / ".fasttune-run").write_text("")
+    (path / "config.json").write_text(json.dumps({"experiment": "quick"}))  # the run's config, not a model's
+    return path
+
+
+def test_run_folder_means_its_latest_complete_checkpoint(tmp_path):
+    run = _run(tmp_path / "run")
+    _checkpoint(run, 2)
+    latest = _checkpoint(run, 10)
+    _checkpoint(run, 12, complete=False)  # a save in progress / killed: never used
+    src = resolve(run)
+    assert src.model_dir == latest and src.tokenizer_dir == latest and src.adapter_dir is None
+    assert "run folder" in src.note and str(latest) in src.note
+    assert resolve_for_training(str(run)) == str(latest)
+
+
+def test_checkpoint_and_model_folders_are_taken_as_given(tmp_path):
+    model = _model(tmp_path / "m")
+    assert resolve(model).model_dir == model and resolve(model).note is None
+    assert resolve_for_training(str(model)) == str(model)
+
+
+def test_lora_run_uses_merged_model_when_present(tmp_path):
+    base = _model(tmp_path / "base")
+    run = _run(tmp_path / "lora")
+    _checkpoint(run, 4, adapter_base=str(base))
+    merged = _model(run / "merged")
+    src = resolve(run)
+    assert src.model_dir == merged and src.adapter_dir is None and "merged" in src.note
+
+
+def test_lora_run_without_merged_is_base_plus_latest_adapter(tmp_path):
+    base = _model(tmp_path / "base")
+    run = _run(tmp_path / "lora")
+    ckpt = _checkpoint(run, 4, adapter_base=str(base))
+    src = resolve(run)
+    assert src.model_dir == base and src.adapter_dir == ckpt and src.tokenizer_dir == ckpt
+    with pytest.raises(FasttuneError, match="is a LoRA adapter, not a full model; pass its run's merged model"):
+        resolve_for_training(str(run))
+
+
+def test_adapter_with_a_relative_base_path_is_found_from_another_directory(tmp_path, monkeypatch):
+    base = _model(tmp_path / "work" / "base")
+    adapter = tmp_path / "work" / "runs" / "lora" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}))
+    monkeypatch.chdir(tmp_path)  # not the folder training ran in
+    src = resolve(adapter)
+    assert src.model_dir.resolve() == base.resolve() and src.tokenizer_dir.resolve() == base.resolve()
+
+
+def test_adapter_whose_base_is_missing_names_the_file_and_fix(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nowhere/base"}))
+    with pytest.raises(FasttuneError, match=r"adapter_config.json: base model '/nowhere/base' not found.*absolute"):
+        resolve(adapter)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("empty_run", "this run folder has no complete checkpoint yet"),
+        ("no_tokenizer", "no tokenizer in this folder; save one there with tokenizer.save_pretrained"),
+        ("random", "not a model folder .* a LoRA adapter .* or a fasttune run folder"),
+        ("missing", "no such folder"),
+    ],
+)
+def test_bad_folders_are_one_line_with_the_fix(tmp_path, layout, message):
+    path = tmp_path / "x"
+    if layout == "empty_run":
+        _run(path)
+    elif layout == "no_tokenizer":
+        _model(path, tokenizer=False)
+    elif layout == "random":
+        path.mkdir()
+        (path / "notes.txt").write_text("mine")
+    with pytest.raises(FasttuneError, match=message):
+        resolve(path)
+
+
+def test_remote_code_model_is_refused_with_the_flag_never_a_prompt(tmp_path, monkeypatch, capsys):
+    model = _model(tmp_path / "custom", model_type="my_custom_lm", auto_map={"AutoModelForCausalLM": "m.MyLM"})
+    (model / "m.py").write_text("raise SystemExit('custom code ran')\n")
+    with pytest.raises(FasttuneError, match="m.MyLM .* pass --trust-remote-code"):
+        refuse_remote_code(model, False, "--trust-remote-code")
+
+    def no_prompt(*a):
+        raise AssertionError("asked on the terminal")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    rc = main(["generate", "--checkpoint", str(model), "--prompt", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and "--trust-remote-code" in err[-1]
+
+
+def test_a_known_architecture_with_auto_map_needs_no_remote_code(tmp_path):
+    model = _model(tmp_path / "m", auto_map={"AutoModelForCausalLM": "m.MyLM"})  # model_type llama: transformers' own
+    refuse_remote_code(model, False, "--trust-remote-code")
