@@ -12,7 +12,8 @@ from helpers import tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
-from fasttune.data.sft import ALPACA_PROMPT_NO_INPUT, IGNORE_INDEX, format_prompt, tokenize_records
+from fasttune.data.packing import IGNORE as IGNORE_INDEX
+from fasttune.data.sft import ALPACA_PROMPT_NO_INPUT, format_prompt, tokenize_records
 from fasttune.errors import DataError, FasttuneError
 from fasttune.generate.chat import chat_loop
 from fasttune.generate.prompts import read_prompts
@@ -253,3 +254,14 @@ def test_training_refuses_a_lora_adapter_as_model_with_the_fix(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
     with pytest.raises(FasttuneError, match="is a LoRA adapter, not a full model"):
         _train(tmp_path / "t", adapter)
+
+
+def test_a_plain_text_run_generates_raw_even_if_its_tokenizer_has_a_template(tmp_path):
+    from fixtures.tiny_tokenizer import CHATML
+
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    record_prompt_format(tok, "text")
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert prompt_format(loaded) == "raw"
+    assert prompt_ids(loaded, [{"role": "user", "content": "def f"}]) == loaded("def f")["input_ids"]

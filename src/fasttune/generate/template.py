@@ -5,7 +5,8 @@ data do not use a chat template (data/sft.py renders them), so training records 
 chat template (`record_prompt_format`, called once the data is tokenized): every checkpoint's tokenizer then renders
 `[{"role": "user", "content": ...}]` exactly as the run's prompts were rendered, for fasttune (`generate`, `chat`)
 and for plain HF users alike (`tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`,
-then `tokenizer(text)`). A Jinja comment in the template names the format. Plain-text runs record nothing.
+then `tokenizer(text)`). A Jinja comment in the template names the format; tokenizer_config.json also names it
+(`fasttune_prompt_format`), so a plain-text run's checkpoints generate raw continuations.
 
 A base model's chat template is replaced in the checkpoints of an Alpaca or prompt/completion run (logged): the
 fine-tuned model answers the format it was trained on, not the base's.
@@ -21,6 +22,7 @@ from fasttune.errors import FasttuneError
 log = logging.getLogger("fasttune")
 
 _MARKER = re.compile(r"fasttune prompt format: (\w+)")
+FORMAT_KEY = "fasttune_prompt_format"
 
 # Alpaca as data/sft.py renders it (ALPACA_PROMPT / ALPACA_PROMPT_NO_INPUT + output + EOS); a user message's optional
 # "input" key fills the Input section. System messages are not part of the format and are skipped.
@@ -50,6 +52,9 @@ TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "prompt_completion": PROMPT_COMPLETION_T
 
 def record_prompt_format(tokenizer, fmt: str) -> None:
     """Training hook: make `tokenizer` (saved into every checkpoint) carry the data format `fmt` it was trained on."""
+    # the name too (tokenizer_config.json keeps init kwargs): a plain-text run must not answer through a chat template
+    # its tokenizer happens to have (the locally trained tokenizer ships a minimal one)
+    tokenizer.init_kwargs[FORMAT_KEY] = fmt
     template = TEMPLATES.get(fmt)
     if template is None or tokenizer.chat_template == template:
         return  # chat: the tokenizer's template is the format already; text: no prompt format
@@ -59,7 +64,11 @@ def record_prompt_format(tokenizer, fmt: str) -> None:
 
 
 def prompt_format(tokenizer) -> str:
-    """alpaca / prompt_completion (recorded by a fasttune run), chat (a model's own template), or raw (none)."""
+    """alpaca / prompt_completion (recorded by a fasttune run), chat (a model's own template), or raw (none, or a run
+    that trained on plain text)."""
+    recorded = getattr(tokenizer, "init_kwargs", {}).get(FORMAT_KEY)
+    if recorded == "text":
+        return "raw"
     template = getattr(tokenizer, "chat_template", None)
     if not template or not isinstance(template, str):
         return "raw" if not template else "chat"
