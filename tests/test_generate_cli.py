@@ -265,3 +265,22 @@ def test_a_plain_text_run_generates_raw_even_if_its_tokenizer_has_a_template(tmp
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert prompt_format(loaded) == "raw"
     assert prompt_ids(loaded, [{"role": "user", "content": "def f"}]) == loaded("def f")["input_ids"]
+
+
+def test_fast_engine_path_streams_what_it_returns(sft_run):
+    """The decode engine (fast.py's Generator, here without graphs on the CPU) behind generate_ids: the streamed
+    text is the returned text, rows of a batch match their own single-prompt runs."""
+    from fasttune.generate.fast import Generator
+    from fasttune.generate.generate import generate_ids
+    from fasttune.model.load import load_for_inference
+
+    model, tok = load_for_inference(sft_run.checkpoint)
+    engine = Generator(model, use_graphs=False)
+    assert engine.reason is None
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("Add 2 and 3.", "How many clips?")]
+    pieces = []
+    one = generate_ids(model, tok, prompts[:1], max_new_tokens=20, on_text=pieces.append, engine=engine)[0]
+    assert "".join(pieces) == one.text and one.new_tokens == 20 or one.finished
+    alone = [generate_ids(model, tok, [p], max_new_tokens=8, engine=engine)[0].text for p in prompts]
+    batched = [g.text for g in generate_ids(model, tok, prompts, max_new_tokens=8, engine=engine)]
+    assert batched == alone

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from fasttune.errors import FasttuneError
-from fasttune.generate.generate import fit_context, generate_ids
+from fasttune.generate.generate import fast_engine, fit_context, generate_ids
 from fasttune.generate.template import multi_turn, prompt_format, prompt_ids
 
 
@@ -29,6 +29,7 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
     how_fmt = how.get(fmt, f"the {fmt} prompt format the run trained with; each message is answered on its own")
     print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D or Ctrl-C to quit, /reset to start over.",
           file=sys.stderr)  # fmt: skip
+    engine = fast_engine(model)
     history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
     start = list(history)
     while True:
@@ -54,7 +55,7 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
             continue
         try:
             reply = generate_ids(model, tokenizer, [ids], max_new_tokens=budget, temperature=temperature,
-                                 top_p=top_p, seed=seed, on_text=_say)[0]  # fmt: skip
+                                 top_p=top_p, seed=seed, on_text=_say, engine=engine)[0]  # fmt: skip
         except KeyboardInterrupt:
             _say("\n[stopped]\n")
             continue

@@ -131,7 +131,7 @@ def run_generate(argv: Sequence[str]) -> int:
     if a.output is not None:
         raise ConfigError("--output goes with --prompts FILE; with --prompt the text is printed")
     model, tok = _load(a)
-    from fasttune.generate.generate import fit_context, generate_ids
+    from fasttune.generate.generate import fast_engine, fit_context, generate_ids
     from fasttune.generate.template import prompt_format, prompt_ids
 
     fmt = "raw" if a.raw else prompt_format(tok)
@@ -142,7 +142,7 @@ def run_generate(argv: Sequence[str]) -> int:
     if fmt == "raw":
         sys.stdout.write(a.prompt)  # a continuation: show what it continues
     g = generate_ids(model, tok, [ids], max_new_tokens=budget, temperature=a.temperature, top_p=a.top_p,
-                     seed=a.seed, on_text=_write)[0]  # fmt: skip
+                     seed=a.seed, on_text=_write, engine=fast_engine(model))[0]  # fmt: skip
     sys.stdout.write("\n")
     print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
@@ -156,7 +156,7 @@ def _write(text: str) -> None:
 def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) -> int:
     from tqdm.auto import tqdm
 
-    from fasttune.generate.generate import fit_context, generate_ids
+    from fasttune.generate.generate import fast_engine, fit_context, generate_ids
     from fasttune.generate.prompts import record_messages, write_jsonl
     from fasttune.generate.template import prompt_format, prompt_ids
 
@@ -168,13 +168,13 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
+    engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
     bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr)
     for lo in range(0, len(order), a.batch_size):
         rows = order[lo : lo + a.batch_size]
         budget = min(fit_context(model, len(ids[i]), a.max_new_tokens, "a prompt") for i in rows)
-        # graphs: captured once per batch shape, reused by the following batches
         gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
-                            top_p=a.top_p, seed=a.seed + lo, graphs=None)  # fmt: skip
+                            top_p=a.top_p, seed=a.seed + lo, engine=engine)  # fmt: skip
         for i, g in zip(rows, gens, strict=True):
             record = {k: v for k, v in records[i].items() if k != "_line"}
             done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished}

@@ -1,8 +1,8 @@
 """Text generation from a checkpoint: greedy or sampled (temperature, top-p), one prompt streamed or many batched.
 
-On a CUDA GPU the fast decode path (`generate/fast.py`: static KV cache, graphs) runs by default; elsewhere, or for a
-model it does not support, HF `generate` runs and the log says why. Both take left-padded batches and stop each row
-at its own end of sequence (EOS, and a chat template's end-of-turn token).
+On a CUDA GPU the fast decode path (`generate/fast.py`: fused static-cache decoder, CUDA graphs) runs by default;
+on the CPU, or for a model it does not support, HF `generate` runs and the log says why. Both take left-padded
+batches and stop each row at its own end of sequence (EOS, and a chat template's end-of-turn token).
 
 Legend: B batch, P prompt length (padded), N new tokens.
 """
@@ -20,7 +20,7 @@ import torch
 from transformers import TextStreamer
 
 from fasttune.errors import FasttuneError
-from fasttune.generate.fast import fast_generate, unsupported_reason
+from fasttune.generate.fast import Generator
 
 log = logging.getLogger("fasttune")
 
@@ -46,11 +46,15 @@ def load_for_generation(checkpoint: str | Path, device: str = "auto", trust_remo
     return load_for_inference(checkpoint, device, trust_remote_code)
 
 
-def slow_path_reason(model) -> str | None:
-    """Why the fast decode path will not run for this model here, or None when it will."""
+def fast_engine(model, graphs: bool | None = None) -> Generator | None:
+    """The fast decode path for `model` on a GPU (keep it: its graphs and fused weights serve every later call), or
+    None on the CPU, where HF `generate` runs (the reference the fast path is tested against). Logs which runs."""
     if next(model.parameters()).device.type != "cuda":
-        return "the fast path needs a CUDA GPU"
-    return unsupported_reason(model)
+        log.info("generate: HF generate (the fast path needs a CUDA GPU)")
+        return None
+    engine = Generator(model, use_graphs=graphs)
+    log.info("generate: %s", "fast path" if engine.reason is None else f"HF generate ({engine.reason})")
+    return engine
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -121,10 +125,10 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
-    graphs: bool | None = False,
+    engine: Generator | None = None,
 ) -> list[Generation]:
     """Generate for each prompt (token ids) of `batch`, all at once; `on_text` (batch of one) gets the text as it
-    is produced. `graphs`: let the fast path capture CUDA graphs (pays off when many batches follow)."""
+    is produced. `engine`: the `fast_engine` of this model (None: HF generate)."""
     if on_text is not None and len(batch) != 1:
         raise ValueError("streaming needs a batch of one")
     if any(not ids for ids in batch):
@@ -135,16 +139,10 @@ def generate_ids(
     ids_BP, mask_BP = _left_pad(batch, pad_id, device)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    reason = slow_path_reason(model)
-    out_BS = None
-    if reason is None:
-        try:
-            out_BS = _fast(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p,
-                           on_text, graphs)  # fmt: skip
-        except ValueError as e:  # a case the fast path refuses at run time: HF generate does it
-            reason = str(e)
-    if out_BS is None:
-        log.info("generate: HF generate (%s)", reason)
+    if engine is not None:
+        out_BS = _fast(engine, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p,
+                       on_text)  # fmt: skip
+    else:
         out_BS = _hf(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -159,8 +157,8 @@ def _result(tokenizer, row: list[int], prompt_len: int, eos: list[int], seconds:
     return Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), seconds, end is not None)
 
 
-def _fast(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text, graphs):
-    """fasttune's static-cache decode loop (`fast.py`): HF generate's greedy tokens, faster."""
+def _fast(engine, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text):
+    """fasttune's fused static-cache decoder with CUDA graphs (`fast.py`); it streams in bursts of a few tokens."""
     new: list[int] = []
     printed = ""
 
@@ -174,18 +172,16 @@ def _fast(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temper
             on_text(text[len(printed) :])
             printed = text
 
-    return fast_generate(
-        model,
+    return engine.generate(
         ids_BP,
         mask_BP,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        top_k=(getattr(model.generation_config, "top_k", None) or 0) if temperature > 0 else 0,  # HF's default 50
+        top_k=(getattr(engine.model.generation_config, "top_k", None) or 0) if temperature > 0 else 0,  # HF: 50
         eos_token_id=eos,
         pad_token_id=pad_id,
         on_token=on_token if on_text is not None else None,
-        use_graphs=graphs,
     )
 
 
@@ -214,14 +210,16 @@ def _stdout(text: str) -> None:
 
 
 def generate(model, tokenizer, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, stream: bool = False, seed: int = 0) -> Generation:  # fmt: skip
+             top_p: float = 1.0, stream: bool = False, seed: int = 0,
+             engine: Generator | None = None) -> Generation:  # fmt: skip
     """Continue one prompt (text, tokenized as is, or token ids); with stream=True the text is printed as produced."""
     ids = list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise FasttuneError("--prompt is empty after tokenization; pass some text")
     max_new_tokens = fit_context(model, len(ids), max_new_tokens)
+    engine = engine or fast_engine(model)
     g = generate_ids(model, tokenizer, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     seed=seed, on_text=_stdout if stream else None)[0]  # fmt: skip
+                     seed=seed, on_text=_stdout if stream else None, engine=engine)[0]  # fmt: skip
     if stream:
         _stdout("\n")
     return g
