@@ -80,6 +80,7 @@ def test_from_records_totals_not_mean_of_rates():
     assert out["steps"] == 2 and out["tokens_per_s"] == pytest.approx(100.0)
     assert out["samples_per_s"] == pytest.approx((2 + 12) / 4)
     assert out["peak_gib"] == 9.0  # memory is the run's peak, warm-up included
+    assert out["tokens_per_step"] == 200 and out["loss"] is None
 
 
 def test_ratios_never_use_a_leaky_baseline():
@@ -133,12 +134,22 @@ def test_attention_bench_left_padding_cpu(tmp_path):
     assert [r["layout"] for r in rows] == ["padded-left"] * 3 and all(r["max_err"] < 1e-5 for r in rows)
 
 
-def test_train_bench_cpu(tmp_path):
+def test_train_bench_cpu(tmp_path, caplog):
+    caplog.set_level("INFO", logger="fasttune")  # as under the CLI: the bench reads the logged memory plan
     argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "6", "--median", "12"]
     argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--micro-batch", "2", "--epochs", "1"]
+    argv += ["--hf-micro-batch", "4", "--hf-ckpt", "--equal-tokens"]
     assert cli.main([*argv, "--out", str(tmp_path)]) == 0
     rows = _outputs(tmp_path, "train")
-    assert [r["config"] for r in rows] == ["HF sdpa padded", "HF sdpa packed (4D mask)", "fasttune auto packed"]
+    assert [r["config"] for r in rows] == [
+        "HF sdpa padded", "HF sdpa packed (4D mask)", "HF sdpa packed (4D mask) + grad ckpt", "fasttune auto packed",
+        "fasttune auto packed at HF's tokens per step (2 x 32)",
+    ]  # fmt: skip
+    hf_tokens = rows[0]["tokens_per_step"]  # 4 samples per HF step; fasttune packs 2 x 32 tokens
+    assert 4 * 4 <= hf_tokens <= 4 * 32 and rows[3]["tokens_per_step"] <= 2 * 32
+    assert rows[3]["plan"] == "none" and rows[3]["loss"] > 0  # no GPU to fit: auto is none
+    assert all(r["status"] == "ok" for r in rows), rows
+    rows = rows[:2] + rows[3:4]
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
     assert rows[1]["leak_err"] < 1e-4  # the packed HF baseline really is leak-free (fp32 on CPU)
     assert rows[2]["x_hf_sdpa_padded"] == pytest.approx(rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"])

@@ -34,6 +34,8 @@ class Baseline:
     attn: str  # transformers attn_implementation
     packed: bool
     liger: bool = False
+    ckpt: bool = False
+    """HF's gradient checkpointing (every decoder layer recomputed): the HF setting that fits at 8B."""
 
     @property
     def flash_kwargs(self) -> bool:
@@ -41,8 +43,16 @@ class Baseline:
         return self.packed and self.attn.startswith("flash")
 
 
-def baselines(device: torch.device) -> tuple[list[Baseline], list[str]]:
-    """The baselines that can run here, and a note for each one that cannot."""
+def baselines(device: torch.device, ckpt: bool = False) -> tuple[list[Baseline], list[str]]:
+    """The baselines that can run here, and a note for each one that cannot; `ckpt` adds each packed one again with
+    gradient checkpointing."""
+    found, notes = _baselines(device)
+    if ckpt:
+        found += [Baseline(f"{b.name} + grad ckpt", b.attn, True, b.liger, ckpt=True) for b in found if b.packed]
+    return found, notes
+
+
+def _baselines(device: torch.device) -> tuple[list[Baseline], list[str]]:
     found = [Baseline("HF sdpa padded", "sdpa", False), Baseline("HF sdpa packed (4D mask)", "sdpa", True)]
     notes = []
     if device.type != "cuda":
@@ -80,6 +90,9 @@ def _build(preset: str, vocab: int, b: Baseline, device: torch.device, dtype: to
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(model=model)
+    if b.ckpt:  # transformers >= 5.2x renamed it
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     return model.train()
 
 
@@ -158,6 +171,7 @@ def aggregate(per_step: list[tuple[float, int, int, float]], peak: float | None)
     seconds = sum(s for s, *_ in per_step)
     return {
         "steps": len(per_step),
+        "tokens_per_step": sum(t for _, t, _, _ in per_step) / len(per_step),
         "tokens_per_s": sum(t for _, t, _, _ in per_step) / seconds,
         "samples_per_s": sum(n for _, _, n, _ in per_step) / seconds,
         "mfu": sum(f for *_, f in per_step) / seconds / peak if peak else None,

@@ -111,6 +111,9 @@ def train_main(argv: Sequence[str]) -> int:
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs of the sample set skipped as warm-up")
     p.add_argument("--epochs", type=int, default=3, help="epochs measured")
     p.add_argument("--no-baselines", action="store_true", help="skip the plain HF baselines")
+    p.add_argument("--hf-micro-batch", type=int, default=None, help="samples per HF step (default --micro-batch)")
+    p.add_argument("--hf-ckpt", action="store_true", help="also each packed HF baseline with gradient checkpointing")
+    p.add_argument("--equal-tokens", action="store_true", help="also fasttune at the HF baselines' tokens per step")
     p.add_argument("--variant", type=_variant, action="append", default=[], help="NAME:field=value,... (auto packed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -146,6 +149,9 @@ def train_main(argv: Sequence[str]) -> int:
         baselines=not a.no_baselines,
         variants=a.variant,
         seed=a.seed,
+        hf_micro_batch=a.hf_micro_batch,
+        hf_ckpt=a.hf_ckpt,
+        equal_tokens=a.equal_tokens,
     )
     results = Results("train", environment(device, ["train", *argv]))
     results.notes.append(f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}")

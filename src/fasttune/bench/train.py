@@ -44,6 +44,12 @@ class TrainBench:
     variants: list[tuple[str, list[str]]] = field(default_factory=list)
     """Extra fasttune runs (name, ["section.field=value", ...]) on top of attn auto, packing on."""
     seed: int = 0
+    hf_micro_batch: int | None = None
+    """Samples per HF step (default micro_batch)."""
+    hf_ckpt: bool = False
+    """Also run every packed HF baseline with gradient checkpointing (what fits at 8B)."""
+    equal_tokens: bool = False
+    """Also run fasttune auto packed at the HF baselines' tokens per step (the packing budget nearest to them)."""
 
 
 def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list[str], run_dir: Path):
@@ -70,16 +76,35 @@ def run_fasttune(bench: TrainBench, attn: str, packing: bool, overrides: list[st
 
     name = f"{attn}-{'packed' if packing else 'padded'}-{len(list(root.iterdir()))}"
     cfg, warm = fasttune_config(bench, attn, packing, overrides, root / name)
-    with hf.llama_globals_restored():
-        result = train(cfg, data=data)
-    return from_records(result.records, warm, peak_flops(bench.device))
+    plans = _PlanLog()
+    log.addHandler(plans)
+    try:
+        with hf.llama_globals_restored():
+            result = train(cfg, data=data)
+    finally:
+        log.removeHandler(plans)
+    return {**from_records(result.records, warm, peak_flops(bench.device)), **plans.found}
+
+
+class _PlanLog(logging.Handler):
+    """Keeps the memory plan the run logged (train/memory.plan_memory) and its predicted peak, for the table."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.found: dict = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("memory plan:") and record.args:
+            self.found = {"plan": record.args[0], "predicted": record.args[3].split(" GiB")[0]}
 
 
 def from_records(records: list[dict], warm: int, peak: float | None) -> dict:
     """Aggregate the loop's own per-step records (time, tokens, samples, FLOPs) after the warm-up."""
-    per_step = [(r["step_s"], r["tokens"], r["samples"], r["flops"]) for r in records
-                if r.get("step", 0) > warm and r.get("step_s")]  # fmt: skip
+    measured = [r for r in records if r.get("step", 0) > warm and r.get("step_s")]
+    per_step = [(r["step_s"], r["tokens"], r["samples"], r["flops"]) for r in measured]
     out = hf.aggregate(per_step, peak)
+    losses = [r["loss"] for r in measured if r.get("loss") is not None]
+    out["loss"] = sum(losses) / len(losses) if losses else None  # same data and seed: memory plans compare on it
     mems = [r["peak_mem_gib"] for r in records if r.get("peak_mem_gib") is not None]
     out["peak_gib"] = max(mems) if mems else None
     return out
@@ -91,7 +116,7 @@ def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
 
     runs, notes = [], []
     if bench.baselines:
-        found, notes = hf.baselines(bench.device)
+        found, notes = hf.baselines(bench.device, ckpt=bench.hf_ckpt)
         runs += [{"stack": "HF", "baseline": b, "name": b.name} for b in found]
     why = available(bench.device, head_dim=128)
     for attn in bench.attns:
@@ -106,7 +131,17 @@ def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
             runs.append({"stack": "fasttune", "attn": attn, "packing": packing, "name": f"fasttune {attn} {layout}"})
     for name, overrides in bench.variants:
         runs.append({"stack": "fasttune", "attn": "auto", "packing": True, "name": name, "overrides": overrides})
+    if bench.equal_tokens:
+        mbs = max(1, round(hf_tokens_per_step(bench) / bench.max_length))
+        name = f"fasttune auto packed at HF's tokens per step ({mbs} x {bench.max_length})"
+        runs.append({"stack": "fasttune", "attn": "auto", "packing": True, "name": name,
+                     "overrides": [f"data.micro_batch_size={mbs}"]})  # fmt: skip
     return runs, notes
+
+
+def hf_tokens_per_step(bench: TrainBench) -> float:
+    """Mean tokens of an HF baseline step: hf_micro_batch samples of the workload."""
+    return sum(bench.lengths) / len(bench.lengths) * (bench.hf_micro_batch or bench.micro_batch)
 
 
 def run_all(bench: TrainBench, results: Results, progress=None) -> Results:
@@ -135,12 +170,13 @@ def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
             b = spec["baseline"]
             row.update(attn=b.attn, packing=b.packed, liger=b.liger, leak_err=hf.leak_error(b, bench.device))
             reset_peak_memory(bench.device)
-            batcher = Batcher(packing=False, micro_batch_size=bench.micro_batch, max_length=0, seed=bench.seed)
+            hf_mb = bench.hf_micro_batch or bench.micro_batch
+            batcher = Batcher(packing=False, micro_batch_size=hf_mb, max_length=0, seed=bench.seed)
             per_epoch = len(batcher.plan(bench.lengths, epoch=0))
             with hf.llama_globals_restored():
                 row.update(
                     hf.run_baseline(
-                        b, bench.preset, data, bench.device, micro_batch=bench.micro_batch,
+                        b, bench.preset, data, bench.device, micro_batch=hf_mb,
                         warmup_steps=bench.warmup_epochs * per_epoch, steps=bench.epochs * per_epoch, seed=bench.seed,
                     )
                 )  # fmt: skip
@@ -150,6 +186,8 @@ def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
             row.update(attn=spec["attn"], packing=spec["packing"], overrides=" ".join(overrides))
             row.update(run_fasttune(bench, spec["attn"], spec["packing"], overrides, data, tmp))
         row["status"] = "ok"
+        if row.get("peak_gib") and row.get("tokens_per_step"):
+            row["gib_per_1k"] = row["peak_gib"] / (row["tokens_per_step"] / 1000)
     except Exception as e:  # noqa: BLE001
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         row["status"] = "OOM" if "out of memory" in text.lower() else f"error: {text[:160]}"
@@ -199,7 +237,12 @@ MD_COLUMNS = (
     ("tokens_per_s", "real tok/s"),
     ("samples_per_s", "samples/s"),
     ("mfu", "MFU"),
+    ("tokens_per_step", "tokens/step"),
     ("peak_gib", "peak GiB"),
+    ("gib_per_1k", "GiB per 1k tokens"),
+    ("plan", "memory plan"),
+    ("predicted", "predicted GiB"),
+    ("loss", "mean loss"),
     ("x_eager", "x eager"),
     ("x_hf_sdpa_padded", "x HF sdpa padded"),
     ("x_best_hf", "x best leak-free HF"),
