@@ -98,6 +98,12 @@ def cmd_chat(argv: Sequence[str]) -> int:
     return run_chat(argv)
 
 
+def cmd_eval(argv: Sequence[str]) -> int:
+    from fasttune.eval.run import run_eval
+
+    return run_eval(argv)
+
+
 def cmd_experiments(argv: Sequence[str]) -> int:
     from fasttune.config.experiments import describe
 
@@ -122,6 +128,7 @@ COMMANDS = {
     "train": cmd_train,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "eval": cmd_eval,
     "doctor": cmd_doctor,
     "bench": cmd_bench,
     "experiments": cmd_experiments,
@@ -151,10 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(
-            "usage: fasttune {train,generate,doctor,bench,experiments} [options]\n"
+            "usage: fasttune {train,generate,chat,eval,doctor,bench,experiments} [options]\n"
             "  train        train / fine-tune (--experiment quick|full|sft|lora, see `fasttune train --help`)\n"
             "  generate     generate text from a checkpoint, a run folder or a LoRA adapter (--prompts FILE: batched)\n"
             "  chat         chat with a fine-tuned model in the terminal\n"
+            "  eval         response loss / perplexity and scored generated answers on held-out data\n"
             "  doctor       diagnose which fast paths work here and how to fix the rest\n"
             "  bench        measure attention backends and training throughput on this machine\n"
             "  experiments  list the experiment presets",

@@ -176,6 +176,11 @@ class TrainingConfig:
     """Validate every N steps (0: only at the end)."""
     eval_batches: int = field(default=8, metadata=RESUMABLE)
     """Micro-batches per validation."""
+    eval_generate_every: int = field(default=0, metadata=RESUMABLE)
+    """Every N steps generate answers for held-out samples and log their exact/numeric match (gen_* in
+    metrics.jsonl); supervised data only (0: off)."""
+    eval_generate_samples: int = field(default=32, metadata=RESUMABLE)
+    """Held-out samples answered by eval_generate_every (greedy, generation.max_new_tokens each)."""
     log_every: int = field(default=10, metadata=RESUMABLE)
     """Append to metrics.jsonl every N steps."""
     save_every: int = field(default=100, metadata=RESUMABLE)
@@ -209,6 +214,8 @@ class TrainingConfig:
         _positive("training.log_every", self.log_every)
         _positive("training.keep_last", self.keep_last)
         _positive("training.eval_batches", self.eval_batches)
+        _positive("training.eval_generate_every", self.eval_generate_every, allow_zero=True)
+        _positive("training.eval_generate_samples", self.eval_generate_samples)
         _positive("training.max_bad_steps", self.max_bad_steps, allow_zero=True)
         _positive("training.weight_decay", self.weight_decay, allow_zero=True)
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -18,7 +18,7 @@ CHECKPOINT_HELP = ("Checkpoint folder, run folder (its latest complete checkpoin
                    "folder, or LoRA adapter folder (loaded on its base model).")  # fmt: skip
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingArgs:
     checkpoint: str
     """Checkpoint, run folder (latest complete checkpoint; a LoRA run's merged/), model folder or LoRA adapter."""
@@ -28,8 +28,6 @@ class SamplingArgs:
     """Sampling temperature (0: greedy)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0: off)."""
-    raw: bool = False
-    """Send the text as is, without the prompt format / chat template the model was trained with."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
     seed: int = 0
@@ -46,8 +44,10 @@ class SamplingArgs:
             raise ConfigError(f"--top-p={self.top_p} is not valid; it must be in (0, 1]")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateArgs(SamplingArgs):
+    raw: bool = False
+    """Send the text as is, without the prompt format / chat template the model was trained with."""
     prompt: str | None = None
     """Text to answer, rendered with the model's prompt format unless --raw (then continued as is)."""
     prompts: str | None = None
@@ -68,8 +68,10 @@ class GenerateArgs(SamplingArgs):
             raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ChatArgs(SamplingArgs):
+    raw: bool = False
+    """Send the text as is, without the prompt format / chat template the model was trained with."""
     system: str | None = None
     """System message that opens the conversation (models with a chat template only)."""
 
@@ -101,16 +103,22 @@ def _explain(cls: type, args: list[str], prog: str) -> str:
         if arg.startswith("-") and flag not in flags:
             close = difflib.get_close_matches(flag, flags, n=1)
             return f"unknown option {flag}; {'did you mean ' + close[0] + '? ' if close else ''}see `{prog} --help`"
-        if flag in fields and fields[flag].type not in ("bool", bool) and "=" not in arg:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+        if flag in fields and fields[flag].type not in ("bool", bool):
+            value = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+            if value is None or ("=" not in arg and value.startswith("--")):
                 return f"{flag} needs a value"
+            kind = next((k for k in (int, float) if str(fields[flag].type).startswith(k.__name__)), None)
+            try:
+                kind is None or value == "None" or kind(value)
+            except ValueError:
+                return f"{flag}: {value!r} is not a valid {kind.__name__}"
     missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in args]
     if missing and not any(a.startswith(missing[0] + "=") for a in args):
         return f"{missing[0]} is required; see `{prog} --help`"
     return f"invalid arguments (a value of the wrong type?); see `{prog} --help`"
 
 
-def _load(a: SamplingArgs):
+def load_checkpoint(a: SamplingArgs):
     from fasttune.generate.generate import load_for_generation
 
     return load_for_generation(a.checkpoint, a.device, a.trust_remote_code)
@@ -126,11 +134,11 @@ def run_generate(argv: Sequence[str]) -> int:
         records = read_prompts(a.prompts)
         out = Path(a.output) if a.output else Path(a.prompts).with_suffix(".completions.jsonl")
         check_output(out, a.overwrite)
-        model, tok = _load(a)
+        model, tok = load_checkpoint(a)
         return _generate_file(model, tok, a, records, out)
     if a.output is not None:
         raise ConfigError("--output goes with --prompts FILE; with --prompt the text is printed")
-    model, tok = _load(a)
+    model, tok = load_checkpoint(a)
     from fasttune.generate.generate import fast_engine, fit_context, generate_ids
     from fasttune.generate.template import prompt_format, prompt_ids
 
@@ -194,6 +202,6 @@ def run_chat(argv: Sequence[str]) -> int:
 
     a = parse_args(ChatArgs, argv, "fasttune chat", "Chat with a model in the terminal, replies streamed. "
                    + CHECKPOINT_HELP)  # fmt: skip
-    model, tok = _load(a)
+    model, tok = load_checkpoint(a)
     return chat_loop(model, tok, raw=a.raw, system=a.system, max_new_tokens=a.max_new_tokens,
                      temperature=a.temperature, top_p=a.top_p, seed=a.seed)  # fmt: skip

@@ -77,12 +77,15 @@ def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_atomic(path: Path, text: str) -> None:
     """Write atomically: a reader (or a crash) never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

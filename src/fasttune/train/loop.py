@@ -176,6 +176,11 @@ def _fit(run: Run) -> None:
             if evaluated and (val := run.evaluate()) is not None:
                 rec.update(val_loss=val, val_ppl=perplexity(val))
                 result.last_val_loss = val
+            if (every := t.eval_generate_every) and state.step % every == 0:  # generated answers, scored
+                from fasttune.eval.run import training_scores
+
+                rec.update(scores := training_scores(run))
+                evaluated = evaluated or bool(scores)
             run.log(rec, evaluated)
             status = _status(rec)
             bar.set_postfix_str(status)

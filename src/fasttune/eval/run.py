@@ -1,0 +1,236 @@
+"""Evaluate a checkpoint on supervised data: loss and perplexity on the responses, and with generation the answers
+scored by exact match (and the final number, for math data such as GSM8K).
+
+    fasttune eval --checkpoint runs/sft --data test.jsonl --generate --output-dir runs/sft/eval
+
+The data is read and tokenized exactly as training reads it (any supervised format; the loss covers the tokens
+training would train: responses, or every token of plain text). Written to --output-dir: completions.jsonl (one line
+per sample: prompt, reference, completion, scores) and summary.json; the summary is also printed as a table.
+`train_eval_hook` is the same generation scoring run on a held-out slice during training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fasttune.data.packing import IGNORE
+from fasttune.errors import ConfigError, DataError, FasttuneError
+from fasttune.eval.score import Example, score, split_sample, summarize_scores
+from fasttune.generate.commands import SamplingArgs, parse_args
+
+log = logging.getLogger("fasttune")
+
+
+@dataclass(kw_only=True)
+class EvalArgs(SamplingArgs):
+    data: str
+    """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text)."""
+    format: str = "auto"
+    """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
+    generate: bool = False
+    """Also generate an answer per sample (greedy unless --temperature) and score it against the reference."""
+    output_dir: str | None = None
+    """Folder for completions.jsonl and summary.json (created; existing files there are kept unless --overwrite)."""
+    overwrite: bool = False
+    """Replace completions.jsonl / summary.json in --output-dir."""
+    batch_size: int = 16
+    """Samples per forward pass / generation batch."""
+    limit: int | None = None
+    """Evaluate only the first N samples."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
+
+
+@torch.no_grad()
+def response_loss(model, samples: list[dict], pad_id: int, batch_size: int, amp_dtype=None) -> dict:
+    """Summed cross-entropy over the trained tokens (labels != -100, next-token shifted as in HF), per batch of
+    right-padded samples sorted by length; returns loss (mean per token), perplexity, token counts and tokens/s."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
+    loss_sum, targets, tokens = 0.0, 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(samples), desc="loss", unit="sample", file=sys.stderr, leave=False)
+    for lo in range(0, len(order), batch_size):
+        batch = [samples[i] for i in order[lo : lo + batch_size]]
+        width = max(len(s["input_ids"]) for s in batch)
+        ids_BL = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels_BL = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask_BL = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, s in enumerate(batch):
+            n = len(s["input_ids"])
+            ids_BL[r, :n], labels_BL[r, :n], mask_BL[r, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+        ids_BL, labels_BL, mask_BL = ids_BL.to(device), labels_BL.to(device), mask_BL.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).logits
+        target_BL = labels_BL[:, 1:]
+        loss_sum += float(F.cross_entropy(logits_BLV[:, :-1].float().flatten(0, 1), target_BL.flatten(),
+                                          ignore_index=IGNORE, reduction="sum"))  # fmt: skip
+        targets += int((target_BL != IGNORE).sum())
+        tokens += int(mask_BL.sum())
+        bar.update(len(batch))
+        bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    loss = loss_sum / targets if targets else None
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if loss is not None else None,
+            "target_tokens": targets, "tokens": tokens,
+            "loss_tokens_per_s": tokens / seconds if seconds else None}  # fmt: skip
+
+
+def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, engine=None,
+                     progress: bool = True) -> tuple[list[dict], dict]:  # fmt: skip
+    """Generate an answer per example in batches; returns per-example rows and the summary (scores, tokens/s)."""
+    from fasttune.generate.generate import fit_context, generate_ids
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    rows: dict[int, dict] = {}
+    new_tokens, seconds = 0, 0.0
+    bar = tqdm(total=len(examples), desc="generate", unit="sample", file=sys.stderr, disable=not progress)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        budget = min(fit_context(model, len(examples[i].prompt_ids), max_new_tokens, "a prompt") for i in idx)
+        gens = generate_ids(model, tokenizer, [examples[i].prompt_ids for i in idx], max_new_tokens=budget,
+                            temperature=temperature, top_p=top_p, seed=seed + lo, engine=engine)  # fmt: skip
+        for i, g in zip(idx, gens, strict=True):
+            ex = examples[i]
+            rows[i] = {"index": i, "prompt": tokenizer.decode(ex.prompt_ids, skip_special_tokens=True),
+                       "reference": ex.reference, "completion": g.text.strip(), "new_tokens": g.new_tokens,
+                       **score(g.text.strip(), ex.reference)}  # fmt: skip
+        new_tokens += sum(g.new_tokens for g in gens)
+        seconds += gens[0].seconds
+        bar.update(len(idx))
+        bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
+    bar.close()
+    ordered = [rows[i] for i in range(len(examples))]
+    summary = {**summarize_scores(ordered), "generated_samples": len(ordered), "generated_tokens": new_tokens,
+               "generate_tokens_per_s": new_tokens / seconds if seconds else None}  # fmt: skip
+    return ordered, summary
+
+
+def _print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fasttune eval", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.2%}" if key.endswith("_match") else f"{value:,.4f}" if value < 100 else f"{value:,.0f}"
+        table.add_row(key, str(value))
+    Console(file=sys.stdout).print(table)
+
+
+def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
+    if a.output_dir is None:
+        return None
+    out = Path(a.output_dir)
+    if out.exists() and not out.is_dir():
+        raise FasttuneError(f"--output-dir {out} is a file; choose a folder")
+    files = (out / "completions.jsonl", out / "summary.json")
+    taken = [f.name for f in files if f.exists()]
+    if taken and not a.overwrite:
+        raise FasttuneError(f"--output-dir {out} already holds {', '.join(taken)}; choose another folder or pass "
+                            "--overwrite to replace them")  # fmt: skip
+    return files
+
+
+def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], str, int]:
+    from fasttune.data.formats import load_records
+    from fasttune.data.sft import tokenize_records
+
+    records, fmt = load_records(a.data, a.format)
+    records = records[: a.limit]
+    samples = tokenize_records(records, fmt, tokenizer, source=a.data)
+    kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
+    if not kept:
+        raise DataError(f"{a.data}: every sample is longer than the model's context ({context} tokens)")
+    return kept, fmt, len(samples) - len(kept)
+
+
+def run_eval(argv: Sequence[str]) -> int:
+    a = parse_args(EvalArgs, argv, "fasttune eval", "Evaluate a checkpoint on supervised data: response loss and "
+                   "perplexity; with --generate, generated answers scored by exact and numeric match.")  # fmt: skip
+    files = _outputs(a)
+    from fasttune.generate.commands import load_checkpoint
+    from fasttune.generate.generate import fast_engine
+    from fasttune.generate.prompts import write_atomic, write_jsonl
+
+    model, tok = load_checkpoint(a)
+    context = getattr(model.config, "max_position_embeddings", None)
+    samples, fmt, too_long = _samples(a, tok, context)
+    if too_long:
+        log.warning("%d samples longer than the model's context (%s tokens) are left out", too_long, context)
+    summary = {"checkpoint": a.checkpoint, "data": a.data, "format": fmt, "samples": len(samples),
+               "skipped_longer_than_context": too_long}  # fmt: skip
+    summary.update(response_loss(model, samples, tok.pad_token_id, a.batch_size))
+    rows: list[dict] = []
+    if a.generate:
+        examples = [ex for s in samples if (ex := split_sample(s, tok)) is not None]
+        if not examples:
+            raise DataError(f"{a.data}: no sample has a prompt to answer ({fmt} data); --generate needs supervised "
+                            "data (alpaca, prompt_completion or chat)")  # fmt: skip
+        rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                                        temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                                        engine=fast_engine(model))  # fmt: skip
+        summary.update(scores)
+    if files is not None:
+        files[0].parent.mkdir(parents=True, exist_ok=True)
+        if rows:
+            write_jsonl(files[0], rows)
+        write_atomic(files[1], json.dumps(summary, indent=2) + "\n")
+    _print_table(summary)
+    if files is not None:
+        print(f"written: {files[1]}" + (f", {files[0]}" if rows else ""), file=sys.stderr)
+    return 0
+
+
+def training_scores(run) -> dict:
+    """Training hook (`--training.eval-generate-every N`): generate answers for the first eval_generate_samples
+    held-out samples with the model as it is now and score them; the `gen_*` fields of that step's metrics record.
+    Rank 0 generates on its full copy of the weights (DDP); FSDP2 shards them, so there it is skipped."""
+    cfg, data = run.cfg, run.data
+    if run.dist.fsdp or not run.dist.main:
+        return {}
+    examples = [ex for s in data.val if (ex := split_sample(s, data.tokenizer)) is not None]
+    examples = examples[: cfg.training.eval_generate_samples]
+    if not examples:
+        log.warning("training.eval_generate_every: no held-out sample with a prompt to answer (%s data); skipped",
+                    data.summary.format)  # fmt: skip
+        return {}
+    from fasttune.generate.generate import fast_engine
+
+    model = run.model
+    model.eval()
+    try:
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            _, scores = generate_answers(model, data.tokenizer, examples, batch_size=len(examples),
+                                         max_new_tokens=cfg.generation.max_new_tokens, engine=fast_engine(model),
+                                         progress=False)  # fmt: skip
+    finally:
+        model.train()
+    out = {"gen_exact_match": scores["exact_match"], "gen_samples": len(examples),
+           "gen_tokens_per_s": scores["generate_tokens_per_s"]}  # fmt: skip
+    if "numeric_match" in scores:
+        out["gen_numeric_match"] = scores["numeric_match"]
+    numeric = f", numeric match {out['gen_numeric_match']:.1%}" if "gen_numeric_match" in out else ""
+    tqdm.write(f"step {run.state.step}: generated {len(examples)} held-out answers: exact match "
+               f"{out['gen_exact_match']:.1%}{numeric}", file=sys.stderr)  # fmt: skip
+    return out

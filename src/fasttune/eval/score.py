@@ -1,0 +1,75 @@
+"""Scoring generated answers against references: exact match, and for math data the final number (GSM8K style).
+
+Examples come from tokenized supervised samples (what training reads, data/sft.py): the prompt is every token before
+the last trained span (the answer the model must write), the reference is that span's text. So an evaluation prompt
+is rendered exactly as the training prompts were, for every data format and template.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from fasttune.data.packing import IGNORE
+
+# GSM8K ends each answer with "#### 72"; models often write "The answer is $1,200." instead: the last number counts.
+_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    reference: str
+
+
+def split_sample(sample: dict, tokenizer) -> Example | None:
+    """The prompt (tokens before the last trained span) and the reference answer (that span as text); None when the
+    sample trains no token."""
+    labels = sample["labels"]
+    trained = [i for i, t in enumerate(labels) if t != IGNORE]
+    if not trained:
+        return None
+    end = trained[-1] + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    special = set(tokenizer.all_special_ids)
+    if all(t in special for t in sample["input_ids"][:start]):
+        return None  # trained from the first token (plain text after a BOS, train_on_prompt): no prompt to answer
+    answer = sample["input_ids"][start:end]
+    return Example(list(sample["input_ids"][:start]), tokenizer.decode(answer, skip_special_tokens=True).strip())
+
+
+def answer_number(text: str) -> float | None:
+    """The final answer as a number: the last one after `####`, else the last number in the text."""
+    found = _FINAL.findall(text) or _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def score(prediction: str, reference: str) -> dict:
+    """exact_match (whitespace-normalised) and numeric_match (None when the reference has no number)."""
+    ref_num = answer_number(reference)
+    pred_num = answer_number(prediction)
+    numeric = None if ref_num is None else pred_num is not None and math.isclose(pred_num, ref_num, abs_tol=1e-6)
+    return {"exact_match": _normalize(prediction) == _normalize(reference), "numeric_match": numeric}
+
+
+def summarize_scores(scores: list[dict]) -> dict:
+    """Mean exact match; mean numeric match over references with a number, reported when most have one (math)."""
+    out = {"exact_match": sum(s["exact_match"] for s in scores) / len(scores) if scores else None}
+    numeric = [s["numeric_match"] for s in scores if s["numeric_match"] is not None]
+    if numeric and len(numeric) * 2 >= len(scores):
+        out["numeric_match"] = sum(numeric) / len(numeric)
+        out["numeric_samples"] = len(numeric)
+    return out

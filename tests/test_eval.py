@@ -1,0 +1,130 @@
+"""`fasttune eval`: response loss against a plain-HF reference, generated answers scored (exact, GSM8K numbers)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_generate_cli import GSM8K, _base, _train
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fasttune.cli import main
+from fasttune.data.formats import load_records
+from fasttune.data.sft import format_prompt, tokenize_records
+from fasttune.eval.score import answer_number, score, split_sample, summarize_scores
+
+SHARED_GSM8K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k_train_alpaca.json"
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft-eval")
+    return _train(tmp, _base(tmp / "base"))
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("Natalia sold 48+24 = 72 clips.\n#### 72", 72.0),
+        ("so $1,200 in total", 1200.0),
+        ("#### -3.5 then 7", -3.5),
+        ("no digits here", None),
+        ("It is 5. Then 12.", 12.0),
+    ],  # fmt: skip
+)
+def test_answer_number_takes_the_gsm8k_final_answer_or_the_last_number(text, number):
+    assert answer_number(text) == number
+
+
+def test_scores_and_their_summary():
+    assert score("The answer is 72", "She sold 72 clips\n#### 72") == {"exact_match": False, "numeric_match": True}
+    assert score(" 5  apples", "5 apples") == {"exact_match": True, "numeric_match": True}
+    summary = summarize_scores([score("72", "#### 72"), score("7", "#### 8"), score("hi", "hi")])
+    assert summary["exact_match"] == pytest.approx(1 / 3)
+    assert summary["numeric_match"] == 0.5 and summary["numeric_samples"] == 2
+    assert "numeric_match" not in summarize_scores([score("a", "b"), score("c", "d"), score("1", "1")])
+
+
+def test_examples_split_at_the_trained_answer():
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(chat_template=None, bos="<s>")
+    record = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    ex = split_sample(tokenize_records([record], "alpaca", tok)[0], tok)
+    assert ex.prompt_ids == tok(format_prompt(record, "alpaca"))["input_ids"] and ex.reference == "5"
+    text = tokenize_records([{"text": "plain"}], "text", tok)[0]
+    assert split_sample(text, tok) is None  # nothing to answer in plain text
+
+
+def _hf_response_loss(model_dir: Path, data: Path) -> tuple[float, int]:
+    """Reference: plain HF forward with labels, one sample at a time, token-weighted mean over the samples that fit
+    the model's context (512 positions), and how many do."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    records, fmt = load_records(str(data))
+    total, n = 0.0, 0
+    fitting = [s for s in tokenize_records(records, fmt, tok) if len(s["input_ids"]) <= 512]
+    for s in fitting:
+        labels = torch.tensor([s["labels"]])
+        count = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += float(model(torch.tensor([s["input_ids"]]), labels=labels).loss) * count
+        n += count
+    return total / n, len(fitting)
+
+
+def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--generate", "--output-dir",
+               str(out), "--max-new-tokens", "4", "--batch-size", "7"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    reference, fitting = _hf_response_loss(sft_run.checkpoint, GSM8K)
+    assert summary["loss"] == pytest.approx(reference, rel=1e-4)
+    assert summary["perplexity"] == pytest.approx(math.exp(reference), rel=1e-3)
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    records = json.loads(GSM8K.read_text())
+    assert len(rows) == summary["samples"] == summary["generated_samples"] == fitting
+    assert summary["skipped_longer_than_context"] == len(records) - fitting > 0
+    assert {r["reference"] for r in rows} <= {r["output"].strip() for r in records}
+    assert summary["exact_match"] == sum(r["exact_match"] for r in rows) / len(rows)
+    assert "numeric_match" in summary  # GSM8K answers end in a number
+    assert "fasttune eval" in capsys.readouterr().out
+    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out)])
+    assert rc == 2 and "already holds completions.jsonl, summary.json" in capsys.readouterr().err
+
+
+def test_eval_generate_on_plain_text_says_what_it_needs(sft_run, tmp_path, capsys):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "Natalia sold clips to her friends."}) + "\n")
+    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data), "--generate"])
+    assert rc == 2 and "--generate needs supervised data" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="the shared GSM8K file (../shared/data) is not here")
+def test_eval_reads_the_real_gsm8k_file(sft_run, tmp_path):
+    assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(SHARED_GSM8K), "--limit", "24",
+                 "--output-dir", str(tmp_path)]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["samples"] + summary["skipped_longer_than_context"] == 24 and summary["target_tokens"] > 100
+
+
+def test_training_scores_generation_on_held_out_samples(tmp_path):
+    import dataclasses
+
+    from helpers import tiny_config
+
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0, eval_generate_every=1,
+                      eval_generate_samples=3)  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(_base(tmp_path / "base"))),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
+        generation=dataclasses.replace(cfg.generation, max_new_tokens=3))  # fmt: skip
+    result = loop.train(cfg)
+    scored = [r for r in result.records if "gen_exact_match" in r]
+    assert [r["step"] for r in scored] == [1, 2] and all(r["gen_samples"] == 3 for r in scored)
+    logged = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "gen_exact_match" in r] == [1, 2]
