@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config, Qwen3Config
 
 from fasttune.bench.generate_check import TOLERANCE, greedy_agreement, hf_greedy, synthetic_tokens, train_briefly
 from fasttune.generate.fast import Generator, fast_generate, unsupported_reason
@@ -74,6 +74,24 @@ def test_greedy_identical_to_hf_until_its_first_near_tie(trained, dtype, batch, 
     assert diff < TOLERANCE[dtype] / 2
     # a second call reuses the cache and gives the same tokens
     assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), out_BS)
+
+
+@pytest.mark.parametrize("config_class", [Qwen2Config, Qwen3Config])
+def test_other_families_match_hf(config_class):
+    """Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm) through the same fused decoder: float32 scores within
+    1e-5 of HF's at every step (random weights: no training needed for a score comparison)."""
+    torch.manual_seed(0)
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids_BP, mask_BP = prompts(2, padded=True)
+    ref_BS, ref_scores = hf_greedy(model, ids_BP, mask_BP, 12)
+    gen = Generator(model)
+    assert gen.reason is None
+    scores = recording(gen)
+    out_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=12)
+    assert greedy_agreement(ref_scores, ref_BS[:, PROMPT:], out_BS[:, PROMPT:], TOLERANCE[torch.float32])["agree"]
+    assert max(float((a - b).abs().max()) for a, b in zip(ref_scores, scores, strict=False)) < 1e-5
 
 
 def test_eos_stops_and_pads_like_hf(trained):

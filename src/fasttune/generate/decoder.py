@@ -159,13 +159,13 @@ class FusedDecoder:
             a = layer.self_attn
             x_BQE = F.rms_norm(h_BQE, h_BQE.shape[-1:], layer.input_layernorm.weight, self.eps)
             qkv_BQF = F.linear(x_BQE, fused["qkv"], fused["qkv_bias"])
-            q_BQHD = qkv_BQF[..., : Hq * D].view(B, Q, Hq, D)
-            k_BQHD = qkv_BQF[..., Hq * D : (Hq + Hkv) * D].view(B, Q, Hkv, D)
+            qk_BQHD = qkv_BQF[..., : (Hq + Hkv) * D].view(B, Q, Hq + Hkv, D)
             v_BQHD = qkv_BQF[..., (Hq + Hkv) * D :].view(B, Q, Hkv, D)
             if fused["q_norm"] is not None:  # qwen3: per-head RMSNorm before RoPE
-                q_BQHD = F.rms_norm(q_BQHD, (D,), fused["q_norm"], self.eps)
-                k_BQHD = F.rms_norm(k_BQHD, (D,), fused["k_norm"], self.eps)
-            q_BQHD, k_BQHD = self._rope(q_BQHD, rope_BQ1D2), self._rope(k_BQHD, rope_BQ1D2)
+                q_BQHD = F.rms_norm(qk_BQHD[:, :, :Hq], (D,), fused["q_norm"], self.eps)
+                qk_BQHD = torch.cat([q_BQHD, F.rms_norm(qk_BQHD[:, :, Hq:], (D,), fused["k_norm"], self.eps)], 2)
+            qk_BQHD = self._rope(qk_BQHD, rope_BQ1D2)  # queries and keys in one go: 3 kernels a layer, not 6
+            q_BQHD, k_BQHD = qk_BQHD[:, :, :Hq], qk_BQHD[:, :, Hq:]
             kv_2BHQD = torch.stack([k_BQHD, v_BQHD]).transpose(2, 3)
             kv_cache = cache[layer.self_attn.layer_idx]  # (2, B, Hkv, T, D)
             kv_cache.index_copy_(3, slots_Q, kv_2BHQD)
