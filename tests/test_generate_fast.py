@@ -5,6 +5,10 @@ bf16, batch 1 and left-padded batches), EOS, streaming, sampling, refreshed weig
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -92,6 +96,35 @@ def test_other_families_match_hf(config_class):
     out_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=12)
     assert greedy_agreement(ref_scores, ref_BS[:, PROMPT:], out_BS[:, PROMPT:], TOLERANCE[torch.float32])["agree"]
     assert max(float((a - b).abs().max()) for a, b in zip(ref_scores, scores, strict=False)) < 1e-5
+
+
+def test_triton_kernels_match_torch_ops_under_the_interpreter():
+    """The Triton kernels (kernels.py) on the CPU through Triton's interpreter: float32 scores as HF's. Runs where
+    Triton is installed (the interpreter must be chosen before Triton compiles anything: a fresh process)."""
+    pytest.importorskip("triton", reason="Triton is not installed (the GPU tests cover the kernels on CUDA)")
+    code = textwrap.dedent("""
+        import torch
+        from transformers import AutoModelForCausalLM
+        from fasttune.bench.generate_check import greedy_agreement, hf_greedy
+        from fasttune.generate.fast import Generator
+        from fasttune.model.build import preset_config
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(preset_config("micro", 96), attn_implementation="sdpa").eval()
+        ids, mask = torch.randint(3, 96, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+        mask[1, :3] = 0
+        ref, ref_scores = hf_greedy(model, ids, mask, 8)
+        gen = Generator(model)
+        assert gen.decoder.use_kernels
+        seen = []
+        select = gen._select
+        gen._select = lambda logits, *key: (seen.append(logits.clone()), select(logits, *key))[1]
+        out = gen.generate(ids, mask, max_new_tokens=8)
+        assert greedy_agreement(ref_scores, ref[:, 7:], out[:, 7:], 1e-3)["agree"]
+        assert max(float((a - b).abs().max()) for a, b in zip(ref_scores, seen)) < 1e-4
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_eos_stops_and_pads_like_hf(trained):

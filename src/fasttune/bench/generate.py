@@ -125,6 +125,20 @@ def bench_batch(model, batch: int, prompt_len: int, new_tokens: int, eager: bool
              "graphs": gen.use_graphs, "repeatable": all(torch.equal(first_BS, o) for o, _ in warm)}  # fmt: skip
     fast_rows = [_row("fasttune", batch, new_tokens, warm_s, speedup=round(hf_s / warm_s, 2), **agreement(warm[0][0]),
                       **extra, **common)]  # fmt: skip
+    if device.type == "cuda" and batch == 1 and gen.decoder is not None and gen.decoder.use_kernels:
+        plain = Generator(model)  # the same graphs over torch ops only: what the Triton kernels buy
+        plain.decoder.use_kernels = False
+        _timed(lambda: plain.generate(ids_BP, mask_BP, max_new_tokens=new_tokens), device)
+        plain_BS, plain_s = _timed(lambda: plain.generate(ids_BP, mask_BP, max_new_tokens=new_tokens), device)
+        fast_rows.append(_row("fasttune_torch_ops", batch, new_tokens, plain_s, speedup=round(hf_s / plain_s, 2),
+                              **agreement(plain_BS), **common))  # fmt: skip
+    if device.type == "cuda" and gen.decoder is not None:
+        with sdpa_backend("efficient"):  # the graph keeps the backend chosen at capture: is cuDNN's the faster?
+            other = Generator(model)
+            _timed(lambda: other.generate(ids_BP, mask_BP, max_new_tokens=new_tokens), device)
+            other_BS, other_s = _timed(lambda: other.generate(ids_BP, mask_BP, max_new_tokens=new_tokens), device)
+        fast_rows.append(_row("fasttune_sdpa_efficient", batch, new_tokens, other_s, speedup=round(hf_s / other_s, 2),
+                              **agreement(other_BS), **common))  # fmt: skip
     if device.type == "cuda" and (eager or batch == 1):
         (out_BS, scores), eager_s = _timed(lambda: _recorded_scores(model, ids_BP, mask_BP, new_tokens), device)
         match = agreement(out_BS)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fasttune.generate import kernels
+
 # architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm), RoPE,
 # full attention, o, RMSNorm, SwiGLU gate/up/down
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -72,6 +74,7 @@ class FusedDecoder:
         self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 20))
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.use_kernels = kernels.available(self.device)  # Triton kernels on CUDA (kernels.py), else torch ops
         self._version = None
         self.layers: list[dict[str, torch.Tensor | None]] = []
         self.refresh()
@@ -132,7 +135,9 @@ class FusedDecoder:
         probe = torch.zeros(1, device=self.device, dtype=torch.float32)
         cos, sin = self.model.model.rotary_emb(probe, positions)  # (1, T, D), halves equal
         half = self.head_dim // 2
-        self.rope_TD2 = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
+        self.cos_TD2 = cos[0, :, :half].float().contiguous()
+        self.sin_TD2 = sin[0, :, :half].float().contiguous()
+        self.rope_TD2 = torch.complex(self.cos_TD2, self.sin_TD2)
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
         """(L, 2, B, Hkv, T, D) keys and values. Zeros: slots never written are masked, and 0 * finite stays 0."""
@@ -144,6 +149,30 @@ class FusedDecoder:
         pairs = torch.view_as_complex(x_BQHD.float().reshape(*shape[:-1], -1, 2).contiguous())
         return torch.view_as_real(pairs * rope_BQ1D2).reshape(shape).to(self.dtype)
 
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            return kernels.rms_norm(x, weight, self.eps)
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
+    def _queries(self, fused: dict, qkv_BQF: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor,
+                 kv_cache: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Rotated queries (B, Q, Hq, D); rotated keys and the values written to `kv_cache` (2, B, Hkv, T, D)."""
+        B, Q, _ = qkv_BQF.shape
+        Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        if self.use_kernels and fused["q_norm"] is None:
+            qkv_NF = qkv_BQF.view(B * Q, -1)
+            q_NHD = kernels.rope_cache_write(qkv_NF, self.cos_TD2, self.sin_TD2, pos_BQ.reshape(-1), slots_Q,
+                                             kv_cache, Hq, Hkv)  # fmt: skip
+            return q_NHD.view(B, Q, Hq, D)
+        qk_BQHD = qkv_BQF[..., : (Hq + Hkv) * D].view(B, Q, Hq + Hkv, D)
+        v_BQHD = qkv_BQF[..., (Hq + Hkv) * D :].view(B, Q, Hkv, D)
+        if fused["q_norm"] is not None:  # qwen3: per-head RMSNorm before RoPE
+            q_BQHD = F.rms_norm(qk_BQHD[:, :, :Hq], (D,), fused["q_norm"], self.eps)
+            qk_BQHD = torch.cat([q_BQHD, F.rms_norm(qk_BQHD[:, :, Hq:], (D,), fused["k_norm"], self.eps)], 2)
+        qk_BQHD = self._rope(qk_BQHD, self.rope_TD2[pos_BQ][:, :, None])  # queries and keys in one multiply
+        kv_cache.index_copy_(3, slots_Q, torch.stack([qk_BQHD[:, :, Hq:], v_BQHD]).transpose(2, 3))
+        return qk_BQHD[:, :, :Hq]
+
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
                 bias_B1QT: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
@@ -152,33 +181,27 @@ class FusedDecoder:
         B, Q = ids_BQ.shape
         Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
         G = Hq // Hkv
-        rope_BQ1D2 = self.rope_TD2[pos_BQ][:, :, None]
-        bias_B1GQT = bias_B1QT if Q == 1 else bias_B1QT[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, 1, G * Q, -1)
-        h_BQE = model.embed_tokens(ids_BQ)
+        # the mask as SDPA sees it, materialized once per forward rather than expanded by every layer's call
+        bias_BKGT = bias_B1QT[:, :, None].expand(-1, Hkv, G, -1, -1).reshape(B, Hkv, G * Q, -1)
+        h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)
         for layer, fused in zip(model.layers, self.layers, strict=True):
             a = layer.self_attn
-            x_BQE = F.rms_norm(h_BQE, h_BQE.shape[-1:], layer.input_layernorm.weight, self.eps)
-            qkv_BQF = F.linear(x_BQE, fused["qkv"], fused["qkv_bias"])
-            qk_BQHD = qkv_BQF[..., : (Hq + Hkv) * D].view(B, Q, Hq + Hkv, D)
-            v_BQHD = qkv_BQF[..., (Hq + Hkv) * D :].view(B, Q, Hkv, D)
-            if fused["q_norm"] is not None:  # qwen3: per-head RMSNorm before RoPE
-                q_BQHD = F.rms_norm(qk_BQHD[:, :, :Hq], (D,), fused["q_norm"], self.eps)
-                qk_BQHD = torch.cat([q_BQHD, F.rms_norm(qk_BQHD[:, :, Hq:], (D,), fused["k_norm"], self.eps)], 2)
-            qk_BQHD = self._rope(qk_BQHD, rope_BQ1D2)  # queries and keys in one go: 3 kernels a layer, not 6
-            q_BQHD, k_BQHD = qk_BQHD[:, :, :Hq], qk_BQHD[:, :, Hq:]
-            kv_2BHQD = torch.stack([k_BQHD, v_BQHD]).transpose(2, 3)
-            kv_cache = cache[layer.self_attn.layer_idx]  # (2, B, Hkv, T, D)
-            kv_cache.index_copy_(3, slots_Q, kv_2BHQD)
+            qkv_BQF = F.linear(self._norm(h_NE, layer.input_layernorm.weight), fused["qkv"], fused["qkv_bias"])
+            q_BQHD = self._queries(fused, qkv_BQF.view(B, Q, -1), pos_BQ, slots_Q, cache[a.layer_idx])
             # GQA as more queries per key head: query head h reads key head h // G, as HF's repeat_kv
             q_BKGD = q_BQHD.view(B, Q, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Q, D)
-            o_BKGD = F.scaled_dot_product_attention(q_BKGD, kv_cache[0], kv_cache[1], bias_B1GQT, scale=self.scale)
-            o_BQF = o_BKGD.view(B, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, Hq * D)
-            h_NE = torch.addmm(h_BQE.reshape(B * Q, -1), o_BQF, a.o_proj.weight.t())  # residual fused
+            kv = cache[a.layer_idx]
+            o_BKGD = F.scaled_dot_product_attention(q_BKGD, kv[0], kv[1], bias_BKGT, scale=self.scale)
+            o_NF = o_BKGD.view(B, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, Hq * D)
+            h_NE.addmm_(o_NF, a.o_proj.weight.t())  # residual fused, in place: addmm would first copy h
             if a.o_proj.bias is not None:
-                h_NE = h_NE + a.o_proj.bias
-            x_NE = F.rms_norm(h_NE, h_NE.shape[-1:], layer.post_attention_layernorm.weight, self.eps)
-            gate_NI, up_NI = F.linear(x_NE, fused["gate_up"]).chunk(2, dim=-1)
-            h_NE = torch.addmm(h_NE, F.silu(gate_NI) * up_NI, layer.mlp.down_proj.weight.t())
-            h_BQE = h_NE.view(B, Q, -1)
-        x_BE = F.rms_norm(h_BQE[:, -1], h_BQE.shape[-1:], model.norm.weight, self.eps)
+                h_NE.add_(a.o_proj.bias)
+            gate_up_N2I = F.linear(self._norm(h_NE, layer.post_attention_layernorm.weight), fused["gate_up"])
+            if self.use_kernels:
+                act_NI = kernels.silu_mul(gate_up_N2I)
+            else:
+                gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
+                act_NI = F.silu(gate_NI) * up_NI
+            h_NE.addmm_(act_NI, layer.mlp.down_proj.weight.t())
+        x_BE = self._norm(h_NE.view(B, Q, -1)[:, -1], model.norm.weight)
         return self.model.lm_head(x_BE).float()  # HF generate scores in float32 too
