@@ -360,6 +360,3 @@ def fast_generate(model, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Te
     """One call through a fresh `Generator` (nothing is kept on the model). Callers that generate more than once
     should keep a `Generator`: its graphs and fused weights are built once."""
     return Generator(model, use_graphs=use_graphs).generate(input_ids_BP, attention_mask_BP, **kwargs)
-
-
-FastGenerator = Generator  # the name before the Generator API; kept for existing callers
