@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,7 +62,14 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = peft.get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():
+        # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing`, whose FutureWarning (a
+        # site-packages path and a message about code the user cannot change) would be printed on every LoRA run
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = peft.get_peft_model(model, peft_cfg)
+    _resolve_base_path(model)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x name
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -71,36 +79,65 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     return model
 
 
-def save_lora(model: nn.Module, out_dir: str | Path, merged_dir: str | Path | None = None) -> None:
+def _resolve_base_path(model) -> None:
+    """Record the base model in adapter_config.json as an absolute path: peft stores it as given (relative to the
+    working directory), so the adapter would not load from anywhere else. Hub ids and presets (no path) stay."""
+    config = model.peft_config[_ADAPTER]
+    base = config.base_model_name_or_path
+    if base and Path(base).is_dir():
+        config.base_model_name_or_path = str(Path(base).resolve())
+
+
+def save_lora(
+    model: nn.Module, out_dir: str | Path, merged_dir: str | Path | None = None, state: dict | None = None
+) -> None:
     """Save the adapter to `out_dir`; with `merged_dir`, also the base model with the adapters merged in.
-    The live model is not changed (training can continue after a save)."""
-    model.save_pretrained(str(out_dir))
+    `state`: the model's full state dict (PeftModel names) when the live model is sharded (FSDP2 gathers it onto
+    rank 0, which alone calls this); None: the model's own. The live model is not changed (training can continue)."""
+    model.save_pretrained(str(out_dir), state_dict=state)  # peft keeps the adapters' entries of `state`
     if merged_dir is not None:
         base = model.get_base_model()
-        base.save_pretrained(str(merged_dir), state_dict=merged_state_dict(model))
+        base.save_pretrained(str(merged_dir), state_dict=merged_state_dict(model, state))
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
     """The base model's state dict with each LoRA delta added to its weight, under the plain (unwrapped) names.
     Computed out of place in fp32 and kept on CPU, instead of peft's in-place merge_and_unload, so the training
-    model keeps its adapters and exact base weights, and no second copy of the weights lands on the GPU."""
+    model keeps its adapters and exact base weights, and no second copy of the weights lands on the GPU; and from
+    `state` (see save_lora) where the modules hold only shards."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    deltas = {
-        f"{name}.weight": module
+    layers = {
+        name: module
         for name, module in base.named_modules()
         if isinstance(module, LoraLayer) and _ADAPTER in module.lora_A
     }
+    if state is None:
+        state = base.state_dict()
+    else:  # PeftModel names -> the base model's
+        prefix = "base_model.model."
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    first: dict[int, str] = {}  # a tied weight (lm_head = embeddings) is saved once, as save_pretrained does
+    tied = {n for n, p in base.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
     merged: dict[str, torch.Tensor] = {}
-    for key, value in base.state_dict().items():
-        if ".lora_" in key:
+    for key, value in state.items():
+        if ".lora_" in key or key in tied:
             continue
-        key = key.replace(".base_layer.", ".")
-        module = deltas.get(key)
-        if module is not None:
-            weight = module.get_base_layer().weight
-            value = (weight.float() + module.get_delta_weight(_ADAPTER).float()).to(weight.dtype)
-        merged[key] = value.detach().to("cpu").contiguous()
+        owner, _, leaf = key.rpartition(".")
+        name = owner.removesuffix(".base_layer")
+        if leaf == "weight" and owner != name and name in layers:
+            a, b = state[f"{name}.lora_A.{_ADAPTER}.weight"], state[f"{name}.lora_B.{_ADAPTER}.weight"]
+            value = _merge(layers[name], value, a, b)
+        merged[key.replace(".base_layer.", ".")] = value.detach().to("cpu").contiguous()
     return merged
+
+
+def _merge(layer, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """weight + scaling * B @ A in fp32, back in the weight's dtype: peft's `get_delta_weight` for a plain LoRA
+    linear layer (what apply_lora creates: no DoRA), on tensors rather than on the (possibly sharded) module."""
+    delta = b.float() @ a.float()
+    if layer.fan_in_fan_out:  # GPT-2 style Conv1D stores its weight transposed
+        delta = delta.T
+    return (weight.float() + layer.scaling[_ADAPTER] * delta.to(weight.device)).to(weight.dtype)
