@@ -10,12 +10,17 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
 from helpers import losses, tiny_config
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from fasttune.model.build import preset_config
+from fasttune.model.lora import apply_lora
 from fasttune.train import loop
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -35,11 +40,11 @@ def _cli_overrides(cfg) -> list[str]:
     ]  # fmt: skip
 
 
-def _torchrun(cfg, *extra: str) -> subprocess.CompletedProcess:
+def _torchrun(cfg, *extra: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fasttune",
            "train", *_cli_overrides(cfg), *extra]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -149,3 +154,111 @@ def test_explicit_gpu_index_is_refused_under_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Exception, match="CUDA_VISIBLE_DEVICES"):
         loop.train(tiny_config(tmp_path, device="cuda:1"))
+
+
+LORA = {"enabled": True, "rank": 4, "alpha": 8}
+
+
+def _lora_base(root: Path) -> Path:
+    """A micro Llama with a tokenizer, saved like any local HF model folder: the frozen base LoRA trains on."""
+    path = root / "base"
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _lora(cfg, base: Path):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(base)),
+                               lora=dataclasses.replace(cfg.lora, **LORA))  # fmt: skip
+
+
+def _lora_args(base: str) -> list[str]:
+    return ["--model", base, "--lora.enabled", "--lora.rank", str(LORA["rank"]), "--lora.alpha", str(LORA["alpha"])]
+
+
+def _assert_same_tensors(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lora_ddp_matches_one_process_accumulating(tmp_path):
+    base = _lora_base(tmp_path)
+    ref = loop.train(_lora(tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, grad_accum=2), base))
+    cfg = tiny_config(tmp_path / "ddp", max_steps=2, eval_every=0, save_every=2)
+    _torchrun(cfg, *_lora_args(str(base)))
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    got, want = losses(records), losses(ref.records)
+    assert got.keys() == want.keys() == {1, 2}
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
+    _assert_same_tensors(load_file(cfg.run_dir / "adapter" / "adapter_model.safetensors"),
+                         load_file(ref.run_dir / "adapter" / "adapter_model.safetensors"))  # fmt: skip
+
+
+def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_path):
+    """LoRA on an FSDP2-sharded frozen base: two ranks train, checkpoint (plain peft adapter folders whose base path
+    is absolute) and resume exactly like one process accumulating the same micro-batches without stopping, and end
+    with the same merged model; the two-rank checkpoint also resumes in one process."""
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+
+    from fasttune.train.distributed import SINGLE
+    from fasttune.train.setup import build_optimizer
+
+    base = _lora_base(tmp_path)
+    ref_cfg = _lora(tiny_config(tmp_path / "one", max_steps=4, eval_every=2, save_every=2, grad_accum=2), base)
+    ref = loop.train(ref_cfg)
+    cfg = tiny_config(tmp_path / "fsdp", max_steps=2, eval_every=2, save_every=2)
+    args = ["--training.fsdp", *_lora_args("base")]  # relative to the working directory, as users type it
+    _torchrun(cfg, *args, cwd=tmp_path)
+    step2 = cfg.run_dir / "checkpoints" / "step-000002"
+    ref2 = ref.run_dir / "checkpoints" / "step-000002"
+    _assert_same_tensors(load_file(step2 / "adapter_model.safetensors"), load_file(ref2 / "adapter_model.safetensors"))
+    adapter_config = json.loads((step2 / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base.resolve())
+
+    # the by-name optimizer state FSDP2 wrote lands on the right parameters of a one-process optimizer
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base), ref_cfg.lora)
+    optimizer, _ = build_optimizer(ref_cfg, model, torch.device("cpu"))
+    SINGLE.load_optimizer(model, optimizer, torch.load(step2 / "trainer_state.pt", weights_only=True)["optimizer"])
+    want = torch.load(ref2 / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert optimizer.state_dict()["param_groups"] == want["param_groups"]
+    for i, s in want["state"].items():
+        _assert_same_tensors(optimizer.state_dict()["state"][i], s)
+    shutil.copytree(cfg.run_dir, tmp_path / "copy" / "run")
+
+    longer = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=4))
+    _torchrun(longer, *args, "--resume", cwd=tmp_path)
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    got, want = losses(records), losses(ref.records)
+    assert got.keys() == want.keys() == {1, 2, 3, 4}
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
+    val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    assert math.isclose(val[-1], ref.last_val_loss, rel_tol=1e-5)
+    _assert_same_tensors(load_file(cfg.run_dir / "adapter" / "adapter_model.safetensors"),
+                         load_file(ref.run_dir / "adapter" / "adapter_model.safetensors"))  # fmt: skip
+    _assert_same_tensors(load_file(cfg.run_dir / "merged" / "model.safetensors"),
+                         load_file(ref.run_dir / "merged" / "model.safetensors"))  # fmt: skip
+    # the adapter loads from this (another) working directory, its base found through the recorded path
+    adapted = AutoPeftModelForCausalLM.from_pretrained(cfg.run_dir / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "merged").eval()
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+    # the two-rank checkpoint resumes in one process (the optimizer state turned back into torch's positional form)
+    one = dataclasses.replace(
+        _lora(longer, Path("base")), output_dir=str(tmp_path / "copy" / "run"), resume=True,
+        training=dataclasses.replace(longer.training, max_steps=3, fsdp=True),  # as run; one process ignores it
+    )  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        resumed = loop.train(one)
+    finally:
+        os.chdir(cwd)
+    assert resumed.checkpoint.name == "step-000003" and resumed.steps == 3

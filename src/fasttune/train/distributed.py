@@ -53,20 +53,14 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None):
         """The module to train: DDP around `model`, or `model` itself sharded in place by FSDP2 (each decoder layer,
-        then the rest). Build the optimizer after this: FSDP2 replaces the parameters."""
+        then the rest). Build the optimizer after this: FSDP2 replaces the parameters. `compute_dtype`: the autocast
+        dtype when the weights are kept in fp32 (FSDP2 then gathers them in it and reduces gradients in fp32)."""
         if not self.on:
             return model
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder layer classes
-            for module in model.modules():
-                if type(module).__name__ in blocks:
-                    fully_shard(module)
-            fully_shard(model)
-            return model
+            return _shard(model, compute_dtype)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -85,42 +79,90 @@ class Dist:
     def full_state(self, model, optimizer) -> tuple[dict | None, dict]:
         """(weights for save_pretrained, None = the model's own; optimizer state) as rank 0 writes them. Under FSDP2
         both are gathered from the shards (a collective: every rank calls this), so a checkpoint is the same files
-        whatever the number of ranks."""
+        whatever the number of ranks. Frozen weights (a LoRA base) are left out: a checkpoint holds the adapters."""
         if not (self.on and self.fsdp):
             return None, optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+        weights = get_model_state_dict(model, options=_full_options(ignore_frozen_params=True))
+        return weights, get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+    def full_weights(self, model, frozen: bool = True) -> dict | None:
+        """The weights of `model` (frozen ones too, unless `frozen` is False), gathered onto rank 0's CPU under FSDP2
+        (a collective; the other ranks get {}); None otherwise (the model holds them itself)."""
+        if not (self.on and self.fsdp):
+            return None
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full_options(ignore_frozen_params=not frozen))
 
     def load_optimizer(self, model, optimizer, state: dict) -> None:
+        """Load a checkpoint's optimizer state, whichever way it was written: by position (one process, DDP) or by
+        parameter name (FSDP2), onto any number of ranks."""
+        by_name = _keyed_by_name(state)
         if not (self.on and self.fsdp):
-            optimizer.load_state_dict(state)
+            optimizer.load_state_dict(_by_position(model, optimizer, state) if by_name else state)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        if (
-            state["param_groups"]
-            and state["param_groups"][0]["params"]
-            and isinstance(state["param_groups"][0]["params"][0], int)
-        ):  # written by one process or DDP: parameters by position -> by name, the form FSDP2 loads
-            state = _by_name(model, optimizer, state)
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        state = state if by_name else _by_name(model, optimizer, state)  # FSDP2 loads the form it writes
+        set_optimizer_state_dict(model, optimizer, state, options=_full_options(cpu_offload=False))
 
 
 SINGLE = Dist()  # one process
 
 
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**{"full_state_dict": True, "cpu_offload": True, **kw})
+
+
+def _shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2 in place: each decoder layer, then the rest (embeddings, norm, head) at the root. Frozen weights (a
+    LoRA base) are sharded too and get no gradients: only the trainable ones are reduce-scattered."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # fp32 master weights under bf16 autocast: all-gather them in bf16 (half the traffic, and the dtype the matmuls
+    # use anyway) and reduce-scatter the gradients in fp32 (no precision lost summing over ranks).
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder layer classes
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    for i, layer in enumerate(layers):
+        # The last layer is the first one backward needs: keeping it gathered saves one all-gather per step.
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **({"mp_policy": mp} if mp else {}))
+    fully_shard(model, **({"mp_policy": mp} if mp else {}))
+    for layer, following in zip(layers, layers[1:], strict=False):
+        # Gather the next layer's weights while this one computes, rather than when the next one starts (which,
+        # when the CPU does not run ahead of the GPU, leaves the all-gather exposed).
+        layer.set_modules_to_forward_prefetch([following])
+    return model
+
+
+def _keyed_by_name(state: dict) -> bool:
+    groups = state.get("param_groups") or []
+    first = next((p for g in groups for p in g["params"]), None)
+    return isinstance(first, str)
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The parameter names in the optimizer's order (torch numbers them in param-group order)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def _by_name(model, optimizer, state: dict) -> dict:
     """torch's positional optimizer state (params numbered in param-group order) keyed by parameter names instead."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    order = _param_names(model, optimizer)
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def _by_position(model, optimizer, state: dict) -> dict:
+    """The inverse of _by_name: a by-name state (FSDP2's) as torch's positional one, for one process or DDP."""
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
 
 
 _CREATED = []  # the process group fasttune started (and so closes)

@@ -76,8 +76,6 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     d = distributed.from_env(cfg.training.fsdp)
     if d.on and cfg.training.oom_retry:
         raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
-    if d.fsdp and cfg.lora.enabled:
-        raise FasttuneError("--training.fsdp with LoRA is not supported (adapters are small: DDP, the default, fits)")
     device_name = distributed.init(d, cfg.training.device)
     logger, level = logging.getLogger("fasttune"), logging.getLogger("fasttune").level
     try:
@@ -124,7 +122,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
         if latest is None:
             folder.start(cfg)
         d.barrier()  # the other ranks start now; from here on every collective is reached by all ranks
-    trained = d.wrap(model, device)  # DDP around the model, or the model sharded in place (FSDP2)
+    trained = d.wrap(model, device, amp_dtype)  # DDP around the model, or the model sharded in place (FSDP2)
     optimizer, scheduler = build_optimizer(cfg, model, device)
     state = TrainState()
     metrics = MetricsLog(folder, cfg.training.tensorboard, write=d.main)
@@ -212,6 +210,8 @@ def _finish(run: Run) -> RunResult:
     """After the last step: LoRA adapters (and the merged model), plots and the summary, on rank 0."""
     cfg, result, data = run.cfg, run.result, run.data
     run.metrics.close()
+    # FSDP2: every rank helps gather the adapters (and, to merge, the base) for rank 0 to save
+    weights = run.dist.full_weights(run.model, frozen=cfg.lora.merge_on_save) if cfg.lora.enabled else None
     if not run.dist.main:  # rank 0 saves, plots and reports
         return result
     result.model_dir = result.checkpoint
@@ -220,7 +220,7 @@ def _finish(run: Run) -> RunResult:
         from fasttune.model.lora import save_lora
 
         merged = run.folder.merged if cfg.lora.merge_on_save else None
-        save_lora(run.model, run.folder.adapter, merged)
+        save_lora(run.model, run.folder.adapter, merged, weights)
         data.tokenizer.save_pretrained(run.folder.adapter)  # the adapter alone is usable: its prompt format
         if merged is not None:
             data.tokenizer.save_pretrained(merged)
