@@ -157,6 +157,7 @@ def test_explicit_gpu_index_is_refused_under_torchrun(tmp_path, monkeypatch):
 
 
 LORA = {"enabled": True, "rank": 4, "alpha": 8}
+PEFT_READS_DEPRECATED = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
 
 
 def _lora_base(root: Path) -> Path:
@@ -198,6 +199,7 @@ def test_lora_ddp_matches_one_process_accumulating(tmp_path):
                          load_file(ref.run_dir / "adapter" / "adapter_model.safetensors"))  # fmt: skip
 
 
+@pytest.mark.filterwarnings(PEFT_READS_DEPRECATED)  # the test's own peft loading, not fasttune's
 def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_path):
     """LoRA on an FSDP2-sharded frozen base: two ranks train, checkpoint (plain peft adapter folders whose base path
     is absolute) and resume exactly like one process accumulating the same micro-batches without stopping, and end
@@ -207,7 +209,7 @@ def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_pa
     from peft import AutoPeftModelForCausalLM
 
     from fasttune.train.distributed import SINGLE
-    from fasttune.train.setup import build_optimizer
+    from fasttune.train.optim import build_optimizer
 
     base = _lora_base(tmp_path)
     ref_cfg = _lora(tiny_config(tmp_path / "one", max_steps=4, eval_every=2, save_every=2, grad_accum=2), base)

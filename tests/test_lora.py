@@ -13,8 +13,8 @@ from fasttune.errors import FasttuneError
 from fasttune.model.lora import apply_lora, linear_module_names, save_lora
 
 peft = pytest.importorskip("peft")
-# peft itself still reads the deprecated transformers property; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+# peft's own loading (PeftModel.from_pretrained in these tests) reads a deprecated transformers property
+PEFT_READS_DEPRECATED = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
 VOCAB = 300
 
 
@@ -38,6 +38,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+@pytest.mark.filterwarnings(PEFT_READS_DEPRECATED)
 @pytest.mark.parametrize("tie", [False, True])
 def test_train_save_reload_and_merge(tmp_path, tie):
     base = tiny_llama(tie)
@@ -92,3 +93,33 @@ def test_lora_module_does_not_import_peft():
 
     code = "import sys, fasttune.model.lora; assert 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_apply_lora_warns_nothing_and_counts_trainable_parameters(caplog, recwarn):
+    """No FutureWarning from transformers (printed with a site-packages path) on a LoRA run; the trainable share is
+    logged with the numbers peft counts."""
+    model = tiny_llama()
+    total = sum(p.numel() for p in model.parameters())
+    with caplog.at_level("INFO", logger="fasttune"):
+        model = apply_lora(model, LoraConfig(rank=4, targets=("q_proj", "v_proj")))
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], [str(w.message) for w in recwarn]
+    # q_proj 32 -> 32 and v_proj 32 -> 16 (2 kv heads of 8), rank 4, 2 layers
+    trainable = 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    line = (
+        f"trainable parameters: {trainable:,} of {total + trainable:,} ({100 * trainable / (total + trainable):.2f}%)"
+    )
+    assert line in caplog.text
+
+
+@pytest.mark.filterwarnings(PEFT_READS_DEPRECATED)
+def test_adapter_config_records_the_absolute_base_path(tmp_path, monkeypatch):
+    """A base given relative to the working directory is recorded absolute, so the adapter loads from anywhere."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained("base"), LoraConfig(rank=4, targets=("q_proj",)))
+    save_lora(model, tmp_path / "adapter")
+    monkeypatch.chdir("/")
+    config = peft.PeftConfig.from_pretrained(tmp_path / "adapter")
+    assert config.base_model_name_or_path == str((tmp_path / "base").resolve())
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")  # base found through the path
+    assert isinstance(reloaded, peft.PeftModel)
