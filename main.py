@@ -1,17 +1,17 @@
-"""Train with an experiment preset: `python main.py --experiment quick [--option value ...]`.
+"""Train with an experiment preset: `python main.py --experiment quick [--option value ...]` = `fasttune train ...`.
 
-`python main.py --doctor` runs `fasttune doctor`. Everything else is `fasttune train` (see --help)."""
+`python main.py --doctor` runs `fasttune doctor`."""
 
 import sys
 
-from fasttune.cli import run
+from fasttune.cli import main as cli_main
 
 
 def main() -> int:
     argv = sys.argv[1:]
     if "--doctor" in argv:
-        return run("doctor", [a for a in argv if a != "--doctor"])
-    return run("train", argv)
+        return cli_main(["doctor", *[a for a in argv if a != "--doctor"]])
+    return cli_main(["train", *argv])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from fasttune.bench import cli
+from fasttune import cli
 from fasttune.bench.attention import make_case, max_error, reference
 from fasttune.bench.harness import markdown_table, time_ms
 from fasttune.bench.train import add_ratios, from_records
@@ -115,7 +115,7 @@ def _outputs(out, name):
 
 def test_attention_bench_cpu(tmp_path):
     argv = ["attention", "--device", "cpu", "--backends", "eager,sdpa", "--seq-lens", "8,16", "--head-dims", "8"]
-    assert cli.main([*argv, "--tokens", "32", "--heads", "2", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", *argv, "--tokens", "32", "--heads", "2", "--out", str(tmp_path)]) == 0
     rows = _outputs(tmp_path, "attention")
     assert len(rows) == 2 * 2 * 3  # layouts x seq x (eager, sdpa, auto)
     assert all(r["status"] == "ok" and r["max_err"] < 1e-5 and r["fwd_bwd_tflops"] > 0 for r in rows)
@@ -129,7 +129,7 @@ def test_attention_bench_left_padding_cpu(tmp_path):
     """The opt-in left-padded layout times the unpadding path; its outputs still match the fp32 reference."""
     argv = ["attention", "--device", "cpu", "--backends", "eager,sdpa", "--seq-lens", "16", "--head-dims", "8"]
     argv += ["--layouts", "padded-left", "--tokens", "32", "--heads", "2", "--out", str(tmp_path)]
-    assert cli.main(argv) == 0
+    assert cli.main(["bench", *argv]) == 0
     rows = _outputs(tmp_path, "attention")
     assert [r["layout"] for r in rows] == ["padded-left"] * 3 and all(r["max_err"] < 1e-5 for r in rows)
 
@@ -139,7 +139,7 @@ def test_train_bench_cpu(tmp_path, caplog):
     argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "6", "--median", "12"]
     argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--micro-batch", "2", "--epochs", "1"]
     argv += ["--hf-micro-batch", "4", "--hf-ckpt", "--equal-tokens"]
-    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 0
     rows = _outputs(tmp_path, "train")
     assert [r["config"] for r in rows] == [
         "HF sdpa padded", "HF sdpa packed (4D mask)", "HF sdpa packed (4D mask) + grad ckpt", "fasttune auto packed",
@@ -156,8 +156,9 @@ def test_train_bench_cpu(tmp_path, caplog):
 
 
 def test_cli_usage_and_errors(capsys):
-    assert cli.main([]) == 0 and "attention" in capsys.readouterr().out
-    from fasttune.errors import FasttuneError
-
-    with pytest.raises(FasttuneError, match="unknown benchmark"):
-        cli.main(["nope"])
+    assert cli.main(["bench", "--help"]) == 0 and "attention" in capsys.readouterr().out
+    assert cli.main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown command 'nope' for `fasttune bench`; choose one of: attention, train, generate"
+    assert cli.main(["bench", "attention", "--layouts", "diagonal"]) == 2
+    assert "--layouts 'diagonal' is not valid; choose from: padded, packed, padded-left" in capsys.readouterr().err

@@ -195,17 +195,17 @@ def test_a_crashing_check_becomes_a_fail_row(monkeypatch, capsys):
     (row,) = run_check(check_boom, machine(), section="X")
     assert row.status == FAIL and "ValueError: probe exploded" in row.reason and row.fix
     monkeypatch.setattr(checks, "CHECKS", (("Python", system.check_python), ("X", check_boom)))
-    assert checks.main(["--quick"], machine=machine()) == 1
+    assert checks.main(checks.DoctorArgs(quick=True), machine=machine()) == 1
     out = capsys.readouterr()
     assert "probe exploded" in out.out and "Traceback" not in out.out + out.err
-    assert checks.main(["--debug"], machine=machine()) == 1
+    assert checks.main(checks.DoctorArgs(debug=True), machine=machine()) == 1
     assert "Traceback" in capsys.readouterr().err  # --debug shows it
 
 
 def test_a_crashing_probe_fails_the_rows_that_need_it(capsys):
     """A probe that crashed while gathering (kept in Machine.failed) fails only the rows that read its fact."""
     m = machine(backends={}, failed={"backends": "RuntimeError: CUDA error: misaligned address"})
-    assert checks.main(["--json"], machine=m) == 1
+    assert checks.main(checks.DoctorArgs(json=True), machine=m) == 1
     rows = {c["id"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
     assert rows["backends"]["status"] == FAIL and "misaligned address" in rows["backends"]["reason"]
     assert rows["sdpa.MATH"]["status"] == OK and rows["python"]["status"] in (OK, WARN)
@@ -239,7 +239,7 @@ def test_advice_fits_the_gpu(monkeypatch):
 
 def test_simulated_h100_run(capsys):
     """The whole report on a simulated H100 without flash-attn-4: every check runs, advice and closing fit."""
-    assert checks.main(["--json"], machine=machine()) == 0
+    assert checks.main(checks.DoctorArgs(json=True), machine=machine()) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {c["id"]: c for c in report["checks"]}
     assert EXPECTED_IDS <= set(rows)

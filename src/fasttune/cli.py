@@ -1,178 +1,150 @@
-"""Command line: `fasttune train|generate|doctor|bench|experiments`. Thin: parse, build a config, call one function.
+"""Command line: `fasttune train|generate|chat|eval|doctor|bench|experiments`, one tyro parser for every subcommand.
 
-Bad input ends with one line `error: ...` and exit code 2 (no traceback unless --debug)."""
+Why tyro (not jsonargparse): the config already is a tree of dataclasses whose field docstrings are the help text,
+tyro turns such a tree and a union of dataclasses into nested subcommands with `--section.field` options, and it is
+already a dependency (jsonargparse would be a second one, missing on machines with only the base install).
+
+Adding a subcommand:
+1. In the module that runs it, write a dataclass of its options that subclasses `fasttune.command.Command` (for
+   `--debug`) with a `run(self) -> int` method returning the exit code. Its docstring is the description of
+   `fasttune NAME --help` and each field's docstring that option's help: write them for users.
+   Import torch / transformers inside `run`, so that `fasttune --help` stays fast.
+2. Add one entry to `COMMANDS` below (a dict of name -> class makes a group, as `bench` is).
+Bad input ends with one line `error: ...` naming the option and the valid values, exit code 2; the traceback only
+with `--debug`. This module also sets the process-wide environment (PYTORCH_ALLOC_CONF) before torch is imported.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Annotated, Union
 
-from fasttune.errors import ConfigError, FasttuneError
+import tyro
+
+from fasttune.command import Command
+from fasttune.errors import FasttuneError, Stopped
 
 log = logging.getLogger("fasttune")
 
-# Stable short flags: alias -> full tyro option.
-SHORT_FLAGS = {
-    "--model": "--model.path",
-    "--data": "--data.path",
-    "--max-steps": "--training.max-steps",
-    "--save-every": "--training.save-every",
+
+# name -> "module:Class" (imported when the parser is built), or a group of them.
+COMMANDS: dict[str, str | dict[str, str]] = {
+    "train": "fasttune.train.cli:TrainArgs",
+    "generate": "fasttune.generate.commands:GenerateArgs",
+    "chat": "fasttune.generate.commands:ChatArgs",
+    "eval": "fasttune.eval.run:EvalArgs",
+    "doctor": "fasttune.doctor.checks:DoctorArgs",
+    "bench": {
+        "attention": "fasttune.bench.cli:AttentionBench",
+        "train": "fasttune.bench.cli:TrainBench",
+        "generate": "fasttune.bench.generate:GenerateBench",
+    },
+    "experiments": "fasttune.config.experiments:ExperimentsArgs",
 }
+GROUP_HELP = {"bench": "Measure attention backends, training and generation throughput on this machine."}
+
+
+def _load(target: str) -> type[Command]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _union(table: dict, argv: Sequence[str]):
+    """The tyro type of a command table: a union of subcommands; a group is a one-field dataclass holding its own."""
+    options = []
+    for name, target in table.items():
+        if isinstance(target, dict):
+            inner = _union(target, argv[1:] if argv[:1] == [name] else [])
+            kind = dataclasses.make_dataclass(name.title(), [("command", Annotated[inner, tyro.conf.arg(name="")])])
+            options.append(Annotated[kind, tyro.conf.subcommand(name, description=GROUP_HELP.get(name))])
+            continue
+        cls = _load(target)
+        default = cls.default_for(argv[1:]) if argv[:1] == [name] and hasattr(cls, "default_for") else None
+        conf = tyro.conf.subcommand(name, default=default) if default is not None else tyro.conf.subcommand(name)
+        options.append(Annotated[cls, conf])
+    return Union[tuple(options)]  # noqa: UP007 - a runtime union of Annotated types for tyro
+
+
+def _selected(argv: Sequence[str]) -> tuple[list[str], dict | str | None]:
+    """(the command names `argv` starts with, what they name in COMMANDS: a class target, a group or None)."""
+    path, target = [], COMMANDS
+    for token in argv:
+        if not (isinstance(target, dict) and token in target):
+            break
+        target = target[token]
+        path.append(token)
+    return path, target
+
+
+def parse(argv: Sequence[str]) -> Command:
+    """The subcommand's options parsed from `argv`; ConfigError (one line) when they are wrong."""
+    from fasttune.config.argcheck import option_table, parse
+
+    argv = list(argv)
+    path, target = _selected(argv)
+    table = option_table(_load(target)) if isinstance(target, str) else {}
+    commands = list(target) if isinstance(target, dict) else []
+    out = parse(_union(COMMANDS, argv), argv, prog="fasttune", table=table, commands=commands,
+                command=" ".join(["fasttune", *path]),
+                description="Train and fine-tune Hugging Face causal LMs as fast as the machine allows.",
+                config=(tyro.conf.OmitSubcommandPrefixes,))  # fmt: skip
+    while not isinstance(out, Command):
+        out = out.command  # a group's chosen subcommand
+    return out
+
+
+def parse_train_args(argv: Sequence[str]):
+    """The validated config of `fasttune train ARGV` (for scripts and tests)."""
+    return parse(["train", *argv]).config.validate()
 
 
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
     for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # weight loading/saving bars drown the training output
 
 
-def _pop_flag(args: list[str], flag: str, takes_value: bool = False) -> str | bool | None:
-    for i, a in enumerate(args):
-        if a == flag:
-            args.pop(i)
-            return args.pop(i) if takes_value and i < len(args) else (None if takes_value else True)
-        if takes_value and a.startswith(flag + "="):
-            args.pop(i)
-            return a.split("=", 1)[1]
-    return None if takes_value else False
+def set_environment() -> None:
+    """Process-wide settings, made by the CLI (never by importing fasttune) before torch is imported: expandable
+    segments cut allocator fragmentation with the variable sequence lengths of packed batches. A user's value wins."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _expand(arg: str) -> str:
-    flag, eq, value = arg.partition("=")
-    return SHORT_FLAGS.get(flag, flag) + eq + value
-
-
-def parse_train_args(argv: Sequence[str]):
-    """`--experiment NAME` picks the preset; every config field can then be overridden (tyro)."""
-    from fasttune.config import EXPERIMENTS, get_experiment
-    from fasttune.config.argcheck import parse_overrides
-
-    args = list(argv)
-    name = _pop_flag(args, "--experiment", takes_value=True)
-    if name == "" or (name is None and "--experiment" in argv):
-        raise ConfigError("--experiment needs a value; choose one of: " + ", ".join(EXPERIMENTS))
-    name = name or "quick"
-    base = get_experiment(name)
-    args = [_expand(a) for a in args]
-    short = ", ".join(f"{k} = {v}" for k, v in SHORT_FLAGS.items())
-    cfg = parse_overrides(
-        base,
-        args,
-        prog=f"fasttune train --experiment {name}",
-        description=f"Train or fine-tune a causal LM; options override the preset. Short flags: {short}.",
-    )
-    return cfg.validate()
-
-
-def cmd_train(argv: Sequence[str]) -> int:
-    from fasttune.train.loop import train
-
-    cfg = parse_train_args(argv)
-    result = train(cfg)
-    if result.first_val_loss is not None:
-        log.info("validation loss %.4f -> %.4f", result.first_val_loss, result.last_val_loss)
-    prompt = result.sample_prompt
-    if prompt and result.model_dir is not None:
-        from fasttune.generate.generate import generate, load_for_generation
-
-        model, tok = load_for_generation(result.model_dir, cfg.training.device)
-        g = generate(model, tok, prompt, max_new_tokens=cfg.generation.max_new_tokens,
-                     temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)  # fmt: skip
-        print(f"sample ({g.tokens_per_s:.0f} tok/s):\n{prompt}{g.text}")
-    return 0
-
-
-def cmd_generate(argv: Sequence[str]) -> int:
-    from fasttune.generate.commands import run_generate
-
-    return run_generate(argv)
-
-
-def cmd_chat(argv: Sequence[str]) -> int:
-    from fasttune.generate.commands import run_chat
-
-    return run_chat(argv)
-
-
-def cmd_eval(argv: Sequence[str]) -> int:
-    from fasttune.eval.run import run_eval
-
-    return run_eval(argv)
-
-
-def cmd_experiments(argv: Sequence[str]) -> int:
-    from fasttune.config.experiments import describe
-
-    for name, line in describe():
-        print(f"{name:8s} {line}")
-    return 0
-
-
-def cmd_doctor(argv: Sequence[str]) -> int:
-    from fasttune.doctor.checks import main as doctor_main
-
-    return doctor_main(argv)
-
-
-def cmd_bench(argv: Sequence[str]) -> int:
-    from fasttune.bench.cli import main as bench_main
-
-    return bench_main(argv)
-
-
-COMMANDS = {
-    "train": cmd_train,
-    "generate": cmd_generate,
-    "chat": cmd_chat,
-    "eval": cmd_eval,
-    "doctor": cmd_doctor,
-    "bench": cmd_bench,
-    "experiments": cmd_experiments,
-}
-
-
-def run(command: str, argv: Sequence[str]) -> int:
-    """Run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug)."""
-    args = list(argv)
-    debug = bool(_pop_flag(args, "--debug"))
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    set_environment()
+    # --debug decides how errors raised while parsing are shown, so it is looked at before tyro parses
+    debug = "--debug" in argv
     _setup_logging(debug)
-    if debug and command == "doctor":
-        args.append("--debug")  # doctor shows the tracebacks of crashing checks itself
     try:
-        return COMMANDS[command](args)
+        command = parse(argv or ["--help"])
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except FasttuneError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    try:
+        return command.run()
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except FasttuneError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(
-            "usage: fasttune {train,generate,chat,eval,doctor,bench,experiments} [options]\n"
-            "  train        train / fine-tune (--experiment quick|full|sft|lora, see `fasttune train --help`)\n"
-            "  generate     generate text from a checkpoint, a run folder or a LoRA adapter (--prompts FILE: batched)\n"
-            "  chat         chat with a fine-tuned model in the terminal\n"
-            "  eval         response loss / perplexity and scored generated answers on held-out data\n"
-            "  doctor       diagnose which fast paths work here and how to fix the rest\n"
-            "  bench        measure attention backends and training throughput on this machine\n"
-            "  experiments  list the experiment presets",
-            file=sys.stderr if argv else sys.stdout,
-        )
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
-        return 0
-    return run(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -19,3 +19,8 @@ class ConfigError(FasttuneError):
 
 class DataError(FasttuneError):
     """A dataset cannot be read or used: the message names the file (and line/record) and the fix."""
+
+
+class Stopped(FasttuneError):
+    """Not a mistake: the run stopped on request (Ctrl-C, SIGTERM) after saving. The CLI prints the message as a
+    notice (no `error:` prefix) and exits with `exit_code` (130 / 143)."""

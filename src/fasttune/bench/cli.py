@@ -1,36 +1,53 @@
-"""`fasttune bench attention|train|generate`: parse, build the benchmark, run it, write CSV/JSON/Markdown/PNG."""
+"""`fasttune bench attention|train`: the options of each benchmark, and the run that builds it, runs it and writes
+CSV/JSON/Markdown/PNG. (`fasttune bench generate` lives in fasttune.bench.generate.)"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
-import torch
-from tqdm.auto import tqdm
+import tyro
 
-from fasttune.bench.harness import Results, environment
-from fasttune.device import pick_device
-from fasttune.errors import FasttuneError
+from fasttune.command import Command
+from fasttune.errors import ConfigError
 
 log = logging.getLogger("fasttune")
 
-USAGE = """usage: fasttune bench {attention,train,generate} [options]
-  attention  every attention backend: fwd / fwd+bwd time, TFLOP/s, error vs fp32 (padded and packed)
-  train      end-to-end training tokens/s, samples/s, MFU, memory: fasttune's loop vs plain HF baselines
-  generate   generation tokens/s (fasttune.bench.generate)"""
 
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _ints(option: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: write comma-separated whole numbers, e.g. 512,1024") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{option} {text!r}: write comma-separated numbers > 0, e.g. 512,1024")
+    return values
 
 
 def _strs(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
-def _finish(results: Results, out: Path, md_columns, plot, extra: list[str]) -> int:
+def command_line(args: Command, name: str) -> list[str]:
+    """The command line that reproduces `args` (the options that differ from their defaults), for the results."""
+    out = [name]
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if f.name == "debug" or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        else:
+            out += [x for v in (value if isinstance(value, tuple) else (value,)) for x in (flag, str(v))]
+    return out
+
+
+def _finish(results, out: Path, md_columns, plot, extra: list[str]) -> int:
     results.notes += extra
     paths = results.write(out, md_columns, lambda p: plot(results, p))
     print(results.markdown(md_columns))
@@ -38,143 +55,162 @@ def _finish(results: Results, out: Path, md_columns, plot, extra: list[str]) -> 
     return 0
 
 
-def attention_main(argv: Sequence[str]) -> int:
-    from fasttune.attention import BACKENDS
-    from fasttune.bench import attention as bench
+@dataclasses.dataclass
+class AttentionBench(Command):
+    """Time every attention backend on this machine: forward and forward+backward time, TFLOP/s and the error
+    against an fp32 reference, on padded and packed batches. Writes attention.csv/.json/.md/.png to --out."""
 
-    p = argparse.ArgumentParser(prog="fasttune bench attention", description=__doc__)
-    p.add_argument("--backends", type=_strs, default=list(BACKENDS), help="comma-separated (default: all usable)")
-    p.add_argument("--seq-lens", type=_ints, default=None, help="default 512..16384 on GPU, 16,32 on CPU")
-    p.add_argument("--head-dims", type=_ints, default=list(bench.HEAD_DIMS))
-    p.add_argument(
-        "--layouts",
-        type=_strs,
-        default=list(bench.LAYOUTS),
-        help="padded,packed (default); padded-left times the unpadding path",
-    )
-    p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 16384 GPU, 64 CPU)")
-    p.add_argument("--heads", type=int, default=None, help="query = kv heads (default 16 GPU, 2 CPU)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
-    a = p.parse_args(argv)
-    device = pick_device(a.device)
-    gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    seq_lens = a.seq_lens or (list(bench.SEQ_LENS) if gpu else [16, 32])
-    unknown = [b for b in a.backends if b not in BACKENDS]
-    if unknown or any(x not in bench.ALL_LAYOUTS for x in a.layouts):
-        raise FasttuneError(f"--backends: choose from {', '.join(BACKENDS)}; --layouts: {', '.join(bench.ALL_LAYOUTS)}")
-    results = Results("attention", environment(device, ["attention", *argv]))
-    total = len(a.layouts) * len(a.head_dims) * len(seq_lens)
-    with tqdm(total=total, desc="attention shapes", dynamic_ncols=True) as bar:
-        bench.run(
-            device,
-            dtype,
-            backends=a.backends,
-            seq_lens=seq_lens,
-            head_dims=a.head_dims,
-            layouts=a.layouts,
-            tokens=a.tokens or (16384 if gpu else 64),
-            n_heads=a.heads or (16 if gpu else 2),
-            results=results,
-            progress=bar,
-            after_shape=lambda: results.write(a.out, bench.MD_COLUMNS, None),
-        )
-    return _finish(results, a.out, bench.MD_COLUMNS, bench.plot, bench.summary_lines(results))
+    backends: str | None = None
+    """Comma-separated backends (default: all; the unusable ones are reported with the reason)."""
+    seq_lens: str | None = None
+    """Comma-separated row lengths in tokens (default 512,...,16384 on a GPU, 16,32 on a CPU)."""
+    head_dims: str = "64,128"
+    """Comma-separated head dimensions."""
+    layouts: str = "padded,packed"
+    """Comma-separated batch layouts: padded, packed, padded-left (left padding: times the unpadding path)."""
+    tokens: int | None = None
+    """Tokens per batch (default 16384 on a GPU, 64 on a CPU)."""
+    heads: int | None = None
+    """Query heads = key/value heads (default 16 on a GPU, 2 on a CPU)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+    out: Path = Path("bench-results")
+    """Folder for the results."""
+
+    def run(self) -> int:
+        import torch
+        from tqdm.auto import tqdm
+
+        from fasttune.attention import BACKENDS
+        from fasttune.bench import attention as bench
+        from fasttune.bench.harness import Results, environment
+        from fasttune.device import pick_device
+
+        backends = _strs(self.backends) if self.backends else list(BACKENDS)
+        layouts = _strs(self.layouts)
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise ConfigError(f"--backends {unknown[0]!r} is not valid; choose from: {', '.join(BACKENDS)}")
+        if bad := [x for x in layouts if x not in bench.ALL_LAYOUTS]:
+            raise ConfigError(f"--layouts {bad[0]!r} is not valid; choose from: {', '.join(bench.ALL_LAYOUTS)}")
+        head_dims = _ints("--head-dims", self.head_dims)
+        device = pick_device(self.device)
+        gpu = device.type == "cuda"
+        dtype = torch.bfloat16 if gpu else torch.float32
+        seq_lens = _ints("--seq-lens", self.seq_lens) or (list(bench.SEQ_LENS) if gpu else [16, 32])
+        results = Results("attention", environment(device, command_line(self, "attention")))
+        total = len(layouts) * len(head_dims) * len(seq_lens)
+        with tqdm(total=total, desc="attention shapes", dynamic_ncols=True) as bar:
+            bench.run(device, dtype, backends=backends, seq_lens=seq_lens, head_dims=head_dims, layouts=layouts,
+                      tokens=self.tokens or (16384 if gpu else 64), n_heads=self.heads or (16 if gpu else 2),
+                      results=results, progress=bar,
+                      after_shape=lambda: results.write(self.out, bench.MD_COLUMNS, None))  # fmt: skip
+        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.summary_lines(results))
 
 
 def _variant(text: str) -> tuple[str, list[str]]:
     name, _, rest = text.partition(":")
     if not rest:
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME:section.field=value[,section.field=value]")
+        raise ConfigError(f"--variant {text!r}: write NAME:section.field=value[,section.field=value]")
     return name, _strs(rest)
 
 
-def train_main(argv: Sequence[str]) -> int:
-    from fasttune.bench import train as bench
-    from fasttune.bench.workload import LengthStats, dataset_lengths, sft_lengths
+@dataclasses.dataclass
+class TrainBench(Command):
+    """Measure end-to-end training on this machine (tokens/s, samples/s, MFU, peak memory) for fasttune's loop
+    against plain Hugging Face baselines, on one synthetic SFT length mix or a dataset's lengths. Writes
+    train.csv/.json/.md/.png to --out."""
 
-    p = argparse.ArgumentParser(prog="fasttune bench train", description=__doc__)
-    p.add_argument("--preset", default=None, help="model shape, random init (default 1b on GPU, micro on CPU)")
-    p.add_argument("--experiment", default="full", help="fasttune experiment the runs derive from")
-    p.add_argument("--attn", type=_strs, default=None, help="fasttune attn_implementations (default: all + auto)")
-    p.add_argument("--packing", type=_strs, default=["on", "off"], help="on,off")
-    p.add_argument("--samples", type=int, default=None, help="samples (default 64 GPU, 16 CPU)")
-    p.add_argument("--median", type=float, default=None, help="lognormal median length (default 400 GPU, 48 CPU)")
-    p.add_argument("--mean", type=float, default=None, help="lognormal mean length (default 566 GPU, 68 CPU)")
-    p.add_argument("--min-length", type=int, default=None, help="clip (default 32 GPU, 8 CPU)")
-    p.add_argument("--max-length", type=int, default=None, help="clip and packing row (default 2048 GPU, 256 CPU)")
-    p.add_argument("--data", default=None, help="use the token lengths of this dataset instead of the lognormal mix")
-    p.add_argument("--model", default=None, help="tokenizer folder for --data (default: fasttune's own BPE)")
-    p.add_argument("--micro-batch", type=int, default=8, help="samples per step (padded) / budget factor (packed)")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary (default 32000 GPU, 512 CPU)")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs of the sample set skipped as warm-up")
-    p.add_argument("--epochs", type=int, default=3, help="epochs measured")
-    p.add_argument("--no-baselines", action="store_true", help="skip the plain HF baselines")
-    p.add_argument("--hf-micro-batch", type=int, default=None, help="samples per HF step (default --micro-batch)")
-    p.add_argument("--hf-ckpt", action="store_true", help="also each packed HF baseline with gradient checkpointing")
-    p.add_argument("--equal-tokens", action="store_true", help="also fasttune at the HF baselines' tokens per step")
-    p.add_argument("--variant", type=_variant, action="append", default=[], help="NAME:field=value,... (auto packed)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
-    a = p.parse_args(argv)
-    device = pick_device(a.device)
-    gpu = device.type == "cuda"
-    max_length = a.max_length or (2048 if gpu else 256)
-    if a.data:
-        lengths = dataset_lengths(a.data, a.model, max_length, a.samples or 0)
-    else:
-        lengths = sft_lengths(
-            a.samples or (64 if gpu else 16),
-            a.median or (400 if gpu else 48),
-            a.mean or (566 if gpu else 68),
-            a.min_length or (32 if gpu else 8),
-            max_length,
-            a.seed,
+    preset: str | None = None
+    """Model shape, randomly initialised (default 1b on a GPU, micro on a CPU)."""
+    experiment: str = "full"
+    """fasttune experiment the runs derive from."""
+    attn: str | None = None
+    """Comma-separated fasttune attention backends (default: all and auto on a GPU, auto on a CPU)."""
+    packing: str = "on,off"
+    """Comma-separated: on, off."""
+    samples: int | None = None
+    """Samples in the length mix (default 64 on a GPU, 16 on a CPU)."""
+    median: float | None = None
+    """Median sample length of the lognormal mix (default 400 on a GPU, 48 on a CPU)."""
+    mean: float | None = None
+    """Mean sample length of the lognormal mix (default 566 on a GPU, 68 on a CPU)."""
+    min_length: int | None = None
+    """Shortest sample (default 32 on a GPU, 8 on a CPU)."""
+    max_length: int | None = None
+    """Longest sample and packed row length (default 2048 on a GPU, 256 on a CPU)."""
+    data: str | None = None
+    """Use the token lengths of this dataset instead of the lognormal mix."""
+    model: str | None = None
+    """Tokenizer folder for --data (default: fasttune's own BPE)."""
+    micro_batch: int = 8
+    """Samples per step when padded; token budget factor when packed."""
+    vocab: int | None = None
+    """Vocabulary size (default 32000 on a GPU, 512 on a CPU)."""
+    warmup_epochs: int = 1
+    """Epochs of the sample set run first and not measured."""
+    epochs: int = 3
+    """Epochs measured."""
+    baselines: bool = True
+    """Also run the plain Hugging Face baselines (--no-baselines skips them)."""
+    hf_micro_batch: int | None = None
+    """Samples per Hugging Face baseline step (default: --micro-batch)."""
+    hf_ckpt: bool = False
+    """Also run each packed Hugging Face baseline with gradient checkpointing."""
+    equal_tokens: bool = False
+    """Also run fasttune at the Hugging Face baselines' tokens per step."""
+    variant: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """An extra auto packed run with config changes, NAME:section.field=value[,...]; repeat for more."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+    seed: int = 0
+    """Seed of the length mix and the models."""
+    out: Path = Path("bench-results")
+    """Folder for the results."""
+
+    def run(self) -> int:
+        from tqdm.auto import tqdm
+
+        from fasttune.bench import train as bench
+        from fasttune.bench.harness import Results, environment
+        from fasttune.bench.workload import LengthStats, dataset_lengths, sft_lengths
+        from fasttune.device import pick_device
+
+        variants = [_variant(v) for v in self.variant]
+        device = pick_device(self.device)
+        gpu = device.type == "cuda"
+        max_length = self.max_length or (2048 if gpu else 256)
+        if self.data:
+            lengths = dataset_lengths(self.data, self.model, max_length, self.samples or 0)
+        else:
+            lengths = sft_lengths(self.samples or (64 if gpu else 16), self.median or (400 if gpu else 48),
+                                  self.mean or (566 if gpu else 68), self.min_length or (32 if gpu else 8),
+                                  max_length, self.seed)  # fmt: skip
+        default_attn = ["auto", "eager", "sdpa", "flex_attention", "varlen", "flash_attention_4"] if gpu else ["auto"]
+        cfg = bench.TrainBench(
+            device=device,
+            lengths=lengths,
+            preset=self.preset or ("1b" if gpu else "micro"),
+            experiment=self.experiment,
+            attns=_strs(self.attn) if self.attn else default_attn,
+            packings=[x.lower() in ("on", "true", "1") for x in _strs(self.packing)],
+            max_length=max_length,
+            micro_batch=self.micro_batch,
+            vocab=self.vocab or (32000 if gpu else 512),
+            warmup_epochs=self.warmup_epochs,
+            epochs=self.epochs,
+            baselines=self.baselines,
+            variants=variants,
+            seed=self.seed,
+            hf_micro_batch=self.hf_micro_batch,
+            hf_ckpt=self.hf_ckpt,
+            equal_tokens=self.equal_tokens,
         )
-    default_attn = ["auto", "eager", "sdpa", "flex_attention", "varlen", "flash_attention_4"] if gpu else ["auto"]
-    cfg = bench.TrainBench(
-        device=device,
-        lengths=lengths,
-        preset=a.preset or ("1b" if gpu else "micro"),
-        experiment=a.experiment,
-        attns=a.attn or default_attn,
-        packings=[x.lower() in ("on", "true", "1") for x in a.packing],
-        max_length=max_length,
-        micro_batch=a.micro_batch,
-        vocab=a.vocab or (32000 if gpu else 512),
-        warmup_epochs=a.warmup_epochs,
-        epochs=a.epochs,
-        baselines=not a.no_baselines,
-        variants=a.variant,
-        seed=a.seed,
-        hf_micro_batch=a.hf_micro_batch,
-        hf_ckpt=a.hf_ckpt,
-        equal_tokens=a.equal_tokens,
-    )
-    results = Results("train", environment(device, ["train", *argv]))
-    results.notes.append(f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}")
-    runs, _ = bench.plan_runs(cfg)
-    with tqdm(total=len(runs), desc="configurations", dynamic_ncols=True) as bar:
-        bench.run_all(cfg, results, progress=bar)
-    return _finish(results, a.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(results.rows))
-
-
-def main(argv: Sequence[str]) -> int:
-    argv = list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "attention":
-        return attention_main(rest)
-    if command == "train":
-        return train_main(rest)
-    if command == "generate":
-        try:
-            from fasttune.bench.generate import main as generate_main
-        except ImportError:
-            raise FasttuneError("`fasttune bench generate` is not yet available in this version") from None
-        return generate_main(rest)
-    raise FasttuneError(f"unknown benchmark {command!r}; choose attention, train or generate")
+        results = Results("train", environment(device, command_line(self, "train")))
+        results.notes.append(
+            f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}"
+        )
+        runs, _ = bench.plan_runs(cfg)
+        with tqdm(total=len(runs), desc="configurations", dynamic_ncols=True) as bar:
+            bench.run_all(cfg, results, progress=bar)
+        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(results.rows))

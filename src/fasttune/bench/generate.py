@@ -14,20 +14,22 @@ docs/BENCHMARKS.md, "Generation".
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from fasttune.bench.generate_check import TOLERANCE, greedy_agreement, hf_greedy, synthetic_tokens, train_briefly
 from fasttune.bench.harness import Results, environment, line_plot, sync
+from fasttune.command import Command
 from fasttune.device import pick_device
 
 log = logging.getLogger("fasttune")
@@ -224,26 +226,55 @@ def _plot(rows: list[dict]):
     return plot
 
 
-def parse_args(argv: Sequence[str] | None):
-    p = argparse.ArgumentParser(prog="fasttune bench generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default=None, help="model preset (default: 1b on CUDA, tiny on CPU)")
-    p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
-    p.add_argument("--prompt-len", type=int, default=128, help="longest prompt, tokens")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence")
-    p.add_argument("--train-steps", type=int, default=None, help="training steps first (default: 200 CUDA, 30 CPU)")
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--eager", action="store_true", help="also time the fused decoder without graphs at every batch")
-    p.add_argument("--no-check-fp32", action="store_true", help="skip the float32 agreement check at batch 1")
-    p.add_argument("--profile", action="store_true", help="kernels per decode step (profile.json in --out)")
-    p.add_argument("--out", type=Path, default=None, help="folder for generate.csv/.json/.md/.png")
-    p.add_argument("--sdpa", default="default", choices=SDPA_BACKENDS, help="pin SDPA's backend for all runs")
-    p.add_argument("--verbose", action="store_true", help="debug logging of fasttune (e.g. graph capture failures)")
-    return p.parse_args(argv)
+@dataclasses.dataclass
+class GenerateBench(Command):
+    """Measure generation speed on this machine: Hugging Face `generate` against fasttune's generator on the same
+    briefly trained model, with a check that both choose the same greedy tokens. Writes generate.csv/.json/.md/.png
+    to --out."""
+
+    shape: str | None = None
+    """Model preset (default: 1b on a GPU, tiny on a CPU)."""
+    batch_sizes: str = "1,32"
+    """Comma-separated batch sizes."""
+    prompt_len: int = 128
+    """Longest prompt, in tokens."""
+    new_tokens: int = 256
+    """Tokens generated per sequence."""
+    train_steps: int | None = None
+    """Training steps before measuring, so greedy choices have real margins (default: 200 on a GPU, 30 on a CPU)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    """Weights dtype (default: bf16 on a GPU, fp32 on a CPU)."""
+    eager: bool = False
+    """Also time the fused decoder without CUDA graphs at every batch size."""
+    check_fp32: bool = True
+    """On a GPU, repeat the batch-1 agreement check with float32 weights (--no-check-fp32 skips it)."""
+    profile: bool = False
+    """Kernels per decode step (profile.json in --out)."""
+    out: Path | None = None
+    """Folder for generate.csv/.json/.md/.png."""
+    sdpa: Literal["default", "flash", "efficient", "cudnn", "math"] = "default"
+    """Pin SDPA's kernel for every run."""
+    verbose: bool = False
+    """Debug logging of fasttune (e.g. CUDA graph capture failures)."""
+
+    def run(self) -> int:
+        return run_bench(self)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    """`python -m fasttune.bench.generate ...` = `fasttune bench generate ...`."""
+    import sys
+
+    from fasttune.cli import main as cli_main
+
+    return cli_main(["bench", "generate", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run_bench(args: GenerateBench) -> int:
+    from fasttune.bench.cli import command_line
+
     if not logging.getLogger().handlers:  # run as a module; the `fasttune` CLI configures logging itself
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -251,10 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     on_cuda = device.startswith("cuda")
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     train_steps = args.train_steps if args.train_steps is not None else (200 if on_cuda else 30)
-    rows, facts = run(args.shape or ("1b" if on_cuda else "tiny"), [int(b) for b in args.batch_sizes.split(",")],
+    rows, facts = run(args.shape or ("1b" if on_cuda else "tiny"), [int(b) for b in args.batch_sizes.split(",") if b],
                       args.prompt_len, args.new_tokens, device, dtype, train_steps, args.eager,
-                      on_cuda and not args.no_check_fp32, args.sdpa)  # fmt: skip
-    res = Results("generate", environment(torch.device(device), ["generate", *(argv or [])]), rows=rows)
+                      on_cuda and args.check_fp32, args.sdpa)  # fmt: skip
+    res = Results("generate", environment(torch.device(device), command_line(args, "generate")), rows=rows)
     res.notes.append(f"trained {facts['train_steps']} steps in {facts['train_s']} s, loss {facts['losses']}")
     print(res.markdown(MD_COLUMNS))
     if args.out is not None:

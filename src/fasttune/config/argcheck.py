@@ -1,5 +1,7 @@
-"""Config overrides from the command line: tyro parses, and a mistake becomes one line naming the option and the fix
-(`explain`), never a help panel or a traceback. Used by `fasttune train` and by `fasttune bench train --variant`."""
+"""Command-line parsing with one-line errors. tyro parses (one parser for every subcommand, see `fasttune.cli`); its
+parse-error events become a `ConfigError` naming the option and the fix, never a help panel or a traceback.
+
+Also used by `fasttune bench train --variant` to apply `section.field=value` overrides to a config."""
 
 from __future__ import annotations
 
@@ -9,93 +11,145 @@ import difflib
 import io
 import types
 import typing
+from collections.abc import Sequence
 
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
 
 
+def _unwrap(kind) -> tuple[typing.Any, str | None, tuple[str, ...]]:
+    """(type without Annotated, tyro's name override or None, tyro's aliases)."""
+    name, aliases = None, ()
+    if typing.get_origin(kind) is typing.Annotated:
+        for meta in kind.__metadata__:
+            name = getattr(meta, "name", None) if hasattr(meta, "aliases") else name
+            aliases = tuple(getattr(meta, "aliases", None) or ()) or aliases
+        kind = typing.get_args(kind)[0]
+    return kind, name, aliases
+
+
 def option_table(cls: type = BaseConfig, prefix: str = "") -> dict[str, type]:
-    """Every accepted `--flag` -> the field's type (bools also as `--no-flag`, taking no value)."""
+    """Every `--flag` tyro accepts for the dataclass `cls` -> the field's type (switches also as `--no-flag`).
+    Only used to word errors (suggestions, "is a switch"): tyro does the parsing."""
     table: dict[str, type] = {}
-    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind = hints[f.name]
+        kind, name, aliases = _unwrap(typing.get_type_hints(cls, include_extras=True)[f.name])
+        name = f.name if name is None else name
         if dataclasses.is_dataclass(kind):
-            table.update(option_table(kind, f"{prefix}{f.name}."))
+            table.update(option_table(kind, f"{prefix}{name}." if name else prefix))
             continue
-        name = f.name.replace("_", "-")
-        table[f"--{prefix}{name}"] = kind
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and any(
+            dataclasses.is_dataclass(a) for a in typing.get_args(kind)
+        ):
+            continue  # nested subcommands
+        head, leaf = prefix, name.replace("_", "-")
+        for flag in (f"--{head}{leaf}", *aliases):
+            table[flag] = kind
         if kind is bool:
-            table[f"--{prefix}no-{name}"] = bool
+            table[f"--{head}no-{leaf}"] = bool
     return table
 
 
-def _parses(value: str, kind) -> bool:
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return (value == "None" and type(None) in args) or any(_parses(value, a) for a in args if a is not type(None))
-    if kind in (int, float):
-        try:
-            kind(value)
-        except ValueError:
-            return False
-    return True
+def _flag(argument) -> str:
+    flags = [f for f in argument.lowered.name_or_flags if f.startswith("--")]
+    return max(flags, key=len) if flags else argument.display_name()
 
 
-def explain(args: list[str]) -> str:
-    """The first problem in `args`, as one line naming the option and what to do."""
-    table = option_table()
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            return f"unexpected argument {arg!r}; options look like --section.name VALUE (see --help)"
-        flag, eq, value = arg.partition("=")
-        flag = flag.replace("_", "-")
-        if flag not in table:
-            close = difflib.get_close_matches(flag, table, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            return f"unknown option {flag}; {hint}see `fasttune train --help` for the list"
-        kind = table[flag]
-        if kind is bool:
-            if eq or (i + 1 < len(args) and args[i + 1].lower() in ("true", "false", "0", "1")):
-                head, _, leaf = flag[2:].rpartition(".")
-                on = "--" + (head + "." if head else "") + leaf.removeprefix("no-")
-                off = "--" + (head + "." if head else "") + "no-" + leaf.removeprefix("no-")
-                return f"{flag} is a switch and takes no value: write {on} to turn it on, {off} to turn it off"
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(args) or (args[i + 1].startswith("--") and typing.get_origin(kind) is not tuple):
-                return f"{flag} needs a value"
-            value = args[i + 1]
-            i += 1
-        if not _parses(value, kind):
-            name = getattr(kind, "__name__", str(kind))
-            return f"{flag}: {value!r} is not a valid {name}"
-        i += 1
-        while typing.get_origin(kind) is tuple and i < len(args) and not args[i].startswith("--"):
-            i += 1
-    return "invalid arguments; see `fasttune train --help`"
+def _value(args: Sequence[str], flags: Sequence[str]) -> str | None:
+    for i, a in enumerate(args):
+        head, eq, value = a.partition("=")
+        if head in flags:
+            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return None
 
 
-def parse_overrides(
-    base: BaseConfig, args: list[str], prog: str = "fasttune train", description: str = ""
-) -> BaseConfig:
-    """`base` with `args` (`--section.field VALUE`, `--flag`, `--no-flag`) applied and validated."""
+def _type_name(kind) -> str:
+    return {int: "integer", float: "number", str: "string"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _switch_hint(switch: str, token: str) -> str:
+    head, _, leaf = switch[2:].rpartition(".")
+    leaf, head = leaf.removeprefix("no-"), head + "." if head else ""
+    on, off = f"--{head}{leaf}", f"--{head}no-{leaf}"
+    return f"{switch} is a switch and takes no value ({token!r}): write {on} to turn it on, {off} to turn it off"
+
+
+def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], command: str, commands) -> str:
+    flag = token.partition("=")[0]
+    if token.startswith("-"):
+        close = difflib.get_close_matches(flag.replace("_", "-"), table, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"unknown option {flag}; {hint}see `{command} --help` for the list"
+    for i, a in enumerate(args):
+        head, eq, value = a.partition("=")
+        if table.get(head) is bool and ((eq and value == token) or (not eq and args[i + 1 : i + 2] == [token])):
+            return _switch_hint(head, token)
+    if commands and token in args and args.index(token) == command.count(" "):
+        where = f" for `{command}`" if " " in command else ""
+        return f"unknown command {token!r}{where}; choose one of: {', '.join(commands)}"
+    return f"unexpected argument {token!r}; options look like --name VALUE (see `{command} --help`)"
+
+
+def message(event, args: Sequence[str], table: dict[str, type], command: str, commands: Sequence[str] = ()) -> str:
+    """One line for one of tyro's parse-error events (tyro._errors). `command`: the subcommand as typed
+    (`fasttune bench train`), `table`: its options (`option_table`), `commands`: the names it takes after it."""
+    from tyro import _errors as e
+
+    if isinstance(event, e.UnrecognizedArgs):
+        return _unrecognized(event.tokens[0], args, table, command, commands)
+    if isinstance(event, e.MissingSubcommand):
+        names = ", ".join(event.subcommand_spec.parser_from_name)
+        return f"`{command}` needs a command: one of {names} (see `{command} --help`)"
+    if isinstance(event, e.InvalidChoice):
+        return f"{_flag(event.argument)}={event.value!r} is not valid; choose one of: {', '.join(event.choices)}"
+    if isinstance(event, e.BadValue):
+        flag = _flag(event.argument)
+        if event.reason == "too_few_values":
+            return f"{flag} needs a value (see `{command} --help`)"
+        return f"{flag} takes no value ({event.offending_value!r}); see `{command} --help`"
+    if isinstance(event, e.MissingArgs):
+        names = ", ".join(_flag(a.arg) for a in event.missing_arguments)
+        return f"`{command}` needs {names} (see `{command} --help`)"
+    if isinstance(event, e.InstantiationFailure) and event.argument is not None:
+        flag = _flag(event.argument)
+        value = _value(args, event.argument.lowered.name_or_flags)
+        kind = event.argument.field.type_stripped
+        if kind in (int, float) and value is not None:
+            whole = " (a whole number)" if kind is int else ""
+            return f"{flag}: {value!r} is not a valid {_type_name(kind)}{whole}"
+        return f"{flag}: {' '.join(str(event.message).split())}"
+    return f"invalid arguments; see `{command} --help`"
+
+
+def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], command: str = "", commands=(), **kw):
+    """`tyro.cli(kind, args=args, ...)`; a parse error raises ConfigError with one line (see `message`)."""
     import tyro
 
-    wants_help = any(a in ("-h", "--help") for a in args)
-    # tyro prints some errors as a panel even with console_outputs off: mistakes get explain()'s line instead
-    quiet = contextlib.nullcontext() if wants_help else contextlib.redirect_stderr(io.StringIO())
+    args, command = list(args), command or prog
     try:
-        with quiet:
-            cfg = tyro.cli(BaseConfig, default=base, args=args, prog=prog, description=description,
-                           console_outputs=wants_help)  # fmt: skip
-    except SystemExit as e:
-        if wants_help or e.code == 0:
+        from tyro import _errors  # tyro >= 1.0.17: structured parse-error events (private but versioned API)
+    except ImportError:  # pragma: no cover - older tyro: a generic line
+        _errors = None
+
+    def hook(event) -> None:
+        raise ConfigError(message(event, args, table, command, commands))
+
+    wants_help = any(a in ("-h", "--help") for a in args)
+    # Without the hook (older tyro), tyro's panel is swallowed and replaced by a generic line.
+    quiet = contextlib.nullcontext() if wants_help or _errors else contextlib.redirect_stderr(io.StringIO())
+    registered = _errors.on_parse_error(hook) if _errors else contextlib.nullcontext()
+    try:
+        with quiet, registered:
+            return tyro.cli(kind, args=args, prog=prog, **kw)
+    except SystemExit as exc:
+        if wants_help or exc.code in (0, None):
             raise
-        raise ConfigError(explain(args)) from None
+        raise ConfigError(f"invalid arguments; see `{command} --help`") from None
+
+
+def parse_overrides(base: BaseConfig, args: list[str], prog: str = "fasttune train") -> BaseConfig:
+    """`base` with `args` (`--section.field VALUE`, `--flag`, `--no-flag`) applied and validated."""
+    cfg = parse(BaseConfig, args, prog=prog, table=option_table(), default=base)
     return cfg.validate()
 
 

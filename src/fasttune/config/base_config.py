@@ -9,6 +9,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+import tyro
 
 from fasttune.attention import BACKENDS
 from fasttune.errors import ConfigError
@@ -73,7 +76,7 @@ class ModelConfig:
     preset: str = "tiny"
     """Model shape built from a config when --model is not given (random init): micro (tests), tiny (~4M), small,
     125m, 350m, 1b, llama-3.1-8b, qwen2.5-7b (the published shapes, their own vocabularies)."""
-    path: str | None = None
+    path: Annotated[str | None, tyro.conf.arg(aliases=("--model",), metavar="PATH")] = None
     """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
     dtype: str = "auto"
     """auto: fp32 weights + bf16 autocast on CUDA, fp32 on CPU; bf16: pure bf16 weights and optimizer; fp32."""
@@ -97,7 +100,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None
+    path: Annotated[str | None, tyro.conf.arg(aliases=("--data",), metavar="PATH")] = None
     """Dataset: text file or folder, .jsonl/.json/.parquet/.csv, or a save_to_disk folder. None: the embedded
     corpus (this Python's standard library source)."""
     format: str = "auto"
@@ -158,7 +161,7 @@ class LoraConfig:
 
 @dataclass
 class TrainingConfig:
-    max_steps: int = field(default=200, metadata=RESUMABLE)
+    max_steps: Annotated[int, tyro.conf.arg(aliases=("--max-steps",))] = field(default=200, metadata=RESUMABLE)
     """Optimizer steps to run."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
@@ -183,7 +186,7 @@ class TrainingConfig:
     """Held-out samples answered by eval_generate_every (greedy, generation.max_new_tokens each)."""
     log_every: int = field(default=10, metadata=RESUMABLE)
     """Append to metrics.jsonl every N steps."""
-    save_every: int = field(default=100, metadata=RESUMABLE)
+    save_every: Annotated[int, tyro.conf.arg(aliases=("--save-every",))] = field(default=100, metadata=RESUMABLE)
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = field(default=2, metadata=RESUMABLE)
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""

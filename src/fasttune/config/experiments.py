@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from fasttune.command import Command
 from fasttune.config.base_config import BaseConfig, DataConfig, ModelConfig, TrainingConfig
 from fasttune.errors import ConfigError
 
@@ -78,3 +79,13 @@ def get_experiment(name: str) -> BaseConfig:
 def describe() -> list[tuple[str, str]]:
     """(name, one-line description) for `fasttune experiments`."""
     return [(name, (fn.__doc__ or "").strip().splitlines()[0]) for name, fn in EXPERIMENTS.items()]
+
+
+@dataclasses.dataclass
+class ExperimentsArgs(Command):
+    """List the experiment presets that `fasttune train --experiment NAME` starts from."""
+
+    def run(self) -> int:
+        for name, line in describe():
+            print(f"{name:8s} {line}")
+        return 0

@@ -7,12 +7,13 @@ in one becomes a `fail` row, never a crash (traceback only with --debug). Exit c
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 import traceback
 
 from rich.console import Console
 
+from fasttune.command import Command
 from fasttune.doctor import attn, packages, system, tools
 from fasttune.doctor.machine import Machine, detect
 from fasttune.doctor.report import FAIL, Report, Row, render, run_check, to_json
@@ -44,12 +45,18 @@ CHECKS = (
 )
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fasttune doctor", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", action="store_true", help="print the report as JSON (every check: status, reason, fix)")
-    p.add_argument("--quick", action="store_true", help="static checks only: no tiny kernel runs on the device")
-    p.add_argument("--debug", action="store_true", help="print tracebacks of checks that crash")
-    return p.parse_args(argv)
+@dataclasses.dataclass
+class DoctorArgs(Command):
+    """Check which fast paths work on this machine (torch, CUDA, attention backends, kernels, packages, memory,
+    disk) and print the fix for each one that does not. Exit code 1 when a check fails."""
+
+    json: bool = False
+    """Print the report as JSON (every check: status, reason, fix)."""
+    quick: bool = False
+    """Static checks only: no tiny kernel runs on the device."""
+
+    def run(self) -> int:
+        return main(self)
 
 
 def diagnose(debug: bool = False, quick: bool = False, machine: Machine | None = None) -> Report:
@@ -92,9 +99,9 @@ def _finish(report: Report, machine, debug: bool) -> None:
         report.closing = "attn_implementation='auto' could not be resolved here (see the 'auto resolver' row)."
 
 
-def main(argv: list[str], machine: Machine | None = None) -> int:
-    """`fasttune doctor [--json] [--quick] [--debug]`; `machine` replaces detection (tests: simulated machines)."""
-    args = parse_args(list(argv))
+def main(args: DoctorArgs, machine: Machine | None = None) -> int:
+    """Run the checks and print the report (--debug: tracebacks of crashing checks); `machine` replaces detection
+    (tests: simulated machines)."""
     debug = args.debug
     if sys.stderr.isatty() and not args.json:
         with Console(stderr=True).status("fasttune doctor: running checks and tiny kernel probes (--quick skips them)"):

@@ -16,7 +16,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +26,17 @@ from tqdm.auto import tqdm
 from fasttune.data.packing import IGNORE
 from fasttune.errors import ConfigError, DataError, FasttuneError
 from fasttune.eval.score import Example, score, split_sample, summarize_scores
-from fasttune.generate.commands import SamplingArgs, parse_args
+from fasttune.generate.commands import SamplingArgs
 
 log = logging.getLogger("fasttune")
 
 
 @dataclass(kw_only=True)
 class EvalArgs(SamplingArgs):
+    """Evaluate a checkpoint on supervised data: loss and perplexity on the responses; with --generate, generated
+    answers scored by exact match (and by the final number, for math data such as GSM8K). Writes completions.jsonl
+    and summary.json to --output-dir."""
+
     data: str
     """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text)."""
     format: str = "auto"
@@ -55,6 +58,9 @@ class EvalArgs(SamplingArgs):
             raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
+
+    def run(self) -> int:
+        return run_eval(self)
 
 
 @torch.no_grad()
@@ -165,9 +171,7 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     return kept, fmt, len(samples) - len(kept)
 
 
-def run_eval(argv: Sequence[str]) -> int:
-    a = parse_args(EvalArgs, argv, "fasttune eval", "Evaluate a checkpoint on supervised data: response loss and "
-                   "perplexity; with --generate, generated answers scored by exact and numeric match.")  # fmt: skip
+def run_eval(a: EvalArgs) -> int:
     files = _outputs(a)
     from fasttune.generate.commands import load_checkpoint
     from fasttune.generate.generate import fast_engine

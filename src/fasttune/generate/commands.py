@@ -3,23 +3,21 @@ functions the CLI calls. A checkpoint can be a checkpoint, a run folder, a model
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fasttune.command import Command
 from fasttune.errors import ConfigError
 
 log = logging.getLogger("fasttune")
-CHECKPOINT_HELP = ("Checkpoint folder, run folder (its latest complete checkpoint; a LoRA run's merged model), model "
-                   "folder, or LoRA adapter folder (loaded on its base model).")  # fmt: skip
 
 
 @dataclass(kw_only=True)
-class SamplingArgs:
+class SamplingArgs(Command):
+    """Options shared by `fasttune generate`, `fasttune chat` and `fasttune eval`."""
+
     checkpoint: str
     """Checkpoint, run folder (latest complete checkpoint; a LoRA run's merged/), model folder or LoRA adapter."""
     max_new_tokens: int = 256
@@ -46,6 +44,10 @@ class SamplingArgs:
 
 @dataclass(kw_only=True)
 class GenerateArgs(SamplingArgs):
+    """Generate from a checkpoint: one prompt streamed, or a JSONL file of prompts in batches. The checkpoint can be
+    a checkpoint folder, a run folder (its latest complete checkpoint; a LoRA run's merged model), a model folder or a
+    LoRA adapter folder (loaded on its base model)."""
+
     raw: bool = False
     """Send the text as is, without the prompt format / chat template the model was trained with."""
     prompt: str | None = None
@@ -67,55 +69,23 @@ class GenerateArgs(SamplingArgs):
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
 
+    def run(self) -> int:
+        return run_generate(self)
+
 
 @dataclass(kw_only=True)
 class ChatArgs(SamplingArgs):
+    """Chat with a model in the terminal, replies streamed. The checkpoint can be a checkpoint folder, a run folder
+    (its latest complete checkpoint; a LoRA run's merged model), a model folder or a LoRA adapter folder (loaded on
+    its base model)."""
+
     raw: bool = False
     """Send the text as is, without the prompt format / chat template the model was trained with."""
     system: str | None = None
     """System message that opens the conversation (models with a chat template only)."""
 
-
-def parse_args(cls: type, argv: Sequence[str], prog: str, description: str):
-    """`cls` filled from `argv` by tyro; a mistake is one line naming the option (no help panel, no traceback)."""
-    import contextlib
-    import io
-
-    import tyro
-
-    args = list(argv)
-    wants_help = any(a in ("-h", "--help") for a in args)
-    quiet = contextlib.nullcontext() if wants_help else contextlib.redirect_stderr(io.StringIO())
-    try:
-        with quiet:
-            return tyro.cli(cls, args=args, prog=prog, description=description, console_outputs=wants_help)
-    except SystemExit as e:
-        if wants_help or e.code == 0:
-            raise
-        raise ConfigError(_explain(cls, args, prog)) from None
-
-
-def _explain(cls: type, args: list[str], prog: str) -> str:
-    fields = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(cls)}
-    flags = set(fields) | {f"--no-{k[2:]}" for k, f in fields.items() if f.type in ("bool", bool)}
-    for i, arg in enumerate(args):
-        flag = arg.partition("=")[0]
-        if arg.startswith("-") and flag not in flags:
-            close = difflib.get_close_matches(flag, flags, n=1)
-            return f"unknown option {flag}; {'did you mean ' + close[0] + '? ' if close else ''}see `{prog} --help`"
-        if flag in fields and fields[flag].type not in ("bool", bool):
-            value = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
-            if value is None or ("=" not in arg and value.startswith("--")):
-                return f"{flag} needs a value"
-            kind = next((k for k in (int, float) if str(fields[flag].type).startswith(k.__name__)), None)
-            try:
-                kind is None or value == "None" or kind(value)
-            except ValueError:
-                return f"{flag}: {value!r} is not a valid {kind.__name__}"
-    missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in args]
-    if missing and not any(a.startswith(missing[0] + "=") for a in args):
-        return f"{missing[0]} is required; see `{prog} --help`"
-    return f"invalid arguments (a value of the wrong type?); see `{prog} --help`"
+    def run(self) -> int:
+        return run_chat(self)
 
 
 def load_checkpoint(a: SamplingArgs):
@@ -124,10 +94,7 @@ def load_checkpoint(a: SamplingArgs):
     return load_for_generation(a.checkpoint, a.device, a.trust_remote_code)
 
 
-def run_generate(argv: Sequence[str]) -> int:
-    a = parse_args(GenerateArgs, argv, "fasttune generate",
-                   "Generate from a checkpoint: one prompt streamed, or a JSONL file of prompts in batches. "
-                   + CHECKPOINT_HELP)  # fmt: skip
+def run_generate(a: GenerateArgs) -> int:
     if a.prompts is not None:  # check the files before minutes of model loading
         from fasttune.generate.prompts import check_output, read_prompts
 
@@ -197,11 +164,9 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     return 0
 
 
-def run_chat(argv: Sequence[str]) -> int:
+def run_chat(a: ChatArgs) -> int:
     from fasttune.generate.chat import chat_loop
 
-    a = parse_args(ChatArgs, argv, "fasttune chat", "Chat with a model in the terminal, replies streamed. "
-                   + CHECKPOINT_HELP)  # fmt: skip
     model, tok = load_checkpoint(a)
     return chat_loop(model, tok, raw=a.raw, system=a.system, max_new_tokens=a.max_new_tokens,
                      temperature=a.temperature, top_p=a.top_p, seed=a.seed)  # fmt: skip

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from fasttune.config import BaseConfig
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.pipeline import DataBundle, build_data
-from fasttune.errors import FasttuneError
+from fasttune.errors import FasttuneError, Stopped
 from fasttune.generate.template import record_prompt_format
 from fasttune.model.resolve import resolve_for_training
 from fasttune.train import checkpoint as ckpt
@@ -33,7 +33,7 @@ from fasttune.train.run_dir import RunFolder
 log = logging.getLogger("fasttune")
 
 
-class Interrupted(FasttuneError):
+class Interrupted(Stopped):
     """Ctrl-C / SIGTERM: the run saved a checkpoint and stopped; exit code 130 (SIGINT) or 143 (SIGTERM)."""
 
 
