@@ -197,34 +197,25 @@ def test_lora_adapter_and_lora_run_folder_load_like_peft(tmp_path, capsys):
     assert not torch.equal(got, base_logits)  # the adapter is applied
 
 
-def test_chat_is_multi_turn_with_a_chat_template_and_exits_on_eof(tmp_path, capsys):
+def test_chat_is_multi_turn_with_a_chat_template_and_exits_on_eof(tmp_path, capsys, monkeypatch):
     from fixtures.tiny_tokenizer import CHATML
 
     from fasttune.model.load import load_for_inference
 
     model, tok = load_for_inference(_base(tmp_path / "chat", chat_template=CHATML))
-    seen = []
     lines = iter(["Hello", "", "And you?"])
 
     def read(prompt):
-        seen.append(prompt_ids(tok, [{"role": "user", "content": "x"}]))
-        return next(lines)  # StopIteration after the last line is not EOF: wrap it
-
-    def read_eof(prompt):
         try:
-            return read(prompt)
-        except StopIteration:
+            return next(lines)
+        except StopIteration:  # what Ctrl-D gives input()
             raise EOFError from None
 
-    calls = []
     import fasttune.generate.chat as chat_mod
 
-    real = chat_mod.prompt_ids
-    chat_mod.prompt_ids = lambda t, messages, raw=False: calls.append(messages) or real(t, messages, raw)
-    try:
-        assert chat_loop(model, tok, max_new_tokens=3, read=read_eof) == 0
-    finally:
-        chat_mod.prompt_ids = real
+    calls, real = [], chat_mod.prompt_ids
+    monkeypatch.setattr(chat_mod, "prompt_ids", lambda t, m, raw=False: calls.append(m) or real(t, m, raw))
+    assert chat_loop(model, tok, max_new_tokens=3, read=read) == 0
     assert [m["content"] for m in calls[0]] == ["Hello"]
     assert [m["role"] for m in calls[1]] == ["user", "assistant", "user"] and calls[1][-1]["content"] == "And you?"
     assert "multi-turn" in capsys.readouterr().err
@@ -284,3 +275,24 @@ def test_fast_engine_path_streams_what_it_returns(sft_run):
     alone = [generate_ids(model, tok, [p], max_new_tokens=8, engine=engine)[0].text for p in prompts]
     batched = [g.text for g in generate_ids(model, tok, prompts, max_new_tokens=8, engine=engine)]
     assert batched == alone
+
+
+def test_chat_ctrl_c_during_a_reply_stops_it_and_keeps_the_session(sft_run, capsys, monkeypatch):
+    import fasttune.generate.chat as chat_mod
+    from fasttune.model.load import load_for_inference
+
+    model, tok = load_for_inference(sft_run.run_dir)
+    lines = iter(["first", "second"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat_mod, "generate_ids", interrupted)
+    assert chat_loop(model, tok, read=read) == 0
+    assert capsys.readouterr().out.count("[stopped]") == 2  # both messages were read: the session went on

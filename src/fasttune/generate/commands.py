@@ -66,6 +66,8 @@ class GenerateArgs(SamplingArgs):
         super().__post_init__()
         if (self.prompt is None) == (self.prompts is None):
             raise ConfigError("pass either --prompt TEXT or --prompts FILE.jsonl (one of them)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("--prompt is empty; pass the text to answer (or --prompts FILE.jsonl)")
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
 
