@@ -85,8 +85,9 @@ def response_loss(model, samples: list[dict], pad_id: int, batch_size: int, amp_
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).logits
         target_BL = labels_BL[:, 1:]
-        loss_sum += float(F.cross_entropy(logits_BLV[:, :-1].float().flatten(0, 1), target_BL.flatten(),
-                                          ignore_index=IGNORE, reduction="sum"))  # fmt: skip
+        for r in range(len(batch)):  # row by row: a float32 copy of (B, L, V) logits is GBs at a 128k vocabulary
+            loss_sum += float(F.cross_entropy(logits_BLV[r, :-1].float(), target_BL[r], ignore_index=IGNORE,
+                                              reduction="sum"))  # fmt: skip
         targets += int((target_BL != IGNORE).sum())
         tokens += int(mask_BL.sum())
         bar.update(len(batch))
@@ -222,11 +223,14 @@ def training_scores(run) -> dict:
     from fasttune.generate.generate import fast_engine
 
     model = run.model
+    # The fast path decodes in the weights' own dtype; fp32 master weights under bf16 autocast (model.dtype auto on a
+    # GPU) generate through HF generate under the training autocast instead, as the validation loss is computed.
+    engine = fast_engine(model) if run.device.type == "cuda" and run.amp_dtype is None else None
     model.eval()
     try:
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             _, scores = generate_answers(model, data.tokenizer, examples, batch_size=len(examples),
-                                         max_new_tokens=cfg.generation.max_new_tokens, engine=fast_engine(model),
+                                         max_new_tokens=cfg.generation.max_new_tokens, engine=engine,
                                          progress=False)  # fmt: skip
     finally:
         model.train()
