@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# GPU validation on the lent H100 (device tool), from the repo root, results in $OUT. Two back-to-back calls:
-#   scripts/device_validate.sh plain   carry [.devwheels-a, .whl]: stages .devwheels-a, then WITHOUT flash-attn-4 or
-#                                      Liger (a default install): doctor, GPU tests, `full` end to end (short)
-#   scripts/device_validate.sh fa4     carry [.devwheels-b, .devwheels-c, .whl]: installs flash-attn-4 + liger-kernel,
-#                                      then doctor, GPU tests, `full` end to end and `bench train` (8k-token budget)
-# Wheels: shared/tools/device-wheels.sh (a/b), liger-kernel in .devwheels-c, tyro/hypothesis/pytest-timeout in .whl.
+# GPU validation, from the repo root; results in $OUT (default ./validate-out). Two modes:
+#   scripts/device_validate.sh plain [STEPS]   a default install, no flash-attn-4 or Liger: doctor, the GPU tests,
+#                                              `full` end to end (short)
+#   scripts/device_validate.sh fa4 [STEPS]     with flash-attn-4 + liger-kernel: the same, then `bench train`
+#                                              (8k-token budget)
+# Needs: a CUDA GPU and fasttune's dependencies (`pip install -e ".[dev]"`; for fa4 `pip install -e ".[dev,fa4,liger]"`).
+# On a machine without network, wheel folders are installed into /tmp/site when present (nothing else is fetched):
+#   .whl (tyro, datasets, hypothesis, pytest-timeout), .devwheels-a + .devwheels-b (flash-attn-4 and its
+#   dependencies; files over the size limit split into NAME.part-aa in -a and NAME.part-ab in -b), .devwheels-c
+#   (liger-kernel). A `plain` call stages .devwheels-a in /root/stage for a later `fa4` call on the same machine.
 set -uo pipefail
 mode=${1:-plain}; steps=${2:-40}
+OUT=${OUT:-$PWD/validate-out}; mkdir -p "$OUT" /tmp/site
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src
-mkdir -p /tmp/site
 pip() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+shopt -s nullglob
 if [[ $mode == plain ]]; then
-  mkdir -p /root/stage && cp .devwheels-a/* /root/stage/
-  pip .whl/*.whl /root/stage/pytest-*.whl /root/stage/pluggy-*.whl /root/stage/iniconfig-*.whl || exit 3
+  [[ -d .devwheels-a ]] && mkdir -p /root/stage && cp .devwheels-a/* /root/stage/
+  wheels=(.whl/*.whl /root/stage/pytest-*.whl /root/stage/pluggy-*.whl /root/stage/iniconfig-*.whl)
+  if (( ${#wheels[@]} )); then pip "${wheels[@]}" || exit 3; fi
 else
-  for h in /root/stage/*.part-aa; do [ -e "$h" ] || continue; b=${h%.part-aa}; cat "$h" ".devwheels-b/${b##*/}.part-ab" > "$b" && rm -f "$h"; done
+  for h in /root/stage/*.part-aa; do b=${h%.part-aa}; cat "$h" ".devwheels-b/${b##*/}.part-ab" > "$b" && rm -f "$h"; done
   rm -f /root/stage/pytest*.whl /root/stage/pluggy-*.whl /root/stage/iniconfig-*.whl  # installed by the plain call
-  pip /root/stage/*.whl .devwheels-c/*.whl || exit 3
+  wheels=(/root/stage/*.whl .devwheels-c/*.whl)
+  if (( ${#wheels[@]} )); then pip "${wheels[@]}" || exit 3; fi
   export PYTHONPATH=$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages
 fi
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee $OUT/versions.txt

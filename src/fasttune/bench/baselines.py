@@ -2,11 +2,11 @@
 
 Each step: collate (right padding, or transformers' own `DataCollatorWithFlattening` for packing), forward with
 labels and `use_cache=False`, backward, gradient clipping to 1.0 (the HF Trainer default), fused AdamW step,
-`loss.item()`. Pure bf16 weights on CUDA, as in the ANCHORS.md baselines. Nothing of fasttune's runs here except
+`loss.item()`. Pure bf16 weights on CUDA (docs/BENCHMARKS.md). Nothing of fasttune's runs here except
 the shared micro-batch order (8 samples per step, shuffled per epoch) so both sides see the same samples.
 
-Every packed baseline is checked for cross-document attention before it counts ("A leaky configuration is never
-a baseline", ANCHORS.md): a small model of the same attention setup scores two documents packed and each alone.
+Every packed baseline is checked for cross-document attention before it counts (a leaky configuration is never a
+baseline: fast, but it computes another model): a small model of the same attention setup scores two documents packed and each alone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fasttune.model.build import build_preset
 from fasttune.model.flops import step_flops
 from fasttune.train.metrics import peak_flops
 
-LEAK_TOLERANCE = 0.05  # relative max logit error; a leak measures 0.3-0.7 (ANCHORS.md), bf16 noise ~1e-2
+LEAK_TOLERANCE = 0.05  # relative max logit error; a leak measures 0.3-0.7 (Llama, sdpa, use_cache on), bf16 noise ~1e-2
 
 
 @dataclass(frozen=True)
