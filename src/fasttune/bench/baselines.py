@@ -6,7 +6,8 @@ labels and `use_cache=False`, backward, gradient clipping to 1.0 (the HF Trainer
 the shared micro-batch order (8 samples per step, shuffled per epoch) so both sides see the same samples.
 
 Every packed baseline is checked for cross-document attention before it counts (a leaky configuration is never a
-baseline: fast, but it computes another model): a small model of the same attention setup scores two documents packed and each alone.
+baseline: fast, but it computes another model): a small model of the same attention setup scores two documents
+packed and each alone.
 """
 
 from __future__ import annotations

@@ -218,7 +218,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def target_lines(rows: list[dict]) -> list[str]:
-    """The training targets (docs/BENCHMARKS.md, "Against the targets"), judged on the default configuration (attn auto, packed)."""
+    """The training targets (docs/BENCHMARKS.md, "Against the targets"), judged on the default configuration (attn
+    auto, packed)."""
     main = next((r for r in rows if r.get("config") == "fasttune auto packed" and r.get("status") == "ok"), None)
     best = next((r for r in rows if r.get("config") == (main or {}).get("best_hf")), None)
     if main is None or main.get("x_hf_sdpa_padded") is None:
