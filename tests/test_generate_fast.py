@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config, Qwen3Config
 
 from fasttune.bench.generate_check import TOLERANCE, greedy_agreement, hf_greedy, synthetic_tokens, train_briefly
-from fasttune.generate.fast import Generator, fast_generate, unsupported_reason
+from fasttune.generate.fast import Generator, unsupported_reason
 from fasttune.model.build import preset_config
 
 VOCAB, SYMBOLS, PROMPT, NEW = 96, 48, 12, 32
@@ -150,7 +150,7 @@ def test_streaming_callback_sees_every_token_in_order(trained):
     # with EOS the stream ends where the output ends
     eos = int(out_BS[0, PROMPT + 2])
     seen.clear()
-    out_BS = fast_generate(model, ids_BP[:1], mask_BP[:1], max_new_tokens=NEW, eos_token_id=eos, on_token=seen.append)
+    out_BS = gen.generate(ids_BP[:1], mask_BP[:1], max_new_tokens=NEW, eos_token_id=eos, on_token=seen.append)
     assert [s[0] for s in seen] == out_BS[0, PROMPT:].tolist() and seen[-1] == [eos]
 
 
@@ -184,7 +184,13 @@ def test_weights_changed_after_the_first_call_are_used(trained):
         out_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=NEW)
         assert not torch.equal(ref_BS, before_BS)  # the change matters
         assert greedy_agreement(ref_scores, ref_BS[:, PROMPT:], out_BS[:, PROMPT:], TOLERANCE[torch.float32])["agree"]
+        # a change of dtype rebuilds the fused copies (they are copied into, so would keep the old dtype)
+        model.to(torch.bfloat16)
+        ref_BS, ref_scores = hf_greedy(model, ids_BP, mask_BP, NEW)
+        out_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=NEW)
+        assert greedy_agreement(ref_scores, ref_BS[:, PROMPT:], out_BS[:, PROMPT:], TOLERANCE[torch.bfloat16])["agree"]
     finally:
+        model.float()
         model.load_state_dict(saved)
 
 
@@ -200,6 +206,21 @@ def test_unsupported_model_falls_back_to_hf_with_a_reason():
     ref_BS = model.generate(ids_BP, attention_mask=torch.ones_like(ids_BP), max_new_tokens=6, do_sample=False,
                             pad_token_id=0, eos_token_id=None)  # fmt: skip
     assert torch.equal(out_BS, ref_BS) and [s[0] for s in seen] == out_BS[0, 5:].tolist()
+
+
+def test_unmerged_lora_falls_back_instead_of_dropping_the_adapter(trained):
+    peft = pytest.importorskip("peft")
+    model = copy.deepcopy(trained[0])
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(model, config).eval()
+    gen = Generator(lora)
+    assert gen.reason is not None and "merge" in gen.reason
+    ids_BP, mask_BP = prompts(1, padded=False)
+    ref_BS, _ = hf_greedy(lora, ids_BP, mask_BP, 8)
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=8), ref_BS)
+    # adapters injected into a plain model's projections are refused too
+    injected = peft.inject_adapter_in_model(config, copy.deepcopy(trained[0]))
+    assert "q_proj" in Generator(injected).reason
 
 
 def test_bad_input_is_refused_with_the_reason(trained):

@@ -48,8 +48,27 @@ def unsupported_reason(model) -> str | None:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in STATIC_ROPE:
         return f"rope type {rope_type!r}: only {', '.join(STATIC_ROPE)} are supported"
-    if getattr(model.model, "rotary_emb", None) is None:
-        return "no shared rotary embedding module (model.model.rotary_emb)"
+    return _structure_reason(model)
+
+
+def _structure_reason(model) -> str | None:
+    """The module layout the fused copies are made from: plain dense weights on one device."""
+    if hasattr(model, "merge_and_unload"):  # a peft model: its adapters live outside the base weights
+        return "LoRA adapters are not merged into the weights: merge them (merge_and_unload) for the fast path"
+    inner = getattr(model, "model", None)
+    if getattr(inner, "rotary_emb", None) is None or getattr(inner, "layers", None) is None:
+        return f"{type(model).__name__} is not a plain HF causal LM (model.model.layers and .rotary_emb)"
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        for name, proj in (("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj), ("o_proj", a.o_proj),
+                           ("gate_proj", m.gate_proj), ("up_proj", m.up_proj), ("down_proj", m.down_proj)):  # fmt: skip
+            if type(proj) is not torch.nn.Linear:  # LoRA layers, quantized linears: the copies would drop them
+                return f"{name} is a {type(proj).__name__}, not a plain Linear (merge adapters: merge_and_unload)"
+    params = list(model.parameters())
+    if any(type(p.data) is not torch.Tensor for p in params):
+        return "sharded or wrapped parameters (e.g. FSDP's DTensor): gather the model first"
+    if len({p.device for p in params}) > 1:
+        return "the weights are on several devices"
     return None
 
 

@@ -15,13 +15,17 @@ one draw from torch's global generator (seed it with `torch.manual_seed`). `eos_
 `check_every` steps (each burst is one host sync), so streaming costs almost nothing. Errors (right padding, an
 empty prompt, a prompt plus `max_new_tokens` beyond the model's context) raise ValueError with the reason.
 
-The fast path (fasttune/generate/decoder.py) supports Llama, Mistral (without sliding window), Qwen2 and Qwen3;
-any other model, or `use_graphs=False` on a GPU, still works: other models through HF `generate` (`reason` says
-why), `use_graphs=False` through the same fused decoder step by step. Per (padded batch size, cache capacity,
-sampling kind) one graph is captured the first time it is needed (a fraction of a second) and replayed for every
-later step, prompt length and call: batch sizes round up to a power of two and capacities to a power of two of at
-least 256 tokens, and a larger cache replaces a smaller one. Sampling, the EOS check and the token bookkeeping run
-on the device inside the graph; the host only replays it and syncs every `check_every` steps.
+The fast path (fasttune/generate/decoder.py, Triton kernels on CUDA in kernels.py) supports Llama, Mistral (without
+sliding window), Qwen2 and Qwen3 with plain dense weights; anything else (another architecture, unmerged LoRA,
+sharded weights) runs through HF `generate` with the same arguments, and `reason` says why. On the CPU, or with
+`use_graphs=False`, the fused decoder runs step by step without graphs. Weights changed in place (training between
+calls) are re-fused at the next call; a change of the model's device or dtype rebuilds everything.
+
+Per (padded batch size, cache capacity, sampling kind) one graph is captured the first time it is needed (a fraction
+of a second) and replayed for every later step, prompt length and call: batch sizes round up to a power of two and
+capacities to a power of two of at least 256 tokens, and a larger cache replaces a smaller one. Sampling, the EOS
+check and the token bookkeeping run on the device inside the graph; the host only replays it and syncs every
+`check_every` steps.
 
 Legend: B batch, P prompt length, T cache capacity, V vocab, E eos ids.
 """
@@ -99,20 +103,26 @@ class Generator:
 
     def __init__(self, model, *, use_graphs: bool | None = None, check_every: int = 16):
         self.model = model
-        self.device = next(model.parameters()).device
         self.reason = unsupported_reason(model)
-        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        if self.use_graphs and self.device.type != "cuda":
-            raise ValueError("use_graphs=True needs the model on a CUDA device")
         self.check_every = check_every
-        self.decoder = FusedDecoder(model) if self.reason is None else None
+        self.capture_seconds = 0.0  # time spent capturing graphs so far, for benchmarks
+        self._graphs_asked = use_graphs
+        self._build()
+
+    def _build(self) -> None:
+        """Fused weights, caches and graphs for the model's current device and dtype."""
+        self.device = next(self.model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if self._graphs_asked is None else self._graphs_asked
+        if self.use_graphs and not on_cuda:
+            raise ValueError("use_graphs=True needs the model on a CUDA device")
+        self.decoder = FusedDecoder(self.model) if self.reason is None else None
         self._states: dict[int, _State] = {}
         self._temperature = torch.ones((), device=self.device)
         self._top_p = torch.ones((), device=self.device)
         if self.use_graphs and self.decoder is not None:
             self._pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one after another, never together
             self._stream = torch.cuda.Stream(self.device)
-        self.capture_seconds = 0.0  # time spent capturing graphs so far, for benchmarks
 
     @torch.no_grad()
     def generate(
@@ -139,6 +149,10 @@ class Generator:
         if self.decoder is None:
             return self._hf_generate(ids_BP, mask_BP, max_new_tokens, temperature, top_p, top_k, eos, pad_token_id,
                                      on_token)  # fmt: skip
+        first = next(self.model.parameters())
+        if (first.device, first.dtype) != (self.decoder.device, self.decoder.dtype):  # model.to(...) since the last
+            self._build()
+            ids_BP, mask_BP = ids_BP.to(self.device), mask_BP.to(self.device)
         self.decoder.refresh()
         sample = temperature > 0
         self._temperature.fill_(temperature if sample else 1.0)
@@ -353,10 +367,3 @@ def _trim(seq_BS: torch.Tensor, prompt_len: int, eos: list[int]) -> torch.Tensor
         return seq_BS
     last = int(is_eos_BN.int().argmax(-1).max())  # first EOS of each row, latest row
     return seq_BS[:, : prompt_len + last + 1]
-
-
-def fast_generate(model, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None = None,
-                  use_graphs: bool | None = None, **kwargs) -> torch.Tensor:  # fmt: skip
-    """One call through a fresh `Generator` (nothing is kept on the model). Callers that generate more than once
-    should keep a `Generator`: its graphs and fused weights are built once."""
-    return Generator(model, use_graphs=use_graphs).generate(input_ids_BP, attention_mask_BP, **kwargs)
