@@ -123,3 +123,30 @@ def test_adapter_config_records_the_absolute_base_path(tmp_path, monkeypatch):
     assert config.base_model_name_or_path == str((tmp_path / "base").resolve())
     reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")  # base found through the path
     assert isinstance(reloaded, peft.PeftModel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_lora_on_cuda_holds_the_frozen_base_in_bf16(tmp_path):
+    """On a GPU (dtype auto) the frozen base is bf16 and the adapters train in fp32: the merged model is bf16, the
+    adapter file fp32, and a checkpoint's optimizer state covers the adapters alone."""
+    import dataclasses
+
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+    from helpers import tiny_config
+    from safetensors.torch import load_file
+
+    from fasttune.train import loop
+
+    tok = build_tiny_tokenizer()
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    cfg = tiny_config(tmp_path, max_steps=2, eval_every=0, save_every=2, device="cuda")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tmp_path / "base")),
+                              lora=dataclasses.replace(cfg.lora, enabled=True, rank=4, alpha=8))  # fmt: skip
+    result = loop.train(cfg)
+    assert {t.dtype for t in load_file(result.run_dir / "merged" / "model.safetensors").values()} == {torch.bfloat16}
+    adapter = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    state = torch.load(result.checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    assert len(state) == len(adapter)
