@@ -162,3 +162,14 @@ def test_cli_usage_and_errors(capsys):
     assert err == "error: unknown command 'nope' for `fasttune bench`; choose one of: attention, train, generate"
     assert cli.main(["bench", "attention", "--layouts", "diagonal"]) == 2
     assert "--layouts 'diagonal' is not valid; choose from: padded, packed, padded-left" in capsys.readouterr().err
+
+
+def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
+    """What `bench train` and scripts/multi_gpu.py hand the loop: it must accept the synthetic tokenizer."""
+    from helpers import tiny_config
+
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=0, save_final=False)
+    data = synthetic_bundle(sft_lengths(32, 40, 50, 8, 64), vocab_size=cfg.data.tokenizer_vocab_size)
+    assert [r["step"] for r in loop.train(cfg, data=data).records if r.get("loss")] == [1]

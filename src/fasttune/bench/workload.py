@@ -34,13 +34,15 @@ def dataset_lengths(path: str, model_path: str | None, max_length: int, n: int) 
 
 
 class SyntheticTokenizer:
-    """What the training loop needs of a tokenizer for synthetic tokens: a vocabulary size and a pad id."""
+    """What the training loop needs of a tokenizer for synthetic tokens: a vocabulary size, a pad id, and the
+    `init_kwargs` the loop records the prompt format in (generate/template.py)."""
 
     pad_token_id = 0
     eos_token_id = 1
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
+        self.init_kwargs: dict = {}
 
     def __len__(self) -> int:
         return self.vocab_size
