@@ -80,6 +80,7 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
                str(out), "--max-new-tokens", "4", "--batch-size", "7"])  # fmt: skip
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == str(sft_run.checkpoint)  # the run folder's latest checkpoint, named
     reference, fitting = _hf_response_loss(sft_run.checkpoint, GSM8K)
     assert summary["loss"] == pytest.approx(reference, rel=1e-4)
     assert summary["perplexity"] == pytest.approx(math.exp(reference), rel=1e-3)

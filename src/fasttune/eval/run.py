@@ -140,7 +140,8 @@ def _print_table(summary: dict) -> None:
     table.add_column()
     for key, value in summary.items():
         if isinstance(value, float):
-            value = f"{value:.2%}" if key.endswith("_match") else f"{value:,.4f}" if value < 100 else f"{value:,.0f}"
+            value = (f"{value:.2%}" if key.endswith("_match") else f"{value:,.0f}" if key.endswith("_per_s")
+                     else f"{value:,.2f}" if key == "perplexity" else f"{value:.4f}")  # fmt: skip
         table.add_row(key, str(value))
     Console(file=sys.stdout).print(table)
 
@@ -183,8 +184,10 @@ def run_eval(a: EvalArgs) -> int:
     samples, fmt, too_long = _samples(a, tok, context)
     if too_long:
         log.warning("%d samples longer than the model's context (%s tokens) are left out", too_long, context)
-    summary = {"checkpoint": a.checkpoint, "data": a.data, "format": fmt, "samples": len(samples),
-               "skipped_longer_than_context": too_long}  # fmt: skip
+    from fasttune.model.resolve import resolve
+
+    summary = {"checkpoint": a.checkpoint, "model": resolve(a.checkpoint).describe(), "data": a.data, "format": fmt,
+               "samples": len(samples), "skipped_longer_than_context": too_long}  # fmt: skip
     summary.update(response_loss(model, samples, tok.pad_token_id, a.batch_size))
     rows: list[dict] = []
     if a.generate:
