@@ -27,3 +27,53 @@ def test_code_docs_and_scripts_cite_nothing_outside_the_repository():
 @pytest.mark.parametrize("script", ["scripts/device_validate.sh", "docs/bench/device.sh", ".ci/run"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
+
+
+def _install(tmp_path, gpu: bool, torch_version: str = "", env_extra: dict | None = None) -> list[str]:
+    """Run scripts/install.sh with stand-ins for python and nvidia-smi; the pip commands it would run."""
+    import stat
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "pip.log"
+    bin_dir.mkdir(exist_ok=True)
+    log.write_text("")
+    imports = f"echo {torch_version}; exit 0" if torch_version else "exit 1"
+    stubs = {
+        "python": f"""#!/bin/sh
+if [ "$1" = "-m" ]; then shift 3; echo "$*" >> {log}; exit 0; fi
+case "$2" in
+  *"installed fasttune"*) exit 0;;
+  *"print(torch.__version__)"*) {imports};;
+esac
+exit 0
+"""
+    }
+    if gpu:
+        stubs["nvidia-smi"] = "#!/bin/sh\nexit 0\n"
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", **(env_extra or {})}
+    out = subprocess.run(["sh", str(ROOT / "scripts/install.sh")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return log.read_text().splitlines()
+
+
+def test_install_picks_the_cpu_build_without_a_gpu(tmp_path):
+    torch_step, fasttune_step = _install(tmp_path, gpu=False)
+    assert torch_step == "torch>=2.11 --index-url https://download.pytorch.org/whl/cpu"
+    assert fasttune_step == "-e .[dev]"
+
+
+def test_install_with_a_gpu_or_torch_present_or_an_override(tmp_path):
+    assert _install(tmp_path, gpu=True) == ["torch>=2.11", "-e .[dev]"]
+    assert _install(tmp_path, gpu=False, torch_version="2.13.0+cpu") == ["-e .[dev]"]  # kept
+    assert _install(tmp_path, gpu=False, env_extra={"FASTTUNE_TORCH": "torch==2.13.0"}) == ["torch==2.13.0",
+                                                                                           "-e .[dev]"]  # fmt: skip
+
+
+def test_ci_installs_as_the_readme_says():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci/run").read_text()
+    quickstart = readme[readme.index("## Quickstart") :].split("```bash\n")[1].split("```")[0].splitlines()
+    setup, tests = quickstart
+    assert "scripts/install.sh" in setup and "scripts/install.sh" in ci
+    assert tests.removeprefix(". .venv/bin/activate && ") in ci  # the same test command
