@@ -57,6 +57,17 @@ def test_examples_split_at_the_trained_answer():
     assert split_sample(text, tok) is None  # nothing to answer in plain text
 
 
+def test_chat_examples_answer_the_last_assistant_turn_through_the_template():
+    from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}]  # fmt: skip
+    ex = split_sample(tokenize_records([{"messages": messages}], "chat", tok)[0], tok)
+    prompt = tok.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+    assert ex.prompt_ids == tok(prompt, add_special_tokens=False)["input_ids"] and ex.reference == "5"
+
+
 def _hf_response_loss(model_dir: Path, data: Path) -> tuple[float, int]:
     """Reference: plain HF forward with labels, one sample at a time, token-weighted mean over the samples that fit
     the model's context (512 positions), and how many do."""

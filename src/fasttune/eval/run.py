@@ -47,7 +47,7 @@ class EvalArgs(SamplingArgs):
     """Folder for completions.jsonl and summary.json (created; existing files there are kept unless --overwrite)."""
     overwrite: bool = False
     """Replace completions.jsonl / summary.json in --output-dir."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Samples per forward pass / generation batch."""
     limit: int | None = None
     """Evaluate only the first N samples."""

@@ -59,7 +59,7 @@ class GenerateArgs(SamplingArgs):
     """JSONL file for the completions of --prompts (default: the prompts file's name + .completions.jsonl)."""
     overwrite: bool = False
     """Replace an existing --output file."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Prompts generated together with --prompts."""
 
     def __post_init__(self) -> None:
