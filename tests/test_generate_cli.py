@@ -296,3 +296,11 @@ def test_chat_ctrl_c_during_a_reply_stops_it_and_keeps_the_session(sft_run, caps
     monkeypatch.setattr(chat_mod, "generate_ids", interrupted)
     assert chat_loop(model, tok, read=read) == 0
     assert capsys.readouterr().out.count("[stopped]") == 2  # both messages were read: the session went on
+
+
+def test_recording_skips_what_is_not_an_hf_tokenizer():
+    class Plain:  # e.g. a benchmark's synthetic-token stand-in
+        pad_token_id = 0
+
+    record_prompt_format(Plain(), "text")
+    record_prompt_format(Plain(), "alpaca")

@@ -54,9 +54,11 @@ def record_prompt_format(tokenizer, fmt: str) -> None:
     """Training hook: make `tokenizer` (saved into every checkpoint) carry the data format `fmt` it was trained on."""
     # the name too (tokenizer_config.json keeps init kwargs): a plain-text run must not answer through a chat template
     # its tokenizer happens to have (the locally trained tokenizer ships a minimal one)
+    if not isinstance(getattr(tokenizer, "init_kwargs", None), dict):
+        return  # not an HF tokenizer (a benchmark's stand-in): nothing to record in
     tokenizer.init_kwargs[FORMAT_KEY] = fmt
     template = TEMPLATES.get(fmt)
-    if template is None or tokenizer.chat_template == template:
+    if template is None or getattr(tokenizer, "chat_template", None) == template:
         return  # chat: the tokenizer's template is the format already; text: no prompt format
     if tokenizer.chat_template:
         log.info("checkpoints: the tokenizer's chat template becomes the %s prompt format this run trains on", fmt)
