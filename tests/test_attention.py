@@ -283,3 +283,44 @@ def test_non_causal_module_is_bidirectional(backend):
     s = q[:, keep] @ k.repeat_interleave(2, 0)[:, keep].transpose(-1, -2) * 0.3
     want = (torch.softmax(s, -1) @ v.repeat_interleave(2, 0)[:, keep]).transpose(0, 1)
     torch.testing.assert_close(out[1, :4], want, **TOL[torch.float32])
+
+
+def test_model_without_attention_interface_uses_transformers_own(caplog):
+    """Falcon computes attention in its own code: detected before loading, it runs on transformers' own sdpa with a
+    logged reason (a registered name would end in a bare KeyError inside from_config), or is refused under strict."""
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    config = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        got = resolve("sdpa", device="cpu", dtype=torch.float32, head_dim=8, packed=False, model_config=config)
+    assert got.hf_name == "sdpa" and "falcon" in caplog.text and "AttentionInterface" in caplog.text
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=got.hf_name)
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+    with pytest.raises(FasttuneError, match="strict_attention=False"):
+        resolve("auto", device="cpu", dtype=torch.float32, head_dim=8, packed=True, model_config=config, strict=True)
+
+
+def test_flex_is_not_usable_for_training_on_cpu_without_running():
+    """flex_attention has no CPU backward: the static check (no tiny run) already says so."""
+    assert "backward on CPU" in available(device="cpu", dtype=torch.float32, head_dim=16)["flex_attention"]
+
+
+def test_choice_is_described_without_repeating_itself():
+    from fasttune.attention import describe
+
+    assert describe("sdpa", "sdpa", "requested") == "sdpa (as requested)"
+    assert describe("auto", "varlen", "fastest usable") == "auto -> varlen (fastest usable)"
+    why = "'varlen' unavailable (needs a CUDA GPU); using sdpa"
+    assert describe("varlen", "sdpa", why) == f"sdpa ({why})"
+
+
+def test_pad_query_sees_the_real_keys_of_its_row_not_itself():
+    """As transformers' eager mask: a right pad sees its row's real keys only; a left pad with no visible key has an
+    empty row (uniform weights in the kernels, as eager's additive mask gives)."""
+    from fasttune.attention.layout import allow_mask
+
+    padding_BL = torch.tensor([[True, True, False], [False, True, True]])
+    allow = allow_mask(3, 3, torch.device("cpu"), padding_BL=padding_BL)[:, 0]
+    assert allow[0, 2].tolist() == [True, True, False]  # right pad: real keys, not itself
+    assert allow[1, 0].tolist() == [False, False, False]  # left pad: nothing visible
+    assert allow[1, 2].tolist() == [False, True, True]

@@ -63,7 +63,7 @@ def alone_logits(model, docs):
     return out
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", ["gemma3"])  # the other architectures: tests/test_attention_dropin.py
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_packed_default_args_equals_each_document_alone(arch, backend, mode):
@@ -78,7 +78,7 @@ def test_packed_default_args_equals_each_document_alone(arch, backend, mode):
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("arch", ["gemma3"])  # the other architectures: tests/test_attention_dropin.py
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_and_padded_give_same_loss_and_grads(arch, backend):
     docs = documents()

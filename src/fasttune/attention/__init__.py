@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from fasttune.attention.backends import BACKENDS, Backend
     from fasttune.attention.kernels import kernel_report
     from fasttune.attention.probe import explain_import_error, import_status, probe
-    from fasttune.attention.select import Resolved, available, function, register, resolve
+    from fasttune.attention.select import Resolved, available, describe, function, register, resolve
     from fasttune.attention.state import reset
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "Backend",
     "Resolved",
     "available",
+    "describe",
     "explain_import_error",
     "function",
     "import_status",
@@ -73,6 +74,7 @@ _LAZY = {
     "Backend": "backends",
     "Resolved": "select",
     "available": "select",
+    "describe": "select",
     "function": "select",
     "register": "select",
     "resolve": "select",

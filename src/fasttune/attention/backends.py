@@ -38,6 +38,7 @@ class Backend:
     softcap: bool = True  # computes a logit softcap itself (else such calls run on eager, logged)
     dropout: bool = True  # computes attention dropout itself (else such calls run on sdpa, logged)
     window: bool = True  # computes a sliding window itself (every backend does: sdpa/eager through a mask)
+    cpu_backward: bool = True  # has a backward on CPU (trains there)
     # auto's preference per GPU family and layout: lower is tried first; absent: never picked by auto there.
     rank: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -53,87 +54,33 @@ def _flash(name: str, api: str):
 # flex 254 ~ sdpa->varlen 250 ~ varlen 248). Packed: every flash kernel and varlen take documents natively; sdpa
 # packs through varlen on CUDA anyway, and compiled flex recompiles as pack lengths change, so it sits behind varlen.
 # CPU: flex is unfused without a GPU compile and varlen does not exist; sdpa has a fused CPU kernel.
+# fmt: off
 _RECORDS = (
-    Backend(
-        "eager", "fasttune_eager", impls.eager, "eager (reference)", rank={("cpu", "rows"): 1, ("cpu", "packed"): 1}
-    ),
-    Backend(
-        "sdpa",
-        "fasttune_sdp",
-        impls.sdpa,
-        "torch sdpa",
-        softcap=False,
-        rank={
-            ("hopper", "rows"): 1,
-            ("ampere", "rows"): 1,
-            ("ampere", "packed"): 3,
-            ("cpu", "rows"): 0,
-            ("cpu", "packed"): 0,
-        },
-    ),  # fmt: skip
-    Backend(
-        "flex_attention",
-        "fasttune_flex",
-        impls.flex,
-        "flex attention",
-        module="torch.nn.attention.flex_attention",
-        dropout=False,
-        rank={("hopper", "rows"): 3, ("hopper", "packed"): 4, ("ampere", "rows"): 2, ("ampere", "packed"): 2},
-    ),  # fmt: skip
-    Backend(
-        "varlen",
-        "fasttune_varlen",
-        impls.torch_varlen,
-        "varlen (torch)",
-        module="torch.nn.attention.varlen",
-        min_cc=(8, 0),
-        softcap=False,
-        dropout=False,
-        rank={("hopper", "packed"): 3, ("ampere", "rows"): 3, ("ampere", "packed"): 1},
-        **FLASH,
-    ),  # fmt: skip
+    Backend("eager", "fasttune_eager", impls.eager, "eager (reference)",
+            rank={("cpu", "rows"): 1, ("cpu", "packed"): 1}),
+    Backend("sdpa", "fasttune_sdp", impls.sdpa, "torch sdpa", softcap=False,
+            rank={("hopper", "rows"): 1, ("ampere", "rows"): 1, ("ampere", "packed"): 3, ("cpu", "rows"): 0,
+                  ("cpu", "packed"): 0}),
+    Backend("flex_attention", "fasttune_flex", impls.flex, "flex attention",
+            module="torch.nn.attention.flex_attention", dropout=False, cpu_backward=False,
+            rank={("hopper", "rows"): 3, ("hopper", "packed"): 4, ("ampere", "rows"): 2, ("ampere", "packed"): 2}),
+    Backend("varlen", "fasttune_varlen", impls.torch_varlen, "varlen (torch)", module="torch.nn.attention.varlen",
+            min_cc=(8, 0), softcap=False, dropout=False,
+            rank={("hopper", "packed"): 3, ("ampere", "rows"): 3, ("ampere", "packed"): 1}, **FLASH),
     # flash-attn-4 also installs a `flash_attn` package (holding only .cute): FA2 is its compiled extension.
-    Backend(
-        "flash_attention_2",
-        "fasttune_fa2",
-        _flash("flash_attention_2", "flash_attn"),
-        "flash-attn 2",
-        module="flash_attn_2_cuda",
-        pip="flash-attn",
-        dists=("flash-attn", "flash_attn"),
-        min_cc=(8, 0),
-        rank={("hopper", "rows"): 4, ("hopper", "packed"): 2, ("ampere", "rows"): 0, ("ampere", "packed"): 0},
-        **FLASH,
-    ),  # fmt: skip
-    Backend(
-        "flash_attention_3",
-        "fasttune_fa3",
-        _flash("flash_attention_3", "flash_attn_interface"),
-        "flash-attn 3",
-        module="flash_attn_interface",
-        pip="flash-attn-3 (built from hopper/)",
-        dists=("flash-attn-3", "flash_attn_3", "flashattn-hopper"),
-        min_cc=(9, 0),
-        max_cc=(9, 9),
-        dropout=False,
-        rank={("hopper", "rows"): 2, ("hopper", "packed"): 1},
-        **FLASH,
-    ),  # fmt: skip
-    Backend(
-        "flash_attention_4",
-        "fasttune_fa4",
-        _flash("flash_attention_4", "flash_attn.cute"),
-        "flash-attn 4",
-        module="flash_attn.cute",
-        pip="flash-attn-4",
-        dists=("flash-attn-4",),
-        min_cc=(9, 0),
-        max_cc=(10, 9),
-        dropout=False,
-        rank={("hopper", "rows"): 0, ("hopper", "packed"): 0},
-        **FLASH,
-    ),  # fmt: skip
+    Backend("flash_attention_2", "fasttune_fa2", _flash("flash_attention_2", "flash_attn"), "flash-attn 2",
+            module="flash_attn_2_cuda", pip="flash-attn", dists=("flash-attn",), min_cc=(8, 0),
+            rank={("hopper", "rows"): 4, ("hopper", "packed"): 2, ("ampere", "rows"): 0, ("ampere", "packed"): 0},
+            **FLASH),
+    Backend("flash_attention_3", "fasttune_fa3", _flash("flash_attention_3", "flash_attn_interface"), "flash-attn 3",
+            module="flash_attn_interface", pip="flash-attn-3 (built from hopper/)",
+            dists=("flash-attn-3", "flash_attn_3", "flashattn-hopper"), min_cc=(9, 0), max_cc=(9, 9), dropout=False,
+            rank={("hopper", "rows"): 2, ("hopper", "packed"): 1}, **FLASH),
+    Backend("flash_attention_4", "fasttune_fa4", _flash("flash_attention_4", "flash_attn.cute"), "flash-attn 4",
+            module="flash_attn.cute", pip="flash-attn-4", dists=("flash-attn-4",), min_cc=(9, 0), max_cc=(10, 9),
+            dropout=False, rank={("hopper", "rows"): 0, ("hopper", "packed"): 0}, **FLASH),
 )
+# fmt: on
 BACKENDS: dict[str, Backend] = {b.name: b for b in _RECORDS}
 
 

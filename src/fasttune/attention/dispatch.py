@@ -23,11 +23,11 @@ import torch
 from fasttune.attention import kernels
 from fasttune.attention.backends import AUTO_HF_NAME, BACKENDS
 from fasttune.attention.impls import warn_once
-from fasttune.attention.layout import packed_from_kwargs, right_padded
+from fasttune.attention.layout import allow_mask, packed_from_kwargs, padding_of
 
-# route(q_BHSD, layout, opts) -> backend name. layout: 'packed' (documents), 'rows' (unpadded or right-padded rows,
-# run dense), 'padded' (rows with other padding), 'given' (a 4D mask or a non-causal call); opts: scale, window,
-# softcap, dropout of the call.
+# route(q_BHSD, layout, opts) -> backend name. layout: 'packed' (documents), 'rows' (unpadded rows), 'right'
+# (right-padded rows of a training forward, run dense), 'padded' (rows with other padding), 'given' (a dense mask:
+# 4D, non-causal, or eager's exact semantics outside training); opts: scale, window, softcap, dropout of the call.
 Route = Callable[[torch.Tensor, str, dict], str]
 
 
@@ -52,6 +52,12 @@ def _route(backend: str, q_BHSD: torch.Tensor, softcap: float | None, dropout: f
     return backend
 
 
+def _training(module) -> bool:
+    """A training forward (the model in train mode, autograd on): the only calls where pad positions may differ
+    from eager. Direct calls without a module (kernel benchmarks) count as training."""
+    return module is None or (module.training and torch.is_grad_enabled())
+
+
 def attention_forward(route, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature; `route` (a Route, or a backend name) is bound at registration."""
     route = fixed(route) if isinstance(route, str) else route
@@ -72,19 +78,31 @@ def attention_forward(route, module, query, key, value, attention_mask, scaling=
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2):
         backend = _route(route(q_BHSD, "given", opts), q_BHSD, softcap, dropout)
         return _given_mask(backend, q_BHSD, k_BKLD, v_BKLD, attention_mask, **opts), None
-    padding_BL = attention_mask
-    if padding_BL is not None and padding_BL.shape[1] != k_len:
-        raise ValueError(f"2D attention mask covers {padding_BL.shape[1]} keys, the call has {k_len}")
-    if padding_BL is not None and q_len == k_len and right_padded(padding_BL):
-        # Under a causal mask no real query of a right-padded row can see a pad key, so the padding changes nothing
-        # a real token computes: run the rows dense (cuDNN / dense flash / cached causal BlockMask) instead of
-        # gathering real tokens into a varlen layout, which cost ~2x at 1k-token rows (docs/ATTENTION.md). Pad
-        # positions get finite values that nothing real reads (labels ignore them; their gradient is zero).
-        padding_BL = None
+    padding_BL, layout = attention_mask, None
+    if padding_BL is not None:
+        if padding_BL.shape[1] != k_len:
+            raise ValueError(f"2D attention mask covers {padding_BL.shape[1]} keys, the call has {k_len}")
+        padding = padding_of(padding_BL)  # one sync per forward (memoized on the mask object)
+        if padding.full:
+            padding_BL = None
+        elif not _training(module):
+            # Outside training every position must equal eager's, pad queries included (generate reads the last
+            # position of right-padded prompts): one dense mask, eager's semantics (docs/ATTENTION.md, contract).
+            backend = _route(route(q_BHSD, "given", opts), q_BHSD, softcap, dropout)
+            mask = allow_mask(q_len, k_len, q_BHSD.device, window=window, padding_BL=padding_BL)
+            return _given_mask(backend, q_BHSD, k_BKLD, v_BKLD, mask, **opts), None
+        elif q_len == k_len and padding.right:
+            # Training: under a causal mask no real query of a right-padded row can see a pad key, so the padding
+            # changes nothing a real token computes: run the rows dense (cuDNN / dense flash / cached causal
+            # BlockMask) instead of gathering real tokens into a varlen layout, which cost ~2x at 1k-token rows
+            # (docs/ATTENTION.md). Pad queries then differ from eager; their labels are ignored, so they carry no
+            # loss and their gradient is zero.
+            padding_BL, layout = None, "right"
     # documents come from kwargs only when the caller gave no mask: with a padding mask, position_ids may be
     # scaled or offset for other reasons, and transformers does not infer packing either
     varlen = packed_from_kwargs(kwargs, batch, q_len, k_len) if attention_mask is None else None
-    layout = "packed" if varlen is not None else "rows" if padding_BL is None else "padded"
+    if layout is None:
+        layout = "packed" if varlen is not None else "rows" if padding_BL is None else "padded"
     backend = _route(route(q_BHSD, layout, opts), q_BHSD, softcap, dropout)
     return BACKENDS[backend].impl(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, **opts), None
 

@@ -147,7 +147,7 @@ def block_mask_for(q_len, k_len, device, window, padding_BL=None, doc_T=None):
         if doc_T is not None:
             allow = allow & (doc_T[q_idx] == doc_T[kv_idx])
         if padding_BL is not None:
-            allow = (allow & padding_BL[b, kv_idx]) | (kv_idx == q_idx + offset)
+            allow = allow & padding_BL[b, kv_idx]  # a query with no visible key gets zeros (flex), finite
         return allow
 
     rows = None if padding_BL is None else padding_BL.shape[0]

@@ -77,6 +77,10 @@ def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dro
     """torch SDPA. On CUDA it tries kernels fastest-first, once per signature, and keeps the first that runs, so
     the report names the kernel that really ran rather than what a priority list hoped for."""
     assert not softcap, "sdpa has no softcap; the dispatcher routes softcap to eager"
+    if mask is not None and mask.dtype == torch.bool:
+        # additive, as eager's: a fully masked row gets uniform weights (eager) instead of zeros (torch's bool mask)
+        zero = torch.zeros((), dtype=q_BHSD.dtype, device=mask.device)
+        mask = torch.where(mask, zero, torch.finfo(q_BHSD.dtype).min)
     gqa = q_BHSD.shape[1] != k_BKLD.shape[1]
     if q_BHSD.device.type != "cuda":
         _record(tag, q_BHSD, f"{q_BHSD.device.type} sdpa")
@@ -133,17 +137,28 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
+@state.cache
+def _softcap_mod(softcap: float, device: torch.device):
+    """score_mod c * tanh(score / c), one function object per value (a new closure per call would recompile), the
+    cap a captured tensor rather than a Python float, which dynamic=True turns into a symbolic float: Gemma 2's
+    softcap failed compiled flex with an AssertionError about FakeTensor (H200, torch 2.11)."""
+    cap = torch.tensor(float(softcap), device=device, dtype=torch.float32)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+
+    return score_mod
+
+
 def flex(q_BHSD, k_BKLD, v_BKLD, block_mask, *, scale, softcap=None) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
-    score_mod = None
-    if softcap:
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return softcap * torch.tanh(score / softcap)
-
+    score_mod = _softcap_mod(softcap, q_BHSD.device) if softcap else None
     _record("flex", q_BHSD, "flex compiled" if q_BHSD.device.type == "cuda" else "flex unfused (cpu)")
     gqa = q_BHSD.shape[1] != k_BKLD.shape[1]
+    if gqa and STATE.flex_expand_kv:  # the probe found compiled GQA flex failing here; MHA on expanded kv runs
+        n_rep = q_BHSD.shape[1] // k_BKLD.shape[1]
+        k_BKLD, v_BKLD, gqa = repeat_kv(k_BKLD, n_rep), repeat_kv(v_BKLD, n_rep), False
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     if q_BHSD.device.type != "cuda":
         return flex_attention(q_BHSD, k_BKLD, v_BKLD, **kwargs)

@@ -91,14 +91,28 @@ def _docs_from_positions(pos_BS: torch.Tensor) -> Varlen | None:
     return Varlen(cu, cu, max_len, max_len)
 
 
-def right_padded(padding_BL: torch.Tensor) -> bool:
-    """Whether every row is real tokens followed only by padding (no False before a True); one sync per mask."""
+@dataclass(frozen=True)
+class Padding:
+    """Host-side facts of a 2D padding mask, read with one sync per forward (memoized on the mask object)."""
 
-    def check() -> bool:
+    lens: tuple[int, ...]  # real tokens per row
+    right: bool  # every row is real tokens followed only by padding (no False before a True)
+    width: int  # keys per row
+
+    @property
+    def full(self) -> bool:
+        """No padding at all: the mask changes nothing."""
+        return all(n == self.width for n in self.lens)
+
+
+def padding_of(padding_BL: torch.Tensor) -> Padding:
+    def read() -> Padding:
         m_BL = padding_BL.bool()
-        return not bool((m_BL[:, 1:] & ~m_BL[:, :-1]).any())
+        right_B = ~(m_BL[:, 1:] & ~m_BL[:, :-1]).any(-1)
+        lens, right = torch.stack([m_BL.sum(-1), right_B.long()]).tolist()  # the one sync
+        return Padding(tuple(lens), all(right), m_BL.shape[1])
 
-    return memo(padding_BL, "right", check)
+    return memo(padding_BL, "padding", read)
 
 
 def unpadded(padding_BL: torch.Tensor, q_len: int) -> Varlen:
@@ -151,9 +165,10 @@ def allow_mask(
     if doc_BS is not None:
         allow = allow & (doc_BS[:, :, None] == doc_BS[:, None, :])
     if padding_BL is not None:
-        # Keep the diagonal so a pad query still attends to something: no NaN rows whose 0 * NaN would
-        # poison real tokens in later layers; real tokens are unaffected (their own key is real).
-        allow = (allow & padding_BL.bool()[:, None, :]) | (j_1L == i_S1)[None]
+        # As transformers' eager mask: a pad query sees the real keys its causal row allows, never itself; a
+        # query with no visible key (left padding) has an all-False row, which kernels.eager/sdpa turn into
+        # uniform weights over all keys, as eager's additive finfo.min mask does (finite: no NaN).
+        allow = allow & padding_BL.bool()[:, None, :]
     return allow[:, None]
 
 

@@ -16,6 +16,7 @@ import torch
 from fasttune.attention import state
 from fasttune.attention.backends import BACKENDS, Backend
 from fasttune.attention.dispatch import attention_forward
+from fasttune.attention.state import STATE
 
 
 def explain_import_error(exc: BaseException) -> str:
@@ -59,6 +60,8 @@ def static_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim:
         if needs.module.startswith("torch."):
             return f"torch {torch.__version__} too old ({why})"
         return why
+    if device.type == "cpu" and not needs.cpu_backward:
+        return f"no backward on CPU in torch {torch.__version__} (forward only there; it trains on a CUDA GPU)"
     if needs.cuda:
         cc = torch.cuda.get_device_capability(device)
         if not needs.min_cc <= cc <= needs.max_cc:
@@ -76,48 +79,81 @@ def _cc_range(needs: Backend) -> str:
     return f">= {low}" if needs.max_cc == (99, 99) else f"{low}..{needs.max_cc[0]}.x"
 
 
-def probe(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str | None:
-    """None if backend `name` runs forward+backward here (static checks, then a tiny real call), else why not."""
+def probe(
+    name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, softcap: bool = False
+) -> str | None:
+    """None if backend `name` runs forward+backward here (static checks, then a real call at a training shape;
+    softcap=True: with a logit softcap, as Gemma 2 uses), else why not. Cached per arguments."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
-    return _probe(name, str(device), dtype, head_dim)
+    return _probe(name, str(device), dtype, head_dim, softcap)
 
 
 @state.cache
-def _probe(name: str, device: str, dtype: torch.dtype, head_dim: int) -> str | None:
+def _probe(name: str, device: str, dtype: torch.dtype, head_dim: int, softcap: bool) -> str | None:
     reason = static_reason(name, torch.device(device), dtype, head_dim)
     if reason is None:
-        reason = smoke_test(name, torch.device(device), dtype, head_dim)
+        reason = smoke_test(name, torch.device(device), dtype, head_dim, softcap)
+    if reason and name == "flex_attention" and "cuda" in device and not STATE.flex_expand_kv:
+        # compiled GQA flex may find no kernel config at a training shape (NoValidChoicesError, H200, torch 2.11):
+        # retry with kv heads expanded (plain MHA kernels), and keep that mode when it runs
+        STATE.flex_expand_kv = True
+        retry = smoke_test(name, torch.device(device), dtype, head_dim, softcap)
+        if retry is None:
+            return None
+        STATE.flex_expand_kv = False
+        reason += f"; with kv heads expanded: {retry.split(': ', 1)[-1]}"
     return reason
 
 
-def smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Forward+backward of a tiny packed GQA call through fasttune's attention function; None or the error.
-    Grad mode is forced on: a probe can first run inside a forward under no_grad/inference_mode (auto's lazy plan),
-    and the caller's grad mode must not make a backend look unusable (the result is cached)."""
+def smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, softcap: bool = False) -> str | None:
+    """Forward+backward through fasttune's attention function; None or the error. Grad mode is forced on: a probe
+    can first run inside a forward under no_grad/inference_mode (auto's lazy plan), and the caller's grad mode must
+    not make a backend look unusable (the result is cached)."""
     with torch.inference_mode(False), torch.enable_grad():
-        return _smoke_test(name, device, dtype, head_dim)
+        return _smoke_test(name, device, dtype, head_dim, softcap)
 
 
-def _smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+# On CUDA the probe runs at a training shape, GQA 8 query / 2 kv heads and 2k tokens, packed and as dense rows:
+# compiled flex passed a 48-token probe and then failed at 8/2 heads, D64 (InductorError NoValidChoicesError, H200,
+# torch 2.11); on CPU a tiny shape keeps the probe cheap (eager materialises the scores).
+SHAPES = {"cuda": (8, 2, (0, 700, 1500, 2048)), "cpu": (4, 2, (0, 17, 48))}
+
+
+def _smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, softcap: bool) -> str | None:
+    heads, kv_heads, cu_list = SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    total = cu_list[-1]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q_BHSD = torch.randn(1, 4, 48, head_dim, generator=gen).to(device, dtype).requires_grad_()
-    k_BKLD = torch.randn(1, 2, 48, head_dim, generator=gen).to(device, dtype).requires_grad_()
-    v_BKLD = torch.randn(1, 2, 48, head_dim, generator=gen).to(device, dtype).requires_grad_()
-    cu = torch.tensor([0, 17, 48], dtype=torch.int32, device=device)
+    q_BHSD = torch.randn(1, heads, total, head_dim, generator=gen).to(device, dtype).requires_grad_()
+    k_BKLD = torch.randn(1, kv_heads, total, head_dim, generator=gen).to(device, dtype).requires_grad_()
+    v_BKLD = torch.randn(1, kv_heads, total, head_dim, generator=gen).to(device, dtype).requires_grad_()
+    cu = torch.tensor(cu_list, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(cu_list, cu_list[1:], strict=False))
+    extra = dict(softcap=30.0) if softcap else {}
+    calls = [(None, dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest))]
+    if device.type == "cuda":
+        calls.append((2, {}))  # dense rows: the causal BlockMask / dense kernel path
     try:
-        packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=31, max_length_k=31)
-        out_BSHD, _ = attention_forward(name, None, q_BHSD, k_BKLD, v_BKLD, None, **packed)
-        out_BSHD.float().square().sum().backward()
+        for rows, kwargs in calls:
+            qkv = (q_BHSD, k_BKLD, v_BKLD) if rows is None else (_rows(x, rows) for x in (q_BHSD, k_BKLD, v_BKLD))
+            out_BSHD, _ = attention_forward(name, None, *qkv, None, **kwargs, **extra)
+            out_BSHD.float().square().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a failing kernel is a reason, never a crash
+        shape = f"{heads} query / {kv_heads} kv heads, {total} tokens, D{head_dim}" + (", softcap" if softcap else "")
         return (
-            f"fails a tiny forward+backward on {device} {str(dtype).removeprefix('torch.')}: "
+            f"fails a forward+backward ({shape}) on {device} {str(dtype).removeprefix('torch.')}: "
             + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         )
     grads = (q_BHSD.grad, k_BKLD.grad, v_BKLD.grad)
     if not torch.isfinite(out_BSHD).all() or any(g is None or not torch.isfinite(g).all() for g in grads):
         return f"gives non-finite output or gradients on {device} {dtype}"
     return None
+
+
+def _rows(x_1HTD: torch.Tensor, rows: int) -> torch.Tensor:
+    """(1, H, T, D) -> (rows, H, T/rows, D)."""
+    _, h, t, d = x_1HTD.shape
+    return x_1HTD.view(h, rows, t // rows, d).transpose(0, 1)

@@ -33,14 +33,51 @@ logger = logging.getLogger("fasttune")
 class Resolved:
     """The backend to build the model with."""
 
-    name: str  # fasttune backend name, one of BACKENDS (for `auto`: what it runs for this layout's usual calls)
+    name: str  # fasttune backend name, one of BACKENDS (for `auto`: what it runs for this layout's usual calls), or
+    # "transformers <impl>" for a model that cannot take a registered attention function
     hf_name: str  # pass as from_pretrained(..., attn_implementation=hf_name); `auto` routes per call
     reason: str  # why this one, for the log and the run summary
 
 
+def describe(requested: str, name: str, reason: str) -> str:
+    """One phrase for the run summary: 'sdpa (as requested)', 'auto -> varlen (why)', 'sdpa (why not the request)'."""
+    if requested == "auto":
+        return f"auto -> {name} ({reason})"
+    return f"{name} (as requested)" if name == requested else f"{name} ({reason})"
+
+
+def native_attention(model_config) -> str | None:
+    """None when the model class behind `model_config` takes registered attention functions (transformers'
+    AttentionInterface), else the implementation transformers itself runs it with ('sdpa' or 'eager'). Models
+    loaded with remote code are not known before loading: None."""
+    if model_config is None:
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    except KeyError:
+        return None
+    if cls.is_backend_compatible():
+        return None
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def _native(requested: str, native: str, model_config, strict: bool) -> Resolved:
+    kind = getattr(model_config, "model_type", type(model_config).__name__)
+    why = f"{kind} models compute attention in their own code, not through transformers' AttentionInterface"
+    if strict:
+        raise FasttuneError(
+            f"attention backend '{requested}' cannot run this model: {why}. Set strict_attention=False to train "
+            f"with transformers' own '{native}' attention"
+        )
+    logger.warning(f"attention: {why}; using transformers' own '{native}' implementation instead of '{requested}'")
+    return Resolved(f"transformers {native}", native, f"{why}; transformers' own '{native}'")
+
+
 def routes() -> dict[str, dispatch.Route]:
     """{backend name or 'auto': its route}, as registered into transformers."""
-    return {**{name: dispatch.fixed(name) for name in BACKENDS}, "sdpa": _sdpa_route, "auto": _auto_route}
+    return {**{name: dispatch.fixed(name) for name in BACKENDS}, "sdpa": _sdpa_route, "auto": auto_route}
 
 
 def register() -> dict[str, str]:
@@ -60,17 +97,29 @@ def _sdpa_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
         return "sdpa"
     if layout == "padded" and opts["window"]:
         return "sdpa"
+    return "varlen" if _varlen_runs(q_BHSD) else "sdpa"
+
+
+def _varlen_runs(q_BHSD: torch.Tensor) -> bool:
+    """Whether torch's varlen kernel runs for these queries; probed once per device/dtype/head dim."""
     key = (q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
     runs = STATE.routes.get(key)
     if runs is None:
         runs = STATE.routes[key] = probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None
-    return "varlen" if runs else "sdpa"
+    return runs
 
 
-def _auto_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
+def auto_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
+    """The backend `auto` runs for one call (the route registered as fasttune_auto)."""
     plan = auto_plan(q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
     plain = not (opts["window"] or opts["softcap"] or opts["dropout"])
     name = plan.route(layout, q_BHSD.shape[2], plain=plain)
+    if name == "sdpa" and layout == "right" and q_BHSD.is_cuda:
+        # Right-padded rows change length with every batch, and cuDNN attention builds an execution plan per new
+        # shape: in `fasttune bench train` (H200, no flash-attn-4) auto padded ran 20.1k tok/s on cuDNN rows where
+        # the same kernel reached 24.9k in the next run, its plans cached, and varlen padded (no per-shape plans)
+        # 33.8k vs 20.8k for sdpa on H100 (docs/BENCHMARKS.md). So such rows run torch's varlen kernel.
+        return "varlen" if _varlen_runs(q_BHSD) else "sdpa"
     return _sdpa_route(q_BHSD, layout, opts) if name == "sdpa" else name
 
 
@@ -104,7 +153,8 @@ def _feature_reason(name: str, features: dict) -> str | None:
 
 
 def _why_not(name, device, dtype, head_dim, features) -> str | None:
-    return _feature_reason(name, features) or probe(name, device, dtype, head_dim)
+    softcap = bool(features.get("softcap")) and BACKENDS[name].softcap  # probe the softcap path it will run
+    return _feature_reason(name, features) or probe(name, device, dtype, head_dim, softcap)
 
 
 def _family(device: torch.device) -> str:
@@ -132,6 +182,9 @@ def resolve(
     if requested not in (*BACKENDS, "auto"):
         raise FasttuneError(f"unknown attention backend '{requested}'; valid: {', '.join(('auto', *BACKENDS))}")
     register()
+    native = native_attention(model_config)
+    if native is not None:
+        return _native(requested, native, model_config, strict)
     features = model_features(model_config)
     if requested != "auto":
         why = _why_not(requested, device, dtype, head_dim, features)
@@ -161,13 +214,21 @@ def _strict_message(requested, why, device, dtype, head_dim, features) -> str:
     )
 
 
-def _first_usable(device, dtype, head_dim, packed, features) -> tuple[list[str], tuple[str, ...]]:
+def _first_usable(device, dtype, head_dim, packed, features, n=1) -> tuple[list[str], tuple[str, ...]]:
+    """The first n usable backends in auto's preference order (probing lazily: no probe past the n-th usable one,
+    so a first choice that runs spares the compile of flex's probe), or ['eager']; and the order."""
     order = preference(_family(device), "packed" if packed else "rows")
-    return [n for n in order if _why_not(n, device, dtype, head_dim, features) is None] or ["eager"], order
+    usable = []
+    for name in order:
+        if len(usable) == n:
+            break
+        if _why_not(name, device, dtype, head_dim, features) is None:
+            usable.append(name)
+    return usable or ["eager"], order
 
 
 def _auto(device, dtype, head_dim, packed, features, measure) -> Resolved:
-    usable, order = _first_usable(device, dtype, head_dim, packed, features)
+    usable, order = _first_usable(device, dtype, head_dim, packed, features, n=3 if measure else 1)
     layout = "packed" if packed else "padded"
     reason = f"fastest usable for {device.type} {layout} D{head_dim} by measured preference {'>'.join(order)}"
     if measure and device.type == "cuda" and len(usable) > 1:
@@ -197,8 +258,8 @@ class Plan:
     short_below: int = SHORT_ROWS_DEFAULT  # row length (tokens) under which short_rows runs
 
     def route(self, layout: str, row_len: int, *, plain: bool = True) -> str:
-        """layout: 'packed', 'rows' (unpadded or right-padded), 'padded' or 'given' (a 4D mask); plain: no
-        window/softcap/dropout."""
+        """layout: 'packed', 'rows' (unpadded), 'right' (right-padded rows run dense), 'padded' or 'given' (a 4D
+        mask); plain: no window/softcap/dropout."""
         if layout == "packed":
             return self.packed
         if layout == "rows" and plain and self.short_rows and row_len < self.short_below:

@@ -23,6 +23,7 @@ class State:
     routes: dict[tuple, bool] = field(default_factory=dict)  # (device, dtype, head dim) -> sdpa runs varlen here
     warned: set[str] = field(default_factory=set)  # warnings already logged once
     broken: set = field(default_factory=set)  # dense flash kernels that raised once (their varlen kernel runs)
+    flex_expand_kv: bool = False  # compiled flex runs GQA on expanded kv heads (its GQA kernel failed the probe)
     recompile_limit: int | None = None  # dynamo's limit before compiled flex raised it; None: untouched
 
 

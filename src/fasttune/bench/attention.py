@@ -153,7 +153,6 @@ def run(
 ) -> Results:
     """Fill `results` with one row per (layout, head dim, seq, backend) plus one `auto` row per shape."""
     from fasttune.attention import available, register
-    from fasttune.attention.select import auto_plan
 
     hf_names = register()
     usable = {}
@@ -166,11 +165,8 @@ def run(
                 results.notes.append(note)
     for layout in layouts:
         for d in head_dims:
-            plan = auto_plan(device, dtype, d)
             for seq in seq_lens:
-                # the padded case is right-padded, which every backend runs as dense rows (dispatch.py)
-                auto = plan.route({"packed": "packed", "padded": "rows"}.get(layout, "padded"), seq)
-                _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, usable[d], hf_names, auto)
+                _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, usable[d], hf_names)
                 if progress is not None:
                     progress.update(1)
                 if after_shape is not None:  # partial results survive a run cut short
@@ -182,8 +178,13 @@ def _error_status(e: Exception) -> str:
     return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, backends, hf_names, auto) -> None:
+def _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, backends, hf_names) -> None:
+    from fasttune.attention.select import auto_route
+
     case = make_case(layout, seq, tokens, n_heads, d, device, dtype)
+    # the padded case is right-padded, which a training call runs as dense rows (dispatch.py)
+    opts = dict(scale=d**-0.5, window=None, softcap=None, dropout=0.0)
+    auto = auto_route(case.q_BHSD, {"packed": "packed", "padded": "right"}.get(layout, "padded"), opts)
     ref = reference(case)
     shape = {"layout": layout, "head_dim": d, "seq": seq, "tokens": tokens, "heads": n_heads}
     measured = {}

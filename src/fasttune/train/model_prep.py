@@ -29,7 +29,7 @@ class AttentionChoice:
 
         kernels = attention.kernel_report()
         kernel = f"; kernels: {', '.join(f'{k} -> {v}' for k, v in kernels.items())}" if kernels else ""
-        return f"{self.name} (requested {self.requested}: {self.reason}){kernel}"
+        return attention.describe(self.requested, self.name, self.reason) + kernel
 
 
 def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> AttentionChoice:

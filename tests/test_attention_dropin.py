@@ -1,0 +1,171 @@
+"""Drop-in matrix: fasttune's registered attention functions against transformers' own eager attention, through
+transformers' model code, on seven architectures (tiny random configs, CPU fp32; bf16 variants under the gpu marker).
+
+The contract (docs/ATTENTION.md): outside a training forward every position equals eager's, pad positions included
+(left and right padding with 2D masks, greedy generate); in a training forward (train mode, autograd on) real
+positions, the loss and every gradient equal eager's, with labels ignored at pad positions; packed batches (by
+position_ids or cu_seq_lens kwargs, default arguments) equal each document run alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from fasttune.attention import register
+
+DIMS = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64)
+GQA = dict(DIMS, num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0, pad_token_id=0)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**GQA, head_dim=8),
+    "qwen2": lambda: Qwen2Config(**GQA),
+    "qwen3": lambda: Qwen3Config(**GQA, head_dim=8),
+    "mistral": lambda: MistralConfig(**GQA, head_dim=8, sliding_window=4),  # windows cut inside every row
+    "gemma2": lambda: Gemma2Config(**GQA, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0),
+    "phi3": lambda: Phi3Config(**GQA, resid_pdrop=0.0, embd_pdrop=0.0),
+    "gpt_neox": lambda: GPTNeoXConfig(**DIMS, num_attention_heads=4, hidden_dropout=0.0, attention_dropout=0.0),
+}
+BACKENDS = ("eager", "sdpa", "auto")  # usable for training on CPU; flex is forward-only there (checked below)
+LENS = (9, 6, 4)  # rows of a padded batch; documents of a packed one
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@functools.cache
+def _model(arch: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation="eager").float()
+    model.generation_config.update(pad_token_id=0, eos_token_id=None, do_sample=False)
+    return model
+
+
+REFERENCE = "hf eager"  # transformers' own eager attention; every other name is a fasttune backend
+
+
+def model_for(arch: str, impl: str, mode: str):
+    """The arch's one tiny model (same weights for every backend) with attention `impl`."""
+    model = _model(arch)
+    model.set_attn_implementation("eager" if impl == REFERENCE else register()[impl])
+    return model.train(mode == "train")
+
+
+def batch(padding: str, seed: int = 0):
+    """input_ids (B, W), 2D attention mask (B, W) int64, labels: rows of LENS padded on one side. Labels are -100
+    wherever a pad position's logits would carry loss: at pads, and (left padding: transformers shifts labels inside
+    the row, so the last pad predicts the first real token) at each row's first real token."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(LENS)
+    ids = torch.zeros(len(LENS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(LENS):
+        at = slice(width - n, width) if padding == "left" else slice(0, n)
+        ids[b, at], mask[b, at] = torch.randint(1, 64, (n,), generator=gen), 1
+    labels = torch.where(mask.bool(), ids, -100)
+    if padding == "left":
+        labels[torch.arange(len(LENS)), width - torch.tensor(LENS)] = -100
+    return ids, mask, labels
+
+
+def _run(arch, impl, mode, ids, mask, labels):
+    model = model_for(arch, impl, mode)
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels if mode == "train" else None)
+    grads = []
+    if mode == "train":
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+    return out.logits.detach(), out.loss, grads
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_padded_batches_equal_eager(arch, backend, mode):
+    """Left and right padding, 2D masks: eval equals eager at every position, train at real positions, in the loss
+    and in every gradient."""
+    for padding in ("left", "right"):
+        ids, mask, labels = batch(padding)
+        with torch.set_grad_enabled(mode == "train"):
+            want, want_loss, want_grads = _run(arch, REFERENCE, mode, ids, mask, labels)
+            got, got_loss, got_grads = _run(arch, backend, mode, ids, mask, labels)
+        where = mask.bool() if mode == "train" else torch.ones_like(mask, dtype=torch.bool)
+        torch.testing.assert_close(got[where], want[where], **TOL, msg=lambda m, p=padding: f"{p} padding: {m}")
+        if mode == "train":
+            torch.testing.assert_close(got_loss, want_loss, **TOL)
+            for g, w in zip(got_grads, want_grads, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "flex_attention"])  # eager's exact path is sdpa's, checked above
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_greedy_generate_equals_eager(arch, backend):
+    """Greedy generate from left- and right-padded prompts: the same tokens and the same scores as eager (with
+    right padding every row's first new token is read at a pad position)."""
+    for padding in ("left", "right"):
+        ids, mask, _ = batch(padding, seed=1)
+        runs = {}
+        for impl in (REFERENCE, backend):
+            model = model_for(arch, impl, "eval")
+            with torch.no_grad():
+                runs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
+                                            return_dict_in_generate=True, output_scores=True)  # fmt: skip
+        want, got = runs[REFERENCE], runs[backend]
+        torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), **TOL)
+        assert torch.equal(got.sequences, want.sequences), f"{padding} padding"
+
+
+def _packed(docs, with_cu: bool):
+    ids = torch.cat(docs)[None]
+    kwargs = dict(position_ids=torch.cat([torch.arange(len(d)) for d in docs])[None])
+    if with_cu:
+        cu = torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()], dtype=torch.int32)
+        longest = max(len(d) for d in docs)
+        kwargs |= dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    return ids, kwargs
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_packed_equals_each_document_alone(arch, backend, mode):
+    """Packed by position_ids alone and with cu_seq_lens kwargs, default arguments (use_cache not set): logits equal
+    eager on each document alone; in train mode so do the loss's gradients (the padded batch of the same
+    documents through eager is the reference: cross-document gradients are exactly zero)."""
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(1, 64, (n,), generator=gen) for n in LENS]
+    eager = model_for(arch, REFERENCE, "eval")
+    with torch.no_grad():
+        want = torch.cat([eager(input_ids=d[None]).logits[0] for d in docs])
+    ids, mask, labels = batch("right")
+    for b, d in enumerate(docs):
+        ids[b, : len(d)] = d
+    labels = torch.where(mask.bool(), ids, -100)
+    _, want_loss, want_grads = _run(arch, REFERENCE, "train", ids, mask, labels) if mode == "train" else (0, 0, [])
+    for with_cu in (False, True) if mode == "eval" else (True,):
+        model = model_for(arch, backend, mode)
+        packed_ids, kwargs = _packed(docs, with_cu)
+        if mode == "eval":
+            with torch.no_grad():
+                got = model(input_ids=packed_ids, **kwargs).logits[0]
+            torch.testing.assert_close(got, want, **TOL)
+            continue
+        model.zero_grad()
+        packed_labels = torch.cat([torch.cat([torch.full((1,), -100), d[1:]]) for d in docs])[None]
+        loss = model(input_ids=packed_ids, labels=packed_labels, **kwargs).loss
+        loss.backward()
+        # HF shifts labels inside each padded row; packed labels are pre-shifted per document: same targets
+        torch.testing.assert_close(loss, want_loss, **TOL)
+        for p, w in zip(model.parameters(), want_grads, strict=True):
+            torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-4)
