@@ -91,3 +91,60 @@ def test_ctrl_c_notice_is_not_an_error(monkeypatch, capsys):
     monkeypatch.setattr(train_cli.TrainArgs, "run", stopped)
     assert cli.main(["train"]) == 130
     assert capsys.readouterr().err.startswith("interrupted at step 2; saved")
+
+
+@pytest.mark.parametrize(("argv", "missing"), [([], "--model PATH and --data FILE"), (["--model", "m"], "--data FILE"),
+                                               (["--data", "d.jsonl"], "--model PATH")])  # fmt: skip
+@pytest.mark.parametrize("experiment", ["sft", "lora"])
+def test_fine_tuning_needs_the_users_model_and_data(experiment, argv, missing, capsys):
+    assert cli.main(["train", "--experiment", experiment, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --experiment {experiment} fine-tunes your model on your data: pass {missing} (")
+    assert "--experiment quick" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def short_context_model(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(max_position_embeddings=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=300).save_pretrained(tmp_path / "m")  # fmt: skip
+    return str(tmp_path / "m")
+
+
+def _captured_config(monkeypatch, argv):
+    """cli.main(argv) up to the training call; the config training would get."""
+    import types
+
+    from fasttune.train import loop
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        return types.SimpleNamespace(first_val_loss=None, sample_prompt=None, model_dir=None)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    rc = cli.main(argv)
+    return rc, seen.get("cfg")
+
+
+def test_default_max_length_adapts_to_the_models_context(short_context_model, monkeypatch, capsys):
+    argv = ["train", "--experiment", "sft", "--model", short_context_model, "--data", "tests/fixtures/alpaca.jsonl"]
+    rc, cfg = _captured_config(monkeypatch, argv)
+    assert rc == 0 and cfg.data.max_length == 128  # the preset's 1024 exceeds the model's 128 positions
+    log = capsys.readouterr().err  # the CLI logs to stderr
+    assert "data.max_length: 128, the context of" in log and "default is 1024" in log
+    rc, cfg = _captured_config(monkeypatch, [*argv, "--data.max-length", "64"])
+    assert rc == 0 and cfg.data.max_length == 64  # within the context: as given
+
+
+def test_explicit_max_length_beyond_the_context_is_an_error(short_context_model, monkeypatch, capsys):
+    argv = ["train", "--experiment", "sft", "--model", short_context_model, "--data", "tests/fixtures/alpaca.jsonl",
+            "--data.max_length", "1024"]  # fmt: skip
+    rc, cfg = _captured_config(monkeypatch, argv)
+    assert rc == 2 and cfg is None
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --data.max-length 1024 exceeds the context of") and "max_position_embeddings=128" in err
+    )

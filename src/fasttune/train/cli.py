@@ -23,6 +23,8 @@ class TrainArgs(Command):
     --save-every."""
 
     config: Annotated[BaseConfig, tyro.conf.arg(name="")] = dataclasses.field(default_factory=BaseConfig)
+    given: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
+    """The options the user typed (not a command-line option): a default may adapt, a value the user gave may not."""
 
     @classmethod
     def default_for(cls, args: Sequence[str]) -> TrainArgs:
@@ -35,12 +37,15 @@ class TrainArgs(Command):
             from fasttune.config import EXPERIMENTS
 
             raise ConfigError("--experiment needs a value; choose one of: " + ", ".join(EXPERIMENTS))
-        return cls(config=get_experiment(name))
+        given = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
+        return cls(config=get_experiment(name), given=given)
 
     def run(self) -> int:
         from fasttune.train.loop import train
 
         cfg = self.config.validate()
+        require_inputs(cfg)
+        cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given)
         result = train(cfg)
         if result.first_val_loss is not None:
             log.info("validation loss %.4f -> %.4f", result.first_val_loss, result.last_val_loss)
@@ -53,3 +58,46 @@ class TrainArgs(Command):
                          temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)  # fmt: skip
             print(f"sample ({g.tokens_per_s:.0f} tok/s):\n{prompt}{g.text}")
         return 0
+
+
+def require_inputs(cfg: BaseConfig) -> None:
+    """Fine-tuning presets need the user's model and data: never fall back to a random model or the stdlib corpus."""
+    if cfg.experiment not in ("sft", "lora"):
+        return
+    missing = [flag for flag, value in (("--model PATH", cfg.model.path), ("--data FILE", cfg.data.path)) if not value]
+    if missing:
+        raise ConfigError(
+            f"--experiment {cfg.experiment} fine-tunes your model on your data: pass {' and '.join(missing)} (a "
+            "Hugging Face model folder or a fasttune run; a .jsonl/.json/.csv/.parquet file or folder). To train a "
+            "small model from scratch on the embedded corpus, use --experiment quick"
+        )
+
+
+def model_context(cfg: BaseConfig) -> int | None:
+    """The context length (max_position_embeddings) of --model, or None when it cannot be read here (training then
+    reports the problem with the model folder itself)."""
+    from fasttune.model.resolve import resolve_for_training
+
+    try:
+        from transformers import AutoConfig
+
+        path = resolve_for_training(cfg.model.path)
+        conf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - only a hint here; loading the model names the real problem
+        return None
+    return getattr(conf, "max_position_embeddings", None)
+
+
+def fit_max_length(cfg: BaseConfig, explicit: bool) -> BaseConfig:
+    """data.max_length within the model's context: a preset's default shrinks to the context (logged); a value the
+    user gave that exceeds it is an error."""
+    if cfg.model.path is None or (context := model_context(cfg)) is None or cfg.data.max_length <= context:
+        return cfg
+    if explicit:
+        raise ConfigError(
+            f"--data.max-length {cfg.data.max_length} exceeds the context of {cfg.model.path} "
+            f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
+        )
+    log.info("data.max_length: %d, the context of %s (the %s preset's default is %d)", context, cfg.model.path,
+             cfg.experiment, cfg.data.max_length)  # fmt: skip
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=context))
