@@ -157,6 +157,9 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
     if taken and not a.overwrite:
         raise FasttuneError(f"--output-dir {out} already holds {', '.join(taken)}; choose another folder or pass "
                             "--overwrite to replace them")  # fmt: skip
+    from fasttune.generate.prompts import make_folder
+
+    make_folder(out, "--output-dir")  # now, not after minutes of work
     return files
 
 
@@ -200,7 +203,6 @@ def run_eval(a: EvalArgs) -> int:
                                         engine=fast_engine(model))  # fmt: skip
         summary.update(scores)
     if files is not None:
-        files[0].parent.mkdir(parents=True, exist_ok=True)
         if rows:
             write_jsonl(files[0], rows)
         write_atomic(files[1], json.dumps(summary, indent=2) + "\n")

@@ -19,8 +19,10 @@ PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
 def read_prompts(path: str | Path) -> list[dict]:
     """Records of a JSONL prompt file, each as a dict (a bare string becomes {"prompt": ...})."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise DataError(f"--prompts {file}: no such file; pass a JSONL file with one prompt per line")
+    if not file.is_file():
+        raise DataError(f"--prompts {file} is not a regular file; pass a JSONL file with one prompt per line")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -68,12 +70,19 @@ def record_messages(record: dict, prompt_format: str) -> list[dict]:
 
 
 def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
-    if path.exists() and not overwrite:
-        raise FasttuneError(f"{option} {path} already exists; choose another path or pass --overwrite to replace it")
+    """Before any work: the output file is new (or --overwrite) and its folder can be created."""
     if path.exists() and path.is_dir():
         raise FasttuneError(f"{option} {path} is a folder; pass a file path")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FasttuneError(f"{option} {path} already exists; choose another path or pass --overwrite to replace it")
+    make_folder(path.parent, option)
+
+
+def make_folder(path: Path, option: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FasttuneError(f"{option}: cannot create {path} ({e.strerror or e}); choose another place") from None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
