@@ -225,12 +225,11 @@ def training_scores(run) -> dict:
         log.warning("training.eval_generate_every: no held-out sample with a prompt to answer (%s data); skipped",
                     data.summary.format)  # fmt: skip
         return {}
-    from fasttune.generate.generate import fast_engine
-
     model = run.model
-    # The fast path decodes in the weights' own dtype; fp32 master weights under bf16 autocast (model.dtype auto on a
-    # GPU) generate through HF generate under the training autocast instead, as the validation loss is computed.
-    engine = fast_engine(model) if run.device.type == "cuda" and run.amp_dtype is None else None
+    # HF generate on the training model itself, under the training autocast (as the validation loss is computed): the
+    # fast path would build a fused copy of the weights next to the optimizer state (+2 bytes/parameter at bf16) and
+    # decodes in the weights' dtype, fp32 for master weights.
+    engine = None
     model.eval()
     try:
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
