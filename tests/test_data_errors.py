@@ -165,3 +165,47 @@ def test_chat_in_csv_gets_a_hint(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text('messages\n"[{""role"": ""user""}]"\n')
     assert "c.csv line 2: field 'messages' is a string" in error_for(path)
+
+
+def test_invalid_json_message_reads_once(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": "broken,}\n')
+    assert error_for(tmp_path / "a.jsonl").startswith(
+        f"{tmp_path / 'a.jsonl'} line 2: invalid JSON (Unterminated string starting at column 10); each line"
+    )  # json's own message ends in "starting at": never "at at"
+    (tmp_path / "b.json").write_text('[{"text": "ok"},\n {"text": }]')
+    assert "line 2: invalid JSON (Expecting value at column 11); fix the file" in error_for(tmp_path / "b.json")
+
+
+def test_a_huge_record_is_refused_before_parsing_with_the_limit(tmp_path, monkeypatch):
+    from fasttune.data import formats
+
+    monkeypatch.setattr(formats, "MAX_RECORD_MB", 1)  # the same check at 1 MB keeps the test small
+    big = "x" * 1_200_000
+    (tmp_path / "big.jsonl").write_text('{"text": "ok"}\n' + json.dumps({"text": big}) + "\n")
+    message = error_for(tmp_path / "big.jsonl")
+    assert message.startswith(f"{tmp_path / 'big.jsonl'} line 2: a record of 1.2 MB of text; the limit is 1 MB")
+    assert "split the text into several records" in message
+    (tmp_path / "big.json").write_text(json.dumps([{"instruction": "q", "output": big}]))
+    assert "record 0: a record of 1.2 MB of text; the limit is 1 MB" in error_for(tmp_path / "big.json")
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"text": "y" * 900_000}) + "\n")
+    assert load_records(str(tmp_path / "ok.jsonl"))[0][0]["text"] == "y" * 900_000  # under the limit: read
+
+
+def test_a_prompt_that_fills_max_length_is_reported_as_truncated_not_dropped():
+    from fasttune.data.pipeline import DataSummary, fit_length, no_samples_left
+
+    ignore = -100
+    long_prompt = {"input_ids": list(range(12)), "labels": [ignore] * 10 + [5, 6]}  # response beyond 8 tokens
+    fine = {"input_ids": list(range(6)), "labels": [ignore] * 3 + [1, 2, 3]}
+    empty = {"input_ids": list(range(4)), "labels": [ignore] * 4}  # nothing to train even untruncated
+    summary = DataSummary("d.jsonl", "alpaca")
+    assert fit_length([long_prompt, fine, empty], 8, "truncate", summary) == [fine]
+    assert (summary.truncated, summary.no_response, summary.untrained, summary.dropped) == (1, 1, 1, 0)
+    text = "\n".join(summary.lines())
+    assert "1 truncated samples whose prompt filled max_length (no response token left to train)" in text
+    assert "1 samples with no trained token" in text
+    lone = DataSummary("d.jsonl", "alpaca")
+    assert fit_length([long_prompt], 8, "truncate", lone) == []
+    message = no_samples_left("d.jsonl", lone)
+    assert "dropped" not in message and "1 truncated to data.max_length with no response token left" in message
+    assert "--data.max-length" in message

@@ -44,6 +44,10 @@ TEXT_SUFFIXES = frozenset(
     ".jsx .tsx .rb .php .lua .sh .bash .sql .html .css .xml .yaml .yml .toml .ini .cfg".split()
 )
 DATA_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json", ".parquet", ".csv"})
+MAX_RECORD_MB = 8
+"""Most text in one record of a data file (JSON line, JSON/CSV/Parquet row), in MB of characters. Tokenizing
+takes ~130x a record's size at its peak (a 50 MB JSON line peaked at 6.7 GB of RAM), and 8 MB (~2M tokens) is far
+beyond any context a sample is trained at. Longer texts: split them into several records, or use a text file."""
 _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
 
 
@@ -83,6 +87,8 @@ def load_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
     records: list[dict] = []
     for table in tables:
         for i, record in enumerate(table.records):
+            if not table.is_text_file:
+                _check_size(_text_size(record), table.where(i))
             validate_record(record, fmt, table.where(i))
         records.extend(table.records)
     return records, fmt
@@ -241,7 +247,7 @@ def _read_json(path: Path) -> _Table:
         # "Extra data" after a complete first value means JSON lines; anything else is a real syntax error.
         if e.msg == "Extra data" and not text.lstrip().startswith("["):
             return _read_json_lines(path, text)
-        raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the file") from e
+        raise DataError(f"{path} line {e.lineno}: invalid JSON ({json_error(e)}); fix the file") from e
     except (ValueError, RecursionError) as e:
         raise DataError(f"{path}: invalid JSON ({_one_line(e)}); fix the file") from e
     if isinstance(data, dict):
@@ -261,11 +267,12 @@ def _read_json_lines(path: Path, text: str) -> _Table:
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        _check_size(len(line), f"{path} line {lineno}")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+                f"{path} line {lineno}: invalid JSON ({json_error(e)}); each line must be one JSON object"
             ) from e
         except (ValueError, RecursionError) as e:
             raise DataError(f"{path} line {lineno}: invalid JSON ({_one_line(e)}); fix the line") from e
@@ -330,6 +337,30 @@ def _read_saved_dataset(root: Path) -> _Table:
             raise DataError(f"{root}: dataset has splits {', '.join(ds)} and none is 'train'; save only the one to use")
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     return _Table(root, ds.to_list())
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """json's message with the column: 'Unterminated string starting at column 24', 'Expecting value at column 1'."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
+def _text_size(value: object) -> int:
+    """Characters of text in a record (strings of nested lists and dicts included)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
+def _check_size(chars: int, where: str) -> None:
+    if chars > MAX_RECORD_MB * 1_000_000:
+        raise DataError(
+            f"{where}: a record of {chars / 1e6:.1f} MB of text; the limit is {MAX_RECORD_MB} MB per record (longer "
+            "ones take GBs of memory to tokenize): split the text into several records"
+        )
 
 
 def _one_line(error: BaseException) -> str:

@@ -28,6 +28,10 @@ class DataSummary:
     truncated: int = 0
     split: int = 0
     dropped: int = 0
+    no_response: int = 0
+    """Truncated samples left out because the cut left no trained token (the prompt alone filled max_length)."""
+    untrained: int = 0
+    """Samples left out because they have no trained token at all (e.g. an empty response)."""
     padded_tokens: int = 0
     """Tokens the same samples would occupy as padded micro-batches (padding included)."""
     notes: list[str] = field(default_factory=list)
@@ -35,14 +39,19 @@ class DataSummary:
     def lines(self) -> list[str]:
         saved = self.padded_tokens - self.train_tokens
         pct = 100 * saved / self.padded_tokens if self.padded_tokens else 0.0
-        return [
+        out = [
             f"data: {self.source} ({self.format})",
             f"  samples: {self.train_samples:,} train, {self.val_samples:,} validation; "
             f"{self.train_tokens:,} train tokens, longest {self.longest:,}",
             f"  packing saves {saved:,} of {self.padded_tokens:,} padded tokens ({pct:.1f}%)",
             f"  overlong samples: {self.truncated} truncated, {self.split} split, {self.dropped} dropped",
-            *self.notes,
         ]
+        if self.no_response:
+            out.append(f"  left out: {self.no_response} truncated samples whose prompt filled max_length (no response "
+                       "token left to train)")  # fmt: skip
+        if self.untrained:
+            out.append(f"  left out: {self.untrained} samples with no trained token (e.g. an empty response)")
+        return out + self.notes
 
 
 @dataclass
@@ -53,9 +62,14 @@ class DataBundle:
     summary: DataSummary
 
 
+def _trains(sample: dict) -> bool:
+    return any(t != IGNORE for t in sample["labels"][1:])
+
+
 def fit_length(samples: list[dict], max_length: int, mode: str, summary: DataSummary) -> list[dict]:
     """Apply the overlong policy (truncate / split / drop) and count what happened. Samples left with no trained
-    token (e.g. a response cut off entirely by truncation) are dropped and counted as dropped."""
+    token are left out and counted apart: truncated ones whose prompt filled max_length (`no_response`) and ones
+    that had none to begin with (`untrained`)."""
     out = []
     for s in samples:
         n = len(s["input_ids"])
@@ -63,15 +77,31 @@ def fit_length(samples: list[dict], max_length: int, mode: str, summary: DataSum
             out.append(s)
         elif mode == "truncate":
             summary.truncated += 1
-            out.append({k: v[:max_length] for k, v in s.items()})
+            cut = {k: v[:max_length] for k, v in s.items()}
+            if _trains(cut):
+                out.append(cut)
+            else:
+                summary.no_response += 1
         elif mode == "split":
             summary.split += 1
             out.extend({k: v[i : i + max_length] for k, v in s.items()} for i in range(0, n, max_length))
         else:
             summary.dropped += 1
-    kept = [s for s in out if any(t != IGNORE for t in s["labels"][1:])]
-    summary.dropped += len(out) - len(kept)
+    kept = [s for s in out if _trains(s)]
+    summary.untrained += len(out) - len(kept)
     return kept
+
+
+def no_samples_left(source: str, summary: DataSummary) -> str:
+    """Why no training sample is left, as one line with the fix."""
+    why = [f"{summary.dropped} dropped as longer than data.max_length (data.overlong=drop)"] if summary.dropped else []
+    if summary.no_response:
+        why.append(f"{summary.no_response} truncated to data.max_length with no response token left (the prompt "
+                   "alone fills it)")  # fmt: skip
+    if summary.untrained:
+        why.append(f"{summary.untrained} with no trained token (empty response or text)")
+    return (f"{source}: no training samples left ({'; '.join(why) or 'the data set is empty'}); raise "
+            "--data.max-length or shorten the prompts")  # fmt: skip
 
 
 def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
@@ -139,10 +169,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     train = fit_length(train, d.max_length, overlong, summary)
     val = fit_length(val, d.max_length, overlong, DataSummary("", ""))
     if not train:
-        raise DataError(
-            f"{d.path or 'embedded corpus'}: no training samples left (every sample is empty or was "
-            "dropped as overlong); check data.max_length and data.overlong"
-        )
+        raise DataError(no_samples_left(d.path or "embedded corpus", summary))
     lengths = [len(s["input_ids"]) for s in train]
     summary.train_samples, summary.val_samples = len(train), len(val)
     summary.train_tokens, summary.longest = sum(lengths), max(lengths)

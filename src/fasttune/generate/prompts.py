@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from fasttune.data.formats import json_error
 from fasttune.errors import DataError, FasttuneError
 
 PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
@@ -34,7 +35,7 @@ def read_prompts(path: str | Path) -> list[dict]:
         try:
             value = json.loads(line)
         except ValueError as e:
-            msg = f"{file} line {n}: invalid JSON ({e.msg} at column {e.colno}); write one JSON value per line"
+            msg = f"{file} line {n}: invalid JSON ({json_error(e)}); write one JSON value per line"
             raise DataError(msg) from None
         record = {"prompt": value} if isinstance(value, str) else value
         if not isinstance(record, dict) or not _has_prompt(record):
