@@ -43,9 +43,9 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @functools.cache
-def _model(arch: str):
+def _model(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation="eager").float()
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation="eager").to(device, dtype)
     model.generation_config.update(pad_token_id=0, eos_token_id=None, do_sample=False)
     return model
 
@@ -53,9 +53,9 @@ def _model(arch: str):
 REFERENCE = "hf eager"  # transformers' own eager attention; every other name is a fasttune backend
 
 
-def model_for(arch: str, impl: str, mode: str):
+def model_for(arch: str, impl: str, mode: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The arch's one tiny model (same weights for every backend) with attention `impl`."""
-    model = _model(arch)
+    model = _model(arch, device, dtype)
     model.set_attn_implementation("eager" if impl == REFERENCE else register()[impl])
     return model.train(mode == "train")
 
@@ -77,8 +77,9 @@ def batch(padding: str, seed: int = 0):
     return ids, mask, labels
 
 
-def _run(arch, impl, mode, ids, mask, labels):
-    model = model_for(arch, impl, mode)
+def _run(arch, impl, mode, ids, mask, labels, device="cpu", dtype=torch.float32):
+    model = model_for(arch, impl, mode, device, dtype)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     model.zero_grad()
     out = model(input_ids=ids, attention_mask=mask, labels=labels if mode == "train" else None)
     grads = []
@@ -169,3 +170,40 @@ def test_packed_equals_each_document_alone(arch, backend, mode):
         torch.testing.assert_close(loss, want_loss, **TOL)
         for p, w in zip(model.parameters(), want_grads, strict=True):
             torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-4)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("backend", ["sdpa", "varlen", "auto", "flash_attention_4"])
+def test_padded_and_packed_equal_eager_on_gpu_bf16(arch, backend):
+    """The padded rows of the CPU matrix (eval: every position; train: real positions, loss, gradients) and packed
+    documents (eval) in bf16 on CUDA, against transformers' eager in bf16, by relative error."""
+    from fasttune.attention import probe
+
+    if backend != "auto" and (why := probe(backend, "cuda", torch.bfloat16, 8)):
+        pytest.skip(f"{backend} unavailable here: {why}")
+    cuda = dict(device="cuda", dtype=torch.bfloat16)
+    for padding in ("left", "right"):
+        ids, mask, labels = batch(padding)
+        for mode in ("eval", "train"):
+            with torch.set_grad_enabled(mode == "train"):
+                want, want_loss, want_grads = _run(arch, REFERENCE, mode, ids, mask, labels, **cuda)
+                got, got_loss, got_grads = _run(arch, backend, mode, ids, mask, labels, **cuda)
+            where = mask.bool().cuda() if mode == "train" else torch.ones_like(mask, dtype=torch.bool).cuda()
+            assert _rel(got[where], want[where]) < 2e-2, f"{padding} {mode} logits"
+            if mode == "train":
+                assert abs(float(got_loss - want_loss)) < 2e-2 * float(want_loss)
+                assert max(_rel(g, w) for g, w in zip(got_grads, want_grads, strict=True)) < 5e-2
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(1, 64, (n,), generator=gen).cuda() for n in LENS]
+    with torch.no_grad():
+        want = torch.cat([model_for(arch, REFERENCE, "eval", **cuda)(input_ids=d[None]).logits[0] for d in docs])
+        ids, kwargs = _packed([d.cpu() for d in docs], with_cu=True)
+        kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        got = model_for(arch, backend, "eval", **cuda)(input_ids=ids.cuda(), **kwargs).logits[0]
+    assert _rel(got, want) < 2e-2, "packed"
