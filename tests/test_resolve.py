@@ -132,3 +132,18 @@ def test_remote_code_model_is_refused_with_the_flag_never_a_prompt(tmp_path, mon
 def test_a_known_architecture_with_auto_map_needs_no_remote_code(tmp_path):
     model = _model(tmp_path / "m", auto_map={"AutoModelForCausalLM": "m.MyLM"})  # model_type llama: transformers' own
     refuse_remote_code(model, False, "--trust-remote-code")
+
+
+def test_a_tokenizer_needing_remote_code_is_refused_with_the_flag(tmp_path, monkeypatch, capsys):
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    folder = _model(tmp_path / "m", vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    build_tiny_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(auto_map={"AutoTokenizer": ["tok.MyTok", None]}, tokenizer_class="MyTok")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tok.py").write_text("raise SystemExit('custom code ran')\n")
+    monkeypatch.setattr("builtins.input", lambda *a: (_ for _ in ()).throw(AssertionError("asked on the terminal")))
+    assert main(["generate", "--checkpoint", str(folder), "--prompt", "hi"]) == 2
+    assert "pass --trust-remote-code" in capsys.readouterr().err

@@ -37,8 +37,8 @@ def inference_device(device: str = "auto") -> torch.device:
 def _remote_code_error(e: Exception, where: Path) -> FasttuneError | None:
     if "trust_remote_code" in str(e):
         return FasttuneError(
-            f"{where} needs its own model code, which transformers runs only when allowed; if you trust that "
-            f"folder's Python files, pass {TRUST_FLAG}"
+            f"{where} needs its own Python code (a custom model or tokenizer class), which transformers runs only "
+            f"when allowed; if you trust that folder's Python files, pass {TRUST_FLAG}"
         )
     return None
 
