@@ -39,6 +39,11 @@ def test_top_level_help_lists_every_command(capsys):
         (["train", "--max-steps", "abc"], "error: --training.max-steps: 'abc' is not a valid integer"),
         (["train", "--max-steps"], "error: --training.max-steps needs a value"),
         (["train", "--training.grad-accum", "1e20"], "error: --training.grad-accum: '1e20' is not a valid integer"),
+        (["train", "--force", "--training.grad-accum", "100000000000000000000"],
+         "error: training.grad_accum=100000000000000000000 is too large; it must be <= 65,536"),
+        (["train", "--data.micro-batch-size", str(1 << 40)], "error: data.micro_batch_size=1099511627776 is too large"),
+        (["generate", "--checkpoint", "c", "--prompt", "p", "--max-new-tokens", "1e9"],
+         "error: --max-new-tokens: '1e9' is not a valid integer"),
         (["train", "--model.trust-remote-code", "yes"],
          "error: --model.trust-remote-code is a switch and takes no value ('yes'): write --model.trust-remote-code "
          "to turn it on, --model.no-trust-remote-code to turn it off"),

@@ -53,10 +53,18 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{option}={value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
-def _positive(option: str, value: float, allow_zero: bool = False) -> None:
+def _positive(option: str, value: float, allow_zero: bool = False, most: int | None = None) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{option}={value!r} is not valid; it must be {bound}")
+    if most is not None and value > most:
+        raise ConfigError(f"{option}={value!r} is too large; it must be <= {most:,}")
+
+
+# Upper bounds for sizes that set how much work one step, sample or call does: a typo such as 1e20 is named here
+# instead of surfacing as a run that never finishes a step. Each is far beyond real use.
+MAX_TOKENS = 1 << 20  # tokens in one sample or generation: beyond every model's context
+MAX_COUNT = 1 << 16  # micro-batches per step, samples per micro-batch, LoRA rank
 
 
 def memory_plan(value: str, option: str = "model.memory") -> str:
@@ -127,14 +135,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
         _choice("data.overlong", self.overlong, OVERLONG)
-        _positive("data.max_length", self.max_length)
-        _positive("data.micro_batch_size", self.micro_batch_size)
+        _positive("data.max_length", self.max_length, most=MAX_TOKENS)
+        _positive("data.micro_batch_size", self.micro_batch_size, most=MAX_COUNT)
         if self.max_documents is not None:
             _positive("data.max_documents", self.max_documents)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} is not valid; it must be in [0, 1)")
         if self.tokenizer_vocab_size < 260:
             raise ConfigError(f"data.tokenizer_vocab_size={self.tokenizer_vocab_size} is too small; use >= 260")
+        _positive("data.tokenizer_vocab_size", self.tokenizer_vocab_size, most=MAX_TOKENS)
 
 
 @dataclass
@@ -153,7 +162,7 @@ class LoraConfig:
     """At the end of training, also save the adapters merged into the base weights (final/merged)."""
 
     def __post_init__(self) -> None:
-        _positive("lora.rank", self.rank)
+        _positive("lora.rank", self.rank, most=MAX_COUNT)
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout={self.dropout!r} is not valid; it must be in [0, 1)")
@@ -209,14 +218,14 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _positive("training.max_steps", self.max_steps)
         _positive("training.lr", self.lr)
-        _positive("training.grad_accum", self.grad_accum)
+        _positive("training.grad_accum", self.grad_accum, most=MAX_COUNT)
         _positive("training.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("training.max_grad_norm", self.max_grad_norm, allow_zero=True)
         _positive("training.eval_every", self.eval_every, allow_zero=True)
         _positive("training.save_every", self.save_every, allow_zero=True)
         _positive("training.log_every", self.log_every)
         _positive("training.keep_last", self.keep_last)
-        _positive("training.eval_batches", self.eval_batches)
+        _positive("training.eval_batches", self.eval_batches, most=MAX_TOKENS)
         _positive("training.eval_generate_every", self.eval_generate_every, allow_zero=True)
         _positive("training.eval_generate_samples", self.eval_generate_samples)
         _positive("training.max_bad_steps", self.max_bad_steps, allow_zero=True)
@@ -239,7 +248,7 @@ class GenerationConfig:
     """Prompt for the sample printed at the end of training ('' to skip)."""
 
     def __post_init__(self) -> None:
-        _positive("generation.max_new_tokens", self.max_new_tokens)
+        _positive("generation.max_new_tokens", self.max_new_tokens, most=MAX_TOKENS)
         _positive("generation.temperature", self.temperature, allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"generation.top_p={self.top_p!r} is not valid; it must be in (0, 1]")
