@@ -94,7 +94,7 @@ class _PlanLog(logging.Handler):
         self.found: dict = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("memory plan:") and record.args:
+        if isinstance(record.msg, str) and record.msg.startswith("memory plan:") and record.args:
             self.found = {"plan": record.args[0], "predicted": record.args[3].split(" GiB")[0]}
 
 
