@@ -157,6 +157,8 @@ class TrainBench(Command):
     """Samples per Hugging Face baseline step (default: --micro-batch)."""
     hf_ckpt: bool = False
     """Also run each packed Hugging Face baseline with gradient checkpointing."""
+    hf_only: str | None = None
+    """Comma-separated: run only the Hugging Face baselines whose names contain one of these."""
     equal_tokens: bool = False
     """Also run fasttune at the Hugging Face baselines' tokens per step."""
     variant: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
@@ -204,6 +206,7 @@ class TrainBench(Command):
             seed=self.seed,
             hf_micro_batch=self.hf_micro_batch,
             hf_ckpt=self.hf_ckpt,
+            hf_only=[x for x in (self.hf_only or "").split(",") if x],
             equal_tokens=self.equal_tokens,
         )
         results = Results("train", environment(device, command_line(self, "train")))

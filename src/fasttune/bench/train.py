@@ -48,6 +48,8 @@ class TrainBench:
     """Samples per HF step (default micro_batch)."""
     hf_ckpt: bool = False
     """Also run every packed HF baseline with gradient checkpointing (what fits at 8B)."""
+    hf_only: list[str] = field(default_factory=list)
+    """Run only the HF baselines whose names contain one of these (empty: all)."""
     equal_tokens: bool = False
     """Also run fasttune auto packed at the HF baselines' tokens per step (the packing budget nearest to them)."""
 
@@ -117,6 +119,7 @@ def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
     runs, notes = [], []
     if bench.baselines:
         found, notes = hf.baselines(bench.device, ckpt=bench.hf_ckpt)
+        found = [b for b in found if not bench.hf_only or any(k in b.name for k in bench.hf_only)]
         runs += [{"stack": "HF", "baseline": b, "name": b.name} for b in found]
     why = available(bench.device, head_dim=128)
     for attn in bench.attns:

@@ -39,10 +39,11 @@ class SyntheticTokenizer:
 
     pad_token_id = 0
     eos_token_id = 1
+    chat_template = None
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self.init_kwargs: dict = {}
+        self.init_kwargs: dict = {}  # where the run records its prompt format (generate/template.py)
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Memory and scale benchmarks on one GPU (docs/BENCHMARKS.md, "Memory" and "Scale"), one `fasttune bench train`
+# per section, each under its own time limit so one slow section cannot starve the others. Results: every
+# section's Markdown table into $OUT/summary.md, all JSON rows into $OUT/rows.tar.gz, the log into $OUT/log.txt.
+# Run from the repository root with fasttune importable (and flash-attn-4 + liger-kernel for the FA4 rows).
+set -uo pipefail
+OUT=${OUT:-bench-results}
+work=$(mktemp -d)
+mkdir -p "$OUT"
+bench() {  # NAME SECONDS ARGS...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: fasttune bench train $*" | tee -a "$OUT/summary.md"
+  timeout "$limit" python -m fasttune bench train --out "$work/$name" "$@" >>"$OUT/log.txt" 2>&1
+  echo "(exit $?)" >>"$OUT/summary.md"
+  cat "$work/$name"/*.md >>"$OUT/summary.md" 2>/dev/null
+  echo >>"$OUT/summary.md"
+}
+python - <<'PY' >"$OUT/summary.md" 2>&1
+import torch, transformers, importlib.metadata as m
+def v(p):
+    try: return m.version(p)
+    except Exception: return "-"
+print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, transformers "
+      f"{transformers.__version__}, triton {v('triton')}, flash-attn-4 {v('flash-attn-4')}, liger-kernel {v('liger-kernel')}")
+PY
+no_extras="attn_implementation=varlen,model.liger=false"
+# 1B: default install (varlen, no Liger) and FA4 + Liger, HF baselines in the same run; memory plans side by side.
+bench 1b 200 --preset 1b --attn auto --packing on --warmup-epochs 1 --epochs 1 --equal-tokens \
+  --variant "default install, auto plan:$no_extras" \
+  --variant "default install, plan none:$no_extras,model.memory=none" \
+  --variant "default install, plan every-2:$no_extras,model.memory=every:2" \
+  --variant "Liger, plan none:model.memory=none" \
+  --variant "Liger, 8k packs:data.micro_batch_size=4"
+# 8B (Llama-3.1-8B shape, its 128k vocabulary), 8k-token packs, against the HF settings that fit (grad ckpt).
+bench 8b 120 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 32 --micro-batch 4 \
+  --hf-micro-batch 16 --hf-ckpt --hf-only "FA4 packed (cu_seq_lens) + grad ckpt,FA4 packed + Liger + grad ckpt" \
+  --warmup-epochs 1 --epochs 1
+# 32k-token documents, one per step.
+bench long-1b 45 --preset 1b --attn auto --packing on --samples 4 --median 32768 --mean 32768 --min-length 32768 \
+  --max-length 32768 --micro-batch 1 --no-baselines --warmup-epochs 1 --epochs 1
+bench long-8b 75 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 3 --median 32768 \
+  --mean 32768 --min-length 32768 --max-length 32768 --micro-batch 1 --no-baselines --warmup-epochs 1 --epochs 1
+tar -czf "$OUT/rows.tar.gz" -C "$work" . 2>/dev/null
+tail -c 20000 "$OUT/log.txt" >"$OUT/log-tail.txt"
+rm -f "$OUT/log.txt"
+cat "$OUT/summary.md"
