@@ -24,22 +24,32 @@ def v(p):
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, transformers "
       f"{transformers.__version__}, triton {v('triton')}, flash-attn-4 {v('flash-attn-4')}, liger-kernel {v('liger-kernel')}")
 PY
-no_extras="attn_implementation=varlen,model.liger=false"
-# 1B: default install (varlen, no Liger) and FA4 + Liger, HF baselines in the same run; memory plans side by side.
-bench 1b 200 --preset 1b --attn auto --packing on --warmup-epochs 1 --epochs 1 --equal-tokens \
-  --variant "default install, auto plan:$no_extras" \
-  --variant "default install, plan none:$no_extras,model.memory=none" \
-  --variant "default install, plan every-2:$no_extras,model.memory=every:2" \
-  --variant "Liger, plan none:model.memory=none" \
-  --variant "Liger, 8k packs:data.micro_batch_size=4"
-# 8B (Llama-3.1-8B shape, its 128k vocabulary), 8k-token packs, against the HF settings that fit (grad ckpt).
-bench 8b 120 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 32 --micro-batch 4 \
-  --hf-micro-batch 16 --hf-ckpt --hf-only "FA4 packed (cu_seq_lens) + grad ckpt,FA4 packed + Liger + grad ckpt" \
-  --warmup-epochs 1 --epochs 1
+mode=${1:-fa4}  # fa4: flash-attn-4 + liger-kernel installed; default: neither (the zero-extra install)
+if [[ $mode == default ]]; then
+  # 1B: fasttune's plans against HF sdpa packed (leak-free 4D mask), all without optional packages.
+  bench 1b 90 --preset 1b --attn auto --packing on --warmup-epochs 1 --epochs 1 --equal-tokens \
+    --hf-only "sdpa packed" --variant "plan none:model.memory=none" \
+    --variant "plan every-2:model.memory=every:2" --variant "8k packs:data.micro_batch_size=4"
+  bench 8b 100 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 32 --micro-batch 4 \
+    --hf-micro-batch 16 --hf-ckpt --hf-only "sdpa packed (4D mask) + grad ckpt" --warmup-epochs 1 --epochs 1
+else
+  no_extras="attn_implementation=varlen,model.liger=false"
+  # 1B: default install (varlen, no Liger) and FA4 + Liger, HF baselines in the same run; memory plans side by side.
+  bench 1b 200 --preset 1b --attn auto --packing on --warmup-epochs 1 --epochs 1 --equal-tokens \
+    --variant "default install, auto plan:$no_extras" \
+    --variant "default install, plan none:$no_extras,model.memory=none" \
+    --variant "default install, plan every-2:$no_extras,model.memory=every:2" \
+    --variant "Liger, plan none:model.memory=none" \
+    --variant "Liger, 8k packs:data.micro_batch_size=4"
+  # 8B (Llama-3.1-8B shape, its 128k vocabulary), 8k-token packs, against the HF settings that fit (grad ckpt).
+  bench 8b 120 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 32 --micro-batch 4 \
+    --hf-micro-batch 16 --hf-ckpt --hf-only "FA4 packed (cu_seq_lens) + grad ckpt,FA4 packed + Liger + grad ckpt" \
+    --warmup-epochs 1 --epochs 1
+fi
 # 32k-token documents, one per step.
-bench long-1b 45 --preset 1b --attn auto --packing on --samples 4 --median 32768 --mean 32768 --min-length 32768 \
+bench long-1b 40 --preset 1b --attn auto --packing on --samples 4 --median 32768 --mean 32768 --min-length 32768 \
   --max-length 32768 --micro-batch 1 --no-baselines --warmup-epochs 1 --epochs 1
-bench long-8b 75 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 3 --median 32768 \
+bench long-8b 70 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 3 --median 32768 \
   --mean 32768 --min-length 32768 --max-length 32768 --micro-batch 1 --no-baselines --warmup-epochs 1 --epochs 1
 tar -czf "$OUT/rows.tar.gz" -C "$work" . 2>/dev/null
 tail -c 20000 "$OUT/log.txt" >"$OUT/log-tail.txt"
