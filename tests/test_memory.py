@@ -57,6 +57,20 @@ def test_estimate_matches_the_measured_h100_peaks():
     assert 41.4 * 0.95 <= hf <= 41.4 * 1.1
 
 
+def test_estimate_matches_the_measured_h200_peaks():
+    """docs/BENCHMARKS.md "Memory" and "Scale" (H200, pure bf16, chunked loss, no Liger), predicted vs measured
+    peak GiB: within 5% below and 10% above."""
+    cases = [(_setup(16384), "none", 35.6), (_setup(16384), "ops", 21.5), (_setup(16384), "every:2", 16.0),
+             (_setup(8192), "ops", 14.1), (_setup(4096), "ops", 10.7)]  # fmt: skip
+    config = preset_config("llama-3.1-8b", 128256)
+    n = 8_030_261_248
+    for tokens, plan, measured in ((8192, "ops", 75.2), (32768, "every:2", 108.6)):
+        cases.append((Setup(Shape.of(config), n, n, 2, 4.0, tokens), plan, measured))
+    for st, plan, measured in cases:
+        predicted = estimate(st, plan).total / GiB
+        assert measured * 0.95 <= predicted <= measured * 1.1, (st.tokens, plan, predicted, measured)
+
+
 def test_auto_picks_the_least_recomputation_that_fits():
     st = _setup(16384)
     picks = {free: choose_plan("auto", st, free * GiB).plan for free in (139, 30, 24, 21, 15)}
@@ -64,6 +78,8 @@ def test_auto_picks_the_least_recomputation_that_fits():
     sizes = [estimate(st, p).total for p in ("none", "ops", "every:4", "every:2", "full")]
     assert sizes == sorted(sizes, reverse=True)
     assert choose_plan("auto", st, None).plan == "none"  # no GPU: nothing to fit
+    liger = _setup(16384, liger=True)  # Liger's kernels already recompute the elementwise ops: none first
+    assert choose_plan("auto", liger, 139 * GiB).plan == "none" and choose_plan("auto", liger, 27 * GiB).plan == "ops"
 
 
 def test_a_plan_that_cannot_fit_stops_with_the_numbers_and_the_fixes():
