@@ -43,7 +43,7 @@ class SyntheticTokenizer:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self.init_kwargs: dict = {}  # where the run records its prompt format (generate/template.py)
+        self.init_kwargs: dict = {}
 
     def __len__(self) -> int:
         return self.vocab_size
