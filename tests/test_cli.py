@@ -153,3 +153,12 @@ def test_explicit_max_length_beyond_the_context_is_an_error(short_context_model,
     assert (
         err.startswith("error: --data.max-length 1024 exceeds the context of") and "max_position_embeddings=128" in err
     )
+
+
+def test_module_entry_points_take_a_command_line(capsys):
+    from fasttune.bench import cli as bench_cli
+    from fasttune.doctor import checks
+
+    assert bench_cli.main(["nope"]) == 2 and "unknown command 'nope' for `fasttune bench`" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown option --jsn; did you mean --json"):
+        checks.main(["--jsn"])

@@ -130,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = parse(argv or ["--help"])
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+    except BrokenPipeError:  # --help piped into `head`
+        return 0
     except FasttuneError as e:
         if debug:
             raise

@@ -13,7 +13,7 @@ class Command:
     """Base of every subcommand's options: a dataclass that tyro fills from the command line, then `run()`."""
 
     debug: Annotated[bool, tyro.conf.FlagCreatePairsOff] = dataclasses.field(default=False, kw_only=True)
-    """Show the full Python traceback of an error (default: one line saying what is wrong and how to fix it)."""
+    """Show the full Python traceback of an error instead of one line saying what is wrong and how to fix it."""
 
     def run(self) -> int:
         """Do the work; return the exit code."""

@@ -217,3 +217,10 @@ class TrainBench(Command):
         with tqdm(total=len(runs), desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar)
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(results.rows))
+
+
+def main(argv: list[str]) -> int:
+    """`fasttune bench ARGV` (for scripts that called this module's main before the one parser)."""
+    from fasttune.cli import main as cli_main
+
+    return cli_main(["bench", *argv])

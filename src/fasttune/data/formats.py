@@ -45,9 +45,9 @@ TEXT_SUFFIXES = frozenset(
 )
 DATA_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json", ".parquet", ".csv"})
 MAX_RECORD_MB = 8
-"""Most text in one record of a data file (JSON line, JSON/CSV/Parquet row), in MB of characters. Tokenizing
-takes ~130x a record's size at its peak (a 50 MB JSON line peaked at 6.7 GB of RAM), and 8 MB (~2M tokens) is far
-beyond any context a sample is trained at. Longer texts: split them into several records, or use a text file."""
+"""Most text in one record of a data file (JSON line, JSON/CSV/Parquet row), in MB of characters: a 50 MB JSON
+line peaked at 6.7 GB of RAM on its way to tokens, and 8 MB (~2M tokens) is far beyond any context a sample is
+trained at. Longer texts: split them into several records, or use a text file."""
 _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
 
 

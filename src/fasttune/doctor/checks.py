@@ -99,9 +99,13 @@ def _finish(report: Report, machine, debug: bool) -> None:
         report.closing = "attn_implementation='auto' could not be resolved here (see the 'auto resolver' row)."
 
 
-def main(args: DoctorArgs, machine: Machine | None = None) -> int:
+def main(args: DoctorArgs | list[str], machine: Machine | None = None) -> int:
     """Run the checks and print the report (--debug: tracebacks of crashing checks); `machine` replaces detection
-    (tests: simulated machines)."""
+    (tests: simulated machines). `args` may also be the command line after `fasttune doctor`."""
+    if not isinstance(args, DoctorArgs):
+        from fasttune.cli import parse
+
+        args = parse(["doctor", *args])
     debug = args.debug
     if sys.stderr.isatty() and not args.json:
         with Console(stderr=True).status("fasttune doctor: running checks and tiny kernel probes (--quick skips them)"):
