@@ -2,12 +2,16 @@
 options that would change the run; a torn metrics line does not stop a resume; a double save stays atomic."""
 
 import dataclasses
+import logging
+import os
 
 import pytest
 from helpers import losses, tiny_config
 
-from fasttune.errors import ConfigError, DataError
+from fasttune.data.pipeline import build_data
+from fasttune.errors import ConfigError, DataError, FasttuneError
 from fasttune.train import checkpoint, loop
+from fasttune.train.run_dir import RunFolder
 
 
 @pytest.fixture
@@ -50,7 +54,9 @@ def test_folder_of_someone_elses_files_is_never_used(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     cfg = dataclasses.replace(tiny_config(tmp_path), output_dir=str(folder), overwrite=True)
-    with pytest.raises(ConfigError, match="holds files that fasttune did not write"):
+    with pytest.raises(
+        ConfigError, match="is not empty .config.json. and is not a fasttune run folder.*--output-dir .*run"
+    ):
         loop.train(cfg)
     assert (folder / "config.json").read_text() == "{}"
 
@@ -97,3 +103,162 @@ def test_saving_the_same_step_twice_never_leaves_it_missing(finished, monkeypatc
     # the complete old folder is moved aside before the new one takes its name: never a moment without step-3
     assert calls[0][0].endswith("step-000003") and ".old-step-000003" in calls[0][1]
     assert [p.name for p in checkpoint.list_checkpoints(result.run_dir)] == ["step-000003"]
+
+
+# -- the lock (#13 item 1) ---------------------------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from fasttune.train.run_dir import RunLock
+Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+lock = RunLock(Path(sys.argv[1]) / ".fasttune-lock")
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holder_frees_the_folder(finished):
+    """Two real processes: one holds the run folder's lock, the other (this one) is refused with its PID; after the
+    holder is killed with SIGKILL (no chance to clean up), the folder is usable again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg, result = finished
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(result.run_dir)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=4))
+        for attempt in (more, dataclasses.replace(cfg, overwrite=True)):
+            with pytest.raises(FasttuneError, match=f"in use by another fasttune run \\(PID {holder.pid}\\)"):
+                loop.train(attempt)
+        assert [p.name for p in checkpoint.list_checkpoints(result.run_dir)] == ["step-000003"]  # nothing touched
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    resumed = loop.train(more)  # the kernel dropped the dead holder's lock: no stale lock to clean by hand
+    assert sorted(losses(resumed.records)) == [1, 2, 3, 4]
+
+
+# -- folders that are not ours (#12 item 2) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_non_empty_folder_without_the_marker_is_refused_with_the_fix(tmp_path, overwrite):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("years of work")
+    (folder / "data.csv").write_text("a,b\n")
+    cfg = dataclasses.replace(tiny_config(tmp_path), output_dir=str(folder), overwrite=overwrite)
+    with pytest.raises(ConfigError, match=r"not empty \(data.csv, thesis.txt\).*--output-dir .*thesis/run"):
+        loop.train(cfg)
+    assert sorted(p.name for p in folder.iterdir()) == ["data.csv", "thesis.txt"]  # not even a lock file left
+
+
+# -- what a killed run leaves behind (#13 item 8) ------------------------------------------------------------------
+
+
+def test_stale_temporaries_are_cleaned_and_a_moved_aside_checkpoint_is_restored(finished):
+    cfg, result = finished
+    root = result.run_dir / "checkpoints"
+    os.rename(root / "step-000003", root / ".old-step-000003-4242")  # killed between the two renames of a re-save
+    (root / ".tmp-step-000004-4242").mkdir()  # killed while writing step 4
+    (root / ".tmp-step-000004-4242" / "model.safetensors").write_bytes(b"half")
+    (root / ".pruned-step-000001-4242").mkdir()  # killed while deleting a pruned checkpoint
+    lock = RunFolder(result.run_dir).prepare(dataclasses.replace(cfg, resume=True))
+    lock.release()
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003"]
+    assert checkpoint.verify(root / "step-000003")[1] is None
+
+
+def test_a_fifo_or_an_empty_data_path_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(DataError, match="data.jsonl: not a regular file or folder"):
+        build_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(fifo))))
+    with pytest.raises(DataError, match="--data.path is empty"):
+        build_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="")))
+
+
+# -- the disk check (#13 item 2) -----------------------------------------------------------------------------------
+
+
+def test_disk_check_counts_the_checkpoints_already_on_disk(finished, monkeypatch):
+    """Resuming to 3 more saves with keep_last=2 and one checkpoint on disk: at the fullest moment two more exist
+    (the one on disk is already paid for), measured from the one on disk. Not three, as if nothing were there."""
+    import shutil
+
+    cfg, result = finished
+    size = sum(p.stat().st_size for p in result.checkpoint.rglob("*") if p.is_file())
+    free = int(1.02 * 2 * size + 50e6) + 1000  # room for two more checkpoints, not for three
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    t = dataclasses.replace(cfg.training, max_steps=6, save_every=1)
+    loop.train(dataclasses.replace(cfg, resume=True, training=t))
+    fresh = dataclasses.replace(cfg, output_dir=str(result.run_dir.parent / "fresh"), training=t)
+    with pytest.raises(FasttuneError, match="GB more \\(3 x "):  # the same plan from scratch: three at once
+        loop.train(fresh)
+
+
+# -- damaged checkpoints (#13 item 3) ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=4, save_every=2, eval_every=0)
+    return cfg, loop.train(cfg)
+
+
+def _damage(ckpt, how: str) -> str:
+    if how == "truncated weights":
+        f = ckpt / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+        return "model.safetensors is truncated or damaged"
+    if how == "garbage trainer state":
+        (ckpt / "trainer_state.pt").write_bytes(os.urandom(512))
+        return "trainer_state.pt is damaged"
+    (ckpt / "trainer_state.pt").unlink()
+    return "trainer_state.pt is missing"
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "garbage trainer state", "missing trainer state"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(two_checkpoints, how, caplog):
+    caplog.set_level(logging.INFO, logger="fasttune")
+    cfg, result = two_checkpoints
+    expected = _damage(result.checkpoint, how)
+    more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=5))
+    resumed = loop.train(more)
+    assert f"skipping a damaged checkpoint: {result.checkpoint / expected.split()[0]}" in caplog.text
+    assert "resumed from" in caplog.text and "step-000002 (step 2)" in caplog.text
+    got, want = losses(resumed.records), losses(result.records)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    # steps 3 and 4 ran again from step 2's state; their learning rates do not depend on max_steps (the cosine
+    # starts at step 3), so they repeat the first run exactly
+    assert (got[3], got[4]) == (want[3], want[4])
+
+
+def test_no_usable_checkpoint_is_one_line_naming_the_file_and_never_unsafe_advice(two_checkpoints):
+    cfg, result = two_checkpoints
+    for ckpt in checkpoint.list_checkpoints(result.run_dir):
+        _damage(ckpt, "garbage trainer state")
+    with pytest.raises(FasttuneError) as e:
+        loop.train(dataclasses.replace(cfg, resume=True))
+    msg = str(e.value)
+    assert "\n" not in msg and "step-000004/trainer_state.pt is damaged" in msg and "--overwrite" in msg
+    assert "weights_only" not in msg
+
+
+# -- a finished run (#13 item 5) ----------------------------------------------------------------------------------
+
+
+def test_resume_of_a_finished_run_says_it_is_complete(finished, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="fasttune")
+    cfg, result = finished
+    again = loop.train(dataclasses.replace(cfg, resume=True))
+    assert "already complete (step 3 of --max-steps 3)" in caplog.text
+    assert again.checkpoint == result.checkpoint and losses(again.records) == losses(result.records)
+    assert again.first_loss == result.first_loss and again.last_loss == result.last_loss
+    assert "fasttune run summary" in capsys.readouterr().out

@@ -100,7 +100,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, caplog):
         return loss * float("nan") if calls["n"] >= 4 else loss
 
     monkeypatch.setattr(run, "forward_backward", nan_from_step_4)
-    with pytest.raises(FasttuneError, match="non-finite.*last good checkpoint: .*step-000003"):
+    with pytest.raises(FasttuneError, match="non-finite.*last healthy checkpoint: .*step-000003"):
         loop.train(cfg)
     assert "update skipped" in caplog.text
     ckpts = list_checkpoints(cfg.run_dir)
@@ -170,7 +170,7 @@ def test_output_dir_checks(tmp_path, monkeypatch):
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(FasttuneError, match="GB free, a checkpoint needs about"):
+    with pytest.raises(FasttuneError, match="GB free, the checkpoints of this run need about"):
         loop.train(tiny_config(tmp_path / "disk"))
     assert blocker.read_text() == "mine"
 
@@ -188,3 +188,75 @@ def test_tensorboard_logging_writes_events(tmp_path):
     loop.train(cfg)
     events = list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_force_does_not_change_the_initial_weights(reference, tmp_path):
+    """--force skips the CPU speed probe; the probe must not draw from the generator that seeds the model."""
+    ref_cfg, ref = reference
+    forced = dataclasses.replace(tiny_config(tmp_path, max_steps=1), seed=ref_cfg.seed, force=True)
+    result = loop.train(forced)
+    assert result.records[0]["step"] == 0 and ref.records[0]["step"] == 0
+    assert result.records[0]["val_loss"] == ref.records[0]["val_loss"]
+
+
+def test_each_step_logs_its_target_tokens(reference):
+    _, ref = reference
+    steps = [r for r in ref.records if r.get("loss") is not None]
+    # packed plain text: every token is a target but the first of each sample (nothing predicts it)
+    assert all(r["target_tokens"] == r["tokens"] - r["samples"] for r in steps)
+
+
+def test_checkpoint_files_get_the_usual_permissions(reference):
+    _, ref = reference
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ref.checkpoint.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_divergence_stops_naming_the_last_healthy_checkpoint_which_pruning_kept(tmp_path, monkeypatch):
+    """A finite but exploding loss (1e6 x from step 4 on) is unhealthy: after max_bad_steps of them the run stops,
+    and the healthy step-3 checkpoint survives keep_last=1 pruning (steps 4 and 5 were saved after it)."""
+    cfg = tiny_config(tmp_path, save_every=1, keep_last=1, max_bad_steps=2, max_steps=8)
+    original, calls = run.forward_backward, {"n": 0}
+
+    def explode_from_step_4(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * 1e6 if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(run, "forward_backward", explode_from_step_4)
+    with pytest.raises(FasttuneError, match="stopped at step 6: 3 unhealthy steps.*exploding.*last healthy "
+                                            "checkpoint: .*step-000003"):  # fmt: skip
+        loop.train(cfg)
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000003", "step-000005"]
+    AutoModelForCausalLM.from_pretrained(cfg.run_dir / "checkpoints" / "step-000003")
+
+
+@pytest.mark.parametrize(("limit", "library"), [(100_000, "safetensors"), (600_000, "torch.save")])
+def test_a_real_write_failure_is_one_line_and_leaves_the_previous_checkpoint(reference, tmp_path, limit, library):
+    """A real write error, not a mock: the file size limit (RLIMIT_FSIZE, what a full small disk also does to a
+    write) stops safetensors (model.safetensors, ~400 kB) or torch.save (trainer_state.pt, ~800 kB) mid-file."""
+    import resource
+    import shutil
+
+    from fasttune.train import checkpoint
+
+    _, ref = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref.run_dir, run_dir)
+    model, tok = AutoModelForCausalLM.from_pretrained(ref.checkpoint), AutoTokenizer.from_pretrained(ref.checkpoint)
+    state = checkpoint.load_trainer_state(ref.checkpoint)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(FasttuneError) as e:
+            checkpoint.save_checkpoint(run_dir, 7, model, tok, {k: v for k, v in state.items() if k != "rng"}, 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    msg = str(e.value)
+    assert "\n" not in msg and "could not write checkpoint" in msg and "previous checkpoint is intact" in msg
+    assert "File too large" in msg or "could not be written" in msg, msg
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000006"]  # no temporary left behind
+    assert all(checkpoint.verify(p)[1] is None for p in root.iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -33,6 +34,8 @@ class DataSummary:
     untrained: int = 0
     """Samples left out because they have no trained token at all (e.g. an empty response)."""
     padded_tokens: int = 0
+    target_tokens: int = 0
+    """Train tokens the loss is computed on (labels not ignored, after the causal shift)."""
     """Tokens the same samples would occupy as padded micro-batches (padding included)."""
     notes: list[str] = field(default_factory=list)
 
@@ -134,6 +137,20 @@ def _load_tokenizer(cfg: BaseConfig, texts: list[str], fingerprint: str) -> PreT
     return cached_tokenizer(texts, cfg.data.tokenizer_vocab_size, cfg.data.cache_dir, fingerprint)
 
 
+def check_data_path(path: str) -> None:
+    """Refuse what would hang (a FIFO blocks in open) or silently mean something else ('' is the current folder)."""
+    if not path.strip():
+        raise DataError(
+            "--data.path is empty; pass a data file or folder, or leave the option out to train on the embedded corpus"
+        )
+    p = Path(path)
+    if p.exists() and not (p.is_file() or p.is_dir()):
+        raise DataError(
+            f"--data.path {path}: not a regular file or folder (a FIFO, socket or device); save the data to a file "
+            "and pass that"
+        )
+
+
 def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> DataBundle:
     """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
     d = cfg.data
@@ -149,6 +166,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         from fasttune.data.formats import load_records
         from fasttune.data.sft import tokenize_records
 
+        check_data_path(d.path)
         records, fmt = load_records(d.path, d.format)
         records = records[: d.max_documents]
         train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], d.val_fraction)
@@ -173,6 +191,13 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     lengths = [len(s["input_ids"]) for s in train]
     summary.train_samples, summary.val_samples = len(train), len(val)
     summary.train_tokens, summary.longest = sum(lengths), max(lengths)
+    summary.target_tokens = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in train)  # as the loss counts them
+    if summary.format != "text":  # supervised: say where the loss is (the response-only mask is otherwise invisible)
+        scope = "prompts and responses" if d.train_on_prompt else "responses only"
+        pct = 100 * summary.target_tokens / summary.train_tokens
+        summary.notes.append(
+            f"  loss on {scope}: {summary.target_tokens:,} of {summary.train_tokens:,} tokens ({pct:.1f}%)"
+        )
     padded = Batcher.from_config(d, cfg.seed, packing=False).plan(lengths, epoch=0)
     summary.padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
     return DataBundle(train, val, tokenizer, summary)

@@ -3,11 +3,17 @@
 A checkpoint is written into `checkpoints/.tmp-step-N-<pid>`, every file fsync'ed, then renamed to
 `checkpoints/step-N` in one `os.rename`, so a crash, kill or full disk in the middle of a save leaves the
 previous checkpoint as it was. Only folders named `step-N` count as checkpoints; old ones are pruned only after
-a newer one is complete. States load with `torch.load(weights_only=True)`, weights only from safetensors.
+a newer one is complete, and a pruned one is first renamed to `.pruned-step-N-<pid>`, so a kill during the delete
+never leaves a half-deleted `step-N` (the run folder removes such temporaries at the next start, under its lock).
+The last checkpoint saved while the loss was healthy is never pruned. Resume verifies the newest checkpoint
+(safetensors headers and sizes, the trainer state, the JSON files) and falls back to the previous complete one.
+States load with `torch.load(weights_only=True)`, weights only from safetensors.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import re
@@ -16,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fasttune.errors import FasttuneError
 from fasttune.train.run_dir import RunFolder
+
+log = logging.getLogger("fasttune")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -31,6 +40,15 @@ def _fsync_tree(path: Path) -> None:
             with p.open("rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(path)
+
+
+def _usual_permissions(path: Path) -> None:
+    """Files as any other file the user creates (0644 under umask 022): safetensors writes its file 0600."""
+    umask = os.umask(0)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    for p in path.rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,28 +82,55 @@ def _folder(run: RunFolder | Path | str) -> RunFolder:
     return run if isinstance(run, RunFolder) else RunFolder(Path(run))
 
 
-def list_checkpoints(run: RunFolder | Path | str) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first."""
+def _step_dirs(run: RunFolder | Path | str) -> list[Path]:
+    """Every `step-N` folder, complete or not, oldest first."""
     root = _folder(run).checkpoints
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(run: RunFolder | Path | str) -> list[Path]:
+    """Complete checkpoints of a run folder (with their trainer state), oldest first."""
+    return [p for p in _step_dirs(run) if (p / STATE_FILE).is_file()]
+
+
+def _reason(e: BaseException) -> str:
+    """The cause of a failed write in a few words: 'No space left on device', not a traceback."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = " ".join(str(e).split())
+    for known in ("No space left on device", "Disk quota exceeded", "File too large", "unexpected pos"):
+        if known.lower() in text.lower():
+            return known if known != "unexpected pos" else "the file could not be written completely"
+    return f"{type(e).__name__}: {text[:160]}"
 
 
 def save_checkpoint(
-    run: RunFolder | Path, step: int, model, tokenizer, trainer_state: dict, keep_last: int, state_dict=None
+    run: RunFolder | Path,
+    step: int,
+    model,
+    tokenizer,
+    trainer_state: dict,
+    keep_last: int,
+    state_dict=None,
+    keep: Path | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically; `state_dict`: the weights to save when not the model's own (FSDP2)."""
+    """Write checkpoint `step` atomically, then prune to the newest `keep_last` (never `keep`: the last healthy
+    one). `state_dict`: the weights to save when not the model's own (FSDP2). Any failure to write (full disk,
+    quota, I/O error: OSError from us, SafetensorError from safetensors, RuntimeError from torch.save) leaves the
+    previous checkpoints as they were and ends in one line."""
     root = _folder(run).checkpoints
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+        _usual_permissions(tmp)
         _fsync_tree(tmp)
         old = None
         if final.exists():  # the same step saved again: move the complete one aside first, never delete it first
@@ -95,30 +140,94 @@ def save_checkpoint(
         _fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
+    except Exception as e:  # not KeyboardInterrupt / SystemExit: those stay what they are
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise FasttuneError(
-                f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint "
-                "is intact; free disk space or pick another --output-dir, then --resume"
-            ) from None
+        raise FasttuneError(
+            f"could not write checkpoint {final} ({_reason(e)}); the previous checkpoint is intact; free disk "
+            "space or pick another --output-dir, then --resume"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if keep is not None and old == keep:
+            continue
+        doomed = root / f".pruned-{old.name}-{os.getpid()}"
+        os.rename(old, doomed)  # one rename: a kill in the delete below never leaves a half-deleted step-N
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
-def check_disk(run: RunFolder, model: torch.nn.Module, keep_last: int, saves: int | None = None) -> None:
-    """Refuse to start when the checkpoints this run will write (`saves`; None: as many as are kept) could not fit:
-    better now than after an hour of training. The estimate is train/memory.disk_needed."""
-    from fasttune.train.memory import disk_needed
+def verify(ckpt: Path) -> tuple[dict | None, str | None]:
+    """(trainer state, None) when `ckpt` can be resumed from, else (None, what is wrong, naming the file). Reads
+    the safetensors headers (safetensors checks them against the file size: a truncated file fails), the JSON
+    files and the trainer state (weights_only); never loads the weights themselves."""
+    state_file = ckpt / STATE_FILE
+    if not state_file.is_file():
+        return None, f"{state_file} is missing (the checkpoint is incomplete)"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return None, f"{ckpt} has no .safetensors weights"
+    for f in weights:
+        try:
+            with safe_open(f, "pt") as opened:
+                opened.keys()
+        except Exception as e:
+            return None, f"{f} is truncated or damaged ({' '.join(str(e).split())[:120]})"
+    for f in sorted(ckpt.glob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            return None, f"{f} is damaged ({type(e).__name__})"
+    try:
+        return load_trainer_state(ckpt), None
+    except Exception as e:  # torch's own message would suggest weights_only=False: unsafe advice, never shown
+        return None, f"{state_file} is damaged (not a readable trainer state: {type(e).__name__})"
 
-    need = disk_needed(model, keep_last, keep_last + 1 if saves is None else saves)
-    free = shutil.disk_usage(run.path).free
+
+def newest_usable(run: RunFolder) -> tuple[Path, dict]:
+    """The newest checkpoint that verifies and its trainer state. A damaged newer one is skipped with a warning
+    naming it (and left on disk for the user to inspect); with none usable, one line naming the bad file."""
+    problems: list[str] = []
+    for ckpt in reversed(_step_dirs(run)):
+        state, problem = verify(ckpt)
+        if problem is None:
+            for p in problems:
+                log.warning("--resume: skipping a damaged checkpoint: %s; resuming from %s", p, ckpt)
+            return ckpt, state
+        problems.append(problem)
+    if problems:
+        raise FasttuneError(
+            f"--resume: no usable checkpoint in {run.checkpoints}: {problems[0]}; start over with --overwrite"
+        )
+    raise FasttuneError(f"--resume: no complete checkpoint in {run.checkpoints}; start over with --overwrite")
+
+
+def _bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def check_disk(run: RunFolder, model: torch.nn.Module, keep_last: int, saves: int, overwrite: bool = False) -> None:
+    """Refuse to start when the checkpoints this run will write (`saves` of them) could not fit: better now than
+    after an hour of training. At the fullest moment max(on disk, keep_last) complete checkpoints plus the one being
+    written exist (pruning runs after a save completes), never more new ones than the run writes. Checkpoints on
+    disk count as already written (as freed, for --overwrite), and their measured size replaces the estimate of
+    train/memory.checkpoint_bytes (weights and AdamW moments in the dtype they are held in)."""
+    from fasttune.train.memory import checkpoint_bytes
+
+    on_disk = [] if overwrite else list_checkpoints(run)
+    per_ckpt, merged = checkpoint_bytes(model)
+    per_ckpt = max((_bytes(p) for p in on_disk), default=per_ckpt)
+    new = min(max(len(on_disk), keep_last) + 1 - len(on_disk), saves)
+    need = int(1.02 * per_ckpt * new + merged + 50e6) if new or merged else 0  # +50 MB: tokenizer, filesystem slack
+    free = shutil.disk_usage(run.path).free + (sum(_bytes(p) for p in run.artifacts) if overwrite else 0)
     if free < need:
         raise FasttuneError(
-            f"--output-dir {run.path}: {free / 1e9:.2f} GB free, a checkpoint needs about "
-            f"{need / 1e9:.2f} GB; free some space or choose another --output-dir"
+            f"--output-dir {run.path}: {free / 1e9:.2f} GB free, the checkpoints of this run need about "
+            f"{need / 1e9:.2f} GB more ({new} x {per_ckpt / 1e9:.2f} GB); free some space, lower "
+            "--training.keep-last, or choose another --output-dir"
         )
 
 

@@ -16,8 +16,10 @@ from fasttune.train.memory import fp32_master_fits
 
 
 def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
-    """(estimated hours, measured GFLOP/s) for this config on this CPU, from a measured matmul rate."""
-    a = torch.randn(1024, 1024)
+    """(estimated hours, measured GFLOP/s) for this config on this CPU, from a measured matmul rate. The probe's
+    matrix comes from its own generator: the global one seeds the model, and --force (which skips this probe) must
+    not change the initial weights."""
+    a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     a @ a
     t0 = time.perf_counter()
     for _ in range(4):

@@ -78,13 +78,22 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
     device_name = distributed.init(d, cfg.training.device)
     logger, level = logging.getLogger("fasttune"), logging.getLogger("fasttune").level
+    lock = None
     try:
         if not d.main:
             logger.setLevel(logging.ERROR)  # rank 0 reports (warnings are the same on all ranks)
+            d.barrier()  # rank 0 checks and locks the run folder (and tokenizes, caching the tokenizer) first
+        else:
+            lock = RunFolder(cfg.run_dir).prepare(cfg)  # held until this run ends, however it ends
         run = _open(cfg, data, d, device_name)
+        if run.state.step >= cfg.training.max_steps:
+            log.info("the run in %s is already complete (step %d of --max-steps %d); resume with a larger "
+                     "--max-steps to train further", run.folder, run.state.step, cfg.training.max_steps)  # fmt: skip
         _fit(run)
         return _finish(run)
     finally:
+        if lock is not None:
+            lock.release()
         logger.setLevel(level)  # the process (a test, a notebook) gets its logger back as it was
         distributed.close(d)
 
@@ -93,19 +102,10 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
     """Everything before the first step: the run folder checked (and, on resume, its newest checkpoint found), the
     device, data, model, optimizer and schedule, and on resume their saved state restored."""
     folder = RunFolder(cfg.run_dir)
-    if not d.main:
-        d.barrier()  # rank 0 checks the run folder (and tokenizes, caching the tokenizer) first
-    else:
-        folder.prepare(cfg)
-    latest = None
+    latest = saved = None
     if cfg.resume:
         folder.check_resume(cfg)
-        found = ckpt.list_checkpoints(folder)
-        if not found:
-            raise FasttuneError(
-                f"--resume: no complete checkpoint in {folder.checkpoints}; start over with --overwrite"
-            )
-        latest = found[-1]
+        latest, saved = ckpt.newest_usable(folder)
     torch.manual_seed(cfg.seed)
     device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
     # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one.
@@ -118,7 +118,8 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
     if d.main:
         t = cfg.training  # before start, which clears an --overwrite'd run:
-        ckpt.check_disk(folder, model, t.keep_last, planned_saves(t.max_steps, t.save_every, t.save_final))
+        saves = planned_saves(t.max_steps, t.save_every, t.save_final, saved["state"]["step"] if saved else 0)
+        ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite)
         if latest is None:
             folder.start(cfg)
         d.barrier()  # the other ranks start now; from here on every collective is reached by all ranks
@@ -127,18 +128,17 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
     state = TrainState()
     metrics = MetricsLog(folder, cfg.training.tensorboard, write=d.main)
     if latest is not None:
-        state = _restore(cfg, d, latest, model, optimizer, scheduler, metrics)
+        state = _restore(d, latest, saved, model, optimizer, scheduler, metrics)
         if d.main:
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
     batcher = Batcher.from_config(cfg.data, cfg.seed, data.tokenizer.pad_token_id)
+    result = RunResult(run_dir=folder.path, steps=max(state.step, cfg.training.max_steps), checkpoint=latest)
     return Run(cfg=cfg, data=data, batcher=batcher, folder=folder, dist=d, device=device, amp_dtype=amp_dtype,
                model=model, trained=trained, attn=attn, optimizer=optimizer, scheduler=scheduler, state=state,
-               stream=DataStream(data.train, batcher, state), metrics=metrics,
-               result=RunResult(run_dir=folder.path, steps=cfg.training.max_steps))  # fmt: skip
+               stream=DataStream(data.train, batcher, state), metrics=metrics, result=result)  # fmt: skip
 
 
-def _restore(cfg, d: Dist, latest, model, optimizer, scheduler, metrics: MetricsLog) -> TrainState:
-    saved = ckpt.load_trainer_state(latest)
+def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog) -> TrainState:
     d.load_optimizer(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state = TrainState(**saved["state"])
@@ -154,15 +154,13 @@ def _restore(cfg, d: Dist, latest, model, optimizer, scheduler, metrics: Metrics
 
 def _fit(run: Run) -> None:
     """The loop: step, evaluate, log, save, until max_steps or a signal (which saves, then stops)."""
-    t, state, result, d = run.cfg.training, run.state, run.result, run.dist
+    t, state, d = run.cfg.training, run.state, run.dist
     with StopSignals() as stop:  # from here on, Ctrl-C / SIGTERM end with a saved checkpoint
         if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
             val = run.evaluate()
             if val is not None:
                 run.metrics.append({"step": 0, "loss": None, "val_loss": val, "val_ppl": perplexity(val)})
                 log.info("step 0: val_loss %.4f  ppl %.2f", val, perplexity(val))
-        vals = [r["val_loss"] for r in run.metrics.records if r.get("val_loss") is not None]
-        result.first_val_loss = vals[0] if vals else None
         run.model.train()
         # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
         live = sys.stderr.isatty()
@@ -173,7 +171,6 @@ def _fit(run: Run) -> None:
             evaluated = run.eval_due()
             if evaluated and (val := run.evaluate()) is not None:
                 rec.update(val_loss=val, val_ppl=perplexity(val))
-                result.last_val_loss = val
             if (every := t.eval_generate_every) and state.step % every == 0:  # generated answers, scored
                 from fasttune.eval.run import training_scores
 
@@ -210,6 +207,11 @@ def _finish(run: Run) -> RunResult:
     """After the last step: LoRA adapters (and the merged model), plots and the summary, on rank 0."""
     cfg, result, data = run.cfg, run.result, run.data
     run.metrics.close()
+    # the whole run's first and last losses (a resumed run included), from its metrics
+    losses = [r["loss"] for r in run.metrics.records if r.get("loss") is not None]
+    vals = [r["val_loss"] for r in run.metrics.records if r.get("val_loss") is not None]
+    result.first_loss, result.last_loss = (losses[0], losses[-1]) if losses else (None, None)
+    result.first_val_loss, result.last_val_loss = (vals[0], vals[-1]) if vals else (None, None)
     # FSDP2: every rank helps gather the adapters (and, to merge, the base) for rank 0 to save
     weights = run.dist.full_weights(run.model, frozen=cfg.lora.merge_on_save) if cfg.lora.enabled else None
     if not run.dist.main:  # rank 0 saves, plots and reports

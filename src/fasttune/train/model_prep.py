@@ -77,6 +77,10 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
     model = build_model(cfg.model, vocab, attn.hf_name, compute_dtype if cfg.lora.enabled else param_dtype, device)
+    if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
+        # transformers' own class was built: an input model's auto_map would make the saved checkpoint point at
+        # custom code it does not use (and ask for trust_remote_code when loaded)
+        del model.config.auto_map
     if cfg.model.liger:
         _apply_liger(model, device)
     if cfg.lora.enabled:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,8 @@ class TrainState:
     bad_steps: int = 0
     micro_split: int = 1
     """Each planned micro-batch runs as this many pieces (raised by the OOM retry; same global batch)."""
+    healthy_checkpoint: int = -1
+    """Step of the newest checkpoint saved right after a healthy step (never pruned; -1: none yet)."""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -141,6 +145,11 @@ class Run:
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.peak = peak_flops(self.device)
+        # the recent healthy losses "exploding" is measured against; kept in memory, so every rank decides alike
+        # (only rank 0 reads metrics.jsonl): a resumed run starts a new history
+        self.history: deque[float] = deque(maxlen=50)
+        self.healthy = True
+        """Whether the last step was healthy (finite, non-exploding loss): a checkpoint saved now is healthy."""
 
     # -- step ---------------------------------------------------------------------------------------------------
     def step(self) -> dict:
@@ -151,25 +160,23 @@ class Run:
         micro = [self.stream.next() for _ in range(t.grad_accum * d.world)]
         samples = [s for mb in micro for s in mb]
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step trains with
-        loss_f, gn, tokens = self._update(micro)
-        self._check_finite(loss_f, gn)
+        loss_f, gn, tokens, targets = self._update(micro)
+        self._check_health(loss_f, gn)
         self.scheduler.step()
         state.step += 1
         dt = time.perf_counter() - t0
         lengths = [len(s["input_ids"]) for s in samples]
         flops = step_flops(self.model.config, lengths, lora=self.cfg.lora.enabled)
-        r = self.result
-        r.first_loss = r.first_loss if r.first_loss is not None else loss_f
-        r.last_loss = loss_f
         return {"step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gn, "tokens_per_s": tokens / dt,
-                "samples_per_s": len(samples) / dt, "tokens": tokens, "samples": len(samples), "step_s": dt,
+                "samples_per_s": len(samples) / dt, "tokens": tokens, "target_tokens": targets, "samples": len(samples),
+                "step_s": dt,
                 "flops": flops, "mfu": flops / dt / (self.peak * d.world) if self.peak else None,
                 "peak_mem_gib": peak_memory_gib(self.device)}  # fmt: skip
 
-    def _update(self, micro: list[list[dict]]) -> tuple[float, float, int]:
-        """forward+backward, clip, update. Returns (loss, grad norm, real tokens). A CUDA out-of-memory anywhere in
-        it is explained, or retried with each micro-batch split in two when --training.oom-retry is on (the global
-        batch and the loss normalisation stay the same)."""
+    def _update(self, micro: list[list[dict]]) -> tuple[float, float, int, int]:
+        """forward+backward, clip, update. Returns (loss, grad norm, real tokens, target tokens). A CUDA
+        out-of-memory anywhere in it is explained, or retried with each micro-batch split in two when
+        --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
         t, state, d, device = self.cfg.training, self.state, self.dist, self.device
         while True:
             pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
@@ -186,7 +193,7 @@ class Run:
                 loss_f, gn = d.sum_([float(loss)], device)[0], float(grad_norm)  # gradients are already synchronised
                 if math.isfinite(loss_f) and math.isfinite(gn):
                     self.optimizer.step()
-                return loss_f, gn, tokens
+                return loss_f, gn, tokens, n_targets
             except torch.OutOfMemoryError:
                 oom = True  # handled below, outside the except block, so the traceback's tensors can be freed
             finally:
@@ -213,21 +220,39 @@ class Run:
             "--model.gradient-checkpointing, or pass --training.oom-retry"
         )
 
-    def _check_finite(self, loss_f: float, gn: float) -> None:
-        """Count a non-finite step (its update was skipped); stop with a diagnosis once there are too many."""
-        if math.isfinite(loss_f) and math.isfinite(gn):
+    def exploding(self, loss: float) -> bool:
+        """Far above the run's recent losses: more than 3x their median and more than 2 nats above it (a spike
+        of a healthy run stays well inside both; divergence goes far past them, e.g. 7.5e6 after 5.1)."""
+        if len(self.history) < 3:
+            return False
+        median = statistics.median(self.history)
+        return loss > max(3 * median, median + 2)
+
+    def _check_health(self, loss_f: float, gn: float) -> None:
+        """Count an unhealthy step: non-finite loss or gradients (its update was skipped) or an exploding loss.
+        Stop with a diagnosis naming the last healthy checkpoint once there are more than max_bad_steps."""
+        finite = math.isfinite(loss_f) and math.isfinite(gn)
+        self.healthy = finite and not self.exploding(loss_f)
+        if self.healthy:
+            self.history.append(loss_f)
             return
         state, t = self.state, self.cfg.training
         state.bad_steps += 1
+        what = "non-finite loss/gradients" if not finite else "an exploding loss"
         if state.bad_steps > t.max_bad_steps:
-            last = ckpt.list_checkpoints(self.folder)
+            good = self.folder.checkpoints / f"step-{state.healthy_checkpoint:06d}"
             raise FasttuneError(
-                f"stopped at step {state.step + 1}: {state.bad_steps} steps with non-finite loss/gradients (loss "
-                f"{loss_f}, grad norm {gn}); last good checkpoint: {last[-1] if last else 'none'}. Lower "
-                "--training.lr, check the data, or use --model.dtype fp32"
+                f"stopped at step {state.step + 1}: {state.bad_steps} unhealthy steps, the last with {what} (loss "
+                f"{loss_f:.4g}, grad norm {gn:.4g}); last healthy checkpoint: {good if good.is_dir() else 'none'}. "
+                "Lower --training.lr, check the data, or use --model.dtype fp32"
             )
-        log.warning("step %d: non-finite loss %s / grad norm %s, update skipped (%d of %d allowed)", state.step + 1,
-                    loss_f, gn, state.bad_steps, t.max_bad_steps)  # fmt: skip
+        if not finite:
+            log.warning("step %d: non-finite loss %s / grad norm %s, update skipped (%d of %d allowed)",
+                        state.step + 1, loss_f, gn, state.bad_steps, t.max_bad_steps)  # fmt: skip
+        else:
+            log.warning("step %d: loss %.4g is far above the run's recent median %.4g: diverging? (%d of %d "
+                        "unhealthy steps allowed)", state.step + 1, loss_f, statistics.median(self.history),
+                        state.bad_steps, t.max_bad_steps)  # fmt: skip
 
     # -- evaluate -----------------------------------------------------------------------------------------------
     def eval_due(self) -> bool:
@@ -267,6 +292,9 @@ class Run:
         if self.saved_step != state.step:
             weights, optimizer_state = d.full_state(self.model, self.optimizer)  # every rank (FSDP2 gathers)
             rng_ranks = d.gather_rng()  # every rank's random state (dropout), None in one process
+            if self.healthy:
+                state.healthy_checkpoint = state.step
+            keep = self.folder.checkpoints / f"step-{state.healthy_checkpoint:06d}"
             if d.main:
                 trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                                  "state": state.as_dict()}  # fmt: skip
@@ -274,7 +302,7 @@ class Run:
                     trainer_state.update(rng_ranks=rng_ranks, world=d.world)
                 self.result.checkpoint = ckpt.save_checkpoint(self.folder, state.step, self.model,
                                                               self.data.tokenizer, trainer_state,
-                                                              self.cfg.training.keep_last, weights)  # fmt: skip
+                                                              self.cfg.training.keep_last, weights, keep)  # fmt: skip
             d.barrier()  # no rank runs ahead of (or exits before) the checkpoint
             self.saved_step = state.step
         return self.result.checkpoint

@@ -2,6 +2,8 @@
 cleared. Layout:
 
     .fasttune-run        marker: only folders with it are ever resumed or cleared by --overwrite
+    .fasttune-lock       held (flock) by the run using the folder, with its PID; the kernel releases it when that
+                         process exits in any way (kill -9 included), so a lock is never stale
     config.json          the resolved config in force (rewritten on resume)
     metrics.jsonl        one JSON record per logged step
     loss.png, throughput.png, tensorboard/
@@ -12,16 +14,61 @@ cleared. Layout:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
+import logging
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from fasttune.config import BaseConfig, to_dict
 from fasttune.config.base_config import may_change_on_resume
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, FasttuneError
+
+log = logging.getLogger("fasttune")
 
 MARKER = ".fasttune-run"
+LOCK = ".fasttune-lock"
+_OURS_BEFORE_MARKER = re.compile(r"^(\.fasttune-lock|\.write-test-.*)$")
+"""What may be in a folder before its marker is written: our lock, our write test (both hidden)."""
+_STALE = re.compile(r"^\.(tmp|old|pruned)-step-(\d+)-\d+$")
+"""Temporaries of checkpoint saving and pruning (fasttune.train.checkpoint) a killed run can leave behind."""
+
+
+class RunLock:
+    """An exclusive flock on `<run folder>/.fasttune-lock`, held for the whole run. The file keeps the holder's PID
+    for the message a second run gets; the lock itself dies with the process, so no stale-lock cleanup is needed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self._holder()
+            self.release()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FasttuneError(f"--output-dir {path.parent}: cannot lock it ({e.strerror or e})") from None
+            raise FasttuneError(
+                f"--output-dir {path.parent} is in use by another fasttune run (PID {holder}); wait for it to "
+                "finish, stop it, or choose another --output-dir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,25 +98,14 @@ class RunFolder:
     def __str__(self) -> str:
         return str(self.path)
 
-    def prepare(self, cfg: BaseConfig) -> None:
-        """Check the folder up front (nothing is deleted here): writable, and an existing run is only touched by
-        --resume or --overwrite, and a folder of someone else's files never."""
+    def prepare(self, cfg: BaseConfig) -> RunLock:
+        """Check the folder up front and lock it for this run (nothing is deleted here but the temporaries of a
+        dead run): writable, an existing run is only touched by --resume or --overwrite, and a folder of someone
+        else's files never. The caller releases the returned lock when the run ends."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--output-dir {path} is a file; choose a folder")
-        foreign = [p.name for p in self.artifacts if p.exists()]
-        if foreign and not self.is_run:
-            raise ConfigError(
-                f"--output-dir {path} holds files that fasttune did not write ({', '.join(foreign)}); "
-                "choose an empty or new folder"
-            )
-        if self.is_run and not (cfg.resume or cfg.overwrite):
-            raise ConfigError(
-                f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
-                "to replace it, or choose another --output-dir"
-            )
-        if cfg.resume and not self.is_run:
-            raise ConfigError(f"--resume: {path} holds no run to resume; run without --resume")
+        self._refuse_foreign()  # before the lock file is created: nothing of ours goes into someone else's folder
         try:
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -77,6 +113,52 @@ class RunFolder:
         except OSError as e:
             why = e.strerror or e
             raise ConfigError(f"--output-dir {path} is not writable ({why}); choose another folder") from None
+        lock = RunLock(path / LOCK)
+        try:
+            self._refuse_foreign()  # again under the lock: another run may have started in between
+            if self.is_run and not (cfg.resume or cfg.overwrite):
+                raise ConfigError(
+                    f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
+                    "to replace it, or choose another --output-dir"
+                )
+            if cfg.resume and not self.is_run:
+                raise ConfigError(f"--resume: {path} holds no run to resume; run without --resume")
+            self.clean_stale()
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    def _refuse_foreign(self) -> None:
+        """A non-empty folder without our marker is someone else's: never train into it (--overwrite neither)."""
+        if not self.path.is_dir() or self.is_run:
+            return
+        theirs = sorted(p.name for p in self.path.iterdir() if not _OURS_BEFORE_MARKER.match(p.name))
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+            raise ConfigError(
+                f"--output-dir {self.path} is not empty ({shown}) and is not a fasttune run folder; fasttune "
+                f"never writes into (or clears) a folder of other files: pass a new or empty folder, e.g. "
+                f"--output-dir {self.path / 'run'}"
+            )
+
+    def clean_stale(self) -> None:
+        """Remove what a killed run left in checkpoints/ (under the lock, so no live run owns it): half-written
+        `.tmp-step-*` and half-deleted `.pruned-step-*` folders. An `.old-step-N-*` folder is a complete checkpoint
+        moved aside while step N was saved again: it is put back when step N is missing, else removed."""
+        if not self.checkpoints.is_dir():
+            return
+        for p in sorted(self.checkpoints.iterdir()):
+            m = _STALE.match(p.name)
+            if not m:
+                continue
+            final = self.checkpoints / f"step-{m.group(2)}"
+            if m.group(1) == "old" and not final.exists():
+                os.rename(p, final)
+                log.warning("restored checkpoint %s (a save of the same step was interrupted)", final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed %s (left by a run that was killed)", p)
 
     def check_resume(self, cfg: BaseConfig) -> None:
         """--resume continues the run as it was configured: options that change the data, tokenizer, model or

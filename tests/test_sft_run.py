@@ -1,0 +1,63 @@
+"""Supervised runs as the user sees them: where the loss is computed (said at start, logged per step), and what an
+input model's folder leaves in the output (no auto_map pointing at custom code that was not used)."""
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
+from helpers import tiny_config
+from transformers import AutoModelForCausalLM
+
+from fasttune.data.packing import IGNORE
+from fasttune.model.build import preset_config
+from fasttune.train import loop
+
+GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+
+
+@pytest.fixture(scope="module")
+def model_with_auto_map(tmp_path_factory) -> Path:
+    """A micro Llama saved like a hub model whose config also names custom code (auto_map) it does not need."""
+    path = tmp_path_factory.mktemp("base") / "model"
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512)).save_pretrained(
+        path
+    )
+    tok.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_response_only_loss_is_reported_and_logged_and_auto_map_is_not_copied(tmp_path, model_with_auto_map, caplog):
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
+    cfg = dataclasses.replace(
+        cfg,
+        experiment="sft",
+        model=dataclasses.replace(cfg.model, path=str(model_with_auto_map)),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
+    )
+    caplog.set_level(logging.INFO, logger="fasttune")
+    result = loop.train(cfg)
+
+    from fasttune.data.pipeline import build_data
+
+    train = build_data(cfg).train
+    total = sum(len(s["input_ids"]) for s in train)
+    targets = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in train)
+    assert 0 < targets < total / 2  # GSM8K prompts are long: most tokens are not trained on
+    assert f"loss on responses only: {targets:,} of {total:,} tokens ({100 * targets / total:.1f}%)" in caplog.text
+
+    steps = [r for r in result.records if r.get("loss") is not None]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(0 < r["target_tokens"] < r["tokens"] for r in steps)
+
+    saved = json.loads((result.checkpoint / "config.json").read_text())
+    assert "auto_map" not in saved
+    AutoModelForCausalLM.from_pretrained(result.checkpoint)  # loads without trust_remote_code
