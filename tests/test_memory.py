@@ -106,3 +106,27 @@ def test_training_run_logs_the_plan(tmp_path, caplog):
         result = train(cfg)
     assert "memory plan: every:2" in caplog.text and "chunked loss" in caplog.text
     assert result.last_loss is not None and result.last_loss == result.last_loss
+
+
+def test_estimate_is_per_gpu_under_torchrun():
+    one = estimate(_setup(8192), "ops")
+    fsdp = estimate(Setup(**{**_setup(8192).__dict__, "shards": 4}), "ops")
+    ddp = estimate(Setup(**{**_setup(8192).__dict__, "ddp": True}), "ops")
+    assert fsdp.weights == one.weights / 4 and fsdp.optimizer == one.optimizer / 4
+    assert fsdp.activations == one.activations  # every rank runs its own micro-batches
+    assert ddp.total == pytest.approx(one.total + one.grads)  # DDP's buckets: one more copy of the gradients
+
+
+def test_plans_under_lora_give_the_gradients_of_no_plan():
+    from fasttune.config import LoraConfig
+    from fasttune.model.lora import apply_lora
+
+    base = build_preset("micro", VOCAB, "sdpa", torch.float32)
+    ref = apply_lora(copy.deepcopy(base), LoraConfig(enabled=True, rank=4, alpha=8)).train()
+    ours = copy.deepcopy(ref)
+    apply_plan(ours, "every:2")
+    batch = _batch()
+    n = count_targets(batch)
+    assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None))
+    grads = [(p.grad, q.grad) for p, q in zip(ref.parameters(), ours.parameters(), strict=True) if p.requires_grad]
+    assert grads and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in grads)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,8 @@ class Estimate:
     optimizer: float
     activations: float
     loss: float
+    buckets: float = 0.0
+    """DDP's gradient buckets, held for the whole run."""
     fixed: float = 0.6 * GiB  # cuBLAS and attention workspaces, allocator slack
 
     @property
@@ -121,12 +124,15 @@ class Estimate:
         # Gradients replace activations as backward runs (set_to_none between steps): the peak is at the start of
         # backward or at the optimizer step (1B shape with Liger: 25.9 GiB predicted, 25.2 measured at 16k tokens;
         # 16.6 vs 15.8 at 8k; without Liger 41.1 vs 41.4, docs/BENCHMARKS.md).
-        return self.weights + self.optimizer + max(self.grads, self.activations + self.loss) + self.fixed
+        return self.weights + self.optimizer + self.buckets + max(self.grads, self.activations + self.loss) + self.fixed
 
-    def describe(self) -> str:
+    def parts(self) -> str:
         parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
                  ("activations", self.activations), ("loss", self.loss))  # fmt: skip
-        return f"{self.total / GiB:.1f} GiB (" + ", ".join(f"{n} {v / GiB:.1f}" for n, v in parts) + ")"
+        return ", ".join(f"{n} {v / GiB:.1f}" for n, v in parts)
+
+    def describe(self) -> str:
+        return f"{self.total / GiB:.1f} GiB ({self.parts()})"
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,10 @@ class Setup:
     """chunked (fasttune's), liger (fused), or hf (the full logits)."""
     autocast: bool = False
     """fp32 weights under bf16 autocast (bf16 copies of the weights are cached for the step)."""
+    shards: int = 1
+    """FSDP2 ranks the weights, gradients and optimizer state are sharded over."""
+    ddp: bool = False
+    """DDP keeps its gradient buckets beside the gradients: one more copy of them."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -156,16 +166,18 @@ def estimate(st: Setup, plan: str) -> Estimate:
         loss = st.tokens * s.vocab * 16.0
     else:  # one chunk of fp32 logits and its gradient, the fp32 head-gradient accumulator
         loss = chunk_tokens(s.vocab) * s.vocab * 6.0 + s.vocab * s.hidden * 4.0
-    weights = st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)
+    # FSDP2 gathers one layer's full weights at a time: ~1/layers of them on top of the shards (ignored here)
+    weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
+    grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
     return Estimate(
-        plan=plan, tokens=st.tokens, weights=weights, grads=st.trainable * st.param_bytes,
-        optimizer=st.trainable * st.optimizer_bytes,
+        plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer,
         activations=activation_bytes(s, plan, st.tokens, st.liger, st.autocast), loss=loss,
+        buckets=grads if st.ddp else 0.0,
     )  # fmt: skip
 
 
 def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate:
-    """The plan to run: `requested`, or for auto the first of AUTO_ORDER whose estimate fits `free_bytes` (None: no
+    """The plan to run: `requested`, or for auto the first of `auto_order` whose estimate fits `free_bytes` (None: no
     GPU to measure, plan `none`). Raises FasttuneError, before anything runs, when the chosen plan cannot fit."""
     plan = memory_plan(requested)
     if free_bytes is None:
@@ -206,7 +218,7 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
     if st.trainable == st.params:
         fixes.append("--lora.enabled (no gradients or optimizer state for the frozen weights)")
     return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} "
-            f"({est.describe()}) for {st.tokens} tokens per micro-batch, but the GPU has {free_bytes / GiB:.1f} GiB "
+            f"({est.parts()}) for {st.tokens} tokens per micro-batch, but the GPU has {free_bytes / GiB:.1f} GiB "
             f"free; try {' or '.join(fixes) if fixes else 'a smaller model'}")  # fmt: skip
 
 
@@ -276,7 +288,9 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
     trainable = sum(p.numel() for p in params if p.requires_grad)
     param_bytes = params[0].element_size() if params else 2
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     return Setup(
+        shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
         shape=Shape.of(base.config), params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=2.0 * param_bytes, tokens=cfg.data.micro_batch_size * cfg.data.max_length, liger=liger,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
