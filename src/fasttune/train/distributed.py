@@ -64,7 +64,8 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # gradients as views into the all-reduce buckets: no copy into and out of them, and no second gradient copy
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     def gather_rng(self) -> list | None:
         """Every rank's random state (a collective), for the checkpoint; None in one process."""
