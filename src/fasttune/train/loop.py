@@ -90,7 +90,9 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
             log.info("the run in %s is already complete (step %d of --max-steps %d); resume with a larger "
                      "--max-steps to train further", run.folder, run.state.step, cfg.training.max_steps)  # fmt: skip
         _fit(run)
-        return _finish(run)
+        result = _finish(run)
+        d.barrier()  # the ranks tear the process group down together (not while rank 0 still saves and reports)
+        return result
     finally:
         if lock is not None:
             lock.release()
