@@ -294,3 +294,23 @@ def test_cuda_graphs_eos_and_sampling(trained):
     b_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=NEW, temperature=3.0, top_p=0.95)
     assert not torch.equal(a_BS, b_BS)  # replays draw fresh random numbers
     assert int(a_BS.max()) < VOCAB and int(b_BS.min()) >= 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_longer_call_grows_the_cache_and_kernels_agree_with_torch_ops(trained):
+    model = copy.deepcopy(trained[0]).to("cuda", torch.bfloat16)
+    gen = Generator(model)
+    assert gen.decoder.use_kernels
+    gen.generate(*prompts(2, True, "cuda"), max_new_tokens=8)
+    long_BP = synthetic_tokens(2, 300, symbols=SYMBOLS, seed=7).cuda()  # 300 + 40 > 256: a larger cache
+    mask_BP = torch.ones_like(long_BP)
+    mask_BP[1, :50] = 0
+    ref_BS, ref_scores = hf_greedy(model, long_BP, mask_BP, 40)
+    plain = Generator(model)
+    plain.decoder.use_kernels = False  # the torch-ops path of the same decoder
+    for engine in (gen, plain):
+        out_BS = engine.generate(long_BP, mask_BP, max_new_tokens=40)
+        result = greedy_agreement(ref_scores, ref_BS[:, 300:], out_BS[:, 300:], TOLERANCE[torch.bfloat16])
+        assert result["agree"], result
+    assert gen._states[2].capacity == 512

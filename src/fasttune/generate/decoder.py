@@ -93,7 +93,9 @@ class FusedDecoder:
         self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 20))
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.use_kernels = kernels.available(self.device)  # Triton kernels on CUDA (kernels.py), else torch ops
+        # Triton kernels on CUDA (kernels.py), else torch ops; the RoPE kernel needs a power-of-2 number of pairs
+        half = self.head_dim // 2
+        self.use_kernels = kernels.available(self.device) and (half & (half - 1)) == 0
         self._version = None
         self.layers: list[dict[str, torch.Tensor | None]] = []
         self.refresh()
