@@ -264,3 +264,19 @@ def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_pa
     finally:
         os.chdir(cwd)
     assert resumed.checkpoint.name == "step-000003" and resumed.steps == 3
+
+
+def test_lora_fsdp_bf16_mixed_precision_matches_one_process_under_autocast(tmp_path):
+    """The precision LoRA trains in on a GPU, on CPU: a bf16 frozen base, fp32 adapters, FSDP2 gathering in bf16 and
+    reducing in fp32 (its mixed precision policy) gives the adapters of one process under torch's bf16 autocast."""
+    script = Path(__file__).parent / "fixtures" / "fsdp_bf16_lora.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run([*cmd, str(tmp_path / "fsdp.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, env=env, timeout=300)
+    got, want = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "one.pt")
+    assert len(want) == 8 and all(".lora_" in k for k in want)  # the adapters alone were gathered
+    assert all(w.dtype == torch.float32 for w in got.values())
+    assert any(w.abs().max() > 0 for k, w in want.items() if "lora_B" in k)  # they trained
+    _assert_same_tensors(got, want)
