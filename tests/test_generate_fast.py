@@ -19,6 +19,7 @@ from fasttune.generate.fast import Generator, unsupported_reason
 from fasttune.model.build import preset_config
 
 VOCAB, SYMBOLS, PROMPT, NEW = 96, 48, 12, 32
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,27 @@ def test_triton_kernels_match_torch_ops_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_longer_call_grows_the_cache_and_kernels_agree_with_torch_ops(trained, device):
+    """A 300-token left-padded prompt after a short call: a larger cache (and graph), the prefill attends over the
+    prompt only (its mask is P x P, not P x T: GBs at long prompts), and on CUDA the Triton kernels and the torch
+    ops both agree with HF."""
+    model = copy.deepcopy(trained[0]).to(device, torch.bfloat16)
+    gen = Generator(model)
+    gen.generate(*prompts(2, True, device), max_new_tokens=8)
+    long_BP = synthetic_tokens(2, 300, symbols=SYMBOLS, seed=7).to(device)  # 300 + 40 > 256: a larger cache
+    mask_BP = torch.ones_like(long_BP)
+    mask_BP[1, :50] = 0
+    ref_BS, ref_scores = hf_greedy(model, long_BP, mask_BP, 40)
+    plain = Generator(model)
+    plain.decoder.use_kernels = False  # the torch-ops path of the same decoder
+    for engine in (gen, plain):
+        out_BS = engine.generate(long_BP, mask_BP, max_new_tokens=40)
+        result = greedy_agreement(ref_scores, ref_BS[:, 300:], out_BS[:, 300:], TOLERANCE[torch.bfloat16])
+        assert result["agree"], result
+    assert gen._states[2].capacity == 512
 
 
 def test_eos_stops_and_pads_like_hf(trained):
@@ -254,9 +276,6 @@ def test_bench_runs_on_cpu(tmp_path):
     assert all(r["tok_s"] > 0 for r in rows) and all("agree" in r for r in rows if r["impl"] == "fasttune")
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("batch,padded", [(1, False), (3, True)])
@@ -294,23 +313,3 @@ def test_cuda_graphs_eos_and_sampling(trained):
     b_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=NEW, temperature=3.0, top_p=0.95)
     assert not torch.equal(a_BS, b_BS)  # replays draw fresh random numbers
     assert int(a_BS.max()) < VOCAB and int(b_BS.min()) >= 0
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_longer_call_grows_the_cache_and_kernels_agree_with_torch_ops(trained):
-    model = copy.deepcopy(trained[0]).to("cuda", torch.bfloat16)
-    gen = Generator(model)
-    assert gen.decoder.use_kernels
-    gen.generate(*prompts(2, True, "cuda"), max_new_tokens=8)
-    long_BP = synthetic_tokens(2, 300, symbols=SYMBOLS, seed=7).cuda()  # 300 + 40 > 256: a larger cache
-    mask_BP = torch.ones_like(long_BP)
-    mask_BP[1, :50] = 0
-    ref_BS, ref_scores = hf_greedy(model, long_BP, mask_BP, 40)
-    plain = Generator(model)
-    plain.decoder.use_kernels = False  # the torch-ops path of the same decoder
-    for engine in (gen, plain):
-        out_BS = engine.generate(long_BP, mask_BP, max_new_tokens=40)
-        result = greedy_agreement(ref_scores, ref_BS[:, 300:], out_BS[:, 300:], TOLERANCE[torch.bfloat16])
-        assert result["agree"], result
-    assert gen._states[2].capacity == 512

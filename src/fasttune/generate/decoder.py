@@ -194,26 +194,38 @@ class FusedDecoder:
         kv_cache.index_copy_(3, slots_Q, torch.stack([qk_BQHD[:, :, Hq:], v_BQHD]).transpose(2, 3))
         return qk_BQHD[:, :, :Hq]
 
+    def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Attention output (B * Q, Hq * D). Decode (Q = 1): over all T cache slots under `bias` (B, Hkv, G, T).
+        Prefill (Q = P, written to slots 0..P-1): over those P slots only, causal, `bias` (B, 1, P, P) or None."""
+        B, Q, Hq, D = q_BQHD.shape
+        G = Hq // self.kv_heads
+        if Q == 1:  # GQA as more queries per key head: query head h reads key head h // G, as HF's repeat_kv
+            q_BKGD = q_BQHD.view(B, self.kv_heads, G, D)
+            o_BKGD = F.scaled_dot_product_attention(q_BKGD, kv_2BHTD[0], kv_2BHTD[1], bias, scale=self.scale)
+            return o_BKGD.reshape(B, Hq * D)
+        # prefill: keys repeated per query head (B * Hq * P * D, small) so the mask broadcasts over heads without
+        # a copy; the grouped layout above would need the (B, Hkv, G*P, T) mask materialized, GBs at long prompts
+        k_BHPD, v_BHPD = (x[:, :, :Q].repeat_interleave(G, dim=1) for x in kv_2BHTD)
+        o_BHPD = F.scaled_dot_product_attention(q_BQHD.transpose(1, 2), k_BHPD, v_BHPD, bias, is_causal=bias is None,
+                                                scale=self.scale)  # fmt: skip
+        return o_BHPD.transpose(1, 2).reshape(B * Q, Hq * D)
+
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
-                bias_B1QT: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
-        `slots_Q`, then attends over all T slots with the additive mask `bias_B1QT` (0 or -inf)."""
+        `slots_Q`, then attends with the additive mask (0 or -inf) `bias`: at decode (B, 1, 1, T) over all cache
+        slots; at prefill (slots 0..P-1) (B, 1, P, P), or None for causal attention without padding."""
         model = self.model.model
         B, Q = ids_BQ.shape
-        Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        G = Hq // Hkv
-        # the mask as SDPA sees it, materialized once per forward rather than expanded by every layer's call
-        bias_BKGT = bias_B1QT[:, :, None].expand(-1, Hkv, G, -1, -1).reshape(B, Hkv, G * Q, -1)
+        Hq, Hkv = self.heads, self.kv_heads
+        if Q == 1:  # the mask as SDPA sees it, materialized once per step rather than expanded by every layer's call
+            bias = bias.expand(B, Hkv, Hq // Hkv, -1).contiguous()
         h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)
         for layer, fused in zip(model.layers, self.layers, strict=True):
             a = layer.self_attn
             qkv_BQF = F.linear(self._norm(h_NE, layer.input_layernorm.weight), fused["qkv"], fused["qkv_bias"])
             q_BQHD = self._queries(fused, qkv_BQF.view(B, Q, -1), pos_BQ, slots_Q, cache[a.layer_idx])
-            # GQA as more queries per key head: query head h reads key head h // G, as HF's repeat_kv
-            q_BKGD = q_BQHD.view(B, Q, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Q, D)
-            kv = cache[a.layer_idx]
-            o_BKGD = F.scaled_dot_product_attention(q_BKGD, kv[0], kv[1], bias_BKGT, scale=self.scale)
-            o_NF = o_BKGD.view(B, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, Hq * D)
+            o_NF = self._attention(q_BQHD, cache[a.layer_idx], bias)
             h_NE.addmm_(o_NF, a.o_proj.weight.t())  # residual fused, in place: addmm would first copy h
             if a.o_proj.bias is not None:
                 h_NE.add_(a.o_proj.bias)
