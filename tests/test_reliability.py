@@ -1,5 +1,6 @@
-"""Reliability: a real `kill -9` at a random step, then --resume, gives the losses of an uninterrupted run; random
-and corrupt command lines always end in one clear error, never a traceback."""
+"""Reliability: real `kill -9`s at random moments, each followed by --resume, give the losses of an uninterrupted run
+and a live run's folder is refused to a second one; random and corrupt command lines always end in one clear error,
+never a traceback."""
 
 import json
 import os
@@ -36,31 +37,52 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r.get("loss") is not None}
 
 
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not cond():
+        time.sleep(0.02)
+
+
+def _checkpoints(run: Path) -> list[str]:
+    root = run / "checkpoints"
+    return sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+
+
 @pytest.mark.slow
-def test_kill_9_at_random_step_then_resume_matches_uninterrupted(tmp_path):
-    cache = tmp_path / "cache"
-    ref = _train(tmp_path / "ref", cache)
+def test_repeated_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
+    """Up to three real SIGKILLs per run, each at a random moment after the (re)started process made progress:
+    mid-step, mid-save, mid-prune, mid-log. Each time --resume continues from what is on disk, and the losses of the
+    whole run are those of an uninterrupted run, bit for bit (CPU). While a run is alive, a second --resume into
+    its folder is refused naming its PID."""
+    cache, steps = tmp_path / "cache", ("--max-steps", "20")  # long enough to be alive for the second run and 3 kills
+    ref = _train(tmp_path / "ref", cache, *steps)
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
     want = _losses(tmp_path / "ref")
 
-    run = tmp_path / "killed"
-    proc = _train(run, cache)
-    target = random.Random().randint(2, 9)  # wait for at least one checkpoint, then kill somewhere after it
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        has_checkpoint = any((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else False
-        if has_checkpoint and (run / "metrics.jsonl").exists() and max(_losses(run) or {0: 0}) >= target:
+    run, rng, kills = tmp_path / "killed", random.Random(), 0
+    proc = _train(run, cache, *steps)
+    _wait_for(lambda: _checkpoints(run), proc)  # from the first checkpoint on there is something to resume
+    second = _train(run, cache, "--resume", *steps)
+    out, _ = second.communicate(timeout=120)
+    if proc.poll() is None:  # the first run still holds the folder
+        assert second.returncode != 0 and f"in use by another fasttune run (PID {proc.pid})" in out, out
+    while kills < 3 and proc.poll() is None:
+        time.sleep(rng.uniform(0.0, 1.5))  # a random moment
+        if proc.poll() is not None:
             break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before the kill"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    resumed = _train(run, cache, "--resume")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert _losses(run) == want  # bit-identical on CPU, wherever the kill landed
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        logged = max(_losses(run) or {0: 0}) if (run / "metrics.jsonl").exists() else 0
+        proc = _train(run, cache, "--resume", *steps)
+        _wait_for(lambda logged=logged: (run / "metrics.jsonl").exists() and max(_losses(run) or {0: 0}) > logged,
+                  proc)  # fmt: skip
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert kills >= 1, "the run finished before the first kill"
+    assert _losses(run) == want  # bit-identical on CPU, wherever the kills landed
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
 def test_interrupted_run_exit_code_and_message(tmp_path):

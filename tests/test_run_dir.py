@@ -262,3 +262,17 @@ def test_resume_of_a_finished_run_says_it_is_complete(finished, caplog, capsys):
     assert again.checkpoint == result.checkpoint and losses(again.records) == losses(result.records)
     assert again.first_loss == result.first_loss and again.last_loss == result.last_loss
     assert "fasttune run summary" in capsys.readouterr().out
+
+
+def test_resuming_with_another_thread_count_warns_that_bits_may_differ(finished, caplog):
+    """CPU reductions split their work by thread (a sum over 2 threads differs from 1 in the last bits), so a resume
+    is bit-exact only with the thread count of the run: say so when it changed."""
+    import torch
+
+    cfg, result = finished
+    path = result.checkpoint / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["threads"] == torch.get_num_threads()
+    torch.save({**state, "threads": torch.get_num_threads() + 3}, path)
+    loop.train(dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=4)))
+    assert f"the checkpoint trained with {torch.get_num_threads() + 3}" in caplog.text

@@ -149,6 +149,11 @@ def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics:
     if saved.get("world", 1) != d.world:
         log.warning("resuming on %d rank(s), the checkpoint trained on %d: the global batch (micro-batches x "
                     "grad_accum x ranks) changes from here on", d.world, saved.get("world", 1))  # fmt: skip
+    threads = saved.get("threads", torch.get_num_threads())
+    if threads != torch.get_num_threads():  # CPU sums split their work by thread: the last bits depend on the count
+        log.warning("resuming with %d CPU threads, the checkpoint trained with %d: losses may differ from an "
+                    "uninterrupted run in the last bits (set OMP_NUM_THREADS=%d to repeat it exactly)",
+                    torch.get_num_threads(), threads, threads)  # fmt: skip
     metrics.truncate_after(state.step)
     log.info("resumed from %s (step %d)", latest, state.step)
     return state
