@@ -167,7 +167,7 @@ class Generator:
         streamed = 0
         n = 1  # new tokens so far
         while n < max_new_tokens:
-            if n % self.check_every == 0:
+            if n % self.check_every == 0 or (n == 1 and eos):  # also right after the prompt: EOS first
                 streamed = self._stream_out(state, batch, prompt_len, streamed, n, eos, on_token)
                 if eos and bool(state.done_B.all()):
                     break
