@@ -168,30 +168,25 @@ def test_import_errors_are_classified():
     assert "cannot" in explain_import_error(ImportError("cannot import name 'x'"))
 
 
-def test_auto_routes_each_call_by_layout_and_row_length(monkeypatch):
+def test_auto_routes_each_call_by_layout_and_row_length():
     """On a Hopper GPU with flash-attn-4: documents and long rows -> FA4, short unpadded rows -> sdpa (cuDNN), and
-    calls with a window/softcap/dropout stay on FA4, which computes them natively. Usability is faked: CPU test."""
-    from fasttune.attention import select
+    calls with a window/softcap/dropout stay on FA4, which computes them natively. A simulated machine (CPU test)."""
+    from fasttune.attention.select import Plan, make_plan
 
     usable = {"flash_attention_4", "sdpa", "varlen", "flex_attention"}
-    monkeypatch.setattr(select, "_family", lambda device: "hopper")
-    monkeypatch.setattr(select, "_why_not", lambda n, *a: None if n in usable else "absent")
-    monkeypatch.setattr(select, "probe", lambda n, *a: None if n in usable else "absent")
-    plan = select.auto_plan(torch.device("cpu"), torch.bfloat16, 128)
-    assert plan == select.Plan(
-        packed="flash_attention_4", rows="flash_attention_4", short_rows="sdpa", short_below=1024
-    )
+    plan = make_plan("hopper", usable.__contains__, 128)
+    assert plan == Plan(packed="flash_attention_4", rows="flash_attention_4", short_rows="sdpa", short_below=1024)
     assert plan.route("packed", 512) == "flash_attention_4"
     assert plan.route("rows", 1023) == "sdpa"
     assert plan.route("rows", 1024) == "flash_attention_4"
     assert plan.route("rows", 512, plain=False) == "flash_attention_4"
+    assert plan.route("right", 512) == "flash_attention_4"  # right-padded rows: never cuDNN (a plan per shape)
     assert plan.route("padded", 512) == "flash_attention_4"  # left padding: FA4 on the unpadded tokens
-    got = resolve("auto", device="cpu", dtype=torch.bfloat16, head_dim=128, packed=True)
-    assert (got.name, got.hf_name) == ("flash_attention_4", "fasttune_auto") and "sdpa" in got.reason
+    assert "sdpa" in plan.describe()
     usable.discard("flash_attention_4")
-    select.STATE.plans.clear()
-    assert select.auto_plan(torch.device("cpu"), torch.bfloat16, 128) == select.Plan("varlen", "sdpa", None, 1024)
-    assert select.auto_plan(torch.device("cpu"), torch.bfloat16, 64).short_below == 2048
+    assert make_plan("hopper", usable.__contains__, 128) == Plan("varlen", "sdpa", None, 1024)
+    assert make_plan("hopper", usable.__contains__, 64).short_below == 2048
+    assert make_plan("cpu", {"sdpa", "eager"}.__contains__, 64) == Plan("sdpa", "sdpa", None, 2048)
 
 
 def test_unavailable_backend_warns_once_with_reason(caplog):

@@ -10,6 +10,7 @@ must equal the per-document reference of test_attention.py, which uses transform
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from test_attention import TOL, make_qkv, packed_call, padded_call, reference
 
-from fasttune.attention import dispatch
+from fasttune.attention import BACKENDS, dispatch
 
 LENS = (5, 11, 1, 8)
 
@@ -97,7 +98,8 @@ def fa3_module() -> types.ModuleType:
 def stand_ins(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", fa2_module())
     monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3_module())
-    monkeypatch.setattr(dispatch, "_route", lambda backend, *a: backend)  # CPU would reroute flash names to sdpa
+    for name in ("flash_attention_2", "flash_attention_3"):  # records that run on CPU, else calls go to sdpa
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(BACKENDS[name], cuda=False))
 
 
 @pytest.mark.parametrize("backend", ["flash_attention_2", "flash_attention_3"])

@@ -10,9 +10,11 @@ the mechanism below (dispatch, impls, kernels) never imports this module.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,14 +285,23 @@ def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
         device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share one plan
     key = (str(device), dtype, head_dim)
     if key not in STATE.plans:
-        packed = _first_usable(device, dtype, head_dim, True, {})[0][0]
-        rows = _first_usable(device, dtype, head_dim, False, {})[0][0]
-        short = None
-        if _family(device) == "hopper" and rows.startswith("flash") and probe("sdpa", device, dtype, head_dim) is None:
-            short = "sdpa"  # cuDNN through sdpa's ladder (kernel_report names the kernel that ran)
-        STATE.plans[key] = Plan(packed, rows, short, SHORT_ROWS.get(head_dim, SHORT_ROWS_DEFAULT))
+        usable = functools.cache(lambda name: _why_not(name, device, dtype, head_dim, {}) is None)
+        STATE.plans[key] = make_plan(_family(device), usable, head_dim)
     STATE.plans[raw] = STATE.plans[key]
     return STATE.plans[key]
+
+
+def make_plan(family: str, usable: Callable[[str], bool], head_dim: int) -> Plan:
+    """auto's routing on a GPU family ('hopper', 'ampere', 'cpu') given which backends are usable there (asked
+    lazily, in preference order). Pure: tests hand it simulated machines."""
+
+    def first(layout: str) -> str:
+        return next((name for name in preference(family, layout) if usable(name)), "eager")
+
+    rows = first("rows")
+    # cuDNN through sdpa's ladder for short rows (kernel_report names the kernel that ran)
+    short = "sdpa" if family == "hopper" and rows.startswith("flash") and usable("sdpa") else None
+    return Plan(first("packed"), rows, short, SHORT_ROWS.get(head_dim, SHORT_ROWS_DEFAULT))
 
 
 def _cache_path() -> Path:
