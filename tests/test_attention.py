@@ -319,3 +319,28 @@ def test_pad_query_sees_the_real_keys_of_its_row_not_itself():
     assert allow[0, 2].tolist() == [True, True, False]  # right pad: real keys, not itself
     assert allow[1, 0].tolist() == [False, False, False]  # left pad: nothing visible
     assert allow[1, 2].tolist() == [False, True, True]
+
+
+def test_per_forward_facts_are_read_once(monkeypatch):
+    """Host syncs happen once per forward, not once per layer: every layer gets the same mask / max-length tensors,
+    and the facts read from them are memoized on the tensor object (#12 item 11: the per-call path)."""
+    from fasttune.attention.layout import packed_from_kwargs, padding_of
+
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    mask_BL = torch.tensor([[True, True, False], [True, True, True]])
+    first = padding_of(mask_BL)
+    assert padding_of(mask_BL) is first and len(reads) == 1  # the second "layer" reuses the first read
+    assert first.lens == (2, 3) and first.right and not first.full
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=torch.tensor(4), max_length_k=torch.tensor(4))
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(2) or real_item(t))
+    for _ in range(3):
+        assert packed_from_kwargs(kwargs, 1, 7, 7).max_q == 4
+    assert reads.count(2) == 2  # max_length_q and max_length_k, once each
+    q, k, v, rows, _ = _right_padded_rows()
+    left = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    out, _ = attention_forward("sdpa", None, *rows, left, scaling=0.3)
+    assert torch.isfinite(out).all()

@@ -73,7 +73,10 @@ def packed_from_kwargs(kwargs: dict, batch: int, q_len: int, k_len: int) -> Varl
             max_q = memo(cu_q, "max", lambda: _as_int((cu_q[1:] - cu_q[:-1]).max()))
         if max_k is None:
             max_k = max_q if cu_k is cu_q else memo(cu_k, "max", lambda: _as_int((cu_k[1:] - cu_k[:-1]).max()))
-        return Varlen(cu_q.to(torch.int32), cu_k.to(torch.int32), _as_int(max_q), _as_int(max_k))
+        # max lengths given as tensors (0-d or (1,)) are read once per forward, not once per layer
+        max_q, max_k = (memo(m, "int", lambda m=m: _as_int(m)) if isinstance(m, torch.Tensor) else int(m)
+                        for m in (max_q, max_k))  # fmt: skip
+        return Varlen(cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k)
     position_ids = kwargs.get("position_ids")
     # With a cache offset (decoding) position_ids continue a sequence: packing only exists in full-length calls.
     if position_ids is None or q_len != k_len or position_ids.shape[-1] != q_len:
