@@ -89,6 +89,22 @@ def _run(arch, impl, mode, ids, mask, labels, device="cpu", dtype=torch.float32)
     return out.logits.detach(), out.loss, grads
 
 
+@functools.cache
+def _reference(arch: str, mode: str, padding: str):
+    """transformers' eager on the padded batch (logits, loss, gradients), computed once per arch, mode, padding."""
+    with torch.set_grad_enabled(mode == "train"):
+        return _run(arch, REFERENCE, mode, *batch(padding))
+
+
+@functools.cache
+def _reference_generate(arch: str, padding: str):
+    ids, mask, _ = batch(padding, seed=1)
+    with torch.no_grad():
+        return model_for(arch, REFERENCE, "eval").generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, output_scores=True
+        )
+
+
 @pytest.mark.parametrize("arch", list(CONFIGS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -97,8 +113,8 @@ def test_padded_batches_equal_eager(arch, backend, mode):
     and in every gradient."""
     for padding in ("left", "right"):
         ids, mask, labels = batch(padding)
+        want, want_loss, want_grads = _reference(arch, mode, padding)
         with torch.set_grad_enabled(mode == "train"):
-            want, want_loss, want_grads = _run(arch, REFERENCE, mode, ids, mask, labels)
             got, got_loss, got_grads = _run(arch, backend, mode, ids, mask, labels)
         where = mask.bool() if mode == "train" else torch.ones_like(mask, dtype=torch.bool)
         torch.testing.assert_close(got[where], want[where], **TOL, msg=lambda m, p=padding: f"{p} padding: {m}")
@@ -116,13 +132,12 @@ def test_greedy_generate_equals_eager(arch, backend):
     right padding every row's first new token is read at a pad position)."""
     for padding in ("left", "right"):
         ids, mask, _ = batch(padding, seed=1)
-        runs = {}
-        for impl in (REFERENCE, backend):
-            model = model_for(arch, impl, "eval")
-            with torch.no_grad():
-                runs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
-                                            return_dict_in_generate=True, output_scores=True)  # fmt: skip
-        want, got = runs[REFERENCE], runs[backend]
+        want = _reference_generate(arch, padding)
+        model = model_for(arch, backend, "eval")
+        with torch.no_grad():
+            got = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, output_scores=True
+            )
         torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), **TOL)
         assert torch.equal(got.sequences, want.sequences), f"{padding} padding"
 
@@ -137,6 +152,26 @@ def _packed(docs, with_cu: bool):
     return ids, kwargs
 
 
+def documents() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randint(1, 64, (n,), generator=gen) for n in LENS]
+
+
+@functools.cache
+def _reference_packed(arch: str, mode: str):
+    """eval: eager logits of each document alone; train: eager loss and gradients of the documents as a padded
+    batch (computed once per arch and mode)."""
+    docs = documents()
+    if mode == "eval":
+        with torch.no_grad():
+            eager = model_for(arch, REFERENCE, "eval")
+            return torch.cat([eager(input_ids=d[None]).logits[0] for d in docs]), None, None
+    ids, mask, _ = batch("right")
+    for b, d in enumerate(docs):
+        ids[b, : len(d)] = d
+    return _run(arch, REFERENCE, "train", ids, mask, torch.where(mask.bool(), ids, -100))
+
+
 @pytest.mark.parametrize("arch", list(CONFIGS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -144,16 +179,8 @@ def test_packed_equals_each_document_alone(arch, backend, mode):
     """Packed by position_ids alone and with cu_seq_lens kwargs, default arguments (use_cache not set): logits equal
     eager on each document alone; in train mode so do the loss's gradients (the padded batch of the same
     documents through eager is the reference: cross-document gradients are exactly zero)."""
-    gen = torch.Generator().manual_seed(2)
-    docs = [torch.randint(1, 64, (n,), generator=gen) for n in LENS]
-    eager = model_for(arch, REFERENCE, "eval")
-    with torch.no_grad():
-        want = torch.cat([eager(input_ids=d[None]).logits[0] for d in docs])
-    ids, mask, labels = batch("right")
-    for b, d in enumerate(docs):
-        ids[b, : len(d)] = d
-    labels = torch.where(mask.bool(), ids, -100)
-    _, want_loss, want_grads = _run(arch, REFERENCE, "train", ids, mask, labels) if mode == "train" else (0, 0, [])
+    docs = documents()
+    want, want_loss, want_grads = _reference_packed(arch, mode)
     for with_cu in (False, True) if mode == "eval" else (True,):
         model = model_for(arch, backend, mode)
         packed_ids, kwargs = _packed(docs, with_cu)
@@ -199,8 +226,7 @@ def test_padded_and_packed_equal_eager_on_gpu_bf16(arch, backend):
             if mode == "train":
                 assert abs(float(got_loss - want_loss)) < 2e-2 * float(want_loss)
                 assert max(_rel(g, w) for g, w in zip(got_grads, want_grads, strict=True)) < 5e-2
-    gen = torch.Generator().manual_seed(2)
-    docs = [torch.randint(1, 64, (n,), generator=gen).cuda() for n in LENS]
+    docs = [d.cuda() for d in documents()]
     with torch.no_grad():
         want = torch.cat([model_for(arch, REFERENCE, "eval", **cuda)(input_ids=d[None]).logits[0] for d in docs])
         ids, kwargs = _packed([d.cpu() for d in docs], with_cu=True)
