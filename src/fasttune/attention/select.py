@@ -60,7 +60,7 @@ def native_attention(model_config) -> str | None:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
     except KeyError:
         return None
-    if cls.is_backend_compatible():
+    if getattr(cls, "_supports_attention_backend", False):  # what cls.is_backend_compatible() returns
         return None
     return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
 
