@@ -47,6 +47,7 @@ def test_run_folder_means_its_latest_complete_checkpoint(tmp_path):
     assert src.model_dir == latest and src.tokenizer_dir == latest and src.adapter_dir is None
     assert "run folder" in src.note and str(latest) in src.note
     assert resolve_for_training(str(run)) == str(latest)
+    assert resolve(run / "checkpoints").model_dir == latest  # the checkpoints folder itself: the same
 
 
 def test_checkpoint_and_model_folders_are_taken_as_given(tmp_path):

@@ -70,6 +70,8 @@ def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = Tru
         raise FasttuneError(f"{option} {given}: no such folder; pass a checkpoint, run or model folder")
     if not given.is_dir():
         raise FasttuneError(f"{option} {given} is a file; pass the folder that holds config.json")
+    if given.name == "checkpoints" and is_run_folder(given.parent):
+        given = given.parent  # runs/x/checkpoints: the run's latest checkpoint, as for runs/x
     if is_run_folder(given):  # before config.json: a run folder holds the run's config.json, not a model's
         return _run_folder(given, option, adapters)
     if (given / "config.json").is_file():
