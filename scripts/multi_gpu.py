@@ -9,8 +9,9 @@ failures:
   1B shape: 1 GPU, DDP and FSDP2 on 2 and 4 GPUs;  8B shape (llama-3.1-8b preset): 1 (if it fits), 2, 4 GPUs FSDP2;
   the 4-GPU FSDP2 1B run's checkpoint resumed on 1 GPU;  LoRA + FSDP2 on 2 GPUs, trained then resumed.
 Per run: real tokens/s (median of the steps after the warm-up; all ranks together), peak GiB on rank 0, memory plan,
-loss. Printed last: one summary table with the scaling ratios against 1 GPU. Files in $OUT (4): summary.md,
-results.json, logs.txt (each run's last lines), versions.txt.
+loss. FSDP2 scaling runs use the memory plan their shape's 1-GPU run chose (the same recomputation). Printed
+last: one summary table with the scaling ratios against 1 GPU. Files in $OUT (4): summary.md, results.json,
+logs.txt (each run's last lines), versions.txt.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def worker(spec: dict) -> None:
     cfg.lora.enabled = cfg.lora.merge_on_save = bool(spec.get("lora"))
     if cfg.lora.enabled:  # LoRA's own default: a bf16 frozen base, fp32 adapters under bf16 autocast
         cfg.model.dtype = "auto"
+    if spec.get("memory"):
+        cfg.model.memory = spec["memory"]
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # One sample set for every run of a shape, its resumed runs included: enough for 16 steps of micro-batches on 4
@@ -180,8 +183,15 @@ def run_all(dry: bool, out: Path, work: Path, only: set[str] | None) -> list[dic
             steps = extra.get("steps", prof["steps"])
             if dry:  # two steps, and a resumed run one more
                 steps = prof["steps"] + (1 if parent else 0)
+            # FSDP2 scaling runs recompute what one GPU's run chose to (its memory plan): the same work per GPU, so
+            # the ratio is the parallel efficiency, and the memory sharding frees shows as less memory per GPU. (DDP
+            # holds what one GPU holds, and its own plan: auto picks the same one unless one GPU was at the edge.)
+            scaling = mode == "fsdp" and not parent
+            base_run = next((ref for s, ref, others in SCALING if s == shape and name in others and scaling), None)
+            plan = (done.get(base_run) or {}).get("plan") if base_run else None
             spec = {
-                "preset": prof[shape], "mode": mode, "device": "cpu" if dry else "cuda", "steps": steps,
+                "memory": _valid_plan(plan), "preset": prof[shape], "mode": mode, "device": "cpu" if dry else "cuda",
+                "steps": steps,
                 "warm": prof["warm"], "max_length": prof["max_length"], "micro_batch": extra.get("micro_batch", 8),
                 "vocab": 384 if dry else 32000, "lora": extra.get("lora", False), "save": extra.get("save", False),
                 "run_dir": str(work / (parent or name)), "resume": parent, "result": str(work / f"{name}.json"),
@@ -201,6 +211,16 @@ def run_all(dry: bool, out: Path, work: Path, only: set[str] | None) -> list[dic
             logs.append(f"===== {name} (rc {rc}, {secs:.0f} s)\n{tail}")
     (out / "logs.txt").write_text("\n\n".join(logs) + "\n")
     return rows
+
+
+def _valid_plan(plan: str | None) -> str | None:
+    from fasttune.config.base_config import memory_plan
+    from fasttune.errors import ConfigError
+
+    try:
+        return memory_plan(plan) if plan else None
+    except ConfigError:
+        return None  # a plan name the option does not take: that run plans for itself
 
 
 def _resume_check(row: dict, parent: dict) -> str:
