@@ -147,7 +147,7 @@ def bench_batch(model, batch: int, prompt_len: int, new_tokens: int, eager: bool
         same = match["first_mismatch_step"] or len(scores)
         diff = max(float((a - b).abs().max()) for a, b in zip(ref_scores[:same], scores[:same], strict=False))
         fast_rows.append(_row("fasttune_no_graphs", batch, new_tokens, eager_s, speedup=round(hf_s / eager_s, 2),
-                              **match, max_logit_diff=round(diff, 5), **common))  # fmt: skip
+                              **match, max_logit_diff=float(f"{diff:.3g}"), **common))  # fmt: skip
     return rows + fast_rows
 
 
