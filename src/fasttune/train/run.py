@@ -216,8 +216,8 @@ class Run:
             f"CUDA out of memory at step {self.state.step + 1}: micro-batch {d.micro_batch_size} samples / "
             f"{d.micro_batch_size * d.max_length} tokens, split {self.state.micro_split}x; peak "
             f"{peak_memory_gib(device) or 0:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB. Lower "
-            "--data.micro-batch-size (raise --training.grad-accum to keep the batch), turn on "
-            "--model.gradient-checkpointing, or pass --training.oom-retry"
+            "--data.micro-batch-size (raise --training.grad-accum to keep the batch), recompute more activations "
+            "(--model.memory every:2 or full), or pass --training.oom-retry"
         )
 
     def exploding(self, loss: float) -> bool:
