@@ -85,8 +85,10 @@ def test_existing_run_is_never_overwritten_silently(reference):
 
 
 def test_resume_without_run_is_clear(tmp_path):
+    cfg = dataclasses.replace(tiny_config(tmp_path), resume=True)
     with pytest.raises(ConfigError, match="holds no run to resume"):
-        loop.train(dataclasses.replace(tiny_config(tmp_path), resume=True))
+        loop.train(cfg)
+    assert not cfg.run_dir.exists()  # a mistyped --resume path creates nothing
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, caplog):

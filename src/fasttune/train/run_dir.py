@@ -106,6 +106,7 @@ class RunFolder:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--output-dir {path} is a file; choose a folder")
         self._refuse_foreign()  # before the lock file is created: nothing of ours goes into someone else's folder
+        self._refuse_resume_without_run(cfg)  # nor a folder created for a mistyped --resume path
         try:
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -121,13 +122,16 @@ class RunFolder:
                     f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
                     "to replace it, or choose another --output-dir"
                 )
-            if cfg.resume and not self.is_run:
-                raise ConfigError(f"--resume: {path} holds no run to resume; run without --resume")
+            self._refuse_resume_without_run(cfg)
             self.clean_stale()
         except BaseException:
             lock.release()
             raise
         return lock
+
+    def _refuse_resume_without_run(self, cfg: BaseConfig) -> None:
+        if cfg.resume and not self.is_run:
+            raise ConfigError(f"--resume: {self.path} holds no run to resume; run without --resume")
 
     def _refuse_foreign(self) -> None:
         """A non-empty folder without our marker is someone else's: never train into it (--overwrite neither)."""
