@@ -3,8 +3,9 @@
 # torch comes first, so that pip never pulls a build this machine cannot use:
 #   NVIDIA GPU (nvidia-smi answers): torch from PyPI, a CUDA build (an older driver needs another index:
 #                                     docs/INSTALL.md, section 2)
-#   no NVIDIA GPU:                    torch's CPU build from PyTorch's CPU index (~200 MB instead of the ~5.5 GB of
-#                                     CUDA packages PyPI's Linux build brings)
+#   no NVIDIA GPU:                    torch's CPU build ("+cpu") from PyTorch's CPU index (~200 MB instead of the
+#                                     ~5.5 GB of CUDA packages PyPI's Linux build brings), or, where that index is out
+#                                     of reach, the newest "+cpu" build pip's other configured sources offer
 #   torch >= 2.11 already installed:  kept (and said when it is a CUDA build on a machine without a GPU)
 # FASTTUNE_TORCH overrides the torch step: the arguments given to `pip install` (e.g. "torch==2.13.0" where a local
 # wheel or mirror serves the CPU build). FASTTUNE_EXTRAS picks the extras (default: dev = tests and linters).
@@ -27,8 +28,23 @@ elif [ "$gpu" = 1 ]; then
   echo "torch: NVIDIA GPU found, installing a CUDA build from PyPI (older drivers: docs/INSTALL.md, section 2)"
   pip_install "torch>=2.11"
 else
-  echo "torch: no NVIDIA GPU found, installing the CPU build (~200 MB, not the ~5.5 GB CUDA build)"
-  pip_install "torch>=2.11" --index-url https://download.pytorch.org/whl/cpu
+  # Ask pip what the CPU index would give. Where that index is out of reach, pip's other configured sources (a mirror,
+  # a wheel folder) answer instead and may offer a CUDA build first: then take their newest "+cpu" build, if any.
+  cpu_index=https://download.pytorch.org/whl/cpu
+  pick=$(python -m pip install --dry-run --ignore-installed --no-deps "torch>=2.11" --index-url "$cpu_index" 2>/dev/null |
+    sed -n 's/^Would install torch-\([^ ]*\).*/\1/p')
+  case "$pick" in
+    *+cpu) ;;
+    *) pick=$(python -m pip index versions torch 2>/dev/null | sed -n 's/^Available versions: //p' | tr ',' '\n' |
+         tr -d ' ' | grep '+cpu$' | head -n 1) ;;
+  esac
+  if [ -n "$pick" ]; then
+    echo "torch: no NVIDIA GPU found, installing the CPU build torch $pick (~200 MB, not the ~5.5 GB CUDA build)"
+    pip_install "torch==$pick" --index-url "$cpu_index"
+  else
+    echo "torch: no NVIDIA GPU found, installing the CPU build (~200 MB, not the ~5.5 GB CUDA build)"
+    pip_install "torch>=2.11" --index-url "$cpu_index"
+  fi
 fi
 pip_install -e ".[${FASTTUNE_EXTRAS-dev}]"
 python -c "import torch; print('installed fasttune with torch', torch.__version__, torch.version.cuda and 'CUDA ' + torch.version.cuda or 'CPU build')"

@@ -29,8 +29,10 @@ def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
 
 
-def _install(tmp_path, gpu: bool, torch_version: str = "", env_extra: dict | None = None) -> list[str]:
-    """Run scripts/install.sh with stand-ins for python and nvidia-smi; the pip commands it would run."""
+def _install(tmp_path, gpu: bool, torch_version: str = "", env_extra: dict | None = None, would: str = "",
+             versions: str = "") -> list[str]:
+    """Run scripts/install.sh with stand-ins for python and nvidia-smi; the pip commands it would run (not its
+    queries). `would`: what pip's dry run would install; `versions`: what `pip index versions torch` lists."""
     import stat
 
     bin_dir, log = tmp_path / "bin", tmp_path / "pip.log"
@@ -39,6 +41,10 @@ def _install(tmp_path, gpu: bool, torch_version: str = "", env_extra: dict | Non
     imports = f"echo {torch_version}; exit 0" if torch_version else "exit 1"
     stubs = {
         "python": f"""#!/bin/sh
+case "$*" in
+  *--dry-run*) [ -n "{would}" ] && echo "Would install torch-{would}"; exit 0;;
+  *"index versions"*) [ -n "{versions}" ] && echo "Available versions: {versions}"; exit 0;;
+esac
 if [ "$1" = "-m" ]; then shift 3; echo "$*" >> {log}; exit 0; fi
 case "$2" in
   *"installed fasttune"*) exit 0;;
@@ -62,6 +68,11 @@ def test_install_picks_the_cpu_build_without_a_gpu(tmp_path):
     torch_step, fasttune_step = _install(tmp_path, gpu=False)
     assert torch_step == "torch>=2.11 --index-url https://download.pytorch.org/whl/cpu"
     assert fasttune_step == "-e .[dev]"
+    cpu = "--index-url https://download.pytorch.org/whl/cpu"
+    assert _install(tmp_path, gpu=False, would="2.15.0+cpu")[0] == f"torch==2.15.0+cpu {cpu}"  # the CPU index answers
+    # the CPU index is out of reach and a mirror offers a CUDA build first (seen on a CPU machine: 5.5 GB of CUDA)
+    mirror = _install(tmp_path, gpu=False, would="2.14.1", versions="2.15.0, 2.14.1, 2.13.0+cpu, 2.13.0")
+    assert mirror[0] == f"torch==2.13.0+cpu {cpu}"
 
 
 def test_install_with_a_gpu_or_torch_present_or_an_override(tmp_path):
