@@ -262,3 +262,19 @@ def test_a_real_write_failure_is_one_line_and_leaves_the_previous_checkpoint(ref
     root = run_dir / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000006"]  # no temporary left behind
     assert all(checkpoint.verify(p)[1] is None for p in root.iterdir())
+
+
+def test_warmup_not_below_max_steps_is_capped_with_one_warning(tmp_path, caplog):
+    from fasttune.train.optim import build_optimizer
+
+    cfg = tiny_config(tmp_path, max_steps=20, warmup_steps=30, lr=1e-3)
+    with caplog.at_level("WARNING", logger="fasttune"):
+        optimizer, scheduler = build_optimizer(cfg, torch.nn.Linear(2, 2), torch.device("cpu"))
+    lrs = []
+    for _ in range(cfg.training.max_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 / 3)  # warmup of 20 // 10 = 2 steps
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--training.warmup-steps 30" in warnings[0] and "--max-steps 20" in warnings[0]

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from fasttune.config import BaseConfig
+
+log = logging.getLogger("fasttune")
+
+
+def warmup_steps(cfg: BaseConfig) -> int:
+    """The warmup the schedule uses: --training.warmup-steps, capped to a tenth of the run when it would not end
+    before --max-steps (the quick preset's 30 with --max-steps 20 never reached the LR). A pure function of the
+    config, so a resumed run rebuilds the same schedule."""
+    t = cfg.training
+    if t.warmup_steps < t.max_steps:
+        return t.warmup_steps
+    return max(1, t.max_steps // 10)
 
 
 def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.device):
@@ -22,11 +35,17 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    warmup = warmup_steps(cfg)
+    if warmup != t.warmup_steps:
+        log.warning(
+            "--training.warmup-steps %d is not below --max-steps %d: warming up for %d steps instead (set "
+            "--training.warmup-steps below --max-steps to choose)", t.warmup_steps, t.max_steps, warmup
+        )  # fmt: skip
 
     def schedule(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
