@@ -278,3 +278,17 @@ def test_warmup_not_below_max_steps_is_capped_with_one_warning(tmp_path, caplog)
     assert max(lrs) == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 / 3)  # warmup of 20 // 10 = 2 steps
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "--training.warmup-steps 30" in warnings[0] and "--max-steps 20" in warnings[0]
+
+
+def test_resume_with_max_steps_below_the_step_reached_is_not_called_complete(reference, tmp_path, caplog):
+    import shutil
+
+    cfg, result = reference
+    shutil.copytree(result.run_dir, tmp_path / "run")  # the shared reference run stays as it is
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "run"), resume=True)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=3))
+    with caplog.at_level("INFO", logger="fasttune"):
+        loop.train(cfg)
+    text = caplog.text
+    assert "already complete" not in text
+    assert "already past step 3 (stopped at step 6)" in text and "--max-steps above 6" in text

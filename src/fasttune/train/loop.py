@@ -86,9 +86,13 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         else:
             lock = RunFolder(cfg.run_dir).prepare(cfg)  # held until this run ends, however it ends
         run = _open(cfg, data, d, device_name)
-        if run.state.step >= cfg.training.max_steps:
+        step, max_steps = run.state.step, cfg.training.max_steps
+        if step == max_steps:
             log.info("the run in %s is already complete (step %d of --max-steps %d); resume with a larger "
-                     "--max-steps to train further", run.folder, run.state.step, cfg.training.max_steps)  # fmt: skip
+                     "--max-steps to train further", run.folder, step, max_steps)  # fmt: skip
+        elif step > max_steps:  # e.g. a 3000-step run stopped at 106, resumed with --max-steps 30: not "complete"
+            msg = "the run in %s is already past step %d (stopped at step %d); to continue it, resume with --max-steps"
+            log.info(msg + " above %d (e.g. its original --max-steps)", run.folder, max_steps, step, step)
         _fit(run)
         result = _finish(run)
         d.barrier()  # the ranks tear the process group down together (not while rank 0 still saves and reports)
