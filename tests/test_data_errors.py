@@ -125,7 +125,9 @@ def test_non_utf8_names_byte_offset(name, line):
 
 
 def test_nonexistent_path():
-    assert "does/not/exist.jsonl: no such file or folder" in error_for("does/not/exist.jsonl")
+    message = error_for("does/not/exist.jsonl")
+    assert "does/not/exist.jsonl: no such file or folder" in message
+    assert message.endswith("check --data") and "--data.path" not in message  # eval has only --data
 
 
 def test_unsupported_extension():

@@ -180,7 +180,7 @@ def test_a_fifo_or_an_empty_data_path_is_refused_not_waited_on(tmp_path):
     cfg = tiny_config(tmp_path)
     with pytest.raises(DataError, match="data.jsonl: not a regular file or folder"):
         build_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(fifo))))
-    with pytest.raises(DataError, match="--data.path is empty"):
+    with pytest.raises(DataError, match="--data is empty"):
         build_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="")))
 
 

@@ -73,11 +73,11 @@ def load_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
     root = Path(path)
     if not root.exists():
-        raise DataError(f"{path}: no such file or folder; check --data.path")
+        raise DataError(f"{path}: no such file or folder; check --data")
     tables = _read_path(root)
     tables = [t for t in tables if t.records]
     if not tables:
-        raise DataError(f"{path}: no records found (empty file or folder); add data or point --data.path elsewhere")
+        raise DataError(f"{path}: no records found (empty file or folder); add data or point --data elsewhere")
     if tables[0].is_text_file:
         if fmt not in ("auto", "text"):
             raise DataError(f"{path}: plain text files are read as format 'text', not {fmt!r}; drop --data.format")
@@ -215,7 +215,7 @@ def _folder_files(root: Path) -> list[Path]:
         text = next(p for p in files if p.suffix.lower() not in DATA_SUFFIXES)
         raise DataError(
             f"{root}: folder mixes data files ({data[0].name}) and text files ({text.name}); "
-            "point --data.path at one file or keep one kind per folder"
+            "point --data at one file or keep one kind per folder"
         )
     return files
 

@@ -141,12 +141,12 @@ def check_data_path(path: str) -> None:
     """Refuse what would hang (a FIFO blocks in open) or silently mean something else ('' is the current folder)."""
     if not path.strip():
         raise DataError(
-            "--data.path is empty; pass a data file or folder, or leave the option out to train on the embedded corpus"
+            "--data is empty; pass a data file or folder, or leave the option out to train on the embedded corpus"
         )
     p = Path(path)
     if p.exists() and not (p.is_file() or p.is_dir()):
         raise DataError(
-            f"--data.path {path}: not a regular file or folder (a FIFO, socket or device); save the data to a file "
+            f"--data {path}: not a regular file or folder (a FIFO, socket or device); save the data to a file "
             "and pass that"
         )
 
