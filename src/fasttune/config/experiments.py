@@ -22,7 +22,11 @@ def quick() -> BaseConfig:
 
 
 def full() -> BaseConfig:
-    """The same pipeline at GPU scale: Llama-3.2-1B shape, bf16, packed 16k-token micro-batches, auto attention."""
+    """The same pipeline at GPU scale: Llama-3.2-1B shape, bf16, packed 8k-token micro-batches, auto attention.
+
+    8k, not 16k, tokens per micro-batch: with `auto` memory (no recomputation where it fits) the 1B shape then trains
+    52.6k tok/s in 21.4 GiB without flash-attn-4 or Liger, where 16k-token packs need 35.6 GiB for 55.7k, or
+    recomputation (`ops`: 42.8k in 21.5 GiB): H200, one run, docs/BENCHMARKS.md "Memory"."""
     cfg = quick()
     return dataclasses.replace(
         cfg,
@@ -31,7 +35,7 @@ def full() -> BaseConfig:
         attn_implementation="auto",
         model=dataclasses.replace(cfg.model, preset="1b", dtype="bf16", liger=True),
         data=dataclasses.replace(
-            cfg.data, max_length=2048, micro_batch_size=8, max_documents=None, tokenizer_vocab_size=32000
+            cfg.data, max_length=2048, micro_batch_size=4, max_documents=None, tokenizer_vocab_size=32000
         ),
         training=dataclasses.replace(
             cfg.training, max_steps=2000, lr=3e-4, warmup_steps=100, eval_every=250, save_every=500

@@ -9,9 +9,9 @@ Activation plans, from least to most recomputation (`model.memory`):
 - `attention` / `mlp`: that block of every layer is recomputed in backward (kept: its input).
 - `every:K`: every K-th decoder layer is recomputed whole (kept: its input); the others use `ops`.
 - `full`: every decoder layer is recomputed whole (HF's gradient checkpointing).
-`auto` takes the first of those that fits the GPU's free memory for the configured tokens per micro-batch (`ops`
-before `none` unless Liger is on: see CANDIDATES), logs it with its predicted peak, and stops before the first
-step, naming the settings that would fit, when even `full` does not.
+`auto` takes the first of those that fits the GPU's free memory for the configured tokens per micro-batch (least
+recomputation first: see CANDIDATES), logs it with its predicted peak, and stops before the first step, naming the
+settings that would fit, when even `full` does not.
 
 Byte counts per token and decoder layer (bf16 compute, 2 bytes; h hidden, q = heads x head_dim, kv = kv heads x
 head_dim, i intermediate), counted from what autograd saves in HF's Llama layer: each unfused RMSNorm keeps its fp32
@@ -37,11 +37,11 @@ log = logging.getLogger("fasttune")
 
 GiB = 2**30
 CANDIDATES = ("none", "ops", "attention", "mlp", "every:4", "every:2", "full")
-"""The plans `auto` chooses from, tried in order of recomputed matmul FLOPs, then of memory. Without Liger, `ops`
-(no matmul recomputed) comes before `none`: it is the plain-PyTorch counterpart of Liger's fused norm/SwiGLU
-recompute, and it is what puts the 1B shape's 16k-token step in 21.5 GiB instead of 35.6, at 0.77x the tokens/s of
-`none` (H200, docs/BENCHMARKS.md "Memory"; `--model.memory none` when speed matters more and memory is plentiful).
-With Liger those ops are already fused and recomputed, so `none` comes first."""
+"""The plans `auto` chooses from, tried in order of recomputation: `none` first, then by recomputed matmul FLOPs, then
+by memory. `none` before `ops` although `ops` recomputes no matmul: its unfused elementwise recompute costs 23% of
+the step (1B shape, H200, same run: 16k-token packs with `ops` ran 42.8k tok/s in 21.5 GiB, 8k-token packs with
+`none` 52.6k tok/s in 21.4 GiB; docs/BENCHMARKS.md "Memory"), so fewer tokens per micro-batch beat `ops` at equal
+memory, and `auto` only takes `ops` when `none` does not fit."""
 HEADROOM = 0.92
 """Share of free memory a plan may fill: the allocator's fragmentation and kernel workspaces take the rest (the
 1B runs of docs/BENCHMARKS.md reserved 4-7% above their peak allocation)."""
@@ -195,9 +195,9 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
 
 
 def auto_order(st: Setup) -> list[Estimate]:
-    """CANDIDATES' estimates, least recomputed matmul FLOPs first, then least memory."""
+    """CANDIDATES' estimates, least recomputation first (`none`, then recomputed matmul FLOPs, then memory)."""
     ests = [estimate(st, p) for p in CANDIDATES]
-    return sorted(ests, key=lambda e: (recompute_flops(st.shape, e.plan), st.liger and e.plan == "ops", e.total))
+    return sorted(ests, key=lambda e: (recompute_flops(st.shape, e.plan), e.plan != "none", e.total))
 
 
 def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
