@@ -29,8 +29,9 @@ def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
 
 
-def _install(tmp_path, gpu: bool, torch_version: str = "", env_extra: dict | None = None, would: str = "",
-             versions: str = "") -> list[str]:
+def _install(
+    tmp_path, gpu: bool, torch_version: str = "", env_extra: dict | None = None, would: str = "", versions: str = ""
+) -> list[str]:
     """Run scripts/install.sh with stand-ins for python and nvidia-smi; the pip commands it would run (not its
     queries). `would`: what pip's dry run would install; `versions`: what `pip index versions torch` lists."""
     import stat
