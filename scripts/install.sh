@@ -33,14 +33,17 @@ else
   cpu_index=https://download.pytorch.org/whl/cpu
   pick=$(python -m pip install --dry-run --ignore-installed --no-deps "torch>=2.11" --index-url "$cpu_index" 2>/dev/null |
     sed -n 's/^Would install torch-\([^ ]*\).*/\1/p')
+  from="--index-url $cpu_index"
   case "$pick" in
     *+cpu) ;;
-    *) pick=$(python -m pip index versions torch 2>/dev/null | sed -n 's/^Available versions: //p' | tr ',' '\n' |
+    *) from=""  # the CPU index did not answer: install from the sources that offer the "+cpu" build
+       pick=$(python -m pip index versions torch 2>/dev/null | sed -n 's/^Available versions: //p' | tr ',' '\n' |
          tr -d ' ' | grep '+cpu$' | head -n 1) ;;
   esac
   if [ -n "$pick" ]; then
     echo "torch: no NVIDIA GPU found, installing the CPU build torch $pick (~200 MB, not the ~5.5 GB CUDA build)"
-    pip_install "torch==$pick" --index-url "$cpu_index"
+    # shellcheck disable=SC2086 # $from holds two pip arguments or none
+    pip_install "torch==$pick" $from
   else
     echo "torch: no NVIDIA GPU found, installing the CPU build (~200 MB, not the ~5.5 GB CUDA build)"
     pip_install "torch>=2.11" --index-url "$cpu_index"

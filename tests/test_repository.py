@@ -73,7 +73,7 @@ def test_install_picks_the_cpu_build_without_a_gpu(tmp_path):
     assert _install(tmp_path, gpu=False, would="2.15.0+cpu")[0] == f"torch==2.15.0+cpu {cpu}"  # the CPU index answers
     # the CPU index is out of reach and a mirror offers a CUDA build first (seen on a CPU machine: 5.5 GB of CUDA)
     mirror = _install(tmp_path, gpu=False, would="2.14.1", versions="2.15.0, 2.14.1, 2.13.0+cpu, 2.13.0")
-    assert mirror[0] == f"torch==2.13.0+cpu {cpu}"
+    assert mirror[0] == "torch==2.13.0+cpu"
 
 
 def test_install_with_a_gpu_or_torch_present_or_an_override(tmp_path):
