@@ -98,13 +98,17 @@ def test_ctrl_c_notice_is_not_an_error(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("interrupted at step 2; saved")
 
 
-@pytest.mark.parametrize(("argv", "missing"), [([], "--model PATH and --data FILE"), (["--model", "m"], "--data FILE"),
-                                               (["--data", "d.jsonl"], "--model PATH")])  # fmt: skip
+_MODEL, _DATA = "--model PATH (a Hugging Face model folder or a fasttune run)", "--data FILE (a .jsonl/.json/.csv/"
+
+
+@pytest.mark.parametrize(("argv", "missing"), [([], f"{_MODEL} and {_DATA}"), (["--model", "m"], _DATA),
+                                               (["--data", "d.jsonl"], f"{_MODEL}. ")])  # fmt: skip
 @pytest.mark.parametrize("experiment", ["sft", "lora"])
 def test_fine_tuning_needs_the_users_model_and_data(experiment, argv, missing, capsys):
     assert cli.main(["train", "--experiment", experiment, *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --experiment {experiment} fine-tunes your model on your data: pass {missing} (")
+    assert err.startswith(f"error: --experiment {experiment} fine-tunes your model on your data: pass {missing}")
+    assert ".jsonl" not in err or "--data FILE (a .jsonl" in err  # the data formats describe --data, never --model
     assert "--experiment quick" in err and len(err.strip().splitlines()) == 1
 
 

@@ -64,12 +64,15 @@ def require_inputs(cfg: BaseConfig) -> None:
     """Fine-tuning presets need the user's model and data: never fall back to a random model or the stdlib corpus."""
     if cfg.experiment not in ("sft", "lora"):
         return
-    missing = [flag for flag, value in (("--model PATH", cfg.model.path), ("--data FILE", cfg.data.path)) if not value]
+    inputs = (
+        ("--model PATH", "a Hugging Face model folder or a fasttune run", cfg.model.path),
+        ("--data FILE", "a .jsonl/.json/.csv/.parquet file or folder", cfg.data.path),
+    )
+    missing = [f"{flag} ({what})" for flag, what, value in inputs if not value]
     if missing:
         raise ConfigError(
-            f"--experiment {cfg.experiment} fine-tunes your model on your data: pass {' and '.join(missing)} (a "
-            "Hugging Face model folder or a fasttune run; a .jsonl/.json/.csv/.parquet file or folder). To train a "
-            "small model from scratch on the embedded corpus, use --experiment quick"
+            f"--experiment {cfg.experiment} fine-tunes your model on your data: pass {' and '.join(missing)}. To "
+            "train a small model from scratch on the embedded corpus, use --experiment quick"
         )
 
 
