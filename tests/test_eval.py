@@ -102,7 +102,9 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
     assert {r["reference"] for r in rows} <= {r["output"].strip() for r in records}
     assert summary["exact_match"] == sum(r["exact_match"] for r in rows) / len(rows)
     assert "numeric_match" in summary  # GSM8K answers end in a number
-    assert "fasttune eval" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "fasttune eval" in printed.out
+    assert "\r" not in printed.err and "sample/s" not in printed.err  # no progress bars in a redirected stderr
     rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out)])
     assert rc == 2 and "already holds completions.jsonl, summary.json" in capsys.readouterr().err
 

@@ -2,7 +2,9 @@
 References: the training samples' own prompt tokens, and plain HF `generate` on the same checkpoint."""
 
 import dataclasses
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,17 @@ def test_generate_raw_continues_the_text(sft_run, capsys):
     assert rc == 0 and out == "Natalia" + _hf_greedy(sft_run.checkpoint, tok("Natalia")["input_ids"], 5) + "\n"
 
 
+def test_generate_notice_is_a_line_before_the_streamed_text(sft_run, monkeypatch):
+    both = io.StringIO()  # stdout and stderr in one stream, as a terminal shows them
+    monkeypatch.setattr(sys, "stdout", both)
+    monkeypatch.setattr(sys, "stderr", both)
+    rc = main(["generate", "--checkpoint", str(sft_run.checkpoint), "--prompt", "Natalia", "--raw",
+               "--max-new-tokens", "3"])  # fmt: skip
+    text = both.getvalue()
+    at = text.find("generate: HF generate (the fast path needs a CUDA GPU)\n")
+    assert rc == 0 and at >= 0 and (at == 0 or text[at - 1] == "\n") and at < text.index("Natalia"), text
+
+
 def test_prompt_file_is_batched_and_matches_one_prompt_at_a_time(sft_run, tmp_path, capsys, prompts_seen):
     prompts = tmp_path / "prompts.jsonl"
     lines = ['"Natalia sold clips"', json.dumps({"instruction": "Add the numbers.", "input": "2 and 3"}),
@@ -143,7 +156,8 @@ def test_prompt_file_is_batched_and_matches_one_prompt_at_a_time(sft_run, tmp_pa
         ids = tok(format_prompt(record, "alpaca"))["input_ids"]
         assert ids in prompts_seen and row["completion"] == _hf_greedy(sft_run.checkpoint, ids, 6)
     assert len(prompts_seen) == 3
-    assert "3 completions" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "3 completions" in err and "\r" not in err and "prompt/s" not in err  # no bar in a redirected stderr
     assert main(["generate", "--checkpoint", str(sft_run.run_dir), "--prompts", str(prompts), "--output",
                  str(out)]) == 2  # fmt: skip
     assert "already exists; choose another path or pass --overwrite" in capsys.readouterr().err

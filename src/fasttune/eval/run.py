@@ -71,7 +71,8 @@ def response_loss(model, samples: list[dict], pad_id: int, batch_size: int, amp_
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
     loss_sum, targets, tokens = 0.0, 0, 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(samples), desc="loss", unit="sample", file=sys.stderr, leave=False)
+    live = sys.stderr.isatty()  # no bar when stderr is redirected (as in training): its redraws would fill the file
+    bar = tqdm(total=len(samples), desc="loss", unit="sample", file=sys.stderr, leave=False, disable=not live)
     for lo in range(0, len(order), batch_size):
         batch = [samples[i] for i in order[lo : lo + batch_size]]
         width = max(len(s["input_ids"]) for s in batch)
@@ -109,7 +110,8 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     rows: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
-    bar = tqdm(total=len(examples), desc="generate", unit="sample", file=sys.stderr, disable=not progress)
+    live = progress and sys.stderr.isatty()  # no bar in a redirected stderr (as in training)
+    bar = tqdm(total=len(examples), desc="generate", unit="sample", file=sys.stderr, disable=not live)
     for lo in range(0, len(order), batch_size):
         idx = order[lo : lo + batch_size]
         budget = min(fit_context(model, len(examples[i].prompt_ids), max_new_tokens, "a prompt") for i in idx)

@@ -116,10 +116,11 @@ def run_generate(a: GenerateArgs) -> int:
         log.info("prompt format: %s (--raw sends the text as is)", fmt)
     ids = prompt_ids(tok, [{"role": "user", "content": a.prompt}], raw=a.raw)
     budget = fit_context(model, len(ids), a.max_new_tokens, "--prompt")
+    engine = fast_engine(model)  # before any text: its notice is a line of its own, not one inside the reply
     if fmt == "raw":
         sys.stdout.write(a.prompt)  # a continuation: show what it continues
     g = generate_ids(model, tok, [ids], max_new_tokens=budget, temperature=a.temperature, top_p=a.top_p,
-                     seed=a.seed, on_text=_write, engine=fast_engine(model))[0]  # fmt: skip
+                     seed=a.seed, on_text=_write, engine=engine)[0]  # fmt: skip
     sys.stdout.write("\n")
     print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
@@ -146,7 +147,8 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
     engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
-    bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr)
+    # no bar when stderr is redirected (as in training): its redraws would fill the file
+    bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
     for lo in range(0, len(order), a.batch_size):
         rows = order[lo : lo + a.batch_size]
         budget = min(fit_context(model, len(ids[i]), a.max_new_tokens, "a prompt") for i in rows)
