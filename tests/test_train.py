@@ -60,6 +60,7 @@ def test_checkpoint_loads_with_plain_transformers(reference):
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert model.config.use_cache  # training passes use_cache=False per call; the saved model keeps its KV cache
     tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.model_max_length == model.config.max_position_embeddings  # not HF's 1e30: plain truncation works
     ids = tok("def main():", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5

@@ -63,3 +63,13 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(path)
+
+
+def fit_model_max_length(tokenizer, model_config) -> None:
+    """Give a tokenizer without a real length limit (a locally trained one has HF's placeholder 1e30) the model's
+    context (max_position_embeddings), so that the checkpoint's tokenizer_config.json makes plain HF truncation
+    (`tokenizer(text, truncation=True)`) cut at the context. A limit the tokenizer already has is kept."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if context and (limit is None or limit > 10**9):  # 1e9+: HF's "no limit" placeholders, never a real context
+        tokenizer.model_max_length = int(context)

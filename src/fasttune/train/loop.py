@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from fasttune.config import BaseConfig
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.pipeline import DataBundle, build_data
+from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import FasttuneError, Stopped
 from fasttune.generate.template import record_prompt_format
 from fasttune.model.resolve import resolve_for_training
@@ -120,6 +121,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
         log.info(line)
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
     model, attn = prepare_model(cfg, data, device, param_dtype)
+    fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
     if latest is not None:
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
     if d.main:
