@@ -4,6 +4,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,17 @@ def test_stable_short_flags_and_main_py_forms():
     assert (cfg.output_dir, cfg.attn_implementation, cfg.resume) == ("o", "eager", True)
     sft = cli.parse_train_args(["--experiment", "sft", "--training.lr", "1e-4"])
     assert sft.experiment == "sft" and sft.training.lr == 1e-4 and sft.data.max_length == 1024  # preset, then options
+
+
+def test_train_help_and_readme_list_every_stable_short_flag(capsys):
+    from fasttune.config.argcheck import SHORT_FLAGS, option_table
+
+    assert cli.main(["train", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split()).partition("Short flags: ")[2].partition(".")[0]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    listed = readme.partition("Stable short flags: ")[2].partition(". ")[0]
+    assert shown.split(", ") == list(SHORT_FLAGS) and set(SHORT_FLAGS) <= set(option_table())
+    assert [f.strip("`").split()[0] for f in listed.split(", ")] == list(SHORT_FLAGS)
 
 
 def test_importing_fasttune_leaves_the_environment_alone_the_cli_sets_it():

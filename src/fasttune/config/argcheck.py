@@ -16,6 +16,11 @@ from collections.abc import Sequence
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
 
+SHORT_FLAGS = ("--model", "--data", "--output-dir", "--max-steps", "--save-every", "--attn-implementation",
+               "--resume", "--overwrite")  # fmt: skip
+"""The stable short flags of `fasttune train` (its --help lists them from here; the README lists the same): tyro
+aliases of nested options (`tyro.conf.arg(aliases=...)`) and top-level options. Each is in `option_table()`."""
+
 
 def _unwrap(kind) -> tuple[typing.Any, str | None, tuple[str, ...]]:
     """(type without Annotated, tyro's name override or None, tyro's aliases)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import textwrap
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -11,6 +12,7 @@ import tyro
 
 from fasttune.command import Command
 from fasttune.config import BaseConfig, get_experiment
+from fasttune.config.argcheck import SHORT_FLAGS
 from fasttune.errors import ConfigError
 
 log = logging.getLogger("fasttune")
@@ -19,8 +21,9 @@ log = logging.getLogger("fasttune")
 @dataclasses.dataclass
 class TrainArgs(Command):
     """Train or fine-tune a causal LM. `--experiment NAME` picks a preset (quick, full, sft, lora: see
-    `fasttune experiments`); every option below overrides it. Short flags: --model, --data, --max-steps,
-    --save-every."""
+    `fasttune experiments`); every option below overrides it.
+
+    {short}"""
 
     config: Annotated[BaseConfig, tyro.conf.arg(name="")] = dataclasses.field(default_factory=BaseConfig)
     given: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
@@ -58,6 +61,11 @@ class TrainArgs(Command):
                          temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)  # fmt: skip
             print(f"sample ({g.tokens_per_s:.0f} tok/s):\n{prompt}{g.text}")
         return 0
+
+
+# The --help text is the docstring (tyro reads it): its short flags come from the one table the parser uses.
+_short = textwrap.fill("Short flags: " + ", ".join(SHORT_FLAGS) + ".", 100, subsequent_indent="    ")
+TrainArgs.__doc__ = (TrainArgs.__doc__ or "").replace("{short}", _short)
 
 
 def require_inputs(cfg: BaseConfig) -> None:
