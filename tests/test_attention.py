@@ -344,3 +344,17 @@ def test_per_forward_facts_are_read_once(monkeypatch):
     left = torch.tensor([[False, False, True, True, True, True], [True] * 6])
     out, _ = attention_forward("sdpa", None, *rows, left, scaling=0.3)
     assert torch.isfinite(out).all()
+
+
+def test_sdpa_gives_a_query_with_no_visible_key_eagers_uniform_weights():
+    """A left-padded query sees no key: eager's additive finfo.min mask gives it the mean value over all keys. sdpa
+    sets that explicitly, whatever its kernel does with such a row (cuDNN returned zeros on an H200)."""
+    from fasttune.attention import kernels
+
+    q, k, v = (torch.randn(2, h, 5, 8) for h in (4, 2, 2))
+    allow = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    allow[0, :, :2] = False  # row 0: its first two queries see nothing
+    out = kernels.sdpa(q, k, v, allow, scale=8**-0.5)
+    want = kernels.eager(q, k, v, allow, scale=8**-0.5)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out[0, :, :2], kernels.repeat_kv(v, 2)[0].mean(1, keepdim=True).expand(4, 2, 8))

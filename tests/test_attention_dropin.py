@@ -210,7 +210,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_padded_and_packed_equal_eager_on_gpu_bf16(arch, backend):
     """The padded rows of the CPU matrix (eval: every position; train: real positions, loss, gradients) and packed
     documents (eval) in bf16 on CUDA, against transformers' eager in bf16, by relative error."""
-    from fasttune.attention import probe
+    from fasttune.attention.probe import probe
 
     if backend != "auto" and (why := probe(backend, "cuda", torch.bfloat16, 8)):
         pytest.skip(f"{backend} unavailable here: {why}")

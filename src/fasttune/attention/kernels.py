@@ -77,10 +77,20 @@ def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dro
     """torch SDPA. On CUDA it tries kernels fastest-first, once per signature, and keeps the first that runs, so
     the report names the kernel that really ran rather than what a priority list hoped for."""
     assert not softcap, "sdpa has no softcap; the dispatcher routes softcap to eager"
-    if mask is not None and mask.dtype == torch.bool:
-        # additive, as eager's: a fully masked row gets uniform weights (eager) instead of zeros (torch's bool mask)
-        zero = torch.zeros((), dtype=q_BHSD.dtype, device=mask.device)
-        mask = torch.where(mask, zero, torch.finfo(q_BHSD.dtype).min)
+    if mask is None or mask.dtype != torch.bool:
+        return _sdpa(q_BHSD, k_BKLD, v_BKLD, mask, causal, scale, dropout, tag)
+    # Additive, as eager's mask. A query with no visible key (left padding) gets eager's uniform weights over all
+    # keys, i.e. the mean value, set explicitly: kernels that scale scores by log2(e) overflow finfo.min to -inf and
+    # return zeros for such rows (cuDNN on an H200, torch 2.11: pad rows off by 0.55 relative to eager).
+    empty_B1S1 = ~mask.any(-1, keepdim=True)
+    zero = torch.zeros((), dtype=q_BHSD.dtype, device=mask.device)
+    out_BHSD = _sdpa(q_BHSD, k_BKLD, v_BKLD, torch.where(mask, zero, torch.finfo(q_BHSD.dtype).min), causal, scale,
+                     dropout, tag)  # fmt: skip
+    mean_BH1D = repeat_kv(v_BKLD.float().mean(2, keepdim=True), q_BHSD.shape[1] // k_BKLD.shape[1])
+    return torch.where(empty_B1S1, mean_BH1D.to(out_BHSD.dtype), out_BHSD)
+
+
+def _sdpa(q_BHSD, k_BKLD, v_BKLD, mask, causal, scale, dropout, tag) -> torch.Tensor:
     gqa = q_BHSD.shape[1] != k_BKLD.shape[1]
     if q_BHSD.device.type != "cuda":
         _record(tag, q_BHSD, f"{q_BHSD.device.type} sdpa")
