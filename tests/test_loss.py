@@ -96,3 +96,16 @@ def test_not_applied_to_softcapped_logits():
     model = build_preset("micro", VOCAB, "eager", torch.float32)
     model.config.final_logit_softcapping = 30.0
     assert not apply_chunked_loss(model)
+
+
+def test_the_chunked_forward_uses_the_current_cache_field_name(monkeypatch):
+    """transformers >= 5.2x renamed `past_key_values` to `cache`; passing or reading the old name warned on every
+    training run ("`past_key_values`/`cache_params` are deprecated")."""
+    from transformers.utils import generic
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a: warned.append(msg))  # once-per-process cache
+    _, ours = _pair()
+    batch = collate(_samples(4), packing=True, pad_id=0)
+    out = ours(**batch, use_cache=False, num_items_in_batch=1)
+    assert out.loss is not None and not [m for m in warned if "deprecated" in m], warned

@@ -15,6 +15,7 @@ Shapes: T tokens, H hidden, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 
@@ -23,6 +24,10 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fasttune.data.packing import IGNORE
+
+# The outputs' KV-cache field: `cache` since transformers 5.2x (the old name `past_key_values` still works there but
+# warns on every run), `past_key_values` on 5.17.
+_CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 log = logging.getLogger("fasttune")
 
@@ -131,8 +136,8 @@ def _chunked_forward(self, *args, labels=None, **kwargs):
     kwargs.pop("logits_to_keep", None)
     out = self.model(**kwargs)  # the backbone gets what HF's forward gives it (num_items_in_batch included)
     loss = linear_cross_entropy(out.last_hidden_state, self.lm_head, labels, n_items, shift_labels)
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
-                                  hidden_states=out.hidden_states, attentions=out.attentions)  # fmt: skip
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions,
+                                  **{_CACHE: getattr(out, _CACHE, None)})  # fmt: skip
 
 
 def apply_chunked_loss(model: nn.Module) -> bool:
