@@ -80,7 +80,7 @@ def check_alloc_conf(m: Machine) -> list[Row]:
     name = "PYTORCH_ALLOC_CONF"
     if not user:
         value = os.environ.get(name, "")
-        reason = f"not set by you; fasttune sets {name}={value} at import (cuts fragmentation from packed batches)"
+        reason = f"not set by you; every fasttune command sets {name}={value} (cuts fragmentation from packed batches)"
         return [
             Row("alloc_conf", "Resources", name, OK if m.gpus else SKIP, reason + ("" if m.gpus else "; CUDA only"))
         ]
