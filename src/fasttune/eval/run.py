@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fasttune.data.packing import IGNORE
+from fasttune.data.packing import IGNORE, collate_padded
 from fasttune.errors import ConfigError, DataError, FasttuneError
 from fasttune.eval.score import Example, score, split_sample, summarize_scores
 from fasttune.generate.commands import SamplingArgs
@@ -75,14 +75,8 @@ def response_loss(model, samples: list[dict], pad_id: int, batch_size: int, amp_
     bar = tqdm(total=len(samples), desc="loss", unit="sample", file=sys.stderr, leave=False, disable=not live)
     for lo in range(0, len(order), batch_size):
         batch = [samples[i] for i in order[lo : lo + batch_size]]
-        width = max(len(s["input_ids"]) for s in batch)
-        ids_BL = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels_BL = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask_BL = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, s in enumerate(batch):
-            n = len(s["input_ids"])
-            ids_BL[r, :n], labels_BL[r, :n], mask_BL[r, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
-        ids_BL, labels_BL, mask_BL = ids_BL.to(device), labels_BL.to(device), mask_BL.to(device)
+        b = {k: v.to(device) for k, v in collate_padded(batch, pad_id).items()}  # right-padded, as training's
+        ids_BL, labels_BL, mask_BL = b["input_ids"], b["labels"], b["attention_mask"]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).logits
         target_BL = labels_BL[:, 1:]
