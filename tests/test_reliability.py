@@ -54,7 +54,10 @@ def test_repeated_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp
     mid-step, mid-save, mid-prune, mid-log. Each time --resume continues from what is on disk, and the losses of the
     whole run are those of an uninterrupted run, bit for bit (CPU). While a run is alive, a second --resume into
     its folder is refused naming its PID."""
-    cache, steps = tmp_path / "cache", ("--max-steps", "20")  # long enough to be alive for the second run and 3 kills
+    # 1000 steps of the micro model: ~7 s of training after a ~5 s start on an idle 2-core machine, so the first
+    # kill always lands while the run is alive (20 steps finished before it there), and the last run lives long
+    # enough for a second run to meet its lock
+    cache, steps = tmp_path / "cache", ("--max-steps", "1000", "--save-every", "10")
     ref = _train(tmp_path / "ref", cache, *steps)
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
@@ -63,10 +66,6 @@ def test_repeated_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp
     run, rng, kills = tmp_path / "killed", random.Random(), 0
     proc = _train(run, cache, *steps)
     _wait_for(lambda: _checkpoints(run), proc)  # from the first checkpoint on there is something to resume
-    second = _train(run, cache, "--resume", *steps)
-    out, _ = second.communicate(timeout=120)
-    if proc.poll() is None:  # the first run still holds the folder
-        assert second.returncode != 0 and f"in use by another fasttune run (PID {proc.pid})" in out, out
     while kills < 3 and proc.poll() is None:
         time.sleep(rng.uniform(0.0, 1.5))  # a random moment
         if proc.poll() is not None:
@@ -78,6 +77,10 @@ def test_repeated_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp
         proc = _train(run, cache, "--resume", *steps)
         _wait_for(lambda logged=logged: (run / "metrics.jsonl").exists() and max(_losses(run) or {0: 0}) > logged,
                   proc)  # fmt: skip
+    second = _train(run, cache, "--resume", *steps)
+    out, _ = second.communicate(timeout=120)
+    if proc.poll() is None:  # the last run still holds the folder
+        assert second.returncode != 0 and f"in use by another fasttune run (PID {proc.pid})" in out, out
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert kills >= 1, "the run finished before the first kill"

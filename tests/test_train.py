@@ -265,7 +265,7 @@ def test_a_real_write_failure_is_one_line_and_leaves_the_previous_checkpoint(ref
     assert all(checkpoint.verify(p)[1] is None for p in root.iterdir())
 
 
-def test_warmup_not_below_max_steps_is_capped_with_one_warning(tmp_path, caplog):
+def test_warmup_not_below_max_steps_warns_once_and_keeps_the_schedule(tmp_path, caplog):
     from fasttune.train.optim import build_optimizer
 
     cfg = tiny_config(tmp_path, max_steps=20, warmup_steps=30, lr=1e-3)
@@ -276,9 +276,11 @@ def test_warmup_not_below_max_steps_is_capped_with_one_warning(tmp_path, caplog)
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert max(lrs) == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 / 3)  # warmup of 20 // 10 = 2 steps
+    # the schedule is the configured one (resume with a larger --max-steps must train the same steps): still warming up
+    assert lrs == pytest.approx([1e-3 * (s + 1) / 31 for s in range(20)])
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "--training.warmup-steps 30" in warnings[0] and "--max-steps 20" in warnings[0]
+    assert "never reaches --training.lr" in warnings[0]
 
 
 def test_resume_with_max_steps_below_the_step_reached_is_not_called_complete(reference, tmp_path, caplog):

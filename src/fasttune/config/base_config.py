@@ -177,7 +177,7 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     """Cosine schedule floor as a fraction of lr."""
     warmup_steps: int = 20
-    """Linear warmup steps (when not below --max-steps: max(1, max_steps // 10), with a warning)."""
+    """Linear warmup steps (a warning when not below --max-steps: the LR would never reach --training.lr)."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to norms and biases)."""
     grad_accum: int = 1

@@ -13,13 +13,10 @@ log = logging.getLogger("fasttune")
 
 
 def warmup_steps(cfg: BaseConfig) -> int:
-    """The warmup the schedule uses: --training.warmup-steps, capped to a tenth of the run when it would not end
-    before --max-steps (the quick preset's 30 with --max-steps 20 never reached the LR). A pure function of the
-    config, so a resumed run rebuilds the same schedule."""
-    t = cfg.training
-    if t.warmup_steps < t.max_steps:
-        return t.warmup_steps
-    return max(1, t.max_steps // 10)
+    """The warmup the schedule uses: --training.warmup-steps as given. Not capped when it reaches past --max-steps
+    (a warning says so instead): a cap would depend on --max-steps, so a run stopped early and resumed with a larger
+    --max-steps would no longer train the steps an uninterrupted run does."""
+    return cfg.training.warmup_steps
 
 
 def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.device):
@@ -36,10 +33,11 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     warmup = warmup_steps(cfg)
-    if warmup != t.warmup_steps:
+    if warmup >= t.max_steps:
         log.warning(
-            "--training.warmup-steps %d is not below --max-steps %d: warming up for %d steps instead (set "
-            "--training.warmup-steps below --max-steps to choose)", t.warmup_steps, t.max_steps, warmup
+            "--training.warmup-steps %d is not below --max-steps %d: the learning rate never reaches --training.lr "
+            "%g in this run; set --training.warmup-steps below --max-steps (e.g. %d)", warmup, t.max_steps, t.lr,
+            max(1, t.max_steps // 10),
         )  # fmt: skip
 
     def schedule(step: int) -> float:
