@@ -84,10 +84,6 @@ _RECORDS = (
 BACKENDS: dict[str, Backend] = {b.name: b for b in _RECORDS}
 
 
-def get(name: str) -> Backend:
-    return BACKENDS[name]
-
-
 def preference(family: str, layout: str) -> tuple[str, ...]:
     """auto's order of backends to try for a GPU family ('hopper', 'ampere', 'cpu') and layout ('rows', 'packed')."""
     ranked = [b for b in _RECORDS if (family, layout) in b.rank]

@@ -23,7 +23,7 @@ import torch
 from fasttune.attention import kernels
 from fasttune.attention.backends import AUTO_HF_NAME, BACKENDS
 from fasttune.attention.impls import warn_once
-from fasttune.attention.layout import allow_mask, packed_from_kwargs, padding_of
+from fasttune.attention.layout import allow_mask, memo, packed_from_kwargs, padding_of
 
 # route(q_BHSD, layout, opts) -> backend name. layout: 'packed' (documents), 'rows' (unpadded rows), 'right'
 # (right-padded rows of a training forward, run dense), 'padded' (rows with other padding), 'given' (a dense mask:
@@ -89,7 +89,11 @@ def attention_forward(route, module, query, key, value, attention_mask, scaling=
             # Outside training every position must equal eager's, pad queries included (generate reads the last
             # position of right-padded prompts): one dense mask, eager's semantics (docs/ATTENTION.md, contract).
             backend = _route(route(q_BHSD, "given", opts), q_BHSD, softcap, dropout)
-            mask = allow_mask(q_len, k_len, q_BHSD.device, window=window, padding_BL=padding_BL)
+            mask = memo(
+                padding_BL,
+                f"allow/{q_len}/{window}",  # built once per forward, not once per layer
+                lambda: allow_mask(q_len, k_len, q_BHSD.device, window=window, padding_BL=padding_BL),
+            )
             return _given_mask(backend, q_BHSD, k_BKLD, v_BKLD, mask, **opts), None
         elif q_len == k_len and padding.right:
             # Training: under a causal mask no real query of a right-padded row can see a pad key, so the padding

@@ -45,7 +45,17 @@ def sdpa(q_BHSD, k_BKLD, v_BKLD, padding_BL, varlen, *, scale, window, softcap, 
         return _sdpa_per_document(q_BHSD, k_BKLD, v_BKLD, varlen, scale=scale, window=window, dropout=dropout)
     mask = dense_mask(q_BHSD, k_BKLD.shape[2], padding_BL, None, window)
     causal = mask is None and q_BHSD.shape[2] > 1
-    out_BHSD = kernels.sdpa(q_BHSD, k_BKLD, v_BKLD, mask, causal=causal, scale=scale, dropout=dropout, tag="sdpa/dense")
+    out_BHSD = kernels.sdpa(
+        q_BHSD,
+        k_BKLD,
+        v_BKLD,
+        mask,
+        causal=causal,
+        scale=scale,
+        dropout=dropout,
+        tag="sdpa/dense",
+        fill_empty=padding_BL is not None,
+    )  # unpadded causal rows: every query sees itself
     return out_BHSD.transpose(1, 2)
 
 
@@ -58,7 +68,8 @@ def _sdpa_per_document(q_BHSD, k_BKLD, v_BKLD, varlen: Varlen, *, scale, window,
     outs = []
     for q_d, k_d, v_d in zip(q_1HTD.split(lens, 2), k_1KTD.split(lens, 2), v_1KTD.split(lens, 2), strict=True):
         mask = None if window is None else allow_mask(q_d.shape[2], k_d.shape[2], q_d.device, window=window)
-        outs.append(kernels.sdpa(q_d, k_d, v_d, mask, causal=True, scale=scale, dropout=dropout, tag="sdpa/per-doc"))
+        outs.append(kernels.sdpa(q_d, k_d, v_d, mask, causal=True, scale=scale, dropout=dropout, tag="sdpa/per-doc",
+                                 fill_empty=False))  # fmt: skip
     return torch.cat(outs, dim=2).transpose(1, 2).reshape(batch, q_len, n_heads, head_dim)
 
 

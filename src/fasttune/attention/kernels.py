@@ -73,20 +73,24 @@ _SDPA_LADDER = (
 )
 
 
-def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dropout=0.0, tag="sdpa") -> torch.Tensor:
+def sdpa(q_BHSD, k_BKLD, v_BKLD, mask, *, causal=False, scale, softcap=None, dropout=0.0, tag="sdpa",
+         fill_empty=True) -> torch.Tensor:  # fmt: skip
     """torch SDPA. On CUDA it tries kernels fastest-first, once per signature, and keeps the first that runs, so
-    the report names the kernel that really ran rather than what a priority list hoped for."""
+    the report names the kernel that really ran rather than what a priority list hoped for. `fill_empty=False`:
+    the caller knows every query sees a key (causal rows without padding), so the empty-row fix-up is skipped."""
     assert not softcap, "sdpa has no softcap; the dispatcher routes softcap to eager"
     if mask is None or mask.dtype != torch.bool:
         return _sdpa(q_BHSD, k_BKLD, v_BKLD, mask, causal, scale, dropout, tag)
     # Additive, as eager's mask. A query with no visible key (left padding) gets eager's uniform weights over all
     # keys, i.e. the mean value, set explicitly: kernels that scale scores by log2(e) overflow finfo.min to -inf and
     # return zeros for such rows (cuDNN on an H200, torch 2.11: pad rows off by 0.55 relative to eager).
-    empty_B1S1 = ~mask.any(-1, keepdim=True)
     zero = torch.zeros((), dtype=q_BHSD.dtype, device=mask.device)
     out_BHSD = _sdpa(q_BHSD, k_BKLD, v_BKLD, torch.where(mask, zero, torch.finfo(q_BHSD.dtype).min), causal, scale,
                      dropout, tag)  # fmt: skip
-    mean_BH1D = repeat_kv(v_BKLD.float().mean(2, keepdim=True), q_BHSD.shape[1] // k_BKLD.shape[1])
+    if not fill_empty:
+        return out_BHSD
+    empty_B1S1 = ~mask.any(-1, keepdim=True)
+    mean_BH1D = repeat_kv(v_BKLD.mean(2, keepdim=True, dtype=torch.float32), q_BHSD.shape[1] // k_BKLD.shape[1])
     return torch.where(empty_B1S1, mean_BH1D.to(out_BHSD.dtype), out_BHSD)
 
 

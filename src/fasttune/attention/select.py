@@ -24,7 +24,6 @@ from fasttune.attention import dispatch
 from fasttune.attention.backends import AUTO_HF_NAME, BACKENDS, preference
 from fasttune.attention.probe import probe, static_reason
 from fasttune.attention.state import STATE
-from fasttune.attention.timing import time_backend
 from fasttune.device import pick_device
 from fasttune.errors import FasttuneError
 
@@ -315,6 +314,8 @@ def _timed_choice(candidates, device, dtype, head_dim, packed, features) -> tupl
     path = _cache_path()
     cache = json.loads(path.read_text()) if path.exists() else {}
     if key not in cache:
+        from fasttune.attention.timing import time_backend  # measure=True only (it brings the bench harness)
+
         times = {n: time_backend(function(n), device, dtype, head_dim, packed, features) for n in candidates}
         cache[key] = times
         path.parent.mkdir(parents=True, exist_ok=True)

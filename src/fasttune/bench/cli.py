@@ -206,7 +206,7 @@ class TrainBench(Command):
             seed=self.seed,
             hf_micro_batch=self.hf_micro_batch,
             hf_ckpt=self.hf_ckpt,
-            hf_only=[x for x in (self.hf_only or "").split(",") if x],
+            hf_only=_strs(self.hf_only or ""),
             equal_tokens=self.equal_tokens,
         )
         results = Results("train", environment(device, command_line(self, "train")))

@@ -64,7 +64,7 @@ class EvalArgs(SamplingArgs):
 
 
 @torch.no_grad()
-def response_loss(model, samples: list[dict], pad_id: int, batch_size: int, amp_dtype=None) -> dict:
+def response_loss(model, samples: list[dict], pad_id: int, batch_size: int) -> dict:
     """Summed cross-entropy over the trained tokens (labels != -100, next-token shifted as in HF), per batch of
     right-padded samples sorted by length; returns loss (mean per token), perplexity, token counts and tokens/s."""
     device = next(model.parameters()).device
@@ -77,8 +77,7 @@ def response_loss(model, samples: list[dict], pad_id: int, batch_size: int, amp_
         batch = [samples[i] for i in order[lo : lo + batch_size]]
         b = {k: v.to(device) for k, v in collate_padded(batch, pad_id).items()}  # right-padded, as training's
         ids_BL, labels_BL, mask_BL = b["input_ids"], b["labels"], b["attention_mask"]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).logits
+        logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).logits
         target_BL = labels_BL[:, 1:]
         for r in range(len(batch)):  # row by row: a float32 copy of (B, L, V) logits is GBs at a 128k vocabulary
             loss_sum += float(F.cross_entropy(logits_BLV[r, :-1].float(), target_BL[r], ignore_index=IGNORE,
@@ -177,15 +176,15 @@ def run_eval(a: EvalArgs) -> int:
     from fasttune.generate.commands import load_checkpoint
     from fasttune.generate.generate import fast_engine
     from fasttune.generate.prompts import write_atomic, write_jsonl
+    from fasttune.model.resolve import resolve
 
-    model, tok = load_checkpoint(a)
+    src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
+    model, tok = load_checkpoint(a, src)
     context = getattr(model.config, "max_position_embeddings", None)
     samples, fmt, too_long = _samples(a, tok, context)
     if too_long:
         log.warning("%d samples longer than the model's context (%s tokens) are left out", too_long, context)
-    from fasttune.model.resolve import resolve
-
-    summary = {"checkpoint": a.checkpoint, "model": resolve(a.checkpoint).describe(), "data": a.data, "format": fmt,
+    summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
                "samples": len(samples), "skipped_longer_than_context": too_long}  # fmt: skip
     summary.update(response_loss(model, samples, tok.pad_token_id, a.batch_size))
     rows: list[dict] = []
@@ -225,12 +224,11 @@ def training_scores(run) -> dict:
     # HF generate on the training model itself, under the training autocast (as the validation loss is computed): the
     # fast path would build a fused copy of the weights next to the optimizer state (+2 bytes/parameter at bf16) and
     # decodes in the weights' dtype, fp32 for master weights.
-    engine = None
     model.eval()
     try:
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             _, scores = generate_answers(model, data.tokenizer, examples, batch_size=len(examples),
-                                         max_new_tokens=cfg.generation.max_new_tokens, engine=engine,
+                                         max_new_tokens=cfg.generation.max_new_tokens,
                                          progress=False)  # fmt: skip
     finally:
         model.train()

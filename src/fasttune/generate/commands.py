@@ -90,10 +90,11 @@ class ChatArgs(SamplingArgs):
         return run_chat(self)
 
 
-def load_checkpoint(a: SamplingArgs):
-    from fasttune.generate.generate import load_for_generation
+def load_checkpoint(a: SamplingArgs, src=None):
+    """(model, tokenizer) of --checkpoint, or of `src` when the caller resolved it already (a ModelSource)."""
+    from fasttune.model.load import load_for_inference
 
-    return load_for_generation(a.checkpoint, a.device, a.trust_remote_code)
+    return load_for_inference(src or a.checkpoint, a.device, a.trust_remote_code)
 
 
 def run_generate(a: GenerateArgs) -> int:

@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import TextStreamer
@@ -37,13 +36,6 @@ class Generation:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def load_for_generation(checkpoint: str | Path, device: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) from a checkpoint, model, adapter or run folder (see model/resolve.py)."""
-    from fasttune.model.load import load_for_inference
-
-    return load_for_inference(checkpoint, device, trust_remote_code)
 
 
 def fast_engine(model, graphs: bool | None = None) -> Generator | None:

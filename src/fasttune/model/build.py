@@ -11,7 +11,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Pretrain
 
 from fasttune.config import ModelConfig
 from fasttune.errors import ConfigError
-from fasttune.model.flops import head_dim  # noqa: F401 (the model's shape facts, imported from here too)
 
 log = logging.getLogger("fasttune")
 
@@ -93,14 +92,6 @@ def build_preset(preset: str, vocab_size: int, attn_implementation: str, dtype: 
 def has_weights(path: str | Path) -> bool:
     """Whether a model folder holds weights (safetensors or PyTorch files, sharded or not), not just a config."""
     return any(next(Path(path).glob(p), None) for p in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json"))
-
-
-def config_dtype(config: PretrainedConfig) -> torch.dtype | None:
-    """The dtype a model folder's config declares (`dtype`, formerly `torch_dtype`), if any."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else None
 
 
 def _random_init(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dtype: torch.dtype,

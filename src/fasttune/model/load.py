@@ -59,13 +59,12 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None = None,
-               trust_remote_code: bool = False):  # fmt: skip
-    """The model of `src` (with its adapter merged in), in `dtype` (bf16 on CUDA, fp32 on CPU by default)."""
+def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool = False):
+    """The model of `src` (with its adapter merged in), bf16 on CUDA, fp32 on CPU; the caller has refused remote code
+    it was not allowed to run."""
     from transformers import AutoModelForCausalLM
 
-    refuse_remote_code(src.model_dir, trust_remote_code, TRUST_FLAG)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
@@ -86,10 +85,11 @@ def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype | None
     return model.to(device).eval()
 
 
-def load_for_inference(path: str | Path, device: str = "auto", trust_remote_code: bool = False,
+def load_for_inference(path: str | Path | ModelSource, device: str = "auto", trust_remote_code: bool = False,
                        option: str = "--checkpoint"):  # fmt: skip
-    """(model, tokenizer) for any folder `resolve` accepts; logs what a run folder or adapter resolved to."""
-    src = resolve(path, option=option)
+    """(model, tokenizer) for any folder `resolve` accepts (or what it already resolved to); logs what a run folder
+    or adapter resolved to."""
+    src = path if isinstance(path, ModelSource) else resolve(path, option=option)
     if src.note:
         log.info("%s", src.note)
     refuse_remote_code(src.model_dir, trust_remote_code, TRUST_FLAG)  # before any transformers call could ask

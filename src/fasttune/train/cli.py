@@ -54,9 +54,10 @@ class TrainArgs(Command):
             log.info("validation loss %.4f -> %.4f", result.first_val_loss, result.last_val_loss)
         prompt = result.sample_prompt
         if prompt and result.model_dir is not None:
-            from fasttune.generate.generate import generate, load_for_generation
+            from fasttune.generate.generate import generate
+            from fasttune.model.load import load_for_inference
 
-            model, tok = load_for_generation(result.model_dir, cfg.training.device)
+            model, tok = load_for_inference(result.model_dir, cfg.training.device)
             g = generate(model, tok, prompt, max_new_tokens=cfg.generation.max_new_tokens,
                          temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)  # fmt: skip
             print(f"sample ({g.tokens_per_s:.0f} tok/s):\n{prompt}{g.text}")

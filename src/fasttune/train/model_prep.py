@@ -11,7 +11,8 @@ import torch
 from fasttune.config import BaseConfig
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
-from fasttune.model.build import build_model, head_dim, load_model_config
+from fasttune.model.build import build_model, load_model_config
+from fasttune.model.flops import head_dim
 from fasttune.train.memory import plan_memory
 
 log = logging.getLogger("fasttune")
