@@ -66,11 +66,26 @@ class _Table:
         return f"{self.file} line {self.lines[i]}" if self.lines is not None else f"{self.file} record {i}"
 
 
+def check_data_path(path: str) -> None:
+    """Refuse what would hang (a FIFO blocks in open) or silently mean something else ('' is the current folder)."""
+    if not path.strip():
+        raise DataError(
+            "--data is empty; pass a data file or folder, or leave the option out to train on the embedded corpus"
+        )
+    p = Path(path)
+    if p.exists() and not (p.is_file() or p.is_dir()):
+        raise DataError(
+            f"--data {path}: not a regular file or folder (a FIFO, socket or device); save the data to a file "
+            "and pass that"
+        )
+
+
 def load_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
     """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
     when "auto") and return (records, format). Raises DataError on any problem with the input."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
+    check_data_path(path)
     root = Path(path)
     if not root.exists():
         raise DataError(f"{path}: no such file or folder; check --data")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -137,20 +136,6 @@ def _load_tokenizer(cfg: BaseConfig, texts: list[str], fingerprint: str) -> PreT
     return cached_tokenizer(texts, cfg.data.tokenizer_vocab_size, cfg.data.cache_dir, fingerprint)
 
 
-def check_data_path(path: str) -> None:
-    """Refuse what would hang (a FIFO blocks in open) or silently mean something else ('' is the current folder)."""
-    if not path.strip():
-        raise DataError(
-            "--data is empty; pass a data file or folder, or leave the option out to train on the embedded corpus"
-        )
-    p = Path(path)
-    if p.exists() and not (p.is_file() or p.is_dir()):
-        raise DataError(
-            f"--data {path}: not a regular file or folder (a FIFO, socket or device); save the data to a file "
-            "and pass that"
-        )
-
-
 def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> DataBundle:
     """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
     d = cfg.data
@@ -166,7 +151,6 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         from fasttune.data.formats import load_records
         from fasttune.data.sft import tokenize_records
 
-        check_data_path(d.path)
         records, fmt = load_records(d.path, d.format)
         records = records[: d.max_documents]
         train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], d.val_fraction)

@@ -215,13 +215,13 @@ def check_disk(run: RunFolder, model: torch.nn.Module, keep_last: int, saves: in
     written exist (pruning runs after a save completes), never more new ones than the run writes. Checkpoints on
     disk count as already written (as freed, for --overwrite), and their measured size replaces the estimate of
     train/memory.checkpoint_bytes (weights and AdamW moments in the dtype they are held in)."""
-    from fasttune.train.memory import checkpoint_bytes
+    from fasttune.train.memory import bytes_needed, checkpoint_bytes
 
     on_disk = [] if overwrite else list_checkpoints(run)
     per_ckpt, merged = checkpoint_bytes(model)
     per_ckpt = max((_bytes(p) for p in on_disk), default=per_ckpt)
     new = min(max(len(on_disk), keep_last) + 1 - len(on_disk), saves)
-    need = int(1.02 * per_ckpt * new + merged + 50e6) if new or merged else 0  # +50 MB: tokenizer, filesystem slack
+    need = bytes_needed(per_ckpt, merged, new)
     free = shutil.disk_usage(run.path).free + (sum(_bytes(p) for p in run.artifacts) if overwrite else 0)
     if free < need:
         raise FasttuneError(

@@ -83,10 +83,11 @@ class Dist:
         whatever the number of ranks. Frozen weights (a LoRA base) are left out: a checkpoint holds the adapters."""
         if not (self.on and self.fsdp):
             return None, optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        weights = get_model_state_dict(model, options=_full_options(ignore_frozen_params=True))
-        return weights, get_optimizer_state_dict(model, optimizer, options=_full_options())
+        return self.full_weights(model, frozen=False), get_optimizer_state_dict(
+            model, optimizer, options=_full_options()
+        )
 
     def full_weights(self, model, frozen: bool = True) -> dict | None:
         """The weights of `model` (frozen ones too, unless `frozen` is False), gathered onto rank 0's CPU under FSDP2
@@ -205,7 +206,3 @@ def close(d: Dist) -> None:
     if _CREATED and dist.is_initialized():
         dist.destroy_process_group()
         _CREATED.clear()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)

@@ -381,5 +381,9 @@ def disk_needed(model: torch.nn.Module, keep_last: int, saves: int) -> int:
     """Bytes on disk at the fullest moment: a new checkpoint is complete before the oldest is pruned, so up to
     keep_last + 1 exist at once, never more than the run writes; plus the merged LoRA model at the end."""
     per_ckpt, merged = checkpoint_bytes(model)
-    at_once = min(keep_last + 1, saves)
-    return int(1.02 * per_ckpt * at_once + merged + 50e6) if at_once or merged else 0
+    return bytes_needed(per_ckpt, merged, min(keep_last + 1, saves))
+
+
+def bytes_needed(per_ckpt: int, merged: int, new: int) -> int:
+    """Disk for `new` checkpoints of per_ckpt bytes and a merged model; +2% and 50 MB: tokenizer, filesystem slack."""
+    return int(1.02 * per_ckpt * new + merged + 50e6) if new or merged else 0

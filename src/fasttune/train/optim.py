@@ -12,13 +12,6 @@ from fasttune.config import BaseConfig
 log = logging.getLogger("fasttune")
 
 
-def warmup_steps(cfg: BaseConfig) -> int:
-    """The warmup the schedule uses: --training.warmup-steps as given. Not capped when it reaches past --max-steps
-    (a warning says so instead): a cap would depend on --max-steps, so a run stopped early and resumed with a larger
-    --max-steps would no longer train the steps an uninterrupted run does."""
-    return cfg.training.warmup_steps
-
-
 def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.device):
     """AdamW (fused on CUDA), no weight decay on norms and biases; linear warmup then cosine to min_lr_ratio.
 
@@ -32,7 +25,9 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    warmup = warmup_steps(cfg)
+    # Not capped when it reaches past --max-steps (a warning says so): a cap would depend on --max-steps, so a run
+    # stopped early and resumed with a larger --max-steps would no longer train the steps an uninterrupted run does.
+    warmup = t.warmup_steps
     if warmup >= t.max_steps:
         log.warning(
             "--training.warmup-steps %d is not below --max-steps %d: the learning rate never reaches --training.lr "
