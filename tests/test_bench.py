@@ -155,6 +155,66 @@ def test_train_bench_cpu(tmp_path, caplog):
     assert rows[2]["x_hf_sdpa_padded"] == pytest.approx(rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"])
 
 
+def _adapter_count(config, r: int) -> int:
+    """LoRA parameters of a Llama config with adapters on q, k, v, o, gate, up, down: r x (fan in + fan out) each."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    return config.num_hidden_layers * sum(r * (a + b) for a, b in shapes)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads transformers' is_gradient_checkpointing
+def test_train_bench_lora_cpu(tmp_path, caplog):
+    """--lora: HF + peft and fasttune rows train the same adapters, and only them (the optimizer's parameter count on
+    the HF side, the loop's trainable count on fasttune's, both against a hand count of r=16 adapters)."""
+    caplog.set_level("INFO", logger="fasttune")
+    argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "4", "--median", "12"]
+    argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--epochs", "1", "--lora"]
+    argv += ["--hf-ckpt", "--hf-only", "packed", "--variant", "r8:lora.rank=8"]
+    assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 0
+    rows = _outputs(tmp_path, "train")
+    assert [r["config"] for r in rows] == [
+        "HF + peft sdpa packed (4D mask)", "HF + peft sdpa packed (4D mask) + grad ckpt", "fasttune LoRA auto packed",
+        "r8",
+    ]  # fmt: skip
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
+    adapters = _adapter_count(preset_config("micro", 512), r=16)
+    assert [r["trained_params"] for r in rows] == [adapters, adapters, adapters, adapters // 2]  # variant on top
+    assert rows[2]["tokens_per_step"] <= 4 * 32  # the full experiment's 4 x max-length packs by default
+    assert rows[2]["x_best_hf"] == pytest.approx(rows[2]["tokens_per_s"] / max(r["tokens_per_s"] for r in rows[:2]))
+    md = (tmp_path / "train.md").read_text()
+    assert "MFU with LoRA" in md and "target >= 1.8x best leak-free HF + peft stack" in md
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_hf_peft_baseline_trains_only_adapters(ckpt):
+    """The HF + peft baseline as built for a step: adapters get gradients (also through non-reentrant gradient
+    checkpointing over frozen embeddings), the base, lm_head and embeddings none."""
+    from fasttune.bench import baselines as hf
+
+    b = hf.Baseline("HF + peft sdpa padded", "sdpa", False, ckpt=ckpt, lora=True)
+    model = hf._build("micro", 64, b, torch.device("cpu"), torch.float32)
+    ids = torch.randint(2, 64, (2, 9))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    lora = [n for n in grads if ".lora_" in n]
+    assert len(lora) == 2 * 7 * 2  # layers x targets x (A, B)
+    assert all(grads[n] is not None for n in lora)  # lora_A's is 0 at the first step: peft starts B at 0
+    assert all(grads[n].abs().sum() > 0 for n in lora if ".lora_B" in n)
+    assert all(g is None for n, g in grads.items() if ".lora_" not in n)
+
+
+def test_train_bench_lora_needs_peft(capsys, monkeypatch):
+    import fasttune.attention.probe as probe
+
+    real = probe.import_status
+    monkeypatch.setattr(probe, "import_status", lambda m: "package not installed" if m == "peft" else real(m))
+    assert cli.main(["bench", "train", "--device", "cpu", "--lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --lora needs the peft package (package not installed): pip install 'fasttune[lora]'"
+
+
 def test_cli_usage_and_errors(capsys):
     assert cli.main(["bench", "--help"]) == 0 and "attention" in capsys.readouterr().out
     assert cli.main(["bench", "nope"]) == 2

@@ -5,6 +5,9 @@ labels and `use_cache=False`, backward, gradient clipping to 1.0 (the HF Trainer
 `loss.item()`. Pure bf16 weights on CUDA (docs/BENCHMARKS.md). Nothing of fasttune's runs here except
 the shared micro-batch order (8 samples per step, shuffled per epoch) so both sides see the same samples.
 
+With `--lora` every baseline is wrapped with `peft.get_peft_model(model, LoraConfig(...))` as a peft user writes it
+(LORA: the settings fasttune's rows get too), and the optimizer holds only the trainable (adapter) parameters.
+
 Every packed baseline is checked for cross-document attention before it counts (a leaky configuration is never a
 baseline: fast, but it computes another model): a small model of the same attention setup scores two documents
 packed and each alone.
@@ -13,6 +16,7 @@ packed and each alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -20,12 +24,16 @@ import torch
 
 from fasttune.attention import available
 from fasttune.attention.probe import import_status
+from fasttune.config.base_config import LoraConfig
 from fasttune.data.packing import Batcher, collate_padded
 from fasttune.data.pipeline import DataBundle
 from fasttune.model.build import build_preset
 from fasttune.model.flops import step_flops
 from fasttune.train.metrics import peak_flops
 
+LORA = LoraConfig(enabled=True, rank=16, alpha=32, dropout=0.0)
+"""`bench train --lora` on both sides: r 16, alpha 32, no dropout, every linear layer of the decoder (q, k, v, o, gate,
+up, down: LoraConfig's targets); lm_head, embeddings and norms frozen."""
 LEAK_TOLERANCE = 0.05  # relative max logit error; a leak measures 0.3-0.7 (Llama, sdpa, use_cache on), bf16 noise ~1e-2
 
 
@@ -37,6 +45,8 @@ class Baseline:
     liger: bool = False
     ckpt: bool = False
     """HF's gradient checkpointing (every decoder layer recomputed): the HF setting that fits at 8B."""
+    lora: bool = False
+    """Wrapped with peft LoRA adapters (LORA); only they train."""
 
     @property
     def flash_kwargs(self) -> bool:
@@ -44,12 +54,14 @@ class Baseline:
         return self.packed and self.attn.startswith("flash")
 
 
-def baselines(device: torch.device, ckpt: bool = False) -> tuple[list[Baseline], list[str]]:
+def baselines(device: torch.device, ckpt: bool = False, lora: bool = False) -> tuple[list[Baseline], list[str]]:
     """The baselines that can run here, and a note for each one that cannot; `ckpt` adds each packed one again with
-    gradient checkpointing."""
+    gradient checkpointing; `lora` wraps every one with peft ("HF + peft ..." rows)."""
     found, notes = _baselines(device)
     if ckpt:
         found += [Baseline(f"{b.name} + grad ckpt", b.attn, True, b.liger, ckpt=True) for b in found if b.packed]
+    if lora:
+        found = [dataclasses.replace(b, name=b.name.replace("HF ", "HF + peft ", 1), lora=True) for b in found]
     return found, notes
 
 
@@ -94,7 +106,20 @@ def _build(preset: str, vocab: int, b: Baseline, device: torch.device, dtype: to
     if b.ckpt:  # transformers >= 5.2x renamed it
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
+    if b.lora:
+        model = _peft_wrap(model)
     return model.train()
+
+
+def _peft_wrap(model):
+    """What a peft user writes. Gradient checkpointing is non-reentrant here (_build), which needs no
+    `enable_input_require_grads()` for the frozen embeddings; peft keeps the adapters in fp32 on a bf16 base (its
+    default autocast_adapter_dtype), as in fasttune's own LoRA (model/lora.py)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+                        target_modules=list(LORA.targets), bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config)
 
 
 def _collate(samples: list[dict], b: Baseline, device: torch.device) -> dict:
@@ -139,7 +164,7 @@ def run_baseline(
     vocab = len(data.tokenizer)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = _build(preset, vocab, b, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     lengths = [len(s["input_ids"]) for s in data.train]
     peak = peak_flops(device)
@@ -162,9 +187,10 @@ def run_baseline(
         dt = time.perf_counter() - t0
         if step >= warmup_steps:
             seq = [lengths[i] for i in idx]
-            per_step.append((dt, sum(seq), len(seq), step_flops(model.config, seq)))
+            per_step.append((dt, sum(seq), len(seq), step_flops(model.config, seq, lora=b.lora)))
+    trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     del model, optimizer, params
-    return aggregate(per_step, peak)
+    return {**aggregate(per_step, peak), "trained_params": trained}
 
 
 def aggregate(per_step: list[tuple[float, int, int, float]], peak: float | None) -> dict:

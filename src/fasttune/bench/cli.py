@@ -143,8 +143,9 @@ class TrainBench(Command):
     """Use the token lengths of this dataset instead of the lognormal mix."""
     model: str | None = None
     """Tokenizer folder for --data (default: fasttune's own BPE)."""
-    micro_batch: int = 8
-    """Samples per step when padded; token budget factor when packed."""
+    micro_batch: int | None = None
+    """Samples per step when padded; token budget factor when packed (default: the experiment's, 4 for full: 8k-token
+    packs at --max-length 2048; and 8 samples per Hugging Face step)."""
     vocab: int | None = None
     """Vocabulary size (default 32000 on a GPU, 512 on a CPU)."""
     warmup_epochs: int = 1
@@ -154,13 +155,16 @@ class TrainBench(Command):
     baselines: bool = True
     """Also run the plain Hugging Face baselines (--no-baselines skips them)."""
     hf_micro_batch: int | None = None
-    """Samples per Hugging Face baseline step (default: --micro-batch)."""
+    """Samples per Hugging Face baseline step (default: --micro-batch, else 8)."""
     hf_ckpt: bool = False
     """Also run each packed Hugging Face baseline with gradient checkpointing."""
     hf_only: str | None = None
     """Comma-separated: run only the Hugging Face baselines whose names contain one of these."""
     equal_tokens: bool = False
     """Also run fasttune at the Hugging Face baselines' tokens per step."""
+    lora: bool = False
+    """Every configuration trains LoRA adapters (r 16, alpha 32, all linear layers of the decoder) on a frozen base:
+    fasttune's --lora.* against the Hugging Face baselines wrapped with peft. Needs peft."""
     variant: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """An extra auto packed run with config changes, NAME:section.field=value[,...]; repeat for more."""
     device: str = "auto"
@@ -173,12 +177,17 @@ class TrainBench(Command):
     def run(self) -> int:
         from tqdm.auto import tqdm
 
+        from fasttune.attention.probe import import_status
         from fasttune.bench import train as bench
         from fasttune.bench.harness import Results, environment
         from fasttune.bench.workload import LengthStats, dataset_lengths, sft_lengths
+        from fasttune.config import get_experiment
         from fasttune.device import pick_device
 
         variants = [_variant(v) for v in self.variant]
+        if self.lora and (why := import_status("peft")) is not None:
+            raise ConfigError(f"--lora needs the peft package ({why}): pip install 'fasttune[lora]'")
+        micro_batch = self.micro_batch or get_experiment(self.experiment).data.micro_batch_size
         device = pick_device(self.device)
         gpu = device.type == "cuda"
         max_length = self.max_length or (2048 if gpu else 256)
@@ -197,17 +206,18 @@ class TrainBench(Command):
             attns=_strs(self.attn) if self.attn else default_attn,
             packings=[x.lower() in ("on", "true", "1") for x in _strs(self.packing)],
             max_length=max_length,
-            micro_batch=self.micro_batch,
+            micro_batch=micro_batch,
             vocab=self.vocab or (32000 if gpu else 512),
             warmup_epochs=self.warmup_epochs,
             epochs=self.epochs,
             baselines=self.baselines,
             variants=variants,
             seed=self.seed,
-            hf_micro_batch=self.hf_micro_batch,
+            hf_micro_batch=self.hf_micro_batch or self.micro_batch or 8,  # 8: ~4.3k tokens at the default mix
             hf_ckpt=self.hf_ckpt,
             hf_only=_strs(self.hf_only or ""),
             equal_tokens=self.equal_tokens,
+            lora=self.lora,
         )
         results = Results("train", environment(device, command_line(self, "train")))
         results.notes.append(
@@ -216,7 +226,7 @@ class TrainBench(Command):
         runs, _ = bench.plan_runs(cfg)
         with tqdm(total=len(runs), desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar)
-        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(results.rows))
+        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
 
 
 def main(argv: list[str]) -> int:
