@@ -24,7 +24,10 @@ def test_code_docs_and_scripts_cite_nothing_outside_the_repository():
     assert not hits, hits
 
 
-@pytest.mark.parametrize("script", ["scripts/device_validate.sh", "docs/bench/device.sh", ".ci/run"])
+SCRIPTS = ["scripts/device_validate.sh", "scripts/gpu_memory.sh", "docs/bench/device.sh", ".ci/run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
 

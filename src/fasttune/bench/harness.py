@@ -185,7 +185,7 @@ def line_plot(path: Path, panels: Sequence[dict], title: str) -> None:
             ax.invert_yaxis()
         else:
             for label, (xs, ys) in series.items():
-                ax.plot(xs, ys, marker="o", label=label)
+                ax.plot(xs, ys, marker="o" if len(xs) <= 40 else None, label=label)
             if panel.get("logx"):
                 ax.set_xscale("log", base=2)
             ax.legend(fontsize=7)
