@@ -109,6 +109,10 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
+    from fasttune.train.optim import quiet_torchao
+
+    quiet_torchao()  # torchao's "Failed to load" lines, printed on every model load once it is installed
+
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load drown the output
 
 

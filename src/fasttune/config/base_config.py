@@ -22,6 +22,7 @@ DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("truncate", "split", "drop")
 MEMORY_PLANS = ("auto", "none", "ops", "attention", "mlp", "every:K", "full")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 RESUMABLE = {"may_change_on_resume": True}
@@ -180,6 +181,9 @@ class TrainingConfig:
     """Linear warmup steps (a warning when not below --max-steps: the LR would never reach --training.lr)."""
     weight_decay: float = 0.1
     """AdamW weight decay (not applied to norms and biases)."""
+    optimizer: str = "adamw"
+    """adamw (torch's, moments in the weights' dtype) or adamw_8bit (torchao's: 8-bit moments, pip install
+    'fasttune[adam8bit]')."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_grad_norm: float = 1.0
@@ -230,6 +234,7 @@ class TrainingConfig:
         _positive("training.eval_generate_samples", self.eval_generate_samples)
         _positive("training.max_bad_steps", self.max_bad_steps, allow_zero=True)
         _positive("training.weight_decay", self.weight_decay, allow_zero=True)
+        _choice("training.optimizer", self.optimizer, OPTIMIZERS)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"training.min_lr_ratio={self.min_lr_ratio!r} is not valid; it must be in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -209,16 +209,23 @@ def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def check_disk(run: RunFolder, model: torch.nn.Module, keep_last: int, saves: int, overwrite: bool = False) -> None:
+def check_disk(
+    run: RunFolder,
+    model: torch.nn.Module,
+    keep_last: int,
+    saves: int,
+    overwrite: bool = False,
+    optimizer: str = "adamw",
+) -> None:
     """Refuse to start when the checkpoints this run will write (`saves` of them) could not fit: better now than
     after an hour of training. At the fullest moment max(on disk, keep_last) complete checkpoints plus the one being
     written exist (pruning runs after a save completes), never more new ones than the run writes. Checkpoints on
     disk count as already written (as freed, for --overwrite), and their measured size replaces the estimate of
-    train/memory.checkpoint_bytes (weights and AdamW moments in the dtype they are held in)."""
+    train/memory.checkpoint_bytes (weights in the dtype they are held in, and the optimizer state)."""
     from fasttune.train.memory import bytes_needed, checkpoint_bytes
 
     on_disk = [] if overwrite else list_checkpoints(run)
-    per_ckpt, merged = checkpoint_bytes(model)
+    per_ckpt, merged = checkpoint_bytes(model, optimizer)
     per_ckpt = max((_bytes(p) for p in on_disk), default=per_ckpt)
     new = min(max(len(on_disk), keep_last) + 1 - len(on_disk), saves)
     need = bytes_needed(per_ckpt, merged, new)

@@ -51,6 +51,7 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
         return device, None, torch.bfloat16  # pure bf16: weights, grads and optimizer moments
     if cfg.model.dtype == "fp32" or device.type == "cpu":
         return device, None, torch.float32
-    if not fp32_master_fits(load_model_config(cfg.model, cfg.data.tokenizer_vocab_size), device, cfg.lora.enabled):
+    conf = load_model_config(cfg.model, cfg.data.tokenizer_vocab_size)
+    if not fp32_master_fits(conf, device, cfg.lora.enabled, optimizer=cfg.training.optimizer):
         return device, None, torch.bfloat16  # auto, an 8B-class model: pure bf16 (train/memory.py says why)
     return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast

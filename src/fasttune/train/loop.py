@@ -27,7 +27,7 @@ from fasttune.train.distributed import Dist
 from fasttune.train.memory import planned_saves
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.model_prep import prepare_model
-from fasttune.train.optim import build_optimizer
+from fasttune.train.optim import build_optimizer, require_optimizer
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder
 
@@ -72,6 +72,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop). Under
     torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
+    require_optimizer(cfg)  # a missing torchao: one line before anything starts; its state tensors load on resume
     if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     d = distributed.from_env(cfg.training.fsdp)
@@ -127,7 +128,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
     if d.main:
         t = cfg.training  # before start, which clears an --overwrite'd run:
         saves = planned_saves(t.max_steps, t.save_every, t.save_final, saved["state"]["step"] if saved else 0)
-        ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite)
+        ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer)
         if latest is None:
             folder.start(cfg)
         d.barrier()  # the other ranks start now; from here on every collective is reached by all ranks

@@ -144,7 +144,7 @@ class Setup:
     trainable: int
     param_bytes: int
     optimizer_bytes: float
-    """Optimizer state bytes per trainable parameter (AdamW: 2 moments in the parameter dtype)."""
+    """Optimizer state bytes per trainable parameter (AdamW: 2 moments in the parameter dtype; 8-bit AdamW ~2)."""
     tokens: int
     """Tokens per micro-batch (the packing budget, or samples x max_length padded)."""
     liger: bool = False
@@ -156,6 +156,8 @@ class Setup:
     """FSDP2 ranks the weights, gradients and optimizer state are sharded over."""
     ddp: bool = False
     """DDP keeps its gradient buckets beside the gradients: one more copy of them."""
+    optimizer: str = "adamw"
+    """training.optimizer (its state is `optimizer_bytes`; named here for the no-fit advice)."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -215,6 +217,9 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
                      "raise --training.grad-accum to keep the batch) with --model.memory full")  # fmt: skip
     if st.param_bytes == 4:
         fixes.append("--model.dtype bf16 (halves weights, gradients and optimizer state)")
+    if st.optimizer == "adamw" and st.trainable * st.param_bytes >= GiB:  # worth it: 1B+ fp32 params or 2B+ bf16
+        fixes.append("--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
+                     f"{2 * st.param_bytes}; needs torchao)")  # fmt: skip
     if st.trainable == st.params:
         fixes.append("--lora.enabled (no gradients or optimizer state for the frozen weights)")
     return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} "
@@ -283,16 +288,20 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
 
 def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
     """The memory-relevant facts of this configured run and built model."""
+    from fasttune.train.optim import state_bytes
+
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
+    moments = state_bytes(cfg.training.optimizer, [p for p in params if p.requires_grad])
     param_bytes = params[0].element_size() if params else 2
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     return Setup(
         shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
         shape=Shape.of(base.config), params=n, trainable=trainable, param_bytes=param_bytes,
-        optimizer_bytes=2.0 * param_bytes, tokens=cfg.data.micro_batch_size * cfg.data.max_length, liger=liger,
+        optimizer_bytes=moments / max(1, trainable), tokens=cfg.data.micro_batch_size * cfg.data.max_length,
+        liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
     )  # fmt: skip
@@ -332,8 +341,9 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
 
 FP32_STATE_SHARE = 0.5
 """fp32 master weights are chosen by `model.dtype auto` only while their training state (fp32 weights, gradients,
-two AdamW moments and the bf16 autocast copies: 18 bytes per parameter) takes at most this share of the GPU: the
-rest is for activations. An 8B model needs 144 GB that way, 64 GB held in bf16 (H200: 139 GiB)."""
+two AdamW moments and the bf16 autocast copies: 18 bytes per parameter, 12 with 8-bit moments) takes at most this
+share of the GPU: the rest is for activations. An 8B model needs 144 GB that way, 64 GB held in bf16 (H200: 139
+GiB)."""
 
 
 def param_count(config) -> int:
@@ -345,17 +355,20 @@ def param_count(config) -> int:
     return s.layers * layer + heads * s.vocab * s.hidden + s.hidden
 
 
-def fp32_master_fits(config, device: torch.device, lora: bool = False, free_bytes: float | None = None) -> bool:
+def fp32_master_fits(
+    config, device: torch.device, lora: bool = False, free_bytes: float | None = None, optimizer: str = "adamw"
+) -> bool:
     """Whether fp32 master weights (+ bf16 autocast) leave room for activations on this GPU; True off CUDA."""
     free = free_memory(device) if free_bytes is None else free_bytes
     if free is None:
         return True
     n = param_count(config)
-    need = n * (6 if lora else 18)  # LoRA: frozen fp32 weights + their bf16 copies only
+    moments = 2 if optimizer == "adamw_8bit" else 8  # two int8 moments (scales: +1.6%) or two fp32 ones
+    need = n * (6 if lora else 10 + moments)  # LoRA: frozen fp32 weights + their bf16 copies only
     if need <= FP32_STATE_SHARE * free:
         return True
     log.warning("model.dtype auto: fp32 master weights would hold %.0f GiB of %.0f GiB free for %.2fB parameters; "
-                "training in pure bf16 (weights, gradients and AdamW moments; checkpoints in bf16)", need / GiB,
+                "training in pure bf16 (weights, gradients and optimizer state; checkpoints in bf16)", need / GiB,
                 free / GiB, n / 1e9)  # fmt: skip
     return False
 
@@ -368,19 +381,23 @@ def planned_saves(max_steps: int, save_every: int, save_final: bool, start_step:
     return len([s for s in steps if s > start_step])
 
 
-def checkpoint_bytes(model: torch.nn.Module) -> tuple[int, int]:
+def checkpoint_bytes(model: torch.nn.Module, optimizer: str = "adamw") -> tuple[int, int]:
     """(bytes of one checkpoint, bytes of a merged LoRA model): weights in the dtype they are held in (or only the
-    trainable adapters) plus AdamW's two moments in the same dtype; safetensors and torch.save add ~nothing."""
+    trainable adapters) plus the optimizer state (AdamW's two moments in the same dtype, or 8-bit ones: see
+    optim.state_bytes); safetensors and torch.save add ~nothing."""
+    from fasttune.train.optim import state_bytes
+
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    lora = trainable < weights
-    return (trainable if lora else weights) + 2 * trainable, weights if lora else 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    lora = trainable_bytes < weights
+    return int((trainable_bytes if lora else weights) + state_bytes(optimizer, trainable)), weights if lora else 0
 
 
-def disk_needed(model: torch.nn.Module, keep_last: int, saves: int) -> int:
+def disk_needed(model: torch.nn.Module, keep_last: int, saves: int, optimizer: str = "adamw") -> int:
     """Bytes on disk at the fullest moment: a new checkpoint is complete before the oldest is pruned, so up to
     keep_last + 1 exist at once, never more than the run writes; plus the merged LoRA model at the end."""
-    per_ckpt, merged = checkpoint_bytes(model)
+    per_ckpt, merged = checkpoint_bytes(model, optimizer)
     return bytes_needed(per_ckpt, merged, min(keep_last + 1, saves))
 
 

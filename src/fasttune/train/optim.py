@@ -1,19 +1,30 @@
-"""The optimizer and learning-rate schedule of a run."""
+"""The optimizer and learning-rate schedule of a run: AdamW (torch's), or 8-bit AdamW (torchao's) when
+`training.optimizer adamw_8bit` asks for it and torchao is installed."""
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
 
 from fasttune.config import BaseConfig
+from fasttune.errors import ConfigError
 
 log = logging.getLogger("fasttune")
 
+BETAS = (0.9, 0.95)
+BLOCK = 256
+"""torchao's quantisation block: one fp32 scale per 256 moment values (AdamW8bit's default)."""
+MIN_QUANTISED = 4096
+"""torchao keeps the moments of tensors below 4096 values (or not a multiple of BLOCK) in full precision (as
+bitsandbytes does): norms, biases, small LoRA matrices."""
+
 
 def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.device):
-    """AdamW (fused on CUDA), no weight decay on norms and biases; linear warmup then cosine to min_lr_ratio.
+    """AdamW (fused on CUDA) or torchao's AdamW8bit, no weight decay on norms and biases; linear warmup then cosine
+    to min_lr_ratio.
 
     Not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: its warmup starts at lr 0, so the first step
     would train at lr 0 (a wasted step, and another curve than every run so far). Both are a LambdaLR of the step,
@@ -24,7 +35,11 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if t.optimizer == "adamw_8bit":
+        # the same groups, betas and eps (1e-8); torchao holds lr as a tensor, which LambdaLR fills in place
+        optimizer = adamw_8bit_class()(groups, lr=t.lr, betas=BETAS, eps=1e-8, block_size=BLOCK)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=BETAS, fused=device.type == "cuda")
     # Not capped when it reaches past --max-steps (a warning says so): a cap would depend on --max-steps, so a run
     # stopped early and resumed with a larger --max-steps would no longer train the steps an uninterrupted run does.
     warmup = t.warmup_steps
@@ -43,3 +58,78 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler
+
+
+def state_bytes(optimizer: str, params) -> float:
+    """Bytes of optimizer state for `params` (the trainable ones): AdamW's two moments in the parameter dtype; 8-bit
+    AdamW's two int8 moments plus one fp32 scale per BLOCK values each (~2.03 bytes per parameter), full precision
+    for the small tensors torchao does not quantise."""
+    total = 0.0
+    for p in params:
+        n = p.numel()
+        if optimizer == "adamw_8bit" and n >= MIN_QUANTISED and n % BLOCK == 0:
+            total += 2 * (n + n // BLOCK * 4)
+        else:
+            total += 2 * n * p.element_size()
+    return total
+
+
+def require_optimizer(cfg: BaseConfig) -> None:
+    """Import the optimizer's optional package now: before the model loads (a missing one is one line, not a
+    traceback after minutes of loading), and before a checkpoint is read (torchao registers its 8-bit state tensors
+    for torch.load(weights_only=True) on import). Nothing to do for adamw."""
+    if cfg.training.optimizer == "adamw_8bit":
+        adamw_8bit_class()
+
+
+class _Drop(logging.Filter):
+    """Drops records containing one of `needles`, logging them to fasttune's debug log instead (seen with --debug)."""
+
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(n in message for n in self.needles):
+            log.debug("%s (hidden: not needed by fasttune)", message)
+            return False
+        return True
+
+
+_QUIET = {
+    "torchao": _Drop("Failed to load"),
+    "torchao.kernel.intmm": _Drop("Detected no triton"),  # int8 matmul kernels (CPU machines have no triton)
+    "torch.utils._pytree": _Drop("is an Enum subclass and is now natively supported"),
+}
+
+
+def quiet_torchao() -> None:
+    """torchao's import (by fasttune for adamw_8bit, and by transformers on every model load once torchao is
+    installed) tries to load its CUDA extensions (mxfp8, cutlass kernels) and logs a 'Failed to load ..._C_*.so'
+    warning for each it cannot load (every CPU machine, other CUDA builds), on a CPU machine it warns that triton
+    is missing (for its int8 matmul kernels), and torch >= 2.13 logs a deprecation
+    notice about torchao's enum registration. 8-bit AdamW is plain PyTorch compiled by torch.compile and needs none
+    of those extensions: these lines go to the debug log (--debug). Every other message, and every import error,
+    stays. Process-wide (the command line calls it with its logging setup); calling it again changes nothing."""
+    for name, f in _QUIET.items():
+        logging.getLogger(name).addFilter(f)  # a no-op when already added
+
+
+def adamw_8bit_class() -> type[torch.optim.Optimizer]:
+    """torchao's AdamW8bit, imported quietly; ConfigError naming the install command when torchao is missing."""
+    quiet_torchao()
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "torchao":  # absent, or < 0.13
+            raise ConfigError("training.optimizer=adamw_8bit needs torchao: pip install 'fasttune[adam8bit]'") from None
+        # installed but broken (built for another torch, a dependency missing): its own reason, in one line
+        raise ConfigError(
+            f"training.optimizer=adamw_8bit: torchao is installed but does not import ({' '.join(str(e).split())[:160]}"
+            "); reinstall it: pip install --force-reinstall 'fasttune[adam8bit]', or use --training.optimizer adamw"
+        ) from None
+    # torch >= 2.13 asks tensor subclasses for a cache hash when the 8-bit step compiles; torchao's has none (the
+    # compile works, it is only not cached across processes): one UserWarning per run the user can do nothing about
+    warnings.filterwarnings("ignore", message="OptimState8bit does not implement _stable_hash_for_caching")
+    return AdamW8bit

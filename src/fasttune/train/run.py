@@ -159,7 +159,7 @@ class Run:
         t0 = time.perf_counter()
         micro = [self.stream.next() for _ in range(t.grad_accum * d.world)]
         samples = [s for mb in micro for s in mb]
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step trains with
+        lr = float(self.optimizer.param_groups[0]["lr"])  # this step's rate (torchao's lr is a tensor, filled in place)
         loss_f, gn, tokens, targets = self._update(micro)
         self._check_health(loss_f, gn)
         self.scheduler.step()
