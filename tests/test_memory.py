@@ -4,16 +4,19 @@ the least recomputation that fits simulated free memory, and a run that cannot f
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttune.config import ModelConfig
 from fasttune.data.packing import collate, count_targets
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import build_preset, preset_config
 from fasttune.train.loop import train
-from fasttune.train.memory import GiB, Setup, Shape, apply_plan, choose_plan, estimate
+from fasttune.train.memory import GiB, Setup, Shape, apply_plan, choose_plan, estimate, lora_bytes
 from fasttune.train.run import forward_backward
 from tests.helpers import tiny_config
 
@@ -130,3 +133,71 @@ def test_plans_under_lora_give_the_gradients_of_no_plan():
     assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None))
     grads = [(p.grad, q.grad) for p, q in zip(ref.parameters(), ours.parameters(), strict=True) if p.requires_grad]
     assert grads and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in grads)
+
+
+class _Alive(TorchDispatchMode):
+    """Weak references to every tensor an op creates: what is still alive after the forward is what backward keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.refs += [weakref.ref(t) for t in (out if isinstance(out, tuple | list) else (out,)) if torch.is_tensor(t)]
+        return out
+
+
+def _kept_bytes(layers: int, plan: str, lora: bool) -> int:
+    """Bytes of the storages a bf16 Llama forward (hidden 384, 6/2 heads, MLP 1024: not a shape lora_bytes was fitted
+    at) leaves alive for backward, 64 tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fasttune.config import LoraConfig
+    from fasttune.model.lora import apply_lora
+
+    config = LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
+                         num_hidden_layers=layers, vocab_size=VOCAB, attn_implementation="sdpa")  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16).train()
+    if lora:
+        model = apply_lora(model, LoraConfig(enabled=True, rank=16, alpha=32))
+    apply_plan(model, plan)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # alive anyway (their .t() views too)
+    with _Alive() as alive:
+        out = model(input_ids=torch.randint(2, VOCAB, (1, 64)), use_cache=False)
+    gc.collect()
+    storages = {s.data_ptr(): s.nbytes() for t in (r() for r in alive.refs) if t is not None
+                for s in (t.untyped_storage(),) if s.data_ptr() not in weights}  # fmt: skip
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads transformers' is_gradient_checkpointing
+@pytest.mark.parametrize("plan", ["none", "ops", "attention", "mlp"])
+def test_lora_bytes_match_what_peft_keeps_alive(plan):
+    """peft's fp32 adapters on a bf16 base keep more than the plain layer (upcast inputs; under `ops` the fp32
+    adapter outputs): per token and decoder layer (2 layers minus 1), LoRA minus plain, within 5% of lora_bytes."""
+    from transformers import LlamaConfig
+
+    per_layer = {lora: (_kept_bytes(2, plan, lora) - _kept_bytes(1, plan, lora)) / 64 for lora in (False, True)}
+    shape = Shape.of(LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6,
+                                 num_key_value_heads=2, vocab_size=VOCAB))  # fmt: skip
+    predicted = lora_bytes(shape, plan, 16)
+    assert predicted * 0.95 <= per_layer[True] - per_layer[False] <= predicted * 1.05, (per_layer, predicted)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_planner_counts_fp32_adapters_on_a_bf16_base(tmp_path):
+    """A bf16 base with peft's fp32 adapters is estimated with lora_bytes; an fp32 LoRA model (no upcasts) without."""
+    from fasttune.config import LoraConfig
+    from fasttune.model.lora import apply_lora
+    from fasttune.train.memory import setup_of
+
+    cfg = tiny_config(tmp_path)
+    for dtype, rank in ((torch.bfloat16, 8), (torch.float32, 0)):
+        model = apply_lora(build_preset("micro", VOCAB, "sdpa", dtype), LoraConfig(enabled=True, rank=8, alpha=16))
+        st = setup_of(cfg, model, liger=False, chunked=True)
+        assert st.lora_rank == rank
+        plain = Setup(**{**st.__dict__, "lora_rank": 0})
+        extra = lora_bytes(st.shape, "none", 8) * st.tokens * st.shape.layers if rank else 0.0
+        assert estimate(st, "none").total == pytest.approx(estimate(plain, "none").total + extra)

@@ -65,8 +65,9 @@ class Shape:
                    config.vocab_size)  # fmt: skip
 
 
-def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False) -> float:
-    """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below)."""
+def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0) -> float:
+    """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below);
+    `lora_rank`: peft adapters in fp32 on a bf16 base (see lora_bytes)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
     norms = 4 * h if liger else 12 * h  # Liger's RMSNorm keeps its bf16 input (+ rstd); HF's 6h each
     mlp = 6 * i if liger else 8 * i  # Liger's SwiGLU recomputes silu(gate)
@@ -78,19 +79,38 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
         "mlp": norms + 2 * h + 4 * q + 4 * kv + stream,
         "full": 2 * h + stream // 2,
     }
-    return float(keep[plan])
+    return float(keep[plan]) + (lora_bytes(s, plan, lora_rank) if lora_rank else 0.0)
 
 
-def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False) -> float:
+def lora_bytes(s: Shape, plan: str, rank: int) -> float:
+    """What peft's LoRA layers add per token and decoder layer when their fp32 adapters sit on a bf16 base (peft's
+    default): each adapted linear upcasts its input to fp32 for lora_A, kept for lora_A's weight gradient (the frozen
+    base weight keeps no input), and `ops` keeps every adapter matmul output, the fp32 lora_B outputs (layer-sized)
+    included. `ops` is exact; the others are fitted (q = h, kv = h / 2) to the bytes HF's Llama layer under peft 0.21
+    keeps alive, measured on CPU at three shapes (tests/test_memory.py checks a fourth). Llama-3.1-8B, r 16: none
+    keeps +95 KB over its 139 KB with Liger, ops +172 KB over its 102 KB: under LoRA `ops` keeps more than `none`."""
+    h, q, kv, i, a = s.hidden, s.q, s.kv, s.intermediate, 4.0 * rank  # a: one fp32 lora_A output
+    extra = {
+        "none": 14 * h + 2 * q + 2 * i + 7 * a,
+        "ops": 8 * h + 4 * q + 8 * kv + 8 * i + 7 * a,  # lora_B outputs of q, k, v, o, gate, up, down
+        "attention": 2 * h + 2 * i + 3 * a,  # the MLP's part of none (the attention block is recomputed)
+        "mlp": 8 * h + 2 * q + 4 * a,  # the attention block's part
+        "full": 0.0,
+    }
+    return extra[plan]
+
+
+def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
+                     lora_rank: int = 0) -> float:  # fmt: skip
     """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes."""
+    per = functools.partial(layer_bytes, s, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank)
     if plan.startswith("every:"):
         k = int(plan.split(":")[1])
         n_full = s.layers // k
-        kept = n_full * layer_bytes(s, "full", liger, fp32_stream)
-        kept += (s.layers - n_full) * layer_bytes(s, "ops", liger, fp32_stream)
+        kept = n_full * per("full") + (s.layers - n_full) * per("ops")
     else:
-        kept = s.layers * layer_bytes(s, plan, liger, fp32_stream)
-    recompute = 0.0 if plan == "none" else layer_bytes(s, "none", liger, fp32_stream)
+        kept = s.layers * per(plan)
+    recompute = 0.0 if plan == "none" else per("none")
     return tokens * (kept + recompute)
 
 
@@ -158,6 +178,8 @@ class Setup:
     """DDP keeps its gradient buckets beside the gradients: one more copy of them."""
     optimizer: str = "adamw"
     """training.optimizer (its state is `optimizer_bytes`; named here for the no-fit advice)."""
+    lora_rank: int = 0
+    """Rank of peft LoRA adapters held in fp32 on a bf16 base (0: none, or adapters in the base's dtype)."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -173,7 +195,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer,
-        activations=activation_bytes(s, plan, st.tokens, st.liger, st.autocast), loss=loss,
+        activations=activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank), loss=loss,
         buckets=grads if st.ddp else 0.0,
     )  # fmt: skip
 
@@ -304,7 +326,17 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
+        lora_rank=_fp32_lora_rank(model, param_bytes),
     )  # fmt: skip
+
+
+def _fp32_lora_rank(model: torch.nn.Module, param_bytes: int) -> int:
+    """The rank of the model's peft adapters when they are fp32 on a 2-byte base (their inputs get upcast), else 0."""
+    config = getattr(model, "peft_config", {}).get("default")
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    if config is None or param_bytes != 2 or not adapters or adapters[0].element_size() != 4:
+        return 0
+    return int(config.r)
 
 
 def free_memory(device: torch.device) -> float | None:
