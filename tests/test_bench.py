@@ -205,6 +205,23 @@ def test_hf_peft_baseline_trains_only_adapters(ckpt):
     assert all(g is None for n, g in grads.items() if ".lora_" not in n)
 
 
+def test_train_bench_rows_survive_a_run_cut_short(tmp_path):
+    """Each row is written as soon as it is measured: a run killed by a time limit keeps the rows it finished."""
+    from fasttune.bench import train as bench
+    from fasttune.bench.harness import Results
+
+    cfg = bench.TrainBench(torch.device("cpu"), [12, 20, 9, 30], preset="micro", attns=[], vocab=64, micro_batch=2,
+                           max_length=32, epochs=1, hf_only=["sdpa"])  # fmt: skip
+    results, written = Results("train", {}), []
+
+    def after_row():
+        results.write(tmp_path, bench.MD_COLUMNS, None)
+        written.append([r["config"] for r in json.loads((tmp_path / "train.json").read_text())["rows"]])
+
+    bench.run_all(cfg, results, after_row=after_row)
+    assert written == [["HF sdpa padded"], ["HF sdpa padded", "HF sdpa packed (4D mask)"]]
+
+
 def test_train_bench_lora_needs_peft(capsys, monkeypatch):
     import fasttune.attention.probe as probe
 

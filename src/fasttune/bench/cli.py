@@ -225,7 +225,7 @@ class TrainBench(Command):
         )
         runs, _ = bench.plan_runs(cfg)
         with tqdm(total=len(runs), desc="configurations", dynamic_ncols=True) as bar:
-            bench.run_all(cfg, results, progress=bar)
+            bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
 
 

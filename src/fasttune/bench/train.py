@@ -174,7 +174,9 @@ def hf_tokens_per_step(bench: TrainBench) -> float:
     return sum(bench.lengths) / len(bench.lengths) * (bench.hf_micro_batch or bench.micro_batch)
 
 
-def run_all(bench: TrainBench, results: Results, progress=None) -> Results:
+def run_all(bench: TrainBench, results: Results, progress=None, after_row=None) -> Results:
+    """Every configuration of plan_runs, one row each; `after_row()` after each, so the rows measured so far survive
+    a run cut short (an 8B configuration takes ~20-40 s)."""
     data = synthetic_bundle(bench.lengths, bench.vocab, bench.seed)
     runs, notes = plan_runs(bench)
     results.notes += notes + lora_notes(bench)
@@ -188,6 +190,9 @@ def run_all(bench: TrainBench, results: Results, progress=None) -> Results:
             reset_peak_memory(bench.device)
             if progress is not None:
                 progress.update(1)
+            if after_row is not None:
+                add_ratios(results.rows)
+                after_row()
     add_ratios(results.rows)
     return results
 
