@@ -155,7 +155,7 @@ def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
             continue
         for packing in bench.packings:
             if attn == "eager" and packing and bench.device.type == "cuda":
-                notes.append("- fasttune eager packed: skipped (a T x T mask per layer over 16k-token packs)")
+                notes.append("- fasttune eager packed: skipped (a T x T mask per layer over 8k-16k-token packs)")
                 continue
             layout = "packed" if packing else "padded"
             runs.append({"stack": "fasttune", "attn": attn, "packing": packing, "name": f"{stack} {attn} {layout}"})
