@@ -158,6 +158,20 @@ def test_without_torchao_8bit_stops_with_one_line_before_the_model_loads(tmp_pat
     assert not (tmp_path / "run").exists()  # nothing started, nothing to clean up
 
 
+def test_8bit_under_fsdp2_is_refused_with_one_line_before_anything_starts(tmp_path, monkeypatch):
+    """Its gathered FSDP2 state is not a checkpoint that resumes (optim.require_optimizer says why): refused on every
+    rank before the process group or the run folder exist. DDP and one process take it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = tiny_config(tmp_path, optimizer="adamw_8bit", fsdp=True)
+    with pytest.raises(
+        ConfigError, match="adamw_8bit does not work with --training.fsdp yet.*--training.optimizer adamw"
+    ):
+        loop.train(cfg)
+    assert not cfg.run_dir.exists() and not torch.distributed.is_initialized()
+
+
 @needs_torchao
 def test_the_command_line_does_not_print_torchaos_extension_warnings(tmp_path):
     """torchao's import logs 'Failed to load ..._C_*.so' for CUDA extensions 8-bit AdamW does not use (and a missing

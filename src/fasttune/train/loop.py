@@ -72,10 +72,10 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop). Under
     torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
-    require_optimizer(cfg)  # a missing torchao: one line before anything starts; its state tensors load on resume
+    d = distributed.from_env(cfg.training.fsdp)
+    require_optimizer(cfg, d.on, d.fsdp)  # one line before anything starts; torchao's state loads on resume
     if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-    d = distributed.from_env(cfg.training.fsdp)
     if d.on and cfg.training.oom_retry:
         raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
     device_name = distributed.init(d, cfg.training.device)

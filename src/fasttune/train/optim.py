@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 
 import torch
@@ -74,12 +75,32 @@ def state_bytes(optimizer: str, params) -> float:
     return total
 
 
-def require_optimizer(cfg: BaseConfig) -> None:
+def require_optimizer(cfg: BaseConfig, ranks: bool = False, fsdp: bool = False) -> None:
     """Import the optimizer's optional package now: before the model loads (a missing one is one line, not a
     traceback after minutes of loading), and before a checkpoint is read (torchao registers its 8-bit state tensors
-    for torch.load(weights_only=True) on import). Nothing to do for adamw."""
-    if cfg.training.optimizer == "adamw_8bit":
-        adamw_8bit_class()
+    for torch.load(weights_only=True) on import). Nothing to do for adamw. `ranks`: under torchrun; `fsdp`: FSDP2.
+
+    8-bit AdamW under FSDP2 trains (torchao quantises each rank's shard), but gathering its state into a full
+    checkpoint (torch.distributed.checkpoint's full_state_dict, as fasttune's FSDP2 checkpoints are written)
+    returns torch's AsyncCollectiveTensor wrappers that are never waited on (torch 2.13, torchao 0.18): the file
+    does not load with weights_only, so the run could not resume. Refused until that is solved."""
+    if cfg.training.optimizer != "adamw_8bit":
+        return
+    if ranks and fsdp:
+        raise ConfigError(
+            "training.optimizer=adamw_8bit does not work with --training.fsdp yet (its sharded 8-bit state cannot "
+            "be gathered into a checkpoint that resumes); use --training.optimizer adamw with --training.fsdp, or "
+            "adamw_8bit without --training.fsdp (DDP: one full copy of the 8-bit state per GPU)"
+        )
+    adamw_8bit_class()
+    if ranks and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # The 8-bit step is compiled by inductor, whose pool of compile workers can hang a rank at exit under
+        # torchrun (pytorch/pytorch#125235, #162199: a 300 s wait at shutdown; seen once in 4 DDP resumes on 2 CPU
+        # ranks here, torch 2.13). One compile thread runs no pool; the step's few small graphs compile serially
+        # in seconds. A user's TORCHINDUCTOR_COMPILE_THREADS wins.
+        import torch._inductor.config as inductor
+
+        inductor.compile_threads = 1
 
 
 class _Drop(logging.Filter):
