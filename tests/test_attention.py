@@ -358,3 +358,32 @@ def test_sdpa_gives_a_query_with_no_visible_key_eagers_uniform_weights():
     want = kernels.eager(q, k, v, allow, scale=8**-0.5)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(out[0, :, :2], kernels.repeat_kv(v, 2)[0].mean(1, keepdim=True).expand(4, 2, 8))
+
+
+class _WrongKeyGrad(torch.autograd.Function):
+    """Identity forward, key gradient doubled: a kernel that runs, gives the right output and trains another model
+    (what flash-attn-4 4.0.0b36 did at D8 with GQA on an H200)."""
+
+    @staticmethod
+    def forward(ctx, k):
+        return k.view_as(k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+@pytest.mark.parametrize("softcap", [False, True])
+def test_probe_refuses_a_backend_whose_gradients_are_wrong(monkeypatch, softcap):
+    from fasttune.attention import probe as probe_module
+
+    assert probe_module.probe("sdpa", "cpu", torch.float32, 16, softcap) is None  # the real kernel passes
+    real = probe_module.attention_forward
+
+    def wrong(name, module, q, k, v, mask, **kw):
+        return real(name, module, q, _WrongKeyGrad.apply(k), v, mask, **kw)
+
+    monkeypatch.setattr(probe_module, "attention_forward", wrong)
+    why = probe_module.smoke_test("sdpa", torch.device("cpu"), torch.float32, 16, softcap)
+    assert why is not None and why.startswith("gives wrong results (4 query / 2 kv heads, 48 tokens, D16")
+    assert "relative error 1" in why  # doubled key gradients: |2g - g| / |g|

@@ -134,23 +134,59 @@ def _smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
     calls = [(None, dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest))]
     if device.type == "cuda":
         calls.append((2, {}))  # dense rows: the causal BlockMask / dense kernel path
+    outs = []
+    shape = f"{heads} query / {kv_heads} kv heads, {total} tokens, D{head_dim}" + (", softcap" if softcap else "")
     try:
         for rows, kwargs in calls:
             qkv = (q_BHSD, k_BKLD, v_BKLD) if rows is None else (_rows(x, rows) for x in (q_BHSD, k_BKLD, v_BKLD))
-            out_BSHD, _ = attention_forward(name, None, *qkv, None, **kwargs, **extra)
+            out_BSHD, _ = attention_forward(name, None, *qkv, None, scaling=head_dim**-0.5, **kwargs, **extra)
             out_BSHD.float().square().sum().backward()
+            outs.append(out_BSHD.detach().reshape(total, heads, head_dim))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a failing kernel is a reason, never a crash
-        shape = f"{heads} query / {kv_heads} kv heads, {total} tokens, D{head_dim}" + (", softcap" if softcap else "")
         return (
             f"fails a forward+backward ({shape}) on {device} {str(dtype).removeprefix('torch.')}: "
             + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         )
     grads = (q_BHSD.grad, k_BKLD.grad, v_BKLD.grad)
-    if not torch.isfinite(out_BSHD).all() or any(g is None or not torch.isfinite(g).all() for g in grads):
+    if any(not torch.isfinite(o).all() for o in outs) or any(g is None or not torch.isfinite(g).all() for g in grads):
         return f"gives non-finite output or gradients on {device} {dtype}"
+    documents = [cu_list, [0, total // 2, total]][: len(calls)]  # dense rows are documents of half the tokens each
+    err = _error_against_reference(q_BHSD, k_BKLD, v_BKLD, documents, outs, 30.0 if softcap else None)
+    if err > WRONG:
+        # a kernel can run and be wrong (flash-attn-4 4.0.0b36 at D8 with GQA, H200: gradients off by ~100%); a
+        # backend that trains another model than eager's is unusable, never a silent choice
+        return f"gives wrong results ({shape}): relative error {err:.2g} against a float32 reference (limit {WRONG})"
     return None
+
+
+WRONG = 0.05  # relative error of output or gradients that counts as wrong; bf16 kernels measure <= 1e-2 here
+
+
+def _error_against_reference(q_BHSD, k_BKLD, v_BKLD, documents, outs, softcap) -> float:
+    """Largest relative error (norm) of the calls' outputs and the accumulated q/k/v gradients against a float32
+    causal attention of each document alone, given the same loss (sum of squared outputs, every call)."""
+    q, k, v = (x.detach().float()[0].requires_grad_() for x in (q_BHSD, k_BKLD, v_BKLD))
+    rep = q.shape[0] // k.shape[0]
+    refs = []
+    for cu in documents:
+        parts = []
+        for a, b in zip(cu, cu[1:], strict=False):
+            s = q[:, a:b] @ k[:, a:b].repeat_interleave(rep, 0).transpose(-1, -2) * q.shape[-1] ** -0.5
+            if softcap:
+                s = torch.tanh(s / softcap) * softcap
+            causal = torch.ones(b - a, b - a, dtype=torch.bool, device=s.device).tril()
+            parts.append(torch.softmax(s.masked_fill(~causal, float("-inf")), -1) @ v[:, a:b].repeat_interleave(rep, 0))
+        refs.append(torch.cat(parts, 1).transpose(0, 1))  # (T, H, D)
+    sum(r.square().sum() for r in refs).backward()
+
+    def rel(got, want):
+        return float((got.float() - want).norm() / want.norm().clamp_min(1e-12))
+
+    errs = [rel(o, r.detach()) for o, r in zip(outs, refs, strict=True)]
+    errs += [rel(g[0], w.grad) for g, w in zip((q_BHSD.grad, k_BKLD.grad, v_BKLD.grad), (q, k, v), strict=True)]
+    return max(errs)
 
 
 def _rows(x_1HTD: torch.Tensor, rows: int) -> torch.Tensor:
