@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fasttune.config.base_config import LoraConfig
 from fasttune.errors import FasttuneError
-from fasttune.model.lora import apply_lora, linear_module_names, save_lora
+from fasttune.model.lora import apply_lora, linear_module_names, save_lora, set_fast_forward
 
 peft = pytest.importorskip("peft")
 # peft's own loading (PeftModel.from_pretrained in these tests) reads a deprecated transformers property
@@ -150,3 +152,102 @@ def test_lora_on_cuda_holds_the_frozen_base_in_bf16(tmp_path):
     assert {t.dtype for t in adapter.values()} == {torch.float32}
     state = torch.load(result.checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
     assert len(state) == len(adapter)
+
+
+def _adapted(dtype: torch.dtype, **lora) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(fasttune's LoRA model, the same model on peft's own forward): all linear layers, rank 3, alpha 5 (a scaling
+    of 5/3, not a power of two), lora_B random rather than peft's zeros so the adapters change the output."""
+    model = apply_lora(tiny_llama().to(dtype), LoraConfig(rank=3, alpha=5, **lora))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    ref = copy.deepcopy(model)
+    assert set_fast_forward(ref, enabled=False) == 0
+    return model.train(), ref.train()
+
+
+def _step(model, ids: torch.Tensor, seed: int = 3):
+    """Logits, loss and adapter gradients of one forward + backward."""
+    torch.manual_seed(seed)  # the same dropout masks for both models
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_step(got, want, **tol) -> None:
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert got[2].keys() == want[2].keys() and got[2]
+    for name, grad in want[2].items():
+        torch.testing.assert_close(got[2][name], grad, **tol, msg=name)
+
+
+@pytest.mark.filterwarnings(PEFT_READS_DEPRECATED)  # the test's own get_peft_model
+def test_fast_forward_equals_peft_in_fp32():
+    """Every adapted layer of an fp32 model takes the fast forward, whose logits, loss and adapter gradients are
+    peft's own forward's."""
+    model, ref = _adapted(torch.float32)
+    assert set_fast_forward(copy.deepcopy(model)) == 2 * 7  # 2 layers x q, k, v, o, gate, up, down
+    ids = torch.randint(0, VOCAB, (2, 16))
+    _assert_same_step(_step(model, ids), _step(ref, ids), rtol=1e-5, atol=1e-6)
+    # patched per layer, not in peft's class: a peft model built as a peft user does (the bench's HF + peft
+    # baseline, in the same process) keeps peft's forward
+    plain = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=3, target_modules=["q_proj"]))
+    assert not [name for name, m in plain.named_modules() if "forward" in vars(m)]
+
+
+class _Fp32Activations(TorchDispatchMode):
+    """The fp32 tensors of at least `numel` elements ops create: activations (the adapters themselves are smaller)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.shapes = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if torch.is_tensor(t) and t.dtype == torch.float32 and t.numel() >= self.numel:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_fast_forward_on_a_bf16_base_keeps_fp32_adapters_and_makes_no_fp32_activations():
+    """bf16 base, fp32 adapters (what a LoRA run on a GPU holds): close to peft's forward at bf16 precision; the
+    adapters stay fp32 with fp32 gradients; no adapted layer makes an fp32 activation, where peft upcasts inputs."""
+    model, ref = _adapted(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    got, want = _step(model, ids), _step(ref, ids)
+    _assert_same_step(got, want, rtol=0.05, atol=0.05)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {g.dtype for g in got[2].values()} == {torch.float32}
+    layers = [m for m in model.modules() if type(m) is peft.tuners.lora.Linear]
+    refs = [m for m in ref.modules() if type(m) is peft.tuners.lora.Linear]
+    for layer, expect_fp32 in [(m, False) for m in layers] + [(m, True) for m in refs]:
+        x = torch.randn(ids.numel(), layer.in_features, dtype=torch.bfloat16)
+        with _Fp32Activations(ids.numel() * 8) as seen:  # more than rank 3 (the adapters' own fp32 sizes)
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        assert bool(seen.shapes) == expect_fp32, seen.shapes
+
+
+def test_dropout_merged_and_disabled_adapters_fall_back_to_peft():
+    """States the fast forward does not compute run peft's own forward, output for output: adapter dropout in
+    training (the same masks), merged adapters (the base weights already hold them), adapters disabled."""
+    ids = torch.randint(0, VOCAB, (2, 16))
+    model, ref = _adapted(torch.float32, dropout=0.5)
+    _assert_same_step(_step(model, ids), _step(ref, ids), rtol=1e-5, atol=1e-6)
+    model.eval(), ref.eval()  # dropout off: the fast forward again, still peft's result
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-6)
+
+    model, ref = _adapted(torch.float32)
+    model.eval(), ref.eval()
+    with model.disable_adapter(), ref.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=0, atol=0)
+    model.merge_adapter()
+    ref.merge_adapter()
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=0, atol=0)
+    model.unmerge_adapter()
+    ref.unmerge_adapter()
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-6)

@@ -148,23 +148,24 @@ class _Alive(TorchDispatchMode):
         return out
 
 
-def _kept_bytes(layers: int, plan: str, lora: bool) -> int:
+def _kept_bytes(layers: int, tokens: int, plan: str, lora: str) -> int:
     """Bytes of the storages a bf16 Llama forward (hidden 384, 6/2 heads, MLP 1024: not a shape lora_bytes was fitted
-    at) leaves alive for backward, 64 tokens."""
+    at) leaves alive for backward. lora: "" (none), "fast" (fasttune's forward) or "peft" (peft's own)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fasttune.config import LoraConfig
-    from fasttune.model.lora import apply_lora
+    from fasttune.model.lora import apply_lora, set_fast_forward
 
     config = LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
                          num_hidden_layers=layers, vocab_size=VOCAB, attn_implementation="sdpa")  # fmt: skip
     model = LlamaForCausalLM(config).to(torch.bfloat16).train()
     if lora:
         model = apply_lora(model, LoraConfig(enabled=True, rank=16, alpha=32))
+        set_fast_forward(model, enabled=lora == "fast")
     apply_plan(model, plan)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # alive anyway (their .t() views too)
     with _Alive() as alive:
-        out = model(input_ids=torch.randint(2, VOCAB, (1, 64)), use_cache=False)
+        out = model(input_ids=torch.randint(2, VOCAB, (1, tokens)), use_cache=False)
     gc.collect()
     storages = {s.data_ptr(): s.nbytes() for t in (r() for r in alive.refs) if t is not None
                 for s in (t.untyped_storage(),) if s.data_ptr() not in weights}  # fmt: skip
@@ -172,32 +173,54 @@ def _kept_bytes(layers: int, plan: str, lora: bool) -> int:
     return sum(storages.values())
 
 
+def _per_token_and_layer(plan: str, lora: str) -> float:
+    """2 layers minus 1 (the embeddings, head and loss cancel), 128 tokens minus 64 (what does not grow with the
+    tokens cancels: the fast forward's bf16 copies of A and B)."""
+    kept = {(n, t): _kept_bytes(n, t, plan, lora) for n in (1, 2) for t in (64, 128)}
+    return (kept[2, 128] - kept[1, 128] - kept[2, 64] + kept[1, 64]) / 64
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads transformers' is_gradient_checkpointing
 @pytest.mark.parametrize("plan", ["none", "ops", "attention", "mlp"])
-def test_lora_bytes_match_what_peft_keeps_alive(plan):
-    """peft's fp32 adapters on a bf16 base keep more than the plain layer (upcast inputs; under `ops` the fp32
-    adapter outputs): per token and decoder layer (2 layers minus 1), LoRA minus plain, within 5% of lora_bytes."""
+def test_lora_bytes_match_what_the_lora_forwards_keep_alive(plan):
+    """Per token and decoder layer, LoRA minus the trainable layer, within 5% of lora_bytes: fasttune's forward (the
+    bf16 lora_A inputs and rank-r outputs; less than the trainable layer but under `ops`) and peft's own forward
+    (fp32 upcasts of every adapted input; under `ops` the fp32 adapter outputs), which keeps more under every plan."""
     from transformers import LlamaConfig
 
-    per_layer = {lora: (_kept_bytes(2, plan, lora) - _kept_bytes(1, plan, lora)) / 64 for lora in (False, True)}
+    plain = _per_token_and_layer(plan, "")
     shape = Shape.of(LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6,
                                  num_key_value_heads=2, vocab_size=VOCAB))  # fmt: skip
-    predicted = lora_bytes(shape, plan, 16)
-    assert predicted * 0.95 <= per_layer[True] - per_layer[False] <= predicted * 1.05, (per_layer, predicted)
+    kept = {}
+    for lora, upcast in (("fast", False), ("peft", True)):
+        kept[lora] = _per_token_and_layer(plan, lora) - plain
+        predicted = lora_bytes(shape, plan, 16, upcast=upcast)
+        assert abs(kept[lora] - predicted) <= 0.05 * abs(predicted), (lora, kept[lora], predicted)
+    assert kept["fast"] < kept["peft"]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_the_planner_counts_fp32_adapters_on_a_bf16_base(tmp_path):
-    """A bf16 base with peft's fp32 adapters is estimated with lora_bytes; an fp32 LoRA model (no upcasts) without."""
+def test_the_planner_counts_the_lora_forward_that_runs(tmp_path):
+    """A LoRA model is estimated with lora_bytes of fasttune's forward; with lora.dropout > 0 (peft's own forward
+    runs) and fp32 adapters on a bf16 base, with peft's upcasts; a model without LoRA without either."""
+    import dataclasses
+
     from fasttune.config import LoraConfig
     from fasttune.model.lora import apply_lora
     from fasttune.train.memory import setup_of
 
     cfg = tiny_config(tmp_path)
-    for dtype, rank in ((torch.bfloat16, 8), (torch.float32, 0)):
-        model = apply_lora(build_preset("micro", VOCAB, "sdpa", dtype), LoraConfig(enabled=True, rank=8, alpha=16))
-        st = setup_of(cfg, model, liger=False, chunked=True)
-        assert st.lora_rank == rank
-        plain = Setup(**{**st.__dict__, "lora_rank": 0})
-        extra = lora_bytes(st.shape, "none", 8) * st.tokens * st.shape.layers if rank else 0.0
+    for dtype, dropout, upcast in (
+        (torch.bfloat16, 0.0, False),
+        (torch.bfloat16, 0.1, True),
+        (torch.float32, 0.1, False),
+    ):
+        lora = LoraConfig(enabled=True, rank=8, alpha=16, dropout=dropout)
+        model = apply_lora(build_preset("micro", VOCAB, "sdpa", dtype), lora)
+        st = setup_of(dataclasses.replace(cfg, lora=lora), model, liger=False, chunked=True)
+        assert (st.lora_rank, st.lora_upcast) == (8, upcast)
+        plain = Setup(**{**st.__dict__, "lora_rank": 0, "lora_upcast": False})
+        extra = lora_bytes(st.shape, "none", 8, upcast=upcast) * st.tokens * st.shape.layers
         assert estimate(st, "none").total == pytest.approx(estimate(plain, "none").total + extra)
+    st = setup_of(cfg, build_preset("micro", VOCAB, "sdpa", torch.bfloat16), liger=False, chunked=True)
+    assert (st.lora_rank, st.lora_upcast) == (0, False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import types
 import warnings
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         model = peft.get_peft_model(model, peft_cfg)
     _resolve_base_path(model)
+    fast = set_fast_forward(model)
+    log.debug("fast LoRA forward on %d of the adapted linear layers", fast)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x name
@@ -77,6 +80,62 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         # With frozen embeddings, reentrant checkpointing sees no input that needs grad and drops the adapters' grads.
         model.enable_input_require_grads()
     return model
+
+
+# Why not peft's own forward (peft 0.21, tuners/lora/layer.py Linear.forward): with fp32 adapters on a bf16 base it
+# casts every adapted input to fp32 (`_cast_input_dtype`: a [T, 4096] or [T, 14336] fp32 copy per module, 7 modules
+# x 32 layers at 8B, each kept for lora_A's weight gradient), runs the rank-r matmuls in fp32 and adds an fp32
+# [T, out] result to the bf16 base output (the sum promoted to fp32, then cast back): 1.21x HF + peft on an H200
+# at 8B where skipping the base weight-gradient GEMMs (a third of the FLOPs) should give ~1.4x our full fine-tune
+# (docs/BENCHMARKS.md). The fast forward casts the tiny A and B (with the scaling folded into B) to the input's
+# dtype per call (differentiable: the fp32 parameters stay the master copies and get fp32 gradients) and adds the
+# rank-r product into the base output inside one addmm: no fp32 activation, no [T, out] elementwise pass.
+# peft's `disable_input_dtype_casting` + autocast was not chosen: without autocast (a bf16 or fp32 run on CPU, the
+# `--model.dtype bf16` path) it fails on the dtype mismatch, and under autocast it still multiplies and adds a
+# [T, out] tensor per module and turns autocast on for the whole model. Patched per instance (not peft's class):
+# a plain peft model in the same process (the bench's HF + peft baseline) keeps peft's forward.
+def set_fast_forward(model: nn.Module, enabled: bool = True) -> int:
+    """Install (or with enabled=False remove) the fast forward on each plain peft `lora.Linear` of `model`; returns
+    how many layers have it. Each call still checks the layer's state and falls back to peft's forward."""
+    from peft.tuners.lora.layer import Linear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is not Linear:  # subclasses (bitsandbytes, ...) keep their own forward
+            continue
+        module.__dict__.pop("forward", None)  # peft's class forward again
+        if enabled:
+            module.forward = types.MethodType(_fast_forward, module)
+            count += 1
+    return count
+
+
+def _plain(layer, args: tuple, kwargs: dict) -> str | None:
+    """The one adapter the fast forward may compute, or None where peft's own forward must run."""
+    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None  # extra arguments (adapter_names, variant kwargs), disabled, merged, several adapters
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant or layer.use_dora.get(name):
+        return None
+    dropout = layer.lora_dropout[name]
+    if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
+        return None
+    if not isinstance(dropout, nn.Dropout | nn.Identity) or layer.lora_B[name].bias is not None:
+        return None
+    return name
+
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """base(x) + scaling * x @ A^T @ B^T, in x's dtype; peft's forward where the layer is not plain (see _plain)."""
+    name = _plain(self, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    a = self.lora_A[name].weight.to(x.dtype)
+    b = (self.lora_B[name].weight * self.scaling[name]).to(result.dtype)  # [out, r]: the scaling costs nothing here
+    xa = nn.functional.linear(x, a).to(result.dtype)  # [..., r]
+    flat = result.reshape(-1, result.shape[-1])
+    return torch.addmm(flat, xa.reshape(-1, xa.shape[-1]), b.t()).view(result.shape)
 
 
 def _resolve_base_path(model) -> None:

@@ -65,9 +65,10 @@ class Shape:
                    config.vocab_size)  # fmt: skip
 
 
-def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0) -> float:
+def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
+                lora_upcast: bool = False) -> float:  # fmt: skip
     """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below);
-    `lora_rank`: peft adapters in fp32 on a bf16 base (see lora_bytes)."""
+    `lora_rank`, `lora_upcast`: peft LoRA adapters (see lora_bytes)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
     norms = 4 * h if liger else 12 * h  # Liger's RMSNorm keeps its bf16 input (+ rstd); HF's 6h each
     mlp = 6 * i if liger else 8 * i  # Liger's SwiGLU recomputes silu(gate)
@@ -79,31 +80,47 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
         "mlp": norms + 2 * h + 4 * q + 4 * kv + stream,
         "full": 2 * h + stream // 2,
     }
-    return float(keep[plan]) + (lora_bytes(s, plan, lora_rank) if lora_rank else 0.0)
+    lora = lora_bytes(s, plan, lora_rank, liger, lora_upcast) if lora_rank else 0.0
+    return float(keep[plan]) + lora
 
 
-def lora_bytes(s: Shape, plan: str, rank: int) -> float:
-    """What peft's LoRA layers add per token and decoder layer when their fp32 adapters sit on a bf16 base (peft's
-    default): each adapted linear upcasts its input to fp32 for lora_A, kept for lora_A's weight gradient (the frozen
-    base weight keeps no input), and `ops` keeps every adapter matmul output, the fp32 lora_B outputs (layer-sized)
-    included. `ops` is exact; the others are fitted (q = h, kv = h / 2) to the bytes HF's Llama layer under peft 0.21
-    keeps alive, measured on CPU at three shapes (tests/test_memory.py checks a fourth). Llama-3.1-8B, r 16: none
-    keeps +95 KB over its 139 KB with Liger, ops +172 KB over its 102 KB: under LoRA `ops` keeps more than `none`."""
-    h, q, kv, i, a = s.hidden, s.q, s.kv, s.intermediate, 4.0 * rank  # a: one fp32 lora_A output
+def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool = False) -> float:
+    """What LoRA adapters on a frozen base change per token and decoder layer against the trainable layer.
+    fasttune's forward (model/lora.py, `upcast` False): each lora_A keeps its bf16 input (which the trainable base
+    matmul kept anyway) and its rank-r output; HF's RMSNorm no longer keeps its normalized input for the frozen norm
+    weight's gradient (-2h each; Liger's keeps its input either way); `ops` keeps each adapted output beside the base
+    matmul's (the addmm that adds the adapter is a matmul). Exact: tests/test_memory.py measures it on CPU.
+    `upcast`: peft's own forward (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted linear upcasts
+    its input to fp32 for lora_A, kept for lora_A's weight gradient, and `ops` keeps the fp32 lora_B outputs; `ops`
+    exact, the others fitted (q = h, kv = h / 2) to what HF's Llama layer under peft 0.21 keeps alive. Llama-3.1-8B,
+    r 16, Liger: none keeps +0.2 KB over its 139 KB with fasttune's forward, +95 KB with peft's upcasts."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
+    if upcast:
+        a = 4.0 * rank  # one fp32 lora_A output
+        extra = {
+            "none": 14 * h + 2 * q + 2 * i + 7 * a,
+            "ops": 8 * h + 4 * q + 8 * kv + 8 * i + 7 * a,  # lora_B outputs of q, k, v, o, gate, up, down
+            "attention": 2 * h + 2 * i + 3 * a,  # the MLP's part of none (the attention block is recomputed)
+            "mlp": 8 * h + 2 * q + 4 * a,  # the attention block's part
+            "full": 0.0,
+        }
+        return extra[plan]
+    a, norms = 2.0 * rank, (0 if liger else -4 * h)  # a: one bf16 lora_A output
     extra = {
-        "none": 14 * h + 2 * q + 2 * i + 7 * a,
-        "ops": 8 * h + 4 * q + 8 * kv + 8 * i + 7 * a,  # lora_B outputs of q, k, v, o, gate, up, down
-        "attention": 2 * h + 2 * i + 3 * a,  # the MLP's part of none (the attention block is recomputed)
-        "mlp": 8 * h + 2 * q + 4 * a,  # the attention block's part
+        "none": norms + 7 * a,
+        "ops": 4 * h + 2 * q + 4 * kv + 4 * i + 7 * a,  # the adapted outputs of q, k, v, o, gate, up, down
+        "attention": norms + 3 * a,  # both norms sit outside the recomputed attention block
+        "mlp": norms + 4 * a,
         "full": 0.0,
     }
     return extra[plan]
 
 
 def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
-                     lora_rank: int = 0) -> float:  # fmt: skip
+                     lora_rank: int = 0, lora_upcast: bool = False) -> float:  # fmt: skip
     """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes."""
-    per = functools.partial(layer_bytes, s, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank)
+    per = functools.partial(layer_bytes, s, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank,
+                            lora_upcast=lora_upcast)  # fmt: skip
     if plan.startswith("every:"):
         k = int(plan.split(":")[1])
         n_full = s.layers // k
@@ -179,7 +196,9 @@ class Setup:
     optimizer: str = "adamw"
     """training.optimizer (its state is `optimizer_bytes`; named here for the no-fit advice)."""
     lora_rank: int = 0
-    """Rank of peft LoRA adapters held in fp32 on a bf16 base (0: none, or adapters in the base's dtype)."""
+    """Rank of the peft LoRA adapters (0: no LoRA)."""
+    lora_upcast: bool = False
+    """peft's own forward runs (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted input upcast."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -193,10 +212,10 @@ def estimate(st: Setup, plan: str) -> Estimate:
     # FSDP2 gathers one layer's full weights at a time: ~1/layers of them on top of the shards (ignored here)
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
+    activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast)
     return Estimate(
-        plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer,
-        activations=activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank), loss=loss,
-        buckets=grads if st.ddp else 0.0,
+        plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
+        loss=loss, buckets=grads if st.ddp else 0.0,
     )  # fmt: skip
 
 
@@ -326,17 +345,22 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
-        lora_rank=_fp32_lora_rank(model, param_bytes),
+        lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes),
     )  # fmt: skip
 
 
-def _fp32_lora_rank(model: torch.nn.Module, param_bytes: int) -> int:
-    """The rank of the model's peft adapters when they are fp32 on a 2-byte base (their inputs get upcast), else 0."""
+def _lora_rank(model: torch.nn.Module) -> int:
     config = getattr(model, "peft_config", {}).get("default")
+    return int(config.r) if config is not None else 0
+
+
+def _lora_upcast(cfg, model: torch.nn.Module, param_bytes: int) -> bool:
+    """Whether peft's own forward runs in training (fasttune's fast one falls back to it under LoRA dropout) with
+    fp32 adapters on a 2-byte base, upcasting each adapted input."""
     adapters = [p for p in model.parameters() if p.requires_grad]
-    if config is None or param_bytes != 2 or not adapters or adapters[0].element_size() != 4:
-        return 0
-    return int(config.r)
+    if not _lora_rank(model) or cfg.lora.dropout == 0 or param_bytes != 2 or not adapters:
+        return False
+    return adapters[0].element_size() == 4
 
 
 def free_memory(device: torch.device) -> float | None:
