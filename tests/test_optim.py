@@ -30,7 +30,9 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 10-step micro run with AdamW and with 8-bit AdamW (checkpoints at steps 3, 6, 9 and 10)."""
+    """The same 10-step micro run with AdamW and with 8-bit AdamW (checkpoints at steps 3, 6, 9 and 10). The first
+    8-bit step compiles torchao's update (torch.compile, one graph per parameter shape): ~20 s on a cold 2-core CPU,
+    once per test process; the other tests here reuse those graphs (same shapes)."""
     if importlib.util.find_spec("torchao") is None:
         pytest.skip("torchao not installed (pip install 'fasttune[adam8bit]')")
     out = {}
