@@ -80,10 +80,12 @@ def require_optimizer(cfg: BaseConfig, ranks: bool = False, fsdp: bool = False) 
     traceback after minutes of loading), and before a checkpoint is read (torchao registers its 8-bit state tensors
     for torch.load(weights_only=True) on import). Nothing to do for adamw. `ranks`: under torchrun; `fsdp`: FSDP2.
 
-    8-bit AdamW under FSDP2 trains (torchao quantises each rank's shard), but gathering its state into a full
-    checkpoint (torch.distributed.checkpoint's full_state_dict, as fasttune's FSDP2 checkpoints are written)
-    returns torch's AsyncCollectiveTensor wrappers that are never waited on (torch 2.13, torchao 0.18): the file
-    does not load with weights_only, so the run could not resume. Refused until that is solved."""
+    8-bit AdamW under FSDP2 trains (torchao quantises each rank's shard), but its checkpoints do not round-trip
+    (torch 2.13, torchao 0.18, two gloo ranks): gathering the state into a full one (torch.distributed.checkpoint's
+    full_state_dict, as fasttune's FSDP2 checkpoints are written) leaves the codes and scales inside torchao's
+    OptimState8bit as never-waited AsyncCollectiveTensors (the file does not load with weights_only); waited by
+    hand, the file loads, but sharding it back onto the ranks needs aten.split, which OptimState8bit does not
+    implement. Refused until one of them changes."""
     if cfg.training.optimizer != "adamw_8bit":
         return
     if ranks and fsdp:
