@@ -251,3 +251,29 @@ def test_dropout_merged_and_disabled_adapters_fall_back_to_peft():
     model.unmerge_adapter()
     ref.unmerge_adapter()
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_fast_forward_on_cuda_under_autocast_matches_peft_in_less_memory():
+    """What a LoRA run on a GPU does (bf16 base, fp32 adapters, bf16 autocast): the fast forward's loss and adapter
+    gradients are peft's at bf16 precision, and backward keeps less (no per-layer copies of the adapted inputs)."""
+    model, ref = _adapted(torch.bfloat16)
+    model, ref = model.cuda(), ref.cuda()
+    ids = torch.randint(0, VOCAB, (4, 256), device="cuda")
+    kept = {}
+    for name, m in (("fast", model), ("peft", ref)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(input_ids=ids, labels=ids)
+        kept[name] = torch.cuda.memory_allocated() - before  # what the forward leaves for backward
+        out.loss.backward()
+        kept[name, "grads"] = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        kept[name, "loss"] = out.loss.detach()
+    torch.testing.assert_close(kept["fast", "loss"], kept["peft", "loss"], rtol=0.02, atol=0.02)
+    for n, g in kept["peft", "grads"].items():
+        assert kept["fast", "grads"][n].dtype == torch.float32
+        torch.testing.assert_close(kept["fast", "grads"][n], g, rtol=0.05, atol=0.05, msg=n)
+    assert kept["fast"] < kept["peft"], kept
