@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib.machinery
 import weakref
 
 import pytest
@@ -16,7 +17,7 @@ from fasttune.data.packing import collate, count_targets
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import build_preset, preset_config
 from fasttune.train.loop import train
-from fasttune.train.memory import GiB, Setup, Shape, apply_plan, choose_plan, estimate, lora_bytes
+from fasttune.train.memory import HEADROOM, GiB, Setup, Shape, apply_plan, choose_plan, estimate, lora_bytes
 from fasttune.train.run import forward_backward
 from tests.helpers import tiny_config
 
@@ -81,8 +82,10 @@ def test_auto_picks_the_least_recomputation_that_fits():
     sizes = [estimate(st, p).total for p in ("none", "ops", "every:4", "every:2", "full")]
     assert sizes == sorted(sizes, reverse=True)
     assert choose_plan("auto", st, None).plan == "none"  # no GPU: nothing to fit
-    liger = _setup(16384, liger=True)
-    assert choose_plan("auto", liger, 139 * GiB).plan == "none" and choose_plan("auto", liger, 27 * GiB).plan == "ops"
+    liger = _setup(16384, liger=True)  # no selective plan with Liger's in-place RoPE (LIGER_ROPE_IN_PLACE)
+    picks = {free: choose_plan("auto", liger, free * GiB).plan for free in (139, 27, 21, 15)}
+    assert picks == {139: "none", 27: "attention", 21: "mlp", 15: "full"}
+    assert estimate(liger, "ops").total < 27 * GiB * HEADROOM  # ops would fit: left out, not too large
 
 
 def test_a_plan_that_cannot_fit_stops_with_the_numbers_and_the_fixes():
@@ -224,3 +227,41 @@ def test_the_planner_counts_the_lora_forward_that_runs(tmp_path):
         assert estimate(st, "none").total == pytest.approx(estimate(plain, "none").total + extra)
     st = setup_of(cfg, build_preset("micro", VOCAB, "sdpa", torch.bfloat16), liger=False, chunked=True)
     assert (st.lora_rank, st.lora_upcast) == (0, False)
+
+
+def test_liger_rope_is_left_out_of_selective_plans_and_never_rotates_saved_outputs(monkeypatch):
+    """Liger's RoPE rotates q/k in the storage of the projections' outputs, which a selective plan saves and hands
+    back to the recomputed forward (rotated twice: wrong gradients, measured on an H200). An explicit selective plan
+    applies Liger without RoPE, and a Liger RoPE an earlier model left in the module rotates copies."""
+    import sys
+    import types
+
+    from fasttune.train import model_prep
+
+    calls = []
+    liger = types.ModuleType("liger_kernel")
+    liger.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    liger.transformers = types.SimpleNamespace(_apply_liger_kernel_to_instance=lambda **kw: calls.append(kw))
+    monkeypatch.setitem(sys.modules, "liger_kernel", liger)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger.transformers)
+
+    def liger_rope(q, k, cos, sin):  # Liger's contract: rotates in place, returns its inputs
+        q.mul_(-1), k.mul_(-1)
+        return q, k
+
+    liger_rope.__module__ = "liger_kernel.transformers.rope"
+    fake = types.ModuleType("fake_modeling")
+    fake.apply_rotary_pos_emb = liger_rope
+    monkeypatch.setitem(sys.modules, "fake_modeling", fake)
+    model = type("FakeForCausalLM", (torch.nn.Module,), {"__module__": "fake_modeling"})()
+
+    cuda = torch.device("cuda")  # only its type is read
+    for plan, rope in (("none", True), ("full", True), ("auto", True), ("ops", False), ("every:2", False)):
+        model_prep._apply_liger(model, cuda, plan)
+        assert calls.pop()["rope"] is rope, plan
+    q, k = torch.ones(2), torch.ones(3)
+    q2, k2 = fake.apply_rotary_pos_emb(q, k, None, None)
+    assert q.eq(1).all() and k.eq(1).all() and q2.eq(-1).all() and k2.eq(-1).all()  # copies rotated, inputs kept
+    wrapped = fake.apply_rotary_pos_emb
+    model_prep._apply_liger(model, cuda, "ops")
+    assert fake.apply_rotary_pos_emb is wrapped  # wrapped once

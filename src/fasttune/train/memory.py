@@ -42,6 +42,14 @@ by memory. `none` before `ops` although `ops` recomputes no matmul: its unfused 
 the step (1B shape, H200, same run: 16k-token packs with `ops` ran 42.8k tok/s in 21.5 GiB, 8k-token packs with
 `none` 52.6k tok/s in 21.4 GiB; docs/BENCHMARKS.md "Memory"), so fewer tokens per micro-batch beat `ops` at equal
 memory, and `auto` only takes `ops` when `none` does not fit."""
+LIGER_ROPE_IN_PLACE = (
+    "Liger's RoPE kernel rotates the q/k projections in place, in the storage of the matmul outputs that selective "
+    "recomputation saves and hands back to the recomputed forward, which then rotates them a second time: the "
+    "backward runs on wrong q/k (200 steps of `full` with flash-attn-4 + Liger, H200: ops ended 0.12 above the plain "
+    "run's loss, every:2 0.06, two plain runs 0.02 apart)"
+)
+"""Why `auto` offers no selective plan while Liger is on (it was also the slowest there: `ops` ran 0.53x the tokens/s
+of `none` at 8k-token packs), and why an explicit one runs without Liger's RoPE (train/model_prep.py)."""
 HEADROOM = 0.92
 """Share of free memory a plan may fill: the allocator's fragmentation and kernel workspaces take the rest (the
 1B runs of docs/BENCHMARKS.md reserved 4-7% above their peak allocation)."""
@@ -237,9 +245,16 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
     raise FasttuneError(_no_fit(st, estimate(st, "full"), free_bytes))
 
 
+def selective(plan: str) -> bool:
+    """Whether `plan` runs torch's selective checkpointing (`ops`, and the layers `every:K` does not recompute whole),
+    which hands saved matmul outputs back to the recomputed forward. `plan` as memory_plan normalises it."""
+    return plan == "ops" or plan.startswith("every:")
+
+
 def auto_order(st: Setup) -> list[Estimate]:
-    """CANDIDATES' estimates, least recomputation first (`none`, then recomputed matmul FLOPs, then memory)."""
-    ests = [estimate(st, p) for p in CANDIDATES]
+    """CANDIDATES' estimates, least recomputation first (`none`, then recomputed matmul FLOPs, then memory). With
+    Liger, no selective plan (see LIGER_ROPE_IN_PLACE)."""
+    ests = [estimate(st, p) for p in CANDIDATES if not (st.liger and selective(p))]
     return sorted(ests, key=lambda e: (recompute_flops(st.shape, e.plan), e.plan != "none", e.total))
 
 

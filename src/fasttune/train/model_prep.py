@@ -3,17 +3,20 @@ transforms, in that order."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from fasttune.config import BaseConfig
+from fasttune.config.base_config import memory_plan
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
 from fasttune.model.build import build_model, load_model_config
 from fasttune.model.flops import head_dim
-from fasttune.train.memory import plan_memory
+from fasttune.train.memory import LIGER_ROPE_IN_PLACE, plan_memory, selective
 
 log = logging.getLogger("fasttune")
 
@@ -49,7 +52,7 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> Attention
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
 
 
-def _apply_liger(model, device: torch.device) -> None:
+def _apply_liger(model, device: torch.device, plan: str) -> None:
     from fasttune.attention.probe import import_status
 
     if device.type != "cuda":
@@ -60,8 +63,30 @@ def _apply_liger(model, device: torch.device) -> None:
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model)
-    log.info("Liger kernels applied (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)")
+    rope = not selective(plan)
+    if not rope:
+        log.info("model.liger: Liger's RoPE left out for model.memory=%s: %s", plan, LIGER_ROPE_IN_PLACE)
+    _apply_liger_kernel_to_instance(model=model, rope=rope)
+    if not rope:
+        _rope_out_of_place(model)
+    log.info("Liger kernels applied (fused linear cross-entropy, RMSNorm, SwiGLU%s)", ", RoPE" if rope else "")
+
+
+def _rope_out_of_place(model) -> None:
+    """For a selective memory plan: Liger's RoPE must not rotate saved matmul outputs in place (memory.
+    LIGER_ROPE_IN_PLACE). Liger patches RoPE module-wide, so an earlier model in this process may have left it in the
+    model's module: rotate copies there instead."""
+    module = sys.modules[type(model).__module__]
+    rope = getattr(module, "apply_rotary_pos_emb", None)
+    if rope is None or getattr(rope, "on_copies", False) or not rope.__module__.startswith("liger_kernel"):
+        return
+
+    @functools.wraps(rope)
+    def on_copies(q, k, *args, **kwargs):
+        return rope(q.clone(), k.clone(), *args, **kwargs)
+
+    on_copies.on_copies = True
+    module.apply_rotary_pos_emb = on_copies
 
 
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype):
@@ -83,7 +108,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         # custom code it does not use (and ask for trust_remote_code when loaded)
         del model.config.auto_map
     if cfg.model.liger:
-        _apply_liger(model, device)
+        _apply_liger(model, device, memory_plan(cfg.model.memory))
     if cfg.lora.enabled:
         from fasttune.model.lora import apply_lora
 
