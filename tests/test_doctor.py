@@ -145,6 +145,9 @@ def test_missing_optional_packages():
     assert packages.check_liger(cpu)[0].status == SKIP
     (peft,) = packages.check_peft(cpu)
     assert peft.fix == 'pip install "fasttune[lora]"' and "LoRA" in peft.reason
+    (torchao,) = packages.check_torchao(gpu)
+    assert torchao.status == SKIP and torchao.fix == 'pip install "fasttune[adam8bit]"'
+    assert "adamw_8bit" in torchao.reason
     assert packages.check_triton(gpu)[0].status == WARN
 
 

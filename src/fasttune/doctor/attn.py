@@ -21,7 +21,7 @@ from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
 
 HEAD_DIM = 128  # the head dim of the measured kernel tables in docs/BENCHMARKS.md and of Llama-3-8B-class models
 SDPA_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-PACKAGES = ("triton", "liger_kernel", "peft")  # optional packages behind the fast paths (doctor.packages)
+PACKAGES = ("triton", "liger_kernel", "peft", "torchao")  # optional packages behind the fast paths (doctor.packages)
 
 
 def gather(m: Machine, run: bool = True, debug: bool = False) -> Machine:

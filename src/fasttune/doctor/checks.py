@@ -39,6 +39,7 @@ CHECKS = (
     ("Packages", packages.check_triton),
     ("Packages", packages.check_liger),
     ("Packages", packages.check_peft),
+    ("Packages", packages.check_torchao),
     ("Resources", tools.check_alloc_conf),
     ("Resources", tools.check_disk),
     ("Resources", tools.check_ram),

@@ -1,4 +1,4 @@
-"""Checks of the optional packages behind fasttune's fast paths: triton, liger-kernel, peft.
+"""Checks of the optional packages behind fasttune's fast paths: triton, liger-kernel, peft, torchao.
 
 Import state (Machine.imports) comes from fasttune.attention.import_status, so a package that is installed but broken
 shows the real import error (and an ABI mismatch is named as one), exactly as the attention backends report it.
@@ -68,3 +68,9 @@ def check_peft(m: Machine) -> list[Row]:
     missing = ("", SKIP, "not installed: needed only for LoRA (--experiment lora)")
     return _package_row(m, "peft", "peft", "peft", missing, 'pip install "fasttune[lora]"',
                         'pip install --force-reinstall --no-deps --no-cache-dir "peft>=0.17"')  # fmt: skip
+
+
+def check_torchao(m: Machine) -> list[Row]:
+    missing = ("", SKIP, "not installed: needed only for 8-bit AdamW (--training.optimizer adamw_8bit)")
+    return _package_row(m, "torchao", "torchao", "torchao", missing, 'pip install "fasttune[adam8bit]"',
+                        'pip install --force-reinstall --no-deps --no-cache-dir "torchao>=0.13"')  # fmt: skip
