@@ -41,3 +41,20 @@ def tiny_config(tmp_path: Path, **training) -> BaseConfig:
 
 def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
+
+
+def save_micro_model(path: Path) -> Path:
+    """A micro Llama (seed 0) with the tiny tokenizer, saved like any local HF model folder; returns `path`."""
+    import torch
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.model.build import preset_config
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512)).save_pretrained(
+        path
+    )
+    tok.save_pretrained(path)
+    return path

@@ -13,6 +13,7 @@ import functools
 
 import pytest
 import torch
+from test_attention_models import packed_inputs
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -142,23 +143,13 @@ def test_greedy_generate_equals_eager(arch, backend):
         assert torch.equal(got.sequences, want.sequences), f"{padding} padding"
 
 
-def _packed(docs, with_cu: bool):
-    ids = torch.cat(docs)[None]
-    kwargs = dict(position_ids=torch.cat([torch.arange(len(d)) for d in docs])[None])
-    if with_cu:
-        cu = torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()], dtype=torch.int32)
-        longest = max(len(d) for d in docs)
-        kwargs |= dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    return ids, kwargs
-
-
 def documents() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
     return [torch.randint(1, 64, (n,), generator=gen) for n in LENS]
 
 
 @functools.cache
-def _reference_packed(arch: str, mode: str):
+def _referencepacked_inputs(arch: str, mode: str):
     """eval: eager logits of each document alone; train: eager loss and gradients of the documents as a padded
     batch (computed once per arch and mode)."""
     docs = documents()
@@ -180,10 +171,10 @@ def test_packed_equals_each_document_alone(arch, backend, mode):
     eager on each document alone; in train mode so do the loss's gradients (the padded batch of the same
     documents through eager is the reference: cross-document gradients are exactly zero)."""
     docs = documents()
-    want, want_loss, want_grads = _reference_packed(arch, mode)
+    want, want_loss, want_grads = _referencepacked_inputs(arch, mode)
     for with_cu in (False, True) if mode == "eval" else (True,):
         model = model_for(arch, backend, mode)
-        packed_ids, kwargs = _packed(docs, with_cu)
+        packed_ids, kwargs = packed_inputs(docs, with_cu)
         if mode == "eval":
             with torch.no_grad():
                 got = model(input_ids=packed_ids, **kwargs).logits[0]
@@ -229,7 +220,7 @@ def test_padded_and_packed_equal_eager_on_gpu_bf16(arch, backend):
     docs = [d.cuda() for d in documents()]
     with torch.no_grad():
         want = torch.cat([model_for(arch, REFERENCE, "eval", **cuda)(input_ids=d[None]).logits[0] for d in docs])
-        ids, kwargs = _packed([d.cpu() for d in docs], with_cu=True)
+        ids, kwargs = packed_inputs([d.cpu() for d in docs], with_cu=True)
         kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         got = model_for(arch, backend, "eval", **cuda)(input_ids=ids.cuda(), **kwargs).logits[0]
     assert _rel(got, want) < 2e-2, "packed"

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import losses, tiny_config
+from helpers import losses, save_micro_model, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from fasttune.model.build import preset_config
 from fasttune.model.lora import apply_lora
 from fasttune.train import loop
 
@@ -162,13 +160,7 @@ PEFT_READS_DEPRECATED = "ignore:`is_gradient_checkpointing` is deprecated:Future
 
 def _lora_base(root: Path) -> Path:
     """A micro Llama with a tokenizer, saved like any local HF model folder: the frozen base LoRA trains on."""
-    path = root / "base"
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_micro_model(root / "base")
 
 
 def _lora(cfg, base: Path):

@@ -5,12 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import tiny_config
+from helpers import save_micro_model, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.errors import ConfigError
-from fasttune.model.build import preset_config
 from fasttune.train import loop
 
 GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
@@ -19,13 +17,7 @@ GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
     """A micro Llama with a tokenizer, saved like any local HF model folder."""
-    path = tmp_path_factory.mktemp("base") / "model"
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_micro_model(tmp_path_factory.mktemp("base") / "model")
 
 
 def _sft_config(tmp_path, model_path, **lora):

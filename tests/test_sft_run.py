@@ -7,13 +7,10 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
-from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import tiny_config
+from helpers import save_micro_model, tiny_config
 from transformers import AutoModelForCausalLM
 
 from fasttune.data.packing import IGNORE
-from fasttune.model.build import preset_config
 from fasttune.train import loop
 
 GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
@@ -22,13 +19,7 @@ GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 @pytest.fixture(scope="module")
 def model_with_auto_map(tmp_path_factory) -> Path:
     """A micro Llama saved like a hub model whose config also names custom code (auto_map) it does not need."""
-    path = tmp_path_factory.mktemp("base") / "model"
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512)).save_pretrained(
-        path
-    )
-    tok.save_pretrained(path)
+    path = save_micro_model(tmp_path_factory.mktemp("base") / "model")
     config = json.loads((path / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
     (path / "config.json").write_text(json.dumps(config))
