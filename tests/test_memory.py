@@ -17,7 +17,17 @@ from fasttune.data.packing import collate, count_targets
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import build_preset, preset_config
 from fasttune.train.loop import train
-from fasttune.train.memory import HEADROOM, GiB, Setup, Shape, apply_plan, choose_plan, estimate, lora_bytes
+from fasttune.train.memory import (
+    HEADROOM,
+    GiB,
+    Setup,
+    Shape,
+    apply_plan,
+    choose_plan,
+    estimate,
+    layer_bytes,
+    lora_bytes,
+)
 from fasttune.train.run import forward_backward
 from tests.helpers import tiny_config
 
@@ -151,12 +161,14 @@ class _Alive(TorchDispatchMode):
         return out
 
 
-def _kept_bytes(layers: int, tokens: int, plan: str, lora: str) -> int:
+def _kept_bytes(layers: int, tokens: int, plan: str, lora: str, fused_mlp: bool = False) -> int:
     """Bytes of the storages a bf16 Llama forward (hidden 384, 6/2 heads, MLP 1024: not a shape lora_bytes was fitted
-    at) leaves alive for backward. lora: "" (none), "fast" (fasttune's forward) or "peft" (peft's own)."""
+    at) leaves alive for backward. lora: "" (none), "fast" (fasttune's forward) or "peft" (peft's own); fused_mlp:
+    fasttune's SwiGLU function runs the MLPs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fasttune.config import LoraConfig
+    from fasttune.model import mlp
     from fasttune.model.lora import apply_lora, set_fast_forward
 
     config = LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
@@ -165,6 +177,8 @@ def _kept_bytes(layers: int, tokens: int, plan: str, lora: str) -> int:
     if lora:
         model = apply_lora(model, LoraConfig(enabled=True, rank=16, alpha=32))
         set_fast_forward(model, enabled=lora == "fast")
+    if fused_mlp:
+        assert mlp.apply(model) == layers
     apply_plan(model, plan)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # alive anyway (their .t() views too)
     with _Alive() as alive:
@@ -176,10 +190,10 @@ def _kept_bytes(layers: int, tokens: int, plan: str, lora: str) -> int:
     return sum(storages.values())
 
 
-def _per_token_and_layer(plan: str, lora: str) -> float:
+def _per_token_and_layer(plan: str, lora: str, fused_mlp: bool = False) -> float:
     """2 layers minus 1 (the embeddings, head and loss cancel), 128 tokens minus 64 (what does not grow with the
     tokens cancels: the fast forward's bf16 copies of A and B)."""
-    kept = {(n, t): _kept_bytes(n, t, plan, lora) for n in (1, 2) for t in (64, 128)}
+    kept = {(n, t): _kept_bytes(n, t, plan, lora, fused_mlp) for n in (1, 2) for t in (64, 128)}
     return (kept[2, 128] - kept[1, 128] - kept[2, 64] + kept[1, 64]) / 64
 
 
@@ -200,6 +214,21 @@ def test_lora_bytes_match_what_the_lora_forwards_keep_alive(plan):
         predicted = lora_bytes(shape, plan, 16, upcast=upcast)
         assert abs(kept[lora] - predicted) <= 0.05 * abs(predicted), (lora, kept[lora], predicted)
     assert kept["fast"] < kept["peft"]
+
+
+@pytest.mark.parametrize("plan", ["none", "ops", "attention", "mlp"])
+def test_fused_mlp_bytes_match_what_it_keeps_alive(plan):
+    """Per token and decoder layer, the fused SwiGLU MLP minus HF's, within 5% of what layer_bytes predicts: 4 x
+    the MLP width less (gate and up kept; not silu(gate), not the product) where the MLP is not recomputed, nothing
+    under `ops` (its policy keeps the same matmul outputs either way) and `mlp`."""
+    from transformers import LlamaConfig
+
+    shape = Shape.of(LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6,
+                                 num_key_value_heads=2, vocab_size=VOCAB))  # fmt: skip
+    kept = _per_token_and_layer(plan, "", fused_mlp=True) - _per_token_and_layer(plan, "")
+    predicted = layer_bytes(shape, plan, fused_mlp=True) - layer_bytes(shape, plan)
+    assert abs(kept - predicted) <= 0.05 * max(abs(predicted), 4 * shape.intermediate), (kept, predicted)
+    assert predicted == (-4 * shape.intermediate if plan in ("none", "attention") else 0)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

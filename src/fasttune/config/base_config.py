@@ -100,6 +100,10 @@ class ModelConfig:
     only), attention, mlp (recompute that block), every:K (recompute every K-th layer), full."""
     chunked_loss: bool = field(default=True, metadata=RESUMABLE)
     """Compute the loss in token chunks, never holding the full logits (when Liger's fused loss is not on)."""
+    fused_mlp: bool = field(default=True, metadata=RESUMABLE)
+    """Run SwiGLU MLPs (Llama, Mistral, Qwen, ...) as one function that recomputes silu(gate) * up in backward
+    instead of keeping it: 2 to 4 bytes less per token and MLP unit, one elementwise kernel more (not with
+    --training.compile, which fuses the MLP itself)."""
 
     def __post_init__(self) -> None:
         _choice("model.preset", self.preset, MODEL_PRESETS)

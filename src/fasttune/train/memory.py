@@ -32,6 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
+from fasttune.model.mlp import fused as fused_mlp
 
 log = logging.getLogger("fasttune")
 
@@ -74,12 +75,13 @@ class Shape:
 
 
 def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
-                lora_upcast: bool = False) -> float:  # fmt: skip
+                lora_upcast: bool = False, fused_mlp: bool = False) -> float:  # fmt: skip
     """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below);
-    `lora_rank`, `lora_upcast`: peft LoRA adapters (see lora_bytes)."""
+    `lora_rank`, `lora_upcast`: peft LoRA adapters (see lora_bytes); `fused_mlp`: fasttune's SwiGLU function
+    (model/mlp.py) keeps gate and up only."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
     norms = 4 * h if liger else 12 * h  # Liger's RMSNorm keeps its bf16 input (+ rstd); HF's 6h each
-    mlp = 6 * i if liger else 8 * i  # Liger's SwiGLU recomputes silu(gate)
+    mlp = 4 * i if fused_mlp else (6 * i if liger else 8 * i)  # Liger's SwiGLU recomputes silu(gate)
     stream = 4 * h if fp32_stream else 0  # autocast over fp32 weights: the residual stream and norms run in fp32
     keep = {
         "none": norms + 4 * h + 4 * q + 4 * kv + mlp + stream,
@@ -125,10 +127,10 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
 
 
 def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
-                     lora_rank: int = 0, lora_upcast: bool = False) -> float:  # fmt: skip
+                     lora_rank: int = 0, lora_upcast: bool = False, fused_mlp: bool = False) -> float:  # fmt: skip
     """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes."""
     per = functools.partial(layer_bytes, s, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank,
-                            lora_upcast=lora_upcast)  # fmt: skip
+                            lora_upcast=lora_upcast, fused_mlp=fused_mlp)  # fmt: skip
     if plan.startswith("every:"):
         k = int(plan.split(":")[1])
         n_full = s.layers // k
@@ -207,6 +209,8 @@ class Setup:
     """Rank of the peft LoRA adapters (0: no LoRA)."""
     lora_upcast: bool = False
     """peft's own forward runs (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted input upcast."""
+    fused_mlp: bool = False
+    """fasttune's SwiGLU function (model/mlp.py) runs the MLPs: it keeps gate and up, not the product."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -220,7 +224,8 @@ def estimate(st: Setup, plan: str) -> Estimate:
     # FSDP2 gathers one layer's full weights at a time: ~1/layers of them on top of the shards (ignored here)
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
-    activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast)
+    activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast,
+                                   st.fused_mlp)  # fmt: skip
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0,
@@ -360,7 +365,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
-        lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes),
+        lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
     )  # fmt: skip
 
 

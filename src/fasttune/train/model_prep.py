@@ -89,6 +89,17 @@ def _rope_out_of_place(model) -> None:
     module.apply_rotary_pos_emb = on_copies
 
 
+def _apply_fused_mlp(model) -> None:
+    from fasttune.model import mlp
+
+    count = mlp.apply(model)
+    if count:
+        log.info("fused SwiGLU MLP on %d layers (silu(gate) * up recomputed in backward)", count)
+    else:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        log.info("model.fused_mlp: not used: %s", mlp.unsupported_reason(base) or "no plain SwiGLU MLP (LoRA)")
+
+
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype):
     vocab = len(data.tokenizer)
     model_config = load_model_config(cfg.model, vocab)
@@ -113,6 +124,8 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         from fasttune.model.lora import apply_lora
 
         model = apply_lora(model, cfg.lora)
+    if cfg.model.fused_mlp and not cfg.training.compile:
+        _apply_fused_mlp(model)
     plan_memory(cfg, model, device)  # chunked loss + activation plan, or a clear stop when the step cannot fit
     if cfg.training.compile:
         for layer in model.model.layers if hasattr(model, "model") else []:

@@ -1,0 +1,119 @@
+"""The fused SwiGLU MLP (fasttune/model/mlp.py) computes what HF's MLP computes, forward and backward, under every
+memory plan, in a whole training run, and only where the architecture's MLP is that SwiGLU."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from fasttune.data.packing import count_targets
+from fasttune.model import mlp
+from fasttune.model.build import build_preset
+from fasttune.train import loop
+from fasttune.train.memory import apply_plan
+from fasttune.train.run import forward_backward
+from tests.helpers import losses, tiny_config
+from tests.test_memory import VOCAB, _batch
+
+
+def _pair(dtype, device="cpu"):
+    torch.manual_seed(0)
+    ref = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=160)).to(device, dtype)
+    ours = copy.deepcopy(ref)
+    ours.forward = types.MethodType(mlp._forward, ours)
+    return ref, ours
+
+
+def _run(module, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    return [y, x.grad] + [getattr(module, n).weight.grad for n in ("gate_proj", "up_proj", "down_proj")]
+
+
+def _rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_forward_and_gradients_equal_hf_mlp(dtype, tol):
+    """Output, input and weight gradients against HF's LlamaMLP (bf16: dx is one addmm, one rounding less)."""
+    ref, ours = _pair(dtype)
+    x, dy = torch.randn(3, 7, 64, dtype=dtype), torch.randn(3, 7, 64, dtype=dtype)
+    for a, b in zip(_run(ours, x, dy), _run(ref, x, dy), strict=True):
+        assert _rel(a, b) <= tol
+
+
+@pytest.mark.parametrize("plan", ["none", "ops", "attention", "mlp", "every:2", "full"])
+def test_fused_mlp_under_every_plan_gives_the_gradients_of_hf(plan):
+    """The whole model, fused MLP + plan, against HF's modules without a plan: selective checkpointing replays the
+    matmul outputs the function saved, so the function must never write into them."""
+    ref = build_preset("micro", VOCAB, "sdpa", torch.float32).train()
+    ours = copy.deepcopy(ref)
+    assert mlp.apply(ours) == ours.config.num_hidden_layers and mlp.fused(ours) and not mlp.fused(ref)
+    apply_plan(ours, plan)
+    batch = _batch()
+    n = count_targets(batch)
+    assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None), rtol=1e-6)
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_training_run_with_the_fused_mlp_equals_one_without(tmp_path, caplog):
+    """On by default (the log says so), and a CPU run trains the same losses as --model.fused-mlp false."""
+    caplog.set_level("INFO", logger="fasttune")
+    on = loop.train(tiny_config(tmp_path / "on"))
+    assert "fused SwiGLU MLP on" in caplog.text
+    cfg = tiny_config(tmp_path / "off")
+    off = loop.train(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fused_mlp=False)))
+    got, want = losses(on.records), losses(off.records)
+    assert got.keys() == want.keys() and len(got) > 3
+    assert all(abs(got[k] - want[k]) <= 1e-5 * abs(want[k]) for k in want)
+
+
+def test_only_plain_swiglu_mlps_are_replaced():
+    """Another activation, an MLP bias or an unknown architecture: untouched, with the reason; LoRA-wrapped
+    projections keep peft's forward while the other layers' plain MLPs are fused."""
+    from fasttune.config import LoraConfig
+    from fasttune.model.lora import apply_lora
+
+    gelu = build_preset("micro", VOCAB, "sdpa", torch.float32)
+    gelu.config.hidden_act = "gelu"
+    assert mlp.apply(gelu) == 0 and "activation 'gelu'" in mlp.unsupported_reason(gelu)
+    other = build_preset("micro", VOCAB, "sdpa", torch.float32)
+    other.config.model_type = "gemma"
+    assert mlp.apply(other) == 0 and "model type 'gemma'" in mlp.unsupported_reason(other)
+    lora = apply_lora(build_preset("micro", VOCAB, "sdpa", torch.float32), LoraConfig(enabled=True, rank=4))
+    assert mlp.apply(lora) == 0  # all-linear targets: every projection is a LoRA layer
+    attn_only = apply_lora(build_preset("micro", VOCAB, "sdpa", torch.float32),
+                           LoraConfig(enabled=True, rank=4, targets=("q_proj", "v_proj")))  # fmt: skip
+    assert mlp.apply(attn_only) == attn_only.config.num_hidden_layers  # frozen plain MLPs: fused, no weight grads
+
+
+@pytest.mark.gpu
+def test_triton_kernels_equal_the_torch_path_on_cuda():
+    """The CUDA kernels against the CPU/torch path in bf16, and fp32 weights under bf16 autocast (gradients in the
+    weights' dtype), against HF's MLP."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if mlp.triton is None:
+        pytest.skip("needs triton")
+    g, u, dc = (torch.randn(1000, 700, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(3))
+    cuda_c, cuda_grads = mlp.swiglu(g, u), mlp.swiglu_backward(dc, g, u)
+    torch_c = torch.nn.functional.silu(g) * u
+    torch_dg = torch.ops.aten.silu_backward(dc * u, g)
+    assert _rel(cuda_c, torch_c) <= 1e-2 and _rel(cuda_grads[0], torch_dg) <= 1e-2
+    assert _rel(cuda_grads[1], dc * torch.nn.functional.silu(g)) <= 1e-2
+    ref, ours = _pair(torch.float32, "cuda")
+    x, dy = torch.randn(4, 33, 64, device="cuda"), torch.randn(4, 33, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = _run(ours, x, dy), _run(ref, x, dy)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and _rel(a, b) <= 2e-2
