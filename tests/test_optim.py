@@ -187,3 +187,37 @@ def test_the_command_line_does_not_print_torchaos_extension_warnings(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Failed to load" not in done.stderr and "Detected no triton" not in done.stderr
     assert "a real torchao warning" in done.stderr  # only those lines: torchao's other messages still show
+
+
+@pytest.mark.parametrize("bad", [None, "loss", "norm"])
+def test_fused_adamw_step_is_queued_and_skips_non_finite_steps_on_the_device(bad):
+    """torch's fused AdamW (CPU here, CUDA in runs) updates exactly as its plain step when the loss and gradient norm
+    are finite, and leaves weights, moments and step counts untouched when either is not, without the host reading
+    them first (Run._optimizer_step)."""
+    import types
+
+    from fasttune.train.distributed import SINGLE
+    from fasttune.train.run import Run
+
+    def setup():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 4))
+        opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+        for _ in range(2):  # some state to keep
+            w.grad = torch.randn(8, 4)
+            opt.step()
+        w.grad = torch.randn(8, 4)
+        return w, opt
+
+    w, opt = setup()
+    ref_w, ref_opt = setup()
+    loss = torch.tensor(float("nan") if bad == "loss" else 2.5)
+    norm = torch.tensor(float("inf") if bad == "norm" else 0.7)
+    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt)
+    loss_f, gn = Run._optimizer_step(run, loss, norm)
+    assert [loss_f, gn] == pytest.approx([float(loss), float(norm)], nan_ok=True)
+    if bad is None:
+        ref_opt.step()
+    assert torch.equal(w, ref_w) and not hasattr(opt, "found_inf")
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt.state[w][k], ref_opt.state[ref_w][k]), k

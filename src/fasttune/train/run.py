@@ -190,9 +190,7 @@ class Run:
                 max_norm = t.max_grad_norm if t.max_grad_norm > 0 else 1e30
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
-                loss_f, gn = d.sum_([float(loss)], device)[0], float(grad_norm)  # gradients are already synchronised
-                if math.isfinite(loss_f) and math.isfinite(gn):
-                    self.optimizer.step()
+                loss_f, gn = self._optimizer_step(loss, grad_norm)
                 return loss_f, gn, tokens, n_targets
             except torch.OutOfMemoryError:
                 oom = True  # handled below, outside the except block, so the traceback's tensors can be freed
@@ -208,6 +206,31 @@ class Run:
                 log.warning(
                     "out of memory; retrying with each micro-batch split %dx (same global batch)", state.micro_split
                 )
+
+    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+        """Update unless the loss (summed over ranks) or the gradient norm is non-finite; returns both as floats.
+        torch's fused AdamW skips the update on the GPU itself (its `found_inf`, as under a GradScaler), so the step
+        is queued before the host waits for the two numbers: the optimizer's kernels then run while the host logs
+        and collates the next batch, instead of the GPU idling through that (the step's one host sync). Other
+        optimizers (torchao's, the CPU's, FSDP2's DTensor states) wait for the numbers first."""
+        d, device = self.dist, self.device
+        fused = self.optimizer.defaults.get("fused") and not d.fsdp
+        if not fused:
+            loss_f, gn = d.sum_([float(loss)], device)[0], float(grad_norm)  # gradients are already synchronised
+            if math.isfinite(loss_f) and math.isfinite(gn):
+                self.optimizer.step()
+            return loss_f, gn
+        stats = torch.stack([loss.double(), grad_norm.double()])
+        if d.on:
+            stats = stats * torch.tensor([1.0, 1.0 / d.world], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(stats)  # the loss summed over ranks, the (equal) norm kept
+        self.optimizer.found_inf = (~torch.isfinite(stats).all()).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        loss_f, gn = stats.tolist()
+        return loss_f, gn
 
     def _oom_message(self) -> str:
         d, device = self.cfg.data, self.device
