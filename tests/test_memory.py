@@ -80,6 +80,11 @@ def test_estimate_matches_the_measured_h200_peaks():
     n = 8_030_261_248
     for tokens, plan, measured in ((8192, "ops", 75.2), (32768, "every:2", 108.6)):
         cases.append((Setup(Shape.of(config), n, n, 2, 4.0, tokens), plan, measured))
+    # the fused SwiGLU MLP (docs/BENCHMARKS.md "Memory", fourth run): with Liger at 8k and 10k tokens, without at 8k
+    fused = {"fused_mlp": True}
+    cases += [(Setup(**{**_setup(8192, liger=True).__dict__, **fused}), "none", 14.0),
+              (Setup(**{**_setup(10240, liger=True).__dict__, **fused}), "none", 16.0),
+              (Setup(**{**_setup(8192).__dict__, **fused}), "none", 17.4)]  # fmt: skip
     for st, plan, measured in cases:
         predicted = estimate(st, plan).total / GiB
         assert measured * 0.95 <= predicted <= measured * 1.1, (st.tokens, plan, predicted, measured)
