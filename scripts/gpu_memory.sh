@@ -3,6 +3,8 @@
 # per section, each under its own time limit so one slow section cannot starve the others. Results: every
 # section's Markdown table into $OUT/summary.md, all JSON rows into $OUT/rows.tar.gz, the log into $OUT/log.txt.
 # Run from the repository root with fasttune importable (and flash-attn-4 + liger-kernel for the FA4 rows).
+# The 1B sections measure 4 epochs of the 64-sample mix (~20 steps a row): one epoch is ~5 steps, and two identical
+# one-epoch rows differed by 8% (docs/BENCHMARKS.md, "Memory", fourth run).
 set -uo pipefail
 OUT=${OUT:-bench-results}
 work=$(mktemp -d)
@@ -27,7 +29,7 @@ PY
 mode=${1:-fa4}  # fa4: flash-attn-4 + liger-kernel installed; default: neither (the zero-extra install); long: 32k docs
 if [[ $mode == default ]]; then
   # 1B: fasttune's plans against HF sdpa packed (leak-free 4D mask), all without optional packages.
-  bench 1b 90 --preset 1b --attn auto --packing on --warmup-epochs 1 --epochs 1 --equal-tokens \
+  bench 1b 150 --preset 1b --attn auto --packing on --warmup-epochs 2 --epochs 4 --equal-tokens \
     --hf-only "sdpa packed" --variant "plan none:model.memory=none" \
     --variant "plan every-2:model.memory=every:2" --variant "8k packs:data.micro_batch_size=4"
   bench 8b 100 --preset llama-3.1-8b --vocab 128256 --attn auto --packing on --samples 32 --micro-batch 4 \
@@ -36,8 +38,8 @@ elif [[ $mode == fa4 ]]; then
   no_extras="attn_implementation=varlen,model.liger=false"
   # 1B: flash-attn-4 + Liger against the leanest (FA4 + Liger) and fastest (FA4 packed) HF stacks, same run; `full`
   # as it ships (8k-token packs, auto plan) and the packs/plans around it, and the default install for reference.
-  bench 1b 240 --preset 1b --attn auto --packing on --micro-batch 4 --hf-micro-batch 8 --warmup-epochs 1 \
-    --epochs 1 --equal-tokens --variant "Liger, 8k packs, plan ops:model.memory=ops" \
+  bench 1b 300 --preset 1b --attn auto --packing on --micro-batch 4 --hf-micro-batch 8 --warmup-epochs 2 \
+    --epochs 4 --equal-tokens --variant "Liger, 8k packs, plan ops:model.memory=ops" \
     --variant "Liger, 6k packs:data.micro_batch_size=3" --variant "Liger, 16k packs:data.micro_batch_size=8" \
     --variant "Liger, 16k packs, plan ops:data.micro_batch_size=8,model.memory=ops" \
     --variant "default install (varlen, no Liger), 8k packs:$no_extras"
