@@ -221,3 +221,56 @@ def test_fused_adamw_step_is_queued_and_skips_non_finite_steps_on_the_device(bad
     assert torch.equal(w, ref_w) and not hasattr(opt, "found_inf")
     for k in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(opt.state[w][k], ref_opt.state[ref_w][k]), k
+
+
+def test_a_resumed_non_fused_optimizer_takes_the_waiting_path():
+    """A checkpoint of a non-fused AdamW (a CPU run) resumed into a fused one: param_groups carry fused=False, so the
+    step must not hand it found_inf (torch asserts that only fused optimizers take it)."""
+    import types
+
+    from fasttune.train.distributed import SINGLE
+    from fasttune.train.run import Run
+
+    w = torch.nn.Parameter(torch.ones(4))
+    saved = torch.optim.AdamW([w], lr=0.1, fused=False)
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    opt.load_state_dict(saved.state_dict())
+    assert opt.defaults["fused"] and not opt.param_groups[0]["fused"]
+    w.grad = torch.ones(4)
+    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt)
+    assert Run._optimizer_step(run, torch.tensor(1.0), torch.tensor(2.0)) == (1.0, 2.0)
+    assert torch.all(w < 1)  # updated
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_host_returns_before_the_update_finishes():
+    """The point of queuing: the host has the loss and norm while the fused AdamW kernels still run (~1 GB of fp32
+    weights: a few ms of kernels), and the update is the plain step's."""
+    import copy
+    import types
+
+    from fasttune.train.distributed import SINGLE
+    from fasttune.train.run import Run
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    weights = [torch.nn.Parameter(torch.randn(1 << 24, device="cuda")) for _ in range(16)]
+    opt = torch.optim.AdamW(weights, lr=0.1, fused=True)
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    opt.step()  # the moments exist: the measured step allocates nothing
+    ref = [w.detach().clone().requires_grad_() for w in weights]
+    ref_opt = torch.optim.AdamW(ref, lr=0.1, fused=True)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch keeps same-device moments by reference
+    for r, w in zip(ref, weights, strict=True):
+        r.grad = w.grad.clone()
+    ref_opt.step()
+    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cuda"), optimizer=opt)
+    Run._optimizer_step(run, torch.tensor(1.0, device="cuda"), torch.tensor(float("nan"), device="cuda"))  # skipped
+    torch.cuda.synchronize()
+    loss_f, gn = Run._optimizer_step(run, torch.tensor(3.0, device="cuda"), torch.tensor(0.5, device="cuda"))
+    after = torch.cuda.Event()
+    after.record()
+    assert (loss_f, gn) == (3.0, 0.5) and not after.query()  # the update is still running
+    torch.cuda.synchronize()
+    assert all(torch.equal(w, r) for w, r in zip(weights, ref, strict=True))

@@ -209,27 +209,36 @@ class Run:
 
     def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
         """Update unless the loss (summed over ranks) or the gradient norm is non-finite; returns both as floats.
-        torch's fused AdamW skips the update on the GPU itself (its `found_inf`, as under a GradScaler), so the step
-        is queued before the host waits for the two numbers: the optimizer's kernels then run while the host logs
-        and collates the next batch, instead of the GPU idling through that (the step's one host sync). Other
-        optimizers (torchao's, the CPU's, FSDP2's DTensor states) wait for the numbers first."""
-        d, device = self.dist, self.device
-        fused = self.optimizer.defaults.get("fused") and not d.fsdp
-        if not fused:
-            loss_f, gn = d.sum_([float(loss)], device)[0], float(grad_norm)  # gradients are already synchronised
+        With torch's fused AdamW the host reads neither before queuing the update: the fused kernel skips a
+        non-finite step on the device (its `found_inf`, as under a GradScaler), the two numbers are copied to pinned
+        host memory ahead of the optimizer's kernels, and the host waits for that copy alone, so the update runs
+        while the host logs and collates the next batch (one host sync per step). Other optimizers (torchao's, a
+        non-fused AdamW, FSDP2's sharded states) wait for the numbers first."""
+        d, opt = self.dist, self.optimizer
+        if d.fsdp or not all(g.get("fused") for g in opt.param_groups):  # param_groups: what a resume restored
+            loss_f, gn = d.sum_([float(loss)], self.device)[0], float(grad_norm)  # gradients are synchronised
             if math.isfinite(loss_f) and math.isfinite(gn):
-                self.optimizer.step()
+                opt.step()
             return loss_f, gn
-        stats = torch.stack([loss.double(), grad_norm.double()])
+        loss = loss.detach().double()
         if d.on:
-            stats = stats * torch.tensor([1.0, 1.0 / d.world], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(stats)  # the loss summed over ranks, the (equal) norm kept
-        self.optimizer.found_inf = (~torch.isfinite(stats).all()).float()
+            torch.distributed.all_reduce(loss)  # summed over ranks; the norm is the same on every rank
+        stats = torch.stack([loss, grad_norm.detach().double()])
+        opt.found_inf = (~torch.isfinite(stats).all()).float()
+        if stats.is_cuda:
+            host = torch.empty(2, dtype=torch.float64, pin_memory=True)  # pinned: the copy is truly asynchronous
+            host.copy_(stats, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = stats, None
         try:
-            self.optimizer.step()
+            opt.step()
         finally:
-            del self.optimizer.found_inf
-        loss_f, gn = stats.tolist()
+            del opt.found_inf
+        if copied is not None:
+            copied.synchronize()
+        loss_f, gn = host.tolist()
         return loss_f, gn
 
     def _oom_message(self) -> str:
