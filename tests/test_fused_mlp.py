@@ -51,6 +51,22 @@ def test_forward_and_gradients_equal_hf_mlp(dtype, tol):
         assert _rel(a, b) <= tol
 
 
+def test_frozen_projections_keep_no_input_and_still_pass_the_gradient():
+    """LoRA on the attention alone freezes the MLP: x then serves no weight gradient and is not kept, and the
+    input gradient is still HF's."""
+    ref, ours = _pair(torch.float32)
+    for p in (*ref.parameters(), *ours.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ours(x)
+    assert saved and not any(t.data_ptr() == x.data_ptr() for t in saved if t is not None)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    (want,) = torch.autograd.grad(ref(x), x, torch.ones_like(y))
+    assert torch.allclose(dx, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("plan", ["none", "ops", "attention", "mlp", "every:2", "full"])
 def test_fused_mlp_under_every_plan_gives_the_gradients_of_hf(plan):
     """The whole model, fused MLP + plan, against HF's modules without a plan: selective checkpointing replays the
@@ -79,8 +95,8 @@ def test_training_run_with_the_fused_mlp_equals_one_without(tmp_path, caplog):
 
 
 def test_only_plain_swiglu_mlps_are_replaced():
-    """Another activation, an MLP bias or an unknown architecture: untouched, with the reason; LoRA-wrapped
-    projections keep peft's forward while the other layers' plain MLPs are fused."""
+    """Another activation, an MLP bias, an unknown architecture or an MLP class that is not transformers' own:
+    untouched; LoRA-wrapped projections keep peft's forward while the other layers' plain MLPs are fused."""
     from fasttune.config import LoraConfig
     from fasttune.model.lora import apply_lora
 
@@ -90,6 +106,10 @@ def test_only_plain_swiglu_mlps_are_replaced():
     other = build_preset("micro", VOCAB, "sdpa", torch.float32)
     other.config.model_type = "gemma"
     assert mlp.apply(other) == 0 and "model type 'gemma'" in mlp.unsupported_reason(other)
+    remote = build_preset("micro", VOCAB, "sdpa", torch.float32)  # remote code reusing the llama model type
+    for layer in remote.model.layers:
+        layer.mlp.__class__ = type("CustomMLP", (type(layer.mlp),), {"__module__": "transformers_modules.custom"})
+    assert mlp.apply(remote) == 0
     lora = apply_lora(build_preset("micro", VOCAB, "sdpa", torch.float32), LoraConfig(enabled=True, rank=4))
     assert mlp.apply(lora) == 0  # all-linear targets: every projection is a LoRA layer
     attn_only = apply_lora(build_preset("micro", VOCAB, "sdpa", torch.float32),

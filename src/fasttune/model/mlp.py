@@ -95,11 +95,15 @@ class SwiGLUFunction(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down):
         g, u = F.linear(x, w_gate), F.linear(x, w_up)  # under autocast: in the autocast dtype, as nn.Linear would
         y = F.linear(swiglu(g, u), w_down)
-        kept = x if x.dtype == g.dtype else x.to(g.dtype)  # autocast: the bf16 copy nn.Linear would keep
+        kept = None  # x serves the gate/up weight gradients only (frozen under LoRA on the attention alone)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            kept = x if x.dtype == g.dtype else x.to(g.dtype)  # autocast: the bf16 copy nn.Linear would keep
         ctx.save_for_backward(kept, g, u, w_gate, w_up, w_down)
+        ctx.x_shape = x.shape
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # g and u are saved detached: no double backward
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
@@ -108,9 +112,9 @@ class SwiGLUFunction(torch.autograd.Function):
         cast = g.dtype  # autocast: the saved weights are fp32, the activations bf16
         dw_down = dy2.t().to(cast) @ swiglu(g2, u2) if need_down else None  # the product, recomputed
         dg, du = swiglu_backward((dy2.to(cast) @ w_down.to(cast)), g2, u2)
-        x2 = x.reshape(-1, x.shape[-1]).to(cast)
-        dx = torch.addmm(dg @ w_gate.to(cast), du, w_up.to(cast)).view(x.shape) if need_x else None  # autograd
+        dx = torch.addmm(dg @ w_gate.to(cast), du, w_up.to(cast)).view(ctx.x_shape) if need_x else None  # autograd
         # casts dx (and the weight gradients) to their inputs' dtypes
+        x2 = x.reshape(-1, x.shape[-1]).to(cast) if x is not None else None
         dw_gate = dg.t() @ x2 if need_gate else None
         dw_up = du.t() @ x2 if need_up else None
         return dx, dw_gate, dw_up, dw_down
@@ -118,6 +122,11 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+def transformers_mlp(mlp: nn.Module, kind: str) -> bool:
+    """The MLP class is transformers' own for that model type (not remote code reusing the model type's name)."""
+    return type(mlp).__module__ == f"transformers.models.{kind}.modeling_{kind}"
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -145,7 +154,7 @@ def apply(model: nn.Module) -> int:
     count = 0
     for layer in getattr(getattr(base, "model", None), "layers", None) or []:
         mlp = getattr(layer, "mlp", None)
-        if mlp is not None and plain(mlp):
+        if mlp is not None and plain(mlp) and transformers_mlp(mlp, base.config.model_type):
             mlp.forward = types.MethodType(_forward, mlp)
             count += 1
     return count
