@@ -83,7 +83,7 @@ def test_fused_mlp_under_every_plan_gives_the_gradients_of_hf(plan):
 
 
 def test_training_run_with_the_fused_mlp_equals_one_without(tmp_path, caplog):
-    """On by default (the log says so), and a CPU run trains the same losses as --model.fused-mlp false."""
+    """On by default (the log says so), and a CPU run trains the same losses as --model.no-fused-mlp."""
     caplog.set_level("INFO", logger="fasttune")
     on = loop.train(tiny_config(tmp_path / "on"))
     assert "fused SwiGLU MLP on" in caplog.text
