@@ -137,3 +137,21 @@ def test_triton_kernels_equal_the_torch_path_on_cuda():
         got, want = _run(ours, x, dy), _run(ref, x, dy)
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype and _rel(a, b) <= 2e-2
+
+
+def test_a_model_with_fasttunes_forwards_survives_torch_save():
+    """torch.save pickles the instance-bound forwards by name: the loaded copy runs the classes' own forwards (HF's
+    MLP, peft's LoRA layer) and computes the same logits."""
+    import io
+
+    from fasttune.config import LoraConfig
+    from fasttune.model.lora import apply_lora
+
+    model = apply_lora(build_preset("micro", VOCAB, "sdpa", torch.float32), LoraConfig(enabled=True, rank=4,
+                       targets=("q_proj", "v_proj")))  # fmt: skip
+    assert mlp.apply(model) == model.config.num_hidden_layers
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    ids = torch.randint(2, VOCAB, (2, 12))
+    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)

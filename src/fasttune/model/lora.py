@@ -140,6 +140,9 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return torch.addmm(flat, xa.reshape(-1, xa.shape[-1]), b.t()).view(result.shape)
 
 
+_fast_forward.__name__ = "forward"  # pickle (torch.save of the model) stores the bound method by this name
+
+
 def _resolve_base_path(model) -> None:
     """Record the base model in adapter_config.json as an absolute path: peft stores it as given (relative to the
     working directory), so the adapter would not load from anywhere else. Hub ids and presets (no path) stay."""

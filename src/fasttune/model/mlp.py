@@ -124,6 +124,9 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
+_forward.__name__ = "forward"  # pickle (torch.save of the model) stores the bound method as getattr(mlp, "forward")
+
+
 def transformers_mlp(mlp: nn.Module, kind: str) -> bool:
     """The MLP class is transformers' own for that model type (not remote code reusing the model type's name)."""
     return type(mlp).__module__ == f"transformers.models.{kind}.modeling_{kind}"
