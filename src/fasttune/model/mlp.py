@@ -4,8 +4,8 @@ backward and recomputes the product there.
 What the MLP keeps per token (bf16, I the MLP width): HF's modules 8I (gate, silu(gate), up, and the product that
 down_proj keeps as its input), Liger's SwiGLU 6I (it recomputes silu(gate), but down_proj still keeps the product),
 this function 4I. The product is one elementwise pass over gate and up, so recomputing it costs one extra memory-bound
-kernel per layer in backward and no matmul: on the 1B shape at 8k tokens per micro-batch it frees 1.4 GiB against
-Liger and 2.8 GiB against HF's modules (docs/MEMORY.md).
+kernel per layer in backward and no matmul: on the 1B shape (I 8192) at 8k tokens per micro-batch it frees 2.0 GiB
+against Liger (1.8 measured on an H200) and 4.0 GiB against HF's modules (docs/BENCHMARKS.md, "Memory").
 
 On CUDA two small Triton kernels compute the product and its gradient in float32 (rounded where torch's ops round);
 elsewhere (CPU; Triton missing) the same math runs as torch ops. The function saves no tensor it later writes into,
