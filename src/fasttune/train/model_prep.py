@@ -97,7 +97,8 @@ def _apply_fused_mlp(model) -> None:
         log.info("fused SwiGLU MLP on %d layers (silu(gate) * up recomputed in backward)", count)
     else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        log.info("model.fused_mlp: not used: %s", mlp.unsupported_reason(base) or "no plain SwiGLU MLP (LoRA)")
+        why = mlp.unsupported_reason(base) or "no plain transformers SwiGLU MLP (LoRA-wrapped projections, own class)"
+        log.info("model.fused_mlp: not used: %s", why)
 
 
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype):
