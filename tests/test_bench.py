@@ -81,6 +81,18 @@ def test_from_records_totals_not_mean_of_rates():
     assert out["samples_per_s"] == pytest.approx((2 + 12) / 4)
     assert out["peak_gib"] == 9.0  # memory is the run's peak, warm-up included
     assert out["tokens_per_step"] == 200 and out["loss"] is None
+    assert out["spread_pct"] is None  # 2 measured steps: too few to split into parts
+
+
+def test_spread_is_half_the_range_of_the_parts_rates():
+    """8 steps in 4 parts at 100, 100, 120 and 80 tokens/s (each part 2 steps): half the range, 20 tokens/s, is 20%
+    of the whole rate (800 tokens in 8 s)."""
+    from fasttune.bench.baselines import aggregate
+
+    rates = [100, 100, 100, 100, 120, 120, 80, 80]
+    out = aggregate([(1.0, r, 1, 0.0) for r in rates], None)
+    assert out["tokens_per_s"] == pytest.approx(100.0) and out["spread_pct"] == pytest.approx(20.0)
+    assert aggregate([(1.0, 100, 1, 0.0)] * 8, None)["spread_pct"] == 0.0
 
 
 def test_ratios_never_use_a_leaky_baseline():

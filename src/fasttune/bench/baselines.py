@@ -194,12 +194,32 @@ def run_baseline(
 
 
 def aggregate(per_step: list[tuple[float, int, int, float]], peak: float | None) -> dict:
-    """(seconds, real tokens, samples, FLOPs) per step -> totals over the measured steps (not a mean of rates)."""
+    """(seconds, real tokens, samples, FLOPs) per step -> totals over the measured steps (not a mean of rates), and
+    how much the rate moved within the measurement (`spread_pct`)."""
     seconds = sum(s for s, *_ in per_step)
+    tokens_per_s = sum(t for _, t, _, _ in per_step) / seconds
     return {
         "steps": len(per_step),
         "tokens_per_step": sum(t for _, t, _, _ in per_step) / len(per_step),
-        "tokens_per_s": sum(t for _, t, _, _ in per_step) / seconds,
+        "tokens_per_s": tokens_per_s,
         "samples_per_s": sum(n for _, _, n, _ in per_step) / seconds,
         "mfu": sum(f for *_, f in per_step) / seconds / peak if peak else None,
+        "spread_pct": spread_pct(per_step, tokens_per_s),
     }
+
+
+SPREAD_PARTS = 4
+
+
+def spread_pct(per_step: list[tuple[float, int, int, float]], tokens_per_s: float) -> float | None:
+    """Half the range of tokens/s over SPREAD_PARTS consecutive parts of the measured steps, in % of the whole rate:
+    how far one stretch of the measurement strays from another (a ratio of two rows is no surer than their spreads).
+    None under 2 steps per part."""
+    n = len(per_step)
+    if n < 2 * SPREAD_PARTS:
+        return None
+    rates = []
+    for i in range(SPREAD_PARTS):
+        part = per_step[i * n // SPREAD_PARTS : (i + 1) * n // SPREAD_PARTS]
+        rates.append(sum(t for _, t, _, _ in part) / sum(s for s, *_ in part))
+    return 50.0 * (max(rates) - min(rates)) / tokens_per_s

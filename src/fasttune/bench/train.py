@@ -290,6 +290,7 @@ def lora_notes(bench: TrainBench) -> list[str]:
 MD_COLUMNS = (
     ("config", "configuration"),
     ("tokens_per_s", "real tok/s"),
+    ("spread_pct", "± % (4 parts)"),
     ("samples_per_s", "samples/s"),
     ("mfu", "MFU"),
     ("tokens_per_step", "tokens/step"),
