@@ -117,6 +117,37 @@ def test_only_plain_swiglu_mlps_are_replaced():
     assert mlp.apply(attn_only) == attn_only.config.num_hidden_layers  # frozen plain MLPs: fused, no weight grads
 
 
+def test_triton_kernels_match_torch_ops_under_the_interpreter():
+    """The two Triton kernels on the CPU through Triton's interpreter, against torch's ops: fp32 to rounding, bf16
+    within a few bf16 steps; and a whole fused MLP's gradients against HF's MLP with them. Runs where Triton is
+    installed (the interpreter must be chosen before Triton compiles anything: a fresh process)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("triton", reason="Triton is not installed (the GPU test covers the kernels on CUDA)")
+    code = textwrap.dedent("""
+        import torch
+        from tests.test_fused_mlp import _pair, _rel, _run
+        from fasttune.model import mlp
+        torch.manual_seed(0)
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+            g, u, dc = (torch.randn(37, 200, dtype=dtype) * 3 for _ in range(3))
+            assert mlp._triton(g)
+            silu = torch.nn.functional.silu(g)
+            assert _rel(mlp.swiglu(g, u), silu * u) <= tol
+            dg, du = mlp.swiglu_backward(dc, g, u)
+            assert _rel(dg, torch.ops.aten.silu_backward(dc * u, g)) <= tol and _rel(du, dc * silu) <= tol
+            ref, ours = _pair(dtype)
+            x, dy = torch.randn(3, 7, 64, dtype=dtype), torch.randn(3, 7, 64, dtype=dtype)
+            assert all(_rel(a, b) <= 10 * tol for a, b in zip(_run(ours, x, dy), _run(ref, x, dy)))
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.gpu
 def test_triton_kernels_equal_the_torch_path_on_cuda():
     """The CUDA kernels against the CPU/torch path in bf16, and fp32 weights under bf16 autocast (gradients in the
