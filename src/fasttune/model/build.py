@@ -40,6 +40,11 @@ REAL_SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
 }  # fmt: skip
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model itself: under peft's wrapper (LoRA) its base model, else `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 4096) -> PretrainedConfig:
     """The preset's config; a real shape keeps its own vocabulary unless the tokenizer's is larger."""
     if preset in REAL_SHAPES:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttune.model.build import base_model
+
 try:
     import triton
     import triton.language as tl
@@ -151,7 +153,7 @@ def plain(mlp: nn.Module) -> bool:
 
 def apply(model: nn.Module) -> int:
     """Give each decoder layer's SwiGLU MLP the fused forward (replacing HF's or Liger's); returns how many got it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if unsupported_reason(base) is not None:
         return 0
     count = 0
@@ -165,7 +167,7 @@ def apply(model: nn.Module) -> int:
 
 def fused(model: nn.Module) -> bool:
     """Whether `apply` installed the fused MLP on `model`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = getattr(getattr(base, "model", None), "layers", None) or []
     mlp = getattr(layers[0], "mlp", None) if len(layers) else None
     forward = vars(mlp).get("forward") if mlp is not None else None

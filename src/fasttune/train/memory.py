@@ -32,6 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
+from fasttune.model.build import base_model
 from fasttune.model.mlp import fused as fused_mlp
 
 log = logging.getLogger("fasttune")
@@ -321,7 +322,7 @@ def _checkpoint_forward(module: torch.nn.Module, selective: bool) -> None:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    base = base_model(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
         raise FasttuneError(f"model.memory: {type(base).__name__} has no `model.layers` decoder stack to checkpoint; "
@@ -356,7 +357,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
     trainable = sum(p.numel() for p in params if p.requires_grad)
     moments = state_bytes(cfg.training.optimizer, [p for p in params if p.requires_grad])
     param_bytes = params[0].element_size() if params else 2
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     return Setup(
         shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
@@ -398,7 +399,7 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     measured free memory (tests simulate GPUs with it)."""
     from fasttune.model.loss import apply_chunked_loss
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     liger = cfg.model.liger and "forward" in vars(base)  # Liger's fused loss patched this instance's forward
     chunked = cfg.model.chunked_loss and not liger and apply_chunked_loss(base)
     requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory

@@ -14,7 +14,7 @@ from fasttune.config import BaseConfig
 from fasttune.config.base_config import memory_plan
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
-from fasttune.model.build import build_model, load_model_config
+from fasttune.model.build import base_model, build_model, load_model_config
 from fasttune.model.flops import head_dim
 from fasttune.train.memory import LIGER_ROPE_IN_PLACE, plan_memory, selective
 
@@ -96,7 +96,7 @@ def _apply_fused_mlp(model) -> None:
     if count:
         log.info("fused SwiGLU MLP on %d layers (silu(gate) * up recomputed in backward)", count)
     else:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         why = mlp.unsupported_reason(base) or "no plain transformers SwiGLU MLP (LoRA-wrapped projections, own class)"
         log.info("model.fused_mlp: not used: %s", why)
 
