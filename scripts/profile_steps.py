@@ -51,7 +51,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiment", default="full")
     p.add_argument("--steps", type=int, default=14)
-    p.add_argument("--profile", default="8:11", help="FIRST:END step numbers (END excluded) to profile")
+    p.add_argument("--profile", default="8:11", help="FIRST:END: profile steps FIRST+1 to END (8:11: 9, 10, 11)")
     p.add_argument("--set", action="append", default=[], help="section.field=value; repeat for more")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("prof"))
