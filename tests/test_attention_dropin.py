@@ -224,3 +224,57 @@ def test_padded_and_packed_equal_eager_on_gpu_bf16(arch, backend):
         kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         got = model_for(arch, backend, "eval", **cuda)(input_ids=ids.cuda(), **kwargs).logits[0]
     assert _rel(got, want) < 2e-2, "packed"
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("backend", [REFERENCE, "sdpa", "auto"])
+def test_packed_forward_without_transformers_host_sync_is_unchanged(arch, backend):
+    """The training loop's packed forward runs transformers' mask preparation with packing known up front
+    (layout.packed_without_sync: no `.all()` read back from the device): logits and gradients equal the forward
+    without it, with transformers' own eager attention too (which builds its mask from those document ids), and
+    transformers' function is back in place afterwards, also after an error."""
+    import transformers.masking_utils as masking
+
+    from fasttune.attention.layout import packed_without_sync
+
+    found = masking.find_packed_sequence_indices
+    model = model_for(arch, backend, "train")
+    docs = documents()
+    ids, kwargs = packed_inputs(docs, with_cu=True)
+    labels = torch.cat([torch.cat([torch.full((1,), -100), d[1:]]) for d in docs])[None]
+    results, calls = [], []
+    for context in (lambda: torch.enable_grad(), lambda: packed_without_sync(kwargs)):
+        model.zero_grad()
+        with context():
+            replaced = masking.find_packed_sequence_indices
+            masking.find_packed_sequence_indices = lambda position_ids, f=replaced: calls.append(f) or f(position_ids)
+            try:  # the training loop's call: use_cache=False (a cache would skip packing detection)
+                out = model(input_ids=ids, labels=labels, use_cache=False, **kwargs)
+            finally:
+                masking.find_packed_sequence_indices = replaced
+        out.loss.backward()
+        results.append((replaced, out.logits, [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] is found and results[1][0] is not found, "replaced inside the context only"
+    assert masking.find_packed_sequence_indices is found
+    half = len(calls) // 2  # one call per mask the model builds (gemma2: full and sliding)
+    assert calls and calls == [found] * half + [results[1][0]] * half, "transformers detects packing through it"
+    torch.testing.assert_close(results[1][1], results[0][1], atol=0, rtol=0)
+    for got, want in zip(results[1][2], results[0][2], strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError), packed_without_sync(kwargs):
+        raise RuntimeError("boom")
+    assert masking.find_packed_sequence_indices is found
+    with packed_without_sync({"input_ids": ids}):  # not a packed batch: left alone
+        assert masking.find_packed_sequence_indices is found
+
+
+def test_document_ids_are_transformers_packed_sequence_indices():
+    import transformers.masking_utils as masking
+
+    from fasttune.attention.layout import _document_ids
+
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4, 0, 1]])
+    torch.testing.assert_close(_document_ids(packed), masking.find_packed_sequence_indices(packed))
+    one = torch.arange(6)[None].expand(2, -1)  # one document per row: transformers says None (no packing)
+    assert masking.find_packed_sequence_indices(one) is None
+    assert not _document_ids(one).any()

@@ -14,6 +14,7 @@ detection, so the mask it builds lets documents attend to each other (docs/ATTEN
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -82,6 +83,34 @@ def packed_from_kwargs(kwargs: dict, batch: int, q_len: int, k_len: int) -> Varl
     if position_ids is None or q_len != k_len or position_ids.shape[-1] != q_len:
         return None
     return memo(position_ids, f"docs{batch}", lambda: _docs_from_positions(position_ids.expand(batch, -1)))
+
+
+def _document_ids(position_ids_BS: torch.Tensor) -> torch.Tensor:
+    """transformers' `find_packed_sequence_indices` without its host sync: the document index of every token (a new
+    document wherever the position does not continue by +1), also when the rows hold one document each."""
+    first_B1 = position_ids_BS[:, :1] - 1
+    return (torch.diff(position_ids_BS, prepend=first_B1, dim=-1) != 1).cumsum(-1)
+
+
+@contextlib.contextmanager
+def packed_without_sync(batch: dict):
+    """Around a forward of a packed batch (`cu_seq_lens_q` given): transformers' mask preparation detects packing
+    from position_ids and asks the host whether it found any (`.all()` on a device tensor), which waits for
+    everything queued, the previous step's update included. The batch is known to be packed, so the answer is
+    returned without asking: the same document ids (masks built from them are unchanged; fasttune's attention reads
+    the boundaries from the kwargs). Other batches, and transformers versions without that function, are left as
+    they are."""
+    import transformers.masking_utils as masking
+
+    found = getattr(masking, "find_packed_sequence_indices", None)
+    if found is None or batch.get("cu_seq_lens_q") is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = _document_ids
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = found
 
 
 def _docs_from_positions(pos_BS: torch.Tensor) -> Varlen | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fasttune.attention.layout import packed_without_sync
 from fasttune.config import BaseConfig
 from fasttune.data.packing import Batcher, count_targets, real_tokens
 from fasttune.data.pipeline import DataBundle
@@ -117,7 +118,8 @@ def forward_backward(
             model.set_requires_gradient_sync(last)
         with sync:
             with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(**b, use_cache=False, num_items_in_batch=n_targets)
+                with packed_without_sync(b):  # no host sync in transformers' mask preparation
+                    out = model(**b, use_cache=False, num_items_in_batch=n_targets)
             (out.loss * world if world > 1 else out.loss).backward()
         total += out.loss.detach().float()
     return total
