@@ -214,7 +214,7 @@ def test_fused_adamw_step_is_queued_and_skips_non_finite_steps_on_the_device(bad
     loss = torch.tensor(float("nan") if bad == "loss" else 2.5)
     norm = torch.tensor(float("inf") if bad == "norm" else 0.7)
     run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt)
-    loss_f, gn = Run._optimizer_step(run, loss, norm)
+    loss_f, gn = Run._optimizer_step(run, loss, norm).values()
     assert [loss_f, gn] == pytest.approx([float(loss), float(norm)], nan_ok=True)
     if bad is None:
         ref_opt.step()
@@ -238,7 +238,7 @@ def test_a_resumed_non_fused_optimizer_takes_the_waiting_path():
     assert opt.defaults["fused"] and not opt.param_groups[0]["fused"]
     w.grad = torch.ones(4)
     run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt)
-    assert Run._optimizer_step(run, torch.tensor(1.0), torch.tensor(2.0)) == (1.0, 2.0)
+    assert Run._optimizer_step(run, torch.tensor(1.0), torch.tensor(2.0)).values() == (1.0, 2.0)
     assert torch.all(w < 1)  # updated
 
 
@@ -268,7 +268,7 @@ def test_on_cuda_the_host_returns_before_the_update_finishes():
     run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cuda"), optimizer=opt)
     Run._optimizer_step(run, torch.tensor(1.0, device="cuda"), torch.tensor(float("nan"), device="cuda"))  # skipped
     torch.cuda.synchronize()
-    loss_f, gn = Run._optimizer_step(run, torch.tensor(3.0, device="cuda"), torch.tensor(0.5, device="cuda"))
+    loss_f, gn = Run._optimizer_step(run, torch.tensor(3.0, device="cuda"), torch.tensor(0.5, device="cuda")).values()
     after = torch.cuda.Event()
     after.record()
     assert (loss_f, gn) == (3.0, 0.5) and not after.query()  # the update is still running

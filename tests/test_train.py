@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -295,3 +296,40 @@ def test_resume_with_max_steps_below_the_step_reached_is_not_called_complete(ref
     text = caplog.text
     assert "already complete" not in text
     assert "already past step 3 (stopped at step 6)" in text and "--max-steps above 6" in text
+
+
+def test_steps_with_nothing_due_are_read_after_the_next_is_queued(reference, tmp_path, monkeypatch):
+    """The loop queues step N+1 (Run.step) before it reads step N's loss and grad norm (Run.settle)
+    exactly when nothing but the record follows N: never before an evaluation or a checkpoint (eval_every = save_every
+    = 3 here), never the last step. Records, validation losses and checkpoints equal the run that reads every step
+    at once (Run.due always true), and every step is timed from the previous step's reading (together no more than
+    the run's wall time)."""
+    cfg, ref = reference
+    events = []
+    real_step, real_settle = run.Run.step, run.Run.settle
+
+    def step(self):
+        events.append(f"queue {self.state.step + 1}")
+        return real_step(self)
+
+    def settle(self, rec):
+        events.append(f"read {rec['step']}")
+        return real_settle(self, rec)
+
+    monkeypatch.setattr(run.Run, "step", step)
+    monkeypatch.setattr(run.Run, "settle", settle)
+    began = time.perf_counter()
+    deferred = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "deferred")))
+    wall = time.perf_counter() - began
+    assert " ".join(events) == (
+        "queue 1 queue 2 read 1 queue 3 read 2 read 3 queue 4 queue 5 read 4 queue 6 read 5 read 6"
+    )
+    monkeypatch.setattr(run.Run, "due", lambda self, step: True)
+    at_once = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "at-once")))
+    for got in (deferred, at_once):
+        assert losses(got.records) == losses(ref.records)
+        assert [r.get("val_loss") for r in got.records] == [r.get("val_loss") for r in ref.records]
+        assert [r["step"] for r in got.records] == [r["step"] for r in ref.records]
+        assert all(r["step_s"] > 0 and r["grad_norm"] is not None for r in got.records if r["step"])
+    assert [p.name for p in list_checkpoints(deferred.run_dir)] == ["step-000003", "step-000006"]
+    assert sum(r["step_s"] for r in deferred.records if r["step"]) < wall

@@ -180,35 +180,59 @@ def _fit(run: Run) -> None:
         live = sys.stderr.isatty()
         bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                    disable=not (live and d.main))  # fmt: skip
-        while state.step < t.max_steps:
+        queued = None  # a step whose numbers are read after the next one is queued (nothing else was due after it)
+        while state.step < t.max_steps or queued is not None:
+            if queued is not None and (stop.signum is not None or state.step >= t.max_steps):
+                _after_step(run, run.settle(queued), bar, stop, live)  # stops here, checkpoint at this step
+                queued = None
+                continue
+            # one process only: under DDP/FSDP2 every step already meets the other ranks
+            defer = not d.on and stop.signum is None and not run.due(state.step + 1)
             rec = run.step()
-            evaluated = run.eval_due()
-            if evaluated and (val := run.evaluate()) is not None:
-                rec.update(val_loss=val, val_ppl=perplexity(val))
-            if (every := t.eval_generate_every) and state.step % every == 0:  # generated answers, scored
-                from fasttune.eval.run import training_scores
-
-                rec.update(scores := training_scores(run))
-                evaluated = evaluated or bool(scores)
-            run.log(rec, evaluated)
-            status = _status(rec)
-            bar.set_postfix_str(status)
-            bar.update(1)
-            if not live and run.log_due():
-                log.info("step %d/%d: %s", state.step, t.max_steps, status)
-            if run.save_due():
-                run.save()
-            stopping = stop.signum is not None  # one snapshot: a signal arriving later counts at the next step
-            if d.on:  # every rank stops after the same step when any rank was signalled
-                stopping = d.sum_([float(stopping)], run.device)[0] > 0
-            if stopping:
-                bar.close()
-                path = run.save()
-                where = f"checkpoint saved to {path}" if d.main else f"rank {d.rank}; rank 0 saved the checkpoint"
-                raise Interrupted(f"interrupted at step {state.step}; {where}. Resume with the "
-                                  f"same command plus --resume (output dir {run.folder})",
-                                  exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
+            if queued is not None:
+                _show(run, run.settle(queued), bar, live, evaluated=False)
+            queued = rec if defer else None
+            if not defer:
+                _after_step(run, run.settle(rec), bar, stop, live)
     bar.close()
+
+
+def _show(run: Run, rec: dict, bar, live: bool, evaluated: bool) -> None:
+    """Record the step (metrics.jsonl when due) and show it: the live bar, or one log line every log_every steps."""
+    run.log(rec, evaluated)
+    status = _status(rec)
+    bar.set_postfix_str(status)
+    bar.update(1)
+    if not live and run.log_due(rec["step"]):
+        log.info("step %d/%d: %s", rec["step"], run.cfg.training.max_steps, status)
+
+
+def _after_step(run: Run, rec: dict, bar, stop: StopSignals, live: bool) -> None:
+    """What follows the newest step: evaluation and generation scores when due, its record, a checkpoint when due,
+    and on a signal a checkpoint and the stop."""
+    t, state, d = run.cfg.training, run.state, run.dist
+    evaluated = run.eval_due()
+    if evaluated and (val := run.evaluate()) is not None:
+        rec.update(val_loss=val, val_ppl=perplexity(val))
+    if (every := t.eval_generate_every) and state.step % every == 0:  # generated answers, scored
+        from fasttune.eval.run import training_scores
+
+        rec.update(scores := training_scores(run))
+        evaluated = evaluated or bool(scores)
+    _show(run, rec, bar, live, evaluated)
+    if run.save_due():
+        run.save()
+    run.clock = None  # evaluation and saving are not step time
+    stopping = stop.signum is not None  # one snapshot: a signal arriving later counts at the next step
+    if d.on:  # every rank stops after the same step when any rank was signalled
+        stopping = d.sum_([float(stopping)], run.device)[0] > 0
+    if stopping:
+        bar.close()
+        path = run.save()
+        where = f"checkpoint saved to {path}" if d.main else f"rank {d.rank}; rank 0 saved the checkpoint"
+        raise Interrupted(f"interrupted at step {state.step}; {where}. Resume with the "
+                          f"same command plus --resume (output dir {run.folder})",
+                          exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
 
 
 def _status(rec: dict) -> str:

@@ -1,5 +1,6 @@
-"""The state of one run and its four phases: `Run.step` (one optimizer step), `Run.evaluate`, `Run.save`, `Run.log`.
-The loop in fasttune.train.loop builds a Run and calls them; nothing else threads state through by hand."""
+"""The state of one run and its four phases: `Run.step` (one optimizer step, queued; `Run.settle` completes its
+record), `Run.evaluate`, `Run.save`, `Run.log`. The loop in fasttune.train.loop builds a Run and calls them; nothing
+else threads state through by hand."""
 
 from __future__ import annotations
 
@@ -126,6 +127,20 @@ def forward_backward(
 
 
 @dataclass
+class Reading:
+    """A step's loss and gradient norm (float64, on the host or being copied there)."""
+
+    host: torch.Tensor
+    copied: torch.cuda.Event | None = None
+
+    def values(self) -> tuple[float, float]:
+        if self.copied is not None:
+            self.copied.synchronize()  # the copy was queued before the update: this does not wait for it
+        loss_f, gn = self.host.tolist()
+        return loss_f, gn
+
+
+@dataclass
 class Run:
     """One run's state: config, data and its batcher, the model (`model`: the HF model, for evaluation and saving;
     `trained`: what the steps run, DDP around it or it sharded), optimizer, schedule, data stream, metrics, device,
@@ -148,6 +163,8 @@ class Run:
     metrics: MetricsLog
     result: RunResult
     saved_step: int = -1
+    clock: float | None = None
+    """When the current stretch of steps started or its last step settled (None: the next step starts one)."""
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -160,28 +177,50 @@ class Run:
 
     # -- step ---------------------------------------------------------------------------------------------------
     def step(self) -> dict:
-        """One optimizer step over grad_accum x world micro-batches (this rank trains every world-th one); returns
-        the step's metrics record (loss, grad norm, throughput, ...), all for the whole step over all ranks."""
+        """One optimizer step over grad_accum x world micro-batches (this rank trains every world-th one), queued;
+        returns its record for `settle`, which completes it (loss, grad norm, throughput, ...: all for the whole
+        step over all ranks). Between the two the host may queue the next step while this one runs."""
         t, state, d = self.cfg.training, self.state, self.dist
-        t0 = time.perf_counter()
+        if self.clock is None:
+            self.clock = time.perf_counter()
         micro = [self.stream.next() for _ in range(t.grad_accum * d.world)]
         samples = [s for mb in micro for s in mb]
         lr = float(self.optimizer.param_groups[0]["lr"])  # this step's rate (torchao's lr is a tensor, filled in place)
-        loss_f, gn, tokens, targets = self._update(micro)
-        self._check_health(loss_f, gn)
+        reading, tokens, targets = self._update(micro)
         self.scheduler.step()
         state.step += 1
-        dt = time.perf_counter() - t0
         lengths = [len(s["input_ids"]) for s in samples]
-        flops = step_flops(self.model.config, lengths, lora=self.cfg.lora.enabled)
-        return {"step": state.step, "loss": loss_f, "lr": lr, "grad_norm": gn, "tokens_per_s": tokens / dt,
-                "samples_per_s": len(samples) / dt, "tokens": tokens, "target_tokens": targets, "samples": len(samples),
-                "step_s": dt,
-                "flops": flops, "mfu": flops / dt / (self.peak * d.world) if self.peak else None,
+        rec = {
+            "step": state.step,
+            "lr": lr,
+            "tokens": tokens,
+            "target_tokens": targets,
+            "samples": len(samples),
+            "flops": step_flops(self.model.config, lengths, lora=self.cfg.lora.enabled),
+            "reading": reading,
+        }
+        return rec
+
+    def settle(self, rec: dict) -> dict:
+        """The record of a step with its loss and grad norm (waiting for them if they are still being copied), its
+        health checked, and its time: from the previous step's settling (or the start of this stretch of steps)
+        to now, so queued steps add up to the wall time."""
+        reading = rec.pop("reading", None)
+        if reading is None:
+            return rec
+        loss_f, gn = reading.values()
+        self._check_health(rec["step"], loss_f, gn)
+        now = time.perf_counter()
+        dt, self.clock = now - self.clock, now
+        peak = (self.peak or 0.0) * self.dist.world
+        tokens, samples, flops = rec["tokens"], rec["samples"], rec["flops"]
+        return {"step": rec["step"], "loss": loss_f, "lr": rec["lr"], "grad_norm": gn, "tokens_per_s": tokens / dt,
+                "samples_per_s": samples / dt, "tokens": tokens, "target_tokens": rec["target_tokens"],
+                "samples": samples, "step_s": dt, "flops": flops, "mfu": flops / dt / peak if peak else None,
                 "peak_mem_gib": peak_memory_gib(self.device)}  # fmt: skip
 
-    def _update(self, micro: list[list[dict]]) -> tuple[float, float, int, int]:
-        """forward+backward, clip, update. Returns (loss, grad norm, real tokens, target tokens). A CUDA
+    def _update(self, micro: list[list[dict]]) -> tuple[Reading, int, int]:
+        """forward+backward, clip, update. Returns (loss and grad norm, real tokens, target tokens). A CUDA
         out-of-memory anywhere in it is explained, or retried with each micro-batch split in two when
         --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
         t, state, d, device = self.cfg.training, self.state, self.dist, self.device
@@ -197,8 +236,7 @@ class Run:
                 max_norm = t.max_grad_norm if t.max_grad_norm > 0 else 1e30
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
-                loss_f, gn = self._optimizer_step(loss, grad_norm)
-                return loss_f, gn, tokens, n_targets
+                return self._optimizer_step(loss, grad_norm), tokens, n_targets
             except torch.OutOfMemoryError:
                 oom = True  # handled below, outside the except block, so the traceback's tensors can be freed
             finally:
@@ -214,19 +252,20 @@ class Run:
                     "out of memory; retrying with each micro-batch split %dx (same global batch)", state.micro_split
                 )
 
-    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
-        """Update unless the loss (summed over ranks) or the gradient norm is non-finite; returns both as floats.
+    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> Reading:
+        """Update unless the loss (summed over ranks) or the gradient norm is non-finite; returns both.
         With torch's fused AdamW the host reads neither before queuing the update: the fused kernel skips a
-        non-finite step on the device (its `found_inf`, as under a GradScaler), the two numbers are copied to pinned
-        host memory ahead of the optimizer's kernels, and the host waits for that copy alone, so the update runs
-        while the host logs and collates the next batch (one host sync per step). Other optimizers (torchao's, a
-        non-fused AdamW, FSDP2's sharded states) wait for the numbers first."""
+        non-finite step on the device (its `found_inf`, as under a GradScaler) and the two numbers are copied to
+        pinned host memory ahead of the optimizer's kernels: whoever reads them (`Reading.values`) waits for that copy
+        alone, and the loop reads them after it queued the next step when nothing else was due (loop._fit), so the
+        host never waits for the GPU to drain between steps. Other optimizers (torchao's, a non-fused AdamW, FSDP2's
+        sharded states) wait for the numbers first."""
         d, opt = self.dist, self.optimizer
         if d.fsdp or not all(g.get("fused") for g in opt.param_groups):  # param_groups: what a resume restored
             loss_f, gn = d.sum_([float(loss)], self.device)[0], float(grad_norm)  # gradients are synchronised
             if math.isfinite(loss_f) and math.isfinite(gn):
                 opt.step()
-            return loss_f, gn
+            return Reading(torch.tensor([loss_f, gn], dtype=torch.float64))
         loss = loss.detach().double()
         if d.on:
             torch.distributed.all_reduce(loss)  # summed over ranks; the norm is the same on every rank
@@ -243,10 +282,7 @@ class Run:
             opt.step()
         finally:
             del opt.found_inf
-        if copied is not None:
-            copied.synchronize()
-        loss_f, gn = host.tolist()
-        return loss_f, gn
+        return Reading(host, copied)
 
     def _oom_message(self) -> str:
         d, device = self.cfg.data, self.device
@@ -267,7 +303,7 @@ class Run:
         median = statistics.median(self.history)
         return loss > max(3 * median, median + 2)
 
-    def _check_health(self, loss_f: float, gn: float) -> None:
+    def _check_health(self, step: int, loss_f: float, gn: float) -> None:
         """Count an unhealthy step: non-finite loss or gradients (its update was skipped) or an exploding loss.
         Stop with a diagnosis naming the last healthy checkpoint once there are more than max_bad_steps."""
         finite = math.isfinite(loss_f) and math.isfinite(gn)
@@ -281,22 +317,27 @@ class Run:
         if state.bad_steps > t.max_bad_steps:
             good = self.folder.checkpoints / f"step-{state.healthy_checkpoint:06d}"
             raise FasttuneError(
-                f"stopped at step {state.step + 1}: {state.bad_steps} unhealthy steps, the last with {what} (loss "
+                f"stopped at step {step}: {state.bad_steps} unhealthy steps, the last with {what} (loss "
                 f"{loss_f:.4g}, grad norm {gn:.4g}); last healthy checkpoint: {good if good.is_dir() else 'none'}. "
                 "Lower --training.lr, check the data, or use --model.dtype fp32"
             )
         if not finite:
             log.warning("step %d: non-finite loss %s / grad norm %s, update skipped (%d of %d allowed)",
-                        state.step + 1, loss_f, gn, state.bad_steps, t.max_bad_steps)  # fmt: skip
+                        step, loss_f, gn, state.bad_steps, t.max_bad_steps)  # fmt: skip
         else:
             log.warning("step %d: loss %.4g is far above the run's recent median %.4g: diverging? (%d of %d "
                         "unhealthy steps allowed)", state.step + 1, loss_f, statistics.median(self.history),
                         state.bad_steps, t.max_bad_steps)  # fmt: skip
 
     # -- evaluate -----------------------------------------------------------------------------------------------
-    def eval_due(self) -> bool:
-        t, step = self.cfg.training, self.state.step
+    def eval_due(self, step: int | None = None) -> bool:
+        t, step = self.cfg.training, self.state.step if step is None else step
         return bool(t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+
+    def due(self, step: int) -> bool:
+        """Whether anything besides its record follows `step`: evaluation, generation scores, a checkpoint, the end."""
+        every = self.cfg.training.eval_generate_every
+        return self.eval_due(step) or self.save_due(step) or bool(every and step % every == 0)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -321,8 +362,8 @@ class Run:
         return loss_sum / n_sum if n_sum else None
 
     # -- save ---------------------------------------------------------------------------------------------------
-    def save_due(self) -> bool:
-        t, step = self.cfg.training, self.state.step
+    def save_due(self, step: int | None = None) -> bool:
+        t, step = self.cfg.training, self.state.step if step is None else step
         return bool(t.save_every and step % t.save_every == 0) or (step == t.max_steps and t.save_final)
 
     def save(self) -> Path | None:
@@ -347,13 +388,13 @@ class Run:
         return self.result.checkpoint
 
     # -- log ----------------------------------------------------------------------------------------------------
-    def log_due(self) -> bool:
-        step = self.state.step
+    def log_due(self, step: int | None = None) -> bool:
+        step = self.state.step if step is None else step
         return step % self.cfg.training.log_every == 0 or step == 1
 
     def log(self, rec: dict, evaluated: bool) -> None:
         """Record the step in metrics.jsonl when due, and always after an evaluation."""
         if rec.get("val_loss") is not None and self.dist.main:
             tqdm.write(f"step {rec['step']}: val_loss {rec['val_loss']:.4f}  ppl {rec['val_ppl']:.2f}", file=sys.stderr)
-        if evaluated or self.log_due():
+        if evaluated or self.log_due(rec["step"]):
             self.metrics.append(rec)
