@@ -194,33 +194,56 @@ def test_fused_adamw_step_is_queued_and_skips_non_finite_steps_on_the_device(bad
     """torch's fused AdamW (CPU here, CUDA in runs) updates exactly as its plain step when the loss and gradient norm
     are finite, and leaves weights, moments and step counts untouched when either is not, without the host reading
     them first (Run._optimizer_step)."""
-    import types
-
-    from fasttune.train.distributed import SINGLE
     from fasttune.train.run import Run
 
-    def setup():
-        torch.manual_seed(0)
-        w = torch.nn.Parameter(torch.randn(8, 4))
-        opt = torch.optim.AdamW([w], lr=0.1, fused=True)
-        for _ in range(2):  # some state to keep
-            w.grad = torch.randn(8, 4)
-            opt.step()
-        w.grad = torch.randn(8, 4)
-        return w, opt
-
-    w, opt = setup()
-    ref_w, ref_opt = setup()
+    w, opt, run = _fused_run()
+    ref_w, ref_opt, _ = _fused_run()
+    if bad == "norm":
+        w.grad[0, 0] = float("inf")
     loss = torch.tensor(float("nan") if bad == "loss" else 2.5)
-    norm = torch.tensor(float("inf") if bad == "norm" else 0.7)
-    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt)
-    loss_f, gn = Run._optimizer_step(run, loss, norm).values()
-    assert [loss_f, gn] == pytest.approx([float(loss), float(norm)], nan_ok=True)
+    loss_f, gn = Run._optimizer_step(run, loss, 0.0).values()
+    assert [loss_f, gn] == pytest.approx([float(loss), float(w.grad.norm())], nan_ok=True)
     if bad is None:
         ref_opt.step()
     assert torch.equal(w, ref_w) and not hasattr(opt, "found_inf")
     for k in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(opt.state[w][k], ref_opt.state[ref_w][k]), k
+
+
+def _fused_run(scale: float = 1.0):
+    """A parameter with AdamW state and a gradient, its fused AdamW, and the part of a Run _optimizer_step uses."""
+    import types
+
+    from fasttune.train.distributed import SINGLE
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    for _ in range(2):  # some state to keep
+        w.grad = torch.randn(8, 4)
+        opt.step()
+    w.grad = torch.randn(8, 4) * scale
+    return w, opt, types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt, params=[w])
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_fused_step_clips_inside_the_optimizer_as_clip_grad_norm_does(scale):
+    """With fused AdamW the clipping is the kernel's grad_scale (no pass over the gradients of its own): the update
+    equals clip_grad_norm_ then the plain step, exactly below the limit, to fp32 rounding above it."""
+    from fasttune.train.run import Run
+
+    w, opt, run = _fused_run(scale)
+    ref_w, ref_opt, _ = _fused_run(scale)
+    norm = torch.nn.utils.clip_grad_norm_([ref_w], 1.0)
+    ref_opt.step()
+    assert Run._optimizer_step(run, torch.tensor(2.5), 1.0).values() == pytest.approx((2.5, float(norm)))
+    assert (scale > 1) == (float(norm) > 1.0)
+    if scale < 1:
+        assert torch.equal(w, ref_w)
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+    for k in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt.state[w][k], ref_opt.state[ref_w][k], atol=1e-7, rtol=1e-5)
+    assert not hasattr(opt, "grad_scale")
 
 
 def test_a_resumed_non_fused_optimizer_takes_the_waiting_path():
@@ -237,8 +260,8 @@ def test_a_resumed_non_fused_optimizer_takes_the_waiting_path():
     opt.load_state_dict(saved.state_dict())
     assert opt.defaults["fused"] and not opt.param_groups[0]["fused"]
     w.grad = torch.ones(4)
-    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt)
-    assert Run._optimizer_step(run, torch.tensor(1.0), torch.tensor(2.0)).values() == (1.0, 2.0)
+    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cpu"), optimizer=opt, params=[w])
+    assert Run._optimizer_step(run, torch.tensor(1.0), 0.0).values() == (1.0, 2.0)
     assert torch.all(w < 1)  # updated
 
 
@@ -265,12 +288,13 @@ def test_on_cuda_the_host_returns_before_the_update_finishes():
     for r, w in zip(ref, weights, strict=True):
         r.grad = w.grad.clone()
     ref_opt.step()
-    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cuda"), optimizer=opt)
-    Run._optimizer_step(run, torch.tensor(1.0, device="cuda"), torch.tensor(float("nan"), device="cuda"))  # skipped
+    run = types.SimpleNamespace(dist=SINGLE, device=torch.device("cuda"), optimizer=opt, params=weights)
+    Run._optimizer_step(run, torch.tensor(float("nan"), device="cuda"), 0.0)  # skipped on the device
     torch.cuda.synchronize()
-    loss_f, gn = Run._optimizer_step(run, torch.tensor(3.0, device="cuda"), torch.tensor(0.5, device="cuda")).values()
+    loss_f, gn = Run._optimizer_step(run, torch.tensor(3.0, device="cuda"), 0.0).values()
     after = torch.cuda.Event()
     after.record()
-    assert (loss_f, gn) == (3.0, 0.5) and not after.query()  # the update is still running
+    assert not after.query()  # the update is still running
     torch.cuda.synchronize()
+    assert loss_f == 3.0 and gn == pytest.approx(float(torch.nn.utils.get_total_norm([w.grad for w in weights])))
     assert all(torch.equal(w, r) for w, r in zip(weights, ref, strict=True))

@@ -233,10 +233,7 @@ class Run:
             oom = False
             try:
                 loss = forward_backward(self.trained, batches, n_targets, self.amp_dtype, d.world)
-                max_norm = t.max_grad_norm if t.max_grad_norm > 0 else 1e30
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
-                return self._optimizer_step(loss, grad_norm), tokens, n_targets
+                return self._optimizer_step(loss, t.max_grad_norm), tokens, n_targets
             except torch.OutOfMemoryError:
                 oom = True  # handled below, outside the except block, so the traceback's tensors can be freed
             finally:
@@ -252,16 +249,20 @@ class Run:
                     "out of memory; retrying with each micro-batch split %dx (same global batch)", state.micro_split
                 )
 
-    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> Reading:
-        """Update unless the loss (summed over ranks) or the gradient norm is non-finite; returns both.
-        With torch's fused AdamW the host reads neither before queuing the update: the fused kernel skips a
-        non-finite step on the device (its `found_inf`, as under a GradScaler) and the two numbers are copied to
-        pinned host memory ahead of the optimizer's kernels: whoever reads them (`Reading.values`) waits for that copy
-        alone, and the loop reads them after it queued the next step when nothing else was due (loop._fit), so the
-        host never waits for the GPU to drain between steps. Other optimizers (torchao's, a non-fused AdamW, FSDP2's
-        sharded states) wait for the numbers first."""
+    def _optimizer_step(self, loss: torch.Tensor, max_norm: float) -> Reading:
+        """Clip the gradients to `max_norm` (0: no clipping) and update unless the loss (summed over ranks) or the
+        gradient norm is non-finite; returns both. With torch's fused AdamW the host reads neither before queuing
+        the update: the fused kernel skips a non-finite step on the device (its `found_inf`, as under a GradScaler)
+        and divides the gradients by max(1, norm / max_norm) as it reads them (its `grad_scale`: the clipping, with
+        no pass of its own over the gradients), and the two numbers are copied to pinned host memory ahead of the
+        optimizer's kernels: whoever reads them (`Reading.values`) waits for that copy alone, and the loop reads them
+        after it queued the next step when nothing else was due (loop._fit), so the host never waits for the GPU to
+        drain between steps. Other optimizers (torchao's, a non-fused AdamW, FSDP2's sharded states) clip and wait
+        for the numbers first."""
         d, opt = self.dist, self.optimizer
         if d.fsdp or not all(g.get("fused") for g in opt.param_groups):  # param_groups: what a resume restored
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else 1e30)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
             loss_f, gn = d.sum_([float(loss)], self.device)[0], float(grad_norm)  # gradients are synchronised
             if math.isfinite(loss_f) and math.isfinite(gn):
                 opt.step()
@@ -269,8 +270,11 @@ class Run:
         loss = loss.detach().double()
         if d.on:
             torch.distributed.all_reduce(loss)  # summed over ranks; the norm is the same on every rank
-        stats = torch.stack([loss, grad_norm.detach().double()])
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        stats = torch.stack([loss, grad_norm.double()])
         opt.found_inf = (~torch.isfinite(stats).all()).float()
+        if max_norm > 0:  # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), as a divisor
+            opt.grad_scale = ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0)
         if stats.is_cuda:
             host = torch.empty(2, dtype=torch.float64, pin_memory=True)  # pinned: the copy is truly asynchronous
             host.copy_(stats, non_blocking=True)
@@ -282,6 +286,7 @@ class Run:
             opt.step()
         finally:
             del opt.found_inf
+            vars(opt).pop("grad_scale", None)
         return Reading(host, copied)
 
     def _oom_message(self) -> str:
