@@ -163,8 +163,9 @@ class Run:
     metrics: MetricsLog
     result: RunResult
     saved_step: int = -1
-    clock: float | None = None
-    """When the current stretch of steps started or its last step settled (None: the next step starts one)."""
+    clock: float | torch.cuda.Event | None = None
+    """Where the last settled step ended, or the current stretch of steps started, on the device's timeline (a CUDA
+    event, or the host's clock on a CPU); None: the next step starts a stretch."""
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -182,7 +183,7 @@ class Run:
         step over all ranks). Between the two the host may queue the next step while this one runs."""
         t, state, d = self.cfg.training, self.state, self.dist
         if self.clock is None:
-            self.clock = time.perf_counter()
+            self.clock = self._mark()
         micro = [self.stream.next() for _ in range(t.grad_accum * d.world)]
         samples = [s for mb in micro for s in mb]
         lr = float(self.optimizer.param_groups[0]["lr"])  # this step's rate (torchao's lr is a tensor, filled in place)
@@ -198,20 +199,34 @@ class Run:
             "samples": len(samples),
             "flops": step_flops(self.model.config, lengths, lora=self.cfg.lora.enabled),
             "reading": reading,
+            "end": self._mark(),
         }
         return rec
 
+    def _mark(self) -> float | torch.cuda.Event:
+        """Now on the device's timeline: on CUDA an event behind everything queued so far, else the host's clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     def settle(self, rec: dict) -> dict:
         """The record of a step with its loss and grad norm (waiting for them if they are still being copied), its
-        health checked, and its time: from the previous step's settling (or the start of this stretch of steps)
-        to now, so queued steps add up to the wall time."""
+        health checked, and its time: from the end of the previous step (or the start of this stretch of steps) to
+        its own end, on the device's timeline, so a step's time is its own however far ahead the host queued."""
         reading = rec.pop("reading", None)
         if reading is None:
             return rec
         loss_f, gn = reading.values()
         self._check_health(rec["step"], loss_f, gn)
-        now = time.perf_counter()
-        dt, self.clock = now - self.clock, now
+        end = rec.pop("end")
+        if isinstance(end, float):
+            dt = end - self.clock
+        else:
+            end.synchronize()  # the step's last kernels (its update) have run
+            dt = self.clock.elapsed_time(end) / 1e3
+        self.clock = end
         peak = (self.peak or 0.0) * self.dist.world
         tokens, samples, flops = rec["tokens"], rec["samples"], rec["flops"]
         return {"step": rec["step"], "loss": loss_f, "lr": rec["lr"], "grad_norm": gn, "tokens_per_s": tokens / dt,
