@@ -90,6 +90,8 @@ def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list
     per_epoch = -(-len(plan) // t.grad_accum)
     warm = bench.warmup_epochs * per_epoch
     t.max_steps = warm + bench.epochs * per_epoch
+    # the schedule does not change a step's time; a warm-up as long as the run would only warn that it is
+    t.warmup_steps = min(t.warmup_steps, max(1, t.max_steps // 10))
     t.save_final = False  # a 1B checkpoint is ~7 GB of writes outside the timed steps
     return cfg.validate(), warm
 
