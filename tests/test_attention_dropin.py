@@ -232,12 +232,11 @@ def test_packed_forward_without_transformers_host_sync_is_unchanged(arch, backen
     """The training loop's packed forward runs transformers' mask preparation with packing known up front
     (layout.packed_without_sync: no `.all()` read back from the device): logits and gradients equal the forward
     without it, with transformers' own eager attention too (which builds its mask from those document ids), and
-    transformers' function is back in place afterwards, also after an error."""
+    transformers still asks through the module function the context answers for."""
     import transformers.masking_utils as masking
 
     from fasttune.attention.layout import packed_without_sync
 
-    found = masking.find_packed_sequence_indices
     model = model_for(arch, backend, "train")
     docs = documents()
     ids, kwargs = packed_inputs(docs, with_cu=True)
@@ -246,26 +245,49 @@ def test_packed_forward_without_transformers_host_sync_is_unchanged(arch, backen
     for context in (lambda: torch.enable_grad(), lambda: packed_without_sync(kwargs)):
         model.zero_grad()
         with context():
-            replaced = masking.find_packed_sequence_indices
-            masking.find_packed_sequence_indices = lambda position_ids, f=replaced: calls.append(f) or f(position_ids)
+            current = masking.find_packed_sequence_indices
+            masking.find_packed_sequence_indices = lambda position_ids, f=current: calls.append(1) or f(position_ids)
             try:  # the training loop's call: use_cache=False (a cache would skip packing detection)
                 out = model(input_ids=ids, labels=labels, use_cache=False, **kwargs)
             finally:
-                masking.find_packed_sequence_indices = replaced
+                masking.find_packed_sequence_indices = current
         out.loss.backward()
-        results.append((replaced, out.logits, [p.grad.clone() for p in model.parameters()]))
-    assert results[0][0] is found and results[1][0] is not found, "replaced inside the context only"
-    assert masking.find_packed_sequence_indices is found
-    half = len(calls) // 2  # one call per mask the model builds (gemma2: full and sliding)
-    assert calls and calls == [found] * half + [results[1][0]] * half, "transformers detects packing through it"
-    torch.testing.assert_close(results[1][1], results[0][1], atol=0, rtol=0)
-    for got, want in zip(results[1][2], results[0][2], strict=True):
+        results.append((out.logits, [p.grad.clone() for p in model.parameters()]))
+    assert calls, "transformers detects packing through this module function"
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0, rtol=0)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
-    with pytest.raises(RuntimeError), packed_without_sync(kwargs):
+
+
+def test_packed_check_answers_only_inside_the_context_and_its_thread():
+    """Inside packed_without_sync transformers' packing check answers with document ids without asking the device
+    (also for one document per row, where transformers says None); outside it, after an error inside it, in another
+    thread meanwhile, and for a batch that is not packed, it is transformers' own."""
+    import threading
+
+    import transformers.masking_utils as masking
+
+    from fasttune.attention.layout import packed_without_sync
+
+    packed = {"cu_seq_lens_q": torch.tensor([0, 6], dtype=torch.int32)}
+    one = torch.arange(6)[None]
+
+    def check():
+        return masking.find_packed_sequence_indices(one)
+
+    assert check() is None
+    other = []
+    with packed_without_sync(packed):
+        assert torch.equal(check(), torch.zeros_like(one))
+        thread = threading.Thread(target=lambda: other.append(check()))
+        thread.start()
+        thread.join()
+    assert other == [None] and check() is None
+    with pytest.raises(RuntimeError), packed_without_sync(packed):
         raise RuntimeError("boom")
-    assert masking.find_packed_sequence_indices is found
-    with packed_without_sync({"input_ids": ids}):  # not a packed batch: left alone
-        assert masking.find_packed_sequence_indices is found
+    assert check() is None
+    with packed_without_sync({"input_ids": one}):  # not a packed batch: left alone
+        assert check() is None
 
 
 def test_document_ids_are_transformers_packed_sequence_indices():

@@ -333,3 +333,47 @@ def test_steps_with_nothing_due_are_read_after_the_next_is_queued(reference, tmp
         assert all(r["step_s"] > 0 and r["grad_norm"] is not None for r in got.records if r["step"])
     assert [p.name for p in list_checkpoints(deferred.run_dir)] == ["step-000003", "step-000006"]
     assert sum(r["step_s"] for r in deferred.records if r["step"]) < wall
+
+
+def test_a_queued_step_keeps_its_record_when_the_next_step_fails(tmp_path, monkeypatch, caplog):
+    """Step 2 is queued (nothing due after it) when step 3 runs out of memory: step 2's record is still written,
+    and a warning names the step it is about (here: exploding losses from step 2 on, each named by its own step,
+    queued or not)."""
+    cfg = tiny_config(tmp_path, max_bad_steps=10)
+    original, calls = run.forward_backward, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        loss = original(*args, **kwargs)
+        return loss * 1e6 if calls["n"] >= 2 else loss
+
+    monkeypatch.setattr(run, "forward_backward", failing)
+    monkeypatch.setattr(run.Run, "exploding", lambda self, loss: loss > 1e3)
+    with pytest.raises(FasttuneError, match="out of memory at step 3"):
+        loop.train(cfg)
+    logged = [json.loads(line)["step"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0, 1, 2]
+    assert "step 2: loss" in caplog.text and "far above" in caplog.text and "step 3: loss" not in caplog.text
+
+
+def test_a_step_ends_after_its_update_unless_the_host_would_wait_for_it():
+    """run.step_end: the update's end when it has run or something follows that waits anyway; else (a step read at
+    once under DDP/FSDP2 while its update still runs) the end of its backward pass, so the host never waits for the
+    update just to time the step."""
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    update, backward = Event(False), Event(True)
+    assert run.step_end(update, backward, wait=False) is backward
+    assert run.step_end(update, backward, wait=True) is update
+    finished = Event(True)
+    assert run.step_end(finished, backward, wait=False) is finished
+    assert run.step_end(update, None, wait=False) is update  # no earlier mark to use
+    assert run.step_end(1.5, None, wait=False) == 1.5  # CPU: the host's clock

@@ -15,6 +15,8 @@ detection, so the mask it builds lets documents attend to each other (docs/ATTEN
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -92,25 +94,43 @@ def _document_ids(position_ids_BS: torch.Tensor) -> torch.Tensor:
     return (torch.diff(position_ids_BS, prepend=first_B1, dim=-1) != 1).cumsum(-1)
 
 
+_KNOWN_PACKED = contextvars.ContextVar("fasttune_known_packed", default=False)
+"""Set inside packed_without_sync, per thread and task: other threads' forwards keep transformers' own check."""
+
+
+def _packed_check(found):
+    """transformers' function, answering from _document_ids inside packed_without_sync (identical elsewhere)."""
+
+    @functools.wraps(found)
+    def check(position_ids):
+        return _document_ids(position_ids) if _KNOWN_PACKED.get() else found(position_ids)
+
+    check.fasttune_wraps = found
+    return check
+
+
 @contextlib.contextmanager
 def packed_without_sync(batch: dict):
     """Around a forward of a packed batch (`cu_seq_lens_q` given): transformers' mask preparation detects packing
     from position_ids and asks the host whether it found any (`.all()` on a device tensor), which waits for
     everything queued, the previous step's update included. The batch is known to be packed, so the answer is
-    returned without asking: the same document ids (masks built from them are unchanged; fasttune's attention reads
-    the boundaries from the kwargs). Other batches, and transformers versions without that function, are left as
-    they are."""
+    given without asking: the same document ids (masks built from them are unchanged; fasttune's attention reads
+    the boundaries from the kwargs). transformers' function is wrapped once per process and behaves as its own
+    outside this context (and in other threads); other batches, and transformers versions without that function,
+    are left as they are."""
     import transformers.masking_utils as masking
 
     found = getattr(masking, "find_packed_sequence_indices", None)
     if found is None or batch.get("cu_seq_lens_q") is None:
         yield
         return
-    masking.find_packed_sequence_indices = _document_ids
+    if not hasattr(found, "fasttune_wraps"):
+        masking.find_packed_sequence_indices = _packed_check(found)
+    token = _KNOWN_PACKED.set(True)
     try:
         yield
     finally:
-        masking.find_packed_sequence_indices = found
+        _KNOWN_PACKED.reset(token)
 
 
 def _docs_from_positions(pos_BS: torch.Tensor) -> Varlen | None:

@@ -4,6 +4,7 @@ evaluate, log, save."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -188,7 +189,13 @@ def _fit(run: Run) -> None:
                 continue
             # one process only: under DDP/FSDP2 every step already meets the other ranks
             defer = not d.on and stop.signum is None and not run.due(state.step + 1)
-            rec = run.step()
+            try:
+                rec = run.step()
+            except BaseException:  # the queued step still gets its record (and its health read) first
+                if queued is not None:
+                    with contextlib.suppress(Exception):
+                        _show(run, run.settle(queued), bar, live, evaluated=False)
+                raise
             if queued is not None:
                 _show(run, run.settle(queued), bar, live, evaluated=False)
             queued = rec if defer else None

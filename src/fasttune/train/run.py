@@ -126,9 +126,29 @@ def forward_backward(
     return total
 
 
+def mark(device: torch.device) -> float | torch.cuda.Event:
+    """Now on the device's timeline: on CUDA an event behind everything queued so far on `device` (not the current
+    device: a single process may train on cuda:N), else the host's clock."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def step_end(end, backward_done, wait: bool):
+    """Where a step ends on the device's timeline: after its update (`end`) when that has run or `wait` (evaluation,
+    a checkpoint or the end follow: the host waits anyway), else where its backward pass ended (`backward_done`):
+    a step read at once (DDP, FSDP2) need not wait for its own update, which then counts in the next step's time."""
+    if isinstance(end, float) or wait or backward_done is None or end.query():
+        return end
+    return backward_done
+
+
 @dataclass
 class Reading:
-    """A step's loss and gradient norm (float64, on the host or being copied there)."""
+    """A step's loss and gradient norm (float64, on the host or being copied there). `copied` (CUDA): an event behind
+    the step's backward pass and the copy, ahead of its optimizer update."""
 
     host: torch.Tensor
     copied: torch.cuda.Event | None = None
@@ -183,7 +203,7 @@ class Run:
         step over all ranks). Between the two the host may queue the next step while this one runs."""
         t, state, d = self.cfg.training, self.state, self.dist
         if self.clock is None:
-            self.clock = self._mark()
+            self.clock = mark(self.device)
         micro = [self.stream.next() for _ in range(t.grad_accum * d.world)]
         samples = [s for mb in micro for s in mb]
         lr = float(self.optimizer.param_groups[0]["lr"])  # this step's rate (torchao's lr is a tensor, filled in place)
@@ -199,17 +219,9 @@ class Run:
             "samples": len(samples),
             "flops": step_flops(self.model.config, lengths, lora=self.cfg.lora.enabled),
             "reading": reading,
-            "end": self._mark(),
+            "end": mark(self.device),
         }
         return rec
-
-    def _mark(self) -> float | torch.cuda.Event:
-        """Now on the device's timeline: on CUDA an event behind everything queued so far, else the host's clock."""
-        if self.device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
 
     def settle(self, rec: dict) -> dict:
         """The record of a step with its loss and grad norm (waiting for them if they are still being copied), its
@@ -220,11 +232,11 @@ class Run:
             return rec
         loss_f, gn = reading.values()
         self._check_health(rec["step"], loss_f, gn)
-        end = rec.pop("end")
+        end = step_end(rec.pop("end"), reading.copied, wait=self.due(rec["step"]))
         if isinstance(end, float):
             dt = end - self.clock
         else:
-            end.synchronize()  # the step's last kernels (its update) have run
+            end.synchronize()
             dt = self.clock.elapsed_time(end) / 1e3
         self.clock = end
         peak = (self.peak or 0.0) * self.dist.world
@@ -279,28 +291,28 @@ class Run:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else 1e30)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
             loss_f, gn = d.sum_([float(loss)], self.device)[0], float(grad_norm)  # gradients are synchronised
+            done = mark(self.device)  # the backward pass has run: the host just read its results
             if math.isfinite(loss_f) and math.isfinite(gn):
                 opt.step()
-            return Reading(torch.tensor([loss_f, gn], dtype=torch.float64))
+            return Reading(torch.tensor([loss_f, gn], dtype=torch.float64), None if isinstance(done, float) else done)
         loss = loss.detach().double()
         if d.on:
             torch.distributed.all_reduce(loss)  # summed over ranks; the norm is the same on every rank
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         stats = torch.stack([loss, grad_norm.double()])
-        opt.found_inf = (~torch.isfinite(stats).all()).float()
-        if max_norm > 0:  # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), as a divisor
-            opt.grad_scale = ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0)
-        if stats.is_cuda:
-            host = torch.empty(2, dtype=torch.float64, pin_memory=True)  # pinned: the copy is truly asynchronous
-            host.copy_(stats, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        else:
-            host, copied = stats, None
         try:
+            opt.found_inf = (~torch.isfinite(stats).all()).float()
+            if max_norm > 0:  # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), as a divisor
+                opt.grad_scale = ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+            if stats.is_cuda:
+                host = torch.empty(2, dtype=torch.float64, pin_memory=True)  # pinned: the copy is truly asynchronous
+                host.copy_(stats, non_blocking=True)
+                copied = mark(self.device)
+            else:
+                host, copied = stats, None
             opt.step()
         finally:
-            del opt.found_inf
+            vars(opt).pop("found_inf", None)
             vars(opt).pop("grad_scale", None)
         return Reading(host, copied)
 
@@ -346,7 +358,7 @@ class Run:
                         step, loss_f, gn, state.bad_steps, t.max_bad_steps)  # fmt: skip
         else:
             log.warning("step %d: loss %.4g is far above the run's recent median %.4g: diverging? (%d of %d "
-                        "unhealthy steps allowed)", state.step + 1, loss_f, statistics.median(self.history),
+                        "unhealthy steps allowed)", step, loss_f, statistics.median(self.history),
                         state.bad_steps, t.max_bad_steps)  # fmt: skip
 
     # -- evaluate -----------------------------------------------------------------------------------------------
