@@ -302,14 +302,16 @@ def test_steps_with_nothing_due_are_read_after_the_next_is_queued(reference, tmp
     """The loop queues step N+1 (Run.step) before it reads step N's loss and grad norm (Run.settle)
     exactly when nothing but the record follows N: never before an evaluation or a checkpoint (eval_every = save_every
     = 3 here), never the last step. Records, validation losses and checkpoints equal the run that reads every step
-    at once (Run.due always true), and every step is timed from the previous step's reading (together no more than
-    the run's wall time)."""
+    at once (Run.due always true), and every step is timed from the previous step's end (together no more than the
+    run's wall time; a new stretch starts only after evaluation or saving)."""
     cfg, ref = reference
-    events = []
+    events, fresh = [], []  # fresh: steps that start a new stretch of step time (after evaluation and saving only)
     real_step, real_settle = run.Run.step, run.Run.settle
 
     def step(self):
         events.append(f"queue {self.state.step + 1}")
+        if self.clock is None:
+            fresh.append(self.state.step + 1)
         return real_step(self)
 
     def settle(self, rec):
@@ -324,8 +326,11 @@ def test_steps_with_nothing_due_are_read_after_the_next_is_queued(reference, tmp
     assert " ".join(events) == (
         "queue 1 queue 2 read 1 queue 3 read 2 read 3 queue 4 queue 5 read 4 queue 6 read 5 read 6"
     )
+    assert fresh == [1, 4]
+    fresh.clear()
     monkeypatch.setattr(run.Run, "due", lambda self, step: True)
     at_once = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "at-once")))
+    assert fresh == [1, 4], "steps read at once still run one stretch between evaluations"
     for got in (deferred, at_once):
         assert losses(got.records) == losses(ref.records)
         assert [r.get("val_loss") for r in got.records] == [r.get("val_loss") for r in ref.records]

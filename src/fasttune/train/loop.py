@@ -227,9 +227,11 @@ def _after_step(run: Run, rec: dict, bar, stop: StopSignals, live: bool) -> None
         rec.update(scores := training_scores(run))
         evaluated = evaluated or bool(scores)
     _show(run, rec, bar, live, evaluated)
-    if run.save_due():
+    saving = run.save_due()
+    if saving:
         run.save()
-    run.clock = None  # evaluation and saving are not step time
+    if evaluated or saving:
+        run.clock = None  # evaluation and saving are not step time: the next step starts a new stretch
     stopping = stop.signum is not None  # one snapshot: a signal arriving later counts at the next step
     if d.on:  # every rank stops after the same step when any rank was signalled
         stopping = d.sum_([float(stopping)], run.device)[0] > 0

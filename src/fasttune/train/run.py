@@ -211,7 +211,7 @@ class Run:
         self.scheduler.step()
         state.step += 1
         lengths = [len(s["input_ids"]) for s in samples]
-        rec = {
+        return {
             "step": state.step,
             "lr": lr,
             "tokens": tokens,
@@ -221,7 +221,6 @@ class Run:
             "reading": reading,
             "end": mark(self.device),
         }
-        return rec
 
     def settle(self, rec: dict) -> dict:
         """The record of a step with its loss and grad norm (waiting for them if they are still being copied), its
