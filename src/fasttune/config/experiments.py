@@ -25,8 +25,9 @@ def full() -> BaseConfig:
     """The same pipeline at GPU scale: Llama-3.2-1B shape, bf16, packed 8k-token micro-batches, auto attention.
 
     8k, not 16k, tokens per micro-batch: with `auto` memory (no recomputation where it fits) the 1B shape then trains
-    52.6k tok/s in 21.4 GiB without flash-attn-4 or Liger, where 16k-token packs need 35.6 GiB for 55.7k, or
-    recomputation (`ops`: 42.8k in 21.5 GiB): H200, one run, docs/BENCHMARKS.md "Memory"."""
+    50.4k tok/s in 17.4 GiB without flash-attn-4 or Liger, where 16k-token packs need 27.6 GiB for 52.8k; with both,
+    in 14.0 GiB, less than plain transformers' leanest stack (H200, one run each, docs/BENCHMARKS.md "Memory", fourth
+    run)."""
     cfg = quick()
     return dataclasses.replace(
         cfg,
