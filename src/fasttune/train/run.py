@@ -147,15 +147,15 @@ def step_end(end, backward_done, wait: bool):
 
 @dataclass
 class Reading:
-    """A step's loss and gradient norm (float64, on the host or being copied there). `copied` (CUDA): an event behind
-    the step's backward pass and the copy, ahead of its optimizer update."""
+    """A step's loss and gradient norm (float64, on the host or being copied there). `backward_done` (CUDA): an event
+    behind the step's backward pass and that copy, ahead of its optimizer update."""
 
     host: torch.Tensor
-    copied: torch.cuda.Event | None = None
+    backward_done: torch.cuda.Event | None = None
 
     def values(self) -> tuple[float, float]:
-        if self.copied is not None:
-            self.copied.synchronize()  # the copy was queued before the update: this does not wait for it
+        if self.backward_done is not None:
+            self.backward_done.synchronize()  # the copy was queued before the update: this does not wait for it
         loss_f, gn = self.host.tolist()
         return loss_f, gn
 
@@ -226,12 +226,10 @@ class Run:
         """The record of a step with its loss and grad norm (waiting for them if they are still being copied), its
         health checked, and its time: from the end of the previous step (or the start of this stretch of steps) to
         its own end, on the device's timeline, so a step's time is its own however far ahead the host queued."""
-        reading = rec.pop("reading", None)
-        if reading is None:
-            return rec
+        reading = rec.pop("reading")
         loss_f, gn = reading.values()
         self._check_health(rec["step"], loss_f, gn)
-        end = step_end(rec.pop("end"), reading.copied, wait=self.due(rec["step"]))
+        end = step_end(rec.pop("end"), reading.backward_done, wait=self.due(rec["step"]))
         if isinstance(end, float):
             dt = end - self.clock
         else:
