@@ -107,11 +107,14 @@ def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
     for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
     from fasttune.train.optim import quiet_torchao
 
     quiet_torchao()  # torchao's "Failed to load" lines, printed on every model load once it is installed
+
+
+def _quiet_transformers() -> None:
+    """Before a command runs, not before --help: importing transformers takes most of a second."""
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load drown the output
 
@@ -142,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     try:
+        _quiet_transformers()
         return command.run()
     except Stopped as e:
         print(str(e), file=sys.stderr)
