@@ -272,3 +272,14 @@ def test_lora_fsdp_bf16_mixed_precision_matches_one_process_under_autocast(tmp_p
     assert all(w.dtype == torch.float32 for w in got.values())
     assert any(w.abs().max() > 0 for k, w in want.items() if "lora_B" in k)  # they trained
     _assert_same_tensors(got, want)
+
+
+def test_reductions_over_ranks_give_every_rank_the_sum_and_the_largest_value():
+    """Dist.sum_ (the step's loss) and Dist.max_ (the summary's peak memory: the fullest GPU, not rank 0's)."""
+    script = Path(__file__).parent / "fixtures" / "dist_reduce.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: sum [3.0, 4.0] max 10.5" in proc.stdout, proc.stdout

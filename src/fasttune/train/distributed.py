@@ -67,6 +67,14 @@ class Dist:
         # gradients as views into the all-reduce buckets: no copy into and out of them, and no second gradient copy
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
+    def max_(self, value: float, device: torch.device) -> float:
+        """The largest `value` over ranks (a collective; identity for one process)."""
+        if not self.on:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def gather_rng(self) -> list | None:
         """Every rank's random state (a collective), for the checkpoint; None in one process."""
         if not self.on:

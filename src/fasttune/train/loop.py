@@ -261,6 +261,8 @@ def _finish(run: Run) -> RunResult:
     result.first_val_loss, result.last_val_loss = (vals[0], vals[-1]) if vals else (None, None)
     # FSDP2: every rank helps gather the adapters (and, to merge, the base) for rank 0 to save
     weights = run.dist.full_weights(run.model, frozen=cfg.lora.merge_on_save) if cfg.lora.enabled else None
+    # the peak of the fullest GPU (a collective): ranks differ (FSDP2's root shards, rank 0's checkpoint gathers)
+    peak = run.dist.max_(peak_memory_gib(run.device) or 0.0, run.device) if run.device.type == "cuda" else None
     if not run.dist.main:  # rank 0 saves, plots and reports
         return result
     result.model_dir = result.checkpoint
@@ -276,7 +278,7 @@ def _finish(run: Run) -> RunResult:
             result.model_dir = merged
     save_plots(run.metrics.records, run.folder)
     result.records = run.metrics.records
-    _summarize(cfg, result, run.attn, run.device, run.folder)
+    _summarize(cfg, result, run.attn, peak, run.folder, run.dist.world)
     return result
 
 
@@ -291,7 +293,7 @@ def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
     return data.tokenizer.decode(ids[:start]) if start > 0 else cfg.generation.sample_prompt
 
 
-def _summarize(cfg: BaseConfig, result: RunResult, attn, device: torch.device, folder: RunFolder) -> None:
+def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, folder: RunFolder, world: int) -> None:
     recs = [r for r in result.records if r.get("tokens_per_s")]
     tps = sorted(r["tokens_per_s"] for r in recs[1:] or recs)
     median = tps[len(tps) // 2] if tps else 0.0
@@ -309,7 +311,10 @@ def _summarize(cfg: BaseConfig, result: RunResult, attn, device: torch.device, f
         ),
         ("real tokens/s (median)", f"{median:,.0f}"),
         ("MFU (median)", f"{100 * mfus[len(mfus) // 2]:.1f}%" if mfus else "n/a (no GPU peak known)"),
-        ("peak memory", f"{peak_memory_gib(device):.2f} GiB" if device.type == "cuda" else "n/a (CPU)"),
+        (
+            "peak memory" + (f" (fullest of {world} GPUs)" if world > 1 else ""),
+            f"{peak:.2f} GiB" if peak is not None else "n/a (CPU)",
+        ),
         ("attention", attn.describe()),
         ("packing", "on (padding-free)" if cfg.data.packing else "off (padded)"),
         ("checkpoint", str(result.checkpoint)),
