@@ -4,6 +4,7 @@ the least recomputation that fits simulated free memory, and a run that cannot f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import importlib.machinery
 import weakref
@@ -23,6 +24,7 @@ from fasttune.train.memory import (
     Setup,
     Shape,
     apply_plan,
+    auto_order,
     choose_plan,
     estimate,
     layer_bytes,
@@ -113,11 +115,48 @@ def test_a_plan_that_cannot_fit_stops_with_the_numbers_and_the_fixes():
         choose_plan("none", _setup(16384), 30 * GiB)
 
 
+def test_the_no_fit_advice_names_the_usable_memory_and_only_changes_that_fit():
+    with pytest.raises(FasttuneError) as e:
+        choose_plan("full", Setup(**{**_setup(65536).__dict__, "fused_mlp": True}), 16 * GiB)
+    msg = str(e.value)  # 16.0 GiB needed: more than the 92% of 16.0 GiB a plan may fill, said as such
+    assert f"may use {16 * HEADROOM:.1f} GiB ({HEADROOM:.0%} of the 16.0 GiB free" in msg
+    config = preset_config("llama-3.1-8b", 128256)
+    n = 8_030_261_248
+    eight_b = Setup(Shape.of(config), n, n, 2, 4.0, 8192)
+    with pytest.raises(FasttuneError) as e:  # bf16 weights alone are 15 GiB: no optimizer or adapter makes it fit
+        choose_plan("auto", eight_b, 16 * GiB)
+    msg = str(e.value)
+    assert "adamw_8bit" not in msg and "--lora.enabled" not in msg and "--training.fsdp" in msg
+    fp32 = {"param_bytes": 4, "optimizer_bytes": 8.0, "autocast": True}
+    with pytest.raises(FasttuneError) as e:  # fp32 master weights: each change alone would fit in 139 GiB
+        choose_plan("auto", Setup(**{**eight_b.__dict__, **fp32}), 139 * GiB)
+    msg = str(e.value)
+    assert "--model.dtype bf16" in msg and "adamw_8bit" in msg and "--lora.enabled" in msg
+
+
+def test_every_k_needs_k_layers():
+    st = Setup(**{**_setup(8192).__dict__, "shape": dataclasses.replace(_setup(8192).shape, layers=3)})
+    with pytest.raises(FasttuneError, match="has 3 decoder layers"):
+        choose_plan("every:4", st, None)
+    assert choose_plan("every:3", st, None).plan == "every:3"
+    assert all(e.plan != "every:4" for e in auto_order(st))  # auto never picks a plan that recomputes no layer
+
+
+def test_the_loss_chunk_is_at_most_the_micro_batch():
+    small, large = estimate(_setup(256), "none"), estimate(_setup(2048), "none")  # 1b's chunk is 2048 tokens
+    head_grad = 32000 * 2048 * 4.0  # the fp32 head-gradient accumulator
+    assert (large.loss - head_grad) == 8 * (small.loss - head_grad)
+
+
 def test_memory_option_validates():
     assert ModelConfig(memory="every:1").memory == "full"
     for bad in ("sometimes", "every:0", "every:x"):
         with pytest.raises(ConfigError, match="model.memory"):
             ModelConfig(memory=bad)
+    assert ModelConfig(gradient_checkpointing=True, memory="full").memory == "full"
+    for plan in ("none", "ops", "every:2"):  # it means `full`: another plan beside it is a contradiction, not ignored
+        with pytest.raises(ConfigError, match="gradient_checkpointing means --model.memory full"):
+            ModelConfig(gradient_checkpointing=True, memory=plan)
 
 
 def test_training_run_logs_the_plan(tmp_path, caplog):

@@ -88,7 +88,8 @@ class ModelConfig:
     path: Annotated[str | None, tyro.conf.arg(aliases=("--model",), metavar="PATH")] = None
     """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
     dtype: str = "auto"
-    """auto: fp32 weights + bf16 autocast on CUDA, fp32 on CPU; bf16: pure bf16 weights and optimizer; fp32."""
+    """auto: fp32 weights + bf16 autocast on CUDA (pure bf16 when that state would take over half the GPU, e.g. an 8B
+    model), fp32 on CPU; bf16: pure bf16 weights and optimizer; fp32."""
     gradient_checkpointing: bool = field(default=False, metadata=RESUMABLE)
     """Recompute every decoder layer in backward (the same as --model.memory full)."""
     trust_remote_code: bool = False
@@ -109,6 +110,11 @@ class ModelConfig:
         _choice("model.preset", self.preset, MODEL_PRESETS)
         _choice("model.dtype", self.dtype, DTYPES)
         self.memory = memory_plan(self.memory)
+        if self.gradient_checkpointing and self.memory not in ("auto", "full"):
+            raise ConfigError(
+                f"model.gradient_checkpointing means --model.memory full, but model.memory={self.memory!r} asks for "
+                "another plan; drop one of the two"
+            )
 
 
 @dataclass

@@ -221,7 +221,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
     if st.loss == "hf":  # bf16 logits, their fp32 upcast and log-softmax, its fp32 gradient, the bf16 gradient
         loss = st.tokens * s.vocab * 16.0
     else:  # one chunk of fp32 logits and its gradient, the fp32 head-gradient accumulator
-        loss = chunk_tokens(s.vocab) * s.vocab * 6.0 + s.vocab * s.hidden * 4.0
+        loss = min(chunk_tokens(s.vocab), st.tokens) * s.vocab * 6.0 + s.vocab * s.hidden * 4.0
     # FSDP2 gathers one layer's full weights at a time: ~1/layers of them on top of the shards (ignored here)
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
@@ -237,6 +237,11 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
     """The plan to run: `requested`, or for auto the first of `auto_order` whose estimate fits `free_bytes` (None: no
     GPU to measure, plan `none`). Raises FasttuneError, before anything runs, when the chosen plan cannot fit."""
     plan = memory_plan(requested)
+    if _layers_per_recompute(plan) > st.shape.layers:
+        raise FasttuneError(
+            f"model.memory={plan}: the model has {st.shape.layers} decoder layers, so no layer would be recomputed "
+            f"whole; pick K from 2 to {st.shape.layers}, or ops"
+        )
     if free_bytes is None:
         return estimate(st, "none" if plan == "auto" else plan)
     budget = free_bytes * HEADROOM
@@ -259,34 +264,55 @@ def selective(plan: str) -> bool:
 
 def auto_order(st: Setup) -> list[Estimate]:
     """CANDIDATES' estimates, least recomputation first (`none`, then recomputed matmul FLOPs, then memory). With
-    Liger, no selective plan (see LIGER_ROPE_IN_PLACE)."""
-    ests = [estimate(st, p) for p in CANDIDATES if not (st.liger and selective(p))]
+    Liger, no selective plan (see LIGER_ROPE_IN_PLACE); no every:K with fewer than K layers."""
+    plans = [p for p in CANDIDATES if not (st.liger and selective(p)) and _layers_per_recompute(p) <= st.shape.layers]
+    ests = [estimate(st, p) for p in plans]
     return sorted(ests, key=lambda e: (recompute_flops(st.shape, e.plan), e.plan != "none", e.total))
 
 
+def _layers_per_recompute(plan: str) -> int:
+    return int(plan.split(":")[1]) if plan.startswith("every:") else 1
+
+
 def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
-    """What would fit instead: a smaller micro-batch, a plan with more recomputation, bf16 weights."""
+    """What would fit instead: a plan with more recomputation, a smaller micro-batch, and, where they would make the
+    run fit, bf16 weights, 8-bit moments or LoRA."""
     budget = free_bytes * HEADROOM
     fixes = []
     fits = [e.plan for e in auto_order(st) if e.total <= budget]
     if fits:
         fixes.append(f"--model.memory {fits[0]}")
+    tokens = _fitting_tokens(st, budget)
+    if tokens and tokens < st.tokens:
+        fixes.append(f"about {tokens} tokens per micro-batch (lower --data.micro-batch-size or --data.max-length, "
+                     "raise --training.grad-accum to keep the batch) with --model.memory full")  # fmt: skip
+    moments = st.optimizer_bytes / st.param_bytes  # AdamW's keep the weights' dtype
+    changes = []
+    if st.param_bytes == 4:
+        changes.append(("--model.dtype bf16 (halves weights, gradients and optimizer state)",
+                        {"param_bytes": 2, "optimizer_bytes": 2 * moments, "autocast": False}))  # fmt: skip
+    if st.optimizer == "adamw":
+        changes.append((f"--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
+                        f"{st.optimizer_bytes:.0f}; needs torchao)", {"optimizer_bytes": 2.0}))  # fmt: skip
+    if st.trainable == st.params:  # a bf16 base, adapters of ~0.5% of its size
+        lora = {"trainable": st.params // 200, "lora_rank": 16, "param_bytes": 2, "autocast": False}
+        changes.append(("--lora.enabled (no gradients or optimizer state for the frozen weights)", lora))
+    for text, change in changes:
+        if _fitting_tokens(Setup(**{**st.__dict__, **change}), budget):
+            fixes.append(text)
+    if not fixes:
+        fixes.append("a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)")
+    return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
+            f"{st.tokens} tokens per micro-batch, but a plan may use {budget / GiB:.1f} GiB ({HEADROOM:.0%} of the "
+            f"{free_bytes / GiB:.1f} GiB free on the GPU); try {' or '.join(fixes)}")  # fmt: skip
+
+
+def _fitting_tokens(st: Setup, budget: float) -> int:
+    """The most tokens per micro-batch (st.tokens halved, down to 256) with which plan `full` fits; 0 if none."""
     tokens = st.tokens
     while tokens > 256 and estimate(Setup(**{**st.__dict__, "tokens": tokens}), "full").total > budget:
         tokens //= 2
-    if tokens < st.tokens and estimate(Setup(**{**st.__dict__, "tokens": tokens}), "full").total <= budget:
-        fixes.append(f"about {tokens} tokens per micro-batch (lower --data.micro-batch-size or --data.max-length, "
-                     "raise --training.grad-accum to keep the batch) with --model.memory full")  # fmt: skip
-    if st.param_bytes == 4:
-        fixes.append("--model.dtype bf16 (halves weights, gradients and optimizer state)")
-    if st.optimizer == "adamw" and st.trainable * st.param_bytes >= GiB:  # worth it: 1B+ fp32 params or 2B+ bf16
-        fixes.append("--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
-                     f"{2 * st.param_bytes}; needs torchao)")  # fmt: skip
-    if st.trainable == st.params:
-        fixes.append("--lora.enabled (no gradients or optimizer state for the frozen weights)")
-    return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} "
-            f"({est.parts()}) for {st.tokens} tokens per micro-batch, but the GPU has {free_bytes / GiB:.1f} GiB "
-            f"free; try {' or '.join(fixes) if fixes else 'a smaller model'}")  # fmt: skip
+    return tokens if estimate(Setup(**{**st.__dict__, "tokens": tokens}), "full").total <= budget else 0
 
 
 # --- applying a plan to the model --------------------------------------------------------------------------------
