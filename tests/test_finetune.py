@@ -78,3 +78,31 @@ def test_sample_prompt_is_a_held_out_question_for_supervised_data(tmp_path, base
     cfg = dataclasses.replace(_sft_config(tmp_path, base_model), generation=GenerationConfig())  # default prompt
     result = loop.train(cfg)
     assert result.sample_prompt.startswith("### Instruction:\n") and result.sample_prompt.endswith("### Response:\n")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt"])
+def test_models_without_intermediate_size_fine_tune(tmp_path, kind):
+    """GPT-2 (n_inner, default 4 x hidden) and OPT (ffn_dim) name their MLP width differently from Llama: the planner
+    and the FLOP count read it, and the run trains and saves a model plain HF loads."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+    from transformers import GPT2Config, OPTConfig
+
+    from fasttune.model.flops import dense_flops_per_token
+
+    tok = build_tiny_tokenizer()
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids)
+        mlp = 2 * 32 * 128  # c_fc, c_proj at 4 x hidden
+    else:
+        config = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           ffn_dim=48, max_position_embeddings=512, word_embed_proj_dim=32, **ids)  # fmt: skip
+        mlp = 2 * 32 * 48  # fc1, fc2
+    want = 2 * 3 * (2 * (4 * 32 * 32 + mlp) + 32 * len(tok))  # q, k, v, o + MLP per layer, and the head
+    assert dense_flops_per_token(config) == want
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    result = loop.train(_sft_config(tmp_path / "run", tmp_path / "model"))
+    assert result.last_val_loss < result.first_val_loss
+    assert type(AutoModelForCausalLM.from_pretrained(result.model_dir)).__name__.lower().startswith(kind)

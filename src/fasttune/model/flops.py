@@ -21,6 +21,24 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+PLAIN_MLP = frozenset({"gpt2", "opt", "gpt_neox", "gptj", "falcon", "phi", "bloom", "gpt_bigcode", "starcoder2",
+                       "codegen", "mpt", "biogpt", "xglm"})  # fmt: skip
+"""Model types whose MLP is two matmuls (up, activation, down); the others gate it (SwiGLU/GeGLU: three)."""
+
+
+def mlp_width(config) -> int:
+    """The MLP's inner width: `intermediate_size` (Llama and most), GPT-2's `n_inner`, OPT's `ffn_dim`, else the
+    4 x hidden that GPT-2 and Falcon default to."""
+    for name in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"):
+        if width := getattr(config, name, None):
+            return int(width)
+    return 4 * config.hidden_size
+
+
+def mlp_matrices(config) -> int:
+    return 2 if getattr(config, "model_type", "") in PLAIN_MLP else 3
+
+
 def attention_flops(doc_lens: Sequence[int], n_heads: int, head_dim: int, *, backward: bool = True,
                     layers: int = 1) -> float:  # fmt: skip
     """Causal attention of documents of these lengths: 2 matmuls (QK^T, PV) x 2 FLOPs x n^2/2 causal pairs x D
@@ -35,7 +53,7 @@ def dense_flops_per_token(config, lora: bool = False) -> float:
     h, n_layers = config.hidden_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     attn = h * head_dim(config) * (2 * heads + 2 * kv)
-    mlp = 3 * h * config.intermediate_size
+    mlp = mlp_matrices(config) * h * mlp_width(config)
     return 2 * (2.0 if lora else FWD_BWD) * (n_layers * (attn + mlp) + h * config.vocab_size)
 
 

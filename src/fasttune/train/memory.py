@@ -33,6 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model
+from fasttune.model.flops import mlp_width
 from fasttune.model.mlp import fused as fused_mlp
 
 log = logging.getLogger("fasttune")
@@ -71,7 +72,7 @@ class Shape:
         heads = config.num_attention_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, config.intermediate_size,
+        return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, mlp_width(config),
                    config.vocab_size)  # fmt: skip
 
 
