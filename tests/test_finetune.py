@@ -106,3 +106,26 @@ def test_models_without_intermediate_size_fine_tune(tmp_path, kind):
     result = loop.train(_sft_config(tmp_path / "run", tmp_path / "model"))
     assert result.last_val_loss < result.first_val_loss
     assert type(AutoModelForCausalLM.from_pretrained(result.model_dir)).__name__.lower().startswith(kind)
+
+
+def test_checkpoints_stop_generation_at_the_eos_training_taught(tmp_path, base_model):
+    """Every training sample ends with the tokenizer's EOS. A preset model takes the tokenizer's special-token ids
+    (transformers' LlamaConfig defaults, bos 1 / eos 2, name other tokens); a pretrained model whose generation config
+    stops elsewhere (the micro model's: eos 2) gets the tokenizer's EOS added, its own kept."""
+    from transformers import GenerationConfig
+
+    from fasttune.generate.generate import stop_ids
+
+    assert GenerationConfig.from_pretrained(base_model).eos_token_id == 2  # the input model's own, not the tokenizer's
+    result = loop.train(_sft_config(tmp_path / "sft", base_model))
+    tok = AutoTokenizer.from_pretrained(result.model_dir)
+    gen = GenerationConfig.from_pretrained(result.model_dir)
+    assert gen.eos_token_id == [2, tok.eos_token_id]
+    assert tok.eos_token_id in stop_ids(AutoModelForCausalLM.from_pretrained(result.model_dir), tok)
+
+    preset = loop.train(tiny_config(tmp_path / "preset", max_steps=1, save_every=1, eval_every=0))
+    tok = AutoTokenizer.from_pretrained(preset.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(preset.model_dir)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(model.config, name) == getattr(model.generation_config, name) == getattr(tok, name), name
+    assert stop_ids(model, tok) == [tok.eos_token_id]  # nothing else ends a reply (the old default, 2, was '!')

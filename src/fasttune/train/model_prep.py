@@ -14,7 +14,7 @@ from fasttune.config import BaseConfig
 from fasttune.config.base_config import memory_plan
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
-from fasttune.model.build import base_model, build_model, load_model_config
+from fasttune.model.build import base_model, build_model, has_weights, load_model_config
 from fasttune.model.flops import head_dim
 from fasttune.train.memory import LIGER_ROPE_IN_PLACE, plan_memory, selective
 
@@ -101,6 +101,34 @@ def _apply_fused_mlp(model) -> None:
         log.info("model.fused_mlp: not used: %s", why)
 
 
+def align_special_tokens(model, tokenizer, fresh: bool) -> None:
+    """The model's special-token ids as training uses them, so that generation (fasttune's, and plain HF's from the
+    saved checkpoint) stops where the training samples end. A fresh model (a preset, a config without weights) takes
+    the tokenizer's bos/eos/pad ids (transformers' config defaults name other tokens: the embedded corpus tokenizer's
+    id 2 is '!'). A pretrained model keeps its ids; when its generation config does not stop at the tokenizer's EOS,
+    which every training sample ends with, that id is added to its eos_token_id."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    gen = getattr(model, "generation_config", None)
+    if fresh:
+        for name, value in ids.items():
+            setattr(model.config, name, value)
+            if gen is not None:
+                setattr(gen, name, value)
+        return
+    eos = ids["eos_token_id"]
+    if gen is None or eos is None:
+        return
+    have = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    have = [i for i in have if i is not None]
+    if eos not in have:
+        gen.eos_token_id = [*have, eos] if have else eos
+        log.info("generation config: eos_token_id %s -> %s (the tokenizer's EOS %r ends every training sample)",
+                 have or None, gen.eos_token_id, tokenizer.eos_token)  # fmt: skip
+    if gen.pad_token_id is None and ids["pad_token_id"] is not None:
+        gen.pad_token_id = ids["pad_token_id"]
+
+
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype):
     vocab = len(data.tokenizer)
     model_config = load_model_config(cfg.model, vocab)
@@ -115,6 +143,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
     model = build_model(cfg.model, vocab, attn.hf_name, compute_dtype if cfg.lora.enabled else param_dtype, device)
+    align_special_tokens(model, data.tokenizer, fresh=not (cfg.model.path and has_weights(cfg.model.path)))
     if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
         # transformers' own class was built: an input model's auto_map would make the saved checkpoint point at
         # custom code it does not use (and ask for trust_remote_code when loaded)
