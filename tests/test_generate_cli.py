@@ -318,3 +318,34 @@ def test_recording_skips_what_is_not_an_hf_tokenizer():
 
     record_prompt_format(Plain(), "text")
     record_prompt_format(Plain(), "alpaca")
+
+
+def _damaged_copies(tmp_path, source: Path) -> tuple[Path, Path]:
+    """Two copies of a model folder: weights cut short (an interrupted copy), config.json no longer JSON."""
+    import shutil
+
+    cut, bad_config = tmp_path / "cut", tmp_path / "bad_config"
+    for folder in (cut, bad_config):
+        shutil.copytree(source, folder)
+    (cut / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:1000])
+    (bad_config / "config.json").write_text('{"model_type": "llama",')
+    return cut, bad_config
+
+
+def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys):
+    """Training and generation name what is wrong (the weights, config.json; never the tokenizer) in one line."""
+    from helpers import save_micro_model
+
+    cut, bad_config = _damaged_copies(tmp_path, save_micro_model(tmp_path / "model"))
+    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+    for folder, what in ((cut, "the model cannot be loaded (SafetensorError"), (bad_config, "config.json cannot be")):
+        train = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(data), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / f"run-{folder.name}"), "--training.device", "cpu"]  # fmt: skip
+        for argv, option in (
+            (train, "--model"),
+            (["generate", "--checkpoint", str(folder), "--prompt", "a"], "--checkpoint"),
+        ):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()  # the log, then the error line
+            assert err.splitlines()[-1].startswith(f"error: {option} {folder}: {what}"), err
+            assert "Traceback" not in err and "tokenizer" not in err.splitlines()[-1]

@@ -65,6 +65,45 @@ def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 4
     )
 
 
+def unreadable_files() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a damaged model folder: malformed config.json (OSError), truncated or corrupt
+    safetensors (SafetensorError) or PyTorch files (UnpicklingError, EOFError, RuntimeError), wrong shapes
+    (ValueError, RuntimeError)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError
+
+
+def load_weights_error(path, e: BaseException, option: str = "--model") -> ConfigError:
+    """One line for weights that cannot be read (an interrupted copy or download, a damaged file)."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return ConfigError(
+        f"{option} {path}: the model cannot be loaded ({type(e).__name__}: {first}); "
+        "a file there is incomplete or damaged (e.g. an interrupted copy): copy the folder again or save it with "
+        "save_pretrained"
+    )
+
+
+def read_config(path: str | Path, trust_remote_code: bool = False, option: str = "--model") -> PretrainedConfig:
+    """The config.json of a local model folder, or one line naming what is wrong with it."""
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise ConfigError(f"{option} {path}: config.json cannot be used ({str(e).splitlines()[0]})") from e
+        raise ConfigError(
+            f"{option} {path}: {str(e).splitlines()[0]} (model code from the folder runs only "
+            "with --model.trust-remote-code)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"{option} {path}: config.json cannot be read ({str(e).splitlines()[0]}); fix or replace it (save the "
+            "model with save_pretrained)"
+        ) from e
+
+
 def load_model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     if cfg.path is None:
         return preset_config(cfg.preset, vocab_size)
@@ -74,13 +113,7 @@ def load_model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
             f"--model {cfg.path}: no config.json there; pass a local Hugging Face model folder "
             "(saved with save_pretrained) or leave --model out to build model.preset"
         )
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except ValueError as e:
-        raise ConfigError(
-            f"--model {cfg.path}: {str(e).splitlines()[0]} (model code from the folder runs only "
-            "with --model.trust-remote-code)"
-        ) from None
+    return read_config(path, cfg.trust_remote_code)
 
 
 def build_preset(preset: str, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
@@ -123,9 +156,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
         model = _random_init(cfg, vocab_size, attn_implementation, dtype, device)
     else:
         load_model_config(cfg, vocab_size)  # clear error before transformers' own
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            )
+        except unreadable_files() as e:
+            raise load_weights_error(cfg.path, e) from e
         if model.config.vocab_size < vocab_size:
             model.resize_token_embeddings(vocab_size)
         model = model.to(device)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import FasttuneError
+from fasttune.model.build import load_weights_error, read_config, unreadable_files
 from fasttune.model.resolve import ModelSource, refuse_remote_code, resolve
 
 log = logging.getLogger("fasttune")
@@ -59,7 +60,7 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool = False):
+def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool = False, option: str = "--checkpoint"):
     """The model of `src` (with its adapter merged in), bf16 on CUDA, fp32 on CPU; the caller has refused remote code
     it was not allowed to run."""
     from transformers import AutoModelForCausalLM
@@ -69,12 +70,8 @@ def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool =
         model = AutoModelForCausalLM.from_pretrained(
             src.model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        err = _remote_code_error(e, src.model_dir)
-        raise err or FasttuneError(
-            f"{src.model_dir}: cannot load the model ({str(e).splitlines()[0]}); check that the folder holds a "
-            "complete save_pretrained model"
-        ) from None
+    except unreadable_files() as e:
+        raise _remote_code_error(e, src.model_dir) or load_weights_error(src.model_dir, e, option) from e
     if src.adapter_dir is not None:
         from fasttune.model.lora import _peft
 
@@ -93,8 +90,9 @@ def load_for_inference(path: str | Path | ModelSource, device: str = "auto", tru
     if src.note:
         log.info("%s", src.note)
     refuse_remote_code(src.model_dir, trust_remote_code, TRUST_FLAG)  # before any transformers call could ask
+    read_config(src.model_dir, trust_remote_code, option)  # a damaged config.json named as such, not as the tokenizer
     tokenizer = load_tokenizer(src, trust_remote_code)
-    model = load_model(src, inference_device(device), trust_remote_code=trust_remote_code)
+    model = load_model(src, inference_device(device), trust_remote_code=trust_remote_code, option=option)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise FasttuneError(
             f"{src.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the model only "
