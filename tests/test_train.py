@@ -158,10 +158,24 @@ def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(run, "forward_backward", interrupt_at_2)
-    with pytest.raises(loop.Interrupted, match="interrupted at step 2.*--resume") as e:
+    with pytest.raises(loop.Interrupted, match="interrupted at step 2.*same command plus --resume") as e:
         loop.train(cfg)
     assert e.value.exit_code == 130
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000002"]
+    calls["n"] = 0  # started again with --overwrite: the hint says what to drop (--resume with it is refused)
+    with pytest.raises(loop.Interrupted, match="same command with --resume instead of --overwrite"):
+        loop.train(dataclasses.replace(cfg, overwrite=True))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_to_resume(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, save_every=0)
+    _fail_at(monkeypatch, 2, lambda: RuntimeError("killed"))
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.train(cfg)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint .nothing to resume.; pass --overwrite"):
+        loop.train(cfg)
+    assert loop.train(dataclasses.replace(cfg, overwrite=True)).steps == cfg.training.max_steps
 
 
 def test_output_dir_checks(tmp_path, monkeypatch):

@@ -239,9 +239,9 @@ def _after_step(run: Run, rec: dict, bar, stop: StopSignals, live: bool) -> None
         bar.close()
         path = run.save()
         where = f"checkpoint saved to {path}" if d.main else f"rank {d.rank}; rank 0 saved the checkpoint"
-        raise Interrupted(f"interrupted at step {state.step}; {where}. Resume with the "
-                          f"same command plus --resume (output dir {run.folder})",
-                          exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
+        how = "with --resume instead of --overwrite" if run.cfg.overwrite else "plus --resume"
+        raise Interrupted(f"interrupted at step {state.step}; {where}. Resume with the same command {how} (output "
+                          f"dir {run.folder})", exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
 
 
 def _status(rec: dict) -> str:

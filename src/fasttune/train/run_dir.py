@@ -79,6 +79,13 @@ class RunFolder:
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
+
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint folder (step-N, complete or not: --resume says which) exists."""
+        root = self.checkpoints
+        return root.is_dir() and any(p.is_dir() and re.fullmatch(r"step-\d+", p.name) for p in root.iterdir())
+
     tensorboard = property(lambda self: self.path / "tensorboard")
     adapter = property(lambda self: self.path / "adapter")
     merged = property(lambda self: self.path / "merged")
@@ -118,6 +125,11 @@ class RunFolder:
         try:
             self._refuse_foreign()  # again under the lock: another run may have started in between
             if self.is_run and not (cfg.resume or cfg.overwrite):
+                if not self.has_checkpoint:
+                    raise ConfigError(
+                        f"--output-dir {path} holds a run that stopped before its first checkpoint (nothing to "
+                        "resume); pass --overwrite to start it again, or choose another --output-dir"
+                    )
                 raise ConfigError(
                     f"--output-dir {path} already holds a run; pass --resume to continue it, --overwrite "
                     "to replace it, or choose another --output-dir"
