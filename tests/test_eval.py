@@ -116,6 +116,15 @@ def test_eval_generate_on_plain_text_says_what_it_needs(sft_run, tmp_path, capsy
     assert rc == 2 and "--generate needs supervised data" in capsys.readouterr().err
 
 
+def test_eval_data_errors_name_evals_own_options(sft_run, tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "How many?", "answer": "3"}) + "\n")
+    for argv in ([], ["--format", "alpaca"]):  # unknown keys; a missing field for the format given
+        assert main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--format" in err and "--data.format" not in err, err
+
+
 @pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="the shared GSM8K file (../shared/data) is not here")
 def test_eval_reads_the_real_gsm8k_file(sft_run, tmp_path):
     assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(SHARED_GSM8K), "--limit", "24",

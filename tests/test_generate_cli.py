@@ -244,7 +244,10 @@ def test_chat_ctrl_c_at_the_prompt_exits_cleanly(sft_run, capsys):
         raise KeyboardInterrupt
 
     assert chat_loop(model, tok, read=interrupt) == 0
-    assert "answered on its own" in capsys.readouterr().err  # alpaca: single exchanges, as trained
+    err = capsys.readouterr().err
+    assert "answered on its own" in err and "--system" not in err  # alpaca: single exchanges, as trained
+    assert chat_loop(model, tok, system="Be brief.", read=interrupt) == 0  # alpaca has no system message: said
+    assert "--system is not used: the alpaca format has no system message" in capsys.readouterr().err
 
 
 def test_train_from_a_run_folder_starts_from_its_latest_checkpoint(sft_run, tmp_path):

@@ -170,7 +170,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Module names that get adapters."""
     merge_on_save: bool = True
-    """At the end of training, also save the adapters merged into the base weights (final/merged)."""
+    """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder)."""
 
     def __post_init__(self) -> None:
         _positive("lora.rank", self.rank, most=MAX_COUNT)

@@ -29,6 +29,9 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
     how_fmt = how.get(fmt, f"the {fmt} prompt format the run trained with; each message is answered on its own")
     print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D or Ctrl-C to quit, /reset to start over.",
           file=sys.stderr)  # fmt: skip
+    if system and fmt != "chat":
+        print(f"note: --system is not used: the {fmt} format has no system message (only chat templates do)",
+              file=sys.stderr)  # fmt: skip
     engine = fast_engine(model)
     history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
     start = list(history)

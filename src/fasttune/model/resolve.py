@@ -175,12 +175,12 @@ def refuse_remote_code(model_dir: Path, trust: bool, flag: str) -> None:
         )
 
 
-def resolve_for_training(path: str | None) -> str | None:
-    """`train --model PATH`: a run folder becomes the full-model folder to start from (logged); a model folder stays
-    as given (its remote-code check is model/build.py's)."""
+def resolve_for_training(path: str | None, say: bool = True) -> str | None:
+    """`train --model PATH`: a run folder becomes the full-model folder to start from (logged when `say`); a model
+    folder stays as given (its remote-code check is model/build.py's)."""
     if path is None or ((Path(path) / "config.json").is_file() and not is_run_folder(Path(path))):
         return path
     src = resolve(path, option="--model", adapters=False)
-    if src.note:
+    if src.note and say:
         log.info("--model: %s", src.note)
     return str(src.model_dir)

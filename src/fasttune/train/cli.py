@@ -93,7 +93,7 @@ def model_context(cfg: BaseConfig) -> int | None:
     try:
         from transformers import AutoConfig
 
-        path = resolve_for_training(cfg.model.path)
+        path = resolve_for_training(cfg.model.path, say=False)  # training says it once
         conf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except Exception:  # noqa: BLE001 - only a hint here; loading the model names the real problem
         return None
