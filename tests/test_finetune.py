@@ -129,3 +129,23 @@ def test_checkpoints_stop_generation_at_the_eos_training_taught(tmp_path, base_m
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(model.config, name) == getattr(model.generation_config, name) == getattr(tok, name), name
     assert stop_ids(model, tok) == [tok.eos_token_id]  # nothing else ends a reply (the old default, 2, was '!')
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, base_model):
+    """--resume continues the same data order and split: records added to the file since would silently move
+    samples between the training and validation sets, so the run stops and says what to do instead."""
+    import json
+
+    data = tmp_path / "data.json"
+    records = json.loads(GSM8K.read_text())
+    data.write_text(json.dumps(records))
+    cfg = _sft_config(tmp_path / "run", base_model)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)),
+                              training=dataclasses.replace(cfg.training, max_steps=2))  # fmt: skip
+    loop.train(cfg)
+    longer = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=3))
+    data.write_text(json.dumps(records + records[:5]))
+    with pytest.raises(ConfigError, match="--resume: the data is not what this run trained on"):
+        loop.train(longer)
+    data.write_text(json.dumps(records))  # restored: the run continues
+    assert loop.train(longer).checkpoint.name == "step-000003"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from array import array
 from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -37,6 +38,8 @@ class DataSummary:
     """Train tokens the loss is computed on (labels not ignored, after the causal shift)."""
     """Tokens the same samples would occupy as padded micro-batches (padding included)."""
     notes: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    """sha1 of every train and validation sample's tokens and labels: what a run trained on (checked on resume)."""
 
     def lines(self) -> list[str]:
         saved = self.padded_tokens - self.train_tokens
@@ -184,4 +187,16 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         )
     padded = Batcher.from_config(d, cfg.seed, packing=False).plan(lengths, epoch=0)
     summary.padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
+    summary.fingerprint = data_fingerprint(train, val)
     return DataBundle(train, val, tokenizer, summary)
+
+
+def data_fingerprint(train: list[dict], val: list[dict]) -> str:
+    """sha1 over the samples' token ids and labels, in order, train then validation (~1 s per 100M tokens)."""
+    h = hashlib.sha1()
+    for part in (train, val):
+        h.update(len(part).to_bytes(8, "little"))
+        for s in part:
+            h.update(array("q", s["input_ids"]).tobytes())
+            h.update(array("q", s["labels"]).tobytes())
+    return h.hexdigest()[:16]

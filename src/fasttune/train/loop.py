@@ -18,7 +18,7 @@ from fasttune.config import BaseConfig
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.data.tokenizer import fit_model_max_length
-from fasttune.errors import FasttuneError, Stopped
+from fasttune.errors import ConfigError, FasttuneError, Stopped
 from fasttune.generate.template import record_prompt_format
 from fasttune.model.resolve import resolve_for_training
 from fasttune.train import checkpoint as ckpt
@@ -121,6 +121,12 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
     data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None)
     for line in data.summary.lines():
         log.info(line)
+    if saved and saved.get("data") and data.summary.fingerprint and saved["data"] != data.summary.fingerprint:
+        raise ConfigError(
+            f"--resume: the data is not what this run trained on ({data.summary.source}: records added, removed or "
+            "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
+            f"{latest} and another --output-dir"
+        )
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
     model, attn = prepare_model(cfg, data, device, param_dtype)
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
