@@ -262,3 +262,30 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=0, save_final=False)
     data = synthetic_bundle(sft_lengths(32, 40, 50, 8, 64), vocab_size=cfg.data.tokenizer_vocab_size)
     assert [r["step"] for r in loop.train(cfg, data=data).records if r.get("loss")] == [1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--samples", "0"], "--samples 0: must be >= 1"),
+        (["train", "--epochs", "0"], "--epochs 0: must be >= 1"),
+        (["train", "--warmup-epochs", "-1"], "--warmup-epochs -1: must be >= 0"),
+        (["train", "--packing", "onn"], "--packing 'onn' is not valid"),
+        (["train", "--preset", "foo"], "--preset 'foo' is not valid"),
+        (["train", "--attn", "fa9"], "--attn 'fa9' is not valid"),
+        (["train", "--device", "gpu"], "--device 'gpu' is not valid"),
+        (["train", "--variant", "x:model.memroy=ops"], "--variant 'x': unknown option --model.memroy; did you mean"),
+        (["train", "--variant", "x:model.liger=ture"], "model.liger is a switch; write model.liger=true or"),
+        (["train", "--variant", "x:model.memory=every:0"], "--variant 'x': model.memory='every:0' is not valid"),
+        (["attention", "--tokens", "-5"], "--tokens -5: must be >= 1"),
+        (["attention", "--heads", "0"], "--heads 0: must be >= 1"),
+    ],
+)
+def test_bench_options_are_checked_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):
+    """One line, exit 2, and no configuration run (a bad variant used to fail only at its own row, exit 0)."""
+    from fasttune.bench import train as bench_train
+
+    monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
+    assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err

@@ -32,6 +32,22 @@ def _strs(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+def _positive(args: Command, names: tuple[str, ...], least: float = 1) -> None:
+    """Options left out take their defaults; one given must be at least `least` (0 is not "the default")."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < least:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {value}: must be >= {least} (leave it out for the default)")
+
+
+def _device(name: str):
+    """The benchmark's device, or one line when it is not valid or not here."""
+    from fasttune.model.load import inference_device
+
+    return inference_device(name)
+
+
 def command_line(args: Command, name: str) -> list[str]:
     """The command line that reproduces `args` (the options that differ from their defaults), for the results."""
     out = [name]
@@ -84,7 +100,6 @@ class AttentionBench(Command):
         from fasttune.attention import BACKENDS
         from fasttune.bench import attention as bench
         from fasttune.bench.harness import Results, environment
-        from fasttune.device import pick_device
 
         backends = _strs(self.backends) if self.backends else list(BACKENDS)
         layouts = _strs(self.layouts)
@@ -94,7 +109,8 @@ class AttentionBench(Command):
         if bad := [x for x in layouts if x not in bench.ALL_LAYOUTS]:
             raise ConfigError(f"--layouts {bad[0]!r} is not valid; choose from: {', '.join(bench.ALL_LAYOUTS)}")
         head_dims = _ints("--head-dims", self.head_dims)
-        device = pick_device(self.device)
+        _positive(self, ("tokens", "heads"))
+        device = _device(self.device)
         gpu = device.type == "cuda"
         dtype = torch.bfloat16 if gpu else torch.float32
         seq_lens = _ints("--seq-lens", self.seq_lens) or (list(bench.SEQ_LENS) if gpu else [16, 32])
@@ -182,13 +198,13 @@ class TrainBench(Command):
         from fasttune.bench.harness import Results, environment
         from fasttune.bench.workload import LengthStats, dataset_lengths, sft_lengths
         from fasttune.config import get_experiment
-        from fasttune.device import pick_device
 
         variants = [_variant(v) for v in self.variant]
         if self.lora and (why := import_status("peft")) is not None:
             raise ConfigError(f"--lora needs the peft package ({why}): pip install 'fasttune[lora]'")
+        self._check()
         micro_batch = self.micro_batch or get_experiment(self.experiment).data.micro_batch_size
-        device = pick_device(self.device)
+        device = _device(self.device)
         gpu = device.type == "cuda"
         max_length = self.max_length or (2048 if gpu else 256)
         if self.data:
@@ -204,7 +220,7 @@ class TrainBench(Command):
             preset=self.preset or ("1b" if gpu else "micro"),
             experiment=self.experiment,
             attns=_strs(self.attn) if self.attn else default_attn,
-            packings=[x.lower() in ("on", "true", "1") for x in _strs(self.packing)],
+            packings=[x.lower() == "on" for x in _strs(self.packing)],
             max_length=max_length,
             micro_batch=micro_batch,
             vocab=self.vocab or (32000 if gpu else 512),
@@ -224,9 +240,41 @@ class TrainBench(Command):
             f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}"
         )
         runs, _ = bench.plan_runs(cfg)
+        _check_variants(cfg, runs)
         with tqdm(total=len(runs), desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
+
+    def _check(self) -> None:
+        """The options, before anything runs (each row would otherwise fail on its own, after the others ran)."""
+        from fasttune.attention import BACKENDS
+        from fasttune.config.base_config import MODEL_PRESETS
+
+        _positive(self, ("samples", "micro_batch", "hf_micro_batch", "vocab", "min_length", "max_length", "epochs"))
+        _positive(self, ("warmup_epochs",), least=0)
+        _positive(self, ("median", "mean"), least=1.0)
+        if bad := [x for x in _strs(self.packing) if x.lower() not in ("on", "off")] or not _strs(self.packing):
+            raise ConfigError(f"--packing {(bad or [self.packing])[0]!r} is not valid; write on, off or on,off")
+        if self.preset is not None and self.preset not in MODEL_PRESETS:
+            raise ConfigError(f"--preset {self.preset!r} is not valid; choose one of: {', '.join(MODEL_PRESETS)}")
+        if bad := [a for a in _strs(self.attn or "") if a not in ("auto", *BACKENDS)]:
+            raise ConfigError(f"--attn {bad[0]!r} is not valid; choose from: auto, {', '.join(BACKENDS)}")
+
+
+def _check_variants(cfg, runs: list[dict]) -> None:
+    """Every --variant's settings parsed and validated now, naming the variant, rather than at its row."""
+    import tempfile
+
+    from fasttune.bench.train import fasttune_config
+
+    with tempfile.TemporaryDirectory(prefix="fasttune-bench-check-") as tmp:
+        for spec in runs:
+            if spec.get("overrides") is None:
+                continue
+            try:
+                fasttune_config(cfg, spec["attn"], spec["packing"], spec["overrides"], Path(tmp) / "run")
+            except ConfigError as e:
+                raise ConfigError(f"--variant {spec['name']!r}: {e}") from None
 
 
 def main(argv: list[str]) -> int:

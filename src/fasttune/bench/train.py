@@ -84,7 +84,7 @@ def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list
     if bench.lora:
         cfg.lora.targets = hf.LORA.targets
     overrides = lora_overrides(bench) + list(overrides)
-    cfg = parse_overrides(cfg, assignments_to_args(overrides), prog="fasttune bench train --variant")
+    cfg = parse_overrides(cfg, assignments_to_args(overrides), prog="fasttune train")  # a variant's options are its
     t = cfg.training
     plan = Batcher.from_config(cfg.data, bench.seed).plan(bench.lengths, epoch=0)
     per_epoch = -(-len(plan) // t.grad_accum)

@@ -168,6 +168,8 @@ def assignments_to_args(assignments: list[str]) -> list[str]:
         if not eq:
             raise ConfigError(f"{assignment!r} is not section.field=value")
         if table.get(flag) is bool:
+            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"{assignment!r}: {path} is a switch; write {path}=true or {path}=false")
             on = value.lower() in ("1", "true", "yes", "on")
             head, _, leaf = flag[2:].rpartition(".")
             args.append(flag if on else "--" + (head + "." if head else "") + "no-" + leaf)

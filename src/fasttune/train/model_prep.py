@@ -107,8 +107,8 @@ def align_special_tokens(model, tokenizer, fresh: bool) -> None:
     the tokenizer's bos/eos/pad ids (transformers' config defaults name other tokens: the embedded corpus tokenizer's
     id 2 is '!'). A pretrained model keeps its ids; when its generation config does not stop at the tokenizer's EOS,
     which every training sample ends with, that id is added to its eos_token_id."""
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    names = ("bos_token_id", "eos_token_id", "pad_token_id")
+    ids = {name: getattr(tokenizer, name, None) for name in names}  # benchmarks' synthetic tokenizer has few
     gen = getattr(model, "generation_config", None)
     if fresh:
         for name, value in ids.items():
@@ -124,7 +124,7 @@ def align_special_tokens(model, tokenizer, fresh: bool) -> None:
     if eos not in have:
         gen.eos_token_id = [*have, eos] if have else eos
         log.info("generation config: eos_token_id %s -> %s (the tokenizer's EOS %r ends every training sample)",
-                 have or None, gen.eos_token_id, tokenizer.eos_token)  # fmt: skip
+                 have or None, gen.eos_token_id, getattr(tokenizer, "eos_token", eos))  # fmt: skip
     if gen.pad_token_id is None and ids["pad_token_id"] is not None:
         gen.pad_token_id = ids["pad_token_id"]
 
