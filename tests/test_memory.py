@@ -165,6 +165,7 @@ def test_training_run_logs_the_plan(tmp_path, caplog):
     with caplog.at_level("INFO", logger="fasttune"):
         result = train(cfg)
     assert "memory plan: every:2" in caplog.text and "chunked loss" in caplog.text
+    assert "training: pure fp32 weights and optimizer state; adamw; memory plan every:2" in caplog.text
     assert result.last_loss is not None and result.last_loss == result.last_loss
 
 
@@ -338,3 +339,17 @@ def test_liger_rope_is_left_out_of_selective_plans_and_never_rotates_saved_outpu
     wrapped = fake.apply_rotary_pos_emb
     model_prep._apply_liger(model, cuda, "ops")
     assert fake.apply_rotary_pos_emb is wrapped  # wrapped once
+
+
+def test_the_run_says_its_precision_optimizer_and_plan(tmp_path):
+    from fasttune.train.loop import describe_training
+
+    cfg = tiny_config(tmp_path)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = torch.optim.AdamW(model.parameters(), fused=False)
+    assert describe_training(cfg, model, torch.bfloat16, opt, "none") == (
+        "fp32 master weights under bf16 autocast; adamw; memory plan none"
+    )
+    model.to(torch.bfloat16)[0].requires_grad_(False)  # a frozen bf16 base ...
+    model[1].float()  # ... and fp32 adapters
+    assert describe_training(cfg, model, None, opt, "full").startswith("fp32 adapters on a bf16 frozen base; adamw")

@@ -42,10 +42,14 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
     if device.type == "cpu" and not cfg.force:
         hours, gflops = cpu_hours(cfg)
         if hours > 1.0:  # GPU-scale work: say so before hours of tokenizing and training
+            t, d = cfg.training, cfg.data
+            tokens = t.grad_accum * d.micro_batch_size * d.max_length
+            model = f"--model {cfg.model.path}" if cfg.model.path else f"the {cfg.model.preset} preset"
             raise ConfigError(
-                f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: about {hours:,.0f} hours at "
-                f"this CPU's measured {gflops:.0f} GFLOP/s. Run it on a CUDA machine, use --experiment quick, or "
-                "pass --force to run here anyway"
+                f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {t.max_steps:,} steps of up to "
+                f"{tokens:,} tokens on {model} take about {hours:,.0f} hours at this CPU's measured {gflops:.0f} "
+                "GFLOP/s. Run it on a CUDA machine, use --experiment quick (or a smaller --model.preset, fewer "
+                "--max-steps), or pass --force to run here anyway"
             )
     if cfg.model.dtype == "bf16":
         return device, None, torch.bfloat16  # pure bf16: weights, grads and optimizer moments

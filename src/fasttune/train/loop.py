@@ -128,7 +128,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
             f"{latest} and another --output-dir"
         )
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
-    model, attn = prepare_model(cfg, data, device, param_dtype)
+    model, attn, plan = prepare_model(cfg, data, device, param_dtype)
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
     if latest is not None:
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
@@ -147,11 +147,13 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
         state = _restore(d, latest, saved, model, optimizer, scheduler, metrics)
         if d.main:
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
+    log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
     batcher = Batcher.from_config(cfg.data, cfg.seed, data.tokenizer.pad_token_id)
     result = RunResult(run_dir=folder.path, steps=max(state.step, cfg.training.max_steps), checkpoint=latest)
     return Run(cfg=cfg, data=data, batcher=batcher, folder=folder, dist=d, device=device, amp_dtype=amp_dtype,
                model=model, trained=trained, attn=attn, optimizer=optimizer, scheduler=scheduler, state=state,
-               stream=DataStream(data.train, batcher, state), metrics=metrics, result=result)  # fmt: skip
+               stream=DataStream(data.train, batcher, state), metrics=metrics, result=result,
+               memory_plan=plan)  # fmt: skip
 
 
 def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog) -> TrainState:
@@ -284,7 +286,8 @@ def _finish(run: Run) -> RunResult:
             result.model_dir = merged
     save_plots(run.metrics.records, run.folder)
     result.records = run.metrics.records
-    _summarize(cfg, result, run.attn, peak, run.folder, run.dist.world)
+    training = describe_training(cfg, run.model, run.amp_dtype, run.optimizer, run.memory_plan)
+    _summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training)
     return result
 
 
@@ -299,7 +302,25 @@ def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
     return data.tokenizer.decode(ids[:start]) if start > 0 else cfg.generation.sample_prompt
 
 
-def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, folder: RunFolder, world: int) -> None:
+def describe_training(cfg: BaseConfig, model: torch.nn.Module, amp_dtype, optimizer, plan: str) -> str:
+    """Precision, optimizer and memory plan in one line, e.g. 'pure bf16 weights and optimizer state; adamw (fused);
+    memory plan none'."""
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    trained = {short.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.requires_grad}
+    frozen = {short.get(p.dtype, str(p.dtype)) for p in model.parameters() if not p.requires_grad}
+    autocast = f" under {short[amp_dtype]} autocast" if amp_dtype is not None else ""
+    if frozen:
+        precision = f"{'/'.join(sorted(trained))} adapters on a {'/'.join(sorted(frozen))} frozen base{autocast}"
+    elif autocast:
+        precision = f"{'/'.join(sorted(trained))} master weights{autocast}"
+    else:
+        precision = f"pure {'/'.join(sorted(trained))} weights and optimizer state"
+    fused = all(g.get("fused") for g in optimizer.param_groups)
+    return f"{precision}; {cfg.training.optimizer}{' (fused)' if fused else ''}; memory plan {plan}"
+
+
+def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, folder: RunFolder, world: int,
+               training: str) -> None:  # fmt: skip
     recs = [r for r in result.records if r.get("tokens_per_s")]
     tps = sorted(r["tokens_per_s"] for r in recs[1:] or recs)
     median = tps[len(tps) // 2] if tps else 0.0
@@ -321,6 +342,7 @@ def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, fol
             "peak memory" + (f" (fullest of {world} GPUs)" if world > 1 else ""),
             f"{peak:.2f} GiB" if peak is not None else "n/a (CPU)",
         ),
+        ("training", training),
         ("attention", attn.describe()),
         ("packing", "on (padding-free)" if cfg.data.packing else "off (padded)"),
         ("checkpoint", str(result.checkpoint)),

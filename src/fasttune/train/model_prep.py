@@ -156,8 +156,8 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         model = apply_lora(model, cfg.lora)
     if cfg.model.fused_mlp and not cfg.training.compile:
         _apply_fused_mlp(model)
-    plan_memory(cfg, model, device)  # chunked loss + activation plan, or a clear stop when the step cannot fit
+    est = plan_memory(cfg, model, device)  # chunked loss + activation plan, or a clear stop when the step cannot fit
     if cfg.training.compile:
         for layer in model.model.layers if hasattr(model, "model") else []:
             layer.compile()
-    return model, attn
+    return model, attn, est.plan

@@ -182,6 +182,8 @@ class Run:
     stream: DataStream
     metrics: MetricsLog
     result: RunResult
+    memory_plan: str = "none"
+    """The activation plan in force (model.memory, with auto resolved)."""
     saved_step: int = -1
     clock: float | torch.cuda.Event | None = None
     """Where the last settled step ended, or the current stretch of steps started, on the device's timeline (a CUDA
