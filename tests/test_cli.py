@@ -49,6 +49,7 @@ def test_top_level_help_lists_every_command(capsys):
          "error: --model.trust-remote-code is a switch and takes no value ('yes'): write --model.trust-remote-code "
          "to turn it on, --model.no-trust-remote-code to turn it off"),
         (["train", "--resume=true"], "error: --resume is a switch and takes no value ('true')"),
+        (["train", "--model.fused_mlp", "false"], "error: --model.fused-mlp is a switch and takes no value ('false')"),
         (["train", "--experiment"], "error: --experiment needs a value; choose one of: quick, full, sft, lora"),
         (["generate", "--prompt", "x"], "error: `fasttune generate` needs --checkpoint"),
         (["bench"], "error: `fasttune bench` needs a command: one of attention, train, generate"),

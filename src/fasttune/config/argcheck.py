@@ -87,6 +87,7 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
         return f"unknown option {flag}; {hint}see `{command} --help` for the list"
     for i, a in enumerate(args):
         head, eq, value = a.partition("=")
+        head = head.replace("_", "-") if head.startswith("--") else head  # tyro takes --model.fused_mlp too
         if table.get(head) is bool and ((eq and value == token) or (not eq and args[i + 1 : i + 2] == [token])):
             return _switch_hint(head, token)
     if commands and token in args and args.index(token) == command.count(" "):
