@@ -289,3 +289,14 @@ def test_bench_options_are_checked_before_anything_runs(argv, message, capsys, t
     assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_baselines_compute_in_the_precision_of_fasttunes_rows():
+    """On a CPU `full` trains in pure bf16: the HF rows too (they used fp32 there, a bf16 vs fp32 comparison)."""
+    from fasttune.bench.train import TrainBench, hf_dtype, precision_note
+
+    full = TrainBench(device=torch.device("cpu"), lengths=[8], preset="micro", experiment="full")
+    quick = TrainBench(device=torch.device("cpu"), lengths=[8], preset="micro", experiment="quick")
+    assert hf_dtype(full) == torch.bfloat16 and hf_dtype(quick) == torch.float32
+    assert "HF baselines pure bf16" in precision_note(full) and "model.dtype bf16: pure bf16" in precision_note(full)
+    assert "HF baselines pure fp32" in precision_note(quick)

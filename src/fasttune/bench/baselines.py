@@ -159,10 +159,12 @@ def run_baseline(
     warmup_steps: int,
     steps: int,
     seed: int,
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    """Train `steps` measured steps after `warmup_steps`; returns aggregate real tokens/s, samples/s, MFU, memory."""
+    """Train `steps` measured steps after `warmup_steps`; returns aggregate real tokens/s, samples/s, MFU, memory.
+    `dtype`: of the weights, gradients and optimizer state (default bf16 on CUDA, fp32 on a CPU)."""
     vocab = len(data.tokenizer)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = _build(preset, vocab, b, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")

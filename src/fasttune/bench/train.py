@@ -181,7 +181,7 @@ def run_all(bench: TrainBench, results: Results, progress=None, after_row=None) 
     a run cut short (an 8B configuration takes ~20-40 s)."""
     data = synthetic_bundle(bench.lengths, bench.vocab, bench.seed)
     runs, notes = plan_runs(bench)
-    results.notes += notes + lora_notes(bench)
+    results.notes += [precision_note(bench), *notes, *lora_notes(bench)]
     with tempfile.TemporaryDirectory(prefix="fasttune-bench-") as tmp:
         for spec in runs:
             if progress is not None:
@@ -215,6 +215,7 @@ def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
                     hf.run_baseline(
                         b, bench.preset, data, bench.device, micro_batch=hf_mb,
                         warmup_steps=bench.warmup_epochs * per_epoch, steps=bench.epochs * per_epoch, seed=bench.seed,
+                        dtype=hf_dtype(bench),
                     )
                 )  # fmt: skip
             row["peak_gib"] = peak_memory_gib(bench.device)
@@ -270,6 +271,23 @@ def target_lines(bench: TrainBench, rows: list[dict]) -> list[str]:
         if None not in mem:
             lines.append(f"- peak memory {mem[0]:.1f} GiB vs {mem[1]:.1f} GiB for that stack (target: no higher)")
     return lines or [f"- targets: not judged ({name} or a leak-free packed HF baseline did not run)"]
+
+
+def hf_dtype(bench: TrainBench) -> torch.dtype:
+    """The baselines' dtype: pure bf16 on CUDA, and on a CPU when fasttune's experiment trains in pure bf16 (`full`),
+    so that both sides compute alike; fp32 on a CPU otherwise."""
+    pure_bf16 = get_experiment(bench.experiment).model.dtype == "bf16"
+    return torch.bfloat16 if bench.device.type == "cuda" or pure_bf16 else torch.float32
+
+
+def precision_note(bench: TrainBench) -> str:
+    dtype = get_experiment(bench.experiment).model.dtype
+    cuda = bench.device.type == "cuda"
+    auto = "fp32 master weights + bf16 autocast (pure bf16 where that state would fill half the GPU)"
+    ours = {"bf16": "pure bf16", "fp32": "fp32"}.get(dtype, auto if cuda else "fp32")
+    hf_side = "bf16" if hf_dtype(bench) == torch.bfloat16 else "fp32"
+    return (f"- precision: HF baselines pure {hf_side} (weights, gradients, AdamW state); fasttune rows: experiment "
+            f"{bench.experiment}'s model.dtype {dtype}: {ours} (unless a variant changes it)")  # fmt: skip
 
 
 def lora_notes(bench: TrainBench) -> list[str]:
