@@ -127,6 +127,11 @@ def test_the_no_fit_advice_names_the_usable_memory_and_only_changes_that_fit():
         choose_plan("auto", eight_b, 16 * GiB)
     msg = str(e.value)
     assert "adamw_8bit" not in msg and "--lora.enabled" not in msg and "--training.fsdp" in msg
+    with pytest.raises(FasttuneError) as e:  # 128k tokens with plan none: a plan, or fewer tokens with none, fits
+        choose_plan("none", Setup(**{**eight_b.__dict__, "tokens": 131072, "fused_mlp": True}), 139 * GiB)
+    msg = str(e.value)
+    assert "--model.memory full" in msg and "16384 tokens per micro-batch" in msg and "with --model.memory none" in msg
+    assert "adamw_8bit" not in msg and "--lora.enabled" not in msg  # they alone would not make `none` fit
     fp32 = {"param_bytes": 4, "optimizer_bytes": 8.0, "autocast": True}
     with pytest.raises(FasttuneError) as e:  # fp32 master weights: each change alone would fit in 139 GiB
         choose_plan("auto", Setup(**{**eight_b.__dict__, **fp32}), 139 * GiB)

@@ -340,21 +340,14 @@ class Generator:
 
     def _hf_generate(self, ids_BP, mask_BP, max_new_tokens, temperature, top_p, top_k, eos, pad, on_token):
         """HF `generate` with the same arguments, for models the fast path does not support."""
-        config = copy.deepcopy(self.model.generation_config)
-        config.eos_token_id = eos or None
+        config = copy.deepcopy(self.model.generation_config)  # every setting in it: transformers >= 5.17 warns
+        config.eos_token_id = eos or None  # about a generation_config passed beside generation arguments
         config.pad_token_id = pad
-        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else {}
-        if temperature <= 0:
-            sampling = dict(temperature=None, top_p=None, top_k=None)
-        return self.model.generate(
-            ids_BP,
-            attention_mask=mask_BP,
-            generation_config=config,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            streamer=None if on_token is None else _CallbackStreamer(on_token),
-            **sampling,
-        )
+        config.max_new_tokens, config.do_sample = max_new_tokens, temperature > 0
+        sampling = (temperature, top_p, top_k) if temperature > 0 else (None, None, None)
+        config.temperature, config.top_p, config.top_k = sampling
+        streamer = None if on_token is None else _CallbackStreamer(on_token)
+        return self.model.generate(ids_BP, attention_mask=mask_BP, generation_config=config, streamer=streamer)
 
 
 def _trim(seq_BS: torch.Tensor, prompt_len: int, eos: list[int]) -> torch.Tensor:

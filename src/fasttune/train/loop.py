@@ -345,8 +345,8 @@ def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, fol
         ("training", training),
         ("attention", attn.describe()),
         ("packing", "on (padding-free)" if cfg.data.packing else "off (padded)"),
-        ("checkpoint", str(result.checkpoint)),
-        ("model for from_pretrained", str(result.model_dir)),
+        ("checkpoint", str(result.checkpoint or "none saved (no --save-every step reached, save_final off)")),
+        ("model for from_pretrained", str(result.model_dir or "-")),
         ("metrics", str(folder.metrics)),
     ]
     print_summary(rows)

@@ -276,31 +276,21 @@ def _layers_per_recompute(plan: str) -> int:
 
 
 def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
-    """What would fit instead: a plan with more recomputation, a smaller micro-batch, and, where they would make the
-    run fit, bf16 weights, 8-bit moments or LoRA."""
+    """What would fit instead: a plan with more recomputation, fewer tokens per micro-batch, and, only when no plan
+    fits these tokens, bf16 weights, 8-bit moments or LoRA where that change makes the run fit."""
     budget = free_bytes * HEADROOM
     fixes = []
     fits = [e.plan for e in auto_order(st) if e.total <= budget]
     if fits:
         fixes.append(f"--model.memory {fits[0]}")
-    tokens = _fitting_tokens(st, budget)
+    plan = est.plan if _fitting_tokens(st, budget, est.plan) else "full"
+    tokens = _fitting_tokens(st, budget, plan)
     if tokens and tokens < st.tokens:
         fixes.append(f"about {tokens} tokens per micro-batch (lower --data.micro-batch-size or --data.max-length, "
-                     "raise --training.grad-accum to keep the batch) with --model.memory full")  # fmt: skip
-    moments = st.optimizer_bytes / st.param_bytes  # AdamW's keep the weights' dtype
-    changes = []
-    if st.param_bytes == 4:
-        changes.append(("--model.dtype bf16 (halves weights, gradients and optimizer state)",
-                        {"param_bytes": 2, "optimizer_bytes": 2 * moments, "autocast": False}))  # fmt: skip
-    if st.optimizer == "adamw":
-        changes.append((f"--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
-                        f"{st.optimizer_bytes:.0f}; needs torchao)", {"optimizer_bytes": 2.0}))  # fmt: skip
-    if st.trainable == st.params:  # a bf16 base, adapters of ~0.5% of its size
-        lora = {"trainable": st.params // 200, "lora_rank": 16, "param_bytes": 2, "autocast": False}
-        changes.append(("--lora.enabled (no gradients or optimizer state for the frozen weights)", lora))
-    for text, change in changes:
-        if _fitting_tokens(Setup(**{**st.__dict__, **change}), budget):
-            fixes.append(text)
+                     f"raise --training.grad-accum to keep the batch) with --model.memory {plan}")  # fmt: skip
+    if not fits:
+        fixes += [text for text, change in _state_changes(st) if _fitting_tokens(Setup(**{**st.__dict__, **change}),
+                                                                                   budget, "full")]  # fmt: skip
     if not fixes:
         fixes.append("a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)")
     return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
@@ -308,12 +298,27 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
             f"{free_bytes / GiB:.1f} GiB free on the GPU); try {' or '.join(fixes)}")  # fmt: skip
 
 
-def _fitting_tokens(st: Setup, budget: float) -> int:
-    """The most tokens per micro-batch (st.tokens halved, down to 256) with which plan `full` fits; 0 if none."""
+def _state_changes(st: Setup) -> list[tuple[str, dict]]:
+    """(advice, the Setup fields it changes) for what shrinks the weights, gradients and optimizer state."""
+    changes = []
+    if st.param_bytes == 4:
+        changes.append(("--model.dtype bf16 (halves weights, gradients and optimizer state)",
+                        {"param_bytes": 2, "optimizer_bytes": st.optimizer_bytes / 2, "autocast": False}))  # fmt: skip
+    if st.optimizer == "adamw":
+        changes.append((f"--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
+                        f"{st.optimizer_bytes:.0f}; needs torchao)", {"optimizer_bytes": 2.0}))  # fmt: skip
+    if st.trainable == st.params:  # a bf16 base, adapters of ~0.5% of its size
+        lora = {"trainable": st.params // 200, "lora_rank": 16, "param_bytes": 2, "autocast": False}
+        changes.append(("--lora.enabled (no gradients or optimizer state for the frozen weights)", lora))
+    return changes
+
+
+def _fitting_tokens(st: Setup, budget: float, plan: str) -> int:
+    """The most tokens per micro-batch (st.tokens halved, down to 256) with which `plan` fits; 0 if none."""
     tokens = st.tokens
-    while tokens > 256 and estimate(Setup(**{**st.__dict__, "tokens": tokens}), "full").total > budget:
+    while tokens > 256 and estimate(Setup(**{**st.__dict__, "tokens": tokens}), plan).total > budget:
         tokens //= 2
-    return tokens if estimate(Setup(**{**st.__dict__, "tokens": tokens}), "full").total <= budget else 0
+    return tokens if estimate(Setup(**{**st.__dict__, "tokens": tokens}), plan).total <= budget else 0
 
 
 # --- applying a plan to the model --------------------------------------------------------------------------------
