@@ -176,8 +176,9 @@ class TrainBench(Command):
     """Also run each packed Hugging Face baseline with gradient checkpointing."""
     hf_only: str | None = None
     """Comma-separated: run only the Hugging Face baselines whose names contain one of these."""
-    equal_tokens: bool = False
-    """Also run fasttune at the Hugging Face baselines' tokens per step."""
+    equal_tokens: bool = True
+    """Also run fasttune at the Hugging Face baselines' tokens per step (memory and speed at equal work per step,
+    beside each stack at its best; --no-equal-tokens skips it)."""
     lora: bool = False
     """Every configuration trains LoRA adapters (r 16, alpha 32, all linear layers of the decoder) on a frozen base:
     fasttune's --lora.* against the Hugging Face baselines wrapped with peft. Needs peft."""
