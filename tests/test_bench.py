@@ -150,7 +150,7 @@ def test_train_bench_cpu(tmp_path, caplog):
     caplog.set_level("INFO", logger="fasttune")  # as under the CLI: the bench reads the logged memory plan
     argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "6", "--median", "12"]
     argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--micro-batch", "2", "--epochs", "1"]
-    argv += ["--hf-micro-batch", "4", "--hf-ckpt", "--equal-tokens"]
+    argv += ["--hf-micro-batch", "4", "--hf-ckpt"]  # and a row at equal tokens per step: on by default
     assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 0
     rows = _outputs(tmp_path, "train")
     assert [r["config"] for r in rows] == [
@@ -182,7 +182,7 @@ def test_train_bench_lora_cpu(tmp_path, caplog):
     caplog.set_level("INFO", logger="fasttune")
     argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "4", "--median", "12"]
     argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--epochs", "1", "--lora"]
-    argv += ["--hf-ckpt", "--hf-only", "packed", "--variant", "r8:lora.rank=8"]
+    argv += ["--hf-ckpt", "--hf-only", "packed", "--variant", "r8:lora.rank=8", "--no-equal-tokens"]
     assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 0
     rows = _outputs(tmp_path, "train")
     assert [r["config"] for r in rows] == [
