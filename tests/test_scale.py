@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from fasttune.model.build import preset_config
 from fasttune.train import loop
-from fasttune.train.memory import GiB, disk_needed, fp32_master_fits, param_count, planned_saves
+from fasttune.train.footprint import disk_needed, fp32_master_fits, param_count, planned_saves
+from fasttune.train.memory import GiB
 
 GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 

@@ -221,8 +221,8 @@ def check_disk(
     after an hour of training. At the fullest moment max(on disk, keep_last) complete checkpoints plus the one being
     written exist (pruning runs after a save completes), never more new ones than the run writes. Checkpoints on
     disk count as already written (as freed, for --overwrite), and their measured size replaces the estimate of
-    train/memory.checkpoint_bytes (weights in the dtype they are held in, and the optimizer state)."""
-    from fasttune.train.memory import bytes_needed, checkpoint_bytes
+    train/footprint.checkpoint_bytes (weights in the dtype they are held in, and the optimizer state)."""
+    from fasttune.train.footprint import bytes_needed, checkpoint_bytes
 
     on_disk = [] if overwrite else list_checkpoints(run)
     per_ckpt, merged = checkpoint_bytes(model, optimizer)

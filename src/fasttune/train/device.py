@@ -12,7 +12,7 @@ from fasttune.device import pick_device
 from fasttune.errors import ConfigError
 from fasttune.model.build import load_model_config
 from fasttune.model.flops import dense_flops_per_token
-from fasttune.train.memory import fp32_master_fits
+from fasttune.train.footprint import fp32_master_fits
 
 
 def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
@@ -57,5 +57,5 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
         return device, None, torch.float32
     conf = load_model_config(cfg.model, cfg.data.tokenizer_vocab_size)
     if not fp32_master_fits(conf, device, cfg.lora.enabled, optimizer=cfg.training.optimizer):
-        return device, None, torch.bfloat16  # auto, an 8B-class model: pure bf16 (train/memory.py says why)
+        return device, None, torch.bfloat16  # auto, an 8B-class model: pure bf16 (train/footprint.py says why)
     return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast

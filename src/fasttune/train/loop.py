@@ -25,7 +25,7 @@ from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import resolve_device
 from fasttune.train.distributed import Dist
-from fasttune.train.memory import planned_saves
+from fasttune.train.footprint import planned_saves
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.model_prep import prepare_model
 from fasttune.train.optim import build_optimizer, require_optimizer
