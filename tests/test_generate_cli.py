@@ -352,3 +352,29 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys):
             err = capsys.readouterr().err.strip()  # the log, then the error line
             assert err.splitlines()[-1].startswith(f"error: {option} {folder}: {what}"), err
             assert "Traceback" not in err and "tokenizer" not in err.splitlines()[-1]
+
+
+def test_models_without_sdpa_or_without_a_causal_lm_class(tmp_path, capsys):
+    """Bloom has no sdpa attention: inference falls back to eager (the sample after training included). T5 is no
+    causal LM: one line saying so, not that its files are damaged."""
+    from transformers import BloomConfig, T5Config, T5ForConditionalGeneration
+
+    tok = build_tiny_tokenizer()
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    torch.manual_seed(0)
+    bloom = BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, **ids)
+    AutoModelForCausalLM.from_config(bloom).save_pretrained(tmp_path / "bloom")
+    tok.save_pretrained(tmp_path / "bloom")
+    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+    argv = ["train", "--experiment", "sft", "--model", str(tmp_path / "bloom"), "--data", str(data),
+            "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--data.max-length", "256",
+            "--generation.max-new-tokens", "2"]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "sample (" in out and "no sample generated" not in err
+    t5 = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    assert main(["generate", "--checkpoint", str(tmp_path / "t5"), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "T5Config" in err and "models that AutoModelForCausalLM loads" in err and "damaged" not in err

@@ -66,24 +66,34 @@ def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 4
 
 
 def unreadable_files() -> tuple[type[BaseException], ...]:
-    """What transformers raises for a damaged model folder: malformed config.json (OSError), truncated or corrupt
-    safetensors (SafetensorError) or PyTorch files (UnpicklingError, EOFError, RuntimeError), wrong shapes
-    (ValueError, RuntimeError)."""
+    """What transformers raises when a model folder cannot be loaded: damaged files (see load_weights_error), and
+    models it cannot build (ValueError: e.g. no causal LM class for the config, RuntimeError: weights of other
+    shapes)."""
+    return OSError, ValueError, RuntimeError, *_damaged_files()
+
+
+def _damaged_files() -> tuple[type[BaseException], ...]:
+    """Malformed or truncated files: config.json (OSError), safetensors (SafetensorError), PyTorch pickles
+    (UnpicklingError, EOFError)."""
     import pickle
 
     from safetensors import SafetensorError
 
-    return OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError
+    return OSError, EOFError, pickle.UnpicklingError, SafetensorError
 
 
 def load_weights_error(path, e: BaseException, option: str = "--model") -> ConfigError:
-    """One line for weights that cannot be read (an interrupted copy or download, a damaged file)."""
+    """One line for a model folder that cannot be loaded: a damaged file (an interrupted copy or download), weights
+    that do not match config.json, or a model transformers cannot build as a causal LM."""
     first = str(e).splitlines()[0] if str(e) else ""
-    return ConfigError(
-        f"{option} {path}: the model cannot be loaded ({type(e).__name__}: {first}); "
-        "a file there is incomplete or damaged (e.g. an interrupted copy): copy the folder again or save it with "
-        "save_pretrained"
-    )
+    if isinstance(e, _damaged_files()):
+        fix = ("a file there is incomplete or damaged (e.g. an interrupted copy): copy the folder again or save it "
+               "with save_pretrained")  # fmt: skip
+    elif "size mismatch" in str(e):
+        fix = "the weights do not match its config.json: save model and config together with save_pretrained"
+    else:
+        fix = "fasttune trains and runs models that AutoModelForCausalLM loads"
+    return ConfigError(f"{option} {path}: the model cannot be loaded ({type(e).__name__}: {first}); {fix}")
 
 
 def read_config(path: str | Path, trust_remote_code: bool = False, option: str = "--model") -> PretrainedConfig:

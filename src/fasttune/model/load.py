@@ -66,12 +66,18 @@ def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool =
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src.model_dir, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
-        )
-    except unreadable_files() as e:
-        raise _remote_code_error(e, src.model_dir) or load_weights_error(src.model_dir, e, option) from e
+    # sdpa, or eager for the models without it (Bloom, ...); named, not left to the checkpoint's config, which may
+    # name a fasttune backend that is not registered in this process
+    for attn in ("sdpa", "eager"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                src.model_dir, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
+            )
+            break
+        except unreadable_files() as e:
+            if attn == "sdpa" and isinstance(e, ValueError) and "scaled_dot_product_attention" in str(e):
+                continue
+            raise _remote_code_error(e, src.model_dir) or load_weights_error(src.model_dir, e, option) from e
     if src.adapter_dir is not None:
         from fasttune.model.lora import _peft
 

@@ -13,7 +13,7 @@ import tyro
 from fasttune.command import Command
 from fasttune.config import BaseConfig, get_experiment
 from fasttune.config.argcheck import SHORT_FLAGS
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, FasttuneError
 
 log = logging.getLogger("fasttune")
 
@@ -57,9 +57,13 @@ class TrainArgs(Command):
             from fasttune.generate.generate import generate
             from fasttune.model.load import load_for_inference
 
-            model, tok = load_for_inference(result.model_dir, cfg.training.device)
-            g = generate(model, tok, prompt, max_new_tokens=cfg.generation.max_new_tokens,
-                         temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)  # fmt: skip
+            try:  # the run is done and saved: a sample that cannot be made is a warning, not a failed run
+                model, tok = load_for_inference(result.model_dir, cfg.training.device, option="the trained model")
+                g = generate(model, tok, prompt, max_new_tokens=cfg.generation.max_new_tokens,
+                             temperature=cfg.generation.temperature, top_p=cfg.generation.top_p)  # fmt: skip
+            except FasttuneError as e:
+                log.warning("no sample generated: %s", e)
+                return 0
             print(f"sample ({g.tokens_per_s:.0f} tok/s):\n{prompt}{g.text}")
         return 0
 
