@@ -57,6 +57,48 @@ def test_every_plan_gives_the_gradients_of_no_plan(plan):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
 
 
+def _other_layout(kind: str):
+    """GPT-2 (layers at transformer.h, attention `attn`) and OPT (model.decoder.layers, no MLP block)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)  # fmt: skip
+    else:
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
+                           word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt"])
+def test_plans_find_the_layers_of_other_layouts_and_keep_their_gradients(kind):
+    from fasttune.train.memory import plans_for
+
+    ref = _other_layout(kind).train()
+    plans = plans_for(ref)
+    assert plans == ({"none", "ops", "every:K", "full", "attention", "mlp"} if kind == "gpt2"
+                     else {"none", "ops", "every:K", "full", "attention"})  # fmt: skip
+    batch = _batch()
+    batch.pop("cu_seq_lens_q", None), batch.pop("cu_seq_lens_k", None), batch.pop("max_length_q", None)
+    batch.pop("max_length_k", None)
+    for plan in ("ops", "attention", "every:2", "full") + (("mlp",) if kind == "gpt2" else ()):
+        ref.zero_grad()
+        ours = copy.deepcopy(ref)
+        apply_plan(ours, plan)
+        assert any("forward" in vars(m) for m in ours.modules()), plan  # installed on the layers found
+        n = count_targets(batch)
+        a, b = forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None)
+        assert torch.allclose(a, b, rtol=1e-6), plan
+        for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
+            assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), (plan, name)
+    st = Setup(**{**_setup(8192).__dict__, "plans": plans})
+    assert all(e.plan != "mlp" for e in auto_order(st)) == (kind == "opt")
+    if kind == "opt":
+        with pytest.raises(FasttuneError, match="model.memory=mlp: this model's decoder layers cannot take it"):
+            choose_plan("mlp", st, None)
+
+
 def _setup(tokens: int, liger: bool = False) -> Setup:
     config = preset_config("1b", 32000)
     n = 1_104_150_528  # the 1b preset's parameter count

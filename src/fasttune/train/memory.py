@@ -213,6 +213,8 @@ class Setup:
     """peft's own forward runs (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted input upcast."""
     fused_mlp: bool = False
     """fasttune's SwiGLU function (model/mlp.py) runs the MLPs: it keeps gate and up, not the product."""
+    plans: frozenset[str] | None = None
+    """The plans this model's layers can take (see plans_for); None: every plan."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -243,6 +245,9 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
             f"model.memory={plan}: the model has {st.shape.layers} decoder layers, so no layer would be recomputed "
             f"whole; pick K from 2 to {st.shape.layers}, or ops"
         )
+    if plan != "auto" and st.plans is not None and _kind(plan) not in st.plans:
+        raise FasttuneError(f"model.memory={plan}: this model's decoder layers cannot take it (no layer stack, or no "
+                            f"such block); choose one of: {', '.join(sorted(st.plans))}")  # fmt: skip
     if free_bytes is None:
         return estimate(st, "none" if plan == "auto" else plan)
     budget = free_bytes * HEADROOM
@@ -266,9 +271,15 @@ def selective(plan: str) -> bool:
 def auto_order(st: Setup) -> list[Estimate]:
     """CANDIDATES' estimates, least recomputation first (`none`, then recomputed matmul FLOPs, then memory). With
     Liger, no selective plan (see LIGER_ROPE_IN_PLACE); no every:K with fewer than K layers."""
-    plans = [p for p in CANDIDATES if not (st.liger and selective(p)) and _layers_per_recompute(p) <= st.shape.layers]
+    plans = [p for p in CANDIDATES if not (st.liger and selective(p)) and _layers_per_recompute(p) <= st.shape.layers
+             and (st.plans is None or _kind(p) in st.plans)]  # fmt: skip
     ests = [estimate(st, p) for p in plans]
     return sorted(ests, key=lambda e: (recompute_flops(st.shape, e.plan), e.plan != "none", e.total))
+
+
+def _kind(plan: str) -> str:
+    """every:K is one kind of plan (what plans_for lists)."""
+    return "every:K" if plan.startswith("every:") else plan
 
 
 def _layers_per_recompute(plan: str) -> int:
@@ -353,27 +364,43 @@ def _checkpoint_forward(module: torch.nn.Module, selective: bool) -> None:
     module.forward = run
 
 
+BLOCKS = {"attention": ("self_attn", "attn", "self_attention", "attention"), "mlp": ("mlp", "feed_forward")}
+"""What the `attention` and `mlp` plans recompute, by the attribute names transformers' decoder layers use."""
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers, found as transformers' own unsplittable blocks (`_no_split_modules`: Llama's model.layers,
+    GPT-2's transformer.h, OPT's model.decoder.layers, ...), else `model.layers`; [] when there are none."""
     base = base_model(model)
-    layers = getattr(getattr(base, "model", None), "layers", None)
-    if layers is None:
-        raise FasttuneError(f"model.memory: {type(base).__name__} has no `model.layers` decoder stack to checkpoint; "
-                            "use --model.memory none")  # fmt: skip
-    return list(layers)
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in kinds]
+    return layers or list(getattr(getattr(base, "model", None), "layers", None) or [])
+
+
+def _block(layer: torch.nn.Module, plan: str) -> torch.nn.Module | None:
+    return next((b for n in BLOCKS[plan] if isinstance(b := getattr(layer, n, None), torch.nn.Module)), None)
+
+
+def plans_for(model: torch.nn.Module) -> frozenset[str]:
+    """The plans (every:K as one) that this model's layers can take: `none` always; the rest need a decoder stack,
+    and `attention` / `mlp` that block in every layer (OPT's layers have no MLP block: fc1 and fc2 sit in it)."""
+    layers = decoder_layers(model)
+    if not layers:
+        return frozenset({"none"})
+    plans = {"none", "ops", "every:K", "full"}
+    plans |= {p for p in BLOCKS if all(_block(layer, p) is not None for layer in layers)}
+    return frozenset(plans)
 
 
 def apply_plan(model: torch.nn.Module, plan: str) -> None:
-    """Install `plan` (a name from choose_plan, not auto) on the model's decoder layers, in place."""
+    """Install `plan` (a name from choose_plan, not auto, one plans_for allows) on the decoder layers, in place."""
     if plan == "none":
         return
     layers = decoder_layers(model)
     k = int(plan.split(":")[1]) if plan.startswith("every:") else 1
     for n, layer in enumerate(layers):
-        if plan in ("attention", "mlp"):
-            block = getattr(layer, "self_attn" if plan == "attention" else "mlp", None)
-            if block is None:
-                raise FasttuneError(f"model.memory {plan}: decoder layer {type(layer).__name__} has no such block")
-            _checkpoint_forward(block, selective=False)
+        if plan in BLOCKS:
+            _checkpoint_forward(_block(layer, plan), selective=False)
         elif plan == "full" or (k > 1 and (n + 1) % k == 0):
             _checkpoint_forward(layer, selective=False)
         else:  # ops, and the layers every:K does not recompute whole
@@ -399,6 +426,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
         loss="liger" if liger else ("chunked" if chunked else "hf"),
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
+        plans=plans_for(model),
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
 from fasttune.model.build import base_model, build_model, has_weights, load_model_config
 from fasttune.model.flops import head_dim
-from fasttune.train.memory import LIGER_ROPE_IN_PLACE, plan_memory, selective
+from fasttune.train.memory import LIGER_ROPE_IN_PLACE, decoder_layers, plan_memory, selective
 
 log = logging.getLogger("fasttune")
 
@@ -158,6 +158,6 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         _apply_fused_mlp(model)
     est = plan_memory(cfg, model, device)  # chunked loss + activation plan, or a clear stop when the step cannot fit
     if cfg.training.compile:
-        for layer in model.model.layers if hasattr(model, "model") else []:
+        for layer in decoder_layers(model):
             layer.compile()
     return model, attn, est.plan
