@@ -271,6 +271,7 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["train", "--epochs", "0"], "--epochs 0: must be >= 1"),
         (["train", "--warmup-epochs", "-1"], "--warmup-epochs -1: must be >= 0"),
         (["train", "--packing", "onn"], "--packing 'onn' is not valid"),
+        (["train", "--packing", ","], "--packing ',' is not valid"),
         (["train", "--preset", "foo"], "--preset 'foo' is not valid"),
         (["train", "--attn", "fa9"], "--attn 'fa9' is not valid"),
         (["train", "--device", "gpu"], "--device 'gpu' is not valid"),
@@ -293,9 +294,16 @@ def test_bench_options_are_checked_before_anything_runs(argv, message, capsys, t
 
 def test_baselines_compute_in_the_precision_of_fasttunes_rows():
     """On a CPU `full` trains in pure bf16: the HF rows too (they used fp32 there, a bf16 vs fp32 comparison)."""
-    from fasttune.bench.train import TrainBench, hf_dtype, precision_note
+    import dataclasses
+
+    from fasttune.bench.train import TrainBench, hf_dtype, plan_runs, precision_note
 
     full = TrainBench(device=torch.device("cpu"), lengths=[8], preset="micro", experiment="full")
+    assert not [
+        r
+        for r in plan_runs(dataclasses.replace(full, baselines=False, equal_tokens=True))[0]
+        if "tokens per step" in r["name"]
+    ]  # HF's tokens per step: only beside HF rows
     quick = TrainBench(device=torch.device("cpu"), lengths=[8], preset="micro", experiment="quick")
     assert hf_dtype(full) == torch.bfloat16 and hf_dtype(quick) == torch.float32
     assert "HF baselines pure bf16" in precision_note(full) and "model.dtype bf16: pure bf16" in precision_note(full)

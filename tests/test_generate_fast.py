@@ -230,6 +230,21 @@ def test_unsupported_model_falls_back_to_hf_with_a_reason():
     assert torch.equal(out_BS, ref_BS) and [s[0] for s in seen] == out_BS[0, 5:].tolist()
 
 
+def test_hf_fallback_is_greedy_and_quiet_beside_a_sampling_generation_config(caplog):
+    """An Instruct model's generation config samples (temperature 0.6, top_p 0.9): greedy decoding through the
+    fallback neither samples nor warns that the sampling settings are ignored."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    model.eval().generation_config.update(do_sample=True, temperature=0.6, top_p=0.9)
+    ids_BP = torch.randint(3, 64, (1, 5))
+    with caplog.at_level("WARNING"):
+        out_BS = Generator(model).generate(ids_BP, max_new_tokens=6)
+    ref_BS = model.generate(ids_BP, attention_mask=torch.ones_like(ids_BP), max_new_tokens=6, do_sample=False,
+                            temperature=1.0, top_p=1.0, pad_token_id=0, eos_token_id=None)  # fmt: skip
+    assert torch.equal(out_BS, ref_BS)
+    assert not [r for r in caplog.records if "generation flags" in r.getMessage() or "deprecated" in r.getMessage()]
+
+
 def test_unmerged_lora_falls_back_instead_of_dropping_the_adapter(trained):
     peft = pytest.importorskip("peft")
     model = copy.deepcopy(trained[0])

@@ -174,6 +174,10 @@ def test_the_no_fit_advice_names_the_usable_memory_and_only_changes_that_fit():
     msg = str(e.value)
     assert "--model.memory full" in msg and "16384 tokens per micro-batch" in msg and "with --model.memory none" in msg
     assert "adamw_8bit" not in msg and "--lora.enabled" not in msg  # they alone would not make `none` fit
+    eight_bit = {"param_bytes": 4, "optimizer_bytes": 2.0, "optimizer": "adamw_8bit", "autocast": True}
+    with pytest.raises(FasttuneError) as e:  # 1B, fp32 + 8-bit moments, 7 GiB: bf16 weights keep those moments
+        choose_plan("auto", Setup(**{**_setup(2048).__dict__, **eight_bit}), 7 * GiB)
+    assert "--model.dtype bf16" not in str(e.value) and "--lora.enabled" in str(e.value)  # bf16 alone: 6.8 > 6.4
     fp32 = {"param_bytes": 4, "optimizer_bytes": 8.0, "autocast": True}
     with pytest.raises(FasttuneError) as e:  # fp32 master weights: each change alone would fit in 139 GiB
         choose_plan("auto", Setup(**{**eight_b.__dict__, **fp32}), 139 * GiB)

@@ -175,6 +175,11 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_to_resume(tmp_
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="stopped before its first checkpoint .nothing to resume.; pass --overwrite"):
         loop.train(cfg)
+    old = cfg.run_dir / "checkpoints" / ".old-step-000001-123"  # a re-save killed between its renames: recoverable
+    old.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        loop.train(cfg)
+    old.rmdir()
     assert loop.train(dataclasses.replace(cfg, overwrite=True)).steps == cfg.training.max_steps
 
 

@@ -254,8 +254,9 @@ class TrainBench(Command):
         _positive(self, ("samples", "micro_batch", "hf_micro_batch", "vocab", "min_length", "max_length", "epochs"))
         _positive(self, ("warmup_epochs",), least=0)
         _positive(self, ("median", "mean"), least=1.0)
-        if bad := [x for x in _strs(self.packing) if x.lower() not in ("on", "off")] or not _strs(self.packing):
-            raise ConfigError(f"--packing {(bad or [self.packing])[0]!r} is not valid; write on, off or on,off")
+        packings = _strs(self.packing)
+        if not packings or any(x.lower() not in ("on", "off") for x in packings):
+            raise ConfigError(f"--packing {self.packing!r} is not valid; write on, off or on,off")
         if self.preset is not None and self.preset not in MODEL_PRESETS:
             raise ConfigError(f"--preset {self.preset!r} is not valid; choose one of: {', '.join(MODEL_PRESETS)}")
         if bad := [a for a in _strs(self.attn or "") if a not in ("auto", *BACKENDS)]:

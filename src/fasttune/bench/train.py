@@ -163,7 +163,7 @@ def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
             runs.append({"stack": "fasttune", "attn": attn, "packing": packing, "name": f"{stack} {attn} {layout}"})
     for name, overrides in bench.variants:
         runs.append({"stack": "fasttune", "attn": "auto", "packing": True, "name": name, "overrides": overrides})
-    if bench.equal_tokens:
+    if bench.equal_tokens and any(r["stack"] == "HF" for r in runs):  # HF's tokens per step: only beside HF rows
         mbs = max(1, round(hf_tokens_per_step(bench) / bench.max_length))
         name = f"{main_name(bench)} at HF's tokens per step ({mbs} x {bench.max_length})"
         runs.append({"stack": "fasttune", "attn": "auto", "packing": True, "name": name,

@@ -344,7 +344,9 @@ class Generator:
         config.eos_token_id = eos or None  # about a generation_config passed beside generation arguments
         config.pad_token_id = pad
         config.max_new_tokens, config.do_sample = max_new_tokens, temperature > 0
-        sampling = (temperature, top_p, top_k) if temperature > 0 else (None, None, None)
+        sampling = (temperature, top_p, top_k) if temperature > 0 else (1.0, 1.0, 50)  # greedy: HF's neutral values
+        # (None would be refilled from the model's own generation config: an Instruct model's sampling settings, then
+        # a warning that greedy decoding ignores them)
         config.temperature, config.top_p, config.top_k = sampling
         streamer = None if on_token is None else _CallbackStreamer(on_token)
         return self.model.generate(ids_BP, attention_mask=mask_BP, generation_config=config, streamer=streamer)

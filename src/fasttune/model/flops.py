@@ -21,8 +21,9 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-PLAIN_MLP = frozenset({"gpt2", "opt", "gpt_neox", "gptj", "falcon", "phi", "bloom", "gpt_bigcode", "starcoder2",
-                       "codegen", "mpt", "biogpt", "xglm"})  # fmt: skip
+PLAIN_MLP = frozenset({"gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_neox_japanese", "gpt_bigcode", "opt", "falcon",
+                       "phi", "bloom", "starcoder2", "codegen", "mpt", "biogpt", "xglm", "nemotron",
+                       "persimmon"})  # fmt: skip
 """Model types whose MLP is two matmuls (up, activation, down); the others gate it (SwiGLU/GeGLU: three)."""
 
 

@@ -314,7 +314,8 @@ def describe_training(cfg: BaseConfig, model: torch.nn.Module, amp_dtype, optimi
     elif autocast:
         precision = f"{'/'.join(sorted(trained))} master weights{autocast}"
     else:
-        precision = f"pure {'/'.join(sorted(trained))} weights and optimizer state"
+        state = " and optimizer state" if cfg.training.optimizer == "adamw" else ""  # 8-bit moments: their own
+        precision = f"pure {'/'.join(sorted(trained))} weights{state}"
     fused = all(g.get("fused") for g in optimizer.param_groups)
     return f"{precision}; {cfg.training.optimizer}{' (fused)' if fused else ''}; memory plan {plan}"
 

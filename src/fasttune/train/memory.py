@@ -313,8 +313,10 @@ def _state_changes(st: Setup) -> list[tuple[str, dict]]:
     """(advice, the Setup fields it changes) for what shrinks the weights, gradients and optimizer state."""
     changes = []
     if st.param_bytes == 4:
-        changes.append(("--model.dtype bf16 (halves weights, gradients and optimizer state)",
-                        {"param_bytes": 2, "optimizer_bytes": st.optimizer_bytes / 2, "autocast": False}))  # fmt: skip
+        moments = st.optimizer_bytes / 2 if st.optimizer == "adamw" else st.optimizer_bytes  # 8-bit ones stay
+        what = "weights, gradients and AdamW moments" if st.optimizer == "adamw" else "weights and gradients"
+        changes.append((f"--model.dtype bf16 (halves {what})",
+                        {"param_bytes": 2, "optimizer_bytes": moments, "autocast": False}))  # fmt: skip
     if st.optimizer == "adamw":
         changes.append((f"--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
                         f"{st.optimizer_bytes:.0f}; needs torchao)", {"optimizer_bytes": 2.0}))  # fmt: skip

@@ -82,9 +82,11 @@ class RunFolder:
 
     @property
     def has_checkpoint(self) -> bool:
-        """Whether a checkpoint folder (step-N, complete or not: --resume says which) exists."""
+        """Whether a checkpoint folder exists: step-N (complete or not: --resume says which), or the .old-step-N-*
+        copy of one that a killed re-save left (the next start puts it back)."""
         root = self.checkpoints
-        return root.is_dir() and any(p.is_dir() and re.fullmatch(r"step-\d+", p.name) for p in root.iterdir())
+        names = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+        return any(re.fullmatch(r"step-\d+", n) or n.startswith(".old-step-") for n in names)
 
     tensorboard = property(lambda self: self.path / "tensorboard")
     adapter = property(lambda self: self.path / "adapter")
