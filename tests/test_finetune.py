@@ -126,8 +126,10 @@ def test_checkpoints_stop_generation_at_the_eos_training_taught(tmp_path, base_m
     preset = loop.train(tiny_config(tmp_path / "preset", max_steps=1, save_every=1, eval_every=0))
     tok = AutoTokenizer.from_pretrained(preset.model_dir)
     model = AutoModelForCausalLM.from_pretrained(preset.model_dir)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for name in ("bos_token_id", "eos_token_id"):
         assert getattr(model.config, name) == getattr(model.generation_config, name) == getattr(tok, name), name
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+    assert model.config.pad_token_id is None  # it would be the embedding's padding_idx (a row without gradient) on load
     assert stop_ids(model, tok) == [tok.eos_token_id]  # nothing else ends a reply (the old default, 2, was '!')
 
 

@@ -104,15 +104,17 @@ def _apply_fused_mlp(model) -> None:
 def align_special_tokens(model, tokenizer, fresh: bool) -> None:
     """The model's special-token ids as training uses them, so that generation (fasttune's, and plain HF's from the
     saved checkpoint) stops where the training samples end. A fresh model (a preset, a config without weights) takes
-    the tokenizer's bos/eos/pad ids (transformers' config defaults name other tokens: the embedded corpus tokenizer's
-    id 2 is '!'). A pretrained model keeps its ids; when its generation config does not stop at the tokenizer's EOS,
-    which every training sample ends with, that id is added to its eos_token_id."""
+    the tokenizer's bos/eos ids, and its generation config the pad id too (transformers' config defaults name other
+    tokens: the embedded corpus tokenizer's id 2 is '!'). A pretrained model keeps its ids; when its generation
+    config does not stop at the tokenizer's EOS, which every training sample ends with, that id is added to its
+    eos_token_id."""
     names = ("bos_token_id", "eos_token_id", "pad_token_id")
     ids = {name: getattr(tokenizer, name, None) for name in names}  # benchmarks' synthetic tokenizer has few
     gen = getattr(model, "generation_config", None)
     if fresh:
         for name, value in ids.items():
-            setattr(model.config, name, value)
+            if name != "pad_token_id":  # the model config's pad id becomes the embedding's padding_idx (no gradient
+                setattr(model.config, name, value)  # for that row) when the checkpoint is loaded: pad is often EOS
             if gen is not None:
                 setattr(gen, name, value)
         return
