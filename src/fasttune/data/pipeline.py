@@ -192,7 +192,8 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
 
 
 def data_fingerprint(train: list[dict], val: list[dict]) -> str:
-    """sha1 over the samples' token ids and labels, in order, train then validation (~1 s per 100M tokens)."""
+    """sha1 over the samples' token ids and labels, in order, train then validation (~3 s per 100M tokens on one
+    CPU core: small beside tokenizing them)."""
     h = hashlib.sha1()
     for part in (train, val):
         h.update(len(part).to_bytes(8, "little"))
