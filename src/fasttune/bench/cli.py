@@ -41,13 +41,6 @@ def _positive(args: Command, names: tuple[str, ...], least: float = 1) -> None:
             raise ConfigError(f"{flag} {value}: must be >= {least} (leave it out for the default)")
 
 
-def _device(name: str):
-    """The benchmark's device, or one line when it is not valid or not here."""
-    from fasttune.model.load import inference_device
-
-    return inference_device(name)
-
-
 def command_line(args: Command, name: str) -> list[str]:
     """The command line that reproduces `args` (the options that differ from their defaults), for the results."""
     out = [name]
@@ -100,6 +93,7 @@ class AttentionBench(Command):
         from fasttune.attention import BACKENDS
         from fasttune.bench import attention as bench
         from fasttune.bench.harness import Results, environment
+        from fasttune.model.load import inference_device
 
         backends = _strs(self.backends) if self.backends else list(BACKENDS)
         layouts = _strs(self.layouts)
@@ -110,7 +104,7 @@ class AttentionBench(Command):
             raise ConfigError(f"--layouts {bad[0]!r} is not valid; choose from: {', '.join(bench.ALL_LAYOUTS)}")
         head_dims = _ints("--head-dims", self.head_dims)
         _positive(self, ("tokens", "heads"))
-        device = _device(self.device)
+        device = inference_device(self.device)  # one line when not valid or not here
         gpu = device.type == "cuda"
         dtype = torch.bfloat16 if gpu else torch.float32
         seq_lens = _ints("--seq-lens", self.seq_lens) or (list(bench.SEQ_LENS) if gpu else [16, 32])
@@ -199,13 +193,14 @@ class TrainBench(Command):
         from fasttune.bench.harness import Results, environment
         from fasttune.bench.workload import LengthStats, dataset_lengths, sft_lengths
         from fasttune.config import get_experiment
+        from fasttune.model.load import inference_device
 
         variants = [_variant(v) for v in self.variant]
         if self.lora and (why := import_status("peft")) is not None:
             raise ConfigError(f"--lora needs the peft package ({why}): pip install 'fasttune[lora]'")
         self._check()
         micro_batch = self.micro_batch or get_experiment(self.experiment).data.micro_batch_size
-        device = _device(self.device)
+        device = inference_device(self.device)  # one line when not valid or not here
         gpu = device.type == "cuda"
         max_length = self.max_length or (2048 if gpu else 256)
         if self.data:

@@ -80,9 +80,10 @@ def check_data_path(path: str) -> None:
         )
 
 
-def load_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
+def load_records(path: str, fmt: str = "auto", option: str = "--data.format") -> tuple[list[dict], str]:
     """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
-    when "auto") and return (records, format). Raises DataError on any problem with the input."""
+    when "auto") and return (records, format). Raises DataError on any problem with the input; `option` is the
+    format option the messages name (`fasttune eval` calls it --format)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
     check_data_path(path)
@@ -95,21 +96,21 @@ def load_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
         raise DataError(f"{path}: no records found (empty file or folder); add data or point --data elsewhere")
     if tables[0].is_text_file:
         if fmt not in ("auto", "text"):
-            raise DataError(f"{path}: plain text files are read as format 'text', not {fmt!r}; drop --data.format")
+            raise DataError(f"{path}: plain text files are read as format 'text', not {fmt!r}; drop {option}")
         fmt = "text"
     if fmt == "auto":
-        fmt = detect_format(tables[0].records[0], tables[0].where(0))
+        fmt = detect_format(tables[0].records[0], tables[0].where(0), option)
     records: list[dict] = []
     for table in tables:
         for i, record in enumerate(table.records):
             if not table.is_text_file:
                 _check_size(_text_size(record), table.where(i))
-            validate_record(record, fmt, table.where(i))
+            validate_record(record, fmt, table.where(i), option)
         records.extend(table.records)
     return records, fmt
 
 
-def detect_format(record: dict, where: str = "record 0") -> str:
+def detect_format(record: dict, where: str = "record 0", option: str = "--data.format") -> str:
     """The format a record's keys say it is in; chat > alpaca > prompt_completion > text when several fit."""
     keys = set(record)
     if "messages" in keys:
@@ -123,18 +124,18 @@ def detect_format(record: dict, where: str = "record 0") -> str:
     seen = ", ".join(sorted(map(str, keys))[:12]) or "none"
     raise DataError(
         f"{where}: cannot tell the data format from its keys ({seen}); expected {_FORMAT_HINT}; "
-        "rename the fields or pass --data.format"
+        f"rename the fields or pass {option}"
     )
 
 
-def validate_record(record: dict, fmt: str, where: str) -> None:
+def validate_record(record: dict, fmt: str, where: str, option: str = "--data.format") -> None:
     """Raise DataError naming the record and the field if `record` does not fit `fmt`."""
     for name in _REQUIRED[fmt]:
         if name not in record:
             seen = ", ".join(sorted(map(str, record))[:12]) or "none"
             raise DataError(
                 f"{where}: missing field {name!r} for format {fmt} {FORMAT_KEYS[fmt]} (keys seen: {seen}); "
-                "add it or pass the right --data.format"
+                f"add it or pass the right {option}"
             )
     for name in _REQUIRED[fmt] + _OPTIONAL.get(fmt, ()):
         value = record.get(name)

@@ -162,11 +162,8 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     from fasttune.data.formats import load_records
     from fasttune.data.sft import tokenize_records
 
-    try:
-        records, fmt = load_records(a.data, a.format)
-        samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
-    except DataError as e:  # the readers name training's option; eval's is --format
-        raise DataError(str(e).replace("--data.format", "--format")) from None
+    records, fmt = load_records(a.data, a.format, option="--format")
+    samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
     kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
     if not kept:
         raise DataError(f"{a.data}: every sample is longer than the model's context ({context} tokens)")

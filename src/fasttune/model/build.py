@@ -45,6 +45,14 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers as transformers marks them: its unsplittable blocks (`_no_split_modules`: Llama's
+    model.layers, GPT-2's transformer.h, OPT's model.decoder.layers, ...), in order; under peft, its base model's."""
+    base = base_model(model)
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in kinds]
+
+
 def preset_config(preset: str, vocab_size: int, max_position_embeddings: int = 4096) -> PretrainedConfig:
     """The preset's config; a real shape keeps its own vocabulary unless the tokenizer's is larger."""
     if preset in REAL_SHAPES:

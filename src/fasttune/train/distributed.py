@@ -47,10 +47,17 @@ class Dist:
 
     def sum_(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum over ranks (identity for one process)."""
+        return self._reduce(values, device, "SUM")
+
+    def max_(self, value: float, device: torch.device) -> float:
+        """The largest `value` over ranks (a collective; identity for one process)."""
+        return self._reduce([value], device, "MAX")[0]
+
+    def _reduce(self, values: list[float], device: torch.device, op: str) -> list[float]:
         if not self.on:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def wrap(self, model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None):
@@ -66,14 +73,6 @@ class Dist:
         ids = [device.index] if device.type == "cuda" else None
         # gradients as views into the all-reduce buckets: no copy into and out of them, and no second gradient copy
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-
-    def max_(self, value: float, device: torch.device) -> float:
-        """The largest `value` over ranks (a collective; identity for one process)."""
-        if not self.on:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
 
     def gather_rng(self) -> list | None:
         """Every rank's random state (a collective), for the checkpoint; None in one process."""
@@ -136,8 +135,9 @@ def _shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.n
     # fp32 master weights under bf16 autocast: all-gather them in bf16 (half the traffic, and the dtype the matmuls
     # use anyway) and reduce-scatter the gradients in fp32 (no precision lost summing over ranks).
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
-    blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder layer classes
-    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    from fasttune.model.build import decoder_blocks
+
+    layers = decoder_blocks(model)  # transformers' decoder layer classes
     for i, layer in enumerate(layers):
         # The last layer is the first one backward needs: keeping it gathered saves one all-gather per step.
         fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **({"mp_policy": mp} if mp else {}))

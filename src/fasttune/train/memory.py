@@ -32,7 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
-from fasttune.model.build import base_model
+from fasttune.model.build import base_model, decoder_blocks
 from fasttune.model.flops import mlp_width
 from fasttune.model.mlp import fused as fused_mlp
 
@@ -371,12 +371,10 @@ BLOCKS = {"attention": ("self_attn", "attn", "self_attention", "attention"), "ml
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers, found as transformers' own unsplittable blocks (`_no_split_modules`: Llama's model.layers,
-    GPT-2's transformer.h, OPT's model.decoder.layers, ...), else `model.layers`; [] when there are none."""
+    """The decoder layers: transformers' own unsplittable blocks (model.build.decoder_blocks), else `model.layers`;
+    [] when there are none."""
     base = base_model(model)
-    kinds = set(getattr(base, "_no_split_modules", None) or ())
-    layers = [m for m in base.modules() if type(m).__name__ in kinds]
-    return layers or list(getattr(getattr(base, "model", None), "layers", None) or [])
+    return decoder_blocks(base) or list(getattr(getattr(base, "model", None), "layers", None) or [])
 
 
 def _block(layer: torch.nn.Module, plan: str) -> torch.nn.Module | None:
