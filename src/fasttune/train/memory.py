@@ -454,13 +454,15 @@ def free_memory(device: torch.device) -> float | None:
 
 
 def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None) -> Estimate:
-    """Choose and install the run's memory transforms: the chunked loss (unless Liger's fused loss is on) and the
+    """Choose and install the run's memory transforms: the chunked loss (Liger's fused one when Liger is on) and the
     activation plan (`model.memory`; `model.gradient_checkpointing` means full). `free_bytes` replaces the
     measured free memory (tests simulate GPUs with it)."""
     from fasttune.model.loss import apply_chunked_loss
 
     base = base_model(model)
     liger = cfg.model.liger and "forward" in vars(base)  # Liger's fused loss patched this instance's forward
+    if liger:
+        apply_chunked_loss(base, liger=True)  # Liger's kernel, on the tokens with a target only
     chunked = cfg.model.chunked_loss and not liger and apply_chunked_loss(base)
     requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory
     free = free_memory(device) if free_bytes is None else free_bytes
