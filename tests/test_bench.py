@@ -308,3 +308,25 @@ def test_baselines_compute_in_the_precision_of_fasttunes_rows():
     assert hf_dtype(full) == torch.bfloat16 and hf_dtype(quick) == torch.float32
     assert "HF baselines pure bf16" in precision_note(full) and "model.dtype bf16: pure bf16" in precision_note(full)
     assert "HF baselines pure fp32" in precision_note(quick)
+
+
+def test_a_dataset_workload_keeps_its_prompt_masks(tmp_path):
+    """--data: the samples' lengths and label masks as training tokenizes them (alpaca prompts have no label), and
+    the synthetic tokens carry the same masks to fasttune's and HF's rows."""
+    import json
+
+    from fasttune.bench.workload import dataset_workload
+
+    records = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"The sum is {2 * i + 1}."}
+               for i in range(12)]  # fmt: skip
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records))
+    lengths, trained = dataset_workload(str(path), None, 64, 5)
+    assert len(lengths) == len(trained) == 5 and [len(t) for t in trained] == lengths
+    for mask in trained:
+        assert not mask[0] and mask[-1] and 0 < sum(mask) < len(mask)  # the prompt untrained, the response trained
+    data = synthetic_bundle(lengths, vocab_size=100, trained=trained)
+    for s, mask in zip(data.train, trained, strict=True):
+        assert [label != -100 for label in s["labels"]] == mask
+        kept = [t for t, keep in zip(s["input_ids"], mask, strict=True) if keep]
+        assert kept == [t for t in s["labels"] if t != -100]

@@ -32,6 +32,13 @@ def _strs(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+def _trained_share(trained: list[list[bool]] | None) -> float:
+    """The share of the workload's tokens that have a label (1 for the synthetic mix: every token is trained)."""
+    if trained is None:
+        return 1.0
+    return sum(map(sum, trained)) / max(1, sum(map(len, trained)))
+
+
 def _positive(args: Command, names: tuple[str, ...], least: float = 1) -> None:
     """Options left out take their defaults; one given must be at least `least` (0 is not "the default")."""
     for name in names:
@@ -150,7 +157,8 @@ class TrainBench(Command):
     max_length: int | None = None
     """Longest sample and packed row length (default 2048 on a GPU, 256 on a CPU)."""
     data: str | None = None
-    """Use the token lengths of this dataset instead of the lognormal mix."""
+    """Use the token lengths and label masks (prompts untrained, as `fasttune train --data` trains) of this dataset
+    instead of the lognormal mix, every token trained."""
     model: str | None = None
     """Tokenizer folder for --data (default: fasttune's own BPE)."""
     micro_batch: int | None = None
@@ -191,7 +199,7 @@ class TrainBench(Command):
         from fasttune.attention.probe import import_status
         from fasttune.bench import train as bench
         from fasttune.bench.harness import Results, environment
-        from fasttune.bench.workload import LengthStats, dataset_lengths, sft_lengths
+        from fasttune.bench.workload import LengthStats, dataset_workload, sft_lengths
         from fasttune.config import get_experiment
         from fasttune.model.load import inference_device
 
@@ -203,8 +211,9 @@ class TrainBench(Command):
         device = inference_device(self.device)  # one line when not valid or not here
         gpu = device.type == "cuda"
         max_length = self.max_length or (2048 if gpu else 256)
+        trained = None
         if self.data:
-            lengths = dataset_lengths(self.data, self.model, max_length, self.samples or 0)
+            lengths, trained = dataset_workload(self.data, self.model, max_length, self.samples or 0)
         else:
             lengths = sft_lengths(self.samples or (64 if gpu else 16), self.median or (400 if gpu else 48),
                                   self.mean or (566 if gpu else 68), self.min_length or (32 if gpu else 8),
@@ -230,10 +239,12 @@ class TrainBench(Command):
             hf_only=_strs(self.hf_only or ""),
             equal_tokens=self.equal_tokens,
             lora=self.lora,
+            trained=trained,
         )
         results = Results("train", environment(device, command_line(self, "train")))
         results.notes.append(
-            f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}"
+            f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}; "
+            f"{_trained_share(trained):.0%} of the tokens have a label"
         )
         runs, _ = bench.plan_runs(cfg)
         _check_variants(cfg, runs)

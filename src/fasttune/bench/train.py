@@ -57,6 +57,8 @@ class TrainBench:
     """Also run fasttune auto packed at the HF baselines' tokens per step (the packing budget nearest to them)."""
     lora: bool = False
     """Every configuration trains LoRA adapters (baselines.LORA) on a frozen base instead of all weights."""
+    trained: list[list[bool]] | None = None
+    """Which tokens of each sample have a label (a dataset's prompt masks); None: every token."""
 
 
 def lora_overrides(bench: TrainBench) -> list[str]:
@@ -179,7 +181,7 @@ def hf_tokens_per_step(bench: TrainBench) -> float:
 def run_all(bench: TrainBench, results: Results, progress=None, after_row=None) -> Results:
     """Every configuration of plan_runs, one row each; `after_row()` after each, so the rows measured so far survive
     a run cut short (an 8B configuration takes ~20-40 s)."""
-    data = synthetic_bundle(bench.lengths, bench.vocab, bench.seed)
+    data = synthetic_bundle(bench.lengths, bench.vocab, bench.seed, bench.trained)
     runs, notes = plan_runs(bench)
     results.notes += [precision_note(bench), *notes, *lora_notes(bench)]
     with tempfile.TemporaryDirectory(prefix="fasttune-bench-") as tmp:

@@ -22,15 +22,18 @@ def sft_lengths(n: int, median: float, mean: float, lo: int, hi: int, seed: int 
     return [min(hi, max(lo, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
 
 
-def dataset_lengths(path: str, model_path: str | None, max_length: int, n: int) -> list[int]:
-    """Token lengths of a real dataset, tokenized exactly as `fasttune train --data PATH` would."""
+def dataset_workload(path: str, model_path: str | None, max_length: int, n: int) -> tuple[list[int], list[list[bool]]]:
+    """Token lengths of a real dataset, tokenized exactly as `fasttune train --data PATH` would, and which tokens of
+    each sample have a label (prompts and templates have none unless trained on)."""
     from fasttune.config import get_experiment
+    from fasttune.data.packing import IGNORE
     from fasttune.data.pipeline import build_data
 
     cfg = get_experiment("sft")
     cfg.data.path, cfg.model.path, cfg.data.max_length = path, model_path, max_length
-    lengths = [len(s["input_ids"]) for s in build_data(cfg.validate()).train]
-    return lengths[:n] if n else lengths
+    samples = build_data(cfg.validate()).train
+    samples = samples[:n] if n else samples
+    return [len(s["input_ids"]) for s in samples], [[label != IGNORE for label in s["labels"]] for s in samples]
 
 
 class SyntheticTokenizer:
@@ -52,13 +55,19 @@ class SyntheticTokenizer:
         return ()
 
 
-def synthetic_bundle(lengths: list[int], vocab_size: int, seed: int = 0) -> DataBundle:
-    """Random token ids of the given lengths (labels = inputs, every token trained), no validation split."""
+def synthetic_bundle(lengths: list[int], vocab_size: int, seed: int = 0,
+                     trained: list[list[bool]] | None = None) -> DataBundle:  # fmt: skip
+    """Random token ids of the given lengths, no validation split. Labels = inputs where `trained` (a dataset's label
+    masks, one list per sample) says so, else -100; without `trained` every token is trained."""
+    from fasttune.data.packing import IGNORE
+
     rng = random.Random(seed)
     train = []
-    for n in lengths:
+    for i, n in enumerate(lengths):
         ids = [rng.randrange(2, vocab_size) for _ in range(n)]
-        train.append({"input_ids": ids, "labels": list(ids)})
+        keep = trained[i] if trained is not None else [True] * n
+        labels = [t if k else IGNORE for t, k in zip(ids, keep, strict=True)]
+        train.append({"input_ids": ids, "labels": labels})
     summary = DataSummary(
         source=f"synthetic ({len(lengths)} samples, lengths {min(lengths)}..{max(lengths)})", format="tokens"
     )
