@@ -92,10 +92,59 @@ def test_chunk_size_follows_vocabulary():
     assert chunk_tokens(32000) == 2048 and chunk_tokens(128256) == 512 and chunk_tokens(10**9) == 64
 
 
-def test_not_applied_to_softcapped_logits():
-    model = build_preset("micro", VOCAB, "eager", torch.float32)
-    model.config.final_logit_softcapping = 30.0
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)  # fmt: skip
+
+
+def _transformed_models():
+    """Models whose forward changes the logits before the loss: Granite divides by logits_scaling, Cohere multiplies
+    by logit_scale, Gemma 2 softcaps (a cap of 0.5 makes it visible at initialisation); and a MoE model without its
+    router loss."""
+    import transformers as tf
+
+    yield tf.GraniteForCausalLM(tf.GraniteConfig(**SMALL, logits_scaling=8.0))
+    yield tf.CohereForCausalLM(tf.CohereConfig(**SMALL, logit_scale=0.0625))
+    yield tf.Gemma2ForCausalLM(tf.Gemma2Config(**SMALL, head_dim=16, final_logit_softcapping=0.5))
+    yield tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**SMALL))
+
+
+@pytest.mark.parametrize("liger", [False, True])
+@pytest.mark.parametrize("index", range(4))
+def test_logit_scaling_and_softcapping_train_as_in_hf(index, liger, monkeypatch):
+    """Before, Granite's logits_scaling was skipped: a different loss, silently (5.6805 against HF's 5.6995). Liger's
+    kernel gets the softcap and the scaled rows (its contract faked on CPU)."""
+    _fake_liger(monkeypatch)
+    torch.manual_seed(0)
+    ref = list(_transformed_models())[index].float().train()
+    ours = copy.deepcopy(ref)
+    assert apply_chunked_loss(ours, liger=liger), type(ref).__name__
+    batches = [collate(_samples(6, seed=s), packing=False, pad_id=0) for s in (1, 2)]
+    n = sum(count_targets(b) for b in batches)
+    assert torch.allclose(forward_backward(ours, batches, n, None), forward_backward(ref, batches, n, None), rtol=1e-5)
+    for k, g in _grads(ref).items():
+        assert ((_grads(ours)[k] - g).abs().max() / g.abs().max().clamp_min(1e-12)) < 1e-4, k
+
+
+def test_not_applied_where_the_loss_would_differ():
+    """A router's auxiliary loss (output_router_logits), or a forward that changes the logits in a way fasttune's loss
+    does not know (read from its source): the model's own loss runs, with the reason."""
+    import transformers as tf
+
+    from fasttune.model.loss import supports_chunked_loss
+
+    moe = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**SMALL, output_router_logits=True))
+    assert not apply_chunked_loss(moe) and "output_router_logits" in supports_chunked_loss(moe)
+
+    class Sliced(tf.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids).last_hidden_state)
+            logits = logits[..., :100]  # a padded vocabulary cut back
+            return logits
+
+    model = Sliced(tf.LlamaConfig(**SMALL))
     assert not apply_chunked_loss(model)
+    why = supports_chunked_loss(model)
+    assert why == "Sliced.forward does what fasttune's loss does not: logits = logits[..., :100]"
 
 
 def test_the_chunked_forward_uses_the_current_cache_field_name(monkeypatch):
@@ -132,10 +181,26 @@ def test_the_head_runs_on_the_trained_tokens_only():
     assert half == 3 * 2 * (2 * 32) * 16 * VOCAB
 
 
+def _fake_liger(monkeypatch) -> None:
+    """liger_fused_linear_cross_entropy's contract in plain torch (softcap as Liger applies it)."""
+    import sys
+    import types
+
+    def fake_kernel(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean", softcap=None):
+        assert (target != ignore_index).all()  # only trained rows reach it
+        logits = hidden @ weight.T
+        logits = softcap * torch.tanh(logits / softcap) if softcap else logits
+        out = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+        return out if reduction == "sum" else out / len(target)
+
+    liger = types.ModuleType("liger_kernel.transformers.functional")
+    liger.liger_fused_linear_cross_entropy = fake_kernel
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", liger)
+
+
 def test_the_loss_replaces_a_patched_forward_and_falls_back_to_it(monkeypatch):
     """Over a forward an earlier patch bound to the instance (Liger's), without labels that forward runs; a deep copy
     falls back on its own weights; with `liger`, the kernel gets the trained rows only and the result is HF's loss."""
-    import sys
     import types
 
     ref, ours = _pair()
@@ -145,14 +210,7 @@ def test_the_loss_replaces_a_patched_forward_and_falls_back_to_it(monkeypatch):
         seen.append(self)
         return type(self).forward(self, *args, **kwargs)
 
-    def fake_kernel(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean"):
-        assert (target != ignore_index).all()  # only trained rows reach it
-        out = torch.nn.functional.cross_entropy(hidden @ weight.T, target, ignore_index=ignore_index, reduction="sum")
-        return out if reduction == "sum" else out / len(target)
-
-    liger = types.ModuleType("liger_kernel.transformers.functional")
-    liger.liger_fused_linear_cross_entropy = fake_kernel
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", liger)
+    _fake_liger(monkeypatch)
     ours = copy.deepcopy(ref)
     ours.forward = types.MethodType(patched, ours)
     assert apply_chunked_loss(ours, liger=True)

@@ -13,6 +13,10 @@ one anyway). On an alpaca-style SFT set about half the tokens are prompt, and at
 is ~20% of a 1B model's FLOPs: on gsm8k at that vocabulary `full` trains 17% faster with this loss and 10% faster
 with Liger's fused kernel, which gets the same selection when Liger is on (3% at 32k; docs/BENCHMARKS.md).
 
+What a model's forward does to its logits before the loss is done here too (`LogitTransform`: Granite's and
+Cohere's scaling, Gemma's softcapping); a forward that does anything else, or adds a router's auxiliary loss, keeps
+its own loss (`supports_chunked_loss` reads the forward's source, so a model added to transformers later is checked).
+
 Semantics are Hugging Face's `ForCausalLMLoss` exactly: labels shifted left by one (or `shift_labels` given),
 -100 ignored, the logits computed in the compute dtype and upcast to fp32, the sum over targets divided by
 `num_items_in_batch` when given (the loop's whole-step target count over micro-batches and ranks), else the mean.
@@ -21,9 +25,12 @@ Shapes: T tokens, H hidden, V vocabulary.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
+import inspect
 import logging
+import textwrap
 import types
 
 import torch
@@ -54,7 +61,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     forward pass chunk by chunk (then scaled by the incoming gradient in backward)."""
 
     @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, bias_V, targets_T, scale, chunk: int, dtype: torch.dtype, grad: bool):
+    def forward(ctx, hidden_TH, weight_VH, bias_V, targets_T, scale, chunk: int, dtype: torch.dtype, grad: bool,
+                softcap: float | None = None):  # fmt: skip
         need_h, need_w, need_b = (grad and n for n in ctx.needs_input_grad[:3])
         w_VH = weight_VH.to(dtype)
         b_V = bias_V.to(dtype) if bias_V is not None else None
@@ -67,6 +75,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h_CH = hidden_TH[start : start + chunk].to(dtype)
             y_C = targets_T[start : start + chunk]
             logits_CV = (h_CH @ w_VH.T if b_V is None else torch.addmm(b_V, h_CH, w_VH.T)).float()
+            if softcap:  # Gemma's softcap * tanh(logits / softcap), in fp32
+                tanh_CV = torch.tanh(logits_CV / softcap)
+                logits_CV = torch.mul(tanh_CV, softcap, out=logits_CV)
             valid_C = y_C != IGNORE
             y_C = torch.where(valid_C, y_C, 0)
             lse_C = torch.logsumexp(logits_CV, dim=-1)
@@ -78,6 +89,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
             grad_CV[torch.arange(len(y_C), device=y_C.device), y_C] -= 1.0
             grad_CV.mul_(torch.where(valid_C, scale, 0.0)[:, None])
+            if softcap:  # d softcap * tanh(z / softcap) / dz = 1 - tanh^2
+                grad_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
             if need_b:
                 grad_b_V += grad_CV.sum(0)
             grad_CV = grad_CV.to(dtype)
@@ -92,7 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        out = [None] * 8
+        out = [None] * 9
         if grad_h is not None:
             out[0] = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
@@ -126,16 +139,19 @@ def _scale(targets_T: torch.Tensor, num_items_in_batch) -> torch.Tensor:
 
 def linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels_BS: torch.Tensor | None = None,
                          num_items_in_batch: int | torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
-                         chunk: int | None = None) -> torch.Tensor:  # fmt: skip
-    """HF's causal-LM loss of `head(hidden)` against `labels` (shifted here) or `shift_labels` (already shifted)."""
-    hidden_TH, targets_T = trained_rows(hidden_BSH, labels_BS, shift_labels)
+                         chunk: int | None = None, logits: LogitTransform | None = None) -> torch.Tensor:  # fmt: skip
+    """HF's causal-LM loss of `logits.apply(head(hidden))` against `labels` (shifted here) or `shift_labels` (already
+    shifted)."""
+    logits = logits or LogitTransform()
+    hidden_TH, targets_T = logits.scaled(*trained_rows(hidden_BSH, labels_BS, shift_labels))
     device = hidden_TH.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_TH.dtype
     scale = _scale(targets_T, num_items_in_batch)
     chunk = chunk or chunk_tokens(head.weight.shape[0])
     grad = torch.is_grad_enabled()  # evaluation (no_grad) computes the loss only
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden_TH, head.weight, head.bias, targets_T, scale, chunk, dtype, grad)
+        return _LinearCrossEntropy.apply(hidden_TH, head.weight, head.bias, targets_T, scale, chunk, dtype, grad,
+                                         logits.softcap)  # fmt: skip
 
 
 def _liger_chunk(rows: int, vocab: int, hidden: int, budget: int) -> int:
@@ -154,15 +170,16 @@ def liger_chunk_budget(rows: int, kept: int, vocab: int, hidden: int) -> int:
 
 def liger_linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels_BS: torch.Tensor | None = None,
                                num_items_in_batch: int | torch.Tensor | None = None,
-                               shift_labels: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                               shift_labels: torch.Tensor | None = None,
+                               logits: LogitTransform | None = None) -> torch.Tensor:  # fmt: skip
     """The same loss through Liger's fused linear cross-entropy kernel (liger-kernel installed, CUDA), called as
     Liger's own model forward calls it (a sum divided by `num_items_in_batch`, else the mean), on the trained rows."""
-    import inspect
-
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    hidden_TH, targets_T = trained_rows(hidden_BSH, labels_BS, shift_labels)
-    kwargs = {"ignore_index": IGNORE, "reduction": "mean" if num_items_in_batch is None else "sum"}
+    logits = logits or LogitTransform()
+    hidden_TH, targets_T = logits.scaled(*trained_rows(hidden_BSH, labels_BS, shift_labels))
+    kwargs = {"ignore_index": IGNORE, "reduction": "mean" if num_items_in_batch is None else "sum",
+              "softcap": logits.softcap}  # fmt: skip
     if "chunk_mem_const" in inspect.signature(liger_fused_linear_cross_entropy).parameters:
         # Liger sizes its chunks in proportion to the rows it is given; fewer rows would mean skinnier matmuls that
         # re-read the head weight more often (-5% at a 128k vocabulary, measured): keep the whole batch's chunk size
@@ -171,15 +188,81 @@ def liger_linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
+@dataclasses.dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to the head's logits before its loss: a scale (Granite divides by
+    `logits_scaling`, Cohere multiplies by `logit_scale`), then Gemma's softcap (softcap * tanh(logits / softcap))."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LogitTransform:
+        """The transform of the model's config settings that its forward reads (a setting it ignores is no change)."""
+        source, config = _forward_source(type(model)) or "", model.config
+
+        def setting(name: str):
+            return getattr(config, name, None) if name in source else None
+
+        scale = 1.0 / (setting("logits_scaling") or 1.0) * (setting("logit_scale") or 1.0)
+        return cls(scale, setting("final_logit_softcapping") or None)
+
+    def describe(self) -> str:
+        """'' for none, else '; logits scaled by S, softcapped at C (as the model's forward does)'."""
+        parts = ([f"scaled by {self.scale:g}"] if self.scale != 1.0 else []) + (
+            [f"softcapped at {self.softcap:g}"] if self.softcap else [])  # fmt: skip
+        return f"; logits {', '.join(parts)} (as the model's forward does)" if parts else ""
+
+    def scaled(self, hidden_TH: torch.Tensor, targets_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head is linear: scaling its input rows scales the logits (bias-free heads only: see the check)."""
+        return (hidden_TH if self.scale == 1.0 else hidden_TH * self.scale), targets_T
+
+
+KNOWN_TRANSFORMS = ("logits_scaling", "logit_scale", "final_logit_softcapping", "torch.tanh(logits)")
+"""What may appear in a `logits = ...` line after the head in a model's forward (LogitTransform covers them)."""
+
+
+@functools.cache
+def _forward_source(cls: type) -> str | None:
+    try:
+        return textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError, AttributeError):
+        return None
+
+
+def _unknown_logit_change(cls: type) -> str | None:
+    """The first line of `cls.forward` that reassigns `logits` after the head in a way LogitTransform does not cover
+    (a slice, a module of its own), or that adds anything but a router's auxiliary loss (which supports_chunked_loss
+    checks) to the loss; None when there is none. Read from the forward's source, so that a model class added to
+    transformers later is checked too."""
+    if (src := _forward_source(cls)) is None:
+        return "its forward's source cannot be read"
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "loss":
+            line = ast.get_source_segment(src, node) or ""
+            if "aux_loss" not in line:  # a router's auxiliary loss is added only with output_router_logits
+                return line
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(getattr(t, "id", None) == "logits" for t in targets):
+            line = ast.get_source_segment(src, node.value) or ""
+            if "lm_head(" not in line and not any(k in line for k in KNOWN_TRANSFORMS):
+                return f"logits = {line}"
+    return None
+
+
 def supports_chunked_loss(model: nn.Module) -> str | None:
-    """None when the model's loss can be computed here, else why not (logit softcapping or scaling, an lm head that
-    is not a plain Linear, no `.model` backbone)."""
+    """None when the model's loss can be computed here, else why not (an lm head that is not a plain Linear, no
+    `.model` backbone, logits changed in a way LogitTransform does not know, a router's auxiliary loss)."""
     config = model.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
-        return "the model transforms its logits (softcapping or scaling)"
     if type(getattr(model, "lm_head", None)) is not nn.Linear or not isinstance(getattr(model, "model", None),
                                                                                  nn.Module):  # fmt: skip
         return "no plain `lm_head` Linear over a `model` backbone"
+    if LogitTransform.of(model).scale != 1.0 and model.lm_head.bias is not None:
+        return "a scaled head with a bias"
+    if getattr(config, "output_router_logits", False):
+        return "the model adds its router's auxiliary loss (output_router_logits)"
+    if (line := _unknown_logit_change(type(model))) is not None:
+        return f"{type(model).__name__}.forward does what fasttune's loss does not: {line.splitlines()[0][:80]}"
     return None
 
 
@@ -205,14 +288,16 @@ def apply_chunked_loss(model: nn.Module, liger: bool = False) -> bool:
         then = "Liger's own loss runs on every token" if liger else "the model's own loss materialises the logits"
         log.info("%s: not applied (%s); %s", "trained-token loss" if liger else "chunked loss", why, then)
         return False
-    loss = liger_linear_cross_entropy if liger else linear_cross_entropy
+    transform = LogitTransform.of(model)
+    loss = functools.partial(liger_linear_cross_entropy if liger else linear_cross_entropy, logits=transform)
     replaced = vars(model).get("forward")  # Liger's, bound to this instance; else the class's
     fallback = replaced.__func__ if isinstance(replaced, types.MethodType) else type(model).forward
     forward = functools.partial(_head_loss_forward, fasttune_loss=loss, fasttune_fallback=fallback)
     model.forward = types.MethodType(forward, model)
     if liger:
-        log.info("loss: Liger's fused linear cross-entropy on the tokens with a target only")
+        log.info("loss: Liger's fused linear cross-entropy on the tokens with a target only%s", transform.describe())
     else:
+        chunk = chunk_tokens(model.lm_head.weight.shape[0])
         log.info("chunked loss: linear + cross-entropy in %d-token chunks on the tokens with a target (the full "
-                 "logits are never held)", chunk_tokens(model.lm_head.weight.shape[0]))  # fmt: skip
+                 "logits are never held)%s", chunk, transform.describe())  # fmt: skip
     return True
