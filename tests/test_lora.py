@@ -128,6 +128,24 @@ def test_adapter_config_records_the_absolute_base_path(tmp_path, monkeypatch):
     assert isinstance(reloaded, peft.PeftModel)
 
 
+@pytest.mark.filterwarnings(PEFT_READS_DEPRECATED)
+def test_a_base_inside_another_runs_checkpoints_is_named_as_prunable(tmp_path, caplog):
+    """A LoRA base that is a checkpoint of a run (`--model runs/x` resolves to runs/x/checkpoints/step-N) goes when
+    that run is resumed and prunes it: the adapter would lose its base, so the run says so; a plain folder is quiet."""
+    from fasttune.train.run_dir import RunFolder
+
+    run = RunFolder(tmp_path / "runs" / "x")
+    step = run.checkpoints / "step-000010"
+    tiny_llama().save_pretrained(step)
+    run.marker.write_text("{}")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    for base, warned in ((tmp_path / "base", False), (step, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fasttune"):
+            apply_lora(AutoModelForCausalLM.from_pretrained(base), LoraConfig(rank=4, targets=("q_proj",)))
+        assert ("a checkpoint of the run" in caplog.text) is warned, caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_lora_on_cuda_holds_the_frozen_base_in_bf16(tmp_path):

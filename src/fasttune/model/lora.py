@@ -150,6 +150,14 @@ def _resolve_base_path(model) -> None:
     base = config.base_model_name_or_path
     if base and Path(base).is_dir():
         config.base_model_name_or_path = str(Path(base).resolve())
+        from fasttune.train.run_dir import RunFolder
+
+        folder = Path(config.base_model_name_or_path).parent
+        if folder.name == "checkpoints" and RunFolder(folder.parent).is_run:
+            log.warning("lora: the adapter's base is %s, a checkpoint of the run %s, which that run prunes "
+                        "(--training.keep-last) if it is resumed; the merged model does not need it, the adapter "
+                        "does: copy the checkpoint elsewhere and train from the copy to keep the adapter loadable",
+                        config.base_model_name_or_path, folder.parent)  # fmt: skip
 
 
 def save_lora(
