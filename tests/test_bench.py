@@ -330,3 +330,21 @@ def test_a_dataset_workload_keeps_its_prompt_masks(tmp_path):
         assert [label != -100 for label in s["labels"]] == mask
         kept = [t for t, keep in zip(s["input_ids"], mask, strict=True) if keep]
         assert kept == [t for t in s["labels"] if t != -100]
+
+
+def test_the_memory_target_takes_the_fastest_fasttune_row_that_fits_the_leanest_hf_memory():
+    from fasttune.bench.train import memory_target_line
+
+    def row(config, stack, tps, gib, **kw):
+        return {"config": config, "stack": stack, "status": "ok", "tokens_per_s": tps, "peak_gib": gib, **kw}
+
+    hf_rows = [row("HF FA4", "HF", 50.0, 24.0, packing=True, leak_free=True),
+               row("HF FA4 + Liger", "HF", 40.0, 16.0, packing=True, leak_free=True),
+               row("HF sdpa padded", "HF", 90.0, 10.0, packing=False, leak_free=True)]  # fmt: skip
+    ours = [row("fasttune 8k", "fasttune", 85.0, 15.5), row("fasttune 10k", "fasttune", 95.0, 16.5)]
+    assert memory_target_line(hf_rows + ours) == (
+        "- target >= 1.6x the fastest HF stack (HF FA4) in no more memory than the leanest (HF FA4 + Liger, 16.0 "
+        "GiB): fasttune 8k 1.70x in 15.5 GiB"
+    )
+    assert memory_target_line(hf_rows + ours[1:]).endswith("16.0 GiB): no fasttune row fits that memory")
+    assert memory_target_line(ours) is None

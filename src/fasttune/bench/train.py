@@ -272,7 +272,28 @@ def target_lines(bench: TrainBench, rows: list[dict]) -> list[str]:
         mem = main.get("peak_gib"), best.get("peak_gib")
         if None not in mem:
             lines.append(f"- peak memory {mem[0]:.1f} GiB vs {mem[1]:.1f} GiB for that stack (target: no higher)")
+    if not bench.lora and (line := memory_target_line(rows)) is not None:
+        lines.append(line)
     return lines or [f"- targets: not judged ({name} or a leak-free packed HF baseline did not run)"]
+
+
+def memory_target_line(rows: list[dict]) -> str | None:
+    """Issue #14's target: the fastest fasttune row (any tokens per step) in no more memory than the leanest
+    leak-free packed HF stack, against the fastest one. None without HF rows that report memory (CPU)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("tokens_per_s") and r.get("peak_gib")]
+    hf_rows = [r for r in ok if r["stack"] == "HF" and r.get("packing") and r.get("leak_free")]
+    if not hf_rows:
+        return None
+    fastest = max(hf_rows, key=lambda r: r["tokens_per_s"])
+    leanest = min(hf_rows, key=lambda r: r["peak_gib"])
+    head = (f"- target >= 1.6x the fastest HF stack ({fastest['config']}) in no more memory than the leanest "
+            f"({leanest['config']}, {leanest['peak_gib']:.1f} GiB): ")  # fmt: skip
+    fits = [r for r in ok if r["stack"] == "fasttune" and r["peak_gib"] <= leanest["peak_gib"]]
+    if not fits:
+        return head + "no fasttune row fits that memory"
+    best = max(fits, key=lambda r: r["tokens_per_s"])
+    ratio = best["tokens_per_s"] / fastest["tokens_per_s"]
+    return head + f"{best['config']} {ratio:.2f}x in {best['peak_gib']:.1f} GiB"
 
 
 def hf_dtype(bench: TrainBench) -> torch.dtype:
