@@ -177,12 +177,15 @@ def test_a_model_with_fasttunes_forwards_survives_torch_save():
 
     from fasttune.config import LoraConfig
     from fasttune.model.lora import apply_lora
+    from fasttune.model.loss import apply_chunked_loss
 
     model = apply_lora(build_preset("micro", VOCAB, "sdpa", torch.float32), LoraConfig(enabled=True, rank=4,
                        targets=("q_proj", "v_proj")))  # fmt: skip
     assert mlp.apply(model) == model.config.num_hidden_layers
+    assert apply_chunked_loss(model.get_base_model())  # the loss's forward too
     buffer = io.BytesIO()
     torch.save(model, buffer)
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     ids = torch.randint(2, VOCAB, (2, 12))
     assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    assert torch.allclose(loaded(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss, atol=1e-5)

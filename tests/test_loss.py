@@ -125,6 +125,99 @@ def test_logit_scaling_and_softcapping_train_as_in_hf(index, liger, monkeypatch)
         assert ((_grads(ours)[k] - g).abs().max() / g.abs().max().clamp_min(1e-12)) < 1e-4, k
 
 
+def _patterns():
+    """Forwards as transformers writes them (Llama's body), each with one change after the head."""
+    import transformers as tf
+
+    class Base(tf.LlamaForCausalLM):
+        def hidden(self, input_ids):
+            return self.model(input_ids=input_ids).last_hidden_state
+
+    class Multiplied(Base):  # HyperCLOVAX: a multiplier where Granite divides
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.hidden(input_ids))
+            logits = logits * self.config.logits_scaling
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            return tf.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class OnTheHead(Base):  # Falcon-H1: the multiplier on the head's line
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.hidden(input_ids)) * self.model.multiplier
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            return tf.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class Sliced(Base):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.hidden(input_ids))
+            logits = logits[..., :100]  # a padded vocabulary cut back
+            return logits
+
+    class OwnLoss(Base):  # Bart's decoder: an unshifted CrossEntropyLoss
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.hidden(input_ids))
+            loss_fct = torch.nn.CrossEntropyLoss()
+            loss = loss_fct(logits.view(-1, self.config.vocab_size), labels.view(-1))
+            return loss
+
+    class ZLoss(Base):  # Bamba: a z-loss added by assignment
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.hidden(input_ids))
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = loss + 0.1 * logits.logsumexp(-1).square().mean()
+            return loss
+
+    class LocalCap(Base):  # Gemma 3n / 4 multimodal: the softcap from a local variable
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.hidden(input_ids))
+            cap = self.config.get_text_config().final_logit_softcapping
+            logits = logits / cap
+            return logits
+
+    return Multiplied, OnTheHead, Sliced, OwnLoss, ZLoss, LocalCap
+
+
+def test_the_forwards_logit_steps_are_read_from_its_source_with_the_instances_values():
+    """A multiplier (HyperCLOVAX) multiplies, one on the head's own line (Falcon-H1) counts, and values come from the
+    instance (self.model.multiplier); transformers' classes too (Granite divides, Gemma 2 softcaps, Llama: nothing)."""
+    import transformers as tf
+
+    from fasttune.model.head import LogitTransform, logit_transform
+
+    multiplied, on_the_head, *_ = _patterns()
+    model = multiplied(tf.LlamaConfig(**SMALL, logits_scaling=4.0))
+    assert logit_transform(model) == LogitTransform(4.0, None)
+    model = on_the_head(tf.LlamaConfig(**SMALL))
+    model.model.multiplier = 0.25
+    assert logit_transform(model) == LogitTransform(0.25, None)
+    granite, cohere, gemma2, moe = _transformed_models()
+    assert logit_transform(granite) == LogitTransform(1 / 8, None)
+    assert logit_transform(cohere) == LogitTransform(0.0625, None)
+    assert logit_transform(gemma2) == LogitTransform(1.0, 0.5)
+    assert logit_transform(tf.Gemma2ForCausalLM(tf.Gemma2Config(**SMALL, head_dim=16, final_logit_softcapping=None)))\
+        == LogitTransform(1.0, None)  # fmt: skip
+    assert logit_transform(build_preset("micro", VOCAB, "eager", torch.float32)) == LogitTransform()
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_read_transforms_train_as_the_forward_does(index):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    ref = _patterns()[index](tf.LlamaConfig(**SMALL, logits_scaling=4.0)).float().train()
+    ref.model.multiplier = 0.25
+    ours = copy.deepcopy(ref)
+    assert apply_chunked_loss(ours)
+    batch = collate(_samples(6, seed=3), packing=False, pad_id=0)
+    n = count_targets(batch)
+    assert torch.allclose(forward_backward(ours, [batch], n, None), forward_backward(ref, [batch], n, None), rtol=1e-5)
+    for k, g in _grads(ref).items():
+        assert ((_grads(ours)[k] - g).abs().max() / g.abs().max().clamp_min(1e-12)) < 1e-4, k
+
+
 def test_not_applied_where_the_loss_would_differ():
     """A router's auxiliary loss (output_router_logits), or a forward that changes the logits in a way fasttune's loss
     does not know (read from its source): the model's own loss runs, with the reason."""
@@ -135,16 +228,17 @@ def test_not_applied_where_the_loss_would_differ():
     moe = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**SMALL, output_router_logits=True))
     assert not apply_chunked_loss(moe) and "output_router_logits" in supports_chunked_loss(moe)
 
-    class Sliced(tf.LlamaForCausalLM):
-        def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.model(input_ids).last_hidden_state)
-            logits = logits[..., :100]  # a padded vocabulary cut back
-            return logits
-
-    model = Sliced(tf.LlamaConfig(**SMALL))
-    assert not apply_chunked_loss(model)
-    why = supports_chunked_loss(model)
-    assert why == "Sliced.forward does what fasttune's loss does not: logits = logits[..., :100]"
+    expected = {
+        "Sliced": "logits = logits[..., :100]",
+        "OwnLoss": "loss = loss_fct(logits.view(-1, self.config.vocab_size), labels.view(-1))",
+        "ZLoss": "loss = loss + 0.1 * logits.logsumexp(-1).square().mean()",
+        "LocalCap": "logits = logits / cap",
+    }
+    for cls in _patterns()[2:]:
+        model = cls(tf.LlamaConfig(**SMALL))
+        assert not apply_chunked_loss(model)
+        why = supports_chunked_loss(model)
+        assert why == f"{cls.__name__}.forward does what fasttune's loss does not: {expected[cls.__name__]}"
 
 
 def test_the_chunked_forward_uses_the_current_cache_field_name(monkeypatch):
@@ -179,6 +273,8 @@ def test_the_head_runs_on_the_trained_tokens_only():
     half = _head_flops(labels)
     assert full == 3 * 2 * (2 * 63) * 16 * VOCAB  # 126 targets: logits, d hidden, d weight
     assert half == 3 * 2 * (2 * 32) * 16 * VOCAB
+    labels[:] = -100  # a micro-batch of prompts only
+    assert _head_flops(labels) == 0
 
 
 def _fake_liger(monkeypatch) -> None:
@@ -201,6 +297,7 @@ def _fake_liger(monkeypatch) -> None:
 def test_the_loss_replaces_a_patched_forward_and_falls_back_to_it(monkeypatch):
     """Over a forward an earlier patch bound to the instance (Liger's), without labels that forward runs; a deep copy
     falls back on its own weights; with `liger`, the kernel gets the trained rows only and the result is HF's loss."""
+    import sys
     import types
 
     ref, ours = _pair()
@@ -219,6 +316,10 @@ def test_the_loss_replaces_a_patched_forward_and_falls_back_to_it(monkeypatch):
     assert torch.allclose(forward_backward(ours, [batch], n, None), forward_backward(ref, [batch], n, None))
     for k, g in _grads(ref).items():
         assert torch.allclose(_grads(ours)[k], g, atol=1e-6), k
+    with torch.no_grad():  # evaluation: fasttune's chunked loss, whatever Liger's version does under no_grad
+        monkeypatch.setattr(sys.modules["liger_kernel.transformers.functional"], "liger_fused_linear_cross_entropy",
+                            lambda *a, **k: pytest.fail("Liger's kernel ran in evaluation"))  # fmt: skip
+        assert torch.allclose(ours(**batch, num_items_in_batch=n).loss, ref(**batch, num_items_in_batch=n).loss)
     plain = {k: v for k, v in batch.items() if k != "labels"}
     assert torch.equal(ours(**plain).logits, ref(**plain).logits) and seen == [ours]
     twin = copy.deepcopy(ours)

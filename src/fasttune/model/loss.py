@@ -13,9 +13,9 @@ one anyway). On an alpaca-style SFT set about half the tokens are prompt, and at
 is ~20% of a 1B model's FLOPs: on gsm8k at that vocabulary `full` trains 17% faster with this loss and 10% faster
 with Liger's fused kernel, which gets the same selection when Liger is on (3% at 32k; docs/BENCHMARKS.md).
 
-What a model's forward does to its logits before the loss is done here too (`LogitTransform`: Granite's and
-Cohere's scaling, Gemma's softcapping); a forward that does anything else, or adds a router's auxiliary loss, keeps
-its own loss (`supports_chunked_loss` reads the forward's source, so a model added to transformers later is checked).
+What a model's forward does to its logits before the loss is done here too (`LogitTransform`: scales such as
+Granite's, Cohere's or Falcon-H1's, Gemma's softcap); a forward that does anything else there keeps its own loss
+(model/head.py reads the forward's source, so a model added to transformers later is checked too).
 
 Semantics are Hugging Face's `ForCausalLMLoss` exactly: labels shifted left by one (or `shift_labels` given),
 -100 ignored, the logits computed in the compute dtype and upcast to fp32, the sum over targets divided by
@@ -25,12 +25,10 @@ Shapes: T tokens, H hidden, V vocabulary.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import inspect
 import logging
-import textwrap
 import types
 
 import torch
@@ -38,6 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fasttune.data.packing import IGNORE
+from fasttune.model.head import LogitTransform, logit_transform, supports_chunked_loss
 
 # The outputs' KV-cache field: `cache` since transformers 5.2x (the old name `past_key_values` still works there but
 # warns on every run), `past_key_values` on 5.17.
@@ -115,16 +114,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return tuple(out)
 
 
-def trained_rows(hidden_BSH: torch.Tensor, labels_BS: torch.Tensor | None,
-                 shift_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def trained_rows(hidden_BSH: torch.Tensor, labels_BS: torch.Tensor | None, shift_labels: torch.Tensor | None,
+                 none_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(hidden_TH, targets_T) of the tokens that have a target (labels shifted left by one here, or `shift_labels`
-    already shifted). Every token when all or none have one; the gradient of the dropped rows is zero either way."""
+    already shifted): every token when all have one, or none does and not `none_ok` (Liger's kernel takes no empty
+    input); the gradient of the dropped rows is zero either way."""
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels_BS, (0, 1), value=IGNORE)[..., 1:]
     hidden_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
     targets_T = shift_labels.reshape(-1).to(hidden_TH.device)
     keep_K = (targets_T != IGNORE).nonzero().squeeze(1)  # the host sync: the count sets the shapes
-    if 0 < len(keep_K) < len(targets_T):
+    if len(keep_K) < len(targets_T) and (len(keep_K) or none_ok):
         return hidden_TH.index_select(0, keep_K), targets_T.index_select(0, keep_K)
     return hidden_TH, targets_T
 
@@ -140,10 +140,10 @@ def _scale(targets_T: torch.Tensor, num_items_in_batch) -> torch.Tensor:
 def linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels_BS: torch.Tensor | None = None,
                          num_items_in_batch: int | torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
                          chunk: int | None = None, logits: LogitTransform | None = None) -> torch.Tensor:  # fmt: skip
-    """HF's causal-LM loss of `logits.apply(head(hidden))` against `labels` (shifted here) or `shift_labels` (already
-    shifted)."""
+    """HF's causal-LM loss of `head(hidden)`, scaled and softcapped as `logits` says, against `labels` (shifted here)
+    or `shift_labels` (already shifted)."""
     logits = logits or LogitTransform()
-    hidden_TH, targets_T = logits.scaled(*trained_rows(hidden_BSH, labels_BS, shift_labels))
+    hidden_TH, targets_T = logits.scaled(*trained_rows(hidden_BSH, labels_BS, shift_labels, none_ok=True))
     device = hidden_TH.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_TH.dtype
     scale = _scale(targets_T, num_items_in_batch)
@@ -174,6 +174,8 @@ def liger_linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels
                                logits: LogitTransform | None = None) -> torch.Tensor:  # fmt: skip
     """The same loss through Liger's fused linear cross-entropy kernel (liger-kernel installed, CUDA), called as
     Liger's own model forward calls it (a sum divided by `num_items_in_batch`, else the mean), on the trained rows."""
+    if not torch.is_grad_enabled():  # evaluation: the loss only (Liger's kernels before 0.8.3 fill gradients anyway)
+        return linear_cross_entropy(hidden_BSH, head, labels_BS, num_items_in_batch, shift_labels, logits=logits)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     logits = logits or LogitTransform()
@@ -186,84 +188,6 @@ def liger_linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels
         kwargs["chunk_mem_const"] = liger_chunk_budget(hidden_BSH[..., 0].numel(), len(targets_T), *head.weight.shape)
     loss = liger_fused_linear_cross_entropy(hidden_TH, head.weight, targets_T, head.bias, **kwargs)
     return loss if num_items_in_batch is None else loss / num_items_in_batch
-
-
-@dataclasses.dataclass(frozen=True)
-class LogitTransform:
-    """What a model's forward does to the head's logits before its loss: a scale (Granite divides by
-    `logits_scaling`, Cohere multiplies by `logit_scale`), then Gemma's softcap (softcap * tanh(logits / softcap))."""
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-    @classmethod
-    def of(cls, model: nn.Module) -> LogitTransform:
-        """The transform of the model's config settings that its forward reads (a setting it ignores is no change)."""
-        source, config = _forward_source(type(model)) or "", model.config
-
-        def setting(name: str):
-            return getattr(config, name, None) if name in source else None
-
-        scale = 1.0 / (setting("logits_scaling") or 1.0) * (setting("logit_scale") or 1.0)
-        return cls(scale, setting("final_logit_softcapping") or None)
-
-    def describe(self) -> str:
-        """'' for none, else '; logits scaled by S, softcapped at C (as the model's forward does)'."""
-        parts = ([f"scaled by {self.scale:g}"] if self.scale != 1.0 else []) + (
-            [f"softcapped at {self.softcap:g}"] if self.softcap else [])  # fmt: skip
-        return f"; logits {', '.join(parts)} (as the model's forward does)" if parts else ""
-
-    def scaled(self, hidden_TH: torch.Tensor, targets_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head is linear: scaling its input rows scales the logits (bias-free heads only: see the check)."""
-        return (hidden_TH if self.scale == 1.0 else hidden_TH * self.scale), targets_T
-
-
-KNOWN_TRANSFORMS = ("logits_scaling", "logit_scale", "final_logit_softcapping", "torch.tanh(logits)")
-"""What may appear in a `logits = ...` line after the head in a model's forward (LogitTransform covers them)."""
-
-
-@functools.cache
-def _forward_source(cls: type) -> str | None:
-    try:
-        return textwrap.dedent(inspect.getsource(cls.forward))
-    except (OSError, TypeError, AttributeError):
-        return None
-
-
-def _unknown_logit_change(cls: type) -> str | None:
-    """The first line of `cls.forward` that reassigns `logits` after the head in a way LogitTransform does not cover
-    (a slice, a module of its own), or that adds anything but a router's auxiliary loss (which supports_chunked_loss
-    checks) to the loss; None when there is none. Read from the forward's source, so that a model class added to
-    transformers later is checked too."""
-    if (src := _forward_source(cls)) is None:
-        return "its forward's source cannot be read"
-    for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "loss":
-            line = ast.get_source_segment(src, node) or ""
-            if "aux_loss" not in line:  # a router's auxiliary loss is added only with output_router_logits
-                return line
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        if any(getattr(t, "id", None) == "logits" for t in targets):
-            line = ast.get_source_segment(src, node.value) or ""
-            if "lm_head(" not in line and not any(k in line for k in KNOWN_TRANSFORMS):
-                return f"logits = {line}"
-    return None
-
-
-def supports_chunked_loss(model: nn.Module) -> str | None:
-    """None when the model's loss can be computed here, else why not (an lm head that is not a plain Linear, no
-    `.model` backbone, logits changed in a way LogitTransform does not know, a router's auxiliary loss)."""
-    config = model.config
-    if type(getattr(model, "lm_head", None)) is not nn.Linear or not isinstance(getattr(model, "model", None),
-                                                                                 nn.Module):  # fmt: skip
-        return "no plain `lm_head` Linear over a `model` backbone"
-    if LogitTransform.of(model).scale != 1.0 and model.lm_head.bias is not None:
-        return "a scaled head with a bias"
-    if getattr(config, "output_router_logits", False):
-        return "the model adds its router's auxiliary loss (output_router_logits)"
-    if (line := _unknown_logit_change(type(model))) is not None:
-        return f"{type(model).__name__}.forward does what fasttune's loss does not: {line.splitlines()[0][:80]}"
-    return None
 
 
 def _head_loss_forward(self, *args, labels=None, fasttune_loss=None, fasttune_fallback=None, **kwargs):
@@ -288,11 +212,12 @@ def apply_chunked_loss(model: nn.Module, liger: bool = False) -> bool:
         then = "Liger's own loss runs on every token" if liger else "the model's own loss materialises the logits"
         log.info("%s: not applied (%s); %s", "trained-token loss" if liger else "chunked loss", why, then)
         return False
-    transform = LogitTransform.of(model)
+    transform = logit_transform(model)
     loss = functools.partial(liger_linear_cross_entropy if liger else linear_cross_entropy, logits=transform)
     replaced = vars(model).get("forward")  # Liger's, bound to this instance; else the class's
     fallback = replaced.__func__ if isinstance(replaced, types.MethodType) else type(model).forward
     forward = functools.partial(_head_loss_forward, fasttune_loss=loss, fasttune_fallback=fallback)
+    forward.__name__ = "forward"  # pickle (torch.save of the model) stores the bound method by this name
     model.forward = types.MethodType(forward, model)
     if liger:
         log.info("loss: Liger's fused linear cross-entropy on the tokens with a target only%s", transform.describe())
