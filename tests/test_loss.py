@@ -129,13 +129,13 @@ def _patterns():
     """Forwards as transformers writes them (Llama's body), each with one change after the head."""
     import transformers as tf
 
-    class Base(tf.LlamaForCausalLM):
-        def hidden(self, input_ids):
-            return self.model(input_ids=input_ids).last_hidden_state
+    Base = tf.LlamaForCausalLM
 
     class Multiplied(Base):  # HyperCLOVAX: a multiplier where Granite divides
         def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.hidden(input_ids))
+            outputs = self.model(input_ids=input_ids)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
             logits = logits * self.config.logits_scaling
             loss = None
             if labels is not None:
@@ -144,7 +144,20 @@ def _patterns():
 
     class OnTheHead(Base):  # Falcon-H1: the multiplier on the head's line
         def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.hidden(input_ids)) * self.model.multiplier
+            outputs = self.model(input_ids=input_ids)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states) * self.model.multiplier
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            return tf.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class ScaledInput(Base):  # MiniCPM3: the head's input scaled
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            outputs = self.model(input_ids=input_ids)
+            hidden_states = outputs.last_hidden_state
+            hidden_states = hidden_states / self.config.logits_scaling
+            logits = self.lm_head(hidden_states)
             loss = None
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -152,32 +165,46 @@ def _patterns():
 
     class Sliced(Base):
         def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.hidden(input_ids))
+            outputs = self.model(input_ids=input_ids)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
             logits = logits[..., :100]  # a padded vocabulary cut back
             return logits
 
     class OwnLoss(Base):  # Bart's decoder: an unshifted CrossEntropyLoss
         def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.hidden(input_ids))
+            outputs = self.model(input_ids=input_ids)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
             loss_fct = torch.nn.CrossEntropyLoss()
             loss = loss_fct(logits.view(-1, self.config.vocab_size), labels.view(-1))
             return loss
 
     class ZLoss(Base):  # Bamba: a z-loss added by assignment
         def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.hidden(input_ids))
+            outputs = self.model(input_ids=input_ids)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = loss + 0.1 * logits.logsumexp(-1).square().mean()
             return loss
 
     class LocalCap(Base):  # Gemma 3n / 4 multimodal: the softcap from a local variable
         def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.hidden(input_ids))
+            outputs = self.model(input_ids=input_ids)
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states)
             cap = self.config.get_text_config().final_logit_softcapping
             logits = logits / cap
             return logits
 
-    return Multiplied, OnTheHead, Sliced, OwnLoss, ZLoss, LocalCap
+    class InsideTheCall(Base):  # a scale inside the head's call
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            hidden_states = self.model(input_ids=input_ids).last_hidden_state
+            logits = self.lm_head(hidden_states * 2)
+            return logits
+
+    return Multiplied, OnTheHead, ScaledInput, Sliced, OwnLoss, ZLoss, LocalCap, InsideTheCall
 
 
 def test_the_forwards_logit_steps_are_read_from_its_source_with_the_instances_values():
@@ -187,7 +214,8 @@ def test_the_forwards_logit_steps_are_read_from_its_source_with_the_instances_va
 
     from fasttune.model.head import LogitTransform, logit_transform
 
-    multiplied, on_the_head, *_ = _patterns()
+    multiplied, on_the_head, scaled_input, *_ = _patterns()
+    assert logit_transform(scaled_input(tf.LlamaConfig(**SMALL, logits_scaling=4.0))) == LogitTransform(0.25, None)
     model = multiplied(tf.LlamaConfig(**SMALL, logits_scaling=4.0))
     assert logit_transform(model) == LogitTransform(4.0, None)
     model = on_the_head(tf.LlamaConfig(**SMALL))
@@ -202,7 +230,7 @@ def test_the_forwards_logit_steps_are_read_from_its_source_with_the_instances_va
     assert logit_transform(build_preset("micro", VOCAB, "eager", torch.float32)) == LogitTransform()
 
 
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(3))
 def test_read_transforms_train_as_the_forward_does(index):
     import transformers as tf
 
@@ -233,8 +261,9 @@ def test_not_applied_where_the_loss_would_differ():
         "OwnLoss": "loss = loss_fct(logits.view(-1, self.config.vocab_size), labels.view(-1))",
         "ZLoss": "loss = loss + 0.1 * logits.logsumexp(-1).square().mean()",
         "LocalCap": "logits = logits / cap",
+        "InsideTheCall": "the head is not called on the hidden states as they are",
     }
-    for cls in _patterns()[2:]:
+    for cls in _patterns()[3:]:
         model = cls(tf.LlamaConfig(**SMALL))
         assert not apply_chunked_loss(model)
         why = supports_chunked_loss(model)

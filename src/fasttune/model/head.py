@@ -62,7 +62,50 @@ def _chain(node: ast.AST) -> tuple[str, ...] | None:
 
 
 def _is_head(node: ast.AST) -> bool:
-    return isinstance(node, ast.Call) and _chain(node.func) == ("self", "lm_head")
+    """`self.lm_head(h)`, `self.lm_head(h[...])` or `self.lm_head(h.to(dtype))`: the head on the hidden states as
+    they are (anything computed inside the call is not)."""
+    if not (isinstance(node, ast.Call) and _chain(node.func) == ("self", "lm_head") and len(node.args) == 1):
+        return False
+    arg = node.args[0]
+    if isinstance(arg, ast.Call) and isinstance(arg.func, ast.Attribute) and arg.func.attr == "to":
+        arg = arg.func.value
+    return isinstance(arg, ast.Name) or (isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name))
+
+
+def _head_input(tree: ast.AST) -> str | None:
+    """The name of the variable the head is called on (`hidden_states` in transformers' models)."""
+    for node in ast.walk(tree):
+        if _is_head(node):
+            arg = node.args[0]
+            arg = arg.func.value if isinstance(arg, ast.Call) else arg
+            return arg.id if isinstance(arg, ast.Name) else arg.value.id
+    return None
+
+
+def _hidden_steps(value: ast.AST, name: str) -> list[_Step] | None:
+    """The steps of one `hidden_states = <value>` (the head's input): the backbone's output
+    (`outputs.last_hidden_state`, `outputs[0]`), `slice_logits_to_keep(...)` of it (all of it in training), or a scale
+    by a `self.` value (MiniCPM3 divides by `logits_scaling`: the head is linear, so it scales the logits); None for
+    anything else."""
+    if isinstance(value, ast.IfExp):
+        both = [_hidden_steps(v, name) for v in (value.body, value.orelse)]
+        return both[0] if both[0] == both[1] else None
+    if isinstance(value, (ast.Attribute, ast.Subscript)):
+        root = value
+        while isinstance(root, (ast.Attribute, ast.Subscript)):
+            root = root.value
+        ok = isinstance(root, ast.Name) and (root.id == name or root.id.endswith(("outputs", "output")))
+        return [] if ok else None
+    if isinstance(value, ast.Call) and _chain(value.func) == ("slice_logits_to_keep",) and value.args:
+        return _hidden_steps(value.args[0], name)
+    if isinstance(value, ast.Name) and value.id == name:
+        return []
+    if isinstance(value, ast.BinOp) and isinstance(value.op, (ast.Mult, ast.Div)):
+        path, inner = _chain(value.right), _hidden_steps(value.left, name)
+        if path is None or path[0] != "self" or inner is None:
+            return None
+        return [*inner, _Step("mul" if isinstance(value.op, ast.Mult) else "div", path[1:])]
+    return None
 
 
 def _is_logits(node: ast.AST) -> bool:
@@ -103,19 +146,24 @@ def read_forward(cls: type) -> tuple[_Step, ...] | str:
         src = textwrap.dedent(inspect.getsource(cls.forward))
     except (OSError, TypeError, AttributeError):
         return "its forward's source cannot be read"
+    tree = ast.parse(src)
+    hidden = _head_input(tree)
+    if hidden is None:
+        return "the head is not called on the hidden states as they are"
     steps: list[_Step] = []
-    nodes = [n for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Assign, ast.AugAssign))]
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign))]
     for node in sorted(nodes, key=lambda n: (n.lineno, n.col_offset)):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         names = {t.id for t in targets if isinstance(t, ast.Name)}
         line = ast.get_source_segment(src, node) or ""
         if "loss" in names and not _loss_line_ok(node, line):
             return line
-        if "logits" in names:
-            found = _steps(node.value) if isinstance(node, ast.Assign) else None
-            if found is None:
-                return line
-            steps += found
+        for name, read in (("logits", _steps), (hidden, functools.partial(_hidden_steps, name=hidden))):
+            if name in names:
+                found = read(node.value) if isinstance(node, ast.Assign) else None
+                if found is None:
+                    return line
+                steps += found
     return tuple(steps)
 
 
