@@ -401,3 +401,19 @@ def test_a_step_ends_after_its_update_unless_the_host_would_wait_for_it():
     assert run.step_end(finished, backward, wait=False) is finished
     assert run.step_end(update, None, wait=False) is update  # no earlier mark to use
     assert run.step_end(1.5, None, wait=False) == 1.5  # CPU: the host's clock
+
+
+def test_resume_with_a_larger_max_steps_follows_the_new_schedule_from_its_first_step(tmp_path):
+    """A finished 6-step run resumed to 10 steps trains steps 7-10 at the rates an uninterrupted 10-step run does
+    (the optimizer state held the 6-step schedule's last rate, the floor: step 7 trained at it before)."""
+    cfg = tiny_config(tmp_path / "a", save_every=6, eval_every=0)
+    loop.train(cfg)
+    longer = dataclasses.replace(cfg.training, max_steps=10)
+    resumed = loop.train(dataclasses.replace(cfg, resume=True, training=longer))
+    straight = loop.train(tiny_config(tmp_path / "b", max_steps=10, save_every=0, eval_every=0))
+
+    def rates(records):
+        return {r["step"]: r["lr"] for r in records if r.get("lr") is not None and r["step"] > 6}
+
+    assert rates(resumed.records) == pytest.approx(rates(straight.records), rel=1e-12)
+    assert sorted(rates(resumed.records)) == [7, 8, 9, 10]

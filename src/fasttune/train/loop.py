@@ -28,7 +28,7 @@ from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.model_prep import prepare_model
-from fasttune.train.optim import build_optimizer, require_optimizer
+from fasttune.train.optim import build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder
 
@@ -159,6 +159,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
 def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog) -> TrainState:
     d.load_optimizer(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    sync_lr(optimizer, scheduler)  # this run's schedule (--max-steps may have grown)
     state = TrainState(**saved["state"])
     ranks = saved.get("rng_ranks")
     ckpt.set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else saved["rng"])

@@ -61,6 +61,19 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
     return optimizer, scheduler
 
 
+def sync_lr(optimizer, scheduler) -> None:
+    """After a resume: each group's rate as this run's schedule gives it for the restored step. The optimizer state
+    holds the rate of the run that saved it, which is another one when --max-steps changed (the cosine spans it):
+    the first resumed step would train at the old schedule's rate, the next at the new one's."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        rate = base * factor(scheduler.last_epoch)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)  # torchao's 8-bit AdamW holds it as a tensor
+        else:
+            group["lr"] = rate
+    scheduler._last_lr = [float(g["lr"]) for g in optimizer.param_groups]  # what get_last_lr() reports
+
+
 def state_bytes(optimizer: str, params) -> float:
     """Bytes of optimizer state for `params` (the trainable ones): AdamW's two moments in the parameter dtype; 8-bit
     AdamW's two int8 moments plus one fp32 scale per BLOCK values each (~2.03 bytes per parameter), full precision
