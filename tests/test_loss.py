@@ -393,3 +393,27 @@ def test_liger_keeps_the_whole_batchs_chunk_size_for_the_trained_rows(rows, kept
     assert _liger_chunk(kept, vocab, 2048, budget) >= want
     assert budget == 1 or _liger_chunk(kept, vocab, 2048, budget // 2) < want
     assert _liger_chunk(8192, 128256, 2048, 1) == 256 and _liger_chunk(3800, 128256, 2048, 1) == 64  # Liger's sizes
+
+
+def test_an_moe_router_loss_counts_once_per_step_whatever_the_micro_batches():
+    """With output_router_logits HF adds coef x aux_loss to every forward's loss; summed over micro-batches it grew
+    with --training.grad-accum (a Qwen3-MoE run: 7.26 at 1, 8.26 at 2, 10.26 at 4). fasttune averages it: the step's
+    loss is the cross-entropy plus the micro-batches' mean router loss, and validation reads the cross-entropy."""
+    import transformers as tf
+
+    from fasttune.train.run import router_loss
+
+    torch.manual_seed(0)
+    model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**SMALL, output_router_logits=True, router_aux_loss_coef=0.5))
+    samples = _samples(8)
+    n = count_targets(collate(samples, packing=True, pad_id=0))
+    parts = [[collate(samples[i::k], packing=True, pad_id=0) for i in range(k)] for k in (1, 2, 4)]
+    with torch.no_grad():  # by hand: each micro-batch's cross-entropy (sum / n) and router loss, from HF's forward
+        outs = [[model(**b, use_cache=False, num_items_in_batch=n) for b in batches] for batches in parts]
+        routers = [[router_loss(model, o) for o in os_] for os_ in outs]
+        expected = [sum(o.loss - r for o, r in zip(os_, rs, strict=True)) + sum(rs) / len(rs)
+                    for os_, rs in zip(outs, routers, strict=True)]  # fmt: skip
+    for batches, want in zip(parts, expected, strict=True):
+        got = forward_backward(model, batches, n, None)
+        assert torch.allclose(got, want, rtol=1e-5), (len(batches), float(got), float(want))
+    assert all(float(r) > 0.1 for rs in routers for r in rs)  # the router term is there to be counted

@@ -101,6 +101,20 @@ def _apply_fused_mlp(model) -> None:
         log.info("model.fused_mlp: not used: %s", why)
 
 
+def _say_router_loss(model) -> None:
+    base = base_model(model)
+    if not getattr(base.config, "output_router_logits", False):
+        return
+    coef = getattr(base, "router_aux_loss_coef", None)
+    if coef is None:
+        log.warning("output_router_logits: %s adds a router loss fasttune cannot tell apart from its loss: it "
+                    "counts once per micro-batch (its weight grows with --training.grad-accum)",
+                    type(base).__name__)  # fmt: skip
+        return
+    log.info("the training loss includes the router's auxiliary loss (%g x aux_loss, averaged over each step's "
+             "micro-batches); val_loss is the cross-entropy alone", coef)  # fmt: skip
+
+
 def align_special_tokens(model, tokenizer, fresh: bool) -> None:
     """The model's special-token ids as training uses them, so that generation (fasttune's, and plain HF's from the
     saved checkpoint) stops where the training samples end. A fresh model (a preset, a config without weights) takes
@@ -159,6 +173,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     if cfg.model.fused_mlp and not cfg.training.compile:
         _apply_fused_mlp(model)
     est = plan_memory(cfg, model, device)  # chunked loss + activation plan, or a clear stop when the step cannot fit
+    _say_router_loss(model)
     if cfg.training.compile:
         for layer in decoder_layers(model):
             layer.compile()

@@ -22,6 +22,7 @@ from fasttune.config import BaseConfig
 from fasttune.data.packing import Batcher, count_targets, real_tokens
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import FasttuneError
+from fasttune.model.build import base_model
 from fasttune.model.flops import step_flops
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
@@ -110,7 +111,8 @@ def forward_backward(
     """Sum of the micro-batches' token-mean losses, each normalised by the targets of the whole step (all ranks), so
     the sum over ranks is the exact per-token mean whatever the split into micro-batches, ranks or padding. Under DDP
     (which averages gradients over `world` ranks) the backward pass scales by world, and gradients are synchronised
-    once, on the last micro-batch."""
+    once, on the last micro-batch. An MoE router's auxiliary loss counts as its mean over the micro-batches and
+    ranks (HF adds it whole to every forward's loss: its weight grew with --training.grad-accum)."""
     total = torch.zeros((), device=next(model.parameters()).device)
     for i, b in enumerate(batches):
         last = i == len(batches) - 1
@@ -121,9 +123,20 @@ def forward_backward(
             with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 with packed_without_sync(b):  # no host sync in transformers' mask preparation
                     out = model(**b, use_cache=False, num_items_in_batch=n_targets)
-            (out.loss * world if world > 1 else out.loss).backward()
-        total += out.loss.detach().float()
+            loss = out.loss
+            if (router := router_loss(model, out)) is not None:  # HF adds it per forward: average it over the step
+                loss = loss - router * (1 - 1 / (len(batches) * world))
+            (loss * world if world > 1 else loss).backward()
+        total += loss.detach().float()
     return total
+
+
+def router_loss(model, out) -> torch.Tensor | None:
+    """The router's auxiliary loss an MoE model adds to `out.loss` with output_router_logits (its
+    router_aux_loss_coef x out.aux_loss), or None."""
+    aux = getattr(out, "aux_loss", None)
+    coef = getattr(base_model(getattr(model, "module", model)), "router_aux_loss_coef", None)
+    return None if aux is None or coef is None or out.loss is None else coef * aux.to(out.loss.device)
 
 
 def mark(device: torch.device) -> float | torch.cuda.Event:
@@ -386,7 +399,8 @@ class Run:
             n = count_targets(b)
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.model(**b, use_cache=False, num_items_in_batch=1)  # loss = sum over target tokens
-            loss_sum += float(out.loss)
+            router = router_loss(self.model, out)
+            loss_sum += float(out.loss if router is None else out.loss - router)  # the cross-entropy alone
             n_sum += n
         self.model.train()
         loss_sum, n_sum = shard.sum_([loss_sum, n_sum], device)
