@@ -37,6 +37,21 @@ def test_training_flops_hand_count():
     assert step_flops(preset_config("micro", 100), [4, 2]) == expected * 6 + attn
 
 
+def test_moe_flops_count_the_routed_experts_and_the_router():
+    """A token runs through its top-k experts (and the shared ones), not every expert, nor a dense MLP of
+    intermediate_size: Mixtral-like (experts of intermediate_size) and Qwen2-MoE-like (moe_intermediate_size, a
+    shared expert)."""
+    import transformers as tf
+
+    shape = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    attn = 2 * 64 * 64 + 2 * 64 * 32  # q, o and k, v (head dim 16)
+    mixtral = tf.MixtralConfig(**shape, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2)
+    assert dense_flops_per_token(mixtral) == 6 * (2 * (attn + 3 * 64 * 2 * 128 + 64 * 8) + 64 * 100)
+    qwen = tf.Qwen2MoeConfig(**shape, intermediate_size=999, moe_intermediate_size=32, num_experts=4,
+                             num_experts_per_tok=2, shared_expert_intermediate_size=48)  # fmt: skip
+    assert dense_flops_per_token(qwen) == 6 * (2 * (attn + 3 * 64 * (2 * 32 + 48) + 64 * 4) + 64 * 100)
+
+
 def test_reference_matches_eager_per_document():
     case = make_case("packed", seq=8, tokens=24, n_heads=2, head_dim=4, device="cpu", dtype=torch.float32)
     out_BSHD = torch.empty(1, 24, 2, 4)

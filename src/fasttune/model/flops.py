@@ -36,6 +36,28 @@ def mlp_width(config) -> int:
     return 4 * config.hidden_size
 
 
+def experts(config) -> int:
+    """Routed experts of an MoE config (Mixtral's num_local_experts, Qwen-MoE's num_experts, DeepSeek's
+    n_routed_experts); 0 for a dense model."""
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if n := getattr(config, name, None):
+            return int(n)
+    return 0
+
+
+def active_mlp_width(config) -> int:
+    """The MLP width a token runs through: an MoE layer's top-k experts (`moe_intermediate_size` each, or
+    `intermediate_size` as in Mixtral) plus its shared experts; a dense model's `mlp_width`. Layers an MoE config keeps
+    dense (DeepSeek's first_k_dense_replace, Qwen-MoE's mlp_only_layers) are counted as MoE ones."""
+    k = getattr(config, "num_experts_per_tok", None)
+    if not (k and experts(config)):
+        return mlp_width(config)
+    expert = getattr(config, "moe_intermediate_size", None) or mlp_width(config)
+    shared = getattr(config, "shared_expert_intermediate_size", None) or expert * (
+        getattr(config, "n_shared_experts", None) or 0)  # fmt: skip
+    return int(k * expert + shared)
+
+
 def mlp_matrices(config) -> int:
     return 2 if getattr(config, "model_type", "") in PLAIN_MLP else 3
 
@@ -49,12 +71,13 @@ def attention_flops(doc_lens: Sequence[int], n_heads: int, head_dim: int, *, bac
 
 
 def dense_flops_per_token(config, lora: bool = False) -> float:
-    """Training FLOPs per token of every matmul with weights (projections, MLP, lm head): 2 x weights forward,
-    x FWD_BWD (x 2 with LoRA: no weight gradients; the adapters are negligible)."""
+    """Training FLOPs per token of every matmul with weights (projections, MLP or the experts a token is routed to and
+    the router, lm head): 2 x weights forward, x FWD_BWD (x 2 with LoRA: no weight gradients; the adapters are
+    negligible)."""
     h, n_layers = config.hidden_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     attn = h * head_dim(config) * (2 * heads + 2 * kv)
-    mlp = mlp_matrices(config) * h * mlp_width(config)
+    mlp = mlp_matrices(config) * h * active_mlp_width(config) + h * experts(config)  # + the router
     return 2 * (2.0 if lora else FWD_BWD) * (n_layers * (attn + mlp) + h * config.vocab_size)
 
 
