@@ -308,3 +308,19 @@ def test_fast_forward_on_cuda_under_autocast_matches_peft_in_less_memory():
         assert kept["fast", "grads"][n].dtype == torch.float32
         torch.testing.assert_close(kept["fast", "grads"][n], g, rtol=0.05, atol=0.05, msg=n)
     assert kept["fast"] < kept["peft"], kept
+
+
+def test_targets_of_another_family_name_the_layers_left_frozen_and_all_linear_adapts_them(caplog):
+    """Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): the default targets adapt o_proj and down_proj only,
+    which the log now says, naming the frozen ones; all-linear (peft's keyword) adapts every linear layer but the
+    head."""
+    import transformers as tf
+
+    config = tf.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)  # fmt: skip
+    with caplog.at_level("INFO", logger="fasttune"):
+        apply_lora(tf.Phi3ForCausalLM(config), LoraConfig(rank=4))
+    assert "its other linear layers stay frozen: gate_up_proj, qkv_proj" in caplog.text
+    model = apply_lora(tf.Phi3ForCausalLM(config), LoraConfig(rank=4, targets=("all-linear",)))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}

@@ -168,7 +168,8 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the LoRA path."""
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    """Module names that get adapters."""
+    """Module names that get adapters (the last part of the name, e.g. q_proj), or all-linear: every linear layer
+    but the output head. Names the model lacks are skipped, and the log names its linear layers left frozen."""
     merge_on_save: bool = True
     """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder)."""
 

@@ -30,6 +30,10 @@ def _peft():
         raise FasttuneError("LoRA needs the peft package: pip install 'fasttune[lora]'") from e
 
 
+ALL_LINEAR = "all-linear"
+"""peft's name for every linear layer but the output head, accepted in lora.targets."""
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct last-component names of the model's linear layers (what LoRA `targets` match), lm_head excluded."""
     from transformers.pytorch_utils import Conv1D  # GPT-2 style models use Conv1D for their projections
@@ -46,14 +50,19 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with LoRA adapters on the `lora_cfg.targets` it has; everything else is frozen."""
     peft = _peft()
     available = linear_module_names(model)
-    targets = [t for t in lora_cfg.targets if t in available]
+    wanted = available if ALL_LINEAR in lora_cfg.targets else lora_cfg.targets  # peft's keyword: all but the head
+    targets = [t for t in wanted if t in available]
     if not targets:
         raise FasttuneError(
             f"lora.targets ({', '.join(lora_cfg.targets)}) match no linear layer of this model; "
             f"its linear layers are named: {', '.join(available) or 'none'}"
         )
-    missing = [t for t in lora_cfg.targets if t not in available]
-    if missing:
+    missing, frozen = [t for t in wanted if t not in available], [t for t in available if t not in targets]
+    if missing and frozen:  # names of another model family (Phi-3 fuses q/k/v into qkv_proj): say what stays frozen
+        log.warning("LoRA targets %s; not in this model: %s; its other linear layers stay frozen: %s (add them with "
+                    "--lora.targets, or pass --lora.targets %s)", ", ".join(targets), ", ".join(missing),
+                    ", ".join(frozen), ALL_LINEAR)  # fmt: skip
+    elif missing:
         log.info("LoRA targets %s; not in this model, skipped: %s", ", ".join(targets), ", ".join(missing))
     peft_cfg = peft.LoraConfig(
         r=lora_cfg.rank,
