@@ -211,3 +211,21 @@ def test_a_prompt_that_fills_max_length_is_reported_as_truncated_not_dropped():
     message = no_samples_left("d.jsonl", lone)
     assert "dropped" not in message and "1 truncated to data.max_length with no response token left" in message
     assert "--data.max-length" in message
+
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(tmp_path):
+    """Before: five lines of transformers' text ending in 'install sentencepiece or tiktoken'."""
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."}] * 4))
+    cfg = get_experiment("sft")
+    cfg.data.path, cfg.model.path = str(data), str(tmp_path / "model")
+    with pytest.raises(DataError) as err:
+        build_data(cfg.validate())
+    assert str(err.value) == (f"--model {tmp_path / 'model'}: no tokenizer files there (tokenizer.json, "
+                              "tokenizer_config.json, tokenizer.model, vocab.json); save the model's tokenizer into "
+                              "that folder with tokenizer.save_pretrained")  # fmt: skip

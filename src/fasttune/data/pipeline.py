@@ -6,6 +6,7 @@ import hashlib
 import logging
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -126,11 +127,18 @@ def _record_text(record: dict) -> str:
 
 def _load_tokenizer(cfg: BaseConfig, texts: list[str], fingerprint: str) -> PreTrainedTokenizerBase:
     if cfg.model.path:
+        from fasttune.model.resolve import TOKENIZER_FILES
+
+        folder = Path(cfg.model.path)
+        if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise DataError(f"--model {folder}: no tokenizer files there ({', '.join(TOKENIZER_FILES)}); save the "
+                            "model's tokenizer into that folder with tokenizer.save_pretrained")  # fmt: skip
         try:
             tok = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         except (OSError, ValueError) as e:
+            why = " ".join(str(e).split())  # transformers' messages run over several lines
             raise DataError(
-                f"--model {cfg.model.path}: no usable tokenizer there ({e}); save one with "
+                f"--model {cfg.model.path}: no usable tokenizer there ({why}); save one with "
                 "tokenizer.save_pretrained into that folder"
             ) from None
         if tok.pad_token_id is None:
