@@ -151,3 +151,20 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, base_m
         loop.train(longer)
     data.write_text(json.dumps(records))  # restored: the run continues
     assert loop.train(longer).checkpoint.name == "step-000003"
+
+
+def test_embeddings_smaller_than_the_tokenizer_are_resized_in_one_line(tmp_path, caplog):
+    """A tokenizer that adds a token (Qwen2's <|endoftext|>) resizes the embeddings, and a line says so (before,
+    only transformers' two lines about how new rows are initialised did)."""
+    from fasttune.config import ModelConfig
+    from fasttune.model.build import build_model
+
+    path = save_micro_model(tmp_path / "model")
+    vocab = AutoModelForCausalLM.from_pretrained(path).config.vocab_size
+    with caplog.at_level("INFO"):
+        model = build_model(ModelConfig(path=str(path)), vocab + 1, "eager", torch.float32)
+    assert model.config.vocab_size == vocab + 1
+    lines = [r.getMessage() for r in caplog.records if "resizing" in r.getMessage() or "initialized" in r.getMessage()]
+    assert lines == [f"--model {path}: its tokenizer has {vocab + 1} tokens, its embeddings {vocab} rows: resizing "
+                     f"them to {vocab + 1} (new rows start at the mean of the others; the saved model has vocab_size "
+                     f"{vocab + 1})"]  # fmt: skip

@@ -3,6 +3,7 @@ weights, or only a config.json (random init, said loudly). No downloads."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -38,6 +39,18 @@ REAL_SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
         intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643)),
 }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -181,7 +194,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
         except unreadable_files() as e:
             raise load_weights_error(cfg.path, e) from e
         if model.config.vocab_size < vocab_size:
-            model.resize_token_embeddings(vocab_size)
+            log.warning("--model %s: its tokenizer has %d tokens, its embeddings %d rows: resizing them to %d (new "
+                        "rows start at the mean of the others; the saved model has vocab_size %d)", cfg.path,
+                        vocab_size, model.config.vocab_size, vocab_size, vocab_size)  # fmt: skip
+            with _quiet_transformers():  # its two lines about the initialisation say the same
+                model.resize_token_embeddings(vocab_size)
         model = model.to(device)
     n = sum(p.numel() for p in model.parameters())
     log.info(
