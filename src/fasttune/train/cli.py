@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import textwrap
 from collections.abc import Sequence
 from typing import Annotated
@@ -50,6 +51,8 @@ class TrainArgs(Command):
         require_inputs(cfg)
         cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given)
         result = train(cfg)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+            return 0
         if result.first_val_loss is not None:
             log.info("validation loss %.4f -> %.4f", result.first_val_loss, result.last_val_loss)
         prompt = result.sample_prompt
