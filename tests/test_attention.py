@@ -193,7 +193,8 @@ def test_unavailable_backend_warns_once_with_reason(caplog):
     with caplog.at_level(logging.WARNING, logger="fasttune"):
         got = resolve("flash_attention_4", device="cpu", dtype=torch.float32, head_dim=16, packed=True)
     assert got.name == "sdpa" and got.hf_name == "fasttune_sdp"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    ours = [r for r in caplog.records if r.name.startswith("fasttune")]  # not torchao's import-time lines
+    warnings = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "flash_attention_4" in warnings[0] and "needs a CUDA GPU" in warnings[0]
     assert "using 'sdpa' instead" in warnings[0]
 
@@ -387,3 +388,14 @@ def test_probe_refuses_a_backend_whose_gradients_are_wrong(monkeypatch, softcap)
     why = probe_module.smoke_test("sdpa", torch.device("cpu"), torch.float32, 16, softcap)
     assert why is not None and why.startswith("gives wrong results (4 query / 2 kv heads, 48 tokens, D16")
     assert "relative error 1" in why  # doubled key gradients: |2g - g| / |g|
+
+
+def test_auto_names_why_a_preferred_backend_is_not_used():
+    """Gemma 2's attention softcap rules sdpa out on a CPU: the line said 'preference sdpa>eager' and chose eager
+    without saying why."""
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=16,
+                          num_attention_heads=2, num_key_value_heads=2, attn_logit_softcapping=50.0)  # fmt: skip
+    got = resolve("auto", device="cpu", dtype=torch.float32, head_dim=16, packed=True, model_config=config)
+    assert got.name == "eager" and "not usable: sdpa (no attention logit softcap" in got.reason

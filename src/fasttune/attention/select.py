@@ -232,6 +232,9 @@ def _auto(device, dtype, head_dim, packed, features, measure) -> Resolved:
     usable, order = _first_usable(device, dtype, head_dim, packed, features, n=3 if measure else 1)
     layout = "packed" if packed else "padded"
     reason = f"fastest usable for {device.type} {layout} D{head_dim} by measured preference {'>'.join(order)}"
+    ahead = order[: order.index(usable[0])] if usable[0] in order else []  # preferred, but not usable here: why
+    if skipped := [f"{n} ({w})" for n in ahead if (w := _why_not(n, device, dtype, head_dim, features))]:
+        reason += f"; not usable: {'; '.join(skipped)}"
     if measure and device.type == "cuda" and len(usable) > 1:
         name, reason = _timed_choice(usable[:3], device, dtype, head_dim, packed, features)
         return Resolved(name, BACKENDS[name].hf_name, reason)
