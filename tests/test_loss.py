@@ -417,3 +417,22 @@ def test_an_moe_router_loss_counts_once_per_step_whatever_the_micro_batches():
         got = forward_backward(model, batches, n, None)
         assert torch.allclose(got, want, rtol=1e-5), (len(batches), float(got), float(want))
     assert all(float(r) > 0.1 for rs in routers for r in rs)  # the router term is there to be counted
+
+
+def test_the_training_loops_labels_carry_their_count_so_the_head_selects_rows_without_asking_the_device(monkeypatch):
+    """run.to_device counts the targets on the host; with that count the row selection reads no device value (on a
+    GPU, a host sync per micro-batch), and gives the rows the counted path gives."""
+    from fasttune.model.loss import trained_rows
+    from fasttune.train.run import to_device
+
+    batch = to_device(collate(_samples(6), packing=True, pad_id=0), torch.device("cpu"))
+    assert batch["labels"].fasttune_targets == count_targets(batch)
+    hidden = torch.randn(*batch["labels"].shape, 8)
+    shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:].reshape(-1)
+    want_h, want_t = hidden.reshape(-1, 8)[shifted != -100], shifted[shifted != -100]
+    assert all(map(torch.equal, trained_rows(hidden, batch["labels"].clone(), None), (want_h, want_t)))  # counted
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("read a device value"))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("read a device value"))
+    got_h, got_t = trained_rows(hidden, batch["labels"], None)
+    monkeypatch.undo()
+    assert torch.equal(got_h, want_h) and torch.equal(got_t, want_t) and len(got_t) == count_targets(batch)

@@ -8,10 +8,11 @@ time and the backward pass has nothing left to recompute (the approach of Liger'
 plain PyTorch so it works with no optional package).
 
 Only the tokens with a target go through the head: prompt tokens (SFT trains the response), padding and each packed
-document's last token are dropped before the matmul (one host sync per forward for the row count; Liger's loss has
-one anyway). On an alpaca-style SFT set about half the tokens are prompt, and at Llama 3's 128k vocabulary the head
-is ~20% of a 1B model's FLOPs: on gsm8k at that vocabulary `full` trains 17% faster with this loss and 10% faster
-with Liger's fused kernel, which gets the same selection when Liger is on (3% at 32k; docs/BENCHMARKS.md).
+document's last token are dropped before the matmul (the training loop counts them on the host; other callers pay
+a host sync for the count). On an alpaca-style SFT set about half the tokens are prompt, and at Llama 3's 128k
+vocabulary the head is ~20% of a 1B model's FLOPs: on gsm8k at that vocabulary `full` trains 17% faster with this
+loss and 10% faster with Liger's fused kernel, which gets the same selection when Liger is on (3% at 32k;
+docs/BENCHMARKS.md).
 
 What a model's forward does to its logits before the loss is done here too (`LogitTransform`: scales such as
 Granite's, Cohere's or Falcon-H1's, Gemma's softcap); a forward that does anything else there keeps its own loss
@@ -118,15 +119,19 @@ def trained_rows(hidden_BSH: torch.Tensor, labels_BS: torch.Tensor | None, shift
                  none_ok: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(hidden_TH, targets_T) of the tokens that have a target (labels shifted left by one here, or `shift_labels`
     already shifted): every token when all have one, or none does and not `none_ok` (Liger's kernel takes no empty
-    input); the gradient of the dropped rows is zero either way."""
+    input); the gradient of the dropped rows is zero either way. The count sets the shapes: the training loop's
+    labels carry it from the host (`fasttune_targets`, run.to_device), other labels cost a host sync."""
+    known = getattr(labels_BS, "fasttune_targets", None) if shift_labels is None else None
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels_BS, (0, 1), value=IGNORE)[..., 1:]
     hidden_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
     targets_T = shift_labels.reshape(-1).to(hidden_TH.device)
-    keep_K = (targets_T != IGNORE).nonzero().squeeze(1)  # the host sync: the count sets the shapes
-    if len(keep_K) < len(targets_T) and (len(keep_K) or none_ok):
-        return hidden_TH.index_select(0, keep_K), targets_T.index_select(0, keep_K)
-    return hidden_TH, targets_T
+    valid_T = targets_T != IGNORE
+    count = int(valid_T.sum()) if known is None else known
+    if count == len(targets_T) or (count == 0 and not none_ok):
+        return hidden_TH, targets_T
+    keep_K = torch.nonzero_static(valid_T, size=count).squeeze(1)
+    return hidden_TH.index_select(0, keep_K), targets_T.index_select(0, keep_K)
 
 
 def _scale(targets_T: torch.Tensor, num_items_in_batch) -> torch.Tensor:

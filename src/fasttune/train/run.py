@@ -96,8 +96,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
     everything queued on the stream (the previous step's optimizer), a pinned one does not, so the host goes on
     queuing the forward pass while the update finishes."""
     pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}  # fmt: skip
+    out = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+           for k, v in batch.items()}  # fmt: skip
+    if isinstance(batch.get("labels"), torch.Tensor):  # counted here, the loss selects its rows without a host sync
+        out["labels"].fasttune_targets = count_targets(batch)
+    return out
 
 
 def _split_samples(samples: list[dict], parts: int) -> list[list[dict]]:
