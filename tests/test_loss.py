@@ -204,7 +204,14 @@ def _patterns():
             logits = self.lm_head(hidden_states * 2)
             return logits
 
-    return Multiplied, OnTheHead, ScaledInput, Sliced, OwnLoss, ZLoss, LocalCap, InsideTheCall
+    class Unpacked(Base):  # two values at once: neither is a known step
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            hidden_states = self.model(input_ids=input_ids).last_hidden_state
+            logits = self.lm_head(hidden_states)
+            loss, extra = self.loss_function(logits=logits, labels=labels), 0
+            return loss + extra
+
+    return Multiplied, OnTheHead, ScaledInput, Sliced, OwnLoss, ZLoss, LocalCap, InsideTheCall, Unpacked
 
 
 def test_the_forwards_logit_steps_are_read_from_its_source_with_the_instances_values():
@@ -262,6 +269,7 @@ def test_not_applied_where_the_loss_would_differ():
         "ZLoss": "loss = loss + 0.1 * logits.logsumexp(-1).square().mean()",
         "LocalCap": "logits = logits / cap",
         "InsideTheCall": "the head is not called on the hidden states as they are",
+        "Unpacked": "loss, extra = self.loss_function(logits=logits, labels=labels), 0",
     }
     for cls in _patterns()[3:]:
         model = cls(tf.LlamaConfig(**SMALL))

@@ -94,7 +94,8 @@ def _hidden_steps(value: ast.AST, name: str) -> list[_Step] | None:
         root = value
         while isinstance(root, (ast.Attribute, ast.Subscript)):
             root = root.value
-        ok = isinstance(root, ast.Name) and (root.id == name or root.id.endswith(("outputs", "output")))
+        backbone = isinstance(root, ast.Call) and _chain(root.func) == ("self", "model")  # self.model(...)[0]
+        ok = backbone or (isinstance(root, ast.Name) and (root.id == name or root.id.endswith(("outputs", "output"))))
         return [] if ok else None
     if isinstance(value, ast.Call) and _chain(value.func) == ("slice_logits_to_keep",) and value.args:
         return _hidden_steps(value.args[0], name)
@@ -109,10 +110,10 @@ def _hidden_steps(value: ast.AST, name: str) -> list[_Step] | None:
 
 
 def _is_logits(node: ast.AST) -> bool:
-    """`logits`, or `logits.float()` / `logits.contiguous()` (no change to the values)."""
+    """`logits` or the head's call, or either `.float()` / `.contiguous()` (no change to the values)."""
     if isinstance(node, ast.Call) and not node.args and isinstance(node.func, ast.Attribute):
         return node.func.attr in ("float", "contiguous") and _is_logits(node.func.value)
-    return isinstance(node, ast.Name) and node.id == "logits"
+    return (isinstance(node, ast.Name) and node.id == "logits") or _is_head(node)
 
 
 def _steps(value: ast.AST) -> list[_Step] | None:
@@ -156,6 +157,9 @@ def read_forward(cls: type) -> tuple[_Step, ...] | str:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         names = {t.id for t in targets if isinstance(t, ast.Name)}
         line = ast.get_source_segment(src, node) or ""
+        unpacked = {e.id for t in targets if isinstance(t, ast.Tuple) for e in t.elts if isinstance(e, ast.Name)}
+        if unpacked & {"loss", "logits", hidden}:  # `loss, logits = ...`: not one of the known steps
+            return line
         if "loss" in names and not _loss_line_ok(node, line):
             return line
         for name, read in (("logits", _steps), (hidden, functools.partial(_hidden_steps, name=hidden))):
