@@ -101,12 +101,18 @@ def _hidden_steps(value: ast.AST, name: str) -> list[_Step] | None:
         return _hidden_steps(value.args[0], name)
     if isinstance(value, ast.Name) and value.id == name:
         return []
-    if isinstance(value, ast.BinOp) and isinstance(value.op, (ast.Mult, ast.Div)):
-        path, inner = _chain(value.right), _hidden_steps(value.left, name)
-        if path is None or path[0] != "self" or inner is None:
-            return None
-        return [*inner, _Step("mul" if isinstance(value.op, ast.Mult) else "div", path[1:])]
+    if isinstance(value, ast.BinOp):
+        inner, step = _hidden_steps(value.left, name), _scale_step(value)
+        return None if inner is None or step is None else [*inner, step]
     return None
+
+
+def _scale_step(value: ast.BinOp) -> _Step | None:
+    """`x * self.a.b` or `x / self.a.b`: a scale by the value at self.a.b; None for any other operation."""
+    path = _chain(value.right)
+    if not isinstance(value.op, (ast.Mult, ast.Div)) or path is None or path[0] != "self":
+        return None
+    return _Step("mul" if isinstance(value.op, ast.Mult) else "div", path[1:])
 
 
 def _is_logits(node: ast.AST) -> bool:
@@ -118,13 +124,11 @@ def _is_logits(node: ast.AST) -> bool:
 
 def _steps(value: ast.AST) -> list[_Step] | None:
     """The steps of one `logits = <value>`; None when it is none of the known ones."""
-    if _is_head(value) or _is_logits(value):
+    if _is_logits(value):
         return []
-    if isinstance(value, ast.BinOp) and isinstance(value.op, (ast.Mult, ast.Div)):
-        path = _chain(value.right)
-        if path is None or path[0] != "self" or not (_is_head(value.left) or _is_logits(value.left)):
-            return None
-        return [_Step("mul" if isinstance(value.op, ast.Mult) else "div", path[1:])]
+    if isinstance(value, ast.BinOp):
+        step = _scale_step(value)
+        return [step] if step is not None and _is_logits(value.left) else None
     if isinstance(value, ast.Call) and _chain(value.func) in _TANH and len(value.args) == 1:
         return [_Step("tanh")] if _is_logits(value.args[0]) else None
     return None

@@ -399,7 +399,7 @@ class Run:
         shard = d if not d.fsdp else distributed.SINGLE
         for idx in plan[shard.rank :: shard.world]:
             b = to_device(self.batcher.collate([val[i] for i in idx]), device)
-            n = count_targets(b)
+            n = b["labels"].fasttune_targets  # counted on the host (a count of the device copy waits for it)
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.model(**b, use_cache=False, num_items_in_batch=1)  # loss = sum over target tokens
             router = router_loss(self.model, out)
