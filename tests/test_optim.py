@@ -121,7 +121,7 @@ def test_8bit_moments_let_more_fit():
     AdamW's 18 bytes per parameter would not, and a run that cannot fit names the 8-bit optimizer as a fix."""
     n = 1_104_150_528
     config = preset_config("1b", 32000)
-    from fasttune.train.memory import Shape
+    from fasttune.train.activations import Shape
 
     adamw = Setup(Shape.of(config), n, n, 2, 4.0, 16384)
     ours = Setup(**{**adamw.__dict__, "optimizer_bytes": 2 + 8 / 256, "optimizer": "adamw_8bit"})

@@ -196,6 +196,15 @@ def torch_varlen(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window
     return varlen_attn(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
+def varlen_gqa() -> bool:
+    """torch's varlen_attn takes grouped kv heads as they are (enable_gqa, torch >= 2.12); before, they are expanded."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "enable_gqa" in _params(varlen_attn)
+
+
 @functools.cache
 def _params(fn) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)

@@ -103,11 +103,30 @@ def _sdpa_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
 
 def _varlen_runs(q_BHSD: torch.Tensor) -> bool:
     """Whether torch's varlen kernel runs for these queries; probed once per device/dtype/head dim."""
-    key = (q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
+    return _varlen_runs_on(q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])
+
+
+def _varlen_runs_on(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    key = (device, dtype, head_dim)
     runs = STATE.routes.get(key)
     if runs is None:
-        runs = STATE.routes[key] = probe("varlen", q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1]) is None
+        runs = STATE.routes[key] = probe("varlen", device, dtype, head_dim) is None
     return runs
+
+
+def keeps_expanded_kv(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether backend `name` (auto included) runs packed or right-padded training rows on torch's varlen kernel of
+    a torch without its enable_gqa flag (before 2.12), which expands the kv heads to the query heads and keeps them
+    for backward (the memory estimate counts them: 0.8 GiB at the 1B shape and 8k tokens)."""
+    if torch.device(device).type != "cuda":
+        return False
+    if name == "auto":
+        name = auto_plan(device, dtype, head_dim).packed
+    if name == "sdpa" and _varlen_runs_on(device, dtype, head_dim):
+        name = "varlen"
+    from fasttune.attention.kernels import varlen_gqa
+
+    return name == "varlen" and not varlen_gqa()
 
 
 def auto_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:

@@ -25,9 +25,9 @@ def full() -> BaseConfig:
     """The same pipeline at GPU scale: Llama-3.2-1B shape, bf16, packed 8k-token micro-batches, auto attention.
 
     8k, not 16k, tokens per micro-batch: with `auto` memory (no recomputation where it fits) the 1B shape then trains
-    50.4k tok/s in 17.4 GiB without flash-attn-4 or Liger, where 16k-token packs need 27.6 GiB for 52.8k; with both,
-    in 14.0 GiB, less than plain transformers' leanest stack (H200, one run each, docs/BENCHMARKS.md "Memory", fourth
-    run)."""
+    67.0k tok/s in 14.4 GiB without flash-attn-4 or Liger (16k-token packs needed 27.6 GiB before the lean RMSNorm
+    for 1.05x the speed of 8k); with both, 78.5k in 14.1 GiB, less than plain transformers' leanest stack (H200,
+    docs/BENCHMARKS.md "Memory": the fourth run and "The lean RMSNorm")."""
     cfg = quick()
     return dataclasses.replace(
         cfg,

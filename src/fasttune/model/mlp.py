@@ -36,7 +36,7 @@ SWIGLU_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
 """model_type values whose decoder MLP computes down_proj(silu(gate_proj(x)) * up_proj(x)) (hidden_act silu)."""
 
 
-def _triton(t: torch.Tensor) -> bool:
+def on_triton(t: torch.Tensor) -> bool:
     return triton is not None and (t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -70,7 +70,7 @@ BLOCK = 2048
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u."""
-    if not _triton(g):
+    if not on_triton(g):
         return F.silu(g) * u
     c = torch.empty_like(g)
     n = g.numel()
@@ -80,7 +80,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward(dc: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of silu(g) * u with respect to g and u, given the product's gradient dc."""
-    if not _triton(g):
+    if not on_triton(g):
         s = F.silu(g)
         return torch.ops.aten.silu_backward(dc * u, g), dc * s
     dg, du = torch.empty_like(g), torch.empty_like(u)

@@ -9,7 +9,8 @@ import logging
 import torch
 
 from fasttune.model.flops import mlp_matrices
-from fasttune.train.memory import GiB, Shape, free_memory
+from fasttune.train.activations import Shape
+from fasttune.train.memory import GiB, free_memory
 
 log = logging.getLogger("fasttune")
 

@@ -13,11 +13,7 @@ Activation plans, from least to most recomputation (`model.memory`):
 recomputation first: see CANDIDATES), logs it with its predicted peak, and stops before the first step, naming the
 settings that would fit, when even `full` does not.
 
-Byte counts per token and decoder layer (bf16 compute, 2 bytes; h hidden, q = heads x head_dim, kv = kv heads x
-head_dim, i intermediate), counted from what autograd saves in HF's Llama layer: each unfused RMSNorm keeps its fp32
-upcast and its bf16 product input (6h), the q/k/v and gate/up projections their normed input (2h each), attention
-q, k, v and its output (4q + 4kv), SwiGLU gate, silu(gate), up and the product (8i). Checked against the H100 runs
-in docs/BENCHMARKS.md (1B shape, 16k tokens: 41.4 GiB measured without Liger, 41.1 predicted; see `Estimate.total`).
+Byte counts per token and decoder layer: train/activations.py.
 """
 
 from __future__ import annotations
@@ -33,8 +29,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model, decoder_blocks
-from fasttune.model.flops import mlp_width
 from fasttune.model.mlp import fused as fused_mlp
+from fasttune.model.norm import lean as lean_norm
+from fasttune.train.activations import Shape, activation_bytes, recompute_flops
 
 log = logging.getLogger("fasttune")
 
@@ -58,101 +55,6 @@ HEADROOM = 0.92
 1B runs of docs/BENCHMARKS.md reserved 4-7% above their peak allocation)."""
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    layers: int
-    q: int
-    kv: int
-    intermediate: int
-    vocab: int
-
-    @classmethod
-    def of(cls, config) -> Shape:
-        heads = config.num_attention_heads
-        d = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, mlp_width(config),
-                   config.vocab_size)  # fmt: skip
-
-
-def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
-                lora_upcast: bool = False, fused_mlp: bool = False) -> float:  # fmt: skip
-    """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below);
-    `lora_rank`, `lora_upcast`: peft LoRA adapters (see lora_bytes); `fused_mlp`: fasttune's SwiGLU function
-    (model/mlp.py) keeps gate and up only."""
-    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
-    norms = 4 * h if liger else 12 * h  # Liger's RMSNorm keeps its bf16 input (+ rstd); HF's 6h each
-    mlp = 4 * i if fused_mlp else (6 * i if liger else 8 * i)  # Liger's SwiGLU recomputes silu(gate)
-    stream = 4 * h if fp32_stream else 0  # autocast over fp32 weights: the residual stream and norms run in fp32
-    keep = {
-        "none": norms + 4 * h + 4 * q + 4 * kv + mlp + stream,
-        "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + 4 * i + 2 * h + stream,  # input, qkv, attn, o, gate+up, down
-        "attention": norms + 2 * h + mlp + stream,
-        "mlp": norms + 2 * h + 4 * q + 4 * kv + stream,
-        "full": 2 * h + stream // 2,
-    }
-    lora = lora_bytes(s, plan, lora_rank, liger, lora_upcast) if lora_rank else 0.0
-    return float(keep[plan]) + lora
-
-
-def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool = False) -> float:
-    """What LoRA adapters on a frozen base change per token and decoder layer against the trainable layer.
-    fasttune's forward (model/lora.py, `upcast` False): each lora_A keeps its bf16 input (which the trainable base
-    matmul kept anyway) and its rank-r output; HF's RMSNorm no longer keeps its normalized input for the frozen norm
-    weight's gradient (-2h each; Liger's keeps its input either way); `ops` keeps each adapted output beside the base
-    matmul's (the addmm that adds the adapter is a matmul). Exact: tests/test_memory.py measures it on CPU.
-    `upcast`: peft's own forward (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted linear upcasts
-    its input to fp32 for lora_A, kept for lora_A's weight gradient, and `ops` keeps the fp32 lora_B outputs; `ops`
-    exact, the others fitted (q = h, kv = h / 2) to what HF's Llama layer under peft 0.21 keeps alive. Llama-3.1-8B,
-    r 16, Liger: none keeps +0.2 KB over its 139 KB with fasttune's forward, +95 KB with peft's upcasts."""
-    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
-    if upcast:
-        a = 4.0 * rank  # one fp32 lora_A output
-        extra = {
-            "none": 14 * h + 2 * q + 2 * i + 7 * a,
-            "ops": 8 * h + 4 * q + 8 * kv + 8 * i + 7 * a,  # lora_B outputs of q, k, v, o, gate, up, down
-            "attention": 2 * h + 2 * i + 3 * a,  # the MLP's part of none (the attention block is recomputed)
-            "mlp": 8 * h + 2 * q + 4 * a,  # the attention block's part
-            "full": 0.0,
-        }
-        return extra[plan]
-    a, norms = 2.0 * rank, (0 if liger else -4 * h)  # a: one bf16 lora_A output
-    extra = {
-        "none": norms + 7 * a,
-        "ops": 4 * h + 2 * q + 4 * kv + 4 * i + 7 * a,  # the adapted outputs of q, k, v, o, gate, up, down
-        "attention": norms + 3 * a,  # both norms sit outside the recomputed attention block
-        "mlp": norms + 4 * a,
-        "full": 0.0,
-    }
-    return extra[plan]
-
-
-def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
-                     lora_rank: int = 0, lora_upcast: bool = False, fused_mlp: bool = False) -> float:  # fmt: skip
-    """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes."""
-    per = functools.partial(layer_bytes, s, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank,
-                            lora_upcast=lora_upcast, fused_mlp=fused_mlp)  # fmt: skip
-    if plan.startswith("every:"):
-        k = int(plan.split(":")[1])
-        n_full = s.layers // k
-        kept = n_full * per("full") + (s.layers - n_full) * per("ops")
-    else:
-        kept = s.layers * per(plan)
-    recompute = 0.0 if plan == "none" else per("none")
-    return tokens * (kept + recompute)
-
-
-def recompute_flops(s: Shape, plan: str) -> float:
-    """Matmul FLOPs per token recomputed in backward (elementwise recompute counts as 0)."""
-    attn = 2 * s.hidden * (2 * s.q + 2 * s.kv)
-    mlp = 2 * 3 * s.hidden * s.intermediate
-    per_layer = {"none": 0, "ops": 0, "attention": attn, "mlp": mlp, "full": attn + mlp}
-    if plan.startswith("every:"):
-        return (s.layers // int(plan.split(":")[1])) * (attn + mlp)
-    return s.layers * per_layer[plan]
-
-
 @dataclass
 class Estimate:
     """Predicted peak bytes of one training step, by part."""
@@ -166,14 +68,19 @@ class Estimate:
     loss: float
     buckets: float = 0.0
     """DDP's gradient buckets, held for the whole run."""
+    accumulating: bool = False
+    """Several micro-batches per step: the gradients are held while the next ones run forward and backward."""
     fixed: float = 0.6 * GiB  # cuBLAS and attention workspaces, allocator slack
 
     @property
     def total(self) -> float:
         # Gradients replace activations as backward runs (set_to_none between steps): the peak is at the start of
         # backward or at the optimizer step (1B shape with Liger: 25.9 GiB predicted, 25.2 measured at 16k tokens;
-        # 16.6 vs 15.8 at 8k; without Liger 41.1 vs 41.4, docs/BENCHMARKS.md).
-        return self.weights + self.optimizer + self.buckets + max(self.grads, self.activations + self.loss) + self.fixed
+        # 16.6 vs 15.8 at 8k; without Liger 41.1 vs 41.4, docs/BENCHMARKS.md). Accumulating, the first micro-batch's
+        # gradients are there while the next one keeps its activations (2 x 8k tokens: 15.6 predicted, 15.0 measured).
+        live = self.grads + self.activations + self.loss if self.accumulating else max(self.grads, self.activations
+                                                                                          + self.loss)  # fmt: skip
+        return self.weights + self.optimizer + self.buckets + live + self.fixed
 
     def parts(self) -> str:
         parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
@@ -213,6 +120,12 @@ class Setup:
     """peft's own forward runs (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted input upcast."""
     fused_mlp: bool = False
     """fasttune's SwiGLU function (model/mlp.py) runs the MLPs: it keeps gate and up, not the product."""
+    accumulating: bool = False
+    """training.grad_accum > 1 (see Estimate.accumulating)."""
+    kv_expanded: bool = False
+    """The attention kernel keeps k and v expanded to the query heads (attention.select.keeps_expanded_kv)."""
+    lean_norm: bool = False
+    """fasttune's lean RMSNorm (model/norm.py): norms keep their input only, their outputs are recomputed."""
     plans: frozenset[str] | None = None
     """The plans this model's layers can take (see plans_for); None: every plan."""
 
@@ -229,10 +142,10 @@ def estimate(st: Setup, plan: str) -> Estimate:
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
     activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast,
-                                   st.fused_mlp)  # fmt: skip
+                                   st.fused_mlp, st.lean_norm, st.kv_expanded)  # fmt: skip
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
-        loss=loss, buckets=grads if st.ddp else 0.0,
+        loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
     )  # fmt: skip
 
 
@@ -274,7 +187,7 @@ def auto_order(st: Setup) -> list[Estimate]:
     plans = [p for p in CANDIDATES if not (st.liger and selective(p)) and _layers_per_recompute(p) <= st.shape.layers
              and (st.plans is None or _kind(p) in st.plans)]  # fmt: skip
     ests = [estimate(st, p) for p in plans]
-    return sorted(ests, key=lambda e: (recompute_flops(st.shape, e.plan), e.plan != "none", e.total))
+    return sorted(ests, key=lambda e: (*_recomputation(st, e.plan), e.total))
 
 
 def _kind(plan: str) -> str:
@@ -294,8 +207,9 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
     fits = [e.plan for e in auto_order(st) if e.total <= budget]
     if fits:
         fixes.append(f"--model.memory {fits[0]}")
-    plan = est.plan if _fitting_tokens(st, budget, est.plan) else "full"
-    tokens = _fitting_tokens(st, budget, plan)
+    acc = Setup(**{**st.__dict__, "accumulating": True})  # the advice raises --training.grad-accum
+    plan = est.plan if _fitting_tokens(acc, budget, est.plan) else "full"
+    tokens = _fitting_tokens(acc, budget, plan)
     if tokens and tokens < st.tokens:
         fixes.append(f"about {tokens} tokens per micro-batch (lower --data.micro-batch-size or --data.max-length, "
                      f"raise --training.grad-accum to keep the batch) with --model.memory {plan}")  # fmt: skip
@@ -407,7 +321,7 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
             _checkpoint_forward(layer, selective=True)
 
 
-def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
+def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expanded: bool = False) -> Setup:
     """The memory-relevant facts of this configured run and built model."""
     from fasttune.train.optim import state_bytes
 
@@ -426,7 +340,8 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool) -> Setup:
         loss="liger" if liger else ("chunked" if chunked else "hf"),
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
-        plans=plans_for(model),
+        lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
+        kv_expanded=kv_expanded,
     )  # fmt: skip
 
 
@@ -444,6 +359,51 @@ def _lora_upcast(cfg, model: torch.nn.Module, param_bytes: int) -> bool:
     return adapters[0].element_size() == 4
 
 
+def _choose_with_liger_norms(cfg, model: torch.nn.Module, requested: str, st: Setup, free: float | None) -> Estimate:
+    """choose_plan, where Liger's RMSNorms may have their outputs recomputed (model/norm.py; model.lean_norm): only
+    when that lets the run fit with less recomputation than otherwise (it costs ~4% of the step: docs/BENCHMARKS.md,
+    "Memory")."""
+    from fasttune.model import norm
+
+    if not (cfg.model.lean_norm and not cfg.training.compile and norm.has_liger_norms(model)):
+        return choose_plan(requested, st, free)
+    lean = Setup(**{**st.__dict__, "lean_norm": True})
+    try:
+        est = choose_plan(requested, st, free)
+    except FasttuneError:  # when even the lean norms do not fit, their error: what the run needs at the least
+        return _tag_liger_norms(model, choose_plan(requested, lean, free))
+    if requested != "auto" or est.plan == "none":
+        return est
+    lean_est = choose_plan(requested, lean, free)
+    if _recomputation(st, lean_est.plan) < _recomputation(st, est.plan):
+        return _tag_liger_norms(model, lean_est)
+    return est
+
+
+def _recomputation(st: Setup, plan: str) -> tuple[float, bool]:
+    """How auto_order ranks a plan's recomputation."""
+    return recompute_flops(st.shape, plan), plan != "none"
+
+
+def _tag_liger_norms(model: torch.nn.Module, est: Estimate) -> Estimate:
+    from fasttune.model import norm
+
+    count = norm.apply(model, liger=True)
+    log.info("model.lean_norm: Liger's %d RMSNorm outputs recomputed in backward (less memory for ~4%% of the step)",
+             count)  # fmt: skip
+    return est
+
+
+def _kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | None) -> bool:
+    """Whether the run's attention (fasttune's backend name) keeps grouped kv heads expanded for backward."""
+    from fasttune.attention.select import keeps_expanded_kv
+    from fasttune.model.flops import head_dim
+
+    config = base_model(model).config
+    grouped = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) < config.num_attention_heads
+    return bool(attention and grouped) and keeps_expanded_kv(attention, device, torch.bfloat16, head_dim(config))
+
+
 def free_memory(device: torch.device) -> float | None:
     """Bytes this process can still use on `device`: the driver's free memory plus what torch already holds (the
     model's weights are counted by the estimate). None off CUDA."""
@@ -453,7 +413,8 @@ def free_memory(device: torch.device) -> float | None:
     return float(free + torch.cuda.memory_reserved(device))
 
 
-def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None) -> Estimate:
+def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None,
+                attention: str | None = None) -> Estimate:  # fmt: skip
     """Choose and install the run's memory transforms: the chunked loss (Liger's fused one when Liger is on) and the
     activation plan (`model.memory`; `model.gradient_checkpointing` means full). `free_bytes` replaces the
     measured free memory (tests simulate GPUs with it)."""
@@ -466,8 +427,8 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     chunked = cfg.model.chunked_loss and not liger and apply_chunked_loss(base)
     requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory
     free = free_memory(device) if free_bytes is None else free_bytes
-    st = setup_of(cfg, model, liger, chunked)
-    est = choose_plan(requested, st, free)
+    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention))
+    est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
     where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"
     log.info("memory plan: %s (%s, %s); predicted peak %s for %d tokens per micro-batch", est.plan, requested if

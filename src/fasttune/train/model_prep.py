@@ -101,6 +101,16 @@ def _apply_fused_mlp(model) -> None:
         log.info("model.fused_mlp: not used: %s", why)
 
 
+def _apply_lean_norm(model) -> None:
+    from fasttune.model import norm
+
+    count = norm.apply(model)
+    if count:
+        log.info("lean RMSNorm on %d norms (their input kept, their output recomputed in backward)", count)
+    else:
+        log.info("model.lean_norm: not used: no Llama-style or Liger RMSNorm in %s", type(base_model(model)).__name__)
+
+
 def _say_router_loss(model) -> None:
     base = base_model(model)
     if not getattr(base.config, "output_router_logits", False):
@@ -172,7 +182,10 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         model = apply_lora(model, cfg.lora)
     if cfg.model.fused_mlp and not cfg.training.compile:
         _apply_fused_mlp(model)
-    est = plan_memory(cfg, model, device)  # chunked loss + activation plan, or a clear stop when the step cannot fit
+    if cfg.model.lean_norm and not cfg.training.compile:
+        _apply_lean_norm(model)
+    est = plan_memory(cfg, model, device, attention=attn.name)  # chunked loss + activation plan, or a clear stop
+    # when the step cannot fit
     _say_router_loss(model)
     if cfg.training.compile:
         for layer in decoder_layers(model):

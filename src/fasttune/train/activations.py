@@ -1,0 +1,130 @@
+"""What a decoder layer keeps for backward, per token: the byte counts behind the memory plan (train/memory.py).
+
+Byte counts per token and decoder layer (bf16 compute, 2 bytes; h hidden, q = heads x head_dim, kv = kv heads x
+head_dim, i intermediate), counted from what autograd saves in HF's Llama layer: each unfused RMSNorm keeps its fp32
+upcast and its bf16 product input (6h), the q/k/v and gate/up projections their normed input (2h each), attention
+q, k, v and its output (4q + 4kv), SwiGLU gate, silu(gate), up and the product (8i). Checked against the H100 runs
+in docs/BENCHMARKS.md (1B shape, 16k tokens: 41.4 GiB measured without Liger, 41.1 predicted; see `Estimate.total`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from fasttune.model.flops import mlp_width
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    q: int
+    kv: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        heads = config.num_attention_heads
+        d = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, mlp_width(config),
+                   config.vocab_size)  # fmt: skip
+
+
+def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
+                lora_upcast: bool = False, fused_mlp: bool = False, lean_norm: bool = False,
+                kv_expanded: bool = False) -> float:  # fmt: skip
+    """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below);
+    `lora_rank`, `lora_upcast`: peft LoRA adapters (see lora_bytes); `fused_mlp`: fasttune's SwiGLU function
+    (model/mlp.py) keeps gate and up only; `lean_norm`: fasttune's RMSNorm keeps its input only, and the norm outputs
+    the next matmuls keep (q/k/v's and gate/up's input, 2h each) are recomputed (model/norm.py); `kv_expanded`:
+    the attention kernel keeps k and v expanded to the query heads (torch's varlen kernel before enable_gqa)."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
+    lean_norm = lean_norm and not fp32_stream  # fp32 norm outputs reach the matmuls as autocast's bf16 copies
+    norms = 4 * h if liger or lean_norm else 12 * h  # Liger's and the lean RMSNorm keep their bf16 input; HF's 6h each
+    mlp = 4 * i if fused_mlp else (6 * i if liger else 8 * i)  # Liger's SwiGLU recomputes silu(gate)
+    stream = 4 * h if fp32_stream else 0  # autocast over fp32 weights: the residual stream and norms run in fp32
+    akv = q if kv_expanded else kv  # the k and v the attention kernel keeps
+    keep = {
+        "none": norms + 4 * h + 4 * q + 4 * akv + mlp + stream,
+        "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + 4 * i + 2 * h + stream,  # input, qkv, attn, o, gate+up, down
+        "attention": norms + 4 * h + mlp + stream,  # the recomputed block's input, the other's matmul input
+        "mlp": norms + 4 * h + 4 * q + 4 * akv + stream,
+        "full": 2 * h + stream // 2,
+    }
+    recomputed = LEAN_RECOMPUTED.get(plan, 0) * h if lean_norm else 0
+    lora = lora_bytes(s, plan, lora_rank, liger, lora_upcast, lean_norm) if lora_rank else 0.0
+    return float(keep[plan] - recomputed) + lora
+
+
+LEAN_RECOMPUTED = {"none": 4, "attention": 2, "mlp": 4}
+"""Norm outputs (x hidden bytes per token and layer) the lean RMSNorm recomputes instead of the matmuls keeping them;
+under `attention` the checkpoint keeps the attention block's input itself (measured: tests/test_memory.py)."""
+
+
+def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool = False,
+               lean_norm: bool = False) -> float:  # fmt: skip
+    """What LoRA adapters on a frozen base change per token and decoder layer against the trainable layer.
+    fasttune's forward (model/lora.py, `upcast` False): each lora_A keeps its bf16 input (which the trainable base
+    matmul kept anyway) and its rank-r output; HF's RMSNorm no longer keeps its normalized input for the frozen norm
+    weight's gradient (-2h each; Liger's keeps its input either way); `ops` keeps each adapted output beside the base
+    matmul's (the addmm that adds the adapter is a matmul). Exact: tests/test_memory.py measures it on CPU.
+    `upcast`: peft's own forward (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted linear upcasts
+    its input to fp32 for lora_A, kept for lora_A's weight gradient, and `ops` keeps the fp32 lora_B outputs; `ops`
+    exact, the others fitted (q = h, kv = h / 2) to what HF's Llama layer under peft 0.21 keeps alive. Llama-3.1-8B,
+    r 16, Liger: none keeps +0.2 KB over its 139 KB with fasttune's forward, +95 KB with peft's upcasts.
+    `lean_norm`: the frozen lean RMSNorm keeps its input like Liger's; peft's upcasts keep an fp32 copy of the norm
+    output, not the output, so nothing is recomputed for them."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
+    if upcast:
+        lean = 0.0  # where norms are kept: the lean one keeps its input (HF's frozen one does not), and what
+        if lean_norm and plan in LEAN_RECOMPUTED:  # layer_bytes counts as recomputed stays: peft's upcasts keep fp32
+            lean = ((0 if liger else 4) + {"none": 4, "attention": 2, "mlp": 2}[plan]) * h  # copies (the `mlp`
+            # checkpoint's input is still recomputed)
+        a = 4.0 * rank  # one fp32 lora_A output
+        extra = {
+            "none": 14 * h + 2 * q + 2 * i + 7 * a,
+            "ops": 8 * h + 4 * q + 8 * kv + 8 * i + 7 * a,  # lora_B outputs of q, k, v, o, gate, up, down
+            "attention": 2 * h + 2 * i + 3 * a,  # the MLP's part of none (the attention block is recomputed)
+            "mlp": 8 * h + 2 * q + 4 * a,  # the attention block's part
+            "full": 0.0,
+        }
+        return extra[plan] + lean
+    a, norms = 2.0 * rank, (0 if liger or lean_norm else -4 * h)  # a: one bf16 lora_A output
+    extra = {
+        "none": norms + 7 * a,
+        "ops": 4 * h + 2 * q + 4 * kv + 4 * i + 7 * a,  # the adapted outputs of q, k, v, o, gate, up, down
+        "attention": norms + 3 * a,  # both norms sit outside the recomputed attention block
+        "mlp": norms + 4 * a,
+        "full": 0.0,
+    }
+    return extra[plan]
+
+
+def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
+                     lora_rank: int = 0, lora_upcast: bool = False, fused_mlp: bool = False,
+                     lean_norm: bool = False, kv_expanded: bool = False) -> float:  # fmt: skip
+    """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes."""
+    per = functools.partial(layer_bytes, s, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank,
+                            lora_upcast=lora_upcast, fused_mlp=fused_mlp, lean_norm=lean_norm,
+                            kv_expanded=kv_expanded)  # fmt: skip
+    if plan.startswith("every:"):
+        k = int(plan.split(":")[1])
+        n_full = s.layers // k
+        kept = n_full * per("full") + (s.layers - n_full) * per("ops")
+    else:
+        kept = s.layers * per(plan)
+    recompute = 0.0 if plan == "none" else per("none")
+    return tokens * (kept + recompute)
+
+
+def recompute_flops(s: Shape, plan: str) -> float:
+    """Matmul FLOPs per token recomputed in backward (elementwise recompute counts as 0)."""
+    attn = 2 * s.hidden * (2 * s.q + 2 * s.kv)
+    mlp = 2 * 3 * s.hidden * s.intermediate
+    per_layer = {"none": 0, "ops": 0, "attention": attn, "mlp": mlp, "full": attn + mlp}
+    if plan.startswith("every:"):
+        return (s.layers // int(plan.split(":")[1])) * (attn + mlp)
+    return s.layers * per_layer[plan]
