@@ -222,7 +222,7 @@ def _cuda_pair(liger: bool):
         module = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
         module._apply_liger_kernel_to_instance(model=ref)
     ours = copy.deepcopy(ref)
-    assert norm.apply(ours) == 2 * ours.config.num_hidden_layers + 1
+    assert norm.apply(ours, liger=liger) == 2 * ours.config.num_hidden_layers + 1
     return ref, ours
 
 

@@ -107,8 +107,11 @@ def _apply_lean_norm(model) -> None:
     count = norm.apply(model)
     if count:
         log.info("lean RMSNorm on %d norms (their input kept, their output recomputed in backward)", count)
+    elif norm.has_liger_norms(model):
+        log.info("model.lean_norm: Liger's RMSNorms run as they are; their outputs are recomputed only if the memory "
+                 "plan needs it")  # fmt: skip
     else:
-        log.info("model.lean_norm: not used: no Llama-style or Liger RMSNorm in %s", type(base_model(model)).__name__)
+        log.info("model.lean_norm: not used: no Llama-style RMSNorm in %s", type(base_model(model)).__name__)
 
 
 def _say_router_loss(model) -> None:
