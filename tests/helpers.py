@@ -43,6 +43,63 @@ def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
 
 
+def assert_same_losses_without(tmp_path: Path, caplog, field: str, logged: str) -> None:
+    """A model transform on by default (its log line contains `logged`) trains the same CPU losses as the run with
+    model.<field> off."""
+    from fasttune.train import loop
+
+    caplog.set_level("INFO", logger="fasttune")
+    on = loop.train(tiny_config(tmp_path / "on"))
+    assert logged in caplog.text
+    cfg = tiny_config(tmp_path / "off")
+    off = loop.train(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{field: False})))
+    got, want = losses(on.records), losses(off.records)
+    assert got.keys() == want.keys() and len(got) > 3
+    assert all(abs(got[k] - want[k]) <= 1e-5 * abs(want[k]) for k in want)
+
+
+def assert_same_step(ref, ours, batch: dict, atol: float = 1e-7, loss_rtol: float = 1e-6, what=None) -> None:
+    """One forward + backward of `batch` through both models: the same loss, and the same gradient for every
+    parameter that has one in `ref` (frozen ones: none)."""
+    import torch
+
+    from fasttune.data.packing import count_targets
+    from fasttune.train.run import forward_backward
+
+    n = count_targets(batch)
+    a, b = forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None)
+    assert torch.allclose(a, b, rtol=loss_rtol), (what, a, b)
+    pairs = [(name, p.grad, q.grad) for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True)
+             if p.grad is not None]  # fmt: skip
+    assert pairs, what
+    for name, want, got in pairs:
+        assert torch.allclose(want, got, rtol=1e-5, atol=atol), (what, name)
+
+
+def twin(ref, forward):
+    """(ref, a deep copy of it whose forward is `forward` bound to the copy): a module against its replacement."""
+    import copy
+    import types
+
+    ours = copy.deepcopy(ref)
+    ours.forward = types.MethodType(forward, ours)
+    return ref, ours
+
+
+def run_module(module, x, dy) -> list:
+    """Forward x (a fresh leaf), backward dy: [output, input gradient, each parameter's gradient]."""
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    return [y, x.grad, *(p.grad for p in module.parameters())]
+
+
+def rel_diff(a, b) -> float:
+    """The largest difference between a and b relative to b's largest magnitude (in float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def save_micro_model(path: Path) -> Path:
     """A micro Llama (seed 0) with the tiny tokenizer, saved like any local HF model folder; returns `path`."""
     import torch

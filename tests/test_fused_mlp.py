@@ -4,42 +4,22 @@ memory plan, in a whole training run, and only where the architecture's MLP is t
 from __future__ import annotations
 
 import copy
-import dataclasses
-import types
 
 import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from fasttune.data.packing import count_targets
 from fasttune.model import mlp
 from fasttune.model.build import build_preset
-from fasttune.train import loop
 from fasttune.train.memory import apply_plan
-from fasttune.train.run import forward_backward
-from tests.helpers import losses, tiny_config
+from tests.helpers import assert_same_losses_without, assert_same_step, rel_diff, run_module, twin
 from tests.test_memory import VOCAB, _batch
 
 
 def _pair(dtype, device="cpu"):
     torch.manual_seed(0)
-    ref = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=160)).to(device, dtype)
-    ours = copy.deepcopy(ref)
-    ours.forward = types.MethodType(mlp._forward, ours)
-    return ref, ours
-
-
-def _run(module, x, dy):
-    x = x.detach().clone().requires_grad_()
-    y = module(x)
-    y.backward(dy)
-    return [y, x.grad] + [getattr(module, n).weight.grad for n in ("gate_proj", "up_proj", "down_proj")]
-
-
-def _rel(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max())
+    return twin(LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=160)).to(device, dtype), mlp._forward)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -47,8 +27,8 @@ def test_forward_and_gradients_equal_hf_mlp(dtype, tol):
     """Output, input and weight gradients against HF's LlamaMLP (bf16: dx is one addmm, one rounding less)."""
     ref, ours = _pair(dtype)
     x, dy = torch.randn(3, 7, 64, dtype=dtype), torch.randn(3, 7, 64, dtype=dtype)
-    for a, b in zip(_run(ours, x, dy), _run(ref, x, dy), strict=True):
-        assert _rel(a, b) <= tol
+    for a, b in zip(run_module(ours, x, dy), run_module(ref, x, dy), strict=True):
+        assert rel_diff(a, b) <= tol
 
 
 def test_frozen_projections_keep_no_input_and_still_pass_the_gradient():
@@ -75,23 +55,12 @@ def test_fused_mlp_under_every_plan_gives_the_gradients_of_hf(plan):
     ours = copy.deepcopy(ref)
     assert mlp.apply(ours) == ours.config.num_hidden_layers and mlp.fused(ours) and not mlp.fused(ref)
     apply_plan(ours, plan)
-    batch = _batch()
-    n = count_targets(batch)
-    assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None), rtol=1e-6)
-    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+    assert_same_step(ref, ours, _batch())
 
 
 def test_training_run_with_the_fused_mlp_equals_one_without(tmp_path, caplog):
     """On by default (the log says so), and a CPU run trains the same losses as --model.no-fused-mlp."""
-    caplog.set_level("INFO", logger="fasttune")
-    on = loop.train(tiny_config(tmp_path / "on"))
-    assert "fused SwiGLU MLP on" in caplog.text
-    cfg = tiny_config(tmp_path / "off")
-    off = loop.train(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fused_mlp=False)))
-    got, want = losses(on.records), losses(off.records)
-    assert got.keys() == want.keys() and len(got) > 3
-    assert all(abs(got[k] - want[k]) <= 1e-5 * abs(want[k]) for k in want)
+    assert_same_losses_without(tmp_path, caplog, "fused_mlp", "fused SwiGLU MLP on")
 
 
 def test_only_plain_swiglu_mlps_are_replaced():
@@ -129,19 +98,20 @@ def test_triton_kernels_match_torch_ops_under_the_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed (the GPU test covers the kernels on CUDA)")
     code = textwrap.dedent("""
         import torch
-        from tests.test_fused_mlp import _pair, _rel, _run
+        from tests.test_fused_mlp import _pair
+        from tests.helpers import rel_diff, run_module
         from fasttune.model import mlp
         torch.manual_seed(0)
         for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
             g, u, dc = (torch.randn(37, 200, dtype=dtype) * 3 for _ in range(3))
             assert mlp.on_triton(g)
             silu = torch.nn.functional.silu(g)
-            assert _rel(mlp.swiglu(g, u), silu * u) <= tol
+            assert rel_diff(mlp.swiglu(g, u), silu * u) <= tol
             dg, du = mlp.swiglu_backward(dc, g, u)
-            assert _rel(dg, torch.ops.aten.silu_backward(dc * u, g)) <= tol and _rel(du, dc * silu) <= tol
+            assert rel_diff(dg, torch.ops.aten.silu_backward(dc * u, g)) <= tol and rel_diff(du, dc * silu) <= tol
             ref, ours = _pair(dtype)
             x, dy = torch.randn(3, 7, 64, dtype=dtype), torch.randn(3, 7, 64, dtype=dtype)
-            assert all(_rel(a, b) <= 10 * tol for a, b in zip(_run(ours, x, dy), _run(ref, x, dy)))
+            assert all(rel_diff(a, b) <= 10 * tol for a, b in zip(run_module(ours, x, dy), run_module(ref, x, dy)))
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -160,14 +130,14 @@ def test_triton_kernels_equal_the_torch_path_on_cuda():
     cuda_c, cuda_grads = mlp.swiglu(g, u), mlp.swiglu_backward(dc, g, u)
     torch_c = torch.nn.functional.silu(g) * u
     torch_dg = torch.ops.aten.silu_backward(dc * u, g)
-    assert _rel(cuda_c, torch_c) <= 1e-2 and _rel(cuda_grads[0], torch_dg) <= 1e-2
-    assert _rel(cuda_grads[1], dc * torch.nn.functional.silu(g)) <= 1e-2
+    assert rel_diff(cuda_c, torch_c) <= 1e-2 and rel_diff(cuda_grads[0], torch_dg) <= 1e-2
+    assert rel_diff(cuda_grads[1], dc * torch.nn.functional.silu(g)) <= 1e-2
     ref, ours = _pair(torch.float32, "cuda")
     x, dy = torch.randn(4, 33, 64, device="cuda"), torch.randn(4, 33, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got, want = _run(ours, x, dy), _run(ref, x, dy)
+        got, want = run_module(ours, x, dy), run_module(ref, x, dy)
     for a, b in zip(got, want, strict=True):
-        assert a.dtype == b.dtype and _rel(a, b) <= 2e-2
+        assert a.dtype == b.dtype and rel_diff(a, b) <= 2e-2
 
 
 def test_a_model_with_fasttunes_forwards_survives_torch_save():

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttune.config import ModelConfig
-from fasttune.data.packing import collate, count_targets
+from fasttune.data.packing import collate
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import build_preset, preset_config
 from fasttune.train.activations import Shape, layer_bytes, lora_bytes
@@ -28,8 +28,7 @@ from fasttune.train.memory import (
     choose_plan,
     estimate,
 )
-from fasttune.train.run import forward_backward
-from tests.helpers import tiny_config
+from tests.helpers import assert_same_step, tiny_config
 
 VOCAB = 300
 
@@ -47,12 +46,7 @@ def test_every_plan_gives_the_gradients_of_no_plan(plan):
     ours = copy.deepcopy(ref)
     apply_plan(ours, plan)
     assert any("forward" in vars(m) for m in ours.modules())  # the plan is installed
-    batch = _batch()
-    n = count_targets(batch)
-    a, b = forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None)
-    assert torch.allclose(a, b, rtol=1e-6)
-    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+    assert_same_step(ref, ours, _batch())
 
 
 def _other_layout(kind: str):
@@ -85,11 +79,7 @@ def test_plans_find_the_layers_of_other_layouts_and_keep_their_gradients(kind):
         ours = copy.deepcopy(ref)
         apply_plan(ours, plan)
         assert any("forward" in vars(m) for m in ours.modules()), plan  # installed on the layers found
-        n = count_targets(batch)
-        a, b = forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None)
-        assert torch.allclose(a, b, rtol=1e-6), plan
-        for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
-            assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), (plan, name)
+        assert_same_step(ref, ours, batch, atol=1e-6, what=plan)
     st = Setup(**{**_setup(8192).__dict__, "plans": plans})
     assert all(e.plan != "mlp" for e in auto_order(st)) == (kind == "opt")
     if kind == "opt":
@@ -246,11 +236,7 @@ def test_plans_under_lora_give_the_gradients_of_no_plan():
     ref = apply_lora(copy.deepcopy(base), LoraConfig(enabled=True, rank=4, alpha=8)).train()
     ours = copy.deepcopy(ref)
     apply_plan(ours, "every:2")
-    batch = _batch()
-    n = count_targets(batch)
-    assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None))
-    grads = [(p.grad, q.grad) for p, q in zip(ref.parameters(), ours.parameters(), strict=True) if p.requires_grad]
-    assert grads and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in grads)
+    assert_same_step(ref, ours, _batch(), loss_rtol=1e-5)
 
 
 class _Alive(TorchDispatchMode):

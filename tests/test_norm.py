@@ -18,11 +18,10 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from fasttune.data.packing import count_targets
 from fasttune.model import mlp, norm
 from fasttune.model.build import build_preset
-from fasttune.train import loop
 from fasttune.train.activations import Shape, layer_bytes, lora_bytes
 from fasttune.train.memory import apply_plan
 from fasttune.train.run import forward_backward
-from tests.helpers import losses, tiny_config
+from tests.helpers import assert_same_losses_without, assert_same_step, rel_diff, run_module, tiny_config, twin
 from tests.test_memory import VOCAB, _batch, _per_token_and_layer
 
 SHAPE = Shape.of(LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
@@ -34,21 +33,7 @@ def _norm_pair(dtype):
     torch.manual_seed(0)
     ref = LlamaRMSNorm(96, eps=1e-5).to(dtype)
     ref.weight.data.uniform_(0.5, 1.5)
-    ours = copy.deepcopy(ref)
-    ours.forward = types.MethodType(norm._lean_forward, ours)
-    return ref, ours
-
-
-def _run(module, x, dy):
-    x = x.detach().clone().requires_grad_()
-    y = module(x)
-    y.backward(dy)
-    return y, x.grad, module.weight.grad
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max())
+    return twin(ref, norm._lean_forward)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,14 +42,14 @@ def test_forward_and_gradients_equal_hf_rmsnorm(dtype):
     HF's own (the sums run in another order)."""
     ref, ours = _norm_pair(dtype)
     x, dy = torch.randn(3, 7, 96, dtype=dtype) * 3, torch.randn(3, 7, 96, dtype=dtype)
-    got, want = _run(ours, x, dy), _run(ref, x, dy)
+    got, want = run_module(ours, x, dy), run_module(ref, x, dy)
     assert torch.equal(got[0], want[0])
-    truth = _run(copy.deepcopy(ref).double(), x.double(), dy.double())
+    truth = run_module(copy.deepcopy(ref).double(), x.double(), dy.double())
     for a, b, t in zip(got[1:], want[1:], truth[1:], strict=True):
         if dtype == torch.float32:
-            assert _rel(a, b) <= 1e-6
+            assert rel_diff(a, b) <= 1e-6
         else:
-            assert _rel(a, t) <= max(2 * _rel(b, t), 1e-2)
+            assert rel_diff(a, t) <= max(2 * rel_diff(b, t), 1e-2)
 
 
 def test_it_keeps_its_input_and_the_inverse_rms_only():
@@ -92,11 +77,7 @@ def test_under_every_plan_the_model_gives_the_gradients_of_hf(plan, fused):
     if fused:
         assert mlp.apply(ours) == layers
     apply_plan(ours, plan)
-    batch = _batch()
-    n = count_targets(batch)
-    assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None), rtol=1e-6)
-    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), name
+    assert_same_step(ref, ours, _batch(), atol=1e-6)
 
 
 def test_under_lora_the_adapters_get_the_gradients_of_hf():
@@ -110,12 +91,7 @@ def test_under_lora_the_adapters_get_the_gradients_of_hf():
             p.data.normal_(0, 0.05)  # lora_B starts at zero: give every adapter a gradient path
     ours = copy.deepcopy(ref)
     assert norm.apply(ours) > 0
-    batch = _batch()
-    n = count_targets(batch)
-    assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None), rtol=1e-6)
-    grads = [(name, p.grad, q.grad) for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True)
-             if p.requires_grad]  # fmt: skip
-    assert grads and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for _, a, b in grads)
+    assert_same_step(ref, ours, _batch(), atol=1e-6)
 
 
 @pytest.mark.parametrize("plan", ["none", "ops", "attention", "mlp", "full"])
@@ -203,14 +179,7 @@ def test_a_model_with_lean_norms_survives_torch_save():
 
 def test_training_run_with_lean_norms_equals_one_without(tmp_path, caplog):
     """On by default (the log says so), and a CPU run trains the same losses as --model.no-lean-norm."""
-    caplog.set_level("INFO", logger="fasttune")
-    on = loop.train(tiny_config(tmp_path / "on"))
-    assert "lean RMSNorm on" in caplog.text
-    cfg = tiny_config(tmp_path / "off")
-    off = loop.train(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lean_norm=False)))
-    got, want = losses(on.records), losses(off.records)
-    assert got.keys() == want.keys() and len(got) > 3
-    assert all(abs(got[k] - want[k]) <= 1e-5 * abs(want[k]) for k in want)
+    assert_same_losses_without(tmp_path, caplog, "lean_norm", "lean RMSNorm on")
 
 
 def _cuda_pair(liger: bool):
@@ -238,7 +207,7 @@ def test_on_cuda_the_lean_norms_give_the_gradients_of_the_model_without(liger):
     a, b = forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None)
     assert torch.allclose(a, b, rtol=1e-3), (a, b)
     for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        assert _rel(q.grad, p.grad) < 2e-2, name
+        assert rel_diff(q.grad, p.grad) < 2e-2, name
 
 
 def test_triton_kernels_match_the_torch_path_under_the_interpreter():
@@ -255,7 +224,7 @@ def test_triton_kernels_match_the_torch_path_under_the_interpreter():
     code = textwrap.dedent("""
         import os
         import torch
-        from tests.test_norm import _rel
+        from tests.helpers import rel_diff
         from fasttune.model import norm
         torch.manual_seed(0)
         for xd, wd, tol in ((torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2),
@@ -268,11 +237,11 @@ def test_triton_kernels_match_the_torch_path_under_the_interpreter():
             dy = torch.randn_like(y_ref)
             dx_ref, dw_ref = norm._norm_backward(dy, x, w, rstd_ref, True)
             os.environ["TRITON_INTERPRET"] = "1"
-            assert y.dtype == y_ref.dtype and _rel(y, y_ref) <= tol and _rel(rstd, rstd_ref) <= 1e-5
+            assert y.dtype == y_ref.dtype and rel_diff(y, y_ref) <= tol and rel_diff(rstd, rstd_ref) <= 1e-5
             for wgrad in (True, False):
                 dx, dw = norm._norm_backward(dy, x, w, rstd, wgrad)
-                assert dx.dtype == xd and _rel(dx, dx_ref) <= tol
-                assert (dw is None) if not wgrad else (dw.dtype == wd and _rel(dw, dw_ref) <= tol)
+                assert dx.dtype == xd and rel_diff(dx, dx_ref) <= tol
+                assert (dw is None) if not wgrad else (dw.dtype == wd and rel_diff(dw, dw_ref) <= tol)
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -300,11 +269,7 @@ def test_tagged_liger_norms_give_the_gradients_of_untagged_ones():
     ref = _with_liger_norms()
     ours = copy.deepcopy(ref)
     assert norm.apply(ours, liger=True) == 2 * ours.config.num_hidden_layers + 1 and not norm.has_liger_norms(ours)
-    batch = _batch()
-    n = count_targets(batch)
-    assert torch.allclose(forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None), rtol=1e-6)
-    for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6), name
+    assert_same_step(ref, ours, _batch(), atol=1e-6)
 
 
 def test_liger_norms_are_recomputed_only_when_the_run_needs_that_memory(tmp_path):
