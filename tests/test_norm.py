@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import io
 import types
+import weakref
 
 import pytest
 import torch
@@ -242,6 +243,9 @@ def test_triton_kernels_match_the_torch_path_under_the_interpreter():
                 dx, dw = norm._norm_backward(dy, x, w, rstd, wgrad)
                 assert dx.dtype == xd and rel_diff(dx, dx_ref) <= tol
                 assert (dw is None) if not wgrad else (dw.dtype == wd and rel_diff(dw, dw_ref) <= tol)
+            empty = torch.randn(0, 200, dtype=xd, requires_grad=True)  # no rows: forward and backward still run
+            norm.RMSNormFunction.apply(empty, w.requires_grad_(), 1e-5).sum().backward()
+            assert empty.grad.shape == (0, 200) and not w.grad.any()
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -299,3 +303,96 @@ def test_liger_norms_are_recomputed_only_when_the_run_needs_that_memory(tmp_path
     with pytest.raises(FasttuneError, match="needs about"):
         c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory="none"))
         plan_memory(c, _with_liger_norms(), torch.device("cpu"), free_bytes=lean * 0.9)
+
+
+def test_the_hooks_stay_out_of_the_way():
+    """Nothing the tags hold keeps a tensor alive (under `full` the post-attention norms' inputs are freed during the
+    forward);
+    outer saved-tensor hooks (save_on_cpu) and disabled hooks leave the forward to them, unrecomputed, with HF's
+    gradients; a nested forward keeps the outer one's hooks; after a KeyboardInterrupt mid-forward the next forward of
+    the model removes the stale hooks."""
+    ref = build_preset("micro", VOCAB, "sdpa", torch.float32).train()
+    ours = copy.deepcopy(ref)
+    norm.apply(ours)
+    seen, inputs = {}, []
+
+    def at_final_norm(module, args):
+        seen["active"] = norm._state.outputs is not None
+        seen["alive"] = sum(r() is not None for r in inputs)
+        with torch.no_grad():
+            ref(input_ids=torch.randint(2, VOCAB, (1, 4)))  # a nested forward of another hooked-or-not model
+
+    ours.model.norm.register_forward_pre_hook(at_final_norm)
+    for layer in ours.model.layers:  # nothing but the tags could keep these alive under `full`
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0])))
+    apply_plan(ours, "full")
+    full = copy.deepcopy(ref)
+    apply_plan(full, "full")
+    assert_same_step(full, ours, _batch(), atol=1e-6)
+    assert seen == {"active": True, "alive": 0} and norm._state.outputs is None and inputs
+    ours = copy.deepcopy(ref)
+    norm.apply(ours)
+    ours.model.norm.register_forward_pre_hook(at_final_norm)
+    for context in (torch.autograd.graph.save_on_cpu, lambda: torch.autograd.graph.disable_saved_tensors_hooks("x")):
+        for model in (ref, ours):
+            model.zero_grad()
+        with context():
+            assert_same_step(ref, ours, _batch(), atol=1e-6)
+        assert not seen["active"] and norm._state.outputs is None
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = ours.model.layers[0].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ours(input_ids=torch.randint(2, VOCAB, (1, 8)))
+    handle.remove()
+    assert norm._state.outputs is not None  # forward hooks do not run on a KeyboardInterrupt
+    for model in (ref, ours):
+        model.zero_grad()
+    assert_same_step(ref, ours, _batch(), atol=1e-6)
+    assert seen["active"] and norm._state.outputs is None
+
+
+def test_in_place_writes_to_saved_tensors_still_fail():
+    """Saved-tensor hooks switch off autograd's check for tensors written in place after they were saved: the lean
+    norm's hooks do the check themselves, so such a model fails as it does without them, and a write into the norm's
+    input (HF's norm keeps an fp32 copy instead) fails with a line naming the switch."""
+
+    class Model(nn.Module):
+        def __init__(self, where: str):
+            super().__init__()
+            self.pre, self.norm, self.proj = nn.Linear(16, 16), LlamaRMSNorm(16), nn.Linear(16, 4)
+            self.where = where
+
+        def forward(self, x):
+            r = self.pre(x)
+            h = self.norm(r)
+            a = torch.sigmoid(r)
+            (r if self.where == "input" else a).add_(1.0)
+            return self.proj(h * a)
+
+    x = torch.randn(3, 16)
+    for where, match in (("other", "modified by an inplace operation"), ("input", "--model.no-lean-norm")):
+        model = Model(where)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # HF's norm: fp32 keeps x
+            copy.deepcopy(model)(x).sum().backward()
+        norm.apply(model)
+        with pytest.raises(RuntimeError, match=match):
+            model(x).sum().backward()
+
+
+def test_per_head_norms_are_lean_but_not_recomputed():
+    """Qwen3's q/k norms (over the head size) run the lean function, but only the norms over the hidden size (what
+    the projections keep) have their outputs recomputed; the model's gradients are HF's."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, num_hidden_layers=2, vocab_size=VOCAB)  # fmt: skip
+    torch.manual_seed(0)
+    ref = Qwen3ForCausalLM(config).train()
+    ours = copy.deepcopy(ref)
+    assert norm.apply(ours) == 4 * 2 + 1
+    tagged = {name for name, m in ours.named_modules() if m.__dict__.get("_fasttune_tag")}
+    assert tagged and all(not name.endswith(("q_norm", "k_norm")) for name in tagged)
+    assert_same_step(ref, ours, _batch(), atol=1e-6)

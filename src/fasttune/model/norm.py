@@ -14,6 +14,12 @@ What a Llama decoder layer keeps per token for its two RMSNorms (bf16, h the hid
 Together: 12h per layer less than HF's modules, 4h less than Liger's (1B shape, 8k tokens per micro-batch: 2.0 and
 1.0 GiB less over its 16 layers; docs/BENCHMARKS.md "Memory").
 
+The hooks hold nothing alive themselves (a norm's input is held from the first save of its output on), stand aside
+under outer saved-tensor hooks (save_on_cpu, a checkpoint around the whole model) and where hooks are disabled, tag
+only norms over the hidden size (not Qwen3's per-head q/k norms), and do autograd's check for tensors written in
+place after they were saved, which installed hooks switch off. No double backward (like the fused MLP), and no
+torch.func transforms over the model (use --model.no-lean-norm for either).
+
 Installed by `apply(model)`: fasttune's function replaces modules whose forward is, line for line, transformers'
 LlamaRMSNorm.forward (Llama, Mistral, Qwen2/3, Granite and ~140 more share it). On CUDA two Triton kernels compute
 it (one pass over the row forward, one backward: the default install's `full` trains 1.16x faster in 3.0 GiB less
@@ -85,7 +91,7 @@ def _settings(n: int) -> tuple[int, int]:
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The output (in the dtype HF's `weight * normed` has) and the fp32 inverse RMS of each row."""
-    if not on_triton(x) or weight.device != x.device:
+    if not on_triton(x) or weight.device != x.device or x.numel() == 0:
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * (xf * rstd).to(x.dtype), rstd
@@ -100,7 +106,7 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tens
 
 def _norm_backward(dy, x, weight, rstd, wgrad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The input gradient and (wgrad) the weight gradient, as autograd computes them through HF's forward."""
-    if not on_triton(x):
+    if not on_triton(x) or weight.device != x.device or x.numel() == 0:
         xf = x.float()
         normed = (xf * rstd).to(x.dtype)
         dw = (dy * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype) if wgrad else None
@@ -137,7 +143,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = _norm_backward(dy, x, weight, rstd, ctx.needs_input_grad[1])
-        return dx, dw, None
+        return dx if ctx.needs_input_grad[0] else None, dw, None
 
 
 def _lean_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -156,74 +162,142 @@ def _tagged_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 _lean_forward.__name__ = _tagged_forward.__name__ = "forward"  # pickle stores the bound method by that name
 
 # -- recompute: saved-tensor hooks ------------------------------------------------------------------------------
+# While hooks are installed autograd no longer checks saved tensors for in-place writes: _pack/_unpack do it (the
+# version each tensor had when saved), so a model that writes into a saved tensor still fails as it does without.
 
-_state = threading.local()  # .outputs: {data pointer: (weakref to the output, its version, recipe)} while a forward
-# packs (a saved view of an output that starts where the output starts has its data pointer: q/k/v's 2-D views)
+
+class _State(threading.local):
+    outputs: dict | None = None  # {data pointer: _Entry} of the norm outputs tagged in this forward, while it packs
+    hooks = None  # the saved_tensors_hooks context this thread installed
+    owner = 0  # id() of the model whose forward installed them
+    depth = 0  # forwards of hooked models nested inside the one that installed them
+
+
+_state = _State()
+
+
+class _Entry:
+    """One tagged norm output: weak references (nothing is kept alive by the tag itself), and the recipe made when a
+    matmul first saves the output."""
+
+    __slots__ = ("out", "version", "module", "x", "x_version", "weight", "recipe")
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor):
+        self.out, self.version, self.module = weakref.ref(out), out._version, module
+        self.x, self.x_version, self.weight, self.recipe = weakref.ref(x), x._version, module.weight, None
 
 
 class _Recipe:
-    """How to remake one norm output in backward: the module and its input (which the norm keeps anyway)."""
+    """How to remake one norm output in backward: the module, its input (which the norm keeps anyway) and weight."""
 
-    __slots__ = ("module", "x", "out")
+    __slots__ = ("module", "x", "x_version", "weight", "out")
 
-    def __init__(self, module: nn.Module, x: torch.Tensor):
-        self.module, self.x, self.out = module, x, None
+    def __init__(self, entry: _Entry, x: torch.Tensor):
+        self.module, self.x, self.x_version, self.weight = entry.module, x, entry.x_version, entry.weight
+        self.out = None
 
     def remake(self) -> torch.Tensor:
         if self.out is None:  # once for all its users (q, k and v keep the same output)
+            _check_version(self.x, self.x_version)
             with torch.no_grad():
                 m = self.module
                 lean = vars(m)["forward"].__func__ is _lean_forward
-                self.out = _norm(self.x, m.weight, m.variance_epsilon)[0] if lean else m._fasttune_norm(m, self.x)
+                self.out = _norm(self.x, self.weight, m.variance_epsilon)[0] if lean else m._fasttune_norm(m, self.x)
         return self.out
 
 
+def _check_version(t: torch.Tensor, version: int) -> None:
+    if t._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"{type(t).__name__} {list(t.shape)} is at version {t._version}; expected version {version} instead "
+            "(fasttune's lean RMSNorm recomputes from it: --model.no-lean-norm runs HF's norm)"
+        )
+
+
 def _tag(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    outputs = getattr(_state, "outputs", None)
-    if outputs is not None and out.requires_grad and out.is_contiguous():
-        outputs[out.data_ptr()] = (weakref.ref(out), out._version, _Recipe(module, x))
+    outputs = _state.outputs
+    if outputs is not None and out.requires_grad and out.is_contiguous() and module.__dict__.get("_fasttune_tag"):
+        outputs[out.data_ptr()] = _Entry(module, x, out)
     return out
 
 
 def _pack(t: torch.Tensor):
-    outputs = _state.outputs  # called for every tensor the forward saves: kept cheap
-    if not outputs:
-        return t
+    """Called for every tensor the forward saves: kept cheap."""
     try:
-        entry = outputs.get(t.data_ptr())
-    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, functional wrappers)
-        return t
+        entry = _state.outputs.get(t.data_ptr()) if _state.outputs else None
+    except RuntimeError:  # a tensor without storage (a functional wrapper): not a norm output
+        entry = None
     if entry is None:
-        return t
-    out, version, recipe = entry[0](), entry[1], entry[2]
-    if out is None or out.dtype != t.dtype or out.device != t.device:  # freed: its memory may hold another tensor
-        return t
-    if t._version != version:  # written in place since the norm made it: the recipe would remake the old values
-        return t
-    return recipe, t.size(), t.stride(), t.storage_offset() - out.storage_offset()
+        return t, t._version
+    out = entry.out()
+    # only a whole, contiguous view of a live output (the 2-D views the projections keep), never written in place
+    # since the norm made it (kernels that write into a tensor without bumping its version, as Liger's RoPE does,
+    # write into transposed head views, which do not match)
+    if out is None or out.dtype != t.dtype or out.device != t.device or t.numel() != out.numel():
+        return t, t._version
+    if not t.is_contiguous() or t._version != entry.version:
+        return t, t._version
+    if entry.recipe is None:
+        x = entry.x()
+        if x is None:
+            return t, t._version
+        entry.recipe = _Recipe(entry, x)  # the input is held from the first save of the output on
+    return entry.recipe, t.shape
 
 
 def _unpack(saved):
-    if isinstance(saved, torch.Tensor):
-        return saved
-    recipe, size, stride, offset = saved
-    return recipe.remake().as_strided(size, stride, offset)
+    kept, meta = saved
+    if isinstance(kept, _Recipe):
+        return kept.remake().view(meta)
+    _check_version(kept, meta)
+    return kept
+
+
+def _hooks_usable() -> bool:
+    """Saved-tensor hooks are enabled here (not under torch.func's transforms), and no outer hooks are installed
+    (those of save_on_cpu, or of a checkpoint around the whole model, which inner hooks would bypass)."""
+    autograd = torch._C._autograd
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", lambda: True)()
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
+    return bool(enabled) and top is None
 
 
 def _enter(module, args) -> None:
-    if not torch.is_grad_enabled() or getattr(_state, "outputs", None) is not None:
-        return  # no backward to save for; or an outer forward of the same model already packs
-    _state.outputs = {}
-    _state.hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
-    _state.hooks.__enter__()
-    _state.owner = id(module)
+    if _state.outputs is not None:
+        if not (_state.owner == id(module) and _state.depth == 0 and _ours_on_top()):
+            _state.depth += 1  # a forward nested in the hooked one: its _exit must not remove the hooks
+            return
+        _remove()  # the same model again: its last forward ended in a KeyboardInterrupt, which skips forward hooks
+    if not torch.is_grad_enabled() or not _hooks_usable():
+        return
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    try:
+        hooks.__enter__()
+    except RuntimeError:  # hooks disabled after all: the forward runs without the recompute
+        return
+    _state.outputs, _state.hooks, _state.owner, _state.depth = {}, hooks, id(module), 0
 
 
 def _exit(module, args, output) -> None:
-    if getattr(_state, "outputs", None) is None or getattr(_state, "owner", None) != id(module):
+    """After the forward, or an exception in it (always_call)."""
+    if _state.outputs is None:
         return
-    _state.hooks.__exit__(None, None, None)
-    _state.outputs = _state.hooks = _state.owner = None
+    if _state.depth:
+        _state.depth -= 1
+        return
+    _remove()
+
+
+def _ours_on_top() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
+    return top is not None and top[0] is _pack
+
+
+def _remove() -> None:
+    hooks = _state.hooks
+    _state.outputs = _state.hooks = None
+    hooks.__exit__(None, None, None)
 
 
 # -- installing ---------------------------------------------------------------------------------------------------
@@ -260,6 +334,8 @@ def liger_rmsnorm(module: nn.Module) -> bool:
 def apply(model: nn.Module, liger: bool = False) -> int:
     """Give HF's Llama-style RMSNorms fasttune's lean function (and with `liger`, tag Liger's RMSNorms), their outputs
     recomputed in backward instead of kept; returns how many norms are covered."""
+    base = base_model(model)
+    hidden = getattr(getattr(base, "config", None), "hidden_size", None)
     count = 0
     for module in model.modules():
         if llama_rmsnorm(module):
@@ -269,8 +345,9 @@ def apply(model: nn.Module, liger: bool = False) -> int:
             module.forward = types.MethodType(_tagged_forward, module)
         else:
             continue
+        # recompute the outputs of norms over the hidden size (what q/k/v and gate/up keep), not per-head q/k norms
+        module._fasttune_tag = hidden is None or module.weight.numel() == hidden
         count += 1
-    base = base_model(model)
     if count and not getattr(base, "_fasttune_norm_hooks", False):
         base.register_forward_pre_hook(_enter)
         base.register_forward_hook(_exit, always_call=True)
@@ -284,9 +361,9 @@ def has_liger_norms(model: nn.Module) -> bool:
 
 
 def lean(model: nn.Module) -> bool:
-    """Whether `apply` covered `model`'s norms."""
+    """Whether `apply` covered `model`'s norms: some are lean or tagged, and no Liger norm is left untagged."""
+    covered = False
     for module in base_model(model).modules():
         forward = getattr(vars(module).get("forward"), "__func__", None)
-        if forward is _lean_forward or forward is _tagged_forward:
-            return True
-    return False
+        covered = covered or forward is _lean_forward or forward is _tagged_forward
+    return covered and not has_liger_norms(model)

@@ -399,9 +399,12 @@ def _kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | 
     from fasttune.attention.select import keeps_expanded_kv
     from fasttune.model.flops import head_dim
 
-    config = base_model(model).config
+    base = base_model(model)
+    config = base.config
     grouped = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) < config.num_attention_heads
-    return bool(attention and grouped) and keeps_expanded_kv(attention, device, torch.bfloat16, head_dim(config))
+    dtype = next(base.parameters()).dtype
+    dtype = torch.bfloat16 if dtype == torch.float32 else dtype  # fp32 weights compute under bf16 autocast on CUDA
+    return bool(attention and grouped) and keeps_expanded_kv(attention, device, dtype, head_dim(config))
 
 
 def free_memory(device: torch.device) -> float | None:
