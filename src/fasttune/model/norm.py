@@ -11,8 +11,8 @@ What a Llama decoder layer keeps per token for its two RMSNorms (bf16, h the hid
   around the model's forward) stores a recipe in place of any saved tensor that is a tagged output (or a view of
   it); backward reruns the norm (same kernel, no grad: the same bits) the first time one of its users unpacks it.
 
-Together: 12h per layer less than HF's modules, 4h less than Liger's (1B shape, 8k tokens per micro-batch: 2.0 and
-1.0 GiB less over its 16 layers; docs/BENCHMARKS.md "Memory").
+Together: 12h per layer less than HF's modules, 4h less than Liger's (1B shape, 8k tokens per micro-batch: 3.0 and
+1.0 GiB less over its 16 layers, as measured: docs/BENCHMARKS.md "The lean RMSNorm").
 
 The hooks hold nothing alive themselves (a norm's input is held from the first save of its output on), stand aside
 under outer saved-tensor hooks (save_on_cpu, a checkpoint around the whole model) and where hooks are disabled, tag
@@ -44,9 +44,6 @@ from fasttune.model.mlp import on_triton, triton
 
 if triton is not None:
     import triton.language as tl
-
-
-if triton is not None:
 
     @triton.jit  # one row per program: HF's rounding (the normalized row in x's dtype, then the weight)
     def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, BLOCK: tl.constexpr):

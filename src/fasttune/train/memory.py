@@ -77,7 +77,7 @@ class Estimate:
         # Gradients replace activations as backward runs (set_to_none between steps): the peak is at the start of
         # backward or at the optimizer step (1B shape with Liger: 25.9 GiB predicted, 25.2 measured at 16k tokens;
         # 16.6 vs 15.8 at 8k; without Liger 41.1 vs 41.4, docs/BENCHMARKS.md). Accumulating, the first micro-batch's
-        # gradients are there while the next one keeps its activations (2 x 8k tokens: 15.6 predicted, 15.0 measured).
+        # gradients are there while the next one keeps its activations (2 x 8k tokens: 15.7 predicted, 15.0 measured).
         live = self.grads + self.activations + self.loss if self.accumulating else max(self.grads, self.activations
                                                                                           + self.loss)  # fmt: skip
         return self.weights + self.optimizer + self.buckets + live + self.fixed
