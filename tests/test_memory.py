@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import importlib.machinery
 import weakref
@@ -252,10 +253,12 @@ class _Alive(TorchDispatchMode):
         return out
 
 
-def _kept_bytes(layers: int, tokens: int, plan: str, lora: str, fused_mlp: bool = False, lean: bool = False) -> int:
+def _kept_bytes(layers: int, tokens: int, plan: str, lora: str, fused_mlp: bool = False, lean: bool = False,
+                make=None) -> int:  # fmt: skip
     """Bytes of the storages a bf16 Llama forward (hidden 384, 6/2 heads, MLP 1024: not a shape lora_bytes was fitted
     at) leaves alive for backward. lora: "" (none), "fast" (fasttune's forward) or "peft" (peft's own); fused_mlp:
-    fasttune's SwiGLU function runs the MLPs; lean: fasttune's RMSNorm, its outputs recomputed."""
+    fasttune's SwiGLU function runs the MLPs; lean: fasttune's RMSNorm, its outputs recomputed; make(layers): another
+    model of that shape instead of Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fasttune.config import LoraConfig
@@ -264,7 +267,7 @@ def _kept_bytes(layers: int, tokens: int, plan: str, lora: str, fused_mlp: bool 
 
     config = LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
                          num_hidden_layers=layers, vocab_size=VOCAB, attn_implementation="sdpa")  # fmt: skip
-    model = LlamaForCausalLM(config).to(torch.bfloat16).train()
+    model = (make(layers) if make else LlamaForCausalLM(config)).to(torch.bfloat16).train()
     if lora:
         model = apply_lora(model, LoraConfig(enabled=True, rank=16, alpha=32))
         set_fast_forward(model, enabled=lora == "fast")
@@ -283,10 +286,10 @@ def _kept_bytes(layers: int, tokens: int, plan: str, lora: str, fused_mlp: bool 
     return sum(storages.values())
 
 
-def _per_token_and_layer(plan: str, lora: str, fused_mlp: bool = False, lean: bool = False) -> float:
+def _per_token_and_layer(plan: str, lora: str, fused_mlp: bool = False, lean: bool = False, make=None) -> float:
     """2 layers minus 1 (the embeddings, head and loss cancel), 128 tokens minus 64 (what does not grow with the
     tokens cancels: the fast forward's bf16 copies of A and B)."""
-    kept = {(n, t): _kept_bytes(n, t, plan, lora, fused_mlp, lean) for n in (1, 2) for t in (64, 128)}
+    kept = {(n, t): _kept_bytes(n, t, plan, lora, fused_mlp, lean, make) for n in (1, 2) for t in (64, 128)}
     return (kept[2, 128] - kept[1, 128] - kept[2, 64] + kept[1, 64]) / 64
 
 
@@ -422,3 +425,36 @@ def test_the_estimate_counts_kv_heads_expanded_by_torchs_varlen_kernel(monkeypat
     assert select.keeps_expanded_kv("auto", cuda, bf16, 64)
     s = _setup(8192).shape
     assert layer_bytes(s, "none", kv_expanded=True) - layer_bytes(s, "none") == 4 * (s.q - s.kv) == 3 * s.hidden
+
+
+def _moe(kind: str, layers: int):
+    """Tiny MoE models at the shape _kept_bytes measures: Mixtral (top-2 of 4 experts, each as wide as the MLP) and
+    Qwen2-MoE (top-2 of 8 narrow experts and a gated shared expert)."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(hidden_size=384, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=layers,
+                  vocab_size=VOCAB, num_experts_per_tok=2)  # fmt: skip
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=1024, num_local_experts=4, **common))
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=1024, moe_intermediate_size=256, num_experts=8,
+                                              shared_expert_intermediate_size=512, **common))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_layers_keep_what_the_planner_counts_and_every_plan_keeps_their_gradients(kind):
+    """An MoE layer keeps each routed copy of a token's expert SwiGLU (top-k of them, not one dense MLP) and a shared
+    expert's: per token and layer within 2% of layer_bytes under every plan (`ops` keeps the experts' grouped matmul
+    outputs like any matmul's); and every plan trains with the gradients of no plan."""
+    shape = Shape.of(_moe(kind, 1).config)
+    assert shape.routed == 2 and (shape.shared == 512) == (kind == "qwen2_moe")
+    for plan in ("none", "ops", "attention", "mlp", "full"):
+        got = _per_token_and_layer(plan, "", make=functools.partial(_moe, kind))
+        want = layer_bytes(shape, plan)
+        assert abs(got - want) <= 0.02 * want, (plan, got, want)
+    torch.manual_seed(0)
+    ref = _moe(kind, 2).train()
+    for plan in ("ops", "mlp", "every:2", "full"):
+        ref.zero_grad()
+        ours = copy.deepcopy(ref)
+        apply_plan(ours, plan)
+        assert_same_step(ref, ours, _batch(), atol=1e-6, what=plan)

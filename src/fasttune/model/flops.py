@@ -45,17 +45,24 @@ def experts(config) -> int:
     return 0
 
 
-def active_mlp_width(config) -> int:
-    """The MLP width a token runs through: an MoE layer's top-k experts (`moe_intermediate_size` each, or
-    `intermediate_size` as in Mixtral) plus its shared experts; a dense model's `mlp_width`. Layers an MoE config keeps
-    dense (DeepSeek's first_k_dense_replace, Qwen-MoE's mlp_only_layers) are counted as MoE ones."""
+def moe_widths(config) -> tuple[int, int, int]:
+    """(top-k, one expert's width, the shared experts' total width) of an MoE config: `moe_intermediate_size` per
+    expert, or `intermediate_size` as in Mixtral; (0, mlp_width, 0) for a dense model."""
     k = getattr(config, "num_experts_per_tok", None)
     if not (k and experts(config)):
-        return mlp_width(config)
+        return 0, mlp_width(config), 0
     expert = getattr(config, "moe_intermediate_size", None) or mlp_width(config)
     shared = getattr(config, "shared_expert_intermediate_size", None) or expert * (
         getattr(config, "n_shared_experts", None) or 0)  # fmt: skip
-    return int(k * expert + shared)
+    return int(k), int(expert), int(shared)
+
+
+def active_mlp_width(config) -> int:
+    """The MLP width a token runs through: an MoE layer's top-k experts plus its shared experts; a dense model's
+    `mlp_width`. Layers an MoE config keeps dense (DeepSeek's first_k_dense_replace, Qwen-MoE's mlp_only_layers) are
+    counted as MoE ones."""
+    k, expert, shared = moe_widths(config)
+    return k * expert + shared if k else expert
 
 
 def mlp_matrices(config) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from fasttune.model.flops import mlp_width
+from fasttune.model.flops import moe_widths
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,22 @@ class Shape:
     q: int
     kv: int
     intermediate: int
+    """The MLP's width; an MoE layer's: one expert's."""
     vocab: int
+    routed: int = 0
+    """MoE: the experts each token is routed to (top-k); 0 for a dense MLP."""
+    shared: int = 0
+    """MoE: the shared experts' total width (Qwen-MoE's shared_expert_intermediate_size, DeepSeek's n_shared_experts x
+    moe_intermediate_size)."""
 
     @classmethod
     def of(cls, config) -> Shape:
         heads = config.num_attention_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, mlp_width(config),
-                   config.vocab_size)  # fmt: skip
+        k, width, shared = moe_widths(config)
+        return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, width, config.vocab_size, k,
+                   shared)  # fmt: skip
 
 
 def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
@@ -45,11 +52,16 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
     lean_norm = lean_norm and not fp32_stream  # fp32 norm outputs reach the matmuls as autocast's bf16 copies
     norms = 4 * h if liger or lean_norm else 12 * h  # Liger's and the lean RMSNorm keep their bf16 input; HF's 6h each
     mlp = 4 * i if fused_mlp else (6 * i if liger else 8 * i)  # Liger's SwiGLU recomputes silu(gate)
+    mlp_ops = 4 * i + 2 * h  # the gate/up and down outputs
+    if s.routed:  # MoE (HF's experts, unfused): each routed copy of a token keeps its expert's SwiGLU and ~4h more
+        # (the token's copy, the weighted output); a shared expert (Qwen-MoE) keeps its SwiGLU and its gated output
+        mlp = s.routed * (8 * i + 4 * h) + (8 * s.shared + 2 * h if s.shared else 0)
+        mlp_ops = s.routed * (4 * i + 2 * h) + (4 * s.shared + 2 * h if s.shared else 0)
     stream = 4 * h if fp32_stream else 0  # autocast over fp32 weights: the residual stream and norms run in fp32
     akv = q if kv_expanded else kv  # the k and v the attention kernel keeps
     keep = {
         "none": norms + 4 * h + 4 * q + 4 * akv + mlp + stream,
-        "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + 4 * i + 2 * h + stream,  # input, qkv, attn, o, gate+up, down
+        "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + mlp_ops + stream,  # input, qkv, attn, o, gate+up, down
         "attention": norms + 4 * h + mlp + stream,  # the recomputed block's input, the other's matmul input
         "mlp": norms + 4 * h + 4 * q + 4 * akv + stream,
         "full": 2 * h + stream // 2,
@@ -123,7 +135,7 @@ def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32
 def recompute_flops(s: Shape, plan: str) -> float:
     """Matmul FLOPs per token recomputed in backward (elementwise recompute counts as 0)."""
     attn = 2 * s.hidden * (2 * s.q + 2 * s.kv)
-    mlp = 2 * 3 * s.hidden * s.intermediate
+    mlp = 2 * 3 * s.hidden * (s.routed * s.intermediate + s.shared if s.routed else s.intermediate)
     per_layer = {"none": 0, "ops": 0, "attention": attn, "mlp": mlp, "full": attn + mlp}
     if plan.startswith("every:"):
         return (s.layers // int(plan.split(":")[1])) * (attn + mlp)

@@ -250,7 +250,7 @@ def _fitting_tokens(st: Setup, budget: float, plan: str) -> int:
 
 # --- applying a plan to the model --------------------------------------------------------------------------------
 
-_SAVE = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm")
+_SAVE = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_grouped_mm")  # _grouped_mm: MoE experts (transformers 5)
 
 
 def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
