@@ -49,7 +49,6 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
     the next matmuls keep (q/k/v's and gate/up's input, 2h each) are recomputed (model/norm.py); `kv_expanded`:
     the attention kernel keeps k and v expanded to the query heads (torch's varlen kernel before enable_gqa)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
-    lean_norm = lean_norm and not fp32_stream  # fp32 norm outputs reach the matmuls as autocast's bf16 copies
     norms = 4 * h if liger or lean_norm else 12 * h  # Liger's and the lean RMSNorm keep their bf16 input; HF's 6h each
     mlp = 4 * i if fused_mlp else (6 * i if liger else 8 * i)  # Liger's SwiGLU recomputes silu(gate)
     mlp_ops = 4 * i + 2 * h  # the gate/up and down outputs
@@ -57,18 +56,33 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
         # (the token's copy, the weighted output); a shared expert (Qwen-MoE) keeps its SwiGLU and its gated output
         mlp = s.routed * (8 * i + 4 * h) + (8 * s.shared + 2 * h if s.shared else 0)
         mlp_ops = s.routed * (4 * i + 2 * h) + (4 * s.shared + 2 * h if s.shared else 0)
-    stream = 4 * h if fp32_stream else 0  # autocast over fp32 weights: the residual stream and norms run in fp32
+    stream = stream_bytes(s, plan, fused_mlp, lean_norm) if fp32_stream else 0
     akv = q if kv_expanded else kv  # the k and v the attention kernel keeps
     keep = {
         "none": norms + 4 * h + 4 * q + 4 * akv + mlp + stream,
         "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + mlp_ops + stream,  # input, qkv, attn, o, gate+up, down
         "attention": norms + 4 * h + mlp + stream,  # the recomputed block's input, the other's matmul input
         "mlp": norms + 4 * h + 4 * q + 4 * akv + stream,
-        "full": 2 * h + stream // 2,
+        "full": 2 * h + stream,
     }
     recomputed = LEAN_RECOMPUTED.get(plan, 0) * h if lean_norm else 0
     lora = lora_bytes(s, plan, lora_rank, liger, lora_upcast, lean_norm) if lora_rank else 0.0
     return float(keep[plan] - recomputed) + lora
+
+
+def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool = False) -> float:
+    """What fp32 weights under bf16 autocast add per token and layer to what the bf16 layer keeps (measured exactly
+    on CPU, tests/test_memory.py): the residual stream and the norms' products are fp32 (+2h for each norm, +2h for
+    a checkpoint's input), and each nn.Linear that reads a norm's output keeps its own bf16 copy of it, where bf16
+    ones share the output (+2h for each reader after the first: k and v; up, unless the fused MLP reads gate and up
+    from one copy; an MoE layer's shared expert gate, up and gate projection beside the router). Where the matmuls
+    keep those copies (none, attention) the lean RMSNorm has no output to recompute."""
+    h = s.hidden
+    attn = 4 * h
+    mlp = (6 * h if s.shared else 0) if s.routed else (0 if fused_mlp else 2 * h)
+    lean = LEAN_RECOMPUTED[plan] * h if lean_norm and plan in ("none", "attention") else 0
+    extra = {"none": 4 * h + attn + mlp, "ops": 2 * h, "attention": 6 * h + mlp, "mlp": 6 * h + attn, "full": 2 * h}
+    return extra[plan] + lean
 
 
 LEAN_RECOMPUTED = {"none": 4, "attention": 2, "mlp": 4}

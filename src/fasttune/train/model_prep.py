@@ -114,6 +114,15 @@ def _apply_lean_norm(model) -> None:
         log.info("model.lean_norm: not used: no Llama-style RMSNorm in %s", type(base_model(model)).__name__)
 
 
+def _apply_experts_autocast(model) -> None:
+    from fasttune.model import experts
+
+    count = experts.apply(model)
+    if count:
+        log.info("MoE experts in %d layers run their matmuls in bf16 under autocast, as nn.Linear does (transformers' "
+                 "grouped experts would run in the fp32 weights' dtype)", count)  # fmt: skip
+
+
 def _say_router_loss(model) -> None:
     base = base_model(model)
     if not getattr(base.config, "output_router_logits", False):
@@ -187,6 +196,8 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         _apply_fused_mlp(model)
     if cfg.model.lean_norm and not cfg.training.compile:
         _apply_lean_norm(model)
+    if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
+        _apply_experts_autocast(model)
     est = plan_memory(cfg, model, device, attention=attn.name)  # chunked loss + activation plan, or a clear stop
     # when the step cannot fit
     _say_router_loss(model)
