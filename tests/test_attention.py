@@ -399,3 +399,21 @@ def test_auto_names_why_a_preferred_backend_is_not_used():
                           num_attention_heads=2, num_key_value_heads=2, attn_logit_softcapping=50.0)  # fmt: skip
     got = resolve("auto", device="cpu", dtype=torch.float32, head_dim=16, packed=True, model_config=config)
     assert got.name == "eager" and "not usable: sdpa (no attention logit softcap" in got.reason
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_fp32_inputs_under_autocast_route_and_run_in_the_autocast_dtype(backend, monkeypatch):
+    """fp32 weights under bf16 autocast: RoPE's fp32 cos/sin make q and k fp32. The route sees them in bf16, as the
+    kernels run them (torch's varlen kernel and flash-attn have no fp32: a route probing fp32 sent each packed
+    document to its own sdpa call, 12.7x slower on an H200), and the result is the reference on the bf16 inputs."""
+    from fasttune.attention import dispatch
+
+    seen = []
+    real = dispatch._route
+    monkeypatch.setattr(dispatch, "_route", lambda name, q, *a: seen.append(q.dtype) or real(name, q, *a))
+    q, k, v = make_qkv(torch.float32)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = packed_call(backend, q, k, v, LENS, "pos", scaling=0.25)
+    want = reference(*(x.to(torch.bfloat16).double() for x in (q, k, v)), LENS, scale=0.25)
+    assert seen and set(seen) == {torch.bfloat16} and out.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), want, atol=2e-2)
