@@ -94,7 +94,7 @@ def test_chat_trains_each_assistant_turn(tok):
     samples = tokenize_records(records, fmt, tok)
     for record, sample in zip(records, samples, strict=True):
         replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
-        assert trained_runs(tok, sample) == [reply + "<|im_end|>\n" for reply in replies]
+        assert trained_runs(tok, sample) == [reply + "<|im_end|>" for reply in replies]  # not the newline after it
         assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(record["messages"], tokenize=False)
     # the control tokens are single special tokens, not spelled out in bytes
     assert tok.convert_tokens_to_ids("<|im_start|>") in samples[0]["input_ids"]
@@ -159,3 +159,19 @@ def test_check_lengths(tok):
     assert 0 <= report.no_loss_if_truncated <= report.overlong and "longer than max_length" in report.message()
     assert check_lengths(samples, 8).no_loss_if_truncated == 20  # 8 tokens hold only part of each prompt
     assert check_lengths(samples, lengths[-1]).message() is None
+
+
+def test_records_with_an_empty_response_are_left_out_and_counted(tok):
+    """An alpaca record with an empty (or blank) output, an empty completion or text would train only an instant
+    EOS: it keeps no trained token, and the data step leaves it out and counts it."""
+    from fasttune.data.pipeline import DataSummary, fit_length
+
+    records = [{"instruction": "q1", "input": "", "output": "a1"}, {"instruction": "", "input": "", "output": ""},
+               {"instruction": "q2", "input": "", "output": " \n"}]  # fmt: skip
+    samples = tokenize_records(records, "alpaca", tok)
+    assert [any(t != -100 for t in s["labels"]) for s in samples] == [True, False, False]
+    summary = DataSummary("test", "alpaca")
+    assert fit_length(samples, 512, "truncate", summary) == samples[:1] and summary.untrained == 2
+    texts = tokenize_records([{"text": ""}, {"text": "x"}], "text", tok)
+    completions = tokenize_records([{"prompt": "p", "completion": ""}], "prompt_completion", tok)
+    assert [any(t != -100 for t in s["labels"]) for s in texts + completions] == [False, True, False]

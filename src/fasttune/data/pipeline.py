@@ -35,9 +35,9 @@ class DataSummary:
     untrained: int = 0
     """Samples left out because they have no trained token at all (e.g. an empty response)."""
     padded_tokens: int = 0
+    """Tokens the same samples would occupy as padded micro-batches (padding included)."""
     target_tokens: int = 0
     """Train tokens the loss is computed on (labels not ignored, after the causal shift)."""
-    """Tokens the same samples would occupy as padded micro-batches (padding included)."""
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""
     """sha1 of every train and validation sample's tokens and labels: what a run trained on (checked on resume)."""

@@ -64,13 +64,19 @@ def tokenize_records(
     rendered = [_render_plain(record, fmt, train_on_prompt) for record in records]
     samples = _encode(tokenizer, rendered)
     bos = _bos_prefix(tokenizer)
-    for sample in samples:
+    for record, sample in zip(records, samples, strict=True):
         ids, labels = sample["input_ids"], sample["labels"]
         if not ids or ids[-1] != eos:  # text that already ends in EOS keeps its own
             ids.append(eos)
             labels.append(eos)
+        if not _response(record, fmt).strip():  # nothing to learn but an instant EOS: left out (fit_length counts
+            labels = [IGNORE] * len(labels)  # it as a sample with no trained token)
         sample["input_ids"], sample["labels"] = bos + ids, [IGNORE] * len(bos) + labels
     return samples
+
+
+def _response(record: dict, fmt: str) -> str:
+    return record["text"] if fmt == "text" else record["output"] if fmt == "alpaca" else record["completion"]
 
 
 def _render_plain(record: dict, fmt: str, train_on_prompt: bool) -> tuple[str, list[Span]]:
@@ -78,8 +84,7 @@ def _render_plain(record: dict, fmt: str, train_on_prompt: bool) -> tuple[str, l
         text = record["text"]
         return text, [(0, len(text))]
     prompt = format_prompt(record, fmt)
-    response = record["output"] if fmt == "alpaca" else record["completion"]
-    text = prompt + response
+    text = prompt + _response(record, fmt)
     return text, [(0 if train_on_prompt else len(prompt), len(text))]
 
 
@@ -149,7 +154,9 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, 
         through = _render(tokenizer, messages[: j + 1], False, where)
         if not (full.startswith(before) and full.startswith(through)) or len(through) <= len(before):
             return None
-        spans.append((len(before), len(through)))
+        # through the end-of-turn marker, not the newline some templates put after it (ChatML's "<|im_end|>\n"):
+        # as TRL's {% generation %} spans
+        spans.append((len(before), max(len(through.rstrip()), len(before) + 1)))
     return full, spans
 
 
