@@ -276,3 +276,43 @@ def test_resuming_with_another_thread_count_warns_that_bits_may_differ(finished,
     torch.save({**state, "threads": torch.get_num_threads() + 3}, path)
     loop.train(dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=4)))
     assert f"the checkpoint trained with {torch.get_num_threads() + 3}" in caplog.text
+
+
+def test_overwrite_refuses_to_delete_the_model_it_trains_from(finished):
+    """A model inside the run folder (its own checkpoint) would be deleted by --overwrite after being loaded (and
+    a LoRA adapter would then name a base that is gone): refused before anything is touched."""
+    cfg, result = finished
+    step = checkpoint.list_checkpoints(result.run_dir)[-1]
+    again = dataclasses.replace(cfg, overwrite=True, model=dataclasses.replace(cfg.model, path=str(step)))
+    with pytest.raises(ConfigError, match=r"--model .* lies in .*checkpoints, which --overwrite would delete; copy"):
+        loop.train(again)
+    assert checkpoint.list_checkpoints(result.run_dir)[-1] == step and (step / "model.safetensors").is_file()
+
+
+def test_a_failed_start_leaves_no_lock_file_behind(tmp_path):
+    """A start that fails its checks leaves no folder it created and no lock file in the user's own empty one."""
+    cfg = tiny_config(tmp_path)
+    nope = dataclasses.replace(cfg.data, path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError):
+        loop.train(dataclasses.replace(cfg, data=nope))
+    assert not cfg.run_dir.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(DataError):
+        loop.train(dataclasses.replace(cfg, data=nope, output_dir=str(mine)))
+    assert mine.is_dir() and not list(mine.iterdir())
+
+
+def test_resume_takes_the_same_data_path_spelled_another_way(finished, tmp_path, monkeypatch):
+    import json
+
+    cfg, result = finished
+    folder = RunFolder(result.run_dir)
+    saved = json.loads(folder.config.read_text())
+    saved["data"]["path"] = "corpus/train.jsonl"
+    folder.config.write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    for same in ("./corpus/train.jsonl", str(tmp_path / "corpus" / "train.jsonl")):
+        folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=same)))
+    with pytest.raises(ConfigError, match="data.path"):
+        folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="corpus/other.jsonl")))

@@ -12,6 +12,7 @@ from fixtures.tiny_tokenizer import build_tiny_tokenizer
 from helpers import tiny_config
 from transformers import AutoModelForCausalLM
 
+from fasttune.errors import ConfigError
 from fasttune.model.build import preset_config
 from fasttune.train import loop
 from fasttune.train.footprint import disk_needed, fp32_master_fits, param_count, planned_saves
@@ -47,6 +48,10 @@ def test_config_only_folder_trains_from_random_init(tmp_path, caplog):
         result = loop.train(cfg)
     assert "RANDOMLY INITIALISED" in caplog.text and str(folder) in caplog.text
     assert result.last_loss is not None and (result.model_dir / "model.safetensors").is_file()
+    lora = dataclasses.replace(cfg, experiment="lora", lora=dataclasses.replace(cfg.lora, enabled=True),
+                               output_dir=str(tmp_path / "lora"))  # fmt: skip
+    with pytest.raises(ConfigError, match="no weights: LoRA would train adapters on a frozen random base"):
+        loop.train(lora)  # adapters on a random frozen base: never what a user wants
 
 
 def test_auto_dtype_holds_an_8b_model_in_bf16():

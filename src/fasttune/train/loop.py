@@ -102,7 +102,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         return result
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(tidy=not RunFolder(cfg.run_dir).is_run)  # a failed start leaves no lock file behind
         logger.setLevel(level)  # the process (a test, a notebook) gets its logger back as it was
         distributed.close(d)
 

@@ -178,6 +178,11 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
             f"data.max_length={cfg.data.max_length} exceeds the context of {cfg.model.path} "
             f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
         )
+    if cfg.lora.enabled and cfg.model.path and not has_weights(cfg.model.path):
+        raise ConfigError(
+            f"--model {cfg.model.path} holds a config.json but no weights: LoRA would train adapters on a frozen "
+            "random base; pass the folder with the model's *.safetensors"
+        )
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
     model = build_model(cfg.model, vocab, attn.hf_name, compute_dtype if cfg.lora.enabled else param_dtype, device)

@@ -13,6 +13,7 @@ cleared. Layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -65,10 +66,20 @@ class RunLock:
         except OSError:
             return "unknown"
 
-    def release(self) -> None:
+    created = False
+    """The run created the folder (prepare)."""
+
+    def release(self, tidy: bool = False) -> None:
+        """Unlock; `tidy`: the run never started (no marker written), so take the lock file away too, and the folder
+        if the run created it and it is empty: a failed start leaves nothing behind."""
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+        if tidy:
+            self.path.unlink(missing_ok=True)
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only when empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +127,7 @@ class RunFolder:
             raise ConfigError(f"--output-dir {path} is a file; choose a folder")
         self._refuse_foreign()  # before the lock file is created: nothing of ours goes into someone else's folder
         self._refuse_resume_without_run(cfg)  # nor a folder created for a mistyped --resume path
+        created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -124,6 +136,7 @@ class RunFolder:
             why = e.strerror or e
             raise ConfigError(f"--output-dir {path} is not writable ({why}); choose another folder") from None
         lock = RunLock(path / LOCK)
+        lock.created = created
         try:
             self._refuse_foreign()  # again under the lock: another run may have started in between
             if self.is_run and not (cfg.resume or cfg.overwrite):
@@ -137,11 +150,28 @@ class RunFolder:
                     "to replace it, or choose another --output-dir"
                 )
             self._refuse_resume_without_run(cfg)
+            if cfg.overwrite and self.is_run:
+                self._refuse_clearing_inputs(cfg)
             self.clean_stale()
         except BaseException:
-            lock.release()
+            lock.release(tidy=True)
             raise
+        lock.created = created
         return lock
+
+    def _refuse_clearing_inputs(self, cfg: BaseConfig) -> None:
+        """--overwrite deletes the run's checkpoints and merged model: never the model or data this run reads."""
+        for option, value in (("--model", cfg.model.path), ("--data", cfg.data.path)):
+            if not value:
+                continue
+            where = Path(value).resolve()
+            for artifact in self.artifacts:
+                artifact = artifact.resolve()
+                if where == artifact or artifact in where.parents:
+                    raise ConfigError(
+                        f"{option} {value} lies in {artifact}, which --overwrite would delete; copy it out of "
+                        f"{self.path} first, or train into another --output-dir"
+                    )
 
     def _refuse_resume_without_run(self, cfg: BaseConfig) -> None:
         if cfg.resume and not self.is_run:
@@ -190,7 +220,7 @@ class RunFolder:
             if key in free or key not in saved:
                 continue
             old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
-            if old != value:
+            if old != value and not _same_path(key, old, value):
                 raise ConfigError(
                     f"--resume: {key} is {value!r} but the run was started with {old!r}; resume with the "
                     "same value (or start a new run with another --output-dir)"
@@ -207,6 +237,13 @@ class RunFolder:
 
     def write_config(self, cfg: BaseConfig) -> None:
         self.config.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def _same_path(key: str, old, new) -> bool:
+    """model.path / data.path spelled another way (./m/, an absolute path) but naming the same file or folder."""
+    if key not in ("model.path", "data.path") or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    return Path(old).resolve() == Path(new).resolve()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
