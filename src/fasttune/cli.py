@@ -27,7 +27,7 @@ from typing import Annotated, Union
 import tyro
 
 from fasttune.command import Command
-from fasttune.errors import FasttuneError, Stopped
+from fasttune.errors import FasttuneError, PeerFailed, Stopped
 
 log = logging.getLogger("fasttune")
 
@@ -149,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.run()
     except Stopped as e:
         print(str(e), file=sys.stderr)
+        return e.exit_code
+    except PeerFailed as e:  # rank 0 said why
         return e.exit_code
     except FasttuneError as e:
         if debug:

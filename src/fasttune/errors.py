@@ -24,3 +24,8 @@ class DataError(FasttuneError):
 class Stopped(FasttuneError):
     """Not a mistake: the run stopped on request (Ctrl-C, SIGTERM) after saving. The CLI prints the message as a
     notice (no `error:` prefix) and exits with `exit_code` (130 / 143)."""
+
+
+class PeerFailed(FasttuneError):
+    """Under torchrun: rank 0 stopped before the run started and printed why; the other ranks exit with its code
+    without a message of their own."""

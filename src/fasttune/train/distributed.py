@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, PeerFailed
 
 
 @dataclass(frozen=True)
@@ -214,3 +214,29 @@ def close(d: Dist) -> None:
     if _CREATED and dist.is_initialized():
         dist.destroy_process_group()
         _CREATED.clear()
+
+
+class StartGate:
+    """Rank 0 runs the start-up checks (run folder, data, model) before the other ranks, which wait at the gate and
+    then start with it, or stop quietly when its checks failed: one error line (rank 0's), not a traceback from
+    every rank that lost its peer."""
+
+    def __init__(self, d: Dist):
+        self.d, self.opened = d, False
+
+    def open(self, error: BaseException | None = None) -> None:
+        """Rank 0: the checks passed (error None) or failed with `error`; idempotent."""
+        if self.opened or not self.d.main:
+            return
+        self.opened = True
+        if self.d.on:
+            dist.broadcast_object_list([None if error is None else getattr(error, "exit_code", 1)], src=0)
+
+    def wait(self) -> None:
+        """The other ranks: raise PeerFailed (with rank 0's exit code) when its checks failed."""
+        if self.d.main or not self.d.on:
+            return
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise PeerFailed("rank 0 stopped before the run started (its error above)", exit_code=box[0])

@@ -81,14 +81,14 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
     device_name = distributed.init(d, cfg.training.device)
     logger, level = logging.getLogger("fasttune"), logging.getLogger("fasttune").level
-    lock = None
+    lock, gate = None, distributed.StartGate(d)
     try:
         if not d.main:
             logger.setLevel(logging.ERROR)  # rank 0 reports (warnings are the same on all ranks)
-            d.barrier()  # rank 0 checks and locks the run folder (and tokenizes, caching the tokenizer) first
+            gate.wait()  # rank 0 checks and locks the run folder (and tokenizes, caching the tokenizer) first
         else:
             lock = RunFolder(cfg.run_dir).prepare(cfg)  # held until this run ends, however it ends
-        run = _open(cfg, data, d, device_name)
+        run = _open(cfg, data, d, device_name, gate)
         step, max_steps = run.state.step, cfg.training.max_steps
         if step == max_steps:
             log.info("the run in %s is already complete (step %d of --max-steps %d); resume with a larger "
@@ -100,6 +100,9 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         result = _finish(run)
         d.barrier()  # the ranks tear the process group down together (not while rank 0 still saves and reports)
         return result
+    except BaseException as e:
+        gate.open(e)  # rank 0 failed before the others started: they stop quietly
+        raise
     finally:
         if lock is not None:
             lock.release(tidy=not RunFolder(cfg.run_dir).is_run)  # a failed start leaves no lock file behind
@@ -107,7 +110,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         distributed.close(d)
 
 
-def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -> Run:
+def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate) -> Run:
     """Everything before the first step: the run folder checked (and, on resume, its newest checkpoint found), the
     device, data, model, optimizer and schedule, and on resume their saved state restored."""
     folder = RunFolder(cfg.run_dir)
@@ -138,7 +141,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str) -
         ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer)
         if latest is None:
             folder.start(cfg)
-        d.barrier()  # the other ranks start now; from here on every collective is reached by all ranks
+        gate.open()  # the other ranks start now; from here on every collective is reached by all ranks
     trained = d.wrap(model, device, amp_dtype)  # DDP around the model, or the model sharded in place (FSDP2)
     optimizer, scheduler = build_optimizer(cfg, model, device)
     state = TrainState()
