@@ -77,6 +77,7 @@ def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
     assert [r["tokens"] for r in records if r.get("loss")] == [r["tokens"] for r in ref.records if r.get("loss")]
     w_ddp = load_file(run / "checkpoints" / "step-000003" / "model.safetensors")
     w_one = load_file(ref.checkpoint / "model.safetensors")
+    assert w_ddp.keys() == w_one.keys()  # the same files (a tied embedding stored once, also under FSDP2)
     for name, w in w_one.items():
         torch.testing.assert_close(w_ddp[name], w, atol=1e-5, rtol=1e-4)
     assert proc.stdout.count("fasttune run summary") == 1  # one rank reports
@@ -103,7 +104,10 @@ def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
     loop.train(cfg)  # one process: --training.fsdp has nothing to shard
     proc = _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=3)),
                      "--training.fsdp", "--resume")  # fmt: skip
-    assert "resuming on 2 rank(s), the checkpoint trained on 1" in proc.stdout + proc.stderr
+    assert (
+        "resuming with 2 micro-batches per step (2 rank(s) x grad_accum 1), the checkpoint trained with 1 (1 x "
+        "1): the global batch changes" in proc.stdout + proc.stderr
+    )
     assert (cfg.run_dir / "checkpoints" / "step-000003").is_dir()
 
 
@@ -259,7 +263,7 @@ def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_pa
     # the two-rank checkpoint resumes in one process (the optimizer state turned back into torch's positional form)
     one = dataclasses.replace(
         _lora(longer, Path("base")), output_dir=str(tmp_path / "copy" / "run"), resume=True,
-        training=dataclasses.replace(longer.training, max_steps=3, fsdp=True),  # as run; one process ignores it
+        training=dataclasses.replace(longer.training, max_steps=3, fsdp=True, grad_accum=2),  # 1 x 2 = 2 ranks x 1
     )  # fmt: skip
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -268,6 +272,7 @@ def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_pa
     finally:
         os.chdir(cwd)
     assert resumed.checkpoint.name == "step-000003" and resumed.steps == 3
+    assert math.isclose(losses(resumed.records)[3], losses(ref.records)[3], rel_tol=1e-5)  # the same global batch
 
 
 def test_lora_fsdp_bf16_mixed_precision_matches_one_process_under_autocast(tmp_path):

@@ -200,8 +200,9 @@ class TrainingConfig:
     optimizer: str = "adamw"
     """adamw (torch's, moments in the weights' dtype) or adamw_8bit (torchao's: 8-bit moments, pip install
     'fasttune[adam8bit]')."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    grad_accum: int = field(default=1, metadata=RESUMABLE)
+    """Micro-batches per optimizer step (per rank). On --resume it may change with the number of ranks: keep ranks x
+    grad_accum to continue the same run."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     eval_every: int = field(default=50, metadata=RESUMABLE)

@@ -103,7 +103,12 @@ class Dist:
             return None
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(model, options=_full_options(ignore_frozen_params=not frozen))
+        state = get_model_state_dict(model, options=_full_options(ignore_frozen_params=not frozen))
+        # a tied parameter comes back under each of its names (lm_head.weight beside embed_tokens.weight): keep the
+        # one save_pretrained keeps, so the files are those one process writes (not +1 GB at a 128k vocabulary)
+        unique = {name for name, _ in model.named_parameters()}
+        aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+        return {k: v for k, v in state.items() if k not in aliases}
 
     def load_optimizer(self, model, optimizer, state: dict) -> None:
         """Load a checkpoint's optimizer state, whichever way it was written: by position (one process, DDP) or by

@@ -147,7 +147,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     state = TrainState()
     metrics = MetricsLog(folder, cfg.training.tensorboard, write=d.main)
     if latest is not None:
-        state = _restore(d, latest, saved, model, optimizer, scheduler, metrics)
+        state = _restore(d, latest, saved, model, optimizer, scheduler, metrics, cfg.training.grad_accum)
         if d.main:
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
     log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
@@ -159,16 +159,23 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
                memory_plan=plan)  # fmt: skip
 
 
-def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog) -> TrainState:
+def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog,
+             grad_accum: int) -> TrainState:  # fmt: skip
     d.load_optimizer(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     sync_lr(optimizer, scheduler)  # this run's schedule (--max-steps may have grown)
     state = TrainState(**saved["state"])
     ranks = saved.get("rng_ranks")
     ckpt.set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else saved["rng"])
-    if saved.get("world", 1) != d.world:
-        log.warning("resuming on %d rank(s), the checkpoint trained on %d: the global batch (micro-batches x "
-                    "grad_accum x ranks) changes from here on", d.world, saved.get("world", 1))  # fmt: skip
+    world, accum = saved.get("world", 1), saved.get("grad_accum", grad_accum)  # older checkpoints: no grad_accum
+    if world * accum != d.world * grad_accum:
+        log.warning("resuming with %d micro-batches per step (%d rank(s) x grad_accum %d), the checkpoint trained "
+                    "with %d (%d x %d): the global batch changes from here on; keep ranks x --training.grad-accum "
+                    "to continue the same run", d.world * grad_accum, d.world, grad_accum, world * accum, world,
+                    accum)  # fmt: skip
+    elif world != d.world:
+        log.info("resuming on %d rank(s) x grad_accum %d, the checkpoint trained on %d x %d: the same global batch",
+                 d.world, grad_accum, world, accum)  # fmt: skip
     threads = saved.get("threads", torch.get_num_threads())
     if threads != torch.get_num_threads():  # CPU sums split their work by thread: the last bits depend on the count
         log.warning("resuming with %d CPU threads, the checkpoint trained with %d: losses may differ from an "
