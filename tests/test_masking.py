@@ -175,3 +175,24 @@ def test_records_with_an_empty_response_are_left_out_and_counted(tok):
     texts = tokenize_records([{"text": ""}, {"text": "x"}], "text", tok)
     completions = tokenize_records([{"prompt": "p", "completion": ""}], "prompt_completion", tok)
     assert [any(t != -100 for t in s["labels"]) for s in texts + completions] == [False, True, False]
+
+
+def test_texts_longer_than_the_tokenizers_limit_raise_no_indexing_warning(tok):
+    """A checkpoint's tokenizer carries the model's context; fasttune cuts samples itself (data.overlong), so
+    transformers' 'will result in indexing errors' warning is not shown when records are longer."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = hf_logging.get_logger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    limit, tok.model_max_length = tok.model_max_length, 16
+    try:
+        long = tokenize_records([{"text": "hello world " * 40}], "text", tok)
+    finally:
+        logger.removeHandler(handler)
+        tok.model_max_length = limit
+    assert len(long[0]["input_ids"]) > 16 and not [r for r in seen if "indexing errors" in r.getMessage()]

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from fasttune.config import BaseConfig
 from fasttune.data.corpus import corpus_fingerprint, holdout, load_stdlib_corpus
 from fasttune.data.packing import IGNORE, Batcher
-from fasttune.data.tokenizer import cached_tokenizer
+from fasttune.data.tokenizer import cached_tokenizer, without_length_warning
 from fasttune.errors import DataError
 
 log = logging.getLogger("fasttune")
@@ -114,6 +114,7 @@ def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[
     if not texts:
         return []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    without_length_warning(tokenizer)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [{"input_ids": x + eos, "labels": x + eos} for x in ids]
 

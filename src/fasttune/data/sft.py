@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from fasttune.data.formats import FORMATS, validate_record
 from fasttune.data.packing import IGNORE
+from fasttune.data.tokenizer import without_length_warning
 from fasttune.errors import DataError
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -54,6 +55,7 @@ def tokenize_records(
     `source` names the dataset in error messages."""
     if fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
+    without_length_warning(tokenizer)
     for i, record in enumerate(records):
         validate_record(record, fmt, f"{source} record {i}")
     if fmt == "chat":

@@ -73,3 +73,12 @@ def fit_model_max_length(tokenizer, model_config) -> None:
     limit = getattr(tokenizer, "model_max_length", None)
     if context and (limit is None or limit > 10**9):  # 1e9+: HF's "no limit" placeholders, never a real context
         tokenizer.model_max_length = int(context)
+
+
+def without_length_warning(tokenizer) -> None:
+    """transformers warns once per tokenizer that a text longer than model_max_length "will result in indexing
+    errors"; fasttune cuts samples to data.max_length itself (data.overlong), so here that warning is noise (it
+    showed on every resume and eval, whose tokenizers carry the model's context)."""
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
