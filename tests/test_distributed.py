@@ -61,9 +61,10 @@ def test_a_start_up_error_on_rank_0_is_one_line_and_the_other_ranks_stop_quietly
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
-    ref_cfg = tiny_config(tmp_path / "one", max_steps=3, eval_every=3, save_every=3, grad_accum=2)
+    # 3 validation batches over 2 ranks: under FSDP2 the rank with one runs a second forward it leaves out
+    ref_cfg = tiny_config(tmp_path / "one", max_steps=3, eval_every=3, save_every=3, grad_accum=2, eval_batches=3)
     ref = loop.train(ref_cfg)  # also caches the tokenizer the ranks load
-    ddp_cfg = tiny_config(tmp_path / mode, max_steps=3, eval_every=3, save_every=3)
+    ddp_cfg = tiny_config(tmp_path / mode, max_steps=3, eval_every=3, save_every=3, eval_batches=3)
     proc = _torchrun(ddp_cfg, *(["--training.fsdp"] if mode == "fsdp" else []))
 
     run = ddp_cfg.run_dir

@@ -25,7 +25,6 @@ from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model
 from fasttune.model.flops import step_flops
 from fasttune.train import checkpoint as ckpt
-from fasttune.train import distributed
 from fasttune.train.distributed import Dist
 from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib
 from fasttune.train.model_prep import AttentionChoice
@@ -395,18 +394,21 @@ class Run:
         plan = self.batcher.plan([len(s["input_ids"]) for s in val], epoch=0)[: self.cfg.training.eval_batches]
         self.model.eval()
         loss_sum, n_sum = 0.0, 0
-        # ranks share the batches out; under FSDP2 every rank must run every forward (they all-gather weights)
-        shard = d if not d.fsdp else distributed.SINGLE
-        for idx in plan[shard.rank :: shard.world]:
-            b = to_device(self.batcher.collate([val[i] for i in idx]), device)
+        # ranks share the batches out; under FSDP2 every rank runs as many forwards (they all-gather the weights
+        # together): one with fewer batches runs its first again and leaves it out of the sums
+        mine = plan[d.rank :: d.world]
+        rounds = -(-len(plan) // d.world) if d.fsdp else len(mine)
+        for r in range(rounds):
+            b = to_device(self.batcher.collate([val[i] for i in (mine[r] if r < len(mine) else plan[0])]), device)
             n = b["labels"].fasttune_targets  # counted on the host (a count of the device copy waits for it)
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.model(**b, use_cache=False, num_items_in_batch=1)  # loss = sum over target tokens
-            router = router_loss(self.model, out)
-            loss_sum += float(out.loss if router is None else out.loss - router)  # the cross-entropy alone
-            n_sum += n
+            if r < len(mine):
+                router = router_loss(self.model, out)
+                loss_sum += float(out.loss if router is None else out.loss - router)  # the cross-entropy alone
+                n_sum += n
         self.model.train()
-        loss_sum, n_sum = shard.sum_([loss_sum, n_sum], device)
+        loss_sum, n_sum = d.sum_([loss_sum, n_sum], device)
         return loss_sum / n_sum if n_sum else None
 
     # -- save ---------------------------------------------------------------------------------------------------
