@@ -79,6 +79,9 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     if d.on and cfg.training.oom_retry:
         raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
+    if d.fsdp and d.on and d.main and cfg.training.eval_generate_every:
+        log.warning("--training.eval-generate-every: skipped under FSDP2 (the weights are sharded; generation needs "
+                    "them whole): score a checkpoint with `fasttune eval --generate` instead")  # fmt: skip
     device_name = distributed.init(d, cfg.training.device)
     logger, level = logging.getLogger("fasttune"), logging.getLogger("fasttune").level
     lock, gate = None, distributed.StartGate(d)
