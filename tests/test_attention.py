@@ -292,7 +292,7 @@ def test_model_without_attention_interface_uses_transformers_own(caplog):
     assert got.hf_name == "sdpa" and "falcon" in caplog.text and "AttentionInterface" in caplog.text
     model = AutoModelForCausalLM.from_config(config, attn_implementation=got.hf_name)
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
-    with pytest.raises(FasttuneError, match="strict_attention=False"):
+    with pytest.raises(FasttuneError, match="drop --strict-attention"):
         resolve("auto", device="cpu", dtype=torch.float32, head_dim=8, packed=True, model_config=config, strict=True)
 
 

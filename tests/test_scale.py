@@ -72,3 +72,21 @@ def test_disk_estimate_counts_what_the_run_writes():
     assert disk_needed(model, keep_last=2, saves=0) == 0
     assert disk_needed(model, keep_last=2, saves=1) == int(1.02 * one + 50e6)
     assert disk_needed(model, keep_last=2, saves=10) == int(1.02 * one * 3 + 50e6)  # keep_last + 1 at once
+
+
+def test_weights_that_miss_layers_the_config_describes_are_refused(tmp_path):
+    """A config.json asking for more layers than the weight files hold would fine-tune the extra layers from random
+    values (transformers only logs a report): one error naming the missing tensors and the fix."""
+    import json
+
+    from helpers import save_micro_model
+
+    folder = save_micro_model(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(folder)))
+    layer = config["num_hidden_layers"] - 1
+    with pytest.raises(ConfigError, match=rf"no tensor for \d+ parameter.*model.layers.{layer}.*num_hidden_layers"):
+        loop.train(cfg)

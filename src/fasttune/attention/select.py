@@ -69,7 +69,7 @@ def _native(requested: str, native: str, model_config, strict: bool) -> Resolved
     why = f"{kind} models compute attention in their own code, not through transformers' AttentionInterface"
     if strict:
         raise FasttuneError(
-            f"attention backend '{requested}' cannot run this model: {why}. Set strict_attention=False to train "
+            f"attention backend '{requested}' cannot run this model: {why}; drop --strict-attention to train "
             f"with transformers' own '{native}' attention"
         )
     logger.warning(f"attention: {why}; using transformers' own '{native}' implementation instead of '{requested}'")
@@ -230,7 +230,8 @@ def _strict_message(requested, why, device, dtype, head_dim, features) -> str:
         (usable if reason is None else unusable).append(name if reason is None else f"{name} ({reason})")
     return (
         f"attention backend '{requested}' is unavailable: {why}. Available here: {', '.join(usable)}. "
-        f"Unavailable: {'; '.join(unusable)}. Set attn_implementation to an available one, or strict_attention=False."
+        f"Unavailable: {'; '.join(unusable)}. Pass --attn-implementation with an available one, or drop "
+        "--strict-attention."
     )
 
 

@@ -158,6 +158,18 @@ def build_preset(preset: str, vocab_size: int, attn_implementation: str, dtype: 
     return model.to(device)  # a no-op unless this transformers ignored the device context
 
 
+def refuse_missing_weights(path, info: dict, option: str = "--model") -> None:
+    """from_pretrained's loading info: parameters the config describes but the weight files lack would run with
+    random values (transformers only logs a report): one error naming them."""
+    if missing := sorted(info.get("missing_keys") or ()):
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ConfigError(
+            f"{option} {path}: the weight files have no tensor for {len(missing)} parameter(s) its config.json "
+            f"describes ({shown}), which would run with random values: config.json does not match the weights (e.g. "
+            "num_hidden_layers); fix it, or copy the model folder again"
+        )
+
+
 def has_weights(path: str | Path) -> bool:
     """Whether a model folder holds weights (safetensors or PyTorch files, sharded or not), not just a config."""
     return any(next(Path(path).glob(p), None) for p in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json"))
@@ -188,11 +200,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
     else:
         load_model_config(cfg, vocab_size)  # clear error before transformers' own
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.path, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-            )
+            model, info = AutoModelForCausalLM.from_pretrained(
+                cfg.path, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                output_loading_info=True,
+            )  # fmt: skip
         except unreadable_files() as e:
             raise load_weights_error(cfg.path, e) from e
+        refuse_missing_weights(cfg.path, info)
         if model.config.vocab_size < vocab_size:
             log.warning("--model %s: its tokenizer has %d tokens, its embeddings %d rows: resizing them to %d (new "
                         "rows start at the mean of the others; the saved model has vocab_size %d)", cfg.path,
