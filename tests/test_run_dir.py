@@ -316,3 +316,16 @@ def test_resume_takes_the_same_data_path_spelled_another_way(finished, tmp_path,
         folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=same)))
     with pytest.raises(ConfigError, match="data.path"):
         folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="corpus/other.jsonl")))
+
+
+def test_a_run_folder_given_to_generate_skips_a_damaged_newest_checkpoint(two_checkpoints, caplog):
+    """generate/eval/--model take a run folder's newest checkpoint whose weights load, as --resume does, naming the
+    one skipped (the weights are checked by their headers, not loaded)."""
+    from fasttune.model.resolve import resolve
+
+    _, result = two_checkpoints
+    _damage(result.checkpoint, "truncated weights")
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        src = resolve(result.run_dir)
+    assert src.model_dir.name == "step-000002"
+    assert f"skipping a damaged checkpoint: {result.checkpoint / 'model.safetensors'}" in caplog.text

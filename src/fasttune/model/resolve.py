@@ -53,10 +53,15 @@ def is_run_folder(path: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run (the loop's own list), or None."""
-    from fasttune.train.checkpoint import list_checkpoints
+    """The newest complete checkpoint of a run (the loop's own list) whose weights load, or None; a damaged newer
+    one is skipped with a warning naming it (with none loadable, the newest: its load error names the file)."""
+    from fasttune.train.checkpoint import list_checkpoints, weights_problem
 
     found = list_checkpoints(run_dir)
+    for ckpt in reversed(found):
+        if (problem := weights_problem(ckpt)) is None:
+            return ckpt
+        log.warning("skipping a damaged checkpoint: %s", problem)
     return found[-1] if found else None
 
 

@@ -165,24 +165,32 @@ def verify(ckpt: Path) -> tuple[dict | None, str | None]:
     state_file = ckpt / STATE_FILE
     if not state_file.is_file():
         return None, f"{state_file} is missing (the checkpoint is incomplete)"
+    if problem := weights_problem(ckpt):
+        return None, problem
+    try:
+        return load_trainer_state(ckpt), None
+    except Exception as e:  # torch's own message would suggest weights_only=False: unsafe advice, never shown
+        return None, f"{state_file} is damaged (not a readable trainer state: {type(e).__name__})"
+
+
+def weights_problem(ckpt: Path) -> str | None:
+    """What makes `ckpt` unloadable as a model (naming the file), or None: the safetensors headers (checked against
+    the file sizes: a truncated file fails) and the JSON files; never the weights themselves."""
     weights = sorted(ckpt.glob("*.safetensors"))
     if not weights:
-        return None, f"{ckpt} has no .safetensors weights"
+        return f"{ckpt} has no .safetensors weights"
     for f in weights:
         try:
             with safe_open(f, "pt") as opened:
                 opened.keys()
         except Exception as e:
-            return None, f"{f} is truncated or damaged ({' '.join(str(e).split())[:120]})"
+            return f"{f} is truncated or damaged ({' '.join(str(e).split())[:120]})"
     for f in sorted(ckpt.glob("*.json")):
         try:
             json.loads(f.read_text())
         except (OSError, ValueError) as e:
-            return None, f"{f} is damaged ({type(e).__name__})"
-    try:
-        return load_trainer_state(ckpt), None
-    except Exception as e:  # torch's own message would suggest weights_only=False: unsafe advice, never shown
-        return None, f"{state_file} is damaged (not a readable trainer state: {type(e).__name__})"
+            return f"{f} is damaged ({type(e).__name__})"
+    return None
 
 
 def newest_usable(run: RunFolder) -> tuple[Path, dict]:
