@@ -43,8 +43,8 @@ class RunLock:
     """An exclusive flock on `<run folder>/.fasttune-lock`, held for the whole run. The file keeps the holder's PID
     for the message a second run gets; the lock itself dies with the process, so no stale-lock cleanup is needed."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, created: bool = False):
+        self.path, self.created = path, created  # created: this run made the folder (prepare)
         self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -65,9 +65,6 @@ class RunLock:
             return self.path.read_text().strip() or "unknown"
         except OSError:
             return "unknown"
-
-    created = False
-    """The run created the folder (prepare)."""
 
     def release(self, tidy: bool = False) -> None:
         """Unlock; `tidy`: the run never started (no marker written), so take the lock file away too, and the folder
@@ -135,8 +132,7 @@ class RunFolder:
         except OSError as e:
             why = e.strerror or e
             raise ConfigError(f"--output-dir {path} is not writable ({why}); choose another folder") from None
-        lock = RunLock(path / LOCK)
-        lock.created = created
+        lock = RunLock(path / LOCK, created)
         try:
             self._refuse_foreign()  # again under the lock: another run may have started in between
             if self.is_run and not (cfg.resume or cfg.overwrite):
@@ -156,7 +152,6 @@ class RunFolder:
         except BaseException:
             lock.release(tidy=True)
             raise
-        lock.created = created
         return lock
 
     def _refuse_clearing_inputs(self, cfg: BaseConfig) -> None:
