@@ -90,3 +90,8 @@ def test_weights_that_miss_layers_the_config_describes_are_refused(tmp_path):
     layer = config["num_hidden_layers"] - 1
     with pytest.raises(ConfigError, match=rf"no tensor for \d+ parameter.*model.layers.{layer}.*num_hidden_layers"):
         loop.train(cfg)
+    config["num_hidden_layers"] -= 1
+    config["vocab_size"] -= 50  # the embedding's rows: transformers refuses, pointing at a table it printed
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"model.embed_tokens.weight is \[\d+, 64\] in the weight files but"):
+        loop.train(cfg)

@@ -158,16 +158,34 @@ def build_preset(preset: str, vocab_size: int, attn_implementation: str, dtype: 
     return model.to(device)  # a no-op unless this transformers ignored the device context
 
 
-def refuse_missing_weights(path, info: dict, option: str = "--model") -> None:
-    """from_pretrained's loading info: parameters the config describes but the weight files lack would run with
-    random values (transformers only logs a report): one error naming them."""
+def from_pretrained(path, option: str = "--model", **kwargs) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_pretrained, its loading report turned into one line: parameters the config describes
+    that the weight files lack or hold in another shape would run with random values (transformers reports them in a
+    table and, for a shape, an error pointing at it) -> ConfigError naming them; tensors the model does not use -> a
+    warning."""
+    with _quiet_transformers():
+        model, info = AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True,
+                                                           output_loading_info=True, **kwargs)  # fmt: skip
+    fix = "config.json does not match the weight files; fix it, or copy the model folder again"
+    if shapes := sorted(info.get("mismatched_keys") or ()):
+        name, theirs, ours = shapes[0]
+        raise ConfigError(
+            f"{option} {path}: {name} is {list(theirs)} in the weight files but {list(ours)} by its config.json "
+            f"({len(shapes)} such tensor(s); e.g. vocab_size, hidden_size): {fix}"
+        )
     if missing := sorted(info.get("missing_keys") or ()):
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ConfigError(
             f"{option} {path}: the weight files have no tensor for {len(missing)} parameter(s) its config.json "
-            f"describes ({shown}), which would run with random values: config.json does not match the weights (e.g. "
-            "num_hidden_layers); fix it, or copy the model folder again"
+            f"describes ({_some(missing)}; e.g. num_hidden_layers): {fix}"
         )
+    if unused := sorted(info.get("unexpected_keys") or ()):
+        log.warning("%s %s: %d tensor(s) in the weight files are not used by %s (%s)", option, path, len(unused),
+                    type(model).__name__, _some(unused))  # fmt: skip
+    return model
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def has_weights(path: str | Path) -> bool:
@@ -200,13 +218,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
     else:
         load_model_config(cfg, vocab_size)  # clear error before transformers' own
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                cfg.path, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                output_loading_info=True,
-            )  # fmt: skip
+            model = from_pretrained(cfg.path, attn_implementation=attn_implementation, dtype=dtype,
+                                    trust_remote_code=cfg.trust_remote_code)  # fmt: skip
         except unreadable_files() as e:
             raise load_weights_error(cfg.path, e) from e
-        refuse_missing_weights(cfg.path, info)
         if model.config.vocab_size < vocab_size:
             log.warning("--model %s: its tokenizer has %d tokens, its embeddings %d rows: resizing them to %d (new "
                         "rows start at the mean of the others; the saved model has vocab_size %d)", cfg.path,

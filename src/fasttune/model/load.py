@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import FasttuneError
-from fasttune.model.build import load_weights_error, read_config, refuse_missing_weights, unreadable_files
+from fasttune.model.build import from_pretrained, load_weights_error, read_config, unreadable_files
 from fasttune.model.resolve import ModelSource, refuse_remote_code, resolve
 
 log = logging.getLogger("fasttune")
@@ -63,23 +63,18 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
 def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool = False, option: str = "--checkpoint"):
     """The model of `src` (with its adapter merged in), bf16 on CUDA, fp32 on CPU; the caller has refused remote code
     it was not allowed to run."""
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # sdpa, or eager for the models without it (Bloom, ...); named, not left to the checkpoint's config, which may
     # name a fasttune backend that is not registered in this process
     for attn in ("sdpa", "eager"):
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                src.model_dir, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code,
-                output_loading_info=True,
-            )  # fmt: skip
+            model = from_pretrained(src.model_dir, option, dtype=dtype, attn_implementation=attn,
+                                    trust_remote_code=trust_remote_code)  # fmt: skip
             break
         except unreadable_files() as e:
             if attn == "sdpa" and isinstance(e, ValueError) and "scaled_dot_product_attention" in str(e):
                 continue
             raise _remote_code_error(e, src.model_dir) or load_weights_error(src.model_dir, e, option) from e
-    refuse_missing_weights(src.model_dir, info, option)
     if src.adapter_dir is not None:
         from fasttune.model.lora import _peft
 
