@@ -39,6 +39,8 @@ def test_top_level_help_lists_every_command(capsys):
         (["train", "--stpes", "3"], "error: unknown option --stpes; did you mean --max-steps?"),
         (["train", "--max-steps", "abc"], "error: --training.max-steps: 'abc' is not a valid integer"),
         (["train", "--max-steps"], "error: --training.max-steps needs a value"),
+        (["train", "--data.max-documents", "none"],
+         "error: --data.max-documents: 'none' is not a valid integer (a whole number) or None"),
         (["train", "--training.grad-accum", "1e20"], "error: --training.grad-accum: '1e20' is not a valid integer"),
         (["train", "--force", "--training.grad-accum", "100000000000000000000"],
          "error: training.grad_accum=100000000000000000000 is too large; it must be <= 65,536"),

@@ -120,9 +120,13 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
         flag = _flag(event.argument)
         value = _value(args, event.argument.lowered.name_or_flags)
         kind = event.argument.field.type_stripped
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+        if optional and len(typing.get_args(kind)) == 2:  # int | None: the number, or None for "no limit"
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind in (int, float) and value is not None:
             whole = " (a whole number)" if kind is int else ""
-            return f"{flag}: {value!r} is not a valid {_type_name(kind)}{whole}"
+            none = " or None" if optional else ""
+            return f"{flag}: {value!r} is not a valid {_type_name(kind)}{whole}{none}"
         return f"{flag}: {' '.join(str(event.message).split())}"
     return f"invalid arguments; see `{command} --help`"
 
