@@ -57,10 +57,19 @@ def test_weights_are_restored_when_the_forward_raises():
     assert module._parameters == before
 
 
-def test_only_transformers_modules_with_3d_weights_are_touched():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_only_transformers_experts_modules_are_touched():
+    """Experts modules (one weight slice per expert); not other modules with 3-D weights (RecurrentGemma's RG-LRU
+    gates, convolutions), nor a module whose forward another patch already replaced."""
+    from transformers import LlamaConfig, LlamaForCausalLM, RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                          num_hidden_layers=1, vocab_size=VOCAB))  # fmt: skip
     assert experts.apply(llama) == 0
     assert experts.apply(torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3))) == 0
+    gemma = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(hidden_size=64, intermediate_size=64, lru_width=64,
+                                                           num_attention_heads=4, num_hidden_layers=2,
+                                                           vocab_size=VOCAB))  # fmt: skip
+    assert any(p.dim() == 3 for n, p in gemma.named_parameters() if "rg_lru" in n) and experts.apply(gemma) == 0
+    moe = _moe("mixtral", 2)
+    moe.model.layers[0].mlp.experts.forward = lambda *a: None  # someone else's patch
+    assert experts.apply(moe) == 1

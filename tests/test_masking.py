@@ -106,6 +106,18 @@ def test_chat_train_on_prompt(tok):
         assert sample["labels"] == sample["input_ids"]
 
 
+def test_a_template_whose_turns_end_in_whitespace_alone_trains_it():
+    """With no end-of-turn token (a Vicuna-style template), the whitespace after a reply is what ends the turn: it
+    stays trained; after an end-of-turn token (ChatML) it is not (test above)."""
+    vicuna = ("{% for m in messages %}{% if m['role'] == 'assistant' %}### Assistant: {% else %}### User: {% endif %}"
+              "{{ m['content'] }}\n\n{% endfor %}{% if add_generation_prompt %}### Assistant: {% endif %}")  # fmt: skip
+    tok = build_tiny_tokenizer(chat_template=vicuna)
+    records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
+    for record, sample in zip(records, tokenize_records(records, fmt, tok), strict=True):
+        replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        assert trained_runs(tok, sample) == [reply + "\n\n" for reply in replies]
+
+
 # Not prefix-stable (the turn count at the top changes as the conversation grows), with {% generation %} tags.
 COUNTING_TEMPLATE = (
     "{{ messages | length }} turns\n{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -175,6 +187,8 @@ def test_records_with_an_empty_response_are_left_out_and_counted(tok):
     texts = tokenize_records([{"text": ""}, {"text": "x"}], "text", tok)
     completions = tokenize_records([{"prompt": "p", "completion": ""}], "prompt_completion", tok)
     assert [any(t != -100 for t in s["labels"]) for s in texts + completions] == [False, True, False]
+    # with --data.train-on-prompt the prompt is training text: kept
+    assert all(s["labels"] == s["input_ids"] for s in tokenize_records(records, "alpaca", tok, train_on_prompt=True))
 
 
 def test_texts_longer_than_the_tokenizers_limit_raise_no_indexing_warning(tok):

@@ -301,6 +301,33 @@ def test_a_failed_start_leaves_no_lock_file_behind(tmp_path):
     with pytest.raises(DataError):
         loop.train(dataclasses.replace(cfg, data=nope, output_dir=str(mine)))
     assert mine.is_dir() and not list(mine.iterdir())
+    with pytest.raises(DataError):  # nor the parents it created
+        loop.train(dataclasses.replace(cfg, data=nope, output_dir=str(mine / "a" / "b" / "run")))
+    assert not list(mine.iterdir())
+
+
+def test_a_lock_file_removed_by_a_failed_start_is_never_held_twice(tmp_path, monkeypatch):
+    """Run B opens the lock file, run A (failing its start) removes it, B locks what it opened: B sees the file is
+    gone and locks the one at the path, so a third run is refused rather than holding a lock of its own."""
+    import fcntl
+
+    from fasttune.train import run_dir
+
+    path = tmp_path / "run" / run_dir.LOCK
+    a = run_dir.RunLock(path)
+    real = fcntl.flock
+
+    def a_gives_up_first(fd, op):
+        if a.fd is not None:
+            a.release(tidy=True)
+        return real(fd, op)
+
+    monkeypatch.setattr(run_dir.fcntl, "flock", a_gives_up_first)
+    b = run_dir.RunLock(path)
+    monkeypatch.undo()
+    assert os.fstat(b.fd).st_ino == os.stat(path).st_ino
+    with pytest.raises(FasttuneError, match="in use by another fasttune run"):
+        run_dir.RunLock(path)
 
 
 def test_resume_takes_the_same_data_path_spelled_another_way(finished, tmp_path, monkeypatch):
@@ -329,3 +356,38 @@ def test_a_run_folder_given_to_generate_skips_a_damaged_newest_checkpoint(two_ch
         src = resolve(result.run_dir)
     assert src.model_dir.name == "step-000002"
     assert f"skipping a damaged checkpoint: {result.checkpoint / 'model.safetensors'}" in caplog.text
+
+
+def test_resume_of_a_run_tokenized_under_older_masking_rules_says_so(finished):
+    """A checkpoint written before the masking rules changed (no `masking_rules`, another data fingerprint) is
+    refused naming the change, not as data "added, removed or edited"."""
+    import torch
+
+    cfg, result = finished
+    state_file = result.checkpoint / checkpoint.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    state.pop("masking_rules")
+    state["data"] = "0" * len(state["data"])
+    torch.save(state, state_file)
+    more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=5))
+    with pytest.raises(ConfigError, match="started by an earlier fasttune that trained other tokens.*--model .*step"):
+        loop.train(more)
+
+
+def test_resume_with_another_grad_accum_warns_also_for_checkpoints_that_did_not_record_it(finished, caplog):
+    """--training.grad-accum may change on --resume (with the number of ranks); in one process it changes the
+    global batch, said in a warning, also for a checkpoint written before grad_accum was recorded (the run's
+    config.json says what it was)."""
+    import torch
+
+    cfg, result = finished
+    state_file = result.checkpoint / checkpoint.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    state.pop("grad_accum")
+    torch.save(state, state_file)
+    more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=4, grad_accum=2))
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        loop.train(more)
+    assert "resuming with 2 micro-batches per step (1 rank(s) x grad_accum 2), the checkpoint trained with 1" in (
+        caplog.text
+    )

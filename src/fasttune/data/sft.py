@@ -38,6 +38,12 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 Span = tuple[int, int]
 
 
+MASKING_RULES = 2
+"""Version of the rules that turn records into trained labels, kept in every checkpoint: a change that trains other
+tokens of the same data bumps it, so that --resume of an older run says why its data fingerprint differs. 2: records
+with an empty response are left out; chat turns end at their end-of-turn token."""
+
+
 def format_prompt(record: dict, fmt: str) -> str:
     """The prompt text of an alpaca or prompt_completion record, as trained: what generation should be fed."""
     if fmt == "alpaca":
@@ -71,8 +77,8 @@ def tokenize_records(
         if not ids or ids[-1] != eos:  # text that already ends in EOS keeps its own
             ids.append(eos)
             labels.append(eos)
-        if not _response(record, fmt).strip():  # nothing to learn but an instant EOS: left out (fit_length counts
-            labels = [IGNORE] * len(labels)  # it as a sample with no trained token)
+        if not train_on_prompt and not _response(record, fmt).strip():  # nothing to learn but an instant EOS: left
+            labels = [IGNORE] * len(labels)  # out (fit_length counts it as a sample with no trained token)
         sample["input_ids"], sample["labels"] = bos + ids, [IGNORE] * len(bos) + labels
     return samples
 
@@ -148,6 +154,7 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, 
     not a prefix of the full rendering (templates that rewrite earlier turns, e.g. strip reasoning)."""
     full = _render(tokenizer, messages, False, where)
     spans: list[Span] = []
+    specials = _special_tokens(tokenizer)
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -156,10 +163,24 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, 
         through = _render(tokenizer, messages[: j + 1], False, where)
         if not (full.startswith(before) and full.startswith(through)) or len(through) <= len(before):
             return None
-        # through the end-of-turn marker, not the newline some templates put after it (ChatML's "<|im_end|>\n"):
-        # as TRL's {% generation %} spans
-        spans.append((len(before), max(len(through.rstrip()), len(before) + 1)))
+        spans.append((len(before), _turn_end(through, len(before), specials)))
     return full, spans
+
+
+def _special_tokens(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens, those registered as such and added tokens marked special (a
+    chat template's end-of-turn token is often only the latter)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {*getattr(tokenizer, "all_special_tokens", ()), *(t.content for t in added.values() if t.special)}
+    return tuple(t for t in texts if t and t.strip())
+
+
+def _turn_end(through: str, start: int, specials: tuple[str, ...]) -> int:
+    """Where an assistant turn's trained span ends: at its end-of-turn token, not the whitespace a template puts
+    after it (ChatML's "<|im_end|>\n"), as TRL's {% generation %} spans; a template whose turns end in whitespace
+    alone (no end-of-turn token) keeps it: it is what tells the model the turn is over."""
+    stripped = through.rstrip()
+    return len(stripped) if len(stripped) > start and stripped.endswith(specials) else len(through)
 
 
 def _generation_mask_sample(tokenizer, messages: list[dict], where: str) -> dict:

@@ -16,34 +16,40 @@ import torch
 from torch import nn
 
 
-def _grouped(module: nn.Module) -> bool:
-    return any(p is not None and p.is_floating_point() and p.dim() >= 3 for p in module._parameters.values())
+def _per_expert(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own weights that hold one slice per expert (3-D matmul weights, and their [experts, out] biases):
+    those of a transformers experts module (its `num_experts` slices), else none."""
+    n = getattr(module, "num_experts", None)
+    params = {k: p for k, p in module._parameters.items() if p is not None and p.is_floating_point()}
+    if not isinstance(n, int) or not any(p.dim() >= 3 and p.shape[0] == n for p in params.values()):
+        return {}
+    return {k: p for k, p in params.items() if p.dim() >= 2 and p.shape[0] == n}
 
 
 def _forward(self, *args, **kwargs):
-    params = self._parameters
-    first = next(p for p in params.values() if p is not None)
-    device = first.device.type
+    weights = _per_expert(self)
+    device = next(iter(weights.values())).device.type
     if not torch.is_autocast_enabled(device):
         return type(self).forward(self, *args, **kwargs)
     dtype = torch.get_autocast_dtype(device)
-    own = {n: p for n, p in params.items() if p is not None and p.is_floating_point() and p.dtype != dtype}
-    params.update({n: p.to(dtype) for n, p in own.items()})  # what nn.Module.__getattr__ returns for the call
+    own = {k: p for k, p in weights.items() if p.dtype != dtype}
+    self._parameters.update({k: p.to(dtype) for k, p in own.items()})  # what nn.Module.__getattr__ returns
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
-        params.update(own)
+        self._parameters.update(own)
 
 
 _forward.__name__ = "forward"  # pickle (torch.save of the model) stores the bound method as getattr(module, "forward")
 
 
 def apply(model: nn.Module) -> int:
-    """Give every transformers module with 3-D weights (grouped MoE experts) the autocast-aware forward; returns how
-    many got it."""
+    """Give every transformers experts module (3-D weights, one slice per expert) the autocast-aware forward; returns
+    how many got it. A module whose forward was already replaced (another patch) keeps it."""
     count = 0
     for module in model.modules():
-        if type(module).__module__.startswith("transformers.") and _grouped(module):
+        theirs = type(module).__module__.startswith("transformers.") and "forward" not in vars(module)
+        if theirs and _per_expert(module):
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from fasttune.config import BaseConfig
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.pipeline import DataBundle, build_data
+from fasttune.data.sft import MASKING_RULES
 from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError, FasttuneError, Stopped
 from fasttune.generate.template import record_prompt_format
@@ -128,6 +129,13 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     for line in data.summary.lines():
         log.info(line)
     if saved and saved.get("data") and data.summary.fingerprint and saved["data"] != data.summary.fingerprint:
+        if saved.get("masking_rules", 1) != MASKING_RULES:
+            raise ConfigError(
+                f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
+                "(since then records with an empty response are left out and chat turns end at their end-of-turn "
+                f"token); finish it with that version, or start a new run from its checkpoint with --model {latest} "
+                "and another --output-dir"
+            )
         raise ConfigError(
             f"--resume: the data is not what this run trained on ({data.summary.source}: records added, removed or "
             "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
@@ -150,6 +158,8 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     state = TrainState()
     metrics = MetricsLog(folder, cfg.training.tensorboard, write=d.main)
     if latest is not None:
+        if "grad_accum" not in saved:  # a checkpoint from before it was recorded: the run's config says
+            saved["grad_accum"] = folder.saved_config().get("training", {}).get("grad_accum", 1)
         state = _restore(d, latest, saved, model, optimizer, scheduler, metrics, cfg.training.grad_accum)
         if d.main:
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
@@ -170,7 +180,7 @@ def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics:
     state = TrainState(**saved["state"])
     ranks = saved.get("rng_ranks")
     ckpt.set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else saved["rng"])
-    world, accum = saved.get("world", 1), saved.get("grad_accum", grad_accum)  # older checkpoints: no grad_accum
+    world, accum = saved.get("world", 1), saved["grad_accum"]
     if world * accum != d.world * grad_accum:
         log.warning("resuming with %d micro-batches per step (%d rank(s) x grad_accum %d), the checkpoint trained "
                     "with %d (%d x %d): the global batch changes from here on; keep ranks x --training.grad-accum "

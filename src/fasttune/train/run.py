@@ -21,6 +21,7 @@ from fasttune.attention.layout import packed_without_sync
 from fasttune.config import BaseConfig
 from fasttune.data.packing import Batcher, count_targets, real_tokens
 from fasttune.data.pipeline import DataBundle
+from fasttune.data.sft import MASKING_RULES
 from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model
 from fasttune.model.flops import step_flops
@@ -428,7 +429,7 @@ class Run:
             if d.main:
                 trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                                  "state": state.as_dict(), "threads": torch.get_num_threads(),
-                                 "data": self.data.summary.fingerprint,
+                                 "data": self.data.summary.fingerprint, "masking_rules": MASKING_RULES,
                                  "grad_accum": self.cfg.training.grad_accum}  # fmt: skip
                 if rng_ranks is not None:
                     trainer_state.update(rng_ranks=rng_ranks, world=d.world)

@@ -13,7 +13,6 @@ cleared. Layout:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -43,22 +42,33 @@ class RunLock:
     """An exclusive flock on `<run folder>/.fasttune-lock`, held for the whole run. The file keeps the holder's PID
     for the message a second run gets; the lock itself dies with the process, so no stale-lock cleanup is needed."""
 
-    def __init__(self, path: Path, created: bool = False):
-        self.path, self.created = path, created  # created: this run made the folder (prepare)
-        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = self._holder()
-            self.release()
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise FasttuneError(f"--output-dir {path.parent}: cannot lock it ({e.strerror or e})") from None
-            raise FasttuneError(
-                f"--output-dir {path.parent} is in use by another fasttune run (PID {holder}); wait for it to "
-                "finish, stop it, or choose another --output-dir"
-            ) from None
+    def __init__(self, path: Path, created: Path | None = None):
+        self.path, self.created = path, created  # created: the topmost folder this run made (prepare), or None
+        self.fd: int | None = None
+        while self.fd is None:
+            path.parent.mkdir(parents=True, exist_ok=True)  # a run that gave up may have just removed it
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = self._holder()
+                self.release()
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise FasttuneError(f"--output-dir {path.parent}: cannot lock it ({e.strerror or e})") from None
+                raise FasttuneError(
+                    f"--output-dir {path.parent} is in use by another fasttune run (PID {holder}); wait for it to "
+                    "finish, stop it, or choose another --output-dir"
+                ) from None
+            if not self._still_linked():  # a run that gave up unlinked the file just locked: lock the one there now
+                self.release()
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def _still_linked(self) -> bool:
+        try:
+            return os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def _holder(self) -> str:
         try:
@@ -67,16 +77,23 @@ class RunLock:
             return "unknown"
 
     def release(self, tidy: bool = False) -> None:
-        """Unlock; `tidy`: the run never started (no marker written), so take the lock file away too, and the folder
-        if the run created it and it is empty: a failed start leaves nothing behind."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
+        """Unlock; `tidy`: the run never started (no marker written), so take the lock file away too (while still
+        holding it: a run waiting for it sees it gone and locks a new one) and the folders the run created, those
+        left empty: a failed start leaves nothing behind."""
+        if self.fd is None:
+            return
         if tidy:
             self.path.unlink(missing_ok=True)
-            if self.created:
-                with contextlib.suppress(OSError):
-                    self.path.parent.rmdir()  # only when empty
+        os.close(self.fd)  # closing the descriptor releases the flock
+        self.fd = None
+        if tidy and self.created is not None:
+            for folder in (self.path.parent, *self.path.parent.parents):
+                try:
+                    folder.rmdir()  # only when empty
+                except OSError:
+                    break
+                if folder == self.created:
+                    break
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +141,7 @@ class RunFolder:
             raise ConfigError(f"--output-dir {path} is a file; choose a folder")
         self._refuse_foreign()  # before the lock file is created: nothing of ours goes into someone else's folder
         self._refuse_resume_without_run(cfg)  # nor a folder created for a mistyped --resume path
-        created = not path.exists()
+        missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
         try:
             path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -132,7 +149,7 @@ class RunFolder:
         except OSError as e:
             why = e.strerror or e
             raise ConfigError(f"--output-dir {path} is not writable ({why}); choose another folder") from None
-        lock = RunLock(path / LOCK, created)
+        lock = RunLock(path / LOCK, missing[-1] if missing else None)
         try:
             self._refuse_foreign()  # again under the lock: another run may have started in between
             if self.is_run and not (cfg.resume or cfg.overwrite):
@@ -206,10 +223,7 @@ class RunFolder:
     def check_resume(self, cfg: BaseConfig) -> None:
         """--resume continues the run as it was configured: options that change the data, tokenizer, model or
         schedule must match the run's config.json (fields marked `may_change_on_resume` may differ)."""
-        try:
-            saved = _flat(json.loads(self.config.read_text()))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--resume: cannot read {self.config} ({e}); start over with --overwrite") from None
+        saved = _flat(self.saved_config())
         free = may_change_on_resume()
         for key, value in _flat(to_dict(cfg)).items():
             if key in free or key not in saved:
@@ -220,6 +234,13 @@ class RunFolder:
                     f"--resume: {key} is {value!r} but the run was started with {old!r}; resume with the "
                     "same value (or start a new run with another --output-dir)"
                 )
+
+    def saved_config(self) -> dict:
+        """The config.json of the run as it was last started (--resume reads it before writing its own)."""
+        try:
+            return json.loads(self.config.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--resume: cannot read {self.config} ({e}); start over with --overwrite") from None
 
     def start(self, cfg: BaseConfig) -> None:
         """Called once everything is checked: clear an old run for --overwrite (only fasttune's files), mark the
