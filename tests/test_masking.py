@@ -187,6 +187,10 @@ def test_records_with_an_empty_response_are_left_out_and_counted(tok):
     texts = tokenize_records([{"text": ""}, {"text": "x"}], "text", tok)
     completions = tokenize_records([{"prompt": "p", "completion": ""}], "prompt_completion", tok)
     assert [any(t != -100 for t in s["labels"]) for s in texts + completions] == [False, True, False]
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "Paris."}]  # fmt: skip
+    (sample,) = tokenize_records([{"messages": chat}], "chat", tok)
+    assert trained_runs(tok, sample) == ["Paris.<|im_end|>"]  # the blank reply is not trained
     # with --data.train-on-prompt the prompt is training text: kept
     assert all(s["labels"] == s["input_ids"] for s in tokenize_records(records, "alpaca", tok, train_on_prompt=True))
 

@@ -41,7 +41,7 @@ Span = tuple[int, int]
 MASKING_RULES = 2
 """Version of the rules that turn records into trained labels, kept in every checkpoint: a change that trains other
 tokens of the same data bumps it, so that --resume of an older run says why its data fingerprint differs. 2: records
-with an empty response are left out; chat turns end at their end-of-turn token."""
+and chat replies with an empty response are not trained; chat turns end at their end-of-turn token."""
 
 
 def format_prompt(record: dict, fmt: str) -> str:
@@ -156,7 +156,7 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, 
     spans: list[Span] = []
     specials = _special_tokens(tokenizer)
     for j, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or _empty_reply(message):
             continue
         # An assistant turn that opens the conversation has no prefix to render; train the whole turn.
         before = _render(tokenizer, messages[:j], True, where) if j else ""
@@ -165,6 +165,13 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, 
             return None
         spans.append((len(before), _turn_end(through, len(before), specials)))
     return full, spans
+
+
+def _empty_reply(message: dict) -> bool:
+    """An assistant message with blank content and nothing else (no tool calls, no reasoning): training it would
+    teach an instant end of turn."""
+    content = message.get("content")
+    return set(message) <= {"role", "content", "name"} and isinstance(content, str) and not content.strip()
 
 
 def _special_tokens(tokenizer) -> tuple[str, ...]:

@@ -132,9 +132,9 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
         if saved.get("masking_rules", 1) != MASKING_RULES:
             raise ConfigError(
                 f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
-                "(since then records with an empty response are left out and chat turns end at their end-of-turn "
-                f"token); finish it with that version, or start a new run from its checkpoint with --model {latest} "
-                "and another --output-dir"
+                "(since then records and chat replies with an empty response are not trained, and chat turns end at "
+                "their end-of-turn token); finish it with that version, or start a new run from its checkpoint with "
+                f"--model {latest} and another --output-dir"
             )
         raise ConfigError(
             f"--resume: the data is not what this run trained on ({data.summary.source}: records added, removed or "
