@@ -417,3 +417,16 @@ def test_resume_with_a_larger_max_steps_follows_the_new_schedule_from_its_first_
 
     assert rates(resumed.records) == pytest.approx(rates(straight.records), rel=1e-12)
     assert sorted(rates(resumed.records)) == [7, 8, 9, 10]
+
+
+def test_the_summary_names_the_kernels_of_the_runs_calls_not_of_its_probes(tmp_path, caplog):
+    # padded rows on CPU run sdpa's dense path; the probe that checked sdpa ran its per-document path, which the run
+    # never took (on CUDA the summary said "sdpa/per-doc" for runs whose documents all went to the varlen kernel)
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
+    cfg = dataclasses.replace(cfg, attn_implementation="sdpa", data=dataclasses.replace(cfg.data, packing=False))
+    with caplog.at_level("INFO", logger="fasttune"):
+        loop.train(cfg)
+    from fasttune import attention
+
+    assert any(k.startswith("sdpa/dense") for k in attention.kernel_report()), attention.kernel_report()
+    assert not any(k.startswith("sdpa/per-doc") for k in attention.kernel_report()), attention.kernel_report()

@@ -19,6 +19,7 @@ Public API:
     import_status(module) -> str | None, explain_import_error(exc) -> str   (fasttune.attention.probe)
     kernel_report() -> dict[str, str]
         which kernel actually ran per call site, e.g. {"sdpa/dense bf16 D128": "CUDNN_ATTENTION"}.
+    clear_report()   start that report afresh (a run does, after its probes and timings).
     function(name) -> the attention function registered for a backend or "auto" (what a model calls per layer).
     BACKENDS: dict[str, Backend]   the one table of backends (fasttune.attention.backends).
     reset()   forget every cache, report, plan and probe result (fasttune.attention.state; tests' autouse fixture).
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fasttune.attention.backends import BACKENDS, Backend
-    from fasttune.attention.kernels import kernel_report
+    from fasttune.attention.kernels import clear_report, kernel_report
     from fasttune.attention.probe import explain_import_error, import_status, probe
     from fasttune.attention.select import Resolved, available, describe, function, register, resolve
     from fasttune.attention.state import reset
@@ -58,6 +59,7 @@ __all__ = [
     "Backend",
     "Resolved",
     "available",
+    "clear_report",
     "describe",
     "explain_import_error",
     "function",
@@ -82,6 +84,7 @@ _LAZY = {
     "import_status": "probe",
     "explain_import_error": "probe",
     "kernel_report": "kernels",
+    "clear_report": "kernels",
     "reset": "state",
 }
 

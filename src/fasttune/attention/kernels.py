@@ -28,6 +28,12 @@ def kernel_report() -> dict[str, str]:
     return dict(STATE.kernels)
 
 
+def clear_report() -> None:
+    """Start the report afresh: a run clears what its probes and timings ran (a probe of sdpa runs its per-document
+    path, which training on CUDA never takes), so its summary names the kernels of its own calls."""
+    STATE.kernels.clear()
+
+
 def _record(tag: str, q: torch.Tensor, kernel: str) -> None:
     key = f"{tag} {str(q.dtype).removeprefix('torch.')} D{q.shape[-1]}"
     if STATE.kernels.get(key) != kernel:
@@ -111,7 +117,7 @@ def _sdpa(q_BHSD, k_BKLD, v_BKLD, mask, causal, scale, dropout, tag) -> torch.Te
             continue
         if chosen != (backend, expand):
             STATE.sdpa_choice[sig] = (backend, expand)
-            _record(tag, q_BHSD, backend + (" (kv heads expanded)" if expand and gqa else ""))
+        _record(tag, q_BHSD, backend + (" (kv heads expanded)" if expand and gqa else ""))  # after a report reset too
         return out
     raise RuntimeError("no SDPA kernel accepted these inputs")
 

@@ -209,4 +209,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     if cfg.training.compile:
         for layer in decoder_layers(model):
             layer.compile()
+    from fasttune import attention
+
+    attention.clear_report()  # the summary's kernels are those of the run's calls, not of the probes above
     return model, attn, est.plan
