@@ -5,6 +5,7 @@ head_dim, i intermediate), counted from what autograd saves in HF's Llama layer:
 upcast and its bf16 product input (6h), the q/k/v and gate/up projections their normed input (2h each), attention
 q, k, v and its output (4q + 4kv), SwiGLU gate, silu(gate), up and the product (8i). Checked against the H100 runs
 in docs/BENCHMARKS.md (1B shape, 16k tokens: 41.4 GiB measured without Liger, 41.1 predicted; see `Estimate.total`).
+Gemma's layers differ in their norms only (`norm_bytes`; GeGLU keeps what SwiGLU keeps, the embedding scale nothing).
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import functools
 from dataclasses import dataclass
 
 from fasttune.model.flops import moe_widths
+
+NORMS = {"gemma": (2, True, False), "gemma2": (4, True, False), "gemma3_text": (4, True, True),
+         "qwen3": (2, False, True), "qwen3_moe": (2, False, True)}  # fmt: skip
+"""model_type: (RMSNorms over the hidden size in a decoder layer, Gemma's fp32 kind, per-head q/k norms of that kind)
+where not Llama's (2, False, False). Left out, a Qwen3 layer's q/k norms (6(q + kv) bytes per token, 2(q + kv) with
+the lean RMSNorm) made the estimate 19% low at the test's shape (measured on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,14 @@ class Shape:
     shared: int = 0
     """MoE: the shared experts' total width (Qwen-MoE's shared_expert_intermediate_size, DeepSeek's n_shared_experts x
     moe_intermediate_size)."""
+    norms: int = 2
+    """RMSNorms over the hidden size in a decoder layer: 4 in Gemma 2/3 (one before and one after each block)."""
+    fp32_norms: bool = False
+    """Gemma's RMSNorm: x * (1 + weight) multiplied in fp32, so it keeps its normalized input in fp32 (norm_bytes)."""
+    qk_norms: bool = False
+    """Per-head RMSNorms of q and k (Gemma 3, Qwen3), of the layer's norm kind."""
+    softcap: bool = False
+    """The logits are softcapped before the loss (Gemma 2's final_logit_softcapping; counted by train/memory.py)."""
 
     @classmethod
     def of(cls, config) -> Shape:
@@ -36,8 +51,9 @@ class Shape:
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         k, width, shared = moe_widths(config)
+        norms, fp32, qk = NORMS.get(getattr(config, "model_type", None), (2, False, False))
         return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, width, config.vocab_size, k,
-                   shared)  # fmt: skip
+                   shared, norms, fp32, qk, bool(getattr(config, "final_logit_softcapping", None)))  # fmt: skip
 
 
 def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
@@ -49,7 +65,7 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
     the next matmuls keep (q/k/v's and gate/up's input, 2h each) are recomputed (model/norm.py); `kv_expanded`:
     the attention kernel keeps k and v expanded to the query heads (torch's varlen kernel before enable_gqa)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
-    norms = 4 * h if liger or lean_norm else 12 * h  # Liger's and the lean RMSNorm keep their bf16 input; HF's 6h each
+    norms, qk = norm_bytes(s, liger or lean_norm)
     mlp = 4 * i if fused_mlp else (6 * i if liger else 8 * i)  # Liger's SwiGLU recomputes silu(gate)
     mlp_ops = 4 * i + 2 * h  # the gate/up and down outputs
     if s.routed:  # MoE (HF's experts, unfused): each routed copy of a token keeps its expert's SwiGLU and ~4h more
@@ -59,15 +75,27 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
     stream = stream_bytes(s, plan, fused_mlp, lean_norm) if fp32_stream else 0
     akv = q if kv_expanded else kv  # the k and v the attention kernel keeps
     keep = {
-        "none": norms + 4 * h + 4 * q + 4 * akv + mlp + stream,
+        "none": norms + 4 * h + 4 * q + 4 * akv + qk + mlp + stream,
         "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + mlp_ops + stream,  # input, qkv, attn, o, gate+up, down
         "attention": norms + 4 * h + mlp + stream,  # the recomputed block's input, the other's matmul input
-        "mlp": norms + 4 * h + 4 * q + 4 * akv + stream,
+        "mlp": norms + 4 * h + 4 * q + 4 * akv + qk + stream,
         "full": 2 * h + stream,
     }
     recomputed = LEAN_RECOMPUTED.get(plan, 0) * h if lean_norm else 0
     lora = lora_bytes(s, plan, lora_rank, liger, lora_upcast, lean_norm) if lora_rank else 0.0
     return float(keep[plan] - recomputed) + lora
+
+
+def norm_bytes(s: Shape, keep_input: bool = False) -> tuple[int, int]:
+    """What a layer's norms keep per token: (those over the hidden size, the per-head q/k norms, kept where the
+    attention block is). HF's Llama RMSNorm keeps its fp32 upcast and its normalized input rounded to bf16 (6 bytes
+    an element); Gemma's its fp32 upcast and its fp32 normalized input, as it multiplies by (1 + weight) in fp32 (8);
+    `keep_input`: Liger's and the lean RMSNorm keep their bf16 input (2; unmeasured on Gemma). Measured exactly on CPU
+    (tests/test_memory.py): in bf16 a Gemma 2 layer keeps 20h more than a Llama layer (four norms of 8h, not two of
+    6h), Gemma 3 8(q + kv) more again; counted as Llama's, the 12-layer Gemma 2/3 runs on an H200 were predicted 7%
+    and 10% below their peaks."""
+    per = 2 if keep_input else (8 if s.fp32_norms else 6)
+    return per * s.norms * s.hidden, (per * (s.q + s.kv) if s.qk_norms else 0)
 
 
 def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool = False) -> float:
@@ -76,12 +104,15 @@ def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool =
     a checkpoint's input), and each nn.Linear that reads a norm's output keeps its own bf16 copy of it, where bf16
     ones share the output (+2h for each reader after the first: k and v; up, unless the fused MLP reads gate and up
     from one copy; an MoE layer's shared expert gate, up and gate projection beside the router). Where the matmuls
-    keep those copies (none, attention) the lean RMSNorm has no output to recompute."""
+    keep those copies (none, attention) the lean RMSNorm has no output to recompute. Gemma's norms (fp32_norms) keep
+    fp32 products in bf16 already, and the two that read the stream keep it as their fp32 upcast: nothing more."""
     h = s.hidden
     attn = 4 * h
     mlp = (6 * h if s.shared else 0) if s.routed else (0 if fused_mlp else 2 * h)
+    norms = 0 if s.fp32_norms else 4 * h  # the two norms that read the stream
     lean = LEAN_RECOMPUTED[plan] * h if lean_norm and plan in ("none", "attention") else 0
-    extra = {"none": 4 * h + attn + mlp, "ops": 2 * h, "attention": 6 * h + mlp, "mlp": 6 * h + attn, "full": 2 * h}
+    extra = {"none": norms + attn + mlp, "ops": 2 * h, "attention": norms + 2 * h + mlp, "mlp": norms + 2 * h + attn,
+             "full": 2 * h}  # fmt: skip
     return extra[plan] + lean
 
 

@@ -53,6 +53,10 @@ of `none` at 8k-token packs), and why an explicit one runs without Liger's RoPE 
 HEADROOM = 0.92
 """Share of free memory a plan may fill: the allocator's fragmentation and kernel workspaces take the rest (the
 1B runs of docs/BENCHMARKS.md reserved 4-7% above their peak allocation)."""
+SOFTCAP_BYTES = 6.0
+"""Bytes per logit of a chunk that a logit softcap (Gemma 2) adds to the chunked loss: its fp32 tanh lives beside the
+logits through the chunk, its fp32 argument while tanh runs (measured on CPU: 12.1 bytes a logit at the peak of one
+chunk with it, 6.6 without; tests/test_memory.py)."""
 
 
 @dataclass
@@ -137,7 +141,8 @@ def estimate(st: Setup, plan: str) -> Estimate:
     if st.loss == "hf":  # bf16 logits, their fp32 upcast and log-softmax, its fp32 gradient, the bf16 gradient
         loss = st.tokens * s.vocab * 16.0
     else:  # one chunk of fp32 logits and its gradient, the fp32 head-gradient accumulator
-        loss = min(chunk_tokens(s.vocab), st.tokens) * s.vocab * 6.0 + s.vocab * s.hidden * 4.0
+        loss = min(chunk_tokens(s.vocab), st.tokens) * s.vocab * (6.0 + (SOFTCAP_BYTES if s.softcap else 0.0))
+        loss += s.vocab * s.hidden * 4.0
     # FSDP2 gathers one layer's full weights at a time: ~1/layers of them on top of the shards (ignored here)
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
