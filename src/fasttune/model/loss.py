@@ -72,6 +72,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if need_w else None
         grad_b_V = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if need_b else None
         for start in range(0, hidden_TH.shape[0], chunk):
+            # the previous chunk's logits and gradient are let go before this chunk's are made: the peak is one
+            # chunk's 6 bytes a logit (fp32 logits beside their bf16 matmul output), not 12 (tests/test_memory_layers)
+            logits_CV = grad_CV = tanh_CV = None
             h_CH = hidden_TH[start : start + chunk].to(dtype)
             y_C = targets_T[start : start + chunk]
             logits_CV = (h_CH @ w_VH.T if b_V is None else torch.addmm(b_V, h_CH, w_VH.T)).float()
