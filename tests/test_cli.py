@@ -181,3 +181,13 @@ def test_module_entry_points_take_a_command_line(capsys):
     assert bench_cli.main(["nope"]) == 2 and "unknown command 'nope' for `fasttune bench`" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown option --jsn; did you mean --json"):
         checks.main(["--jsn"])
+
+
+@pytest.mark.parametrize("argv", [["--experiment", "sft"], ["--training.max-steps", "many"]])
+def test_under_torchrun_the_first_rank_alone_reports_a_bad_command_line(argv, capsys, monkeypatch):
+    # every rank parses the same command line; a fasttune error and one of tyro's own, once, not once per GPU
+    for rank, says in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["train", *argv]) == 2
+        captured = capsys.readouterr()
+        assert bool(captured.err.strip()) == says and not captured.out.strip(), (rank, captured)

@@ -16,8 +16,10 @@ with `--debug`. This module also sets the process-wide environment (PYTORCH_ALLO
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import logging
 import os
 import sys
@@ -126,6 +128,32 @@ def set_environment() -> None:
         os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
+def _first_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _says(error: FasttuneError) -> bool:
+    """Whether this process prints `error`. Under torchrun every rank parses the same command line and checks the
+    same options and files before the ranks connect: rank 0 alone reports such an error (the others exit with the
+    same code), not one copy per GPU. Once they are connected, a rank's own error is its own to report."""
+    if _first_rank():
+        return True
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _quiet_unless_first_rank():
+    """stdout and stderr of parsing (tyro's own messages, --help) on the ranks after the first are dropped."""
+    if _first_rank():
+        return contextlib.nullcontext()
+    sink = io.StringIO()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stderr(sink))
+    stack.enter_context(contextlib.redirect_stdout(sink))
+    return stack
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -134,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     _setup_logging(debug)
     try:
-        command = parse(argv or ["--help"])
+        with _quiet_unless_first_rank():
+            command = parse(argv or ["--help"])
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except BrokenPipeError:  # --help piped into `head`
@@ -142,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FasttuneError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if _says(e):
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     try:
         _quiet_transformers()
@@ -155,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FasttuneError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if _says(e):
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
