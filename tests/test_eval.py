@@ -100,6 +100,9 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
     assert len(rows) == summary["samples"] == summary["generated_samples"] == fitting
     assert summary["skipped_longer_than_context"] == len(records) - fitting > 0
     assert {r["reference"] for r in rows} <= {r["output"].strip() for r in records}
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)  # each stored prompt is the model's input, special
+    seen = {tuple(tok(format_prompt(r, "alpaca"))["input_ids"]) for r in records}  # tokens included
+    assert all(tuple(tok(r["prompt"], add_special_tokens=False)["input_ids"]) in seen for r in rows)
     assert summary["exact_match"] == sum(r["exact_match"] for r in rows) / len(rows)
     assert "numeric_match" in summary  # GSM8K answers end in a number
     printed = capsys.readouterr()

@@ -112,7 +112,7 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
                             temperature=temperature, top_p=top_p, seed=seed + lo, engine=engine)  # fmt: skip
         for i, g in zip(idx, gens, strict=True):
             ex = examples[i]
-            rows[i] = {"index": i, "prompt": tokenizer.decode(ex.prompt_ids, skip_special_tokens=True),
+            rows[i] = {"index": i, "prompt": tokenizer.decode(ex.prompt_ids),  # as the model saw it: chat markers kept
                        "reference": ex.reference, "completion": g.text.strip(), "new_tokens": g.new_tokens,
                        **score(g.text.strip(), ex.reference)}  # fmt: skip
         new_tokens += sum(g.new_tokens for g in gens)
