@@ -214,3 +214,18 @@ def test_texts_longer_than_the_tokenizers_limit_raise_no_indexing_warning(tok):
         logger.removeHandler(handler)
         tok.model_max_length = limit
     assert len(long[0]["input_ids"]) > 16 and not [r for r in seen if "indexing errors" in r.getMessage()]
+
+
+def test_chat_data_through_a_recorded_alpaca_format_refuses_a_message_it_would_drop():
+    """A fasttune checkpoint of an Alpaca run carries that format as its chat template: user/assistant chats train
+    through it (as the Alpaca run's prompts), a system message, which it would drop silently, is refused by record."""
+    from fasttune.generate.template import record_prompt_format
+
+    tokenizer = build_tiny_tokenizer()
+    record_prompt_format(tokenizer, "alpaca")
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    (sample,) = tokenize_records([{"messages": turns}], "chat", tokenizer)
+    assert trained_runs(tokenizer, sample) == ["4" + EOS]
+    with pytest.raises(DataError, match="record 1 has a 'system' message.*alpaca prompt format"):
+        tokenize_records([{"messages": turns}, {"messages": [{"role": "system", "content": "Be brief."}, *turns]}],
+                         "chat", tokenizer)  # fmt: skip

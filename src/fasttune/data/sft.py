@@ -115,6 +115,7 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
             f"{source} is chat data but the tokenizer has no chat template; use a model whose tokenizer_config.json "
             "has one, or convert the data to prompt/completion"
         )
+    _check_roles(records, tokenizer, source)
     rendered: list[tuple[str, list[Span]]] = []
     direct: dict[int, dict] = {}  # samples tokenized by the template's own {% generation %} mask
     for i, record in enumerate(records):
@@ -139,6 +140,24 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
     for i, sample in direct.items():
         samples[i] = sample
     return samples
+
+
+def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
+    """A checkpoint of a fasttune run on Alpaca or prompt/completion data carries that format as its chat template
+    (generate/template.py), which renders user and assistant turns only: refuse a message it would drop."""
+    from fasttune.generate.template import TEMPLATES, prompt_format
+
+    fmt = prompt_format(tokenizer)
+    if fmt not in TEMPLATES:
+        return
+    for i, record in enumerate(records):
+        role = next((m.get("role") for m in record["messages"] if m.get("role") not in ("user", "assistant")), None)
+        if role is not None:
+            raise DataError(
+                f"{source} record {i} has a '{role}' message, which the tokenizer's chat template drops: it is the "
+                f"{fmt} prompt format a fasttune run trained this model on (user and assistant turns only); remove "
+                "such messages from the data, or pass --model a folder whose tokenizer has a chat template"
+            )
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
