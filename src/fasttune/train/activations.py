@@ -90,20 +90,20 @@ def norm_bytes(s: Shape, keep_input: bool = False) -> tuple[int, int]:
     """What a layer's norms keep per token: (those over the hidden size, the per-head q/k norms, kept where the
     attention block is). HF's Llama RMSNorm keeps its fp32 upcast and its normalized input rounded to bf16 (6 bytes
     an element); Gemma's its fp32 upcast and its fp32 normalized input, as it multiplies by (1 + weight) in fp32 (8);
-    `keep_input`: Liger's and the lean RMSNorm keep their bf16 input (2; unmeasured on Gemma). Measured exactly on CPU
-    (tests/test_memory.py): in bf16 a Gemma 2 layer keeps 20h more than a Llama layer (four norms of 8h, not two of
-    6h), Gemma 3 8(q + kv) more again; counted as Llama's, the 12-layer Gemma 2/3 runs on an H200 were predicted 7%
-    and 10% below their peaks."""
+    `keep_input`: Liger's and the lean RMSNorm keep their bf16 input (2; unmeasured on Gemma). Measured exactly on
+    CPU (tests/test_memory_layers.py): in bf16 a Gemma 2 layer keeps 20h more than a Llama layer (four norms of 8h,
+    not two of 6h), Gemma 3 8(q + kv) more again; counted as Llama's, the 12-layer Gemma 2/3 runs on an H200 were
+    predicted 7% and 10% below their peaks."""
     per = 2 if keep_input else (8 if s.fp32_norms else 6)
     return per * s.norms * s.hidden, (per * (s.q + s.kv) if s.qk_norms else 0)
 
 
 def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool = False) -> float:
     """What fp32 weights under bf16 autocast add per token and layer to what the bf16 layer keeps (measured exactly
-    on CPU, tests/test_memory.py): the residual stream and the norms' products are fp32 (+2h for each norm, +2h for
-    a checkpoint's input), and each nn.Linear that reads a norm's output keeps its own bf16 copy of it, where bf16
-    ones share the output (+2h for each reader after the first: k and v; up, unless the fused MLP reads gate and up
-    from one copy; an MoE layer's shared expert gate, up and gate projection beside the router). Where the matmuls
+    on CPU, tests/test_memory_layers.py): the residual stream and the norms' products are fp32 (+2h for each norm,
+    +2h for a checkpoint's input), and each nn.Linear that reads a norm's output keeps its own bf16 copy of it, where
+    bf16 ones share the output (+2h for each reader after the first: k and v; up, unless the fused MLP reads gate and
+    up from one copy; an MoE layer's shared expert gate, up and gate projection beside the router). Where the matmuls
     keep those copies (none, attention) the lean RMSNorm has no output to recompute. Gemma's norms (fp32_norms) keep
     fp32 products in bf16 already, and the two that read the stream keep it as their fp32 upcast: nothing more."""
     h = s.hidden
@@ -118,7 +118,7 @@ def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool =
 
 LEAN_RECOMPUTED = {"none": 4, "attention": 2, "mlp": 4}
 """Norm outputs (x hidden bytes per token and layer) the lean RMSNorm recomputes instead of the matmuls keeping them;
-under `attention` the checkpoint keeps the attention block's input itself (measured: tests/test_memory.py)."""
+under `attention` the checkpoint keeps the attention block's input itself (measured: tests/test_memory_layers.py)."""
 
 
 def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool = False,
@@ -127,7 +127,7 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
     fasttune's forward (model/lora.py, `upcast` False): each lora_A keeps its bf16 input (which the trainable base
     matmul kept anyway) and its rank-r output; HF's RMSNorm no longer keeps its normalized input for the frozen norm
     weight's gradient (-2h each; Liger's keeps its input either way); `ops` keeps each adapted output beside the base
-    matmul's (the addmm that adds the adapter is a matmul). Exact: tests/test_memory.py measures it on CPU.
+    matmul's (the addmm that adds the adapter is a matmul). Exact: tests/test_memory_layers.py measures it on CPU.
     `upcast`: peft's own forward (lora.dropout > 0) with fp32 adapters on a bf16 base: each adapted linear upcasts
     its input to fp32 for lora_A, kept for lora_A's weight gradient, and `ops` keeps the fp32 lora_B outputs; `ops`
     exact, the others fitted (q = h, kv = h / 2) to what HF's Llama layer under peft 0.21 keeps alive. Llama-3.1-8B,

@@ -56,7 +56,7 @@ HEADROOM = 0.92
 SOFTCAP_BYTES = 6.0
 """Bytes per logit of a chunk that a logit softcap (Gemma 2) adds to the chunked loss: its fp32 tanh lives beside the
 logits through the chunk, its fp32 argument while tanh runs (measured on CPU: 12.1 bytes a logit at the peak of one
-chunk with it, 6.6 without; tests/test_memory.py)."""
+chunk with it, 6.6 without; tests/test_memory_layers.py)."""
 
 
 @dataclass
