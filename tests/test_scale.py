@@ -54,6 +54,35 @@ def test_config_only_folder_trains_from_random_init(tmp_path, caplog):
         loop.train(lora)  # adapters on a random frozen base: never what a user wants
 
 
+@pytest.mark.parametrize(("method", "package"), [("bitsandbytes", "bitsandbytes"), ("gptq", "optimum")])
+def test_a_prequantized_model_is_refused_for_training_in_one_line(tmp_path, method, package):
+    """fasttune trains full-precision weights: a bitsandbytes/GPTQ checkpoint (a QLoRA user's usual download) stops
+    before training, naming it; loading it for generate/eval without its package is one line, not an ImportError."""
+    import importlib.util
+    import json
+
+    from fasttune.model.load import load_for_inference
+
+    folder = tmp_path / "quantized"
+    tok = build_tiny_tokenizer()
+    model = AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = tiny_config(tmp_path, max_steps=1)
+    for experiment, lora in (("sft", False), ("lora", True)):
+        run = dataclasses.replace(cfg, experiment=experiment, model=dataclasses.replace(cfg.model, path=str(folder)),
+                                  lora=dataclasses.replace(cfg.lora, enabled=lora),
+                                  data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256))  # fmt: skip
+        with pytest.raises(ConfigError, match=f"holds {method}-quantized weights.*pass the unquantized model"):
+            loop.train(run)
+    if importlib.util.find_spec(package) is None:
+        with pytest.raises(ConfigError, match="needs a package that is not installed"):
+            load_for_inference(folder, device="cpu")
+
+
 def test_auto_dtype_holds_an_8b_model_in_bf16():
     llama8b = preset_config("llama-3.1-8b", 4096)
     cuda = torch.device("cuda")

@@ -144,7 +144,15 @@ def load_model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
             f"--model {cfg.path}: no config.json there; pass a local Hugging Face model folder "
             "(saved with save_pretrained) or leave --model out to build model.preset"
         )
-    return read_config(path, cfg.trust_remote_code)
+    config = read_config(path, cfg.trust_remote_code)
+    if quant := getattr(config, "quantization_config", None):
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        kind = f"{method}-quantized" if method else "quantized"
+        raise ConfigError(
+            f"--model {cfg.path} holds {kind} weights (config.json quantization_config): fasttune trains "
+            "full-precision weights (LoRA on a bf16 base, not a quantized one); pass the unquantized model's folder"
+        )
+    return config
 
 
 def build_preset(preset: str, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
@@ -163,9 +171,13 @@ def from_pretrained(path, option: str = "--model", **kwargs) -> PreTrainedModel:
     that the weight files lack or hold in another shape would run with random values (transformers reports them in a
     table and, for a shape, an error pointing at it) -> ConfigError naming them; tensors the model does not use -> a
     warning."""
-    with _quiet_transformers():
-        model, info = AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True,
-                                                           output_loading_info=True, **kwargs)  # fmt: skip
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True,
+                                                               output_loading_info=True, **kwargs)  # fmt: skip
+    except ImportError as e:  # e.g. quantized weights without bitsandbytes/optimum installed
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{option} {path}: loading it needs a package that is not installed: {first}") from e
     fix = "config.json does not match the weight files; fix it, or copy the model folder again"
     if shapes := sorted(info.get("mismatched_keys") or ()):
         name, theirs, ours = shapes[0]
