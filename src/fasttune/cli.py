@@ -128,24 +128,20 @@ def set_environment() -> None:
         os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _first_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def _later_rank(argv: Sequence[str]) -> int | None:
+    """This process's rank when it is a torchrun worker of `train` after the first (torchrun sets LOCAL_RANK and
+    WORLD_SIZE); None otherwise, also for other commands run where RANK happens to be set (a cluster's pod)."""
+    env = os.environ
+    if not argv or argv[0] != "train" or "LOCAL_RANK" not in env or env.get("RANK", "0") == "0":
+        return None
+    return int(env["RANK"]) if env["RANK"].isdigit() and env.get("WORLD_SIZE", "1") not in ("0", "1") else None
 
 
-def _says(error: FasttuneError) -> bool:
-    """Whether this process prints `error`. Under torchrun every rank parses the same command line and checks the
-    same options and files before the ranks connect: rank 0 alone reports such an error (the others exit with the
-    same code), not one copy per GPU. Once they are connected, a rank's own error is its own to report."""
-    if _first_rank():
-        return True
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _quiet_unless_first_rank():
-    """stdout and stderr of parsing (tyro's own messages, --help) on the ranks after the first are dropped."""
-    if _first_rank():
+def _quiet_parsing(rank: int | None):
+    """Every torchrun rank parses the same command line: rank 0 alone reports what is wrong with it (tyro's own
+    messages and fasttune's), the others exit with the same code, instead of one copy per GPU. Errors after parsing
+    are each rank's own (a local rank with no GPU, a file missing on one node) and stay printed, named by rank."""
+    if rank is None:
         return contextlib.nullcontext()
     sink = io.StringIO()
     stack = contextlib.ExitStack()
@@ -161,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --debug decides how errors raised while parsing are shown, so it is looked at before tyro parses
     debug = "--debug" in argv
     _setup_logging(debug)
+    rank = _later_rank(argv)
     try:
-        with _quiet_unless_first_rank():
+        with _quiet_parsing(rank):
             command = parse(argv or ["--help"])
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
@@ -171,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FasttuneError as e:
         if debug:
             raise
-        if _says(e):
+        if rank is None:
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     try:
@@ -185,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FasttuneError as e:
         if debug:
             raise
-        if _says(e):
-            print(f"error: {e}", file=sys.stderr)
+        print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
