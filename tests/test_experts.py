@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fasttune.model import experts
-from tests.test_memory import VOCAB, _moe
+from tests.test_memory import VOCAB
+from tests.test_memory_layers import _moe
 
 
 def _step(model, ids):

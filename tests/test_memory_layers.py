@@ -165,9 +165,9 @@ def test_fp32_weights_under_autocast_keep_what_the_planner_counts(fused_mlp, lea
 
 
 def _other_norms(kind: str, layers: int):
-    """Tiny Gemma 1-3 and Qwen3 models (model types gemma, gemma2, gemma3_text, qwen3) at the shape _kept_bytes
-    measures, on fasttune's sdpa; Gemma 2 without its attention logit softcap (on CPU that runs eager, which keeps
-    the scores; on CUDA flex keeps what sdpa keeps)."""
+    """Tiny Gemma 1-3, Qwen3 and OLMo2 models (model types gemma, gemma2, gemma3_text, qwen3, olmo2) at the shape
+    _kept_bytes measures, on fasttune's sdpa; Gemma 2 without its attention logit softcap (on CPU that runs eager,
+    which keeps the scores; on CUDA flex keeps what sdpa keeps)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.attention.select import register
@@ -184,25 +184,36 @@ NORMS = {
     "gemma2": (4, True, False),
     "gemma3_text": (4, True, True),
     "qwen3": (2, False, True),
+    "olmo2": (2, True, True),
 }
 
 
 @pytest.mark.parametrize("kind", NORMS)
 def test_layers_with_other_norms_keep_what_the_planner_counts(kind):
-    """Gemma's norms keep their fp32 upcast and fp32 normalized input (8h each, against Llama's 6h); Gemma 2/3
-    layers have four of them, Gemma 3 per-head q/k norms of that kind too: per token and layer within 2% of
-    layer_bytes, in bf16 and with fp32 weights under autocast, under the plans that keep norms (`ops` and `full`
-    recompute them, as in Llama's layers). Counted as Llama's, `none` was 23% (Gemma 2) and 34% (Gemma 3) low under
-    autocast, and the H200 runs' peaks 7% and 10% above their estimates."""
-    shape = Shape.of(_other_norms(kind, 1).config)
-    assert (shape.norms, shape.fp32_norms, shape.qk_norms) == NORMS[kind]
-    lean = (False, True) if kind == "qwen3" else (False,)  # the lean RMSNorm runs Qwen3's norms, not Gemma's
+    """Gemma's norms keep their fp32 upcast and fp32 normalized input (8h each, against Llama's 6h), as OLMo2's do;
+    Gemma 2/3 layers have four of them, Gemma 3 and OLMo2 q/k norms of that kind too, Qwen3 q/k norms of Llama's
+    kind. Read from the built layer (and from the model type for a config alone), counted per token and layer within
+    2% of layer_bytes, in bf16 and with fp32 weights under autocast, under the plans that keep norms (`ops` and
+    `full` recompute them, as in Llama's layers); LoRA's frozen norms keep no normalized input (within 5% of
+    lora_bytes). Counted as Llama's, `none` was 23% (Gemma 2), 34% (Gemma 3) and 35% (OLMo2, bf16) low, and 12-layer
+    Gemma 2/3 runs on an H200 peaked 7% and 11% above their estimates; LoRA on Gemma 2 was counted 25% high."""
+    from fasttune.model.norm import norm_layout
+    from fasttune.train.memory import decoder_layers
+
+    make = functools.partial(_other_norms, kind)
+    model = make(1)
+    shape = Shape.of(model.config)
+    assert (shape.norms, shape.fp32_norms, shape.qk_norms) == NORMS[kind] == norm_layout(decoder_layers(model)[0])
+    lean = (False, True) if kind == "qwen3" else (False,)  # the lean RMSNorm runs Qwen3's norms, not the others'
     for autocast, lean_norm in ((a, n) for a in (False, True) for n in lean):
         for plan in ("none", "attention", "mlp"):
-            got = _per_token_and_layer(plan, "", lean=lean_norm, make=functools.partial(_other_norms, kind),
-                                       autocast=autocast)  # fmt: skip
+            got = _per_token_and_layer(plan, "", lean=lean_norm, make=make, autocast=autocast)
             want = layer_bytes(shape, plan, fp32_stream=autocast, lean_norm=lean_norm)
             assert abs(got - want) <= 0.02 * want, (autocast, lean_norm, plan, got, want)
+    for plan in ("none", "attention", "mlp"):
+        got = _per_token_and_layer(plan, "fast", make=make) - _per_token_and_layer(plan, "", make=make)
+        want = lora_bytes(shape, plan, 16)
+        assert abs(got - want) <= 0.05 * abs(want), ("lora", plan, got, want)
 
 
 class _Peak(TorchDispatchMode):

@@ -23,7 +23,8 @@ from fasttune.train.activations import Shape, layer_bytes, lora_bytes
 from fasttune.train.memory import apply_plan
 from fasttune.train.run import forward_backward
 from tests.helpers import assert_same_losses_without, assert_same_step, rel_diff, run_module, tiny_config, twin
-from tests.test_memory import VOCAB, _batch, _per_token_and_layer
+from tests.test_memory import VOCAB, _batch
+from tests.test_memory_layers import _per_token_and_layer
 
 SHAPE = Shape.of(LlamaConfig(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2,
                              vocab_size=VOCAB))  # fmt: skip

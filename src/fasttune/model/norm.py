@@ -328,6 +328,30 @@ def liger_rmsnorm(module: nn.Module) -> bool:
     return getattr(getattr(forward, "__func__", None), "__qualname__", "") == "LigerRMSNorm.forward"
 
 
+QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
+"""Names of per-head (or per-projection) norms of q and k in transformers' attention modules."""
+
+
+def norm_layout(layer: nn.Module) -> tuple[int, bool, bool]:
+    """(norms over the hidden size, whether any keeps fp32 products, whether q/k norms exist) of one built decoder
+    layer, as the memory estimate counts them (train/activations.py). A norm that is neither HF's Llama RMSNorm
+    (lean or not), Liger's nor a LayerNorm is counted as keeping its fp32 upcast and fp32 normalized input, as
+    Gemma's and OLMo2's do: 8 bytes an element, the most measured."""
+    norms, fp32, qk = 0, False, False
+    for name, module in layer.named_modules():
+        weight = getattr(module, "weight", None)
+        if "Norm" not in type(module).__name__ or not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+            continue
+        if name.rsplit(".", 1)[-1] in QK_NORMS:
+            qk = True
+        else:
+            norms += 1
+        forward = getattr(vars(module).get("forward"), "__func__", None)
+        fp32 = fp32 or not (llama_rmsnorm(module) or liger_rmsnorm(module) or isinstance(module, nn.LayerNorm)
+                            or forward in (_lean_forward, _tagged_forward))  # fmt: skip
+    return norms, fp32, qk
+
+
 def apply(model: nn.Module, liger: bool = False) -> int:
     """Give HF's Llama-style RMSNorms fasttune's lean function (and with `liger`, tag Liger's RMSNorms), their outputs
     recomputed in backward instead of kept; returns how many norms are covered."""

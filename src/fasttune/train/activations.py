@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from fasttune.model.flops import moe_widths
 
 NORMS = {"gemma": (2, True, False), "gemma2": (4, True, False), "gemma3_text": (4, True, True),
-         "qwen3": (2, False, True), "qwen3_moe": (2, False, True)}  # fmt: skip
+         "qwen3": (2, False, True), "qwen3_moe": (2, False, True), "olmo2": (2, True, True)}  # fmt: skip
 """model_type: (RMSNorms over the hidden size in a decoder layer, Gemma's fp32 kind, per-head q/k norms of that kind)
-where not Llama's (2, False, False). Left out, a Qwen3 layer's q/k norms (6(q + kv) bytes per token, 2(q + kv) with
-the lean RMSNorm) made the estimate 19% low at the test's shape (measured on CPU)."""
+where not Llama's (2, False, False), for a config alone (train/footprint.py); a built model's layer is read instead
+(model/norm.py `norm_layout`, train/memory.py). Left out, a Qwen3 layer's q/k norms (6(q + kv) bytes per token,
+2(q + kv) with the lean RMSNorm) made the estimate 19% low at the test's shape, OLMo2's norms 35% (measured on
+CPU)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
         # (the token's copy, the weighted output); a shared expert (Qwen-MoE) keeps its SwiGLU and its gated output
         mlp = s.routed * (8 * i + 4 * h) + (8 * s.shared + 2 * h if s.shared else 0)
         mlp_ops = s.routed * (4 * i + 2 * h) + (4 * s.shared + 2 * h if s.shared else 0)
-    stream = stream_bytes(s, plan, fused_mlp, lean_norm) if fp32_stream else 0
+    stream = stream_bytes(s, plan, fused_mlp, lean_norm, liger) if fp32_stream else 0
     akv = q if kv_expanded else kv  # the k and v the attention kernel keeps
     keep = {
         "none": norms + 4 * h + 4 * q + 4 * akv + qk + mlp + stream,
@@ -98,18 +100,19 @@ def norm_bytes(s: Shape, keep_input: bool = False) -> tuple[int, int]:
     return per * s.norms * s.hidden, (per * (s.q + s.kv) if s.qk_norms else 0)
 
 
-def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool = False) -> float:
+def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool = False, liger: bool = False) -> float:
     """What fp32 weights under bf16 autocast add per token and layer to what the bf16 layer keeps (measured exactly
     on CPU, tests/test_memory_layers.py): the residual stream and the norms' products are fp32 (+2h for each norm,
     +2h for a checkpoint's input), and each nn.Linear that reads a norm's output keeps its own bf16 copy of it, where
     bf16 ones share the output (+2h for each reader after the first: k and v; up, unless the fused MLP reads gate and
     up from one copy; an MoE layer's shared expert gate, up and gate projection beside the router). Where the matmuls
     keep those copies (none, attention) the lean RMSNorm has no output to recompute. Gemma's norms (fp32_norms) keep
-    fp32 products in bf16 already, and the two that read the stream keep it as their fp32 upcast: nothing more."""
+    fp32 products in bf16 already, and the two that read the stream keep it as their fp32 upcast: nothing more; but
+    Liger's norms keep their input in its own dtype, the fp32 stream (liger_kernel 0.8.5, ops/rms_norm.py)."""
     h = s.hidden
     attn = 4 * h
     mlp = (6 * h if s.shared else 0) if s.routed else (0 if fused_mlp else 2 * h)
-    norms = 0 if s.fp32_norms else 4 * h  # the two norms that read the stream
+    norms = 0 if s.fp32_norms and not liger else 4 * h  # the two norms that read the stream
     lean = LEAN_RECOMPUTED[plan] * h if lean_norm and plan in ("none", "attention") else 0
     extra = {"none": norms + attn + mlp, "ops": 2 * h, "attention": norms + 2 * h + mlp, "mlp": norms + 2 * h + attn,
              "full": 2 * h}  # fmt: skip
@@ -149,12 +152,16 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
             "full": 0.0,
         }
         return extra[plan] + lean
-    a, norms = 2.0 * rank, (0 if liger or lean_norm else -4 * h)  # a: one bf16 lora_A output
+    a = 2.0 * rank  # one bf16 lora_A output
+    # a frozen norm keeps no normalized input for its weight's gradient: 2 bytes an element of Llama's kind, the
+    # fp32 4 of Gemma's (Liger's and the lean norm keep their input either way)
+    per = 0 if liger or lean_norm else (4 if s.fp32_norms else 2)
+    norms, qk = -per * s.norms * h, -per * (q + kv) * s.qk_norms
     extra = {
-        "none": norms + 7 * a,
+        "none": norms + qk + 7 * a,
         "ops": 4 * h + 2 * q + 4 * kv + 4 * i + 7 * a,  # the adapted outputs of q, k, v, o, gate, up, down
-        "attention": norms + 3 * a,  # both norms sit outside the recomputed attention block
-        "mlp": norms + 4 * a,
+        "attention": norms + 3 * a,  # the layer's norms sit outside the recomputed attention block, q/k's inside
+        "mlp": norms + qk + 4 * a,
         "full": 0.0,
     }
     return extra[plan]

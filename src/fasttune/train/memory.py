@@ -18,6 +18,7 @@ Byte counts per token and decoder layer: train/activations.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -31,6 +32,7 @@ from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model, decoder_blocks
 from fasttune.model.mlp import fused as fused_mlp
 from fasttune.model.norm import lean as lean_norm
+from fasttune.model.norm import norm_layout
 from fasttune.train.activations import Shape, activation_bytes, recompute_flops
 
 log = logging.getLogger("fasttune")
@@ -335,11 +337,10 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     trainable = sum(p.numel() for p in params if p.requires_grad)
     moments = state_bytes(cfg.training.optimizer, [p for p in params if p.requires_grad])
     param_bytes = params[0].element_size() if params else 2
-    base = base_model(model)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     return Setup(
         shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
-        shape=Shape.of(base.config), params=n, trainable=trainable, param_bytes=param_bytes,
+        shape=_shape(model), params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=moments / max(1, trainable), tokens=cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
@@ -348,6 +349,13 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
         kv_expanded=kv_expanded,
     )  # fmt: skip
+
+
+def _shape(model: torch.nn.Module) -> Shape:
+    """The model's shape, its norms as its first decoder layer has them (the config alone names no norms)."""
+    shape, layers = Shape.of(base_model(model).config), decoder_layers(model)
+    norms, fp32, qk = norm_layout(layers[0]) if layers else (0, False, False)
+    return dataclasses.replace(shape, norms=norms, fp32_norms=fp32, qk_norms=qk) if norms else shape
 
 
 def _lora_rank(model: torch.nn.Module) -> int:
