@@ -151,13 +151,15 @@ def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
     if fmt not in TEMPLATES:
         return
     for i, record in enumerate(records):
-        role = next((m.get("role") for m in record["messages"] if m.get("role") not in ("user", "assistant")), None)
-        if role is not None:
-            raise DataError(
-                f"{source} record {i} has a '{role}' message, which the tokenizer's chat template drops: it is the "
-                f"{fmt} prompt format a fasttune run trained this model on (user and assistant turns only); remove "
-                "such messages from the data, or pass --model a folder whose tokenizer has a chat template"
-            )
+        for m in record["messages"]:
+            what = f"a '{m.get('role')}' message" if m.get("role") not in ("user", "assistant") else None
+            what = what or ("an assistant message with tool_calls" if m.get("tool_calls") else None)
+            if what:
+                raise DataError(
+                    f"{source} record {i} has {what}, which the tokenizer's chat template drops: it is the {fmt} "
+                    "prompt format a fasttune run trained this model on (user and assistant turns only); remove them "
+                    "from the data, or start from the base model that run began with (its own chat template)"
+                )
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
