@@ -165,9 +165,9 @@ def test_fp32_weights_under_autocast_keep_what_the_planner_counts(fused_mlp, lea
 
 
 def _other_norms(kind: str, layers: int):
-    """Tiny Gemma 1-3, Qwen3 and OLMo2 models (model types gemma, gemma2, gemma3_text, qwen3, olmo2) at the shape
-    _kept_bytes measures, on fasttune's sdpa; Gemma 2 without its attention logit softcap (on CPU that runs eager,
-    which keeps the scores; on CUDA flex keeps what sdpa keeps)."""
+    """Tiny Gemma 1-3, Qwen3, OLMo2 and Cohere models (model types gemma, gemma2, gemma3_text, qwen3, olmo2, cohere)
+    at the shape _kept_bytes measures, on fasttune's sdpa; Gemma 2 without its attention logit softcap (on CPU that
+    runs eager, which keeps the scores; on CUDA flex keeps what sdpa keeps)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.attention.select import register
@@ -180,17 +180,19 @@ def _other_norms(kind: str, layers: int):
 
 
 NORMS = {
-    "gemma": (2, True, False),
-    "gemma2": (4, True, False),
-    "gemma3_text": (4, True, True),
-    "qwen3": (2, False, True),
-    "olmo2": (2, True, True),
+    "gemma": (2, 8, False),
+    "gemma2": (4, 8, False),
+    "gemma3_text": (4, 8, True),
+    "qwen3": (2, 6, True),
+    "olmo2": (2, 8, True),
+    "cohere": (1, 12, False),
 }
 
 
 @pytest.mark.parametrize("kind", NORMS)
 def test_layers_with_other_norms_keep_what_the_planner_counts(kind):
-    """Gemma's norms keep their fp32 upcast and fp32 normalized input (8h each, against Llama's 6h), as OLMo2's do;
+    """Gemma's norms keep their fp32 upcast and fp32 normalized input (8h each, against Llama's 6h), as OLMo2's do,
+    Cohere's LayerNorm 12h (its centred fp32 input twice);
     Gemma 2/3 layers have four of them, Gemma 3 and OLMo2 q/k norms of that kind too, Qwen3 q/k norms of Llama's
     kind. Read from the built layer (and from the model type for a config alone), counted per token and layer within
     2% of layer_bytes, in bf16 and with fp32 weights under autocast, under the plans that keep norms (`ops` and
@@ -203,13 +205,16 @@ def test_layers_with_other_norms_keep_what_the_planner_counts(kind):
     make = functools.partial(_other_norms, kind)
     model = make(1)
     shape = Shape.of(model.config)
-    assert (shape.norms, shape.fp32_norms, shape.qk_norms) == NORMS[kind] == norm_layout(decoder_layers(model)[0])
+    layout = norm_layout(decoder_layers(model)[0], shape.hidden)
+    assert (shape.norms, shape.norm_elem, shape.qk_norms) == NORMS[kind] == layout
     lean = (False, True) if kind == "qwen3" else (False,)  # the lean RMSNorm runs Qwen3's norms, not the others'
     for autocast, lean_norm in ((a, n) for a in (False, True) for n in lean):
         for plan in ("none", "attention", "mlp"):
             got = _per_token_and_layer(plan, "", lean=lean_norm, make=make, autocast=autocast)
             want = layer_bytes(shape, plan, fp32_stream=autocast, lean_norm=lean_norm)
-            assert abs(got - want) <= 0.02 * want, (autocast, lean_norm, plan, got, want)
+            # Cohere's parallel layer reads one norm output in attention and MLP: in bf16 counted up to 10% over
+            high = 1.10 if kind == "cohere" and not autocast else 1.02
+            assert 0.98 * got <= want <= high * got, (autocast, lean_norm, plan, got, want)
     for plan in ("none", "attention", "mlp"):
         got = _per_token_and_layer(plan, "fast", make=make) - _per_token_and_layer(plan, "", make=make)
         want = lora_bytes(shape, plan, 16)
@@ -278,3 +283,26 @@ def test_the_chunked_loss_holds_one_chunk_at_a_time():
             linear_cross_entropy(hidden, head, labels, chunk=chunk)
         peaks[chunks] = peak.peak
     assert peaks[4] <= 1.1 * peaks[1], peaks
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "layout"),
+    [
+        ("stablelm", {"qk_layernorm": True}, (2, 6, True)),  # a LayerNorm per head: q_layernorm.norms.0, ...
+        ("cohere", {"use_qk_norm": True}, (1, 12, True)),  # q/k norms with 2-D weights (heads x head dim)
+        ("deepseek_v3", {"q_lora_rank": 96, "kv_lora_rank": 64, "first_k_dense_replace": 1}, (2, 6, False)),
+    ],
+)
+def test_norm_layout_reads_nested_two_dimensional_and_low_rank_norms(kind, extra, layout):
+    """StableLM's per-head q/k LayerNorms were counted as norms over the hidden size (an 8-head model's estimate ~3x
+    what a layer keeps), Cohere's 2-D q/k norms not at all; MLA's low-rank norms are not over the hidden size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fasttune.model.norm import norm_layout
+    from fasttune.train.memory import decoder_layers
+
+    config = AutoConfig.for_model(kind, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                                  num_key_value_heads=8, num_hidden_layers=1, vocab_size=VOCAB, **extra)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert norm_layout(decoder_layers(model)[0], 256) == layout

@@ -329,27 +329,31 @@ def liger_rmsnorm(module: nn.Module) -> bool:
 
 
 QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm")
-"""Names of per-head (or per-projection) norms of q and k in transformers' attention modules."""
+"""Names of the norms of q and k in transformers' attention modules (per head, per projection, or a list of them:
+StableLM's q_layernorm.norms.0)."""
 
 
-def norm_layout(layer: nn.Module) -> tuple[int, bool, bool]:
-    """(norms over the hidden size, whether any keeps fp32 products, whether q/k norms exist) of one built decoder
-    layer, as the memory estimate counts them (train/activations.py). A norm that is neither HF's Llama RMSNorm
-    (lean or not), Liger's nor a LayerNorm is counted as keeping its fp32 upcast and fp32 normalized input, as
-    Gemma's and OLMo2's do: 8 bytes an element, the most measured."""
-    norms, fp32, qk = 0, False, False
+def norm_layout(layer: nn.Module, hidden: int) -> tuple[int, int, bool]:
+    """(norms over the hidden size, the most bytes one keeps an element, whether q/k norms exist) of one built
+    decoder layer, as the memory estimate counts them (train/activations.py `Shape`). HF's Llama RMSNorm (lean or
+    not), Liger's and torch's LayerNorm count 6 bytes an element; another RMSNorm 8, as Gemma's and OLMo2's keep
+    (fp32 products); another LayerNorm 12, as Cohere's keeps (its centred input twice)."""
+    norms, elem, qk = 0, 6, False
     for name, module in layer.named_modules():
         weight = getattr(module, "weight", None)
-        if "Norm" not in type(module).__name__ or not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+        if "Norm" not in type(module).__name__ or not isinstance(weight, torch.Tensor):
             continue
-        if name.rsplit(".", 1)[-1] in QK_NORMS:
+        if any(part in QK_NORMS for part in name.split(".")):
             qk = True
-        else:
+        elif weight.numel() == hidden:  # not MLA's low-rank norms (the estimate has no term for them)
             norms += 1
+        else:
+            continue
         forward = getattr(vars(module).get("forward"), "__func__", None)
-        fp32 = fp32 or not (llama_rmsnorm(module) or liger_rmsnorm(module) or isinstance(module, nn.LayerNorm)
-                            or forward in (_lean_forward, _tagged_forward))  # fmt: skip
-    return norms, fp32, qk
+        if not (llama_rmsnorm(module) or liger_rmsnorm(module) or isinstance(module, nn.LayerNorm)
+                or forward in (_lean_forward, _tagged_forward)):  # fmt: skip
+            elem = max(elem, 12 if "LayerNorm" in type(module).__name__ else 8)
+    return norms, elem, qk
 
 
 def apply(model: nn.Module, liger: bool = False) -> int:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from fasttune.model.flops import moe_widths
 
-NORMS = {"gemma": (2, True, False), "gemma2": (4, True, False), "gemma3_text": (4, True, True),
-         "qwen3": (2, False, True), "qwen3_moe": (2, False, True), "olmo2": (2, True, True)}  # fmt: skip
-"""model_type: (RMSNorms over the hidden size in a decoder layer, Gemma's fp32 kind, per-head q/k norms of that kind)
-where not Llama's (2, False, False), for a config alone (train/footprint.py); a built model's layer is read instead
+NORMS = {"gemma": (2, 8, False), "gemma2": (4, 8, False), "gemma3_text": (4, 8, True), "qwen3": (2, 6, True),
+         "qwen3_moe": (2, 6, True), "olmo2": (2, 8, True), "cohere": (1, 12, False),
+         "cohere2": (1, 12, False)}  # fmt: skip
+"""model_type: (norms over the hidden size in a decoder layer, bytes they keep an element, q/k norms of that kind)
+where not Llama's (2, 6, False), for a config alone (train/footprint.py); a built model's layer is read instead
 (model/norm.py `norm_layout`, train/memory.py). Left out, a Qwen3 layer's q/k norms (6(q + kv) bytes per token,
 2(q + kv) with the lean RMSNorm) made the estimate 19% low at the test's shape, OLMo2's norms 35% (measured on
 CPU)."""
@@ -39,9 +40,11 @@ class Shape:
     """MoE: the shared experts' total width (Qwen-MoE's shared_expert_intermediate_size, DeepSeek's n_shared_experts x
     moe_intermediate_size)."""
     norms: int = 2
-    """RMSNorms over the hidden size in a decoder layer: 4 in Gemma 2/3 (one before and one after each block)."""
-    fp32_norms: bool = False
-    """Gemma's RMSNorm: x * (1 + weight) multiplied in fp32, so it keeps its normalized input in fp32 (norm_bytes)."""
+    """Norms over the hidden size in a decoder layer: 4 in Gemma 2/3 (one before and one after each block)."""
+    norm_elem: int = 6
+    """Bytes a norm keeps an element (norm_bytes): HF's Llama RMSNorm 6 (its fp32 upcast, its normalized input in
+    bf16); 8 where the weight multiplies in fp32 (Gemma's 1 + weight, OLMo2's), keeping an fp32 normalized input; 12
+    for Cohere's LayerNorm (its centred fp32 input twice, and the normalized one)."""
     qk_norms: bool = False
     """Per-head RMSNorms of q and k (Gemma 3, Qwen3), of the layer's norm kind."""
     softcap: bool = False
@@ -53,9 +56,9 @@ class Shape:
         d = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         k, width, shared = moe_widths(config)
-        norms, fp32, qk = NORMS.get(getattr(config, "model_type", None), (2, False, False))
+        norms, elem, qk = NORMS.get(getattr(config, "model_type", None), (2, 6, False))
         return cls(config.hidden_size, config.num_hidden_layers, heads * d, kv * d, width, config.vocab_size, k,
-                   shared, norms, fp32, qk, bool(getattr(config, "final_logit_softcapping", None)))  # fmt: skip
+                   shared, norms, elem, qk, bool(getattr(config, "final_logit_softcapping", None)))  # fmt: skip
 
 
 def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
@@ -96,7 +99,7 @@ def norm_bytes(s: Shape, keep_input: bool = False) -> tuple[int, int]:
     CPU (tests/test_memory_layers.py): in bf16 a Gemma 2 layer keeps 20h more than a Llama layer (four norms of 8h,
     not two of 6h), Gemma 3 8(q + kv) more again; counted as Llama's, the 12-layer Gemma 2/3 runs on an H200 were
     predicted 7% and 10% below their peaks."""
-    per = 2 if keep_input else (8 if s.fp32_norms else 6)
+    per = 2 if keep_input else s.norm_elem
     return per * s.norms * s.hidden, (per * (s.q + s.kv) if s.qk_norms else 0)
 
 
@@ -106,13 +109,14 @@ def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool =
     +2h for a checkpoint's input), and each nn.Linear that reads a norm's output keeps its own bf16 copy of it, where
     bf16 ones share the output (+2h for each reader after the first: k and v; up, unless the fused MLP reads gate and
     up from one copy; an MoE layer's shared expert gate, up and gate projection beside the router). Where the matmuls
-    keep those copies (none, attention) the lean RMSNorm has no output to recompute. Gemma's norms (fp32_norms) keep
-    fp32 products in bf16 already, and the two that read the stream keep it as their fp32 upcast: nothing more; but
-    Liger's norms keep their input in its own dtype, the fp32 stream (liger_kernel 0.8.5, ops/rms_norm.py)."""
+    keep those copies (none, attention) the lean RMSNorm has no output to recompute. Norms of fp32 products (Gemma's,
+    norm_elem above 6) keep them in bf16 already, and the two that read the stream keep it as their fp32 upcast:
+    nothing more; but Liger's norms keep their input in its own dtype, the fp32 stream (liger_kernel 0.8.5,
+    ops/rms_norm.py)."""
     h = s.hidden
     attn = 4 * h
     mlp = (6 * h if s.shared else 0) if s.routed else (0 if fused_mlp else 2 * h)
-    norms = 0 if s.fp32_norms and not liger else 4 * h  # the two norms that read the stream
+    norms = 0 if s.norm_elem > 6 and not liger else 4 * h  # the two norms that read the stream
     lean = LEAN_RECOMPUTED[plan] * h if lean_norm and plan in ("none", "attention") else 0
     extra = {"none": norms + attn + mlp, "ops": 2 * h, "attention": norms + 2 * h + mlp, "mlp": norms + 2 * h + attn,
              "full": 2 * h}  # fmt: skip
@@ -154,8 +158,8 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
         return extra[plan] + lean
     a = 2.0 * rank  # one bf16 lora_A output
     # a frozen norm keeps no normalized input for its weight's gradient: 2 bytes an element of Llama's kind, the
-    # fp32 4 of Gemma's (Liger's and the lean norm keep their input either way)
-    per = 0 if liger or lean_norm else (4 if s.fp32_norms else 2)
+    # fp32 4 of the others (Liger's and the lean norm keep their input either way)
+    per = 0 if liger or lean_norm else min(s.norm_elem - 4, 4)
     norms, qk = -per * s.norms * h, -per * (q + kv) * s.qk_norms
     extra = {
         "none": norms + qk + 7 * a,

@@ -354,8 +354,8 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
 def _shape(model: torch.nn.Module) -> Shape:
     """The model's shape, its norms as its first decoder layer has them (the config alone names no norms)."""
     shape, layers = Shape.of(base_model(model).config), decoder_layers(model)
-    norms, fp32, qk = norm_layout(layers[0]) if layers else (0, False, False)
-    return dataclasses.replace(shape, norms=norms, fp32_norms=fp32, qk_norms=qk) if norms else shape
+    norms, elem, qk = norm_layout(layers[0], shape.hidden) if layers else (0, 6, False)
+    return dataclasses.replace(shape, norms=norms, norm_elem=elem, qk_norms=qk) if norms else shape
 
 
 def _lora_rank(model: torch.nn.Module) -> int:
