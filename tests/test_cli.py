@@ -184,9 +184,9 @@ def test_module_entry_points_take_a_command_line(capsys):
 
 
 def test_under_torchrun_the_first_rank_alone_reports_a_bad_command_line(capsys, monkeypatch):
-    """Every torchrun rank parses the same command line: the other ranks exit with rank 0's code, silently. Errors
-    after parsing may be a rank's own (a local rank with no GPU, a file missing on one node): printed, named by rank.
-    Other commands, where RANK is set by a cluster rather than torchrun, print as usual."""
+    """Every torchrun rank parses and checks the same command line: the other ranks exit with rank 0's code,
+    silently. Errors after that may be a rank's own (a local rank with no GPU, a file missing on one node): printed,
+    named by rank. Other commands, where RANK is set by a cluster rather than torchrun, print as usual."""
     for rank, says in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", rank)
@@ -194,7 +194,9 @@ def test_under_torchrun_the_first_rank_alone_reports_a_bad_command_line(capsys, 
         assert cli.main(["train", "--training.max-steps", "many"]) == 2  # tyro's own parse error
         captured = capsys.readouterr()
         assert bool(captured.err.strip()) == says and not captured.out.strip(), (rank, captured)
-    assert cli.main(["train", "--experiment", "sft"]) == 2  # checked after parsing
-    assert capsys.readouterr().err.startswith("[rank 1] error: --experiment sft fine-tunes your model")
+    assert cli.main(["train", "--experiment", "sft"]) == 2  # checked with parsing: the same on every rank
+    assert not capsys.readouterr().err.strip()
+    assert cli.main(["train", "--experiment", "sft", "--model", "/nonexistent", "--data", "x.json"]) == 2
+    assert capsys.readouterr().err.startswith("[rank 1] error: --model /nonexistent")  # may be this node's own
     assert cli.main(["eval", "--checkpoint", "/nonexistent", "--data", "x.json"]) == 2
     assert capsys.readouterr().err.startswith("error: ")

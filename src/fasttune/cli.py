@@ -138,9 +138,10 @@ def _later_rank(argv: Sequence[str]) -> int | None:
 
 
 def _quiet_parsing(rank: int | None):
-    """Every torchrun rank parses the same command line: rank 0 alone reports what is wrong with it (tyro's own
-    messages and fasttune's), the others exit with the same code, instead of one copy per GPU. Errors after parsing
-    are each rank's own (a local rank with no GPU, a file missing on one node) and stay printed, named by rank."""
+    """Every torchrun rank parses and checks the same command line (Command.check): rank 0 alone reports what is
+    wrong with it (tyro's own messages and fasttune's), the others exit with the same code, instead of one copy per
+    GPU. Errors after that are each rank's own (a local rank with no GPU, a file missing on one node) and stay
+    printed, named by rank."""
     if rank is None:
         return contextlib.nullcontext()
     sink = io.StringIO()
@@ -161,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _quiet_parsing(rank):
             command = parse(argv or ["--help"])
+            command.check()
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except BrokenPipeError:  # --help piped into `head`

@@ -44,6 +44,9 @@ class TrainArgs(Command):
         given = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
         return cls(config=get_experiment(name), given=given)
 
+    def check(self) -> None:
+        require_inputs(self.config.validate())
+
     def run(self) -> int:
         from fasttune.train.loop import train
 
