@@ -49,6 +49,9 @@ class Shape:
     """Per-head RMSNorms of q and k (Gemma 3, Qwen3), of the layer's norm kind."""
     softcap: bool = False
     """The logits are softcapped before the loss (Gemma 2's final_logit_softcapping; counted by train/memory.py)."""
+    fused_qkv: bool = False
+    """One qkv_proj for q, k and v (Phi-3): v, a view of its output, keeps all of it alive (read from the built
+    layer by train/memory.py)."""
 
     @classmethod
     def of(cls, config) -> Shape:
@@ -79,6 +82,10 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
         mlp_ops = s.routed * (4 * i + 2 * h) + (4 * s.shared + 2 * h if s.shared else 0)
     stream = stream_bytes(s, plan, fused_mlp, lean_norm, liger) if fp32_stream else 0
     akv = q if kv_expanded else kv  # the k and v the attention kernel keeps
+    # a fused qkv_proj's output stays alive through v, a view of it, and q keeps a copy besides: 4q + 2kv more where
+    # the attention block is kept, measured on CPU (Phi-3, 4 head layouts: +4 bytes a head); under autocast its one
+    # reader of the norm's output needs no bf16 copies for k and v (stream_bytes)
+    qk += (4 * q + 2 * kv) if s.fused_qkv else 0
     keep = {
         "none": norms + 4 * h + 4 * q + 4 * akv + qk + mlp + stream,
         "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + mlp_ops + stream,  # input, qkv, attn, o, gate+up, down
@@ -114,7 +121,7 @@ def stream_bytes(s: Shape, plan: str, fused_mlp: bool = False, lean_norm: bool =
     nothing more; but Liger's norms keep their input in its own dtype, the fp32 stream (liger_kernel 0.8.5,
     ops/rms_norm.py)."""
     h = s.hidden
-    attn = 4 * h
+    attn = 0 if s.fused_qkv else 4 * h
     mlp = (6 * h if s.shared else 0) if s.routed else (0 if fused_mlp else 2 * h)
     norms = 0 if s.norm_elem > 6 and not liger else 4 * h  # the two norms that read the stream
     lean = LEAN_RECOMPUTED[plan] * h if lean_norm and plan in ("none", "attention") else 0

@@ -352,10 +352,14 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
 
 
 def _shape(model: torch.nn.Module) -> Shape:
-    """The model's shape, its norms as its first decoder layer has them (the config alone names no norms)."""
+    """The model's shape, its norms and qkv projection as its first decoder layer has them (the config alone names
+    neither)."""
     shape, layers = Shape.of(base_model(model).config), decoder_layers(model)
     norms, elem, qk = norm_layout(layers[0], shape.hidden) if layers else (0, 6, False)
-    return dataclasses.replace(shape, norms=norms, norm_elem=elem, qk_norms=qk) if norms else shape
+    if norms:
+        shape = dataclasses.replace(shape, norms=norms, norm_elem=elem, qk_norms=qk)
+    attention = getattr(layers[0], "self_attn", None) if layers else None
+    return dataclasses.replace(shape, fused_qkv=isinstance(getattr(attention, "qkv_proj", None), torch.nn.Module))
 
 
 def _lora_rank(model: torch.nn.Module) -> int:
