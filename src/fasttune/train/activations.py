@@ -73,7 +73,7 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
     the next matmuls keep (q/k/v's and gate/up's input, 2h each) are recomputed (model/norm.py); `kv_expanded`:
     the attention kernel keeps k and v expanded to the query heads (torch's varlen kernel before enable_gqa)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
-    norms, qk = norm_bytes(s, liger or lean_norm)
+    norms, in_attn = norm_bytes(s, liger or lean_norm)  # in_attn: kept only where the attention block is
     mlp = 4 * i if fused_mlp else (6 * i if liger else 8 * i)  # Liger's SwiGLU recomputes silu(gate)
     mlp_ops = 4 * i + 2 * h  # the gate/up and down outputs
     if s.routed:  # MoE (HF's experts, unfused): each routed copy of a token keeps its expert's SwiGLU and ~4h more
@@ -85,12 +85,12 @@ def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = Fa
     # a fused qkv_proj's output stays alive through v, a view of it, and q keeps a copy besides: 4q + 2kv more where
     # the attention block is kept, measured on CPU (Phi-3, 4 head layouts: +4 bytes a head); under autocast its one
     # reader of the norm's output needs no bf16 copies for k and v (stream_bytes)
-    qk += (4 * q + 2 * kv) if s.fused_qkv else 0
+    in_attn += (4 * q + 2 * kv) if s.fused_qkv else 0
     keep = {
-        "none": norms + 4 * h + 4 * q + 4 * akv + qk + mlp + stream,
+        "none": norms + 4 * h + 4 * q + 4 * akv + in_attn + mlp + stream,
         "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + mlp_ops + stream,  # input, qkv, attn, o, gate+up, down
         "attention": norms + 4 * h + mlp + stream,  # the recomputed block's input, the other's matmul input
-        "mlp": norms + 4 * h + 4 * q + 4 * akv + qk + stream,
+        "mlp": norms + 4 * h + 4 * q + 4 * akv + in_attn + stream,
         "full": 2 * h + stream,
     }
     recomputed = LEAN_RECOMPUTED.get(plan, 0) * h if lean_norm else 0
