@@ -32,8 +32,12 @@ def _train(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _losses(run: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+def _losses(run: Path, live: bool = False) -> dict[int, float]:
+    """The logged losses; live=True reads a file a run may be appending to, so a last line without its newline
+    yet is not read."""
+    text = (run / "metrics.jsonl").read_text()
+    lines = text.split("\n")[:-1] if live else text.splitlines()
+    recs = [json.loads(x) for x in lines]
     return {r["step"]: r["loss"] for r in recs if r.get("loss") is not None}
 
 
@@ -73,9 +77,9 @@ def test_repeated_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
-        logged = max(_losses(run) or {0: 0}) if (run / "metrics.jsonl").exists() else 0
+        logged = max(_losses(run, live=True) or {0: 0}) if (run / "metrics.jsonl").exists() else 0
         proc = _train(run, cache, "--resume", *steps)
-        _wait_for(lambda logged=logged: (run / "metrics.jsonl").exists() and max(_losses(run) or {0: 0}) > logged,
+        _wait_for(lambda logged=logged: (run / "metrics.jsonl").exists() and max(_losses(run, live=True) or {0: 0}) > logged,
                   proc)  # fmt: skip
     second = _train(run, cache, "--resume", *steps)
     out, _ = second.communicate(timeout=120)

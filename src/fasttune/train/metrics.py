@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fasttune.generate.prompts import write_atomic
 from fasttune.train.run_dir import RunFolder
 
 log = logging.getLogger("fasttune")
@@ -77,10 +78,11 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(folder.tensorboard))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, forget steps logged after the checkpoint (they will be run again)."""
+        """On resume, forget steps logged after the checkpoint (they will be run again). The file is replaced
+        atomically: a kill while it is rewritten leaves the old history, never half of it."""
         self.records = [r for r in self.records if r["step"] <= step]
         if self.write:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
         # NaN/inf are not JSON: a non-finite loss is written as null (the warning in the log says which step)
