@@ -229,6 +229,8 @@ def test_chat_data_through_a_recorded_alpaca_format_refuses_a_message_it_would_d
     with pytest.raises(DataError, match="record 1 has a 'system' message.*alpaca prompt format"):
         tokenize_records([{"messages": turns}, {"messages": [{"role": "system", "content": "Be brief."}, *turns]}],
                          "chat", tokenizer)  # fmt: skip
+    blank = [{"role": "system", "content": " "}, *turns]  # a blank system message drops nothing: trained as without
+    assert tokenize_records([{"messages": blank}], "chat", tokenizer) == [sample]
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
     with pytest.raises(DataError, match="record 0 has an assistant message with tool_calls"):
         tokenize_records([{"messages": [turns[0], {"role": "assistant", "content": "", "tool_calls": [call]}]}],

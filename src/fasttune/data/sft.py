@@ -152,6 +152,8 @@ def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
         return
     for i, record in enumerate(records):
         for m in record["messages"]:
+            if m.get("role") == "system" and _empty_reply(m):
+                continue  # a blank system message (common in exported chats): dropping it loses nothing
             what = f"a '{m.get('role')}' message" if m.get("role") not in ("user", "assistant") else None
             what = what or ("an assistant message with tool_calls" if m.get("tool_calls") else None)
             if what:
@@ -189,7 +191,7 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, 
 
 
 def _empty_reply(message: dict) -> bool:
-    """An assistant message with blank content and nothing else (no tool calls, no reasoning): training it would
+    """A message with blank content and nothing else (no tool calls, no reasoning): an assistant one trained would
     teach an instant end of turn."""
     content = message.get("content")
     return set(message) <= {"role", "content", "name"} and isinstance(content, str) and not content.strip()
