@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,20 @@ def test_mixed_folder(tmp_path):
     (tmp_path / "a.txt").write_text("text")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
     assert "folder mixes data files (b.jsonl) and text files (a.txt)" in error_for(tmp_path)
+
+
+def test_a_folder_with_a_held_out_split_is_refused_naming_the_files(tmp_path):
+    """train.jsonl beside test.jsonl (or HF's data/train-00000-of-00001.parquet beside test-...) was read as one data
+    set: the test records were trained on (and `fasttune eval --data` of the folder scored training records)."""
+    for name in ("train.jsonl", "test.jsonl"):
+        shutil.copy(FIXTURES / "alpaca.jsonl", tmp_path / name)
+    message = error_for(tmp_path)
+    assert "several splits: test (test.jsonl), train (train.jsonl)" in message
+    assert f"e.g. {tmp_path / 'train.jsonl'}" in message
+    assert load_records(str(tmp_path / "train.jsonl"))[1] == "alpaca"  # the fix it names works
+    (tmp_path / "test.jsonl").unlink()
+    shutil.copy(FIXTURES / "alpaca.jsonl", tmp_path / "more.jsonl")  # shards of no held-out split still read
+    assert len(load_records(str(tmp_path))[0]) == 6
 
 
 def test_chat_without_assistant_turn(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,12 @@ MAX_RECORD_MB = 8
 """Most text in one record of a data file (JSON line, JSON/CSV/Parquet row), in MB of characters: a 50 MB JSON
 line peaked at 6.7 GB of RAM on its way to tokens, and 8 MB (~2M tokens) is far beyond any context a sample is
 trained at. Longer texts: split them into several records, or use a text file."""
+_SPLIT_WORDS = {
+    "train": {"train", "training"},
+    "validation": {"validation", "valid", "val", "dev"},
+    "test": {"test", "testing", "eval", "evaluation"},
+}
+"""Words that name a split in a data file's path (datasets' data_files.SPLIT_KEYWORDS)."""
 _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
 
 
@@ -233,7 +240,30 @@ def _folder_files(root: Path) -> list[Path]:
             f"{root}: folder mixes data files ({data[0].name}) and text files ({text.name}); "
             "point --data at one file or keep one kind per folder"
         )
+    _check_one_split(root, data)
     return files
+
+
+def _split_of(path: Path) -> str:
+    """The split a data file's path names as a word (train-00000.parquet, my_test.jsonl, dev/a.jsonl), by the
+    keywords `datasets` sorts data files into splits with; "" when none."""
+    words = set(re.split(r"[^a-z]+", str(path.with_suffix("")).lower()))
+    return next((split for split, names in _SPLIT_WORDS.items() if words & names), "")
+
+
+def _check_one_split(root: Path, files: list[Path]) -> None:
+    """A folder of data files that name a held-out split (test.jsonl beside train.jsonl) would be read as one data
+    set, the held-out records trained (or evaluated) with the rest: refused, naming the files."""
+    splits: dict[str, Path] = {}
+    for f in files:
+        splits.setdefault(_split_of(f.relative_to(root)), f)
+    if len(splits) > 1 and splits.keys() & {"validation", "test"}:
+        named = ", ".join(f"{split or 'no split'} ({f.relative_to(root)})" for split, f in splits.items())
+        example = splits.get("train") or splits.get("") or next(iter(splits.values()))
+        raise DataError(
+            f"{root}: the folder holds the files of several splits: {named}, which would be read as one data set; "
+            f"point --data at one split's file (e.g. {example}) or keep each split in its own folder"
+        )
 
 
 def _read_utf8(path: Path) -> str:
