@@ -128,6 +128,30 @@ def test_eval_data_errors_name_evals_own_options(sft_run, tmp_path, capsys):
         assert "--format" in err and "--data.format" not in err, err
 
 
+def test_eval_of_a_dataset_dict_is_of_the_split_named_not_its_train_split(sft_run, tmp_path, capsys):
+    """A save_to_disk DatasetDict of train and test splits was evaluated on its train split, silently: the loss of
+    records the model trained on. Now the folder is refused naming the split folder, which scores the test records as
+    plain HF does."""
+    import datasets
+
+    records = json.loads(GSM8K.read_text())
+    splits = datasets.DatasetDict(train=datasets.Dataset.from_list(records[4:]),
+                                  test=datasets.Dataset.from_list(records[:4]))  # fmt: skip
+    splits.save_to_disk(str(tmp_path / "dd"))
+    capsys.readouterr()  # datasets' progress bars
+    assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(tmp_path / "dd")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert f"splits train, test; pass the folder of the one to use, e.g. --data {tmp_path / 'dd' / 'test'}" in err
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(tmp_path / "dd" / "test"),
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    (tmp_path / "test.json").write_text(json.dumps(records[:4]))
+    reference, fitting = _hf_response_loss(sft_run.checkpoint, tmp_path / "test.json")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == fitting and summary["loss"] == pytest.approx(reference, rel=1e-4)
+
+
 @pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="the shared GSM8K file (../shared/data) is not here")
 def test_eval_reads_the_real_gsm8k_file(sft_run, tmp_path):
     assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(SHARED_GSM8K), "--limit", "24",

@@ -87,17 +87,20 @@ def check_data_path(path: str) -> None:
         )
 
 
-def load_records(path: str, fmt: str = "auto", option: str = "--data.format") -> tuple[list[dict], str]:
+def load_records(
+    path: str, fmt: str = "auto", option: str = "--data.format", split: str | None = "train"
+) -> tuple[list[dict], str]:
     """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
     when "auto") and return (records, format). Raises DataError on any problem with the input; `option` is the
-    format option the messages name (`fasttune eval` calls it --format)."""
+    format option the messages name (`fasttune eval` calls it --format). `split`: the split of a save_to_disk
+    DatasetDict read when it has several (None: refused, naming the split folders: eval must not guess)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
     check_data_path(path)
     root = Path(path)
     if not root.exists():
         raise DataError(f"{path}: no such file or folder; check --data")
-    tables = _read_path(root)
+    tables = _read_path(root, split)
     tables = [t for t in tables if t.records]
     if not tables:
         raise DataError(f"{path}: no records found (empty file or folder); add data or point --data elsewhere")
@@ -188,10 +191,10 @@ def _type_name(value: object) -> str:
 # ---- reading files -------------------------------------------------------------------------------------------------
 
 
-def _read_path(root: Path) -> list[_Table]:
+def _read_path(root: Path, split: str | None) -> list[_Table]:
     if root.is_dir():
         if _is_saved_dataset(root):
-            return [_read_saved_dataset(root)]
+            return [_read_saved_dataset(root, split)]
         try:
             files = _folder_files(root)
         except OSError as e:  # an unreadable subfolder
@@ -371,7 +374,7 @@ def _is_saved_dataset(root: Path) -> bool:
     )
 
 
-def _read_saved_dataset(root: Path) -> _Table:
+def _read_saved_dataset(root: Path, split: str | None) -> _Table:
     import datasets
 
     try:
@@ -379,9 +382,12 @@ def _read_saved_dataset(root: Path) -> _Table:
     except Exception as e:  # datasets raises many types for a damaged folder; all mean the same to the user
         raise DataError(f"{root}: cannot load this save_to_disk folder ({_one_line(e)}); re-save it") from e
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds and len(ds) != 1:
-            raise DataError(f"{root}: dataset has splits {', '.join(ds)} and none is 'train'; save only the one to use")
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        if split not in ds and len(ds) != 1:
+            held = next((name for name in ds if name != "train"), next(iter(ds)))
+            none = f" and none is {split!r}" if split else ""
+            raise DataError(f"{root}: dataset has splits {', '.join(ds)}{none}; pass the folder of the one to use, "
+                            f"e.g. --data {root / held}")  # fmt: skip
+        ds = ds[split] if split in ds else next(iter(ds.values()))
     return _Table(root, ds.to_list())
 
 

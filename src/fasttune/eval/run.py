@@ -162,7 +162,7 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     from fasttune.data.formats import load_records
     from fasttune.data.sft import tokenize_records
 
-    records, fmt = load_records(a.data, a.format, option="--format")
+    records, fmt = load_records(a.data, a.format, option="--format", split=None)  # never a DatasetDict's train split
     samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
     kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
     if not kept:
