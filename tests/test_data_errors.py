@@ -172,10 +172,22 @@ def test_chat_without_assistant_turn(tmp_path):
     assert "c.jsonl line 1: no message has role 'assistant'" in error_for(path)
 
 
-def test_sharegpt_keys_get_a_hint(tmp_path):
+def test_sharegpt_data_gets_the_whole_conversion_in_one_line(tmp_path):
+    """ShareGPT records (Axolotl's and Unsloth's usual chat data) took three errors to fix: "cannot tell the data
+    format" with "rename the fields or pass --data.format", then from/value, then "no message has role 'assistant'"
+    (human/gpt roles). The first error now gives the whole conversion, and the record converted that way reads."""
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
     path = tmp_path / "s.jsonl"
-    path.write_text(json.dumps({"messages": [{"from": "human", "value": "hi"}]}) + "\n")
-    assert "ShareGPT keys from/value; rename them to role/content" in error_for(path)
+    path.write_text(json.dumps({"conversations": turns}) + "\n")
+    message = error_for(path)
+    assert message.startswith(f"{path} line 1: ShareGPT data") and "--data.format" not in message
+    assert "conversations -> messages, from -> role (human -> user, gpt -> assistant" in message
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    assert "ShareGPT keys from/value; convert each record" in error_for(path)
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    converted = {"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in turns]}
+    path.write_text(json.dumps(converted) + "\n")
+    assert load_records(str(path)) == ([converted], "chat")
 
 
 def test_chat_in_csv_gets_a_hint(tmp_path):

@@ -55,6 +55,10 @@ _SPLIT_WORDS = {
     "test": {"test", "testing", "eval", "evaluation"},
 }
 """Words that name a split in a data file's path (datasets' data_files.SPLIT_KEYWORDS)."""
+_SHAREGPT_FIX = (
+    'convert each record to {"messages": [{"role", "content"}, ...]}: conversations -> messages, from -> role (human '
+    "-> user, gpt -> assistant, system stays), value -> content"
+)
 _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
 
 
@@ -131,6 +135,9 @@ def detect_format(record: dict, where: str = "record 0", option: str = "--data.f
         return "prompt_completion"
     if "text" in keys:
         return "text"
+    if "conversations" in keys:
+        raise DataError(f"{where}: ShareGPT data ('conversations' of from/value turns) is not read as is; "
+                        f"{_SHAREGPT_FIX}")  # fmt: skip
     seen = ", ".join(sorted(map(str, keys))[:12]) or "none"
     raise DataError(
         f"{where}: cannot tell the data format from its keys ({seen}); expected {_FORMAT_HINT}; "
@@ -171,7 +178,7 @@ def _validate_messages(messages: object, where: str) -> None:
                 f"{where}: messages[{j}] must be an object with role and content, got {_type_name(message)}"
             )
         if "role" not in message and {"from", "value"} <= set(message):
-            raise DataError(f"{where}: messages[{j}] uses ShareGPT keys from/value; rename them to role/content")
+            raise DataError(f"{where}: messages[{j}] uses ShareGPT keys from/value; {_SHAREGPT_FIX}")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise DataError(
