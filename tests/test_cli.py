@@ -79,6 +79,18 @@ def test_stable_short_flags_and_main_py_forms():
     assert sft.experiment == "sft" and sft.training.lr == 1e-4 and sft.data.max_length == 1024  # preset, then options
 
 
+def test_main_py_runs_the_other_commands_too():
+    """`python main.py generate ...` (or eval, chat, doctor, bench) was "unexpected argument 'generate'" pointing at
+    `fasttune train --help`; it now runs that command, and anything else still trains."""
+    main_py = str(Path(__file__).parents[1] / "main.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    ran = subprocess.run([sys.executable, main_py, "experiments"], capture_output=True, text=True, env=env)
+    assert ran.returncode == 0 and [line.split()[0] for line in ran.stdout.splitlines()] == ["quick", "full", "sft",
+                                                                                           "lora"]  # fmt: skip
+    ran = subprocess.run([sys.executable, main_py, "--experiment", "nope"], capture_output=True, text=True, env=env)
+    assert ran.returncode == 2 and ran.stderr.startswith("error: --experiment 'nope' is unknown")
+
+
 def test_train_help_and_readme_list_every_stable_short_flag(capsys):
     from fasttune.config.argcheck import SHORT_FLAGS, option_table
 
