@@ -79,8 +79,8 @@ def test_repeated_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp
         kills += 1
         logged = max(_losses(run, live=True) or {0: 0}) if (run / "metrics.jsonl").exists() else 0
         proc = _train(run, cache, "--resume", *steps)
-        _wait_for(lambda logged=logged: (run / "metrics.jsonl").exists() and max(_losses(run, live=True) or {0: 0}) > logged,
-                  proc)  # fmt: skip
+        _wait_for(lambda logged=logged: (run / "metrics.jsonl").exists()
+                  and max(_losses(run, live=True) or {0: 0}) > logged, proc)  # fmt: skip
     second = _train(run, cache, "--resume", *steps)
     out, _ = second.communicate(timeout=120)
     if proc.poll() is None:  # the last run still holds the folder
