@@ -163,6 +163,23 @@ def test_prompt_file_is_batched_and_matches_one_prompt_at_a_time(sft_run, tmp_pa
     assert "already exists; choose another path or pass --overwrite" in capsys.readouterr().err
 
 
+def test_a_prompt_files_own_completion_is_kept_as_the_reference(sft_run, tmp_path):
+    """Prompt/completion records (a test set in the format the model trained on) lost their reference answer: the
+    output's "completion" replaced it. It is kept as "reference", beside the model's completion."""
+    prompts = tmp_path / "test.jsonl"
+    records = [{"prompt": "Natalia sold clips", "completion": "72", "id": 7}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(prompts), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    [row] = [json.loads(x) for x in out.read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    ids = tok(format_prompt({"instruction": "Natalia sold clips"}, "alpaca"))["input_ids"]
+    assert row["completion"] == _hf_greedy(sft_run.checkpoint, ids, 4)
+    assert {k: row[k] for k in ("prompt", "reference", "id")} == {"prompt": "Natalia sold clips", "reference": "72",
+                                                                   "id": 7}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -157,6 +157,8 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
                             top_p=a.top_p, seed=a.seed + lo, engine=engine)  # fmt: skip
         for i, g in zip(rows, gens, strict=True):
             record = {k: v for k, v in records[i].items() if k != "_line"}
+            if "completion" in record and "reference" not in record:  # prompt/completion data's own answer: kept
+                record["reference"] = record.pop("completion")
             done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished}
         new_tokens += sum(g.new_tokens for g in gens)
         seconds += gens[0].seconds
