@@ -73,6 +73,24 @@ def test_prompt_completion_concatenates_as_is(tok):
         assert trained_runs(tok, sample) == [record["completion"] + EOS]
 
 
+def test_a_prompt_ending_inside_a_token_is_tokenized_as_generation_sends_it(tok):
+    """The prompt "Natalia " + "sold clips" tokenizes whole as ..., "a", " sold", " clips": " sold" starts in the
+    prompt, so the response's first token was never trained (a one-token answer after "A: " trained only EOS), and
+    generation, which tokenizes the prompt alone (..., "a", " "), sent ids training never had. The prompt is now
+    tokenized apart."""
+    from fasttune.generate.template import prompt_ids, record_prompt_format
+
+    record = {"prompt": "Natalia ", "completion": "sold clips"}
+    assert " sold" in [tok.decode([t]) for t in tok(record["prompt"] + record["completion"])["input_ids"]]
+    sample = tokenize_records([record], "prompt_completion", tok)[0]
+    generation = build_tiny_tokenizer()
+    record_prompt_format(generation, "prompt_completion")
+    prompt = prompt_ids(generation, [{"role": "user", "content": record["prompt"]}])
+    response = tok(record["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert sample["input_ids"] == prompt + response and sample["labels"] == [IGNORE] * len(prompt) + response
+    assert trained_runs(tok, sample) == ["sold clips" + EOS]
+
+
 def test_text_trains_all_and_ends_with_eos(tok):
     records, fmt = load_records(str(FIXTURES / "text.jsonl"))
     for record, sample in zip(records, tokenize_records(records, fmt, tok), strict=True):

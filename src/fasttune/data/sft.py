@@ -3,7 +3,9 @@
 Each record becomes one string plus the character spans that are trained; the string is tokenized once and a token
 is trained when it *starts* inside a trained span. Tokenizing the whole string (rather than prompt and response
 apart) gives the same ids the model sees at generation time, and SentencePiece tokenizers do not get a spurious
-word-start marker at the response. Tokenizers without offset mappings (slow ones) tokenize span by span instead.
+word-start marker at the response. Tokenizers without offset mappings (slow ones) tokenize span by span instead, and
+so do Alpaca and prompt/completion records whose prompt ends inside a token ("A: " + "5" is one token " 5"): that
+token would be left untrained, and generation, which tokenizes the prompt alone, sends "A:", " " instead.
 
 Rendering per format:
     text               the text + EOS; every token trained.
@@ -38,10 +40,11 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 Span = tuple[int, int]
 
 
-MASKING_RULES = 2
+MASKING_RULES = 3
 """Version of the rules that turn records into trained labels, kept in every checkpoint: a change that trains other
 tokens of the same data bumps it, so that --resume of an older run says why its data fingerprint differs. 2: records
-and chat replies with an empty response are not trained; chat turns end at their end-of-turn token."""
+and chat replies with an empty response are not trained; chat turns end at their end-of-turn token. 3: an Alpaca or
+prompt/completion prompt that ends inside a token is tokenized apart from its response."""
 
 
 def format_prompt(record: dict, fmt: str) -> str:
@@ -70,7 +73,7 @@ def tokenize_records(
     if eos is None:
         raise DataError(f"the tokenizer has no eos_token, needed to end each {fmt} sample; set tokenizer.eos_token")
     rendered = [_render_plain(record, fmt, train_on_prompt) for record in records]
-    samples = _encode(tokenizer, rendered)
+    samples = _encode(tokenizer, rendered, prompt_apart=True)
     bos = _bos_prefix(tokenizer)
     for record, sample in zip(records, samples, strict=True):
         ids, labels = sample["input_ids"], sample["labels"]
@@ -228,18 +231,32 @@ def _generation_mask_sample(tokenizer, messages: list[dict], where: str) -> dict
 # ---- tokenizing ----------------------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[dict]:
-    """Tokenize each (text, trained spans) pair into input_ids and labels."""
+def _encode(tokenizer, rendered: list[tuple[str, list[Span]]], prompt_apart: bool = False) -> list[dict]:
+    """Tokenize each (text, trained spans) pair into input_ids and labels; `prompt_apart`: a text whose trained span
+    starts inside a token is tokenized piece by piece, as generation tokenizes the prompt alone."""
     if not getattr(tokenizer, "is_fast", False):
         return [_encode_by_pieces(tokenizer, text, spans) for text, spans in rendered]
     samples: list[dict] = []
     for lo in range(0, len(rendered), _ENCODE_CHUNK):
         chunk = rendered[lo : lo + _ENCODE_CHUNK]
         enc = tokenizer([text for text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
-        for (_, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"], strict=True):
+        for (text, spans), ids, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"], strict=True):
+            starts = [start for start, _ in offsets]
+            if prompt_apart and _starts_inside_a_token(offsets, starts, spans):
+                samples.append(_encode_by_pieces(tokenizer, text, spans))
+                continue
             ids = list(ids)
-            samples.append({"input_ids": ids, "labels": _span_labels(ids, [start for start, _ in offsets], spans)})
+            samples.append({"input_ids": ids, "labels": _span_labels(ids, starts, spans)})
     return samples
+
+
+def _starts_inside_a_token(offsets: list[tuple[int, int]], starts: list[int], spans: list[Span]) -> bool:
+    """Whether a trained span starts inside a token (the token before it runs past the span's first character)."""
+    for lo_char, _ in spans:
+        i = bisect_left(starts, lo_char)
+        if i > 0 and offsets[i - 1][1] > lo_char:
+            return True
+    return False
 
 
 def _span_labels(ids: list[int], starts: list[int], spans: list[Span]) -> list[int]:
