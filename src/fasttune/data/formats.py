@@ -244,13 +244,13 @@ def _folder_files(root: Path) -> list[Path]:
             f"{root}: folder has no text (.txt, .md, .py, ...) or data (.jsonl, .json, .parquet, .csv) files"
         )
     data = [p for p in files if p.suffix.lower() in DATA_SUFFIXES]
+    _check_one_split(root, data)
     if data and len(data) < len(files):
         text = next(p for p in files if p.suffix.lower() not in DATA_SUFFIXES)
         raise DataError(
             f"{root}: folder mixes data files ({data[0].name}) and text files ({text.name}); "
             "point --data at one file or keep one kind per folder"
         )
-    _check_one_split(root, data)
     return files
 
 
