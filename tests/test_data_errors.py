@@ -164,6 +164,12 @@ def test_a_folder_with_a_held_out_split_is_refused_naming_the_files(tmp_path):
     (tmp_path / "test.jsonl").unlink()
     shutil.copy(FIXTURES / "alpaca.jsonl", tmp_path / "more.jsonl")  # shards of no held-out split still read
     assert len(load_records(str(tmp_path))[0]) == 6
+    repo = tmp_path / "repo"  # a Hugging Face dataset repository: its card beside data/ shards
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("# card\n")
+    for name in ("test-00000-of-00001.jsonl", "train-00000-of-00001.jsonl"):
+        shutil.copy(FIXTURES / "alpaca.jsonl", repo / "data" / name)
+    assert f"e.g. {repo / 'data' / 'train-00000-of-00001.jsonl'})" in error_for(repo)  # not "mixes ... (test-...)"
 
 
 def test_chat_without_assistant_turn(tmp_path):
