@@ -52,3 +52,32 @@ def test_response_only_loss_is_reported_and_logged_and_auto_map_is_not_copied(tm
     saved = json.loads((result.checkpoint / "config.json").read_text())
     assert "auto_map" not in saved
     AutoModelForCausalLM.from_pretrained(result.checkpoint)  # loads without trust_remote_code
+
+
+def test_sft_splits_a_long_text_file_and_truncates_supervised_samples(tmp_path, caplog):
+    """`sft`'s default overlong policy (auto): a plain-text file longer than data.max_length is split into pieces,
+    every token trained (it kept the first max_length tokens of a 60 KB book and dropped the rest, said only in the
+    summary's count); supervised samples are truncated, not split from their prompts, without a warning."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+
+    tok = build_tiny_tokenizer()
+    book = tmp_path / "book.txt"
+    book.write_text("Natalia sold clips to her friends in April and May. " * 200)
+    whole = len(tok(book.read_text(), add_special_tokens=False)["input_ids"])
+    cfg = get_experiment("sft")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(book), max_length=64, val_fraction=0))
+    data = build_data(cfg, tokenizer=tok)
+    assert (data.summary.split, data.summary.truncated) == (1, 0)
+    assert whole < sum(len(s["input_ids"]) for s in data.train) <= whole + 2  # all of it (and BOS/EOS)
+    assert max(len(s["input_ids"]) for s in data.train) == 64
+
+    caplog.set_level(logging.WARNING, logger="fasttune")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "2+2? ", "completion": "four " * 100}) + "\n")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(long)))
+    data = build_data(cfg, tokenizer=tok)
+    assert (data.summary.split, data.summary.truncated, len(data.train)) == (0, 1, 1)
+    assert len(data.train[0]["input_ids"]) == 64 and "applies to plain text only" not in caplog.text

@@ -20,7 +20,7 @@ ATTN_CHOICES = ("auto", *BACKENDS)
 MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b", "llama-3.1-8b", "qwen2.5-7b")
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")
-OVERLONG = ("truncate", "split", "drop")
+OVERLONG = ("auto", "truncate", "split", "drop")
 MEMORY_PLANS = ("auto", "none", "ops", "attention", "mlp", "every:K", "full")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 
@@ -133,8 +133,9 @@ class DataConfig:
     """Supervised formats: also train on prompt tokens (default: loss on the response only)."""
     max_length: int = 256
     """Longest sample in tokens; longer ones are handled per `overlong`."""
-    overlong: str = "split"
-    """What to do with samples longer than max_length: truncate, split (into max_length pieces), drop."""
+    overlong: str = "auto"
+    """What to do with samples longer than max_length: truncate, split (into max_length pieces), drop; auto: split
+    plain text (nothing of it is lost), truncate supervised samples (a split would cut answers from their prompts)."""
     packing: bool = True
     """Padding-free packing: samples share a micro-batch row with restarting positions and no cross-attention."""
     micro_batch_size: int = 8

@@ -51,9 +51,7 @@ def sft() -> BaseConfig:
         cfg,
         experiment="sft",
         output_dir="runs/sft",
-        data=dataclasses.replace(
-            cfg.data, format="auto", max_length=1024, micro_batch_size=4, max_documents=None, overlong="truncate"
-        ),
+        data=dataclasses.replace(cfg.data, format="auto", max_length=1024, micro_batch_size=4, max_documents=None),
         training=dataclasses.replace(
             cfg.training, max_steps=500, lr=2e-5, warmup_steps=20, weight_decay=0.0, eval_every=100, save_every=250
         ),

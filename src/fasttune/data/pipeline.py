@@ -172,7 +172,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
         val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
     overlong = d.overlong
-    if overlong == "split" and summary.format != "text":
+    if overlong == "auto":
+        overlong = "split" if summary.format == "text" else "truncate"
+    elif overlong == "split" and summary.format != "text":
         # A split would train answers cut off from their prompts: truncate supervised samples instead.
         log.warning(
             "data.overlong=split applies to plain text only; truncating %s samples longer than %d tokens",
