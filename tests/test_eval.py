@@ -119,6 +119,14 @@ def test_eval_generate_on_plain_text_says_what_it_needs(sft_run, tmp_path, capsy
     assert rc == 2 and "--generate needs supervised data" in capsys.readouterr().err
 
 
+def test_eval_of_samples_longer_than_the_context_says_what_to_do(sft_run, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "Count: ", "completion": "one two three " * 400}) + "\n")
+    assert main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "longer than the model's context (512 tokens)" in err and "split them into several" in err, err
+
+
 def test_eval_data_errors_name_evals_own_options(sft_run, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "How many?", "answer": "3"}) + "\n")

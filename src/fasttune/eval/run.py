@@ -166,7 +166,8 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
     kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
     if not kept:
-        raise DataError(f"{a.data}: every sample is longer than the model's context ({context} tokens)")
+        raise DataError(f"{a.data}: every sample is longer than the model's context ({context} tokens), and eval "
+                        "scores whole samples only; shorten the records or split them into several")  # fmt: skip
     return kept, fmt, len(samples) - len(kept)
 
 
