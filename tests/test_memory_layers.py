@@ -288,7 +288,7 @@ def test_the_chunked_loss_holds_one_chunk_at_a_time():
 @pytest.mark.parametrize(
     ("kind", "extra", "layout"),
     [
-        ("stablelm", {"qk_layernorm": True}, (2, 6, True)),  # a LayerNorm per head: q_layernorm.norms.0, ...
+        ("stablelm", {"qk_layernorm": True}, (2, 2, True)),  # a LayerNorm per head: q_layernorm.norms.0, ...
         ("cohere", {"use_qk_norm": True}, (1, 12, True)),  # q/k norms with 2-D weights (heads x head dim)
         ("deepseek_v3", {"q_lora_rank": 96, "kv_lora_rank": 64, "first_k_dense_replace": 1}, (2, 6, False)),
     ],

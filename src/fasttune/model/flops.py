@@ -21,6 +21,18 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def kv_heads(config) -> int:
+    """Key/value heads: `num_key_value_heads`; Falcon's `num_kv_heads` with its new decoder or without multi_query,
+    else one (Falcon-7B's multi-query attention: counted as 71 heads before); else the query heads."""
+    if n := getattr(config, "num_key_value_heads", None):
+        return int(n)
+    if getattr(config, "model_type", None) == "falcon":
+        if getattr(config, "new_decoder_architecture", False) or not getattr(config, "multi_query", True):
+            return int(getattr(config, "num_kv_heads", None) or config.num_attention_heads)
+        return 1
+    return config.num_attention_heads
+
+
 PLAIN_MLP = frozenset({"gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_neox_japanese", "gpt_bigcode", "opt", "falcon",
                        "phi", "bloom", "starcoder2", "codegen", "mpt", "biogpt", "xglm", "nemotron",
                        "persimmon"})  # fmt: skip
@@ -82,7 +94,7 @@ def dense_flops_per_token(config, lora: bool = False) -> float:
     the router, lm head): 2 x weights forward, x FWD_BWD (x 2 with LoRA: no weight gradients; the adapters are
     negligible)."""
     h, n_layers = config.hidden_size, config.num_hidden_layers
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads, kv = config.num_attention_heads, kv_heads(config)
     attn = h * head_dim(config) * (2 * heads + 2 * kv)
     mlp = mlp_matrices(config) * h * active_mlp_width(config) + h * experts(config)  # + the router
     return 2 * (2.0 if lora else FWD_BWD) * (n_layers * (attn + mlp) + h * config.vocab_size)

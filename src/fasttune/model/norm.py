@@ -336,9 +336,11 @@ StableLM's q_layernorm.norms.0)."""
 def norm_layout(layer: nn.Module, hidden: int) -> tuple[int, int, bool]:
     """(norms over the hidden size, the most bytes one keeps an element, whether q/k norms exist) of one built
     decoder layer, as the memory estimate counts them (train/activations.py `Shape`). HF's Llama RMSNorm (lean or
-    not), Liger's and torch's LayerNorm count 6 bytes an element; another RMSNorm 8, as Gemma's and OLMo2's keep
-    (fp32 products); another LayerNorm 12, as Cohere's keeps (its centred input twice)."""
-    norms, elem, qk = 0, 6, False
+    not) and Liger's count 6 bytes an element; torch's LayerNorm 2, its bf16 input (mean and inverse deviation are a
+    value a row; under autocast it runs in fp32 on the fp32 stream: train/activations.py `stream_bytes`); another
+    RMSNorm 8, as Gemma's and OLMo2's keep (fp32 products); another LayerNorm 12, as Cohere's keeps (its centred input
+    twice)."""
+    norms, elems, qk = 0, [], False
     for name, module in layer.named_modules():
         weight = getattr(module, "weight", None)
         if "Norm" not in type(module).__name__ or not isinstance(weight, torch.Tensor):
@@ -349,11 +351,17 @@ def norm_layout(layer: nn.Module, hidden: int) -> tuple[int, int, bool]:
             norms += 1
         else:
             continue
-        forward = getattr(vars(module).get("forward"), "__func__", None)
-        if not (llama_rmsnorm(module) or liger_rmsnorm(module) or isinstance(module, nn.LayerNorm)
-                or forward in (_lean_forward, _tagged_forward)):  # fmt: skip
-            elem = max(elem, 12 if "LayerNorm" in type(module).__name__ else 8)
-    return norms, elem, qk
+        elems.append(_norm_elem(module))
+    return norms, max(elems, default=6), qk
+
+
+def _norm_elem(module: nn.Module) -> int:
+    forward = getattr(vars(module).get("forward"), "__func__", None)
+    if llama_rmsnorm(module) or liger_rmsnorm(module) or forward in (_lean_forward, _tagged_forward):
+        return 6
+    if isinstance(module, nn.LayerNorm) and forward is None and type(module).forward is nn.LayerNorm.forward:
+        return 2
+    return 12 if "LayerNorm" in type(module).__name__ else 8
 
 
 def apply(model: nn.Module, liger: bool = False) -> int:

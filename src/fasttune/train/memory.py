@@ -30,6 +30,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model, decoder_blocks
+from fasttune.model.layout import attention_layout, mlp_layout, parallel
 from fasttune.model.mlp import fused as fused_mlp
 from fasttune.model.norm import lean as lean_norm
 from fasttune.model.norm import norm_layout
@@ -352,14 +353,16 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
 
 
 def _shape(model: torch.nn.Module) -> Shape:
-    """The model's shape, its norms and qkv projection as its first decoder layer has them (the config alone names
-    neither)."""
-    shape, layers = Shape.of(base_model(model).config), decoder_layers(model)
-    norms, elem, qk = norm_layout(layers[0], shape.hidden) if layers else (0, 6, False)
+    """The model's shape, its norms, attention and MLP as its first decoder layer has them (the config alone names
+    neither: model/norm.py, model/layout.py)."""
+    config = base_model(model).config
+    shape, layers = Shape.of(config), decoder_layers(model)
+    if not layers:
+        return shape
+    norms, elem, qk = norm_layout(layers[0], shape.hidden)
     if norms:
-        shape = dataclasses.replace(shape, norms=norms, norm_elem=elem, qk_norms=qk)
-    attention = getattr(layers[0], "self_attn", None) if layers else None
-    return dataclasses.replace(shape, fused_qkv=isinstance(getattr(attention, "qkv_proj", None), torch.nn.Module))
+        shape = dataclasses.replace(shape, norms=norms, norm_elem=elem, qk_norms=qk, parallel=parallel(config, norms))
+    return dataclasses.replace(shape, **attention_layout(layers[0], config), **mlp_layout(layers[0]))
 
 
 def _lora_rank(model: torch.nn.Module) -> int:

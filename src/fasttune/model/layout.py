@@ -1,0 +1,126 @@
+"""What a decoder layer's MLP and attention are made of, as the memory estimate counts them (train/activations.py
+`Shape`): read from the built layer (train/memory.py), or for a config alone from its model type.
+
+- The MLP: gated (SwiGLU/GeGLU: gate and up projections, or one fused gate_up_proj) or plain (fc1, activation, fc2:
+  GPT-2, GPT-NeoX, Phi, Falcon, StarCoder2, ...), and what its activation keeps an element, measured by running it
+  (`activation_keeps`): torch's kernels keep their input (gelu, gelu-tanh, silu: 2 bytes in bf16, 4 with the output
+  the next matmul keeps), relu its output (2), GELU-tanh written in Python (NewGELUActivation, GPT-2's, Phi's, GPT-J's)
+  four bf16 intermediates besides (10).
+- The attention: one projection for q, k and v (one reader of the norm's output under autocast), whether its output
+  stays alive whole beside RoPE's copies of q and k, and whether RoPE leaves q in (batch, heads, seq, dim) order.
+- Parallel layers (attention and MLP both read the layer's input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fasttune.model.flops import PLAIN_MLP
+
+PLAIN = ("fc1", "c_fc", "dense_h_to_4h", "fc_in", "up_proj")
+"""Names of a plain MLP's first projection (OPT, Phi; GPT-2, StarCoder2; GPT-NeoX, Falcon; GPT-J, CodeGen; MPT,
+Nemotron), without a gate beside it."""
+FUSED_QKV = ("qkv_proj", "query_key_value", "c_attn", "Wqkv")
+"""Names of one projection computing q, k and v (Phi-3, CodeGen; GPT-NeoX, Falcon, Bloom; GPT-2, GPT-BigCode; MPT)."""
+ATTENTIONS = ("self_attn", "attention", "self_attention", "attn")
+ACT_NAMES = ("hidden_act", "activation_function", "activation", "hidden_activation")
+"""Config fields naming the MLP's activation (a key of transformers' ACT2FN)."""
+
+
+def activation_keeps(act) -> int | None:
+    """Bytes an element of the MLP width that `act` keeps for backward in bf16, its output included (the next matmul
+    keeps it as its input): what autograd saves, distinct storages, measured on a small CPU tensor. None when it does
+    not run there (a module with weights on a GPU)."""
+    x = torch.randn(64, 256, dtype=torch.bfloat16, device="cpu", requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=False):
+            y = act(x)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*saved, y)}
+    return round(sum(storages.values()) / x.numel())
+
+
+def config_activation_keeps(config) -> int:
+    """activation_keeps of the activation the config names (4, torch's gelu's, where it names none it knows)."""
+    from transformers.activations import ACT2FN
+
+    name = next((n for f in ACT_NAMES if isinstance(n := getattr(config, f, None), str)), None)
+    kept = activation_keeps(ACT2FN[name]) if name in ACT2FN else None
+    return 4 if kept is None else kept
+
+
+def _activation(block: nn.Module) -> nn.Module | None:
+    """The MLP's activation module: a child without children named for it (act, act_fn, activation_fn, gelu_impl)."""
+    for name, module in block.named_children():
+        if ("act" in name or "gelu" in name) and not any(module.children()) and not isinstance(module, nn.Linear):
+            return module
+    return None
+
+
+def mlp_layout(layer: nn.Module) -> dict:
+    """{"mlp": "gated", "gate_up" or "plain", "act_elem": ...} of one built decoder layer, as far as its modules tell
+    (an MoE layer's experts are counted by train/activations.py itself; OPT's fc1 and fc2 sit in the layer)."""
+    block = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None) or layer
+    names = {name.rsplit(".", 1)[-1] for name, _ in block.named_modules()}
+    found: dict = {}
+    if "gate_up_proj" in names:
+        found["mlp"] = "gate_up"
+    elif "gate_proj" in names:
+        found["mlp"] = "gated"
+    elif names & set(PLAIN):
+        found["mlp"] = "plain"
+    act = _activation(block)
+    if act is not None and (kept := activation_keeps(act)) is not None:
+        found["act_elem"] = kept
+    return found
+
+
+def rope_layout(config, fused: bool) -> dict:
+    """{"qkv_views", "q_copy"} of a config whose layers have (`fused`) one q/k/v projection or not (see
+    train/activations.py `Shape`). A fused output stays alive whole where RoPE rotates copies of q and k and v is a
+    view of it (Phi-3, GPT-NeoX, Falcon; GPT-2's q, k and v are all views the kernel keeps, as separate projections'
+    outputs would be; CodeGen's RoPE, set by rotary_dim, copies v out). A partial rotary (rope_parameters'
+    partial_rotary_factor: Phi, GLM, GPT-NeoX, StableLM; Phi-3 cuts its whole head dim so) rotates and concatenates
+    q in (batch, heads, seq, dim) order, and its attention's output is then copied for the o-projection."""
+    rope = getattr(config, "rope_parameters", None)
+    rope = rope if isinstance(rope, dict) and not getattr(config, "alibi", False) else None
+    return {"qkv_views": fused and rope is not None, "q_copy": rope is not None and "partial_rotary_factor" in rope}
+
+
+def attention_layout(layer: nn.Module, config) -> dict:
+    """{"fused_qkv", "qkv_views", "q_copy"} of one built decoder layer."""
+    attention = next((a for n in ATTENTIONS if isinstance(a := getattr(layer, n, None), nn.Module)), None)
+    if attention is None:
+        return {}
+    fused = any(isinstance(getattr(attention, n, None), nn.Module) for n in FUSED_QKV)
+    return {"fused_qkv": fused, **rope_layout(config, fused)}
+
+
+def parallel(config, norms: int) -> bool:
+    """Attention and MLP read the layer's input side by side: one norm's output (Phi, GPT-J, CodeGen, Falcon's
+    parallel_attn, Cohere), or two norms of the one input (GPT-NeoX's use_parallel_residual, Falcon's new decoder)."""
+    flags = ("use_parallel_residual", "parallel_attn", "new_decoder_architecture")
+    return norms == 1 or any(getattr(config, f, False) is True for f in flags)
+
+
+GATE_UP_TYPES = frozenset({"phi3", "glm", "glm4"})
+"""Model types whose gated MLP computes gate and up in one gate_up_proj, for a config alone."""
+FUSED_TYPES = frozenset({"phi3", "gpt_neox", "falcon", "gpt2", "gpt_bigcode", "codegen", "bloom"})
+"""Model types whose attention has one q/k/v projection, for a config alone (attention_layout reads built layers;
+tests/test_memory_archs.py checks that they agree)."""
+
+
+def config_layout(config) -> dict:
+    """The Shape fields above for a config alone (train/footprint.py; a built model's layer is read instead)."""
+    model_type = getattr(config, "model_type", None)
+    fused = model_type in FUSED_TYPES
+    mlp = "plain" if model_type in PLAIN_MLP else "gate_up" if model_type in GATE_UP_TYPES else "gated"
+    return {"mlp": mlp, "act_elem": config_activation_keeps(config), "fused_qkv": fused, **rope_layout(config, fused)}

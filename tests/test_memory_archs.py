@@ -1,0 +1,170 @@
+"""What the decoder layers of architectures other than Llama's keep for backward, measured on CPU, against the
+planner's byte counts (train/activations.py): plain MLPs (fc1, activation, fc2) and their activations, torch's
+LayerNorm, parallel attention and MLP, fused q/k/v projections and partial rotary embeddings (model/layout.py)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+
+import pytest
+import torch
+
+from fasttune.train.activations import Shape, layer_bytes, recompute_flops
+from tests.test_memory import VOCAB
+from tests.test_memory_layers import _per_token_and_layer
+
+ARCHS = {
+    "gpt_neox": {},  # use_parallel_residual: two LayerNorms of one input; fused query_key_value; partial rotary
+    "starcoder2": {"num_key_value_heads": 2},  # sequential; GELU-tanh (torch's); GQA
+    "falcon": {"multi_query": False},  # parallel_attn: one LayerNorm; fused query_key_value; full rotary
+    "phi": {},  # one LayerNorm, parallel; NewGELUActivation (written in Python); partial rotary
+    "gptj": {"rotary_dim": 16},  # one LayerNorm, parallel; NewGELUActivation; RoPE of its own
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},  # Conv1D c_attn (no RoPE) and c_fc
+    "glm": {"num_key_value_heads": 2, "head_dim": 64, "pad_token_id": 0},  # gated, one gate_up_proj; partial rotary
+}
+"""Tiny configs at _kept_bytes' shape (hidden 384, 6 heads, MLP 1024). Falcon's own attention code hands sdpa the
+causal mask it always makes, of which each layer keeps a bf16 copy (tokens x tokens: no per-token count); the test
+runs it causal without one. Falcon-7B's multi-query attention is left out: its code hands sdpa one kv head for six
+query heads, which torch runs in its math kernel, keeping the scores. GPT-2 runs without its dropouts (0.1 by
+default): a dropout keeps its 1-byte mask, and an attention dropout sends sdpa on CPU to the math kernel too."""
+
+
+def _model(kind: str, layers: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fasttune.attention.select import register
+
+    names = {"n_embd": 384, "n_inner": 1024, "n_head": 6, "n_layer": layers} if kind in ("gptj", "gpt2") else {
+        "hidden_size": 384, "intermediate_size": 1024, "ffn_hidden_size": 1024, "num_attention_heads": 6,
+        "num_hidden_layers": layers}  # fmt: skip
+    own = kind in ("falcon", "gptj")  # attention code of their own (torch's sdpa), not transformers' interface
+    config = AutoConfig.for_model(kind, vocab_size=VOCAB, attn_implementation="sdpa" if own else register()["sdpa"],
+                                  **names, **ARCHS[kind])  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture
+def frozen_gc():
+    """gc.collect() looks only at what the test makes (a third of its time went to walking torch and transformers)."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("frozen_gc")
+@pytest.mark.parametrize("kind", ARCHS)
+def test_layers_of_other_architectures_keep_what_the_planner_counts(kind, monkeypatch):
+    """Per token and layer, every plan, in bf16 and with fp32 weights under autocast: within 2% and half a hidden
+    size (192 bytes) of layer_bytes. All is within 1% but the RoPE tables GPT-J and GLM make in every layer and
+    LayerNorm's statistics a row, uncounted: up to 3% of an `mlp`-plan layer at this width (rotary dims of 16 and 32
+    beside a hidden size of 384), under 0.2% at real ones. Counted as Llama layers (SwiGLU, 6-byte norms, three q/k/v
+    readers), `none` was 1.5-1.8x what GPT-NeoX, StarCoder2 and Falcon layers keep (bf16), Phi's 3.5% and GLM's 5%
+    low (GLM's `mlp` 10%), GPT-2's 6-18% high and `ops` 25-30% high on every plain MLP."""
+    from transformers.models.falcon import modeling_falcon
+
+    from fasttune.train.memory import _shape
+
+    monkeypatch.setattr(modeling_falcon, "create_causal_mask", lambda **kwargs: None)  # sdpa's is_causal instead
+    make = functools.partial(_model, kind)
+    shape = _shape(make(1))
+    for autocast in (False, True):
+        for plan in ("none", "ops", "attention", "mlp", "full"):
+            got = _per_token_and_layer(plan, "", make=make, autocast=autocast)
+            want = layer_bytes(shape, plan, fp32_stream=autocast)
+            assert abs(got - want) <= 0.02 * got + 0.5 * shape.hidden, (autocast, plan, got, want)
+
+
+def _lora(kind: str, layers: int):
+    """_model with LoRA (rank 16) on every linear layer, fasttune's forward."""
+    from fasttune.config import LoraConfig
+    from fasttune.model.lora import apply_lora, set_fast_forward
+
+    model = apply_lora(_model(kind, layers), LoraConfig(enabled=True, rank=16, alpha=32, targets=("all-linear",)))
+    set_fast_forward(model, enabled=True)
+    return model
+
+
+@pytest.mark.usefixtures("frozen_gc")
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads transformers' is_gradient_checkpointing
+@pytest.mark.parametrize("kind", ["starcoder2", "gpt_neox"])
+def test_lora_on_a_plain_mlp_keeps_what_the_planner_counts(kind):
+    """LoRA minus the trainable layer, per token and layer, exactly lora_bytes: a plain MLP has two adapters and
+    `ops` keeps one i-wide adapted output (fc1's), a fused q/k/v projection one adapter, a frozen LayerNorm keeps its
+    input as before. Counted as Llama's, `ops` was 41% (StarCoder2) and 34% (GPT-NeoX) high."""
+    from fasttune.train.activations import lora_bytes
+    from fasttune.train.memory import _shape
+
+    shape = _shape(_model(kind, 1))
+    for plan in ("none", "ops", "mlp"):
+        plain = _per_token_and_layer(plan, "", make=functools.partial(_model, kind))
+        got = _per_token_and_layer(plan, "", make=functools.partial(_lora, kind)) - plain
+        assert got == lora_bytes(shape, plan, 16), (plan, got)
+
+
+LAYOUTS = {
+    "gpt_neox": (2, 2, True, "plain", 4, True, True, True),
+    "starcoder2": (2, 2, False, "plain", 4, False, False, False),
+    "falcon": (1, 2, True, "plain", 4, True, True, False),
+    "phi": (1, 2, True, "plain", 10, False, False, True),
+    "gptj": (1, 2, True, "plain", 10, False, False, False),
+    "gpt2": (2, 2, False, "plain", 10, True, False, False),
+    "glm": (2, 6, False, "gate_up", 4, False, False, True),
+    "codegen": (1, 2, True, "plain", 10, True, False, False),
+    "gpt_bigcode": (2, 2, False, "plain", 4, True, False, False),
+    "opt": (2, 2, False, "plain", 2, False, False, False),
+    "bloom": (2, 2, False, "plain", 4, True, False, False),
+    "phi3": (2, 6, False, "gate_up", 4, True, True, True),
+    "llama": (2, 6, False, "gated", 4, False, False, False),
+}
+"""(norms, norm_elem, parallel, mlp, act_elem, fused_qkv, qkv_views, q_copy) of each model type's layers."""
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_the_config_alone_counts_the_layers_as_built(kind):
+    """What train/memory.py reads from a built layer (norms, MLP and activation, q/k/v projection, RoPE, parallel
+    blocks) is what train/footprint.py's config alone gives (Shape.of: model/layout.py's tables, the activation the
+    config names measured). Built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fasttune.train.memory import _shape
+
+    fields = ("norms", "norm_elem", "parallel", "mlp", "act_elem", "fused_qkv", "qkv_views", "q_copy")
+    names = {"n_embd": 64, "n_head": 4, "n_layer": 1} if kind in ("gptj", "gpt2", "codegen", "gpt_bigcode") else {
+        "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1}  # fmt: skip
+    config = AutoConfig.for_model(kind, vocab_size=VOCAB, pad_token_id=0, **names)
+    with torch.device("meta"):
+        built = _shape(AutoModelForCausalLM.from_config(config))
+    alone = Shape.of(config)
+    assert tuple(getattr(built, f) for f in fields) == LAYOUTS[kind] == tuple(getattr(alone, f) for f in fields)
+
+
+def test_activations_keep_what_autograd_saves():
+    """Bytes an element of the MLP width each activation keeps in bf16, its output included: torch's kernels their
+    input (4 with the output), relu its output alone, GELU-tanh written in Python (GPT-2's gelu_new, Phi's, GPT-J's,
+    CodeGen's) four intermediates besides, the sigmoid approximation (gelu_fast) seven."""
+    from transformers.activations import ACT2FN
+
+    from fasttune.model.layout import activation_keeps
+
+    kept = {name: activation_keeps(ACT2FN[name]) for name in
+            ("gelu", "gelu_pytorch_tanh", "silu", "relu", "relu2", "quick_gelu", "gelu_new", "gelu_fast")}  # fmt: skip
+    assert kept == {"gelu": 4, "gelu_pytorch_tanh": 4, "silu": 4, "relu": 2, "relu2": 4, "quick_gelu": 6,
+                    "gelu_new": 10, "gelu_fast": 16}  # fmt: skip
+
+
+def test_flops_count_falcons_kv_heads_and_a_plain_mlp():
+    """Falcon-7B's multi-query attention has one kv head (its config's num_kv_heads says 71, the query heads: its
+    k and v projections were counted 71x); a plain MLP recomputes two matmuls, not three."""
+    from transformers import FalconConfig
+
+    from fasttune.model.flops import dense_flops_per_token
+
+    config = FalconConfig(hidden_size=4544, num_attention_heads=71, num_hidden_layers=32, vocab_size=65024)
+    shape = Shape.of(config)
+    assert (shape.q, shape.kv, shape.intermediate, shape.norms, shape.parallel) == (4544, 64, 4 * 4544, 1, True)
+    h, i = 4544, 4 * 4544
+    layer = h * (2 * h + 2 * 64) + 2 * h * i
+    assert dense_flops_per_token(config) == 2 * 3 * (32 * layer + h * 65024)
+    assert recompute_flops(shape, "mlp") == 32 * 2 * 2 * h * i
+    assert recompute_flops(shape, "full") == 32 * (2 * h * (2 * h + 2 * 64) + 2 * 2 * h * i)
