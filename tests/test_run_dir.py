@@ -345,6 +345,24 @@ def test_resume_takes_the_same_data_path_spelled_another_way(finished, tmp_path,
         folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="corpus/other.jsonl")))
 
 
+def test_resume_of_a_run_recorded_before_overlong_auto_continues_with_the_same_data(finished):
+    """Runs started before data.overlong's default became `auto` recorded `split` (quick, full) or `truncate` (sft):
+    auto gives them the same samples, so --resume continues (the data fingerprint is checked after); an explicit
+    other value is still refused."""
+    import json
+
+    cfg, result = finished
+    folder = RunFolder(result.run_dir)
+    saved = json.loads(folder.config.read_text())
+    assert saved["data"]["overlong"] == cfg.data.overlong == "auto"
+    saved["data"]["overlong"] = "split"
+    folder.config.write_text(json.dumps(saved))
+    more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=5))
+    assert sorted(losses(loop.train(more).records))[-1] == 5
+    with pytest.raises(ConfigError, match="data.overlong is 'drop' but the run was started with 'auto'"):
+        folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong="drop")))
+
+
 def test_a_run_folder_given_to_generate_skips_a_damaged_newest_checkpoint(two_checkpoints, caplog):
     """generate/eval/--model take a run folder's newest checkpoint whose weights load, as --resume does, naming the
     one skipped (the weights are checked by their headers, not loaded)."""

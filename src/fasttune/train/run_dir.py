@@ -229,7 +229,7 @@ class RunFolder:
             if key in free or key not in saved:
                 continue
             old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
-            if old != value and not _same_path(key, old, value):
+            if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
                 raise ConfigError(
                     f"--resume: {key} is {value!r} but the run was started with {old!r}; resume with the "
                     "same value (or start a new run with another --output-dir)"
@@ -253,6 +253,12 @@ class RunFolder:
 
     def write_config(self, cfg: BaseConfig) -> None:
         self.config.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
+"""Values an older run may have recorded for a setting that can give it the same samples (the default `auto` splits
+plain text, as the earlier default did, and truncates supervised samples, as `sft` did): the data fingerprint, checked
+next, tells whether it does."""
 
 
 def _same_path(key: str, old, new) -> bool:
