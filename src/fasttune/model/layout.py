@@ -32,18 +32,20 @@ def activation_keeps(act) -> int | None:
     """Bytes an element of the MLP width that `act` keeps for backward in bf16, its output included (the next matmul
     keeps it as its input): what autograd saves, distinct storages, measured on a small CPU tensor. None when it does
     not run there (a module with weights on a GPU)."""
-    x = torch.randn(64, 256, dtype=torch.bfloat16, device="cpu", requires_grad=True)
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved.append(t)
         return t
 
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=False):
-            y = act(x)
-    except (RuntimeError, TypeError, ValueError):
-        return None
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        x = torch.randn(64, 256, dtype=torch.bfloat16, device="cpu", requires_grad=True)
+        try:
+            with hooks:
+                y = act(x)
+        except (RuntimeError, TypeError, ValueError):
+            return None
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*saved, y)}
     return round(sum(storages.values()) / x.numel())
 
@@ -60,7 +62,8 @@ def config_activation_keeps(config) -> int:
 def _activation(block: nn.Module) -> nn.Module | None:
     """The MLP's activation module: a child without children named for it (act, act_fn, activation_fn, gelu_impl)."""
     for name, module in block.named_children():
-        if ("act" in name or "gelu" in name) and not any(module.children()) and not isinstance(module, nn.Linear):
+        skip = isinstance(module, nn.Linear | nn.Dropout) or any(module.children())
+        if ("act" in name or "gelu" in name) and not skip:
             return module
     return None
 
