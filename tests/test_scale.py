@@ -1,5 +1,6 @@
-"""Real shapes: the Llama-3.1-8B and Qwen2.5-7B presets, a model folder with only config.json (random init, said
-loudly), the dtype auto picks for an 8B-class model, and the disk estimate of what a run really writes."""
+"""Real shapes: the Llama-3.1-8B and Qwen2.5-7B presets, a model folder with only config.json (refused; random init
+with --model.random-init, said loudly), the dtype auto picks for an 8B-class model, and the disk estimate of what a
+run really writes."""
 
 from __future__ import annotations
 
@@ -34,24 +35,66 @@ def test_real_shape_presets(preset, billions, model_type):
     assert abs(n / 1e9 - billions) < 0.005 and param_count(config) == n
 
 
-def test_config_only_folder_trains_from_random_init(tmp_path, caplog):
+def _config_only_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "shape-only"
     tok = build_tiny_tokenizer()
     preset_config("micro", len(tok), max_position_embeddings=512).save_pretrained(folder)  # config.json only
     tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_without_weights_is_refused_unless_random_init_is_asked_for(tmp_path, caplog, capsys):
+    """A model folder with config.json and a tokenizer but no weight files (a download that stopped early) is refused
+    in one line naming the folder, what is missing and the fix, before the data is read and leaving no run folder;
+    --model.random-init trains its architecture from random weights, said loudly. LoRA refuses both."""
+    from fasttune import cli
+
+    folder = _config_only_folder(tmp_path)
     cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
     cfg = dataclasses.replace(
         cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(folder)),
         data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256),
     )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"holds a config.json but no weight files \(no \*.safetensors, "
+                                          r"pytorch_model\*.bin, \*.index.json\).*--model.random-init"):  # fmt: skip
+        loop.train(cfg)
+    assert not Path(cfg.output_dir).exists()  # refused before the run folder was kept
+
+    random = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True))
     with caplog.at_level("WARNING", logger="fasttune"):
-        result = loop.train(cfg)
+        result = loop.train(random)
     assert "RANDOMLY INITIALISED" in caplog.text and str(folder) in caplog.text
     assert result.last_loss is not None and (result.model_dir / "model.safetensors").is_file()
     lora = dataclasses.replace(cfg, experiment="lora", lora=dataclasses.replace(cfg.lora, enabled=True),
                                output_dir=str(tmp_path / "lora"))  # fmt: skip
     with pytest.raises(ConfigError, match="no weights: LoRA would train adapters on a frozen random base"):
         loop.train(lora)  # adapters on a random frozen base: never what a user wants
+    lora = dataclasses.replace(lora, model=dataclasses.replace(lora.model, random_init=True))
+    with pytest.raises(ConfigError, match="--model.random-init with LoRA would train adapters on a frozen random"):
+        loop.train(lora)
+    argv = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(GSM8K), "--max-steps", "1",
+            "--output-dir", str(tmp_path / "cli")]  # fmt: skip
+    capsys.readouterr()  # the command line: one line, exit 2 (its logging setup comes last: caplog)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --model {folder} holds a config.json but no weight files")
+    assert "Traceback" not in "\n".join(err)
+    assert "samples:" not in "\n".join(err)  # stopped before the data was tokenized
+
+
+def test_random_init_ignores_the_folders_weights(tmp_path):
+    """--model.random-init on a folder that has weights: its architecture, fresh weights (pre-training that shape)."""
+    from helpers import save_micro_model
+
+    from fasttune.config import ModelConfig
+    from fasttune.model.build import build_model
+
+    folder = save_micro_model(tmp_path / "m")
+    vocab = len(build_tiny_tokenizer())
+    saved = build_model(ModelConfig(path=str(folder)), vocab, "sdpa", torch.float32)
+    fresh = build_model(ModelConfig(path=str(folder), random_init=True), vocab, "sdpa", torch.float32)
+    assert type(fresh) is type(saved) and fresh.config.hidden_size == saved.config.hidden_size
+    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, saved.model.layers[0].mlp.up_proj.weight)
 
 
 @pytest.mark.parametrize(("method", "package"), [("bitsandbytes", "bitsandbytes"), ("gptq", "optimum")])

@@ -1,5 +1,6 @@
-"""Models: an HF causal LM built from a named shape preset (random init), or a local HF model folder: pretrained
-weights, or only a config.json (random init, said loudly). No downloads."""
+"""Models: an HF causal LM built from a named shape preset (random init), or a local HF model folder: its pretrained
+weights, or with --model.random-init its config.json alone (random init, said loudly; a folder without weight files
+is refused otherwise). No downloads."""
 
 from __future__ import annotations
 
@@ -200,17 +201,51 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
+"""The weight files from_pretrained reads: safetensors or PyTorch, single or sharded (their index)."""
+
+
 def has_weights(path: str | Path) -> bool:
     """Whether a model folder holds weights (safetensors or PyTorch files, sharded or not), not just a config."""
-    return any(next(Path(path).glob(p), None) for p in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json"))
+    return any(next(Path(path).glob(p), None) for p in WEIGHT_FILES)
+
+
+def random_init(cfg: ModelConfig) -> bool:
+    """Whether the model starts from random weights: a preset, or --model with --model.random-init."""
+    return cfg.path is None or cfg.random_init
+
+
+def check_weights(cfg: ModelConfig, lora: bool = False) -> None:
+    """--model's folder holds weight files, or the run asked for a random init: a config.json without weights (a
+    download or copy that stopped early) would otherwise train a random model. LoRA on a random base: never."""
+    if cfg.path is None or not (Path(cfg.path) / "config.json").is_file():
+        return  # a preset; a folder without config.json is load_model_config's one line
+    if lora and cfg.random_init:
+        raise ConfigError(
+            "--model.random-init with LoRA would train adapters on a frozen random base; drop --model.random-init "
+            f"and pass the folder with the model's weights, or train {cfg.path}'s architecture in full (--experiment "
+            "sft)"
+        )
+    if cfg.random_init or has_weights(cfg.path):
+        return
+    if lora:
+        raise ConfigError(
+            f"--model {cfg.path} holds a config.json but no weights: LoRA would train adapters on a frozen random "
+            "base; pass the folder with the model's *.safetensors"
+        )
+    raise ConfigError(
+        f"--model {cfg.path} holds a config.json but no weight files (no {', '.join(WEIGHT_FILES)}): an incomplete "
+        "download or copy; copy the model's weight files into it (or save it with save_pretrained), or pass "
+        "--model.random-init to train this architecture from random weights"
+    )
 
 
 def _random_init(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
                  device: torch.device | str) -> PreTrainedModel:  # fmt: skip
     config = load_model_config(cfg, vocab_size)
     log.warning(
-        "--model %s holds a config.json but no weights: RANDOMLY INITIALISED %s (for benchmarks and pre-training; "
-        "a fine-tune needs the folder's *.safetensors)", cfg.path, type(config).__name__.removesuffix("Config"),
+        "--model.random-init: RANDOMLY INITIALISED %s in the shape of %s/config.json (its weight files, if any, are "
+        "not loaded)", type(config).__name__.removesuffix("Config"), cfg.path,
     )  # fmt: skip
     config.vocab_size = max(config.vocab_size, vocab_size)
     with torch.device(device):
@@ -221,14 +256,15 @@ def _random_init(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dt
 
 def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> PreTrainedModel:  # fmt: skip
-    """A fresh model from a preset, the pretrained weights of a local folder, or a random init from a folder that
-    holds only config.json, in `dtype` on `device`."""
+    """A fresh model from a preset, the pretrained weights of a local folder, or (--model.random-init) a random init
+    in the shape of its config.json, in `dtype` on `device`."""
     if cfg.path is None:
         model = build_preset(cfg.preset, vocab_size, attn_implementation, dtype, device)
-    elif not has_weights(cfg.path):
+    elif cfg.random_init:
         model = _random_init(cfg, vocab_size, attn_implementation, dtype, device)
     else:
         load_model_config(cfg, vocab_size)  # clear error before transformers' own
+        check_weights(cfg)
         try:
             model = from_pretrained(cfg.path, attn_implementation=attn_implementation, dtype=dtype,
                                     trust_remote_code=cfg.trust_remote_code)  # fmt: skip

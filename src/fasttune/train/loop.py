@@ -21,6 +21,7 @@ from fasttune.data.sft import MASKING_RULES
 from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError, FasttuneError, Stopped
 from fasttune.generate.template import record_prompt_format
+from fasttune.model.build import check_weights
 from fasttune.model.resolve import resolve_for_training
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
@@ -122,6 +123,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     if cfg.resume:
         folder.check_resume(cfg)
         latest, saved = ckpt.newest_usable(folder)
+    check_weights(cfg.model, lora=cfg.lora.enabled)  # before the data is tokenized
     torch.manual_seed(cfg.seed)
     device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
     # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one.

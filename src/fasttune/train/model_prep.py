@@ -14,7 +14,7 @@ from fasttune.config import BaseConfig
 from fasttune.config.base_config import memory_plan
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
-from fasttune.model.build import base_model, build_model, has_weights, load_model_config
+from fasttune.model.build import base_model, build_model, check_weights, load_model_config, random_init
 from fasttune.model.flops import head_dim
 from fasttune.train.memory import LIGER_ROPE_IN_PLACE, decoder_layers, plan_memory, selective
 
@@ -178,15 +178,11 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
             f"data.max_length={cfg.data.max_length} exceeds the context of {cfg.model.path} "
             f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
         )
-    if cfg.lora.enabled and cfg.model.path and not has_weights(cfg.model.path):
-        raise ConfigError(
-            f"--model {cfg.model.path} holds a config.json but no weights: LoRA would train adapters on a frozen "
-            "random base; pass the folder with the model's *.safetensors"
-        )
+    check_weights(cfg.model, lora=cfg.lora.enabled)
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
     model = build_model(cfg.model, vocab, attn.hf_name, compute_dtype if cfg.lora.enabled else param_dtype, device)
-    align_special_tokens(model, data.tokenizer, fresh=not (cfg.model.path and has_weights(cfg.model.path)))
+    align_special_tokens(model, data.tokenizer, fresh=random_init(cfg.model))
     if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
         # transformers' own class was built: an input model's auto_map would make the saved checkpoint point at
         # custom code it does not use (and ask for trust_remote_code when loaded)
