@@ -263,8 +263,56 @@ def test_chat_ctrl_c_at_the_prompt_exits_cleanly(sft_run, capsys):
     assert chat_loop(model, tok, read=interrupt) == 0
     err = capsys.readouterr().err
     assert "answered on its own" in err and "--system" not in err  # alpaca: single exchanges, as trained
-    assert chat_loop(model, tok, system="Be brief.", read=interrupt) == 0  # alpaca has no system message: said
-    assert "--system is not used: the alpaca format has no system message" in capsys.readouterr().err
+    assert chat_loop(model, tok, system=" ", read=interrupt) == 0  # a blank system message drops nothing
+
+
+def test_chat_system_that_the_format_would_drop_is_refused_as_training_refuses_it(sft_run, tmp_path, capsys):
+    """An Alpaca run's checkpoint has no place for a system message (training on chat data through it refuses one):
+    `chat --system` is one line and exit 2, not a note and a conversation without it; so is --system with --raw or
+    with a model that has no chat template."""
+    rc = main(["chat", "--checkpoint", str(sft_run.run_dir), "--system", "Be brief."])  # refused before any input
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: --system: the conversation has a 'system' message, which the tokenizer's chat "
+                           "template drops: it is the alpaca prompt format")  # fmt: skip
+    assert "drop --system" in err
+    assert main(["chat", "--checkpoint", str(sft_run.run_dir), "--system", "Be brief.", "--raw"]) == 2
+    assert "error: --system goes with a chat template, and --raw sends each message without one" in (
+        capsys.readouterr().err
+    )
+    from fasttune.model.load import load_for_inference
+
+    model, tok = load_for_inference(_base(tmp_path / "plain"))  # no chat template: plain text continued
+    with pytest.raises(FasttuneError, match="--system: this model has no chat template.*drop --system"):
+        chat_loop(model, tok, system="Be brief.", read=lambda prompt: "")
+
+
+def test_generate_refuses_a_system_message_the_trained_format_would_drop(sft_run, tmp_path, capsys, prompts_seen):
+    """generate --prompts on an Alpaca run's checkpoint: a messages record with a system message rendered as the
+    Alpaca prompt without it (silently); training refuses it (data/sft.py, the same check), so generate does too,
+    naming the line, before generating anything. A blank system message drops nothing and is answered."""
+    turns = [{"role": "user", "content": "How many clips did Natalia sell?"}]
+    prompts = tmp_path / "chats.jsonl"
+    prompts.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Answer in French."}, *turns]}) + "\n")  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(prompts), "--output", str(out),
+            "--max-new-tokens", "2"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: {prompts} line 2 has a 'system' message, which the tokenizer's chat template drops: it is the alpaca "
+        "prompt format a fasttune run trained this model on (user and assistant turns only); remove it from that line "
+        "(write what it says into the user message if it matters)"
+    )
+    assert not out.exists() and prompts_seen == []
+    prompts.write_text(json.dumps({"messages": [{"role": "tool", "content": "42"}, *turns]}) + "\n")
+    assert main(argv) == 2 and "line 1 has a 'tool' message" in capsys.readouterr().err
+    prompts.write_text(json.dumps({"messages": [{"role": "system", "content": ""}, *turns]}) + "\n")
+    assert main(argv) == 0 and len(prompts_seen) == 1
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    assert prompts_seen[0] == tok(format_prompt({"instruction": turns[0]["content"]}, "alpaca"))["input_ids"]
 
 
 def test_train_from_a_run_folder_starts_from_its_latest_checkpoint(sft_run, tmp_path):

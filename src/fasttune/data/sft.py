@@ -148,23 +148,12 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
 def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
     """A checkpoint of a fasttune run on Alpaca or prompt/completion data carries that format as its chat template
     (generate/template.py), which renders user and assistant turns only: refuse a message it would drop."""
-    from fasttune.generate.template import TEMPLATES, prompt_format
+    from fasttune.generate.template import check_roles, prompt_format
 
     fmt = prompt_format(tokenizer)
-    if fmt not in TEMPLATES:
-        return
     for i, record in enumerate(records):
-        for m in record["messages"]:
-            if m.get("role") == "system" and _empty_reply(m):
-                continue  # a blank system message (common in exported chats): dropping it loses nothing
-            what = f"a '{m.get('role')}' message" if m.get("role") not in ("user", "assistant") else None
-            what = what or ("an assistant message with tool_calls" if m.get("tool_calls") else None)
-            if what:
-                raise DataError(
-                    f"{source} record {i} has {what}, which the tokenizer's chat template drops: it is the {fmt} "
-                    "prompt format a fasttune run trained this model on (user and assistant turns only); remove them "
-                    "from the data, or start from the base model that run began with (its own chat template)"
-                )
+        check_roles(record["messages"], fmt, f"{source} record {i}", "remove them from the data, or start from the "
+                    "base model that run began with (its own chat template)")  # fmt: skip
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:

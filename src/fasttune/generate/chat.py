@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from fasttune.errors import FasttuneError
 from fasttune.generate.generate import fast_engine, fit_context, generate_ids
-from fasttune.generate.template import multi_turn, prompt_format, prompt_ids
+from fasttune.generate.template import check_roles, multi_turn, prompt_format, prompt_ids
 
 
 def _say(text: str) -> None:
@@ -24,14 +24,12 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
               read: Callable[[str], str] = input) -> int:  # fmt: skip
     fmt = "raw" if raw else prompt_format(tokenizer)
+    _check_system(system, fmt, raw)
     multi = multi_turn(fmt)
     how = {"raw": "no template: each message is continued as plain text", "chat": "the model's chat template"}
     how_fmt = how.get(fmt, f"the {fmt} prompt format the run trained with; each message is answered on its own")
     print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D or Ctrl-C to quit, /reset to start over.",
           file=sys.stderr)  # fmt: skip
-    if system and fmt != "chat":
-        print(f"note: --system is not used: the {fmt} format has no system message (only chat templates do)",
-              file=sys.stderr)  # fmt: skip
     engine = fast_engine(model)
     history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
     start = list(history)
@@ -65,6 +63,18 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
         _say("\n")
         if multi:
             history = messages + [{"role": "assistant", "content": reply.text}]
+
+
+def _check_system(system: str | None, fmt: str, raw: bool) -> None:
+    """A --system message that the model's prompt format would drop is refused, as training refuses one in the data
+    (template.check_roles); a blank one drops nothing."""
+    if not system or not system.strip():
+        return
+    if fmt == "raw":
+        why = "--raw sends each message as is" if raw else "this model has no chat template (it continues plain text)"
+        raise FasttuneError(f"--system: {why}, so the system message would be dropped; drop --system")
+    check_roles([{"role": "system", "content": system}], fmt, "--system: the conversation",
+                "drop --system (write what it says into your message if it matters)")  # fmt: skip
 
 
 def _too_long(model, prompt_len: int) -> bool:

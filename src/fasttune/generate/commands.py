@@ -84,7 +84,13 @@ class ChatArgs(SamplingArgs):
     raw: bool = False
     """Send the text as is, without the prompt format / chat template the model was trained with."""
     system: str | None = None
-    """System message that opens the conversation (models with a chat template only)."""
+    """System message that opens the conversation (models with a chat template only: refused otherwise)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.raw and self.system and self.system.strip():
+            raise ConfigError("--system goes with a chat template, and --raw sends each message without one; drop one "
+                              "of them")  # fmt: skip
 
     def run(self) -> int:
         return run_chat(self)
@@ -137,9 +143,12 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
 
     from fasttune.generate.generate import fast_engine, fit_context, generate_ids
     from fasttune.generate.prompts import record_messages, write_jsonl
-    from fasttune.generate.template import prompt_format, prompt_ids
+    from fasttune.generate.template import check_roles, prompt_format, prompt_ids
 
     fmt = "raw" if a.raw else prompt_format(tok)
+    for r in records:  # every record before any generation
+        check_roles(record_messages(r, fmt), fmt, f"{a.prompts} line {r['_line']}", "remove it from that line (write "
+                    "what it says into the user message if it matters)")  # fmt: skip
     ids = []
     for r in records:
         ids.append(prompt_ids(tok, record_messages(r, fmt), raw=a.raw))

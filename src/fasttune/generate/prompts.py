@@ -1,8 +1,9 @@
 """Prompt files for `fasttune generate --prompts FILE`: one JSON value per line in, one JSON object per line out.
 
 Each line is a JSON string (the prompt), or an object with "prompt", "instruction" (+ optional "input", Alpaca),
-"messages" (chat; a trailing assistant turn is dropped) or "text". Completions are written beside the input record's
-own fields, in the input order, to a new file (never over an existing one unless asked).
+"messages" (chat; a trailing assistant turn is dropped; through an Alpaca or prompt/completion run's format, user and
+assistant turns only: template.check_roles) or "text". Completions are written beside the input record's own fields,
+in the input order, to a new file (never over an existing one unless asked).
 """
 
 from __future__ import annotations

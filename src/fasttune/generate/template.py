@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 
-from fasttune.errors import FasttuneError
+from fasttune.errors import DataError, FasttuneError
 
 log = logging.getLogger("fasttune")
 
@@ -25,7 +25,8 @@ _MARKER = re.compile(r"fasttune prompt format: (\w+)")
 FORMAT_KEY = "fasttune_prompt_format"
 
 # Alpaca as data/sft.py renders it (ALPACA_PROMPT / ALPACA_PROMPT_NO_INPUT + output + EOS); a user message's optional
-# "input" key fills the Input section. System messages are not part of the format and are skipped.
+# "input" key fills the Input section. System messages are not part of the format: the template skips them, and
+# check_roles refuses one that is not blank before it gets there (training and generation alike).
 ALPACA_TEMPLATE = (
     "{#- fasttune prompt format: alpaca -#}\n"
     "{%- for message in messages -%}\n"
@@ -63,6 +64,27 @@ def record_prompt_format(tokenizer, fmt: str) -> None:
     if tokenizer.chat_template:
         log.info("checkpoints: the tokenizer's chat template becomes the %s prompt format this run trains on", fmt)
     tokenizer.chat_template = template
+
+
+def check_roles(messages: list[dict], fmt: str, where: str, fix: str) -> None:
+    """Refuse what the alpaca / prompt_completion format would drop silently when it renders `messages` (its template
+    renders user and assistant turns only): a system message that is not blank, another role, tool calls. The one
+    check for training on chat data through such a checkpoint (data/sft.py) and for generate / chat with it; `where`
+    names the record (or option), `fix` says what to do. Other formats: nothing to check."""
+    from fasttune.data.sft import _empty_reply
+
+    if fmt not in TEMPLATES:
+        return
+    for m in messages:
+        if m.get("role") == "system" and _empty_reply(m):
+            continue  # a blank system message (common in exported chats): dropping it loses nothing
+        what = f"a '{m.get('role')}' message" if m.get("role") not in ("user", "assistant") else None
+        what = what or ("an assistant message with tool_calls" if m.get("tool_calls") else None)
+        if what:
+            raise DataError(
+                f"{where} has {what}, which the tokenizer's chat template drops: it is the {fmt} prompt format a "
+                f"fasttune run trained this model on (user and assistant turns only); {fix}"
+            )
 
 
 def prompt_format(tokenizer) -> str:
