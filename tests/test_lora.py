@@ -85,6 +85,24 @@ def test_no_matching_target_lists_linear_layers():
     assert linear_module_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
+def test_default_targets_on_a_model_naming_no_layer_like_llama_adapt_all_its_linear_layers():
+    """GPT-NeoX names its layers query_key_value, dense, dense_h_to_4h, dense_4h_to_h: `lora` with the default
+    (Llama's) names stopped with an error for an option the user never gave; it adapts every linear layer but the
+    head, as --lora.targets all-linear does."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    def neox():
+        torch.manual_seed(0)
+        return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_attention_heads=4,
+                                                num_hidden_layers=2, intermediate_size=64))  # fmt: skip
+
+    default, every = apply_lora(neox(), LoraConfig()), apply_lora(neox(), LoraConfig(targets=("all-linear",)))
+    assert sorted(default.peft_config["default"].target_modules) == linear_module_names(neox())
+    assert default.peft_config["default"].target_modules == every.peft_config["default"].target_modules
+    trainable = [n for n, p in default.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 4 * 2  # lora_A and lora_B of 4 linear layers in each of 2 layers
+
+
 def test_missing_peft_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
     with pytest.raises(FasttuneError, match=r"pip install 'fasttune\[lora\]'"):

@@ -52,10 +52,16 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     available = linear_module_names(model)
     wanted = available if ALL_LINEAR in lora_cfg.targets else lora_cfg.targets  # peft's keyword: all but the head
     targets = [t for t in wanted if t in available]
+    if not targets and available and lora_cfg.targets == LoraConfig.targets:
+        # the default names are Llama's; a model that names none of its layers so (GPT-NeoX, Falcon, GPT-2) gets
+        # adapters on all of them, as all-linear would, instead of an error for options the user never gave
+        log.info("LoRA targets: the default names (Llama's) match no layer of this model; adapting all its linear "
+                 "layers: %s (--lora.targets chooses)", ", ".join(available))  # fmt: skip
+        wanted = targets = available
     if not targets:
         raise FasttuneError(
             f"lora.targets ({', '.join(lora_cfg.targets)}) match no linear layer of this model; "
-            f"its linear layers are named: {', '.join(available) or 'none'}"
+            f"its linear layers are named: {', '.join(available) or 'none'}; pass some of them, or all-linear"
         )
     missing, frozen = [t for t in wanted if t not in available], [t for t in available if t not in targets]
     if missing and frozen:  # names of another model family (Phi-3 fuses q/k/v into qkv_proj): say what stays frozen
