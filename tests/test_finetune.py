@@ -80,6 +80,22 @@ def test_sample_prompt_is_a_held_out_question_for_supervised_data(tmp_path, base
     assert result.sample_prompt.startswith("### Instruction:\n") and result.sample_prompt.endswith("### Response:\n")
 
 
+def test_sample_prompt_comes_from_the_users_data_with_nothing_held_out_and_for_text(tmp_path, base_model):
+    """With no validation samples the prompt is a trained sample's question, and for a user's text file its first
+    words: both fell back to "def ", the embedded Python corpus's prompt."""
+    from fasttune.config import GenerationConfig
+
+    cfg = dataclasses.replace(_sft_config(tmp_path, base_model), generation=GenerationConfig())
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_fraction=0.0))
+    assert loop.train(cfg).sample_prompt.startswith("### Instruction:\n")
+    text = tmp_path / "story.txt"
+    text.write_text("Natalia sold clips to her friends in April and then in May. " * 20)
+    cfg = dataclasses.replace(
+        cfg, output_dir=str(tmp_path / "text"), data=dataclasses.replace(cfg.data, path=str(text))
+    )
+    assert loop.train(cfg).sample_prompt.startswith("Natalia sold")
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "opt"])
 def test_models_without_intermediate_size_fine_tune(tmp_path, kind):
     """GPT-2 (n_inner, default 4 x hidden) and OPT (ffn_dim) name their MLP width differently from Llama: the planner

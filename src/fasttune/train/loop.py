@@ -319,11 +319,17 @@ def _finish(run: Run) -> RunResult:
 
 
 def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
+    """generation.sample_prompt when set; else from the user's data (a held-out sample, a trained one when none is
+    held out): a supervised sample's prompt, the first words of a text; the default ("def ") suits the embedded
+    corpus only."""
     default = type(cfg.generation)().sample_prompt
-    if cfg.generation.sample_prompt != default or data.summary.format == "text" or not data.val:
+    samples = data.val or data.train
+    if cfg.generation.sample_prompt != default or not samples or (data.summary.format == "text" and not cfg.data.path):
         return cfg.generation.sample_prompt
-    ids, labels = data.val[0]["input_ids"], data.val[0]["labels"]
+    ids, labels = samples[0]["input_ids"], samples[0]["labels"]
     start = next((i for i, t in enumerate(labels) if t != IGNORE), 0)  # the first trained token: the answer starts
+    if data.summary.format == "text":
+        start = min(8, len(ids) - 1)  # a few words of it to continue
     if ids[:1] == [data.tokenizer.bos_token_id]:
         ids, start = ids[1:], start - 1  # generation tokenizes the prompt again and adds BOS itself
     return data.tokenizer.decode(ids[:start]) if start > 0 else cfg.generation.sample_prompt
