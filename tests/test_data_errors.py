@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -262,3 +263,25 @@ def test_a_model_folder_without_tokenizer_files_is_one_line(tmp_path):
     assert str(err.value) == (f"--model {tmp_path / 'model'}: no tokenizer files there (tokenizer.json, "
                               "tokenizer_config.json, tokenizer.model, vocab.json); save the model's tokenizer into "
                               "that folder with tokenizer.save_pretrained")  # fmt: skip
+
+
+def _jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_conversational_prompt_completion_mistakes_name_the_record_and_field(tmp_path):
+    """TRL's conversational prompt/completion is read as chat; what is wrong with one record is one line naming it
+    and the field (prompt[j], completion), as for chat data."""
+    q, a = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+    bad = [
+        ([{"prompt": [q], "completion": [a]}, {"prompt": "2+2?", "completion": "4"}],
+         "line 2: prompt and completion are not both lists of messages, as in .* line 1"),
+        ([{"prompt": [q], "completion": [q]}], "line 1: no message of 'completion' has role 'assistant'"),
+        ([{"prompt": [{"role": "user"}], "completion": [a]}], r"line 1: prompt\[0\].content must be a string"),
+        ([{"prompt": [], "completion": [a]}], "line 1: field 'prompt' must be a non-empty list"),
+        ([{"prompt": "2+2?", "completion": "4"}, {"prompt": [q], "completion": [a]}],
+         "line 2: prompt and completion are lists of messages .* but the data's first record holds strings"),
+    ]  # fmt: skip
+    for n, (records, message) in enumerate(bad):
+        assert re.search(message, error_for(_jsonl(tmp_path / f"bad{n}.jsonl", records))), message

@@ -180,6 +180,24 @@ def test_a_prompt_files_own_completion_is_kept_as_the_reference(sft_run, tmp_pat
                                                                    "id": 7}  # fmt: skip
 
 
+def test_a_conversational_prompt_completion_record_is_answered_with_its_completion_as_reference(
+    sft_run, tmp_path, prompts_seen
+):
+    """TRL's conversational prompt/completion (training reads it as chat): its prompt messages are the conversation
+    to answer, its completion is kept as the reference, as for a string prompt/completion record."""
+    question = "Natalia sold clips"
+    completion = [{"role": "assistant", "content": "72"}]
+    prompts = tmp_path / "test.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": question}], "completion": completion}))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(prompts), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    [row] = [json.loads(x) for x in out.read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    assert prompts_seen == [tok(format_prompt({"instruction": question}, "alpaca"))["input_ids"]]
+    assert row["reference"] == completion and isinstance(row["completion"], str)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -253,3 +253,39 @@ def test_chat_data_through_a_recorded_alpaca_format_refuses_a_message_it_would_d
     with pytest.raises(DataError, match="record 0 has an assistant message with tool_calls"):
         tokenize_records([{"messages": [turns[0], {"role": "assistant", "content": "", "tool_calls": [call]}]}],
                          "chat", tokenizer)  # fmt: skip
+
+
+def _jsonl(path: Path, records: list[dict]) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_conversational_prompt_completion_trains_the_completions_assistant_turns_as_chat(tok, tmp_path):
+    """TRL's conversational prompt/completion ({"prompt": [messages], "completion": [messages]}) is read as chat data,
+    {"messages": prompt + completion}: the same tokens as that messages record, trained on the completion's assistant
+    turns only; an assistant turn inside the prompt (an earlier exchange) is context, as in TRL."""
+    system = {"role": "system", "content": "You are terse."}
+    q1, a1 = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+    q2, a2 = {"role": "user", "content": "times 3?"}, {"role": "assistant", "content": "12"}
+    conversational = [
+        {"prompt": [system, q1], "completion": [a1], "id": 1},
+        {"prompt": [q1, a1, q2], "completion": [a2]},
+    ]
+    records, fmt = load_records(_jsonl(tmp_path / "trl.jsonl", conversational))
+    assert fmt == "chat" and [r["messages"] for r in records] == [[system, q1, a1], [q1, a1, q2, a2]]
+    assert records[0]["id"] == 1  # the record's other fields are kept
+    ours = tokenize_records(records, fmt, tok)
+    chat = tokenize_records([{"messages": r["messages"]} for r in records], "chat", tok)
+    assert ours[0] == chat[0] and trained_runs(tok, ours[0]) == ["4<|im_end|>"]  # exactly the messages record's
+    assert ours[1]["input_ids"] == chat[1]["input_ids"]
+    assert trained_runs(tok, chat[1]) == ["4<|im_end|>", "12<|im_end|>"]  # a messages record trains every reply,
+    assert trained_runs(tok, ours[1]) == ["12<|im_end|>"]  # the conversational one its completion's only
+    everything = tokenize_records(records, fmt, tok, train_on_prompt=True)
+    assert all(s["labels"] == s["input_ids"] for s in everything)
+    # a template that rewrites earlier turns, with {% generation %} tags: its own mask, the prompt's turns untrained
+    counting = build_tiny_tokenizer(chat_template=COUNTING_TEMPLATE)
+    assert trained_runs(counting, tokenize_records(records[:1], fmt, counting)[0]) == ["4<|im_end|>"]
+    with pytest.raises(DataError, match="record 1: the chat template renders the conversation differently from its"):
+        tokenize_records(records, fmt, counting)

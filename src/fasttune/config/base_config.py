@@ -131,7 +131,8 @@ class DataConfig:
     """Dataset: text file or folder, .jsonl/.json/.parquet/.csv, or a save_to_disk folder. None: the embedded
     corpus (this Python's standard library source)."""
     format: str = "auto"
-    """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
+    """Record format: auto (detect), text, alpaca, prompt_completion, chat (TRL's conversational prompt/completion,
+    lists of messages, is read as chat: trained on the completion's assistant turns)."""
     train_on_prompt: bool = False
     """Supervised formats: also train on prompt tokens (default: loss on the response only)."""
     max_length: int = 256

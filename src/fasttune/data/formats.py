@@ -8,6 +8,10 @@ Inputs: a text file or a folder of them (one {"text"} record per file), .jsonl/.
     prompt_completion  {"prompt": str, "completion": str}
     chat               {"messages": [{"role": str, "content": str}, ...]} with at least one assistant turn
 
+TRL's conversational prompt/completion, {"prompt": [messages], "completion": [messages]}, is read as chat:
+{"messages": prompt + completion}, the number of prompt messages kept under PROMPT_TURNS; only the completion's
+assistant turns are trained (data/sft.py), as TRL trains the completion only.
+
 Every problem with the input raises `DataError` with one line naming the file, the line or record, and the fix.
 User files are only ever opened for reading.
 """
@@ -59,6 +63,9 @@ _SHAREGPT_FIX = (
     'convert each record to {"messages": [{"role", "content"}, ...]}: conversations -> messages, from -> role (human '
     "-> user, gpt -> assistant, system stays), value -> content"
 )
+PROMPT_TURNS = "_prompt_turns"
+"""A chat record converted from a conversational prompt/completion one: how many of its leading messages were the
+prompt (their assistant turns are context, never trained)."""
 _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
 
 
@@ -114,14 +121,38 @@ def load_records(
         fmt = "text"
     if fmt == "auto":
         fmt = detect_format(tables[0].records[0], tables[0].where(0), option)
+    first = tables[0].records[0]
+    conversational = fmt in ("prompt_completion", "chat") and "messages" not in first and is_conversational(first)
     records: list[dict] = []
     for table in tables:
         for i, record in enumerate(table.records):
             if not table.is_text_file:
                 _check_size(_text_size(record), table.where(i))
-            validate_record(record, fmt, table.where(i), option)
-        records.extend(table.records)
-    return records, fmt
+            if conversational:
+                record = _conversation_to_chat(record, table.where(i), tables[0].where(0))
+            validate_record(record, "chat" if conversational else fmt, table.where(i), option)
+            records.append(record)
+    return records, "chat" if conversational else fmt
+
+
+def is_conversational(record: dict) -> bool:
+    """TRL's conversational prompt/completion: prompt and completion are both lists (of {role, content} messages)."""
+    return isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list)
+
+
+def _conversation_to_chat(record: dict, where: str, first: str) -> dict:
+    """{"prompt": [...], "completion": [...]} -> {"messages": prompt + completion, PROMPT_TURNS: len(prompt)} (its
+    other fields kept); the completion must hold an assistant turn: it is what is trained."""
+    if not is_conversational(record):
+        raise DataError(
+            f"{where}: prompt and completion are not both lists of messages, as in {first} (TRL's conversational "
+            "prompt/completion); make every record one kind"
+        )
+    prompt, completion = record["prompt"], record["completion"]
+    _validate_messages(prompt, where, "prompt", need_reply=False)
+    _validate_messages(completion, where, "completion")
+    rest = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
+    return {**rest, "messages": [*prompt, *completion], PROMPT_TURNS: len(prompt)}
 
 
 def detect_format(record: dict, where: str = "record 0", option: str = "--data.format") -> str:
@@ -160,32 +191,38 @@ def validate_record(record: dict, fmt: str, where: str, option: str = "--data.fo
             continue
         if fmt == "chat":
             _validate_messages(value, where)
+        elif fmt == "prompt_completion" and is_conversational(record):
+            raise DataError(
+                f"{where}: prompt and completion are lists of messages (TRL's conversational prompt/completion) but "
+                "the data's first record holds strings; make every record one kind"
+            )
         elif not isinstance(value, str):
             raise DataError(f"{where}: field {name!r} must be a string, got {_type_name(value)}; fix the record")
 
 
-def _validate_messages(messages: object, where: str) -> None:
+def _validate_messages(messages: object, where: str, field: str = "messages", need_reply: bool = True) -> None:
+    """A non-empty list of {role, content} messages (`field` names it in errors); `need_reply`: with an assistant
+    turn, the trained part."""
     if isinstance(messages, str):
         raise DataError(
-            f"{where}: field 'messages' is a string, not a list of {{role, content}} objects; "
+            f"{where}: field {field!r} is a string, not a list of {{role, content}} objects; "
             "store chat data as JSONL/JSON/Parquet, not CSV"
         )
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list, got {_type_name(messages)}")
+        raise DataError(f"{where}: field {field!r} must be a non-empty list, got {_type_name(messages)}")
     for j, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(
-                f"{where}: messages[{j}] must be an object with role and content, got {_type_name(message)}"
-            )
+            raise DataError(f"{where}: {field}[{j}] must be an object with role and content, got {_type_name(message)}")
         if "role" not in message and {"from", "value"} <= set(message):
-            raise DataError(f"{where}: messages[{j}] uses ShareGPT keys from/value; {_SHAREGPT_FIX}")
+            raise DataError(f"{where}: {field}[{j}] uses ShareGPT keys from/value; {_SHAREGPT_FIX}")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise DataError(
-                    f"{where}: messages[{j}].{key} must be a string, got {_type_name(message.get(key))}; fix the record"
+                    f"{where}: {field}[{j}].{key} must be a string, got {_type_name(message.get(key))}; fix the record"
                 )
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no message has role 'assistant', so there is nothing to train on; add a reply")
+    if need_reply and not any(m["role"] == "assistant" for m in messages):
+        of = "" if field == "messages" else f" of {field!r}"
+        raise DataError(f"{where}: no message{of} has role 'assistant', so there is nothing to train on; add a reply")
 
 
 def _type_name(value: object) -> str:

@@ -12,7 +12,9 @@ Rendering per format:
     alpaca             ALPACA_PROMPT (or ALPACA_PROMPT_NO_INPUT when input is empty) + output + EOS.
     prompt_completion  prompt + completion + EOS, concatenated as-is (no template, as in TRL).
     chat               the tokenizer's chat template; each assistant turn is trained from after its header
-                       (the add_generation_prompt text) through its end-of-turn marker; nothing is appended.
+                       (the add_generation_prompt text) through its end-of-turn marker; nothing is appended. A
+                       conversational prompt/completion record (read as chat, data/formats.py) trains its
+                       completion's assistant turns only: those of its prompt are context.
 Alpaca and prompt_completion never use the chat template, so the same data trains the same way on every model;
 convert to chat format to train through a model's template. Supervised formats train the response (and EOS) only
 unless train_on_prompt. A BOS id is prepended (never trained) when the tokenizer itself adds one, except for chat,
@@ -27,7 +29,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fasttune.data.formats import FORMATS, validate_record
+from fasttune.data.formats import FORMATS, PROMPT_TURNS, validate_record
 from fasttune.data.packing import IGNORE
 from fasttune.data.tokenizer import without_length_warning
 from fasttune.errors import DataError
@@ -128,11 +130,12 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
             text = _render(tokenizer, messages, False, where)
             rendered.append((text, [(0, len(text))]))
             continue
-        spans = _assistant_spans(tokenizer, messages, where)
+        first = record.get(PROMPT_TURNS, 0)  # a conversational prompt/completion's prompt: not trained
+        spans = _assistant_spans(tokenizer, messages, where, first)
         if spans is not None:
             rendered.append(spans)
         elif isinstance(template, str) and _GENERATION_TAG.search(template):
-            direct[i] = _generation_mask_sample(tokenizer, messages, where)
+            direct[i] = _generation_mask_sample(tokenizer, messages, where, first)
             rendered.append(("", []))
         else:
             raise DataError(
@@ -163,15 +166,15 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where:
         raise DataError(f"{where}: the chat template rejected this conversation ({' '.join(str(e).split())})") from e
 
 
-def _assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[Span]] | None:
-    """Render the conversation and, for each assistant turn, the prefixes just before its content (with the
-    generation prompt) and just after its end; their lengths are the turn's trained span. None when a prefix is
-    not a prefix of the full rendering (templates that rewrite earlier turns, e.g. strip reasoning)."""
+def _assistant_spans(tokenizer, messages: list[dict], where: str, first: int = 0) -> tuple[str, list[Span]] | None:
+    """Render the conversation and, for each assistant turn from messages[first] on, the prefixes just before its
+    content (with the generation prompt) and just after its end; their lengths are the turn's trained span. None when
+    a prefix is not a prefix of the full rendering (templates that rewrite earlier turns, e.g. strip reasoning)."""
     full = _render(tokenizer, messages, False, where)
     spans: list[Span] = []
     specials = _special_tokens(tokenizer)
     for j, message in enumerate(messages):
-        if message["role"] != "assistant" or _empty_reply(message):
+        if j < first or message["role"] != "assistant" or _empty_reply(message):
             continue
         # An assistant turn that opens the conversation has no prefix to render; train the whole turn.
         before = _render(tokenizer, messages[:j], True, where) if j else ""
@@ -205,15 +208,30 @@ def _turn_end(through: str, start: int, specials: tuple[str, ...]) -> int:
     return len(stripped) if len(stripped) > start and stripped.endswith(specials) else len(through)
 
 
-def _generation_mask_sample(tokenizer, messages: list[dict], where: str) -> dict:
+def _generation_mask_sample(tokenizer, messages: list[dict], where: str, first: int = 0) -> dict:
+    """The template's own {% generation %} mask; assistant turns before messages[first] (a conversational
+    prompt/completion's prompt) untrained: the tokens of the prompt rendered with the generation prompt, which must
+    begin the conversation's."""
     try:
         out = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
+        prompt = None
+        if any(m["role"] == "assistant" for m in messages[:first]):
+            prompt = tokenizer.apply_chat_template(messages[:first], tokenize=True, return_dict=True,
+                                                   add_generation_prompt=True)["input_ids"]  # fmt: skip
     except Exception as e:
         raise DataError(f"{where}: the chat template rejected this conversation ({' '.join(str(e).split())})") from e
     ids = list(out["input_ids"])
     labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"], strict=True)]
+    if prompt is not None:
+        if ids[: len(prompt)] != list(prompt):
+            raise DataError(
+                f"{where}: the chat template renders the conversation differently from its prompt alone, so the "
+                "prompt's assistant turns cannot be told from the completion's; use a chat template that renders "
+                "the beginning of a conversation as the whole conversation does, or --data.train-on-prompt"
+            )
+        labels[: len(prompt)] = [IGNORE] * len(prompt)
     return {"input_ids": ids, "labels": labels}
 
 

@@ -53,8 +53,8 @@ class GenerateArgs(SamplingArgs):
     prompt: str | None = None
     """Text to answer, rendered with the model's prompt format unless --raw (then continued as is)."""
     prompts: str | None = None
-    """JSONL file, one prompt per line (a JSON string, or an object with "prompt", "instruction" (+"input"),
-    "messages" or "text"): completions go to --output, generated in batches."""
+    """JSONL file, one prompt per line (a JSON string, or an object with "prompt" (a string or a list of messages),
+    "instruction" (+"input"), "messages" or "text"): completions go to --output, generated in batches."""
     output: str | None = None
     """JSONL file for the completions of --prompts (default: the prompts file's name + .completions.jsonl)."""
     overwrite: bool = False

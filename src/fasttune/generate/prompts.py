@@ -2,8 +2,9 @@
 
 Each line is a JSON string (the prompt), or an object with "prompt", "instruction" (+ optional "input", Alpaca),
 "messages" (chat; a trailing assistant turn is dropped; through an Alpaca or prompt/completion run's format, user and
-assistant turns only: template.check_roles) or "text". Completions are written beside the input record's own fields,
-in the input order, to a new file (never over an existing one unless asked).
+assistant turns only: template.check_roles), a "prompt" list of messages (TRL's conversational prompt/completion) or
+"text". Completions are written beside the input record's own fields, in the input order, to a new file (never over
+an existing one unless asked).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def read_prompts(path: str | Path) -> list[dict]:
 
 
 def _has_prompt(record: dict) -> bool:
-    if isinstance(record.get("messages"), list):
-        return any(isinstance(m, dict) and isinstance(m.get("content"), str) for m in record["messages"])
+    for key in ("messages", "prompt"):  # a chat, or TRL's conversational prompt (a list of messages)
+        if isinstance(record.get(key), list):
+            return any(isinstance(m, dict) and isinstance(m.get("content"), str) for m in record[key])
     return any(isinstance(record.get(k), str) for k in ("prompt", "instruction", "text"))
 
 
@@ -62,6 +64,8 @@ def record_messages(record: dict, prompt_format: str) -> list[dict]:
         while len(messages) > 1 and messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # a reference answer: the model writes its own
         return messages
+    if isinstance(record.get("prompt"), list):  # conversational prompt/completion: the completion is the reference
+        return [m for m in record["prompt"] if isinstance(m, dict)]
     if isinstance(record.get("instruction"), str):
         extra = record.get("input") or ""
         if prompt_format == "alpaca":
