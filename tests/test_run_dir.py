@@ -143,6 +143,22 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holder_frees_t
     assert sorted(losses(resumed.records)) == [1, 2, 3, 4]
 
 
+def test_a_finished_runs_lock_file_stays_unlocked_as_the_docs_say(finished):
+    """The lock is released when the run ends, however it ends; the file stays, with the PID of the run that last
+    held it (only a failed start removes it). The troubleshooting guide said the lock file "disappears"."""
+    import fcntl
+    from pathlib import Path
+
+    _, result = finished
+    lock = result.run_dir / ".fasttune-lock"
+    assert lock.read_text().strip() == str(os.getpid())
+    with lock.open() as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "TROUBLESHOOTING.md").read_text()
+    row = next(line for line in docs.splitlines() if "is in use by another fasttune run" in line)
+    assert "disappears" not in row and "file itself stays in the folder, unlocked" in row
+
+
 # -- folders that are not ours (#12 item 2) ------------------------------------------------------------------------
 
 
