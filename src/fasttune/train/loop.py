@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fasttune.config import BaseConfig
+from fasttune.data.formats import FORMATS
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.data.sft import MASKING_RULES
@@ -324,13 +325,19 @@ def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
     corpus only."""
     default = type(cfg.generation)().sample_prompt
     samples = data.val or data.train
-    if cfg.generation.sample_prompt != default or not samples or (data.summary.format == "text" and not cfg.data.path):
-        return cfg.generation.sample_prompt
+    fmt = data.summary.format
+    if (
+        cfg.generation.sample_prompt != default
+        or not samples
+        or fmt not in FORMATS
+        or (fmt == "text" and not cfg.data.path)
+    ):
+        return cfg.generation.sample_prompt  # (a benchmark's synthetic tokens have no text)
     ids, labels = samples[0]["input_ids"], samples[0]["labels"]
     start = next((i for i, t in enumerate(labels) if t != IGNORE), 0)  # the first trained token: the answer starts
-    if data.summary.format == "text":
+    if fmt == "text":
         start = min(8, len(ids) - 1)  # a few words of it to continue
-    if ids[:1] == [data.tokenizer.bos_token_id]:
+    if ids[:1] == [getattr(data.tokenizer, "bos_token_id", None)]:
         ids, start = ids[1:], start - 1  # generation tokenizes the prompt again and adds BOS itself
     return data.tokenizer.decode(ids[:start]) if start > 0 else cfg.generation.sample_prompt
 
