@@ -5,7 +5,6 @@ LayerNorm, parallel attention and MLP, fused q/k/v projections and partial rotar
 from __future__ import annotations
 
 import functools
-import gc
 
 import pytest
 import torch
@@ -42,14 +41,6 @@ def _model(kind: str, layers: int):
     config = AutoConfig.for_model(kind, vocab_size=VOCAB, attn_implementation="sdpa" if own else register()["sdpa"],
                                   **names, **ARCHS[kind])  # fmt: skip
     return AutoModelForCausalLM.from_config(config)
-
-
-@pytest.fixture
-def frozen_gc():
-    """gc.collect() looks only at what the test makes (a third of its time went to walking torch and transformers)."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 @pytest.mark.usefixtures("frozen_gc")

@@ -19,6 +19,8 @@ from fasttune.train.memory import SOFTCAP_BYTES, Setup, apply_plan, estimate
 from tests.helpers import assert_same_step
 from tests.test_memory import VOCAB, _batch, _setup
 
+pytestmark = pytest.mark.usefixtures("frozen_gc")  # conftest.py: collections skip torch's and transformers' objects
+
 
 class _Alive(TorchDispatchMode):
     """Weak references to every tensor an op creates: what is still alive after the forward is what backward keeps."""

@@ -96,6 +96,7 @@ def test_under_lora_the_adapters_get_the_gradients_of_hf():
     assert_same_step(ref, ours, _batch(), atol=1e-6)
 
 
+@pytest.mark.usefixtures("frozen_gc")
 @pytest.mark.parametrize("plan", ["none", "ops", "attention", "mlp", "full"])
 def test_bytes_kept_match_what_the_planner_counts(plan):
     """Per token and decoder layer (bf16, measured by what the forward leaves alive), within 2% of layer_bytes with
