@@ -333,6 +333,22 @@ def test_generate_refuses_a_system_message_the_trained_format_would_drop(sft_run
     assert prompts_seen[0] == tok(format_prompt({"instruction": turns[0]["content"]}, "alpaca"))["input_ids"]
 
 
+def test_generate_raw_refuses_a_record_whose_other_messages_it_would_drop(sft_run, tmp_path, capsys, prompts_seen):
+    """--raw sends the last message's text alone: a system message or earlier turns of a messages record were dropped
+    silently; refused naming the line. One message (or blank others) is sent as is."""
+    user = {"role": "user", "content": "How many clips did Natalia sell?"}
+    prompts = tmp_path / "chats.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "system", "content": "Answer in French."}, user]}) + "\n")
+    argv = ["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(prompts), "--output",
+            str(tmp_path / "out.jsonl"), "--max-new-tokens", "2", "--raw"]  # fmt: skip
+    assert main(argv) == 2 and prompts_seen == []
+    assert f"{prompts} line 1 has 2 messages, and without a chat template" in capsys.readouterr().err
+    prompts.write_text(json.dumps({"messages": [{"role": "system", "content": " "}, user]}) + "\n")
+    assert main(argv) == 0
+    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
+    assert prompts_seen == [tok(user["content"])["input_ids"]]
+
+
 def test_train_from_a_run_folder_starts_from_its_latest_checkpoint(sft_run, tmp_path):
     result = _train(tmp_path, sft_run.run_dir)
     saved = json.loads((result.run_dir / "config.json").read_text())

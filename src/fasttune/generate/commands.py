@@ -142,13 +142,16 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     from tqdm.auto import tqdm
 
     from fasttune.generate.generate import fast_engine, fit_context, generate_ids
-    from fasttune.generate.prompts import record_messages, write_jsonl
+    from fasttune.generate.prompts import check_single, record_messages, write_jsonl
     from fasttune.generate.template import check_roles, prompt_format, prompt_ids
 
     fmt = "raw" if a.raw else prompt_format(tok)
     for r in records:  # every record before any generation
-        check_roles(record_messages(r, fmt), fmt, f"{a.prompts} line {r['_line']}", "remove it from that line (write "
-                    "what it says into the user message if it matters)")  # fmt: skip
+        where = f"{a.prompts} line {r['_line']}"
+        if fmt == "raw":
+            check_single(record_messages(r, fmt), where)
+        check_roles(record_messages(r, fmt), fmt, where, "remove it from that line (write what it says into the user "
+                    "message if it matters)")  # fmt: skip
     ids = []
     for r in records:
         ids.append(prompt_ids(tok, record_messages(r, fmt), raw=a.raw))
