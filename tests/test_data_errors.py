@@ -171,6 +171,10 @@ def test_a_folder_with_a_held_out_split_is_refused_naming_the_files(tmp_path):
     for name in ("test-00000-of-00001.jsonl", "train-00000-of-00001.jsonl"):
         shutil.copy(FIXTURES / "alpaca.jsonl", repo / "data" / name)
     assert f"e.g. {repo / 'data' / 'train-00000-of-00001.jsonl'})" in error_for(repo)  # not "mixes ... (test-...)"
+    shutil.copy(FIXTURES / "alpaca.jsonl", repo / "data" / "train-00001-of-00002.jsonl")  # a sharded train split:
+    message = error_for(repo)  # one of its files alone would train on part of it
+    assert "train (2 files: data/train-00000-of-00001.jsonl, ...)" in message and "e.g." not in message
+    assert message.endswith("move each split's files into a folder of their own and point --data at it")
 
 
 def test_chat_without_assistant_turn(tmp_path):

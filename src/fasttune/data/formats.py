@@ -301,16 +301,23 @@ def _split_of(path: Path) -> str:
 def _check_one_split(root: Path, files: list[Path]) -> None:
     """A folder of data files that name a held-out split (test.jsonl beside train.jsonl) would be read as one data
     set, the held-out records trained (or evaluated) with the rest: refused, naming the files."""
-    splits: dict[str, Path] = {}
+    splits: dict[str, list[Path]] = {}
     for f in files:
-        splits.setdefault(_split_of(f.relative_to(root)), f)
+        splits.setdefault(_split_of(f.relative_to(root)), []).append(f)
     if len(splits) > 1 and splits.keys() & {"validation", "test"}:
-        named = ", ".join(f"{split or 'no split'} ({f.relative_to(root)})" for split, f in splits.items())
-        example = splits.get("train") or splits.get("") or next(iter(splits.values()))
-        raise DataError(
-            f"{root}: the folder holds the files of several splits: {named}, which would be read as one data set; "
-            f"point --data at one split's file (e.g. {example}) or keep each split in its own folder"
-        )
+        named = ", ".join(f"{split or 'no split'} ({_files(root, fs)})" for split, fs in splits.items())
+        wanted = splits.get("train") or splits.get("") or next(iter(splits.values()))
+        fix = "move each split's files into a folder of their own and point --data at it"
+        if len(wanted) == 1:
+            fix = f"point --data at one split's file (e.g. {wanted[0]}) or keep each split in its own folder"
+        raise DataError(f"{root}: the folder holds the files of several splits: {named}, which would be read as one "
+                        f"data set; {fix}")  # fmt: skip
+
+
+def _files(root: Path, files: list[Path]) -> str:
+    return (
+        str(files[0].relative_to(root)) if len(files) == 1 else f"{len(files)} files: {files[0].relative_to(root)}, ..."
+    )
 
 
 def _read_utf8(path: Path) -> str:
