@@ -131,6 +131,18 @@ def test_the_config_alone_counts_the_layers_as_built(kind):
     assert tuple(getattr(built, f) for f in fields) == LAYOUTS[kind] == tuple(getattr(alone, f) for f in fields)
 
 
+def test_a_llama_config_naming_a_partial_rotary_factor_is_counted_as_llama():
+    """transformers 5 moves partial_rotary_factor (1.0 too) from any config.json into rope_parameters; Llama's RoPE
+    ignores it and copies nothing, so its layers count as without it (they were counted 4.7% high, `mlp` 9%)."""
+    from transformers import LlamaConfig
+
+    plain = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=VOCAB)
+    named = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=VOCAB,
+                        partial_rotary_factor=1.0)  # fmt: skip
+    assert "partial_rotary_factor" in named.rope_parameters
+    assert Shape.of(named) == Shape.of(plain) and not Shape.of(named).q_copy
+
+
 def test_activations_keep_what_autograd_saves():
     """Bytes an element of the MLP width each activation keeps in bf16, its output included: torch's kernels their
     input (4 with the output), relu its output alone, GELU-tanh written in Python (GPT-2's gelu_new, Phi's, GPT-J's,

@@ -95,7 +95,17 @@ def rope_layout(config, fused: bool) -> dict:
     q in (batch, heads, seq, dim) order, and its attention's output is then copied for the o-projection."""
     rope = getattr(config, "rope_parameters", None)
     rope = rope if isinstance(rope, dict) and not getattr(config, "alibi", False) else None
-    return {"qkv_views": fused and rope is not None, "q_copy": rope is not None and "partial_rotary_factor" in rope}
+    split = getattr(config, "model_type", None) in PARTIAL_ROTARY  # transformers 5 puts the factor (1.0 too) in every
+    # config's rope_parameters when its config.json names it; Llama's RoPE ignores it and copies nothing
+    return {
+        "qkv_views": fused and rope is not None,
+        "q_copy": split and rope is not None and "partial_rotary_factor" in rope,
+    }
+
+
+PARTIAL_ROTARY = frozenset({"phi", "phi3", "glm", "glm4", "gpt_neox", "stablelm", "persimmon"})
+"""Model types whose RoPE rotates part of the head dim (partial_rotary_factor; Phi-3 the whole of it the same way)
+and concatenates q back: its attention output is then copied for the o-projection."""
 
 
 def attention_layout(layer: nn.Module, config) -> dict:
