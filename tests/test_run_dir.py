@@ -363,8 +363,8 @@ def test_resume_takes_the_same_data_path_spelled_another_way(finished, tmp_path,
 
 def test_resume_of_a_run_recorded_before_overlong_auto_continues_with_the_same_data(finished):
     """Runs started before data.overlong's default became `auto` recorded `split` (quick, full) or `truncate` (sft):
-    auto gives them the same samples, so --resume continues (the data fingerprint is checked after); an explicit
-    other value is still refused."""
+    they resume with the value they recorded (auto could give other samples: test below); an explicit other value is
+    still refused."""
     import json
 
     cfg, result = finished
@@ -375,8 +375,48 @@ def test_resume_of_a_run_recorded_before_overlong_auto_continues_with_the_same_d
     folder.config.write_text(json.dumps(saved))
     more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=5))
     assert sorted(losses(loop.train(more).records))[-1] == 5
-    with pytest.raises(ConfigError, match="data.overlong is 'drop' but the run was started with 'auto'"):
+    assert json.loads(folder.config.read_text())["data"]["overlong"] == "split"  # what the run goes on with
+    with pytest.raises(ConfigError, match="data.overlong is 'drop' but the run was started with 'split'"):
         folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong="drop")))
+
+
+def test_resume_of_a_text_run_recorded_with_truncate_keeps_truncating(tmp_path):
+    """An `sft` run on a text file recorded data.overlong=truncate (the default then); `auto`, the default now, would
+    split the text into other samples, and the resume was refused as if the data had been edited. It goes on with
+    the policy the run recorded, and the same losses as an uninterrupted run."""
+    book = tmp_path / "book.txt"
+    book.write_text("Natalia sold clips to her friends in April and May. " * 60)
+    cfg = tiny_config(tmp_path, max_steps=4, save_every=2, eval_every=0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(book), overlong="truncate"))
+    whole = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
+    two = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2))
+    loop.train(two)
+    auto = dataclasses.replace(cfg, resume=True, data=dataclasses.replace(cfg.data, overlong="auto"))
+    assert losses(loop.train(auto).records) == losses(whole.records)
+
+
+def test_resume_of_a_run_begun_from_a_config_json_alone_loads_its_checkpoint(tmp_path):
+    """A run begun from a folder with config.json and no weights (random init, before --model.random-init was
+    needed for it; its config.json has no random_init) resumes from its checkpoint's weights, not refused as an
+    incomplete download."""
+    import json
+
+    from helpers import save_micro_model
+
+    model = save_micro_model(tmp_path / "shape")
+    (model / "model.safetensors").unlink()
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=2, eval_every=0)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model), random_init=True))
+    first = loop.train(cfg)
+    folder = RunFolder(first.run_dir)
+    saved = json.loads(folder.config.read_text())
+    del saved["model"]["random_init"]  # as a run of the version before recorded it
+    folder.config.write_text(json.dumps(saved))
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=False))
+    with pytest.raises(ConfigError, match="holds a config.json but no weight files"):
+        loop.train(dataclasses.replace(plain, output_dir=str(tmp_path / "new")))  # a new run: refused
+    more = dataclasses.replace(plain, resume=True, training=dataclasses.replace(plain.training, max_steps=4))
+    assert sorted(losses(loop.train(more).records)) == [1, 2, 3, 4]
 
 
 def test_a_run_folder_given_to_generate_skips_a_damaged_newest_checkpoint(two_checkpoints, caplog):

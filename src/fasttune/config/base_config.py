@@ -87,9 +87,10 @@ class ModelConfig:
     125m, 350m, 1b, llama-3.1-8b, qwen2.5-7b (the published shapes, their own vocabularies)."""
     path: Annotated[str | None, tyro.conf.arg(aliases=("--model",), metavar="PATH")] = None
     """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
-    random_init: bool = False
+    random_init: bool = field(default=False, metadata=RESUMABLE)
     """Train --model's architecture from random weights: its config.json only, its weight files (if any) not loaded
-    (pre-training that shape, benchmarks). Without it, a folder with no weight files is refused. Not with LoRA."""
+    (pre-training that shape, benchmarks). Without it, a folder with no weight files is refused. Not with LoRA. A
+    resumed run loads its checkpoint's weights either way."""
     dtype: str = "auto"
     """auto: fp32 weights + bf16 autocast on CUDA (pure bf16 when that state would take over half the GPU, e.g. an 8B
     model), fp32 on CPU; bf16: pure bf16 weights and optimizer; fp32."""

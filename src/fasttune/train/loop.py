@@ -22,7 +22,7 @@ from fasttune.data.sft import MASKING_RULES
 from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError, FasttuneError, Stopped
 from fasttune.generate.template import record_prompt_format
-from fasttune.model.build import check_weights
+from fasttune.model.build import check_weights, has_weights
 from fasttune.model.resolve import resolve_for_training
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
@@ -123,7 +123,11 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     latest = saved = None
     if cfg.resume:
         folder.check_resume(cfg)
+        cfg = folder.resumed(cfg)
         latest, saved = ckpt.newest_usable(folder)
+    if latest is not None and cfg.model.path and not cfg.lora.enabled and not has_weights(cfg.model.path):
+        # a run begun from a config.json alone (before --model.random-init existed): its weights are latest's
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True))
     check_weights(cfg.model, lora=cfg.lora.enabled)  # before the data is tokenized
     torch.manual_seed(cfg.seed)
     device, amp_dtype, param_dtype = resolve_device(cfg, device_name)

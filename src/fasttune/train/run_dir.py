@@ -235,6 +235,15 @@ class RunFolder:
                     "same value (or start a new run with another --output-dir)"
                 )
 
+    def resumed(self, cfg: BaseConfig) -> BaseConfig:
+        """The config a resumed run goes on with (after check_resume): a data.overlong the run recorded before `auto`
+        was the default (split, truncate) rather than what `auto` gives its data now (a text file that `sft`
+        truncated would be split: other samples)."""
+        old = _flat(self.saved_config()).get("data.overlong")
+        if cfg.data.overlong == "auto" and old in SAME_DATA[("data.overlong", "auto")]:
+            return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong=old))
+        return cfg
+
     def saved_config(self) -> dict:
         """The config.json of the run as it was last started (--resume reads it before writing its own)."""
         try:
@@ -256,9 +265,8 @@ class RunFolder:
 
 
 SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
-"""Values an older run may have recorded for a setting that can give it the same samples (the default `auto` splits
-plain text, as the earlier default did, and truncates supervised samples, as `sft` did): the data fingerprint, checked
-next, tells whether it does."""
+"""Values an older run may have recorded where the default is now `auto`: it resumes with the value it recorded
+(RunFolder.resumed)."""
 
 
 def _same_path(key: str, old, new) -> bool:
