@@ -78,9 +78,9 @@ def record_messages(record: dict, prompt_format: str) -> list[dict]:
 def check_single(messages: list[dict], where: str) -> None:
     """Without a chat template (--raw, or a model that has none) only the last message's text is sent: refuse a
     record whose other messages (a system prompt, earlier turns) would be dropped silently; blank ones drop nothing."""
-    if len([m for m in messages if str(m.get("content") or "").strip()]) > 1:
+    if (n := len([m for m in messages if str(m.get("content") or "").strip()])) > 1:
         raise DataError(
-            f"{where} has {len(messages)} messages, and without a chat template (--raw, or a model that has none) only "
+            f"{where} has {n} messages, and without a chat template (--raw, or a model that has none) only "
             "the last one's text is sent; give one prompt text, or generate with a model whose tokenizer has a chat "
             "template"
         )

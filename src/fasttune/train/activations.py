@@ -217,7 +217,7 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
     LayerNorm keeps its input as before (measured: GPT-NeoX, StarCoder2, tests/test_memory_archs.py)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
     n_attn = 2 if s.fused_qkv else 4  # the attention's adapted linears
-    n_mlp, wide = (2, 1) if s.mlp == "plain" else (3, 2)  # the MLP's, those of them i wide
+    n_mlp, wide = {"plain": (2, 1), "gate_up": (2, 2)}.get(s.mlp, (3, 2))  # the MLP's linears, i-wide outputs
     if upcast:
         lean = 0.0  # where norms are kept: the lean one keeps its input (HF's frozen one does not), and what
         if lean_norm and plan in LEAN_RECOMPUTED:  # layer_bytes counts as recomputed stays: peft's upcasts keep fp32
