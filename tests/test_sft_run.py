@@ -81,3 +81,25 @@ def test_sft_splits_a_long_text_file_and_truncates_supervised_samples(tmp_path, 
     data = build_data(cfg, tokenizer=tok)
     assert (data.summary.split, data.summary.truncated, len(data.train)) == (0, 1, 1)
     assert len(data.train[0]["input_ids"]) == 64 and "applies to plain text only" not in caplog.text
+
+
+def test_trl_conversational_data_is_said_to_be_read_as_chat(tmp_path):
+    """TRL's conversational prompt/completion is converted to chat; the data summary says so (it read "(chat)" only,
+    a format the file does not have)."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token if m['role'] == 'assistant' }}\n"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    data = tmp_path / "trl.jsonl"
+    record = {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}
+    data.write_text(json.dumps(record) + "\n")
+    cfg = get_experiment("sft")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data), val_fraction=0))
+    lines = build_data(cfg, tokenizer=tok).summary.lines()
+    assert lines[0].endswith("(chat)") and any("read as chat: TRL's conversational" in line for line in lines)

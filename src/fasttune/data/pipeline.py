@@ -160,7 +160,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         train = _text_samples([x.text for x in train_docs], tokenizer)
         val = _text_samples([x.text for x in val_docs], tokenizer)
     else:
-        from fasttune.data.formats import load_records
+        from fasttune.data.formats import PROMPT_TURNS, load_records
         from fasttune.data.sft import tokenize_records
 
         records, fmt = load_records(d.path, d.format)
@@ -169,6 +169,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         texts = [_record_text(r) for r in train_recs]
         tokenizer = tokenizer or _load_tokenizer(cfg, texts, hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16])
         summary = DataSummary(source=d.path, format=fmt)
+        if records and PROMPT_TURNS in records[0]:
+            summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
+                                 "completion; the completion's assistant turns are trained)")  # fmt: skip
         train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
         val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
     overlong = d.overlong
