@@ -174,7 +174,7 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str, first: int = 0
     spans: list[Span] = []
     specials = _special_tokens(tokenizer)
     for j, message in enumerate(messages):
-        if j < first or message["role"] != "assistant" or _empty_reply(message):
+        if j < first or message["role"] != "assistant" or blank_message(message):
             continue
         # An assistant turn that opens the conversation has no prefix to render; train the whole turn.
         before = _render(tokenizer, messages[:j], True, where) if j else ""
@@ -185,7 +185,7 @@ def _assistant_spans(tokenizer, messages: list[dict], where: str, first: int = 0
     return full, spans
 
 
-def _empty_reply(message: dict) -> bool:
+def blank_message(message: dict) -> bool:
     """A message with blank content and nothing else (no tool calls, no reasoning): an assistant one trained would
     teach an instant end of turn."""
     content = message.get("content")

@@ -146,15 +146,16 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     from fasttune.generate.template import check_roles, prompt_format, prompt_ids
 
     fmt = "raw" if a.raw else prompt_format(tok)
-    for r in records:  # every record before any generation
+    conversations = [record_messages(r, fmt) for r in records]
+    for r, messages in zip(records, conversations, strict=True):  # every record before any generation
         where = f"{a.prompts} line {r['_line']}"
         if fmt == "raw":
-            check_single(record_messages(r, fmt), where)
-        check_roles(record_messages(r, fmt), fmt, where, "remove it from that line (write what it says into the user "
-                    "message if it matters)")  # fmt: skip
+            check_single(messages, where)
+        check_roles(messages, fmt, where, "remove it from that line (write what it says into the user message if it "
+                    "matters)")  # fmt: skip
     ids = []
-    for r in records:
-        ids.append(prompt_ids(tok, record_messages(r, fmt), raw=a.raw))
+    for r, messages in zip(records, conversations, strict=True):
+        ids.append(prompt_ids(tok, messages, raw=a.raw))
         fit_context(model, len(ids[-1]), 1, f"{a.prompts} line {r['_line']}: the prompt")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     done: dict[int, dict] = {}

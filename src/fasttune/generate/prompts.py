@@ -78,7 +78,9 @@ def record_messages(record: dict, prompt_format: str) -> list[dict]:
 def check_single(messages: list[dict], where: str) -> None:
     """Without a chat template (--raw, or a model that has none) only the last message's text is sent: refuse a
     record whose other messages (a system prompt, earlier turns) would be dropped silently; blank ones drop nothing."""
-    if (n := len([m for m in messages if str(m.get("content") or "").strip()])) > 1:
+    from fasttune.data.sft import blank_message
+
+    if (n := len([m for m in messages if not blank_message(m)])) > 1:
         raise DataError(
             f"{where} has {n} messages, and without a chat template (--raw, or a model that has none) only "
             "the last one's text is sent; give one prompt text, or generate with a model whose tokenizer has a chat "

@@ -71,12 +71,12 @@ def check_roles(messages: list[dict], fmt: str, where: str, fix: str) -> None:
     renders user and assistant turns only): a system message that is not blank, another role, tool calls. The one
     check for training on chat data through such a checkpoint (data/sft.py) and for generate / chat with it; `where`
     names the record (or option), `fix` says what to do. Other formats: nothing to check."""
-    from fasttune.data.sft import _empty_reply
+    from fasttune.data.sft import blank_message
 
     if fmt not in TEMPLATES:
         return
     for m in messages:
-        if m.get("role") == "system" and _empty_reply(m):
+        if m.get("role") == "system" and blank_message(m):
             continue  # a blank system message (common in exported chats): dropping it loses nothing
         what = f"a '{m.get('role')}' message" if m.get("role") not in ("user", "assistant") else None
         what = what or ("an assistant message with tool_calls" if m.get("tool_calls") else None)
