@@ -25,8 +25,22 @@ SHAPE = dict(vocab_size=32000, hidden_size=1024, num_attention_heads=16, num_key
 
 def config(name: str):
     c = dict(SHAPE)
-    if name == "neox":
+    if name in ("neox", "falcon", "falcon-mq", "phi", "gpt2", "gptj"):
         c.pop("num_key_value_heads")
+    if name in ("gpt2", "gptj"):  # GPT-2's and GPT-J's own config names
+        c = dict(
+            vocab_size=32000,
+            n_embd=1024,
+            n_head=16,
+            n_inner=4096,
+            n_positions=4096,
+            n_layer=12,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    if name == "gpt2":
+        c.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if name == "qwen3moe":
         c.update(moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4, num_hidden_layers=8)
     made = {
@@ -39,6 +53,13 @@ def config(name: str):
         "phi3": lambda: T.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **c),
         "olmo2": lambda: T.Olmo2Config(**c),
         "neox": lambda: T.GPTNeoXConfig(**c),
+        "falcon": lambda: T.FalconConfig(multi_query=False, new_decoder_architecture=False, ffn_hidden_size=4096, **c),
+        "falcon-mq": lambda: T.FalconConfig(multi_query=True, ffn_hidden_size=4096, **c),
+        "starcoder2": lambda: T.Starcoder2Config(**c),
+        "phi": lambda: T.PhiConfig(bos_token_id=1, eos_token_id=2, **c),
+        "gpt2": lambda: T.GPT2Config(**c),
+        "gptj": lambda: T.GPTJConfig(rotary_dim=32, **c),
+        "glm": lambda: T.GlmConfig(head_dim=64, pad_token_id=0, **c),
         "qwen3moe": lambda: T.Qwen3MoeConfig(head_dim=64, **c),
     }
     if name not in made:

@@ -103,3 +103,51 @@ def test_trl_conversational_data_is_said_to_be_read_as_chat(tmp_path):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data), val_fraction=0))
     lines = build_data(cfg, tokenizer=tok).summary.lines()
     assert lines[0].endswith("(chat)") and any("read as chat: TRL's conversational" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def micro_falcon(tmp_path_factory) -> Path:
+    """A micro multi-query Falcon (its attention in its own code, not transformers' AttentionInterface), with the
+    tests' tokenizer."""
+    import torch
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+    from transformers import FalconConfig
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          multi_query=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("falcon") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_model_with_its_own_attention_trains_on_padded_rows_not_on_leaking_packs(tmp_path, micro_falcon, caplog):
+    """Falcon's own attention code ignores the samples of a packed row: a sample packed after another gets other
+    logits than alone (checked first). Asked to pack (the default), the run trains on padded rows instead: the
+    losses of data.packing=false, said in the log and the summary. It trained leaking packs before."""
+    import torch
+
+    from fasttune.data.packing import collate_packed
+
+    model = AutoModelForCausalLM.from_pretrained(micro_falcon).eval()
+    first, second = ({"input_ids": list(r), "labels": list(r)} for r in (range(3, 13), range(20, 28)))
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([second["input_ids"]])).logits[0]
+        packed = collate_packed([first, second])
+        after = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0, 10:]
+    assert (after - alone).abs().max() > 1e-3  # the leak a packed run would train on
+
+    cfg = tiny_config(tmp_path, max_steps=3, save_every=0, eval_every=0)
+    cfg = dataclasses.replace(
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(micro_falcon)),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2, micro_batch_size=2),
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="fasttune")
+    asked = loop.train(cfg)
+    assert "data.packing: off: this model computes attention in its own code" in caplog.text
+    padded = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "padded"),
+                                            data=dataclasses.replace(cfg.data, packing=False)))  # fmt: skip
+    got, want = ([r["loss"] for r in run.records if r.get("loss") is not None] for run in (asked, padded))
+    assert len(got) == 3 and got == want

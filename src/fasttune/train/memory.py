@@ -135,6 +135,8 @@ class Setup:
     """fasttune's lean RMSNorm (model/norm.py): norms keep their input only, their outputs are recomputed."""
     plans: frozenset[str] | None = None
     """The plans this model's layers can take (see plans_for); None: every plan."""
+    scores: float = 0.0
+    """Bytes per token and layer of attention scores the attention kernel keeps for backward (kept_scores)."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -150,7 +152,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
     activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast,
-                                   st.fused_mlp, st.lean_norm, st.kv_expanded)  # fmt: skip
+                                   st.fused_mlp, st.lean_norm, st.kv_expanded, st.scores)  # fmt: skip
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
@@ -329,7 +331,8 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
             _checkpoint_forward(layer, selective=True)
 
 
-def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expanded: bool = False) -> Setup:
+def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expanded: bool = False,
+             scores: float = 0.0) -> Setup:  # fmt: skip
     """The memory-relevant facts of this configured run and built model."""
     from fasttune.train.optim import state_bytes
 
@@ -348,7 +351,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
-        kv_expanded=kv_expanded,
+        kv_expanded=kv_expanded, scores=scores,
     )  # fmt: skip
 
 
@@ -427,6 +430,28 @@ def _kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | 
     return bool(attention and grouped) and keeps_expanded_kv(attention, device, dtype, head_dim(config))
 
 
+def kept_scores(model: torch.nn.Module, attention: str | None, row: int) -> float:
+    """Bytes per token and layer of the attention scores kept for backward over rows of `row` tokens, by attention a
+    model computes in its own code (attention.select.native_attention; fasttune's own backends keep none):
+    - transformers' eager attention keeps its fp32 softmax output and that output's copy in the compute dtype: 6
+      bytes a score (in bf16 and under autocast; fewer in pure fp32);
+    - Falcon's own sdpa call with multi-query attention (one kv head broadcast to the query heads) runs torch's math
+      kernel, which keeps the probabilities: 4 bytes a score.
+    Measured on CPU (tests/test_memory_archs.py: Bloom, MPT, GPT-Neo, Falcon) and on an H200 over 4096-token rows
+    (docs/BENCHMARKS.md, "Architectures": GPT-J's eager attention in transformers 5.17 6.4, Falcon's multi-query
+    4.2)."""
+    if not attention or not attention.startswith("transformers "):
+        return 0.0
+    config = base_model(model).config
+    if attention == "transformers eager":
+        per_score = 6.0
+    elif config.model_type == "falcon" and config.multi_query and not config.new_decoder_architecture:
+        per_score = 4.0
+    else:
+        return 0.0
+    return row * config.num_attention_heads * per_score
+
+
 def free_memory(device: torch.device) -> float | None:
     """Bytes this process can still use on `device`: the driver's free memory plus what torch already holds (the
     model's weights are counted by the estimate). None off CUDA."""
@@ -437,10 +462,11 @@ def free_memory(device: torch.device) -> float | None:
 
 
 def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None,
-                attention: str | None = None) -> Estimate:  # fmt: skip
+                attention: str | None = None, packed: bool | None = None) -> Estimate:  # fmt: skip
     """Choose and install the run's memory transforms: the chunked loss (Liger's fused one when Liger is on) and the
     activation plan (`model.memory`; `model.gradient_checkpointing` means full). `free_bytes` replaces the
-    measured free memory (tests simulate GPUs with it)."""
+    measured free memory (tests simulate GPUs with it); `packed` whether rows hold several samples (model_prep.packing;
+    None: data.packing)."""
     from fasttune.model.loss import apply_chunked_loss
 
     base = base_model(model)
@@ -450,7 +476,10 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     chunked = cfg.model.chunked_loss and not liger and apply_chunked_loss(base)
     requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory
     free = free_memory(device) if free_bytes is None else free_bytes
-    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention))
+    d = cfg.data
+    row = d.micro_batch_size * d.max_length if (d.packing if packed is None else packed) else d.max_length
+    scores = kept_scores(model, attention, row)
+    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention), scores)
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
     where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"

@@ -28,6 +28,17 @@ class AttentionChoice:
     hf_name: str
     reason: str
 
+    @property
+    def native(self) -> bool:
+        """The model computes attention in its own code (attention.select.native_attention): fasttune's backends,
+        and the document boundaries of packed rows, do not reach it."""
+        return self.name.startswith("transformers ")
+
+    @property
+    def packs(self) -> bool:
+        """Whether packed rows keep their samples apart under this attention (see `packing`)."""
+        return not self.native
+
     def describe(self) -> str:
         from fasttune import attention
 
@@ -50,6 +61,17 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> Attention
     )
     log.info("attention: %s (%s)", r.name, r.reason)
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
+
+
+def packing(cfg: BaseConfig, attn: AttentionChoice, say: bool = False) -> bool:
+    """Whether the run packs samples into shared rows: data.packing, unless the model computes attention in its own
+    code. Its mask then spans the whole row (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a
+    packed sample attend to the one before it), so such a run trains on padded rows, one sample each."""
+    if cfg.data.packing and not attn.packs and say:
+        log.warning("data.packing: off: this model computes attention in its own code (attention: %s), whose mask "
+                    "would let packed samples attend to each other; training on padded rows of --data.micro-batch-size "
+                    "%d samples", attn.name, cfg.data.micro_batch_size)  # fmt: skip
+    return cfg.data.packing and attn.packs
 
 
 def _apply_liger(model, device: torch.device, plan: str) -> None:
@@ -199,7 +221,8 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         _apply_lean_norm(model)
     if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
         _apply_experts_autocast(model)
-    est = plan_memory(cfg, model, device, attention=attn.name)  # chunked loss + activation plan, or a clear stop
+    est = plan_memory(cfg, model, device, attention=attn.name, packed=packing(cfg, attn))  # chunked loss +
+    # activation plan, or a clear stop
     # when the step cannot fit
     _say_router_loss(model)
     if cfg.training.compile:
