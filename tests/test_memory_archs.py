@@ -221,3 +221,27 @@ def test_attention_in_a_models_own_code_keeps_the_scores_the_planner_counts(kind
                                  torch.tensor(layer, dtype=torch.float64))  # fmt: skip
         assert abs(float(fit[2]) - want) <= 0.01 * want, (autocast, float(fit[2]), want)
     assert kept_scores(model, "sdpa", row=1) == 0  # fasttune's own backends keep no scores
+
+
+def test_padded_rows_are_estimated_at_the_longest_sample_and_packed_rows_of_own_attention_whole():
+    """Padded rows are as wide as their longest sample: the estimate takes micro_batch_size x min(max_length, the
+    longest sample) tokens (it took max_length: 7x the rows of a GSM8K run at sft's 2048), and attention in a model's
+    own code keeps scores over that width; a packed row of it would be micro_batch_size x max_length wide."""
+    import dataclasses
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fasttune.config import get_experiment
+    from fasttune.train.activations import activation_bytes
+    from fasttune.train.memory import _shape, plan_memory
+
+    config = AutoConfig.for_model("bloom", vocab_size=VOCAB, hidden_size=384, n_layer=2, n_head=6)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    cfg = get_experiment("sft")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=2048, micro_batch_size=4))
+    shape = _shape(model)
+    for packed, longest, row, tokens in ((False, 300, 300, 1200), (False, None, 2048, 8192), (True, 300, 8192, 8192)):
+        est = plan_memory(cfg, model, torch.device("cpu"), free_bytes=1e12, attention="transformers eager",
+                          packed=packed, longest=longest)  # fmt: skip
+        assert est.tokens == tokens
+        assert est.activations == activation_bytes(shape, "none", tokens, scores=row * 6 * 6.0)

@@ -332,8 +332,9 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
 
 
 def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expanded: bool = False,
-             scores: float = 0.0) -> Setup:  # fmt: skip
-    """The memory-relevant facts of this configured run and built model."""
+             scores: float = 0.0, tokens: int | None = None) -> Setup:  # fmt: skip
+    """The memory-relevant facts of this configured run and built model; `tokens` per micro-batch (default: the
+    packing budget, micro_batch_size x max_length)."""
     from fasttune.train.optim import state_bytes
 
     params = list(model.parameters())
@@ -345,7 +346,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     return Setup(
         shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
         shape=_shape(model), params=n, trainable=trainable, param_bytes=param_bytes,
-        optimizer_bytes=moments / max(1, trainable), tokens=cfg.data.micro_batch_size * cfg.data.max_length,
+        optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
@@ -462,11 +463,12 @@ def free_memory(device: torch.device) -> float | None:
 
 
 def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None,
-                attention: str | None = None, packed: bool | None = None) -> Estimate:  # fmt: skip
+                attention: str | None = None, packed: bool | None = None,
+                longest: int | None = None) -> Estimate:  # fmt: skip
     """Choose and install the run's memory transforms: the chunked loss (Liger's fused one when Liger is on) and the
     activation plan (`model.memory`; `model.gradient_checkpointing` means full). `free_bytes` replaces the
     measured free memory (tests simulate GPUs with it); `packed` whether rows hold several samples (model_prep.packing;
-    None: data.packing)."""
+    None: data.packing); `longest` the longest sample, which bounds a padded row where shorter than data.max_length."""
     from fasttune.model.loss import apply_chunked_loss
 
     base = base_model(model)
@@ -477,9 +479,11 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory
     free = free_memory(device) if free_bytes is None else free_bytes
     d = cfg.data
-    row = d.micro_batch_size * d.max_length if (d.packing if packed is None else packed) else d.max_length
+    packed = d.packing if packed is None else packed
+    row = d.micro_batch_size * d.max_length if packed else min(d.max_length, longest or d.max_length)
     scores = kept_scores(model, attention, row)
-    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention), scores)
+    tokens = None if packed else d.micro_batch_size * row
+    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention), scores, tokens)
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
     where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"

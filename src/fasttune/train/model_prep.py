@@ -221,8 +221,9 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         _apply_lean_norm(model)
     if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
         _apply_experts_autocast(model)
-    est = plan_memory(cfg, model, device, attention=attn.name, packed=packing(cfg, attn))  # chunked loss +
-    # activation plan, or a clear stop
+    longest = max(len(s["input_ids"]) for s in (*data.train, *data.val))  # bounds a padded row
+    est = plan_memory(cfg, model, device, attention=attn.name, packed=packing(cfg, attn), longest=longest)  # chunked
+    # loss + activation plan, or a clear stop
     # when the step cannot fit
     _say_router_loss(model)
     if cfg.training.compile:
