@@ -28,10 +28,13 @@ ACT_NAMES = ("hidden_act", "activation_function", "activation", "hidden_activati
 """Config fields naming the MLP's activation (a key of transformers' ACT2FN)."""
 
 
-def activation_keeps(act) -> int | None:
+def activation_keeps(act, device: torch.device | str = "cpu", autocast: bool = False) -> int | None:
     """Bytes an element of the MLP width that `act` keeps for backward in bf16, its output included (the next matmul
-    keeps it as its input): what autograd saves, distinct storages, measured on a small CPU tensor. None when it does
-    not run there (a module with weights on a GPU)."""
+    keeps it as its input): what autograd saves, distinct storages, measured on a small tensor on `device`, under
+    bf16 autocast where the run has it: CUDA's autocast runs some ops in fp32 (pow: GPT-2's Python GELU-tanh keeps
+    16 bytes an element there, 10 without, H200; docs/BENCHMARKS.md "Architectures"). None when it does not run
+    there."""
+    device = torch.device(device)
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -39,8 +42,9 @@ def activation_keeps(act) -> int | None:
         return t
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        x = torch.randn(64, 256, dtype=torch.bfloat16, device="cpu", requires_grad=True)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=autocast)
+    with torch.inference_mode(False), torch.enable_grad(), amp:
+        x = torch.randn(64, 256, dtype=torch.bfloat16, device=device, requires_grad=True)
         try:
             with hooks:
                 y = act(x)
@@ -68,7 +72,7 @@ def _activation(block: nn.Module) -> nn.Module | None:
     return None
 
 
-def mlp_layout(layer: nn.Module) -> dict:
+def mlp_layout(layer: nn.Module, autocast: bool = False) -> dict:
     """{"mlp": "gated", "gate_up" or "plain", "act_elem": ...} of one built decoder layer, as far as its modules tell
     (an MoE layer's experts are counted by train/activations.py itself; OPT's fc1 and fc2 sit in the layer)."""
     block = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None) or layer
@@ -81,7 +85,9 @@ def mlp_layout(layer: nn.Module) -> dict:
     elif names & set(PLAIN):
         found["mlp"] = "plain"
     act = _activation(block)
-    if act is not None and (kept := activation_keeps(act)) is not None:
+    weight = next(layer.parameters(), None)
+    device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
+    if act is not None and (kept := activation_keeps(act, device, autocast)) is not None:
         found["act_elem"] = kept
     return found
 

@@ -345,7 +345,9 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     return Setup(
         shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
-        shape=_shape(model), params=n, trainable=trainable, param_bytes=param_bytes,
+        shape=_shape(model, autocast=cfg.model.dtype == "auto" and any(p.is_cuda and p.dtype == torch.float32
+                                                                        for p in params)),  # fp32 weights or adapters
+        params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
@@ -356,9 +358,9 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     )  # fmt: skip
 
 
-def _shape(model: torch.nn.Module) -> Shape:
+def _shape(model: torch.nn.Module, autocast: bool = False) -> Shape:
     """The model's shape, its norms, attention and MLP as its first decoder layer has them (the config alone names
-    neither: model/norm.py, model/layout.py)."""
+    neither: model/norm.py, model/layout.py); `autocast`: the run computes under bf16 autocast."""
     config = base_model(model).config
     shape, layers = Shape.of(config), decoder_layers(model)
     if not layers:
@@ -366,7 +368,7 @@ def _shape(model: torch.nn.Module) -> Shape:
     norms, elem, qk = norm_layout(layers[0], shape.hidden)
     if norms:
         shape = dataclasses.replace(shape, norms=norms, norm_elem=elem, qk_norms=qk, parallel=parallel(config, norms))
-    return dataclasses.replace(shape, **attention_layout(layers[0], config), **mlp_layout(layers[0]))
+    return dataclasses.replace(shape, **attention_layout(layers[0], config), **mlp_layout(layers[0], autocast))
 
 
 def _lora_rank(model: torch.nn.Module) -> int:
