@@ -263,7 +263,7 @@ def test_the_planner_counts_the_lora_forward_that_runs(tmp_path):
     assert (st.lora_rank, st.lora_upcast) == (0, False)
 
 
-def test_liger_rope_is_left_out_of_selective_plans_and_never_rotates_saved_outputs(monkeypatch):
+def test_liger_rope_is_left_out_of_selective_plans_and_never_rotates_saved_outputs(monkeypatch, caplog):
     """Liger's RoPE rotates q/k in the storage of the projections' outputs, which a selective plan saves and hands
     back to the recomputed forward (rotated twice: wrong gradients, measured on an H200). An explicit selective plan
     applies Liger without RoPE, and a Liger RoPE an earlier model left in the module rotates copies."""
@@ -276,8 +276,10 @@ def test_liger_rope_is_left_out_of_selective_plans_and_never_rotates_saved_outpu
     liger = types.ModuleType("liger_kernel")
     liger.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
     liger.transformers = types.SimpleNamespace(_apply_liger_kernel_to_instance=lambda **kw: calls.append(kw))
+    patches = types.SimpleNamespace(MODEL_TYPE_TO_APPLY_LIGER_FN={"llama": None})
     monkeypatch.setitem(sys.modules, "liger_kernel", liger)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger.transformers)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patches)
 
     def liger_rope(q, k, cos, sin):  # Liger's contract: rotates in place, returns its inputs
         q.mul_(-1), k.mul_(-1)
@@ -288,6 +290,7 @@ def test_liger_rope_is_left_out_of_selective_plans_and_never_rotates_saved_outpu
     fake.apply_rotary_pos_emb = liger_rope
     monkeypatch.setitem(sys.modules, "fake_modeling", fake)
     model = type("FakeForCausalLM", (torch.nn.Module,), {"__module__": "fake_modeling"})()
+    model.config = types.SimpleNamespace(model_type="llama")
 
     cuda = torch.device("cuda")  # only its type is read
     for plan, rope in (("none", True), ("full", True), ("auto", True), ("ops", False), ("every:2", False)):
@@ -299,6 +302,14 @@ def test_liger_rope_is_left_out_of_selective_plans_and_never_rotates_saved_outpu
     wrapped = fake.apply_rotary_pos_emb
     model_prep._apply_liger(model, cuda, "ops")
     assert fake.apply_rotary_pos_emb is wrapped  # wrapped once
+
+    # a model type Liger has no kernels for: said, and nothing applied (the log said "Liger kernels applied" for
+    # GPT-NeoX, Falcon, Phi, GPT-2, ..., on an H200 with liger-kernel 0.8.5)
+    model.config.model_type = "gpt_neox"
+    calls.clear()
+    with caplog.at_level("WARNING", logger="fasttune"):
+        model_prep._apply_liger(model, cuda, "none")
+    assert not calls and "Liger has no kernels for model type 'gpt_neox'; running without them" in caplog.text
 
 
 def test_the_run_says_its_precision_optimizer_and_plan(tmp_path):

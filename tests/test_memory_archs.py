@@ -245,3 +245,19 @@ def test_padded_rows_are_estimated_at_the_longest_sample_and_packed_rows_of_own_
                           packed=packed, longest=longest)  # fmt: skip
         assert est.tokens == tokens
         assert est.activations == activation_bytes(shape, "none", tokens, scores=row * 6 * 6.0)
+
+
+@pytest.mark.gpu
+def test_the_activation_is_measured_under_the_runs_autocast_on_its_gpu():
+    """CUDA's autocast runs pow in fp32: GPT-2's Python GELU-tanh (NewGELUActivation) keeps 18 bytes an element of
+    the MLP width there and 10 in bf16 (H200, torch 2.11). A CUDA layer's activation is measured on its GPU, under
+    autocast when the run has it (fp32 weights or adapters under dtype auto); it was measured on CPU, without."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fasttune.train.memory import _shape
+
+    config = AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=1)
+    model = AutoModelForCausalLM.from_config(config).cuda()
+    assert (_shape(model).act_elem, _shape(model, autocast=True).act_elem) == (10, 18)

@@ -84,7 +84,12 @@ def _apply_liger(model, device: torch.device, plan: str) -> None:
         log.warning("model.liger: %s (pip install 'fasttune[liger]'); running without Liger", why)
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
+    kind = getattr(model.config, "model_type", None)
+    if kind not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log.warning("model.liger: Liger has no kernels for model type %r; running without them", kind)
+        return
     rope = not selective(plan)
     if not rope:
         log.info("model.liger: Liger's RoPE left out for model.memory=%s: %s", plan, LIGER_ROPE_IN_PLACE)
