@@ -52,9 +52,15 @@ def test_layers_of_other_architectures_keep_what_the_planner_counts(kind, monkey
     beside a hidden size of 384), under 0.2% at real ones. Counted as Llama layers (SwiGLU, 6-byte norms, three q/k/v
     readers), `none` was 1.5-1.8x what GPT-NeoX, StarCoder2 and Falcon layers keep (bf16), Phi's 3.5% and GLM's 5%
     low (GLM's `mlp` 10%), GPT-2's 6-18% high and `ops` 25-30% high on every plain MLP."""
+    from transformers import AutoConfig
     from transformers.models.falcon import modeling_falcon
 
+    from fasttune.attention.select import native_attention
     from fasttune.train.memory import _shape
+
+    if kind == "gptj" and native_attention(AutoConfig.for_model(kind)) == "eager":  # 5.17; 5.24 has AttentionInterface
+        pytest.skip("this transformers runs GPT-J's attention in its own eager code, which keeps the scores "
+                    "(test_attention_in_a_models_own_code_keeps_the_scores_the_planner_counts)")  # fmt: skip
 
     monkeypatch.setattr(modeling_falcon, "create_causal_mask", lambda **kwargs: None)  # sdpa's is_causal instead
     make = functools.partial(_model, kind)
