@@ -229,15 +229,17 @@ def test_attention_in_a_models_own_code_keeps_the_scores_the_planner_counts(kind
     assert kept_scores(model, "sdpa", row=1) == 0  # fasttune's own backends keep no scores
 
 
-def test_padded_rows_are_estimated_at_the_longest_sample_and_packed_rows_of_own_attention_whole():
+def test_padded_rows_are_estimated_at_the_longest_sample_and_grouped_rows_at_the_budget():
     """Padded rows are as wide as their longest sample: the estimate takes micro_batch_size x min(max_length, the
-    longest sample) tokens (it took max_length: 7x the rows of a GSM8K run at sft's 2048), and attention in a model's
-    own code keeps scores over that width; a packed row of it would be micro_batch_size x max_length wide."""
+    longest sample) tokens (it took max_length: 7x the rows of a GSM8K run at sft's 2048); rows grouped by length (a
+    model with its own attention) fill the packing budget; attention in a model's own code keeps scores over the
+    widest row, and over the whole row were it packed."""
     import dataclasses
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.config import get_experiment
+    from fasttune.data.packing import Batcher
     from fasttune.train.activations import activation_bytes
     from fasttune.train.memory import _shape, plan_memory
 
@@ -246,11 +248,36 @@ def test_padded_rows_are_estimated_at_the_longest_sample_and_packed_rows_of_own_
     cfg = get_experiment("sft")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=2048, micro_batch_size=4))
     shape = _shape(model)
-    for packed, longest, row, tokens in ((False, 300, 300, 1200), (False, None, 2048, 8192), (True, 300, 8192, 8192)):
+    cases = ((False, False, 300, 300, 1200), (False, False, 4000, 2048, 8192), (False, True, 300, 300, 8192),
+             (True, False, 300, 8192, 8192))  # fmt: skip
+    for packing, grouped, longest, row, tokens in cases:
+        batcher = Batcher.from_config(cfg.data, 0, packing=packing, grouped=grouped)
+        assert batcher.bounds(longest) == (tokens, row)
         est = plan_memory(cfg, model, torch.device("cpu"), free_bytes=1e12, attention="transformers eager",
-                          packed=packed, longest=longest)  # fmt: skip
+                          bounds=batcher.bounds(longest))  # fmt: skip
         assert est.tokens == tokens
         assert est.activations == activation_bytes(shape, "none", tokens, scores=row * 6 * 6.0)
+
+
+def test_grouped_padded_batches_hold_every_sample_once_within_the_budget():
+    """by_length: every sample once per epoch, each batch's rows x its longest within the budget, the same plan for
+    the same (seed, epoch), and far less padding than micro_batch_size samples in random order."""
+    import random
+
+    from fasttune.data.packing import plan_micro_batches
+
+    lengths = [random.Random(i).randint(5, 300) for i in range(500)]
+    kw = dict(packing=False, micro_batch_size=4, max_length=300, seed=1)
+    plan = plan_micro_batches(lengths, epoch=0, grouped=True, **kw)
+    assert sorted(i for b in plan for i in b) == list(range(500))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1200 for b in plan)
+    assert plan == plan_micro_batches(lengths, epoch=0, grouped=True, **kw) != plan_micro_batches(
+        lengths, epoch=1, grouped=True, **kw)  # fmt: skip
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) - sum(lengths)
+
+    assert padding(plan) < 0.1 * padding(plan_micro_batches(lengths, epoch=0, **kw))
 
 
 @pytest.mark.gpu

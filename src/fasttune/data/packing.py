@@ -1,4 +1,5 @@
-"""Micro-batch planning and collation: padding-free packing (default) or classic padded batches.
+"""Micro-batch planning and collation: padding-free packing (default), classic padded batches, or padded batches of
+samples of similar length within the packing budget (for models whose attention cannot keep packed samples apart).
 
 Packed micro-batch: one row `input_ids_1T` holding several samples back to back, `position_ids_1T` restarting
 at 0 for each sample, and `cu_seq_lens_q/k` (int32, cumulative lengths) + `max_length_q/k`, the convention of
@@ -42,12 +43,31 @@ def best_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return bins
 
 
+def by_length(lengths: Sequence[int], budget: int, rng: random.Random) -> list[list[int]]:
+    """Padded micro-batches of samples of similar length, each at most `budget` tokens with its padding (rows x its
+    longest sample): the samples longest first (equal lengths in random order), cut where the next would overflow."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], rng.random()))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def plan_micro_batches(
-    lengths: Sequence[int], *, packing: bool, micro_batch_size: int, max_length: int, seed: int, epoch: int
-) -> list[list[int]]:
+    lengths: Sequence[int], *, packing: bool, micro_batch_size: int, max_length: int, seed: int, epoch: int,
+    grouped: bool = False,
+) -> list[list[int]]:  # fmt: skip
     """The micro-batches (lists of sample indices) of one epoch. Deterministic in (seed, epoch), so a resumed
-    run sees exactly the data order of an uninterrupted one."""
+    run sees exactly the data order of an uninterrupted one. `grouped` (packing off): padded batches by_length
+    within the packing budget instead of micro_batch_size samples in random order."""
     rng = random.Random(seed * 1_000_003 + epoch)
+    if grouped and not packing:
+        batches = by_length(lengths, micro_batch_size * max_length, rng)
+        rng.shuffle(batches)
+        return batches
     if packing:
         bins = best_fit_decreasing(lengths, micro_batch_size * max_length)
         for b in bins:
@@ -123,6 +143,8 @@ class Batcher:
     max_length: int
     seed: int = 0
     pad_id: int = 0
+    grouped: bool = False
+    """Packing off: padded batches of similar lengths within micro_batch_size x max_length tokens (by_length)."""
 
     @classmethod
     def from_config(cls, data_cfg, seed: int, pad_id: int | None = 0, **changes) -> Batcher:
@@ -133,7 +155,17 @@ class Batcher:
 
     def plan(self, lengths: Sequence[int], epoch: int) -> list[list[int]]:
         return plan_micro_batches(lengths, packing=self.packing, micro_batch_size=self.micro_batch_size,
-                                  max_length=self.max_length, seed=self.seed, epoch=epoch)  # fmt: skip
+                                  max_length=self.max_length, seed=self.seed, epoch=epoch,
+                                  grouped=self.grouped)  # fmt: skip
+
+    def bounds(self, longest: int) -> tuple[int, int]:
+        """(the most tokens a micro-batch holds, its padding included; its widest row) when no sample is longer than
+        `longest`: what the memory estimate plans for."""
+        budget = self.micro_batch_size * self.max_length
+        if self.packing:
+            return budget, budget
+        row = min(self.max_length, longest)
+        return (budget if self.grouped else self.micro_batch_size * row), row
 
     def collate(self, samples: Sequence[dict]) -> dict:
         return collate(samples, packing=self.packing, pad_id=self.pad_id)

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from fasttune.config import BaseConfig
 from fasttune.data.formats import FORMATS
-from fasttune.data.packing import IGNORE, Batcher
+from fasttune.data.packing import IGNORE
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.data.sft import MASKING_RULES
 from fasttune.data.tokenizer import fit_model_max_length
@@ -30,7 +30,7 @@ from fasttune.train.device import resolve_device
 from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
-from fasttune.train.model_prep import packing, prepare_model
+from fasttune.train.model_prep import prepare_model
 from fasttune.train.optim import build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder
@@ -150,7 +150,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
             f"{latest} and another --output-dir"
         )
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
-    model, attn, plan = prepare_model(cfg, data, device, param_dtype)
+    model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype)
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
     if latest is not None:
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
@@ -172,8 +172,6 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
         if d.main:
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
     log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
-    batcher = Batcher.from_config(cfg.data, cfg.seed, data.tokenizer.pad_token_id,
-                                  packing=packing(cfg, attn, say=True))  # fmt: skip
     result = RunResult(run_dir=folder.path, steps=max(state.step, cfg.training.max_steps), checkpoint=latest)
     return Run(cfg=cfg, data=data, batcher=batcher, folder=folder, dist=d, device=device, amp_dtype=amp_dtype,
                model=model, trained=trained, attn=attn, optimizer=optimizer, scheduler=scheduler, state=state,
@@ -320,7 +318,7 @@ def _finish(run: Run) -> RunResult:
     save_plots(run.metrics.records, run.folder)
     result.records = run.metrics.records
     training = describe_training(cfg, run.model, run.amp_dtype, run.optimizer, run.memory_plan)
-    _summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher.packing)
+    _summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher)
     return result
 
 
@@ -365,15 +363,16 @@ def describe_training(cfg: BaseConfig, model: torch.nn.Module, amp_dtype, optimi
     return f"{precision}; {cfg.training.optimizer}{' (fused)' if fused else ''}; memory plan {plan}"
 
 
-def _packing(cfg: BaseConfig, packed: bool) -> str:
-    if packed:
+def _packing(batcher) -> str:
+    if batcher.packing:
         return "on (padding-free)"
-    return "off (padded: the model's own attention would let packed samples see each other)" if cfg.data.packing else (
-        "off (padded)")  # fmt: skip
+    if batcher.grouped:
+        return "off (padded rows of similar length: the model's own attention would let packed samples see each other)"
+    return "off (padded)"
 
 
 def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, folder: RunFolder, world: int,
-               training: str, packed: bool) -> None:  # fmt: skip
+               training: str, batcher) -> None:  # fmt: skip
     recs = [r for r in result.records if r.get("tokens_per_s")]
     tps = sorted(r["tokens_per_s"] for r in recs[1:] or recs)
     median = tps[len(tps) // 2] if tps else 0.0
@@ -397,7 +396,7 @@ def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, fol
         ),
         ("training", training),
         ("attention", attn.describe()),
-        ("packing", _packing(cfg, packed)),
+        ("packing", _packing(batcher)),
         ("checkpoint", str(result.checkpoint or "none saved (no --save-every step reached, save_final off)")),
         ("model for from_pretrained", str(result.model_dir or "-")),
         ("metrics", str(folder.metrics)),

@@ -465,12 +465,11 @@ def free_memory(device: torch.device) -> float | None:
 
 
 def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None,
-                attention: str | None = None, packed: bool | None = None,
-                longest: int | None = None) -> Estimate:  # fmt: skip
+                attention: str | None = None, bounds: tuple[int, int] | None = None) -> Estimate:  # fmt: skip
     """Choose and install the run's memory transforms: the chunked loss (Liger's fused one when Liger is on) and the
     activation plan (`model.memory`; `model.gradient_checkpointing` means full). `free_bytes` replaces the
-    measured free memory (tests simulate GPUs with it); `packed` whether rows hold several samples (model_prep.packing;
-    None: data.packing); `longest` the longest sample, which bounds a padded row where shorter than data.max_length."""
+    measured free memory (tests simulate GPUs with it); `bounds` (tokens per micro-batch, widest row) as the run
+    batches (data.packing.Batcher.bounds; None: data.packing's packing budget, or padded rows of data.max_length)."""
     from fasttune.model.loss import apply_chunked_loss
 
     base = base_model(model)
@@ -481,11 +480,10 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory
     free = free_memory(device) if free_bytes is None else free_bytes
     d = cfg.data
-    packed = d.packing if packed is None else packed
-    row = d.micro_batch_size * d.max_length if packed else min(d.max_length, longest or d.max_length)
-    scores = kept_scores(model, attention, row)
-    tokens = None if packed else d.micro_batch_size * row
-    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention), scores, tokens)
+    budget = d.micro_batch_size * d.max_length
+    tokens, row = bounds or (budget, budget if d.packing else d.max_length)
+    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention),
+                  kept_scores(model, attention, row), tokens)  # fmt: skip
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
     where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"

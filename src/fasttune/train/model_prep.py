@@ -12,6 +12,7 @@ import torch
 
 from fasttune.config import BaseConfig
 from fasttune.config.base_config import memory_plan
+from fasttune.data.packing import Batcher
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
 from fasttune.model.build import base_model, build_model, check_weights, load_model_config, random_init
@@ -63,15 +64,18 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> Attention
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
 
 
-def packing(cfg: BaseConfig, attn: AttentionChoice, say: bool = False) -> bool:
-    """Whether the run packs samples into shared rows: data.packing, unless the model computes attention in its own
-    code. Its mask then spans the whole row (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a
-    packed sample attend to the one before it), so such a run trains on padded rows, one sample each."""
-    if cfg.data.packing and not attn.packs and say:
+def batcher_for(cfg: BaseConfig, attn: AttentionChoice, pad_id: int | None, say: bool = False) -> Batcher:
+    """How the run batches: as data.packing says, unless the model computes attention in its own code. Its mask then
+    spans the whole packed row (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a packed
+    sample attend to the one before it), so such a run trains on padded rows of samples of similar length, within the
+    same token budget (micro_batch_size x max_length tokens, padding included)."""
+    own = cfg.data.packing and not attn.packs
+    if own and say:
         log.warning("data.packing: off: this model computes attention in its own code (attention: %s), whose mask "
-                    "would let packed samples attend to each other; training on padded rows of --data.micro-batch-size "
-                    "%d samples", attn.name, cfg.data.micro_batch_size)  # fmt: skip
-    return cfg.data.packing and attn.packs
+                    "would let packed samples attend to each other; training on padded rows of samples of similar "
+                    "length, up to %d tokens a micro-batch", attn.name,
+                    cfg.data.micro_batch_size * cfg.data.max_length)  # fmt: skip
+    return Batcher.from_config(cfg.data, cfg.seed, pad_id, packing=cfg.data.packing and attn.packs, grouped=own)
 
 
 def _apply_liger(model, device: torch.device, plan: str) -> None:
@@ -226,9 +230,10 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         _apply_lean_norm(model)
     if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
         _apply_experts_autocast(model)
-    longest = max(len(s["input_ids"]) for s in (*data.train, *data.val))  # bounds a padded row
-    est = plan_memory(cfg, model, device, attention=attn.name, packed=packing(cfg, attn), longest=longest)  # chunked
-    # loss + activation plan, or a clear stop
+    batcher = batcher_for(cfg, attn, data.tokenizer.pad_token_id, say=True)
+    bounds = batcher.bounds(max(len(s["input_ids"]) for s in (*data.train, *data.val)))
+    est = plan_memory(cfg, model, device, attention=attn.name, bounds=bounds)  # chunked loss + activation plan, or
+    # a clear stop when the step cannot fit
     # when the step cannot fit
     _say_router_loss(model)
     if cfg.training.compile:
@@ -237,4 +242,4 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     from fasttune import attention
 
     attention.clear_report()  # the summary's kernels are those of the run's calls, not of the probes above
-    return model, attn, est.plan
+    return model, attn, est.plan, batcher
