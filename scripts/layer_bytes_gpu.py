@@ -50,7 +50,7 @@ def build(name: str, layers: int, lora: bool):
 
 def kept(name: str, layers: int, lora: bool, tokens: int):
     model, attention = build(name, layers, lora)
-    rows = [{"input_ids": list(range(3, 3 + SAMPLE)), "labels": []} for _ in range(tokens // SAMPLE)]
+    rows = [{"input_ids": list(range(3, 3 + SAMPLE)), "labels": list(range(3, 3 + SAMPLE))}] * (tokens // SAMPLE)
     if attention == "sdpa":
         batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate_packed(rows).items() if k != "labels"}
     else:
