@@ -62,7 +62,8 @@ def kept(name: str, layers: int, lora: bool, tokens: int):
     torch.cuda.synchronize()
     used = torch.cuda.memory_allocated() - before
     layer = decoder_layers(model)[0]
-    copies = 0 if lora else 2 * sum(p.numel() for p in layer.parameters() if p.dim() >= 2)  # autocast's bf16 weights
+    copies = 0 if lora else 2 * layers * sum(p.numel() for p in layer.parameters() if p.dim() >= 2)  # autocast's bf16
+    # copies of the layers' weights, which their matmuls keep for backward
     predicted = layer_bytes(_shape(model, autocast=True), "none", fp32_stream=not lora, lora_rank=16 if lora else 0,
                             kv_expanded=_kv_expanded(model, torch.device("cuda"), attention))  # fmt: skip
     predicted += kept_scores(model, attention, SAMPLE if attention != "sdpa" else tokens)
