@@ -142,9 +142,12 @@ class DataConfig:
     """What to do with samples longer than max_length: truncate, split (into max_length pieces), drop; auto: split
     plain text (nothing of it is lost), truncate supervised samples (a split would cut answers from their prompts)."""
     packing: bool = True
-    """Padding-free packing: samples share a micro-batch row with restarting positions and no cross-attention."""
+    """Padding-free packing: samples share a micro-batch row with restarting positions and no cross-attention. A
+    model that computes attention in its own code (Falcon, Bloom, GPT-Neo, MPT) trains on padded rows of samples of
+    similar length within the same token budget instead: its mask would let packed samples see each other."""
     micro_batch_size: int = 8
-    """Samples per micro-batch when padded; when packed, the token budget is micro_batch_size * max_length."""
+    """Samples per micro-batch when padded; when packed (or padded by length, see `packing`), the token budget is
+    micro_batch_size * max_length."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (deterministic split)."""
     tokenizer_vocab_size: int = 4096
