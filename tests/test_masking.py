@@ -91,6 +91,27 @@ def test_a_prompt_ending_inside_a_token_is_tokenized_as_generation_sends_it(tok)
     assert trained_runs(tok, sample) == ["sold clips" + EOS]
 
 
+def test_a_chat_header_ending_inside_a_token_is_tokenized_as_generation_sends_it():
+    """A template whose assistant header ends in a space ("ASSISTANT: ") before the reply "the answer is 4": whole,
+    " the" starts in the header and was never trained, and generation (the rendered prompt alone, ..., ":", " ")
+    sends ids training never had. The conversation is now tokenized with the header apart: the prompt's ids are
+    generation's, and the reply is trained from its first token."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }}\n{% else %}ASSISTANT: "
+        "{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+    )
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "the answer is 4"}]
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert " the" in [tok.decode([t]) for t in tok(rendered, add_special_tokens=False)["input_ids"]]
+    sample = tokenize_records([{"messages": messages}], "chat", tok)[0]
+    prompt = tok(tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]  # fmt: skip
+    assert sample["input_ids"][: len(prompt)] == prompt and set(sample["labels"][: len(prompt)]) == {IGNORE}
+    assert trained_runs(tok, sample) == ["the answer is 4" + EOS]
+    assert tok.decode(sample["input_ids"]) == rendered
+
+
 def test_text_trains_all_and_ends_with_eos(tok):
     records, fmt = load_records(str(FIXTURES / "text.jsonl"))
     for record, sample in zip(records, tokenize_records(records, fmt, tok), strict=True):

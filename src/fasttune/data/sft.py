@@ -4,8 +4,8 @@ Each record becomes one string plus the character spans that are trained; the st
 is trained when it *starts* inside a trained span. Tokenizing the whole string (rather than prompt and response
 apart) gives the same ids the model sees at generation time, and SentencePiece tokenizers do not get a spurious
 word-start marker at the response. Tokenizers without offset mappings (slow ones) tokenize span by span instead, and
-so do Alpaca and prompt/completion records whose prompt ends inside a token ("A: " + "5" is one token " 5"): that
-token would be left untrained, and generation, which tokenizes the prompt alone, sends "A:", " " instead.
+so do records whose prompt ends inside a token ("A: " + "5" is one token " 5"; a chat template's "ASSISTANT: " +
+"the"): that token would be left untrained, and generation, which tokenizes the prompt alone, sends "A:", " " instead.
 
 Rendering per format:
     text               the text + EOS; every token trained.
@@ -42,11 +42,12 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 Span = tuple[int, int]
 
 
-MASKING_RULES = 3
+MASKING_RULES = 4
 """Version of the rules that turn records into trained labels, kept in every checkpoint: a change that trains other
 tokens of the same data bumps it, so that --resume of an older run says why its data fingerprint differs. 2: records
 and chat replies with an empty response are not trained; chat turns end at their end-of-turn token. 3: an Alpaca or
-prompt/completion prompt that ends inside a token is tokenized apart from its response."""
+prompt/completion prompt that ends inside a token is tokenized apart from its response. 4: so is a chat turn whose
+assistant header ends inside a token (a template's "ASSISTANT: " before "the": " the" was one untrained token)."""
 
 
 def format_prompt(record: dict, fmt: str) -> str:
@@ -142,7 +143,7 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
                 f"{where}: the chat template renders a conversation differently from its own beginning, so the "
                 "assistant turns cannot be located; use a template with {% generation %} tags or --data.train_on_prompt"
             )
-    samples = _encode(tokenizer, rendered)
+    samples = _encode(tokenizer, rendered, prompt_apart=True)
     for i, sample in direct.items():
         samples[i] = sample
     return samples

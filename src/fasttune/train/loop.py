@@ -140,8 +140,8 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
             raise ConfigError(
                 f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
                 "(since then records and chat replies with an empty response are not trained, chat turns end at "
-                "their end-of-turn token, and a prompt that ends inside a token is tokenized apart from its response); "
-                "finish it with that version, or start a new run from its checkpoint with "
+                "their end-of-turn token, and a prompt or chat header that ends inside a token is tokenized apart "
+                "from its response); finish it with that version, or start a new run from its checkpoint with "
                 f"--model {latest} and another --output-dir"
             )
         raise ConfigError(
