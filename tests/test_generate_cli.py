@@ -284,11 +284,24 @@ def test_chat_ctrl_c_at_the_prompt_exits_cleanly(sft_run, capsys):
     assert chat_loop(model, tok, system=" ", read=interrupt) == 0  # a blank system message drops nothing
 
 
-def test_chat_system_that_the_format_would_drop_is_refused_as_training_refuses_it(sft_run, tmp_path, capsys):
+def _no_model_load(monkeypatch) -> None:
+    """A refusal that needs the tokenizer only comes before the model loads (minutes for a large one)."""
+    from fasttune.model import load
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(load, "load_model", never)
+
+
+def test_chat_system_that_the_format_would_drop_is_refused_as_training_refuses_it(sft_run, tmp_path, capsys,
+                                                                                  monkeypatch):  # fmt: skip
     """An Alpaca run's checkpoint has no place for a system message (training on chat data through it refuses one):
-    `chat --system` is one line and exit 2, not a note and a conversation without it; so is --system with --raw or
-    with a model that has no chat template."""
-    rc = main(["chat", "--checkpoint", str(sft_run.run_dir), "--system", "Be brief."])  # refused before any input
+    `chat --system` is one line and exit 2, before the model loads, not a note and a conversation without it; so is
+    --system with --raw or with a model that has no chat template."""
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        rc = main(["chat", "--checkpoint", str(sft_run.run_dir), "--system", "Be brief."])  # refused before input
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -317,7 +330,9 @@ def test_generate_refuses_a_system_message_the_trained_format_would_drop(sft_run
     out = tmp_path / "out.jsonl"
     argv = ["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(prompts), "--output", str(out),
             "--max-new-tokens", "2"]  # fmt: skip
-    assert main(argv) == 2
+    with pytest.MonkeyPatch.context() as m:
+        _no_model_load(m)  # refused before the model loads
+        assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
         f"error: {prompts} line 2 has a 'system' message, which the tokenizer's chat template drops: it is the alpaca "

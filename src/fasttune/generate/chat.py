@@ -65,6 +65,11 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
             history = messages + [{"role": "assistant", "content": reply.text}]
 
 
+def check_system(tokenizer, system: str | None, raw: bool) -> None:
+    """_check_system with the tokenizer's prompt format: `fasttune chat` runs it before the model loads."""
+    _check_system(system, "raw" if raw else prompt_format(tokenizer), raw)
+
+
 def _check_system(system: str | None, fmt: str, raw: bool) -> None:
     """A --system message that the model's prompt format would drop is refused, as training refuses one in the data
     (template.check_roles); a blank one drops nothing."""

@@ -96,11 +96,12 @@ class ChatArgs(SamplingArgs):
         return run_chat(self)
 
 
-def load_checkpoint(a: SamplingArgs, src=None):
-    """(model, tokenizer) of --checkpoint, or of `src` when the caller resolved it already (a ModelSource)."""
+def load_checkpoint(a: SamplingArgs, src=None, check=None):
+    """(model, tokenizer) of --checkpoint, or of `src` when the caller resolved it already (a ModelSource); `check`
+    (tokenizer) runs before the model loads."""
     from fasttune.model.load import load_for_inference
 
-    return load_for_inference(src or a.checkpoint, a.device, a.trust_remote_code)
+    return load_for_inference(src or a.checkpoint, a.device, a.trust_remote_code, check=check)
 
 
 def run_generate(a: GenerateArgs) -> int:
@@ -110,7 +111,7 @@ def run_generate(a: GenerateArgs) -> int:
         records = read_prompts(a.prompts)
         out = Path(a.output) if a.output else Path(a.prompts).with_suffix(".completions.jsonl")
         check_output(out, a.overwrite)
-        model, tok = load_checkpoint(a)
+        model, tok = load_checkpoint(a, check=lambda tok: _check_records(tok, a, records))  # before the model
         return _generate_file(model, tok, a, records, out)
     if a.output is not None:
         raise ConfigError("--output goes with --prompts FILE; with --prompt the text is printed")
@@ -138,21 +139,30 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) -> int:
-    from tqdm.auto import tqdm
-
-    from fasttune.generate.generate import fast_engine, fit_context, generate_ids
-    from fasttune.generate.prompts import check_single, record_messages, write_jsonl
-    from fasttune.generate.template import check_roles, prompt_format, prompt_ids
+def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[list[dict]]:
+    """Each record's messages, every record checked against the prompt format (its roles, --raw's one message)."""
+    from fasttune.generate.prompts import check_single, record_messages
+    from fasttune.generate.template import check_roles, prompt_format
 
     fmt = "raw" if a.raw else prompt_format(tok)
     conversations = [record_messages(r, fmt) for r in records]
-    for r, messages in zip(records, conversations, strict=True):  # every record before any generation
+    for r, messages in zip(records, conversations, strict=True):
         where = f"{a.prompts} line {r['_line']}"
         if fmt == "raw":
             check_single(messages, where)
         check_roles(messages, fmt, where, "remove it from that line (write what it says into the user message if it "
                     "matters)")  # fmt: skip
+    return conversations
+
+
+def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) -> int:
+    from tqdm.auto import tqdm
+
+    from fasttune.generate.generate import fast_engine, fit_context, generate_ids
+    from fasttune.generate.prompts import write_jsonl
+    from fasttune.generate.template import prompt_ids
+
+    conversations = _check_records(tok, a, records)  # checked before the model loaded; their messages
     ids = []
     for r, messages in zip(records, conversations, strict=True):
         ids.append(prompt_ids(tok, messages, raw=a.raw))
@@ -185,8 +195,8 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
 
 
 def run_chat(a: ChatArgs) -> int:
-    from fasttune.generate.chat import chat_loop
+    from fasttune.generate.chat import chat_loop, check_system
 
-    model, tok = load_checkpoint(a)
+    model, tok = load_checkpoint(a, check=lambda tok: check_system(tok, a.system, a.raw))  # before the model loads
     return chat_loop(model, tok, raw=a.raw, system=a.system, max_new_tokens=a.max_new_tokens,
                      temperature=a.temperature, top_p=a.top_p, seed=a.seed)  # fmt: skip
