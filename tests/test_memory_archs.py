@@ -278,6 +278,8 @@ def test_grouped_padded_batches_hold_every_sample_once_within_the_budget():
         return sum(len(b) * max(lengths[i] for i in b) for b in batches) - sum(lengths)
 
     assert padding(plan) < 0.1 * padding(plan_micro_batches(lengths, epoch=0, **kw))
+    with pytest.raises(ValueError, match="sample 1 has 1201 tokens, more than the micro-batch budget 1200"):
+        plan_micro_batches([5, 1201], epoch=0, grouped=True, **kw)  # as packing refuses it
 
 
 @pytest.mark.gpu

@@ -148,7 +148,7 @@ def test_a_model_with_its_own_attention_trains_on_padded_rows_not_on_leaking_pac
     )  # fmt: skip
     caplog.set_level(logging.WARNING, logger="fasttune")
     run = loop.train(cfg)
-    assert "data.packing: off: this model computes attention in its own code" in caplog.text
+    assert "data.packing: off: this model (FalconForCausalLM) computes attention in its own code" in caplog.text
 
     data = build_data(cfg)
     batcher = Batcher.from_config(cfg.data, cfg.seed, data.tokenizer.pad_token_id, packing=False, grouped=True)
@@ -160,3 +160,39 @@ def test_a_model_with_its_own_attention_trains_on_padded_rows_not_on_leaking_pac
         want = AutoModelForCausalLM.from_pretrained(micro_falcon)(**batch).loss.item()
     first = next(r for r in run.records if r.get("loss") is not None)
     assert first["step"] == 1 and abs(first["loss"] - want) <= 1e-5 * want
+
+
+def test_a_loaded_class_without_attention_interface_is_not_packed(tmp_path):
+    """Remote code is not known from its config (the attention choice says it packs): the loaded class decides. A
+    subclass of Bloom's, as remote code could be, trains on grouped padded rows; Llama's packs."""
+    import transformers as T
+
+    from fasttune.train.model_prep import AttentionChoice, batcher_for
+
+    class MyBloomForCausalLM(T.BloomForCausalLM):
+        pass
+
+    cfg = tiny_config(tmp_path)
+    attn = AttentionChoice("sdpa", "sdpa", "sdpa", "as requested")
+    bloom = MyBloomForCausalLM(T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                             intermediate_size=64))  # fmt: skip
+    assert batcher_for(cfg, attn, bloom, 0).layout == "grouped" and batcher_for(cfg, attn, llama, 0).layout == "packed"
+
+
+def test_resume_under_other_batching_goes_on_from_the_next_epoch(caplog):
+    """A checkpoint's cursor indexes its epoch's plan; under another layout (a run that packed a model with its own
+    attention, before it was padded) the rest of that epoch would repeat or skip samples (a resumed 2-step Falcon run
+    trained 4 samples of its finished epoch again): the run goes on from the next epoch, and says so."""
+    from fasttune.data.packing import Batcher
+    from fasttune.train.loop import _check_batching
+    from fasttune.train.run import TrainState
+
+    grouped = Batcher(packing=False, micro_batch_size=2, max_length=8, grouped=True)
+    caplog.set_level(logging.WARNING, logger="fasttune")
+    for saved, before, moved in (({"batching": "packed"}, "packed", True), ({}, "packed", True),
+                                 ({"batching": "grouped"}, "packed", False), ({}, "grouped", False)):  # fmt: skip
+        state = TrainState(step=2, epoch=0, cursor=2)
+        _check_batching(saved, grouped, state, before)
+        assert (state.epoch, state.cursor) == ((1, 0) if moved else (0, 2)), saved
+    assert "micro-batches were packed and are grouped now; going on from epoch 1" in caplog.text

@@ -46,6 +46,9 @@ def best_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
 def by_length(lengths: Sequence[int], budget: int, rng: random.Random) -> list[list[int]]:
     """Padded micro-batches of samples of similar length, each at most `budget` tokens with its padding (rows x its
     longest sample): the samples longest first (equal lengths in random order), cut where the next would overflow."""
+    if lengths and max(lengths) > budget:
+        i = max(range(len(lengths)), key=lambda i: lengths[i])
+        raise ValueError(f"sample {i} has {lengths[i]} tokens, more than the micro-batch budget {budget}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], rng.random()))
     batches: list[list[int]] = []
     for i in order:
@@ -157,6 +160,11 @@ class Batcher:
         return plan_micro_batches(lengths, packing=self.packing, micro_batch_size=self.micro_batch_size,
                                   max_length=self.max_length, seed=self.seed, epoch=epoch,
                                   grouped=self.grouped)  # fmt: skip
+
+    @property
+    def layout(self) -> str:
+        """How micro-batches are made: "packed", "grouped" (padded, by length) or "padded"; kept in checkpoints."""
+        return "packed" if self.packing else "grouped" if self.grouped else "padded"
 
     def bounds(self, longest: int) -> tuple[int, int]:
         """(the most tokens a micro-batch holds, its padding included; its widest row) when no sample is longer than

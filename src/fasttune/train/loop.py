@@ -169,6 +169,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
         if "grad_accum" not in saved:  # a checkpoint from before it was recorded: the run's config says
             saved["grad_accum"] = folder.saved_config().get("training", {}).get("grad_accum", 1)
         state = _restore(d, latest, saved, model, optimizer, scheduler, metrics, cfg.training.grad_accum)
+        _check_batching(saved, batcher, state, "packed" if cfg.data.packing else "padded")
         if d.main:
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
     log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
@@ -204,6 +205,19 @@ def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics:
     metrics.truncate_after(state.step)
     log.info("resumed from %s (step %d)", latest, state.step)
     return state
+
+
+def _check_batching(saved: dict, batcher, state: TrainState, before: str) -> None:
+    """A checkpoint's position in its epoch indexes the plan it was batched by; batched otherwise now (a fasttune that
+    packed models with their own attention, or a transformers that runs a model's attention differently), the rest
+    of that epoch is another plan: the run goes on from the next epoch. `before`: what checkpoints written before
+    the layout was kept used."""
+    was = saved.get("batching", before)
+    if was != batcher.layout and state.cursor:
+        log.warning("--resume: the checkpoint's micro-batches were %s and are %s now; going on from epoch %d (the "
+                    "rest of epoch %d would repeat or skip samples)", was, batcher.layout, state.epoch + 1,
+                    state.epoch)  # fmt: skip
+        state.epoch, state.cursor = state.epoch + 1, 0
 
 
 def _fit(run: Run) -> None:

@@ -64,18 +64,20 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> Attention
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
 
 
-def batcher_for(cfg: BaseConfig, attn: AttentionChoice, pad_id: int | None, say: bool = False) -> Batcher:
-    """How the run batches: as data.packing says, unless the model computes attention in its own code. Its mask then
-    spans the whole packed row (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a packed
-    sample attend to the one before it), so such a run trains on padded rows of samples of similar length, within the
-    same token budget (micro_batch_size x max_length tokens, padding included)."""
-    own = cfg.data.packing and not attn.packs
+def batcher_for(cfg: BaseConfig, attn: AttentionChoice, model, pad_id: int | None, say: bool = False) -> Batcher:
+    """How the run batches: as data.packing says, unless the model computes attention in its own code (known from
+    the config before loading, or for remote code from the loaded class). Its mask then spans the whole packed row
+    (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a packed sample attend to the one before
+    it), so such a run trains on padded rows of samples of similar length, within the same token budget
+    (micro_batch_size x max_length tokens, padding included)."""
+    packs = attn.packs and getattr(type(base_model(model)), "_supports_attention_backend", False)
+    own = cfg.data.packing and not packs
     if own and say:
-        log.warning("data.packing: off: this model computes attention in its own code (attention: %s), whose mask "
-                    "would let packed samples attend to each other; training on padded rows of samples of similar "
-                    "length, up to %d tokens a micro-batch", attn.name,
+        log.warning("data.packing: off: this model (%s) computes attention in its own code, whose mask would let "
+                    "packed samples attend to each other; training on padded rows of samples of similar length, up "
+                    "to %d tokens a micro-batch", type(base_model(model)).__name__,
                     cfg.data.micro_batch_size * cfg.data.max_length)  # fmt: skip
-    return Batcher.from_config(cfg.data, cfg.seed, pad_id, packing=cfg.data.packing and attn.packs, grouped=own)
+    return Batcher.from_config(cfg.data, cfg.seed, pad_id, packing=cfg.data.packing and packs, grouped=own)
 
 
 def _apply_liger(model, device: torch.device, plan: str) -> None:
@@ -230,7 +232,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         _apply_lean_norm(model)
     if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
         _apply_experts_autocast(model)
-    batcher = batcher_for(cfg, attn, data.tokenizer.pad_token_id, say=True)
+    batcher = batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=True)
     bounds = batcher.bounds(max(len(s["input_ids"]) for s in (*data.train, *data.val)))
     est = plan_memory(cfg, model, device, attention=attn.name, bounds=bounds)  # chunked loss + activation plan, or
     # a clear stop when the step cannot fit

@@ -430,7 +430,8 @@ class Run:
                 trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                                  "state": state.as_dict(), "threads": torch.get_num_threads(),
                                  "data": self.data.summary.fingerprint, "masking_rules": MASKING_RULES,
-                                 "grad_accum": self.cfg.training.grad_accum}  # fmt: skip
+                                 "grad_accum": self.cfg.training.grad_accum,
+                                 "batching": self.batcher.layout}  # fmt: skip
                 if rng_ranks is not None:
                     trainer_state.update(rng_ranks=rng_ranks, world=d.world)
                 self.result.checkpoint = ckpt.save_checkpoint(self.folder, state.step, self.model,
