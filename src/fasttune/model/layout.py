@@ -32,7 +32,7 @@ def activation_keeps(act, device: torch.device | str = "cpu", autocast: bool = F
     """Bytes an element of the MLP width that `act` keeps for backward in bf16, its output included (the next matmul
     keeps it as its input): what autograd saves, distinct storages, measured on a small tensor on `device`, under
     bf16 autocast where the run has it: CUDA's autocast runs some ops in fp32 (pow: GPT-2's Python GELU-tanh keeps
-    16 bytes an element there, 10 without, H200; docs/BENCHMARKS.md "Architectures"). None when it does not run
+    18 bytes an element there, 10 without, H200; docs/BENCHMARKS.md "Architectures"). None when it does not run
     there."""
     device = torch.device(device)
     saved: list[torch.Tensor] = []

@@ -248,15 +248,16 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
 
 def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
                      lora_rank: int = 0, lora_upcast: bool = False, fused_mlp: bool = False,
-                     lean_norm: bool = False, kv_expanded: bool = False, scores: float = 0.0) -> float:  # fmt: skip
+                     lean_norm: bool = False, kv_expanded: bool = False,
+                     scores: tuple[float, float] = (0.0, 0.0)) -> float:  # fmt: skip
     """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes.
-    `scores`: bytes per token and layer of attention scores the kernel keeps (train/memory.py kept_scores), kept by
-    every plan that keeps the attention's internals (all but `attention` and `full`)."""
+    `scores`: bytes per token and layer that attention in a model's own code keeps (train/memory.py kept_scores),
+    where the attention is kept whole (`none`, `mlp`) and under `ops`; `attention` and `full` recompute it."""
 
     def per(plan: str) -> float:
         kept = layer_bytes(s, plan, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank, lora_upcast=lora_upcast,
                            fused_mlp=fused_mlp, lean_norm=lean_norm, kv_expanded=kv_expanded)  # fmt: skip
-        return kept + (scores if plan in ("none", "ops", "mlp") else 0.0)
+        return kept + {"none": scores[0], "mlp": scores[0], "ops": scores[1]}.get(plan, 0.0)
 
     if plan.startswith("every:"):
         k = int(plan.split(":")[1])

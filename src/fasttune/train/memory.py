@@ -135,8 +135,9 @@ class Setup:
     """fasttune's lean RMSNorm (model/norm.py): norms keep their input only, their outputs are recomputed."""
     plans: frozenset[str] | None = None
     """The plans this model's layers can take (see plans_for); None: every plan."""
-    scores: float = 0.0
-    """Bytes per token and layer of attention scores the attention kernel keeps for backward (kept_scores)."""
+    scores: tuple[float, float] = (0.0, 0.0)
+    """Bytes per token and layer the attention keeps for backward beyond fasttune's kernels (kept_scores): where it is
+    kept whole (`none`, `mlp`), and under `ops`."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -332,7 +333,7 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
 
 
 def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expanded: bool = False,
-             scores: float = 0.0, tokens: int | None = None) -> Setup:  # fmt: skip
+             scores: tuple[float, float] = (0.0, 0.0), tokens: int | None = None) -> Setup:  # fmt: skip
     """The memory-relevant facts of this configured run and built model; `tokens` per micro-batch (default: the
     packing budget, micro_batch_size x max_length)."""
     from fasttune.train.optim import state_bytes
@@ -345,8 +346,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     return Setup(
         shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
-        shape=_shape(model, autocast=cfg.model.dtype == "auto" and any(p.is_cuda and p.dtype == torch.float32
-                                                                        for p in params)),  # fp32 weights or adapters
+        shape=_shape(model, autocast=runs_autocast(cfg, model)),
         params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
@@ -356,6 +356,11 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
         kv_expanded=kv_expanded, scores=scores,
     )  # fmt: skip
+
+
+def runs_autocast(cfg, model: torch.nn.Module) -> bool:
+    """Whether the run computes under bf16 autocast: fp32 weights or LoRA adapters on a GPU under dtype auto."""
+    return cfg.model.dtype == "auto" and any(p.is_cuda and p.dtype == torch.float32 for p in model.parameters())
 
 
 def _shape(model: torch.nn.Module, autocast: bool = False) -> Shape:
@@ -433,26 +438,41 @@ def _kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | 
     return bool(attention and grouped) and keeps_expanded_kv(attention, device, dtype, head_dim(config))
 
 
-def kept_scores(model: torch.nn.Module, attention: str | None, row: int) -> float:
-    """Bytes per token and layer of the attention scores kept for backward over rows of `row` tokens, by attention a
-    model computes in its own code (attention.select.native_attention; fasttune's own backends keep none):
-    - transformers' eager attention keeps its fp32 softmax output and that output's copy in the compute dtype: 6
-      bytes a score (in bf16 and under autocast; fewer in pure fp32);
-    - Falcon's own sdpa call with multi-query attention (one kv head broadcast to the query heads) runs torch's math
-      kernel, which keeps the probabilities: 4 bytes a score.
-    Measured on CPU (tests/test_memory_archs.py: Bloom, MPT, GPT-Neo, Falcon) and on an H200 over 4096-token rows
-    (docs/BENCHMARKS.md, "Architectures": GPT-J's eager attention in transformers 5.17 6.4, Falcon's multi-query
-    4.2)."""
+OWN_ATTENTION_BYTES = {"eager": (6.0, 2.0), "gpt_neo": (6.0, 4.0), "falcon multi-query": (4.0, 4.0)}
+"""Bytes a score (per head, query and key) that attention computed in a model's own code keeps for backward, where
+the attention is kept whole and under `ops` (which keeps the score matmul's output and recomputes the softmax):
+transformers' eager attention keeps its fp32 softmax output and that output's copy in the compute dtype (6), and
+the bf16 scores under `ops` (2); GPT-Neo computes the scores from fp32 copies of q and k (4 under `ops`, but 2 under
+autocast, which casts them back); Falcon's multi-query sdpa call runs torch's math kernel, which keeps its
+probabilities (4). Measured on CPU in bf16 and under autocast (tests/test_memory_archs.py) and on an H200 over
+4096-token rows (docs/BENCHMARKS.md, "Architectures, second sweep": GPT-J's eager attention in transformers 5.17
+kept 6.4 bytes a score, Falcon's multi-query 4.2)."""
+
+
+def kept_scores(model: torch.nn.Module, attention: str | None, row: int,
+                autocast: bool = False) -> tuple[float, float]:  # fmt: skip
+    """Bytes per token and layer that attention a model computes in its own code (attention.select.native_attention;
+    fasttune's own backends keep none of it) keeps for backward over rows of `row` tokens, where the attention is
+    kept whole and under `ops` (OWN_ATTENTION_BYTES), with what it keeps per token beside the layer's usual: GPT-Neo
+    in bf16 its fp32 q and k (2(q + kv) more), Falcon's math kernel under `ops` its output (2q, a matmul's)."""
     if not attention or not attention.startswith("transformers "):
-        return 0.0
+        return 0.0, 0.0
     config = base_model(model).config
-    if attention == "transformers eager":
-        per_score = 6.0
-    elif config.model_type == "falcon" and config.multi_query and not config.new_decoder_architecture:
-        per_score = 4.0
-    else:
-        return 0.0
-    return row * config.num_attention_heads * per_score
+    kind = config.model_type if config.model_type == "gpt_neo" else "eager"
+    if attention != "transformers eager":
+        if config.model_type != "falcon" or not config.multi_query or config.new_decoder_architecture:
+            return 0.0, 0.0
+        kind = "falcon multi-query"
+    whole, ops = OWN_ATTENTION_BYTES[kind]
+    if kind == "gpt_neo" and autocast:
+        ops = 2.0
+    heads, h = config.num_attention_heads, config.hidden_size
+    whole, ops = row * heads * whole, row * heads * ops
+    if kind == "gpt_neo" and not autocast:
+        whole += 4 * h  # fp32 q and k where bf16 ones would be (no grouped kv heads)
+    if kind == "falcon multi-query":
+        ops += 2 * h
+    return whole, ops
 
 
 def free_memory(device: torch.device) -> float | None:
@@ -483,7 +503,7 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     budget = d.micro_batch_size * d.max_length
     tokens, row = bounds or (budget, budget if d.packing else d.max_length)
     st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention),
-                  kept_scores(model, attention, row), tokens)  # fmt: skip
+                  kept_scores(model, attention, row, runs_autocast(cfg, model)), tokens)  # fmt: skip
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
     where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"
