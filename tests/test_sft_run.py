@@ -196,3 +196,35 @@ def test_resume_under_other_batching_goes_on_from_the_next_epoch(caplog):
         _check_batching(saved, grouped, state, before)
         assert (state.epoch, state.cursor) == ((1, 0) if moved else (0, 2)), saved
     assert "micro-batches were packed and are grouped now; going on from epoch 1" in caplog.text
+
+
+def test_a_hybrid_linear_attention_model_trains_on_padded_rows(tmp_path, caplog):
+    """Qwen3-Next (gated delta-rule layers beside attention; no AttentionInterface) refuses packed rows in transformers
+    without flash-linear-attention ("can't keep packed sequences apart"): `sft` on it, packing by default, stopped at
+    its first step. It trains on padded rows now."""
+    import torch
+    import transformers as T
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    if "qwen3_next" not in T.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        pytest.skip("this transformers has no Qwen3-Next")
+    tok = build_tiny_tokenizer()
+    config = T.AutoConfig.for_model(
+        "qwen3_next", vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path / "qwen3-next"
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
+    cfg = dataclasses.replace(
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(path)),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="fasttune")
+    run = loop.train(cfg)
+    assert "this model (Qwen3NextForCausalLM) computes attention in its own code" in caplog.text
+    assert [r["step"] for r in run.records if r.get("loss") is not None] == [1, 2]
