@@ -28,17 +28,8 @@ def config(name: str):
     if name in ("neox", "falcon", "falcon-mq", "phi", "gpt2", "gptj"):
         c.pop("num_key_value_heads")
     if name in ("gpt2", "gptj"):  # GPT-2's and GPT-J's own config names
-        c = dict(
-            vocab_size=32000,
-            n_embd=1024,
-            n_head=16,
-            n_inner=4096,
-            n_positions=4096,
-            n_layer=12,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
+        c = dict(vocab_size=32000, n_embd=1024, n_head=16, n_inner=4096, n_positions=4096, n_layer=12,
+                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
     if name == "gpt2":
         c.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if name == "qwen3moe":
