@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What one decoder layer keeps for backward on a GPU, per token, against the estimate (train/activations.py
-layer_bytes + train/memory.py kept_scores), for the architectures of scripts/arch_models.py at their sweep shape:
+layer_bytes + model/layout.py kept_scores), for the architectures of scripts/arch_models.py at their sweep shape:
 two layers minus one, CUDA memory allocated after a forward under bf16 autocast minus before, over a row of
 --tokens tokens packed from 256-token samples (padded rows of them for a model with its own attention), with fp32
 weights (full fine-tuning: the bf16 weight copies autocast keeps for backward are taken out) and with LoRA (rank 16,
@@ -26,8 +26,9 @@ import arch_models  # noqa: E402
 from fasttune.attention.select import native_attention, register  # noqa: E402
 from fasttune.config import LoraConfig  # noqa: E402
 from fasttune.data.packing import collate_packed  # noqa: E402
+from fasttune.model.layout import kept_scores  # noqa: E402
 from fasttune.train.activations import layer_bytes  # noqa: E402
-from fasttune.train.memory import _kv_expanded, _shape, decoder_layers, kept_scores  # noqa: E402
+from fasttune.train.memory import _kv_expanded, _shape, decoder_layers  # noqa: E402
 
 SAMPLE = 256
 
@@ -66,7 +67,7 @@ def kept(name: str, layers: int, lora: bool, tokens: int):
     # copies of the layers' weights, which their matmuls keep for backward
     predicted = layer_bytes(_shape(model, autocast=True), "none", fp32_stream=not lora, lora_rank=16 if lora else 0,
                             kv_expanded=_kv_expanded(model, torch.device("cuda"), attention))  # fmt: skip
-    predicted += kept_scores(model, attention, SAMPLE if attention != "sdpa" else tokens)
+    predicted += kept_scores(model, attention, SAMPLE if attention != "sdpa" else tokens, autocast=True)[0]
     del out, model
     torch.cuda.empty_cache()
     return used - copies, predicted, attention

@@ -204,7 +204,8 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.attention.select import native_attention
-    from fasttune.train.memory import _shape, kept_scores, plans_for
+    from fasttune.model.layout import kept_scores
+    from fasttune.train.memory import _shape, plans_for
     from tests.test_memory_layers import _kept_bytes
 
     native, names = OWN_ATTENTION[kind]

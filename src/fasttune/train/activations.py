@@ -251,7 +251,7 @@ def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32
                      lean_norm: bool = False, kv_expanded: bool = False,
                      scores: tuple[float, float] = (0.0, 0.0)) -> float:  # fmt: skip
     """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes.
-    `scores`: bytes per token and layer that attention in a model's own code keeps (train/memory.py kept_scores),
+    `scores`: bytes per token and layer that attention in a model's own code keeps (model/layout.py kept_scores),
     where the attention is kept whole (`none`, `mlp`) and under `ops`; `attention` and `full` recompute it."""
 
     def per(plan: str) -> float:

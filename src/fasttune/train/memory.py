@@ -30,7 +30,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model, decoder_blocks
-from fasttune.model.layout import attention_layout, mlp_layout, parallel
+from fasttune.model.layout import attention_layout, kept_scores, mlp_layout, parallel
 from fasttune.model.mlp import fused as fused_mlp
 from fasttune.model.norm import lean as lean_norm
 from fasttune.model.norm import norm_layout
@@ -436,43 +436,6 @@ def _kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | 
     dtype = next(base.parameters()).dtype
     dtype = torch.bfloat16 if dtype == torch.float32 else dtype  # fp32 weights compute under bf16 autocast on CUDA
     return bool(attention and grouped) and keeps_expanded_kv(attention, device, dtype, head_dim(config))
-
-
-OWN_ATTENTION_BYTES = {"eager": (6.0, 2.0), "gpt_neo": (6.0, 4.0), "falcon multi-query": (4.0, 4.0)}
-"""Bytes a score (per head, query and key) that attention computed in a model's own code keeps for backward, where
-the attention is kept whole and under `ops` (which keeps the score matmul's output and recomputes the softmax):
-transformers' eager attention keeps its fp32 softmax output and that output's copy in the compute dtype (6), and
-the bf16 scores under `ops` (2); GPT-Neo computes the scores from fp32 copies of q and k (4 under `ops`, but 2 under
-autocast, which casts them back); Falcon's multi-query sdpa call runs torch's math kernel, which keeps its
-probabilities (4). Measured on CPU in bf16 and under autocast (tests/test_memory_archs.py) and on an H200 over
-4096-token rows (docs/BENCHMARKS.md, "Architectures, second sweep": GPT-J's eager attention in transformers 5.17
-kept 6.4 bytes a score, Falcon's multi-query 4.2)."""
-
-
-def kept_scores(model: torch.nn.Module, attention: str | None, row: int,
-                autocast: bool = False) -> tuple[float, float]:  # fmt: skip
-    """Bytes per token and layer that attention a model computes in its own code (attention.select.native_attention;
-    fasttune's own backends keep none of it) keeps for backward over rows of `row` tokens, where the attention is
-    kept whole and under `ops` (OWN_ATTENTION_BYTES), with what it keeps per token beside the layer's usual: GPT-Neo
-    in bf16 its fp32 q and k (2(q + kv) more), Falcon's math kernel under `ops` its output (2q, a matmul's)."""
-    if not attention or not attention.startswith("transformers "):
-        return 0.0, 0.0
-    config = base_model(model).config
-    kind = config.model_type if config.model_type == "gpt_neo" else "eager"
-    if attention != "transformers eager":
-        if config.model_type != "falcon" or not config.multi_query or config.new_decoder_architecture:
-            return 0.0, 0.0
-        kind = "falcon multi-query"
-    whole, ops = OWN_ATTENTION_BYTES[kind]
-    if kind == "gpt_neo" and autocast:
-        ops = 2.0
-    heads, h = config.num_attention_heads, config.hidden_size
-    whole, ops = row * heads * whole, row * heads * ops
-    if kind == "gpt_neo" and not autocast:
-        whole += 4 * h  # fp32 q and k where bf16 ones would be (no grouped kv heads)
-    if kind == "falcon multi-query":
-        ops += 2 * h
-    return whole, ops
 
 
 def free_memory(device: torch.device) -> float | None:
