@@ -162,9 +162,11 @@ def kept_scores(model: nn.Module, attention: str | None, row: int,
     fasttune's own backends keep none of it) keeps for backward over rows of `row` tokens, where the attention is
     kept whole and under `ops` (OWN_ATTENTION_BYTES), with what it keeps per token beside the layer's usual: GPT-Neo
     in bf16 its fp32 q and k (2(q + kv) more), Falcon's math kernel under `ops` its output (2q, a matmul's)."""
+    from fasttune.model.build import base_model  # transformers, imported when a model exists
+
     if not attention or not attention.startswith("transformers "):
         return 0.0, 0.0
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config  # under peft
+    config = base_model(model).config
     kind = config.model_type if config.model_type == "gpt_neo" else "eager"
     if attention != "transformers eager":
         if config.model_type != "falcon" or not config.multi_query or config.new_decoder_architecture:
