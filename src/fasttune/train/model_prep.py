@@ -75,7 +75,8 @@ def batcher_for(cfg: BaseConfig, attn: AttentionChoice, model, pad_id: int | Non
     if own and say:
         log.warning("data.packing: off: this model (%s) computes attention in its own code, whose mask would let "
                     "packed samples attend to each other; training on padded rows of samples of similar length, up "
-                    "to %d tokens a micro-batch", type(base_model(model)).__name__,
+                    "to %d tokens a micro-batch (the data summary's packing figure does not apply)",
+                    type(base_model(model)).__name__,
                     cfg.data.micro_batch_size * cfg.data.max_length)  # fmt: skip
     return Batcher.from_config(cfg.data, cfg.seed, pad_id, packing=cfg.data.packing and packs, grouped=own)
 
