@@ -35,11 +35,6 @@ class AttentionChoice:
         and the document boundaries of packed rows, do not reach it."""
         return self.name.startswith("transformers ")
 
-    @property
-    def packs(self) -> bool:
-        """Whether packed rows keep their samples apart under this attention (see `packing`)."""
-        return not self.native
-
     def describe(self) -> str:
         from fasttune import attention
 
@@ -70,7 +65,7 @@ def batcher_for(cfg: BaseConfig, attn: AttentionChoice, model, pad_id: int | Non
     (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a packed sample attend to the one before
     it), so such a run trains on padded rows of samples of similar length, within the same token budget
     (micro_batch_size x max_length tokens, padding included)."""
-    packs = attn.packs and getattr(type(base_model(model)), "_supports_attention_backend", False)
+    packs = not attn.native and getattr(type(base_model(model)), "_supports_attention_backend", False)
     own = cfg.data.packing and not packs
     if own and say:
         log.warning("data.packing: off: this model (%s) computes attention in its own code, whose mask would let "
@@ -237,7 +232,6 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     bounds = batcher.bounds(max(len(s["input_ids"]) for s in (*data.train, *data.val)))
     est = plan_memory(cfg, model, device, attention=attn.name, bounds=bounds)  # chunked loss + activation plan, or
     # a clear stop when the step cannot fit
-    # when the step cannot fit
     _say_router_loss(model)
     if cfg.training.compile:
         for layer in decoder_layers(model):
