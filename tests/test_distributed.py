@@ -304,3 +304,24 @@ def test_reductions_over_ranks_give_every_rank_the_sum_and_the_largest_value():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: sum [3.0, 4.0] max 10.5" in proc.stdout, proc.stdout
+
+
+def test_fsdp_ranks_but_the_first_build_on_the_meta_device_and_get_rank_0s_weights(tmp_path):
+    """Under FSDP2 no rank holds the whole model on its device and only rank 0 reads the weight files: rank 1 builds
+    the model on the meta device (its from_pretrained raises if called), adopts rank 0's dtypes, and its shards come
+    from rank 0's weights, buffers (RoPE) included: both ranks compute plain HF's loss, and the weights gathered back
+    are the folder's."""
+    folder = save_micro_model(tmp_path / "base")
+    script = Path(__file__).parent / "fixtures" / "fsdp_meta_ranks.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run([*cmd, str(folder), str(tmp_path / "out.pt")], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert set(out["built"][0]) == {"cpu"} and set(out["built"][1]) == {"meta"}
+    assert out["losses"][0] == out["losses"][1]
+    torch.testing.assert_close(out["losses"][0], out["reference"], atol=2e-3, rtol=0)  # bf16: 5.7433 for 5.7432
+    assert out["plain"].keys() - out["weights"].keys() == {"lm_head.weight"}  # tied to the embeddings: saved once
+    _assert_same_tensors(out["weights"], {k: w for k, w in out["plain"].items() if k in out["weights"]})
+    assert {w.dtype for w in out["weights"].values()} == {torch.bfloat16}

@@ -345,3 +345,4 @@ def test_the_estimate_counts_kv_heads_expanded_by_torchs_varlen_kernel(monkeypat
     assert select.keeps_expanded_kv("auto", cuda, bf16, 64)
     s = _setup(8192).shape
     assert layer_bytes(s, "none", kv_expanded=True) - layer_bytes(s, "none") == 4 * (s.q - s.kv) == 3 * s.hidden
+

@@ -240,13 +240,11 @@ def check_weights(cfg: ModelConfig, lora: bool = False) -> None:
     )
 
 
-def _random_init(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
+def _from_config(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dtype: torch.dtype,
                  device: torch.device | str) -> PreTrainedModel:  # fmt: skip
+    """The model of `cfg.path`'s config.json, initialised on `device` (on the meta device: its shape alone), with
+    the embeddings a resize to the tokenizer's `vocab_size` would give it."""
     config = load_model_config(cfg, vocab_size)
-    log.warning(
-        "--model.random-init: RANDOMLY INITIALISED %s in the shape of %s/config.json (its weight files, if any, are "
-        "not loaded)", type(config).__name__.removesuffix("Config"), cfg.path,
-    )  # fmt: skip
     config.vocab_size = max(config.vocab_size, vocab_size)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype,
@@ -261,7 +259,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
     if cfg.path is None:
         model = build_preset(cfg.preset, vocab_size, attn_implementation, dtype, device)
     elif cfg.random_init:
-        model = _random_init(cfg, vocab_size, attn_implementation, dtype, device)
+        log.warning(
+            "--model.random-init: RANDOMLY INITIALISED %s in the shape of %s/config.json (its weight files, if any, "
+            "are not loaded)", type(load_model_config(cfg, vocab_size)).__name__.removesuffix("Config"), cfg.path,
+        )  # fmt: skip
+        model = _from_config(cfg, vocab_size, attn_implementation, dtype, device)
+    elif torch.device(device).type == "meta":  # an FSDP2 rank but the first: its shards come from rank 0's weights
+        model = _from_config(cfg, vocab_size, attn_implementation, dtype, device)
     else:
         load_model_config(cfg, vocab_size)  # clear error before transformers' own
         check_weights(cfg)

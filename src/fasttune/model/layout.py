@@ -72,9 +72,10 @@ def _activation(block: nn.Module) -> nn.Module | None:
     return None
 
 
-def mlp_layout(layer: nn.Module, autocast: bool = False) -> dict:
+def mlp_layout(layer: nn.Module, autocast: bool = False, device: torch.device | None = None) -> dict:
     """{"mlp": "gated", "gate_up" or "plain", "act_elem": ...} of one built decoder layer, as far as its modules tell
-    (an MoE layer's experts are counted by train/activations.py itself; OPT's fc1 and fc2 sit in the layer)."""
+    (an MoE layer's experts are counted by train/activations.py itself; OPT's fc1 and fc2 sit in the layer), its
+    activation measured on `device` (default: the layer's, or the CPU)."""
     block = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None) or layer
     names = {name.rsplit(".", 1)[-1] for name, _ in block.named_modules()}
     found: dict = {}
@@ -86,7 +87,8 @@ def mlp_layout(layer: nn.Module, autocast: bool = False) -> dict:
         found["mlp"] = "plain"
     act = _activation(block)
     weight = next(layer.parameters(), None)
-    device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
+    if device is None:
+        device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
     if act is not None and (kept := activation_keeps(act, device, autocast)) is not None:
         found["act_elem"] = kept
     return found

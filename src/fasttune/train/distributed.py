@@ -12,6 +12,10 @@ get the sum. Two scalar all-reduces per step: the loss, and a stop flag (Ctrl-C 
 ranks after the same step). Rank 0 alone writes checkpoints, metrics and logs; every rank reads the run folder, so
 several nodes need a shared filesystem. Start-up is serial (rank 0 checks the folder, tokenizes and builds the
 model first; the others then load the cached tokenizer), hence the long process-group timeout.
+
+Under FSDP2 no rank holds the whole model on its GPU, and one process reads the weights: rank 0 builds it (on the CPU
+when it loads weight files), the other ranks on the meta device (no memory, no file read), and `wrap` shards it and
+sends each rank its shards from rank 0 (torch's set_model_state_dict, broadcast_from_rank0).
 """
 
 from __future__ import annotations
@@ -60,14 +64,30 @@ class Dist:
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
+    def build_device(self, device: torch.device, reads_weights: bool) -> torch.device:
+        """Where this rank builds the model before `wrap`: under FSDP2 on several ranks, rank 0 on the CPU when it
+        `reads_weights` files (a model larger than one GPU still loads; FSDP2 moves it there a layer at a time) and
+        on `device` otherwise (a fresh init is faster there), the other ranks on the meta device; `device` otherwise
+        (DDP replicates the whole model)."""
+        if not (self.on and self.fsdp):
+            return device
+        if self.rank > 0:
+            return torch.device("meta")
+        return torch.device("cpu") if reads_weights else device
+
     def wrap(self, model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None):
         """The module to train: DDP around `model`, or `model` itself sharded in place by FSDP2 (each decoder layer,
-        then the rest). Build the optimizer after this: FSDP2 replaces the parameters. `compute_dtype`: the autocast
+        then the rest), every rank's shards sent from rank 0's model (the others built theirs on the meta device:
+        build_device). Build the optimizer after this: FSDP2 replaces the parameters. `compute_dtype`: the autocast
         dtype when the weights are kept in fp32 (FSDP2 then gathers them in it and reduces gradients in fp32)."""
         if not self.on:
             return model
         if self.fsdp:
-            return _shard(model, compute_dtype)
+            _adopt_layout(model, self.rank)
+            full = model.state_dict() if self.main else {}  # rank 0's weights (its CPU copy, when built there)
+            model = _shard(model, compute_dtype)
+            _fill_from_rank0(model, full, device)
+            return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -152,6 +172,35 @@ def _shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.n
         # when the CPU does not run ahead of the GPU, leaves the all-gather exposed).
         layer.set_modules_to_forward_prefetch([following])
     return model
+
+
+def _adopt_layout(model: torch.nn.Module, rank: int) -> None:
+    """Check that every rank built rank 0's model (the names and shapes of its parameters and buffers) and give the
+    meta-device ones rank 0's dtypes (from_pretrained keeps some modules in fp32 where a model built from its config
+    may not): the shards and collectives of FSDP2 need them equal."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    box = [{name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    want = box[0]
+    mine = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    odd = [name for name in sorted(mine.keys() | want.keys()) if mine.get(name, ())[:1] != want.get(name, ())[:1]]
+    if odd:
+        raise RuntimeError(f"rank {rank} built another model than rank 0 (first differences: {', '.join(odd[:3])})")
+    for name, t in tensors.items():
+        if t.is_meta and t.dtype != want[name][1]:
+            t.data = t.data.to(want[name][1])
+
+
+def _fill_from_rank0(model: torch.nn.Module, full: dict, device: torch.device) -> None:
+    """Every rank's shards of `model` (sharded by FSDP2; on the meta device on ranks other than 0) from rank 0's
+    `full` weights, and the buffers a state dict leaves out (RoPE's inverse frequencies) from rank 0's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def _keyed_by_name(state: dict) -> bool:

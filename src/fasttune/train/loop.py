@@ -22,7 +22,7 @@ from fasttune.data.sft import MASKING_RULES
 from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError, FasttuneError, Stopped
 from fasttune.generate.template import record_prompt_format
-from fasttune.model.build import check_weights, has_weights
+from fasttune.model.build import check_weights, has_weights, random_init
 from fasttune.model.resolve import resolve_for_training
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
@@ -150,10 +150,11 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
             f"{latest} and another --output-dir"
         )
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
-    model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype)
+    build_on = d.build_device(device, reads_weights=not random_init(cfg.model))
+    model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype, build_on)
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
-    if latest is not None:
-        ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights on every rank, before sharding
+    if latest is not None and build_on.type != "meta":
+        ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights, before sharding (FSDP2: rank 0's)
     if d.main:
         t = cfg.training  # before start, which clears an --overwrite'd run:
         saves = planned_saves(t.max_steps, t.save_every, t.save_final, saved["state"]["step"] if saved else 0)

@@ -333,9 +333,10 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
 
 
 def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expanded: bool = False,
-             scores: tuple[float, float] = (0.0, 0.0), tokens: int | None = None) -> Setup:  # fmt: skip
+             scores: tuple[float, float] = (0.0, 0.0), tokens: int | None = None,
+             device: torch.device | None = None) -> Setup:  # fmt: skip
     """The memory-relevant facts of this configured run and built model; `tokens` per micro-batch (default: the
-    packing budget, micro_batch_size x max_length)."""
+    packing budget, micro_batch_size x max_length); `device` the run's (default: the model's)."""
     from fasttune.train.optim import state_bytes
 
     params = list(model.parameters())
@@ -346,26 +347,35 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     return Setup(
         shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
-        shape=_shape(model, autocast=runs_autocast(cfg, model)),
+        shape=_shape(model, autocast=runs_autocast(cfg, model, device), device=device),
         params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
-        autocast=param_bytes == 4 and cfg.model.dtype == "auto" and bool(params) and params[0].is_cuda,
+        autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _on_gpu(model, device),
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
         kv_expanded=kv_expanded, scores=scores,
     )  # fmt: skip
 
 
-def runs_autocast(cfg, model: torch.nn.Module) -> bool:
-    """Whether the run computes under bf16 autocast: fp32 weights or LoRA adapters on a GPU under dtype auto."""
-    return cfg.model.dtype == "auto" and any(p.is_cuda and p.dtype == torch.float32 for p in model.parameters())
+def runs_autocast(cfg, model: torch.nn.Module, device: torch.device | None = None) -> bool:
+    """Whether the run computes under bf16 autocast: fp32 weights or LoRA adapters on a GPU (`device`, default the
+    model's: under FSDP2 it is built on the CPU or the meta device) under dtype auto."""
+    fp32 = any(p.dtype == torch.float32 for p in model.parameters())
+    return cfg.model.dtype == "auto" and fp32 and _on_gpu(model, device)
 
 
-def _shape(model: torch.nn.Module, autocast: bool = False) -> Shape:
+def _on_gpu(model: torch.nn.Module, device: torch.device | None) -> bool:
+    if device is not None:
+        return device.type == "cuda"
+    return any(p.is_cuda for p in model.parameters())
+
+
+def _shape(model: torch.nn.Module, autocast: bool = False, device: torch.device | None = None) -> Shape:
     """The model's shape, its norms, attention and MLP as its first decoder layer has them (the config alone names
-    neither: model/norm.py, model/layout.py); `autocast`: the run computes under bf16 autocast."""
+    neither: model/norm.py, model/layout.py); `autocast`: the run computes under bf16 autocast, on `device` (default:
+    the model's)."""
     config = base_model(model).config
     shape, layers = Shape.of(config), decoder_layers(model)
     if not layers:
@@ -373,7 +383,7 @@ def _shape(model: torch.nn.Module, autocast: bool = False) -> Shape:
     norms, elem, qk = norm_layout(layers[0], shape.hidden)
     if norms:
         shape = dataclasses.replace(shape, norms=norms, norm_elem=elem, qk_norms=qk, parallel=parallel(config, norms))
-    return dataclasses.replace(shape, **attention_layout(layers[0], config), **mlp_layout(layers[0], autocast))
+    return dataclasses.replace(shape, **attention_layout(layers[0], config), **mlp_layout(layers[0], autocast, device))
 
 
 def _lora_rank(model: torch.nn.Module) -> int:
@@ -466,7 +476,7 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     budget = d.micro_batch_size * d.max_length
     tokens, row = bounds or (budget, budget if d.packing else d.max_length)
     st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention),
-                  kept_scores(model, attention, row, runs_autocast(cfg, model)), tokens)  # fmt: skip
+                  kept_scores(model, attention, row, runs_autocast(cfg, model, device)), tokens, device)  # fmt: skip
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
     where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"

@@ -196,7 +196,10 @@ def align_special_tokens(model, tokenizer, fresh: bool) -> None:
         gen.pad_token_id = ids["pad_token_id"]
 
 
-def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype):
+def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
+                  build_on: torch.device | None = None):  # fmt: skip
+    """(model, attention choice, memory plan, batcher) of a run on `device`, the model built `build_on` (default
+    `device`; under FSDP2 the CPU or the meta device: distributed.Dist.build_device)."""
     vocab = len(data.tokenizer)
     model_config = load_model_config(cfg.model, vocab)
     compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
@@ -210,7 +213,8 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     check_weights(cfg.model, lora=cfg.lora.enabled)
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
-    model = build_model(cfg.model, vocab, attn.hf_name, compute_dtype if cfg.lora.enabled else param_dtype, device)
+    dtype = compute_dtype if cfg.lora.enabled else param_dtype
+    model = build_model(cfg.model, vocab, attn.hf_name, dtype, build_on or device)
     align_special_tokens(model, data.tokenizer, fresh=random_init(cfg.model))
     if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
         # transformers' own class was built: an input model's auto_map would make the saved checkpoint point at
