@@ -138,6 +138,11 @@ class Setup:
     scores: tuple[float, float] = (0.0, 0.0)
     """Bytes per token and layer the attention keeps for backward beyond fasttune's kernels (kept_scores): where it is
     kept whole (`none`, `mlp`), and under `ops`."""
+    head_trainable: bool = True
+    """The output projection trains (not under LoRA): the chunked loss accumulates its gradient in fp32."""
+    gathered: float = 0.0
+    """Bytes of weights FSDP2 holds all-gathered beside the shards: the root unit (embeddings, head, final norm) from
+    the forward to its backward, and two decoder layers (the running one and the prefetched one)."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -148,9 +153,8 @@ def estimate(st: Setup, plan: str) -> Estimate:
         loss = st.tokens * s.vocab * 16.0
     else:  # one chunk of fp32 logits and its gradient, the fp32 head-gradient accumulator
         loss = min(chunk_tokens(s.vocab), st.tokens) * s.vocab * (6.0 + (SOFTCAP_BYTES if s.softcap else 0.0))
-        loss += s.vocab * s.hidden * 4.0
-    # FSDP2 gathers one layer's full weights at a time: ~1/layers of them on top of the shards (ignored here)
-    weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards
+        loss += s.vocab * s.hidden * 4.0 if st.head_trainable else 0.0
+    weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
     activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast,
                                    st.fused_mlp, st.lean_norm, st.kv_expanded, st.scores)  # fmt: skip
@@ -345,8 +349,12 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     moments = state_bytes(cfg.training.optimizer, [p for p in params if p.requires_grad])
     param_bytes = params[0].element_size() if params else 2
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
+    shards = world if cfg.training.fsdp else 1
+    head = base_model(model).get_output_embeddings()
     return Setup(
-        shards=world if cfg.training.fsdp else 1, ddp=world > 1 and not cfg.training.fsdp,
+        head_trainable=head is None or head.weight.requires_grad,
+        gathered=_gathered(model, 2 if runs_autocast(cfg, model, device) else param_bytes) if shards > 1 else 0.0,
+        shards=shards, ddp=world > 1 and not cfg.training.fsdp,
         shape=_shape(model, autocast=runs_autocast(cfg, model, device), device=device),
         params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
@@ -357,6 +365,16 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
         kv_expanded=kv_expanded, scores=scores,
     )  # fmt: skip
+
+
+def _gathered(model: torch.nn.Module, gather_bytes: int) -> float:
+    """Setup.gathered: FSDP2 (distributed._shard) shards each decoder layer, and the rest as one root unit; under
+    bf16 autocast it gathers in bf16 (`gather_bytes` 2)."""
+    layers = decoder_layers(model)
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    layer = sum(p.numel() for p in layers[0].parameters()) if layers else 0
+    return float((root + 2 * layer) * gather_bytes)
 
 
 def runs_autocast(cfg, model: torch.nn.Module, device: torch.device | None = None) -> bool:
