@@ -7,8 +7,9 @@ wrap). Runs the fasttune on PYTHONPATH and, with --old DIR, also the fasttune so
     python scripts/fsdp_setup.py [--old DIR]   # a 2-GPU machine; results in $OUT/results.json
     python scripts/fsdp_setup.py --dry         # CPU: the same runs with gloo ranks and a micro model
 
-Per run: ok or the error line, each rank's peak GPU memory (torch's max allocated) and peak host memory (ru_maxrss),
-the losses, tokens/s (median of the steps after the first two).
+Then a full fine-tune of the 1B shape from a saved folder, FSDP2 against DDP (the same losses, within the GPU's
+non-determinism). Per run: ok or the error line, each rank's peak GPU memory (torch's max allocated) and peak host
+memory (ru_maxrss), the losses, tokens/s (median of the steps after the first two).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ SHAPE, VOCAB, STEPS = "llama-3.1-8b", 128256, 6  # Llama-3.1-8B: 14.96 GiB of bf
 DRY = {"shape": "micro", "vocab": 384, "device": "cpu"}
 
 
-def make_model(folder: Path, dry: bool) -> None:
+def make_model(folder: Path, dry: bool, shape: str = SHAPE) -> None:
     import torch
 
     from fasttune.model.build import build_preset
 
     if (folder / "config.json").is_file():
         return
-    shape, vocab, device = (DRY["shape"], DRY["vocab"], "cpu") if dry else (SHAPE, VOCAB, "cuda")
+    shape, vocab, device = (DRY["shape"], DRY["vocab"], "cpu") if dry else (shape, VOCAB, "cuda")
     model = build_preset(shape, vocab, "sdpa", torch.bfloat16, device)
     model.save_pretrained(folder)
 
@@ -54,12 +55,12 @@ def worker(spec: dict) -> None:
     logging.getLogger("fasttune").addHandler(logging.StreamHandler())
     if spec["cap"]:
         torch.cuda.set_per_process_memory_fraction(spec["cap"], int(os.environ["LOCAL_RANK"]))
-    cfg = get_experiment("lora")
+    cfg = get_experiment(spec.get("experiment", "lora"))
     cfg.output_dir, cfg.force = spec["run_dir"], True
     cfg.model.path, cfg.model.memory = spec["model"], "full"
     cfg.data.max_length, cfg.data.micro_batch_size = 2048, 1
     t = cfg.training
-    t.device, t.fsdp, t.max_steps, t.warmup_steps = spec["device"], True, STEPS, 2
+    t.device, t.fsdp, t.max_steps, t.warmup_steps = spec["device"], spec.get("fsdp", True), STEPS, 2
     t.eval_every, t.log_every, t.tensorboard, t.save_every, t.save_final = 0, 1, False, 0, False
     cfg.validate()
     data = synthetic_bundle(sft_lengths(256, 400, 566, 32, 2048, seed=0), spec["vocab"], seed=0)
@@ -103,7 +104,7 @@ def main() -> None:
     p.add_argument("--worker")
     p.add_argument("--old", help="an earlier fasttune's src folder, run with the same specs")
     p.add_argument("--dry", action="store_true", help="CPU: gloo ranks, a micro model, no cap")
-    p.add_argument("--only", default="new-capped,old-capped,new", help="the runs to make, comma-separated")
+    p.add_argument("--only", default="new-capped,old-capped,new,full-fsdp,full-ddp", help="runs, comma-separated")
     args = p.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -111,15 +112,22 @@ def main() -> None:
     out, work = Path(os.environ.get("OUT", "out")), Path("/tmp/fsdp-setup")
     work.mkdir(parents=True, exist_ok=True)
     folder = work / "model"
-    make_model(folder, args.dry)
+    if any(name in args.only for name in ("new", "old")):
+        make_model(folder, args.dry)
     new = str(Path(__file__).resolve().parents[1] / "src")
     torch = __import__("torch")
     cap = 0 if args.dry else 14 * 2**30 / torch.cuda.get_device_properties(0).total_memory  # below the 14.96 GiB
     where = DRY if args.dry else {"vocab": VOCAB, "device": "cuda"}
+    runs = [("new-capped", new, cap, {}), ("old-capped", args.old, cap, {}), ("new", new, 0, {})]
+    # a full fine-tune of the 1B shape from its folder: FSDP2 (rank 0 reads the weights) against DDP (every rank)
+    full = {"experiment": "sft", "model": str(work / "model-1b")}
+    runs += [("full-fsdp", new, 0, full), ("full-ddp", new, 0, {**full, "fsdp": False})]
     rows = []
-    for name, src, capped in [("new-capped", new, cap), ("old-capped", args.old, cap), ("new", new, 0)]:
+    for name, src, capped, extra in runs:
         if src and name in args.only.split(","):
-            rows.append(launch(name, src, {"model": str(folder), "cap": capped, **where}, work))
+            if extra.get("model"):
+                make_model(Path(extra["model"]), args.dry, "1b")
+            rows.append(launch(name, src, {"model": str(folder), "cap": capped, **where, **extra}, work))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
 
 
