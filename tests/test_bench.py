@@ -363,3 +363,10 @@ def test_the_memory_target_takes_the_fastest_fasttune_row_that_fits_the_leanest_
     )
     assert memory_target_line(hf_rows + ours[1:]).endswith("16.0 GiB): no fasttune row fits that memory")
     assert memory_target_line(ours) is None
+
+
+def test_synthetic_data_summary_does_not_claim_a_packing_saving_it_never_counted():
+    """The benchmarks' synthetic data counts no padded batches: its summary says nothing of packing, rather than
+    "packing saves -140,624 of 0 padded tokens" (seen in an FSDP2 run's log on the GPU)."""
+    lines = synthetic_bundle([40, 60, 80], 300, seed=0).summary.lines()
+    assert lines[1].endswith("180 train tokens, longest 80") and not any("packing" in x for x in lines), lines

@@ -52,6 +52,8 @@ class DataSummary:
             f"  packing saves {saved:,} of {self.padded_tokens:,} padded tokens ({pct:.1f}%)",
             f"  overlong samples: {self.truncated} truncated, {self.split} split, {self.dropped} dropped",
         ]
+        if not self.padded_tokens:  # not counted (benchmarks' synthetic data): no "saves -140,624 of 0"
+            del out[2]
         if self.no_response:
             out.append(f"  left out: {self.no_response} truncated samples whose prompt filled max_length (no response "
                        "token left to train)")  # fmt: skip
