@@ -374,3 +374,59 @@ def test_the_estimate_counts_fsdp2s_gathered_weights_and_no_head_gradient_under_
     trained = setup_of(get_experiment("sft"), AutoModelForCausalLM.from_config(preset_config("micro", VOCAB)),
                        liger=False, chunked=True)  # fmt: skip
     assert trained.head_trainable and trained.gathered == 0.0  # one process, a full fine-tune
+
+
+def test_the_no_fit_advice_prices_lora_without_a_head_gradient():
+    """The --lora.enabled what-if of the no-fit advice is priced as a LoRA run is (a frozen head: no fp32 gradient
+    accumulator in the loss, 2 GiB at the 8B shape): where only that estimate fits, the advice offers LoRA."""
+    from fasttune.train.memory import _state_changes
+
+    eight_b = Setup(Shape.of(preset_config("llama-3.1-8b", 128256)), 8_030_261_248, 8_030_261_248, 2, 4.0, 2048)
+    change = next(c for text, c in _state_changes(eight_b) if "--lora.enabled" in text)
+    lora = estimate(Setup(**{**eight_b.__dict__, **change}), "full")
+    assert lora.loss < 0.5 * GiB and not Setup(**{**eight_b.__dict__, **change}).head_trainable
+    free = (lora.total + 0.5 * GiB) / HEADROOM  # LoRA fits, with 0.5 GiB to spare: less than its head would take
+    with pytest.raises(FasttuneError) as e:
+        choose_plan("full", eight_b, free)
+    assert "--lora.enabled" in str(e.value)
+
+
+def test_fsdp2s_gathered_weights_count_its_largest_block():
+    """DeepSeek-V3's first layers are dense and the others MoE: FSDP2 gathers an MoE layer (the largest block) and
+    the one after it, not two dense ones (tests/test_distributed.py checks what FSDP2 shards)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from fasttune.model.build import decoder_blocks
+    from fasttune.train.memory import _gathered
+
+    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=256, moe_intermediate_size=64,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                              num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1,
+                              topk_group=1)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_blocks(model)]
+    assert blocks[0] < blocks[1] == blocks[2]
+    root = sum(p.numel() for p in model.parameters()) - sum(blocks)
+    assert _gathered(model, 2) == (root + 2 * blocks[1]) * 2
+
+
+def test_an_activation_with_parameters_is_measured_where_the_run_is():
+    """XIELU (Apertus) has parameters: on a layer built on the meta device (an FSDP2 rank but the first) or on the
+    CPU for a GPU run it is measured on a copy on the run's device, not left unmeasured."""
+    from transformers.activations import XIELUActivation
+
+    from fasttune.model.layout import activation_keeps, mlp_layout
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.Module()
+            self.mlp.up_proj, self.mlp.down_proj = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+            self.mlp.act_fn = XIELUActivation(dtype=torch.bfloat16)
+
+    want = activation_keeps(XIELUActivation(dtype=torch.bfloat16))
+    assert want is not None
+    with torch.device("meta"):
+        meta = Layer()
+    assert mlp_layout(meta, device=torch.device("cpu"))["act_elem"] == want

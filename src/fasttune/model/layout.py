@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -89,6 +91,8 @@ def mlp_layout(layer: nn.Module, autocast: bool = False, device: torch.device | 
     weight = next(layer.parameters(), None)
     if device is None:
         device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
+    if act is not None and any(p.device != device for p in act.parameters()):  # XIELU's: the layer is on the CPU
+        act = copy.deepcopy(act).to_empty(device=device)  # or meta (FSDP2), the run on `device`: the same bytes kept
     if act is not None and (kept := activation_keeps(act, device, autocast)) is not None:
         found["act_elem"] = kept
     return found

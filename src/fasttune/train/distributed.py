@@ -176,19 +176,33 @@ def _shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.n
 
 def _adopt_layout(model: torch.nn.Module, rank: int) -> None:
     """Check that every rank built rank 0's model (the names and shapes of its parameters and buffers) and give the
-    meta-device ones rank 0's dtypes (from_pretrained keeps some modules in fp32 where a model built from its config
-    may not): the shards and collectives of FSDP2 need them equal."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    box = [{name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} if rank == 0 else None]
+    meta-device ones rank 0's dtypes and tied weights: from_pretrained keeps some modules in fp32, and unties a head
+    its files hold apart from the embeddings, where a model built from its config does neither. FSDP2's shards and
+    collectives need them equal."""
+    box = [_layout(model) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    want = box[0]
-    mine = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    want, mine = box[0], _layout(model)
     odd = [name for name in sorted(mine.keys() | want.keys()) if mine.get(name, ())[:1] != want.get(name, ())[:1]]
     if odd:
         raise RuntimeError(f"rank {rank} built another model than rank 0 (first differences: {', '.join(odd[:3])})")
-    for name, t in tensors.items():
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, (shape, dtype, first) in want.items():
+        t = params.get(name) if first != mine[name][2] else None  # tied on one rank, not the other
+        if t is not None and t.is_meta:
+            prefix, _, leaf = name.rpartition(".")
+            tied = model.get_parameter(first) if first != name else None
+            fresh = tied or torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), t.requires_grad)
+            setattr(model.get_submodule(prefix), leaf, fresh)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta and t.dtype != want[name][1]:
             t.data = t.data.to(want[name][1])
+
+
+def _layout(model: torch.nn.Module) -> dict:
+    """{name: (shape, dtype, the first name of the same tensor)} of every parameter and buffer, tied ones included."""
+    first: dict = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: (tuple(t.shape), t.dtype, first.setdefault(id(t), name)) for name, t in named}
 
 
 def _fill_from_rank0(model: torch.nn.Module, full: dict, device: torch.device) -> None:

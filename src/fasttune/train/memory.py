@@ -250,7 +250,8 @@ def _state_changes(st: Setup) -> list[tuple[str, dict]]:
         changes.append((f"--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
                         f"{st.optimizer_bytes:.0f}; needs torchao)", {"optimizer_bytes": 2.0}))  # fmt: skip
     if st.trainable == st.params:  # a bf16 base, adapters of ~0.5% of its size
-        lora = {"trainable": st.params // 200, "lora_rank": 16, "param_bytes": 2, "autocast": False}
+        lora = {"trainable": st.params // 200, "lora_rank": 16, "param_bytes": 2, "autocast": False,
+                "head_trainable": False}  # fmt: skip
         changes.append(("--lora.enabled (no gradients or optimizer state for the frozen weights)", lora))
     return changes
 
@@ -368,12 +369,13 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
 
 
 def _gathered(model: torch.nn.Module, gather_bytes: int) -> float:
-    """Setup.gathered: FSDP2 (distributed._shard) shards each decoder layer, and the rest as one root unit; under
-    bf16 autocast it gathers in bf16 (`gather_bytes` 2)."""
-    layers = decoder_layers(model)
+    """Setup.gathered: FSDP2 (distributed._shard) shards each of transformers' decoder blocks, and the rest as one
+    root unit (the whole model where it names no blocks); under bf16 autocast it gathers in bf16 (`gather_bytes` 2).
+    The largest block counts twice (DeepSeek's first layers are dense, the others MoE)."""
+    layers = decoder_blocks(model)
     inside = {id(p) for layer in layers for p in layer.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in inside)
-    layer = sum(p.numel() for p in layers[0].parameters()) if layers else 0
+    layer = max((sum(p.numel() for p in block.parameters()) for block in layers), default=0)
     return float((root + 2 * layer) * gather_bytes)
 
 
