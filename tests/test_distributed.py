@@ -306,15 +306,16 @@ def test_reductions_over_ranks_give_every_rank_the_sum_and_the_largest_value():
         assert f"rank {rank}: sum [3.0, 4.0] max 10.5" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("head", ["tied", "apart"])
+@pytest.mark.parametrize("head", ["tied", "apart", "tied-on-rank-0"])
 def test_fsdp_ranks_but_the_first_build_on_the_meta_device_and_get_rank_0s_weights(tmp_path, head):
     """Under FSDP2 no rank holds the whole model on its device and only rank 0 reads the weight files: rank 1 builds
     the model on the meta device (its from_pretrained raises if called), adopts rank 0's dtypes and tied weights, and
     its shards come from rank 0's weights, buffers (RoPE) included: both ranks compute plain HF's loss, and the
     weights gathered back are the folder's. `apart`: a config that says tied embeddings, files that hold a head of
-    their own (from_pretrained unties them; a model built from the config would not)."""
+    their own (from_pretrained unties them; a model built from the config would not); `tied-on-rank-0`: the reverse
+    (rank 0's model ties what the config keeps apart)."""
     folder = save_micro_model(tmp_path / "base")
-    if head == "apart":
+    if head != "tied":
         model = AutoModelForCausalLM.from_pretrained(folder)
         model.config.tie_word_embeddings = False
         apart = AutoModelForCausalLM.from_config(model.config)
@@ -322,18 +323,19 @@ def test_fsdp_ranks_but_the_first_build_on_the_meta_device_and_get_rank_0s_weigh
         torch.nn.init.normal_(apart.lm_head.weight, std=0.02)
         apart.save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": head == "apart"}))
     script = Path(__file__).parent / "fixtures" / "fsdp_meta_ranks.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run([*cmd, str(folder), str(tmp_path / "out.pt")], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    mode = ["tie-on-rank-0"] if head == "tied-on-rank-0" else []
+    proc = subprocess.run([*cmd, str(folder), str(tmp_path / "out.pt"), *mode], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     assert set(out["built"][0]) == {"cpu"} and set(out["built"][1]) == {"meta"}
     assert out["losses"][0] == out["losses"][1]
     torch.testing.assert_close(out["losses"][0], out["reference"], atol=2e-3, rtol=0)  # bf16: 5.7433 for 5.7432
-    tied = {"lm_head.weight"} if head == "tied" else set()  # tied to the embeddings: gathered once
+    tied = set() if head == "apart" else {"lm_head.weight"}  # tied to the embeddings: gathered once
     assert out["plain"].keys() - out["weights"].keys() == tied
     _assert_same_tensors(out["weights"], {k: w for k, w in out["plain"].items() if k in out["weights"]})
     assert {w.dtype for w in out["weights"].values()} == {torch.bfloat16}

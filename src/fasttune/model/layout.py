@@ -92,7 +92,10 @@ def mlp_layout(layer: nn.Module, autocast: bool = False, device: torch.device | 
     if device is None:
         device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
     if act is not None and any(p.device != device for p in act.parameters()):  # XIELU's: the layer is on the CPU
-        act = copy.deepcopy(act).to_empty(device=device)  # or meta (FSDP2), the run on `device`: the same bytes kept
+        try:  # or meta (FSDP2), the run on `device`: a copy there keeps the same bytes
+            act = copy.deepcopy(act).to_empty(device=device)
+        except (RuntimeError, TypeError):  # an object that does not copy (a compiled extension's): unmeasured
+            act = None
     if act is not None and (kept := activation_keeps(act, device, autocast)) is not None:
         found["act_elem"] = kept
     return found

@@ -191,7 +191,8 @@ def _adopt_layout(model: torch.nn.Module, rank: int) -> None:
         if t is not None and t.is_meta:
             prefix, _, leaf = name.rpartition(".")
             tied = model.get_parameter(first) if first != name else None
-            fresh = tied or torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), t.requires_grad)
+            fresh = tied if tied is not None else torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"),
+                                                                     t.requires_grad)  # fmt: skip
             setattr(model.get_submodule(prefix), leaf, fresh)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta and t.dtype != want[name][1]:
