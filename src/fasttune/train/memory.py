@@ -141,8 +141,8 @@ class Setup:
     head_trainable: bool = True
     """The output projection trains (not under LoRA): the chunked loss accumulates its gradient in fp32."""
     gathered: float = 0.0
-    """Bytes of weights FSDP2 holds all-gathered beside the shards: the root unit (embeddings, head, final norm) from
-    the forward to its backward, and two decoder layers (the running one and the prefetched one)."""
+    """Bytes of weights FSDP2 holds all-gathered beside the shards (_gathered): the root unit (embeddings, head, final
+    norm) from the forward to its backward, and two decoder blocks (the running one and the prefetched one)."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -151,7 +151,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
 
     if st.loss == "hf":  # bf16 logits, their fp32 upcast and log-softmax, its fp32 gradient, the bf16 gradient
         loss = st.tokens * s.vocab * 16.0
-    else:  # one chunk of fp32 logits and its gradient, the fp32 head-gradient accumulator
+    else:  # one chunk of fp32 logits and its gradient, the fp32 gradient accumulator of a trainable head
         loss = min(chunk_tokens(s.vocab), st.tokens) * s.vocab * (6.0 + (SOFTCAP_BYTES if s.softcap else 0.0))
         loss += s.vocab * s.hidden * 4.0 if st.head_trainable else 0.0
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
@@ -350,13 +350,12 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     moments = state_bytes(cfg.training.optimizer, [p for p in params if p.requires_grad])
     param_bytes = params[0].element_size() if params else 2
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
-    shards = world if cfg.training.fsdp else 1
+    shards, autocast = world if cfg.training.fsdp else 1, runs_autocast(cfg, model, device)
     head = base_model(model).get_output_embeddings()
     return Setup(
         head_trainable=head is None or head.weight.requires_grad,
-        gathered=_gathered(model, 2 if runs_autocast(cfg, model, device) else param_bytes) if shards > 1 else 0.0,
-        shards=shards, ddp=world > 1 and not cfg.training.fsdp,
-        shape=_shape(model, autocast=runs_autocast(cfg, model, device), device=device),
+        gathered=_gathered(model, 2 if autocast else param_bytes) if shards > 1 else 0.0,
+        shards=shards, ddp=world > 1 and not cfg.training.fsdp, shape=_shape(model, autocast, device),
         params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
