@@ -45,15 +45,15 @@ class DataSummary:
     def lines(self) -> list[str]:
         saved = self.padded_tokens - self.train_tokens
         pct = 100 * saved / self.padded_tokens if self.padded_tokens else 0.0
+        # padded tokens not counted (benchmarks' synthetic data): no "packing saves -140,624 of 0"
+        packing = [f"  packing saves {saved:,} of {self.padded_tokens:,} padded tokens ({pct:.1f}%)"]
         out = [
             f"data: {self.source} ({self.format})",
             f"  samples: {self.train_samples:,} train, {self.val_samples:,} validation; "
             f"{self.train_tokens:,} train tokens, longest {self.longest:,}",
-            f"  packing saves {saved:,} of {self.padded_tokens:,} padded tokens ({pct:.1f}%)",
+            *(packing if self.padded_tokens else []),
             f"  overlong samples: {self.truncated} truncated, {self.split} split, {self.dropped} dropped",
         ]
-        if not self.padded_tokens:  # not counted (benchmarks' synthetic data): no "saves -140,624 of 0"
-            del out[2]
         if self.no_response:
             out.append(f"  left out: {self.no_response} truncated samples whose prompt filled max_length (no response "
                        "token left to train)")  # fmt: skip
