@@ -208,6 +208,16 @@ def test_under_torchrun_the_first_rank_alone_reports_a_bad_command_line(capsys, 
         assert bool(captured.err.strip()) == says and not captured.out.strip(), (rank, captured)
     assert cli.main(["train", "--experiment", "sft"]) == 2  # checked with parsing: the same on every rank
     assert not capsys.readouterr().err.strip()
+    for launch in (
+        ["--training.oom-retry"],
+        ["--training.device", "cuda:1"],
+        ["--training.optimizer", "adamw_8bit", "--training.fsdp"],
+    ):  # options against the launch: the same
+        for rank, says in (("0", True), ("1", False)):
+            monkeypatch.setenv("RANK", rank)
+            assert cli.main(["train", "--max-steps", "1", *launch]) == 2
+            assert bool(capsys.readouterr().err.strip()) == says, (launch, rank)
+    monkeypatch.setenv("RANK", "1")
     assert cli.main(["train", "--experiment", "sft", "--model", "/nonexistent", "--data", "x.json"]) == 2
     assert capsys.readouterr().err.startswith("[rank 1] error: --model /nonexistent")  # may be this node's own
     assert cli.main(["eval", "--checkpoint", "/nonexistent", "--data", "x.json"]) == 2

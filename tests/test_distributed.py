@@ -104,8 +104,8 @@ def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):
 def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
     """A checkpoint of one process (positional optimizer state) resumes on two FSDP2 ranks (which load it by
     parameter name), with a warning that the global batch changes."""
-    cfg = tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, fsdp=True)
-    loop.train(cfg)  # one process: --training.fsdp has nothing to shard
+    cfg = tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2)
+    loop.train(cfg)  # one process, started without --training.fsdp: the flag may change on resume
     proc = _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=3)),
                      "--training.fsdp", "--resume")  # fmt: skip
     assert (
@@ -113,6 +113,20 @@ def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
         "1): the global batch changes" in proc.stdout + proc.stderr
     )
     assert (cfg.run_dir / "checkpoints" / "step-000003").is_dir()
+
+
+def test_a_start_that_fails_because_the_peers_are_gone_keeps_rank_0s_own_error(monkeypatch):
+    """Ctrl-C while rank 0 loads the model reaches every rank: the others are gone when rank 0 tells them it failed.
+    Its KeyboardInterrupt must stay the error (the CLI's quiet "interrupted"), not the broadcast's lost connection."""
+    from fasttune.train import distributed
+
+    def lost(*_a, **_k):
+        raise RuntimeError("gloo: Connection closed by peer")
+
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", lost)
+    distributed.StartGate(distributed.Dist(0, 2, 0, False)).open(KeyboardInterrupt())  # no new error
+    with pytest.raises(RuntimeError, match="Connection closed"):  # a start that succeeded must reach the peers
+        distributed.StartGate(distributed.Dist(0, 2, 0, False)).open()
 
 
 def test_oom_retry_is_refused_under_torchrun(tmp_path, monkeypatch):
@@ -264,10 +278,11 @@ def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
 
-    # the two-rank checkpoint resumes in one process (the optimizer state turned back into torch's positional form)
+    # the two-rank checkpoint resumes in one process (the optimizer state turned back into torch's positional form),
+    # without --training.fsdp (ignored in one process: no need to repeat it)
     one = dataclasses.replace(
         _lora(longer, Path("base")), output_dir=str(tmp_path / "copy" / "run"), resume=True,
-        training=dataclasses.replace(longer.training, max_steps=3, fsdp=True, grad_accum=2),  # 1 x 2 = 2 ranks x 1
+        training=dataclasses.replace(longer.training, max_steps=3, fsdp=False, grad_accum=2),  # 1 x 2 = 2 ranks x 1
     )  # fmt: skip
     cwd = os.getcwd()
     os.chdir(tmp_path)

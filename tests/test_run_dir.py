@@ -75,13 +75,21 @@ def test_resume_refuses_changed_options(finished, section, field, value):
         loop.train(dataclasses.replace(changed, resume=True))
 
 
-def test_resume_may_extend_max_steps_and_survives_a_torn_metrics_line(finished):
+def test_resume_may_extend_max_steps_and_survives_a_torn_metrics_line(finished, caplog):
+    """A larger --max-steps stretches the cosine over the new horizon, so the rate jumps back up: said, with both
+    rates, and the next step trains at the new schedule's rate."""
     cfg, result = finished
     with (result.run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "lo')  # what a kill -9 in the middle of a write leaves
     longer = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=5))
-    resumed = loop.train(longer)
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        resumed = loop.train(longer)
     assert sorted(losses(resumed.records)) == [1, 2, 3, 4, 5]
+    said = [r.getMessage() for r in caplog.records if "learning-rate schedule now spans 5 steps" in r.getMessage()]
+    t = cfg.training
+    old_rate = t.lr * t.min_lr_ratio  # the 3-step run's cosine had reached its floor
+    step4 = next(r["lr"] for r in resumed.records if r.get("step") == 4 and "lr" in r)
+    assert step4 > 1.5 * old_rate and said and f"step 4 trains at lr {step4:.3g} instead of {old_rate:.3g}" in said[0]
 
 
 def test_saving_the_same_step_twice_never_leaves_it_missing(finished, monkeypatch):

@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_transformers()
         return command.run()
     except Stopped as e:
-        print(str(e), file=sys.stderr)
+        if str(e):  # torchrun: rank 0 says it
+            print(str(e), file=sys.stderr)
         return e.exit_code
     except PeerFailed as e:  # rank 0 said why
         return e.exit_code
@@ -187,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C)", file=sys.stderr)
+        if rank is None:  # torchrun: Ctrl-C reaches every rank, rank 0 says it
+            print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
 
 

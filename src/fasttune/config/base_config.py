@@ -155,7 +155,7 @@ class DataConfig:
     max_documents: int | None = None
     """Use at most this many documents (None: all)."""
     cache_dir: str = field(default=".cache/fasttune", metadata=RESUMABLE)
-    """Where the trained tokenizer and the tokenized corpus are cached."""
+    """Where the tokenizer trained for the embedded corpus is cached (tokenizer-<corpus fingerprint>-<vocab>/)."""
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
@@ -242,9 +242,10 @@ class TrainingConfig:
     compile: bool = field(default=False, metadata=RESUMABLE)
     """torch.compile each decoder layer (needs a working compiler toolchain; about a minute at the start). Without
     flash-attn-4 and Liger it fuses the elementwise work (`full` on an H200: 1.27x); with them it gains nothing."""
-    fsdp: bool = False
+    fsdp: bool = field(default=False, metadata=RESUMABLE)
     """Under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) instead of replicating
-    them (DDP): for models whose training state does not fit one GPU. Ignored in a single process."""
+    them (DDP): for models whose training state does not fit one GPU. Ignored in a single process. Checkpoints are
+    the same files either way: a run may resume with or without it."""
 
     def __post_init__(self) -> None:
         _positive("training.max_steps", self.max_steps)

@@ -207,6 +207,10 @@ def run_eval(a: EvalArgs) -> int:
     return 0
 
 
+_NOTHING_TO_ANSWER: set = set()
+"""Run folders already told that their held-out data has no prompt to answer."""
+
+
 def training_scores(run) -> dict:
     """Training hook (`--training.eval-generate-every N`): generate answers for the first eval_generate_samples
     held-out samples with the model as it is now and score them; the `gen_*` fields of that step's metrics record.
@@ -217,8 +221,10 @@ def training_scores(run) -> dict:
     examples = [ex for s in data.val if (ex := split_sample(s, data.tokenizer)) is not None]
     examples = examples[: cfg.training.eval_generate_samples]
     if not examples:
-        log.warning("training.eval_generate_every: no held-out sample with a prompt to answer (%s data); skipped",
-                    data.summary.format)  # fmt: skip
+        if run.folder not in _NOTHING_TO_ANSWER:  # said once per run, not at every evaluation
+            _NOTHING_TO_ANSWER.add(run.folder)
+            log.warning("training.eval_generate_every: no held-out sample with a prompt to answer (%s data); "
+                        "skipped", data.summary.format)  # fmt: skip
         return {}
     model = run.model
     # HF generate on the training model itself, under the training autocast (as the validation loss is computed): the

@@ -45,14 +45,19 @@ class TrainArgs(Command):
         return cls(config=get_experiment(name), given=given)
 
     def check(self) -> None:
-        require_inputs(self.config.validate())
+        from fasttune.train.loop import check_launch
+
+        cfg = self.config.validate()
+        require_inputs(cfg)
+        check_launch(cfg)
+        fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False)
 
     def run(self) -> int:
         from fasttune.train.loop import train
 
         cfg = self.config.validate()
         require_inputs(cfg)
-        cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given)
+        cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given, say=os.environ.get("RANK", "0") == "0")
         result = train(cfg)
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
             return 0
@@ -110,9 +115,9 @@ def model_context(cfg: BaseConfig) -> int | None:
     return getattr(conf, "max_position_embeddings", None)
 
 
-def fit_max_length(cfg: BaseConfig, explicit: bool) -> BaseConfig:
-    """data.max_length within the model's context: a preset's default shrinks to the context (logged); a value the
-    user gave that exceeds it is an error."""
+def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True) -> BaseConfig:
+    """data.max_length within the model's context: a preset's default shrinks to the context (logged when `say`); a
+    value the user gave that exceeds it is an error."""
     if cfg.model.path is None or (context := model_context(cfg)) is None or cfg.data.max_length <= context:
         return cfg
     if explicit:
@@ -120,6 +125,7 @@ def fit_max_length(cfg: BaseConfig, explicit: bool) -> BaseConfig:
             f"--data.max-length {cfg.data.max_length} exceeds the context of {cfg.model.path} "
             f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
         )
-    log.info("data.max_length: %d, the context of %s (the %s preset's default is %d)", context, cfg.model.path,
-             cfg.experiment, cfg.data.max_length)  # fmt: skip
+    if say:
+        log.info("data.max_length: %d, the context of %s (the %s preset's default is %d)", context, cfg.model.path,
+                 cfg.experiment, cfg.data.max_length)  # fmt: skip
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=context))

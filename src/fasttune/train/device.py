@@ -45,9 +45,10 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
             t, d = cfg.training, cfg.data
             tokens = t.grad_accum * d.micro_batch_size * d.max_length
             model = f"--model {cfg.model.path}" if cfg.model.path else f"the {cfg.model.preset} preset"
+            span = f"{hours:,.0f} hour" + ("" if round(hours) == 1 else "s")
             raise ConfigError(
                 f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {t.max_steps:,} steps of up to "
-                f"{tokens:,} tokens on {model} take about {hours:,.0f} hours at this CPU's measured {gflops:.0f} "
+                f"{tokens:,} tokens on {model} take about {span} at this CPU's measured {gflops:.0f} "
                 "GFLOP/s. Run it on a CUDA machine, use --experiment quick (or a smaller --model.preset, fewer "
                 "--max-steps), or pass --force to run here anyway"
             )

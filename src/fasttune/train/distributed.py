@@ -255,15 +255,20 @@ def from_env(fsdp: bool = False) -> Dist:
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
 
 
-def init(d: Dist, device_name: str) -> str:
-    """Start the process group for `d` and return the device name this rank trains on ('cuda:<local rank>')."""
-    if not d.on:
-        return device_name
-    if ":" in device_name:
+def check_device(d: Dist, device_name: str) -> None:
+    """--training.device under torchrun: each rank picks its own GPU."""
+    if d.on and ":" in device_name:
         raise ConfigError(
             f"training.device={device_name} under torchrun: each rank trains on cuda:<its local rank>; pass "
             "--training.device cuda (or auto, or cpu), and pick GPUs with CUDA_VISIBLE_DEVICES"
         )
+
+
+def init(d: Dist, device_name: str) -> str:
+    """Start the process group for `d` and return the device name this rank trains on ('cuda:<local rank>')."""
+    if not d.on:
+        return device_name
+    check_device(d, device_name)
     cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
         if torch.cuda.device_count() <= d.local_rank:
@@ -298,8 +303,13 @@ class StartGate:
         if self.opened or not self.d.main:
             return
         self.opened = True
-        if self.d.on:
+        if not self.d.on:
+            return
+        try:
             dist.broadcast_object_list([None if error is None else getattr(error, "exit_code", 1)], src=0)
+        except Exception:  # noqa: BLE001 - the peers are gone (Ctrl-C reaches every rank): rank 0's error stands
+            if error is None:
+                raise
 
     def wait(self) -> None:
         """The other ranks: raise PeerFailed (with rank 0's exit code) when its checks failed."""

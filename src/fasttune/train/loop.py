@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import sys
 
@@ -20,7 +21,7 @@ from fasttune.data.packing import IGNORE
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.data.sft import MASKING_RULES
 from fasttune.data.tokenizer import fit_model_max_length
-from fasttune.errors import ConfigError, FasttuneError, Stopped
+from fasttune.errors import ConfigError, Stopped
 from fasttune.generate.template import record_prompt_format
 from fasttune.model.build import check_weights, has_weights, random_init
 from fasttune.model.resolve import resolve_for_training
@@ -76,12 +77,9 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
     `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop). Under
     torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
-    d = distributed.from_env(cfg.training.fsdp)
-    require_optimizer(cfg, d.on, d.fsdp)  # one line before anything starts; torchao's state loads on resume
+    d = check_launch(cfg)
     if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-    if d.on and cfg.training.oom_retry:
-        raise FasttuneError("--training.oom-retry is single-process only (ranks would split differently); drop it")
     if d.fsdp and d.on and d.main and cfg.training.eval_generate_every:
         log.warning("--training.eval-generate-every: skipped under FSDP2 (the weights are sharded; generation needs "
                     "them whole): score a checkpoint with `fasttune eval --generate` instead")  # fmt: skip
@@ -114,6 +112,17 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
             lock.release(tidy=not RunFolder(cfg.run_dir).is_run)  # a failed start leaves no lock file behind
         logger.setLevel(level)  # the process (a test, a notebook) gets its logger back as it was
         distributed.close(d)
+
+
+def check_launch(cfg: BaseConfig) -> Dist:
+    """The checks of the options against the launch (one process or torchrun's ranks), the same on every rank: the
+    CLI runs them while parsing too, so that rank 0 alone reports them (cli._quiet_parsing)."""
+    d = distributed.from_env(cfg.training.fsdp)
+    require_optimizer(cfg, d.on, d.fsdp)  # one line before anything starts; torchao's state loads on resume
+    if d.on and cfg.training.oom_retry:
+        raise ConfigError("--training.oom-retry is single-process only (ranks would split differently); drop it")
+    distributed.check_device(d, cfg.training.device)
+    return d
 
 
 def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate) -> Run:
@@ -169,7 +178,9 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     if latest is not None:
         if "grad_accum" not in saved:  # a checkpoint from before it was recorded: the run's config says
             saved["grad_accum"] = folder.saved_config().get("training", {}).get("grad_accum", 1)
-        state = _restore(d, latest, saved, model, optimizer, scheduler, metrics, cfg.training.grad_accum)
+        state = _restore(
+            d, latest, saved, model, optimizer, scheduler, metrics, cfg.training.grad_accum, cfg.training.max_steps
+        )
         _check_batching(saved, batcher, state, "packed" if cfg.data.packing else "padded")
         if d.main:
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
@@ -181,12 +192,17 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
                memory_plan=plan)  # fmt: skip
 
 
-def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog,
-             grad_accum: int) -> TrainState:  # fmt: skip
+def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog, grad_accum: int,
+             max_steps: int) -> TrainState:  # fmt: skip
     d.load_optimizer(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    sync_lr(optimizer, scheduler)  # this run's schedule (--max-steps may have grown)
     state = TrainState(**saved["state"])
+    was = float(optimizer.param_groups[0]["lr"])  # the next step's rate on the checkpoint's schedule
+    sync_lr(optimizer, scheduler)  # this run's schedule (--max-steps may have changed)
+    if not math.isclose(now := float(optimizer.param_groups[0]["lr"]), was, rel_tol=1e-4):
+        log.warning("--max-steps %d is not the checkpoint's run's: the learning-rate schedule now spans %d steps, and "
+                    "step %d trains at lr %.3g instead of %.3g", max_steps, max_steps, state.step + 1, now,
+                    was)  # fmt: skip
     ranks = saved.get("rng_ranks")
     ckpt.set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else saved["rng"])
     world, accum = saved.get("world", 1), saved["grad_accum"]
@@ -292,10 +308,11 @@ def _after_step(run: Run, rec: dict, bar, stop: StopSignals, live: bool) -> None
     if stopping:
         bar.close()
         path = run.save()
-        where = f"checkpoint saved to {path}" if d.main else f"rank {d.rank}; rank 0 saved the checkpoint"
         how = "with --resume instead of --overwrite" if run.cfg.overwrite else "plus --resume"
-        raise Interrupted(f"interrupted at step {state.step}; {where}. Resume with the same command {how} (output "
-                          f"dir {run.folder})", exit_code=130 if stop.signum == signal.SIGINT else 143)  # fmt: skip
+        msg = f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the same command {how} " \
+              f"(output dir {run.folder})"  # fmt: skip
+        code = 130 if stop.signum == signal.SIGINT else 143
+        raise Interrupted(msg if d.main else "", exit_code=code)  # rank 0 says it; the others exit with its code
 
 
 def _status(rec: dict) -> str:
