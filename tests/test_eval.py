@@ -186,3 +186,30 @@ def test_training_scores_generation_on_held_out_samples(tmp_path):
     assert [r["step"] for r in scored] == [1, 2] and all(r["gen_samples"] == 3 for r in scored)
     logged = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "gen_exact_match" in r] == [1, 2]
+
+
+def test_training_scores_leave_out_held_out_answers_cut_by_max_length(tmp_path, monkeypatch):
+    """Held-out samples are cut to data.max_length like training ones: a cut answer ("...the monster ate") scored
+    as the reference would make gen_numeric_match wrong. Only whole answers are scored."""
+    import dataclasses
+
+    from helpers import tiny_config
+
+    from fasttune.eval import run as eval_run
+    from fasttune.train import loop
+
+    seen = []
+
+    def spy(model, tokenizer, examples, **kw):
+        seen.extend(examples)
+        return [], {"exact_match": 0.0, "generate_tokens_per_s": 1.0}
+
+    monkeypatch.setattr(eval_run, "generate_answers", spy)
+    cfg = tiny_config(tmp_path, max_steps=1, save_every=0, eval_every=0, eval_generate_every=1,
+                      eval_generate_samples=20)  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(_base(tmp_path / "base"))),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=400, val_fraction=0.5))  # fmt: skip
+    loop.train(cfg)
+    whole = {r["output"].strip() for r in json.loads(GSM8K.read_text())}
+    assert seen and all(ex.reference in whole for ex in seen), [ex.reference[-40:] for ex in seen]

@@ -218,7 +218,8 @@ def training_scores(run) -> dict:
     cfg, data = run.cfg, run.data
     if run.dist.fsdp or not run.dist.main:
         return {}
-    examples = [ex for s in data.val if (ex := split_sample(s, data.tokenizer)) is not None]
+    limit = cfg.data.max_length  # a held-out sample that reaches it may have been cut: its answer would be too
+    examples = [ex for s in data.val if len(s["input_ids"]) < limit and (ex := split_sample(s, data.tokenizer))]
     examples = examples[: cfg.training.eval_generate_samples]
     if not examples:
         if run.folder not in _NOTHING_TO_ANSWER:  # said once per run, not at every evaluation
