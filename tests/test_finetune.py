@@ -184,3 +184,23 @@ def test_embeddings_smaller_than_the_tokenizer_are_resized_in_one_line(tmp_path,
     assert lines == [f"--model {path}: its tokenizer has {vocab + 1} tokens, its embeddings {vocab} rows: resizing "
                      f"them to {vocab + 1} (new rows start at the mean of the others; the saved model has vocab_size "
                      f"{vocab + 1})"]  # fmt: skip
+
+
+def test_a_lora_adapter_of_a_model_resized_to_its_tokenizer_loads_like_its_merged_model(tmp_path):
+    """Training resizes embeddings smaller than the tokenizer, and peft saves them in the adapter: loading the
+    adapter folder (generate, chat, eval --checkpoint ADAPTER) must resize the base first, as training did."""
+    from fasttune.model.load import load_for_inference
+
+    path = save_micro_model(tmp_path / "model")
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    model.resize_token_embeddings(len(tok) - 8)  # a model folder with fewer rows than its tokenizer has tokens
+    model.save_pretrained(path)
+    cfg = _sft_config(tmp_path, path, enabled=True)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2, eval_every=0))
+    result = loop.train(cfg)
+    adapted, _ = load_for_inference(result.run_dir / "adapter", device="cpu")
+    merged, _ = load_for_inference(result.run_dir / "merged", device="cpu")
+    assert adapted.get_input_embeddings().num_embeddings == len(tok)
+    ids = torch.arange(len(tok) - 12, len(tok)).unsqueeze(0)  # the new rows too
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import FasttuneError
-from fasttune.model.build import from_pretrained, load_weights_error, read_config, unreadable_files
+from fasttune.model.build import (
+    _quiet_transformers,
+    from_pretrained,
+    load_weights_error,
+    read_config,
+    unreadable_files,
+)
 from fasttune.model.resolve import ModelSource, refuse_remote_code, resolve
 
 log = logging.getLogger("fasttune")
@@ -79,10 +85,28 @@ def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool =
         from fasttune.model.lora import _peft
 
         peft = _peft()
+        if (rows := _adapter_vocab(model, src.adapter_dir)) and rows > model.get_input_embeddings().num_embeddings:
+            with _quiet_transformers():  # training resized them to its tokenizer; the adapter holds them so
+                model.resize_token_embeddings(rows)
         with warnings.catch_warnings():  # peft asks the model for a deprecated attribute (a FutureWarning per load)
             warnings.simplefilter("ignore", FutureWarning)
             model = peft.PeftModel.from_pretrained(model, src.adapter_dir).merge_and_unload()
     return model.to(device).eval()
+
+
+def _adapter_vocab(model, adapter_dir: Path) -> int | None:
+    """Rows of the input embeddings an adapter saved (peft saves them when training resized them to a tokenizer
+    larger than the model), read from the file's header alone; None when it holds none."""
+    from safetensors import safe_open
+
+    file = Path(adapter_dir) / "adapter_model.safetensors"
+    embeddings = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embeddings), None)
+    if not file.is_file() or not name:
+        return None
+    with safe_open(file, "pt") as f:
+        key = next((k for k in f.keys() if k.endswith(f"{name}.weight")), None)
+        return f.get_slice(key).get_shape()[0] if key else None
 
 
 def load_for_inference(path: str | Path | ModelSource, device: str = "auto", trust_remote_code: bool = False,
