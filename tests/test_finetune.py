@@ -204,3 +204,33 @@ def test_a_lora_adapter_of_a_model_resized_to_its_tokenizer_loads_like_its_merge
     ids = torch.arange(len(tok) - 12, len(tok)).unsqueeze(0)  # the new rows too
     with torch.no_grad():
         torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_run_that_cannot_write_its_merged_model_says_so_and_resume_writes_it(tmp_path, base_model, monkeypatch):
+    """adapter/ and merged/ are written whole or not at all: a full disk while merging leaves no half-written
+    merged/ (which `--checkpoint RUN` would pick over the checkpoints), one line says how to finish, and --resume of
+    the complete run writes it."""
+    from fasttune.errors import FasttuneError
+    from fasttune.model import lora
+    from fasttune.model.resolve import MERGED_STEP, resolve
+
+    cfg = _sft_config(tmp_path, base_model, enabled=True, rank=4, alpha=8)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2, eval_every=0))
+    real = lora.save_merged
+
+    def full_disk(model, out_dir, state=None):
+        real(model, out_dir, state)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora, "save_merged", full_disk)
+    with pytest.raises(FasttuneError, match=r"could not write the merged model .*merged \(No space left on device\); "
+                       r"the checkpoints are intact.*--resume"):  # fmt: skip
+        loop.train(cfg)
+    run = cfg.run_dir
+    assert not (run / "merged").exists() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".tmp-")]
+    assert resolve(run).adapter_dir == run / "checkpoints" / "step-000002"  # base + the last adapter, not a half
+    monkeypatch.setattr(lora, "save_merged", real)
+    result = loop.train(dataclasses.replace(cfg, resume=True))  # the run is complete: only the end is redone
+    assert result.model_dir == run / "merged" and (run / "merged" / MERGED_STEP).read_text().strip() == '{"step": 2}'
+    assert resolve(run).model_dir == run / "merged"

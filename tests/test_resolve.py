@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fasttune.cli import main
 from fasttune.errors import FasttuneError
@@ -15,6 +16,13 @@ def _model(path: Path, tokenizer: bool = True, **config) -> Path:
     (path / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
     if tokenizer:
         (path / "tokenizer_config.json").write_text("{}")
+    return path
+
+
+def _weights(path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, path / "model.safetensors")
     return path
 
 
@@ -60,9 +68,32 @@ def test_lora_run_uses_merged_model_when_present(tmp_path):
     base = _model(tmp_path / "base")
     run = _run(tmp_path / "lora")
     _checkpoint(run, 4, adapter_base=str(base))
-    merged = _model(run / "merged")
+    merged = _weights(_model(run / "merged"))
     src = resolve(run)
     assert src.model_dir == merged and src.adapter_dir is None and "merged" in src.note
+
+
+def test_a_merged_model_older_than_the_latest_checkpoint_or_damaged_is_passed_over(tmp_path, caplog):
+    """A LoRA run resumed past its merged model and stopped before it merged again: its newest checkpoint is the
+    model. So is a merged folder without loadable weights (an older fasttune cut by a full disk)."""
+    from fasttune.model.resolve import MERGED_STEP
+
+    base = _model(tmp_path / "base")
+    run = _run(tmp_path / "lora")
+    _checkpoint(run, 10, adapter_base=str(base))
+    merged = _weights(_model(run / "merged"))
+    (merged / MERGED_STEP).write_text('{"step": 10}')
+    src = resolve(run)
+    assert src.model_dir == merged and "(step 10)" in src.note
+    newer = _checkpoint(run, 31, adapter_base=str(base))  # resumed, stopped at step 31
+    src = resolve(run)
+    assert src.adapter_dir == newer and "its merged model" in src.note and "of step 10" in src.note
+    (merged / MERGED_STEP).unlink()  # a run from before the step was recorded: its merged model as before
+    assert resolve(run).model_dir == merged
+    (merged / "model.safetensors").write_bytes(b"cut")
+    with caplog.at_level("WARNING"):
+        assert resolve(run).adapter_dir == newer
+    assert "skipping the run's merged model" in caplog.text
 
 
 def test_lora_run_without_merged_is_base_plus_latest_adapter(tmp_path):

@@ -4,6 +4,7 @@ options that would change the run; a torn metrics line does not stop a resume; a
 import dataclasses
 import logging
 import os
+import shutil
 
 import pytest
 from helpers import losses, tiny_config
@@ -44,9 +45,16 @@ def test_overwrite_without_disk_space_keeps_the_old_run(finished, monkeypatch):
 def test_overwrite_replaces_run_but_keeps_user_files(finished):
     cfg, result = finished
     (result.run_dir / "notes.txt").write_text("mine")
+    shutil.copytree(result.checkpoint, result.run_dir / "checkpoints" / "best")  # a copy of a checkpoint, kept
+    (result.run_dir / "checkpoints" / "NOTES.txt").write_text("step 3 was the best")
     again = loop.train(dataclasses.replace(cfg, overwrite=True))
     assert (result.run_dir / "notes.txt").read_text() == "mine"
     assert losses(again.records) == losses(result.records)
+    ckpts = result.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["NOTES.txt", "best", "step-000003"]
+    assert checkpoint.verify(ckpts / "best")[1] is None and checkpoint.list_checkpoints(result.run_dir) == [
+        ckpts / "step-000003"
+    ]
 
 
 def test_folder_of_someone_elses_files_is_never_used(tmp_path):
@@ -196,6 +204,26 @@ def test_stale_temporaries_are_cleaned_and_a_moved_aside_checkpoint_is_restored(
     lock.release()
     assert sorted(p.name for p in root.iterdir()) == ["step-000003"]
     assert checkpoint.verify(root / "step-000003")[1] is None
+
+
+def test_a_folder_written_whole_or_not_at_all(tmp_path):
+    """checkpoint.write_folder (checkpoints, a LoRA run's adapter/ and merged/): a failed write leaves the previous
+    folder as it was and says so in one line; a kill between the renames is put right at the next start."""
+    run = tmp_path / "run"
+    merged = run / "merged"
+    checkpoint.write_folder(merged, lambda tmp: (tmp / "config.json").write_text("{}"), "could not", "fix")
+
+    def full_disk(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(FasttuneError, match=r"^could not write .*merged \(No space left on device\); free it$"):
+        checkpoint.write_folder(merged, full_disk, f"could not write {merged}", "free it")
+    assert sorted(p.name for p in run.iterdir()) == ["merged"] and (merged / "config.json").read_text() == "{}"
+    os.rename(merged, run / ".old-merged-4242")  # killed between the two renames of a re-write
+    (run / ".tmp-adapter-4242").mkdir()  # killed while writing adapter/
+    RunFolder(run).clean_stale()
+    assert sorted(p.name for p in run.iterdir()) == ["merged"] and (merged / "config.json").is_file()
 
 
 def test_a_fifo_or_an_empty_data_path_is_refused_not_waited_on(tmp_path):

@@ -183,8 +183,12 @@ def save_lora(
     rank 0, which alone calls this); None: the model's own. The live model is not changed (training can continue)."""
     model.save_pretrained(str(out_dir), state_dict=state)  # peft keeps the adapters' entries of `state`
     if merged_dir is not None:
-        base = model.get_base_model()
-        base.save_pretrained(str(merged_dir), state_dict=merged_state_dict(model, state))
+        save_merged(model, merged_dir, state)
+
+
+def save_merged(model: nn.Module, out_dir: str | Path, state: dict | None = None) -> None:
+    """The base model with the adapters merged in, as a plain HF model folder (`state`: see save_lora)."""
+    model.get_base_model().save_pretrained(str(out_dir), state_dict=merged_state_dict(model, state))
 
 
 @torch.no_grad()

@@ -52,6 +52,19 @@ def is_run_folder(path: Path) -> bool:
     return run.is_run or run.checkpoints.is_dir()
 
 
+MERGED_STEP = "fasttune_step.json"
+"""Beside a LoRA run's merged model: the step it was merged at ({"step": N}), so that a run resumed past it (and
+stopped before it merged again) is resolved to its newer checkpoint."""
+
+
+def merged_step(merged: Path) -> int | None:
+    """The step a run's merged model was made at; None when not recorded (runs before it was) or unreadable."""
+    try:
+        return int(json.loads((merged / MERGED_STEP).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run (the loop's own list) whose weights load, or None; a damaged newer
     one is skipped with a warning naming it (with none loadable, the newest: its load error names the file)."""
@@ -92,12 +105,12 @@ def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = Tru
 def _run_folder(run: Path, option: str, adapters: bool) -> ModelSource:
     from fasttune.train.run_dir import RunFolder
 
-    merged = RunFolder(run).merged
-    if (merged / "config.json").is_file():
+    merged, latest = RunFolder(run).merged, latest_checkpoint(run)
+    at, newest = merged_step(merged), int(latest.name.rpartition("-")[2]) if latest else 0
+    if _usable_merged(merged) and (at is None or at >= newest):  # not one a resumed run went past
         src = _checked(ModelSource(merged, merged), option)
-        src.note = f"{run} is a LoRA run folder: using its merged model {merged}"
+        src.note = f"{run} is a LoRA run folder: using its merged model {merged}" + (f" (step {at})" if at else "")
         return src
-    latest = latest_checkpoint(run)
     if latest is None:
         adapter = RunFolder(run).adapter
         if (adapter / ADAPTER_CONFIG).is_file():
@@ -107,11 +120,25 @@ def _run_folder(run: Path, option: str, adapters: bool) -> ModelSource:
             "(--training.save-every) or resume it with --resume"
         )
     why = f"{run} is a run folder: using its latest complete checkpoint {latest}"
+    if at is not None:
+        why += f" (its merged model {merged} is of step {at}: the run was resumed and went on)"
     if (latest / ADAPTER_CONFIG).is_file():
         return _adapter(latest, option, adapters, why=why)
     src = _checked(ModelSource(latest, latest), option)
     src.note = why
     return src
+
+
+def _usable_merged(merged: Path) -> bool:
+    """A merged model whose weights load (fasttune writes it whole; an older one cut by a full disk is skipped)."""
+    from fasttune.train.checkpoint import weights_problem
+
+    if not (merged / "config.json").is_file():
+        return False
+    if problem := weights_problem(merged):
+        log.warning("skipping the run's merged model: %s", problem)
+        return False
+    return True
 
 
 def _adapter(adapter: Path, option: str, adapters: bool, why: str | None = None) -> ModelSource:

@@ -118,37 +118,17 @@ def save_checkpoint(
     keep: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then prune to the newest `keep_last` (never `keep`: the last healthy
-    one). `state_dict`: the weights to save when not the model's own (FSDP2). Any failure to write (full disk,
-    quota, I/O error: OSError from us, SafetensorError from safetensors, RuntimeError from torch.save) leaves the
-    previous checkpoints as they were and ends in one line."""
-    root = _folder(run).checkpoints
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+    one). `state_dict`: the weights to save when not the model's own (FSDP2)."""
+    final = _folder(run).checkpoints / f"step-{step:06d}"
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
-        _usual_permissions(tmp)
-        _fsync_tree(tmp)
-        old = None
-        if final.exists():  # the same step saved again: move the complete one aside first, never delete it first
-            old = root / f".old-step-{step:06d}-{os.getpid()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except Exception as e:  # not KeyboardInterrupt / SystemExit: those stay what they are
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FasttuneError(
-            f"could not write checkpoint {final} ({_reason(e)}); the previous checkpoint is intact; free disk "
-            "space or pick another --output-dir, then --resume"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(final, write, f"could not write checkpoint {final}", "the previous checkpoint is intact; free disk "
+                 "space or pick another --output-dir, then --resume")  # fmt: skip
+    root = final.parent
     for old in list_checkpoints(run)[:-keep_last]:
         if keep is not None and old == keep:
             continue
@@ -156,6 +136,37 @@ def save_checkpoint(
         os.rename(old, doomed)  # one rename: a kill in the delete below never leaves a half-deleted step-N
         shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def write_folder(final: Path, write, what: str, fix: str) -> None:
+    """Write the folder `final` with `write(tmp)` into a temporary sibling (.tmp-NAME-PID), then rename it into place:
+    a kill, a crash or a full disk leaves the previous `final` (or none), never a part of one. A `final` that exists
+    is moved aside (.old-NAME-PID) before the rename, never deleted first (RunFolder.clean_stale puts it back after
+    a kill in between). Any failure to write (full disk, quota, I/O error: OSError from us, SafetensorError from
+    safetensors, RuntimeError from torch.save) ends in one line: `what` (reason); `fix`."""
+    root = final.parent
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        _usual_permissions(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # not KeyboardInterrupt / SystemExit: those stay what they are
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FasttuneError(f"{what} ({_reason(e)}); {fix}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def verify(ckpt: Path) -> tuple[dict | None, str | None]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +26,7 @@ from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError, Stopped
 from fasttune.generate.template import record_prompt_format
 from fasttune.model.build import check_weights, has_weights, random_init
-from fasttune.model.resolve import resolve_for_training
+from fasttune.model.resolve import MERGED_STEP, resolve_for_training
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import resolve_device
@@ -339,19 +341,37 @@ def _finish(run: Run) -> RunResult:
     result.model_dir = result.checkpoint
     result.sample_prompt = _sample_prompt(cfg, data)
     if cfg.lora.enabled:
-        from fasttune.model.lora import save_lora
-
-        merged = run.folder.merged if cfg.lora.merge_on_save else None
-        save_lora(run.model, run.folder.adapter, merged, weights)
-        data.tokenizer.save_pretrained(run.folder.adapter)  # the adapter alone is usable: its prompt format
-        if merged is not None:
-            data.tokenizer.save_pretrained(merged)
-            result.model_dir = merged
+        result.model_dir = _save_lora(run, weights) or result.model_dir
     save_plots(run.metrics.records, run.folder)
     result.records = run.metrics.records
     training = describe_training(cfg, run.model, run.amp_dtype, run.optimizer, run.memory_plan)
     _summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher)
     return result
+
+
+def _save_lora(run: Run, weights: dict | None) -> Path | None:
+    """adapter/ and (--lora.merge-on-save) merged/, each written whole or not at all, each with the tokenizer (its
+    prompt format); merged/ records its step (a run resumed past it and stopped is resolved to its newer checkpoint).
+    Returns merged/ when written. A failed write ends in one line; --resume of the complete run writes them again."""
+    from fasttune.model.lora import save_merged
+
+    folder, tokenizer, step = run.folder, run.data.tokenizer, run.state.step
+    fix = "the checkpoints are intact; free disk space, then run the same command with --resume to write it again"
+
+    def adapter(tmp: Path) -> None:
+        run.model.save_pretrained(str(tmp), state_dict=weights)  # peft keeps the adapters' entries of `weights`
+        tokenizer.save_pretrained(tmp)
+
+    def merged(tmp: Path) -> None:
+        save_merged(run.model, tmp, weights)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MERGED_STEP).write_text(json.dumps({"step": step}) + "\n")
+
+    ckpt.write_folder(folder.adapter, adapter, f"could not write the LoRA adapter {folder.adapter}", fix)
+    if not run.cfg.lora.merge_on_save:
+        return None
+    ckpt.write_folder(folder.merged, merged, f"could not write the merged model {folder.merged}", fix)
+    return folder.merged
 
 
 def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:

@@ -34,8 +34,11 @@ MARKER = ".fasttune-run"
 LOCK = ".fasttune-lock"
 _OURS_BEFORE_MARKER = re.compile(r"^(\.fasttune-lock|\.write-test-.*)$")
 """What may be in a folder before its marker is written: our lock, our write test (both hidden)."""
-_STALE = re.compile(r"^\.(tmp|old|pruned)-step-(\d+)-\d+$")
-"""Temporaries of checkpoint saving and pruning (fasttune.train.checkpoint) a killed run can leave behind."""
+_STALE = re.compile(r"^\.(tmp|old|pruned)-(step-\d+|adapter|merged)-\d+$")
+"""Temporaries of checkpoint saving and pruning, and of a LoRA run's adapter/ and merged/ (checkpoint.write_folder),
+that a killed run can leave behind: in checkpoints/ and in the run folder."""
+_CHECKPOINT = re.compile(r"^(step-\d+|\.(tmp|old|pruned)-step-\d+-\d+)$")
+"""What fasttune writes in checkpoints/ (--overwrite removes these alone: a copy of yours there stays)."""
 
 
 class RunLock:
@@ -203,16 +206,15 @@ class RunFolder:
             )
 
     def clean_stale(self) -> None:
-        """Remove what a killed run left in checkpoints/ (under the lock, so no live run owns it): half-written
-        `.tmp-step-*` and half-deleted `.pruned-step-*` folders. An `.old-step-N-*` folder is a complete checkpoint
-        moved aside while step N was saved again: it is put back when step N is missing, else removed."""
-        if not self.checkpoints.is_dir():
-            return
-        for p in sorted(self.checkpoints.iterdir()):
+        """Remove what a killed run left in checkpoints/ and beside adapter/ and merged/ (under the lock, so no live
+        run owns it): half-written `.tmp-*` and half-deleted `.pruned-step-*` folders. An `.old-NAME-*` folder is a
+        complete one moved aside while NAME was written again: it is put back when NAME is missing, else removed."""
+        places = [p for p in (self.checkpoints, self.path) if p.is_dir()]
+        for p in sorted(q for place in places for q in place.iterdir()):
             m = _STALE.match(p.name)
-            if not m:
+            if not m or (p.parent == self.path) != (m.group(2) in ("adapter", "merged")):
                 continue
-            final = self.checkpoints / f"step-{m.group(2)}"
+            final = p.parent / m.group(2)
             if m.group(1) == "old" and not final.exists():
                 os.rename(p, final)
                 log.warning("restored checkpoint %s (a save of the same step was interrupted)", final)
@@ -256,9 +258,26 @@ class RunFolder:
         folder as a fasttune run and write the resolved config."""
         if cfg.overwrite:
             for p in self.artifacts:
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                if p == self.checkpoints and p.is_dir():
+                    self._clear_checkpoints()
+                else:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         self.marker.write_text("fasttune run directory; see config.json\n")
         self.write_config(cfg)
+
+    def _clear_checkpoints(self) -> None:
+        """--overwrite: the step-N folders and their temporaries go; anything else in checkpoints/ is the user's (a
+        copy of a best checkpoint, notes) and stays, said once."""
+        kept = []
+        for p in sorted(self.checkpoints.iterdir()):
+            if _CHECKPOINT.match(p.name) and p.is_dir():
+                shutil.rmtree(p)
+            else:
+                kept.append(p.name)
+        if kept:
+            log.info("--overwrite: kept what fasttune did not write in %s: %s", self.checkpoints, ", ".join(kept))
+        else:
+            self.checkpoints.rmdir()
 
     def write_config(self, cfg: BaseConfig) -> None:
         self.config.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
