@@ -149,7 +149,8 @@ class DataConfig:
     """Samples per micro-batch when padded; when packed (or padded by length, see `packing`), the token budget is
     micro_batch_size * max_length."""
     val_fraction: float = 0.05
-    """Fraction of documents held out for validation (deterministic split)."""
+    """Fraction of documents held out for validation (deterministic split); plain text of too few documents for
+    that (one .txt file) holds out that fraction of its max_length pieces instead, the last ones."""
     tokenizer_vocab_size: int = 4096
     """Vocabulary size of the byte-level BPE tokenizer trained on the embedded corpus."""
     max_documents: int | None = None

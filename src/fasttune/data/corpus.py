@@ -43,6 +43,32 @@ def holdout(items: list, keys: list[str], val_fraction: float) -> tuple[list, li
     return train, val
 
 
+def too_few_to_hold_out(documents: int, val_fraction: float) -> bool:
+    """Whether `documents` are too few for whole ones to make val_fraction of them (one of 20 at 0.05)."""
+    return val_fraction > 0 and documents * val_fraction < 1
+
+
+def holdout_tail(samples: list[dict], val_fraction: float, piece: int) -> tuple[list[dict], list[dict], int, int]:
+    """(train, validation, pieces held out, pieces) for text too few documents long to hold whole ones out: the
+    samples (documents, in order) cut into `piece`-token pieces as training splits them, and the last
+    round(val_fraction x pieces) of those (at least one, one train piece always left) held out, contiguous. A document
+    is cut at a piece boundary, so its train part splits into the pieces it would have anyway: none is both trained
+    and validated."""
+    counts = [-(-len(s["input_ids"]) // piece) for s in samples]
+    total = sum(counts)
+    held = min(max(1, round(val_fraction * total)), total - 1) if val_fraction > 0 else 0
+    train, val, left = list(samples), [], held
+    while left > 0:
+        sample, n = train.pop(), counts.pop()
+        if n > left:
+            cut = (n - left) * piece
+            train.append({k: v[:cut] for k, v in sample.items()})
+            sample = {k: v[cut:] for k, v in sample.items()}
+        val.insert(0, sample)
+        left -= n
+    return train, val, max(held, 0), total
+
+
 def list_stdlib_files(root: Path | None = None) -> list[str]:
     """Relative paths of the stdlib .py files, in a stable pseudo-random order (so a prefix is a fair sample)."""
     root = root or stdlib_root()

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fasttune.config import BaseConfig
-from fasttune.data.corpus import corpus_fingerprint, holdout, load_stdlib_corpus
+from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load_stdlib_corpus, too_few_to_hold_out
 from fasttune.data.packing import IGNORE, Batcher
 from fasttune.data.tokenizer import cached_tokenizer, without_length_warning
 from fasttune.errors import DataError
@@ -121,6 +121,18 @@ def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[
     return [{"input_ids": x + eos, "labels": x + eos} for x in ids]
 
 
+def _hold_out_pieces(docs: list[dict], val_fraction: float, piece: int, summary: DataSummary) -> tuple[list, list]:
+    """Text with too few documents to hold whole ones out: its last pieces are, and the summary says which."""
+    train, val, held, pieces = holdout_tail(docs, val_fraction, piece)
+    what = f"{len(docs)} document{'s' if len(docs) != 1 else ''}"
+    if held:
+        tokens = sum(len(s["input_ids"]) for s in val)
+        summary.notes.append(f"  validation: the last {held} of {pieces} pieces of {piece} tokens ({tokens:,} tokens "
+                             f"at the end of the text; {what}, too few to hold whole ones out at data.val_fraction "
+                             f"{val_fraction})")  # fmt: skip
+    return train, val
+
+
 def _record_text(record: dict) -> str:
     """The raw text of a record, for training a tokenizer (chat messages contribute their contents)."""
     if isinstance(record.get("messages"), list):
@@ -167,7 +179,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
 
         records, fmt = load_records(d.path, d.format)
         records = records[: d.max_documents]
-        train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], d.val_fraction)
+        by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction)  # e.g. one .txt file
+        fraction = 0.0 if by_piece else d.val_fraction
+        train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
         texts = [_record_text(r) for r in train_recs]
         tokenizer = tokenizer or _load_tokenizer(cfg, texts, hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16])
         summary = DataSummary(source=d.path, format=fmt)
@@ -176,6 +190,8 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
                                  "completion; the completion's assistant turns are trained)")  # fmt: skip
         train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
         val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
+        if by_piece:
+            train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
     overlong = d.overlong
     if overlong == "auto":
         overlong = "split" if summary.format == "text" else "truncate"

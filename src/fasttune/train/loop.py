@@ -146,6 +146,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None)
     for line in data.summary.lines():
         log.info(line)
+    _say_no_validation(cfg, data)
     if saved and saved.get("data") and data.summary.fingerprint and saved["data"] != data.summary.fingerprint:
         if saved.get("masking_rules", 1) != MASKING_RULES:
             raise ConfigError(
@@ -192,6 +193,16 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
                model=model, trained=trained, attn=attn, optimizer=optimizer, scheduler=scheduler, state=state,
                stream=DataStream(data.train, batcher, state), metrics=metrics, result=result,
                memory_plan=plan)  # fmt: skip
+
+
+def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
+    """Once, before training: --training.eval-every asks for a validation loss that nothing held out can give."""
+    every, fraction = cfg.training.eval_every, cfg.data.val_fraction
+    if data.val or not every:
+        return
+    why = "data.val_fraction is 0" if not fraction else "no sample is held out (the data is too small to hold one out)"
+    log.warning("no validation: %s, so --training.eval-every %d computes no val_loss; set --data.val-fraction (e.g. "
+                "0.05) to hold some data out, or --training.eval-every 0 to drop evaluation", why, every)  # fmt: skip
 
 
 def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog, grad_accum: int,
