@@ -1,9 +1,10 @@
-"""Evaluate a checkpoint on supervised data: loss and perplexity on the responses, and with generation the answers
-scored by exact match (and the final number, for math data such as GSM8K).
+"""Evaluate a checkpoint on any data training reads: loss and perplexity on the tokens training trains (responses;
+every token of plain text, split into pieces as training splits it), and with generation the answers scored by exact
+match (and the final number, for math data such as GSM8K).
 
     fasttune eval --checkpoint runs/sft --data test.jsonl --generate --output-dir runs/sft/eval
 
-The data is read and tokenized exactly as training reads it (any supervised format; the loss covers the tokens
+The data is read and tokenized exactly as training reads it (any format; the loss covers the tokens
 training would train: responses, or every token of plain text). Written to --output-dir: completions.jsonl (one line
 per sample: prompt, reference, completion, scores) and summary.json; the summary is also printed as a table.
 `train_eval_hook` is the same generation scoring run on a held-out slice during training.
@@ -33,9 +34,9 @@ log = logging.getLogger("fasttune")
 
 @dataclass(kw_only=True)
 class EvalArgs(SamplingArgs):
-    """Evaluate a checkpoint on supervised data: loss and perplexity on the responses; with --generate, generated
-    answers scored by exact match (and by the final number, for math data such as GSM8K). Writes completions.jsonl
-    and summary.json to --output-dir."""
+    """Evaluate a checkpoint on any data training reads: loss and perplexity on the responses (every token of plain
+    text, split into --max-length pieces); with --generate, generated answers scored by exact match (and by the final
+    number, for math data such as GSM8K). Writes completions.jsonl and summary.json to --output-dir."""
 
     data: str
     """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text)."""
@@ -51,6 +52,9 @@ class EvalArgs(SamplingArgs):
     """Samples per forward pass / generation batch."""
     limit: int | None = None
     """Evaluate only the first N samples."""
+    max_length: int | None = None
+    """Plain text: split into pieces of this many tokens, as training splits at data.max_length (default: the model's
+    context). Supervised samples are scored whole."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +62,8 @@ class EvalArgs(SamplingArgs):
             raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
+        if self.max_length is not None and self.max_length <= 1:
+            raise ConfigError(f"--max-length={self.max_length} is not valid; it must be > 1 (tokens per piece)")
 
     def run(self) -> int:
         return run_eval(self)
@@ -158,12 +164,33 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
     return files
 
 
+def _text_pieces(samples: list[dict], max_length: int | None, context: int | None) -> list[dict]:
+    """Plain text split into pieces of max_length (else the model's context) tokens, as training splits it: every
+    token is scored, none left out as too long."""
+    if max_length and context and max_length > context:
+        raise ConfigError(f"--max-length {max_length} is longer than the model's context ({context} tokens); pass "
+                          f"at most {context}")  # fmt: skip
+    piece = max_length or context
+    if not piece:
+        return samples
+    from fasttune.data.pipeline import DataSummary, fit_length
+
+    split = DataSummary("", "")
+    pieces = fit_length(samples, piece, "split", split)
+    if split.split:
+        why = "--max-length" if max_length else "the model's context; --max-length sets it"
+        log.info("plain text: %d of %d texts split into pieces of %d tokens (%s), %d pieces scored",
+                 split.split, len(samples), piece, why, len(pieces))  # fmt: skip
+    return pieces
+
+
 def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], str, int]:
     from fasttune.data.formats import load_records
     from fasttune.data.sft import tokenize_records
 
     records, fmt = load_records(a.data, a.format, option="--format", split=None)  # never a DatasetDict's train split
     samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
+    samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
     kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
     if not kept:
         raise DataError(f"{a.data}: every sample is longer than the model's context ({context} tokens), and eval "
