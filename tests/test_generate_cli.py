@@ -214,11 +214,44 @@ def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
         read_prompts(path)
 
 
-def test_prompt_longer_than_the_context_is_one_line(tmp_path, capsys):
-    base = _base(tmp_path / "short", context=32)
+def _short_base(path: Path, chat_template=None) -> Path:
+    """A model of 32 positions whose tokenizer knows it (model_max_length, as training saves it)."""
+    base = _base(path, chat_template=chat_template, context=32)
+    AutoTokenizer.from_pretrained(base, model_max_length=32).save_pretrained(base)
+    return base
+
+
+def _transformers_length_warning(caplog) -> bool:
+    """transformers' "Token indices sequence length is longer than..." (its handler writes to the stderr it found at
+    import, past capsys: read from the log records)."""
+    return any("Token indices sequence length" in r.getMessage() for r in caplog.records)
+
+
+def test_prompt_longer_than_the_context_is_one_line(tmp_path, capsys, caplog):
+    base = _short_base(tmp_path / "short")
     rc = main(["generate", "--checkpoint", str(base), "--prompt", "word " * 40, "--raw"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: --prompt is ") and "context is 32" in err[-1]
+    assert not _transformers_length_warning(caplog)  # it came before fasttune's own line
+
+
+def test_chat_message_longer_than_the_context_is_ours_alone_and_reset_says_so(tmp_path, capsys, caplog):
+    """A message longer than the context gets fasttune's one line, not transformers' "Token indices sequence length"
+    warning first; /reset confirms with one line."""
+    from fixtures.tiny_tokenizer import CHATML
+
+    from fasttune.model.load import load_for_inference
+
+    model, tok = load_for_inference(_short_base(tmp_path / "short", chat_template=CHATML))
+    lines = iter(["word " * 40, "/reset"])
+    assert chat_loop(model, tok, max_new_tokens=3, read=lambda prompt: next(lines, None) or _eof()) == 0
+    err = capsys.readouterr().err
+    assert "error: the message is " in err and not _transformers_length_warning(caplog), err
+    assert err.strip().splitlines()[-1] == "(history cleared)"
+
+
+def _eof():
+    raise EOFError  # what Ctrl-D gives input()
 
 
 def test_lora_adapter_and_lora_run_folder_load_like_peft(tmp_path, capsys):

@@ -43,6 +43,8 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
             continue
         if line.strip() == "/reset":
             history = list(start)
+            print("(history cleared)" if multi else "(nothing to clear: each message is answered on its own)",
+                  file=sys.stderr)  # fmt: skip
             continue
         messages = (history if multi else start) + [{"role": "user", "content": line}]
         ids = prompt_ids(tokenizer, messages, raw=raw)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fasttune.data.tokenizer import without_length_warning
 from fasttune.errors import FasttuneError
 from fasttune.model.build import (
     _quiet_transformers,
@@ -119,6 +120,9 @@ def load_for_inference(path: str | Path | ModelSource, device: str = "auto", tru
     refuse_remote_code(src.model_dir, trust_remote_code, TRUST_FLAG)  # before any transformers call could ask
     read_config(src.model_dir, trust_remote_code, option)  # a damaged config.json named as such, not as the tokenizer
     tokenizer = load_tokenizer(src, trust_remote_code)
+    # generate and chat fit prompts to the context themselves (fit_context, chat's trimming): transformers' "longer
+    # than the specified maximum sequence length" warning came before fasttune's own message
+    without_length_warning(tokenizer)
     if check is not None:
         check(tokenizer)
     model = load_model(src, inference_device(device), trust_remote_code=trust_remote_code, option=option)
