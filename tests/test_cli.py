@@ -65,6 +65,41 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
     assert err.startswith(expected) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("--training.learning-rate", "did you mean --training.lr?"),  # it suggested --training.min-lr-ratio
+        ("--lr", "did you mean --training.lr?"),
+        ("--learning_rate", "did you mean --training.lr?"),
+        ("--per_device_train_batch_size", "did you mean --data.micro-batch-size?"),
+        ("--gradient_accumulation_steps", "did you mean --training.grad-accum?"),
+        ("--max_seq_length", "did you mean --data.max-length?"),
+        ("--lora_r", "did you mean --lora.rank?"),
+        ("--rank", "did you mean --lora.rank?"),  # one option of that name, in another section
+        *((f, "fasttune has no epochs option: it trains --max-steps optimizer steps") for f in
+          ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--epochs")),
+    ],
+)  # fmt: skip
+def test_other_tools_option_names_point_at_fasttunes(flag, expected, capsys):
+    assert cli.main(["train", flag, "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: unknown option {flag}; {expected}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_other_tools_name_maps_to_a_real_option():
+    from fasttune.config.argcheck import OTHER_NAMES, _suggestion, option_table
+
+    table = option_table()
+    assert {"learning-rate", "num-train-epochs", "per-device-train-batch-size", "gradient-accumulation-steps",
+            "max-seq-length", "warmup-steps", "lora-r", "lora-alpha", "output-dir"} <= OTHER_NAMES.keys()  # fmt: skip
+    for name, target in OTHER_NAMES.items():
+        assert target is None or target in table, name
+        if f"--{name}" not in table:
+            assert _suggestion(f"--{name}", table) == (f"did you mean {target}? " if target else
+                                                       _suggestion("--epochs", table)), name  # fmt: skip
+    assert "--training.lr" not in _suggestion("--lr", {"--limit": int, "--seed": int})  # eval has no such option
+
+
 def test_debug_shows_the_traceback():
     with pytest.raises(ConfigError, match="attn_implementation='nope'"):
         cli.main(["train", "--attn-implementation", "nope", "--debug"])

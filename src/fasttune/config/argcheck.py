@@ -22,6 +22,55 @@ SHORT_FLAGS = ("--model", "--data", "--output-dir", "--max-steps", "--save-every
 aliases of nested options (`tyro.conf.arg(aliases=...)`) and top-level options. Each is in `option_table()`."""
 
 
+_STEPS = "--max-steps"
+OTHER_NAMES = {
+    # HF Trainer / TRL
+    "learning-rate": "--training.lr",
+    "num-train-epochs": None,
+    "max-steps": _STEPS,
+    "per-device-train-batch-size": "--data.micro-batch-size",
+    "gradient-accumulation-steps": "--training.grad-accum",
+    "max-seq-length": "--data.max-length",
+    "warmup-steps": "--training.warmup-steps",
+    "weight-decay": "--training.weight-decay",
+    "max-grad-norm": "--training.max-grad-norm",
+    "optim": "--training.optimizer",
+    "output-dir": "--output-dir",
+    "model-name-or-path": "--model",
+    "dataset-name": "--data",
+    "save-steps": "--save-every",
+    "save-total-limit": "--training.keep-last",
+    "logging-steps": "--training.log-every",
+    "eval-steps": "--training.eval-every",
+    "resume-from-checkpoint": "--resume",
+    "gradient-checkpointing": "--model.gradient-checkpointing",
+    "completion-only-loss": "--data.no-train-on-prompt",
+    # Axolotl, peft, LLaMA-Factory
+    "lr": "--training.lr",
+    "num-epochs": None,
+    "epochs": None,
+    "base-model": "--model",
+    "datasets": "--data",
+    "dataset": "--data",
+    "micro-batch-size": "--data.micro-batch-size",
+    "batch-size": "--data.micro-batch-size",
+    "sequence-len": "--data.max-length",
+    "max-length": "--data.max-length",
+    "cutoff-len": "--data.max-length",
+    "sample-packing": "--data.packing",
+    "val-set-size": "--data.val-fraction",
+    "train-on-inputs": "--data.train-on-prompt",
+    "lora-r": "--lora.rank",
+    "lora-alpha": "--lora.alpha",
+    "lora-dropout": "--lora.dropout",
+    "lora-target-modules": "--lora.targets",
+    "target-modules": "--lora.targets",
+    "adapter": "--lora.enabled",
+}
+"""Option names HF Trainer, TRL, Axolotl and peft users type (the leaf of the flag, dashes for underscores) -> the
+fasttune option that does that; None: fasttune has no such option (epochs: it counts steps)."""
+
+
 def _unwrap(kind) -> tuple[typing.Any, str | None, tuple[str, ...]]:
     """(type without Annotated, tyro's name override or None, tyro's aliases)."""
     name, aliases = None, ()
@@ -82,9 +131,7 @@ def _switch_hint(switch: str, token: str) -> str:
 def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], command: str, commands) -> str:
     flag = token.partition("=")[0]
     if token.startswith("-"):
-        close = difflib.get_close_matches(flag.replace("_", "-"), table, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        return f"unknown option {flag}; {hint}see `{command} --help` for the list"
+        return f"unknown option {flag}; {_suggestion(flag, table)}see `{command} --help` for the list"
     for i, a in enumerate(args):
         head, eq, value = a.partition("=")
         head = head.replace("_", "-") if head.startswith("--") else head  # tyro takes --model.fused_mlp too
@@ -94,6 +141,23 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
         where = f" for `{command}`" if " " in command else ""
         return f"unknown command {token!r}{where}; choose one of: {', '.join(commands)}"
     return f"unexpected argument {token!r}; options look like --name VALUE (see `{command} --help`)"
+
+
+def _suggestion(flag: str, table: dict[str, type]) -> str:
+    """The hint for an unknown flag ("did you mean X? "): the fasttune option for another tool's name (OTHER_NAMES),
+    the one option of that name in another section (--lr: --training.lr), else the closest spelling; "" for none."""
+    typed = flag.replace("_", "-")
+    leaf = typed.lstrip("-").rpartition(".")[2].lower()
+    if leaf in OTHER_NAMES and _STEPS in table:  # train's options (bench has its own --epochs)
+        target = OTHER_NAMES[leaf]
+        if target is None:
+            return (f"fasttune has no epochs option: it trains {_STEPS} optimizer steps, going over the data again "
+                    f"as often as that takes (set {_STEPS} N); ")  # fmt: skip
+        if target in table:
+            return f"did you mean {target}? "
+    same_leaf = [f for f in table if f.rpartition(".")[2].lstrip("-") == leaf and f != typed]
+    close = same_leaf if len(same_leaf) == 1 else difflib.get_close_matches(typed, table, n=1)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 def message(event, args: Sequence[str], table: dict[str, type], command: str, commands: Sequence[str] = ()) -> str:
