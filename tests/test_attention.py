@@ -290,6 +290,12 @@ def test_model_without_attention_interface_uses_transformers_own(caplog):
     with caplog.at_level(logging.WARNING, logger="fasttune"):
         got = resolve("sdpa", device="cpu", dtype=torch.float32, head_dim=8, packed=False, model_config=config)
     assert got.hf_name == "sdpa" and "falcon" in caplog.text and "AttentionInterface" in caplog.text
+    assert "'sdpa' runs as transformers' own call in that code, not as fasttune's 'sdpa' backend" in caplog.text
+    assert "instead of 'sdpa'" not in caplog.text  # it said "using transformers' own 'sdpa' ... instead of 'sdpa'"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        resolve("varlen", device="cpu", dtype=torch.float32, head_dim=8, packed=True, model_config=config)
+    assert "using transformers' own 'sdpa' implementation instead of 'varlen'" in caplog.text
     model = AutoModelForCausalLM.from_config(config, attn_implementation=got.hf_name)
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
     with pytest.raises(FasttuneError, match="drop --strict-attention"):

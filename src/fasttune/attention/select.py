@@ -72,7 +72,11 @@ def _native(requested: str, native: str, model_config, strict: bool) -> Resolved
             f"attention backend '{requested}' cannot run this model: {why}; drop --strict-attention to train "
             f"with transformers' own '{native}' attention"
         )
-    logger.warning(f"attention: {why}; using transformers' own '{native}' implementation instead of '{requested}'")
+    if requested == native:  # the name asked for, but transformers' call in the model's code, not fasttune's backend
+        logger.warning(f"attention: {why}; '{native}' runs as transformers' own call in that code, not as fasttune's "
+                       f"'{requested}' backend")  # fmt: skip
+    else:
+        logger.warning(f"attention: {why}; using transformers' own '{native}' implementation instead of '{requested}'")
     return Resolved(f"transformers {native}", native, f"{why}; transformers' own '{native}'")
 
 
