@@ -34,6 +34,8 @@ class DataSummary:
     """Truncated samples left out because the cut left no trained token (the prompt alone filled max_length)."""
     untrained: int = 0
     """Samples left out because they have no trained token at all (e.g. an empty response)."""
+    val_left_out: int = 0
+    """Held-out samples left out by the same rules (dropped as too long, or no trained token left): not validated."""
     padded_tokens: int = 0
     """Tokens the same samples would occupy as padded micro-batches (padding included)."""
     target_tokens: int = 0
@@ -59,6 +61,9 @@ class DataSummary:
                        "token left to train)")  # fmt: skip
         if self.untrained:
             out.append(f"  left out: {self.untrained} samples with no trained token (e.g. an empty response)")
+        if self.val_left_out:
+            out.append(f"  left out of validation: {self.val_left_out} held-out samples, by the same rules (too long "
+                       "to keep, or no trained token left)")  # fmt: skip
         return out + self.notes
 
 
@@ -204,7 +209,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         )
         overlong = "truncate"
     train = fit_length(train, d.max_length, overlong, summary)
-    val = fit_length(val, d.max_length, overlong, DataSummary("", ""))
+    held = DataSummary("", "")
+    val = fit_length(val, d.max_length, overlong, held)
+    summary.val_left_out = held.dropped + held.no_response + held.untrained
     if not train:
         raise DataError(no_samples_left(d.path or "embedded corpus", summary))
     lengths = [len(s["input_ids"]) for s in train]
