@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -107,9 +108,13 @@ def load_records(
     DatasetDict read when it has several (None: refused, naming the split folders: eval must not guess)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
-    check_data_path(path)
     root = Path(path)
-    if not root.exists():
+    try:
+        check_data_path(path)
+        exists = root.exists()
+    except OSError as e:  # a parent folder that may not be looked into
+        raise unreadable(e, root) from e
+    if not exists:
         raise DataError(f"{path}: no such file or folder; check --data")
     tables = _read_path(root, split)
     tables = [t for t in tables if t.records]
@@ -236,15 +241,25 @@ def _type_name(value: object) -> str:
 
 
 def _read_path(root: Path, split: str | None) -> list[_Table]:
-    if root.is_dir():
-        if _is_saved_dataset(root):
-            return [_read_saved_dataset(root, split)]
-        try:
-            files = _folder_files(root)
-        except OSError as e:  # an unreadable subfolder
-            raise DataError(f"{root}: cannot list the folder ({e.strerror or e}); check its permissions") from e
-        return [_read_file(f) for f in files]
-    return [_read_file(root)]
+    try:
+        if root.is_dir():
+            os.scandir(root).close()  # a folder that cannot be listed is named as such, not by a file in it
+            if _is_saved_dataset(root):
+                return [_read_saved_dataset(root, split)]
+        files = _folder_files(root) if root.is_dir() else [root]
+    except OSError as e:  # Path.is_file raises on a folder it may not look into (Python 3.11)
+        raise unreadable(e, root) from e
+    return [_read_file(f) for f in files]
+
+
+def unreadable(error: OSError, root: Path) -> DataError:
+    """One line for a file or folder of the data at `root` that cannot be read or listed, naming it and the fix."""
+    name = error.filename or root
+    if isinstance(error, PermissionError):
+        return DataError(f"{name}: permission denied, so the data cannot be read in full; make it readable "
+                         f"(chmod -R u+rX {root}) or point --data elsewhere")  # fmt: skip
+    return DataError(f"{name}: cannot read the data ({error.strerror or _one_line(error)}); check that it exists "
+                     "and is readable")  # fmt: skip
 
 
 def _read_file(path: Path) -> _Table:
@@ -269,13 +284,7 @@ def _read_file(path: Path) -> _Table:
 
 def _folder_files(root: Path) -> list[Path]:
     """Text or data files under `root` (sorted, hidden and __pycache__ entries skipped; other types ignored)."""
-    files = [
-        p
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-        and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)
-        and p.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES
-    ]
+    files = [p for p in _walk(root) if p.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES and p.is_file()]
     if not files:
         raise DataError(
             f"{root}: folder has no text (.txt, .md, .py, ...) or data (.jsonl, .json, .parquet, .csv) files"
@@ -289,6 +298,24 @@ def _folder_files(root: Path) -> list[Path]:
             "point --data at one file or keep one kind per folder"
         )
     return files
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every file under `root`, sorted, hidden and __pycache__ entries skipped. A folder that cannot be listed raises
+    (Path.rglob skips it in silence, and the run would train on part of the data)."""
+
+    def refuse(error: OSError) -> None:
+        raise error
+
+    found = []
+    for folder, subfolders, names in os.walk(root, onerror=refuse):
+        subfolders[:] = [d for d in subfolders if not _hidden(d)]
+        found += [Path(folder, name) for name in names if not _hidden(name)]
+    return sorted(found)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__pycache__"
 
 
 def _split_of(path: Path) -> str:
