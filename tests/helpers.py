@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from fasttune.config import BaseConfig, get_experiment
@@ -115,3 +116,22 @@ def save_micro_model(path: Path) -> Path:
     )
     tok.save_pretrained(path)
     return path
+
+
+def deny(monkeypatch, denied: Path) -> None:
+    """`denied` behaves as a folder chmod 000 does for a user who is not root (tests run as root, which may read
+    anything): listing it, or looking at anything inside it, raises PermissionError."""
+    scandir, stat = os.scandir, Path.stat
+
+    def fake_scandir(path="."):
+        if Path(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    def fake_stat(self, **kwargs):  # Python 3.11's Path.is_file and .exists raise this one
+        if denied in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", fake_scandir)
+    monkeypatch.setattr(Path, "stat", fake_stat)

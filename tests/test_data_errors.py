@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
+from helpers import deny
 
 from fasttune.data.formats import load_records
 from fasttune.data.sft import tokenize_records
@@ -291,32 +292,11 @@ def test_conversational_prompt_completion_mistakes_name_the_record_and_field(tmp
         assert re.search(message, error_for(_jsonl(tmp_path / f"bad{n}.jsonl", records))), message
 
 
-def _deny(monkeypatch, denied: Path) -> None:
-    """`denied` behaves as a folder chmod 000 does for a user who is not root (tests run as root, which may read
-    anything): listing it, or looking at anything inside it, raises PermissionError."""
-    import os
-
-    scandir, stat = os.scandir, Path.stat
-
-    def fake_scandir(path="."):
-        if Path(path) == denied:
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    def fake_stat(self, **kwargs):  # Python 3.11's Path.is_file and .exists raise this one
-        if denied in self.parents:
-            raise PermissionError(13, "Permission denied", str(self))
-        return stat(self, **kwargs)
-
-    monkeypatch.setattr(os, "scandir", fake_scandir)
-    monkeypatch.setattr(Path, "stat", fake_stat)
-
-
 def test_a_data_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(FIXTURES / "alpaca.jsonl", data / "a.jsonl")
-    _deny(monkeypatch, data)
+    deny(monkeypatch, data)
     message = error_for(data)
     assert message.startswith(f"{data}: permission denied") and f"chmod -R u+rX {data}" in message
 
@@ -326,15 +306,15 @@ def test_an_unreadable_subfolder_is_an_error_not_data_silently_left_out(tmp_path
     for sub in ("a", "b", ".hidden"):
         (tmp_path / sub).mkdir()
         shutil.copy(FIXTURES / "alpaca.jsonl", tmp_path / sub / "data.jsonl")
-    _deny(monkeypatch, tmp_path / ".hidden")  # hidden folders are never read, so never refused
+    deny(monkeypatch, tmp_path / ".hidden")  # hidden folders are never read, so never refused
     assert len(load_records(str(tmp_path))[0]) == 2 * len(load_records(str(FIXTURES / "alpaca.jsonl"))[0])
-    _deny(monkeypatch, tmp_path / "b")
+    deny(monkeypatch, tmp_path / "b")
     message = error_for(tmp_path)
     assert message.startswith(f"{tmp_path / 'b'}: permission denied") and f"chmod -R u+rX {tmp_path}" in message
 
 
 def test_a_data_file_in_a_folder_that_cannot_be_looked_into_is_one_line(tmp_path, monkeypatch):
-    _deny(monkeypatch, tmp_path / "locked")
+    deny(monkeypatch, tmp_path / "locked")
     (tmp_path / "locked").mkdir()
     message = error_for(tmp_path / "locked" / "a.jsonl")
     assert "permission denied" in message and "a.jsonl" in message

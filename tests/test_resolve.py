@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import deny
 
 from fasttune.cli import main
 from fasttune.errors import FasttuneError
@@ -144,6 +145,19 @@ def test_bad_folders_are_one_line_with_the_fix(tmp_path, layout, message):
         (path / "notes.txt").write_text("mine")
     with pytest.raises(FasttuneError, match=message):
         resolve(path)
+
+
+@pytest.mark.parametrize("layout", ["model", "run"])
+def test_a_folder_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch, capsys, layout):
+    """chmod 000 on --model / --checkpoint: Python 3.11's Path.is_file raised PermissionError (a traceback)."""
+    path = _model(tmp_path / "x") if layout == "model" else _run(tmp_path / "x")
+    deny(monkeypatch, path)
+    for call, option in ((resolve, "--checkpoint"), (resolve_for_training, "--model")):
+        with pytest.raises(FasttuneError, match=f"^{option} {path}: permission denied; .*chmod -R u\\+rX {path}"):
+            call(str(path))
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --checkpoint {path}: permission denied") and err.count("\n") == 1
 
 
 def test_remote_code_model_is_refused_with_the_flag_never_a_prompt(tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = Tru
         raise FasttuneError(f"{option} {given}: no such folder; pass a checkpoint, run or model folder")
     if not given.is_dir():
         raise FasttuneError(f"{option} {given} is a file; pass the folder that holds config.json")
+    check_readable(given, option)
     if given.name == "checkpoints" and is_run_folder(given.parent):
         given = given.parent  # runs/x/checkpoints: the run's latest checkpoint, as for runs/x
     if is_run_folder(given):  # before config.json: a run folder holds the run's config.json, not a model's
@@ -210,9 +212,25 @@ def refuse_remote_code(model_dir: Path, trust: bool, flag: str) -> None:
 def resolve_for_training(path: str | None, say: bool = True) -> str | None:
     """`train --model PATH`: a run folder becomes the full-model folder to start from (logged when `say`); a model
     folder stays as given (its remote-code check is model/build.py's)."""
+    if path is not None:
+        check_readable(Path(path), "--model")
     if path is None or ((Path(path) / "config.json").is_file() and not is_run_folder(Path(path))):
         return path
     src = resolve(path, option="--model", adapters=False)
     if src.note and say:
         log.info("--model: %s", src.note)
     return str(src.model_dir)
+
+
+def check_readable(folder: Path, option: str) -> None:
+    """A folder the user may not list or look into (chmod 000) is one line naming it: Python 3.11's Path.is_file and
+    .exists raise PermissionError on the files in it."""
+    try:
+        if folder.is_dir():
+            os.scandir(folder).close()
+            (folder / "config.json").exists()  # a folder that may be listed but not looked into
+    except PermissionError as e:
+        raise FasttuneError(
+            f"{option} {e.filename or folder}: permission denied; make the folder readable (chmod -R u+rX {folder}) "
+            "or pass another"
+        ) from None
