@@ -2,8 +2,10 @@
 References: the training samples' own prompt tokens, and plain HF `generate` on the same checkpoint."""
 
 import dataclasses
+import errno
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from fasttune.data.packing import IGNORE as IGNORE_INDEX
 from fasttune.data.sft import ALPACA_PROMPT_NO_INPUT, format_prompt, tokenize_records
 from fasttune.errors import DataError, FasttuneError
 from fasttune.generate.chat import chat_loop
-from fasttune.generate.prompts import read_prompts
+from fasttune.generate.prompts import read_prompts, write_jsonl
 from fasttune.generate.template import prompt_format, prompt_ids, record_prompt_format
 from fasttune.model.build import preset_config
 from fasttune.train import loop
@@ -212,6 +214,64 @@ def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         read_prompts(path)
+
+
+def test_an_unreadable_prompt_file_is_one_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('"q"\n')
+    read_text = Path.read_text
+
+    def denied(self, *args, **kwargs):  # chmod 000 as a user other than root (tests run as root)
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --prompts {path}: permission denied; make it readable (chmod u+r {path})\n"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, command):
+    """The write failed only after every completion was generated, and its message said to free disk space."""
+    (tmp_path / "p.jsonl").write_text('"q"\n')
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    path_open = Path.open
+
+    def denied(self, mode="r", *args, **kwargs):  # chmod 555 as a user other than root (tests run as root)
+        if self.parent == readonly and mode != "r":
+            raise PermissionError(13, "Permission denied", str(self))
+        return path_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    option, value = ("--output", readonly / "out.jsonl") if command == "generate" else ("--output-dir", readonly)
+    inputs = ["--prompts", str(tmp_path / "p.jsonl")] if command == "generate" else ["--data", str(tmp_path)]
+    # a checkpoint that does not exist: the output is checked first, before minutes of loading and generating
+    assert main([command, "--checkpoint", str(tmp_path / "none"), *inputs, option, str(value)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {option}: cannot write in {readonly} (Permission denied); make the folder writable "
+                   "(chmod u+w) or choose another path\n")  # fmt: skip
+    assert list(readonly.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("error", "fix"),
+    [
+        (errno.EACCES, "make the folder writable"),
+        (errno.ENOSPC, "free disk space"),
+        (errno.EROFS, "that file system is read-only"),
+    ],
+)
+def test_a_failed_write_names_its_cause_and_the_fix_for_it(tmp_path, monkeypatch, error, fix):
+    def fail(*args):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(FasttuneError, match=f"could not write .*out.jsonl \\({os.strerror(error)}\\); {fix}"):
+        write_jsonl(tmp_path / "out.jsonl", [{"a": 1}])
+    assert list(tmp_path.iterdir()) == []
 
 
 def _short_base(path: Path, chat_template=None) -> Path:

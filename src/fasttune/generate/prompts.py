@@ -9,6 +9,7 @@ an existing one unless asked).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -30,6 +31,10 @@ def read_prompts(path: str | Path) -> list[dict]:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"--prompts {file}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except PermissionError:
+        raise DataError(f"--prompts {file}: permission denied; make it readable (chmod u+r {file})") from None
+    except OSError as e:
+        raise DataError(f"--prompts {file}: cannot read it ({e.strerror or e}); check the file") from None
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -98,10 +103,28 @@ def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
 
 
 def make_folder(path: Path, option: str) -> None:
+    """Create the output folder and write a file in it now, not after minutes of work."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FasttuneError(f"{option}: cannot create {path} ({e.strerror or e}); choose another place") from None
+        raise FasttuneError(f"{option}: cannot create {path} ({e.strerror or e}); {write_fix(e)}") from None
+    probe = path / f".fasttune-write-test-{os.getpid()}"
+    try:
+        probe.open("x").close()
+        probe.unlink()
+    except OSError as e:
+        raise FasttuneError(f"{option}: cannot write in {path} ({e.strerror or e}); {write_fix(e)}") from None
+
+
+def write_fix(e: OSError) -> str:
+    """What to do about a failed write, by its cause."""
+    if isinstance(e, PermissionError):
+        return "make the folder writable (chmod u+w) or choose another path"
+    if e.errno == errno.EROFS:
+        return "that file system is read-only; choose another path"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space or choose another path"
+    return "choose another path"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -119,5 +142,5 @@ def write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        msg = f"could not write {path} ({e.strerror or e}); free disk space or choose another path"
+        msg = f"could not write {path} ({e.strerror or e}); {write_fix(e)}"
         raise FasttuneError(msg) from None
