@@ -105,6 +105,24 @@ def test_debug_shows_the_traceback():
         cli.main(["train", "--attn-implementation", "nope", "--debug"])
 
 
+@pytest.mark.parametrize("where", ["run", "check"])
+def test_a_permission_error_no_check_caught_is_one_line_naming_the_file(monkeypatch, capsys, where):
+    """Whatever a command meets that the user may not read or write: one line with the file and the fix, exit 2;
+    the traceback with --debug."""
+    from fasttune.config.experiments import ExperimentsArgs
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", "/data/locked.jsonl")
+
+    monkeypatch.setattr(ExperimentsArgs, where, denied)
+    assert cli.main(["experiments"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: /data/locked.jsonl: permission denied; give your user access to it")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(PermissionError):
+        cli.main(["experiments", "--debug"])
+
+
 def test_stable_short_flags_and_main_py_forms():
     cfg = cli.parse_train_args(["--model", "m", "--data=d.jsonl", "--max-steps", "7", "--save-every", "3",
                                 "--output-dir", "o", "--attn-implementation", "eager", "--resume"])  # fmt: skip

@@ -151,6 +151,16 @@ def _quiet_parsing(rank: int | None):
     return stack
 
 
+def _message(e: Exception) -> str:
+    """A FasttuneError's own line; for a PermissionError that no check caught (a file the user may not read or write
+    wherever fasttune meets it), the file and the fix, instead of a traceback."""
+    if not isinstance(e, PermissionError):
+        return str(e)
+    name = e.filename or "a file"
+    return (f"{name}: permission denied; give your user access to it (see ls -l; e.g. chmod u+rw, or u+rwx for a "
+            f"folder) or use another path (--debug shows where)")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -167,12 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     except BrokenPipeError:  # --help piped into `head`
         return 0
-    except FasttuneError as e:
+    except (FasttuneError, PermissionError) as e:
         if debug:
             raise
         if rank is None:
-            print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+            print(f"error: {_message(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     try:
         _quiet_transformers()
         return command.run()
@@ -182,11 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except PeerFailed as e:  # rank 0 said why
         return e.exit_code
-    except FasttuneError as e:
+    except (FasttuneError, PermissionError) as e:
         if debug:
             raise
-        print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
-        return e.exit_code
+        print(f"{'' if rank is None else f'[rank {rank}] '}error: {_message(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         if rank is None:  # torchrun: Ctrl-C reaches every rank, rank 0 says it
             print("interrupted (Ctrl-C)", file=sys.stderr)
