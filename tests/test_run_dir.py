@@ -2,6 +2,7 @@
 options that would change the run; a torn metrics line does not stop a resume; a double save stays atomic."""
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ from helpers import losses, tiny_config
 
 from fasttune.data.pipeline import build_data
 from fasttune.errors import ConfigError, DataError, FasttuneError
+from fasttune.model.resolve import latest_checkpoint
 from fasttune.train import checkpoint, loop
 from fasttune.train.run_dir import RunFolder
 
@@ -269,6 +271,8 @@ def _damage(ckpt, how: str) -> str:
         f = ckpt / "model.safetensors"
         f.write_bytes(f.read_bytes()[:-100])
         return "model.safetensors is truncated or damaged"
+    if how == "missing shard":  # the weights as save_pretrained shards a large model, one shard lost
+        return _shard_and_lose_one(ckpt)
     if how == "garbage trainer state":
         (ckpt / "trainer_state.pt").write_bytes(os.urandom(512))
         return "trainer_state.pt is damaged"
@@ -276,11 +280,30 @@ def _damage(ckpt, how: str) -> str:
     return "trainer_state.pt is missing"
 
 
-@pytest.mark.parametrize("how", ["truncated weights", "garbage trainer state", "missing trainer state"])
+def _shard_and_lose_one(ckpt) -> str:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, ckpt / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model-00002-of-00002.safetensors").unlink()
+    return "model-00002-of-00002.safetensors is missing"
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated weights", "missing shard", "garbage trainer state", "missing trainer state"]
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(two_checkpoints, how, caplog):
     caplog.set_level(logging.INFO, logger="fasttune")
     cfg, result = two_checkpoints
     expected = _damage(result.checkpoint, how)
+    if "weights" in how or "shard" in how:  # generate/eval --checkpoint RUN skip it too
+        assert latest_checkpoint(result.run_dir) == result.checkpoint.parent / "step-000002"
     more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=5))
     resumed = loop.train(more)
     assert f"skipping a damaged checkpoint: {result.checkpoint / expected.split()[0]}" in caplog.text

@@ -186,7 +186,8 @@ def verify(ckpt: Path) -> tuple[dict | None, str | None]:
 
 def weights_problem(ckpt: Path) -> str | None:
     """What makes `ckpt` unloadable as a model (naming the file), or None: the safetensors headers (checked against
-    the file sizes: a truncated file fails) and the JSON files; never the weights themselves."""
+    the file sizes: a truncated file fails), the JSON files and the shards a weights index lists; never the weights
+    themselves."""
     weights = sorted(ckpt.glob("*.safetensors"))
     if not weights:
         return f"{ckpt} has no .safetensors weights"
@@ -198,9 +199,23 @@ def weights_problem(ckpt: Path) -> str | None:
             return f"{f} is truncated or damaged ({' '.join(str(e).split())[:120]})"
     for f in sorted(ckpt.glob("*.json")):
         try:
-            json.loads(f.read_text())
+            data = json.loads(f.read_text())
         except (OSError, ValueError) as e:
             return f"{f} is damaged ({type(e).__name__})"
+        if f.name.endswith(".safetensors.index.json") and (problem := _missing_shard(f, data)):
+            return problem
+    return None
+
+
+def _missing_shard(index: Path, data: object) -> str | None:
+    """A shard that a sharded checkpoint's index (model.safetensors.index.json) lists but the folder lacks."""
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return f"{index} is damaged (no weight_map)"
+    missing = sorted({str(v) for v in weight_map.values()} - {p.name for p in index.parent.iterdir()})
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        return f"{index.parent / missing[0]}{more} is missing (listed in {index.name}; the checkpoint is incomplete)"
     return None
 
 
