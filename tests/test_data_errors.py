@@ -3,6 +3,7 @@ The user's files are never changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -249,7 +250,34 @@ def test_a_prompt_that_fills_max_length_is_reported_as_truncated_not_dropped():
     assert fit_length([long_prompt], 8, "truncate", lone) == []
     message = no_samples_left("d.jsonl", lone)
     assert "dropped" not in message and "1 truncated to data.max_length with no response token left" in message
-    assert "--data.max-length" in message
+    assert message.endswith("; raise --data.max-length or shorten the prompts")
+
+
+@pytest.mark.parametrize(
+    ("data", "max_length", "message"),
+    [
+        # both records (one per split) counted; the fix is for empty responses, not for lengths
+        ('{"instruction": "q", "output": ""}\n' * 2, 64, "(2 with an empty response, so nothing to train on); fill "
+         "in the responses (or pass --data.train-on-prompt to train on the prompts too)"),
+        ('{"text": ""}\n' * 2, 64, "(2 with no text); add text to the records"),
+        (None, 1, "(data.max_length 1 leaves samples of one token, with no next token to predict); raise "
+         "--data.max-length to 2 or more"),  # the embedded corpus: no prompts to shorten
+    ],
+)  # fmt: skip
+def test_no_samples_left_says_why_and_the_fix_for_that_cause(tmp_path, data, max_length, message):
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+
+    cfg = get_experiment("quick")
+    path = None
+    if data is not None:
+        path = tmp_path / "d.jsonl"
+        path.write_text(data)
+    d = dataclasses.replace(cfg.data, path=path and str(path), max_length=max_length, max_documents=4,
+                            tokenizer_vocab_size=384, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    with pytest.raises(DataError) as e:
+        build_data(dataclasses.replace(cfg, data=d), tokenizer=build_tiny_tokenizer())
+    assert str(e.value) == f"{path or 'embedded corpus'}: no training samples left {message}"
 
 
 def test_a_model_folder_without_tokenizer_files_is_one_line(tmp_path):

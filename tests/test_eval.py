@@ -167,6 +167,20 @@ def test_eval_max_length_beyond_the_context_is_refused(sft_run, tmp_path, capsys
     assert "--max-length 4096 is longer than the model's context (512 tokens)" in err, err
 
 
+@pytest.mark.parametrize(("record", "what"), [({"instruction": "What is 2+2?", "output": ""}, "response"),
+                                              ({"text": ""}, "text")])  # fmt: skip
+def test_eval_of_data_with_nothing_to_score_is_an_error_not_a_null_loss(sft_run, tmp_path, capsys, record, what):
+    """Every response empty: eval exited 0 with loss null and target_tokens 0 (training refuses the same data)."""
+    data = tmp_path / "empty.jsonl"
+    data.write_text((json.dumps(record) + "\n") * 2)
+    out = tmp_path / "ev"
+    assert main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {data}: no sample has a token to score (every {what} is empty), so there is no loss to "
+                   f"report; fill in the {what}s")  # fmt: skip
+    assert not (out / "summary.json").exists()
+
+
 def test_eval_data_errors_name_evals_own_options(sft_run, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "How many?", "answer": "3"}) + "\n")

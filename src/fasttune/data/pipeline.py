@@ -105,16 +105,29 @@ def fit_length(samples: list[dict], max_length: int, mode: str, summary: DataSum
     return kept
 
 
-def no_samples_left(source: str, summary: DataSummary) -> str:
-    """Why no training sample is left, as one line with the fix."""
-    why = [f"{summary.dropped} dropped as longer than data.max_length (data.overlong=drop)"] if summary.dropped else []
-    if summary.no_response:
-        why.append(f"{summary.no_response} truncated to data.max_length with no response token left (the prompt "
-                   "alone fills it)")  # fmt: skip
-    if summary.untrained:
-        why.append(f"{summary.untrained} with no trained token (empty response or text)")
-    return (f"{source}: no training samples left ({'; '.join(why) or 'the data set is empty'}); raise "
-            "--data.max-length or shorten the prompts")  # fmt: skip
+def no_samples_left(source: str, summary: DataSummary, held: DataSummary | None = None, max_length: int = 0) -> str:
+    """Why no training sample is left, as one line with the fix for its cause; `held`: the validation split's counts
+    (its samples are left out by the same rules, and the user counts records, not splits)."""
+    dropped, no_response, untrained = (getattr(summary, k) + (getattr(held, k) if held else 0)
+                                       for k in ("dropped", "no_response", "untrained"))  # fmt: skip
+    if summary.format == "text" and 0 < max_length < 2:
+        return (f"{source}: no training samples left (data.max_length {max_length} leaves samples of one token, "
+                "with no next token to predict); raise --data.max-length to 2 or more")  # fmt: skip
+    causes = []
+    if dropped:
+        causes.append((f"{dropped} dropped as longer than data.max_length (data.overlong=drop)",
+                       "raise --data.max-length or pass --data.overlong truncate"))  # fmt: skip
+    if no_response:
+        causes.append((f"{no_response} truncated to data.max_length with no response token left (the prompt alone "
+                       "fills it)", "raise --data.max-length or shorten the prompts"))  # fmt: skip
+    if untrained and summary.format == "text":
+        causes.append((f"{untrained} with no text", "add text to the records"))
+    elif untrained:
+        causes.append((f"{untrained} with an empty response, so nothing to train on", "fill in the responses (or "
+                       "pass --data.train-on-prompt to train on the prompts too)"))  # fmt: skip
+    why = "; ".join(c for c, _ in causes) or "the data set is empty"
+    fix = "; ".join(dict.fromkeys(f for _, f in causes)) or "add records"
+    return f"{source}: no training samples left ({why}); {fix}"
 
 
 def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
@@ -209,11 +222,11 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         )
         overlong = "truncate"
     train = fit_length(train, d.max_length, overlong, summary)
-    held = DataSummary("", "")
+    held = DataSummary("", summary.format)
     val = fit_length(val, d.max_length, overlong, held)
     summary.val_left_out = held.dropped + held.no_response + held.untrained
     if not train:
-        raise DataError(no_samples_left(d.path or "embedded corpus", summary))
+        raise DataError(no_samples_left(d.path or "embedded corpus", summary, held, d.max_length))
     lengths = [len(s["input_ids"]) for s in train]
     summary.train_samples, summary.val_samples = len(train), len(val)
     summary.train_tokens, summary.longest = sum(lengths), max(lengths)

@@ -195,6 +195,10 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     if not kept:
         raise DataError(f"{a.data}: every sample is longer than the model's context ({context} tokens), and eval "
                         "scores whole samples only; shorten the records or split them into several")  # fmt: skip
+    if not any(t != IGNORE for s in kept for t in s["labels"][1:]):  # training refuses such data as well
+        what = "text" if fmt == "text" else "response"
+        raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
+                        f"report; fill in the {what}s")  # fmt: skip
     return kept, fmt, len(samples) - len(kept)
 
 
