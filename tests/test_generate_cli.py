@@ -561,6 +561,31 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys):
             assert "Traceback" not in err and "tokenizer" not in err.splitlines()[-1]
 
 
+def test_an_unreadable_weights_file_is_named_as_a_permission_problem_not_as_damage(tmp_path, monkeypatch):
+    """safetensors reports a file it may not open as 'No such file or directory': the message said the folder was
+    damaged and to copy it again."""
+    from helpers import save_micro_model
+
+    from fasttune.model.build import load_weights_error
+
+    model = save_micro_model(tmp_path / "model")
+    weights = model / "model.safetensors"
+    error = FileNotFoundError(f"No such file or directory: {weights}")  # what safetensors raises for chmod 000
+    assert "incomplete or damaged" in str(load_weights_error(model, error))  # readable: it is damaged (or gone)
+    path_open = Path.open
+
+    def denied(self, *args, **kwargs):  # chmod 000 as a user other than root (tests run as root)
+        if self == weights:
+            raise PermissionError(13, "Permission denied", str(self))
+        return path_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    assert str(load_weights_error(model, error, "--checkpoint")) == (
+        f"--checkpoint {model}: model.safetensors cannot be read (permission denied); make it readable "
+        f"(chmod u+r {weights}) or pass another folder"
+    )
+
+
 def test_models_without_sdpa_or_without_a_causal_lm_class(tmp_path, capsys):
     """Bloom has no sdpa attention: inference falls back to eager (the sample after training included). T5 is no
     causal LM: one line saying so, not that its files are damaged."""
