@@ -112,8 +112,8 @@ def load_records(
     try:
         check_data_path(path)
         exists = root.exists()
-    except OSError as e:  # a parent folder that may not be looked into
-        raise unreadable(e, root) from e
+    except OSError as e:  # a parent folder that may not be looked into: the fix is its own
+        raise unreadable(e, root.parent) from e
     if not exists:
         raise DataError(f"{path}: no such file or folder; check --data")
     tables = _read_path(root, split)
