@@ -190,16 +190,22 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
 
     records, fmt = load_records(a.data, a.format, option="--format", split=None)  # never a DatasetDict's train split
     samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
-    samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
-    kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
-    if not kept:
-        raise DataError(f"{a.data}: every sample is longer than the model's context ({context} tokens), and eval "
-                        "scores whole samples only; shorten the records or split them into several")  # fmt: skip
-    if not any(t != IGNORE for s in kept for t in s["labels"][1:]):  # training refuses such data as well
+    if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
         raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
                         f"report; fill in the {what}s")  # fmt: skip
+    samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
+    kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
+    if not any(map(_scored, kept)):
+        raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
+                        f"({context} tokens), and eval scores whole samples only; shorten the records or split them "
+                        "into several")  # fmt: skip
     return kept, fmt, len(samples) - len(kept)
+
+
+def _scored(sample: dict) -> bool:
+    """Whether a sample has a token the loss is computed on (after the causal shift)."""
+    return any(t != IGNORE for t in sample["labels"][1:])
 
 
 def run_eval(a: EvalArgs) -> int:
