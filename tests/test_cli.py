@@ -275,3 +275,18 @@ def test_under_torchrun_the_first_rank_alone_reports_a_bad_command_line(capsys, 
     assert capsys.readouterr().err.startswith("[rank 1] error: --model /nonexistent")  # may be this node's own
     assert cli.main(["eval", "--checkpoint", "/nonexistent", "--data", "x.json"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_ctrl_c_while_the_command_line_is_read_is_one_quiet_line(capsys, monkeypatch):
+    """Ctrl-C in the first seconds (torch and transformers are imported while parsing) ends like a Ctrl-C later:
+    exit 130 and one line, no traceback; under torchrun the ranks after the first say nothing."""
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "parse", interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C)"
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert cli.main(["train"]) == 130 and not capsys.readouterr().err.strip()

@@ -183,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank is None:
             print(f"error: {_message(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # while torch and transformers are imported (seconds): no traceback either
+        return _interrupted(rank)
     try:
         _quiet_transformers()
         return command.run()
@@ -198,9 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'' if rank is None else f'[rank {rank}] '}error: {_message(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        if rank is None:  # torchrun: Ctrl-C reaches every rank, rank 0 says it
-            print("interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        return _interrupted(rank)
+
+
+def _interrupted(rank: int | None) -> int:
+    if rank is None:  # torchrun: Ctrl-C reaches every rank, rank 0 says it
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
