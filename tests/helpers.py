@@ -135,3 +135,16 @@ def deny(monkeypatch, denied: Path) -> None:
 
     monkeypatch.setattr(os, "scandir", fake_scandir)
     monkeypatch.setattr(Path, "stat", fake_stat)
+
+
+def deny_file(monkeypatch, method: str, denied: Path) -> None:
+    """Path.`method` (read_text, open, ...) on the file `denied` raises PermissionError, as for a file chmod 000 to
+    a user who is not root (tests run as root)."""
+    real = getattr(Path, method)
+
+    def fake(self, *args, **kwargs):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, fake)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import tiny_config
+from helpers import deny_file, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -219,14 +219,7 @@ def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
 def test_an_unreadable_prompt_file_is_one_line(tmp_path, monkeypatch, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text('"q"\n')
-    read_text = Path.read_text
-
-    def denied(self, *args, **kwargs):  # chmod 000 as a user other than root (tests run as root)
-        if self == path:
-            raise PermissionError(13, "Permission denied", str(self))
-        return read_text(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", denied)
+    deny_file(monkeypatch, "read_text", path)
     assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompts", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: --prompts {path}: permission denied; make it readable (chmod u+r {path})\n"
@@ -572,14 +565,7 @@ def test_an_unreadable_weights_file_is_named_as_a_permission_problem_not_as_dama
     weights = model / "model.safetensors"
     error = FileNotFoundError(f"No such file or directory: {weights}")  # what safetensors raises for chmod 000
     assert "incomplete or damaged" in str(load_weights_error(model, error))  # readable: it is damaged (or gone)
-    path_open = Path.open
-
-    def denied(self, *args, **kwargs):  # chmod 000 as a user other than root (tests run as root)
-        if self == weights:
-            raise PermissionError(13, "Permission denied", str(self))
-        return path_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", denied)
+    deny_file(monkeypatch, "open", weights)
     assert str(load_weights_error(model, error, "--checkpoint")) == (
         f"--checkpoint {model}: model.safetensors cannot be read (permission denied); make it readable "
         f"(chmod u+r {weights}) or pass another folder"
