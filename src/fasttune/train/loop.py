@@ -364,13 +364,13 @@ def _save_lora(run: Run, weights: dict | None) -> Path | None:
     """adapter/ and (--lora.merge-on-save) merged/, each written whole or not at all, each with the tokenizer (its
     prompt format); merged/ records its step (a run resumed past it and stopped is resolved to its newer checkpoint).
     Returns merged/ when written. A failed write ends in one line; --resume of the complete run writes them again."""
-    from fasttune.model.lora import save_merged
+    from fasttune.model.lora import save_lora, save_merged
 
     folder, tokenizer, step = run.folder, run.data.tokenizer, run.state.step
     fix = "the checkpoints are intact; free disk space, then run the same command with --resume to write it again"
 
     def adapter(tmp: Path) -> None:
-        run.model.save_pretrained(str(tmp), state_dict=weights)  # peft keeps the adapters' entries of `weights`
+        save_lora(run.model, tmp, state=weights)
         tokenizer.save_pretrained(tmp)
 
     def merged(tmp: Path) -> None:
