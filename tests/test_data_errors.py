@@ -185,6 +185,19 @@ def test_chat_without_assistant_turn(tmp_path):
     assert "c.jsonl line 1: no message has role 'assistant'" in error_for(path)
 
 
+@pytest.mark.parametrize(("role", "hint"), [("usr", "rename it"), ("human", "ShareGPT's 'human' is 'user': rename it"),
+                                            ("gpt", "ShareGPT's 'gpt' is 'assistant'")])  # fmt: skip
+def test_a_message_with_an_unknown_role_is_named_with_the_valid_roles(tmp_path, role, hint):
+    """A typo ("usr") was rendered by the template as a role of its own and trained on; ShareGPT's human/gpt gave "no
+    message has role 'assistant'" (or, with gpt beside an assistant turn, a silent run)."""
+    path = tmp_path / "c.jsonl"
+    turns = [{"role": role, "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    message = error_for(path)
+    assert message.startswith(f"{path} line 1: messages[0].role is {role!r}, not a chat role (system, user, assistant")
+    assert hint in message
+
+
 def test_sharegpt_data_gets_the_whole_conversion_in_one_line(tmp_path):
     """ShareGPT records (Axolotl's and Unsloth's usual chat data) took three errors to fix: "cannot tell the data
     format" with "rename the fields or pass --data.format", then from/value, then "no message has role 'assistant'"

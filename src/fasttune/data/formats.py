@@ -64,6 +64,11 @@ _SHAREGPT_FIX = (
     'convert each record to {"messages": [{"role", "content"}, ...]}: conversations -> messages, from -> role (human '
     "-> user, gpt -> assistant, system stays), value -> content"
 )
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
+"""Message roles chat data may use: the usual four, and those some chat templates know (OpenAI's developer and
+function, Llama 3.1's ipython). Any other (a typo such as "usr", ShareGPT's human/gpt) is refused: templates render
+a role they do not know as is, and the run would train on turns labelled with it."""
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 PROMPT_TURNS = "_prompt_turns"
 """A chat record converted from a conversational prompt/completion one: how many of its leading messages were the
 prompt (their assistant turns are context, never trained)."""
@@ -225,9 +230,17 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
                 raise DataError(
                     f"{where}: {field}[{j}].{key} must be a string, got {_type_name(message.get(key))}; fix the record"
                 )
+        _check_role(message["role"], f"{where}: {field}[{j}]")
     if need_reply and not any(m["role"] == "assistant" for m in messages):
         of = "" if field == "messages" else f" of {field!r}"
         raise DataError(f"{where}: no message{of} has role 'assistant', so there is nothing to train on; add a reply")
+
+
+def _check_role(role: str, where: str) -> None:
+    if role in ROLES:
+        return
+    hint = f"ShareGPT's {role!r} is {_SHAREGPT_ROLES[role]!r}: " if role in _SHAREGPT_ROLES else ""
+    raise DataError(f"{where}.role is {role!r}, not a chat role ({', '.join(ROLES)}); {hint}rename it")
 
 
 def _type_name(value: object) -> str:
