@@ -11,8 +11,9 @@ Rendering per format:
     text               the text + EOS; every token trained.
     alpaca             ALPACA_PROMPT (or ALPACA_PROMPT_NO_INPUT when input is empty) + output + EOS.
     prompt_completion  prompt + completion + EOS, concatenated as-is (no template, as in TRL).
-    chat               the tokenizer's chat template; each assistant turn is trained from after its header
-                       (the add_generation_prompt text) through its end-of-turn marker; nothing is appended. A
+    chat               the tokenizer's chat template (with the record's `tools`); each assistant turn is trained
+                       from after its header (the add_generation_prompt text) through its end-of-turn marker;
+                       nothing is appended. A
                        conversational prompt/completion record (read as chat, data/formats.py) trains its
                        completion's assistant turns only: those of its prompt are context.
 Alpaca and prompt_completion never use the chat template, so the same data trains the same way on every model;
@@ -24,6 +25,7 @@ Nothing is truncated here: see `check_lengths`.
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -42,7 +44,7 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 Span = tuple[int, int]
 
 
-MASKING_RULES = 4
+MASKING_RULES = 5
 """Version of the rules that turn records into trained labels, kept in every checkpoint: a change that trains other
 tokens of the same data bumps it, so that --resume of an older run says why its data fingerprint differs. 2: records
 and chat replies with an empty response are not trained; chat turns end at their end-of-turn token. 3: an Alpaca or
@@ -125,22 +127,22 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
     rendered: list[tuple[str, list[Span]]] = []
     direct: dict[int, dict] = {}  # samples tokenized by the template's own {% generation %} mask
     for i, record in enumerate(records):
-        where = f"{source} record {i}"
-        messages = record["messages"]
+        chat = Chat(tokenizer, record["messages"], _tools(record, f"{source} record {i}"), f"{source} record {i}")
+        chat.check_tools()
         if train_on_prompt:
-            text = _render(tokenizer, messages, False, where)
+            text = chat.render(len(chat.messages), False)
             rendered.append((text, [(0, len(text))]))
             continue
         first = record.get(PROMPT_TURNS, 0)  # a conversational prompt/completion's prompt: not trained
-        spans = _assistant_spans(tokenizer, messages, where, first)
+        spans = _assistant_spans(chat, first)
         if spans is not None:
             rendered.append(spans)
         elif isinstance(template, str) and _GENERATION_TAG.search(template):
-            direct[i] = _generation_mask_sample(tokenizer, messages, where, first)
+            direct[i] = _generation_mask_sample(chat, first)
             rendered.append(("", []))
         else:
             raise DataError(
-                f"{where}: the chat template renders a conversation differently from its own beginning, so the "
+                f"{chat.where}: the chat template renders a conversation differently from its own beginning, so the "
                 "assistant turns cannot be located; use a template with {% generation %} tags or --data.train_on_prompt"
             )
     samples = _encode(tokenizer, rendered, prompt_apart=True)
@@ -160,26 +162,66 @@ def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
                     "base model that run began with (its own chat template)")  # fmt: skip
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja raises TemplateError/UndefinedError/its own raise_exception text
-        raise DataError(f"{where}: the chat template rejected this conversation ({' '.join(str(e).split())})") from e
+@dataclass
+class Chat:
+    """One conversation of chat data, rendered through the tokenizer's chat template with the record's `tools` (TRL's
+    column of function schemas, which templates write into the system turn); `where` names it in errors."""
+
+    tokenizer: object
+    messages: list[dict]
+    tools: list | None
+    where: str
+
+    def check_tools(self) -> None:
+        """Refuse tools the template does not write (Llama 3.0's, Gemma's): the run would train tool calls to tools
+        the model was never shown."""
+        if self.tools and self.render(len(self.messages), False) == Chat(**{**vars(self), "tools": None}).render(
+            len(self.messages), False
+        ):
+            raise DataError(f"{self.where} has 'tools', but the chat template does not render them (it knows no "
+                            "tools); use a model whose chat template does, or drop the field")  # fmt: skip
+
+    def render(self, n: int, add_generation_prompt: bool) -> str:
+        """The first `n` messages as text."""
+        try:
+            return self.tokenizer.apply_chat_template(self.messages[:n], tools=self.tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)  # fmt: skip
+        except Exception as e:  # jinja raises TemplateError/UndefinedError/its own raise_exception text
+            raise DataError(f"{self.where}: the chat template rejected this conversation ({_one_line(e)})") from e
 
 
-def _assistant_spans(tokenizer, messages: list[dict], where: str, first: int = 0) -> tuple[str, list[Span]] | None:
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _tools(record: dict, where: str) -> list | None:
+    """A record's `tools` (a list of function schemas, or that list as a JSON string, as TRL reads it), or None."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise DataError(f"{where}: field 'tools' is a string but not JSON ({e}); store the list of function "
+                            "schemas itself, or as JSON") from None  # fmt: skip
+    if tools is None or (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return tools or None
+    raise DataError(f"{where}: field 'tools' must be a list of function schemas (objects), got "
+                    f"{type(tools).__name__}; fix the record or drop the field")  # fmt: skip
+
+
+def _assistant_spans(chat: Chat, first: int = 0) -> tuple[str, list[Span]] | None:
     """Render the conversation and, for each assistant turn from messages[first] on, the prefixes just before its
     content (with the generation prompt) and just after its end; their lengths are the turn's trained span. None when
     a prefix is not a prefix of the full rendering (templates that rewrite earlier turns, e.g. strip reasoning)."""
-    full = _render(tokenizer, messages, False, where)
+    full = chat.render(len(chat.messages), False)
     spans: list[Span] = []
-    specials = _special_tokens(tokenizer)
-    for j, message in enumerate(messages):
+    specials = _special_tokens(chat.tokenizer)
+    for j, message in enumerate(chat.messages):
         if j < first or message["role"] != "assistant" or blank_message(message):
             continue
         # An assistant turn that opens the conversation has no prefix to render; train the whole turn.
-        before = _render(tokenizer, messages[:j], True, where) if j else ""
-        through = _render(tokenizer, messages[: j + 1], False, where)
+        before = chat.render(j, True) if j else ""
+        through = chat.render(j + 1, False)
         if not (full.startswith(before) and full.startswith(through)) or len(through) <= len(before):
             return None
         spans.append((len(before), _turn_end(through, len(before), specials)))
@@ -209,20 +251,21 @@ def _turn_end(through: str, start: int, specials: tuple[str, ...]) -> int:
     return len(stripped) if len(stripped) > start and stripped.endswith(specials) else len(through)
 
 
-def _generation_mask_sample(tokenizer, messages: list[dict], where: str, first: int = 0) -> dict:
+def _generation_mask_sample(chat: Chat, first: int = 0) -> dict:
     """The template's own {% generation %} mask; assistant turns before messages[first] (a conversational
     prompt/completion's prompt) untrained: the tokens of the prompt rendered with the generation prompt, which must
     begin the conversation's."""
+    tokenizer, messages, where = chat.tokenizer, chat.messages, chat.where
     try:
         out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages, tools=chat.tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         prompt = None
         if any(m["role"] == "assistant" for m in messages[:first]):
-            prompt = tokenizer.apply_chat_template(messages[:first], tokenize=True, return_dict=True,
+            prompt = tokenizer.apply_chat_template(messages[:first], tools=chat.tools, tokenize=True, return_dict=True,
                                                    add_generation_prompt=True)["input_ids"]  # fmt: skip
     except Exception as e:
-        raise DataError(f"{where}: the chat template rejected this conversation ({' '.join(str(e).split())})") from e
+        raise DataError(f"{where}: the chat template rejected this conversation ({_one_line(e)})") from e
     ids = list(out["input_ids"])
     labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"], strict=True)]
     if prompt is not None:

@@ -1,0 +1,54 @@
+"""Chat data through real-world template shapes: the record's tools, templates that drop what a turn holds, and
+templates that render a conversation differently from its own beginning (Qwen3's reasoning, Mistral's system
+prompt). The reference for every mask is the template's own rendering of each prefix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+from test_masking import trained_runs
+
+from fasttune.data.sft import tokenize_records
+from fasttune.errors import DataError
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+# ChatML that writes the tools into a system turn and an assistant's tool calls into its turn (Qwen2.5's shape)
+CHATML_TOOLS = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}<call>{{ c['function'] | tojson }}</call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TURNS = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+         {"role": "tool", "content": "4"}, {"role": "assistant", "content": "It is 4."}]  # fmt: skip
+
+
+def test_a_records_tools_are_rendered_into_the_sample():
+    """TRL's `tools` column (a list of function schemas, or that list as JSON) reaches the chat template: it was
+    dropped, and the run trained tool calls to functions the model was never shown."""
+    tok = build_tiny_tokenizer(chat_template=CHATML_TOOLS)
+    for tools in (TOOLS, json.dumps(TOOLS)):
+        (sample,) = tokenize_records([{"messages": TURNS, "tools": tools}], "chat", tok)
+        assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(TURNS, tools=TOOLS, tokenize=False)
+        assert '"name": "add", "parameters"' in tok.decode(sample["input_ids"])
+        call = f"<call>{json.dumps(CALL['function'])}</call><|im_end|>"
+        assert trained_runs(tok, sample) == [call, "It is 4.<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    ("tools", "error"),
+    [("[oops", "record 0: field 'tools' is a string but not JSON"), (5, "field 'tools' must be a list of function")],
+)
+def test_tools_that_are_not_a_list_of_schemas_name_the_record(tools, error):
+    tok = build_tiny_tokenizer(chat_template=CHATML_TOOLS)
+    with pytest.raises(DataError, match=error):
+        tokenize_records([{"messages": TURNS, "tools": tools}], "chat", tok)
+
+
+def test_tools_a_template_does_not_render_are_refused():
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    with pytest.raises(DataError, match="record 0 has 'tools', but the chat template does not render them"):
+        tokenize_records([{"messages": TURNS[-2:], "tools": TOOLS}], "chat", tok)
