@@ -52,3 +52,52 @@ def test_tools_a_template_does_not_render_are_refused():
     tok = build_tiny_tokenizer(chat_template=CHATML)
     with pytest.raises(DataError, match="record 0 has 'tools', but the chat template does not render them"):
         tokenize_records([{"messages": TURNS[-2:], "tools": TOOLS}], "chat", tok)
+
+
+def test_a_turn_the_template_renders_empty_is_refused():
+    """A template that knows no tool calls (Llama 3.0's, this ChatML) rendered an assistant tool call as an empty turn,
+    trained as an instant end of turn."""
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    with pytest.raises(DataError, match="record 0: the chat template renders assistant message 1 as an empty turn, "
+                       "dropping its tool_calls; use a chat template that renders them"):  # fmt: skip
+        tokenize_records([{"messages": TURNS}], "chat", tok)
+
+
+# Qwen3's shape: an assistant turn after the last user message shows its reasoning, earlier ones do not, so the
+# conversation through turn 1 is not the beginning of the whole conversation's rendering.
+REASONING = (
+    "{%- set ns = namespace(last=0) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+    "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.index0 > ns.last %}"
+    "<think>{{ m.get('reasoning_content', '') }}</think>{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+REASONED = [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4", "reasoning_content": "add"},
+    {"role": "user", "content": "times 3?"},
+    {"role": "assistant", "content": "12", "reasoning_content": "x"},
+]
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_each_turn_as_generation_renders_it(caplog):
+    """A template that renders a conversation differently from its own beginning (Qwen3 drops earlier turns'
+    reasoning) stopped every multi-turn record; each assistant turn is now its own sample: the conversation through
+    it, trained on that turn, its prompt the very ids `generate` / `chat` send for it."""
+    from fasttune.generate.template import prompt_ids
+
+    tok = build_tiny_tokenizer(chat_template=REASONING)
+    caplog.set_level("INFO", logger="fasttune")
+    samples = tokenize_records([{"messages": REASONED}, {"messages": REASONED[:2]}], "chat", tok, source="c.jsonl")
+    assert "c.jsonl: 1 of 2 conversations trained turn by turn" in caplog.text
+    assert len(samples) == 3  # the two-turn record's two turns, and the one-turn record (already stable)
+    for sample, j in zip(samples, (1, 3, 1), strict=True):
+        assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(REASONED[: j + 1], tokenize=False)
+        message = REASONED[j]
+        assert trained_runs(tok, sample) == [f"<think>{message['reasoning_content']}</think>{message['content']}"
+                                             "<|im_end|>"]  # fmt: skip
+        start = next(i for i, label in enumerate(sample["labels"]) if label != -100)
+        assert prompt_ids(tok, REASONED[:j]) == sample["input_ids"][:start]
+    # a conversational prompt/completion trains its completion's turns only
+    (sample,) = tokenize_records([{"messages": REASONED, "_prompt_turns": 3}], "chat", tok)
+    assert sample == samples[1]

@@ -206,8 +206,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         if records and PROMPT_TURNS in records[0]:
             summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
                                  "completion; the completion's assistant turns are trained)")  # fmt: skip
-        train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
-        val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path)
+        train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path,
+                                 notes=summary.notes)  # fmt: skip
+        val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path, notes=[])
         if by_piece:
             train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
     overlong = d.overlong

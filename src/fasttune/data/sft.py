@@ -13,7 +13,10 @@ Rendering per format:
     prompt_completion  prompt + completion + EOS, concatenated as-is (no template, as in TRL).
     chat               the tokenizer's chat template (with the record's `tools`); each assistant turn is trained
                        from after its header (the add_generation_prompt text) through its end-of-turn marker;
-                       nothing is appended. A
+                       nothing is appended. A template that renders a conversation differently from its own
+                       beginning (Qwen3 drops earlier turns' reasoning) trains it turn by turn: one sample per
+                       assistant turn, the conversation through it, as generation renders that turn's prompt (a
+                       template with {% generation %} tags: its own mask instead). A
                        conversational prompt/completion record (read as chat, data/formats.py) trains its
                        completion's assistant turns only: those of its prompt are context.
 Alpaca and prompt_completion never use the chat template, so the same data trains the same way on every model;
@@ -26,6 +29,7 @@ Nothing is truncated here: see `check_lengths`.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -35,6 +39,8 @@ from fasttune.data.formats import FORMATS, PROMPT_TURNS, validate_record
 from fasttune.data.packing import IGNORE
 from fasttune.data.tokenizer import without_length_warning
 from fasttune.errors import DataError
+
+log = logging.getLogger("fasttune")
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -63,17 +69,24 @@ def format_prompt(record: dict, fmt: str) -> str:
 
 
 def tokenize_records(
-    records: Sequence[dict], fmt: str, tokenizer, *, train_on_prompt: bool = False, source: str = "dataset"
+    records: Sequence[dict],
+    fmt: str,
+    tokenizer,
+    *,
+    train_on_prompt: bool = False,
+    source: str = "dataset",
+    notes: list[str] | None = None,
 ) -> list[dict]:
-    """Tokenize `records` of format `fmt` into [{"input_ids": [...], "labels": [...]}] (labels -100 where no loss).
-    `source` names the dataset in error messages."""
+    """Tokenize `records` of format `fmt` into [{"input_ids": [...], "labels": [...]}] (labels -100 where no loss);
+    a chat record whose template rewrites earlier turns gives one sample per assistant turn. `source` names the
+    dataset in error messages; `notes` (else the log) gets a line on how many records were so split."""
     if fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     without_length_warning(tokenizer)
     for i, record in enumerate(records):
         validate_record(record, fmt, f"{source} record {i}")
     if fmt == "chat":
-        return _tokenize_chat(records, tokenizer, train_on_prompt, source)
+        return _tokenize_chat(records, tokenizer, train_on_prompt, source, notes)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"the tokenizer has no eos_token, needed to end each {fmt} sample; set tokenizer.eos_token")
@@ -116,7 +129,8 @@ def _bos_prefix(tokenizer) -> list[int]:
 # ---- chat ----------------------------------------------------------------------------------------------------------
 
 
-def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str) -> list[dict]:
+def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
+                   notes: list[str] | None) -> list[dict]:  # fmt: skip
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise DataError(
@@ -124,8 +138,10 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
             "has one, or convert the data to prompt/completion"
         )
     _check_roles(records, tokenizer, source)
+    tagged = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
     rendered: list[tuple[str, list[Span]]] = []
     direct: dict[int, dict] = {}  # samples tokenized by the template's own {% generation %} mask
+    by_turn = 0
     for i, record in enumerate(records):
         chat = Chat(tokenizer, record["messages"], _tools(record, f"{source} record {i}"), f"{source} record {i}")
         chat.check_tools()
@@ -134,17 +150,17 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
             rendered.append((text, [(0, len(text))]))
             continue
         first = record.get(PROMPT_TURNS, 0)  # a conversational prompt/completion's prompt: not trained
-        spans = _assistant_spans(chat, first)
-        if spans is not None:
-            rendered.append(spans)
-        elif isinstance(template, str) and _GENERATION_TAG.search(template):
-            direct[i] = _generation_mask_sample(chat, first)
-            rendered.append(("", []))
-        else:
-            raise DataError(
-                f"{chat.where}: the chat template renders a conversation differently from its own beginning, so the "
-                "assistant turns cannot be located; use a template with {% generation %} tags or --data.train_on_prompt"
-            )
+        texts, turn_by_turn = _chat_texts(chat, first, tagged)
+        if texts is None:
+            direct[len(rendered)] = _generation_mask_sample(chat, first)
+            texts = [("", [])]
+        by_turn += turn_by_turn
+        rendered.extend(texts)
+    if by_turn:
+        line = (f"  {by_turn} of {len(records)} conversations trained turn by turn (a sample per assistant turn, the "
+                "conversation before it as context): the chat template renders them differently from their own "
+                "beginning (e.g. it drops earlier turns' reasoning)")  # fmt: skip
+        notes.append(line) if notes is not None else log.info("%s: %s", source, line.strip())
     samples = _encode(tokenizer, rendered, prompt_apart=True)
     for i, sample in direct.items():
         samples[i] = sample
@@ -209,23 +225,48 @@ def _tools(record: dict, where: str) -> list | None:
                     f"{type(tools).__name__}; fix the record or drop the field")  # fmt: skip
 
 
-def _assistant_spans(chat: Chat, first: int = 0) -> tuple[str, list[Span]] | None:
-    """Render the conversation and, for each assistant turn from messages[first] on, the prefixes just before its
-    content (with the generation prompt) and just after its end; their lengths are the turn's trained span. None when
-    a prefix is not a prefix of the full rendering (templates that rewrite earlier turns, e.g. strip reasoning)."""
+def _chat_texts(chat: Chat, first: int, tagged: bool) -> tuple[list[tuple[str, list[Span]]] | None, bool]:
+    """The text(s) to tokenize for a conversation and their trained spans: each assistant turn from messages[first] on
+    spans from the end of the conversation before it rendered with the generation prompt (its header) to its
+    end-of-turn token. One text, the whole conversation, when every such prefix is a prefix of it; else the template
+    rewrites earlier turns (Qwen3 drops their reasoning, Mistral moves the system prompt to the last user turn): None
+    for a template with {% generation %} tags (its own mask), else one text per turn, the conversation through it,
+    as generation renders that turn's prompt (and True: trained turn by turn)."""
+    turns = [(j, chat.render(j, True) if j else "", chat.render(j + 1, False)) for j, m in enumerate(chat.messages)
+             if j >= first and m["role"] == "assistant" and not blank_message(m)]  # fmt: skip
     full = chat.render(len(chat.messages), False)
-    spans: list[Span] = []
+    if all(full.startswith(before) and full.startswith(through) for _, before, through in turns):
+        return [(full, [_turn_span(chat, j, before, through) for j, before, through in turns])], False
+    if tagged:
+        return None, False
+    return [(through, [_turn_span(chat, j, before, through)]) for j, before, through in turns], True
+
+
+def _turn_span(chat: Chat, j: int, before: str, through: str) -> Span:
+    """Assistant message j's trained span in `through`, the conversation rendered through it; `before`: the
+    conversation before it with the generation prompt. A turn the template renders empty (it drops the message's
+    tool calls, say) is refused: it would teach an instant end of turn."""
+    # An assistant turn that opens the conversation has no prefix to render (before is ""): the whole turn is trained.
+    if not through.startswith(before) or len(through) <= len(before):
+        raise DataError(
+            f"{chat.where}: the chat template renders the conversation before assistant message {j} differently from "
+            "the conversation through it, so the turn cannot be located; use a template with {% generation %} tags "
+            "or --data.train_on_prompt"
+        )
     specials = _special_tokens(chat.tokenizer)
-    for j, message in enumerate(chat.messages):
-        if j < first or message["role"] != "assistant" or blank_message(message):
-            continue
-        # An assistant turn that opens the conversation has no prefix to render; train the whole turn.
-        before = chat.render(j, True) if j else ""
-        through = chat.render(j + 1, False)
-        if not (full.startswith(before) and full.startswith(through)) or len(through) <= len(before):
-            return None
-        spans.append((len(before), _turn_end(through, len(before), specials)))
-    return full, spans
+    end = _turn_end(through, len(before), specials)
+    if not _without(through[len(before) : end], specials).strip():
+        held = [k for k in chat.messages[j] if k not in ("role", "name") and chat.messages[j][k]] or ["content"]
+        raise DataError(f"{chat.where}: the chat template renders assistant message {j} as an empty turn, dropping "
+                        f"its {', '.join(held)}; use a chat template that renders them, or remove the "
+                        "message")  # fmt: skip
+    return len(before), end
+
+
+def _without(text: str, specials: tuple[str, ...]) -> str:
+    for special in specials:
+        text = text.replace(special, "")
+    return text
 
 
 def blank_message(message: dict) -> bool:
