@@ -8,6 +8,7 @@ import json
 
 import pytest
 from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+from test_generate_cli import _base
 from test_masking import trained_runs
 
 from fasttune.data.sft import tokenize_records
@@ -101,3 +102,35 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_turn_as_generation_r
     # a conversational prompt/completion trains its completion's turns only
     (sample,) = tokenize_records([{"messages": REASONED, "_prompt_turns": 3}], "chat", tok)
     assert sample == samples[1]
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch):
+    """The token ids every generate_ids call gets (the rendered prompts)."""
+    import fasttune.generate.generate as gen
+
+    seen, real = [], gen.generate_ids
+    monkeypatch.setattr(gen, "generate_ids", lambda model, tok, batch, **kw: seen.extend(batch) or real(
+        model, tok, batch, **kw))  # fmt: skip
+    return seen
+
+
+def test_generate_sends_a_prompt_records_tools_as_training_rendered_them(tmp_path, capsys, prompts_seen):
+    """generate --prompts: a record's tools reach the chat template, so the prompt is the very ids training puts
+    before that reply; --raw, which cannot send them, and a template that does not write them are refused by line."""
+    from fasttune.cli import main
+
+    model = _base(tmp_path / "m", chat_template=CHATML_TOOLS)
+    tok = build_tiny_tokenizer(chat_template=CHATML_TOOLS, bos="<s>")
+    (sample,) = tokenize_records([{"messages": TURNS[:2], "tools": TOOLS}], "chat", tok)
+    prompt = sample["input_ids"][: next(i for i, t in enumerate(sample["labels"]) if t != -100)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": TURNS[:1], "tools": TOOLS}) + "\n")
+    argv = ["generate", "--checkpoint", str(model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+            "--max-new-tokens", "2", "--overwrite"]  # fmt: skip
+    assert main(argv) == 0 and prompts_seen == [prompt]
+    assert main([*argv, "--raw"]) == 2
+    assert f"{prompts} line 1 has 'tools', and without a chat template" in capsys.readouterr().err
+    plain = _base(tmp_path / "plain", chat_template=CHATML)
+    assert main([*argv[:2], str(plain), *argv[3:]]) == 2
+    assert f"{prompts} line 1 has 'tools', but the chat template does not render them" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
     direct: dict[int, dict] = {}  # samples tokenized by the template's own {% generation %} mask
     by_turn = 0
     for i, record in enumerate(records):
-        chat = Chat(tokenizer, record["messages"], _tools(record, f"{source} record {i}"), f"{source} record {i}")
+        chat = Chat(tokenizer, record["messages"], record_tools(record, f"{source} record {i}"), f"{source} record {i}")
         chat.check_tools()
         if train_on_prompt:
             text = chat.render(len(chat.messages), False)
@@ -210,7 +210,7 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _tools(record: dict, where: str) -> list | None:
+def record_tools(record: dict, where: str) -> list | None:
     """A record's `tools` (a list of function schemas, or that list as a JSON string, as TRL reads it), or None."""
     tools = record.get("tools")
     if isinstance(tools, str):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fasttune.command import Command
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, DataError
 
 log = logging.getLogger("fasttune")
 
@@ -139,19 +139,26 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[list[dict]]:
-    """Each record's messages, every record checked against the prompt format (its roles, --raw's one message)."""
+def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list[dict], list | None]]:
+    """Each record's messages and tools, every record checked against the prompt format (its roles, --raw's one
+    message, tools the template writes)."""
+    from fasttune.data.sft import Chat, record_tools
     from fasttune.generate.prompts import check_single, record_messages
     from fasttune.generate.template import check_roles, prompt_format
 
     fmt = "raw" if a.raw else prompt_format(tok)
-    conversations = [record_messages(r, fmt) for r in records]
-    for r, messages in zip(records, conversations, strict=True):
+    conversations = [(record_messages(r, fmt), record_tools(r, f"{a.prompts} line {r['_line']}")) for r in records]
+    for r, (messages, tools) in zip(records, conversations, strict=True):
         where = f"{a.prompts} line {r['_line']}"
         if fmt == "raw":
             check_single(messages, where)
+            if tools:
+                raise DataError(f"{where} has 'tools', and without a chat template (--raw, or a model that has none) "
+                                "they are not sent; drop them, or generate through the model's chat "
+                                "template")  # fmt: skip
         check_roles(messages, fmt, where, "remove it from that line (write what it says into the user message if it "
                     "matters)")  # fmt: skip
+        Chat(tok, messages, tools, where).check_tools()
     return conversations
 
 
@@ -164,8 +171,8 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
 
     conversations = _check_records(tok, a, records)  # checked before the model loaded; their messages
     ids = []
-    for r, messages in zip(records, conversations, strict=True):
-        ids.append(prompt_ids(tok, messages, raw=a.raw))
+    for r, (messages, tools) in zip(records, conversations, strict=True):
+        ids.append(prompt_ids(tok, messages, raw=a.raw, tools=tools))
         fit_context(model, len(ids[-1]), 1, f"{a.prompts} line {r['_line']}: the prompt")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     done: dict[int, dict] = {}
