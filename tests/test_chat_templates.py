@@ -134,3 +134,28 @@ def test_generate_sends_a_prompt_records_tools_as_training_rendered_them(tmp_pat
     plain = _base(tmp_path / "plain", chat_template=CHATML)
     assert main([*argv[:2], str(plain), *argv[3:]]) == 2
     assert f"{prompts} line 1 has 'tools', but the chat template does not render them" in capsys.readouterr().err
+
+
+def test_generation_stops_at_the_end_of_turn_token_chat_training_taught():
+    """The end-of-turn token (here ChatML's <|im_end|>, like Llama 3's <|eot_id|> on a base model whose EOS is
+    <|end_of_text|>) is often an added token marked special, not a registered special token: `generate` / `chat` did
+    not stop at it, and the checkpoint's generation config (plain HF generate) did not name it."""
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.generate.generate import stop_ids
+    from fasttune.generate.template import record_prompt_format
+    from fasttune.model.build import preset_config
+    from fasttune.train.model_prep import align_special_tokens
+
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    (sample,) = tokenize_records([{"messages": TURNS[-2:]}], "chat", tok)
+    turn_end = [t for t in sample["labels"] if t != -100][-1]  # the last trained token
+    assert tok.convert_ids_to_tokens(turn_end) == "<|im_end|>" and turn_end not in tok.all_special_ids
+    for fmt, stops in (("chat", [tok.eos_token_id, turn_end]), ("alpaca", [tok.eos_token_id])):
+        tok = build_tiny_tokenizer(chat_template=CHATML)
+        record_prompt_format(tok, fmt)
+        model = AutoModelForCausalLM.from_config(preset_config("micro", len(tok)))
+        model.generation_config.eos_token_id = tok.eos_token_id  # a pretrained model's own, the tokenizer's EOS
+        align_special_tokens(model, tok, fresh=False)
+        assert model.generation_config.eos_token_id == (stops if len(stops) > 1 else stops[0]), fmt
+        assert stop_ids(model, tok) == sorted(stops), fmt

@@ -52,18 +52,11 @@ def fast_engine(model, graphs: bool | None = None) -> Generator | None:
 def stop_ids(model, tokenizer) -> list[int]:
     """Token ids that end a reply: EOS (tokenizer and generation config) and the end-of-turn token the chat template
     writes after an assistant message (e.g. ChatML's <|im_end|>, which is not always the EOS)."""
-    ids = {tokenizer.eos_token_id}
+    from fasttune.generate.template import end_of_turn_id
+
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        try:
-            convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-            text = tokenizer.apply_chat_template(convo, tokenize=False)
-            after = tokenizer(text[text.rindex("b") + 1 :], add_special_tokens=False)["input_ids"]
-            if after and after[0] in tokenizer.all_special_ids:
-                ids.add(after[0])
-        except Exception:  # a template that rejects this probe: EOS alone
-            pass
     return sorted(i for i in ids if i is not None)
 
 

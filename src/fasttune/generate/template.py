@@ -100,6 +100,23 @@ def prompt_format(tokenizer) -> str:
     return m.group(1) if m else "chat"
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>), which chat training teaches to end a reply; None when it writes none. Special: a registered special
+    token or an added token marked special (Llama 3's <|eot_id|> is only the latter), as training reads them."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    try:
+        convo = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        text = tokenizer.apply_chat_template(convo, tokenize=False)
+        after = tokenizer(text[text.rindex("b") + 1 :], add_special_tokens=False)["input_ids"]
+    except Exception:  # a template that rejects this probe
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials = {*tokenizer.all_special_ids, *(i for i, token in added.items() if token.special)}
+    return after[0] if after and after[0] in specials else None
+
+
 def multi_turn(fmt: str) -> bool:
     """Alpaca and prompt/completion runs trained on single exchanges: each chat turn starts afresh."""
     return fmt == "chat"

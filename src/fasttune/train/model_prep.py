@@ -172,7 +172,8 @@ def align_special_tokens(model, tokenizer, fresh: bool) -> None:
     the tokenizer's bos/eos ids, and its generation config the pad id too (transformers' config defaults name other
     tokens: the embedded corpus tokenizer's id 2 is '!'). A pretrained model keeps its ids; when its generation
     config does not stop at the tokenizer's EOS, which every training sample ends with, that id is added to its
-    eos_token_id."""
+    eos_token_id, and so is a chat run's end-of-turn token (Llama 3's <|eot_id|> on a base model whose EOS is
+    <|end_of_text|>): plain HF generate from the checkpoint then stops where the trained replies end."""
     names = ("bos_token_id", "eos_token_id", "pad_token_id")
     ids = {name: getattr(tokenizer, name, None) for name in names}  # benchmarks' synthetic tokenizer has few
     gen = getattr(model, "generation_config", None)
@@ -182,18 +183,32 @@ def align_special_tokens(model, tokenizer, fresh: bool) -> None:
                 setattr(model.config, name, value)  # for that row) when the checkpoint is loaded: pad is often EOS
             if gen is not None:
                 setattr(gen, name, value)
+        _add_turn_end(gen, tokenizer)
         return
     eos = ids["eos_token_id"]
     if gen is None or eos is None:
         return
-    have = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-    have = [i for i in have if i is not None]
-    if eos not in have:
-        gen.eos_token_id = [*have, eos] if have else eos
-        log.info("generation config: eos_token_id %s -> %s (the tokenizer's EOS %r ends every training sample)",
-                 have or None, gen.eos_token_id, getattr(tokenizer, "eos_token", eos))  # fmt: skip
+    _add_stop(gen, eos, f"the tokenizer's EOS {getattr(tokenizer, 'eos_token', eos)!r} ends every training sample")
+    _add_turn_end(gen, tokenizer)
     if gen.pad_token_id is None and ids["pad_token_id"] is not None:
         gen.pad_token_id = ids["pad_token_id"]
+
+
+def _add_turn_end(gen, tokenizer) -> None:
+    from fasttune.generate.template import end_of_turn_id, prompt_format
+
+    turn_end = end_of_turn_id(tokenizer) if gen is not None and prompt_format(tokenizer) == "chat" else None
+    if turn_end is not None:
+        name = tokenizer.convert_ids_to_tokens(turn_end)
+        _add_stop(gen, turn_end, f"the chat template's end-of-turn {name!r} ends every trained assistant turn")
+
+
+def _add_stop(gen, stop: int, why: str) -> None:
+    have = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    have = [i for i in have if i is not None]
+    if stop not in have:
+        gen.eos_token_id = [*have, stop] if have else stop
+        log.info("generation config: eos_token_id %s -> %s (%s)", have or None, gen.eos_token_id, why)
 
 
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
