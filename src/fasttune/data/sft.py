@@ -160,7 +160,10 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
         line = (f"  {by_turn} of {len(records)} conversations trained turn by turn (a sample per assistant turn, the "
                 "conversation before it as context): the chat template renders them differently from their own "
                 "beginning (e.g. it drops earlier turns' reasoning)")  # fmt: skip
-        notes.append(line) if notes is not None else log.info("%s: %s", source, line.strip())
+        if notes is not None:
+            notes.append(line)
+        else:
+            log.info("%s: %s", source, line.strip())
     samples = _encode(tokenizer, rendered, prompt_apart=True)
     for i, sample in direct.items():
         samples[i] = sample
