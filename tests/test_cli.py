@@ -1,6 +1,7 @@
 """The command line: one tyro parser for every subcommand; help written for users; every mistake is one line
 `error: ...` naming the option and the fix (exit 2), a traceback only with --debug."""
 
+import math
 import os
 import subprocess
 import sys
@@ -237,6 +238,39 @@ def test_explicit_max_length_beyond_the_context_is_an_error(short_context_model,
     assert (
         err.startswith("error: --data.max-length 1024 exceeds the context of") and "max_position_embeddings=128" in err
     )
+
+
+@pytest.mark.parametrize(
+    "rope, context",
+    [(None, 128), ({"rope_type": "yarn", "factor": 4.0}, 512),  # Qwen's YaRN: max_position_embeddings stays 128
+     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),  # already the scaled one
+     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+       "original_max_position_embeddings": 16}, 128)],  # Llama 3.1: 131072 is the scaled context
+)  # fmt: skip
+def test_max_length_may_reach_a_yarn_extended_context(tmp_path, monkeypatch, capsys, rope, context):
+    """A model whose config extends RoPE with YaRN the way Qwen2.5/Qwen3 document it (max_position_embeddings left at
+    the original, factor 4) trains at 4x that length: it was refused beyond max_position_embeddings. The context is
+    what transformers' own YaRN takes (the factor as given); other configs keep max_position_embeddings."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    conf = LlamaConfig(max_position_embeddings=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, vocab_size=300, rope_scaling=rope)  # fmt: skip
+    conf.save_pretrained(tmp_path / "m")
+    if rope and rope["rope_type"] == "yarn" and context == 512:  # transformers scales by the factor as given
+        assert ROPE_INIT_FUNCTIONS["yarn"](conf, "cpu")[1] == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    argv = ["train", "--experiment", "sft", "--model", str(tmp_path / "m"), "--data", "tests/fixtures/alpaca.jsonl"]
+    rc, cfg = _captured_config(monkeypatch, [*argv, "--data.max-length", str(context)])
+    assert rc == 0 and cfg.data.max_length == context
+    rc, cfg = _captured_config(monkeypatch, [*argv, "--data.max-length", str(context + 1)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and cfg is None and f"pass --data.max-length {context} or less" in err, err
+    if context == 512:
+        assert "(max_position_embeddings=128 x yarn factor 4.0 = 512)" in err
+    elif rope is None:  # plain RoPE: how to extend it
+        assert '"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128' in err, err
+    else:
+        assert "(max_position_embeddings=128);" in err and "yarn" not in err.split(";")[1], err
 
 
 def test_module_entry_points_take_a_command_line(capsys):

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from fasttune.errors import ConfigError
+from fasttune.model.context import context_length
 
 log = logging.getLogger("fasttune")
 
@@ -69,7 +70,7 @@ def fit_model_max_length(tokenizer, model_config) -> None:
     """Give a tokenizer without a real length limit (a locally trained one has HF's placeholder 1e30) the model's
     context (max_position_embeddings), so that the checkpoint's tokenizer_config.json makes plain HF truncation
     (`tokenizer(text, truncation=True)`) cut at the context. A limit the tokenizer already has is kept."""
-    context = getattr(model_config, "max_position_embeddings", None)
+    context = context_length(model_config)
     limit = getattr(tokenizer, "model_max_length", None)
     if context and (limit is None or limit > 10**9):  # 1e9+: HF's "no limit" placeholders, never a real context
         tokenizer.model_max_length = int(context)

@@ -28,6 +28,7 @@ from fasttune.data.packing import IGNORE, collate_padded
 from fasttune.errors import ConfigError, DataError, FasttuneError
 from fasttune.eval.score import Example, score, split_sample, summarize_scores
 from fasttune.generate.commands import SamplingArgs
+from fasttune.model.context import context_length
 
 log = logging.getLogger("fasttune")
 
@@ -217,7 +218,7 @@ def run_eval(a: EvalArgs) -> int:
 
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
     model, tok = load_checkpoint(a, src)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model.config)
     samples, fmt, too_long = _samples(a, tok, context)
     if too_long:
         log.warning("%d samples longer than the model's context (%s tokens) are left out", too_long, context)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fasttune.errors import FasttuneError
 from fasttune.generate.generate import fast_engine, fit_context, generate_ids
 from fasttune.generate.template import check_roles, multi_turn, prompt_format, prompt_ids
+from fasttune.model.context import context_length
 
 
 def _say(text: str) -> None:
@@ -85,5 +86,5 @@ def _check_system(system: str | None, fmt: str, raw: bool) -> None:
 
 
 def _too_long(model, prompt_len: int) -> bool:
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model.config)
     return bool(context) and prompt_len >= context

@@ -43,6 +43,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from fasttune.generate.decoder import FusedDecoder
 from fasttune.generate.decoder import unsupported_reason as decoder_unsupported_reason
+from fasttune.model.context import context_length
 
 log = logging.getLogger("fasttune")
 
@@ -186,7 +187,7 @@ class Generator:
             raise ValueError("a prompt is empty: its attention_mask row is all zeros")
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} eos ids are supported, got {len(eos)}")
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        limit = context_length(self.model.config)
         longest = int(mask_BP.sum(-1).max())
         if limit is not None and longest + max_new_tokens > limit:
             raise ValueError(

@@ -20,6 +20,7 @@ from transformers import TextStreamer
 
 from fasttune.errors import FasttuneError
 from fasttune.generate.fast import Generator
+from fasttune.model.context import context_length, describe_context
 
 log = logging.getLogger("fasttune")
 
@@ -61,13 +62,13 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def fit_context(model, prompt_len: int, max_new_tokens: int, what: str = "the prompt") -> int:
-    """max_new_tokens, shortened to the model's context (max_position_embeddings); a prompt that does not fit stops."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    """max_new_tokens, shortened to the model's context (model/context.py); a prompt that does not fit stops."""
+    context = context_length(model.config)
     if not context:
         return max_new_tokens
     if prompt_len >= context:
         raise FasttuneError(
-            f"{what} is {prompt_len} tokens, but the model's context is {context} (max_position_embeddings): "
+            f"{what} is {prompt_len} tokens, but the model's context is {context} ({describe_context(model.config)}): "
             "shorten it (or use a model with a longer context)"
         )
     if prompt_len + max_new_tokens > context:

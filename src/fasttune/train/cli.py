@@ -100,31 +100,31 @@ def require_inputs(cfg: BaseConfig) -> None:
         )
 
 
-def model_context(cfg: BaseConfig) -> int | None:
-    """The context length (max_position_embeddings) of --model, or None when it cannot be read here (training then
-    reports the problem with the model folder itself)."""
+def model_config(cfg: BaseConfig):
+    """The config of --model, or None when it cannot be read here (training then reports the problem with the model
+    folder itself)."""
     from fasttune.model.resolve import resolve_for_training
 
     try:
         from transformers import AutoConfig
 
         path = resolve_for_training(cfg.model.path, say=False)  # training says it once
-        conf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except Exception:  # noqa: BLE001 - only a hint here; loading the model names the real problem
         return None
-    return getattr(conf, "max_position_embeddings", None)
 
 
 def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True) -> BaseConfig:
-    """data.max_length within the model's context: a preset's default shrinks to the context (logged when `say`); a
-    value the user gave that exceeds it is an error."""
-    if cfg.model.path is None or (context := model_context(cfg)) is None or cfg.data.max_length <= context:
+    """data.max_length within the model's context (RoPE scaling counted: model/context.py): a preset's default
+    shrinks to the context (logged when `say`); a value the user gave that exceeds it is an error."""
+    from fasttune.model.context import context_length, too_long
+
+    conf = model_config(cfg) if cfg.model.path is not None else None
+    context = context_length(conf) if conf is not None else None
+    if context is None or cfg.data.max_length <= context:
         return cfg
     if explicit:
-        raise ConfigError(
-            f"--data.max-length {cfg.data.max_length} exceeds the context of {cfg.model.path} "
-            f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
-        )
+        raise ConfigError(too_long(conf, cfg.data.max_length, cfg.model.path))
     if say:
         log.info("data.max_length: %d, the context of %s (the %s preset's default is %d)", context, cfg.model.path,
                  cfg.experiment, cfg.data.max_length)  # fmt: skip

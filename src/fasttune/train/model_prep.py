@@ -16,6 +16,7 @@ from fasttune.data.packing import Batcher
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
 from fasttune.model.build import base_model, build_model, check_weights, load_model_config, random_init
+from fasttune.model.context import context_length, too_long
 from fasttune.model.flops import head_dim
 from fasttune.train.memory import LIGER_ROPE_IN_PLACE, decoder_layers, plan_memory, selective
 
@@ -219,12 +220,9 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     model_config = load_model_config(cfg.model, vocab)
     compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
     attn = _choose_attention(cfg, device, compute_dtype, model_config)
-    context = getattr(model_config, "max_position_embeddings", None)
+    context = context_length(model_config)
     if cfg.model.path and context and cfg.data.max_length > context:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} exceeds the context of {cfg.model.path} "
-            f"(max_position_embeddings={context}); pass --data.max-length {context} or less"
-        )
+        raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
     check_weights(cfg.model, lora=cfg.lora.enabled)
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)

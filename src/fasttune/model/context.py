@@ -1,0 +1,62 @@
+"""A model's context: the longest sequence its config says it is made for, RoPE scaling counted.
+
+transformers reads `max_position_embeddings` as the scaled context for every RoPE type but YaRN and dynamic NTK,
+whose `original_max_position_embeddings` defaults to it: Qwen2.5/Qwen3 extend their 32768 positions to 131072 by
+adding `{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}` to config.json, leaving
+`max_position_embeddings` at 32768 (transformers' YaRN takes the factor as given, and warns only when
+max_position_embeddings / original_max_position_embeddings is neither 1 nor the factor). Llama 3.1's llama3 scaling,
+linear and longrope configs already name the scaled length in `max_position_embeddings` (131072 for Llama 3.1).
+"""
+
+from __future__ import annotations
+
+EXTENDING_ROPE = ("yarn", "dynamic")
+"""RoPE types whose factor extends the context beyond a max_position_embeddings that equals the original one."""
+
+
+def _rope(config) -> dict:
+    """The config's RoPE parameters (transformers 5's rope_parameters, or rope_scaling); per-layer-type ones (Gemma
+    3: full and sliding attention) as the one that scales most."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return max(rope.values(), key=lambda r: float(r.get("factor") or 1.0), default={})
+    return rope
+
+
+def context_length(config) -> int | None:
+    """The model's context in tokens: max_position_embeddings, times a YaRN or dynamic-NTK factor where the config
+    extends it so (see the module's docstring); None when the config names no context."""
+    base = getattr(config, "max_position_embeddings", None)
+    if not base:
+        return None
+    rope = _rope(config)
+    kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+    original = rope.get("original_max_position_embeddings") or base
+    if kind in EXTENDING_ROPE and isinstance(factor, int | float) and factor > 1 and original >= base:
+        return int(original * factor)
+    return int(base)
+
+
+def describe_context(config) -> str:
+    """Where context_length comes from, for messages: "max_position_embeddings=32768" or "max_position_embeddings=
+    32768 x yarn factor 4.0 = 131072"."""
+    base, context = getattr(config, "max_position_embeddings", None), context_length(config)
+    if context == base:
+        return f"max_position_embeddings={base}"
+    rope = _rope(config)
+    kind = rope.get("rope_type", rope.get("type"))
+    return f"max_position_embeddings={base} x {kind} factor {rope.get('factor')} = {context}"
+
+
+def too_long(config, length: int, source: str, option: str = "--data.max-length") -> str:
+    """One line for `length` (given as `option`) beyond the context of the model at `source`, with the fixes."""
+    context, base = context_length(config), getattr(config, "max_position_embeddings", None)
+    fix = f"pass {option} {context} or less"
+    kind = _rope(config).get("rope_type", "none")
+    if kind == "default" and context == base:  # plain RoPE: a config change extends it
+        factor = -(-length // base)
+        fix += (f", or extend the model's context in its config.json (YaRN: \"rope_scaling\": {{\"rope_type\": "
+                f"\"yarn\", \"factor\": {factor}.0, \"original_max_position_embeddings\": {base}}})")  # fmt: skip
+    return f"{option} {length} exceeds the context of {source} ({describe_context(config)}); {fix}"
