@@ -430,3 +430,43 @@ def test_an_activation_with_parameters_is_measured_where_the_run_is():
     with torch.device("meta"):
         meta = Layer()
     assert mlp_layout(meta, device=torch.device("cpu"))["act_elem"] == want
+
+
+def _apply_advice(st: Setup, msg: str) -> list[tuple[str, Setup, str]]:
+    """(advice, the Setup it makes, the plan it names) for each alternative after "try" in a no-fit message."""
+    import re
+
+    from fasttune.train.memory import _state_changes
+
+    out = []
+    alts, depth, start, text = [], 0, 0, msg.split("; try ", 1)[1]
+    for i, ch in enumerate(text):  # " or " between alternatives, not inside their parentheses
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and text.startswith(" or ", i):
+            alts.append(text[start:i])
+            start = i + 4
+    for alt in [*alts, text[start:]]:
+        tokens = re.search(r"about (\d+) tokens per micro-batch", alt)
+        plan = re.search(r"--model.memory (\S+)", alt)
+        changed = {"tokens": int(tokens[1]), "accumulating": True} if tokens else {}  # grad-accum raised
+        changed |= next((c for text, c in _state_changes(st) if alt.startswith(text)), {})
+        if not changed and not alt.startswith("--model.memory"):
+            continue  # "a smaller model, or several GPUs": nothing to apply
+        out.append((alt, Setup(**{**st.__dict__, **changed}), plan[1] if plan else "auto"))
+    return out
+
+
+@pytest.mark.parametrize("free", [16, 14, 12, 8])
+def test_each_no_fit_advice_fits_when_applied_alone(free):
+    """Every alternative a no-fit message offers, applied as written (and nothing else), makes the estimate fit: with
+    16 GiB free the docs' 1B example offered 8-bit AdamW and LoRA as if either alone would do, but at its 131072
+    tokens per micro-batch neither fits (19.6 and 17.3 GiB for 14.7 usable); they fit with fewer tokens, said now."""
+    st = Setup(**{**_setup(131072).__dict__, "fused_mlp": True, "lean_norm": True})
+    with pytest.raises(FasttuneError) as e:
+        choose_plan("auto", st, free * GiB)
+    msg = str(e.value)
+    advice = _apply_advice(st, msg)
+    assert len(advice) >= 2 and any("adamw_8bit" in alt for alt, _, _ in advice), msg
+    for alt, changed, plan in advice:
+        est = choose_plan(plan, changed, free * GiB)  # raises if the advice were false
+        assert est.total <= free * GiB * HEADROOM, alt

@@ -229,8 +229,7 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
         fixes.append(f"about {tokens} tokens per micro-batch (lower --data.micro-batch-size or --data.max-length, "
                      f"raise --training.grad-accum to keep the batch) with --model.memory {plan}")  # fmt: skip
     if not fits:
-        fixes += [text for text, change in _state_changes(st) if _fitting_tokens(Setup(**{**st.__dict__, **change}),
-                                                                                   budget, "full")]  # fmt: skip
+        fixes += [fix for text, change in _state_changes(st) if (fix := _with_change(st, acc, text, change, budget))]
     if not fixes:
         fixes.append("a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)")
     return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
@@ -254,6 +253,18 @@ def _state_changes(st: Setup) -> list[tuple[str, dict]]:
                 "head_trainable": False}  # fmt: skip
         changes.append(("--lora.enabled (no gradients or optimizer state for the frozen weights)", lora))
     return changes
+
+
+def _with_change(st: Setup, acc: Setup, text: str, change: dict, budget: float) -> str:
+    """The advice `text` for a state change, with what else it needs to fit: nothing when some plan fits the run's
+    tokens (then that plan, where it is not `none`), else the tokens per micro-batch with which `full` fits (the
+    change alone would stop again); "" when it does not fit at all."""
+    changed = Setup(**{**st.__dict__, **change})
+    fits = next((e.plan for e in auto_order(changed) if e.total <= budget), None)
+    if fits:
+        return text if fits == "none" else f"{text} with --model.memory {fits}"
+    tokens = _fitting_tokens(Setup(**{**acc.__dict__, **change}), budget, "full")
+    return f"{text} with about {tokens} tokens per micro-batch and --model.memory full" if tokens else ""
 
 
 def _fitting_tokens(st: Setup, budget: float, plan: str) -> int:
