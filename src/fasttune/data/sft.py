@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fasttune.data.formats import FORMATS, PROMPT_TURNS, validate_record
+from fasttune.data.longtext import encode_texts
 from fasttune.data.packing import IGNORE
 from fasttune.data.tokenizer import without_length_warning
 from fasttune.errors import DataError
@@ -90,8 +91,11 @@ def tokenize_records(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"the tokenizer has no eos_token, needed to end each {fmt} sample; set tokenizer.eos_token")
-    rendered = [_render_plain(record, fmt, train_on_prompt) for record in records]
-    samples = _encode(tokenizer, rendered, prompt_apart=True)
+    if fmt == "text" and getattr(tokenizer, "is_fast", False):  # all trained: no offsets, long texts in pieces
+        samples = [{"input_ids": ids, "labels": list(ids)}
+                   for ids in encode_texts(tokenizer, [r["text"] for r in records], source)]  # fmt: skip
+    else:
+        samples = _encode(tokenizer, [_render_plain(record, fmt, train_on_prompt) for record in records], True)
     bos = _bos_prefix(tokenizer)
     for record, sample in zip(records, samples, strict=True):
         ids, labels = sample["input_ids"], sample["labels"]
