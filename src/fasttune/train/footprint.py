@@ -8,9 +8,10 @@ import logging
 
 import torch
 
+from fasttune.errors import FasttuneError
 from fasttune.model.flops import mlp_matrices
 from fasttune.train.activations import Shape
-from fasttune.train.memory import GiB, free_memory
+from fasttune.train.memory import HEADROOM, GiB, free_memory
 
 log = logging.getLogger("fasttune")
 
@@ -79,3 +80,19 @@ def disk_needed(model: torch.nn.Module, keep_last: int, saves: int, optimizer: s
 def bytes_needed(per_ckpt: int, merged: int, new: int) -> int:
     """Disk for `new` checkpoints of per_ckpt bytes and a merged model; +2% and 50 MB: tokenizer, filesystem slack."""
     return int(1.02 * per_ckpt * new + merged + 50e6) if new or merged else 0
+
+
+def check_weights_fit(config, device: torch.device, dtype: torch.dtype, source: str,
+                      free_bytes: float | None = None) -> None:  # fmt: skip
+    """Stop before building a model whose weights alone exceed what a plan may use on the GPU: loading them would end
+    in CUDA's out-of-memory traceback before the memory plan could say what fits. Off CUDA: nothing to check."""
+    free = free_memory(device) if free_bytes is None else free_bytes
+    need = param_count(config) * dtype.itemsize
+    if free is None or need <= free * HEADROOM:
+        return
+    smaller = "--model.dtype bf16 (half the bytes), " if dtype.itemsize > 2 else ""
+    raise FasttuneError(
+        f"{source}: its weights alone take about {need / GiB:.1f} GiB in {str(dtype).removeprefix('torch.')}, but a "
+        f"plan may use {free * HEADROOM / GiB:.1f} GiB ({HEADROOM:.0%} of the {free / GiB:.1f} GiB free on the GPU); "
+        f"try {smaller}a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)"
+    )

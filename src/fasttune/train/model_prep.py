@@ -18,6 +18,7 @@ from fasttune.errors import ConfigError
 from fasttune.model.build import base_model, build_model, check_weights, load_model_config, random_init
 from fasttune.model.context import context_length, too_long
 from fasttune.model.flops import head_dim
+from fasttune.train.footprint import check_weights_fit
 from fasttune.train.memory import LIGER_ROPE_IN_PLACE, decoder_layers, plan_memory, selective
 
 log = logging.getLogger("fasttune")
@@ -219,14 +220,17 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     vocab = len(data.tokenizer)
     model_config = load_model_config(cfg.model, vocab)
     compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
+    # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
+    # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
+    dtype = compute_dtype if cfg.lora.enabled else param_dtype
+    if (build_on or device) == device:  # under FSDP2 each GPU gets its shards: the plan counts them
+        check_weights_fit(model_config, device, dtype, f"--model {cfg.model.path}" if cfg.model.path else
+                          f"the {cfg.model.preset} preset")  # fmt: skip
     attn = _choose_attention(cfg, device, compute_dtype, model_config)
     context = context_length(model_config)
     if cfg.model.path and context and cfg.data.max_length > context:
         raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
     check_weights(cfg.model, lora=cfg.lora.enabled)
-    # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
-    # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
-    dtype = compute_dtype if cfg.lora.enabled else param_dtype
     model = build_model(cfg.model, vocab, attn.hf_name, dtype, build_on or device)
     align_special_tokens(model, data.tokenizer, fresh=random_init(cfg.model))
     if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
