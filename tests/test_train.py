@@ -430,3 +430,16 @@ def test_the_summary_names_the_kernels_of_the_runs_calls_not_of_its_probes(tmp_p
 
     assert any(k.startswith("sdpa/dense") for k in attention.kernel_report()), attention.kernel_report()
     assert not any(k.startswith("sdpa/per-doc") for k in attention.kernel_report()), attention.kernel_report()
+
+
+def test_a_preset_trained_beyond_its_context_saves_a_context_that_covers_it(tmp_path):
+    """The small presets' configs say 4096 positions; a run at a longer data.max_length saves that length as the
+    checkpoint's context, so that fine-tuning or generating from the checkpoint at the length it trained on works."""
+    from fasttune.model.context import context_length
+
+    cfg = tiny_config(tmp_path, max_steps=1, save_every=1, eval_every=0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=4160, micro_batch_size=1))
+    result = loop.train(cfg)
+    saved = AutoModelForCausalLM.from_pretrained(result.checkpoint).config
+    assert context_length(saved) == 4160
+    assert AutoTokenizer.from_pretrained(result.checkpoint).model_max_length == 4160

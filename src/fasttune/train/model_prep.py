@@ -213,6 +213,16 @@ def _add_stop(gen, stop: int, why: str) -> None:
         log.info("generation config: eos_token_id %s -> %s (%s)", have or None, gen.eos_token_id, why)
 
 
+def cover_context(config, max_length: int, preset: str) -> None:
+    """A preset is a fresh model made for this run: its context (max_position_embeddings, 4096 for the small presets)
+    is raised to data.max_length where that is longer, so that its checkpoints name a context that covers what they
+    trained on (fine-tuning, eval and generate from them refuse lengths beyond the context)."""
+    context = context_length(config)
+    if context and max_length > context:
+        log.info("the %s preset: max_position_embeddings %d -> %d (data.max_length)", preset, context, max_length)
+        config.max_position_embeddings = max_length
+
+
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
                   build_on: torch.device | None = None):  # fmt: skip
     """(model, attention choice, memory plan, batcher) of a run on `device`, the model built `build_on` (default
@@ -232,6 +242,8 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
     check_weights(cfg.model, lora=cfg.lora.enabled)
     model = build_model(cfg.model, vocab, attn.hf_name, dtype, build_on or device)
+    if cfg.model.path is None:
+        cover_context(model.config, cfg.data.max_length, cfg.model.preset)
     align_special_tokens(model, data.tokenizer, fresh=random_init(cfg.model))
     if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
         # transformers' own class was built: an input model's auto_map would make the saved checkpoint point at
