@@ -360,3 +360,14 @@ def test_a_data_file_in_a_folder_that_cannot_be_looked_into_is_one_line(tmp_path
     message = error_for(tmp_path / "locked" / "a.jsonl")
     assert message.startswith(f"{tmp_path / 'locked' / 'a.jsonl'}: permission denied")
     assert f"(chmod -R u+rX {tmp_path / 'locked'})" in message
+
+
+def test_a_split_texts_one_token_tail_is_not_called_an_empty_response():
+    from fasttune.data.pipeline import DataSummary, fit_length
+
+    text = {"input_ids": list(range(9)), "labels": list(range(9))}  # 8 + a last piece of one token: no target
+    summary = DataSummary("notes.txt", "text")
+    assert len(fit_length([text], 8, "split", summary)) == 1
+    assert summary.untrained == 1
+    line = next(x for x in summary.lines() if "no trained token" in x)
+    assert "last piece of one token" in line and "empty response" not in line

@@ -60,7 +60,9 @@ class DataSummary:
             out.append(f"  left out: {self.no_response} truncated samples whose prompt filled max_length (no response "
                        "token left to train)")  # fmt: skip
         if self.untrained:
-            out.append(f"  left out: {self.untrained} samples with no trained token (e.g. an empty response)")
+            why = ("a split text's last piece of one token, or an empty text" if self.format == "text" else
+                   "e.g. an empty response")  # fmt: skip
+            out.append(f"  left out: {self.untrained} samples with no trained token ({why})")
         if self.val_left_out:
             out.append(f"  left out of validation: {self.val_left_out} held-out samples, by the same rules (too long "
                        "to keep, or no trained token left)")  # fmt: skip
