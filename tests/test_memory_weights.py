@@ -38,5 +38,26 @@ def test_weights_larger_than_the_gpu_stop_before_the_model_is_built(monkeypatch)
     with pytest.raises(FasttuneError, match="a smaller model") as e:  # bf16 that does not fit: no dtype advice
         check_weights_fit(config, torch.device("cuda"), torch.bfloat16, "x", free_bytes=12 * GiB)
     assert "--model.dtype" not in str(e.value)
+
+
+def test_a_training_state_larger_than_the_ram_stops_before_the_model_is_built(monkeypatch):
+    """--force on a CPU machine with the 8B preset: 120 GiB of fp32 weights, gradients and moments on a 24 GiB
+    machine stops with one line (the system killed the run while it built the weights); LoRA holds the weights only."""
+    monkeypatch.setattr(footprint, "available_ram", lambda: 20 * GiB)
+    cfg = get_experiment("quick")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, preset="llama-3.1-8b"))
+    data = DataBundle([], [], build_tiny_tokenizer(), None)
+    with pytest.raises(FasttuneError) as e:
+        prepare_model(cfg, data, torch.device("cpu"), torch.float32)
+    need = param_count(preset_config("llama-3.1-8b", 300)) * 16 / GiB
+    assert str(e.value) == (f"the llama-3.1-8b preset: its weights, gradients and AdamW moments take about {need:.1f} "
+                            "GiB, and this machine has 20.0 GiB of RAM available; train it on a GPU, or pick a "
+                            "smaller model")  # fmt: skip
+    small = preset_config("micro", 300)
+    check_weights_fit(small, torch.device("cpu"), torch.float32, "x")  # fits: nothing said
+    config = preset_config("llama-3.1-8b", 300)
+    with pytest.raises(FasttuneError, match="its frozen weights take about"):
+        check_weights_fit(config, torch.device("cpu"), torch.float32, "x", lora=True, free_bytes=20 * GiB)
+    check_weights_fit(config, torch.device("cpu"), torch.float32, "x", lora=True, free_bytes=40 * GiB)
     monkeypatch.undo()
-    check_weights_fit(config, torch.device("cpu"), torch.float32, "x")  # off CUDA: nothing measured
+    assert footprint.available_ram() > 0  # this Linux machine's /proc/meminfo

@@ -82,10 +82,15 @@ def bytes_needed(per_ckpt: int, merged: int, new: int) -> int:
     return int(1.02 * per_ckpt * new + merged + 50e6) if new or merged else 0
 
 
-def check_weights_fit(config, device: torch.device, dtype: torch.dtype, source: str,
-                      free_bytes: float | None = None) -> None:  # fmt: skip
-    """Stop before building a model whose weights alone exceed what a plan may use on the GPU: loading them would end
-    in CUDA's out-of-memory traceback before the memory plan could say what fits. Off CUDA: nothing to check."""
+def check_weights_fit(config, device: torch.device, dtype: torch.dtype, source: str, free_bytes: float | None = None,
+                      lora: bool = False) -> None:  # fmt: skip
+    """Stop before building a model that cannot fit: on a GPU its weights alone beyond what a plan may use (loading
+    them would end in CUDA's out-of-memory traceback before the memory plan could say what fits); on the CPU its
+    training state (weights, and unless `lora` their gradients and AdamW's two moments) beyond the RAM available (the
+    system would kill the run, with no word)."""
+    if device.type == "cpu":
+        _check_ram(config, dtype, source, available_ram() if free_bytes is None else free_bytes, lora)
+        return
     free = free_memory(device) if free_bytes is None else free_bytes
     need = param_count(config) * dtype.itemsize
     if free is None or need <= free * HEADROOM:
@@ -96,3 +101,26 @@ def check_weights_fit(config, device: torch.device, dtype: torch.dtype, source: 
         f"plan may use {free * HEADROOM / GiB:.1f} GiB ({HEADROOM:.0%} of the {free / GiB:.1f} GiB free on the GPU); "
         f"try {smaller}a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)"
     )
+
+
+def _check_ram(config, dtype: torch.dtype, source: str, available: float | None, lora: bool) -> None:
+    need = param_count(config) * dtype.itemsize * (1 if lora else 4)
+    if available is None or need <= available:
+        return
+    what = "its frozen weights" if lora else "its weights, gradients and AdamW moments"
+    raise FasttuneError(
+        f"{source}: {what} take about {need / GiB:.1f} GiB, and this machine has {available / GiB:.1f} GiB of RAM "
+        "available; train it on a GPU, or pick a smaller model"
+    )
+
+
+def available_ram() -> float | None:
+    """Bytes of RAM the system can give without swapping (/proc/meminfo MemAvailable); None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -235,7 +235,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     dtype = compute_dtype if cfg.lora.enabled else param_dtype
     if (build_on or device) == device:  # under FSDP2 each GPU gets its shards: the plan counts them
         check_weights_fit(model_config, device, dtype, f"--model {cfg.model.path}" if cfg.model.path else
-                          f"the {cfg.model.preset} preset")  # fmt: skip
+                          f"the {cfg.model.preset} preset", lora=cfg.lora.enabled)  # fmt: skip
     attn = _choose_attention(cfg, device, compute_dtype, model_config)
     context = context_length(model_config)
     if cfg.model.path and context and cfg.data.max_length > context:
