@@ -6,7 +6,8 @@ One resolver for every place that takes a model or checkpoint path (`train --mod
     LoRA adapter folder         adapter_config.json (+ adapter_model.safetensors): base model + adapter
     run folder                  a LoRA run with merged/: that; else the latest complete checkpoints/step-N (say so)
 
-Nothing is loaded here (no torch): only paths are checked, so every mistake is one line naming the folder and the fix.
+Nothing is loaded here (no torch): only paths are checked (and the files to be read opened, so that one the user may
+not read is named as such), so every mistake is one line naming the folder and the fix.
 """
 
 from __future__ import annotations
@@ -66,13 +67,19 @@ def merged_step(merged: Path) -> int | None:
         return None
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, option: str = "--checkpoint") -> Path | None:
     """The newest complete checkpoint of a run (the loop's own list) whose weights load, or None; a damaged newer
-    one is skipped with a warning naming it (with none loadable, the newest: its load error names the file)."""
-    from fasttune.train.checkpoint import list_checkpoints, weights_problem
+    one is skipped with a warning naming it (with none loadable, the newest: its load error names the file). One that
+    cannot be read (a permission) stops with one line: an older checkpoint in its place would be another model."""
+    from fasttune.train.checkpoint import STATE_FILE, list_checkpoints, weights_problem
 
-    found = list_checkpoints(run_dir)
+    try:
+        found = list_checkpoints(run_dir)
+    except PermissionError as e:  # a step-N folder the user may not look into (its trainer state cannot be seen)
+        denied = Path(e.filename) if e.filename else run_dir
+        raise _denied(option, denied.parent if denied.name == STATE_FILE else denied) from None
     for ckpt in reversed(found):
+        refuse_unreadable(ckpt, option)
         if (problem := weights_problem(ckpt)) is None:
             return ckpt
         log.warning("skipping a damaged checkpoint: %s", problem)
@@ -107,9 +114,9 @@ def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = Tru
 def _run_folder(run: Path, option: str, adapters: bool) -> ModelSource:
     from fasttune.train.run_dir import RunFolder
 
-    merged, latest = RunFolder(run).merged, latest_checkpoint(run)
+    merged, latest = RunFolder(run).merged, latest_checkpoint(run, option)
     at, newest = merged_step(merged), int(latest.name.rpartition("-")[2]) if latest else 0
-    if _usable_merged(merged) and (at is None or at >= newest):  # not one a resumed run went past
+    if _usable_merged(merged, option) and (at is None or at >= newest):  # not one a resumed run went past
         src = _checked(ModelSource(merged, merged), option)
         src.note = f"{run} is a LoRA run folder: using its merged model {merged}" + (f" (step {at})" if at else "")
         return src
@@ -131,10 +138,14 @@ def _run_folder(run: Path, option: str, adapters: bool) -> ModelSource:
     return src
 
 
-def _usable_merged(merged: Path) -> bool:
-    """A merged model whose weights load (fasttune writes it whole; an older one cut by a full disk is skipped)."""
+def _usable_merged(merged: Path, option: str) -> bool:
+    """A merged model whose weights load (fasttune writes it whole; an older one cut by a full disk is skipped); one
+    that cannot be read (a permission) stops with one line, never passed over for the adapter without a word."""
     from fasttune.train.checkpoint import weights_problem
 
+    if not merged.is_dir():
+        return False
+    refuse_unreadable(merged, option)
     if not (merged / "config.json").is_file():
         return False
     if problem := weights_problem(merged):
@@ -151,6 +162,7 @@ def _adapter(adapter: Path, option: str, adapters: bool, why: str | None = None)
             f"{option} {adapter} is a LoRA adapter, not a full model; pass its run's merged model "
             f"({run / 'merged'}, written with --lora.merge-on-save) or the base model"
         )
+    refuse_unreadable(adapter, option)  # safetensors would say "No such file", the config read "damaged"
     try:
         base_name = json.loads(where.read_text()).get("base_model_name_or_path")
     except (OSError, ValueError) as e:
@@ -173,6 +185,8 @@ def _adapter(adapter: Path, option: str, adapters: bool, why: str | None = None)
 
 
 def _checked(src: ModelSource, option: str) -> ModelSource:
+    for folder in dict.fromkeys(f for f in (src.model_dir, src.adapter_dir, src.tokenizer_dir) if f is not None):
+        refuse_unreadable(folder, option)
     if not _has_tokenizer(src.tokenizer_dir):
         raise FasttuneError(
             f"{option} {src.tokenizer_dir}: no tokenizer in this folder; save one there with "
@@ -234,3 +248,43 @@ def check_readable(folder: Path, option: str) -> None:
             f"{option} {e.filename or folder}: permission denied; make the folder readable (chmod -R u+rX {folder}) "
             "or pass another"
         ) from None
+
+
+READ_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".tiktoken")
+"""The files of a model, adapter or tokenizer folder that transformers, peft and the tokenizer read (a README.md is
+never read, so may be anything)."""
+
+
+def unreadable_in(folder: Path, also: tuple[str, ...] = ()) -> Path | None:
+    """`folder` itself when the user may not list or look into it, else the first file of it that would be read (see
+    READ_SUFFIXES, or named in `also`) that the user may not read (chmod 000); None when everything can be read."""
+    try:
+        files = [f for f in sorted(folder.iterdir()) if (f.suffix in READ_SUFFIXES or f.name in also) and f.is_file()]
+    except PermissionError:  # Python 3.11's Path.is_file raises it in a folder that may be listed, not looked into
+        return folder
+    except OSError:
+        return None  # gone, or not a folder: the caller's own checks say so
+    for f in files:
+        try:
+            f.open("rb").close()  # never a FIFO (is_file above): opening one would block
+        except PermissionError:
+            return f
+        except OSError:
+            continue
+    return None
+
+
+def refuse_unreadable(folder: Path, option: str, fix: str = "or pass another folder", also: tuple[str, ...] = ()):
+    """One line naming what in `folder` the user may not read, before safetensors reports it as "No such file or
+    directory" (a traceback) or a check takes it for a damaged file."""
+    denied = unreadable_in(folder, also)
+    if denied == folder:
+        raise _denied(option, folder, fix)
+    if denied is not None:
+        raise FasttuneError(f"{option} {folder}: {denied.name} cannot be read (permission denied); make it readable "
+                            f"(chmod u+r {denied}) {fix}")  # fmt: skip
+
+
+def _denied(option: str, folder: Path, fix: str = "or pass another folder") -> FasttuneError:
+    return FasttuneError(f"{option} {folder}: permission denied, the folder cannot be read; make it readable "
+                         f"(chmod -R u+rX {folder}) {fix}")  # fmt: skip

@@ -6,7 +6,8 @@ previous checkpoint as it was. Only folders named `step-N` count as checkpoints;
 a newer one is complete, and a pruned one is first renamed to `.pruned-step-N-<pid>`, so a kill during the delete
 never leaves a half-deleted `step-N` (the run folder removes such temporaries at the next start, under its lock).
 The last checkpoint saved while the loss was healthy is never pruned. Resume verifies the newest checkpoint
-(safetensors headers and sizes, the trainer state, the JSON files) and falls back to the previous complete one.
+(safetensors headers and sizes, the trainer state, the JSON files) and falls back to the previous complete one; a
+checkpoint the user may not read (a permission, not damage) stops the resume in one line instead.
 States load with `torch.load(weights_only=True)`, weights only from safetensors.
 """
 
@@ -221,9 +222,15 @@ def _missing_shard(index: Path, data: object) -> str | None:
 
 def newest_usable(run: RunFolder) -> tuple[Path, dict]:
     """The newest checkpoint that verifies and its trainer state. A damaged newer one is skipped with a warning
-    naming it (and left on disk for the user to inspect); with none usable, one line naming the bad file."""
+    naming it (and left on disk for the user to inspect); with none usable, one line naming the bad file. One the
+    user may not read (a permission, not damage) stops with one line: resuming from an older one would train its
+    steps again and replace it."""
+    from fasttune.model.resolve import refuse_unreadable
+
     problems: list[str] = []
     for ckpt in reversed(_step_dirs(run)):
+        refuse_unreadable(ckpt, "--resume", also=(STATE_FILE,), fix="and resume again (resuming from an older "
+                          "checkpoint instead would train its steps again and replace this one)")  # fmt: skip
         state, problem = verify(ckpt)
         if problem is None:
             for p in problems:

@@ -250,6 +250,9 @@ class RunFolder:
         """The config.json of the run as it was last started (--resume reads it before writing its own)."""
         try:
             return json.loads(self.config.read_text())
+        except PermissionError:  # not damage: --overwrite would throw the run away for a permission
+            raise ConfigError(f"--resume: {self.config} cannot be read (permission denied); make it readable "
+                              f"(chmod u+r {self.config}) and resume again") from None  # fmt: skip
         except (OSError, ValueError) as e:
             raise ConfigError(f"--resume: cannot read {self.config} ({e}); start over with --overwrite") from None
 
