@@ -155,12 +155,14 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
     if out.exists() and not out.is_dir():
         raise FasttuneError(f"--output-dir {out} is a file; choose a folder")
     files = (out / "completions.jsonl", out / "summary.json")
+    from fasttune.generate.prompts import make_folder, refuse_writing_over
+
+    for f in files:
+        refuse_writing_over(f, a.data, "--output-dir", "--data file" if Path(a.data).is_file() else "--data folder")
     taken = [f.name for f in files if f.exists()]
     if taken and not a.overwrite:
         raise FasttuneError(f"--output-dir {out} already holds {', '.join(taken)}; choose another folder or pass "
                             "--overwrite to replace them")  # fmt: skip
-    from fasttune.generate.prompts import make_folder
-
     make_folder(out, "--output-dir")  # now, not after minutes of work
     return files
 

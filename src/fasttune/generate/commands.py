@@ -106,10 +106,11 @@ def load_checkpoint(a: SamplingArgs, src=None, check=None):
 
 def run_generate(a: GenerateArgs) -> int:
     if a.prompts is not None:  # check the files before minutes of model loading
-        from fasttune.generate.prompts import check_output, read_prompts
+        from fasttune.generate.prompts import check_output, read_prompts, refuse_writing_over
 
         records = read_prompts(a.prompts)
         out = Path(a.output) if a.output else Path(a.prompts).with_suffix(".completions.jsonl")
+        refuse_writing_over(out, a.prompts, "--output", "--prompts file")
         check_output(out, a.overwrite)
         model, tok = load_checkpoint(a, check=lambda tok: _check_records(tok, a, records))  # before the model
         return _generate_file(model, tok, a, records, out)

@@ -102,6 +102,19 @@ def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
     make_folder(path.parent, option)
 
 
+def refuse_writing_over(out: Path, source: str | Path, option: str, source_option: str) -> None:
+    """Before any work: `out` must not be the input file `source` (however spelled: another path, a symlink, a hard
+    link), nor a file of the input folder `source`: --overwrite would replace it with the results."""
+    src = Path(source)
+    try:
+        same = os.path.samefile(out, src)
+    except OSError:  # either one missing (a new output file; an input that is not a path): nothing replaced
+        same = False
+    if same or (out.exists() and src.is_dir() and out.resolve().is_relative_to(src.resolve())):
+        raise FasttuneError(f"{option} {out} is {'' if same else 'in '}the {source_option} {src}: writing there would "
+                            f"replace what is read; choose another {option}")  # fmt: skip
+
+
 def make_folder(path: Path, option: str) -> None:
     """Create the output folder and write a file in it now, not after minutes of work."""
     try:

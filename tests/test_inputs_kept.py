@@ -1,0 +1,66 @@
+"""`generate --prompts` and `eval --data` never write their results over what they read, whatever --overwrite says:
+the same file by another spelling, a symlink or a hard link, or a file in the data folder."""
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import save_micro_model
+
+from fasttune.cli import main
+
+GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return save_micro_model(tmp_path_factory.mktemp("kept") / "model")
+
+
+@pytest.mark.parametrize("spelling", ["same", "other spelling", "symlink", "hard link"])
+def test_generate_output_that_is_the_prompts_file_is_refused_before_any_work(model, tmp_path, capsys, monkeypatch,
+                                                                              spelling):  # fmt: skip
+    """With --overwrite the prompts file was replaced by the completions, after the model loaded and generated."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"Why?"\n')
+    (tmp_path / "sub").mkdir()
+    output = {"same": prompts, "other spelling": tmp_path / "sub" / ".." / "p.jsonl", "symlink": tmp_path / "link",
+              "hard link": tmp_path / "hard"}[spelling]  # fmt: skip
+    if spelling == "symlink":
+        output.symlink_to(prompts)
+    elif spelling == "hard link":
+        os.link(prompts, output)
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--checkpoint", str(model), "--prompts", "p.jsonl", "--max-new-tokens", "2", "--overwrite"]
+    assert main([*argv, "--output", str(output)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"error: --output {output} is the --prompts file p.jsonl: writing there would replace what is read; choose "
+        "another --output\n"
+    )  # the model was never loaded: nothing logged
+    assert prompts.read_text() == '"Why?"\n'
+    assert main([*argv, "--output", "answers.jsonl"]) == 0  # another file: written, the prompts kept
+    assert prompts.read_text() == '"Why?"\n' and (tmp_path / "answers.jsonl").read_text().count("\n") == 1
+
+
+@pytest.mark.parametrize("data", ["file", "folder"])
+def test_eval_output_dir_holding_the_data_is_refused_before_any_work(model, tmp_path, capsys, data):
+    """eval --output-dir D --overwrite replaced D/completions.jsonl, the --data file itself (or one of a folder's)."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    records = folder / "completions.jsonl"
+    records.write_text("".join(line + "\n" for line in ['{"instruction": "Why?", "output": "Because."}'] * 3))
+    source = records if data == "file" else folder
+    argv = ["eval", "--checkpoint", str(model), "--data", str(source), "--output-dir", str(folder), "--overwrite",
+            "--generate", "--max-new-tokens", "2"]  # fmt: skip
+    before = records.read_text()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    where = "is the --data file" if data == "file" else "is in the --data folder"
+    assert err == (
+        f"error: --output-dir {records} {where} {source}: writing there would replace what is read; choose another "
+        "--output-dir\n"
+    )
+    assert records.read_text() == before
+    assert main([*argv[:5], "--output-dir", str(tmp_path / "out"), *argv[7:]]) == 0  # elsewhere: written
+    assert records.read_text() == before and (tmp_path / "out" / "completions.jsonl").is_file()
