@@ -78,9 +78,17 @@ def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> str:
     return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("bos", ["added", "never added", "none"])
 @pytest.mark.parametrize("fmt", ["alpaca", "prompt_completion"])
-def test_recorded_format_renders_the_trained_prompt_tokens(fmt):
-    tok = build_tiny_tokenizer(chat_template=None, bos="<s>")
+def test_recorded_format_renders_the_trained_prompt_tokens(fmt, bos):
+    """fasttune (prompt_ids) and plain HF (apply_chat_template, which tokenizes without adding special tokens) give
+    the ids training saw before the response: BOS first exactly when training put it (Llama-like tokenizers, which add
+    it), never twice, none for GPT-2-like (a bos_token never added) or none at all. HF's dropped the BOS."""
+    from fasttune.generate.template import TEMPLATES
+
+    tok = build_tiny_tokenizer(chat_template=None, bos="<s>" if bos == "added" else None)
+    if bos == "never added":
+        tok.bos_token = "<|endoftext|>"
     records = RECORDS if fmt == "alpaca" else [{"prompt": "2 + 3 =", "completion": " 5"}]
     samples = tokenize_records(records, fmt, tok)
     record_prompt_format(tok, fmt)
@@ -90,7 +98,12 @@ def test_recorded_format_renders_the_trained_prompt_tokens(fmt):
         message = {"role": "user", "content": record.get("instruction", record.get("prompt"))}
         if record.get("input"):
             message["input"] = record["input"]
-        assert prompt_ids(tok, [message]) == sample["input_ids"][:first_trained]
+        want = sample["input_ids"][:first_trained]
+        assert want.count(tok.bos_token_id) == (bos == "added") and (want[0] == tok.bos_token_id) == (bos == "added")
+        assert prompt_ids(tok, [message]) == want
+        assert tok.apply_chat_template([message], add_generation_prompt=True)["input_ids"] == want
+    tok.chat_template = TEMPLATES[fmt]  # a checkpoint recorded before the template rendered BOS: generate adds it
+    assert prompt_ids(tok, [message]) == want
 
 
 def test_chat_data_keeps_the_models_template(tmp_path):
@@ -107,8 +120,12 @@ def test_chat_data_keeps_the_models_template(tmp_path):
 
 def test_sft_checkpoint_carries_the_alpaca_format_for_plain_hf(sft_run):
     tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)
-    text = tok.apply_chat_template([{"role": "user", "content": "Why?"}], tokenize=False, add_generation_prompt=True)
-    assert text == ALPACA_PROMPT_NO_INPUT.format(instruction="Why?") == format_prompt({"instruction": "Why?"}, "alpaca")
+    messages = [{"role": "user", "content": "Why?"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = ALPACA_PROMPT_NO_INPUT.format(instruction="Why?")
+    assert text == tok.bos_token + prompt and prompt == format_prompt({"instruction": "Why?"}, "alpaca")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == tok(prompt)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]  # one BOS, as trained
 
 
 def test_generate_on_a_run_folder_answers_in_the_trained_format_like_hf(sft_run, capsys, prompts_seen):

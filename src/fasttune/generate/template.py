@@ -4,8 +4,10 @@ Chat data trains through the tokenizer's own chat template, which the checkpoint
 data do not use a chat template (data/sft.py renders them), so training records their format *as* the tokenizer's
 chat template (`record_prompt_format`, called once the data is tokenized): every checkpoint's tokenizer then renders
 `[{"role": "user", "content": ...}]` exactly as the run's prompts were rendered, for fasttune (`generate`, `chat`)
-and for plain HF users alike (`tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`,
-then `tokenizer(text)`). A Jinja comment in the template names the format; tokenizer_config.json also names it
+and for plain HF users alike: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives the token
+ids training saw for the prompt, BOS first where the tokenizer adds one (the template renders `bos_token` then, as
+Llama's own templates do; as text, tokenize=False, it is tokenized with add_special_tokens=False, as any chat
+template's). A Jinja comment in the template names the format; tokenizer_config.json also names it
 (`fasttune_prompt_format`), so a plain-text run's checkpoints generate raw continuations.
 
 A base model's chat template is replaced in the checkpoints of an Alpaca or prompt/completion run (logged): the
@@ -49,6 +51,20 @@ PROMPT_COMPLETION_TEMPLATE = (
     "{%- endfor -%}"
 )
 TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "prompt_completion": PROMPT_COMPLETION_TEMPLATE}
+_BOS_FIRST = "{{- bos_token -}}\n"
+
+
+def recorded_template(tokenizer, fmt: str) -> str | None:
+    """The chat template that renders the `fmt` prompts as training tokenized them: BOS first exactly where training
+    put it (data/sft.py: where the tokenizer adds one itself), so that apply_chat_template(tokenize=True) gives the
+    training ids; None for formats without one (chat: the model's own; text)."""
+    from fasttune.data.sft import _bos_prefix
+
+    template = TEMPLATES.get(fmt)
+    if template is None or not _bos_prefix(tokenizer):
+        return template
+    comment, rest = template.split("\n", 1)  # the format's name stays the first line
+    return f"{comment}\n{_BOS_FIRST}{rest}"
 
 
 def record_prompt_format(tokenizer, fmt: str) -> None:
@@ -58,7 +74,7 @@ def record_prompt_format(tokenizer, fmt: str) -> None:
     if not isinstance(getattr(tokenizer, "init_kwargs", None), dict):
         return  # not an HF tokenizer (a benchmark's stand-in): nothing to record in
     tokenizer.init_kwargs[FORMAT_KEY] = fmt
-    template = TEMPLATES.get(fmt)
+    template = recorded_template(tokenizer, fmt)
     if template is None or getattr(tokenizer, "chat_template", None) == template:
         return  # chat: the tokenizer's template is the format already; text: no prompt format
     if tokenizer.chat_template:
@@ -137,7 +153,7 @@ def prompt_ids(tokenizer, messages: list[dict], raw: bool = False, tools: list |
             "text as is"
         ) from None
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if fmt in TEMPLATES:
+    if fmt in TEMPLATES and "bos_token" not in tokenizer.chat_template:  # recorded before the template rendered BOS
         from fasttune.data.sft import _bos_prefix  # training puts BOS in front exactly when the tokenizer adds one
 
         ids = _bos_prefix(tokenizer) + ids
