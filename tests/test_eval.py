@@ -267,3 +267,23 @@ def test_training_scores_leave_out_held_out_answers_cut_by_max_length(tmp_path, 
     loop.train(cfg)
     whole = {r["output"].strip() for r in json.loads(GSM8K.read_text())}
     assert seen and all(ex.reference in whole for ex in seen), [ex.reference[-40:] for ex in seen]
+
+
+def test_nothing_to_answer_is_said_once_before_training_in_every_run(tmp_path, caplog):
+    """It was said at the first evaluation, once per process and run folder (a module-level set): a second run in
+    the same folder (--overwrite, a notebook's next run) went without it."""
+    import dataclasses
+
+    from helpers import tiny_config
+
+    from fasttune.train import loop
+
+    caplog.set_level("INFO", logger="fasttune")
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0, eval_generate_every=1)  # plain text
+    for run in (cfg, dataclasses.replace(cfg, overwrite=True)):
+        caplog.clear()
+        result = loop.train(run)
+        said = [r.getMessage() for r in caplog.records]
+        warned = [i for i, m in enumerate(said) if "no held-out sample with a prompt to answer (text data)" in m]
+        assert len(warned) == 1 and warned[0] < next(i for i, m in enumerate(said) if m.startswith("step 1/2"))
+        assert not any("gen_exact_match" in r for r in result.records)

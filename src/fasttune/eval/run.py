@@ -247,8 +247,20 @@ def run_eval(a: EvalArgs) -> int:
     return 0
 
 
-_NOTHING_TO_ANSWER: set = set()
-"""Run folders already told that their held-out data has no prompt to answer."""
+def held_out_examples(cfg, data) -> list[Example]:
+    """What `training_scores` answers: the first eval_generate_samples held-out samples with a prompt to answer. A
+    held-out sample that reaches data.max_length may have been cut: its answer would be too, so it is left out."""
+    limit = cfg.data.max_length
+    examples = [ex for s in data.val if len(s["input_ids"]) < limit and (ex := split_sample(s, data.tokenizer))]
+    return examples[: cfg.training.eval_generate_samples]
+
+
+def say_nothing_to_answer(cfg, data, fsdp: bool) -> None:
+    """Once, before training: --training.eval-generate-every asks for answers that no held-out sample can give (FSDP2
+    says why it skips them itself)."""
+    if cfg.training.eval_generate_every and not fsdp and not held_out_examples(cfg, data):
+        log.warning("training.eval_generate_every: no held-out sample with a prompt to answer (%s data); skipped",
+                    data.summary.format)  # fmt: skip
 
 
 def training_scores(run) -> dict:
@@ -258,14 +270,8 @@ def training_scores(run) -> dict:
     cfg, data = run.cfg, run.data
     if run.dist.fsdp or not run.dist.main:
         return {}
-    limit = cfg.data.max_length  # a held-out sample that reaches it may have been cut: its answer would be too
-    examples = [ex for s in data.val if len(s["input_ids"]) < limit and (ex := split_sample(s, data.tokenizer))]
-    examples = examples[: cfg.training.eval_generate_samples]
-    if not examples:
-        if run.folder not in _NOTHING_TO_ANSWER:  # said once per run, not at every evaluation
-            _NOTHING_TO_ANSWER.add(run.folder)
-            log.warning("training.eval_generate_every: no held-out sample with a prompt to answer (%s data); "
-                        "skipped", data.summary.format)  # fmt: skip
+    examples = held_out_examples(cfg, data)
+    if not examples:  # said once, before training (say_nothing_to_answer)
         return {}
     model = run.model
     # HF generate on the training model itself, under the training autocast (as the validation loss is computed): the

@@ -147,6 +147,10 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     for line in data.summary.lines():
         log.info(line)
     _say_no_validation(cfg, data)
+    if cfg.training.eval_generate_every:
+        from fasttune.eval.run import say_nothing_to_answer
+
+        say_nothing_to_answer(cfg, data, d.fsdp)
     if saved and saved.get("data") and data.summary.fingerprint and saved["data"] != data.summary.fingerprint:
         if saved.get("masking_rules", 1) != MASKING_RULES:
             raise ConfigError(
