@@ -61,6 +61,18 @@ def test_an_unreadable_adapter_config_is_not_called_damaged(adapter, monkeypatch
     assert "damaged" not in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json"])
+def test_train_from_a_model_folder_with_an_unreadable_file_names_it(tmp_path, monkeypatch, name):
+    """An unreadable tokenizer.json of --model said "no usable tokenizer there ...; save one with save_pretrained"."""
+    model = save_micro_model(tmp_path / "model")
+    assert resolve_for_training(str(model)) == str(model)
+    deny_file(monkeypatch, "open", model / name)
+    with pytest.raises(FasttuneError) as e:
+        resolve_for_training(str(model))
+    assert str(e.value) == (f"--model {model}: {name} cannot be read (permission denied); make it readable "
+                            f"(chmod u+r {model / name}) or pass another folder")  # fmt: skip
+
+
 def _run_with_merged(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A run folder (resolve's view of one): checkpoints of steps 2 and 4 with weights, and a merged model."""
     run = _run(tmp_path / "run")

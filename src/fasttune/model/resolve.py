@@ -226,9 +226,11 @@ def refuse_remote_code(model_dir: Path, trust: bool, flag: str) -> None:
 def resolve_for_training(path: str | None, say: bool = True) -> str | None:
     """`train --model PATH`: a run folder becomes the full-model folder to start from (logged when `say`); a model
     folder stays as given (its remote-code check is model/build.py's)."""
-    if path is not None:
-        check_readable(Path(path), "--model")
-    if path is None or ((Path(path) / "config.json").is_file() and not is_run_folder(Path(path))):
+    if path is None:
+        return path
+    check_readable(Path(path), "--model")
+    if (Path(path) / "config.json").is_file() and not is_run_folder(Path(path)):
+        refuse_unreadable(Path(path), "--model")  # its tokenizer's load error would say to save another one
         return path
     src = resolve(path, option="--model", adapters=False)
     if src.note and say:
