@@ -244,6 +244,8 @@ def test_explicit_max_length_beyond_the_context_is_an_error(short_context_model,
     "rope, context",
     [(None, 128), ({"rope_type": "yarn", "factor": 4.0}, 512),  # Qwen's YaRN: max_position_embeddings stays 128
      ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),  # already the scaled one
+     # Qwen3's model card: YaRN 4 x 32768 beside its config's 40960 positions is 131072, not 40960
+     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 100}, 400),
      ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
        "original_max_position_embeddings": 16}, 128)],  # Llama 3.1: 131072 is the scaled context
 )  # fmt: skip
@@ -257,7 +259,7 @@ def test_max_length_may_reach_a_yarn_extended_context(tmp_path, monkeypatch, cap
     conf = LlamaConfig(max_position_embeddings=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=2, vocab_size=300, rope_scaling=rope)  # fmt: skip
     conf.save_pretrained(tmp_path / "m")
-    if rope and rope["rope_type"] == "yarn" and context == 512:  # transformers scales by the factor as given
+    if rope and rope["rope_type"] == "yarn" and context > 128:  # transformers scales by the factor as given
         assert ROPE_INIT_FUNCTIONS["yarn"](conf, "cpu")[1] == pytest.approx(0.1 * math.log(4.0) + 1.0)
     argv = ["train", "--experiment", "sft", "--model", str(tmp_path / "m"), "--data", "tests/fixtures/alpaca.jsonl"]
     rc, cfg = _captured_config(monkeypatch, [*argv, "--data.max-length", str(context)])
@@ -267,6 +269,8 @@ def test_max_length_may_reach_a_yarn_extended_context(tmp_path, monkeypatch, cap
     assert rc == 2 and cfg is None and f"pass --data.max-length {context} or less" in err, err
     if context == 512:
         assert "(max_position_embeddings=128 x yarn factor 4.0 = 512)" in err
+    elif context == 400:
+        assert "(original_max_position_embeddings=100 x yarn factor 4.0 = 400)" in err
     elif rope is None:  # plain RoPE: how to extend it
         assert '"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128' in err, err
     else:

@@ -3,8 +3,8 @@
 transformers reads `max_position_embeddings` as the scaled context for every RoPE type but YaRN and dynamic NTK,
 whose `original_max_position_embeddings` defaults to it: Qwen2.5/Qwen3 extend their 32768 positions to 131072 by
 adding `{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}` to config.json, leaving
-`max_position_embeddings` at 32768 (transformers' YaRN takes the factor as given, and warns only when
-max_position_embeddings / original_max_position_embeddings is neither 1 nor the factor). Llama 3.1's llama3 scaling,
+`max_position_embeddings` at 32768 (Qwen3's config says 40960: transformers warns that 40960 / 32768 is not the
+factor, and its YaRN takes the factor as given, so 4 x 32768 = 131072 either way). Llama 3.1's llama3 scaling,
 linear and longrope configs already name the scaled length in `max_position_embeddings` (131072 for Llama 3.1).
 """
 
@@ -26,16 +26,16 @@ def _rope(config) -> dict:
 
 
 def context_length(config) -> int | None:
-    """The model's context in tokens: max_position_embeddings, times a YaRN or dynamic-NTK factor where the config
-    extends it so (see the module's docstring); None when the config names no context."""
+    """The model's context in tokens: max_position_embeddings, or a YaRN or dynamic-NTK factor times the original
+    context where that is longer (see the module's docstring); None when the config names no context."""
     base = getattr(config, "max_position_embeddings", None)
     if not base:
         return None
     rope = _rope(config)
     kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
     original = rope.get("original_max_position_embeddings") or base
-    if kind in EXTENDING_ROPE and isinstance(factor, int | float) and factor > 1 and original >= base:
-        return int(original * factor)
+    if kind in EXTENDING_ROPE and isinstance(factor, int | float) and factor > 1:
+        return max(int(base), int(original * factor))  # Qwen3: 40960 positions, YaRN 4 x 32768 = 131072
     return int(base)
 
 
@@ -46,8 +46,10 @@ def describe_context(config) -> str:
     if context == base:
         return f"max_position_embeddings={base}"
     rope = _rope(config)
-    kind = rope.get("rope_type", rope.get("type"))
-    return f"max_position_embeddings={base} x {kind} factor {rope.get('factor')} = {context}"
+    kind, original = rope.get("rope_type", rope.get("type")), rope.get("original_max_position_embeddings")
+    scaled = f"original_max_position_embeddings={original}" if original and original != base else None
+    scaled = scaled or f"max_position_embeddings={base}"
+    return f"{scaled} x {kind} factor {rope.get('factor')} = {context}"
 
 
 def too_long(config, length: int, source: str, option: str = "--data.max-length") -> str:
