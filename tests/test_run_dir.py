@@ -491,20 +491,28 @@ def test_a_run_folder_given_to_generate_skips_a_damaged_newest_checkpoint(two_ch
     assert f"skipping a damaged checkpoint: {result.checkpoint / 'model.safetensors'}" in caplog.text
 
 
-def test_resume_of_a_run_tokenized_under_older_masking_rules_says_so(finished):
-    """A checkpoint written before the masking rules changed (no `masking_rules`, another data fingerprint) is
-    refused naming the change, not as data "added, removed or edited"."""
+@pytest.mark.parametrize("rules", [None, 4])
+def test_resume_of_a_run_tokenized_under_older_masking_rules_says_so(finished, rules):
+    """A checkpoint written before the masking rules changed (no `masking_rules`, or an older one; another data
+    fingerprint) is refused naming the changes since its version, not as data "added, removed or edited": a chat run
+    with tools started under rules 4 was told of the empty-response and token-boundary changes, never of its tools."""
     import torch
 
     cfg, result = finished
     state_file = result.checkpoint / checkpoint.STATE_FILE
     state = torch.load(state_file, weights_only=True)
     state.pop("masking_rules")
+    if rules is not None:
+        state["masking_rules"] = rules
     state["data"] = "0" * len(state["data"])
     torch.save(state, state_file)
     more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=5))
-    with pytest.raises(ConfigError, match="started by an earlier fasttune that trained other tokens.*--model .*step"):
+    with pytest.raises(
+        ConfigError, match="started by an earlier fasttune that trained other tokens.*--model .*step"
+    ) as e:
         loop.train(more)
+    assert "a chat record's tools are written into the conversation by the chat template" in str(e.value)
+    assert ("an empty response are not trained" in str(e.value)) == (rules is None)
 
 
 def test_resume_with_another_grad_accum_warns_also_for_checkpoints_that_did_not_record_it(finished, caplog):

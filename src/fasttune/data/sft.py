@@ -51,12 +51,22 @@ _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
 Span = tuple[int, int]
 
 
-MASKING_RULES = 5
+MASKING_CHANGES = {
+    2: "records and chat replies with an empty response are not trained, and chat turns end at their end-of-turn token",
+    3: "an Alpaca or prompt/completion prompt that ends inside a token is tokenized apart from its response",
+    4: "a chat turn whose assistant header ends inside a token is tokenized apart from its reply",
+    5: "a chat record's tools are written into the conversation by the chat template (they were dropped)",
+}
+"""What each version of the masking rules changed (see MASKING_RULES), for --resume of a run started before."""
+MASKING_RULES = max(MASKING_CHANGES)
 """Version of the rules that turn records into trained labels, kept in every checkpoint: a change that trains other
-tokens of the same data bumps it, so that --resume of an older run says why its data fingerprint differs. 2: records
-and chat replies with an empty response are not trained; chat turns end at their end-of-turn token. 3: an Alpaca or
-prompt/completion prompt that ends inside a token is tokenized apart from its response. 4: so is a chat turn whose
-assistant header ends inside a token (a template's "ASSISTANT: " before "the": " the" was one untrained token)."""
+tokens of the same data bumps it (a new MASKING_CHANGES entry), so that --resume of an older run says why its data
+fingerprint differs."""
+
+
+def masking_changes_since(version: int) -> str:
+    """The changes of the masking rules after `version` (1: a checkpoint that recorded none), for messages."""
+    return "; ".join(text for v, text in sorted(MASKING_CHANGES.items()) if v > version)
 
 
 def format_prompt(record: dict, fmt: str) -> str:

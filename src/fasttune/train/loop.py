@@ -21,7 +21,7 @@ from fasttune.config import BaseConfig
 from fasttune.data.formats import FORMATS
 from fasttune.data.packing import IGNORE
 from fasttune.data.pipeline import DataBundle, build_data
-from fasttune.data.sft import MASKING_RULES
+from fasttune.data.sft import MASKING_RULES, masking_changes_since
 from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError, Stopped
 from fasttune.generate.template import record_prompt_format
@@ -152,13 +152,11 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
 
         say_nothing_to_answer(cfg, data, d.fsdp)
     if saved and saved.get("data") and data.summary.fingerprint and saved["data"] != data.summary.fingerprint:
-        if saved.get("masking_rules", 1) != MASKING_RULES:
+        if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
             raise ConfigError(
                 f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
-                "(since then records and chat replies with an empty response are not trained, chat turns end at "
-                "their end-of-turn token, and a prompt or chat header that ends inside a token is tokenized apart "
-                "from its response); finish it with that version, or start a new run from its checkpoint with "
-                f"--model {latest} and another --output-dir"
+                f"(since then: {masking_changes_since(rules)}); finish it with that version, or start a new run from "
+                f"its checkpoint with --model {latest} and another --output-dir"
             )
         raise ConfigError(
             f"--resume: the data is not what this run trained on ({data.summary.source}: records added, removed or "
