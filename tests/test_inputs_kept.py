@@ -43,24 +43,27 @@ def test_generate_output_that_is_the_prompts_file_is_refused_before_any_work(mod
     assert prompts.read_text() == '"Why?"\n' and (tmp_path / "answers.jsonl").read_text().count("\n") == 1
 
 
-@pytest.mark.parametrize("data", ["file", "folder"])
+@pytest.mark.parametrize("data", ["file", "folder", "folder, new files"])
 def test_eval_output_dir_holding_the_data_is_refused_before_any_work(model, tmp_path, capsys, data):
-    """eval --output-dir D --overwrite replaced D/completions.jsonl, the --data file itself (or one of a folder's)."""
+    """eval --output-dir D --overwrite replaced D/completions.jsonl, the --data file itself (or one of a folder's);
+    new files in the --data folder (or a folder in it) would be read with the data from then on: the next train on
+    that folder trained the model's own completions (prompt/completion records)."""
     folder = tmp_path / "d"
     folder.mkdir()
-    records = folder / "completions.jsonl"
+    records = folder / ("completions.jsonl" if data != "folder, new files" else "train.jsonl")
     records.write_text("".join(line + "\n" for line in ['{"instruction": "Why?", "output": "Because."}'] * 3))
     source = records if data == "file" else folder
-    argv = ["eval", "--checkpoint", str(model), "--data", str(source), "--output-dir", str(folder), "--overwrite",
+    out = folder if data != "folder, new files" else folder / "eval"
+    argv = ["eval", "--checkpoint", str(model), "--data", str(source), "--output-dir", str(out), "--overwrite",
             "--generate", "--max-new-tokens", "2"]  # fmt: skip
     before = records.read_text()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    where = "is the --data file" if data == "file" else "is in the --data folder"
-    assert err == (
-        f"error: --output-dir {records} {where} {source}: writing there would replace what is read; choose another "
-        "--output-dir\n"
-    )
+    why = "is the --data file" if data == "file" else "is in the --data folder"
+    why += " " + str(source) + (": writing there would replace what is read" if data == "file" else ": writing there "
+                                "would change the data it reads")  # fmt: skip
+    assert err == f"error: --output-dir {out / 'completions.jsonl'} {why}; choose another --output-dir\n"
+    assert sorted(p.name for p in folder.rglob("*")) == [records.name]  # nothing written there
     assert records.read_text() == before
     assert main([*argv[:5], "--output-dir", str(tmp_path / "out"), *argv[7:]]) == 0  # elsewhere: written
     assert records.read_text() == before and (tmp_path / "out" / "completions.jsonl").is_file()

@@ -104,15 +104,19 @@ def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
 
 def refuse_writing_over(out: Path, source: str | Path, option: str, source_option: str) -> None:
     """Before any work: `out` must not be the input file `source` (however spelled: another path, a symlink, a hard
-    link), nor a file of the input folder `source`: --overwrite would replace it with the results."""
+    link), nor in the input folder `source`: --overwrite would replace a file of it with the results, and a new file
+    there is read with the data from then on (a folder is read whole, subfolders included)."""
     src = Path(source)
     try:
         same = os.path.samefile(out, src)
     except OSError:  # either one missing (a new output file; an input that is not a path): nothing replaced
         same = False
-    if same or (out.exists() and src.is_dir() and out.resolve().is_relative_to(src.resolve())):
-        raise FasttuneError(f"{option} {out} is {'' if same else 'in '}the {source_option} {src}: writing there would "
-                            f"replace what is read; choose another {option}")  # fmt: skip
+    if same:
+        raise FasttuneError(f"{option} {out} is the {source_option} {src}: writing there would replace what is read; "
+                            f"choose another {option}")  # fmt: skip
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise FasttuneError(f"{option} {out} is in the {source_option} {src}: writing there would change the data it "
+                            f"reads; choose another {option}")  # fmt: skip
 
 
 def make_folder(path: Path, option: str) -> None:
