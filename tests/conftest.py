@@ -29,3 +29,14 @@ def frozen_gc():
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch):
+    """The token ids every generate_ids call gets (the rendered prompts), recorded while it runs as usual."""
+    import fasttune.generate.generate as gen
+
+    seen, real = [], gen.generate_ids
+    monkeypatch.setattr(gen, "generate_ids", lambda model, tok, batch, **kw: seen.extend(batch) or real(
+        model, tok, batch, **kw))  # fmt: skip
+    return seen

@@ -104,17 +104,6 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_turn_as_generation_r
     assert sample == samples[1]
 
 
-@pytest.fixture
-def prompts_seen(monkeypatch):
-    """The token ids every generate_ids call gets (the rendered prompts)."""
-    import fasttune.generate.generate as gen
-
-    seen, real = [], gen.generate_ids
-    monkeypatch.setattr(gen, "generate_ids", lambda model, tok, batch, **kw: seen.extend(batch) or real(
-        model, tok, batch, **kw))  # fmt: skip
-    return seen
-
-
 def test_generate_sends_a_prompt_records_tools_as_training_rendered_them(tmp_path, capsys, prompts_seen):
     """generate --prompts: a record's tools reach the chat template, so the prompt is the very ids training puts
     before that reply; --raw, which cannot send them, and a template that does not write them are refused by line."""

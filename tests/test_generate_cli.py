@@ -60,17 +60,6 @@ def sft_run(tmp_path_factory):
     return _train(tmp, _base(tmp / "base"))
 
 
-@pytest.fixture
-def prompts_seen(monkeypatch):
-    """The token ids every generate_ids call gets (the rendered prompts), recorded while it runs as usual."""
-    import fasttune.generate.generate as gen
-
-    seen, real = [], gen.generate_ids
-    monkeypatch.setattr(gen, "generate_ids", lambda model, tok, batch, **kw: seen.extend(batch) or real(
-        model, tok, batch, **kw))  # fmt: skip
-    return seen
-
-
 def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> str:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
