@@ -198,6 +198,17 @@ def test_a_message_with_an_unknown_role_is_named_with_the_valid_roles(tmp_path, 
     assert hint in message
 
 
+@pytest.mark.parametrize("role", ["tool_results", "tool_response", "observation", "environment"])
+def test_tool_output_roles_of_real_chat_templates_are_read(tmp_path, role):
+    """Mistral v0.3 (tool_results), Granite 3 (tool_response), GLM-4 (observation) and InternLM2 (environment) have
+    their templates render these roles: data written for them was refused as "not a chat role"."""
+    path = tmp_path / "c.jsonl"
+    turns = [{"role": "user", "content": "2+2?"}, {"role": role, "content": "4"}, {"role": "assistant", "content": "4"}]
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    records, fmt = load_records(str(path))
+    assert fmt == "chat" and records[0]["messages"] == turns
+
+
 def test_sharegpt_data_gets_the_whole_conversion_in_one_line(tmp_path):
     """ShareGPT records (Axolotl's and Unsloth's usual chat data) took three errors to fix: "cannot tell the data
     format" with "rename the fields or pass --data.format", then from/value, then "no message has role 'assistant'"

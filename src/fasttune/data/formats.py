@@ -64,10 +64,13 @@ _SHAREGPT_FIX = (
     'convert each record to {"messages": [{"role", "content"}, ...]}: conversations -> messages, from -> role (human '
     "-> user, gpt -> assistant, system stays), value -> content"
 )
-ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
-"""Message roles chat data may use: the usual four, and those some chat templates know (OpenAI's developer and
-function, Llama 3.1's ipython). Any other (a typo such as "usr", ShareGPT's human/gpt) is refused: templates render
-a role they do not know as is, and the run would train on turns labelled with it."""
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function", "tool_results", "tool_response",
+         "observation", "environment")  # fmt: skip
+"""Message roles chat data may use: the usual four, and those real chat templates know for tool output and the like
+(OpenAI's developer and function, Llama 3.1's ipython, Mistral v0.3's tool_results, Granite 3's tool_response,
+GLM-4's observation, InternLM2's environment: context, never trained). Any other (a typo such as "usr", ShareGPT's
+human/gpt) is refused: templates render a role they do not know as is, and the run would train on turns labelled
+with it."""
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 PROMPT_TURNS = "_prompt_turns"
 """A chat record converted from a conversational prompt/completion one: how many of its leading messages were the
