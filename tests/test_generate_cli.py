@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny_tokenizer import build_tiny_tokenizer
+from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
 from helpers import deny_file, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,9 +95,22 @@ def test_recorded_format_renders_the_trained_prompt_tokens(fmt, bos):
     assert prompt_ids(tok, [message]) == want
 
 
-def test_chat_data_keeps_the_models_template(tmp_path):
-    from fixtures.tiny_tokenizer import CHATML
+def test_resuming_a_run_recorded_before_the_template_rendered_bos_does_not_say_it_replaces_the_template(caplog):
+    """--resume of an Alpaca run whose checkpoints carry the format without BOS (an earlier fasttune) updates it to
+    render BOS, quietly: "the tokenizer's chat template becomes the alpaca prompt format" was said as if a base model's
+    own template were replaced. A model's own template still gets that line."""
+    from fasttune.generate.template import TEMPLATES, recorded_template
 
+    caplog.set_level("INFO", logger="fasttune")
+    for template, said in ((TEMPLATES["alpaca"], False), (CHATML, True)):
+        caplog.clear()
+        tok = build_tiny_tokenizer(chat_template=template, bos="<s>")
+        record_prompt_format(tok, "alpaca")
+        assert tok.chat_template == recorded_template(tok, "alpaca") and "bos_token" in tok.chat_template
+        assert ("chat template becomes the alpaca prompt format" in caplog.text) == said, template
+
+
+def test_chat_data_keeps_the_models_template(tmp_path):
     tok = build_tiny_tokenizer(chat_template=CHATML)
     record_prompt_format(tok, "chat")
     assert tok.chat_template == CHATML and prompt_format(tok) == "chat"

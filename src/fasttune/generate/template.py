@@ -77,7 +77,7 @@ def record_prompt_format(tokenizer, fmt: str) -> None:
     template = recorded_template(tokenizer, fmt)
     if template is None or getattr(tokenizer, "chat_template", None) == template:
         return  # chat: the tokenizer's template is the format already; text: no prompt format
-    if tokenizer.chat_template:
+    if tokenizer.chat_template and prompt_format(tokenizer) != fmt:  # not a checkpoint of this format (before BOS)
         log.info("checkpoints: the tokenizer's chat template becomes the %s prompt format this run trains on", fmt)
     tokenizer.chat_template = template
 
