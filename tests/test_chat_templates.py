@@ -148,3 +148,41 @@ def test_generation_stops_at_the_end_of_turn_token_chat_training_taught():
         align_special_tokens(model, tok, fresh=False)
         assert model.generation_config.eos_token_id == (stops if len(stops) > 1 else stops[0]), fmt
         assert stop_ids(model, tok) == sorted(stops), fmt
+
+
+# Llama 3.2's system header: today's date through transformers' strftime_now
+DATED = (
+    "{% if strftime_now is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% else %}"
+    "{% set date_string = '26 Jul 2024' %}{% endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
+    + CHATML
+)
+
+
+def _today(monkeypatch, day: int):
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    class Today(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, day, tzinfo=tz)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Today)
+
+
+def test_a_template_that_writes_todays_date_tokenizes_the_same_data_the_same_on_every_day(monkeypatch):
+    """Llama 3.2/3.3's template writes today's date: the same data gave other tokens the next day, so --resume
+    refused the run as trained on other data. Training and eval data see a fixed date; generation the real one."""
+    from fasttune.generate.template import prompt_ids
+
+    tok = build_tiny_tokenizer(chat_template=DATED)
+    record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    days = []
+    for day in (29, 30):
+        _today(monkeypatch, day)
+        days.append(tokenize_records([record], "chat", tok))
+        assert f"Today Date: {day} Nov 2026" in tok.decode(prompt_ids(tok, record["messages"][:1]))  # the real date
+    assert days[0] == days[1]
+    assert "Today Date: 26 Jul 2024" in tok.decode(days[0][0]["input_ids"])
+    assert trained_runs(tok, days[0][0]) == ["4<|im_end|>"]

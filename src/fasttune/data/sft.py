@@ -28,11 +28,13 @@ Nothing is truncated here: see `check_lengths`.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import re
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from fasttune.data.formats import FORMATS, PROMPT_TURNS, validate_record
@@ -56,6 +58,7 @@ MASKING_CHANGES = {
     3: "an Alpaca or prompt/completion prompt that ends inside a token is tokenized apart from its response",
     4: "a chat turn whose assistant header ends inside a token is tokenized apart from its reply",
     5: "a chat record's tools are written into the conversation by the chat template (they were dropped)",
+    6: "chat templates that write today's date (Llama 3.2/3.3, Granite, Mistral Small) write a fixed one",
 }
 """What each version of the masking rules changed (see MASKING_RULES), for --resume of a run started before."""
 MASKING_RULES = max(MASKING_CHANGES)
@@ -143,8 +146,45 @@ def _bos_prefix(tokenizer) -> list[int]:
 # ---- chat ----------------------------------------------------------------------------------------------------------
 
 
+FIXED_DATE = datetime.datetime(2024, 7, 26)
+"""The date chat templates that write today's (transformers' strftime_now: Llama 3.2/3.3's "Today Date", Granite's,
+Mistral Small's) see while training and eval data is rendered, so that the same data gives the same tokens on every
+day: --resume compares them (a run resumed the next day was refused as trained on other data), and eval's loss
+matches training's. 26 Jul 2024 is Llama 3.2's own template's date where strftime_now is missing. Generation renders
+prompts with the real date, as transformers does."""
+
+
+@contextlib.contextmanager
+def fixed_date() -> Iterator[None]:
+    """Chat templates rendered inside see FIXED_DATE as today: transformers' strftime_now reads the `datetime` class of
+    its chat_template_utils module, replaced here for the duration (template kwargs cannot replace the function)."""
+    from transformers.utils import chat_template_utils as templates
+
+    real = getattr(templates, "datetime", None)
+    if not (isinstance(real, type) and issubclass(real, datetime.datetime)):  # another transformers: left as it is
+        yield
+        return
+
+    class Fixed(real):
+        @classmethod
+        def now(cls, tz=None):
+            return cls.combine(FIXED_DATE.date(), FIXED_DATE.time(), tzinfo=tz)
+
+    templates.datetime = Fixed
+    try:
+        yield
+    finally:
+        templates.datetime = real
+
+
 def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
                    notes: list[str] | None) -> list[dict]:  # fmt: skip
+    with fixed_date():
+        return _tokenize_chat_records(records, tokenizer, train_on_prompt, source, notes)
+
+
+def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
+                           notes: list[str] | None) -> list[dict]:  # fmt: skip
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise DataError(
@@ -155,9 +195,10 @@ def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, so
     tagged = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
     rendered: list[tuple[str, list[Span]]] = []
     direct: dict[int, dict] = {}  # samples tokenized by the template's own {% generation %} mask
-    by_turn = 0
+    by_turn, specials = 0, _special_tokens(tokenizer)
     for i, record in enumerate(records):
-        chat = Chat(tokenizer, record["messages"], record_tools(record, f"{source} record {i}"), f"{source} record {i}")
+        where = f"{source} record {i}"
+        chat = Chat(tokenizer, record["messages"], record_tools(record, where), where, specials)
         chat.check_tools()
         if train_on_prompt:
             text = chat.render(len(chat.messages), False)
@@ -204,6 +245,8 @@ class Chat:
     messages: list[dict]
     tools: list | None
     where: str
+    specials: tuple[str, ...] | None = None
+    """The tokenizer's special tokens (_special_tokens), once per dataset: a Llama 3 tokenizer has ~256."""
 
     def check_tools(self) -> None:
         """Refuse tools the template does not write (Llama 3.0's, Gemma's): the run would train tool calls to tools
@@ -270,7 +313,7 @@ def _turn_span(chat: Chat, j: int, before: str, through: str) -> Span:
             "the conversation through it, so the turn cannot be located; use a template with {% generation %} tags "
             "or --data.train_on_prompt"
         )
-    specials = _special_tokens(chat.tokenizer)
+    specials = chat.specials if chat.specials is not None else _special_tokens(chat.tokenizer)
     end = _turn_end(through, len(before), specials)
     if not _without(through[len(before) : end], specials).strip():
         held = [k for k in chat.messages[j] if k not in ("role", "name") and chat.messages[j][k]] or ["content"]
