@@ -167,3 +167,21 @@ def test_weights_that_miss_layers_the_config_describes_are_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"model.embed_tokens.weight is \[\d+, 64\] in the weight files but"):
         loop.train(cfg)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_the_parameter_count_of_an_moe_config_counts_every_expert(model_type):
+    """The weight checks before a model is built (GPU, RAM, fp32 master weights) counted the top-k experts a token runs
+    through: Mixtral about 4x too few parameters. Against the model built on the meta device."""
+    from transformers import AutoConfig
+
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                 intermediate_size=96, num_experts_per_tok=2)  # fmt: skip
+    extra = {
+        "mixtral": dict(num_local_experts=8),
+        "qwen2_moe": dict(num_experts=6, moe_intermediate_size=48, shared_expert_intermediate_size=80),
+    }
+    config = AutoConfig.for_model(model_type, **shape, **extra[model_type])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert param_count(config) == sum(p.numel() for p in model.parameters())

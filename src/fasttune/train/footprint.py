@@ -9,7 +9,7 @@ import logging
 import torch
 
 from fasttune.errors import FasttuneError
-from fasttune.model.flops import mlp_matrices
+from fasttune.model.flops import experts, mlp_matrices
 from fasttune.train.activations import Shape
 from fasttune.train.memory import HEADROOM, GiB, free_memory
 
@@ -23,12 +23,22 @@ GiB)."""
 
 
 def param_count(config) -> int:
-    """Parameters of a decoder-only config (embeddings, attention with optional q/k/v biases, MLP, norms)."""
+    """Parameters of a decoder-only config (embeddings, attention with optional q/k/v biases, MLP, norms); an MoE
+    layer's MLP: every expert (not the top-k a token runs through), its shared experts and its router."""
     s = Shape.of(config)
-    bias = (s.q + 2 * s.kv) if getattr(config, "attention_bias", False) or config.model_type == "qwen2" else 0
-    layer = s.hidden * (2 * s.q + 2 * s.kv) + bias + mlp_matrices(config) * s.hidden * s.intermediate + 2 * s.hidden
+    qkv_bias = getattr(config, "attention_bias", False) or config.model_type in ("qwen2", "qwen2_moe")
+    bias = (s.q + 2 * s.kv) if qkv_bias else 0
+    n_experts = experts(config)
+    width = n_experts * s.intermediate + s.shared if n_experts else s.intermediate
+    mlp = mlp_matrices(config) * s.hidden * width + s.hidden * n_experts + _shared_gate(config, s)
+    layer = s.hidden * (2 * s.q + 2 * s.kv) + bias + mlp + 2 * s.hidden
     heads = 1 if getattr(config, "tie_word_embeddings", False) else 2
     return s.layers * layer + heads * s.vocab * s.hidden + s.hidden
+
+
+def _shared_gate(config, s: Shape) -> int:
+    """Qwen-MoE's shared expert has a gate of its own (hidden -> 1)."""
+    return s.hidden if getattr(config, "shared_expert_intermediate_size", None) else 0
 
 
 def fp32_master_fits(
