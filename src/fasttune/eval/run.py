@@ -105,16 +105,14 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, engine=None,
                      progress: bool = True) -> tuple[list[dict], dict]:  # fmt: skip
     """Generate an answer per example in batches; returns per-example rows and the summary (scores, tokens/s)."""
-    from fasttune.generate.generate import fit_context, generate_ids
+    from fasttune.generate.generate import generate_ids, length_batches
 
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     rows: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
     live = progress and sys.stderr.isatty()  # no bar in a redirected stderr (as in training)
     bar = tqdm(total=len(examples), desc="generate", unit="sample", file=sys.stderr, disable=not live)
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo : lo + batch_size]
-        budget = min(fit_context(model, len(examples[i].prompt_ids), max_new_tokens, "a prompt") for i in idx)
+    prompts = [ex.prompt_ids for ex in examples]
+    for lo, idx, budget in length_batches(model, prompts, batch_size, max_new_tokens):
         gens = generate_ids(model, tokenizer, [examples[i].prompt_ids for i in idx], max_new_tokens=budget,
                             temperature=temperature, top_p=top_p, seed=seed + lo, engine=engine)  # fmt: skip
         for i, g in zip(idx, gens, strict=True):

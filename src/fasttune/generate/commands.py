@@ -166,7 +166,7 @@ def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list
 def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) -> int:
     from tqdm.auto import tqdm
 
-    from fasttune.generate.generate import fast_engine, fit_context, generate_ids
+    from fasttune.generate.generate import fast_engine, fit_context, generate_ids, length_batches
     from fasttune.generate.prompts import write_jsonl
     from fasttune.generate.template import prompt_ids
 
@@ -175,15 +175,12 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     for r, (messages, tools) in zip(records, conversations, strict=True):
         ids.append(prompt_ids(tok, messages, raw=a.raw, tools=tools))
         fit_context(model, len(ids[-1]), 1, f"{a.prompts} line {r['_line']}: the prompt")
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
     engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
     # no bar when stderr is redirected (as in training): its redraws would fill the file
     bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
-    for lo in range(0, len(order), a.batch_size):
-        rows = order[lo : lo + a.batch_size]
-        budget = min(fit_context(model, len(ids[i]), a.max_new_tokens, "a prompt") for i in rows)
+    for lo, rows, budget in length_batches(model, ids, a.batch_size, a.max_new_tokens):
         gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
                             top_p=a.top_p, seed=a.seed + lo, engine=engine)  # fmt: skip
         for i, g in zip(rows, gens, strict=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +76,29 @@ def fit_context(model, prompt_len: int, max_new_tokens: int, what: str = "the pr
                     prompt_len, max_new_tokens, context, context - prompt_len)  # fmt: skip
         return context - prompt_len
     return max_new_tokens
+
+
+def length_batches(model, prompts: list[list[int]], batch_size: int,
+                   max_new_tokens: int) -> Iterator[tuple[int, list[int], int]]:  # fmt: skip
+    """(first position, prompt indices, new-token budget) per batch: the prompts sorted by length (less padding), at
+    most batch_size together, each batch of one budget. A left-padded batch can only generate what the context
+    leaves its longest prompt, so a prompt near the context's end is not batched with shorter ones: they get every
+    token they get one at a time. The prompts cut short are said once (fit_context stops a prompt that does not fit)."""
+    context = context_length(model.config)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for i in order[-1:]:
+        fit_context(model, len(prompts[i]), 1, "a prompt")  # the longest: a prompt that does not fit stops here
+    budget = [min(max_new_tokens, context - len(prompts[i])) if context else max_new_tokens for i in order]
+    if cut := sum(b < max_new_tokens for b in budget):
+        log.warning("%d prompts: prompt + --max-new-tokens %d exceed the context %d; their answers get at most what "
+                    "the context leaves", cut, max_new_tokens, context)  # fmt: skip
+    lo = 0
+    while lo < len(order):
+        hi = lo + 1
+        while hi < len(order) and hi - lo < batch_size and budget[hi] == budget[lo]:
+            hi += 1
+        yield lo, order[lo:hi], budget[lo]
+        lo = hi
 
 
 def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

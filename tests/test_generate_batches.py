@@ -1,0 +1,66 @@
+"""Batched generation (`eval --generate`, `generate --prompts`) against plain HF `generate`, one prompt at a time:
+the same greedy answers whatever --batch-size, also for prompts near the end of the model's context."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_generate_cli import _base
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fasttune.cli import main
+
+CONTEXT, MAX_NEW = 128, 100
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory) -> Path:
+    """An untrained micro model with a 128-token context: it rarely writes EOS, so answers run to their budget."""
+    return _base(tmp_path_factory.mktemp("short") / "base", context=CONTEXT)
+
+
+def _records() -> list[dict]:
+    """Prompt/completion records whose prompts take from 8 to ~75 tokens: most leave fewer than MAX_NEW tokens."""
+    return [{"prompt": "Natalia sold clips " * n + "?", "completion": f" {n}"} for n in (1, 12, 3, 9, 6, 15, 2)]
+
+
+def _hf_one_at_a_time(model_dir: Path, prompts: list[list[int]]) -> list[str]:
+    """Reference: plain HF greedy generate per prompt, with what the context leaves it, stopping at EOS."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for ids in prompts:
+        x, budget = torch.tensor([ids]), min(MAX_NEW, CONTEXT - len(ids))
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, max_new_tokens=budget)  # fmt: skip
+        out.append(tok.decode(y[0, len(ids) :], skip_special_tokens=True))
+    return out
+
+
+def test_eval_answers_near_the_context_end_do_not_depend_on_the_batch(short_model, tmp_path):
+    """Every prompt of a batch got the budget of its longest one (the context minus its length): with --batch-size 8,
+    short prompts' answers were cut tens of tokens before what one at a time (and HF) gives them."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    out = tmp_path / "ev"
+    assert main(["eval", "--checkpoint", str(short_model), "--data", str(data), "--generate", "--batch-size", "8",
+                 "--max-new-tokens", str(MAX_NEW), "--output-dir", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(short_model)
+    prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    assert len({min(MAX_NEW, CONTEXT - len(p)) for p in prompts}) > 3  # budgets differ inside one batch of 8
+    assert [r["completion"] for r in rows] == [t.strip() for t in _hf_one_at_a_time(short_model, prompts)]
+
+
+def test_generate_prompts_near_the_context_end_do_not_depend_on_the_batch(short_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in _records()))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--checkpoint", str(short_model), "--prompts", str(prompts), "--output", str(out),
+                 "--batch-size", "8", "--max-new-tokens", str(MAX_NEW)]) == 0  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(short_model)
+    ids = [tok(r["prompt"])["input_ids"] for r in _records()]  # no chat template: the text as is, after BOS
+    got = [json.loads(x)["completion"] for x in out.read_text().splitlines()]
+    assert got == _hf_one_at_a_time(short_model, ids)
