@@ -31,6 +31,15 @@ def sft_run(tmp_path_factory):
         ("#### -3.5 then 7", -3.5),
         ("no digits here", None),
         ("It is 5. Then 12.", 12.0),
+        ("The answer is 1,234.", 1234.0),
+        ("It costs $18", 18.0),
+        ("18.0", 18.0),
+        ("-3", -3.0),
+        ("\u22123 degrees", -3.0),  # the typographic minus
+        ("#### 18\n\n### Instruction:\nTom has 5 apples and 3 pears.\n\n### Response:\n#### 8", 18.0),  # run on
+        ("#### 18 #### 20", 18.0),
+        ("#### **18** apples, 20 pears", 18.0),
+        ("So she has 18.\n####", 18.0),
     ],  # fmt: skip
 )
 def test_answer_number_takes_the_gsm8k_final_answer_or_the_last_number(text, number):
@@ -38,8 +47,11 @@ def test_answer_number_takes_the_gsm8k_final_answer_or_the_last_number(text, num
 
 
 def test_scores_and_their_summary():
-    assert score("The answer is 72", "She sold 72 clips\n#### 72") == {"exact_match": False, "numeric_match": True}
-    assert score(" 5  apples", "5 apples") == {"exact_match": True, "numeric_match": True}
+    assert score("The answer is 72", "She sold 72 clips\n#### 72") == {
+        "exact_match": False, "numeric_match": True, "reference_number": 72.0, "completion_number": 72.0}  # fmt: skip
+    assert score(" 5  apples", "5 apples") == {"exact_match": True, "numeric_match": True, "reference_number": 5.0,
+                                               "completion_number": 5.0}  # fmt: skip
+    assert score("no idea", "#### 5")["numeric_match"] is False and score("a", "b")["reference_number"] is None
     summary = summarize_scores([score("72", "#### 72"), score("7", "#### 8"), score("hi", "hi")])
     assert summary["exact_match"] == pytest.approx(1 / 3)
     assert summary["numeric_match"] == 0.5 and summary["numeric_samples"] == 2
@@ -99,7 +111,12 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
     records = json.loads(GSM8K.read_text())
     assert len(rows) == summary["samples"] == summary["generated_samples"] == fitting
     assert summary["skipped_longer_than_context"] == len(records) - fitting > 0
-    assert {r["reference"] for r in rows} <= {r["output"].strip() for r in records}
+    assert all(r["reference"] == records[r["index"]]["output"].strip() for r in rows)  # index: the record's line
+    assert all(r["reference_number"] == answer_number(r["reference"]) for r in rows)
+    assert all(r["completion_number"] == answer_number(r["completion"]) for r in rows)
+    assert all(r["finished"] or r["new_tokens"] == 4 for r in rows)  # cut at --max-new-tokens
+    assert summary["cut_at_max_new_tokens"] == sum(not r["finished"] for r in rows)
+    assert (summary["max_new_tokens"], summary["temperature"], summary["seed"]) == (4, 0.0, 0)
     tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)  # each stored prompt is the model's input, special
     seen = {tuple(tok(format_prompt(r, "alpaca"))["input_ids"]) for r in records}  # tokens included
     assert all(tuple(tok(r["prompt"], add_special_tokens=False)["input_ids"]) in seen for r in rows)
@@ -287,3 +304,23 @@ def test_nothing_to_answer_is_said_once_before_training_in_every_run(tmp_path, c
         warned = [i for i, m in enumerate(said) if "no held-out sample with a prompt to answer (text data)" in m]
         assert len(warned) == 1 and warned[0] < next(i for i, m in enumerate(said) if m.startswith("step 1/2"))
         assert not any("gen_exact_match" in r for r in result.records)
+
+
+def test_eval_answers_each_conversations_last_turn_also_when_trained_turn_by_turn(tmp_path):
+    """A template that rewrites earlier turns (Qwen3's reasoning) trains a conversation as a sample per assistant
+    turn: --generate answered every turn (a ChatML run answers the last only) and numbered rows by sample, not by
+    the record they came from. Now each conversation's last turn is answered, under its record's index."""
+    from test_chat_templates import REASONED, REASONING
+
+    base = _base(tmp_path / "base", chat_template=REASONING)
+    data = tmp_path / "chat.jsonl"
+    records = [{"messages": [{"role": "user", "content": "Hi " * 300}, {"role": "assistant", "content": "1"}]},
+               {"messages": REASONED}, {"messages": REASONED[:2]}]  # the first is longer than the context  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "ev"
+    assert main(["eval", "--checkpoint", str(base), "--data", str(data), "--generate", "--max-new-tokens", "2",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reference"]) for r in rows] == [(1, "<think>x</think>12"), (2, "<think>add</think>4")]
+    tok = AutoTokenizer.from_pretrained(base)
+    assert rows[0]["prompt"] == tok.apply_chat_template(REASONED[:3], tokenize=False, add_generation_prompt=True)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fasttune.data.packing import IGNORE, collate_padded
+from fasttune.data.sft import tokenize_records
 from fasttune.errors import ConfigError, DataError, FasttuneError
 from fasttune.eval.score import Example, score, split_sample, summarize_scores
 from fasttune.generate.commands import SamplingArgs
@@ -117,16 +118,18 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
                             temperature=temperature, top_p=top_p, seed=seed + lo, engine=engine)  # fmt: skip
         for i, g in zip(idx, gens, strict=True):
             ex = examples[i]
-            rows[i] = {"index": i, "prompt": tokenizer.decode(ex.prompt_ids),  # as the model saw it: chat markers kept
+            rows[i] = {"index": i if ex.record is None else ex.record,  # the record's position in the data
+                       "prompt": tokenizer.decode(ex.prompt_ids),  # as the model saw it: chat markers kept
                        "reference": ex.reference, "completion": g.text.strip(), "new_tokens": g.new_tokens,
-                       **score(g.text.strip(), ex.reference)}  # fmt: skip
+                       "finished": g.finished, **score(g.text.strip(), ex.reference)}  # fmt: skip
         new_tokens += sum(g.new_tokens for g in gens)
         seconds += gens[0].seconds
         bar.update(len(idx))
         bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
     bar.close()
     ordered = [rows[i] for i in range(len(examples))]
-    summary = {**summarize_scores(ordered), "generated_samples": len(ordered), "generated_tokens": new_tokens,
+    summary = {**summarize_scores(ordered), "generated_samples": len(ordered),
+               "cut_at_max_new_tokens": sum(not r["finished"] for r in ordered), "generated_tokens": new_tokens,
                "generate_tokens_per_s": new_tokens / seconds if seconds else None}  # fmt: skip
     return ordered, summary
 
@@ -139,7 +142,7 @@ def _print_table(summary: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     for key, value in summary.items():
-        if isinstance(value, float):
+        if isinstance(value, float) and key not in ("temperature", "top_p"):
             value = (f"{value:.2%}" if key.endswith("_match") else f"{value:,.0f}" if key.endswith("_per_s")
                      else f"{value:,.2f}" if key == "perplexity" else f"{value:.4f}")  # fmt: skip
         table.add_row(key, str(value))
@@ -187,10 +190,11 @@ def _text_pieces(samples: list[dict], max_length: int | None, context: int | Non
 
 def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], str, int]:
     from fasttune.data.formats import load_records
-    from fasttune.data.sft import tokenize_records
 
     records, fmt = load_records(a.data, a.format, option="--format", split=None)  # never a DatasetDict's train split
     samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
+    if fmt != "text":
+        _number_records(samples, records[: a.limit], fmt, tokenizer, a.data)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
         raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
@@ -202,6 +206,18 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
                         f"({context} tokens), and eval scores whole samples only; shorten the records or split them "
                         "into several")  # fmt: skip
     return kept, fmt, len(samples) - len(kept)
+
+
+def _number_records(samples: list[dict], records: list[dict], fmt: str, tokenizer, source: str) -> None:
+    """Each sample's `record`: its record's position in the data (completions.jsonl's index), also when samples were
+    left out or a conversation trained turn by turn gave a sample per assistant turn; `last_turn`: the sample ends
+    with the record's last answer (the one --generate answers, as for a conversation rendered whole)."""
+    counts = [1] * len(records)
+    if len(samples) != len(records):  # turn by turn: how many samples each record gave
+        counts = [len(tokenize_records([r], fmt, tokenizer, source=source, notes=[])) for r in records]
+    position = [(i, k == n - 1) for i, n in enumerate(counts) for k in range(n)]
+    for sample, (i, last) in zip(samples, position, strict=True):
+        sample["record"], sample["last_turn"] = i, last
 
 
 def _scored(sample: dict) -> bool:
@@ -227,14 +243,15 @@ def run_eval(a: EvalArgs) -> int:
     summary.update(response_loss(model, samples, tok.pad_token_id, a.batch_size))
     rows: list[dict] = []
     if a.generate:
-        examples = [ex for s in samples if (ex := split_sample(s, tok)) is not None]
+        examples = [ex for s in samples if s.get("last_turn", True) and (ex := split_sample(s, tok)) is not None]
         if not examples:
             raise DataError(f"{a.data}: no sample has a prompt to answer ({fmt} data); --generate needs supervised "
                             "data (alpaca, prompt_completion or chat)")  # fmt: skip
         rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                                         temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                                         engine=fast_engine(model))  # fmt: skip
-        summary.update(scores)
+        summary.update(scores)  # and what reproduces them
+        summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
     if files is not None:
         if rows:
             write_jsonl(files[0], rows)

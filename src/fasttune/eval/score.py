@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fasttune.data.packing import IGNORE
 
 # GSM8K ends each answer with "#### 72"; models often write "The answer is $1,200." instead: the last number counts.
-_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_MARK = "####"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
@@ -22,6 +22,8 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 class Example:
     prompt_ids: list[int]
     reference: str
+    record: int | None = None
+    """Position of the record in the data (a conversation trained turn by turn gives an example per turn)."""
 
 
 def split_sample(sample: dict, tokenizer) -> Example | None:
@@ -39,12 +41,17 @@ def split_sample(sample: dict, tokenizer) -> Example | None:
     if all(t in special for t in sample["input_ids"][:start]):
         return None  # trained from the first token (plain text after a BOS, train_on_prompt): no prompt to answer
     answer = sample["input_ids"][start:end]
-    return Example(list(sample["input_ids"][:start]), tokenizer.decode(answer, skip_special_tokens=True).strip())
+    reference = tokenizer.decode(answer, skip_special_tokens=True).strip()
+    return Example(list(sample["input_ids"][:start]), reference, sample.get("record"))
 
 
 def answer_number(text: str) -> float | None:
-    """The final answer as a number: the last one after `####`, else the last number in the text."""
-    found = _FINAL.findall(text) or _NUMBER.findall(text)
+    """The final answer as a number: the first number on the line of the first `####` (GSM8K's answer marker, as
+    lm-evaluation-harness reads it: what a model writes after its answer, such as a next question it makes up with an
+    answer of its own, is not read), else the last number in the text (before a `####` with no number)."""
+    head, mark, tail = text.replace("\u2212", "-").partition(_MARK)  # U+2212: the typographic minus sign
+    found = _NUMBER.findall(tail.split("\n", 1)[0])[:1] if mark else []
+    found = found or _NUMBER.findall(head)[-1:]
     if not found:
         return None
     try:
@@ -58,11 +65,13 @@ def _normalize(text: str) -> str:
 
 
 def score(prediction: str, reference: str) -> dict:
-    """exact_match (whitespace-normalised) and numeric_match (None when the reference has no number)."""
+    """exact_match (whitespace-normalised), numeric_match (None when the reference has no number) and the two numbers
+    it compared (None where there is none), for reading a failure."""
     ref_num = answer_number(reference)
     pred_num = answer_number(prediction)
     numeric = None if ref_num is None else pred_num is not None and math.isclose(pred_num, ref_num, abs_tol=1e-6)
-    return {"exact_match": _normalize(prediction) == _normalize(reference), "numeric_match": numeric}
+    return {"exact_match": _normalize(prediction) == _normalize(reference), "numeric_match": numeric,
+            "reference_number": ref_num, "completion_number": pred_num}  # fmt: skip
 
 
 def summarize_scores(scores: list[dict]) -> dict:
