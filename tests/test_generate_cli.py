@@ -259,7 +259,9 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
 
     monkeypatch.setattr(Path, "open", denied)
     option, value = ("--output", readonly / "out.jsonl") if command == "generate" else ("--output-dir", readonly)
-    inputs = ["--prompts", str(tmp_path / "p.jsonl")] if command == "generate" else ["--data", str(tmp_path)]
+    inputs = (
+        ["--prompts", str(tmp_path / "p.jsonl")] if command == "generate" else ["--data", str(tmp_path / "p.jsonl")]
+    )
     # a checkpoint that does not exist: the output is checked first, before minutes of loading and generating
     assert main([command, "--checkpoint", str(tmp_path / "none"), *inputs, option, str(value)]) == 2
     err = capsys.readouterr().err
