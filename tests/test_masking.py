@@ -306,8 +306,10 @@ def test_conversational_prompt_completion_trains_the_completions_assistant_turns
     assert trained_runs(tok, ours[1]) == ["12<|im_end|>"]  # the conversational one its completion's only
     everything = tokenize_records(records, fmt, tok, train_on_prompt=True)
     assert all(s["labels"] == s["input_ids"] for s in everything)
-    # a template that rewrites earlier turns, with {% generation %} tags: its own mask, the prompt's turns untrained
+    # a template that rewrites earlier turns, with {% generation %} tags: its tagged spans, the prompt's untrained
+    # (each block is its assistant message's, so the prompt need not render as the conversation's beginning)
     counting = build_tiny_tokenizer(chat_template=COUNTING_TEMPLATE)
-    assert trained_runs(counting, tokenize_records(records[:1], fmt, counting)[0]) == ["4<|im_end|>"]
-    with pytest.raises(DataError, match="record 1: the chat template renders the conversation differently from its"):
-        tokenize_records(records, fmt, counting)
+    tagged = tokenize_records(records, fmt, counting)
+    assert [trained_runs(counting, s) for s in tagged] == [["4<|im_end|>"], ["12<|im_end|>"]]
+    assert counting.decode(tagged[1]["input_ids"]) == counting.apply_chat_template(records[1]["messages"],
+                                                                                   tokenize=False)  # fmt: skip

@@ -10,7 +10,8 @@ Inputs: a text file or a folder of them (one {"text"} record per file), .jsonl/.
 
 TRL's conversational prompt/completion, {"prompt": [messages], "completion": [messages]}, is read as chat:
 {"messages": prompt + completion}, the number of prompt messages kept under PROMPT_TURNS; only the completion's
-assistant turns are trained (data/sft.py), as TRL trains the completion only.
+assistant turns are trained (data/sft.py), as TRL trains the completion only. A message's `training`/`weight` and a
+record's `chat_template_kwargs` are checked here: data/chat_fields.py.
 
 Every problem with the input raises `DataError` with one line naming the file, the line or record, and the fix.
 User files are only ever opened for reading.
@@ -27,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
 from fasttune.errors import DataError
 
 FORMATS = ("text", "alpaca", "prompt_completion", "chat")
@@ -164,6 +166,7 @@ def _conversation_to_chat(record: dict, where: str, first: str) -> dict:
     prompt, completion = record["prompt"], record["completion"]
     _validate_messages(prompt, where, "prompt", need_reply=False)
     _validate_messages(completion, where, "completion")
+    check_prompt_flags(prompt, where)
     rest = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
     return {**rest, "messages": [*prompt, *completion], PROMPT_TURNS: len(prompt)}
 
@@ -191,6 +194,10 @@ def detect_format(record: dict, where: str = "record 0", option: str = "--data.f
 
 def validate_record(record: dict, fmt: str, where: str, option: str = "--data.format") -> None:
     """Raise DataError naming the record and the field if `record` does not fit `fmt`."""
+    if record.get(KWARGS) is not None and fmt != "chat":
+        raise DataError(f"{where}: {KWARGS} are for chat data, and {fmt} records are not rendered by a chat template; "
+                        "drop the field or convert the data to chat")  # fmt: skip
+    record_kwargs(record, where)
     for name in _REQUIRED[fmt]:
         if name not in record:
             seen = ", ".join(sorted(map(str, record))[:12]) or "none"
@@ -234,6 +241,7 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
                     f"{where}: {field}[{j}].{key} must be a string, got {_type_name(message.get(key))}; fix the record"
                 )
         _check_role(message["role"], f"{where}: {field}[{j}]")
+        check_message_flags(message, f"{where}: {field}[{j}]")
     if need_reply and not any(m["role"] == "assistant" for m in messages):
         of = "" if field == "messages" else f" of {field!r}"
         raise DataError(f"{where}: no message{of} has role 'assistant', so there is nothing to train on; add a reply")

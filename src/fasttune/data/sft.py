@@ -11,14 +11,16 @@ Rendering per format:
     text               the text + EOS; every token trained.
     alpaca             ALPACA_PROMPT (or ALPACA_PROMPT_NO_INPUT when input is empty) + output + EOS.
     prompt_completion  prompt + completion + EOS, concatenated as-is (no template, as in TRL).
-    chat               the tokenizer's chat template (with the record's `tools`); each assistant turn is trained
-                       from after its header (the add_generation_prompt text) through its end-of-turn marker;
-                       nothing is appended. A template that renders a conversation differently from its own
-                       beginning (Qwen3 drops earlier turns' reasoning) trains it turn by turn: one sample per
-                       assistant turn, the conversation through it, as generation renders that turn's prompt (a
-                       template with {% generation %} tags: its own mask instead). A
-                       conversational prompt/completion record (read as chat, data/formats.py) trains its
-                       completion's assistant turns only: those of its prompt are context.
+    chat               the tokenizer's chat template (with the record's `tools` and `chat_template_kwargs`); each
+                       assistant turn is trained from after its header (the add_generation_prompt text) through its
+                       end-of-turn marker; nothing is appended. A message's training/weight key (data/chat_fields.py)
+                       makes it context, or trains one of another role (its content through its end of turn). A
+                       template that renders a conversation differently from its own beginning (Qwen3 drops earlier
+                       turns' reasoning) trains it turn by turn: one sample per trained turn, the conversation through
+                       it, as generation renders that turn's prompt (a template with {% generation %} tags: the whole
+                       conversation, its tagged spans trained). A conversational prompt/completion record (read as
+                       chat, data/formats.py) trains its completion's assistant turns only: those of its prompt are
+                       context.
 Alpaca and prompt_completion never use the chat template, so the same data trains the same way on every model;
 convert to chat format to train through a model's template. Supervised formats train the response (and EOS) only
 unless train_on_prompt. A BOS id is prepended (never trained) when the tokenizer itself adds one, except for chat,
@@ -32,11 +34,13 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import re
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from fasttune.data.chat_fields import TRAINING_KEYS, check_kwargs, message_flag, record_kwargs, template_messages
 from fasttune.data.formats import FORMATS, PROMPT_TURNS, validate_record
 from fasttune.data.longtext import encode_texts
 from fasttune.data.packing import IGNORE
@@ -59,6 +63,8 @@ MASKING_CHANGES = {
     4: "a chat turn whose assistant header ends inside a token is tokenized apart from its reply",
     5: "a chat record's tools are written into the conversation by the chat template (they were dropped)",
     6: "chat templates that write today's date (Llama 3.2/3.3, Granite, Mistral Small) write a fixed one",
+    7: "a chat message's training/weight key decides whether it is trained, a record's chat_template_kwargs reach the "
+    "template, and {% generation %} spans train the tokens that start in them (as other chat turns)",
 }
 """What each version of the masking rules changed (see MASKING_RULES), for --resume of a run started before."""
 MASKING_RULES = max(MASKING_CHANGES)
@@ -194,11 +200,12 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
     _check_roles(records, tokenizer, source)
     tagged = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
     rendered: list[tuple[str, list[Span]]] = []
-    direct: dict[int, dict] = {}  # samples tokenized by the template's own {% generation %} mask
     by_turn, specials = 0, _special_tokens(tokenizer)
     for i, record in enumerate(records):
         where = f"{source} record {i}"
-        chat = Chat(tokenizer, record["messages"], record_tools(record, where), where, specials)
+        tools, kwargs = record_tools(record, where), record_kwargs(record, where)
+        check_kwargs(tokenizer, kwargs, tools, where)
+        chat = Chat(tokenizer, record["messages"], tools, where, specials, kwargs)
         chat.check_tools()
         if train_on_prompt:
             text = chat.render(len(chat.messages), False)
@@ -206,9 +213,6 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
             continue
         first = record.get(PROMPT_TURNS, 0)  # a conversational prompt/completion's prompt: not trained
         texts, turn_by_turn = _chat_texts(chat, first, tagged)
-        if texts is None:
-            direct[len(rendered)] = _generation_mask_sample(chat, first)
-            texts = [("", [])]
         by_turn += turn_by_turn
         rendered.extend(texts)
     if by_turn:
@@ -219,10 +223,7 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
             notes.append(line)
         else:
             log.info("%s: %s", source, line.strip())
-    samples = _encode(tokenizer, rendered, prompt_apart=True)
-    for i, sample in direct.items():
-        samples[i] = sample
-    return samples
+    return _encode(tokenizer, rendered, prompt_apart=True)
 
 
 def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
@@ -239,7 +240,8 @@ def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
 @dataclass
 class Chat:
     """One conversation of chat data, rendered through the tokenizer's chat template with the record's `tools` (TRL's
-    column of function schemas, which templates write into the system turn); `where` names it in errors."""
+    column of function schemas, which templates write into the system turn) and `kwargs` (its chat_template_kwargs);
+    `where` names it in errors."""
 
     tokenizer: object
     messages: list[dict]
@@ -247,6 +249,7 @@ class Chat:
     where: str
     specials: tuple[str, ...] | None = None
     """The tokenizer's special tokens (_special_tokens), once per dataset: a Llama 3 tokenizer has ~256."""
+    kwargs: dict | None = None
 
     def check_tools(self) -> None:
         """Refuse tools the template does not write (Llama 3.0's, Gemma's): the run would train tool calls to tools
@@ -260,8 +263,9 @@ class Chat:
     def render(self, n: int, add_generation_prompt: bool) -> str:
         """The first `n` messages as text."""
         try:
-            return self.tokenizer.apply_chat_template(self.messages[:n], tools=self.tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)  # fmt: skip
+            return self.tokenizer.apply_chat_template(template_messages(self.messages[:n]), tools=self.tools,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **(self.kwargs or {}))  # fmt: skip
         except Exception as e:  # jinja raises TemplateError/UndefinedError/its own raise_exception text
             raise DataError(f"{self.where}: the chat template rejected this conversation ({_one_line(e)})") from e
 
@@ -285,42 +289,79 @@ def record_tools(record: dict, where: str) -> list | None:
                     f"{type(tools).__name__}; fix the record or drop the field")  # fmt: skip
 
 
-def _chat_texts(chat: Chat, first: int, tagged: bool) -> tuple[list[tuple[str, list[Span]]] | None, bool]:
-    """The text(s) to tokenize for a conversation and their trained spans: each assistant turn from messages[first] on
-    spans from the end of the conversation before it rendered with the generation prompt (its header) to its
-    end-of-turn token. One text, the whole conversation, when every such prefix is a prefix of it; else the template
-    rewrites earlier turns (Qwen3 drops their reasoning, Mistral moves the system prompt to the last user turn): None
-    for a template with {% generation %} tags (its own mask), else one text per turn, the conversation through it,
-    as generation renders that turn's prompt (and True: trained turn by turn)."""
-    turns = [(j, chat.render(j, True) if j else "", chat.render(j + 1, False)) for j, m in enumerate(chat.messages)
-             if j >= first and m["role"] == "assistant" and not blank_message(m)]  # fmt: skip
+def _chat_texts(chat: Chat, first: int, tagged: bool) -> tuple[list[tuple[str, list[Span]]], bool]:
+    """The text(s) to tokenize for a conversation and their trained spans: each trained message from messages[first]
+    on (_trained) spans from the end of the text before it (_before) to its end-of-turn token. One text, the whole
+    conversation, when every such prefix is a prefix of it; else the template rewrites earlier turns (Qwen3 drops
+    their reasoning, Mistral moves the system prompt to the last user turn): the whole conversation with the spans of
+    its {% generation %} tags where it has them (_generation_spans), else one text per turn, the conversation through
+    it, as generation renders that turn's prompt (and True: trained turn by turn)."""
+    throughs = [(j, chat.render(j + 1, False)) for j in _trained(chat, first)]
+    turns = [(j, _before(chat, j, through), through) for j, through in throughs]
     full = chat.render(len(chat.messages), False)
     if all(full.startswith(before) and full.startswith(through) for _, before, through in turns):
         return [(full, [_turn_span(chat, j, before, through) for j, before, through in turns])], False
-    if tagged:
-        return None, False
-    return [(through, [_turn_span(chat, j, before, through)]) for j, before, through in turns], True
+    found = _generation_spans(chat, first) if tagged else None
+    if found is not None and not isinstance(found, str):
+        return [found], False
+    try:
+        return [(through, [_turn_span(chat, j, before, through)]) for j, before, through in turns], True
+    except DataError:
+        if found is None:
+            raise
+        raise DataError(f"{chat.where}: the chat template renders the conversation differently from its own "
+                        f"beginning, and its {{% generation %}} tags cannot mark the turns trained: {found}; or use "
+                        "--data.train-on-prompt") from None  # fmt: skip
+
+
+def _trained(chat: Chat, first: int) -> list[int]:
+    """The messages trained from messages[first] on: those a training/weight key marks so, else the assistant ones;
+    never a blank one (it would teach an instant end of turn)."""
+    return [j for j, m in enumerate(chat.messages) if j >= first and not blank_message(m)
+            and (m["role"] == "assistant" if (flag := message_flag(m)) is None else flag)]  # fmt: skip
+
+
+def _before(chat: Chat, j: int, through: str) -> str:
+    """The text before message j's trained part in `through`, the conversation through it: for an assistant message,
+    the conversation before it with the generation prompt (its header); for another role's (trained by its training
+    key), which no generation prompt heads, `through` up to its content: where it and the same conversation with
+    other content in message j part (as Axolotl finds a turn)."""
+    message = chat.messages[j]
+    if message["role"] == "assistant":
+        return chat.render(j, True) if j else ""
+    other = "b" if message["content"].lstrip().startswith("a") else "a"
+    stand_in = Chat(**{**vars(chat), "messages": [*chat.messages[:j], {**message, "content": other}]})
+    return through[: len(os.path.commonprefix([through, stand_in.render(j + 1, False)]))]
 
 
 def _turn_span(chat: Chat, j: int, before: str, through: str) -> Span:
-    """Assistant message j's trained span in `through`, the conversation rendered through it; `before`: the
-    conversation before it with the generation prompt. A turn the template renders empty (it drops the message's
-    tool calls, say) is refused: it would teach an instant end of turn."""
+    """Message j's trained span in `through`, the conversation rendered through it; `before`: the text before it
+    (_before). A turn the template renders empty (it drops the message's tool calls, say) is refused: it would teach
+    an instant end of turn."""
     # An assistant turn that opens the conversation has no prefix to render (before is ""): the whole turn is trained.
+    role = chat.messages[j]["role"]
     if not through.startswith(before) or len(through) <= len(before):
         raise DataError(
-            f"{chat.where}: the chat template renders the conversation before assistant message {j} differently from "
+            f"{chat.where}: the chat template renders the conversation before {role} message {j} differently from "
             "the conversation through it, so the turn cannot be located; use a template with {% generation %} tags "
             "or --data.train_on_prompt"
         )
-    specials = chat.specials if chat.specials is not None else _special_tokens(chat.tokenizer)
-    end = _turn_end(through, len(before), specials)
-    if not _without(through[len(before) : end], specials).strip():
-        held = [k for k in chat.messages[j] if k not in ("role", "name") and chat.messages[j][k]] or ["content"]
-        raise DataError(f"{chat.where}: the chat template renders assistant message {j} as an empty turn, dropping "
-                        f"its {', '.join(held)}; use a chat template that renders them, or remove the "
-                        "message")  # fmt: skip
+    end = _turn_end(through, len(before), _specials(chat))
+    if not _without(through[len(before) : end], _specials(chat)).strip():
+        raise _empty_turn(chat, j)
     return len(before), end
+
+
+def _specials(chat: Chat) -> tuple[str, ...]:
+    return chat.specials if chat.specials is not None else _special_tokens(chat.tokenizer)
+
+
+def _empty_turn(chat: Chat, j: int) -> DataError:
+    message = chat.messages[j]
+    held = [k for k in message if k not in ("role", "name", *TRAINING_KEYS) and message[k]] or ["content"]
+    return DataError(f"{chat.where}: the chat template renders {message['role']} message {j} as an empty turn, "
+                     f"dropping its {', '.join(held)}; use a chat template that renders them, or remove the "
+                     "message")  # fmt: skip
 
 
 def _without(text: str, specials: tuple[str, ...]) -> str:
@@ -330,10 +371,11 @@ def _without(text: str, specials: tuple[str, ...]) -> str:
 
 
 def blank_message(message: dict) -> bool:
-    """A message with blank content and nothing else (no tool calls, no reasoning): an assistant one trained would
-    teach an instant end of turn."""
+    """A message with blank content and nothing else (no tool calls, no reasoning; its training keys aside): an
+    assistant one trained would teach an instant end of turn."""
     content = message.get("content")
-    return set(message) <= {"role", "content", "name"} and isinstance(content, str) and not content.strip()
+    rest = {k for k, v in message.items() if v is not None and k not in TRAINING_KEYS}
+    return rest <= {"role", "content", "name"} and isinstance(content, str) and not content.strip()
 
 
 def _special_tokens(tokenizer) -> tuple[str, ...]:
@@ -352,32 +394,34 @@ def _turn_end(through: str, start: int, specials: tuple[str, ...]) -> int:
     return len(stripped) if len(stripped) > start and stripped.endswith(specials) else len(through)
 
 
-def _generation_mask_sample(chat: Chat, first: int = 0) -> dict:
-    """The template's own {% generation %} mask; assistant turns before messages[first] (a conversational
-    prompt/completion's prompt) untrained: the tokens of the prompt rendered with the generation prompt, which must
-    begin the conversation's."""
-    tokenizer, messages, where = chat.tokenizer, chat.messages, chat.where
-    try:
-        out = tokenizer.apply_chat_template(
-            messages, tools=chat.tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        prompt = None
-        if any(m["role"] == "assistant" for m in messages[:first]):
-            prompt = tokenizer.apply_chat_template(messages[:first], tools=chat.tools, tokenize=True, return_dict=True,
-                                                   add_generation_prompt=True)["input_ids"]  # fmt: skip
-    except Exception as e:
-        raise DataError(f"{where}: the chat template rejected this conversation ({_one_line(e)})") from e
-    ids = list(out["input_ids"])
-    labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"], strict=True)]
-    if prompt is not None:
-        if ids[: len(prompt)] != list(prompt):
-            raise DataError(
-                f"{where}: the chat template renders the conversation differently from its prompt alone, so the "
-                "prompt's assistant turns cannot be told from the completion's; use a chat template that renders "
-                "the beginning of a conversation as the whole conversation does, or --data.train-on-prompt"
-            )
-        labels[: len(prompt)] = [IGNORE] * len(prompt)
-    return {"input_ids": ids, "labels": labels}
+def _generation_spans(chat: Chat, first: int) -> tuple[str, list[Span]] | str:
+    """The whole conversation and, as trained spans, its {% generation %} blocks of the assistant messages trained
+    (_trained: a conversational prompt's are context); a trained message whose block is empty is refused, as in
+    _turn_span. Why not, and the fix (trained turn by turn instead), when the blocks are not one per assistant
+    message, or a message of another role is trained: the blocks mark assistant turns only."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tokenizer, trained = chat.tokenizer, _trained(chat, first)
+    messages = [{k: v for k, v in m.items() if v is not None} for m in template_messages(chat.messages)]
+    try:  # apply_chat_template's rendering, which gives the blocks' characters only to its own token mask
+        (text,), (blocks,) = render_jinja_template(
+            conversations=[messages], tools=chat.tools, chat_template=tokenizer.get_chat_template(None, chat.tools),
+            return_assistant_tokens_mask=True, **{**tokenizer.special_tokens_map, **(chat.kwargs or {})},
+        )  # fmt: skip
+    except Exception as e:  # jinja raises TemplateError/UndefinedError/its own raise_exception text
+        raise DataError(f"{chat.where}: the chat template rejected this conversation ({_one_line(e)})") from e
+    assistants = [j for j, m in enumerate(chat.messages) if m["role"] == "assistant"]
+    if other := [j for j in trained if chat.messages[j]["role"] != "assistant"]:
+        return (f"they mark assistant turns, and {chat.messages[other[0]]['role']} message {other[0]} is marked "
+                "trained; drop its training/weight key")  # fmt: skip
+    if len(blocks) != len(assistants):
+        return (f"it renders {len(blocks)} of them for {len(assistants)} assistant messages; use a template with one "
+                "per assistant message")  # fmt: skip
+    spans = {j: (lo, hi) for j, (lo, hi) in zip(assistants, blocks, strict=True) if j in trained}
+    for j, (lo, hi) in spans.items():
+        if not _without(text[lo:hi], _specials(chat)).strip():
+            raise _empty_turn(chat, j)
+    return text, list(spans.values())
 
 
 # ---- tokenizing ----------------------------------------------------------------------------------------------------

@@ -140,26 +140,31 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list[dict], list | None]]:
-    """Each record's messages and tools, every record checked against the prompt format (its roles, --raw's one
-    message, tools the template writes)."""
+def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list[dict], list | None, dict]]:
+    """Each record's messages, tools and chat_template_kwargs, every record checked against the prompt format (its
+    roles, --raw's one message, tools and template variables the template reads)."""
+    from fasttune.data.chat_fields import KWARGS, check_kwargs, record_kwargs
     from fasttune.data.sft import Chat, record_tools
     from fasttune.generate.prompts import check_single, record_messages
     from fasttune.generate.template import check_roles, prompt_format
 
     fmt = "raw" if a.raw else prompt_format(tok)
-    conversations = [(record_messages(r, fmt), record_tools(r, f"{a.prompts} line {r['_line']}")) for r in records]
-    for r, (messages, tools) in zip(records, conversations, strict=True):
+    conversations = []
+    for r in records:
         where = f"{a.prompts} line {r['_line']}"
+        messages, tools, kwargs = record_messages(r, fmt), record_tools(r, where), record_kwargs(r, where)
         if fmt == "raw":
             check_single(messages, where)
-            if tools:
-                raise DataError(f"{where} has 'tools', and without a chat template (--raw, or a model that has none) "
+            if tools or kwargs:
+                held = "'tools'" if tools else repr(KWARGS)
+                raise DataError(f"{where} has {held}, and without a chat template (--raw, or a model that has none) "
                                 "they are not sent; drop them, or generate through the model's chat "
                                 "template")  # fmt: skip
         check_roles(messages, fmt, where, "remove it from that line (write what it says into the user message if it "
                     "matters)")  # fmt: skip
-        Chat(tok, messages, tools, where).check_tools()
+        check_kwargs(tok, kwargs, tools, where)
+        Chat(tok, messages, tools, where, kwargs=kwargs).check_tools()
+        conversations.append((messages, tools, kwargs))
     return conversations
 
 
@@ -172,8 +177,8 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
 
     conversations = _check_records(tok, a, records)  # checked before the model loaded; their messages
     ids = []
-    for r, (messages, tools) in zip(records, conversations, strict=True):
-        ids.append(prompt_ids(tok, messages, raw=a.raw, tools=tools))
+    for r, (messages, tools, kwargs) in zip(records, conversations, strict=True):
+        ids.append(prompt_ids(tok, messages, raw=a.raw, tools=tools, kwargs=kwargs))
         fit_context(model, len(ids[-1]), 1, f"{a.prompts} line {r['_line']}: the prompt")
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0

@@ -138,15 +138,20 @@ def multi_turn(fmt: str) -> bool:
     return fmt == "chat"
 
 
-def prompt_ids(tokenizer, messages: list[dict], raw: bool = False, tools: list | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer, messages: list[dict], raw: bool = False, tools: list | None = None, kwargs: dict | None = None
+) -> list[int]:
     """Token ids the model sees for `messages` (the last one the user's): through the template the run trained with
-    (given `tools`, function schemas, as training renders a record's), ending where the answer starts; raw (or no
-    template): the last message's text as is, tokenized as a continuation."""
+    (given `tools`, function schemas, and `kwargs`, template variables, as training renders a record's), ending where
+    the answer starts; raw (or no template): the last message's text as is, tokenized as a continuation."""
+    from fasttune.data.chat_fields import template_messages
+
     fmt = "raw" if raw else prompt_format(tokenizer)
     if fmt == "raw":
         return list(tokenizer(messages[-1]["content"])["input_ids"])
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(template_messages(messages), tools=tools, tokenize=False,
+                                             add_generation_prompt=True, **(kwargs or {}))  # fmt: skip
     except Exception as e:  # jinja's TemplateError / UndefinedError / the template's own raise_exception
         raise FasttuneError(
             f"the model's chat template rejected the prompt ({' '.join(str(e).split())}); pass --raw to send the "
