@@ -22,27 +22,43 @@ log = logging.getLogger("fasttune")
 @dataclasses.dataclass
 class TrainArgs(Command):
     """Train or fine-tune a causal LM. `--experiment NAME` picks a preset (quick, full, sft, lora: see
-    `fasttune experiments`); every option below overrides it.
+    `fasttune experiments`), `--config FILE` changes it from a file; every option below overrides both.
 
     {short}"""
 
+    config_file: Annotated[str | None, tyro.conf.arg(name="config", metavar="FILE")] = None
+    """Options from a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file, nested as below (training: {lr: 1e-4}); a
+    run's config.json trains that run again. Its `experiment:` is the preset it changes (a --experiment must agree);
+    options given here override the file. --resume and --overwrite count only here, never from the file."""
     config: Annotated[BaseConfig, tyro.conf.arg(name="")] = dataclasses.field(default_factory=BaseConfig)
     given: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
-    """The options the user typed (not a command-line option): a default may adapt, a value the user gave may not."""
+    """The options the user typed or set in --config (not a command-line option): a default may adapt, a value the
+    user gave may not."""
+    from_file: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
+    """The dotted keys whose value comes from --config (not overridden on the command line)."""
 
     @classmethod
     def default_for(cls, args: Sequence[str]) -> TrainArgs:
-        """The preset named by `--experiment` in `args` (default quick): the defaults every other option overrides."""
-        name = "quick"
-        for i, a in enumerate(args):
-            if a == "--experiment" or a.startswith("--experiment="):
-                name = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
-        if not name or name.startswith("-"):
-            from fasttune.config import EXPERIMENTS
+        """The preset named by `--experiment` in `args` (default quick), changed by `--config FILE`: the defaults
+        every other option overrides."""
+        from fasttune.config import EXPERIMENTS
 
+        name, path = _last_value(args, "--experiment"), _last_value(args, "--config")
+        if name is not None and (not name or name.startswith("-")):
             raise ConfigError("--experiment needs a value; choose one of: " + ", ".join(EXPERIMENTS))
-        given = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
-        return cls(config=get_experiment(name), given=given)
+        if path is not None and (not path or path.startswith("-")):
+            raise ConfigError("--config needs a file (.yaml, .toml or .json)")
+        typed = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
+        if path is None:
+            return cls(config=get_experiment(name or "quick"), given=typed)
+        from fasttune.config.files import ConfigFile, leaves
+
+        file = ConfigFile.load(path)
+        cfg = file.apply(get_experiment(file.base(name)))
+        table = leaves()
+        from_file = tuple(k for k in file.keys() if not set(table[k].flags) & set(typed))
+        flags = tuple(table[k].flags[0] for k in from_file)
+        return cls(config_file=path, config=cfg, given=typed + flags, from_file=from_file)
 
     def check(self) -> None:
         from fasttune.train.loop import check_launch
@@ -51,6 +67,8 @@ class TrainArgs(Command):
         require_inputs(cfg)
         check_launch(cfg)
         fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False)
+        if cfg.resume and self.config_file:
+            check_resume_of_file(cfg, self.config_file, self.from_file)
 
     def run(self) -> int:
         from fasttune.train.loop import train
@@ -82,6 +100,25 @@ class TrainArgs(Command):
 # The --help text is the docstring (tyro reads it): its short flags come from the one table the parser uses.
 _short = textwrap.fill("Short flags: " + ", ".join(SHORT_FLAGS) + ".", 100, subsequent_indent="    ")
 TrainArgs.__doc__ = (TrainArgs.__doc__ or "").replace("{short}", _short)
+
+
+def _last_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last `flag VALUE` / `flag=VALUE` in `args` ("" when it has none), None when absent."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag or a.startswith(flag + "="):
+            value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+    return value
+
+
+def check_resume_of_file(cfg: BaseConfig, path: str, from_file: Sequence[str]) -> None:
+    """--resume --config FILE: what the file sets is held to the run's config.json like the same flags, and a
+    refusal names the file (training checks it again, for the command line's own options)."""
+    from fasttune.train.run_dir import RunFolder
+
+    folder = RunFolder(cfg.run_dir)
+    if folder.is_run and folder.config.is_file():
+        folder.check_resume(cfg, origin={key: path for key in from_file})
 
 
 def require_inputs(cfg: BaseConfig) -> None:

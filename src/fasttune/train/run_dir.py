@@ -222,9 +222,10 @@ class RunFolder:
                 shutil.rmtree(p, ignore_errors=True)
                 log.info("removed %s (left by a run that was killed)", p)
 
-    def check_resume(self, cfg: BaseConfig) -> None:
+    def check_resume(self, cfg: BaseConfig, origin: dict[str, str] | None = None) -> None:
         """--resume continues the run as it was configured: options that change the data, tokenizer, model or
-        schedule must match the run's config.json (fields marked `may_change_on_resume` may differ)."""
+        schedule must match the run's config.json (fields marked `may_change_on_resume` may differ). `origin`: the
+        file a key's value was read from (--config), named in the refusal."""
         saved = _flat(self.saved_config())
         free = may_change_on_resume()
         for key, value in _flat(to_dict(cfg)).items():
@@ -232,8 +233,9 @@ class RunFolder:
                 continue
             old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
             if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
+                source = f" (set by {origin[key]})" if origin and key in origin else ""
                 raise ConfigError(
-                    f"--resume: {key} is {value!r} but the run was started with {old!r}; resume with the "
+                    f"--resume: {key} is {value!r}{source} but the run was started with {old!r}; resume with the "
                     "same value (or start a new run with another --output-dir)"
                 )
 

@@ -1,0 +1,294 @@
+"""`fasttune train --config FILE`: the config tree read from a YAML, TOML or JSON file (a run's config.json as is).
+
+The file holds the tree of `BaseConfig` (sections as mappings: `training: {lr: 1e-4}`), any part of it; its values
+replace the preset's (the file's `experiment`, else `--experiment`, else quick) and the command line overrides both.
+Every key and value is checked here, so that a mistake is one line naming the file and the key path."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import re
+import types
+import typing
+from pathlib import Path
+
+from fasttune.config.argcheck import OTHER_NAMES, _unwrap
+from fasttune.config.base_config import BaseConfig
+from fasttune.errors import ConfigError
+
+log = logging.getLogger("fasttune")
+
+SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
+COMMAND_LINE_ONLY = ("resume", "overwrite")
+"""Keys that act on the run folder rather than describe the run: taken from the command line only (a run's saved
+config.json records them; read back, they would resume or clear a folder nobody asked to)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    kind: typing.Any
+    flags: tuple[str, ...]
+    """The command-line options that set this key (`--training.max-steps`, its alias `--max-steps`, `--no-...`)."""
+
+
+def leaves(cls: type = BaseConfig, prefix: str = "") -> dict[str, Leaf]:
+    """Every option of the tree by dotted key (`training.max_steps`)."""
+    out: dict[str, Leaf] = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        kind, _, aliases = _unwrap(hints[f.name])
+        key = prefix + f.name
+        if dataclasses.is_dataclass(kind):
+            out.update(leaves(kind, key + "."))
+            continue
+        head, _, leaf = key.replace("_", "-").rpartition(".")
+        head = head + "." if head else ""
+        flags = (f"--{head}{leaf}", *aliases, *((f"--{head}no-{leaf}",) if kind is bool else ()))
+        out[key] = Leaf(kind, flags)
+    return out
+
+
+def _sections(cls: type = BaseConfig) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, with YAML 1.2 floats: YAML 1.1 reads `lr: 1e-4` (no dot) as the string '1e-4'."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            """A key given twice is an error: PyYAML keeps the last one (a second `training:` drops the first)."""
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # PyYAML names it as unhashable
+                if key in seen:
+                    mark = key_node.start_mark
+                    raise yaml.MarkedYAMLError(problem=f"{key!r} is given twice in one mapping; keep one",
+                                               problem_mark=mark)  # fmt: skip
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    exponent = r"[eE][-+]?[0-9]+"
+    number = rf"[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:{exponent})?|[0-9][0-9_]*{exponent}|\.[0-9_]+(?:{exponent})?)"
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^{number}$"), list("-+0123456789."))
+    return Loader
+
+
+def _parse(text: str, kind: str, name: str):
+    if kind == "JSON":
+        try:
+            return json.loads(text, object_pairs_hook=_unique)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name}: line {e.lineno}, column {e.colno}: JSON syntax error: {e.msg}") from None
+        except _Twice as e:
+            raise ConfigError(f"{name}: key {e.args[0]!r} is given twice in one object; keep one") from None
+    if kind == "TOML":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{name}: TOML syntax error: {e}") from None
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
+        raise ConfigError(f"{name}: {where}YAML syntax error: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: YAML syntax error: {' '.join(str(e).split())}") from None
+
+
+def _unique(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:  # json keeps the last one
+        raise _Twice(twice)
+    return dict(pairs)
+
+
+class _Twice(ValueError):
+    """A JSON object gives a key twice."""
+
+
+def read(path: str) -> dict:
+    """The mapping a --config file holds; ConfigError (one line naming the file) when it cannot be used."""
+    p = Path(path)
+    kind = SUFFIXES.get(p.suffix.lower())
+    if p.is_dir():
+        hint = f" (a run's settings are its {p / 'config.json'})" if (p / "config.json").is_file() else ""
+        raise ConfigError(f"--config {path} is a folder; pass a .yaml, .toml or .json file{hint}")
+    if not p.exists():
+        raise ConfigError(f"--config {path}: no such file")
+    if kind is None:
+        raise ConfigError(f"--config {path}: unknown file type {p.suffix!r}; use .yaml/.yml (YAML), .toml or .json")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text; save it as UTF-8") from None
+    except PermissionError:
+        raise ConfigError(f"--config {path}: permission denied; make it readable (chmod u+r {path})") from None
+    data = _parse(text, kind, path)
+    if data is None:  # an empty YAML file (or only comments)
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options and sections at the top (e.g. training: {{lr: "
+                          f"1e-4}}), not {_what(data)}")  # fmt: skip
+    return data
+
+
+# --- checking ----------------------------------------------------------------------------------------------------
+
+
+def _what(value) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping"}  # fmt: skip
+    return f"{value!r} ({names.get(type(value), type(value).__name__)})"
+
+
+def _expected(kind) -> str:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None)) + ' or null ("None" in TOML)'
+    if typing.get_origin(kind) is tuple:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def _coerce(value, kind, key: str, name: str):
+    """`value` as the field's type, or ConfigError naming the file, the key and the type expected."""
+    declared = kind
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None or value == "None":  # TOML has no null: "None", as on the command line
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }
+    if typing.get_origin(kind) is tuple:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return tuple(items)
+    elif ok.get(kind):
+        return float(value) if kind is float else value
+    raise ConfigError(f"{name}: {key}: expected {_expected(declared)}, got {_what(value)}")
+
+
+def _flag_to_key() -> dict[str, str]:
+    return {flag: key for key, leaf in leaves().items() for flag in leaf.flags}
+
+
+def _suggestion(key: str) -> str:
+    """The hint for an unknown key: fasttune's name for another tool's (OTHER_NAMES), the one key of that name in
+    another section (lr: training.lr), else the closest spelling; "" for none."""
+    valid = list(leaves()) + list(_sections())
+    leaf = key.rpartition(".")[2]
+    other = leaf.lower().replace("_", "-")
+    if other in OTHER_NAMES:
+        target = OTHER_NAMES[other]
+        if target is None:
+            return "; fasttune has no epochs option: it trains training.max_steps optimizer steps"
+        flags = _flag_to_key()
+        if target in flags:
+            found = flags[target] + (": false" if target.rpartition(".")[2].startswith("no-") else "")
+            alias = "" if found.rpartition(".")[2] == leaf else f" (fasttune's name for {leaf})"
+            return f"; did you mean {found}{alias}?"
+    same = [k for k in valid if k.rpartition(".")[2] == leaf.replace("-", "_") and k != key]
+    close = same if len(same) == 1 else difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown(key: str, name: str) -> ConfigError:
+    return ConfigError(f"{name}: unknown key {key}{_suggestion(key)} (options: `fasttune train --help`)")
+
+
+def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
+    """{field: value} of one section of the file, checked (keys with - are read as _, as on the command line)."""
+    table = leaves()
+    sections = _sections(cls)
+    out = {}
+    for raw, value in data.items():
+        field = str(raw).replace("-", "_")
+        key = prefix + field
+        if field in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: {key}: expected a section (a mapping of its options), got {_what(value)}")
+            out[field] = _fields(sections[field], value, key + ".", name)
+        elif key in table:
+            out[field] = _coerce(value, table[key].kind, key, name)
+        else:
+            raise _unknown(prefix + str(raw), name)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """A --config file, read and checked: `values` is its nested mapping of options, without `experiment` and the
+    COMMAND_LINE_ONLY keys."""
+
+    path: str
+    values: dict
+    experiment: str | None
+
+    @classmethod
+    def load(cls, path: str) -> ConfigFile:
+        from fasttune.config.experiments import EXPERIMENTS
+
+        values = _fields(BaseConfig, read(path), "", path)
+        experiment = values.pop("experiment", None)
+        if experiment is not None and experiment not in EXPERIMENTS:
+            raise ConfigError(f"{path}: experiment: {experiment!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
+        ignored = [k for k in COMMAND_LINE_ONLY if values.pop(k, False)]
+        if ignored and os.environ.get("RANK", "0") == "0":  # torchrun: said once
+            flags = " / ".join(f"--{k}" for k in ignored)
+            log.info("%s: %s is taken from the command line only; the file's value is not used", path, flags)
+        return cls(path, values, experiment)
+
+    def keys(self) -> list[str]:
+        """The dotted keys the file sets."""
+
+        return _keys(self.values)
+
+    def base(self, typed: str | None) -> str:
+        """The preset the file changes: its `experiment`; a --experiment typed on the command line must agree."""
+        if typed and self.experiment and typed != self.experiment:
+            raise ConfigError(
+                f"--experiment {typed} disagrees with {self.path}, which changes the {self.experiment} preset "
+                f"(experiment: {self.experiment}); drop --experiment or change the file's experiment"
+            )
+        return typed or self.experiment or "quick"
+
+    def apply(self, cfg: BaseConfig) -> BaseConfig:
+        """`cfg` with the file's values; a value the checks refuse is named with the file."""
+        try:
+            return _replace(cfg, self.values)
+        except ConfigError as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+
+
+def _replace(obj, values: dict):
+    changes = {k: _replace(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in values.items()}
+    return dataclasses.replace(obj, **changes)
+
+
+def _keys(d: dict, prefix: str = "") -> list[str]:
+    return [k for f, v in d.items() for k in (_keys(v, f"{prefix}{f}.") if isinstance(v, dict) else [prefix + f])]

@@ -1,0 +1,188 @@
+"""`fasttune train --config FILE`: YAML, TOML and JSON files of the config tree, a run's config.json as is (it trains
+the same run again), the command line over the file, --resume held to the run's config like the flags, and every
+mistake one line naming the file and the key path (exit 2, no traceback)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import losses, tiny_config
+
+from fasttune import cli
+from fasttune.train import loop
+
+MODEL = "my-model"  # only compared: parsing loads nothing
+
+
+def _config(args):
+    return cli.parse(["train", *args]).config.validate()
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step run (its config.json written by the run)."""
+    tmp = tmp_path_factory.mktemp("files")
+    cfg = tiny_config(tmp, max_steps=2, save_every=2, eval_every=0)
+    loop.train(cfg)
+    return Path(cfg.output_dir)
+
+
+def test_a_runs_saved_config_json_trains_the_same_run_again(trained, tmp_path, capsys):
+    again = tmp_path / "again"
+    assert cli.main(["train", "--config", str(trained / "config.json"), "--output-dir", str(again)]) == 0
+    want, got = json.loads((trained / "config.json").read_text()), json.loads((again / "config.json").read_text())
+    assert got.pop("output_dir") == str(again) and want.pop("output_dir") == str(trained)
+    assert got == want
+    first, second = losses(_metrics(trained)), losses(_metrics(again))
+    assert sorted(first) == [1, 2] and first == second
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("run.yaml", "experiment: sft\ntraining:\n  lr: 1e-4\n  max_steps: 7\n"
+                     "data: {micro_batch_size: 2, packing: false}\nmodel:\n  path: my-model\n"
+                     "lora:\n  targets: [q_proj, v_proj]\n"),
+        ("run.toml", 'experiment = "sft"\n[training]\nlr = 1e-4\nmax_steps = 7\n[data]\nmicro_batch_size = 2\n'
+                     'packing = false\n[model]\npath = "my-model"\n[lora]\ntargets = ["q_proj", '
+                     '"v_proj"]\n'),
+        ("run.json", '{"experiment": "sft", "training": {"lr": 0.0001, "max_steps": 7}, "data": {"micro_batch_size": '
+                     '2, "packing": false}, "model": {"path": "my-model"}, "lora": {"targets": '
+                     '["q_proj", "v_proj"]}}'),
+    ],
+)  # fmt: skip
+def test_yaml_toml_and_json_files_equal_the_same_options_as_flags(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    flags = ["--experiment", "sft", "--training.lr", "1e-4", "--max-steps", "7", "--data.micro-batch-size", "2",
+             "--data.no-packing", "--model", MODEL, "--lora.targets", "q_proj", "v_proj"]  # fmt: skip
+    got = _config(["--config", str(tmp_path / name)])
+    assert got == _config(flags)
+    assert got.training.lr == 1e-4 and got.training.warmup_steps == 20  # YAML's 1e-4 a number; sft's warmup kept
+
+
+def test_the_command_line_overrides_the_file_and_experiment_must_agree(tmp_path, capsys):
+    f = tmp_path / "sft.yaml"
+    f.write_text("experiment: sft\ntraining: {lr: 1e-4, max_steps: 7}\n")
+    cfg = _config(["--config", str(f), "--training.lr", "0.01", "--experiment", "sft"])
+    assert (cfg.experiment, cfg.training.lr, cfg.training.max_steps) == ("sft", 0.01, 7)
+    assert _config(["--max-steps", "3", "--config", str(f)]).training.max_steps == 3  # an alias before --config
+    assert cli.main(["train", "--config", str(f), "--experiment", "lora"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --experiment lora disagrees with {f}, which changes the sft")
+    g = tmp_path / "plain.yaml"
+    g.write_text("training:\n  lr: 1e-4\n")  # no experiment: --experiment (or quick) is the base
+    assert _config(["--config", str(g), "--experiment", "lora"]).lora.enabled
+    assert _config(["--config", str(g)]).experiment == "quick"
+
+
+def test_a_max_length_set_in_the_file_counts_as_the_users(tmp_path, capsys):
+    """A preset's max_length shrinks to the model's context; one the file sets is the user's: an error, as a flag."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(max_position_embeddings=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=300).save_pretrained(tmp_path / "m")  # fmt: skip
+    f = tmp_path / "c.yaml"
+    f.write_text(f"experiment: sft\nmodel: {{path: {tmp_path / 'm'}}}\ndata:\n  path: tests/fixtures/alpaca.jsonl\n"
+                 "  max_length: 1024\n")  # fmt: skip
+    assert cli.main(["train", "--config", str(f)]) == 2
+    assert capsys.readouterr().err.startswith("error: --data.max-length 1024 exceeds the context of")
+
+
+def test_resume_and_overwrite_in_a_file_never_act_on_a_folder(trained, tmp_path, capsys):
+    """A saved config.json of a resumed (or overwritten) run records resume/overwrite: read back they would resume
+    or clear --output-dir; only the command line's count."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    saved = json.loads((run / "config.json").read_text())
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({**saved, "output_dir": str(run), "overwrite": True}))
+    assert cli.main(["train", "--config", str(f)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    f.write_text(json.dumps({**saved, "output_dir": str(tmp_path / "new"), "resume": True}))
+    assert _config(["--config", str(f)]).resume is False
+
+
+def test_resume_with_config_keeps_the_run_and_refuses_a_file_that_changes_it(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    f = tmp_path / "changed.yaml"
+    f.write_text(json.dumps({**saved, "output_dir": str(run), "training": {**saved["training"], "lr": 0.5}}))
+    assert cli.main(["train", "--config", str(f), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: training.lr is 0.5 (set by {f}) but the run was started with 0.001")
+    own = ["--config", str(run / "config.json"), "--output-dir", str(run), "--resume"]  # the copy's names trained
+    assert cli.main(["train", *own, "--training.lr", "0.5"]) == 2  # a flag: named as before
+    assert capsys.readouterr().err.startswith("error: --resume: training.lr is 0.5 but the run was started")
+    assert cli.main(["train", *own, "--max-steps", "3"]) == 0  # max_steps may change on resume
+    assert sorted(losses(_metrics(run))) == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["training"]["max_steps"] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("a.yaml", "training:\n  learning_rate: 1e-4\n",
+         "a.yaml: unknown key training.learning_rate; did you mean training.lr (fasttune's name for learning_rate)?"),
+        ("a.yaml", "micro_batch_size: 2\n", "unknown key micro_batch_size; did you mean data.micro_batch_size?"),
+        ("a.yaml", "num_epochs: 3\n", "a.yaml: unknown key num_epochs; fasttune has no epochs option"),
+        ("a.yaml", "completion_only_loss: true\n", "did you mean data.train_on_prompt: false (fasttune's name for"),
+        ("a.yaml", "trainig:\n  lr: 1e-4\n", "a.yaml: unknown key trainig; did you mean training?"),
+        ("a.yaml", "data:\n  packng: false\n", "a.yaml: unknown key data.packng; did you mean data.packing?"),
+        ("a.yaml", "training:\n  lr: fast\n", "a.yaml: training.lr: expected a number, got 'fast' (a string)"),
+        ("a.toml", "[training]\nmax_steps = 1.5\n", "a.toml: training.max_steps: expected an integer, got 1.5"),
+        ("a.json", '{"data": {"packing": "no"}}', "a.json: data.packing: expected true or false, got 'no'"),
+        ("a.json", '{"data": {"max_documents": "all"}}',
+         'a.json: data.max_documents: expected an integer or null ("None" in TOML), got \'all\''),
+        ("a.yaml", "training: 3\n", "a.yaml: training: expected a section (a mapping of its options), got 3"),
+        ("a.yaml", "training:\n  lr: -1\n", "a.yaml: training.lr=-1.0 is not valid; it must be > 0"),
+        ("a.yaml", "experiment: sftt\n", "a.yaml: experiment: 'sftt' is unknown; choose one of: quick, full, sft"),
+        ("a.yaml", "training:\n  lr: 1e-4\n  max_steps: [3\n", "a.yaml: line 4, column 1: YAML syntax error: expected"),
+        ("a.yaml", "training:\n  lr: 1\n   max_steps: 3\n", "a.yaml: line 3, column 13: YAML syntax error: mapping"),
+        ("a.toml", "[training]\nlr = \n", "a.toml: TOML syntax error: Invalid value (at line 2, column 6)"),
+        ("a.json", '{"training": {"lr": 1,}}', "a.json: line 1, column 23: JSON syntax error: Expecting property"),
+        ("a.yaml", "training:\n  lr: 1e-4\ndata: {}\ntraining:\n  max_steps: 3\n",
+         "a.yaml: line 4, column 1: YAML syntax error: 'training' is given twice in one mapping; keep one"),
+        ("a.json", '{"training": {"lr": 1, "lr": 2}}', "a.json: key 'lr' is given twice in one object; keep one"),
+        ("a.yaml", "- lr\n", "a.yaml: expected a mapping of options and sections at the top"),
+        ("a.txt", "lr: 1\n", "--config a.txt: unknown file type '.txt'; use .yaml/.yml (YAML), .toml or .json"),
+    ],
+)  # fmt: skip
+def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path, monkeypatch, capsys, name, text, expected):
+    monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("the file was accepted"))
+    monkeypatch.chdir(tmp_path)
+    Path(name).write_text(text)
+    assert cli.main(["train", "--config", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_a_missing_file_or_a_folder_is_named(trained, tmp_path, capsys):
+    assert cli.main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: --config {tmp_path / 'nope.yaml'}: no such file\n"
+    assert cli.main(["train", "--config", str(trained)]) == 2
+    assert f"is a folder; pass a .yaml, .toml or .json file (a run's settings are its {trained}/config" in (
+        capsys.readouterr().err
+    )
+    assert cli.main(["train", "--config"]) == 2
+    assert capsys.readouterr().err.startswith("error: --config needs a file")
+
+
+def test_main_py_takes_config_and_help_lists_it(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("training:\n  learning_rate: 1e-4\n")
+    env_path = str(Path("src").resolve())
+    out = subprocess.run([sys.executable, "main.py", "--config", str(tmp_path / "bad.yaml")], capture_output=True,
+                         text=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().endswith("did you mean training.lr (fasttune's name for learning_rate)? (options: "
+                                       "`fasttune train --help`)")  # fmt: skip
+    assert cli.main(["train", "--help"]) == 0
+    assert "--config FILE" in capsys.readouterr().out
