@@ -12,6 +12,7 @@ import pytest
 from helpers import losses, tiny_config
 
 from fasttune import cli
+from fasttune.config import get_experiment
 from fasttune.train import loop
 
 MODEL = "my-model"  # only compared: parsing loads nothing
@@ -50,7 +51,7 @@ def test_a_runs_saved_config_json_trains_the_same_run_again(trained, tmp_path, c
         ("run.yaml", "experiment: sft\ntraining:\n  lr: 1e-4\n  max_steps: 7\n"
                      "data: {micro_batch_size: 2, packing: false}\nmodel:\n  path: my-model\n"
                      "lora:\n  targets: [q_proj, v_proj]\n"),
-        ("run.toml", 'experiment = "sft"\n[training]\nlr = 1e-4\nmax_steps = 7\n[data]\nmicro_batch_size = 2\n'
+        ("run.toml", 'experiment = "sft"\n[training]\nlr = 1e-4\nmax_steps = 7\n[data]\nmicro-batch-size = 2\n'
                      'packing = false\n[model]\npath = "my-model"\n[lora]\ntargets = ["q_proj", '
                      '"v_proj"]\n'),
         ("run.json", '{"experiment": "sft", "training": {"lr": 0.0001, "max_steps": 7}, "data": {"micro_batch_size": '
@@ -59,6 +60,7 @@ def test_a_runs_saved_config_json_trains_the_same_run_again(trained, tmp_path, c
     ],
 )  # fmt: skip
 def test_yaml_toml_and_json_files_equal_the_same_options_as_flags(tmp_path, name, text):
+    """(The TOML writes micro-batch-size: a key with - is read as with _, as on the command line.)"""
     (tmp_path / name).write_text(text)
     flags = ["--experiment", "sft", "--training.lr", "1e-4", "--max-steps", "7", "--data.micro-batch-size", "2",
              "--data.no-packing", "--model", MODEL, "--lora.targets", "q_proj", "v_proj"]  # fmt: skip
@@ -79,6 +81,10 @@ def test_the_command_line_overrides_the_file_and_experiment_must_agree(tmp_path,
     g.write_text("training:\n  lr: 1e-4\n")  # no experiment: --experiment (or quick) is the base
     assert _config(["--config", str(g), "--experiment", "lora"]).lora.enabled
     assert _config(["--config", str(g)]).experiment == "quick"
+    h = tmp_path / "all.toml"
+    h.write_text('[data]\nmax_documents = "None"\n')  # TOML has no null: "None", as on the command line
+    assert get_experiment("quick").data.max_documents == 600
+    assert _config(["--config", str(h)]).data.max_documents is None
 
 
 def test_a_max_length_set_in_the_file_counts_as_the_users(tmp_path, capsys):
