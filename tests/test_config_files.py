@@ -192,3 +192,15 @@ def test_main_py_takes_config_and_help_lists_it(tmp_path, capsys):
                                        "`fasttune train --help`)")  # fmt: skip
     assert cli.main(["train", "--help"]) == 0
     assert "--config FILE" in capsys.readouterr().out
+
+
+def test_resume_without_config_takes_the_options_not_given_from_the_run(trained, tmp_path, capsys):
+    """`fasttune train --output-dir RUN --resume`: the options not typed again are the run's (its config.json), not
+    the preset's, which resume refused as changes ("model.preset is 'tiny' but the run was started with 'micro'")."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert cli.main(["train", "--output-dir", str(run), "--resume", "--training.lr", "0.5"]) == 2  # typed: refused
+    assert capsys.readouterr().err.startswith("error: --resume: training.lr is 0.5 but the run was started")
+    assert cli.main(["train", "--output-dir", str(run), "--resume", "--max-steps", "3"]) == 0
+    assert sorted(losses(_metrics(run))) == [1, 2, 3]
+    assert "--resume is taken from the command line only" not in capsys.readouterr().err

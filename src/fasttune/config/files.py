@@ -250,7 +250,8 @@ class ConfigFile:
     experiment: str | None
 
     @classmethod
-    def load(cls, path: str) -> ConfigFile:
+    def load(cls, path: str, quiet: bool = False) -> ConfigFile:
+        """`quiet`: say nothing of the COMMAND_LINE_ONLY keys it sets (a run's own config.json read for --resume)."""
         from fasttune.config.experiments import EXPERIMENTS
 
         values = _fields(BaseConfig, read(path), "", path)
@@ -258,7 +259,7 @@ class ConfigFile:
         if experiment is not None and experiment not in EXPERIMENTS:
             raise ConfigError(f"{path}: experiment: {experiment!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
         ignored = [k for k in COMMAND_LINE_ONLY if values.pop(k, False)]
-        if ignored and os.environ.get("RANK", "0") == "0":  # torchrun: said once
+        if ignored and not quiet and os.environ.get("RANK", "0") == "0":  # torchrun: said once
             flags = " / ".join(f"--{k}" for k in ignored)
             log.info("%s: %s is taken from the command line only; the file's value is not used", path, flags)
         return cls(path, values, experiment)

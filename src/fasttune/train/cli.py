@@ -7,6 +7,7 @@ import logging
 import os
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated
 
 import tyro
@@ -49,11 +50,13 @@ class TrainArgs(Command):
         if path is not None and (not path or path.startswith("-")):
             raise ConfigError("--config needs a file (.yaml, .toml or .json)")
         typed = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
+        own = path is None and "--resume" in typed and _resumed_config(args, name)
+        path = path or own or None
         if path is None:
             return cls(config=get_experiment(name or "quick"), given=typed)
         from fasttune.config.files import ConfigFile, leaves
 
-        file = ConfigFile.load(path)
+        file = ConfigFile.load(path, quiet=bool(own))
         cfg = file.apply(get_experiment(file.base(name)))
         table = leaves()
         from_file = tuple(k for k in file.keys() if not set(table[k].flags) & set(typed))
@@ -109,6 +112,20 @@ def _last_value(args: Sequence[str], flag: str) -> str | None:
         if a == flag or a.startswith(flag + "="):
             value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
     return value
+
+
+def _resumed_config(args: Sequence[str], name: str | None) -> str | None:
+    """--resume without --config: the run's own config.json, so that the options not typed again are the run's (the
+    preset's would differ from any that the run changed, and resume refuses a change); None when there is no run."""
+    from fasttune.train.run_dir import RunFolder
+
+    run_dir = _last_value(args, "--output-dir") or _last_value(args, "--output_dir")
+    if not run_dir:
+        run_dir = get_experiment(name or "quick").output_dir
+    folder = RunFolder(Path(run_dir))
+    if not (folder.is_run and folder.config.is_file()):
+        return None
+    return str(folder.config)
 
 
 def check_resume_of_file(cfg: BaseConfig, path: str, from_file: Sequence[str]) -> None:
