@@ -33,6 +33,8 @@ from fasttune.model.context import context_length
 
 log = logging.getLogger("fasttune")
 
+ALPACA_STOP = "### Instruction:"
+
 
 @dataclass(kw_only=True)
 class EvalArgs(SamplingArgs):
@@ -103,9 +105,10 @@ def response_loss(model, samples: list[dict], pad_id: int, batch_size: int) -> d
 
 
 def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, engine=None,
-                     progress: bool = True) -> tuple[list[dict], dict]:  # fmt: skip
-    """Generate an answer per example in batches; returns per-example rows and the summary (scores, tokens/s)."""
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (),
+                     engine=None, progress: bool = True) -> tuple[list[dict], dict]:  # fmt: skip
+    """Generate an answer per example in batches; returns per-example rows and the summary (scores, tokens/s).
+    Sampling draws example i's tokens from (seed, i) alone; `stop`: stop strings (answers end before the first)."""
     from fasttune.generate.generate import generate_ids, length_batches
 
     rows: dict[int, dict] = {}
@@ -113,15 +116,16 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
     live = progress and sys.stderr.isatty()  # no bar in a redirected stderr (as in training)
     bar = tqdm(total=len(examples), desc="generate", unit="sample", file=sys.stderr, disable=not live)
     prompts = [ex.prompt_ids for ex in examples]
-    for lo, idx, budget in length_batches(model, prompts, batch_size, max_new_tokens):
+    for _, idx, budget in length_batches(model, prompts, batch_size, max_new_tokens):
         gens = generate_ids(model, tokenizer, [examples[i].prompt_ids for i in idx], max_new_tokens=budget,
-                            temperature=temperature, top_p=top_p, seed=seed + lo, engine=engine)  # fmt: skip
+                            temperature=temperature, top_p=top_p, seed=seed, indices=idx, stop=stop,
+                            engine=engine)  # fmt: skip
         for i, g in zip(idx, gens, strict=True):
             ex = examples[i]
             rows[i] = {"index": i if ex.record is None else ex.record,  # the record's position in the data
                        "prompt": tokenizer.decode(ex.prompt_ids),  # as the model saw it: chat markers kept
                        "reference": ex.reference, "completion": g.text.strip(), "new_tokens": g.new_tokens,
-                       "finished": g.finished, **score(g.text.strip(), ex.reference)}  # fmt: skip
+                       "finished": g.finished, "stop": g.stop, **score(g.text.strip(), ex.reference)}  # fmt: skip
         new_tokens += sum(g.new_tokens for g in gens)
         seconds += gens[0].seconds
         bar.update(len(idx))
@@ -129,7 +133,8 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
     bar.close()
     ordered = [rows[i] for i in range(len(examples))]
     summary = {**summarize_scores(ordered), "generated_samples": len(ordered),
-               "cut_at_max_new_tokens": sum(not r["finished"] for r in ordered), "generated_tokens": new_tokens,
+               "cut_at_max_new_tokens": sum(not r["finished"] for r in ordered),
+               "ended_at_stop_string": sum(r["stop"] is not None for r in ordered), "generated_tokens": new_tokens,
                "generate_tokens_per_s": new_tokens / seconds if seconds else None}  # fmt: skip
     return ordered, summary
 
@@ -247,11 +252,15 @@ def run_eval(a: EvalArgs) -> int:
         if not examples:
             raise DataError(f"{a.data}: no sample has a prompt to answer ({fmt} data); --generate needs supervised "
                             "data (alpaca, prompt_completion or chat)")  # fmt: skip
+        stop = a.stop or default_stop(examples, tok)
+        if stop and not a.stop:
+            log.info("eval: Alpaca prompts: answers end before a next %r (--stop replaces it)", ALPACA_STOP)
         rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                                        temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                                        temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
                                         engine=fast_engine(model))  # fmt: skip
         summary.update(scores)  # and what reproduces them
-        summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+        summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                       stop=list(stop))  # fmt: skip
     if files is not None:
         if rows:
             write_jsonl(files[0], rows)
@@ -260,6 +269,15 @@ def run_eval(a: EvalArgs) -> int:
     if files is not None:
         print(f"written: {files[1]}" + (f", {files[0]}" if rows else ""), file=sys.stderr)
     return 0
+
+
+def default_stop(examples: list[Example], tokenizer) -> tuple[str, ...]:
+    """The stop strings of `eval --generate` without --stop: Alpaca prompts (the model learned `### Instruction:`
+    opens the next exchange) stop at the next `### Instruction:`, which no answer of the data holds, as
+    lm-evaluation-harness stops at its few-shot separator; other formats end at EOS and the end-of-turn token only."""
+    if not examples or ALPACA_STOP not in tokenizer.decode(examples[0].prompt_ids):
+        return ()
+    return () if any(ALPACA_STOP in ex.reference for ex in examples) else (ALPACA_STOP,)
 
 
 def held_out_examples(cfg, data) -> list[Example]:
@@ -297,7 +315,7 @@ def training_scores(run) -> dict:
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             _, scores = generate_answers(model, data.tokenizer, examples, batch_size=len(examples),
                                          max_new_tokens=cfg.generation.max_new_tokens,
-                                         progress=False)  # fmt: skip
+                                         stop=default_stop(examples, data.tokenizer), progress=False)  # fmt: skip
     finally:
         model.train()
     out = {"gen_exact_match": scores["exact_match"], "gen_samples": len(examples),

@@ -22,8 +22,10 @@ def _say(text: str) -> None:
 
 
 def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (),
               read: Callable[[str], str] = input) -> int:  # fmt: skip
+    """Answer what `read` returns until it ends; with sampling, the n-th reply of a session (from 0, /reset
+    included) draws as the n-th prompt of `generate --prompts` with the same seed does."""
     fmt = "raw" if raw else prompt_format(tokenizer)
     _check_system(system, fmt, raw)
     multi = multi_turn(fmt)
@@ -34,6 +36,7 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
     engine = fast_engine(model)
     history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
     start = list(history)
+    replies = 0
     while True:
         try:
             line = read(">>> ")
@@ -59,10 +62,13 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
             continue
         try:
             reply = generate_ids(model, tokenizer, [ids], max_new_tokens=budget, temperature=temperature,
-                                 top_p=top_p, seed=seed, on_text=_say, engine=engine)[0]  # fmt: skip
+                                 top_p=top_p, seed=seed, indices=[replies], stop=stop, on_text=_say,
+                                 engine=engine)[0]  # fmt: skip
         except KeyboardInterrupt:
             _say("\n[stopped]\n")
             continue
+        finally:
+            replies += 1
         _say("\n")
         if multi:
             history = messages + [{"role": "assistant", "content": reply.text}]

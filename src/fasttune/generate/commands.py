@@ -7,6 +7,9 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import tyro
 
 from fasttune.command import Command
 from fasttune.errors import ConfigError, DataError
@@ -29,7 +32,11 @@ class SamplingArgs(Command):
     device: str = "auto"
     """auto (cuda if available), cpu, cuda, cuda:N."""
     seed: int = 0
-    """Random seed for sampling."""
+    """Random seed for sampling: each prompt draws from its own random numbers (the seed and the prompt's index in
+    the input), so its answer is the same whatever --batch-size."""
+    stop: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Stop string (repeatable): an answer ends before the first one it writes, which is not part of it. A newline
+    in bash: --stop $'\\n\\n'."""
     trust_remote_code: bool = False
     """Allow a model folder that ships its own Python code to run it (off: refuse such folders)."""
 
@@ -40,6 +47,12 @@ class SamplingArgs(Command):
             raise ConfigError(f"--temperature={self.temperature} is not valid; it must be >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p={self.top_p} is not valid; it must be in (0, 1]")
+        if any(not s for s in self.stop):
+            raise ConfigError("--stop '' is empty: every answer would end before it starts; pass the text to end at")
+        for s in self.stop:
+            if "\\n" in s or "\\t" in s:
+                log.warning("--stop %r holds a backslash and a letter, not a newline or tab; in bash write "
+                            "--stop $'\\n' for a newline", s)  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -129,7 +142,7 @@ def run_generate(a: GenerateArgs) -> int:
     if fmt == "raw":
         sys.stdout.write(a.prompt)  # a continuation: show what it continues
     g = generate_ids(model, tok, [ids], max_new_tokens=budget, temperature=a.temperature, top_p=a.top_p,
-                     seed=a.seed, on_text=_write, engine=engine)[0]  # fmt: skip
+                     seed=a.seed, stop=a.stop, on_text=_write, engine=engine)[0]  # fmt: skip
     sys.stdout.write("\n")
     print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
@@ -185,14 +198,15 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
     # no bar when stderr is redirected (as in training): its redraws would fill the file
     bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
-    for lo, rows, budget in length_batches(model, ids, a.batch_size, a.max_new_tokens):
+    for _, rows, budget in length_batches(model, ids, a.batch_size, a.max_new_tokens):
         gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
-                            top_p=a.top_p, seed=a.seed + lo, engine=engine)  # fmt: skip
+                            top_p=a.top_p, seed=a.seed, indices=rows, stop=a.stop, engine=engine)  # fmt: skip
         for i, g in zip(rows, gens, strict=True):
             record = {k: v for k, v in records[i].items() if k != "_line"}
             if "completion" in record and "reference" not in record:  # prompt/completion data's own answer: kept
                 record["reference"] = record.pop("completion")
-            done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished}
+            done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished,
+                       "stop": g.stop}  # fmt: skip
         new_tokens += sum(g.new_tokens for g in gens)
         seconds += gens[0].seconds
         bar.update(len(rows))
@@ -209,4 +223,4 @@ def run_chat(a: ChatArgs) -> int:
 
     model, tok = load_checkpoint(a, check=lambda tok: check_system(tok, a.system, a.raw))  # before the model loads
     return chat_loop(model, tok, raw=a.raw, system=a.system, max_new_tokens=a.max_new_tokens,
-                     temperature=a.temperature, top_p=a.top_p, seed=a.seed)  # fmt: skip
+                     temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)  # fmt: skip

@@ -5,12 +5,16 @@ Public API (stable; `fasttune generate` / `fasttune eval` build on it):
     gen = Generator(model)              # once per model; owns the fused weights, KV caches and captured graphs
     gen.reason                          # None on the fast path, else why HF `generate` runs instead (log it)
     out_BS = gen.generate(input_ids_BP, attention_mask_BP, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                          top_k=0, eos_token_id=[2], pad_token_id=0, on_token=callback)
+                          top_k=0, eos_token_id=[2], pad_token_id=0, on_token=callback, keys=None,
+                          stop_strings=None)
 
 `generate` returns prompt + new tokens, (B, P + n), n <= max_new_tokens, as HF `generate` does: prompts left-padded
 (`attention_mask` 0 on padding), rows that emitted an EOS id continue with `pad_token_id`, and the output ends at the
 step where the last row finished. `temperature=0` is greedy; otherwise HF's order: temperature, top-k, top-p, then
-one draw from torch's global generator (seed it with `torch.manual_seed`). `eos_token_id=None` never stops early.
+one draw per row with the row's own key (`keys`, from `sampling.sample_key`: the same answer in any batch; None: keys
+drawn from torch's global generator, seed it with `torch.manual_seed`). `eos_token_id=None` never stops early.
+`stop_strings` (a `stops.StopStrings`): a row also finishes once its new text contains one; it is checked at the host
+syncs, and the row's tokens after the one that completed it become `pad_token_id`, as HF's criterion leaves them.
 `on_token(tokens_B)` receives each step's B new token ids in order; on the fast path it is called in bursts every
 `check_every` steps (each burst is one host sync), so streaming costs almost nothing. Errors (right padding, an
 empty prompt, a prompt plus `max_new_tokens` beyond the model's context) raise ValueError with the reason.
@@ -43,6 +47,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from fasttune.generate.decoder import FusedDecoder
 from fasttune.generate.decoder import unsupported_reason as decoder_unsupported_reason
+from fasttune.generate.sampling import draw, hf_sampling, row_uniform
+from fasttune.generate.stops import StopOnText, StopStrings
 from fasttune.model.context import context_length
 
 log = logging.getLogger("fasttune")
@@ -72,6 +78,8 @@ class _State:
     pos_B: torch.Tensor  # rotary position of the token fed next (differs per row under left padding)
     slot_1: torch.Tensor  # cache slot of the token fed next
     done_B: torch.Tensor  # rows that emitted EOS (or are batch padding); they emit pad from then on, as in HF
+    keys_B: torch.Tensor  # each row's sample key (sampling.py): its random numbers depend on it and the step only
+    start_1: torch.Tensor  # cache slot of the first new token (the padded prompt length)
     eos_E: torch.Tensor  # eos ids, -1 where unused
     pad: torch.Tensor  # 0-dim pad token id
     graphs: dict[tuple, torch.cuda.CUDAGraph] = field(default_factory=dict)
@@ -138,6 +146,8 @@ class Generator:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int = 0,
         on_token: Callable[[list[int]], None] | None = None,
+        keys: list[int] | None = None,
+        stop_strings: StopStrings | None = None,
     ) -> torch.Tensor:
         """Prompt plus new tokens, (B, P + n) with n <= max_new_tokens (see the module docstring)."""
         ids_BP = input_ids_BP.to(self.device)
@@ -147,9 +157,11 @@ class Generator:
         self._check(ids_BP, mask_BP, max_new_tokens, eos)
         if max_new_tokens <= 0:
             return ids_BP.clone()
+        keys = torch.randint(0, 1 << 32, (batch,)).tolist() if keys is None else list(keys)
+        stops = stop_strings if stop_strings else None
         if self.decoder is None:
-            return self._hf_generate(ids_BP, mask_BP, max_new_tokens, temperature, top_p, top_k, eos, pad_token_id,
-                                     on_token)  # fmt: skip
+            return self._hf_generate(ids_BP, mask_BP, max_new_tokens, (temperature, top_p, top_k), eos, pad_token_id,
+                                     on_token, keys, stops)  # fmt: skip
         first = next(self.model.parameters())
         if (first.device, first.dtype) != (self.decoder.device, self.decoder.dtype):  # model.to(...) since the last
             self._build()
@@ -164,19 +176,41 @@ class Generator:
         state.pad.fill_(pad_token_id)
         state.done_B.fill_(True)  # batch padding rows count as finished
         state.done_B[:batch] = False
+        state.keys_B.zero_()
+        state.keys_B[:batch] = torch.tensor(keys, dtype=torch.long)
+        state.start_1.fill_(prompt_len)
         self._prefill(state, ids_BP, mask_BP, (sample, top_k))
-        streamed = 0
+        streamed, stopped = 0, {}  # rows checked for stop strings: _check_stops
         n = 1  # new tokens so far
         while n < max_new_tokens:
             if n % self.check_every == 0 or (n == 1 and eos):  # also right after the prompt: EOS first
                 streamed = self._stream_out(state, batch, prompt_len, streamed, n, eos, on_token)
-                if eos and bool(state.done_B.all()):
+                self._check_stops(state, batch, prompt_len, n, eos, stops, stopped)
+                if (eos or stops) and bool(state.done_B.all()):
                     break
             self._run_step(state, (sample, top_k))
             n += 1
-        out_BS = _trim(state.ids_BT[:batch, : prompt_len + n].clone(), prompt_len, eos)
+        self._check_stops(state, batch, prompt_len, n, eos, stops, stopped)
+        out_BS = _trim(state.ids_BT[:batch, : prompt_len + n].clone(), prompt_len, eos, stopped, pad_token_id)
         self._stream_out(state, batch, prompt_len, streamed, out_BS.shape[1] - prompt_len, eos, on_token)
         return out_BS
+
+    def _check_stops(self, state: _State, batch: int, prompt_len: int, n: int, eos: list[int],
+                     stops: StopStrings | None, stopped: dict[int, int | None]) -> None:  # fmt: skip
+        """Rows whose new text (up to their EOS) now contains a stop string finish: `stopped[row]` is the new tokens
+        up to the one that completed it (they emit pad from the next step on); None: ended by EOS before one."""
+        if stops is None or len(stopped) == batch:
+            return
+        new_BN = state.ids_BT[:batch, prompt_len : prompt_len + n].cpu()
+        done_B = state.done_B[:batch].cpu()
+        for r in (r for r in range(batch) if r not in stopped):
+            ids = new_BN[r].tolist()
+            end_eos = next((i for i, t in enumerate(ids) if t in eos), None) if bool(done_B[r]) else None
+            stopped[r] = end = stops.find(ids if end_eos is None else ids[:end_eos])
+            if end is not None:
+                state.done_B[r] = True
+            elif end_eos is None:
+                del stopped[r]  # still generating
 
     def _check(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, max_new_tokens: int, eos: list[int]) -> None:
         if ids_BP.ndim != 2 or ids_BP.shape[1] == 0 or mask_BP.shape != ids_BP.shape:
@@ -209,6 +243,8 @@ class Generator:
             pos_B=torch.zeros(batch, dtype=torch.long, device=dev),
             slot_1=torch.zeros(1, dtype=torch.long, device=dev),
             done_B=torch.zeros(batch, dtype=torch.bool, device=dev),
+            keys_B=torch.zeros(batch, dtype=torch.long, device=dev),
+            start_1=torch.zeros(1, dtype=torch.long, device=dev),
             eos_E=torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=dev),
             pad=torch.zeros((), dtype=torch.long, device=dev),
         )
@@ -238,7 +274,7 @@ class Generator:
         real_BT = torch.zeros((rows, capacity), dtype=torch.bool, device=self.device)
         real_BT[:, :prompt_len] = real_BP
         state.bias_B11T.copy_(torch.zeros_like(state.bias_B11T).masked_fill(~real_BT[:, None, None], float("-inf")))
-        self._commit(state, state.slot_1, self._select(logits_BV, *key))
+        self._commit(state, state.slot_1, self._select(logits_BV, *key, row_uniform(state.keys_B, 0)))
 
     def _step(self, state: _State, sample: bool, top_k: int) -> None:
         """One decode step on tensors whose addresses never change, with no host sync: capturable."""
@@ -247,7 +283,8 @@ class Generator:
         ids_B1 = state.ids_BT.index_select(1, slot_1)
         logits_BV = self.decoder.forward(ids_B1, state.pos_B[:, None], slot_1, state.cache, state.bias_B11T)
         next_slot_1 = slot_1 + 1
-        self._commit(state, next_slot_1, self._select(logits_BV, sample, top_k))
+        u_B = row_uniform(state.keys_B, next_slot_1 - state.start_1) if sample else None  # the new token's step
+        self._commit(state, next_slot_1, self._select(logits_BV, sample, top_k, u_B))
         state.pos_B.add_(1)
         slot_1.copy_(next_slot_1)
 
@@ -256,7 +293,7 @@ class Generator:
         state.ids_BT.index_copy_(1, slot_1, next_B[:, None])
         state.done_B.logical_or_((next_B[:, None] == state.eos_E[None, :]).any(-1))
 
-    def _select(self, logits_BV: torch.Tensor, sample: bool, top_k: int) -> torch.Tensor:
+    def _select(self, logits_BV: torch.Tensor, sample: bool, top_k: int, u_B: torch.Tensor | None) -> torch.Tensor:
         if not sample:
             return logits_BV.argmax(-1)  # first index among ties, like HF's argmax on float32 scores
         logits_BV = logits_BV / self._temperature  # HF's order: temperature, top-k, top-p
@@ -268,9 +305,8 @@ class Generator:
         drop_sorted_BV = sorted_BV.softmax(-1).cumsum(-1) <= (1 - self._top_p)
         drop_sorted_BV[:, -1] = False
         logits_BV = logits_BV.masked_fill(drop_sorted_BV.scatter(-1, order_BV, drop_sorted_BV), float("-inf"))
-        probs_BV = logits_BV.softmax(-1)
-        # argmax(p / Exp(1)) is one multinomial draw, without multinomial's host sync: graph-safe
-        return (probs_BV / torch.empty_like(probs_BV).exponential_()).argmax(-1)
+        # one draw per row with the row's own uniform number (sampling.py), without multinomial's host sync: graph-safe
+        return draw(logits_BV.float().softmax(-1), u_B)
 
     def _run_step(self, state: _State, key: tuple) -> None:
         if not self.use_graphs:
@@ -339,27 +375,35 @@ class Generator:
                 finished_B |= torch.isin(col_B, torch.tensor(eos))
         return upto
 
-    def _hf_generate(self, ids_BP, mask_BP, max_new_tokens, temperature, top_p, top_k, eos, pad, on_token):
-        """HF `generate` with the same arguments, for models the fast path does not support."""
+    def _hf_generate(self, ids_BP, mask_BP, max_new_tokens, sampling, eos, pad, on_token, keys, stops):
+        """HF `generate` with the same arguments, for models the fast path does not support: greedy, with the
+        sampling (HF's warpers, then the rows' own draws: sampling.hf_sampling) and stop strings as processors."""
         config = copy.deepcopy(self.model.generation_config)  # every setting in it: transformers >= 5.17 warns
         config.eos_token_id = eos or None  # about a generation_config passed beside generation arguments
         config.pad_token_id = pad
-        config.max_new_tokens, config.do_sample = max_new_tokens, temperature > 0
-        sampling = (temperature, top_p, top_k) if temperature > 0 else (1.0, 1.0, 50)  # greedy: HF's neutral values
-        # (None would be refilled from the model's own generation config: an Instruct model's sampling settings, then
-        # a warning that greedy decoding ignores them)
-        config.temperature, config.top_p, config.top_k = sampling
+        config.max_new_tokens, config.do_sample = max_new_tokens, False
+        # HF's neutral values (None would be refilled from the model's own generation config: an Instruct model's
+        # sampling settings, then a warning that greedy decoding ignores them)
+        config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
         streamer = None if on_token is None else _CallbackStreamer(on_token)
-        return self.model.generate(ids_BP, attention_mask=mask_BP, generation_config=config, streamer=streamer)
+        prompt_len = ids_BP.shape[1]
+        return self.model.generate(ids_BP, attention_mask=mask_BP, generation_config=config, streamer=streamer,
+                                   logits_processor=hf_sampling(*sampling, keys, prompt_len),
+                                   stopping_criteria=[StopOnText(stops, prompt_len)] if stops else None)  # fmt: skip
 
 
-def _trim(seq_BS: torch.Tensor, prompt_len: int, eos: list[int]) -> torch.Tensor:
-    """Cut after the step where the last row finished, as HF stops there (later columns hold only pad)."""
-    if not eos:
+def _trim(seq_BS: torch.Tensor, prompt_len: int, eos: list[int], stopped: dict[int, int | None],
+          pad: int) -> torch.Tensor:  # fmt: skip
+    """Pad after each stop string (HF's criterion stops the row there), and cut after the step where the last row
+    finished, as HF stops there (later columns hold only pad)."""
+    ends = [None] * seq_BS.shape[0]  # new tokens of each finished row
+    if eos:
+        is_eos_BN = torch.isin(seq_BS[:, prompt_len:].cpu(), torch.tensor(eos))
+        ends = [int(row.int().argmax()) + 1 if bool(row.any()) else None for row in is_eos_BN]
+    for row, end in stopped.items():
+        if end is not None:  # a stop string before any EOS
+            ends[row] = end
+            seq_BS[row, prompt_len + end :] = pad
+    if any(end is None for end in ends):
         return seq_BS
-    new_BN = seq_BS[:, prompt_len:].cpu()
-    is_eos_BN = torch.isin(new_BN, torch.tensor(eos))
-    if not bool(is_eos_BN.any(-1).all()):
-        return seq_BS
-    last = int(is_eos_BN.int().argmax(-1).max())  # first EOS of each row, latest row
-    return seq_BS[:, : prompt_len + last + 1]
+    return seq_BS[:, : prompt_len + max(ends)]

@@ -2,7 +2,8 @@
 
 On a CUDA GPU the fast decode path (`generate/fast.py`: fused static-cache decoder, CUDA graphs) runs by default;
 on the CPU, or for a model it does not support, HF `generate` runs and the log says why. Both take left-padded
-batches and stop each row at its own end of sequence (EOS, and a chat template's end-of-turn token).
+batches and stop each row at its own end of sequence (EOS, and a chat template's end-of-turn token) or stop string
+(`stops.py`), and sample each prompt with its own random numbers (`sampling.py`: seed and the prompt's index).
 
 Legend: B batch, P prompt length (padded), N new tokens.
 """
@@ -20,6 +21,8 @@ from transformers import TextStreamer
 
 from fasttune.errors import FasttuneError
 from fasttune.generate.fast import Generator
+from fasttune.generate.sampling import hf_sampling, sample_key
+from fasttune.generate.stops import StopOnText, StopStream, StopStrings
 from fasttune.model.context import context_length, describe_context
 
 log = logging.getLogger("fasttune")
@@ -32,7 +35,9 @@ class Generation:
     seconds: float
     """Wall time of the batch this generation was part of."""
     finished: bool = True
-    """Stopped at an end-of-sequence token (False: cut at max_new_tokens)."""
+    """Stopped at an end-of-sequence token or a stop string (False: cut at max_new_tokens)."""
+    stop: str | None = None
+    """The stop string the text was cut before (None: none in it)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -133,11 +138,15 @@ def generate_ids(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    indices: list[int] | None = None,
+    stop: list[str] | tuple[str, ...] = (),
     on_text: Callable[[str], None] | None = None,
     engine: Generator | None = None,
 ) -> list[Generation]:
     """Generate for each prompt (token ids) of `batch`, all at once; `on_text` (batch of one) gets the text as it
-    is produced. `engine`: the `fast_engine` of this model (None: HF generate)."""
+    is produced. Sampling draws each prompt's tokens from its own random numbers, from `seed` and its index in the
+    input (`indices`, default 0, 1, ...), so a prompt's answer does not depend on the batch it is in. `stop`: stop
+    strings (the text is cut before the first one). `engine`: the `fast_engine` of this model (None: HF generate)."""
     if on_text is not None and len(batch) != 1:
         raise ValueError("streaming needs a batch of one")
     if any(not ids for ids in batch):
@@ -146,70 +155,91 @@ def generate_ids(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     eos = stop_ids(model, tokenizer)
     ids_BP, mask_BP = _left_pad(batch, pad_id, device)
-    torch.manual_seed(seed)
+    keys = [sample_key(seed, i) for i in (range(len(batch)) if indices is None else indices)]
+    top_k = (getattr(model.generation_config, "top_k", None) or 0) if temperature > 0 else 0  # HF's default: 50
+    run = _Run(eos, pad_id, max_new_tokens, (temperature, top_p, top_k), keys, StopStrings(tokenizer, stop))
+    stream = None if on_text is None else StopStream(run.stops, on_text)
     t0 = time.perf_counter()
     if engine is not None:
-        out_BS = _fast(engine, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p,
-                       on_text)  # fmt: skip
+        out_BS = _fast(engine, tokenizer, ids_BP, mask_BP, run, stream)
     else:
-        out_BS = _hf(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text)
+        out_BS = _hf(model, tokenizer, ids_BP, mask_BP, run, stream)
+    if stream is not None:
+        stream.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return [_result(tokenizer, row, ids_BP.shape[1], eos, seconds) for row in out_BS.tolist()]
+    return [_result(row[ids_BP.shape[1] :], run, seconds) for row in out_BS.tolist()]
 
 
-def _result(tokenizer, row: list[int], prompt_len: int, eos: list[int], seconds: float) -> Generation:
-    new = row[prompt_len:]
-    end = next((i for i, t in enumerate(new) if t in eos), None)
+@dataclass
+class _Run:
+    """The settings of one `generate_ids` call, as both paths take them."""
+
+    eos: list[int]
+    pad_id: int
+    max_new_tokens: int
+    sampling: tuple[float, float, int]  # temperature, top_p, top_k
+    keys: list[int]  # each prompt's sample key (sampling.sample_key)
+    stops: StopStrings
+
+
+def _result(new: list[int], run: _Run, seconds: float) -> Generation:
+    end = next((i for i, t in enumerate(new) if t in run.eos), None)
     kept = new if end is None else new[: end + 1]  # the end-of-sequence token counts; the pad after it does not
-    return Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), seconds, end is not None)
+    text, stop = run.stops.cut(run.stops.text(kept))
+    if stop is not None:  # the tokens up to the one that completed the stop string count
+        n = run.stops.find(kept if end is None else kept[:end]) or len(kept)
+        return Generation(text, n, seconds, True, stop)
+    return Generation(text, len(kept), seconds, end is not None)
 
 
-def _fast(engine, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text):
+def _fast(engine, tokenizer, ids_BP, mask_BP, run: _Run, stream: StopStream | None):
     """fasttune's fused static-cache decoder with CUDA graphs (`fast.py`); it streams in bursts of a few tokens."""
     new: list[int] = []
     printed = ""
 
     def on_token(tokens_B: list[int]) -> None:
         nonlocal printed
-        if tokens_B[0] in eos:
+        if tokens_B[0] in run.eos:
             return  # the reply ends here (a batch of one stops at once)
         new.append(tokens_B[0])
         text = tokenizer.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            on_text(text[len(printed) :])
+            stream.write(text[len(printed) :])
             printed = text
 
-    return engine.generate(
-        ids_BP,
-        mask_BP,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=(getattr(engine.model.generation_config, "top_k", None) or 0) if temperature > 0 else 0,  # HF: 50
-        eos_token_id=eos,
-        pad_token_id=pad_id,
-        on_token=on_token if on_text is not None else None,
-    )
+    temperature, top_p, top_k = run.sampling
+    out_BS = engine.generate(ids_BP, mask_BP, max_new_tokens=run.max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, eos_token_id=run.eos, pad_token_id=run.pad_id,
+                             on_token=on_token if stream is not None else None, keys=run.keys,
+                             stop_strings=run.stops)  # fmt: skip
+    if stream is not None:  # the reply's end: a character its last token left incomplete is shown as decoded
+        stream.write(tokenizer.decode(new, skip_special_tokens=True)[len(printed) :])
+    return out_BS
 
 
-def _hf(model, tokenizer, ids_BP, mask_BP, eos, pad_id, max_new_tokens, temperature, top_p, on_text):
+def _hf(model, tokenizer, ids_BP, mask_BP, run: _Run, stream: StopStream | None):
+    """Plain HF `generate`, greedy: sampling is its warpers and then each row's own draw (sampling.hf_sampling), as
+    logits processors; stop strings a stopping criterion."""
+    prompt_len = ids_BP.shape[1]
     kwargs = dict(
         input_ids=ids_BP,
         attention_mask=mask_BP,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        pad_token_id=pad_id,
-        eos_token_id=eos or None,
+        max_new_tokens=run.max_new_tokens,
+        do_sample=False,
+        pad_token_id=run.pad_id,
+        eos_token_id=run.eos or None,
         use_cache=True,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        logits_processor=hf_sampling(*run.sampling, run.keys, prompt_len),
     )
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if on_text is not None:
-        kwargs["streamer"] = _Printer(tokenizer, on_text)
+    if run.stops:
+        kwargs["stopping_criteria"] = [StopOnText(run.stops, prompt_len)]
+    if stream is not None:
+        kwargs["streamer"] = _Printer(tokenizer, stream.write)
     return model.generate(**kwargs)
 
 
@@ -219,7 +249,7 @@ def _stdout(text: str) -> None:
 
 
 def generate(model, tokenizer, prompt: str | list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, stream: bool = False, seed: int = 0,
+             top_p: float = 1.0, stream: bool = False, seed: int = 0, stop: list[str] | tuple[str, ...] = (),
              engine: Generator | None = None) -> Generation:  # fmt: skip
     """Continue one prompt (text, tokenized as is, or token ids); with stream=True the text is printed as produced."""
     ids = list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
@@ -228,7 +258,7 @@ def generate(model, tokenizer, prompt: str | list[int], *, max_new_tokens: int =
     max_new_tokens = fit_context(model, len(ids), max_new_tokens)
     engine = engine or fast_engine(model)
     g = generate_ids(model, tokenizer, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     seed=seed, on_text=_stdout if stream else None, engine=engine)[0]  # fmt: skip
+                     seed=seed, stop=stop, on_text=_stdout if stream else None, engine=engine)[0]  # fmt: skip
     if stream:
         _stdout("\n")
     return g
