@@ -19,9 +19,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+import tyro
 from tqdm.auto import tqdm
 
 from fasttune.data.packing import IGNORE, collate_padded
@@ -59,6 +61,9 @@ class EvalArgs(SamplingArgs):
     max_length: int | None = None
     """Plain text: split into pieces of this many tokens, as training splits at data.max_length (default: the model's
     context). Supervised samples are scored whole."""
+    stop: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Stop string (repeatable): an answer ends before the first one it writes, which is not part of it. Without it,
+    Alpaca prompts end before a next '### Instruction:'. A newline in bash: --stop $'\\n'."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
