@@ -157,7 +157,8 @@ class Generator:
         self._check(ids_BP, mask_BP, max_new_tokens, eos)
         if max_new_tokens <= 0:
             return ids_BP.clone()
-        keys = torch.randint(0, 1 << 32, (batch,)).tolist() if keys is None else list(keys)
+        if keys is None:  # greedy draws nothing: the global generator is left as it is
+            keys = torch.randint(0, 1 << 32, (batch,)).tolist() if temperature > 0 else [0] * batch
         stops = stop_strings if stop_strings else None
         if self.decoder is None:
             return self._hf_generate(ids_BP, mask_BP, max_new_tokens, (temperature, top_p, top_k), eos, pad_token_id,
