@@ -22,6 +22,16 @@ def _reset_global_state():
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request, monkeypatch):
+    """A test without the gpu marker runs as on a machine without a GPU, also on one with a GPU (the README's test
+    command is the same on both): its reference (eager attention, plain HF, an uninterrupted run) is exact on the CPU,
+    and `auto` devices would otherwise train and generate on the GPU. The processes it starts see no GPU either."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def frozen_gc():
     """gc.collect() looks only at what the test makes: the tests that count what layers keep alive collect after
