@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+from test_chat_templates import generate_case
 from test_generate_cli import _base
 from test_masking import COUNTING_TEMPLATE, trained_runs
 
@@ -152,15 +153,9 @@ def test_generate_sends_a_prompt_records_chat_template_kwargs(tmp_path, capsys, 
     --raw, which has no template to give them to, is refused by line."""
     from fasttune.cli import main
 
-    model = _base(tmp_path / "m", chat_template=THINKING)
-    tok = build_tiny_tokenizer(chat_template=THINKING, bos="<s>")
-    kwargs = {"enable_thinking": False}
-    (sample,) = tokenize_records([{"messages": [Q1, A1], "chat_template_kwargs": kwargs}], "chat", tok)
-    prompt = sample["input_ids"][: next(i for i, t in enumerate(sample["labels"]) if t != -100)]
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"messages": [Q1], "chat_template_kwargs": kwargs}) + "\n")
-    argv = ["generate", "--checkpoint", str(model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"),
-            "--max-new-tokens", "2", "--overwrite"]  # fmt: skip
+    kwargs = {"chat_template_kwargs": {"enable_thinking": False}}
+    argv, prompt = generate_case(tmp_path, THINKING, {"messages": [Q1, A1], **kwargs}, kwargs)
+    prompts = argv[4]
     assert main(argv) == 0 and prompts_seen == [prompt]
     assert main([*argv, "--raw"]) == 2
     assert f"{prompts} line 1 has 'chat_template_kwargs', and without a chat template" in capsys.readouterr().err

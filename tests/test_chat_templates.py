@@ -104,19 +104,27 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_turn_as_generation_r
     assert sample == samples[1]
 
 
+def generate_case(tmp_path, template: str, trained: dict, extra: dict) -> tuple[list[str], list[int]]:
+    """`generate --prompts` of the first message of `trained` (with `extra`'s fields) on a model whose chat template is
+    `template`: (argv, the prompt ids training puts before `trained`'s reply)."""
+    model = _base(tmp_path / "m", chat_template=template)
+    tok = build_tiny_tokenizer(chat_template=template, bos="<s>")
+    (sample,) = tokenize_records([trained], "chat", tok)
+    prompt = sample["input_ids"][: next(i for i, t in enumerate(sample["labels"]) if t != -100)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": trained["messages"][:1], **extra}) + "\n")
+    argv = ["generate", "--checkpoint", str(model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+            "--max-new-tokens", "2", "--overwrite"]  # fmt: skip
+    return argv, prompt
+
+
 def test_generate_sends_a_prompt_records_tools_as_training_rendered_them(tmp_path, capsys, prompts_seen):
     """generate --prompts: a record's tools reach the chat template, so the prompt is the very ids training puts
     before that reply; --raw, which cannot send them, and a template that does not write them are refused by line."""
     from fasttune.cli import main
 
-    model = _base(tmp_path / "m", chat_template=CHATML_TOOLS)
-    tok = build_tiny_tokenizer(chat_template=CHATML_TOOLS, bos="<s>")
-    (sample,) = tokenize_records([{"messages": TURNS[:2], "tools": TOOLS}], "chat", tok)
-    prompt = sample["input_ids"][: next(i for i, t in enumerate(sample["labels"]) if t != -100)]
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"messages": TURNS[:1], "tools": TOOLS}) + "\n")
-    argv = ["generate", "--checkpoint", str(model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"),
-            "--max-new-tokens", "2", "--overwrite"]  # fmt: skip
+    argv, prompt = generate_case(tmp_path, CHATML_TOOLS, {"messages": TURNS[:2], "tools": TOOLS}, {"tools": TOOLS})
+    prompts = argv[4]
     assert main(argv) == 0 and prompts_seen == [prompt]
     assert main([*argv, "--raw"]) == 2
     assert f"{prompts} line 1 has 'tools', and without a chat template" in capsys.readouterr().err
