@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import gc
+import os
 import random
 
 import pytest
@@ -22,14 +23,36 @@ def _reset_global_state():
     torch.set_default_dtype(dtype)
 
 
+_REAL_CUDA = torch.cuda.is_available
+_REAL_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_gpu_unless_marked():
+    """Tests run as on a machine without a GPU, also on one with a GPU (the README's test command is the same on
+    both), except those with the gpu marker: a CPU test's reference (eager attention, plain HF, an uninterrupted run)
+    is exact on the CPU, and `auto` devices would otherwise train and generate on the GPU. From the start of the
+    session, so that module-scoped fixtures (a run trained once for a file's tests) see no GPU either; the processes
+    tests start see none (CUDA_VISIBLE_DEVICES)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        mp.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _cpu_unless_marked_gpu(request, monkeypatch):
-    """A test without the gpu marker runs as on a machine without a GPU, also on one with a GPU (the README's test
-    command is the same on both): its reference (eager attention, plain HF, an uninterrupted run) is exact on the CPU,
-    and `auto` devices would otherwise train and generate on the GPU. The processes it starts see no GPU either."""
+def _gpu_for_gpu_tests(request, _no_gpu_unless_marked):
+    """A test with the gpu marker sees the machine's GPU (collection, which skips it without one, saw it already)."""
     if request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", _REAL_CUDA)
+        if _REAL_VISIBLE is None:
+            mp.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            mp.setenv("CUDA_VISIBLE_DEVICES", _REAL_VISIBLE)
+        yield
 
 
 @pytest.fixture

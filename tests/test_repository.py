@@ -1,6 +1,7 @@
 """The repository stands alone: code, docs and scripts cite nothing outside it (a user's checkout has no shared/
 folder or anchor notes beside it), and the scripts in it parse."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -92,3 +93,19 @@ def test_ci_installs_as_the_readme_says():
     setup, tests = quickstart
     assert "scripts/install.sh" in setup and "scripts/install.sh" in ci
     assert tests.removeprefix(". .venv/bin/activate && ") in ci  # the same test command
+
+
+@pytest.fixture(scope="module")
+def _seen_by_a_module_fixture() -> tuple:
+    import torch
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available()
+
+
+def test_tests_without_the_gpu_marker_see_no_gpu_nor_do_their_module_fixtures(_seen_by_a_module_fixture):
+    """conftest.py: on a machine with a GPU the README's test command runs the CPU tests on the CPU (their references
+    are exact there) and their subprocesses see no GPU; only gpu-marked tests see it."""
+    import torch
+
+    assert _seen_by_a_module_fixture == ("", False)
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
