@@ -46,7 +46,9 @@ def activation_keeps(act, device: torch.device | str = "cpu", autocast: bool = F
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=autocast)
     with torch.inference_mode(False), torch.enable_grad(), amp:
-        x = torch.randn(64, 256, dtype=torch.bfloat16, device=device, requires_grad=True)
+        # its own generator: a measurement made before the model is built must not change the model's init
+        x = torch.randn(64, 256, generator=torch.Generator(device).manual_seed(0), device=device).to(torch.bfloat16)
+        x.requires_grad_(True)
         try:
             with hooks:
                 y = act(x)
