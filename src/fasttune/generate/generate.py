@@ -91,8 +91,8 @@ def length_batches(model, prompts: list[list[int]], batch_size: int,
     token they get one at a time. The prompts cut short are said once (fit_context stops a prompt that does not fit)."""
     context = context_length(model.config)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for i in order[-1:]:
-        fit_context(model, len(prompts[i]), 1, "a prompt")  # the longest: a prompt that does not fit stops here
+    if order:  # the longest: a prompt that does not fit stops here
+        fit_context(model, len(prompts[order[-1]]), 1, "a prompt")
     budget = [min(max_new_tokens, context - len(prompts[i])) if context else max_new_tokens for i in order]
     if cut := sum(b < max_new_tokens for b in budget):
         log.warning("%d prompts: prompt + --max-new-tokens %d exceed the context %d; their answers get at most what "

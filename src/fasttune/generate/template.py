@@ -128,9 +128,9 @@ def end_of_turn_id(tokenizer) -> int | None:
         after = tokenizer(text[text.rindex("b") + 1 :], add_special_tokens=False)["input_ids"]
     except Exception:  # a template that rejects this probe
         return None
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    specials = {*tokenizer.all_special_ids, *(i for i, token in added.items() if token.special)}
-    return after[0] if after and after[0] in specials else None
+    from fasttune.data.sft import _special_tokens  # what training ends an assistant turn at
+
+    return after[0] if after and tokenizer.convert_ids_to_tokens(after[0]) in _special_tokens(tokenizer) else None
 
 
 def multi_turn(fmt: str) -> bool:
