@@ -137,7 +137,7 @@ def test_main_py_runs_the_other_commands_too():
     """`python main.py generate ...` (or eval, chat, doctor, bench) was "unexpected argument 'generate'" pointing at
     `fasttune train --help`; it now runs that command, and anything else still trains."""
     main_py = str(Path(__file__).parents[1] / "main.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), *sys.path])}
     ran = subprocess.run([sys.executable, main_py, "experiments"], capture_output=True, text=True, env=env)
     assert ran.returncode == 0 and [line.split()[0] for line in ran.stdout.splitlines()] == ["quick", "full", "sft",
                                                                                            "lora"]  # fmt: skip

@@ -184,9 +184,9 @@ def test_a_missing_file_or_a_folder_is_named(trained, tmp_path, capsys):
 
 def test_main_py_takes_config_and_help_lists_it(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("training:\n  learning_rate: 1e-4\n")
-    env_path = str(Path("src").resolve())
+    env = {"PYTHONPATH": ":".join([str(Path("src").resolve()), *sys.path]), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "main.py", "--config", str(tmp_path / "bad.yaml")], capture_output=True,
-                         text=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})  # fmt: skip
+                         text=True, env=env)  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().endswith("did you mean training.lr (fasttune's name for learning_rate)? (options: "
                                        "`fasttune train --help`)")  # fmt: skip

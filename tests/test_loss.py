@@ -10,6 +10,7 @@ import torch
 
 from fasttune.data.packing import collate, count_targets
 from fasttune.model.build import build_preset
+from fasttune.model.liger import apply as apply_liger
 from fasttune.model.loss import apply_chunked_loss, chunk_tokens, linear_cross_entropy
 from fasttune.train.run import forward_backward
 
@@ -372,9 +373,9 @@ def test_liger_on_the_trained_rows_equals_liger_on_every_row():
     autocast over fp32 weights on CUDA, with prompts masked and the step's target count as divisor."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    liger = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
+    pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
     ref = build_preset("micro", VOCAB, "sdpa", torch.float32).cuda().train()
-    liger._apply_liger_kernel_to_instance(model=ref)
+    apply_liger(ref)  # on this model only (Liger's own call also patches every later model of the architecture)
     ours = copy.deepcopy(ref)
     assert apply_chunked_loss(ours, liger=True)
     batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(_samples(8, seed=s), packing=True,

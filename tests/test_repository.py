@@ -58,8 +58,8 @@ esac
 exit 0
 """
     }
-    if gpu:
-        stubs["nvidia-smi"] = "#!/bin/sh\nexit 0\n"
+    # a failing stand-in without a GPU: the machine's own nvidia-smi (on PATH's /usr/bin) must not answer
+    stubs["nvidia-smi"] = f"#!/bin/sh\nexit {0 if gpu else 1}\n"
     for name, text in stubs.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)

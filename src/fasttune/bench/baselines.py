@@ -15,7 +15,6 @@ packed and each alone.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -81,28 +80,12 @@ def _baselines(device: torch.device) -> tuple[list[Baseline], list[str]]:
     return found, notes
 
 
-@contextlib.contextmanager
-def llama_globals_restored():
-    """Liger patches transformers' Llama module globals (RoPE function, RMSNorm and MLP classes, forward), so every
-    later model would silently carry Liger kernels; restore them after each configuration."""
-    from transformers.models.llama import modeling_llama as m
-
-    saved = {k: getattr(m, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
-    forward = m.LlamaForCausalLM.forward
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(m, k, v)
-        m.LlamaForCausalLM.forward = forward
-
-
 def _build(preset: str, vocab: int, b: Baseline, device: torch.device, dtype: torch.dtype):
     model = build_preset(preset, vocab, b.attn, dtype, device)
     if b.liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        from fasttune.model import liger
 
-        apply_liger_kernel_to_llama(model=model)
+        liger.apply(model)
     if b.ckpt:  # transformers >= 5.2x renamed it
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})

@@ -25,7 +25,10 @@ from fasttune.bench.workload import synthetic_bundle
 from fasttune.config import get_experiment
 from fasttune.config.argcheck import assignments_to_args, parse_overrides
 from fasttune.data.packing import Batcher
+from fasttune.model import liger
 from fasttune.train.metrics import peak_flops, peak_memory_gib
+
+LLAMA = "transformers.models.llama.modeling_llama"  # the presets' architecture
 
 log = logging.getLogger("fasttune")
 
@@ -106,7 +109,7 @@ def run_fasttune(bench: TrainBench, attn: str, packing: bool, overrides: list[st
     plans = _PlanLog()
     log.addHandler(plans)
     try:
-        with hf.llama_globals_restored():
+        with liger.globals_restored(LLAMA):
             result = train(cfg, data=data)
     finally:
         log.removeHandler(plans)
@@ -212,7 +215,7 @@ def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
             hf_mb = bench.hf_micro_batch or bench.micro_batch
             batcher = Batcher(packing=False, micro_batch_size=hf_mb, max_length=0, seed=bench.seed)
             per_epoch = len(batcher.plan(bench.lengths, epoch=0))
-            with hf.llama_globals_restored():
+            with liger.globals_restored(LLAMA):
                 row.update(
                     hf.run_baseline(
                         b, bench.preset, data, bench.device, micro_batch=hf_mb,

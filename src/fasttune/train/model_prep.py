@@ -87,8 +87,9 @@ def _apply_liger(model, device: torch.device, plan: str) -> None:
     if (why := import_status("liger_kernel")) is not None:
         log.warning("model.liger: %s (pip install 'fasttune[liger]'); running without Liger", why)
         return
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    from fasttune.model import liger
 
     kind = getattr(model.config, "model_type", None)
     if kind not in MODEL_TYPE_TO_APPLY_LIGER_FN:
@@ -97,7 +98,7 @@ def _apply_liger(model, device: torch.device, plan: str) -> None:
     rope = not selective(plan)
     if not rope:
         log.info("model.liger: Liger's RoPE left out for model.memory=%s: %s", plan, LIGER_ROPE_IN_PLACE)
-    _apply_liger_kernel_to_instance(model=model, rope=rope)
+    liger.apply(model, rope=rope)
     if not rope:
         _rope_out_of_place(model)
     log.info("Liger kernels applied (fused linear cross-entropy, RMSNorm, SwiGLU%s)", ", RoPE" if rope else "")
