@@ -40,6 +40,8 @@ def _fake_liger(monkeypatch) -> list:
         pass
 
     def fake_rope(q, k, cos, sin, *args, **kwargs):
+        if not q.is_cuda:  # Liger's Triton kernel
+            raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
         return PLAIN["rope"](q, k, cos, sin, *args, **kwargs)
 
     def fake_forward(self, *args, **kwargs):
@@ -72,10 +74,14 @@ def test_liger_patches_only_the_model_it_is_applied_to_and_keeps_its_rope(monkey
     assert type(later.model.norm) is PLAIN["norm"] and type(later.model.layers[0].mlp) is PLAIN["mlp"]
     assert m.LlamaForCausalLM.forward is PLAIN["forward"] and "forward" not in vars(later)
     assert torch.nn.functional.cross_entropy is PLAIN["ce"] and torch.nn.LayerNorm is PLAIN["ln"]
-    assert m.apply_rotary_pos_emb is not PLAIN["rope"]  # looked up at every call by the patched model's attention
+    # looked up at every call by the patched model's attention: Liger's on CUDA tensors, the original on others
+    assert m.apply_rotary_pos_emb.__wrapped__.__name__ == "fake_rope" and m.apply_rotary_pos_emb.plain is PLAIN["rope"]
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 16))
-    assert torch.equal(model(ids).logits, later.__class__.forward(model, ids).logits)  # the patched model runs
+    later.load_state_dict(model.state_dict())
+    assert torch.equal(model(ids).logits, later(ids).logits)  # a CPU model runs, patched or not
+    liger.apply(model)  # again: the original function is kept, not a chain of wrappers
+    assert m.apply_rotary_pos_emb.plain is PLAIN["rope"]
 
 
 def test_a_benchmark_block_leaves_every_global_as_it_found_it(monkeypatch):
@@ -98,3 +104,7 @@ def test_on_cuda_a_model_built_after_a_liger_model_has_no_liger_kernels():
     later = build_preset("micro", VOCAB, "sdpa", torch.bfloat16).cuda()
     assert (type(later.model.norm), type(later.model.layers[0].mlp), m.LlamaForCausalLM.forward) == classes
     assert "forward" not in vars(later.model.norm) and "forward" not in vars(later)
+    assert m.apply_rotary_pos_emb.__wrapped__.__module__.startswith("liger_kernel")  # on CUDA, for the Liger model
+    ids = torch.randint(0, VOCAB, (2, 16))
+    model(ids.cuda()).logits.float().sum().backward()
+    later.cpu().float()(ids)  # a CPU model after it (was: Triton's "cannot be accessed from Triton (cpu tensor?)")

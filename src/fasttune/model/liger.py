@@ -5,14 +5,16 @@ every later model reads: the RMSNorm and MLP classes of the architecture's trans
 architecture built afterwards in the process gets Liger's kernels), the CausalLM class's forward where it patches no
 instance, and, for some architectures, torch.nn.functional.cross_entropy and torch.nn.LayerNorm. Found on an H200: a
 model built after a Liger run in the same process (a test's HF reference, a user's own model in a notebook) silently
-carried Liger's norms and MLP. `apply` keeps the patches to the model: what Liger changed is put back, except the RoPE
-functions, which the model's attention looks up in its module at every call (so RoPE stays patched module-wide, as
-Liger leaves it; `globals_restored` puts those back too, for a benchmark's plain-HF rows).
+carried Liger's norms and MLP, and a CPU model ran into Liger's RoPE kernel (a Triton error). `apply` keeps the patches
+to the model: what Liger changed is put back, except the RoPE functions, which the model's attention looks up in its
+module at every call: they stay patched module-wide, as Liger leaves them, but run Liger's kernel on CUDA tensors only
+and the function they replaced on others. `globals_restored` puts those back too, for a benchmark's plain-HF rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
 from types import MethodType
@@ -40,12 +42,27 @@ def _called_at_run_time(name: str) -> bool:
     return "rotary" in name or "rope" in name
 
 
+def _on_cuda_only(patched, plain):
+    """Liger's RoPE for CUDA tensors, the function it replaced for the others (a CPU model later in the process)."""
+    plain = getattr(plain, "plain", plain)
+
+    @functools.wraps(patched)
+    def rope(q, *args, **kwargs):
+        return (patched if q.is_cuda else plain)(q, *args, **kwargs)
+
+    rope.plain = plain
+    return rope
+
+
 def _restore(snapshot: tuple[dict, dict, dict], model=None) -> None:
     modules, forwards, torch_globals = snapshot
     for module, before in modules.items():
         for name, value in before.items():
-            if vars(module).get(name) is not value and (model is None or not _called_at_run_time(name)):
-                setattr(module, name, value)
+            now = vars(module).get(name)
+            if now is value:
+                continue
+            kept = model is not None and _called_at_run_time(name) and callable(now)
+            setattr(module, name, _on_cuda_only(now, value) if kept else value)
     for cls, forward in forwards.items():
         patched = cls.__dict__.get("forward")
         if patched is forward:
