@@ -11,7 +11,7 @@ import difflib
 import io
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
@@ -82,26 +82,30 @@ def _unwrap(kind) -> tuple[typing.Any, str | None, tuple[str, ...]]:
     return kind, name, aliases
 
 
-def option_table(cls: type = BaseConfig, prefix: str = "") -> dict[str, type]:
-    """Every `--flag` tyro accepts for the dataclass `cls` -> the field's type (switches also as `--no-flag`).
-    Only used to word errors (suggestions, "is a switch"): tyro does the parsing."""
-    table: dict[str, type] = {}
+def options(
+    cls: type = BaseConfig, prefix: str = "", key: str = ""
+) -> Iterator[tuple[str, typing.Any, tuple[str, ...]]]:
+    """Every option of the dataclass `cls` as (dotted key of its field, `training.max_steps`; its type; the `--flags`
+    tyro accepts for it: the flag, its aliases and, for a switch, `--no-flag`)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
-        kind, name, aliases = _unwrap(typing.get_type_hints(cls, include_extras=True)[f.name])
+        kind, name, aliases = _unwrap(hints[f.name])
         name = f.name if name is None else name
         if dataclasses.is_dataclass(kind):
-            table.update(option_table(kind, f"{prefix}{name}." if name else prefix))
+            yield from options(kind, f"{prefix}{name}." if name else prefix, f"{key}{f.name}.")
             continue
         if typing.get_origin(kind) in (typing.Union, types.UnionType) and any(
             dataclasses.is_dataclass(a) for a in typing.get_args(kind)
         ):
             continue  # nested subcommands
-        head, leaf = prefix, name.replace("_", "-")
-        for flag in (f"--{head}{leaf}", *aliases):
-            table[flag] = kind
-        if kind is bool:
-            table[f"--{head}no-{leaf}"] = bool
-    return table
+        leaf = name.replace("_", "-")
+        yield key + f.name, kind, (f"--{prefix}{leaf}", *aliases, *((f"--{prefix}no-{leaf}",) if kind is bool else ()))
+
+
+def option_table(cls: type = BaseConfig, prefix: str = "") -> dict[str, type]:
+    """Every `--flag` tyro accepts for the dataclass `cls` -> the field's type (switches also as `--no-flag`).
+    Only used to word errors (suggestions, "is a switch"): tyro does the parsing."""
+    return {flag: kind for _, kind, flags in options(cls, prefix) for flag in flags}
 
 
 def _flag(argument) -> str:
@@ -155,9 +159,16 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
                     f"as often as that takes (set {_STEPS} N); ")  # fmt: skip
         if target in table:
             return f"did you mean {target}? "
-    same_leaf = [f for f in table if f.rpartition(".")[2].lstrip("-") == leaf and f != typed]
-    close = same_leaf if len(same_leaf) == 1 else difflib.get_close_matches(typed, table, n=1)
-    return f"did you mean {close[0]}? " if close else ""
+    close = closest(typed, leaf, list(table))
+    return f"did you mean {close}? " if close else ""
+
+
+def closest(typed: str, leaf: str, valid: list[str]) -> str | None:
+    """The one name in `valid` (flags or dotted keys) whose leaf is `leaf` (typed's, normalised) in another section
+    (--lr: --training.lr), else the closest spelling of `typed`; None for none."""
+    same = [v for v in valid if v.rpartition(".")[2].lstrip("-") == leaf and v != typed]
+    close = same if len(same) == 1 else difflib.get_close_matches(typed, valid, n=1)
+    return close[0] if close else None
 
 
 def message(event, args: Sequence[str], table: dict[str, type], command: str, commands: Sequence[str] = ()) -> str:

@@ -7,7 +7,6 @@ Every key and value is checked here, so that a mistake is one line naming the fi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ import types
 import typing
 from pathlib import Path
 
-from fasttune.config.argcheck import OTHER_NAMES, _unwrap
+from fasttune.config.argcheck import OTHER_NAMES, closest, options
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
 
@@ -35,21 +34,9 @@ class Leaf:
     """The command-line options that set this key (`--training.max-steps`, its alias `--max-steps`, `--no-...`)."""
 
 
-def leaves(cls: type = BaseConfig, prefix: str = "") -> dict[str, Leaf]:
+def leaves(cls: type = BaseConfig) -> dict[str, Leaf]:
     """Every option of the tree by dotted key (`training.max_steps`)."""
-    out: dict[str, Leaf] = {}
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
-        kind, _, aliases = _unwrap(hints[f.name])
-        key = prefix + f.name
-        if dataclasses.is_dataclass(kind):
-            out.update(leaves(kind, key + "."))
-            continue
-        head, _, leaf = key.replace("_", "-").rpartition(".")
-        head = head + "." if head else ""
-        flags = (f"--{head}{leaf}", *aliases, *((f"--{head}no-{leaf}",) if kind is bool else ()))
-        out[key] = Leaf(kind, flags)
-    return out
+    return {key: Leaf(kind, flags) for key, kind, flags in options(cls)}
 
 
 def _sections(cls: type = BaseConfig) -> dict[str, type]:
@@ -212,9 +199,8 @@ def _suggestion(key: str) -> str:
             found = flags[target] + (": false" if target.rpartition(".")[2].startswith("no-") else "")
             alias = "" if found.rpartition(".")[2] == leaf else f" (fasttune's name for {leaf})"
             return f"; did you mean {found}{alias}?"
-    same = [k for k in valid if k.rpartition(".")[2] == leaf.replace("-", "_") and k != key]
-    close = same if len(same) == 1 else difflib.get_close_matches(key.replace("-", "_"), valid, n=1)
-    return f"; did you mean {close[0]}?" if close else ""
+    close = closest(key.replace("-", "_"), leaf.replace("-", "_"), valid)
+    return f"; did you mean {close}?" if close else ""
 
 
 def _unknown(key: str, name: str) -> ConfigError:
