@@ -243,9 +243,9 @@ def test_invalid_json_message_reads_once(tmp_path):
 
 
 def test_a_huge_record_is_refused_before_parsing_with_the_limit(tmp_path, monkeypatch):
-    from fasttune.data import formats
+    from fasttune.data import readers
 
-    monkeypatch.setattr(formats, "MAX_RECORD_MB", 1)  # the same check at 1 MB keeps the test small
+    monkeypatch.setattr(readers, "MAX_RECORD_MB", 1)  # the same check at 1 MB keeps the test small
     big = "x" * 1_200_000
     (tmp_path / "big.jsonl").write_text('{"text": "ok"}\n' + json.dumps({"text": big}) + "\n")
     message = error_for(tmp_path / "big.jsonl")

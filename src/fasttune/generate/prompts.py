@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from fasttune.data.formats import json_error
+from fasttune.data.readers import json_error
 from fasttune.errors import DataError, FasttuneError
 
 PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
