@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from fasttune.model import mlp
 from fasttune.model.build import build_preset
-from fasttune.train.memory import apply_plan
+from fasttune.train.recompute import apply_plan
 from tests.helpers import assert_same_losses_without, assert_same_step, rel_diff, run_module, twin
 from tests.test_memory import VOCAB, _batch
 

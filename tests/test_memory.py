@@ -20,11 +20,11 @@ from fasttune.train.memory import (
     HEADROOM,
     GiB,
     Setup,
-    apply_plan,
     auto_order,
     choose_plan,
     estimate,
 )
+from fasttune.train.recompute import apply_plan
 from tests.helpers import assert_same_step, tiny_config
 
 VOCAB = 300
@@ -62,7 +62,7 @@ def _other_layout(kind: str):
 
 @pytest.mark.parametrize("kind", ["gpt2", "opt"])
 def test_plans_find_the_layers_of_other_layouts_and_keep_their_gradients(kind):
-    from fasttune.train.memory import plans_for
+    from fasttune.train.recompute import plans_for
 
     ref = _other_layout(kind).train()
     plans = plans_for(ref)

@@ -205,7 +205,8 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
 
     from fasttune.attention.select import native_attention
     from fasttune.model.layout import kept_scores
-    from fasttune.train.memory import _shape, plans_for
+    from fasttune.train.memory import _shape
+    from fasttune.train.recompute import plans_for
     from tests.test_memory_layers import _kept_bytes
 
     native, names = OWN_ATTENTION[kind]

@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttune.train.activations import Shape, layer_bytes, lora_bytes
-from fasttune.train.memory import SOFTCAP_BYTES, Setup, apply_plan, estimate
+from fasttune.train.memory import SOFTCAP_BYTES, Setup, estimate
+from fasttune.train.recompute import apply_plan
 from tests.helpers import assert_same_step
 from tests.test_memory import VOCAB, _batch, _setup
 
@@ -202,7 +203,7 @@ def test_layers_with_other_norms_keep_what_the_planner_counts(kind):
     lora_bytes). Counted as Llama's, `none` was 23% (Gemma 2), 34% (Gemma 3) and 35% (OLMo2, bf16) low, and 12-layer
     Gemma 2/3 runs on an H200 peaked 8% and 11% above their estimates; LoRA on Gemma 2 was counted 25% high."""
     from fasttune.model.norm import norm_layout
-    from fasttune.train.memory import decoder_layers
+    from fasttune.train.recompute import decoder_layers
 
     make = functools.partial(_other_norms, kind)
     model = make(1)
@@ -301,7 +302,7 @@ def test_norm_layout_reads_nested_two_dimensional_and_low_rank_norms(kind, extra
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.model.norm import norm_layout
-    from fasttune.train.memory import decoder_layers
+    from fasttune.train.recompute import decoder_layers
 
     config = AutoConfig.for_model(kind, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                                   num_key_value_heads=8, num_hidden_layers=1, vocab_size=VOCAB, **extra)  # fmt: skip

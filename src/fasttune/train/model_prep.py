@@ -19,7 +19,8 @@ from fasttune.model.build import base_model, build_model, check_weights, load_mo
 from fasttune.model.context import context_length, too_long
 from fasttune.model.flops import head_dim
 from fasttune.train.footprint import check_weights_fit
-from fasttune.train.memory import LIGER_ROPE_IN_PLACE, decoder_layers, plan_memory, selective
+from fasttune.train.memory import LIGER_ROPE_IN_PLACE, plan_memory, selective
+from fasttune.train.recompute import decoder_layers
 
 log = logging.getLogger("fasttune")
 

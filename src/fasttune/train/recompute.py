@@ -1,0 +1,82 @@
+"""Install an activation plan on a model's decoder layers (train/memory.py chooses it): each layer, or its attention
+or MLP block, runs under torch's non-reentrant activation checkpointing; `ops` keeps matmul and attention outputs
+and recomputes the elementwise ops in backward (torch's selective activation checkpointing)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from fasttune.model.build import base_model, decoder_blocks
+
+_SAVE = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_grouped_mm")  # _grouped_mm: MoE experts (transformers 5)
+
+
+def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """`ops`: keep matmul and attention outputs (costly to recompute), recompute everything else (elementwise)."""
+    name = str(func)  # "aten.mm.default", "torch_attn._varlen_attn.default", ...
+    parts = name.split(".")
+    if (len(parts) > 1 and parts[1] in _SAVE) or "attention" in name or "attn" in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _ops_context():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def _checkpoint_forward(module: torch.nn.Module, selective: bool) -> None:
+    """Wrap this module instance's forward in non-reentrant activation checkpointing (selective: keep matmuls)."""
+    forward = module.forward
+    context = {"context_fn": _ops_context} if selective else {}
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not (torch.is_grad_enabled() and module.training):
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
+
+    module.forward = run
+
+
+BLOCKS = {"attention": ("self_attn", "attn", "self_attention", "attention"), "mlp": ("mlp", "feed_forward")}
+"""What the `attention` and `mlp` plans recompute, by the attribute names transformers' decoder layers use."""
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers: transformers' own unsplittable blocks (model.build.decoder_blocks), else `model.layers`;
+    [] when there are none."""
+    base = base_model(model)
+    return decoder_blocks(base) or list(getattr(getattr(base, "model", None), "layers", None) or [])
+
+
+def _block(layer: torch.nn.Module, plan: str) -> torch.nn.Module | None:
+    return next((b for n in BLOCKS[plan] if isinstance(b := getattr(layer, n, None), torch.nn.Module)), None)
+
+
+def plans_for(model: torch.nn.Module) -> frozenset[str]:
+    """The plans (every:K as one) that this model's layers can take: `none` always; the rest need a decoder stack,
+    and `attention` / `mlp` that block in every layer (OPT's layers have no MLP block: fc1 and fc2 sit in it)."""
+    layers = decoder_layers(model)
+    if not layers:
+        return frozenset({"none"})
+    plans = {"none", "ops", "every:K", "full"}
+    plans |= {p for p in BLOCKS if all(_block(layer, p) is not None for layer in layers)}
+    return frozenset(plans)
+
+
+def apply_plan(model: torch.nn.Module, plan: str) -> None:
+    """Install `plan` (a name from choose_plan, not auto, one plans_for allows) on the decoder layers, in place."""
+    if plan == "none":
+        return
+    layers = decoder_layers(model)
+    k = int(plan.split(":")[1]) if plan.startswith("every:") else 1
+    for n, layer in enumerate(layers):
+        if plan in BLOCKS:
+            _checkpoint_forward(_block(layer, plan), selective=False)
+        elif plan == "full" or (k > 1 and (n + 1) % k == 0):
+            _checkpoint_forward(layer, selective=False)
+        else:  # ops, and the layers every:K does not recompute whole
+            _checkpoint_forward(layer, selective=True)
