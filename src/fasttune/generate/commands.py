@@ -157,7 +157,7 @@ def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list
     """Each record's messages, tools and chat_template_kwargs, every record checked against the prompt format (its
     roles, --raw's one message, tools and template variables the template reads)."""
     from fasttune.data.chat_fields import KWARGS, check_kwargs, record_kwargs
-    from fasttune.data.sft import Chat, record_tools
+    from fasttune.data.chat_render import Chat, record_tools
     from fasttune.generate.prompts import check_single, record_messages
     from fasttune.generate.template import check_roles, prompt_format
 

@@ -83,7 +83,7 @@ def record_messages(record: dict, prompt_format: str) -> list[dict]:
 def check_single(messages: list[dict], where: str) -> None:
     """Without a chat template (--raw, or a model that has none) only the last message's text is sent: refuse a
     record whose other messages (a system prompt, earlier turns) would be dropped silently; blank ones drop nothing."""
-    from fasttune.data.sft import blank_message
+    from fasttune.data.chat_render import blank_message
 
     if (n := len([m for m in messages if not blank_message(m)])) > 1:
         raise DataError(

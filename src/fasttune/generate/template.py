@@ -87,7 +87,7 @@ def check_roles(messages: list[dict], fmt: str, where: str, fix: str) -> None:
     renders user and assistant turns only): a system message that is not blank, another role, tool calls. The one
     check for training on chat data through such a checkpoint (data/sft.py) and for generate / chat with it; `where`
     names the record (or option), `fix` says what to do. Other formats: nothing to check."""
-    from fasttune.data.sft import blank_message
+    from fasttune.data.chat_render import blank_message
 
     if fmt not in TEMPLATES:
         return
@@ -128,9 +128,9 @@ def end_of_turn_id(tokenizer) -> int | None:
         after = tokenizer(text[text.rindex("b") + 1 :], add_special_tokens=False)["input_ids"]
     except Exception:  # a template that rejects this probe
         return None
-    from fasttune.data.sft import _special_tokens  # what training ends an assistant turn at
+    from fasttune.data.chat_render import special_tokens  # what training ends an assistant turn at
 
-    return after[0] if after and tokenizer.convert_ids_to_tokens(after[0]) in _special_tokens(tokenizer) else None
+    return after[0] if after and tokenizer.convert_ids_to_tokens(after[0]) in special_tokens(tokenizer) else None
 
 
 def multi_turn(fmt: str) -> bool:
