@@ -1,5 +1,6 @@
-"""`fasttune generate` / `chat` after fine-tuning: the run's prompt format, run folders and adapters, prompt files.
-References: the training samples' own prompt tokens, and plain HF `generate` on the same checkpoint."""
+"""`fasttune generate` / `chat` after fine-tuning: run folders, prompt files, chat sessions (the run's prompt format:
+test_prompt_format.py; adapters and damaged model folders: test_model_folders.py). References: the training samples'
+own prompt tokens, and plain HF `generate` on the same checkpoint."""
 
 import dataclasses
 import errno
@@ -11,25 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
 from helpers import deny_file, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
-from fasttune.data.packing import IGNORE as IGNORE_INDEX
-from fasttune.data.sft import ALPACA_PROMPT_NO_INPUT, format_prompt, tokenize_records
+from fasttune.data.sft import ALPACA_PROMPT_NO_INPUT, format_prompt
 from fasttune.errors import DataError, FasttuneError
 from fasttune.generate.chat import chat_loop
 from fasttune.generate.prompts import read_prompts, write_jsonl
-from fasttune.generate.template import prompt_format, prompt_ids, record_prompt_format
+from fasttune.generate.template import prompt_ids
 from fasttune.model.build import preset_config
 from fasttune.train import loop
 
 GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
-RECORDS = [
-    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-    {"instruction": "How many clips did Natalia sell?", "input": "", "output": "72"},
-]
 
 
 def _base(path: Path, chat_template=None, context: int = 512) -> Path:
@@ -65,59 +61,6 @@ def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> str:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
-
-
-@pytest.mark.parametrize("bos", ["added", "never added", "none"])
-@pytest.mark.parametrize("fmt", ["alpaca", "prompt_completion"])
-def test_recorded_format_renders_the_trained_prompt_tokens(fmt, bos):
-    """fasttune (prompt_ids) and plain HF (apply_chat_template, which tokenizes without adding special tokens) give
-    the ids training saw before the response: BOS first exactly when training put it (Llama-like tokenizers, which add
-    it), never twice, none for GPT-2-like (a bos_token never added) or none at all. HF's dropped the BOS."""
-    from fasttune.generate.template import TEMPLATES
-
-    tok = build_tiny_tokenizer(chat_template=None, bos="<s>" if bos == "added" else None)
-    if bos == "never added":
-        tok.bos_token = "<|endoftext|>"
-    records = RECORDS if fmt == "alpaca" else [{"prompt": "2 + 3 =", "completion": " 5"}]
-    samples = tokenize_records(records, fmt, tok)
-    record_prompt_format(tok, fmt)
-    assert prompt_format(tok) == fmt
-    for record, sample in zip(records, samples, strict=True):
-        first_trained = next(i for i, t in enumerate(sample["labels"]) if t != IGNORE_INDEX)
-        message = {"role": "user", "content": record.get("instruction", record.get("prompt"))}
-        if record.get("input"):
-            message["input"] = record["input"]
-        want = sample["input_ids"][:first_trained]
-        assert want.count(tok.bos_token_id) == (bos == "added") and (want[0] == tok.bos_token_id) == (bos == "added")
-        assert prompt_ids(tok, [message]) == want
-        assert tok.apply_chat_template([message], add_generation_prompt=True)["input_ids"] == want
-    tok.chat_template = TEMPLATES[fmt]  # a checkpoint recorded before the template rendered BOS: generate adds it
-    assert prompt_ids(tok, [message]) == want
-
-
-def test_resuming_a_run_recorded_before_the_template_rendered_bos_does_not_say_it_replaces_the_template(caplog):
-    """--resume of an Alpaca run whose checkpoints carry the format without BOS (an earlier fasttune) updates it to
-    render BOS, quietly: "the tokenizer's chat template becomes the alpaca prompt format" was said as if a base model's
-    own template were replaced. A model's own template still gets that line."""
-    from fasttune.generate.template import TEMPLATES, recorded_template
-
-    caplog.set_level("INFO", logger="fasttune")
-    for template, said in ((TEMPLATES["alpaca"], False), (CHATML, True)):
-        caplog.clear()
-        tok = build_tiny_tokenizer(chat_template=template, bos="<s>")
-        record_prompt_format(tok, "alpaca")
-        assert tok.chat_template == recorded_template(tok, "alpaca") and "bos_token" in tok.chat_template
-        assert ("chat template becomes the alpaca prompt format" in caplog.text) == said, template
-
-
-def test_chat_data_keeps_the_models_template(tmp_path):
-    tok = build_tiny_tokenizer(chat_template=CHATML)
-    record_prompt_format(tok, "chat")
-    assert tok.chat_template == CHATML and prompt_format(tok) == "chat"
-    messages = [{"role": "user", "content": "Hello"}]
-    sample = tokenize_records([{"messages": [*messages, {"role": "assistant", "content": "Hi"}]}], "chat", tok)[0]
-    first_trained = next(i for i, t in enumerate(sample["labels"]) if t != IGNORE_INDEX)
-    assert prompt_ids(tok, messages) == sample["input_ids"][:first_trained]
 
 
 def test_sft_checkpoint_carries_the_alpaca_format_for_plain_hf(sft_run):
@@ -328,31 +271,6 @@ def _eof():
     raise EOFError  # what Ctrl-D gives input()
 
 
-def test_lora_adapter_and_lora_run_folder_load_like_peft(tmp_path, capsys):
-    from peft import PeftModel
-
-    base = _base(tmp_path / "base")
-    result = _train(tmp_path / "l", base, enabled=True, rank=4, alpha=8, merge_on_save=False)
-    capsys.readouterr()
-    run = result.run_dir
-    ids = AutoTokenizer.from_pretrained(run / "adapter")(format_prompt({"instruction": "Hi"}, "alpaca"))["input_ids"]
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
-    want = peft_model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0)
-    want_text = AutoTokenizer.from_pretrained(base).decode(want[0, len(ids) :], skip_special_tokens=True)
-    for target in (run, run / "adapter"):
-        assert main(["generate", "--checkpoint", str(target), "--prompt", "Hi", "--max-new-tokens", "5"]) == 0
-        out, err = capsys.readouterr()
-        assert out == want_text + "\n" and f"on base model {base}" in err
-    from fasttune.model.load import load_for_inference
-
-    probe = torch.tensor([ids])
-    with torch.no_grad():
-        want_logits, base_logits = peft_model(probe).logits, AutoModelForCausalLM.from_pretrained(base)(probe).logits
-        got = load_for_inference(run)[0](probe).logits
-    torch.testing.assert_close(got, want_logits, atol=1e-5, rtol=1e-5)
-    assert not torch.equal(got, base_logits)  # the adapter is applied
-
-
 def test_chat_is_multi_turn_with_a_chat_template_and_exits_on_eof(tmp_path, capsys, monkeypatch):
     from fixtures.tiny_tokenizer import CHATML
 
@@ -477,25 +395,6 @@ def test_train_from_a_run_folder_starts_from_its_latest_checkpoint(sft_run, tmp_
     assert saved["model"]["path"] == str(sft_run.checkpoint)
 
 
-def test_training_refuses_a_lora_adapter_as_model_with_the_fix(tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
-    with pytest.raises(FasttuneError, match="is a LoRA adapter, not a full model"):
-        _train(tmp_path / "t", adapter)
-
-
-def test_a_plain_text_run_generates_raw_even_if_its_tokenizer_has_a_template(tmp_path):
-    from fixtures.tiny_tokenizer import CHATML
-
-    tok = build_tiny_tokenizer(chat_template=CHATML)
-    record_prompt_format(tok, "text")
-    tok.save_pretrained(tmp_path)
-    loaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert prompt_format(loaded) == "raw"
-    assert prompt_ids(loaded, [{"role": "user", "content": "def f"}]) == loaded("def f")["input_ids"]
-
-
 def test_fast_engine_path_streams_what_it_returns(sft_run):
     """The decode engine (fast.py's Generator, here without graphs on the CPU) behind generate_ids: the streamed
     text is the returned text, rows of a batch match their own single-prompt runs."""
@@ -534,86 +433,3 @@ def test_chat_ctrl_c_during_a_reply_stops_it_and_keeps_the_session(sft_run, caps
     monkeypatch.setattr(chat_mod, "generate_ids", interrupted)
     assert chat_loop(model, tok, read=read) == 0
     assert capsys.readouterr().out.count("[stopped]") == 2  # both messages were read: the session went on
-
-
-def test_recording_skips_what_is_not_an_hf_tokenizer():
-    class Plain:  # e.g. a benchmark's synthetic-token stand-in
-        pad_token_id = 0
-
-    record_prompt_format(Plain(), "text")
-    record_prompt_format(Plain(), "alpaca")
-
-
-def _damaged_copies(tmp_path, source: Path) -> tuple[Path, Path]:
-    """Two copies of a model folder: weights cut short (an interrupted copy), config.json no longer JSON."""
-    import shutil
-
-    cut, bad_config = tmp_path / "cut", tmp_path / "bad_config"
-    for folder in (cut, bad_config):
-        shutil.copytree(source, folder)
-    (cut / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:1000])
-    (bad_config / "config.json").write_text('{"model_type": "llama",')
-    return cut, bad_config
-
-
-def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys):
-    """Training and generation name what is wrong (the weights, config.json; never the tokenizer) in one line."""
-    from helpers import save_micro_model
-
-    cut, bad_config = _damaged_copies(tmp_path, save_micro_model(tmp_path / "model"))
-    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
-    for folder, what in ((cut, "the model cannot be loaded (SafetensorError"), (bad_config, "config.json cannot be")):
-        train = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(data), "--max-steps", "1",
-                 "--output-dir", str(tmp_path / f"run-{folder.name}"), "--training.device", "cpu"]  # fmt: skip
-        for argv, option in (
-            (train, "--model"),
-            (["generate", "--checkpoint", str(folder), "--prompt", "a"], "--checkpoint"),
-        ):
-            assert main(argv) == 2
-            err = capsys.readouterr().err.strip()  # the log, then the error line
-            assert err.splitlines()[-1].startswith(f"error: {option} {folder}: {what}"), err
-            assert "Traceback" not in err and "tokenizer" not in err.splitlines()[-1]
-
-
-def test_an_unreadable_weights_file_is_named_as_a_permission_problem_not_as_damage(tmp_path, monkeypatch):
-    """safetensors reports a file it may not open as 'No such file or directory': the message said the folder was
-    damaged and to copy it again."""
-    from helpers import save_micro_model
-
-    from fasttune.model.build import load_weights_error
-
-    model = save_micro_model(tmp_path / "model")
-    weights = model / "model.safetensors"
-    error = FileNotFoundError(f"No such file or directory: {weights}")  # what safetensors raises for chmod 000
-    assert "incomplete or damaged" in str(load_weights_error(model, error))  # readable: it is damaged (or gone)
-    deny_file(monkeypatch, "open", weights)
-    assert str(load_weights_error(model, error, "--checkpoint")) == (
-        f"--checkpoint {model}: model.safetensors cannot be read (permission denied); make it readable "
-        f"(chmod u+r {weights}) or pass another folder"
-    )
-
-
-def test_models_without_sdpa_or_without_a_causal_lm_class(tmp_path, capsys):
-    """Bloom has no sdpa attention: inference falls back to eager (the sample after training included). T5 is no
-    causal LM: one line saying so, not that its files are damaged."""
-    from transformers import BloomConfig, T5Config, T5ForConditionalGeneration
-
-    tok = build_tiny_tokenizer()
-    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    torch.manual_seed(0)
-    bloom = BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, **ids)
-    AutoModelForCausalLM.from_config(bloom).save_pretrained(tmp_path / "bloom")
-    tok.save_pretrained(tmp_path / "bloom")
-    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
-    argv = ["train", "--experiment", "sft", "--model", str(tmp_path / "bloom"), "--data", str(data),
-            "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--data.max-length", "256",
-            "--generation.max-new-tokens", "2"]  # fmt: skip
-    assert main(argv) == 0
-    out, err = capsys.readouterr()
-    assert "sample (" in out and "no sample generated" not in err
-    t5 = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
-    T5ForConditionalGeneration(t5).save_pretrained(tmp_path / "t5")
-    tok.save_pretrained(tmp_path / "t5")
-    assert main(["generate", "--checkpoint", str(tmp_path / "t5"), "--prompt", "a"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "T5Config" in err and "models that AutoModelForCausalLM loads" in err and "damaged" not in err
