@@ -216,14 +216,14 @@ def test_draw_follows_the_distribution():
 
 
 def test_eval_stops_alpaca_answers_at_the_next_instruction(model_dir, tmp_path):
-    """eval --generate: Alpaca prompts stop at a next `### Instruction:` unless --stop says otherwise; other formats
-    have no default stop string. The summary records what was used."""
+    """eval --generate: Alpaca prompts stop at a next `### Instruction:` unless --stop says otherwise (or
+    --no-default-stop: none); other formats have no default stop string. The summary records what was used."""
     alpaca = tmp_path / "a.jsonl"
     alpaca.write_text(json.dumps({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) + "\n")
     plain = tmp_path / "pc.jsonl"
     plain.write_text(json.dumps({"prompt": "Add 2 and 3.", "completion": " 5"}) + "\n")
     for data, extra, expected in [(alpaca, [], ["### Instruction:"]), (alpaca, ["--stop", "\n"], ["\n"]),
-                                  (plain, [], [])]:  # fmt: skip
+                                  (alpaca, ["--no-default-stop"], []), (plain, [], [])]:  # fmt: skip
         out = tmp_path / f"ev-{len(list(tmp_path.iterdir()))}"
         assert main(["eval", "--checkpoint", str(model_dir), "--data", str(data), "--generate", "--max-new-tokens",
                      "8", "--output-dir", str(out), *extra]) == 0  # fmt: skip

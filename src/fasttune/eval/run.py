@@ -63,7 +63,11 @@ class EvalArgs(SamplingArgs):
     context). Supervised samples are scored whole."""
     stop: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """Stop string (repeatable): an answer ends before the first one it writes, which is not part of it. Without it,
-    Alpaca prompts end before a next '### Instruction:'. A newline in bash: --stop $'\\n'."""
+    Alpaca prompts end before a next '### Instruction:' (--no-default-stop: they do not). A newline in bash:
+    --stop $'\\n'."""
+    default_stop: bool = True
+    """Without --stop, end the answers to Alpaca prompts before a next '### Instruction:' (the model learned that it
+    opens another exchange)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -257,9 +261,10 @@ def run_eval(a: EvalArgs) -> int:
         if not examples:
             raise DataError(f"{a.data}: no sample has a prompt to answer ({fmt} data); --generate needs supervised "
                             "data (alpaca, prompt_completion or chat)")  # fmt: skip
-        stop = a.stop or default_stop(examples, tok)
+        stop = a.stop or (default_stop(examples, tok) if a.default_stop else ())
         if stop and not a.stop:
-            log.info("eval: Alpaca prompts: answers end before a next %r (--stop replaces it)", ALPACA_STOP)
+            log.info("eval: Alpaca prompts: answers end before a next %r (--stop replaces it, --no-default-stop turns "
+                     "it off)", ALPACA_STOP)  # fmt: skip
         rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
                                         engine=fast_engine(model))  # fmt: skip
