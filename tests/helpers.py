@@ -8,6 +8,8 @@ from pathlib import Path
 
 from fasttune.config import BaseConfig, get_experiment
 
+GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+
 
 def tiny_config(tmp_path: Path, **training) -> BaseConfig:
     cfg = get_experiment("quick")
@@ -116,6 +118,40 @@ def save_micro_model(path: Path) -> Path:
     )
     tok.save_pretrained(path)
     return path
+
+
+def save_base_model(path: Path, chat_template=None, context: int = 512) -> Path:
+    """A micro Llama (seed 0) with a Llama-like tiny tokenizer that adds BOS (`chat_template` set when given), with
+    `context` positions, saved as a local HF model folder; returns `path`."""
+    import torch
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.model.build import preset_config
+
+    tok = build_tiny_tokenizer(chat_template=chat_template, bos="<s>")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=context)).save_pretrained(
+        path
+    )
+    tok.save_pretrained(path)
+    return path
+
+
+def train_tiny(tmp: Path, base: Path, data: Path = GSM8K, **lora):
+    """Two steps of sft (or lora, when `lora` fields are given) from the model folder `base` on `data`; a checkpoint
+    at step 2. Returns the run's RunResult."""
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp, max_steps=2, save_every=2, eval_every=0)
+    cfg = dataclasses.replace(
+        cfg,
+        experiment="lora" if lora else "sft",
+        model=dataclasses.replace(cfg.model, path=str(base)),
+        data=dataclasses.replace(cfg.data, path=str(data), max_length=256, val_fraction=0.2),
+        lora=dataclasses.replace(cfg.lora, **lora),
+    )
+    return loop.train(cfg)
 
 
 def deny(monkeypatch, denied: Path) -> None:

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+from helpers import save_base_model
 from test_chat_templates import generate_case
-from test_generate_cli import _base
 from test_masking import COUNTING_TEMPLATE, trained_runs
 
 from fasttune.data.formats import load_records
@@ -159,7 +159,7 @@ def test_generate_sends_a_prompt_records_chat_template_kwargs(tmp_path, capsys, 
     assert main(argv) == 0 and prompts_seen == [prompt]
     assert main([*argv, "--raw"]) == 2
     assert f"{prompts} line 1 has 'chat_template_kwargs', and without a chat template" in capsys.readouterr().err
-    plain = _base(tmp_path / "plain", chat_template=CHATML)
+    plain = save_base_model(tmp_path / "plain", chat_template=CHATML)
     assert main([*argv[:2], str(plain), *argv[3:]]) == 2
     assert "line 1: chat_template_kwargs sets enable_thinking, which the chat template does not read" in (
         capsys.readouterr().err

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
-from test_generate_cli import _base
+from helpers import save_base_model
 from test_masking import trained_runs
 
 from fasttune.data.sft import tokenize_records
@@ -107,7 +107,7 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_turn_as_generation_r
 def generate_case(tmp_path, template: str, trained: dict, extra: dict) -> tuple[list[str], list[int]]:
     """`generate --prompts` of the first message of `trained` (with `extra`'s fields) on a model whose chat template is
     `template`: (argv, the prompt ids training puts before `trained`'s reply)."""
-    model = _base(tmp_path / "m", chat_template=template)
+    model = save_base_model(tmp_path / "m", chat_template=template)
     tok = build_tiny_tokenizer(chat_template=template, bos="<s>")
     (sample,) = tokenize_records([trained], "chat", tok)
     prompt = sample["input_ids"][: next(i for i, t in enumerate(sample["labels"]) if t != -100)]
@@ -128,7 +128,7 @@ def test_generate_sends_a_prompt_records_tools_as_training_rendered_them(tmp_pat
     assert main(argv) == 0 and prompts_seen == [prompt]
     assert main([*argv, "--raw"]) == 2
     assert f"{prompts} line 1 has 'tools', and without a chat template" in capsys.readouterr().err
-    plain = _base(tmp_path / "plain", chat_template=CHATML)
+    plain = save_base_model(tmp_path / "plain", chat_template=CHATML)
     assert main([*argv[:2], str(plain), *argv[3:]]) == 2
     assert f"{prompts} line 1 has 'tools', but the chat template does not render them" in capsys.readouterr().err
 

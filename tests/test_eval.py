@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generate_cli import GSM8K, _base, _train
+from helpers import GSM8K, save_base_model, train_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -20,7 +20,7 @@ SHARED_GSM8K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft-eval")
-    return _train(tmp, _base(tmp / "base"))
+    return train_tiny(tmp, save_base_model(tmp / "base"))
 
 
 @pytest.mark.parametrize(
@@ -249,7 +249,7 @@ def test_training_scores_generation_on_held_out_samples(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0, eval_generate_every=1,
                       eval_generate_samples=3)  # fmt: skip
     cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(_base(tmp_path / "base"))),
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp_path / "base"))),
         data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
         generation=dataclasses.replace(cfg.generation, max_new_tokens=3))  # fmt: skip
     result = loop.train(cfg)
@@ -279,7 +279,7 @@ def test_training_scores_leave_out_held_out_answers_cut_by_max_length(tmp_path, 
     cfg = tiny_config(tmp_path, max_steps=1, save_every=0, eval_every=0, eval_generate_every=1,
                       eval_generate_samples=20)  # fmt: skip
     cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(_base(tmp_path / "base"))),
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp_path / "base"))),
         data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=400, val_fraction=0.5))  # fmt: skip
     loop.train(cfg)
     whole = {r["output"].strip() for r in json.loads(GSM8K.read_text())}
@@ -312,7 +312,7 @@ def test_eval_answers_each_conversations_last_turn_also_when_trained_turn_by_tur
     the record they came from. Now each conversation's last turn is answered, under its record's index."""
     from test_chat_templates import REASONED, REASONING
 
-    base = _base(tmp_path / "base", chat_template=REASONING)
+    base = save_base_model(tmp_path / "base", chat_template=REASONING)
     data = tmp_path / "chat.jsonl"
     records = [{"messages": [{"role": "user", "content": "Hi " * 300}, {"role": "assistant", "content": "1"}]},
                {"messages": REASONED}, {"messages": REASONED[:2]}]  # the first is longer than the context  # fmt: skip

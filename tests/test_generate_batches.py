@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generate_cli import _base
+from helpers import save_base_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -17,7 +17,7 @@ CONTEXT, MAX_NEW = 128, 100
 @pytest.fixture(scope="module")
 def short_model(tmp_path_factory) -> Path:
     """An untrained micro model with a 128-token context: it rarely writes EOS, so answers run to their budget."""
-    return _base(tmp_path_factory.mktemp("short") / "base", context=CONTEXT)
+    return save_base_model(tmp_path_factory.mktemp("short") / "base", context=CONTEXT)
 
 
 def _records() -> list[dict]:

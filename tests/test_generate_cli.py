@@ -2,7 +2,6 @@
 test_prompt_format.py; adapters and damaged model folders: test_model_folders.py). References: the training samples'
 own prompt tokens, and plain HF `generate` on the same checkpoint."""
 
-import dataclasses
 import errno
 import io
 import json
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import deny_file, tiny_config
+from helpers import deny_file, save_base_model, train_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -22,38 +20,12 @@ from fasttune.errors import DataError, FasttuneError
 from fasttune.generate.chat import chat_loop
 from fasttune.generate.prompts import read_prompts, write_jsonl
 from fasttune.generate.template import prompt_ids
-from fasttune.model.build import preset_config
-from fasttune.train import loop
-
-GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
-
-
-def _base(path: Path, chat_template=None, context: int = 512) -> Path:
-    tok = build_tiny_tokenizer(chat_template=chat_template, bos="<s>")  # a Llama-like tokenizer that adds BOS
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=context)).save_pretrained(
-        path
-    )
-    tok.save_pretrained(path)
-    return path
-
-
-def _train(tmp: Path, base: Path, data: Path = GSM8K, **lora) -> loop.RunResult:
-    cfg = tiny_config(tmp, max_steps=2, save_every=2, eval_every=0)
-    cfg = dataclasses.replace(
-        cfg,
-        experiment="lora" if lora else "sft",
-        model=dataclasses.replace(cfg.model, path=str(base)),
-        data=dataclasses.replace(cfg.data, path=str(data), max_length=256, val_fraction=0.2),
-        lora=dataclasses.replace(cfg.lora, **lora),
-    )
-    return loop.train(cfg)
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft")
-    return _train(tmp, _base(tmp / "base"))
+    return train_tiny(tmp, save_base_model(tmp / "base"))
 
 
 def _hf_greedy(model_dir: Path, ids: list[int], n: int) -> str:
@@ -233,7 +205,7 @@ def test_a_failed_write_names_its_cause_and_the_fix_for_it(tmp_path, monkeypatch
 
 def _short_base(path: Path, chat_template=None) -> Path:
     """A model of 32 positions whose tokenizer knows it (model_max_length, as training saves it)."""
-    base = _base(path, chat_template=chat_template, context=32)
+    base = save_base_model(path, chat_template=chat_template, context=32)
     AutoTokenizer.from_pretrained(base, model_max_length=32).save_pretrained(base)
     return base
 
@@ -276,7 +248,7 @@ def test_chat_is_multi_turn_with_a_chat_template_and_exits_on_eof(tmp_path, caps
 
     from fasttune.model.load import load_for_inference
 
-    model, tok = load_for_inference(_base(tmp_path / "chat", chat_template=CHATML))
+    model, tok = load_for_inference(save_base_model(tmp_path / "chat", chat_template=CHATML))
     lines = iter(["Hello", "", "And you?"])
 
     def read(prompt):
@@ -339,7 +311,7 @@ def test_chat_system_that_the_format_would_drop_is_refused_as_training_refuses_i
     )
     from fasttune.model.load import load_for_inference
 
-    model, tok = load_for_inference(_base(tmp_path / "plain"))  # no chat template: plain text continued
+    model, tok = load_for_inference(save_base_model(tmp_path / "plain"))  # no chat template: plain text continued
     with pytest.raises(FasttuneError, match="--system: this model has no chat template.*drop --system"):
         chat_loop(model, tok, system="Be brief.", read=lambda prompt: "")
 
@@ -390,7 +362,7 @@ def test_generate_raw_refuses_a_record_whose_other_messages_it_would_drop(sft_ru
 
 
 def test_train_from_a_run_folder_starts_from_its_latest_checkpoint(sft_run, tmp_path):
-    result = _train(tmp_path, sft_run.run_dir)
+    result = train_tiny(tmp_path, sft_run.run_dir)
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert saved["model"]["path"] == str(sft_run.checkpoint)
 

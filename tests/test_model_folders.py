@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import deny_file
-from test_generate_cli import _base, _train
+from helpers import deny_file, save_base_model, train_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -20,8 +19,8 @@ from fasttune.errors import FasttuneError
 def test_lora_adapter_and_lora_run_folder_load_like_peft(tmp_path, capsys):
     from peft import PeftModel
 
-    base = _base(tmp_path / "base")
-    result = _train(tmp_path / "l", base, enabled=True, rank=4, alpha=8, merge_on_save=False)
+    base = save_base_model(tmp_path / "base")
+    result = train_tiny(tmp_path / "l", base, enabled=True, rank=4, alpha=8, merge_on_save=False)
     capsys.readouterr()
     run = result.run_dir
     ids = AutoTokenizer.from_pretrained(run / "adapter")(format_prompt({"instruction": "Hi"}, "alpaca"))["input_ids"]
@@ -47,7 +46,7 @@ def test_training_refuses_a_lora_adapter_as_model_with_the_fix(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
     with pytest.raises(FasttuneError, match="is a LoRA adapter, not a full model"):
-        _train(tmp_path / "t", adapter)
+        train_tiny(tmp_path / "t", adapter)
 
 
 def _damaged_copies(tmp_path, source: Path) -> tuple[Path, Path]:
