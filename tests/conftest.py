@@ -73,3 +73,14 @@ def prompts_seen(monkeypatch):
     monkeypatch.setattr(gen, "generate_ids", lambda model, tok, batch, **kw: seen.extend(batch) or real(
         model, tok, batch, **kw))  # fmt: skip
     return seen
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """(config, result) of a tiny run of 4 steps with a checkpoint at steps 2 and 4."""
+    from helpers import tiny_config
+
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp_path, max_steps=4, save_every=2, eval_every=0)
+    return cfg, loop.train(cfg)

@@ -8,17 +8,11 @@ import logging
 import os
 
 import pytest
-from helpers import losses, tiny_config
+from helpers import losses
 
 from fasttune.errors import FasttuneError
 from fasttune.model.resolve import latest_checkpoint
 from fasttune.train import checkpoint, loop
-
-
-@pytest.fixture
-def two_checkpoints(tmp_path):
-    cfg = tiny_config(tmp_path, max_steps=4, save_every=2, eval_every=0)
-    return cfg, loop.train(cfg)
 
 
 def _damage(ckpt, how: str) -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import deny, deny_file, losses, save_micro_model, tiny_config
+from helpers import deny, deny_file, losses, save_micro_model
 from test_resolve import _checkpoint, _model, _run, _weights
 
 from fasttune.cli import main
@@ -103,12 +103,6 @@ def test_a_run_folder_with_an_unreadable_model_stops_and_never_takes_another(tmp
             call(str(run))
         assert str(e.value).startswith(f"{option} {message}") and "damaged" not in str(e.value)
     assert "skipping" not in caplog.text
-
-
-@pytest.fixture
-def two_checkpoints(tmp_path):
-    cfg = tiny_config(tmp_path, max_steps=4, save_every=2, eval_every=0)
-    return cfg, loop.train(cfg)
 
 
 @pytest.mark.parametrize("what", ["model.safetensors", "trainer_state.pt", "tokenizer.json", "folder"])
