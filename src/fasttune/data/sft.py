@@ -110,7 +110,7 @@ def tokenize_records(
                    for ids in encode_texts(tokenizer, [r["text"] for r in records], source)]  # fmt: skip
     else:
         samples = _encode(tokenizer, [_render_plain(record, fmt, train_on_prompt) for record in records], True)
-    bos = _bos_prefix(tokenizer)
+    bos = bos_prefix(tokenizer)
     for record, sample in zip(records, samples, strict=True):
         ids, labels = sample["input_ids"], sample["labels"]
         if not ids or ids[-1] != eos:  # text that already ends in EOS keeps its own
@@ -135,7 +135,7 @@ def _render_plain(record: dict, fmt: str, train_on_prompt: bool) -> tuple[str, l
     return text, [(0 if train_on_prompt else len(prompt), len(text))]
 
 
-def _bos_prefix(tokenizer) -> list[int]:
+def bos_prefix(tokenizer) -> list[int]:
     """[bos] when this tokenizer adds BOS on its own (Llama), [] when it does not (GPT-2, Qwen)."""
     bos = tokenizer.bos_token_id
     if bos is None:

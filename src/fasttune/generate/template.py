@@ -58,10 +58,10 @@ def recorded_template(tokenizer, fmt: str) -> str | None:
     """The chat template that renders the `fmt` prompts as training tokenized them: BOS first exactly where training
     put it (data/sft.py: where the tokenizer adds one itself), so that apply_chat_template(tokenize=True) gives the
     training ids; None for formats without one (chat: the model's own; text)."""
-    from fasttune.data.sft import _bos_prefix
+    from fasttune.data.sft import bos_prefix
 
     template = TEMPLATES.get(fmt)
-    if template is None or not _bos_prefix(tokenizer):
+    if template is None or not bos_prefix(tokenizer):
         return template
     comment, rest = template.split("\n", 1)  # the format's name stays the first line
     return f"{comment}\n{_BOS_FIRST}{rest}"
@@ -159,7 +159,7 @@ def prompt_ids(
         ) from None
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if fmt in TEMPLATES and "bos_token" not in tokenizer.chat_template:  # recorded before the template rendered BOS
-        from fasttune.data.sft import _bos_prefix  # training puts BOS in front exactly when the tokenizer adds one
+        from fasttune.data.sft import bos_prefix  # training puts BOS in front exactly when the tokenizer adds one
 
-        ids = _bos_prefix(tokenizer) + ids
+        ids = bos_prefix(tokenizer) + ids
     return ids
