@@ -379,10 +379,10 @@ def test_the_estimate_counts_fsdp2s_gathered_weights_and_no_head_gradient_under_
 def test_the_no_fit_advice_prices_lora_without_a_head_gradient():
     """The --lora.enabled what-if of the no-fit advice is priced as a LoRA run is (a frozen head: no fp32 gradient
     accumulator in the loss, 2 GiB at the 8B shape): where only that estimate fits, the advice offers LoRA."""
-    from fasttune.train.memory import _state_changes
+    from fasttune.train.memory import state_changes
 
     eight_b = Setup(Shape.of(preset_config("llama-3.1-8b", 128256)), 8_030_261_248, 8_030_261_248, 2, 4.0, 2048)
-    change = next(c for text, c in _state_changes(eight_b) if "--lora.enabled" in text)
+    change = next(c for text, c in state_changes(eight_b) if "--lora.enabled" in text)
     lora = estimate(Setup(**{**eight_b.__dict__, **change}), "full")
     assert lora.loss < 0.5 * GiB and not Setup(**{**eight_b.__dict__, **change}).head_trainable
     free = (lora.total + 0.5 * GiB) / HEADROOM  # LoRA fits, with 0.5 GiB to spare: less than its head would take
@@ -397,7 +397,7 @@ def test_fsdp2s_gathered_weights_count_its_largest_block():
     from transformers import AutoModelForCausalLM, DeepseekV3Config
 
     from fasttune.model.build import decoder_blocks
-    from fasttune.train.memory import _gathered
+    from fasttune.train.memory import gathered
 
     config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=256, moe_intermediate_size=64,
                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
@@ -408,7 +408,7 @@ def test_fsdp2s_gathered_weights_count_its_largest_block():
     blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_blocks(model)]
     assert blocks[0] < blocks[1] == blocks[2]
     root = sum(p.numel() for p in model.parameters()) - sum(blocks)
-    assert _gathered(model, 2) == (root + 2 * blocks[1]) * 2
+    assert gathered(model, 2) == (root + 2 * blocks[1]) * 2
 
 
 def test_an_activation_with_parameters_is_measured_where_the_run_is():
@@ -436,7 +436,7 @@ def _apply_advice(st: Setup, msg: str) -> list[tuple[str, Setup, str]]:
     """(advice, the Setup it makes, the plan it names) for each alternative after "try" in a no-fit message."""
     import re
 
-    from fasttune.train.memory import _state_changes
+    from fasttune.train.memory import state_changes
 
     out = []
     alts, depth, start, text = [], 0, 0, msg.split("; try ", 1)[1]
@@ -449,7 +449,7 @@ def _apply_advice(st: Setup, msg: str) -> list[tuple[str, Setup, str]]:
         tokens = re.search(r"about (\d+) tokens per micro-batch", alt)
         plan = re.search(r"--model.memory (\S+)", alt)
         changed = {"tokens": int(tokens[1]), "accumulating": True} if tokens else {}  # grad-accum raised
-        changed |= next((c for text, c in _state_changes(st) if alt.startswith(text)), {})
+        changed |= next((c for text, c in state_changes(st) if alt.startswith(text)), {})
         if not changed and not alt.startswith("--model.memory"):
             continue  # "a smaller model, or several GPUs": nothing to apply
         out.append((alt, Setup(**{**st.__dict__, **changed}), plan[1] if plan else "auto"))

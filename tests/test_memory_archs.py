@@ -56,7 +56,7 @@ def test_layers_of_other_architectures_keep_what_the_planner_counts(kind, monkey
     from transformers.models.falcon import modeling_falcon
 
     from fasttune.attention.select import native_attention
-    from fasttune.train.memory import _shape
+    from fasttune.train.memory import model_shape
 
     if kind == "gptj" and native_attention(AutoConfig.for_model(kind)) == "eager":  # 5.17; 5.24 has AttentionInterface
         pytest.skip("this transformers runs GPT-J's attention in its own eager code, which keeps the scores "
@@ -64,7 +64,7 @@ def test_layers_of_other_architectures_keep_what_the_planner_counts(kind, monkey
 
     monkeypatch.setattr(modeling_falcon, "create_causal_mask", lambda **kwargs: None)  # sdpa's is_causal instead
     make = functools.partial(_model, kind)
-    shape = _shape(make(1))
+    shape = model_shape(make(1))
     for autocast in (False, True):
         for plan in ("none", "ops", "attention", "mlp", "full"):
             got = _per_token_and_layer(plan, "", make=make, autocast=autocast)
@@ -91,9 +91,9 @@ def test_lora_on_a_plain_mlp_keeps_what_the_planner_counts(kind):
     input as before. Counted as Llama's, `ops` was 41% (StarCoder2) and 36% (GPT-NeoX) high, `none` -1.3 KB (a frozen
     norm's normalized input, which a LayerNorm never kept) where 0.2 KB are kept."""
     from fasttune.train.activations import lora_bytes
-    from fasttune.train.memory import _shape
+    from fasttune.train.memory import model_shape
 
-    shape = _shape(_model(kind, 1))
+    shape = model_shape(_model(kind, 1))
     for plan in ("none", "ops", "mlp"):
         plain = _per_token_and_layer(plan, "", make=functools.partial(_model, kind))
         got = _per_token_and_layer(plan, "", make=functools.partial(_lora, kind)) - plain
@@ -125,14 +125,14 @@ def test_the_config_alone_counts_the_layers_as_built(kind):
     config names measured). Built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fasttune.train.memory import _shape
+    from fasttune.train.memory import model_shape
 
     fields = ("norms", "norm_elem", "parallel", "mlp", "act_elem", "fused_qkv", "qkv_views", "q_copy")
     names = {"n_embd": 64, "n_head": 4, "n_layer": 1} if kind in ("gptj", "gpt2", "codegen", "gpt_bigcode") else {
         "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1}  # fmt: skip
     config = AutoConfig.for_model(kind, vocab_size=VOCAB, pad_token_id=0, **names)
     with torch.device("meta"):
-        built = _shape(AutoModelForCausalLM.from_config(config))
+        built = model_shape(AutoModelForCausalLM.from_config(config))
     alone = Shape.of(config)
     assert tuple(getattr(built, f) for f in fields) == LAYOUTS[kind] == tuple(getattr(alone, f) for f in fields)
 
@@ -205,7 +205,7 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
 
     from fasttune.attention.select import native_attention
     from fasttune.model.layout import kept_scores
-    from fasttune.train.memory import _shape
+    from fasttune.train.memory import model_shape
     from fasttune.train.recompute import plans_for
     from tests.test_memory_layers import _kept_bytes
 
@@ -221,7 +221,7 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
 
     model = make(1)
     assert native_attention(model.config) == native
-    attention, shape, rows = f"transformers {native}", _shape(model), (64, 128, 256)
+    attention, shape, rows = f"transformers {native}", model_shape(model), (64, 128, 256)
     for plan, part in (("none", 0), ("ops", 1), ("mlp", 0)):
         if plan not in plans_for(model):  # MPT's MLP block is no `mlp`
             continue
@@ -250,13 +250,13 @@ def test_padded_rows_are_estimated_at_the_longest_sample_and_grouped_rows_at_the
     from fasttune.config import get_experiment
     from fasttune.data.packing import Batcher
     from fasttune.train.activations import activation_bytes
-    from fasttune.train.memory import _shape, plan_memory
+    from fasttune.train.memory import model_shape, plan_memory
 
     config = AutoConfig.for_model("bloom", vocab_size=VOCAB, hidden_size=384, n_layer=2, n_head=6)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     cfg = get_experiment("sft")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=2048, micro_batch_size=4))
-    shape = _shape(model)
+    shape = model_shape(model)
     cases = ((False, False, 300, 300, 1200), (False, False, 4000, 2048, 8192), (False, True, 300, 300, 8192),
              (True, False, 300, 8192, 8192))  # fmt: skip
     for packing, grouped, longest, row, tokens in cases:
@@ -300,8 +300,8 @@ def test_the_activation_is_measured_under_the_runs_autocast_on_its_gpu():
         pytest.skip("needs a CUDA GPU")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fasttune.train.memory import _shape
+    from fasttune.train.memory import model_shape
 
     config = AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=1)
     model = AutoModelForCausalLM.from_config(config).cuda()
-    assert (_shape(model).act_elem, _shape(model, autocast=True).act_elem) == (10, 18)
+    assert (model_shape(model).act_elem, model_shape(model, autocast=True).act_elem) == (10, 18)

@@ -318,7 +318,7 @@ def test_a_fused_qkv_projection_keeps_what_the_planner_counts():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.attention.select import register
-    from fasttune.train.memory import _shape
+    from fasttune.train.memory import model_shape
 
     def make(layers: int):
         config = AutoConfig.for_model("phi3", hidden_size=384, intermediate_size=1024, num_attention_heads=6,
@@ -326,7 +326,7 @@ def test_a_fused_qkv_projection_keeps_what_the_planner_counts():
                                       pad_token_id=0, attn_implementation=register()["sdpa"])  # fmt: skip
         return AutoModelForCausalLM.from_config(config)
 
-    shape = _shape(make(1))
+    shape = model_shape(make(1))
     assert shape.fused_qkv
     for autocast, lean in ((False, False), (False, True), (True, False)):
         for plan in ("none", "attention", "mlp"):

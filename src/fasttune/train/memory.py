@@ -140,7 +140,7 @@ class Setup:
     head_trainable: bool = True
     """The output projection trains (not under LoRA): the chunked loss accumulates its gradient in fp32."""
     gathered: float = 0.0
-    """Bytes of weights FSDP2 holds all-gathered beside the shards (_gathered): the root unit (embeddings, head, final
+    """Bytes of weights FSDP2 holds all-gathered beside the shards (gathered()): the root unit (embeddings, head, final
     norm) from the forward to its backward, and two decoder blocks (the running one and the prefetched one)."""
 
 
@@ -228,7 +228,7 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
         fixes.append(f"about {tokens} tokens per micro-batch (lower --data.micro-batch-size or --data.max-length, "
                      f"raise --training.grad-accum to keep the batch) with --model.memory {plan}")  # fmt: skip
     if not fits:
-        fixes += [fix for text, change in _state_changes(st) if (fix := _with_change(st, acc, text, change, budget))]
+        fixes += [fix for text, change in state_changes(st) if (fix := _with_change(st, acc, text, change, budget))]
     if not fixes:
         fixes.append("a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)")
     return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
@@ -236,7 +236,7 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
             f"{free_bytes / GiB:.1f} GiB free on the GPU); try {' or '.join(fixes)}")  # fmt: skip
 
 
-def _state_changes(st: Setup) -> list[tuple[str, dict]]:
+def state_changes(st: Setup) -> list[tuple[str, dict]]:
     """(advice, the Setup fields it changes) for what shrinks the weights, gradients and optimizer state."""
     changes = []
     if st.param_bytes == 4:
@@ -291,8 +291,8 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     head = base_model(model).get_output_embeddings()
     return Setup(
         head_trainable=head is None or head.weight.requires_grad,
-        gathered=_gathered(model, 2 if autocast else param_bytes) if shards > 1 else 0.0,
-        shards=shards, ddp=world > 1 and not cfg.training.fsdp, shape=_shape(model, autocast, device),
+        gathered=gathered(model, 2 if autocast else param_bytes) if shards > 1 else 0.0,
+        shards=shards, ddp=world > 1 and not cfg.training.fsdp, shape=model_shape(model, autocast, device),
         params=n, trainable=trainable, param_bytes=param_bytes,
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
@@ -304,7 +304,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
     )  # fmt: skip
 
 
-def _gathered(model: torch.nn.Module, gather_bytes: int) -> float:
+def gathered(model: torch.nn.Module, gather_bytes: int) -> float:
     """Setup.gathered: FSDP2 (distributed._shard) shards each of transformers' decoder blocks, and the rest as one
     root unit (the whole model where it names no blocks); under bf16 autocast it gathers in bf16 (`gather_bytes` 2).
     The largest block counts twice (DeepSeek's first layers are dense, the others MoE)."""
@@ -328,7 +328,7 @@ def _on_gpu(model: torch.nn.Module, device: torch.device | None) -> bool:
     return any(p.is_cuda for p in model.parameters())
 
 
-def _shape(model: torch.nn.Module, autocast: bool = False, device: torch.device | None = None) -> Shape:
+def model_shape(model: torch.nn.Module, autocast: bool = False, device: torch.device | None = None) -> Shape:
     """The model's shape, its norms, attention and MLP as its first decoder layer has them (the config alone names
     neither: model/norm.py, model/layout.py); `autocast`: the run computes under bf16 autocast, on `device` (default:
     the model's)."""
@@ -391,7 +391,7 @@ def _tag_liger_norms(model: torch.nn.Module, est: Estimate) -> Estimate:
     return est
 
 
-def _kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | None) -> bool:
+def kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | None) -> bool:
     """Whether the run's attention (fasttune's backend name) keeps grouped kv heads expanded for backward."""
     from fasttune.attention.select import keeps_expanded_kv
     from fasttune.model.flops import head_dim
@@ -431,7 +431,7 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     d = cfg.data
     budget = d.micro_batch_size * d.max_length
     tokens, row = bounds or (budget, budget if d.packing else d.max_length)
-    st = setup_of(cfg, model, liger, chunked, _kv_expanded(model, device, attention),
+    st = setup_of(cfg, model, liger, chunked, kv_expanded(model, device, attention),
                   kept_scores(model, attention, row, runs_autocast(cfg, model, device)), tokens, device)  # fmt: skip
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
