@@ -104,6 +104,25 @@ def test_a_template_that_rewrites_earlier_turns_trains_each_turn_as_generation_r
     assert sample == samples[1]
 
 
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_origins_give_each_samples_record_as_tokenizing_the_records_one_by_one_does(train_on_prompt):
+    """`origins`: the record of each sample (several of a conversation trained turn by turn), for eval's numbering,
+    which tokenized every record a second time on its own to count its samples."""
+    tok = build_tiny_tokenizer(chat_template=REASONING)
+    blank = {"role": "assistant", "content": " "}  # not trained
+    conversations = (REASONED, REASONED[:2], REASONED, [REASONED[0], blank], [*REASONED[:3], blank])
+    records = [{"messages": m} for m in conversations]
+    origins: list[int] = []
+    samples = tokenize_records(records, "chat", tok, train_on_prompt=train_on_prompt, notes=[], origins=origins)
+    one_by_one = [(i, s) for i, r in enumerate(records)
+                  for s in tokenize_records([r], "chat", tok, train_on_prompt=train_on_prompt, notes=[])]  # fmt: skip
+    assert list(zip(origins, samples, strict=True)) == one_by_one
+    assert origins == ([0, 1, 2, 3, 4] if train_on_prompt else [0, 0, 1, 2, 2, 3, 4])
+    alpaca: list[int] = []
+    tokenize_records([{"instruction": "a", "output": "b"}] * 2, "alpaca", tok, origins=alpaca)
+    assert alpaca == [0, 1]
+
+
 def generate_case(tmp_path, template: str, trained: dict, extra: dict) -> tuple[list[str], list[int]]:
     """`generate --prompts` of the first message of `trained` (with `extra`'s fields) on a model whose chat template is
     `template`: (argv, the prompt ids training puts before `trained`'s reply)."""

@@ -324,3 +324,22 @@ def test_eval_answers_each_conversations_last_turn_also_when_trained_turn_by_tur
     assert [(r["index"], r["reference"]) for r in rows] == [(1, "<think>x</think>12"), (2, "<think>add</think>4")]
     tok = AutoTokenizer.from_pretrained(base)
     assert rows[0]["prompt"] == tok.apply_chat_template(REASONED[:3], tokenize=False, add_generation_prompt=True)
+
+
+def test_eval_tokenizes_chat_data_trained_turn_by_turn_once(tmp_path, monkeypatch):
+    """Eval numbered the samples of conversations trained turn by turn by tokenizing each record again on its own
+    (twice the data prep); tokenizing gives each sample's record now."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+    from test_chat_templates import REASONED, REASONING
+
+    from fasttune.eval import run
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n\n" for m in (REASONED, REASONED[:2], REASONED)))
+    calls, real = [], run.tokenize_records
+    monkeypatch.setattr(run, "tokenize_records", lambda records, *a, **k: calls.append(len(records)) or real(records,
+                        *a, **k))  # fmt: skip
+    tok = build_tiny_tokenizer(chat_template=REASONING)
+    samples, fmt, too_long = run._samples(run.EvalArgs(checkpoint="unused", data=str(data)), tok, 512)
+    assert calls == [3] and (fmt, too_long) == ("chat", 0)
+    assert [(s["record"], s["last_turn"]) for s in samples] == [(0, False), (0, True), (1, True), (2, False), (2, True)]

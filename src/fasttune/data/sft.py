@@ -91,17 +91,21 @@ def tokenize_records(
     train_on_prompt: bool = False,
     source: str = "dataset",
     notes: list[str] | None = None,
+    origins: list[int] | None = None,
 ) -> list[dict]:
     """Tokenize `records` of format `fmt` into [{"input_ids": [...], "labels": [...]}] (labels -100 where no loss);
     a chat record whose template rewrites earlier turns gives one sample per assistant turn. `source` names the
-    dataset in error messages; `notes` (else the log) gets a line on how many records were so split."""
+    dataset in error messages; `notes` (else the log) gets a line on how many records were so split; `origins`, when
+    given, gets each sample's record: its position in `records`."""
     if fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     without_length_warning(tokenizer)
     for i, record in enumerate(records):
         validate_record(record, fmt, f"{source} record {i}")
     if fmt == "chat":
-        return _tokenize_chat(records, tokenizer, train_on_prompt, source, notes)
+        return _tokenize_chat(records, tokenizer, train_on_prompt, source, notes, origins)
+    if origins is not None:
+        origins.extend(range(len(records)))  # a sample per record
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"the tokenizer has no eos_token, needed to end each {fmt} sample; set tokenizer.eos_token")
@@ -148,13 +152,13 @@ def bos_prefix(tokenizer) -> list[int]:
 
 
 def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
-                   notes: list[str] | None) -> list[dict]:  # fmt: skip
+                   notes: list[str] | None, origins: list[int] | None) -> list[dict]:  # fmt: skip
     with fixed_date():
-        return _tokenize_chat_records(records, tokenizer, train_on_prompt, source, notes)
+        return _tokenize_chat_records(records, tokenizer, train_on_prompt, source, notes, origins)
 
 
 def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
-                           notes: list[str] | None) -> list[dict]:  # fmt: skip
+                           notes: list[str] | None, origins: list[int] | None) -> list[dict]:  # fmt: skip
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise DataError(
@@ -173,12 +177,14 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
         chat.check_tools()
         if train_on_prompt:
             text = chat.render(len(chat.messages), False)
-            rendered.append((text, [(0, len(text))]))
-            continue
-        first = record.get(PROMPT_TURNS, 0)  # a conversational prompt/completion's prompt: not trained
-        texts, turn_by_turn = chat_texts(chat, first, tagged)
-        by_turn += turn_by_turn
+            texts = [(text, [(0, len(text))])]
+        else:
+            first = record.get(PROMPT_TURNS, 0)  # a conversational prompt/completion's prompt: not trained
+            texts, turn_by_turn = chat_texts(chat, first, tagged)
+            by_turn += turn_by_turn
         rendered.extend(texts)
+        if origins is not None:
+            origins.extend([i] * len(texts))
     if by_turn:
         line = (f"  {by_turn} of {len(records)} conversations trained turn by turn (a sample per assistant turn, the "
                 "conversation before it as context): the chat template renders them differently from their own "

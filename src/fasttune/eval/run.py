@@ -206,9 +206,10 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     from fasttune.data.formats import load_records
 
     records, fmt = load_records(a.data, a.format, option="--format", split=None)  # never a DatasetDict's train split
-    samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data)
+    origins: list[int] = []
+    samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data, origins=origins)
     if fmt != "text":
-        _number_records(samples, records[: a.limit], fmt, tokenizer, a.data)
+        _number_records(samples, origins)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
         raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
@@ -222,16 +223,13 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     return kept, fmt, len(samples) - len(kept)
 
 
-def _number_records(samples: list[dict], records: list[dict], fmt: str, tokenizer, source: str) -> None:
-    """Each sample's `record`: its record's position in the data (completions.jsonl's index), also when samples were
-    left out or a conversation trained turn by turn gave a sample per assistant turn; `last_turn`: the sample ends
-    with the record's last answer (the one --generate answers, as for a conversation rendered whole)."""
-    counts = [1] * len(records)
-    if len(samples) != len(records):  # turn by turn: how many samples each record gave
-        counts = [len(tokenize_records([r], fmt, tokenizer, source=source, notes=[])) for r in records]
-    position = [(i, k == n - 1) for i, n in enumerate(counts) for k in range(n)]
-    for sample, (i, last) in zip(samples, position, strict=True):
-        sample["record"], sample["last_turn"] = i, last
+def _number_records(samples: list[dict], origins: list[int]) -> None:
+    """Each sample's `record`: its record's position in the data (`origins`, as tokenize_records gives them:
+    completions.jsonl's index), also when samples are left out later or a conversation trained turn by turn gave a
+    sample per assistant turn; `last_turn`: the sample ends with the record's last answer (the one --generate answers,
+    as for a conversation rendered whole)."""
+    for k, (sample, i) in enumerate(zip(samples, origins, strict=True)):
+        sample["record"], sample["last_turn"] = i, k + 1 == len(origins) or origins[k + 1] != i
 
 
 def _scored(sample: dict) -> bool:
