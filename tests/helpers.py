@@ -104,24 +104,15 @@ def rel_diff(a, b) -> float:
 
 
 def save_micro_model(path: Path) -> Path:
-    """A micro Llama (seed 0) with the tiny tokenizer, saved like any local HF model folder; returns `path`."""
-    import torch
-    from fixtures.tiny_tokenizer import build_tiny_tokenizer
-    from transformers import AutoModelForCausalLM
+    """A micro Llama (seed 0) with the tiny tokenizer (ChatML chat template, no BOS), saved like any local HF model
+    folder; returns `path`."""
+    from fixtures.tiny_tokenizer import CHATML
 
-    from fasttune.model.build import preset_config
-
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=512)).save_pretrained(
-        path
-    )
-    tok.save_pretrained(path)
-    return path
+    return save_base_model(path, chat_template=CHATML, bos=None)
 
 
-def save_base_model(path: Path, chat_template=None, context: int = 512) -> Path:
-    """A micro Llama (seed 0) with a Llama-like tiny tokenizer that adds BOS (`chat_template` set when given), with
+def save_base_model(path: Path, chat_template=None, context: int = 512, bos: str | None = "<s>") -> Path:
+    """A micro Llama (seed 0) with a Llama-like tiny tokenizer that adds `bos` (`chat_template` set when given), with
     `context` positions, saved as a local HF model folder; returns `path`."""
     import torch
     from fixtures.tiny_tokenizer import build_tiny_tokenizer
@@ -129,7 +120,7 @@ def save_base_model(path: Path, chat_template=None, context: int = 512) -> Path:
 
     from fasttune.model.build import preset_config
 
-    tok = build_tiny_tokenizer(chat_template=chat_template, bos="<s>")
+    tok = build_tiny_tokenizer(chat_template=chat_template, bos=bos)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(preset_config("micro", len(tok), max_position_embeddings=context)).save_pretrained(
         path
