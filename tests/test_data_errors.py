@@ -108,11 +108,21 @@ def test_chat_without_chat_template():
         tokenize_records(records, fmt, build_tiny_tokenizer(chat_template=None), source="chat.jsonl")
 
 
-def test_chat_template_that_raises_names_the_record():
-    tokenizer = build_tiny_tokenizer(chat_template="{{ raise_exception('roles must alternate') }}")
+LONG_REASON = "roles must alternate user/assistant/user/assistant " * 6 + "; fix the data"
+
+
+@pytest.mark.parametrize(
+    ("reason", "said"),
+    [("roles must alternate", "roles must alternate"), (LONG_REASON.replace(" ", "\\n"), LONG_REASON),
+     ("", "TemplateError")],
+)  # fmt: skip
+def test_chat_template_that_raises_names_the_record(reason, said):
+    """The template's own message, whole and on one line (it may say the fix); its error's type when it says none."""
+    tokenizer = build_tiny_tokenizer(chat_template=f"{{{{ raise_exception('{reason}') }}}}")
     records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
-    with pytest.raises(DataError, match=r"data record 0: the chat template rejected .*roles must alternate"):
+    with pytest.raises(DataError) as caught:
         tokenize_records(records, fmt, tokenizer, source="data")
+    assert str(caught.value) == f"data record 0: the chat template rejected this conversation ({said})"
 
 
 def test_tokenize_validates_records_too():

@@ -1,6 +1,12 @@
 """The one exception type users see: a clear, one-line message with the fix, printed without a traceback."""
 
 
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception's message for a one-line error: its whitespace runs one space each, cut at `limit` characters
+    (when given), and the exception's type name when the message is empty."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
 class FasttuneError(Exception):
     """A user-facing error. The CLI prints `error: <message>` and exits with `exit_code` (no traceback
     unless --debug). The message names the file, line or option at fault and what to do about it."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fasttune.data.chat_fields import TRAINING_KEYS, message_flag, template_messages
-from fasttune.errors import DataError
+from fasttune.errors import DataError, one_line
 
 Span = tuple[int, int]
 """A trained character span of a rendered text: [start, end)."""
@@ -82,11 +82,7 @@ class Chat:
                                                       tokenize=False, add_generation_prompt=add_generation_prompt,
                                                       **(self.kwargs or {}))  # fmt: skip
         except Exception as e:  # jinja raises TemplateError/UndefinedError/its own raise_exception text
-            raise DataError(f"{self.where}: the chat template rejected this conversation ({_one_line(e)})") from e
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+            raise DataError(f"{self.where}: the chat template rejected this conversation ({one_line(e)})") from e
 
 
 def record_tools(record: dict, where: str) -> list | None:
@@ -224,7 +220,7 @@ def _generation_spans(chat: Chat, first: int) -> tuple[str, list[Span]] | str:
             return_assistant_tokens_mask=True, **{**tokenizer.special_tokens_map, **(chat.kwargs or {})},
         )  # fmt: skip
     except Exception as e:  # jinja raises TemplateError/UndefinedError/its own raise_exception text
-        raise DataError(f"{chat.where}: the chat template rejected this conversation ({_one_line(e)})") from e
+        raise DataError(f"{chat.where}: the chat template rejected this conversation ({one_line(e)})") from e
     assistants = [j for j, m in enumerate(chat.messages) if m["role"] == "assistant"]
     if other := [j for j in trained if chat.messages[j]["role"] != "assistant"]:
         return (f"they mark assistant turns, and {chat.messages[other[0]]['role']} message {other[0]} is marked "

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttune.errors import DataError
+from fasttune.errors import DataError, one_line
 
 TEXT_SUFFIXES = frozenset(
     ".txt .text .md .markdown .rst .tex .py .pyi .c .h .cc .cpp .hpp .cu .cuh .rs .go .java .kt .scala .js .ts "
@@ -322,8 +322,7 @@ def check_size(chars: int, where: str) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text[:200] or type(error).__name__
+    return one_line(error, 200)  # pyarrow's and datasets' messages can run long
 
 
 def type_name(value: object) -> str:
