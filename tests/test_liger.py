@@ -108,3 +108,17 @@ def test_on_cuda_a_model_built_after_a_liger_model_has_no_liger_kernels():
     ids = torch.randint(0, VOCAB, (2, 16))
     model(ids.cuda()).logits.float().sum().backward()
     later.cpu().float()(ids)  # a CPU model after it (was: Triton's "cannot be accessed from Triton (cpu tensor?)")
+
+
+def test_liger_s_warning_about_its_ascend_backend_is_dropped_and_a_cuda_backend_s_kept(caplog):
+    """On an H200 every run with Liger printed that its Huawei Ascend backend could not be imported; a failing CUDA
+    backend (Triton) must still be seen."""
+    registry = __import__("logging").getLogger("liger_kernel.backends.registry")
+    liger.quiet_other_hardware()
+    liger.quiet_other_hardware()  # idempotent
+    message = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+    with caplog.at_level("WARNING", logger=registry.name):
+        registry.warning(message, "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "no tanh")
+        registry.warning(message, "liger_kernel.ops.backends._triton.rope", "rope", "ImportError", "no triton")
+    assert [r.getMessage().split("'")[1] for r in caplog.records] == ["liger_kernel.ops.backends._triton.rope"]
+    assert registry.filters.count(liger._QUIET) == 1

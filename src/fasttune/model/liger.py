@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import sys
 from types import MethodType
 
@@ -75,11 +76,30 @@ def _restore(snapshot: tuple[dict, dict, dict], model=None) -> None:
         setattr(owner, name, value)
 
 
+class _OtherHardware(logging.Filter):
+    """Liger 0.8.5 imports its kernels' backends for every kind of device on a kernel's first use and warns when one
+    fails: on an H200 with triton 3.6, every run printed "Backend impl 'liger_kernel.ops.backends._ascend.rope' for op
+    'rope' could not be imported: ImportError: cannot import name 'tanh'", about Huawei Ascend NPUs, which fasttune
+    never runs Liger on. Those records are dropped; a failing CUDA backend still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (isinstance(path, str) and "._ascend." in path)
+
+
+_QUIET = _OtherHardware()
+
+
+def quiet_other_hardware() -> None:
+    logging.getLogger("liger_kernel.backends.registry").addFilter(_QUIET)  # the same filter once, however often
+
+
 def apply(model, **kwargs) -> None:
     """Liger's kernels for `model` (liger_kernel's `_apply_liger_kernel_to_instance`, `kwargs` passed on), the rest of
     the process left as it was but for the RoPE functions."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
+    quiet_other_hardware()
     snapshot = _snapshot()
     try:
         _apply_liger_kernel_to_instance(model=model, **kwargs)
