@@ -144,7 +144,7 @@ def run_generate(a: GenerateArgs) -> int:
     g = generate_ids(model, tok, [ids], max_new_tokens=budget, temperature=a.temperature, top_p=a.top_p,
                      seed=a.seed, stop=a.stop, on_text=_write, engine=engine)[0]  # fmt: skip
     sys.stdout.write("\n")
-    print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.speed()}]", file=sys.stderr)
     return 0
 
 

@@ -96,7 +96,7 @@ class TrainArgs(Command):
             except FasttuneError as e:
                 log.warning("no sample generated: %s", e)
                 return 0
-            print(f"sample ({g.tokens_per_s:.0f} tok/s):\n{prompt}{g.text}")
+            print(f"sample ({g.speed()}):\n{prompt}{g.text}")
         return 0
 
 
