@@ -110,15 +110,18 @@ def test_on_cuda_a_model_built_after_a_liger_model_has_no_liger_kernels():
     later.cpu().float()(ids)  # a CPU model after it (was: Triton's "cannot be accessed from Triton (cpu tensor?)")
 
 
-def test_liger_s_warning_about_its_ascend_backend_is_dropped_and_a_cuda_backend_s_kept(caplog):
-    """On an H200 every run with Liger printed that its Huawei Ascend backend could not be imported; a failing CUDA
-    backend (Triton) must still be seen."""
+def test_liger_s_warnings_about_backends_fasttune_does_not_run_are_dropped_and_triton_s_kept(caplog):
+    """On an H200 every run with Liger printed that its Huawei Ascend and its optional CuTe DSL backends could not be
+    imported; a failing Triton backend (the kernels fasttune runs) must still be seen."""
     registry = __import__("logging").getLogger("liger_kernel.backends.registry")
-    liger.quiet_other_hardware()
-    liger.quiet_other_hardware()  # idempotent
+    liger.quiet_other_backends()
+    liger.quiet_other_backends()  # idempotent
     message = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
     with caplog.at_level("WARNING", logger=registry.name):
         registry.warning(message, "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "no tanh")
+        registry.warning(message, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no cutlass dsl")
+        registry.warning(message, "liger_kernel.ops.backends._cutedsl.rope", "rope", "RuntimeError", "broken")
         registry.warning(message, "liger_kernel.ops.backends._triton.rope", "rope", "ImportError", "no triton")
-    assert [r.getMessage().split("'")[1] for r in caplog.records] == ["liger_kernel.ops.backends._triton.rope"]
+    seen = [r.getMessage().split("'")[1] for r in caplog.records]
+    assert seen == ["liger_kernel.ops.backends._cutedsl.rope", "liger_kernel.ops.backends._triton.rope"]
     assert registry.filters.count(liger._QUIET) == 1

@@ -76,21 +76,24 @@ def _restore(snapshot: tuple[dict, dict, dict], model=None) -> None:
         setattr(owner, name, value)
 
 
-class _OtherHardware(logging.Filter):
-    """Liger 0.8.5 imports its kernels' backends for every kind of device on a kernel's first use and warns when one
-    fails: on an H200 with triton 3.6, every run printed "Backend impl 'liger_kernel.ops.backends._ascend.rope' for op
-    'rope' could not be imported: ImportError: cannot import name 'tanh'", about Huawei Ascend NPUs, which fasttune
-    never runs Liger on. Those records are dropped; a failing CUDA backend still warns."""
+class _OtherBackends(logging.Filter):
+    """Liger 0.8.5 imports its kernels' backends for every kind of device on a kernel's first use and warns for each
+    that fails. On an H200 with triton 3.6 every run with Liger printed two such lines: its Huawei Ascend backend
+    ("cannot import name 'tanh'"; fasttune never runs Liger on an NPU) and its optional CuTe DSL backend, when
+    nvidia-cutlass-dsl is not installed (the Triton kernels run). Those records are dropped; any other backend's
+    failure (Triton's) still warns."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        path = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        return not (isinstance(path, str) and "._ascend." in path)
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = args[0] if args and isinstance(args[0], str) else ""
+        not_installed = len(args) > 2 and args[2] in ("ImportError", "ModuleNotFoundError")
+        return not ("._ascend." in path or ("._cutedsl." in path and not_installed))
 
 
-_QUIET = _OtherHardware()
+_QUIET = _OtherBackends()
 
 
-def quiet_other_hardware() -> None:
+def quiet_other_backends() -> None:
     logging.getLogger("liger_kernel.backends.registry").addFilter(_QUIET)  # the same filter once, however often
 
 
@@ -99,7 +102,7 @@ def apply(model, **kwargs) -> None:
     the process left as it was but for the RoPE functions."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    quiet_other_hardware()
+    quiet_other_backends()
     snapshot = _snapshot()
     try:
         _apply_liger_kernel_to_instance(model=model, **kwargs)

@@ -186,9 +186,9 @@ def liger_linear_cross_entropy(hidden_BSH: torch.Tensor, head: nn.Linear, labels
         return linear_cross_entropy(hidden_BSH, head, labels_BS, num_items_in_batch, shift_labels, logits=logits)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    from fasttune.model.liger import quiet_other_hardware
+    from fasttune.model.liger import quiet_other_backends
 
-    quiet_other_hardware()
+    quiet_other_backends()
     logits = logits or LogitTransform()
     hidden_TH, targets_T = logits.scaled(*trained_rows(hidden_BSH, labels_BS, shift_labels))
     kwargs = {"ignore_index": IGNORE, "reduction": "mean" if num_items_in_batch is None else "sum",
