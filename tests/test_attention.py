@@ -312,6 +312,10 @@ def test_choice_is_described_without_repeating_itself():
 
     assert describe("sdpa", "sdpa", "requested") == "sdpa (as requested)"
     assert describe("auto", "varlen", "fastest usable") == "auto -> varlen (fastest usable)"
+    long = ("fastest usable for cuda packed D64 by measured preference flash_attention_4>varlen; not usable: "
+            "flash_attention_4 (package not installed (no module 'flash_attn'))")  # fmt: skip
+    assert describe("auto", "varlen", long) == ("auto -> varlen (fastest usable for cuda packed D64; faster ones not "
+                                                "usable here: the log or `fasttune doctor` says why)")  # fmt: skip
     why = "'varlen' unavailable (needs a CUDA GPU); using sdpa"
     assert describe("varlen", "sdpa", why) == f"sdpa ({why})"
 

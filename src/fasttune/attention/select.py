@@ -41,9 +41,14 @@ class Resolved:
 
 
 def describe(requested: str, name: str, reason: str) -> str:
-    """One phrase for the run summary: 'sdpa (as requested)', 'auto -> varlen (why)', 'sdpa (why not the request)'."""
+    """One phrase for the run summary: 'sdpa (as requested)', 'auto -> varlen (why)', 'sdpa (why not the request)'.
+    auto's why is cut to its verdict: the preference order and why each faster backend is not usable stay in the
+    log's line (on an H200 without flash-attn-4 they filled 14 lines of the summary's table)."""
     if requested == "auto":
-        return f"auto -> {name} ({reason})"
+        short = reason.split(" by measured preference")[0]
+        if "; not usable:" in reason:
+            short += "; faster ones not usable here: the log or `fasttune doctor` says why"
+        return f"auto -> {name} ({short})"
     return f"{name} (as requested)" if name == requested else f"{name} ({reason})"
 
 

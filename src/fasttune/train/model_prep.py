@@ -58,7 +58,8 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> Attention
         strict=cfg.strict_attention,
         model_config=model_config,
     )
-    log.info("attention: %s (%s)", r.name, r.reason)
+    if cfg.attn_implementation != "auto":  # auto's choice and its reason are logged as it chooses
+        log.info("attention: %s (%s)", r.name, r.reason)
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
 
 
