@@ -64,6 +64,20 @@ def test_a_turn_the_template_renders_empty_is_refused():
         tokenize_records([{"messages": TURNS}], "chat", tok)
 
 
+@pytest.mark.parametrize("call", [{"role": "assistant", "tool_calls": [CALL]},
+                                  {"role": "assistant", "content": None, "tool_calls": [CALL]}])  # fmt: skip
+def test_a_tool_call_without_content_trains_as_the_template_renders_it(call):
+    """A tool call as HF's tool-use docs and OpenAI write it (no content, or null; Qwen2.5's template guards it) was
+    refused: "messages[1].content must be a string, got null"."""
+    tok = build_tiny_tokenizer(chat_template=CHATML_TOOLS.replace("{{ m['content'] }}", "{{ m['content'] or '' }}"))
+    turns = [TURNS[0], call, *TURNS[2:]]
+    (sample,) = tokenize_records([{"messages": turns, "tools": TOOLS}], "chat", tok)
+    assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(turns, tools=TOOLS, tokenize=False)
+    assert trained_runs(tok, sample) == [f"<call>{json.dumps(CALL['function'])}</call><|im_end|>", "It is 4.<|im_end|>"]
+    with pytest.raises(DataError, match=r"record 0: messages\[1\].content must be a string, got null"):
+        tokenize_records([{"messages": [TURNS[0], {"role": "assistant", "content": None}]}], "chat", tok)
+
+
 # Qwen3's shape: an assistant turn after the last user message shows its reasoning, earlier ones do not, so the
 # conversation through turn 1 is not the beginning of the whole conversation's rendering.
 REASONING = (

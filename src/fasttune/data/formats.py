@@ -185,6 +185,8 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
         if "role" not in message and {"from", "value"} <= set(message):
             raise DataError(f"{where}: {field}[{j}] uses ShareGPT keys from/value; {_SHAREGPT_FIX}")
         for key in ("role", "content"):
+            if key == "content" and message.get(key) is None and _calls_tools(message):
+                continue  # a tool call as OpenAI and HF's tool-use docs write it: no content (or null)
             if not isinstance(message.get(key), str):
                 raise DataError(
                     f"{where}: {field}[{j}].{key} must be a string, got {type_name(message.get(key))}; fix the record"
@@ -194,6 +196,12 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
     if need_reply and not any(m["role"] == "assistant" for m in messages):
         of = "" if field == "messages" else f" of {field!r}"
         raise DataError(f"{where}: no message{of} has role 'assistant', so there is nothing to train on; add a reply")
+
+
+def _calls_tools(message: dict) -> bool:
+    """An assistant message with tool calls, whose content may be left out or null: chat templates render its calls."""
+    calls = message.get("tool_calls")
+    return message.get("role") == "assistant" and isinstance(calls, list) and bool(calls)
 
 
 def _check_role(role: str, where: str) -> None:
