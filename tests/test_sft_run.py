@@ -253,3 +253,28 @@ def test_data_summary_counts_every_record_held_out_ones_left_out_included(tmp_pa
     assert len(long) > 0 and s.val_left_out == len(long)
     assert s.train_samples + s.no_response + s.val_samples + s.val_left_out == len(records)
     assert f"  left out of validation: {len(long)} held-out samples, by the same rules" in "\n".join(s.lines())
+
+
+def test_no_validation_names_held_out_samples_left_out_by_max_length(tmp_path, caplog):
+    """Every held-out sample too long for max_length: the warning said "the data is too small to hold one out" of 60
+    records, and sent the user to --data.val-fraction, which holds out more samples that are left out the same way."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.config import get_experiment
+    from fasttune.data.corpus import holdout
+    from fasttune.data.pipeline import build_data
+
+    keys = [str(i) for i in range(60)]
+    _, held = holdout(keys, keys, 0.05)
+    records = [{"instruction": "Add the numbers. " * (30 if str(i) in held else 1), "input": "", "output": "5"}
+               for i in range(60)]  # fmt: skip
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(records))
+    cfg = get_experiment("sft")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path), max_length=64))
+    data = build_data(cfg, tokenizer=build_tiny_tokenizer())
+    assert not data.val and data.summary.val_left_out == len(held) > 0 and data.train
+    caplog.set_level(logging.WARNING, logger="fasttune")
+    loop._say_no_validation(cfg, data)
+    assert f"no validation: the {len(held)} held-out samples were all left out" in caplog.text
+    assert "too small" not in caplog.text and "raise --data.max-length" in caplog.text

@@ -202,9 +202,16 @@ def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
     every, fraction = cfg.training.eval_every, cfg.data.val_fraction
     if data.val or not every:
         return
-    why = "data.val_fraction is 0" if not fraction else "no sample is held out (the data is too small to hold one out)"
-    log.warning("no validation: %s, so --training.eval-every %d computes no val_loss; set --data.val-fraction (e.g. "
-                "0.05) to hold some data out, or --training.eval-every 0 to drop evaluation", why, every)  # fmt: skip
+    left_out = data.summary.val_left_out
+    why, fix = "data.val_fraction is 0", "set --data.val-fraction (e.g. 0.05) to hold some data out"
+    if fraction and left_out:  # held out, then left out by max_length: "too small" would send the user astray
+        why = (f"the {left_out} held-out samples were all left out (too long for --data.max-length "
+               f"{cfg.data.max_length}, or no trained token left: see the data summary)")  # fmt: skip
+        fix = "raise --data.max-length or --data.val-fraction"
+    elif fraction:
+        why = "no sample is held out (the data is too small to hold one out)"
+    log.warning("no validation: %s, so --training.eval-every %d computes no val_loss; %s, or --training.eval-every 0 "
+                "to drop evaluation", why, every, fix)  # fmt: skip
 
 
 def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog, grad_accum: int,
