@@ -77,6 +77,9 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
         ("--max_seq_length", "did you mean --data.max-length?"),
         ("--lora_r", "did you mean --lora.rank?"),
         ("--rank", "did you mean --lora.rank?"),  # one option of that name, in another section
+        ("--bf16", "did you mean --model.dtype?"),  # HF Trainer's precision switches: no hint before
+        ("--fp16", "did you mean --model.dtype?"),
+        ("--warmup_ratio", "did you mean --training.warmup-steps?"),
         *((f, "fasttune has no epochs option: it trains --max-steps optimizer steps") for f in
           ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--epochs")),
     ],

@@ -45,6 +45,10 @@ OTHER_NAMES = {
     "resume-from-checkpoint": "--resume",
     "gradient-checkpointing": "--model.gradient-checkpointing",
     "completion-only-loss": "--data.no-train-on-prompt",
+    "bf16": "--model.dtype",
+    "fp16": "--model.dtype",
+    "torch-dtype": "--model.dtype",
+    "warmup-ratio": "--training.warmup-steps",
     # Axolotl, peft, LLaMA-Factory
     "lr": "--training.lr",
     "num-epochs": None,
@@ -66,6 +70,8 @@ OTHER_NAMES = {
     "lora-target-modules": "--lora.targets",
     "target-modules": "--lora.targets",
     "adapter": "--lora.enabled",
+    # Unsloth
+    "use-gradient-checkpointing": "--model.gradient-checkpointing",
 }
 """Option names HF Trainer, TRL, Axolotl and peft users type (the leaf of the flag, dashes for underscores) -> the
 fasttune option that does that; None: fasttune has no such option (epochs: it counts steps)."""
