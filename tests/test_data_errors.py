@@ -165,6 +165,18 @@ def test_mixed_folder(tmp_path):
     assert "folder mixes data files (b.jsonl) and text files (a.txt)" in error_for(tmp_path)
 
 
+def test_a_hugging_face_dataset_folder_is_read_without_its_dataset_card(tmp_path):
+    """A dataset repository as downloaded (README.md, data/train-00000-of-00001.parquet) was refused as a folder that
+    mixes data and text files; the card is skipped as `datasets` skips it, another text file is still refused."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-00000-of-00001.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# my data set\n")
+    (tmp_path / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    assert load_records(str(tmp_path)) == ([{"text": "x"}, {"text": "y"}], "text")
+    (tmp_path / "notes.md").write_text("mine")
+    assert "folder mixes data files (train-00000-of-00001.jsonl) and text files (notes.md)" in error_for(tmp_path)
+
+
 def test_a_folder_with_a_held_out_split_is_refused_naming_the_files(tmp_path):
     """train.jsonl beside test.jsonl (or HF's data/train-00000-of-00001.parquet beside test-...) was read as one data
     set: the test records were trained on (and `fasttune eval --data` of the folder scored training records)."""

@@ -118,6 +118,8 @@ def _folder_files(root: Path) -> list[Path]:
             f"{root}: folder has no text (.txt, .md, .py, ...) or data (.jsonl, .json, .parquet, .csv) files"
         )
     data = [p for p in files if p.suffix.lower() in DATA_SUFFIXES]
+    if data:  # a dataset card beside the data (a Hugging Face dataset repository's README.md) is not data
+        files = [p for p in files if p in data or p.name.lower() != "readme.md"]
     _check_one_split(root, data)
     if data and len(data) < len(files):
         text = next(p for p in files if p.suffix.lower() not in DATA_SUFFIXES)
