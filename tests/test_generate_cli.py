@@ -150,6 +150,29 @@ def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
         read_prompts(path)
 
 
+def test_a_json_array_of_prompts_is_read_as_its_records(sft_run, tmp_path):
+    """An Alpaca .json test set (a JSON array, as training and `eval --data` read it) stopped with "line 1: no
+    prompt" (one line) or "line 1: invalid JSON" (pretty-printed): its records are answered as the same JSONL's."""
+    records = [{"instruction": "Natalia sold clips", "input": "", "output": "72"}, "How many clips?"]
+    lines, array = tmp_path / "p.jsonl", tmp_path / "p.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    outs = []
+    for path, text in ((lines, None), (array, json.dumps(records)), (array, json.dumps(records, indent=2))):
+        if text is not None:
+            path.write_text(text)
+        outs.append(tmp_path / f"out{len(outs)}.jsonl")
+        assert main(["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(path), "--output",
+                     str(outs[-1]), "--max-new-tokens", "3"]) == 0  # fmt: skip
+    rows = [[json.loads(x) for x in out.read_text().splitlines()] for out in outs]
+    assert len(rows[0]) == 2 and rows[0] == rows[1] == rows[2]
+    array.write_text(json.dumps(records, indent=2).replace('"input"', "input", 1))
+    with pytest.raises(DataError, match="p.json line 4: invalid JSON"):
+        read_prompts(array)
+    array.write_text(json.dumps([{"answer": 1}]))
+    with pytest.raises(DataError, match="p.json record 0: no prompt"):
+        read_prompts(array)
+
+
 def test_an_unreadable_prompt_file_is_one_line(tmp_path, monkeypatch, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text('"q"\n')

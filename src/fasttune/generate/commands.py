@@ -67,7 +67,8 @@ class GenerateArgs(SamplingArgs):
     """Text to answer, rendered with the model's prompt format unless --raw (then continued as is)."""
     prompts: str | None = None
     """JSONL file, one prompt per line (a JSON string, or an object with "prompt" (a string or a list of messages),
-    "instruction" (+"input"), "messages" or "text"): completions go to --output, generated in batches."""
+    "instruction" (+"input"), "messages" or "text"), or a JSON array of them: completions go to --output, generated
+    in batches."""
     output: str | None = None
     """JSONL file for the completions of --prompts (default: the prompts file's name + .completions.jsonl)."""
     overwrite: bool = False
@@ -158,13 +159,13 @@ def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list
     roles, --raw's one message, tools and template variables the template reads)."""
     from fasttune.data.chat_fields import KWARGS, check_kwargs, record_kwargs
     from fasttune.data.chat_render import Chat, record_tools
-    from fasttune.generate.prompts import check_single, record_messages
+    from fasttune.generate.prompts import WHERE, check_single, record_messages
     from fasttune.generate.template import check_roles, prompt_format
 
     fmt = "raw" if a.raw else prompt_format(tok)
     conversations = []
     for r in records:
-        where = f"{a.prompts} line {r['_line']}"
+        where = f"{a.prompts} {r[WHERE]}"
         messages, tools, kwargs = record_messages(r, fmt), record_tools(r, where), record_kwargs(r, where)
         if fmt == "raw":
             check_single(messages, where)
@@ -185,14 +186,14 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     from tqdm.auto import tqdm
 
     from fasttune.generate.generate import fast_engine, fit_context, generate_ids, length_batches
-    from fasttune.generate.prompts import write_jsonl
+    from fasttune.generate.prompts import WHERE, write_jsonl
     from fasttune.generate.template import prompt_ids
 
     conversations = _check_records(tok, a, records)  # checked before the model loaded; their messages
     ids = []
     for r, (messages, tools, kwargs) in zip(records, conversations, strict=True):
         ids.append(prompt_ids(tok, messages, raw=a.raw, tools=tools, kwargs=kwargs))
-        fit_context(model, len(ids[-1]), 1, f"{a.prompts} line {r['_line']}: the prompt")
+        fit_context(model, len(ids[-1]), 1, f"{a.prompts} {r[WHERE]}: the prompt")
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
     engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
@@ -202,7 +203,7 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
         gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
                             top_p=a.top_p, seed=a.seed, indices=rows, stop=a.stop, engine=engine)  # fmt: skip
         for i, g in zip(rows, gens, strict=True):
-            record = {k: v for k, v in records[i].items() if k != "_line"}
+            record = {k: v for k, v in records[i].items() if k != WHERE}
             if "completion" in record and "reference" not in record:  # prompt/completion data's own answer: kept
                 record["reference"] = record.pop("completion")
             done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished,

@@ -18,17 +18,20 @@ from fasttune.data.readers import json_error
 from fasttune.errors import DataError, FasttuneError
 
 PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
+WHERE = "_where"
+"""The key read_prompts adds to each record: its place in the file, for errors (dropped from the output)."""
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """Records of a JSONL prompt file, each as a dict (a bare string becomes {"prompt": ...})."""
+    """Records of a JSONL prompt file (or a JSON array of them, as a .json data file holds), each as a dict (a bare
+    string becomes {"prompt": ...}) with WHERE, its place in the file ("line 3", "record 2")."""
     file = Path(path)
     if not file.exists():
         raise DataError(f"--prompts {file}: no such file; pass a JSONL file with one prompt per line")
     if not file.is_file():
         raise DataError(f"--prompts {file} is not a regular file; pass a JSONL file with one prompt per line")
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"--prompts {file}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except PermissionError:
@@ -36,23 +39,39 @@ def read_prompts(path: str | Path) -> list[dict]:
     except OSError as e:
         raise DataError(f"--prompts {file}: cannot read it ({e.strerror or e}); check the file") from None
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError as e:
-            msg = f"{file} line {n}: invalid JSON ({json_error(e)}); write one JSON value per line"
-            raise DataError(msg) from None
+    for where, value in _values(file, text):
         record = {"prompt": value} if isinstance(value, str) else value
         if not isinstance(record, dict) or not _has_prompt(record):
-            raise DataError(f"{file} line {n}: no prompt; give a JSON string or an object with {PROMPT_KEYS}")
-        record["_line"] = n
+            raise DataError(f"{file} {where}: no prompt; give a JSON string or an object with {PROMPT_KEYS}")
+        record[WHERE] = where
         records.append(record)
     if not records:
         raise DataError(f"--prompts {file}: no prompts (the file is empty); write one JSON prompt per line, e.g. "
                         '{"prompt": "What is 2 + 3?"}')  # fmt: skip
     return records
+
+
+def _values(file: Path, text: str) -> list[tuple[str, object]]:
+    """(place, JSON value) of each prompt: one per line, or each item of a JSON array (an Alpaca .json test set, as
+    `eval --data` reads it), pretty-printed or not."""
+    if text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except ValueError as e:  # one line of JSON lines that is itself an array is read below
+            if "\n" in text.strip() and isinstance(e, json.JSONDecodeError) and e.msg != "Extra data":
+                raise DataError(f"{file} line {e.lineno}: invalid JSON ({json_error(e)}); fix the file") from None
+            values = None
+        if isinstance(values, list) and all(isinstance(v, (dict, str)) for v in values):
+            return [(f"record {i}", v) for i, v in enumerate(values)]
+    values = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append((f"line {n}", json.loads(line)))
+        except ValueError as e:
+            raise DataError(f"{file} line {n}: invalid JSON ({json_error(e)}); write one JSON value per line") from None
+    return values
 
 
 def _has_prompt(record: dict) -> bool:
