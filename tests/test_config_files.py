@@ -87,6 +87,18 @@ def test_the_command_line_overrides_the_file_and_experiment_must_agree(tmp_path,
     assert _config(["--config", str(h)]).data.max_documents is None
 
 
+def test_a_home_folder_path_in_the_file_is_the_home_folder(tmp_path, monkeypatch):
+    """`output_dir: ~/runs/a` trained into a folder named ~ in the working directory (the shell expands ~ in a flag,
+    nothing did in a file), and `model: {path: ~/m}` was "no such folder"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    f = tmp_path / "c.yaml"
+    f.write_text("experiment: sft\noutput_dir: ~/runs/a\nmodel: {path: ~/m}\ndata: {path: ~/d.json, cache_dir: ~/c}\n")
+    cfg = _config(["--config", str(f)])
+    home = tmp_path / "home"
+    got = (cfg.output_dir, cfg.model.path, cfg.data.path, cfg.data.cache_dir)
+    assert got == (str(home / "runs/a"), str(home / "m"), str(home / "d.json"), str(home / "c"))
+
+
 def test_a_max_length_set_in_the_file_counts_as_the_users(tmp_path, capsys):
     """A preset's max_length shrinks to the model's context; one the file sets is the user's: an error, as a flag."""
     from transformers import LlamaConfig

@@ -22,6 +22,9 @@ from fasttune.errors import ConfigError
 log = logging.getLogger("fasttune")
 
 SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
+PATHS = ("output_dir", "model.path", "data.path", "data.cache_dir")
+"""Keys that name a file or folder: a leading ~ is the home folder, as the shell makes it of a flag's value (left as
+is, `output_dir: ~/runs/a` made a folder named ~ in the working directory)."""
 COMMAND_LINE_ONLY = ("resume", "overwrite")
 """Keys that act on the run folder rather than describe the run: taken from the command line only (a run's saved
 config.json records them; read back, they would resume or clear a folder nobody asked to)."""
@@ -221,6 +224,8 @@ def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
             out[field] = _fields(sections[field], value, key + ".", name)
         elif key in table:
             out[field] = _coerce(value, table[key].kind, key, name)
+            if key in PATHS and isinstance(out[field], str):
+                out[field] = os.path.expanduser(out[field])
         else:
             raise _unknown(prefix + str(raw), name)
     return out
