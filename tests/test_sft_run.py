@@ -105,6 +105,34 @@ def test_trl_conversational_data_is_said_to_be_read_as_chat(tmp_path):
     assert lines[0].endswith("(chat)") and any("read as chat: TRL's conversational" in line for line in lines)
 
 
+def test_alpaca_records_with_a_system_prompt_or_history_say_it_is_not_trained_on(tmp_path, caplog):
+    """LLaMA-Factory's and Axolotl's Alpaca variants carry "system" (and "history"); the Alpaca prompt has no place for
+    them, and they were dropped without a word. The samples are those of the same records without the fields."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+
+    tok = build_tiny_tokenizer()
+    plain = [{"instruction": f"add {i} and 2", "input": "", "output": str(i + 2)} for i in range(6)]
+    extra = [{**r, "system": "You are a calculator."} if i % 2 else dict(r) for i, r in enumerate(plain)]
+    extra[0]["history"] = [["hi", "hello"]]
+    cfg = get_experiment("sft")
+    samples = {}
+    for name, records in (("plain", plain), ("extra", extra)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(records))
+        caplog.clear()
+        data = dataclasses.replace(cfg.data, path=str(tmp_path / f"{name}.json"), val_fraction=0)
+        with caplog.at_level(logging.WARNING, logger="fasttune"):
+            samples[name] = build_data(dataclasses.replace(cfg, data=data), tokenizer=tok).train
+        said = [r.getMessage() for r in caplog.records if "has no place for" in r.getMessage()]
+        if name == "plain":
+            assert said == []
+    assert samples["extra"] == samples["plain"]
+    assert len(said) == 2 and "3 of 6 records have a 'system' field" in said[0] and "1 of 6" in said[1]
+    assert all("extra.json" in line and "convert the records to chat" in line for line in said)
+
+
 @pytest.fixture(scope="module")
 def micro_falcon(tmp_path_factory) -> Path:
     """A micro multi-query Falcon (its attention in its own code, not transformers' AttentionInterface), with the

@@ -18,6 +18,7 @@ User files are only ever opened for reading.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
@@ -39,6 +40,10 @@ _REQUIRED = {
     "chat": ("messages",),
 }
 _OPTIONAL = {"alpaca": ("input",)}
+_UNRENDERED = {"alpaca": ("system", "history")}
+"""Fields of other tools' Alpaca variants (LLaMA-Factory's system and history, Axolotl's alpaca_w_system) that the
+Alpaca prompt has no place for."""
+log = logging.getLogger("fasttune")
 
 _SHAREGPT_FIX = (
     'convert each record to {"messages": [{"role", "content"}, ...]}: conversations -> messages, from -> role (human '
@@ -209,3 +214,14 @@ def _check_role(role: str, where: str) -> None:
         return
     hint = f"ShareGPT's {role!r} is {_SHAREGPT_ROLES[role]!r}: " if role in _SHAREGPT_ROLES else ""
     raise DataError(f"{where}.role is {role!r}, not a chat role ({', '.join(ROLES)}); {hint}rename it")
+
+
+def say_unrendered(records: list[dict], fmt: str, source: str) -> None:
+    """Warn for each field of _UNRENDERED that holds text no sample will contain: without it, a system prompt or a
+    conversation history in Alpaca records was dropped without a word."""
+    for key in _UNRENDERED.get(fmt, ()):
+        if n := sum(1 for r in records if r.get(key)):
+            log.warning("%s: %d of %d records have a %r field, which the Alpaca prompt (### Instruction, ### Input, "
+                        "### Response) has no place for: it is not trained on; convert the records to chat data "
+                        "(messages, with a system turn or the earlier turns) to train with it", source, n,
+                        len(records), key)  # fmt: skip

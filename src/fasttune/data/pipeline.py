@@ -194,11 +194,12 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         train = _text_samples([x.text for x in train_docs], tokenizer)
         val = _text_samples([x.text for x in val_docs], tokenizer)
     else:
-        from fasttune.data.formats import PROMPT_TURNS, load_records
+        from fasttune.data.formats import PROMPT_TURNS, load_records, say_unrendered
         from fasttune.data.sft import tokenize_records
 
         records, fmt = load_records(d.path, d.format)
         records = records[: d.max_documents]
+        say_unrendered(records, fmt, d.path)
         by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction)  # e.g. one .txt file
         fraction = 0.0 if by_piece else d.val_fraction
         train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
