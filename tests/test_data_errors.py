@@ -72,6 +72,16 @@ def test_bad_chat_message_names_message_index():
     assert "bad_messages.jsonl line 1: messages[1].content must be a string, got null" in message
 
 
+def test_content_as_a_list_of_parts_is_refused_with_how_to_fix_it(tmp_path):
+    """OpenAI's layout ([{"type": "text", "text": ...}]) was refused with a bare "fix the record"."""
+    path = tmp_path / "parts.jsonl"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]}, {"role": "assistant", "content": "4"}]
+    path.write_text(json.dumps({"messages": parts}) + "\n")
+    message = error_for(path)
+    assert "parts.jsonl line 1: messages[0].content must be a string, got list" in message
+    assert message.endswith("join the text parts into one string")
+
+
 def test_record_index_for_json_arrays(tmp_path):
     path = tmp_path / "arr.json"
     path.write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ["d"]}]))

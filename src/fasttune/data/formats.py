@@ -194,13 +194,24 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
                 continue  # a tool call as OpenAI and HF's tool-use docs write it: no content (or null)
             if not isinstance(message.get(key), str):
                 raise DataError(
-                    f"{where}: {field}[{j}].{key} must be a string, got {type_name(message.get(key))}; fix the record"
+                    f"{where}: {field}[{j}].{key} must be a string, got {type_name(message.get(key))}; "
+                    + (_PARTS_FIX if _text_parts(message.get(key)) else "fix the record")
                 )
         _check_role(message["role"], f"{where}: {field}[{j}]")
         check_message_flags(message, f"{where}: {field}[{j}]")
     if need_reply and not any(m["role"] == "assistant" for m in messages):
         of = "" if field == "messages" else f" of {field!r}"
         raise DataError(f"{where}: no message{of} has role 'assistant', so there is nothing to train on; add a reply")
+
+
+_PARTS_FIX = (
+    "it is a list of content parts (OpenAI's and multimodal templates' layout), and fasttune trains text "
+    "models whose chat templates render a string: join the text parts into one string"
+)
+
+
+def _text_parts(content: object) -> bool:
+    return isinstance(content, list) and bool(content) and all(isinstance(p, dict) and "type" in p for p in content)
 
 
 def _calls_tools(message: dict) -> bool:
