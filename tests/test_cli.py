@@ -58,6 +58,15 @@ def test_top_level_help_lists_every_command(capsys):
         (["bench"], "error: `fasttune bench` needs a command: one of attention, train, generate"),
         (["bench", "generate", "--dtype", "fp8"], "error: --dtype='fp8' is not valid; choose one of:"),
         (["doctor", "--jsn"], "error: unknown option --jsn; did you mean --json?"),
+        # other tools' generation names: --max-steps on eval was answered with --max-length
+        (["eval", "--checkpoint", "c", "--data", "d", "--max-steps", "3"],
+         "error: unknown option --max-steps; did you mean --limit?"),
+        (["generate", "--checkpoint", "c", "--do_sample"],
+         "error: unknown option --do_sample; did you mean --temperature? (sampling is on when it is above 0)"),
+        (["generate", "--checkpoint", "c", "--max_tokens", "9"], "error: unknown option --max_tokens; did you mean "
+                                                                  "--max-new-tokens?"),
+        (["chat", "--checkpoint", "c", "--repetition_penalty", "1.1"],
+         "error: unknown option --repetition_penalty; fasttune has no such option"),
     ],
 )  # fmt: skip
 def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):

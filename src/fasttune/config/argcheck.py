@@ -153,6 +153,18 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
     return f"unexpected argument {token!r}; options look like --name VALUE (see `{command} --help`)"
 
 
+GENERATION_NAMES = {
+    "do-sample": "--temperature",  # HF generate: sampling is on when the temperature is above 0
+    "max-steps": "--limit",  # eval: how many records, not steps
+    "max-samples": "--limit",
+    "num-samples": "--limit",
+    "max-tokens": "--max-new-tokens",  # vLLM, OpenAI
+    "repetition-penalty": None,
+}
+"""Other tools' names for what generate, chat and eval do (the options without --max-steps) -> fasttune's; None: no
+such option."""
+
+
 def _suggestion(flag: str, table: dict[str, type]) -> str:
     """The hint for an unknown flag ("did you mean X? "): the fasttune option for another tool's name (OTHER_NAMES),
     the one option of that name in another section (--lr: --training.lr), else the closest spelling; "" for none."""
@@ -165,6 +177,12 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
                     f"as often as that takes (set {_STEPS} N); ")  # fmt: skip
         if target in table:
             return f"did you mean {target}? "
+    if leaf in GENERATION_NAMES and _STEPS not in table:
+        target = GENERATION_NAMES[leaf]
+        if target is None:
+            return "fasttune has no such option; "
+        if target in table:
+            return f"did you mean {target}? " + ("(sampling is on when it is above 0) " if leaf == "do-sample" else "")
     close = closest(typed, leaf, list(table))
     return f"did you mean {close}? " if close else ""
 
