@@ -291,11 +291,11 @@ def test_a_huge_record_is_refused_before_parsing_with_the_limit(tmp_path, monkey
 
 def test_a_prompt_that_fills_max_length_is_reported_as_truncated_not_dropped():
     from fasttune.data.pipeline import DataSummary, fit_length, no_samples_left
+    from fasttune.data.sample import Sample
 
-    ignore = -100
-    long_prompt = {"input_ids": list(range(12)), "labels": [ignore] * 10 + [5, 6]}  # response beyond 8 tokens
-    fine = {"input_ids": list(range(6)), "labels": [ignore] * 3 + [1, 2, 3]}
-    empty = {"input_ids": list(range(4)), "labels": [ignore] * 4}  # nothing to train even untruncated
+    long_prompt = Sample(range(12), [(10, 12)])  # response beyond 8 tokens
+    fine = Sample(range(6), [(3, 6)])
+    empty = Sample(range(4))  # nothing to train even untruncated
     summary = DataSummary("d.jsonl", "alpaca")
     assert fit_length([long_prompt, fine, empty], 8, "truncate", summary) == [fine]
     assert (summary.truncated, summary.no_response, summary.untrained, summary.dropped) == (1, 1, 1, 0)
@@ -407,8 +407,9 @@ def test_a_data_file_in_a_folder_that_cannot_be_looked_into_is_one_line(tmp_path
 
 def test_a_split_texts_one_token_tail_is_not_called_an_empty_response():
     from fasttune.data.pipeline import DataSummary, fit_length
+    from fasttune.data.sample import Sample
 
-    text = {"input_ids": list(range(9)), "labels": list(range(9))}  # 8 + a last piece of one token: no target
+    text = Sample(range(9), [(0, 9)])  # 8 + a last piece of one token: no target
     summary = DataSummary("notes.txt", "text")
     assert len(fit_length([text], 8, "split", summary)) == 1
     assert summary.untrained == 1

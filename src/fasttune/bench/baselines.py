@@ -26,6 +26,7 @@ from fasttune.attention.probe import import_status
 from fasttune.config.base_config import LoraConfig
 from fasttune.data.packing import Batcher, collate_padded
 from fasttune.data.pipeline import DataBundle
+from fasttune.data.sample import Sample
 from fasttune.model.build import build_preset
 from fasttune.model.flops import step_flops
 from fasttune.train.metrics import peak_flops
@@ -105,11 +106,12 @@ def _peft_wrap(model):
     return get_peft_model(model, config)
 
 
-def _collate(samples: list[dict], b: Baseline, device: torch.device) -> dict:
+def _collate(samples: list[Sample | dict], b: Baseline, device: torch.device) -> dict:
     if b.packed:
         from transformers import DataCollatorWithFlattening
 
-        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=b.flash_kwargs)(samples, return_tensors="pt")
+        rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples]  # HF's collator reads dicts
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=b.flash_kwargs)(rows, return_tensors="pt")
     else:
         batch = collate_padded(samples, pad_id=0)
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -151,7 +153,7 @@ def run_baseline(
     model = _build(preset, vocab, b, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    lengths = [len(s["input_ids"]) for s in data.train]
+    lengths = [len(s) for s in data.train]
     peak = peak_flops(device)
     batcher = Batcher(packing=False, micro_batch_size=micro_batch, max_length=0, seed=seed)  # the same sample order
     plan, epoch, per_step = [], 0, []

@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fasttune.data.pipeline import DataBundle, DataSummary
 
 
@@ -33,7 +35,7 @@ def dataset_workload(path: str, model_path: str | None, max_length: int, n: int)
     cfg.data.path, cfg.model.path, cfg.data.max_length = path, model_path, max_length
     samples = build_data(cfg.validate()).train
     samples = samples[:n] if n else samples
-    return [len(s["input_ids"]) for s in samples], [[label != IGNORE for label in s["labels"]] for s in samples]
+    return [len(s) for s in samples], [(s.labels() != IGNORE).tolist() for s in samples]
 
 
 class SyntheticTokenizer:
@@ -59,15 +61,16 @@ def synthetic_bundle(lengths: list[int], vocab_size: int, seed: int = 0,
                      trained: list[list[bool]] | None = None) -> DataBundle:  # fmt: skip
     """Random token ids of the given lengths, no validation split. Labels = inputs where `trained` (a dataset's label
     masks, one list per sample) says so, else -100; without `trained` every token is trained."""
-    from fasttune.data.packing import IGNORE
+    from fasttune.data.sample import Sample, runs
 
     rng = random.Random(seed)
     train = []
     for i, n in enumerate(lengths):
         ids = [rng.randrange(2, vocab_size) for _ in range(n)]
         keep = trained[i] if trained is not None else [True] * n
-        labels = [t if k else IGNORE for t, k in zip(ids, keep, strict=True)]
-        train.append({"input_ids": ids, "labels": labels})
+        if len(keep) != n:
+            raise ValueError(f"sample {i}: {n} tokens but {len(keep)} trained flags")
+        train.append(Sample(ids, runs(np.array(keep, dtype=bool))))
     summary = DataSummary(
         source=f"synthetic ({len(lengths)} samples, lengths {min(lengths)}..{max(lengths)})", format="tokens"
     )

@@ -12,6 +12,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from fasttune.data.sample import Sample
 from fasttune.errors import DataError
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "test_tools"}
@@ -48,13 +49,13 @@ def too_few_to_hold_out(documents: int, val_fraction: float) -> bool:
     return val_fraction > 0 and documents * val_fraction < 1
 
 
-def holdout_tail(samples: list[dict], val_fraction: float, piece: int) -> tuple[list[dict], list[dict], int, int]:
+def holdout_tail(samples: list[Sample], val_fraction: float, piece: int) -> tuple[list[Sample], list[Sample], int, int]:
     """(train, validation, pieces held out, pieces) for text too few documents long to hold whole ones out: the
     samples (documents, in order) cut into `piece`-token pieces as training splits them, and the last
     round(val_fraction x pieces) of those (at least one, one train piece always left) held out, contiguous. A document
     is cut at a piece boundary, so its train part splits into the pieces it would have anyway: none is both trained
     and validated."""
-    counts = [-(-len(s["input_ids"]) // piece) for s in samples]
+    counts = [-(-len(s) // piece) for s in samples]
     total = sum(counts)
     held = min(max(1, round(val_fraction * total)), total - 1) if val_fraction > 0 else 0
     train, val, left = list(samples), [], held
@@ -62,8 +63,8 @@ def holdout_tail(samples: list[dict], val_fraction: float, piece: int) -> tuple[
         sample, n = train.pop(), counts.pop()
         if n > left:
             cut = (n - left) * piece
-            train.append({k: v[:cut] for k, v in sample.items()})
-            sample = {k: v[cut:] for k, v in sample.items()}
+            train.append(sample.cut(0, cut))
+            sample = sample.cut(cut, len(sample))
         val.insert(0, sample)
         left -= n
     return train, val, max(held, 0), total

@@ -15,10 +15,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-IGNORE = -100
-"""Label of a token that contributes no loss (PyTorch's cross-entropy `ignore_index`); the one constant."""
+from fasttune.data.sample import IGNORE, Sample, columns
 
 
 def best_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -82,22 +82,19 @@ def plan_micro_batches(
     return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
 
 
-def collate_packed(samples: Sequence[dict]) -> dict[str, torch.Tensor | int]:
-    ids, labels, pos, cu = [], [], [], [0]
-    for s in samples:
-        n = len(s["input_ids"])
-        ids.extend(s["input_ids"])
-        lab = list(s["labels"])
-        lab[0] = IGNORE
-        labels.extend(lab)
-        pos.extend(range(n))
-        cu.append(cu[-1] + n)
+def collate_packed(samples: Sequence[Sample | dict]) -> dict[str, torch.Tensor | int]:
+    """One row of the samples back to back; each sample's first label -100 (see the module's docstring)."""
+    ids, labels = zip(*map(columns, samples), strict=True)
+    for lab in labels:
+        lab[0] = IGNORE  # columns gives fresh label arrays
+    lengths = [len(x) for x in ids]
+    cu = np.cumsum([0, *lengths])
     cu_t = torch.tensor(cu, dtype=torch.int32)
     longest = int((cu_t[1:] - cu_t[:-1]).max())
     return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "input_ids": torch.from_numpy(np.concatenate(ids))[None],
+        "labels": torch.from_numpy(np.concatenate(labels))[None],
+        "position_ids": torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]))[None],
         "cu_seq_lens_q": cu_t,
         "cu_seq_lens_k": cu_t,
         "max_length_q": longest,
@@ -105,21 +102,22 @@ def collate_packed(samples: Sequence[dict]) -> dict[str, torch.Tensor | int]:
     }
 
 
-def collate_padded(samples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_padded(samples: Sequence[Sample | dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch (padding side does not change the loss; right padding keeps positions 0..n-1)."""
-    width = max(len(s["input_ids"]) for s in samples)
+    rows = [columns(s) for s in samples]
+    width = max(len(x) for x, _ in rows)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for r, s in enumerate(samples):
-        n = len(s["input_ids"])
-        ids[r, :n] = torch.tensor(s["input_ids"])
-        labels[r, :n] = torch.tensor(s["labels"])
+    for r, (x, lab) in enumerate(rows):
+        n = len(x)
+        ids[r, :n] = torch.from_numpy(x)
+        labels[r, :n] = torch.from_numpy(lab)
         mask[r, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate(samples: Sequence[dict], *, packing: bool, pad_id: int) -> dict:
+def collate(samples: Sequence[Sample | dict], *, packing: bool, pad_id: int) -> dict:
     return collate_packed(samples) if packing else collate_padded(samples, pad_id)
 
 
@@ -175,5 +173,5 @@ class Batcher:
         row = min(self.max_length, longest)
         return (budget if self.grouped else self.micro_batch_size * row), row
 
-    def collate(self, samples: Sequence[dict]) -> dict:
+    def collate(self, samples: Sequence[Sample | dict]) -> dict:
         return collate(samples, packing=self.packing, pad_id=self.pad_id)

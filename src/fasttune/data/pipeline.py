@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fasttune.config import BaseConfig
 from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load_stdlib_corpus, too_few_to_hold_out
-from fasttune.data.packing import IGNORE, Batcher
+from fasttune.data.packing import Batcher
+from fasttune.data.sample import Sample
 from fasttune.data.tokenizer import cached_tokenizer, without_length_warning
 from fasttune.errors import DataError
 
@@ -71,38 +72,34 @@ class DataSummary:
 
 @dataclass
 class DataBundle:
-    train: list[dict]
-    val: list[dict]
+    train: list[Sample]
+    val: list[Sample]
     tokenizer: PreTrainedTokenizerBase
     summary: DataSummary
 
 
-def _trains(sample: dict) -> bool:
-    return any(t != IGNORE for t in sample["labels"][1:])
-
-
-def fit_length(samples: list[dict], max_length: int, mode: str, summary: DataSummary) -> list[dict]:
+def fit_length(samples: list[Sample], max_length: int, mode: str, summary: DataSummary) -> list[Sample]:
     """Apply the overlong policy (truncate / split / drop) and count what happened. Samples left with no trained
     token are left out and counted apart: truncated ones whose prompt filled max_length (`no_response`) and ones
     that had none to begin with (`untrained`)."""
     out = []
     for s in samples:
-        n = len(s["input_ids"])
+        n = len(s)
         if n <= max_length:
             out.append(s)
         elif mode == "truncate":
             summary.truncated += 1
-            cut = {k: v[:max_length] for k, v in s.items()}
-            if _trains(cut):
+            cut = s.cut(0, max_length)
+            if cut.trained(1):
                 out.append(cut)
             else:
                 summary.no_response += 1
         elif mode == "split":
             summary.split += 1
-            out.extend({k: v[i : i + max_length] for k, v in s.items()} for i in range(0, n, max_length))
+            out.extend(s.cut(i, i + max_length) for i in range(0, n, max_length))
         else:
             summary.dropped += 1
-    kept = [s for s in out if _trains(s)]
+    kept = [s for s in out if s.trained(1)]  # a target after the causal shift
     summary.untrained += len(out) - len(kept)
     return kept
 
@@ -132,21 +129,23 @@ def no_samples_left(source: str, summary: DataSummary, held: DataSummary | None 
     return f"{source}: no training samples left ({why}); {fix}"
 
 
-def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
-    if not texts:
-        return []
+def _text_samples(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Sample]:
+    """The embedded corpus's files, each + EOS, every token trained; tokenized 256 files per call."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     without_length_warning(tokenizer)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [{"input_ids": x + eos, "labels": x + eos} for x in ids]
+    out = []
+    for lo in range(0, len(texts), 256):
+        ids = tokenizer(texts[lo : lo + 256], add_special_tokens=False)["input_ids"]
+        out += [Sample(x + eos, [(0, len(x) + len(eos))]) for x in ids]
+    return out
 
 
-def _hold_out_pieces(docs: list[dict], val_fraction: float, piece: int, summary: DataSummary) -> tuple[list, list]:
+def _hold_out_pieces(docs: list[Sample], val_fraction: float, piece: int, summary: DataSummary) -> tuple[list, list]:
     """Text with too few documents to hold whole ones out: its last pieces are, and the summary says which."""
     train, val, held, pieces = holdout_tail(docs, val_fraction, piece)
     what = f"{len(docs)} document{'s' if len(docs) != 1 else ''}"
     if held:
-        tokens = sum(len(s["input_ids"]) for s in val)
+        tokens = sum(map(len, val))
         summary.notes.append(f"  validation: the last {held} of {pieces} pieces of {piece} tokens ({tokens:,} tokens "
                              f"at the end of the text; {what}, too few to hold whole ones out at data.val_fraction "
                              f"{val_fraction})")  # fmt: skip
@@ -231,10 +230,10 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     summary.val_left_out = held.dropped + held.no_response + held.untrained
     if not train:
         raise DataError(no_samples_left(d.path or "embedded corpus", summary, held, d.max_length))
-    lengths = [len(s["input_ids"]) for s in train]
+    lengths = [len(s) for s in train]
     summary.train_samples, summary.val_samples = len(train), len(val)
     summary.train_tokens, summary.longest = sum(lengths), max(lengths)
-    summary.target_tokens = sum(sum(t != IGNORE for t in s["labels"][1:]) for s in train)  # as the loss counts them
+    summary.target_tokens = sum(s.trained(1) for s in train)  # as the loss counts them
     if summary.format != "text":  # supervised: say where the loss is (the response-only mask is otherwise invisible)
         scope = "prompts and responses" if d.train_on_prompt else "responses only"
         pct = 100 * summary.target_tokens / summary.train_tokens
@@ -247,13 +246,14 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     return DataBundle(train, val, tokenizer, summary)
 
 
-def data_fingerprint(train: list[dict], val: list[dict]) -> str:
-    """sha1 over the samples' token ids and labels, in order, train then validation (~3 s per 100M tokens on one
-    CPU core: small beside tokenizing them)."""
+def data_fingerprint(train: list[Sample], val: list[Sample]) -> str:
+    """sha1 over the samples' token ids and labels, in order, train then validation, each as native int64 (the bytes
+    of array("q", ids) and array("q", labels) of the lists samples once were: an older run's fingerprint still
+    matches); ~3 s per 100M tokens on one CPU core, small beside tokenizing them."""
     h = hashlib.sha1()
     for part in (train, val):
         h.update(len(part).to_bytes(8, "little"))
         for s in part:
-            h.update(array("q", s["input_ids"]).tobytes())
-            h.update(array("q", s["labels"]).tobytes())
+            h.update(s.ids.astype(np.int64).tobytes())
+            h.update(s.labels().tobytes())
     return h.hexdigest()[:16]

@@ -24,8 +24,9 @@ Rendering per format:
 Alpaca and prompt_completion never use the chat template, so the same data trains the same way on every model;
 convert to chat format to train through a model's template. Supervised formats train the response (and EOS) only
 unless train_on_prompt. A BOS id is prepended (never trained) when the tokenizer itself adds one, except for chat,
-whose templates write their own. Labels are aligned with input_ids (unshifted, HF convention; -100 = no loss).
-Nothing is truncated here: see `check_lengths`.
+whose templates write their own. Labels are aligned with input_ids (unshifted, HF convention; -100 = no loss),
+each trained token its own label: a sample (data/sample.py) keeps the ids and the trained spans, per batched
+tokenizer call, so the whole data set is never held as Python lists. Nothing is truncated here: see `check_lengths`.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from fasttune.data.chat_fields import check_kwargs, record_kwargs
 from fasttune.data.chat_render import Chat, Span, chat_texts, fixed_date, record_tools, special_tokens
 from fasttune.data.formats import FORMATS, PROMPT_TURNS, validate_record
 from fasttune.data.longtext import encode_texts
-from fasttune.data.packing import IGNORE
+from fasttune.data.sample import Sample
 from fasttune.data.tokenizer import without_length_warning
 from fasttune.errors import DataError
 
@@ -92,9 +95,9 @@ def tokenize_records(
     source: str = "dataset",
     notes: list[str] | None = None,
     origins: list[int] | None = None,
-) -> list[dict]:
-    """Tokenize `records` of format `fmt` into [{"input_ids": [...], "labels": [...]}] (labels -100 where no loss);
-    a chat record whose template rewrites earlier turns gives one sample per assistant turn. `source` names the
+) -> list[Sample]:
+    """Tokenize `records` of format `fmt` into Samples (token ids and the spans trained: labels -100 elsewhere); a
+    chat record whose template rewrites earlier turns gives one sample per assistant turn. `source` names the
     dataset in error messages; `notes` (else the log) gets a line on how many records were so split; `origins`, when
     given, gets each sample's record: its position in `records`."""
     if fmt not in FORMATS:
@@ -110,20 +113,26 @@ def tokenize_records(
     if eos is None:
         raise DataError(f"the tokenizer has no eos_token, needed to end each {fmt} sample; set tokenizer.eos_token")
     if fmt == "text" and getattr(tokenizer, "is_fast", False):  # all trained: no offsets, long texts in pieces
-        samples = [{"input_ids": ids, "labels": list(ids)}
-                   for ids in encode_texts(tokenizer, [r["text"] for r in records], source)]  # fmt: skip
+        texts = [r["text"] for r in records]
+        samples = [Sample(ids, [(0, len(ids))]) for ids in encode_texts(tokenizer, texts, source)]
     else:
         samples = _encode(tokenizer, [_render_plain(record, fmt, train_on_prompt) for record in records], True)
     bos = bos_prefix(tokenizer)
-    for record, sample in zip(records, samples, strict=True):
-        ids, labels = sample["input_ids"], sample["labels"]
-        if not ids or ids[-1] != eos:  # text that already ends in EOS keeps its own
-            ids.append(eos)
-            labels.append(eos)
-        if not train_on_prompt and not _response(record, fmt).strip():  # nothing to learn but an instant EOS: left
-            labels = [IGNORE] * len(labels)  # out (fit_length counts it as a sample with no trained token)
-        sample["input_ids"], sample["labels"] = bos + ids, [IGNORE] * len(bos) + labels
+    for i, record in enumerate(records):
+        # nothing to learn but an instant EOS: left out (fit_length counts it as a sample with no trained token)
+        samples[i] = _framed(samples[i], bos, eos, train_on_prompt or bool(_response(record, fmt).strip()))
     return samples
+
+
+def _framed(sample: Sample, bos: list[int], eos: int, trained: bool) -> Sample:
+    """`sample` after `bos` (never trained) and ending in EOS (trained; text that already ends in EOS keeps its own);
+    nothing trained unless `trained`."""
+    ids, spans = sample.ids, sample.pairs()
+    if not len(ids) or ids[-1] != eos:
+        ids, spans = np.append(ids, np.int32(eos)), [*spans, (len(ids), len(ids) + 1)]
+    shift = len(bos)
+    spans = [(lo + shift, hi + shift) for lo, hi in spans] if trained else []
+    return Sample(np.concatenate([np.array(bos, dtype=np.int32), ids]) if bos else ids, spans)
 
 
 def _response(record: dict, fmt: str) -> str:
@@ -152,13 +161,13 @@ def bos_prefix(tokenizer) -> list[int]:
 
 
 def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
-                   notes: list[str] | None, origins: list[int] | None) -> list[dict]:  # fmt: skip
+                   notes: list[str] | None, origins: list[int] | None) -> list[Sample]:  # fmt: skip
     with fixed_date():
         return _tokenize_chat_records(records, tokenizer, train_on_prompt, source, notes, origins)
 
 
 def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
-                           notes: list[str] | None, origins: list[int] | None) -> list[dict]:  # fmt: skip
+                           notes: list[str] | None, origins: list[int] | None) -> list[Sample]:  # fmt: skip
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise DataError(
@@ -210,12 +219,12 @@ def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
 # ---- tokenizing ----------------------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer, rendered: list[tuple[str, list[Span]]], prompt_apart: bool = False) -> list[dict]:
-    """Tokenize each (text, trained spans) pair into input_ids and labels; `prompt_apart`: a text whose trained span
+def _encode(tokenizer, rendered: list[tuple[str, list[Span]]], prompt_apart: bool = False) -> list[Sample]:
+    """Tokenize each (text, trained character spans) pair into a Sample; `prompt_apart`: a text whose trained span
     starts inside a token is tokenized piece by piece, as generation tokenizes the prompt alone."""
     if not getattr(tokenizer, "is_fast", False):
         return [_encode_by_pieces(tokenizer, text, spans) for text, spans in rendered]
-    samples: list[dict] = []
+    samples: list[Sample] = []
     for lo in range(0, len(rendered), _ENCODE_CHUNK):
         chunk = rendered[lo : lo + _ENCODE_CHUNK]
         enc = tokenizer([text for text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
@@ -224,8 +233,7 @@ def _encode(tokenizer, rendered: list[tuple[str, list[Span]]], prompt_apart: boo
             if prompt_apart and _starts_inside_a_token(offsets, starts, spans):
                 samples.append(_encode_by_pieces(tokenizer, text, spans))
                 continue
-            ids = list(ids)
-            samples.append({"input_ids": ids, "labels": _span_labels(ids, starts, spans)})
+            samples.append(Sample(ids, _token_spans(starts, spans)))
     return samples
 
 
@@ -238,26 +246,23 @@ def _starts_inside_a_token(offsets: list[tuple[int, int]], starts: list[int], sp
     return False
 
 
-def _span_labels(ids: list[int], starts: list[int], spans: list[Span]) -> list[int]:
-    """Labels for tokens with sorted start offsets `starts`: the token where it starts inside a span, else -100."""
-    labels = [IGNORE] * len(ids)
-    for lo_char, hi_char in spans:
-        lo, hi = bisect_left(starts, lo_char), bisect_left(starts, hi_char)
-        labels[lo:hi] = ids[lo:hi]
-    return labels
+def _token_spans(starts: list[int], spans: list[Span]) -> list[Span]:
+    """The token spans of character spans, for tokens with sorted start offsets `starts`: a token is trained where
+    it starts inside a span."""
+    return [(bisect_left(starts, lo_char), bisect_left(starts, hi_char)) for lo_char, hi_char in spans]
 
 
-def _encode_by_pieces(tokenizer, text: str, spans: list[Span]) -> dict:
+def _encode_by_pieces(tokenizer, text: str, spans: list[Span]) -> Sample:
     """Slow-tokenizer path: tokenize the text between span boundaries piece by piece."""
     cuts = sorted({0, len(text), *(b for span in spans for b in span)})
     ids: list[int] = []
-    labels: list[int] = []
+    trained: list[Span] = []
     for lo, hi in zip(cuts, cuts[1:], strict=False):
         piece = tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"]
-        trained = any(s <= lo and hi <= e for s, e in spans)
+        if any(s <= lo and hi <= e for s, e in spans):
+            trained.append((len(ids), len(ids) + len(piece)))
         ids.extend(piece)
-        labels.extend(piece if trained else [IGNORE] * len(piece))
-    return {"input_ids": ids, "labels": labels}
+    return Sample(ids, trained)
 
 
 # ---- lengths -------------------------------------------------------------------------------------------------------
@@ -285,9 +290,9 @@ class LengthReport:
         )
 
 
-def check_lengths(samples: Sequence[dict], max_length: int) -> LengthReport:
+def check_lengths(samples: Sequence[Sample], max_length: int) -> LengthReport:
     """Count samples longer than `max_length` and those truncation would leave without any trained token."""
-    lengths = [len(s["input_ids"]) for s in samples]
+    lengths = [len(s) for s in samples]
     overlong = [s for s, n in zip(samples, lengths, strict=True) if n > max_length]
-    lost = sum(all(t == IGNORE for t in s["labels"][:max_length]) for s in overlong)
+    lost = sum(s.trained(0, max_length) == 0 for s in overlong)
     return LengthReport(len(samples), max(lengths, default=0), len(overlong), lost, max_length)

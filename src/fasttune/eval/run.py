@@ -27,6 +27,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from fasttune.data.packing import IGNORE, collate_padded
+from fasttune.data.sample import Sample
 from fasttune.data.sft import tokenize_records
 from fasttune.errors import ConfigError, DataError, FasttuneError
 from fasttune.eval.score import Example, score, split_sample, summarize_scores
@@ -83,11 +84,11 @@ class EvalArgs(SamplingArgs):
 
 
 @torch.no_grad()
-def response_loss(model, samples: list[dict], pad_id: int, batch_size: int) -> dict:
+def response_loss(model, samples: list[Sample], pad_id: int, batch_size: int) -> dict:
     """Summed cross-entropy over the trained tokens (labels != -100, next-token shifted as in HF), per batch of
     right-padded samples sorted by length; returns loss (mean per token), perplexity, token counts and tokens/s."""
     device = next(model.parameters()).device
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
     loss_sum, targets, tokens = 0.0, 0, 0
     t0 = time.perf_counter()
     live = sys.stderr.isatty()  # no bar when stderr is redirected (as in training): its redraws would fill the file
@@ -182,7 +183,7 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
     return files
 
 
-def _text_pieces(samples: list[dict], max_length: int | None, context: int | None) -> list[dict]:
+def _text_pieces(samples: list[Sample], max_length: int | None, context: int | None) -> list[Sample]:
     """Plain text split into pieces of max_length (else the model's context) tokens, as training splits it: every
     token is scored, none left out as too long."""
     if max_length and context and max_length > context:
@@ -202,7 +203,7 @@ def _text_pieces(samples: list[dict], max_length: int | None, context: int | Non
     return pieces
 
 
-def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], str, int]:
+def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[Sample], str, int]:
     from fasttune.data.formats import load_records
 
     records, fmt = load_records(a.data, a.format, option="--format", split=None)  # never a DatasetDict's train split
@@ -215,7 +216,7 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
         raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
                         f"report; fill in the {what}s")  # fmt: skip
     samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
-    kept = [s for s in samples if not context or len(s["input_ids"]) <= context]
+    kept = [s for s in samples if not context or len(s) <= context]
     if not any(map(_scored, kept)):
         raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
                         f"({context} tokens), and eval scores whole samples only; shorten the records or split them "
@@ -223,18 +224,18 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[dict], s
     return kept, fmt, len(samples) - len(kept)
 
 
-def _number_records(samples: list[dict], origins: list[int]) -> None:
+def _number_records(samples: list[Sample], origins: list[int]) -> None:
     """Each sample's `record`: its record's position in the data (`origins`, as tokenize_records gives them:
     completions.jsonl's index), also when samples are left out later or a conversation trained turn by turn gave a
     sample per assistant turn; `last_turn`: the sample ends with the record's last answer (the one --generate answers,
     as for a conversation rendered whole)."""
     for k, (sample, i) in enumerate(zip(samples, origins, strict=True)):
-        sample["record"], sample["last_turn"] = i, k + 1 == len(origins) or origins[k + 1] != i
+        sample.record, sample.last_turn = i, k + 1 == len(origins) or origins[k + 1] != i
 
 
-def _scored(sample: dict) -> bool:
+def _scored(sample: Sample) -> bool:
     """Whether a sample has a token the loss is computed on (after the causal shift)."""
-    return any(t != IGNORE for t in sample["labels"][1:])
+    return sample.trained(1) > 0
 
 
 def run_eval(a: EvalArgs) -> int:
@@ -255,7 +256,7 @@ def run_eval(a: EvalArgs) -> int:
     summary.update(response_loss(model, samples, tok.pad_token_id, a.batch_size))
     rows: list[dict] = []
     if a.generate:
-        examples = [ex for s in samples if s.get("last_turn", True) and (ex := split_sample(s, tok)) is not None]
+        examples = [ex for s in samples if s.last_turn and (ex := split_sample(s, tok)) is not None]
         if not examples:
             raise DataError(f"{a.data}: no sample has a prompt to answer ({fmt} data); --generate needs supervised "
                             "data (alpaca, prompt_completion or chat)")  # fmt: skip
@@ -292,7 +293,7 @@ def held_out_examples(cfg, data) -> list[Example]:
     """What `training_scores` answers: the first eval_generate_samples held-out samples with a prompt to answer. A
     held-out sample that reaches data.max_length may have been cut: its answer would be too, so it is left out."""
     limit = cfg.data.max_length
-    examples = [ex for s in data.val if len(s["input_ids"]) < limit and (ex := split_sample(s, data.tokenizer))]
+    examples = [ex for s in data.val if len(s) < limit and (ex := split_sample(s, data.tokenizer))]
     return examples[: cfg.training.eval_generate_samples]
 
 

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from fasttune.data.packing import IGNORE
+from fasttune.data.sample import Sample
 
 # GSM8K ends each answer with "#### 72"; models often write "The answer is $1,200." instead: the last number counts.
 _MARK = "####"
@@ -26,23 +26,18 @@ class Example:
     """Position of the record in the data (a conversation trained turn by turn gives an example per turn)."""
 
 
-def split_sample(sample: dict, tokenizer) -> Example | None:
+def split_sample(sample: Sample, tokenizer) -> Example | None:
     """The prompt (tokens before the last trained span) and the reference answer (that span as text); None when the
     sample trains no token."""
-    labels = sample["labels"]
-    trained = [i for i, t in enumerate(labels) if t != IGNORE]
-    if not trained:
+    if not len(sample.spans):
         return None
-    end = trained[-1] + 1
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
+    start, end = sample.pairs()[-1]  # the last run of trained tokens
+    prompt = sample.ids[:start].tolist()
     special = set(tokenizer.all_special_ids)
-    if all(t in special for t in sample["input_ids"][:start]):
+    if all(t in special for t in prompt):
         return None  # trained from the first token (plain text after a BOS, train_on_prompt): no prompt to answer
-    answer = sample["input_ids"][start:end]
-    reference = tokenizer.decode(answer, skip_special_tokens=True).strip()
-    return Example(list(sample["input_ids"][:start]), reference, sample.get("record"))
+    reference = tokenizer.decode(sample.ids[start:end].tolist(), skip_special_tokens=True).strip()
+    return Example(prompt, reference, sample.record)
 
 
 def answer_number(text: str) -> float | None:

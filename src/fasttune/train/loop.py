@@ -19,7 +19,6 @@ from transformers import AutoTokenizer
 
 from fasttune.config import BaseConfig
 from fasttune.data.formats import FORMATS
-from fasttune.data.packing import IGNORE
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.data.sft import MASKING_RULES, masking_changes_since
 from fasttune.data.tokenizer import fit_model_max_length
@@ -408,8 +407,8 @@ def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
         or (fmt == "text" and not cfg.data.path)
     ):
         return cfg.generation.sample_prompt  # (a benchmark's synthetic tokens have no text)
-    ids, labels = samples[0]["input_ids"], samples[0]["labels"]
-    start = next((i for i, t in enumerate(labels) if t != IGNORE), 0)  # the first trained token: the answer starts
+    ids, spans = samples[0].ids.tolist(), samples[0].spans
+    start = int(spans[0]) if len(spans) else 0  # the first trained token: the answer starts
     if fmt == "text":
         start = min(8, len(ids) - 1)  # a few words of it to continue
     if ids[:1] == [getattr(data.tokenizer, "bos_token_id", None)]:

@@ -265,7 +265,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
         _apply_experts_autocast(model)
     batcher = batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=True)
-    bounds = batcher.bounds(max(len(s["input_ids"]) for s in (*data.train, *data.val)))
+    bounds = batcher.bounds(max(len(s) for s in (*data.train, *data.val)))
     est = plan_memory(cfg, model, device, attention=attn.name, bounds=bounds)  # chunked loss + activation plan, or
     # a clear stop when the step cannot fit
     _say_router_loss(model)

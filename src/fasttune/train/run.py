@@ -21,6 +21,7 @@ from fasttune.attention.layout import packed_without_sync
 from fasttune.config import BaseConfig
 from fasttune.data.packing import Batcher, count_targets, real_tokens
 from fasttune.data.pipeline import DataBundle
+from fasttune.data.sample import Sample
 from fasttune.data.sft import MASKING_RULES
 from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model
@@ -72,9 +73,9 @@ class RunResult:
 class DataStream:
     """Deterministic micro-batch order: epoch plans depend only on (seed, epoch), position is (epoch, cursor)."""
 
-    def __init__(self, samples: list[dict], batcher: Batcher, state: TrainState):
+    def __init__(self, samples: list[Sample], batcher: Batcher, state: TrainState):
         self.samples, self.batcher, self.state = samples, batcher, state
-        self.lengths = [len(s["input_ids"]) for s in samples]
+        self.lengths = [len(s) for s in samples]
         self._plan_epoch, self._plan = -1, []
 
     def plan(self, epoch: int) -> list[list[int]]:
@@ -82,7 +83,7 @@ class DataStream:
             self._plan, self._plan_epoch = self.batcher.plan(self.lengths, epoch), epoch
         return self._plan
 
-    def next(self) -> list[dict]:
+    def next(self) -> list[Sample]:
         s = self.state
         if s.cursor >= len(self.plan(s.epoch)):
             s.epoch, s.cursor = s.epoch + 1, 0
@@ -103,7 +104,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def _split_samples(samples: list[dict], parts: int) -> list[list[dict]]:
+def _split_samples(samples: list[Sample], parts: int) -> list[list[Sample]]:
     parts = min(parts, len(samples))
     return [samples[i::parts] for i in range(parts)]
 
@@ -228,7 +229,7 @@ class Run:
         reading, tokens, targets = self._update(micro)
         self.scheduler.step()
         state.step += 1
-        lengths = [len(s["input_ids"]) for s in samples]
+        lengths = [len(s) for s in samples]
         return {
             "step": state.step,
             "lr": lr,
@@ -261,7 +262,7 @@ class Run:
                 "samples": samples, "step_s": dt, "flops": flops, "mfu": flops / dt / peak if peak else None,
                 "peak_mem_gib": peak_memory_gib(self.device)}  # fmt: skip
 
-    def _update(self, micro: list[list[dict]]) -> tuple[Reading, int, int]:
+    def _update(self, micro: list[list[Sample]]) -> tuple[Reading, int, int]:
         """forward+backward, clip, update. Returns (loss and grad norm, real tokens, target tokens). A CUDA
         out-of-memory anywhere in it is explained, or retried with each micro-batch split in two when
         --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
@@ -392,7 +393,7 @@ class Run:
         val, d, device = self.data.val, self.dist, self.device
         if not val:
             return None
-        plan = self.batcher.plan([len(s["input_ids"]) for s in val], epoch=0)[: self.cfg.training.eval_batches]
+        plan = self.batcher.plan([len(s) for s in val], epoch=0)[: self.cfg.training.eval_batches]
         self.model.eval()
         loss_sum, n_sum = 0.0, 0
         # ranks share the batches out; under FSDP2 every rank runs as many forwards (they all-gather the weights
