@@ -115,6 +115,7 @@ class Generator:
         self.reason = unsupported_reason(model)
         self.check_every = check_every
         self.capture_seconds = 0.0  # time spent capturing graphs so far, for benchmarks
+        self.prefill_seconds = 0.0  # the last call's prompt pass (a first call's includes CUDA's lazy start-up)
         self._graphs_asked = use_graphs
         self._build()
 
@@ -150,6 +151,7 @@ class Generator:
         stop_strings: StopStrings | None = None,
     ) -> torch.Tensor:
         """Prompt plus new tokens, (B, P + n) with n <= max_new_tokens (see the module docstring)."""
+        self.prefill_seconds = 0.0
         ids_BP = input_ids_BP.to(self.device)
         mask_BP = torch.ones_like(ids_BP) if attention_mask_BP is None else attention_mask_BP.to(self.device)
         batch, prompt_len = ids_BP.shape
@@ -180,7 +182,9 @@ class Generator:
         state.keys_B.zero_()
         state.keys_B[:batch] = torch.tensor(keys, dtype=torch.long)
         state.start_1.fill_(prompt_len)
+        start = self._clock()
         self._prefill(state, ids_BP, mask_BP, (sample, top_k))
+        self.prefill_seconds = self._clock() - start
         streamed, stopped = 0, {}  # rows checked for stop strings: _check_stops
         n = 1  # new tokens so far
         while n < max_new_tokens:
@@ -195,6 +199,11 @@ class Generator:
         out_BS = _trim(state.ids_BT[:batch, : prompt_len + n].clone(), prompt_len, eos, stopped, pad_token_id)
         self._stream_out(state, batch, prompt_len, streamed, out_BS.shape[1] - prompt_len, eos, on_token)
         return out_BS
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _check_stops(self, state: _State, batch: int, prompt_len: int, n: int, eos: list[int],
                      stops: StopStrings | None, stopped: dict[int, int | None]) -> None:  # fmt: skip

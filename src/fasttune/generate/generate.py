@@ -39,20 +39,25 @@ class Generation:
     stop: str | None = None
     """The stop string the text was cut before (None: none in it)."""
     capture_seconds: float = 0.0
-    """Of `seconds`, the time the fast path spent capturing CUDA graphs (the first call of a kind, once per model)."""
+    """Of `seconds`, the fast path's CUDA graph capture (the first call of a kind, once per model)."""
+    prefill_seconds: float = 0.0
+    """Of `seconds`, the fast path's prompt pass, which gives the first new token (a first call's includes CUDA's
+    lazy start-up: 3.4 s for the first generation in a process on an H200)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def speed(self) -> str:
-        """tokens/s as a single generation reports it: a first call's graph capture (up to ~0.5 s, once per model)
-        apart from decoding, which it would otherwise dominate (an H200 sample of 64 tokens: 121 tok/s with it)."""
-        decode = self.seconds - self.capture_seconds
-        if self.capture_seconds <= 0 or decode <= 0:
+        """tokens/s as a single generation reports it: decoding apart from the prompt pass and the graph capture,
+        which dominate a first call (an H200 sample of 64 tokens after training said 121 tok/s; later calls of the same
+        model ran ~840)."""
+        decode = self.seconds - self.prefill_seconds - self.capture_seconds
+        if self.prefill_seconds <= 0 or decode <= 0 or self.new_tokens < 2:
             return f"{self.tokens_per_s:,.1f} tok/s"
-        return (f"{self.new_tokens / decode:,.1f} tok/s decoding, after {self.capture_seconds:.2f} s capturing CUDA "
-                "graphs (once per model)")  # fmt: skip
+        apart = f"prompt {self.prefill_seconds:.2f} s" + (
+            f", CUDA graph capture {self.capture_seconds:.2f} s" if self.capture_seconds > 0 else "")  # fmt: skip
+        return f"{(self.new_tokens - 1) / decode:,.1f} tok/s decoding; {apart} (a first call includes CUDA's start-up)"
 
 
 def fast_engine(model, graphs: bool | None = None) -> Generator | None:
@@ -181,8 +186,8 @@ def generate_ids(
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    capture = engine.capture_seconds - captured if engine is not None else 0.0
-    return [_result(row[ids_BP.shape[1] :], run, seconds, capture) for row in out_BS.tolist()]
+    timing = (engine.capture_seconds - captured, engine.prefill_seconds) if engine is not None else (0.0, 0.0)
+    return [_result(row[ids_BP.shape[1] :], run, seconds, timing) for row in out_BS.tolist()]
 
 
 @dataclass
@@ -197,14 +202,14 @@ class _Run:
     stops: StopStrings
 
 
-def _result(new: list[int], run: _Run, seconds: float, capture: float) -> Generation:
+def _result(new: list[int], run: _Run, seconds: float, timing: tuple[float, float]) -> Generation:
     end = next((i for i, t in enumerate(new) if t in run.eos), None)
     kept = new if end is None else new[: end + 1]  # the end-of-sequence token counts; the pad after it does not
     text, stop = run.stops.cut(run.stops.text(kept))
     if stop is not None:  # the tokens up to the one that completed the stop string count
         n = run.stops.find(kept if end is None else kept[:end]) or len(kept)
-        return Generation(text, n, seconds, True, stop, capture)
-    return Generation(text, len(kept), seconds, end is not None, None, capture)
+        return Generation(text, n, seconds, True, stop, *timing)
+    return Generation(text, len(kept), seconds, end is not None, None, *timing)
 
 
 def _fast(engine, tokenizer, ids_BP, mask_BP, run: _Run, stream: StopStream | None):
