@@ -28,7 +28,7 @@ from fasttune.config import LoraConfig  # noqa: E402
 from fasttune.data.packing import collate_packed  # noqa: E402
 from fasttune.model.layout import kept_scores  # noqa: E402
 from fasttune.train.activations import layer_bytes  # noqa: E402
-from fasttune.train.memory import kv_expanded, model_shape  # noqa: E402
+from fasttune.train.memory import model_shape  # noqa: E402
 from fasttune.train.recompute import decoder_layers  # noqa: E402
 
 SAMPLE = 256
@@ -67,8 +67,7 @@ def kept(name: str, layers: int, lora: bool, tokens: int):
     copies = 0 if lora else 2 * layers * sum(p.numel() for p in layer.parameters() if p.dim() >= 2)  # autocast's bf16
     # copies of the layers' weights, which their matmuls keep for backward
     predicted = layer_bytes(model_shape(model, autocast=True), "none", fp32_stream=not lora,
-                            lora_rank=16 if lora else 0,
-                            kv_expanded=kv_expanded(model, torch.device("cuda"), attention))  # fmt: skip
+                            lora_rank=16 if lora else 0)  # fmt: skip
     predicted += kept_scores(model, attention, SAMPLE if attention != "sdpa" else tokens, autocast=True)[0]
     del out, model
     torch.cuda.empty_cache()

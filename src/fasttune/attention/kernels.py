@@ -185,30 +185,42 @@ def flex(q_BHSD, k_BKLD, v_BKLD, block_mask, *, scale, softcap=None) -> torch.Te
     return _compiled_flex()(q_BHSD, k_BKLD, v_BKLD, **kwargs)
 
 
+class _TorchVarlen(torch.autograd.Function):
+    """torch's flash-attention varlen kernel (aten._flash_attention_forward / _backward), called directly as
+    torch.nn.attention.varlen calls it, without dropout. Two differences, both measured on an H200 (docs/BENCHMARKS.md,
+    "torch's varlen kernel, called directly"): grouped kv heads go in as they are, where torch 2.11's varlen_attn has
+    no enable_gqa and they had to be expanded (and kept for backward: 3 x hidden bytes per token and layer), and one
+    autograd function replaces torch's custom-op layers (their Python ran ~0.4 ms per layer and step on the host)."""
+
+    @staticmethod
+    def forward(ctx, q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q: int, max_k: int, scale: float, left: int):
+        causal = left == -1  # torch's varlen_attn: is_causal for window (-1, 0), else a causal sliding window
+        out_THD, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+            scale=scale, window_size_left=left, window_size_right=0,
+        )  # fmt: skip
+        ctx.save_for_backward(q_THD, k_TKD, v_TKD, cu_q, cu_k, out_THD, lse, seed, offset)
+        ctx.args = (max_q, max_k, causal, scale, left)
+        return out_THD
+
+    @staticmethod
+    def backward(ctx, grad_THD):
+        q_THD, k_TKD, v_TKD, cu_q, cu_k, out_THD, lse, seed, offset = ctx.saved_tensors
+        max_q, max_k, causal, scale, left = ctx.args
+        grad_THD = grad_THD if grad_THD.stride(-1) == 1 else grad_THD.contiguous()
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_THD, q_THD, k_TKD, v_TKD, out_THD, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, seed, offset,
+            scale=scale, window_size_left=left, window_size_right=0,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def torch_varlen(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, *, scale, window=None, softcap=None, dropout=0.0):
-    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA): causal via window_size=(-1, 0)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    assert not softcap, "varlen_attn has no softcap; the dispatcher routes softcap to eager"
-    window_size = (window - 1 if window else -1, 0)
-    kwargs = dict(scale=scale, window_size=window_size)
-    if q_THD.shape[1] != k_TKD.shape[1]:
-        if "enable_gqa" in _params(varlen_attn):
-            kwargs["enable_gqa"] = True
-        else:  # older torch: expand kv heads
-            n_rep = q_THD.shape[1] // k_TKD.shape[1]
-            k_TKD, v_TKD = k_TKD.repeat_interleave(n_rep, 1), v_TKD.repeat_interleave(n_rep, 1)
-    _record("varlen", q_THD, "torch varlen_attn")
-    return varlen_attn(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, **kwargs)
-
-
-def varlen_gqa() -> bool:
-    """torch's varlen_attn takes grouped kv heads as they are (enable_gqa, torch >= 2.12); before, they are expanded."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return False
-    return "enable_gqa" in _params(varlen_attn)
+    """torch's flash-attention varlen kernel (CUDA, fp16/bf16), causal; grouped kv heads as they are."""
+    assert not softcap, "torch's varlen kernel has no softcap; the dispatcher routes softcap to eager"
+    _record("varlen", q_THD, "torch varlen (flash)")
+    left = window - 1 if window else -1
+    return _TorchVarlen.apply(q_THD, k_TKD, v_TKD, cu_q, cu_k, int(max_q), int(max_k), float(scale), left)
 
 
 @functools.cache

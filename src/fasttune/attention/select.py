@@ -123,21 +123,6 @@ def _varlen_runs_on(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return runs
 
 
-def keeps_expanded_kv(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether backend `name` (auto included) runs packed or right-padded training rows on torch's varlen kernel of
-    a torch without its enable_gqa flag (before 2.12), which expands the kv heads to the query heads and keeps them
-    for backward (the memory estimate counts them: 0.8 GiB at the 1B shape and 8k tokens)."""
-    if torch.device(device).type != "cuda":
-        return False
-    if name == "auto":
-        name = auto_plan(device, dtype, head_dim).packed
-    if name == "sdpa" and _varlen_runs_on(device, dtype, head_dim):
-        name = "varlen"
-    from fasttune.attention.kernels import varlen_gqa
-
-    return name == "varlen" and not varlen_gqa()
-
-
 def auto_route(q_BHSD: torch.Tensor, layout: str, opts: dict) -> str:
     """The backend `auto` runs for one call (the route registered as fasttune_auto)."""
     plan = auto_plan(q_BHSD.device, q_BHSD.dtype, q_BHSD.shape[-1])

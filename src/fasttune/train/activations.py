@@ -100,28 +100,25 @@ def _norms(config) -> tuple[int, int, bool]:
 
 
 def layer_bytes(s: Shape, plan: str, liger: bool = False, fp32_stream: bool = False, lora_rank: int = 0,
-                lora_upcast: bool = False, fused_mlp: bool = False, lean_norm: bool = False,
-                kv_expanded: bool = False) -> float:  # fmt: skip
+                lora_upcast: bool = False, fused_mlp: bool = False, lean_norm: bool = False) -> float:  # fmt: skip
     """Activation bytes per token one decoder layer keeps for backward under `plan` (not every:K: see below);
     `lora_rank`, `lora_upcast`: peft LoRA adapters (see lora_bytes); `fused_mlp`: fasttune's SwiGLU function
     (model/mlp.py) keeps gate and up only; `lean_norm`: fasttune's RMSNorm keeps its input only, and the norm outputs
-    the next matmuls keep (q/k/v's and gate/up's input, 2h each) are recomputed (model/norm.py); `kv_expanded`:
-    the attention kernel keeps k and v expanded to the query heads (torch's varlen kernel before enable_gqa)."""
+    the next matmuls keep (q/k/v's and gate/up's input, 2h each) are recomputed (model/norm.py)."""
     h, q, kv = s.hidden, s.q, s.kv
     norms, in_attn = norm_bytes(s, liger or lean_norm)  # in_attn: kept only where the attention block is
     outs = norm_outputs(s)  # what the blocks' matmuls (or a checkpoint of one) keep of the norms' outputs
     mlp, mlp_ops = mlp_bytes(s, liger, fused_mlp)
     stream = stream_bytes(s, plan, fused_mlp, lean_norm, liger) if fp32_stream else 0
-    akv = q if kv_expanded else kv  # the k and v the attention kernel keeps
     # a fused q/k/v output stays alive through v, a view of it, beside RoPE's copies of q and k (2q + 2kv); a partial
     # rotary's q makes the attention's output a copy for the o-projection (2q): measured on CPU (Phi-3, 4 head
     # layouts; GPT-NeoX, Falcon, Phi, GLM)
     in_attn += (2 * q + 2 * kv) * s.qkv_views + 2 * q * s.q_copy
     keep = {
-        "none": norms + outs + 4 * q + 4 * akv + in_attn + mlp + stream,
+        "none": norms + outs + 4 * q + 4 * kv + in_attn + mlp + stream,
         "ops": 2 * h + (2 * q + 4 * kv) + 2 * q + 2 * h + mlp_ops + stream,  # input, qkv, attn, o, MLP matmuls
         "attention": norms + outs + mlp + stream,  # the recomputed block's input, the other's matmul input
-        "mlp": norms + outs + 4 * q + 4 * akv + in_attn + stream,
+        "mlp": norms + outs + 4 * q + 4 * kv + in_attn + stream,
         "full": 2 * h + stream,
     }
     recomputed = LEAN_RECOMPUTED.get(plan, 0) * h if lean_norm else 0
@@ -248,15 +245,14 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
 
 def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
                      lora_rank: int = 0, lora_upcast: bool = False, fused_mlp: bool = False,
-                     lean_norm: bool = False, kv_expanded: bool = False,
-                     scores: tuple[float, float] = (0.0, 0.0)) -> float:  # fmt: skip
+                     lean_norm: bool = False, scores: tuple[float, float] = (0.0, 0.0)) -> float:  # fmt: skip
     """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes.
     `scores`: bytes per token and layer that attention in a model's own code keeps (model/layout.py kept_scores),
     where the attention is kept whole (`none`, `mlp`) and under `ops`; `attention` and `full` recompute it."""
 
     def per(plan: str) -> float:
         kept = layer_bytes(s, plan, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank, lora_upcast=lora_upcast,
-                           fused_mlp=fused_mlp, lean_norm=lean_norm, kv_expanded=kv_expanded)  # fmt: skip
+                           fused_mlp=fused_mlp, lean_norm=lean_norm)  # fmt: skip
         return kept + {"none": scores[0], "mlp": scores[0], "ops": scores[1]}.get(plan, 0.0)
 
     if plan.startswith("every:"):

@@ -128,8 +128,6 @@ class Setup:
     """fasttune's SwiGLU function (model/mlp.py) runs the MLPs: it keeps gate and up, not the product."""
     accumulating: bool = False
     """training.grad_accum > 1 (see Estimate.accumulating)."""
-    kv_expanded: bool = False
-    """The attention kernel keeps k and v expanded to the query heads (attention.select.keeps_expanded_kv)."""
     lean_norm: bool = False
     """fasttune's lean RMSNorm (model/norm.py): norms keep their input only, their outputs are recomputed."""
     plans: frozenset[str] | None = None
@@ -156,7 +154,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
     activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast,
-                                   st.fused_mlp, st.lean_norm, st.kv_expanded, st.scores)  # fmt: skip
+                                   st.fused_mlp, st.lean_norm, st.scores)  # fmt: skip
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
@@ -274,9 +272,8 @@ def _fitting_tokens(st: Setup, budget: float, plan: str) -> int:
     return tokens if estimate(Setup(**{**st.__dict__, "tokens": tokens}), plan).total <= budget else 0
 
 
-def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expanded: bool = False,
-             scores: tuple[float, float] = (0.0, 0.0), tokens: int | None = None,
-             device: torch.device | None = None) -> Setup:  # fmt: skip
+def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tuple[float, float] = (0.0, 0.0),
+             tokens: int | None = None, device: torch.device | None = None) -> Setup:  # fmt: skip
     """The memory-relevant facts of this configured run and built model; `tokens` per micro-batch (default: the
     packing budget, micro_batch_size x max_length); `device` the run's (default: the model's)."""
     from fasttune.train.optim import state_bytes
@@ -300,7 +297,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, kv_expande
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _on_gpu(model, device),
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
-        kv_expanded=kv_expanded, scores=scores,
+        scores=scores,
     )  # fmt: skip
 
 
@@ -391,19 +388,6 @@ def _tag_liger_norms(model: torch.nn.Module, est: Estimate) -> Estimate:
     return est
 
 
-def kv_expanded(model: torch.nn.Module, device: torch.device, attention: str | None) -> bool:
-    """Whether the run's attention (fasttune's backend name) keeps grouped kv heads expanded for backward."""
-    from fasttune.attention.select import keeps_expanded_kv
-    from fasttune.model.flops import head_dim
-
-    base = base_model(model)
-    config = base.config
-    grouped = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) < config.num_attention_heads
-    dtype = next(base.parameters()).dtype
-    dtype = torch.bfloat16 if dtype == torch.float32 else dtype  # fp32 weights compute under bf16 autocast on CUDA
-    return bool(attention and grouped) and keeps_expanded_kv(attention, device, dtype, head_dim(config))
-
-
 def free_memory(device: torch.device) -> float | None:
     """Bytes this process can still use on `device`: the driver's free memory plus what torch already holds (the
     model's weights are counted by the estimate). None off CUDA."""
@@ -431,8 +415,8 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     d = cfg.data
     budget = d.micro_batch_size * d.max_length
     tokens, row = bounds or (budget, budget if d.packing else d.max_length)
-    st = setup_of(cfg, model, liger, chunked, kv_expanded(model, device, attention),
-                  kept_scores(model, attention, row, runs_autocast(cfg, model, device)), tokens, device)  # fmt: skip
+    scores = kept_scores(model, attention, row, runs_autocast(cfg, model, device))
+    st = setup_of(cfg, model, liger, chunked, scores, tokens, device)
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
     where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"
