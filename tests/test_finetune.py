@@ -1,11 +1,12 @@
 """Fine-tuning a local HF model: SFT on a real GSM8K slice (Alpaca format), LoRA that saves and reloads."""
 
 import dataclasses
+import types
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_micro_model, tiny_config
+from helpers import losses, save_micro_model, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.errors import ConfigError
@@ -167,6 +168,37 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, base_m
         loop.train(longer)
     data.write_text(json.dumps(records))  # restored: the run continues
     assert loop.train(longer).checkpoint.name == "step-000003"
+
+
+def test_resume_takes_moved_data_when_its_content_is_the_same(tmp_path, base_model):
+    """A data file moved or renamed between a run and its --resume: the run goes on when the tokenized data is the
+    one it trained on (the checkpoint's fingerprint), with the losses of an uninterrupted run; an edited copy at the
+    new path is refused as changed data, and a checkpoint without a fingerprint as a changed path."""
+    import json
+
+    from fasttune.train.loop import _check_moved_data
+
+    records = json.loads(GSM8K.read_text())
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    cfg = _sft_config(tmp_path / "run", base_model)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)),
+                              training=dataclasses.replace(cfg.training, max_steps=3))  # fmt: skip
+    whole = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
+    loop.train(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2)))
+    moved = tmp_path / "elsewhere" / "renamed.json"
+    moved.parent.mkdir()
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(records[:-3]))
+    data.rename(moved)
+    with pytest.raises(ConfigError, match="--resume: the data is not what this run trained on"):
+        loop.train(dataclasses.replace(cfg, resume=True, data=dataclasses.replace(cfg.data, path=str(edited))))
+    resumed = loop.train(dataclasses.replace(cfg, resume=True, data=dataclasses.replace(cfg.data, path=str(moved))))
+    assert resumed.checkpoint.name == "step-000003"
+    assert losses(resumed.records)[3] == losses(whole.records)[3]
+    bundle = types.SimpleNamespace(summary=types.SimpleNamespace(fingerprint=resumed.records and "f"))
+    with pytest.raises(ConfigError, match="data.path is .* but the run was started with .*data.json"):
+        _check_moved_data(cfg, str(data), {"state": {}}, bundle)  # a checkpoint from before fingerprints
 
 
 def test_embeddings_smaller_than_the_tokenizer_are_resized_in_one_line(tmp_path, caplog):

@@ -126,13 +126,30 @@ def check_launch(cfg: BaseConfig) -> Dist:
     return d
 
 
+def _check_moved_data(cfg: BaseConfig, moved: str | None, saved: dict | None, data: DataBundle) -> None:
+    """A resumed run given its data at another path goes on when the tokenized data is the one it trained on (the
+    fingerprint check after this); a checkpoint without a fingerprint has nothing to compare: refused as before."""
+    if moved is None:
+        return
+    if not (saved and saved.get("data") and data.summary.fingerprint):
+        raise ConfigError(
+            f"--resume: data.path is {cfg.data.path!r} but the run was started with {moved!r}, and its checkpoint "
+            "holds no fingerprint of the data to check it against; resume with the same path (or start a new run "
+            "with another --output-dir)"
+        )
+    if saved["data"] == data.summary.fingerprint:
+        log.info("--resume: the data moved (%s -> %s); its content is the one this run trained on", moved,
+                 cfg.data.path)  # fmt: skip
+
+
 def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate) -> Run:
     """Everything before the first step: the run folder checked (and, on resume, its newest checkpoint found), the
     device, data, model, optimizer and schedule, and on resume their saved state restored."""
     folder = RunFolder(cfg.run_dir)
-    latest = saved = None
+    latest = saved = moved = None
     if cfg.resume:
         folder.check_resume(cfg)
+        moved = folder.moved_data(cfg)
         cfg = folder.resumed(cfg)
         latest, saved = ckpt.newest_usable(folder)
     if latest is not None and cfg.model.path and not cfg.lora.enabled and not has_weights(cfg.model.path):
@@ -150,6 +167,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
         from fasttune.eval.run import say_nothing_to_answer
 
         say_nothing_to_answer(cfg, data, d.fsdp)
+    _check_moved_data(cfg, moved, saved, data)
     if saved and saved.get("data") and data.summary.fingerprint and saved["data"] != data.summary.fingerprint:
         if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
             raise ConfigError(

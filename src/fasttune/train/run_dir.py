@@ -225,11 +225,12 @@ class RunFolder:
     def check_resume(self, cfg: BaseConfig, origin: dict[str, str] | None = None) -> None:
         """--resume continues the run as it was configured: options that change the data, tokenizer, model or
         schedule must match the run's config.json (fields marked `may_change_on_resume` may differ). `origin`: the
-        file a key's value was read from (--config), named in the refusal."""
+        file a key's value was read from (--config), named in the refusal. A data file at another path is left to
+        the content check after tokenizing (moved_data)."""
         saved = _flat(self.saved_config())
         free = may_change_on_resume()
         for key, value in _flat(to_dict(cfg)).items():
-            if key in free or key not in saved:
+            if key in free or key not in saved or (key == "data.path" and self.moved_data(cfg)):
                 continue
             old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
             if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
@@ -238,6 +239,14 @@ class RunFolder:
                     f"--resume: {key} is {value!r}{source} but the run was started with {old!r}; resume with the "
                     "same value (or start a new run with another --output-dir)"
                 )
+
+    def moved_data(self, cfg: BaseConfig) -> str | None:
+        """The data file the run was started with when --resume names another one (moved or renamed): the run goes on
+        only if the tokenized data is the same (the checkpoint's fingerprint; train/loop.py). None: the same file."""
+        old, new = _flat(self.saved_config()).get("data.path"), cfg.data.path
+        if isinstance(old, str) and isinstance(new, str) and old != new and not _same_path("data.path", old, new):
+            return old
+        return None
 
     def resumed(self, cfg: BaseConfig) -> BaseConfig:
         """The config a resumed run goes on with (after check_resume): a data.overlong the run recorded before `auto`
