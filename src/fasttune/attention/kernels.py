@@ -190,7 +190,7 @@ class _TorchVarlen(torch.autograd.Function):
     torch.nn.attention.varlen calls it, without dropout. Two differences, both measured on an H200 (docs/BENCHMARKS.md,
     "torch's varlen kernel, called directly"): grouped kv heads go in as they are, where torch 2.11's varlen_attn has
     no enable_gqa and they had to be expanded (and kept for backward: 3 x hidden bytes per token and layer), and one
-    autograd function replaces torch's custom-op layers (their Python ran ~0.4 ms per layer and step on the host)."""
+    autograd function replaces the custom-op layers around the two ops (less Python per call)."""
 
     @staticmethod
     def forward(ctx, q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q: int, max_k: int, scale: float, left: int):

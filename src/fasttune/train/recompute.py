@@ -16,7 +16,7 @@ _SAVE = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_grouped_mm")  # _group
 
 def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     """`ops`: keep matmul and attention outputs (costly to recompute), recompute everything else (elementwise)."""
-    name = str(func)  # "aten.mm.default", "torch_attn._varlen_attn.default", ...
+    name = str(func)  # "aten.mm.default", "aten._flash_attention_forward.default", ...
     parts = name.split(".")
     if (len(parts) > 1 and parts[1] in _SAVE) or "attention" in name or "attn" in name:
         return CheckpointPolicy.MUST_SAVE
