@@ -230,7 +230,7 @@ class RunFolder:
         saved = _flat(self.saved_config())
         free = may_change_on_resume()
         for key, value in _flat(to_dict(cfg)).items():
-            if key in free or key not in saved or (key == "data.path" and self.moved_data(cfg)):
+            if key in free or key not in saved or (key == "data.path" and _moved_from(saved, cfg)):
                 continue
             old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
             if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
@@ -243,10 +243,7 @@ class RunFolder:
     def moved_data(self, cfg: BaseConfig) -> str | None:
         """The data file the run was started with when --resume names another one (moved or renamed): the run goes on
         only if the tokenized data is the same (the checkpoint's fingerprint; train/loop.py). None: the same file."""
-        old, new = _flat(self.saved_config()).get("data.path"), cfg.data.path
-        if isinstance(old, str) and isinstance(new, str) and old != new and not _same_path("data.path", old, new):
-            return old
-        return None
+        return _moved_from(_flat(self.saved_config()), cfg)
 
     def resumed(self, cfg: BaseConfig) -> BaseConfig:
         """The config a resumed run goes on with (after check_resume): a data.overlong the run recorded before `auto`
@@ -300,6 +297,14 @@ class RunFolder:
 SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
 """Values an older run may have recorded where the default is now `auto`: it resumes with the value it recorded
 (RunFolder.resumed)."""
+
+
+def _moved_from(saved: dict, cfg: BaseConfig) -> str | None:
+    """The saved (flattened) data.path when cfg names another file, not the same one spelled another way."""
+    old, new = saved.get("data.path"), cfg.data.path
+    if isinstance(old, str) and isinstance(new, str) and old != new and not _same_path("data.path", old, new):
+        return old
+    return None
 
 
 def _same_path(key: str, old, new) -> bool:
