@@ -340,3 +340,16 @@ def test_ctrl_c_while_the_command_line_is_read_is_one_quiet_line(capsys, monkeyp
     for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
     assert cli.main(["train"]) == 130 and not capsys.readouterr().err.strip()
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_quiet_line(capsys, monkeypatch):
+    """The logging setup imports torch before the command line is parsed (train/optim.py, for torchao's filters):
+    a Ctrl-C there, in the first second or two, printed a KeyboardInterrupt traceback."""
+    from fasttune.train import optim
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optim, "quiet_torchao", interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C)"

@@ -167,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_environment()
     # --debug decides how errors raised while parsing are shown, so it is looked at before tyro parses
     debug = "--debug" in argv
-    _setup_logging(debug)
     rank = _later_rank(argv)
     try:
+        _setup_logging(debug)  # imports torch (a second or two): a Ctrl-C there is the quiet one below too
         with _quiet_parsing(rank):
             command = parse(argv or ["--help"])
             command.check()
