@@ -85,6 +85,17 @@ def test_no_matching_target_lists_linear_layers():
     assert linear_module_names(model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
+@pytest.mark.parametrize("typed", [["q_proj,v_proj"], ["q_proj,", "v_proj"], ["q_proj", "v_proj"]])
+def test_comma_separated_targets_on_the_command_line_are_several_names(typed):
+    """`--lora.targets q_proj,v_proj`, as peft and Axolotl users write a list, was one name 'q_proj,v_proj': the run
+    tokenized the data and loaded the model, then stopped saying it matches no layer while listing q_proj and v_proj."""
+    from fasttune.cli import parse_train_args
+
+    cfg = parse_train_args(["--experiment", "lora", "--model", "m", "--data", "d.jsonl", "--lora.targets", *typed])
+    model = apply_lora(tiny_llama(), cfg.lora)
+    assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+
+
 def test_default_targets_on_a_model_naming_no_layer_like_llama_adapt_all_its_linear_layers():
     """GPT-NeoX names its layers query_key_value, dense, dense_h_to_4h, dense_4h_to_h: `lora` with the default
     (Llama's) names stopped with an error for an option the user never gave; it adapts every linear layer but the

@@ -183,8 +183,9 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the LoRA path."""
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    """Module names that get adapters (the last part of the name, e.g. q_proj), or all-linear: every linear layer
-    but the output head. Names the model lacks are skipped, and the log names its linear layers left frozen."""
+    """Module names that get adapters (the last part of the name, e.g. q_proj; several: `q_proj v_proj` or
+    `q_proj,v_proj`), or all-linear: every linear layer but the output head. Names the model lacks are skipped, and
+    the log names its linear layers left frozen."""
     merge_on_save: bool = True
     """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder)."""
 
@@ -193,6 +194,8 @@ class LoraConfig:
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout={self.dropout!r} is not valid; it must be in [0, 1)")
+        # --lora.targets q_proj,v_proj (peft's and Axolotl's comma-separated habit) names two layers, not one
+        self.targets = tuple(name for target in self.targets for name in target.replace(",", " ").split())
 
 
 @dataclass
