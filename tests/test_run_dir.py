@@ -190,6 +190,19 @@ def test_a_non_empty_folder_without_the_marker_is_refused_with_the_fix(tmp_path,
     assert sorted(p.name for p in folder.iterdir()) == ["data.csv", "thesis.txt"]  # not even a lock file left
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_in_another_runs_checkpoints_is_refused_naming_that_run(finished, resume):
+    """A checkpoint given as --output-dir (HF Trainer's resume_from_checkpoint habit) was refused as 'not a fasttune
+    run folder' with the fix --output-dir CHECKPOINT/run: a run that the other run's keep-last pruning deletes."""
+    cfg, result = finished
+    for inside in (result.checkpoint, result.checkpoint / "run"):
+        again = dataclasses.replace(cfg, output_dir=str(inside), resume=resume)
+        with pytest.raises(ConfigError, match=f"lies in checkpoints/ of the fasttune run {result.run_dir}.*"
+                                              f"--output-dir {result.run_dir} --resume"):  # fmt: skip
+            loop.train(again)
+    assert not (result.checkpoint / "run").exists() and checkpoint.verify(result.checkpoint)[1] is None
+
+
 # -- what a killed run leaves behind (#13 item 8) ------------------------------------------------------------------
 
 

@@ -142,6 +142,7 @@ class RunFolder:
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--output-dir {path} is a file; choose a folder")
+        self._refuse_inside_run()
         self._refuse_foreign()  # before the lock file is created: nothing of ours goes into someone else's folder
         self._refuse_resume_without_run(cfg)  # nor a folder created for a mistyped --resume path
         missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
@@ -191,6 +192,21 @@ class RunFolder:
     def _refuse_resume_without_run(self, cfg: BaseConfig) -> None:
         if cfg.resume and not self.is_run:
             raise ConfigError(f"--resume: {self.path} holds no run to resume; run without --resume")
+
+    def _refuse_inside_run(self) -> None:
+        """A folder in another run's checkpoints/, adapter/ or merged/ (a checkpoint given as HF Trainer's
+        resume_from_checkpoint names one, or a new folder in it): that run deletes or rewrites those, with this run
+        inside; --resume continues the run itself, from its latest checkpoint."""
+        for parent in self.path.parents:
+            run = RunFolder(parent)
+            inside = [a for a in (run.checkpoints, run.adapter, run.merged) if a in self.path.parents]
+            if run.is_run and inside:
+                raise ConfigError(
+                    f"--output-dir {self.path} lies in {inside[0].name}/ of the fasttune run {parent}, which that "
+                    f"run deletes or rewrites (keep-last pruning, saving, --overwrite); to continue that run, pass "
+                    f"--output-dir {parent} --resume (from its latest checkpoint); to start a new run from one of "
+                    "its checkpoints, pass that as --model and an --output-dir outside the run"
+                )
 
     def _refuse_foreign(self) -> None:
         """A non-empty folder without our marker is someone else's: never train into it (--overwrite neither)."""
