@@ -306,3 +306,29 @@ def test_no_validation_names_held_out_samples_left_out_by_max_length(tmp_path, c
     loop._say_no_validation(cfg, data)
     assert f"no validation: the {len(held)} held-out samples were all left out" in caplog.text
     assert "too small" not in caplog.text and "raise --data.max-length" in caplog.text
+
+
+def test_alpaca_records_with_a_misspelt_input_field_say_its_text_is_not_read(tmp_path, caplog):
+    """A record whose input was typed "inptu" (or "Input") trained on the instruction alone, its input dropped without
+    a word; a look-alike beside a filled field (outputs beside output) is another field and is not named."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+
+    records = [{"instruction": "add the numbers", "input": f"{i} and 2", "output": str(i + 2)} for i in range(6)]
+    records[1] = {"instruction": "add the numbers", "inptu": "1 and 2", "output": "3"}
+    records[2] = {**records[2], "input": "", "Input": "2 and 2"}
+    records[3]["outputs"] = "5, 6"
+    (tmp_path / "typo.json").write_text(json.dumps(records))
+    cfg = get_experiment("sft")
+    data = dataclasses.replace(cfg.data, path=str(tmp_path / "typo.json"), val_fraction=0)
+    with caplog.at_level(logging.WARNING, logger="fasttune"):
+        build_data(dataclasses.replace(cfg, data=data), tokenizer=build_tiny_tokenizer())
+    said = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert said == [
+        f"{tmp_path / 'typo.json'}: 1 of 6 records have a 'Input' field and no 'input': it is not read (a misspelt "
+        "'input'?); rename it to train with its text",
+        f"{tmp_path / 'typo.json'}: 1 of 6 records have a 'inptu' field and no 'input': it is not read (a misspelt "
+        "'input'?); rename it to train with its text",
+    ]

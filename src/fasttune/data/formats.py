@@ -18,6 +18,7 @@ User files are only ever opened for reading.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 
@@ -236,3 +237,20 @@ def say_unrendered(records: list[dict], fmt: str, source: str) -> None:
                         "### Response) has no place for: it is not trained on; convert the records to chat data "
                         "(messages, with a system turn or the earlier turns) to train with it", source, n,
                         len(records), key)  # fmt: skip
+    for key, field, n in _misspelt(records, fmt):
+        log.warning("%s: %d of %d records have a %r field and no %r: it is not read (a misspelt %r?); rename it to "
+                    "train with its text", source, n, len(records), key, field, field)  # fmt: skip
+
+
+def _misspelt(records: list[dict], fmt: str) -> list[tuple[str, str, int]]:
+    """(key, the field it looks like a misspelling of, how many records hold text there without that field) for keys
+    close to a field of `fmt` ("inptu", "Input": Alpaca's optional input, whose text was dropped without a word; a
+    misspelt required field stops the run instead)."""
+    fields = _REQUIRED[fmt] + _OPTIONAL.get(fmt, ())
+    found = []
+    for key in sorted({k for r in records for k in r if isinstance(k, str) and k not in fields}):
+        close = difflib.get_close_matches(key.strip().lower(), fields, n=1, cutoff=0.8)
+        if close and (n := sum(1 for r in records if isinstance(r.get(key), str) and r[key].strip()
+                               and not r.get(close[0]))):  # fmt: skip
+            found.append((key, close[0], n))
+    return found
