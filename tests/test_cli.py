@@ -65,6 +65,9 @@ def test_top_level_help_lists_every_command(capsys):
          "error: unknown option --do_sample; did you mean --temperature? (sampling is on when it is above 0)"),
         (["generate", "--checkpoint", "c", "--max_tokens", "9"], "error: unknown option --max_tokens; did you mean "
                                                                   "--max-new-tokens?"),
+        *(([command, "--checkpoint", "c", flag, "20"], f"error: unknown option {flag}; did you mean --max-new-tokens? "
+           "(it counts the answer's tokens alone, not the prompt's)") for command in ("generate", "chat")
+          for flag in ("--max_length", "--max-length")),  # HF generate's: it suggested nothing
         (["chat", "--checkpoint", "c", "--repetition_penalty", "1.1"],
          "error: unknown option --repetition_penalty; fasttune has no such option"),
     ],

@@ -159,10 +159,15 @@ GENERATION_NAMES = {
     "max-samples": "--limit",
     "num-samples": "--limit",
     "max-tokens": "--max-new-tokens",  # vLLM, OpenAI
+    "max-length": "--max-new-tokens",  # HF generate (eval has its own --max-length; its max_length counts the prompt)
     "repetition-penalty": None,
 }
 """Other tools' names for what generate, chat and eval do (the options without --max-steps) -> fasttune's; None: no
 such option."""
+_GENERATION_NOTES = {
+    "do-sample": "(sampling is on when it is above 0) ",
+    "max-length": "(it counts the answer's tokens alone, not the prompt's) ",
+}
 
 
 def _suggestion(flag: str, table: dict[str, type]) -> str:
@@ -182,7 +187,7 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
         if target is None:
             return "fasttune has no such option; "
         if target in table:
-            return f"did you mean {target}? " + ("(sampling is on when it is above 0) " if leaf == "do-sample" else "")
+            return f"did you mean {target}? " + _GENERATION_NOTES.get(leaf, "")
     close = closest(typed, leaf, list(table))
     return f"did you mean {close}? " if close else ""
 
