@@ -131,6 +131,9 @@ class DataConfig:
     path: Annotated[str | None, tyro.conf.arg(aliases=("--data",), metavar="PATH")] = None
     """Dataset: text file or folder, .jsonl/.json/.parquet/.csv, or a save_to_disk folder. None: the embedded
     corpus (this Python's standard library source)."""
+    field: str | None = None
+    """The key of a .json file's top-level object that holds the records ({"data": [...]}, as load_dataset("json",
+    field=...) reads). None: the one key holding a list of records is read, and several are refused."""
     format: str = "auto"
     """Record format: auto (detect), text, alpaca, prompt_completion, chat (TRL's conversational prompt/completion,
     lists of messages, is read as chat: trained on the completion's assistant turns)."""
@@ -155,12 +158,15 @@ class DataConfig:
     """Vocabulary size of the byte-level BPE tokenizer trained on the embedded corpus."""
     max_documents: int | None = None
     """Use at most this many documents (None: all)."""
-    cache_dir: str = field(default=".cache/fasttune", metadata=RESUMABLE)
+    cache_dir: str = dataclasses.field(default=".cache/fasttune", metadata=RESUMABLE)  # `field` is an option here
     """Where the tokenizer trained for the embedded corpus is cached (tokenizer-<corpus fingerprint>-<vocab>/)."""
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
         _choice("data.overlong", self.overlong, OVERLONG)
+        if self.field is not None and not self.field:
+            raise ConfigError("data.field='' is not valid; name the JSON key that holds the records (e.g. data) or "
+                              "leave the option out")  # fmt: skip
         _positive("data.max_length", self.max_length, most=MAX_TOKENS)
         _positive("data.micro_batch_size", self.micro_batch_size, most=MAX_COUNT)
         if self.max_documents is not None:

@@ -23,7 +23,16 @@ import logging
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
-from fasttune.data.readers import check_data_path, check_size, read_tables, text_size, type_name, unreadable
+from fasttune.data.readers import (
+    JsonField,
+    Table,
+    check_data_path,
+    check_size,
+    read_tables,
+    text_size,
+    type_name,
+    unreadable,
+)
 from fasttune.errors import DataError
 
 FORMATS = ("text", "alpaca", "prompt_completion", "chat")
@@ -65,12 +74,13 @@ _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
 
 
 def load_records(
-    path: str, fmt: str = "auto", option: str = "--data.format", split: str | None = "train"
+    path: str, fmt: str = "auto", option: str = "--data.format", split: str | None = "train", field: str | None = None
 ) -> tuple[list[dict], str]:
     """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
     when "auto") and return (records, format). Raises DataError on any problem with the input; `option` is the
-    format option the messages name (`fasttune eval` calls it --format). `split`: the split of a save_to_disk
-    DatasetDict read when it has several (None: refused, naming the split folders: eval must not guess)."""
+    format option the messages name (`fasttune eval` calls it --format, and --field the option of `field`). `split`:
+    the split of a save_to_disk DatasetDict read when it has several (None: refused, naming the split folders: eval
+    must not guess). `field`: the key of a .json file's top-level object that holds the records."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
     root = Path(path)
@@ -81,7 +91,8 @@ def load_records(
         raise unreadable(e, root.parent) from e
     if not exists:
         raise DataError(f"{path}: no such file or folder; check --data")
-    tables = read_tables(root, split)
+    tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"))
+    _say_keys(path, tables)
     tables = [t for t in tables if t.records]
     if not tables:
         raise DataError(f"{path}: no records found (empty file or folder); add data or point --data elsewhere")
@@ -103,6 +114,16 @@ def load_records(
             validate_record(record, "chat" if conversational else fmt, table.where(i), option)
             records.append(record)
     return records, "chat" if conversational else fmt
+
+
+def _say_keys(path: str, tables: list[Table]) -> None:
+    """One line naming the JSON key the records were read from ({"data": [...]}), and for how many files."""
+    keyed = [t for t in tables if t.key is not None]
+    if keyed:
+        keys = ", ".join(repr(k) for k in dict.fromkeys(t.key for t in keyed))
+        files = f" of {len(keyed)} files" if len(keyed) > 1 else ""
+        log.info("%s: read the records under the top-level JSON key %s%s (%d records)", path, keys, files,
+                 sum(len(t.records) for t in keyed))  # fmt: skip
 
 
 def is_conversational(record: dict) -> bool:

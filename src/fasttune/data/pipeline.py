@@ -15,7 +15,7 @@ from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load
 from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample
 from fasttune.data.tokenizer import cached_tokenizer, without_length_warning
-from fasttune.errors import DataError
+from fasttune.errors import ConfigError, DataError
 
 log = logging.getLogger("fasttune")
 
@@ -185,6 +185,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
     d = cfg.data
     if d.path is None:
+        if d.field is not None:  # checked here: a --config file may set it and the command line --data
+            raise ConfigError(f"data.field={d.field!r} names a key of a --data .json file, and no --data is given "
+                              "(the embedded corpus); pass --data FILE.json or drop --data.field")  # fmt: skip
         train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
         tokenizer = tokenizer or _load_tokenizer(cfg, [x.text for x in train_docs], corpus_fingerprint(train_docs))
         summary = DataSummary(
@@ -196,7 +199,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         from fasttune.data.formats import PROMPT_TURNS, load_records, say_unrendered
         from fasttune.data.sft import tokenize_records
 
-        records, fmt = load_records(d.path, d.format)
+        records, fmt = load_records(d.path, d.format, field=d.field)
         records = records[: d.max_documents]
         say_unrendered(records, fmt, d.path)
         by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction)  # e.g. one .txt file

@@ -1,8 +1,9 @@
 """Read the files of a user's dataset into tables of records (plain dicts), each record named by the file and line
 (or index) it came from, for data/formats.py to check.
 
-Inputs: a text file or a folder of them (one {"text"} record per file), .jsonl/.json (array or one object per line),
-.parquet, .csv, a folder of such data files, or a `datasets.save_to_disk` folder.
+Inputs: a text file or a folder of them (one {"text"} record per file), .jsonl/.json (array, one object per line, or
+the records under one key of an object: {"data": [...]}), .parquet, .csv, a folder of such data files, or a
+`datasets.save_to_disk` folder.
 
 Every problem with the input raises `DataError` with one line naming the file, the line or record, and the fix.
 User files are only ever opened for reading.
@@ -36,6 +37,19 @@ _SPLIT_WORDS = {
     "test": {"test", "testing", "eval", "evaluation"},
 }
 """Words that name a split in a data file's path (datasets' data_files.SPLIT_KEYWORDS)."""
+RECORD_KEYS = frozenset({"text", "messages", "instruction", "output", "prompt", "completion", "conversations"})
+"""Keys data/formats.py tells a record's format by: a top-level JSON object holding one is a record, not a
+container of records (a chat record's one key, messages, holds a list of objects too)."""
+
+
+@dataclass(frozen=True)
+class JsonField:
+    """The key of a top-level JSON object that holds the records (`datasets`' load_dataset("json", field=...)), and
+    the option that names it in messages (--data.field; eval's --field). `name` None: found when only one key holds
+    a list of records."""
+
+    name: str | None = None
+    option: str = "--data.field"
 
 
 @dataclass
@@ -48,9 +62,13 @@ class Table:
     """1-based line of each record (JSON lines, CSV); None: records are named by their 0-based index."""
     is_text_file: bool = False
     """A plain text file read as one {"text"} record."""
+    key: str | None = None
+    """The key of the JSON object the records were read from ({"data": [...]}); None: the file's own records."""
 
     def where(self, i: int) -> str:
-        return f"{self.file} line {self.lines[i]}" if self.lines is not None else f"{self.file} record {i}"
+        if self.lines is not None:
+            return f"{self.file} line {self.lines[i]}"
+        return f"{self.file} record {i}" + (f" of {self.key!r}" if self.key is not None else "")
 
 
 def check_data_path(path: str) -> None:
@@ -67,17 +85,19 @@ def check_data_path(path: str) -> None:
         )
 
 
-def read_tables(root: Path, split: str | None) -> list[Table]:
-    """The tables at `root`: one file, every data or text file of a folder, or a save_to_disk folder's `split`."""
+def read_tables(root: Path, split: str | None, field: JsonField = JsonField()) -> list[Table]:
+    """The tables at `root`: one file, every data or text file of a folder, or a save_to_disk folder's `split`;
+    `field`: the key of .json files' top-level objects that holds the records."""
     try:
         if root.is_dir():
             os.scandir(root).close()  # a folder that cannot be listed is named as such, not by a file in it
             if _is_saved_dataset(root):
+                _no_field(root, field, "a save_to_disk folder")
                 return [_read_saved_dataset(root, split)]
         files = _folder_files(root) if root.is_dir() else [root]
     except OSError as e:  # Path.is_file raises on a folder it may not look into (Python 3.11)
         raise unreadable(e, root) from e
-    return [_read_file(f) for f in files]
+    return [_read_file(f, field) for f in files]
 
 
 def unreadable(error: OSError, root: Path) -> DataError:
@@ -90,16 +110,17 @@ def unreadable(error: OSError, root: Path) -> DataError:
                      "and is readable")  # fmt: skip
 
 
-def _read_file(path: Path) -> Table:
+def _read_file(path: Path, field: JsonField) -> Table:
     suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _read_json(path, field)
+    _no_field(path, field, f"a {suffix} file" if suffix in DATA_SUFFIXES else "a text file")
     if suffix in TEXT_SUFFIXES:
         text = _read_utf8(path)
         # Whitespace-only files carry nothing to learn; skipping them keeps a folder of sources usable.
         return Table(path, [{"text": text}] if text.strip() else [], is_text_file=True)
     if suffix in (".jsonl", ".ndjson"):
         return _read_json_lines(path, _read_utf8(path))
-    if suffix == ".json":
-        return _read_json(path)
     if suffix == ".csv":
         return _read_csv(path)
     if suffix == ".parquet":
@@ -193,28 +214,74 @@ def _read_utf8(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _read_json(path: Path) -> Table:
-    """A .json file holds an array of records, one object, or (like .jsonl) one object per line."""
+def _no_field(path: Path, field: JsonField, what: str) -> None:
+    if field.name is not None:
+        raise DataError(f"{path}: {field.option} {field.name} names a key of a .json file's top-level object, and "
+                        f"this is {what}; drop {field.option}")  # fmt: skip
+
+
+def _read_json(path: Path, field: JsonField) -> Table:
+    """A .json file holds an array of records, one object (a record, or the records under one of its keys), or (like
+    .jsonl) one object per line."""
     text = _read_utf8(path)
     if not text.strip():
+        _no_field(path, field, "an empty file")
         return Table(path, [])
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         # "Extra data" after a complete first value means JSON lines; anything else is a real syntax error.
         if e.msg == "Extra data" and not text.lstrip().startswith("["):
+            _no_field(path, field, "a file of JSON lines")
             return _read_json_lines(path, text)
         raise DataError(f"{path} line {e.lineno}: invalid JSON ({json_error(e)}); fix the file") from e
     except (ValueError, RecursionError) as e:
         raise DataError(f"{path}: invalid JSON ({_one_line(e)}); fix the file") from e
-    if isinstance(data, dict):
+    key = _records_key(path, data, field)
+    if key is not None:
+        data = data[key]
+    elif isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type_name(data)}; wrap the records in [...]")
+    table = Table(path, data, key=key)
     for i, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"{path} record {i}: expected a JSON object, got {type_name(record)}")
-    return Table(path, data)
+            raise DataError(f"{table.where(i)}: expected a JSON object, got {type_name(record)}")
+    return table
+
+
+def _records_key(path: Path, data: object, field: JsonField) -> str | None:
+    """The key of a top-level object whose value is the records: `field.name`, else the one key holding a list of
+    objects when the object is not itself a record (holds no key of RECORD_KEYS); None: `data` is the records."""
+    if not isinstance(data, dict):
+        if field.name is not None:
+            what = "a JSON array" if isinstance(data, list) else type_name(data)
+            raise DataError(f"{path}: {field.option} {field.name} names a key of a top-level JSON object, and the "
+                            f"file holds {what}; drop {field.option}")  # fmt: skip
+        return None
+    lists = [k for k, v in data.items() if isinstance(v, list) and (not v or isinstance(v[0], dict))]
+    if field.name is not None:
+        _check_field(path, data, field, lists)
+        return field.name
+    if data.keys() & RECORD_KEYS or not lists:
+        return None  # one record (or none of its values is a list of records: formats.py names its keys)
+    if len(lists) > 1:
+        keys = ", ".join(map(repr, lists))
+        raise DataError(f"{path}: the top-level JSON object has several keys holding lists of records ({keys}); "
+                        f"pass {field.option} KEY to pick one (e.g. {field.option} {lists[0]})")  # fmt: skip
+    return lists[0]
+
+
+def _check_field(path: Path, data: dict, field: JsonField, lists: list[str]) -> None:
+    """`field.name` is a key of `data` holding a list; else one line naming the keys that do."""
+    fix = f"pass {field.option} " + (lists[0] if len(lists) == 1 else "with the key that holds the records")
+    if field.name not in data:
+        keys = ", ".join(map(repr, data)) or "none"
+        raise DataError(f"{path}: no key {field.name!r} in the top-level JSON object (keys: {keys}); {fix}")
+    if not isinstance(data[field.name], list):
+        raise DataError(f"{path}: key {field.name!r} holds {type_name(data[field.name])}, not a list of records; "
+                        f"{fix}")  # fmt: skip
 
 
 def _read_json_lines(path: Path, text: str) -> Table:

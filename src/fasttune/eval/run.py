@@ -49,6 +49,9 @@ class EvalArgs(SamplingArgs):
     """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text)."""
     format: str = "auto"
     """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
+    field: str | None = None
+    """The key of a .json file's top-level object that holds the records ({"data": [...]}); None: the one key holding
+    a list of records is read, and several are refused."""
     generate: bool = False
     """Also generate an answer per sample (greedy unless --temperature) and score it against the reference."""
     output_dir: str | None = None
@@ -74,6 +77,8 @@ class EvalArgs(SamplingArgs):
         super().__post_init__()
         if self.batch_size <= 0:
             raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
+        if self.field is not None and not self.field:
+            raise ConfigError("--field='' is not valid; name the JSON key that holds the records or leave it out")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
         if self.max_length is not None and self.max_length <= 1:
@@ -206,7 +211,8 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
 def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[Sample], str, int]:
     from fasttune.data.formats import load_records
 
-    records, fmt = load_records(a.data, a.format, option="--format", split=None)  # never a DatasetDict's train split
+    # split=None: never a DatasetDict's train split
+    records, fmt = load_records(a.data, a.format, option="--format", split=None, field=a.field)
     origins: list[int] = []
     samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data, origins=origins)
     if fmt != "text":
