@@ -102,3 +102,16 @@ def test_the_field_option_is_refused_where_there_is_no_json_object(tmp_path):
     with pytest.raises(ConfigError, match=r"no --data is given \(the embedded corpus\); pass --data FILE.json"):
         build_data(dataclasses.replace(tiny_config(tmp_path), data=dataclasses.replace(tiny_config(tmp_path).data,
                                                                                         field="data")))  # fmt: skip
+
+
+def test_eval_reads_the_key_its_field_option_names(tmp_path):
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.data.sft import tokenize_records
+    from fasttune.eval import run
+
+    tok = build_tiny_tokenizer()
+    path = _write(tmp_path / "splits.json", {"train": RECORDS[:3], "test": RECORDS[3:5]})
+    samples, fmt, _ = run._samples(run.EvalArgs(checkpoint="unused", data=path, field="test"), tok, 512)
+    assert fmt == "alpaca" and [s.record for s in samples] == [0, 1]
+    assert [s["input_ids"] for s in samples] == [s["input_ids"] for s in tokenize_records(RECORDS[3:5], fmt, tok)]
