@@ -332,3 +332,38 @@ def test_alpaca_records_with_a_misspelt_input_field_say_its_text_is_not_read(tmp
         f"{tmp_path / 'typo.json'}: 1 of 6 records have a 'inptu' field and no 'input': it is not read (a misspelt "
         "'input'?); rename it to train with its text",
     ]
+
+
+def test_the_records_texts_are_gathered_and_hashed_only_to_train_a_tokenizer(tmp_path, monkeypatch):
+    """With --model the tokenizer is the model's: the records' texts, joined and hashed to key a locally trained one,
+    were gathered anyway (two more copies of the data set's text). The data is the same without that work, and a
+    locally trained tokenizer keeps its cache key (sha1 of the texts joined by NUL), so a cached one is still found."""
+    import hashlib
+
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    from fasttune.data import pipeline
+    from fasttune.data.corpus import holdout
+    from fasttune.data.formats import load_records
+
+    folder = tmp_path / "tokenizer"
+    build_tiny_tokenizer(chat_template=None).save_pretrained(folder)
+    cfg = tiny_config(tmp_path)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(folder)),
+                              data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=1024,
+                                                       val_fraction=0.2))  # fmt: skip
+    ref = pipeline.build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(folder))
+    real, seen = pipeline._record_text, []
+    monkeypatch.setattr(pipeline, "_record_text", lambda record: seen.append(record) or real(record))
+    ours = pipeline.build_data(cfg)
+    assert not seen
+    assert (ours.train, ours.val, ours.summary.lines()) == (ref.train, ref.val, ref.summary.lines())
+
+    local = pipeline.build_data(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=None)))
+    records, _ = load_records(str(GSM8K))
+    train, _ = holdout(records, [str(i) for i in range(len(records))], 0.2)
+    assert seen == train
+    key = hashlib.sha1("\0".join(map(real, train)).encode()).hexdigest()[:16]
+    cached = Path(cfg.data.cache_dir) / f"tokenizer-{key}-{cfg.data.tokenizer_vocab_size}"
+    assert AutoTokenizer.from_pretrained(cached).get_vocab() == local.tokenizer.get_vocab()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,20 @@ def _record_text(record: dict) -> str:
     return "\n".join(str(v) for v in record.values() if isinstance(v, str))
 
 
-def _load_tokenizer(cfg: BaseConfig, texts: list[str], fingerprint: str) -> PreTrainedTokenizerBase:
+def _records_corpus(records: list[dict]) -> tuple[list[str], str]:
+    """The records' texts, to train a tokenizer on, and the key it is cached by: sha1 of the texts joined by NUL,
+    hashed piece by piece (the joined text would be two more copies of the data set)."""
+    texts = [_record_text(r) for r in records]
+    h = hashlib.sha1()
+    for i, text in enumerate(texts):
+        h.update(b"\0" if i else b"")
+        h.update(text.encode())
+    return texts, h.hexdigest()[:16]
+
+
+def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]) -> PreTrainedTokenizerBase:
+    """--model's tokenizer, else one trained on `corpus()` (texts, fingerprint): only then are the texts gathered and
+    hashed, which for a data set of GBs takes its time and memory."""
     if cfg.model.path:
         from fasttune.model.resolve import TOKENIZER_FILES
 
@@ -178,6 +192,7 @@ def _load_tokenizer(cfg: BaseConfig, texts: list[str], fingerprint: str) -> PreT
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
+    texts, fingerprint = corpus()
     return cached_tokenizer(texts, cfg.data.tokenizer_vocab_size, cfg.data.cache_dir, fingerprint)
 
 
@@ -189,7 +204,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
             raise ConfigError(f"data.field={d.field!r} names a key of a --data .json file, and no --data is given "
                               "(the embedded corpus); pass --data FILE.json or drop --data.field")  # fmt: skip
         train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
-        tokenizer = tokenizer or _load_tokenizer(cfg, [x.text for x in train_docs], corpus_fingerprint(train_docs))
+        tokenizer = tokenizer or _load_tokenizer(
+            cfg, lambda: ([x.text for x in train_docs], corpus_fingerprint(train_docs))
+        )
         summary = DataSummary(
             source=f"embedded corpus (Python stdlib, {len(train_docs) + len(val_docs)} files)", format="text"
         )
@@ -205,8 +222,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction)  # e.g. one .txt file
         fraction = 0.0 if by_piece else d.val_fraction
         train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
-        texts = [_record_text(r) for r in train_recs]
-        tokenizer = tokenizer or _load_tokenizer(cfg, texts, hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16])
+        tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
         summary = DataSummary(source=d.path, format=fmt)
         if records and PROMPT_TURNS in records[0]:
             summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
