@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from fasttune.config import BaseConfig
 from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load_stdlib_corpus, too_few_to_hold_out
 from fasttune.data.packing import Batcher
-from fasttune.data.sample import Sample
+from fasttune.data.sample import Sample, Samples
 from fasttune.data.tokenizer import cached_tokenizer, without_length_warning
 from fasttune.errors import ConfigError, DataError
 
@@ -73,8 +73,9 @@ class DataSummary:
 
 @dataclass
 class DataBundle:
-    train: list[Sample]
-    val: list[Sample]
+    train: Sequence[Sample]
+    """build_data's are `Samples` (one flat array, no object per sample held); a list does as well (benchmarks)."""
+    val: Sequence[Sample]
     tokenizer: PreTrainedTokenizerBase
     summary: DataSummary
 
@@ -262,10 +263,10 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     padded = Batcher.from_config(d, cfg.seed, packing=False).plan(lengths, epoch=0)
     summary.padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
     summary.fingerprint = data_fingerprint(train, val)
-    return DataBundle(train, val, tokenizer, summary)
+    return DataBundle(Samples(train), Samples(val), tokenizer, summary)
 
 
-def data_fingerprint(train: list[Sample], val: list[Sample]) -> str:
+def data_fingerprint(train: Sequence[Sample], val: Sequence[Sample]) -> str:
     """sha1 over the samples' token ids and labels, in order, train then validation, each as native int64 (the bytes
     of array("q", ids) and array("q", labels) of the lists samples once were: an older run's fingerprint still
     matches); ~3 s per 100M tokens on one CPU core, small beside tokenizing them."""

@@ -2,9 +2,11 @@
 
 A sample's labels (HF convention: aligned with input_ids, unshifted, -100 where no loss) are always its own token
 where trained and -100 elsewhere, so they are not stored: `spans` holds the [start, end) runs of trained tokens (a
-multi-turn chat sample has one per trained turn) and `labels()` rebuilds them when a micro-batch is made. That is ~4
-bytes per token plus ~0.3 KB per sample, where a dict of two Python lists took ~40 (two 8-byte pointers and a boxed
-int per token), once per rank: 100M tokens of SFT data hold ~0.4 instead of ~4 GB of host memory.
+multi-turn chat sample has one per trained turn) and `labels()` rebuilds them when a micro-batch is made. A data set
+(`Samples`) keeps every sample's ids in one array and its spans in another, with offsets: ~4 bytes per token and ~20
+per sample, where a dict of two Python lists took ~40 per token (two 8-byte pointers and a boxed int), once per rank:
+100M tokens of SFT data hold ~0.4 instead of ~4 GB of host memory. (A list of `Sample`s adds ~300 bytes a sample: the
+object and its two arrays' headers, 0.3 GB per million samples and rank.)
 
 `sample["input_ids"]` and `sample["labels"]` give them as lists, as a tokenizer returns them (tests, one-off reads);
 code that reads every sample uses `ids`, `spans`, `labels()`, `len()` and `trained()`.
@@ -12,7 +14,8 @@ code that reads every sample uses `ids`, `spans`, `labels()`, `len()` and `train
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -46,6 +49,13 @@ class Sample:
         if not np.array_equal(labels_a[mask], ids_a[mask]):
             raise ValueError("a label is neither -100 nor its own token; a sample trains each token on itself")
         return cls(ids_a, runs(mask))
+
+    @classmethod
+    def _view(cls, ids: np.ndarray, spans: np.ndarray, record: int | None, last_turn: bool) -> Sample:
+        """A sample of arrays already checked (int32 ids, merged spans), kept as they are: views into `Samples`."""
+        out = cls.__new__(cls)
+        out.ids, out.spans, out.record, out.last_turn = ids, spans, record, last_turn
+        return out
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,6 +100,58 @@ class Sample:
 
     def __repr__(self) -> str:
         return f"Sample({len(self.ids)} tokens, trained {self.pairs()})"
+
+
+class Samples(Sequence[Sample]):
+    """A data set's samples in two flat int32 arrays (every sample's ids, then every sample's spans) and their int64
+    offsets; `samples[i]` is a `Sample` whose arrays are read-only views into them, made on access."""
+
+    def __init__(self, samples: Iterable[Sample]):
+        samples = list(samples)
+        self._ids, self._starts = _flat([s.ids for s in samples])
+        self._spans, self._span_starts = _flat([s.spans for s in samples])
+        default = all(s.record is None and s.last_turn for s in samples)
+        self._origins = None if default else [(s.record, s.last_turn) for s in samples]
+        """Eval's numbering of each sample (record, last_turn); None: every sample's is the default (training)."""
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, i):  # -> Sample, or a list of them for a slice
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        i += len(self) if i < 0 else 0
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        record, last_turn = self._origins[i] if self._origins is not None else (None, True)
+        ids = self._ids[self._starts[i] : self._starts[i + 1]]
+        return Sample._view(ids, self._spans[self._span_starts[i] : self._span_starts[i + 1]], record, last_turn)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+    def __add__(self, other: Sequence[Sample]) -> list[Sample]:
+        return [*self, *other]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Samples({len(self)} samples, {len(self._ids)} tokens)"
+
+
+def _flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The int32 arrays joined into one (read-only: samples are views of it) and their int64 start offsets + end."""
+    starts = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)), out=starts[1:])
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    flat.flags.writeable = False
+    return flat, starts
 
 
 def _int32(ids: Sequence[int] | np.ndarray) -> np.ndarray:
