@@ -428,3 +428,25 @@ def test_chat_ctrl_c_during_a_reply_stops_it_and_keeps_the_session(sft_run, caps
     monkeypatch.setattr(chat_mod, "generate_ids", interrupted)
     assert chat_loop(model, tok, read=read) == 0
     assert capsys.readouterr().out.count("[stopped]") == 2  # both messages were read: the session went on
+
+
+def test_prompts_under_one_key_of_a_json_object_are_read_as_its_records(tmp_path):
+    """{"version": .., "data": [...]} (SQuAD-style, as training and `eval --data` read it) stopped with "line 1: no
+    prompt" or "invalid JSON": its records are the prompts, named by their key; several such keys are refused."""
+    records = [{"instruction": "Natalia sold clips", "input": "", "output": "72"}, {"prompt": "How many clips?"}]
+    lines, wrapped = tmp_path / "p.jsonl", tmp_path / "p.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for indent in (None, 2):
+        wrapped.write_text(json.dumps({"version": "1", "data": records}, indent=indent))
+        got = read_prompts(wrapped)
+        assert [r.pop("_where") for r in got] == ["record 0 of 'data'", "record 1 of 'data'"]
+        assert got == [{k: v for k, v in r.items() if k != "_where"} for r in read_prompts(lines)]
+    wrapped.write_text(json.dumps({"train": records, "test": records}))
+    with pytest.raises(DataError, match="several keys holding lists \\('train', 'test'\\)"):
+        read_prompts(wrapped)
+    wrapped.write_text(json.dumps({"data": [{"answer": 1}]}))
+    with pytest.raises(DataError, match="p.json record 0 of 'data': no prompt"):
+        read_prompts(wrapped)
+    wrapped.write_text(json.dumps({"question": "2 + 3?", "choices": ["4", "5"]}))  # one record, not a container
+    with pytest.raises(DataError, match="p.json line 1: no prompt"):
+        read_prompts(wrapped)

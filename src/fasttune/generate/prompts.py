@@ -53,7 +53,11 @@ def read_prompts(path: str | Path) -> list[dict]:
 
 def _values(file: Path, text: str) -> list[tuple[str, object]]:
     """(place, JSON value) of each prompt: one per line, or each item of a JSON array (an Alpaca .json test set, as
-    `eval --data` reads it), pretty-printed or not."""
+    `eval --data` reads it), pretty-printed or not, or of the one list of records in a JSON object ({"data": [...]},
+    as training and `eval --data` read it)."""
+    records = _under_one_key(file, text)
+    if records is not None:
+        return records
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
@@ -72,6 +76,26 @@ def _values(file: Path, text: str) -> list[tuple[str, object]]:
         except ValueError as e:
             raise DataError(f"{file} line {n}: invalid JSON ({json_error(e)}); write one JSON value per line") from None
     return values
+
+
+def _under_one_key(file: Path, text: str) -> list[tuple[str, object]] | None:
+    """The records of a JSON object whose one key holding a list of records holds the prompts ({"version": ..,
+    "data": [...]}); None: the text is something else (JSON lines, an array, one prompt object)."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None  # JSON lines (or a syntax error, named line by line below)
+    if not isinstance(data, dict) or _has_prompt(data):
+        return None
+    lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if len(lists) > 1:
+        raise DataError(
+            f"--prompts {file}: the top-level JSON object has several keys holding lists "
+            f"({', '.join(map(repr, lists))}); keep the prompts' list alone, or write one prompt per line"
+        )
+    return [(f"record {i} of {lists[0]!r}", v) for i, v in enumerate(data[lists[0]])] if lists else None
 
 
 def _has_prompt(record: dict) -> bool:
