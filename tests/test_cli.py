@@ -292,6 +292,38 @@ def test_max_length_may_reach_a_yarn_extended_context(tmp_path, monkeypatch, cap
         assert "(max_position_embeddings=128);" in err and "yarn" not in err.split(";")[1], err
 
 
+@pytest.mark.parametrize("saved_by", ["transformers 5", "transformers 4"])
+def test_the_advised_yarn_edit_extends_the_context_and_keeps_the_rope_base(tmp_path, monkeypatch, capsys, saved_by):
+    """The refusal's advice, made to config.json as written, trains the length on the model's own RoPE base. Given as
+    `rope_scaling` beside the `rope_parameters` transformers 5 saves (every fasttune checkpoint), transformers took
+    the YaRN keys alone and dropped rope_theta to its default (500000 -> 10000): another model, silently."""
+    import json
+    import re
+
+    from transformers import AutoConfig, LlamaConfig
+
+    from fasttune.model.context import context_length
+
+    LlamaConfig(max_position_embeddings=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=300, rope_theta=500000.0).save_pretrained(tmp_path / "m")  # fmt: skip
+    file = tmp_path / "m" / "config.json"
+    data = json.loads(file.read_text())
+    if saved_by == "transformers 4":  # a Hub download's config: rope_theta beside a null rope_scaling
+        data.update(rope_theta=data.pop("rope_parameters")["rope_theta"], rope_scaling=None)
+        file.write_text(json.dumps(data))
+    argv = ["train", "--experiment", "sft", "--model", str(tmp_path / "m"), "--data", "tests/fixtures/alpaca.jsonl",
+            "--data.max-length", "300"]  # fmt: skip
+    assert _captured_config(monkeypatch, argv) == (2, None)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    key, value = re.search(r'"(rope_\w+)": (\{[^}]*\})', err).groups()
+    file.write_text(json.dumps({**data, key: json.loads(value)}))  # the edit the line asks for
+    edited = AutoConfig.from_pretrained(tmp_path / "m")
+    assert edited.rope_parameters["rope_theta"] == 500000.0, (err, edited.rope_parameters)
+    assert context_length(edited) == 384
+    rc, cfg = _captured_config(monkeypatch, argv)
+    assert rc == 0 and cfg.data.max_length == 300
+
+
 def test_module_entry_points_take_a_command_line(capsys):
     from fasttune.bench import cli as bench_cli
     from fasttune.doctor import checks

@@ -58,7 +58,12 @@ def too_long(config, length: int, source: str, option: str = "--data.max-length"
     fix = f"pass {option} {context} or less"
     kind = _rope(config).get("rope_type", "none")
     if kind == "default" and context == base:  # plain RoPE: a config change extends it
-        factor = -(-length // base)
-        fix += (f", or extend the model's context in its config.json (YaRN: \"rope_scaling\": {{\"rope_type\": "
-                f"\"yarn\", \"factor\": {factor}.0, \"original_max_position_embeddings\": {base}}})")  # fmt: skip
+        # as transformers 5's rope_parameters with the model's rope_theta: beside the rope_parameters it saves,
+        # a rope_scaling replaced them, rope_theta included (500000 -> its default 10000: another model)
+        theta = _rope(config).get("rope_theta") or getattr(config, "rope_theta", None)
+        theta = f', "rope_theta": {float(theta)}' if theta else ""
+        fix += (
+            f', or extend the model\'s context in its config.json (YaRN: "rope_parameters": {{"rope_type": '
+            f'"yarn", "factor": {-(-length // base)}.0, "original_max_position_embeddings": {base}{theta}}})'
+        )
     return f"{option} {length} exceeds the context of {source} ({describe_context(config)}); {fix}"
