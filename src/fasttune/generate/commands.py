@@ -70,7 +70,8 @@ class GenerateArgs(SamplingArgs):
     "instruction" (+"input"), "messages" or "text"), or a JSON array of them: completions go to --output, generated
     in batches."""
     output: str | None = None
-    """JSONL file for the completions of --prompts (default: the prompts file's name + .completions.jsonl)."""
+    """JSONL file for the completions of --prompts (default: the prompts file with .completions.jsonl for its
+    extension: q.jsonl -> q.completions.jsonl)."""
     overwrite: bool = False
     """Replace an existing --output file."""
     batch_size: int = 32
