@@ -49,5 +49,6 @@ else
     pip_install "torch>=2.11" --index-url "$cpu_index"
   fi
 fi
-pip_install -e ".[${FASTTUNE_EXTRAS-dev}]"
+extras=${FASTTUNE_EXTRAS-dev}
+pip_install -e ".${extras:+[$extras]}"  # FASTTUNE_EXTRAS="": ".", as pip refuses ".[]"
 python -c "import torch; print('installed fasttune with torch', torch.__version__, torch.version.cuda and 'CUDA ' + torch.version.cuda or 'CPU build')"

@@ -87,6 +87,18 @@ def test_install_with_a_gpu_or_torch_present_or_an_override(tmp_path):
                                                                                            "-e .[dev]"]  # fmt: skip
 
 
+def test_install_without_extras_gives_pip_a_requirement_it_takes(tmp_path):
+    """FASTTUNE_EXTRAS="" (docs/INSTALL.md: a plain install) installs fasttune alone; the script passed pip `-e .[]`,
+    which pip refuses ("not a valid editable requirement"). pip itself, offline, judges the arguments."""
+    import sys
+
+    pytest.importorskip("setuptools")
+    (step,) = _install(tmp_path, gpu=False, torch_version="2.13.0+cpu", env_extra={"FASTTUNE_EXTRAS": ""})
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", "--no-index"]
+    out = subprocess.run([*pip, *step.split()], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "Would install fasttune" in out.stdout, (step, out.stderr)
+
+
 def test_ci_installs_as_the_readme_says():
     readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci/run").read_text()
     quickstart = readme[readme.index("## Quickstart") :].split("```bash\n")[1].split("```")[0].splitlines()
