@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from helpers import losses, tiny_config
@@ -201,6 +202,29 @@ def test_a_folder_in_another_runs_checkpoints_is_refused_naming_that_run(finishe
                                               f"--output-dir {result.run_dir} --resume"):  # fmt: skip
             loop.train(again)
     assert not (result.checkpoint / "run").exists() and checkpoint.verify(result.checkpoint)[1] is None
+
+
+def test_a_checkpoint_given_relative_to_the_cwd_or_by_a_symlink_is_refused_and_a_path_through_it_is_not(
+    tmp_path, monkeypatch
+):
+    """The refusal of a folder in another run's checkpoints/ looked at the path as typed: `--output-dir step-N` from
+    inside checkpoints/ or a symlink to a checkpoint passed (and the run went on to 'not a fasttune run folder' with
+    the fix CHECKPOINT/run, which that run's pruning deletes), while run/checkpoints/../../new, a folder outside the
+    run, was refused."""
+    cfg = tiny_config(tmp_path)
+    run = RunFolder(tmp_path / "run")
+    step = run.checkpoints / "step-000003"
+    step.mkdir(parents=True)
+    run.marker.write_text("")
+    (step / "model.safetensors").write_text("weights")
+    (tmp_path / "latest").symlink_to(step)
+    monkeypatch.chdir(run.checkpoints)
+    for typed in ("step-000003", "step-000003/run", str(tmp_path / "latest"), str(tmp_path / "latest" / "run")):
+        with pytest.raises(ConfigError, match=f"lies in checkpoints/ of the fasttune run {run.path.resolve()}"):
+            RunFolder(Path(typed)).prepare(cfg)
+    outside = RunFolder(run.checkpoints / ".." / ".." / "new")
+    outside.prepare(cfg).release()
+    assert outside.path.resolve() == tmp_path / "new" and sorted(os.listdir(step)) == ["model.safetensors"]
 
 
 # -- what a killed run leaves behind (#13 item 8) ------------------------------------------------------------------
