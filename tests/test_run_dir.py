@@ -227,6 +227,23 @@ def test_a_checkpoint_given_relative_to_the_cwd_or_by_a_symlink_is_refused_and_a
     assert outside.path.resolve() == tmp_path / "new" and sorted(os.listdir(step)) == ["model.safetensors"]
 
 
+def test_a_runs_checkpoints_or_merged_folder_itself_is_refused_naming_the_run(tmp_path, monkeypatch):
+    """--output-dir RUN/merged (or RUN/checkpoints) was 'not a fasttune run folder' with the fix --output-dir
+    RUN/merged/run, which the next start refused as lying in that run's merged/: two errors, the first one's advice
+    wrong."""
+    cfg = tiny_config(tmp_path)
+    run = RunFolder(tmp_path / "run")
+    for folder in (run.checkpoints / "step-000003", run.merged):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_text("weights")
+    run.marker.write_text("")
+    monkeypatch.chdir(run.checkpoints)
+    for typed, name in ((run.merged, "merged"), (run.checkpoints, "checkpoints"), (Path("."), "checkpoints")):
+        with pytest.raises(ConfigError, match=f"lies in {name}/ of the fasttune run {run.path.resolve()}"):
+            RunFolder(typed).prepare(cfg)
+    assert sorted(os.listdir(run.merged)) == ["model.safetensors"]
+
+
 # -- what a killed run leaves behind (#13 item 8) ------------------------------------------------------------------
 
 

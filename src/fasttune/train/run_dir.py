@@ -194,14 +194,14 @@ class RunFolder:
             raise ConfigError(f"--resume: {self.path} holds no run to resume; run without --resume")
 
     def _refuse_inside_run(self) -> None:
-        """A folder in another run's checkpoints/, adapter/ or merged/ (a checkpoint given as HF Trainer's
+        """A folder in (or one of) another run's checkpoints/, adapter/ or merged/ (a checkpoint given as HF Trainer's
         resume_from_checkpoint names one, or a new folder in it): that run deletes or rewrites those, with this run
         inside; --resume continues the run itself, from its latest checkpoint. The path is resolved: typed relative to
         a working folder inside checkpoints/, or through a symlink to a checkpoint, it is still in there."""
         path = self.path.resolve()
         for parent in path.parents:
             run = RunFolder(parent)
-            inside = [a for a in (run.checkpoints, run.adapter, run.merged) if a in path.parents]
+            inside = [a for a in (run.checkpoints, run.adapter, run.merged) if a == path or a in path.parents]
             if run.is_run and inside:
                 raise ConfigError(
                     f"--output-dir {self.path} lies in {inside[0].name}/ of the fasttune run {parent}, which that "
