@@ -450,3 +450,17 @@ def test_prompts_under_one_key_of_a_json_object_are_read_as_its_records(tmp_path
     wrapped.write_text(json.dumps({"question": "2 + 3?", "choices": ["4", "5"]}))  # one record, not a container
     with pytest.raises(DataError, match="p.json line 1: no prompt"):
         read_prompts(wrapped)
+
+
+def test_one_prompt_record_in_a_json_file_is_that_record_not_a_container_of_its_messages(tmp_path):
+    """A record's own list of messages is not a list of prompts: a chat record with content parts (OpenAI's layout)
+    was refused as "record 0 of 'messages': no prompt", naming a key as if the file held records under it; and one
+    record pretty-printed over several lines (a .json file as training reads it) was "line 1: invalid JSON"."""
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(chat, indent=2))
+    assert read_prompts(path) == [{**chat, "_where": "record 0"}]
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]}
+    path.write_text(json.dumps(parts) + "\n")
+    with pytest.raises(DataError, match=r"one.json line 1: no prompt"):
+        read_prompts(path)

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from fasttune.data.readers import json_error
+from fasttune.data.readers import RECORD_KEYS, json_error
 from fasttune.errors import DataError, FasttuneError
 
 PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
@@ -80,15 +80,19 @@ def _values(file: Path, text: str) -> list[tuple[str, object]]:
 
 def _under_one_key(file: Path, text: str) -> list[tuple[str, object]] | None:
     """The records of a JSON object whose one key holding a list of records holds the prompts ({"version": ..,
-    "data": [...]}); None: the text is something else (JSON lines, an array, one prompt object)."""
+    "data": [...]}), or the object itself when it is one record (holds a key of RECORD_KEYS, as training tells them:
+    its messages are not prompts) pretty-printed over several lines; None: the text is something else (JSON lines,
+    an array, one record on one line)."""
     if not text.lstrip().startswith("{"):
         return None
     try:
         data = json.loads(text)
     except ValueError:
         return None  # JSON lines (or a syntax error, named line by line below)
-    if not isinstance(data, dict) or _has_prompt(data):
+    if not isinstance(data, dict):
         return None
+    if _has_prompt(data) or data.keys() & RECORD_KEYS:
+        return [("record 0", data)] if "\n" in text.strip() else None
     lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
     if len(lists) > 1:
         raise DataError(
