@@ -3,10 +3,10 @@
 A sample's labels (HF convention: aligned with input_ids, unshifted, -100 where no loss) are always its own token
 where trained and -100 elsewhere, so they are not stored: `spans` holds the [start, end) runs of trained tokens (a
 multi-turn chat sample has one per trained turn) and `labels()` rebuilds them when a micro-batch is made. A data set
-(`Samples`) keeps every sample's ids in one array and its spans in another, with offsets: ~4 bytes per token and ~20
-per sample, where a dict of two Python lists took ~40 per token (two 8-byte pointers and a boxed int), once per rank:
-100M tokens of SFT data hold ~0.4 instead of ~4 GB of host memory. (A list of `Sample`s adds ~300 bytes a sample: the
-object and its two arrays' headers, 0.3 GB per million samples and rank.)
+(`Samples`) keeps every sample's ids in one array and its spans in another, with offsets: ~4 bytes per token and ~24
+per sample (two offsets, one span), where a dict of two Python lists took ~40 per token (two 8-byte pointers and a
+boxed int), once per rank: 100M tokens of SFT data hold ~0.4 instead of ~4 GB of host memory. (A list of `Sample`s
+adds ~300 bytes a sample: the object and its two arrays' headers, 0.3 GB per million samples and rank.)
 
 `sample["input_ids"]` and `sample["labels"]` give them as lists, as a tokenizer returns them (tests, one-off reads);
 code that reads every sample uses `ids`, `spans`, `labels()`, `len()` and `trained()`.
