@@ -96,6 +96,17 @@ def test_comma_separated_targets_on_the_command_line_are_several_names(typed):
     assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
 
 
+@pytest.mark.parametrize("typed", [",", "", " , "])
+def test_targets_that_name_no_layer_are_refused_before_anything_is_loaded(typed):
+    """`--lora.targets ,` (or an empty string) split into no name at all: the run tokenized the data and loaded the
+    model, then stopped with 'lora.targets () match no linear layer'."""
+    from fasttune.cli import parse_train_args
+    from fasttune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^lora.targets=.* names no layer; .*q_proj v_proj.*all-linear"):
+        parse_train_args(["--experiment", "lora", "--model", "m", "--data", "d.jsonl", "--lora.targets", typed])
+
+
 def test_default_targets_on_a_model_naming_no_layer_like_llama_adapt_all_its_linear_layers():
     """GPT-NeoX names its layers query_key_value, dense, dense_h_to_4h, dense_4h_to_h: `lora` with the default
     (Llama's) names stopped with an error for an option the user never gave; it adapts every linear layer but the

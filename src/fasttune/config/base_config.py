@@ -201,7 +201,10 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout={self.dropout!r} is not valid; it must be in [0, 1)")
         # --lora.targets q_proj,v_proj (peft's and Axolotl's comma-separated habit) names two layers, not one
-        self.targets = tuple(name for target in self.targets for name in target.replace(",", " ").split())
+        typed, self.targets = self.targets, tuple(name for t in self.targets for name in t.replace(",", " ").split())
+        if self.enabled and not self.targets:
+            raise ConfigError(f"lora.targets={typed!r} names no layer; pass the layers to adapt (e.g. --lora.targets "
+                              "q_proj v_proj) or all-linear")  # fmt: skip
 
 
 @dataclass
