@@ -388,3 +388,19 @@ def test_ctrl_c_while_torch_is_imported_is_one_quiet_line(capsys, monkeypatch):
     monkeypatch.setattr(optim, "quiet_torchao", interrupted)
     assert cli.main(["train"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C)"
+
+
+def test_no_yarn_edit_is_advised_for_rope_parameters_per_layer_type():
+    """Gemma 3 (1B, 270M) keeps plain RoPE per layer type ({"sliding_attention": {...}, "full_attention": {...}}): the
+    advised flat "rope_parameters" edit, made as written, was ignored by every layer (each kept its own default RoPE)
+    while fasttune read the context as extended: the run trained past it on unextended RoPE, and the advice named
+    the sliding layers' rope_theta (10000) for the full-attention ones (1000000)."""
+    from transformers import Gemma3TextConfig
+
+    from fasttune.model.context import too_long
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config = Gemma3TextConfig(num_hidden_layers=2, vocab_size=300, max_position_embeddings=128, **sizes)
+    assert set(config.rope_parameters) == {"sliding_attention", "full_attention"}
+    message = too_long(config, 300, "m")
+    assert message.endswith("(max_position_embeddings=128); pass --data.max-length 128 or less"), message

@@ -25,6 +25,11 @@ def _rope(config) -> dict:
     return rope
 
 
+def _per_layer_type(config) -> bool:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return isinstance(rope, dict) and bool(rope) and all(isinstance(v, dict) for v in rope.values())
+
+
 def context_length(config) -> int | None:
     """The model's context in tokens: max_position_embeddings, or a YaRN or dynamic-NTK factor times the original
     context where that is longer (see the module's docstring); None when the config names no context."""
@@ -57,7 +62,9 @@ def too_long(config, length: int, source: str, option: str = "--data.max-length"
     context, base = context_length(config), getattr(config, "max_position_embeddings", None)
     fix = f"pass {option} {context} or less"
     kind = _rope(config).get("rope_type", "none")
-    if kind == "default" and context == base:  # plain RoPE: a config change extends it
+    # plain RoPE: a config change extends it; not one set per layer type (Gemma 3), whose layers would each keep
+    # their own RoPE beside a flat rope_parameters edit, while the config read as extended
+    if kind == "default" and context == base and not _per_layer_type(config):
         # as transformers 5's rope_parameters with the model's rope_theta: beside the rope_parameters it saves,
         # a rope_scaling replaced them, rope_theta included (500000 -> its default 10000: another model)
         theta = _rope(config).get("rope_theta") or getattr(config, "rope_theta", None)
