@@ -103,6 +103,47 @@ def test_interrupted_run_exit_code_and_message(tmp_path):
     assert "interrupted at step" in out and "--resume" in out and "Traceback" not in out
 
 
+def _module_cli(*argv: str, stderr=subprocess.STDOUT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fasttune", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
+
+
+def test_a_reader_that_goes_away_loses_no_work(tmp_path):
+    """`fasttune train ... | head -1`: stdout and stderr into a pipe closed after the first line. The run carries on
+    to its final checkpoint and exits 0 (a BrokenPipeError at the next write ended it with exit 1 and no
+    checkpoint); generate and eval writing to a closed stdout end quietly too."""
+    run = tmp_path / "run"
+    proc = _module_cli("train", "--experiment", "quick", *TINY, "--save-every", "5", "--data.cache-dir",
+                       str(tmp_path / "cache"), "--output-dir", str(run))  # fmt: skip
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert _checkpoints(run) == ["step-000010", "step-000012"] and max(_losses(run)) == 12
+    data = tmp_path / "code.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 20)
+    for argv in (
+        ["generate", "--checkpoint", str(run), "--prompt", "def f", "--max-new-tokens", "8"],
+        ["eval", "--checkpoint", str(run), "--data", str(data), "--output-dir", str(tmp_path / "eval")],
+    ):
+        proc = _module_cli(*argv, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 0 and "Traceback" not in err, (argv, err)
+
+
+def test_ctrl_c_after_the_reader_went_away_saves_and_exits_130(tmp_path):
+    """`fasttune train ... | tee log`, then Ctrl-C (tee dies with it): the checkpoint is saved and the exit code is
+    130; the final notice met the closed pipe and exited 1."""
+    run = tmp_path / "run"
+    proc = _module_cli("train", "--experiment", "quick", *TINY, "--max-steps", "100000", "--data.cache-dir",
+                       str(tmp_path / "cache"), "--output-dir", str(run))  # fmt: skip
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and _losses(run, live=True), proc)
+    proc.stdout.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert _checkpoints(run) == [f"step-{max(_losses(run)):06d}"]
+
+
 _flags = sorted(option_table())
 _token = st.one_of(
     st.sampled_from(_flags),

@@ -30,6 +30,7 @@ import tyro
 
 from fasttune.command import Command
 from fasttune.errors import FasttuneError, PeerFailed, Stopped
+from fasttune.streams import surviving_closed_output
 
 log = logging.getLogger("fasttune")
 
@@ -162,8 +163,15 @@ def _message(e: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug)."""
+    """Parse, run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug).
+    Output piped into a reader that went away (`| head`, `| tee` after a Ctrl-C) goes to os.devnull from then on:
+    the command carries on and exits as it would have (streams.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    with surviving_closed_output():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     set_environment()
     # --debug decides how errors raised while parsing are shown, so it is looked at before tyro parses
     debug = "--debug" in argv
