@@ -1,6 +1,7 @@
 """The command line: one tyro parser for every subcommand; help written for users; every mistake is one line
 `error: ...` naming the option and the fix (exit 2), a traceback only with --debug."""
 
+import json
 import math
 import os
 import subprocess
@@ -100,6 +101,26 @@ def test_other_tools_option_names_point_at_fasttunes(flag, expected, capsys):
     assert cli.main(["train", flag, "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: unknown option {flag}; {expected}") and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag", ["--dataset_text_field", "--dataset-text-field", "--data.dataset_text_field"])
+def test_trls_text_field_option_says_which_field_is_read_and_how_to_rename(flag, capsys, tmp_path):
+    """TRL's --dataset_text_field got only 'unknown option'. The hint's advice holds: records with another field are
+    no data fasttune can read, the same records renamed as it says are read as text."""
+    from fasttune.data.formats import load_records
+    from fasttune.errors import DataError
+
+    assert cli.main(["train", flag, "content"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: unknown option {flag}; fasttune has no such option: text data is read from each "
+                          "record's `text` field") and "rename your field to text" in err  # fmt: skip
+    assert len(err.strip().splitlines()) == 1
+    data = [{"content": "def f(x):\n    return x\n", "id": 1}, {"content": "print(1)\n", "id": 2}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        load_records(str(tmp_path / "in.jsonl"))
+    (tmp_path / "out.jsonl").write_text("".join(json.dumps({"text": r["content"]}) + "\n" for r in data))  # jq's
+    assert load_records(str(tmp_path / "out.jsonl")) == ([{"text": r["content"]} for r in data], "text")
 
 
 def test_every_other_tools_name_maps_to_a_real_option():

@@ -152,6 +152,8 @@ def test_resume_with_config_keeps_the_run_and_refuses_a_file_that_changes_it(tra
          "a.yaml: unknown key training.learning_rate; did you mean training.lr (fasttune's name for learning_rate)?"),
         ("a.yaml", "micro_batch_size: 2\n", "unknown key micro_batch_size; did you mean data.micro_batch_size?"),
         ("a.yaml", "num_epochs: 3\n", "a.yaml: unknown key num_epochs; fasttune has no epochs option"),
+        ("a.yaml", "dataset_text_field: content\n",
+         "a.yaml: unknown key dataset_text_field; fasttune has no such option: text data is read from each record's"),
         ("a.yaml", "completion_only_loss: true\n", "did you mean data.train_on_prompt: false (fasttune's name for"),
         ("a.yaml", "trainig:\n  lr: 1e-4\n", "a.yaml: unknown key trainig; did you mean training?"),
         ("a.yaml", "data:\n  packng: false\n", "a.yaml: unknown key data.packng; did you mean data.packing?"),

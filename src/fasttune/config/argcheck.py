@@ -75,6 +75,13 @@ OTHER_NAMES = {
 }
 """Option names HF Trainer, TRL, Axolotl and peft users type (the leaf of the flag, dashes for underscores) -> the
 fasttune option that does that; None: fasttune has no such option (epochs: it counts steps)."""
+NO_SUCH_OPTION = {
+    "dataset-text-field": "fasttune has no such option: text data is read from each record's `text` field (TRL's "
+    "default; a .txt file is read whole); rename your field to text, e.g. jq -c '{text: .content}' in.jsonl > "
+    "out.jsonl, or datasets' rename_column('content', 'text')",
+}
+"""Other tools' options fasttune has no counterpart for (the leaf of the flag, dashes for underscores) -> what it does
+instead, for `fasttune train` and config files."""
 
 
 def _unwrap(kind) -> tuple[typing.Any, str | None, tuple[str, ...]]:
@@ -175,6 +182,8 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
     the one option of that name in another section (--lr: --training.lr), else the closest spelling; "" for none."""
     typed = flag.replace("_", "-")
     leaf = typed.lstrip("-").rpartition(".")[2].lower()
+    if leaf in NO_SUCH_OPTION and _STEPS in table:
+        return NO_SUCH_OPTION[leaf] + "; "
     if leaf in OTHER_NAMES and _STEPS in table:  # train's options (bench has its own --epochs)
         target = OTHER_NAMES[leaf]
         if target is None:

@@ -15,7 +15,7 @@ import types
 import typing
 from pathlib import Path
 
-from fasttune.config.argcheck import OTHER_NAMES, closest, options
+from fasttune.config.argcheck import NO_SUCH_OPTION, OTHER_NAMES, closest, options
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
 
@@ -193,6 +193,8 @@ def _suggestion(key: str) -> str:
     valid = list(leaves()) + list(_sections())
     leaf = key.rpartition(".")[2]
     other = leaf.lower().replace("_", "-")
+    if other in NO_SUCH_OPTION:
+        return "; " + NO_SUCH_OPTION[other]
     if other in OTHER_NAMES:
         target = OTHER_NAMES[other]
         if target is None:
