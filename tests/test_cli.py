@@ -246,7 +246,7 @@ def _captured_config(monkeypatch, argv):
 
     seen = {}
 
-    def fake_train(cfg):
+    def fake_train(cfg, **kwargs):
         seen["cfg"] = cfg
         return types.SimpleNamespace(first_val_loss=None, sample_prompt=None, model_dir=None)
 

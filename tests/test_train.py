@@ -443,3 +443,24 @@ def test_a_preset_trained_beyond_its_context_saves_a_context_that_covers_it(tmp_
     saved = AutoModelForCausalLM.from_pretrained(result.checkpoint).config
     assert context_length(saved) == 4160
     assert AutoTokenizer.from_pretrained(result.checkpoint).model_max_length == 4160
+
+
+def test_the_attention_line_says_where_its_backend_came_from(tmp_path, capsys):
+    """`attention: sdpa (requested)` was logged for every preset run whose user asked for nothing: the line names
+    the preset, the flag, the config file (or a --resume's own config.json) it came from."""
+    tiny = ["--model.preset", "micro", "--data.max-documents", "40", "--data.tokenizer-vocab-size", "384",
+            "--data.max-length", "64", "--training.eval-every", "0", "--generation.sample-prompt", "",
+            "--data.cache-dir", str(tmp_path / "cache"), "--max-steps", "1"]  # fmt: skip
+    (tmp_path / "a.yaml").write_text("attn_implementation: eager\n")
+    for argv, line in [
+        (["--output-dir", str(tmp_path / "a")], "attention: sdpa (the quick preset's default)"),
+        (["--output-dir", str(tmp_path / "b"), "--attn_implementation=eager"],
+         "attention: eager (--attn-implementation)"),
+        (["--output-dir", str(tmp_path / "c"), "--config", str(tmp_path / "a.yaml")],
+         f"attention: eager (set in {tmp_path / 'a.yaml'})"),
+        (["--output-dir", str(tmp_path / "a"), "--resume", "--max-steps", "2"],
+         f"attention: sdpa (set in {tmp_path / 'a' / 'config.json'})"),
+    ]:  # fmt: skip
+        assert main(["train", *tiny, *argv]) == 0
+        err = capsys.readouterr().err
+        assert [x for x in err.splitlines() if x.startswith("attention:")] == [line], err

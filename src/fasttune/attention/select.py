@@ -41,7 +41,9 @@ class Resolved:
 
 
 def describe(requested: str, name: str, reason: str) -> str:
-    """One phrase for the run summary: 'sdpa (as requested)', 'auto -> varlen (why)', 'sdpa (why not the request)'.
+    """One phrase for the run summary: 'sdpa (as requested)' (or where the name came from, when `reason` says:
+    'sdpa (--attn-implementation)', 'sdpa (the sft preset's default)'), 'auto -> varlen (why)', 'sdpa (why not the
+    request)'.
     auto's why is cut to its verdict: the preference order and why each faster backend is not usable stay in the
     log's line (on an H200 without flash-attn-4 they filled 14 lines of the summary's table)."""
     if requested == "auto":
@@ -49,7 +51,7 @@ def describe(requested: str, name: str, reason: str) -> str:
         if "; not usable:" in reason:
             short += "; faster ones not usable here: the log or `fasttune doctor` says why"
         return f"auto -> {name} ({short})"
-    return f"{name} (as requested)" if name == requested else f"{name} ({reason})"
+    return f"{name} (as requested)" if name == requested and reason == "requested" else f"{name} ({reason})"
 
 
 def native_attention(model_config) -> str | None:

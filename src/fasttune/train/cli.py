@@ -73,13 +73,20 @@ class TrainArgs(Command):
         if cfg.resume and self.config_file:
             check_resume_of_file(cfg, self.config_file, self.from_file)
 
+    def origin(self, key: str, flag: str) -> str:
+        """Where the value of option `key` (dotted, as in config.json) came from, for the log: the config file
+        (a --resume's own config.json too), its `flag` on the command line, or the preset."""
+        if key in self.from_file:
+            return f"set in {self.config_file}"
+        return flag if flag in self.given else f"the {self.config.experiment} preset's default"
+
     def run(self) -> int:
         from fasttune.train.loop import train
 
         cfg = self.config.validate()
         require_inputs(cfg)
         cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given, say=os.environ.get("RANK", "0") == "0")
-        result = train(cfg)
+        result = train(cfg, attn_origin=self.origin("attn_implementation", "--attn-implementation"))
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
             return 0
         if result.first_val_loss is not None:

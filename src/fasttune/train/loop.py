@@ -72,11 +72,12 @@ class StopSignals:
             signal.signal(sig, old)
 
 
-def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
+def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "requested") -> RunResult:
     """Run (or resume) one training run as configured; returns where things went and the first/last losses.
 
-    `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop). Under
-    torchrun every rank calls this; see fasttune.train.distributed."""
+    `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop);
+    `attn_origin` says where cfg.attn_implementation came from, for the log (the command line knows: a flag, a
+    file, the preset). Under torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
     d = check_launch(cfg)
     if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
@@ -93,7 +94,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None) -> RunResult:
             gate.wait()  # rank 0 checks and locks the run folder (and tokenizes, caching the tokenizer) first
         else:
             lock = RunFolder(cfg.run_dir).prepare(cfg)  # held until this run ends, however it ends
-        run = _open(cfg, data, d, device_name, gate)
+        run = _open(cfg, data, d, device_name, gate, attn_origin)
         step, max_steps = run.state.step, cfg.training.max_steps
         if step == max_steps:
             log.info("the run in %s is already complete (step %d of --max-steps %d); resume with a larger "
@@ -142,7 +143,8 @@ def _check_moved_data(cfg: BaseConfig, moved: str | None, saved: dict | None, da
                  cfg.data.path)  # fmt: skip
 
 
-def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate) -> Run:
+def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate,
+          attn_origin: str = "requested") -> Run:  # fmt: skip
     """Everything before the first step: the run folder checked (and, on resume, its newest checkpoint found), the
     device, data, model, optimizer and schedule, and on resume their saved state restored."""
     folder = RunFolder(cfg.run_dir)
@@ -182,7 +184,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
         )
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
     build_on = d.build_device(device, reads_weights=not random_init(cfg.model))
-    model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype, build_on)
+    model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype, build_on, attn_origin)
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
     if latest is not None and build_on.type != "meta":
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights, before sharding (FSDP2: rank 0's)

@@ -46,7 +46,10 @@ class AttentionChoice:
         return attention.describe(self.requested, self.name, self.reason) + kernel
 
 
-def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> AttentionChoice:
+def _choose_attention(cfg: BaseConfig, device, dtype, model_config, origin: str = "requested") -> AttentionChoice:
+    """The backend of cfg.attn_implementation here; a named one that runs as asked is logged with `origin` (where
+    the name came from: "--attn-implementation", a config file, "the sft preset's default"), so that a preset's
+    choice does not read as the user's."""
     from fasttune import attention
 
     r = attention.resolve(
@@ -58,9 +61,10 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config) -> Attention
         strict=cfg.strict_attention,
         model_config=model_config,
     )
+    reason = origin if r.reason == "requested" else r.reason
     if cfg.attn_implementation != "auto":  # auto's choice and its reason are logged as it chooses
-        log.info("attention: %s (%s)", r.name, r.reason)
-    return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, r.reason)
+        log.info("attention: %s (%s)", r.name, reason)
+    return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, reason)
 
 
 def batcher_for(cfg: BaseConfig, attn: AttentionChoice, model, pad_id: int | None, say: bool = False) -> Batcher:
@@ -227,9 +231,10 @@ def cover_context(config, max_length: int, preset: str) -> None:
 
 
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
-                  build_on: torch.device | None = None):  # fmt: skip
+                  build_on: torch.device | None = None, attn_origin: str = "requested"):  # fmt: skip
     """(model, attention choice, memory plan, batcher) of a run on `device`, the model built `build_on` (default
-    `device`; under FSDP2 the CPU or the meta device: distributed.Dist.build_device)."""
+    `device`; under FSDP2 the CPU or the meta device: distributed.Dist.build_device); `attn_origin`: where
+    cfg.attn_implementation came from (train's)."""
     vocab = len(data.tokenizer)
     model_config = load_model_config(cfg.model, vocab)
     compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
@@ -239,7 +244,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     if (build_on or device) == device:  # under FSDP2 each GPU gets its shards: the plan counts them
         check_weights_fit(model_config, device, dtype, f"--model {cfg.model.path}" if cfg.model.path else
                           f"the {cfg.model.preset} preset", lora=cfg.lora.enabled)  # fmt: skip
-    attn = _choose_attention(cfg, device, compute_dtype, model_config)
+    attn = _choose_attention(cfg, device, compute_dtype, model_config, attn_origin)
     context = context_length(model_config)
     if cfg.model.path and context and cfg.data.max_length > context:
         raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
