@@ -8,7 +8,8 @@ Adding a subcommand:
 1. In the module that runs it, write a dataclass of its options that subclasses `fasttune.command.Command` (for
    `--debug`) with a `run(self) -> int` method returning the exit code. Its docstring is the description of
    `fasttune NAME --help` and each field's docstring that option's help: write them for users.
-   Import torch / transformers inside `run`, so that `fasttune --help` stays fast.
+   Import torch / transformers inside `run` where you can: `fasttune --help` imports every command's module (today
+   eval's, doctor's and bench's import torch at the top, and the logging setup imports it: a few seconds).
 2. Add one entry to `COMMANDS` below (a dict of name -> class makes a group, as `bench` is).
 Bad input ends with one line `error: ...` naming the option and the valid values, exit code 2; the traceback only
 with `--debug`. This module also sets the process-wide environment (PYTORCH_ALLOC_CONF) before torch is imported.
