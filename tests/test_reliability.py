@@ -104,8 +104,9 @@ def test_interrupted_run_exit_code_and_message(tmp_path):
 
 
 def _module_cli(*argv: str, stderr=subprocess.STDOUT) -> subprocess.Popen:
+    path = os.pathsep.join([str(ROOT / "src"), *sys.path])  # this interpreter's packages too (a --target install)
     return subprocess.Popen([sys.executable, "-m", "fasttune", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})  # fmt: skip
+                            env={**os.environ, "PYTHONPATH": path})  # fmt: skip
 
 
 def test_a_reader_that_goes_away_loses_no_work(tmp_path):
