@@ -36,6 +36,7 @@ def test_records_under_one_key_train_as_the_same_records_in_an_array(tmp_path, c
     caplog.set_level(logging.INFO, logger="fasttune")
     ours = _build(cfg, keyed)
     assert f"{keyed}: read the records under the top-level JSON key 'data' (20 records)" in caplog.text
+    assert load_records(_write(tmp_path / "tagged.json", {"tags": [], "data": RECORDS}))[0] == RECORDS  # not two
     ref = _build(cfg, _write(tmp_path / "array.json", RECORDS))
     assert ours.tokenizer.get_vocab() == ref.tokenizer.get_vocab()
     for got, want in ((ours.train, ref.train), (ours.val, ref.val)):

@@ -264,6 +264,7 @@ def _records_key(path: Path, data: object, field: JsonField) -> str | None:
     if field.name is not None:
         _check_field(path, data, field, lists)
         return field.name
+    lists = [k for k in lists if data[k]]  # an empty list beside the records ("tags": []) holds none of them
     if data.keys() & RECORD_KEYS or not lists:
         return None  # one record (or none of its values is a list of records: formats.py names its keys)
     if len(lists) > 1:
