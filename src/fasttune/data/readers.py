@@ -260,11 +260,11 @@ def _records_key(path: Path, data: object, field: JsonField) -> str | None:
             raise DataError(f"{path}: {field.option} {field.name} names a key of a top-level JSON object, and the "
                             f"file holds {what}; drop {field.option}")  # fmt: skip
         return None
-    lists = [k for k, v in data.items() if isinstance(v, list) and (not v or isinstance(v[0], dict))]
     if field.name is not None:
+        lists = [k for k, v in data.items() if isinstance(v, list) and (not v or isinstance(v[0], dict))]
         _check_field(path, data, field, lists)
         return field.name
-    lists = [k for k in lists if data[k]]  # an empty list beside the records ("tags": []) holds none of them
+    lists = record_lists(data)
     if data.keys() & RECORD_KEYS or not lists:
         return None  # one record (or none of its values is a list of records: formats.py names its keys)
     if len(lists) > 1:
@@ -272,6 +272,12 @@ def _records_key(path: Path, data: object, field: JsonField) -> str | None:
         raise DataError(f"{path}: the top-level JSON object has several keys holding lists of records ({keys}); "
                         f"pass {field.option} KEY to pick one (e.g. {field.option} {lists[0]})")  # fmt: skip
     return lists[0]
+
+
+def record_lists(data: dict) -> list[str]:
+    """The keys of a JSON object that hold a non-empty list of objects: where its records may sit (an empty list
+    beside them, "tags": [], holds none)."""
+    return [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
 
 
 def _check_field(path: Path, data: dict, field: JsonField, lists: list[str]) -> None:

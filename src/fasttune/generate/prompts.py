@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from fasttune.data.readers import RECORD_KEYS, json_error
+from fasttune.data.readers import RECORD_KEYS, json_error, record_lists
 from fasttune.errors import DataError, FasttuneError
 
 PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
@@ -93,7 +93,7 @@ def _under_one_key(file: Path, text: str) -> list[tuple[str, object]] | None:
         return None
     if _has_prompt(data) or data.keys() & RECORD_KEYS:
         return [("record 0", data)] if "\n" in text.strip() else None
-    lists = [k for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    lists = record_lists(data)
     if len(lists) > 1:
         raise DataError(
             f"--prompts {file}: the top-level JSON object has several keys holding lists "
