@@ -370,3 +370,49 @@ def test_synthetic_data_summary_does_not_claim_a_packing_saving_it_never_counted
     "packing saves -140,624 of 0 padded tokens" (seen in an FSDP2 run's log on the GPU)."""
     lines = synthetic_bundle([40, 60, 80], 300, seed=0).summary.lines()
     assert lines[1].endswith("180 train tokens, longest 80") and not any("packing" in x for x in lines), lines
+
+
+def test_rounds_interleave_every_configuration_and_report_medians(tmp_path):
+    """--rounds 2: the list runs twice in turn (HF, fasttune, HF, fasttune); a row holds both rounds' tokens/s and
+    their median, a failed round fails its row."""
+    from fasttune.bench import train as bench
+    from fasttune.bench.harness import Results
+
+    cfg = bench.TrainBench(torch.device("cpu"), [12, 20, 9, 30], preset="micro", attns=["auto"], packings=[True],
+                           vocab=64, micro_batch=2, max_length=32, epochs=1, hf_only=["packed"], rounds=2)  # fmt: skip
+    order = []
+    real = bench._run_one
+
+    def run_one(b, spec, data, tmp):
+        order.append(spec["name"])
+        return real(b, spec, data, tmp)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bench, "_run_one", run_one)
+        rows = bench.run_all(cfg, Results("train", {})).rows
+    assert order == ["HF sdpa packed (4D mask)", "fasttune auto packed"] * 2
+    assert [r["config"] for r in rows] == order[:2]
+    for r in rows:
+        assert r["status"] == "ok" and len(r["round_tok_s"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(sum(r["round_tok_s"]) / 2)  # the median of two
+        assert r["rounds_pct"] == pytest.approx(50 * abs(r["round_tok_s"][0] - r["round_tok_s"][1]) / r["tokens_per_s"])
+    failed = bench.merge_rounds(
+        [{"config": "x", "status": "ok", "tokens_per_s": 5.0}, {"config": "x", "status": "OOM"}]
+    )
+    assert failed["status"] == "OOM" and failed["round_tok_s"] == [5.0, None]
+
+
+def test_the_memory_target_is_also_judged_round_by_round():
+    from fasttune.bench.train import memory_target_line
+
+    def row(config, stack, rates, gib, **kw):
+        tps = sorted(rates)[1]
+        return {"config": config, "stack": stack, "status": "ok", "tokens_per_s": tps, "round_tok_s": rates,
+                "peak_gib": gib, "packing": True, "leak_free": True, **kw}  # fmt: skip
+
+    rows = [row("HF FA4", "HF", [50.0, 60.0, 40.0], 24.0), row("HF FA4 + Liger", "HF", [55.0, 45.0, 40.0], 16.0),
+            row("fasttune 8k", "fasttune", [80.0, 81.0, 79.0], 15.0)]  # fmt: skip
+    # rounds: 80/55, 81/60, 79/40; medians: 80/50
+    assert memory_target_line(rows).endswith(
+        "fasttune 8k 1.60x in 15.0 GiB (round by round: 1.45x, 1.35x, 1.98x; median 1.45x)"
+    )

@@ -170,6 +170,9 @@ class TrainBench(Command):
     """Epochs of the sample set run first and not measured."""
     epochs: int = 3
     """Epochs measured."""
+    rounds: int = 1
+    """Run the whole list of configurations this many times in turn; each row reports the median of its rounds and
+    their spread (a host that drifts between rows shows there)."""
     baselines: bool = True
     """Also run the plain Hugging Face baselines (--no-baselines skips them)."""
     hf_micro_batch: int | None = None
@@ -231,6 +234,7 @@ class TrainBench(Command):
             vocab=self.vocab or (32000 if gpu else 512),
             warmup_epochs=self.warmup_epochs,
             epochs=self.epochs,
+            rounds=self.rounds,
             baselines=self.baselines,
             variants=variants,
             seed=self.seed,
@@ -248,7 +252,7 @@ class TrainBench(Command):
         )
         runs, _ = bench.plan_runs(cfg)
         _check_variants(cfg, runs)
-        with tqdm(total=len(runs), desc="configurations", dynamic_ncols=True) as bar:
+        with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
 
@@ -257,7 +261,9 @@ class TrainBench(Command):
         from fasttune.attention import BACKENDS
         from fasttune.config.base_config import MODEL_PRESETS
 
-        _positive(self, ("samples", "micro_batch", "hf_micro_batch", "vocab", "min_length", "max_length", "epochs"))
+        _positive(
+            self, ("samples", "micro_batch", "hf_micro_batch", "vocab", "min_length", "max_length", "epochs", "rounds")
+        )
         _positive(self, ("warmup_epochs",), least=0)
         _positive(self, ("median", "mean"), least=1.0)
         packings = _strs(self.packing)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,10 @@ class TrainBench:
     """Every configuration trains LoRA adapters (baselines.LORA) on a frozen base instead of all weights."""
     trained: list[list[bool]] | None = None
     """Which tokens of each sample have a label (a dataset's prompt masks); None: every token."""
+    rounds: int = 1
+    """Every configuration runs this many times, the rounds one after the other (HF, fasttune, HF, fasttune, ...):
+    a row's rates are the medians of its rounds, and the memory target's ratio is also given round by round (rows
+    measured minutes apart on a drifting host compare better within a round)."""
 
 
 def lora_overrides(bench: TrainBench) -> list[str]:
@@ -182,26 +187,49 @@ def hf_tokens_per_step(bench: TrainBench) -> float:
 
 
 def run_all(bench: TrainBench, results: Results, progress=None, after_row=None) -> Results:
-    """Every configuration of plan_runs, one row each; `after_row()` after each, so the rows measured so far survive
-    a run cut short (an 8B configuration takes ~20-40 s)."""
+    """Every configuration of plan_runs, one row each (the median of its rounds); `after_row()` after each
+    measurement, so the rows measured so far survive a run cut short (an 8B configuration takes ~20-40 s)."""
     data = synthetic_bundle(bench.lengths, bench.vocab, bench.seed, bench.trained)
     runs, notes = plan_runs(bench)
     results.notes += [precision_note(bench), *notes, *lora_notes(bench)]
+    measured: list[list[dict]] = [[] for _ in runs]
     with tempfile.TemporaryDirectory(prefix="fasttune-bench-") as tmp:
-        for spec in runs:
-            if progress is not None:
-                progress.set_description(spec["name"])
-            reset_peak_memory(bench.device)
-            results.add(_run_one(bench, spec, data, Path(tmp)))
-            gc.collect()
-            reset_peak_memory(bench.device)
-            if progress is not None:
-                progress.update(1)
-            if after_row is not None:
+        for _ in range(bench.rounds):
+            for spec, rounds in zip(runs, measured, strict=True):
+                if progress is not None:
+                    progress.set_description(spec["name"])
+                reset_peak_memory(bench.device)
+                rounds.append(_run_one(bench, spec, data, Path(tmp)))
+                gc.collect()
+                reset_peak_memory(bench.device)
+                if progress is not None:
+                    progress.update(1)
+                results.rows = [merge_rounds(m) for m in measured if m]
                 add_ratios(results.rows)
-                after_row()
-    add_ratios(results.rows)
+                if after_row is not None:
+                    after_row()
     return results
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One configuration's rounds -> its row: rates are the medians, the peak the highest; `round_tok_s` keeps each
+    round's tokens/s and `rounds_pct` half their range (in % of the median). A failed round fails the row."""
+    if len(rounds) == 1:
+        return rounds[0]
+    rates = [r.get("tokens_per_s") for r in rounds]
+    if any(r.get("status") != "ok" for r in rounds):
+        return {**next(r for r in rounds if r.get("status") != "ok"), "round_tok_s": rates}
+    row = dict(rounds[0])
+    for key in ("tokens_per_s", "samples_per_s", "mfu", "spread_pct", "loss"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    row["round_tok_s"] = rates
+    row["rounds_pct"] = 50.0 * (max(rates) - min(rates)) / row["tokens_per_s"]
+    peaks = [r["peak_gib"] for r in rounds if r.get("peak_gib") is not None]
+    row["peak_gib"] = max(peaks) if peaks else None
+    if row["peak_gib"] and row.get("tokens_per_step"):
+        row["gib_per_1k"] = row["peak_gib"] / (row["tokens_per_step"] / 1000)
+    return row
 
 
 def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
@@ -296,7 +324,15 @@ def memory_target_line(rows: list[dict]) -> str | None:
         return head + "no fasttune row fits that memory"
     best = max(fits, key=lambda r: r["tokens_per_s"])
     ratio = best["tokens_per_s"] / fastest["tokens_per_s"]
-    return head + f"{best['config']} {ratio:.2f}x in {best['peak_gib']:.1f} GiB"
+    line = head + f"{best['config']} {ratio:.2f}x in {best['peak_gib']:.1f} GiB"
+    per_round = [r.get("round_tok_s") for r in (*hf_rows, *fits)]
+    if any(not rates or len(rates) != len(per_round[0]) for rates in per_round):
+        return line
+    ratios = [max(r["round_tok_s"][i] for r in fits) / max(r["round_tok_s"][i] for r in hf_rows)
+              for i in range(len(per_round[0]))]  # fmt: skip
+    return (
+        line + f" (round by round: {', '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x)"
+    )
 
 
 def hf_dtype(bench: TrainBench) -> torch.dtype:
@@ -337,6 +373,7 @@ MD_COLUMNS = (
     ("config", "configuration"),
     ("tokens_per_s", "real tok/s"),
     ("spread_pct", "± % (4 parts)"),
+    ("rounds_pct", "± % (rounds)"),
     ("samples_per_s", "samples/s"),
     ("mfu", "MFU"),
     ("tokens_per_step", "tokens/step"),
