@@ -116,3 +116,21 @@ def test_eval_reads_the_key_its_field_option_names(tmp_path):
     samples, fmt, _ = run._samples(run.EvalArgs(checkpoint="unused", data=path, field="test"), tok, 512)
     assert fmt == "alpaca" and [s.record for s in samples] == [0, 1]
     assert [s["input_ids"] for s in samples] == [s["input_ids"] for s in tokenize_records(RECORDS[3:5], fmt, tok)]
+
+
+def test_the_field_option_may_be_given_on_resume_when_it_picks_the_same_data(tmp_path):
+    """A run started on {"data": [...]} without --data.field (the one key was found) resumes with --data.field data;
+    a field that picks other records is refused by the data check."""
+    from fasttune.train.loop import train
+
+    keyed = _write(tmp_path / "keyed.json", {"data": RECORDS})
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=2, eval_every=0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=keyed, max_length=256))
+    train(cfg)
+    again = dataclasses.replace(cfg, resume=True, data=dataclasses.replace(cfg.data, field="data"))
+    again = dataclasses.replace(again, training=dataclasses.replace(cfg.training, max_steps=3))
+    assert [r["step"] for r in train(again).records if "loss" in r][-1] == 3
+    _write(tmp_path / "keyed.json", {"data": RECORDS, "test": RECORDS[:12]})
+    other = dataclasses.replace(again, data=dataclasses.replace(again.data, field="test"))
+    with pytest.raises(ConfigError, match="the data is not what this run trained on"):
+        train(dataclasses.replace(other, training=dataclasses.replace(other.training, max_steps=4)))

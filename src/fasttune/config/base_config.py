@@ -131,9 +131,10 @@ class DataConfig:
     path: Annotated[str | None, tyro.conf.arg(aliases=("--data",), metavar="PATH")] = None
     """Dataset: text file or folder, .jsonl/.json/.parquet/.csv, or a save_to_disk folder. None: the embedded
     corpus (this Python's standard library source)."""
-    field: str | None = None
+    field: str | None = dataclasses.field(default=None, metadata=RESUMABLE)
     """The key of a .json file's top-level object that holds the records ({"data": [...]}, as load_dataset("json",
-    field=...) reads). None: the one key holding a list of records is read, and several are refused."""
+    field=...) reads). None: the one key holding a list of records is read, and several are refused. May be given
+    or changed on --resume: the run goes on only if the records it picks tokenize to the data the run trained on."""
     format: str = "auto"
     """Record format: auto (detect), text, alpaca, prompt_completion, chat (TRL's conversational prompt/completion,
     lists of messages, is read as chat: trained on the completion's assistant turns)."""
