@@ -64,3 +64,17 @@ def test_generate_prompts_near_the_context_end_do_not_depend_on_the_batch(short_
     ids = [tok(r["prompt"])["input_ids"] for r in _records()]  # no chat template: the text as is, after BOS
     got = [json.loads(x)["completion"] for x in out.read_text().splitlines()]
     assert got == _hf_one_at_a_time(short_model, ids)
+
+
+def test_the_prompts_cut_short_by_the_context_are_counted_in_the_warning(caplog):
+    from transformers import LlamaConfig
+
+    from fasttune.generate.generate import length_batches
+
+    model = type("M", (), {"config": LlamaConfig(max_position_embeddings=32)})()
+    for prompts, said in (([[1] * 30, [1] * 4], "1 prompt: prompt + --max-new-tokens 8 exceed the context 32; its "
+                           "answer gets"), ([[1] * 30, [1] * 28], "2 prompts: prompt + --max-new-tokens 8 exceed the "
+                           "context 32; their answers get")):  # fmt: skip
+        caplog.clear()
+        list(length_batches(model, prompts, 4, 8))
+        assert said in caplog.text

@@ -111,8 +111,9 @@ def length_batches(model, prompts: list[list[int]], batch_size: int,
         fit_context(model, len(prompts[order[-1]]), 1, "a prompt")
     budget = [min(max_new_tokens, context - len(prompts[i])) if context else max_new_tokens for i in order]
     if cut := sum(b < max_new_tokens for b in budget):
-        log.warning("%d prompts: prompt + --max-new-tokens %d exceed the context %d; their answers get at most what "
-                    "the context leaves", cut, max_new_tokens, context)  # fmt: skip
+        log.warning("%s: prompt + --max-new-tokens %d exceed the context %d; %s at most what the context leaves",
+                    "1 prompt" if cut == 1 else f"{cut} prompts", max_new_tokens, context,
+                    "its answer gets" if cut == 1 else "their answers get")  # fmt: skip
     lo = 0
     while lo < len(order):
         hi = lo + 1
