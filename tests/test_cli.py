@@ -93,6 +93,15 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
         ("--bf16", "did you mean --model.dtype?"),  # HF Trainer's precision switches: no hint before
         ("--fp16", "did you mean --model.dtype?"),
         ("--warmup_ratio", "did you mean --training.warmup-steps?"),
+        # TRL's and peft's LoRA options: --use_peft was answered with --seed, --lora_modules_to_save with
+        # --lora.merge-on-save (another thing), DoRA and QLoRA's with the closest spelling or nothing
+        ("--use_peft", "did you mean --lora.enabled?"),
+        ("--lora_modules_to_save", "fasttune has no such option: LoRA trains adapters on --lora.targets"),
+        ("--modules_to_save", "fasttune has no such option: LoRA trains adapters on --lora.targets"),
+        ("--use_dora", "fasttune has no such option: its LoRA is plain LoRA (no DoRA)"),
+        ("--use_rslora", "fasttune has no such option: LoRA's scaling is --lora.alpha / --lora.rank"),
+        ("--load_in_4bit", "fasttune has no such option: it loads no quantized base (QLoRA)"),
+        ("--assistant_only_loss", "fasttune has no such option: chat data trains the assistant turns only"),
         *((f, "fasttune has no epochs option: it trains --max-steps optimizer steps") for f in
           ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--epochs")),
     ],

@@ -96,6 +96,19 @@ def test_comma_separated_targets_on_the_command_line_are_several_names(typed):
     assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
 
 
+def test_the_rslora_hint_gives_peft_rsloras_scaling():
+    """`--use_rslora` is answered with --lora.alpha set to alpha x sqrt(rank): that LoRA scales as peft's rsLoRA."""
+    from fasttune.config.argcheck import _suggestion, option_table
+
+    assert "--lora.alpha set to alpha x sqrt(rank)" in _suggestion("--use_rslora", option_table())
+    rank, alpha = 16, 8
+    ours = apply_lora(tiny_llama(), LoraConfig(rank=rank, alpha=alpha * 4, targets=("q_proj",)))  # sqrt(16) = 4
+    rs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj"],
+                                                           use_rslora=True))  # fmt: skip
+    want = rs.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == want == 2.0
+
+
 @pytest.mark.parametrize("typed", [",", "", " , "])
 def test_targets_that_name_no_layer_are_refused_before_anything_is_loaded(typed):
     """`--lora.targets ,` (or an empty string) split into no name at all: the run tokenized the data and loaded the

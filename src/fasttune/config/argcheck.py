@@ -70,15 +70,33 @@ OTHER_NAMES = {
     "lora-target-modules": "--lora.targets",
     "target-modules": "--lora.targets",
     "adapter": "--lora.enabled",
+    "use-peft": "--lora.enabled",  # TRL's switch for LoRA (the lora experiment turns it on)
     # Unsloth
     "use-gradient-checkpointing": "--model.gradient-checkpointing",
 }
 """Option names HF Trainer, TRL, Axolotl and peft users type (the leaf of the flag, dashes for underscores) -> the
 fasttune option that does that; None: fasttune has no such option (epochs: it counts steps)."""
+_NO_MODULES_TO_SAVE = (
+    "fasttune has no such option: LoRA trains adapters on --lora.targets and freezes every other "
+    "weight; to train embeddings or the head too, fine-tune in full (--experiment sft)"
+)
+_NO_QUANTIZED = (
+    "fasttune has no such option: it loads no quantized base (QLoRA); LoRA trains on a bf16 or fp32 "
+    "frozen base (--model.dtype bf16: an 8B model's takes ~16 GB)"
+)
 NO_SUCH_OPTION = {
     "dataset-text-field": "fasttune has no such option: text data is read from each record's `text` field (TRL's "
     "default; a .txt file is read whole); rename your field to text, e.g. jq -c '{text: .content}' in.jsonl > "
     "out.jsonl, or datasets' rename_column('content', 'text')",
+    "modules-to-save": _NO_MODULES_TO_SAVE,
+    "lora-modules-to-save": _NO_MODULES_TO_SAVE,
+    "use-dora": "fasttune has no such option: its LoRA is plain LoRA (no DoRA)",
+    "use-rslora": "fasttune has no such option: LoRA's scaling is --lora.alpha / --lora.rank; rsLoRA's alpha / "
+    "sqrt(rank) is --lora.alpha set to alpha x sqrt(rank)",
+    "load-in-4bit": _NO_QUANTIZED,
+    "load-in-8bit": _NO_QUANTIZED,
+    "assistant-only-loss": "fasttune has no such option: chat data trains the assistant turns only, as "
+    "supervised formats train their responses (--data.train-on-prompt trains every token)",
 }
 """Other tools' options fasttune has no counterpart for (the leaf of the flag, dashes for underscores) -> what it does
 instead, for `fasttune train` and config files."""
