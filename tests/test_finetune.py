@@ -266,3 +266,27 @@ def test_a_lora_run_that_cannot_write_its_merged_model_says_so_and_resume_writes
     result = loop.train(dataclasses.replace(cfg, resume=True))  # the run is complete: only the end is redone
     assert result.model_dir == run / "merged" and (run / "merged" / MERGED_STEP).read_text().strip() == '{"step": 2}'
     assert resolve(run).model_dir == run / "merged"
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_a_lora_run_without_a_merged_model_gets_one_from_resume_with_merge_on_save(tmp_path, base_model):
+    """--lora.no-merge-on-save only skips writing merged/; --resume with --lora.merge-on-save refused the changed
+    option, so the run's adapter could never be merged by fasttune. Resuming the complete run with it writes merged/,
+    which gives plain HF + peft's logits (base + adapter)."""
+    from peft import PeftModel
+
+    cfg = _sft_config(tmp_path, base_model, enabled=True, rank=4, alpha=8, merge_on_save=False)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2, eval_every=0, lr=1e-2))
+    loop.train(cfg)
+    run = cfg.run_dir
+    assert not (run / "merged").exists()
+    result = loop.train(dataclasses.replace(cfg, resume=True, lora=dataclasses.replace(cfg.lora, merge_on_save=True)))
+    assert result.model_dir == run / "merged"
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(base_model)
+        before = base(ids).logits
+        want = PeftModel.from_pretrained(base, run / "adapter").eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(run / "merged").eval()(ids).logits
+    assert (want - before).abs().max() > 1e-3  # the adapter trained: merging it changes the logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

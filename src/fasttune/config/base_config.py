@@ -193,8 +193,9 @@ class LoraConfig:
     """Module names that get adapters (the last part of the name, e.g. q_proj; several: `q_proj v_proj` or
     `q_proj,v_proj`), or all-linear: every linear layer but the output head. Names the model lacks are skipped, and
     the log names its linear layers left frozen."""
-    merge_on_save: bool = True
-    """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder)."""
+    merge_on_save: bool = field(default=True, metadata=RESUMABLE)
+    """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder); may
+    change on resume: `--resume --lora.merge-on-save` of a complete run writes merged/."""
 
     def __post_init__(self) -> None:
         _positive("lora.rank", self.rank, most=MAX_COUNT)
