@@ -152,9 +152,11 @@ def _rank_pid(agent_pid: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker through /proc (Linux)")
-def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
-    """SIGTERM to rank 1 only: both ranks stop after the same step, rank 0 writes that step's checkpoint, and the run
-    resumes from it."""
+@pytest.mark.parametrize("target", ["rank 1", "torchrun"])
+def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path, target):
+    """SIGTERM to rank 1 only, or Ctrl-C's SIGINT to torchrun (which forwards it to every rank): both ranks stop after
+    the same step, rank 0 writes that step's checkpoint and says so once (every rank printed "stopping after this
+    step"), and the run resumes from it."""
     import signal
     import time
 
@@ -168,10 +170,12 @@ def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.5)
-    victim = _rank_pid(agent.pid, 1)
+    victim = _rank_pid(agent.pid, 1) if target == "rank 1" else agent.pid
     assert victim is not None, "rank 1 not found"
-    os.kill(victim, signal.SIGTERM)
+    os.kill(victim, signal.SIGTERM if target == "rank 1" else signal.SIGINT)
     out, _ = agent.communicate(timeout=300)
+    assert out.count("stopping after this step") == (target == "torchrun"), out[-3000:]  # rank 0's, if it got one
+    assert out.count("interrupted at step") == 1, out[-3000:]
     checkpoints = sorted((cfg.run_dir / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.pt").is_file(), out[-3000:]
     step = int(checkpoints[0].name.split("-")[1])

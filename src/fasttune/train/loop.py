@@ -45,10 +45,12 @@ class Interrupted(Stopped):
 
 
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half. `say`: print that the
+    run stops after this step (rank 0 alone: torchrun forwards Ctrl-C to every rank, and each printed the line)."""
 
-    def __init__(self):
+    def __init__(self, say: bool = True):
         self.signum: int | None = None
+        self.say = say
         self._old = {}
 
     def __enter__(self):
@@ -65,7 +67,8 @@ class StopSignals:
         if self.signum is not None:  # SIGTERM again (torchrun forwards what a scheduler also sent): keep saving
             return
         self.signum = signum
-        tqdm.write("stopping after this step (Ctrl-C again to abort without saving)...")
+        if self.say:
+            tqdm.write("stopping after this step (Ctrl-C again to abort without saving)...")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -281,7 +284,7 @@ def _check_batching(saved: dict, batcher, state: TrainState, before: str) -> Non
 def _fit(run: Run) -> None:
     """The loop: step, evaluate, log, save, until max_steps or a signal (which saves, then stops)."""
     t, state, d = run.cfg.training, run.state, run.dist
-    with StopSignals() as stop:  # from here on, Ctrl-C / SIGTERM end with a saved checkpoint
+    with StopSignals(say=d.main) as stop:  # from here on, Ctrl-C / SIGTERM end with a saved checkpoint
         if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
             val = run.evaluate()
             if val is not None:
