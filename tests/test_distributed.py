@@ -85,6 +85,7 @@ def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
     for name, w in w_one.items():
         torch.testing.assert_close(w_ddp[name], w, atol=1e-5, rtol=1e-4)
     assert proc.stdout.count("fasttune run summary") == 1  # one rank reports
+    assert "peak memory  " in proc.stdout and "GPUs" not in proc.stdout  # CPU ranks: "fullest of 2 GPUs" said before
 
 
 def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):

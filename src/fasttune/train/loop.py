@@ -485,7 +485,7 @@ def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, fol
         ("real tokens/s (median)", f"{median:,.0f}"),
         ("MFU (median)", f"{100 * mfus[len(mfus) // 2]:.1f}%" if mfus else "n/a (no GPU peak known)"),
         (
-            "peak memory" + (f" (fullest of {world} GPUs)" if world > 1 else ""),
+            "peak memory" + (f" (fullest of {world} GPUs)" if world > 1 and peak is not None else ""),
             f"{peak:.2f} GiB" if peak is not None else "n/a (CPU)",
         ),
         ("training", training),
