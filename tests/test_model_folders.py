@@ -122,3 +122,38 @@ def test_models_without_sdpa_or_without_a_causal_lm_class(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "t5"), "--prompt", "a"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "T5Config" in err and "models that AutoModelForCausalLM loads" in err and "damaged" not in err
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lora_with_tokens_the_model_has_no_embedding_for_says_they_stay_frozen_and_how_peft_loads_it(
+    tmp_path, caplog, recwarn
+):
+    """A tokenizer with added tokens (a TRL user's new special tokens): the resized rows are frozen under LoRA, so
+    the run cannot learn them, and nothing said so; peft's own warning came with a site-packages path at the end.
+    The warning's recipe for plain peft (resize the base first) gives merged/'s logits, and the rows did not train."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = save_base_model(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})
+    tok.save_pretrained(base)
+    caplog.set_level("WARNING", logger="fasttune")
+    run = train_tiny(tmp_path / "l", base, enabled=True, rank=4, alpha=8).run_dir
+    rows = AutoModelForCausalLM.from_pretrained(base).config.vocab_size
+    assert f"the 2 token(s) the tokenizer adds beyond the {rows} embeddings" in caplog.text
+    assert "<tool>, </tool>) stay at their initial rows, frozen" in caplog.text
+    assert f"base.resize_token_embeddings({rows + 2})" in caplog.text
+    assert not [w for w in recwarn if "save_embedding_layers" in str(w.message)]
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    first = load_file(run / "checkpoints" / "step-000002" / "adapter_model.safetensors")  # saved at the same step
+    embed = next(k for k in saved if k.endswith("embed_tokens.weight"))
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    torch.testing.assert_close(merged.get_input_embeddings().weight[rows:], saved[embed][rows:])
+    assert torch.equal(saved[embed], first[embed])
+    hf = AutoModelForCausalLM.from_pretrained(base)
+    hf.resize_token_embeddings(rows + 2)
+    ids = torch.tensor([[5, 17, 42, rows, rows + 1, 7]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(hf, run / "adapter").eval()(ids).logits
+        torch.testing.assert_close(merged(ids).logits, want, atol=1e-5, rtol=1e-5)

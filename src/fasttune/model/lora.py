@@ -7,6 +7,7 @@ a full model with the adapters merged into the base weights (loadable with `Auto
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import types
@@ -111,6 +112,20 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
 # fails on the dtype mismatch, and under autocast it still multiplies and adds a [T, out] tensor per module.
 # Patched per instance (not peft's class): a plain peft model in the same process (the bench's HF + peft
 # baseline) keeps peft's forward.
+def warn_new_tokens_frozen(tokenizer, rows: int, path: str | None) -> None:
+    """The tokens a tokenizer adds beyond the `rows` embeddings of the model at `path` get rows of their own (resized
+    by the model's build), which LoRA leaves frozen at their start: say so, and how plain peft loads the adapter."""
+    if path is None or len(tokenizer) <= rows:
+        return
+    new = tokenizer.convert_ids_to_tokens(list(range(rows, len(tokenizer))))
+    shown = ", ".join(map(str, new[:5])) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+    log.warning("lora: the %d token(s) the tokenizer adds beyond the %d embeddings of --model %s (%s) stay at their "
+                "initial rows, frozen (LoRA trains no embeddings or head): the run cannot learn them; to train them, "
+                "fine-tune in full (--experiment sft). adapter/ holds the resized embeddings: plain peft loads it "
+                "after base.resize_token_embeddings(%d); merged/ loads as it is", len(new), rows, path, shown,
+                len(tokenizer))  # fmt: skip
+
+
 def set_fast_forward(model: nn.Module, enabled: bool = True) -> int:
     """Install (or with enabled=False remove) the fast forward on each plain peft `lora.Linear` of `model`; returns
     how many layers have it. Each call still checks the layer's state and falls back to peft's forward."""
@@ -175,13 +190,23 @@ def _resolve_base_path(model) -> None:
                         config.base_model_name_or_path, folder.parent)  # fmt: skip
 
 
+@contextlib.contextmanager
+def resized_embeddings_quiet():
+    """Around a peft model's save_pretrained: peft warns, with its own file path, on every save that it saves the
+    embeddings a resize changed; the run said so once before training (warn_new_tokens_frozen)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
+        yield
+
+
 def save_lora(
     model: nn.Module, out_dir: str | Path, merged_dir: str | Path | None = None, state: dict | None = None
 ) -> None:
     """Save the adapter to `out_dir`; with `merged_dir`, also the base model with the adapters merged in.
     `state`: the model's full state dict (PeftModel names) when the live model is sharded (FSDP2 gathers it onto
     rank 0, which alone calls this); None: the model's own. The live model is not changed (training can continue)."""
-    model.save_pretrained(str(out_dir), state_dict=state)  # peft keeps the adapters' entries of `state`
+    with resized_embeddings_quiet():
+        model.save_pretrained(str(out_dir), state_dict=state)  # peft keeps the adapters' entries of `state`
     if merged_dir is not None:
         save_merged(model, merged_dir, state)
 

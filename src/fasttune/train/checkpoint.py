@@ -123,7 +123,10 @@ def save_checkpoint(
     final = _folder(run).checkpoints / f"step-{step:06d}"
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        from fasttune.model.lora import resized_embeddings_quiet
+
+        with resized_embeddings_quiet():
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
 

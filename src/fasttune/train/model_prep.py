@@ -260,8 +260,9 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     if cfg.model.liger:
         _apply_liger(model, device, memory_plan(cfg.model.memory))
     if cfg.lora.enabled:
-        from fasttune.model.lora import apply_lora
+        from fasttune.model.lora import apply_lora, warn_new_tokens_frozen
 
+        warn_new_tokens_frozen(data.tokenizer, model_config.vocab_size, cfg.model.path)
         model = apply_lora(model, cfg.lora)
     if cfg.model.fused_mlp and not cfg.training.compile:
         _apply_fused_mlp(model)
