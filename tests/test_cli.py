@@ -146,6 +146,32 @@ def test_every_other_tools_name_maps_to_a_real_option():
     assert "--training.lr" not in _suggestion("--lr", {"--limit": int, "--seed": int})  # eval has no such option
 
 
+def test_a_hub_id_as_model_or_data_says_fasttune_reads_local_folders_and_how_to_fetch_one(
+    tmp_path, monkeypatch, capsys
+):
+    """TRL takes Hub ids (--model_name_or_path Qwen/Qwen2.5-0.5B, --dataset_name trl-lib/Capybara); fasttune said
+    only "no such folder". The folder the hint names, once downloaded there, is what --model reads."""
+    from helpers import save_micro_model
+
+    from fasttune.model.resolve import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    assert cli.main(["train", "--experiment", "lora", "--model", "Qwen/Qwen2.5-0.5B", "--data", "d.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model Qwen/Qwen2.5-0.5B: no such folder") and len(err.strip().splitlines()) == 1
+    assert "`hf download Qwen/Qwen2.5-0.5B --local-dir Qwen2.5-0.5B`, then pass --model Qwen2.5-0.5B" in err
+    save_micro_model(tmp_path / "Qwen2.5-0.5B")  # what that download leaves
+    assert resolve("Qwen2.5-0.5B", "--model").model_dir == Path("Qwen2.5-0.5B")
+    assert cli.main(["train", "--experiment", "lora", "--model", "Qwen2.5-0.5B", "--data", "trl-lib/Capybara"]) == 2
+    err = capsys.readouterr().err
+    assert "`hf download trl-lib/Capybara --repo-type dataset --local-dir Capybara`" in err, err
+    (tmp_path / "runs").mkdir()
+    for local in ("runs/nope", "data/train.jsonl", "./a/b"):  # paths (runs/ is a folder here), not ids: no hint
+        assert cli.main(["train", "--model", local, "--data", "d.jsonl"]) == 2
+        assert "hf download" not in capsys.readouterr().err
+
+
 def test_debug_shows_the_traceback():
     with pytest.raises(ConfigError, match="attn_implementation='nope'"):
         cli.main(["train", "--attn-implementation", "nope", "--debug"])

@@ -1,10 +1,34 @@
 """The one exception type users see: a clear, one-line message with the fix, printed without a traceback."""
 
+import re
+from pathlib import Path
+
 
 def one_line(error: BaseException, limit: int | None = None) -> str:
     """An exception's message for a one-line error: its whitespace runs one space each, cut at `limit` characters
     (when given), and the exception's type name when the message is empty."""
     return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".yaml", ".yml", ".toml", ".safetensors")
+
+
+def hub_id_hint(given: str, option: str) -> str:
+    """For a path that does not exist and reads as a Hugging Face Hub id (`Qwen/Qwen2.5-0.5B`, `trl-lib/Capybara`,
+    as TRL's --model_name_or_path and --dataset_name take them): how to fetch it, as "; ..." ("" otherwise).
+    `option`: --data (a dataset repository) or the model option."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", given) or given.lower().endswith(FILE_SUFFIXES):
+        return ""
+    if Path(given).parent.is_dir():  # runs/nope: a folder of yours, not a Hub owner
+        return ""
+    folder = given.rpartition("/")[2]
+    dataset = option == "--data"
+    then = f"point --data at one split's file or folder in {folder}" if dataset else f"pass {option} {folder}"
+    return (
+        f"; fasttune reads local files only (it downloads nothing): if {given} is a Hugging Face Hub id, fetch "
+        f"it with `hf download {given}{' --repo-type dataset' if dataset else ''} --local-dir {folder}`, then "
+        f"{then}"
+    )
 
 
 class FasttuneError(Exception):

@@ -33,7 +33,7 @@ from fasttune.data.readers import (
     type_name,
     unreadable,
 )
-from fasttune.errors import DataError
+from fasttune.errors import DataError, hub_id_hint
 
 FORMATS = ("text", "alpaca", "prompt_completion", "chat")
 FORMAT_KEYS = {
@@ -90,7 +90,7 @@ def load_records(
     except OSError as e:  # a parent folder that may not be looked into: the fix is its own
         raise unreadable(e, root.parent) from e
     if not exists:
-        raise DataError(f"{path}: no such file or folder; check --data")
+        raise DataError(f"{path}: no such file or folder; check --data" + hub_id_hint(str(path), "--data"))
     tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"))
     _say_keys(path, tables)
     tables = [t for t in tables if t.records]

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttune.errors import FasttuneError
+from fasttune.errors import FasttuneError, hub_id_hint
 
 log = logging.getLogger("fasttune")
 
@@ -93,7 +93,8 @@ def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = Tru
     if not str(path):
         raise FasttuneError(f"{option} is empty; pass a checkpoint, run or model folder")
     if not given.exists():
-        raise FasttuneError(f"{option} {given}: no such folder; pass a checkpoint, run or model folder")
+        raise FasttuneError(f"{option} {given}: no such folder; pass a checkpoint, run or model folder"
+                            + hub_id_hint(str(path), option))  # fmt: skip
     if not given.is_dir():
         raise FasttuneError(f"{option} {given} is a file; pass the folder that holds config.json")
     check_readable(given, option)
