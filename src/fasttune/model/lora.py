@@ -98,20 +98,6 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     return model
 
 
-# Why not peft's own forward (peft 0.21, tuners/lora/layer.py Linear.forward): with fp32 adapters on a bf16 base it
-# casts every adapted input to fp32 (`_cast_input_dtype`: a [T, 4096] or [T, 14336] fp32 copy per module, 7 modules
-# x 32 layers at 8B). Without autocast (`--model.dtype bf16`) that copy is kept for lora_A's weight gradient, the
-# rank-r matmuls run in fp32 and an fp32 [T, out] result is added to the bf16 base output (the sum promoted to fp32,
-# then cast back); under bf16 autocast (the GPU default) autocast casts the copy back to bf16, a second copy kept
-# per module (q, k and v each keep their own), and scaling multiplies a [T, out] tensor. Measured on an H200 at 8B
-# before this change: 1.21x HF + peft, where skipping the base weight-gradient GEMMs (a third of the FLOPs) should
-# put LoRA near 1.4x our full fine-tune. The fast forward casts the tiny A and B (the scaling folded into B) to the
-# input's dtype per call (differentiable: the fp32 parameters stay the master copies and get fp32 gradients) and
-# adds the rank-r product into the base output inside one addmm: no fp32 activation, no copy of the input, no
-# [T, out] elementwise pass. peft's `disable_input_dtype_casting` + autocast was not chosen: without autocast it
-# fails on the dtype mismatch, and under autocast it still multiplies and adds a [T, out] tensor per module.
-# Patched per instance (not peft's class): a plain peft model in the same process (the bench's HF + peft
-# baseline) keeps peft's forward.
 def warn_new_tokens_frozen(tokenizer, rows: int, path: str | None) -> None:
     """The tokens a tokenizer adds beyond the `rows` embeddings of the model at `path` get rows of their own (resized
     by the model's build), which LoRA leaves frozen at their start: say so, and how plain peft loads the adapter."""
@@ -126,6 +112,20 @@ def warn_new_tokens_frozen(tokenizer, rows: int, path: str | None) -> None:
                 len(tokenizer))  # fmt: skip
 
 
+# Why not peft's own forward (peft 0.21, tuners/lora/layer.py Linear.forward): with fp32 adapters on a bf16 base it
+# casts every adapted input to fp32 (`_cast_input_dtype`: a [T, 4096] or [T, 14336] fp32 copy per module, 7 modules
+# x 32 layers at 8B). Without autocast (`--model.dtype bf16`) that copy is kept for lora_A's weight gradient, the
+# rank-r matmuls run in fp32 and an fp32 [T, out] result is added to the bf16 base output (the sum promoted to fp32,
+# then cast back); under bf16 autocast (the GPU default) autocast casts the copy back to bf16, a second copy kept
+# per module (q, k and v each keep their own), and scaling multiplies a [T, out] tensor. Measured on an H200 at 8B
+# before this change: 1.21x HF + peft, where skipping the base weight-gradient GEMMs (a third of the FLOPs) should
+# put LoRA near 1.4x our full fine-tune. The fast forward casts the tiny A and B (the scaling folded into B) to the
+# input's dtype per call (differentiable: the fp32 parameters stay the master copies and get fp32 gradients) and
+# adds the rank-r product into the base output inside one addmm: no fp32 activation, no copy of the input, no
+# [T, out] elementwise pass. peft's `disable_input_dtype_casting` + autocast was not chosen: without autocast it
+# fails on the dtype mismatch, and under autocast it still multiplies and adds a [T, out] tensor per module.
+# Patched per instance (not peft's class): a plain peft model in the same process (the bench's HF + peft
+# baseline) keeps peft's forward.
 def set_fast_forward(model: nn.Module, enabled: bool = True) -> int:
     """Install (or with enabled=False remove) the fast forward on each plain peft `lora.Linear` of `model`; returns
     how many layers have it. Each call still checks the layer's state and falls back to peft's forward."""
