@@ -157,3 +157,30 @@ def test_lora_with_tokens_the_model_has_no_embedding_for_says_they_stay_frozen_a
     with torch.no_grad():
         want = PeftModel.from_pretrained(hf, run / "adapter").eval()(ids).logits
         torch.testing.assert_close(merged(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_config_field_of_the_wrong_type_and_a_model_without_attention_are_one_line(tmp_path, capsys):
+    """A config.json whose max_position_embeddings is null (huggingface_hub's validation error is no ValueError) and a
+    Mamba model (no attention heads, which the memory plan and FLOP count read) printed tracebacks."""
+    from helpers import save_micro_model
+    from transformers import MambaConfig, MambaForCausalLM
+
+    null = save_micro_model(tmp_path / "null")
+    config = json.loads((null / "config.json").read_text())
+    (null / "config.json").write_text(json.dumps({**config, "max_position_embeddings": None}))
+    tok = build_tiny_tokenizer()
+    mamba = tmp_path / "mamba"
+    config = MambaConfig(vocab_size=len(tok), hidden_size=16, state_size=4, num_hidden_layers=1)
+    MambaForCausalLM(config).save_pretrained(mamba)
+    tok.save_pretrained(mamba)
+    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+    for folder, what in ((null, "config.json cannot be used (Validation error for field 'max_position_embeddings'"),
+                         (mamba, "MambaConfig has no attention layers")):  # fmt: skip
+        argv = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(data), "--max-steps", "1",
+                "--output-dir", str(tmp_path / f"run-{folder.name}")]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines()[-1].startswith(f"error: --model {folder}: {what}"), err
+        assert "Traceback" not in err
+    assert main(["generate", "--checkpoint", str(null), "--prompt", "a"]) == 2
+    assert "config.json cannot be used" in capsys.readouterr().err.strip().splitlines()[-1]

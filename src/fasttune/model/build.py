@@ -139,8 +139,14 @@ def _unreadable_file(folder) -> Path | None:
 
 def read_config(path: str | Path, trust_remote_code: bool = False, option: str = "--model") -> PretrainedConfig:
     """The config.json of a local model folder, or one line naming what is wrong with it."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except StrictDataclassError as e:  # a field of the wrong type ("max_position_embeddings": null): no ValueError
+        why = " ".join(str(e).split())  # "Validation error for field 'x':\n    TypeError: ..." on several lines
+        raise ConfigError(f"{option} {path}: config.json cannot be used ({why}); fix that field (or remove it to get "
+                          "the architecture's default)") from None  # fmt: skip
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise ConfigError(f"{option} {path}: config.json cannot be used ({str(e).splitlines()[0]})") from e
@@ -165,6 +171,11 @@ def load_model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
             "(saved with save_pretrained) or leave --model out to build model.preset"
         )
     config = read_config(path, cfg.trust_remote_code)
+    if not hasattr(config, "num_attention_heads"):  # Mamba, RWKV, xLSTM: the memory plan and FLOPs count attention
+        raise ConfigError(
+            f"--model {cfg.path}: {type(config).__name__} has no attention layers (no num_attention_heads in its "
+            "config.json); fasttune trains transformer models (attention + MLP), so train this one with its own code"
+        )
     if quant := getattr(config, "quantization_config", None):
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
         kind = f"{method}-quantized" if method else "quantized"
