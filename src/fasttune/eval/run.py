@@ -64,7 +64,9 @@ class EvalArgs(SamplingArgs):
     """Evaluate only the first N samples."""
     max_length: int | None = None
     """Plain text: split into pieces of this many tokens, as training splits at data.max_length (default: the model's
-    context). Supervised samples are scored whole."""
+    context; a model whose config names none needs it). Supervised samples: the loss scores the first this many
+    tokens of a longer one, as training truncates it (the run's validation loss at data.max_length); without it they
+    are scored whole. --generate answers whole samples."""
     stop: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """Stop string (repeatable): an answer ends before the first one it writes, which is not part of it. Without it,
     Alpaca prompts end before a next '### Instruction:' (--no-default-stop: they do not). A newline in bash:
@@ -190,13 +192,12 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
 
 def _text_pieces(samples: list[Sample], max_length: int | None, context: int | None) -> list[Sample]:
     """Plain text split into pieces of max_length (else the model's context) tokens, as training splits it: every
-    token is scored, none left out as too long."""
-    if max_length and context and max_length > context:
-        raise ConfigError(f"--max-length {max_length} is longer than the model's context ({context} tokens); pass "
-                          f"at most {context}")  # fmt: skip
+    token is scored, none left out as too long. A model that names no context needs max_length."""
     piece = max_length or context
-    if not piece:
-        return samples
+    if not piece:  # Bloom, MPT (ALiBi): a whole text in one forward pass, unlike training's pieces (and GBs of memory)
+        raise ConfigError("plain text needs --max-length here: the model's config names no context (no "
+                          "max_position_embeddings), so there is no length to split the texts at as training splits "
+                          "them; pass --max-length N (the run's data.max_length)")  # fmt: skip
     from fasttune.data.pipeline import DataSummary, fit_length
 
     split = DataSummary("", "")
@@ -208,7 +209,9 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
     return pieces
 
 
-def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[Sample], str, int]:
+def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[Sample], list[Sample], str, int]:
+    """(the samples the loss scores, the whole samples --generate answers, the format, samples longer than the
+    context): supervised samples are whole, or with --max-length cut to it as training cuts them."""
     from fasttune.data.formats import load_records
 
     # split=None: never a DatasetDict's train split
@@ -221,13 +224,36 @@ def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[Sample],
         what = "text" if fmt == "text" else "response"
         raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
                         f"report; fill in the {what}s")  # fmt: skip
+    if a.max_length and context and a.max_length > context:
+        raise ConfigError(f"--max-length {a.max_length} is longer than the model's context ({context} tokens); pass "
+                          f"at most {context}")  # fmt: skip
     samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
     kept = [s for s in samples if not context or len(s) <= context]
+    if fmt != "text" and a.max_length:
+        return _truncated(a, samples), kept, fmt, len(samples) - len(kept)
     if not any(map(_scored, kept)):
         raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
-                        f"({context} tokens), and eval scores whole samples only; shorten the records or split them "
-                        "into several")  # fmt: skip
-    return kept, fmt, len(samples) - len(kept)
+                        f"({context} tokens), and eval scores whole samples only; pass --max-length N to score "
+                        "their first N tokens as training does, or shorten the records or split them into "
+                        "several")  # fmt: skip
+    return kept, kept, fmt, len(samples) - len(kept)
+
+
+def _truncated(a: EvalArgs, samples: list[Sample]) -> list[Sample]:
+    """Supervised samples cut to --max-length as training cuts them at data.max_length (data.overlong truncate; one
+    whose prompt fills it is left out): the loss is then the validation loss of a run trained at that length."""
+    from fasttune.data.pipeline import DataSummary, fit_length
+
+    counts = DataSummary("", "")
+    out = fit_length(samples, a.max_length, "truncate", counts)
+    if counts.truncated:
+        log.info("loss: %d of %d samples longer than --max-length %d truncated to it, as training truncates them "
+                 "(%d left out: the prompt alone fills it)", counts.truncated, len(samples), a.max_length,
+                 counts.no_response)  # fmt: skip
+    if not out:
+        raise DataError(f"{a.data}: no sample has a response token within --max-length {a.max_length} (the prompt "
+                        "alone fills it); raise --max-length")  # fmt: skip
+    return out
 
 
 def _number_records(samples: list[Sample], origins: list[int]) -> None:
@@ -254,12 +280,14 @@ def run_eval(a: EvalArgs) -> int:
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
     model, tok = load_checkpoint(a, src)
     context = context_length(model.config)
-    samples, fmt, too_long = _samples(a, tok, context)
-    if too_long:
-        log.warning("%d samples longer than the model's context (%s tokens) are left out", too_long, context)
+    scored, samples, fmt, too_long = _samples(a, tok, context)
+    cut = scored is not samples  # supervised samples cut to --max-length for the loss: none is too long for it
+    if too_long and (a.generate or not cut):
+        log.warning("%d samples longer than the model's context (%s tokens) are left out%s", too_long, context,
+                    " of --generate" if cut else "")  # fmt: skip
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
-               "samples": len(samples), "skipped_longer_than_context": too_long}  # fmt: skip
-    summary.update(response_loss(model, samples, tok.pad_token_id, a.batch_size))
+               "samples": len(scored), "skipped_longer_than_context": 0 if cut else too_long}  # fmt: skip
+    summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
     rows: list[dict] = []
     if a.generate:
         examples = [ex for s in samples if s.last_turn and (ex := split_sample(s, tok)) is not None]

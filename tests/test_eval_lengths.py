@@ -1,0 +1,78 @@
+"""`fasttune eval` around length: supervised samples cut at --max-length as training cuts them (the run's own
+validation loss is the reference), and plain text on a model whose config names no context (Bloom: ALiBi)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.tiny_tokenizer import build_tiny_tokenizer
+from helpers import GSM8K, save_base_model, tiny_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig
+
+from fasttune.cli import main
+from fasttune.data.corpus import holdout
+from fasttune.data.pipeline import build_data
+
+
+def test_eval_max_length_gives_the_validation_loss_training_logged_for_truncated_samples(tmp_path):
+    """Held-out Alpaca records longer than data.max_length: training validates their first max_length tokens, and
+    `eval --max-length` of the same records at that length scored them whole (another number, and the option ignored
+    without a word)."""
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp_path, max_steps=2, save_every=2, eval_every=0, eval_batches=1000)
+    cfg = dataclasses.replace(
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp_path / "base"))),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=160, val_fraction=0.3),
+    )  # fmt: skip
+    result = loop.train(cfg)
+    records = json.loads(GSM8K.read_text())
+    _, held = holdout(records, [str(i) for i in range(len(records))], 0.3)  # training's validation records
+    lengths = [len(s) for s in build_data(cfg).val]
+    assert max(lengths) == 160  # some were cut
+    data = tmp_path / "held.json"
+    data.write_text(json.dumps(held))
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(result.run_dir), "--data", str(data), "--max-length", "160",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == len(lengths)
+    assert summary["loss"] == pytest.approx(result.last_val_loss, rel=1e-5)
+
+
+def _bloom(path: Path) -> Path:
+    tok = build_tiny_tokenizer()
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, **ids)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_eval_of_text_on_a_model_without_a_context_asks_for_max_length_and_scores_its_pieces(tmp_path, capsys):
+    """Bloom's config names no context: eval scored each text whole in one forward pass (4 texts of ~10k tokens took
+    17 GB), not in the pieces training trains; --max-length gives them, against plain HF on the same pieces."""
+    model = _bloom(tmp_path / "bloom")
+    text = "".join(f"Natalia sold {i} clips to her friends in April, and half as many in May. " for i in range(12))
+    data = tmp_path / "book.txt"
+    data.write_text(text)
+    assert main(["eval", "--checkpoint", str(model), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: plain text needs --max-length here: the model's config names no context"), err
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(model), "--data", str(data), "--max-length", "64", "--output-dir",
+                 str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    tok, ref = AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    total, n = 0.0, 0
+    for lo in range(0, len(ids), 64):
+        x = torch.tensor([ids[lo : lo + 64]])
+        with torch.no_grad():
+            total += float(ref(x, labels=x).loss) * (x.shape[1] - 1)
+        n += x.shape[1] - 1
+    assert len(ids) > 64 * 4 and summary["target_tokens"] == n
+    assert summary["loss"] == pytest.approx(total / n, rel=1e-5)
