@@ -65,14 +65,46 @@ def test_eval_of_text_on_a_model_without_a_context_asks_for_max_length_and_score
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(model), "--data", str(data), "--max-length", "64", "--output-dir",
                  str(out)]) == 0  # fmt: skip
-    summary = json.loads((out / "summary.json").read_text())
+    assert_hf_pieces(json.loads((out / "summary.json").read_text()), model, text, 64)
+
+
+def assert_hf_pieces(summary: dict, model: Path, text: str, piece: int) -> None:
+    """eval's summary of `text` scored by `model` equals plain HF on the text + EOS in `piece`-token pieces."""
     tok, ref = AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model).eval()
     ids = tok(text)["input_ids"] + [tok.eos_token_id]
     total, n = 0.0, 0
-    for lo in range(0, len(ids), 64):
-        x = torch.tensor([ids[lo : lo + 64]])
+    for lo in range(0, len(ids), piece):
+        x = torch.tensor([ids[lo : lo + piece]])
         with torch.no_grad():
             total += float(ref(x, labels=x).loss) * (x.shape[1] - 1)
         n += x.shape[1] - 1
-    assert len(ids) > 64 * 4 and summary["target_tokens"] == n
+    assert len(ids) > piece * 4 and summary["target_tokens"] == n
     assert summary["loss"] == pytest.approx(total / n, rel=1e-5)
+
+
+def test_mpts_max_seq_len_is_its_context_in_training_and_eval(tmp_path, capsys):
+    """MPT names its context max_seq_len (no max_position_embeddings): its ALiBi table has that many positions, and
+    a longer row failed inside its attention with a traceback (the sft preset's default 1024 on a 64-position model,
+    eval's texts scored whole). Now training shrinks the default to it and refuses more; eval scores pieces of it."""
+    from transformers import MptConfig
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MptConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, max_seq_len=64,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    model = tmp_path / "mpt"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    tok.save_pretrained(model)
+    text = "".join(f"Natalia sold {i} clips to her friends in April, and half as many in May. " for i in range(12))
+    data = tmp_path / "book.txt"
+    data.write_text(text)
+    train = ["train", "--experiment", "sft", "--model", str(model), "--data", str(data), "--max-steps", "1",
+             "--training.eval-every", "0", "--generation.sample-prompt", ""]  # fmt: skip
+    assert main([*train, "--output-dir", str(tmp_path / "run")]) == 0
+    assert "data.max_length: 64, the context of" in capsys.readouterr().err
+    assert main([*train, "--output-dir", str(tmp_path / "run2"), "--data.max-length", "65"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "exceeds the context of" in err and "(max_seq_len=64); pass --data.max-length 64 or less" in err, err
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(model), "--data", str(data), "--output-dir", str(out)]) == 0
+    assert_hf_pieces(json.loads((out / "summary.json").read_text()), model, text, 64)

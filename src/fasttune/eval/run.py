@@ -194,7 +194,7 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
     """Plain text split into pieces of max_length (else the model's context) tokens, as training splits it: every
     token is scored, none left out as too long. A model that names no context needs max_length."""
     piece = max_length or context
-    if not piece:  # Bloom, MPT (ALiBi): a whole text in one forward pass, unlike training's pieces (and GBs of memory)
+    if not piece:  # Bloom (ALiBi): a whole text in one forward pass, unlike training's pieces (and GBs of memory)
         raise ConfigError("plain text needs --max-length here: the model's config names no context (no "
                           "max_position_embeddings), so there is no length to split the texts at as training splits "
                           "them; pass --max-length N (the run's data.max_length)")  # fmt: skip

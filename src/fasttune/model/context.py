@@ -6,6 +6,7 @@ adding `{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
 `max_position_embeddings` at 32768 (Qwen3's config says 40960: transformers warns that 40960 / 32768 is not the
 factor, and its YaRN takes the factor as given, so 4 x 32768 = 131072 either way). Llama 3.1's llama3 scaling,
 linear and longrope configs already name the scaled length in `max_position_embeddings` (131072 for Llama 3.1).
+MPT names its context `max_seq_len` (its ALiBi table; a longer row fails in its attention).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def _rope(config) -> dict:
     return rope
 
 
+def _positions(config) -> tuple[str, int | None]:
+    """(the config field that names the context, its value): max_position_embeddings, or MPT's max_seq_len (the
+    length of its ALiBi table: a longer row fails in its attention with a tensor size mismatch)."""
+    for name in ("max_position_embeddings", "max_seq_len"):
+        if value := getattr(config, name, None):
+            return name, value
+    return "max_position_embeddings", None
+
+
 def _per_layer_type(config) -> bool:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     return isinstance(rope, dict) and bool(rope) and all(isinstance(v, dict) for v in rope.values())
@@ -33,7 +43,7 @@ def _per_layer_type(config) -> bool:
 def context_length(config) -> int | None:
     """The model's context in tokens: max_position_embeddings, or a YaRN or dynamic-NTK factor times the original
     context where that is longer (see the module's docstring); None when the config names no context."""
-    base = getattr(config, "max_position_embeddings", None)
+    base = _positions(config)[1]
     if not base:
         return None
     rope = _rope(config)
@@ -47,9 +57,9 @@ def context_length(config) -> int | None:
 def describe_context(config) -> str:
     """Where context_length comes from, for messages: "max_position_embeddings=32768" or "max_position_embeddings=
     32768 x yarn factor 4.0 = 131072"."""
-    base, context = getattr(config, "max_position_embeddings", None), context_length(config)
+    (field, base), context = _positions(config), context_length(config)
     if context == base:
-        return f"max_position_embeddings={base}"
+        return f"{field}={base}"
     rope = _rope(config)
     kind, original = rope.get("rope_type", rope.get("type")), rope.get("original_max_position_embeddings")
     scaled = f"original_max_position_embeddings={original}" if original and original != base else None
@@ -59,7 +69,7 @@ def describe_context(config) -> str:
 
 def too_long(config, length: int, source: str, option: str = "--data.max-length") -> str:
     """One line for `length` (given as `option`) beyond the context of the model at `source`, with the fixes."""
-    context, base = context_length(config), getattr(config, "max_position_embeddings", None)
+    context, base = context_length(config), _positions(config)[1]
     fix = f"pass {option} {context} or less"
     kind = _rope(config).get("rope_type", "none")
     # plain RoPE: a config change extends it; not one set per layer type (Gemma 3), whose layers would each keep
