@@ -1,5 +1,6 @@
-"""`fasttune eval` around length: supervised samples cut at --max-length as training cuts them (the run's own
-validation loss is the reference), and plain text on a model whose config names no context (Bloom: ALiBi)."""
+"""`fasttune eval` and the validation loss around length: supervised samples cut at --max-length as training cuts
+them (the run's own validation loss is the reference), plain text on a model whose config names no context (Bloom:
+ALiBi) or names it max_seq_len (MPT), and a validation split longer than --training.eval-batches."""
 
 import dataclasses
 import json
@@ -108,3 +109,34 @@ def test_mpts_max_seq_len_is_its_context_in_training_and_eval(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(model), "--data", str(data), "--output-dir", str(out)]) == 0
     assert_hf_pieces(json.loads((out / "summary.json").read_text()), model, text, 64)
+
+
+def test_a_validation_split_beyond_eval_batches_is_said_and_its_val_loss_is_of_the_batches_named(tmp_path, caplog):
+    """The data summary counts every held-out sample, and val_loss was computed on the first eval_batches
+    micro-batches of them without a word (eval of the held-out records then gives another number): the log says
+    which share it is, and val_loss is plain HF's loss on those samples."""
+    import logging
+
+    from fasttune.data.packing import Batcher
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp_path, max_steps=1, save_every=1, eval_every=0, eval_batches=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_documents=60, val_fraction=0.3))
+    caplog.set_level(logging.INFO, logger="fasttune")
+    result = loop.train(cfg)
+    val = build_data(cfg).val
+    plan = Batcher.from_config(cfg.data, cfg.seed).plan([len(s) for s in val], epoch=0)
+    samples = [val[i] for b in plan[:2] for i in b]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation: val_loss")]
+    assert len(plan) > 2 and said == [
+        f"validation: val_loss is computed on the first 2 of {len(plan)} micro-batches ({len(samples)} of {len(val)} "
+        f"held-out samples, the same ones each time); --training.eval-batches {len(plan)} covers them all"
+    ]
+    model = AutoModelForCausalLM.from_pretrained(result.checkpoint).eval()
+    total, n = 0.0, 0
+    for s in samples:
+        x = torch.tensor(s.ids, dtype=torch.long)[None]
+        with torch.no_grad():
+            total += float(model(x, labels=x).loss) * (len(s) - 1)
+        n += len(s) - 1
+    assert result.last_val_loss == pytest.approx(total / n, rel=1e-5)

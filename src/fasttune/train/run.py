@@ -213,6 +213,18 @@ class Run:
         # (only rank 0 reads metrics.jsonl): a resumed run starts a new history
         self.history: deque[float] = deque(maxlen=50)
         self.healthy = True
+        self._say_validation_share()
+
+    def _say_validation_share(self) -> None:
+        """Once, before training: a validation split of more micro-batches than training.eval_batches is validated on
+        its first ones only (the same ones every time), while the data summary counts all its samples."""
+        val, most = self.data.val, self.cfg.training.eval_batches
+        plan = self.batcher.plan([len(s) for s in val], epoch=0) if val else []
+        if len(plan) > most and self.dist.main:
+            held = sum(len(b) for b in plan[:most])
+            log.info("validation: val_loss is computed on the first %d of %d micro-batches (%d of %d held-out samples, "
+                     "the same ones each time); --training.eval-batches %d covers them all", most, len(plan), held,
+                     len(val), len(plan))  # fmt: skip
         """Whether the last step was healthy (finite, non-exploding loss): a checkpoint saved now is healthy."""
 
     # -- step ---------------------------------------------------------------------------------------------------
