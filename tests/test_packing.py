@@ -47,3 +47,54 @@ def test_collate_packed_layout_and_targets_match_padded():
     assert [p["labels"][0, i].item() for i in (0, 5, 8)] == [IGNORE] * 3
     padded = collate_padded(samples, pad_id=0)
     assert count_targets(p) == count_targets(padded) == 4 + 2 + 6
+
+
+def test_packs_of_split_documents_and_chat_cut_mid_response_train_as_each_sample_alone(tmp_path):
+    """Real overlong data through the pipeline: a long text split into max_length pieces (neighbouring pieces of one
+    document in one pack) and chat records cut inside their response. Each pack's loss and gradients (fasttune's
+    model and attention) equal plain HF eager on each sample alone, so no piece sees another, and the cut response
+    keeps exactly its trained tokens up to the cut."""
+    import dataclasses
+    import json
+
+    from fixtures.tiny_tokenizer import CHATML
+    from helpers import save_base_model
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.config import get_experiment
+    from fasttune.data.pipeline import build_data
+    from fasttune.train.model_prep import prepare_model
+    from fasttune.train.run import forward_backward
+
+    model = save_base_model(tmp_path / "m", chat_template=CHATML, context=256, bos=None)
+    words = "Natalia sold clips to her friends in April and half as many in May".split()
+    rng = random.Random(0)
+    text, chat = tmp_path / "book.jsonl", tmp_path / "chat.jsonl"
+    text.write_text(json.dumps({"text": " ".join(rng.choice(words) for _ in range(400))}) + "\n")
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Count the clips."},
+                    {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(60 + i))}]}) + "\n"
+                    for i in range(6)))  # fmt: skip
+    ref = AutoModelForCausalLM.from_pretrained(model, attn_implementation="eager").train()
+    for data in (text, chat):
+        cfg = get_experiment("sft")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model)), data=dataclasses.replace(
+            cfg.data, path=str(data), max_length=48, micro_batch_size=3, val_fraction=0.0))  # fmt: skip
+        bundle = build_data(cfg)
+        s = bundle.summary
+        assert (s.split if data == text else s.truncated) > 0 and s.no_response == 0
+        assert data == text or any(x.pairs()[-1][1] == len(x) == 48 for x in bundle.train)  # cut inside a response
+        ours, _, _, batcher = prepare_model(cfg, bundle, torch.device("cpu"), torch.float32)
+        plan = batcher.plan([len(x) for x in bundle.train], epoch=0)
+        assert batcher.packing and max(map(len, plan)) > 1
+        for idx in plan:
+            samples = [bundle.train[i] for i in idx]
+            ours.zero_grad(), ref.zero_grad()
+            packed = batcher.collate(samples)
+            alone = [collate_padded([x], 0) for x in samples]
+            n = count_targets(packed)
+            assert n == sum(map(count_targets, alone)) == sum(x.trained(1) for x in samples)
+            got, want = forward_backward(ours, [packed], n, None), forward_backward(ref, alone, n, None)
+            assert torch.allclose(got, want, rtol=1e-5), (data.name, idx)
+            grads = dict(ours.named_parameters())
+            for name, p in ref.named_parameters():
+                assert torch.allclose(grads[name].grad, p.grad, rtol=1e-4, atol=1e-7), (data.name, name)
