@@ -192,7 +192,8 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
 
 def _text_pieces(samples: list[Sample], max_length: int | None, context: int | None) -> list[Sample]:
     """Plain text split into pieces of max_length (else the model's context) tokens, as training splits it: every
-    token is scored, none left out as too long. A model that names no context needs max_length."""
+    token is scored but each piece's first, none left out as too long. A model that names no context needs
+    max_length."""
     piece = max_length or context
     if not piece:  # Bloom (ALiBi): a whole text in one forward pass, unlike training's pieces (and GBs of memory)
         raise ConfigError("plain text needs --max-length here: the model's config names no context (no "

@@ -213,6 +213,7 @@ class Run:
         # (only rank 0 reads metrics.jsonl): a resumed run starts a new history
         self.history: deque[float] = deque(maxlen=50)
         self.healthy = True
+        """Whether the last step was healthy (finite, non-exploding loss): a checkpoint saved now is healthy."""
         self._say_validation_share()
 
     def _say_validation_share(self) -> None:
@@ -225,7 +226,6 @@ class Run:
             log.info("validation: val_loss is computed on the first %d of %d micro-batches (%d of %d held-out samples, "
                      "the same ones each time); --training.eval-batches %d covers them all", most, len(plan), held,
                      len(val), len(plan))  # fmt: skip
-        """Whether the last step was healthy (finite, non-exploding loss): a checkpoint saved now is healthy."""
 
     # -- step ---------------------------------------------------------------------------------------------------
     def step(self) -> dict:
