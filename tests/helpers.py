@@ -175,3 +175,21 @@ def deny_file(monkeypatch, method: str, denied: Path) -> None:
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, method, fake)
+
+
+def hf_piece_loss(model_dir: Path, text: str, piece: int) -> tuple[float, int]:
+    """Reference: the text (after BOS) + EOS cut into `piece`-token pieces (as training splits it), plain HF loss on
+    each piece, token-weighted mean over all of them, and the number of target tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]  # the model's BOS first, as training reads it
+    total, n = 0.0, 0
+    for lo in range(0, len(ids), piece):
+        x = torch.tensor([ids[lo : lo + piece]])
+        with torch.no_grad():
+            total += float(model(x, labels=x).loss) * (x.shape[1] - 1)
+        n += x.shape[1] - 1
+    return total / n, n

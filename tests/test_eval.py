@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GSM8K, save_base_model, train_tiny
+from helpers import GSM8K, hf_piece_loss, save_base_model, train_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -144,21 +144,6 @@ def test_eval_of_samples_longer_than_the_context_says_what_to_do(sft_run, tmp_pa
     assert "longer than the model's context (512 tokens)" in err and "split them into several" in err, err
 
 
-def _hf_piece_loss(model_dir: Path, text: str, piece: int) -> tuple[float, int]:
-    """Reference: the text (after BOS) + EOS cut into `piece`-token pieces (as training splits it), plain HF loss on
-    each piece, token-weighted mean over all of them, and the number of target tokens."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tok(text)["input_ids"] + [tok.eos_token_id]  # the model's BOS first, as training reads it
-    total, n = 0.0, 0
-    for lo in range(0, len(ids), piece):
-        x = torch.tensor([ids[lo : lo + piece]])
-        with torch.no_grad():
-            total += float(model(x, labels=x).loss) * (x.shape[1] - 1)
-        n += x.shape[1] - 1
-    return total / n, n
-
-
 @pytest.mark.parametrize("max_length", [None, 100])
 def test_eval_of_a_text_file_longer_than_the_context_scores_it_in_pieces(sft_run, tmp_path, max_length):
     """A .txt file training reads (split into data.max_length pieces) is scored in pieces of --max-length, else of
@@ -171,7 +156,7 @@ def test_eval_of_a_text_file_longer_than_the_context_scores_it_in_pieces(sft_run
     rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data), "--output-dir", str(out), *argv])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    reference, targets = _hf_piece_loss(sft_run.checkpoint, text, max_length or 512)
+    reference, targets = hf_piece_loss(sft_run.checkpoint, text, max_length or 512)
     assert targets > 512 and summary["target_tokens"] == targets and summary["skipped_longer_than_context"] == 0
     assert summary["loss"] == pytest.approx(reference, rel=1e-4)
 

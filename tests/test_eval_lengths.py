@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import GSM8K, save_base_model, tiny_config
+from helpers import GSM8K, hf_piece_loss, save_base_model, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig
 
 from fasttune.cli import main
@@ -71,16 +71,10 @@ def test_eval_of_text_on_a_model_without_a_context_asks_for_max_length_and_score
 
 def assert_hf_pieces(summary: dict, model: Path, text: str, piece: int) -> None:
     """eval's summary of `text` scored by `model` equals plain HF on the text + EOS in `piece`-token pieces."""
-    tok, ref = AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model).eval()
-    ids = tok(text)["input_ids"] + [tok.eos_token_id]
-    total, n = 0.0, 0
-    for lo in range(0, len(ids), piece):
-        x = torch.tensor([ids[lo : lo + piece]])
-        with torch.no_grad():
-            total += float(ref(x, labels=x).loss) * (x.shape[1] - 1)
-        n += x.shape[1] - 1
-    assert len(ids) > piece * 4 and summary["target_tokens"] == n
-    assert summary["loss"] == pytest.approx(total / n, rel=1e-5)
+    loss, n = hf_piece_loss(model, text, piece)
+    ids = AutoTokenizer.from_pretrained(model)(text)["input_ids"]
+    assert len(ids) + 1 > piece * 4 and summary["target_tokens"] == n
+    assert summary["loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_mpts_max_seq_len_is_its_context_in_training_and_eval(tmp_path, capsys):
