@@ -228,6 +228,38 @@ def test_training_run_logs_the_plan(tmp_path, caplog):
     assert result.last_loss is not None and result.last_loss == result.last_loss
 
 
+def test_a_cpu_run_that_would_not_fit_the_machines_ram_stops_before_its_first_step(tmp_path, caplog, monkeypatch):
+    """On a CPU the plan is checked against the RAM the system can give (plus the weights already held): `auto`
+    recomputes where `none` would not fit, and what fits no plan stops with the estimate, naming the RAM. It started
+    and left the system to kill it (quick at --data.max-length 1000000: 159 GiB predicted on a 23 GiB machine)."""
+    from fasttune.train import memory
+
+    cfg = tiny_config(tmp_path, max_steps=1, save_every=0, eval_every=0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=256, micro_batch_size=8))
+    seen, choose = [], memory._choose_with_liger_norms
+    monkeypatch.setattr(memory, "_choose_with_liger_norms", lambda c, m, r, st, free: seen.append(st) or
+                        choose(c, m, r, st, free))  # fmt: skip
+    with caplog.at_level("INFO", logger="fasttune"):
+        train(cfg)
+    assert "memory plan: none (auto, " in caplog.text and " GiB of RAM); predicted peak" in caplog.text
+    st = seen[0]
+    assert st.host and memory.estimate(st, "none").fixed == 0.0
+    none, full = (memory.estimate(st, p).total for p in ("none", "full"))
+    assert full < 0.9 * none
+    ram = [0.0]
+    monkeypatch.setattr(memory, "available_ram", lambda: ram[0])
+    held = st.params * st.param_bytes  # host_free adds the weights the process holds
+    ram[0] = 0.95 * none / memory.HEADROOM - held  # `none` does not fit, `full` does
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fasttune"):
+        assert train(dataclasses.replace(cfg, output_dir=str(tmp_path / "b"))).last_loss is not None
+    assert "memory plan: full (auto, 0.0 GiB of RAM)" in caplog.text  # the least recomputation that fits
+    ram[0] = 0.5 * full / memory.HEADROOM - held
+    with pytest.raises(FasttuneError, match="of RAM this machine can give .*; try .*a GPU"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "c")))
+    assert not (tmp_path / "c" / "checkpoints").exists()
+
+
 def test_estimate_is_per_gpu_under_torchrun():
     one = estimate(_setup(8192), "ops")
     fsdp = estimate(Setup(**{**_setup(8192).__dict__, "shards": 4}), "ops")

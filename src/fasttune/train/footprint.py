@@ -11,7 +11,7 @@ import torch
 from fasttune.errors import FasttuneError
 from fasttune.model.flops import experts, mlp_matrices
 from fasttune.train.activations import Shape
-from fasttune.train.memory import HEADROOM, GiB, free_memory
+from fasttune.train.memory import HEADROOM, GiB, available_ram, free_memory
 
 log = logging.getLogger("fasttune")
 
@@ -122,15 +122,3 @@ def _check_ram(config, dtype: torch.dtype, source: str, available: float | None,
         f"{source}: {what} take about {need / GiB:.1f} GiB, and this machine has {available / GiB:.1f} GiB of RAM "
         "available; train it on a GPU, or pick a smaller model"
     )
-
-
-def available_ram() -> float | None:
-    """Bytes of RAM the system can give without swapping (/proc/meminfo MemAvailable); None where it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

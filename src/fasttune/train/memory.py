@@ -140,6 +140,8 @@ class Setup:
     gathered: float = 0.0
     """Bytes of weights FSDP2 holds all-gathered beside the shards (gathered()): the root unit (embeddings, head, final
     norm) from the forward to its backward, and two decoder blocks (the running one and the prefetched one)."""
+    host: bool = False
+    """The run trains on the CPU: what it may use is the machine's RAM (host_free), not a GPU's memory."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -158,6 +160,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
+        fixed=0.0 if st.host else Estimate.fixed,  # no GPU workspaces; the process's own RAM is out of MemAvailable
     )  # fmt: skip
 
 
@@ -229,9 +232,12 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
         fixes += [fix for text, change in state_changes(st) if (fix := _with_change(st, acc, text, change, budget))]
     if not fixes:
         fixes.append("a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)")
+    if st.host:
+        fixes.append("a GPU")
+    where = "of RAM this machine can give (MemAvailable, and the weights it holds)" if st.host else "free on the GPU"
     return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
             f"{st.tokens} tokens per micro-batch, but a plan may use {budget / GiB:.1f} GiB ({HEADROOM:.0%} of the "
-            f"{free_bytes / GiB:.1f} GiB free on the GPU); try {' or '.join(fixes)}")  # fmt: skip
+            f"{free_bytes / GiB:.1f} GiB {where}); try {' or '.join(fixes)}")  # fmt: skip
 
 
 def state_changes(st: Setup) -> list[tuple[str, dict]]:
@@ -297,7 +303,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _on_gpu(model, device),
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
-        scores=scores,
+        scores=scores, host=_on_cpu(model, device),
     )  # fmt: skip
 
 
@@ -323,6 +329,12 @@ def _on_gpu(model: torch.nn.Module, device: torch.device | None) -> bool:
     if device is not None:
         return device.type == "cuda"
     return any(p.is_cuda for p in model.parameters())
+
+
+def _on_cpu(model: torch.nn.Module, device: torch.device | None) -> bool:
+    if device is not None:
+        return device.type == "cpu"
+    return all(p.device.type == "cpu" for p in model.parameters())
 
 
 def model_shape(model: torch.nn.Module, autocast: bool = False, device: torch.device | None = None) -> Shape:
@@ -397,6 +409,29 @@ def free_memory(device: torch.device) -> float | None:
     return float(free + torch.cuda.memory_reserved(device))
 
 
+def available_ram() -> float | None:
+    """Bytes of RAM the system can give without swapping (/proc/meminfo MemAvailable); None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_free(model: torch.nn.Module) -> float | None:
+    """What a run on the CPU may still use: the RAM the system can give (shared by this machine's torchrun ranks)
+    plus the weights this process already holds, which the estimate counts (as free_memory adds what torch holds on
+    a GPU). None where the system does not say."""
+    ram = available_ram()
+    if ram is None:
+        return None
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
+    return ram / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) + held
+
+
 def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None,
                 attention: str | None = None, bounds: tuple[int, int] | None = None) -> Estimate:  # fmt: skip
     """Choose and install the run's memory transforms: the chunked loss (Liger's fused one when Liger is on) and the
@@ -411,7 +446,7 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
         apply_chunked_loss(base, liger=True)  # Liger's kernel, on the tokens with a target only
     chunked = cfg.model.chunked_loss and not liger and apply_chunked_loss(base)
     requested = "full" if cfg.model.gradient_checkpointing and cfg.model.memory == "auto" else cfg.model.memory
-    free = free_memory(device) if free_bytes is None else free_bytes
+    free = free_bytes if free_bytes is not None else host_free(model) if device.type == "cpu" else free_memory(device)
     d = cfg.data
     budget = d.micro_batch_size * d.max_length
     tokens, row = bounds or (budget, budget if d.packing else d.max_length)
@@ -419,7 +454,7 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     st = setup_of(cfg, model, liger, chunked, scores, tokens, device)
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
-    where = f"{free / GiB:.1f} GiB free" if free is not None else "no GPU to measure"
+    where = "no GPU to measure" if free is None else f"{free / GiB:.1f} GiB {'of RAM' if st.host else 'free'}"
     log.info("memory plan: %s (%s, %s); predicted peak %s for %d tokens per micro-batch", est.plan, requested if
              requested != est.plan else why, where, est.describe(), st.tokens)  # fmt: skip
     apply_plan(model, est.plan)
