@@ -145,6 +145,29 @@ def test_resume_with_config_keeps_the_run_and_refuses_a_file_that_changes_it(tra
     assert json.loads((run / "config.json").read_text())["training"]["max_steps"] == 3
 
 
+def test_resume_with_a_partial_config_takes_what_it_leaves_out_from_the_run(tmp_path, capsys):
+    """A run started with a file and a flag (`--config part.yaml --data.max-length 48`), resumed with the file alone:
+    what the file leaves out is the run's (it was the preset's: "data.max_length is 64 but the run was started with
+    48"); what it sets is still held to the run, and a file of another preset is refused."""
+    base = tiny_config(tmp_path, max_steps=2, save_every=2, eval_every=0)
+    run = tmp_path / "run"
+    part = tmp_path / "part.yaml"
+    part.write_text(f"output_dir: {run}\ntraining:\n  max_steps: 2\n  save_every: 2\n  eval_every: 0\n")
+    flags = ["--model.preset", "micro", "--data.max-documents", "40", "--data.tokenizer-vocab-size", "384",
+             "--data.cache-dir", base.data.cache_dir, "--training.warmup-steps", "1"]  # fmt: skip
+    assert cli.main(["train", "--config", str(part), *flags, "--data.max-length", "48"]) == 0
+    part.write_text(f"output_dir: {run}\ntraining:\n  max_steps: 3\n")
+    assert cli.main(["train", "--config", str(part), "--resume"]) == 0
+    assert sorted(losses(_metrics(run))) == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["data"]["max_length"] == 48
+    part.write_text(f"output_dir: {run}\ndata:\n  max_length: 32\ntraining:\n  max_steps: 4\n")
+    assert cli.main(["train", "--config", str(part), "--resume"]) == 2
+    assert f"data.max_length is 32 (set by {part}) but the run was started with 48" in capsys.readouterr().err
+    part.write_text(f"experiment: full\noutput_dir: {run}\n")
+    assert cli.main(["train", "--config", str(part), "--resume"]) == 2
+    assert "changes the full preset, but the run was started with quick" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
     [

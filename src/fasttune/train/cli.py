@@ -50,14 +50,23 @@ class TrainArgs(Command):
         if path is not None and (not path or path.startswith("-")):
             raise ConfigError("--config needs a file (.yaml, .toml or .json)")
         typed = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
-        own = path is None and "--resume" in typed and _resumed_config(args, name)
-        path = path or own or None
-        if path is None:
-            return cls(config=get_experiment(name or "quick"), given=typed)
         from fasttune.config.files import ConfigFile, leaves
 
-        file = ConfigFile.load(path, quiet=bool(own))
-        cfg = file.apply(get_experiment(file.base(name)))
+        file = ConfigFile.load(path) if path is not None else None
+        own = "--resume" in typed and _resumed_config(args, name, file)
+        if file is None and not own:
+            return cls(config=get_experiment(name or "quick"), given=typed)
+        run = ConfigFile.load(own, quiet=True) if own else None
+        file = file or run
+        # --resume: the run's config.json is the base, so what a --config FILE leaves out is the run's, not the preset's
+        base = run.apply(get_experiment(run.base(name))) if run is not None else get_experiment(file.base(name))
+        file.base(name)  # a --experiment that disagrees with the file is refused
+        if run is not None and file.experiment and file.experiment != run.experiment:
+            raise ConfigError(f"--resume: {file.path} changes the {file.experiment} preset, but the run was started "
+                              f"with {run.experiment}; resume with the run's preset (or start a new run with another "
+                              "--output-dir)")  # fmt: skip
+        cfg = file.apply(base)
+        path = file.path
         table = leaves()
         from_file = tuple(k for k in file.keys() if not set(table[k].flags) & set(typed))
         flags = tuple(table[k].flags[0] for k in from_file)
@@ -121,14 +130,17 @@ def _last_value(args: Sequence[str], flag: str) -> str | None:
     return value
 
 
-def _resumed_config(args: Sequence[str], name: str | None) -> str | None:
-    """--resume without --config: the run's own config.json, so that the options not typed again are the run's (the
-    preset's would differ from any that the run changed, and resume refuses a change); None when there is no run."""
+def _resumed_config(args: Sequence[str], name: str | None, file=None) -> str | None:
+    """--resume: the run's own config.json, so that the options neither typed again nor set in a --config `file` are
+    the run's (the preset's would differ from any that the run changed, and resume refuses a change); None when there
+    is no run. The run folder: --output-dir, else the file's output_dir, else the preset's."""
     from fasttune.train.run_dir import RunFolder
 
     run_dir = _last_value(args, "--output-dir") or _last_value(args, "--output_dir")
+    if not run_dir and file is not None:
+        run_dir = file.values.get("output_dir")
     if not run_dir:
-        run_dir = get_experiment(name or "quick").output_dir
+        run_dir = get_experiment((file.experiment if file else None) or name or "quick").output_dir
     folder = RunFolder(Path(run_dir))
     if not (folder.is_run and folder.config.is_file()):
         return None
