@@ -300,10 +300,10 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
-        autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _on_gpu(model, device),
+        autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _device_type(model, device) == "cuda",
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
-        scores=scores, host=_on_cpu(model, device),
+        scores=scores, host=_device_type(model, device) == "cpu",
     )  # fmt: skip
 
 
@@ -322,19 +322,17 @@ def runs_autocast(cfg, model: torch.nn.Module, device: torch.device | None = Non
     """Whether the run computes under bf16 autocast: fp32 weights or LoRA adapters on a GPU (`device`, default the
     model's: under FSDP2 it is built on the CPU or the meta device) under dtype auto."""
     fp32 = any(p.dtype == torch.float32 for p in model.parameters())
-    return cfg.model.dtype == "auto" and fp32 and _on_gpu(model, device)
+    return cfg.model.dtype == "auto" and fp32 and _device_type(model, device) == "cuda"
 
 
-def _on_gpu(model: torch.nn.Module, device: torch.device | None) -> bool:
+def _device_type(model: torch.nn.Module, device: torch.device | None) -> str:
+    """`device`'s type, else where the model's weights are: "cuda" if any is, "cpu" if all are, else another."""
     if device is not None:
-        return device.type == "cuda"
-    return any(p.is_cuda for p in model.parameters())
-
-
-def _on_cpu(model: torch.nn.Module, device: torch.device | None) -> bool:
-    if device is not None:
-        return device.type == "cpu"
-    return all(p.device.type == "cpu" for p in model.parameters())
+        return device.type
+    types = {p.device.type for p in model.parameters()}
+    if "cuda" in types:
+        return "cuda"
+    return types.pop() if len(types) == 1 else "cpu" if not types else "mixed"
 
 
 def model_shape(model: torch.nn.Module, autocast: bool = False, device: torch.device | None = None) -> Shape:
