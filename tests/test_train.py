@@ -303,6 +303,25 @@ def test_warmup_not_below_max_steps_warns_once_and_keeps_the_schedule(tmp_path, 
     assert "never reaches --training.lr" in warnings[0]
 
 
+@pytest.mark.parametrize("max_steps", [1, 2, 30])
+def test_the_warmup_the_warning_suggests_is_below_max_steps(tmp_path, caplog, max_steps):
+    """Taking the warning's advice silences it: for a 1-step run it said "e.g. 1", which is not below 1."""
+    import re
+
+    from fasttune.train.optim import build_optimizer
+
+    def warnings(warmup: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fasttune"):
+            build_optimizer(tiny_config(tmp_path, max_steps=max_steps, warmup_steps=warmup), torch.nn.Linear(2, 2),
+                            torch.device("cpu"))  # fmt: skip
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    (said,) = warnings(max_steps + 5)
+    suggested = int(re.search(r"\(e\.g\. (\d+)\)", said).group(1))
+    assert warnings(suggested) == []
+
+
 def test_resume_with_max_steps_below_the_step_reached_is_not_called_complete(reference, tmp_path, caplog):
     import shutil
 

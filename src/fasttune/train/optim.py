@@ -48,7 +48,7 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
         log.warning(
             "--training.warmup-steps %d is not below --max-steps %d: the learning rate never reaches --training.lr "
             "%g in this run; set --training.warmup-steps below --max-steps (e.g. %d)", warmup, t.max_steps, t.lr,
-            max(1, t.max_steps // 10),
+            min(max(1, t.max_steps // 10), t.max_steps - 1),  # below --max-steps: 0 for a 1-step run
         )  # fmt: skip
 
     def schedule(step: int) -> float:
