@@ -213,6 +213,14 @@ def test_tensorboard_logging_writes_events(tmp_path):
     assert events and events[0].stat().st_size > 0
 
 
+def test_the_progress_bar_shows_mfu_where_it_is_known():
+    """README: tokens/s, samples/s, MFU and peak memory on the progress bar every step; MFU was computed per step (a
+    GPU of known peak) but never shown there."""
+    rec = {"loss": 2.0, "tokens_per_s": 50_000.0, "samples_per_s": 12.5, "lr": 1e-4, "peak_mem_gib": 14.1, "mfu": 0.423}
+    assert "MFU 42.3%" in loop._status(rec) and "mem 14.1G" in loop._status(rec)
+    assert "MFU" not in loop._status({**rec, "mfu": None, "peak_mem_gib": None})  # a CPU: no peak known
+
+
 def test_force_does_not_change_the_initial_weights(reference, tmp_path):
     """--force skips the CPU speed probe; the probe must not draw from the generator that seeds the model."""
     ref_cfg, ref = reference

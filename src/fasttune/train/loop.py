@@ -361,7 +361,8 @@ def _after_step(run: Run, rec: dict, bar, stop: StopSignals, live: bool) -> None
 
 def _status(rec: dict) -> str:
     mem = f"{rec['peak_mem_gib']:.1f}G" if rec["peak_mem_gib"] is not None else "-"
-    return (f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {rec['samples_per_s']:.1f} samp/s | "
+    mfu = f" | MFU {100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else ""
+    return (f"loss {rec['loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {rec['samples_per_s']:.1f} samp/s{mfu} | "
             f"lr {rec['lr']:.2e} | mem {mem}")  # fmt: skip
 
 
