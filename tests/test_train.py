@@ -221,6 +221,21 @@ def test_the_progress_bar_shows_mfu_where_it_is_known():
     assert "MFU" not in loop._status({**rec, "mfu": None, "peak_mem_gib": None})  # a CPU: no peak known
 
 
+def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(tmp_path, monkeypatch):
+    """A run killed after logging step 4 (checkpoint at 3) and resumed logs step 4 again: TensorBoard showed both."""
+    tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = tiny_config(tmp_path, tensorboard=True, eval_every=0)
+    _fail_at(monkeypatch, 5, lambda: RuntimeError("simulated crash"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(cfg)
+    monkeypatch.undo()
+    resumed = loop.train(dataclasses.replace(cfg, resume=True))
+    events = tensorboard.EventAccumulator(str(cfg.run_dir / "tensorboard"))
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(losses(resumed.records))
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_force_does_not_change_the_initial_weights(reference, tmp_path):
     """--force skips the CPU speed probe; the probe must not draw from the generator that seeds the model."""
     ref_cfg, ref = reference

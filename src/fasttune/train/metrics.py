@@ -78,11 +78,16 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(folder.tensorboard))
 
     def truncate_after(self, step: int) -> None:
-        """On resume, forget steps logged after the checkpoint (they will be run again). The file is replaced
-        atomically: a kill while it is rewritten leaves the old history, never half of it."""
+        """On resume, forget steps logged after the checkpoint (they will be run again), in TensorBoard too. The file
+        is replaced atomically: a kill while it is rewritten leaves the old history, never half of it."""
         self.records = [r for r in self.records if r["step"] <= step]
         if self.write:
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self.tb is not None:  # TensorBoard drops the killed run's events past the checkpoint (else shown twice)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb.close()
+            self.tb = SummaryWriter(self.tb.log_dir, purge_step=step + 1)
 
     def append(self, record: dict) -> None:
         # NaN/inf are not JSON: a non-finite loss is written as null (the warning in the log says which step)
