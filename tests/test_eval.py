@@ -183,6 +183,23 @@ def test_eval_of_data_with_nothing_to_score_is_an_error_not_a_null_loss(sft_run,
     assert not (out / "summary.json").exists()
 
 
+def test_a_failed_eval_or_generate_leaves_no_folder_it_created(sft_run, tmp_path, capsys):
+    """The output folder is made before the work (to fail early when it cannot be written); a command that then
+    failed (a wrong --checkpoint, data with nothing to score) left it and its parents behind, empty."""
+    data = tmp_path / "empty.jsonl"
+    data.write_text(json.dumps({"instruction": "What is 2+2?", "output": ""}) + "\n")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for out, argv in ((tmp_path / "a" / "b", ["--checkpoint", str(tmp_path / "nope"), "--data", str(GSM8K)]),
+                      (tmp_path / "c" / "d", ["--checkpoint", str(sft_run.run_dir), "--data", str(data)]),
+                      (kept / "e", ["--checkpoint", str(sft_run.run_dir), "--data", str(data)])):  # fmt: skip
+        assert main(["eval", *argv, "--output-dir", str(out)]) == 2
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--prompts", str(GSM8K), "--output",
+                 str(tmp_path / "f" / "answers.jsonl")]) == 2  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "kept"]
+    assert list(kept.iterdir()) == []  # the user's folder stays; only what the command made went
+
+
 def test_eval_data_errors_name_evals_own_options(sft_run, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "How many?", "answer": "3"}) + "\n")

@@ -196,7 +196,10 @@ def _main(argv: list[str]) -> int:
         return _interrupted(rank)
     try:
         _quiet_transformers()
-        return command.run()
+        from fasttune.generate.prompts import removing_made_folders
+
+        with removing_made_folders():
+            return command.run()
     except Stopped as e:
         if str(e):  # torchrun: rank 0 says it
             print(str(e), file=sys.stderr)

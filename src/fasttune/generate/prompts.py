@@ -9,6 +9,7 @@ an existing one unless asked).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -166,18 +167,39 @@ def refuse_writing_over(out: Path, source: str | Path, option: str, source_optio
                             f"reads; choose another {option}")  # fmt: skip
 
 
+_MADE: list[Path] = []  # the folders make_folder created, outermost first
+
+
 def make_folder(path: Path, option: str) -> None:
-    """Create the output folder and write a file in it now, not after minutes of work."""
+    """Create the output folder and write a file in it now, not after minutes of work (a command that then fails
+    removes it again while it is empty: `removing_made_folders`)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FasttuneError(f"{option}: cannot create {path} ({e.strerror or e}); {write_fix(e)}") from None
+    _MADE.extend(missing)
     probe = path / f".fasttune-write-test-{os.getpid()}"
     try:
         probe.open("x").close()
         probe.unlink()
     except OSError as e:
         raise FasttuneError(f"{option}: cannot write in {path} ({e.strerror or e}); {write_fix(e)}") from None
+
+
+@contextlib.contextmanager
+def removing_made_folders():
+    """Around a command: if it fails, the folders make_folder created for its outputs go again while they are still
+    empty, so a mistake (a wrong --checkpoint, bad data) leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(_MADE):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        raise
+    finally:
+        _MADE.clear()
 
 
 def write_fix(e: OSError) -> str:
