@@ -13,6 +13,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Pretrain
 
 from fasttune.config import ModelConfig
 from fasttune.errors import ConfigError
+from fasttune.model.text_part import (
+    architecture,
+    forget_renaming,
+    is_vision_language,
+    loading_kwargs,
+    not_language,
+    text_config,
+)
 
 log = logging.getLogger("fasttune")
 
@@ -171,6 +179,13 @@ def load_model_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
             "(saved with save_pretrained) or leave --model out to build model.preset"
         )
     config = read_config(path, cfg.trust_remote_code)
+    config = text_config(config) or config  # a vision-language checkpoint: its language model (model/text_part.py)
+    if not hasattr(config, "num_attention_heads") and is_vision_language(config):  # Qwen2.5-VL: M-RoPE positions
+        raise ConfigError(
+            f"--model {cfg.path} is a vision-language model ({architecture(config)}) whose language model transformers "
+            "has no causal-LM class for, so fasttune cannot train it alone; fine-tune it with its own code (TRL), or "
+            "pass a text model"
+        )
     if not hasattr(config, "num_attention_heads"):  # Mamba, RWKV, xLSTM: the memory plan and FLOPs count attention
         raise ConfigError(
             f"--model {cfg.path}: {type(config).__name__} has no attention layers (no num_attention_heads in its "
@@ -202,13 +217,16 @@ def from_pretrained(path, option: str = "--model", **kwargs) -> PreTrainedModel:
     that the weight files lack or hold in another shape would run with random values (transformers reports them in a
     table and, for a shape, an error pointing at it) -> ConfigError naming them; tensors the model does not use -> a
     warning."""
+    text = loading_kwargs(read_config(path, kwargs.get("trust_remote_code", False), option), option, path)
     try:
         with _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True,
-                                                               output_loading_info=True, **kwargs)  # fmt: skip
+                                                               output_loading_info=True, **text, **kwargs)  # fmt: skip
     except ImportError as e:  # e.g. quantized weights without bitsandbytes/optimum installed
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{option} {path}: loading it needs a package that is not installed: {first}") from e
+    if text:
+        forget_renaming(model)
     fix = "config.json does not match the weight files; fix it, or copy the model folder again"
     if shapes := sorted(info.get("mismatched_keys") or ()):
         name, theirs, ours = shapes[0]
@@ -221,7 +239,7 @@ def from_pretrained(path, option: str = "--model", **kwargs) -> PreTrainedModel:
             f"{option} {path}: the weight files have no tensor for {len(missing)} parameter(s) its config.json "
             f"describes ({_some(missing)}; e.g. num_hidden_layers): {fix}"
         )
-    if unused := sorted(info.get("unexpected_keys") or ()):
+    if unused := sorted(k for k in info.get("unexpected_keys") or () if not (text and not_language(k))):
         log.warning("%s %s: %d tensor(s) in the weight files are not used by %s (%s)", option, path, len(unused),
                     type(model).__name__, _some(unused))  # fmt: skip
     return model

@@ -182,7 +182,10 @@ def model_config(cfg: BaseConfig):
         from transformers import AutoConfig
 
         path = resolve_for_training(cfg.model.path, say=False)  # training says it once
-        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        from fasttune.model.text_part import text_config
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        return text_config(config) or config  # a vision-language checkpoint: its language model's
     except Exception:  # noqa: BLE001 - only a hint here; loading the model names the real problem
         return None
 
