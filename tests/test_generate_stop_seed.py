@@ -207,6 +207,27 @@ def test_fast_path_and_hf_draw_alike(loaded, reference):
     assert [g.text for g in hf] != [g.text for g in greedy]
 
 
+@pytest.mark.parametrize("path", ["hf", "fast"])
+def test_sampling_keeps_hf_top_k_when_the_generation_config_sets_none(loaded, reference, path, monkeypatch):
+    """HF `generate(do_sample=True)` samples among the 50 likeliest tokens when the model's generation config sets
+    no top_k (transformers 5 leaves it None there and fills in 50): so does fasttune. At a temperature that makes the
+    distribution near uniform, no drawn token is outside each step's top 50 (fasttune drew from all 300)."""
+    model, tok = loaded
+    assert model.generation_config.top_k is None and model.config.vocab_size > 250
+    prompts = reference[0]
+    drawn, result = [], gen_module._result
+    monkeypatch.setattr(gen_module, "_result", lambda new, *a: drawn.append(new) or result(new, *a))
+    engine = Generator(model) if path == "fast" else None
+    generate_ids(model, tok, prompts, max_new_tokens=12, temperature=100.0, seed=3, engine=engine)
+    ranks = []
+    for ids, new in zip(prompts, drawn, strict=True):
+        new = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+        with torch.no_grad():
+            logits_NV = model(torch.tensor([ids + new])).logits[0, len(ids) - 1 : -1]
+        ranks += (logits_NV > logits_NV.gather(1, torch.tensor(new)[:, None])).sum(1).tolist()
+    assert len(ranks) >= 30 and max(ranks) < 50, ranks
+
+
 def test_draw_follows_the_distribution():
     probs_V = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
     keys_B = torch.tensor([sample_key(1, i) for i in range(50_000)])

@@ -21,7 +21,7 @@ from transformers import TextStreamer
 
 from fasttune.errors import FasttuneError
 from fasttune.generate.fast import Generator
-from fasttune.generate.sampling import hf_sampling, sample_key
+from fasttune.generate.sampling import hf_sampling, sample_key, sampling_top_k
 from fasttune.generate.stops import StopOnText, StopStream, StopStrings
 from fasttune.model.context import context_length, describe_context
 
@@ -173,7 +173,7 @@ def generate_ids(
     eos = stop_ids(model, tokenizer)
     ids_BP, mask_BP = _left_pad(batch, pad_id, device)
     keys = [sample_key(seed, i) for i in (range(len(batch)) if indices is None else indices)]
-    top_k = (getattr(model.generation_config, "top_k", None) or 0) if temperature > 0 else 0  # HF's default: 50
+    top_k = sampling_top_k(model) if temperature > 0 else 0
     run = _Run(eos, pad_id, max_new_tokens, (temperature, top_p, top_k), keys, StopStrings(tokenizer, stop))
     stream = None if on_text is None else StopStream(run.stops, on_text)
     t0 = time.perf_counter()

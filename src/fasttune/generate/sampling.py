@@ -71,6 +71,18 @@ class SeededDraw(LogitsProcessor):
         return only.scatter_(-1, picked_B[:, None], 0.0)
 
 
+HF_TOP_K = 50
+"""What HF `generate` samples with when the model's generation config sets no top_k (transformers 5 leaves it None
+in the config and fills in 50 when generating)."""
+
+
+def sampling_top_k(model) -> int:
+    """The top-k HF `generate(do_sample=True)` uses for `model`: its generation config's top_k, HF's 50 when it sets
+    none; 0 (off) when it sets 0."""
+    top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+    return HF_TOP_K if top_k is None else int(top_k)
+
+
 def hf_sampling(temperature: float, top_p: float, top_k: int, keys: list[int], prompt_len: int) -> list:
     """HF `generate` logits processors (run it with do_sample=False) that sample as the fast path does: HF's own
     temperature, top-k and top-p warpers in HF's order, then `SeededDraw`. Empty for greedy (temperature 0)."""
