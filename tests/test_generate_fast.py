@@ -245,6 +245,21 @@ def test_hf_fallback_is_greedy_and_quiet_beside_a_sampling_generation_config(cap
     assert not [r for r in caplog.records if "generation flags" in r.getMessage() or "deprecated" in r.getMessage()]
 
 
+def test_a_generation_config_repetition_penalty_is_applied_as_hf_does(trained):
+    """Plain HF `generate` applies the generation config's repetition_penalty (Qwen2.5-Instruct ships 1.05), greedy
+    too; the fused decoder does not, so such a model runs through HF `generate` and gives HF's tokens (the fused
+    decoder gave those of no penalty)."""
+    model = copy.deepcopy(trained[0])
+    model.generation_config.repetition_penalty = 1.8
+    ids_BP, mask_BP = prompts(2, padded=True)
+    ref_BS = model.generate(ids_BP, attention_mask=mask_BP, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    plain_BS, _ = hf_greedy(trained[0], ids_BP, mask_BP, NEW)
+    assert not torch.equal(ref_BS, plain_BS)  # the penalty changes the answer
+    gen = Generator(model)
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW, pad_token_id=0), ref_BS)
+    assert "repetition_penalty" in gen.reason
+
+
 def test_unmerged_lora_falls_back_instead_of_dropping_the_adapter(trained):
     peft = pytest.importorskip("peft")
     model = copy.deepcopy(trained[0])

@@ -21,7 +21,8 @@ empty prompt, a prompt plus `max_new_tokens` beyond the model's context) raise V
 
 The fast path (fasttune/generate/decoder.py, Triton kernels on CUDA in kernels.py) supports Llama, Mistral (without
 sliding window), Qwen2 and Qwen3 with plain dense weights; anything else (another architecture, unmerged LoRA,
-sharded weights) runs through HF `generate` with the same arguments, and `reason` says why. On the CPU, or with
+sharded weights, a generation config that sets a repetition penalty or another logits processor) runs through HF
+`generate` with the same arguments, and `reason` says why. On the CPU, or with
 `use_graphs=False`, the fused decoder runs step by step without graphs. Weights changed in place (training between
 calls) are re-fused at the next call; a change of the model's device or dtype rebuilds everything.
 
@@ -57,10 +58,24 @@ MAX_EOS_IDS = 8  # eos ids live in a fixed-size buffer (padded with -1) so captu
 MIN_CAPACITY = 256  # smallest KV cache: short calls share one cache (and one graph)
 
 
+# generation config settings that change HF `generate`'s tokens, greedy ones included, with their neutral values: the
+# fast path applies none of them, so a model whose generation_config.json sets one (Qwen2.5-Instruct's
+# repetition_penalty 1.05) runs through HF `generate`, which applies it as plain HF does
+_PROCESSING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None,
+               "suppress_tokens": None, "begin_suppress_tokens": None, "min_length": 0, "min_new_tokens": 0,
+               "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+               "num_beams": 1}  # fmt: skip
+
+
 def unsupported_reason(model) -> str | None:
     """Why the fast path cannot run `model` (HF `generate` will), or None when it can."""
     if getattr(model.config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
+    config = getattr(model, "generation_config", None)
+    for name, neutral in _PROCESSING.items():
+        value = getattr(config, name, None)
+        if value not in (None, neutral):
+            return f"generation_config.json sets {name}={value!r}, which the fast path does not apply"
     return decoder_unsupported_reason(model)
 
 
