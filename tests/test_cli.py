@@ -70,7 +70,17 @@ def test_top_level_help_lists_every_command(capsys):
            "(it counts the answer's tokens alone, not the prompt's)") for command in ("generate", "chat")
           for flag in ("--max_length", "--max-length")),  # HF generate's: it suggested nothing
         (["chat", "--checkpoint", "c", "--repetition_penalty", "1.1"],
-         "error: unknown option --repetition_penalty; fasttune has no such option"),
+         "error: unknown option --repetition_penalty; fasttune has no such option: the model's generation_config.json "
+         "repetition_penalty applies"),
+        # HF's and vLLM's top_k was answered with --top-p (another thing), min_p and beams with nothing
+        *(([*command, flag, "5"], f"error: unknown option {flag}; fasttune has no such option: the model's "
+           "generation_config.json top_k applies, as in HF generate (50 when it sets none; 0: off)")
+          for command in (["generate", "--checkpoint", "c"], ["chat", "--checkpoint", "c"],
+                          ["eval", "--checkpoint", "c", "--data", "d"]) for flag in ("--top_k", "--top-k")),
+        (["generate", "--checkpoint", "c", "--min_p", "0.1"], "error: unknown option --min_p; fasttune has no such "
+                                                               "option; see"),
+        (["generate", "--checkpoint", "c", "--num_beams", "4"], "error: unknown option --num_beams; fasttune has no "
+                                                                 "such option: it decodes greedily"),
     ],
 )  # fmt: skip
 def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):

@@ -186,9 +186,24 @@ GENERATION_NAMES = {
     "max-tokens": "--max-new-tokens",  # vLLM, OpenAI
     "max-length": "--max-new-tokens",  # HF generate (eval has its own --max-length; its max_length counts the prompt)
     "repetition-penalty": None,
+    "top-k": None,
+    "min-p": None,
+    "num-beams": None,
+    "num-return-sequences": None,
 }
 """Other tools' names for what generate, chat and eval do (the options without --max-steps) -> fasttune's; None: no
-such option."""
+such option (GENERATION_MISSING says what happens instead, where something does)."""
+_FROM_GENERATION_CONFIG = (
+    "fasttune has no such option: the model's generation_config.json {name} applies, as in HF generate{default}; set "
+    "it there"
+)
+GENERATION_MISSING = {
+    "top-k": _FROM_GENERATION_CONFIG.format(name="top_k", default=" (50 when it sets none; 0: off)"),
+    "repetition-penalty": _FROM_GENERATION_CONFIG.format(name="repetition_penalty", default=""),
+    "num-beams": "fasttune has no such option: it decodes greedily (--temperature 0) or samples, no beam search",
+    "num-return-sequences": "fasttune has no such option: one answer per prompt; to sample several, repeat the "
+    "prompt in --prompts FILE (each line draws its own)",
+}
 _GENERATION_NOTES = {
     "do-sample": "(sampling is on when it is above 0) ",
     "max-length": "(it counts the answer's tokens alone, not the prompt's) ",
@@ -212,7 +227,7 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
     if leaf in GENERATION_NAMES and _STEPS not in table:
         target = GENERATION_NAMES[leaf]
         if target is None:
-            return "fasttune has no such option; "
+            return GENERATION_MISSING.get(leaf, "fasttune has no such option") + "; "
         if target in table:
             return f"did you mean {target}? " + _GENERATION_NOTES.get(leaf, "")
     close = closest(typed, leaf, list(table))
