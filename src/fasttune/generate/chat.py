@@ -1,8 +1,9 @@
 """`fasttune chat`: talk to a fine-tuned model in the terminal, replies streamed as they are generated.
 
 Multi-turn when the model has a real chat template; a run trained on Alpaca or prompt/completion data saw single
-exchanges only, so there each message is answered on its own. Ctrl-D or Ctrl-C at the prompt ends the session
-(exit 0); Ctrl-C during a reply stops that reply and returns to the prompt. `/reset` forgets the conversation.
+exchanges only, so there each message is answered on its own. Ctrl-D or Ctrl-C at the prompt, or /exit (/quit,
+/bye), ends the session (exit 0); Ctrl-C during a reply stops that reply and returns to the prompt. `/reset` forgets
+the conversation; another /word (/help) lists the commands and is not sent to the model.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
     multi = multi_turn(fmt)
     how = {"raw": "no template: each message is continued as plain text", "chat": "the model's chat template"}
     how_fmt = how.get(fmt, f"the {fmt} prompt format the run trained with; each message is answered on its own")
-    print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D or Ctrl-C to quit, /reset to start over.",
-          file=sys.stderr)  # fmt: skip
+    print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D, Ctrl-C or /exit to quit, /reset to start "
+          "over.", file=sys.stderr)  # fmt: skip
     engine = fast_engine(model)
     history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
     start = list(history)
@@ -45,10 +46,16 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
             return 0
         if not line.strip():
             continue
-        if line.strip() == "/reset":
+        command = _command(line)
+        if command in EXIT:
+            return 0
+        if command == "/reset":
             history = list(start)
             print("(history cleared)" if multi else "(nothing to clear: each message is answered on its own)",
                   file=sys.stderr)  # fmt: skip
+            continue
+        if command is not None:  # /help, or a command that does not exist: not sent to the model as a message
+            print(("" if command == "/help" else f"unknown command {command}; ") + COMMANDS, file=sys.stderr)
             continue
         messages = (history if multi else start) + [{"role": "user", "content": line}]
         ids = prompt_ids(tokenizer, messages, raw=raw)
@@ -72,6 +79,16 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
         _say("\n")
         if multi:
             history = messages + [{"role": "assistant", "content": reply.text}]
+
+
+EXIT = ("/exit", "/quit", "/bye")
+COMMANDS = "/reset starts over, /exit (or /quit, /bye, Ctrl-D) quits; start a message with a space to send it as is"
+
+
+def _command(line: str) -> str | None:
+    """The /command a line is (one word after a slash, as typed at the prompt), else None: a message."""
+    word = line.rstrip()
+    return word if word[:1] == "/" and word[1:].isalpha() else None
 
 
 def check_system(tokenizer, system: str | None, raw: bool) -> None:
