@@ -78,3 +78,17 @@ def test_the_prompts_cut_short_by_the_context_are_counted_in_the_warning(caplog)
         caplog.clear()
         list(length_batches(model, prompts, 4, 8))
         assert said in caplog.text
+
+
+def test_an_empty_prompt_in_a_file_is_refused_naming_its_line(tmp_path, capsys):
+    """--raw on a tokenizer that adds no BOS: an empty line's prompt has no token. It stopped with "a prompt is empty
+    after tokenization" (which one?) after the batches before it were generated; now one line names it, before any."""
+    from helpers import save_micro_model
+
+    model = save_micro_model(tmp_path / "m")  # ChatML, no BOS
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"Natalia sold clips"\n{"prompt": ""}\n')
+    rc = main(["generate", "--checkpoint", str(model), "--prompts", str(prompts), "--raw", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"error: {prompts} line 2: the prompt is empty"), err
+    assert not (tmp_path / "p.completions.jsonl").exists()

@@ -194,6 +194,9 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     ids = []
     for r, (messages, tools, kwargs) in zip(records, conversations, strict=True):
         ids.append(prompt_ids(tok, messages, raw=a.raw, tools=tools, kwargs=kwargs))
+        if not ids[-1]:  # --raw (or no template) and no BOS: nothing for the model to continue
+            raise DataError(f"{a.prompts} {r[WHERE]}: the prompt is empty (no tokens to continue); give it some text "
+                            "or remove the line")  # fmt: skip
         fit_context(model, len(ids[-1]), 1, f"{a.prompts} {r[WHERE]}: the prompt")
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
