@@ -92,3 +92,31 @@ def test_an_empty_prompt_in_a_file_is_refused_naming_its_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith(f"error: {prompts} line 2: the prompt is empty"), err
     assert not (tmp_path / "p.completions.jsonl").exists()
+
+
+def test_output_to_a_named_pipe_or_dev_stdout_is_written_into_not_replaced(short_model, tmp_path):
+    """--output /dev/stdout (piped, or redirected to a file) or a named pipe is a stream: its reader gets the
+    completions and it stays what it was. It was refused as existing, and with --overwrite replaced by a regular file
+    (as root, /dev/stdout itself). A symlink's target gets them, the link is kept (it was replaced)."""
+    import os
+    import stat
+
+    prompts, fifo = tmp_path / "p.jsonl", tmp_path / "out.fifo"
+    prompts.write_text('"Natalia sold clips"\n"Add the numbers."\n')
+    run = ["generate", "--checkpoint", str(short_model), "--prompts", str(prompts), "--max-new-tokens", "3", "--output"]
+    want = ["Natalia sold clips", "Add the numbers."]
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader waiting, as `| head` is
+    try:
+        assert main([*run, str(fifo)]) == 0
+        got = os.read(reader, 1 << 16).decode().splitlines()
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and [json.loads(x)["prompt"] for x in got] == want
+    with (tmp_path / "redirected.jsonl").open("w") as f:  # `> redirected.jsonl`: the fd's /dev path is a regular file
+        assert main([*run, f"/dev/fd/{f.fileno()}"]) == 0
+    assert [json.loads(x)["prompt"] for x in (tmp_path / "redirected.jsonl").read_text().splitlines()] == want
+    (tmp_path / "real.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "real.jsonl")
+    assert main([*run, str(tmp_path / "link.jsonl"), "--overwrite"]) == 0
+    assert (tmp_path / "link.jsonl").is_symlink() and len((tmp_path / "real.jsonl").read_text().splitlines()) == 2

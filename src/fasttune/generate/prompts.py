@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 from pathlib import Path
 
 from fasttune.data.readers import RECORD_KEYS, json_error, record_lists
@@ -145,6 +146,8 @@ def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
     """Before any work: the output file is new (or --overwrite) and its folder can be created."""
     if path.exists() and path.is_dir():
         raise FasttuneError(f"{option} {path} is a folder; pass a file path")
+    if is_stream(path):
+        return  # /dev/stdout, a named pipe: written as they are, nothing in them replaced
     if path.exists() and not overwrite:
         raise FasttuneError(f"{option} {path} already exists; choose another path or pass --overwrite to replace it")
     make_folder(path.parent, option)
@@ -217,8 +220,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def is_stream(path: Path) -> bool:
+    """Whether `path` is a stream: an existing file that is not a regular file or a folder (a named pipe, a terminal),
+    or a path in /dev or /proc (/dev/stdout, also when the shell redirected it to a file: `> out.jsonl`). Output goes
+    into it as it is: replacing it (a new file moved over it, as write_atomic does) would put a regular file in place
+    of the device, the pipe or /dev/stdout itself, and its reader would get nothing."""
+    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write atomically: a reader (or a crash) never sees half a file."""
+    """Write atomically: a reader (or a crash) never sees half a file. A stream (is_stream) is written as it is; one
+    whose reader went away (`| head`) is left, as stdout is (streams.py)."""
+    if is_stream(path):
+        try:
+            with path.open("w", encoding="utf-8") as f:
+                f.write(text)
+        except BrokenPipeError:
+            pass
+        except OSError as e:
+            raise FasttuneError(f"could not write {path} ({e.strerror or e}); {write_fix(e)}") from None
+        return
+    path = path.resolve() if path.is_symlink() else path  # the file it points to is replaced, the link kept
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("w", encoding="utf-8") as f:
