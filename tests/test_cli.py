@@ -62,6 +62,8 @@ def test_top_level_help_lists_every_command(capsys):
         # other tools' generation names: --max-steps on eval was answered with --max-length
         (["eval", "--checkpoint", "c", "--data", "d", "--max-steps", "3"],
          "error: unknown option --max-steps; did you mean --limit?"),
+        *((["generate", "--checkpoint", "c", "--prompt", "p", "--temperature", t], f"error: --temperature={t} is not "
+           "valid; it must be a number >= 0 (0: greedy)") for t in ("-1.0", "inf", "nan")),
         (["generate", "--checkpoint", "c", "--do_sample"],
          "error: unknown option --do_sample; did you mean --temperature? (sampling is on when it is above 0)"),
         (["generate", "--checkpoint", "c", "--max_tokens", "9"], "error: unknown option --max_tokens; did you mean "

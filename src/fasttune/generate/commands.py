@@ -43,8 +43,8 @@ class SamplingArgs(Command):
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise ConfigError(f"--max-new-tokens={self.max_new_tokens} is not valid; it must be > 0")
-        if not self.temperature >= 0:
-            raise ConfigError(f"--temperature={self.temperature} is not valid; it must be >= 0 (0: greedy)")
+        if not 0 <= self.temperature < float("inf"):  # inf flattened the distribution to the top-k's ties
+            raise ConfigError(f"--temperature={self.temperature} is not valid; it must be a number >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p={self.top_p} is not valid; it must be in (0, 1]")
         if any(not s for s in self.stop):
