@@ -290,29 +290,6 @@ def test_chat_is_multi_turn_with_a_chat_template_and_exits_on_eof(tmp_path, caps
     assert "multi-turn" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("word", ["/exit", "/quit", "/bye"])
-def test_chat_exit_commands_end_the_session_and_no_command_reaches_the_model(tmp_path, capsys, monkeypatch, word):
-    """/exit (as /quit and Ollama's /bye) ends the session instead of being answered as a message; /help and a
-    command that does not exist list the commands; a message after a leading space is sent even with a slash."""
-    from fixtures.tiny_tokenizer import CHATML
-
-    import fasttune.generate.chat as chat_mod
-    from fasttune.model.load import load_for_inference
-
-    model, tok = load_for_inference(save_base_model(tmp_path / "chat", chat_template=CHATML))
-    lines = iter(["/help", "/clear", " /etc is a folder", word, "never read"])
-    sent, real = [], chat_mod.prompt_ids
-    monkeypatch.setattr(
-        chat_mod, "prompt_ids", lambda t, m, raw=False: sent.append(m[-1]["content"]) or real(t, m, raw)
-    )
-    assert chat_loop(model, tok, max_new_tokens=2, read=lambda prompt: next(lines)) == 0
-    assert sent == [" /etc is a folder"] and next(lines) == "never read"
-    err = capsys.readouterr().err
-    lines_out = err.splitlines()
-    assert any(x.startswith("/reset starts over, /exit") for x in lines_out)  # /help
-    assert any(x.startswith("unknown command /clear; /reset starts over") for x in lines_out)
-
-
 def test_chat_ctrl_c_at_the_prompt_exits_cleanly(sft_run, capsys):
     from fasttune.model.load import load_for_inference
 

@@ -24,8 +24,9 @@ def _say(text: str) -> None:
 
 def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None, max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (),
-              read: Callable[[str], str] = input) -> int:  # fmt: skip
-    """Answer what `read` returns until it ends; with sampling, the n-th reply of a session (from 0, /reset
+              read: Callable[[str], str] | None = None) -> int:  # fmt: skip
+    """Answer what `read` returns (default: input() lines, prompted with >>> on a terminal only: piped messages give
+    the replies alone on stdout) until it ends; with sampling, the n-th reply of a session (from 0, /reset
     included) draws as the n-th prompt of `generate --prompts` with the same seed does."""
     fmt = "raw" if raw else prompt_format(tokenizer)
     _check_system(system, fmt, raw)
@@ -35,14 +36,16 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
     print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D, Ctrl-C or /exit to quit, /reset to start "
           "over.", file=sys.stderr)  # fmt: skip
     engine = fast_engine(model)
+    prompt = ">>> " if read is not None or sys.stdin.isatty() else ""  # piped: no prompts among the replies
+    read = read or input
     history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
     start = list(history)
     replies = 0
     while True:
         try:
-            line = read(">>> ")
+            line = read(prompt)
         except (EOFError, KeyboardInterrupt):
-            _say("\n")
+            _say("\n" if prompt else "")  # the line after ^D
             return 0
         if not line.strip():
             continue
