@@ -225,13 +225,11 @@ def is_stream(path: Path) -> bool:
     or a path in /dev or /proc (/dev/stdout, also when the shell redirected it to a file: `> out.jsonl`). Output goes
     into it as it is: replacing it (a new file moved over it, as write_atomic does) would put a regular file in place
     of the device, the pipe or /dev/stdout itself, and its reader would get nothing."""
-    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
-        return True
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    return os.path.abspath(path).startswith(("/dev/", "/proc/")) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def write_atomic(path: Path, text: str) -> None:
