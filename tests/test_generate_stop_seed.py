@@ -207,6 +207,16 @@ def test_fast_path_and_hf_draw_alike(loaded, reference):
     assert [g.text for g in hf] != [g.text for g in greedy]
 
 
+def test_eval_summary_names_the_top_k_sampled_with(model_dir, tmp_path):
+    """The summary holds the settings that reproduce sampled answers: top-k too, which is the model's (HF's 50 when
+    its generation config sets none), not an option."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"prompt": "Add 2 and 3.", "completion": " 5"}) + "\n")
+    assert main(["eval", "--checkpoint", str(model_dir), "--data", str(data), "--generate", "--max-new-tokens", "4",
+                 "--temperature", "0.7", "--output-dir", str(tmp_path / "ev")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["top_k"] == 50
+
+
 @pytest.mark.parametrize("path", ["hf", "fast"])
 def test_sampling_keeps_hf_top_k_when_the_generation_config_sets_none(loaded, reference, path, monkeypatch):
     """HF `generate(do_sample=True)` samples among the 50 likeliest tokens when the model's generation config sets
@@ -250,7 +260,7 @@ def test_eval_stops_alpaca_answers_at_the_next_instruction(model_dir, tmp_path):
         assert main(["eval", "--checkpoint", str(model_dir), "--data", str(data), "--generate", "--max-new-tokens",
                      "8", "--output-dir", str(out), *extra]) == 0  # fmt: skip
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["stop"] == expected
+        assert summary["stop"] == expected and summary["top_k"] is None  # greedy: no top-k
         row = json.loads((out / "completions.jsonl").read_text())
         assert "stop" in row and all(s not in row["completion"] for s in expected)
 

@@ -276,6 +276,7 @@ def run_eval(a: EvalArgs) -> int:
     from fasttune.generate.commands import load_checkpoint
     from fasttune.generate.generate import fast_engine
     from fasttune.generate.prompts import write_atomic, write_jsonl
+    from fasttune.generate.sampling import sampling_top_k
     from fasttune.model.resolve import resolve
 
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
@@ -303,7 +304,8 @@ def run_eval(a: EvalArgs) -> int:
                                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
                                         engine=fast_engine(model))  # fmt: skip
         summary.update(scores)  # and what reproduces them
-        summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+        summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                       top_k=sampling_top_k(model) if a.temperature > 0 else None, seed=a.seed,
                        stop=list(stop))  # fmt: skip
     if files is not None:
         if rows:
