@@ -207,6 +207,20 @@ def test_fast_path_and_hf_draw_alike(loaded, reference):
     assert [g.text for g in hf] != [g.text for g in greedy]
 
 
+def test_top_p_without_a_temperature_says_it_does_nothing(caplog):
+    """--top-p 0.9 alone is greedy (--temperature defaults to 0; vLLM's to 1): a warning says so, as HF generate's
+    does for top_p without do_sample; it was silent."""
+    from fasttune.cli import parse
+
+    for command in (["generate", "--prompt", "p"], ["chat"]):
+        caplog.clear()
+        parse([*command, "--checkpoint", "c", "--top-p", "0.9"])
+        assert "--top-p 0.9 does nothing at --temperature 0" in caplog.text
+        caplog.clear()
+        parse([*command, "--checkpoint", "c", "--top-p", "0.9", "--temperature", "0.7"])
+        assert "--top-p" not in caplog.text
+
+
 def test_eval_summary_names_the_top_k_sampled_with(model_dir, tmp_path):
     """The summary holds the settings that reproduce sampled answers: top-k too, which is the model's (HF's 50 when
     its generation config sets none), not an option."""

@@ -47,6 +47,9 @@ class SamplingArgs(Command):
             raise ConfigError(f"--temperature={self.temperature} is not valid; it must be a number >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p={self.top_p} is not valid; it must be in (0, 1]")
+        if self.top_p < 1 and self.temperature == 0:  # HF generate warns alike; vLLM's default temperature is 1
+            log.warning("--top-p %s does nothing at --temperature 0 (greedy: the likeliest token); pass --temperature "
+                        "above 0 (e.g. 1.0) to sample", self.top_p)  # fmt: skip
         if any(not s for s in self.stop):
             raise ConfigError("--stop '' is empty: every answer would end before it starts; pass the text to end at")
         for s in self.stop:
