@@ -258,6 +258,8 @@ def test_a_generation_config_repetition_penalty_is_applied_as_hf_does(trained):
     gen = Generator(model)
     assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW, pad_token_id=0), ref_BS)
     assert "repetition_penalty" in gen.reason
+    model.generation_config.repetition_penalty, model.generation_config.suppress_tokens = 1.0, []  # none suppressed
+    assert Generator(model).reason is None
 
 
 def test_unmerged_lora_falls_back_instead_of_dropping_the_adapter(trained):

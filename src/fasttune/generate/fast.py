@@ -74,7 +74,7 @@ def unsupported_reason(model) -> str | None:
     config = getattr(model, "generation_config", None)
     for name, neutral in _PROCESSING.items():
         value = getattr(config, name, None)
-        if value not in (None, neutral):
+        if value not in (None, neutral, [], {}):  # an empty list of suppressed tokens suppresses none
             return f"generation_config.json sets {name}={value!r}, which the fast path does not apply"
     return decoder_unsupported_reason(model)
 
