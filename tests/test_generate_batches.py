@@ -2,6 +2,7 @@
 the same greedy answers whatever --batch-size, also for prompts near the end of the model's context."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,6 @@ def test_output_to_a_named_pipe_or_dev_stdout_is_written_into_not_replaced(short
     """--output /dev/stdout (piped, or redirected to a file) or a named pipe is a stream: its reader gets the
     completions and it stays what it was. It was refused as existing, and with --overwrite replaced by a regular file
     (as root, /dev/stdout itself). A symlink's target gets them, the link is kept (it was replaced)."""
-    import os
     import stat
 
     prompts, fifo = tmp_path / "p.jsonl", tmp_path / "out.fifo"
@@ -120,3 +120,45 @@ def test_output_to_a_named_pipe_or_dev_stdout_is_written_into_not_replaced(short
     (tmp_path / "link.jsonl").symlink_to(tmp_path / "real.jsonl")
     assert main([*run, str(tmp_path / "link.jsonl"), "--overwrite"]) == 0
     assert (tmp_path / "link.jsonl").is_symlink() and len((tmp_path / "real.jsonl").read_text().splitlines()) == 2
+
+
+def test_prompts_piped_on_stdin_give_completions_on_stdout(short_model, tmp_path):
+    """`--prompts -` (or /dev/stdin, a pipe) was refused as not a regular file; the completions go to stdout."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"Natalia sold clips"\n{"prompt": "Add the numbers."}\n')
+    args = ["generate", "--checkpoint", str(short_model), "--max-new-tokens", "3", "--prompts"]
+    assert main([*args, str(prompts), "--output", str(tmp_path / "ref.jsonl")]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "fasttune", *args, "-"], input=prompts.read_text(), text=True,
+                          capture_output=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (tmp_path / "ref.jsonl").read_text() and "2 completions -> /dev/stdout" in done.stderr
+
+
+def test_ctrl_c_keeps_the_completions_made_so_far(short_model, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during `generate --prompts` lost every completion made: the file was written at the end only."""
+    from fasttune.generate import generate
+
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in _records()[:3]))
+    args = ["generate", "--checkpoint", str(short_model), "--prompts", str(prompts), "--max-new-tokens", "3",
+            "--batch-size", "1"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "ref.jsonl")]) == 0
+    whole = [json.loads(x) for x in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    calls, real = [], generate.generate_ids
+
+    def interrupted_at_the_third_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(generate, "generate_ids", interrupted_at_the_third_batch)
+    assert main([*args, "--output", str(out)]) == 130
+    kept = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(kept) == 2 and all(row in whole for row in kept)
+    assert [whole.index(row) for row in kept] == sorted(whole.index(row) for row in kept)  # in the prompts' order
+    assert "interrupted: the 2 of 3 completions made so far -> " in capsys.readouterr().err

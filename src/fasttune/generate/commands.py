@@ -70,11 +70,11 @@ class GenerateArgs(SamplingArgs):
     """Text to answer, rendered with the model's prompt format unless --raw (then continued as is)."""
     prompts: str | None = None
     """JSONL file, one prompt per line (a JSON string, or an object with "prompt" (a string or a list of messages),
-    "instruction" (+"input"), "messages" or "text"), or a JSON array of them: completions go to --output, generated
-    in batches."""
+    "instruction" (+"input"), "messages" or "text"), or a JSON array of them (`-`: read from standard input):
+    completions go to --output, generated in batches."""
     output: str | None = None
     """JSONL file for the completions of --prompts (default: the prompts file with .completions.jsonl for its
-    extension: q.jsonl -> q.completions.jsonl)."""
+    extension: q.jsonl -> q.completions.jsonl; standard output for prompts piped in)."""
     overwrite: bool = False
     """Replace an existing --output file."""
     batch_size: int = 32
@@ -124,10 +124,12 @@ def load_checkpoint(a: SamplingArgs, src=None, check=None):
 
 def run_generate(a: GenerateArgs) -> int:
     if a.prompts is not None:  # check the files before minutes of model loading
-        from fasttune.generate.prompts import check_output, read_prompts, refuse_writing_over
+        from fasttune.generate.prompts import check_output, is_stream, prompts_path, read_prompts, refuse_writing_over
 
         records = read_prompts(a.prompts)
-        out = Path(a.output) if a.output else Path(a.prompts).with_suffix(".completions.jsonl")
+        source = prompts_path(a.prompts)  # piped prompts (`-`, a pipe): completions to stdout unless --output
+        out = Path(a.output) if a.output else source.with_suffix(".completions.jsonl")
+        out = Path("/dev/stdout") if is_stream(source) and not a.output else out
         refuse_writing_over(out, a.prompts, "--output", "--prompts file")
         check_output(out, a.overwrite)
         model, tok = load_checkpoint(a, check=lambda tok: _check_records(tok, a, records))  # before the model
@@ -206,19 +208,27 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
     # no bar when stderr is redirected (as in training): its redraws would fill the file
     bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
-    for _, rows, budget in length_batches(model, ids, a.batch_size, a.max_new_tokens):
-        gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
-                            top_p=a.top_p, seed=a.seed, indices=rows, stop=a.stop, engine=engine)  # fmt: skip
-        for i, g in zip(rows, gens, strict=True):
-            record = {k: v for k, v in records[i].items() if k != WHERE}
-            if "completion" in record and "reference" not in record:  # prompt/completion data's own answer: kept
-                record["reference"] = record.pop("completion")
-            done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished,
-                       "stop": g.stop}  # fmt: skip
-        new_tokens += sum(g.new_tokens for g in gens)
-        seconds += gens[0].seconds
-        bar.update(len(rows))
-        bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
+    try:
+        for _, rows, budget in length_batches(model, ids, a.batch_size, a.max_new_tokens):
+            gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
+                                top_p=a.top_p, seed=a.seed, indices=rows, stop=a.stop, engine=engine)  # fmt: skip
+            for i, g in zip(rows, gens, strict=True):
+                record = {k: v for k, v in records[i].items() if k != WHERE}
+                if "completion" in record and "reference" not in record:  # prompt/completion data's own answer
+                    record["reference"] = record.pop("completion")
+                done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished,
+                           "stop": g.stop}  # fmt: skip
+            new_tokens += sum(g.new_tokens for g in gens)
+            seconds += gens[0].seconds
+            bar.update(len(rows))
+            bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
+    except KeyboardInterrupt:  # the answers made so far are kept, not lost with the batch being made
+        bar.close()
+        if done:
+            write_jsonl(out, [done[i] for i in sorted(done)])
+            print(f"interrupted: the {len(done)} of {len(ids)} completions made so far -> {out} (in the order of "
+                  "their prompts; the others are left out)", file=sys.stderr)  # fmt: skip
+        raise
     bar.close()
     write_jsonl(out, [done[i] for i in range(len(ids))])
     print(f"{len(ids)} completions -> {out} ({new_tokens:,} tokens in {seconds:.1f} s: "

@@ -27,10 +27,10 @@ WHERE = "_where"
 def read_prompts(path: str | Path) -> list[dict]:
     """Records of a JSONL prompt file (or a JSON array of them, as a .json data file holds), each as a dict (a bare
     string becomes {"prompt": ...}) with WHERE, its place in the file ("line 3", "record 2")."""
-    file = Path(path)
+    file = prompts_path(path)
     if not file.exists():
         raise DataError(f"--prompts {file}: no such file; pass a JSONL file with one prompt per line")
-    if not file.is_file():
+    if not file.is_file() and not is_stream(file):  # a pipe, /dev/stdin (`--prompts -`) is read as it is
         raise DataError(f"--prompts {file} is not a regular file; pass a JSONL file with one prompt per line")
     try:
         text = file.read_text(encoding="utf-8")
@@ -51,6 +51,11 @@ def read_prompts(path: str | Path) -> list[dict]:
         raise DataError(f"--prompts {file}: no prompts (the file is empty); write one JSON prompt per line, e.g. "
                         '{"prompt": "What is 2 + 3?"}')  # fmt: skip
     return records
+
+
+def prompts_path(path: str | Path) -> Path:
+    """--prompts as a path: `-` is standard input."""
+    return Path("/dev/stdin") if str(path) == "-" else Path(path)
 
 
 def _values(file: Path, text: str) -> list[tuple[str, object]]:
