@@ -144,6 +144,14 @@ def test_eval_of_samples_longer_than_the_context_says_what_to_do(sft_run, tmp_pa
     assert "longer than the model's context (512 tokens)" in err and "split them into several" in err, err
 
 
+def test_one_sample_left_out_as_too_long_is_said_in_the_singular(sft_run, tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps({"prompt": "Count: ", "completion": "one two three " * 400}) + "\n"
+                    + json.dumps({"prompt": "Count: ", "completion": "one"}) + "\n")  # fmt: skip
+    assert main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data)]) == 0
+    assert "1 sample longer than the model's context (512 tokens) is left out" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("max_length", [None, 100])
 def test_eval_of_a_text_file_longer_than_the_context_scores_it_in_pieces(sft_run, tmp_path, max_length):
     """A .txt file training reads (split into data.max_length pieces) is scored in pieces of --max-length, else of

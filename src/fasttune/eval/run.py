@@ -285,7 +285,8 @@ def run_eval(a: EvalArgs) -> int:
     scored, samples, fmt, too_long = _samples(a, tok, context)
     cut = scored is not samples  # supervised samples cut to --max-length for the loss: none is too long for it
     if too_long and (a.generate or not cut):
-        log.warning("%d samples longer than the model's context (%s tokens) are left out%s", too_long, context,
+        log.warning("%d %s longer than the model's context (%s tokens) %s left out%s", too_long,
+                    "sample" if too_long == 1 else "samples", context, "is" if too_long == 1 else "are",
                     " of --generate" if cut else "")  # fmt: skip
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
                "samples": len(scored), "skipped_longer_than_context": 0 if cut else too_long}  # fmt: skip
