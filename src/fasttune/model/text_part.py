@@ -46,8 +46,8 @@ def loading_kwargs(config, option: str, path) -> dict:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     whole = architecture(config)
-    log.warning("%s %s is a vision-language model (%s): fasttune loads its language model alone (%s) and trains it "
-                "on text; the vision tower is not loaded, trained or saved", option, path, whole,
+    log.warning("%s %s is a vision-language model (%s): fasttune loads its language model alone (%s), for text; "
+                "the vision tower is not loaded, so neither trained nor saved", option, path, whole,
                 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text.model_type])  # fmt: skip
     return {"config": text, "key_mapping": TEXT_WEIGHTS}
 
