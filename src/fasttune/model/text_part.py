@@ -1,14 +1,16 @@
-"""Vision-language checkpoints whose language model transformers also ships as a causal LM of its own (Gemma 3,
-Gemma 3n, Gemma 4: `AutoModelForCausalLM` builds their `...ForConditionalGeneration` whole, and their config.json
-names no attention heads at its top level). fasttune trains and writes the language model alone (`Gemma3ForCausalLM`
-from the checkpoint's `text_config` and its `language_model` weights), on text, as TRL and Unsloth fine-tune such
-checkpoints text-only: its checkpoints load with `AutoModelForCausalLM` and generate text; the vision (or audio)
-tower is neither trained nor saved, and the log says so. Other configs are left as they are."""
+"""Vision-language checkpoints whose language model transformers also ships as a causal LM of its own: Gemma 3
+(`AutoModelForCausalLM` builds `Gemma3ForConditionalGeneration` whole; its config.json names no attention heads at
+its top level) and LLaVA-style models such as Mistral 3 (no causal-LM class for the whole). fasttune trains and writes
+the language model alone (`Gemma3ForCausalLM`, `MistralForCausalLM` from the checkpoint's `text_config` and its
+`language_model` weights), on text, as TRL and Unsloth fine-tune such checkpoints text-only: its checkpoints load with
+`AutoModelForCausalLM` and generate text; the vision tower is neither trained nor saved, and the log says so. Other
+configs are left as they are."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 
 log = logging.getLogger("fasttune")
 
@@ -76,6 +78,4 @@ def forget_renaming(model) -> None:
 
 def not_language(name: str) -> bool:
     """Whether a weight name of such a checkpoint is outside its language model (the towers, the projector)."""
-    import re
-
-    return not any(re.match(pattern, name) for pattern in (*TEXT_WEIGHTS, r"^model\.", r"^lm_head\."))
+    return not any(re.match(pattern, name) for pattern in (*TEXT_WEIGHTS, r"^lm_head\."))
