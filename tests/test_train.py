@@ -357,6 +357,8 @@ def test_resume_with_max_steps_below_the_step_reached_is_not_called_complete(ref
     text = caplog.text
     assert "already complete" not in text
     assert "already past step 3 (stopped at step 6)" in text and "--max-steps above 6" in text
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())  # a plain --resume reads it: keep the run's 6
+    assert saved["training"]["max_steps"] == 6
 
 
 def test_steps_with_nothing_due_are_read_after_the_next_is_queued(reference, tmp_path, monkeypatch):

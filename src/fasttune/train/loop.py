@@ -209,7 +209,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
             d, latest, saved, model, optimizer, scheduler, metrics, cfg.training.grad_accum, cfg.training.max_steps
         )
         _check_batching(saved, batcher, state, "packed" if cfg.data.packing else "padded")
-        if d.main:
+        if d.main and state.step < cfg.training.max_steps:  # a resume refused as past its --max-steps keeps the record
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
     log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
     result = RunResult(run_dir=folder.path, steps=max(state.step, cfg.training.max_steps), checkpoint=latest)
