@@ -116,6 +116,17 @@ def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
     assert (cfg.run_dir / "checkpoints" / "step-000003").is_dir()
 
 
+def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path, caplog, monkeypatch):
+    """--training.fsdp without torchrun trained one unsharded process without a word."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=0)
+    with caplog.at_level("WARNING", logger="fasttune"):
+        loop.train(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fsdp=True)))
+    assert "--training.fsdp shards the model over the processes of a torchrun launch; this run is one process" in (
+        caplog.text
+    )
+
+
 def test_a_start_that_fails_because_the_peers_are_gone_keeps_rank_0s_own_error(monkeypatch):
     """Ctrl-C while rank 0 loads the model reaches every rank: the others are gone when rank 0 tells them it failed.
     Its KeyboardInterrupt must stay the error (the CLI's quiet "interrupted"), not the broadcast's lost connection."""

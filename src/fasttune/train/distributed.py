@@ -21,6 +21,7 @@ sends each rank its shards from rank 0 (torch's set_model_state_dict, broadcast_
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from fasttune.errors import ConfigError, PeerFailed
+
+log = logging.getLogger("fasttune")
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,11 @@ def from_env(fsdp: bool = False) -> Dist:
     """The process's place in a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK), or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        if fsdp:
+            log.warning(
+                "--training.fsdp shards the model over the processes of a torchrun launch; this run is one "
+                "process, so it trains unsharded (start it with torchrun --nproc_per_node N)"
+            )
         return SINGLE
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
 
