@@ -59,10 +59,12 @@ def test_eval_output_dir_holding_the_data_is_refused_before_any_work(model, tmp_
     before = records.read_text()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    why = "is the --data file" if data == "file" else "is in the --data folder"
-    why += " " + str(source) + (": writing there would replace what is read" if data == "file" else ": writing there "
-                                "would change the data it reads")  # fmt: skip
-    assert err == f"error: --output-dir {out / 'completions.jsonl'} {why}; choose another --output-dir\n"
+    named, why = {  # the folder given is named, unless the file written there is the --data file itself
+        "file": (out / "completions.jsonl", f"is the --data file {source}: writing there would replace what is read"),
+        "folder": (out, f"is the --data folder {source}: writing there would replace what is read"),
+        "folder, new files": (out, f"is in the --data folder {source}: writing there would change the data it reads"),
+    }[data]
+    assert err == f"error: --output-dir {named} {why}; choose another --output-dir\n"
     assert sorted(p.name for p in folder.rglob("*")) == [records.name]  # nothing written there
     assert records.read_text() == before
     assert main([*argv[:5], "--output-dir", str(tmp_path / "out"), *argv[7:]]) == 0  # elsewhere: written

@@ -180,8 +180,9 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
     files = (out / "completions.jsonl", out / "summary.json")
     from fasttune.generate.prompts import make_folder, refuse_writing_over
 
-    for f in files:
-        refuse_writing_over(f, a.data, "--output-dir", "--data file" if Path(a.data).is_file() else "--data folder")
+    what = "--data file" if Path(a.data).is_file() else "--data folder"
+    for f in (out, *files):  # the folder first: inside the --data folder, the message names the folder given
+        refuse_writing_over(f, a.data, "--output-dir", what)
     taken = [f.name for f in files if f.exists()]
     if taken and not a.overwrite:
         raise FasttuneError(f"--output-dir {out} already holds {', '.join(taken)}; choose another folder or pass "
