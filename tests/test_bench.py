@@ -293,15 +293,29 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["train", "--variant", "x:model.memroy=ops"], "--variant 'x': unknown option --model.memroy; did you mean"),
         (["train", "--variant", "x:model.liger=ture"], "model.liger is a switch; write model.liger=true or"),
         (["train", "--variant", "x:model.memory=every:0"], "--variant 'x': model.memory='every:0' is not valid"),
+        (["train", "--variant", "a:model.liger=false", "--variant", "a:data.micro_batch_size=2"],
+         "--variant 'a': another row has that name; give each variant its own"),
+        (["train", "--variant", "fasttune auto packed:model.liger=false"], "'fasttune auto packed': another row"),
+        (["train", "--variant", ":model.liger=false"], "--variant ':model.liger=false': write NAME:"),
+        (["train", "--hf-only", "nosuch"], "--hf-only 'nosuch' matches none of the Hugging Face baselines"),
+        (["train", "--device", "cpu", "--hf-only", "FA4"], "'HF sdpa packed (4D mask)'); HF flash_attention_4 "
+         "baselines: need CUDA; name one of them"),
         (["attention", "--tokens", "-5"], "--tokens -5: must be >= 1"),
         (["attention", "--heads", "0"], "--heads 0: must be >= 1"),
+        (["generate", "--batch-sizes", "1,x"], "--batch-sizes '1,x': write comma-separated whole numbers"),
+        (["generate", "--batch-sizes", "0"], "--batch-sizes '0': write comma-separated numbers > 0"),
+        (["generate", "--new-tokens", "0"], "--new-tokens 0: must be >= 1"),
+        (["generate", "--prompt-len", "-1"], "--prompt-len -1: must be >= 1"),
+        (["generate", "--shape", "nope"], "--shape 'nope' is not valid; choose one of: micro, tiny"),
     ],
-)
+)  # fmt: skip
 def test_bench_options_are_checked_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):
     """One line, exit 2, and no configuration run (a bad variant used to fail only at its own row, exit 0)."""
+    from fasttune.bench import generate as bench_generate
     from fasttune.bench import train as bench_train
 
     monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
+    monkeypatch.setattr(bench_generate, "run", lambda *a, **k: pytest.fail("the generation benchmark ran"))
     assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
@@ -416,3 +430,32 @@ def test_the_memory_target_is_also_judged_round_by_round():
     assert memory_target_line(rows).endswith(
         "fasttune 8k 1.60x in 15.0 GiB (round by round: 1.45x, 1.35x, 1.98x; median 1.45x)"
     )
+
+
+@pytest.mark.parametrize("command", ["attention", "train", "generate"])
+def test_out_must_be_a_writable_folder(command, capsys, tmp_path):
+    """--out naming a file used to fail with a traceback after the whole run, its measurements lost."""
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["bench", command, "--device", "cpu", "--out", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {tmp_path / 'notes.txt'}: is a file, not a folder; name a folder (it is created if " \
+        "missing)"  # fmt: skip
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_earlier_runs_results_are_kept_unless_overwrite(capsys, tmp_path):
+    """Running a benchmark again into the same --out silently replaced the earlier run's tables (the default --out
+    is the same folder every time)."""
+    argv = ["bench", "attention", "--device", "cpu", "--backends", "sdpa", "--seq-lens", "8", "--head-dims", "8"]
+    argv += ["--layouts", "packed", "--tokens", "16", "--heads", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["attention.csv", "attention.json", "attention.md", "attention.png"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --out {tmp_path} already holds an earlier run's attention.csv, attention.json, "
+                   "attention.md, attention.png; name another folder, or pass --overwrite to replace them")  # fmt: skip
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "attention.json").read_text())["env"]["command"].endswith(" --overwrite")

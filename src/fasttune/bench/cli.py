@@ -92,6 +92,8 @@ class AttentionBench(Command):
     """auto (cuda if available), cpu, cuda or cuda:N."""
     out: Path = Path("bench-results")
     """Folder for the results."""
+    overwrite: bool = False
+    """Replace the results of an earlier run in --out (without it, such a folder stops the run before it starts)."""
 
     def run(self) -> int:
         import torch
@@ -99,7 +101,7 @@ class AttentionBench(Command):
 
         from fasttune.attention import BACKENDS
         from fasttune.bench import attention as bench
-        from fasttune.bench.harness import Results, environment
+        from fasttune.bench.harness import Results, check_out, environment
         from fasttune.model.load import inference_device
 
         backends = _strs(self.backends) if self.backends else list(BACKENDS)
@@ -112,6 +114,7 @@ class AttentionBench(Command):
         head_dims = _ints("--head-dims", self.head_dims)
         _positive(self, ("tokens", "heads"))
         device = inference_device(self.device)  # one line when not valid or not here
+        check_out(self.out, "attention", self.overwrite)
         gpu = device.type == "cuda"
         dtype = torch.bfloat16 if gpu else torch.float32
         seq_lens = _ints("--seq-lens", self.seq_lens) or (list(bench.SEQ_LENS) if gpu else [16, 32])
@@ -127,7 +130,7 @@ class AttentionBench(Command):
 
 def _variant(text: str) -> tuple[str, list[str]]:
     name, _, rest = text.partition(":")
-    if not rest:
+    if not name.strip() or not rest:
         raise ConfigError(f"--variant {text!r}: write NAME:section.field=value[,section.field=value]")
     return name, _strs(rest)
 
@@ -195,13 +198,15 @@ class TrainBench(Command):
     """Seed of the length mix and the models."""
     out: Path = Path("bench-results")
     """Folder for the results."""
+    overwrite: bool = False
+    """Replace the results of an earlier run in --out (without it, such a folder stops the run before it starts)."""
 
     def run(self) -> int:
         from tqdm.auto import tqdm
 
         from fasttune.attention.probe import import_status
         from fasttune.bench import train as bench
-        from fasttune.bench.harness import Results, environment
+        from fasttune.bench.harness import Results, check_out, environment
         from fasttune.bench.workload import LengthStats, dataset_workload, sft_lengths
         from fasttune.config import get_experiment
         from fasttune.model.load import inference_device
@@ -252,6 +257,7 @@ class TrainBench(Command):
         )
         runs, _ = bench.plan_runs(cfg)
         _check_variants(cfg, runs)
+        check_out(self.out, "train", self.overwrite)
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
@@ -281,6 +287,10 @@ def _check_variants(cfg, runs: list[dict]) -> None:
 
     from fasttune.bench.train import fasttune_config
 
+    names = [spec["name"] for spec in runs]
+    for spec in runs:
+        if spec.get("overrides") is not None and names.count(spec["name"]) > 1:
+            raise ConfigError(f"--variant {spec['name']!r}: another row has that name; give each variant its own")
     with tempfile.TemporaryDirectory(prefix="fasttune-bench-check-") as tmp:
         for spec in runs:
             if spec.get("overrides") is None:

@@ -254,6 +254,8 @@ class GenerateBench(Command):
     """Kernels per decode step (profile.json in --out)."""
     out: Path | None = None
     """Folder for generate.csv/.json/.md/.png."""
+    overwrite: bool = False
+    """Replace the results of an earlier run in --out (without it, such a folder stops the run before it starts)."""
     sdpa: Literal["default", "flash", "efficient", "cudnn", "math"] = "default"
     """Pin SDPA's kernel for every run."""
     verbose: bool = False
@@ -272,9 +274,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(["bench", "generate", *(sys.argv[1:] if argv is None else argv)])
 
 
+def _check(args: GenerateBench) -> list[int]:
+    """The options, before the model is built and trained: the batch sizes, or one line naming the bad option."""
+    from fasttune.bench.cli import _ints, _positive
+    from fasttune.bench.harness import check_out
+    from fasttune.config.base_config import MODEL_PRESETS
+    from fasttune.errors import ConfigError
+
+    _positive(args, ("prompt_len", "new_tokens"))
+    _positive(args, ("train_steps",), least=0)
+    if args.shape is not None and args.shape not in MODEL_PRESETS:
+        raise ConfigError(f"--shape {args.shape!r} is not valid; choose one of: {', '.join(MODEL_PRESETS)}")
+    batch_sizes = _ints("--batch-sizes", args.batch_sizes)
+    if args.out is not None:
+        check_out(args.out, "generate", args.overwrite)
+    return batch_sizes
+
+
 def run_bench(args: GenerateBench) -> int:
     from fasttune.bench.cli import command_line
 
+    batch_sizes = _check(args)
     if not logging.getLogger().handlers:  # run as a module; the `fasttune` CLI configures logging itself
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -282,7 +302,7 @@ def run_bench(args: GenerateBench) -> int:
     on_cuda = device.startswith("cuda")
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     train_steps = args.train_steps if args.train_steps is not None else (200 if on_cuda else 30)
-    rows, facts = run(args.shape or ("1b" if on_cuda else "tiny"), [int(b) for b in args.batch_sizes.split(",") if b],
+    rows, facts = run(args.shape or ("1b" if on_cuda else "tiny"), batch_sizes,
                       args.prompt_len, args.new_tokens, device, dtype, train_steps, args.eager,
                       on_cuda and args.check_fp32, args.sdpa)  # fmt: skip
     res = Results("generate", environment(torch.device(device), command_line(args, "generate")), rows=rows)

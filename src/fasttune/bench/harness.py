@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import importlib.metadata
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from fasttune.errors import ConfigError
 
 
 def sync(device: torch.device) -> None:
@@ -102,6 +105,25 @@ def environment(device: torch.device, argv: Sequence[str] | None = None) -> dict
     for dist in ("transformers", "triton", "flash-attn-4", "liger-kernel", "fasttune"):
         env[dist] = _version(dist)
     return env
+
+
+def check_out(out: Path, name: str, overwrite: bool) -> None:
+    """Before anything runs: --out must be a folder that can be written (created if missing), and one holding an
+    earlier run's <name>.* results is replaced only with --overwrite (a run of minutes to hours is not lost)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; name a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e}); name a folder you can write") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: this folder is not writable; name a folder you can write")
+    earlier = [p.name for p in sorted(out.glob(f"{name}.*")) if p.suffix in (".csv", ".json", ".md", ".png")]
+    if earlier and not overwrite:
+        raise ConfigError(
+            f"--out {out} already holds an earlier run's {', '.join(earlier)}; name another folder, or pass "
+            "--overwrite to replace them"
+        )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from fasttune.bench.workload import synthetic_bundle
 from fasttune.config import get_experiment
 from fasttune.config.argcheck import assignments_to_args, parse_overrides
 from fasttune.data.packing import Batcher
+from fasttune.errors import ConfigError
 from fasttune.model import liger
 from fasttune.train.metrics import peak_flops, peak_memory_gib
 
@@ -157,6 +158,7 @@ def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
     runs, notes = [], []
     if bench.baselines:
         found, notes = hf.baselines(bench.device, ckpt=bench.hf_ckpt, lora=bench.lora)
+        _check_hf_only(bench.hf_only, found, notes)
         found = [b for b in found if not bench.hf_only or any(k in b.name for k in bench.hf_only)]
         runs += [{"stack": "HF", "baseline": b, "name": b.name} for b in found]
     why = available(bench.device, head_dim=128)
@@ -179,6 +181,17 @@ def plan_runs(bench: TrainBench) -> tuple[list[dict], list[str]]:
         runs.append({"stack": "fasttune", "attn": "auto", "packing": True, "name": name,
                      "overrides": [f"data.micro_batch_size={mbs}"]})  # fmt: skip
     return runs, notes
+
+
+def _check_hf_only(keys: list[str], found: list[hf.Baseline], notes: list[str]) -> None:
+    """Every --hf-only key must pick a baseline that runs here: one that picks none would leave the table without
+    the baseline the user asked for, and every ratio against it silently missing."""
+    for key in keys:
+        if not any(key in b.name for b in found):
+            why = "".join(f"; {n.removeprefix('- ')}" for n in notes)
+            names = ", ".join(repr(b.name) for b in found)
+            raise ConfigError(f"--hf-only {key!r} matches none of the Hugging Face baselines that can run here "
+                              f"({names}){why}; name one of them, or part of its name")  # fmt: skip
 
 
 def hf_tokens_per_step(bench: TrainBench) -> float:
