@@ -307,6 +307,9 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["generate", "--new-tokens", "0"], "--new-tokens 0: must be >= 1"),
         (["generate", "--prompt-len", "-1"], "--prompt-len -1: must be >= 1"),
         (["generate", "--shape", "nope"], "--shape 'nope' is not valid; choose one of: micro, tiny"),
+        pytest.param(["generate", "--device", "cuda"], "--device cuda: no CUDA GPU is visible to torch",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+        (["generate", "--device", "cpu", "--profile"], "--profile counts CUDA kernels per decode step: it needs a GPU"),
     ],
 )  # fmt: skip
 def test_bench_options_are_checked_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):

@@ -30,7 +30,6 @@ import torch
 from fasttune.bench.generate_check import TOLERANCE, greedy_agreement, hf_greedy, synthetic_tokens, train_briefly
 from fasttune.bench.harness import Results, environment, line_plot, sync
 from fasttune.command import Command
-from fasttune.device import pick_device
 
 log = logging.getLogger("fasttune")
 
@@ -274,31 +273,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(["bench", "generate", *(sys.argv[1:] if argv is None else argv)])
 
 
-def _check(args: GenerateBench) -> list[int]:
-    """The options, before the model is built and trained: the batch sizes, or one line naming the bad option."""
+def _check(args: GenerateBench) -> tuple[list[int], str]:
+    """The options, before the model is built and trained: (batch sizes, device), or one line naming the bad
+    option."""
     from fasttune.bench.cli import _ints, _positive
     from fasttune.bench.harness import check_out
     from fasttune.config.base_config import MODEL_PRESETS
     from fasttune.errors import ConfigError
+    from fasttune.model.load import inference_device
 
     _positive(args, ("prompt_len", "new_tokens"))
     _positive(args, ("train_steps",), least=0)
     if args.shape is not None and args.shape not in MODEL_PRESETS:
         raise ConfigError(f"--shape {args.shape!r} is not valid; choose one of: {', '.join(MODEL_PRESETS)}")
     batch_sizes = _ints("--batch-sizes", args.batch_sizes)
+    device = inference_device(args.device)  # one line when not valid or not here
+    if args.profile and device.type != "cuda":
+        raise ConfigError(f"--profile counts CUDA kernels per decode step: it needs a GPU (the device is {device}); "
+                          "leave it out here")  # fmt: skip
     if args.out is not None:
         check_out(args.out, "generate", args.overwrite)
-    return batch_sizes
+    return batch_sizes, str(device)
 
 
 def run_bench(args: GenerateBench) -> int:
     from fasttune.bench.cli import command_line
 
-    batch_sizes = _check(args)
+    batch_sizes, device = _check(args)
     if not logging.getLogger().handlers:  # run as a module; the `fasttune` CLI configures logging itself
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    device = str(pick_device(args.device))
     on_cuda = device.startswith("cuda")
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     train_steps = args.train_steps if args.train_steps is not None else (200 if on_cuda else 30)
