@@ -462,3 +462,30 @@ def test_an_earlier_runs_results_are_kept_unless_overwrite(capsys, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert cli.main([*argv, "--overwrite"]) == 0
     assert json.loads((tmp_path / "attention.json").read_text())["env"]["command"].endswith(" --overwrite")
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), KeyboardInterrupt])
+def test_generate_bench_keeps_the_batches_measured_before_one_fails(failure, tmp_path, monkeypatch):
+    """A batch size that runs out of memory is a row saying so, not a traceback that loses the table; a run cut
+    short (Ctrl-C, a time limit) keeps the batch sizes it finished in --out."""
+    from fasttune.bench import generate as bench_generate
+
+    real = bench_generate.bench_batch
+
+    def bench_batch(model, batch, *args, **kwargs):
+        if batch == 2:
+            raise failure
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(bench_generate, "bench_batch", bench_batch)
+    argv = ["bench", "generate", "--device", "cpu", "--shape", "micro", "--batch-sizes", "1,2", "--prompt-len", "4"]
+    code = cli.main([*argv, "--new-tokens", "2", "--train-steps", "0", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
+    assert [(r["impl"], r["batch"], r["status"]) for r in rows[:2]] == [("hf_generate", 1, "ok"), ("fasttune", 1, "ok")]
+    assert all(r["tok_s"] > 0 for r in rows[:2])
+    if failure is KeyboardInterrupt:
+        assert code == 130 and len(rows) == 2
+        return
+    assert code == 0 and rows[2:] == [{**rows[2], "impl": "hf_generate, fasttune", "batch": 2, "status": "OOM"}]
+    assert "tok_s" not in rows[2] and "speedup" not in rows[2]
+    assert "| hf_generate, fasttune | float32 | 2 | - | - | - |" in (tmp_path / "generate.md").read_text()

@@ -182,8 +182,11 @@ def profile_step(model, batch: int, prompt_len: int, steps: int = 8) -> dict:
 
 def run(model_shape: str = "1b", batch_sizes: Sequence[int] = (1, 32), prompt_len: int = 128, new_tokens: int = 256,
         device: str = "cuda", dtype: torch.dtype = torch.bfloat16, train_steps: int = 200, eager: bool = False,
-        check_fp32: bool = True, sdpa: str = "default") -> tuple[list[dict], dict]:  # fmt: skip
-    """Rows per (dtype, batch size, implementation), and facts about the run (training losses)."""
+        check_fp32: bool = True, sdpa: str = "default",
+        after_batch: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+    """Rows per (dtype, batch size, implementation), and facts about the run (training losses). A batch size that
+    fails (often out of memory) is one row with its status, and `after_batch(rows)` gets the rows so far after each
+    batch size, so a run cut short keeps what it measured."""
     import transformers
 
     dev = torch.device(device)
@@ -201,11 +204,29 @@ def run(model_shape: str = "1b", batch_sizes: Sequence[int] = (1, 32), prompt_le
     rows = []
     for bench_model, sizes in runs:
         for batch in sizes:
-            with sdpa_backend(sdpa):
-                for row in bench_batch(bench_model, batch, prompt_len, new_tokens, eager=eager):
-                    rows.append({**row, **common})
-                    log.info("%s", row)
+            for row in _batch_rows(bench_model, batch, prompt_len, new_tokens, eager, sdpa):
+                rows.append({**row, **common})
+                log.info("%s", row)
+            if after_batch is not None:
+                after_batch(rows)
     return rows, facts
+
+
+def _batch_rows(model, batch: int, prompt_len: int, new_tokens: int, eager: bool, sdpa: str) -> list[dict]:
+    """bench_batch's rows (status ok), or one row saying why the batch size failed: never a number it lacks."""
+    from fasttune.errors import one_line
+
+    try:
+        with sdpa_backend(sdpa):
+            return [{**row, "status": "ok"} for row in bench_batch(model, batch, prompt_len, new_tokens, eager=eager)]
+    except Exception as e:  # noqa: BLE001  (an OOM at batch 32 must not lose batch 1's rows)
+        text = one_line(e, 160)
+        status = "OOM" if "out of memory" in text.lower() else f"error: {text}"
+        log.warning("bench generate batch %d: %s", batch, status)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [{"impl": "hf_generate, fasttune", "batch": batch, "dtype": dtype, "status": status}]
 
 
 MD_COLUMNS = [("impl", "implementation"), ("dtype", "dtype"), ("batch", "batch"), ("tok_s", "tok/s (batch)"),
@@ -213,7 +234,7 @@ MD_COLUMNS = [("impl", "implementation"), ("dtype", "dtype"), ("batch", "batch")
               ("first_call_s", "first call s"), ("capture_s", "capture s"), ("agree", "greedy = HF to near-tie"),
               ("rows_agree", "rows"), ("first_mismatch_step", "first mismatch step"),
               ("first_near_tie_step", "HF first near-tie step"), ("tolerance", "near-tie tol"),
-              ("max_logit_diff", "max logit diff")]  # fmt: skip
+              ("max_logit_diff", "max logit diff"), ("status", "status")]  # fmt: skip
 
 
 def _plot(rows: list[dict]):
@@ -306,10 +327,17 @@ def run_bench(args: GenerateBench) -> int:
     on_cuda = device.startswith("cuda")
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     train_steps = args.train_steps if args.train_steps is not None else (200 if on_cuda else 30)
+    res = Results("generate", environment(torch.device(device), command_line(args, "generate")))
+
+    def after_batch(rows: list[dict]) -> None:
+        res.rows = rows
+        if args.out is not None:
+            res.write(args.out, MD_COLUMNS, None)
+
     rows, facts = run(args.shape or ("1b" if on_cuda else "tiny"), batch_sizes,
                       args.prompt_len, args.new_tokens, device, dtype, train_steps, args.eager,
-                      on_cuda and args.check_fp32, args.sdpa)  # fmt: skip
-    res = Results("generate", environment(torch.device(device), command_line(args, "generate")), rows=rows)
+                      on_cuda and args.check_fp32, args.sdpa, after_batch)  # fmt: skip
+    res.rows = rows
     res.notes.append(f"trained {facts['train_steps']} steps in {facts['train_s']} s, loss {facts['losses']}")
     print(res.markdown(MD_COLUMNS))
     if args.out is not None:
