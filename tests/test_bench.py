@@ -300,6 +300,11 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["train", "--hf-only", "nosuch"], "--hf-only 'nosuch' matches none of the Hugging Face baselines"),
         (["train", "--device", "cpu", "--hf-only", "FA4"], "'HF sdpa packed (4D mask)'); HF flash_attention_4 "
          "baselines: need CUDA; name one of them"),
+        (["train", "--median", "100", "--mean", "50"], "--median 100 is above --mean 50: a lognormal mix's mean"),
+        (["train", "--device", "cpu", "--median", "100"], "--median 100 is above --mean 68"),
+        (["train", "--min-length", "300", "--max-length", "64"], "--min-length 300 is above --max-length 64"),
+        (["train", "--data", "x.json", "--median", "30"], "--median shapes the synthetic length mix, which --data"),
+        (["train", "--model", "tok"], "--model is the tokenizer for --data's texts; without --data"),
         (["attention", "--tokens", "-5"], "--tokens -5: must be >= 1"),
         (["attention", "--heads", "0"], "--heads 0: must be >= 1"),
         (["generate", "--batch-sizes", "1,x"], "--batch-sizes '1,x': write comma-separated whole numbers"),

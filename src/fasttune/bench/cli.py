@@ -223,9 +223,10 @@ class TrainBench(Command):
         if self.data:
             lengths, trained = dataset_workload(self.data, self.model, max_length, self.samples or 0)
         else:
-            lengths = sft_lengths(self.samples or (64 if gpu else 16), self.median or (400 if gpu else 48),
-                                  self.mean or (566 if gpu else 68), self.min_length or (32 if gpu else 8),
-                                  max_length, self.seed)  # fmt: skip
+            median, mean = self.median or (400 if gpu else 48), self.mean or (566 if gpu else 68)
+            min_length = self.min_length or (32 if gpu else 8)
+            _check_mix(median, mean, min_length, max_length)
+            lengths = sft_lengths(self.samples or (64 if gpu else 16), median, mean, min_length, max_length, self.seed)
         default_attn = ["auto", "eager", "sdpa", "flex_attention", "varlen", "flash_attention_4"] if gpu else ["auto"]
         cfg = bench.TrainBench(
             device=device,
@@ -279,6 +280,22 @@ class TrainBench(Command):
             raise ConfigError(f"--preset {self.preset!r} is not valid; choose one of: {', '.join(MODEL_PRESETS)}")
         if bad := [a for a in _strs(self.attn or "") if a not in ("auto", *BACKENDS)]:
             raise ConfigError(f"--attn {bad[0]!r} is not valid; choose from: auto, {', '.join(BACKENDS)}")
+        if self.data and (mix := [n for n in ("median", "mean", "min_length") if getattr(self, n) is not None]):
+            flag = "--" + mix[0].replace("_", "-")
+            raise ConfigError(f"{flag} shapes the synthetic length mix, which --data replaces with the dataset's own "
+                              f"lengths: leave {flag} out, or --data")  # fmt: skip
+        if self.model and not self.data:
+            raise ConfigError("--model is the tokenizer for --data's texts; without --data it has nothing to do")
+
+
+def _check_mix(median: float, mean: float, min_length: int, max_length: int) -> None:
+    """The lognormal mix's settings (given or defaulted) agree with each other."""
+    if median > mean:
+        raise ConfigError(f"--median {median:g} is above --mean {mean:g}: a lognormal mix's mean is at least its "
+                          "median; raise --mean or lower --median")  # fmt: skip
+    if min_length > max_length:
+        raise ConfigError(f"--min-length {min_length} is above --max-length {max_length}: every sample would be "
+                          f"{max_length} tokens; lower --min-length or raise --max-length")  # fmt: skip
 
 
 def _check_variants(cfg, runs: list[dict]) -> None:
