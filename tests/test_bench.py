@@ -304,6 +304,8 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["train", "--device", "cpu", "--median", "100"], "--median 100 is above --mean 68"),
         (["train", "--min-length", "300", "--max-length", "64"], "--min-length 300 is above --max-length 64"),
         (["train", "--data", "x.json", "--median", "30"], "--median shapes the synthetic length mix, which --data"),
+        (["train", "--no-baselines", "--hf-only", "sdpa"], "--hf-only sets the Hugging Face baselines, which"),
+        (["train", "--no-baselines", "--hf-ckpt"], "--hf-ckpt sets the Hugging Face baselines, which --no-baselines"),
         (["train", "--model", "tok"], "--model is the tokenizer for --data's texts; without --data"),
         (["attention", "--tokens", "-5"], "--tokens -5: must be >= 1"),
         (["attention", "--heads", "0"], "--heads 0: must be >= 1"),
@@ -494,3 +496,15 @@ def test_generate_bench_keeps_the_batches_measured_before_one_fails(failure, tmp
     assert code == 0 and rows[2:] == [{**rows[2], "impl": "hf_generate, fasttune", "batch": 2, "status": "OOM"}]
     assert "tok_s" not in rows[2] and "speedup" not in rows[2]
     assert "| hf_generate, fasttune | float32 | 2 | - | - | - |" in (tmp_path / "generate.md").read_text()
+
+
+def test_the_header_names_the_versions_the_rows_ran_on():
+    """--lora rows train through peft on the HF side: its version belongs in the header beside transformers'."""
+    import importlib.metadata
+
+    from fasttune.bench.harness import environment
+
+    env = environment(torch.device("cpu"), ["train", "--lora"])
+    assert env["command"] == "fasttune bench train --lora" and env["torch"] == torch.__version__
+    assert env["transformers"] == importlib.metadata.version("transformers")
+    assert env["peft"] == importlib.metadata.version("peft")

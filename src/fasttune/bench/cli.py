@@ -284,6 +284,9 @@ class TrainBench(Command):
             flag = "--" + mix[0].replace("_", "-")
             raise ConfigError(f"{flag} shapes the synthetic length mix, which --data replaces with the dataset's own "
                               f"lengths: leave {flag} out, or --data")  # fmt: skip
+        if not self.baselines and (hf := [n for n in ("hf_only", "hf_micro_batch", "hf_ckpt") if getattr(self, n)]):
+            flag = "--" + hf[0].replace("_", "-")
+            raise ConfigError(f"{flag} sets the Hugging Face baselines, which --no-baselines skips; leave one out")
         if self.model and not self.data:
             raise ConfigError("--model is the tokenizer for --data's texts; without --data it has nothing to do")
 

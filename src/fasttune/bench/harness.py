@@ -102,7 +102,7 @@ def environment(device: torch.device, argv: Sequence[str] | None = None) -> dict
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["cudnn"] = str(torch.backends.cudnn.version())
-    for dist in ("transformers", "triton", "flash-attn-4", "liger-kernel", "fasttune"):
+    for dist in ("transformers", "triton", "flash-attn-4", "liger-kernel", "peft", "fasttune"):
         env[dist] = _version(dist)
     return env
 
