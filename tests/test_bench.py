@@ -313,6 +313,7 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["generate", "--batch-sizes", "0"], "--batch-sizes '0': write comma-separated numbers > 0"),
         (["generate", "--new-tokens", "0"], "--new-tokens 0: must be >= 1"),
         (["generate", "--prompt-len", "-1"], "--prompt-len -1: must be >= 1"),
+        (["generate", "--prompt-len", "1", "--batch-sizes", "1,4"], "--prompt-len 1: a batch above 1 takes prompts"),
         (["generate", "--shape", "nope"], "--shape 'nope' is not valid; choose one of: micro, tiny"),
         pytest.param(["generate", "--device", "cuda"], "--device cuda: no CUDA GPU is visible to torch",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),

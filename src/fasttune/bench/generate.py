@@ -308,6 +308,9 @@ def _check(args: GenerateBench) -> tuple[list[int], str]:
     if args.shape is not None and args.shape not in MODEL_PRESETS:
         raise ConfigError(f"--shape {args.shape!r} is not valid; choose one of: {', '.join(MODEL_PRESETS)}")
     batch_sizes = _ints("--batch-sizes", args.batch_sizes)
+    if args.prompt_len < 2 and max(batch_sizes) > 1:
+        raise ConfigError(f"--prompt-len {args.prompt_len}: a batch above 1 takes prompts of --prompt-len/2 to "
+                          "--prompt-len tokens, none empty; use --prompt-len 2 or more")  # fmt: skip
     device = inference_device(args.device)  # one line when not valid or not here
     if args.profile and device.type != "cuda":
         raise ConfigError(f"--profile counts CUDA kernels per decode step: it needs a GPU (the device is {device}); "
