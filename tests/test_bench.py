@@ -454,9 +454,11 @@ def test_out_must_be_a_writable_folder(command, capsys, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_an_earlier_runs_results_are_kept_unless_overwrite(capsys, tmp_path):
+def test_an_earlier_runs_results_are_kept_unless_overwrite(capsys, tmp_path, monkeypatch):
     """Running a benchmark again into the same --out silently replaced the earlier run's tables (the default --out
-    is the same folder every time)."""
+    is the same folder every time); --overwrite replaces them all, the plot included."""
+    from fasttune.bench import attention as bench_attention
+
     argv = ["bench", "attention", "--device", "cpu", "--backends", "sdpa", "--seq-lens", "8", "--head-dims", "8"]
     argv += ["--layouts", "packed", "--tokens", "16", "--heads", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
@@ -470,6 +472,9 @@ def test_an_earlier_runs_results_are_kept_unless_overwrite(capsys, tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert cli.main([*argv, "--overwrite"]) == 0
     assert json.loads((tmp_path / "attention.json").read_text())["env"]["command"].endswith(" --overwrite")
+    monkeypatch.setattr(bench_attention, "run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main([*argv, "--overwrite"]) == 130  # cut short before a row: no earlier file passes for this run's
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), KeyboardInterrupt])

@@ -118,12 +118,14 @@ def check_out(out: Path, name: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e}); name a folder you can write") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: this folder is not writable; name a folder you can write")
-    earlier = [p.name for p in sorted(out.glob(f"{name}.*")) if p.suffix in (".csv", ".json", ".md", ".png")]
+    earlier = [p for p in sorted(out.glob(f"{name}.*")) if p.suffix in (".csv", ".json", ".md", ".png")]
     if earlier and not overwrite:
         raise ConfigError(
-            f"--out {out} already holds an earlier run's {', '.join(earlier)}; name another folder, or pass "
-            "--overwrite to replace them"
+            f"--out {out} already holds an earlier run's {', '.join(p.name for p in earlier)}; name another folder, "
+            "or pass --overwrite to replace them"
         )
+    for path in earlier:  # now: a run cut short must not leave the earlier plot beside its own rows
+        path.unlink()
 
 
 @dataclass
