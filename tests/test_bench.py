@@ -514,3 +514,31 @@ def test_the_header_names_the_versions_the_rows_ran_on():
     assert env["command"] == "fasttune bench train --lora" and env["torch"] == torch.__version__
     assert env["transformers"] == importlib.metadata.version("transformers")
     assert env["peft"] == importlib.metadata.version("peft")
+
+
+def test_a_baseline_that_fails_in_a_later_round_is_no_ratios_reference(tmp_path):
+    """--rounds 2 with the best HF stack out of memory in round 2: its row fails, and no row keeps round 1's claim
+    that it was the reference (the targets printed a ratio against the failed row, or crashed on its missing one)."""
+    from fasttune.bench import train as bench
+    from fasttune.bench.harness import Results
+
+    cfg = bench.TrainBench(torch.device("cpu"), [12, 20], preset="micro", attns=["auto"], packings=[True], vocab=64,
+                           micro_batch=2, max_length=32, epochs=1, rounds=2)  # fmt: skip
+    calls = []
+
+    def run_one(b, spec, data, tmp):
+        calls.append(spec["name"])
+        row = {"config": spec["name"], "stack": spec["stack"], "attn": "sdpa", "packing": "packed" in spec["name"]}
+        if spec["name"] == "HF sdpa packed (4D mask)" and calls.count(spec["name"]) == 2:
+            return {**row, "status": "OOM"}
+        return {**row, "status": "ok", "tokens_per_s": 100.0 * len(calls), "leak_err": 0.0}
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bench, "_run_one", run_one)
+        rows = {r["config"]: r for r in bench.run_all(cfg, Results("train", {})).rows}
+    assert rows["HF sdpa packed (4D mask)"]["status"] == "OOM"
+    main = rows["fasttune auto packed"]
+    assert main["status"] == "ok" and main["x_best_hf"] is None and main.get("best_hf") is None
+    assert main["x_hf_sdpa_padded"] == pytest.approx(main["tokens_per_s"] / rows["HF sdpa padded"]["tokens_per_s"])
+    lines = bench.target_lines(cfg, list(rows.values()))
+    assert lines[0].startswith("- target >= 3.2x HF sdpa padded: ") and not any("leak-free" in x for x in lines)

@@ -297,8 +297,7 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         for key, ref in (("x_hf_sdpa_padded", padded), ("x_best_hf", best), ("x_eager", eager)):
             r[key] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-        if best is not None:
-            r["best_hf"] = best["config"]
+        r["best_hf"] = best["config"] if best is not None else None  # None: not an earlier round's reference
 
 
 def target_lines(bench: TrainBench, rows: list[dict]) -> list[str]:
