@@ -306,6 +306,8 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["train", "--data", "x.json", "--median", "30"], "--median shapes the synthetic length mix, which --data"),
         (["train", "--no-baselines", "--hf-only", "sdpa"], "--hf-only sets the Hugging Face baselines, which"),
         (["train", "--no-baselines", "--hf-ckpt"], "--hf-ckpt sets the Hugging Face baselines, which --no-baselines"),
+        (["train", "--experiment", "lora"], "--experiment lora trains LoRA adapters, the Hugging Face baselines every "
+         "weight: pass --lora too"),
         (["train", "--model", "tok"], "--model is the tokenizer for --data's texts; without --data"),
         (["attention", "--tokens", "-5"], "--tokens -5: must be >= 1"),
         (["attention", "--heads", "0"], "--heads 0: must be >= 1"),

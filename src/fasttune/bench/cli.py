@@ -266,6 +266,7 @@ class TrainBench(Command):
     def _check(self) -> None:
         """The options, before anything runs (each row would otherwise fail on its own, after the others ran)."""
         from fasttune.attention import BACKENDS
+        from fasttune.config import get_experiment
         from fasttune.config.base_config import MODEL_PRESETS
 
         _positive(
@@ -287,6 +288,9 @@ class TrainBench(Command):
         if not self.baselines and (hf := [n for n in ("hf_only", "hf_micro_batch", "hf_ckpt") if getattr(self, n)]):
             flag = "--" + hf[0].replace("_", "-")
             raise ConfigError(f"{flag} sets the Hugging Face baselines, which --no-baselines skips; leave one out")
+        if get_experiment(self.experiment).lora.enabled and not self.lora:
+            raise ConfigError(f"--experiment {self.experiment} trains LoRA adapters, the Hugging Face baselines every "
+                              "weight: pass --lora too, so that every row trains the same adapters")  # fmt: skip
         if self.model and not self.data:
             raise ConfigError("--model is the tokenizer for --data's texts; without --data it has nothing to do")
 
