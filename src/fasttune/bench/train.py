@@ -189,6 +189,8 @@ def _check_hf_only(keys: list[str], found: list[hf.Baseline], notes: list[str]) 
     for key in keys:
         if not any(key in b.name for b in found):
             why = "".join(f"; {n.removeprefix('- ')}" for n in notes)
+            if "ckpt" in key and not any(b.ckpt for b in found):
+                why += "; the '+ grad ckpt' baselines run with --hf-ckpt"
             names = ", ".join(repr(b.name) for b in found)
             raise ConfigError(f"--hf-only {key!r} matches none of the Hugging Face baselines that can run here "
                               f"({names}){why}; name one of them, or part of its name")  # fmt: skip
