@@ -109,7 +109,7 @@ class AttentionBench(Command):
         unknown = [b for b in backends if b not in BACKENDS]
         if unknown:
             raise ConfigError(f"--backends {unknown[0]!r} is not valid; choose from: {', '.join(BACKENDS)}")
-        if bad := [x for x in layouts if x not in bench.ALL_LAYOUTS]:
+        if bad := [x for x in layouts if x not in bench.ALL_LAYOUTS] or ([] if layouts else [self.layouts]):
             raise ConfigError(f"--layouts {bad[0]!r} is not valid; choose from: {', '.join(bench.ALL_LAYOUTS)}")
         head_dims = _ints("--head-dims", self.head_dims)
         _positive(self, ("tokens", "heads"))
