@@ -312,6 +312,9 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["train", "--hf-only", "sdpa packed (4D mask) + grad ckpt"], "need CUDA; the '+ grad ckpt' baselines run "
          "with --hf-ckpt; name one of them"),
         (["attention", "--layouts", ","], "--layouts ',' is not valid; choose from: padded, packed, padded-left"),
+        (["train", "--attn", ","], "--attn ',' names no backend; choose from: auto, eager"),
+        (["train", "--device", "cpu", "--attn", "varlen", "--no-baselines"], "nothing to measure here (fasttune "
+         "varlen: unavailable (needs a CUDA GPU (device is cpu))): name an --attn that runs here"),
         (["attention", "--tokens", "-5"], "--tokens -5: must be >= 1"),
         (["attention", "--heads", "0"], "--heads 0: must be >= 1"),
         (["generate", "--batch-sizes", "1,x"], "--batch-sizes '1,x': write comma-separated whole numbers"),

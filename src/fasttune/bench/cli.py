@@ -256,7 +256,10 @@ class TrainBench(Command):
             f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}; "
             f"{_trained_share(trained):.0%} of the tokens have a label"
         )
-        runs, _ = bench.plan_runs(cfg)
+        runs, notes = bench.plan_runs(cfg)
+        if not runs:
+            why = "; ".join(n.removeprefix("- ") for n in notes) or "no configuration given"
+            raise ConfigError(f"nothing to measure here ({why}): name an --attn that runs here, or drop --no-baselines")
         _check_variants(cfg, runs)
         check_out(self.out, "train", self.overwrite)
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
@@ -279,6 +282,8 @@ class TrainBench(Command):
             raise ConfigError(f"--packing {self.packing!r} is not valid; write on, off or on,off")
         if self.preset is not None and self.preset not in MODEL_PRESETS:
             raise ConfigError(f"--preset {self.preset!r} is not valid; choose one of: {', '.join(MODEL_PRESETS)}")
+        if self.attn is not None and not _strs(self.attn):
+            raise ConfigError(f"--attn {self.attn!r} names no backend; choose from: auto, {', '.join(BACKENDS)}")
         if bad := [a for a in _strs(self.attn or "") if a not in ("auto", *BACKENDS)]:
             raise ConfigError(f"--attn {bad[0]!r} is not valid; choose from: auto, {', '.join(BACKENDS)}")
         if self.data and (mix := [n for n in ("median", "mean", "min_length") if getattr(self, n) is not None]):
