@@ -325,6 +325,7 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["generate", "--shape", "nope"], "--shape 'nope' is not valid; choose one of: micro, tiny"),
         pytest.param(["generate", "--device", "cuda"], "--device cuda: no CUDA GPU is visible to torch",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+        (["generate", "--device", "cpu", "--eager"], "--eager adds rows without CUDA graphs beside the graphed ones"),
         (["generate", "--device", "cpu", "--profile"], "--profile counts CUDA kernels per decode step: it needs a GPU"),
     ],
 )  # fmt: skip

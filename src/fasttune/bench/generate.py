@@ -315,6 +315,9 @@ def _check(args: GenerateBench) -> tuple[list[int], str]:
     if args.profile and device.type != "cuda":
         raise ConfigError(f"--profile counts CUDA kernels per decode step: it needs a GPU (the device is {device}); "
                           "leave it out here")  # fmt: skip
+    if args.eager and device.type != "cuda":
+        raise ConfigError(f"--eager adds rows without CUDA graphs beside the graphed ones: on {device} the fasttune "
+                          "rows run without graphs already; leave it out here")  # fmt: skip
     if args.out is not None:
         check_out(args.out, "generate", args.overwrite)
     return batch_sizes, str(device)
