@@ -38,6 +38,8 @@ def test_an_earlier_runs_results_are_kept_unless_overwrite(capsys, tmp_path, mon
     assert err == (f"error: --out {tmp_path} already holds an earlier run's attention.csv, attention.json, "
                    "attention.md, attention.png; name another folder, or pass --overwrite to replace them")  # fmt: skip
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert cli.main([*argv, "--overwrite", "--seq-lens", "8,x"]) == 2  # a typo keeps them too
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert cli.main([*argv, "--overwrite"]) == 0
     assert json.loads((tmp_path / "attention.json").read_text())["env"]["command"].endswith(" --overwrite")
     monkeypatch.setattr(bench_attention, "run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

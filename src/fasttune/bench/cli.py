@@ -114,10 +114,10 @@ class AttentionBench(Command):
         head_dims = _ints("--head-dims", self.head_dims)
         _positive(self, ("tokens", "heads"))
         device = inference_device(self.device)  # one line when not valid or not here
-        check_out(self.out, "attention", self.overwrite)
         gpu = device.type == "cuda"
         dtype = torch.bfloat16 if gpu else torch.float32
         seq_lens = _ints("--seq-lens", self.seq_lens) or (list(bench.SEQ_LENS) if gpu else [16, 32])
+        check_out(self.out, "attention", self.overwrite)  # last: --overwrite removes the earlier run's files
         results = Results("attention", environment(device, command_line(self, "attention")))
         total = len(layouts) * len(head_dims) * len(seq_lens)
         with tqdm(total=total, desc="attention shapes", dynamic_ncols=True) as bar:
