@@ -11,7 +11,6 @@ import csv
 import datetime as dt
 import importlib.metadata
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -110,14 +109,11 @@ def environment(device: torch.device, argv: Sequence[str] | None = None) -> dict
 def check_out(out: Path, name: str, overwrite: bool) -> None:
     """Before anything runs: --out must be a folder that can be written (created if missing), and one holding an
     earlier run's <name>.* results is replaced only with --overwrite (a run of minutes to hours is not lost)."""
+    from fasttune.generate.prompts import make_folder
+
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder; name a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create it ({e.strerror or e}); name a folder you can write") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: this folder is not writable; name a folder you can write")
+    make_folder(out, "--out")  # writable; made only for this run: removed again if the command fails while empty
     earlier = [p for p in sorted(out.glob(f"{name}.*")) if p.suffix in (".csv", ".json", ".md", ".png")]
     if earlier and not overwrite:
         raise ConfigError(

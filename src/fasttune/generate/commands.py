@@ -128,8 +128,8 @@ def run_generate(a: GenerateArgs) -> int:
 
         records = read_prompts(a.prompts)
         source = prompts_path(a.prompts)  # piped prompts (`-`, a pipe): completions to stdout unless --output
-        out = Path(a.output) if a.output else source.with_suffix(".completions.jsonl")
-        out = Path("/dev/stdout") if is_stream(source) and not a.output else out
+        out = (Path(a.output) if a.output else Path("/dev/stdout") if is_stream(source)
+               else source.with_suffix(".completions.jsonl"))  # fmt: skip
         refuse_writing_over(out, a.prompts, "--output", "--prompts file")
         check_output(out, a.overwrite)
         model, tok = load_checkpoint(a, check=lambda tok: _check_records(tok, a, records))  # before the model
@@ -223,13 +223,13 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
             bar.update(len(rows))
             bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
     except KeyboardInterrupt:  # the answers made so far are kept, not lost with the batch being made
-        bar.close()
         if done:
             write_jsonl(out, [done[i] for i in sorted(done)])
             print(f"interrupted: the {len(done)} of {len(ids)} completions made so far -> {out} (in the order of "
                   "their prompts; the others are left out)", file=sys.stderr)  # fmt: skip
         raise
-    bar.close()
+    finally:
+        bar.close()
     write_jsonl(out, [done[i] for i in range(len(ids))])
     print(f"{len(ids)} completions -> {out} ({new_tokens:,} tokens in {seconds:.1f} s: "
           f"{new_tokens / max(seconds, 1e-9):,.0f} tok/s)", file=sys.stderr)  # fmt: skip
