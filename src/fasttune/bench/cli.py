@@ -206,6 +206,7 @@ class TrainBench(Command):
 
         from fasttune.attention.probe import import_status
         from fasttune.bench import train as bench
+        from fasttune.bench.fit import check_train
         from fasttune.bench.harness import Results, check_out, environment
         from fasttune.bench.workload import LengthStats, dataset_workload, sft_lengths
         from fasttune.config import get_experiment
@@ -261,6 +262,7 @@ class TrainBench(Command):
             why = "; ".join(n.removeprefix("- ") for n in notes) or "no configuration given"
             raise ConfigError(f"nothing to measure here ({why}): name an --attn that runs here, or drop --no-baselines")
         _check_variants(cfg, runs)
+        check_train(cfg, runs)  # one line, before a model is built, where a row cannot fit this machine
         check_out(self.out, "train", self.overwrite)
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))

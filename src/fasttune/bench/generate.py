@@ -36,6 +36,7 @@ log = logging.getLogger("fasttune")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
 SYMBOLS = 1024  # size of the synthetic language (ids 3..1026 of the 32k vocabulary)
+VOCAB = 32000
 
 
 def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
@@ -48,7 +49,7 @@ def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel([getattr(SDPBackend, names[name])])
 
 
-def build_model(model_shape: str, device: str, vocab_size: int = 32000):
+def build_model(model_shape: str, device: str, vocab_size: int = VOCAB):
     """Random-init float32 Llama of a fasttune preset, built on `device` directly (a 1B init on the CPU takes a
     minute)."""
     from fasttune.model.build import build_preset
@@ -298,6 +299,7 @@ def _check(args: GenerateBench) -> tuple[list[int], str]:
     """The options, before the model is built and trained: (batch sizes, device), or one line naming the bad
     option."""
     from fasttune.bench.cli import _ints, _positive
+    from fasttune.bench.fit import check_generate
     from fasttune.bench.harness import check_out
     from fasttune.config.base_config import MODEL_PRESETS
     from fasttune.errors import ConfigError
@@ -318,7 +320,11 @@ def _check(args: GenerateBench) -> tuple[list[int], str]:
     if args.eager and device.type != "cuda":
         raise ConfigError(f"--eager adds rows without CUDA graphs beside the graphed ones: on {device} the fasttune "
                           "rows run without graphs already; leave it out here")  # fmt: skip
-    if args.out is not None:
+    cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    check_generate(args.shape or ("1b" if cuda else "tiny"), device, dtype, batch_sizes, args.prompt_len,
+                   args.new_tokens, VOCAB)  # fmt: skip
+    if args.out is not None:  # last: --overwrite removes the earlier run's files
         check_out(args.out, "generate", args.overwrite)
     return batch_sizes, str(device)
 
