@@ -12,7 +12,7 @@ import torch
 from fasttune import cli
 from fasttune.bench.attention import make_case, max_error, reference
 from fasttune.bench.harness import markdown_table, time_ms
-from fasttune.bench.train import add_ratios, from_records
+from fasttune.bench.train import MD_COLUMNS, add_ratios, from_records, gib_per_1k, merge_rounds
 from fasttune.bench.workload import sft_lengths, synthetic_bundle
 from fasttune.model.build import preset_config
 from fasttune.model.flops import attention_flops, dense_flops_per_token, step_flops
@@ -123,6 +123,17 @@ def test_ratios_never_use_a_leaky_baseline():
     assert rows[3]["x_hf_sdpa_padded"] == 4.0 and rows[3]["x_best_hf"] == 2.0 and rows[3]["best_hf"] == "clean"
 
 
+def test_memory_per_1k_tokens_is_per_micro_batch_held_at_once():
+    """A step of grad_accum 2 runs two micro-batches one after the other: its peak is one micro-batch's, so dividing
+    by the step's tokens halved its memory per token (rows 1 and 2 hold the same 4k tokens at once)."""
+    rows = [{"peak_gib": 8.0, "tokens_per_step": 4000.0}, {"peak_gib": 8.0, "tokens_per_step": 8000.0, "grad_accum": 2},
+            {"peak_gib": None, "tokens_per_step": 8000.0}]  # fmt: skip
+    assert [gib_per_1k(r) for r in rows] == [2.0, 2.0, None]
+    rounds = [{**rows[1], "status": "ok", "tokens_per_s": t} for t in (1.0, 2.0)]
+    assert merge_rounds(rounds)["gib_per_1k"] == 2.0
+    assert dict(MD_COLUMNS)["gib_per_1k"] == "peak GiB per 1k micro-batch tokens"
+
+
 def test_markdown_table():
     md = markdown_table([{"a": 1234.5, "b": None}, {"a": 0.5, "b": "ok"}], [("a", "A"), ("b", "B")])
     assert md.splitlines() == ["| A | B |", "|---|---|", "| 1,234 | - |", "| 0.50 | ok |"]
@@ -197,7 +208,8 @@ def test_train_bench_lora_cpu(tmp_path, caplog):
     caplog.set_level("INFO", logger="fasttune")
     argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "4", "--median", "12"]
     argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--epochs", "1", "--lora"]
-    argv += ["--hf-ckpt", "--hf-only", "packed", "--variant", "r8:lora.rank=8", "--no-equal-tokens"]
+    argv += ["--hf-ckpt", "--hf-only", "packed", "--variant", "r8:lora.rank=8,training.grad_accum=2"]
+    argv += ["--no-equal-tokens"]
     assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 0
     rows = _outputs(tmp_path, "train")
     assert [r["config"] for r in rows] == [
@@ -208,6 +220,7 @@ def test_train_bench_lora_cpu(tmp_path, caplog):
     adapters = _adapter_count(preset_config("micro", 512), r=16)
     assert [r["trained_params"] for r in rows] == [adapters, adapters, adapters, adapters // 2]  # variant on top
     assert rows[2]["tokens_per_step"] <= 4 * 32  # the full experiment's 4 x max-length packs by default
+    assert [r.get("grad_accum") for r in rows] == [None, None, 1, 2]  # what the memory per 1k tokens divides by
     assert rows[2]["x_best_hf"] == pytest.approx(rows[2]["tokens_per_s"] / max(r["tokens_per_s"] for r in rows[:2]))
     md = (tmp_path / "train.md").read_text()
     assert "MFU with LoRA" in md and "target >= 1.8x best leak-free HF + peft stack" in md

@@ -119,7 +119,8 @@ def run_fasttune(bench: TrainBench, attn: str, packing: bool, overrides: list[st
             result = train(cfg, data=data)
     finally:
         log.removeHandler(plans)
-    return {**from_records(result.records, warm, peak_flops(bench.device)), **plans.found}
+    return {**from_records(result.records, warm, peak_flops(bench.device)), **plans.found,
+            "grad_accum": cfg.training.grad_accum}  # fmt: skip
 
 
 class _PlanLog(logging.Handler):
@@ -242,9 +243,17 @@ def merge_rounds(rounds: list[dict]) -> dict:
     row["rounds_pct"] = 50.0 * (max(rates) - min(rates)) / row["tokens_per_s"]
     peaks = [r["peak_gib"] for r in rounds if r.get("peak_gib") is not None]
     row["peak_gib"] = max(peaks) if peaks else None
-    if row["peak_gib"] and row.get("tokens_per_step"):
-        row["gib_per_1k"] = row["peak_gib"] / (row["tokens_per_step"] / 1000)
+    row["gib_per_1k"] = gib_per_1k(row)
     return row
+
+
+def gib_per_1k(row: dict) -> float | None:
+    """Peak GiB per 1k tokens held at once: per 1k tokens of one micro-batch (a step of `training.grad_accum` N runs
+    N of them one after the other, and the peak is one micro-batch's activations, not the step's), so rows that
+    accumulate compare with rows that do not."""
+    if not row.get("peak_gib") or not row.get("tokens_per_step"):
+        return None
+    return row["peak_gib"] / (row["tokens_per_step"] / row.get("grad_accum", 1) / 1000)
 
 
 def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
@@ -272,8 +281,7 @@ def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
             row.update(attn=spec["attn"], packing=spec["packing"], overrides=" ".join(overrides))
             row.update(run_fasttune(bench, spec["attn"], spec["packing"], overrides, data, tmp))
         row["status"] = "ok"
-        if row.get("peak_gib") and row.get("tokens_per_step"):
-            row["gib_per_1k"] = row["peak_gib"] / (row["tokens_per_step"] / 1000)
+        row["gib_per_1k"] = gib_per_1k(row)
     except Exception as e:  # noqa: BLE001
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         row["status"] = "OOM" if "out of memory" in text.lower() else f"error: {text[:160]}"
@@ -392,7 +400,7 @@ MD_COLUMNS = (
     ("mfu", "MFU"),
     ("tokens_per_step", "tokens/step"),
     ("peak_gib", "peak GiB"),
-    ("gib_per_1k", "GiB per 1k tokens"),
+    ("gib_per_1k", "peak GiB per 1k micro-batch tokens"),
     ("plan", "memory plan"),
     ("predicted", "predicted GiB"),
     ("loss", "mean loss"),
