@@ -123,6 +123,27 @@ def test_ratios_never_use_a_leaky_baseline():
     assert rows[3]["x_hf_sdpa_padded"] == 4.0 and rows[3]["x_best_hf"] == 2.0 and rows[3]["best_hf"] == "clean"
 
 
+def test_best_leak_free_hf_is_the_fastest_of_every_leak_free_hf_row_and_the_legend_names_it():
+    """A padded HF row leaks nothing either: it was left out, so a faster padded row never was the reference."""
+    from fasttune.bench.train import TrainBench, target_lines
+
+    rows = [
+        {"config": "HF pad", "stack": "HF", "attn": "sdpa", "packing": False, "tokens_per_s": 30.0, "status": "ok"},
+        {"config": "HF leaky", "stack": "HF", "attn": "x", "packing": True, "tokens_per_s": 90.0, "status": "ok",
+         "leak_err": 0.5},
+        {"config": "HF packed", "stack": "HF", "attn": "y", "packing": True, "tokens_per_s": 20.0, "status": "ok",
+         "leak_err": 0.0},
+        {"config": "fasttune auto packed", "stack": "fasttune", "attn": "auto", "packing": True, "tokens_per_s": 60.0,
+         "status": "ok"},
+    ]  # fmt: skip
+    add_ratios(rows)
+    assert rows[3]["best_hf"] == "HF pad" and rows[3]["x_best_hf"] == pytest.approx(60 / 30)
+    lines = target_lines(TrainBench(device=torch.device("cpu"), lengths=[8]), rows)
+    assert lines[0] == ("- x best leak-free HF: tokens/s against HF pad, the fastest Hugging Face row (packed or "
+                        "padded) whose batches let no document attend to another")  # fmt: skip
+    assert "- target >= 1.4x best leak-free HF stack (HF pad): fasttune auto packed 2.00x" in lines
+
+
 def test_memory_per_1k_tokens_is_per_micro_batch_held_at_once():
     """A step of grad_accum 2 runs two micro-batches one after the other: its peak is one micro-batch's, so dividing
     by the step's tokens halved its memory per token (rows 1 and 2 hold the same 4k tokens at once)."""
