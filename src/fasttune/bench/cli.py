@@ -129,10 +129,16 @@ class AttentionBench(Command):
 
 
 def _variant(text: str) -> tuple[str, list[str]]:
+    """NAME:section.field=value[,...] -> (NAME, assignments); a list value is written section.field=[a,b]."""
+    from fasttune.config.argcheck import split_assignments
+
     name, _, rest = text.partition(":")
     if not name.strip() or not rest:
         raise ConfigError(f"--variant {text!r}: write NAME:section.field=value[,section.field=value]")
-    return name, _strs(rest)
+    try:
+        return name, split_assignments(rest)
+    except ConfigError as e:
+        raise ConfigError(f"--variant {name!r}: {e}") from None
 
 
 @dataclasses.dataclass
@@ -191,7 +197,8 @@ class TrainBench(Command):
     """Every configuration trains LoRA adapters (r 16, alpha 32, all linear layers of the decoder) on a frozen base:
     fasttune's --lora.* against the Hugging Face baselines wrapped with peft. Needs peft."""
     variant: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """An extra auto packed run with config changes, NAME:section.field=value[,...]; repeat for more."""
+    """An extra auto packed run with config changes, NAME:section.field=value[,...] (a list value in brackets:
+    lora.targets=[q_proj,v_proj]); repeat for more."""
     device: str = "auto"
     """auto (cuda if available), cpu, cuda or cuda:N."""
     seed: int = 0

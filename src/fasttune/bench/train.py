@@ -74,7 +74,7 @@ def lora_overrides(bench: TrainBench) -> list[str]:
     """fasttune's side of --lora, as overrides ahead of a variant's own: the settings of the HF + peft rows."""
     if not bench.lora:
         return []
-    c = hf.LORA  # its targets are set on the config directly (fasttune_config): assignments take no lists
+    c = hf.LORA  # its targets (a list) are set on the config directly (fasttune_config)
     return ["lora.enabled=true", f"lora.rank={c.rank}", f"lora.alpha={c.alpha}", f"lora.dropout={c.dropout}"]
 
 

@@ -309,15 +309,45 @@ def parse_overrides(base: BaseConfig, args: list[str], prog: str = "fasttune tra
     return cfg.validate()
 
 
+def split_assignments(text: str) -> list[str]:
+    """ "a.b=1,c.d=[x,y]" -> ["a.b=1", "c.d=[x,y]"]: split at the commas outside brackets (a list value is written
+    section.field=[a,b], its items comma-separated as on the command line's --section.field a,b)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise ConfigError(
+                f"{text!r}: a {'stray ]' if depth < 0 else 'nested ['}; write a list as section.field=[a,b]"
+            )
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ConfigError(f"{text!r}: a '[' without its ']'; write a list as section.field=[a,b]")
+    return [p for p in (*parts, text[start:]) if p.strip()]
+
+
+def _is_list(kind) -> bool:
+    return typing.get_origin(kind) in (list, tuple)
+
+
 def assignments_to_args(assignments: list[str]) -> list[str]:
-    """["section.field=value", ...] -> tyro arguments; booleans become --section.field / --section.no-field."""
+    """["section.field=value", ...] -> tyro arguments; booleans become --section.field / --section.no-field, a list
+    section.field=[a,b] becomes --section.field a b."""
     table = option_table()
     args = []
     for assignment in assignments:
         path, eq, value = assignment.strip().partition("=")
         flag = "--" + path.replace("_", "-")
         if not eq:
-            raise ConfigError(f"{assignment!r} is not section.field=value")
+            raise ConfigError(f"{assignment!r} is not section.field=value (a list value: section.field=[a,b])")
+        if value.startswith("[") or value.endswith("]"):
+            if not _is_list(table.get(flag)):
+                raise ConfigError(f"{assignment!r}: {path} takes one value, not a list")
+            if not (value.startswith("[") and value.endswith("]")):
+                raise ConfigError(f"{assignment!r}: write the list as {path}=[a,b]")
+            args += [flag, *(item.strip() for item in value[1:-1].split(",") if item.strip())]
+            continue
         if table.get(flag) is bool:
             if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 raise ConfigError(f"{assignment!r}: {path} is a switch; write {path}=true or {path}=false")

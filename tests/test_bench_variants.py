@@ -1,0 +1,44 @@
+"""`bench train --variant NAME:section.field=value,...`: list values (section.field=[a,b]) and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttune import cli
+from fasttune.bench.cli import _variant
+from fasttune.bench.train import TrainBench, fasttune_config
+from fasttune.config import get_experiment
+from fasttune.config.argcheck import parse_overrides
+
+
+def test_a_variant_sets_a_list_field_as_the_command_line_does(tmp_path):
+    """lora.targets=[q_proj,v_proj] (the comma separates assignments, so the list is bracketed) gives the run the
+    same targets as `fasttune train --lora.targets q_proj v_proj`; the assignment after it still applies."""
+    name, overrides = _variant("qv:lora.targets=[q_proj, v_proj],lora.rank=8")
+    assert name == "qv" and overrides == ["lora.targets=[q_proj, v_proj]", "lora.rank=8"]
+    bench = TrainBench(device=torch.device("cpu"), lengths=[12, 20], preset="micro", vocab=64, max_length=32)
+    cfg, _ = fasttune_config(bench, "auto", True, ["lora.enabled=true", *overrides], tmp_path / "run")
+    reference = parse_overrides(get_experiment("full"), ["--lora.enabled", "--lora.targets", "q_proj", "v_proj"])
+    assert cfg.lora.targets == reference.lora.targets == ("q_proj", "v_proj") and cfg.lora.rank == 8
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("qv:lora.targets=[q_proj,v_proj", "--variant 'qv': 'lora.targets=[q_proj,v_proj': a '[' without its ']'"),
+        ("qv:lora.targets=q_proj],lora.rank=8", "--variant 'qv': 'lora.targets=q_proj],lora.rank=8': a stray ]"),
+        ("qv:lora.targets=[[q_proj]]", "--variant 'qv': 'lora.targets=[[q_proj]]': a nested ["),
+        ("r:lora.rank=[8,16]", "--variant 'r': 'lora.rank=[8,16]': lora.rank takes one value, not a list"),
+        ("qv:lora.targets=q_proj,v_proj", "--variant 'qv': 'v_proj' is not section.field=value (a list value: "
+         "section.field=[a,b])"),
+    ],
+)  # fmt: skip
+def test_a_bad_list_in_a_variant_is_one_line_naming_it(variant, message, capsys, tmp_path, monkeypatch):
+    from fasttune.bench import train as bench_train
+
+    monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
+    argv = ["bench", "train", "--device", "cpu", "--lora", "--variant", variant, "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
