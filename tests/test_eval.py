@@ -124,6 +124,7 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
     assert "numeric_match" in summary  # GSM8K answers end in a number
     printed = capsys.readouterr()
     assert "fasttune eval" in printed.out
+    assert "0 (greedy)" in printed.out and not any(k in printed.out for k in ("top_k", "top_p", "seed"))
     assert "\r" not in printed.err and "sample/s" not in printed.err  # no progress bars in a redirected stderr
     rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out)])
     assert rc == 2 and "already holds completions.jsonl, summary.json" in capsys.readouterr().err
@@ -353,3 +354,22 @@ def test_eval_tokenizes_chat_data_trained_turn_by_turn_once(tmp_path, monkeypatc
     _, samples, fmt, too_long = run._samples(run.EvalArgs(checkpoint="unused", data=str(data)), tok, 512)
     assert calls == [3] and (fmt, too_long) == ("chat", 0)
     assert [(s.record, s.last_turn) for s in samples] == [(0, False), (0, True), (1, True), (2, False), (2, True)]
+
+
+def _table_rows(summary: dict, capsys) -> dict[str, str]:
+    from fasttune.eval.run import _print_table
+
+    _print_table(summary)
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()]
+    return {c[0]: c[1] for c in cells if len(c) == 2}
+
+
+def test_the_printed_table_shows_only_the_sampling_settings_that_apply(capsys):
+    """A greedy run printed `top_k None`, `top_p 1.0` and a seed that it never read."""
+    settings = {"exact_match": 0.5, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": None, "seed": 0}
+    assert _table_rows(settings, capsys) == {"exact_match": "50.00%", "max_new_tokens": "4",
+                                              "temperature": "0 (greedy)"}  # fmt: skip
+    sampled = {**settings, "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 5}
+    assert _table_rows(sampled, capsys) == {"exact_match": "50.00%", "max_new_tokens": "4", "temperature": "0.8",
+                                             "top_p": "0.9", "top_k": "50", "seed": "5"}  # fmt: skip
+    assert "top_k" not in _table_rows({**sampled, "top_k": None}, capsys)  # a model without top-k: none applies

@@ -156,6 +156,11 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
     return ordered, summary
 
 
+SAMPLING = ("top_p", "top_k", "seed")
+"""Settings of summary.json that only sampling (--temperature above 0) reads: the printed table leaves them out of a
+greedy run (summary.json keeps them all, with top_k null)."""
+
+
 def _print_table(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -163,8 +168,13 @@ def _print_table(summary: dict) -> None:
     table = Table(title="fasttune eval", show_header=False)
     table.add_column(style="bold")
     table.add_column()
+    greedy = summary.get("temperature") == 0
     for key, value in summary.items():
-        if isinstance(value, float) and key not in ("temperature", "top_p"):
+        if key in SAMPLING and (greedy or value is None):
+            continue  # greedy decoding reads none of them; top_k None: no top-k filter
+        if key == "temperature" and greedy:
+            value = "0 (greedy)"
+        elif isinstance(value, float) and key not in ("temperature", "top_p"):
             value = (f"{value:.2%}" if key.endswith("_match") else f"{value:,.0f}" if key.endswith("_per_s")
                      else f"{value:,.2f}" if key == "perplexity" else f"{value:.4f}")  # fmt: skip
         table.add_row(key, str(value))
