@@ -240,4 +240,23 @@ def test_resume_without_config_takes_the_options_not_given_from_the_run(trained,
     assert capsys.readouterr().err.startswith("error: --resume: training.lr is 0.5 but the run was started")
     assert cli.main(["train", "--output-dir", str(run), "--resume", "--max-steps", "3"]) == 0
     assert sorted(losses(_metrics(run))) == [1, 2, 3]
-    assert "--resume is taken from the command line only" not in capsys.readouterr().err
+    assert " sets resume: true" not in (err := capsys.readouterr().err) and " sets overwrite: true" not in err
+
+
+@pytest.mark.parametrize(
+    ("typed", "message"),
+    [
+        (("--resume",), "sets resume: true; this run resumes because --resume is on the command line (resume and "
+         "overwrite are read from there, never from a file)"),
+        ((), "sets resume: true, which only the command line can ask: this run does not resume; pass --resume for it"),
+    ],
+)  # fmt: skip
+def test_a_files_resume_notice_says_what_the_run_does(typed, message, tmp_path, caplog):
+    """`--config runs/a/config.json --resume` said the file's resume "is not used" while the run did resume."""
+    from fasttune.config.files import ConfigFile
+
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"resume": True}))
+    caplog.set_level("INFO", logger="fasttune")
+    assert ConfigFile.load(str(f), typed=typed).values == {}  # never read from the file
+    assert [r.getMessage() for r in caplog.records] == [f"{f} {message}"]

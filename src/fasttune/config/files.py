@@ -233,6 +233,17 @@ def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
     return out
 
 
+def _command_line_only(path: str, key: str, given: bool) -> str:
+    """What the run does with a COMMAND_LINE_ONLY key its --config file sets: what the command line says."""
+    verb, base = {"resume": ("resumes", "resume"), "overwrite": ("overwrites", "overwrite")}[key]
+    if given:
+        return (f"{path} sets {key}: true; this run {verb} because --{key} is on the command line (resume and "
+                "overwrite are read from there, never from a file)")  # fmt: skip
+    return (
+        f"{path} sets {key}: true, which only the command line can ask: this run does not {base}; pass --{key} for it"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigFile:
     """A --config file, read and checked: `values` is its nested mapping of options, without `experiment` and the
@@ -243,8 +254,9 @@ class ConfigFile:
     experiment: str | None
 
     @classmethod
-    def load(cls, path: str, quiet: bool = False) -> ConfigFile:
-        """`quiet`: say nothing of the COMMAND_LINE_ONLY keys it sets (a run's own config.json read for --resume)."""
+    def load(cls, path: str, quiet: bool = False, typed: tuple[str, ...] = ()) -> ConfigFile:
+        """`quiet`: say nothing of the COMMAND_LINE_ONLY keys it sets (a run's own config.json read for --resume);
+        `typed`: the flags on the command line, which decide those keys (the notice says what the run does)."""
         from fasttune.config.experiments import EXPERIMENTS
 
         values = _fields(BaseConfig, read(path), "", path)
@@ -252,9 +264,9 @@ class ConfigFile:
         if experiment is not None and experiment not in EXPERIMENTS:
             raise ConfigError(f"{path}: experiment: {experiment!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
         ignored = [k for k in COMMAND_LINE_ONLY if values.pop(k, False)]
-        if ignored and not quiet and os.environ.get("RANK", "0") == "0":  # torchrun: said once
-            flags = " / ".join(f"--{k}" for k in ignored)
-            log.info("%s: %s is taken from the command line only; the file's value is not used", path, flags)
+        if not quiet and os.environ.get("RANK", "0") == "0":  # torchrun: said once
+            for key in ignored:
+                log.info("%s", _command_line_only(path, key, f"--{key}" in typed))
         return cls(path, values, experiment)
 
     def keys(self) -> list[str]:

@@ -52,7 +52,7 @@ class TrainArgs(Command):
         typed = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
         from fasttune.config.files import ConfigFile, leaves
 
-        file = ConfigFile.load(path) if path is not None else None
+        file = ConfigFile.load(path, typed=typed) if path is not None else None
         own = "--resume" in typed and _resumed_config(args, name, file)
         if file is None and not own:
             return cls(config=get_experiment(name or "quick"), given=typed)
