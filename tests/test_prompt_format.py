@@ -85,3 +85,18 @@ def test_recording_skips_what_is_not_an_hf_tokenizer():
 
     record_prompt_format(Plain(), "text")
     record_prompt_format(Plain(), "alpaca")
+
+
+def test_an_alpaca_records_input_on_a_chat_model_follows_its_instruction_on_the_next_line():
+    """A prompt record with instruction and input, for a model with a chat template: one user message, the two
+    joined by one newline (LLaMA-Factory's Alpaca converter, Axolotl's alpaca_chat), not the blank line it had."""
+    from fasttune.generate.prompts import record_messages
+
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    record_prompt_format(tok, "chat")
+    messages = record_messages({"instruction": "Add the numbers.", "input": "2 and 3"}, prompt_format(tok))
+    assert tok.decode(prompt_ids(tok, messages)) == (
+        "<|im_start|>user\nAdd the numbers.\n2 and 3<|im_end|>\n<|im_start|>assistant\n"
+    )
+    alone = record_messages({"instruction": "Add the numbers.", "input": ""}, prompt_format(tok))
+    assert tok.decode(prompt_ids(tok, alone)) == "<|im_start|>user\nAdd the numbers.<|im_end|>\n<|im_start|>assistant\n"

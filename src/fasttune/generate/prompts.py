@@ -129,7 +129,8 @@ def record_messages(record: dict, prompt_format: str) -> list[dict]:
         extra = record.get("input") or ""
         if prompt_format == "alpaca":
             return [{"role": "user", "content": record["instruction"], "input": extra}]
-        return [{"role": "user", "content": record["instruction"] + (f"\n\n{extra}" if extra else "")}]
+        # one user message, "instruction\ninput": as LLaMA-Factory's Alpaca converter and Axolotl's alpaca_chat
+        return [{"role": "user", "content": record["instruction"] + (f"\n{extra}" if extra else "")}]
     text = record["prompt"] if isinstance(record.get("prompt"), str) else record["text"]
     return [{"role": "user", "content": text}]
 
