@@ -10,7 +10,10 @@ runs the same model from the same weights in ~15 kernels per layer:
   sit side by side. Attention scores are dot products over the head dim, so the permutation leaves them unchanged;
 - attention reads the whole preallocated cache through one SDPA call with an additive mask (-inf on padding and on
   slots not written yet), so shapes never depend on the step: one graph serves every step, prompt length and call.
-  Grouped-query attention is SDPA over (B, Hkv, G*Q, D) queries: no repeat of the keys.
+  Grouped-query attention is SDPA over (B, Hkv, G*Q, D) queries: no repeat of the keys. A sliding-window layer's
+  mask also has -inf on the slots its window leaves behind (made once per step per window size);
+- Phi-3's fused qkv_proj / gate_up_proj are split into the same fused copies; its partial rotary leaves the last
+  head dims unrotated (cos 1, sin 0 in the same complex multiply).
 Rounding therefore differs from HF's (fp32: ~1e-6 relative in the logits; bf16: a few hundredths): greedy tokens
 equal HF's up to its first near-tie (docs/BENCHMARKS.md, tests/test_generate_fast.py).
 
@@ -25,10 +28,15 @@ import torch.nn.functional as F
 
 from fasttune.generate import kernels
 
-# architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm), RoPE,
-# full attention, o, RMSNorm, SwiGLU gate/up/down
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm; phi3:
+# one fused qkv_proj), RoPE (phi3: on a leading part of the head dim), full or sliding-window attention, o, RMSNorm,
+# SwiGLU gate/up/down (phi3: one fused gate_up_proj)
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
+# longrope (Phi-3/Phi-4) uses its short factors while every position is below original_max_position_embeddings and
+# switches every position to its long factors beyond: static within that length, so calls longer fall back (per call)
+BOUNDED_ROPE = ("longrope",)
+LAYER_KINDS = {"full_attention", "sliding_attention"}
 
 
 def unsupported_reason(model) -> str | None:
@@ -37,18 +45,43 @@ def unsupported_reason(model) -> str | None:
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_TYPES:
         return f"model type {kind!r}: the fused decoder supports {', '.join(SUPPORTED_TYPES)}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", kind == "mistral"):
-        return "sliding-window attention is not supported"
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        return f"layer types {sorted(kinds)}: only full-attention layers are supported"
+    if not kinds <= LAYER_KINDS:
+        return f"layer types {sorted(kinds - LAYER_KINDS)}: only full and sliding-window attention are supported"
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
         return f"MLP activation {config.hidden_act!r} / MLP bias: only SwiGLU without bias is supported"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in STATIC_ROPE:
-        return f"rope type {rope_type!r}: only {', '.join(STATIC_ROPE)} are supported"
+    rope_type = _rope_parameters(config).get("rope_type", "default")
+    if rope_type not in STATIC_ROPE + BOUNDED_ROPE:
+        return f"rope type {rope_type!r}: only {', '.join(STATIC_ROPE + BOUNDED_ROPE)} are supported"
     return _structure_reason(model)
+
+
+def _rope_parameters(config) -> dict:
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    return rope
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as HF's modules choose their masks: Mistral and Phi-3 apply
+    `sliding_window` to every layer when it is set, Qwen2/Qwen3 to the layers `layer_types` marks sliding (their
+    config drops the window unless `use_sliding_window`)."""
+    window = getattr(config, "sliding_window", None) or None
+    kind, layers = config.model_type, config.num_hidden_layers
+    if kind in ("mistral", "phi3"):
+        return [window] * layers
+    if kind in ("qwen2", "qwen3"):
+        types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+        return [window if t == "sliding_attention" else None for t in types]
+    return [None] * layers
+
+
+def _projections(layer) -> list[tuple[str, torch.nn.Module]]:
+    """The linear modules of a decoder layer the fused copies are made from, by name."""
+    a, m = layer.self_attn, layer.mlp
+    attn = ["qkv_proj"] if hasattr(a, "qkv_proj") else ["q_proj", "k_proj", "v_proj"]
+    mlp = ["gate_up_proj"] if hasattr(m, "gate_up_proj") else ["gate_proj", "up_proj"]
+    return [(n, getattr(a, n)) for n in [*attn, "o_proj"]] + [(n, getattr(m, n)) for n in [*mlp, "down_proj"]]
 
 
 def _structure_reason(model) -> str | None:
@@ -59,9 +92,7 @@ def _structure_reason(model) -> str | None:
     if getattr(inner, "rotary_emb", None) is None or getattr(inner, "layers", None) is None:
         return f"{type(model).__name__} is not a plain HF causal LM (model.model.layers and .rotary_emb)"
     for layer in inner.layers:
-        a, m = layer.self_attn, layer.mlp
-        for name, proj in (("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj), ("o_proj", a.o_proj),
-                           ("gate_proj", m.gate_proj), ("up_proj", m.up_proj), ("down_proj", m.down_proj)):  # fmt: skip
+        for name, proj in _projections(layer):
             if type(proj) is not torch.nn.Linear:  # LoRA layers, quantized linears: the copies would drop them
                 return f"{name} is a {type(proj).__name__}, not a plain Linear (merge adapters: merge_and_unload)"
     params = list(model.parameters())
@@ -72,10 +103,28 @@ def _structure_reason(model) -> str | None:
     return None
 
 
-def _rope_order(head_dim: int) -> torch.Tensor:
-    """Head-dim order that puts HF's rotate-half pairs (i, i + D/2) side by side: [0, D/2, 1, D/2 + 1, ...]."""
-    half = head_dim // 2
-    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).reshape(-1)
+def _rope_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Head-dim order that puts HF's rotate-half pairs (i, i + R/2) of the first R = `rotary_dim` dims side by side:
+    [0, R/2, 1, R/2 + 1, ..., R, R + 1, ...]; the dims past R (phi3's partial rotary) keep their place and are
+    "rotated" by cos 1, sin 0 (exact), so every head dim goes through the same complex multiply."""
+    half = rotary_dim // 2
+    pairs = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).reshape(-1)
+    return torch.cat([pairs, torch.arange(rotary_dim, head_dim)])
+
+
+def _split_weights(layer, heads: int, kv_heads: int, head_dim: int, part: str) -> list[torch.Tensor | None]:
+    """q, k, v weights (`part` "weight") or biases ("bias", None where absent) of a layer, and gate, up weights:
+    views of phi3's fused qkv_proj / gate_up_proj (q, k, v and gate, up in that order), else the separate ones."""
+    a, m = layer.self_attn, layer.mlp
+    if hasattr(a, "qkv_proj"):
+        fused = getattr(a.qkv_proj, part)
+        qkv = [None] * 3 if fused is None else list(fused.split([heads * head_dim, *[kv_heads * head_dim] * 2]))
+    else:
+        qkv = [getattr(p, part) for p in (a.q_proj, a.k_proj, a.v_proj)]
+    if part == "bias":
+        return qkv
+    gate_up = m.gate_up_proj.weight.chunk(2) if hasattr(m, "gate_up_proj") else (m.gate_proj.weight, m.up_proj.weight)
+    return qkv + list(gate_up)
 
 
 class FusedDecoder:
@@ -91,6 +140,12 @@ class FusedDecoder:
         self.scale = float(attn0.scaling)
         self.eps = float(model.model.norm.variance_epsilon)
         self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 20))
+        rope = _rope_parameters(config)
+        self.rope_limit = None  # positions the rope table holds, where the rope depends on the length (longrope)
+        if rope["rope_type"] in BOUNDED_ROPE:
+            original = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
+            self.rope_limit = self.max_positions = min(self.max_positions, int(original))
+        self.windows = layer_windows(config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # Triton kernels on CUDA (kernels.py), else torch ops; the RoPE kernel needs a power-of-2 number of pairs
@@ -98,15 +153,21 @@ class FusedDecoder:
         self.use_kernels = kernels.available(self.device) and (half & (half - 1)) == 0
         self._version = None
         self.layers: list[dict[str, torch.Tensor | None]] = []
+        self._rope_table(self.max_positions)  # sets rotary_dim, which the weights' row order depends on
         self.refresh()
-        self._rope_table(self.max_positions)
+
+    def call_reason(self, length: int) -> str | None:
+        """Why a call of `length` cache slots (prompt + new tokens) cannot run here, or None when it can."""
+        if self.rope_limit is not None and length > self.rope_limit:
+            return (f"{length} positions exceed original_max_position_embeddings={self.rope_limit}, beyond which "
+                    "longrope switches to its long factors")  # fmt: skip
+        return None
 
     def _sources(self) -> list[torch.Tensor]:
-        out = []
+        out = []  # the parameters themselves: a view's id would change at every call
         for layer in self.model.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            out += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight]
-            out += [p.bias for p in (a.q_proj, a.k_proj, a.v_proj) if p.bias is not None]
+            a = layer.self_attn
+            out += [t for _, p in _projections(layer) for t in (p.weight, p.bias) if t is not None]
             out += [n.weight for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None]
         return out
 
@@ -118,25 +179,24 @@ class FusedDecoder:
         version = tuple((id(t), t._version) for t in self._sources())
         if version == self._version:
             return False
-        order = _rope_order(self.head_dim).to(self.device)
+        order = _rope_order(self.head_dim, self.rotary_dim).to(self.device)
         fresh = not self.layers
 
         def permuted(w: torch.Tensor, heads: int) -> torch.Tensor:  # (heads*D, ...) rows in rope order per head
             return w.reshape(heads, self.head_dim, *w.shape[1:])[:, order].reshape(w.shape)
 
+        shape = (self.heads, self.kv_heads, self.head_dim)
         for i, layer in enumerate(self.model.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            qkv = [permuted(a.q_proj.weight, self.heads), permuted(a.k_proj.weight, self.kv_heads), a.v_proj.weight]
-            bias = None
-            if a.q_proj.bias is not None:
-                bias = torch.cat(
-                    [permuted(a.q_proj.bias, self.heads), permuted(a.k_proj.bias, self.kv_heads), a.v_proj.bias]
-                )
+            a = layer.self_attn
+            q, k, v, gate, up = _split_weights(layer, *shape, "weight")
+            qkv = [permuted(q, self.heads), permuted(k, self.kv_heads), v]
+            q_b, k_b, v_b = _split_weights(layer, *shape, "bias")
+            bias = None if q_b is None else torch.cat([permuted(q_b, self.heads), permuted(k_b, self.kv_heads), v_b])
             qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
             new = {
                 "qkv": torch.cat(qkv),  # (Hq*D + 2*Hkv*D, E)
                 "qkv_bias": bias,
-                "gate_up": torch.cat([m.gate_proj.weight, m.up_proj.weight]),  # (2I, E)
+                "gate_up": torch.cat([gate, up]),  # (2I, E)
                 "q_norm": None if qn is None else qn.weight[order],
                 "k_norm": None if kn is None else kn.weight[order],
             }
@@ -151,13 +211,16 @@ class FusedDecoder:
 
     @torch.no_grad()
     def _rope_table(self, length: int) -> None:
-        """cos + i sin per (position, pair), float32, from HF's own rotary module (its scaling rules included)."""
+        """cos + i sin per (position, pair), float32, from HF's own rotary module (its scaling rules included); pairs
+        past the rotary dims (partial rotary) get cos 1, sin 0."""
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=torch.float32)
-        cos, sin = self.model.model.rotary_emb(probe, positions)  # (1, T, D), halves equal
-        half = self.head_dim // 2
-        self.cos_TD2 = cos[0, :, :half].float().contiguous()
-        self.sin_TD2 = sin[0, :, :half].float().contiguous()
+        cos, sin = self.model.model.rotary_emb(probe, positions)  # (1, T, R), halves equal; R = D unless partial
+        self.rotary_dim = cos.shape[-1]
+        rest = (self.head_dim - self.rotary_dim) // 2
+        half = self.rotary_dim // 2
+        self.cos_TD2 = F.pad(cos[0, :, :half].float(), (0, rest), value=1.0).contiguous()
+        self.sin_TD2 = F.pad(sin[0, :, :half].float(), (0, rest), value=0.0).contiguous()
         self.rope_TD2 = torch.complex(self.cos_TD2, self.sin_TD2)
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
@@ -210,6 +273,20 @@ class FusedDecoder:
                                                 scale=self.scale)  # fmt: skip
         return o_BHPD.transpose(1, 2).reshape(B * Q, Hq * D)
 
+    def _window_bias(self, bias: torch.Tensor | None, slots_Q: torch.Tensor, keys: int,
+                     window: int | None) -> torch.Tensor | None:  # fmt: skip
+        """`bias` with -inf on the keys a sliding window of `window` hides from each query, as HF's mask: key slot k
+        is visible from query slot q when k > q - window (slots count left padding, as HF's cache positions do).
+        Unchanged when the keys all fit in the window (then it hides nothing, at any step)."""
+        if window is None or keys <= window:
+            return bias
+        key_slots_K = torch.arange(keys, device=self.device)
+        far_QK = key_slots_K <= slots_Q[:, None] - window
+        if bias is None:  # prefill without padding: the causal mask, explicit
+            bias = torch.zeros(far_QK.shape, dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill(key_slots_K > slots_Q[:, None], float("-inf"))
+        return bias.masked_fill(far_QK, float("-inf"))
+
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
@@ -220,12 +297,14 @@ class FusedDecoder:
         Hq, Hkv = self.heads, self.kv_heads
         if Q == 1:  # the mask as SDPA sees it, materialized once per step rather than expanded by every layer's call
             bias = bias.expand(B, Hkv, Hq // Hkv, -1).contiguous()
+        keys = cache.shape[-2] if Q == 1 else Q  # decode reads every cache slot, prefill the prompt's
+        biases = {w: self._window_bias(bias, slots_Q, keys, w) for w in set(self.windows)}  # once per step
         h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)
-        for layer, fused in zip(model.layers, self.layers, strict=True):
+        for layer, fused, window in zip(model.layers, self.layers, self.windows, strict=True):
             a = layer.self_attn
             qkv_BQF = F.linear(self._norm(h_NE, layer.input_layernorm.weight), fused["qkv"], fused["qkv_bias"])
             q_BQHD = self._queries(fused, qkv_BQF.view(B, Q, -1), pos_BQ, slots_Q, cache[a.layer_idx])
-            o_NF = self._attention(q_BQHD, cache[a.layer_idx], bias)
+            o_NF = self._attention(q_BQHD, cache[a.layer_idx], biases[window])
             h_NE.addmm_(o_NF, a.o_proj.weight.t())  # residual fused, in place: addmm would first copy h
             if a.o_proj.bias is not None:
                 h_NE.add_(a.o_proj.bias)

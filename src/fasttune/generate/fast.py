@@ -19,10 +19,12 @@ syncs, and the row's tokens after the one that completed it become `pad_token_id
 `check_every` steps (each burst is one host sync), so streaming costs almost nothing. Errors (right padding, an
 empty prompt, a prompt plus `max_new_tokens` beyond the model's context) raise ValueError with the reason.
 
-The fast path (fasttune/generate/decoder.py, Triton kernels on CUDA in kernels.py) supports Llama, Mistral (without
-sliding window), Qwen2 and Qwen3 with plain dense weights; anything else (another architecture, unmerged LoRA,
-sharded weights, a generation config that sets a repetition penalty or another logits processor) runs through HF
-`generate` with the same arguments, and `reason` says why. On the CPU, or with
+The fast path (fasttune/generate/decoder.py, Triton kernels on CUDA in kernels.py) supports Llama, Mistral, Qwen2,
+Qwen3 (sliding windows included) and Phi-3/Phi-4 with plain dense weights; anything else (another architecture,
+unmerged LoRA, sharded weights, a generation config that sets a repetition penalty or another logits processor) runs
+through HF `generate` with the same arguments, and `reason` says why. A call the fused decoder cannot run although the
+model is supported (longrope past original_max_position_embeddings) runs through HF `generate` too, logged once per
+reason and kept in `call_reason`. On the CPU, or with
 `use_graphs=False`, the fused decoder runs step by step without graphs. Weights changed in place (training between
 calls) are re-fused at the next call; a change of the model's device or dtype rebuilds everything.
 
@@ -128,6 +130,8 @@ class Generator:
     def __init__(self, model, *, use_graphs: bool | None = None, check_every: int = 16):
         self.model = model
         self.reason = unsupported_reason(model)
+        self.call_reason: str | None = None  # why the last call ran through HF `generate` on a supported model
+        self._logged: set[str] = set()
         self.check_every = check_every
         self.capture_seconds = 0.0  # time spent capturing graphs so far, for benchmarks
         self.prefill_seconds = 0.0  # the last call's prompt pass (a first call's includes CUDA's lazy start-up)
@@ -177,7 +181,11 @@ class Generator:
         if keys is None:  # greedy draws nothing: the global generator is left as it is
             keys = torch.randint(0, 1 << 32, (batch,)).tolist() if temperature > 0 else [0] * batch
         stops = stop_strings if stop_strings else None
-        if self.decoder is None:
+        self.call_reason = None if self.decoder is None else self.decoder.call_reason(prompt_len + max_new_tokens)
+        if self.call_reason and self.call_reason not in self._logged:
+            self._logged.add(self.call_reason)
+            log.info("fast generation: HF generate for this call (%s)", self.call_reason)
+        if self.decoder is None or self.call_reason:
             return self._hf_generate(ids_BP, mask_BP, max_new_tokens, (temperature, top_p, top_k), eos, pad_token_id,
                                      on_token, keys, stops)  # fmt: skip
         first = next(self.model.parameters())

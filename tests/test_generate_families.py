@@ -1,0 +1,123 @@
+"""The fused decoder on the families beyond plain Llama, against HF `generate` on tiny random models built from
+configs: sliding-window attention (Mistral, Qwen2's sliding layers, Phi-3) with a window smaller than prompt + new
+tokens, and Phi-3/Phi-4 (fused qkv_proj / gate_up_proj, partial rotary, longrope). Float32 scores within 1e-5 of
+HF's at every step on the CPU (HF's reference with eager attention: its explicit window mask); on CUDA (graphs and
+Triton kernels) within the greedy tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, Phi3Config, Qwen2Config
+
+from fasttune.bench.generate_check import TOLERANCE, greedy_agreement, hf_greedy, synthetic_tokens
+from fasttune.generate.fast import Generator
+
+VOCAB, PROMPT, NEW, WINDOW = 96, 12, 16, 5
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=None)  # fmt: skip
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+# Phi-4-mini's rope: longrope on the first 3/4 of each head's dims (factors per rotary pair: 16 * 0.75 / 2 = 6)
+LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                original_max_position_embeddings=64, short_factor=[1.0 + 0.1 * i for i in range(6)],
+                long_factor=[2.0 + i for i in range(6)])  # fmt: skip
+
+WINDOWED = {
+    "mistral": lambda: MistralConfig(**SHAPE, sliding_window=WINDOW),
+    # layer 0 full, layer 1 sliding: each layer gets its own mask
+    "qwen2": lambda: Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "phi3": lambda: Phi3Config(**SHAPE, sliding_window=WINDOW),
+}
+
+
+def build(config, device: str = "cpu", attn: str = "eager"):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(device).eval()
+
+
+def prompts(batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ids_BP = synthetic_tokens(batch, PROMPT, symbols=48, seed=batch)
+    mask_BP = torch.ones_like(ids_BP)
+    for row in range(1, batch):  # left padding of different lengths
+        ids_BP[row, : 2 * row + 1] = mask_BP[row, : 2 * row + 1] = 0
+    return ids_BP.to(device), mask_BP.to(device)
+
+
+def check_matches_hf(model, batch: int, new: int = NEW) -> list[torch.Tensor]:
+    """Fast greedy tokens and scores against HF's; returns HF's scores."""
+    device = next(model.parameters()).device.type
+    ids_BP, mask_BP = prompts(batch, device)
+    ref_BS, ref_scores = hf_greedy(model, ids_BP, mask_BP, new)
+    gen = Generator(model)
+    assert gen.reason is None, gen.reason
+    seen: list[torch.Tensor] = []
+    select = gen._select
+    gen._select = lambda logits_BV, *key: (seen.append(logits_BV.clone()), select(logits_BV, *key))[1]
+    out_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=new)
+    assert gen.call_reason is None and len(seen) == new  # the fused decoder ran, every step
+    result = greedy_agreement(ref_scores, ref_BS[:, PROMPT:], out_BS[:, PROMPT:], TOLERANCE[torch.float32])
+    assert result["agree"], result
+    limit = 1e-5 if device == "cpu" else TOLERANCE[torch.float32]
+    assert max(float((a - b).abs().max()) for a, b in zip(ref_scores, seen, strict=True)) < limit
+    return ref_scores
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", sorted(WINDOWED))
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1: the prompt pass has no padding mask, only the window's
+def test_sliding_window_smaller_than_the_call_matches_hf(family, batch, device):
+    model = build(WINDOWED[family](), device)
+    ref_scores = check_matches_hf(model, batch)
+    # the window matters: the same weights attending to everything score otherwise
+    full = WINDOWED[family]()
+    full.sliding_window, full.use_sliding_window = None, False
+    full.layer_types = ["full_attention"] * full.num_hidden_layers
+    unwindowed = build(full, device)
+    unwindowed.load_state_dict(model.state_dict())
+    _, full_scores = hf_greedy(unwindowed, *prompts(batch, device), NEW)
+    assert max(float((a - b).abs().max()) for a, b in zip(ref_scores, full_scores, strict=True)) > 1e-2
+
+
+def test_sliding_window_matches_hf_sdpa_too():
+    """HF's sdpa reference (its own window handling at decode) gives the same scores as its eager one."""
+    check_matches_hf(build(WINDOWED["mistral"](), attn="sdpa"), 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rope", ["default", "longrope"])
+def test_phi3_fused_projections_match_hf(rope, device):
+    """Phi-3's fused qkv_proj and gate_up_proj mapped onto the fused decoder; longrope (Phi-4-mini's, partial rotary)
+    within original_max_position_embeddings uses its short factors, as HF does there."""
+    extra = dict(rope_parameters=dict(LONGROPE), original_max_position_embeddings=64) if rope == "longrope" else {}
+    check_matches_hf(build(Phi3Config(**SHAPE, **extra), device), 3)
+
+
+def test_phi3_longrope_beyond_its_original_length_runs_hf_generate_for_that_call():
+    """Past original_max_position_embeddings longrope switches every position to its long factors: such a call runs
+    through HF `generate` (HF's tokens, `call_reason` says why); a shorter call after it is fused again."""
+    model = build(Phi3Config(**SHAPE, rope_parameters=dict(LONGROPE), original_max_position_embeddings=64))
+    gen = Generator(model)
+    assert gen.reason is None
+    ids_BP, mask_BP = prompts(2, "cpu")
+    ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, 60)  # 12 + 60 > 64
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=60), ref_BS)
+    assert "original_max_position_embeddings=64" in gen.call_reason
+    ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, NEW)
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), ref_BS) and gen.call_reason is None
+
+
+def test_phi3_weights_changed_in_place_are_used():
+    """An in-place update of the fused qkv_proj / gate_up_proj (an optimizer step) is re-fused at the next call."""
+    model = build(Phi3Config(**SHAPE))
+    gen = Generator(model)
+    assert gen.reason is None
+    ids_BP, mask_BP = prompts(1, "cpu")
+    before_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=NEW)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight.mul_(-2.0)
+            layer.mlp.gate_up_proj.weight.mul_(1.5)
+    ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, NEW)
+    assert not torch.equal(ref_BS, before_BS)  # the change matters
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), ref_BS)
