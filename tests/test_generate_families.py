@@ -1,14 +1,14 @@
 """The fused decoder on the families beyond plain Llama, against HF `generate` on tiny random models built from
 configs: sliding-window attention (Mistral, Qwen2's sliding layers, Phi-3) with a window smaller than prompt + new
-tokens, and Phi-3/Phi-4 (fused qkv_proj / gate_up_proj, partial rotary, longrope). Float32 scores within 1e-5 of
-HF's at every step on the CPU (HF's reference with eager attention: its explicit window mask); on CUDA (graphs and
-Triton kernels) within the greedy tolerance."""
+tokens, Phi-3/Phi-4 (fused qkv_proj / gate_up_proj, partial rotary, longrope) and Gemma 2/3 text. Float32 scores
+within 1e-5 of HF's at every step on the CPU (HF's reference with eager attention: its explicit window mask); on CUDA
+(graphs and Triton kernels) within the greedy tolerance."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, Phi3Config, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config
 
 from fasttune.bench.generate_check import TOLERANCE, greedy_agreement, hf_greedy, synthetic_tokens
 from fasttune.generate.fast import Generator
@@ -121,3 +121,40 @@ def test_phi3_weights_changed_in_place_are_used():
     ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, NEW)
     assert not torch.equal(ref_BS, before_BS)  # the change matters
     assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), ref_BS)
+
+
+# Gemma: 4 layers alternating sliding (window 5) and full; the scale 1/sqrt(24), not 1/sqrt(head_dim)
+GEMMA = dict(SHAPE, num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, bos_token_id=1)
+GEMMAS = {
+    "gemma2": lambda: Gemma2Config(**GEMMA, attn_logit_softcapping=None, final_logit_softcapping=3.0),
+    # local and global RoPE differ (base and linear scaling), as Gemma 3's 4b+ models
+    "gemma3": lambda: Gemma3TextConfig(**GEMMA, sliding_window_pattern=2, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "gemma3-softcap": lambda: Gemma3TextConfig(**GEMMA, sliding_window_pattern=2, final_logit_softcapping=3.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", sorted(GEMMAS))
+def test_gemma_matches_hf(family, device):
+    """Gemma's layer (scaled embedding, (1 + w) norms around attention and MLP, q/k norms, GELU-tanh, per-type RoPE,
+    sliding layers, final soft-capping) on the fused decoder. The norms' weights are random (Gemma's init is 0, which
+    would hide a missing 1 + w)."""
+    model = build(GEMMAS[family](), device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    check_matches_hf(model, 3)
+
+
+def test_gemma2_attention_softcapping_runs_hf_generate_with_the_reason():
+    """Gemma 2's checkpoints cap attention logits (attn_logit_softcapping 50.0), which SDPA cannot apply: HF `generate`
+    runs, and the reason names the setting."""
+    model = build(Gemma2Config(**GEMMA))
+    gen = Generator(model)
+    assert "attn_logit_softcapping=50.0" in gen.reason
+    ids_BP, mask_BP = prompts(2, "cpu")
+    ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, 8)
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=8), ref_BS)

@@ -64,16 +64,14 @@ def _rope_parameters(config) -> dict:
 
 def layer_windows(config) -> list[int | None]:
     """Each layer's sliding window (None: full attention), as HF's modules choose their masks: Mistral and Phi-3 apply
-    `sliding_window` to every layer when it is set, Qwen2/Qwen3 to the layers `layer_types` marks sliding (their
-    config drops the window unless `use_sliding_window`)."""
+    `sliding_window` to every layer when it is set, the others (Qwen2/Qwen3, Gemma) to the layers `layer_types` marks
+    sliding (Qwen2/Qwen3's config drops the window unless `use_sliding_window`)."""
     window = getattr(config, "sliding_window", None) or None
     kind, layers = config.model_type, config.num_hidden_layers
     if kind in ("mistral", "phi3"):
         return [window] * layers
-    if kind in ("qwen2", "qwen3"):
-        types = getattr(config, "layer_types", None) or ["full_attention"] * layers
-        return [window if t == "sliding_attention" else None for t in types]
-    return [None] * layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * layers  # qwen2, qwen3, gemma2, gemma3
+    return [window if t == "sliding_attention" else None for t in types]
 
 
 def _projections(layer) -> list[tuple[str, torch.nn.Module]]:
@@ -138,7 +136,8 @@ class FusedDecoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = attn0.head_dim
         self.scale = float(attn0.scaling)
-        self.eps = float(model.model.norm.variance_epsilon)
+        norm = model.model.norm
+        self.eps = float(norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
         self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 20))
         rope = _rope_parameters(config)
         self.rope_limit = None  # positions the rope table holds, where the rope depends on the length (longrope)
@@ -197,8 +196,8 @@ class FusedDecoder:
                 "qkv": torch.cat(qkv),  # (Hq*D + 2*Hkv*D, E)
                 "qkv_bias": bias,
                 "gate_up": torch.cat([gate, up]),  # (2I, E)
-                "q_norm": None if qn is None else qn.weight[order],
-                "k_norm": None if kn is None else kn.weight[order],
+                "q_norm": None if qn is None else self._norm_weight(qn.weight)[order],
+                "k_norm": None if kn is None else self._norm_weight(kn.weight)[order],
             }
             if fresh:
                 self.layers.append(new)
@@ -213,15 +212,21 @@ class FusedDecoder:
     def _rope_table(self, length: int) -> None:
         """cos + i sin per (position, pair), float32, from HF's own rotary module (its scaling rules included); pairs
         past the rotary dims (partial rotary) get cos 1, sin 0."""
+        self.rope = self._table(length)
+        self.cos_TD2, self.sin_TD2, self.rope_TD2 = self.rope
+
+    def _table(self, length: int, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, sin, cos + i sin) per (position, pair) of HF's rotary module called with `args` after the
+        positions (Gemma 3: the layer type)."""
         positions = torch.arange(length, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=torch.float32)
-        cos, sin = self.model.model.rotary_emb(probe, positions)  # (1, T, R), halves equal; R = D unless partial
+        cos, sin = self.model.model.rotary_emb(probe, positions, *args)  # (1, T, R), halves equal; R = D unless partial
         self.rotary_dim = cos.shape[-1]
         rest = (self.head_dim - self.rotary_dim) // 2
         half = self.rotary_dim // 2
-        self.cos_TD2 = F.pad(cos[0, :, :half].float(), (0, rest), value=1.0).contiguous()
-        self.sin_TD2 = F.pad(sin[0, :, :half].float(), (0, rest), value=0.0).contiguous()
-        self.rope_TD2 = torch.complex(self.cos_TD2, self.sin_TD2)
+        cos_TD2 = F.pad(cos[0, :, :half].float(), (0, rest), value=1.0).contiguous()
+        sin_TD2 = F.pad(sin[0, :, :half].float(), (0, rest), value=0.0).contiguous()
+        return cos_TD2, sin_TD2, torch.complex(cos_TD2, sin_TD2)
 
     def new_cache(self, batch: int, capacity: int) -> torch.Tensor:
         """(L, 2, B, Hkv, T, D) keys and values. Zeros: slots never written are masked, and 0 * finite stays 0."""
@@ -238,22 +243,30 @@ class FusedDecoder:
             return kernels.rms_norm(x, weight, self.eps)
         return F.rms_norm(x, x.shape[-1:], weight, self.eps)
 
+    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight a q/k norm multiplies by (Gemma: 1 + w)."""
+        return weight
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
     def _queries(self, fused: dict, qkv_BQF: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor,
-                 kv_cache: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """Rotated queries (B, Q, Hq, D); rotated keys and the values written to `kv_cache` (2, B, Hkv, T, D)."""
+                 kv_cache: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:  # fmt: skip
+        """Rotated queries (B, Q, Hq, D); rotated keys and the values written to `kv_cache` (2, B, Hkv, T, D).
+        `rope`: the layer's (cos, sin, cos + i sin) tables, the model's by default."""
         B, Q, _ = qkv_BQF.shape
         Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        cos_TD2, sin_TD2, rope_TD2 = rope or self.rope
         if self.use_kernels and fused["q_norm"] is None:
             qkv_NF = qkv_BQF.view(B * Q, -1)
-            q_NHD = kernels.rope_cache_write(qkv_NF, self.cos_TD2, self.sin_TD2, pos_BQ.reshape(-1), slots_Q,
-                                             kv_cache, Hq, Hkv)  # fmt: skip
+            q_NHD = kernels.rope_cache_write(qkv_NF, cos_TD2, sin_TD2, pos_BQ.reshape(-1), slots_Q, kv_cache, Hq, Hkv)
             return q_NHD.view(B, Q, Hq, D)
         qk_BQHD = qkv_BQF[..., : (Hq + Hkv) * D].view(B, Q, Hq + Hkv, D)
         v_BQHD = qkv_BQF[..., (Hq + Hkv) * D :].view(B, Q, Hkv, D)
-        if fused["q_norm"] is not None:  # qwen3: per-head RMSNorm before RoPE
-            q_BQHD = F.rms_norm(qk_BQHD[:, :, :Hq], (D,), fused["q_norm"], self.eps)
-            qk_BQHD = torch.cat([q_BQHD, F.rms_norm(qk_BQHD[:, :, Hq:], (D,), fused["k_norm"], self.eps)], 2)
-        qk_BQHD = self._rope(qk_BQHD, self.rope_TD2[pos_BQ][:, :, None])  # queries and keys in one multiply
+        if fused["q_norm"] is not None:  # qwen3, gemma3: per-head RMSNorm before RoPE
+            q_BQHD = self._head_norm(qk_BQHD[:, :, :Hq], fused["q_norm"])
+            qk_BQHD = torch.cat([q_BQHD, self._head_norm(qk_BQHD[:, :, Hq:], fused["k_norm"])], 2)
+        qk_BQHD = self._rope(qk_BQHD, rope_TD2[pos_BQ][:, :, None])  # queries and keys in one multiply
         kv_cache.index_copy_(3, slots_Q, torch.stack([qk_BQHD[:, :, Hq:], v_BQHD]).transpose(2, 3))
         return qk_BQHD[:, :, :Hq]
 
@@ -287,6 +300,12 @@ class FusedDecoder:
             bias = bias.masked_fill(key_slots_K > slots_Q[:, None], float("-inf"))
         return bias.masked_fill(far_QK, float("-inf"))
 
+    def _biases(self, bias: torch.Tensor | None, slots_Q: torch.Tensor, cache: torch.Tensor,
+                Q: int) -> dict[int | None, torch.Tensor | None]:  # fmt: skip
+        """The mask of each window size, made once per step."""
+        keys = cache.shape[-2] if Q == 1 else Q  # decode reads every cache slot, prefill the prompt's
+        return {w: self._window_bias(bias, slots_Q, keys, w) for w in set(self.windows)}
+
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
@@ -297,8 +316,7 @@ class FusedDecoder:
         Hq, Hkv = self.heads, self.kv_heads
         if Q == 1:  # the mask as SDPA sees it, materialized once per step rather than expanded by every layer's call
             bias = bias.expand(B, Hkv, Hq // Hkv, -1).contiguous()
-        keys = cache.shape[-2] if Q == 1 else Q  # decode reads every cache slot, prefill the prompt's
-        biases = {w: self._window_bias(bias, slots_Q, keys, w) for w in set(self.windows)}  # once per step
+        biases = self._biases(bias, slots_Q, cache, Q)
         h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)
         for layer, fused, window in zip(model.layers, self.layers, self.windows, strict=True):
             a = layer.self_attn

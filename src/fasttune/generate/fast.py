@@ -20,12 +20,12 @@ syncs, and the row's tokens after the one that completed it become `pad_token_id
 empty prompt, a prompt plus `max_new_tokens` beyond the model's context) raise ValueError with the reason.
 
 The fast path (fasttune/generate/decoder.py, Triton kernels on CUDA in kernels.py) supports Llama, Mistral, Qwen2,
-Qwen3 (sliding windows included) and Phi-3/Phi-4 with plain dense weights; anything else (another architecture,
-unmerged LoRA, sharded weights, a generation config that sets a repetition penalty or another logits processor) runs
-through HF `generate` with the same arguments, and `reason` says why. A call the fused decoder cannot run although the
-model is supported (longrope past original_max_position_embeddings) runs through HF `generate` too, logged once per
-reason and kept in `call_reason`. On the CPU, or with
-`use_graphs=False`, the fused decoder runs step by step without graphs. Weights changed in place (training between
+Qwen3 (sliding windows included), Phi-3/Phi-4 and Gemma 2/3 text (gemma.py) with plain dense weights; anything else
+(another architecture, unmerged LoRA, sharded weights, a generation config that sets a repetition penalty or another
+logits processor) runs through HF `generate` with the same arguments, and `reason` says why. A call the fused
+decoder cannot run although the model is supported (longrope past original_max_position_embeddings) runs through HF
+`generate` too, logged once per reason and kept in `call_reason`. On the CPU, or with `use_graphs=False`, the fused
+decoder runs step by step without graphs. Weights changed in place (training between
 calls) are re-fused at the next call; a change of the model's device or dtype rebuilds everything.
 
 Per (padded batch size, cache capacity, sampling kind) one graph is captured the first time it is needed (a fraction
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from fasttune.generate import gemma
 from fasttune.generate.decoder import FusedDecoder
 from fasttune.generate.decoder import unsupported_reason as decoder_unsupported_reason
 from fasttune.generate.sampling import draw, hf_sampling, row_uniform
@@ -78,7 +79,7 @@ def unsupported_reason(model) -> str | None:
         value = getattr(config, name, None)
         if value not in (None, neutral, [], {}):  # an empty list of suppressed tokens suppresses none
             return f"generation_config.json sets {name}={value!r}, which the fast path does not apply"
-    return decoder_unsupported_reason(model)
+    return gemma.unsupported_reason(model) if gemma.handles(model) else decoder_unsupported_reason(model)
 
 
 def _pow2(n: int) -> int:
@@ -145,7 +146,8 @@ class Generator:
         self.use_graphs = on_cuda if self._graphs_asked is None else self._graphs_asked
         if self.use_graphs and not on_cuda:
             raise ValueError("use_graphs=True needs the model on a CUDA device")
-        self.decoder = FusedDecoder(self.model) if self.reason is None else None
+        decoder = gemma.GemmaDecoder if gemma.handles(self.model) else FusedDecoder
+        self.decoder = decoder(self.model) if self.reason is None else None
         self._states: dict[int, _State] = {}
         self._temperature = torch.ones((), device=self.device)
         self._top_p = torch.ones((), device=self.device)

@@ -1,0 +1,101 @@
+"""The fused decode step of Gemma 2 and Gemma 3 text models (`gemma2`, `gemma3_text`): decoder.py's fused weights,
+cache, masks (sliding windows included), RoPE and attention, with Gemma's layer around them:
+- the embedding is scaled by sqrt(hidden) (HF's scaled embedding module, called as is);
+- every RMSNorm multiplies by (1 + w) in float32 and rounds once (so torch ops, not kernels.rms_norm, which
+  rounds before the weight as Llama's norm does);
+- a layer is: norm, attention (Gemma 3: per-head q/k norms), o, post-attention norm, residual; pre-feed-forward
+  norm, GELU-tanh gated MLP, post-feed-forward norm, residual;
+- the attention scale is query_pre_attn_scalar ** -0.5 (HF's `scaling`);
+- Gemma 3 gives sliding and full layers their own RoPE (local base, global base and scaling): one table per layer type;
+- Gemma 2's final logit soft-capping, tanh(logits / cap) * cap in the model dtype as HF.
+Refused (HF `generate` runs, with the reason): attention logit soft-capping (Gemma 2 checkpoints set 50.0: SDPA cannot
+apply it, and the fused decoder does not approximate it), bidirectional attention, another activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fasttune.generate.decoder import LAYER_KINDS, STATIC_ROPE, FusedDecoder, _structure_reason
+
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+
+
+def handles(model) -> bool:
+    return getattr(model.config, "model_type", None) in GEMMA_TYPES
+
+
+def unsupported_reason(model) -> str | None:
+    """Why GemmaDecoder cannot run `model` (a Gemma 2/3 text model), or None when it can."""
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None):
+        return (f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping}) is not "
+                "supported: SDPA cannot apply it")  # fmt: skip
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention (use_bidirectional_attention) is not supported"
+    if getattr(config, "hidden_activation", None) != "gelu_pytorch_tanh":
+        return f"MLP activation {config.hidden_activation!r}: only gelu_pytorch_tanh is supported for Gemma"
+    kinds = set(config.layer_types)
+    if not kinds <= LAYER_KINDS:
+        return f"layer types {sorted(kinds - LAYER_KINDS)}: only full and sliding-window attention are supported"
+    rope = getattr(config, "rope_parameters", None) or {}
+    for params in (rope[k] for k in kinds) if set(rope) >= kinds else [rope]:  # gemma3: one set per layer type
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in STATIC_ROPE:
+            return f"rope type {rope_type!r}: only {', '.join(STATIC_ROPE)} are supported"
+    return _structure_reason(model)
+
+
+class GemmaDecoder(FusedDecoder):
+    """FusedDecoder with Gemma's layer (module docstring)."""
+
+    def __init__(self, model):
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        super().__init__(model)
+
+    def _rope_table(self, length: int) -> None:
+        """One table per layer type for Gemma 3 (its rotary module takes the type), one for all layers otherwise."""
+        types = self.model.config.layer_types
+        if self.model.config.model_type == "gemma3_text":
+            tables = {t: self._table(length, t) for t in set(types)}
+            self.layer_ropes = [tables[t] for t in types]
+        else:
+            self.layer_ropes = [self._table(length)] * len(types)
+        self.rope = self.layer_ropes[0]
+        self.cos_TD2, self.sin_TD2, self.rope_TD2 = self.rope
+
+    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return 1.0 + weight.float()
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), x.shape[-1:], weight, self.eps).to(self.dtype)
+
+    def _gemma_norm(self, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+        """HF's Gemma RMSNorm: normalize in float32, times (1 + w) in float32, one rounding."""
+        return self._head_norm(x, self._norm_weight(norm.weight))
+
+    def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """As FusedDecoder.forward, with Gemma's layer."""
+        model = self.model.model
+        B, Q = ids_BQ.shape
+        Hq, Hkv = self.heads, self.kv_heads
+        if Q == 1:
+            bias = bias.expand(B, Hkv, Hq // Hkv, -1).contiguous()
+        biases = self._biases(bias, slots_Q, cache, Q)
+        h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)  # scaled by sqrt(hidden) in the model dtype, as HF
+        for layer, fused, window, rope in zip(model.layers, self.layers, self.windows, self.layer_ropes, strict=True):
+            a, m = layer.self_attn, layer.mlp
+            qkv_BQF = F.linear(self._gemma_norm(h_NE, layer.input_layernorm), fused["qkv"], fused["qkv_bias"])
+            q_BQHD = self._queries(fused, qkv_BQF.view(B, Q, -1), pos_BQ, slots_Q, cache[a.layer_idx], rope)
+            o_NE = F.linear(self._attention(q_BQHD, cache[a.layer_idx], biases[window]), a.o_proj.weight, a.o_proj.bias)
+            h_NE = h_NE + self._gemma_norm(o_NE, layer.post_attention_layernorm)
+            gate_up_N2I = F.linear(self._gemma_norm(h_NE, layer.pre_feedforward_layernorm), fused["gate_up"])
+            gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
+            down_NE = F.linear(F.gelu(gate_NI, approximate="tanh") * up_NI, m.down_proj.weight)
+            h_NE = h_NE + self._gemma_norm(down_NE, layer.post_feedforward_layernorm)
+        logits_BV = self.model.lm_head(self._gemma_norm(h_NE.view(B, Q, -1)[:, -1], model.norm))
+        if self.softcap:
+            logits_BV = torch.tanh(logits_BV / self.softcap) * self.softcap
+        return logits_BV.float()
