@@ -7,9 +7,10 @@ cache, masks (sliding windows included), RoPE and attention, with Gemma's layer 
   norm, GELU-tanh gated MLP, post-feed-forward norm, residual;
 - the attention scale is query_pre_attn_scalar ** -0.5 (HF's `scaling`);
 - Gemma 3 gives sliding and full layers their own RoPE (local base, global base and scaling): one table per layer type;
-- Gemma 2's final logit soft-capping, tanh(logits / cap) * cap in the model dtype as HF.
-Refused (HF `generate` runs, with the reason): attention logit soft-capping (Gemma 2 checkpoints set 50.0: SDPA cannot
-apply it, and the fused decoder does not approximate it), bidirectional attention, another activation.
+- Gemma 2's soft-capping: of the final logits, tanh(logits / cap) * cap in the model dtype as HF; of the attention
+  scores (attn_logit_softcapping, 50.0 in its checkpoints), which SDPA cannot apply, attention as HF's eager one:
+  scores, cap, mask, float32 softmax, values (torch ops, graph-capturable; slower than SDPA at long contexts).
+Refused (HF `generate` runs, with the reason): bidirectional attention, another activation, other layer types.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ def handles(model) -> bool:
 def unsupported_reason(model) -> str | None:
     """Why GemmaDecoder cannot run `model` (a Gemma 2/3 text model), or None when it can."""
     config = model.config
-    if getattr(config, "attn_logit_softcapping", None):
-        return (f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping}) is not "
-                "supported: SDPA cannot apply it")  # fmt: skip
     if getattr(config, "use_bidirectional_attention", False):
         return "bidirectional attention (use_bidirectional_attention) is not supported"
     if getattr(config, "hidden_activation", None) != "gelu_pytorch_tanh":
@@ -52,6 +50,7 @@ class GemmaDecoder(FusedDecoder):
 
     def __init__(self, model):
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.attn_softcap = getattr(model.config, "attn_logit_softcapping", None)
         super().__init__(model)
 
     def _rope_table(self, length: int) -> None:
@@ -74,6 +73,23 @@ class GemmaDecoder(FusedDecoder):
     def _gemma_norm(self, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
         """HF's Gemma RMSNorm: normalize in float32, times (1 + w) in float32, one rounding."""
         return self._head_norm(x, self._norm_weight(norm.weight))
+
+    def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """SDPA, or with soft-capped scores HF's eager attention: scale, tanh cap, mask, float32 softmax, values."""
+        if not self.attn_softcap:
+            return super()._attention(q_BQHD, kv_2BHTD, bias)
+        B, Q, Hq, D = q_BQHD.shape
+        G, keys = Hq // self.kv_heads, kv_2BHTD.shape[-2] if Q == 1 else Q
+        k_BHKD, v_BHKD = (x[:, :, :keys].repeat_interleave(G, dim=1) for x in kv_2BHTD)
+        s_BHQK = q_BQHD.transpose(1, 2) @ k_BHKD.transpose(-1, -2) * self.scale
+        s_BHQK = torch.tanh(s_BHQK / self.attn_softcap) * self.attn_softcap
+        if Q == 1:  # (B, Hkv, G, T): query head h = kv head h // G, as in the grouped SDPA
+            bias = bias.reshape(B, Hq, 1, keys)
+        elif bias is None:  # prefill without padding: causal
+            bias = torch.zeros((Q, Q), dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill(torch.ones_like(bias, dtype=torch.bool).triu(1), float("-inf"))
+        p_BHQK = (s_BHQK + bias).softmax(-1, dtype=torch.float32).to(self.dtype)
+        return (p_BHQK @ v_BHKD).transpose(1, 2).reshape(B * Q, Hq * D)
 
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
