@@ -34,6 +34,9 @@ from fasttune.train.run_dir import RunFolder
 
 log = logging.getLogger("fasttune")
 
+HISTORY = 50
+"""Healthy losses kept for the health check."""
+
 
 @dataclass
 class TrainState:
@@ -48,9 +51,15 @@ class TrainState:
     """Each planned micro-batch runs as this many pieces (raised by the OOM retry; same global batch)."""
     healthy_checkpoint: int = -1
     """Step of the newest checkpoint saved right after a healthy step (never pruned; -1: none yet)."""
+    loss_history: deque[float] = field(default_factory=deque)
+    """The recent healthy losses an exploding loss is measured against (Run.exploding), the newest HISTORY of them:
+    saved, so a resumed run decides as the uninterrupted one (a checkpoint from before it was saved: empty)."""
+
+    def __post_init__(self):
+        self.loss_history = deque(self.loss_history, maxlen=HISTORY)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "loss_history": list(self.loss_history)}  # a list: torch.load(weights_only) reads it
 
 
 @dataclass
@@ -209,9 +218,9 @@ class Run:
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.peak = peak_flops(self.device)
-        # the recent healthy losses "exploding" is measured against; kept in memory, so every rank decides alike
-        # (only rank 0 reads metrics.jsonl): a resumed run starts a new history
-        self.history: deque[float] = deque(maxlen=50)
+        # the recent healthy losses "exploding" is measured against: every rank keeps them (only rank 0 reads
+        # metrics.jsonl), and checkpoints save them (TrainState), so every rank and a resumed run decide alike
+        self.history = self.state.loss_history
         self.healthy = True
         """Whether the last step was healthy (finite, non-exploding loss): a checkpoint saved now is healthy."""
         self._say_validation_share()
