@@ -295,14 +295,15 @@ def test_a_fifo_or_an_empty_data_path_is_refused_not_waited_on(tmp_path):
 
 def test_disk_check_counts_the_checkpoints_already_on_disk(finished, monkeypatch):
     """Resuming to 3 more saves with keep_last=2 and one checkpoint on disk: at the fullest moment two more exist
-    (the one on disk is already paid for), measured from the one on disk. Not three, as if nothing were there."""
+    (the one on disk is already paid for), measured from the one on disk. Not three, as if nothing were there
+    (max_bad_steps 1: no unhealthy saves can keep a healthy one past keep_last, tests/test_disk_check.py)."""
     import shutil
 
     cfg, result = finished
     size = sum(p.stat().st_size for p in result.checkpoint.rglob("*") if p.is_file())
     free = int(1.02 * 2 * size + 50e6) + 1000  # room for two more checkpoints, not for three
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
-    t = dataclasses.replace(cfg.training, max_steps=6, save_every=1)
+    t = dataclasses.replace(cfg.training, max_steps=6, save_every=1, max_bad_steps=1)
     loop.train(dataclasses.replace(cfg, resume=True, training=t))
     fresh = dataclasses.replace(cfg, output_dir=str(result.run_dir.parent / "fresh"), training=t)
     with pytest.raises(FasttuneError, match="GB more \\(3 x "):  # the same plan from scratch: three at once

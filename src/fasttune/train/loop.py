@@ -194,7 +194,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     if d.main:
         t = cfg.training  # before start, which clears an --overwrite'd run:
         saves = planned_saves(t.max_steps, t.save_every, t.save_final, saved["state"]["step"] if saved else 0)
-        ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer)
+        ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer, t.max_bad_steps)
         if latest is None:
             folder.start(cfg)
         gate.open()  # the other ranks start now; from here on every collective is reached by all ranks
