@@ -220,7 +220,9 @@ class TrainingConfig:
     warmup_steps: int = 20
     """Linear warmup steps (a warning when not below --max-steps: the LR would never reach --training.lr)."""
     weight_decay: float = 0.1
-    """AdamW weight decay (not applied to norms and biases)."""
+    """AdamW weight decay, not applied to norms and biases (HF Trainer's rule: norm layers and parameters named like a
+    norm or a bias); every other parameter decays, 1-D ones too (e.g. Qwen3-Next's A_log). A resumed run keeps the
+    grouping it started with (checkpoints written before this rule: every 1-D parameter undecayed)."""
     optimizer: str = "adamw"
     """adamw (torch's, moments in the weights' dtype) or adamw_8bit (torchao's: 8-bit moments, pip install
     'fasttune[adam8bit]')."""

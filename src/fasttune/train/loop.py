@@ -33,7 +33,7 @@ from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.model_prep import prepare_model
-from fasttune.train.optim import build_optimizer, require_optimizer, sync_lr
+from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder
 
@@ -199,8 +199,9 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
             folder.start(cfg)
         gate.open()  # the other ranks start now; from here on every collective is reached by all ranks
     trained = d.wrap(model, device, amp_dtype)  # DDP around the model, or the model sharded in place (FSDP2)
-    optimizer, scheduler = build_optimizer(cfg, model, device)
-    state = TrainState()
+    rule = saved["state"].get("decay_rule", 1) if saved else DECAY_RULE  # a run keeps the grouping it started with
+    optimizer, scheduler = build_optimizer(cfg, model, device, rule)
+    state = TrainState(decay_rule=rule)
     metrics = MetricsLog(folder, cfg.training.tensorboard, write=d.main)
     if latest is not None:
         if "grad_accum" not in saved:  # a checkpoint from before it was recorded: the run's config says

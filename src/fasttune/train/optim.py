@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import warnings
 
 import torch
@@ -23,19 +24,43 @@ MIN_QUANTISED = 4096
 bitsandbytes does): norms, biases, small LoRA matrices."""
 
 
-def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.device):
-    """AdamW (fused on CUDA) or torchao's AdamW8bit, no weight decay on norms and biases; linear warmup then cosine
-    to min_lr_ratio.
+DECAY_RULE = 2
+"""Which parameters weight decay skips: 2, norms and biases as HF Trainer's get_decay_parameter_names finds them
+(`no_decay`); 1 (fasttune before it, and the checkpoints it wrote, which record no rule), every tensor of fewer than
+2 dimensions: it also skipped 1-D parameters that are neither (Qwen3-Next's A_log, GPT-OSS's attention sinks) and
+decayed 2-D biases (GPT-OSS's experts'). A resumed run keeps the rule it started with (its optimizer state is
+grouped by it)."""
+NO_DECAY_NAME = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+"""HF Trainer's names of parameters it does not decay (transformers 5), matched in the lowercased name."""
+NORM_CLASS = re.compile(r"Norm(?![a-z])")
+"""A norm layer by its class name: LayerNorm, LlamaRMSNorm, Qwen3NextRMSNormGated, LigerRMSNorm (not Normal...)."""
+
+
+def no_decay(model: torch.nn.Module, rule: int = DECAY_RULE) -> set[int]:
+    """The ids of the parameters weight decay skips under `rule` (DECAY_RULE). Rule 2: those named like a norm or a
+    bias (HF's patterns) and those of norm layers whatever their names (torch's LayerNorm, as HF, and any class named
+    ...Norm: an RMSNorm HF would match by name alone, fasttune's lean norm and Liger's keep the module's class)."""
+    if rule == 1:
+        return {id(p) for p in model.parameters() if p.ndim < 2}
+    skip = {id(p) for name, p in model.named_parameters() if NO_DECAY_NAME.search(name.lower())}
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm) or NORM_CLASS.search(type(module).__name__):
+            skip.update(id(p) for p in module.parameters())
+    return skip
+
+
+def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.device, decay_rule: int = DECAY_RULE):
+    """AdamW (fused on CUDA) or torchao's AdamW8bit, no weight decay on norms and biases (`no_decay`); linear warmup
+    then cosine to min_lr_ratio.
 
     Not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: its warmup starts at lr 0, so the first step
     would train at lr 0 (a wasted step, and another curve than every run so far). Both are a LambdaLR of the step,
     so resume is exact either way: the factor depends on the step alone, restored with the scheduler state."""
     t = cfg.training
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    skip = no_decay(model, decay_rule)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if id(p) not in skip], "weight_decay": t.weight_decay},
+              {"params": [p for p in trained if id(p) in skip], "weight_decay": 0.0}]  # fmt: skip
     if t.optimizer == "adamw_8bit":
         # the same groups, betas and eps (1e-8); torchao holds lr as a tensor, which LambdaLR fills in place
         optimizer = adamw_8bit_class()(groups, lr=t.lr, betas=BETAS, eps=1e-8, block_size=BLOCK)

@@ -51,6 +51,8 @@ class TrainState:
     """Each planned micro-batch runs as this many pieces (raised by the OOM retry; same global batch)."""
     healthy_checkpoint: int = -1
     """Step of the newest checkpoint saved right after a healthy step (never pruned; -1: none yet)."""
+    decay_rule: int = 1
+    """The weight-decay grouping the optimizer state follows (train/optim.DECAY_RULE; 1: checkpoints before it)."""
     loss_history: deque[float] = field(default_factory=deque)
     """The recent healthy losses an exploding loss is measured against (Run.exploding), the newest HISTORY of them:
     saved, so a resumed run decides as the uninterrupted one (a checkpoint from before it was saved: empty)."""
