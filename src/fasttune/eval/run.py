@@ -5,7 +5,8 @@ match (and the final number, for math data such as GSM8K).
     fasttune eval --checkpoint runs/sft --data test.jsonl --generate --output-dir runs/sft/eval
 
 The data is read and tokenized exactly as training reads it (any format; the loss covers the tokens
-training would train: responses, or every token of plain text). Written to --output-dir: completions.jsonl (one line
+training would train: responses, prompts too with --train-on-prompt (by default when the run named trained on them),
+or every token of plain text). Written to --output-dir: completions.jsonl (one line
 per sample: prompt, reference, completion, scores) and summary.json; the summary is also printed as a table.
 `train_eval_hook` is the same generation scoring run on a held-out slice during training.
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
+from tyro.constructors import PrimitiveConstructorSpec
 
 from fasttune.data.packing import IGNORE, collate_padded
 from fasttune.data.sample import Sample
@@ -37,6 +39,19 @@ from fasttune.model.context import context_length
 log = logging.getLogger("fasttune")
 
 ALPACA_STOP = "### Instruction:"
+
+
+def _on_off(args: list[str]) -> bool | None:
+    word = args[0].lower() if len(args) == 1 else "on" if not args else ""
+    if word in ("on", "off", "run", "true", "false"):
+        return None if word == "run" else word in ("on", "true")
+    raise ValueError(f"it takes on, off or run (or nothing: on), not {' '.join(args)!r}")
+
+
+ON_OFF = PrimitiveConstructorSpec(nargs="*", metavar="[on|off|run]", instance_from_str=_on_off,
+                                  is_instance=lambda x: x is None or isinstance(x, bool),
+                                  str_from_instance=lambda x: ["run" if x is None else ("off", "on")[x]])  # fmt: skip
+"""`--train-on-prompt` (on), `--train-on-prompt off`, or `run` (None, the default: the run's own setting)."""
 
 
 @dataclass(kw_only=True)
@@ -74,6 +89,10 @@ class EvalArgs(SamplingArgs):
     default_stop: bool = True
     """Without --stop, end the answers to Alpaca prompts before a next '### Instruction:' (the model learned that it
     opens another exchange)."""
+    train_on_prompt: Annotated[bool | None, ON_OFF] = None
+    """Supervised formats: the loss scores the prompt tokens too, as the val_loss of a run trained with
+    --data.train-on-prompt (off: the responses only). run: the setting of the run whose folder (or checkpoint,
+    adapter/, merged/) --checkpoint names, else off."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -221,15 +240,18 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
     return pieces
 
 
-def _samples(a: EvalArgs, tokenizer, context: int | None) -> tuple[list[Sample], list[Sample], str, int]:
+def _samples(a: EvalArgs, tokenizer, context: int | None, prompts: bool = False) -> tuple[list[Sample], list[Sample],
+                                                                                            str, int]:  # fmt: skip
     """(the samples the loss scores, the whole samples --generate answers, the format, samples longer than the
-    context): supervised samples are whole, or with --max-length cut to it as training cuts them."""
+    context): supervised samples are whole, or with --max-length cut to it as training cuts them. `prompts`: their
+    prompt tokens are trained too (--train-on-prompt), so there is no answer to split off for --generate."""
     from fasttune.data.formats import load_records
 
     # split=None: never a DatasetDict's train split
     records, fmt = load_records(a.data, a.format, option="--format", split=None, field=a.field)
     origins: list[int] = []
-    samples = tokenize_records(records[: a.limit], fmt, tokenizer, source=a.data, origins=origins)
+    samples = tokenize_records(records[: a.limit], fmt, tokenizer, train_on_prompt=prompts, source=a.data,
+                               origins=origins)  # fmt: skip
     if fmt != "text":
         _number_records(samples, origins)
     if not any(map(_scored, samples)):  # training refuses such data as well
@@ -277,6 +299,30 @@ def _number_records(samples: list[Sample], origins: list[int]) -> None:
         sample.record, sample.last_turn = i, k + 1 == len(origins) or origins[k + 1] != i
 
 
+def prompts_scored(a: EvalArgs) -> bool:
+    """--train-on-prompt as given, else the data.train_on_prompt of the run --checkpoint is (or is a checkpoint,
+    adapter/ or merged/ of), else off: the loss scores the tokens that run's val_loss scores."""
+    if a.train_on_prompt is not None:
+        return a.train_on_prompt
+    from fasttune.model.resolve import is_run_folder
+
+    given = Path(a.checkpoint)
+    run = (given.parent.parent if given.parent.name == "checkpoints"  # runs/x/checkpoints/step-N
+           else given.parent if given.name in ("checkpoints", "adapter", "merged") else given)  # fmt: skip
+    if not is_run_folder(run):
+        return False
+    try:
+        on = bool(json.loads((run / "config.json").read_text())["data"].get("train_on_prompt", False))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("eval: cannot read %s (%s): the loss scores the responses only; pass --train-on-prompt if the "
+                    "run trained on the prompts too", run / "config.json", type(e).__name__)  # fmt: skip
+        return False
+    if on:
+        log.info("eval: %s trained on the prompts too (data.train_on_prompt): the loss scores prompts and responses, "
+                 "as its val_loss (--train-on-prompt off: the responses only)", run)  # fmt: skip
+    return on
+
+
 def _scored(sample: Sample) -> bool:
     """Whether a sample has a token the loss is computed on (after the causal shift)."""
     return sample.trained(1) > 0
@@ -293,13 +339,17 @@ def run_eval(a: EvalArgs) -> int:
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
     model, tok = load_checkpoint(a, src)
     context = context_length(model.config)
-    scored, samples, fmt, too_long = _samples(a, tok, context)
+    prompts = prompts_scored(a)
+    scored, samples, fmt, too_long = _samples(a, tok, context, prompts)
+    if prompts and a.generate and fmt != "text":  # the answers: the prompts of samples trained on the response only
+        samples = _samples(a, tok, context)[1]
     cut = scored is not samples  # supervised samples cut to --max-length for the loss: none is too long for it
     if too_long and (a.generate or not cut):
         log.warning("%d %s longer than the model's context (%s tokens) %s left out%s", too_long,
                     "sample" if too_long == 1 else "samples", context, "is" if too_long == 1 else "are",
                     " of --generate" if cut else "")  # fmt: skip
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
+               "train_on_prompt": prompts and fmt != "text",
                "samples": len(scored), "skipped_longer_than_context": 0 if cut else too_long}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
     rows: list[dict] = []

@@ -1,0 +1,82 @@
+"""`fasttune eval` of a run trained with --data.train-on-prompt scores what that run's val_loss scores: the prompt
+tokens too (every token but the BOS), by default when --checkpoint is the run; `--train-on-prompt off` scores the
+responses only."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from helpers import GSM8K, save_base_model, tiny_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fasttune.cli import main
+from fasttune.data.corpus import holdout
+from fasttune.data.sft import tokenize_records
+
+LENGTH = 160
+
+
+def _hf_loss(model_dir, records: list[dict], every_token: bool) -> float:
+    """Plain HF on the samples' tokens cut at LENGTH: every token after the BOS is a target (every_token), else the
+    labels fasttune trains without --train-on-prompt (the responses)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, n = 0.0, 0
+    for s in tokenize_records(records, "alpaca", tok):
+        ids = torch.tensor([s["input_ids"][:LENGTH]])
+        labels = ids.clone() if every_token else torch.tensor([s["labels"][:LENGTH]])
+        if every_token and ids[0, 0] == tok.bos_token_id:
+            labels[0, 0] = -100  # the BOS is never a target (nor, after the shift, a label at all)
+        count = int((labels[:, 1:] != -100).sum())
+        if not count:
+            continue
+        with torch.no_grad():
+            total += float(model(ids, labels=labels).loss) * count
+        n += count
+    return total / n
+
+
+@pytest.fixture(scope="module")
+def prompt_run(tmp_path_factory):
+    from fasttune.train import loop
+
+    tmp = tmp_path_factory.mktemp("prompt-run")
+    cfg = tiny_config(tmp, max_steps=2, save_every=2, eval_every=0, eval_batches=1000)
+    cfg = dataclasses.replace(
+        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp / "base"))),
+        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=LENGTH, val_fraction=0.3, train_on_prompt=True),
+    )  # fmt: skip
+    records = json.loads(GSM8K.read_text())
+    _, held = holdout(records, [str(i) for i in range(len(records))], 0.3)  # training's validation records
+    data = tmp / "held.json"
+    data.write_text(json.dumps(held))
+    return loop.train(cfg), held, data
+
+
+def _eval(tmp_path, checkpoint, data, *extra) -> dict:
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--max-length", str(LENGTH),
+                 "--output-dir", str(out), *extra]) == 0  # fmt: skip
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_eval_of_a_run_trained_on_prompts_gives_its_val_loss(prompt_run, tmp_path):
+    result, held, data = prompt_run
+    summary = _eval(tmp_path, result.run_dir, data, "--generate", "--max-new-tokens", "2")
+    assert summary["train_on_prompt"] is True
+    tok = AutoTokenizer.from_pretrained(result.checkpoint)
+    whole = [s for s in tokenize_records(held, "alpaca", tok) if len(s) <= 512]  # the context: answered whole
+    assert summary["generated_samples"] == len(whole) > 0  # the prompts are still split off to be answered
+    assert summary["loss"] == pytest.approx(result.last_val_loss, rel=1e-5)
+    assert summary["loss"] == pytest.approx(_hf_loss(result.checkpoint, held, every_token=True), rel=1e-4)
+
+
+def test_eval_train_on_prompt_off_scores_the_responses_only(prompt_run, tmp_path):
+    """The option wins over the run's setting both ways; a checkpoint folder of the run reads the run's setting."""
+    result, held, data = prompt_run
+    off = _eval(tmp_path / "off", result.run_dir, data, "--train-on-prompt", "off")
+    assert off["train_on_prompt"] is False
+    assert off["loss"] == pytest.approx(_hf_loss(result.checkpoint, held, every_token=False), rel=1e-4)
+    assert off["loss"] != pytest.approx(result.last_val_loss, rel=1e-3)
+    assert _eval(tmp_path / "ckpt", result.checkpoint, data)["loss"] == pytest.approx(result.last_val_loss, rel=1e-5)
