@@ -49,7 +49,7 @@ def check_matches_hf(model, batch: int, new: int = NEW) -> list[torch.Tensor]:
     device = next(model.parameters()).device.type
     ids_BP, mask_BP = prompts(batch, device)
     ref_BS, ref_scores = hf_greedy(model, ids_BP, mask_BP, new)
-    gen = Generator(model)
+    gen = Generator(model, use_graphs=False)  # eager steps, so that every step's scores are seen here
     assert gen.reason is None, gen.reason
     seen: list[torch.Tensor] = []
     select = gen._select
@@ -60,6 +60,12 @@ def check_matches_hf(model, batch: int, new: int = NEW) -> list[torch.Tensor]:
     assert result["agree"], result
     limit = 1e-5 if device == "cpu" else TOLERANCE[torch.float32]
     assert max(float((a - b).abs().max()) for a, b in zip(ref_scores, seen, strict=True)) < limit
+    if device == "cuda":  # the same steps replayed from one CUDA graph: no Python runs per step to see scores
+        graphed = Generator(model)
+        graphed_BS = graphed.generate(ids_BP, mask_BP, max_new_tokens=new)
+        assert graphed.use_graphs and sum(len(s.graphs) for s in graphed._states.values()) == 1
+        result = greedy_agreement(ref_scores, ref_BS[:, PROMPT:], graphed_BS[:, PROMPT:], TOLERANCE[torch.float32])
+        assert result["agree"], result
     return ref_scores
 
 
