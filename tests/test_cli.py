@@ -431,7 +431,7 @@ def test_under_torchrun_the_first_rank_alone_reports_a_bad_command_line(capsys, 
 
 
 def test_ctrl_c_while_the_command_line_is_read_is_one_quiet_line(capsys, monkeypatch):
-    """Ctrl-C in the first seconds (torch and transformers are imported while parsing) ends like a Ctrl-C later:
+    """Ctrl-C in the first seconds (while the command line is parsed) ends like a Ctrl-C later:
     exit 130 and one line, no traceback; under torchrun the ranks after the first say nothing."""
 
     def interrupted(argv):
@@ -446,14 +446,14 @@ def test_ctrl_c_while_the_command_line_is_read_is_one_quiet_line(capsys, monkeyp
 
 
 def test_ctrl_c_while_torch_is_imported_is_one_quiet_line(capsys, monkeypatch):
-    """The logging setup imports torch before the command line is parsed (train/optim.py, for torchao's filters):
-    a Ctrl-C there, in the first second or two, printed a KeyboardInterrupt traceback."""
-    from fasttune.train import optim
+    """The command's checks import torch after the command line is parsed (train: train/loop.py): a Ctrl-C there, in
+    the first second or two, ends with one line too, not a KeyboardInterrupt traceback."""
+    from fasttune.train.cli import TrainArgs
 
-    def interrupted():
+    def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(optim, "quiet_torchao", interrupted)
+    monkeypatch.setattr(TrainArgs, "check", interrupted)
     assert cli.main(["train"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C)"
 

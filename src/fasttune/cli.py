@@ -5,11 +5,12 @@ tyro turns such a tree and a union of dataclasses into nested subcommands with `
 already a dependency (jsonargparse would be a second one, missing on machines with only the base install).
 
 Adding a subcommand:
-1. In the module that runs it, write a dataclass of its options that subclasses `fasttune.command.Command` (for
-   `--debug`) with a `run(self) -> int` method returning the exit code. Its docstring is the description of
-   `fasttune NAME --help` and each field's docstring that option's help: write them for users.
-   Import torch / transformers inside `run` where you can: `fasttune --help` imports every command's module (today
-   eval's, doctor's and bench's import torch at the top, and the logging setup imports it: a few seconds).
+1. Write a dataclass of its options that subclasses `fasttune.command.Command` (for `--debug`) with a
+   `run(self) -> int` method returning the exit code. Its docstring is the description of `fasttune NAME --help` and
+   each field's docstring that option's help: write them for users. `fasttune --help` imports every command's
+   options module, so that module imports neither torch nor transformers (nor any module that does): `run` (and
+   `check`, after the checks of the command line alone) imports the module that does the work (eval/cli.py ->
+   eval/run.py). tests/test_cli_startup.py holds every command's `--help` to that (2-3 s of imports otherwise).
 2. Add one entry to `COMMANDS` below (a dict of name -> class makes a group, as `bench` is).
 Bad input ends with one line `error: ...` naming the option and the valid values, exit code 2; the traceback only
 with `--debug`. This module also sets the process-wide environment (PYTORCH_ALLOC_CONF) before torch is imported.
@@ -31,6 +32,7 @@ import tyro
 
 from fasttune.command import Command
 from fasttune.errors import FasttuneError, PeerFailed, Stopped
+from fasttune.quiet import quiet_torchao
 from fasttune.streams import surviving_closed_output
 
 log = logging.getLogger("fasttune")
@@ -41,12 +43,12 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "train": "fasttune.train.cli:TrainArgs",
     "generate": "fasttune.generate.commands:GenerateArgs",
     "chat": "fasttune.generate.commands:ChatArgs",
-    "eval": "fasttune.eval.run:EvalArgs",
-    "doctor": "fasttune.doctor.checks:DoctorArgs",
+    "eval": "fasttune.eval.cli:EvalArgs",
+    "doctor": "fasttune.doctor.cli:DoctorArgs",
     "bench": {
         "attention": "fasttune.bench.cli:AttentionBench",
         "train": "fasttune.bench.cli:TrainBench",
-        "generate": "fasttune.bench.generate:GenerateBench",
+        "generate": "fasttune.bench.cli:GenerateBench",
     },
     "experiments": "fasttune.config.experiments:ExperimentsArgs",
 }
@@ -111,8 +113,6 @@ def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
     for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from fasttune.train.optim import quiet_torchao
-
     quiet_torchao()  # torchao's "Failed to load" lines, printed on every model load once it is installed
 
 
@@ -178,7 +178,7 @@ def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     rank = _later_rank(argv)
     try:
-        _setup_logging(debug)  # imports torch (a second or two): a Ctrl-C there is the quiet one below too
+        _setup_logging(debug)
         with _quiet_parsing(rank):
             command = parse(argv or ["--help"])
             command.check()

@@ -22,6 +22,7 @@ Public API:
     clear_report()   start that report afresh (a run does, after its probes and timings).
     function(name) -> the attention function registered for a backend or "auto" (what a model calls per layer).
     BACKENDS: dict[str, Backend]   the one table of backends (fasttune.attention.backends).
+    NAMES: tuple[str, ...]   its keys in order, known without importing torch (the config's choices; tested equal).
     reset()   forget every cache, report, plan and probe result (fasttune.attention.state; tests' autouse fixture).
 
 Layers, bottom up (each imports only those below it): state; kernels; layout; impls (one function per backend, every
@@ -54,8 +55,11 @@ if TYPE_CHECKING:
     from fasttune.attention.select import Resolved, available, describe, function, register, resolve
     from fasttune.attention.state import reset
 
+NAMES = ("eager", "sdpa", "flex_attention", "varlen", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
 __all__ = [
     "BACKENDS",
+    "NAMES",
     "Backend",
     "Resolved",
     "available",

@@ -54,6 +54,7 @@ def _flash(name: str, api: str):
 # flex 254 ~ sdpa->varlen 250 ~ varlen 248). Packed: every flash kernel and varlen take documents natively; sdpa
 # packs through varlen on CUDA anyway, and compiled flex recompiles as pack lengths change, so it sits behind varlen.
 # CPU: flex is unfused without a GPU compile and varlen does not exist; sdpa has a fused CPU kernel.
+# A backend added here is added to NAMES in __init__.py too (the config's choices, known without importing torch).
 # fmt: off
 _RECORDS = (
     Backend("eager", "fasttune_eager", impls.eager, "eager (reference)",

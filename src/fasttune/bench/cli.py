@@ -1,12 +1,12 @@
-"""`fasttune bench attention|train`: the options of each benchmark, and the run that builds it, runs it and writes
-CSV/JSON/Markdown/PNG. (`fasttune bench generate` lives in fasttune.bench.generate.)"""
+"""`fasttune bench attention|train|generate`: the options of each benchmark, and the run that builds it, runs it and
+writes CSV/JSON/Markdown/PNG (generate's run lives in fasttune.bench.generate). Torch is imported by the runs only."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import tyro
 
@@ -307,6 +307,47 @@ class TrainBench(Command):
                               "weight: pass --lora too, so that every row trains the same adapters")  # fmt: skip
         if self.model and not self.data:
             raise ConfigError("--model is the tokenizer for --data's texts; without --data it has nothing to do")
+
+
+@dataclasses.dataclass
+class GenerateBench(Command):
+    """Measure generation speed on this machine: Hugging Face `generate` against fasttune's generator on the same
+    briefly trained model, with a check that both choose the same greedy tokens. Writes generate.csv/.json/.md/.png
+    to --out."""
+
+    shape: str | None = None
+    """Model preset (default: 1b on a GPU, tiny on a CPU)."""
+    batch_sizes: str = "1,32"
+    """Comma-separated batch sizes."""
+    prompt_len: int = 128
+    """Longest prompt, in tokens."""
+    new_tokens: int = 256
+    """Tokens generated per sequence."""
+    train_steps: int | None = None
+    """Training steps before measuring, so greedy choices have real margins (default: 200 on a GPU, 30 on a CPU)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    """Weights dtype (default: bf16 on a GPU, fp32 on a CPU)."""
+    eager: bool = False
+    """Also time the fused decoder without CUDA graphs at every batch size."""
+    check_fp32: bool = True
+    """On a GPU, repeat the batch-1 agreement check with float32 weights (--no-check-fp32 skips it)."""
+    profile: bool = False
+    """Kernels per decode step (profile.json in --out)."""
+    out: Path | None = None
+    """Folder for generate.csv/.json/.md/.png."""
+    overwrite: bool = False
+    """Replace the results of an earlier run in --out (without it, such a folder stops the run before it starts)."""
+    sdpa: Literal["default", "flash", "efficient", "cudnn", "math"] = "default"
+    """Pin SDPA's kernel for every run."""
+    verbose: bool = False
+    """Debug logging of fasttune (e.g. CUDA graph capture failures)."""
+
+    def run(self) -> int:
+        from fasttune.bench.generate import run_bench
+
+        return run_bench(self)
 
 
 def _check_mix(median: float, mean: float, min_length: int, max_length: int) -> None:

@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 
 from fasttune.bench.generate_check import TOLERANCE, greedy_agreement, hf_greedy, synthetic_tokens, train_briefly
 from fasttune.bench.harness import Results, environment, line_plot, sync
-from fasttune.command import Command
+
+if TYPE_CHECKING:
+    from fasttune.bench.cli import GenerateBench
 
 log = logging.getLogger("fasttune")
 
@@ -245,45 +246,6 @@ def _plot(rows: list[dict]):
                           "series": series, "kind": "bar"}], "fasttune bench generate")  # fmt: skip
 
     return plot
-
-
-@dataclasses.dataclass
-class GenerateBench(Command):
-    """Measure generation speed on this machine: Hugging Face `generate` against fasttune's generator on the same
-    briefly trained model, with a check that both choose the same greedy tokens. Writes generate.csv/.json/.md/.png
-    to --out."""
-
-    shape: str | None = None
-    """Model preset (default: 1b on a GPU, tiny on a CPU)."""
-    batch_sizes: str = "1,32"
-    """Comma-separated batch sizes."""
-    prompt_len: int = 128
-    """Longest prompt, in tokens."""
-    new_tokens: int = 256
-    """Tokens generated per sequence."""
-    train_steps: int | None = None
-    """Training steps before measuring, so greedy choices have real margins (default: 200 on a GPU, 30 on a CPU)."""
-    device: str = "auto"
-    """auto (cuda if available), cpu, cuda or cuda:N."""
-    dtype: Literal["bf16", "fp16", "fp32"] | None = None
-    """Weights dtype (default: bf16 on a GPU, fp32 on a CPU)."""
-    eager: bool = False
-    """Also time the fused decoder without CUDA graphs at every batch size."""
-    check_fp32: bool = True
-    """On a GPU, repeat the batch-1 agreement check with float32 weights (--no-check-fp32 skips it)."""
-    profile: bool = False
-    """Kernels per decode step (profile.json in --out)."""
-    out: Path | None = None
-    """Folder for generate.csv/.json/.md/.png."""
-    overwrite: bool = False
-    """Replace the results of an earlier run in --out (without it, such a folder stops the run before it starts)."""
-    sdpa: Literal["default", "flash", "efficient", "cudnn", "math"] = "default"
-    """Pin SDPA's kernel for every run."""
-    verbose: bool = False
-    """Debug logging of fasttune (e.g. CUDA graph capture failures)."""
-
-    def run(self) -> int:
-        return run_bench(self)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

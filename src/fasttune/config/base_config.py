@@ -13,10 +13,10 @@ from typing import Annotated
 
 import tyro
 
-from fasttune.attention import BACKENDS
+from fasttune.attention import NAMES
 from fasttune.errors import ConfigError
 
-ATTN_CHOICES = ("auto", *BACKENDS)
+ATTN_CHOICES = ("auto", *NAMES)
 MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b", "llama-3.1-8b", "qwen2.5-7b")
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")

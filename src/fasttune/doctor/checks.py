@@ -7,14 +7,13 @@ in one becomes a `fail` row, never a crash (traceback only with --debug). Exit c
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import traceback
 
 from rich.console import Console
 
-from fasttune.command import Command
 from fasttune.doctor import attn, packages, system, tools
+from fasttune.doctor.cli import DoctorArgs
 from fasttune.doctor.machine import Machine, detect
 from fasttune.doctor.report import FAIL, Report, Row, render, run_check, to_json
 
@@ -44,20 +43,6 @@ CHECKS = (
     ("Resources", tools.check_disk),
     ("Resources", tools.check_ram),
 )
-
-
-@dataclasses.dataclass
-class DoctorArgs(Command):
-    """Check which fast paths work on this machine (torch, CUDA, attention backends, kernels, packages, memory,
-    disk) and print the fix for each one that does not. Exit code 1 when a check fails."""
-
-    json: bool = False
-    """Print the report as JSON (every check: status, reason, fix)."""
-    quick: bool = False
-    """Static checks only: no tiny kernel runs on the device."""
-
-    def run(self) -> int:
-        return main(self)
 
 
 def diagnose(debug: bool = False, quick: bool = False, machine: Machine | None = None) -> Report:

@@ -1,0 +1,84 @@
+"""`fasttune eval`: its options. The evaluation itself (torch, the model, the data) is fasttune.eval.run, imported
+when the command runs, so that `fasttune --help` and a mistyped option answer without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import tyro
+from tyro.constructors import PrimitiveConstructorSpec
+
+from fasttune.errors import ConfigError
+from fasttune.generate.commands import SamplingArgs
+
+
+def _on_off(args: list[str]) -> bool | None:
+    word = args[0].lower() if len(args) == 1 else "on" if not args else ""
+    if word in ("on", "off", "run", "true", "false"):
+        return None if word == "run" else word in ("on", "true")
+    raise ValueError(f"it takes on, off or run (or nothing: on), not {' '.join(args)!r}")
+
+
+ON_OFF = PrimitiveConstructorSpec(nargs="*", metavar="[on|off|run]", instance_from_str=_on_off,
+                                  is_instance=lambda x: x is None or isinstance(x, bool),
+                                  str_from_instance=lambda x: ["run" if x is None else ("off", "on")[x]])  # fmt: skip
+"""`--train-on-prompt` (on), `--train-on-prompt off`, or `run` (None, the default: the run's own setting)."""
+
+
+@dataclass(kw_only=True)
+class EvalArgs(SamplingArgs):
+    """Evaluate a checkpoint on any data training reads: loss and perplexity on the responses (every token of plain
+    text, split into --max-length pieces); with --generate, generated answers scored by exact match (and by the final
+    number, for math data such as GSM8K). Writes completions.jsonl and summary.json to --output-dir."""
+
+    data: str
+    """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text)."""
+    format: str = "auto"
+    """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
+    field: str | None = None
+    """The key of a .json file's top-level object that holds the records ({"data": [...]}); None: the one key holding
+    a list of records is read, and several are refused."""
+    generate: bool = False
+    """Also generate an answer per sample (greedy unless --temperature) and score it against the reference."""
+    output_dir: str | None = None
+    """Folder for completions.jsonl and summary.json (created; existing files there are kept unless --overwrite)."""
+    overwrite: bool = False
+    """Replace completions.jsonl / summary.json in --output-dir."""
+    batch_size: int = 32
+    """Samples per forward pass / generation batch."""
+    limit: int | None = None
+    """Evaluate only the first N samples."""
+    max_length: int | None = None
+    """Plain text: split into pieces of this many tokens, as training splits at data.max_length (default: the model's
+    context; a model whose config names none needs it). Supervised samples: the loss scores the first this many
+    tokens of a longer one, as training truncates it (the run's validation loss at data.max_length); without it they
+    are scored whole. --generate answers whole samples."""
+    stop: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Stop string (repeatable): an answer ends before the first one it writes, which is not part of it. Without it,
+    Alpaca prompts end before a next '### Instruction:' (--no-default-stop: they do not). A newline in bash:
+    --stop $'\\n'."""
+    default_stop: bool = True
+    """Without --stop, end the answers to Alpaca prompts before a next '### Instruction:' (the model learned that it
+    opens another exchange)."""
+
+    train_on_prompt: Annotated[bool | None, ON_OFF] = None
+    """Supervised formats: the loss scores the prompt tokens too, as the val_loss of a run trained with
+    --data.train-on-prompt (off: the responses only). run: the setting of the run whose folder (or checkpoint,
+    adapter/, merged/) --checkpoint names, else off."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size={self.batch_size} is not valid; it must be > 0")
+        if self.field is not None and not self.field:
+            raise ConfigError("--field='' is not valid; name the JSON key that holds the records or leave it out")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
+        if self.max_length is not None and self.max_length <= 1:
+            raise ConfigError(f"--max-length={self.max_length} is not valid; it must be > 1 (tokens per piece)")
+
+    def run(self) -> int:
+        from fasttune.eval.run import run_eval
+
+        return run_eval(self)

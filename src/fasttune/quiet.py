@@ -1,0 +1,43 @@
+"""Log filters for third-party lines fasttune's users can do nothing about. Imports nothing heavy: the command line
+installs them with its logging setup, before it parses (and before `--help`, which imports neither torch nor
+transformers)."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("fasttune")
+
+
+class _Drop(logging.Filter):
+    """Drops records containing one of `needles`, logging them to fasttune's debug log instead (seen with --debug)."""
+
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(n in message for n in self.needles):
+            log.debug("%s (hidden: not needed by fasttune)", message)
+            return False
+        return True
+
+
+_QUIET = {
+    "torchao": _Drop("Failed to load"),
+    "torchao.kernel.intmm": _Drop("Detected no triton"),  # int8 matmul kernels (CPU machines have no triton)
+    "torch.utils._pytree": _Drop("is an Enum subclass and is now natively supported"),
+}
+
+
+def quiet_torchao() -> None:
+    """torchao's import (by fasttune for adamw_8bit, and by transformers on every model load once torchao is
+    installed) tries to load its CUDA extensions (mxfp8, cutlass kernels) and logs a 'Failed to load ..._C_*.so'
+    warning for each it cannot load (every CPU machine, other CUDA builds), on a CPU machine it warns that triton
+    is missing (for its int8 matmul kernels), and torch >= 2.13 logs a deprecation
+    notice about torchao's enum registration. 8-bit AdamW is plain PyTorch compiled by torch.compile and needs none
+    of those extensions: these lines go to the debug log (--debug). Every other message, and every import error,
+    stays. Process-wide (the command line calls it with its logging setup); calling it again changes nothing."""
+    for name, f in _QUIET.items():
+        logging.getLogger(name).addFilter(f)  # a no-op when already added
