@@ -14,6 +14,7 @@ MISTAKES = [
     (["train", "--training.lr", "abc"], "error: --training.lr: 'abc' is not a valid number"),
     (["train", "--experiment", "nope"], "error: --experiment 'nope' is unknown"),
     (["train", "--config", "/nonexistent.yaml"], "error: --config /nonexistent.yaml: no such file"),
+    (["train", "--experiment", "sft"], "error: --experiment sft fine-tunes your model on your data: pass --model"),
     (["generate", "--checkpoint", "x"], "error: pass either --prompt TEXT or --prompts FILE.jsonl"),
     (["eval", "--bogus"], "error: `fasttune eval` needs --checkpoint, --data"),
     (["bench", "generate", "--bogus"], "error: unknown option --bogus; did you mean --out?"),

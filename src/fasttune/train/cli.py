@@ -73,10 +73,10 @@ class TrainArgs(Command):
         return cls(config_file=path, config=cfg, given=typed + flags, from_file=from_file)
 
     def check(self) -> None:
-        from fasttune.train.loop import check_launch
-
         cfg = self.config.validate()
         require_inputs(cfg)
+        from fasttune.train.loop import check_launch  # torch: after the checks of the command line alone
+
         check_launch(cfg)
         fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False)
         if cfg.resume and self.config_file:
