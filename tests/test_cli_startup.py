@@ -8,7 +8,7 @@ import sys
 
 from tests.test_cli import SUBCOMMANDS
 
-# mistakes caught by the parser or by the checks of the command line alone: (argv, the start of the error)
+# mistakes caught by the parser, the checks of the command line alone or before a model is read: (argv, the error)
 MISTAKES = [
     (["train", "--trainig.lr", "1"], "error: unknown option --trainig.lr; did you mean --training.lr?"),
     (["train", "--training.lr", "abc"], "error: --training.lr: 'abc' is not a valid number"),
@@ -16,6 +16,8 @@ MISTAKES = [
     (["train", "--config", "/nonexistent.yaml"], "error: --config /nonexistent.yaml: no such file"),
     (["train", "--experiment", "sft"], "error: --experiment sft fine-tunes your model on your data: pass --model"),
     (["generate", "--checkpoint", "x"], "error: pass either --prompt TEXT or --prompts FILE.jsonl"),
+    (["generate", "--checkpoint", "/nonexistent", "--prompt", "hi"], "error: --checkpoint /nonexistent: no such"),
+    (["chat", "--checkpoint", "/nonexistent"], "error: --checkpoint /nonexistent: no such folder"),
     (["eval", "--bogus"], "error: `fasttune eval` needs --checkpoint, --data"),
     (["bench", "generate", "--bogus"], "error: unknown option --bogus; did you mean --out?"),
     (["doctor", "--bogus"], "error: unknown option --bogus"),
@@ -80,3 +82,16 @@ def test_the_config_knows_every_attention_backend_without_importing_torch():
 
     assert NAMES == tuple(BACKENDS)
     assert ATTN_CHOICES == ("auto", *BACKENDS)
+
+
+def test_transformers_loads_models_without_progress_bars_whether_imported_before_or_after_the_cli_says_so():
+    """The CLI turns transformers' "Loading weights" bars off before a command runs without importing transformers
+    (huggingface_hub's switch, read by transformers at import); where transformers is imported already, its own."""
+    code = (
+        "import sys; from fasttune import cli; {first}; cli._quiet_transformers(); {then}; "
+        "from transformers.utils import logging; sys.exit(logging.is_progress_bar_enabled())"
+    )
+    for first, then in (("pass", "import transformers"), ("import transformers", "pass")):
+        done = subprocess.run([sys.executable, "-c", code.format(first=first, then=then)], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, (first, done.stderr)

@@ -117,10 +117,16 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _quiet_transformers() -> None:
-    """Before a command runs, not before --help: importing transformers takes most of a second."""
-    from transformers.utils import logging as hf_logging
+    """No "Loading weights" bars (on every model load they drown the output). Set in huggingface_hub, which
+    transformers reads when it is imported: a command that stops before it loads a model (a --checkpoint that is
+    not there) does not import transformers (seconds) for this; set in transformers itself where it is imported."""
+    from huggingface_hub.utils import disable_progress_bars
 
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load drown the output
+    disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def set_environment() -> None:

@@ -117,9 +117,12 @@ class ChatArgs(SamplingArgs):
 def load_checkpoint(a: SamplingArgs, src=None, check=None):
     """(model, tokenizer) of --checkpoint, or of `src` when the caller resolved it already (a ModelSource); `check`
     (tokenizer) runs before the model loads."""
+    from fasttune.model.resolve import resolve
+
+    src = src or resolve(a.checkpoint, option="--checkpoint")  # a path that is not there: said before torch loads
     from fasttune.model.load import load_for_inference
 
-    return load_for_inference(src or a.checkpoint, a.device, a.trust_remote_code, check=check)
+    return load_for_inference(src, a.device, a.trust_remote_code, check=check)
 
 
 def run_generate(a: GenerateArgs) -> int:
@@ -237,8 +240,11 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
 
 
 def run_chat(a: ChatArgs) -> int:
+    from fasttune.model.resolve import resolve
+
+    src = resolve(a.checkpoint, option="--checkpoint")  # a path that is not there: said before torch loads
     from fasttune.generate.chat import chat_loop, check_system
 
-    model, tok = load_checkpoint(a, check=lambda tok: check_system(tok, a.system, a.raw))  # before the model loads
+    model, tok = load_checkpoint(a, src, check=lambda tok: check_system(tok, a.system, a.raw))  # before the model
     return chat_loop(model, tok, raw=a.raw, system=a.system, max_new_tokens=a.max_new_tokens,
                      temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)  # fmt: skip
