@@ -13,6 +13,7 @@ States load with `torch.load(weights_only=True)`, weights only from safetensors.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -307,8 +308,8 @@ def load_weights(model, ckpt: Path, lora: bool) -> None:
         set_peft_model_state_dict(model, tensors)
         return
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as e:  # shape mismatch: another model shape than the one that wrote the checkpoint
+        missing, unexpected = model.load_state_dict(in_model_layout(model, tensors), strict=False)
+    except Exception as e:  # another model shape than the one that wrote the checkpoint (a size, an expert count)
         first = str(e).strip().splitlines()[-1].strip()
         raise FasttuneError(
             f"{ckpt}: weights do not fit the model ({first}); resume with the same --model / "
@@ -321,3 +322,32 @@ def load_weights(model, ckpt: Path, lora: bool) -> None:
             f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); resume with the same --model / model.preset as the original run"
         )
+
+
+def in_model_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under the model's own names and shapes, converted as `from_pretrained` converts them
+    (transformers' weight conversions for the model's class): `save_pretrained` writes an MoE model's experts, which
+    transformers 5 holds fused (`mlp.experts.gate_up_proj`, 3-D), one per expert (`mlp.experts.0.gate_proj.weight`,
+    ...). Tensors no conversion applies to keep their names (unexpected ones are reported under the checkpoint's)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, WeightConverter] = {}
+    for key in sorted(tensors, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        if name not in own:  # the model's own name already, or a tensor the model does not have
+            out[key] = tensors[key]
+        elif pattern is None:
+            out[name] = tensors[key]
+        else:  # one of several tensors (the experts') that make one of the model's
+            pending.setdefault(name, copy.deepcopy(by_pattern[pattern])).add_tensor(name, key, pattern, tensors[key])
+    for name, converter in pending.items():
+        for target, value in converter.convert(name, model=model, config=model.config).items():
+            out[target] = value[0] if isinstance(value, list) else value
+    return out
