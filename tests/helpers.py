@@ -10,6 +10,31 @@ from fasttune.config import BaseConfig, get_experiment
 
 GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 
+TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  intermediate_size=96, max_position_embeddings=512)  # fmt: skip
+# fmt: off
+TINY_MODELS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # block_sparse_moe.experts.N.w1/w2/w3 in its files
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),  # renamed, not split: input_linear, output_linear
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"]),  # fused in its files too
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48, layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_shared_experts=1),
+    "gpt_neox": dict(),  # dense: its head is embed_out in its files, lm_head in the model
+}
+# fmt: on
+"""Tiny configs of model families whose weights transformers converts as it loads them (MoE experts it fuses; GPT-NeoX's
+head): their files hold other names and shapes than their modules."""
+
 
 def tiny_config(tmp_path: Path, **training) -> BaseConfig:
     cfg = get_experiment("quick")
@@ -193,3 +218,18 @@ def hf_piece_loss(model_dir: Path, text: str, piece: int) -> tuple[float, int]:
             total += float(model(x, labels=x).loss) * (x.shape[1] - 1)
         n += x.shape[1] - 1
     return total / n, n
+
+
+def save_tiny_model(path, model_type: str, **shape):
+    """A tiny model of `model_type` (one of TINY_MODELS, seed 0) with the tiny tokenizer, saved by save_pretrained as
+    a local HF model folder; `shape` overrides config fields. Returns `path`."""
+    import torch
+    from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = build_tiny_tokenizer(chat_template=CHATML)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), **{**TINY_SHAPE, **TINY_MODELS[model_type], **shape})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

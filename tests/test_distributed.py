@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import losses, save_micro_model, tiny_config
+from helpers import losses, save_micro_model, save_tiny_model, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -100,6 +100,24 @@ def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):
     got, want = losses(records), losses(ref.records)
     assert got.keys() == want.keys() == {1, 2, 3, 4}
     assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
+
+
+def test_fsdp_resume_of_an_moe_model_matches_an_uninterrupted_run(tmp_path):
+    """An MoE model (Qwen3-MoE: its experts fused in the model, one per expert in its files and in the checkpoints
+    FSDP2 gathers) resumes on two ranks like one process that never stopped."""
+    base = save_tiny_model(tmp_path / "base", "qwen3_moe")
+    one = tiny_config(tmp_path / "one", max_steps=4, eval_every=0, save_every=4, grad_accum=2)
+    ref = loop.train(dataclasses.replace(one, model=dataclasses.replace(one.model, path=str(base))))
+    cfg = tiny_config(tmp_path / "fsdp", max_steps=2, eval_every=0, save_every=2)
+    _torchrun(cfg, "--training.fsdp", "--model", str(base))
+    _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=4)), "--training.fsdp",
+              "--model", str(base), "--resume")  # fmt: skip
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    got, want = losses(records), losses(ref.records)
+    assert got.keys() == want.keys() == {1, 2, 3, 4}
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
+    _assert_same_tensors(load_file(cfg.run_dir / "checkpoints" / "step-000004" / "model.safetensors"),
+                         load_file(ref.checkpoint / "model.safetensors"))  # fmt: skip
 
 
 def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
