@@ -16,9 +16,9 @@ from fasttune.train import loop, run
 from fasttune.train.checkpoint import load_weights
 
 ONE_THREAD = {"gpt_oss"}
-"""Families whose CPU training is bit-reproducible on one thread only, even uninterrupted (GPT-OSS's eager experts:
-two runs of the same config on 2 threads differ in the last bits, which AdamW makes large in the k_proj biases, whose
-gradient is 0 but for rounding)."""
+"""Families whose CPU training is bit-reproducible on one thread only, even uninterrupted (GPT-OSS: on 2 threads the
+gradient of transformers' experts' biases differs in the last bits from one backward of a batch to the next, which
+AdamW makes large in the k_proj biases, whose gradient is 0 but for rounding)."""
 
 
 def _config(tmp, base):

@@ -8,7 +8,8 @@ never leaves a half-deleted `step-N` (the run folder removes such temporaries at
 The last checkpoint saved while the loss was healthy is never pruned. Resume verifies the newest checkpoint
 (safetensors headers and sizes, the trainer state, the JSON files) and falls back to the previous complete one; a
 checkpoint the user may not read (a permission, not damage) stops the resume in one line instead.
-States load with `torch.load(weights_only=True)`, weights only from safetensors.
+States load with `torch.load(weights_only=True)`, weights only from safetensors, through transformers' weight
+conversions as `from_pretrained` reads them (`save_pretrained` writes an MoE model's fused experts one per expert).
 """
 
 from __future__ import annotations
