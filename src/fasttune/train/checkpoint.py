@@ -329,7 +329,8 @@ def in_model_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     """A checkpoint's tensors under the model's own names and shapes, converted as `from_pretrained` converts them
     (transformers' weight conversions for the model's class): `save_pretrained` writes an MoE model's experts, which
     transformers 5 holds fused (`mlp.experts.gate_up_proj`, 3-D), one per expert (`mlp.experts.0.gate_proj.weight`,
-    ...). Tensors no conversion applies to keep their names (unexpected ones are reported under the checkpoint's)."""
+    ...). Tensors no conversion applies to keep their names (unexpected ones are reported under the checkpoint's).
+    Takes the tensors out of `tensors` as it goes: a layer's experts are held twice at most, never the model."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
@@ -343,12 +344,14 @@ def in_model_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     for key in sorted(tensors, key=dot_natural_key):
         name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
         if name not in own:  # the model's own name already, or a tensor the model does not have
-            out[key] = tensors[key]
+            out[key] = tensors.pop(key)
         elif pattern is None:
-            out[name] = tensors[key]
+            out[name] = tensors.pop(key)
         else:  # one of several tensors (the experts') that make one of the model's
-            pending.setdefault(name, copy.deepcopy(by_pattern[pattern])).add_tensor(name, key, pattern, tensors[key])
-    for name, converter in pending.items():
+            converter = pending.setdefault(name, copy.deepcopy(by_pattern[pattern]))
+            converter.add_tensor(name, key, pattern, tensors.pop(key))
+    while pending:
+        name, converter = pending.popitem()
         for target, value in converter.convert(name, model=model, config=model.config).items():
             out[target] = value[0] if isinstance(value, list) else value
     return out
