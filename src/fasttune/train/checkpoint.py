@@ -331,6 +331,9 @@ def in_model_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     transformers 5 holds fused (`mlp.experts.gate_up_proj`, 3-D), one per expert (`mlp.experts.0.gate_proj.weight`,
     ...). Tensors no conversion applies to keep their names (unexpected ones are reported under the checkpoint's).
     Takes the tensors out of `tensors` as it goes: a layer's experts are held twice at most, never the model."""
+    own = model.state_dict()
+    if tensors.keys() <= own.keys():  # a dense model's checkpoint: already the model's names, nothing to convert
+        return tensors
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
@@ -338,7 +341,6 @@ def in_model_layout(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
-    own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, WeightConverter] = {}
     for key in sorted(tensors, key=dot_natural_key):
