@@ -155,3 +155,12 @@ def test_gemma_matches_hf(family, device):
             if "norm" in name:
                 p.normal_(0.0, 0.3)
     check_matches_hf(model, 3)
+
+
+def test_yarn_past_max_position_embeddings_matches_hf():
+    """Qwen2.5's documented long context: YaRN with factor 4 over max_position_embeddings = original. The context is
+    4x the config's positions (model/context.py, which the call is checked against), and so is the RoPE table: a call
+    past max_position_embeddings ran off its end (IndexError)."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    model = build(Qwen2Config(**dict(SHAPE, max_position_embeddings=32), rope_parameters=rope))
+    check_matches_hf(model, 3, new=40)  # 12 + 40 > 32

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.generate import kernels
+from fasttune.model.context import context_length
 
 # architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm; phi3:
 # one fused qkv_proj), RoPE (phi3: on a leading part of the head dim), full or sliding-window attention, o, RMSNorm,
@@ -138,7 +139,8 @@ class FusedDecoder:
         self.scale = float(attn0.scaling)
         norm = model.model.norm
         self.eps = float(norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
-        self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 20))
+        # the positions Generator._check lets a call reach: YaRN's factor x original beyond max_position_embeddings
+        self.max_positions = int(context_length(config) or 1 << 20)
         rope = _rope_parameters(config)
         self.rope_limit = None  # positions the rope table holds, where the rope depends on the length (longrope)
         if rope["rope_type"] in BOUNDED_ROPE:
