@@ -6,6 +6,8 @@ within 1e-5 of HF's at every step on the CPU (HF's reference with eager attentio
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config
@@ -111,6 +113,19 @@ def test_phi3_longrope_beyond_its_original_length_runs_hf_generate_for_that_call
     assert "original_max_position_embeddings=64" in gen.call_reason
     ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, NEW)
     assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), ref_BS) and gen.call_reason is None
+
+
+def test_phi3_longrope_calls_past_its_original_length_are_logged_once(caplog):
+    """Calls of other lengths past original_max_position_embeddings share one reason: one log line, not one per
+    batch of a --prompts file."""
+    model = build(Phi3Config(**SHAPE, rope_parameters=dict(LONGROPE), original_max_position_embeddings=64))
+    gen = Generator(model)
+    ids_BP, mask_BP = prompts(2, "cpu")
+    with caplog.at_level(logging.INFO, logger="fasttune"):
+        for new in (56, 57, 58):  # 12 + new > 64
+            gen.generate(ids_BP, mask_BP, max_new_tokens=new)
+            assert gen.call_reason is not None
+    assert sum("HF generate for this call" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_phi3_weights_changed_in_place_are_used():

@@ -160,7 +160,8 @@ class FusedDecoder:
     def call_reason(self, length: int) -> str | None:
         """Why a call of `length` cache slots (prompt + new tokens) cannot run here, or None when it can."""
         if self.rope_limit is not None and length > self.rope_limit:
-            return (f"{length} positions exceed original_max_position_embeddings={self.rope_limit}, beyond which "
+            # the same words at every length: the generator logs each reason once
+            return (f"prompt + max_new_tokens past original_max_position_embeddings={self.rope_limit}, beyond which "
                     "longrope switches to its long factors")  # fmt: skip
         return None
 
