@@ -33,6 +33,7 @@ from fasttune.model.context import context_length
 # one fused qkv_proj), RoPE (phi3: on a leading part of the head dim), full or sliding-window attention, o, RMSNorm,
 # SwiGLU gate/up/down (phi3: one fused gate_up_proj)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+GEMMA_TYPES = ("gemma2", "gemma3_text")  # their layer is gemma.py's, on this decoder's weights, cache and masks
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
 # longrope (Phi-3/Phi-4) uses its short factors while every position is below original_max_position_embeddings and
 # switches every position to its long factors beyond: static within that length, so calls longer fall back (per call)
@@ -45,7 +46,7 @@ def unsupported_reason(model) -> str | None:
     config = model.config
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_TYPES:
-        return f"model type {kind!r}: the fused decoder supports {', '.join(SUPPORTED_TYPES)}"
+        return f"model type {kind!r}: the fused decoder supports {', '.join(SUPPORTED_TYPES + GEMMA_TYPES)}"
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if not kinds <= LAYER_KINDS:
         return f"layer types {sorted(kinds - LAYER_KINDS)}: only full and sliding-window attention are supported"

@@ -18,9 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttune.generate.decoder import LAYER_KINDS, STATIC_ROPE, FusedDecoder, _structure_reason
-
-GEMMA_TYPES = ("gemma2", "gemma3_text")
+from fasttune.generate.decoder import GEMMA_TYPES, LAYER_KINDS, STATIC_ROPE, FusedDecoder, _structure_reason
 
 
 def handles(model) -> bool:
