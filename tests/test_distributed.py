@@ -31,7 +31,8 @@ def _cli_overrides(cfg) -> list[str]:
         "--data.max-documents", str(d.max_documents), "--data.tokenizer-vocab-size", str(d.tokenizer_vocab_size),
         "--data.max-length", str(d.max_length), "--data.micro-batch-size", str(d.micro_batch_size),
         "--data.cache-dir", d.cache_dir, "--training.device", "cpu", "--training.grad-accum", "1",
-        "--max-steps", str(t.max_steps), "--training.warmup-steps", str(t.warmup_steps),
+        *(["--max-steps", str(t.max_steps)] if t.epochs is None else ["--epochs", str(t.epochs)]),
+        "--training.warmup-steps", str(t.warmup_steps),
         "--training.eval-every", str(t.eval_every), "--training.eval-batches", str(t.eval_batches),
         "--training.save-every", str(t.save_every), "--training.log-every", "1", "--training.lr", str(t.lr),
         "--generation.max-new-tokens", "4",
@@ -86,6 +87,21 @@ def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
         torch.testing.assert_close(w_ddp[name], w, atol=1e-5, rtol=1e-4)
     assert proc.stdout.count("fasttune run summary") == 1  # one rank reports
     assert "peak memory  " in proc.stdout and "GPUs" not in proc.stdout  # CPU ranks: "fullest of 2 GPUs" said before
+
+
+def test_epochs_count_the_micro_batches_of_every_rank(tmp_path):
+    """--epochs on two ranks: each step trains one micro-batch per rank, so an epoch is half the steps of one
+    process (grad_accum 1); the run is that of one process accumulating the ranks' micro-batches, step for step."""
+    one = loop.train(tiny_config(tmp_path / "one", epochs=0.25, grad_accum=2, eval_every=0, save_every=0))
+    alone = loop.train(tiny_config(tmp_path / "alone", epochs=0.25, eval_every=0, save_every=0))
+    cfg = tiny_config(tmp_path / "ddp", epochs=0.25, eval_every=0, save_every=0)
+    proc = _torchrun(cfg)
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    got, want = losses(records), losses(one.records)
+    assert got.keys() == want.keys() == set(range(1, one.steps + 1)) and one.steps < alone.steps
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
+    assert f"0.25 epochs = {one.steps} steps" in proc.stdout + proc.stderr
+    assert json.loads((cfg.run_dir / "config.json").read_text())["training"]["max_steps"] == one.steps
 
 
 def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):

@@ -212,7 +212,12 @@ class LoraConfig:
 @dataclass
 class TrainingConfig:
     max_steps: Annotated[int, tyro.conf.arg(aliases=("--max-steps",))] = field(default=200, metadata=RESUMABLE)
-    """Optimizer steps to run."""
+    """Optimizer steps to run (with `epochs` set: the steps those epochs take, computed when the data is batched)."""
+    epochs: Annotated[float | None, tyro.conf.arg(aliases=("--epochs",))] = field(default=None, metadata=RESUMABLE)
+    """Passes over the training data (HF's num_train_epochs; 0.5 or 3), instead of --max-steps: the run trains
+    ceil(epochs x optimizer steps per epoch), as the data is batched (packing, micro-batch, grad_accum, ranks). It
+    overrides the preset's max_steps; given with --max-steps in the same place (the command line, one file) it is an
+    error. None: --max-steps decides. May change on resume (like max_steps: more epochs train further)."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
@@ -266,6 +271,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _positive("training.max_steps", self.max_steps)
+        if self.epochs is not None:
+            _positive("training.epochs", self.epochs)
         _positive("training.lr", self.lr)
         _positive("training.grad_accum", self.grad_accum, most=MAX_COUNT)
         _positive("training.warmup_steps", self.warmup_steps, allow_zero=True)

@@ -54,6 +54,7 @@ class TrainArgs(Command):
 
         file = ConfigFile.load(path, typed=typed) if path is not None else None
         own = "--resume" in typed and _resumed_config(args, name, file)
+        length = run_length_flag(typed, file)
         if file is None and not own:
             return cls(config=get_experiment(name or "quick"), given=typed)
         run = ConfigFile.load(own, quiet=True) if own else None
@@ -66,6 +67,8 @@ class TrainArgs(Command):
                               f"with {run.experiment}; resume with the run's preset (or start a new run with another "
                               "--output-dir)")  # fmt: skip
         cfg = file.apply(base)
+        if length == "max_steps" and cfg.training.epochs is not None:  # typed --max-steps decides over a file's epochs
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=None))
         path = file.path
         table = leaves()
         from_file = tuple(k for k in file.keys() if not set(table[k].flags) & set(typed))
@@ -117,8 +120,31 @@ class TrainArgs(Command):
 
 
 # The --help text is the docstring (tyro reads it): its short flags come from the one table the parser uses.
-_short = textwrap.fill("Short flags: " + ", ".join(SHORT_FLAGS) + ".", 100, subsequent_indent="    ")
+_short = textwrap.fill(
+    "Short flags: " + ", ".join(SHORT_FLAGS) + ".", 100, subsequent_indent="    ", break_on_hyphens=False
+)
 TrainArgs.__doc__ = (TrainArgs.__doc__ or "").replace("{short}", _short)
+
+
+STEPS_FLAGS, EPOCHS_FLAGS = ("--max-steps", "--training.max-steps"), ("--epochs", "--training.epochs")
+
+
+def run_length_flag(typed: Sequence[str], file=None) -> str | None:
+    """Which option sets the run's length on the command line ("max_steps", "epochs" or None: the file's, else the
+    preset's max_steps). Exactly one decides: both typed, or both set in one --config file, is an error. A typed one
+    beats the file's other one (flags override files); epochs anywhere beats a preset's max_steps. A run's own
+    config.json records both (epochs, and the steps they came to): its epochs decide."""
+    steps, epochs = any(f in typed for f in STEPS_FLAGS), any(f in typed for f in EPOCHS_FLAGS)
+    if steps and epochs:
+        raise ConfigError("--max-steps and --training.epochs both set the run's length; pass one of them")
+    training = file.values.get("training", {}) if file is not None else {}
+    if not (steps or epochs) and training.get("epochs") is not None and "max_steps" in training:
+        from fasttune.train.run_dir import RunFolder
+
+        if not (Path(file.path).name == "config.json" and RunFolder(Path(file.path).parent).is_run):
+            raise ConfigError(f"{file.path}: training.max_steps and training.epochs both set the run's length; keep "
+                              "one of them")  # fmt: skip
+    return "max_steps" if steps else "epochs" if epochs else None
 
 
 def _last_value(args: Sequence[str], flag: str) -> str | None:

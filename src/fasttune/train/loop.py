@@ -31,6 +31,7 @@ from fasttune.train import distributed
 from fasttune.train.device import resolve_device
 from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
+from fasttune.train.length import run_length
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.model_prep import prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
@@ -98,10 +99,10 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         else:
             lock = RunFolder(cfg.run_dir).prepare(cfg)  # held until this run ends, however it ends
         run = _open(cfg, data, d, device_name, gate, attn_origin)
-        step, max_steps = run.state.step, cfg.training.max_steps
+        step, max_steps = run.state.step, run.cfg.training.max_steps  # run.cfg: with epochs, their steps
         if step == max_steps:
             log.info("the run in %s is already complete (step %d of --max-steps %d); resume with a larger "
-                     "--max-steps to train further", run.folder, step, max_steps)  # fmt: skip
+                     "--max-steps (or --training.epochs) to train further", run.folder, step, max_steps)  # fmt: skip
         elif step > max_steps:  # e.g. a 3000-step run stopped at 106, resumed with --max-steps 30: not "complete"
             msg = "the run in %s is already past step %d (stopped at step %d); to continue it, resume with --max-steps"
             log.info(msg + " above %d (e.g. its original --max-steps)", run.folder, max_steps, step, step)
@@ -189,6 +190,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     build_on = d.build_device(device, reads_weights=not random_init(cfg.model))
     model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype, build_on, attn_origin)
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
+    cfg = run_length(cfg, data.train, batcher, d.world, folder.saved_config() if latest is not None else None)
     if latest is not None and build_on.type != "meta":
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights, before sharding (FSDP2: rank 0's)
     if d.main:

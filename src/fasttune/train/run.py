@@ -28,6 +28,7 @@ from fasttune.model.build import base_model
 from fasttune.model.flops import step_flops
 from fasttune.train import checkpoint as ckpt
 from fasttune.train.distributed import Dist
+from fasttune.train.length import micro_batches_per_step
 from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib
 from fasttune.train.model_prep import AttentionChoice
 from fasttune.train.run_dir import RunFolder
@@ -246,7 +247,7 @@ class Run:
         t, state, d = self.cfg.training, self.state, self.dist
         if self.clock is None:
             self.clock = mark(self.device)
-        micro = [self.stream.next() for _ in range(t.grad_accum * d.world)]
+        micro = [self.stream.next() for _ in range(micro_batches_per_step(t.grad_accum, d.world))]
         samples = [s for mb in micro for s in mb]
         lr = float(self.optimizer.param_groups[0]["lr"])  # this step's rate (torchao's lr is a tensor, filled in place)
         reading, tokens, targets = self._update(micro)

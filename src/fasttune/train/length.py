@@ -1,0 +1,64 @@
+"""The run's length: `training.max_steps`, or with `training.epochs` the steps that many passes over the training
+data take, counted from the micro-batches the loop trains (Batcher.plan, the same plan DataStream steps through) and
+the micro-batches each optimizer step takes (`micro_batches_per_step`, what Run.step draws)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+from fasttune.config import BaseConfig
+from fasttune.data.packing import Batcher
+from fasttune.data.sample import Sample
+from fasttune.errors import ConfigError
+
+log = logging.getLogger("fasttune")
+
+
+def micro_batches_per_step(grad_accum: int, world: int) -> int:
+    """The micro-batches of one optimizer step, over all ranks: each rank trains grad_accum of them."""
+    return grad_accum * world
+
+
+def steps_per_epoch(batcher: Batcher, samples: Sequence[Sample], per_step: int) -> Fraction:
+    """Optimizer steps in one pass over `samples`: the micro-batches of an epoch's plan (their number is the same in
+    every epoch: packing and grouping depend on the lengths alone, the seed only orders them) over `per_step`. Not
+    always whole: a step then takes the rest of one epoch and the start of the next, as DataStream.next does."""
+    return Fraction(len(batcher.plan([len(s) for s in samples], epoch=0)), per_step)
+
+
+def epochs_to_steps(epochs: float, per_epoch: Fraction) -> int:
+    """ceil(epochs x per_epoch), exactly (0.1 x 30 is 3 steps, not the 4 of a float product): the fewest steps that
+    pass over every sample `epochs` times."""
+    return max(1, math.ceil(Fraction(repr(float(epochs))) * per_epoch))
+
+
+def _number(x: Fraction | float) -> str:
+    return f"{float(x):.4g}"
+
+
+def run_length(cfg: BaseConfig, samples: Sequence[Sample], batcher: Batcher, world: int,
+               saved: dict | None = None) -> BaseConfig:  # fmt: skip
+    """`cfg` with training.max_steps = the steps of training.epochs (unchanged without epochs), said in one line.
+    `saved`: the resumed run's config.json; with the epochs it was started with, the total must come out as the one
+    it recorded (else the schedule and the steps left would silently change): a different one is refused."""
+    t = cfg.training
+    if t.epochs is None:
+        return cfg
+    per_step = micro_batches_per_step(t.grad_accum, world)
+    per_epoch = steps_per_epoch(batcher, samples, per_step)
+    total = epochs_to_steps(t.epochs, per_epoch)
+    was = (saved or {}).get("training", {})
+    if was.get("epochs") == t.epochs and was.get("max_steps") not in (None, total):
+        raise ConfigError(
+            f"--resume: {_number(t.epochs)} epochs are {total} steps now ({_number(per_epoch)} per epoch at "
+            f"{world} rank(s) x grad_accum {t.grad_accum}) but the run was started as {was['max_steps']} steps; "
+            f"resume with the ranks x --training.grad-accum it had, or pass --max-steps {was['max_steps']} to keep "
+            "its length"
+        )
+    how = "" if per_epoch.denominator == 1 else f": {per_epoch * per_step} micro-batches, {per_step} per step"
+    log.info("%s epochs = %d steps (%s per epoch%s)", _number(t.epochs), total, _number(per_epoch), how)
+    return dataclasses.replace(cfg, training=dataclasses.replace(t, max_steps=total))
