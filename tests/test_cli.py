@@ -114,8 +114,11 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
         ("--use_rslora", "fasttune has no such option: LoRA's scaling is --lora.alpha / --lora.rank"),
         ("--load_in_4bit", "fasttune has no such option: it loads no quantized base (QLoRA)"),
         ("--assistant_only_loss", "fasttune has no such option: chat data trains the assistant turns only"),
-        *((f, "fasttune has no epochs option: it trains --max-steps optimizer steps") for f in
-          ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--epochs")),
+        *((f, "did you mean --training.epochs?") for f in
+          ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--num_epochs")),
+        *((f, "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "
+              "--training.tensorboard also to its tensorboard/ folder; for W&B, `wandb sync --sync-tensorboard "
+              "OUTPUT_DIR/tensorboard` uploads that;") for f in ("--report_to", "--report-to")),
     ],
 )  # fmt: skip
 def test_other_tools_option_names_point_at_fasttunes(flag, expected, capsys):
@@ -151,10 +154,9 @@ def test_every_other_tools_name_maps_to_a_real_option():
     assert {"learning-rate", "num-train-epochs", "per-device-train-batch-size", "gradient-accumulation-steps",
             "max-seq-length", "warmup-steps", "lora-r", "lora-alpha", "output-dir"} <= OTHER_NAMES.keys()  # fmt: skip
     for name, target in OTHER_NAMES.items():
-        assert target is None or target in table, name
+        assert target in table, name
         if f"--{name}" not in table:
-            assert _suggestion(f"--{name}", table) == (f"did you mean {target}? " if target else
-                                                       _suggestion("--epochs", table)), name  # fmt: skip
+            assert _suggestion(f"--{name}", table) == f"did you mean {target}? ", name
     assert "--training.lr" not in _suggestion("--lr", {"--limit": int, "--seed": int})  # eval has no such option
 
 
@@ -472,3 +474,17 @@ def test_no_yarn_edit_is_advised_for_rope_parameters_per_layer_type():
     assert set(config.rope_parameters) == {"sliding_attention", "full_attention"}
     message = too_long(config, 300, "m")
     assert message.endswith("(max_position_embeddings=128); pass --data.max-length 128 or less"), message
+
+
+def test_the_report_to_answer_names_the_files_a_run_writes():
+    """HF/TRL's --report_to: the answer names the run folder's own files (metrics.jsonl, tensorboard/), which W&B's
+    `wandb sync --sync-tensorboard` uploads."""
+    from pathlib import Path
+
+    from fasttune.config.argcheck import NO_SUCH_OPTION, option_table
+    from fasttune.train.run_dir import RunFolder
+
+    folder = RunFolder(Path("OUTPUT_DIR"))
+    answer = NO_SUCH_OPTION["report-to"]
+    assert folder.metrics.name in answer and f"`wandb sync --sync-tensorboard {folder.tensorboard}`" in answer
+    assert "--training.tensorboard" in answer and "--training.tensorboard" in option_table()

@@ -174,7 +174,10 @@ def test_resume_with_a_partial_config_takes_what_it_leaves_out_from_the_run(tmp_
         ("a.yaml", "training:\n  learning_rate: 1e-4\n",
          "a.yaml: unknown key training.learning_rate; did you mean training.lr (fasttune's name for learning_rate)?"),
         ("a.yaml", "micro_batch_size: 2\n", "unknown key micro_batch_size; did you mean data.micro_batch_size?"),
-        ("a.yaml", "num_epochs: 3\n", "a.yaml: unknown key num_epochs; fasttune has no epochs option"),
+        ("a.yaml", "num_epochs: 3\n",
+         "a.yaml: unknown key num_epochs; did you mean training.epochs (fasttune's name for num_epochs)?"),
+        ("a.yaml", "report_to: wandb\n", "a.yaml: unknown key report_to; fasttune has no such option: it logs to "
+         "metrics.jsonl"),
         ("a.yaml", "dataset_text_field: content\n",
          "a.yaml: unknown key dataset_text_field; fasttune has no such option: text data is read from each record's"),
         ("a.yaml", "completion_only_loss: true\n", "did you mean data.train_on_prompt: false (fasttune's name for"),

@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
 
-SHORT_FLAGS = ("--model", "--data", "--output-dir", "--max-steps", "--save-every", "--attn-implementation",
-               "--resume", "--overwrite")  # fmt: skip
+SHORT_FLAGS = ("--model", "--data", "--output-dir", "--max-steps", "--epochs", "--save-every",
+               "--attn-implementation", "--resume", "--overwrite")  # fmt: skip
 """The stable short flags of `fasttune train` (its --help lists them from here; the README lists the same): tyro
 aliases of nested options (`tyro.conf.arg(aliases=...)`) and top-level options. Each is in `option_table()`."""
 
@@ -26,7 +26,7 @@ _STEPS = "--max-steps"
 OTHER_NAMES = {
     # HF Trainer / TRL
     "learning-rate": "--training.lr",
-    "num-train-epochs": None,
+    "num-train-epochs": "--training.epochs",
     "max-steps": _STEPS,
     "per-device-train-batch-size": "--data.micro-batch-size",
     "gradient-accumulation-steps": "--training.grad-accum",
@@ -51,8 +51,8 @@ OTHER_NAMES = {
     "warmup-ratio": "--training.warmup-steps",
     # Axolotl, peft, LLaMA-Factory
     "lr": "--training.lr",
-    "num-epochs": None,
-    "epochs": None,
+    "num-epochs": "--training.epochs",
+    "epochs": "--training.epochs",
     "base-model": "--model",
     "datasets": "--data",
     "dataset": "--data",
@@ -75,7 +75,7 @@ OTHER_NAMES = {
     "use-gradient-checkpointing": "--model.gradient-checkpointing",
 }
 """Option names HF Trainer, TRL, Axolotl and peft users type (the leaf of the flag, dashes for underscores) -> the
-fasttune option that does that; None: fasttune has no such option (epochs: it counts steps)."""
+fasttune option that does that."""
 _NO_MODULES_TO_SAVE = (
     "fasttune has no such option: LoRA trains adapters on --lora.targets and freezes every other "
     "weight; to train embeddings or the head too, fine-tune in full (--experiment sft)"
@@ -97,6 +97,9 @@ NO_SUCH_OPTION = {
     "load-in-8bit": _NO_QUANTIZED,
     "assistant-only-loss": "fasttune has no such option: chat data trains the assistant turns only, as "
     "supervised formats train their responses (--data.train-on-prompt trains every token)",
+    "report-to": "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "
+    "--training.tensorboard also to its tensorboard/ folder; for W&B, `wandb sync --sync-tensorboard "
+    "OUTPUT_DIR/tensorboard` uploads that",
 }
 """Other tools' options fasttune has no counterpart for (the leaf of the flag, dashes for underscores) -> what it does
 instead, for `fasttune train` and config files."""
@@ -219,9 +222,6 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
         return NO_SUCH_OPTION[leaf] + "; "
     if leaf in OTHER_NAMES and _STEPS in table:  # train's options (bench has its own --epochs)
         target = OTHER_NAMES[leaf]
-        if target is None:
-            return (f"fasttune has no epochs option: it trains {_STEPS} optimizer steps, going over the data again "
-                    f"as often as that takes (set {_STEPS} N); ")  # fmt: skip
         if target in table:
             return f"did you mean {target}? "
     if leaf in GENERATION_NAMES and _STEPS not in table:

@@ -197,8 +197,6 @@ def _suggestion(key: str) -> str:
         return "; " + NO_SUCH_OPTION[other]
     if other in OTHER_NAMES:
         target = OTHER_NAMES[other]
-        if target is None:
-            return "; fasttune has no epochs option: it trains training.max_steps optimizer steps"
         flags = _flag_to_key()
         if target in flags:
             found = flags[target] + (": false" if target.rpartition(".")[2].startswith("no-") else "")
