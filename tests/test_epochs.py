@@ -190,3 +190,16 @@ def _data(cfg):
     from fasttune.data.pipeline import build_data
 
     return build_data(cfg)
+
+
+def test_the_cpu_estimate_of_an_epochs_run_counts_its_steps_not_the_presets(tmp_path):
+    """A preset whose max_steps would take hours on this CPU: --epochs 1 trains its few steps (refused before, on the
+    preset's steps); epochs that come to hours are refused once their steps are known, before the run folder."""
+    hours = 10**8  # steps of the micro model: far over the hour the check allows
+    result = loop.train(_cfg(tmp_path / "one", max_steps=hours, epochs=1))
+    assert 0 < result.steps < 100
+    many = _cfg(tmp_path / "many", max_steps=6, epochs=10**7)
+    with pytest.raises(ConfigError, match=r"is GPU-scale and no GPU is available: [\d,]+ steps \(1e\+07 epochs\) of "
+                                          r"up to 192 tokens .* fewer --epochs\), or pass --force"):  # fmt: skip
+        loop.train(many)
+    assert not (many.run_dir / "config.json").exists()

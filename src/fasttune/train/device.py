@@ -30,6 +30,28 @@ def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
     return dense_flops_per_token(conf) * tokens / rate / 3600, rate / 1e9
 
 
+def refuse_gpu_scale(cfg: BaseConfig, device: torch.device) -> None:
+    """On a CPU, without --force: refuse a run estimated at over an hour, in one line. It judges
+    training.max_steps: with --training.epochs, call it once run_length has set them (not on the preset's)."""
+    if device.type != "cpu" or cfg.force:
+        return
+    hours, gflops = cpu_hours(cfg)
+    if hours <= 1.0:
+        return
+    t, d = cfg.training, cfg.data
+    tokens = t.grad_accum * d.micro_batch_size * d.max_length
+    model = f"--model {cfg.model.path}" if cfg.model.path else f"the {cfg.model.preset} preset"
+    span = f"{hours:,.0f} hour" + ("" if round(hours) == 1 else "s")
+    steps, fewer = f"{t.max_steps:,} steps", "--max-steps"
+    if t.epochs is not None:
+        steps, fewer = f"{steps} ({t.epochs:g} epochs)", "--epochs"
+    raise ConfigError(
+        f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {steps} of up to {tokens:,} tokens "
+        f"on {model} take about {span} at this CPU's measured {gflops:.0f} GFLOP/s. Run it on a CUDA machine, use "
+        f"--experiment quick (or a smaller --model.preset, fewer {fewer}), or pass --force to run here anyway"
+    )
+
+
 def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.device, torch.dtype | None, torch.dtype]:
     """(device, autocast dtype or None, parameter dtype); `name` overrides training.device (a torchrun rank's GPU)."""
     name = name or cfg.training.device
@@ -39,19 +61,8 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
             f"{torch.__version__}; use --training.device cpu, or run `fasttune doctor`"
         )
     device = pick_device(name)
-    if device.type == "cpu" and not cfg.force:
-        hours, gflops = cpu_hours(cfg)
-        if hours > 1.0:  # GPU-scale work: say so before hours of tokenizing and training
-            t, d = cfg.training, cfg.data
-            tokens = t.grad_accum * d.micro_batch_size * d.max_length
-            model = f"--model {cfg.model.path}" if cfg.model.path else f"the {cfg.model.preset} preset"
-            span = f"{hours:,.0f} hour" + ("" if round(hours) == 1 else "s")
-            raise ConfigError(
-                f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {t.max_steps:,} steps of up to "
-                f"{tokens:,} tokens on {model} take about {span} at this CPU's measured {gflops:.0f} "
-                "GFLOP/s. Run it on a CUDA machine, use --experiment quick (or a smaller --model.preset, fewer "
-                "--max-steps), or pass --force to run here anyway"
-            )
+    if cfg.training.epochs is None:  # with epochs the steps are known once the data is batched: the loop checks then
+        refuse_gpu_scale(cfg, device)
     if cfg.model.dtype == "bf16":
         return device, None, torch.bfloat16  # pure bf16: weights, grads and optimizer moments
     if cfg.model.dtype == "fp32" or device.type == "cpu":

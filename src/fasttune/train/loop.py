@@ -28,7 +28,7 @@ from fasttune.model.build import check_weights, has_weights, random_init
 from fasttune.model.resolve import MERGED_STEP, resolve_for_training
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
-from fasttune.train.device import resolve_device
+from fasttune.train.device import refuse_gpu_scale, resolve_device
 from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
 from fasttune.train.length import run_length
@@ -191,6 +191,8 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype, build_on, attn_origin)
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
     cfg = run_length(cfg, data.train, batcher, d.world, folder.saved_config() if latest is not None else None)
+    if cfg.training.epochs is not None:  # their steps are known now (resolve_device judged the others)
+        refuse_gpu_scale(cfg, device)
     if latest is not None and build_on.type != "meta":
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights, before sharding (FSDP2: rank 0's)
     if d.main:
