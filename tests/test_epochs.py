@@ -203,3 +203,22 @@ def test_the_cpu_estimate_of_an_epochs_run_counts_its_steps_not_the_presets(tmp_
                                           r"up to 192 tokens .* fewer --epochs\), or pass --force"):  # fmt: skip
         loop.train(many)
     assert not (many.run_dir / "config.json").exists()
+
+
+def test_the_schedule_warning_of_a_resume_names_the_length_option_changed(tmp_path, caplog):
+    caplog.set_level("INFO", logger="fasttune")
+    cfg = _cfg(tmp_path, epochs=1)
+    one = loop.train(cfg)
+    more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, epochs=2))
+    two = loop.train(more)
+    assert two.steps > one.steps
+    said = [r.getMessage() for r in caplog.records if "is not the checkpoint's run's" in r.getMessage()]
+    assert said == [
+        f"--epochs 2 ({two.steps} steps) is not the checkpoint's run's: the learning-rate schedule now "
+        f"spans {two.steps} steps, and step {one.steps + 1} trains at lr " + said[0].split(" at lr ")[1]
+    ]
+    caplog.clear()
+    steps = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, epochs=None,
+                                                                                max_steps=two.steps + 2))  # fmt: skip
+    loop.train(steps)
+    assert f"--max-steps {two.steps + 2} is not the checkpoint's run's: the learning-rate schedule" in caplog.text

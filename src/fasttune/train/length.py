@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
-from fasttune.config import BaseConfig
+from fasttune.config import BaseConfig, TrainingConfig
 from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample
 from fasttune.errors import ConfigError
@@ -38,6 +38,11 @@ def epochs_to_steps(epochs: float, per_epoch: Fraction) -> int:
 
 def _number(x: Fraction | float) -> str:
     return f"{float(x):.4g}"
+
+
+def length_option(t: TrainingConfig) -> str:
+    """The option that set the run's length, as the user would type it: "--max-steps 40", "--epochs 2 (26 steps)"."""
+    return f"--max-steps {t.max_steps}" if t.epochs is None else f"--epochs {_number(t.epochs)} ({t.max_steps} steps)"
 
 
 def run_length(cfg: BaseConfig, samples: Sequence[Sample], batcher: Batcher, world: int,

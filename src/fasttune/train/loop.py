@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from fasttune.config import BaseConfig
+from fasttune.config import BaseConfig, TrainingConfig
 from fasttune.data.formats import FORMATS
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.data.sft import MASKING_RULES, masking_changes_since
@@ -31,7 +31,7 @@ from fasttune.train import distributed
 from fasttune.train.device import refuse_gpu_scale, resolve_device
 from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
-from fasttune.train.length import run_length
+from fasttune.train.length import length_option, run_length
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
 from fasttune.train.model_prep import prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
@@ -210,9 +210,7 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     if latest is not None:
         if "grad_accum" not in saved:  # a checkpoint from before it was recorded: the run's config says
             saved["grad_accum"] = folder.saved_config().get("training", {}).get("grad_accum", 1)
-        state = _restore(
-            d, latest, saved, model, optimizer, scheduler, metrics, cfg.training.grad_accum, cfg.training.max_steps
-        )
+        state = _restore(d, latest, saved, model, optimizer, scheduler, metrics, cfg.training)
         _check_batching(saved, batcher, state, "packed" if cfg.data.packing else "padded")
         if d.main and state.step < cfg.training.max_steps:  # a resume refused as past its --max-steps keeps the record
             folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
@@ -241,20 +239,20 @@ def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
                 "to drop evaluation", why, every, fix)  # fmt: skip
 
 
-def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog, grad_accum: int,
-             max_steps: int) -> TrainState:  # fmt: skip
+def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics: MetricsLog,
+             t: TrainingConfig) -> TrainState:  # fmt: skip
     d.load_optimizer(model, optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     state = TrainState(**saved["state"])
     was = float(optimizer.param_groups[0]["lr"])  # the next step's rate on the checkpoint's schedule
-    sync_lr(optimizer, scheduler)  # this run's schedule (--max-steps may have changed)
+    sync_lr(optimizer, scheduler)  # this run's schedule (--max-steps or --epochs may have changed)
     if not math.isclose(now := float(optimizer.param_groups[0]["lr"]), was, rel_tol=1e-4):
-        log.warning("--max-steps %d is not the checkpoint's run's: the learning-rate schedule now spans %d steps, and "
-                    "step %d trains at lr %.3g instead of %.3g", max_steps, max_steps, state.step + 1, now,
+        log.warning("%s is not the checkpoint's run's: the learning-rate schedule now spans %d steps, and step %d "
+                    "trains at lr %.3g instead of %.3g", length_option(t), t.max_steps, state.step + 1, now,
                     was)  # fmt: skip
     ranks = saved.get("rng_ranks")
     ckpt.set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else saved["rng"])
-    world, accum = saved.get("world", 1), saved["grad_accum"]
+    world, accum, grad_accum = saved.get("world", 1), saved["grad_accum"], t.grad_accum
     if world * accum != d.world * grad_accum:
         log.warning("resuming with %d micro-batches per step (%d rank(s) x grad_accum %d), the checkpoint trained "
                     "with %d (%d x %d): the global batch changes from here on; keep ranks x --training.grad-accum "
