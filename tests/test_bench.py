@@ -331,6 +331,10 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
          "--variant 'a': another row has that name; give each variant its own"),
         (["train", "--variant", "fasttune auto packed:model.liger=false"], "'fasttune auto packed': another row"),
         (["train", "--variant", ":model.liger=false"], "--variant ':model.liger=false': write NAME:"),
+        (["train", "--variant", "x:training.epochs=1"], "--variant 'x': training.epochs: every row's length is the "
+         "benchmark's (--warmup-epochs + --epochs passes over its samples); drop it from the variant and set bench "
+         "train's --epochs"),
+        (["train", "--variant", "y:model.liger=false,training.max_steps=9"], "'y': training.max_steps: every row's"),
         (["train", "--hf-only", "nosuch"], "--hf-only 'nosuch' matches none of the Hugging Face baselines"),
         (["train", "--device", "cpu", "--hf-only", "FA4"], "'HF sdpa packed (4D mask)'); HF flash_attention_4 "
          "baselines: need CUDA; name one of them"),

@@ -28,6 +28,7 @@ from fasttune.config.argcheck import assignments_to_args, parse_overrides
 from fasttune.data.packing import Batcher
 from fasttune.errors import ConfigError
 from fasttune.model import liger
+from fasttune.train.cli import EPOCHS_FLAGS, STEPS_FLAGS
 from fasttune.train.metrics import peak_flops, peak_memory_gib
 
 LLAMA = "transformers.models.llama.modeling_llama"  # the presets' architecture
@@ -95,7 +96,12 @@ def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list
     if bench.lora:
         cfg.lora.targets = hf.LORA.targets
     overrides = lora_overrides(bench) + list(overrides)
-    cfg = parse_overrides(cfg, assignments_to_args(overrides), prog="fasttune train")  # a variant's options are its
+    for key in (a.partition("=")[0].strip() for a in overrides):
+        if "--" + key.replace("_", "-") in (*STEPS_FLAGS, *EPOCHS_FLAGS):
+            raise ConfigError(f"{key}: every row's length is the benchmark's (--warmup-epochs + --epochs passes over "
+                              "its samples); drop it from the variant and set bench train's --epochs")  # fmt: skip
+    args = assignments_to_args(overrides)
+    cfg = parse_overrides(cfg, args, prog="fasttune train")  # a variant's options are its
     t = cfg.training
     plan = Batcher.from_config(cfg.data, bench.seed).plan(bench.lengths, epoch=0)
     per_epoch = -(-len(plan) // t.grad_accum)
