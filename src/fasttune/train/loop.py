@@ -32,7 +32,7 @@ from fasttune.train.device import refuse_gpu_scale, resolve_device
 from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
 from fasttune.train.length import length_option, run_length
-from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, print_summary, save_plots
+from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save_plots, summarize
 from fasttune.train.model_prep import prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
@@ -391,7 +391,7 @@ def _finish(run: Run) -> RunResult:
     save_plots(run.metrics.records, run.folder)
     result.records = run.metrics.records
     training = describe_training(cfg, run.model, run.amp_dtype, run.optimizer, run.memory_plan)
-    _summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher)
+    summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher)
     return result
 
 
@@ -459,44 +459,3 @@ def describe_training(cfg: BaseConfig, model: torch.nn.Module, amp_dtype, optimi
         precision = f"pure {'/'.join(sorted(trained))} weights{state}"
     fused = all(g.get("fused") for g in optimizer.param_groups)
     return f"{precision}; {cfg.training.optimizer}{' (fused)' if fused else ''}; memory plan {plan}"
-
-
-def _packing(batcher) -> str:
-    if batcher.packing:
-        return "on (padding-free)"
-    if batcher.grouped:
-        return "off (padded rows of similar length: the model's own attention would let packed samples see each other)"
-    return "off (padded)"
-
-
-def _summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, folder: RunFolder, world: int,
-               training: str, batcher) -> None:  # fmt: skip
-    recs = [r for r in result.records if r.get("tokens_per_s")]
-    tps = sorted(r["tokens_per_s"] for r in recs[1:] or recs)
-    median = tps[len(tps) // 2] if tps else 0.0
-    mfus = sorted(r["mfu"] for r in recs[1:] if r.get("mfu"))
-    rows = [
-        ("experiment", cfg.experiment),
-        ("steps", str(result.steps)),
-        (
-            "train loss first -> last",
-            f"{result.first_loss:.4f} -> {result.last_loss:.4f}" if result.first_loss is not None else "-",
-        ),
-        (
-            "val loss first -> last",
-            f"{result.first_val_loss:.4f} -> {result.last_val_loss:.4f}" if result.first_val_loss is not None else "-",
-        ),
-        ("real tokens/s (median)", f"{median:,.0f}"),
-        ("MFU (median)", f"{100 * mfus[len(mfus) // 2]:.1f}%" if mfus else "n/a (no GPU peak known)"),
-        (
-            "peak memory" + (f" (fullest of {world} GPUs)" if world > 1 and peak is not None else ""),
-            f"{peak:.2f} GiB" if peak is not None else "n/a (CPU)",
-        ),
-        ("training", training),
-        ("attention", attn.describe()),
-        ("packing", _packing(batcher)),
-        ("checkpoint", str(result.checkpoint or "none saved (no --save-every step reached, save_final off)")),
-        ("model for from_pretrained", str(result.model_dir or "-")),
-        ("metrics", str(folder.metrics)),
-    ]
-    print_summary(rows)

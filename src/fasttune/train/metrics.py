@@ -7,11 +7,16 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fasttune.generate.prompts import write_atomic
 from fasttune.train.run_dir import RunFolder
+
+if TYPE_CHECKING:  # run.py imports this module
+    from fasttune.config import BaseConfig
+    from fasttune.train.run import RunResult
 
 log = logging.getLogger("fasttune")
 
@@ -155,3 +160,46 @@ def print_summary(rows: list[tuple[str, str]]) -> None:
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)
+
+
+def _packing(batcher) -> str:
+    if batcher.packing:
+        return "on (padding-free)"
+    if batcher.grouped:
+        return "off (padded rows of similar length: the model's own attention would let packed samples see each other)"
+    return "off (padded)"
+
+
+def summarize(cfg: BaseConfig, result: RunResult, attn, peak: float | None, folder: RunFolder, world: int,
+              training: str, batcher) -> None:  # fmt: skip
+    """The end-of-run table: losses, real tokens/s and MFU (medians past the first step), peak memory, precision,
+    attention, packing and where the checkpoint, model and metrics went."""
+    recs = [r for r in result.records if r.get("tokens_per_s")]
+    tps = sorted(r["tokens_per_s"] for r in recs[1:] or recs)
+    median = tps[len(tps) // 2] if tps else 0.0
+    mfus = sorted(r["mfu"] for r in recs[1:] if r.get("mfu"))
+    rows = [
+        ("experiment", cfg.experiment),
+        ("steps", str(result.steps)),
+        (
+            "train loss first -> last",
+            f"{result.first_loss:.4f} -> {result.last_loss:.4f}" if result.first_loss is not None else "-",
+        ),
+        (
+            "val loss first -> last",
+            f"{result.first_val_loss:.4f} -> {result.last_val_loss:.4f}" if result.first_val_loss is not None else "-",
+        ),
+        ("real tokens/s (median)", f"{median:,.0f}"),
+        ("MFU (median)", f"{100 * mfus[len(mfus) // 2]:.1f}%" if mfus else "n/a (no GPU peak known)"),
+        (
+            "peak memory" + (f" (fullest of {world} GPUs)" if world > 1 and peak is not None else ""),
+            f"{peak:.2f} GiB" if peak is not None else "n/a (CPU)",
+        ),
+        ("training", training),
+        ("attention", attn.describe()),
+        ("packing", _packing(batcher)),
+        ("checkpoint", str(result.checkpoint or "none saved (no --save-every step reached, save_final off)")),
+        ("model for from_pretrained", str(result.model_dir or "-")),
+        ("metrics", str(folder.metrics)),
+    ]
+    print_summary(rows)
