@@ -360,6 +360,18 @@ def test_lora_fsdp_bf16_mixed_precision_matches_one_process_under_autocast(tmp_p
     _assert_same_tensors(got, want)
 
 
+def test_ddp_is_gone_before_its_process_group_is_destroyed(tmp_path):
+    """A DDP reducer that outlives its gloo group destroys the group from its own deallocation with the GIL held, while
+    gloo's threads may need the GIL: the ranks hung at exit now and then (a CI run of the two-rank test above did)."""
+    script = Path(__file__).parent / "fixtures" / "ddp_teardown.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: DDP objects alive at destroy_process_group: 0" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_reductions_over_ranks_give_every_rank_the_sum_and_the_largest_value():
     """Dist.sum_ (the step's loss) and Dist.max_ (the summary's peak memory: the fullest GPU, not rank 0's)."""
     script = Path(__file__).parent / "fixtures" / "dist_reduce.py"

@@ -21,6 +21,7 @@ sends each rank its shards from rank 0 (torch's set_model_state_dict, broadcast_
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -293,7 +294,12 @@ def init(d: Dist, device_name: str) -> str:
 
 
 def close(d: Dist) -> None:
+    """Destroy the process group this process created. Drop the DDP model first (the caller's references): a DDP
+    reducer that outlives its gloo group destroys the group from its own deallocation with the GIL held while it
+    joins gloo's threads, which may need the GIL to free a tensor (a hang at exit, now and then). The collection
+    frees one held in a reference cycle now, not at some later point after the group is gone."""
     if _CREATED and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
         _CREATED.clear()
 

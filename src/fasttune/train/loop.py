@@ -91,7 +91,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
                     "them whole): score a checkpoint with `fasttune eval --generate` instead")  # fmt: skip
     device_name = distributed.init(d, cfg.training.device)
     logger, level = logging.getLogger("fasttune"), logging.getLogger("fasttune").level
-    lock, gate = None, distributed.StartGate(d)
+    lock, gate, run = None, distributed.StartGate(d), None
     try:
         if not d.main:
             logger.setLevel(logging.ERROR)  # rank 0 reports (warnings are the same on all ranks)
@@ -117,6 +117,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         if lock is not None:
             lock.release(tidy=not RunFolder(cfg.run_dir).is_run)  # a failed start leaves no lock file behind
         logger.setLevel(level)  # the process (a test, a notebook) gets its logger back as it was
+        run = None  # its DDP model goes before the process group (distributed.close)
         distributed.close(d)
 
 
