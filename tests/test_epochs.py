@@ -212,6 +212,8 @@ def test_the_schedule_warning_of_a_resume_names_the_length_option_changed(tmp_pa
     more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, epochs=2))
     two = loop.train(more)
     assert two.steps > one.steps
+    loop.train(more)  # finished: says so in the option that set its length
+    assert f"already complete (step {two.steps} of --epochs 2 ({two.steps} steps))" in caplog.text
     said = [r.getMessage() for r in caplog.records if "is not the checkpoint's run's" in r.getMessage()]
     assert said == [
         f"--epochs 2 ({two.steps} steps) is not the checkpoint's run's: the learning-rate schedule now "

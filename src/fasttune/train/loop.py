@@ -101,8 +101,8 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         run = _open(cfg, data, d, device_name, gate, attn_origin)
         step, max_steps = run.state.step, run.cfg.training.max_steps  # run.cfg: with epochs, their steps
         if step == max_steps:
-            log.info("the run in %s is already complete (step %d of --max-steps %d); resume with a larger "
-                     "--max-steps (or --training.epochs) to train further", run.folder, step, max_steps)  # fmt: skip
+            log.info("the run in %s is already complete (step %d of %s); resume with a larger --max-steps (or "
+                     "--epochs) to train further", run.folder, step, length_option(run.cfg.training))  # fmt: skip
         elif step > max_steps:  # e.g. a 3000-step run stopped at 106, resumed with --max-steps 30: not "complete"
             msg = "the run in %s is already past step %d (stopped at step %d); to continue it, resume with --max-steps"
             log.info(msg + " above %d (e.g. its original --max-steps)", run.folder, max_steps, step, step)
