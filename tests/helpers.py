@@ -233,3 +233,18 @@ def save_tiny_model(path, model_type: str, **shape):
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def fail_at(monkeypatch, call: int, exc_factory=lambda: RuntimeError("simulated crash")):
+    """Make the `call`-th forward_backward of the training loop (1-based) raise; every other call runs for real."""
+    from fasttune.train import run
+
+    real, count = run.forward_backward, {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            raise exc_factory()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "forward_backward", wrapped)

@@ -12,7 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from helpers import losses, tiny_config
+from helpers import fail_at, losses, tiny_config
 
 from fasttune import cli
 from fasttune.cli import parse_train_args
@@ -101,15 +101,7 @@ def test_epochs_are_the_run_of_their_steps_given_by_hand(tmp_path):
 def test_resume_of_an_epochs_run_keeps_its_length_and_refuses_another(tmp_path, monkeypatch, capsys):
     ref = loop.train(_cfg(tmp_path / "ref", epochs=1.5))
     cfg = _cfg(tmp_path / "run", epochs=1.5, save_every=3)
-    real, count = run.forward_backward, {"n": 0}
-
-    def crash_at_5(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(run, "forward_backward", crash_at_5)
+    fail_at(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(cfg)
     monkeypatch.undo()

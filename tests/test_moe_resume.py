@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import GSM8K, TINY_MODELS, losses, save_tiny_model, tiny_config
+from helpers import GSM8K, TINY_MODELS, fail_at, losses, save_tiny_model, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fasttune.errors import FasttuneError
-from fasttune.train import loop, run
+from fasttune.train import loop
 from fasttune.train.checkpoint import load_weights
 
 ONE_THREAD = {"gpt_oss"}
@@ -25,18 +25,6 @@ def _config(tmp, base):
     cfg = tiny_config(tmp, max_steps=4, save_every=2, eval_every=0)
     return dataclasses.replace(cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(base)),
                                data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=128))  # fmt: skip
-
-
-def _crash_at_step_3(monkeypatch):
-    real, calls = run.forward_backward, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(run, "forward_backward", crashing)
 
 
 @pytest.fixture
@@ -60,7 +48,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one_and_its_checkpoints_load_in_
     base = save_tiny_model(tmp_path / "base", model_type)
     ref = loop.train(_config(tmp_path / "ref", base))
     cfg = _config(tmp_path / "cut", base)
-    _crash_at_step_3(monkeypatch)
+    fail_at(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(cfg)
     monkeypatch.undo()

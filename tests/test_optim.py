@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
-from helpers import losses, tiny_config
+from helpers import fail_at, losses, tiny_config
 
 from fasttune import cli
 from fasttune.config import TrainingConfig
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import preset_config
-from fasttune.train import loop, run
+from fasttune.train import loop
 from fasttune.train.checkpoint import list_checkpoints, load_trainer_state
 from fasttune.train.footprint import checkpoint_bytes, fp32_master_fits
 from fasttune.train.memory import GiB, Setup, choose_plan, setup_of
@@ -65,15 +65,7 @@ def test_8bit_adamw_trains_within_a_tolerance_of_adamw(runs):
 def test_8bit_run_stopped_and_resumed_equals_the_uninterrupted_run(runs, tmp_path, monkeypatch):
     ref_cfg, ref = runs["adamw_8bit"]
     cfg = dataclasses.replace(ref_cfg, output_dir=str(tmp_path / "run"))
-    real, calls = run.forward_backward, {"n": 0}
-
-    def crash_at_step_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(run, "forward_backward", crash_at_step_5)
+    fail_at(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(cfg)
     monkeypatch.undo()

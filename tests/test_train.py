@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import losses, tiny_config
+from helpers import fail_at, losses, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -24,19 +24,6 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     cfg = tiny_config(tmp)
     return cfg, loop.train(cfg)
-
-
-def _fail_at(monkeypatch, call: int, exc_factory):
-    """Make the `call`-th forward_backward (1-based) raise; every other call runs for real."""
-    real, count = run.forward_backward, {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == call:
-            raise exc_factory()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(run, "forward_backward", wrapped)
 
 
 def test_run_directory_contents(reference):
@@ -70,7 +57,7 @@ def test_checkpoint_loads_with_plain_transformers(reference):
 def test_resume_after_crash_matches_uninterrupted_run(reference, tmp_path, monkeypatch):
     ref_cfg, ref = reference
     cfg = dataclasses.replace(tiny_config(tmp_path), seed=ref_cfg.seed)
-    _fail_at(monkeypatch, 5, lambda: RuntimeError("simulated crash"))
+    fail_at(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(cfg)
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000003"]
@@ -115,11 +102,11 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, caplog):
 def test_oom_is_explained_or_retried_with_same_global_batch(tmp_path, monkeypatch, reference):
     _, ref = reference
     cfg = tiny_config(tmp_path / "a")
-    _fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
     with pytest.raises(FasttuneError, match="out of memory at step 2: micro-batch 4 samples / 256 tokens"):
         loop.train(cfg)
     monkeypatch.undo()
-    _fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
     cfg = tiny_config(tmp_path / "b", oom_retry=True)
     result = loop.train(cfg)
     got, want = losses(result.records), losses(ref.records)
@@ -169,7 +156,7 @@ def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_to_resume(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, save_every=0)
-    _fail_at(monkeypatch, 2, lambda: RuntimeError("killed"))
+    fail_at(monkeypatch, 2, lambda: RuntimeError("killed"))
     with pytest.raises(RuntimeError, match="killed"):
         loop.train(cfg)
     monkeypatch.undo()
@@ -225,7 +212,7 @@ def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(tmp_path, mon
     """A run killed after logging step 4 (checkpoint at 3) and resumed logs step 4 again: TensorBoard showed both."""
     tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     cfg = tiny_config(tmp_path, tensorboard=True, eval_every=0)
-    _fail_at(monkeypatch, 5, lambda: RuntimeError("simulated crash"))
+    fail_at(monkeypatch, 5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(cfg)
     monkeypatch.undo()
