@@ -216,3 +216,18 @@ def test_the_schedule_warning_of_a_resume_names_the_length_option_changed(tmp_pa
                                                                                 max_steps=two.steps + 2))  # fmt: skip
     loop.train(steps)
     assert f"--max-steps {two.steps + 2} is not the checkpoint's run's: the learning-rate schedule" in caplog.text
+
+
+def test_the_warmup_warning_of_an_epochs_run_names_epochs(tmp_path, caplog):
+    """A run whose length --epochs set is told its warmup reaches past its steps in --epochs, not in a --max-steps the
+    user never typed; the suggested warmup is below those steps."""
+    import torch
+
+    from fasttune.train.optim import build_optimizer
+
+    with caplog.at_level("WARNING", logger="fasttune"):
+        build_optimizer(tiny_config(tmp_path, epochs=0.5, max_steps=6, warmup_steps=20), torch.nn.Linear(2, 2),
+                        torch.device("cpu"))  # fmt: skip
+    (said,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "is not below --epochs 0.5 (6 steps)" in said and "--max-steps" not in said
+    assert "set --training.warmup-steps below 6 (e.g. 1)" in said

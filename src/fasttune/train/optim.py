@@ -14,6 +14,7 @@ import torch
 from fasttune.config import BaseConfig
 from fasttune.errors import ConfigError
 from fasttune.quiet import quiet_torchao
+from fasttune.train.length import length_option
 
 log = logging.getLogger("fasttune")
 
@@ -72,9 +73,9 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
     warmup = t.warmup_steps
     if warmup >= t.max_steps:
         log.warning(
-            "--training.warmup-steps %d is not below --max-steps %d: the learning rate never reaches --training.lr "
-            "%g in this run; set --training.warmup-steps below --max-steps (e.g. %d)", warmup, t.max_steps, t.lr,
-            min(max(1, t.max_steps // 10), t.max_steps - 1),  # below --max-steps: 0 for a 1-step run
+            "--training.warmup-steps %d is not below %s: the learning rate never reaches --training.lr %g in this "
+            "run; set --training.warmup-steps below %d (e.g. %d)", warmup, length_option(t), t.lr, t.max_steps,
+            min(max(1, t.max_steps // 10), t.max_steps - 1),  # below the run's steps: 0 for a 1-step run
         )  # fmt: skip
 
     def schedule(step: int) -> float:
