@@ -104,8 +104,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
             log.info("the run in %s is already complete (step %d of %s); resume with a larger --max-steps (or "
                      "--epochs) to train further", run.folder, step, length_option(run.cfg.training))  # fmt: skip
         elif step > max_steps:  # e.g. a 3000-step run stopped at 106, resumed with --max-steps 30: not "complete"
-            msg = "the run in %s is already past step %d (stopped at step %d); to continue it, resume with --max-steps"
-            log.info(msg + " above %d (e.g. its original --max-steps)", run.folder, max_steps, step, step)
+            _already_past(run.folder, run.cfg.training, step)
         _fit(run)
         result = _finish(run)
         d.barrier()  # the ranks tear the process group down together (not while rank 0 still saves and reports)
@@ -119,6 +118,16 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         logger.setLevel(level)  # the process (a test, a notebook) gets its logger back as it was
         run = None  # its DDP model goes before the process group (distributed.close)
         distributed.close(d)
+
+
+def _already_past(folder, t: TrainingConfig, step: int) -> None:
+    """A resume whose length (`t`, as typed) ends before the step the run reached: said in the option typed."""
+    if t.epochs is None:
+        past, fix = f"step {t.max_steps}", f"--max-steps above {step} (e.g. its original --max-steps)"
+    else:
+        past, fix = length_option(t), f"a larger --epochs (e.g. its original one) or --max-steps above {step}"
+    log.info("the run in %s is already past %s (stopped at step %d); to continue it, resume with %s", folder, past,
+             step, fix)  # fmt: skip
 
 
 def check_launch(cfg: BaseConfig) -> Dist:
