@@ -21,7 +21,7 @@ MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b", "llama-3.1-8b",
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("auto", "truncate", "split", "drop")
-MEMORY_PLANS = ("auto", "none", "ops", "attention", "mlp", "every:K", "full")
+MEMORY_PLANS = ("auto", "none", "ops", "attention", "mlp", "every:K", "full", "offload")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
@@ -102,7 +102,8 @@ class ModelConfig:
     """Patch in Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) when liger-kernel is installed."""
     memory: str = field(default="auto", metadata=RESUMABLE)
     """Activation memory plan: auto (least recomputation that fits the GPU), none, ops (recompute elementwise ops
-    only), attention, mlp (recompute that block), every:K (recompute every K-th layer), full."""
+    only), attention, mlp (recompute that block), every:K (recompute every K-th layer), full, offload (full, with each
+    layer's saved input in pinned host memory: for long documents that full does not fit)."""
     chunked_loss: bool = field(default=True, metadata=RESUMABLE)
     """Compute the loss in token chunks, never holding the full logits (when Liger's fused loss is not on)."""
     fused_mlp: bool = field(default=True, metadata=RESUMABLE)
@@ -119,7 +120,7 @@ class ModelConfig:
         _choice("model.preset", self.preset, MODEL_PRESETS)
         _choice("model.dtype", self.dtype, DTYPES)
         self.memory = memory_plan(self.memory)
-        if self.gradient_checkpointing and self.memory not in ("auto", "full"):
+        if self.gradient_checkpointing and self.memory not in ("auto", "full", "offload"):
             raise ConfigError(
                 f"model.gradient_checkpointing means --model.memory full, but model.memory={self.memory!r} asks for "
                 "another plan; drop one of the two"
@@ -341,6 +342,12 @@ class BaseConfig:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         if self.lora.enabled and self.model.path is None and self.model.preset not in MODEL_PRESETS:
             raise ConfigError("lora.enabled needs a base model (--model PATH or a model.preset)")
+        if self.model.memory == "offload" and self.training.compile:
+            raise ConfigError(
+                "model.memory=offload does not run under --training.compile (torch.compile would trace its "
+                "offload hooks with each layer, which fasttune does not support); drop one of the two, or use "
+                "--model.memory full"
+            )
 
     def validate(self) -> BaseConfig:
         """Re-run every section's checks (after fields were changed in place)."""

@@ -13,6 +13,7 @@ GLM layers (tests/test_memory_archs.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fasttune.model import layout
@@ -246,7 +247,8 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
 def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
                      lora_rank: int = 0, lora_upcast: bool = False, fused_mlp: bool = False,
                      lean_norm: bool = False, scores: tuple[float, float] = (0.0, 0.0)) -> float:  # fmt: skip
-    """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes.
+    """Activations kept over all layers, plus the one layer being recomputed in backward when the plan recomputes;
+    under `offload` the kept layer inputs are on the host (offloaded_bytes), not counted here.
     `scores`: bytes per token and layer that attention in a model's own code keeps (model/layout.py kept_scores),
     where the attention is kept whole (`none`, `mlp`) and under `ops`; `attention` and `full` recompute it."""
 
@@ -255,6 +257,8 @@ def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32
                            fused_mlp=fused_mlp, lean_norm=lean_norm)  # fmt: skip
         return kept + {"none": scores[0], "mlp": scores[0], "ops": scores[1]}.get(plan, 0.0)
 
+    if plan == "offload":  # the layer being recomputed, its input and the one copied back ahead (train/offload.py)
+        return tokens * (per("none") + 2 * per("full"))
     if plan.startswith("every:"):
         k = int(plan.split(":")[1])
         n_full = s.layers // k
@@ -265,12 +269,19 @@ def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32
     return tokens * (kept + recompute)
 
 
+def offloaded_bytes(s: Shape, tokens: int, fp32_stream: bool = False) -> float:
+    """Host bytes the `offload` plan pins: each decoder layer's input ([tokens, hidden], fp32 under autocast), each
+    in a block of the next power of two (torch's caching host allocator rounds pinned allocations up to one)."""
+    one = tokens * layer_bytes(s, "full", fp32_stream=fp32_stream)
+    return float(s.layers * (1 << math.ceil(math.log2(one)))) if one > 0 else 0.0
+
+
 def recompute_flops(s: Shape, plan: str) -> float:
     """Matmul FLOPs per token recomputed in backward (elementwise recompute counts as 0)."""
     attn = 2 * s.hidden * (2 * s.q + 2 * s.kv)
     matmuls = 2 if s.mlp == "plain" and not s.routed else 3  # a plain MLP: fc1 and fc2
     mlp = 2 * matmuls * s.hidden * (s.routed * s.intermediate + s.shared if s.routed else s.intermediate)
-    per_layer = {"none": 0, "ops": 0, "attention": attn, "mlp": mlp, "full": attn + mlp}
+    per_layer = {"none": 0, "ops": 0, "attention": attn, "mlp": mlp, "full": attn + mlp, "offload": attn + mlp}
     if plan.startswith("every:"):
         return (s.layers // int(plan.split(":")[1])) * (attn + mlp)
     return s.layers * per_layer[plan]

@@ -9,9 +9,11 @@ Activation plans, from least to most recomputation (`model.memory`):
 - `attention` / `mlp`: that block of every layer is recomputed in backward (kept: its input).
 - `every:K`: every K-th decoder layer is recomputed whole (kept: its input); the others use `ops`.
 - `full`: every decoder layer is recomputed whole (HF's gradient checkpointing).
+- `offload`: `full`, each layer's saved input in pinned host memory until backward (train/offload.py).
 `auto` takes the first of those that fits the GPU's free memory for the configured tokens per micro-batch (least
-recomputation first: see CANDIDATES), logs it with its predicted peak, and stops before the first step, naming the
-settings that would fit, when even `full` does not.
+recomputation first: see CANDIDATES; `offload` only when `full` does not fit, and its pinned memory fits the host),
+logs it with its predicted peak, and stops before the first step, naming the settings that would fit, when even
+`offload` does not.
 
 Byte counts per token and decoder layer: train/activations.py; a plan installed on the model: train/recompute.py.
 """
@@ -32,7 +34,7 @@ from fasttune.model.layout import attention_layout, kept_scores, mlp_layout, par
 from fasttune.model.mlp import fused as fused_mlp
 from fasttune.model.norm import lean as lean_norm
 from fasttune.model.norm import norm_layout
-from fasttune.train.activations import Shape, activation_bytes, recompute_flops
+from fasttune.train.activations import Shape, activation_bytes, offloaded_bytes, recompute_flops
 from fasttune.train.recompute import apply_plan, decoder_layers, plans_for
 
 log = logging.getLogger("fasttune")
@@ -40,7 +42,8 @@ log = logging.getLogger("fasttune")
 GiB = 2**30
 CANDIDATES = ("none", "ops", "attention", "mlp", "every:4", "every:2", "full")
 """The plans `auto` chooses from, tried in order of recomputation: `none` first, then by recomputed matmul FLOPs, then
-by memory. `none` before `ops` although `ops` recomputes no matmul: its unfused elementwise recompute costs 23% of
+by memory (then `offload`, which choose_plan tries last: it recomputes what `full` does and copies besides). `none`
+before `ops` although `ops` recomputes no matmul: its unfused elementwise recompute costs 23% of
 the step (1B shape, H200, same run: 16k-token packs with `ops` ran 42.8k tok/s in 21.5 GiB, 8k-token packs with
 `none` 52.6k tok/s in 21.4 GiB; docs/BENCHMARKS.md "Memory"), so fewer tokens per micro-batch beat `ops` at equal
 memory, and `auto` only takes `ops` when `none` does not fit."""
@@ -52,6 +55,9 @@ LIGER_ROPE_IN_PLACE = (
 )
 """Why `auto` offers no selective plan while Liger is on (it was also the slowest there: `ops` ran 0.53x the tokens/s
 of `none` at 8k-token packs), and why an explicit one runs without Liger's RoPE (train/model_prep.py)."""
+HOST_HEADROOM = 0.8
+"""Share of the host's available RAM (per rank on this machine) the `offload` plan may pin: pinned pages cannot be
+swapped, and the process still grows (a checkpoint's state is gathered on the CPU to be written)."""
 HEADROOM = 0.92
 """Share of free memory a plan may fill: the allocator's fragmentation and kernel workspaces take the rest (the
 1B runs of docs/BENCHMARKS.md reserved 4-7% above their peak allocation)."""
@@ -77,6 +83,8 @@ class Estimate:
     accumulating: bool = False
     """Several micro-batches per step: the gradients are held while the next ones run forward and backward."""
     fixed: float = 0.6 * GiB  # cuBLAS and attention workspaces, allocator slack
+    pinned: float = 0.0
+    """Host memory the plan pins (`offload`: the layers' inputs), not part of the GPU's total."""
 
     @property
     def total(self) -> float:
@@ -94,7 +102,8 @@ class Estimate:
         return ", ".join(f"{n} {v / GiB:.1f}" for n, v in parts)
 
     def describe(self) -> str:
-        return f"{self.total / GiB:.1f} GiB ({self.parts()})"
+        host = f" and {self.pinned / GiB:.1f} GiB of pinned host memory" if self.pinned else ""
+        return f"{self.total / GiB:.1f} GiB ({self.parts()}){host}"
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,9 @@ class Setup:
     norm) from the forward to its backward, and two decoder blocks (the running one and the prefetched one)."""
     host: bool = False
     """The run trains on the CPU: what it may use is the machine's RAM (host_free), not a GPU's memory."""
+    ram: float | None = None
+    """RAM this rank may take on the host (MemAvailable over the ranks on this machine), for `offload`'s pinned
+    memory; None: unknown, and `auto` does not offer `offload`."""
 
 
 def estimate(st: Setup, plan: str) -> Estimate:
@@ -161,12 +173,14 @@ def estimate(st: Setup, plan: str) -> Estimate:
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
         fixed=0.0 if st.host else Estimate.fixed,  # no GPU workspaces; the process's own RAM is out of MemAvailable
+        pinned=offloaded_bytes(s, st.tokens, st.autocast) if plan == "offload" else 0.0,
     )  # fmt: skip
 
 
 def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate:
     """The plan to run: `requested`, or for auto the first of `auto_order` whose estimate fits `free_bytes` (None: no
-    GPU to measure, plan `none`). Raises FasttuneError, before anything runs, when the chosen plan cannot fit."""
+    GPU to measure, plan `none`), else `offload` where it fits and the host can pin its memory. Raises
+    FasttuneError, before anything runs, when the chosen plan cannot fit."""
     plan = memory_plan(requested)
     if _layers_per_recompute(plan) > st.shape.layers:
         raise FasttuneError(
@@ -176,6 +190,9 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
     if plan != "auto" and st.plans is not None and _kind(plan) not in st.plans:
         raise FasttuneError(f"model.memory={plan}: this model's decoder layers cannot take it (no layer stack, or no "
                             f"such block); choose one of: {', '.join(sorted(st.plans))}")  # fmt: skip
+    if plan == "offload" and st.host:
+        raise FasttuneError("model.memory=offload: this run trains on the CPU, whose activations are in host memory "
+                            "already; use --model.memory full")  # fmt: skip
     if free_bytes is None:
         return estimate(st, "none" if plan == "auto" else plan)
     budget = free_bytes * HEADROOM
@@ -183,11 +200,34 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
         est = estimate(st, plan)
         if est.total > budget:
             raise FasttuneError(_no_fit(st, est, free_bytes))
+        _check_host(st, est)
         return est
     for est in auto_order(st):
         if est.total <= budget:
             return est
+    offload = estimate(st, "offload")
+    if st.ram is not None and not st.host and offload.total <= budget:
+        _check_host(st, offload)  # full does not fit, offload would: say what the host lacks
+        return offload
     raise FasttuneError(_no_fit(st, estimate(st, "full"), free_bytes))
+
+
+def _check_host(st: Setup, est: Estimate) -> None:
+    """Stop when the plan's pinned host memory exceeds what this rank may pin (st.ram unknown: not checked)."""
+    if not est.pinned or st.ram is None or est.pinned <= st.ram * HOST_HEADROOM:
+        return
+    raise FasttuneError(
+        f"memory plan {est.plan} needs about {est.pinned / GiB:.1f} GiB of pinned host memory for {st.tokens} tokens "
+        f"per micro-batch, but it may pin {st.ram * HOST_HEADROOM / GiB:.1f} GiB ({HOST_HEADROOM:.0%} of the "
+        f"{st.ram / GiB:.1f} GiB of RAM this rank can take: MemAvailable over the ranks on this machine); free host "
+        f"memory, or lower the tokens per micro-batch (--data.micro-batch-size, --data.max-length)"
+    )
+
+
+def _offload_fits(st: Setup, budget: float) -> bool:
+    """Whether `offload` fits the GPU's budget and the host's RAM (known)."""
+    est = estimate(st, "offload")
+    return st.ram is not None and not st.host and est.total <= budget and est.pinned <= st.ram * HOST_HEADROOM
 
 
 def selective(plan: str) -> bool:
@@ -206,8 +246,8 @@ def auto_order(st: Setup) -> list[Estimate]:
 
 
 def _kind(plan: str) -> str:
-    """every:K is one kind of plan (what plans_for lists)."""
-    return "every:K" if plan.startswith("every:") else plan
+    """every:K is one kind of plan (what plans_for lists); offload is full's kind."""
+    return "every:K" if plan.startswith("every:") else "full" if plan == "offload" else plan
 
 
 def _layers_per_recompute(plan: str) -> int:
@@ -219,7 +259,7 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
     fits these tokens, bf16 weights, 8-bit moments or LoRA where that change makes the run fit."""
     budget = free_bytes * HEADROOM
     fixes = []
-    fits = [e.plan for e in auto_order(st) if e.total <= budget]
+    fits = [e.plan for e in auto_order(st) if e.total <= budget] or (["offload"] if _offload_fits(st, budget) else [])
     if fits:
         fixes.append(f"--model.memory {fits[0]}")
     acc = Setup(**{**st.__dict__, "accumulating": True})  # the advice raises --training.grad-accum
@@ -303,8 +343,14 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _device_type(model, device) == "cuda",
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
-        scores=scores, host=_device_type(model, device) == "cpu",
+        scores=scores, host=_device_type(model, device) == "cpu", ram=_rank_ram(),
     )  # fmt: skip
+
+
+def _rank_ram() -> float | None:
+    """The host RAM one rank may take: MemAvailable over torchrun's ranks on this machine (None: unknown)."""
+    ram = available_ram()
+    return None if ram is None else ram / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def gathered(model: torch.nn.Module, gather_bytes: int) -> float:

@@ -1,6 +1,7 @@
 """Install an activation plan on a model's decoder layers (train/memory.py chooses it): each layer, or its attention
 or MLP block, runs under torch's non-reentrant activation checkpointing; `ops` keeps matmul and attention outputs
-and recomputes the elementwise ops in backward (torch's selective activation checkpointing)."""
+and recomputes the elementwise ops in backward (torch's selective activation checkpointing); `offload` is `full`
+with each layer's saved input in host memory (train/offload.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fasttune.model.build import base_model, decoder_blocks
+from fasttune.train.offload import HostOffload
 
 _SAVE = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_grouped_mm")  # _grouped_mm: MoE experts (transformers 5)
 
@@ -27,8 +29,9 @@ def _ops_context():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
-def _checkpoint_forward(module: torch.nn.Module, selective: bool) -> None:
-    """Wrap this module instance's forward in non-reentrant activation checkpointing (selective: keep matmuls)."""
+def _checkpoint_forward(module: torch.nn.Module, selective: bool, offload: bool = False) -> None:
+    """Wrap this module instance's forward in non-reentrant activation checkpointing (selective: keep matmuls;
+    offload: the inputs it saves go to host memory)."""
     forward = module.forward
     context = {"context_fn": _ops_context} if selective else {}
 
@@ -36,6 +39,9 @@ def _checkpoint_forward(module: torch.nn.Module, selective: bool) -> None:
     def run(*args, **kwargs):
         if not (torch.is_grad_enabled() and module.training):
             return forward(*args, **kwargs)
+        if offload:  # the checkpoint saves the inputs under these hooks, its inside under its own
+            with HostOffload():
+                return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
 
     module.forward = run
@@ -76,7 +82,7 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
     for n, layer in enumerate(layers):
         if plan in BLOCKS:
             _checkpoint_forward(_block(layer, plan), selective=False)
-        elif plan == "full" or (k > 1 and (n + 1) % k == 0):
-            _checkpoint_forward(layer, selective=False)
+        elif plan in ("full", "offload") or (k > 1 and (n + 1) % k == 0):
+            _checkpoint_forward(layer, selective=False, offload=plan == "offload")
         else:  # ops, and the layers every:K does not recompute whole
             _checkpoint_forward(layer, selective=True)

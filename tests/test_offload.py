@@ -1,0 +1,169 @@
+"""The `offload` memory plan: `full` checkpointing with each decoder layer's saved input in host memory. It trains
+exactly like no plan (loss and gradients), the hooks move every layer's input and backward reads the moved copy, it
+composes with the lean RMSNorm, LoRA, grad accumulation, DDP and FSDP2, and the planner picks it only when `full`
+does not fit and the host can pin its memory."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from fasttune.config import BaseConfig, ModelConfig, TrainingConfig
+from fasttune.errors import ConfigError, FasttuneError
+from fasttune.model.build import build_preset, preset_config
+from fasttune.train import offload
+from fasttune.train.activations import Shape
+from fasttune.train.memory import HOST_HEADROOM, GiB, Setup, choose_plan, estimate
+from fasttune.train.recompute import apply_plan
+from fasttune.train.run import forward_backward
+from tests.helpers import assert_same_step
+from tests.test_memory import VOCAB, _batch
+
+
+@pytest.fixture
+def moved(monkeypatch):
+    """The hooks' counters from zero, and every saved layer input moved (the micro model's are under MIN_BYTES)."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    offload.stats.reset()
+    return offload.stats
+
+
+def _micro():
+    return build_preset("micro", VOCAB, "sdpa", torch.float32).train()
+
+
+def test_offload_gives_the_gradients_of_no_plan_and_moves_each_layer_input(moved):
+    ref = _micro()
+    ours = copy.deepcopy(ref)
+    apply_plan(ours, "offload")
+    batch = _batch()
+    assert_same_step(ref, ours, batch)
+    layers, hidden, tokens = ref.config.num_hidden_layers, ref.config.hidden_size, batch["input_ids"].numel()
+    assert moved.tensors == layers  # one hidden-states tensor per layer: the cos/sin and masks stay in the closure
+    assert moved.bytes == moved.peak == layers * tokens * hidden * 4
+    assert moved.live == 0  # freed with the graph after backward
+
+
+def test_backward_recomputes_from_the_host_copy(moved, monkeypatch):
+    """The copy the hooks unpack is what each layer recomputes from: changed, the gradients change."""
+    ref = _micro()
+    ours = copy.deepcopy(ref)
+    apply_plan(ours, "offload")
+    unpack = offload._Entry.unpack
+    monkeypatch.setattr(offload._Entry, "unpack", lambda self: unpack(self) * 1.5)
+    with pytest.raises(AssertionError):
+        assert_same_step(ref, ours, _batch())
+    assert moved.tensors > 0
+
+
+def test_offload_composes_with_the_lean_norm_lora_and_accumulation(moved):
+    from fasttune.config import LoraConfig
+    from fasttune.model import norm
+    from fasttune.model.lora import apply_lora
+
+    lean = _micro()
+    assert norm.apply(lean) > 0
+    ours = copy.deepcopy(lean)
+    apply_plan(ours, "offload")
+    assert_same_step(lean, ours, _batch())
+    ref = apply_lora(_micro(), LoraConfig(enabled=True, rank=4, alpha=8)).train()
+    ours = copy.deepcopy(ref)
+    apply_plan(ours, "offload")
+    assert_same_step(ref, ours, _batch(), loss_rtol=1e-5)
+    ref, moved.tensors = _micro(), 0  # two micro-batches into one step
+    ours = copy.deepcopy(ref)
+    apply_plan(ours, "offload")
+    batches = [_batch(), _batch()]
+    a, b = forward_backward(ref, batches, 100, None), forward_backward(ours, batches, 100, None)
+    assert torch.allclose(a, b)
+    for p, q in zip(ref.parameters(), ours.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    assert moved.tensors == 2 * ref.config.num_hidden_layers and moved.live == 0
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_offload_under_ddp_and_fsdp2(moved, mode):
+    """One gloo rank: the hooks run inside DDP's and FSDP2's forward and backward and give the unwrapped gradients."""
+    import torch.distributed as dist
+
+    from fasttune.train.distributed import _shard
+
+    ref = _micro()
+    ours = copy.deepcopy(ref)
+    apply_plan(ours, "offload")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(ours)
+        else:
+            wrapped = _shard(ours, None)
+        batch = _batch()
+        a, b = forward_backward(ref, [batch], 100, None), forward_backward(wrapped, [batch], 100, None)
+        assert torch.allclose(a, b)
+        for (name, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
+            got = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+            assert torch.allclose(p.grad, got, rtol=1e-5, atol=1e-7), name
+        assert moved.tensors == ref.config.num_hidden_layers
+        del wrapped
+    finally:
+        dist.destroy_process_group()
+
+
+def _eight_b(tokens: int, ram: float | None = 512 * GiB) -> Setup:
+    config = preset_config("llama-3.1-8b", 128256)
+    n = 8_030_261_248
+    return Setup(Shape.of(config), n, n, 2, 4.0, tokens, fused_mlp=True, lean_norm=True, ram=ram)
+
+
+def test_the_estimate_moves_the_layer_inputs_to_pinned_host_memory():
+    st = _eight_b(131072)
+    full, off = estimate(st, "full"), estimate(st, "offload")
+    layer_input = 131072 * 4096 * 2  # bf16 hidden states: 1 GiB, a power of two
+    assert off.pinned == 32 * layer_input and full.pinned == 0
+    # on the GPU: full's 32 inputs, less the two offload keeps (the one recomputing, the one copied back ahead)
+    assert full.activations - off.activations == pytest.approx(30 * layer_input)
+    assert "32.0 GiB of pinned host memory" in off.describe()
+    odd = estimate(_eight_b(98304), "offload")  # 0.75 GiB inputs: pinned blocks of 1 GiB
+    assert odd.pinned == 32 * GiB
+
+
+def test_auto_offloads_only_when_full_does_not_fit_and_the_host_can_pin_it():
+    st = _eight_b(131072)
+    full, off = estimate(st, "full").total, estimate(st, "offload").total
+    between = (full + off) / 2 / 0.92  # free memory where offload fits and full does not
+    assert choose_plan("auto", st, full / 0.9).plan == "full"
+    assert choose_plan("auto", st, between).plan == "offload"
+    assert choose_plan("auto", dataclasses.replace(st, ram=None), full / 0.9).plan == "full"
+    with pytest.raises(FasttuneError, match="memory plan full"):  # host RAM unknown: offload is not offered
+        choose_plan("auto", dataclasses.replace(st, ram=None), between)
+    short = dataclasses.replace(st, ram=31 * GiB / HOST_HEADROOM)  # 1 GiB short of the 32 GiB it pins
+    with pytest.raises(FasttuneError) as e:
+        choose_plan("auto", short, between)
+    msg = str(e.value)
+    assert "\n" not in msg and "memory plan offload needs about 32.0 GiB of pinned host memory" in msg
+    assert f"it may pin 31.0 GiB ({HOST_HEADROOM:.0%} of the" in msg
+    with pytest.raises(FasttuneError, match="pinned host memory"):  # asked for, the same check
+        choose_plan("offload", short, 139 * GiB)
+    with pytest.raises(FasttuneError, match="--model.memory offload"):  # full asked for: offload is the advice
+        choose_plan("full", st, between)
+
+
+def test_offload_is_refused_where_the_run_trains_on_the_cpu():
+    with pytest.raises(FasttuneError, match="trains on the CPU.*--model.memory full"):
+        choose_plan("offload", dataclasses.replace(_eight_b(1024), host=True), 512 * GiB)
+    assert choose_plan("auto", dataclasses.replace(_eight_b(1024), host=True), 512 * GiB).plan == "none"
+
+
+def test_the_offload_spelling_is_checked():
+    assert ModelConfig(memory="offload").memory == "offload"
+    assert ModelConfig(memory="offload", gradient_checkpointing=True).memory == "offload"  # offload recomputes all
+    for bad in ("Offload", "offload:2", "full+offload", "offloaded", "cpu"):
+        with pytest.raises(ConfigError, match="model.memory"):
+            ModelConfig(memory=bad)
+    with pytest.raises(ConfigError, match="does not run under --training.compile"):
+        BaseConfig(model=ModelConfig(memory="offload"), training=TrainingConfig(compile=True))
