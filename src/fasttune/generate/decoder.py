@@ -52,16 +52,34 @@ def unsupported_reason(model) -> str | None:
         return f"layer types {sorted(kinds - LAYER_KINDS)}: only full and sliding-window attention are supported"
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
         return f"MLP activation {config.hidden_act!r} / MLP bias: only SwiGLU without bias is supported"
-    rope_type = _rope_parameters(config).get("rope_type", "default")
-    if rope_type not in STATIC_ROPE + BOUNDED_ROPE:
-        return f"rope type {rope_type!r}: only {', '.join(STATIC_ROPE + BOUNDED_ROPE)} are supported"
-    return _structure_reason(model)
+    return rope_reason(config, STATIC_ROPE + BOUNDED_ROPE) or _structure_reason(model)
 
 
-def _rope_parameters(config) -> dict:
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    rope.setdefault("rope_type", rope.get("type", "default"))
-    return rope
+def rope_parameters(config) -> list[dict]:
+    """Every RoPE parameter set the model's layers use (transformers 5's rope_parameters, or rope_scaling): one, or
+    one per layer type (Gemma 3: full and sliding attention), each with its `rope_type` ("default" when unnamed) and,
+    where the config has one, `original_max_position_embeddings`."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    types = set(getattr(config, "layer_types", None) or ())
+    per_type = bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    sets = [rope[t] for t in sorted(types & set(rope)) or sorted(rope)] if per_type else [rope]
+    out = []
+    for params in sets:
+        params = dict(params)
+        params.setdefault("rope_type", params.get("type", "default"))
+        original = getattr(config, "original_max_position_embeddings", None)
+        if original is not None:
+            params.setdefault("original_max_position_embeddings", original)
+        out.append(params)
+    return out
+
+
+def rope_reason(config, supported: tuple[str, ...]) -> str | None:
+    """Why the model's RoPE is not one of the `supported` types, or None."""
+    for params in rope_parameters(config):
+        if params["rope_type"] not in supported:
+            return f"rope type {params['rope_type']!r}: only {', '.join(supported)} are supported"
+    return None
 
 
 def layer_windows(config) -> list[int | None]:
@@ -130,6 +148,8 @@ def _split_weights(layer, heads: int, kv_heads: int, head_dim: int, part: str) -
 class FusedDecoder:
     """Fused copies of a model's weights, a static KV cache per batch size, and the forward over them."""
 
+    gemma_norms = False  # RMSNorm rounding: Llama's (round, then times w); Gemma's (times 1 + w in float32, round)
+
     def __init__(self, model):
         self.model = model
         config = model.config
@@ -142,25 +162,25 @@ class FusedDecoder:
         self.eps = float(norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
         # the positions Generator._check lets a call reach: YaRN's factor x original beyond max_position_embeddings
         self.max_positions = int(context_length(config) or 1 << 20)
-        rope = _rope_parameters(config)
         self.rope_limit = None  # positions the rope table holds, where the rope depends on the length (longrope)
-        if rope["rope_type"] in BOUNDED_ROPE:
-            original = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
-            self.rope_limit = self.max_positions = min(self.max_positions, int(original))
+        bounded = [r for r in rope_parameters(config) if r["rope_type"] in BOUNDED_ROPE]
+        if bounded:
+            original = min(int(r["original_max_position_embeddings"]) for r in bounded)
+            self.rope_limit = self.max_positions = min(self.max_positions, original)
         self.windows = layer_windows(config)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        # Triton kernels on CUDA (kernels.py), else torch ops; the RoPE kernel needs a power-of-2 number of pairs
-        half = self.head_dim // 2
-        self.use_kernels = kernels.available(self.device) and (half & (half - 1)) == 0
+        self.use_kernels = kernels.available(self.device)  # Triton kernels on CUDA (kernels.py), else torch ops
         self._version = None
         self.layers: list[dict[str, torch.Tensor | None]] = []
         self._rope_table(self.max_positions)  # sets rotary_dim, which the weights' row order depends on
         self.refresh()
 
-    def call_reason(self, length: int) -> str | None:
-        """Why a call of `length` cache slots (prompt + new tokens) cannot run here, or None when it can."""
-        if self.rope_limit is not None and length > self.rope_limit:
+    def call_reason(self, positions: int) -> str | None:
+        """Why a call whose forwards see `positions` positions cannot run here, or None when it can: the longest real
+        prompt (left padding takes none) plus the new tokens fed back, all but the last; as many as HF's longrope
+        measures (the largest position id + 1) to choose its factors."""
+        if self.rope_limit is not None and positions > self.rope_limit:
             # the same words at every length: the generator logs each reason once
             return (f"prompt + max_new_tokens past original_max_position_embeddings={self.rope_limit}, beyond which "
                     "longrope switches to its long factors")  # fmt: skip
@@ -200,8 +220,8 @@ class FusedDecoder:
                 "qkv": torch.cat(qkv),  # (Hq*D + 2*Hkv*D, E)
                 "qkv_bias": bias,
                 "gate_up": torch.cat([gate, up]),  # (2I, E)
-                "q_norm": None if qn is None else self._norm_weight(qn.weight)[order],
-                "k_norm": None if kn is None else self._norm_weight(kn.weight)[order],
+                "q_norm": None if qn is None else qn.weight[order],
+                "k_norm": None if kn is None else kn.weight[order],
             }
             if fresh:
                 self.layers.append(new)
@@ -243,16 +263,10 @@ class FusedDecoder:
         return torch.view_as_real(pairs * rope_BQ1D2).reshape(shape).to(self.dtype)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim with the module's own `weight`, rounded as the model's norms round."""
         if self.use_kernels:
-            return kernels.rms_norm(x, weight, self.eps)
-        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
-
-    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight a q/k norm multiplies by (Gemma: 1 + w)."""
-        return weight
-
-    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+            return kernels.rms_norm(x, weight, self.eps, gemma=self.gemma_norms)
+        return kernels.rms_norm_reference(x, weight, self.eps, gemma=self.gemma_norms)
 
     def _queries(self, fused: dict, qkv_BQF: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor,
                  kv_cache: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:  # fmt: skip
@@ -261,15 +275,17 @@ class FusedDecoder:
         B, Q, _ = qkv_BQF.shape
         Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
         cos_TD2, sin_TD2, rope_TD2 = rope or self.rope
-        if self.use_kernels and fused["q_norm"] is None:
+        if fused["q_norm"] is not None:  # qwen3, gemma3: per-head RMSNorm before RoPE, back in the qkv row layout
+            qk_BQHD = qkv_BQF[..., : (Hq + Hkv) * D].view(B, Q, Hq + Hkv, D)
+            q_BQF = self._norm(qk_BQHD[:, :, :Hq], fused["q_norm"]).reshape(B, Q, -1)
+            k_BQF = self._norm(qk_BQHD[:, :, Hq:], fused["k_norm"]).reshape(B, Q, -1)
+            qkv_BQF = torch.cat([q_BQF, k_BQF, qkv_BQF[..., (Hq + Hkv) * D :]], -1)
+        if self.use_kernels:
             qkv_NF = qkv_BQF.view(B * Q, -1)
             q_NHD = kernels.rope_cache_write(qkv_NF, cos_TD2, sin_TD2, pos_BQ.reshape(-1), slots_Q, kv_cache, Hq, Hkv)
             return q_NHD.view(B, Q, Hq, D)
         qk_BQHD = qkv_BQF[..., : (Hq + Hkv) * D].view(B, Q, Hq + Hkv, D)
         v_BQHD = qkv_BQF[..., (Hq + Hkv) * D :].view(B, Q, Hkv, D)
-        if fused["q_norm"] is not None:  # qwen3, gemma3: per-head RMSNorm before RoPE
-            q_BQHD = self._head_norm(qk_BQHD[:, :, :Hq], fused["q_norm"])
-            qk_BQHD = torch.cat([q_BQHD, self._head_norm(qk_BQHD[:, :, Hq:], fused["k_norm"])], 2)
         qk_BQHD = self._rope(qk_BQHD, rope_TD2[pos_BQ][:, :, None])  # queries and keys in one multiply
         kv_cache.index_copy_(3, slots_Q, torch.stack([qk_BQHD[:, :, Hq:], v_BQHD]).transpose(2, 3))
         return qk_BQHD[:, :, :Hq]

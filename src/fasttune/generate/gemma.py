@@ -1,8 +1,7 @@
 """The fused decode step of Gemma 2 and Gemma 3 text models (`gemma2`, `gemma3_text`): decoder.py's fused weights,
 cache, masks (sliding windows included), RoPE and attention, with Gemma's layer around them:
 - the embedding is scaled by sqrt(hidden) (HF's scaled embedding module, called as is);
-- every RMSNorm multiplies by (1 + w) in float32 and rounds once (so torch ops, not kernels.rms_norm, which
-  rounds before the weight as Llama's norm does);
+- every RMSNorm multiplies by (1 + w) in float32 and rounds once (kernels.rms_norm with gemma=True: HF's bits);
 - a layer is: norm, attention (Gemma 3: per-head q/k norms), o, post-attention norm, residual; pre-feed-forward
   norm, GELU-tanh gated MLP, post-feed-forward norm, residual;
 - the attention scale is query_pre_attn_scalar ** -0.5 (HF's `scaling`);
@@ -18,7 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttune.generate.decoder import GEMMA_TYPES, LAYER_KINDS, STATIC_ROPE, FusedDecoder, _structure_reason
+from fasttune.generate.decoder import (
+    GEMMA_TYPES,
+    LAYER_KINDS,
+    STATIC_ROPE,
+    FusedDecoder,
+    _structure_reason,
+    rope_reason,
+)
 
 
 def handles(model) -> bool:
@@ -35,16 +41,13 @@ def unsupported_reason(model) -> str | None:
     kinds = set(config.layer_types)
     if not kinds <= LAYER_KINDS:
         return f"layer types {sorted(kinds - LAYER_KINDS)}: only full and sliding-window attention are supported"
-    rope = getattr(config, "rope_parameters", None) or {}
-    for params in (rope[k] for k in kinds) if set(rope) >= kinds else [rope]:  # gemma3: one set per layer type
-        rope_type = params.get("rope_type", "default")
-        if rope_type not in STATIC_ROPE:
-            return f"rope type {rope_type!r}: only {', '.join(STATIC_ROPE)} are supported"
-    return _structure_reason(model)
+    return rope_reason(config, STATIC_ROPE) or _structure_reason(model)  # gemma3: one RoPE per layer type
 
 
 class GemmaDecoder(FusedDecoder):
     """FusedDecoder with Gemma's layer (module docstring)."""
+
+    gemma_norms = True
 
     def __init__(self, model):
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -61,16 +64,6 @@ class GemmaDecoder(FusedDecoder):
             self.layer_ropes = [self._table(length)] * len(types)
         self.rope = self.layer_ropes[0]
         self.cos_TD2, self.sin_TD2, self.rope_TD2 = self.rope
-
-    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return 1.0 + weight.float()
-
-    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), x.shape[-1:], weight, self.eps).to(self.dtype)
-
-    def _gemma_norm(self, x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-        """HF's Gemma RMSNorm: normalize in float32, times (1 + w) in float32, one rounding."""
-        return self._head_norm(x, self._norm_weight(norm.weight))
 
     def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """SDPA, or with soft-capped scores HF's eager attention: scale, tanh cap, mask, float32 softmax, values."""
@@ -101,15 +94,15 @@ class GemmaDecoder(FusedDecoder):
         h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)  # scaled by sqrt(hidden) in the model dtype, as HF
         for layer, fused, window, rope in zip(model.layers, self.layers, self.windows, self.layer_ropes, strict=True):
             a, m = layer.self_attn, layer.mlp
-            qkv_BQF = F.linear(self._gemma_norm(h_NE, layer.input_layernorm), fused["qkv"], fused["qkv_bias"])
+            qkv_BQF = F.linear(self._norm(h_NE, layer.input_layernorm.weight), fused["qkv"], fused["qkv_bias"])
             q_BQHD = self._queries(fused, qkv_BQF.view(B, Q, -1), pos_BQ, slots_Q, cache[a.layer_idx], rope)
             o_NE = F.linear(self._attention(q_BQHD, cache[a.layer_idx], biases[window]), a.o_proj.weight, a.o_proj.bias)
-            h_NE = h_NE + self._gemma_norm(o_NE, layer.post_attention_layernorm)
-            gate_up_N2I = F.linear(self._gemma_norm(h_NE, layer.pre_feedforward_layernorm), fused["gate_up"])
+            h_NE = h_NE + self._norm(o_NE, layer.post_attention_layernorm.weight)
+            gate_up_N2I = F.linear(self._norm(h_NE, layer.pre_feedforward_layernorm.weight), fused["gate_up"])
             gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
             down_NE = F.linear(F.gelu(gate_NI, approximate="tanh") * up_NI, m.down_proj.weight)
-            h_NE = h_NE + self._gemma_norm(down_NE, layer.post_feedforward_layernorm)
-        logits_BV = self.model.lm_head(self._gemma_norm(h_NE.view(B, Q, -1)[:, -1], model.norm))
+            h_NE = h_NE + self._norm(down_NE, layer.post_feedforward_layernorm.weight)
+        logits_BV = self.model.lm_head(self._norm(h_NE.view(B, Q, -1)[:, -1], model.norm.weight))
         if self.softcap:
             logits_BV = torch.tanh(logits_BV / self.softcap) * self.softcap
         return logits_BV.float()
