@@ -108,6 +108,20 @@ class _State:
         return self.ids_BT.shape[1]
 
 
+@dataclass
+class _Call:
+    """One `generate` call's settings, as the fast path's steps read them."""
+
+    batch: int
+    prompt_len: int  # padded
+    max_new: int
+    eos: list[int]
+    pad: int
+    key: tuple[bool, int]  # (sample, top_k): which captured graph runs the steps
+    on_token: Callable[[list[int]], None] | None
+    stops: StopStrings | None
+
+
 class _CallbackStreamer(BaseStreamer):
     """HF `generate`'s streamer protocol (prompt first, then one (B,) tensor per step) as `on_token` calls."""
 
@@ -175,54 +189,75 @@ class Generator:
         self.prefill_seconds = 0.0
         ids_BP = input_ids_BP.to(self.device)
         mask_BP = torch.ones_like(ids_BP) if attention_mask_BP is None else attention_mask_BP.to(self.device)
-        batch, prompt_len = ids_BP.shape
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        self._check(ids_BP, mask_BP, max_new_tokens, eos)
+        longest = self._check(ids_BP, mask_BP, max_new_tokens, eos)
         if max_new_tokens <= 0:
             return ids_BP.clone()
         if keys is None:  # greedy draws nothing: the global generator is left as it is
-            keys = torch.randint(0, 1 << 32, (batch,)).tolist() if temperature > 0 else [0] * batch
-        stops = stop_strings if stop_strings else None
-        self.call_reason = None if self.decoder is None else self.decoder.call_reason(prompt_len + max_new_tokens)
+            keys = torch.randint(0, 1 << 32, (len(ids_BP),)).tolist() if temperature > 0 else [0] * len(ids_BP)
+        call = _Call(*ids_BP.shape, max_new_tokens, eos, pad_token_id, (temperature > 0, top_k), on_token,
+                     stop_strings if stop_strings else None)  # fmt: skip
+        if self._hf_runs(longest + max_new_tokens - 1):
+            return self._hf_generate(ids_BP, mask_BP, max_new_tokens, (temperature, top_p, top_k), eos, pad_token_id,
+                                     on_token, keys, call.stops)  # fmt: skip
+        ids_BP, mask_BP = self._follow_model(ids_BP, mask_BP)
+        state = self._start(call, keys, temperature, top_p)
+        start = self._clock()
+        self._prefill(state, ids_BP, mask_BP, call.key)
+        self.prefill_seconds = self._clock() - start
+        return self._decode(state, call)
+
+    def _hf_runs(self, positions: int) -> bool:
+        """Whether this call runs through HF `generate`: an unsupported model, or a call of `positions` (the longest
+        real prompt plus the new tokens fed back: the positions HF's RoPE sees) the fused decoder cannot run, whose
+        reason (`call_reason`) is logged once."""
+        self.call_reason = None if self.decoder is None else self.decoder.call_reason(positions)
         if self.call_reason and self.call_reason not in self._logged:
             self._logged.add(self.call_reason)
             log.info("fast generation: HF generate for this call (%s)", self.call_reason)
-        if self.decoder is None or self.call_reason:
-            return self._hf_generate(ids_BP, mask_BP, max_new_tokens, (temperature, top_p, top_k), eos, pad_token_id,
-                                     on_token, keys, stops)  # fmt: skip
+        return self.decoder is None or self.call_reason is not None
+
+    def _follow_model(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuild for a model moved or cast since the last call (model.to(...)), and re-fuse changed weights."""
         first = next(self.model.parameters())
-        if (first.device, first.dtype) != (self.decoder.device, self.decoder.dtype):  # model.to(...) since the last
+        if (first.device, first.dtype) != (self.decoder.device, self.decoder.dtype):
             self._build()
             ids_BP, mask_BP = ids_BP.to(self.device), mask_BP.to(self.device)
         self.decoder.refresh()
-        sample = temperature > 0
-        self._temperature.fill_(temperature if sample else 1.0)
+        return ids_BP, mask_BP
+
+    def _start(self, call: _Call, keys: list[int], temperature: float, top_p: float) -> _State:
+        """The state of this call's padded batch size and length, its settings written into the graphs' inputs."""
+        self._temperature.fill_(temperature if temperature > 0 else 1.0)
         self._top_p.fill_(top_p)
-        state = self._state(_pow2(batch) if self.use_graphs else batch, prompt_len + max_new_tokens)
+        state = self._state(_pow2(call.batch) if self.use_graphs else call.batch, call.prompt_len + call.max_new)
         state.eos_E.fill_(-1)
-        state.eos_E[: len(eos)] = torch.tensor(eos, dtype=torch.long)
-        state.pad.fill_(pad_token_id)
+        state.eos_E[: len(call.eos)] = torch.tensor(call.eos, dtype=torch.long)
+        state.pad.fill_(call.pad)
         state.done_B.fill_(True)  # batch padding rows count as finished
-        state.done_B[:batch] = False
+        state.done_B[: call.batch] = False
         state.keys_B.zero_()
-        state.keys_B[:batch] = torch.tensor(keys, dtype=torch.long)
-        state.start_1.fill_(prompt_len)
-        start = self._clock()
-        self._prefill(state, ids_BP, mask_BP, (sample, top_k))
-        self.prefill_seconds = self._clock() - start
+        state.keys_B[: call.batch] = torch.tensor(keys, dtype=torch.long)
+        state.start_1.fill_(call.prompt_len)
+        return state
+
+    def _decode(self, state: _State, call: _Call) -> torch.Tensor:
+        """The steps after the prompt pass, host syncs every `check_every` steps (streaming, EOS, stop strings); the
+        output trimmed and streamed as HF's."""
+        batch, prompt_len, eos = call.batch, call.prompt_len, call.eos
         streamed, stopped = 0, {}  # rows checked for stop strings: _check_stops
         n = 1  # new tokens so far
-        while n < max_new_tokens:
+        while n < call.max_new:
             if n % self.check_every == 0 or (n == 1 and eos):  # also right after the prompt: EOS first
-                streamed = self._stream_out(state, batch, prompt_len, streamed, n, eos, on_token)
-                self._check_stops(state, batch, prompt_len, n, eos, stops, stopped)
-                if (eos or stops) and bool(state.done_B.all()):
+                streamed = self._stream_out(state, batch, prompt_len, streamed, n, eos, call.on_token)
+                self._check_stops(state, batch, prompt_len, n, eos, call.stops, stopped)
+                if (eos or call.stops) and bool(state.done_B.all()):
                     break
-            self._run_step(state, (sample, top_k))
+            self._run_step(state, call.key)
             n += 1
-        self._check_stops(state, batch, prompt_len, n, eos, stops, stopped)
-        out_BS = _trim(state.ids_BT[:batch, : prompt_len + n].clone(), prompt_len, eos, stopped, pad_token_id)
-        self._stream_out(state, batch, prompt_len, streamed, out_BS.shape[1] - prompt_len, eos, on_token)
+        self._check_stops(state, batch, prompt_len, n, eos, call.stops, stopped)
+        out_BS = _trim(state.ids_BT[:batch, : prompt_len + n].clone(), prompt_len, eos, stopped, call.pad)
+        self._stream_out(state, batch, prompt_len, streamed, out_BS.shape[1] - prompt_len, eos, call.on_token)
         return out_BS
 
     def _clock(self) -> float:
@@ -247,7 +282,8 @@ class Generator:
             elif end_eos is None:
                 del stopped[r]  # still generating
 
-    def _check(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, max_new_tokens: int, eos: list[int]) -> None:
+    def _check(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, max_new_tokens: int, eos: list[int]) -> int:
+        """The longest prompt's real tokens; a ValueError naming what is wrong with the arguments."""
         if ids_BP.ndim != 2 or ids_BP.shape[1] == 0 or mask_BP.shape != ids_BP.shape:
             raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got {tuple(ids_BP.shape)}")
         if not bool(mask_BP[:, -1].all()):
@@ -263,6 +299,7 @@ class Generator:
                 f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
                 f"{limit} positions: shorten the prompt or lower max_new_tokens"
             )
+        return longest
 
     def _state(self, batch: int, length: int) -> _State:
         state = self._states.get(batch)
