@@ -1,6 +1,8 @@
 """fasttune's Generator against HF generate (greedy, bf16, batch 1 and 8, 64-token prompts, 256 new tokens) on ~0.25B
 random models of the families the fused decoder runs beyond Llama: Gemma 3 text, Gemma 2, Phi-3, Mistral with a
-sliding window shorter than the call. Usage: python scripts/generate_families.py OUT.json (a CUDA GPU).
+sliding window shorter than the call; and the published Gemma 3 1B and Phi-3-mini shapes (`bench generate --shape`).
+`torch_ops_tok_s`: the same graphs without the Triton kernels (what they buy). Usage (a CUDA GPU):
+python scripts/generate_families.py OUT.json [NAME ...] (default: every model below).
 Random weights have near-ties from the first steps, so the token agreement printed here is no correctness check:
 tests/test_generate_families.py is (fp32, scores within tolerance of HF at every step)."""
 
@@ -12,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config
 
 from fasttune.generate.fast import Generator
+from fasttune.model.build import preset_config
 
 PROMPT, NEW = 64, 256
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=16,
@@ -22,6 +25,8 @@ CONFIGS = {
     "gemma2": lambda: Gemma2Config(**SHAPE, head_dim=64, sliding_window=128),
     "phi3": lambda: Phi3Config(**SHAPE),
     "mistral_w128": lambda: MistralConfig(**SHAPE, sliding_window=128),
+    "gemma-3-1b": lambda: preset_config("gemma-3-1b", 32000),
+    "phi-3-mini": lambda: preset_config("phi-3-mini", 32000),
 }
 
 
@@ -39,22 +44,30 @@ def row(name: str, model, batch: int) -> dict:
     gen = Generator(model)
     gen.generate(ids, mask, max_new_tokens=NEW)  # first call: graph capture, Triton compiles
     ours, ours_s = timed(lambda: gen.generate(ids, mask, max_new_tokens=NEW))
+    plain = Generator(model)
+    if plain.decoder is not None:
+        plain.decoder.use_kernels = False
+    plain.generate(ids, mask, max_new_tokens=NEW)
+    _, plain_s = timed(lambda: plain.generate(ids, mask, max_new_tokens=NEW))
     hf = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
     model.generate(ids, max_new_tokens=8, min_new_tokens=8, **hf)  # warm-up
     theirs, theirs_s = timed(lambda: model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, **hf))
     a, b = ours[:, PROMPT:], theirs[:, PROMPT:]
     first_diff = [int((x != y).nonzero()[0]) if (x != y).any() else NEW for x, y in zip(a, b, strict=True)]
     return dict(model=name, batch=batch, reason=gen.reason, fast_tok_s=round(batch * NEW / ours_s),
-                hf_tok_s=round(batch * NEW / theirs_s), speedup=round(theirs_s / ours_s, 1),
+                torch_ops_tok_s=round(batch * NEW / plain_s), hf_tok_s=round(batch * NEW / theirs_s),
+                speedup=round(theirs_s / ours_s, 1),
                 same_frac=round(float((a == b).float().mean()), 3), first_diff=first_diff)  # fmt: skip
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, names: list[str]) -> None:
     rows = []
-    for name, config in CONFIGS.items():
+    for name in names or CONFIGS:
+        config = CONFIGS[name]
         torch.manual_seed(0)
         attn = "eager" if name == "gemma2" else "sdpa"  # Gemma 2's default: its soft-capping needs eager
-        model = AutoModelForCausalLM.from_config(config(), attn_implementation=attn).cuda().to(torch.bfloat16).eval()
+        with torch.device("cuda"):  # initialised on the GPU: Phi-3-mini's 3.8B on the CPU take minutes
+            model = AutoModelForCausalLM.from_config(config(), attn_implementation=attn, dtype=torch.bfloat16).eval()
         model.generation_config.do_sample = False
         for batch in (1, 8):
             rows.append(row(name, model, batch))
@@ -66,4 +79,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

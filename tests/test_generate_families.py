@@ -115,6 +115,23 @@ def test_phi3_longrope_beyond_its_original_length_runs_hf_generate_for_that_call
     assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), ref_BS) and gen.call_reason is None
 
 
+@pytest.mark.parametrize("new", [55, 56])
+def test_phi3_longrope_counts_the_real_prompt_not_its_padding(new):
+    """HF's longrope takes its long factors once a forward's largest position id + 1 passes
+    original_max_position_embeddings (64), and positions count real tokens only: a batch left-padded to 12 columns
+    whose longest prompt is 10 tokens feeds 10 + new - 1 positions. 55 new tokens stay within 64: the fused decoder
+    runs (it ran HF `generate` when it counted the padded width, 12 + 55), with HF's tokens; 56 go past: HF's."""
+    model = build(Phi3Config(**SHAPE, rope_parameters=dict(LONGROPE), original_max_position_embeddings=64))
+    ids_BP, mask_BP = prompts(2, "cpu")
+    ids_BP[:, :2] = mask_BP[:, :2] = 0  # every row padded: the longest prompt has 10 tokens
+    ref_BS, ref_scores = hf_greedy(model, ids_BP, mask_BP, new)
+    gen = Generator(model)
+    out_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=new)
+    assert (gen.call_reason is None) == (new == 55), gen.call_reason
+    result = greedy_agreement(ref_scores, ref_BS[:, PROMPT:], out_BS[:, PROMPT:], TOLERANCE[torch.float32])
+    assert result["agree"], result
+
+
 def test_phi3_longrope_calls_past_its_original_length_are_logged_once(caplog):
     """Calls of other lengths past original_max_position_embeddings share one reason: one log line, not one per
     batch of a --prompts file."""
@@ -179,3 +196,57 @@ def test_yarn_past_max_position_embeddings_matches_hf():
     rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
     model = build(Qwen2Config(**dict(SHAPE, max_position_embeddings=32), rope_parameters=rope))
     check_matches_hf(model, 3, new=40)  # 12 + 40 > 32
+
+
+# the `bench generate` shapes of these families (model/build.py), shrunk to 2 layers of a small width and vocabulary
+# with their head dims (Gemma 3 1B: 256, 4 query heads on 1 kv head; Phi-3-mini: 96, 48 RoPE pairs, not a power of
+# 2), RoPE and layer kinds; Gemma 3's window shrunk to 5 so that the call passes it
+SHRINK = dict(num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB, pad_token_id=0, eos_token_id=None)
+SHRUNK = {
+    "gemma-3-1b": dict(SHRINK, hidden_size=64, sliding_window=WINDOW, sliding_window_pattern=2),
+    "phi-3-mini": dict(SHRINK, hidden_size=192, num_attention_heads=2, num_key_value_heads=2),
+}
+
+
+@pytest.mark.parametrize(
+    "shape,billions,model_type", [("gemma-3-1b", 0.99989, "gemma3_text"), ("phi-3-mini", 3.82108, "phi3")]
+)
+def test_bench_generate_family_shapes_build_and_run_fused(shape, billions, model_type, monkeypatch):
+    """`bench generate --shape gemma-3-1b / phi-3-mini`: the published shapes (meta device), which the fused decoder
+    runs, and the options check passes them on to the benchmark."""
+    from fasttune import cli
+    from fasttune.bench import fit
+    from fasttune.bench import generate as bench_generate
+    from fasttune.generate.fast import unsupported_reason
+    from fasttune.model.build import preset_config
+
+    config = preset_config(shape, 32000)
+    assert config.model_type == model_type and config.vocab_size >= 32000
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - billions) < 1e-5
+    assert unsupported_reason(model) is None
+    ran = []
+    facts = {"train_steps": 0, "train_s": 0.0, "losses": []}
+    monkeypatch.setattr(bench_generate, "run", lambda *a, **k: (ran.append(a[0]), ([], facts))[1])
+    monkeypatch.setattr(fit, "available_ram", lambda: 1 << 50)  # a machine it fits (the check's own test: bench_fit)
+    assert cli.main(["bench", "generate", "--device", "cpu", "--shape", shape]) == 0
+    assert ran == [shape]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", sorted(SHRUNK))
+def test_bench_generate_family_shapes_shrunk_match_hf(shape, device):
+    from fasttune.model.build import preset_config
+
+    config = preset_config(shape, VOCAB)
+    for key, value in SHRUNK[shape].items():
+        setattr(config, key, value)
+    if shape == "gemma-3-1b":
+        config.layer_types = ["sliding_attention", "full_attention"]
+    model = build(config, device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    check_matches_hf(model, 3)

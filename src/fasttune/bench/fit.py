@@ -63,9 +63,9 @@ def generate_need(shape: str, device: torch.device, dtype: torch.dtype, batch_si
                     f"scores {scores / GiB:.1f}")  # fmt: skip
 
 
-def by_size(presets=MODEL_PRESETS) -> list[str]:
-    """The presets, largest first."""
-    return sorted(presets, key=lambda p: -param_count(preset_config(p, 512)))
+def by_size(vocab: int, presets=MODEL_PRESETS) -> list[str]:
+    """The presets at the command's vocabulary (the published shapes keep their own), largest first."""
+    return sorted(presets, key=lambda p: -param_count(preset_config(p, vocab)))
 
 
 def refuse(command: str, need: float, parts: str, where: str, fixes: list[str]) -> ConfigError:
@@ -88,8 +88,8 @@ def check_generate(shape: str, device: torch.device, dtype: torch.dtype, batch_s
     if fits := [b for b in batch_sizes if generate_need(shape, device, dtype, [b], prompt_len, new_tokens, vocab)[0]
                 <= usable]:  # fmt: skip
         fixes.append(f"--batch-sizes {','.join(map(str, fits))}")
-    smaller = [p for p in by_size() if generate_need(p, device, dtype, batch_sizes, prompt_len, new_tokens, vocab)[0]
-               <= usable]  # fmt: skip
+    smaller = [p for p in by_size(vocab)
+               if generate_need(p, device, dtype, batch_sizes, prompt_len, new_tokens, vocab)[0] <= usable]  # fmt: skip
     if smaller:
         fixes.append(f"--shape {smaller[0]} (the largest preset that fits)")
     if device.type == "cpu":
@@ -145,7 +145,7 @@ def check_train(bench, runs: list[dict]) -> None:
     if stop is None:
         return
     name, est = stop
-    fixes = [f"--preset {p} (the largest preset that fits)" for p in by_size()
+    fixes = [f"--preset {p} (the largest preset that fits)" for p in by_size(bench.vocab)
              if _too_big(train_needs(bench, runs, p), usable, cpu) is None][:1]  # fmt: skip
     fixes.append("fewer tokens per step (--hf-micro-batch, --micro-batch, --max-length)" + (", --hf-ckpt" if
                  any(r["stack"] == "HF" for r in runs) else ""))  # fmt: skip

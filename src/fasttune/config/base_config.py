@@ -17,7 +17,8 @@ from fasttune.attention import NAMES
 from fasttune.errors import ConfigError
 
 ATTN_CHOICES = ("auto", *NAMES)
-MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b", "llama-3.1-8b", "qwen2.5-7b")
+MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b", "llama-3.1-8b", "qwen2.5-7b", "gemma-3-1b",
+                 "phi-3-mini")  # fmt: skip
 DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
 DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("auto", "truncate", "split", "drop")
@@ -84,7 +85,7 @@ def memory_plan(value: str, option: str = "model.memory") -> str:
 class ModelConfig:
     preset: str = "tiny"
     """Model shape built from a config when --model is not given (random init): micro (tests), tiny (~4M), small,
-    125m, 350m, 1b, llama-3.1-8b, qwen2.5-7b (the published shapes, their own vocabularies)."""
+    125m, 350m, 1b, llama-3.1-8b, qwen2.5-7b, gemma-3-1b, phi-3-mini (the published shapes, their own vocabularies)."""
     path: Annotated[str | None, tyro.conf.arg(aliases=("--model",), metavar="PATH")] = None
     """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
     random_init: bool = field(default=False, metadata=RESUMABLE)

@@ -9,7 +9,16 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
 
 from fasttune.config import ModelConfig
 from fasttune.errors import ConfigError
@@ -47,6 +56,20 @@ REAL_SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
         hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643)),
+    # Gemma 3 1B's text model: 5 sliding layers (window 512, RoPE base 10k) to 1 full (base 1M), q/k norms, 1 kv head
+    "gemma-3-1b": (Gemma3TextConfig, dict(
+        hidden_size=1152, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        intermediate_size=6912, vocab_size=262144, max_position_embeddings=32768, query_pre_attn_scalar=256,
+        sliding_window=512, sliding_window_pattern=6, rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)),
+    # Phi-3-mini-4k: fused qkv_proj / gate_up_proj, head dim 96, sliding window 2047 on every layer
+    "phi-3-mini": (Phi3Config, dict(
+        hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=8192, vocab_size=32064, max_position_embeddings=4096, original_max_position_embeddings=4096,
+        rope_theta=10000.0, sliding_window=2047, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=32000, pad_token_id=32000)),
 }  # fmt: skip
 
 
