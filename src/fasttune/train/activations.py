@@ -252,11 +252,7 @@ def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32
     `scores`: bytes per token and layer that attention in a model's own code keeps (model/layout.py kept_scores),
     where the attention is kept whole (`none`, `mlp`) and under `ops`; `attention` and `full` recompute it."""
 
-    def per(plan: str) -> float:
-        kept = layer_bytes(s, plan, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank, lora_upcast=lora_upcast,
-                           fused_mlp=fused_mlp, lean_norm=lean_norm)  # fmt: skip
-        return kept + {"none": scores[0], "mlp": scores[0], "ops": scores[1]}.get(plan, 0.0)
-
+    per = _per_layer(s, liger, fp32_stream, lora_rank, lora_upcast, fused_mlp, lean_norm, scores)
     if plan == "offload":  # the layer being recomputed, its input and the one copied back ahead (train/offload.py)
         return tokens * (per("none") + 2 * per("full"))
     if plan.startswith("every:"):
@@ -267,6 +263,46 @@ def activation_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32
         kept = s.layers * per(plan)
     recompute = 0.0 if plan == "none" else per("none")
     return tokens * (kept + recompute)
+
+
+def _per_layer(s: Shape, liger: bool, fp32_stream: bool, lora_rank: int, lora_upcast: bool, fused_mlp: bool,
+               lean_norm: bool, scores: tuple[float, float]):  # fmt: skip
+    """Bytes per token one layer keeps under a plan, attention scores a model's own code keeps included."""
+
+    def per(plan: str) -> float:
+        kept = layer_bytes(s, plan, liger=liger, fp32_stream=fp32_stream, lora_rank=lora_rank, lora_upcast=lora_upcast,
+                           fused_mlp=fused_mlp, lean_norm=lean_norm)  # fmt: skip
+        return kept + {"none": scores[0], "mlp": scores[0], "ops": scores[1]}.get(plan, 0.0)
+
+    return per
+
+
+def end_of_backward_bytes(s: Shape, plan: str, tokens: int, liger: bool = False, fp32_stream: bool = False,
+                          lora_rank: int = 0, lora_upcast: bool = False, fused_mlp: bool = False,
+                          lean_norm: bool = False, scores: tuple[float, float] = (0.0, 0.0)) -> float:  # fmt: skip
+    """Activations still live when backward reaches the first layers, beside (nearly) every gradient: under a plan
+    that recomputes whole layers, the first recomputed layer's activations and the inputs kept below it; under
+    `offload` its own two inputs too (all of activation_bytes). Plans that keep activations free them as gradients
+    arrive: 0 (the estimate's max(grads, activations) holds). Measured on an H200 at the Llama-3.1-8B shape and 64k
+    tokens (docs/BENCHMARKS.md "Offloading the layers' inputs"): `offload`'s peak is there, ~11 GiB above
+    max(grads, activations)."""
+    args = (liger, fp32_stream, lora_rank, lora_upcast, fused_mlp, lean_norm, scores)
+    if plan == "offload":
+        return activation_bytes(s, plan, tokens, *args)
+    per = _per_layer(s, *args)
+    if plan == "full":
+        return tokens * (per("none") + per("full"))
+    if plan.startswith("every:"):  # layers 0..k-2 keep their matmuls (ops), layer k-1 is recomputed
+        k = int(plan.split(":")[1])
+        return tokens * ((k - 1) * per("ops") + per("none") + per("full"))
+    return 0.0
+
+
+def attention_workspace_bytes(s: Shape, tokens: int) -> float:
+    """What a flash attention backward allocates beside its inputs and outputs for one layer: an fp32 accumulator of
+    dq ([tokens, q]) and, with grouped kv heads, dk and dv expanded to the query heads in bf16 (torch's varlen kernel,
+    FlashAttention 2's mha_varlen_bwd). 2 GiB at the Llama-3.1-8B shape and 64k tokens."""
+    return tokens * s.q * (4.0 + (4.0 if s.kv < s.q else 0.0))
 
 
 def offloaded_bytes(s: Shape, tokens: int, fp32_stream: bool = False) -> float:

@@ -34,7 +34,15 @@ from fasttune.model.layout import attention_layout, kept_scores, mlp_layout, par
 from fasttune.model.mlp import fused as fused_mlp
 from fasttune.model.norm import lean as lean_norm
 from fasttune.model.norm import norm_layout
-from fasttune.train.activations import Shape, activation_bytes, offloaded_bytes, recompute_flops
+from fasttune.train.activations import (
+    Shape,
+    activation_bytes,
+    attention_workspace_bytes,
+    end_of_backward_bytes,
+    offloaded_bytes,  # fmt: skip
+    recompute_flops,
+)
+from fasttune.train.free import available_ram, free_memory
 from fasttune.train.recompute import apply_plan, decoder_layers, plans_for
 
 log = logging.getLogger("fasttune")
@@ -82,6 +90,10 @@ class Estimate:
     """DDP's gradient buckets, held for the whole run."""
     accumulating: bool = False
     """Several micro-batches per step: the gradients are held while the next ones run forward and backward."""
+    end_of_backward: float = 0.0
+    """Activations live beside (nearly) every gradient when backward reaches the first layers (activations.py)."""
+    workspace: float = 0.0
+    """The attention backward's own buffers (activations.attention_workspace_bytes)."""
     fixed: float = 0.6 * GiB  # cuBLAS and attention workspaces, allocator slack
     pinned: float = 0.0
     """Host memory the plan pins (`offload`: the layers' inputs), not part of the GPU's total."""
@@ -92,9 +104,10 @@ class Estimate:
         # backward or at the optimizer step (1B shape with Liger: 25.9 GiB predicted, 25.2 measured at 16k tokens;
         # 16.6 vs 15.8 at 8k; without Liger 41.1 vs 41.4, docs/BENCHMARKS.md). Accumulating, the first micro-batch's
         # gradients are there while the next one keeps its activations (2 x 8k tokens: 15.7 predicted, 15.0 measured).
-        live = self.grads + self.activations + self.loss if self.accumulating else max(self.grads, self.activations
-                                                                                          + self.loss)  # fmt: skip
-        return self.weights + self.optimizer + self.buckets + live + self.fixed
+        # A plan that recomputes whole layers has the first layers' recompute live beside nearly every gradient.
+        acts = self.activations + self.loss
+        live = self.grads + acts if self.accumulating else max(self.grads + self.end_of_backward, acts)
+        return self.weights + self.optimizer + self.buckets + live + self.workspace + self.fixed
 
     def parts(self) -> str:
         parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
@@ -167,11 +180,13 @@ def estimate(st: Setup, plan: str) -> Estimate:
         loss += s.vocab * s.hidden * 4.0 if st.head_trainable else 0.0
     weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
     grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
-    activations = activation_bytes(s, plan, st.tokens, st.liger, st.autocast, st.lora_rank, st.lora_upcast,
-                                   st.fused_mlp, st.lean_norm, st.scores)  # fmt: skip
+    args = (st.liger, st.autocast, st.lora_rank, st.lora_upcast, st.fused_mlp, st.lean_norm, st.scores)
+    activations = activation_bytes(s, plan, st.tokens, *args)
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
+        end_of_backward=end_of_backward_bytes(s, plan, st.tokens, *args),
+        workspace=0.0 if st.host else attention_workspace_bytes(s, st.tokens),
         fixed=0.0 if st.host else Estimate.fixed,  # no GPU workspaces; the process's own RAM is out of MemAvailable
         pinned=offloaded_bytes(s, st.tokens, st.autocast) if plan == "offload" else 0.0,
     )  # fmt: skip
@@ -442,27 +457,6 @@ def _tag_liger_norms(model: torch.nn.Module, est: Estimate) -> Estimate:
     log.info("model.lean_norm: Liger's %d RMSNorm outputs recomputed in backward (less memory for ~4%% of the step)",
              count)  # fmt: skip
     return est
-
-
-def free_memory(device: torch.device) -> float | None:
-    """Bytes this process can still use on `device`: the driver's free memory plus what torch already holds (the
-    model's weights are counted by the estimate). None off CUDA."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return float(free + torch.cuda.memory_reserved(device))
-
-
-def available_ram() -> float | None:
-    """Bytes of RAM the system can give without swapping (/proc/meminfo MemAvailable); None where it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def host_free(model: torch.nn.Module) -> float | None:

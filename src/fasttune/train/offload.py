@@ -123,7 +123,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _pack(t: torch.Tensor):
-    if isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < MIN_BYTES or t.is_sparse:
+    # numel 0: the checkpoint's own empty marker tensor (torch <= 2.12 saves it beside the inputs)
+    if isinstance(t, torch.nn.Parameter) or t.numel() == 0 or t.numel() * t.element_size() < MIN_BYTES or t.is_sparse:
         return t
     return _Entry(t)
 
