@@ -144,7 +144,7 @@ def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
     proc = _torchrun(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=3)),
                      "--training.fsdp", "--resume")  # fmt: skip
     assert (
-        "resuming with 2 micro-batches per step (2 rank(s) x grad_accum 1), the checkpoint trained with 1 (1 x "
+        "resuming with 2 micro-batches per step (2 ranks x grad_accum 1), the checkpoint trained with 1 (1 x "
         "1): the global batch changes" in proc.stdout + proc.stderr
     )
     assert (cfg.run_dir / "checkpoints" / "step-000003").is_dir()

@@ -12,6 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import fail_at, losses, tiny_config
 
 from fasttune import cli
@@ -237,3 +238,24 @@ def test_the_warmup_warning_of_an_epochs_run_names_epochs(tmp_path, caplog):
     (said,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "is not below --epochs 0.5 (6 steps)" in said and "--max-steps" not in said
     assert "set --training.warmup-steps below 6 (e.g. 1)" in said
+
+
+def test_counts_of_one_are_singular(tmp_path, caplog, monkeypatch):
+    """One epoch of one step is said as such ("1 epoch = 1 step", "--epochs 1 (1 step)"), not "1 epochs = 1 steps";
+    so are the CPU estimate's one step of about one hour and the data summary's one left-out sample."""
+    from fasttune.data.pipeline import DataSummary
+    from fasttune.train import device
+
+    caplog.set_level("INFO", logger="fasttune")
+    cfg = _cfg(tmp_path, epochs=1, grad_accum=64)  # more micro-batches per step than the epoch has
+    assert loop.train(cfg).steps == 1
+    assert "1 epoch = 1 step (" in caplog.text
+    loop.train(dataclasses.replace(cfg, resume=True))
+    assert "already complete (step 1 of --epochs 1 (1 step))" in caplog.text
+    monkeypatch.setattr(device, "cpu_hours", lambda cfg: (1.4, 10.0))
+    one = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=1))
+    with pytest.raises(ConfigError, match=r"no GPU is available: 1 step \(1 epoch\) of up to .* take about 1 hour at"):
+        device.refuse_gpu_scale(one, torch.device("cpu"))
+    lines = "\n".join(DataSummary("d", "alpaca", untrained=1, no_response=1, val_left_out=1).lines())
+    assert "left out: 1 sample with no trained token" in lines and "1 truncated sample whose prompt" in lines
+    assert "left out of validation: 1 held-out sample, by" in lines

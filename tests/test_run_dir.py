@@ -504,6 +504,6 @@ def test_resume_with_another_grad_accum_warns_also_for_checkpoints_that_did_not_
     more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=4, grad_accum=2))
     with caplog.at_level(logging.WARNING, logger="fasttune"):
         loop.train(more)
-    assert "resuming with 2 micro-batches per step (1 rank(s) x grad_accum 2), the checkpoint trained with 1" in (
+    assert "resuming with 2 micro-batches per step (1 rank x grad_accum 2), the checkpoint trained with 1" in (
         caplog.text
     )

@@ -17,6 +17,7 @@ from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample, Samples
 from fasttune.data.tokenizer import cached_tokenizer, without_length_warning
 from fasttune.errors import ConfigError, DataError
+from fasttune.words import count
 
 log = logging.getLogger("fasttune")
 
@@ -59,15 +60,15 @@ class DataSummary:
             f"  overlong samples: {self.truncated} truncated, {self.split} split, {self.dropped} dropped",
         ]
         if self.no_response:
-            out.append(f"  left out: {self.no_response} truncated samples whose prompt filled max_length (no response "
-                       "token left to train)")  # fmt: skip
+            out.append(f"  left out: {count(self.no_response, 'truncated sample')} whose prompt filled max_length (no "
+                       "response token left to train)")  # fmt: skip
         if self.untrained:
             why = ("a split text's last piece of one token, or an empty text" if self.format == "text" else
                    "e.g. an empty response")  # fmt: skip
-            out.append(f"  left out: {self.untrained} samples with no trained token ({why})")
+            out.append(f"  left out: {count(self.untrained, 'sample')} with no trained token ({why})")
         if self.val_left_out:
-            out.append(f"  left out of validation: {self.val_left_out} held-out samples, by the same rules (too long "
-                       "to keep, or no trained token left)")  # fmt: skip
+            out.append(f"  left out of validation: {count(self.val_left_out, 'held-out sample')}, by the same rules "
+                       "(too long to keep, or no trained token left)")  # fmt: skip
         return out + self.notes
 
 

@@ -13,6 +13,7 @@ from fasttune.errors import ConfigError
 from fasttune.model.build import load_model_config
 from fasttune.model.flops import dense_flops_per_token
 from fasttune.train.footprint import fp32_master_fits
+from fasttune.words import count
 
 
 def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
@@ -41,10 +42,10 @@ def refuse_gpu_scale(cfg: BaseConfig, device: torch.device) -> None:
     t, d = cfg.training, cfg.data
     tokens = t.grad_accum * d.micro_batch_size * d.max_length
     model = f"--model {cfg.model.path}" if cfg.model.path else f"the {cfg.model.preset} preset"
-    span = f"{hours:,.0f} hour" + ("" if round(hours) == 1 else "s")
-    steps, fewer = f"{t.max_steps:,} steps", "--max-steps"
+    span = count(round(hours), "hour", shown=f"{hours:,.0f}")
+    steps, fewer = count(t.max_steps, "step", shown=f"{t.max_steps:,}"), "--max-steps"
     if t.epochs is not None:
-        steps, fewer = f"{steps} ({t.epochs:g} epochs)", "--epochs"
+        steps, fewer = f"{steps} ({count(t.epochs, 'epoch', shown=f'{t.epochs:g}')})", "--epochs"
     raise ConfigError(
         f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {steps} of up to {tokens:,} tokens "
         f"on {model} take about {span} at this CPU's measured {gflops:.0f} GFLOP/s. Run it on a CUDA machine, use "

@@ -14,6 +14,7 @@ from fasttune.config import BaseConfig, TrainingConfig
 from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample
 from fasttune.errors import ConfigError
+from fasttune.words import count
 
 log = logging.getLogger("fasttune")
 
@@ -40,9 +41,16 @@ def _number(x: Fraction | float) -> str:
     return f"{float(x):.4g}"
 
 
+def epochs(n: Fraction | float) -> str:
+    """The count of epochs in words: 1 epoch, 2.5 epochs."""
+    return count(n, "epoch", shown=_number(n))
+
+
 def length_option(t: TrainingConfig) -> str:
     """The option that set the run's length, as the user would type it: "--max-steps 40", "--epochs 2 (26 steps)"."""
-    return f"--max-steps {t.max_steps}" if t.epochs is None else f"--epochs {_number(t.epochs)} ({t.max_steps} steps)"
+    if t.epochs is None:
+        return f"--max-steps {t.max_steps}"
+    return f"--epochs {_number(t.epochs)} ({count(t.max_steps, 'step')})"
 
 
 def run_length(cfg: BaseConfig, samples: Sequence[Sample], batcher: Batcher, world: int,
@@ -59,11 +67,13 @@ def run_length(cfg: BaseConfig, samples: Sequence[Sample], batcher: Batcher, wor
     was = (saved or {}).get("training", {})
     if was.get("epochs") == t.epochs and was.get("max_steps") not in (None, total):
         raise ConfigError(
-            f"--resume: {_number(t.epochs)} epochs are {total} steps now ({_number(per_epoch)} per epoch at "
-            f"{world} rank(s) x grad_accum {t.grad_accum}) but the run was started as {was['max_steps']} steps; "
+            f"--resume: {epochs(t.epochs)} {'is' if t.epochs == 1 else 'are'} {count(total, 'step')} now "
+            f"({_number(per_epoch)} per epoch at {count(world, 'rank')} x grad_accum {t.grad_accum}) but the run was "
+            f"started as {count(was['max_steps'], 'step')}; "
             f"resume with the ranks x --training.grad-accum it had, or pass --max-steps {was['max_steps']} to keep "
             "its length"
         )
-    how = "" if per_epoch.denominator == 1 else f": {per_epoch * per_step} micro-batches, {per_step} per step"
-    log.info("%s epochs = %d steps (%s per epoch%s)", _number(t.epochs), total, _number(per_epoch), how)
+    micro = count(per_epoch * per_step, "micro-batch", "micro-batches")
+    how = "" if per_epoch.denominator == 1 else f": {micro}, {per_step} per step"
+    log.info("%s = %s (%s per epoch%s)", epochs(t.epochs), count(total, "step"), _number(per_epoch), how)
     return dataclasses.replace(cfg, training=dataclasses.replace(t, max_steps=total))

@@ -37,6 +37,7 @@ from fasttune.train.model_prep import prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder
+from fasttune.words import count
 
 log = logging.getLogger("fasttune")
 
@@ -240,8 +241,9 @@ def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
     left_out = data.summary.val_left_out
     why, fix = "data.val_fraction is 0", "set --data.val-fraction (e.g. 0.05) to hold some data out"
     if fraction and left_out:  # held out, then left out by max_length: "too small" would send the user astray
-        why = (f"the {left_out} held-out samples were all left out (too long for --data.max-length "
-               f"{cfg.data.max_length}, or no trained token left: see the data summary)")  # fmt: skip
+        held = "the held-out sample was" if left_out == 1 else f"the {left_out} held-out samples were all"
+        why = (f"{held} left out (too long for --data.max-length {cfg.data.max_length}, or no trained token left: see "
+               "the data summary)")  # fmt: skip
         fix = "raise --data.max-length or --data.val-fraction"
     elif fraction:
         why = "no sample is held out (the data is too small to hold one out)"
@@ -257,25 +259,25 @@ def _restore(d: Dist, latest, saved: dict, model, optimizer, scheduler, metrics:
     was = float(optimizer.param_groups[0]["lr"])  # the next step's rate on the checkpoint's schedule
     sync_lr(optimizer, scheduler)  # this run's schedule (--max-steps or --epochs may have changed)
     if not math.isclose(now := float(optimizer.param_groups[0]["lr"]), was, rel_tol=1e-4):
-        log.warning("%s is not the checkpoint's run's: the learning-rate schedule now spans %d steps, and step %d "
-                    "trains at lr %.3g instead of %.3g", length_option(t), t.max_steps, state.step + 1, now,
-                    was)  # fmt: skip
+        log.warning("%s is not the checkpoint's run's: the learning-rate schedule now spans %s, and step %d "
+                    "trains at lr %.3g instead of %.3g", length_option(t), count(t.max_steps, "step"), state.step + 1,
+                    now, was)  # fmt: skip
     ranks = saved.get("rng_ranks")
     ckpt.set_rng_state(ranks[d.rank] if ranks and len(ranks) == d.world else saved["rng"])
     world, accum, grad_accum = saved.get("world", 1), saved["grad_accum"], t.grad_accum
     if world * accum != d.world * grad_accum:
-        log.warning("resuming with %d micro-batches per step (%d rank(s) x grad_accum %d), the checkpoint trained "
-                    "with %d (%d x %d): the global batch changes from here on; keep ranks x --training.grad-accum "
-                    "to continue the same run", d.world * grad_accum, d.world, grad_accum, world * accum, world,
-                    accum)  # fmt: skip
+        log.warning("resuming with %s per step (%s x grad_accum %d), the checkpoint trained with %d (%d x %d): "
+                    "the global batch changes from here on; keep ranks x --training.grad-accum to continue the same "
+                    "run", count(d.world * grad_accum, "micro-batch", "micro-batches"), count(d.world, "rank"),
+                    grad_accum, world * accum, world, accum)  # fmt: skip
     elif world != d.world:
-        log.info("resuming on %d rank(s) x grad_accum %d, the checkpoint trained on %d x %d: the same global batch",
-                 d.world, grad_accum, world, accum)  # fmt: skip
+        log.info("resuming on %s x grad_accum %d, the checkpoint trained on %d x %d: the same global batch",
+                 count(d.world, "rank"), grad_accum, world, accum)  # fmt: skip
     threads = saved.get("threads", torch.get_num_threads())
     if threads != torch.get_num_threads():  # CPU sums split their work by thread: the last bits depend on the count
-        log.warning("resuming with %d CPU threads, the checkpoint trained with %d: losses may differ from an "
-                    "uninterrupted run in the last bits (set OMP_NUM_THREADS=%d to repeat it exactly)",
-                    torch.get_num_threads(), threads, threads)  # fmt: skip
+        log.warning("resuming with %s, the checkpoint trained with %d: losses may differ from an uninterrupted "
+                    "run in the last bits (set OMP_NUM_THREADS=%d to repeat it exactly)",
+                    count(torch.get_num_threads(), "CPU thread"), threads, threads)  # fmt: skip
     metrics.truncate_after(state.step)
     log.info("resumed from %s (step %d)", latest, state.step)
     return state

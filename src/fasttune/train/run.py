@@ -32,6 +32,7 @@ from fasttune.train.length import micro_batches_per_step
 from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib
 from fasttune.train.model_prep import AttentionChoice
 from fasttune.train.run_dir import RunFolder
+from fasttune.words import count
 
 log = logging.getLogger("fasttune")
 
@@ -389,7 +390,7 @@ class Run:
         if state.bad_steps > t.max_bad_steps:
             good = self.folder.checkpoints / f"step-{state.healthy_checkpoint:06d}"
             raise FasttuneError(
-                f"stopped at step {step}: {state.bad_steps} unhealthy steps, the last with {what} (loss "
+                f"stopped at step {step}: {count(state.bad_steps, 'unhealthy step')}, the last with {what} (loss "
                 f"{loss_f:.4g}, grad norm {gn:.4g}); last healthy checkpoint: {good if good.is_dir() else 'none'}. "
                 "Lower --training.lr, check the data, or use --model.dtype fp32"
             )
