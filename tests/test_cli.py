@@ -39,14 +39,15 @@ def test_top_level_help_lists_every_command(capsys):
         (["nope"], "error: unknown command 'nope'; choose one of: train, generate, chat, eval, doctor, bench, "
                    "experiments"),
         (["train", "--stpes", "3"], "error: unknown option --stpes; did you mean --max-steps?"),
-        (["train", "--max-steps", "abc"], "error: --training.max-steps: 'abc' is not a valid integer"),
-        (["train", "--max-steps"], "error: --training.max-steps needs a value"),
+        (["train", "--max-steps", "abc"], "error: --max-steps: 'abc' is not a valid integer"),
+        (["train", "--max-steps"], "error: --max-steps needs a value"),
         (["train", "--data.max-documents", "none"],
          "error: --data.max-documents: 'none' is not a valid integer (a whole number) or None"),
         (["train", "--training.grad-accum", "1e20"], "error: --training.grad-accum: '1e20' is not a valid integer"),
         (["train", "--force", "--training.grad-accum", "100000000000000000000"],
-         "error: training.grad_accum=100000000000000000000 is too large; it must be <= 65,536"),
-        (["train", "--data.micro-batch-size", str(1 << 40)], "error: data.micro_batch_size=1099511627776 is too large"),
+         "error: --training.grad-accum=100000000000000000000 is too large; it must be <= 65,536"),
+        (["train", "--data.micro-batch-size", str(1 << 40)],
+         "error: --data.micro-batch-size=1099511627776 is too large"),
         (["generate", "--checkpoint", "c", "--prompt", "p", "--max-new-tokens", "1e9"],
          "error: --max-new-tokens: '1e9' is not a valid integer"),
         (["train", "--model.trust-remote-code", "yes"],
@@ -187,7 +188,7 @@ def test_a_hub_id_as_model_or_data_says_fasttune_reads_local_folders_and_how_to_
 
 
 def test_debug_shows_the_traceback():
-    with pytest.raises(ConfigError, match="attn_implementation='nope'"):
+    with pytest.raises(ConfigError, match="--attn-implementation='nope'"):
         cli.main(["train", "--attn-implementation", "nope", "--debug"])
 
 

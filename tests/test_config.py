@@ -66,7 +66,7 @@ def test_cli_bad_value_is_one_line_error_without_traceback(capsys):
     rc = main(["train", "--experiment", "quick", "--attn-implementation", "nope"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.strip().startswith("error: attn_implementation='nope' is not valid")
+    assert err.strip().startswith("error: --attn-implementation='nope' is not valid")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 

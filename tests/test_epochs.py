@@ -137,9 +137,12 @@ def test_fractional_epochs_count_exactly():
     [
         (["--max-steps", "5", "--epochs", "2"], "--max-steps and --training.epochs both set the run's length"),
         (["--training.max_steps=5", "--training.epochs=2"], "--max-steps and --training.epochs both set"),
-        (["--epochs", "0"], "training.epochs=0.0 is not valid; it must be > 0"),
-        (["--training.epochs", "-1"], "training.epochs=-1.0 is not valid; it must be > 0"),
-        (["--epochs", "many"], "--training.epochs: 'many' is not a valid number or None"),
+        (["--epochs", "0"], "--epochs=0.0 is not valid; it must be > 0"),  # the flag typed, not the field
+        (["--epochs=-2"], "--epochs=-2.0 is not valid; it must be > 0"),
+        (["--training.epochs", "-1"], "--training.epochs=-1.0 is not valid; it must be > 0"),
+        (["--max-steps", "0"], "--max-steps=0 is not valid; it must be > 0"),
+        (["--epochs", "many"], "--epochs: 'many' is not a valid number or None"),
+        (["--training.epochs", "many"], "--training.epochs: 'many' is not a valid number or None"),
     ],
 )
 def test_a_wrong_length_is_one_line(args, expected, capsys):

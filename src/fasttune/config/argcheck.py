@@ -142,9 +142,19 @@ def option_table(cls: type = BaseConfig, prefix: str = "") -> dict[str, type]:
     return {flag: kind for _, kind, flags in options(cls, prefix) for flag in flags}
 
 
-def _flag(argument) -> str:
+def _flag(argument, args: Sequence[str] = ()) -> str:
+    """The option's flag as the user typed it in `args` (--epochs, not --training.epochs), else its longest."""
     flags = [f for f in argument.lowered.name_or_flags if f.startswith("--")]
-    return max(flags, key=len) if flags else argument.display_name()
+    typed = typed_flag(args, flags)
+    return typed or (max(flags, key=len) if flags else argument.display_name())
+
+
+def typed_flag(args: Sequence[str], flags: Sequence[str]) -> str | None:
+    """The last of `flags` (or its spelling with underscores) in `args`, with dashes, as `--name` or `--name=VALUE`
+    typed it; None when none is there."""
+    names = {f.replace("_", "-") for f in flags}
+    heads = [a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--")]
+    return next((h for h in reversed(heads) if h in names), None)
 
 
 def _value(args: Sequence[str], flags: Sequence[str]) -> str | None:
@@ -253,9 +263,9 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
         names = ", ".join(event.subcommand_spec.parser_from_name)
         return f"`{command}` needs a command: one of {names} (see `{command} --help`)"
     if isinstance(event, e.InvalidChoice):
-        return f"{_flag(event.argument)}={event.value!r} is not valid; choose one of: {', '.join(event.choices)}"
+        return f"{_flag(event.argument, args)}={event.value!r} is not valid; choose one of: {', '.join(event.choices)}"
     if isinstance(event, e.BadValue):
-        flag = _flag(event.argument)
+        flag = _flag(event.argument, args)
         if event.reason == "too_few_values":
             return f"{flag} needs a value (see `{command} --help`)"
         return f"{flag} takes no value ({event.offending_value!r}); see `{command} --help`"
@@ -263,7 +273,7 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
         names = ", ".join(_flag(a.arg) for a in event.missing_arguments)
         return f"`{command}` needs {names} (see `{command} --help`)"
     if isinstance(event, e.InstantiationFailure) and event.argument is not None:
-        flag = _flag(event.argument)
+        flag = _flag(event.argument, args)
         value = _value(args, event.argument.lowered.name_or_flags)
         kind = event.argument.field.type_stripped
         optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
@@ -277,8 +287,11 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
     return f"invalid arguments; see `{command} --help`"
 
 
-def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], command: str = "", commands=(), **kw):
-    """`tyro.cli(kind, args=args, ...)`; a parse error raises ConfigError with one line (see `message`)."""
+def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], command: str = "", commands=(),
+          typed: bool = True, **kw):  # fmt: skip
+    """`tyro.cli(kind, args=args, ...)`; a parse error raises ConfigError with one line (see `message`). `typed`: a
+    value a section's check refuses is named by the flag the user typed (`--epochs=0.0`, not `training.epochs=0.0`);
+    off for --variant's section.field=value overrides, which the user wrote as keys."""
     import tyro
 
     args, command = list(args), command or prog
@@ -297,15 +310,37 @@ def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], comma
     try:
         with quiet, registered:
             return tyro.cli(kind, args=args, prog=prog, **kw)
+    except ConfigError as exc:  # a section's own check of a value (training.epochs=0.0 is not valid)
+        if not typed:
+            raise
+        exc.args = (_as_typed(str(exc), args, kind), *exc.args[1:])  # the same error: --debug shows where it came from
+        raise
     except SystemExit as exc:
         if wants_help or exc.code in (0, None):
             raise
         raise ConfigError(f"invalid arguments; see `{command} --help`") from None
 
 
+def _as_typed(message: str, args: Sequence[str], kind) -> str:
+    """`message` of a config section's check ("training.epochs=0.0 is not valid; ...") naming the option as the
+    user typed it (--epochs=0.0) when a flag of it is in `args`; unchanged otherwise (a --config file's value: the
+    file names it)."""
+    key, eq, rest = message.partition("=")
+    if not eq or not key or key.startswith("-"):
+        return message
+    for cls in typing.get_args(kind) or (kind,):  # the union of subcommands
+        cls = _unwrap(cls)[0]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for dotted, _, flags in options(cls):
+            if (dotted == key or dotted.endswith("." + key)) and (flag := typed_flag(args, flags)):
+                return f"{flag}={rest}"
+    return message
+
+
 def parse_overrides(base: BaseConfig, args: list[str], prog: str = "fasttune train") -> BaseConfig:
     """`base` with `args` (`--section.field VALUE`, `--flag`, `--no-flag`) applied and validated."""
-    cfg = parse(BaseConfig, args, prog=prog, table=option_table(), default=base)
+    cfg = parse(BaseConfig, args, prog=prog, table=option_table(), default=base, typed=False)
     return cfg.validate()
 
 
