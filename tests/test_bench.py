@@ -283,6 +283,18 @@ def test_train_bench_rows_survive_a_run_cut_short(tmp_path):
     assert written == [["HF sdpa padded"], ["HF sdpa padded", "HF sdpa packed (4D mask)"]]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads transformers' is_gradient_checkpointing
+def test_train_bench_of_the_lora_experiment_trains_lora_without_asking_for_it(tmp_path):
+    """--experiment lora is a LoRA benchmark: its rows train the adapters --lora trains (it asked for --lora before,
+    even with --no-baselines, where no full-weight row remained to compare against)."""
+    argv = ["train", "--device", "cpu", "--experiment", "lora", "--no-baselines", "--no-equal-tokens", "--samples", "4"]
+    argv += ["--median", "12", "--mean", "16", "--min-length", "4", "--max-length", "32", "--epochs", "1"]
+    assert cli.main(["bench", *argv, "--packing", "on", "--out", str(tmp_path)]) == 0
+    (row,) = _outputs(tmp_path, "train")
+    assert row["config"] == "fasttune LoRA auto packed" and row["status"] == "ok"
+    assert row["trained_params"] == _adapter_count(preset_config("micro", 512), r=16)
+
+
 def test_train_bench_lora_needs_peft(capsys, monkeypatch):
     import fasttune.attention.probe as probe
 
@@ -344,8 +356,6 @@ def test_synthetic_bundle_trains_through_the_real_loop(tmp_path):
         (["train", "--data", "x.json", "--median", "30"], "--median shapes the synthetic length mix, which --data"),
         (["train", "--no-baselines", "--hf-only", "sdpa"], "--hf-only sets the Hugging Face baselines, which"),
         (["train", "--no-baselines", "--hf-ckpt"], "--hf-ckpt sets the Hugging Face baselines, which --no-baselines"),
-        (["train", "--experiment", "lora"], "--experiment lora trains LoRA adapters, the Hugging Face baselines every "
-         "weight: pass --lora too"),
         (["train", "--model", "tok"], "--model is the tokenizer for --data's texts; without --data"),
         (["train", "--hf-only", "sdpa packed (4D mask) + grad ckpt"], "need CUDA; the '+ grad ckpt' baselines run "
          "with --hf-ckpt; name one of them"),

@@ -195,7 +195,7 @@ class TrainBench(Command):
     beside each stack at its best; --no-equal-tokens skips it)."""
     lora: bool = False
     """Every configuration trains LoRA adapters (r 16, alpha 32, all linear layers of the decoder) on a frozen base:
-    fasttune's --lora.* against the Hugging Face baselines wrapped with peft. Needs peft."""
+    fasttune's --lora.* against the Hugging Face baselines wrapped with peft. Needs peft. On with --experiment lora."""
     variant: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """An extra auto packed run with config changes, NAME:section.field=value[,...] (a list value in brackets:
     lora.targets=[q_proj,v_proj]); repeat for more."""
@@ -220,6 +220,8 @@ class TrainBench(Command):
         from fasttune.model.load import inference_device
 
         variants = [_variant(v) for v in self.variant]
+        if get_experiment(self.experiment).lora.enabled:  # a LoRA preset: every row trains the same adapters
+            self.lora = True
         if self.lora and (why := import_status("peft")) is not None:
             raise ConfigError(f"--lora needs the peft package ({why}): pip install 'fasttune[lora]'")
         self._check()
@@ -278,7 +280,6 @@ class TrainBench(Command):
     def _check(self) -> None:
         """The options, before anything runs (each row would otherwise fail on its own, after the others ran)."""
         from fasttune.attention import BACKENDS
-        from fasttune.config import get_experiment
         from fasttune.config.base_config import MODEL_PRESETS
 
         _positive(
@@ -302,9 +303,6 @@ class TrainBench(Command):
         if not self.baselines and (hf := [n for n in ("hf_only", "hf_micro_batch", "hf_ckpt") if getattr(self, n)]):
             flag = "--" + hf[0].replace("_", "-")
             raise ConfigError(f"{flag} sets the Hugging Face baselines, which --no-baselines skips; leave one out")
-        if get_experiment(self.experiment).lora.enabled and not self.lora:
-            raise ConfigError(f"--experiment {self.experiment} trains LoRA adapters, the Hugging Face baselines every "
-                              "weight: pass --lora too, so that every row trains the same adapters")  # fmt: skip
         if self.model and not self.data:
             raise ConfigError("--model is the tokenizer for --data's texts; without --data it has nothing to do")
 
