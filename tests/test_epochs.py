@@ -114,15 +114,21 @@ def test_resume_of_an_epochs_run_keeps_its_length_and_refuses_another(tmp_path, 
     assert (extended.training.epochs, extended.training.max_steps) == (None, 40)  # typed --max-steps decides
     again = parse_train_args(["--config", str(cfg.run_dir / "config.json"), "--output-dir", str(tmp_path / "new")])
     assert again.training.epochs == 1.5  # a run's config.json trains that run again
-    # the same epochs at another global batch would be another length: refused, naming the fix
+    # the same epochs at another global batch would be another length: refused, naming the fix, before the model
     other = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, grad_accum=2))
+    monkeypatch.setattr(loop, "prepare_model", _never)
     with pytest.raises(ConfigError, match=rf"--resume: 1.5 epochs are \d+ steps now .* but the run was started as "
                                           rf"{ref.steps} steps; .* --max-steps {ref.steps}"):  # fmt: skip
         loop.train(other)
+    monkeypatch.undo()
     result = loop.train(dataclasses.replace(cfg, resume=True))
     assert result.steps == ref.steps
     assert losses(result.records) == losses(ref.records)  # the uninterrupted run's steps and losses
     assert json.loads((cfg.run_dir / "config.json").read_text())["training"]["max_steps"] == ref.steps
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the model was built")
 
 
 def test_fractional_epochs_count_exactly():
@@ -188,13 +194,15 @@ def _data(cfg):
     return build_data(cfg)
 
 
-def test_the_cpu_estimate_of_an_epochs_run_counts_its_steps_not_the_presets(tmp_path):
+def test_the_cpu_estimate_of_an_epochs_run_counts_its_steps_not_the_presets(tmp_path, monkeypatch):
     """A preset whose max_steps would take hours on this CPU: --epochs 1 trains its few steps (refused before, on the
-    preset's steps); epochs that come to hours are refused once their steps are known, before the run folder."""
+    preset's steps); epochs that come to hours are refused once their steps are known, before the run folder and
+    before the model is built."""
     hours = 10**8  # steps of the micro model: far over the hour the check allows
     result = loop.train(_cfg(tmp_path / "one", max_steps=hours, epochs=1))
     assert 0 < result.steps < 100
     many = _cfg(tmp_path / "many", max_steps=6, epochs=10**7)
+    monkeypatch.setattr(loop, "prepare_model", _never)
     with pytest.raises(ConfigError, match=r"is GPU-scale and no GPU is available: [\d,]+ steps \(1e\+07 epochs\) of "
                                           r"up to 192 tokens .* fewer --epochs\), or pass --force"):  # fmt: skip
         loop.train(many)

@@ -22,7 +22,7 @@ from fasttune.data.formats import FORMATS
 from fasttune.data.pipeline import DataBundle, build_data
 from fasttune.data.sft import MASKING_RULES, masking_changes_since
 from fasttune.data.tokenizer import fit_model_max_length
-from fasttune.errors import ConfigError, Stopped
+from fasttune.errors import ConfigError
 from fasttune.generate.template import record_prompt_format
 from fasttune.model.build import check_weights, has_weights, random_init
 from fasttune.model.resolve import MERGED_STEP, resolve_for_training
@@ -33,48 +33,14 @@ from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
 from fasttune.train.length import length_option, run_length
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save_plots, summarize
-from fasttune.train.model_prep import prepare_model
+from fasttune.train.model_prep import batcher_for, choose_batching, prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder
+from fasttune.train.signals import Interrupted, StopSignals
 from fasttune.words import count
 
 log = logging.getLogger("fasttune")
-
-
-class Interrupted(Stopped):
-    """Ctrl-C / SIGTERM: the run saved a checkpoint and stopped; exit code 130 (SIGINT) or 143 (SIGTERM)."""
-
-
-class StopSignals:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half. `say`: print that the
-    run stops after this step (rank 0 alone: torchrun forwards Ctrl-C to every rank, and each printed the line)."""
-
-    def __init__(self, say: bool = True):
-        self.signum: int | None = None
-        self.say = say
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        if self.signum is not None:  # SIGTERM again (torchrun forwards what a scheduler also sent): keep saving
-            return
-        self.signum = signum
-        if self.say:
-            tqdm.write("stopping after this step (Ctrl-C again to abort without saving)...")
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "requested") -> RunResult:
@@ -161,8 +127,40 @@ def _check_moved_data(cfg: BaseConfig, moved: str | None, saved: dict | None, da
 def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate,
           attn_origin: str = "requested") -> Run:  # fmt: skip
     """Everything before the first step: the run folder checked (and, on resume, its newest checkpoint found), the
-    device, data, model, optimizer and schedule, and on resume their saved state restored."""
+    device, data, the run's length (refused here when it cannot be, before the model is built), model, optimizer
+    and schedule, and on resume their saved state restored."""
     folder = RunFolder(cfg.run_dir)
+    cfg, latest, saved, moved = _to_resume(cfg, folder)
+    check_weights(cfg.model, lora=cfg.lora.enabled)  # before the data is tokenized
+    torch.manual_seed(cfg.seed)
+    device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
+    data = _data(cfg, data, d, latest, saved, moved)
+    attn, batcher = choose_batching(cfg, data, device, param_dtype, attn_origin)
+    cfg = _length(cfg, data, batcher, d, device, folder, latest)
+    build_on = d.build_device(device, reads_weights=not random_init(cfg.model))
+    model, attn, plan, built = prepare_model(cfg, data, device, param_dtype, build_on, attn_origin, attn)
+    if built.layout != batcher.layout:  # a class known only once loaded (remote code) batches otherwise
+        batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=True)
+        cfg, batcher = _length(cfg, data, built, d, device, folder, latest), built
+    fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
+    if latest is not None and build_on.type != "meta":
+        ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights, before sharding (FSDP2: rank 0's)
+    if d.main:
+        _start(cfg, folder, model, latest, saved)
+        gate.open()  # the other ranks start now; from here on every collective is reached by all ranks
+    trained = d.wrap(model, device, amp_dtype)  # DDP around the model, or the model sharded in place (FSDP2)
+    optimizer, scheduler, state, metrics = _training_state(cfg, d, folder, model, device, latest, saved, batcher)
+    log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
+    result = RunResult(run_dir=folder.path, steps=max(state.step, cfg.training.max_steps), checkpoint=latest)
+    return Run(cfg=cfg, data=data, batcher=batcher, folder=folder, dist=d, device=device, amp_dtype=amp_dtype,
+               model=model, trained=trained, attn=attn, optimizer=optimizer, scheduler=scheduler, state=state,
+               stream=DataStream(data.train, batcher, state), metrics=metrics, result=result,
+               memory_plan=plan)  # fmt: skip
+
+
+def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, Path | None, dict | None, str | None]:
+    """(the config, on --resume the run's: its newest usable checkpoint, that checkpoint's trainer state, and the
+    data path the run was started with when it moved; else None for each)."""
     latest = saved = moved = None
     if cfg.resume:
         folder.check_resume(cfg)
@@ -172,9 +170,13 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     if latest is not None and cfg.model.path and not cfg.lora.enabled and not has_weights(cfg.model.path):
         # a run begun from a config.json alone (before --model.random-init existed): its weights are latest's
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True))
-    check_weights(cfg.model, lora=cfg.lora.enabled)  # before the data is tokenized
-    torch.manual_seed(cfg.seed)
-    device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
+    return cfg, latest, saved, moved
+
+
+def _data(cfg: BaseConfig, data: DataBundle | None, d: Dist, latest, saved: dict | None,
+          moved: str | None) -> DataBundle:  # fmt: skip
+    """The run's data (`data`, else the configured dataset), summarised; a resumed run's checked to be the data it
+    trained on."""
     # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one.
     data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None)
     for line in data.summary.lines():
@@ -185,52 +187,64 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
 
         say_nothing_to_answer(cfg, data, d.fsdp)
     _check_moved_data(cfg, moved, saved, data)
-    if saved and saved.get("data") and data.summary.fingerprint and saved["data"] != data.summary.fingerprint:
-        if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
-            raise ConfigError(
-                f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
-                f"(since then: {masking_changes_since(rules)}); finish it with that version, or start a new run from "
-                f"its checkpoint with --model {latest} and another --output-dir"
-            )
-        raise ConfigError(
-            f"--resume: the data is not what this run trained on ({data.summary.source}: records added, removed or "
-            "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
-            f"{latest} and another --output-dir"
-        )
+    _check_same_data(saved, data, latest)
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
-    build_on = d.build_device(device, reads_weights=not random_init(cfg.model))
-    model, attn, plan, batcher = prepare_model(cfg, data, device, param_dtype, build_on, attn_origin)
-    fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
+    return data
+
+
+def _check_same_data(saved: dict | None, data: DataBundle, latest) -> None:
+    """A resumed run's data must be what it trained on (its checkpoint's fingerprint, where it has one)."""
+    if not (saved and saved.get("data") and data.summary.fingerprint) or saved["data"] == data.summary.fingerprint:
+        return
+    if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
+        raise ConfigError(
+            f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
+            f"(since then: {masking_changes_since(rules)}); finish it with that version, or start a new run from "
+            f"its checkpoint with --model {latest} and another --output-dir"
+        )
+    raise ConfigError(
+        f"--resume: the data is not what this run trained on ({data.summary.source}: records added, removed or "
+        "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
+        f"{latest} and another --output-dir"
+    )
+
+
+def _length(cfg: BaseConfig, data: DataBundle, batcher, d: Dist, device: torch.device, folder: RunFolder,
+            latest) -> BaseConfig:  # fmt: skip
+    """`cfg` with the steps of its --epochs (run_length: a resume whose total they would change is refused), an
+    --epochs run too long for this CPU refused (resolve_device judged the others): before the model is built."""
     cfg = run_length(cfg, data.train, batcher, d.world, folder.saved_config() if latest is not None else None)
-    if cfg.training.epochs is not None:  # their steps are known now (resolve_device judged the others)
+    if cfg.training.epochs is not None:
         refuse_gpu_scale(cfg, device)
-    if latest is not None and build_on.type != "meta":
-        ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights, before sharding (FSDP2: rank 0's)
-    if d.main:
-        t = cfg.training  # before start, which clears an --overwrite'd run:
-        saves = planned_saves(t.max_steps, t.save_every, t.save_final, saved["state"]["step"] if saved else 0)
-        ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer, t.max_bad_steps)
-        if latest is None:
-            folder.start(cfg)
-        gate.open()  # the other ranks start now; from here on every collective is reached by all ranks
-    trained = d.wrap(model, device, amp_dtype)  # DDP around the model, or the model sharded in place (FSDP2)
+    return cfg
+
+
+def _start(cfg: BaseConfig, folder: RunFolder, model, latest, saved: dict | None) -> None:
+    """Rank 0, before the first step: room on disk for the checkpoints to come checked, and a new run's folder
+    started (which clears an --overwrite'd run: after the check)."""
+    t = cfg.training
+    saves = planned_saves(t.max_steps, t.save_every, t.save_final, saved["state"]["step"] if saved else 0)
+    ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer, t.max_bad_steps)
+    if latest is None:
+        folder.start(cfg)
+
+
+def _training_state(cfg: BaseConfig, d: Dist, folder: RunFolder, model, device: torch.device, latest,
+                    saved: dict | None, batcher) -> tuple:  # fmt: skip
+    """(optimizer, scheduler, train state, metrics log): new, or on resume restored from `latest`."""
     rule = saved["state"].get("decay_rule", 1) if saved else DECAY_RULE  # a run keeps the grouping it started with
     optimizer, scheduler = build_optimizer(cfg, model, device, rule)
     state = TrainState(decay_rule=rule)
     metrics = MetricsLog(folder, cfg.training.tensorboard, write=d.main)
-    if latest is not None:
-        if "grad_accum" not in saved:  # a checkpoint from before it was recorded: the run's config says
-            saved["grad_accum"] = folder.saved_config().get("training", {}).get("grad_accum", 1)
-        state = _restore(d, latest, saved, model, optimizer, scheduler, metrics, cfg.training)
-        _check_batching(saved, batcher, state, "packed" if cfg.data.packing else "padded")
-        if d.main and state.step < cfg.training.max_steps:  # a resume refused as past its --max-steps keeps the record
-            folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
-    log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
-    result = RunResult(run_dir=folder.path, steps=max(state.step, cfg.training.max_steps), checkpoint=latest)
-    return Run(cfg=cfg, data=data, batcher=batcher, folder=folder, dist=d, device=device, amp_dtype=amp_dtype,
-               model=model, trained=trained, attn=attn, optimizer=optimizer, scheduler=scheduler, state=state,
-               stream=DataStream(data.train, batcher, state), metrics=metrics, result=result,
-               memory_plan=plan)  # fmt: skip
+    if latest is None:
+        return optimizer, scheduler, state, metrics
+    if "grad_accum" not in saved:  # a checkpoint from before it was recorded: the run's config says
+        saved["grad_accum"] = folder.saved_config().get("training", {}).get("grad_accum", 1)
+    state = _restore(d, latest, saved, model, optimizer, scheduler, metrics, cfg.training)
+    _check_batching(saved, batcher, state, "packed" if cfg.data.packing else "padded")
+    if d.main and state.step < cfg.training.max_steps:  # a resume refused as past its --max-steps keeps the record
+        folder.write_config(cfg)  # the config now in force (e.g. a larger max_steps)
+    return optimizer, scheduler, state, metrics
 
 
 def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:

@@ -67,19 +67,28 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config, origin: str 
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, reason)
 
 
+def model_class(model_config) -> type | None:
+    """The class transformers builds for `model_config`, known before building it; None for remote code (known once
+    loaded)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+
+
 def batcher_for(cfg: BaseConfig, attn: AttentionChoice, model, pad_id: int | None, say: bool = False) -> Batcher:
     """How the run batches: as data.packing says, unless the model computes attention in its own code (known from
     the config before loading, or for remote code from the loaded class). Its mask then spans the whole packed row
     (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a packed sample attend to the one before
     it), so such a run trains on padded rows of samples of similar length, within the same token budget
-    (micro_batch_size x max_length tokens, padding included)."""
-    packs = not attn.native and getattr(type(base_model(model)), "_supports_attention_backend", False)
+    (micro_batch_size x max_length tokens, padding included). `model`: the built model, or before building it its
+    class (`model_class`; None: not known yet, the attention choice decides)."""
+    cls = model if isinstance(model, type) or model is None else type(base_model(model))
+    packs = not attn.native and (cls is None or getattr(cls, "_supports_attention_backend", False))
     own = cfg.data.packing and not packs
     if own and say:
         log.warning("data.packing: off: this model (%s) computes attention in its own code, whose mask would let "
                     "packed samples attend to each other; training on padded rows of samples of similar length, up "
-                    "to %d tokens a micro-batch (the data summary's packing figure does not apply)",
-                    type(base_model(model)).__name__,
+                    "to %d tokens a micro-batch (the data summary's packing figure does not apply)", cls.__name__,
                     cfg.data.micro_batch_size * cfg.data.max_length)  # fmt: skip
     return Batcher.from_config(cfg.data, cfg.seed, pad_id, packing=cfg.data.packing and packs, grouped=own)
 
@@ -230,21 +239,39 @@ def cover_context(config, max_length: int, preset: str) -> None:
         config.max_position_embeddings = max_length
 
 
+def _compute_dtype(cfg: BaseConfig, device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
+
+
+def choose_batching(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
+                    attn_origin: str = "requested") -> tuple[AttentionChoice, Batcher]:  # fmt: skip
+    """(attention choice, batcher) of a run, before its model is built: the run's steps are counted (and a run too
+    long for a CPU refused) before the weights load. A class known only once loaded (remote code) may batch
+    otherwise: prepare_model's batcher then decides."""
+    model_config = load_model_config(cfg.model, len(data.tokenizer))
+    attn = _choose_attention(cfg, device, _compute_dtype(cfg, device, param_dtype), model_config, attn_origin)
+    cls = model_class(model_config)
+    return attn, batcher_for(cfg, attn, cls, data.tokenizer.pad_token_id, say=cls is not None)
+
+
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
-                  build_on: torch.device | None = None, attn_origin: str = "requested"):  # fmt: skip
+                  build_on: torch.device | None = None, attn_origin: str = "requested",
+                  attn: AttentionChoice | None = None):  # fmt: skip
     """(model, attention choice, memory plan, batcher) of a run on `device`, the model built `build_on` (default
     `device`; under FSDP2 the CPU or the meta device: distributed.Dist.build_device); `attn_origin`: where
-    cfg.attn_implementation came from (train's)."""
+    cfg.attn_implementation came from (train's); `attn`: the choice choose_batching made (then its batching is not
+    said again)."""
     vocab = len(data.tokenizer)
     model_config = load_model_config(cfg.model, vocab)
-    compute_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.model.dtype != "fp32") else param_dtype
+    compute_dtype = _compute_dtype(cfg, device, param_dtype)
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
     dtype = compute_dtype if cfg.lora.enabled else param_dtype
     if (build_on or device) == device:  # under FSDP2 each GPU gets its shards: the plan counts them
         check_weights_fit(model_config, device, dtype, f"--model {cfg.model.path}" if cfg.model.path else
                           f"the {cfg.model.preset} preset", lora=cfg.lora.enabled)  # fmt: skip
-    attn = _choose_attention(cfg, device, compute_dtype, model_config, attn_origin)
+    chosen = attn is not None
+    attn = attn or _choose_attention(cfg, device, compute_dtype, model_config, attn_origin)
     context = context_length(model_config)
     if cfg.model.path and context and cfg.data.max_length > context:
         raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
@@ -270,7 +297,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
         _apply_lean_norm(model)
     if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
         _apply_experts_autocast(model)
-    batcher = batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=True)
+    batcher = batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=not chosen)
     bounds = batcher.bounds(max(len(s) for s in (*data.train, *data.val)))
     est = plan_memory(cfg, model, device, attention=attn.name, bounds=bounds)  # chunked loss + activation plan, or
     # a clear stop when the step cannot fit
