@@ -80,3 +80,24 @@ def test_eval_train_on_prompt_off_scores_the_responses_only(prompt_run, tmp_path
     assert off["loss"] == pytest.approx(_hf_loss(result.checkpoint, held, every_token=False), rel=1e-4)
     assert off["loss"] != pytest.approx(result.last_val_loss, rel=1e-3)
     assert _eval(tmp_path / "ckpt", result.checkpoint, data)["loss"] == pytest.approx(result.last_val_loss, rel=1e-5)
+
+
+def test_eval_generate_of_a_run_trained_on_prompts_reads_the_data_once(prompt_run, tmp_path, monkeypatch):
+    """--generate with --train-on-prompt: the records are read and checked once (the loss-side checks, which refused
+    the run when --max-length held prompts alone and said each truncation twice, are not made again for the
+    answers), the loss is that of every token within --max-length, and every whole sample is answered."""
+    from fasttune.data import formats
+
+    result, held, data = prompt_run
+    reads = []
+    real = formats.load_records
+    monkeypatch.setattr(formats, "load_records", lambda *args, **kw: reads.append(args) or real(*args, **kw))
+    tok = AutoTokenizer.from_pretrained(result.checkpoint)
+    prompt = min(s.pairs()[-1][0] for s in tokenize_records(held, "alpaca", tok) if len(s.spans))  # all fill it
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(result.run_dir), "--data", str(data), "--max-length", str(prompt),
+                 "--output-dir", str(out), "--generate", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    assert len(reads) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    whole = [s for s in tokenize_records(held, "alpaca", tok) if len(s) <= 512]
+    assert summary["train_on_prompt"] is True and summary["generated_samples"] == len(whole) > 0

@@ -168,20 +168,29 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
     return pieces
 
 
+def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: bool) -> list[Sample]:
+    """`records` as training tokenizes them (`prompts`: with --train-on-prompt), each sample numbered by record."""
+    origins: list[int] = []
+    samples = tokenize_records(records, fmt, tokenizer, train_on_prompt=prompts, source=a.data, origins=origins)
+    if fmt != "text":
+        _number_records(samples, origins)
+    return samples
+
+
 def _samples(a: EvalArgs, tokenizer, context: int | None, prompts: bool = False) -> tuple[list[Sample], list[Sample],
                                                                                             str, int]:  # fmt: skip
-    """(the samples the loss scores, the whole samples --generate answers, the format, samples longer than the
-    context): supervised samples are whole, or with --max-length cut to it as training cuts them. `prompts`: their
-    prompt tokens are trained too (--train-on-prompt), so there is no answer to split off for --generate."""
+    """(the samples the loss scores, the whole samples --generate answers, the format, samples the loss leaves out
+    as longer than the context): supervised samples are whole, or with --max-length cut to it as training cuts
+    them. The data is read once. `prompts`: their prompt tokens are trained too (--train-on-prompt): --generate
+    answers the prompts of the same records tokenized as trained on their responses alone (their tokens differ
+    where the prompt ends inside a token, and a chat template may split a conversation by turn), whole, within the
+    context."""
     from fasttune.data.formats import load_records
 
     # split=None: never a DatasetDict's train split
     records, fmt = load_records(a.data, a.format, option="--format", split=None, field=a.field)
-    origins: list[int] = []
-    samples = tokenize_records(records[: a.limit], fmt, tokenizer, train_on_prompt=prompts, source=a.data,
-                               origins=origins)  # fmt: skip
-    if fmt != "text":
-        _number_records(samples, origins)
+    records = records[: a.limit]
+    samples = _tokenized(a, records, fmt, tokenizer, prompts)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
         raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
@@ -191,14 +200,17 @@ def _samples(a: EvalArgs, tokenizer, context: int | None, prompts: bool = False)
                           f"at most {context}")  # fmt: skip
     samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
     kept = [s for s in samples if not context or len(s) <= context]
+    answered = kept
+    if prompts and a.generate and fmt != "text":
+        answered = [s for s in _tokenized(a, records, fmt, tokenizer, False) if not context or len(s) <= context]
     if fmt != "text" and a.max_length:
-        return _truncated(a, samples), kept, fmt, len(samples) - len(kept)
+        return _truncated(a, samples), answered, fmt, len(samples) - len(kept)
     if not any(map(_scored, kept)):
         raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
                         f"({context} tokens), and eval scores whole samples only; pass --max-length N to score "
                         "their first N tokens as training does, or shorten the records or split them into "
                         "several")  # fmt: skip
-    return kept, kept, fmt, len(samples) - len(kept)
+    return kept, answered, fmt, len(samples) - len(kept)
 
 
 def _truncated(a: EvalArgs, samples: list[Sample]) -> list[Sample]:
@@ -269,9 +281,7 @@ def run_eval(a: EvalArgs) -> int:
     context = context_length(model.config)
     prompts = prompts_scored(a)
     scored, samples, fmt, too_long = _samples(a, tok, context, prompts)
-    if prompts and a.generate and fmt != "text":  # the answers: the prompts of samples trained on the response only
-        samples = _samples(a, tok, context)[1]
-    cut = scored is not samples  # supervised samples cut to --max-length for the loss: none is too long for it
+    cut = bool(a.max_length) and fmt != "text"  # supervised samples cut to --max-length for the loss: none too long
     if too_long and (a.generate or not cut):
         log.warning("%d %s longer than the model's context (%s tokens) %s left out%s", too_long,
                     "sample" if too_long == 1 else "samples", context, "is" if too_long == 1 else "are",
