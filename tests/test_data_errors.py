@@ -300,8 +300,8 @@ def test_a_prompt_that_fills_max_length_is_reported_as_truncated_not_dropped():
     assert fit_length([long_prompt, fine, empty], 8, "truncate", summary) == [fine]
     assert (summary.truncated, summary.no_response, summary.untrained, summary.dropped) == (1, 1, 1, 0)
     text = "\n".join(summary.lines())
-    assert "1 truncated samples whose prompt filled max_length (no response token left to train)" in text
-    assert "1 samples with no trained token" in text
+    assert "1 truncated sample whose prompt filled max_length (no response token left to train)" in text
+    assert "1 sample with no trained token" in text
     lone = DataSummary("d.jsonl", "alpaca")
     assert fit_length([long_prompt], 8, "truncate", lone) == []
     message = no_samples_left("d.jsonl", lone)

@@ -116,7 +116,7 @@ def test_targets_that_name_no_layer_are_refused_before_anything_is_loaded(typed)
     from fasttune.cli import parse_train_args
     from fasttune.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^lora.targets=.* names no layer; .*q_proj v_proj.*all-linear"):
+    with pytest.raises(ConfigError, match=r"^--lora.targets=.* names no layer; .*q_proj v_proj.*all-linear"):
         parse_train_args(["--experiment", "lora", "--model", "m", "--data", "d.jsonl", "--lora.targets", typed])
 
 
