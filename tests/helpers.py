@@ -154,20 +154,44 @@ def save_base_model(path: Path, chat_template=None, context: int = 512, bos: str
     return path
 
 
+def sft_config(
+    tmp: Path,
+    model: Path,
+    data: Path = GSM8K,
+    *,
+    lora: dict | None = None,
+    max_length: int = 256,
+    val_fraction: float = 0.2,
+    micro_batch_size: int | None = None,
+    train_on_prompt: bool = False,
+    **training,
+) -> BaseConfig:
+    """tiny_config(tmp, **training) fine-tuning the model folder `model` (a tokenizer folder does for the data alone)
+    on `data` (the 20 GSM8K records by default): experiment sft, or lora with the LoRA fields `lora` when given (an
+    empty dict: sft); the data fields as named (micro_batch_size None: tiny_config's)."""
+    cfg = tiny_config(tmp, **training)
+    return dataclasses.replace(
+        cfg,
+        experiment="lora" if lora else "sft",
+        model=dataclasses.replace(cfg.model, path=str(model)),
+        data=dataclasses.replace(
+            cfg.data,
+            path=str(data),
+            max_length=max_length,
+            val_fraction=val_fraction,
+            micro_batch_size=micro_batch_size or cfg.data.micro_batch_size,
+            train_on_prompt=train_on_prompt,
+        ),
+        lora=dataclasses.replace(cfg.lora, **(lora or {})),
+    )
+
+
 def train_tiny(tmp: Path, base: Path, data: Path = GSM8K, **lora):
     """Two steps of sft (or lora, when `lora` fields are given) from the model folder `base` on `data`; a checkpoint
     at step 2. Returns the run's RunResult."""
     from fasttune.train import loop
 
-    cfg = tiny_config(tmp, max_steps=2, save_every=2, eval_every=0)
-    cfg = dataclasses.replace(
-        cfg,
-        experiment="lora" if lora else "sft",
-        model=dataclasses.replace(cfg.model, path=str(base)),
-        data=dataclasses.replace(cfg.data, path=str(data), max_length=256, val_fraction=0.2),
-        lora=dataclasses.replace(cfg.lora, **lora),
-    )
-    return loop.train(cfg)
+    return loop.train(sft_config(tmp, base, data, lora=lora, max_steps=2, save_every=2, eval_every=0))
 
 
 def deny(monkeypatch, denied: Path) -> None:

@@ -3,7 +3,6 @@ their offsets) takes a fraction of the host memory of HF-style lists, and gives 
 fingerprint those lists gave."""
 
 import copy
-import dataclasses
 import hashlib
 import tracemalloc
 from array import array
@@ -11,7 +10,7 @@ from array import array
 import numpy as np
 import pytest
 import torch
-from helpers import GSM8K, tiny_config
+from helpers import sft_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,10 +30,7 @@ def gsm8k(tmp_path_factory):
     tok = build_tiny_tokenizer(chat_template=None, bos="<s>")
     folder = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(folder)
-    cfg = tiny_config(tmp_path_factory.mktemp("run"))
-    cfg = dataclasses.replace(cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(folder)),
-                              data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=1024,
-                                                       micro_batch_size=2, val_fraction=0.2))  # fmt: skip
+    cfg = sft_config(tmp_path_factory.mktemp("run"), folder, max_length=1024, micro_batch_size=2)
     return tok, cfg, build_data(cfg)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GSM8K, hf_piece_loss, save_base_model, train_tiny
+from helpers import GSM8K, hf_piece_loss, save_base_model, sft_config, train_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -253,16 +253,11 @@ def test_eval_reads_the_real_gsm8k_file(sft_run, tmp_path):
 def test_training_scores_generation_on_held_out_samples(tmp_path):
     import dataclasses
 
-    from helpers import tiny_config
-
     from fasttune.train import loop
 
-    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0, eval_generate_every=1,
-                      eval_generate_samples=3)  # fmt: skip
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp_path / "base"))),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
-        generation=dataclasses.replace(cfg.generation, max_new_tokens=3))  # fmt: skip
+    cfg = sft_config(tmp_path, save_base_model(tmp_path / "base"), max_steps=2, save_every=0, eval_every=0,
+                     eval_generate_every=1, eval_generate_samples=3)  # fmt: skip
+    cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, max_new_tokens=3))
     result = loop.train(cfg)
     scored = [r for r in result.records if "gen_exact_match" in r]
     assert [r["step"] for r in scored] == [1, 2] and all(r["gen_samples"] == 3 for r in scored)
@@ -273,10 +268,6 @@ def test_training_scores_generation_on_held_out_samples(tmp_path):
 def test_training_scores_leave_out_held_out_answers_cut_by_max_length(tmp_path, monkeypatch):
     """Held-out samples are cut to data.max_length like training ones: a cut answer ("...the monster ate") scored
     as the reference would make gen_numeric_match wrong. Only whole answers are scored."""
-    import dataclasses
-
-    from helpers import tiny_config
-
     from fasttune.eval import run as eval_run
     from fasttune.train import loop
 
@@ -287,11 +278,8 @@ def test_training_scores_leave_out_held_out_answers_cut_by_max_length(tmp_path, 
         return [], {"exact_match": 0.0, "generate_tokens_per_s": 1.0}
 
     monkeypatch.setattr(eval_run, "generate_answers", spy)
-    cfg = tiny_config(tmp_path, max_steps=1, save_every=0, eval_every=0, eval_generate_every=1,
-                      eval_generate_samples=20)  # fmt: skip
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp_path / "base"))),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=400, val_fraction=0.5))  # fmt: skip
+    cfg = sft_config(tmp_path, save_base_model(tmp_path / "base"), max_length=400, val_fraction=0.5, max_steps=1,
+                     save_every=0, eval_every=0, eval_generate_every=1, eval_generate_samples=20)  # fmt: skip
     loop.train(cfg)
     whole = {r["output"].strip() for r in json.loads(GSM8K.read_text())}
     assert seen and all(ex.reference in whole for ex in seen), [ex.reference[-40:] for ex in seen]

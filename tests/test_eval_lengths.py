@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import GSM8K, hf_piece_loss, save_base_model, tiny_config
+from helpers import GSM8K, hf_piece_loss, save_base_model, sft_config, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig
 
 from fasttune.cli import main
@@ -23,11 +23,8 @@ def test_eval_max_length_gives_the_validation_loss_training_logged_for_truncated
     without a word)."""
     from fasttune.train import loop
 
-    cfg = tiny_config(tmp_path, max_steps=2, save_every=2, eval_every=0, eval_batches=1000)
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp_path / "base"))),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=160, val_fraction=0.3),
-    )  # fmt: skip
+    cfg = sft_config(tmp_path, save_base_model(tmp_path / "base"), max_length=160, val_fraction=0.3, max_steps=2,
+                     save_every=2, eval_every=0, eval_batches=1000)  # fmt: skip
     result = loop.train(cfg)
     records = json.loads(GSM8K.read_text())
     _, held = holdout(records, [str(i) for i in range(len(records))], 0.3)  # training's validation records

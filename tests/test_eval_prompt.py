@@ -2,12 +2,11 @@
 tokens too (every token but the BOS), by default when --checkpoint is the run; `--train-on-prompt off` scores the
 responses only."""
 
-import dataclasses
 import json
 
 import pytest
 import torch
-from helpers import GSM8K, save_base_model, tiny_config
+from helpers import GSM8K, save_base_model, sft_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -42,11 +41,8 @@ def prompt_run(tmp_path_factory):
     from fasttune.train import loop
 
     tmp = tmp_path_factory.mktemp("prompt-run")
-    cfg = tiny_config(tmp, max_steps=2, save_every=2, eval_every=0, eval_batches=1000)
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(save_base_model(tmp / "base"))),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=LENGTH, val_fraction=0.3, train_on_prompt=True),
-    )  # fmt: skip
+    cfg = sft_config(tmp, save_base_model(tmp / "base"), max_length=LENGTH, val_fraction=0.3, train_on_prompt=True,
+                     max_steps=2, save_every=2, eval_every=0, eval_batches=1000)  # fmt: skip
     records = json.loads(GSM8K.read_text())
     _, held = holdout(records, [str(i) for i in range(len(records))], 0.3)  # training's validation records
     data = tmp / "held.json"

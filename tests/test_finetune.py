@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import losses, save_micro_model, tiny_config
+from helpers import GSM8K, losses, save_micro_model, sft_config, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.errors import ConfigError
 from fasttune.train import loop
-
-GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +20,7 @@ def base_model(tmp_path_factory) -> Path:
 
 
 def _sft_config(tmp_path, model_path, **lora):
-    cfg = tiny_config(tmp_path, max_steps=4, save_every=2, eval_every=2)
-    return dataclasses.replace(
-        cfg,
-        experiment="lora" if lora else "sft",
-        model=dataclasses.replace(cfg.model, path=str(model_path)),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
-        lora=dataclasses.replace(cfg.lora, **lora),
-    )
+    return sft_config(tmp_path, model_path, lora=lora, max_steps=4, save_every=2, eval_every=2)
 
 
 def test_sft_smoke_on_gsm8k_slice(tmp_path, base_model):

@@ -9,8 +9,6 @@ from helpers import save_micro_model
 
 from fasttune.cli import main
 
-GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import deny_file, save_base_model, train_tiny
+from helpers import GSM8K, deny_file, save_base_model, train_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -66,9 +66,8 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys):
     from helpers import save_micro_model
 
     cut, bad_config = _damaged_copies(tmp_path, save_micro_model(tmp_path / "model"))
-    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
     for folder, what in ((cut, "the model cannot be loaded (SafetensorError"), (bad_config, "config.json cannot be")):
-        train = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(data), "--max-steps", "1",
+        train = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(GSM8K), "--max-steps", "1",
                  "--output-dir", str(tmp_path / f"run-{folder.name}"), "--training.device", "cpu"]  # fmt: skip
         for argv, option in (
             (train, "--model"),
@@ -109,8 +108,7 @@ def test_models_without_sdpa_or_without_a_causal_lm_class(tmp_path, capsys):
     bloom = BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, **ids)
     AutoModelForCausalLM.from_config(bloom).save_pretrained(tmp_path / "bloom")
     tok.save_pretrained(tmp_path / "bloom")
-    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
-    argv = ["train", "--experiment", "sft", "--model", str(tmp_path / "bloom"), "--data", str(data),
+    argv = ["train", "--experiment", "sft", "--model", str(tmp_path / "bloom"), "--data", str(GSM8K),
             "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--data.max-length", "256",
             "--generation.max-new-tokens", "2"]  # fmt: skip
     assert main(argv) == 0
@@ -173,10 +171,9 @@ def test_a_config_field_of_the_wrong_type_and_a_model_without_attention_are_one_
     config = MambaConfig(vocab_size=len(tok), hidden_size=16, state_size=4, num_hidden_layers=1)
     MambaForCausalLM(config).save_pretrained(mamba)
     tok.save_pretrained(mamba)
-    data = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
     for folder, what in ((null, "config.json cannot be used (Validation error for field 'max_position_embeddings'"),
                          (mamba, "MambaConfig has no attention layers")):  # fmt: skip
-        argv = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(data), "--max-steps", "1",
+        argv = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(GSM8K), "--max-steps", "1",
                 "--output-dir", str(tmp_path / f"run-{folder.name}")]  # fmt: skip
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

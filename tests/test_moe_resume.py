@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import GSM8K, TINY_MODELS, fail_at, losses, save_tiny_model, tiny_config
+from helpers import TINY_MODELS, fail_at, losses, save_tiny_model, sft_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -22,9 +22,7 @@ AdamW makes large in the k_proj biases, whose gradient is 0 but for rounding).""
 
 
 def _config(tmp, base):
-    cfg = tiny_config(tmp, max_steps=4, save_every=2, eval_every=0)
-    return dataclasses.replace(cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(base)),
-                               data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=128))  # fmt: skip
+    return sft_config(tmp, base, max_length=128, val_fraction=0.05, max_steps=4, save_every=2, eval_every=0)
 
 
 @pytest.fixture

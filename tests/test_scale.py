@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
-from helpers import tiny_config
+from helpers import GSM8K, sft_config, tiny_config
 from transformers import AutoModelForCausalLM
 
 from fasttune.errors import ConfigError
@@ -18,8 +18,6 @@ from fasttune.model.build import preset_config
 from fasttune.train import loop
 from fasttune.train.footprint import disk_needed, fp32_master_fits, param_count, planned_saves
 from fasttune.train.memory import GiB
-
-GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 
 
 @pytest.mark.parametrize(
@@ -50,11 +48,7 @@ def test_a_folder_without_weights_is_refused_unless_random_init_is_asked_for(tmp
     from fasttune import cli
 
     folder = _config_only_folder(tmp_path)
-    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(folder)),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256),
-    )  # fmt: skip
+    cfg = sft_config(tmp_path, folder, val_fraction=0.05, max_steps=2, save_every=0, eval_every=0)
     with pytest.raises(ConfigError, match=r"holds a config.json but no weight files \(no \*.safetensors, "
                                           r"pytorch_model\*.bin, \*.index.json\).*--model.random-init"):  # fmt: skip
         loop.train(cfg)
@@ -114,11 +108,8 @@ def test_a_prequantized_model_is_refused_for_training_in_one_line(tmp_path, meth
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": method, "bits": 4, "load_in_4bit": True}
     (folder / "config.json").write_text(json.dumps(config))
-    cfg = tiny_config(tmp_path, max_steps=1)
-    for experiment, lora in (("sft", False), ("lora", True)):
-        run = dataclasses.replace(cfg, experiment=experiment, model=dataclasses.replace(cfg.model, path=str(folder)),
-                                  lora=dataclasses.replace(cfg.lora, enabled=lora),
-                                  data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256))  # fmt: skip
+    for lora in (None, {"enabled": True}):  # sft, lora
+        run = sft_config(tmp_path, folder, lora=lora, val_fraction=0.05, max_steps=1)
         with pytest.raises(ConfigError, match=f"holds {method}-quantized weights.*pass the unquantized model"):
             loop.train(run)
     if importlib.util.find_spec(package) is None:

@@ -7,13 +7,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from helpers import save_micro_model, tiny_config
+from helpers import GSM8K, save_micro_model, sft_config, tiny_config
 from transformers import AutoModelForCausalLM
 
 from fasttune.data.packing import IGNORE
 from fasttune.train import loop
-
-GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +25,7 @@ def model_with_auto_map(tmp_path_factory) -> Path:
 
 
 def test_response_only_loss_is_reported_and_logged_and_auto_map_is_not_copied(tmp_path, model_with_auto_map, caplog):
-    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
-    cfg = dataclasses.replace(
-        cfg,
-        experiment="sft",
-        model=dataclasses.replace(cfg.model, path=str(model_with_auto_map)),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
-    )
+    cfg = sft_config(tmp_path, model_with_auto_map, max_steps=2, save_every=0, eval_every=0)
     caplog.set_level(logging.INFO, logger="fasttune")
     result = loop.train(cfg)
 
@@ -169,11 +161,7 @@ def test_a_model_with_its_own_attention_trains_on_padded_rows_not_on_leaking_pac
         after = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0, 10:]
     assert (after - alone).abs().max() > 1e-3  # the leak a packed run would train on
 
-    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(micro_falcon)),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2, micro_batch_size=4),
-    )  # fmt: skip
+    cfg = sft_config(tmp_path, micro_falcon, micro_batch_size=4, max_steps=2, save_every=0, eval_every=0)
     caplog.set_level(logging.WARNING, logger="fasttune")
     run = loop.train(cfg)
     assert "data.packing: off: this model (FalconForCausalLM) computes attention in its own code" in caplog.text
@@ -247,11 +235,7 @@ def test_a_hybrid_linear_attention_model_trains_on_padded_rows(tmp_path, caplog)
     path = tmp_path / "qwen3-next"
     T.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
-    cfg = tiny_config(tmp_path, max_steps=2, save_every=0, eval_every=0)
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(path)),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
-    )  # fmt: skip
+    cfg = sft_config(tmp_path, path, max_steps=2, save_every=0, eval_every=0)
     caplog.set_level(logging.WARNING, logger="fasttune")
     run = loop.train(cfg)
     assert "this model (Qwen3NextForCausalLM) computes attention in its own code" in caplog.text
@@ -349,10 +333,7 @@ def test_the_records_texts_are_gathered_and_hashed_only_to_train_a_tokenizer(tmp
 
     folder = tmp_path / "tokenizer"
     build_tiny_tokenizer(chat_template=None).save_pretrained(folder)
-    cfg = tiny_config(tmp_path)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(folder)),
-                              data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=1024,
-                                                       val_fraction=0.2))  # fmt: skip
+    cfg = sft_config(tmp_path, folder, max_length=1024)  # the data pipeline does not read the experiment
     ref = pipeline.build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(folder))
     real, seen = pipeline._record_text, []
     monkeypatch.setattr(pipeline, "_record_text", lambda record: seen.append(record) or real(record))

@@ -7,15 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import deny, deny_file, losses, save_micro_model
+from helpers import GSM8K, deny, deny_file, losses, save_micro_model
 from test_resolve import _checkpoint, _model, _run, _weights
 
 from fasttune.cli import main
 from fasttune.errors import FasttuneError
 from fasttune.model.resolve import resolve, resolve_for_training
 from fasttune.train import loop
-
-GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
 
 
 @pytest.fixture(scope="module")

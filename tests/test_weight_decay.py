@@ -76,7 +76,7 @@ def test_a_run_started_under_the_old_grouping_resumes_with_it(tmp_path, monkeypa
     import dataclasses
 
     from fixtures.tiny_tokenizer import build_tiny_tokenizer
-    from helpers import GSM8K, tiny_config
+    from helpers import sft_config
 
     from fasttune.train import checkpoint, loop
 
@@ -92,11 +92,7 @@ def test_a_run_started_under_the_old_grouping_resumes_with_it(tmp_path, monkeypa
     path = tmp_path / "qwen3-next"
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
-    cfg = tiny_config(tmp_path, max_steps=1, save_every=1, eval_every=0)
-    cfg = dataclasses.replace(
-        cfg, experiment="sft", model=dataclasses.replace(cfg.model, path=str(path)),
-        data=dataclasses.replace(cfg.data, path=str(GSM8K), max_length=256, val_fraction=0.2),
-    )  # fmt: skip
+    cfg = sft_config(tmp_path, path, max_steps=1, save_every=1, eval_every=0)
     with monkeypatch.context() as m:  # the old fasttune: grouped by dimensions, no rule recorded
         m.setattr(loop, "DECAY_RULE", 1)
         loop.train(cfg)
