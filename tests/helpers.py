@@ -272,3 +272,16 @@ def fail_at(monkeypatch, call: int, exc_factory=lambda: RuntimeError("simulated 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run, "forward_backward", wrapped)
+
+
+def crash_at(cfg: BaseConfig, call: int) -> None:
+    """Train `cfg` until its `call`-th forward_backward raises (fail_at): a run killed mid-way, its checkpoints left
+    for a resume. The failure is undone when it returns."""
+    import pytest
+
+    from fasttune.train import loop
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fail_at(monkeypatch, call)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            loop.train(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fail_at, losses, tiny_config
+from helpers import crash_at, losses, tiny_config
 
 from fasttune import cli
 from fasttune.cli import parse_train_args
@@ -99,13 +99,10 @@ def test_epochs_are_the_run_of_their_steps_given_by_hand(tmp_path):
     assert lrs[0] == lrs[1]  # the schedule spans the computed total
 
 
-def test_resume_of_an_epochs_run_keeps_its_length_and_refuses_another(tmp_path, monkeypatch, capsys):
+def test_resume_of_an_epochs_run_keeps_its_length_and_refuses_another(tmp_path, capsys, monkeypatch):
     ref = loop.train(_cfg(tmp_path / "ref", epochs=1.5))
     cfg = _cfg(tmp_path / "run", epochs=1.5, save_every=3)
-    fail_at(monkeypatch, 5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        loop.train(cfg)
-    monkeypatch.undo()
+    crash_at(cfg, 5)
     # the command line resumes from the run's config.json, which records both epochs and their steps
     run_dir = str(cfg.run_dir)
     resumed = parse_train_args(["--resume", "--output-dir", run_dir])

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import fail_at, losses, tiny_config
+from helpers import crash_at, fail_at, losses, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.cli import main
@@ -54,14 +54,11 @@ def test_checkpoint_loads_with_plain_transformers(reference):
     assert out.shape[1] == ids.shape[1] + 5
 
 
-def test_resume_after_crash_matches_uninterrupted_run(reference, tmp_path, monkeypatch):
+def test_resume_after_crash_matches_uninterrupted_run(reference, tmp_path):
     ref_cfg, ref = reference
     cfg = dataclasses.replace(tiny_config(tmp_path), seed=ref_cfg.seed)
-    fail_at(monkeypatch, 5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        loop.train(cfg)
+    crash_at(cfg, 5)
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["step-000003"]
-    monkeypatch.undo()
     resumed = loop.train(dataclasses.replace(cfg, resume=True))
     assert losses(resumed.records) == losses(ref.records)  # bit-identical on CPU
     assert resumed.last_val_loss == ref.last_val_loss
@@ -208,14 +205,11 @@ def test_the_progress_bar_shows_mfu_where_it_is_known():
     assert "MFU" not in loop._status({**rec, "mfu": None, "peak_mem_gib": None})  # a CPU: no peak known
 
 
-def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(tmp_path, monkeypatch):
+def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(tmp_path):
     """A run killed after logging step 4 (checkpoint at 3) and resumed logs step 4 again: TensorBoard showed both."""
     tensorboard = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     cfg = tiny_config(tmp_path, tensorboard=True, eval_every=0)
-    fail_at(monkeypatch, 5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        loop.train(cfg)
-    monkeypatch.undo()
+    crash_at(cfg, 5)
     resumed = loop.train(dataclasses.replace(cfg, resume=True))
     events = tensorboard.EventAccumulator(str(cfg.run_dir / "tensorboard"))
     events.Reload()
