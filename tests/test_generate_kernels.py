@@ -62,7 +62,8 @@ def test_gemma_kernel_is_hf_gemma_norm_on_cuda(dtype, width):
         got, want = kernels.rms_norm(x, norm.weight, norm.eps, gemma=True), norm(x)
         if dtype != torch.float32:  # the sum's order: a rare last-place difference once rounded to 16 bits
             assert float((got != want).float().mean()) < 2e-3
-        torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=0)  # float32: ulps
+        # float32 keeps the sum's order in its last bits: a few ulps (3.3e-7 relative measured on an H200)
+        torch.testing.assert_close(got, want, rtol=4 * torch.finfo(dtype).eps, atol=0)
     # q/k heads: (B, Q, H, D) slices of a qkv row, normalized per head as HF's (B, H, Q, D) view of them
     qkv = exact_rows(2 * 3, 6 * width, dtype, "cuda").view(2, 3, 6, width)
     heads = qkv[:, :, 1:5]

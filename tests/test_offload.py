@@ -101,7 +101,9 @@ def test_offload_under_ddp_and_fsdp2(moved, mode):
 
             wrapped = DistributedDataParallel(ours)
         else:
-            wrapped = _shard(ours, None)
+            from torch.distributed.device_mesh import init_device_mesh
+
+            wrapped = _shard(ours, None, init_device_mesh("cpu", (1,)))  # not FSDP2's default: a GPU host's CUDA
         batch = _batch()
         a, b = forward_backward(ref, [batch], 100, None), forward_backward(wrapped, [batch], 100, None)
         assert torch.allclose(a, b)

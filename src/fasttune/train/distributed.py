@@ -156,9 +156,10 @@ def _full_options(**kw):
     return StateDictOptions(**{"full_state_dict": True, "cpu_offload": True, **kw})
 
 
-def _shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+def _shard(model: torch.nn.Module, compute_dtype: torch.dtype | None, mesh=None) -> torch.nn.Module:
     """FSDP2 in place: each decoder layer, then the rest (embeddings, norm, head) at the root. Frozen weights (a
-    LoRA base) are sharded too and get no gradients: only the trainable ones are reduce-scattered."""
+    LoRA base) are sharded too and get no gradients: only the trainable ones are reduce-scattered. `mesh`: FSDP2's
+    default (the process group over the machine's accelerator) unless given (in-process CPU tests on a GPU host)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # fp32 master weights under bf16 autocast: all-gather them in bf16 (half the traffic, and the dtype the matmuls
@@ -166,11 +167,12 @@ def _shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.n
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     from fasttune.model.build import decoder_blocks
 
+    kw = {**({"mp_policy": mp} if mp else {}), **({"mesh": mesh} if mesh is not None else {})}
     layers = decoder_blocks(model)  # transformers' decoder layer classes
     for i, layer in enumerate(layers):
         # The last layer is the first one backward needs: keeping it gathered saves one all-gather per step.
-        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **({"mp_policy": mp} if mp else {}))
-    fully_shard(model, **({"mp_policy": mp} if mp else {}))
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kw)
+    fully_shard(model, **kw)
     for layer, following in zip(layers, layers[1:], strict=False):
         # Gather the next layer's weights while this one computes, rather than when the next one starts (which,
         # when the CPU does not run ahead of the GPU, leaves the all-gather exposed).
