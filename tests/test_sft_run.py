@@ -348,3 +348,35 @@ def test_the_records_texts_are_gathered_and_hashed_only_to_train_a_tokenizer(tmp
     key = hashlib.sha1("\0".join(map(real, train)).encode()).hexdigest()[:16]
     cached = Path(cfg.data.cache_dir) / f"tokenizer-{key}-{cfg.data.tokenizer_vocab_size}"
     assert AutoTokenizer.from_pretrained(cached).get_vocab() == local.tokenizer.get_vocab()
+
+
+def test_remote_code_with_its_own_attention_counts_epochs_on_the_rows_it_trains(tmp_path, monkeypatch):
+    """A class known only once loaded (remote code: no class for its config, no attention known) is counted on the
+    batching the loaded class gets, not on packed rows: a resumed --epochs run keeps its length (the packed count,
+    another total, refused the resume before the model loaded). Here a Llama whose class takes no attention
+    functions, as remote code may."""
+    import transformers as T
+
+    from fasttune.attention import select
+    from fasttune.train import model_prep
+
+    monkeypatch.setattr(model_prep, "model_class", lambda *config: None)  # unknown before loading
+    monkeypatch.setattr(select, "native_attention", lambda config: None)
+    monkeypatch.setattr(T.LlamaForCausalLM, "_supports_attention_backend", False)  # the loaded class: padded rows
+    cfg = tiny_config(tmp_path, max_steps=100, save_every=0, eval_every=0, epochs=0.1)  # 58 steps packed, 59 padded
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=256, micro_batch_size=2))
+    first = loop.train(cfg)
+    again = loop.train(dataclasses.replace(cfg, resume=True))  # complete: nothing to train, and no refusal
+    assert again.steps == first.steps
+
+
+def test_a_trusted_auto_map_is_not_taken_for_transformers_own_class(model_with_auto_map):
+    """--model.trust-remote-code with a config whose auto_map names a causal LM: transformers builds the folder's
+    class, so its batching is not known before loading; untrusted, transformers' own class is built."""
+    from transformers import LlamaForCausalLM
+
+    from fasttune.model.build import read_config
+    from fasttune.train.model_prep import model_class
+
+    config = read_config(model_with_auto_map)
+    assert model_class(config) is LlamaForCausalLM and model_class(config, trust_remote_code=True) is None

@@ -136,11 +136,12 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
     device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
     data = _data(cfg, data, d, latest, saved, moved)
     attn, batcher = choose_batching(cfg, data, device, param_dtype, attn_origin)
-    cfg = _length(cfg, data, batcher, d, device, folder, latest)
+    if batcher is not None:  # None: a class known only once loaded (remote code), counted once it is
+        cfg = _length(cfg, data, batcher, d, device, folder, latest)
     build_on = d.build_device(device, reads_weights=not random_init(cfg.model))
     model, attn, plan, built = prepare_model(cfg, data, device, param_dtype, build_on, attn_origin, attn)
-    if built.layout != batcher.layout:  # a class known only once loaded (remote code) batches otherwise
-        batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=True)
+    if batcher is None or built.layout != batcher.layout:
+        batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=True)  # says why it does not pack
         cfg, batcher = _length(cfg, data, built, d, device, folder, latest), built
     fit_model_max_length(data.tokenizer, model.config)  # saved tokenizers truncate at the model's context
     if latest is not None and build_on.type != "meta":

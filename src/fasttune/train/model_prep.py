@@ -67,11 +67,13 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config, origin: str 
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, reason)
 
 
-def model_class(model_config) -> type | None:
+def model_class(model_config, trust_remote_code: bool = False) -> type | None:
     """The class transformers builds for `model_config`, known before building it; None for remote code (known once
-    loaded)."""
+    loaded): a config class of its own, or, trusted, an auto_map that transformers prefers to its own class."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if trust_remote_code and "AutoModelForCausalLM" in (getattr(model_config, "auto_map", None) or {}):
+        return None
     return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
 
 
@@ -81,9 +83,9 @@ def batcher_for(cfg: BaseConfig, attn: AttentionChoice, model, pad_id: int | Non
     (measured on CPU, transformers 5.24: Falcon, Bloom, GPT-Neo and MPT let a packed sample attend to the one before
     it), so such a run trains on padded rows of samples of similar length, within the same token budget
     (micro_batch_size x max_length tokens, padding included). `model`: the built model, or before building it its
-    class (`model_class`; None: not known yet, the attention choice decides)."""
-    cls = model if isinstance(model, type) or model is None else type(base_model(model))
-    packs = not attn.native and (cls is None or getattr(cls, "_supports_attention_backend", False))
+    class (`model_class`)."""
+    cls = model if isinstance(model, type) else type(base_model(model))
+    packs = not attn.native and getattr(cls, "_supports_attention_backend", False)
     own = cfg.data.packing and not packs
     if own and say:
         log.warning("data.packing: off: this model (%s) computes attention in its own code, whose mask would let "
@@ -244,14 +246,14 @@ def _compute_dtype(cfg: BaseConfig, device: torch.device, param_dtype: torch.dty
 
 
 def choose_batching(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
-                    attn_origin: str = "requested") -> tuple[AttentionChoice, Batcher]:  # fmt: skip
+                    attn_origin: str = "requested") -> tuple[AttentionChoice, Batcher | None]:  # fmt: skip
     """(attention choice, batcher) of a run, before its model is built: the run's steps are counted (and a run too
-    long for a CPU refused) before the weights load. A class known only once loaded (remote code) may batch
-    otherwise: prepare_model's batcher then decides."""
+    long for a CPU refused) before the weights load. The batcher is None for a class known only once loaded (remote
+    code), which may batch otherwise: prepare_model's batcher decides, and the steps are counted then."""
     model_config = load_model_config(cfg.model, len(data.tokenizer))
     attn = _choose_attention(cfg, device, _compute_dtype(cfg, device, param_dtype), model_config, attn_origin)
-    cls = model_class(model_config)
-    return attn, batcher_for(cfg, attn, cls, data.tokenizer.pad_token_id, say=cls is not None)
+    cls = model_class(model_config, cfg.model.trust_remote_code)
+    return attn, None if cls is None else batcher_for(cfg, attn, cls, data.tokenizer.pad_token_id, say=True)
 
 
 def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param_dtype: torch.dtype,
