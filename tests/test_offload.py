@@ -169,3 +169,17 @@ def test_the_offload_spelling_is_checked():
             ModelConfig(memory=bad)
     with pytest.raises(ConfigError, match="does not run under --training.compile"):
         BaseConfig(model=ModelConfig(memory="offload"), training=TrainingConfig(compile=True))
+
+
+def test_the_plan_line_names_every_part_of_its_total():
+    """The end-of-backward recompute and the attention backward's buffers are part of the total (9 GiB of offload's
+    69 GiB at 64k tokens): the log line names them, so that its parts account for the total."""
+    off = estimate(_eight_b(65536), "offload")
+    said = off.describe()
+    assert said.startswith(f"{off.total / GiB:.1f} GiB (")
+    assert f"beside the grads at the end of backward {off.end_of_backward / GiB:.1f}" in said
+    assert f"attention backward workspace {off.workspace / GiB:.1f}" in said
+    parts = [float(p.rsplit(" ", 1)[1]) for p in said.split("(", 1)[1].split(")")[0].split(", ")]
+    weights, grads, optimizer, activations, loss, end, workspace = parts
+    peak = weights + optimizer + max(grads + end, activations + loss) + workspace + 0.6  # 0.6: Estimate.fixed
+    assert peak == pytest.approx(off.total / GiB, abs=0.2)

@@ -110,9 +110,12 @@ class Estimate:
         return self.weights + self.optimizer + self.buckets + live + self.workspace + self.fixed
 
     def parts(self) -> str:
+        """The total's parts by name; the terms most plans do not have only where they count."""
         parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
                  ("activations", self.activations), ("loss", self.loss))  # fmt: skip
-        return ", ".join(f"{n} {v / GiB:.1f}" for n, v in parts)
+        extra = (("beside the grads at the end of backward", 0.0 if self.accumulating else self.end_of_backward),
+                 ("attention backward workspace", self.workspace), ("DDP buckets", self.buckets))  # fmt: skip
+        return ", ".join(f"{n} {v / GiB:.1f}" for n, v in (*parts, *((n, v) for n, v in extra if v)))
 
     def describe(self) -> str:
         host = f" and {self.pinned / GiB:.1f} GiB of pinned host memory" if self.pinned else ""
