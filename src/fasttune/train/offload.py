@@ -94,6 +94,7 @@ class _Entry:
         with torch.cuda.stream(side):
             gpu.copy_(self.host, non_blocking=True)  # after the pack's copy: the same stream
             self.ahead = (gpu, side.record_event())
+        gpu.record_stream(side)  # freed unread (a backward that raises), its memory waits for the copy
 
     def unpack(self) -> torch.Tensor:
         before = self.before() if self.before is not None else None
