@@ -161,6 +161,31 @@ def test_offload_is_refused_where_the_run_trains_on_the_cpu():
     assert choose_plan("auto", dataclasses.replace(_eight_b(1024), host=True), 512 * GiB).plan == "none"
 
 
+@pytest.mark.parametrize("typed", [["--model.memory", "offload"], ["--model.memory=offload"]])
+def test_offload_on_the_cpu_is_refused_with_the_command_line_naming_the_flag(typed, monkeypatch, capsys, tmp_path):
+    """Refused while the command line is checked (the data is never read), naming the option as typed and the fix; a
+    CPU run of `auto` (no GPU visible) and one from a --config file too."""
+    from fasttune import cli
+    from fasttune.train import loop
+
+    def tokenized(*a, **k):
+        raise AssertionError("the data was read before the refusal")
+
+    monkeypatch.setattr(loop, "_data", tokenized)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = ["--output-dir", str(tmp_path / "run")]
+    assert cli.main(["train", *typed, "--training.device", "cpu", *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: --model.memory offload: this run trains on the CPU")
+    assert "(--training.device cpu)" in err and err.endswith("use --model.memory full")
+    assert cli.main(["train", *typed, *out]) == 2
+    assert "(no CUDA GPU is visible to torch)" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("model:\n  memory: offload\n")
+    assert cli.main(["train", "--config", str(tmp_path / "c.yaml"), *out]) == 2
+    assert f"error: model.memory: offload in {tmp_path / 'c.yaml'}: this run trains" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_offload_spelling_is_checked():
     assert ModelConfig(memory="offload").memory == "offload"
     assert ModelConfig(memory="offload", gradient_checkpointing=True).memory == "offload"  # offload recomputes all

@@ -78,8 +78,10 @@ class TrainArgs(Command):
     def check(self) -> None:
         cfg = self.config.validate()
         require_inputs(cfg)
-        from fasttune.train.loop import check_launch  # torch: after the checks of the command line alone
+        from fasttune.train.device import refuse_offload_on_cpu  # torch: after the checks of the command line alone
+        from fasttune.train.loop import check_launch
 
+        refuse_offload_on_cpu(cfg.model.memory, cfg.training.device, self.named("model.memory", cfg.model.memory))
         check_launch(cfg)
         fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False)
         if cfg.resume and self.config_file:
@@ -91,6 +93,16 @@ class TrainArgs(Command):
         if key in self.from_file:
             return f"set in {self.config_file}"
         return flag if flag in self.given else f"the {self.config.experiment} preset's default"
+
+    def named(self, key: str, value: object) -> str:
+        """Option `key` (dotted) with `value` as the user gave it, for an error: `--model.memory offload` as typed,
+        `model.memory: offload in FILE` from --config, else the preset's `key=value`."""
+        from fasttune.config.files import leaves
+
+        if key in self.from_file:
+            return f"{key}: {value} in {self.config_file}"
+        typed = [f for f in leaves()[key].flags if f in self.given]
+        return f"{typed[-1]} {value}" if typed else f"the {self.config.experiment} preset's {key}={value}"
 
     def run(self) -> int:
         from fasttune.train.loop import train

@@ -1,5 +1,5 @@
-"""Where and in which dtypes a run trains: the device (refusing a missing GPU, or GPU-scale work on a CPU), the
-autocast dtype and the parameter dtype."""
+"""Where and in which dtypes a run trains: the device (refusing a missing GPU, GPU-scale work on a CPU, or the
+`offload` memory plan on a CPU), the autocast dtype and the parameter dtype."""
 
 from __future__ import annotations
 
@@ -72,3 +72,13 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
     if not fp32_master_fits(conf, device, cfg.lora.enabled, optimizer=cfg.training.optimizer):
         return device, None, torch.bfloat16  # auto, an 8B-class model: pure bf16 (train/footprint.py says why)
     return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast
+
+
+def refuse_offload_on_cpu(memory: str, device: str, option: str = "model.memory=offload") -> None:
+    """Stop a run that would train on the CPU with the `offload` plan, before its data is read: its activations are in
+    host memory already. `option`: the offload setting as the user gave it (`--model.memory offload`)."""
+    if memory != "offload" or pick_device(device).type != "cpu":
+        return
+    why = "--training.device cpu" if device == "cpu" else "no CUDA GPU is visible to torch"
+    raise ConfigError(f"{option}: this run trains on the CPU ({why}), whose activations are in host memory already, "
+                      "so there is nothing to offload; use --model.memory full")  # fmt: skip

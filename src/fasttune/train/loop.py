@@ -28,7 +28,7 @@ from fasttune.model.build import check_weights, has_weights, random_init
 from fasttune.model.resolve import MERGED_STEP, resolve_for_training
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
-from fasttune.train.device import refuse_gpu_scale, resolve_device
+from fasttune.train.device import refuse_gpu_scale, refuse_offload_on_cpu, resolve_device
 from fasttune.train.distributed import Dist
 from fasttune.train.footprint import planned_saves
 from fasttune.train.length import length_option, run_length
@@ -105,6 +105,7 @@ def check_launch(cfg: BaseConfig) -> Dist:
     if d.on and cfg.training.oom_retry:
         raise ConfigError("--training.oom-retry is single-process only (ranks would split differently); drop it")
     distributed.check_device(d, cfg.training.device)
+    refuse_offload_on_cpu(cfg.model.memory, cfg.training.device)  # the CLI's check names the option as typed first
     return d
 
 
