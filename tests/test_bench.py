@@ -303,6 +303,21 @@ def test_train_bench_lora_needs_peft(capsys, monkeypatch):
     assert cli.main(["bench", "train", "--device", "cpu", "--lora"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --lora needs the peft package (package not installed): pip install 'fasttune[lora]'"
+    assert cli.main(["bench", "train", "--device", "cpu", "--experiment", "lora"]) == 2  # the preset asked for it
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --experiment lora (LoRA) needs the peft package (package not installed): pip install "
+                   "'fasttune[lora]'")  # fmt: skip
+
+
+@pytest.mark.parametrize("order", [["--experiment", "lora", "--no-lora"], ["--no_lora", "--experiment=lora"]])
+def test_train_bench_refuses_no_lora_with_the_lora_experiment(order, capsys, tmp_path):
+    """--no-lora contradicts a LoRA preset (whose rows all train adapters): one line before anything runs, not a LoRA
+    benchmark the user asked not to get."""
+    assert cli.main(["bench", "train", "--device", "cpu", *order, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --no-lora: --experiment lora benchmarks LoRA (every row trains adapters); drop --no-lora, "
+                   "or benchmark full fine-tuning with --experiment sft")  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_usage_and_errors(capsys):

@@ -53,7 +53,7 @@ def command_line(args: Command, name: str) -> list[str]:
     out = [name]
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
-        if f.name == "debug" or value == f.default:
+        if f.name in ("debug", "given") or value == f.default:
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -195,7 +195,8 @@ class TrainBench(Command):
     beside each stack at its best; --no-equal-tokens skips it)."""
     lora: bool = False
     """Every configuration trains LoRA adapters (r 16, alpha 32, all linear layers of the decoder) on a frozen base:
-    fasttune's --lora.* against the Hugging Face baselines wrapped with peft. Needs peft. On with --experiment lora."""
+    fasttune's --lora.* against the Hugging Face baselines wrapped with peft. Needs peft. On with --experiment lora
+    (which refuses --no-lora)."""
     variant: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """An extra auto packed run with config changes, NAME:section.field=value[,...] (a list value in brackets:
     lora.targets=[q_proj,v_proj]); repeat for more."""
@@ -207,11 +208,16 @@ class TrainBench(Command):
     """Folder for the results."""
     overwrite: bool = False
     """Replace the results of an earlier run in --out (without it, such a folder stops the run before it starts)."""
+    given: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
+    """The options the user typed (not a command-line option): --no-lora is refused with a LoRA preset."""
+
+    @classmethod
+    def default_for(cls, args: list[str]) -> TrainBench:
+        return cls(given=tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--")))
 
     def run(self) -> int:
         from tqdm.auto import tqdm
 
-        from fasttune.attention.probe import import_status
         from fasttune.bench import train as bench
         from fasttune.bench.fit import check_train
         from fasttune.bench.harness import Results, check_out, environment
@@ -220,10 +226,7 @@ class TrainBench(Command):
         from fasttune.model.load import inference_device
 
         variants = [_variant(v) for v in self.variant]
-        if get_experiment(self.experiment).lora.enabled:  # a LoRA preset: every row trains the same adapters
-            self.lora = True
-        if self.lora and (why := import_status("peft")) is not None:
-            raise ConfigError(f"--lora needs the peft package ({why}): pip install 'fasttune[lora]'")
+        self._check_lora()
         self._check()
         micro_batch = self.micro_batch or get_experiment(self.experiment).data.micro_batch_size
         device = inference_device(self.device)  # one line when not valid or not here
@@ -276,6 +279,21 @@ class TrainBench(Command):
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
+
+    def _check_lora(self) -> None:
+        """A LoRA preset trains the same adapters on every row (--lora, implied); --no-lora contradicts it. LoRA needs
+        peft: the refusal names what asked for LoRA, the preset or --lora."""
+        from fasttune.attention.probe import import_status
+        from fasttune.config import get_experiment
+
+        preset = get_experiment(self.experiment).lora.enabled
+        if preset and "--no-lora" in self.given:
+            raise ConfigError(f"--no-lora: --experiment {self.experiment} benchmarks LoRA (every row trains adapters); "
+                              "drop --no-lora, or benchmark full fine-tuning with --experiment sft")  # fmt: skip
+        self.lora = self.lora or preset
+        asked = "--lora" if "--lora" in self.given or not preset else f"--experiment {self.experiment} (LoRA)"
+        if self.lora and (why := import_status("peft")) is not None:
+            raise ConfigError(f"{asked} needs the peft package ({why}): pip install 'fasttune[lora]'")
 
     def _check(self) -> None:
         """The options, before anything runs (each row would otherwise fail on its own, after the others ran)."""
