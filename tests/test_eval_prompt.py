@@ -97,3 +97,36 @@ def test_eval_generate_of_a_run_trained_on_prompts_reads_the_data_once(prompt_ru
     summary = json.loads((out / "summary.json").read_text())
     whole = [s for s in tokenize_records(held, "alpaca", tok) if len(s) <= 512]
     assert summary["train_on_prompt"] is True and summary["generated_samples"] == len(whole) > 0
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_eval_train_on_prompt_generate_counts_what_each_side_left_out(tmp_path, capsys, cut):
+    """--train-on-prompt tokenizes a record whole for the loss but its prompt apart for --generate: a sample can fit
+    the context on one side and not the other. Each side says how many it left out, and summary.json records both
+    (it said the loss's count for both)."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.eval.run import EvalArgs, _tokenized
+
+    split = {"prompt": "Natalia so", "completion": "ld clips to her friends in April"}  # its prompt ends mid-token
+    records = [split, {"prompt": "Count:", "completion": " one"}, {"prompt": "Count:", "completion": " one" * 80}]
+    tok, a = build_tiny_tokenizer(chat_template=None, bos="<s>"), EvalArgs(checkpoint="unused", data="unused")
+    loss_side, answer_side = (_tokenized(a, records, "prompt_completion", tok, p) for p in (True, False))
+    context = len(loss_side[0])  # the split record fits the loss side exactly, its answer side is longer
+    assert len(answer_side[0]) > context and len(loss_side[1]) < context < len(answer_side[2]) <= len(loss_side[2])
+    model = save_base_model(tmp_path / "base", context=context)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    length = ["--max-length", str(context)] if cut else []
+    assert main(["eval", "--checkpoint", str(model), "--data", str(data), "--train-on-prompt", "on", "--generate",
+                 "--max-new-tokens", "1", "--output-dir", str(tmp_path / "out"), *length]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["generated_samples"] == 1 and summary["generate_skipped_longer_than_context"] == 2
+    assert f"2 samples longer than the model's context ({context} tokens) are left out of --generate" in err
+    if cut:  # the loss scores every record, cut to --max-length: none left out
+        assert summary["samples"] == 3 and summary["skipped_longer_than_context"] == 0
+        assert "left out of the loss" not in err
+    else:
+        assert summary["samples"] == 2 and summary["skipped_longer_than_context"] == 1
+        assert f"1 sample longer than the model's context ({context} tokens) is left out of the loss" in err

@@ -177,14 +177,15 @@ def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: b
     return samples
 
 
-def _samples(a: EvalArgs, tokenizer, context: int | None, prompts: bool = False) -> tuple[list[Sample], list[Sample],
-                                                                                            str, int]:  # fmt: skip
-    """(the samples the loss scores, the whole samples --generate answers, the format, samples the loss leaves out
-    as longer than the context): supervised samples are whole, or with --max-length cut to it as training cuts
-    them. The data is read once. `prompts`: their prompt tokens are trained too (--train-on-prompt): --generate
-    answers the prompts of the same records tokenized as trained on their responses alone (their tokens differ
-    where the prompt ends inside a token, and a chat template may split a conversation by turn), whole, within the
-    context."""
+def _samples(
+    a: EvalArgs, tokenizer, context: int | None, prompts: bool = False
+) -> tuple[list[Sample], list[Sample], str, tuple[int, int]]:
+    """(the samples the loss scores, the whole samples --generate answers, the format, (samples the loss leaves out
+    as longer than the context, samples with an answer to give --generate leaves out so)): supervised samples are
+    whole, or with --max-length cut to it as training cuts them. The data is read once. `prompts`: their prompt
+    tokens are trained too (--train-on-prompt): --generate answers the prompts of the same records tokenized as
+    trained on their responses alone (their tokens differ where the prompt ends inside a token, and a chat template
+    may split a conversation by turn), whole, within the context; each side counts what it leaves out."""
     from fasttune.data.formats import load_records
 
     # split=None: never a DatasetDict's train split
@@ -200,17 +201,20 @@ def _samples(a: EvalArgs, tokenizer, context: int | None, prompts: bool = False)
                           f"at most {context}")  # fmt: skip
     samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
     kept = [s for s in samples if not context or len(s) <= context]
-    answered = kept
+    whole, answered = samples, kept
     if prompts and a.generate and fmt != "text":
-        answered = [s for s in _tokenized(a, records, fmt, tokenizer, False) if not context or len(s) <= context]
+        whole = _tokenized(a, records, fmt, tokenizer, False)
+        answered = [s for s in whole if not context or len(s) <= context]
+    unanswered = sum(s.last_turn for s in whole if context and len(s) > context)  # an answer --generate would give
+    too_long = (len(samples) - len(kept), unanswered)
     if fmt != "text" and a.max_length:
-        return _truncated(a, samples), answered, fmt, len(samples) - len(kept)
+        return _truncated(a, samples), answered, fmt, too_long
     if not any(map(_scored, kept)):
         raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
                         f"({context} tokens), and eval scores whole samples only; pass --max-length N to score "
                         "their first N tokens as training does, or shorten the records or split them into "
                         "several")  # fmt: skip
-    return kept, answered, fmt, len(samples) - len(kept)
+    return kept, answered, fmt, too_long
 
 
 def _truncated(a: EvalArgs, samples: list[Sample]) -> list[Sample]:
@@ -280,15 +284,13 @@ def run_eval(a: EvalArgs) -> int:
     model, tok = load_checkpoint(a, src)
     context = context_length(model.config)
     prompts = prompts_scored(a)
-    scored, samples, fmt, too_long = _samples(a, tok, context, prompts)
-    cut = bool(a.max_length) and fmt != "text"  # supervised samples cut to --max-length for the loss: none too long
-    if too_long and (a.generate or not cut):
-        log.warning("%d %s longer than the model's context (%s tokens) %s left out%s", too_long,
-                    "sample" if too_long == 1 else "samples", context, "is" if too_long == 1 else "are",
-                    " of --generate" if cut else "")  # fmt: skip
+    scored, samples, fmt, (loss_out, answers_out) = _samples(a, tok, context, prompts)
+    if bool(a.max_length) and fmt != "text":  # supervised samples cut to --max-length for the loss: none too long
+        loss_out = 0
+    _say_left_out(context, loss_out, answers_out if a.generate else None)
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
                "train_on_prompt": prompts and fmt != "text",
-               "samples": len(scored), "skipped_longer_than_context": 0 if cut else too_long}  # fmt: skip
+               "samples": len(scored), "skipped_longer_than_context": loss_out}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
     rows: list[dict] = []
     if a.generate:
@@ -303,7 +305,7 @@ def run_eval(a: EvalArgs) -> int:
         rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                                         temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
                                         engine=fast_engine(model))  # fmt: skip
-        summary.update(scores)  # and what reproduces them
+        summary.update(scores, generate_skipped_longer_than_context=answers_out)  # and what reproduces them
         summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                        top_k=sampling_top_k(model) if a.temperature > 0 else None, seed=a.seed,
                        stop=list(stop))  # fmt: skip
@@ -315,6 +317,16 @@ def run_eval(a: EvalArgs) -> int:
     if files is not None:
         print(f"written: {files[1]}" + (f", {files[0]}" if rows else ""), file=sys.stderr)
     return 0
+
+
+def _say_left_out(context: int | None, loss: int, answers: int | None) -> None:
+    """Warn of the samples left out as longer than the context: one line when the loss and --generate (`answers`;
+    None: not asked for) left out as many, else a line for each side that left some out."""
+    sides = {"": loss} if answers is None or answers == loss else {" of the loss": loss, " of --generate": answers}
+    for where, n in sides.items():
+        if n:
+            log.warning("%d %s longer than the model's context (%s tokens) %s left out%s", n,
+                        "sample" if n == 1 else "samples", context, "is" if n == 1 else "are", where)  # fmt: skip
 
 
 def default_stop(examples: list[Example], tokenizer) -> tuple[str, ...]:
