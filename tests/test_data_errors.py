@@ -289,19 +289,25 @@ def test_a_huge_record_is_refused_before_parsing_with_the_limit(tmp_path, monkey
     assert load_records(str(tmp_path / "ok.jsonl"))[0][0]["text"] == "y" * 900_000  # under the limit: read
 
 
-def test_a_prompt_that_fills_max_length_is_reported_as_truncated_not_dropped():
+def test_a_prompt_that_fills_max_length_is_left_out_and_counted_once():
+    """A sample whose prompt alone fills max_length is left out (not dropped) and counted as that alone, not also as
+    truncated: what trains and what is left out add up to the samples read."""
     from fasttune.data.pipeline import DataSummary, fit_length, no_samples_left
     from fasttune.data.sample import Sample
 
     long_prompt = Sample(range(12), [(10, 12)])  # response beyond 8 tokens
+    long_answer = Sample(range(12), [(4, 12)])  # cut to 8 tokens, 4 of them trained
     fine = Sample(range(6), [(3, 6)])
     empty = Sample(range(4))  # nothing to train even untruncated
     summary = DataSummary("d.jsonl", "alpaca")
-    assert fit_length([long_prompt, fine, empty], 8, "truncate", summary) == [fine]
+    kept = fit_length([long_prompt, long_answer, fine, empty], 8, "truncate", summary)
+    assert kept == [long_answer.cut(0, 8), fine]
     assert (summary.truncated, summary.no_response, summary.untrained, summary.dropped) == (1, 1, 1, 0)
+    assert len(kept) + summary.no_response + summary.untrained + summary.dropped == 4
     text = "\n".join(summary.lines())
-    assert "1 truncated sample whose prompt filled max_length (no response token left to train)" in text
-    assert "1 sample with no trained token" in text
+    assert "overlong samples: 1 truncated, 0 split, 0 dropped" in text  # the cut one that trains
+    assert "left out: 1 overlong sample whose prompt alone filled max_length (no response token left to train)" in text
+    assert "left out: 1 sample with no trained token" in text
     lone = DataSummary("d.jsonl", "alpaca")
     assert fit_length([long_prompt], 8, "truncate", lone) == []
     message = no_samples_left("d.jsonl", lone)

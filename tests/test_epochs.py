@@ -265,5 +265,5 @@ def test_counts_of_one_are_singular(tmp_path, caplog, monkeypatch):
     with pytest.raises(ConfigError, match=r"no GPU is available: 1 step \(1 epoch\) of up to .* take about 1 hour at"):
         device.refuse_gpu_scale(one, torch.device("cpu"))
     lines = "\n".join(DataSummary("d", "alpaca", untrained=1, no_response=1, val_left_out=1).lines())
-    assert "left out: 1 sample with no trained token" in lines and "1 truncated sample whose prompt" in lines
+    assert "left out: 1 sample with no trained token" in lines and "1 overlong sample whose prompt" in lines
     assert "left out of validation: 1 held-out sample, by" in lines

@@ -31,10 +31,12 @@ class DataSummary:
     train_tokens: int = 0
     longest: int = 0
     truncated: int = 0
+    """Overlong samples cut to max_length and kept (one whose prompt alone fills it is in `no_response` only)."""
     split: int = 0
     dropped: int = 0
     no_response: int = 0
-    """Truncated samples left out because the cut left no trained token (the prompt alone filled max_length)."""
+    """Overlong samples left out because a cut would leave no trained token (the prompt alone fills max_length):
+    counted here only, not as `truncated`, so that the train samples and those left out add up to the samples read."""
     untrained: int = 0
     """Samples left out because they have no trained token at all (e.g. an empty response)."""
     val_left_out: int = 0
@@ -60,8 +62,8 @@ class DataSummary:
             f"  overlong samples: {self.truncated} truncated, {self.split} split, {self.dropped} dropped",
         ]
         if self.no_response:
-            out.append(f"  left out: {count(self.no_response, 'truncated sample')} whose prompt filled max_length (no "
-                       "response token left to train)")  # fmt: skip
+            out.append(f"  left out: {count(self.no_response, 'overlong sample')} whose prompt alone filled max_length "
+                       "(no response token left to train)")  # fmt: skip
         if self.untrained:
             why = ("a split text's last piece of one token, or an empty text" if self.format == "text" else
                    "e.g. an empty response")  # fmt: skip
@@ -83,17 +85,17 @@ class DataBundle:
 
 def fit_length(samples: list[Sample], max_length: int, mode: str, summary: DataSummary) -> list[Sample]:
     """Apply the overlong policy (truncate / split / drop) and count what happened. Samples left with no trained
-    token are left out and counted apart: truncated ones whose prompt filled max_length (`no_response`) and ones
-    that had none to begin with (`untrained`)."""
+    token are left out and counted apart, each sample once: overlong ones whose prompt alone fills max_length
+    (`no_response`, not `truncated`) and ones that had none to begin with (`untrained`)."""
     out = []
     for s in samples:
         n = len(s)
         if n <= max_length:
             out.append(s)
         elif mode == "truncate":
-            summary.truncated += 1
             cut = s.cut(0, max_length)
             if cut.trained(1):
+                summary.truncated += 1
                 out.append(cut)
             else:
                 summary.no_response += 1

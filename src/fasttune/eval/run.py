@@ -224,9 +224,9 @@ def _truncated(a: EvalArgs, samples: list[Sample]) -> list[Sample]:
 
     counts = DataSummary("", "")
     out = fit_length(samples, a.max_length, "truncate", counts)
-    if counts.truncated:
+    if counts.truncated or counts.no_response:
         log.info("loss: %d of %d samples longer than --max-length %d truncated to it, as training truncates them "
-                 "(%d left out: the prompt alone fills it)", counts.truncated, len(samples), a.max_length,
+                 "(%d more left out: the prompt alone fills it)", counts.truncated, len(samples), a.max_length,
                  counts.no_response)  # fmt: skip
     if not out:
         raise DataError(f"{a.data}: no sample has a response token within --max-length {a.max_length} (the prompt "
