@@ -287,7 +287,8 @@ class TrainBench(Command):
         from fasttune.config import get_experiment
 
         preset = get_experiment(self.experiment).lora.enabled
-        if preset and "--no-lora" in self.given:
+        switches = [f for f in self.given if f in ("--lora", "--no-lora")]
+        if preset and switches[-1:] == ["--no-lora"]:  # the last one typed counts, as tyro reads them
             raise ConfigError(f"--no-lora: --experiment {self.experiment} benchmarks LoRA (every row trains adapters); "
                               "drop --no-lora, or benchmark full fine-tuning with --experiment sft")  # fmt: skip
         self.lora = self.lora or preset
