@@ -26,13 +26,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttune.generate import kernels
+from fasttune.generate import kernels, moe
 from fasttune.model.context import context_length
 
 # architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm; phi3:
 # one fused qkv_proj), RoPE (phi3: on a leading part of the head dim), full or sliding-window attention, o, RMSNorm,
 # SwiGLU gate/up/down (phi3: one fused gate_up_proj)
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *moe.MOE_TYPES)  # MoE: moe.py's feed-forward
 GEMMA_TYPES = ("gemma2", "gemma3_text")  # their layer is gemma.py's, on this decoder's weights, cache and masks
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
 # longrope (Phi-3/Phi-4) uses its short factors while every position is below original_max_position_embeddings and
@@ -88,18 +88,30 @@ def layer_windows(config) -> list[int | None]:
     sliding (Qwen2/Qwen3's config drops the window unless `use_sliding_window`)."""
     window = getattr(config, "sliding_window", None) or None
     kind, layers = config.model_type, config.num_hidden_layers
-    if kind in ("mistral", "phi3"):
+    if kind in ("mistral", "phi3", "mixtral", "qwen3_moe"):  # qwen3_moe: its config drops the window unless used
         return [window] * layers
-    types = getattr(config, "layer_types", None) or ["full_attention"] * layers  # qwen2, qwen3, gemma2, gemma3
+    if kind == "olmoe":  # its mask is causal only (the window it passes reaches flash attention alone)
+        return [None] * layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * layers  # qwen2(_moe), qwen3, gemma2, gemma3
     return [window if t == "sliding_attention" else None for t in types]
+
+
+def _swiglu(layer) -> torch.nn.Module | None:
+    """The layer's dense SwiGLU module: its MLP, or a sparse MoE block's shared expert (Qwen2-MoE; None without)."""
+    return getattr(layer.mlp, "shared_expert", None) if moe.is_sparse(layer.mlp) else layer.mlp
 
 
 def _projections(layer) -> list[tuple[str, torch.nn.Module]]:
     """The linear modules of a decoder layer the fused copies are made from, by name."""
-    a, m = layer.self_attn, layer.mlp
+    a, m = layer.self_attn, _swiglu(layer)
     attn = ["qkv_proj"] if hasattr(a, "qkv_proj") else ["q_proj", "k_proj", "v_proj"]
-    mlp = ["gate_up_proj"] if hasattr(m, "gate_up_proj") else ["gate_proj", "up_proj"]
-    return [(n, getattr(a, n)) for n in [*attn, "o_proj"]] + [(n, getattr(m, n)) for n in [*mlp, "down_proj"]]
+    out = [(n, getattr(a, n)) for n in [*attn, "o_proj"]]
+    if m is not None:
+        mlp = ["gate_up_proj"] if hasattr(m, "gate_up_proj") else ["gate_proj", "up_proj"]
+        out += [(n, getattr(m, n)) for n in [*mlp, "down_proj"]]
+    if getattr(layer.mlp, "shared_expert_gate", None) is not None:
+        out.append(("shared_expert_gate", layer.mlp.shared_expert_gate))
+    return out
 
 
 def _structure_reason(model) -> str | None:
@@ -110,6 +122,9 @@ def _structure_reason(model) -> str | None:
     if getattr(inner, "rotary_emb", None) is None or getattr(inner, "layers", None) is None:
         return f"{type(model).__name__} is not a plain HF causal LM (model.model.layers and .rotary_emb)"
     for layer in inner.layers:
+        reason = moe.structure_reason(layer.mlp) if moe.is_sparse(layer.mlp) else None
+        if reason:
+            return reason
         for name, proj in _projections(layer):
             if type(proj) is not torch.nn.Linear:  # LoRA layers, quantized linears: the copies would drop them
                 return f"{name} is a {type(proj).__name__}, not a plain Linear (merge adapters: merge_and_unload)"
@@ -131,9 +146,10 @@ def _rope_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
 
 
 def _split_weights(layer, heads: int, kv_heads: int, head_dim: int, part: str) -> list[torch.Tensor | None]:
-    """q, k, v weights (`part` "weight") or biases ("bias", None where absent) of a layer, and gate, up weights:
-    views of phi3's fused qkv_proj / gate_up_proj (q, k, v and gate, up in that order), else the separate ones."""
-    a, m = layer.self_attn, layer.mlp
+    """q, k, v weights (`part` "weight") or biases ("bias", None where absent) of a layer, and gate, up weights (None
+    in an MoE layer without a shared expert): views of phi3's fused qkv_proj / gate_up_proj (q, k, v and gate, up in
+    that order), else the separate ones."""
+    a, m = layer.self_attn, _swiglu(layer)
     if hasattr(a, "qkv_proj"):
         fused = getattr(a.qkv_proj, part)
         qkv = [None] * 3 if fused is None else list(fused.split([heads * head_dim, *[kv_heads * head_dim] * 2]))
@@ -141,6 +157,8 @@ def _split_weights(layer, heads: int, kv_heads: int, head_dim: int, part: str) -
         qkv = [getattr(p, part) for p in (a.q_proj, a.k_proj, a.v_proj)]
     if part == "bias":
         return qkv
+    if m is None:
+        return [*qkv, None, None]
     gate_up = m.gate_up_proj.weight.chunk(2) if hasattr(m, "gate_up_proj") else (m.gate_proj.weight, m.up_proj.weight)
     return qkv + list(gate_up)
 
@@ -160,6 +178,7 @@ class FusedDecoder:
         self.scale = float(attn0.scaling)
         norm = model.model.norm
         self.eps = float(norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
+        self.clip_qkv = getattr(config, "clip_qkv", None)  # OLMoE: q, k, v clamped to +-clip_qkv after the norms
         # the positions Generator._check lets a call reach: YaRN's factor x original beyond max_position_embeddings
         self.max_positions = int(context_length(config) or 1 << 20)
         self.rope_limit = None  # positions the rope table holds, where the rope depends on the length (longrope)
@@ -192,6 +211,7 @@ class FusedDecoder:
             a = layer.self_attn
             out += [t for _, p in _projections(layer) for t in (p.weight, p.bias) if t is not None]
             out += [n.weight for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None]
+            out += [layer.mlp.gate.weight] if moe.is_sparse(layer.mlp) else []
         return out
 
     @torch.no_grad()
@@ -208,6 +228,9 @@ class FusedDecoder:
         def permuted(w: torch.Tensor, heads: int) -> torch.Tensor:  # (heads*D, ...) rows in rope order per head
             return w.reshape(heads, self.head_dim, *w.shape[1:])[:, order].reshape(w.shape)
 
+        def qk_norm(norm) -> torch.Tensor | None:  # per head (D,) or, OLMoE's, over all heads (heads*D,)
+            return None if norm is None else permuted(norm.weight, norm.weight.numel() // self.head_dim)
+
         shape = (self.heads, self.kv_heads, self.head_dim)
         for i, layer in enumerate(self.model.model.layers):
             a = layer.self_attn
@@ -219,9 +242,10 @@ class FusedDecoder:
             new = {
                 "qkv": torch.cat(qkv),  # (Hq*D + 2*Hkv*D, E)
                 "qkv_bias": bias,
-                "gate_up": torch.cat([gate, up]),  # (2I, E)
-                "q_norm": None if qn is None else qn.weight[order],
-                "k_norm": None if kn is None else kn.weight[order],
+                "gate_up": None if gate is None else torch.cat([gate, up]),  # (2I, E); MoE: the shared expert's
+                "q_norm": qk_norm(qn),
+                "k_norm": qk_norm(kn),
+                "router": moe.fused_router(layer.mlp) if moe.is_sparse(layer.mlp) else None,  # (E [+ 1], E)
             }
             if fresh:
                 self.layers.append(new)
@@ -276,10 +300,9 @@ class FusedDecoder:
         Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
         cos_TD2, sin_TD2, rope_TD2 = rope or self.rope
         if fused["q_norm"] is not None:  # qwen3, gemma3: per-head RMSNorm before RoPE, back in the qkv row layout
-            qk_BQHD = qkv_BQF[..., : (Hq + Hkv) * D].view(B, Q, Hq + Hkv, D)
-            q_BQF = self._norm(qk_BQHD[:, :, :Hq], fused["q_norm"]).reshape(B, Q, -1)
-            k_BQF = self._norm(qk_BQHD[:, :, Hq:], fused["k_norm"]).reshape(B, Q, -1)
-            qkv_BQF = torch.cat([q_BQF, k_BQF, qkv_BQF[..., (Hq + Hkv) * D :]], -1)
+            qkv_BQF = self._qk_norms(fused, qkv_BQF)
+        if self.clip_qkv is not None:
+            qkv_BQF = qkv_BQF.clamp(-self.clip_qkv, self.clip_qkv)
         if self.use_kernels:
             qkv_NF = qkv_BQF.view(B * Q, -1)
             q_NHD = kernels.rope_cache_write(qkv_NF, cos_TD2, sin_TD2, pos_BQ.reshape(-1), slots_Q, kv_cache, Hq, Hkv)
@@ -289,6 +312,19 @@ class FusedDecoder:
         qk_BQHD = self._rope(qk_BQHD, rope_TD2[pos_BQ][:, :, None])  # queries and keys in one multiply
         kv_cache.index_copy_(3, slots_Q, torch.stack([qk_BQHD[:, :, Hq:], v_BQHD]).transpose(2, 3))
         return qk_BQHD[:, :, :Hq]
+
+    def _qk_norms(self, fused: dict, qkv_BQF: torch.Tensor) -> torch.Tensor:
+        """q and k RMS-normed with the layer's q/k norms: per head (Qwen3, Gemma 3: weight (D,)) or over all heads
+        (OLMoE: weight (Hq*D,) / (Hkv*D,), its rows in the same rope order as the projection's)."""
+        B, Q, _ = qkv_BQF.shape
+        Hq, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        q_BQF, k_BQF, v_BQF = qkv_BQF.split([Hq * D, Hkv * D, Hkv * D], -1)
+        if fused["q_norm"].numel() == D:
+            q_BQF = self._norm(q_BQF.view(B, Q, Hq, D), fused["q_norm"]).reshape(B, Q, -1)
+            k_BQF = self._norm(k_BQF.view(B, Q, Hkv, D), fused["k_norm"]).reshape(B, Q, -1)
+        else:
+            q_BQF, k_BQF = self._norm(q_BQF, fused["q_norm"]), self._norm(k_BQF, fused["k_norm"])
+        return torch.cat([q_BQF, k_BQF, v_BQF], -1)
 
     def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Attention output (B * Q, Hq * D). Decode (Q = 1): over all T cache slots under `bias` (B, Hkv, G, T).
@@ -326,6 +362,13 @@ class FusedDecoder:
         keys = cache.shape[-2] if Q == 1 else Q  # decode reads every cache slot, prefill the prompt's
         return {w: self._window_bias(bias, slots_Q, keys, w) for w in set(self.windows)}
 
+    def _silu_mul(self, gate_up_N2I: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a (N, 2I) gate|up product."""
+        if self.use_kernels:
+            return kernels.silu_mul(gate_up_N2I)
+        gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
+        return F.silu(gate_NI) * up_NI
+
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
@@ -346,12 +389,10 @@ class FusedDecoder:
             h_NE.addmm_(o_NF, a.o_proj.weight.t())  # residual fused, in place: addmm would first copy h
             if a.o_proj.bias is not None:
                 h_NE.add_(a.o_proj.bias)
-            gate_up_N2I = F.linear(self._norm(h_NE, layer.post_attention_layernorm.weight), fused["gate_up"])
-            if self.use_kernels:
-                act_NI = kernels.silu_mul(gate_up_N2I)
+            x_NE = self._norm(h_NE, layer.post_attention_layernorm.weight)
+            if fused["router"] is not None:
+                h_NE.add_(moe.forward(self.model.config, layer.mlp, fused, x_NE, Q > 1, self._silu_mul))
             else:
-                gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
-                act_NI = F.silu(gate_NI) * up_NI
-            h_NE.addmm_(act_NI, layer.mlp.down_proj.weight.t())
+                h_NE.addmm_(self._silu_mul(F.linear(x_NE, fused["gate_up"])), layer.mlp.down_proj.weight.t())
         x_BE = self._norm(h_NE.view(B, Q, -1)[:, -1], model.norm.weight)
         return self.model.lm_head(x_BE).float()  # HF generate scores in float32 too
