@@ -98,18 +98,17 @@ def test_default_decode_path_is_gathered_only_for_small_batches():
     assert [b for b in range(1, 33) if moe.gathers(b, 2, 8)] == [1]
 
 
-def test_moe_router_and_shared_expert_changed_in_place_are_used():
-    """In-place updates of the router, the shared expert's gate and its projections (an optimizer step) are re-fused at
-    the next call."""
+@pytest.mark.parametrize("changed", ["gate.weight", "shared_expert_gate.weight", "shared_expert.up_proj.weight"])
+def test_moe_router_and_shared_expert_changed_in_place_are_used(changed):
+    """An in-place update (an optimizer step) of only the router, only the shared expert's gate, or only its up
+    projection is re-fused at the next call."""
     model = build_moe("qwen2_moe")
     gen = Generator(model)
     ids_BP, mask_BP = prompts(3, "cpu")
     before_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=NEW)
     with torch.no_grad():
-        mlp = model.model.layers[0].mlp
-        mlp.gate.weight.copy_(mlp.gate.weight.flip(0))
-        mlp.shared_expert_gate.weight.mul_(-3.0)
-        mlp.shared_expert.up_proj.weight.mul_(4.0)
+        weight = model.model.layers[0].mlp.get_parameter(changed)
+        weight.copy_(-4.0 * weight.flip(0))
     ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, NEW)
     assert not torch.equal(ref_BS, before_BS)  # the change matters
     assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), ref_BS)
