@@ -222,7 +222,7 @@ def test_unsupported_model_falls_back_to_hf_with_a_reason():
     model.eval()
     gen = Generator(model)
     assert gen.reason is not None and "gpt2" in gen.reason
-    assert "phi3, gemma2, gemma3_text" in gen.reason  # what it does support, every family named
+    assert "phi3, mixtral, qwen2_moe, qwen3_moe, olmoe, gemma2, gemma3_text" in gen.reason  # every family named
     ids_BP = torch.randint(3, 64, (1, 5))
     seen: list[list[int]] = []
     out_BS = gen.generate(ids_BP, max_new_tokens=6, on_token=seen.append)

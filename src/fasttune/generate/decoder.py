@@ -13,7 +13,9 @@ runs the same model from the same weights in ~15 kernels per layer:
   Grouped-query attention is SDPA over (B, Hkv, G*Q, D) queries: no repeat of the keys. A sliding-window layer's
   mask also has -inf on the slots its window leaves behind (made once per step per window size);
 - Phi-3's fused qkv_proj / gate_up_proj are split into the same fused copies; its partial rotary leaves the last
-  head dims unrotated (cos 1, sin 0 in the same complex multiply).
+  head dims unrotated (cos 1, sin 0 in the same complex multiply);
+- an MoE layer's feed-forward is moe.py's (router, experts on HF's fused expert weights, Qwen2-MoE's shared expert);
+  OLMoE's q/k norms span all heads (their weights permuted per head as the rows) and clip_qkv clamps q, k, v.
 Rounding therefore differs from HF's (fp32: ~1e-6 relative in the logits; bf16: a few hundredths): greedy tokens
 equal HF's up to its first near-tie (docs/BENCHMARKS.md, tests/test_generate_fast.py).
 
@@ -29,9 +31,9 @@ import torch.nn.functional as F
 from fasttune.generate import kernels, moe
 from fasttune.model.context import context_length
 
-# architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm; phi3:
-# one fused qkv_proj), RoPE (phi3: on a leading part of the head dim), full or sliding-window attention, o, RMSNorm,
-# SwiGLU gate/up/down (phi3: one fused gate_up_proj)
+# architectures whose decoder layer is exactly: RMSNorm, q/k/v (optional bias, optional per-head q/k RMSNorm, OLMoE's
+# over all heads and its clip_qkv; phi3: one fused qkv_proj), RoPE (phi3: on a leading part of the head dim), full or
+# sliding-window attention, o, RMSNorm, SwiGLU gate/up/down (phi3: one fused gate_up_proj; MoE: moe.py's sparse block)
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", *moe.MOE_TYPES)  # MoE: moe.py's feed-forward
 GEMMA_TYPES = ("gemma2", "gemma3_text")  # their layer is gemma.py's, on this decoder's weights, cache and masks
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length

@@ -20,7 +20,8 @@ syncs, and the row's tokens after the one that completed it become `pad_token_id
 empty prompt, a prompt plus `max_new_tokens` beyond the model's context) raise ValueError with the reason.
 
 The fast path (fasttune/generate/decoder.py, Triton kernels on CUDA in kernels.py) supports Llama, Mistral, Qwen2,
-Qwen3 (sliding windows included), Phi-3/Phi-4 and Gemma 2/3 text (gemma.py) with plain dense weights; anything else
+Qwen3 (sliding windows included), Phi-3/Phi-4, Gemma 2/3 text (gemma.py) and the MoE models Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE (moe.py) with plain weights; anything else
 (another architecture, unmerged LoRA, sharded weights, a generation config that sets a repetition penalty or another
 logits processor) runs through HF `generate` with the same arguments, and `reason` says why. A call the fused
 decoder cannot run although the model is supported (longrope past original_max_position_embeddings) runs through HF

@@ -83,7 +83,7 @@ def _gathered(x_NH: torch.Tensor, experts: torch.nn.Module, w_NK: torch.Tensor, 
               silu_mul: Callable) -> torch.Tensor:  # fmt: skip
     N, K = idx_NK.shape
     idx_S = idx_NK.reshape(-1)
-    x_SH1 = x_NH.repeat_interleave(K, dim=0)[:, :, None]
+    x_SH1 = x_NH[:, None].expand(N, K, x_NH.shape[1]).reshape(N * K, -1, 1)  # token n's row at slots n*K .. n*K+K-1
     gate_up_S2I = torch.bmm(experts.gate_up_proj.index_select(0, idx_S), x_SH1)[..., 0]
     act_SI1 = silu_mul(gate_up_S2I)[:, :, None]
     down_SH = torch.bmm(experts.down_proj.index_select(0, idx_S), act_SI1)[..., 0]
@@ -94,7 +94,7 @@ def _dense(x_NH: torch.Tensor, experts: torch.nn.Module, w_NK: torch.Tensor, idx
            silu_mul: Callable) -> torch.Tensor:  # fmt: skip
     E, N = experts.gate_up_proj.shape[0], x_NH.shape[0]
     gate_up_EN2I = torch.matmul(x_NH, experts.gate_up_proj.transpose(1, 2))  # x broadcast over the experts
-    act_ENI = silu_mul(gate_up_EN2I.view(E * N, -1)).view(E, N, -1)
+    act_ENI = silu_mul(gate_up_EN2I.reshape(E * N, -1)).view(E, N, -1)
     down_ENH = torch.bmm(act_ENI, experts.down_proj.transpose(1, 2))
     w_NE = torch.zeros((N, E), dtype=w_NK.dtype, device=x_NH.device).scatter(1, idx_NK, w_NK)
     chosen_EN1 = torch.zeros((N, E), dtype=torch.bool, device=x_NH.device).scatter(1, idx_NK, True).t()[..., None]
@@ -107,7 +107,7 @@ def forward(config, mlp: torch.nn.Module, fused: dict, x_NH: torch.Tensor, prefi
     """The sparse block's output (N, H) for its normed input `x_NH`: routed experts (+ Qwen2-MoE's gated shared
     expert, whose gate/up are `fused["gate_up"]`)."""
     experts = mlp.experts
-    E, top_k = experts.gate_up_proj.shape[0], mlp.gate.top_k
+    E, top_k = experts.gate_up_proj.shape[0], config.num_experts_per_tok
     logits_NF = F.linear(x_NH, fused["router"])
     w_NK, idx_NK = route(config, logits_NF[:, :E], top_k)
     if prefill:  # HF's own experts module: only the chosen experts run (host syncs: fine outside a graph)
