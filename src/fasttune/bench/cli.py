@@ -219,29 +219,36 @@ class TrainBench(Command):
         from tqdm.auto import tqdm
 
         from fasttune.bench import train as bench
-        from fasttune.bench.fit import check_train
         from fasttune.bench.harness import Results, check_out, environment
-        from fasttune.bench.workload import LengthStats, dataset_workload, sft_lengths
-        from fasttune.config import get_experiment
+        from fasttune.bench.workload import LengthStats
         from fasttune.model.load import inference_device
 
         variants = [_variant(v) for v in self.variant]
         self._check_lora()
         self._check()
-        micro_batch = self.micro_batch or get_experiment(self.experiment).data.micro_batch_size
         device = inference_device(self.device)  # one line when not valid or not here
+        cfg = self._bench_config(device, variants)
+        results = Results("train", environment(device, command_line(self, "train")))
+        results.notes.append(
+            f"- workload: {LengthStats.of(cfg.lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}; "
+            f"{_trained_share(cfg.trained):.0%} of the tokens have a label"
+        )
+        runs = _plan(cfg)
+        check_out(self.out, "train", self.overwrite)
+        with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
+            bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
+        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
+
+    def _bench_config(self, device, variants: list[tuple[str, list[str]]]):
+        """The benchmark's settings: the options given, else their defaults on `device` (a GPU or a CPU)."""
+        from fasttune.bench import train as bench
+        from fasttune.config import get_experiment
+
         gpu = device.type == "cuda"
         max_length = self.max_length or (2048 if gpu else 256)
-        trained = None
-        if self.data:
-            lengths, trained = dataset_workload(self.data, self.model, max_length, self.samples or 0)
-        else:
-            median, mean = self.median or (400 if gpu else 48), self.mean or (566 if gpu else 68)
-            min_length = self.min_length or (32 if gpu else 8)
-            _check_mix(median, mean, min_length, max_length)
-            lengths = sft_lengths(self.samples or (64 if gpu else 16), median, mean, min_length, max_length, self.seed)
+        lengths, trained = self._lengths(gpu, max_length)
         default_attn = ["auto", "eager", "sdpa", "flex_attention", "varlen", "flash_attention_4"] if gpu else ["auto"]
-        cfg = bench.TrainBench(
+        return bench.TrainBench(
             device=device,
             lengths=lengths,
             preset=self.preset or ("1b" if gpu else "micro"),
@@ -249,7 +256,7 @@ class TrainBench(Command):
             attns=_strs(self.attn) if self.attn else default_attn,
             packings=[x.lower() == "on" for x in _strs(self.packing)],
             max_length=max_length,
-            micro_batch=micro_batch,
+            micro_batch=self.micro_batch or get_experiment(self.experiment).data.micro_batch_size,
             vocab=self.vocab or (32000 if gpu else 512),
             warmup_epochs=self.warmup_epochs,
             epochs=self.epochs,
@@ -264,21 +271,17 @@ class TrainBench(Command):
             lora=self.lora,
             trained=trained,
         )
-        results = Results("train", environment(device, command_line(self, "train")))
-        results.notes.append(
-            f"- workload: {LengthStats.of(lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}; "
-            f"{_trained_share(trained):.0%} of the tokens have a label"
-        )
-        runs, notes = bench.plan_runs(cfg)
-        if not runs:
-            why = "; ".join(n.removeprefix("- ") for n in notes) or "no configuration given"
-            raise ConfigError(f"nothing to measure here ({why}): name an --attn that runs here, or drop --no-baselines")
-        _check_variants(cfg, runs)
-        check_train(cfg, runs)  # one line, before a model is built, where a row cannot fit this machine
-        check_out(self.out, "train", self.overwrite)
-        with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
-            bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
-        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
+
+    def _lengths(self, gpu: bool, max_length: int) -> tuple[list[int], list[list[bool]] | None]:
+        """(sample lengths, label masks or None: every token trained): --data's, else the lognormal mix's."""
+        from fasttune.bench.workload import dataset_workload, sft_lengths
+
+        if self.data:
+            return dataset_workload(self.data, self.model, max_length, self.samples or 0)
+        median, mean = self.median or (400 if gpu else 48), self.mean or (566 if gpu else 68)
+        min_length = self.min_length or (32 if gpu else 8)
+        _check_mix(median, mean, min_length, max_length)
+        return sft_lengths(self.samples or (64 if gpu else 16), median, mean, min_length, max_length, self.seed), None
 
     def _check_lora(self) -> None:
         """A LoRA preset trains the same adapters on every row (--lora, implied); --no-lora contradicts it. LoRA needs
@@ -375,6 +378,20 @@ def _check_mix(median: float, mean: float, min_length: int, max_length: int) -> 
     if min_length > max_length:
         raise ConfigError(f"--min-length {min_length} is above --max-length {max_length}: every sample would be "
                           f"{max_length} tokens; lower --min-length or raise --max-length")  # fmt: skip
+
+
+def _plan(cfg) -> list[dict]:
+    """The rows to measure, each checked before a model is built."""
+    from fasttune.bench import train as bench
+    from fasttune.bench.fit import check_train
+
+    runs, notes = bench.plan_runs(cfg)
+    if not runs:
+        why = "; ".join(n.removeprefix("- ") for n in notes) or "no configuration given"
+        raise ConfigError(f"nothing to measure here ({why}): name an --attn that runs here, or drop --no-baselines")
+    _check_variants(cfg, runs)
+    check_train(cfg, runs)  # one line, before a model is built, where a row cannot fit this machine
+    return runs
 
 
 def _check_variants(cfg, runs: list[dict]) -> None:
