@@ -203,70 +203,96 @@ def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]
 def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> DataBundle:
     """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
     d = cfg.data
-    if d.path is None:
-        if d.field is not None:  # checked here: a --config file may set it and the command line --data
-            raise ConfigError(f"data.field={d.field!r} names a key of a --data .json file, and no --data is given "
-                              "(the embedded corpus); pass --data FILE.json or drop --data.field")  # fmt: skip
-        train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
-        tokenizer = tokenizer or _load_tokenizer(
-            cfg, lambda: ([x.text for x in train_docs], corpus_fingerprint(train_docs))
-        )
-        summary = DataSummary(
-            source=f"embedded corpus (Python stdlib, {len(train_docs) + len(val_docs)} files)", format="text"
-        )
-        train = _text_samples([x.text for x in train_docs], tokenizer)
-        val = _text_samples([x.text for x in val_docs], tokenizer)
-    else:
-        from fasttune.data.formats import PROMPT_TURNS, load_records, say_unrendered
-        from fasttune.data.sft import tokenize_records
-
-        records, fmt = load_records(d.path, d.format, field=d.field)
-        records = records[: d.max_documents]
-        say_unrendered(records, fmt, d.path)
-        by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction)  # e.g. one .txt file
-        fraction = 0.0 if by_piece else d.val_fraction
-        train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
-        tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
-        summary = DataSummary(source=d.path, format=fmt)
-        if records and PROMPT_TURNS in records[0]:
-            summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
-                                 "completion; the completion's assistant turns are trained)")  # fmt: skip
-        train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path,
-                                 notes=summary.notes)  # fmt: skip
-        val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path, notes=[])
-        if by_piece:
-            train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
-    overlong = d.overlong
-    if overlong == "auto":
-        overlong = "split" if summary.format == "text" else "truncate"
-    elif overlong == "split" and summary.format != "text":
-        # A split would train answers cut off from their prompts: truncate supervised samples instead.
-        log.warning(
-            "data.overlong=split applies to plain text only; truncating %s samples longer than %d tokens",
-            summary.format,
-            d.max_length,
-        )
-        overlong = "truncate"
+    read = _read_corpus if d.path is None else _read_records
+    train, val, tokenizer, summary = read(cfg, tokenizer)
+    overlong = _overlong_policy(d.overlong, summary.format, d.max_length)
     train = fit_length(train, d.max_length, overlong, summary)
     held = DataSummary("", summary.format)
     val = fit_length(val, d.max_length, overlong, held)
     summary.val_left_out = held.dropped + held.no_response + held.untrained
     if not train:
         raise DataError(no_samples_left(d.path or "embedded corpus", summary, held, d.max_length))
+    _count(summary, train, val, cfg)
+    return DataBundle(Samples(train), Samples(val), tokenizer, summary)
+
+
+_Read = tuple[list[Sample], list[Sample], PreTrainedTokenizerBase, DataSummary]
+"""(train samples, validation samples, tokenizer, summary) of a source, before the overlong policy."""
+
+
+def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) -> _Read:
+    """No --data: the embedded corpus (the Python stdlib's files), every token trained."""
+    d = cfg.data
+    if d.field is not None:  # checked here: a --config file may set it and the command line --data
+        raise ConfigError(f"data.field={d.field!r} names a key of a --data .json file, and no --data is given "
+                          "(the embedded corpus); pass --data FILE.json or drop --data.field")  # fmt: skip
+    train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
+    tokenizer = tokenizer or _load_tokenizer(
+        cfg, lambda: ([x.text for x in train_docs], corpus_fingerprint(train_docs))
+    )
+    summary = DataSummary(
+        source=f"embedded corpus (Python stdlib, {len(train_docs) + len(val_docs)} files)", format="text"
+    )
+    train = _text_samples([x.text for x in train_docs], tokenizer)
+    val = _text_samples([x.text for x in val_docs], tokenizer)
+    return train, val, tokenizer, summary
+
+
+def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) -> _Read:
+    """--data's records, held out by record, else (text with too few documents) by the last pieces of the text."""
+    from fasttune.data.formats import PROMPT_TURNS, load_records, say_unrendered
+    from fasttune.data.sft import tokenize_records
+
+    d = cfg.data
+    records, fmt = load_records(d.path, d.format, field=d.field)
+    records = records[: d.max_documents]
+    say_unrendered(records, fmt, d.path)
+    by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction)  # e.g. one .txt file
+    fraction = 0.0 if by_piece else d.val_fraction
+    train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
+    tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
+    summary = DataSummary(source=d.path, format=fmt)
+    if records and PROMPT_TURNS in records[0]:
+        summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
+                             "completion; the completion's assistant turns are trained)")  # fmt: skip
+    train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path,
+                             notes=summary.notes)  # fmt: skip
+    val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path, notes=[])
+    if by_piece:
+        train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
+    return train, val, tokenizer, summary
+
+
+def _overlong_policy(overlong: str, fmt: str, max_length: int) -> str:
+    """data.overlong as applied to data of format `fmt`: auto splits text and truncates supervised samples."""
+    if overlong == "auto":
+        return "split" if fmt == "text" else "truncate"
+    if overlong == "split" and fmt != "text":
+        # A split would train answers cut off from their prompts: truncate supervised samples instead.
+        log.warning(
+            "data.overlong=split applies to plain text only; truncating %s samples longer than %d tokens",
+            fmt,
+            max_length,
+        )
+        return "truncate"
+    return overlong
+
+
+def _count(summary: DataSummary, train: list[Sample], val: list[Sample], cfg: BaseConfig) -> None:
+    """The summary's counts of the samples kept: sizes, trained tokens, padding packing saves, the fingerprint."""
     lengths = [len(s) for s in train]
     summary.train_samples, summary.val_samples = len(train), len(val)
     summary.train_tokens, summary.longest = sum(lengths), max(lengths)
     summary.target_tokens = sum(s.trained(1) for s in train)  # as the loss counts them
     if summary.format != "text":  # supervised: say where the loss is (the response-only mask is otherwise invisible)
-        scope = "prompts and responses" if d.train_on_prompt else "responses only"
+        scope = "prompts and responses" if cfg.data.train_on_prompt else "responses only"
         pct = 100 * summary.target_tokens / summary.train_tokens
         summary.notes.append(
             f"  loss on {scope}: {summary.target_tokens:,} of {summary.train_tokens:,} tokens ({pct:.1f}%)"
         )
-    padded = Batcher.from_config(d, cfg.seed, packing=False).plan(lengths, epoch=0)
+    padded = Batcher.from_config(cfg.data, cfg.seed, packing=False).plan(lengths, epoch=0)
     summary.padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
     summary.fingerprint = data_fingerprint(train, val)
-    return DataBundle(Samples(train), Samples(val), tokenizer, summary)
 
 
 def data_fingerprint(train: Sequence[Sample], val: Sequence[Sample]) -> str:
