@@ -263,8 +263,7 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
     `device`; under FSDP2 the CPU or the meta device: distributed.Dist.build_device); `attn_origin`: where
     cfg.attn_implementation came from (train's); `attn`: the choice choose_batching made (then its batching is not
     said again)."""
-    vocab = len(data.tokenizer)
-    model_config = load_model_config(cfg.model, vocab)
+    model_config = load_model_config(cfg.model, len(data.tokenizer))
     compute_dtype = _compute_dtype(cfg, device, param_dtype)
     # LoRA: the frozen base is held in the compute dtype (bf16 on CUDA: half the memory of fp32; it has no gradients
     # or optimizer state), the adapters in fp32 (peft upcasts them when the base is bf16)
@@ -274,31 +273,8 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
                           f"the {cfg.model.preset} preset", lora=cfg.lora.enabled)  # fmt: skip
     chosen = attn is not None
     attn = attn or _choose_attention(cfg, device, compute_dtype, model_config, attn_origin)
-    context = context_length(model_config)
-    if cfg.model.path and context and cfg.data.max_length > context:
-        raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
-    check_weights(cfg.model, lora=cfg.lora.enabled)
-    model = build_model(cfg.model, vocab, attn.hf_name, dtype, build_on or device)
-    if cfg.model.path is None:
-        cover_context(model.config, cfg.data.max_length, cfg.model.preset)
-    align_special_tokens(model, data.tokenizer, fresh=random_init(cfg.model))
-    if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
-        # transformers' own class was built: an input model's auto_map would make the saved checkpoint point at
-        # custom code it does not use (and ask for trust_remote_code when loaded)
-        del model.config.auto_map
-    if cfg.model.liger:
-        _apply_liger(model, device, memory_plan(cfg.model.memory))
-    if cfg.lora.enabled:
-        from fasttune.model.lora import apply_lora, warn_new_tokens_frozen
-
-        warn_new_tokens_frozen(data.tokenizer, model_config.vocab_size, cfg.model.path)
-        model = apply_lora(model, cfg.lora)
-    if cfg.model.fused_mlp and not cfg.training.compile:
-        _apply_fused_mlp(model)
-    if cfg.model.lean_norm and not cfg.training.compile:
-        _apply_lean_norm(model)
-    if param_dtype != compute_dtype and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
-        _apply_experts_autocast(model)
+    model = _build(cfg, data, model_config, attn, dtype, build_on or device)
+    model = _transform(cfg, model, data, model_config, device, autocast=param_dtype != compute_dtype)
     batcher = batcher_for(cfg, attn, model, data.tokenizer.pad_token_id, say=not chosen)
     bounds = batcher.bounds(max(len(s) for s in (*data.train, *data.val)))
     est = plan_memory(cfg, model, device, attention=attn.name, bounds=bounds)  # chunked loss + activation plan, or
@@ -311,3 +287,40 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
 
     attention.clear_report()  # the summary's kernels are those of the run's calls, not of the probes above
     return model, attn, est.plan, batcher
+
+
+def _build(cfg: BaseConfig, data: DataBundle, model_config, attn: AttentionChoice, dtype: torch.dtype,
+           build_on: torch.device):  # fmt: skip
+    """The model of cfg.model with `attn`'s backend, its context and special tokens as the run trains them."""
+    context = context_length(model_config)
+    if cfg.model.path and context and cfg.data.max_length > context:
+        raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
+    check_weights(cfg.model, lora=cfg.lora.enabled)
+    model = build_model(cfg.model, len(data.tokenizer), attn.hf_name, dtype, build_on)
+    if cfg.model.path is None:
+        cover_context(model.config, cfg.data.max_length, cfg.model.preset)
+    align_special_tokens(model, data.tokenizer, fresh=random_init(cfg.model))
+    if type(model).__module__.startswith("transformers.") and getattr(model.config, "auto_map", None):
+        # transformers' own class was built: an input model's auto_map would make the saved checkpoint point at
+        # custom code it does not use (and ask for trust_remote_code when loaded)
+        del model.config.auto_map
+    return model
+
+
+def _transform(cfg: BaseConfig, model, data: DataBundle, model_config, device: torch.device, autocast: bool):
+    """The Liger / LoRA / fused MLP / lean norm / MoE autocast transforms cfg asks for, in that order; `autocast`:
+    the weights are of another dtype than the compute's."""
+    if cfg.model.liger:
+        _apply_liger(model, device, memory_plan(cfg.model.memory))
+    if cfg.lora.enabled:
+        from fasttune.model.lora import apply_lora, warn_new_tokens_frozen
+
+        warn_new_tokens_frozen(data.tokenizer, model_config.vocab_size, cfg.model.path)
+        model = apply_lora(model, cfg.lora)
+    if cfg.model.fused_mlp and not cfg.training.compile:
+        _apply_fused_mlp(model)
+    if cfg.model.lean_norm and not cfg.training.compile:
+        _apply_lean_norm(model)
+    if autocast and not cfg.lora.enabled:  # fp32 weights under bf16 autocast
+        _apply_experts_autocast(model)
+    return model
