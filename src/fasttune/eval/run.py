@@ -275,13 +275,19 @@ def _scored(sample: Sample) -> bool:
 def run_eval(a: EvalArgs) -> int:
     files = _outputs(a)
     from fasttune.generate.commands import load_checkpoint
-    from fasttune.generate.generate import fast_engine
-    from fasttune.generate.prompts import write_atomic, write_jsonl
-    from fasttune.generate.sampling import sampling_top_k
     from fasttune.model.resolve import resolve
 
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
     model, tok = load_checkpoint(a, src)
+    summary, samples, left_out = _loss(a, src, model, tok)
+    rows = _answers(a, model, tok, samples, summary, left_out) if a.generate else []
+    _report(files, rows, summary)
+    return 0
+
+
+def _loss(a: EvalArgs, src, model, tok) -> tuple[dict, list[Sample], int]:
+    """(the summary with the loss, the whole samples --generate answers, how many of those it leaves out as too
+    long)."""
     context = context_length(model.config)
     prompts = prompts_scored(a)
     scored, samples, fmt, (loss_out, answers_out) = _samples(a, tok, context, prompts)
@@ -292,23 +298,36 @@ def run_eval(a: EvalArgs) -> int:
                "train_on_prompt": prompts and fmt != "text",
                "samples": len(scored), "skipped_longer_than_context": loss_out}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
-    rows: list[dict] = []
-    if a.generate:
-        examples = [ex for s in samples if s.last_turn and (ex := split_sample(s, tok)) is not None]
-        if not examples:
-            raise DataError(f"{a.data}: no sample has a prompt to answer ({fmt} data); --generate needs supervised "
-                            "data (alpaca, prompt_completion or chat)")  # fmt: skip
-        stop = a.stop or (default_stop(examples, tok) if a.default_stop else ())
-        if stop and not a.stop:
-            log.info("eval: Alpaca prompts: answers end before a next %r (--stop replaces it, --no-default-stop turns "
-                     "it off)", ALPACA_STOP)  # fmt: skip
-        rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                                        temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
-                                        engine=fast_engine(model))  # fmt: skip
-        summary.update(scores, generate_skipped_longer_than_context=answers_out)  # and what reproduces them
-        summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                       top_k=sampling_top_k(model) if a.temperature > 0 else None, seed=a.seed,
-                       stop=list(stop))  # fmt: skip
+    return summary, samples, answers_out
+
+
+def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left_out: int) -> list[dict]:
+    """--generate: the completions.jsonl rows; their scores, and the settings that reproduce them, go to `summary`."""
+    from fasttune.generate.generate import fast_engine
+    from fasttune.generate.sampling import sampling_top_k
+
+    examples = [ex for s in samples if s.last_turn and (ex := split_sample(s, tok)) is not None]
+    if not examples:
+        raise DataError(f"{a.data}: no sample has a prompt to answer ({summary['format']} data); --generate needs "
+                        "supervised data (alpaca, prompt_completion or chat)")  # fmt: skip
+    stop = a.stop or (default_stop(examples, tok) if a.default_stop else ())
+    if stop and not a.stop:
+        log.info("eval: Alpaca prompts: answers end before a next %r (--stop replaces it, --no-default-stop turns "
+                 "it off)", ALPACA_STOP)  # fmt: skip
+    rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                                    temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
+                                    engine=fast_engine(model))  # fmt: skip
+    summary.update(scores, generate_skipped_longer_than_context=left_out)  # and what reproduces them
+    summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                   top_k=sampling_top_k(model) if a.temperature > 0 else None, seed=a.seed,
+                   stop=list(stop))  # fmt: skip
+    return rows
+
+
+def _report(files: tuple[Path, Path] | None, rows: list[dict], summary: dict) -> None:
+    """completions.jsonl (when --generate) and summary.json written to --output-dir, the summary printed."""
+    from fasttune.generate.prompts import write_atomic, write_jsonl
+
     if files is not None:
         if rows:
             write_jsonl(files[0], rows)
@@ -316,7 +335,6 @@ def run_eval(a: EvalArgs) -> int:
     _print_table(summary)
     if files is not None:
         print(f"written: {files[1]}" + (f", {files[0]}" if rows else ""), file=sys.stderr)
-    return 0
 
 
 def _say_left_out(context: int | None, loss: int, answers: int | None) -> None:
