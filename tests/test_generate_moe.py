@@ -140,3 +140,18 @@ def test_moe_experts_in_another_layout_fall_back_with_the_reason(layout, words):
     assert unsupported_reason(model) is None
     setattr(model.model.layers[1].mlp.experts, layout, True)
     assert words in unsupported_reason(model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_weights_changed_are_re_fused_once(family):
+    """A changed router is used at the next call, and the call after re-fuses nothing: Mixtral's router, used as it
+    is (no shared-expert gate to fuse it with), was copied onto itself, a change of its own, so every later call
+    re-fused the whole model."""
+    model = build_moe(family)
+    gen = Generator(model)
+    ids_BP, mask_BP = prompts(3, "cpu")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight.mul_(-1.0)
+    ref_BS, _ = hf_greedy(model, ids_BP, mask_BP, NEW)
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), ref_BS)
+    assert gen.decoder.refresh() is False

@@ -252,8 +252,8 @@ class FusedDecoder:
             if fresh:
                 self.layers.append(new)
             else:
-                for key, value in new.items():
-                    if value is not None:
+                for key, value in new.items():  # MoE's router without a shared gate is the parameter itself:
+                    if value is not None and value is not self.layers[i][key]:  # a copy onto it would bump its version
                         self.layers[i][key].copy_(value)
         self._version = version
         return True
