@@ -81,6 +81,19 @@ def test_greedy_identical_to_hf_until_its_first_near_tie(trained, dtype, batch, 
     assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=NEW), out_BS)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_one_token_prompt_matches_hf_also_after_a_longer_call(trained, batch):
+    """A prompt of one token (a word of a tokenizer without BOS) has no padding, so no prefill mask: its one query
+    ran the decode form, which needs a mask over every cache slot (AttributeError on None); after a longer call the
+    cache's other slots hold that call's keys, which it must not see."""
+    model = trained[0]
+    gen = Generator(model)
+    gen.generate(*prompts(batch, False), max_new_tokens=4)  # fills cache slots a one-token prompt must not see
+    ids_BP = prompts(batch, False)[0][:, -1:]
+    mask_BP = torch.ones_like(ids_BP)
+    assert torch.equal(gen.generate(ids_BP, mask_BP, max_new_tokens=8), hf_greedy(model, ids_BP, mask_BP, 8)[0])
+
+
 @pytest.mark.parametrize("config_class", [Qwen2Config, Qwen3Config])
 def test_other_families_match_hf(config_class):
     """Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm) through the same fused decoder: float32 scores within
