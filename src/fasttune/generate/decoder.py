@@ -263,7 +263,6 @@ class FusedDecoder:
         """cos + i sin per (position, pair), float32, from HF's own rotary module (its scaling rules included); pairs
         past the rotary dims (partial rotary) get cos 1, sin 0."""
         self.rope = self._table(length)
-        self.cos_TD2, self.sin_TD2, self.rope_TD2 = self.rope
 
     def _table(self, length: int, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(cos, sin, cos + i sin) per (position, pair) of HF's rotary module called with `args` after the

@@ -63,7 +63,6 @@ class GemmaDecoder(FusedDecoder):
         else:
             self.layer_ropes = [self._table(length)] * len(types)
         self.rope = self.layer_ropes[0]
-        self.cos_TD2, self.sin_TD2, self.rope_TD2 = self.rope
 
     def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """SDPA, or with soft-capped scores HF's eager attention: scale, tanh cap, mask, float32 softmax, values."""

@@ -39,7 +39,7 @@ from fasttune.train.activations import (
     activation_bytes,
     attention_workspace_bytes,
     end_of_backward_bytes,
-    offloaded_bytes,  # fmt: skip
+    offloaded_bytes,
     recompute_flops,
 )
 from fasttune.train.free import available_ram, free_memory
@@ -466,11 +466,11 @@ def host_free(model: torch.nn.Module) -> float | None:
     """What a run on the CPU may still use: the RAM the system can give (shared by this machine's torchrun ranks)
     plus the weights this process already holds, which the estimate counts (as free_memory adds what torch holds on
     a GPU). None where the system does not say."""
-    ram = available_ram()
+    ram = _rank_ram()
     if ram is None:
         return None
     held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
-    return ram / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) + held
+    return ram + held
 
 
 def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None,
