@@ -237,7 +237,7 @@ def test_a_cpu_run_that_would_not_fit_the_machines_ram_stops_before_its_first_st
     """On a CPU the plan is checked against the RAM the system can give (plus the weights already held): `auto`
     recomputes where `none` would not fit, and what fits no plan stops with the estimate, naming the RAM. It started
     and left the system to kill it (quick at --data.max-length 1000000: 159 GiB predicted on a 23 GiB machine)."""
-    from fasttune.train import memory
+    from fasttune.train import free, memory
 
     cfg = tiny_config(tmp_path, max_steps=1, save_every=0, eval_every=0)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=256, micro_batch_size=8))
@@ -252,7 +252,7 @@ def test_a_cpu_run_that_would_not_fit_the_machines_ram_stops_before_its_first_st
     none, full = (memory.estimate(st, p).total for p in ("none", "full"))
     assert full < 0.9 * none
     ram = [0.0]
-    monkeypatch.setattr(memory, "available_ram", lambda: ram[0])
+    monkeypatch.setattr(free, "available_ram", lambda: ram[0])
     held = st.params * st.param_bytes  # host_free adds the weights the process holds
     ram[0] = 0.95 * none / memory.HEADROOM - held  # `none` does not fit, `full` does
     caplog.clear()

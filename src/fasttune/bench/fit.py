@@ -11,7 +11,8 @@ from fasttune.errors import ConfigError
 from fasttune.model.build import preset_config
 from fasttune.train.activations import Shape
 from fasttune.train.footprint import param_count
-from fasttune.train.memory import HEADROOM, Estimate, GiB, Setup, available_ram, estimate, free_memory
+from fasttune.train.free import available_ram, free_memory
+from fasttune.train.memory import HEADROOM, Estimate, GiB, Setup, estimate
 
 LORA_SHARE = 200
 """A LoRA run trains about 1/200 of the weights (r 16 on every linear layer of a Llama; as memory.state_changes)."""

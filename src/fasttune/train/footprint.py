@@ -11,7 +11,8 @@ import torch
 from fasttune.errors import FasttuneError
 from fasttune.model.flops import experts, mlp_matrices
 from fasttune.train.activations import Shape
-from fasttune.train.memory import HEADROOM, GiB, available_ram, free_memory
+from fasttune.train.free import available_ram, free_memory
+from fasttune.train.memory import HEADROOM, GiB
 
 log = logging.getLogger("fasttune")
 

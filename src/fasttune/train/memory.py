@@ -42,7 +42,7 @@ from fasttune.train.activations import (
     offloaded_bytes,
     recompute_flops,
 )
-from fasttune.train.free import available_ram, free_memory
+from fasttune.train.free import free_memory, host_free, rank_ram
 from fasttune.train.recompute import apply_plan, decoder_layers, plans_for
 
 log = logging.getLogger("fasttune")
@@ -361,14 +361,8 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _device_type(model, device) == "cuda",
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
-        scores=scores, host=_device_type(model, device) == "cpu", ram=_rank_ram(),
+        scores=scores, host=_device_type(model, device) == "cpu", ram=rank_ram(),
     )  # fmt: skip
-
-
-def _rank_ram() -> float | None:
-    """The host RAM one rank may take: MemAvailable over torchrun's ranks on this machine (None: unknown)."""
-    ram = available_ram()
-    return None if ram is None else ram / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def gathered(model: torch.nn.Module, gather_bytes: int) -> float:
@@ -460,17 +454,6 @@ def _tag_liger_norms(model: torch.nn.Module, est: Estimate) -> Estimate:
     log.info("model.lean_norm: Liger's %d RMSNorm outputs recomputed in backward (less memory for ~4%% of the step)",
              count)  # fmt: skip
     return est
-
-
-def host_free(model: torch.nn.Module) -> float | None:
-    """What a run on the CPU may still use: the RAM the system can give (shared by this machine's torchrun ranks)
-    plus the weights this process already holds, which the estimate counts (as free_memory adds what torch holds on
-    a GPU). None where the system does not say."""
-    ram = _rank_ram()
-    if ram is None:
-        return None
-    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
-    return ram + held
 
 
 def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: float | None = None,
