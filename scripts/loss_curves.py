@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import sys
 import tempfile
@@ -47,6 +48,7 @@ def run_variant(args, name: str, overrides: list[str], data, tmp: Path) -> dict:
     from fasttune.train.loop import train
 
     cfg = config(args, overrides, tmp / f"run{len(list(tmp.iterdir()))}")
+    gc.collect()  # the previous row's model and optimizer, held by reference cycles, would count in this row's peak
     if torch.cuda.is_available():
         reset_peak_memory(torch.device("cuda"))
     result = train(cfg, data=data)
