@@ -38,18 +38,18 @@ def build(config, device: str = "cpu", attn: str = "eager"):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(device).eval()
 
 
-def prompts(batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ids_BP = synthetic_tokens(batch, PROMPT, symbols=48, seed=batch)
+def prompts(batch: int, device: str, length: int = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+    ids_BP = synthetic_tokens(batch, length, symbols=48, seed=batch)
     mask_BP = torch.ones_like(ids_BP)
     for row in range(1, batch):  # left padding of different lengths
         ids_BP[row, : 2 * row + 1] = mask_BP[row, : 2 * row + 1] = 0
     return ids_BP.to(device), mask_BP.to(device)
 
 
-def check_matches_hf(model, batch: int, new: int = NEW) -> list[torch.Tensor]:
-    """Fast greedy tokens and scores against HF's; returns HF's scores."""
+def check_matches_hf(model, batch: int, new: int = NEW, length: int = PROMPT) -> tuple[list, list]:
+    """Fast greedy tokens and scores against HF's on prompts of `length`; returns HF's scores and the fast ones."""
     device = next(model.parameters()).device.type
-    ids_BP, mask_BP = prompts(batch, device)
+    ids_BP, mask_BP = prompts(batch, device, length)
     ref_BS, ref_scores = hf_greedy(model, ids_BP, mask_BP, new)
     gen = Generator(model, use_graphs=False)  # eager steps, so that every step's scores are seen here
     assert gen.reason is None, gen.reason
@@ -58,7 +58,7 @@ def check_matches_hf(model, batch: int, new: int = NEW) -> list[torch.Tensor]:
     gen._select = lambda logits_BV, *key: (seen.append(logits_BV.clone()), select(logits_BV, *key))[1]
     out_BS = gen.generate(ids_BP, mask_BP, max_new_tokens=new)
     assert gen.call_reason is None and len(seen) == new  # the fused decoder ran, every step
-    result = greedy_agreement(ref_scores, ref_BS[:, PROMPT:], out_BS[:, PROMPT:], TOLERANCE[torch.float32])
+    result = greedy_agreement(ref_scores, ref_BS[:, length:], out_BS[:, length:], TOLERANCE[torch.float32])
     assert result["agree"], result
     limit = 1e-5 if device == "cpu" else TOLERANCE[torch.float32]
     assert max(float((a - b).abs().max()) for a, b in zip(ref_scores, seen, strict=True)) < limit
@@ -66,9 +66,9 @@ def check_matches_hf(model, batch: int, new: int = NEW) -> list[torch.Tensor]:
         graphed = Generator(model)
         graphed_BS = graphed.generate(ids_BP, mask_BP, max_new_tokens=new)
         assert graphed.use_graphs and sum(len(s.graphs) for s in graphed._states.values()) == 1
-        result = greedy_agreement(ref_scores, ref_BS[:, PROMPT:], graphed_BS[:, PROMPT:], TOLERANCE[torch.float32])
+        result = greedy_agreement(ref_scores, ref_BS[:, length:], graphed_BS[:, length:], TOLERANCE[torch.float32])
         assert result["agree"], result
-    return ref_scores
+    return ref_scores, seen
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -76,7 +76,7 @@ def check_matches_hf(model, batch: int, new: int = NEW) -> list[torch.Tensor]:
 @pytest.mark.parametrize("batch", [1, 3])  # batch 1: the prompt pass has no padding mask, only the window's
 def test_sliding_window_smaller_than_the_call_matches_hf(family, batch, device):
     model = build(WINDOWED[family](), device)
-    ref_scores = check_matches_hf(model, batch)
+    ref_scores, _ = check_matches_hf(model, batch)
     # the window matters: the same weights attending to everything score otherwise
     full = WINDOWED[family]()
     full.sliding_window, full.use_sliding_window = None, False

@@ -12,6 +12,8 @@ runs the same model from the same weights in ~15 kernels per layer:
   slots not written yet), so shapes never depend on the step: one graph serves every step, prompt length and call.
   Grouped-query attention is SDPA over (B, Hkv, G*Q, D) queries: no repeat of the keys. A sliding-window layer's
   mask also has -inf on the slots its window leaves behind (made once per step per window size);
+- the prompt runs in query chunks of at most PREFILL_CHUNK positions (`prefill`), each over the cache slots written
+  so far, causal within itself: its masks are (B, 1, C, K), never (P, P), and its MLPs see B * C tokens;
 - Phi-3's fused qkv_proj / gate_up_proj are split into the same fused copies; its partial rotary leaves the last
   head dims unrotated (cos 1, sin 0 in the same complex multiply);
 - an MoE layer's feed-forward is moe.py's (router, experts on HF's fused expert weights, Qwen2-MoE's shared expert);
@@ -19,7 +21,8 @@ runs the same model from the same weights in ~15 kernels per layer:
 Rounding therefore differs from HF's (fp32: ~1e-6 relative in the logits; bf16: a few hundredths): greedy tokens
 equal HF's up to its first near-tie (docs/BENCHMARKS.md, tests/test_generate_fast.py).
 
-Legend: B batch, Q query positions of a forward (P at prefill, 1 at decode), T cache capacity, L layers,
+Legend: B batch, Q query positions of a forward (a prompt chunk's C, 1 at decode), P prompt length, K keys a prompt
+chunk reads (the slots written so far, its own included), T cache capacity, L layers,
 Hq/Hkv query/key-value heads, G = Hq/Hkv, D head dim, E hidden size, V vocab.
 """
 
@@ -41,6 +44,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depen
 # switches every position to its long factors beyond: static within that length, so calls longer fall back (per call)
 BOUNDED_ROPE = ("longrope",)
 LAYER_KINDS = {"full_attention", "sliding_attention"}
+PREFILL_CHUNK = 2048  # most prompt positions per row one forward of the prompt pass runs (`FusedDecoder.prefill`)
+PREFILL_BYTES = 1 << 29  # a prompt chunk's (B, C, K) masks (and Gemma 2's soft-capped scores) stay within this
 
 
 def unsupported_reason(model) -> str | None:
@@ -327,21 +332,23 @@ class FusedDecoder:
             q_BQF, k_BQF = self._norm(q_BQF, fused["q_norm"]), self._norm(k_BQF, fused["k_norm"])
         return torch.cat([q_BQF, k_BQF, v_BQF], -1)
 
-    def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Attention output (B * Q, Hq * D). Decode (Q = 1): over all T cache slots under `bias` (B, Hkv, G, T).
-        Prefill (Q = P, written to slots 0..P-1): over those P slots only, causal, `bias` (B, 1, P, P) or None."""
+    def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None,
+                   keys: int | None) -> torch.Tensor:  # fmt: skip
+        """Attention output (B * Q, Hq * D). Decode (`keys` None, Q = 1): over all T cache slots under `bias`
+        (B, Hkv, G, T). A prompt chunk (its Q queries written to slots keys-Q..keys-1): over slots 0..keys-1 under
+        `bias` (B or 1, 1, Q, keys), or None when it is the whole prompt without padding (causal)."""
         B, Q, Hq, D = q_BQHD.shape
         G = Hq // self.kv_heads
-        if Q == 1:  # GQA as more queries per key head: query head h reads key head h // G, as HF's repeat_kv
+        if keys is None:  # GQA as more queries per key head: query head h reads key head h // G, as HF's repeat_kv
             q_BKGD = q_BQHD.view(B, self.kv_heads, G, D)
             o_BKGD = F.scaled_dot_product_attention(q_BKGD, kv_2BHTD[0], kv_2BHTD[1], bias, scale=self.scale)
             return o_BKGD.reshape(B, Hq * D)
-        # prefill: keys repeated per query head (B * Hq * P * D, small) so the mask broadcasts over heads without
-        # a copy; the grouped layout above would need the (B, Hkv, G*P, T) mask materialized, GBs at long prompts
-        k_BHPD, v_BHPD = (x[:, :, :Q].repeat_interleave(G, dim=1) for x in kv_2BHTD)
-        o_BHPD = F.scaled_dot_product_attention(q_BQHD.transpose(1, 2), k_BHPD, v_BHPD, bias, is_causal=bias is None,
+        # prefill: keys repeated per query head (B * Hq * K * D, the size of the keys) so the mask broadcasts over
+        # heads without a copy; the grouped layout above would need the (B, Hkv, G*Q, K) mask materialized
+        k_BHKD, v_BHKD = (x[:, :, :keys].repeat_interleave(G, dim=1) for x in kv_2BHTD)
+        o_BHQD = F.scaled_dot_product_attention(q_BQHD.transpose(1, 2), k_BHKD, v_BHKD, bias, is_causal=bias is None,
                                                 scale=self.scale)  # fmt: skip
-        return o_BHPD.transpose(1, 2).reshape(B * Q, Hq * D)
+        return o_BHQD.transpose(1, 2).reshape(B * Q, Hq * D)
 
     def _window_bias(self, bias: torch.Tensor | None, slots_Q: torch.Tensor, keys: int,
                      window: int | None) -> torch.Tensor | None:  # fmt: skip
@@ -352,15 +359,15 @@ class FusedDecoder:
             return bias
         key_slots_K = torch.arange(keys, device=self.device)
         far_QK = key_slots_K <= slots_Q[:, None] - window
-        if bias is None:  # prefill without padding: the causal mask, explicit
+        if bias is None:  # a whole prompt without padding: the causal mask, explicit
             bias = torch.zeros(far_QK.shape, dtype=self.dtype, device=self.device)
             bias = bias.masked_fill(key_slots_K > slots_Q[:, None], float("-inf"))
         return bias.masked_fill(far_QK, float("-inf"))
 
     def _biases(self, bias: torch.Tensor | None, slots_Q: torch.Tensor, cache: torch.Tensor,
-                Q: int) -> dict[int | None, torch.Tensor | None]:  # fmt: skip
+                keys: int | None) -> dict[int | None, torch.Tensor | None]:  # fmt: skip
         """The mask of each window size, made once per step."""
-        keys = cache.shape[-2] if Q == 1 else Q  # decode reads every cache slot, prefill the prompt's
+        keys = cache.shape[-2] if keys is None else keys  # decode reads every cache slot, a prompt chunk those written
         return {w: self._window_bias(bias, slots_Q, keys, w) for w in set(self.windows)}
 
     def _silu_mul(self, gate_up_N2I: torch.Tensor) -> torch.Tensor:
@@ -370,29 +377,70 @@ class FusedDecoder:
         gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
         return F.silu(gate_NI) * up_NI
 
+    def prefill_chunk(self, batch: int, keys: int) -> int:
+        """Query positions per row of one prompt chunk whose masks span `keys` slots: PREFILL_CHUNK, or fewer where
+        its (B, C, keys) tensors would pass PREFILL_BYTES (a long prompt in a large batch)."""
+        return max(1, min(PREFILL_CHUNK, PREFILL_BYTES // (batch * keys * self._score_bytes())))
+
+    def _score_bytes(self) -> int:
+        """Bytes a prompt chunk holds per (row, query, key): its visibility mask and temporaries (bool), the additive
+        mask and a copy per sliding window size (model dtype)."""
+        return 3 + self.dtype.itemsize * (1 + len({w for w in self.windows if w is not None}))
+
+    @torch.no_grad()
+    def prefill(self, ids_BP: torch.Tensor, pos_BP: torch.Tensor, real_BP: torch.Tensor,
+                cache: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Logits (B, V) in float32 of the prompt's last position. The prompt (`real_BP` False on left padding) is
+        written to cache slots 0..P-1 in chunks of `prefill_chunk` positions, each attending to the slots written
+        before it and causally within itself: the same attention as one pass, with (B, 1, C, K) masks, never (P, P),
+        and C tokens per row through the MLPs at a time."""
+        B, P = ids_BP.shape
+        chunk = self.prefill_chunk(B, P)
+        real_BP = None if bool(real_BP.all()) else real_BP
+        slots_P = torch.arange(P, device=self.device)
+        for start in range(0, P, chunk):
+            end = min(start + chunk, P)
+            bias = self._chunk_bias(real_BP, slots_P[start:end], end)
+            logits_BV = self.forward(ids_BP[:, start:end], pos_BP[:, start:end], slots_P[start:end], cache, bias, end)
+        return logits_BV
+
+    def _chunk_bias(self, real_BP: torch.Tensor | None, slots_Q: torch.Tensor, keys: int) -> torch.Tensor | None:
+        """The additive mask (B, 1, Q, keys) of a prompt chunk at `slots_Q` over slots 0..keys-1: a query sees the
+        real keys up to its own slot, and always itself (a padding query with no key at all would give NaN). Without
+        padding (`real_BP` None) (1, 1, Q, keys), and None for a whole prompt: causal, as HF drops an all-ones mask."""
+        if real_BP is None and keys == slots_Q.shape[0]:
+            return None
+        slots_K = torch.arange(keys, device=self.device)
+        visible_BQK = (slots_K <= slots_Q[:, None])[None]
+        if real_BP is not None:
+            visible_BQK = (visible_BQK & real_BP[:, None, :keys]) | (slots_K == slots_Q[:, None])
+        bias_BQK = torch.zeros(visible_BQK.shape, dtype=self.dtype, device=self.device)
+        return bias_BQK.masked_fill_(~visible_BQK, float("-inf"))[:, None]
+
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+                bias: torch.Tensor | None, keys: int | None = None) -> torch.Tensor:  # fmt: skip
         """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
-        `slots_Q`, then attends with the additive mask (0 or -inf) `bias`: at decode (B, 1, 1, T) over all cache
-        slots; at prefill (slots 0..P-1) (B, 1, P, P), or None for causal attention without padding."""
+        `slots_Q`, then attends with the additive mask (0 or -inf) `bias`: at decode (`keys` None, Q = 1)
+        (B, 1, 1, T) over all cache slots; a prompt chunk (`prefill`: slots keys-Q..keys-1) over slots 0..keys-1,
+        (B or 1, 1, Q, keys), or None for a whole prompt without padding (causal)."""
         model = self.model.model
         B, Q = ids_BQ.shape
         Hq, Hkv = self.heads, self.kv_heads
-        if Q == 1:  # the mask as SDPA sees it, materialized once per step rather than expanded by every layer's call
+        if keys is None:  # the mask as SDPA sees it, materialized once per step rather than expanded by every layer
             bias = bias.expand(B, Hkv, Hq // Hkv, -1).contiguous()
-        biases = self._biases(bias, slots_Q, cache, Q)
+        biases = self._biases(bias, slots_Q, cache, keys)
         h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)
         for layer, fused, window in zip(model.layers, self.layers, self.windows, strict=True):
             a = layer.self_attn
             qkv_BQF = F.linear(self._norm(h_NE, layer.input_layernorm.weight), fused["qkv"], fused["qkv_bias"])
             q_BQHD = self._queries(fused, qkv_BQF.view(B, Q, -1), pos_BQ, slots_Q, cache[a.layer_idx])
-            o_NF = self._attention(q_BQHD, cache[a.layer_idx], biases[window])
+            o_NF = self._attention(q_BQHD, cache[a.layer_idx], biases[window], keys)
             h_NE.addmm_(o_NF, a.o_proj.weight.t())  # residual fused, in place: addmm would first copy h
             if a.o_proj.bias is not None:
                 h_NE.add_(a.o_proj.bias)
             x_NE = self._norm(h_NE, layer.post_attention_layernorm.weight)
             if fused["router"] is not None:
-                h_NE.add_(moe.forward(self.model.config, layer.mlp, fused, x_NE, Q > 1, self._silu_mul))
+                h_NE.add_(moe.forward(self.model.config, layer.mlp, fused, x_NE, keys is not None, self._silu_mul))
             else:
                 h_NE.addmm_(self._silu_mul(F.linear(x_NE, fused["gate_up"])), layer.mlp.down_proj.weight.t())
         x_BE = self._norm(h_NE.view(B, Q, -1)[:, -1], model.norm.weight)

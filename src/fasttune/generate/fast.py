@@ -336,19 +336,10 @@ class Generator:
         pos_BP = (mask_BP.long().cumsum(-1) - 1).masked_fill(~real_BP, 1)
         state.pos_B.copy_(pos_BP[:, -1] + 1)
         state.slot_1.fill_(prompt_len)
-        slots_P = torch.arange(prompt_len, device=self.device)
-        bias_B1PP = None  # no padding: causal attention, no mask (as HF, which drops an all-ones mask)
-        if not bool(real_BP.all()):
-            # a query sees real earlier keys, and always itself: a padding row with no key at all would give NaN
-            visible_BPP = (real_BP[:, None, :] & (slots_P <= slots_P[:, None])) | (slots_P == slots_P[:, None])
-            bias_B1PP = torch.zeros(visible_BPP.shape, dtype=self.decoder.dtype, device=self.device)
-            bias_B1PP = bias_B1PP.masked_fill(~visible_BPP, float("-inf"))[:, None]
         real_BT = torch.zeros((rows, capacity), dtype=torch.bool, device=self.device)
         real_BT[:, :prompt_len] = real_BP
         state.bias_B11T.copy_(torch.zeros_like(state.bias_B11T).masked_fill(~real_BT[:, None, None], float("-inf")))
-        if prompt_len == 1:  # one query per row is the decoder's decode form: over every cache slot, the first seen
-            bias_B1PP = state.bias_B11T
-        logits_BV = self.decoder.forward(ids_BP, pos_BP, slots_P, state.cache, bias_B1PP)
+        logits_BV = self.decoder.prefill(ids_BP, pos_BP, real_BP, state.cache)  # in chunks: no (P, P) mask
         self._commit(state, state.slot_1, self._select(logits_BV, *key, row_uniform(state.keys_B, 0)))
 
     def _step(self, state: _State, sample: bool, top_k: int) -> None:

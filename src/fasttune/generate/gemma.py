@@ -64,38 +64,47 @@ class GemmaDecoder(FusedDecoder):
             self.layer_ropes = [self._table(length)] * len(types)
         self.rope = self.layer_ropes[0]
 
-    def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _score_bytes(self) -> int:
+        """As FusedDecoder's, plus the soft-capped attention's scores per query head: capped, masked (model dtype)
+        and their float32 softmax."""
+        capped = self.heads * (3 * self.dtype.itemsize + 4) if self.attn_softcap else 0
+        return super()._score_bytes() + capped
+
+    def _attention(self, q_BQHD: torch.Tensor, kv_2BHTD: torch.Tensor, bias: torch.Tensor | None,
+                   keys: int | None) -> torch.Tensor:  # fmt: skip
         """SDPA, or with soft-capped scores HF's eager attention: scale, tanh cap, mask, float32 softmax, values."""
         if not self.attn_softcap:
-            return super()._attention(q_BQHD, kv_2BHTD, bias)
+            return super()._attention(q_BQHD, kv_2BHTD, bias, keys)
         B, Q, Hq, D = q_BQHD.shape
-        G, keys = Hq // self.kv_heads, kv_2BHTD.shape[-2] if Q == 1 else Q
+        decode, G = keys is None, Hq // self.kv_heads
+        keys = kv_2BHTD.shape[-2] if decode else keys
         k_BHKD, v_BHKD = (x[:, :, :keys].repeat_interleave(G, dim=1) for x in kv_2BHTD)
         s_BHQK = q_BQHD.transpose(1, 2) @ k_BHKD.transpose(-1, -2) * self.scale
         s_BHQK = torch.tanh(s_BHQK / self.attn_softcap) * self.attn_softcap
-        if Q == 1:  # (B, Hkv, G, T): query head h = kv head h // G, as in the grouped SDPA
+        if decode:  # (B, Hkv, G, T): query head h = kv head h // G, as in the grouped SDPA
             bias = bias.reshape(B, Hq, 1, keys)
-        elif bias is None:  # prefill without padding: causal
+        elif bias is None:  # a whole prompt without padding: causal
             bias = torch.zeros((Q, Q), dtype=self.dtype, device=self.device)
             bias = bias.masked_fill(torch.ones_like(bias, dtype=torch.bool).triu(1), float("-inf"))
         p_BHQK = (s_BHQK + bias).softmax(-1, dtype=torch.float32).to(self.dtype)
         return (p_BHQK @ v_BHKD).transpose(1, 2).reshape(B * Q, Hq * D)
 
     def forward(self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, slots_Q: torch.Tensor, cache: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+                bias: torch.Tensor | None, keys: int | None = None) -> torch.Tensor:  # fmt: skip
         """As FusedDecoder.forward, with Gemma's layer."""
         model = self.model.model
         B, Q = ids_BQ.shape
         Hq, Hkv = self.heads, self.kv_heads
-        if Q == 1:
+        if keys is None:
             bias = bias.expand(B, Hkv, Hq // Hkv, -1).contiguous()
-        biases = self._biases(bias, slots_Q, cache, Q)
+        biases = self._biases(bias, slots_Q, cache, keys)
         h_NE = model.embed_tokens(ids_BQ).view(B * Q, -1)  # scaled by sqrt(hidden) in the model dtype, as HF
         for layer, fused, window, rope in zip(model.layers, self.layers, self.windows, self.layer_ropes, strict=True):
             a, m = layer.self_attn, layer.mlp
             qkv_BQF = F.linear(self._norm(h_NE, layer.input_layernorm.weight), fused["qkv"], fused["qkv_bias"])
             q_BQHD = self._queries(fused, qkv_BQF.view(B, Q, -1), pos_BQ, slots_Q, cache[a.layer_idx], rope)
-            o_NE = F.linear(self._attention(q_BQHD, cache[a.layer_idx], biases[window]), a.o_proj.weight, a.o_proj.bias)
+            o_NF = self._attention(q_BQHD, cache[a.layer_idx], biases[window], keys)
+            o_NE = F.linear(o_NF, a.o_proj.weight, a.o_proj.bias)
             h_NE = h_NE + self._norm(o_NE, layer.post_attention_layernorm.weight)
             gate_up_N2I = F.linear(self._norm(h_NE, layer.pre_feedforward_layernorm.weight), fused["gate_up"])
             gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
