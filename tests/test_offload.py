@@ -176,8 +176,8 @@ def test_offload_on_the_cpu_is_refused_with_the_command_line_naming_the_flag(typ
     out = ["--output-dir", str(tmp_path / "run")]
     assert cli.main(["train", *typed, "--training.device", "cpu", *out]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("error: --model.memory offload: this run trains on the CPU")
-    assert "(--training.device cpu)" in err and err.endswith("use --model.memory full")
+    assert "\n" not in err and err.startswith("error: --model.memory=offload: this run trains on the CPU")
+    assert "(--training.device=cpu)" in err and err.endswith("use --model.memory full")
     assert cli.main(["train", *typed, *out]) == 2
     assert "(no CUDA GPU is visible to torch)" in capsys.readouterr().err
     (tmp_path / "c.yaml").write_text("model:\n  memory: offload\n")
@@ -192,7 +192,7 @@ def test_the_offload_spelling_is_checked():
     for bad in ("Offload", "offload:2", "full+offload", "offloaded", "cpu"):
         with pytest.raises(ConfigError, match="model.memory"):
             ModelConfig(memory=bad)
-    with pytest.raises(ConfigError, match="does not run under --training.compile"):
+    with pytest.raises(ConfigError, match="does not run under training.compile"):
         BaseConfig(model=ModelConfig(memory="offload"), training=TrainingConfig(compile=True))
 
 

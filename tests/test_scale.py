@@ -64,7 +64,7 @@ def test_a_folder_without_weights_is_refused_unless_random_init_is_asked_for(tmp
     with pytest.raises(ConfigError, match="no weights: LoRA would train adapters on a frozen random base"):
         loop.train(lora)  # adapters on a random frozen base: never what a user wants
     lora = dataclasses.replace(lora, model=dataclasses.replace(lora.model, random_init=True))
-    with pytest.raises(ConfigError, match="--model.random-init with LoRA would train adapters on a frozen random"):
+    with pytest.raises(ConfigError, match="model.random_init with lora.enabled would train adapters on a frozen"):
         loop.train(lora)
     argv = ["train", "--experiment", "sft", "--model", str(folder), "--data", str(GSM8K), "--max-steps", "1",
             "--output-dir", str(tmp_path / "cli")]  # fmt: skip

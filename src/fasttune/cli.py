@@ -169,6 +169,20 @@ def _message(e: Exception) -> str:
             f"folder) or use another path (--debug shows where)")  # fmt: skip
 
 
+def _name_options(e: Exception, argv: Sequence[str], command: Command | None) -> None:
+    """A FasttuneError's message with each config key in it (`training.compile`) named as the user gave that option:
+    the flag as typed, the --config file's key, the preset (config/naming.py); the same error, so that --debug
+    shows where it came from. `command`: the options, once parsed."""
+    path, target = _selected(argv)
+    if not isinstance(e, FasttuneError) or not e.args or not isinstance(target, str):
+        return
+    try:
+        names = _load(target).option_names(argv[len(path) :], command)
+    except Exception:  # noqa: BLE001 - a file or preset that cannot be read: the message as the check wrote it
+        return
+    e.args = (names.rewrite(str(e.args[0])), *e.args[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run one subcommand; user errors become one line on stderr and exit code 2 (traceback with --debug).
     Output piped into a reader that went away (`| head`, `| tee` after a Ctrl-C) goes to os.devnull from then on:
@@ -183,6 +197,7 @@ def _main(argv: list[str]) -> int:
     # --debug decides how errors raised while parsing are shown, so it is looked at before tyro parses
     debug = "--debug" in argv
     rank = _later_rank(argv)
+    command = None
     try:
         _setup_logging(debug)
         with _quiet_parsing(rank):
@@ -193,6 +208,7 @@ def _main(argv: list[str]) -> int:
     except BrokenPipeError:  # --help piped into `head`
         return 0
     except (FasttuneError, PermissionError) as e:
+        _name_options(e, argv, command)
         if debug:
             raise
         if rank is None:
@@ -213,6 +229,7 @@ def _main(argv: list[str]) -> int:
     except PeerFailed as e:  # rank 0 said why
         return e.exit_code
     except (FasttuneError, PermissionError) as e:
+        _name_options(e, argv, command)
         if debug:
             raise
         print(f"{'' if rank is None else f'[rank {rank}] '}error: {_message(e)}", file=sys.stderr)

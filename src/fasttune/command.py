@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
 import tyro
+
+if TYPE_CHECKING:
+    from fasttune.config.naming import OptionNames
 
 
 @dataclasses.dataclass
@@ -18,6 +22,16 @@ class Command:
     def check(self) -> None:
         """Checks of the command line alone, the same on every torchrun rank: run with parsing, so that cli.py
         reports their errors once, from rank 0."""
+
+    @classmethod
+    def option_names(cls, args: Sequence[str], parsed: Command | None = None) -> OptionNames:
+        """How the user gave each option in `args` (the command line after the command's name), for the CLI to name
+        them so in an error (config/naming.py); `parsed`: the options, when they were parsed. Here: the flags typed
+        for the dotted keys of nested options; a command whose options also come from elsewhere says so."""
+        from fasttune.config.argcheck import options
+        from fasttune.config.naming import OptionNames
+
+        return OptionNames(args, {key: flags for key, _, flags in options(cls) if "." in key})
 
     def run(self) -> int:
         """Do the work; return the exit code."""

@@ -141,6 +141,11 @@ def _variant(text: str) -> tuple[str, list[str]]:
         raise ConfigError(f"--variant {name!r}: {e}") from None
 
 
+BENCH_KEYS = {"data.max_length": ("--max-length",), "data.micro_batch_size": ("--micro-batch",),
+              "training.device": ("--device",), "model.preset": ("--preset",), "lora.enabled": ("--lora",)}  # fmt: skip
+"""The keys of every row's training config that an option of bench train sets (bench/train.py fasttune_config)."""
+
+
 @dataclasses.dataclass
 class TrainBench(Command):
     """Measure end-to-end training on this machine (tokens/s, samples/s, MFU, peak memory) for fasttune's loop
@@ -214,6 +219,14 @@ class TrainBench(Command):
     @classmethod
     def default_for(cls, args: list[str]) -> TrainBench:
         return cls(given=tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--")))
+
+    @classmethod
+    def option_names(cls, args, parsed=None):
+        """The options of the rows' training config that bench train's own set, named as typed (config/naming.py);
+        a --variant's keys are named with the variant (_check_variants)."""
+        from fasttune.config.naming import OptionNames
+
+        return OptionNames(args, BENCH_KEYS)
 
     def run(self) -> int:
         from tqdm.auto import tqdm
@@ -400,7 +413,7 @@ def _check_variants(cfg, runs: list[dict]) -> None:
 
     from fasttune.bench.train import fasttune_config
 
-    names = [spec["name"] for spec in runs]
+    names, variants = [spec["name"] for spec in runs], {name for name, _ in cfg.variants}
     for spec in runs:
         if spec.get("overrides") is not None and names.count(spec["name"]) > 1:
             raise ConfigError(f"--variant {spec['name']!r}: another row has that name; give each variant its own")
@@ -411,6 +424,8 @@ def _check_variants(cfg, runs: list[dict]) -> None:
             try:
                 fasttune_config(cfg, spec["attn"], spec["packing"], spec["overrides"], Path(tmp) / "run")
             except ConfigError as e:
+                if spec["name"] not in variants:  # a row of bench train's own (--equal-tokens): its options' error
+                    raise
                 raise ConfigError(f"--variant {spec['name']!r}: {e}") from None
 
 

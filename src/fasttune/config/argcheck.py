@@ -288,10 +288,10 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
 
 
 def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], command: str = "", commands=(),
-          typed: bool = True, **kw):  # fmt: skip
-    """`tyro.cli(kind, args=args, ...)`; a parse error raises ConfigError with one line (see `message`). `typed`: a
-    value a section's check refuses is named by the flag the user typed (`--epochs=0.0`, not `training.epochs=0.0`);
-    off for --variant's section.field=value overrides, which the user wrote as keys."""
+          **kw):  # fmt: skip
+    """`tyro.cli(kind, args=args, ...)`; a parse error raises ConfigError with one line (see `message`). A value a
+    section's check refuses is named by its key (`training.epochs=0.0`): the CLI names it as the user gave it
+    (config/naming.py)."""
     import tyro
 
     args, command = list(args), command or prog
@@ -310,37 +310,15 @@ def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], comma
     try:
         with quiet, registered:
             return tyro.cli(kind, args=args, prog=prog, **kw)
-    except ConfigError as exc:  # a section's own check of a value (training.epochs=0.0 is not valid)
-        if not typed:
-            raise
-        exc.args = (_as_typed(str(exc), args, kind), *exc.args[1:])  # the same error: --debug shows where it came from
-        raise
     except SystemExit as exc:
         if wants_help or exc.code in (0, None):
             raise
         raise ConfigError(f"invalid arguments; see `{command} --help`") from None
 
 
-def _as_typed(message: str, args: Sequence[str], kind) -> str:
-    """`message` of a config section's check ("training.epochs=0.0 is not valid; ...") naming the option as the
-    user typed it (--epochs=0.0) when a flag of it is in `args`; unchanged otherwise (a --config file's value: the
-    file names it)."""
-    key, eq, rest = message.partition("=")
-    if not eq or not key or key.startswith("-"):
-        return message
-    for cls in typing.get_args(kind) or (kind,):  # the union of subcommands
-        cls = _unwrap(cls)[0]
-        if not dataclasses.is_dataclass(cls):
-            continue
-        for dotted, _, flags in options(cls):
-            if (dotted == key or dotted.endswith("." + key)) and (flag := typed_flag(args, flags)):
-                return f"{flag}={rest}"
-    return message
-
-
 def parse_overrides(base: BaseConfig, args: list[str], prog: str = "fasttune train") -> BaseConfig:
     """`base` with `args` (`--section.field VALUE`, `--flag`, `--no-flag`) applied and validated."""
-    cfg = parse(BaseConfig, args, prog=prog, table=option_table(), default=base, typed=False)
+    cfg = parse(BaseConfig, args, prog=prog, table=option_table(), default=base)
     return cfg.validate()
 
 

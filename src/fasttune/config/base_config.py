@@ -345,7 +345,7 @@ class BaseConfig:
             raise ConfigError("lora.enabled needs a base model (--model PATH or a model.preset)")
         if self.model.memory == "offload" and self.training.compile:
             raise ConfigError(
-                "model.memory=offload does not run under --training.compile (torch.compile would trace its "
+                "model.memory=offload does not run under training.compile (torch.compile would trace its "
                 "offload hooks with each layer, which fasttune does not support); drop one of the two, or use "
                 "--model.memory full"
             )

@@ -293,9 +293,9 @@ def check_weights(cfg: ModelConfig, lora: bool = False) -> None:
         return  # a preset; a folder without config.json is load_model_config's one line
     if lora and cfg.random_init:
         raise ConfigError(
-            "--model.random-init with LoRA would train adapters on a frozen random base; drop --model.random-init "
-            f"and pass the folder with the model's weights, or train {cfg.path}'s architecture in full (--experiment "
-            "sft)"
+            "model.random_init with lora.enabled would train adapters on a frozen random base; drop "
+            f"--model.random-init and pass the folder with the model's weights, or train {cfg.path}'s architecture "
+            "in full (--experiment sft)"
         )
     if cfg.random_init or has_weights(cfg.path):
         return

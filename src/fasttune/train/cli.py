@@ -39,9 +39,9 @@ class TrainArgs(Command):
     """The dotted keys whose value comes from --config (not overridden on the command line)."""
 
     @classmethod
-    def default_for(cls, args: Sequence[str]) -> TrainArgs:
+    def default_for(cls, args: Sequence[str], quiet: bool = False) -> TrainArgs:
         """The preset named by `--experiment` in `args` (default quick), changed by `--config FILE`: the defaults
-        every other option overrides."""
+        every other option overrides. `quiet`: no notice of what the file sets (said when it was first read)."""
         from fasttune.config import EXPERIMENTS
 
         name, path = _last_value(args, "--experiment"), _last_value(args, "--config")
@@ -52,7 +52,7 @@ class TrainArgs(Command):
         typed = tuple(a.partition("=")[0].replace("_", "-") for a in args if a.startswith("--"))
         from fasttune.config.files import ConfigFile, leaves
 
-        file = ConfigFile.load(path, typed=typed) if path is not None else None
+        file = ConfigFile.load(path, quiet=quiet, typed=typed) if path is not None else None
         own = "--resume" in typed and _resumed_config(args, name, file)
         length = run_length_flag(typed, file)
         if file is None and not own:
@@ -81,7 +81,7 @@ class TrainArgs(Command):
         from fasttune.train.device import refuse_offload_on_cpu  # torch: after the checks of the command line alone
         from fasttune.train.loop import check_launch
 
-        refuse_offload_on_cpu(cfg.model.memory, cfg.training.device, self.named("model.memory", cfg.model.memory))
+        refuse_offload_on_cpu(cfg.model.memory, cfg.training.device)
         check_launch(cfg)
         fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False)
         if cfg.resume and self.config_file:
@@ -94,15 +94,20 @@ class TrainArgs(Command):
             return f"set in {self.config_file}"
         return flag if flag in self.given else f"the {self.config.experiment} preset's default"
 
-    def named(self, key: str, value: object) -> str:
-        """Option `key` (dotted) with `value` as the user gave it, for an error: `--model.memory offload` as typed,
-        `model.memory: offload in FILE` from --config, else the preset's `key=value`."""
+    @classmethod
+    def option_names(cls, args: Sequence[str], parsed: TrainArgs | None = None):
+        """Each option as typed, else as its --config file (a --resume's own config.json too) or the preset set it
+        (config/naming.py). Before the options were parsed: the defaults of `args` (a file or preset that cannot
+        be read named itself)."""
         from fasttune.config.files import leaves
+        from fasttune.config.naming import OptionNames, preset_keys, value_of
 
-        if key in self.from_file:
-            return f"{key}: {value} in {self.config_file}"
-        typed = [f for f in leaves()[key].flags if f in self.given]
-        return f"{typed[-1]} {value}" if typed else f"the {self.config.experiment} preset's {key}={value}"
+        own = parsed if parsed is not None else cls.default_for(args, quiet=True)
+        table = {key: leaf.flags for key, leaf in leaves().items()}
+        values = {key: value_of(own.config, key) for key in own.from_file}
+        by_preset = preset_keys(own.config.experiment) - set(own.from_file)
+        return OptionNames(args, table, own.config_file, frozenset(own.from_file), values, own.config.experiment,
+                           by_preset)  # fmt: skip
 
     def run(self) -> int:
         from fasttune.train.loop import train

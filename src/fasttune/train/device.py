@@ -74,11 +74,11 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
     return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast
 
 
-def refuse_offload_on_cpu(memory: str, device: str, option: str = "model.memory=offload") -> None:
+def refuse_offload_on_cpu(memory: str, device: str) -> None:
     """Stop a run that would train on the CPU with the `offload` plan, before its data is read: its activations are in
-    host memory already. `option`: the offload setting as the user gave it (`--model.memory offload`)."""
+    host memory already (the CLI names model.memory as the user gave it)."""
     if memory != "offload" or pick_device(device).type != "cpu":
         return
-    why = "--training.device cpu" if device == "cpu" else "no CUDA GPU is visible to torch"
-    raise ConfigError(f"{option}: this run trains on the CPU ({why}), whose activations are in host memory already, "
-                      "so there is nothing to offload; use --model.memory full")  # fmt: skip
+    why = "training.device=cpu" if device == "cpu" else "no CUDA GPU is visible to torch"
+    raise ConfigError(f"model.memory=offload: this run trains on the CPU ({why}), whose activations are in host memory "
+                      "already, so there is nothing to offload; use --model.memory full")  # fmt: skip

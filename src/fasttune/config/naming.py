@@ -1,0 +1,102 @@
+"""Errors name every config option the way the user gave it. A check anywhere (a section's `__post_init__`, a
+cross-field check, training's device or memory checks) names an option by its dotted key (`model.memory=offload does
+not run under training.compile`); `OptionNames.rewrite`, called where the CLI turns an error into its one line
+(cli.py), names each key as the user set it:
+
+- typed on the command line: the flag typed, an alias as such (`--epochs=0.0`, not `--training.epochs=0.0`), with
+  dashes as every error writes flags (`--model.gradient-checkpointing` for `--model.gradient_checkpointing`);
+- set in a --config file: the key, its value and the file (`training.compile: true in run.yaml`);
+- set by the experiment preset: `the sft preset's data.max_length=1024`;
+- a default no one set: the key as written.
+
+A message that starts with a flag (`--resume: ...`, `--variant 'x': ...`) already names what the user gave, and a key
+of a file the message already names (`run.yaml: training.max_steps and training.epochs ...`) is left as it is."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+
+from fasttune.config.argcheck import typed_flag
+
+_VALUE = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\([^)]*\)|\[[^\]]*\]|[^\s;,)]+?(?=[\s;,)]|:\s|:?$)"""
+_KEY = re.compile(
+    rf"(?<![\w./'-])(?:(?P<key>[a-z]\w*\.[a-z]\w*)(?:=(?P<value>{_VALUE}))?|(?P<top>[a-z]\w*)=(?P<topvalue>{_VALUE}))"
+    r"(?![\w/-]|\.\w)"
+)
+"""A dotted key (`section.field`), with its `=value` when the message gives one, or a top-level key with its value
+(`attn_implementation='nope'`: a bare `seed` or `force` is a word); not part of a flag, a path or a file name
+(`--model.memory`, `runs/model.bin`, `model.safetensors.index`)."""
+
+
+def shown(value: object) -> str:
+    """A config value as a YAML file writes it (true, null, [a, b])."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def value_of(cfg: object, key: str) -> object:
+    """The value of dotted `key` in the config `cfg`."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def preset_keys(name: str) -> frozenset[str]:
+    """The dotted keys the experiment preset `name` sets to other than their default."""
+    from fasttune.config.argcheck import options
+    from fasttune.config.base_config import BaseConfig
+    from fasttune.config.experiments import get_experiment
+
+    preset, default = get_experiment(name), BaseConfig()
+    keys = (key for key, _, _ in options(BaseConfig) if key != "experiment")
+    return frozenset(k for k in keys if value_of(preset, k) != value_of(default, k))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionNames:
+    """How the user gave each option of one command line."""
+
+    args: Sequence[str]
+    flags: Mapping[str, Sequence[str]]
+    """Dotted key -> the command-line flags that set it (its aliases, its --no- form)."""
+    file: str | None = None
+    from_file: frozenset[str] = frozenset()
+    """The keys whose value comes from the --config `file` (no flag of theirs typed)."""
+    values: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    """Dotted key -> its value, for the keys of `file`."""
+    preset: str | None = None
+    by_preset: frozenset[str] = frozenset()
+    """The keys the `preset` set (no flag typed, not in the file)."""
+
+    def named(self, key: str, value: str | None = None) -> str | None:
+        """Option `key` (with `value`, as the message writes it) as the user gave it; None: a default, as written."""
+        if key not in self.flags:
+            return None
+        typed = typed_flag(self.args, self.flags[key])
+        if typed is not None:
+            return typed if value is None else f"{typed}={value}"
+        if key in self.from_file:
+            return f"{key}: {shown(self.values[key]) if key in self.values else value} in {self.file}"
+        if key in self.by_preset:
+            return f"the {self.preset} preset's {key}" + ("" if value is None else f"={value}")
+        return None
+
+    def rewrite(self, message: str) -> str:
+        """`message` with every dotted key of an option named as the user gave it (see the module's docstring)."""
+        if message.startswith("--"):
+            return message
+
+        def name(m: re.Match) -> str:
+            key, value = (m["key"], m["value"]) if m["key"] else (m["top"], m["topvalue"])
+            if key in self.from_file and self.file and self.file in message:
+                return m[0]
+            return self.named(key, value) or m[0]
+
+        return _KEY.sub(name, message)

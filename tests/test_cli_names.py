@@ -1,0 +1,118 @@
+"""Every error about a config value names the option as the user gave it: the flag typed (an alias as such, with
+dashes), the key, its value and the --config file that set it, or the preset that did; also where the check that
+refuses it runs (a cross-field check, a check of the training run), not only a section's check of one field.
+config/naming.py; cli.py passes every error through it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import GSM8K
+
+from fasttune import cli
+from fasttune.config.naming import OptionNames
+
+_PLAN = "means --model.memory full, but {memory} asks for another plan; drop one of the two"
+_COMPILE = " does not run under {compile} (torch.compile would trace its offload hooks with each layer"
+_CPU = ": this run trains on the CPU ({device}), whose activations are in host memory already"
+
+
+def _files(tmp_path) -> dict[str, str]:
+    """The --config files the cases use, written to tmp_path: {name: path of name.yaml}."""
+    texts = {"compile": "training:\n  compile: true\n", "plan": "model:\n  gradient_checkpointing: true\n",
+             "offload": "model:\n  memory: offload\n", "lora": "lora:\n  enabled: true\n"}  # fmt: skip
+    for name, text in texts.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    return {name: str(tmp_path / f"{name}.yaml") for name in texts}
+
+
+@pytest.fixture
+def config_only_model(tmp_path):
+    """A model folder of config.json alone (what --model.random-init trains from)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(max_position_embeddings=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=300).save_pretrained(tmp_path / "m")  # fmt: skip
+    return str(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # typed with dashes, with underscores, as --flag=value: two options of one cross-field check
+        (["--model.gradient-checkpointing", "--model.memory", "ops"],
+         "--model.gradient-checkpointing " + _PLAN.format(memory="--model.memory='ops'")),
+        (["--model.gradient_checkpointing", "--model.memory=ops"],
+         "--model.gradient-checkpointing " + _PLAN.format(memory="--model.memory='ops'")),
+        (["--model.memory=offload", "--training.device=cpu"],
+         "--model.memory=offload" + _CPU.format(device="--training.device=cpu")),
+        # set in a --config file: the key, its value and the file
+        (["--config", "{compile}", "--model.memory", "offload"],
+         "--model.memory=offload" + _COMPILE.format(compile="training.compile: true in {compile}")),
+        (["--config", "{plan}", "--model.memory", "ops"],
+         "model.gradient_checkpointing: true in {plan} " + _PLAN.format(memory="--model.memory='ops'")),
+        (["--config", "{offload}", "--training.device", "cpu"],
+         "model.memory: offload in {offload}" + _CPU.format(device="--training.device=cpu")),
+    ],
+)  # fmt: skip
+def test_a_refused_option_is_named_as_the_user_gave_it(argv, expected, tmp_path, capsys):
+    files = _files(tmp_path)
+    argv = [a.format_map(files) for a in argv]
+    assert cli.main(["train", *argv, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + expected.format_map(files)) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "lora"),
+    [
+        (["--experiment", "lora"], "the lora preset's lora.enabled"),
+        (["--experiment", "sft", "--lora.enabled"], "--lora.enabled"),
+        (["--experiment", "sft", "--config", "{lora}"], "lora.enabled: true in {lora}"),
+    ],
+)
+def test_lora_on_a_random_base_names_what_turned_lora_on(argv, lora, config_only_model, tmp_path, capsys):
+    """The preset, the flag or the file: "--model.random-init with LoRA" named none of them."""
+    files = _files(tmp_path)
+    argv = [a.format_map(files) for a in argv]
+    run = tmp_path / "run"
+    own = ["--model", config_only_model, "--data", str(GSM8K), "--model.random_init", "--output-dir", str(run)]
+    assert cli.main(["train", *argv, *own]) == 2
+    err = capsys.readouterr().err  # before the error: the log's line on data.max_length
+    expected = f"error: --model.random-init with {lora.format_map(files)} would train adapters on a frozen random base"
+    assert err.strip().splitlines()[-1].startswith(expected) and "Traceback" not in err, err
+
+
+def test_main_py_names_the_flags_as_typed(tmp_path):
+    main_py = str(Path(__file__).parents[1] / "main.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), *sys.path])}
+    argv = [sys.executable, main_py, "--model.gradient_checkpointing", "--model.memory", "ops", "--output-dir", "r"]
+    ran = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+    expected = "error: --model.gradient-checkpointing " + _PLAN.format(memory="--model.memory='ops'")
+    assert ran.returncode == 2 and ran.stderr.startswith(expected), ran.stderr
+
+
+def test_bench_train_names_its_own_option_not_a_variant(tmp_path, capsys):
+    """bench train's row at HF's tokens per step was refused as `--variant "fasttune auto packed at HF's tokens per
+    step (...)": data.max_length=...`: no --variant was given, --max-length was."""
+    argv = ["bench", "train", "--device", "cpu", "--max-length", "2000000", "--out", str(tmp_path / "b")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-length=2000000 is too large; it must be <= 1,048,576"), err
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "--resume: training.lr is 0.5 but the run was started with 0.001",  # names what was given already
+        "runs/training.lr/x, model.safetensors and --training.lr stay",  # a path, a file, a flag: no keys
+        "data.path is not an option of the message",  # a key the user did not set: as written
+    ],
+)
+def test_what_is_not_an_option_the_user_set_is_left_as_written(message):
+    names = OptionNames(["--training.lr", "0.5"], {"training.lr": ("--training.lr",), "data.path": ("--data",)})
+    assert names.rewrite(message) == message
+    assert names.rewrite("training.lr=0.5 is too large") == "--training.lr=0.5 is too large"
