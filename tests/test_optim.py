@@ -146,7 +146,7 @@ def test_without_torchao_8bit_stops_with_one_line_before_the_model_loads(tmp_pat
                    "--training.optimizer", "adamw_8bit"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
-    assert err == ["error: training.optimizer=adamw_8bit needs torchao: pip install 'fasttune[adam8bit]'"]
+    assert err == ["error: --training.optimizer=adamw_8bit needs torchao: pip install 'fasttune[adam8bit]'"]
     assert not (tmp_path / "run").exists()  # nothing started, nothing to clean up
 
 
