@@ -341,8 +341,6 @@ class BaseConfig:
         _choice("attn_implementation", self.attn_implementation, ATTN_CHOICES)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
-        if self.lora.enabled and self.model.path is None and self.model.preset not in MODEL_PRESETS:
-            raise ConfigError("lora.enabled needs a base model (--model PATH or a model.preset)")
         if self.model.memory == "offload" and self.training.compile:
             raise ConfigError(
                 "model.memory=offload does not run under training.compile (torch.compile would trace its "
