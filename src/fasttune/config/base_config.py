@@ -230,6 +230,14 @@ class TrainingConfig:
     """AdamW weight decay, not applied to norms and biases (HF Trainer's rule: norm layers and parameters named like a
     norm or a bias); every other parameter decays, 1-D ones too (e.g. Qwen3-Next's A_log). A resumed run keeps the
     grouping it started with (checkpoints written before this rule: every 1-D parameter undecayed)."""
+    adam_beta1: float = 0.9
+    """AdamW's beta1 (HF's adam_beta1; the same default)."""
+    adam_beta2: float = 0.95
+    """AdamW's beta2. Not HF Trainer's default (0.999): 0.95, the usual value for LLM training, forgets old squared
+    gradients faster, which keeps a spike of one step from dwarfing the updates after it; --training.adam-beta2
+    0.999 trains as HF Trainer does by default."""
+    adam_epsilon: float = 1e-8
+    """AdamW's epsilon (HF's adam_epsilon; the same default)."""
     optimizer: str = "adamw"
     """adamw (torch's, moments in the weights' dtype) or adamw_8bit (torchao's: 8-bit moments, pip install
     'fasttune[adam8bit]')."""
@@ -288,6 +296,10 @@ class TrainingConfig:
         _positive("training.eval_generate_samples", self.eval_generate_samples)
         _positive("training.max_bad_steps", self.max_bad_steps, allow_zero=True)
         _positive("training.weight_decay", self.weight_decay, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"training.{name}={getattr(self, name)!r} is not valid; it must be in [0, 1)")
+        _positive("training.adam_epsilon", self.adam_epsilon)
         _choice("training.optimizer", self.optimizer, OPTIMIZERS)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"training.min_lr_ratio={self.min_lr_ratio!r} is not valid; it must be in [0, 1]")

@@ -18,7 +18,6 @@ from fasttune.train.length import length_option
 
 log = logging.getLogger("fasttune")
 
-BETAS = (0.9, 0.95)
 BLOCK = 256
 """torchao's quantisation block: one fp32 scale per 256 moment values (AdamW8bit's default)."""
 MIN_QUANTISED = 4096
@@ -63,11 +62,12 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
     trained = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trained if id(p) not in skip], "weight_decay": t.weight_decay},
               {"params": [p for p in trained if id(p) in skip], "weight_decay": 0.0}]  # fmt: skip
+    adam = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optimizer == "adamw_8bit":
-        # the same groups, betas and eps (1e-8); torchao holds lr as a tensor, which LambdaLR fills in place
-        optimizer = adamw_8bit_class()(groups, lr=t.lr, betas=BETAS, eps=1e-8, block_size=BLOCK)
+        # the same groups, betas and eps; torchao holds lr as a tensor, which LambdaLR fills in place
+        optimizer = adamw_8bit_class()(groups, **adam, block_size=BLOCK)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=BETAS, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(groups, **adam, fused=device.type == "cuda")
     # Not capped when it reaches past --max-steps (a warning says so): a cap would depend on --max-steps, so a run
     # stopped early and resumed with a larger --max-steps would no longer train the steps an uninterrupted run does.
     warmup = t.warmup_steps
