@@ -105,3 +105,24 @@ def test_a_run_started_under_the_old_grouping_resumes_with_it(tmp_path, monkeypa
     assert saved["state"]["decay_rule"] == 1
     sizes = [len(g["params"]) for g in saved["optimizer"]["param_groups"]]
     assert sizes == [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+
+
+def test_a_class_that_only_contains_norm_in_its_name_is_no_norm():
+    """RobertaPreLayerNormForCausalLM (the whole model) and its RobertaPreLayerNormLMHead are no norm layers: their
+    matrices decay, as HF Trainer decays them; the norms inside them do not."""
+
+    class TinyPreLayerNormLMHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = torch.nn.Linear(8, 8)
+            self.ln = torch.nn.LayerNorm(8)
+
+    class TinyPreLayerNormForCausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 8)
+            self.head = TinyPreLayerNormLMHead()
+
+    model = TinyPreLayerNormForCausalLM()
+    hf = set(Trainer.get_decay_parameter_names(None, model))
+    assert _decayed(model) == hf == {"embed.weight", "head.dense.weight"}

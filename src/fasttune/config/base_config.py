@@ -228,7 +228,8 @@ class TrainingConfig:
     """Linear warmup steps (a warning when not below --max-steps: the LR would never reach --training.lr)."""
     weight_decay: float = 0.1
     """AdamW weight decay, not applied to norms and biases (HF Trainer's rule: norm layers and parameters named like a
-    norm or a bias); every other parameter decays, 1-D ones too (e.g. Qwen3-Next's A_log). A resumed run keeps the
+    norm or a bias; also a norm layer whose name HF's patterns miss, e.g. Mamba's norm_f, which HF decays); every
+    other parameter decays, 1-D ones too (e.g. Qwen3-Next's A_log). A resumed run keeps the
     grouping it started with (checkpoints written before this rule: every 1-D parameter undecayed)."""
     adam_beta1: float = 0.9
     """AdamW's beta1 (HF's adam_beta1; the same default)."""

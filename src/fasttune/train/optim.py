@@ -33,14 +33,17 @@ decayed 2-D biases (GPT-OSS's experts'). A resumed run keeps the rule it started
 grouped by it)."""
 NO_DECAY_NAME = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 """HF Trainer's names of parameters it does not decay (transformers 5), matched in the lowercased name."""
-NORM_CLASS = re.compile(r"Norm(?![a-z])")
-"""A norm layer by its class name: LayerNorm, LlamaRMSNorm, Qwen3NextRMSNormGated, LigerRMSNorm (not Normal...)."""
+NORM_CLASS = re.compile(r"Norm(?:Gated|1P)?$")
+"""A norm layer by its class name: LayerNorm, LlamaRMSNorm, Qwen3NextRMSNormGated, NemotronLayerNorm1P, LigerRMSNorm;
+not a class that only contains the word (RobertaPreLayerNormForCausalLM, its ...LMHead: the whole model or its head)."""
 
 
 def no_decay(model: torch.nn.Module, rule: int = DECAY_RULE) -> set[int]:
     """The ids of the parameters weight decay skips under `rule` (DECAY_RULE). Rule 2: those named like a norm or a
     bias (HF's patterns) and those of norm layers whatever their names (torch's LayerNorm, as HF, and any class named
-    ...Norm: an RMSNorm HF would match by name alone, fasttune's lean norm and Liger's keep the module's class)."""
+    ...Norm: an RMSNorm HF would match by name alone, fasttune's lean norm and Liger's keep the module's class).
+    Deliberately one step past HF: a norm whose name none of HF's patterns match (Mamba's, FalconMamba's and
+    Nemotron-H's `norm_f`, xLSTM's `norm_mlstm`, HyperCLOVA X's `post_norm1`) is not decayed, where HF decays it."""
     if rule == 1:
         return {id(p) for p in model.parameters() if p.ndim < 2}
     skip = {id(p) for name, p in model.named_parameters() if NO_DECAY_NAME.search(name.lower())}
