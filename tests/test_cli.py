@@ -105,7 +105,7 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
         ("--rank", "did you mean --lora.rank?"),  # one option of that name, in another section
         ("--bf16", "did you mean --model.dtype?"),  # HF Trainer's precision switches: no hint before
         ("--fp16", "did you mean --model.dtype?"),
-        ("--warmup_ratio", "did you mean --training.warmup-steps?"),
+        ("--warmup_ratio", "fasttune has no such option: warmup is counted in steps, --training.warmup-steps N"),
         # TRL's and peft's LoRA options: --use_peft was answered with --seed, --lora_modules_to_save with
         # --lora.merge-on-save (another thing), DoRA and QLoRA's with the closest spelling or nothing
         ("--use_peft", "did you mean --lora.enabled?"),

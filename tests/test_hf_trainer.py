@@ -72,3 +72,19 @@ def test_a_run_trains_as_hf_trainer_does_on_the_same_micro_batches(tmp_path, mon
 def test_adam_options_out_of_range_are_one_line(field, value):
     with pytest.raises(ConfigError, match=f"training.{field}={value!r} is not valid"):
         TrainingConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "flag,says",
+    [("--lr_scheduler_type", "--training.min-lr-ratio x --training.lr (HF's cosine_with_min_lr"),
+     ("--warmup_ratio", "--training.warmup-steps N (HF's warmup_ratio R is N = ceil(R x the run's steps))"),
+     ("--adam_beta2", "did you mean --training.adam-beta2?")],
+)  # fmt: skip
+def test_hf_schedule_and_adam_options_are_answered_with_fasttunes(flag, says, capsys):
+    """HF Trainer's names for the schedule and AdamW: the schedule fasttune has instead (--lr_scheduler_type was
+    only "see --help"), warmup in steps, and AdamW's own options (--adam_beta2 was "did you mean --data?")."""
+    from fasttune import cli
+
+    assert cli.main(["train", "--experiment", "quick", flag, "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err

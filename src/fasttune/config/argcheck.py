@@ -51,7 +51,6 @@ OTHER_NAMES = {
     "bf16": "--model.dtype",
     "fp16": "--model.dtype",
     "torch-dtype": "--model.dtype",
-    "warmup-ratio": "--training.warmup-steps",
     # Axolotl, peft, LLaMA-Factory
     "lr": "--training.lr",
     "num-epochs": "--training.epochs",
@@ -100,6 +99,11 @@ NO_SUCH_OPTION = {
     "load-in-8bit": _NO_QUANTIZED,
     "assistant-only-loss": "fasttune has no such option: chat data trains the assistant turns only, as "
     "supervised formats train their responses (--data.train-on-prompt trains every token)",
+    "lr-scheduler-type": "fasttune has no such option: its one schedule is a linear warmup over "
+    "--training.warmup-steps, then a cosine down to --training.min-lr-ratio x --training.lr (HF's cosine_with_min_lr; "
+    "--training.min-lr-ratio 0 is HF's cosine); HF's default, linear decay to 0, has no counterpart",
+    "warmup-ratio": "fasttune has no such option: warmup is counted in steps, --training.warmup-steps N (HF's "
+    "warmup_ratio R is N = ceil(R x the run's steps))",
     "report-to": "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "
     "--training.tensorboard also to its tensorboard/ folder; for W&B, `wandb sync --sync-tensorboard "
     "OUTPUT_DIR/tensorboard` uploads that",
