@@ -211,6 +211,21 @@ def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path, monkeypatch, c
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
 
 
+def test_every_unknown_key_of_a_trl_file_is_named_at_once(tmp_path, monkeypatch, capsys):
+    """A TRL/Axolotl-style file has several keys of other names: one line names them all with fasttune's, so the
+    user fixes the file once instead of once per run."""
+    monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("the file was accepted"))
+    monkeypatch.chdir(tmp_path)
+    Path("trl.yaml").write_text("model_name_or_path: m\nlearning_rate: 1e-4\ntraining:\n  num_train_epochs: 1\n"
+                                "  max_steps: 3\nreport_to: wandb\neval_strategy: steps\n")  # fmt: skip
+    assert cli.main(["train", "--config", "trl.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: trl.yaml: 5 unknown keys: model_name_or_path -> model.path, learning_rate -> "
+                          "training.lr, training.num_train_epochs -> training.epochs, report_to (fasttune has no "
+                          "such option), eval_strategy (fasttune's names after ->"), err  # fmt: skip
+    assert err.count("\n") == 1
+
+
 def test_a_missing_file_or_a_folder_is_named(trained, tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err == f"error: --config {tmp_path / 'nope.yaml'}: no such file\n"

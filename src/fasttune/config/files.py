@@ -190,28 +190,60 @@ def _flag_to_key() -> dict[str, str]:
 def _suggestion(key: str) -> str:
     """The hint for an unknown key: fasttune's name for another tool's (OTHER_NAMES), the one key of that name in
     another section (lr: training.lr), else the closest spelling; "" for none."""
-    valid = list(leaves()) + list(_sections())
     leaf = key.rpartition(".")[2]
     other = leaf.lower().replace("_", "-")
     if other in NO_SUCH_OPTION:
         return "; " + NO_SUCH_OPTION[other]
-    if other in OTHER_NAMES:
-        target = OTHER_NAMES[other]
-        flags = _flag_to_key()
-        if target in flags:
-            found = flags[target] + (": false" if target.rpartition(".")[2].startswith("no-") else "")
-            alias = "" if found.rpartition(".")[2] == leaf else f" (fasttune's name for {leaf})"
-            return f"; did you mean {found}{alias}?"
-    close = closest(key.replace("-", "_"), leaf.replace("-", "_"), valid)
-    return f"; did you mean {close}?" if close else ""
+    meant, renamed = _meant(key)
+    alias = f" (fasttune's name for {leaf})" if renamed else ""
+    return f"; did you mean {meant}{alias}?" if meant else ""
 
 
-def _unknown(key: str, name: str) -> ConfigError:
-    return ConfigError(f"{name}: unknown key {key}{_suggestion(key)} (options: `fasttune train --help`)")
+def _meant(key: str) -> tuple[str | None, bool]:
+    """(the key an unknown `key` stands for, or None; whether it is another tool's name for it)."""
+    leaf = key.rpartition(".")[2]
+    target = OTHER_NAMES.get(leaf.lower().replace("_", "-"))
+    if target in (flags := _flag_to_key()):
+        found = flags[target] + (": false" if target.rpartition(".")[2].startswith("no-") else "")
+        return found, found.rpartition(".")[2] != leaf
+    return closest(key.replace("-", "_"), leaf.replace("-", "_"), list(leaves()) + list(_sections())), False
+
+
+def _short(key: str) -> str:
+    """An unknown key with its hint, for the line naming several: `learning_rate -> training.lr`."""
+    other = key.rpartition(".")[2].lower().replace("_", "-")
+    if other in NO_SUCH_OPTION:
+        return f"{key} (fasttune has no such option)"
+    meant = _meant(key)[0]
+    return f"{key} -> {meant}" if meant else key
+
+
+def _unknown(keys: list[str], name: str) -> ConfigError:
+    """One line for every unknown key of the file (a TRL or Axolotl file has several: each named at once, not one
+    per run)."""
+    if len(keys) == 1:
+        return ConfigError(f"{name}: unknown key {keys[0]}{_suggestion(keys[0])} (options: `fasttune train --help`)")
+    named = ", ".join(_short(key) for key in keys)
+    return ConfigError(f"{name}: {len(keys)} unknown keys: {named} (fasttune's names after ->; options: `fasttune "
+                       "train --help`)")  # fmt: skip
+
+
+def _unknown_keys(cls: type, data: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of `data` (a section of class `cls`) that name no option or section, in file order."""
+    table, sections, out = leaves(), _sections(cls), []
+    for raw, value in data.items():
+        field = str(raw).replace("-", "_")
+        if field in sections and isinstance(value, dict):
+            out += _unknown_keys(sections[field], value, prefix + field + ".")
+        elif field not in sections and prefix + field not in table:
+            out.append(prefix + str(raw))
+    return out
 
 
 def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
     """{field: value} of one section of the file, checked (keys with - are read as _, as on the command line)."""
+    if not prefix and (unknown := _unknown_keys(cls, data)):
+        raise _unknown(unknown, name)
     table = leaves()
     sections = _sections(cls)
     out = {}
@@ -227,7 +259,7 @@ def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
             if key in PATHS and isinstance(out[field], str):
                 out[field] = os.path.expanduser(out[field])
         else:
-            raise _unknown(prefix + str(raw), name)
+            raise _unknown([prefix + str(raw)], name)
     return out
 
 
