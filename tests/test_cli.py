@@ -128,6 +128,18 @@ def test_other_tools_option_names_point_at_fasttunes(flag, expected, capsys):
     assert err.startswith(f"error: unknown option {flag}; {expected}") and len(err.strip().splitlines()) == 1, err
 
 
+def test_several_unknown_options_are_named_in_one_line(capsys):
+    """A command line copied from TRL has several options of other names: one line names them all with fasttune's
+    (it named the first, so the user learnt them one run at a time)."""
+    argv = ["train", "--learning_rate", "1e-4", "--num_train_epochs=3", "--lora_r", "8", "--report_to", "wandb"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 4 unknown options: --learning_rate -> --training.lr, --num_train_epochs -> "
+                          "--training.epochs, --lora_r -> --lora.rank, --report_to (fasttune has no such option) "
+                          "(fasttune's names after ->; see `fasttune train --help`"), err  # fmt: skip
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("flag", ["--dataset_text_field", "--dataset-text-field", "--data.dataset_text_field"])
 def test_trls_text_field_option_says_which_field_is_read_and_how_to_rename(flag, capsys, tmp_path):
     """TRL's --dataset_text_field got only 'unknown option'. The hint's advice holds: records with another field are

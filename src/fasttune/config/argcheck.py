@@ -251,6 +251,19 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
     return f"did you mean {close}? " if close else ""
 
 
+def _several_unknown(flags: list[str], table: dict[str, type], command: str) -> str:
+    """One line for several unknown options (a TRL or Axolotl command line has them): each with fasttune's name."""
+
+    def short(flag: str) -> str:
+        hint = _suggestion(flag, table)
+        if hint.startswith("did you mean "):
+            return f"{flag} -> {hint.removeprefix('did you mean ').partition('?')[0]}"
+        return f"{flag} (fasttune has no such option)" if hint else flag
+
+    named = ", ".join(short(f) for f in flags)
+    return f"{len(flags)} unknown options: {named} (fasttune's names after ->; see `{command} --help` for the list)"
+
+
 def closest(typed: str, leaf: str, valid: list[str]) -> str | None:
     """The one name in `valid` (flags or dotted keys) whose leaf is `leaf` (typed's, normalised) in another section
     (--lr: --training.lr), else the closest spelling of `typed`; None for none."""
@@ -265,6 +278,9 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
     from tyro import _errors as e
 
     if isinstance(event, e.UnrecognizedArgs):
+        flags = [t.partition("=")[0] for t in event.tokens if t.startswith("--")]
+        if event.tokens[0].startswith("--") and len(flags) > 1:
+            return _several_unknown(flags, table, command)
         return _unrecognized(event.tokens[0], args, table, command, commands)
     if isinstance(event, e.MissingSubcommand):
         names = ", ".join(event.subcommand_spec.parser_from_name)
