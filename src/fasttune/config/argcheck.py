@@ -12,6 +12,7 @@ import io
 import types
 import typing
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
@@ -192,6 +193,10 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
         head = head.replace("_", "-") if head.startswith("--") else head  # tyro takes --model.fused_mlp too
         if table.get(head) is bool and ((eq and value == token) or (not eq and args[i + 1 : i + 2] == [token])):
             return _switch_hint(head, token)
+    i = args.index(token) if token in args else -1
+    if i >= 2 and args[i - 2] in ("--data", "--data.path") and Path(token).exists():
+        return (f"unexpected argument {token!r}: --data takes one file or folder; put the files in one folder and "
+                "pass the folder (its files are read as one data set)")  # fmt: skip
     if commands and token in args and args.index(token) == command.count(" "):
         where = f" for `{command}`" if " " in command else ""
         return f"unknown command {token!r}{where}; choose one of: {', '.join(commands)}"

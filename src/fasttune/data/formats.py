@@ -90,7 +90,8 @@ def load_records(
     except OSError as e:  # a parent folder that may not be looked into: the fix is its own
         raise unreadable(e, root.parent) from e
     if not exists:
-        raise DataError(f"{path}: no such file or folder; check --data" + hub_id_hint(str(path), "--data"))
+        hint = _several(path) or hub_id_hint(path, "--data")
+        raise DataError(f"{path}: no such file or folder; check --data{hint}")
     tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"))
     _say_keys(path, tables)
     tables = [t for t in tables if t.records]
@@ -114,6 +115,18 @@ def load_records(
             validate_record(record, "chat" if conversational else fmt, table.where(i), option)
             records.append(record)
     return records, "chat" if conversational else fmt
+
+
+def _several(path: str) -> str:
+    """For a --data that does not exist: when it reads as several files (a comma list, a glob pattern, as HF
+    datasets' data_files takes them), how to give them; "" otherwise."""
+    parts = [p.strip() for p in path.split(",")]
+    if not (len(parts) > 1 and all(Path(p).exists() for p in parts)) and not any(c in path for c in "*?["):
+        return ""
+    return (
+        "; --data takes one file or folder, not a list or pattern of files: put the files in one folder and pass the "
+        "folder (its files are read as one data set)"
+    )
 
 
 def _say_keys(path: str, tables: list[Table]) -> None:
