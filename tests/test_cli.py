@@ -115,6 +115,13 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
         ("--use_rslora", "fasttune has no such option: LoRA's scaling is --lora.alpha / --lora.rank"),
         ("--load_in_4bit", "fasttune has no such option: it loads no quantized base (QLoRA)"),
         ("--assistant_only_loss", "fasttune has no such option: chat data trains the assistant turns only"),
+        # TRL's evaluation and schedule options had no hint at all
+        ("--eval_strategy", "fasttune has no such option: val_loss is computed every --training.eval-every N steps"),
+        *((f, "fasttune has no such option: val_loss is computed on the --data.val-fraction of --data held out; "
+              "score a separate validation file with `fasttune eval --checkpoint RUN --data FILE`")
+          for f in ("--eval_dataset", "--dataset_test_split", "--test_datasets")),
+        ("--lr_scheduler_type", "fasttune has no such option: its one schedule is a linear warmup over "
+                                "--training.warmup-steps, then a cosine down to --training.min-lr-ratio"),
         *((f, "did you mean --training.epochs?") for f in
           ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--num_epochs")),
         *((f, "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "

@@ -87,6 +87,10 @@ _NO_QUANTIZED = (
     "fasttune has no such option: it loads no quantized base (QLoRA); LoRA trains on a bf16 or fp32 "
     "frozen base (--model.dtype bf16: an 8B model's takes ~16 GB)"
 )
+_NO_EVAL_DATA = (
+    "fasttune has no such option: val_loss is computed on the --data.val-fraction of --data held out; score a "
+    "separate validation file with `fasttune eval --checkpoint RUN --data FILE` (any of its checkpoints, too)"
+)
 NO_SUCH_OPTION = {
     "dataset-text-field": "fasttune has no such option: text data is read from each record's `text` field (TRL's "
     "default; a .txt file is read whole); rename your field to text, e.g. jq -c '{text: .content}' in.jsonl > "
@@ -100,6 +104,11 @@ NO_SUCH_OPTION = {
     "load-in-8bit": _NO_QUANTIZED,
     "assistant-only-loss": "fasttune has no such option: chat data trains the assistant turns only, as "
     "supervised formats train their responses (--data.train-on-prompt trains every token)",
+    "eval-strategy": "fasttune has no such option: val_loss is computed every --training.eval-every N steps (0: "
+    "never) on the --data.val-fraction of --data held out",
+    "eval-dataset": _NO_EVAL_DATA,
+    "dataset-test-split": _NO_EVAL_DATA,
+    "test-datasets": _NO_EVAL_DATA,
     "lr-scheduler-type": "fasttune has no such option: its one schedule is a linear warmup over "
     "--training.warmup-steps, then a cosine down to --training.min-lr-ratio x --training.lr (HF's cosine_with_min_lr; "
     "--training.min-lr-ratio 0 is HF's cosine); HF's default, linear decay to 0, has no counterpart",
