@@ -100,7 +100,9 @@ def test_a_home_folder_path_in_the_file_is_the_home_folder(tmp_path, monkeypatch
 
 
 def test_a_max_length_set_in_the_file_counts_as_the_users(tmp_path, capsys):
-    """A preset's max_length shrinks to the model's context; one the file sets is the user's: an error, as a flag."""
+    """A preset's max_length shrinks to the model's context; one the file sets is the user's: an error, as a flag,
+    naming the file and its key (it named --data.max-length, which the user never typed); a flag over it is named as
+    typed."""
     from transformers import LlamaConfig
 
     LlamaConfig(max_position_embeddings=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -109,7 +111,11 @@ def test_a_max_length_set_in_the_file_counts_as_the_users(tmp_path, capsys):
     f.write_text(f"experiment: sft\nmodel: {{path: {tmp_path / 'm'}}}\ndata:\n  path: tests/fixtures/alpaca.jsonl\n"
                  "  max_length: 1024\n")  # fmt: skip
     assert cli.main(["train", "--config", str(f)]) == 2
-    assert capsys.readouterr().err.startswith("error: --data.max-length 1024 exceeds the context of")
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {f}: data.max_length 1024 exceeds the context of {tmp_path / 'm'} "
+                          "(max_position_embeddings=128); set it to 128 or less, or extend"), err  # fmt: skip
+    assert cli.main(["train", "--config", str(f), "--data.max-length", "256"]) == 2
+    assert capsys.readouterr().err.startswith("error: --data.max-length 256 exceeds the context of")
 
 
 def test_resume_and_overwrite_in_a_file_never_act_on_a_folder(trained, tmp_path, capsys):

@@ -67,10 +67,12 @@ def describe_context(config) -> str:
     return f"{scaled} x {kind} factor {rope.get('factor')} = {context}"
 
 
-def too_long(config, length: int, source: str, option: str = "--data.max-length") -> str:
-    """One line for `length` (given as `option`) beyond the context of the model at `source`, with the fixes."""
+def too_long(config, length: int, source: str, option: str = "--data.max-length", file: str | None = None) -> str:
+    """One line for `length` (given as `option`, or as data.max_length in the --config `file`) beyond the context of
+    the model at `source`, with the fixes."""
     context, base = context_length(config), _positions(config)[1]
-    fix = f"pass {option} {context} or less"
+    option = f"{file}: data.max_length" if file else option
+    fix = f"set it to {context} or less" if file else f"pass {option} {context} or less"
     kind = _rope(config).get("rope_type", "none")
     # plain RoPE: a config change extends it; not one set per layer type (Gemma 3), whose layers would each keep
     # their own RoPE beside a flat rope_parameters edit, while the config read as extended

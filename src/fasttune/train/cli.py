@@ -83,9 +83,13 @@ class TrainArgs(Command):
 
         refuse_offload_on_cpu(cfg.model.memory, cfg.training.device)
         check_launch(cfg)
-        fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False)
+        fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False, file=self.file_of("data.max_length"))
         if cfg.resume and self.config_file:
             check_resume_of_file(cfg, self.config_file, self.from_file)
+
+    def file_of(self, key: str) -> str | None:
+        """The --config file that set option `key` (dotted), None when the command line or the preset did."""
+        return self.config_file if key in self.from_file else None
 
     def origin(self, key: str, flag: str) -> str:
         """Where the value of option `key` (dotted, as in config.json) came from, for the log: the config file
@@ -114,7 +118,8 @@ class TrainArgs(Command):
 
         cfg = self.config.validate()
         require_inputs(cfg)
-        cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given, say=os.environ.get("RANK", "0") == "0")
+        cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given, say=os.environ.get("RANK", "0") == "0",
+                             file=self.file_of("data.max_length"))  # fmt: skip
         result = train(cfg, attn_origin=self.origin("attn_implementation", "--attn-implementation"))
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
             return 0
@@ -233,9 +238,10 @@ def model_config(cfg: BaseConfig):
         return None
 
 
-def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True) -> BaseConfig:
+def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True, file: str | None = None) -> BaseConfig:
     """data.max_length within the model's context (RoPE scaling counted: model/context.py): a preset's default
-    shrinks to the context (logged when `say`); a value the user gave that exceeds it is an error."""
+    shrinks to the context (logged when `say`); a value the user gave that exceeds it is an error (naming the
+    --config `file` that set it, if one did)."""
     from fasttune.model.context import context_length, too_long
 
     conf = model_config(cfg) if cfg.model.path is not None else None
@@ -243,7 +249,7 @@ def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True) -> BaseCon
     if context is None or cfg.data.max_length <= context:
         return cfg
     if explicit:
-        raise ConfigError(too_long(conf, cfg.data.max_length, cfg.model.path))
+        raise ConfigError(too_long(conf, cfg.data.max_length, cfg.model.path, file=file))
     if say:
         log.info("data.max_length: %d, the context of %s (the %s preset's default is %d)", context, cfg.model.path,
                  cfg.experiment, cfg.data.max_length)  # fmt: skip
