@@ -73,15 +73,20 @@ def test_parquet_with_nested_messages(tmp_path):
     assert fmt == "chat" and records == rows
 
 
-def test_save_to_disk_folders(tmp_path):
+def test_save_to_disk_folders(tmp_path, caplog):
+    """A DatasetDict's train split is read, and the log says that its others (TRL evaluates on `test`) are not."""
     import datasets
 
+    caplog.set_level("INFO", logger="fasttune")
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     assert load_records(str(tmp_path / "ds")) == (rows, "prompt_completion")
+    assert "DatasetDict" not in caplog.text
     splits = datasets.DatasetDict(train=datasets.Dataset.from_list(rows), test=datasets.Dataset.from_list(rows[:1]))
     splits.save_to_disk(str(tmp_path / "dd"))
     assert load_records(str(tmp_path / "dd")) == (rows, "prompt_completion")
+    said = f"{tmp_path / 'dd'}: a DatasetDict of splits train, test: its 'train' split is read, the others are not "
+    assert said in caplog.text
 
 
 def test_folder_of_data_shards(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fasttune.errors import DataError, one_line
+
+log = logging.getLogger("fasttune")
 
 TEXT_SUFFIXES = frozenset(
     ".txt .text .md .markdown .rst .tex .py .pyi .c .h .cc .cpp .hpp .cu .cuh .rs .go .java .kt .scala .js .ts "
@@ -369,6 +372,9 @@ def _read_saved_dataset(root: Path, split: str | None) -> Table:
             none = f" and none is {split!r}" if split else ""
             raise DataError(f"{root}: dataset has splits {', '.join(ds)}{none}; pass the folder of the one to use, "
                             f"e.g. --data {root / held}")  # fmt: skip
+        if split in ds and len(ds) > 1:  # TRL would evaluate on its test split: say that nothing here does
+            log.info("%s: a DatasetDict of splits %s: its %r split is read, the others are not (validation holds out "
+                     "--data.val-fraction of it)", root, ", ".join(ds), split)  # fmt: skip
         ds = ds[split] if split in ds else next(iter(ds.values()))
     return Table(root, ds.to_list())
 
