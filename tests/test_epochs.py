@@ -138,8 +138,8 @@ def test_fractional_epochs_count_exactly():
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--max-steps", "5", "--epochs", "2"], "--max-steps and --training.epochs both set the run's length"),
-        (["--training.max_steps=5", "--training.epochs=2"], "--max-steps and --training.epochs both set"),
+        (["--max-steps", "5", "--epochs", "2"], "--max-steps and --epochs both set the run's length"),  # as typed
+        (["--training.max_steps=5", "--training.epochs=2"], "--training.max-steps and --training.epochs both set"),
         (["--epochs", "0"], "--epochs=0.0 is not valid; it must be > 0"),  # the flag typed, not the field
         (["--epochs=-2"], "--epochs=-2.0 is not valid; it must be > 0"),
         (["--training.epochs", "-1"], "--training.epochs=-1.0 is not valid; it must be > 0"),

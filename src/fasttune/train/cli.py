@@ -158,7 +158,10 @@ def run_length_flag(typed: Sequence[str], file=None) -> str | None:
     config.json records both (epochs, and the steps they came to): its epochs decide."""
     steps, epochs = any(f in typed for f in STEPS_FLAGS), any(f in typed for f in EPOCHS_FLAGS)
     if steps and epochs:
-        raise ConfigError("--max-steps and --training.epochs both set the run's length; pass one of them")
+        from fasttune.config.argcheck import typed_flag
+
+        both = f"{typed_flag(typed, STEPS_FLAGS)} and {typed_flag(typed, EPOCHS_FLAGS)}"  # as typed: --epochs
+        raise ConfigError(f"{both} both set the run's length; pass one of them")
     training = file.values.get("training", {}) if file is not None else {}
     if not (steps or epochs) and training.get("epochs") is not None and "max_steps" in training:
         from fasttune.train.run_dir import RunFolder
