@@ -195,6 +195,11 @@ def test_resume_with_a_partial_config_takes_what_it_leaves_out_from_the_run(tmp_
         ("a.json", '{"data": {"max_documents": "all"}}',
          'a.json: data.max_documents: expected an integer or null ("None" in TOML), got \'all\''),
         ("a.yaml", "training: 3\n", "a.yaml: training: expected a section (a mapping of its options), got 3"),
+        # as the short flags --model PATH and --data PATH take them: the key they set is named
+        ("a.yaml", "model: ./m\n", "a.yaml: model: expected a section (a mapping of its options), got './m' (a "
+         "string); for its folder or file write model: {path: ./m} (the flag --model is model.path)"),
+        ("a.yaml", "data: d.jsonl\n", "got 'd.jsonl' (a string); for its folder or file write data: {path: d.jsonl} "
+         "(the flag --data is data.path)"),
         ("a.yaml", "training:\n  lr: -1\n", "a.yaml: training.lr=-1.0 is not valid; it must be > 0"),
         ("a.yaml", "experiment: sftt\n", "a.yaml: experiment: 'sftt' is unknown; choose one of: quick, full, sft"),
         ("a.yaml", "training:\n  lr: 1e-4\n  max_steps: [3\n", "a.yaml: line 4, column 1: YAML syntax error: expected"),

@@ -240,6 +240,13 @@ def _unknown_keys(cls: type, data: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _path_hint(key: str, value: object) -> str:
+    """For a section given a string (`model: ./my-llama`, as the flag --model takes it): the key it means."""
+    if not isinstance(value, str) or f"{key}.path" not in leaves():
+        return ""
+    return f"; for its folder or file write {key}: {{path: {value}}} (the flag --{key} is {key}.path)"
+
+
 def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
     """{field: value} of one section of the file, checked (keys with - are read as _, as on the command line)."""
     if not prefix and (unknown := _unknown_keys(cls, data)):
@@ -252,7 +259,8 @@ def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
         key = prefix + field
         if field in sections:
             if not isinstance(value, dict):
-                raise ConfigError(f"{name}: {key}: expected a section (a mapping of its options), got {_what(value)}")
+                raise ConfigError(f"{name}: {key}: expected a section (a mapping of its options), got {_what(value)}"
+                                  f"{_path_hint(key, value)}")  # fmt: skip
             out[field] = _fields(sections[field], value, key + ".", name)
         elif key in table:
             out[field] = _coerce(value, table[key].kind, key, name)
