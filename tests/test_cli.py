@@ -120,8 +120,11 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
         *((f, "fasttune has no such option: val_loss is computed on the --data.val-fraction of --data held out; "
               "score a separate validation file with `fasttune eval --checkpoint RUN --data FILE`")
           for f in ("--eval_dataset", "--dataset_test_split", "--test_datasets")),
-        ("--lr_scheduler_type", "fasttune has no such option: its one schedule is a linear warmup over "
-                                "--training.warmup-steps, then a cosine down to --training.min-lr-ratio"),
+        *((f, "fasttune has no such option: its one schedule is a linear warmup over "
+              "--training.warmup-steps, then a cosine down to --training.min-lr-ratio") for f in
+          ("--lr_scheduler_type", "--lr_scheduler")),
+        ("--evals_per_epoch", "fasttune has no such option: val_loss is computed every --training.eval-every N steps"),
+        ("--saves_per_epoch", "fasttune has no such option: a checkpoint is saved every --save-every N steps"),
         *((f, "did you mean --training.epochs?") for f in
           ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--num_epochs")),
         *((f, "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "

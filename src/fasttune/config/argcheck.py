@@ -91,6 +91,11 @@ _NO_EVAL_DATA = (
     "fasttune has no such option: val_loss is computed on the --data.val-fraction of --data held out; score a "
     "separate validation file with `fasttune eval --checkpoint RUN --data FILE` (any of its checkpoints, too)"
 )
+_NO_SCHEDULER = (
+    "fasttune has no such option: its one schedule is a linear warmup over --training.warmup-steps, then a cosine "
+    "down to --training.min-lr-ratio x --training.lr (HF's cosine_with_min_lr; --training.min-lr-ratio 0 is HF's "
+    "cosine); HF's default, linear decay to 0, has no counterpart"
+)
 NO_SUCH_OPTION = {
     "dataset-text-field": "fasttune has no such option: text data is read from each record's `text` field (TRL's "
     "default; a .txt file is read whole); rename your field to text, e.g. jq -c '{text: .content}' in.jsonl > "
@@ -109,11 +114,14 @@ NO_SUCH_OPTION = {
     "eval-dataset": _NO_EVAL_DATA,
     "dataset-test-split": _NO_EVAL_DATA,
     "test-datasets": _NO_EVAL_DATA,
-    "lr-scheduler-type": "fasttune has no such option: its one schedule is a linear warmup over "
-    "--training.warmup-steps, then a cosine down to --training.min-lr-ratio x --training.lr (HF's cosine_with_min_lr; "
-    "--training.min-lr-ratio 0 is HF's cosine); HF's default, linear decay to 0, has no counterpart",
+    "lr-scheduler-type": _NO_SCHEDULER,
+    "lr-scheduler": _NO_SCHEDULER,  # Axolotl's
     "warmup-ratio": "fasttune has no such option: warmup is counted in steps, --training.warmup-steps N (HF's "
     "warmup_ratio R is N = ceil(R x the run's steps))",
+    "evals-per-epoch": "fasttune has no such option: val_loss is computed every --training.eval-every N steps (the "
+    "log's 'E epochs = S steps (P per epoch)' line says an epoch's steps)",
+    "saves-per-epoch": "fasttune has no such option: a checkpoint is saved every --save-every N steps (the log's 'E "
+    "epochs = S steps (P per epoch)' line says an epoch's steps) and at the end",
     "report-to": "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "
     "--training.tensorboard also to its tensorboard/ folder; for W&B, `wandb sync --sync-tensorboard "
     "OUTPUT_DIR/tensorboard` uploads that",
