@@ -67,3 +67,30 @@ def test_eval_output_dir_holding_the_data_is_refused_before_any_work(model, tmp_
     assert records.read_text() == before
     assert main([*argv[:5], "--output-dir", str(tmp_path / "out"), *argv[7:]]) == 0  # elsewhere: written
     assert records.read_text() == before and (tmp_path / "out" / "completions.jsonl").is_file()
+
+
+def test_a_run_folder_in_the_data_folder_is_not_read_as_data(model, tmp_path, caplog):
+    """`--data d --output-dir d/run` (or `--data .` beside the default runs/): the run's config.json, metrics.jsonl
+    and checkpoint files were read as data from then on, so its --resume stopped ('config.json record 0: missing
+    field instruction') and so did every later run on d. A run folder in the data folder is skipped, said in the log:
+    the resume reads the records the run started on and continues it."""
+    import dataclasses
+
+    from helpers import GSM8K, sft_config
+
+    from fasttune.data.formats import load_records
+    from fasttune.train import loop
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "train.json").write_bytes(GSM8K.read_bytes())
+    before = load_records(str(folder))
+    cfg = dataclasses.replace(sft_config(tmp_path, model, folder, max_steps=2, save_every=2, eval_every=0),
+                              output_dir=str(folder / "run"))  # fmt: skip
+    first = loop.train(cfg)
+    caplog.set_level("INFO", logger="fasttune")
+    assert load_records(str(folder)) == before
+    assert f"{folder}: not read as data: {folder / 'run'} (fasttune run folders)" in caplog.text
+    resumed = loop.train(dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=3)))
+    got = {r["step"]: r["loss"] for r in resumed.records if r.get("loss") is not None}
+    assert sorted(got) == [1, 2, 3] and all(got[r["step"]] == r["loss"] for r in first.records if r.get("loss"))

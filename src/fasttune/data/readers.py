@@ -155,8 +155,11 @@ def _folder_files(root: Path) -> list[Path]:
 
 
 def _walk(root: Path) -> list[Path]:
-    """Every file under `root`, sorted, hidden and __pycache__ entries skipped. A folder that cannot be listed raises
+    """Every file under `root`, sorted, hidden and __pycache__ entries skipped, and fasttune run folders (a run's
+    --output-dir in the --data folder: its config.json, metrics.jsonl and checkpoints are no data, and read as data
+    they stopped every later run on that folder, its --resume too). A folder that cannot be listed raises
     (Path.rglob skips it in silence, and the run would train on part of the data)."""
+    from fasttune.train.run_dir import MARKER
 
     def refuse(error: OSError) -> None:
         raise error
@@ -164,8 +167,22 @@ def _walk(root: Path) -> list[Path]:
     found = []
     for folder, subfolders, names in os.walk(root, onerror=refuse):
         subfolders[:] = [d for d in subfolders if not _hidden(d)]
+        runs = [d for d in subfolders if _is_run(Path(folder, d), MARKER)]
+        if runs:
+            log.info(
+                "%s: not read as data: %s (fasttune run folders)", root, ", ".join(str(Path(folder, d)) for d in runs)
+            )
+        subfolders[:] = [d for d in subfolders if d not in runs]
         found += [Path(folder, name) for name in names if not _hidden(name)]
     return sorted(found)
+
+
+def _is_run(folder: Path, marker: str) -> bool:
+    """Whether `folder` holds a fasttune run's marker (one that cannot be looked into is walked, and named, as data)."""
+    try:
+        return (folder / marker).is_file()
+    except OSError:
+        return False
 
 
 def _hidden(name: str) -> bool:
