@@ -281,6 +281,10 @@ def test_sharegpt_data_gets_the_whole_conversion_in_one_line(tmp_path):
     converted = {"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in turns]}
     path.write_text(json.dumps(converted) + "\n")
     assert load_records(str(path)) == ([converted], "chat")
+    # role/content turns under 'conversations' (Axolotl's field_messages): only the key is to rename, not the turns
+    path.write_text(json.dumps({"conversations": converted["messages"]}) + "\n")
+    assert error_for(path) == (f"{path} line 1: chat turns are read from 'messages', not 'conversations' (as "
+                               "Axolotl's field_messages names them); rename the key to messages")  # fmt: skip
 
 
 def test_chat_in_csv_gets_a_hint(tmp_path):

@@ -172,6 +172,10 @@ def detect_format(record: dict, where: str = "record 0", option: str = "--data.f
     if "text" in keys:
         return "text"
     if "conversations" in keys:
+        turns = record["conversations"]
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" in turns[0]:
+            raise DataError(f"{where}: chat turns are read from 'messages', not 'conversations' (as Axolotl's "
+                            "field_messages names them); rename the key to messages")  # fmt: skip
         raise DataError(f"{where}: ShareGPT data ('conversations' of from/value turns) is not read as is; "
                         f"{_SHAREGPT_FIX}")  # fmt: skip
     seen = ", ".join(sorted(map(str, keys))[:12]) or "none"
