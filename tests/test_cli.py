@@ -82,6 +82,8 @@ def test_top_level_help_lists_every_command(capsys):
                           ["eval", "--checkpoint", "c", "--data", "d"]) for flag in ("--top_k", "--top-k")),
         (["generate", "--checkpoint", "c", "--min_p", "0.1"], "error: unknown option --min_p; fasttune has no such "
                                                                "option; see"),
+        (["train", "sft", "--model", "m"], "error: unexpected argument 'sft': name the experiment with --experiment "
+                                           "sft"),  # it said: options look like --name VALUE
         (["generate", "--checkpoint", "c", "--num_beams", "4"], "error: unknown option --num_beams; fasttune has no "
                                                                  "such option: it decodes greedily"),
     ],

@@ -210,6 +210,10 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
         head = head.replace("_", "-") if head.startswith("--") else head  # tyro takes --model.fused_mlp too
         if table.get(head) is bool and ((eq and value == token) or (not eq and args[i + 1 : i + 2] == [token])):
             return _switch_hint(head, token)
+    from fasttune.config.experiments import EXPERIMENTS
+
+    if token in EXPERIMENTS and _STEPS in table:  # `fasttune train sft`: train's options
+        return f"unexpected argument {token!r}: name the experiment with --experiment {token}"
     i = args.index(token) if token in args else -1
     if i >= 2 and args[i - 2] in ("--data", "--data.path") and Path(token).exists():
         return (f"unexpected argument {token!r}: --data takes one file or folder; put the files in one folder and "
