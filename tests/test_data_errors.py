@@ -103,6 +103,20 @@ def test_unknown_format_lists_formats_and_keys():
         assert name in message
 
 
+@pytest.mark.parametrize(("keys", "said"), [(("instruction", "input", "ouput"), "; 'ouput' looks like 'output'"),
+                                          (("Prompt", "completion"), "; 'Prompt' looks like 'prompt'"),
+                                          (("mesages",), "; 'mesages' looks like 'messages'")])  # fmt: skip
+def test_a_typod_required_field_is_named_with_the_field_it_looks_like(tmp_path, keys, said):
+    """A typo in a required field gave 'cannot tell the data format from its keys (input, instruction, ouput)': the
+    user had to spot it among the expected keys. The key and the field it looks like are named."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({k: "x" for k in keys}) + "\n")
+    message = error_for(path)
+    assert message.startswith(f"{path} line 1: cannot tell the data format from its keys ({', '.join(sorted(keys))})"
+                              f"{said}; expected text")  # fmt: skip
+    assert "looks like" not in error_for(FIXTURES / "unknown_format.jsonl")
+
+
 def test_invalid_format_name():
     message = error_for(FIXTURES / "alpaca.jsonl", "sharegpt")
     assert "'sharegpt' is not valid" in message and "prompt_completion" in message

@@ -180,9 +180,17 @@ def detect_format(record: dict, where: str = "record 0", option: str = "--data.f
                         f"{_SHAREGPT_FIX}")  # fmt: skip
     seen = ", ".join(sorted(map(str, keys))[:12]) or "none"
     raise DataError(
-        f"{where}: cannot tell the data format from its keys ({seen}); expected {_FORMAT_HINT}; "
+        f"{where}: cannot tell the data format from its keys ({seen}){_looks_like(keys)}; expected {_FORMAT_HINT}; "
         f"rename the fields or pass {option}"
     )
+
+
+def _looks_like(keys: set) -> str:
+    """'; ouput looks like output' for keys a letter or two off a format's field (a typo'd required field), else ""."""
+    fields = sorted({f for names in (*_REQUIRED.values(), *_OPTIONAL.values()) for f in names})
+    pairs = [(k, close[0]) for k in sorted(map(str, keys)) if k not in fields
+             and (close := difflib.get_close_matches(k.strip().lower(), fields, n=1, cutoff=0.8))]  # fmt: skip
+    return "".join(f"; {k!r} looks like {f!r}" for k, f in pairs)
 
 
 def validate_record(record: dict, fmt: str, where: str, option: str = "--data.format") -> None:
