@@ -117,6 +117,16 @@ def test_a_typod_required_field_is_named_with_the_field_it_looks_like(tmp_path, 
     assert "looks like" not in error_for(FIXTURES / "unknown_format.jsonl")
 
 
+@pytest.mark.parametrize("typo", ["content ", "Content", "contnet"])
+def test_a_typod_message_key_is_named(tmp_path, typo):
+    """A message whose `content` key is misspelt was 'messages[1].content must be a string, got null (missing
+    value)': the key the record does hold is named."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", typo: "yo"}]}))
+    assert error_for(path) == (f"{path} line 1: messages[1].content must be a string, got null (missing value) (the "
+                               f"message has {typo!r}, which looks like 'content'); fix the record")  # fmt: skip
+
+
 def test_invalid_format_name():
     message = error_for(FIXTURES / "alpaca.jsonl", "sharegpt")
     assert "'sharegpt' is not valid" in message and "prompt_completion" in message

@@ -241,7 +241,9 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
                 continue  # a tool call as OpenAI and HF's tool-use docs write it: no content (or null)
             if not isinstance(message.get(key), str):
                 raise DataError(
-                    f"{where}: {field}[{j}].{key} must be a string, got {type_name(message.get(key))}; "
+                    f"{where}: {field}[{j}].{key} must be a string, got {type_name(message.get(key))}"
+                    + _near_key(message, key)
+                    + "; "
                     + (_PARTS_FIX if _text_parts(message.get(key)) else "fix the record")
                 )
         _check_role(message["role"], f"{where}: {field}[{j}]")
@@ -249,6 +251,16 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
     if need_reply and not any(m["role"] == "assistant" for m in messages):
         of = "" if field == "messages" else f" of {field!r}"
         raise DataError(f"{where}: no message{of} has role 'assistant', so there is nothing to train on; add a reply")
+
+
+def _near_key(message: dict, key: str) -> str:
+    """For a message without `key`: ' (the message has 'content ', which looks like it)' for a typo of it."""
+    if key in message:
+        return ""
+    near = [
+        k for k in message if isinstance(k, str) and difflib.get_close_matches(k.strip().lower(), [key], cutoff=0.8)
+    ]
+    return f" (the message has {near[0]!r}, which looks like {key!r})" if near else ""
 
 
 _PARTS_FIX = (
