@@ -110,14 +110,18 @@ def test_the_rslora_hint_gives_peft_rsloras_scaling():
 
 
 @pytest.mark.parametrize("typed", [",", "", " , "])
-def test_targets_that_name_no_layer_are_refused_before_anything_is_loaded(typed):
+def test_targets_that_name_no_layer_are_refused_before_anything_is_loaded(typed, capsys):
     """`--lora.targets ,` (or an empty string) split into no name at all: the run tokenized the data and loaded the
-    model, then stopped with 'lora.targets () match no linear layer'."""
-    from fasttune.cli import parse_train_args
-    from fasttune.errors import ConfigError
+    model, then stopped with 'lora.targets () match no linear layer'. Now the command line's check refuses it, naming
+    the flag as typed (nothing named m or d.jsonl exists: the check comes first)."""
+    import re
 
-    with pytest.raises(ConfigError, match=r"^--lora.targets=.* names no layer; .*q_proj v_proj.*all-linear"):
-        parse_train_args(["--experiment", "lora", "--model", "m", "--data", "d.jsonl", "--lora.targets", typed])
+    from fasttune import cli
+
+    argv = ["train", "--experiment", "lora", "--model", "m", "--data", "d.jsonl", "--lora.targets", typed]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.match(r"^error: --lora.targets=.* names no layer; .*q_proj v_proj.*all-linear", err), err
 
 
 def test_default_targets_on_a_model_naming_no_layer_like_llama_adapt_all_its_linear_layers():
