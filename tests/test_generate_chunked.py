@@ -126,3 +126,22 @@ def test_the_byte_budget_shrinks_the_chunks(family, monkeypatch):
     assert all(shape[2] <= 3 for shapes in prompt for shape, _ in shapes)
     if family == "gemma2":  # its eager soft-capped attention holds scores per head: they count
         assert gen.decoder._score_bytes() > FusedDecoder._score_bytes(gen.decoder) + 4 * SHAPE["num_attention_heads"]
+
+
+def test_unpadded_chunks_run_without_a_materialized_mask(monkeypatch):
+    """Without padding or windows the first chunk is causal (no mask) and each later one gets torch's lower-right
+    causal bias, which SDPA runs on its flash kernel on a GPU (a dense (1, 1, C, K) mask would send it to the
+    memory-efficient one); the answers are HF's either way (the parametrized test above)."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    model = FAMILIES["llama"]("cpu")
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 5)
+    given: list = []
+    biases = FusedDecoder._biases
+    monkeypatch.setattr(FusedDecoder, "_biases", lambda self, bias, *a: given.append(bias) or biases(self, bias, *a))
+    check_matches_hf(model, 1, length=21)
+    prompt = given[:5]  # 21 positions in chunks of 5,5,5,5,1
+    assert prompt[0] is None
+    for bias, (queries, keys) in zip(prompt[1:], [(5, 10), (5, 15), (5, 20), (1, 21)], strict=True):
+        assert isinstance(bias, CausalBias) and bias.variant == CausalVariant.LOWER_RIGHT
+        assert (bias.seq_len_q, bias.seq_len_kv) == (queries, keys)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from fasttune.generate import kernels, moe
 from fasttune.model.context import context_length
@@ -359,7 +360,7 @@ class FusedDecoder:
             return bias
         key_slots_K = torch.arange(keys, device=self.device)
         far_QK = key_slots_K <= slots_Q[:, None] - window
-        if bias is None:  # a whole prompt without padding: the causal mask, explicit
+        if bias is None or isinstance(bias, CausalBias):  # a prompt (chunk) without padding: the causal mask, explicit
             bias = torch.zeros(far_QK.shape, dtype=self.dtype, device=self.device)
             bias = bias.masked_fill(key_slots_K > slots_Q[:, None], float("-inf"))
         return bias.masked_fill(far_QK, float("-inf"))
@@ -404,12 +405,16 @@ class FusedDecoder:
             logits_BV = self.forward(ids_BP[:, start:end], pos_BP[:, start:end], slots_P[start:end], cache, bias, end)
         return logits_BV
 
-    def _chunk_bias(self, real_BP: torch.Tensor | None, slots_Q: torch.Tensor, keys: int) -> torch.Tensor | None:
+    def _chunk_bias(self, real_BP: torch.Tensor | None, slots_Q: torch.Tensor,
+                    keys: int) -> torch.Tensor | CausalBias | None:  # fmt: skip
         """The additive mask (B, 1, Q, keys) of a prompt chunk at `slots_Q` over slots 0..keys-1: a query sees the
         real keys up to its own slot, and always itself (a padding query with no key at all would give NaN). Without
-        padding (`real_BP` None) (1, 1, Q, keys), and None for a whole prompt: causal, as HF drops an all-ones mask."""
-        if real_BP is None and keys == slots_Q.shape[0]:
-            return None
+        padding (`real_BP` None): None for a whole prompt (causal, as HF drops an all-ones mask), and torch's
+        lower-right causal bias for a later chunk, which SDPA runs on its flash kernel with no mask at all (a
+        (1, 1, Q, keys) mask sends it to the memory-efficient kernel: 1.5x the time of one pass at 32k tokens)."""
+        if real_BP is None:
+            Q = slots_Q.shape[0]
+            return None if keys == Q else causal_lower_right(Q, keys)
         slots_K = torch.arange(keys, device=self.device)
         visible_BQK = (slots_K <= slots_Q[:, None])[None]
         if real_BP is not None:

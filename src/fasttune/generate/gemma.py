@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 from fasttune.generate.decoder import (
     GEMMA_TYPES,
@@ -83,9 +84,9 @@ class GemmaDecoder(FusedDecoder):
         s_BHQK = torch.tanh(s_BHQK / self.attn_softcap) * self.attn_softcap
         if decode:  # (B, Hkv, G, T): query head h = kv head h // G, as in the grouped SDPA
             bias = bias.reshape(B, Hq, 1, keys)
-        elif bias is None:  # a whole prompt without padding: causal
-            bias = torch.zeros((Q, Q), dtype=self.dtype, device=self.device)
-            bias = bias.masked_fill(torch.ones_like(bias, dtype=torch.bool).triu(1), float("-inf"))
+        elif bias is None or isinstance(bias, CausalBias):  # a prompt (chunk) without padding: causal, lower right
+            bias = torch.zeros((Q, keys), dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill(torch.ones_like(bias, dtype=torch.bool).triu(keys - Q + 1), float("-inf"))
         p_BHQK = (s_BHQK + bias).softmax(-1, dtype=torch.float32).to(self.dtype)
         return (p_BHQK @ v_BHKD).transpose(1, 2).reshape(B * Q, Hq * D)
 
