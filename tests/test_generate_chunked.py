@@ -116,7 +116,7 @@ def test_the_byte_budget_shrinks_the_chunks(family, monkeypatch):
     shrink to fit and the tokens and scores stay HF's."""
     model = FAMILIES[family]("cpu")
     gen = Generator(model, use_graphs=False)
-    per_query = 3 * 38 * gen.decoder._score_bytes()
+    per_query = 3 * (gen.decoder._token_bytes() + 38 * gen.decoder._score_bytes())
     monkeypatch.setattr(decoder, "PREFILL_BYTES", 3 * per_query + 1)
     assert gen.decoder.prefill_chunk(3, 38) == 3
     masks = spy_masks(monkeypatch)
@@ -145,3 +145,23 @@ def test_unpadded_chunks_run_without_a_materialized_mask(monkeypatch):
     for bias, (queries, keys) in zip(prompt[1:], [(5, 10), (5, 15), (5, 20), (1, 21)], strict=True):
         assert isinstance(bias, CausalBias) and bias.variant == CausalVariant.LOWER_RIGHT
         assert (bias.seq_len_q, bias.seq_len_kv) == (queries, keys)
+
+
+def test_a_prompt_without_masks_is_chunked_by_its_activations_alone(monkeypatch):
+    """No padding and no window shorter than the prompt: nothing grows with the keys, so the chunk is what keeps its
+    activations within PREFILL_BYTES, at any length (and a whole prompt where they fit); masked chunks count their
+    (B, C, K) masks too. The chunks still give HF's tokens and scores."""
+    model = FAMILIES["llama"]("cpu")
+    d = Generator(model, use_graphs=False).decoder
+    monkeypatch.setattr(decoder, "PREFILL_BYTES", 4 * d._token_bytes() + 1)
+    assert d.prefill_chunk(1, 21, masked=False) == d.prefill_chunk(1, 10**6, masked=False) == 4
+    assert d.prefill_chunk(1, 21, masked=True) < 4
+    assert not d._needs_masks(False, 21) and d._needs_masks(True, 21)
+    assert FAMILIES["mistral"]("cpu").config.sliding_window < 21  # a window that hides keys needs masks
+    assert Generator(FAMILIES["mistral"]("cpu"), use_graphs=False).decoder._needs_masks(False, 21)
+    seen: list = []
+    biases = FusedDecoder._biases
+    monkeypatch.setattr(FusedDecoder, "_biases", lambda self, bias, s, c, keys: seen.append(keys) or
+                        biases(self, bias, s, c, keys))  # fmt: skip
+    check_matches_hf(model, 1, length=21)
+    assert seen[:6] == [4, 8, 12, 16, 20, 21]

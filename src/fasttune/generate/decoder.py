@@ -12,8 +12,9 @@ runs the same model from the same weights in ~15 kernels per layer:
   slots not written yet), so shapes never depend on the step: one graph serves every step, prompt length and call.
   Grouped-query attention is SDPA over (B, Hkv, G*Q, D) queries: no repeat of the keys. A sliding-window layer's
   mask also has -inf on the slots its window leaves behind (made once per step per window size);
-- the prompt runs in query chunks of at most PREFILL_CHUNK positions (`prefill`), each over the cache slots written
-  so far, causal within itself: its masks are (B, 1, C, K), never (P, P), and its MLPs see B * C tokens;
+- the prompt runs in query chunks (`prefill`: as many positions as keep a chunk's activations and masks within
+  PREFILL_BYTES), each over the cache slots written so far, causal within itself: its masks are (B, 1, C, K), never
+  (P, P), and its MLPs see B * C tokens;
 - Phi-3's fused qkv_proj / gate_up_proj are split into the same fused copies; its partial rotary leaves the last
   head dims unrotated (cos 1, sin 0 in the same complex multiply);
 - an MoE layer's feed-forward is moe.py's (router, experts on HF's fused expert weights, Qwen2-MoE's shared expert);
@@ -45,8 +46,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depen
 # switches every position to its long factors beyond: static within that length, so calls longer fall back (per call)
 BOUNDED_ROPE = ("longrope",)
 LAYER_KINDS = {"full_attention", "sliding_attention"}
-PREFILL_CHUNK = 2048  # most prompt positions per row one forward of the prompt pass runs (`FusedDecoder.prefill`)
-PREFILL_BYTES = 1 << 29  # a prompt chunk's (B, C, K) masks (and Gemma 2's soft-capped scores) stay within this
+PREFILL_CHUNK = 1 << 16  # most prompt positions per row one forward of the prompt pass runs (`FusedDecoder.prefill`)
+PREFILL_BYTES = 1 << 31  # a prompt chunk's activations and (B, C, K) masks (Gemma 2: capped scores) stay within this
 
 
 def unsupported_reason(model) -> str | None:
@@ -378,10 +379,25 @@ class FusedDecoder:
         gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
         return F.silu(gate_NI) * up_NI
 
-    def prefill_chunk(self, batch: int, keys: int) -> int:
-        """Query positions per row of one prompt chunk whose masks span `keys` slots: PREFILL_CHUNK, or fewer where
-        its (B, C, keys) tensors would pass PREFILL_BYTES (a long prompt in a large batch)."""
-        return max(1, min(PREFILL_CHUNK, PREFILL_BYTES // (batch * keys * self._score_bytes())))
+    def prefill_chunk(self, batch: int, keys: int, masked: bool = True) -> int:
+        """Query positions per row of one prompt chunk over at most `keys` slots: as many as keep its activations,
+        and with `masked` its (B, C, keys) masks, within PREFILL_BYTES. A prompt without masks (no padding, no
+        window that hides a key) runs whole up to that: a later chunk's lower-right causal attention runs on SDPA's
+        flash kernel, 0.65x the speed of the cuDNN kernel a whole causal prompt gets on an H200."""
+        per_query = self._token_bytes() + (keys * self._score_bytes() if masked else 0)
+        return max(1, min(PREFILL_CHUNK, PREFILL_BYTES // (batch * per_query)))
+
+    def _token_bytes(self) -> int:
+        """About the bytes one prompt position holds inside a layer: the MLP's gate|up and activation, the attention's
+        q/k/v and output and the residual stream (model dtype)."""
+        config = self.model.config
+        hidden = config.hidden_size
+        width = getattr(config, "intermediate_size", None) or 4 * hidden
+        return self.dtype.itemsize * (3 * width + 2 * (self.heads + self.kv_heads) * self.head_dim + 2 * hidden)
+
+    def _needs_masks(self, padded: bool, length: int) -> bool:
+        """Whether a prompt's chunks attend under (B, 1, C, K) masks: padding, or a window shorter than it."""
+        return padded or any(w is not None and w < length for w in self.windows)
 
     def _score_bytes(self) -> int:
         """Bytes a prompt chunk holds per (row, query, key): its visibility mask and temporaries (bool), the additive
@@ -396,8 +412,8 @@ class FusedDecoder:
         before it and causally within itself: the same attention as one pass, with (B, 1, C, K) masks, never (P, P),
         and C tokens per row through the MLPs at a time."""
         B, P = ids_BP.shape
-        chunk = self.prefill_chunk(B, P)
         real_BP = None if bool(real_BP.all()) else real_BP
+        chunk = self.prefill_chunk(B, P, self._needs_masks(real_BP is not None, P))
         slots_P = torch.arange(P, device=self.device)
         for start in range(0, P, chunk):
             end = min(start + chunk, P)

@@ -65,6 +65,10 @@ class GemmaDecoder(FusedDecoder):
             self.layer_ropes = [self._table(length)] * len(types)
         self.rope = self.layer_ropes[0]
 
+    def _needs_masks(self, padded: bool, length: int) -> bool:
+        """The capped attention holds (B, Hq, C, K) scores whatever the mask: bounded as masks are."""
+        return bool(self.attn_softcap) or super()._needs_masks(padded, length)
+
     def _score_bytes(self) -> int:
         """As FusedDecoder's, plus the soft-capped attention's scores per query head: capped, masked (model dtype)
         and their float32 softmax."""
