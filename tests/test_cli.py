@@ -1,7 +1,6 @@
 """The command line: one tyro parser for every subcommand; help written for users; every mistake is one line
 `error: ...` naming the option and the fix (exit 2), a traceback only with --debug."""
 
-import json
 import math
 import os
 import subprocess
@@ -92,97 +91,6 @@ def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(expected) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-
-
-@pytest.mark.parametrize(
-    ("flag", "expected"),
-    [
-        ("--training.learning-rate", "did you mean --training.lr?"),  # it suggested --training.min-lr-ratio
-        ("--lr", "did you mean --training.lr?"),
-        ("--learning_rate", "did you mean --training.lr?"),
-        ("--per_device_train_batch_size", "did you mean --data.micro-batch-size?"),
-        ("--gradient_accumulation_steps", "did you mean --training.grad-accum?"),
-        ("--max_seq_length", "did you mean --data.max-length?"),
-        ("--lora_r", "did you mean --lora.rank?"),
-        ("--rank", "did you mean --lora.rank?"),  # one option of that name, in another section
-        ("--bf16", "did you mean --model.dtype?"),  # HF Trainer's precision switches: no hint before
-        ("--fp16", "did you mean --model.dtype?"),
-        ("--warmup_ratio", "fasttune has no such option: warmup is counted in steps, --training.warmup-steps N"),
-        # TRL's and peft's LoRA options: --use_peft was answered with --seed, --lora_modules_to_save with
-        # --lora.merge-on-save (another thing), DoRA and QLoRA's with the closest spelling or nothing
-        ("--use_peft", "did you mean --lora.enabled?"),
-        ("--lora_modules_to_save", "fasttune has no such option: LoRA trains adapters on --lora.targets"),
-        ("--modules_to_save", "fasttune has no such option: LoRA trains adapters on --lora.targets"),
-        ("--use_dora", "fasttune has no such option: its LoRA is plain LoRA (no DoRA)"),
-        ("--use_rslora", "fasttune has no such option: LoRA's scaling is --lora.alpha / --lora.rank"),
-        ("--load_in_4bit", "fasttune has no such option: it loads no quantized base (QLoRA)"),
-        ("--assistant_only_loss", "fasttune has no such option: chat data trains the assistant turns only"),
-        # TRL's evaluation and schedule options had no hint at all
-        ("--eval_strategy", "fasttune has no such option: val_loss is computed every --training.eval-every N steps"),
-        *((f, "fasttune has no such option: val_loss is computed on the --data.val-fraction of --data held out; "
-              "score a separate validation file with `fasttune eval --checkpoint RUN --data FILE`")
-          for f in ("--eval_dataset", "--dataset_test_split", "--test_datasets")),
-        *((f, "fasttune has no such option: its one schedule is a linear warmup over "
-              "--training.warmup-steps, then a cosine down to --training.min-lr-ratio") for f in
-          ("--lr_scheduler_type", "--lr_scheduler")),
-        ("--evals_per_epoch", "fasttune has no such option: val_loss is computed every --training.eval-every N steps"),
-        ("--saves_per_epoch", "fasttune has no such option: a checkpoint is saved every --save-every N steps"),
-        *((f, "did you mean --training.epochs?") for f in
-          ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--num_epochs")),
-        *((f, "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "
-              "--training.tensorboard also to its tensorboard/ folder; for W&B, `wandb sync --sync-tensorboard "
-              "OUTPUT_DIR/tensorboard` uploads that;") for f in ("--report_to", "--report-to")),
-    ],
-)  # fmt: skip
-def test_other_tools_option_names_point_at_fasttunes(flag, expected, capsys):
-    assert cli.main(["train", flag, "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: unknown option {flag}; {expected}") and len(err.strip().splitlines()) == 1, err
-
-
-def test_several_unknown_options_are_named_in_one_line(capsys):
-    """A command line copied from TRL has several options of other names: one line names them all with fasttune's
-    (it named the first, so the user learnt them one run at a time)."""
-    argv = ["train", "--learning_rate", "1e-4", "--num_train_epochs=3", "--lora_r", "8", "--report_to", "wandb"]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: 4 unknown options: --learning_rate -> --training.lr, --num_train_epochs -> "
-                          "--training.epochs, --lora_r -> --lora.rank, --report_to (fasttune has no such option) "
-                          "(fasttune's names after ->; see `fasttune train --help`"), err  # fmt: skip
-    assert len(err.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("flag", ["--dataset_text_field", "--dataset-text-field", "--data.dataset_text_field"])
-def test_trls_text_field_option_says_which_field_is_read_and_how_to_rename(flag, capsys, tmp_path):
-    """TRL's --dataset_text_field got only 'unknown option'. The hint's advice holds: records with another field are
-    no data fasttune can read, the same records renamed as it says are read as text."""
-    from fasttune.data.formats import load_records
-    from fasttune.errors import DataError
-
-    assert cli.main(["train", flag, "content"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: unknown option {flag}; fasttune has no such option: text data is read from each "
-                          "record's `text` field") and "rename your field to text" in err  # fmt: skip
-    assert len(err.strip().splitlines()) == 1
-    data = [{"content": "def f(x):\n    return x\n", "id": 1}, {"content": "print(1)\n", "id": 2}]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    with pytest.raises(DataError, match="cannot tell the data format"):
-        load_records(str(tmp_path / "in.jsonl"))
-    (tmp_path / "out.jsonl").write_text("".join(json.dumps({"text": r["content"]}) + "\n" for r in data))  # jq's
-    assert load_records(str(tmp_path / "out.jsonl")) == ([{"text": r["content"]} for r in data], "text")
-
-
-def test_every_other_tools_name_maps_to_a_real_option():
-    from fasttune.config.argcheck import OTHER_NAMES, _suggestion, option_table
-
-    table = option_table()
-    assert {"learning-rate", "num-train-epochs", "per-device-train-batch-size", "gradient-accumulation-steps",
-            "max-seq-length", "warmup-steps", "lora-r", "lora-alpha", "output-dir"} <= OTHER_NAMES.keys()  # fmt: skip
-    for name, target in OTHER_NAMES.items():
-        assert target in table, name
-        if f"--{name}" not in table:
-            assert _suggestion(f"--{name}", table) == f"did you mean {target}? ", name
-    assert "--training.lr" not in _suggestion("--lr", {"--limit": int, "--seed": int})  # eval has no such option
 
 
 def test_a_hub_id_as_model_or_data_says_fasttune_reads_local_folders_and_how_to_fetch_one(
@@ -499,17 +407,3 @@ def test_no_yarn_edit_is_advised_for_rope_parameters_per_layer_type():
     assert set(config.rope_parameters) == {"sliding_attention", "full_attention"}
     message = too_long(config, 300, "m")
     assert message.endswith("(max_position_embeddings=128); pass --data.max-length 128 or less"), message
-
-
-def test_the_report_to_answer_names_the_files_a_run_writes():
-    """HF/TRL's --report_to: the answer names the run folder's own files (metrics.jsonl, tensorboard/), which W&B's
-    `wandb sync --sync-tensorboard` uploads."""
-    from pathlib import Path
-
-    from fasttune.config.argcheck import NO_SUCH_OPTION, option_table
-    from fasttune.train.run_dir import RunFolder
-
-    folder = RunFolder(Path("OUTPUT_DIR"))
-    answer = NO_SUCH_OPTION["report-to"]
-    assert folder.metrics.name in answer and f"`wandb sync --sync-tensorboard {folder.tensorboard}`" in answer
-    assert "--training.tensorboard" in answer and "--training.tensorboard" in option_table()
