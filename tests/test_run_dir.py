@@ -507,3 +507,22 @@ def test_resume_with_another_grad_accum_warns_also_for_checkpoints_that_did_not_
     assert "resuming with 2 micro-batches per step (1 rank x grad_accum 2), the checkpoint trained with 1" in (
         caplog.text
     )
+
+
+def test_a_run_recorded_before_the_adam_options_resumes_with_its_betas_only(finished):
+    """A config.json written before --training.adam-beta1/beta2/epsilon: the run trained with 0.9, 0.95 and 1e-8, and
+    its optimizer state brings them back on resume, so another value would go unused (and config.json would claim
+    it): refused, as for a run that recorded them; the same values resume."""
+    import json
+
+    cfg, result = finished
+    folder = RunFolder(result.run_dir)
+    saved = json.loads(folder.config.read_text())
+    for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+        del saved["training"][key]
+    folder.config.write_text(json.dumps(saved))
+    more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=4))
+    hf = dataclasses.replace(more, training=dataclasses.replace(more.training, adam_beta2=0.999))
+    with pytest.raises(ConfigError, match="training.adam_beta2 is 0.999 but the run was started with 0.95"):
+        loop.train(hf)
+    assert sorted(losses(loop.train(more).records))[-1] == 4

@@ -245,7 +245,7 @@ class RunFolder:
         schedule must match the run's config.json (fields marked `may_change_on_resume` may differ). `origin`: the
         file a key's value was read from (--config), named in the refusal. A data file at another path is left to
         the content check after tokenizing (moved_data)."""
-        saved = _flat(self.saved_config())
+        saved = {**BEFORE_KEY, **_flat(self.saved_config())}
         free = may_change_on_resume()
         for key, value in _flat(to_dict(cfg)).items():
             if key in free or key not in saved or (key == "data.path" and _moved_from(saved, cfg)):
@@ -312,6 +312,10 @@ class RunFolder:
         self.config.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
+BEFORE_KEY = {"training.adam_beta1": 0.9, "training.adam_beta2": 0.95, "training.adam_epsilon": 1e-8}
+"""What a run whose config.json predates an option ran with (fasttune's fixed AdamW betas and eps before
+--training.adam-*): such a run resumes with them, and another value is refused like any change (the optimizer state
+would bring the run's own back, leaving the new value unused)."""
 SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
 """Values an older run may have recorded where the default is now `auto`: it resumes with the value it recorded
 (RunFolder.resumed)."""
