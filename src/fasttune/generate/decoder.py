@@ -426,15 +426,13 @@ class FusedDecoder:
         """The additive mask (B, 1, Q, keys) of a prompt chunk at `slots_Q` over slots 0..keys-1: a query sees the
         real keys up to its own slot, and always itself (a padding query with no key at all would give NaN). Without
         padding (`real_BP` None): None for a whole prompt (causal, as HF drops an all-ones mask), and torch's
-        lower-right causal bias for a later chunk, which SDPA runs on its flash kernel with no mask at all (a
-        (1, 1, Q, keys) mask sends it to the memory-efficient kernel: 1.5x the time of one pass at 32k tokens)."""
+        lower-right causal bias for a later chunk, which SDPA runs on its flash kernel with no mask tensor (an H200
+        ran it at 301 TFLOP/s, a dense (1, 1, Q, keys) mask at 262 on cuDNN: docs/BENCHMARKS.md "Long prompts")."""
         if real_BP is None:
             Q = slots_Q.shape[0]
             return None if keys == Q else causal_lower_right(Q, keys)
         slots_K = torch.arange(keys, device=self.device)
-        visible_BQK = (slots_K <= slots_Q[:, None])[None]
-        if real_BP is not None:
-            visible_BQK = (visible_BQK & real_BP[:, None, :keys]) | (slots_K == slots_Q[:, None])
+        visible_BQK = (slots_K <= slots_Q[:, None])[None] & real_BP[:, None, :keys] | (slots_K == slots_Q[:, None])
         bias_BQK = torch.zeros(visible_BQK.shape, dtype=self.dtype, device=self.device)
         return bias_BQK.masked_fill_(~visible_BQK, float("-inf"))[:, None]
 
