@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Annotated, Union
 
@@ -52,6 +53,10 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     },
     "experiments": "fasttune.config.experiments:ExperimentsArgs",
 }
+REPORT_WAIT_S = 5.0
+"""How long a later torchrun rank waits, after the command line failed its checks, before it exits: rank 0 reports
+the error, and torchrun stops the other ranks as soon as one exits (rank 0 names the options as given: it may take
+longer than a rank that only fails)."""
 GROUP_HELP = {"bench": "Measure attention backends, training and generation throughput on this machine."}
 
 
@@ -208,11 +213,13 @@ def _main(argv: list[str]) -> int:
     except BrokenPipeError:  # --help piped into `head`
         return 0
     except (FasttuneError, PermissionError) as e:
+        if rank is not None and not debug:  # rank 0 says it; torchrun stops every rank once one exits, so this one
+            time.sleep(REPORT_WAIT_S)  # leaves rank 0 the time to print before it might be stopped
+            return getattr(e, "exit_code", 2)
         _name_options(e, argv, command)
         if debug:
             raise
-        if rank is None:
-            print(f"error: {_message(e)}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:  # while torch and transformers are imported (seconds): no traceback either
         return _interrupted(rank)
