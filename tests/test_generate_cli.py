@@ -464,3 +464,21 @@ def test_one_prompt_record_in_a_json_file_is_that_record_not_a_container_of_its_
     path.write_text(json.dumps(parts) + "\n")
     with pytest.raises(DataError, match=r"one.json line 1: no prompt"):
         read_prompts(path)
+
+
+def test_a_txt_file_holds_plain_prompts_one_per_line(sft_run, tmp_path):
+    """`--prompts questions.txt` (one plain prompt per line, as users keep them) stopped with "line 1: invalid JSON":
+    each line that is not blank is a prompt, answered as the same prompt as a JSON string."""
+    texts = ["Natalia sold clips to 48 of her friends.", '{"not": "json"} is text here', "How many clips?"]
+    txt, jsonl = tmp_path / "q.txt", tmp_path / "q.jsonl"
+    txt.write_text(f"{texts[0]}\n\n{texts[1]}\r\n{texts[2]}")
+    jsonl.write_text("".join(json.dumps(t) + "\n" for t in texts))
+    where = ["line 1", "line 3", "line 4"]  # the blank line 2 is skipped; the CRLF ending is not part of a prompt
+    assert [(r["prompt"], r["_where"]) for r in read_prompts(txt)] == list(zip(texts, where, strict=True))
+    assert main(["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(txt),
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert main(["generate", "--checkpoint", str(sft_run.checkpoint), "--prompts", str(jsonl), "--output",
+                 str(tmp_path / "from-jsonl.jsonl"), "--max-new-tokens", "3"]) == 0  # fmt: skip
+    rows = [[json.loads(x) for x in (tmp_path / name).read_text().splitlines()]
+            for name in ("q.completions.jsonl", "from-jsonl.jsonl")]  # fmt: skip
+    assert [r["prompt"] for r in rows[0]] == texts and rows[0] == rows[1]

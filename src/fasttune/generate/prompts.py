@@ -1,4 +1,5 @@
-"""Prompt files for `fasttune generate --prompts FILE`: one JSON value per line in, one JSON object per line out.
+"""Prompt files for `fasttune generate --prompts FILE`: one JSON value per line in (a .txt file: one plain prompt per
+line), one JSON object per line out.
 
 Each line is a JSON string (the prompt), or an object with "prompt", "instruction" (+ optional "input", Alpaca),
 "messages" (chat; a trailing assistant turn is dropped; through an Alpaca or prompt/completion run's format, user and
@@ -59,9 +60,11 @@ def prompts_path(path: str | Path) -> Path:
 
 
 def _values(file: Path, text: str) -> list[tuple[str, object]]:
-    """(place, JSON value) of each prompt: one per line, or each item of a JSON array (an Alpaca .json test set, as
-    `eval --data` reads it), pretty-printed or not, or of the one list of records in a JSON object ({"data": [...]},
-    as training and `eval --data` read it)."""
+    """(place, JSON value) of each prompt: a .txt file's lines that are not blank, as text; else one per line, or each
+    item of a JSON array (an Alpaca .json test set, as `eval --data` reads it), pretty-printed or not, or of the one
+    list of records in a JSON object ({"data": [...]}, as training and `eval --data` read it)."""
+    if file.suffix.lower() == ".txt":  # plain text: each line that is not blank is one prompt, as written
+        return [(f"line {n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = _under_one_key(file, text)
     if records is not None:
         return records
@@ -81,7 +84,10 @@ def _values(file: Path, text: str) -> list[tuple[str, object]]:
         try:
             values.append((f"line {n}", json.loads(line)))
         except ValueError as e:
-            raise DataError(f"{file} line {n}: invalid JSON ({json_error(e)}); write one JSON value per line") from None
+            raise DataError(
+                f"{file} line {n}: invalid JSON ({json_error(e)}); write one JSON value per line (or "
+                "plain prompts, one per line, in a .txt file)"
+            ) from None
     return values
 
 
