@@ -35,9 +35,10 @@ from fasttune import cli
         ("--assistant_only_loss", "fasttune has no such option: chat data trains the assistant turns only"),
         # TRL's evaluation and schedule options had no hint at all
         ("--eval_strategy", "fasttune has no such option: val_loss is computed every --training.eval-every N steps"),
-        *((f, "fasttune has no such option: val_loss is computed on the --data.val-fraction of --data held out; "
-              "score a separate validation file with `fasttune eval --checkpoint RUN --data FILE`")
-          for f in ("--eval_dataset", "--dataset_test_split", "--test_datasets")),
+        # TRL's and Axolotl's validation data were answered "no such option"; --data.val-path reads it now
+        *((f, "did you mean --data.val-path?") for f in ("--eval_dataset", "--test_datasets", "--test-datasets")),
+        ("--dataset_test_split", "fasttune has no such option: it reads no Hub splits by name; pass the test split's "
+                                 "own file or folder (a save_to_disk DatasetDict's DATA/test) as --data.val-path"),
         *((f, "fasttune has no such option: its one schedule is a linear warmup over "
               "--training.warmup-steps, then a cosine down to --training.min-lr-ratio") for f in
           ("--lr_scheduler_type", "--lr_scheduler")),

@@ -16,14 +16,14 @@ FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".yaml
 def hub_id_hint(given: str, option: str) -> str:
     """For a path that does not exist and reads as a Hugging Face Hub id (`Qwen/Qwen2.5-0.5B`, `trl-lib/Capybara`,
     as TRL's --model_name_or_path and --dataset_name take them): how to fetch it, as "; ..." ("" otherwise).
-    `option`: --data (a dataset repository) or the model option."""
+    `option`: --data or --data.val-path (a dataset repository) or the model option."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", given) or given.lower().endswith(FILE_SUFFIXES):
         return ""
     if Path(given).parent.is_dir():  # runs/nope: a folder of yours, not a Hub owner
         return ""
     folder = given.rpartition("/")[2]
-    dataset = option == "--data"
-    then = f"point --data at one split's file or folder in {folder}" if dataset else f"pass {option} {folder}"
+    dataset = option in ("--data", "--data.val-path")
+    then = f"point {option} at one split's file or folder in {folder}" if dataset else f"pass {option} {folder}"
     return (
         f"; fasttune reads local files only (it downloads nothing): if {given} is a Hugging Face Hub id, fetch "
         f"it with `hf download {given}{' --repo-type dataset' if dataset else ''} --local-dir {folder}`, then "

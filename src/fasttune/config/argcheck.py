@@ -42,6 +42,7 @@ OTHER_NAMES = {
     "output-dir": "--output-dir",
     "model-name-or-path": "--model",
     "dataset-name": "--data",
+    "eval-dataset": "--data.val-path",
     "save-steps": "--save-every",
     "save-total-limit": "--training.keep-last",
     "logging-steps": "--training.log-every",
@@ -66,6 +67,7 @@ OTHER_NAMES = {
     "cutoff-len": "--data.max-length",
     "sample-packing": "--data.packing",
     "val-set-size": "--data.val-fraction",
+    "test-datasets": "--data.val-path",
     "train-on-inputs": "--data.train-on-prompt",
     "lora-r": "--lora.rank",
     "lora-alpha": "--lora.alpha",
@@ -87,10 +89,6 @@ _NO_QUANTIZED = (
     "fasttune has no such option: it loads no quantized base (QLoRA); LoRA trains on a bf16 or fp32 "
     "frozen base (--model.dtype bf16: an 8B model's takes ~16 GB)"
 )
-_NO_EVAL_DATA = (
-    "fasttune has no such option: val_loss is computed on the --data.val-fraction of --data held out; score a "
-    "separate validation file with `fasttune eval --checkpoint RUN --data FILE` (any of its checkpoints, too)"
-)
 _NO_SCHEDULER = (
     "fasttune has no such option: its one schedule is a linear warmup over --training.warmup-steps, then a cosine "
     "down to --training.min-lr-ratio x --training.lr (HF's cosine_with_min_lr; --training.min-lr-ratio 0 is HF's "
@@ -111,9 +109,8 @@ NO_SUCH_OPTION = {
     "supervised formats train their responses (--data.train-on-prompt trains every token)",
     "eval-strategy": "fasttune has no such option: val_loss is computed every --training.eval-every N steps (0: "
     "never) on the --data.val-fraction of --data held out",
-    "eval-dataset": _NO_EVAL_DATA,
-    "dataset-test-split": _NO_EVAL_DATA,
-    "test-datasets": _NO_EVAL_DATA,
+    "dataset-test-split": "fasttune has no such option: it reads no Hub splits by name; pass the test split's own "
+    "file or folder (a save_to_disk DatasetDict's DATA/test) as --data.val-path",
     "lr-scheduler-type": _NO_SCHEDULER,
     "lr-scheduler": _NO_SCHEDULER,  # Axolotl's
     "warmup-ratio": "fasttune has no such option: warmup is counted in steps, --training.warmup-steps N (HF's "

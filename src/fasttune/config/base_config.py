@@ -156,7 +156,12 @@ class DataConfig:
     micro_batch_size * max_length."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (deterministic split); plain text of too few documents for
-    that (one .txt file) holds out that fraction of its max_length pieces instead, the last ones."""
+    that (one .txt file) holds out that fraction of its max_length pieces instead, the last ones. Not used with
+    `val_path` (nothing is held out then)."""
+    val_path: Annotated[str | None, tyro.conf.arg(metavar="PATH")] = None
+    """A separate validation file or folder (any path `path` takes; TRL's eval_dataset, Axolotl's test_datasets):
+    its records are the validation samples, read in the training data's format and tokenized, templated and cut to
+    max_length as held-out records are; all of `path` is trained on and val_fraction is not used. Needs `path`."""
     tokenizer_vocab_size: int = 4096
     """Vocabulary size of the byte-level BPE tokenizer trained on the embedded corpus."""
     max_documents: int | None = None

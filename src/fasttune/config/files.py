@@ -22,7 +22,7 @@ from fasttune.errors import ConfigError
 log = logging.getLogger("fasttune")
 
 SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
-PATHS = ("output_dir", "model.path", "data.path", "data.cache_dir")
+PATHS = ("output_dir", "model.path", "data.path", "data.val_path", "data.cache_dir")
 """Keys that name a file or folder: a leading ~ is the home folder, as the shell makes it of a flag's value (left as
 is, `output_dir: ~/runs/a` made a folder named ~ in the working directory)."""
 COMMAND_LINE_ONLY = ("resume", "overwrite")

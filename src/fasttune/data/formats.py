@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
@@ -74,29 +75,38 @@ _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
 
 
 def load_records(
-    path: str, fmt: str = "auto", option: str = "--data.format", split: str | None = "train", field: str | None = None
+    path: str,
+    fmt: str = "auto",
+    option: str = "--data.format",
+    split: str | None = "train",
+    field: str | None = None,
+    flag: str = "--data",
 ) -> tuple[list[dict], str]:
     """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
     when "auto") and return (records, format). Raises DataError on any problem with the input; `option` is the
     format option the messages name (`fasttune eval` calls it --format, and --field the option of `field`). `split`:
     the split of a save_to_disk DatasetDict read when it has several (None: refused, naming the split folders: eval
-    must not guess). `field`: the key of a .json file's top-level object that holds the records."""
+    must not guess). `field`: the key of a .json file's top-level object that holds the records. `flag`: the option
+    that names `path` in messages (--data.val-path for a validation file)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
     root = Path(path)
     try:
-        check_data_path(path)
+        check_data_path(path, flag)
         exists = root.exists()
     except OSError as e:  # a parent folder that may not be looked into: the fix is its own
-        raise unreadable(e, root.parent) from e
+        raise _named(unreadable(e, root.parent), flag) from e
     if not exists:
-        hint = _several(path) or hub_id_hint(path, "--data")
-        raise DataError(f"{path}: no such file or folder; check --data{hint}")
-    tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"))
+        hint = _several(path, flag) or hub_id_hint(path, flag)
+        raise DataError(f"{path}: no such file or folder; check {flag}{hint}")
+    try:
+        tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"))
+    except DataError as e:
+        raise _named(e, flag) from None
     _say_keys(path, tables)
     tables = [t for t in tables if t.records]
     if not tables:
-        raise DataError(f"{path}: no records found (empty file or folder); add data or point --data elsewhere")
+        raise DataError(f"{path}: no records found (empty file or folder); add data or point {flag} elsewhere")
     if tables[0].is_text_file:
         if fmt not in ("auto", "text"):
             raise DataError(f"{path}: plain text files are read as format 'text', not {fmt!r}; drop {option}")
@@ -117,14 +127,19 @@ def load_records(
     return records, "chat" if conversational else fmt
 
 
-def _several(path: str) -> str:
+def _named(error: DataError, flag: str) -> DataError:
+    """The readers' error with the option that names the path as `flag` (their messages say --data)."""
+    return error if flag == "--data" else DataError(re.sub(r"--data(?![.\w-])", flag, str(error)))
+
+
+def _several(path: str, flag: str = "--data") -> str:
     """For a --data that does not exist: when it reads as several files (a comma list, a glob pattern, as HF
     datasets' data_files takes them), how to give them; "" otherwise."""
     parts = [p.strip() for p in path.split(",")]
     if not (len(parts) > 1 and all(Path(p).exists() for p in parts)) and not any(c in path for c in "*?["):
         return ""
     return (
-        "; --data takes one file or folder, not a list or pattern of files: put the files in one folder and pass the "
+        f"; {flag} takes one file or folder, not a list or pattern of files: put the files in one folder and pass the "
         "folder (its files are read as one data set)"
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from fasttune.config import BaseConfig
+from fasttune.config import BaseConfig, DataConfig
 from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load_stdlib_corpus, too_few_to_hold_out
 from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample, Samples
@@ -210,8 +210,9 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     held = DataSummary("", summary.format)
     val = fit_length(val, d.max_length, overlong, held)
     summary.val_left_out = held.dropped + held.no_response + held.untrained
-    if not train:
-        raise DataError(no_samples_left(d.path or "embedded corpus", summary, held, d.max_length))
+    if not train:  # a separate validation file's samples are not the training data's
+        held_out = held if d.val_path is None else None
+        raise DataError(no_samples_left(d.path or "embedded corpus", summary, held_out, d.max_length))
     _count(summary, train, val, cfg)
     return DataBundle(Samples(train), Samples(val), tokenizer, summary)
 
@@ -226,6 +227,9 @@ def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) -> 
     if d.field is not None:  # checked here: a --config file may set it and the command line --data
         raise ConfigError(f"data.field={d.field!r} names a key of a --data .json file, and no --data is given "
                           "(the embedded corpus); pass --data FILE.json or drop --data.field")  # fmt: skip
+    if d.val_path is not None:
+        raise ConfigError(f"--data.val-path {d.val_path}: a validation file is for the --data it validates, and "
+                          "no --data is given (the embedded corpus); pass --data or drop --data.val-path")  # fmt: skip
     train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
     tokenizer = tokenizer or _load_tokenizer(
         cfg, lambda: ([x.text for x in train_docs], corpus_fingerprint(train_docs))
@@ -247,20 +251,42 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) ->
     records, fmt = load_records(d.path, d.format, field=d.field)
     records = records[: d.max_documents]
     say_unrendered(records, fmt, d.path)
-    by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction)  # e.g. one .txt file
+    by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction) and d.val_path is None
     fraction = 0.0 if by_piece else d.val_fraction
-    train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
-    tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
     summary = DataSummary(source=d.path, format=fmt)
+    if d.val_path is None:
+        train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
+    else:
+        train_recs, val_recs = records, _val_records(d, fmt, summary)
+    tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
     if records and PROMPT_TURNS in records[0]:
         summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
                              "completion; the completion's assistant turns are trained)")  # fmt: skip
     train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path,
                              notes=summary.notes)  # fmt: skip
-    val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path, notes=[])
+    val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.val_path or d.path,
+                           notes=[])  # fmt: skip
     if by_piece:
         train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
     return train, val, tokenizer, summary
+
+
+def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> list[dict]:
+    """--data.val-path's records, read as --data's (`fmt`, its format; --data.field names the key of a .json one):
+    the validation set; --data.max-documents applies to --data only, and a DatasetDict of several splits is refused
+    (which one validates is the user's to say)."""
+    from fasttune.data.formats import load_records, say_unrendered
+
+    val_path = d.val_path
+    field = d.field if Path(val_path).suffix.lower() == ".json" else None  # a .jsonl one has no key to name
+    records, val_fmt = load_records(val_path, d.format, split=None, field=field, flag="--data.val-path")
+    if val_fmt != fmt:
+        raise DataError(f"--data.val-path {val_path}: its records are {val_fmt} but --data {d.path}'s are {fmt}; "
+                        "give a validation file of the training data's format")  # fmt: skip
+    say_unrendered(records, fmt, val_path)
+    summary.notes.append(f"  validation: the {count(len(records), 'record')} of --data.val-path {val_path} (nothing "
+                         "held out of --data; data.val_fraction is not used)")  # fmt: skip
+    return records
 
 
 def _overlong_policy(overlong: str, fmt: str, max_length: int) -> str:

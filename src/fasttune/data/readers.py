@@ -74,16 +74,16 @@ class Table:
         return f"{self.file} record {i}" + (f" of {self.key!r}" if self.key is not None else "")
 
 
-def check_data_path(path: str) -> None:
-    """Refuse what would hang (a FIFO blocks in open) or silently mean something else ('' is the current folder)."""
+def check_data_path(path: str, flag: str = "--data") -> None:
+    """Refuse what would hang (a FIFO blocks in open) or silently mean something else ('' is the current folder);
+    `flag`: the option that names the path in messages."""
     if not path.strip():
-        raise DataError(
-            "--data is empty; pass a data file or folder, or leave the option out to train on the embedded corpus"
-        )
+        fix = "leave the option out to train on the embedded corpus" if flag == "--data" else "drop the option"
+        raise DataError(f"{flag} is empty; pass a data file or folder, or {fix}")
     p = Path(path)
     if p.exists() and not (p.is_file() or p.is_dir()):
         raise DataError(
-            f"--data {path}: not a regular file or folder (a FIFO, socket or device); save the data to a file "
+            f"{flag} {path}: not a regular file or folder (a FIFO, socket or device); save the data to a file "
             "and pass that"
         )
 

@@ -189,13 +189,14 @@ def _data(cfg: BaseConfig, data: DataBundle | None, d: Dist, latest, saved: dict
 
         say_nothing_to_answer(cfg, data, d.fsdp)
     _check_moved_data(cfg, moved, saved, data)
-    _check_same_data(saved, data, latest)
+    _check_same_data(saved, data, latest, cfg.data.val_path)
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
     return data
 
 
-def _check_same_data(saved: dict | None, data: DataBundle, latest) -> None:
-    """A resumed run's data must be what it trained on (its checkpoint's fingerprint, where it has one)."""
+def _check_same_data(saved: dict | None, data: DataBundle, latest, val_path: str | None = None) -> None:
+    """A resumed run's data must be what it trained on (its checkpoint's fingerprint, where it has one: the training
+    and validation samples, so an edited --data.val-path is refused as an edited --data is)."""
     if not (saved and saved.get("data") and data.summary.fingerprint) or saved["data"] == data.summary.fingerprint:
         return
     if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
@@ -205,7 +206,8 @@ def _check_same_data(saved: dict | None, data: DataBundle, latest) -> None:
             f"its checkpoint with --model {latest} and another --output-dir"
         )
     raise ConfigError(
-        f"--resume: the data is not what this run trained on ({data.summary.source}: records added, removed or "
+        f"--resume: the data is not what this run trained on ({data.summary.source}"
+        f"{f' or --data.val-path {val_path}' if val_path else ''}: records added, removed or "
         "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
         f"{latest} and another --output-dir"
     )
@@ -256,7 +258,11 @@ def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
         return
     left_out = data.summary.val_left_out
     why, fix = "data.val_fraction is 0", "set --data.val-fraction (e.g. 0.05) to hold some data out"
-    if fraction and left_out:  # held out, then left out by max_length: "too small" would send the user astray
+    if cfg.data.val_path is not None:  # read, and not empty: every sample of it was left out
+        why = (f"every sample of --data.val-path {cfg.data.val_path} was left out (too long for --data.max-length "
+               f"{cfg.data.max_length}, or no trained token left: see the data summary)")  # fmt: skip
+        fix = "raise --data.max-length or fix the validation file"
+    elif fraction and left_out:  # held out, then left out by max_length: "too small" would send the user astray
         held = "the held-out sample was" if left_out == 1 else f"the {left_out} held-out samples were all"
         why = (f"{held} left out (too long for --data.max-length {cfg.data.max_length}, or no trained token left: see "
                "the data summary)")  # fmt: skip

@@ -177,7 +177,8 @@ class RunFolder:
 
     def _refuse_clearing_inputs(self, cfg: BaseConfig) -> None:
         """--overwrite deletes the run's checkpoints and merged model: never the model or data this run reads."""
-        for option, value in (("--model", cfg.model.path), ("--data", cfg.data.path)):
+        inputs = (("--model", cfg.model.path), ("--data", cfg.data.path), ("--data.val-path", cfg.data.val_path))
+        for option, value in inputs:
             if not value:
                 continue
             where = Path(value).resolve()
@@ -330,8 +331,9 @@ def _moved_from(saved: dict, cfg: BaseConfig) -> str | None:
 
 
 def _same_path(key: str, old, new) -> bool:
-    """model.path / data.path spelled another way (./m/, an absolute path) but naming the same file or folder."""
-    if key not in ("model.path", "data.path") or not (isinstance(old, str) and isinstance(new, str)):
+    """model.path / data.path / data.val_path spelled another way (./m/, an absolute path) but naming the same file
+    or folder."""
+    if key not in ("model.path", "data.path", "data.val_path") or not (isinstance(old, str) and isinstance(new, str)):
         return False
     return Path(old).resolve() == Path(new).resolve()
 

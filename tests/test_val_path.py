@@ -1,0 +1,119 @@
+"""--data.val-path: a separate validation file (TRL's eval_dataset, Axolotl's test_datasets). Its records validate as
+the same records held out of one combined file do, all of --data trains, and its content counts on --resume as the
+training data's does."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from helpers import GSM8K, save_base_model, sft_config
+
+from fasttune.cli import main
+from fasttune.data.corpus import holdout
+from fasttune.data.pipeline import build_data
+from fasttune.errors import ConfigError
+from fasttune.train import loop
+
+
+def _split(tmp_path: Path) -> tuple[Path, Path]:
+    """GSM8K's 20 records as the train file and the validation file val_fraction 0.3 of them makes, in order."""
+    records = json.loads(GSM8K.read_text())
+    train, held = holdout(records, [str(i) for i in range(len(records))], 0.3)
+    (t := tmp_path / "train.json").write_text(json.dumps(train))
+    (v := tmp_path / "val.json").write_text(json.dumps(held))
+    return t, v
+
+
+def _with_val(cfg, val: Path | str | None):
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_path=None if val is None else str(val)))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_base_model(tmp_path_factory.mktemp("base") / "base")
+
+
+def test_a_val_file_validates_as_the_same_records_held_out_of_one_file(base, tmp_path, caplog):
+    """Reference: the combined file with val_fraction 0.3. The train file without those records plus --data.val-path
+    of them gives the same samples (fingerprint), the same weights and the same val_loss at every evaluation (some
+    records truncated, one left out of validation: the same max_length rules); every record of --data trains though
+    val_fraction is 0.3."""
+    caplog.set_level(logging.INFO, logger="fasttune")
+    train, val = _split(tmp_path)
+    kw = dict(val_fraction=0.3, max_length=320, max_steps=4, eval_every=2, eval_batches=1000, save_every=4)
+    ref = loop.train(sft_config(tmp_path / "ref", base, GSM8K, **kw))
+    cfg = _with_val(sft_config(tmp_path / "ours", base, train, **kw), val)
+    ours = loop.train(cfg)
+    vals = [[r["val_loss"] for r in res.records if r.get("val_loss") is not None] for res in (ref, ours)]
+    assert len(vals[0]) == 3 and vals[1] == pytest.approx(vals[0], rel=1e-6)
+    data = build_data(cfg)
+    assert data.summary.fingerprint == build_data(sft_config(tmp_path / "ref", base, GSM8K, **kw)).summary.fingerprint
+    whole = build_data(sft_config(tmp_path / "whole", base, train, **{**kw, "val_fraction": 0.0}))
+    assert data.train == whole.train and len(data.val) == 5  # nothing held out of --data; 1 of 6 too long to keep
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"validation: the 6 records of --data.val-path {val}" in m for m in said), said
+
+
+def test_resume_with_an_edited_val_file_is_refused_and_with_the_same_one_goes_on(base, tmp_path):
+    train, val = _split(tmp_path)
+    cfg = _with_val(sft_config(tmp_path, base, train, val_fraction=0.3, max_steps=2, save_every=2, eval_every=1), val)
+    loop.train(cfg)
+    resumed = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=3))
+    records = json.loads(val.read_text())
+    records[0]["output"] += " Done."
+    val.write_text(json.dumps(records))
+    with pytest.raises(ConfigError, match=rf"not what this run trained on \(.* or --data.val-path {val}: records"):
+        loop.train(resumed)
+    records[0]["output"] = records[0]["output"].removesuffix(" Done.")
+    val.write_text(json.dumps(records))
+    assert loop.train(resumed).records[-1]["step"] == 3
+
+
+def _train(tmp_path: Path, base: Path, *args: str) -> list[str]:
+    return ["train", "--experiment", "sft", "--model", str(base), "--max-steps", "1", "--output-dir",
+            str(tmp_path / "run"), *args]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (lambda p: p / "nope.jsonl", "{v}: no such file or folder; check --data.val-path"),
+        (lambda p: (p / "empty.jsonl").write_text("") and None or p / "empty.jsonl",
+         "{v}: no records found (empty file or folder); add data or point --data.val-path elsewhere"),
+        (lambda p: (p / "bad.jsonl").write_text('{"text": 1\n') and None or p / "bad.jsonl",
+         "{v} line 1: invalid JSON"),
+        (lambda p: (p / "pc.jsonl").write_text('{"prompt": "a", "completion": "b"}\n') and None or p / "pc.jsonl",
+         "--data.val-path {v}: its records are prompt_completion but --data {t}'s are alpaca; give a validation file"),
+    ],
+)  # fmt: skip
+def test_a_bad_val_file_gets_one_line_naming_the_option(base, tmp_path, capsys, make, said):
+    train, _ = _split(tmp_path)
+    v = make(tmp_path)
+    assert main([*_train(tmp_path, base, "--data", str(train)), "--data.val-path", str(v)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: " + said.format(v=v, t=train)), errors
+
+
+def test_a_val_file_without_data_is_refused(tmp_path, capsys):
+    _, val = _split(tmp_path)
+    argv = ["train", "--experiment", "quick", "--max-steps", "1", "--output-dir", str(tmp_path / "run"),
+            "--data.val-path", str(val)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no --data is given (the embedded corpus); pass --data or drop --data.val-path" in err, err
+
+
+def test_a_config_file_and_the_flag_set_the_same_val_file(tmp_path, monkeypatch):
+    """`data: {val_path: ~/v.json}` in a --config file is --data.val-path, ~ the home folder as for data.path."""
+    from fasttune import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (f := tmp_path / "run.yaml").write_text("experiment: sft\ndata: {path: ~/t.json, val_path: ~/v.json}\n")
+    got = cli.parse(["train", "--config", str(f)]).config.validate()
+    flags = ["--experiment", "sft", "--data", str(tmp_path / "t.json"), "--data.val-path", str(tmp_path / "v.json")]
+    assert got == cli.parse(["train", *flags]).config.validate()
+    assert got.data.val_path == str(tmp_path / "v.json")
