@@ -70,7 +70,20 @@ def test_resume_with_an_edited_val_file_is_refused_and_with_the_same_one_goes_on
         loop.train(resumed)
     records[0]["output"] = records[0]["output"].removesuffix(" Done.")
     val.write_text(json.dumps(records))
+    (other := tmp_path / "other.json").write_text(val.read_text())
+    with pytest.raises(ConfigError, match=rf"data.val_path is '{other}' but the run was started with '{val}'"):
+        loop.train(_with_val(resumed, other))
     assert loop.train(resumed).records[-1]["step"] == 3
+
+
+def test_an_epoch_is_the_training_files(base, tmp_path):
+    """--epochs 1 with a val file trains the steps of --data alone (val_fraction 0), not of --data less 30%."""
+    train, val = _split(tmp_path)
+    kw = dict(val_fraction=0.3, epochs=1.0, eval_every=0, save_every=0, grad_accum=1, micro_batch_size=1)
+    ours = loop.train(_with_val(sft_config(tmp_path / "ours", base, train, **kw), val))
+    whole = loop.train(sft_config(tmp_path / "whole", base, train, **{**kw, "val_fraction": 0.0}))
+    held = loop.train(sft_config(tmp_path / "held", base, train, **kw))
+    assert ours.steps == whole.steps > held.steps
 
 
 def _train(tmp_path: Path, base: Path, *args: str) -> list[str]:
@@ -117,3 +130,18 @@ def test_a_config_file_and_the_flag_set_the_same_val_file(tmp_path, monkeypatch)
     flags = ["--experiment", "sft", "--data", str(tmp_path / "t.json"), "--data.val-path", str(tmp_path / "v.json")]
     assert got == cli.parse(["train", *flags]).config.validate()
     assert got.data.val_path == str(tmp_path / "v.json")
+
+
+def test_a_val_file_left_out_whole_by_max_length_is_said_with_its_fix(base, tmp_path, caplog):
+    """Its every sample too long to keep: no val_loss, and the warning names the file, not val_fraction (which the
+    warning blamed: 'no sample is held out (the data is too small to hold one out)')."""
+    caplog.set_level(logging.INFO, logger="fasttune")
+    train, _ = _split(tmp_path)
+    (val := tmp_path / "long.json").write_text(json.dumps([{"instruction": "x " * 400, "input": "", "output": "y"}]))
+    result = loop.train(_with_val(sft_config(tmp_path, base, train, max_steps=1, eval_every=1, save_every=0), val))
+    assert all(r.get("val_loss") is None for r in result.records)
+    assert (
+        f"no validation: every sample of --data.val-path {val} was left out (too long for --data.max-length"
+        in caplog.text
+        and "raise --data.max-length or fix the validation file" in caplog.text
+    )

@@ -391,7 +391,8 @@ def _read_saved_dataset(root: Path, split: str | None) -> Table:
                             f"e.g. --data {root / held}")  # fmt: skip
         if split in ds and len(ds) > 1:  # TRL would evaluate on its test split: say that nothing here does
             log.info("%s: a DatasetDict of splits %s: its %r split is read, the others are not (validation holds out "
-                     "--data.val-fraction of it)", root, ", ".join(ds), split)  # fmt: skip
+                     "--data.val-fraction of it, or pass a split's folder as --data.val-path)", root, ", ".join(ds),
+                     split)  # fmt: skip
         ds = ds[split] if split in ds else next(iter(ds.values()))
     return Table(root, ds.to_list())
 
