@@ -200,6 +200,8 @@ def test_several_files_in_one_data_option_say_how_to_give_them(tmp_path, capsys)
                               "one folder and pass the folder") and err.count("\n") == 1, err  # fmt: skip
     records, _ = load_records(str(parts))
     assert records == [json.loads(line) for line in lines]
+    for missing in (parts / "data[1].jsonl", parts / "*.parquet"):  # a file's name, or a pattern matching nothing
+        assert error_for(str(missing)) == f"{missing}: no such file or folder; check --data"
 
 
 def test_unsupported_extension():

@@ -19,7 +19,9 @@ User files are only ever opened for reading.
 from __future__ import annotations
 
 import difflib
+import glob
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -133,10 +135,11 @@ def _named(error: DataError, flag: str) -> DataError:
 
 
 def _several(path: str, flag: str = "--data") -> str:
-    """For a --data that does not exist: when it reads as several files (a comma list, a glob pattern, as HF
-    datasets' data_files takes them), how to give them; "" otherwise."""
+    """For a --data that does not exist: when it reads as several files (a comma list of files, a glob pattern that
+    matches files, as HF datasets' data_files takes them), how to give them; "" otherwise (a missing data[1].jsonl
+    is a missing file)."""
     parts = [p.strip() for p in path.split(",")]
-    if not (len(parts) > 1 and all(Path(p).exists() for p in parts)) and not any(c in path for c in "*?["):
+    if not (len(parts) > 1 and all(Path(p).exists() for p in parts)) and not glob.glob(os.path.expanduser(path)):
         return ""
     return (
         f"; {flag} takes one file or folder, not a list or pattern of files: put the files in one folder and pass the "
