@@ -338,7 +338,7 @@ class FusedDecoder:
                    keys: int | None) -> torch.Tensor:  # fmt: skip
         """Attention output (B * Q, Hq * D). Decode (`keys` None, Q = 1): over all T cache slots under `bias`
         (B, Hkv, G, T). A prompt chunk (its Q queries written to slots keys-Q..keys-1): over slots 0..keys-1 under
-        `bias` (B or 1, 1, Q, keys), or None when it is the whole prompt without padding (causal)."""
+        `bias` (B, 1, Q, keys) with padding, else None for a whole prompt (causal) or a lower-right CausalBias."""
         B, Q, Hq, D = q_BQHD.shape
         G = Hq // self.kv_heads
         if keys is None:  # GQA as more queries per key head: query head h reads key head h // G, as HF's repeat_kv
@@ -362,9 +362,14 @@ class FusedDecoder:
         key_slots_K = torch.arange(keys, device=self.device)
         far_QK = key_slots_K <= slots_Q[:, None] - window
         if bias is None or isinstance(bias, CausalBias):  # a prompt (chunk) without padding: the causal mask, explicit
-            bias = torch.zeros(far_QK.shape, dtype=self.dtype, device=self.device)
-            bias = bias.masked_fill(key_slots_K > slots_Q[:, None], float("-inf"))
+            bias = self.causal_bias(slots_Q.shape[0], keys)
         return bias.masked_fill(far_QK, float("-inf"))
+
+    def causal_bias(self, queries: int, keys: int) -> torch.Tensor:
+        """The additive (queries, keys) mask of a prompt chunk without padding, its queries the last `queries` of
+        slots 0..keys-1: lower-right causal (what None or torch's CausalBias stand for, made explicit)."""
+        bias = torch.zeros((queries, keys), dtype=self.dtype, device=self.device)
+        return bias.masked_fill(torch.ones_like(bias, dtype=torch.bool).triu(keys - queries + 1), float("-inf"))
 
     def _biases(self, bias: torch.Tensor | None, slots_Q: torch.Tensor, cache: torch.Tensor,
                 keys: int | None) -> dict[int | None, torch.Tensor | None]:  # fmt: skip
@@ -441,7 +446,7 @@ class FusedDecoder:
         """Logits (B, V) in float32 of the last query position. Writes keys/values of the Q inputs at cache slots
         `slots_Q`, then attends with the additive mask (0 or -inf) `bias`: at decode (`keys` None, Q = 1)
         (B, 1, 1, T) over all cache slots; a prompt chunk (`prefill`: slots keys-Q..keys-1) over slots 0..keys-1,
-        (B or 1, 1, Q, keys), or None for a whole prompt without padding (causal)."""
+        (B, 1, Q, keys) with padding, else None for a whole prompt (causal) or a lower-right CausalBias."""
         model = self.model.model
         B, Q = ids_BQ.shape
         Hq, Hkv = self.heads, self.kv_heads

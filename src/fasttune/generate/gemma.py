@@ -89,8 +89,7 @@ class GemmaDecoder(FusedDecoder):
         if decode:  # (B, Hkv, G, T): query head h = kv head h // G, as in the grouped SDPA
             bias = bias.reshape(B, Hq, 1, keys)
         elif bias is None or isinstance(bias, CausalBias):  # a prompt (chunk) without padding: causal, lower right
-            bias = torch.zeros((Q, keys), dtype=self.dtype, device=self.device)
-            bias = bias.masked_fill(torch.ones_like(bias, dtype=torch.bool).triu(keys - Q + 1), float("-inf"))
+            bias = self.causal_bias(Q, keys)
         p_BHQK = (s_BHQK + bias).softmax(-1, dtype=torch.float32).to(self.dtype)
         return (p_BHQK @ v_BHKD).transpose(1, 2).reshape(B * Q, Hq * D)
 
