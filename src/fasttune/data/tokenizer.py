@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,26 +46,78 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerprint: str) -> PreTrainedTokenizerFast:
-    """Load the tokenizer for this corpus from the cache, or train and cache it (atomically)."""
+    """Load the tokenizer for this corpus from the cache, or train and cache it (atomically: written into a temporary
+    folder, every file fsync'ed, then renamed into place). A cached one that does not load (damaged by a power cut
+    before its bytes reached the disk, or by hand) is trained again and replaced, said in one line."""
     path = Path(cache_dir) / f"tokenizer-{fingerprint}-{vocab_size}"
-    if (path / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(path)
+    if path.exists():
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except PermissionError:  # not damage: another user's cache is never replaced
+            raise ConfigError(f"the cached tokenizer {path} cannot be read (permission denied); make it readable "
+                              "(chmod -R u+rX) or pass another --data.cache-dir") from None  # fmt: skip
+        except Exception as e:  # transformers raises many types for a damaged file; all mean the same here
+            log.warning("the cached tokenizer %s does not load (%s); training it again", path, _why(e))
     log.info("training a %d-token byte-level BPE tokenizer on %d documents", vocab_size, len(texts))
     tok = train_tokenizer(texts, vocab_size)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path.parent)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tokenizer-"))
     except OSError as e:
         raise ConfigError(
             f"data.cache_dir={cache_dir!r} is not writable ({e.strerror or e}); pass "
             "--data.cache-dir DIR with a writable folder"
         ) from None
-    tok.save_pretrained(tmp)
+    try:
+        tok.save_pretrained(tmp)
+        _fsync_folder(tmp)
+    except BaseException as e:  # a full disk, Ctrl-C: nothing half-written stays (a kill's is removed by a later run)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"could not cache the tokenizer in data.cache_dir={cache_dir!r} ({e.strerror or e}); "
+                              "free disk space or pass --data.cache-dir DIR with room") from None  # fmt: skip
+        raise
+    if path.exists():  # damaged: moved aside in one rename (another process may be replacing it too), then deleted
+        aside = Path(f"{tmp}-damaged")
+        with contextlib.suppress(OSError):
+            os.rename(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
     try:
         os.replace(tmp, path)
+        _fsync_folder(path.parent, files=False)
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(path)
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+
+
+def _fsync_folder(folder: Path, files: bool = True) -> None:
+    """fsync the files in `folder` (`files`) and the folder itself: after the rename that follows, a power cut leaves
+    the complete folder or none, never a renamed folder of empty files."""
+    for f in sorted(folder.iterdir()) if files else ():
+        if f.is_file():
+            with f.open("rb") as opened:
+                os.fsync(opened.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+STALE_AFTER_S = 3600
+"""A `.tmp-tokenizer-*` folder older than this is what a killed run left (a save takes seconds): removed."""
+
+
+def _remove_stale_temporaries(cache: Path) -> None:
+    for p in cache.glob(".tmp-tokenizer-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - p.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def fit_model_max_length(tokenizer, model_config) -> None:
