@@ -209,6 +209,25 @@ def test_a_failed_eval_or_generate_leaves_no_folder_it_created(sft_run, tmp_path
     assert list(kept.iterdir()) == []  # the user's folder stays; only what the command made went
 
 
+def test_results_are_never_written_where_a_run_deletes_them(sft_run, tmp_path, capsys):
+    """eval's --output-dir and generate's --output in a run's checkpoint (or checkpoints/, adapter/, merged/, reached
+    through a symlink too): keep-last pruning, --resume's rewrite and --overwrite delete those folders whole, and the
+    results in them went too. Refused before any work, naming the run; an eval/ folder beside them is fine."""
+    run, ckpt = sft_run.run_dir, sft_run.checkpoint
+    (tmp_path / "link").symlink_to(ckpt)
+    for out in (ckpt, ckpt / "eval", run / "checkpoints", run / "merged" / "eval", tmp_path / "link" / "eval"):
+        assert main(["eval", "--checkpoint", str(run), "--data", str(GSM8K), "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output-dir {out} lies in" in err and f"of the fasttune run {run}" in err, err
+        assert not (out / "summary.json").exists() and not (ckpt / "eval").exists()
+    answers = ckpt / "answers.jsonl"
+    assert main(["generate", "--checkpoint", str(run), "--prompts", str(GSM8K), "--output", str(answers)]) == 2
+    assert f"--output {answers} lies in checkpoints/ of the fasttune run {run}" in capsys.readouterr().err
+    assert not answers.exists()
+    assert main(["eval", "--checkpoint", str(run), "--data", str(GSM8K), "--output-dir", str(run / "eval")]) == 0
+    assert (run / "eval" / "summary.json").is_file()
+
+
 def test_eval_data_errors_name_evals_own_options(sft_run, tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "How many?", "answer": "3"}) + "\n")

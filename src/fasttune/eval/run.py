@@ -140,6 +140,10 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
     what = "--data file" if Path(a.data).is_file() else "--data folder"
     for f in (out, *files):  # the folder first: inside the --data folder, the message names the folder given
         refuse_writing_over(f, a.data, "--output-dir", what)
+    from fasttune.train.run_dir import refuse_writing_into_run
+
+    refuse_writing_into_run(out, "--output-dir", "choose a folder outside checkpoints/, adapter/ and merged/, e.g. "
+                            "an eval/ folder beside them")  # fmt: skip
     taken = [f.name for f in files if f.exists()]
     if taken and not a.overwrite:
         raise FasttuneError(f"--output-dir {out} already holds {', '.join(taken)}; choose another folder or pass "

@@ -160,6 +160,9 @@ def check_output(path: Path, overwrite: bool, option: str = "--output") -> None:
         raise FasttuneError(f"{option} {path} is a folder; pass a file path")
     if is_stream(path):
         return  # /dev/stdout, a named pipe: written as they are, nothing in them replaced
+    from fasttune.train.run_dir import refuse_writing_into_run
+
+    refuse_writing_into_run(path, option, "pass a path outside checkpoints/, adapter/ and merged/")
     if path.exists() and not overwrite:
         raise FasttuneError(f"{option} {path} already exists; choose another path or pass --overwrite to replace it")
     make_folder(path.parent, option)

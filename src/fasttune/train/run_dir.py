@@ -199,17 +199,14 @@ class RunFolder:
         resume_from_checkpoint names one, or a new folder in it): that run deletes or rewrites those, with this run
         inside; --resume continues the run itself, from its latest checkpoint. The path is resolved: typed relative to
         a working folder inside checkpoints/, or through a symlink to a checkpoint, it is still in there."""
-        path = self.path.resolve()
-        for parent in path.parents:
-            run = RunFolder(parent)
-            inside = [a for a in (run.checkpoints, run.adapter, run.merged) if a == path or a in path.parents]
-            if run.is_run and inside:
-                raise ConfigError(
-                    f"--output-dir {self.path} lies in {inside[0].name}/ of the fasttune run {parent}, which that "
-                    f"run deletes or rewrites (keep-last pruning, saving, --overwrite); to continue that run, pass "
-                    f"--output-dir {parent} --resume (from its latest checkpoint); to start a new run from one of "
-                    "its checkpoints, pass that as --model and an --output-dir outside the run"
-                )
+        if (owner := run_owning(self.path)) is not None:
+            parent, inside = owner
+            raise ConfigError(
+                f"--output-dir {self.path} lies in {inside.name}/ of the fasttune run {parent}, which that "
+                f"run deletes or rewrites (keep-last pruning, saving, --overwrite); to continue that run, pass "
+                f"--output-dir {parent} --resume (from its latest checkpoint); to start a new run from one of "
+                "its checkpoints, pass that as --model and an --output-dir outside the run"
+            )
 
     def _refuse_foreign(self) -> None:
         """A non-empty folder without our marker is someone else's: never train into it (--overwrite neither)."""
@@ -311,6 +308,29 @@ class RunFolder:
 
     def write_config(self, cfg: BaseConfig) -> None:
         self.config.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def run_owning(path: Path) -> tuple[Path, Path] | None:
+    """(run folder, its checkpoints/, adapter/ or merged/) when `path` (resolved: relative, through a symlink) is one
+    of those folders of a fasttune run or lies in one: the run deletes or rewrites them (pruning, saving, --resume,
+    --overwrite), and whatever else is in them with them."""
+    path = path.resolve()
+    for parent in path.parents:
+        run = RunFolder(parent)
+        inside = [a for a in (run.checkpoints, run.adapter, run.merged) if a == path or a in path.parents]
+        if run.is_run and inside:
+            return parent, inside[0]
+    return None
+
+
+def refuse_writing_into_run(path: Path, option: str, fix: str) -> None:
+    """Results (eval's, generate's) are never written where a run deletes or rewrites them (run_owning)."""
+    if (owner := run_owning(path)) is not None:
+        run, inside = owner
+        raise FasttuneError(
+            f"{option} {path} lies in {inside.name}/ of the fasttune run {run}, which that run deletes or rewrites "
+            f"(keep-last pruning, --resume, --overwrite) with what is in it; {fix}"
+        )
 
 
 BEFORE_KEY = {"training.adam_beta1": 0.9, "training.adam_beta2": 0.95, "training.adam_epsilon": 1e-8}
