@@ -259,6 +259,44 @@ def test_a_lora_run_that_cannot_write_its_merged_model_says_so_and_resume_writes
     assert resolve(run).model_dir == run / "merged"
 
 
+def test_ctrl_c_while_merging_says_the_checkpoints_are_intact_and_resume_writes_the_same_model(
+    tmp_path, base_model, monkeypatch
+):
+    """Ctrl-C after the last step, while merged/ is written (no longer between steps: it stops at once): no half
+    merged/, exit 130 with what to do (it said only "interrupted (Ctrl-C)", as if the run were lost), and --resume
+    writes the merged model an uninterrupted run writes."""
+    from safetensors.torch import load_file
+
+    from fasttune.model import lora
+    from fasttune.train.signals import Interrupted
+
+    cfg = _sft_config(tmp_path / "cut", base_model, enabled=True, rank=4, alpha=8)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2, eval_every=0))
+    real = lora.save_merged
+
+    def ctrl_c(model, out_dir, state=None):
+        real(model, out_dir, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora, "save_merged", ctrl_c)
+    with pytest.raises(Interrupted) as e:
+        try:
+            loop.train(cfg)
+        except KeyboardInterrupt:  # not as a KeyboardInterrupt, which would end the test session
+            pytest.fail("a bare KeyboardInterrupt: the CLI says only 'interrupted (Ctrl-C)'")
+    run = cfg.run_dir
+    assert e.value.exit_code == 130 and "\n" not in str(e.value)
+    assert f"interrupted while writing the merged model {run / 'merged'} (not written)" in str(e.value)
+    assert "checkpoints are intact" in str(e.value) and "--resume" in str(e.value)
+    assert not (run / "merged").exists() and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+    monkeypatch.setattr(lora, "save_merged", real)
+    loop.train(dataclasses.replace(cfg, resume=True))
+    ref = dataclasses.replace(cfg, output_dir=str(tmp_path / "ref"))
+    loop.train(ref)
+    got, want = load_file(run / "merged" / "model.safetensors"), load_file(ref.run_dir / "merged" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_a_lora_run_without_a_merged_model_gets_one_from_resume_with_merge_on_save(tmp_path, base_model):
     """--lora.no-merge-on-save only skips writing merged/; --resume with --lora.merge-on-save refused the changed

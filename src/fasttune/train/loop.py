@@ -447,11 +447,15 @@ def _save_lora(run: Run, weights: dict | None) -> Path | None:
         tokenizer.save_pretrained(tmp)
         (tmp / MERGED_STEP).write_text(json.dumps({"step": step}) + "\n")
 
-    ckpt.write_folder(folder.adapter, adapter, f"could not write the LoRA adapter {folder.adapter}", fix)
-    if not run.cfg.lora.merge_on_save:
-        return None
-    ckpt.write_folder(folder.merged, merged, f"could not write the merged model {folder.merged}", fix)
-    return folder.merged
+    writes = [(folder.adapter, adapter, "the LoRA adapter"), (folder.merged, merged, "the merged model")]
+    for final, write, what in writes[: 1 + run.cfg.lora.merge_on_save]:
+        try:
+            ckpt.write_folder(final, write, f"could not write {what} {final}", fix)
+        except KeyboardInterrupt:  # after the last checkpoint: nothing is lost, --resume finishes
+            msg = f"interrupted while writing {what} {final} (not written); the checkpoints are intact: run the same " \
+                  "command with --resume to write it"  # fmt: skip
+            raise Interrupted(msg, exit_code=130) from None
+    return folder.merged if run.cfg.lora.merge_on_save else None
 
 
 def _sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
