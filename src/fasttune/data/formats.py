@@ -304,18 +304,20 @@ def _check_role(role: str, where: str) -> None:
     raise DataError(f"{where}.role is {role!r}, not a chat role ({', '.join(ROLES)}); {hint}rename it")
 
 
-def say_unrendered(records: list[dict], fmt: str, source: str) -> None:
+def say_unrendered(records: list[dict], fmt: str, source: str, use: tuple[str, str] = ("trained on", "train")) -> None:
     """Warn for each field of _UNRENDERED that holds text no sample will contain: without it, a system prompt or a
-    conversation history in Alpaca records was dropped without a word."""
+    conversation history in Alpaca records was dropped without a word. `use`: what the samples are for, as the
+    warnings say it (training's ("trained on", "train"); eval's ("scored", "evaluate"))."""
+    done, do = use
     for key in _UNRENDERED.get(fmt, ()):
         if n := sum(1 for r in records if r.get(key)):
             log.warning("%s: %d of %d records have a %r field, which the Alpaca prompt (### Instruction, ### Input, "
-                        "### Response) has no place for: it is not trained on; convert the records to chat data "
-                        "(messages, with a system turn or the earlier turns) to train with it", source, n,
-                        len(records), key)  # fmt: skip
+                        "### Response) has no place for: it is not %s; convert the records to chat data "
+                        "(messages, with a system turn or the earlier turns) to %s with it", source, n,
+                        len(records), key, done, do)  # fmt: skip
     for key, field, n in _misspelt(records, fmt):
         log.warning("%s: %d of %d records have a %r field and no %r: it is not read (a misspelt %r?); rename it to "
-                    "train with its text", source, n, len(records), key, field, field)  # fmt: skip
+                    "%s with its text", source, n, len(records), key, field, field, do)  # fmt: skip
 
 
 def _misspelt(records: list[dict], fmt: str) -> list[tuple[str, str, int]]:

@@ -190,11 +190,12 @@ def _samples(
     tokens are trained too (--train-on-prompt): --generate answers the prompts of the same records tokenized as
     trained on their responses alone (their tokens differ where the prompt ends inside a token, and a chat template
     may split a conversation by turn), whole, within the context; each side counts what it leaves out."""
-    from fasttune.data.formats import load_records
+    from fasttune.data.formats import load_records, say_unrendered
 
     # split=None: never a DatasetDict's train split
     records, fmt = load_records(a.data, a.format, option="--format", split=None, field=a.field)
     records = records[: a.limit]
+    say_unrendered(records, fmt, a.data, ("scored", "evaluate"))  # a misspelt 'input' is left out, as in training
     samples = _tokenized(a, records, fmt, tokenizer, prompts)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
