@@ -358,7 +358,7 @@ def test_eval_tokenizes_chat_data_trained_turn_by_turn_once(tmp_path, monkeypatc
     monkeypatch.setattr(run, "tokenize_records", lambda records, *a, **k: calls.append(len(records)) or real(records,
                         *a, **k))  # fmt: skip
     tok = build_tiny_tokenizer(chat_template=REASONING)
-    _, samples, fmt, too_long = run._samples(run.EvalArgs(checkpoint="unused", data=str(data)), tok, 512)
+    _, samples, fmt, too_long, _ = run._samples(run.EvalArgs(checkpoint="unused", data=str(data)), tok, 512)
     assert calls == [3] and (fmt, too_long) == ("chat", (0, 0))
     assert [(s.record, s.last_turn) for s in samples] == [(0, False), (0, True), (1, True), (2, False), (2, True)]
 

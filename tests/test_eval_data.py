@@ -4,9 +4,11 @@ for every record (the samples scored, and those --max-length or the context left
 import json
 
 import pytest
-from helpers import save_base_model
+from helpers import GSM8K, save_base_model
+from transformers import AutoTokenizer
 
 from fasttune.cli import main
+from fasttune.data.sft import tokenize_records
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +42,21 @@ def test_eval_says_an_alpaca_system_field_it_leaves_out(model, tmp_path, capsys)
     data.write_text(json.dumps({"system": "Be terse.", "instruction": "Add 2 and 3.", "output": "5"}) + "\n")
     _summary(model, tmp_path, data)
     assert "1 of 1 records have a 'system' field" in capsys.readouterr().err
+
+
+def test_eval_max_length_counts_every_record_in_summary_json(model, tmp_path):
+    """With --max-length the loss scores truncated samples and leaves out those whose prompt alone fills it, as
+    training does: summary.json said neither (skipped_longer_than_context 0, max_length absent), so its samples did not
+    add up to the records and two summaries at different lengths read alike."""
+    tok = AutoTokenizer.from_pretrained(model)
+    records = json.loads(GSM8K.read_text())
+    whole = tokenize_records(records, "alpaca", tok)  # the reference: where each sample's response starts
+    starts = [next(i for i, t in enumerate(s["labels"]) if t != -100) for s in whole]
+    long = [start for s, start in zip(whole, starts, strict=True) if len(s["input_ids"]) > 160]
+    summary = _summary(model, tmp_path, GSM8K, "--max-length", "160")
+    assert (summary["max_length"], summary["skipped_longer_than_context"]) == (160, 0)
+    assert summary["truncated_to_max_length"] == sum(start < 160 for start in long) > 0
+    assert summary["skipped_prompt_fills_max_length"] == sum(start >= 160 for start in long) > 0
+    assert summary["samples"] + summary["skipped_prompt_fills_max_length"] == len(records)
+    whole_summary = _summary(model, tmp_path / "whole", GSM8K)
+    assert whole_summary["max_length"] is None and "truncated_to_max_length" not in whole_summary

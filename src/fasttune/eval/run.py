@@ -183,10 +183,11 @@ def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: b
 
 def _samples(
     a: EvalArgs, tokenizer, context: int | None, prompts: bool = False
-) -> tuple[list[Sample], list[Sample], str, tuple[int, int]]:
+) -> tuple[list[Sample], list[Sample], str, tuple[int, int], dict]:
     """(the samples the loss scores, the whole samples --generate answers, the format, (samples the loss leaves out
-    as longer than the context, samples with an answer to give --generate leaves out so)): supervised samples are
-    whole, or with --max-length cut to it as training cuts them. The data is read once. `prompts`: their prompt
+    as longer than the context, samples with an answer to give --generate leaves out so), what --max-length did to
+    supervised samples (summary.json's counts)): supervised samples are whole, or with --max-length cut to it as
+    training cuts them. The data is read once. `prompts`: their prompt
     tokens are trained too (--train-on-prompt): --generate answers the prompts of the same records tokenized as
     trained on their responses alone (their tokens differ where the prompt ends inside a token, and a chat template
     may split a conversation by turn), whole, within the context; each side counts what it leaves out."""
@@ -213,18 +214,20 @@ def _samples(
     unanswered = sum(s.last_turn for s in whole if context and len(s) > context)  # an answer --generate would give
     too_long = (len(samples) - len(kept), unanswered)
     if fmt != "text" and a.max_length:
-        return _truncated(a, samples), answered, fmt, too_long
+        cut, counts = _truncated(a, samples)
+        return cut, answered, fmt, too_long, counts
     if not any(map(_scored, kept)):
         raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
                         f"({context} tokens), and eval scores whole samples only; pass --max-length N to score "
                         "their first N tokens as training does, or shorten the records or split them into "
                         "several")  # fmt: skip
-    return kept, answered, fmt, too_long
+    return kept, answered, fmt, too_long, {}
 
 
-def _truncated(a: EvalArgs, samples: list[Sample]) -> list[Sample]:
+def _truncated(a: EvalArgs, samples: list[Sample]) -> tuple[list[Sample], dict]:
     """Supervised samples cut to --max-length as training cuts them at data.max_length (data.overlong truncate; one
-    whose prompt fills it is left out): the loss is then the validation loss of a run trained at that length."""
+    whose prompt fills it is left out): the loss is then the validation loss of a run trained at that length. With
+    the counts summary.json gives of them."""
     from fasttune.data.pipeline import DataSummary, fit_length
 
     counts = DataSummary("", "")
@@ -236,7 +239,7 @@ def _truncated(a: EvalArgs, samples: list[Sample]) -> list[Sample]:
     if not out:
         raise DataError(f"{a.data}: no sample has a response token within --max-length {a.max_length} (the prompt "
                         "alone fills it); raise --max-length")  # fmt: skip
-    return out
+    return out, {"truncated_to_max_length": counts.truncated, "skipped_prompt_fills_max_length": counts.no_response}
 
 
 def _number_records(samples: list[Sample], origins: list[int]) -> None:
@@ -295,13 +298,14 @@ def _loss(a: EvalArgs, src, model, tok) -> tuple[dict, list[Sample], int]:
     long)."""
     context = context_length(model.config)
     prompts = prompts_scored(a)
-    scored, samples, fmt, (loss_out, answers_out) = _samples(a, tok, context, prompts)
+    scored, samples, fmt, (loss_out, answers_out), cut = _samples(a, tok, context, prompts)
     if bool(a.max_length) and fmt != "text":  # supervised samples cut to --max-length for the loss: none too long
         loss_out = 0
     _say_left_out(context, loss_out, answers_out if a.generate else None)
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
                "train_on_prompt": prompts and fmt != "text",
-               "samples": len(scored), "skipped_longer_than_context": loss_out}  # fmt: skip
+               "max_length": a.max_length, "samples": len(scored), "skipped_longer_than_context": loss_out,
+               **cut}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
     return summary, samples, answers_out
 
