@@ -60,3 +60,19 @@ def test_eval_max_length_counts_every_record_in_summary_json(model, tmp_path):
     assert summary["samples"] + summary["skipped_prompt_fills_max_length"] == len(records)
     whole_summary = _summary(model, tmp_path / "whole", GSM8K)
     assert whole_summary["max_length"] is None and "truncated_to_max_length" not in whole_summary
+
+
+@pytest.mark.parametrize("records", [[{"instruction": "Add 2 and 3.", "input": ""}], []])
+def test_eval_says_a_data_error_before_the_model_loads(model, tmp_path, capsys, monkeypatch, records):
+    """A record without its output, an empty file: said after the model had loaded (minutes for a large one)."""
+    from fasttune.model import load
+
+    loaded = []
+    real = load.load_for_inference
+    monkeypatch.setattr(load, "load_for_inference", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["eval", "--checkpoint", str(model), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {data}") and loaded == [], err
+    assert main(["eval", "--checkpoint", str(model), "--data", str(GSM8K), "--limit", "2"]) == 0 and loaded == [1]

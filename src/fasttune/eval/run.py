@@ -181,8 +181,20 @@ def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: b
     return samples
 
 
+def _read(a: EvalArgs) -> tuple[list[dict], str]:
+    """(--data's records, up to --limit; their format), read before the model loads: a data error (a missing field,
+    an empty file, a folder of several splits) is said before minutes of loading, not after."""
+    from fasttune.data.formats import load_records, say_unrendered
+
+    # split=None: never a DatasetDict's train split
+    records, fmt = load_records(a.data, a.format, option="--format", split=None, field=a.field)
+    records = records[: a.limit]
+    say_unrendered(records, fmt, a.data, ("scored", "evaluate"))  # a misspelt 'input' is left out, as in training
+    return records, fmt
+
+
 def _samples(
-    a: EvalArgs, tokenizer, context: int | None, prompts: bool = False
+    a: EvalArgs, tokenizer, context: int | None, prompts: bool = False, read: tuple[list[dict], str] | None = None
 ) -> tuple[list[Sample], list[Sample], str, tuple[int, int], dict]:
     """(the samples the loss scores, the whole samples --generate answers, the format, (samples the loss leaves out
     as longer than the context, samples with an answer to give --generate leaves out so), what --max-length did to
@@ -190,13 +202,9 @@ def _samples(
     training cuts them. The data is read once. `prompts`: their prompt
     tokens are trained too (--train-on-prompt): --generate answers the prompts of the same records tokenized as
     trained on their responses alone (their tokens differ where the prompt ends inside a token, and a chat template
-    may split a conversation by turn), whole, within the context; each side counts what it leaves out."""
-    from fasttune.data.formats import load_records, say_unrendered
-
-    # split=None: never a DatasetDict's train split
-    records, fmt = load_records(a.data, a.format, option="--format", split=None, field=a.field)
-    records = records[: a.limit]
-    say_unrendered(records, fmt, a.data, ("scored", "evaluate"))  # a misspelt 'input' is left out, as in training
+    may split a conversation by turn), whole, within the context; each side counts what it leaves out. `read`: the
+    records as _read gave them (None: read them now)."""
+    records, fmt = read or _read(a)
     samples = _tokenized(a, records, fmt, tokenizer, prompts)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
@@ -286,19 +294,20 @@ def run_eval(a: EvalArgs) -> int:
     from fasttune.model.resolve import resolve
 
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
+    read = _read(a)  # before the model loads
     model, tok = load_checkpoint(a, src)
-    summary, samples, left_out = _loss(a, src, model, tok)
+    summary, samples, left_out = _loss(a, src, model, tok, read)
     rows = _answers(a, model, tok, samples, summary, left_out) if a.generate else []
     _report(files, rows, summary)
     return 0
 
 
-def _loss(a: EvalArgs, src, model, tok) -> tuple[dict, list[Sample], int]:
+def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[dict, list[Sample], int]:
     """(the summary with the loss, the whole samples --generate answers, how many of those it leaves out as too
-    long)."""
+    long), of the records `read`."""
     context = context_length(model.config)
     prompts = prompts_scored(a)
-    scored, samples, fmt, (loss_out, answers_out), cut = _samples(a, tok, context, prompts)
+    scored, samples, fmt, (loss_out, answers_out), cut = _samples(a, tok, context, prompts, read)
     if bool(a.max_length) and fmt != "text":  # supervised samples cut to --max-length for the loss: none too long
         loss_out = 0
     _say_left_out(context, loss_out, answers_out if a.generate else None)
