@@ -145,3 +145,18 @@ def test_a_val_file_left_out_whole_by_max_length_is_said_with_its_fix(base, tmp_
         in caplog.text
         and "raise --data.max-length or fix the validation file" in caplog.text
     )
+
+
+def test_a_val_folder_whose_name_holds_the_flag_is_named_as_it_is(tmp_path):
+    """The readers' messages name --data.val-path themselves: its path is never rewritten (a folder `my--data` was
+    named `my--data.val-path`, when --data in the readers' messages was replaced by the option afterwards)."""
+    from fasttune.data.formats import load_records
+    from fasttune.errors import DataError
+
+    (folder := tmp_path / "my--data").mkdir()
+    (folder / "a.jsonl").write_text('{"text": "a"}\n')
+    (folder / "b.txt").write_text("b")
+    with pytest.raises(DataError) as e:
+        load_records(str(folder), flag="--data.val-path")
+    assert str(e.value) == (f"{folder}: folder mixes data files (a.jsonl) and text files (b.txt); point "
+                            "--data.val-path at one file or keep one kind per folder")  # fmt: skip

@@ -22,7 +22,6 @@ import difflib
 import glob
 import logging
 import os
-import re
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
@@ -97,14 +96,11 @@ def load_records(
         check_data_path(path, flag)
         exists = root.exists()
     except OSError as e:  # a parent folder that may not be looked into: the fix is its own
-        raise _named(unreadable(e, root.parent), flag) from e
+        raise unreadable(e, root.parent, flag) from e
     if not exists:
         hint = _several(path, flag) or hub_id_hint(path, flag)
         raise DataError(f"{path}: no such file or folder; check {flag}{hint}")
-    try:
-        tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"))
-    except DataError as e:
-        raise _named(e, flag) from None
+    tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"), flag)
     _say_keys(path, tables)
     tables = [t for t in tables if t.records]
     if not tables:
@@ -127,11 +123,6 @@ def load_records(
             validate_record(record, "chat" if conversational else fmt, table.where(i), option)
             records.append(record)
     return records, "chat" if conversational else fmt
-
-
-def _named(error: DataError, flag: str) -> DataError:
-    """The readers' error with the option that names the path as `flag` (their messages say --data)."""
-    return error if flag == "--data" else DataError(re.sub(r"--data(?![.\w-])", flag, str(error)))
 
 
 def _several(path: str, flag: str = "--data") -> str:

@@ -88,27 +88,29 @@ def check_data_path(path: str, flag: str = "--data") -> None:
         )
 
 
-def read_tables(root: Path, split: str | None, field: JsonField = JsonField()) -> list[Table]:
+def read_tables(root: Path, split: str | None, field: JsonField = JsonField(), flag: str = "--data") -> list[Table]:
     """The tables at `root`: one file, every data or text file of a folder, or a save_to_disk folder's `split`;
-    `field`: the key of .json files' top-level objects that holds the records."""
+    `field`: the key of .json files' top-level objects that holds the records; `flag`: the option that names `root`
+    in messages (--data.val-path for a validation file)."""
     try:
         if root.is_dir():
             os.scandir(root).close()  # a folder that cannot be listed is named as such, not by a file in it
             if _is_saved_dataset(root):
                 _no_field(root, field, "a save_to_disk folder")
-                return [_read_saved_dataset(root, split)]
-        files = _folder_files(root) if root.is_dir() else [root]
+                return [_read_saved_dataset(root, split, flag)]
+        files = _folder_files(root, flag) if root.is_dir() else [root]
     except OSError as e:  # Path.is_file raises on a folder it may not look into (Python 3.11)
-        raise unreadable(e, root) from e
+        raise unreadable(e, root, flag) from e
     return [_read_file(f, field) for f in files]
 
 
-def unreadable(error: OSError, root: Path) -> DataError:
-    """One line for a file or folder of the data at `root` that cannot be read or listed, naming it and the fix."""
+def unreadable(error: OSError, root: Path, flag: str = "--data") -> DataError:
+    """One line for a file or folder of the data at `root` (given as `flag`) that cannot be read or listed, naming
+    it and the fix."""
     name = error.filename or root
     if isinstance(error, PermissionError):
         return DataError(f"{name}: permission denied, so the data cannot be read in full; make it readable "
-                         f"(chmod -R u+rX {root}) or point --data elsewhere")  # fmt: skip
+                         f"(chmod -R u+rX {root}) or point {flag} elsewhere")  # fmt: skip
     return DataError(f"{name}: cannot read the data ({error.strerror or _one_line(error)}); check that it exists "
                      "and is readable")  # fmt: skip
 
@@ -134,7 +136,7 @@ def _read_file(path: Path, field: JsonField) -> Table:
     )
 
 
-def _folder_files(root: Path) -> list[Path]:
+def _folder_files(root: Path, flag: str) -> list[Path]:
     """Text or data files under `root` (sorted, hidden and __pycache__ entries skipped; other types ignored)."""
     files = [p for p in _walk(root) if p.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES and p.is_file()]
     if not files:
@@ -144,12 +146,12 @@ def _folder_files(root: Path) -> list[Path]:
     data = [p for p in files if p.suffix.lower() in DATA_SUFFIXES]
     if data:  # a dataset card beside the data (a Hugging Face dataset repository's README.md) is not data
         files = [p for p in files if p in data or p.name.lower() != "readme.md"]
-    _check_one_split(root, data)
+    _check_one_split(root, data, flag)
     if data and len(data) < len(files):
         text = next(p for p in files if p.suffix.lower() not in DATA_SUFFIXES)
         raise DataError(
             f"{root}: folder mixes data files ({data[0].name}) and text files ({text.name}); "
-            "point --data at one file or keep one kind per folder"
+            f"point {flag} at one file or keep one kind per folder"
         )
     return files
 
@@ -196,7 +198,7 @@ def _split_of(path: Path) -> str:
     return next((split for split, names in _SPLIT_WORDS.items() if words & names), "")
 
 
-def _check_one_split(root: Path, files: list[Path]) -> None:
+def _check_one_split(root: Path, files: list[Path], flag: str) -> None:
     """A folder of data files that name a held-out split (test.jsonl beside train.jsonl) would be read as one data
     set, the held-out records trained (or evaluated) with the rest: refused, naming the files."""
     splits: dict[str, list[Path]] = {}
@@ -205,9 +207,9 @@ def _check_one_split(root: Path, files: list[Path]) -> None:
     if len(splits) > 1 and splits.keys() & {"validation", "test"}:
         named = ", ".join(f"{split or 'no split'} ({_files(root, fs)})" for split, fs in splits.items())
         wanted = splits.get("train") or splits.get("") or next(iter(splits.values()))
-        fix = "move each split's files into a folder of their own and point --data at it"
+        fix = f"move each split's files into a folder of their own and point {flag} at it"
         if len(wanted) == 1:
-            fix = f"point --data at one split's file (e.g. {wanted[0]}) or keep each split in its own folder"
+            fix = f"point {flag} at one split's file (e.g. {wanted[0]}) or keep each split in its own folder"
         raise DataError(f"{root}: the folder holds the files of several splits: {named}, which would be read as one "
                         f"data set; {fix}")  # fmt: skip
 
@@ -376,7 +378,7 @@ def _is_saved_dataset(root: Path) -> bool:
     )
 
 
-def _read_saved_dataset(root: Path, split: str | None) -> Table:
+def _read_saved_dataset(root: Path, split: str | None, flag: str) -> Table:
     import datasets
 
     try:
@@ -388,7 +390,7 @@ def _read_saved_dataset(root: Path, split: str | None) -> Table:
             held = next((name for name in ds if name != "train"), next(iter(ds)))
             none = f" and none is {split!r}" if split else ""
             raise DataError(f"{root}: dataset has splits {', '.join(ds)}{none}; pass the folder of the one to use, "
-                            f"e.g. --data {root / held}")  # fmt: skip
+                            f"e.g. {flag} {root / held}")  # fmt: skip
         if split in ds and len(ds) > 1:  # TRL would evaluate on its test split: say that nothing here does
             log.info("%s: a DatasetDict of splits %s: its %r split is read, the others are not (validation holds out "
                      "--data.val-fraction of it, or pass a split's folder as --data.val-path)", root, ", ".join(ds),
