@@ -111,6 +111,38 @@ def test_a_bad_val_file_gets_one_line_naming_the_option(base, tmp_path, capsys, 
     assert len(errors) == 1 and errors[0].startswith("error: " + said.format(v=v, t=train)), errors
 
 
+@pytest.mark.parametrize(
+    ("which", "said"),
+    [
+        ("val", "{v}: no such file or folder; check --data.val-path"),
+        ("data", "{t}: no such file or folder; check --data"),
+        ("val-unreadable", "{v}: permission denied, so the data cannot be read in full; make it readable (chmod -R "
+                           "u+rX {v}) or point --data.val-path elsewhere"),
+    ],
+)  # fmt: skip
+def test_a_missing_or_unreadable_path_is_refused_before_anything_is_loaded(base, tmp_path, capsys, monkeypatch,
+                                                                            which, said):  # fmt: skip
+    """As a missing --model is: before the run folder is locked, the tokenizer and model loaded, or all of --data read
+    only for a missing validation file to stop the run, in the readers' own line."""
+    from helpers import deny_file
+
+    train, val = _split(tmp_path)
+    if which == "val":
+        val = tmp_path / "nope.json"
+    elif which == "data":
+        train = tmp_path / "nope.json"
+    else:
+        deny_file(monkeypatch, "open", val)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the run folder was prepared before the data paths were checked")
+
+    monkeypatch.setattr(loop.RunFolder, "prepare", too_late)
+    assert main([*_train(tmp_path, base, "--data", str(train)), "--data.val-path", str(val)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: " + said.format(v=val, t=train)], errors
+
+
 def test_a_val_file_without_data_is_refused(tmp_path, capsys):
     _, val = _split(tmp_path)
     argv = ["train", "--experiment", "quick", "--max-steps", "1", "--output-dir", str(tmp_path / "run"),

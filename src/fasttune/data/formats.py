@@ -91,15 +91,7 @@ def load_records(
     that names `path` in messages (--data.val-path for a validation file)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
-    root = Path(path)
-    try:
-        check_data_path(path, flag)
-        exists = root.exists()
-    except OSError as e:  # a parent folder that may not be looked into: the fix is its own
-        raise unreadable(e, root.parent, flag) from e
-    if not exists:
-        hint = _several(path, flag) or hub_id_hint(path, flag)
-        raise DataError(f"{path}: no such file or folder; check {flag}{hint}")
+    root = _existing(path, flag)
     tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"), flag)
     _say_keys(path, tables)
     tables = [t for t in tables if t.records]
@@ -123,6 +115,31 @@ def load_records(
             validate_record(record, "chat" if conversational else fmt, table.where(i), option)
             records.append(record)
     return records, "chat" if conversational else fmt
+
+
+def check_readable(path: str, flag: str = "--data") -> None:
+    """`path`, as given to `flag`, refused in load_records' one line when it cannot be read at all (empty, not there,
+    in a folder that cannot be looked into, a file that cannot be opened or a folder that cannot be listed): training
+    checks its data so before it loads anything, as it checks --model."""
+    root = _existing(path, flag)
+    try:
+        os.scandir(root).close() if root.is_dir() else root.open("rb").close()
+    except OSError as e:
+        raise unreadable(e, root, flag) from e
+
+
+def _existing(path: str, flag: str) -> Path:
+    """`path` as a Path, refused unless it names a file or folder (`flag`: the option that names it)."""
+    root = Path(path)
+    try:
+        check_data_path(path, flag)
+        exists = root.exists()
+    except OSError as e:  # a parent folder that may not be looked into: the fix is its own
+        raise unreadable(e, root.parent, flag) from e
+    if not exists:
+        hint = _several(path, flag) or hub_id_hint(path, flag)
+        raise DataError(f"{path}: no such file or folder; check {flag}{hint}")
+    return root
 
 
 def _several(path: str, flag: str = "--data") -> str:

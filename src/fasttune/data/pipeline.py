@@ -217,6 +217,26 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     return DataBundle(Samples(train), Samples(val), tokenizer, summary)
 
 
+def check_paths(d: DataConfig) -> None:
+    """--data and --data.val-path refused in the readers' one line when they cannot be read (formats.check_readable):
+    training checks them first, before the run folder, the tokenizer or the model is touched, and before a large
+    --data is read only for a missing validation file to stop the run."""
+    from fasttune.data.formats import check_readable
+
+    if d.path is None:
+        _refuse_val_without_data(d)
+        return
+    check_readable(d.path, "--data")
+    if d.val_path is not None:
+        check_readable(d.val_path, "--data.val-path")
+
+
+def _refuse_val_without_data(d: DataConfig) -> None:
+    if d.val_path is not None:
+        raise ConfigError(f"--data.val-path {d.val_path}: a validation file is for the --data it validates, and "
+                          "no --data is given (the embedded corpus); pass --data or drop --data.val-path")  # fmt: skip
+
+
 _Read = tuple[list[Sample], list[Sample], PreTrainedTokenizerBase, DataSummary]
 """(train samples, validation samples, tokenizer, summary) of a source, before the overlong policy."""
 
@@ -227,9 +247,7 @@ def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) -> 
     if d.field is not None:  # checked here: a --config file may set it and the command line --data
         raise ConfigError(f"data.field={d.field!r} names a key of a --data .json file, and no --data is given "
                           "(the embedded corpus); pass --data FILE.json or drop --data.field")  # fmt: skip
-    if d.val_path is not None:
-        raise ConfigError(f"--data.val-path {d.val_path}: a validation file is for the --data it validates, and "
-                          "no --data is given (the embedded corpus); pass --data or drop --data.val-path")  # fmt: skip
+    _refuse_val_without_data(d)
     train_docs, val_docs = load_stdlib_corpus(d.max_documents, d.val_fraction)
     tokenizer = tokenizer or _load_tokenizer(
         cfg, lambda: ([x.text for x in train_docs], corpus_fingerprint(train_docs))

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from fasttune.config import BaseConfig, TrainingConfig
 from fasttune.data.formats import FORMATS
-from fasttune.data.pipeline import DataBundle, build_data
+from fasttune.data.pipeline import DataBundle, build_data, check_paths
 from fasttune.data.sft import MASKING_RULES, masking_changes_since
 from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError
@@ -53,6 +53,8 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
     d = check_launch(cfg)
     if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
+    if data is None:
+        check_paths(cfg.data)  # as --model just was: before the run folder, tokenizer or model is touched
     if d.fsdp and d.on and d.main and cfg.training.eval_generate_every:
         log.warning("--training.eval-generate-every: skipped under FSDP2 (the weights are sharded; generation needs "
                     "them whole): score a checkpoint with `fasttune eval --generate` instead")  # fmt: skip
