@@ -401,11 +401,11 @@ def test_resume_takes_the_same_data_path_spelled_another_way(finished, tmp_path,
     for same in ("./corpus/train.jsonl", str(tmp_path / "corpus" / "train.jsonl")):
         again = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=same))
         folder.check_resume(again)
-        assert folder.moved_data(again) is None
+        assert folder.moved_data(again) == {}
     # another path is left to the content check after tokenizing (test_finetune.py: moved data resumes)
     other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path="corpus/other.jsonl"))
     folder.check_resume(other)
-    assert folder.moved_data(other) == "corpus/train.jsonl"
+    assert folder.moved_data(other) == {"data.path": "corpus/train.jsonl"}
 
 
 def test_resume_of_a_run_recorded_before_overlong_auto_continues_with_the_same_data(finished):

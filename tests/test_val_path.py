@@ -58,22 +58,27 @@ def test_a_val_file_validates_as_the_same_records_held_out_of_one_file(base, tmp
     assert any(f"validation: the 6 records of --data.val-path {val}" in m for m in said), said
 
 
-def test_resume_with_an_edited_val_file_is_refused_and_with_the_same_one_goes_on(base, tmp_path):
+def test_resume_with_an_edited_val_file_is_refused_and_with_a_moved_one_goes_on(base, tmp_path, caplog):
+    """An edited --data.val-path is refused as an edited --data is, and one moved or renamed goes on as a moved
+    --data does: its content decides (was: another path refused however the same its content), the move is logged
+    and the new path recorded in the run's config.json."""
+    caplog.set_level(logging.INFO, logger="fasttune")
     train, val = _split(tmp_path)
     cfg = _with_val(sft_config(tmp_path, base, train, val_fraction=0.3, max_steps=2, save_every=2, eval_every=1), val)
     loop.train(cfg)
     resumed = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=3))
     records = json.loads(val.read_text())
     records[0]["output"] += " Done."
-    val.write_text(json.dumps(records))
-    with pytest.raises(ConfigError, match=rf"not what this run trained on \(.* or --data.val-path {val}: records"):
-        loop.train(resumed)
-    records[0]["output"] = records[0]["output"].removesuffix(" Done.")
-    val.write_text(json.dumps(records))
-    (other := tmp_path / "other.json").write_text(val.read_text())
-    with pytest.raises(ConfigError, match=rf"data.val_path is '{other}' but the run was started with '{val}'"):
-        loop.train(_with_val(resumed, other))
-    assert loop.train(resumed).records[-1]["step"] == 3
+    (tmp_path / "moved").mkdir()
+    val.rename(other := tmp_path / "moved" / "other.json")
+    val.write_text(json.dumps(records))  # an edited file at the run's own path
+    (edited := tmp_path / "edited.json").write_text(json.dumps(records))  # an edited copy elsewhere
+    for changed in (val, edited):
+        with pytest.raises(ConfigError, match=rf"not what this run trained on \(.* or --data.val-path {changed}: rec"):
+            loop.train(_with_val(resumed, changed))
+    assert loop.train(_with_val(resumed, other)).records[-1]["step"] == 3
+    assert f"--resume: --data.val-path moved ({val} -> {other}); its content is the one this run" in caplog.text
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["val_path"] == str(other)
 
 
 def test_an_epoch_is_the_training_files(base, tmp_path):

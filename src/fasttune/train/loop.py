@@ -36,7 +36,7 @@ from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save
 from fasttune.train.model_prep import batcher_for, choose_batching, prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
-from fasttune.train.run_dir import RunFolder
+from fasttune.train.run_dir import MOVABLE, RunFolder
 from fasttune.train.signals import Interrupted, StopSignals
 from fasttune.words import count
 
@@ -111,20 +111,21 @@ def check_launch(cfg: BaseConfig) -> Dist:
     return d
 
 
-def _check_moved_data(cfg: BaseConfig, moved: str | None, saved: dict | None, data: DataBundle) -> None:
-    """A resumed run given its data at another path goes on when the tokenized data is the one it trained on (the
-    fingerprint check after this); a checkpoint without a fingerprint has nothing to compare: refused as before."""
-    if moved is None:
-        return
-    if not (saved and saved.get("data") and data.summary.fingerprint):
-        raise ConfigError(
-            f"--resume: data.path is {cfg.data.path!r} but the run was started with {moved!r}, and its checkpoint "
-            "holds no fingerprint of the data to check it against; resume with the same path (or start a new run "
-            "with another --output-dir)"
-        )
-    if saved["data"] == data.summary.fingerprint:
-        log.info("--resume: the data moved (%s -> %s); its content is the one this run trained on", moved,
-                 cfg.data.path)  # fmt: skip
+def _check_moved_data(cfg: BaseConfig, moved: dict[str, str], saved: dict | None, data: DataBundle) -> None:
+    """A resumed run given its data or validation file at another path (`moved`: {key: the path it was started
+    with}) goes on when the tokenized data is the one it trained on (the fingerprint check after this); a checkpoint
+    without a fingerprint has nothing to compare: refused as before."""
+    for key, old in moved.items():
+        new = getattr(cfg.data, key.removeprefix("data."))
+        if not (saved and saved.get("data") and data.summary.fingerprint):
+            raise ConfigError(
+                f"--resume: {key} is {new!r} but the run was started with {old!r}, and its checkpoint holds no "
+                "fingerprint of the data to check it against; resume with the same path (or start a new run with "
+                "another --output-dir)"
+            )
+        if saved["data"] == data.summary.fingerprint:
+            log.info("--resume: %s moved (%s -> %s); its content is the one this run trained on", MOVABLE[key], old,
+                     new)  # fmt: skip
 
 
 def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate,
@@ -162,10 +163,11 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
                memory_plan=plan)  # fmt: skip
 
 
-def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, Path | None, dict | None, str | None]:
+def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, Path | None, dict | None, dict[str, str]]:
     """(the config, on --resume the run's: its newest usable checkpoint, that checkpoint's trainer state, and the
-    data path the run was started with when it moved; else None for each)."""
-    latest = saved = moved = None
+    data paths the run was started with that moved (RunFolder.moved_data); else None, None, {})."""
+    latest = saved = None
+    moved: dict[str, str] = {}
     if cfg.resume:
         folder.check_resume(cfg)
         moved = folder.moved_data(cfg)
@@ -178,7 +180,7 @@ def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, Path | N
 
 
 def _data(cfg: BaseConfig, data: DataBundle | None, d: Dist, latest, saved: dict | None,
-          moved: str | None) -> DataBundle:  # fmt: skip
+          moved: dict[str, str]) -> DataBundle:  # fmt: skip
     """The run's data (`data`, else the configured dataset), summarised; a resumed run's checked to be the data it
     trained on."""
     # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one.

@@ -241,12 +241,12 @@ class RunFolder:
     def check_resume(self, cfg: BaseConfig, origin: dict[str, str] | None = None) -> None:
         """--resume continues the run as it was configured: options that change the data, tokenizer, model or
         schedule must match the run's config.json (fields marked `may_change_on_resume` may differ). `origin`: the
-        file a key's value was read from (--config), named in the refusal. A data file at another path is left to
-        the content check after tokenizing (moved_data)."""
+        file a key's value was read from (--config), named in the refusal. A data or validation file at another path
+        is left to the content check after tokenizing (moved_data)."""
         saved = {**BEFORE_KEY, **_flat(self.saved_config())}
-        free = may_change_on_resume()
+        free, moved = may_change_on_resume(), _moved_from(saved, cfg)
         for key, value in _flat(to_dict(cfg)).items():
-            if key in free or key not in saved or (key == "data.path" and _moved_from(saved, cfg)):
+            if key in free or key not in saved or key in moved:
                 continue
             old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
             if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
@@ -256,9 +256,10 @@ class RunFolder:
                     "same value (or start a new run with another --output-dir)"
                 )
 
-    def moved_data(self, cfg: BaseConfig) -> str | None:
-        """The data file the run was started with when --resume names another one (moved or renamed): the run goes on
-        only if the tokenized data is the same (the checkpoint's fingerprint; train/loop.py). None: the same file."""
+    def moved_data(self, cfg: BaseConfig) -> dict[str, str]:
+        """{data.path and/or data.val_path: the file the run was started with} for each that --resume names another
+        file for (moved or renamed): the run goes on only if the tokenized data is the same (the checkpoint's
+        fingerprint; train/loop.py). Empty: the same files."""
         return _moved_from(_flat(self.saved_config()), cfg)
 
     def resumed(self, cfg: BaseConfig) -> BaseConfig:
@@ -342,12 +343,20 @@ SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
 (RunFolder.resumed)."""
 
 
-def _moved_from(saved: dict, cfg: BaseConfig) -> str | None:
-    """The saved (flattened) data.path when cfg names another file, not the same one spelled another way."""
-    old, new = saved.get("data.path"), cfg.data.path
-    if isinstance(old, str) and isinstance(new, str) and old != new and not _same_path("data.path", old, new):
-        return old
-    return None
+MOVABLE = {"data.path": "--data", "data.val_path": "--data.val-path"}
+"""The files a resumed run may find at another path, their content deciding (the checkpoint's fingerprint)."""
+
+
+def _moved_from(saved: dict, cfg: BaseConfig) -> dict[str, str]:
+    """{key: the saved (flattened) path} for each of MOVABLE that cfg names another file for, not the same one
+    spelled another way (a path given where the run had none, or none where it had one, is a change, not a move)."""
+    given = _flat(to_dict(cfg))
+    moved = {}
+    for key in MOVABLE:
+        old, new = saved.get(key), given[key]
+        if isinstance(old, str) and isinstance(new, str) and not _same_path(key, old, new):
+            moved[key] = old
+    return moved
 
 
 def _same_path(key: str, old, new) -> bool:
