@@ -87,6 +87,23 @@ def test_the_command_line_overrides_the_file_and_experiment_must_agree(tmp_path,
     assert _config(["--config", str(h)]).data.max_documents is None
 
 
+def test_a_value_the_command_line_overrides_is_never_checked_but_its_key_is(tmp_path, monkeypatch, capsys):
+    """The command line wins, so the file's value of that key is never used: a wrong type, a value out of range or
+    one that contradicts another of the file's (offload under compile) no longer stops the run; the same value not
+    overridden, and a misspelt key beside an overridden one, still do."""
+    monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("the file was accepted"))
+    f = tmp_path / "a.yaml"
+    f.write_text("training: {lr: fast, max_steps: -3, compile: true}\nmodel: {memory: offload}\n")
+    flags = ["--training.lr", "0.01", "--max-steps", "5", "--model.memory", "full"]
+    cfg = _config(["--config", str(f), *flags])
+    assert (cfg.training.lr, cfg.training.max_steps, cfg.model.memory, cfg.training.compile) == (0.01, 5, "full", True)
+    assert cli.main(["train", "--config", str(f), *flags[2:]]) == 2
+    assert f"error: {f}: training.lr: expected a number, got 'fast'" in capsys.readouterr().err
+    f.write_text("training: {lr: fast, max_stepz: 3}\n")
+    assert cli.main(["train", "--config", str(f), "--training.lr", "0.01"]) == 2
+    assert f"error: {f}: unknown key training.max_stepz; did you mean training.max_steps?" in capsys.readouterr().err
+
+
 def test_a_home_folder_path_in_the_file_is_the_home_folder(tmp_path, monkeypatch):
     """`output_dir: ~/runs/a` trained into a folder named ~ in the working directory (the shell expands ~ in a flag,
     nothing did in a file), and `model: {path: ~/m}` was "no such folder"."""

@@ -247,8 +247,9 @@ def _path_hint(key: str, value: object) -> str:
     return f"; for its folder or file write {key}: {{path: {value}}} (the flag --{key} is {key}.path)"
 
 
-def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
-    """{field: value} of one section of the file, checked (keys with - are read as _, as on the command line)."""
+def _fields(cls: type, data: dict, prefix: str, name: str, overridden: frozenset[str] = frozenset()) -> dict:
+    """{field: value} of one section of the file, checked (keys with - are read as _, as on the command line). The
+    `overridden` keys (set on the command line, which wins) are left out unchecked: their value is never used."""
     if not prefix and (unknown := _unknown_keys(cls, data)):
         raise _unknown(unknown, name)
     table = leaves()
@@ -261,7 +262,9 @@ def _fields(cls: type, data: dict, prefix: str, name: str) -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name}: {key}: expected a section (a mapping of its options), got {_what(value)}"
                                   f"{_path_hint(key, value)}")  # fmt: skip
-            out[field] = _fields(sections[field], value, key + ".", name)
+            out[field] = _fields(sections[field], value, key + ".", name, overridden)
+        elif key in overridden:
+            continue
         elif key in table:
             out[field] = _coerce(value, table[key].kind, key, name)
             if key in PATHS and isinstance(out[field], str):
@@ -294,10 +297,13 @@ class ConfigFile:
     @classmethod
     def load(cls, path: str, quiet: bool = False, typed: tuple[str, ...] = ()) -> ConfigFile:
         """`quiet`: say nothing of the COMMAND_LINE_ONLY keys it sets (a run's own config.json read for --resume);
-        `typed`: the flags on the command line, which decide those keys (the notice says what the run does)."""
+        `typed`: the flags on the command line, which decide those keys (the notice says what the run does) and
+        override the file's: a value the command line overrides is never used, so never checked (its key is)."""
         from fasttune.config.experiments import EXPERIMENTS
 
-        values = _fields(BaseConfig, read(path), "", path)
+        own = ("experiment", *COMMAND_LINE_ONLY)  # checked against the command line below and in base()
+        over = frozenset(k for k, leaf in leaves().items() if set(leaf.flags) & set(typed) and k not in own)
+        values = _fields(BaseConfig, read(path), "", path, over)
         experiment = values.pop("experiment", None)
         if experiment is not None and experiment not in EXPERIMENTS:
             raise ConfigError(f"{path}: experiment: {experiment!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
