@@ -13,6 +13,7 @@ from helpers import GSM8K
 
 from fasttune import cli
 from fasttune.config.naming import OptionNames
+from fasttune.errors import ConfigError
 
 _PLAN = "means --model.memory full, but {memory} asks for another plan; drop one of the two"
 _COMPILE = " does not run under {compile} (torch.compile would trace its offload hooks with each layer"
@@ -116,3 +117,35 @@ def test_what_is_not_an_option_the_user_set_is_left_as_written(message):
     names = OptionNames(["--training.lr", "0.5"], {"training.lr": ("--training.lr",), "data.path": ("--data",)})
     assert names.rewrite(message) == message
     assert names.rewrite("training.lr=0.5 is too large") == "--training.lr=0.5 is too large"
+
+
+def test_resume_with_config_names_what_the_runs_own_config_json_set(tmp_path, monkeypatch, capsys):
+    """--resume --config FILE: an option FILE leaves out is the run's (its config.json), named as set there, in an
+    error and in the log's origin of the attention choice; it was named as the preset's ("the full preset's
+    training.lr=0.0005")."""
+    import dataclasses
+    import json
+
+    from fasttune.config import get_experiment, to_dict
+    from fasttune.train import loop
+    from fasttune.train.run_dir import MARKER
+
+    run = tmp_path / "run"
+    run.mkdir()
+    full = get_experiment("full")
+    cfg = dataclasses.replace(full, output_dir=str(run), attn_implementation="eager",
+                              training=dataclasses.replace(full.training, lr=5e-4))  # fmt: skip
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    (run / MARKER).write_text("")
+    (f := tmp_path / "more.yaml").write_text(f"seed: {cfg.seed}\n")
+    seen = {}
+
+    def train(cfg, attn_origin):
+        seen["origin"] = attn_origin
+        raise ConfigError(f"training.lr={cfg.training.lr} is too large for this model")
+
+    monkeypatch.setattr(loop, "train", train)
+    assert cli.main(["train", "--output-dir", str(run), "--resume", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: training.lr: 0.0005 in {run / 'config.json'} is too large for this model"), err
+    assert seen["origin"] == f"set in {run / 'config.json'}"

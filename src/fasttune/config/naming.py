@@ -5,7 +5,8 @@ not run under training.compile`); `OptionNames.rewrite`, called where the CLI tu
 
 - typed on the command line: the flag typed, an alias as such (`--epochs=0.0`, not `--training.epochs=0.0`), with
   dashes as every error writes flags (`--model.gradient-checkpointing` for `--model.gradient_checkpointing`);
-- set in a --config file: the key, its value and the file (`training.compile: true in run.yaml`);
+- set in a --config file: the key, its value and the file (`training.compile: true in run.yaml`), and so for a key
+  that `--resume --config FILE` takes from the run's own config.json (`... in runs/a/config.json`);
 - set by the experiment preset: `the sft preset's data.max_length=1024`;
 - a default no one set: the key as written.
 
@@ -74,6 +75,10 @@ class OptionNames:
     preset: str | None = None
     by_preset: frozenset[str] = frozenset()
     """The keys the `preset` set (no flag typed, not in the file)."""
+    run_file: str | None = None
+    from_run: frozenset[str] = frozenset()
+    """--resume --config FILE: the keys whose value comes from the run's own config.json, `run_file` (not in FILE, no
+    flag typed); their values are in `values` too."""
 
     def named(self, key: str, value: str | None = None) -> str | None:
         """Option `key` (with `value`, as the message writes it) as the user gave it; None: a default, as written."""
@@ -82,8 +87,9 @@ class OptionNames:
         typed = typed_flag(self.args, self.flags[key])
         if typed is not None:
             return typed if value is None else f"{typed}={value}"
-        if key in self.from_file:
-            return f"{key}: {shown(self.values[key]) if key in self.values else value} in {self.file}"
+        for keys, file in ((self.from_file, self.file), (self.from_run, self.run_file)):
+            if key in keys:
+                return f"{key}: {shown(self.values[key]) if key in self.values else value} in {file}"
         if key in self.by_preset:
             return f"the {self.preset} preset's {key}" + ("" if value is None else f"={value}")
         return None
@@ -95,7 +101,8 @@ class OptionNames:
 
         def name(m: re.Match) -> str:
             key, value = (m["key"], m["value"]) if m["key"] else (m["top"], m["topvalue"])
-            if key in self.from_file and self.file and self.file in message:
+            if any(key in keys and file and file in message
+                   for keys, file in ((self.from_file, self.file), (self.from_run, self.run_file))):  # fmt: skip
                 return m[0]
             return self.named(key, value) or m[0]
 

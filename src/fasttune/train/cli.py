@@ -37,6 +37,10 @@ class TrainArgs(Command):
     user gave may not."""
     from_file: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
     """The dotted keys whose value comes from --config (not overridden on the command line)."""
+    run_config: Annotated[str | None, tyro.conf.Suppress] = None
+    from_run: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
+    """--resume --config FILE: the dotted keys whose value comes from the run's own config.json (`run_config`): set
+    there, neither in FILE nor on the command line."""
 
     @classmethod
     def default_for(cls, args: Sequence[str], quiet: bool = False) -> TrainArgs:
@@ -73,7 +77,10 @@ class TrainArgs(Command):
         table = leaves()
         from_file = tuple(k for k in file.keys() if not set(table[k].flags) & set(typed))
         flags = tuple(table[k].flags[0] for k in from_file)
-        return cls(config_file=path, config=cfg, given=typed + flags, from_file=from_file)
+        from_run = () if run in (None, file) else tuple(k for k in run.keys() if k not in file.keys()
+                                                        and not set(table[k].flags) & set(typed))  # fmt: skip
+        return cls(config_file=path, config=cfg, given=typed + flags, from_file=from_file,
+                   run_config=run.path if from_run else None, from_run=from_run)  # fmt: skip
 
     def check(self) -> None:
         cfg = self.config.validate()
@@ -96,6 +103,8 @@ class TrainArgs(Command):
         (a --resume's own config.json too), its `flag` on the command line, or the preset."""
         if key in self.from_file:
             return f"set in {self.config_file}"
+        if key in self.from_run:
+            return f"set in {self.run_config}"
         return flag if flag in self.given else f"the {self.config.experiment} preset's default"
 
     @classmethod
@@ -108,10 +117,10 @@ class TrainArgs(Command):
 
         own = parsed if parsed is not None else cls.default_for(args, quiet=True)
         table = {key: leaf.flags for key, leaf in leaves().items()}
-        values = {key: value_of(own.config, key) for key in own.from_file}
-        by_preset = preset_keys(own.config.experiment) - set(own.from_file)
+        values = {key: value_of(own.config, key) for key in own.from_file + own.from_run}
+        by_preset = preset_keys(own.config.experiment) - set(own.from_file) - set(own.from_run)
         return OptionNames(args, table, own.config_file, frozenset(own.from_file), values, own.config.experiment,
-                           by_preset)  # fmt: skip
+                           by_preset, own.run_config, frozenset(own.from_run))  # fmt: skip
 
     def run(self) -> int:
         from fasttune.train.loop import train
