@@ -149,3 +149,22 @@ def test_resume_with_config_names_what_the_runs_own_config_json_set(tmp_path, mo
     err = capsys.readouterr().err
     assert err.startswith(f"error: training.lr: 0.0005 in {run / 'config.json'} is too large for this model"), err
     assert seen["origin"] == f"set in {run / 'config.json'}"
+
+
+@pytest.mark.parametrize(
+    ("typed", "named"),
+    [
+        ("--model.no-gradient-checkpointing", "--model.no-gradient-checkpointing"),
+        ("--model.no_gradient_checkpointing", "--model.no-gradient-checkpointing"),
+        ("--model.gradient-checkpointing", "--model.gradient-checkpointing"),
+    ],
+)
+def test_a_switch_is_named_as_typed_without_its_value(typed, named):
+    """A --no- switch was named `--model.no-gradient-checkpointing=False`: a flag nobody can type."""
+    from fasttune.config.files import leaves
+
+    flags = {key: leaf.flags for key, leaf in leaves().items()}
+    value = "False" if ".no" in typed else "True"
+    names = OptionNames([typed, "--training.lr", "0.5"], flags)
+    message = f"model.gradient_checkpointing={value} and training.lr=0.5 disagree"
+    assert names.rewrite(message) == f"{named} and --training.lr=0.5 disagree"

@@ -4,7 +4,8 @@ not run under training.compile`); `OptionNames.rewrite`, called where the CLI tu
 (cli.py), names each key as the user set it:
 
 - typed on the command line: the flag typed, an alias as such (`--epochs=0.0`, not `--training.epochs=0.0`), with
-  dashes as every error writes flags (`--model.gradient-checkpointing` for `--model.gradient_checkpointing`);
+  dashes as every error writes flags (`--model.gradient-checkpointing` for `--model.gradient_checkpointing`), a
+  switch without the value it sets (`--model.no-gradient-checkpointing`, not `...=False`);
 - set in a --config file: the key, its value and the file (`training.compile: true in run.yaml`), and so for a key
   that `--resume --config FILE` takes from the run's own config.json (`... in runs/a/config.json`);
 - set by the experiment preset: `the sft preset's data.max_length=1024`;
@@ -60,6 +61,12 @@ def preset_keys(name: str) -> frozenset[str]:
     return frozenset(k for k in keys if value_of(preset, k) != value_of(default, k))
 
 
+def _is_switch(flags: Sequence[str]) -> bool:
+    """Whether an option's `flags` are a true/false switch: a flag and its --no- form (--data.packing,
+    --data.no-packing)."""
+    return any(f.rpartition(".")[2].removeprefix("--").startswith("no-") for f in flags)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptionNames:
     """How the user gave each option of one command line."""
@@ -85,8 +92,8 @@ class OptionNames:
         if key not in self.flags:
             return None
         typed = typed_flag(self.args, self.flags[key])
-        if typed is not None:
-            return typed if value is None else f"{typed}={value}"
+        if typed is not None:  # a switch (--x.y, --x.no-y) is typed without its value: it is the value
+            return typed if value is None or _is_switch(self.flags[key]) else f"{typed}={value}"
         for keys, file in ((self.from_file, self.file), (self.from_run, self.run_file)):
             if key in keys:
                 return f"{key}: {shown(self.values[key]) if key in self.values else value} in {file}"
