@@ -42,3 +42,16 @@ def test_a_bad_list_in_a_variant_is_one_line_naming_it(variant, message, capsys,
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_variant_that_offloads_on_the_cpu_is_refused_as_train_refuses_it(capsys, tmp_path, monkeypatch):
+    """`fasttune train --model.memory offload` on the CPU is one line, exit 2; the same plan in a variant ran."""
+    from fasttune.bench import train as bench_train
+
+    monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
+    argv = ["bench", "train", "--device", "cpu", "--variant", "x:model.memory=offload", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --variant 'x': model.memory=offload: this run trains on the CPU (training.device=cpu), "
+                   "whose activations are in host memory already, so there is nothing to offload; use --model.memory "
+                   "full"), err  # fmt: skip

@@ -408,10 +408,12 @@ def _plan(cfg) -> list[dict]:
 
 
 def _check_variants(cfg, runs: list[dict]) -> None:
-    """Every --variant's settings parsed and validated now, naming the variant, rather than at its row."""
+    """Every --variant's settings parsed and validated now, naming the variant, rather than at its row (the offload
+    plan on a CPU too: a row's training would refuse it, after the rows before it ran)."""
     import tempfile
 
     from fasttune.bench.train import fasttune_config
+    from fasttune.train.device import refuse_offload_on_cpu
 
     names, variants = [spec["name"] for spec in runs], {name for name, _ in cfg.variants}
     for spec in runs:
@@ -422,7 +424,8 @@ def _check_variants(cfg, runs: list[dict]) -> None:
             if spec.get("overrides") is None:
                 continue
             try:
-                fasttune_config(cfg, spec["attn"], spec["packing"], spec["overrides"], Path(tmp) / "run")
+                row, _ = fasttune_config(cfg, spec["attn"], spec["packing"], spec["overrides"], Path(tmp) / "run")
+                refuse_offload_on_cpu(row.model.memory, row.training.device)  # as `fasttune train` refuses it
             except ConfigError as e:
                 if spec["name"] not in variants:  # a row of bench train's own (--equal-tokens): its options' error
                     raise
