@@ -276,15 +276,18 @@ def _suggestion(flag: str, table: dict[str, type]) -> str:
 
 def _several_unknown(flags: list[str], table: dict[str, type], command: str) -> str:
     """One line for several unknown options (a TRL or Axolotl command line has them): each with fasttune's name."""
-
-    def short(flag: str) -> str:
-        hint = _suggestion(flag, table)
-        if hint.startswith("did you mean "):
-            return f"{flag} -> {hint.removeprefix('did you mean ').partition('?')[0]}"
-        return f"{flag} (fasttune has no such option)" if hint else flag
-
-    named = ", ".join(short(f) for f in flags)
+    named = ", ".join(shortened(f, _suggestion(f, table)) for f in flags)
     return f"{len(flags)} unknown options: {named} (fasttune's names after ->; see `{command} --help` for the list)"
+
+
+def shortened(name: str, hint: str) -> str:
+    """An unknown option or --config key with its `hint` (the line for one unknown name gives it whole), for the line
+    that names several: `--learning-rate -> --training.lr`, `report_to (fasttune has no such option)`, or the name
+    alone when there is no hint."""
+    hint = hint.strip().removeprefix("; ")
+    if hint.startswith("did you mean "):  # "did you mean X (fasttune's name for Y)? a note"
+        return f"{name} -> {hint.removeprefix('did you mean ').partition('?')[0].partition(' (')[0]}"
+    return f"{name} (fasttune has no such option)" if hint else name
 
 
 def closest(typed: str, leaf: str, valid: list[str]) -> str | None:

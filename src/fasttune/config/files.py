@@ -15,7 +15,7 @@ import types
 import typing
 from pathlib import Path
 
-from fasttune.config.argcheck import NO_SUCH_OPTION, OTHER_NAMES, closest, options
+from fasttune.config.argcheck import NO_SUCH_OPTION, OTHER_NAMES, closest, options, shortened
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
 
@@ -209,21 +209,12 @@ def _meant(key: str) -> tuple[str | None, bool]:
     return closest(key.replace("-", "_"), leaf.replace("-", "_"), list(leaves()) + list(_sections())), False
 
 
-def _short(key: str) -> str:
-    """An unknown key with its hint, for the line naming several: `learning_rate -> training.lr`."""
-    other = key.rpartition(".")[2].lower().replace("_", "-")
-    if other in NO_SUCH_OPTION:
-        return f"{key} (fasttune has no such option)"
-    meant = _meant(key)[0]
-    return f"{key} -> {meant}" if meant else key
-
-
 def _unknown(keys: list[str], name: str) -> ConfigError:
     """One line for every unknown key of the file (a TRL or Axolotl file has several: each named at once, not one
     per run)."""
     if len(keys) == 1:
         return ConfigError(f"{name}: unknown key {keys[0]}{_suggestion(keys[0])} (options: `fasttune train --help`)")
-    named = ", ".join(_short(key) for key in keys)
+    named = ", ".join(shortened(key, _suggestion(key)) for key in keys)
     return ConfigError(f"{name}: {len(keys)} unknown keys: {named} (fasttune's names after ->; options: `fasttune "
                        "train --help`)")  # fmt: skip
 
