@@ -126,8 +126,11 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
     assert "fasttune eval" in printed.out
     assert "0 (greedy)" in printed.out and not any(k in printed.out for k in ("top_k", "top_p", "seed"))
     assert "\r" not in printed.err and "sample/s" not in printed.err  # no progress bars in a redirected stderr
-    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out)])
+    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out),
+               "--generate"])  # fmt: skip
     assert rc == 2 and "already holds completions.jsonl, summary.json" in capsys.readouterr().err
+    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out)])
+    assert rc == 2 and "already holds summary.json;" in capsys.readouterr().err  # it writes no completions.jsonl
 
 
 def test_eval_generate_on_plain_text_says_what_it_needs(sft_run, tmp_path, capsys):

@@ -76,3 +76,35 @@ def test_eval_says_a_data_error_before_the_model_loads(model, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {data}") and loaded == [], err
     assert main(["eval", "--checkpoint", str(model), "--data", str(GSM8K), "--limit", "2"]) == 0 and loaded == [1]
+
+
+def test_eval_overwrite_without_generate_leaves_no_older_completions_beside_its_summary(model, tmp_path, capsys):
+    """--overwrite replaced summary.json and left the completions.jsonl of an earlier --generate beside it: the folder
+    read as one eval whose answers were another's. The files an eval writes are replaced together, and one it does
+    not write goes under --overwrite, said."""
+    out = tmp_path / "eval"
+    run = ["eval", "--checkpoint", str(model), "--data", str(GSM8K), "--limit", "2", "--output-dir", str(out)]
+    assert main([*run, "--generate", "--max-new-tokens", "2"]) == 0
+    assert "generated_samples" in json.loads((out / "summary.json").read_text())
+    assert (out / "completions.jsonl").is_file()
+    capsys.readouterr()
+    assert main([*run, "--overwrite"]) == 0
+    assert not (out / "completions.jsonl").exists()
+    assert "generated_samples" not in json.loads((out / "summary.json").read_text())
+    assert f"--overwrite: removed the older {out / 'completions.jsonl'}" in capsys.readouterr().err
+
+
+def test_an_older_completions_file_does_not_stop_an_eval_that_writes_none(model, tmp_path, capsys):
+    """A completions.jsonl alone (an earlier eval's answers) stopped an eval without --generate, which writes no
+    completions.jsonl: it goes on, keeps the file (no --overwrite) and says it is not this eval's; one that would
+    write it is still stopped."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "completions.jsonl").write_text('{"index": 0}\n')
+    run = ["eval", "--checkpoint", str(model), "--data", str(GSM8K), "--limit", "2", "--output-dir", str(out)]
+    assert main(run) == 0
+    assert (out / "summary.json").is_file() and (out / "completions.jsonl").read_text() == '{"index": 0}\n'
+    assert f"{out / 'completions.jsonl'} is of an earlier eval" in capsys.readouterr().err
+    (out / "summary.json").unlink()
+    assert main([*run, "--generate"]) == 2
+    assert f"--output-dir {out} already holds completions.jsonl;" in capsys.readouterr().err.strip().splitlines()[-1]

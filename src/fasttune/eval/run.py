@@ -128,7 +128,11 @@ def _print_table(summary: dict) -> None:
     Console(file=sys.stdout).print(table)
 
 
-def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
+def _outputs(a: EvalArgs, source: str | None) -> tuple[Path, Path] | None:
+    """(completions.jsonl, summary.json) in --output-dir, checked before any work: a file this eval writes
+    (summary.json, completions.jsonl with --generate) is replaced with --overwrite only; one it does not write does
+    not stop it (_report removes it under --overwrite, as no longer this folder's result). `source`: the data read
+    (never written over)."""
     if a.output_dir is None:
         return None
     out = Path(a.output_dir)
@@ -137,14 +141,15 @@ def _outputs(a: EvalArgs) -> tuple[Path, Path] | None:
     files = (out / "completions.jsonl", out / "summary.json")
     from fasttune.generate.prompts import make_folder, refuse_writing_over
 
-    what = "--data file" if Path(a.data).is_file() else "--data folder"
-    for f in (out, *files):  # the folder first: inside the --data folder, the message names the folder given
-        refuse_writing_over(f, a.data, "--output-dir", what)
+    if source is not None:
+        what = "--data file" if Path(source).is_file() else "--data folder"
+        for f in (out, *files):  # the folder first: inside the --data folder, the message names the folder given
+            refuse_writing_over(f, source, "--output-dir", what)
     from fasttune.train.run_dir import refuse_writing_into_run
 
     refuse_writing_into_run(out, "--output-dir", "choose a folder outside checkpoints/, adapter/ and merged/, e.g. "
                             "an eval/ folder beside them")  # fmt: skip
-    taken = [f.name for f in files if f.exists()]
+    taken = [f.name for f in files[0 if a.generate else 1 :] if f.exists()]
     if taken and not a.overwrite:
         raise FasttuneError(f"--output-dir {out} already holds {', '.join(taken)}; choose another folder or pass "
                             "--overwrite to replace them")  # fmt: skip
@@ -289,7 +294,7 @@ def _scored(sample: Sample) -> bool:
 
 
 def run_eval(a: EvalArgs) -> int:
-    files = _outputs(a)
+    files = _outputs(a, a.data)
     from fasttune.generate.commands import load_checkpoint
     from fasttune.model.resolve import resolve
 
@@ -298,7 +303,7 @@ def run_eval(a: EvalArgs) -> int:
     model, tok = load_checkpoint(a, src)
     summary, samples, left_out = _loss(a, src, model, tok, read)
     rows = _answers(a, model, tok, samples, summary, left_out) if a.generate else []
-    _report(files, rows, summary)
+    _report(files, rows, summary, a.overwrite)
     return 0
 
 
@@ -342,13 +347,21 @@ def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left
     return rows
 
 
-def _report(files: tuple[Path, Path] | None, rows: list[dict], summary: dict) -> None:
-    """completions.jsonl (when --generate) and summary.json written to --output-dir, the summary printed."""
+def _report(files: tuple[Path, Path] | None, rows: list[dict], summary: dict, overwrite: bool = False) -> None:
+    """completions.jsonl (when --generate) and summary.json written to --output-dir, the summary printed. Without
+    --generate an older completions.jsonl there is not this eval's: removed under --overwrite, else kept and said."""
     from fasttune.generate.prompts import write_atomic, write_jsonl
 
     if files is not None:
         if rows:
             write_jsonl(files[0], rows)
+        elif files[0].exists() and overwrite:
+            files[0].unlink()
+            log.info("--overwrite: removed the older %s (this eval generated no answers: no --generate), so that it is "
+                     "not read as this eval's", files[0])  # fmt: skip
+        elif files[0].exists():
+            log.warning("%s is of an earlier eval (this one generated no answers: no --generate); kept (--overwrite "
+                        "removes it)", files[0])  # fmt: skip
         write_atomic(files[1], json.dumps(summary, indent=2) + "\n")
     _print_table(summary)
     if files is not None:
