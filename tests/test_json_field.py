@@ -113,7 +113,7 @@ def test_eval_reads_the_key_its_field_option_names(tmp_path):
 
     tok = build_tiny_tokenizer()
     path = _write(tmp_path / "splits.json", {"train": RECORDS[:3], "test": RECORDS[3:5]})
-    samples, _, fmt, _ = run._samples(run.EvalArgs(checkpoint="unused", data=path, field="test"), tok, 512)
+    samples, _, fmt, _, _ = run._samples(run.EvalArgs(checkpoint="unused", data=path, field="test"), tok, 512)
     assert fmt == "alpaca" and [s.record for s in samples] == [0, 1]
     assert [s["input_ids"] for s in samples] == [s["input_ids"] for s in tokenize_records(RECORDS[3:5], fmt, tok)]
 
