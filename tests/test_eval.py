@@ -23,6 +23,15 @@ def sft_run(tmp_path_factory):
     return train_tiny(tmp, save_base_model(tmp / "base"))
 
 
+@pytest.fixture(scope="module")
+def model(sft_run, tmp_path_factory):
+    """The run's checkpoint copied out of it: a plain model folder, which eval scores with no run's data.max_length
+    (supervised samples whole, plain text in pieces of the context)."""
+    import shutil
+
+    return Path(shutil.copytree(sft_run.checkpoint, tmp_path_factory.mktemp("sft-model") / "model"))
+
+
 @pytest.mark.parametrize(
     ("text", "number"),
     [
@@ -97,14 +106,14 @@ def _hf_response_loss(model_dir: Path, data: Path) -> tuple[float, int]:
     return total / n, len(fitting)
 
 
-def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_path, capsys):
+def test_eval_loss_matches_hf_and_generation_is_scored_and_written(model, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--generate", "--output-dir",
+    rc = main(["eval", "--checkpoint", str(model), "--data", str(GSM8K), "--generate", "--output-dir",
                str(out), "--max-new-tokens", "4", "--batch-size", "7"])  # fmt: skip
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == str(sft_run.checkpoint)  # the run folder's latest checkpoint, named
-    reference, fitting = _hf_response_loss(sft_run.checkpoint, GSM8K)
+    assert summary["model"] == str(model) and summary["max_length"] is None  # samples scored whole
+    reference, fitting = _hf_response_loss(model, GSM8K)
     assert summary["loss"] == pytest.approx(reference, rel=1e-4)
     assert summary["perplexity"] == pytest.approx(math.exp(reference), rel=1e-3)
     rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
@@ -117,7 +126,7 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
     assert all(r["finished"] or r["new_tokens"] == 4 for r in rows)  # cut at --max-new-tokens
     assert summary["cut_at_max_new_tokens"] == sum(not r["finished"] for r in rows)
     assert (summary["max_new_tokens"], summary["temperature"], summary["seed"]) == (4, 0.0, 0)
-    tok = AutoTokenizer.from_pretrained(sft_run.checkpoint)  # each stored prompt is the model's input, special
+    tok = AutoTokenizer.from_pretrained(model)  # each stored prompt is the model's input, special
     seen = {tuple(tok(format_prompt(r, "alpaca"))["input_ids"]) for r in records}  # tokens included
     assert all(tuple(tok(r["prompt"], add_special_tokens=False)["input_ids"]) in seen for r in rows)
     assert summary["exact_match"] == sum(r["exact_match"] for r in rows) / len(rows)
@@ -126,10 +135,9 @@ def test_eval_loss_matches_hf_and_generation_is_scored_and_written(sft_run, tmp_
     assert "fasttune eval" in printed.out
     assert "0 (greedy)" in printed.out and not any(k in printed.out for k in ("top_k", "top_p", "seed"))
     assert "\r" not in printed.err and "sample/s" not in printed.err  # no progress bars in a redirected stderr
-    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out),
-               "--generate"])  # fmt: skip
+    rc = main(["eval", "--checkpoint", str(model), "--data", str(GSM8K), "--output-dir", str(out), "--generate"])
     assert rc == 2 and "already holds completions.jsonl, summary.json" in capsys.readouterr().err
-    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(GSM8K), "--output-dir", str(out)])
+    rc = main(["eval", "--checkpoint", str(model), "--data", str(GSM8K), "--output-dir", str(out)])
     assert rc == 2 and "already holds summary.json;" in capsys.readouterr().err  # it writes no completions.jsonl
 
 
@@ -140,24 +148,24 @@ def test_eval_generate_on_plain_text_says_what_it_needs(sft_run, tmp_path, capsy
     assert rc == 2 and "--generate needs supervised data" in capsys.readouterr().err
 
 
-def test_eval_of_samples_longer_than_the_context_says_what_to_do(sft_run, tmp_path, capsys):
+def test_eval_of_samples_longer_than_the_context_says_what_to_do(model, tmp_path, capsys):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "Count: ", "completion": "one two three " * 400}) + "\n")
-    assert main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data)]) == 2
+    assert main(["eval", "--checkpoint", str(model), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "longer than the model's context (512 tokens)" in err and "split them into several" in err, err
 
 
-def test_one_sample_left_out_as_too_long_is_said_in_the_singular(sft_run, tmp_path, capsys):
+def test_one_sample_left_out_as_too_long_is_said_in_the_singular(model, tmp_path, capsys):
     data = tmp_path / "mixed.jsonl"
     data.write_text(json.dumps({"prompt": "Count: ", "completion": "one two three " * 400}) + "\n"
                     + json.dumps({"prompt": "Count: ", "completion": "one"}) + "\n")  # fmt: skip
-    assert main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data)]) == 0
+    assert main(["eval", "--checkpoint", str(model), "--data", str(data)]) == 0
     assert "1 sample longer than the model's context (512 tokens) is left out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("max_length", [None, 100])
-def test_eval_of_a_text_file_longer_than_the_context_scores_it_in_pieces(sft_run, tmp_path, max_length):
+def test_eval_of_a_text_file_longer_than_the_context_scores_it_in_pieces(model, tmp_path, max_length):
     """A .txt file training reads (split into data.max_length pieces) is scored in pieces of --max-length, else of
     the model's context (512): every token, against plain HF on the same pieces. It was refused as too long."""
     text = "".join(f"Natalia sold {i} clips to her friends in April, and half as many in May. " for i in range(120))
@@ -165,10 +173,10 @@ def test_eval_of_a_text_file_longer_than_the_context_scores_it_in_pieces(sft_run
     data.write_text(text)
     out = tmp_path / "eval"
     argv = ["--max-length", str(max_length)] if max_length else []
-    rc = main(["eval", "--checkpoint", str(sft_run.run_dir), "--data", str(data), "--output-dir", str(out), *argv])
+    rc = main(["eval", "--checkpoint", str(model), "--data", str(data), "--output-dir", str(out), *argv])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    reference, targets = hf_piece_loss(sft_run.checkpoint, text, max_length or 512)
+    reference, targets = hf_piece_loss(model, text, max_length or 512)
     assert targets > 512 and summary["target_tokens"] == targets and summary["skipped_longer_than_context"] == 0
     assert summary["loss"] == pytest.approx(reference, rel=1e-4)
 
@@ -240,7 +248,7 @@ def test_eval_data_errors_name_evals_own_options(sft_run, tmp_path, capsys):
         assert "--format" in err and "--data.format" not in err, err
 
 
-def test_eval_of_a_dataset_dict_is_of_the_split_named_not_its_train_split(sft_run, tmp_path, capsys):
+def test_eval_of_a_dataset_dict_is_of_the_split_named_not_its_train_split(model, tmp_path, capsys):
     """A save_to_disk DatasetDict of train and test splits was evaluated on its train split, silently: the loss of
     records the model trained on. Now the folder is refused naming the split folder, which scores the test records as
     plain HF does."""
@@ -251,15 +259,15 @@ def test_eval_of_a_dataset_dict_is_of_the_split_named_not_its_train_split(sft_ru
                                   test=datasets.Dataset.from_list(records[:4]))  # fmt: skip
     splits.save_to_disk(str(tmp_path / "dd"))
     capsys.readouterr()  # datasets' progress bars
-    assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(tmp_path / "dd")]) == 2
+    assert main(["eval", "--checkpoint", str(model), "--data", str(tmp_path / "dd")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert f"splits train, test; pass the folder of the one to use, e.g. --data {tmp_path / 'dd' / 'test'}" in err
     out = tmp_path / "eval"
-    assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(tmp_path / "dd" / "test"),
+    assert main(["eval", "--checkpoint", str(model), "--data", str(tmp_path / "dd" / "test"),
                  "--output-dir", str(out)]) == 0  # fmt: skip
     (tmp_path / "test.json").write_text(json.dumps(records[:4]))
-    reference, fitting = _hf_response_loss(sft_run.checkpoint, tmp_path / "test.json")
+    reference, fitting = _hf_response_loss(model, tmp_path / "test.json")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == fitting and summary["loss"] == pytest.approx(reference, rel=1e-4)
 

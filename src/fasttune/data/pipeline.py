@@ -205,7 +205,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     d = cfg.data
     read = _read_corpus if d.path is None else _read_records
     train, val, tokenizer, summary = read(cfg, tokenizer)
-    overlong = _overlong_policy(d.overlong, summary.format, d.max_length)
+    overlong = overlong_policy(d.overlong, summary.format, d.max_length)
     train = fit_length(train, d.max_length, overlong, summary)
     held = DataSummary("", summary.format)
     val = fit_length(val, d.max_length, overlong, held)
@@ -307,7 +307,7 @@ def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> list[dict]:
     return records
 
 
-def _overlong_policy(overlong: str, fmt: str, max_length: int) -> str:
+def overlong_policy(overlong: str, fmt: str, max_length: int) -> str:
     """data.overlong as applied to data of format `fmt`: auto splits text and truncates supervised samples."""
     if overlong == "auto":
         return "split" if fmt == "text" else "truncate"

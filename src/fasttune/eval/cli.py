@@ -9,6 +9,7 @@ from typing import Annotated
 import tyro
 from tyro.constructors import PrimitiveConstructorSpec
 
+from fasttune.config.base_config import OVERLONG
 from fasttune.errors import ConfigError
 from fasttune.generate.commands import SamplingArgs
 
@@ -30,10 +31,14 @@ ON_OFF = PrimitiveConstructorSpec(nargs="*", metavar="[on|off|run]", instance_fr
 class EvalArgs(SamplingArgs):
     """Evaluate a checkpoint on any data training reads: loss and perplexity on the responses (every token of plain
     text, split into --max-length pieces); with --generate, generated answers scored by exact match (and by the final
-    number, for math data such as GSM8K). Writes completions.jsonl and summary.json to --output-dir."""
+    number, for math data such as GSM8K). Without --data, a run's own validation split (its val_loss). Writes
+    summary.json (and with --generate completions.jsonl) to --output-dir."""
 
-    data: str
-    """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text)."""
+    data: str | None = None
+    """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text). None:
+    the validation samples of the run --checkpoint is (or is a checkpoint, adapter/ or merged/ of), rebuilt from its
+    config.json as training built them (its data file must be unchanged), so the loss is the run's val_loss at that
+    checkpoint's step; a checkpoint that is no fasttune run needs --data."""
     format: str = "auto"
     """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
     field: str | None = None
@@ -42,18 +47,24 @@ class EvalArgs(SamplingArgs):
     generate: bool = False
     """Also generate an answer per sample (greedy unless --temperature) and score it against the reference."""
     output_dir: str | None = None
-    """Folder for completions.jsonl and summary.json (created; existing files there are kept unless --overwrite)."""
+    """Folder for summary.json and, with --generate, completions.jsonl (created; a file there that this eval would
+    write stops it unless --overwrite)."""
     overwrite: bool = False
-    """Replace completions.jsonl / summary.json in --output-dir."""
+    """Replace the results in --output-dir: summary.json and completions.jsonl together (an older completions.jsonl
+    is removed when this eval writes none, without --generate)."""
     batch_size: int = 32
     """Samples per forward pass / generation batch."""
     limit: int | None = None
     """Evaluate only the first N samples."""
     max_length: int | None = None
-    """Plain text: split into pieces of this many tokens, as training splits at data.max_length (default: the model's
-    context; a model whose config names none needs it). Supervised samples: the loss scores the first this many
-    tokens of a longer one, as training truncates it (the run's validation loss at data.max_length); without it they
-    are scored whole. --generate answers whole samples."""
+    """Samples longer than this many tokens are handled per --overlong, as training handles them at data.max_length:
+    plain text split into pieces of it, a supervised sample's first this many tokens scored. Default: the run's
+    data.max_length when --checkpoint is a fasttune run (or in one), else for plain text the model's context (a model
+    whose config names none needs it) and supervised samples scored whole. --generate answers whole samples."""
+    overlong: str | None = None
+    """What the loss does with a sample longer than --max-length, as training's data.overlong: truncate, split (plain
+    text only; supervised samples are truncated), drop, auto (text split, supervised truncated). Default: the run's
+    data.overlong when --checkpoint is a fasttune run, else auto."""
     stop: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """Stop string (repeatable): an answer ends before the first one it writes, which is not part of it. Without it,
     Alpaca prompts end before a next '### Instruction:' (--no-default-stop: they do not). A newline in bash:
@@ -75,6 +86,8 @@ class EvalArgs(SamplingArgs):
             raise ConfigError("--field='' is not valid; name the JSON key that holds the records or leave it out")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
+        if self.overlong is not None and self.overlong not in OVERLONG:
+            raise ConfigError(f"--overlong={self.overlong!r} is not valid; choose one of {', '.join(OVERLONG)}")
         if self.max_length is not None and self.max_length <= 1:
             raise ConfigError(f"--max-length={self.max_length} is not valid; it must be > 1 (tokens per piece)")
 

@@ -157,23 +157,30 @@ def _outputs(a: EvalArgs, source: str | None) -> tuple[Path, Path] | None:
     return files
 
 
-def _text_pieces(samples: list[Sample], max_length: int | None, context: int | None) -> list[Sample]:
-    """Plain text split into pieces of max_length (else the model's context) tokens, as training splits it: every
-    token is scored but each piece's first, none left out as too long. A model that names no context needs
+def _text_pieces(samples: list[Sample], max_length: int | None, context: int | None,
+                 overlong: str | None = None) -> list[Sample]:  # fmt: skip
+    """Plain text longer than max_length (else the model's context) tokens handled as training handles it at
+    data.max_length (`overlong`: data.overlong; auto splits): split into pieces of it (every token is scored but each
+    piece's first, none left out as too long), truncated to it, or dropped. A model that names no context needs
     max_length."""
     piece = max_length or context
     if not piece:  # Bloom (ALiBi): a whole text in one forward pass, unlike training's pieces (and GBs of memory)
         raise ConfigError("plain text needs --max-length here: the model's config names no context (no "
                           "max_position_embeddings), so there is no length to split the texts at as training splits "
                           "them; pass --max-length N (the run's data.max_length)")  # fmt: skip
-    from fasttune.data.pipeline import DataSummary, fit_length
+    from fasttune.data.pipeline import DataSummary, fit_length, overlong_policy
 
-    split = DataSummary("", "")
-    pieces = fit_length(samples, piece, "split", split)
-    if split.split:
-        why = "--max-length" if max_length else "the model's context; --max-length sets it"
+    mode = overlong_policy(overlong or "auto", "text", piece)
+    counts = DataSummary("", "")
+    pieces = fit_length(samples, piece, mode, counts)
+    why = "--max-length" if max_length else "the model's context; --max-length sets it"
+    if counts.split:
         log.info("plain text: %d of %d texts split into pieces of %d tokens (%s), %d pieces scored",
-                 split.split, len(samples), piece, why, len(pieces))  # fmt: skip
+                 counts.split, len(samples), piece, why, len(pieces))  # fmt: skip
+    elif counts.truncated or counts.dropped:
+        done = "truncated to" if counts.truncated else "left out as longer than"
+        log.info("plain text: %d of %d texts %s %d tokens (%s; overlong %s, as training)",
+                 counts.truncated or counts.dropped, len(samples), done, piece, why, mode)  # fmt: skip
     return pieces
 
 
@@ -210,6 +217,9 @@ def _samples(
     may split a conversation by turn), whole, within the context; each side counts what it leaves out. `read`: the
     records as _read gave them (None: read them now)."""
     records, fmt = read or _read(a)
+    if a.overlong not in (None, "auto") and fmt != "text" and not a.max_length:
+        raise ConfigError(f"--overlong {a.overlong}: supervised samples are cut at --max-length only, and none is "
+                          "given (they are scored whole); pass --max-length N (the run's data.max_length)")  # fmt: skip
     samples = _tokenized(a, records, fmt, tokenizer, prompts)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
@@ -218,7 +228,7 @@ def _samples(
     if a.max_length and context and a.max_length > context:
         raise ConfigError(f"--max-length {a.max_length} is longer than the model's context ({context} tokens); pass "
                           f"at most {context}")  # fmt: skip
-    samples = _text_pieces(samples, a.max_length, context) if fmt == "text" else samples
+    samples = _text_pieces(samples, a.max_length, context, a.overlong) if fmt == "text" else samples
     kept = [s for s in samples if not context or len(s) <= context]
     whole, answered = samples, kept
     if prompts and a.generate and fmt != "text":
@@ -227,7 +237,7 @@ def _samples(
     unanswered = sum(s.last_turn for s in whole if context and len(s) > context)  # an answer --generate would give
     too_long = (len(samples) - len(kept), unanswered)
     if fmt != "text" and a.max_length:
-        cut, counts = _truncated(a, samples)
+        cut, counts = _truncated(a, samples, fmt)
         return cut, answered, fmt, too_long, counts
     if not any(map(_scored, kept)):
         raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
@@ -237,22 +247,27 @@ def _samples(
     return kept, answered, fmt, too_long, {}
 
 
-def _truncated(a: EvalArgs, samples: list[Sample]) -> tuple[list[Sample], dict]:
-    """Supervised samples cut to --max-length as training cuts them at data.max_length (data.overlong truncate; one
-    whose prompt fills it is left out): the loss is then the validation loss of a run trained at that length. With
-    the counts summary.json gives of them."""
-    from fasttune.data.pipeline import DataSummary, fit_length
+def _truncated(a: EvalArgs, samples: list[Sample], fmt: str) -> tuple[list[Sample], dict]:
+    """Supervised samples longer than --max-length handled as training handles them at data.max_length (--overlong:
+    truncated, one whose prompt fills it left out; or dropped): the loss is then the validation loss of a run trained
+    at that length. With the counts summary.json gives of them."""
+    from fasttune.data.pipeline import DataSummary, fit_length, overlong_policy
 
     counts = DataSummary("", "")
-    out = fit_length(samples, a.max_length, "truncate", counts)
+    mode = overlong_policy(a.overlong or "auto", fmt, a.max_length)
+    out = fit_length(samples, a.max_length, mode, counts)
     if counts.truncated or counts.no_response:
         log.info("loss: %d of %d samples longer than --max-length %d truncated to it, as training truncates them "
                  "(%d more left out: the prompt alone fills it)", counts.truncated, len(samples), a.max_length,
                  counts.no_response)  # fmt: skip
+    if counts.dropped:
+        log.info("loss: %d of %d samples longer than --max-length %d left out (overlong drop), as training drops "
+                 "them", counts.dropped, len(samples), a.max_length)  # fmt: skip
     if not out:
         raise DataError(f"{a.data}: no sample has a response token within --max-length {a.max_length} (the prompt "
-                        "alone fills it); raise --max-length")  # fmt: skip
-    return out, {"truncated_to_max_length": counts.truncated, "skipped_prompt_fills_max_length": counts.no_response}
+                        "alone fills it, or the sample was dropped as longer); raise --max-length")  # fmt: skip
+    cut = {"truncated_to_max_length": counts.truncated, "skipped_prompt_fills_max_length": counts.no_response}
+    return out, cut | ({"dropped_longer_than_max_length": counts.dropped} if mode == "drop" else {})
 
 
 def _number_records(samples: list[Sample], origins: list[int]) -> None:
@@ -265,27 +280,12 @@ def _number_records(samples: list[Sample], origins: list[int]) -> None:
 
 
 def prompts_scored(a: EvalArgs) -> bool:
-    """--train-on-prompt as given, else the data.train_on_prompt of the run --checkpoint is (or is a checkpoint,
-    adapter/ or merged/ of), else off: the loss scores the tokens that run's val_loss scores."""
-    if a.train_on_prompt is not None:
-        return a.train_on_prompt
-    from fasttune.model.resolve import is_run_folder
-
-    given = Path(a.checkpoint)
-    run = (given.parent.parent if given.parent.name == "checkpoints"  # runs/x/checkpoints/step-N
-           else given.parent if given.name in ("checkpoints", "adapter", "merged") else given)  # fmt: skip
-    if not is_run_folder(run):
-        return False
-    try:
-        on = bool(json.loads((run / "config.json").read_text())["data"].get("train_on_prompt", False))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        log.warning("eval: cannot read %s (%s): the loss scores the responses only; pass --train-on-prompt if the "
-                    "run trained on the prompts too", run / "config.json", type(e).__name__)  # fmt: skip
-        return False
-    if on:
-        log.info("eval: %s trained on the prompts too (data.train_on_prompt): the loss scores prompts and responses, "
-                 "as its val_loss (--train-on-prompt off: the responses only)", run)  # fmt: skip
-    return on
+    """--train-on-prompt as given, else (run_eval filled it in: of_run.with_run_defaults) the data.train_on_prompt of
+    the run --checkpoint is in, else off: the loss scores the tokens that run's val_loss scores."""
+    if a.train_on_prompt:
+        log.info("eval: the loss scores prompts and responses (train_on_prompt), as the val_loss of a run trained on "
+                 "the prompts too (--train-on-prompt off: the responses only)")  # fmt: skip
+    return bool(a.train_on_prompt)
 
 
 def _scored(sample: Sample) -> bool:
@@ -294,17 +294,58 @@ def _scored(sample: Sample) -> bool:
 
 
 def run_eval(a: EvalArgs) -> int:
-    files = _outputs(a, a.data)
+    from fasttune.eval import of_run
+
+    run = of_run.run_of(a.checkpoint)
+    cfg = of_run.run_config(run, needed=a.data is None)
+    if a.data is None and cfg is None:
+        raise ConfigError(f"`fasttune eval` needs --data (see `fasttune eval --help`): --checkpoint {a.checkpoint} is "
+                          "not a fasttune run folder, whose own validation split eval scores without it")  # fmt: skip
+    a, said = of_run.with_run_defaults(a, run, cfg)
+    files = _outputs(a, a.data if cfg is None or a.data is not None else cfg.data.path)
     from fasttune.generate.commands import load_checkpoint
     from fasttune.model.resolve import resolve
 
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
-    read = _read(a)  # before the model loads
-    model, tok = load_checkpoint(a, src)
-    summary, samples, left_out = _loss(a, src, model, tok, read)
+    if a.data is None:
+        model, tok, summary, samples, left_out = _run_split(a, src, run, cfg, said)
+    else:
+        read = _read(a)  # before the model loads
+        if said:
+            log.info(said)
+        model, tok = load_checkpoint(a, src)
+        summary, samples, left_out = _loss(a, src, model, tok, read)
     rows = _answers(a, model, tok, samples, summary, left_out) if a.generate else []
     _report(files, rows, summary, a.overwrite)
     return 0
+
+
+def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
+    """No --data: (model, tokenizer, the summary with the loss, the samples --generate answers, 0) of the run's own
+    validation split, rebuilt as training built it (before the model loads, with the checkpoint's tokenizer); `said`:
+    the line of the run's settings eval took, logged with the split."""
+    from fasttune.eval import of_run
+    from fasttune.generate.commands import load_checkpoint
+
+    if a.generate and a.train_on_prompt:
+        raise ConfigError(f"--generate without --data: the run {run} trained on its prompts (data.train_on_prompt), so "
+                          "its validation samples have no prompt apart from the answer; pass --data with the "
+                          "held-out records")  # fmt: skip
+    held = {}
+    split = of_run.validation_split
+    model, tok = load_checkpoint(a, src, check=lambda t: held.update(split=split(a, run, cfg, src, t)))
+    samples, used, fmt, what = held["split"]
+    if said:
+        log.info(said)
+    log.info("eval: the run's validation split: %s", what)
+    scored = of_run.validated(samples, used, model)[: a.limit]
+    d = used.data
+    summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": f"the validation split of the run {run}",
+               "format": fmt, "train_on_prompt": d.train_on_prompt and fmt != "text",
+               "max_length": d.max_length, "overlong": d.overlong, "samples": len(scored)}  # fmt: skip
+    summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
+    answered = [s for s in samples[: a.limit] if len(s) < d.max_length]  # one cut at max_length: its answer is too
+    return model, tok, summary, answered, 0
 
 
 def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[dict, list[Sample], int]:
@@ -318,10 +359,20 @@ def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[d
     _say_left_out(context, loss_out, answers_out if a.generate else None)
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
                "train_on_prompt": prompts and fmt != "text",
-               "max_length": a.max_length, "samples": len(scored), "skipped_longer_than_context": loss_out,
+               "max_length": a.max_length, "overlong": _policy(a, fmt, context),
+               "samples": len(scored), "skipped_longer_than_context": loss_out,
                **cut}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
     return summary, samples, answers_out
+
+
+def _policy(a: EvalArgs, fmt: str, context: int | None) -> str | None:
+    """What the loss did with a sample longer than --max-length (plain text: else the context); None: nothing (they
+    were scored whole)."""
+    if not (a.max_length or (context and fmt == "text")):
+        return None
+    mode = a.overlong or "auto"
+    return ("split" if fmt == "text" else "truncate") if mode == "auto" or (mode == "split" and fmt != "text") else mode
 
 
 def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left_out: int) -> list[dict]:
@@ -331,8 +382,8 @@ def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left
 
     examples = [ex for s in samples if s.last_turn and (ex := split_sample(s, tok)) is not None]
     if not examples:
-        raise DataError(f"{a.data}: no sample has a prompt to answer ({summary['format']} data); --generate needs "
-                        "supervised data (alpaca, prompt_completion or chat)")  # fmt: skip
+        raise DataError(f"{a.data or summary['data']}: no sample has a prompt to answer ({summary['format']} data); "
+                        "--generate needs supervised data (alpaca, prompt_completion or chat)")  # fmt: skip
     stop = a.stop or (default_stop(examples, tok) if a.default_stop else ())
     if stop and not a.stop:
         log.info("eval: Alpaca prompts: answers end before a next %r (--stop replaces it, --no-default-stop turns "

@@ -1,0 +1,149 @@
+"""`fasttune eval` of a fasttune run (--checkpoint a run folder, or a checkpoint, adapter/ or merged/ in it): the
+settings its val_loss was computed with (data.max_length, data.overlong, data.train_on_prompt) are eval's defaults,
+and without --data its own validation samples are scored, rebuilt from its config.json exactly as training built them
+(build_data: the same records held out, tokenized and cut) and checked against the data fingerprint its checkpoints
+record, so the loss is the val_loss the run logged at that checkpoint's step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from fasttune.config import BaseConfig
+from fasttune.data.sample import Sample
+from fasttune.errors import ConfigError, DataError, FasttuneError
+
+log = logging.getLogger("fasttune")
+
+SETTINGS = ("max_length", "overlong", "train_on_prompt")
+"""The run's data settings eval takes as its own options' defaults."""
+
+
+def run_of(checkpoint: str) -> Path | None:
+    """The fasttune run folder `checkpoint` is, or is a checkpoint (or checkpoints/, adapter/, merged/) of; else
+    None (a plain model folder)."""
+    from fasttune.model.resolve import is_run_folder
+
+    given = Path(checkpoint)
+    run = (given.parent.parent if given.parent.name == "checkpoints"  # runs/x/checkpoints/step-N
+           else given.parent if given.name in ("checkpoints", "adapter", "merged") else given)  # fmt: skip
+    return run if is_run_folder(run) else None
+
+
+def run_config(run: Path | None, needed: bool) -> BaseConfig | None:
+    """The run's config.json, or None (no run; one that cannot be read, warned of). `needed`: no --data, so the run's
+    data is what eval scores: a config.json that cannot be read stops it."""
+    if run is None:
+        return None
+    from fasttune.config.base_config import from_dict
+
+    try:
+        return from_dict(json.loads((run / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, FasttuneError) as e:
+        why = f"cannot read {run / 'config.json'} ({type(e).__name__})"
+        if needed:
+            raise ConfigError(f"--checkpoint {run}: {why}, so the run's validation split cannot be rebuilt; pass "
+                              "--data with the records to score") from None  # fmt: skip
+        log.warning("eval: %s: the run's data.max_length, data.overlong and data.train_on_prompt are not known; pass "
+                    "--max-length, --overlong and --train-on-prompt as it trained", why)  # fmt: skip
+        return None
+
+
+def with_run_defaults(a, run: Path | None, cfg: BaseConfig | None) -> tuple:
+    """(EvalArgs `a` with the run's data.max_length, data.overlong and data.train_on_prompt where its options are not
+    given, so the loss scores the tokens the run's val_loss scores; the line that says so, for the log once the data
+    is read, or None)."""
+    taken = {k: getattr(cfg.data, k) for k in SETTINGS if getattr(a, k) is None} if cfg is not None else {}
+    if not taken:
+        return a, None
+    said = ", ".join(f"data.{k} {'on' if v is True else 'off' if v is False else v}" for k, v in taken.items())
+    flags = ", ".join("--" + k.replace("_", "-") for k in taken)
+    verb = "override them" if len(taken) > 1 else "overrides it"
+    line = f"eval: the settings of the run {run} apply, as its val_loss: {said} ({flags} {verb})"
+    return dataclasses.replace(a, **taken), line
+
+
+def check_files(run: Path, cfg: BaseConfig) -> None:
+    """The run's data file and validation file are still there (else one line: pass --data)."""
+    d = cfg.data
+    for option, path in (("data.path", d.path), ("data.val_path", d.val_path)):
+        if path is not None and not Path(path).exists():
+            raise DataError(f"--checkpoint {run}: the run's data file {path} ({option} in its config.json) is gone, "
+                            "so its validation split cannot be rebuilt; pass --data with the records to score (or "
+                            "restore the file)")  # fmt: skip
+
+
+def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple[list[Sample], BaseConfig, str, str]:
+    """(the run's validation samples as training built them, with eval's options where they differ from the run's;
+    the config they were built with; their format; one line saying what they are). The run's data must be the one
+    it trained on: its fingerprint (a checkpoint's) is checked first."""
+    from fasttune.data.pipeline import build_data
+
+    check_files(run, cfg)
+    data = build_data(cfg, tokenizer=tokenizer)
+    step = _check_fingerprint(run, src, cfg, data.summary.fingerprint)
+    if not len(data.val):
+        raise DataError(f"--checkpoint {run}: the run has no validation samples (data.val_fraction "
+                        f"{cfg.data.val_fraction}), so it logged no val_loss; pass --data with records to "
+                        "score")  # fmt: skip
+    changes = {k: getattr(a, k) for k in SETTINGS if getattr(a, k) != getattr(cfg.data, k)}
+    used = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes)) if changes else cfg
+    if changes:  # the same records, cut or masked as eval's options say
+        data = build_data(used, tokenizer=tokenizer)
+    d = cfg.data
+    where = (f"--data.val-path {d.val_path}" if d.val_path else
+             f"{data.summary.source}, held out at data.val_fraction {d.val_fraction}")  # fmt: skip
+    at = f"; checked against the data fingerprint of step {step}" if step is not None else ""
+    return list(data.val), used, data.summary.format, f"{len(data.val)} samples of {where}{at}"
+
+
+def _check_fingerprint(run: Path, src, cfg: BaseConfig, fingerprint: str) -> int | None:
+    """The step of the checkpoint whose data fingerprint the rebuilt data matches (--checkpoint's own, else the
+    run's newest); None when no checkpoint records one (warned). A mismatch stops eval in one line."""
+    from fasttune.data.sft import MASKING_RULES
+    from fasttune.train.checkpoint import STATE_FILE, list_checkpoints, load_trainer_state
+
+    own = src.adapter_dir or src.model_dir
+    ckpts = [own] if (own / STATE_FILE).is_file() else list(reversed(list_checkpoints(run)))
+    states = (_state(c, load_trainer_state) for c in ckpts)
+    state = next((s for s in states if s and s.get("data")), None)
+    if state is None:
+        log.warning("eval: no checkpoint of %s records its data fingerprint: the validation split rebuilt from %s "
+                    "cannot be checked to be the run's", run, cfg.data.path or "the embedded corpus")  # fmt: skip
+        return None
+    files = " or ".join(p for p in (cfg.data.path or "the embedded corpus", cfg.data.val_path) if p)
+    if state.get("masking_rules", 1) != MASKING_RULES:
+        why = "the run was trained by an earlier fasttune that trained other tokens of the same data"
+    elif state["data"] != fingerprint:
+        why = f"its data ({files}) is not what it trained on: records added, removed or edited since"
+    else:
+        return int(state.get("state", {}).get("step", 0)) or None
+    raise DataError(f"--checkpoint {run}: {why}, so its validation split cannot be rebuilt; pass --data with the "
+                    "records to score")  # fmt: skip
+
+
+def _state(ckpt: Path, load) -> dict | None:
+    try:
+        return load(ckpt)
+    except Exception:  # a damaged trainer state: an older checkpoint's fingerprint is the same run's
+        return None
+
+
+def validated(samples: list[Sample], cfg: BaseConfig, model) -> list[Sample]:
+    """The samples the run's val_loss covers: the first training.eval_batches micro-batches of the split, batched as
+    the run batched them (packed, or for a model that computes attention in its own code padded rows by length)."""
+    from fasttune.data.packing import Batcher
+    from fasttune.model.build import base_model
+
+    packs = getattr(type(base_model(model)), "_supports_attention_backend", False)
+    batcher = Batcher.from_config(cfg.data, cfg.seed, packing=cfg.data.packing and packs,
+                                  grouped=cfg.data.packing and not packs)  # fmt: skip
+    plan, most = batcher.plan([len(s) for s in samples], epoch=0), cfg.training.eval_batches
+    if len(plan) <= most:
+        return samples
+    kept = sorted(i for b in plan[:most] for i in b)
+    log.info("eval: the run's val_loss covers the first %d of %d micro-batches (training.eval_batches): %d of %d "
+             "samples scored, as it scored them", most, len(plan), len(kept), len(samples))  # fmt: skip
+    return [samples[i] for i in kept]

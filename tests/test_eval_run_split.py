@@ -1,0 +1,116 @@
+"""`fasttune eval` of a run: without --data it scores the run's own validation split, rebuilt from its config.json as
+training built it, and gives the val_loss the run logged at the checkpoint's step (refused in one line when the data
+file is gone or edited); with --data it takes the run's data.max_length and data.overlong, so the held-out records
+give that val_loss too."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import GSM8K, save_base_model, sft_config, tiny_config
+
+from fasttune.cli import main
+from fasttune.data.corpus import holdout
+
+LENGTH = 300
+
+
+def _val_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in records if r.get("val_loss") is not None}
+
+
+def _eval(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "eval"
+    assert main(["eval", *args, "--output-dir", str(out), "--overwrite"]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def drop_run(tmp_path_factory):
+    """Four steps of sft on a copy of the 20 GSM8K records, records longer than LENGTH dropped (data.overlong drop:
+    3 of the 6 held out; all 6 fit the model's context of 1024), val_loss at steps 2 and 4 with a checkpoint at
+    each."""
+    from fasttune.train import loop
+
+    tmp = tmp_path_factory.mktemp("split-run")
+    data = tmp / "gsm8k.json"
+    shutil.copy(GSM8K, data)
+    base = save_base_model(tmp / "base", context=1024)
+    cfg = sft_config(tmp, base, data, max_length=LENGTH, val_fraction=0.3, max_steps=4, save_every=2, eval_every=2,
+                     eval_batches=1000, keep_last=2)  # fmt: skip
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong="drop"))
+    return loop.train(cfg), data
+
+
+def test_eval_without_data_gives_the_runs_val_loss_at_each_checkpoint(drop_run, tmp_path, capsys):
+    result, _ = drop_run
+    logged = _val_losses(result.run_dir)
+    step2 = _eval(tmp_path, "--checkpoint", str(result.run_dir / "checkpoints" / "step-000002"))
+    assert step2["loss"] == pytest.approx(logged[2], rel=1e-6)
+    latest = _eval(tmp_path, "--checkpoint", str(result.run_dir))  # the run folder: its latest checkpoint
+    assert latest["loss"] == pytest.approx(logged[4], rel=1e-6) and latest["loss"] != step2["loss"]
+    said = [x for x in capsys.readouterr().err.splitlines() if "the run's validation split:" in x]
+    assert len(said) == 2 and said[-1].startswith(f"eval: the run's validation split: {latest['samples']} samples of ")
+
+
+def test_eval_with_the_held_out_records_takes_the_runs_max_length_and_overlong(drop_run, tmp_path, capsys):
+    """The run dropped its held-out records longer than LENGTH: eval of those records scored them whole (and with
+    --max-length, truncated them), another number than its val_loss."""
+    result, data = drop_run
+    records = json.loads(data.read_text())
+    _, held = holdout(records, [str(i) for i in range(len(records))], 0.3)
+    path = tmp_path / "held.json"
+    path.write_text(json.dumps(held))
+    summary = _eval(tmp_path, "--checkpoint", str(result.run_dir), "--data", str(path))
+    assert (summary["max_length"], summary["overlong"]) == (LENGTH, "drop")
+    assert summary["dropped_longer_than_max_length"] == 3
+    assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[4], rel=1e-6)
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("eval: the settings of the run")]
+    assert len(said) == 1 and f"data.max_length {LENGTH}, data.overlong drop" in said[0], said
+    whole = _eval(tmp_path, "--checkpoint", str(result.run_dir), "--data", str(path), "--overlong", "truncate")
+    assert whole["overlong"] == "truncate" and whole["samples"] > summary["samples"]  # the flag overrides the run's
+
+
+def test_eval_without_data_refuses_a_data_file_gone_or_edited(drop_run, tmp_path, capsys):
+    result, data = drop_run
+    original = data.read_text()
+    args = ["eval", "--checkpoint", str(result.run_dir)]
+    try:
+        data.unlink()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: --checkpoint {result.run_dir}: the run's data file {data} (data.path in "
+                                  "its config.json) is gone"), err  # fmt: skip
+        assert "pass --data" in err[-1] and not any("Traceback" in x for x in err)
+        records = json.loads(original)
+        records[0]["output"] += " (edited)"
+        data.write_text(json.dumps(records))
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"its data ({data}) is not what it trained on" in err[-1], err
+        assert err[-1].endswith("pass --data with the records to score")
+    finally:
+        data.write_text(original)
+
+
+def test_eval_without_data_of_a_model_folder_still_needs_data(drop_run, tmp_path, capsys):
+    result, _ = drop_run
+    base = Path(json.loads((result.run_dir / "config.json").read_text())["model"]["path"])
+    assert main(["eval", "--checkpoint", str(base)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: `fasttune eval` needs --data"), err
+
+
+def test_eval_without_data_of_a_text_run_scores_the_batches_its_val_loss_covers(tmp_path):
+    """The embedded corpus (no data.path), a validation split of more micro-batches than training.eval_batches: the
+    run's val_loss covers its first ones, and so does eval."""
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp_path, max_steps=1, save_every=1, eval_every=1, eval_batches=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_documents=60, val_fraction=0.3))
+    result = loop.train(cfg)
+    summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
+    assert summary["format"] == "text" and summary["loss"] == pytest.approx(_val_losses(result.run_dir)[1], rel=1e-6)
