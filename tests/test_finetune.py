@@ -167,7 +167,7 @@ def test_resume_takes_moved_data_when_its_content_is_the_same(tmp_path, base_mod
     new path is refused as changed data, and a checkpoint without a fingerprint as a changed path."""
     import json
 
-    from fasttune.train.loop import _check_moved_data
+    from fasttune.train.run_dir import check_moved_data
 
     records = json.loads(GSM8K.read_text())
     data = tmp_path / "data.json"
@@ -189,7 +189,7 @@ def test_resume_takes_moved_data_when_its_content_is_the_same(tmp_path, base_mod
     assert losses(resumed.records)[3] == losses(whole.records)[3]
     bundle = types.SimpleNamespace(summary=types.SimpleNamespace(fingerprint=resumed.records and "f"))
     with pytest.raises(ConfigError, match="data.path is .* but the run was started with .*data.json"):
-        _check_moved_data(cfg, {"data.path": str(data)}, {"state": {}}, bundle)  # a checkpoint from before fingerprints
+        check_moved_data(cfg, {"data.path": str(data)}, {"state": {}}, bundle)  # a checkpoint from before fingerprints
 
 
 def test_embeddings_smaller_than_the_tokenizer_are_resized_in_one_line(tmp_path, caplog):

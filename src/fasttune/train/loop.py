@@ -20,7 +20,6 @@ from transformers import AutoTokenizer
 from fasttune.config import BaseConfig, TrainingConfig
 from fasttune.data.formats import FORMATS
 from fasttune.data.pipeline import DataBundle, build_data, check_paths
-from fasttune.data.sft import MASKING_RULES, masking_changes_since
 from fasttune.data.tokenizer import fit_model_max_length
 from fasttune.errors import ConfigError
 from fasttune.generate.template import record_prompt_format
@@ -36,7 +35,7 @@ from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save
 from fasttune.train.model_prep import batcher_for, choose_batching, prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
-from fasttune.train.run_dir import MOVABLE, RunFolder
+from fasttune.train.run_dir import RunFolder, check_moved_data, check_same_data
 from fasttune.train.signals import Interrupted, StopSignals
 from fasttune.words import count
 
@@ -111,23 +110,6 @@ def check_launch(cfg: BaseConfig) -> Dist:
     return d
 
 
-def _check_moved_data(cfg: BaseConfig, moved: dict[str, str], saved: dict | None, data: DataBundle) -> None:
-    """A resumed run given its data or validation file at another path (`moved`: {key: the path it was started
-    with}) goes on when the tokenized data is the one it trained on (the fingerprint check after this); a checkpoint
-    without a fingerprint has nothing to compare: refused as before."""
-    for key, old in moved.items():
-        new = getattr(cfg.data, key.removeprefix("data."))
-        if not (saved and saved.get("data") and data.summary.fingerprint):
-            raise ConfigError(
-                f"--resume: {key} is {new!r} but the run was started with {old!r}, and its checkpoint holds no "
-                "fingerprint of the data to check it against; resume with the same path (or start a new run with "
-                "another --output-dir)"
-            )
-        if saved["data"] == data.summary.fingerprint:
-            log.info("--resume: %s moved (%s -> %s); its content is the one this run trained on", MOVABLE[key], old,
-                     new)  # fmt: skip
-
-
 def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate,
           attn_origin: str = "requested") -> Run:  # fmt: skip
     """Everything before the first step: the run folder checked (and, on resume, its newest checkpoint found), the
@@ -192,29 +174,10 @@ def _data(cfg: BaseConfig, data: DataBundle | None, d: Dist, latest, saved: dict
         from fasttune.eval.run import say_nothing_to_answer
 
         say_nothing_to_answer(cfg, data, d.fsdp)
-    _check_moved_data(cfg, moved, saved, data)
-    _check_same_data(saved, data, latest, cfg.data.val_path)
+    check_moved_data(cfg, moved, saved, data)
+    check_same_data(saved, data, latest, cfg.data.val_path)
     record_prompt_format(data.tokenizer, data.summary.format)  # checkpoints' tokenizers carry the prompt format
     return data
-
-
-def _check_same_data(saved: dict | None, data: DataBundle, latest, val_path: str | None = None) -> None:
-    """A resumed run's data must be what it trained on (its checkpoint's fingerprint, where it has one: the training
-    and validation samples, so an edited --data.val-path is refused as an edited --data is)."""
-    if not (saved and saved.get("data") and data.summary.fingerprint) or saved["data"] == data.summary.fingerprint:
-        return
-    if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
-        raise ConfigError(
-            f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
-            f"(since then: {masking_changes_since(rules)}); finish it with that version, or start a new run from "
-            f"its checkpoint with --model {latest} and another --output-dir"
-        )
-    raise ConfigError(
-        f"--resume: the data is not what this run trained on ({data.summary.source}"
-        f"{f' or --data.val-path {val_path}' if val_path else ''}: records added, removed or "
-        "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
-        f"{latest} and another --output-dir"
-    )
 
 
 def _length(cfg: BaseConfig, data: DataBundle, batcher, d: Dist, device: torch.device, folder: RunFolder,

@@ -23,10 +23,15 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fasttune.config import BaseConfig, to_dict
 from fasttune.config.base_config import may_change_on_resume
+from fasttune.data.sft import MASKING_RULES, masking_changes_since
 from fasttune.errors import ConfigError, FasttuneError
+
+if TYPE_CHECKING:
+    from fasttune.data.pipeline import DataBundle
 
 log = logging.getLogger("fasttune")
 
@@ -372,3 +377,39 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def check_moved_data(cfg: BaseConfig, moved: dict[str, str], saved: dict | None, data: DataBundle) -> None:
+    """A resumed run given its data or validation file at another path (`moved`: {key: the path it was started
+    with}) goes on when the tokenized data is the one it trained on (the fingerprint check after this); a checkpoint
+    without a fingerprint has nothing to compare: refused as before."""
+    for key, old in moved.items():
+        new = getattr(cfg.data, key.removeprefix("data."))
+        if not (saved and saved.get("data") and data.summary.fingerprint):
+            raise ConfigError(
+                f"--resume: {key} is {new!r} but the run was started with {old!r}, and its checkpoint holds no "
+                "fingerprint of the data to check it against; resume with the same path (or start a new run with "
+                "another --output-dir)"
+            )
+        if saved["data"] == data.summary.fingerprint:
+            log.info("--resume: %s moved (%s -> %s); its content is the one this run trained on", MOVABLE[key], old,
+                     new)  # fmt: skip
+
+
+def check_same_data(saved: dict | None, data: DataBundle, latest, val_path: str | None = None) -> None:
+    """A resumed run's data must be what it trained on (its checkpoint's fingerprint, where it has one: the training
+    and validation samples, so an edited --data.val-path is refused as an edited --data is)."""
+    if not (saved and saved.get("data") and data.summary.fingerprint) or saved["data"] == data.summary.fingerprint:
+        return
+    if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
+        raise ConfigError(
+            f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
+            f"(since then: {masking_changes_since(rules)}); finish it with that version, or start a new run from "
+            f"its checkpoint with --model {latest} and another --output-dir"
+        )
+    raise ConfigError(
+        f"--resume: the data is not what this run trained on ({data.summary.source}"
+        f"{f' or --data.val-path {val_path}' if val_path else ''}: records added, removed or "
+        "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
+        f"{latest} and another --output-dir"
+    )
