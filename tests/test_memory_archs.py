@@ -204,7 +204,7 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.attention.select import native_attention
-    from fasttune.model.layout import kept_scores
+    from fasttune.model.layout import _math_sdpa, kept_scores
     from fasttune.train.memory import model_shape
     from fasttune.train.recompute import plans_for
     from tests.test_memory_layers import _kept_bytes
@@ -222,6 +222,11 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
     model = make(1)
     assert native_attention(model.config) == native
     attention, shape, rows = f"transformers {native}", model_shape(model), (64, 128, 256)
+    # torch >= 2.14 runs Falcon's multi-query call on its CPU flash kernel, which keeps copies of k and v where the
+    # math kernel kept views of the fused qkv output: the estimate still counts that output (2(q + kv) a token; on a
+    # GPU the kernel may keep the views), so it may be over by that much, never under (`ops` keeps the output anyway)
+    fused = kind == "falcon" and not _math_sdpa(model, model.config, False, None)
+    views = 2 * (shape.hidden + shape.hidden // model.config.num_attention_heads) if fused else 0
     for plan, part in (("none", 0), ("ops", 1), ("mlp", 0)):
         if plan not in plans_for(model):  # MPT's MLP block is no `mlp`
             continue
@@ -234,7 +239,8 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
                                          torch.tensor(layer, dtype=torch.float64)).tolist()  # fmt: skip
             assert abs(c - per_score) <= 0.01 * per_score, (plan, autocast, c, per_score)
             want = layer_bytes(shape, plan, fp32_stream=autocast) + per_token
-            assert abs(a - want) <= 0.02 * a + 0.5 * shape.hidden, (plan, autocast, a, want)
+            over = views if plan != "ops" else 0
+            assert abs(a + over - want) <= 0.02 * a + 0.5 * shape.hidden, (plan, autocast, a, want, over)
     assert kept_scores(model, "sdpa", row=1) == (0, 0)  # fasttune's own backends keep no scores
 
 

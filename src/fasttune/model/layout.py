@@ -167,12 +167,13 @@ probabilities (4). Measured on CPU in bf16 and under autocast (tests/test_memory
 kept 6.4 bytes a score, Falcon's multi-query 4.2)."""
 
 
-def kept_scores(model: nn.Module, attention: str | None, row: int,
-                autocast: bool = False) -> tuple[float, float]:  # fmt: skip
+def kept_scores(model: nn.Module, attention: str | None, row: int, autocast: bool = False,
+                device: torch.device | None = None) -> tuple[float, float]:  # fmt: skip
     """Bytes per token and layer that attention a model computes in its own code (attention.select.native_attention;
     fasttune's own backends keep none of it) keeps for backward over rows of `row` tokens, where the attention is
     kept whole and under `ops` (OWN_ATTENTION_BYTES), with what it keeps per token beside the layer's usual: GPT-Neo
-    in bf16 its fp32 q and k (2(q + kv) more), Falcon's math kernel under `ops` its output (2q, a matmul's)."""
+    in bf16 its fp32 q and k (2(q + kv) more), Falcon's math kernel under `ops` its output (2q, a matmul's). `device`:
+    where it trains (default: where its weights are), for the kernel torch picks for Falcon's call."""
     from fasttune.model.build import base_model  # transformers, imported when a model exists
 
     if not attention or not attention.startswith("transformers "):
@@ -182,6 +183,8 @@ def kept_scores(model: nn.Module, attention: str | None, row: int,
     if attention != "transformers eager":
         if config.model_type != "falcon" or not config.multi_query or config.new_decoder_architecture:
             return 0.0, 0.0
+        if not _math_sdpa(model, config, autocast, device):
+            return 2.0 * row, 0.0  # a fused kernel: the copy of the mask it keeps (tokens x tokens, bf16), not under ops
         kind = "falcon multi-query"
     whole, ops = OWN_ATTENTION_BYTES[kind]
     if kind == "gpt_neo" and autocast:
@@ -193,3 +196,18 @@ def kept_scores(model: nn.Module, attention: str | None, row: int,
     if kind == "falcon multi-query":
         ops += 2 * h
     return whole, ops
+
+
+def _math_sdpa(model: nn.Module, config, autocast: bool, device: torch.device | None) -> bool:
+    """Whether torch's SDPA runs its math kernel (which keeps the probabilities) for Falcon's multi-query call: q with
+    every head, k and v with one, a float mask. torch <= 2.13 does on every device; 2.14's CPU flash kernel takes the
+    broadcast heads (then 2 bytes a query-key pair are kept, not 4 a score: tests/test_memory_archs.py). Asked of
+    torch's own dispatcher with tensors of the call's layout; a model on the meta device counts as math (the most)."""
+    param = next(model.parameters())
+    device = device or param.device
+    if device.type == "meta":
+        return True
+    dtype = torch.bfloat16 if autocast else param.dtype
+    q = torch.zeros(1, 2, 4, config.hidden_size // config.num_attention_heads, device=device, dtype=dtype)
+    kv, mask = q[:, :1], torch.zeros(1, 1, 4, 4, device=device, dtype=dtype)
+    return int(torch._fused_sdp_choice(q, kv, kv, mask, 0.0, False)) == 0  # SDPBackend.MATH

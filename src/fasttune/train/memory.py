@@ -474,7 +474,7 @@ def plan_memory(cfg, model: torch.nn.Module, device: torch.device, free_bytes: f
     d = cfg.data
     budget = d.micro_batch_size * d.max_length
     tokens, row = bounds or (budget, budget if d.packing else d.max_length)
-    scores = kept_scores(model, attention, row, runs_autocast(cfg, model, device))
+    scores = kept_scores(model, attention, row, runs_autocast(cfg, model, device), device)
     st = setup_of(cfg, model, liger, chunked, scores, tokens, device)
     est = _choose_with_liger_norms(cfg, model, requested, st, free)
     why = "least recomputation that fits" if requested == "auto" else "as configured"
