@@ -184,7 +184,7 @@ def kept_scores(model: nn.Module, attention: str | None, row: int, autocast: boo
         if config.model_type != "falcon" or not config.multi_query or config.new_decoder_architecture:
             return 0.0, 0.0
         if not _math_sdpa(model, config, autocast, device):
-            return 2.0 * row, 0.0  # a fused kernel: the copy of the mask it keeps (tokens x tokens, bf16), not under ops
+            return 2.0 * row, 0.0  # a fused kernel: its bf16 copy of the mask (tokens x tokens), not under ops
         kind = "falcon multi-query"
     whole, ops = OWN_ATTENTION_BYTES[kind]
     if kind == "gpt_neo" and autocast:

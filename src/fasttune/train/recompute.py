@@ -6,6 +6,7 @@ with each layer's saved input in host memory (train/offload.py)."""
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -29,11 +30,17 @@ def _ops_context():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
+_LEGACY_HOOKS = {"respect_saved_tensors_hooks": False} if "respect_saved_tensors_hooks" in inspect.signature(
+    checkpoint).parameters else {}  # fmt: skip
+"""torch >= 2.14 asks whether what `ops` saves goes through the saved-tensor hooks around it (the lean RMSNorm's, see
+model/norm.py) and warns until told: no, as every earlier torch did and the tests check (a future default flips)."""
+
+
 def _checkpoint_forward(module: torch.nn.Module, selective: bool, offload: bool = False) -> None:
     """Wrap this module instance's forward in non-reentrant activation checkpointing (selective: keep matmuls;
     offload: the inputs it saves go to host memory)."""
     forward = module.forward
-    context = {"context_fn": _ops_context} if selective else {}
+    context = {"context_fn": _ops_context, **_LEGACY_HOOKS} if selective else {}
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
