@@ -106,11 +106,17 @@ def test_eval_without_data_of_a_model_folder_still_needs_data(drop_run, tmp_path
 
 def test_eval_without_data_of_a_text_run_scores_the_batches_its_val_loss_covers(tmp_path):
     """The embedded corpus (no data.path), a validation split of more micro-batches than training.eval_batches: the
-    run's val_loss covers its first ones, and so does eval."""
+    run's val_loss covers its first ones, and so does eval; --whole-split scores every sample, as a run whose
+    val_loss covers them all (eval_batches large, the same training otherwise) logged it."""
     from fasttune.train import loop
 
-    cfg = tiny_config(tmp_path, max_steps=1, save_every=1, eval_every=1, eval_batches=2)
+    cfg = tiny_config(tmp_path / "a", max_steps=1, save_every=1, eval_every=1, eval_batches=2)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_documents=60, val_fraction=0.3))
     result = loop.train(cfg)
     summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
     assert summary["format"] == "text" and summary["loss"] == pytest.approx(_val_losses(result.run_dir)[1], rel=1e-6)
+    every = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "b"),
+                                           training=dataclasses.replace(cfg.training, eval_batches=1000)))  # fmt: skip
+    whole = _eval(tmp_path, "--checkpoint", str(result.run_dir), "--whole-split")
+    assert whole["samples"] > summary["samples"]
+    assert whole["loss"] == pytest.approx(_val_losses(every.run_dir)[1], rel=1e-6) != summary["loss"]

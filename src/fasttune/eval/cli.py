@@ -39,6 +39,9 @@ class EvalArgs(SamplingArgs):
     the validation samples of the run --checkpoint is (or is a checkpoint, adapter/ or merged/ of), rebuilt from its
     config.json as training built them (its data file must be unchanged), so the loss is the run's val_loss at that
     checkpoint's step; a checkpoint that is no fasttune run needs --data."""
+    whole_split: bool = False
+    """Without --data: score every sample of the run's validation split, not only the first training.eval_batches
+    micro-batches of it that its val_loss covers."""
     format: str = "auto"
     """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
     field: str | None = None

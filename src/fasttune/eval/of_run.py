@@ -145,5 +145,6 @@ def validated(samples: list[Sample], cfg: BaseConfig, model) -> list[Sample]:
         return samples
     kept = sorted(i for b in plan[:most] for i in b)
     log.info("eval: the run's val_loss covers the first %d of %d micro-batches (training.eval_batches): %d of %d "
-             "samples scored, as it scored them", most, len(plan), len(kept), len(samples))  # fmt: skip
+             "samples scored, as it scored them (--whole-split scores all)", most, len(plan), len(kept),
+             len(samples))  # fmt: skip
     return [samples[i] for i in kept]

@@ -338,7 +338,7 @@ def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
     if said:
         log.info(said)
     log.info("eval: the run's validation split: %s", what)
-    scored = of_run.validated(samples, used, model)[: a.limit]
+    scored = (samples if a.whole_split else of_run.validated(samples, used, model))[: a.limit]
     d = used.data
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": f"the validation split of the run {run}",
                "format": fmt, "train_on_prompt": d.train_on_prompt and fmt != "text",
