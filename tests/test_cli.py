@@ -59,6 +59,8 @@ def test_top_level_help_lists_every_command(capsys):
         (["bench"], "error: `fasttune bench` needs a command: one of attention, train, generate"),
         (["bench", "generate", "--dtype", "fp8"], "error: --dtype='fp8' is not valid; choose one of:"),
         (["doctor", "--jsn"], "error: unknown option --jsn; did you mean --json?"),
+        (["eval", "--checkpoint", "c", "--data", "d", "--whole-split"],
+         "error: --whole-split is for a run's own validation split (eval without --data); --data d is scored whole"),
         # other tools' generation names: --max-steps on eval was answered with --max-length
         (["eval", "--checkpoint", "c", "--data", "d", "--max-steps", "3"],
          "error: unknown option --max-steps; did you mean --limit?"),

@@ -93,6 +93,9 @@ class EvalArgs(SamplingArgs):
             raise ConfigError(f"--overlong={self.overlong!r} is not valid; choose one of {', '.join(OVERLONG)}")
         if self.max_length is not None and self.max_length <= 1:
             raise ConfigError(f"--max-length={self.max_length} is not valid; it must be > 1 (tokens per piece)")
+        if self.whole_split and self.data is not None:
+            raise ConfigError(f"--whole-split is for a run's own validation split (eval without --data); --data "
+                              f"{self.data} is scored whole already: leave one of them out")  # fmt: skip
 
     def run(self) -> int:
         from fasttune.eval.run import run_eval
