@@ -120,3 +120,22 @@ def test_eval_without_data_of_a_text_run_scores_the_batches_its_val_loss_covers(
     whole = _eval(tmp_path, "--checkpoint", str(result.run_dir), "--whole-split")
     assert whole["samples"] > summary["samples"]
     assert whole["loss"] == pytest.approx(_val_losses(every.run_dir)[1], rel=1e-6) != summary["loss"]
+
+
+def test_eval_from_another_directory_finds_a_run_started_with_relative_paths(tmp_path, monkeypatch):
+    """A run started with --model base --data gsm8k.json (relative, as users type them) records the files absolute,
+    so eval without --data from another directory rebuilds its split (it said the data file was gone)."""
+    from fasttune.train import loop
+
+    shutil.copy(GSM8K, tmp_path / "gsm8k.json")
+    save_base_model(tmp_path / "base", context=1024)
+    monkeypatch.chdir(tmp_path)
+    cfg = sft_config(Path("."), Path("base"), Path("gsm8k.json"), max_length=LENGTH, val_fraction=0.3, max_steps=1,
+                     save_every=1, eval_every=1)  # fmt: skip
+    loop.train(dataclasses.replace(cfg, output_dir="run"))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["data"]["path"] == str(tmp_path / "gsm8k.json") and recorded["model"]["path"] == str(
+        tmp_path / "base")  # fmt: skip
+    monkeypatch.chdir(tmp_path / "run")
+    summary = _eval(tmp_path, "--checkpoint", ".")
+    assert summary["loss"] == pytest.approx(_val_losses(tmp_path / "run")[1], rel=1e-6)

@@ -4,7 +4,7 @@ cleared. Layout:
     .fasttune-run        marker: only folders with it are ever resumed or cleared by --overwrite
     .fasttune-lock       held (flock) by the run using the folder, with its PID; the kernel releases it when that
                          process exits in any way (kill -9 included), so a lock is never stale
-    config.json          the resolved config in force (rewritten on resume)
+    config.json          the resolved config in force, its model and data paths absolute (rewritten on resume)
     metrics.jsonl        one JSON record per logged step
     loss.png, throughput.png, tensorboard/
     checkpoints/step-N/  complete checkpoints (see fasttune.train.checkpoint)
@@ -313,7 +313,14 @@ class RunFolder:
             self.checkpoints.rmdir()
 
     def write_config(self, cfg: BaseConfig) -> None:
-        self.config.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        """config.json, with the model, data and validation paths made absolute (as typed they were relative to the
+        directory training ran in: `fasttune eval --checkpoint RUN` from elsewhere found the data "gone")."""
+        config = to_dict(cfg)
+        for section, key in (("model", "path"), ("data", "path"), ("data", "val_path")):
+            path = config[section][key]
+            if isinstance(path, str) and Path(path).exists():
+                config[section][key] = str(Path(path).resolve())
+        self.config.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def run_owning(path: Path) -> tuple[Path, Path] | None:
