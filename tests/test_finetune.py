@@ -1,6 +1,7 @@
 """Fine-tuning a local HF model: SFT on a real GSM8K slice (Alpaca format), LoRA that saves and reloads."""
 
 import dataclasses
+import json
 import types
 from pathlib import Path
 
@@ -190,6 +191,38 @@ def test_resume_takes_moved_data_when_its_content_is_the_same(tmp_path, base_mod
     bundle = types.SimpleNamespace(summary=types.SimpleNamespace(fingerprint=resumed.records and "f"))
     with pytest.raises(ConfigError, match="data.path is .* but the run was started with .*data.json"):
         check_moved_data(cfg, {"data.path": str(data)}, {"state": {}}, bundle)  # a checkpoint from before fingerprints
+
+
+def test_resume_after_the_project_folder_moved(tmp_path, monkeypatch, capsys):
+    """config.json records --model and --data absolute: after the project folder (model, data and runs/ in it) moved,
+    a bare --resume says the run's model is gone and how to go on (it said `--model /old/base: no such folder`, a
+    flag never typed), and --model and --data typed again relative, as first typed, go on with the losses of an
+    uninterrupted run (--model was refused as another value than the recorded absolute path)."""
+    import shutil
+
+    from fasttune.cli import main
+
+    old, new = tmp_path / "proj", tmp_path / "moved"
+    save_micro_model(old / "base")
+    shutil.copy(GSM8K, old / "d.json")
+    args = ["train", "--experiment", "sft", "--model", "base", "--data", "d.json", "--training.save-every", "1",
+            "--training.eval-every", "0", "--output-dir"]  # fmt: skip
+    monkeypatch.chdir(old)
+    assert main([*args, "whole", "--max-steps", "3"]) == 0
+    assert main([*args, "runs/a", "--max-steps", "2"]) == 0
+    monkeypatch.chdir(tmp_path)
+    old.rename(new)
+    monkeypatch.chdir(new)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", "runs/a", "--resume", "--max-steps", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --resume: the run's model.path {old / 'base'} (in runs/a/config.json) is gone: moved or renamed? "
+        "pass --model with where it is now (the run goes on from its checkpoint)"
+    )
+    assert main([*args, "runs/a", "--resume", "--max-steps", "3"]) == 0
+    metrics = [json.loads(x) for x in (new / "runs/a/metrics.jsonl").read_text().splitlines()]
+    whole = [json.loads(x) for x in (new / "whole/metrics.jsonl").read_text().splitlines()]
+    assert losses(metrics)[3] == losses(whole)[3]
 
 
 def test_embeddings_smaller_than_the_tokenizer_are_resized_in_one_line(tmp_path, caplog):

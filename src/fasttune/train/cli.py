@@ -84,6 +84,8 @@ class TrainArgs(Command):
 
     def check(self) -> None:
         cfg = self.config.validate()
+        if cfg.resume:
+            self._refuse_gone_inputs(cfg)
         require_inputs(cfg)
         from fasttune.train.device import refuse_offload_on_cpu  # torch: after the checks of the command line alone
         from fasttune.train.loop import check_launch
@@ -93,6 +95,21 @@ class TrainArgs(Command):
         fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False, file=self.file_of("data.max_length"))
         if cfg.resume and self.config_file:
             check_resume_of_file(cfg, self.config_file, self.from_file)
+
+    def _refuse_gone_inputs(self, cfg) -> None:
+        """--resume taking the model or data path from the run's config.json (recorded absolute) when it is gone (the
+        project folder moved): one line naming the file and the fix, not a --model or --data the user never typed."""
+        from fasttune.config.naming import value_of
+        from fasttune.train.run_dir import RunFolder
+
+        run_file = RunFolder(cfg.run_dir).config.resolve()
+        own = self.config_file if self.config_file and Path(self.config_file).resolve() == run_file else None
+        for key, option in (("model.path", "--model"), ("data.path", "--data"), ("data.val_path", "--data.val-path")):
+            file = self.run_config if key in self.from_run else own if key in self.from_file else None
+            path = value_of(cfg, key)
+            if file and isinstance(path, str) and not Path(path).exists():
+                raise ConfigError(f"--resume: the run's {key} {path} (in {file}) is gone: moved or renamed? pass "
+                                  f"{option} with where it is now (the run goes on from its checkpoint)")  # fmt: skip
 
     def file_of(self, key: str) -> str | None:
         """The --config file that set option `key` (dotted), None when the command line or the preset did."""
@@ -126,6 +143,8 @@ class TrainArgs(Command):
         from fasttune.train.loop import train
 
         cfg = self.config.validate()
+        if cfg.resume:
+            self._refuse_gone_inputs(cfg)
         require_inputs(cfg)
         cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given, say=os.environ.get("RANK", "0") == "0",
                              file=self.file_of("data.max_length"))  # fmt: skip

@@ -251,7 +251,7 @@ class RunFolder:
         saved = {**BEFORE_KEY, **_flat(self.saved_config())}
         free, moved = may_change_on_resume(), _moved_from(saved, cfg)
         for key, value in _flat(to_dict(cfg)).items():
-            if key in free or key not in saved or key in moved:
+            if key in free or key not in saved or key in moved or _model_moved(key, saved[key], value):
                 continue
             old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
             if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
@@ -270,8 +270,11 @@ class RunFolder:
     def resumed(self, cfg: BaseConfig) -> BaseConfig:
         """The config a resumed run goes on with (after check_resume): a data.overlong the run recorded before `auto`
         was the default (split, truncate) rather than what `auto` gives its data now (a text file that `sft`
-        truncated would be split: other samples)."""
-        old = _flat(self.saved_config()).get("data.overlong")
+        truncated would be split: other samples). A --model given for a gone one is logged."""
+        saved = _flat(self.saved_config())
+        if _model_moved("model.path", was := saved.get("model.path"), cfg.model.path):
+            log.info("--resume: --model moved (%s, the run's, is gone -> %s)", was, cfg.model.path)
+        old = saved.get("data.overlong")
         if cfg.data.overlong == "auto" and old in SAME_DATA[("data.overlong", "auto")]:
             return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong=old))
         return cfg
@@ -369,6 +372,15 @@ def _moved_from(saved: dict, cfg: BaseConfig) -> dict[str, str]:
         if isinstance(old, str) and isinstance(new, str) and not _same_path(key, old, new):
             moved[key] = old
     return moved
+
+
+def _model_moved(key: str, old, new) -> bool:
+    """model.path given anew for one the run recorded that is gone (the project folder moved or was renamed: its
+    config.json records the path absolute), logged; its weights are the checkpoint's (a base model of other shapes
+    does not load them; a LoRA run's base is the user's to give again)."""
+    if key != "model.path" or not (isinstance(old, str) and isinstance(new, str)) or Path(old).exists():
+        return False
+    return Path(new).exists()
 
 
 def _same_path(key: str, old, new) -> bool:
