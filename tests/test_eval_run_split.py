@@ -56,6 +56,15 @@ def test_eval_without_data_gives_the_runs_val_loss_at_each_checkpoint(drop_run, 
     assert len(said) == 2 and said[-1].startswith(f"eval: the run's validation split: {latest['samples']} samples of ")
 
 
+def test_eval_without_data_of_a_checkpoint_named_from_inside_checkpoints(drop_run, tmp_path, monkeypatch):
+    """`--checkpoint step-000002` typed in the run's checkpoints/ folder is that run's checkpoint: its split is scored
+    (it was refused as no fasttune run: the path's parents were read as typed, without the working folder)."""
+    result, _ = drop_run
+    monkeypatch.chdir(result.run_dir / "checkpoints")
+    summary = _eval(tmp_path, "--checkpoint", "step-000002")
+    assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[2], rel=1e-6)
+
+
 def test_eval_with_the_held_out_records_takes_the_runs_max_length_and_overlong(drop_run, tmp_path, capsys):
     """The run dropped its held-out records longer than LENGTH: eval of those records scored them whole (and with
     --max-length, truncated them), another number than its val_loss."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 from fasttune.config import BaseConfig
@@ -26,10 +27,12 @@ def run_of(checkpoint: str) -> Path | None:
     None (a plain model folder)."""
     from fasttune.model.resolve import is_run_folder
 
-    given = Path(checkpoint)
-    run = (given.parent.parent if given.parent.name == "checkpoints"  # runs/x/checkpoints/step-N
-           else given.parent if given.name in ("checkpoints", "adapter", "merged") else given)  # fmt: skip
-    return run if is_run_folder(run) else None
+    for given in (Path(checkpoint), Path(os.path.abspath(checkpoint))):  # step-N typed in checkpoints/: its parents
+        run = (given.parent.parent if given.parent.name == "checkpoints"  # runs/x/checkpoints/step-N
+               else given.parent if given.name in ("checkpoints", "adapter", "merged") else given)  # fmt: skip
+        if is_run_folder(run):
+            return run
+    return None
 
 
 def run_config(run: Path | None, needed: bool) -> BaseConfig | None:
