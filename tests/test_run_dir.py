@@ -280,6 +280,26 @@ def test_a_folder_written_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["merged"] and (merged / "config.json").is_file()
 
 
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), KeyboardInterrupt()])
+def test_a_failed_rename_puts_the_previous_folder_back_at_once(tmp_path, monkeypatch, error):
+    """A failure (or Ctrl-C) after the previous merged/ was moved aside and before the new one took its place: the
+    previous one is back in the same call, not only at the next start (until then generate skipped merged/)."""
+    merged = tmp_path / "run" / "merged"
+    checkpoint.write_folder(merged, lambda tmp: (tmp / "config.json").write_text('"old"'), "could not", "fix")
+    real = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise error
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    with pytest.raises(FasttuneError if isinstance(error, OSError) else KeyboardInterrupt):
+        checkpoint.write_folder(merged, lambda tmp: (tmp / "config.json").write_text('"new"'), "could not", "fix")
+    assert sorted(p.name for p in merged.parent.iterdir()) == ["merged"]
+    assert (merged / "config.json").read_text() == '"old"'
+
+
 def test_a_fifo_or_an_empty_data_path_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "data.jsonl"
     os.mkfifo(fifo)

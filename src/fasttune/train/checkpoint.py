@@ -14,6 +14,7 @@ conversions as `from_pretrained` reads them (`save_pretrained` writes an MoE mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -147,11 +148,13 @@ def save_checkpoint(
 def write_folder(final: Path, write, what: str, fix: str) -> None:
     """Write the folder `final` with `write(tmp)` into a temporary sibling (.tmp-NAME-PID), then rename it into place:
     a kill, a crash or a full disk leaves the previous `final` (or none), never a part of one. A `final` that exists
-    is moved aside (.old-NAME-PID) before the rename, never deleted first (RunFolder.clean_stale puts it back after
-    a kill in between). Any failure to write (full disk, quota, I/O error: OSError from us, SafetensorError from
-    safetensors, RuntimeError from torch.save) ends in one line: `what` (reason); `fix`."""
+    is moved aside (.old-NAME-PID) before the rename, never deleted first: a failure or Ctrl-C in between puts it back
+    here (RunFolder.clean_stale does after a kill). Any failure to write (full disk, quota, I/O error: OSError from us,
+    SafetensorError from safetensors, RuntimeError from torch.save) ends in one line: `what` (reason); `fix`."""
     root = final.parent
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    old = root / f".old-{final.name}-{os.getpid()}"
+    moved = False  # `final` is at `old`
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,20 +162,28 @@ def write_folder(final: Path, write, what: str, fix: str) -> None:
         write(tmp)
         _usual_permissions(tmp)
         _fsync_tree(tmp)
-        old = None
         if final.exists():
-            old = root / f".old-{final.name}-{os.getpid()}"
             os.rename(final, old)
+            moved = True
         os.rename(tmp, final)
         _fsync_dir(root)
-        if old is not None:
+        if moved:
             shutil.rmtree(old, ignore_errors=True)
     except Exception as e:  # not KeyboardInterrupt / SystemExit: those stay what they are
-        shutil.rmtree(tmp, ignore_errors=True)
+        _undo(tmp, old if moved else None, final)
         raise FasttuneError(f"{what} ({_reason(e)}); {fix}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _undo(tmp, old if moved else None, final)
         raise
+
+
+def _undo(tmp: Path, old: Path | None, final: Path) -> None:
+    """After a failed or interrupted write_folder: the temporary goes, and the previous `final`, when it was moved
+    aside and the new one did not take its place, comes back (`generate --checkpoint RUN` reads it at once)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and old.exists() and not final.exists():
+        with contextlib.suppress(OSError):  # left for RunFolder.clean_stale to put back at the next start
+            os.rename(old, final)
 
 
 def verify(ckpt: Path) -> tuple[dict | None, str | None]:
