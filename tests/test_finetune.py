@@ -330,6 +330,47 @@ def test_ctrl_c_while_merging_says_the_checkpoints_are_intact_and_resume_writes_
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_sigterm_while_merging_says_what_ctrl_c_says_and_exits_143(tmp_path, base_model, monkeypatch):
+    """SIGTERM (a scheduler, `kill`) after the last step, while merged/ is written: the line Ctrl-C gets there and
+    exit 143, not a silent death (no step is left to stop after: the default action killed the process)."""
+    import os
+    import signal
+
+    from fasttune.model import lora
+    from fasttune.train.signals import Interrupted
+
+    cfg = _sft_config(tmp_path / "cut", base_model, enabled=True, rank=4, alpha=8)
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2, eval_every=0))
+    real = lora.save_merged
+
+    def sigterm(model, out_dir, state=None):
+        real(model, out_dir, state)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun forwards what a scheduler also sent: still the one line
+
+    class Killed(BaseException):
+        pass
+
+    def killed(signum, frame):  # what the default action does, without ending the test session
+        raise Killed
+
+    monkeypatch.setattr(lora, "save_merged", sigterm)
+    old = signal.signal(signal.SIGTERM, killed)
+    try:
+        with pytest.raises(Interrupted) as e:
+            try:
+                loop.train(cfg)
+            except Killed:
+                pytest.fail("killed without a word: the default SIGTERM action")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    run = cfg.run_dir
+    assert e.value.exit_code == 143 and "\n" not in str(e.value)
+    assert f"interrupted while writing the merged model {run / 'merged'} (not written)" in str(e.value)
+    assert "checkpoints are intact" in str(e.value) and "--resume" in str(e.value)
+    assert not (run / "merged").exists() and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_a_lora_run_without_a_merged_model_gets_one_from_resume_with_merge_on_save(tmp_path, base_model):
     """--lora.no-merge-on-save only skips writing merged/; --resume with --lora.merge-on-save refused the changed

@@ -36,7 +36,7 @@ from fasttune.train.model_prep import batcher_for, choose_batching, prepare_mode
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder, check_moved_data, check_same_data
-from fasttune.train.signals import Interrupted, StopSignals
+from fasttune.train.signals import Interrupted, StopSignals, Terminated, sigterm_raises
 from fasttune.words import count
 
 log = logging.getLogger("fasttune")
@@ -415,13 +415,14 @@ def _save_lora(run: Run, weights: dict | None) -> Path | None:
         (tmp / MERGED_STEP).write_text(json.dumps({"step": step}) + "\n")
 
     writes = [(folder.adapter, adapter, "the LoRA adapter"), (folder.merged, merged, "the merged model")]
-    for final, write, what in writes[: 1 + run.cfg.lora.merge_on_save]:
-        try:
-            ckpt.write_folder(final, write, f"could not write {what} {final}", fix)
-        except KeyboardInterrupt:  # after the last checkpoint: nothing is lost, --resume finishes
-            msg = f"interrupted while writing {what} {final} (not written); the checkpoints are intact: run the same " \
-                  "command with --resume to write it"  # fmt: skip
-            raise Interrupted(msg, exit_code=130) from None
+    with sigterm_raises():  # after the last step, SIGTERM stops the write at once, as Ctrl-C does
+        for final, write, what in writes[: 1 + run.cfg.lora.merge_on_save]:
+            try:
+                ckpt.write_folder(final, write, f"could not write {what} {final}", fix)
+            except (KeyboardInterrupt, Terminated) as e:  # after the last checkpoint: nothing is lost, --resume ends
+                msg = f"interrupted while writing {what} {final} (not written); the checkpoints are intact: run the " \
+                      "same command with --resume to write it"  # fmt: skip
+                raise Interrupted(msg, exit_code=143 if isinstance(e, Terminated) else 130) from None
     return folder.merged if run.cfg.lora.merge_on_save else None
 
 

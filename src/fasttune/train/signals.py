@@ -3,6 +3,7 @@ stop that follows its checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 from tqdm.auto import tqdm
@@ -43,3 +44,30 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class Terminated(BaseException):
+    """SIGTERM inside `sigterm_raises` (as Ctrl-C raises KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM raises Terminated inside, once (a second one, e.g. torchrun forwarding what a scheduler also sent,
+    is ignored while the first is handled): for what is written after the last step, where there is no step to
+    stop after and the default action killed the process without a word."""
+    raised = []
+
+    def handle(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Terminated
+
+    try:
+        old = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
