@@ -151,6 +151,41 @@ def test_sigint_saves_and_exits_130(tmp_path, monkeypatch):
         loop.train(dataclasses.replace(cfg, overwrite=True))
 
 
+def test_a_second_ctrl_c_during_the_save_names_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C at step 5, then Ctrl-C again while step 5 is saved: it aborts at once (exit 130), leaving no half
+    checkpoint, and says which checkpoint --resume starts from and how (it said only "interrupted (Ctrl-C)")."""
+    from fasttune.train import checkpoint
+
+    cfg = tiny_config(tmp_path)  # save_every 3: step 3 is saved before
+    original, calls, fsync = run.forward_backward, {"n": 0}, checkpoint._fsync_tree
+
+    def interrupt_at_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    def interrupt_saving_5(path):
+        if "step-000005" in path.name:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fsync(path)
+
+    monkeypatch.setattr(run, "forward_backward", interrupt_at_5)
+    monkeypatch.setattr(checkpoint, "_fsync_tree", interrupt_saving_5)
+    with pytest.raises(loop.Interrupted) as e:
+        try:
+            loop.train(cfg)
+        except KeyboardInterrupt:  # not as a KeyboardInterrupt, which would end the test session
+            pytest.fail("a bare KeyboardInterrupt: the CLI says only 'interrupted (Ctrl-C)'")
+    root = cfg.run_dir / "checkpoints"
+    assert e.value.exit_code == 130 and "\n" not in str(e.value)
+    assert str(e.value) == (
+        f"interrupted again after step 5 (aborted at once); the newest complete checkpoint is {root / 'step-000003'}"
+        f". Resume from it with the same command plus --resume (output dir {cfg.run_dir})"
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003"]
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_to_resume(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, save_every=0)
     fail_at(monkeypatch, 2, lambda: RuntimeError("killed"))

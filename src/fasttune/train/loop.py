@@ -286,39 +286,64 @@ def _check_batching(saved: dict, batcher, state: TrainState, before: str) -> Non
 
 
 def _fit(run: Run) -> None:
-    """The loop: step, evaluate, log, save, until max_steps or a signal (which saves, then stops)."""
-    t, state, d = run.cfg.training, run.state, run.dist
-    with StopSignals(say=d.main) as stop:  # from here on, Ctrl-C / SIGTERM end with a saved checkpoint
-        if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
-            val = run.evaluate()
-            if val is not None:
-                run.metrics.append({"step": 0, "loss": None, "val_loss": val, "val_ppl": perplexity(val)})
-                log.info("step 0: val_loss %.4f  ppl %.2f", val, perplexity(val))
-        run.model.train()
-        # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
-        live = sys.stderr.isatty()
-        bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-                   disable=not (live and d.main))  # fmt: skip
-        queued = None  # a step whose numbers are read after the next one is queued (nothing else was due after it)
-        while state.step < t.max_steps or queued is not None:
-            if queued is not None and (stop.signum is not None or state.step >= t.max_steps):
-                _after_step(run, run.settle(queued), bar, stop, live)  # stops here, checkpoint at this step
-                queued = None
-                continue
-            # one process only: under DDP/FSDP2 every step already meets the other ranks
-            defer = not d.on and stop.signum is None and not run.due(state.step + 1)
-            try:
-                rec = run.step()
-            except BaseException:  # the queued step still gets its record (and its health read) first
-                if queued is not None:
-                    with contextlib.suppress(Exception):
-                        _show(run, run.settle(queued), bar, live, evaluated=False)
+    """The loop: step, evaluate, log, save, until max_steps or a signal (which saves, then stops); a second Ctrl-C
+    aborts at once, naming the checkpoint a --resume starts from."""
+    with StopSignals(say=run.dist.main) as stop:  # from here on, Ctrl-C / SIGTERM end with a saved checkpoint
+        try:
+            _steps(run, stop)
+        except KeyboardInterrupt:
+            if stop.signum is None:  # not a second Ctrl-C (StopSignals turns the first into the flag)
                 raise
+            raise Interrupted(_aborted(run) if run.dist.main else "", exit_code=130) from None
+
+
+def _aborted(run: Run) -> str:
+    """What a second Ctrl-C says: the step it cut short, the newest complete checkpoint and how to resume from it."""
+    saved = ckpt.list_checkpoints(run.folder)  # a save it cut short left no step-N folder (write_folder)
+    said = f"interrupted again after step {run.state.step} (aborted at once)"
+    if not saved:
+        again = "again" if run.cfg.overwrite else "with --overwrite"
+        return f"{said}; no checkpoint was saved, nothing to resume: run the same command {again} to start over"
+    return f"{said}; the newest complete checkpoint is {saved[-1]}. Resume from it with the same command " \
+           f"{_resume_how(run)} (output dir {run.folder})"  # fmt: skip
+
+
+def _resume_how(run: Run) -> str:
+    return "with --resume instead of --overwrite" if run.cfg.overwrite else "plus --resume"
+
+
+def _steps(run: Run, stop: StopSignals) -> None:
+    t, state, d = run.cfg.training, run.state, run.dist
+    if state.step == 0:  # the untrained model's validation loss: the baseline the run must beat
+        val = run.evaluate()
+        if val is not None:
+            run.metrics.append({"step": 0, "loss": None, "val_loss": val, "val_ppl": perplexity(val)})
+            log.info("step 0: val_loss %.4f  ppl %.2f", val, perplexity(val))
+    run.model.train()
+    # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
+    live = sys.stderr.isatty()
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+               disable=not (live and d.main))  # fmt: skip
+    queued = None  # a step whose numbers are read after the next one is queued (nothing else was due after it)
+    while state.step < t.max_steps or queued is not None:
+        if queued is not None and (stop.signum is not None or state.step >= t.max_steps):
+            _after_step(run, run.settle(queued), bar, stop, live)  # stops here, checkpoint at this step
+            queued = None
+            continue
+        # one process only: under DDP/FSDP2 every step already meets the other ranks
+        defer = not d.on and stop.signum is None and not run.due(state.step + 1)
+        try:
+            rec = run.step()
+        except BaseException:  # the queued step still gets its record (and its health read) first
             if queued is not None:
-                _show(run, run.settle(queued), bar, live, evaluated=False)
-            queued = rec if defer else None
-            if not defer:
-                _after_step(run, run.settle(rec), bar, stop, live)
+                with contextlib.suppress(Exception):
+                    _show(run, run.settle(queued), bar, live, evaluated=False)
+            raise
+        if queued is not None:
+            _show(run, run.settle(queued), bar, live, evaluated=False)
+        queued = rec if defer else None
+        if not defer:
+            _after_step(run, run.settle(rec), bar, stop, live)
     bar.close()
 
 
@@ -356,9 +381,8 @@ def _after_step(run: Run, rec: dict, bar, stop: StopSignals, live: bool) -> None
     if stopping:
         bar.close()
         path = run.save()
-        how = "with --resume instead of --overwrite" if run.cfg.overwrite else "plus --resume"
-        msg = f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the same command {how} " \
-              f"(output dir {run.folder})"  # fmt: skip
+        msg = f"interrupted at step {state.step}; checkpoint saved to {path}. Resume with the same command " \
+              f"{_resume_how(run)} (output dir {run.folder})"  # fmt: skip
         code = 130 if stop.signum == signal.SIGINT else 143
         raise Interrupted(msg if d.main else "", exit_code=code)  # rank 0 says it; the others exit with its code
 
