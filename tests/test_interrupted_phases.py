@@ -83,3 +83,19 @@ def test_a_tokenizer_cache_write_cut_short_leaves_nothing_and_a_killed_ones_temp
     loop.train(dataclasses.replace(cfg))
     assert not killed.exists() and live.exists()
     assert (_cached(cfg) / "tokenizer.json").is_file()
+
+
+def test_the_cached_tokenizer_folder_gets_the_permissions_of_a_normal_mkdir(tmp_path):
+    """A data.cache_dir shared by several users: the cached folder is what mkdir makes under the umask (0755 under
+    022, 0775 under 002), not tempfile.mkdtemp's 0700, which the others could not read."""
+    cache = tmp_path / "cache"
+    for umask in (0o022, 0o002):
+        old = os.umask(umask)
+        try:
+            tokenizers.cached_tokenizer(["def f(x):\n    return x\n"] * 20, 300, str(cache), f"umask{umask:o}")
+            (tmp_path / f"plain{umask:o}").mkdir()
+        finally:
+            os.umask(old)
+        cached = cache / f"tokenizer-umask{umask:o}-300"
+        assert (cached / "tokenizer.json").is_file()
+        assert oct(cached.stat().st_mode & 0o777) == oct((tmp_path / f"plain{umask:o}").stat().st_mode & 0o777)

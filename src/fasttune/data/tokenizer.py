@@ -64,6 +64,7 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(path.parent)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tokenizer-"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cache from the other users
     except OSError as e:
         raise ConfigError(
             f"data.cache_dir={cache_dir!r} is not writable ({e.strerror or e}); pass "
@@ -89,6 +90,12 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    return umask
 
 
 def _why(e: Exception) -> str:
