@@ -49,9 +49,10 @@ def test_a_variant_that_offloads_on_the_cpu_is_refused_as_train_refuses_it(capsy
     from fasttune.bench import train as bench_train
 
     monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
-    argv = ["bench", "train", "--device", "cpu", "--variant", "x:model.memory=offload", "--out", str(tmp_path)]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("error: --variant 'x': model.memory=offload: this run trains on the CPU (training.device=cpu), "
-                   "whose activations are in host memory already, so there is nothing to offload; use --model.memory "
-                   "full"), err  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device auto picks the CPU, also on a GPU host
+    rest = "whose activations are in host memory already, so there is nothing to offload; use --model.memory full"
+    for typed, why in (("cpu", "--device cpu"), ("auto", "--device auto: no CUDA GPU is visible to torch")):
+        argv = ["bench", "train", "--device", typed, "--variant", "x:model.memory=offload", "--out", str(tmp_path)]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()  # what the user typed, not the resolved training.device=cpu
+        assert err == f"error: --variant 'x': model.memory=offload: this run trains on the CPU ({why}), {rest}", err

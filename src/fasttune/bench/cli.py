@@ -246,7 +246,7 @@ class TrainBench(Command):
             f"- workload: {LengthStats.of(cfg.lengths).describe()}; preset {cfg.preset}, vocab {cfg.vocab}; "
             f"{_trained_share(cfg.trained):.0%} of the tokens have a label"
         )
-        runs = _plan(cfg)
+        runs = _plan(cfg, self.device)
         check_out(self.out, "train", self.overwrite)
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
@@ -393,8 +393,8 @@ def _check_mix(median: float, mean: float, min_length: int, max_length: int) -> 
                           f"{max_length} tokens; lower --min-length or raise --max-length")  # fmt: skip
 
 
-def _plan(cfg) -> list[dict]:
-    """The rows to measure, each checked before a model is built."""
+def _plan(cfg, device: str) -> list[dict]:
+    """The rows to measure, each checked before a model is built (`device`: --device as typed)."""
     from fasttune.bench import train as bench
     from fasttune.bench.fit import check_train
 
@@ -402,14 +402,15 @@ def _plan(cfg) -> list[dict]:
     if not runs:
         why = "; ".join(n.removeprefix("- ") for n in notes) or "no configuration given"
         raise ConfigError(f"nothing to measure here ({why}): name an --attn that runs here, or drop --no-baselines")
-    _check_variants(cfg, runs)
+    _check_variants(cfg, runs, device)
     check_train(cfg, runs)  # one line, before a model is built, where a row cannot fit this machine
     return runs
 
 
-def _check_variants(cfg, runs: list[dict]) -> None:
+def _check_variants(cfg, runs: list[dict], device: str) -> None:
     """Every --variant's settings parsed and validated now, naming the variant, rather than at its row (the offload
-    plan on a CPU too: a row's training would refuse it, after the rows before it ran)."""
+    plan on a CPU too: a row's training would refuse it, after the rows before it ran; `device`: --device as typed,
+    which the rows' training.device resolves)."""
     import tempfile
 
     from fasttune.bench.train import fasttune_config
@@ -425,7 +426,10 @@ def _check_variants(cfg, runs: list[dict]) -> None:
                 continue
             try:
                 row, _ = fasttune_config(cfg, spec["attn"], spec["packing"], spec["overrides"], Path(tmp) / "run")
-                refuse_offload_on_cpu(row.model.memory, row.training.device)  # as `fasttune train` refuses it
+                own = any(o.startswith("training.device=") for o in spec["overrides"])  # the variant's device
+                why = None if own else "--device cpu" if device == "cpu" else \
+                    f"--device {device}: no CUDA GPU is visible to torch"  # fmt: skip
+                refuse_offload_on_cpu(row.model.memory, row.training.device, why)  # as `fasttune train` refuses it
             except ConfigError as e:
                 if spec["name"] not in variants:  # a row of bench train's own (--equal-tokens): its options' error
                     raise
