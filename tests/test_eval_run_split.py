@@ -131,6 +131,23 @@ def test_eval_without_data_of_a_text_run_scores_the_batches_its_val_loss_covers(
     assert whole["loss"] == pytest.approx(_val_losses(every.run_dir)[1], rel=1e-6) != summary["loss"]
 
 
+def test_eval_without_data_batches_the_split_as_the_run_did_not_as_the_class_suggests(tmp_path, monkeypatch):
+    """A run whose batching is not its class's default (here a Llama trained with transformers' own attention, as a
+    remote-code class whose config names a class that computes attention in its own code: padded rows by length,
+    not packed): eval scores the samples of the first training.eval_batches micro-batches the run made, so its loss
+    is the logged val_loss (the class alone said packed: other samples, another loss)."""
+    from fasttune.attention import select
+    from fasttune.train import loop
+
+    cfg = tiny_config(tmp_path / "a", max_steps=1, save_every=1, eval_every=1, eval_batches=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_documents=60, val_fraction=0.3))
+    with monkeypatch.context() as m:
+        m.setattr(select, "native_attention", lambda config: "sdpa")
+        result = loop.train(cfg)
+    summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
+    assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[1], rel=1e-6)
+
+
 def test_eval_from_another_directory_finds_a_run_started_with_relative_paths(tmp_path, monkeypatch):
     """A run started with --model base --data gsm8k.json (relative, as users type them) records the files absolute,
     so eval without --data from another directory rebuilds its split (it said the data file was gone)."""

@@ -78,15 +78,16 @@ def check_files(run: Path, cfg: BaseConfig) -> None:
                             "restore the file)")  # fmt: skip
 
 
-def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple[list[Sample], BaseConfig, str, str]:
+def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple:
     """(the run's validation samples as training built them, with eval's options where they differ from the run's;
-    the config they were built with; their format; one line saying what they are). The run's data must be the one
-    it trained on: its fingerprint (a checkpoint's) is checked first."""
+    the config they were built with; their format; one line saying what they are; the micro-batch layout the
+    checkpoint records, or None). The run's data must be the one it trained on: its fingerprint (a checkpoint's) is
+    checked first."""
     from fasttune.data.pipeline import build_data
 
     check_files(run, cfg)
     data = build_data(cfg, tokenizer=tokenizer)
-    step = _check_fingerprint(run, src, cfg, data.summary.fingerprint)
+    step, layout = _check_fingerprint(run, src, cfg, data.summary.fingerprint)
     if not len(data.val):
         raise DataError(f"--checkpoint {run}: the run has no validation samples (data.val_fraction "
                         f"{cfg.data.val_fraction}), so it logged no val_loss; pass --data with records to "
@@ -99,12 +100,13 @@ def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple[lis
     where = (f"--data.val-path {d.val_path}" if d.val_path else
              f"{data.summary.source}, held out at data.val_fraction {d.val_fraction}")  # fmt: skip
     at = f"; checked against the data fingerprint of step {step}" if step is not None else ""
-    return list(data.val), used, data.summary.format, f"{len(data.val)} samples of {where}{at}"
+    return list(data.val), used, data.summary.format, f"{len(data.val)} samples of {where}{at}", layout
 
 
-def _check_fingerprint(run: Path, src, cfg: BaseConfig, fingerprint: str) -> int | None:
-    """The step of the checkpoint whose data fingerprint the rebuilt data matches (--checkpoint's own, else the
-    run's newest); None when no checkpoint records one (warned). A mismatch stops eval in one line."""
+def _check_fingerprint(run: Path, src, cfg: BaseConfig, fingerprint: str) -> tuple[int | None, str | None]:
+    """(the step of the checkpoint whose data fingerprint the rebuilt data matches (--checkpoint's own, else the
+    run's newest), the micro-batch layout it records); (None, None) when no checkpoint records one (warned). A
+    mismatch stops eval in one line."""
     from fasttune.data.sft import MASKING_RULES
     from fasttune.train.checkpoint import STATE_FILE, list_checkpoints, load_trainer_state
 
@@ -115,14 +117,14 @@ def _check_fingerprint(run: Path, src, cfg: BaseConfig, fingerprint: str) -> int
     if state is None:
         log.warning("eval: no checkpoint of %s records its data fingerprint: the validation split rebuilt from %s "
                     "cannot be checked to be the run's", run, cfg.data.path or "the embedded corpus")  # fmt: skip
-        return None
+        return None, None
     files = " or ".join(p for p in (cfg.data.path or "the embedded corpus", cfg.data.val_path) if p)
     if state.get("masking_rules", 1) != MASKING_RULES:
         why = "the run was trained by an earlier fasttune that trained other tokens of the same data"
     elif state["data"] != fingerprint:
         why = f"its data ({files}) is not what it trained on: records added, removed or edited since"
     else:
-        return int(state.get("state", {}).get("step", 0)) or None
+        return int(state.get("state", {}).get("step", 0)) or None, state.get("batching")
     raise DataError(f"--checkpoint {run}: {why}, so its validation split cannot be rebuilt; pass --data with the "
                     "records to score")  # fmt: skip
 
@@ -134,15 +136,18 @@ def _state(ckpt: Path, load) -> dict | None:
         return None
 
 
-def validated(samples: list[Sample], cfg: BaseConfig, model) -> list[Sample]:
+def validated(samples: list[Sample], cfg: BaseConfig, model, layout: str | None = None) -> list[Sample]:
     """The samples the run's val_loss covers: the first training.eval_batches micro-batches of the split, batched as
-    the run batched them (packed, or for a model that computes attention in its own code padded rows by length)."""
+    the run batched them: `layout`, what its checkpoint records (train/model_prep.py batcher_for decided it from the
+    attention chosen and the class: packed, or padded rows by length for a model that computes attention in its own
+    code); without one (a checkpoint older than the record), decided from the model's class."""
     from fasttune.data.packing import Batcher
     from fasttune.model.build import base_model
 
-    packs = getattr(type(base_model(model)), "_supports_attention_backend", False)
-    batcher = Batcher.from_config(cfg.data, cfg.seed, packing=cfg.data.packing and packs,
-                                  grouped=cfg.data.packing and not packs)  # fmt: skip
+    if layout is None:
+        packs = getattr(type(base_model(model)), "_supports_attention_backend", False)
+        layout = "padded" if not cfg.data.packing else "packed" if packs else "grouped"
+    batcher = Batcher.from_config(cfg.data, cfg.seed, packing=layout == "packed", grouped=layout == "grouped")
     plan, most = batcher.plan([len(s) for s in samples], epoch=0), cfg.training.eval_batches
     if len(plan) <= most:
         return samples

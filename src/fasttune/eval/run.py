@@ -334,11 +334,11 @@ def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
     held = {}
     split = of_run.validation_split
     model, tok = load_checkpoint(a, src, check=lambda t: held.update(split=split(a, run, cfg, src, t)))
-    samples, used, fmt, what = held["split"]
+    samples, used, fmt, what, layout = held["split"]
     if said:
         log.info(said)
     log.info("eval: the run's validation split: %s", what)
-    scored = (samples if a.whole_split else of_run.validated(samples, used, model))[: a.limit]
+    scored = (samples if a.whole_split else of_run.validated(samples, used, model, layout))[: a.limit]
     d = used.data
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": f"the validation split of the run {run}",
                "format": fmt, "train_on_prompt": d.train_on_prompt and fmt != "text",
