@@ -99,3 +99,25 @@ def test_the_cached_tokenizer_folder_gets_the_permissions_of_a_normal_mkdir(tmp_
         cached = cache / f"tokenizer-umask{umask:o}-300"
         assert (cached / "tokenizer.json").is_file()
         assert oct(cached.stat().st_mode & 0o777) == oct((tmp_path / f"plain{umask:o}").stat().st_mode & 0o777)
+
+
+def test_a_tokenizer_another_rank_cached_meanwhile_is_used_not_moved_aside(tmp_path, monkeypatch, caplog):
+    """torchrun's ranks (or two runs sharing data.cache_dir) each train the tokenizer when none is cached; the one that
+    finishes last took the first one's complete cache for damage and moved it aside and deleted it, so a rank loading it
+    in that moment failed. Now a cache that loads is used as it is, and no temporary is left."""
+    texts, cache = ["def f(x):\n    return x\n"] * 20, tmp_path / "cache"
+    cached, real, first = cache / "tokenizer-shared-300", tokenizers.train_tokenizer, []
+
+    def other_rank_first(*args):
+        monkeypatch.setattr(tokenizers, "train_tokenizer", real)
+        tokenizers.cached_tokenizer(texts, 300, str(cache), "shared")  # rank 0 caches it while this rank trains
+        first.append(cached.stat().st_ino)
+        return real(*args)
+
+    monkeypatch.setattr(tokenizers, "train_tokenizer", other_rank_first)
+    caplog.set_level(logging.INFO, logger="fasttune")
+    tok = tokenizers.cached_tokenizer(texts, 300, str(cache), "shared")
+    assert cached.stat().st_ino == first[0]  # rank 0's folder stayed in place all along
+    assert "does not load" not in caplog.text
+    assert tok("return x")["input_ids"] == tokenizers.AutoTokenizer.from_pretrained(cached)("return x")["input_ids"]
+    assert [p.name for p in cache.iterdir()] == [cached.name]

@@ -50,14 +50,9 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
     folder, every file fsync'ed, then renamed into place). A cached one that does not load (damaged by a power cut
     before its bytes reached the disk, or by hand) is trained again and replaced, said in one line."""
     path = Path(cache_dir) / f"tokenizer-{fingerprint}-{vocab_size}"
-    if path.exists():
-        try:
-            return AutoTokenizer.from_pretrained(path)
-        except PermissionError:  # not damage: another user's cache is never replaced
-            raise ConfigError(f"the cached tokenizer {path} cannot be read (permission denied); make it readable "
-                              "(chmod -R u+rX) or pass another --data.cache-dir") from None  # fmt: skip
-        except Exception as e:  # transformers raises many types for a damaged file; all mean the same here
-            log.warning("the cached tokenizer %s does not load (%s); training it again", path, _why(e))
+    cached = _load_cached(path)
+    if cached is not None:
+        return cached
     log.info("training a %d-token byte-level BPE tokenizer on %d documents", vocab_size, len(texts))
     tok = train_tokenizer(texts, vocab_size)
     try:
@@ -79,6 +74,9 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
             raise ConfigError(f"could not cache the tokenizer in data.cache_dir={cache_dir!r} ({e.strerror or e}); "
                               "free disk space or pass --data.cache-dir DIR with room") from None  # fmt: skip
         raise
+    if (cached := _load_cached(path, quiet=True)) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # another run (a torchrun rank) cached it meanwhile: theirs is used
+        return cached
     if path.exists():  # damaged: moved aside in one rename (another process may be replacing it too), then deleted
         aside = Path(f"{tmp}-damaged")
         with contextlib.suppress(OSError):
@@ -90,6 +88,21 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(path)
+
+
+def _load_cached(path: Path, quiet: bool = False) -> PreTrainedTokenizerFast | None:
+    """The tokenizer cached at `path`; None where there is none or it does not load (said, unless `quiet`)."""
+    if not path.exists():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except PermissionError:  # not damage: another user's cache is never replaced
+        raise ConfigError(f"the cached tokenizer {path} cannot be read (permission denied); make it readable "
+                          "(chmod -R u+rX) or pass another --data.cache-dir") from None  # fmt: skip
+    except Exception as e:  # transformers raises many types for a damaged file; all mean the same here
+        if not quiet:
+            log.warning("the cached tokenizer %s does not load (%s); training it again", path, _why(e))
+        return None
 
 
 def _umask() -> int:
