@@ -465,6 +465,41 @@ def test_a_data_file_in_a_folder_that_cannot_be_looked_into_is_one_line(tmp_path
     assert f"(chmod -R u+rX {tmp_path / 'locked'})" in message
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_an_unreadable_file_of_a_data_folder_is_a_permission_problem_naming_the_option(tmp_path, monkeypatch, suffix):
+    """A file of a --data.val-path folder the user may not read: pyarrow's PermissionError was 'not a readable Parquet
+    file ...; re-export it', a .jsonl's 'cannot read', neither naming the option; now the readers' permission line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in (FIXTURES / "alpaca.jsonl").read_text().splitlines()]
+    data = tmp_path / "val"
+    data.mkdir()
+    for name in ("a", "b"):
+        if suffix == ".parquet":
+            pq.write_table(pa.Table.from_pylist(records), data / f"{name}.parquet")
+        else:
+            shutil.copy(FIXTURES / "alpaca.jsonl", data / f"{name}.jsonl")
+    denied, read_table, read_bytes = data / f"b{suffix}", pq.read_table, Path.read_bytes
+
+    def fake_read_table(path, *args, **kwargs):  # pyarrow raises OSError(errno, message): a PermissionError, no file
+        if Path(path) == denied:
+            raise OSError(13, f"Failed to open local file '{path}'. Detail: [errno 13] Permission denied")
+        return read_table(path, *args, **kwargs)
+
+    def fake_read_bytes(self):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(pq, "read_table", fake_read_table)
+    monkeypatch.setattr(Path, "read_bytes", fake_read_bytes)
+    with pytest.raises(DataError) as info:
+        load_records(str(data), flag="--data.val-path")
+    assert str(info.value) == (f"{denied}: permission denied, so the data cannot be read in full; make it readable "
+                               f"(chmod -R u+rX {data}) or point --data.val-path elsewhere")  # fmt: skip
+
+
 def test_a_split_texts_one_token_tail_is_not_called_an_empty_response():
     from fasttune.data.pipeline import DataSummary, fit_length
     from fasttune.data.sample import Sample

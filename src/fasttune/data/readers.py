@@ -101,7 +101,17 @@ def read_tables(root: Path, split: str | None, field: JsonField = JsonField(), f
         files = _folder_files(root, flag) if root.is_dir() else [root]
     except OSError as e:  # Path.is_file raises on a folder it may not look into (Python 3.11)
         raise unreadable(e, root, flag) from e
-    return [_read_file(f, field) for f in files]
+    return [_read_readable(f, field, root, flag) for f in files]
+
+
+def _read_readable(path: Path, field: JsonField, root: Path, flag: str) -> Table:
+    """`path` read; one it may not read (a file of a --data folder) is named as a permission problem with the fix,
+    never as a file to re-export."""
+    try:
+        return _read_file(path, field)
+    except PermissionError as e:
+        e.filename = e.filename or str(path)  # pyarrow's does not name the file
+        raise unreadable(e, root, flag) from e
 
 
 def unreadable(error: OSError, root: Path, flag: str = "--data") -> DataError:
@@ -223,6 +233,8 @@ def _files(root: Path, files: list[Path]) -> str:
 def _read_utf8(path: Path) -> str:
     try:
         raw = path.read_bytes()
+    except PermissionError:
+        raise
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); check that the file exists and is readable") from e
     try:
@@ -366,6 +378,8 @@ def _read_parquet(path: Path) -> Table:
 
     try:
         records = pq.read_table(path).to_pylist()
+    except PermissionError:
+        raise
     except (pa.ArrowException, OSError, ValueError, TypeError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)}); re-export it") from e
     return Table(path, records)
@@ -383,6 +397,8 @@ def _read_saved_dataset(root: Path, split: str | None, flag: str) -> Table:
 
     try:
         ds = datasets.load_from_disk(str(root))
+    except PermissionError:
+        raise  # read_tables names it as such
     except Exception as e:  # datasets raises many types for a damaged folder; all mean the same to the user
         raise DataError(f"{root}: cannot load this save_to_disk folder ({_one_line(e)}); re-save it") from e
     if isinstance(ds, datasets.DatasetDict):
