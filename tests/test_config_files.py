@@ -45,6 +45,23 @@ def test_a_runs_saved_config_json_trains_the_same_run_again(trained, tmp_path, c
     assert sorted(first) == [1, 2] and first == second
 
 
+def test_a_runs_config_json_read_from_elsewhere_names_its_own_folder(trained, tmp_path, monkeypatch, capsys):
+    """A run trained with --output-dir runs/a records that path as typed: read from another directory (or after the
+    project folder moved), `--config runs/a/config.json` without --output-dir trained a new run in ./runs/a there;
+    its folder is the file's own, refused as holding a run, and with --resume that run goes on."""
+    run = tmp_path / "proj" / "runs" / "a"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "output_dir": "runs/a"}))
+    (elsewhere := tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["train", "--config", str(run / "config.json")]) == 2
+    assert f"--output-dir {run} already holds a run" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
+    assert _config(["--config", str(run / "config.json"), "--resume"]).output_dir == str(run)
+    assert _config(["--config", str(run / "config.json"), "--output-dir", "b"]).output_dir == "b"
+
+
 @pytest.mark.parametrize(
     ("name", "text"),
     [
