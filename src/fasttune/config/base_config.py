@@ -163,11 +163,13 @@ class DataConfig:
     its records are the validation samples, read in the training data's format and tokenized, templated and cut to
     max_length as held-out records are; all of `path` is trained on and val_fraction is not used. Needs `path`."""
     tokenizer_vocab_size: int = 4096
-    """Vocabulary size of the byte-level BPE tokenizer trained on the embedded corpus."""
+    """Vocabulary size of the byte-level BPE tokenizer trained when no --model gives one (on the embedded corpus, or
+    on --data's records)."""
     max_documents: int | None = None
     """Use at most this many documents (None: all)."""
     cache_dir: str = dataclasses.field(default=".cache/fasttune", metadata=RESUMABLE)  # `field` is an option here
-    """Where the tokenizer trained for the embedded corpus is cached (tokenizer-<corpus fingerprint>-<vocab>/)."""
+    """Where a tokenizer trained when no --model gives one (on the embedded corpus, or on --data's records) is cached
+    (tokenizer-<fingerprint of its texts>-<vocab>/)."""
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
