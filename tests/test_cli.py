@@ -165,6 +165,17 @@ def test_main_py_runs_the_other_commands_too():
     assert ran.returncode == 2 and ran.stderr.startswith("error: --experiment 'nope' is unknown")
 
 
+def test_help_wraps_each_option_as_one_paragraph(capsys, monkeypatch):
+    """An option's docstring is one paragraph in --help, wrapped by the terminal: tyro kept a break before every
+    indented source line (mid-sentence, e.g. after "None:" in eval's --data)."""
+    from fasttune.config.argcheck import paragraphs
+
+    monkeypatch.setenv("COLUMNS", "400")
+    assert cli.main(["eval", "--help"]) == 0
+    assert "(alpaca, prompt/completion, chat, text). None: the validation samples of the run" in capsys.readouterr().out
+    assert paragraphs("a\n    b\n\n    c\n    - d\n      e\n") == "a b\n\nc\n- d e"
+
+
 def test_train_help_and_readme_list_every_stable_short_flag(capsys):
     from fasttune.config.argcheck import SHORT_FLAGS, option_table
 

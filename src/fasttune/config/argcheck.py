@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import io
 import types
 import typing
@@ -336,6 +337,34 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
     return f"invalid arguments; see `{command} --help`"
 
 
+def paragraphs(text: str) -> str:
+    """A docstring as --help shows it: each paragraph (blank-line separated) on one line for the terminal to wrap, a
+    line opening a list item ("- ", "* ") kept on its own. tyro's own joining keeps a break before every line that
+    does not start with a letter: the indented continuation lines of fasttune's docstrings all broke, mid-sentence,
+    wherever the source does (ragged at any terminal width)."""
+    out: list[str] = []
+    for line in inspect.cleandoc(text).split("\n"):
+        line = line.strip()
+        if not line:
+            out.append("\n\n" if out and out[-1] != "\n\n" else "")
+        elif out and out[-1] not in ("", "\n\n") and not line.startswith(("- ", "* ")):
+            out.append(" " + line)
+        else:
+            out.append(("\n" if out and out[-1] not in ("", "\n\n") else "") + line)
+    return "".join(out).strip()
+
+
+def _help_in_paragraphs() -> None:
+    """Have tyro join docstring lines with `paragraphs` (its private helper: when a tyro release moves it, --help
+    only keeps the source's line breaks)."""
+    try:
+        from tyro import _strings
+    except ImportError:  # pragma: no cover
+        return
+    if hasattr(_strings, "remove_single_line_breaks"):
+        _strings.remove_single_line_breaks = paragraphs
+
+
 def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], command: str = "", commands=(),
           **kw):  # fmt: skip
     """`tyro.cli(kind, args=args, ...)`; a parse error raises ConfigError with one line (see `message`). A value a
@@ -353,6 +382,7 @@ def parse(kind, args: Sequence[str], *, prog: str, table: dict[str, type], comma
         raise ConfigError(message(event, args, table, command, commands))
 
     wants_help = any(a in ("-h", "--help") for a in args)
+    _help_in_paragraphs()
     # Without the hook (older tyro), tyro's panel is swallowed and replaced by a generic line.
     quiet = contextlib.nullcontext() if wants_help or _errors else contextlib.redirect_stderr(io.StringIO())
     registered = _errors.on_parse_error(hook) if _errors else contextlib.nullcontext()
