@@ -216,8 +216,9 @@ def test_resume_after_the_project_folder_moved(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", "--output-dir", "runs/a", "--resume", "--max-steps", "3"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: --resume: the run's model.path {old / 'base'} (in runs/a/config.json) is gone: moved or renamed? "
-        "pass --model with where it is now (the run goes on from its checkpoint)"
+        f"error: --resume: the run's model.path {old / 'base'} and data.path {old / 'd.json'} (in runs/a/config.json) "
+        "are gone: moved or renamed? pass --model and --data with where they are now (the run goes on from its "
+        "checkpoint)"
     )
     assert main([*args, "runs/a", "--resume", "--max-steps", "3"]) == 0
     metrics = [json.loads(x) for x in (new / "runs/a/metrics.jsonl").read_text().splitlines()]

@@ -104,12 +104,18 @@ class TrainArgs(Command):
 
         run_file = RunFolder(cfg.run_dir).config.resolve()
         own = self.config_file if self.config_file and Path(self.config_file).resolve() == run_file else None
+        gone, files, options = [], [], []  # every one at once: a moved project folder takes model and data along
         for key, option in (("model.path", "--model"), ("data.path", "--data"), ("data.val_path", "--data.val-path")):
             file = self.run_config if key in self.from_run else own if key in self.from_file else None
             path = value_of(cfg, key)
             if file and isinstance(path, str) and not Path(path).exists():
-                raise ConfigError(f"--resume: the run's {key} {path} (in {file}) is gone: moved or renamed? pass "
-                                  f"{option} with where it is now (the run goes on from its checkpoint)")  # fmt: skip
+                gone, options = [*gone, f"{key} {path}"], [*options, option]
+                files += [file] if file not in files else []
+        if gone:
+            are, them = ("is", "it is") if len(gone) == 1 else ("are", "they are")
+            raise ConfigError(f"--resume: the run's {' and '.join(gone)} (in {', '.join(files)}) {are} gone: moved "
+                              f"or renamed? pass {' and '.join(options)} with where {them} now (the run goes on from "
+                              "its checkpoint)")  # fmt: skip
 
     def file_of(self, key: str) -> str | None:
         """The --config file that set option `key` (dotted), None when the command line or the preset did."""
