@@ -45,12 +45,14 @@ def test_a_bad_list_in_a_variant_is_one_line_naming_it(variant, message, capsys,
 
 
 def test_a_variant_that_offloads_on_the_cpu_is_refused_as_train_refuses_it(capsys, tmp_path, monkeypatch):
-    """`fasttune train --model.memory offload` on the CPU is one line, exit 2; the same plan in a variant ran."""
+    """`fasttune train --model.memory offload` on the CPU is one line, exit 2; the same plan in a variant ran. The fix
+    is named as a variant spells it (model.memory=full in that variant), not train's flag."""
     from fasttune.bench import train as bench_train
 
     monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device auto picks the CPU, also on a GPU host
-    rest = "whose activations are in host memory already, so there is nothing to offload; use --model.memory full"
+    rest = "whose activations are in host memory already, so there is nothing to offload; use model.memory=full in "
+    rest += "that variant"  # the variant's spelling, not train's --model.memory full
     for typed, why in (("cpu", "--device cpu"), ("auto", "--device auto: no CUDA GPU is visible to torch")):
         argv = ["bench", "train", "--device", typed, "--variant", "x:model.memory=offload", "--out", str(tmp_path)]
         assert cli.main(argv) == 2

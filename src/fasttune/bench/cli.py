@@ -429,7 +429,8 @@ def _check_variants(cfg, runs: list[dict], device: str) -> None:
                 own = any(o.startswith("training.device=") for o in spec["overrides"])  # the variant's device
                 why = None if own else "--device cpu" if device == "cpu" else \
                     f"--device {device}: no CUDA GPU is visible to torch"  # fmt: skip
-                refuse_offload_on_cpu(row.model.memory, row.training.device, why)  # as `fasttune train` refuses it
+                fix = "model.memory=full in that variant"  # as `fasttune train` refuses it, in a variant's spelling
+                refuse_offload_on_cpu(row.model.memory, row.training.device, why, fix=fix)
             except ConfigError as e:
                 if spec["name"] not in variants:  # a row of bench train's own (--equal-tokens): its options' error
                     raise

@@ -74,12 +74,13 @@ def resolve_device(cfg: BaseConfig, name: str | None = None) -> tuple[torch.devi
     return device, torch.bfloat16, torch.float32  # auto on CUDA: fp32 master weights, bf16 autocast
 
 
-def refuse_offload_on_cpu(memory: str, device: str, why: str | None = None) -> None:
+def refuse_offload_on_cpu(memory: str, device: str, why: str | None = None, fix: str = "--model.memory full") -> None:
     """Stop a run that would train on the CPU with the `offload` plan, before its data is read: its activations are in
     host memory already (the CLI names model.memory as the user gave it). `why`: how the CPU was chosen, when the
-    caller resolved `device` from what the user typed (bench train's --device auto)."""
+    caller resolved `device` from what the user typed (bench train's --device auto); `fix`: the setting to use, as
+    the caller's user writes it (train's flag; a bench --variant's section.field=value)."""
     if memory != "offload" or pick_device(device).type != "cpu":
         return
     why = why or ("training.device=cpu" if device == "cpu" else "no CUDA GPU is visible to torch")
     raise ConfigError(f"model.memory=offload: this run trains on the CPU ({why}), whose activations are in host memory "
-                      "already, so there is nothing to offload; use --model.memory full")  # fmt: skip
+                      f"already, so there is nothing to offload; use {fix}")  # fmt: skip
