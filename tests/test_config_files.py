@@ -152,6 +152,33 @@ def test_a_max_length_set_in_the_file_counts_as_the_users(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: --data.max-length 256 exceeds the context of")
 
 
+def test_resume_never_shrinks_the_runs_max_length_to_a_smaller_model(trained, tmp_path, monkeypatch, capsys):
+    """The run's recorded data.max_length is what it trained with: a --model of a smaller context given on resume is
+    one line naming the run's config.json, with --config FILE (the value is the run's, from_run) as without it (the
+    run's config.json is the file); it shrank silently to the context with --config."""
+    from transformers import LlamaConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data"]["max_length"] == 64
+    saved["model"]["path"] = str(tmp_path / "moved-model")  # the project folder moved: --model given anew
+    (run / "config.json").write_text(json.dumps(saved))
+    LlamaConfig(max_position_embeddings=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=384).save_pretrained(tmp_path / "m")  # fmt: skip
+    monkeypatch.setattr(loop, "train", lambda cfg, **k: pytest.fail(f"trained at max_length {cfg.data.max_length}"))
+    part = tmp_path / "part.yaml"
+    part.write_text(f"output_dir: {run}\n")
+    expected = (f"error: --resume: the run trained with data.max_length 64 (in {run / 'config.json'}), beyond the "
+                f"context of {tmp_path / 'm'} (max_position_embeddings=32); give a model of 64 positions or more (the "
+                "run's own), or start a new run with another --output-dir")  # fmt: skip
+    for given in (["--output-dir", str(run)], ["--config", str(part)]):
+        assert cli.main(["train", *given, "--resume", "--model", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == expected, err
+    assert json.loads((run / "config.json").read_text()) == saved
+
+
 def test_resume_and_overwrite_in_a_file_never_act_on_a_folder(trained, tmp_path, capsys):
     """A saved config.json of a resumed (or overwritten) run records resume/overwrite: read back they would resume
     or clear --output-dir; only the command line's count."""

@@ -92,7 +92,7 @@ class TrainArgs(Command):
 
         refuse_offload_on_cpu(cfg.model.memory, cfg.training.device)
         check_launch(cfg)
-        fit_max_length(cfg, explicit="--data.max-length" in self.given, say=False, file=self.file_of("data.max_length"))
+        self._fit_max_length(cfg, say=False)
         if cfg.resume and self.config_file:
             check_resume_of_file(cfg, self.config_file, self.from_file)
 
@@ -100,10 +100,8 @@ class TrainArgs(Command):
         """--resume taking the model or data path from the run's config.json (recorded absolute) when it is gone (the
         project folder moved): one line naming the file and the fix, not a --model or --data the user never typed."""
         from fasttune.config.naming import value_of
-        from fasttune.train.run_dir import RunFolder
 
-        run_file = RunFolder(cfg.run_dir).config.resolve()
-        own = self.config_file if self.config_file and Path(self.config_file).resolve() == run_file else None
+        own = self._own_config(cfg)
         gone, files, options = [], [], []  # every one at once: a moved project folder takes model and data along
         for key, option in (("model.path", "--model"), ("data.path", "--data"), ("data.val_path", "--data.val-path")):
             file = self.run_config if key in self.from_run else own if key in self.from_file else None
@@ -116,6 +114,23 @@ class TrainArgs(Command):
             raise ConfigError(f"--resume: the run's {' and '.join(gone)} (in {', '.join(files)}) {are} gone: moved "
                               f"or renamed? pass {' and '.join(options)} with where {them} now (the run goes on from "
                               "its checkpoint)")  # fmt: skip
+
+    def _own_config(self, cfg: BaseConfig) -> str | None:
+        """--config FILE when it is the run's own config.json (as `train --output-dir RUN --resume` reads it)."""
+        from fasttune.train.run_dir import RunFolder
+
+        run_file = RunFolder(cfg.run_dir).config.resolve()
+        return self.config_file if self.config_file and Path(self.config_file).resolve() == run_file else None
+
+    def _fit_max_length(self, cfg: BaseConfig, say: bool) -> BaseConfig:
+        """fit_max_length, told where data.max_length came from: typed or set in --config, the user's; on --resume
+        from the run's config.json (with --config FILE or without), what the run trained with: never shrunk."""
+        key = "data.max_length"
+        run = None
+        if cfg.resume:
+            run = self.run_config if key in self.from_run else self._own_config(cfg) if key in self.from_file else None
+        return fit_max_length(cfg, explicit="--data.max-length" in self.given or run is not None, say=say,
+                              file=self.file_of(key), run=run)  # fmt: skip
 
     def file_of(self, key: str) -> str | None:
         """The --config file that set option `key` (dotted), None when the command line or the preset did."""
@@ -152,8 +167,7 @@ class TrainArgs(Command):
         if cfg.resume:
             self._refuse_gone_inputs(cfg)
         require_inputs(cfg)
-        cfg = fit_max_length(cfg, explicit="--data.max-length" in self.given, say=os.environ.get("RANK", "0") == "0",
-                             file=self.file_of("data.max_length"))  # fmt: skip
+        cfg = self._fit_max_length(cfg, say=os.environ.get("RANK", "0") == "0")
         result = train(cfg, attn_origin=self.origin("attn_implementation", "--attn-implementation"))
         if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
             return 0
@@ -275,16 +289,23 @@ def model_config(cfg: BaseConfig):
         return None
 
 
-def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True, file: str | None = None) -> BaseConfig:
+def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True, file: str | None = None,
+                   run: str | None = None) -> BaseConfig:  # fmt: skip
     """data.max_length within the model's context (RoPE scaling counted: model/context.py): a preset's default
     shrinks to the context (logged when `say`); a value the user gave that exceeds it is an error (naming the
-    --config `file` that set it, if one did)."""
-    from fasttune.model.context import context_length, too_long
+    --config `file` that set it, if one did), and so is a resumed run's, recorded in its config.json `run`: the run
+    trained with it, a model of less context is the mistake."""
+    from fasttune.model.context import context_length, describe_context, too_long
 
     conf = model_config(cfg) if cfg.model.path is not None else None
     context = context_length(conf) if conf is not None else None
     if context is None or cfg.data.max_length <= context:
         return cfg
+    if run is not None:
+        raise ConfigError(f"--resume: the run trained with data.max_length {cfg.data.max_length} (in {run}), beyond "
+                          f"the context of {cfg.model.path} ({describe_context(conf)}); give a model of "
+                          f"{cfg.data.max_length} positions or more (the run's own), or start a new run with another "
+                          "--output-dir")  # fmt: skip
     if explicit:
         raise ConfigError(too_long(conf, cfg.data.max_length, cfg.model.path, file=file))
     if say:
