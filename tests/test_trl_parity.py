@@ -155,8 +155,8 @@ def load_chat(tmp_path, records: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("max_length", [20, 24])
 def test_truncation_matches_keep_start(tmp_path, model, tok, max_length):
-    """Over max_length: the start kept (TRL's truncation_mode keep_start, fasttune's data.overlong truncate), and a
-    sample whose prompt alone fills it left out by both."""
+    """Over max_length: the start kept (TRL's truncation_mode keep_start, fasttune's data.overlong truncate: its
+    default but for text, which it splits), and a sample whose prompt alone fills it left out by both."""
     records = [*PROMPT_COMPLETIONS, {"prompt": "Natalia sold clips to 48 of her friends in April", "completion": "5"}]
     ours = fasttune_prepared(tok, records, "prompt_completion", max_length=max_length)
     assert targets(ours) == targets(trl_prepared(tmp_path, model, tok, records, max_length=max_length))
@@ -164,6 +164,10 @@ def test_truncation_matches_keep_start(tmp_path, model, tok, max_length):
     chats = fasttune_prepared(tok, CHATS, "chat", max_length=max_length)
     assert targets(chats) == targets(trl_prepared(tmp_path, model, tok, CHATS, assistant_only_loss=True,
                                                   max_length=max_length))  # fmt: skip
+    texts = [{"text": "Natalia sold clips to 48 of her friends in April"}, {"text": "Paris."}]
+    assert targets(fasttune_prepared(tok, texts, "text", max_length=max_length)) == targets(
+        trl_prepared(tmp_path, model, tok, texts, max_length=max_length)
+    )
 
 
 def test_differences_kept_by_choice(tmp_path, model, tok):
