@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # SFTConfig se
 trl = pytest.importorskip("trl", reason="trl is not installed (pip install 'trl>=1.0') to compare with its SFTTrainer")
 
 # ChatML as the fixture writes it, the assistant's reply and end-of-turn token in a {% generation %} block (TRL's
-# assistant_only_loss; its trailing newline outside, as TRL's training templates put it).
+# assistant_only_loss), the newlines around them outside: what fasttune trains of any template's assistant turn.
 TAGGED = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}"
     "{{ m['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}{% else %}<|im_start|>{{ m['role'] }}\n"
@@ -183,3 +183,20 @@ def test_differences_kept_by_choice(tmp_path, model, tok):
     prompt = tok("Hello ")["input_ids"]
     assert ours_ids[: len(prompt)] == prompt and theirs_ids[: len(prompt)] != prompt
     assert trained_text(tok, ours_ids, ours_labels) == "there" + EOS
+
+
+def test_trl_training_template_trains_the_newlines(tmp_path, model, tok):
+    """A model whose template has no {% generation %} tags (Qwen2.5's): TRL's assistant_only_loss swaps in its own
+    training template, whose blocks also hold the newline ending the assistant header and the one after <|im_end|>;
+    fasttune trains the reply through <|im_end|> from the model's own template (the generation prompt ends in that
+    first newline; generation stops at <|im_end|>). The same ids."""
+    from pathlib import Path
+
+    qwen = build_tiny_tokenizer(
+        chat_template=(Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    )
+    theirs = trl_prepared(tmp_path, model, qwen, CHATS[:1], assistant_only_loss=True)
+    ours = fasttune_prepared(qwen, CHATS[:1], "chat")
+    assert [ids for ids, _ in ours] == [ids for ids, _ in theirs]
+    assert trained_text(qwen, *theirs[0]) == "\nthere<|im_end|>\n"
+    assert trained_text(qwen, *ours[0]) == "there<|im_end|>"
