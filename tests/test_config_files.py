@@ -179,6 +179,49 @@ def test_resume_never_shrinks_the_runs_max_length_to_a_smaller_model(trained, tm
     assert json.loads((run / "config.json").read_text()) == saved
 
 
+def test_resume_with_a_new_max_length_beyond_the_model_names_what_resume_takes(trained, tmp_path, monkeypatch, capsys):
+    """--data.max-length (or a --config FILE's data.max_length) typed on resume beyond the model's context: the line
+    says the run keeps its own (drop the option, with a model of its length) or a new run, not "pass N or less",
+    which resume then refuses; dropping it resumes at the run's length."""
+    from transformers import LlamaConfig
+
+    from fasttune.errors import ConfigError
+    from fasttune.train.run_dir import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    saved["model"]["path"] = str(tmp_path / "moved-model")  # the project folder moved: --model given anew
+    (run / "config.json").write_text(json.dumps(saved))
+    for context in (32, 64):
+        LlamaConfig(max_position_embeddings=context, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, vocab_size=384).save_pretrained(tmp_path / f"m{context}")  # fmt: skip
+    trained_at = []
+    monkeypatch.setattr(loop, "train", lambda cfg, **k: trained_at.append(cfg.data.max_length) or pytest.fail("ran"))
+    part = tmp_path / "part.yaml"
+    part.write_text(f"output_dir: {run}\ndata:\n  max_length: 128\n")
+    keeps = f"and a resumed run keeps the data.max_length it trained with, 64 (in {run / 'config.json'}); "
+    for context, given, option, fix in (
+        (32, ["--output-dir", str(run), "--data.max-length", "128"], "--data.max-length",
+         "drop --data.max-length and give a model of 64 positions or more"),
+        (64, ["--output-dir", str(run), "--data.max-length", "128"], "--data.max-length", "drop --data.max-length"),
+        (32, ["--config", str(part)], f"{part}: data.max_length",
+         f"drop it from {part} and give a model of 64 positions or more"),
+    ):  # fmt: skip
+        model = tmp_path / f"m{context}"
+        assert cli.main(["train", *given, "--resume", "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        beyond = f"{option} 128 exceeds the context of {model} (max_position_embeddings={context})"
+        assert err.strip() == f"error: --resume: {beyond}, {keeps}{fix}, or start a new run with another --output-dir"
+    cfg = cli.parse(["train", "--output-dir", str(run), "--resume", "--data.max-length", "32"]).config.validate()
+    with pytest.raises(ConfigError, match="data.max_length is 32 but the run was started with 64"):
+        RunFolder(cfg.run_dir).check_resume(cfg)  # what "pass --data.max-length 32 or less" met next
+    with pytest.raises(pytest.fail.Exception):  # dropping it, as the line says: training starts at the run's 64
+        cli.main(["train", "--output-dir", str(run), "--resume", "--model", str(tmp_path / "m64")])
+    assert trained_at == [64]
+    assert json.loads((run / "config.json").read_text()) == saved
+
+
 def test_resume_and_overwrite_in_a_file_never_act_on_a_folder(trained, tmp_path, capsys):
     """A saved config.json of a resumed (or overwritten) run records resume/overwrite: read back they would resume
     or clear --output-dir; only the command line's count."""

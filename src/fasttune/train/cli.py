@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import textwrap
@@ -129,6 +130,7 @@ class TrainArgs(Command):
         run = None
         if cfg.resume:
             run = self.run_config if key in self.from_run else self._own_config(cfg) if key in self.from_file else None
+            run = run or _run_config(cfg)  # typed or set in another --config: the run's own still holds on resume
         return fit_max_length(cfg, explicit="--data.max-length" in self.given or run is not None, say=say,
                               file=self.file_of(key), run=run)  # fmt: skip
 
@@ -301,6 +303,14 @@ def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True, file: str 
     context = context_length(conf) if conf is not None else None
     if context is None or cfg.data.max_length <= context:
         return cfg
+    own = _runs_max_length(run) if run is not None else None
+    if own is not None and own != cfg.data.max_length:  # typed (or set in --config FILE) anew: resume refuses it
+        option = f"{file}: data.max_length" if file else "--data.max-length"
+        fix = f"drop it from {file}" if file else f"drop {option}"
+        fix += "" if own <= context else f" and give a model of {own} positions or more"
+        raise ConfigError(f"--resume: {option} {cfg.data.max_length} exceeds the context of {cfg.model.path} "
+                          f"({describe_context(conf)}), and a resumed run keeps the data.max_length it trained with, "
+                          f"{own} (in {run}); {fix}, or start a new run with another --output-dir")  # fmt: skip
     if run is not None:
         raise ConfigError(f"--resume: the run trained with data.max_length {cfg.data.max_length} (in {run}), beyond "
                           f"the context of {cfg.model.path} ({describe_context(conf)}); give a model of "
@@ -312,3 +322,22 @@ def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True, file: str 
         log.info("data.max_length: %d, the context of %s (the %s preset's default is %d)", context, cfg.model.path,
                  cfg.experiment, cfg.data.max_length)  # fmt: skip
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=context))
+
+
+def _run_config(cfg: BaseConfig) -> str | None:
+    """--resume: the run's config.json when it records data.max_length, else None (the run's checks say what is
+    missing or unreadable)."""
+    from fasttune.train.run_dir import RunFolder
+
+    folder = RunFolder(cfg.run_dir)
+    run = str(folder.config) if folder.is_run and folder.config.is_file() else None
+    return run if run and _runs_max_length(run) is not None else None
+
+
+def _runs_max_length(run: str) -> int | None:
+    """The data.max_length recorded in the run's config.json `run`; None when it cannot be read (resume says why)."""
+    try:
+        value = json.loads(Path(run).read_text()).get("data", {}).get("max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
