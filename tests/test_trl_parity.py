@@ -28,6 +28,31 @@ TAGGED = (
     "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% endif %}"
 )
+# TAGGED with tools (Qwen2.5's layout, in the system turn), assistant tool calls (in the {% generation %} block) and
+# `tool` results, and a `brief` variable for chat_template_kwargs.
+TOOL_TEMPLATE = (
+    "{% if brief %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}# Tools\n<tools>"
+    "{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n{% elif messages[0]['role'] == 'system' %}"
+    "<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m['content'] or '' }}"
+    "{% for c in m['tool_calls'] or [] %}<tool_call>\n{{ {'name': c['function']['name'], 'arguments': "
+    "c['function']['arguments']} | tojson }}\n</tool_call>{% endfor %}<|im_end|>{% endgeneration %}{{ '\\n' }}"
+    "{% elif m['role'] == 'tool' %}<|im_start|>tool\n{{ m['content'] }}<|im_end|>\n"
+    "{% elif not (m['role'] == 'system' and loop.first) %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+TOOL_CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+TOOL_MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "Sunny."},
+]  # fmt: skip
 EOS = "<|endoftext|>"
 CHATS = [
     {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "there"}]},
@@ -200,3 +225,40 @@ def test_trl_training_template_trains_the_newlines(tmp_path, model, tok):
     assert [ids for ids, _ in ours] == [ids for ids, _ in theirs]
     assert trained_text(qwen, *theirs[0]) == "\nthere<|im_end|>\n"
     assert trained_text(qwen, *ours[0]) == "there<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tool_tok(tok):
+    return build_tiny_tokenizer(chat_template=TOOL_TEMPLATE, bos=tok.bos_token)
+
+
+def test_tools_and_tool_calls_match(tmp_path, model, tool_tok):
+    """A `tools` list (and it as a JSON string, as TRL reads it), assistant `tool_calls` and `tool` results: the
+    calls and the final reply trained, the tool result context, as TRL's assistant_only_loss; as messages and as a
+    conversational prompt/completion."""
+    import json
+
+    for tools in ([WEATHER], json.dumps([WEATHER])):  # apart: a datasets column holds lists or strings
+        records = [{"tools": tools, "messages": TOOL_MESSAGES}]
+        ours = fasttune_prepared(tool_tok, records, "chat")
+        assert targets(ours) == targets(trl_prepared(tmp_path, model, tool_tok, records, assistant_only_loss=True))
+        assert trained_text(tool_tok, *ours[0]) == TOOL_CALL + "Sunny.<|im_end|>"
+        assert "# Tools" in tool_tok.decode(ours[0][0])
+    whole = ours
+    split = [{"tools": [WEATHER], "prompt": TOOL_MESSAGES[:2], "completion": TOOL_MESSAGES[2:]}]
+    ours = fasttune_prepared(tool_tok, load_chat(tmp_path, split), "chat")
+    assert targets(ours) == targets(trl_prepared(tmp_path, model, tool_tok, split, assistant_only_loss=True))
+    assert targets(ours) == targets(whole)
+
+
+def test_chat_template_kwargs_and_final_user_turn_match(tmp_path, model, tool_tok):
+    """A record's chat_template_kwargs reach the template, record by record, as TRL passes them; a conversation that
+    ends with a user turn trains its assistant replies alone, as TRL."""
+    pair = CHATS[0]["messages"]
+    ending_user = [*pair, {"role": "user", "content": "how are you?"}]
+    records = [{"messages": pair, "chat_template_kwargs": {"brief": True}},
+               {"messages": ending_user, "chat_template_kwargs": {"brief": False}}]  # fmt: skip
+    ours = fasttune_prepared(tool_tok, records, "chat")
+    assert targets(ours) == targets(trl_prepared(tmp_path, model, tool_tok, records, assistant_only_loss=True))
+    assert [tool_tok.decode(ids).startswith("<|im_start|>system\nBe brief.") for ids, _ in ours] == [True, False]
+    assert [trained_text(tool_tok, *s) for s in ours] == ["there<|im_end|>"] * 2
