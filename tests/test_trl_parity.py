@@ -262,3 +262,23 @@ def test_chat_template_kwargs_and_final_user_turn_match(tmp_path, model, tool_to
     assert targets(ours) == targets(trl_prepared(tmp_path, model, tool_tok, records, assistant_only_loss=True))
     assert [tool_tok.decode(ids).startswith("<|im_start|>system\nBe brief.") for ids, _ in ours] == [True, False]
     assert [trained_text(tool_tok, *s) for s in ours] == ["there<|im_end|>"] * 2
+
+
+def test_chat_differences_kept_by_choice(tmp_path, model, tool_tok):
+    """A blank assistant reply: TRL's assistant_only_loss trains its <|im_end|> alone, fasttune never trains it (an
+    instant end of turn teaches nothing). A conversational completion holding a tool result: TRL's completion_mask
+    (its default) trains the result, which the tool writes and the model never generates; fasttune trains the
+    completion's assistant turns alone. The same ids."""
+    blank = [{"messages": [*CHATS[0]["messages"][:1], {"role": "assistant", "content": ""}, *CHATS[0]["messages"]]}]
+    ours, theirs = fasttune_prepared(tool_tok, blank, "chat"), trl_prepared(tmp_path, model, tool_tok, blank,
+                                                                           assistant_only_loss=True)  # fmt: skip
+    assert [ids for ids, _ in ours] == [ids for ids, _ in theirs]
+    assert (trained_text(tool_tok, *ours[0]), trained_text(tool_tok, *theirs[0])) == (
+        "there<|im_end|>", "<|im_end|>there<|im_end|>")  # fmt: skip
+    split = [{"tools": [WEATHER], "prompt": TOOL_MESSAGES[:2], "completion": TOOL_MESSAGES[2:]}]
+    ours, theirs = fasttune_prepared(tool_tok, load_chat(tmp_path, split), "chat"), trl_prepared(
+        tmp_path, model, tool_tok, split)  # fmt: skip
+    assert [ids for ids, _ in ours] == [ids for ids, _ in theirs]
+    assert trained_text(tool_tok, *ours[0]) == TOOL_CALL + "Sunny.<|im_end|>"
+    assert trained_text(tool_tok, *theirs[0]) == TOOL_CALL + "\n<|im_start|>tool\nsunny<|im_end|>\n" + (
+        "<|im_start|>assistant\nSunny.<|im_end|>\n")  # fmt: skip
