@@ -235,7 +235,7 @@ def tool_tok(tok):
 def test_tools_and_tool_calls_match(tmp_path, model, tool_tok):
     """A `tools` list (and it as a JSON string, as TRL reads it), assistant `tool_calls` and `tool` results: the
     calls and the final reply trained, the tool result context, as TRL's assistant_only_loss; as messages and as a
-    conversational prompt/completion."""
+    conversational prompt/completion. With --data.train-on-prompt every token, as TRL's default."""
     import json
 
     for tools in ([WEATHER], json.dumps([WEATHER])):  # apart: a datasets column holds lists or strings
@@ -244,6 +244,8 @@ def test_tools_and_tool_calls_match(tmp_path, model, tool_tok):
         assert targets(ours) == targets(trl_prepared(tmp_path, model, tool_tok, records, assistant_only_loss=True))
         assert trained_text(tool_tok, *ours[0]) == TOOL_CALL + "Sunny.<|im_end|>"
         assert "# Tools" in tool_tok.decode(ours[0][0])
+    everything = fasttune_prepared(tool_tok, records, "chat", train_on_prompt=True)  # TRL's default: every token
+    assert targets(everything) == targets(trl_prepared(tmp_path, model, tool_tok, records))
     whole = ours
     split = [{"tools": [WEATHER], "prompt": TOOL_MESSAGES[:2], "completion": TOOL_MESSAGES[2:]}]
     ours = fasttune_prepared(tool_tok, load_chat(tmp_path, split), "chat")
@@ -266,9 +268,9 @@ def test_chat_template_kwargs_and_final_user_turn_match(tmp_path, model, tool_to
 
 def test_chat_differences_kept_by_choice(tmp_path, model, tool_tok):
     """A blank assistant reply: TRL's assistant_only_loss trains its <|im_end|> alone, fasttune never trains it (an
-    instant end of turn teaches nothing). A conversational completion holding a tool result: TRL's completion_mask
-    (its default) trains the result, which the tool writes and the model never generates; fasttune trains the
-    completion's assistant turns alone. The same ids."""
+    instant end of turn teaches nothing). A conversational completion holding a tool result (or a system message):
+    TRL's completion_mask (its default) trains it, which the model never generates; fasttune trains the completion's
+    assistant turns alone. The same ids."""
     blank = [{"messages": [*CHATS[0]["messages"][:1], {"role": "assistant", "content": ""}, *CHATS[0]["messages"]]}]
     ours, theirs = fasttune_prepared(tool_tok, blank, "chat"), trl_prepared(tmp_path, model, tool_tok, blank,
                                                                            assistant_only_loss=True)  # fmt: skip
@@ -282,3 +284,9 @@ def test_chat_differences_kept_by_choice(tmp_path, model, tool_tok):
     assert trained_text(tool_tok, *ours[0]) == TOOL_CALL + "Sunny.<|im_end|>"
     assert trained_text(tool_tok, *theirs[0]) == TOOL_CALL + "\n<|im_start|>tool\nsunny<|im_end|>\n" + (
         "<|im_start|>assistant\nSunny.<|im_end|>\n")  # fmt: skip
+    reply = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "there"}]
+    system = [{"prompt": [{"role": "user", "content": "Hello"}], "completion": reply}]
+    ours, theirs = fasttune_prepared(tool_tok, load_chat(tmp_path, system), "chat"), trl_prepared(
+        tmp_path, model, tool_tok, system)  # fmt: skip
+    assert trained_text(tool_tok, *ours[0]) == "there<|im_end|>"
+    assert trained_text(tool_tok, *theirs[0]) == "system\nBe brief.<|im_end|>\n<|im_start|>assistant\nthere<|im_end|>\n"
