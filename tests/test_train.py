@@ -157,7 +157,7 @@ def test_a_second_ctrl_c_during_the_save_names_the_newest_complete_checkpoint(tm
     from fasttune.train import checkpoint
 
     cfg = tiny_config(tmp_path)  # save_every 3: step 3 is saved before
-    original, calls, fsync = run.forward_backward, {"n": 0}, checkpoint._fsync_tree
+    original, calls, fsync = run.forward_backward, {"n": 0}, checkpoint.fsync_tree
 
     def interrupt_at_5(*args, **kwargs):
         calls["n"] += 1
@@ -171,7 +171,7 @@ def test_a_second_ctrl_c_during_the_save_names_the_newest_complete_checkpoint(tm
         return fsync(path)
 
     monkeypatch.setattr(run, "forward_backward", interrupt_at_5)
-    monkeypatch.setattr(checkpoint, "_fsync_tree", interrupt_saving_5)
+    monkeypatch.setattr(checkpoint, "fsync_tree", interrupt_saving_5)
     with pytest.raises(loop.Interrupted) as e:
         try:
             loop.train(cfg)

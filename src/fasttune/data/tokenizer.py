@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from fasttune.durable import fsync_dir, fsync_tree, umask
 from fasttune.errors import ConfigError
 from fasttune.model.context import context_length
 
@@ -59,7 +60,7 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(path.parent)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tokenizer-"))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cache from the other users
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide a shared cache from the other users
     except OSError as e:
         raise ConfigError(
             f"data.cache_dir={cache_dir!r} is not writable ({e.strerror or e}); pass "
@@ -67,7 +68,7 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
         ) from None
     try:
         tok.save_pretrained(tmp)
-        _fsync_folder(tmp)
+        fsync_tree(tmp)
     except BaseException as e:  # a full disk, Ctrl-C: nothing half-written stays (a kill's is removed by a later run)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -84,7 +85,7 @@ def cached_tokenizer(texts: list[str], vocab_size: int, cache_dir: str, fingerpr
         shutil.rmtree(aside, ignore_errors=True)
     try:
         os.replace(tmp, path)
-        _fsync_folder(path.parent, files=False)
+        fsync_dir(path.parent)
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(path)
@@ -105,28 +106,8 @@ def _load_cached(path: Path, quiet: bool = False) -> PreTrainedTokenizerFast | N
         return None
 
 
-def _umask() -> int:
-    umask = os.umask(0)  # reading the umask means setting it; restored at once
-    os.umask(umask)
-    return umask
-
-
 def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
-
-
-def _fsync_folder(folder: Path, files: bool = True) -> None:
-    """fsync the files in `folder` (`files`) and the folder itself: after the rename that follows, a power cut leaves
-    the complete folder or none, never a renamed folder of empty files."""
-    for f in sorted(folder.iterdir()) if files else ():
-        if f.is_file():
-            with f.open("rb") as opened:
-                os.fsync(opened.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 STALE_AFTER_S = 3600

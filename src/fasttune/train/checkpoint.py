@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fasttune.durable import fsync_dir, fsync_tree, usual_permissions
 from fasttune.errors import FasttuneError
 from fasttune.train.run_dir import RunFolder
 
@@ -36,31 +37,6 @@ log = logging.getLogger("fasttune")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _usual_permissions(path: Path) -> None:
-    """Files as any other file the user creates (0644 under umask 022): safetensors writes its file 0600."""
-    umask = os.umask(0)  # reading the umask means setting it; restored at once
-    os.umask(umask)
-    for p in path.rglob("*"):
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -160,13 +136,13 @@ def write_folder(final: Path, write, what: str, fix: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write(tmp)
-        _usual_permissions(tmp)
-        _fsync_tree(tmp)
+        usual_permissions(tmp)
+        fsync_tree(tmp)
         if final.exists():
             os.rename(final, old)
             moved = True
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if moved:
             shutil.rmtree(old, ignore_errors=True)
     except Exception as e:  # not KeyboardInterrupt / SystemExit: those stay what they are
