@@ -126,13 +126,9 @@ class TrainArgs(Command):
     def _fit_max_length(self, cfg: BaseConfig, say: bool) -> BaseConfig:
         """fit_max_length, told where data.max_length came from: typed or set in --config, the user's; on --resume
         from the run's config.json (with --config FILE or without), what the run trained with: never shrunk."""
-        key = "data.max_length"
-        run = None
-        if cfg.resume:
-            run = self.run_config if key in self.from_run else self._own_config(cfg) if key in self.from_file else None
-            run = run or _run_config(cfg)  # typed or set in another --config: the run's own still holds on resume
+        run = _run_config(cfg) if cfg.resume else None  # however it was given, the run's own holds on resume
         return fit_max_length(cfg, explicit="--data.max-length" in self.given or run is not None, say=say,
-                              file=self.file_of(key), run=run)  # fmt: skip
+                              file=self.file_of("data.max_length"), run=run)  # fmt: skip
 
     def file_of(self, key: str) -> str | None:
         """The --config file that set option `key` (dotted), None when the command line or the preset did."""
