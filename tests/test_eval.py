@@ -273,8 +273,8 @@ def test_eval_of_a_dataset_dict_is_of_the_split_named_not_its_train_split(model,
 
 
 @pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="the shared GSM8K file (../shared/data) is not here")
-def test_eval_reads_the_real_gsm8k_file(sft_run, tmp_path):
-    assert main(["eval", "--checkpoint", str(sft_run.checkpoint), "--data", str(SHARED_GSM8K), "--limit", "24",
+def test_eval_reads_the_real_gsm8k_file(model, tmp_path):
+    assert main(["eval", "--checkpoint", str(model), "--data", str(SHARED_GSM8K), "--limit", "24",
                  "--output-dir", str(tmp_path)]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["samples"] + summary["skipped_longer_than_context"] == 24 and summary["target_tokens"] > 100
