@@ -158,11 +158,11 @@ def _outputs(a: EvalArgs, source: str | None) -> tuple[Path, Path] | None:
 
 
 def _text_pieces(samples: list[Sample], max_length: int | None, context: int | None,
-                 overlong: str | None = None) -> list[Sample]:  # fmt: skip
+                 overlong: str | None = None) -> tuple[list[Sample], str]:  # fmt: skip
     """Plain text longer than max_length (else the model's context) tokens handled as training handles it at
     data.max_length (`overlong`: data.overlong; auto splits): split into pieces of it (every token is scored but each
-    piece's first, none left out as too long), truncated to it, or dropped. A model that names no context needs
-    max_length."""
+    piece's first, none left out as too long), truncated to it, or dropped; with the policy applied. A model that
+    names no context needs max_length."""
     piece = max_length or context
     if not piece:  # Bloom (ALiBi): a whole text in one forward pass, unlike training's pieces (and GBs of memory)
         raise ConfigError("plain text needs --max-length here: the model's config names no context (no "
@@ -181,7 +181,7 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
         done = "truncated to" if counts.truncated else "left out as longer than"
         log.info("plain text: %d of %d texts %s %d tokens (%s; overlong %s, as training)",
                  counts.truncated or counts.dropped, len(samples), done, piece, why, mode)  # fmt: skip
-    return pieces
+    return pieces, mode
 
 
 def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: bool) -> list[Sample]:
@@ -228,7 +228,9 @@ def _samples(
     if a.max_length and context and a.max_length > context:
         raise ConfigError(f"--max-length {a.max_length} is longer than the model's context ({context} tokens); pass "
                           f"at most {context}")  # fmt: skip
-    samples = _text_pieces(samples, a.max_length, context, a.overlong) if fmt == "text" else samples
+    applied = {}  # summary.json's overlong: the policy a sample longer than the length met, if any
+    if fmt == "text":
+        samples, applied["overlong"] = _text_pieces(samples, a.max_length, context, a.overlong)
     kept = [s for s in samples if not context or len(s) <= context]
     whole, answered = samples, kept
     if prompts and a.generate and fmt != "text":
@@ -244,7 +246,7 @@ def _samples(
                         f"({context} tokens), and eval scores whole samples only; pass --max-length N to score "
                         "their first N tokens as training does, or shorten the records or split them into "
                         "several")  # fmt: skip
-    return kept, answered, fmt, too_long, {}
+    return kept, answered, fmt, too_long, applied
 
 
 def _truncated(a: EvalArgs, samples: list[Sample], fmt: str) -> tuple[list[Sample], dict]:
@@ -266,7 +268,8 @@ def _truncated(a: EvalArgs, samples: list[Sample], fmt: str) -> tuple[list[Sampl
     if not out:
         raise DataError(f"{a.data}: no sample has a response token within --max-length {a.max_length} (the prompt "
                         "alone fills it, or the sample was dropped as longer); raise --max-length")  # fmt: skip
-    cut = {"truncated_to_max_length": counts.truncated, "skipped_prompt_fills_max_length": counts.no_response}
+    cut = {"overlong": mode, "truncated_to_max_length": counts.truncated,
+           "skipped_prompt_fills_max_length": counts.no_response}  # fmt: skip
     return out, cut | ({"dropped_longer_than_max_length": counts.dropped} if mode == "drop" else {})
 
 
@@ -357,22 +360,12 @@ def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[d
     if bool(a.max_length) and fmt != "text":  # supervised samples cut to --max-length for the loss: none too long
         loss_out = 0
     _say_left_out(context, loss_out, answers_out if a.generate else None)
+    # cut's overlong (the policy a sample longer than the length met) takes the place of None where one applied
     summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
-               "train_on_prompt": prompts and fmt != "text",
-               "max_length": a.max_length, "overlong": _policy(a, fmt, context),
-               "samples": len(scored), "skipped_longer_than_context": loss_out,
-               **cut}  # fmt: skip
+               "train_on_prompt": prompts and fmt != "text", "max_length": a.max_length, "overlong": None,
+               "samples": len(scored), "skipped_longer_than_context": loss_out, **cut}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
     return summary, samples, answers_out
-
-
-def _policy(a: EvalArgs, fmt: str, context: int | None) -> str | None:
-    """What the loss did with a sample longer than --max-length (plain text: else the context); None: nothing (they
-    were scored whole)."""
-    if not (a.max_length or (context and fmt == "text")):
-        return None
-    mode = a.overlong or "auto"
-    return ("split" if fmt == "text" else "truncate") if mode == "auto" or (mode == "split" and fmt != "text") else mode
 
 
 def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left_out: int) -> list[dict]:
