@@ -101,10 +101,11 @@ class TrainArgs(Command):
         """--resume taking the model or data path from the run's config.json (recorded absolute) when it is gone (the
         project folder moved): one line naming the file and the fix, not a --model or --data the user never typed."""
         from fasttune.config.naming import value_of
+        from fasttune.train.run_dir import INPUTS
 
         own = self._own_config(cfg)
         gone, files, options = [], [], []  # every one at once: a moved project folder takes model and data along
-        for key, option in (("model.path", "--model"), ("data.path", "--data"), ("data.val_path", "--data.val-path")):
+        for key, option in INPUTS.items():
             file = self.run_config if key in self.from_run else own if key in self.from_file else None
             path = value_of(cfg, key)
             if file and isinstance(path, str) and not Path(path).exists():

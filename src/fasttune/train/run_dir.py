@@ -182,8 +182,9 @@ class RunFolder:
 
     def _refuse_clearing_inputs(self, cfg: BaseConfig) -> None:
         """--overwrite deletes the run's checkpoints and merged model: never the model or data this run reads."""
-        inputs = (("--model", cfg.model.path), ("--data", cfg.data.path), ("--data.val-path", cfg.data.val_path))
-        for option, value in inputs:
+        given = _flat(to_dict(cfg))
+        for key, option in INPUTS.items():
+            value = given[key]
             if not value:
                 continue
             where = Path(value).resolve()
@@ -319,10 +320,10 @@ class RunFolder:
         """config.json, with the model, data and validation paths made absolute (as typed they were relative to the
         directory training ran in: `fasttune eval --checkpoint RUN` from elsewhere found the data "gone")."""
         config = to_dict(cfg)
-        for section, key in (("model", "path"), ("data", "path"), ("data", "val_path")):
-            path = config[section][key]
-            if isinstance(path, str) and Path(path).exists():
-                config[section][key] = str(Path(path).resolve())
+        for key in INPUTS:
+            section, name = key.split(".")
+            if isinstance(path := config[section][name], str) and Path(path).exists():
+                config[section][name] = str(Path(path).resolve())
         self.config.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -358,7 +359,9 @@ SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
 (RunFolder.resumed)."""
 
 
-MOVABLE = {"data.path": "--data", "data.val_path": "--data.val-path"}
+INPUTS = {"model.path": "--model", "data.path": "--data", "data.val_path": "--data.val-path"}
+"""The files and folders a run reads, by key, with their options."""
+MOVABLE = {key: option for key, option in INPUTS.items() if key != "model.path"}
 """The files a resumed run may find at another path, their content deciding (the checkpoint's fingerprint)."""
 
 
@@ -386,7 +389,7 @@ def _model_moved(key: str, old, new) -> bool:
 def _same_path(key: str, old, new) -> bool:
     """model.path / data.path / data.val_path spelled another way (./m/, an absolute path) but naming the same file
     or folder."""
-    if key not in ("model.path", "data.path", "data.val_path") or not (isinstance(old, str) and isinstance(new, str)):
+    if key not in INPUTS or not (isinstance(old, str) and isinstance(new, str)):
         return False
     return Path(old).resolve() == Path(new).resolve()
 
