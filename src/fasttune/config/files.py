@@ -18,6 +18,7 @@ from pathlib import Path
 from fasttune.config.argcheck import NO_SUCH_OPTION, OTHER_NAMES, closest, options, shortened
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
+from fasttune.train.run_dir import MARKER
 
 log = logging.getLogger("fasttune")
 
@@ -25,8 +26,6 @@ SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
 PATHS = ("output_dir", "model.path", "data.path", "data.val_path", "data.cache_dir")
 """Keys that name a file or folder: a leading ~ is the home folder, as the shell makes it of a flag's value (left as
 is, `output_dir: ~/runs/a` made a folder named ~ in the working directory)."""
-RUN_MARKER = ".fasttune-run"
-"""train/run_dir.MARKER (that module imports torch): the folder of a config.json beside it is a run's."""
 COMMAND_LINE_ONLY = ("resume", "overwrite")
 """Keys that act on the run folder rather than describe the run: taken from the command line only (a run's saved
 config.json records them; read back, they would resume or clear a folder nobody asked to)."""
@@ -301,7 +300,7 @@ class ConfigFile:
         if experiment is not None and experiment not in EXPERIMENTS:
             raise ConfigError(f"{path}: experiment: {experiment!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
         ignored = [k for k in COMMAND_LINE_ONLY if values.pop(k, False)]
-        if "output_dir" not in over and Path(path).name == "config.json" and (Path(path).parent / RUN_MARKER).is_file():
+        if "output_dir" not in over and Path(path).name == "config.json" and (Path(path).parent / MARKER).is_file():
             values["output_dir"] = str(Path(path).parent)  # a run's own: its folder, not a cwd-relative output_dir
         if not quiet and os.environ.get("RANK", "0") == "0":  # torchrun: said once
             for key in ignored:

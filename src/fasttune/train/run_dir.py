@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 from fasttune.config import BaseConfig, to_dict
 from fasttune.config.base_config import may_change_on_resume
-from fasttune.data.sft import MASKING_RULES, masking_changes_since
 from fasttune.errors import ConfigError, FasttuneError
 
 if TYPE_CHECKING:
@@ -423,6 +422,8 @@ def check_same_data(saved: dict | None, data: DataBundle, latest, val_path: str 
     and validation samples, so an edited --data.val-path is refused as an edited --data is)."""
     if not (saved and saved.get("data") and data.summary.fingerprint) or saved["data"] == data.summary.fingerprint:
         return
+    from fasttune.data.sft import MASKING_RULES, masking_changes_since  # transformers: not at this module's import
+
     if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
         raise ConfigError(
             f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
