@@ -86,3 +86,12 @@ def too_long(config, length: int, source: str, option: str = "--data.max-length"
             f'"yarn", "factor": {-(-length // base)}.0, "original_max_position_embeddings": {base}{theta}}})'
         )
     return f"{option} {length} exceeds the context of {source} ({describe_context(config)}); {fix}"
+
+
+def too_long_for_run(config, length: int, source: str, run: str) -> str:
+    """One line for a resumed run whose data.max_length `length` (recorded in its config.json `run`) exceeds the
+    context of the model at `source`: resume keeps the length (its samples are the checkpoint's), so the fix is a
+    model of that context, the run's own, not a shorter length nor a RoPE edit (another model than the run's)."""
+    return (f"--resume: the run trained with data.max_length {length} (in {run}), beyond the context of {source} "
+            f"({describe_context(config)}); give a model of {length} positions or more (the run's own), or start a new "
+            "run with another --output-dir")  # fmt: skip

@@ -294,7 +294,7 @@ def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True, file: str 
     shrinks to the context (logged when `say`); a value the user gave that exceeds it is an error (naming the
     --config `file` that set it, if one did), and so is a resumed run's, recorded in its config.json `run`: the run
     trained with it, a model of less context is the mistake."""
-    from fasttune.model.context import context_length, describe_context, too_long
+    from fasttune.model.context import context_length, describe_context, too_long, too_long_for_run
 
     conf = model_config(cfg) if cfg.model.path is not None else None
     context = context_length(conf) if conf is not None else None
@@ -309,10 +309,7 @@ def fit_max_length(cfg: BaseConfig, explicit: bool, say: bool = True, file: str 
                           f"({describe_context(conf)}), and a resumed run keeps the data.max_length it trained with, "
                           f"{own} (in {run}); {fix}, or start a new run with another --output-dir")  # fmt: skip
     if run is not None:
-        raise ConfigError(f"--resume: the run trained with data.max_length {cfg.data.max_length} (in {run}), beyond "
-                          f"the context of {cfg.model.path} ({describe_context(conf)}); give a model of "
-                          f"{cfg.data.max_length} positions or more (the run's own), or start a new run with another "
-                          "--output-dir")  # fmt: skip
+        raise ConfigError(too_long_for_run(conf, cfg.data.max_length, cfg.model.path, run))
     if explicit:
         raise ConfigError(too_long(conf, cfg.data.max_length, cfg.model.path, file=file))
     if say:

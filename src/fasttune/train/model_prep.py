@@ -16,11 +16,12 @@ from fasttune.data.packing import Batcher
 from fasttune.data.pipeline import DataBundle
 from fasttune.errors import ConfigError
 from fasttune.model.build import base_model, build_model, check_weights, load_model_config, random_init
-from fasttune.model.context import context_length, too_long
+from fasttune.model.context import context_length, too_long, too_long_for_run
 from fasttune.model.flops import head_dim
 from fasttune.train.footprint import check_weights_fit
 from fasttune.train.memory import LIGER_ROPE_IN_PLACE, plan_memory, selective
 from fasttune.train.recompute import decoder_layers
+from fasttune.train.run_dir import RunFolder
 
 log = logging.getLogger("fasttune")
 
@@ -291,10 +292,15 @@ def prepare_model(cfg: BaseConfig, data: DataBundle, device: torch.device, param
 
 def _build(cfg: BaseConfig, data: DataBundle, model_config, attn: AttentionChoice, dtype: torch.dtype,
            build_on: torch.device):  # fmt: skip
-    """The model of cfg.model with `attn`'s backend, its context and special tokens as the run trains them."""
+    """The model of cfg.model with `attn`'s backend, its context and special tokens as the run trains them. A
+    max_length beyond the context is the CLI's line (cli.fit_max_length), unless it could not read the model's config
+    (or train() was called without the CLI): on --resume the length is the run's and stays, so the line says so."""
     context = context_length(model_config)
     if cfg.model.path and context and cfg.data.max_length > context:
-        raise ConfigError(too_long(model_config, cfg.data.max_length, cfg.model.path))
+        length, source = cfg.data.max_length, cfg.model.path
+        run = str(RunFolder(cfg.run_dir).config)
+        raise ConfigError(too_long_for_run(model_config, length, source, run) if cfg.resume else
+                          too_long(model_config, length, source))  # fmt: skip
     check_weights(cfg.model, lora=cfg.lora.enabled)
     model = build_model(cfg.model, len(data.tokenizer), attn.hf_name, dtype, build_on)
     if cfg.model.path is None:
