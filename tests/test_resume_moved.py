@@ -4,9 +4,10 @@ the run recorded, the max-length line says what a resumed run can do, and a --co
 
 import dataclasses
 import json
+import shutil
 
 import pytest
-from helpers import save_micro_model, sft_config
+from helpers import losses, save_micro_model, sft_config
 
 from fasttune.errors import ConfigError
 from fasttune.train import loop
@@ -35,3 +36,100 @@ def test_a_resumed_runs_max_length_beyond_its_models_context_says_what_resume_ca
         f"context of {base} (max_position_embeddings=128); give a model of 256 positions or more (the run's own), or "
         "start a new run with another --output-dir"
     )
+
+
+def _move(src, dst):
+    """`src` moved to `dst` (the project folder moved: the path the run recorded is gone)."""
+    shutil.move(src, dst)
+    return dst
+
+
+def _perturbed(base, to):
+    """A copy of the model folder `base` at `to` with every weight changed a little: the same config, other weights
+    (a fine-tune of the same base)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, to)
+    tensors = {k: v + 0.01 for k, v in load_file(to / "model.safetensors").items()}
+    save_file(tensors, to / "model.safetensors", metadata={"format": "pt"})
+    return to
+
+
+def test_a_full_fine_tune_given_its_model_anew_checks_its_config_against_the_checkpoint(tmp_path, caplog):
+    """Full fine-tune, the recorded model gone, --model given again: a model of another config (a RoPE base here) is
+    refused in one line naming both paths (it was taken, training another model than the run's from step 3 on); one
+    of the same config but other weights goes on, logged, with the losses of an uninterrupted run: the weights are the
+    checkpoint's."""
+    base = save_micro_model(tmp_path / "base")
+    cfg = sft_config(tmp_path, base, max_steps=3, save_every=1, eval_every=0)
+    whole = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
+    loop.train(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=2)))
+    other = _perturbed(base, tmp_path / "other")
+    rope = _perturbed(base, tmp_path / "rope")
+    config = json.loads((rope / "config.json").read_text())
+    (rope / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_theta": 10000.0,
+                                                                                 "rope_type": "default"}}))  # fmt: skip
+    gone = _move(base, tmp_path / "elsewhere")
+    with pytest.raises(ConfigError) as e:
+        loop.train(_resumed(cfg, rope))
+    assert str(e.value) == (
+        f"--resume: --model {rope} is not the model this run was started with ({base}, gone): its config has "
+        'rope_parameters {"rope_theta": 10000.0, "rope_type": "default"} (the run\'s: {"rope_theta": 500000.0, '
+        '"rope_type": "default"}); pass that model where it is now, or start a new run with another --output-dir'
+    )
+    caplog.set_level("INFO", logger="fasttune")
+    resumed = loop.train(_resumed(cfg, other))
+    assert losses(resumed.records)[3] == losses(whole.records)[3]
+    step = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert f"--resume: --model moved ({base}, the run's, is gone -> {other}); its config is that of the checkpoint " \
+           f"{step}, whose weights the run goes on from" in caplog.messages  # fmt: skip
+    assert gone.is_dir()
+
+
+def test_a_lora_run_given_its_base_anew_checks_its_config_and_weights_against_its_record(tmp_path, caplog):
+    """LoRA, the recorded base gone, --model given again: the run recorded its base at its start (base-model.json:
+    config and a digest of the weights); another config or other weights (a fine-tune of the same base) are refused
+    in one line naming both paths and the fix (other weights were taken: adapters trained on one base went on on
+    another); the same weights sharded otherwise go on. A run that recorded nothing (an older fasttune) goes on,
+    saying it could not be checked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = save_micro_model(tmp_path / "base")
+    cfg = sft_config(tmp_path, base, lora=dict(enabled=True, rank=4, alpha=8), max_steps=2, save_every=1,
+                     eval_every=0)  # fmt: skip
+    loop.train(cfg)
+    record = tmp_path / "run" / "base-model.json"
+    assert json.loads(record.read_text())["config"]["hidden_size"] == 64
+    other, small = _perturbed(base, tmp_path / "other"), tmp_path / "small"
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(sharded, max_shard_size="40KB")
+    AutoTokenizer.from_pretrained(base).save_pretrained(sharded)
+    shutil.copytree(base, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 384}))
+    _move(base, tmp_path / "elsewhere")
+    with pytest.raises(ConfigError) as e:
+        loop.train(_resumed(cfg, small))
+    assert str(e.value) == (
+        f"--resume: --model {small} is not the model this run was started with ({base}, gone): its config has "
+        "max_position_embeddings 384 (the run's: 512); pass that model where it is now, or start a new run with "
+        "another --output-dir"
+    )
+    with pytest.raises(ConfigError) as e:
+        loop.train(_resumed(cfg, other))
+    assert str(e.value) == (
+        f"--resume: --model {other} is not the base model this LoRA run was started with ({base}, gone): its weights "
+        f"differ from those recorded in {record}; pass that base model where it is now (the adapters were trained on "
+        "it), or start a new run with another --output-dir"
+    )
+    caplog.set_level("INFO", logger="fasttune")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    assert loop.train(_resumed(cfg, sharded)).checkpoint.name == "step-000003"
+    assert f"--resume: --model moved ({base}, the run's, is gone -> {sharded}); its config and weights are those " \
+           f"recorded in {record}" in caplog.messages  # fmt: skip
+    record.unlink()  # a run from before fasttune recorded its base
+    _move(sharded, tmp_path / "sharded-elsewhere")
+    assert loop.train(_resumed(cfg, other, max_steps=4)).checkpoint.name == "step-000004"
+    assert f"--resume: --model moved ({sharded}, the run's, is gone -> {other}); the run recorded nothing to check " \
+           "it against (it was started before fasttune recorded a LoRA run's base model in base-model.json): make " \
+           "sure it is the base model the adapters were trained on" in caplog.messages  # fmt: skip

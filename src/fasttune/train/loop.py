@@ -155,6 +155,7 @@ def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, Path | N
         moved = folder.moved_data(cfg)
         cfg = folder.resumed(cfg)
         latest, saved = ckpt.newest_usable(folder)
+        folder.check_moved_model(cfg, latest)
     if latest is not None and cfg.model.path and not cfg.lora.enabled and not has_weights(cfg.model.path):
         # a run begun from a config.json alone (before --model.random-init existed): its weights are latest's
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True))

@@ -5,6 +5,8 @@ cleared. Layout:
     .fasttune-lock       held (flock) by the run using the folder, with its PID; the kernel releases it when that
                          process exits in any way (kill -9 included), so a lock is never stale
     config.json          the resolved config in force, its model and data paths absolute (rewritten on resume)
+    base-model.json      a LoRA run's base model as the run started from it (model/identity.py): a resume given it at
+                         another path is checked against it
     metrics.jsonl        one JSON record per logged step
     loss.png, throughput.png, tensorboard/
     checkpoints/step-N/  complete checkpoints (see fasttune.train.checkpoint)
@@ -111,6 +113,7 @@ class RunFolder:
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
+    base_model = property(lambda self: self.path / "base-model.json")
 
     @property
     def has_checkpoint(self) -> bool:
@@ -129,8 +132,8 @@ class RunFolder:
     @property
     def artifacts(self) -> tuple[Path, ...]:
         """Everything fasttune writes here (what --overwrite clears; the user's own files stay)."""
-        return (self.config, self.metrics, self.checkpoints, self.loss_plot, self.throughput_plot, self.tensorboard,
-                self.adapter, self.merged)  # fmt: skip
+        return (self.config, self.base_model, self.metrics, self.checkpoints, self.loss_plot, self.throughput_plot,
+                self.tensorboard, self.adapter, self.merged)  # fmt: skip
 
     @property
     def is_run(self) -> bool:
@@ -270,14 +273,24 @@ class RunFolder:
     def resumed(self, cfg: BaseConfig) -> BaseConfig:
         """The config a resumed run goes on with (after check_resume): a data.overlong the run recorded before `auto`
         was the default (split, truncate) rather than what `auto` gives its data now (a text file that `sft`
-        truncated would be split: other samples). A --model given for a gone one is logged."""
-        saved = _flat(self.saved_config())
-        if _model_moved("model.path", was := saved.get("model.path"), cfg.model.path):
-            log.info("--resume: --model moved (%s, the run's, is gone -> %s)", was, cfg.model.path)
-        old = saved.get("data.overlong")
+        truncated would be split: other samples)."""
+        old = _flat(self.saved_config()).get("data.overlong")
         if cfg.data.overlong == "auto" and old in SAME_DATA[("data.overlong", "auto")]:
             return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong=old))
         return cfg
+
+    def check_moved_model(self, cfg: BaseConfig, latest: Path | None) -> None:
+        """A --model given for the run's gone one (check_resume took it) is the run's model, as far as its config (and
+        for LoRA its weights) against `latest`'s config or the run's base-model.json tell (model/identity.py)."""
+        if not _model_moved("model.path", was := self.saved_config().get("model", {}).get("path"), cfg.model.path):
+            return
+        from fasttune.model.identity import check_moved_model
+
+        try:
+            record = json.loads(self.base_model.read_text()) if self.base_model.is_file() else None
+        except (OSError, ValueError):
+            record = None  # unreadable: said as nothing to check against
+        check_moved_model(cfg.model, was, cfg.lora.enabled, record, self.base_model, latest)
 
     def saved_config(self) -> dict:
         """The config.json of the run as it was last started (--resume reads it before writing its own)."""
@@ -300,6 +313,10 @@ class RunFolder:
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         self.marker.write_text("fasttune run directory; see config.json\n")
         self.write_config(cfg)
+        if cfg.lora.enabled and cfg.model.path:  # what its adapters are trained on, for a resume that finds it moved
+            from fasttune.model.identity import identify
+
+            self.base_model.write_text(json.dumps(identify(cfg.model), indent=2) + "\n")
 
     def _clear_checkpoints(self) -> None:
         """--overwrite: the step-N folders and their temporaries go; anything else in checkpoints/ is the user's (a
@@ -378,8 +395,7 @@ def _moved_from(saved: dict, cfg: BaseConfig) -> dict[str, str]:
 
 def _model_moved(key: str, old, new) -> bool:
     """model.path given anew for one the run recorded that is gone (the project folder moved or was renamed: its
-    config.json records the path absolute), logged; its weights are the checkpoint's (a base model of other shapes
-    does not load them; a LoRA run's base is the user's to give again)."""
+    config.json records the path absolute): taken if it is the run's model (RunFolder.check_moved_model)."""
     if key != "model.path" or not (isinstance(old, str) and isinstance(new, str)) or Path(old).exists():
         return False
     return Path(new).exists()
