@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from helpers import losses, save_micro_model, sft_config
+from helpers import GSM8K, losses, save_micro_model, sft_config
 
 from fasttune.errors import ConfigError
 from fasttune.train import loop
@@ -133,3 +133,33 @@ def test_a_lora_run_given_its_base_anew_checks_its_config_and_weights_against_it
     assert f"--resume: --model moved ({sharded}, the run's, is gone -> {other}); the run recorded nothing to check " \
            "it against (it was started before fasttune recorded a LoRA run's base model in base-model.json): make " \
            "sure it is the base model the adapters were trained on" in caplog.messages  # fmt: skip
+
+
+def test_resume_with_the_runs_config_after_the_project_folder_moved_is_a_bare_resume(tmp_path, monkeypatch, capsys):
+    """--resume --config runs/a/config.json (or a copy of that file) after the project folder moved: one line names
+    every recorded path that is gone, in the file given, as a bare --resume does (a copy said `--model /old/base: no
+    such folder`, a flag never typed, and only the model), and the flags typed again go on."""
+    from fasttune.cli import main
+
+    old, new = tmp_path / "proj", tmp_path / "moved"
+    save_micro_model(old / "base")
+    shutil.copy(GSM8K, old / "d.json")
+    monkeypatch.chdir(old)
+    assert main(["train", "--experiment", "sft", "--model", "base", "--data", "d.json", "--training.save-every", "1",
+                 "--training.eval-every", "0", "--output-dir", "runs/a", "--max-steps", "2"]) == 0  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    old.rename(new)
+    monkeypatch.chdir(new)
+    shutil.copy("runs/a/config.json", "copy.json")
+    capsys.readouterr()
+    for given in (["--config", "runs/a/config.json"], ["--config", "copy.json", "--output-dir", "runs/a"]):
+        assert main(["train", *given, "--resume", "--max-steps", "3"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --resume: the run's model.path {old / 'base'} and data.path {old / 'd.json'} (in {given[1]}) are "
+            "gone: moved or renamed? pass --model and --data with where they are now (the run goes on from its "
+            "checkpoint)"
+        )
+    retyped = ["--model", "base", "--data", "d.json", "--resume", "--max-steps", "3"]
+    assert main(["train", "--config", "runs/a/config.json", *retyped]) == 0
+    saved = json.loads((new / "runs/a/config.json").read_text())
+    assert (saved["model"]["path"], saved["data"]["path"]) == (str(new / "base"), str(new / "d.json"))

@@ -99,15 +99,18 @@ class TrainArgs(Command):
 
     def _refuse_gone_inputs(self, cfg) -> None:
         """--resume taking the model or data path from the run's config.json (recorded absolute) when it is gone (the
-        project folder moved): one line naming the file and the fix, not a --model or --data the user never typed."""
+        project folder moved), or from a --config FILE that repeats it (a copy of that file): one line naming the file
+        and the fix, not a --model or --data the user never typed."""
         from fasttune.config.naming import value_of
-        from fasttune.train.run_dir import INPUTS
+        from fasttune.train.run_dir import INPUTS, RunFolder
 
         own = self._own_config(cfg)
+        recorded = RunFolder(cfg.run_dir).recorded_inputs() if self.config_file and not own else {}
         gone, files, options = [], [], []  # every one at once: a moved project folder takes model and data along
         for key, option in INPUTS.items():
-            file = self.run_config if key in self.from_run else own if key in self.from_file else None
             path = value_of(cfg, key)
+            runs = key in self.from_file and (own or recorded.get(key) == path)
+            file = self.run_config if key in self.from_run else self.config_file if runs else None
             if file and isinstance(path, str) and not Path(path).exists():
                 gone, options = [*gone, f"{key} {path}"], [*options, option]
                 files += [file] if file not in files else []

@@ -292,6 +292,15 @@ class RunFolder:
             record = None  # unreadable: said as nothing to check against
         check_moved_model(cfg.model, was, cfg.lora.enabled, record, self.base_model, latest)
 
+    def recorded_inputs(self) -> dict[str, str]:
+        """{key of INPUTS: the path config.json records} of a run folder; empty where there is none or it cannot be
+        read (resume says why)."""
+        try:
+            saved = _flat(json.loads(self.config.read_text())) if self.is_run else {}
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return {key: saved[key] for key in INPUTS if isinstance(saved.get(key), str)}
+
     def saved_config(self) -> dict:
         """The config.json of the run as it was last started (--resume reads it before writing its own)."""
         try:
