@@ -8,7 +8,7 @@ project folder moved: the path its config.json records is gone), answered from w
   tensor's name, dtype, shape and the SAMPLE bytes at the middle of its data in the safetensors files, read by name
   (the same for a copy however it is sharded). A fine-tune of the same base changes its tensors, so their middles;
   hashing every byte would read the whole model (16 GB for an 8B one) at every resume. PyTorch .bin files (pickles)
-  are not read (no digest). The run records both at its start (RunFolder.base_model).
+  are not read (no digest). A LoRA run records both at its start (RunFolder.base_model).
 """
 
 from __future__ import annotations

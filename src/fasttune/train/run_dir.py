@@ -290,6 +290,7 @@ class RunFolder:
             record = json.loads(self.base_model.read_text()) if self.base_model.is_file() else None
         except (OSError, ValueError):
             record = None  # unreadable: said as nothing to check against
+        record = record if isinstance(record, dict) else None
         check_moved_model(cfg.model, was, cfg.lora.enabled, record, self.base_model, latest)
 
     def recorded_inputs(self) -> dict[str, str]:
