@@ -176,3 +176,18 @@ def test_a_data_set_holds_its_samples_in_two_flat_arrays_not_an_object_each(gsm8
         flat[0].ids[0] = 1  # a view into the data set: a batch's code that wrote into it would change the data
     numbered = [Sample([1, 2], [(1, 2)], record=3, last_turn=False), Sample([4], [(0, 1)], record=3)]
     assert list(Samples(numbered)) == numbered and list(Samples([])) == []
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "split", "drop"])
+def test_a_sample_cut_to_max_length_is_marked_and_one_exactly_that_long_is_not(overlong):
+    """What --generate leaves out (eval/run.py whole_samples) is what data.overlong cut, not what a length suggests:
+    a sample exactly max_length tokens long is whole, and every piece of a longer one (a split's last, shorter piece
+    too) is not; the mark survives the data set's flat arrays (`Samples`, where build_data puts it)."""
+    from fasttune.data.pipeline import DataSummary, fit_length
+
+    exact, longer, short = Sample(range(8), [(3, 8)]), Sample(range(10, 21), [(2, 11)]), Sample([1, 2, 3], [(1, 3)])
+    kept = Samples(fit_length([exact, longer, short], 8, overlong, DataSummary("", "alpaca")))
+    pieces = {"truncate": [longer.ids[:8]], "split": [longer.ids[:8], longer.ids[8:]], "drop": []}[overlong]
+    assert [s.ids.tolist() for s in kept] == [exact.ids.tolist(), *(p.tolist() for p in pieces), short.ids.tolist()]
+    assert [s.whole for s in kept] == [True, *(False for _ in pieces), True]
+    assert kept[0] == exact and Samples([exact, short])._whole is None  # nothing cut: no byte per sample held

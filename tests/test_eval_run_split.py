@@ -165,3 +165,64 @@ def test_eval_from_another_directory_finds_a_run_started_with_relative_paths(tmp
     monkeypatch.chdir(tmp_path / "run")
     summary = _eval(tmp_path, "--checkpoint", ".")
     assert summary["loss"] == pytest.approx(_val_losses(tmp_path / "run")[1], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def edge_run(tmp_path_factory):
+    """One step of sft validated on two hand-built records (--data.val-path): one exactly data.max_length tokens long,
+    one longer (cut: data.overlong truncate); --training.eval-generate-every answers held-out samples at step 1."""
+    from transformers import AutoTokenizer
+
+    from fasttune.data.sft import tokenize_records
+    from fasttune.train import loop
+
+    tmp = tmp_path_factory.mktemp("edge-run")
+    base = save_base_model(tmp / "base", context=1024)
+    exact = {"instruction": "How many legs do 3 cats have?", "input": "", "output": "3 x 4 = 12 legs. #### 12"}
+    longer = {**exact, "output": "Each cat has four legs and there are three cats, so 3 x 4 = 12 legs. #### 12"}
+    length = len(tokenize_records([exact], "alpaca", AutoTokenizer.from_pretrained(base))[0])
+    train = tmp / "train.json"  # shorter than `length`: none cut or dropped, under any data.overlong
+    train.write_text(json.dumps([{"instruction": f"What is {i} + 1?", "input": "", "output": str(i + 1)}
+                                 for i in range(8)]))  # fmt: skip
+    val = tmp / "val.json"
+    val.write_text(json.dumps([exact, longer]))
+    cfg = sft_config(tmp, base, train, max_length=length, max_steps=1, save_every=1, eval_every=1,
+                     eval_generate_every=1)  # fmt: skip
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_path=str(val), overlong="truncate"),
+                              generation=dataclasses.replace(cfg.generation, max_new_tokens=2))  # fmt: skip
+    return loop.train(cfg), exact
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "split", "drop"])
+def test_eval_generate_without_data_leaves_out_the_cut_samples_not_those_of_max_length(edge_run, tmp_path, capsys,
+                                                                                      overlong):  # fmt: skip
+    """--generate of the run's split answers the held-out record exactly data.max_length tokens long (it was left out
+    as cut, on its length alone) and leaves out the longer one, which truncate (and split, which truncates supervised
+    samples) cut and drop left out of the split: counted in summary.json and said in the log. The loss is still the
+    run's val_loss; the training hook answered the same record."""
+    result, exact = edge_run
+    summary = _eval(tmp_path, "--checkpoint", str(result.run_dir), "--generate", "--max-new-tokens", "2",
+                    "--overlong", overlong)  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "completions.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == [exact["output"]] and summary["generated_samples"] == 1
+    cut = 0 if overlong == "drop" else 1
+    assert summary["generate_skipped_cut_at_max_length"] == cut and summary["samples"] == 1 + cut
+    said = [x for x in capsys.readouterr().err.splitlines() if "--generate leaves out" in x]
+    assert said == ([f"eval: --generate leaves out 1 of 2 validation samples: cut at data.max_length "
+                     f"{summary['max_length']} (data.overlong {overlong}), so their answers are cut too"]
+                    if cut else [])  # fmt: skip
+    if overlong == "truncate":  # the run's own setting
+        assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[1], rel=1e-6)
+    assert [r["gen_samples"] for r in result.records if "gen_samples" in r] == [1]
+
+
+def test_eval_generate_without_data_of_a_split_cut_whole_says_so(edge_run, tmp_path, capsys):
+    """Every held-out sample cut (here at an eval --max-length one below the record exactly the run's length): no
+    answer to score, said as such (it read as data with no prompt, which alpaca is not)."""
+    result, _ = edge_run
+    length = json.loads((result.run_dir / "config.json").read_text())["data"]["max_length"]
+    assert main(["eval", "--checkpoint", str(result.run_dir), "--generate", "--max-length", str(length - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: the validation split of the run {result.run_dir}: every sample was cut at "
+                       f"data.max_length {length - 1}, so no answer is whole to score; pass --data with the held-out "
+                       "records (--generate answers them whole)"), err  # fmt: skip

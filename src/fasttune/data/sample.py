@@ -6,7 +6,8 @@ multi-turn chat sample has one per trained turn) and `labels()` rebuilds them wh
 (`Samples`) keeps every sample's ids in one array and its spans in another, with offsets: ~4 bytes per token and ~24
 per sample (two offsets, one span), where a dict of two Python lists took ~40 per token (two 8-byte pointers and a
 boxed int), once per rank: 100M tokens of SFT data hold ~0.4 instead of ~4 GB of host memory. (A list of `Sample`s
-adds ~300 bytes a sample: the object and its two arrays' headers, 0.3 GB per million samples and rank.)
+adds ~300 bytes a sample: the object and its two arrays' headers, 0.3 GB per million samples and rank.) A data set with
+a sample cut to data.max_length adds a byte per sample: which ones are whole.
 
 `sample["input_ids"]` and `sample["labels"]` give them as lists, as a tokenizer returns them (tests, one-off reads);
 code that reads every sample uses `ids`, `spans`, `labels()`, `len()` and `trained()`.
@@ -27,17 +28,20 @@ _NO_SPANS = np.zeros(0, dtype=np.int32)
 
 class Sample:
     """Token ids (`ids`, int32) and the trained runs (`spans`, int32 [start0, end0, start1, end1, ...], sorted,
-    disjoint, none empty, none adjacent); `record` and `last_turn`: eval's numbering (eval/run.py)."""
+    disjoint, none empty, none adjacent); `record` and `last_turn`: eval's numbering (eval/run.py); `whole`: False for
+    a piece `cut` from a longer sample (data.overlong truncate or split), whose answer may be cut: what --generate
+    leaves out (its length does not say: a sample may be exactly max_length tokens long, a split's last piece
+    shorter)."""
 
-    __slots__ = ("ids", "spans", "record", "last_turn")
+    __slots__ = ("ids", "spans", "record", "last_turn", "whole")
 
     def __init__(self, ids: Sequence[int] | np.ndarray, spans: Iterable[tuple[int, int]] = (),
-                 record: int | None = None, last_turn: bool = True):  # fmt: skip
+                 record: int | None = None, last_turn: bool = True, whole: bool = True):  # fmt: skip
         self.ids = _int32(ids)
         if self.ids.ndim != 1:
             raise ValueError(f"a sample's ids are one sequence, got an array of shape {self.ids.shape}")
         self.spans = _merged(spans, len(self.ids))
-        self.record, self.last_turn = record, last_turn
+        self.record, self.last_turn, self.whole = record, last_turn, whole
 
     @classmethod
     def from_labels(cls, ids: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray) -> Sample:
@@ -51,10 +55,10 @@ class Sample:
         return cls(ids_a, runs(mask))
 
     @classmethod
-    def _view(cls, ids: np.ndarray, spans: np.ndarray, record: int | None, last_turn: bool) -> Sample:
+    def _view(cls, ids: np.ndarray, spans: np.ndarray, record: int | None, last_turn: bool, whole: bool) -> Sample:
         """A sample of arrays already checked (int32 ids, merged spans), kept as they are: views into `Samples`."""
         out = cls.__new__(cls)
-        out.ids, out.spans, out.record, out.last_turn = ids, spans, record, last_turn
+        out.ids, out.spans, out.record, out.last_turn, out.whole = ids, spans, record, last_turn, whole
         return out
 
     def __len__(self) -> int:
@@ -78,10 +82,12 @@ class Sample:
         return sum(max(0, min(e, hi) - max(s, lo)) for s, e in self.pairs())
 
     def cut(self, lo: int, hi: int) -> Sample:
-        """Tokens [lo, hi) as a sample of their own (a copy: a truncated sample does not keep the rest alive)."""
+        """Tokens [lo, hi) as a sample of their own (a copy: a truncated sample does not keep the rest alive); not
+        `whole` unless they are all of it."""
         lo, hi = max(0, lo), min(len(self.ids), hi)
+        whole = self.whole and (lo, hi) == (0, len(self.ids))
         return Sample(self.ids[lo:hi].copy(), ((s - lo, e - lo) for s, e in self.pairs()), self.record,
-                      self.last_turn)  # fmt: skip
+                      self.last_turn, whole)  # fmt: skip
 
     def __getitem__(self, key: str) -> list[int]:
         if key == "input_ids":
@@ -94,7 +100,8 @@ class Sample:
         if not isinstance(other, Sample):
             return NotImplemented
         return (np.array_equal(self.ids, other.ids) and np.array_equal(self.spans, other.spans)
-                and (self.record, self.last_turn) == (other.record, other.last_turn))  # fmt: skip
+                and (self.record, self.last_turn, self.whole) == (other.record, other.last_turn,
+                                                                  other.whole))  # fmt: skip
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
@@ -113,6 +120,9 @@ class Samples(Sequence[Sample]):
         default = all(s.record is None and s.last_turn for s in samples)
         self._origins = None if default else [(s.record, s.last_turn) for s in samples]
         """Eval's numbering of each sample (record, last_turn); None: every sample's is the default (training)."""
+        whole = np.fromiter((s.whole for s in samples), dtype=bool, count=len(samples))
+        self._whole = None if whole.all() else whole
+        """Each sample's `whole`, a byte each; None: every sample is whole."""
 
     def __len__(self) -> int:
         return len(self._starts) - 1
@@ -125,8 +135,10 @@ class Samples(Sequence[Sample]):
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} of {len(self)}")
         record, last_turn = self._origins[i] if self._origins is not None else (None, True)
+        whole = bool(self._whole[i]) if self._whole is not None else True
         ids = self._ids[self._starts[i] : self._starts[i + 1]]
-        return Sample._view(ids, self._spans[self._span_starts[i] : self._span_starts[i + 1]], record, last_turn)
+        spans = self._spans[self._span_starts[i] : self._span_starts[i + 1]]
+        return Sample._view(ids, spans, record, last_turn, whole)
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))

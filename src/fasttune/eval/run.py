@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -324,9 +325,10 @@ def run_eval(a: EvalArgs) -> int:
 
 
 def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
-    """No --data: (model, tokenizer, the summary with the loss, the samples --generate answers, 0) of the run's own
-    validation split, rebuilt as training built it (before the model loads, with the checkpoint's tokenizer); `said`:
-    the line of the run's settings eval took, logged with the split."""
+    """No --data: (model, tokenizer, the summary with the loss, the samples --generate answers, what it leaves out)
+    of the run's own validation split, rebuilt as training built it (before the model loads, with the checkpoint's
+    tokenizer); `said`: the line of the run's settings eval took, logged with the split. --generate answers the
+    samples that were not cut to data.max_length."""
     from fasttune.eval import of_run
     from fasttune.generate.commands import load_checkpoint
 
@@ -347,13 +349,17 @@ def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
                "format": fmt, "train_on_prompt": d.train_on_prompt and fmt != "text",
                "max_length": d.max_length, "overlong": d.overlong, "samples": len(scored)}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
-    answered = [s for s in samples[: a.limit] if len(s) < d.max_length]  # one cut at max_length: its answer is too
-    return model, tok, summary, answered, 0
+    answered, cut = whole_samples(samples[: a.limit])
+    if a.generate and cut:
+        log.info("eval: --generate leaves out %d of %d validation samples: cut at data.max_length %d (data.overlong "
+                 "%s), so their answers are cut too", cut, cut + len(answered), d.max_length, d.overlong)  # fmt: skip
+    return model, tok, summary, answered, {"generate_skipped_longer_than_context": 0,
+                                           "generate_skipped_cut_at_max_length": cut}  # fmt: skip
 
 
-def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[dict, list[Sample], int]:
-    """(the summary with the loss, the whole samples --generate answers, how many of those it leaves out as too
-    long), of the records `read`."""
+def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[dict, list[Sample], dict]:
+    """(the summary with the loss, the whole samples --generate answers, what it leaves out: those too long for the
+    context), of the records `read`."""
     context = context_length(model.config)
     prompts = prompts_scored(a)
     scored, samples, fmt, (loss_out, answers_out), cut = _samples(a, tok, context, prompts, read)
@@ -365,15 +371,20 @@ def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[d
                "train_on_prompt": prompts and fmt != "text", "max_length": a.max_length, "overlong": None,
                "samples": len(scored), "skipped_longer_than_context": loss_out, **cut}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
-    return summary, samples, answers_out
+    return summary, samples, {"generate_skipped_longer_than_context": answers_out}
 
 
-def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left_out: int) -> list[dict]:
-    """--generate: the completions.jsonl rows; their scores, and the settings that reproduce them, go to `summary`."""
+def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left_out: dict) -> list[dict]:
+    """--generate: the completions.jsonl rows; their scores, the counts of samples left out (`left_out`, by why),
+    and the settings that reproduce them, go to `summary`."""
     from fasttune.generate.generate import fast_engine
     from fasttune.generate.sampling import sampling_top_k
 
     examples = [ex for s in samples if s.last_turn and (ex := split_sample(s, tok)) is not None]
+    if not examples and left_out.get("generate_skipped_cut_at_max_length") and summary["format"] != "text":
+        raise DataError(f"{summary['data']}: every sample was cut at data.max_length {summary['max_length']}, so no "
+                        "answer is whole to score; pass --data with the held-out records (--generate answers them "
+                        "whole)")  # fmt: skip
     if not examples:
         raise DataError(f"{a.data or summary['data']}: no sample has a prompt to answer ({summary['format']} data); "
                         "--generate needs supervised data (alpaca, prompt_completion or chat)")  # fmt: skip
@@ -384,7 +395,7 @@ def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left
     rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                                     temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
                                     engine=fast_engine(model))  # fmt: skip
-    summary.update(scores, generate_skipped_longer_than_context=left_out)  # and what reproduces them
+    summary.update(scores, **left_out)  # and what reproduces them
     summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                    top_k=sampling_top_k(model) if a.temperature > 0 else None, seed=a.seed,
                    stop=list(stop))  # fmt: skip
@@ -431,11 +442,18 @@ def default_stop(examples: list[Example], tokenizer) -> tuple[str, ...]:
     return () if any(ALPACA_STOP in ex.reference for ex in examples) else (ALPACA_STOP,)
 
 
+def whole_samples(samples: Sequence[Sample]) -> tuple[list[Sample], int]:
+    """(the samples not cut to data.max_length, how many were): a cut one's answer is cut too, and scored against
+    it as the reference it would make exact and numeric match wrong."""
+    whole = [s for s in samples if s.whole]
+    return whole, len(samples) - len(whole)
+
+
 def held_out_examples(cfg, data) -> list[Example]:
-    """What `training_scores` answers: the first eval_generate_samples held-out samples with a prompt to answer. A
-    held-out sample that reaches data.max_length may have been cut: its answer would be too, so it is left out."""
-    limit = cfg.data.max_length
-    examples = [ex for s in data.val if len(s) < limit and (ex := split_sample(s, data.tokenizer))]
+    """What `training_scores` answers: the first eval_generate_samples held-out samples with a prompt to answer,
+    those cut to data.max_length left out (whole_samples)."""
+    whole, _ = whole_samples(data.val)
+    examples = [ex for s in whole if (ex := split_sample(s, data.tokenizer))]
     return examples[: cfg.training.eval_generate_samples]
 
 
