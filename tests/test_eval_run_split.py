@@ -5,6 +5,7 @@ give that val_loss too."""
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -226,3 +227,127 @@ def test_eval_generate_without_data_of_a_split_cut_whole_says_so(edge_run, tmp_p
     assert err[-1] == (f"error: the validation split of the run {result.run_dir}: every sample was cut at "
                        f"data.max_length {length - 1}, so no answer is whole to score; pass --data with the held-out "
                        "records (--generate answers them whole)"), err  # fmt: skip
+
+
+def _chat_file(path: Path) -> Path:
+    turns = [[{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": str(2 * i)}]
+             for i in range(12)]  # fmt: skip
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in turns))
+    return path
+
+
+@pytest.mark.parametrize("case", ["alpaca", "val_path", "chat", "corpus", "text_pieces"])
+def test_the_held_out_records_built_alone_are_the_split_build_data_makes(tmp_path, case):
+    """build_validation (eval of a run whose input files are unchanged) tokenizes the held-out records alone: its
+    samples, their fingerprint, format and source are build_data's, for records held out of --data (some dropped as
+    too long), a --data.val-path file, chat, the embedded corpus; text of too few documents, whose last pieces are
+    held out, needs every sample (None)."""
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.data.pipeline import build_data, build_validation, input_digest
+
+    tok = build_tiny_tokenizer(bos="<s>")  # ChatML
+    tok.save_pretrained(tmp_path / "tok")
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(json.loads(GSM8K.read_text())[:5]))
+    text = tmp_path / "text.txt"
+    text.write_text("one short document, split into pieces at data.max_length " * 40)
+    path = {"chat": _chat_file(tmp_path / "chat.jsonl"), "corpus": None, "text_pieces": text}.get(case, GSM8K)
+    cfg = sft_config(tmp_path, tmp_path / "tok", GSM8K, max_length=LENGTH, val_fraction=0.3)
+    overlong = "split" if case in ("corpus", "text_pieces") else "drop"  # text: pieces, not whole, the same ones
+    d = dataclasses.replace(cfg.data, path=None if path is None else str(path), overlong=overlong,
+                            val_path=str(val) if case == "val_path" else None, max_documents=40)  # fmt: skip
+    cfg = dataclasses.replace(cfg, data=d)
+    full = build_data(cfg, tokenizer=tok)
+    alone = build_validation(cfg, tok)
+    if case == "text_pieces":
+        assert alone is None and len(full.val) > 0
+        return
+    samples, summary = alone
+    assert len(samples) > 0 and list(samples) == list(full.val)
+    assert (summary.val_fingerprint, summary.format, summary.source) == (
+        full.summary.val_fingerprint,
+        full.summary.format,
+        full.summary.source,
+    )
+    assert full.summary.inputs == input_digest(d) != ""
+    if case == "alpaca":
+        assert full.summary.val_left_out > 0  # some held out too long (dropped): the same ones
+
+
+def _tokenized_records(monkeypatch) -> list[int]:
+    """How many records each tokenize_records call gets from now on."""
+    from fasttune.data import sft
+
+    calls, tokenize = [], sft.tokenize_records
+    monkeypatch.setattr(sft, "tokenize_records", lambda records, *a, **kw: calls.append(len(records)) or
+                        tokenize(records, *a, **kw))  # fmt: skip
+    return calls
+
+
+def test_eval_without_data_of_unchanged_files_tokenizes_the_held_out_records_alone(drop_run, tmp_path, capsys,
+                                                                                   monkeypatch):  # fmt: skip
+    """The checkpoint records its input files' digest and its validation samples' fingerprint: while the files are
+    unchanged, the 6 held-out records alone are tokenized (not the 14 trained), and the loss is the logged val_loss.
+    The same records written another way (the file's bytes changed, its records not) are checked as before, every
+    record tokenized against the data fingerprint: the same loss (an edited record is refused: the test above)."""
+    result, data = drop_run
+    logged, calls = _val_losses(result.run_dir)[4], _tokenized_records(monkeypatch)
+    assert _eval(tmp_path, "--checkpoint", str(result.run_dir))["loss"] == pytest.approx(logged, rel=1e-6)
+    assert calls == [6]
+    original = data.read_text()
+    try:
+        data.write_text(json.dumps(json.loads(original), indent=1))
+        calls.clear()
+        assert _eval(tmp_path, "--checkpoint", str(result.run_dir))["loss"] == pytest.approx(logged, rel=1e-6)
+        assert calls == [14, 6]
+    finally:
+        data.write_text(original)
+    said = [x.split(" samples of ")[1] for x in capsys.readouterr().err.splitlines() if "validation split:" in x]
+    assert said == [
+        f"{data}, held out at data.val_fraction 0.3; as at step 4: the input files' digest and these "
+        "samples' fingerprint (the training samples not tokenized)",
+        f"{data}, held out at data.val_fraction 0.3; checked against the data fingerprint of step 4",
+    ]
+
+
+@pytest.mark.parametrize("recorded", ["no digest (an older fasttune)", "other validation samples"])
+def test_eval_without_data_checks_every_sample_when_the_digest_cannot_tell(drop_run, tmp_path, monkeypatch, recorded):
+    """A checkpoint without the digest (saved by an older fasttune), or whose validation samples are not those the
+    unchanged files give now (another tokenizer, other rules): every record is tokenized and checked against the data
+    fingerprint, as before."""
+    from fasttune.train import checkpoint
+
+    load = checkpoint.load_trainer_state
+    edit = {"no digest (an older fasttune)": lambda s: s.pop("inputs"), "other validation samples":
+            lambda s: s.update(val_data="0" * 16)}[recorded]  # fmt: skip
+    monkeypatch.setattr(checkpoint, "load_trainer_state", lambda ckpt: (s := load(ckpt), edit(s))[0])
+    result, _ = drop_run
+    calls = _tokenized_records(monkeypatch)
+    summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
+    assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[4], rel=1e-6)
+    assert calls == ([14, 6] if recorded.startswith("no digest") else [6, 14, 6])
+
+
+def test_the_input_digest_changes_with_every_file_the_data_is_read_from(tmp_path):
+    """input_digest (eval's test for a run's files unchanged): an edited or renamed file of a --data folder, or an
+    edited --data.val-path, changes it; a file of the folder that no reader reads (weights beside the data, a FIFO)
+    does not."""
+    from fasttune.config import DataConfig
+    from fasttune.data.pipeline import input_digest
+
+    folder = tmp_path / "texts"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "text_folder", folder)
+    val = tmp_path / "val.txt"
+    val.write_text("held out\n")
+    d = DataConfig(path=str(folder), val_path=str(val))
+    seen = {input_digest(d)}
+    (folder / "ignored.bin").write_bytes(b"\0" * 64)
+    os.mkfifo(folder / "pipe.jsonl")  # not read (its read would wait for a writer), as the reader leaves it
+    assert input_digest(d) in seen
+    edits = (lambda: (folder / "a.txt").write_text("edited\n"), lambda: (folder / "a.txt").rename(folder / "c.txt"),
+             lambda: val.write_text("held out too\n"))  # fmt: skip
+    for change in edits:
+        change()
+        assert input_digest(d) not in seen
+        seen.add(input_digest(d))

@@ -7,6 +7,7 @@ same on every run and does not move when files are added.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from dataclasses import dataclass
@@ -72,7 +73,11 @@ def holdout_tail(samples: list[Sample], val_fraction: float, piece: int) -> tupl
 
 def list_stdlib_files(root: Path | None = None) -> list[str]:
     """Relative paths of the stdlib .py files, in a stable pseudo-random order (so a prefix is a fair sample)."""
-    root = root or stdlib_root()
+    return list(_stdlib_files(root or stdlib_root()))
+
+
+@functools.cache  # a walk of the whole stdlib (~0.5 s), once per process: build_data's input digest lists it too
+def _stdlib_files(root: Path) -> tuple[str, ...]:
     names = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
@@ -81,7 +86,7 @@ def list_stdlib_files(root: Path | None = None) -> list[str]:
         names.append(rel.as_posix())
     if not names:
         raise DataError(f"no Python source found under {root}; pass --data PATH to train on your own files")
-    return sorted(names, key=lambda n: (stable_fraction("order:" + n), n))
+    return tuple(sorted(names, key=lambda n: (stable_fraction("order:" + n), n)))
 
 
 def load_stdlib_corpus(max_documents: int | None, val_fraction: float) -> tuple[list[Document], list[Document]]:

@@ -48,6 +48,11 @@ class DataSummary:
     notes: list[str] = field(default_factory=list)
     fingerprint: str = ""
     """sha1 of every train and validation sample's tokens and labels: what a run trained on (checked on resume)."""
+    val_fingerprint: str = ""
+    """The same of the validation samples alone: eval of a run whose input files are unchanged (`inputs`) rebuilds
+    them alone and checks them against it (build_validation)."""
+    inputs: str = ""
+    """sha1 of the input files' bytes (input_digest), taken before they are read."""
 
     def lines(self) -> list[str]:
         saved = self.padded_tokens - self.train_tokens
@@ -203,8 +208,10 @@ def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]
 def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> DataBundle:
     """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
     d = cfg.data
+    inputs = input_digest(d)  # before the files are read: one edited meanwhile fails the digest, never passes it
     read = _read_corpus if d.path is None else _read_records
     train, val, tokenizer, summary = read(cfg, tokenizer)
+    summary.inputs = inputs
     overlong = overlong_policy(d.overlong, summary.format, d.max_length)
     train = fit_length(train, d.max_length, overlong, summary)
     held = DataSummary("", summary.format)
@@ -215,6 +222,59 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
         raise DataError(no_samples_left(d.path or "embedded corpus", summary, held_out, d.max_length))
     _count(summary, train, val, cfg)
     return DataBundle(Samples(train), Samples(val), tokenizer, summary)
+
+
+def build_validation(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Samples, DataSummary] | None:
+    """build_data's validation samples and a summary of them (format, source, val_fingerprint), the training records
+    held out of the same records but never tokenized (`tokenizer`: the run's): what eval of a run scores, in a
+    fraction of the time when the training set is large (eval/of_run.py). None where the split needs every sample
+    tokenized: text of too few documents to hold whole ones out (its last pieces are held out)."""
+    d = cfg.data
+    read = (_read_corpus if d.path is None else _read_records)(cfg, tokenizer, val_only=True)
+    if read is None:
+        return None
+    _, val, _, summary = read
+    val = fit_length(val, d.max_length, overlong_policy(d.overlong, summary.format, d.max_length),
+                     DataSummary("", summary.format))  # fmt: skip
+    summary.val_samples, summary.val_fingerprint = len(val), data_fingerprint((), val)
+    return Samples(val), summary
+
+
+def input_digest(d: DataConfig) -> str:
+    """sha1 of the bytes of every file the data is read from, each after its name (_input_files): equal digests,
+    equal records. "" when one cannot be read (the reader says why, in its own words)."""
+    h = hashlib.sha1()
+    try:
+        files = _input_files(d)
+        for name, path in files or ():
+            h.update(name.encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha1").digest())
+    except OSError:
+        return ""
+    return h.hexdigest()[:16] if files is not None else ""
+
+
+def _input_files(d: DataConfig) -> list[tuple[str, Path]] | None:
+    """(name, path) of each file the data may be read from: --data's and --data.val-path's (a folder's files by their
+    path in it), or the embedded corpus's stdlib files; None where a path is neither a file nor a folder (empty, a
+    FIFO, whose read would wait for a writer: the reader refuses it)."""
+    from fasttune.data.readers import data_files
+
+    if d.path is None:
+        from fasttune.data.corpus import list_stdlib_files, stdlib_root
+
+        root = stdlib_root()
+        return [(name, root / name) for name in list_stdlib_files(root)[: d.max_documents]]
+    files = []
+    for tag, given in (("data", d.path), ("val", d.val_path)):
+        if given is None:
+            continue
+        top = Path(given)
+        if not given or not (top.is_file() or top.is_dir()):
+            return None
+        files += [(f"{tag}/{f.relative_to(top) if f != top else f.name}", f) for f in data_files(top)]
+    return files
 
 
 def check_paths(d: DataConfig) -> None:
@@ -241,8 +301,9 @@ _Read = tuple[list[Sample], list[Sample], PreTrainedTokenizerBase, DataSummary]
 """(train samples, validation samples, tokenizer, summary) of a source, before the overlong policy."""
 
 
-def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) -> _Read:
-    """No --data: the embedded corpus (the Python stdlib's files), every token trained."""
+def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val_only: bool = False) -> _Read:
+    """No --data: the embedded corpus (the Python stdlib's files), every token trained; `val_only`: the training
+    documents are not tokenized (build_validation)."""
     d = cfg.data
     if d.field is not None:  # checked here: a --config file may set it and the command line --data
         raise ConfigError(f"data.field={d.field!r} names a key of a --data .json file, and no --data is given "
@@ -255,13 +316,14 @@ def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) -> 
     summary = DataSummary(
         source=f"embedded corpus (Python stdlib, {len(train_docs) + len(val_docs)} files)", format="text"
     )
-    train = _text_samples([x.text for x in train_docs], tokenizer)
+    train = [] if val_only else _text_samples([x.text for x in train_docs], tokenizer)
     val = _text_samples([x.text for x in val_docs], tokenizer)
     return train, val, tokenizer, summary
 
 
-def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) -> _Read:
-    """--data's records, held out by record, else (text with too few documents) by the last pieces of the text."""
+def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val_only: bool = False) -> _Read | None:
+    """--data's records, held out by record, else (text with too few documents) by the last pieces of the text;
+    `val_only`: the training records are not tokenized (build_validation), None where the pieces need them."""
     from fasttune.data.formats import PROMPT_TURNS, load_records, say_unrendered
     from fasttune.data.sft import tokenize_records
 
@@ -270,6 +332,8 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) ->
     records = records[: d.max_documents]
     say_unrendered(records, fmt, d.path)
     by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction) and d.val_path is None
+    if by_piece and val_only:
+        return None
     fraction = 0.0 if by_piece else d.val_fraction
     summary = DataSummary(source=d.path, format=fmt)
     if d.val_path is None:
@@ -280,8 +344,8 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None) ->
     if records and PROMPT_TURNS in records[0]:
         summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
                              "completion; the completion's assistant turns are trained)")  # fmt: skip
-    train = tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.path,
-                             notes=summary.notes)  # fmt: skip
+    train = [] if val_only else tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt,
+                                                 source=d.path, notes=summary.notes)  # fmt: skip
     val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.val_path or d.path,
                            notes=[])  # fmt: skip
     if by_piece:
@@ -336,7 +400,7 @@ def _count(summary: DataSummary, train: list[Sample], val: list[Sample], cfg: Ba
         )
     padded = Batcher.from_config(cfg.data, cfg.seed, packing=False).plan(lengths, epoch=0)
     summary.padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
-    summary.fingerprint = data_fingerprint(train, val)
+    summary.fingerprint, summary.val_fingerprint = data_fingerprint(train, val), data_fingerprint((), val)
 
 
 def data_fingerprint(train: Sequence[Sample], val: Sequence[Sample]) -> str:

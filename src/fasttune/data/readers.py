@@ -166,6 +166,16 @@ def _folder_files(root: Path, flag: str) -> list[Path]:
     return files
 
 
+def data_files(path: Path) -> list[Path]:
+    """The files the data at `path` may be read from (a folder's text and data files, every file of a save_to_disk
+    folder): what a digest of the data covers (data/pipeline.py input_digest). A file of another type in a folder
+    (model weights beside the data) is never read, so not hashed either."""
+    if not path.is_dir():
+        return [path]
+    files = [f for f in _walk(path) if f.is_file()]  # a FIFO is not read (and its read would wait for a writer)
+    return files if _is_saved_dataset(path) else [f for f in files if f.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES]
+
+
 def _walk(root: Path) -> list[Path]:
     """Every file under `root`, sorted, hidden and __pycache__ entries skipped, and fasttune run folders (a run's
     --output-dir in the --data folder: its config.json, metrics.jsonl and checkpoints are no data, and read as data

@@ -1,8 +1,10 @@
 """`fasttune eval` of a fasttune run (--checkpoint a run folder, or a checkpoint, adapter/ or merged/ in it): the
 settings its val_loss was computed with (data.max_length, data.overlong, data.train_on_prompt) are eval's defaults,
 and without --data its own validation samples are scored, rebuilt from its config.json exactly as training built them
-(build_data: the same records held out, tokenized and cut) and checked against the data fingerprint its checkpoints
-record, so the loss is the val_loss the run logged at that checkpoint's step."""
+(the same records held out, tokenized and cut) and checked against what its checkpoints record, so the loss is the
+val_loss the run logged at that checkpoint's step: while its input files are unchanged (their digest), the held-out
+records alone are tokenized (build_validation) and checked against the validation samples' fingerprint; else every
+record (build_data), against the data fingerprint."""
 
 from __future__ import annotations
 
@@ -81,33 +83,64 @@ def check_files(run: Path, cfg: BaseConfig) -> None:
 def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple:
     """(the run's validation samples as training built them, with eval's options where they differ from the run's;
     the config they were built with; their format; one line saying what they are; the micro-batch layout the
-    checkpoint records, or None). The run's data must be the one it trained on: its fingerprint (a checkpoint's) is
-    checked first."""
-    from fasttune.data.pipeline import build_data
+    checkpoint records, or None). The run's data must be the one it trained on, as a checkpoint records it
+    (_recorded): its input files and validation samples unchanged, else every sample's fingerprint."""
+    from fasttune.data.pipeline import build_validation
 
     check_files(run, cfg)
-    data = build_data(cfg, tokenizer=tokenizer)
-    step, layout = _check_fingerprint(run, src, cfg, data.summary.fingerprint)
-    if not len(data.val):
+    state = _recorded(run, src, cfg)
+    val, summary, alone = _rebuilt(run, cfg, tokenizer, state)
+    if not len(val):
         raise DataError(f"--checkpoint {run}: the run has no validation samples (data.val_fraction "
                         f"{cfg.data.val_fraction}), so it logged no val_loss; pass --data with records to "
                         "score")  # fmt: skip
     changes = {k: getattr(a, k) for k in SETTINGS if getattr(a, k) != getattr(cfg.data, k)}
     used = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes)) if changes else cfg
     if changes:  # the same records, cut or masked as eval's options say
-        data = build_data(used, tokenizer=tokenizer)
+        val, summary = (alone and build_validation(used, tokenizer)) or _whole(used, tokenizer)
     d = cfg.data
     where = (f"--data.val-path {d.val_path}" if d.val_path else
-             f"{data.summary.source}, held out at data.val_fraction {d.val_fraction}")  # fmt: skip
-    at = f"; checked against the data fingerprint of step {step}" if step is not None else ""
-    return list(data.val), used, data.summary.format, f"{len(data.val)} samples of {where}{at}", layout
+             f"{summary.source}, held out at data.val_fraction {d.val_fraction}")  # fmt: skip
+    state = state or {}
+    step = int(state.get("state", {}).get("step", 0)) or None
+    at = "" if step is None else f"; checked against the data fingerprint of step {step}"
+    if alone and step is not None:
+        at = (f"; as at step {step}: the input files' digest and these samples' fingerprint (the training samples "
+              "not tokenized)")  # fmt: skip
+    return list(val), used, summary.format, f"{len(val)} samples of {where}{at}", state.get("batching")
 
 
-def _check_fingerprint(run: Path, src, cfg: BaseConfig, fingerprint: str) -> tuple[int | None, str | None]:
-    """(the step of the checkpoint whose data fingerprint the rebuilt data matches (--checkpoint's own, else the
-    run's newest), the micro-batch layout it records); (None, None) when no checkpoint records one (warned). A
-    mismatch stops eval in one line."""
+def _whole(cfg: BaseConfig, tokenizer) -> tuple:
+    """(validation samples, data summary) of build_data: every sample tokenized."""
+    from fasttune.data.pipeline import build_data
+
+    data = build_data(cfg, tokenizer=tokenizer)
+    return data.val, data.summary
+
+
+def _rebuilt(run: Path, cfg: BaseConfig, tokenizer, state: dict | None) -> tuple:
+    """(the run's validation samples, their data summary, whether they were built alone). Alone, the training records
+    left untokenized, when the checkpoint (`state`) records the digest its input files have now, and the samples so
+    built are its validation samples (its val_data: the tokenizer and the rules that built them are the run's);
+    else (a file edited, even in a way that leaves its records as they were; a checkpoint of an older fasttune) from
+    every sample, checked against its data fingerprint as training checks a resumed run's."""
+    from fasttune.data.pipeline import build_validation, input_digest
     from fasttune.data.sft import MASKING_RULES
+
+    if (state and state.get("inputs") and state.get("masking_rules") == MASKING_RULES
+            and state["inputs"] == input_digest(cfg.data)):  # fmt: skip
+        built = build_validation(cfg, tokenizer)
+        if built is not None and built[1].val_fingerprint == state.get("val_data"):
+            return *built, True
+    val, summary = _whole(cfg, tokenizer)
+    if state is not None:
+        _check_fingerprint(run, cfg, state, summary.fingerprint)
+    return val, summary, False
+
+
+def _recorded(run: Path, src, cfg: BaseConfig) -> dict | None:
+    """The trainer state of the checkpoint that records the run's data (--checkpoint's own, else the run's newest that
+    does); None when none does (warned: the rebuilt split cannot be checked)."""
     from fasttune.train.checkpoint import STATE_FILE, list_checkpoints, load_trainer_state
 
     own = src.adapter_dir or src.model_dir
@@ -117,14 +150,20 @@ def _check_fingerprint(run: Path, src, cfg: BaseConfig, fingerprint: str) -> tup
     if state is None:
         log.warning("eval: no checkpoint of %s records its data fingerprint: the validation split rebuilt from %s "
                     "cannot be checked to be the run's", run, cfg.data.path or "the embedded corpus")  # fmt: skip
-        return None, None
+    return state
+
+
+def _check_fingerprint(run: Path, cfg: BaseConfig, state: dict, fingerprint: str) -> None:
+    """The rebuilt data's `fingerprint` is the one the checkpoint's `state` records; else eval stops in one line."""
+    from fasttune.data.sft import MASKING_RULES
+
     files = " or ".join(p for p in (cfg.data.path or "the embedded corpus", cfg.data.val_path) if p)
     if state.get("masking_rules", 1) != MASKING_RULES:
         why = "the run was trained by an earlier fasttune that trained other tokens of the same data"
     elif state["data"] != fingerprint:
         why = f"its data ({files}) is not what it trained on: records added, removed or edited since"
     else:
-        return int(state.get("state", {}).get("step", 0)) or None, state.get("batching")
+        return
     raise DataError(f"--checkpoint {run}: {why}, so its validation split cannot be rebuilt; pass --data with the "
                     "records to score")  # fmt: skip
 

@@ -456,6 +456,7 @@ class Run:
                 trainer_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                                  "state": state.as_dict(), "threads": torch.get_num_threads(),
                                  "data": self.data.summary.fingerprint, "masking_rules": MASKING_RULES,
+                                 "val_data": self.data.summary.val_fingerprint, "inputs": self.data.summary.inputs,
                                  "grad_accum": self.cfg.training.grad_accum,
                                  "batching": self.batcher.layout}  # fmt: skip
                 if rng_ranks is not None:
