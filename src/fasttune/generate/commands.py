@@ -70,8 +70,9 @@ class GenerateArgs(SamplingArgs):
     """Text to answer, rendered with the model's prompt format unless --raw (then continued as is)."""
     prompts: str | None = None
     """JSONL file, one prompt per line (a JSON string, or an object with "prompt" (a string or a list of messages),
-    "instruction" (+"input"), "messages" or "text"), or a JSON array of them, or a .txt file of plain prompts, one per
-    line (`-`: read from standard input): completions go to --output, generated in batches."""
+    "instruction" (+"input"), "messages" or "text"), or a JSON array of them, a .parquet or .csv file of such records
+    (a row each), or a .txt file of plain prompts, one per line (`-`: read from standard input): completions go to
+    --output, generated in batches."""
     output: str | None = None
     """JSONL file for the completions of --prompts (default: the prompts file with .completions.jsonl for its
     extension: q.jsonl -> q.completions.jsonl; standard output for prompts piped in)."""

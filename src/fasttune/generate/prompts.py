@@ -1,5 +1,5 @@
 """Prompt files for `fasttune generate --prompts FILE`: one JSON value per line in (a .txt file: one plain prompt per
-line), one JSON object per line out.
+line; a .parquet or .csv file: one record per row, read as `--data` reads it), one JSON object per line out.
 
 Each line is a JSON string (the prompt), or an object with "prompt", "instruction" (+ optional "input", Alpaca),
 "messages" (chat; a trailing assistant turn is dropped; through an Alpaca or prompt/completion run's format, user and
@@ -21,6 +21,10 @@ from fasttune.data.readers import RECORD_KEYS, json_error, record_lists
 from fasttune.errors import DataError, FasttuneError
 
 PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
+TABLES = (".parquet", ".csv")
+"""Prompt files read by data/readers.py, as `--data` reads them: their rows are the records."""
+TEXTS = (".jsonl", ".ndjson", ".json", ".txt")
+FILE_TYPES = "JSON lines, a .json file, a .txt file of prompts (one per line), .parquet or .csv"
 WHERE = "_where"
 """The key read_prompts adds to each record: its place in the file, for errors (dropped from the output)."""
 
@@ -33,16 +37,8 @@ def read_prompts(path: str | Path) -> list[dict]:
         raise DataError(f"--prompts {file}: no such file; pass a JSONL file with one prompt per line")
     if not file.is_file() and not is_stream(file):  # a pipe, /dev/stdin (`--prompts -`) is read as it is
         raise DataError(f"--prompts {file} is not a regular file; pass a JSONL file with one prompt per line")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"--prompts {file}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    except PermissionError:
-        raise DataError(f"--prompts {file}: permission denied; make it readable (chmod u+r {file})") from None
-    except OSError as e:
-        raise DataError(f"--prompts {file}: cannot read it ({e.strerror or e}); check the file") from None
     records = []
-    for where, value in _values(file, text):
+    for where, value in _table_values(file) if file.suffix.lower() in TABLES else _values(file, _read_text(file)):
         record = {"prompt": value} if isinstance(value, str) else value
         if not isinstance(record, dict) or not _has_prompt(record):
             raise DataError(f"{file} {where}: no prompt; give a JSON string or an object with {PROMPT_KEYS}")
@@ -52,6 +48,26 @@ def read_prompts(path: str | Path) -> list[dict]:
         raise DataError(f"--prompts {file}: no prompts (the file is empty); write one JSON prompt per line, e.g. "
                         '{"prompt": "What is 2 + 3?"}')  # fmt: skip
     return records
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        fix = "save it as UTF-8" if file.suffix.lower() in TEXTS else f"--prompts reads {FILE_TYPES}"
+        raise DataError(f"--prompts {file}: not UTF-8 text ({e.reason} at byte {e.start}); {fix}") from None
+    except PermissionError:
+        raise DataError(f"--prompts {file}: permission denied; make it readable (chmod u+r {file})") from None
+    except OSError as e:
+        raise DataError(f"--prompts {file}: cannot read it ({e.strerror or e}); check the file") from None
+
+
+def _table_values(file: Path) -> list[tuple[str, object]]:
+    """(place, record) of each row of a Parquet or CSV file, read as `--data` reads it (a CSV cell stays a string)."""
+    from fasttune.data.readers import read_tables
+
+    [table] = read_tables(file, None, flag="--prompts")  # one file: one table; its errors name it and the fix
+    return [(f"line {table.lines[i]}" if table.lines else f"record {i}", r) for i, r in enumerate(table.records)]
 
 
 def prompts_path(path: str | Path) -> Path:
@@ -232,7 +248,8 @@ def write_fix(e: OSError) -> str:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    # default=str: a Parquet row's date or bytes cell, kept beside the completion, has no JSON type of its own
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
 def is_stream(path: Path) -> bool:
