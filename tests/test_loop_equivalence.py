@@ -3,6 +3,7 @@ accumulation; the logged lr is the one the step trained with; keep_last prunes o
 
 import dataclasses
 import math
+import re
 
 import pytest
 from helpers import losses, tiny_config
@@ -55,3 +56,14 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
 def test_eval_with_no_tokens_is_not_reported_as_zero(tmp_path):
     result = _run(tmp_path, "noval", data={"val_fraction": 0.0})
     assert result.first_val_loss is None and result.last_val_loss is None
+
+
+def test_the_last_step_is_a_log_line_whatever_log_every(tmp_path, caplog):
+    """A 5-step run logged every 4 steps printed steps 1 and 4 only (outside a terminal): the summary's last train
+    loss, step 5's, was on no line of the log."""
+    with caplog.at_level("INFO", logger="fasttune"):
+        result = _run(tmp_path, "log", training={"max_steps": 5, "log_every": 4})
+    lines = [m for m in caplog.messages if re.match(r"step \d+/5: loss", m)]
+    assert [line.split(":")[0] for line in lines] == ["step 1/5", "step 4/5", "step 5/5"]
+    assert lines[-1].startswith(f"step 5/5: loss {result.last_loss:.3f} ")
+    assert [r["step"] for r in result.records if r.get("loss") is not None] == [1, 4, 5]

@@ -264,7 +264,7 @@ class TrainingConfig:
     eval_generate_samples: int = field(default=32, metadata=RESUMABLE)
     """Held-out samples answered by eval_generate_every (greedy, generation.max_new_tokens each)."""
     log_every: int = field(default=10, metadata=RESUMABLE)
-    """Append to metrics.jsonl every N steps."""
+    """Append to metrics.jsonl (and, outside a terminal, print a line) every N steps, and at step 1 and the last."""
     save_every: Annotated[int, tyro.conf.arg(aliases=("--save-every",))] = field(default=100, metadata=RESUMABLE)
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = field(default=2, metadata=RESUMABLE)

@@ -470,8 +470,9 @@ class Run:
 
     # -- log ----------------------------------------------------------------------------------------------------
     def log_due(self, step: int | None = None) -> bool:
-        step = self.state.step if step is None else step
-        return step % self.cfg.training.log_every == 0 or step == 1
+        """Step 1, every log_every steps, and the last: the run summary's last train loss is a logged line too."""
+        t, step = self.cfg.training, self.state.step if step is None else step
+        return step % t.log_every == 0 or step in (1, t.max_steps)
 
     def log(self, rec: dict, evaluated: bool) -> None:
         """Record the step in metrics.jsonl when due, and always after an evaluation."""
