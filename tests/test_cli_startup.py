@@ -95,3 +95,25 @@ def test_transformers_loads_models_without_progress_bars_whether_imported_before
         done = subprocess.run([sys.executable, "-c", code.format(first=first, then=then)], capture_output=True,
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0, (first, done.stderr)
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_without_torchs_log_records():
+    """A Ctrl-C in the second torch takes to import, after its fake-tensor module registered an exit hook and before
+    torch configured its loggers, printed "FakeTensor cache stats:" and two counts under "interrupted (Ctrl-C)": the
+    hook's INFO records reached the CLI's root logger. Here the Ctrl-C comes at the first torch import after it."""
+    code = """
+import sys
+from fasttune.cli import main
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        fake = sys.modules.get("torch._subclasses.fake_tensor")
+        if name.startswith("torch.") and hasattr(fake, "dump_cache_stats"):  # its exit hook is registered
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+sys.exit(main(["doctor"]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted (Ctrl-C)\n")

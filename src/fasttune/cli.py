@@ -116,7 +116,9 @@ def parse_train_args(argv: Sequence[str]):
 
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
-    for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
+    # torch sets its own loggers to WARNING, but only at the end of its import: a Ctrl-C before that left its
+    # fake-tensor exit hook's INFO lines ("FakeTensor cache stats:") to this root logger
+    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_torchao()  # torchao's "Failed to load" lines, printed on every model load once it is installed
 
