@@ -291,26 +291,28 @@ def test_tool_output_roles_of_real_chat_templates_are_read(tmp_path, role):
     assert fmt == "chat" and records[0]["messages"] == turns
 
 
-def test_sharegpt_data_gets_the_whole_conversion_in_one_line(tmp_path):
-    """ShareGPT records (Axolotl's and Unsloth's usual chat data) took three errors to fix: "cannot tell the data
-    format" with "rename the fields or pass --data.format", then from/value, then "no message has role 'assistant'"
-    (human/gpt roles). The first error now gives the whole conversion, and the record converted that way reads."""
-    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+def test_sharegpt_data_is_read_as_the_chat_records_it_converts_to(tmp_path):
+    """ShareGPT records (Axolotl's and Unsloth's usual chat data: OpenHermes, SlimOrca) were refused with a recipe to
+    convert them to messages; they are read as that conversion: from -> role (human -> user, gpt -> assistant), value
+    -> content, a turn's other keys and the record's kept; role/content turns under 'conversations' (Axolotl's
+    field_messages) and from/value turns under 'messages' too."""
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+             {"from": "gpt", "value": "yo", "weight": 1}]  # fmt: skip
+    converted = {"id": 7, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": "yo", "weight": 1}]}  # fmt: skip
     path = tmp_path / "s.jsonl"
-    path.write_text(json.dumps({"conversations": turns}) + "\n")
-    message = error_for(path)
-    assert message.startswith(f"{path} line 1: ShareGPT data") and "--data.format" not in message
-    assert "conversations -> messages, from -> role (human -> user, gpt -> assistant" in message
-    path.write_text(json.dumps({"messages": turns}) + "\n")
-    assert "ShareGPT keys from/value; convert each record" in error_for(path)
-    roles = {"system": "system", "human": "user", "gpt": "assistant"}
-    converted = {"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in turns]}
-    path.write_text(json.dumps(converted) + "\n")
-    assert load_records(str(path)) == ([converted], "chat")
-    # role/content turns under 'conversations' (Axolotl's field_messages): only the key is to rename, not the turns
-    path.write_text(json.dumps({"conversations": converted["messages"]}) + "\n")
-    assert error_for(path) == (f"{path} line 1: chat turns are read from 'messages', not 'conversations' (as "
-                               "Axolotl's field_messages names them); rename the key to messages")  # fmt: skip
+    for record in ({"id": 7, "conversations": turns}, {"id": 7, "messages": turns},
+                   {"id": 7, "conversations": converted["messages"]}):  # fmt: skip
+        path.write_text(json.dumps(record) + "\n")
+        assert load_records(str(path)) == ([converted], "chat")
+    path.write_text(json.dumps({"conversations": [{"from": "bing", "value": "hi"}, *turns[2:]]}) + "\n")
+    assert error_for(path) == (f"{path} line 1: conversations[0].from is 'bing', neither ShareGPT's human/gpt nor a "
+                               "chat role (system, user, assistant, tool, developer, ipython, function, tool_results, "
+                               "tool_response, observation, environment); rename it")  # fmt: skip
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": ["hi"]}, *turns[2:]]}) + "\n")
+    assert error_for(path).startswith(f"{path} line 1: conversations[0].value must be a string, got list")
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    assert "no message has role 'assistant'" in error_for(path)
 
 
 def test_chat_in_csv_gets_a_hint(tmp_path):

@@ -313,3 +313,22 @@ def test_conversational_prompt_completion_trains_the_completions_assistant_turns
     assert [trained_runs(counting, s) for s in tagged] == [["4<|im_end|>"], ["12<|im_end|>"]]
     assert counting.decode(tagged[1]["input_ids"]) == counting.apply_chat_template(records[1]["messages"],
                                                                                    tokenize=False)  # fmt: skip
+
+
+def test_sharegpt_trains_the_tokens_of_the_messages_record_it_converts_to(tok, tmp_path):
+    """ShareGPT records (conversations of from/value turns) train exactly what the equivalent messages records train:
+    the same ids, each gpt reply through its end-of-turn token, a turn's `weight: 0` kept (that reply is context)."""
+    shared = [
+        {"conversations": [{"from": "system", "value": "You are terse."}, {"from": "human", "value": "2+2?"},
+                           {"from": "gpt", "value": "4"}]},
+        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4", "weight": 0},
+                           {"from": "human", "value": "times 3?"}, {"from": "gpt", "value": "12"}]},
+    ]  # fmt: skip
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    messages = [{"messages": [{"role": roles[t.pop("from")], "content": t.pop("value"), **t}
+                              for t in [dict(t) for t in r["conversations"]]]} for r in shared]  # fmt: skip
+    records, fmt = load_records(_jsonl(tmp_path / "sharegpt.jsonl", shared))
+    assert fmt == "chat" and records == messages
+    ours = tokenize_records(records, fmt, tok)
+    assert ours == tokenize_records(messages, "chat", tok)
+    assert [trained_runs(tok, s) for s in ours] == [["4<|im_end|>"], ["12<|im_end|>"]]

@@ -9,8 +9,9 @@ The files are read by data/readers.py (text, JSON lines, JSON, CSV, Parquet, sav
 
 TRL's conversational prompt/completion, {"prompt": [messages], "completion": [messages]}, is read as chat:
 {"messages": prompt + completion}, the number of prompt messages kept under PROMPT_TURNS; only the completion's
-assistant turns are trained (data/sft.py), as TRL trains the completion only. A message's `training`/`weight` and a
-record's `chat_template_kwargs` are checked here: data/chat_fields.py.
+assistant turns are trained (data/sft.py), as TRL trains the completion only. ShareGPT's {"conversations": [{"from",
+"value"}, ...]} is read as chat too (human -> user, gpt -> assistant: _sharegpt_to_chat). A message's
+`training`/`weight` and a record's `chat_template_kwargs` are checked here: data/chat_fields.py.
 
 Every problem with the input raises `DataError` with one line naming the file, the line or record, and the fix.
 User files are only ever opened for reading.
@@ -57,10 +58,6 @@ _UNRENDERED = {"alpaca": ("system", "history")}
 Alpaca prompt has no place for."""
 log = logging.getLogger("fasttune")
 
-_SHAREGPT_FIX = (
-    'convert each record to {"messages": [{"role", "content"}, ...]}: conversations -> messages, from -> role (human '
-    "-> user, gpt -> assistant, system stays), value -> content"
-)
 ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function", "tool_results", "tool_response",
          "observation", "environment")  # fmt: skip
 """Message roles chat data may use: the usual four, and those real chat templates know for tool output and the like
@@ -69,6 +66,7 @@ GLM-4's observation, InternLM2's environment: context, never trained). Any other
 human/gpt) is refused: templates render a role they do not know as is, and the run would train on turns labelled
 with it."""
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+"""ShareGPT's speakers that are not chat roles; its other `from` values (system, tool, ...) are roles as they are."""
 PROMPT_TURNS = "_prompt_turns"
 """A chat record converted from a conversational prompt/completion one: how many of its leading messages were the
 prompt (their assistant turns are context, never trained)."""
@@ -106,14 +104,20 @@ def load_records(
     first = tables[0].records[0]
     conversational = fmt in ("prompt_completion", "chat") and "messages" not in first and is_conversational(first)
     records: list[dict] = []
+    shared = 0
     for table in tables:
         for i, record in enumerate(table.records):
             if not table.is_text_file:
                 check_size(text_size(record), table.where(i))
             if conversational:
                 record = _conversation_to_chat(record, table.where(i), tables[0].where(0))
+            elif fmt == "chat" and (converted := _sharegpt_to_chat(record, table.where(i))) is not record:
+                record, shared = converted, shared + 1
             validate_record(record, "chat" if conversational else fmt, table.where(i), option)
             records.append(record)
+    if shared:
+        log.info("%s: %d records read as ShareGPT chat (conversations -> messages; from -> role: human -> user, gpt -> "
+                 "assistant; value -> content)", path, shared)  # fmt: skip
     return records, "chat" if conversational else fmt
 
 
@@ -186,6 +190,39 @@ def _conversation_to_chat(record: dict, where: str, first: str) -> dict:
     return {**rest, "messages": [*prompt, *completion], PROMPT_TURNS: len(prompt)}
 
 
+def _sharegpt_to_chat(record: dict, where: str) -> dict:
+    """ShareGPT's {"conversations": [{"from", "value"}, ...]} (Axolotl's and LLaMA-Factory's sharegpt type; also
+    role/content turns under "conversations", or from/value turns under "messages") as a chat record: "messages",
+    from -> role (human -> user, gpt -> assistant, another as it is: checked as a role), value -> content, each turn's
+    other keys (weight, training) and the record's kept. The record itself when there is nothing to convert."""
+    key = "messages" if "messages" in record else "conversations"
+    turns = record.get(key)
+    shared = isinstance(turns, list) and any(isinstance(t, dict) and "role" not in t and "from" in t for t in turns)
+    if key == "messages" and not shared:
+        return record
+    if shared:
+        turns = [_sharegpt_turn(t, f"{where}: {key}[{j}]") for j, t in enumerate(turns)]
+    rest = {k: v for k, v in record.items() if k != key}
+    return {**rest, "messages": turns}
+
+
+def _sharegpt_turn(turn: object, where: str) -> object:
+    """One ShareGPT turn as a chat message (see _sharegpt_to_chat); a role/content one as it is."""
+    if not isinstance(turn, dict) or "role" in turn:
+        return turn
+    speaker, value = turn.get("from"), turn.get("value")
+    if not isinstance(speaker, str) or not isinstance(value, str):
+        bad = "from" if not isinstance(speaker, str) else "value"
+        raise DataError(f"{where}.{bad} must be a string, got {type_name(turn.get(bad))} (ShareGPT turns are "
+                        "{\"from\": speaker, \"value\": text}); fix the record")  # fmt: skip
+    role = _SHAREGPT_ROLES.get(speaker, speaker)
+    if role not in ROLES:
+        raise DataError(f"{where}.from is {speaker!r}, neither ShareGPT's human/gpt nor a chat role "
+                        f"({', '.join(ROLES)}); rename it")  # fmt: skip
+    rest = {k: v for k, v in turn.items() if k not in ("from", "value")}
+    return {"role": role, "content": value, **rest}
+
+
 def detect_format(record: dict, where: str = "record 0", option: str = "--data.format") -> str:
     """The format a record's keys say it is in; chat > alpaca > prompt_completion > text when several fit."""
     keys = set(record)
@@ -197,13 +234,8 @@ def detect_format(record: dict, where: str = "record 0", option: str = "--data.f
         return "prompt_completion"
     if "text" in keys:
         return "text"
-    if "conversations" in keys:
-        turns = record["conversations"]
-        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" in turns[0]:
-            raise DataError(f"{where}: chat turns are read from 'messages', not 'conversations' (as Axolotl's "
-                            "field_messages names them); rename the key to messages")  # fmt: skip
-        raise DataError(f"{where}: ShareGPT data ('conversations' of from/value turns) is not read as is; "
-                        f"{_SHAREGPT_FIX}")  # fmt: skip
+    if "conversations" in keys:  # ShareGPT's, or role/content turns under Axolotl's field_messages name
+        return "chat"
     seen = ", ".join(sorted(map(str, keys))[:12]) or "none"
     raise DataError(
         f"{where}: cannot tell the data format from its keys ({seen}){_looks_like(keys)}; expected {_FORMAT_HINT}; "
@@ -260,8 +292,6 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
     for j, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(f"{where}: {field}[{j}] must be an object with role and content, got {type_name(message)}")
-        if "role" not in message and {"from", "value"} <= set(message):
-            raise DataError(f"{where}: {field}[{j}] uses ShareGPT keys from/value; {_SHAREGPT_FIX}")
         for key in ("role", "content"):
             if key == "content" and message.get(key) is None and _calls_tools(message):
                 continue  # a tool call as OpenAI and HF's tool-use docs write it: no content (or null)
