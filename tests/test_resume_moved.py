@@ -20,6 +20,13 @@ def _resumed(cfg, model=None, max_steps: int = 3):
                                training=dataclasses.replace(cfg.training, max_steps=max_steps))  # fmt: skip
 
 
+def _refusal(cfg, model=None) -> str:
+    """The one line that refuses resuming cfg with --model `model` (when given)."""
+    with pytest.raises(ConfigError) as e:
+        loop.train(_resumed(cfg, model))
+    return str(e.value)
+
+
 def test_a_resumed_runs_max_length_beyond_its_models_context_says_what_resume_can_do(tmp_path):
     """train() resuming a run whose model's config.json now names a shorter context than the run's data.max_length,
     with no CLI ahead of it that read the model's config (the API, a script): the line says that the run keeps its
@@ -29,9 +36,7 @@ def test_a_resumed_runs_max_length_beyond_its_models_context_says_what_resume_ca
     loop.train(cfg)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
-    with pytest.raises(ConfigError) as e:
-        loop.train(_resumed(cfg))
-    assert str(e.value) == (
+    assert _refusal(cfg) == (
         f"--resume: the run trained with data.max_length 256 (in {tmp_path / 'run' / 'config.json'}), beyond the "
         f"context of {base} (max_position_embeddings=128); give a model of 256 positions or more (the run's own), or "
         "start a new run with another --output-dir"
@@ -70,9 +75,7 @@ def test_a_full_fine_tune_given_its_model_anew_checks_its_config_against_the_che
     (rope / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_theta": 10000.0,
                                                                                  "rope_type": "default"}}))  # fmt: skip
     gone = _move(base, tmp_path / "elsewhere")
-    with pytest.raises(ConfigError) as e:
-        loop.train(_resumed(cfg, rope))
-    assert str(e.value) == (
+    assert _refusal(cfg, rope) == (
         f"--resume: --model {rope} is not the model this run was started with ({base}, gone): its config has "
         'rope_parameters {"rope_theta": 10000.0, "rope_type": "default"} (the run\'s: {"rope_theta": 500000.0, '
         '"rope_type": "default"}); pass that model where it is now, or start a new run with another --output-dir'
@@ -108,16 +111,12 @@ def test_a_lora_run_given_its_base_anew_checks_its_config_and_weights_against_it
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 384}))
     _move(base, tmp_path / "elsewhere")
-    with pytest.raises(ConfigError) as e:
-        loop.train(_resumed(cfg, small))
-    assert str(e.value) == (
+    assert _refusal(cfg, small) == (
         f"--resume: --model {small} is not the model this run was started with ({base}, gone): its config has "
         "max_position_embeddings 384 (the run's: 512); pass that model where it is now, or start a new run with "
         "another --output-dir"
     )
-    with pytest.raises(ConfigError) as e:
-        loop.train(_resumed(cfg, other))
-    assert str(e.value) == (
+    assert _refusal(cfg, other) == (
         f"--resume: --model {other} is not the base model this LoRA run was started with ({base}, gone): its weights "
         f"differ from those recorded in {record}; pass that base model where it is now (the adapters were trained on "
         "it), or start a new run with another --output-dir"
@@ -163,3 +162,4 @@ def test_resume_with_the_runs_config_after_the_project_folder_moved_is_a_bare_re
     assert main(["train", "--config", "runs/a/config.json", *retyped]) == 0
     saved = json.loads((new / "runs/a/config.json").read_text())
     assert (saved["model"]["path"], saved["data"]["path"]) == (str(new / "base"), str(new / "d.json"))
+
