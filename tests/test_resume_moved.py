@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from helpers import GSM8K, losses, save_micro_model, sft_config
 
 from fasttune.errors import ConfigError
@@ -163,3 +164,21 @@ def test_resume_with_the_runs_config_after_the_project_folder_moved_is_a_bare_re
     saved = json.loads((new / "runs/a/config.json").read_text())
     assert (saved["model"]["path"], saved["data"]["path"]) == (str(new / "base"), str(new / "d.json"))
 
+
+def test_the_weights_digest_reads_the_files_transformers_loads_and_never_trusts_a_header_length(tmp_path):
+    """weights_digest covers the safetensors files from_pretrained loads: model.safetensors, else the shards its index
+    names. A consolidated.safetensors beside them (Mistral's repositories ship their original format too), never
+    loaded, is left out: a copy downloaded without it is the same base. A file whose first 8 bytes are no header
+    length (a git-lfs pointer: a clone without `git lfs pull`) is no digest (None: loading names the problem), not a
+    read of 2e18 bytes (MemoryError)."""
+    from safetensors.torch import save_file
+
+    from fasttune.model.identity import weights_digest
+
+    base = save_micro_model(tmp_path / "base")
+    mistral = shutil.copytree(base, tmp_path / "mistral")
+    save_file({"layers.0.attention.wq.weight": torch.ones(4, 4)}, mistral / "consolidated.safetensors")
+    assert weights_digest(mistral) == weights_digest(base) is not None
+    lfs = shutil.copytree(base, tmp_path / "lfs")
+    (lfs / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    assert weights_digest(lfs) is None

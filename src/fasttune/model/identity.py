@@ -5,10 +5,10 @@ project folder moved: the path its config.json records is gone), answered from w
   vocabulary, context, RoPE, attention layout), as transformers reads them. A full fine-tune needs no more: its weights
   are the checkpoint's, whose config.json the run saved;
 - for LoRA, whose adapters were trained on the frozen base, its weights too (`weights_digest`): a SHA-256 over every
-  tensor's name, dtype, shape and the SAMPLE bytes at the middle of its data in the safetensors files, read by name
-  (the same for a copy however it is sharded). A fine-tune of the same base changes its tensors, so their middles;
-  hashing every byte would read the whole model (16 GB for an 8B one) at every resume. PyTorch .bin files (pickles)
-  are not read (no digest). A LoRA run records both at its start (RunFolder.base_model).
+  tensor's name, dtype, shape and the SAMPLE bytes at the middle of its data in the safetensors files from_pretrained
+  loads, read by name (the same for a copy however it is sharded). A fine-tune of the same base changes its tensors,
+  so their middles; hashing every byte would read the whole model (16 GB for an 8B one) at every resume. PyTorch
+  .bin files (pickles) are not read (no digest). A LoRA run records both at its start (RunFolder.base_model).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import struct
 from pathlib import Path
 
@@ -33,6 +34,10 @@ CONFIG_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
 """The config fields compared, where both configs set them (another transformers may name a field otherwise)."""
 SAMPLE = 256
 """Bytes read from the middle of each tensor for the weights digest."""
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+"""The weights from_pretrained loads: one file, else the shards its index names."""
+MAX_HEADER = 100_000_000
+"""The longest safetensors header, in bytes (the safetensors library's own limit)."""
 
 
 def config_shape(config) -> dict:
@@ -44,7 +49,7 @@ def config_shape(config) -> dict:
 def weights_digest(folder: str | Path) -> str | None:
     """The digest of the safetensors weights in `folder` (see the module's docstring); None without such files or
     when one cannot be read (loading the model names the problem)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
+    files = _loaded_files(Path(folder))
     if not files:
         return None
     pieces = []
@@ -52,6 +57,8 @@ def weights_digest(folder: str | Path) -> str | None:
         for path in files:
             with path.open("rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
+                if size > min(MAX_HEADER, os.fstat(f.fileno()).st_size - 8):  # a git-lfs pointer's text: 2e18
+                    return None
                 header = json.loads(f.read(size))
                 for name, meta in header.items():
                     if name == "__metadata__":
@@ -60,12 +67,25 @@ def weights_digest(folder: str | Path) -> str | None:
                     f.seek(8 + size + max(begin, (begin + end - SAMPLE) // 2))
                     data = f.read(min(SAMPLE, end - begin))
                     pieces.append((name, f"{meta['dtype']} {meta['shape']}".encode() + data))
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
         return None
     digest = hashlib.sha256()
     for name, piece in sorted(pieces):
         digest.update(name.encode() + b"\0" + piece)
     return digest.hexdigest()
+
+
+def _loaded_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained loads from `folder`, as transformers picks them: model.safetensors, else
+    the shards model.safetensors.index.json names; none else (a consolidated.safetensors beside them, the original
+    format Mistral's repositories ship too, is never loaded, and a copy without it is the same model)."""
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    try:
+        shards = json.loads((folder / INDEX).read_text())["weight_map"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [folder / name for name in sorted(set(shards))]
 
 
 def identify(model: ModelConfig) -> dict:
