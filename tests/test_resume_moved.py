@@ -182,3 +182,24 @@ def test_the_weights_digest_reads_the_files_transformers_loads_and_never_trusts_
     lfs = shutil.copytree(base, tmp_path / "lfs")
     (lfs / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     assert weights_digest(lfs) is None
+
+
+@pytest.mark.parametrize("damaged", ['{"config": ["model_type"]}', '{"config": {}, "weights": 5}', '{"conf'])
+def test_a_lora_runs_damaged_base_record_is_said_as_such_not_a_traceback(tmp_path, caplog, damaged):
+    """base-model.json that is not the record the run wrote (a list for its config, a number for its digest, a torn
+    file): the base given anew goes on unchecked, as for a run that recorded nothing, and the warning says the record
+    cannot be read (not that the run predates it); never a TypeError, nor 'its weights differ'."""
+    from fasttune.train.run_dir import RunFolder
+
+    base = save_micro_model(tmp_path / "base")
+    cfg = sft_config(tmp_path, base, lora=dict(enabled=True, rank=4, alpha=8))
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.config.write_text(json.dumps({"model": {"path": str(tmp_path / "gone")}}))
+    folder.base_model.write_text(damaged)
+    caplog.set_level("INFO", logger="fasttune")
+    folder.check_moved_model(cfg, None)
+    assert caplog.messages == [
+        f"--resume: --model moved ({tmp_path / 'gone'}, the run's, is gone -> {base}); its record {folder.base_model} "
+        "cannot be read, so nothing checks it: make sure it is the base model the adapters were trained on"
+    ]

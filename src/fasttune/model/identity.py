@@ -95,25 +95,38 @@ def identify(model: ModelConfig) -> dict:
     return {"config": config_shape(load_model_config(model, 0)), "weights": weights_digest(model.path)}
 
 
+def read_record(path: Path) -> dict | None:
+    """`path` (a run's base-model.json) as identify wrote it, {"config": {...}, "weights": digest or null}; None where
+    there is none or it is not such a record (torn, edited): nothing to check against."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("config"), dict)
+    return record if ok and isinstance(record.get("weights"), str | None) else None
+
+
 def check_moved_model(model: ModelConfig, was: str, lora: bool, record: dict | None, record_file: Path,
                       checkpoint: Path | None) -> None:  # fmt: skip
     """--model given on --resume for the run's `was`, gone: refused in one line when it is another model than the
     run's, else logged with what was checked (a warning when nothing could be). Full fine-tune: the config against
     the `checkpoint`'s, whose weights the run goes on from. LoRA: config and weights against the `record` the run
-    wrote at its start (`record_file`; None: a run from before it did)."""
+    wrote at its start (`record_file`, read_record; None: a run from before it did, or a record damaged since)."""
     from fasttune.model.build import load_model_config
 
     moved = f"--resume: --model moved ({was}, the run's, is gone -> {model.path})"
     sure = "make sure it is the base model the adapters were trained on" if lora else "make sure it is the run's model"
     if lora and not record:
-        log.warning("%s; the run recorded nothing to check it against (it was started before fasttune recorded a LoRA "
-                    "run's base model in %s): %s", moved, record_file.name, sure)  # fmt: skip
+        why = (f"its record {record_file} cannot be read, so nothing checks it" if record_file.exists() else
+               "the run recorded nothing to check it against (it was started before fasttune recorded a LoRA run's "
+               f"base model in {record_file.name})")  # fmt: skip
+        log.warning("%s; %s: %s", moved, why, sure)
         return
     if not lora and checkpoint is None:
         log.warning("%s; no checkpoint to check it against: %s", moved, sure)
         return
     if lora:
-        theirs, grown, where = record.get("config") or {}, False, str(record_file)
+        theirs, grown, where = record["config"], False, str(record_file)
     else:  # the checkpoint's embeddings may have grown to the tokenizer's (build_model)
         theirs = config_shape(load_model_config(dataclasses.replace(model, path=str(checkpoint)), 0))
         grown, where = True, f"the checkpoint {checkpoint}"

@@ -284,14 +284,9 @@ class RunFolder:
         for LoRA its weights) against `latest`'s config or the run's base-model.json tell (model/identity.py)."""
         if not _model_moved("model.path", was := self.saved_config().get("model", {}).get("path"), cfg.model.path):
             return
-        from fasttune.model.identity import check_moved_model
+        from fasttune.model.identity import check_moved_model, read_record
 
-        try:
-            record = json.loads(self.base_model.read_text()) if self.base_model.is_file() else None
-        except (OSError, ValueError):
-            record = None  # unreadable: said as nothing to check against
-        record = record if isinstance(record, dict) else None
-        check_moved_model(cfg.model, was, cfg.lora.enabled, record, self.base_model, latest)
+        check_moved_model(cfg.model, was, cfg.lora.enabled, read_record(self.base_model), self.base_model, latest)
 
     def recorded_inputs(self) -> dict[str, str]:
         """{key of INPUTS: the path config.json records} of a run folder; empty where there is none or it cannot be
