@@ -351,3 +351,18 @@ def test_the_input_digest_changes_with_every_file_the_data_is_read_from(tmp_path
         change()
         assert input_digest(d) not in seen
         seen.add(input_digest(d))
+
+
+def test_the_input_digest_of_data_given_through_a_symlink_is_that_of_the_path_config_json_records(tmp_path):
+    """Training digests --data as typed; config.json records it resolved (RunFolder.write_config), and eval digests
+    that: a data file (or folder) given through a symlink of another name (data.jsonl -> v3/train.jsonl) has the
+    same digest both ways, so eval of the run tokenizes the held-out records alone, not every record every time."""
+    from fasttune.config import DataConfig
+    from fasttune.data.pipeline import input_digest
+
+    (tmp_path / "v3").mkdir()
+    shutil.copy(GSM8K, tmp_path / "v3" / "train.json")
+    (tmp_path / "data.json").symlink_to(tmp_path / "v3" / "train.json")
+    (tmp_path / "data").symlink_to(tmp_path / "v3")
+    for link in (tmp_path / "data.json", tmp_path / "data"):
+        assert input_digest(DataConfig(path=str(link))) == input_digest(DataConfig(path=str(link.resolve()))) != ""

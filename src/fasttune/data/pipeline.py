@@ -256,9 +256,9 @@ def input_digest(d: DataConfig) -> str:
 
 
 def _input_files(d: DataConfig) -> list[tuple[str, Path]] | None:
-    """(name, path) of each file the data may be read from: --data's and --data.val-path's (a folder's files by their
-    path in it), or the embedded corpus's stdlib files; None where a path is neither a file nor a folder (empty, a
-    FIFO, whose read would wait for a writer: the reader refuses it)."""
+    """(name, path) of each file the data may be read from: --data's and --data.val-path's, resolved (a folder's files
+    by their path in it), or the embedded corpus's stdlib files; None where a path is neither a file nor a folder
+    (empty, a FIFO, whose read would wait for a writer: the reader refuses it)."""
     from fasttune.data.readers import data_files
 
     if d.path is None:
@@ -273,6 +273,7 @@ def _input_files(d: DataConfig) -> list[tuple[str, Path]] | None:
         top = Path(given)
         if not given or not (top.is_file() or top.is_dir()):
             return None
+        top = top.resolve()  # as config.json records it (eval digests that): a symlink's target's name, not the link's
         files += [(f"{tag}/{f.relative_to(top) if f != top else f.name}", f) for f in data_files(top)]
     return files
 
