@@ -72,8 +72,8 @@ def test_eval_output_dir_holding_the_data_is_refused_before_any_work(model, tmp_
 def test_a_run_folder_in_the_data_folder_is_not_read_as_data(model, tmp_path, caplog):
     """`--data d --output-dir d/run` (or `--data .` beside the default runs/): the run's config.json, metrics.jsonl
     and checkpoint files were read as data from then on, so its --resume stopped ('config.json record 0: missing
-    field instruction') and so did every later run on d. A run folder in the data folder is skipped, said in the log:
-    the resume reads the records the run started on and continues it."""
+    field instruction') and so did every later run on d. A run folder in the data folder is skipped, said in the log
+    (once a start): the resume reads the records the run started on and continues it."""
     import dataclasses
 
     from helpers import GSM8K, sft_config
@@ -91,6 +91,8 @@ def test_a_run_folder_in_the_data_folder_is_not_read_as_data(model, tmp_path, ca
     caplog.set_level("INFO", logger="fasttune")
     assert load_records(str(folder)) == before
     assert f"{folder}: not read as data: {folder / 'run'} (fasttune run folders)" in caplog.text
+    caplog.clear()
     resumed = loop.train(dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=3)))
+    assert caplog.text.count("not read as data") == 1  # said by the reader; the input files' digest walks quietly
     got = {r["step"]: r["loss"] for r in resumed.records if r.get("loss") is not None}
     assert sorted(got) == [1, 2, 3] and all(got[r["step"]] == r["loss"] for r in first.records if r.get("loss"))

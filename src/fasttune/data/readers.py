@@ -172,15 +172,16 @@ def data_files(path: Path) -> list[Path]:
     (model weights beside the data) is never read, so not hashed either."""
     if not path.is_dir():
         return [path]
-    files = [f for f in _walk(path) if f.is_file()]  # a FIFO is not read (and its read would wait for a writer)
+    files = [f for f in _walk(path, say=False) if f.is_file()]  # a FIFO is not read (its read waits for a writer)
     return files if _is_saved_dataset(path) else [f for f in files if f.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES]
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path, say: bool = True) -> list[Path]:
     """Every file under `root`, sorted, hidden and __pycache__ entries skipped, and fasttune run folders (a run's
     --output-dir in the --data folder: its config.json, metrics.jsonl and checkpoints are no data, and read as data
-    they stopped every later run on that folder, its --resume too). A folder that cannot be listed raises
-    (Path.rglob skips it in silence, and the run would train on part of the data)."""
+    they stopped every later run on that folder, its --resume too), logged when `say` (the reader's walk says it; the
+    digest's walk before it does not). A folder that cannot be listed raises (Path.rglob skips it in silence, and the
+    run would train on part of the data)."""
     from fasttune.train.run_dir import MARKER
 
     def refuse(error: OSError) -> None:
@@ -190,7 +191,7 @@ def _walk(root: Path) -> list[Path]:
     for folder, subfolders, names in os.walk(root, onerror=refuse):
         subfolders[:] = [d for d in subfolders if not _hidden(d)]
         runs = [d for d in subfolders if _is_run(Path(folder, d), MARKER)]
-        if runs:
+        if runs and say:
             log.info(
                 "%s: not read as data: %s (fasttune run folders)", root, ", ".join(str(Path(folder, d)) for d in runs)
             )
