@@ -366,3 +366,20 @@ def test_the_input_digest_of_data_given_through_a_symlink_is_that_of_the_path_co
     (tmp_path / "data").symlink_to(tmp_path / "v3")
     for link in (tmp_path / "data.json", tmp_path / "data"):
         assert input_digest(DataConfig(path=str(link))) == input_digest(DataConfig(path=str(link.resolve()))) != ""
+
+
+def test_the_training_hook_says_every_held_out_sample_was_cut_not_that_none_has_a_prompt(tmp_path, caplog):
+    """--training.eval-generate-every with every held-out sample cut at data.max_length (alpaca: each has a prompt):
+    the warning before training says they were cut, as eval --generate does, not 'no held-out sample with a prompt to
+    answer (alpaca data)'."""
+    from types import SimpleNamespace
+
+    from fasttune.data.pipeline import DataSummary
+    from fasttune.data.sample import Sample, Samples
+    from fasttune.eval.run import say_nothing_to_answer
+
+    cfg = sft_config(tmp_path, tmp_path, max_length=8, eval_generate_every=1)
+    cut = Sample(range(8), [(3, 8)], whole=False)
+    say_nothing_to_answer(cfg, SimpleNamespace(val=Samples([cut]), summary=DataSummary("d", "alpaca")), fsdp=False)
+    assert caplog.messages == ["training.eval_generate_every: every held-out sample was cut at data.max_length 8, so "
+                               "no answer is whole to score (raise --data.max-length); skipped"]  # fmt: skip

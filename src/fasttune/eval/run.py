@@ -460,9 +460,13 @@ def held_out_examples(cfg, data) -> list[Example]:
 def say_nothing_to_answer(cfg, data, fsdp: bool) -> None:
     """Once, before training: --training.eval-generate-every asks for answers that no held-out sample can give (FSDP2
     says why it skips them itself)."""
-    if cfg.training.eval_generate_every and not fsdp and not held_out_examples(cfg, data):
-        log.warning("training.eval_generate_every: no held-out sample with a prompt to answer (%s data); skipped",
-                    data.summary.format)  # fmt: skip
+    if not cfg.training.eval_generate_every or fsdp or held_out_examples(cfg, data):
+        return
+    why = f"no held-out sample with a prompt to answer ({data.summary.format} data)"
+    if whole_samples(data.val)[1] and data.summary.format != "text":  # as eval --generate says it (_answers)
+        why = (f"every held-out sample was cut at data.max_length {cfg.data.max_length}, so no answer is whole to "
+               "score (raise --data.max-length)")  # fmt: skip
+    log.warning("training.eval_generate_every: %s; skipped", why)
 
 
 def training_scores(run) -> dict:
