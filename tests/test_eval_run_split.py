@@ -383,3 +383,26 @@ def test_the_training_hook_says_every_held_out_sample_was_cut_not_that_none_has_
     say_nothing_to_answer(cfg, SimpleNamespace(val=Samples([cut]), summary=DataSummary("d", "alpaca")), fsdp=False)
     assert caplog.messages == ["training.eval_generate_every: every held-out sample was cut at data.max_length 8, so "
                                "no answer is whole to score (raise --data.max-length); skipped"]  # fmt: skip
+
+
+def test_the_training_hook_splits_only_the_held_out_samples_it_answers(tmp_path, monkeypatch):
+    """held_out_examples (every --training.eval-generate-every steps) reads the first eval_generate_samples whole
+    held-out samples with a prompt, not every one of a large split (0.4 s per 10,000 samples, each time, on rank 0
+    while the others wait): the same examples, from as many samples as it needs."""
+    from types import SimpleNamespace
+
+    from fixtures.tiny_tokenizer import build_tiny_tokenizer
+
+    from fasttune.data.sample import Samples
+    from fasttune.data.sft import tokenize_records
+    from fasttune.eval import run
+
+    tok = build_tiny_tokenizer(bos="<s>")
+    samples = tokenize_records(json.loads(GSM8K.read_text()), "alpaca", tok)
+    samples[0] = samples[0].cut(0, len(samples[0]) - 1)  # cut: left out, the next one answered in its place
+    data = SimpleNamespace(val=Samples(samples), tokenizer=tok)
+    cfg = sft_config(tmp_path, tmp_path, eval_generate_samples=3)
+    calls, split = [], run.split_sample
+    monkeypatch.setattr(run, "split_sample", lambda s, t: calls.append(s) or split(s, t))
+    assert run.held_out_examples(cfg, data) == [split(s, tok) for s in samples[1:4]]
+    assert len(calls) == 3

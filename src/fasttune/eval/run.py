@@ -13,6 +13,7 @@ per sample: prompt, reference, completion, scores) and summary.json; the summary
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -451,10 +452,9 @@ def whole_samples(samples: Sequence[Sample]) -> tuple[list[Sample], int]:
 
 def held_out_examples(cfg, data) -> list[Example]:
     """What `training_scores` answers: the first eval_generate_samples held-out samples with a prompt to answer,
-    those cut to data.max_length left out (whole_samples)."""
-    whole, _ = whole_samples(data.val)
-    examples = [ex for s in whole if (ex := split_sample(s, data.tokenizer))]
-    return examples[: cfg.training.eval_generate_samples]
+    those cut to data.max_length left out (as whole_samples does)."""
+    examples = (ex for s in data.val if s.whole and (ex := split_sample(s, data.tokenizer)))
+    return list(itertools.islice(examples, cfg.training.eval_generate_samples))  # not the whole of a large split
 
 
 def say_nothing_to_answer(cfg, data, fsdp: bool) -> None:
