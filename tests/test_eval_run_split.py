@@ -168,6 +168,29 @@ def test_eval_from_another_directory_finds_a_run_started_with_relative_paths(tmp
     assert summary["loss"] == pytest.approx(_val_losses(tmp_path / "run")[1], rel=1e-6)
 
 
+def test_eval_of_a_run_trained_on_a_hugging_face_cache_file_reads_it_through_its_link(tmp_path, capsys):
+    """--data snapshots/REV/train.json, a symlink to blobs/SHA (no suffix: the Hugging Face cache keeps files so):
+    config.json records the link made absolute, not resolved to the blob, whose missing suffix says no format (a bare
+    --resume and eval without --data said "unsupported file type '(no extension)'"), and eval without --data scores
+    the run's split, the held-out records alone (the input digest resolves both to the same file)."""
+    from fasttune.train import loop
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snapshots" / "rev").mkdir(parents=True)
+    shutil.copy(GSM8K, tmp_path / "blobs" / "9f2c")
+    link = tmp_path / "snapshots" / "rev" / "train.json"
+    link.symlink_to(Path("..", "..", "blobs", "9f2c"))
+    base = save_base_model(tmp_path / "base", context=1024)
+    cfg = sft_config(tmp_path, base, link, max_length=LENGTH, val_fraction=0.3, max_steps=1, save_every=1,
+                     eval_every=1)  # fmt: skip
+    result = loop.train(cfg)
+    assert json.loads((result.run_dir / "config.json").read_text())["data"]["path"] == str(link)
+    summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
+    assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[1], rel=1e-6)
+    said = [x for x in capsys.readouterr().err.splitlines() if "validation split:" in x]
+    assert len(said) == 1 and "as at step 1: the input files' digest" in said[0], said
+
+
 @pytest.fixture(scope="module")
 def edge_run(tmp_path_factory):
     """One step of sft validated on two hand-built records (--data.val-path): one exactly data.max_length tokens long,

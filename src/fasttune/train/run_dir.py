@@ -339,12 +339,14 @@ class RunFolder:
 
     def write_config(self, cfg: BaseConfig) -> None:
         """config.json, with the model, data and validation paths made absolute (as typed they were relative to the
-        directory training ran in: `fasttune eval --checkpoint RUN` from elsewhere found the data "gone")."""
+        directory training ran in: `fasttune eval --checkpoint RUN` from elsewhere found the data "gone"). The model's
+        is resolved (a symlink repointed later does not swap the run's model); a data file's is not: its name says its
+        format, and a Hugging Face cache file's link (snapshots/REV/train.json) names a blob without a suffix."""
         config = to_dict(cfg)
         for key in INPUTS:
             section, name = key.split(".")
             if isinstance(path := config[section][name], str) and Path(path).exists():
-                config[section][name] = str(Path(path).resolve())
+                config[section][name] = str(Path(path).resolve() if key == "model.path" else Path(path).absolute())
         self.config.write_text(json.dumps(config, indent=2) + "\n")
 
 
