@@ -1,11 +1,8 @@
 """Shared test fixtures."""
 
-import copy
-import dataclasses
 import gc
 import os
 import random
-import shutil
 
 import pytest
 import torch
@@ -80,33 +77,15 @@ def prompts_seen(monkeypatch):
 
 @pytest.fixture(scope="session")
 def _two_checkpoints_trained(tmp_path_factory, _no_gpu_unless_marked):
-    """The run two_checkpoints copies, trained once a session (seeded and reset as _reset_global_state does for a
-    test: a session fixture is set up before it)."""
-    from helpers import tiny_config
+    """The run two_checkpoints copies, trained once a session."""
+    from helpers import train_once
 
-    from fasttune.attention import state
-    from fasttune.train import loop
-
-    random.seed(0)
-    torch.manual_seed(0)
-    state.reset()
-    cfg = tiny_config(tmp_path_factory.mktemp("two-checkpoints"), max_steps=4, save_every=2, eval_every=0)
-    result = loop.train(cfg)
-    state.reset()
-    return cfg, result
+    return train_once(tmp_path_factory, "two-checkpoints", max_steps=4, save_every=2, eval_every=0)
 
 
 @pytest.fixture
 def two_checkpoints(_two_checkpoints_trained, tmp_path):
-    """(config, result) of a tiny run of 4 steps with a checkpoint at steps 2 and 4: each test gets its own copy of
-    the run trained once a session, so one that damages, resumes or writes into it leaves the others' as trained."""
-    cfg, result = _two_checkpoints_trained
-    run_dir = tmp_path / "run"
-    shutil.copytree(result.run_dir, run_dir)
+    """(config, result) of a tiny run of 4 steps with a checkpoint at steps 2 and 4, each test's own copy."""
+    from helpers import copy_of_run
 
-    def moved(path):
-        return None if path is None else run_dir / path.relative_to(result.run_dir)
-
-    copied = dataclasses.replace(result, run_dir=run_dir, checkpoint=moved(result.checkpoint),
-                                 model_dir=moved(result.model_dir), records=copy.deepcopy(result.records))  # fmt: skip
-    return dataclasses.replace(cfg, output_dir=str(run_dir)), copied
+    return copy_of_run(_two_checkpoints_trained, tmp_path)

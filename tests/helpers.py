@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import random
+import shutil
 from pathlib import Path
 
 from fasttune.config import BaseConfig, get_experiment
@@ -65,6 +68,39 @@ def tiny_config(tmp_path: Path, **training) -> BaseConfig:
         ),
         generation=dataclasses.replace(cfg.generation, sample_prompt=""),
     )
+
+
+def train_once(tmp_path_factory, name: str, **training):
+    """(config, result) of tiny_config(**training) trained in a folder of its own, for a module- or session-scoped
+    fixture (seeded and reset as _reset_global_state does for a test: such a fixture is set up before it)."""
+    import torch
+
+    from fasttune.attention import state
+    from fasttune.train import loop
+
+    random.seed(0)
+    torch.manual_seed(0)
+    state.reset()
+    cfg = tiny_config(tmp_path_factory.mktemp(name), **training)
+    result = loop.train(cfg)
+    state.reset()
+    return cfg, result
+
+
+def copy_of_run(trained, tmp_path):
+    """(config, result) of a copy of the run `trained` (a train_once value) in tmp_path / "run", where tiny_config(
+    tmp_path) trains: each test gets its own copy of a run trained once, so one that damages, resumes or writes into
+    it leaves the others' as trained."""
+    cfg, result = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+
+    def moved(path):
+        return None if path is None else run_dir / path.relative_to(result.run_dir)
+
+    copied = dataclasses.replace(result, run_dir=run_dir, checkpoint=moved(result.checkpoint),
+                                 model_dir=moved(result.model_dir), records=copy.deepcopy(result.records))  # fmt: skip
+    return dataclasses.replace(cfg, output_dir=str(run_dir)), copied
 
 
 def losses(records: list[dict]) -> dict[int, float]:

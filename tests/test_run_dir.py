@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import losses, tiny_config
+from helpers import copy_of_run, losses, tiny_config, train_once
 
 from fasttune.data.pipeline import build_data
 from fasttune.errors import ConfigError, DataError, FasttuneError
@@ -16,10 +16,16 @@ from fasttune.train import checkpoint, loop
 from fasttune.train.run_dir import RunFolder
 
 
+@pytest.fixture(scope="module")
+def _finished_trained(tmp_path_factory, _no_gpu_unless_marked):
+    return train_once(tmp_path_factory, "finished", max_steps=3, save_every=3, eval_every=0)
+
+
 @pytest.fixture
-def finished(tmp_path):
-    cfg = tiny_config(tmp_path, max_steps=3, save_every=3, eval_every=0)
-    return cfg, loop.train(cfg)
+def finished(_finished_trained, tmp_path):
+    """(config, result) of a finished 3-step run (a checkpoint at step 3) in tmp_path / "run": each test's own copy
+    of the run trained once for this file."""
+    return copy_of_run(_finished_trained, tmp_path)
 
 
 def test_overwrite_with_bad_data_keeps_the_old_run(finished, tmp_path):
