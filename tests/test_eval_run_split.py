@@ -120,8 +120,7 @@ def test_eval_without_data_of_a_text_run_scores_the_batches_its_val_loss_covers(
     val_loss covers them all (eval_batches large, the same training otherwise) logged it."""
     from fasttune.train import loop
 
-    cfg = tiny_config(tmp_path / "a", max_steps=1, save_every=1, eval_every=1, eval_batches=2)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_documents=60, val_fraction=0.3))
+    cfg = tiny_config(tmp_path / "a", max_steps=1, save_every=1, eval_every=1, eval_batches=2)  # 109 held out
     result = loop.train(cfg)
     summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
     assert summary["format"] == "text" and summary["loss"] == pytest.approx(_val_losses(result.run_dir)[1], rel=1e-6)
