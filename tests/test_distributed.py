@@ -92,15 +92,15 @@ def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
 def test_epochs_count_the_micro_batches_of_every_rank(tmp_path):
     """--epochs on two ranks: each step trains one micro-batch per rank, so an epoch is half the steps of one
     process (grad_accum 1); the run is that of one process accumulating the ranks' micro-batches, step for step."""
-    one = loop.train(tiny_config(tmp_path / "one", epochs=0.25, grad_accum=2, eval_every=0, save_every=0))
-    alone = loop.train(tiny_config(tmp_path / "alone", epochs=0.25, eval_every=0, save_every=0))
-    cfg = tiny_config(tmp_path / "ddp", epochs=0.25, eval_every=0, save_every=0)
+    one = loop.train(tiny_config(tmp_path / "one", epochs=0.02, grad_accum=2, eval_every=0, save_every=0))
+    alone = loop.train(tiny_config(tmp_path / "alone", epochs=0.02, eval_every=0, save_every=0))
+    cfg = tiny_config(tmp_path / "ddp", epochs=0.02, eval_every=0, save_every=0)
     proc = _torchrun(cfg)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     got, want = losses(records), losses(one.records)
     assert got.keys() == want.keys() == set(range(1, one.steps + 1)) and one.steps < alone.steps
     assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
-    assert f"0.25 epochs = {one.steps} steps" in proc.stdout + proc.stderr
+    assert f"0.02 epochs = {one.steps} steps" in proc.stdout + proc.stderr
     assert json.loads((cfg.run_dir / "config.json").read_text())["training"]["max_steps"] == one.steps
 
 
