@@ -70,9 +70,9 @@ def tiny_config(tmp_path: Path, **training) -> BaseConfig:
     )
 
 
-def train_once(tmp_path_factory, name: str, **training):
-    """(config, result) of tiny_config(**training) trained in a folder of its own, for a module- or session-scoped
-    fixture (seeded and reset as _reset_global_state does for a test: such a fixture is set up before it)."""
+def train_fresh(cfg: BaseConfig):
+    """loop.train(cfg) seeded and reset as _reset_global_state does for a test, for a module- or session-scoped
+    fixture (such a fixture is set up before it)."""
     import torch
 
     from fasttune.attention import state
@@ -81,16 +81,21 @@ def train_once(tmp_path_factory, name: str, **training):
     random.seed(0)
     torch.manual_seed(0)
     state.reset()
-    cfg = tiny_config(tmp_path_factory.mktemp(name), **training)
     result = loop.train(cfg)
     state.reset()
-    return cfg, result
+    return result
+
+
+def train_once(tmp_path_factory, name: str, **training):
+    """(config, result) of tiny_config(**training) trained by train_fresh in a folder of its own."""
+    cfg = tiny_config(tmp_path_factory.mktemp(name), **training)
+    return cfg, train_fresh(cfg)
 
 
 def copy_of_run(trained, tmp_path):
-    """(config, result) of a copy of the run `trained` (a train_once value) in tmp_path / "run", where tiny_config(
-    tmp_path) trains: each test gets its own copy of a run trained once, so one that damages, resumes or writes into
-    it leaves the others' as trained."""
+    """(config, result) of a copy of the run `trained` ((config, result), as train_once gives) in tmp_path / "run",
+    where tiny_config(tmp_path) trains: each test gets its own copy of a run trained once, so one that damages,
+    resumes or writes into it leaves the others' as trained."""
     cfg, result = trained
     run_dir = tmp_path / "run"
     shutil.copytree(result.run_dir, run_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GSM8K, losses, save_micro_model, sft_config, tiny_config
+from helpers import GSM8K, copy_of_run, losses, save_micro_model, sft_config, tiny_config, train_fresh
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune.errors import ConfigError
@@ -24,8 +24,22 @@ def _sft_config(tmp_path, model_path, **lora):
     return sft_config(tmp_path, model_path, lora=lora, max_steps=4, save_every=2, eval_every=2)
 
 
-def test_sft_smoke_on_gsm8k_slice(tmp_path, base_model):
-    result = loop.train(_sft_config(tmp_path, base_model))
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, base_model):
+    """The result of _sft_config's 4 steps of sft from base_model, trained once for the tests that read it."""
+    return train_fresh(_sft_config(tmp_path_factory.mktemp("sft"), base_model))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, base_model):
+    """(config, result) of _sft_config's 4 steps of LoRA (rank 4, alpha 8) from base_model, checkpoints at steps 2
+    and 4, trained once: tests read it, or resume their own copy (copy_of_run)."""
+    cfg = _sft_config(tmp_path_factory.mktemp("lora"), base_model, enabled=True, rank=4, alpha=8)
+    return cfg, train_fresh(cfg)
+
+
+def test_sft_smoke_on_gsm8k_slice(sft_run, base_model):
+    result = sft_run
     assert result.last_val_loss < result.first_val_loss
     model = AutoModelForCausalLM.from_pretrained(result.model_dir)
     base = AutoModelForCausalLM.from_pretrained(base_model)
@@ -33,10 +47,10 @@ def test_sft_smoke_on_gsm8k_slice(tmp_path, base_model):
     assert AutoTokenizer.from_pretrained(result.model_dir).chat_template is not None
 
 
-def test_lora_smoke_saves_reloads_and_merges(tmp_path, base_model):
+def test_lora_smoke_saves_reloads_and_merges(lora_run, base_model):
     from peft import PeftModel
 
-    result = loop.train(_sft_config(tmp_path, base_model, enabled=True, rank=4, alpha=8))
+    _, result = lora_run
     run = result.run_dir
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
@@ -49,9 +63,8 @@ def test_lora_smoke_saves_reloads_and_merges(tmp_path, base_model):
     assert not torch.allclose(a, b)  # the adapters learned something
 
 
-def test_lora_resume_continues(tmp_path, base_model):
-    cfg = _sft_config(tmp_path, base_model, enabled=True, rank=4, alpha=8)
-    first = loop.train(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=4)))
+def test_lora_resume_continues(lora_run, tmp_path):
+    cfg, first = copy_of_run(lora_run, tmp_path)
     longer = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=6))
     resumed = loop.train(longer)
     assert [r["step"] for r in resumed.records if r.get("loss") is not None][-1] == 6
@@ -117,7 +130,7 @@ def test_models_without_intermediate_size_fine_tune(tmp_path, kind):
     assert type(AutoModelForCausalLM.from_pretrained(result.model_dir)).__name__.lower().startswith(kind)
 
 
-def test_checkpoints_stop_generation_at_the_eos_training_taught(tmp_path, base_model):
+def test_checkpoints_stop_generation_at_the_eos_training_taught(sft_run, tmp_path, base_model):
     """Every training sample ends with the tokenizer's EOS. A preset model takes the tokenizer's special-token ids
     (transformers' LlamaConfig defaults, bos 1 / eos 2, name other tokens); a pretrained model whose generation config
     stops elsewhere (the micro model's: eos 2) gets the tokenizer's EOS added, its own kept."""
@@ -126,7 +139,7 @@ def test_checkpoints_stop_generation_at_the_eos_training_taught(tmp_path, base_m
     from fasttune.generate.generate import stop_ids
 
     assert GenerationConfig.from_pretrained(base_model).eos_token_id == 2  # the input model's own, not the tokenizer's
-    result = loop.train(_sft_config(tmp_path / "sft", base_model))
+    result = sft_run
     tok = AutoTokenizer.from_pretrained(result.model_dir)
     gen = GenerationConfig.from_pretrained(result.model_dir)
     assert gen.eos_token_id == [2, tok.eos_token_id]
