@@ -86,3 +86,22 @@ def test_full_stops_on_cpu_with_estimate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "GPU-scale" in err and "hours" in err and "--force" in err
     assert "2,000 steps of up to 8,192 tokens on the 1b preset take about" in err  # what the estimate assumes
+
+
+def test_only_a_cpu_run_that_could_take_an_hour_times_the_cpu(tmp_path, monkeypatch):
+    """The CPU estimate's matmul probe (~10 GFLOP) runs only for a run over an hour at SLOWEST_GFLOPS: a short run
+    starts without it (it cost each of the many short runs 0.15 s on 2 cores), a long one is measured and refused."""
+    import torch
+    from helpers import tiny_config
+
+    from fasttune.train import device
+
+    probes, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: probes.append(a) or randn(*a, **k))
+    cfg = tiny_config(tmp_path)
+    device.refuse_gpu_scale(cfg, torch.device("cpu"))
+    assert probes == []
+    long = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=10**9))
+    with pytest.raises(ConfigError, match="GPU-scale and no GPU is available"):
+        device.refuse_gpu_scale(long, torch.device("cpu"))
+    assert probes == [(1024, 1024)]

@@ -15,20 +15,28 @@ from fasttune.model.flops import dense_flops_per_token
 from fasttune.train.footprint import fp32_master_fits
 from fasttune.words import count
 
+SLOWEST_GFLOPS = 1.0
+"""A matmul rate below any CPU's (one core of a 2010 laptop does ~10 GFLOP/s in fp32): a run under an hour even at
+this rate is not measured (the probe is ~10 GFLOP, 0.15 s on 2 cores, for each of the many short runs of a CPU)."""
+
 
 def cpu_hours(cfg: BaseConfig) -> tuple[float, float]:
-    """(estimated hours, measured GFLOP/s) for this config on this CPU, from a measured matmul rate. The probe's
-    matrix comes from its own generator: the global one seeds the model, and --force (which skips this probe) must
-    not change the initial weights."""
+    """(estimated hours, measured GFLOP/s) for this config on this CPU, from a measured matmul rate; a run under an
+    hour at SLOWEST_GFLOPS gets its hours at that rate and that rate, unmeasured. The probe's matrix comes from its
+    own generator: the global one seeds the model, and --force (which skips this probe) must not change the initial
+    weights."""
+    conf = load_model_config(cfg.model, cfg.data.tokenizer_vocab_size)
+    tokens = cfg.training.max_steps * cfg.training.grad_accum * cfg.data.micro_batch_size * cfg.data.max_length
+    flops = dense_flops_per_token(conf) * tokens
+    if flops <= SLOWEST_GFLOPS * 1e9 * 3600:
+        return flops / (SLOWEST_GFLOPS * 1e9) / 3600, SLOWEST_GFLOPS
     a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
     a @ a
     t0 = time.perf_counter()
     for _ in range(4):
         a @ a
     rate = 4 * 2 * 1024**3 / (time.perf_counter() - t0)
-    conf = load_model_config(cfg.model, cfg.data.tokenizer_vocab_size)
-    tokens = cfg.training.max_steps * cfg.training.grad_accum * cfg.data.micro_batch_size * cfg.data.max_length
-    return dense_flops_per_token(conf) * tokens / rate / 3600, rate / 1e9
+    return flops / rate / 3600, rate / 1e9
 
 
 def refuse_gpu_scale(cfg: BaseConfig, device: torch.device) -> None:
