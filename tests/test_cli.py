@@ -424,3 +424,24 @@ def test_no_yarn_edit_is_advised_for_rope_parameters_per_layer_type():
     assert set(config.rope_parameters) == {"sliding_attention", "full_attention"}
     message = too_long(config, 300, "m")
     assert message.endswith("(max_position_embeddings=128); pass --data.max-length 128 or less"), message
+
+
+def test_a_command_run_in_process_leaves_the_callers_logging_as_it_was(capsys, caplog):
+    """cli.main called from Python (a script, a notebook, these tests) logs on the command's stderr while it runs,
+    then leaves the root logger's handlers and the levels as they were: it kept a handler on the stderr the command
+    had, so a later log line of the caller (a train() call's) went to that stream, gone by then: '--- Logging
+    error ---' and a traceback in whatever stderr was current."""
+    import contextlib
+    import io
+    import logging
+
+    root, own = logging.getLogger(), logging.getLogger("fasttune")
+    before = root.handlers[:], root.level, own.level
+    gone = io.StringIO()
+    with contextlib.redirect_stderr(gone):
+        assert cli.main(["train", "--experiment", "nope"]) == 2
+    assert gone.getvalue().startswith("error: --experiment 'nope' is unknown")
+    gone.close()
+    assert (root.handlers, root.level, own.level) == before
+    own.warning("a line of the caller's")
+    assert "Logging error" not in capsys.readouterr().err and "a line of the caller's" in caplog.text

@@ -169,9 +169,10 @@ def test_the_command_line_does_not_print_torchaos_extension_warnings(tmp_path):
     """torchao's import logs 'Failed to load ..._C_*.so' for CUDA extensions 8-bit AdamW does not use (and a missing
     triton on CPU); transformers imports torchao on every model load once installed. The CLI hides those lines."""
     code = (
-        "import logging, sys; from fasttune.cli import _setup_logging; _setup_logging(False); "
-        "from fasttune.train.optim import adamw_8bit_class; adamw_8bit_class(); "
-        "logging.getLogger('torchao').warning('a real torchao warning')"
+        "import logging, sys; from fasttune.cli import _command_logging\n"
+        "with _command_logging(False):\n"
+        "    from fasttune.train.optim import adamw_8bit_class; adamw_8bit_class()\n"
+        "    logging.getLogger('torchao').warning('a real torchao warning')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

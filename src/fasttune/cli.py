@@ -114,13 +114,35 @@ def parse_train_args(argv: Sequence[str]):
     return parse(["train", *argv]).config.validate()
 
 
-def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", force=True)
+@contextlib.contextmanager
+def _command_logging(debug: bool):
+    """The command's log lines on stderr as plain lines (INFO; DEBUG with --debug) while it runs; on return the
+    logging of the process as it was: a caller in Python (a script, a notebook, the tests) that runs one command in
+    process kept a root handler writing to that command's stderr and the command's levels, so its own later log
+    lines, a `train()` call's for one, went to a stream that may be gone by then ('--- Logging error ---' and a
+    traceback on stderr). The filters of quiet_torchao stay: process-wide."""
     # torch sets its own loggers to WARNING, but only at the end of its import: a Ctrl-C before that left its
     # fake-tensor exit hook's INFO lines ("FakeTensor cache stats:") to this root logger
-    for noisy in ("httpx", "urllib3", "matplotlib", "PIL", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root, noisy = logging.getLogger(), ("httpx", "urllib3", "matplotlib", "PIL", "torch")
+    saved = root.handlers[:], root.level, {name: logging.getLogger(name).level for name in ("fasttune", *noisy)}
+    for handler in saved[0]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler()  # sys.stderr as the command has it (streams.surviving_closed_output)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.WARNING)
     quiet_torchao()  # torchao's "Failed to load" lines, printed on every model load once it is installed
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for kept in saved[0]:
+            root.addHandler(kept)
+        root.setLevel(saved[1])
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _quiet_transformers() -> None:
@@ -195,18 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Output piped into a reader that went away (`| head`, `| tee` after a Ctrl-C) goes to os.devnull from then on:
     the command carries on and exits as it would have (streams.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    with surviving_closed_output():
+    # --debug decides how errors raised while parsing are shown, so it is looked at before tyro parses
+    with surviving_closed_output(), _command_logging("--debug" in argv):
         return _main(argv)
 
 
 def _main(argv: list[str]) -> int:
     set_environment()
-    # --debug decides how errors raised while parsing are shown, so it is looked at before tyro parses
     debug = "--debug" in argv
     rank = _later_rank(argv)
     command = None
     try:
-        _setup_logging(debug)
         with _quiet_parsing(rank):
             command = parse(argv or ["--help"])
             command.check()
