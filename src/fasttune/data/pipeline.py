@@ -273,7 +273,7 @@ def _input_files(d: DataConfig) -> list[tuple[str, Path]] | None:
         top = Path(given)
         if not given or not (top.is_file() or top.is_dir()):
             return None
-        top = top.resolve()  # as config.json records it (eval digests that): a symlink's target's name, not the link's
+        top = top.resolve()  # one name through a link or not: training digests the path typed, eval config.json's
         files += [(f"{tag}/{f.relative_to(top) if f != top else f.name}", f) for f in data_files(top)]
     return files
 
