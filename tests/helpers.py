@@ -286,14 +286,17 @@ def hf_piece_loss(model_dir: Path, text: str, piece: int) -> tuple[float, int]:
 
 
 def save_tiny_model(path, model_type: str, **shape):
-    """A tiny model of `model_type` (one of TINY_MODELS, seed 0) with the tiny tokenizer, saved by save_pretrained as
-    a local HF model folder; `shape` overrides config fields. Returns `path`."""
+    """A tiny model of `model_type` (seed 0; TINY_MODELS holds the fields some types need beyond TINY_SHAPE) with the
+    tiny tokenizer, saved by save_pretrained as a local HF model folder; `shape` overrides config fields. Returns
+    `path`."""
     import torch
     from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = build_tiny_tokenizer(chat_template=CHATML)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), **{**TINY_SHAPE, **TINY_MODELS[model_type], **shape})
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), **{**TINY_SHAPE, **TINY_MODELS.get(model_type, {}), **shape}
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)

@@ -530,3 +530,19 @@ def test_the_attention_line_says_where_its_backend_came_from(tmp_path, capsys):
         assert main(["train", *tiny, *argv]) == 0
         err = capsys.readouterr().err
         assert [x for x in err.splitlines() if x.startswith("attention:")] == [line], err
+
+
+def test_an_attention_fallback_is_said_once(tmp_path, capsys):
+    """A requested backend that cannot run the model (sdpa has no logit softcap; Gemma 2 uses one) is one warning
+    naming the reason and what runs instead; the `attention:` line that followed it said the same again."""
+    from helpers import GSM8K, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "gemma2", "gemma2", attn_logit_softcapping=50.0)
+    argv = ["--experiment", "sft", "--model", str(model), "--data", str(GSM8K), "--attn-implementation", "sdpa",
+            "--max-steps", "1", "--training.warmup-steps", "0", "--training.eval-every", "0",
+            "--generation.sample-prompt", "", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    assert main(["train", *argv]) == 0
+    err = capsys.readouterr().err
+    said = [x for x in err.splitlines() if "softcap" in x and "attention" in x]
+    assert said == ["attention backend 'sdpa' unavailable: no attention logit softcap (model uses 50.0); using "
+                    "'eager' instead"], err  # fmt: skip

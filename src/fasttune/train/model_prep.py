@@ -63,7 +63,7 @@ def _choose_attention(cfg: BaseConfig, device, dtype, model_config, origin: str 
         model_config=model_config,
     )
     reason = origin if r.reason == "requested" else r.reason
-    if cfg.attn_implementation != "auto":  # auto's choice and its reason are logged as it chooses
+    if r.reason == "requested":  # auto's choice is logged as it chooses, a fallback warned of as it falls back
         log.info("attention: %s (%s)", r.name, reason)
     return AttentionChoice(cfg.attn_implementation, r.name, r.hf_name, reason)
 
