@@ -114,3 +114,54 @@ def test_the_report_to_answer_names_the_files_a_run_writes():
     answer = NO_SUCH_OPTION["report-to"]
     assert folder.metrics.name in answer and f"`wandb sync --sync-tensorboard {folder.tensorboard}`" in answer
     assert "--training.tensorboard" in answer and "--training.tensorboard" in option_table()
+
+
+@pytest.mark.parametrize("name", ["sharegpt", "conversational", "chat_template"])
+def test_other_tools_chat_format_names_read_what_chat_reads(name, tmp_path, capsys):
+    """--data.format sharegpt was refused ("choose one of: auto, text, ...") though auto read ShareGPT records as chat;
+    ShareGPT's, TRL's conversational and Axolotl's chat_template name chat: the records chat reads (from/value turns,
+    role/content messages, TRL's conversational prompt/completion) are read as chat by each name, given on the command
+    line, in a --config file, or as eval's --format; a file of another format is refused as chat refuses it."""
+    from fasttune.config import DataConfig
+    from fasttune.data.formats import load_records
+    from fasttune.errors import DataError
+
+    data = {
+        "sharegpt.jsonl": {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+        "messages.jsonl": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        "trl.jsonl": {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant",
+                                                                                     "content": "yo"}]},
+    }  # fmt: skip
+    for file, record in data.items():
+        (tmp_path / file).write_text(json.dumps(record) + "\n")
+        assert load_records(str(tmp_path / file), name) == load_records(str(tmp_path / file), "chat"), file
+        assert load_records(str(tmp_path / file), name)[1] == "chat"
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps({"instruction": "hi", "output": "yo"}) + "\n")
+    with pytest.raises(DataError, match="missing field 'messages' for format chat"):
+        load_records(str(tmp_path / "alpaca.jsonl"), name)
+    assert DataConfig(format=name).format == name
+    (tmp_path / "run.yaml").write_text(f"data: {{format: {name}}}\n")
+    for argv in (["--data.format", name], ["--config", str(tmp_path / "run.yaml")]):
+        assert cli.main(["train", *argv, "--bogus"]) == 2  # parsed and checked; the unknown option stops it
+        err = capsys.readouterr().err
+        assert err.startswith("error: unknown option --bogus"), err
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("completion", "Axolotl's completion (records of one text field) is text here, and prompt/completion records "
+                       "are prompt_completion"),
+        ("messages", "records of messages are chat"),
+        ("alpaca_chat", "Axolotl's alpaca_chat renders Alpaca records as a chat; alpaca trains them with the Alpaca "
+                        "prompt, and records converted to messages train as chat"),
+    ],
+)  # fmt: skip
+def test_other_tools_format_names_of_two_meanings_say_which_format_reads_them(name, expected, tmp_path, capsys):
+    names = "auto, text, alpaca, prompt_completion, chat, sharegpt, conversational, chat_template"
+    file = tmp_path / "run.yaml"
+    file.write_text(f"data: {{format: {name}}}\n")
+    for argv, shown in ((["--data.format", name], "--data.format"), (["--config", str(file)], f"{file}: data.format")):
+        assert cli.main(["train", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {shown}={name!r} is not valid; {expected}; choose one of: {names}\n", err

@@ -128,8 +128,9 @@ def test_a_typod_message_key_is_named(tmp_path, typo):
 
 
 def test_invalid_format_name():
-    message = error_for(FIXTURES / "alpaca.jsonl", "sharegpt")
-    assert "'sharegpt' is not valid" in message and "prompt_completion" in message
+    message = error_for(FIXTURES / "alpaca.jsonl", "sharegtp")
+    assert message == ("--data.format='sharegtp' is not valid (did you mean sharegpt?); choose one of: auto, text, "
+                       "alpaca, prompt_completion, chat, sharegpt, conversational, chat_template")  # fmt: skip
 
 
 def test_text_files_cannot_be_read_as_alpaca():

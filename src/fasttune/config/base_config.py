@@ -14,12 +14,13 @@ from typing import Annotated
 import tyro
 
 from fasttune.attention import NAMES
+from fasttune.data.formats import FORMAT_NAMES, unknown_format
 from fasttune.errors import ConfigError
 
 ATTN_CHOICES = ("auto", *NAMES)
 MODEL_PRESETS = ("micro", "tiny", "small", "125m", "350m", "1b", "llama-3.1-8b", "qwen2.5-7b", "gemma-3-1b",
                  "phi-3-mini")  # fmt: skip
-DATA_FORMATS = ("auto", "text", "alpaca", "prompt_completion", "chat")
+DATA_FORMATS = ("auto", *FORMAT_NAMES)
 DTYPES = ("auto", "bf16", "fp32")
 OVERLONG = ("auto", "truncate", "split", "drop")
 MEMORY_PLANS = ("auto", "none", "ops", "attention", "mlp", "every:K", "full", "offload")
@@ -138,8 +139,10 @@ class DataConfig:
     field=...) reads). None: the one key holding a list of records is read, and several are refused. May be given
     or changed on --resume: the run goes on only if the records it picks tokenize to the data the run trained on."""
     format: str = "auto"
-    """Record format: auto (detect), text, alpaca, prompt_completion, chat (TRL's conversational prompt/completion,
-    lists of messages, is read as chat: trained on the completion's assistant turns)."""
+    """Record format: auto (detect), text, alpaca, prompt_completion, chat (role/content messages; ShareGPT's
+    conversations of from/value turns; TRL's conversational prompt/completion, lists of messages, trained on the
+    completion's assistant turns). sharegpt, conversational (TRL) and chat_template (Axolotl) are chat's other names:
+    they read the same records."""
     train_on_prompt: bool = False
     """Supervised formats: also train on prompt tokens (default: loss on the response only)."""
     max_length: int = 256
@@ -172,7 +175,8 @@ class DataConfig:
     (tokenizer-<fingerprint of its texts>-<vocab>/)."""
 
     def __post_init__(self) -> None:
-        _choice("data.format", self.format, DATA_FORMATS)
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(unknown_format("data.format", self.format))
         _choice("data.overlong", self.overlong, OVERLONG)
         if self.field is not None and not self.field:
             raise ConfigError("data.field='' is not valid; name the JSON key that holds the records (e.g. data) or "

@@ -39,6 +39,22 @@ from fasttune.data.readers import (
 from fasttune.errors import DataError, hub_id_hint
 
 FORMATS = ("text", "alpaca", "prompt_completion", "chat")
+"""The formats records are trained as (data/sft.py renders each)."""
+FORMAT_NAMES = {**{f: f for f in FORMATS}, "sharegpt": "chat", "conversational": "chat", "chat_template": "chat"}
+"""Every name --data.format (eval's --format) takes beside auto, and the format it reads the records as: the other
+tools' names of chat read what chat reads (a conversation of ShareGPT's from/value turns or of role/content messages,
+TRL's conversational prompt/completion): ShareGPT's (Axolotl's and LLaMA-Factory's sharegpt type, whose OpenAI-style
+data is role/content messages), TRL's conversational and Axolotl's chat_template."""
+_NOT_FORMATS = {
+    "completion": "Axolotl's completion (records of one text field) is text here, and prompt/completion records are "
+    "prompt_completion",
+    "messages": "records of messages are chat",
+    "openai": "OpenAI's records of messages are chat",
+    "alpaca_chat": "Axolotl's alpaca_chat renders Alpaca records as a chat; alpaca trains them with the Alpaca prompt, "
+    "and records converted to messages train as chat",
+    "pretrain": "plain text (records of a text field, or text files) is text",
+}
+"""Names other tools give a format that could mean two of fasttune's: the error says which reads the records."""
 FORMAT_KEYS = {
     "text": '{"text"}',
     "alpaca": '{"instruction", "input", "output"}',
@@ -87,8 +103,9 @@ def load_records(
     the split of a save_to_disk DatasetDict read when it has several (None: refused, naming the split folders: eval
     must not guess). `field`: the key of a .json file's top-level object that holds the records. `flag`: the option
     that names `path` in messages (--data.val-path for a validation file)."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"data format {fmt!r} is not valid; choose one of: auto, {', '.join(FORMATS)}")
+    if fmt != "auto" and fmt not in FORMAT_NAMES:
+        raise DataError(unknown_format(option, fmt))
+    fmt = FORMAT_NAMES.get(fmt, fmt)
     root = _existing(path, flag)
     tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"), flag)
     _say_keys(path, tables)
@@ -119,6 +136,16 @@ def load_records(
         log.info("%s: %d records read as ShareGPT chat (conversations -> messages; from -> role: human -> user, gpt -> "
                  "assistant; value -> content)", path, shared)  # fmt: skip
     return records, "chat" if conversational else fmt
+
+
+def unknown_format(option: str, name: str) -> str:
+    """The line refusing format `name` given as `option`: which format reads what it names (_NOT_FORMATS), or the
+    closest name, and the names taken."""
+    key = name.strip().lower().replace("-", "_")
+    close = difflib.get_close_matches(key, ["auto", *FORMAT_NAMES], n=1, cutoff=0.75)
+    meant = f" (did you mean {close[0]}?)" if close and key not in _NOT_FORMATS else ""
+    hint = f"{_NOT_FORMATS[key]}; " if key in _NOT_FORMATS else ""
+    return f"{option}={name!r} is not valid{meant}; {hint}choose one of: auto, {', '.join(FORMAT_NAMES)}"
 
 
 def check_readable(path: str, flag: str = "--data") -> None:
@@ -198,7 +225,7 @@ def _sharegpt_to_chat(record: dict, where: str) -> dict:
     key = "messages" if "messages" in record else "conversations"
     turns = record.get(key)
     shared = isinstance(turns, list) and any(isinstance(t, dict) and "role" not in t and "from" in t for t in turns)
-    if key == "messages" and not shared:
+    if (key == "messages" and not shared) or key not in record:  # nothing to convert: chat's checks name what is not
         return record
     if shared:
         turns = [_sharegpt_turn(t, f"{where}: {key}[{j}]") for j, t in enumerate(turns)]

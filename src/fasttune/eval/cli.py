@@ -43,7 +43,8 @@ class EvalArgs(SamplingArgs):
     """Without --data: score every sample of the run's validation split, not only the first training.eval_batches
     micro-batches of it that its val_loss covers."""
     format: str = "auto"
-    """Record format: auto (detect), text, alpaca, prompt_completion, chat."""
+    """Record format: auto (detect), text, alpaca, prompt_completion, chat (also named sharegpt, conversational,
+    chat_template), as training's --data.format."""
     field: str | None = None
     """The key of a .json file's top-level object that holds the records ({"data": [...]}); None: the one key holding
     a list of records is read, and several are refused."""
