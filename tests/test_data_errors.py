@@ -240,12 +240,18 @@ def test_a_hugging_face_dataset_folder_is_read_without_its_dataset_card(tmp_path
 
 def test_a_folder_with_a_held_out_split_is_refused_naming_the_files(tmp_path):
     """train.jsonl beside test.jsonl (or HF's data/train-00000-of-00001.parquet beside test-...) was read as one data
-    set: the test records were trained on (and `fasttune eval --data` of the folder scored training records)."""
+    set: the test records were trained on (and `fasttune eval --data` of the folder scored training records). The fix
+    for training's --data keeps both splits (test_a_folder_of_splits_names_the_fix_that_trains_on_one_and_validates_on
+    _the_other); eval's --data and --data.val-path are pointed at the held-out split's file."""
     for name in ("train.jsonl", "test.jsonl"):
         shutil.copy(FIXTURES / "alpaca.jsonl", tmp_path / name)
     message = error_for(tmp_path)
     assert "several splits: test (test.jsonl), train (train.jsonl)" in message
-    assert f"e.g. {tmp_path / 'train.jsonl'}" in message
+    for flag in ("--data", "--data.val-path"):  # eval's --data, training's --data.val-path: the split scored
+        with pytest.raises(DataError) as info:
+            load_records(str(tmp_path), split=None, flag=flag)
+        assert str(info.value).endswith(f"point {flag} at one split's file (e.g. {tmp_path / 'test.jsonl'}) or keep "
+                                        "each split in its own folder")  # fmt: skip
     assert load_records(str(tmp_path / "train.jsonl"))[1] == "alpaca"  # the fix it names works
     (tmp_path / "test.jsonl").unlink()
     shutil.copy(FIXTURES / "alpaca.jsonl", tmp_path / "more.jsonl")  # shards of no held-out split still read
@@ -255,11 +261,33 @@ def test_a_folder_with_a_held_out_split_is_refused_naming_the_files(tmp_path):
     (repo / "README.md").write_text("# card\n")
     for name in ("test-00000-of-00001.jsonl", "train-00000-of-00001.jsonl"):
         shutil.copy(FIXTURES / "alpaca.jsonl", repo / "data" / name)
-    assert f"e.g. {repo / 'data' / 'train-00000-of-00001.jsonl'})" in error_for(repo)  # not "mixes ... (test-...)"
+    assert f"--data {repo / 'data' / 'train-00000-of-00001.jsonl'} --data.val-path" in error_for(repo)  # not "mixes"
     shutil.copy(FIXTURES / "alpaca.jsonl", repo / "data" / "train-00001-of-00002.jsonl")  # a sharded train split:
     message = error_for(repo)  # one of its files alone would train on part of it
     assert "train (2 files: data/train-00000-of-00001.jsonl, ...)" in message and "e.g." not in message
-    assert message.endswith("move each split's files into a folder of their own and point --data at it")
+    assert message.endswith("move each split's files into a folder of their own, then pass the training split's "
+                            "folder as --data and the held-out split's as --data.val-path")  # fmt: skip
+
+
+def test_a_folder_of_splits_names_the_fix_that_trains_on_one_and_validates_on_the_other(tmp_path, capsys):
+    """A folder of train.jsonl and validation.jsonl given as --data was refused with "point --data at one split's
+    file": the validation split was lost. The message names --data and --data.val-path, and the command it names
+    trains on the one and validates on the other."""
+    from fasttune.cli import main
+
+    records = [{"instruction": f"Add {i} and 1.", "output": str(i + 1)} for i in range(12)]
+    (folder := tmp_path / "ds").mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:9]))
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[9:]))
+    run = ["--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--data.tokenizer-vocab-size", "300",
+           "--data.cache-dir", str(tmp_path / "cache"), "--model.preset", "micro"]  # fmt: skip
+    assert main(["train", "--data", str(folder), *run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    fix = f"pass --data {folder / 'train.jsonl'} --data.val-path {folder / 'validation.jsonl'}"
+    assert len(err) == 1 and err[0].endswith(f"to train on train.jsonl and validate on validation.jsonl, {fix}"), err
+    assert main(["train", *fix.split()[1:], *run]) == 0
+    out = capsys.readouterr().err
+    assert "samples: 9 train, 3 validation" in out and "validation: the 3 records of --data.val-path" in out, out
 
 
 def test_chat_without_assistant_turn(tmp_path):

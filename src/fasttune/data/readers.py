@@ -98,7 +98,7 @@ def read_tables(root: Path, split: str | None, field: JsonField = JsonField(), f
             if _is_saved_dataset(root):
                 _no_field(root, field, "a save_to_disk folder")
                 return [_read_saved_dataset(root, split, flag)]
-        files = _folder_files(root, flag) if root.is_dir() else [root]
+        files = _folder_files(root, split, flag) if root.is_dir() else [root]
     except OSError as e:  # Path.is_file raises on a folder it may not look into (Python 3.11)
         raise unreadable(e, root, flag) from e
     return [_read_readable(f, field, root, flag) for f in files]
@@ -146,8 +146,9 @@ def _read_file(path: Path, field: JsonField) -> Table:
     )
 
 
-def _folder_files(root: Path, flag: str) -> list[Path]:
-    """Text or data files under `root` (sorted, hidden and __pycache__ entries skipped; other types ignored)."""
+def _folder_files(root: Path, split: str | None, flag: str) -> list[Path]:
+    """Text or data files under `root` (sorted, hidden and __pycache__ entries skipped; other types ignored); `split`:
+    the split wanted, as read_tables takes it (a folder of several is refused: _check_one_split)."""
     files = [p for p in _walk(root) if p.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES and p.is_file()]
     if not files:
         raise DataError(
@@ -156,7 +157,7 @@ def _folder_files(root: Path, flag: str) -> list[Path]:
     data = [p for p in files if p.suffix.lower() in DATA_SUFFIXES]
     if data:  # a dataset card beside the data (a Hugging Face dataset repository's README.md) is not data
         files = [p for p in files if p in data or p.name.lower() != "readme.md"]
-    _check_one_split(root, data, flag)
+    _check_one_split(root, data, split, flag)
     if data and len(data) < len(files):
         text = next(p for p in files if p.suffix.lower() not in DATA_SUFFIXES)
         raise DataError(
@@ -219,20 +220,35 @@ def _split_of(path: Path) -> str:
     return next((split for split, names in _SPLIT_WORDS.items() if words & names), "")
 
 
-def _check_one_split(root: Path, files: list[Path], flag: str) -> None:
+def _check_one_split(root: Path, files: list[Path], split: str | None, flag: str) -> None:
     """A folder of data files that name a held-out split (test.jsonl beside train.jsonl) would be read as one data
-    set, the held-out records trained (or evaluated) with the rest: refused, naming the files."""
+    set, the held-out records trained (or evaluated) with the rest: refused, naming the files and how to read one
+    split (`split`: "train" for training's --data, which can validate on the other as --data.val-path)."""
     splits: dict[str, list[Path]] = {}
     for f in files:
         splits.setdefault(_split_of(f.relative_to(root)), []).append(f)
     if len(splits) > 1 and splits.keys() & {"validation", "test"}:
-        named = ", ".join(f"{split or 'no split'} ({_files(root, fs)})" for split, fs in splits.items())
-        wanted = splits.get("train") or splits.get("") or next(iter(splits.values()))
-        fix = f"move each split's files into a folder of their own and point {flag} at it"
-        if len(wanted) == 1:
-            fix = f"point {flag} at one split's file (e.g. {wanted[0]}) or keep each split in its own folder"
+        named = ", ".join(f"{name or 'no split'} ({_files(root, fs)})" for name, fs in splits.items())
         raise DataError(f"{root}: the folder holds the files of several splits: {named}, which would be read as one "
-                        f"data set; {fix}")  # fmt: skip
+                        f"data set; {_split_fix(splits, split, flag)}")  # fmt: skip
+
+
+def _split_fix(splits: dict[str, list[Path]], split: str | None, flag: str) -> str:
+    """How to read one split of a folder of several (_check_one_split): training's --data (`split` "train") its
+    training split as --data and a held-out one as --data.val-path, which keeps both; another option the split it
+    reads (a validation or test split: what --data.val-path and eval's --data score)."""
+    train = splits.get("train") or splits.get("") or next(iter(splits.values()))
+    held = next((splits[name] for name in ("validation", "test") if name in splits and splits[name] != train), train)
+    if split == "train" and flag == "--data":
+        if len(train) == len(held) == 1:
+            return (f"to train on {train[0].name} and validate on {held[0].name}, pass --data {train[0]} "
+                    f"--data.val-path {held[0]}")  # fmt: skip
+        return ("move each split's files into a folder of their own, then pass the training split's folder as --data "
+                "and the held-out split's as --data.val-path")  # fmt: skip
+    wanted = train if split == "train" else held
+    if len(wanted) == 1:
+        return f"point {flag} at one split's file (e.g. {wanted[0]}) or keep each split in its own folder"
+    return f"move each split's files into a folder of their own and point {flag} at it"
 
 
 def _files(root: Path, files: list[Path]) -> str:
