@@ -145,7 +145,7 @@ def test_a_records_chat_template_kwargs_reach_the_template_in_training_and_eval(
     prompt = tok.apply_chat_template([Q1], tokenize=False, add_generation_prompt=True, **kwargs)
     assert sample["input_ids"][:start] == tok(prompt, add_special_tokens=False)["input_ids"]
     args = SimpleNamespace(
-        data=_jsonl(tmp_path / "e.jsonl", records),
+        data=(_jsonl(tmp_path / "e.jsonl", records),),
         format="auto",
         field=None,
         limit=None,

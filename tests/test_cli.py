@@ -147,7 +147,7 @@ def test_a_permission_error_no_check_caught_is_one_line_naming_the_file(monkeypa
 def test_stable_short_flags_and_main_py_forms():
     cfg = cli.parse_train_args(["--model", "m", "--data=d.jsonl", "--max-steps", "7", "--save-every", "3",
                                 "--output-dir", "o", "--attn-implementation", "eager", "--resume"])  # fmt: skip
-    assert (cfg.model.path, cfg.data.path, cfg.training.max_steps, cfg.training.save_every) == ("m", "d.jsonl", 7, 3)
+    assert (cfg.model.path, cfg.data.path, cfg.training.max_steps, cfg.training.save_every) == ("m", ("d.jsonl",), 7, 3)
     assert (cfg.output_dir, cfg.attn_implementation, cfg.resume) == ("o", "eager", True)
     sft = cli.parse_train_args(["--experiment", "sft", "--training.lr", "1e-4"])
     assert sft.experiment == "sft" and sft.training.lr == 1e-4 and sft.data.max_length == 1024  # preset, then options

@@ -130,7 +130,10 @@ def test_a_home_folder_path_in_the_file_is_the_home_folder(tmp_path, monkeypatch
     cfg = _config(["--config", str(f)])
     home = tmp_path / "home"
     got = (cfg.output_dir, cfg.model.path, cfg.data.path, cfg.data.cache_dir)
-    assert got == (str(home / "runs/a"), str(home / "m"), str(home / "d.json"), str(home / "c"))
+    assert got == (str(home / "runs/a"), str(home / "m"), (str(home / "d.json"),), str(home / "c"))
+    f.write_text("data: {path: [~/d.json, e.jsonl], val_path: [~/v.json]}\n")  # several paths: a list, each expanded
+    cfg = _config(["--config", str(f)])
+    assert (cfg.data.path, cfg.data.val_path) == ((str(home / "d.json"), "e.jsonl"), (str(home / "v.json"),))
 
 
 def test_a_max_length_set_in_the_file_counts_as_the_users(tmp_path, capsys):

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fasttune.data.corpus import holdout
-from fasttune.data.formats import load_records
+from fasttune.data.formats import load_paths
 from fasttune.data.packing import IGNORE, Batcher, collate_packed
 from fasttune.data.pipeline import build_data, data_fingerprint
 from fasttune.data.sample import Sample, Samples
@@ -51,7 +51,7 @@ def _hf_sample(tok, record: dict) -> dict:
 
 
 def _reference(tok, cfg) -> tuple[list[dict], list[dict]]:
-    records, _ = load_records(cfg.data.path, "auto")
+    records, _ = load_paths(cfg.data.path, "auto")
     train, val = holdout(records, [str(i) for i in range(len(records))], cfg.data.val_fraction)
     return [_hf_sample(tok, r) for r in train], [_hf_sample(tok, r) for r in val]
 

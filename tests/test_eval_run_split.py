@@ -160,7 +160,7 @@ def test_eval_from_another_directory_finds_a_run_started_with_relative_paths(tmp
                      save_every=1, eval_every=1)  # fmt: skip
     loop.train(dataclasses.replace(cfg, output_dir="run"))
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert recorded["data"]["path"] == str(tmp_path / "gsm8k.json") and recorded["model"]["path"] == str(
+    assert recorded["data"]["path"] == [str(tmp_path / "gsm8k.json")] and recorded["model"]["path"] == str(
         tmp_path / "base")  # fmt: skip
     monkeypatch.chdir(tmp_path / "run")
     summary = _eval(tmp_path, "--checkpoint", ".")
@@ -183,7 +183,7 @@ def test_eval_of_a_run_trained_on_a_hugging_face_cache_file_reads_it_through_its
     cfg = sft_config(tmp_path, base, link, max_length=LENGTH, val_fraction=0.3, max_steps=1, save_every=1,
                      eval_every=1)  # fmt: skip
     result = loop.train(cfg)
-    assert json.loads((result.run_dir / "config.json").read_text())["data"]["path"] == str(link)
+    assert json.loads((result.run_dir / "config.json").read_text())["data"]["path"] == [str(link)]
     summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
     assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[1], rel=1e-6)
     said = [x for x in capsys.readouterr().err.splitlines() if "validation split:" in x]

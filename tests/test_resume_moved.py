@@ -162,7 +162,7 @@ def test_resume_with_the_runs_config_after_the_project_folder_moved_is_a_bare_re
     retyped = ["--model", "base", "--data", "d.json", "--resume", "--max-steps", "3"]
     assert main(["train", "--config", "runs/a/config.json", *retyped]) == 0
     saved = json.loads((new / "runs/a/config.json").read_text())
-    assert (saved["model"]["path"], saved["data"]["path"]) == (str(new / "base"), str(new / "d.json"))
+    assert (saved["model"]["path"], saved["data"]["path"]) == (str(new / "base"), [str(new / "d.json")])
 
 
 def test_the_weights_digest_reads_the_files_transformers_loads_and_never_trusts_a_header_length(tmp_path):

@@ -434,6 +434,34 @@ def test_resume_takes_the_same_data_path_spelled_another_way(finished, tmp_path,
     assert folder.moved_data(other) == {"data.path": "corpus/train.jsonl"}
 
 
+def test_resume_takes_several_data_paths_spelled_another_way_and_leaves_another_order_to_the_content(
+    finished, tmp_path, monkeypatch
+):
+    """config.json records several --data paths as a list: the same files spelled another way resume; another order,
+    another file or one path fewer is left to the content check (the records, in that order, are the data); a
+    --data.val-path given where the run had none is a change."""
+    import json
+
+    cfg, result = finished
+    folder = RunFolder(result.run_dir)
+    saved = json.loads(folder.config.read_text())
+    saved["data"]["path"] = ["corpus/a.jsonl", str(tmp_path / "corpus" / "b")]
+    folder.config.write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    same = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=(str(tmp_path / "corpus/a.jsonl"),
+                                                                            "./corpus/b")))  # fmt: skip
+    folder.check_resume(same)
+    assert folder.moved_data(same) == {}
+    for paths in (("corpus/b", "corpus/a.jsonl"), ("corpus/a.jsonl",), ("corpus/a.jsonl", "corpus/b", "corpus/c")):
+        other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=paths))
+        folder.check_resume(other)
+        assert folder.moved_data(other) == {"data.path": f"corpus/a.jsonl {tmp_path / 'corpus' / 'b'}"}
+    with_val = dataclasses.replace(same, data=dataclasses.replace(same.data, val_path=("v.jsonl", "w.jsonl")))
+    with pytest.raises(ConfigError, match=r"^--resume: data.val_path is 'v.jsonl w.jsonl' but the run was started "
+                                          "with None"):  # fmt: skip
+        folder.check_resume(with_val)
+
+
 def test_resume_of_a_run_recorded_before_overlong_auto_continues_with_the_same_data(finished):
     """Runs started before data.overlong's default became `auto` recorded `split` (quick, full) or `truncate` (sft):
     they resume with the value they recorded (auto could give other samples: test below); an explicit other value is

@@ -78,7 +78,7 @@ def test_resume_with_an_edited_val_file_is_refused_and_with_a_moved_one_goes_on(
             loop.train(_with_val(resumed, changed))
     assert loop.train(_with_val(resumed, other)).records[-1]["step"] == 3
     assert f"--resume: --data.val-path moved ({val} -> {other}); its content is the one this run" in caplog.text
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["val_path"] == str(other)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["val_path"] == [str(other)]
 
 
 def test_an_epoch_is_the_training_files(base, tmp_path):
@@ -166,7 +166,7 @@ def test_a_config_file_and_the_flag_set_the_same_val_file(tmp_path, monkeypatch)
     got = cli.parse(["train", "--config", str(f)]).config.validate()
     flags = ["--experiment", "sft", "--data", str(tmp_path / "t.json"), "--data.val-path", str(tmp_path / "v.json")]
     assert got == cli.parse(["train", *flags]).config.validate()
-    assert got.data.val_path == str(tmp_path / "v.json")
+    assert got.data.val_path == (str(tmp_path / "v.json"),)
 
 
 def test_a_val_file_left_out_whole_by_max_length_is_said_with_its_fix(base, tmp_path, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -51,6 +52,7 @@ def _positive(args: Command, names: tuple[str, ...], least: float = 1) -> None:
 def command_line(args: Command, name: str) -> list[str]:
     """The command line that reproduces `args` (the options that differ from their defaults), for the results."""
     out = [name]
+    hints = typing.get_type_hints(type(args), include_extras=True)
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
         if f.name in ("debug", "given") or value == f.default:
@@ -58,6 +60,8 @@ def command_line(args: Command, name: str) -> list[str]:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             out.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        elif isinstance(value, tuple) and tyro.conf.UseAppendAction not in getattr(hints[f.name], "__metadata__", ()):
+            out += [flag, *map(str, value)]  # --data a b: the values after one flag
         else:
             out += [x for v in (value if isinstance(value, tuple) else (value,)) for x in (flag, str(v))]
     return out
@@ -170,9 +174,9 @@ class TrainBench(Command):
     """Shortest sample (default 32 on a GPU, 8 on a CPU)."""
     max_length: int | None = None
     """Longest sample and packed row length (default 2048 on a GPU, 256 on a CPU)."""
-    data: str | None = None
+    data: Annotated[tuple[str, ...] | None, tyro.conf.arg(metavar="PATH [PATH ...]")] = None
     """Use the token lengths and label masks (prompts untrained, as `fasttune train --data` trains) of this dataset
-    instead of the lognormal mix, every token trained."""
+    (one path or several, as --data takes them) instead of the lognormal mix, every token trained."""
     model: str | None = None
     """Tokenizer folder for --data (default: fasttune's own BPE)."""
     micro_batch: int | None = None

@@ -24,15 +24,16 @@ def sft_lengths(n: int, median: float, mean: float, lo: int, hi: int, seed: int 
     return [min(hi, max(lo, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
 
 
-def dataset_workload(path: str, model_path: str | None, max_length: int, n: int) -> tuple[list[int], list[list[bool]]]:
-    """Token lengths of a real dataset, tokenized exactly as `fasttune train --data PATH` would, and which tokens of
-    each sample have a label (prompts and templates have none unless trained on)."""
+def dataset_workload(paths: tuple[str, ...], model_path: str | None, max_length: int,
+                     n: int) -> tuple[list[int], list[list[bool]]]:  # fmt: skip
+    """Token lengths of a real dataset, tokenized exactly as `fasttune train --data PATH...` would, and which tokens
+    of each sample have a label (prompts and templates have none unless trained on)."""
     from fasttune.config import get_experiment
     from fasttune.data.packing import IGNORE
     from fasttune.data.pipeline import build_data
 
     cfg = get_experiment("sft")
-    cfg.data.path, cfg.model.path, cfg.data.max_length = path, model_path, max_length
+    cfg.data.path, cfg.model.path, cfg.data.max_length = paths, model_path, max_length
     samples = build_data(cfg.validate()).train
     samples = samples[:n] if n else samples
     return [len(s) for s in samples], [(s.labels() != IGNORE).tolist() for s in samples]

@@ -13,7 +13,6 @@ import io
 import types
 import typing
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from fasttune.config.base_config import BaseConfig
 from fasttune.errors import ConfigError
@@ -212,10 +211,6 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
 
     if token in EXPERIMENTS and _STEPS in table:  # `fasttune train sft`: train's options
         return f"unexpected argument {token!r}: name the experiment with --experiment {token}"
-    i = args.index(token) if token in args else -1
-    if i >= 2 and args[i - 2] in ("--data", "--data.path") and Path(token).exists():
-        return (f"unexpected argument {token!r}: --data takes one file or folder; put the files in one folder and "
-                "pass the folder (its files are read as one data set)")  # fmt: skip
     if commands and token in args and args.index(token) == command.count(" "):
         where = f" for `{command}`" if " " in command else ""
         return f"unknown command {token!r}{where}; choose one of: {', '.join(commands)}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -129,11 +130,24 @@ class ModelConfig:
             )
 
 
+def as_paths(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """data.path / data.val_path as the paths they name: one given as a string (a config.json of an older fasttune,
+    a Python caller) is a path of its own."""
+    return value if value is None or isinstance(value, tuple) else (value,) if isinstance(value, str) else tuple(value)
+
+
+def shown(paths: Sequence[str]) -> str:
+    """Paths as messages name them: as typed after their option."""
+    return " ".join(paths)
+
+
 @dataclass
 class DataConfig:
-    path: Annotated[str | None, tyro.conf.arg(aliases=("--data",), metavar="PATH")] = None
-    """Dataset: text file or folder, .jsonl/.json/.parquet/.csv, or a save_to_disk folder. None: the embedded
-    corpus (this Python's standard library source)."""
+    path: Annotated[tuple[str, ...] | None, tyro.conf.arg(aliases=("--data",), metavar="PATH [PATH ...]")] = None
+    """Dataset: a text file or folder, .jsonl/.json/.parquet/.csv, or a save_to_disk folder; several (`--data
+    a.jsonl b.parquet`, a list in --config) are one data set of their records in that order, each file's format
+    detected on its own (they must train as one format). None: the embedded corpus (this Python's standard library
+    source)."""
     field: str | None = dataclasses.field(default=None, metadata=RESUMABLE)
     """The key of a .json file's top-level object that holds the records ({"data": [...]}, as load_dataset("json",
     field=...) reads). None: the one key holding a list of records is read, and several are refused. May be given
@@ -161,8 +175,9 @@ class DataConfig:
     """Fraction of documents held out for validation (deterministic split); plain text of too few documents for
     that (one .txt file) holds out that fraction of its max_length pieces instead, the last ones. Not used with
     `val_path` (nothing is held out then)."""
-    val_path: Annotated[str | None, tyro.conf.arg(metavar="PATH")] = None
-    """A separate validation file or folder (any path `path` takes; TRL's eval_dataset, Axolotl's test_datasets):
+    val_path: Annotated[tuple[str, ...] | None, tyro.conf.arg(metavar="PATH [PATH ...]")] = None
+    """A separate validation file or folder, or several (any paths `path` takes; TRL's eval_dataset, Axolotl's
+    test_datasets):
     its records are the validation samples, read in the training data's format and tokenized, templated and cut to
     max_length as held-out records are; all of `path` is trained on and val_fraction is not used. Needs `path`."""
     tokenizer_vocab_size: int = 4096
@@ -175,6 +190,11 @@ class DataConfig:
     (tokenizer-<fingerprint of its texts>-<vocab>/)."""
 
     def __post_init__(self) -> None:
+        self.path, self.val_path = as_paths(self.path), as_paths(self.val_path)
+        for key, paths in (("data.path", self.path), ("data.val_path", self.val_path)):
+            if paths == ():
+                raise ConfigError(f"{key} is empty (no path after it); pass one or more data files or folders, or "
+                                  "leave it out")  # fmt: skip
         if self.format not in DATA_FORMATS:
             raise ConfigError(unknown_format("data.format", self.format))
         _choice("data.overlong", self.overlong, OVERLONG)

@@ -158,7 +158,7 @@ def _expected(kind) -> str:
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         return " or ".join(_expected(a) for a in args if a is not type(None)) + ' or null ("None" in TOML)'
     if typing.get_origin(kind) is tuple:
-        return "a list of strings"
+        return "a string or a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 
@@ -261,6 +261,8 @@ def _fields(cls: type, data: dict, prefix: str, name: str, overridden: frozenset
             out[field] = _coerce(value, table[key].kind, key, name)
             if key in PATHS and isinstance(out[field], str):
                 out[field] = os.path.expanduser(out[field])
+            elif key in PATHS and isinstance(out[field], tuple):  # data.path: [a.jsonl, ~/b.jsonl]
+                out[field] = tuple(map(os.path.expanduser, out[field]))
         else:
             raise _unknown([prefix + str(raw)], name)
     return out

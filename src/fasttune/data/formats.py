@@ -23,6 +23,7 @@ import difflib
 import glob
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
@@ -31,6 +32,7 @@ from fasttune.data.readers import (
     Table,
     check_data_path,
     check_size,
+    data_files,
     read_tables,
     text_size,
     type_name,
@@ -87,6 +89,55 @@ PROMPT_TURNS = "_prompt_turns"
 """A chat record converted from a conversational prompt/completion one: how many of its leading messages were the
 prompt (their assistant turns are context, never trained)."""
 _FORMAT_HINT = "; ".join(f"{name} {keys}" for name, keys in FORMAT_KEYS.items())
+
+
+def load_paths(
+    paths: Sequence[str],
+    fmt: str = "auto",
+    option: str = "--data.format",
+    split: str | None = "train",
+    field: str | None = None,
+    flag: str = "--data",
+) -> tuple[list[dict], str]:
+    """The records of the data sets at `paths` (--data a.jsonl b.parquet) as one list, in their order, and their
+    format: each path read by load_records, its format detected (or checked against `fmt`) on its own, and all must
+    train as one (ShareGPT beside role/content messages: chat; Alpaca beside chat is refused, naming both). `field`
+    names the key of .json files' objects: given several paths, it is not passed to another type of file among them
+    (it names a key of the .json ones). A string is one path (never its characters)."""
+    paths = (paths,) if isinstance(paths, str) else paths
+    _refuse_overlap(paths, flag)
+    records: list[dict] = []
+    first: dict[str, str] = {}  # format -> the first path of it
+    for path in paths:
+        own = field if len(paths) == 1 or Path(path).is_dir() or Path(path).suffix.lower() == ".json" else None
+        got, fmt_got = load_records(path, fmt, option, split, own, flag)
+        if first and fmt_got not in first:
+            fmt_was, was = next(iter(first.items()))
+            raise DataError(f"{path}: its records are {fmt_got}, and those of {was} (given with it as {flag}) are "
+                            f"{fmt_was}; one run trains one format: convert the files to one (chat also reads "
+                            "ShareGPT and TRL's conversational records) or train on them apart")  # fmt: skip
+        first.setdefault(fmt_got, path)
+        records += got
+    return records, next(iter(first))
+
+
+def _refuse_overlap(paths: Sequence[str], flag: str) -> None:
+    """A file that two of `paths` name (a.jsonl twice; a folder and a file in it) would be read, trained and held out
+    twice: refused, naming it."""
+    if len(paths) < 2:
+        return
+    seen: dict[Path, int] = {}
+    for i, path in enumerate(paths):
+        try:
+            files = data_files(Path(path).resolve()) if Path(path).exists() else []
+        except OSError:
+            continue  # load_records names it
+        for f in files:
+            if (j := seen.setdefault(f, i)) != i:
+                was = paths[j]
+                twice = "twice" if Path(was).resolve() == Path(path).resolve() else f"by {was} and by {path}"
+                raise DataError(f"{flag}: {f} is named {twice}, so its records would be read twice; give each file "
+                                "once")  # fmt: skip
 
 
 def load_records(
@@ -178,12 +229,12 @@ def _several(path: str, flag: str = "--data") -> str:
     matches files, as HF datasets' data_files takes them), how to give them; "" otherwise (a missing data[1].jsonl
     is a missing file)."""
     parts = [p.strip() for p in path.split(",")]
-    if not (len(parts) > 1 and all(Path(p).exists() for p in parts)) and not glob.glob(os.path.expanduser(path)):
-        return ""
-    return (
-        f"; {flag} takes one file or folder, not a list or pattern of files: put the files in one folder and pass the "
-        "folder (its files are read as one data set)"
-    )
+    if len(parts) > 1 and all(Path(p).exists() for p in parts):
+        return f"; {flag} takes several paths one after the other, not joined by commas: {flag} {' '.join(parts)}"
+    if glob.glob(os.path.expanduser(path)):
+        return (f"; {flag} takes paths, not patterns: leave the pattern unquoted for the shell to expand ({flag} "
+                f"{path}), or pass the folder")  # fmt: skip
+    return ""
 
 
 def _say_keys(path: str, tables: list[Table]) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fasttune.config import BaseConfig, DataConfig
+from fasttune.config.base_config import shown
 from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load_stdlib_corpus, too_few_to_hold_out
 from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample, Samples
@@ -219,7 +220,8 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     summary.val_left_out = held.dropped + held.no_response + held.untrained
     if not train:  # a separate validation file's samples are not the training data's
         held_out = held if d.val_path is None else None
-        raise DataError(no_samples_left(d.path or "embedded corpus", summary, held_out, d.max_length))
+        source = shown(d.path) if d.path else "embedded corpus"
+        raise DataError(no_samples_left(source, summary, held_out, d.max_length))
     _count(summary, train, val, cfg)
     return DataBundle(Samples(train), Samples(val), tokenizer, summary)
 
@@ -257,8 +259,9 @@ def input_digest(d: DataConfig) -> str:
 
 def _input_files(d: DataConfig) -> list[tuple[str, Path]] | None:
     """(name, path) of each file the data may be read from: --data's and --data.val-path's, resolved (a folder's files
-    by their path in it), or the embedded corpus's stdlib files; None where a path is neither a file nor a folder
-    (empty, a FIFO, whose read would wait for a writer: the reader refuses it)."""
+    by their path in it, under data/ or val/, data[i]/ or val[i]/ for the i-th of several paths), or the embedded
+    corpus's stdlib files; None where a path is neither a file nor a folder (empty, a FIFO, whose read would wait for
+    a writer: the reader refuses it)."""
     from fasttune.data.readers import data_files
 
     if d.path is None:
@@ -267,14 +270,14 @@ def _input_files(d: DataConfig) -> list[tuple[str, Path]] | None:
         root = stdlib_root()
         return [(name, root / name) for name in list_stdlib_files(root)[: d.max_documents]]
     files = []
-    for tag, given in (("data", d.path), ("val", d.val_path)):
-        if given is None:
-            continue
-        top = Path(given)
-        if not given or not (top.is_file() or top.is_dir()):
-            return None
-        top = top.resolve()  # one name through a link or not: training digests the path typed, eval config.json's
-        files += [(f"{tag}/{f.relative_to(top) if f != top else f.name}", f) for f in data_files(top)]
+    for tag, paths in (("data", d.path), ("val", d.val_path)):
+        for i, given in enumerate(paths or ()):
+            top = Path(given)
+            if not given or not (top.is_file() or top.is_dir()):
+                return None
+            top = top.resolve()  # one name through a link or not: training digests the path typed, eval config.json's
+            name = tag if len(paths) == 1 else f"{tag}[{i}]"  # one path: the names an older run's checkpoint digested
+            files += [(f"{name}/{f.relative_to(top) if f != top else f.name}", f) for f in data_files(top)]
     return files
 
 
@@ -287,15 +290,16 @@ def check_paths(d: DataConfig) -> None:
     if d.path is None:
         _refuse_val_without_data(d)
         return
-    check_readable(d.path, "--data")
-    if d.val_path is not None:
-        check_readable(d.val_path, "--data.val-path")
+    for flag, paths in (("--data", d.path), ("--data.val-path", d.val_path or ())):
+        for path in paths:
+            check_readable(path, flag)
 
 
 def _refuse_val_without_data(d: DataConfig) -> None:
     if d.val_path is not None:
-        raise ConfigError(f"--data.val-path {d.val_path}: a validation file is for the --data it validates, and "
-                          "no --data is given (the embedded corpus); pass --data or drop --data.val-path")  # fmt: skip
+        raise ConfigError(f"--data.val-path {shown(d.val_path)}: a validation file is for the --data it validates, "
+                          "and no --data is given (the embedded corpus); pass --data or drop "
+                          "--data.val-path")  # fmt: skip
 
 
 _Read = tuple[list[Sample], list[Sample], PreTrainedTokenizerBase, DataSummary]
@@ -325,47 +329,48 @@ def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val
 def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val_only: bool = False) -> _Read | None:
     """--data's records, held out by record, else (text with too few documents) by the last pieces of the text;
     `val_only`: the training records are not tokenized (build_validation), None where the pieces need them."""
-    from fasttune.data.formats import PROMPT_TURNS, load_records, say_unrendered
+    from fasttune.data.formats import PROMPT_TURNS, load_paths, say_unrendered
     from fasttune.data.sft import tokenize_records
 
-    d = cfg.data
-    records, fmt = load_records(d.path, d.format, field=d.field)
+    d, source = cfg.data, shown(cfg.data.path)
+    records, fmt = load_paths(d.path, d.format, field=d.field)
     records = records[: d.max_documents]
-    say_unrendered(records, fmt, d.path)
+    say_unrendered(records, fmt, source)
     by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction) and d.val_path is None
     if by_piece and val_only:
         return None
     fraction = 0.0 if by_piece else d.val_fraction
-    summary = DataSummary(source=d.path, format=fmt)
+    summary = DataSummary(source=source, format=fmt)
     if d.val_path is None:
         train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
     else:
         train_recs, val_recs = records, _val_records(d, fmt, summary)
     tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
-    if records and PROMPT_TURNS in records[0]:
+    if any(PROMPT_TURNS in r for r in records):
         summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
                              "completion; the completion's assistant turns are trained)")  # fmt: skip
     train = [] if val_only else tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt,
-                                                 source=d.path, notes=summary.notes)  # fmt: skip
-    val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt, source=d.val_path or d.path,
-                           notes=[])  # fmt: skip
+                                                 source=source, notes=summary.notes)  # fmt: skip
+    val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt,
+                           source=shown(d.val_path or d.path), notes=[])  # fmt: skip
     if by_piece:
         train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
     return train, val, tokenizer, summary
 
 
 def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> list[dict]:
-    """--data.val-path's records, read as --data's (`fmt`, its format; --data.field names the key of a .json one):
+    """--data.val-path's records, read as --data's (`fmt`, its format; --data.field names the key of the .json ones):
     the validation set; --data.max-documents applies to --data only, and a DatasetDict of several splits is refused
     (which one validates is the user's to say)."""
-    from fasttune.data.formats import load_records, say_unrendered
+    from fasttune.data.formats import load_paths, say_unrendered
 
-    val_path = d.val_path
-    field = d.field if Path(val_path).suffix.lower() == ".json" else None  # a .jsonl one has no key to name
-    records, val_fmt = load_records(val_path, d.format, split=None, field=field, flag="--data.val-path")
+    val_path = shown(d.val_path)
+    json_file = any(Path(p).suffix.lower() == ".json" for p in d.val_path)  # a .jsonl one has no key to name
+    records, val_fmt = load_paths(d.val_path, d.format, split=None, field=d.field if json_file else None,
+                                  flag="--data.val-path")  # fmt: skip
     if val_fmt != fmt:
-        raise DataError(f"--data.val-path {val_path}: its records are {val_fmt} but --data {d.path}'s are {fmt}; "
-                        "give a validation file of the training data's format")  # fmt: skip
+        raise DataError(f"--data.val-path {val_path}: its records are {val_fmt} but --data {shown(d.path)}'s are "
+                        f"{fmt}; give a validation file of the training data's format")  # fmt: skip
     say_unrendered(records, fmt, val_path)
     summary.notes.append(f"  validation: the {count(len(records), 'record')} of --data.val-path {val_path} (nothing "
                          "held out of --data; data.val_fraction is not used)")  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Annotated
 import tyro
 from tyro.constructors import PrimitiveConstructorSpec
 
-from fasttune.config.base_config import OVERLONG
+from fasttune.config.base_config import OVERLONG, as_paths, shown
 from fasttune.errors import ConfigError
 from fasttune.generate.commands import SamplingArgs
 
@@ -34,11 +34,12 @@ class EvalArgs(SamplingArgs):
     number, for math data such as GSM8K). Without --data, a run's own validation split (its val_loss). Writes
     summary.json (and with --generate completions.jsonl) to --output-dir."""
 
-    data: str | None = None
-    """Evaluation data: a file or folder in any format training reads (alpaca, prompt/completion, chat, text). None:
-    the validation samples of the run --checkpoint is (or is a checkpoint, adapter/ or merged/ of), rebuilt from its
-    config.json as training built them (its data file must be unchanged), so the loss is the run's val_loss at that
-    checkpoint's step; a checkpoint that is no fasttune run needs --data."""
+    data: Annotated[tuple[str, ...] | None, tyro.conf.arg(metavar="PATH [PATH ...]")] = None
+    """Evaluation data: a file or folder, or several read as one data set as training's --data reads them, in any
+    format training reads (alpaca, prompt/completion, chat, text). None: the validation samples of the run
+    --checkpoint is (or is a checkpoint, adapter/ or merged/ of), rebuilt from its config.json as training built them
+    (its data files must be unchanged), so the loss is the run's val_loss at that checkpoint's step; a checkpoint
+    that is no fasttune run needs --data."""
     whole_split: bool = False
     """Without --data: score every sample of the run's validation split, not only the first training.eval_batches
     micro-batches of it that its val_loss covers."""
@@ -94,9 +95,13 @@ class EvalArgs(SamplingArgs):
             raise ConfigError(f"--overlong={self.overlong!r} is not valid; choose one of {', '.join(OVERLONG)}")
         if self.max_length is not None and self.max_length <= 1:
             raise ConfigError(f"--max-length={self.max_length} is not valid; it must be > 1 (tokens per piece)")
+        self.data = as_paths(self.data)
+        if self.data == ():
+            raise ConfigError("--data is empty (no path after it); pass the data files or folders to score, or leave "
+                              "it out to score the run's validation split")  # fmt: skip
         if self.whole_split and self.data is not None:
             raise ConfigError(f"--whole-split is for a run's own validation split (eval without --data); --data "
-                              f"{self.data} is scored whole already: leave one of them out")  # fmt: skip
+                              f"{shown(self.data)} is scored whole already: leave one of them out")  # fmt: skip
 
     def run(self) -> int:
         from fasttune.eval.run import run_eval

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from fasttune.config import BaseConfig
+from fasttune.config.base_config import shown
 from fasttune.data.sample import Sample
 from fasttune.errors import ConfigError, DataError, FasttuneError
 
@@ -73,8 +74,10 @@ def with_run_defaults(a, run: Path | None, cfg: BaseConfig | None) -> tuple:
 def check_files(run: Path, cfg: BaseConfig) -> None:
     """The run's data file and validation file are still there (else one line: pass --data)."""
     d = cfg.data
-    for option, path in (("data.path", d.path), ("data.val_path", d.val_path)):
-        if path is not None and not Path(path).exists():
+    for option, paths in (("data.path", d.path), ("data.val_path", d.val_path)):
+        for path in paths or ():
+            if Path(path).exists():
+                continue
             raise DataError(f"--checkpoint {run}: the run's data file {path} ({option} in its config.json) is gone, "
                             "so its validation split cannot be rebuilt; pass --data with the records to score (or "
                             "restore the file)")  # fmt: skip
@@ -99,7 +102,7 @@ def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple:
     if changes:  # the same records, cut or masked as eval's options say
         val, summary = (alone and build_validation(used, tokenizer)) or _whole(used, tokenizer)
     d = cfg.data
-    where = (f"--data.val-path {d.val_path}" if d.val_path else
+    where = (f"--data.val-path {shown(d.val_path)}" if d.val_path else
              f"{summary.source}, held out at data.val_fraction {d.val_fraction}")  # fmt: skip
     state = state or {}
     step = int(state.get("state", {}).get("step", 0)) or None
@@ -149,7 +152,8 @@ def _recorded(run: Path, src, cfg: BaseConfig) -> dict | None:
     state = next((s for s in states if s and s.get("data")), None)
     if state is None:
         log.warning("eval: no checkpoint of %s records its data fingerprint: the validation split rebuilt from %s "
-                    "cannot be checked to be the run's", run, cfg.data.path or "the embedded corpus")  # fmt: skip
+                    "cannot be checked to be the run's", run,
+                    shown(cfg.data.path or ["the embedded corpus"]))  # fmt: skip
     return state
 
 
@@ -157,7 +161,7 @@ def _check_fingerprint(run: Path, cfg: BaseConfig, state: dict, fingerprint: str
     """The rebuilt data's `fingerprint` is the one the checkpoint's `state` records; else eval stops in one line."""
     from fasttune.data.sft import MASKING_RULES
 
-    files = " or ".join(p for p in (cfg.data.path or "the embedded corpus", cfg.data.val_path) if p)
+    files = " or ".join(shown(p) for p in (cfg.data.path or ["the embedded corpus"], cfg.data.val_path) if p)
     if state.get("masking_rules", 1) != MASKING_RULES:
         why = "the run was trained by an earlier fasttune that trained other tokens of the same data"
     elif state["data"] != fingerprint:

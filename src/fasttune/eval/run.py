@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fasttune.config.base_config import shown
 from fasttune.data.packing import IGNORE, collate_padded
 from fasttune.data.sample import Sample
 from fasttune.data.sft import tokenize_records
@@ -130,11 +131,11 @@ def _print_table(summary: dict) -> None:
     Console(file=sys.stdout).print(table)
 
 
-def _outputs(a: EvalArgs, source: str | None) -> tuple[Path, Path] | None:
+def _outputs(a: EvalArgs, sources: Sequence[str] | None) -> tuple[Path, Path] | None:
     """(completions.jsonl, summary.json) in --output-dir, checked before any work: a file this eval writes
     (summary.json, completions.jsonl with --generate) is replaced with --overwrite only; one it does not write does
-    not stop it (_report removes it under --overwrite, as no longer this folder's result). `source`: the data read
-    (never written over)."""
+    not stop it (_report removes it under --overwrite, as no longer this folder's result). `sources`: the data paths
+    read (never written over)."""
     if a.output_dir is None:
         return None
     out = Path(a.output_dir)
@@ -143,7 +144,7 @@ def _outputs(a: EvalArgs, source: str | None) -> tuple[Path, Path] | None:
     files = (out / "completions.jsonl", out / "summary.json")
     from fasttune.generate.prompts import make_folder, refuse_writing_over
 
-    if source is not None:
+    for source in sources or ():
         what = "--data file" if Path(source).is_file() else "--data folder"
         for f in (out, *files):  # the folder first: inside the --data folder, the message names the folder given
             refuse_writing_over(f, source, "--output-dir", what)
@@ -189,7 +190,8 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
 def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: bool) -> list[Sample]:
     """`records` as training tokenizes them (`prompts`: with --train-on-prompt), each sample numbered by record."""
     origins: list[int] = []
-    samples = tokenize_records(records, fmt, tokenizer, train_on_prompt=prompts, source=a.data, origins=origins)
+    samples = tokenize_records(records, fmt, tokenizer, train_on_prompt=prompts, source=shown(a.data),
+                               origins=origins)  # fmt: skip
     if fmt != "text":
         _number_records(samples, origins)
     return samples
@@ -198,12 +200,12 @@ def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: b
 def _read(a: EvalArgs) -> tuple[list[dict], str]:
     """(--data's records, up to --limit; their format), read before the model loads: a data error (a missing field,
     an empty file, a folder of several splits) is said before minutes of loading, not after."""
-    from fasttune.data.formats import load_records, say_unrendered
+    from fasttune.data.formats import load_paths, say_unrendered
 
     # split=None: never a DatasetDict's train split
-    records, fmt = load_records(a.data, a.format, option="--format", split=None, field=a.field)
+    records, fmt = load_paths(a.data, a.format, option="--format", split=None, field=a.field)
     records = records[: a.limit]
-    say_unrendered(records, fmt, a.data, ("scored", "evaluate"))  # a misspelt 'input' is left out, as in training
+    say_unrendered(records, fmt, shown(a.data), ("scored", "evaluate"))  # a misspelt 'input' is left out, as training
     return records, fmt
 
 
@@ -225,8 +227,8 @@ def _samples(
     samples = _tokenized(a, records, fmt, tokenizer, prompts)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
-        raise DataError(f"{a.data}: no sample has a token to score (every {what} is empty), so there is no loss to "
-                        f"report; fill in the {what}s")  # fmt: skip
+        raise DataError(f"{shown(a.data)}: no sample has a token to score (every {what} is empty), so there is no "
+                        f"loss to report; fill in the {what}s")  # fmt: skip
     if a.max_length and context and a.max_length > context:
         raise ConfigError(f"--max-length {a.max_length} is longer than the model's context ({context} tokens); pass "
                           f"at most {context}")  # fmt: skip
@@ -244,7 +246,7 @@ def _samples(
         cut, counts = _truncated(a, samples, fmt)
         return cut, answered, fmt, too_long, counts
     if not any(map(_scored, kept)):
-        raise DataError(f"{a.data}: every sample with a response to score is longer than the model's context "
+        raise DataError(f"{shown(a.data)}: every sample with a response to score is longer than the model's context "
                         f"({context} tokens), and eval scores whole samples only; pass --max-length N to score "
                         "their first N tokens as training does, or shorten the records or split them into "
                         "several")  # fmt: skip
@@ -268,8 +270,8 @@ def _truncated(a: EvalArgs, samples: list[Sample], fmt: str) -> tuple[list[Sampl
         log.info("loss: %d of %d samples longer than --max-length %d left out (overlong drop), as training drops "
                  "them", counts.dropped, len(samples), a.max_length)  # fmt: skip
     if not out:
-        raise DataError(f"{a.data}: no sample has a response token within --max-length {a.max_length} (the prompt "
-                        "alone fills it, or the sample was dropped as longer); raise --max-length")  # fmt: skip
+        raise DataError(f"{shown(a.data)}: no sample has a response token within --max-length {a.max_length} (the "
+                        "prompt alone fills it, or the sample was dropped as longer); raise --max-length")  # fmt: skip
     cut = {"overlong": mode, "truncated_to_max_length": counts.truncated,
            "skipped_prompt_fills_max_length": counts.no_response}  # fmt: skip
     return out, cut | ({"dropped_longer_than_max_length": counts.dropped} if mode == "drop" else {})
@@ -368,7 +370,7 @@ def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[d
         loss_out = 0
     _say_left_out(context, loss_out, answers_out if a.generate else None)
     # cut's overlong (the policy a sample longer than the length met) takes the place of None where one applied
-    summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": a.data, "format": fmt,
+    summary = {"checkpoint": a.checkpoint, "model": src.describe(), "data": shown(a.data), "format": fmt,
                "train_on_prompt": prompts and fmt != "text", "max_length": a.max_length, "overlong": None,
                "samples": len(scored), "skipped_longer_than_context": loss_out, **cut}  # fmt: skip
     summary.update(response_loss(model, scored, tok.pad_token_id, a.batch_size))
@@ -387,7 +389,7 @@ def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left
                         "answer is whole to score; pass --data with the held-out records (--generate answers them "
                         "whole)")  # fmt: skip
     if not examples:
-        raise DataError(f"{a.data or summary['data']}: no sample has a prompt to answer ({summary['format']} data); "
+        raise DataError(f"{summary['data']}: no sample has a prompt to answer ({summary['format']} data); "
                         "--generate needs supervised data (alpaca, prompt_completion or chat)")  # fmt: skip
     stop = a.stop or (default_stop(examples, tok) if a.default_stop else ())
     if stop and not a.stop:

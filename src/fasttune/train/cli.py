@@ -102,17 +102,17 @@ class TrainArgs(Command):
         project folder moved), or from a --config FILE that repeats it (a copy of that file): one line naming the file
         and the fix, not a --model or --data the user never typed."""
         from fasttune.config.naming import value_of
-        from fasttune.train.run_dir import INPUTS, RunFolder
+        from fasttune.train.run_dir import INPUTS, RunFolder, input_paths
 
         own = self._own_config(cfg)
         recorded = RunFolder(cfg.run_dir).recorded_inputs() if self.config_file and not own else {}
         gone, files, options = [], [], []  # every one at once: a moved project folder takes model and data along
         for key, option in INPUTS.items():
-            path = value_of(cfg, key)
-            runs = key in self.from_file and (own or recorded.get(key) == path)
+            paths = input_paths(value_of(cfg, key))
+            runs = key in self.from_file and (own or recorded.get(key) == paths)
             file = self.run_config if key in self.from_run else self.config_file if runs else None
-            if file and isinstance(path, str) and not Path(path).exists():
-                gone, options = [*gone, f"{key} {path}"], [*options, option]
+            if file and (missing := [p for p in paths if not Path(p).exists()]):
+                gone, options = [*gone, f"{key} {' '.join(missing)}"], [*options, option]
                 files += [file] if file not in files else []
         if gone:
             are, them = ("is", "it is") if len(gone) == 1 else ("are", "they are")

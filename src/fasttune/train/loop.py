@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from fasttune.config import BaseConfig, TrainingConfig
+from fasttune.config.base_config import shown
 from fasttune.data.formats import FORMATS
 from fasttune.data.pipeline import DataBundle, build_data, check_paths
 from fasttune.data.tokenizer import fit_model_max_length
@@ -227,8 +228,8 @@ def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
     left_out = data.summary.val_left_out
     why, fix = "data.val_fraction is 0", "set --data.val-fraction (e.g. 0.05) to hold some data out"
     if cfg.data.val_path is not None:  # read, and not empty: every sample of it was left out
-        why = (f"every sample of --data.val-path {cfg.data.val_path} was left out (too long for --data.max-length "
-               f"{cfg.data.max_length}, or no trained token left: see the data summary)")  # fmt: skip
+        why = (f"every sample of --data.val-path {shown(cfg.data.val_path)} was left out (too long for "
+               f"--data.max-length {cfg.data.max_length}, or no trained token left: see the data summary)")  # fmt: skip
         fix = "raise --data.max-length or fix the validation file"
     elif fraction and left_out:  # held out, then left out by max_length: "too small" would send the user astray
         held = "the held-out sample was" if left_out == 1 else f"the {left_out} held-out samples were all"

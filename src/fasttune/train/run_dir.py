@@ -24,11 +24,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fasttune.config import BaseConfig, to_dict
-from fasttune.config.base_config import may_change_on_resume
+from fasttune.config.base_config import as_paths, may_change_on_resume, shown
 from fasttune.errors import ConfigError, FasttuneError
 
 if TYPE_CHECKING:
@@ -186,17 +187,15 @@ class RunFolder:
         """--overwrite deletes the run's checkpoints and merged model: never the model or data this run reads."""
         given = _flat(to_dict(cfg))
         for key, option in INPUTS.items():
-            value = given[key]
-            if not value:
-                continue
-            where = Path(value).resolve()
-            for artifact in self.artifacts:
-                artifact = artifact.resolve()
-                if where == artifact or artifact in where.parents:
-                    raise ConfigError(
-                        f"{option} {value} lies in {artifact}, which --overwrite would delete; copy it out of "
-                        f"{self.path} first, or train into another --output-dir"
-                    )
+            for value in input_paths(given[key]):
+                where = Path(value).resolve()
+                for artifact in self.artifacts:
+                    artifact = artifact.resolve()
+                    if where == artifact or artifact in where.parents:
+                        raise ConfigError(
+                            f"{option} {value} lies in {artifact}, which --overwrite would delete; copy it out of "
+                            f"{self.path} first, or train into another --output-dir"
+                        )
 
     def _refuse_resume_without_run(self, cfg: BaseConfig) -> None:
         if cfg.resume and not self.is_run:
@@ -256,9 +255,11 @@ class RunFolder:
         for key, value in _flat(to_dict(cfg)).items():
             if key in free or key not in saved or key in moved or _model_moved(key, saved[key], value):
                 continue
-            old = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+            old = saved[key]
+            old = as_paths(old) if key in MOVABLE else tuple(old) if isinstance(old, list) else old
             if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
                 source = f" (set by {origin[key]})" if origin and key in origin else ""
+                value, old = (shown(v) if key in MOVABLE and v else v for v in (value, old))
                 raise ConfigError(
                     f"--resume: {key} is {value!r}{source} but the run was started with {old!r}; resume with the "
                     "same value (or start a new run with another --output-dir)"
@@ -288,14 +289,14 @@ class RunFolder:
 
         check_moved_model(cfg.model, was, cfg.lora.enabled, read_record(self.base_model), self.base_model, latest)
 
-    def recorded_inputs(self) -> dict[str, str]:
-        """{key of INPUTS: the path config.json records} of a run folder; empty where there is none or it cannot be
-        read (resume says why)."""
+    def recorded_inputs(self) -> dict[str, tuple[str, ...]]:
+        """{key of INPUTS: the paths config.json records (input_paths)} of a run folder; empty where there is none or
+        it cannot be read (resume says why)."""
         try:
             saved = _flat(json.loads(self.config.read_text())) if self.is_run else {}
         except (OSError, ValueError, AttributeError):
             return {}
-        return {key: saved[key] for key in INPUTS if isinstance(saved.get(key), str)}
+        return {key: input_paths(saved[key]) for key in INPUTS if input_paths(saved.get(key))}
 
     def saved_config(self) -> dict:
         """The config.json of the run as it was last started (--resume reads it before writing its own)."""
@@ -345,8 +346,11 @@ class RunFolder:
         config = to_dict(cfg)
         for key in INPUTS:
             section, name = key.split(".")
-            if isinstance(path := config[section][name], str) and Path(path).exists():
-                config[section][name] = str(Path(path).resolve() if key == "model.path" else Path(path).absolute())
+            if (given := config[section][name]) is None:
+                continue
+            made = [str(Path(p).resolve() if key == "model.path" else Path(p).absolute()) if Path(p).exists() else p
+                    for p in input_paths(given)]  # fmt: skip
+            config[section][name] = made[0] if key == "model.path" else made
         self.config.write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -384,8 +388,16 @@ SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
 
 INPUTS = {"model.path": "--model", "data.path": "--data", "data.val_path": "--data.val-path"}
 """The files and folders a run reads, by key, with their options."""
+
 MOVABLE = {key: option for key, option in INPUTS.items() if key != "model.path"}
 """The files a resumed run may find at another path, their content deciding (the checkpoint's fingerprint)."""
+
+
+def input_paths(value: object) -> tuple[str, ...]:
+    """The paths a key of INPUTS holds, as a config or its config.json gives it: model.path one string, data.path and
+    data.val_path a list (an older run's config.json: a string); () for none."""
+    paths = as_paths(value) if isinstance(value, str | list | tuple) else None
+    return tuple(p for p in paths or () if isinstance(p, str))
 
 
 def _moved_from(saved: dict, cfg: BaseConfig) -> dict[str, str]:
@@ -394,9 +406,9 @@ def _moved_from(saved: dict, cfg: BaseConfig) -> dict[str, str]:
     given = _flat(to_dict(cfg))
     moved = {}
     for key in MOVABLE:
-        old, new = saved.get(key), given[key]
-        if isinstance(old, str) and isinstance(new, str) and not _same_path(key, old, new):
-            moved[key] = old
+        old, new = input_paths(saved.get(key)), input_paths(given[key])
+        if old and new and not _same_path(key, old, new):
+            moved[key] = shown(old)
     return moved
 
 
@@ -409,11 +421,12 @@ def _model_moved(key: str, old, new) -> bool:
 
 
 def _same_path(key: str, old, new) -> bool:
-    """model.path / data.path / data.val_path spelled another way (./m/, an absolute path) but naming the same file
-    or folder."""
-    if key not in INPUTS or not (isinstance(old, str) and isinstance(new, str)):
+    """model.path / data.path / data.val_path spelled another way (./m/, an absolute path) but naming the same files
+    and folders, in the same order."""
+    old, new = input_paths(old), input_paths(new)
+    if key not in INPUTS or not old or len(old) != len(new):
         return False
-    return Path(old).resolve() == Path(new).resolve()
+    return all(Path(a).resolve() == Path(b).resolve() for a, b in zip(old, new, strict=True))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -428,7 +441,7 @@ def check_moved_data(cfg: BaseConfig, moved: dict[str, str], saved: dict | None,
     with}) goes on when the tokenized data is the one it trained on (the fingerprint check after this); a checkpoint
     without a fingerprint has nothing to compare: refused as before."""
     for key, old in moved.items():
-        new = getattr(cfg.data, key.removeprefix("data."))
+        new = shown(getattr(cfg.data, key.removeprefix("data.")))
         if not (saved and saved.get("data") and data.summary.fingerprint):
             raise ConfigError(
                 f"--resume: {key} is {new!r} but the run was started with {old!r}, and its checkpoint holds no "
@@ -440,7 +453,7 @@ def check_moved_data(cfg: BaseConfig, moved: dict[str, str], saved: dict | None,
                      new)  # fmt: skip
 
 
-def check_same_data(saved: dict | None, data: DataBundle, latest, val_path: str | None = None) -> None:
+def check_same_data(saved: dict | None, data: DataBundle, latest, val_path: Sequence[str] | None = None) -> None:
     """A resumed run's data must be what it trained on (its checkpoint's fingerprint, where it has one: the training
     and validation samples, so an edited --data.val-path is refused as an edited --data is)."""
     if not (saved and saved.get("data") and data.summary.fingerprint) or saved["data"] == data.summary.fingerprint:
@@ -455,7 +468,7 @@ def check_same_data(saved: dict | None, data: DataBundle, latest, val_path: str 
         )
     raise ConfigError(
         f"--resume: the data is not what this run trained on ({data.summary.source}"
-        f"{f' or --data.val-path {val_path}' if val_path else ''}: records added, removed or "
+        f"{f' or --data.val-path {shown(val_path)}' if val_path else ''}: records added, removed or "
         "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
         f"{latest} and another --output-dir"
     )
