@@ -256,11 +256,25 @@ def test_a_folder_with_a_held_out_split_is_refused_naming_the_files(tmp_path):
     for name in ("test-00000-of-00001.jsonl", "train-00000-of-00001.jsonl"):
         shutil.copy(FIXTURES / "alpaca.jsonl", repo / "data" / name)
     assert f"--data {repo / 'data' / 'train-00000-of-00001.jsonl'} --data.val-path" in error_for(repo)  # not "mixes"
-    shutil.copy(FIXTURES / "alpaca.jsonl", repo / "data" / "train-00001-of-00002.jsonl")  # a sharded train split:
-    message = error_for(repo)  # one of its files alone would train on part of it
+    shards = [repo / "data" / f"train-0000{i}-of-00005.jsonl" for i in range(1, 5)]
+    shutil.copy(FIXTURES / "alpaca.jsonl", shards[0])  # a sharded train split: one of its files alone would train
+    message = error_for(repo)  # on part of it
     assert "train (2 files: data/train-00000-of-00001.jsonl, ...)" in message and "e.g." not in message
-    assert message.endswith("move each split's files into a folder of their own, then pass the training split's "
-                            "folder as --data and the held-out split's as --data.val-path")  # fmt: skip
+    assert message.endswith(f"to train on the train split and validate on the test split, pass --data "
+                            f"{repo / 'data' / 'train-00000-of-00001.jsonl'} {shards[0]} --data.val-path "
+                            f"{repo / 'data' / 'test-00000-of-00001.jsonl'}")  # fmt: skip
+    train = [str(repo / "data" / "train-00000-of-00001.jsonl"), str(shards[0])]  # the fix named reads both
+    assert load_paths(train)[0] == load_records(str(FIXTURES / "alpaca.jsonl"))[0] * 2
+    for shard in shards[1:]:  # many shards: counted, not listed
+        shutil.copy(FIXTURES / "alpaca.jsonl", shard)
+    assert error_for(repo).endswith("pass the 5 files of the train split as --data and the 1 of the test split as "
+                                    "--data.val-path (each takes several paths)")  # fmt: skip
+    with pytest.raises(DataError) as info:
+        load_records(str(repo), split=None)
+    assert str(info.value).endswith(
+        "point --data at one split's file (e.g. "
+        f"{repo / 'data' / 'test-00000-of-00001.jsonl'}) or keep each split in its own folder"
+    )
 
 
 def test_a_folder_of_splits_names_the_fix_that_trains_on_one_and_validates_on_the_other(tmp_path, capsys):

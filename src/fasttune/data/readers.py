@@ -237,18 +237,23 @@ def _split_fix(splits: dict[str, list[Path]], split: str | None, flag: str) -> s
     """How to read one split of a folder of several (_check_one_split): training's --data (`split` "train") its
     training split as --data and a held-out one as --data.val-path, which keeps both; another option the split it
     reads (a validation or test split: what --data.val-path and eval's --data score)."""
-    train = splits.get("train") or splits.get("") or next(iter(splits.values()))
-    held = next((splits[name] for name in ("validation", "test") if name in splits and splits[name] != train), train)
+    name, train = next(((n, splits[n]) for n in ("train", "") if n in splits), next(iter(splits.items())))
+    held_name, held = next(((n, splits[n]) for n in ("validation", "test") if n in splits and n != name), (name, train))
     if split == "train" and flag == "--data":
-        if len(train) == len(held) == 1:
-            return (f"to train on {train[0].name} and validate on {held[0].name}, pass --data {train[0]} "
-                    f"--data.val-path {held[0]}")  # fmt: skip
-        return ("move each split's files into a folder of their own, then pass the training split's folder as --data "
-                "and the held-out split's as --data.val-path")  # fmt: skip
+        if len(train) + len(held) > 4:  # shards: named by count, not listed
+            return (f"pass the {len(train)} files of the {name or 'unnamed'} split as --data and the {len(held)} of "
+                    f"the {held_name} split as --data.val-path (each takes several paths)")  # fmt: skip
+        what = (f"{train[0].name} and validate on {held[0].name}" if len(train) == len(held) == 1 else
+                f"the {name or 'unnamed'} split and validate on the {held_name} split")  # fmt: skip
+        return f"to train on {what}, pass --data {_listed(train)} --data.val-path {_listed(held)}"
     wanted = train if split == "train" else held
     if len(wanted) == 1:
         return f"point {flag} at one split's file (e.g. {wanted[0]}) or keep each split in its own folder"
-    return f"move each split's files into a folder of their own and point {flag} at it"
+    return f"pass {flag} the {len(wanted)} files of one split (it takes several paths), or move them into a folder"
+
+
+def _listed(files: list[Path]) -> str:
+    return " ".join(map(str, files))
 
 
 def _files(root: Path, files: list[Path]) -> str:
