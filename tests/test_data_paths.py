@@ -80,6 +80,11 @@ def test_a_json_key_given_for_several_paths_is_read_from_their_json_files(tmp_pa
     with pytest.raises(DataError, match="--data.field more names a key of a .json file's top-level object, and this "
                                         "is a .jsonl file; drop --data.field"):  # fmt: skip
         load_paths([lines], field="more")
+    other = _jsonl(tmp_path / "m.jsonl", ALPACA[5:6])
+    with pytest.raises(DataError) as info:  # several paths, none with a key to name: the option does nothing
+        load_paths([lines, other], field="more", option="--format")
+    assert str(info.value) == ("--field more names a key of a .json file's top-level object, and none of the paths of "
+                               "--data is a .json file or a folder; drop --field")  # fmt: skip
 
 
 def test_data_config_takes_one_path_or_several_as_a_tuple(tmp_path, capsys):

@@ -177,9 +177,9 @@ class DataConfig:
     `val_path` (nothing is held out then)."""
     val_path: Annotated[tuple[str, ...] | None, tyro.conf.arg(metavar="PATH [PATH ...]")] = None
     """A separate validation file or folder, or several (any paths `path` takes; TRL's eval_dataset, Axolotl's
-    test_datasets):
-    its records are the validation samples, read in the training data's format and tokenized, templated and cut to
-    max_length as held-out records are; all of `path` is trained on and val_fraction is not used. Needs `path`."""
+    test_datasets): its records are the validation samples, read in the training data's format and tokenized,
+    templated and cut to max_length as held-out records are; all of `path` is trained on and val_fraction is not used.
+    Needs `path`."""
     tokenizer_vocab_size: int = 4096
     """Vocabulary size of the byte-level BPE tokenizer trained when no --model gives one (on the embedded corpus, or
     on --data's records)."""

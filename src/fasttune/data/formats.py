@@ -106,11 +106,15 @@ def load_paths(
     (it names a key of the .json ones). A string is one path (never its characters)."""
     paths = (paths,) if isinstance(paths, str) else paths
     _refuse_overlap(paths, flag)
+    keyed = [len(paths) == 1 or Path(p).is_dir() or Path(p).suffix.lower() == ".json" for p in paths]
+    if field is not None and not any(keyed):
+        name = option.removesuffix("format") + "field"
+        raise DataError(f"{name} {field} names a key of a .json file's top-level object, and none of the paths of "
+                        f"{flag} is a .json file or a folder; drop {name}")  # fmt: skip
     records: list[dict] = []
     first: dict[str, str] = {}  # format -> the first path of it
-    for path in paths:
-        own = field if len(paths) == 1 or Path(path).is_dir() or Path(path).suffix.lower() == ".json" else None
-        got, fmt_got = load_records(path, fmt, option, split, own, flag)
+    for path, own in zip(paths, keyed, strict=True):
+        got, fmt_got = load_records(path, fmt, option, split, field if own else None, flag)
         if first and fmt_got not in first:
             fmt_was, was = next(iter(first.items()))
             raise DataError(f"{path}: its records are {fmt_got}, and those of {was} (given with it as {flag}) are "

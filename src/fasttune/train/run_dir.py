@@ -187,7 +187,7 @@ class RunFolder:
         """--overwrite deletes the run's checkpoints and merged model: never the model or data this run reads."""
         given = _flat(to_dict(cfg))
         for key, option in INPUTS.items():
-            for value in input_paths(given[key]):
+            for value in filter(None, input_paths(given[key])):
                 where = Path(value).resolve()
                 for artifact in self.artifacts:
                     artifact = artifact.resolve()
@@ -423,8 +423,10 @@ def _model_moved(key: str, old, new) -> bool:
 def _same_path(key: str, old, new) -> bool:
     """model.path / data.path / data.val_path spelled another way (./m/, an absolute path) but naming the same files
     and folders, in the same order."""
+    if key not in INPUTS:
+        return False
     old, new = input_paths(old), input_paths(new)
-    if key not in INPUTS or not old or len(old) != len(new):
+    if not old or len(old) != len(new):
         return False
     return all(Path(a).resolve() == Path(b).resolve() for a, b in zip(old, new, strict=True))
 
