@@ -104,6 +104,17 @@ def test_epochs_count_the_micro_batches_of_every_rank(tmp_path):
     assert json.loads((cfg.run_dir / "config.json").read_text())["training"]["max_steps"] == one.steps
 
 
+def test_resume_of_a_finished_run_ends_on_every_rank_before_the_data_is_read(tmp_path):
+    """Under torchrun too, the resume of a finished run is one line (rank 0's) and exit 0, before any rank reads the
+    data or builds the model (no data summary, no run summary): rank 0 tells the others at its start-up gate."""
+    cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=1)
+    _torchrun(cfg)
+    proc = _torchrun(cfg, "--resume")
+    out = proc.stdout + proc.stderr
+    assert out.count("already complete (step 1 of --max-steps 1)") == 1, out[-3000:]
+    assert "fasttune run summary" not in out and "data: " not in out, out[-3000:]
+
+
 def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):
     """FSDP2 checkpoints gather the shards into ordinary files (weights + optimizer state); resuming from one on
     two ranks continues exactly like a single process that never stopped."""

@@ -71,6 +71,33 @@ def test_lora_resume_continues(lora_run, tmp_path):
     assert first.checkpoint.name == "step-000004"
 
 
+def test_resume_of_a_finished_lora_run_ends_at_once_unless_its_adapter_is_of_an_earlier_step(
+    lora_run, tmp_path, monkeypatch, caplog
+):
+    """A finished LoRA run resumed as it was ends before its data is read or its model built, naming its checkpoint,
+    adapter and merged model; one whose adapter/ is of an earlier step (a resume killed after its last checkpoint,
+    before its end wrote adapter/), or records none (an older fasttune), goes on to write it."""
+    from fasttune.model.resolve import MERGED_STEP
+
+    cfg, first = copy_of_run(lora_run, tmp_path)
+    run, step = first.run_dir, first.run_dir / "checkpoints" / "step-000004"
+    caplog.set_level("INFO", logger="fasttune")
+
+    def never(*_a, **_k):
+        raise AssertionError("the resume of a finished run read its data or built its model")
+
+    monkeypatch.setattr(loop, "build_data", never)
+    monkeypatch.setattr(loop, "prepare_model", never)
+    result = loop.train(dataclasses.replace(cfg, resume=True))
+    assert (result.steps, result.checkpoint, result.model_dir) == (4, step, run / "merged")
+    assert (f"already complete (step 4 of --max-steps 4); its final checkpoint is {step}, its adapter "
+            f"{run / 'adapter'}, its merged model {run / 'merged'}; to train further") in caplog.text  # fmt: skip
+    monkeypatch.undo()
+    (run / "adapter" / MERGED_STEP).write_text('{"step": 2}')
+    loop.train(dataclasses.replace(cfg, resume=True))
+    assert json.loads((run / "adapter" / MERGED_STEP).read_text()) == {"step": 4}
+
+
 def test_max_length_beyond_model_context_is_clear(tmp_path, base_model):
     cfg = _sft_config(tmp_path, base_model)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=1024))

@@ -339,14 +339,32 @@ def test_disk_check_counts_the_checkpoints_already_on_disk(finished, monkeypatch
 # -- a finished run (#13 item 5) ----------------------------------------------------------------------------------
 
 
-def test_resume_of_a_finished_run_says_it_is_complete(finished, caplog, capsys):
-    caplog.set_level(logging.INFO, logger="fasttune")
+def test_resume_of_a_finished_run_says_it_is_complete(finished, monkeypatch, capsys):
+    """The same command again once the run is finished (a scheduler's retry): one line says it is complete, at which
+    step, where its final checkpoint is and how to train further, and it ends with exit 0 before the data is read or
+    the model built (they took their time, then the summary and a sample were shown again); a larger --max-steps
+    trains on."""
+    from fasttune.cli import main
+
     cfg, result = finished
-    again = loop.train(dataclasses.replace(cfg, resume=True))
-    assert "already complete (step 3 of --max-steps 3)" in caplog.text
-    assert again.checkpoint == result.checkpoint and losses(again.records) == losses(result.records)
-    assert again.first_loss == result.first_loss and again.last_loss == result.last_loss
-    assert "fasttune run summary" in capsys.readouterr().out
+
+    def never(*_a, **_k):
+        raise AssertionError("the resume of a finished run read its data or built its model")
+
+    monkeypatch.setattr(loop, "build_data", never)
+    monkeypatch.setattr(loop, "prepare_model", never)
+    run = result.run_dir
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [
+        f"the run in {run} is already complete (step 3 of --max-steps 3); its final checkpoint is "
+        f"{run / 'checkpoints' / 'step-000003'}; to train further, resume with a larger --max-steps (or --epochs)"
+    ]
+    monkeypatch.undo()
+    assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "4"]) == 0
+    assert (
+        checkpoint.list_checkpoints(run)[-1].name == "step-000004" and "fasttune run summary" in capsys.readouterr().out
+    )
 
 
 def test_resuming_with_another_thread_count_warns_that_bits_may_differ(finished, caplog):

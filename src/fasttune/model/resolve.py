@@ -56,11 +56,13 @@ def is_run_folder(path: Path) -> bool:
 
 MERGED_STEP = "fasttune_step.json"
 """Beside a LoRA run's merged model: the step it was merged at ({"step": N}), so that a run resumed past it (and
-stopped before it merged again) is resolved to its newer checkpoint."""
+stopped before it merged again) is resolved to its newer checkpoint. Its adapter/ records its step too: --resume of a
+run whose end wrote both ends at once (train/loop.py)."""
 
 
 def merged_step(merged: Path) -> int | None:
-    """The step a run's merged model was made at; None when not recorded (runs before it was) or unreadable."""
+    """The step a run's merged model (or adapter/) was made at; None when not recorded (runs before it was) or
+    unreadable."""
     try:
         return int(json.loads((merged / MERGED_STEP).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -309,29 +309,32 @@ def close(d: Dist) -> None:
 class StartGate:
     """Rank 0 runs the start-up checks (run folder, data, model) before the other ranks, which wait at the gate and
     then start with it, or stop quietly when its checks failed: one error line (rank 0's), not a traceback from
-    every rank that lost its peer."""
+    every rank that lost its peer; or end with it, when a resumed run has no step left to train."""
 
     def __init__(self, d: Dist):
         self.d, self.opened = d, False
 
-    def open(self, error: BaseException | None = None) -> None:
-        """Rank 0: the checks passed (error None) or failed with `error`; idempotent."""
+    def open(self, error: BaseException | None = None, done: object = None) -> None:
+        """Rank 0: the checks passed (error None) or failed with `error`, or the run has nothing to train (`done`:
+        its result, which the other ranks return too); idempotent."""
         if self.opened or not self.d.main:
             return
         self.opened = True
         if not self.d.on:
             return
         try:
-            dist.broadcast_object_list([None if error is None else getattr(error, "exit_code", 1)], src=0)
+            dist.broadcast_object_list([done if error is None else getattr(error, "exit_code", 1)], src=0)
         except Exception:  # noqa: BLE001 - the peers are gone (Ctrl-C reaches every rank): rank 0's error stands
             if error is None:
                 raise
 
-    def wait(self) -> None:
-        """The other ranks: raise PeerFailed (with rank 0's exit code) when its checks failed."""
+    def wait(self) -> object:
+        """The other ranks: None to start; rank 0's result when the run has nothing to train; raise PeerFailed (with
+        rank 0's exit code) when its checks failed."""
         if self.d.main or not self.d.on:
-            return
+            return None
         box: list = [None]
         dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
+        if isinstance(box[0], int):
             raise PeerFailed("rank 0 stopped before the run started (its error above)", exit_code=box[0])
+        return box[0]

@@ -30,6 +30,7 @@ from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import refuse_gpu_scale, refuse_offload_on_cpu, resolve_device
 from fasttune.train.distributed import Dist
+from fasttune.train.finished import nothing_to_train, say_nothing_to_train
 from fasttune.train.footprint import planned_saves
 from fasttune.train.length import length_option, run_length
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save_plots, summarize
@@ -64,16 +65,18 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
     try:
         if not d.main:
             logger.setLevel(logging.ERROR)  # rank 0 reports (warnings are the same on all ranks)
-            gate.wait()  # rank 0 checks and locks the run folder (and tokenizes, caching the tokenizer) first
+            # rank 0 checks and locks the run folder (and tokenizes, caching the tokenizer) first
+            if (done := gate.wait()) is not None:  # a resumed run with nothing to train: rank 0's result
+                return done
         else:
             lock = RunFolder(cfg.run_dir).prepare(cfg)  # held until this run ends, however it ends
-        run = _open(cfg, data, d, device_name, gate, attn_origin)
-        step, max_steps = run.state.step, run.cfg.training.max_steps  # run.cfg: with epochs, their steps
-        if step == max_steps:
-            log.info("the run in %s is already complete (step %d of %s); resume with a larger --max-steps (or "
-                     "--epochs) to train further", run.folder, step, length_option(run.cfg.training))  # fmt: skip
-        elif step > max_steps:  # e.g. a 3000-step run stopped at 106, resumed with --max-steps 30: not "complete"
-            _already_past(run.folder, run.cfg.training, step)
+        start = _to_resume(cfg, RunFolder(cfg.run_dir))
+        if d.main and (done := nothing_to_train(*start[:4])) is not None:  # before the data is read, the model built
+            gate.open(done=done)
+            return done
+        run = _open(start, data, d, device_name, gate, attn_origin)
+        if run.state.step >= run.cfg.training.max_steps:  # run.cfg: with --epochs, their steps (changed on resume)
+            say_nothing_to_train(run.cfg, run.folder, run.state.step, run.result.checkpoint)
         _fit(run)
         result = _finish(run)
         d.barrier()  # the ranks tear the process group down together (not while rank 0 still saves and reports)
@@ -89,16 +92,6 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         distributed.close(d)
 
 
-def _already_past(folder, t: TrainingConfig, step: int) -> None:
-    """A resume whose length (`t`, as typed) ends before the step the run reached: said in the option typed."""
-    if t.epochs is None:
-        past, fix = f"step {t.max_steps}", f"--max-steps above {step} (e.g. its original --max-steps)"
-    else:
-        past, fix = length_option(t), f"a larger --epochs (e.g. its original one) or --max-steps above {step}"
-    log.info("the run in %s is already past %s (stopped at step %d); to continue it, resume with %s", folder, past,
-             step, fix)  # fmt: skip
-
-
 def check_launch(cfg: BaseConfig) -> Dist:
     """The checks of the options against the launch (one process or torchrun's ranks), the same on every rank: the
     CLI runs them while parsing too, so that rank 0 alone reports them (cli._quiet_parsing)."""
@@ -111,13 +104,12 @@ def check_launch(cfg: BaseConfig) -> Dist:
     return d
 
 
-def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate,
+def _open(start: tuple, data: DataBundle | None, d: Dist, device_name: str, gate: distributed.StartGate,
           attn_origin: str = "requested") -> Run:  # fmt: skip
-    """Everything before the first step: the run folder checked (and, on resume, its newest checkpoint found), the
-    device, data, the run's length (refused here when it cannot be, before the model is built), model, optimizer
-    and schedule, and on resume their saved state restored."""
-    folder = RunFolder(cfg.run_dir)
-    cfg, latest, saved, moved = _to_resume(cfg, folder)
+    """Everything before the first step, from `start` (_to_resume's: the config, the run folder, and on resume its
+    newest checkpoint): the device, data, the run's length (refused here when it cannot be, before the model is
+    built), model, optimizer and schedule, and on resume their saved state restored."""
+    cfg, folder, latest, saved, moved = start
     check_weights(cfg.model, lora=cfg.lora.enabled)  # before the data is tokenized
     torch.manual_seed(cfg.seed)
     device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
@@ -146,9 +138,10 @@ def _open(cfg: BaseConfig, data: DataBundle | None, d: Dist, device_name: str, g
                memory_plan=plan)  # fmt: skip
 
 
-def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, Path | None, dict | None, dict[str, str]]:
-    """(the config, on --resume the run's: its newest usable checkpoint, that checkpoint's trainer state, and the
-    data paths the run was started with that moved (RunFolder.moved_data); else None, None, {})."""
+def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, RunFolder, Path | None, dict | None,
+                                                              dict[str, str]]:  # fmt: skip
+    """(the config, the run folder, on --resume the run's: its newest usable checkpoint, that checkpoint's trainer
+    state, and the data paths the run was started with that moved (RunFolder.moved_data); else None, None, {})."""
     latest = saved = None
     moved: dict[str, str] = {}
     if cfg.resume:
@@ -160,7 +153,7 @@ def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, Path | N
     if latest is not None and cfg.model.path and not cfg.lora.enabled and not has_weights(cfg.model.path):
         # a run begun from a config.json alone (before --model.random-init existed): its weights are latest's
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, random_init=True))
-    return cfg, latest, saved, moved
+    return cfg, folder, latest, saved, moved
 
 
 def _data(cfg: BaseConfig, data: DataBundle | None, d: Dist, latest, saved: dict | None,
@@ -424,7 +417,8 @@ def _finish(run: Run) -> RunResult:
 
 def _save_lora(run: Run, weights: dict | None) -> Path | None:
     """adapter/ and (--lora.merge-on-save) merged/, each written whole or not at all, each with the tokenizer (its
-    prompt format); merged/ records its step (a run resumed past it and stopped is resolved to its newer checkpoint).
+    prompt format) and its step (merged/'s: a run resumed past it and stopped is resolved to its newer checkpoint;
+    both: the resume of a run whose end wrote them ends before its data is read, train/finished.py).
     Returns merged/ when written. A failed write ends in one line; --resume of the complete run writes them again."""
     from fasttune.model.lora import save_lora, save_merged
 
@@ -434,6 +428,7 @@ def _save_lora(run: Run, weights: dict | None) -> Path | None:
     def adapter(tmp: Path) -> None:
         save_lora(run.model, tmp, state=weights)
         tokenizer.save_pretrained(tmp)
+        (tmp / MERGED_STEP).write_text(json.dumps({"step": step}) + "\n")  # a finished run's resume ends at once
 
     def merged(tmp: Path) -> None:
         save_merged(run.model, tmp, weights)
