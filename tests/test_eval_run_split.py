@@ -131,6 +131,28 @@ def test_eval_without_data_of_a_text_run_scores_the_batches_its_val_loss_covers(
     assert whole["loss"] == pytest.approx(_val_losses(every.run_dir)[1], rel=1e-6) != summary["loss"]
 
 
+def test_eval_without_data_of_a_checkpoint_from_before_a_resume_with_another_eval_batches(tmp_path):
+    """training.eval_batches may change on resume: each checkpoint records the count its step's val_loss scored, and
+    eval of it scores that many (it took config.json's, the resume's: another loss than the one logged); a checkpoint
+    that records none (an older fasttune) takes config.json's, as before."""
+    import torch
+
+    from fasttune.train import loop
+    from fasttune.train.checkpoint import STATE_FILE
+
+    cfg = tiny_config(tmp_path, max_steps=1, save_every=1, eval_every=1, eval_batches=2)  # 109 held out
+    loop.train(cfg)
+    more = dataclasses.replace(cfg.training, max_steps=2, eval_batches=5)
+    loop.train(dataclasses.replace(cfg, resume=True, training=more))
+    logged, ckpts = _val_losses(cfg.run_dir), cfg.run_dir / "checkpoints"
+    one, two = (_eval(tmp_path, "--checkpoint", str(ckpts / f"step-00000{n}"))["loss"] for n in (1, 2))
+    assert one == pytest.approx(logged[1], rel=1e-5) and two == pytest.approx(logged[2], rel=1e-5)
+    older = torch.load(ckpts / "step-000002" / STATE_FILE, weights_only=True)
+    assert older.pop("eval_batches") == 5
+    torch.save(older, ckpts / "step-000002" / STATE_FILE)
+    assert _eval(tmp_path, "--checkpoint", str(ckpts / "step-000002"))["loss"] == two
+
+
 def test_eval_without_data_batches_the_split_as_the_run_did_not_as_the_class_suggests(tmp_path, monkeypatch):
     """A run whose batching is not its class's default (here a Llama trained with transformers' own attention, as a
     remote-code class whose config names a class that computes attention in its own code: padded rows by length,

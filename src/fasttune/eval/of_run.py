@@ -1,8 +1,9 @@
 """`fasttune eval` of a fasttune run (--checkpoint a run folder, or a checkpoint, adapter/ or merged/ in it): the
 settings its val_loss was computed with (data.max_length, data.overlong, data.train_on_prompt) are eval's defaults,
 and without --data its own validation samples are scored, rebuilt from its config.json exactly as training built them
-(the same records held out, tokenized and cut) and checked against what its checkpoints record, so the loss is the
-val_loss the run logged at that checkpoint's step: while its input files are unchanged (their digest), the held-out
+(the same records held out, tokenized and cut) and checked against what its checkpoints record, the first
+training.eval_batches micro-batches of them scored (the count the checkpoint records), so the loss is the val_loss the
+run logged at that checkpoint's step: while its input files are unchanged (their digest), the held-out
 records alone are tokenized (build_validation) and checked against the validation samples' fingerprint; else every
 record (build_data), against the data fingerprint."""
 
@@ -85,9 +86,11 @@ def check_files(run: Path, cfg: BaseConfig) -> None:
 
 def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple:
     """(the run's validation samples as training built them, with eval's options where they differ from the run's;
-    the config they were built with; their format; one line saying what they are; the micro-batch layout the
-    checkpoint records, or None). The run's data must be the one it trained on, as a checkpoint records it
-    (_recorded): its input files and validation samples unchanged, else every sample's fingerprint."""
+    the config they were built with, its training.eval_batches the checkpoint's (a resume may have changed it since:
+    config.json's then, for a checkpoint that records none); their format; one line saying what they are; the
+    micro-batch layout the checkpoint records, or None). The run's data must be the one it trained on, as a
+    checkpoint records it (_recorded): its input files and validation samples unchanged, else every sample's
+    fingerprint."""
     from fasttune.data.pipeline import build_validation
 
     check_files(run, cfg)
@@ -105,6 +108,8 @@ def validation_split(a, run: Path, cfg: BaseConfig, src, tokenizer) -> tuple:
     where = (f"--data.val-path {shown(d.val_path)}" if d.val_path else
              f"{summary.source}, held out at data.val_fraction {d.val_fraction}")  # fmt: skip
     state = state or {}
+    if (most := state.get("eval_batches")) is not None:  # its step's val_loss scored these; config.json: the newest
+        used = dataclasses.replace(used, training=dataclasses.replace(used.training, eval_batches=int(most)))
     step = int(state.get("state", {}).get("step", 0)) or None
     at = "" if step is None else f"; checked against the data fingerprint of step {step}"
     if alone and step is not None:
@@ -180,10 +185,11 @@ def _state(ckpt: Path, load) -> dict | None:
 
 
 def validated(samples: list[Sample], cfg: BaseConfig, model, layout: str | None = None) -> list[Sample]:
-    """The samples the run's val_loss covers: the first training.eval_batches micro-batches of the split, batched as
-    the run batched them: `layout`, what its checkpoint records (train/model_prep.py batcher_for decided it from the
-    attention chosen and the class: packed, or padded rows by length for a model that computes attention in its own
-    code); without one (a checkpoint older than the record), decided from the model's class."""
+    """The samples the run's val_loss covers: the first training.eval_batches micro-batches of the split (`cfg`'s:
+    validation_split gives the checkpoint's count), batched as the run batched them: `layout`, what its checkpoint
+    records (train/model_prep.py batcher_for decided it from the attention chosen and the class: packed, or padded
+    rows by length for a model that computes attention in its own code); without one (a checkpoint older than the
+    record), decided from the model's class."""
     from fasttune.data.packing import Batcher
     from fasttune.model.build import base_model
 

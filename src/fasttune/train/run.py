@@ -458,6 +458,7 @@ class Run:
                                  "data": self.data.summary.fingerprint, "masking_rules": MASKING_RULES,
                                  "val_data": self.data.summary.val_fingerprint, "inputs": self.data.summary.inputs,
                                  "grad_accum": self.cfg.training.grad_accum,
+                                 "eval_batches": self.cfg.training.eval_batches,  # may change on resume: eval
                                  "batching": self.batcher.layout}  # fmt: skip
                 if rng_ranks is not None:
                     trainer_state.update(rng_ranks=rng_ranks, world=d.world)
