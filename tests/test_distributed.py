@@ -104,15 +104,21 @@ def test_epochs_count_the_micro_batches_of_every_rank(tmp_path):
     assert json.loads((cfg.run_dir / "config.json").read_text())["training"]["max_steps"] == one.steps
 
 
-def test_resume_of_a_finished_run_ends_on_every_rank_before_the_data_is_read(tmp_path):
-    """Under torchrun too, the resume of a finished run is one line (rank 0's) and exit 0, before any rank reads the
-    data or builds the model (no data summary, no run summary): rank 0 tells the others at its start-up gate."""
-    cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=1)
-    _torchrun(cfg)
-    proc = _torchrun(cfg, "--resume")
+def test_rank_0_alone_digests_the_inputs_and_a_finished_runs_resume_ends_on_every_rank_before_the_data(tmp_path):
+    """The digest of the input files (every data file read once more) is recorded by rank 0 alone, in its checkpoints:
+    the other ranks do not compute it. The resume of the finished run is one line (rank 0's) on every rank, before
+    any reads the data or builds the model: rank 0 tells the others at its start-up gate."""
+    script = Path(__file__).parent / "fixtures" / "rank_inputs.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "rank 0: training digested the inputs 1x, recorded: True" in out, out[-3000:]
+    assert "rank 1: training digested the inputs 0x, recorded: -" in out, out[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: the resume read the data 0x, built 0 models, ended at step 1" in out, out[-3000:]
     assert out.count("already complete (step 1 of --max-steps 1)") == 1, out[-3000:]
-    assert "fasttune run summary" not in out and "data: " not in out, out[-3000:]
 
 
 def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):

@@ -53,7 +53,8 @@ class DataSummary:
     """The same of the validation samples alone: eval of a run whose input files are unchanged (`inputs`) rebuilds
     them alone and checks them against it (build_validation)."""
     inputs: str = ""
-    """sha1 of the input files' bytes (input_digest), taken before they are read."""
+    """sha1 of the input files' bytes (input_digest), taken before they are read; "" where not taken (build_data's
+    `digest` off: under torchrun the ranks that write no checkpoint)."""
 
     def lines(self) -> list[str]:
         saved = self.padded_tokens - self.train_tokens
@@ -206,10 +207,12 @@ def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]
     return cached_tokenizer(texts, cfg.data.tokenizer_vocab_size, cfg.data.cache_dir, fingerprint)
 
 
-def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> DataBundle:
-    """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one."""
+def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None, digest: bool = True) -> DataBundle:
+    """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one. `digest`:
+    take the input files' digest (summary.inputs: every file read once more), which only checkpoints record: under
+    torchrun rank 0 alone writes them."""
     d = cfg.data
-    inputs = input_digest(d)  # before the files are read: one edited meanwhile fails the digest, never passes it
+    inputs = input_digest(d) if digest else ""  # before the files are read: one edited meanwhile fails it, never passes
     read = _read_corpus if d.path is None else _read_records
     train, val, tokenizer, summary = read(cfg, tokenizer)
     summary.inputs = inputs

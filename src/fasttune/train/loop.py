@@ -160,8 +160,9 @@ def _data(cfg: BaseConfig, data: DataBundle | None, d: Dist, latest, saved: dict
           moved: dict[str, str]) -> DataBundle:  # fmt: skip
     """The run's data (`data`, else the configured dataset), summarised; a resumed run's checked to be the data it
     trained on."""
-    # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one.
-    data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None)
+    # A resumed run tokenizes with the tokenizer it was trained with, never a rebuilt one; the input files' digest is
+    # for the checkpoints, which rank 0 alone writes.
+    data = data or build_data(cfg, tokenizer=AutoTokenizer.from_pretrained(latest) if latest else None, digest=d.main)
     for line in data.summary.lines():
         log.info(line)
     _say_no_validation(cfg, data)
