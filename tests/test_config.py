@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,25 @@ def test_only_a_cpu_run_that_could_take_an_hour_times_the_cpu(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="GPU-scale and no GPU is available"):
         device.refuse_gpu_scale(long, torch.device("cpu"))
     assert probes == [(1024, 1024)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--experiment", "sft", "--lora.rank", "8"], "error: --lora.rank=8 is set but LoRA is off"),
+        (["--lora.targets", "q_proj", "v_proj"], "error: --lora.targets=['q_proj', 'v_proj'] is set but LoRA is off"),
+    ],
+)
+def test_a_lora_option_without_lora_is_refused(argv, expected, tmp_path, monkeypatch, capsys):
+    """`--experiment sft --lora.rank 8` trained every weight, the rank unused and unsaid (as did a --config file's
+    `lora: {rank: 8}` without `enabled: true`): the user asked for LoRA and got a full fine-tune."""
+    from fasttune.train import loop
+
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: pytest.fail("the options were accepted"))
+    assert main(["train", *argv, "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and "--experiment lora" in err and err.count("\n") == 1, err
+    Path(tmp_path / "a.yaml").write_text("experiment: sft\nlora: {rank: 8}\n")
+    assert main(["train", "--config", str(tmp_path / "a.yaml"), "--output-dir", str(tmp_path / "r")]) == 2
+    assert "a.yaml: lora.rank=8 is set but LoRA is off" in capsys.readouterr().err
+    assert parse_train_args(["--experiment", "lora", "--lora.rank", "8"]).lora.rank == 8

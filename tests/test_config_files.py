@@ -65,13 +65,13 @@ def test_a_runs_config_json_read_from_elsewhere_names_its_own_folder(trained, tm
 @pytest.mark.parametrize(
     ("name", "text"),
     [
-        ("run.yaml", "experiment: sft\ntraining:\n  lr: 1e-4\n  max_steps: 7\n"
+        ("run.yaml", "experiment: lora\ntraining:\n  lr: 1e-4\n  max_steps: 7\n"
                      "data: {micro_batch_size: 2, packing: false}\nmodel:\n  path: my-model\n"
                      "lora:\n  targets: [q_proj, v_proj]\n"),
-        ("run.toml", 'experiment = "sft"\n[training]\nlr = 1e-4\nmax_steps = 7\n[data]\nmicro-batch-size = 2\n'
+        ("run.toml", 'experiment = "lora"\n[training]\nlr = 1e-4\nmax_steps = 7\n[data]\nmicro-batch-size = 2\n'
                      'packing = false\n[model]\npath = "my-model"\n[lora]\ntargets = ["q_proj", '
                      '"v_proj"]\n'),
-        ("run.json", '{"experiment": "sft", "training": {"lr": 0.0001, "max_steps": 7}, "data": {"micro_batch_size": '
+        ("run.json", '{"experiment": "lora", "training": {"lr": 0.0001, "max_steps": 7}, "data": {"micro_batch_size": '
                      '2, "packing": false}, "model": {"path": "my-model"}, "lora": {"targets": '
                      '["q_proj", "v_proj"]}}'),
     ],
@@ -79,11 +79,11 @@ def test_a_runs_config_json_read_from_elsewhere_names_its_own_folder(trained, tm
 def test_yaml_toml_and_json_files_equal_the_same_options_as_flags(tmp_path, name, text):
     """(The TOML writes micro-batch-size: a key with - is read as with _, as on the command line.)"""
     (tmp_path / name).write_text(text)
-    flags = ["--experiment", "sft", "--training.lr", "1e-4", "--max-steps", "7", "--data.micro-batch-size", "2",
+    flags = ["--experiment", "lora", "--training.lr", "1e-4", "--max-steps", "7", "--data.micro-batch-size", "2",
              "--data.no-packing", "--model", MODEL, "--lora.targets", "q_proj", "v_proj"]  # fmt: skip
     got = _config(["--config", str(tmp_path / name)])
     assert got == _config(flags)
-    assert got.training.lr == 1e-4 and got.training.warmup_steps == 20  # YAML's 1e-4 a number; sft's warmup kept
+    assert got.training.lr == 1e-4 and got.training.warmup_steps == 20  # YAML's 1e-4 a number; the preset's warmup kept
 
 
 def test_the_command_line_overrides_the_file_and_experiment_must_agree(tmp_path, capsys):

@@ -52,6 +52,12 @@ def may_change_on_resume(cls: type | None = None, prefix: str = "") -> frozenset
     return frozenset(out)
 
 
+def _changed(section: object, default: object) -> list[tuple[str, object]]:
+    """(field, value) of each field of the dataclass `section` that differs from `default`'s."""
+    return [(f.name, getattr(section, f.name)) for f in dataclasses.fields(section)
+            if getattr(section, f.name) != getattr(default, f.name)]  # fmt: skip
+
+
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{option}={value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -215,7 +221,8 @@ class DataConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = False
-    """Train LoRA adapters (peft) instead of all weights."""
+    """Train LoRA adapters (peft) instead of all weights (the lora experiment turns it on); the other lora options
+    need it on."""
     rank: int = 16
     """LoRA rank r."""
     alpha: int = 32
@@ -383,6 +390,13 @@ class BaseConfig:
 
     def __post_init__(self) -> None:
         _choice("attn_implementation", self.attn_implementation, ATTN_CHOICES)
+        if not self.lora.enabled and (set_ := _changed(self.lora, LoraConfig())):
+            key, value = set_[0]
+            value = list(value) if isinstance(value, tuple) else value  # targets: as a list is written
+            raise ConfigError(  # a full fine-tune where LoRA was asked for, the option unused and unsaid
+                f"lora.{key}={value!r} is set but LoRA is off, so this run would train every weight; pass "
+                f"--experiment lora (or --lora.enabled) to train LoRA adapters, or drop lora.{key}"
+            )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         if self.model.memory == "offload" and self.training.compile:
