@@ -549,3 +549,40 @@ def test_a_split_texts_one_token_tail_is_not_called_an_empty_response():
     assert summary.untrained == 1
     line = next(x for x in summary.lines() if "no trained token" in x)
     assert "last piece of one token" in line and "empty response" not in line
+
+
+def test_a_format_the_records_lack_names_the_missing_field_and_the_option(tmp_path):
+    """--data.format chat on Alpaca records said "field 'messages' must be a non-empty list, got null": a field the
+    record never had, and no fix."""
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"instruction": "Add 2 and 3.", "input": "", "output": "5"}) + "\n")
+    assert error_for(path, "chat") == (
+        f'{path} line 1: missing field \'messages\' for format chat {{"messages": [{{"role", "content"}}]}} '
+        "(keys seen: input, instruction, output); add it or pass the right --data.format"
+    )
+
+
+def test_a_utf16_file_is_named_as_such_with_its_conversion(tmp_path):
+    """A UTF-16 file (Windows editors, PowerShell's `>`) was told to convert from latin1, which garbles it."""
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"text": "hello"}) + "\n", encoding="utf-16")
+    message = error_for(path)
+    assert message.startswith(f"{path}: UTF-16 text, not UTF-8;") and "iconv -f utf-16 -t utf-8" in message
+    assert "latin1" not in message
+
+
+def test_messages_written_as_a_string_in_json_lines_is_not_told_about_csv(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"messages": json.dumps([{"role": "user", "content": "hi"}])}) + "\n")
+    message = error_for(path)
+    assert message.startswith(f"{path} line 1: field 'messages' is a string, not a list of {{role, content}} objects")
+    assert "store it as a JSON list" in message
+
+
+def test_a_line_that_is_not_an_object_says_what_a_record_is(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('"hello"\n"world"\n')
+    assert error_for(path) == (
+        f"{path} line 1: expected a JSON object, got str ('hello'); each record is an object of its format's fields "
+        '(e.g. {"text": ...}); for plain text, one document per file, use .txt files'
+    )

@@ -278,7 +278,9 @@ def _sharegpt_to_chat(record: dict, where: str) -> dict:
     from -> role (human -> user, gpt -> assistant, another as it is: checked as a role), value -> content, each turn's
     other keys (weight, training) and the record's kept. The record itself when there is nothing to convert."""
     key = "messages" if "messages" in record else "conversations"
-    turns = record.get(key)
+    if key not in record:  # neither: validate_record names the missing field
+        return record
+    turns = record[key]
     shared = isinstance(turns, list) and any(isinstance(t, dict) and "role" not in t and "from" in t for t in turns)
     if (key == "messages" and not shared) or key not in record:  # nothing to convert: chat's checks name what is not
         return record
@@ -367,7 +369,7 @@ def _validate_messages(messages: object, where: str, field: str = "messages", ne
     if isinstance(messages, str):
         raise DataError(
             f"{where}: field {field!r} is a string, not a list of {{role, content}} objects; "
-            "store chat data as JSONL/JSON/Parquet, not CSV"
+            "store it as a JSON list of messages (JSONL/JSON/Parquet: a CSV cell holds only text)"
         )
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field {field!r} must be a non-empty list, got {type_name(messages)}")

@@ -11,6 +11,7 @@ User files are only ever opened for reading.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -262,6 +263,12 @@ def _files(root: Path, files: list[Path]) -> str:
     )
 
 
+NOT_A_RECORD = (
+    '; each record is an object of its format\'s fields (e.g. {"text": ...}); for plain text, one document per file, '
+    "use .txt files"
+)
+
+
 def _read_utf8(path: Path) -> str:
     try:
         raw = path.read_bytes()
@@ -269,6 +276,8 @@ def _read_utf8(path: Path) -> str:
         raise
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); check that the file exists and is readable") from e
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows editors, PowerShell's `>`
+        raise DataError(f"{path}: UTF-16 text, not UTF-8; re-save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -313,7 +322,7 @@ def _read_json(path: Path, field: JsonField) -> Table:
     table = Table(path, data, key=key)
     for i, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"{table.where(i)}: expected a JSON object, got {type_name(record)}")
+            raise DataError(f"{table.where(i)}: expected a JSON object, got {type_name(record)}{NOT_A_RECORD}")
     return table
 
 
@@ -374,7 +383,7 @@ def _read_json_lines(path: Path, text: str) -> Table:
         except (ValueError, RecursionError) as e:
             raise DataError(f"{path} line {lineno}: invalid JSON ({_one_line(e)}); fix the line") from e
         if not isinstance(record, dict):
-            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type_name(record)}")
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type_name(record)}{NOT_A_RECORD}")
         records.append(record)
         lines.append(lineno)
     return Table(path, records, lines)
