@@ -61,6 +61,9 @@ def test_top_level_help_lists_every_command(capsys):
         (["doctor", "--jsn"], "error: unknown option --jsn; did you mean --json?"),
         (["eval", "--checkpoint", "c", "--data", "d", "--whole-split"],
          "error: --whole-split is for a run's own validation split (eval without --data); --data d is scored whole"),
+        (["eval", "--checkpoint", "c", "--data", "d", "--format", "chatt"],
+         "error: --format='chatt' is not valid (did you mean chat?); choose one of: auto, text, alpaca, "
+         "prompt_completion, chat, sharegpt, conversational, chat_template"),
         # other tools' generation names: --max-steps on eval was answered with --max-length
         (["eval", "--checkpoint", "c", "--data", "d", "--max-steps", "3"],
          "error: unknown option --max-steps; did you mean --limit?"),

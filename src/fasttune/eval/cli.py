@@ -9,7 +9,8 @@ from typing import Annotated
 import tyro
 from tyro.constructors import PrimitiveConstructorSpec
 
-from fasttune.config.base_config import OVERLONG, as_paths, shown
+from fasttune.config.base_config import DATA_FORMATS, OVERLONG, as_paths, shown
+from fasttune.data.formats import unknown_format
 from fasttune.errors import ConfigError
 from fasttune.generate.commands import SamplingArgs
 
@@ -91,6 +92,8 @@ class EvalArgs(SamplingArgs):
             raise ConfigError("--field='' is not valid; name the JSON key that holds the records or leave it out")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
+        if self.format not in DATA_FORMATS:  # checked with the data, it was "data format 'x'", no option named
+            raise ConfigError(unknown_format("--format", self.format))
         if self.overlong is not None and self.overlong not in OVERLONG:
             raise ConfigError(f"--overlong={self.overlong!r} is not valid; choose one of {', '.join(OVERLONG)}")
         if self.max_length is not None and self.max_length <= 1:
