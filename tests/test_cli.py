@@ -166,6 +166,11 @@ def test_main_py_runs_the_other_commands_too():
                                                                                            "lora"]  # fmt: skip
     ran = subprocess.run([sys.executable, main_py, "--experiment", "nope"], capture_output=True, text=True, env=env)
     assert ran.returncode == 2 and ran.stderr.startswith("error: --experiment 'nope' is unknown")
+    # a mistyped command was read as train's: "unexpected argument 'genrate'; options look like --name VALUE"
+    argv = [sys.executable, main_py, "genrate", "--prompt", "hi"]
+    ran = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert ran.returncode == 2 and ran.stderr == ("error: unknown command 'genrate'; choose one of: train, generate, "
+                                                  "chat, eval, doctor, bench, experiments\n")  # fmt: skip
 
 
 def test_help_wraps_each_option_as_one_paragraph(capsys, monkeypatch):
