@@ -118,10 +118,23 @@ def test_adapter_with_a_relative_base_path_is_found_from_another_directory(tmp_p
 
 
 def test_adapter_whose_base_is_missing_names_the_file_and_fix(tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
+    """A base recorded by its absolute path (as fasttune and peft record it) that is gone was "not found from here;
+    ... or run from the folder training ran in": no folder finds an absolute path. Its run's merged model needs no
+    base, and is named where there is one."""
+    run = _run(tmp_path / "run")
+    (adapter := run / "adapter").mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nowhere/base"}))
-    with pytest.raises(FasttuneError, match=r"adapter_config.json: base model '/nowhere/base' not found.*absolute"):
+    gone = (f"{adapter / 'adapter_config.json'}: base model /nowhere/base is gone (moved or deleted); put it back, or "
+            "set base_model_name_or_path in that file to where it is now")  # fmt: skip
+    with pytest.raises(FasttuneError) as e:
+        resolve(adapter)
+    assert str(e.value) == gone
+    _weights(_model(run / "merged"))
+    with pytest.raises(FasttuneError) as e:
+        resolve(adapter)
+    assert str(e.value) == f"{gone}; or pass the run's merged model {run / 'merged'}, which needs no base model"
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}))
+    with pytest.raises(FasttuneError, match=r"base model 'base' not found from here; .*run from the folder training"):
         resolve(adapter)
 
 

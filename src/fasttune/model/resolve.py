@@ -177,14 +177,27 @@ def _adapter(adapter: Path, option: str, adapters: bool, why: str | None = None)
     candidates = [Path(base_name)] + [p / base_name for p in (adapter.parent, *adapter.parents) if p != Path(".")]
     base = next((c for c in candidates if (c / "config.json").is_file()), None)
     if base is None:
-        raise FasttuneError(
-            f"{where}: base model {base_name!r} not found from here; set base_model_name_or_path in that file to "
-            "the base model folder (an absolute path), or run from the folder training ran in"
-        )
+        raise FasttuneError(_no_base(adapter, base_name))
     tokenizer = adapter if _has_tokenizer(adapter) else base
     src = _checked(ModelSource(base, tokenizer, adapter_dir=adapter), option)
     src.note = (why + "; " if why else "") + f"LoRA adapter {adapter} on base model {base}"
     return src
+
+
+def _no_base(adapter: Path, base_name: str) -> str:
+    """The error for an adapter whose base model is not where its adapter_config.json says: an absolute path is gone
+    (no working directory finds it), a relative one may be found from another; the run's merged model needs none."""
+    where = adapter / ADAPTER_CONFIG
+    if Path(base_name).is_absolute():
+        message = (f"{where}: base model {base_name} is gone (moved or deleted); put it back, or set "
+                   "base_model_name_or_path in that file to where it is now")  # fmt: skip
+    else:
+        message = (f"{where}: base model {base_name!r} not found from here; set base_model_name_or_path in that file "
+                   "to the base model folder (an absolute path), or run from the folder training ran in")  # fmt: skip
+    merged = (adapter.parent.parent if adapter.parent.name == "checkpoints" else adapter.parent) / "merged"
+    if (merged / "config.json").is_file():
+        message += f"; or pass the run's merged model {merged}, which needs no base model"
+    return message
 
 
 def _checked(src: ModelSource, option: str) -> ModelSource:
