@@ -75,6 +75,24 @@ def test_no_usable_checkpoint_is_one_line_naming_the_file_and_never_unsafe_advic
     assert "weights_only" not in msg
 
 
+@pytest.mark.parametrize("how", ["missing", "garbage"])
+def test_a_lost_run_config_names_a_way_on_that_keeps_the_checkpoints(two_checkpoints, how):
+    """A run whose config.json is gone or garbled: the only way out said was --overwrite, which deletes the
+    checkpoints that are intact; a new run from the newest keeps the training done."""
+    cfg, result = two_checkpoints
+    config = result.run_dir / "config.json"
+    config.unlink() if how == "missing" else config.write_text("{")
+    with pytest.raises(FasttuneError) as e:
+        loop.train(dataclasses.replace(cfg, resume=True))
+    msg = str(e.value)
+    newest = result.run_dir / "checkpoints" / "step-000004"
+    assert msg.startswith(f"--resume: cannot read {config} (") and "\n" not in msg
+    assert msg.endswith(f"which holds the run's options; to train on from its newest checkpoint, start a new run with "
+                        f"--model {newest} and another --output-dir, or start over with --overwrite (which deletes "
+                        "its checkpoints)")  # fmt: skip
+    assert checkpoint.list_checkpoints(result.run_dir)[-1] == newest
+
+
 def test_a_run_folder_given_to_generate_skips_a_damaged_newest_checkpoint(two_checkpoints, caplog):
     """generate/eval/--model take a run folder's newest checkpoint whose weights load, as --resume does, naming the
     one skipped (the weights are checked by their headers, not loaded)."""

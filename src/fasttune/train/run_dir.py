@@ -306,7 +306,18 @@ class RunFolder:
             raise ConfigError(f"--resume: {self.config} cannot be read (permission denied); make it readable "
                               f"(chmod u+r {self.config}) and resume again") from None  # fmt: skip
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--resume: cannot read {self.config} ({e}); start over with --overwrite") from None
+            from fasttune.train.checkpoint import list_checkpoints  # torch: on this error alone
+
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            done = list_checkpoints(self)  # intact: --overwrite alone would throw the training done away
+            way_on = ""
+            if done:
+                way_on = f"to train on from its newest checkpoint, start a new run with --model {done[-1]} and another "
+                way_on += "--output-dir, or "
+            raise ConfigError(
+                f"--resume: cannot read {self.config} ({reason}), which holds the run's options; {way_on}start over "
+                "with --overwrite (which deletes its checkpoints)"
+            ) from None
 
     def start(self, cfg: BaseConfig) -> None:
         """Called once everything is checked: clear an old run for --overwrite (only fasttune's files), mark the
