@@ -6,8 +6,15 @@
 import difflib
 import sys
 
-from fasttune.cli import COMMANDS
-from fasttune.cli import main as cli_main
+try:
+    from fasttune.cli import COMMANDS
+    from fasttune.cli import main as cli_main
+except ModuleNotFoundError as e:  # the environment not activated: fasttune, or a package it needs, is not there
+    if (e.name or "fasttune.").startswith("fasttune."):
+        raise
+    print(f"error: {e.name} is not installed for this Python ({sys.executable}); activate fasttune's environment "
+          "(. .venv/bin/activate) or install fasttune (scripts/install.sh)", file=sys.stderr)  # fmt: skip
+    sys.exit(2)
 
 
 def main() -> int:

@@ -173,6 +173,18 @@ def test_main_py_runs_the_other_commands_too():
                                                   "chat, eval, doctor, bench, experiments\n")  # fmt: skip
 
 
+def test_main_py_in_a_python_without_fasttune_says_how_to_get_one():
+    """`python main.py` with the environment not activated was a ModuleNotFoundError traceback (python -S: no
+    site-packages, so neither fasttune nor its dependencies import)."""
+    main_py = str(Path(__file__).parents[1] / "main.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ran = subprocess.run([sys.executable, "-S", main_py, "--max-steps", "1"], capture_output=True, text=True, env=env)
+    assert ran.returncode == 2 and ran.stderr == (
+        f"error: fasttune is not installed for this Python ({sys.executable}); activate fasttune's environment "
+        "(. .venv/bin/activate) or install fasttune (scripts/install.sh)\n"
+    )
+
+
 def test_help_wraps_each_option_as_one_paragraph(capsys, monkeypatch):
     """An option's docstring is one paragraph in --help, wrapped by the terminal: tyro kept a break before every
     indented source line (mid-sentence, e.g. after "None:" in eval's --data)."""
