@@ -586,3 +586,24 @@ def test_a_line_that_is_not_an_object_says_what_a_record_is(tmp_path):
         f"{path} line 1: expected a JSON object, got str ('hello'); each record is an object of its format's fields "
         '(e.g. {"text": ...}); for plain text, one document per file, use .txt files'
     )
+
+
+def test_a_model_or_run_folder_given_as_data_is_named_as_such(tmp_path):
+    """--data at a model folder (or a run's) read its config.json and tokenizer.json as records and said "cannot tell
+    the data format from its keys (architectures, ...); rename the fields": fields of no data."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (model / "model.safetensors").write_bytes(b"")
+    assert error_for(model) == (
+        f"{model} is a model folder (config.json and weights: model.safetensors), not data; point --data at your data "
+        "file or folder"
+    )
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".fasttune-run").write_text("")
+    (run / "config.json").write_text("{}")
+    assert error_for(run) == (
+        f"{run} is a fasttune run folder, not data; point --data at your data file or folder (its "
+        f"{run / 'config.json'} names the data the run trained on)"
+    )

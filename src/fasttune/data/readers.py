@@ -150,6 +150,7 @@ def _read_file(path: Path, field: JsonField) -> Table:
 def _folder_files(root: Path, split: str | None, flag: str) -> list[Path]:
     """Text or data files under `root` (sorted, hidden and __pycache__ entries skipped; other types ignored); `split`:
     the split wanted, as read_tables takes it (a folder of several is refused: _check_one_split)."""
+    _refuse_model_or_run(root, flag)
     files = [p for p in _walk(root) if p.suffix.lower() in TEXT_SUFFIXES | DATA_SUFFIXES and p.is_file()]
     if not files:
         raise DataError(
@@ -166,6 +167,21 @@ def _folder_files(root: Path, split: str | None, flag: str) -> list[Path]:
             f"point {flag} at one file or keep one kind per folder"
         )
     return files
+
+
+def _refuse_model_or_run(root: Path, flag: str) -> None:
+    """A model folder or a fasttune run folder given as data: its config.json and tokenizer.json were read as records
+    and refused for keys of no data format, with the fix to rename them."""
+    from fasttune.train.run_dir import MARKER
+
+    if (root / MARKER).is_file():
+        raise DataError(f"{root} is a fasttune run folder, not data; point {flag} at your data file or folder (its "
+                        f"{root / 'config.json'} names the data the run trained on)")  # fmt: skip
+    weights = next((p.name for p in sorted(root.glob("*")) if p.suffix in (".safetensors", ".bin")), None)
+    configs = [n for n in ("config.json", "adapter_config.json") if (root / n).is_file()]
+    if configs and weights:
+        raise DataError(f"{root} is a model folder ({configs[0]} and weights: {weights}), not data; point {flag} at "
+                        "your data file or folder")  # fmt: skip
 
 
 def data_files(path: Path) -> list[Path]:
