@@ -30,6 +30,8 @@ def test_default_attention_is_sdpa():
         ({"data": {"overlong": "cut"}}, "data.overlong='cut'", "truncate"),
         ({"training": {"max_steps": 0}}, "training.max_steps=0", "> 0"),
         ({"generation": {"top_p": 1.5}}, "generation.top_p=1.5", "(0, 1]"),
+        # torch.manual_seed's range: a larger one was a ValueError traceback once the model was about to be built
+        ({"seed": 2**64}, "seed=18446744073709551616", "from -9223372036854775808 to 18446744073709551615"),
     ],
 )
 def test_bad_values_name_option_and_valid_values(change, option, valid):

@@ -390,6 +390,8 @@ class BaseConfig:
 
     def __post_init__(self) -> None:
         _choice("attn_implementation", self.attn_implementation, ATTN_CHOICES)
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ConfigError(f"seed={self.seed} is not valid; choose one from {-(2**63)} to {2**64 - 1} (e.g. 0)")
         if not self.lora.enabled and (set_ := _changed(self.lora, LoraConfig())):
             key, value = set_[0]
             value = list(value) if isinstance(value, tuple) else value  # targets: as a list is written
