@@ -320,6 +320,13 @@ def test_train_bench_refuses_no_lora_with_the_lora_experiment(order, capsys, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_train_bench_names_its_own_seed_option(capsys, tmp_path):
+    """A seed the rows' training config refuses is bench train's --seed: it was named as the config key, seed=..."""
+    assert cli.main(["bench", "train", "--device", "cpu", "--seed", str(2**64), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --seed={2**64} is not valid; choose one from ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_usage_and_errors(capsys):
     assert cli.main(["bench", "--help"]) == 0 and "attention" in capsys.readouterr().out
     assert cli.main(["bench", "nope"]) == 2

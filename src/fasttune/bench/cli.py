@@ -146,7 +146,8 @@ def _variant(text: str) -> tuple[str, list[str]]:
 
 
 BENCH_KEYS = {"data.max_length": ("--max-length",), "data.micro_batch_size": ("--micro-batch",),
-              "training.device": ("--device",), "model.preset": ("--preset",), "lora.enabled": ("--lora",)}  # fmt: skip
+              "training.device": ("--device",), "model.preset": ("--preset",), "lora.enabled": ("--lora",),
+              "seed": ("--seed",)}  # fmt: skip
 """The keys of every row's training config that an option of bench train sets (bench/train.py fasttune_config)."""
 
 
