@@ -344,8 +344,11 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
         return None
     fraction = 0.0 if by_piece else d.val_fraction
     summary = DataSummary(source=source, format=fmt)
-    if d.val_path is None:
-        train_recs, val_recs = holdout(records, [str(i) for i in range(len(records))], fraction)
+    train_names = val_names = None  # tokenize_records' own: "{source} record {i}"
+    if d.val_path is None:  # held out by position: a record is named by its place in the data, not in its split
+        train_at, val_at = holdout(list(range(len(records))), [str(i) for i in range(len(records))], fraction)
+        train_recs, val_recs = [records[i] for i in train_at], [records[i] for i in val_at]
+        train_names, val_names = _named_at(source, train_at), _named_at(source, val_at)
     else:
         train_recs, val_recs = records, _val_records(d, fmt, summary)
     tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
@@ -353,12 +356,17 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
         summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
                              "completion; the completion's assistant turns are trained)")  # fmt: skip
     train = [] if val_only else tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt,
-                                                 source=source, notes=summary.notes)  # fmt: skip
+                                                 source=source, notes=summary.notes, names=train_names)  # fmt: skip
     val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt,
-                           source=shown(d.val_path or d.path), notes=[])  # fmt: skip
+                           source=shown(d.val_path or d.path), notes=[], names=val_names)  # fmt: skip
     if by_piece:
         train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
     return train, val, tokenizer, summary
+
+
+def _named_at(source: str, at: list[int]) -> Callable[[int], str]:
+    """How errors name the i-th record of a split: by at[i], its index among the records of `source`."""
+    return lambda i: f"{source} record {at[i]}"
 
 
 def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> list[dict]:

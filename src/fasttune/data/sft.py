@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import re
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,18 +95,21 @@ def tokenize_records(
     source: str = "dataset",
     notes: list[str] | None = None,
     origins: list[int] | None = None,
+    names: Callable[[int], str] | None = None,
 ) -> list[Sample]:
     """Tokenize `records` of format `fmt` into Samples (token ids and the spans trained: labels -100 elsewhere); a
     chat record whose template rewrites earlier turns gives one sample per assistant turn. `source` names the
-    dataset in error messages; `notes` (else the log) gets a line on how many records were so split; `origins`, when
-    given, gets each sample's record: its position in `records`."""
+    dataset in error messages, `names(i)` records[i] (default "{source} record {i}"; a split's records are named by
+    their place in the data read); `notes` (else the log) gets a line on how many records were so split; `origins`,
+    when given, gets each sample's record: its position in `records`."""
     if fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     without_length_warning(tokenizer)
+    names = names or (lambda i: f"{source} record {i}")
     for i, record in enumerate(records):
-        validate_record(record, fmt, f"{source} record {i}")
+        validate_record(record, fmt, names(i))
     if fmt == "chat":
-        return _tokenize_chat(records, tokenizer, train_on_prompt, source, notes, origins)
+        return _tokenize_chat(records, tokenizer, train_on_prompt, source, notes, origins, names)
     if origins is not None:
         origins.extend(range(len(records)))  # a sample per record
     eos = tokenizer.eos_token_id
@@ -160,26 +163,27 @@ def bos_prefix(tokenizer) -> list[int]:
 # ---- chat ----------------------------------------------------------------------------------------------------------
 
 
-def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
-                   notes: list[str] | None, origins: list[int] | None) -> list[Sample]:  # fmt: skip
+def _tokenize_chat(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str, notes: list[str] | None,
+                   origins: list[int] | None, names: Callable[[int], str]) -> list[Sample]:  # fmt: skip
     with fixed_date():
-        return _tokenize_chat_records(records, tokenizer, train_on_prompt, source, notes, origins)
+        return _tokenize_chat_records(records, tokenizer, train_on_prompt, source, notes, origins, names)
 
 
 def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: bool, source: str,
-                           notes: list[str] | None, origins: list[int] | None) -> list[Sample]:  # fmt: skip
+                           notes: list[str] | None, origins: list[int] | None,
+                           names: Callable[[int], str]) -> list[Sample]:  # fmt: skip
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise DataError(
             f"{source} is chat data but the tokenizer has no chat template; use a model whose tokenizer_config.json "
             "has one, or convert the data to prompt/completion"
         )
-    _check_roles(records, tokenizer, source)
+    _check_roles(records, tokenizer, names)
     tagged = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
     rendered: list[tuple[str, list[Span]]] = []
     by_turn, specials = 0, special_tokens(tokenizer)
     for i, record in enumerate(records):
-        where = f"{source} record {i}"
+        where = names(i)
         tools, kwargs = record_tools(record, where), record_kwargs(record, where)
         check_kwargs(tokenizer, kwargs, tools, where)
         chat = Chat(tokenizer, record["messages"], tools, where, specials, kwargs)
@@ -205,14 +209,14 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
     return _encode(tokenizer, rendered, prompt_apart=True)
 
 
-def _check_roles(records: Sequence[dict], tokenizer, source: str) -> None:
+def _check_roles(records: Sequence[dict], tokenizer, names: Callable[[int], str]) -> None:
     """A checkpoint of a fasttune run on Alpaca or prompt/completion data carries that format as its chat template
     (generate/template.py), which renders user and assistant turns only: refuse a message it would drop."""
     from fasttune.generate.template import check_roles, prompt_format
 
     fmt = prompt_format(tokenizer)
     for i, record in enumerate(records):
-        check_roles(record["messages"], fmt, f"{source} record {i}", "remove them from the data, or start from the "
+        check_roles(record["messages"], fmt, names(i), "remove them from the data, or start from the "
                     "base model that run began with (its own chat template)")  # fmt: skip
 
 
