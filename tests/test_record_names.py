@@ -43,3 +43,20 @@ def test_a_record_of_one_file_is_named_by_its_index_in_the_file_not_in_its_split
         path = _jsonl(tmp_path / "d.jsonl", [BAD if i == bad else r for i, r in enumerate(CHAT)])
         said = _error(tmp_path, (path,), val_fraction=0.2)
         assert said.startswith(f"{path} record {bad}: field 'tools' is a string but not JSON"), said
+
+
+def test_a_record_of_several_files_is_named_by_its_file_and_its_index_there(tmp_path):
+    """--data a.jsonl b.jsonl: b's record 2 was named 'a.jsonl b.jsonl record 14' (its index in the joined list, or
+    in its split); so are --data.val-path's files and eval's --data."""
+    from fasttune.eval.run import EvalArgs, _samples
+
+    a = _jsonl(tmp_path / "a.jsonl", CHAT[:12])
+    b = _jsonl(tmp_path / "b.jsonl", [*CHAT[12:14], BAD, *CHAT[14:]])
+    said = f"{b} record 2: field 'tools' is a string but not JSON"
+    assert _error(tmp_path, (a, b), val_fraction=0.2).startswith(said)
+    assert _error(tmp_path, (b, a), val_fraction=0.2).startswith(said)
+    assert _error(tmp_path, (a, b, _jsonl(tmp_path / "c.jsonl", CHAT[:3])), val_fraction=0.2).startswith(said)
+    assert _error(tmp_path, (a,), val_path=(_jsonl(tmp_path / "v.jsonl", CHAT[:5]), b)).startswith(said)
+    with pytest.raises(DataError) as e:
+        _samples(EvalArgs(checkpoint="unused", data=(a, b)), build_tiny_tokenizer(), 512)
+    assert str(e.value).startswith(said)

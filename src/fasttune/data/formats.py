@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import difflib
 import glob
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
@@ -98,12 +100,14 @@ def load_paths(
     split: str | None = "train",
     field: str | None = None,
     flag: str = "--data",
+    sizes: list[int] | None = None,
 ) -> tuple[list[dict], str]:
     """The records of the data sets at `paths` (--data a.jsonl b.parquet) as one list, in their order, and their
     format: each path read by load_records, its format detected (or checked against `fmt`) on its own, and all must
     train as one (ShareGPT beside role/content messages: chat; Alpaca beside chat is refused, naming both). `field`
     names the key of .json files' objects: given several paths, it is not passed to another type of file among them
-    (it names a key of the .json ones). A string is one path (never its characters)."""
+    (it names a key of the .json ones). A string is one path (never its characters). `sizes`, when given, gets each
+    path's number of records (record_names names a record of the list by them)."""
     paths = (paths,) if isinstance(paths, str) else paths
     _refuse_overlap(paths, flag)
     keyed = [len(paths) == 1 or Path(p).is_dir() or Path(p).suffix.lower() == ".json" for p in paths]
@@ -122,7 +126,24 @@ def load_paths(
                             "ShareGPT and TRL's conversational records) or train on them apart")  # fmt: skip
         first.setdefault(fmt_got, path)
         records += got
+        if sizes is not None:
+            sizes.append(len(got))
     return records, next(iter(first))
+
+
+def record_names(paths: Sequence[str], sizes: Sequence[int]) -> Callable[[int], str]:
+    """How errors name record i of the list load_paths joined of `paths` (`sizes`: its counts): "{path} record {j}",
+    j its index among the records of its path, as one path's records are named (there: i, nothing looked up)."""
+    paths = (paths,) if isinstance(paths, str) else paths
+    if len(paths) == 1:
+        return lambda i: f"{paths[0]} record {i}"
+    starts = list(itertools.accumulate(sizes[:-1], initial=0))
+
+    def name(i: int) -> str:
+        k = bisect_right(starts, i) - 1
+        return f"{paths[k]} record {i - starts[k]}"
+
+    return name
 
 
 def _refuse_overlap(paths: Sequence[str], flag: str) -> None:

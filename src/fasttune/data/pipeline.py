@@ -332,11 +332,12 @@ def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val
 def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val_only: bool = False) -> _Read | None:
     """--data's records, held out by record, else (text with too few documents) by the last pieces of the text;
     `val_only`: the training records are not tokenized (build_validation), None where the pieces need them."""
-    from fasttune.data.formats import PROMPT_TURNS, load_paths, say_unrendered
+    from fasttune.data.formats import PROMPT_TURNS, load_paths, record_names, say_unrendered
     from fasttune.data.sft import tokenize_records
 
-    d, source = cfg.data, shown(cfg.data.path)
-    records, fmt = load_paths(d.path, d.format, field=d.field)
+    d, source, sizes = cfg.data, shown(cfg.data.path), []
+    records, fmt = load_paths(d.path, d.format, field=d.field, sizes=sizes)
+    named = record_names(d.path, sizes)
     records = records[: d.max_documents]
     say_unrendered(records, fmt, source)
     by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction) and d.val_path is None
@@ -344,13 +345,13 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
         return None
     fraction = 0.0 if by_piece else d.val_fraction
     summary = DataSummary(source=source, format=fmt)
-    train_names = val_names = None  # tokenize_records' own: "{source} record {i}"
     if d.val_path is None:  # held out by position: a record is named by its place in the data, not in its split
         train_at, val_at = holdout(list(range(len(records))), [str(i) for i in range(len(records))], fraction)
         train_recs, val_recs = [records[i] for i in train_at], [records[i] for i in val_at]
-        train_names, val_names = _named_at(source, train_at), _named_at(source, val_at)
+        train_names, val_names = _named_at(named, train_at), _named_at(named, val_at)
     else:
-        train_recs, val_recs = records, _val_records(d, fmt, summary)
+        train_recs, train_names = records, named
+        val_recs, val_names = _val_records(d, fmt, summary)
     tokenizer = tokenizer or _load_tokenizer(cfg, lambda: _records_corpus(train_recs))
     if any(PROMPT_TURNS in r for r in records):
         summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
@@ -364,28 +365,28 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
     return train, val, tokenizer, summary
 
 
-def _named_at(source: str, at: list[int]) -> Callable[[int], str]:
-    """How errors name the i-th record of a split: by at[i], its index among the records of `source`."""
-    return lambda i: f"{source} record {at[i]}"
+def _named_at(named: Callable[[int], str], at: list[int]) -> Callable[[int], str]:
+    """How errors name the i-th record of a split: as `named` names at[i], its index in the records read."""
+    return lambda i: named(at[i])
 
 
-def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> list[dict]:
-    """--data.val-path's records, read as --data's (`fmt`, its format; --data.field names the key of the .json ones):
-    the validation set; --data.max-documents applies to --data only, and a DatasetDict of several splits is refused
-    (which one validates is the user's to say)."""
-    from fasttune.data.formats import load_paths, say_unrendered
+def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> tuple[list[dict], Callable[[int], str]]:
+    """--data.val-path's records, read as --data's (`fmt`, its format; --data.field names the key of the .json ones),
+    and how errors name them (formats.record_names): the validation set; --data.max-documents applies to --data only,
+    and a DatasetDict of several splits is refused (which one validates is the user's to say)."""
+    from fasttune.data.formats import load_paths, record_names, say_unrendered
 
-    val_path = shown(d.val_path)
+    val_path, sizes = shown(d.val_path), []
     json_file = any(Path(p).suffix.lower() == ".json" for p in d.val_path)  # a .jsonl one has no key to name
     records, val_fmt = load_paths(d.val_path, d.format, split=None, field=d.field if json_file else None,
-                                  flag="--data.val-path")  # fmt: skip
+                                  flag="--data.val-path", sizes=sizes)  # fmt: skip
     if val_fmt != fmt:
         raise DataError(f"--data.val-path {val_path}: its records are {val_fmt} but --data {shown(d.path)}'s are "
                         f"{fmt}; give a validation file of the training data's format")  # fmt: skip
     say_unrendered(records, fmt, val_path)
     summary.notes.append(f"  validation: the {count(len(records), 'record')} of --data.val-path {val_path} (nothing "
                          "held out of --data; data.val_fraction is not used)")  # fmt: skip
-    return records
+    return records, record_names(d.val_path, sizes)
 
 
 def overlong_policy(overlong: str, fmt: str, max_length: int) -> str:

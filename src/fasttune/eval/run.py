@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -187,30 +187,37 @@ def _text_pieces(samples: list[Sample], max_length: int | None, context: int | N
     return pieces, mode
 
 
-def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: bool) -> list[Sample]:
-    """`records` as training tokenizes them (`prompts`: with --train-on-prompt), each sample numbered by record."""
+def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: bool,
+               names: Callable[[int], str] | None = None) -> list[Sample]:  # fmt: skip
+    """`records` as training tokenizes them (`prompts`: with --train-on-prompt), each sample numbered by record;
+    `names`: how errors name a record (_read's)."""
     origins: list[int] = []
     samples = tokenize_records(records, fmt, tokenizer, train_on_prompt=prompts, source=shown(a.data),
-                               origins=origins)  # fmt: skip
+                               origins=origins, names=names)  # fmt: skip
     if fmt != "text":
         _number_records(samples, origins)
     return samples
 
 
-def _read(a: EvalArgs) -> tuple[list[dict], str]:
-    """(--data's records, up to --limit; their format), read before the model loads: a data error (a missing field,
-    an empty file, a folder of several splits) is said before minutes of loading, not after."""
-    from fasttune.data.formats import load_paths, say_unrendered
+Read = tuple[list[dict], str, Callable[[int], str]]
+"""_read's: --data's records, their format, and how errors name a record (formats.record_names)."""
+
+
+def _read(a: EvalArgs) -> Read:
+    """(--data's records, up to --limit; their format; their names), read before the model loads: a data error (a
+    missing field, an empty file, a folder of several splits) is said before minutes of loading, not after."""
+    from fasttune.data.formats import load_paths, record_names, say_unrendered
 
     # split=None: never a DatasetDict's train split
-    records, fmt = load_paths(a.data, a.format, option="--format", split=None, field=a.field)
+    sizes: list[int] = []
+    records, fmt = load_paths(a.data, a.format, option="--format", split=None, field=a.field, sizes=sizes)
     records = records[: a.limit]
     say_unrendered(records, fmt, shown(a.data), ("scored", "evaluate"))  # a misspelt 'input' is left out, as training
-    return records, fmt
+    return records, fmt, record_names(a.data, sizes)
 
 
 def _samples(
-    a: EvalArgs, tokenizer, context: int | None, prompts: bool = False, read: tuple[list[dict], str] | None = None
+    a: EvalArgs, tokenizer, context: int | None, prompts: bool = False, read: Read | None = None
 ) -> tuple[list[Sample], list[Sample], str, tuple[int, int], dict]:
     """(the samples the loss scores, the whole samples --generate answers, the format, (samples the loss leaves out
     as longer than the context, samples with an answer to give --generate leaves out so), what --max-length did to
@@ -220,11 +227,11 @@ def _samples(
     trained on their responses alone (their tokens differ where the prompt ends inside a token, and a chat template
     may split a conversation by turn), whole, within the context; each side counts what it leaves out. `read`: the
     records as _read gave them (None: read them now)."""
-    records, fmt = read or _read(a)
+    records, fmt, names = read or _read(a)
     if a.overlong not in (None, "auto") and fmt != "text" and not a.max_length:
         raise ConfigError(f"--overlong {a.overlong}: supervised samples are cut at --max-length only, and none is "
                           "given (they are scored whole); pass --max-length N (the run's data.max_length)")  # fmt: skip
-    samples = _tokenized(a, records, fmt, tokenizer, prompts)
+    samples = _tokenized(a, records, fmt, tokenizer, prompts, names)
     if not any(map(_scored, samples)):  # training refuses such data as well
         what = "text" if fmt == "text" else "response"
         raise DataError(f"{shown(a.data)}: no sample has a token to score (every {what} is empty), so there is no "
@@ -238,7 +245,7 @@ def _samples(
     kept = [s for s in samples if not context or len(s) <= context]
     whole, answered = samples, kept
     if prompts and a.generate and fmt != "text":
-        whole = _tokenized(a, records, fmt, tokenizer, False)
+        whole = _tokenized(a, records, fmt, tokenizer, False, names)
         answered = [s for s in whole if not context or len(s) <= context]
     unanswered = sum(s.last_turn for s in whole if context and len(s) > context)  # an answer --generate would give
     too_long = (len(samples) - len(kept), unanswered)
@@ -360,7 +367,7 @@ def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
                                            "generate_skipped_cut_at_max_length": cut}  # fmt: skip
 
 
-def _loss(a: EvalArgs, src, model, tok, read: tuple[list[dict], str]) -> tuple[dict, list[Sample], dict]:
+def _loss(a: EvalArgs, src, model, tok, read: Read) -> tuple[dict, list[Sample], dict]:
     """(the summary with the loss, the whole samples --generate answers, what it leaves out: those too long for the
     context), of the records `read`."""
     context = context_length(model.config)
