@@ -480,6 +480,23 @@ def test_resume_takes_several_data_paths_spelled_another_way_and_leaves_another_
         folder.check_resume(with_val)
 
 
+def test_resume_takes_another_name_of_the_format_the_run_read(finished):
+    """sharegpt, conversational and chat_template read what chat reads (formats.FORMAT_NAMES): a run started with
+    one resumes with another (it was refused as a changed data.format); another format, or auto, is still a change."""
+    import json
+
+    cfg, result = finished
+    folder = RunFolder(result.run_dir)
+    saved = json.loads(folder.config.read_text())
+    for was, now in (("sharegpt", "chat"), ("chat", "sharegpt"), ("conversational", "chat_template")):
+        saved["data"]["format"] = was
+        folder.config.write_text(json.dumps(saved))
+        folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=now)))
+    for now in ("alpaca", "auto"):
+        with pytest.raises(ConfigError, match=f"data.format is '{now}' but the run was started with 'conversational'"):
+            folder.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=now)))
+
+
 def test_resume_of_a_run_recorded_before_overlong_auto_continues_with_the_same_data(finished):
     """Runs started before data.overlong's default became `auto` recorded `split` (quick, full) or `truncate` (sft):
     they resume with the value they recorded (auto could give other samples: test below); an explicit other value is

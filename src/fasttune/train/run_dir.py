@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from fasttune.config import BaseConfig, to_dict
 from fasttune.config.base_config import as_paths, may_change_on_resume, shown
+from fasttune.data.formats import FORMAT_NAMES
 from fasttune.errors import ConfigError, FasttuneError
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ class RunFolder:
                 continue
             old = saved[key]
             old = as_paths(old) if key in MOVABLE else tuple(old) if isinstance(old, list) else old
-            if old != value and not _same_path(key, old, value) and old not in SAME_DATA.get((key, value), ()):
+            if old != value and not _same_value(key, old, value):
                 source = f" (set by {origin[key]})" if origin and key in origin else ""
                 value, old = (shown(v) if key in MOVABLE and v else v for v in (value, old))
                 raise ConfigError(
@@ -440,6 +441,16 @@ def _same_path(key: str, old, new) -> bool:
     if not old or len(old) != len(new):
         return False
     return all(Path(a).resolve() == Path(b).resolve() for a, b in zip(old, new, strict=True))
+
+
+def _same_value(key: str, old, new) -> bool:
+    """A value the run recorded and one given on --resume that differ as written, not as the run reads them: the
+    same paths spelled another way (_same_path), another name of the data format read (formats.FORMAT_NAMES:
+    sharegpt, conversational and chat_template read what chat reads; auto names none), or the value an older run
+    recorded where the default is now auto (SAME_DATA)."""
+    if key == "data.format":
+        return old in FORMAT_NAMES and FORMAT_NAMES[old] == FORMAT_NAMES.get(new)
+    return _same_path(key, old, new) or old in SAME_DATA.get((key, new), ())
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
