@@ -375,9 +375,9 @@ def test_eval_tokenizes_chat_data_trained_turn_by_turn_once(tmp_path, monkeypatc
 
 
 def _table_rows(summary: dict, capsys) -> dict[str, str]:
-    from fasttune.eval.run import _print_table
+    from fasttune.eval.report import print_table
 
-    _print_table(summary)
+    print_table(summary)
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()]
     return {c[0]: c[1] for c in cells if len(c) == 2}
 

@@ -14,7 +14,6 @@ per sample: prompt, reference, completion, scores) and summary.json; the summary
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import sys
@@ -30,8 +29,9 @@ from fasttune.config.base_config import shown
 from fasttune.data.packing import IGNORE, collate_padded
 from fasttune.data.sample import Sample
 from fasttune.data.sft import tokenize_records
-from fasttune.errors import ConfigError, DataError, FasttuneError
+from fasttune.errors import ConfigError, DataError
 from fasttune.eval.cli import EvalArgs
+from fasttune.eval.report import output_files, report
 from fasttune.eval.score import Example, score, split_sample, summarize_scores
 from fasttune.model.context import context_length
 
@@ -104,60 +104,6 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
                "ended_at_stop_string": sum(r["stop"] is not None for r in ordered), "generated_tokens": new_tokens,
                "generate_tokens_per_s": new_tokens / seconds if seconds else None}  # fmt: skip
     return ordered, summary
-
-
-SAMPLING = ("top_p", "top_k", "seed")
-"""Settings of summary.json that only sampling (--temperature above 0) reads: the printed table leaves them out of a
-greedy run (summary.json keeps them all, with top_k null)."""
-
-
-def _print_table(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="fasttune eval", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    greedy = summary.get("temperature") == 0
-    for key, value in summary.items():
-        if key in SAMPLING and (greedy or value is None):
-            continue  # greedy decoding reads none of them; top_k None: no top-k filter
-        if key == "temperature" and greedy:
-            value = "0 (greedy)"
-        elif isinstance(value, float) and key not in ("temperature", "top_p"):
-            value = (f"{value:.2%}" if key.endswith("_match") else f"{value:,.0f}" if key.endswith("_per_s")
-                     else f"{value:,.2f}" if key == "perplexity" else f"{value:.4f}")  # fmt: skip
-        table.add_row(key, str(value))
-    Console(file=sys.stdout).print(table)
-
-
-def _outputs(a: EvalArgs, sources: Sequence[str] | None) -> tuple[Path, Path] | None:
-    """(completions.jsonl, summary.json) in --output-dir, checked before any work: a file this eval writes
-    (summary.json, completions.jsonl with --generate) is replaced with --overwrite only; one it does not write does
-    not stop it (_report removes it under --overwrite, as no longer this folder's result). `sources`: the data paths
-    read (never written over)."""
-    if a.output_dir is None:
-        return None
-    out = Path(a.output_dir)
-    if out.exists() and not out.is_dir():
-        raise FasttuneError(f"--output-dir {out} is a file; choose a folder")
-    files = (out / "completions.jsonl", out / "summary.json")
-    from fasttune.generate.prompts import make_folder, refuse_writing_over
-
-    for source in sources or ():
-        what = "--data file" if Path(source).is_file() else "--data folder"
-        for f in (out, *files):  # the folder first: inside the --data folder, the message names the folder given
-            refuse_writing_over(f, source, "--output-dir", what)
-    from fasttune.train.run_dir import refuse_writing_into_run
-
-    refuse_writing_into_run(out, "--output-dir", "choose a folder outside checkpoints/, adapter/ and merged/, e.g. "
-                            "an eval/ folder beside them")  # fmt: skip
-    taken = [f.name for f in files[0 if a.generate else 1 :] if f.exists()]
-    if taken and not a.overwrite:
-        raise FasttuneError(f"--output-dir {out} already holds {', '.join(taken)}; choose another folder or pass "
-                            "--overwrite to replace them")  # fmt: skip
-    make_folder(out, "--output-dir")  # now, not after minutes of work
-    return files
 
 
 def _text_pieces(samples: list[Sample], max_length: int | None, context: int | None,
@@ -316,7 +262,7 @@ def run_eval(a: EvalArgs) -> int:
         raise ConfigError(f"`fasttune eval` needs --data (see `fasttune eval --help`): --checkpoint {a.checkpoint} is "
                           "not a fasttune run folder, whose own validation split eval scores without it")  # fmt: skip
     a, said = of_run.with_run_defaults(a, run, cfg)
-    files = _outputs(a, a.data if cfg is None or a.data is not None else cfg.data.path)
+    files = output_files(a, a.data if cfg is None or a.data is not None else cfg.data.path)
     from fasttune.generate.commands import load_checkpoint
     from fasttune.model.resolve import resolve
 
@@ -330,7 +276,7 @@ def run_eval(a: EvalArgs) -> int:
         model, tok = load_checkpoint(a, src)
         summary, samples, left_out = _loss(a, src, model, tok, read)
     rows = _answers(a, model, tok, samples, summary, left_out) if a.generate else []
-    _report(files, rows, summary, a.overwrite)
+    report(files, rows, summary, a.overwrite)
     return 0
 
 
@@ -410,27 +356,6 @@ def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left
                    top_k=sampling_top_k(model) if a.temperature > 0 else None, seed=a.seed,
                    stop=list(stop))  # fmt: skip
     return rows
-
-
-def _report(files: tuple[Path, Path] | None, rows: list[dict], summary: dict, overwrite: bool = False) -> None:
-    """completions.jsonl (when --generate) and summary.json written to --output-dir, the summary printed. Without
-    --generate an older completions.jsonl there is not this eval's: removed under --overwrite, else kept and said."""
-    from fasttune.generate.prompts import write_atomic, write_jsonl
-
-    if files is not None:
-        if rows:
-            write_jsonl(files[0], rows)
-        elif files[0].exists() and overwrite:
-            files[0].unlink()
-            log.info("--overwrite: removed the older %s (this eval generated no answers: no --generate), so that it is "
-                     "not read as this eval's", files[0])  # fmt: skip
-        elif files[0].exists():
-            log.warning("%s is of an earlier eval (this one generated no answers: no --generate); kept (--overwrite "
-                        "removes it)", files[0])  # fmt: skip
-        write_atomic(files[1], json.dumps(summary, indent=2) + "\n")
-    _print_table(summary)
-    if files is not None:
-        print(f"written: {files[1]}" + (f", {files[0]}" if rows else ""), file=sys.stderr)
 
 
 def _say_left_out(context: int | None, loss: int, answers: int | None) -> None:
