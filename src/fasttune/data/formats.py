@@ -29,12 +29,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
+from fasttune.data.folders import data_files
 from fasttune.data.readers import (
     JsonField,
     Table,
     check_data_path,
     check_size,
-    data_files,
     read_tables,
     text_size,
     type_name,

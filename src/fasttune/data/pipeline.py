@@ -265,7 +265,7 @@ def _input_files(d: DataConfig) -> list[tuple[str, Path]] | None:
     by their path in it, under data/ or val/, data[i]/ or val[i]/ for the i-th of several paths), or the embedded
     corpus's stdlib files; None where a path is neither a file nor a folder (empty, a FIFO, whose read would wait for
     a writer: the reader refuses it)."""
-    from fasttune.data.readers import data_files
+    from fasttune.data.folders import data_files
 
     if d.path is None:
         from fasttune.data.corpus import list_stdlib_files, stdlib_root
