@@ -8,7 +8,7 @@ The data is read and tokenized exactly as training reads it (any format; the los
 training would train: responses, prompts too with --train-on-prompt (by default when the run named trained on them),
 or every token of plain text). Written to --output-dir: completions.jsonl (one line
 per sample: prompt, reference, completion, scores) and summary.json; the summary is also printed as a table.
-`train_eval_hook` is the same generation scoring run on a held-out slice during training.
+`training_scores` is the same generation scoring, run on a held-out slice during training.
 """
 
 from __future__ import annotations
