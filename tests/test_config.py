@@ -128,5 +128,5 @@ def test_a_lora_option_without_lora_is_refused(argv, expected, tmp_path, monkeyp
     assert err.startswith(expected) and "--experiment lora" in err and err.count("\n") == 1, err
     Path(tmp_path / "a.yaml").write_text("experiment: sft\nlora: {rank: 8}\n")
     assert main(["train", "--config", str(tmp_path / "a.yaml"), "--output-dir", str(tmp_path / "r")]) == 2
-    assert "a.yaml: lora.rank=8 is set but LoRA is off" in capsys.readouterr().err
+    assert f"lora.rank: 8 in {tmp_path / 'a.yaml'} is set but LoRA is off" in capsys.readouterr().err
     assert parse_train_args(["--experiment", "lora", "--lora.rank", "8"]).lora.rank == 8

@@ -396,3 +396,22 @@ def test_a_files_resume_notice_says_what_the_run_does(typed, message, tmp_path, 
     caplog.set_level("INFO", logger="fasttune")
     assert ConfigFile.load(str(f), typed=typed).values == {}  # never read from the file
     assert [r.getMessage() for r in caplog.records] == [f"{f} {message}"]
+
+
+def test_an_older_runs_config_json_with_a_lora_option_and_lora_off_still_resumes_and_evaluates(trained, tmp_path,
+                                                                                              capsys):  # fmt: skip
+    """Before a lora option without LoRA was refused, `--experiment sft --lora.rank 8` trained (every weight) and its
+    config.json records lora.rank 8 with LoRA off: read back on --resume (this one ends at once, complete) or by eval,
+    it was refused as if typed anew, with fixes (--experiment lora, drop lora.rank) that change or cannot touch the
+    run, and eval said only 'cannot read config.json (ConfigError)'."""
+    from fasttune.eval.of_run import run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "lora": {**saved["lora"], "rank": 8}}))
+    assert cli.main(["train", "--output-dir", str(run), "--resume"]) == 0, capsys.readouterr().err
+    assert "is already complete" in capsys.readouterr().err
+    assert run_config(run, needed=True).lora.rank == 8
+    assert cli.main(["train", "--config", str(run / "config.json"), "--output-dir", str(tmp_path / "new")]) == 2
+    assert "lora.rank: 8 in " in capsys.readouterr().err  # a new run from it is refused: its own options

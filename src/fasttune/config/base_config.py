@@ -392,13 +392,6 @@ class BaseConfig:
         _choice("attn_implementation", self.attn_implementation, ATTN_CHOICES)
         if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
             raise ConfigError(f"seed={self.seed} is not valid; choose one from {-(2**63)} to {2**64 - 1} (e.g. 0)")
-        if not self.lora.enabled and (set_ := _changed(self.lora, LoraConfig())):
-            key, value = set_[0]
-            value = list(value) if isinstance(value, tuple) else value  # targets: as a list is written
-            raise ConfigError(  # a full fine-tune where LoRA was asked for, the option unused and unsaid
-                f"lora.{key}={value!r} is set but LoRA is off, so this run would train every weight; pass "
-                f"--experiment lora (or --lora.enabled) to train LoRA adapters, or drop lora.{key}"
-            )
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
         if self.model.memory == "offload" and self.training.compile:
@@ -420,6 +413,19 @@ class BaseConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir)
+
+
+def refuse_unused_lora(cfg: BaseConfig) -> None:
+    """A lora option set while LoRA is off: a full fine-tune where LoRA was asked for, the option unused and unsaid.
+    Checked for a new run's options (train/cli.py), never in __post_init__: a config.json that an older fasttune wrote
+    with one (read back on --resume, by eval) is the run's, and loads."""
+    if not cfg.lora.enabled and (set_ := _changed(cfg.lora, LoraConfig())):
+        key, value = set_[0]
+        value = list(value) if isinstance(value, tuple) else value  # targets: as a list is written
+        raise ConfigError(
+            f"lora.{key}={value!r} is set but LoRA is off, so this run would train every weight; pass "
+            f"--experiment lora (or --lora.enabled) to train LoRA adapters, or drop lora.{key}"
+        )
 
 
 def to_dict(cfg: BaseConfig) -> dict:

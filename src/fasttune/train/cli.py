@@ -16,6 +16,7 @@ import tyro
 from fasttune.command import Command
 from fasttune.config import BaseConfig, get_experiment
 from fasttune.config.argcheck import SHORT_FLAGS
+from fasttune.config.base_config import refuse_unused_lora
 from fasttune.errors import ConfigError, FasttuneError
 
 log = logging.getLogger("fasttune")
@@ -85,8 +86,10 @@ class TrainArgs(Command):
 
     def check(self) -> None:
         cfg = self.config.validate()
-        if cfg.resume:
+        if cfg.resume:  # the run's options: resume refuses a changed one
             self._refuse_gone_inputs(cfg)
+        else:
+            refuse_unused_lora(cfg)
         require_inputs(cfg)
         from fasttune.train.device import refuse_offload_on_cpu  # torch: after the checks of the command line alone
         from fasttune.train.loop import check_launch
@@ -166,8 +169,10 @@ class TrainArgs(Command):
         from fasttune.train.loop import train
 
         cfg = self.config.validate()
-        if cfg.resume:
+        if cfg.resume:  # the run's options: resume refuses a changed one
             self._refuse_gone_inputs(cfg)
+        else:
+            refuse_unused_lora(cfg)
         require_inputs(cfg)
         cfg = self._fit_max_length(cfg, say=os.environ.get("RANK", "0") == "0")
         result = train(cfg, attn_origin=self.origin("attn_implementation", "--attn-implementation"))
