@@ -58,3 +58,15 @@ def test_a_variant_that_offloads_on_the_cpu_is_refused_as_train_refuses_it(capsy
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()  # what the user typed, not the resolved training.device=cpu
         assert err == f"error: --variant 'x': model.memory=offload: this run trains on the CPU ({why}), {rest}", err
+
+
+def test_a_variant_that_sets_a_lora_option_without_lora_is_refused(capsys, tmp_path, monkeypatch):
+    """`--variant r8:lora.rank=8` without --lora measured a full fine-tune under the name of a LoRA setting, as
+    `fasttune train --experiment sft --lora.rank 8` trained one: refused as train refuses it."""
+    from fasttune.bench import train as bench_train
+
+    monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
+    argv = ["bench", "train", "--device", "cpu", "--variant", "r8:lora.rank=8", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lora.rank=8 is set but LoRA is off" in err and len(err.splitlines()) == 1, err

@@ -25,6 +25,7 @@ from fasttune.bench.harness import Results, line_plot, reset_peak_memory
 from fasttune.bench.workload import synthetic_bundle
 from fasttune.config import get_experiment
 from fasttune.config.argcheck import assignments_to_args, parse_overrides
+from fasttune.config.base_config import refuse_unused_lora
 from fasttune.data.packing import Batcher
 from fasttune.errors import ConfigError
 from fasttune.model import liger
@@ -102,6 +103,7 @@ def fasttune_config(bench: TrainBench, attn: str, packing: bool, overrides: list
                               "its samples); drop it from the variant and set bench train's --epochs")  # fmt: skip
     args = assignments_to_args(overrides)
     cfg = parse_overrides(cfg, args, prog="fasttune train")  # a variant's options are its
+    refuse_unused_lora(cfg)  # a LoRA setting measured as a full fine-tune
     t = cfg.training
     plan = Batcher.from_config(cfg.data, bench.seed).plan(bench.lengths, epoch=0)
     per_epoch = -(-len(plan) // t.grad_accum)
