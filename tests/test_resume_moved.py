@@ -203,3 +203,28 @@ def test_a_lora_runs_damaged_base_record_is_said_as_such_not_a_traceback(tmp_pat
         f"--resume: --model moved ({tmp_path / 'gone'}, the run's, is gone -> {base}); its record {folder.base_model} "
         "cannot be read, so nothing checks it: make sure it is the base model the adapters were trained on"
     ]
+
+
+def test_a_gone_file_of_several_data_paths_asks_for_all_of_them_again(tmp_path, capsys):
+    """data.path [a.jsonl, b.jsonl] with b.jsonl moved: the fix said `pass --data with where it is now`, and --data
+    with b's new path alone replaces both, the run's data then refused as 'records added, removed or edited'."""
+    from fasttune.cli import main
+    from fasttune.config import get_experiment, to_dict
+    from fasttune.train.run_dir import MARKER
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text("")
+    save_micro_model(tmp_path / "base")
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    cfg = to_dict(get_experiment("sft"))
+    cfg["model"]["path"], cfg["output_dir"] = str(tmp_path / "base"), str(run)
+    cfg["data"]["path"] = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    (run / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --resume: the run's data.path {tmp_path / 'b.jsonl'} (in {run / 'config.json'}) is gone: moved or "
+        "renamed? pass --data with where it is now (--data takes all 2 of its paths again; the run goes on from its "
+        "checkpoint)"
+    )

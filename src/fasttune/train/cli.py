@@ -110,6 +110,7 @@ class TrainArgs(Command):
         own = self._own_config(cfg)
         recorded = RunFolder(cfg.run_dir).recorded_inputs() if self.config_file and not own else {}
         gone, files, options = [], [], []  # every one at once: a moved project folder takes model and data along
+        notes = ["the run goes on from its checkpoint"]
         for key, option in INPUTS.items():
             paths = input_paths(value_of(cfg, key))
             runs = key in self.from_file and (own or recorded.get(key) == paths)
@@ -117,11 +118,13 @@ class TrainArgs(Command):
             if file and (missing := [p for p in paths if not Path(p).exists()]):
                 gone, options = [*gone, f"{key} {' '.join(missing)}"], [*options, option]
                 files += [file] if file not in files else []
+                if len(paths) > 1:  # given again, it replaces them all
+                    notes.insert(-1, f"{option} takes all {len(paths)} of its paths again")
         if gone:
             are, them = ("is", "it is") if len(gone) == 1 else ("are", "they are")
             raise ConfigError(f"--resume: the run's {' and '.join(gone)} (in {', '.join(files)}) {are} gone: moved "
-                              f"or renamed? pass {' and '.join(options)} with where {them} now (the run goes on from "
-                              "its checkpoint)")  # fmt: skip
+                              f"or renamed? pass {' and '.join(options)} with where {them} now "
+                              f"({'; '.join(notes)})")  # fmt: skip
 
     def _own_config(self, cfg: BaseConfig) -> str | None:
         """--config FILE when it is the run's own config.json (as `train --output-dir RUN --resume` reads it)."""
