@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import pytest
 from helpers import losses
@@ -91,6 +92,24 @@ def test_a_lost_run_config_names_a_way_on_that_keeps_the_checkpoints(two_checkpo
                         f"--model {newest} and another --output-dir, or start over with --overwrite (which deletes "
                         "its checkpoints)")  # fmt: skip
     assert checkpoint.list_checkpoints(result.run_dir)[-1] == newest
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage"])
+def test_a_lost_run_config_names_the_way_on_from_the_command_line_too(two_checkpoints, how, tmp_path, capsys):
+    """`fasttune train --output-dir RUN --resume` reads the run's config.json as its options before the run folder
+    is checked: a garbled one was 'JSON syntax error' alone, without the way on that keeps the checkpoints."""
+    from fasttune.cli import main
+
+    _, result = two_checkpoints
+    run = tmp_path / "copy"
+    shutil.copytree(result.run_dir, run)
+    config = run / "config.json"
+    config.unlink() if how == "missing" else config.write_text("{")
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: cannot read {config} (") and err.count("\n") == 1, err
+    assert f"start a new run with --model {run / 'checkpoints' / 'step-000004'} and another --output-dir" in err
 
 
 def test_a_run_folder_given_to_generate_skips_a_damaged_newest_checkpoint(two_checkpoints, caplog):

@@ -253,6 +253,10 @@ def _resumed_config(args: Sequence[str], name: str | None, file=None) -> str | N
     folder = RunFolder(Path(run_dir))
     if not (folder.is_run and folder.config.is_file()):
         return None
+    try:
+        json.loads(folder.config.read_text())
+    except (OSError, ValueError):  # garbled or unreadable: resume says so, with a way on (RunFolder.saved_config)
+        return None
     return str(folder.config)
 
 
