@@ -120,8 +120,9 @@ def test_a_hub_id_as_model_or_data_says_fasttune_reads_local_folders_and_how_to_
     assert "`hf download trl-lib/Capybara --repo-type dataset --local-dir Capybara`" in err, err
     (tmp_path / "runs").mkdir()
     for local in ("runs/nope", "data/train.jsonl", "./a/b"):  # paths (runs/ is a folder here), not ids: no hint
-        assert cli.main(["train", "--model", local, "--data", "d.jsonl"]) == 2
-        assert "hf download" not in capsys.readouterr().err
+        assert cli.main(["train", "--experiment", "sft", "--model", local, "--data", "d.jsonl"]) == 2
+        err = capsys.readouterr().err
+        assert "no such folder" in err and "hf download" not in err, err
 
 
 def test_debug_shows_the_traceback():
@@ -465,3 +466,29 @@ def test_a_command_run_in_process_leaves_the_callers_logging_as_it_was(capsys, c
     assert (root.handlers, root.level, own.level) == before
     own.warning("a line of the caller's")
     assert "Logging error" not in capsys.readouterr().err and "a line of the caller's" in caplog.text
+
+
+def test_a_model_without_a_preset_is_refused_not_trained_at_quicks_learning_rate(tmp_path, monkeypatch, capsys):
+    """`fasttune train --model M --data D` (TRL's sft takes a model and a data set, nothing more) fine-tuned M with
+    the default preset, quick: lr 3e-3 (150x sft's 2e-5), 256-token samples, 300 steps, unsaid. A --config file that
+    sets model.path and no experiment did the same."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1 + 1 =", "completion": " 2"}\n')
+    (tmp_path / "m").mkdir()
+    (tmp_path / "run.yaml").write_text("model: {path: m}\ndata: {path: d.jsonl}\n")
+    (tmp_path / "data.yaml").write_text("data: {path: d.jsonl}\n")
+    for argv, expected in (
+        (["--model", "m", "--data", "d.jsonl"], "error: --model without --experiment: to fine-tune it, pass "),
+        (["--model.path=m", "--data", "d.jsonl"], "error: --model without --experiment"),
+        (["--config", "run.yaml"], "error: run.yaml sets model.path but names no experiment: add `experiment: sft`"),
+        (["--config", "data.yaml", "--model", "m"], "error: --model without --experiment"),
+    ):
+        assert cli.main(["train", *argv, "--output-dir", "out"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(expected) and len(err.strip().splitlines()) == 1, err
+        assert "--experiment sft" in err and "--experiment lora" in err and "lr 0.003" in err
+        assert not (tmp_path / "out").exists()
+    for argv in (["--experiment", "quick", "--model", "m"], ["--experiment", "sft", "--model", "m"], ["--data", "d"]):
+        assert cli.parse(["train", *argv]).unnamed_preset is None  # a preset named, or no model to fine-tune
+    (tmp_path / "run.yaml").write_text("experiment: lora\nmodel: {path: m}\n")
+    assert cli.parse(["train", "--config", "run.yaml"]).unnamed_preset is None

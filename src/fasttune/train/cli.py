@@ -43,6 +43,8 @@ class TrainArgs(Command):
     from_run: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
     """--resume --config FILE: the dotted keys whose value comes from the run's own config.json (`run_config`): set
     there, neither in FILE nor on the command line."""
+    unnamed_preset: Annotated[str | None, tyro.conf.Suppress] = None
+    """Why a --model to fine-tune may not take the default preset (see `unnamed_preset_error`), refused once parsed."""
 
     @classmethod
     def default_for(cls, args: Sequence[str], quiet: bool = False) -> TrainArgs:
@@ -60,9 +62,10 @@ class TrainArgs(Command):
 
         file = ConfigFile.load(path, quiet=quiet, typed=typed) if path is not None else None
         own = "--resume" in typed and _resumed_config(args, name, file)
+        unnamed = unnamed_preset_error(typed, file) if name is None and not own else None
         length = run_length_flag(typed, file)
         if file is None and not own:
-            return cls(config=get_experiment(name or "quick"), given=typed)
+            return cls(config=get_experiment(name or "quick"), given=typed, unnamed_preset=unnamed)
         run = ConfigFile.load(own, quiet=True) if own else None
         file = file or run
         # --resume: the run's config.json is the base, so what a --config FILE leaves out is the run's, not the preset's
@@ -82,14 +85,21 @@ class TrainArgs(Command):
         from_run = () if run in (None, file) else tuple(k for k in run.keys() if k not in file.keys()
                                                         and not set(table[k].flags) & set(typed))  # fmt: skip
         return cls(config_file=path, config=cfg, given=typed + flags, from_file=from_file,
-                   run_config=run.path if from_run else None, from_run=from_run)  # fmt: skip
+                   run_config=run.path if from_run else None, from_run=from_run, unnamed_preset=unnamed)  # fmt: skip
 
-    def check(self) -> None:
-        cfg = self.config.validate()
-        if cfg.resume:  # the run's options: resume refuses a changed one
+    def _refuse_new_or_resumed(self, cfg: BaseConfig) -> None:
+        """A new run: a --model with no preset named, or lora options with LoRA off; a resumed one (the run's options,
+        resume refuses a changed one): its inputs that are gone."""
+        if self.unnamed_preset:
+            raise ConfigError(self.unnamed_preset)
+        if cfg.resume:
             self._refuse_gone_inputs(cfg)
         else:
             refuse_unused_lora(cfg)
+
+    def check(self) -> None:
+        cfg = self.config.validate()
+        self._refuse_new_or_resumed(cfg)
         require_inputs(cfg)
         from fasttune.train.device import refuse_offload_on_cpu  # torch: after the checks of the command line alone
         from fasttune.train.loop import check_launch
@@ -172,10 +182,7 @@ class TrainArgs(Command):
         from fasttune.train.loop import train
 
         cfg = self.config.validate()
-        if cfg.resume:  # the run's options: resume refuses a changed one
-            self._refuse_gone_inputs(cfg)
-        else:
-            refuse_unused_lora(cfg)
+        self._refuse_new_or_resumed(cfg)
         require_inputs(cfg)
         cfg = self._fit_max_length(cfg, say=os.environ.get("RANK", "0") == "0")
         result = train(cfg, attn_origin=self.origin("attn_implementation", "--attn-implementation"))
@@ -268,6 +275,26 @@ def check_resume_of_file(cfg: BaseConfig, path: str, from_file: Sequence[str]) -
     folder = RunFolder(cfg.run_dir)
     if folder.is_run and folder.config.is_file():
         folder.check_resume(cfg, origin={key: path for key in from_file})
+
+
+def unnamed_preset_error(typed: Sequence[str], file=None) -> str | None:
+    """The error for a --model to fine-tune with no preset named (no --experiment, no `experiment:` in the --config
+    file): the default, quick, would train it at a from-scratch learning rate (3e-3, 150x sft's) on 256-token
+    samples, unsaid. None when a preset is named or no --model given."""
+    if file is not None and file.experiment is not None:
+        return None
+    preset = get_experiment("quick")
+    how = (f"--experiment sft (every weight) or --experiment lora (adapters); --experiment quick keeps the quick "
+           f"preset (lr {preset.training.lr:g}, data.max_length {preset.data.max_length}, made to train a tiny model "
+           "from scratch)")  # fmt: skip
+    model = file.values.get("model") if file is not None else None
+    if isinstance(model, dict) and "path" in model:
+        return (
+            f"{file.path} sets model.path but names no experiment: add `experiment: sft` (or lora) to it, or pass {how}"
+        )
+    if any(f in typed for f in ("--model", "--model.path")):
+        return f"--model without --experiment: to fine-tune it, pass {how}"
+    return None
 
 
 def require_inputs(cfg: BaseConfig) -> None:
