@@ -44,6 +44,14 @@ from fasttune import cli
           ("--lr_scheduler_type", "--lr_scheduler")),
         ("--evals_per_epoch", "fasttune has no such option: val_loss is computed every --training.eval-every N steps"),
         ("--saves_per_epoch", "fasttune has no such option: a checkpoint is saved every --save-every N steps"),
+        # Axolotl's attention switches were answered with --strict-attention (another thing), its prepared-data
+        # cache with --data.val-path (validation data), TRL's --dataset_num_proc with --data.train-on-prompt
+        *((f, "did you mean --attn-implementation?") for f in ("--flash_attention", "--sdp_attention")),
+        ("--use_liger_kernel", "did you mean --model.liger?"),
+        ("--dataset_prepared_path", "fasttune has no such option: it keeps no prepared copy of the data"),
+        ("--dataset_num_proc", "fasttune has no such option: the data is tokenized in the training process"),
+        *((f, "fasttune has no such option: chat data is rendered with the model's own chat template; to use "
+              "another, save it in the model folder") for f in ("--chat_template", "--chat_template_path")),
         *((f, "did you mean --training.epochs?") for f in
           ("--training.num-epochs", "--num-train-epochs", "--num_train_epochs", "--num_epochs")),
         *((f, "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "
@@ -165,3 +173,22 @@ def test_other_tools_format_names_of_two_meanings_say_which_format_reads_them(na
         assert cli.main(["train", *argv]) == 2
         err = capsys.readouterr().err
         assert err == f"error: {shown}={name!r} is not valid; {expected}; choose one of: {names}\n", err
+
+
+def test_the_chat_template_hints_advice_gives_the_model_folder_that_template(tmp_path, capsys):
+    """Axolotl's chat_template: and TRL's --chat_template_path had no hint (a --config file's: none either); what the
+    hint says to do makes the model's tokenizer render chat with the template."""
+    from fixtures.tiny_tokenizer import CHATML, build_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    (tmp_path / "ax.yaml").write_text("experiment: sft\nchat_template: chatml\n")
+    assert cli.main(["train", "--config", str(tmp_path / "ax.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key chat_template; fasttune has no such option: chat data is rendered with the model's" in err, err
+    build_tiny_tokenizer(chat_template=None).save_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert not tokenizer.chat_template
+    tokenizer.chat_template = CHATML  # the hint's two steps
+    tokenizer.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "chat_template.jinja").read_text() == CHATML
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == CHATML

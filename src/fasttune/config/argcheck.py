@@ -76,6 +76,9 @@ OTHER_NAMES = {
     "target-modules": "--lora.targets",
     "adapter": "--lora.enabled",
     "use-peft": "--lora.enabled",  # TRL's switch for LoRA (the lora experiment turns it on)
+    "flash-attention": "--attn-implementation",  # Axolotl's flash_attention: true / sdp_attention: true
+    "sdp-attention": "--attn-implementation",
+    "use-liger-kernel": "--model.liger",  # TRL / HF Trainer
     # Unsloth
     "use-gradient-checkpointing": "--model.gradient-checkpointing",
 }
@@ -93,6 +96,11 @@ _NO_SCHEDULER = (
     "fasttune has no such option: its one schedule is a linear warmup over --training.warmup-steps, then a cosine "
     "down to --training.min-lr-ratio x --training.lr (HF's cosine_with_min_lr; --training.min-lr-ratio 0 is HF's "
     "cosine); HF's default, linear decay to 0, has no counterpart"
+)
+_NO_CHAT_TEMPLATE = (
+    "fasttune has no such option: chat data is rendered with the model's own chat template; to use another, save it "
+    "in the model folder (tokenizer.chat_template = TEMPLATE; tokenizer.save_pretrained(MODEL) writes "
+    "chat_template.jinja)"
 )
 NO_SUCH_OPTION = {
     "dataset-text-field": "fasttune has no such option: text data is read from each record's `text` field (TRL's "
@@ -119,6 +127,11 @@ NO_SUCH_OPTION = {
     "log's 'E epochs = S steps (P per epoch)' line says an epoch's steps)",
     "saves-per-epoch": "fasttune has no such option: a checkpoint is saved every --save-every N steps (the log's 'E "
     "epochs = S steps (P per epoch)' line says an epoch's steps) and at the end",
+    "chat-template": _NO_CHAT_TEMPLATE,  # Axolotl's (chatml, llama3, ...)
+    "chat-template-path": _NO_CHAT_TEMPLATE,  # TRL's
+    "dataset-prepared-path": "fasttune has no such option: it keeps no prepared copy of the data; each run reads and "
+    "tokenizes --data at its start",
+    "dataset-num-proc": "fasttune has no such option: the data is tokenized in the training process",
     "report-to": "fasttune has no such option: it logs to metrics.jsonl in the run folder, and with "
     "--training.tensorboard also to its tensorboard/ folder; for W&B, `wandb sync --sync-tensorboard "
     "OUTPUT_DIR/tensorboard` uploads that",
