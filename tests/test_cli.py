@@ -90,6 +90,13 @@ def test_top_level_help_lists_every_command(capsys):
                                            "sft"),  # it said: options look like --name VALUE
         (["generate", "--checkpoint", "c", "--num_beams", "4"], "error: unknown option --num_beams; fasttune has no "
                                                                  "such option: it decodes greedily"),
+        # vLLM's, lm-eval's and TRL's name for the model: "`fasttune generate` needs --checkpoint", as if not typed
+        (["generate", "--model", "m", "--prompt", "hi"], "error: unknown option --model; did you mean --checkpoint?"),
+        (["eval", "--model_name_or_path=m", "--data", "d"], "error: unknown option --model_name_or_path; did you "
+                                                            "mean --checkpoint?"),
+        (["chat", "--model", "m", "--top_k", "5"], "error: 2 unknown options: --model -> --checkpoint, --top_k "
+                                                   "(fasttune has no such option)"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "4"], "error: `fasttune generate` needs --checkpoint"),
     ],
 )  # fmt: skip
 def test_mistakes_are_one_line_naming_the_option(argv, expected, capsys):

@@ -231,6 +231,8 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
 
 
 GENERATION_NAMES = {
+    "model": "--checkpoint",  # vLLM, lm-evaluation-harness, TRL
+    "model-name-or-path": "--checkpoint",
     "do-sample": "--temperature",  # HF generate: sampling is on when the temperature is above 0
     "max-steps": "--limit",  # eval: how many records, not steps
     "max-samples": "--limit",
@@ -260,6 +262,18 @@ _GENERATION_NOTES = {
     "do-sample": "(sampling is on when it is above 0) ",
     "max-length": "(it counts the answer's tokens alone, not the prompt's) ",
 }
+
+
+def _unknown_flags(args: Sequence[str], table: dict[str, type]) -> list[str]:
+    """The `--flags` in `args` that are no option in `table` (tyro reports a missing required option before them),
+    a value after an option that takes one (`--stop --`) not counted."""
+    unknown, value_next = [], False
+    for a in args:
+        head = a.partition("=")[0].replace("_", "-")
+        if not value_next and a.startswith("--") and head not in table and head != "--help":
+            unknown.append(a.partition("=")[0])
+        value_next = head in table and table[head] is not bool and "=" not in a
+    return unknown
 
 
 def _suggestion(flag: str, table: dict[str, type]) -> str:
@@ -328,6 +342,9 @@ def message(event, args: Sequence[str], table: dict[str, type], command: str, co
             return f"{flag} needs a value (see `{command} --help`)"
         return f"{flag} takes no value ({event.offending_value!r}); see `{command} --help`"
     if isinstance(event, e.MissingArgs):
+        if unknown := _unknown_flags(args, table):  # `generate --model M`: M is what --checkpoint wanted
+            return _several_unknown(unknown, table, command) if len(unknown) > 1 else _unrecognized(
+                unknown[0], args, table, command, commands)  # fmt: skip
         names = ", ".join(_flag(a.arg) for a in event.missing_arguments)
         return f"`{command}` needs {names} (see `{command} --help`)"
     if isinstance(event, e.InstantiationFailure) and event.argument is not None:
