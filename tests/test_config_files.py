@@ -318,6 +318,9 @@ def test_resume_with_a_partial_config_takes_what_it_leaves_out_from_the_run(tmp_
         ("a.json", '{"training": {"lr": 1, "lr": 2}}', "a.json: key 'lr' is given twice in one object; keep one"),
         ("a.yaml", "- lr\n", "a.yaml: expected a mapping of options and sections at the top"),
         ("a.txt", "lr: 1\n", "--config a.txt: unknown file type '.txt'; use .yaml/.yml (YAML), .toml or .json"),
+        # an empty (unsaved) file trained the quick preset, as with no --config at all
+        *((name, text, f"--config {name} sets no option (it is empty); write the run's options in it") for name, text
+          in (("a.yaml", ""), ("a.yaml", "# training: {lr: 1e-4}\n"), ("a.toml", "\n"), ("a.json", "{}"))),
     ],
 )  # fmt: skip
 def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path, monkeypatch, capsys, name, text, expected):

@@ -134,8 +134,9 @@ def read(path: str) -> dict:
     except PermissionError:
         raise ConfigError(f"--config {path}: permission denied; make it readable (chmod u+r {path})") from None
     data = _parse(text, kind, path)
-    if data is None:  # an empty YAML file (or only comments)
-        return {}
+    if data is None or data == {}:  # an empty YAML or TOML file (or only comments), or {}: an unsaved file?
+        raise ConfigError(f"--config {path} sets no option (it is empty); write the run's options in it (e.g. "
+                          "experiment: sft, training: {lr: 1e-4}), or drop --config")  # fmt: skip
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options and sections at the top (e.g. training: {{lr: "
                           f"1e-4}}), not {_what(data)}")  # fmt: skip
