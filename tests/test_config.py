@@ -76,6 +76,8 @@ def test_cli_bad_value_is_one_line_error_without_traceback(capsys):
 def test_cli_unknown_experiment(capsys):
     assert main(["train", "--experiment", "nope"]) == 2
     assert "--experiment 'nope' is unknown; choose one of: quick, full" in capsys.readouterr().err
+    assert main(["train", "--experiment", "LoRA"]) == 2  # Axolotl's and peft's spelling: the preset is named
+    assert "--experiment 'LoRA' is unknown (did you mean lora?); choose one of:" in capsys.readouterr().err
 
 
 def test_experiments_lists_presets(capsys):

@@ -308,7 +308,7 @@ def test_resume_with_a_partial_config_takes_what_it_leaves_out_from_the_run(tmp_
         ("a.yaml", "data: d.jsonl\n", "got 'd.jsonl' (a string); for its folder or file write data: {path: d.jsonl} "
          "(the flag --data is data.path)"),
         ("a.yaml", "training:\n  lr: -1\n", "a.yaml: training.lr=-1.0 is not valid; it must be > 0"),
-        ("a.yaml", "experiment: sftt\n", "a.yaml: experiment: 'sftt' is unknown; choose one of: quick, full, sft"),
+        ("a.yaml", "experiment: SFT\n", "a.yaml: experiment: 'SFT' is unknown (did you mean sft?); choose one of"),
         ("a.yaml", "training:\n  lr: 1e-4\n  max_steps: [3\n", "a.yaml: line 4, column 1: YAML syntax error: expected"),
         ("a.yaml", "training:\n  lr: 1\n   max_steps: 3\n", "a.yaml: line 3, column 13: YAML syntax error: mapping"),
         ("a.toml", "[training]\nlr = \n", "a.toml: TOML syntax error: Invalid value (at line 2, column 6)"),

@@ -75,8 +75,18 @@ EXPERIMENTS: dict[str, Callable[[], BaseConfig]] = {"quick": quick, "full": full
 
 def get_experiment(name: str) -> BaseConfig:
     if name not in EXPERIMENTS:
-        raise ConfigError(f"--experiment {name!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
+        raise ConfigError(f"--experiment {unknown_experiment(name)}")
     return EXPERIMENTS[name]()
+
+
+def unknown_experiment(name: object) -> str:
+    """The rest of the line refusing experiment `name`: the preset meant when only its case or a letter differs
+    (SFT, LoRA, ful), and the names."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name).strip().lower(), list(EXPERIMENTS), n=1, cutoff=0.75)
+    meant = f" (did you mean {close[0]}?)" if close else ""
+    return f"{name!r} is unknown{meant}; choose one of: {', '.join(EXPERIMENTS)}"
 
 
 def describe() -> list[tuple[str, str]]:

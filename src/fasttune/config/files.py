@@ -294,14 +294,14 @@ class ConfigFile:
         """`quiet`: say nothing of the COMMAND_LINE_ONLY keys it sets (a run's own config.json read for --resume);
         `typed`: the flags on the command line, which decide those keys (the notice says what the run does) and
         override the file's: a value the command line overrides is never used, so never checked (its key is)."""
-        from fasttune.config.experiments import EXPERIMENTS
+        from fasttune.config.experiments import EXPERIMENTS, unknown_experiment
 
         own = ("experiment", *COMMAND_LINE_ONLY)  # checked against the command line below and in base()
         over = frozenset(k for k, leaf in leaves().items() if set(leaf.flags) & set(typed) and k not in own)
         values = _fields(BaseConfig, read(path), "", path, over)
         experiment = values.pop("experiment", None)
         if experiment is not None and experiment not in EXPERIMENTS:
-            raise ConfigError(f"{path}: experiment: {experiment!r} is unknown; choose one of: {', '.join(EXPERIMENTS)}")
+            raise ConfigError(f"{path}: experiment: {unknown_experiment(experiment)}")
         ignored = [k for k in COMMAND_LINE_ONLY if values.pop(k, False)]
         if "output_dir" not in over and Path(path).name == "config.json" and (Path(path).parent / MARKER).is_file():
             values["output_dir"] = str(Path(path).parent)  # a run's own: its folder, not a cwd-relative output_dir
