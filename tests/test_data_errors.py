@@ -137,10 +137,23 @@ def test_text_files_cannot_be_read_as_alpaca():
     assert "plain text files are read as format 'text'" in error_for(FIXTURES / "text_folder", "alpaca")
 
 
-def test_chat_without_chat_template():
+def test_chat_without_chat_template(tmp_path):
+    """The line names the model folder and a fix that works on transformers 5, which saves a template as
+    chat_template.jinja (it named tokenizer_config.json): saving one as it says makes the data tokenize."""
+    from fixtures.tiny_tokenizer import CHATML
+    from transformers import AutoTokenizer
+
     records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
-    with pytest.raises(DataError, match="chat.jsonl is chat data but the tokenizer has no chat template"):
-        tokenize_records(records, fmt, build_tiny_tokenizer(chat_template=None), source="chat.jsonl")
+    build_tiny_tokenizer(chat_template=None).save_pretrained(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    with pytest.raises(DataError) as err:
+        tokenize_records(records, fmt, tok, source="chat.jsonl")
+    said = f"chat.jsonl is chat data but the tokenizer of {tmp_path / 'm'} has no chat template; fine-tune an "
+    assert str(err.value).startswith(said + "instruct model's folder, save a template in it")
+    tok.chat_template = CHATML
+    tok.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "chat_template.jinja").is_file()
+    assert tokenize_records(records, fmt, AutoTokenizer.from_pretrained(tmp_path / "m"), source="chat.jsonl")
 
 
 LONG_REASON = "roles must alternate user/assistant/user/assistant " * 6 + "; fix the data"

@@ -174,9 +174,11 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
                            names: Callable[[int], str]) -> list[Sample]:  # fmt: skip
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise DataError(
-            f"{source} is chat data but the tokenizer has no chat template; use a model whose tokenizer_config.json "
-            "has one, or convert the data to prompt/completion"
+        model = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise DataError(  # transformers 5 saves a template as chat_template.jinja, 4 in tokenizer_config.json
+            f"{source} is chat data but the tokenizer of {model} has no chat template; fine-tune an instruct model's "
+            f"folder, save a template in it (tokenizer.chat_template = TEMPLATE; tokenizer.save_pretrained({model}) "
+            "writes chat_template.jinja), or convert the data to prompt/completion"
         )
     _check_roles(records, tokenizer, names)
     tagged = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
