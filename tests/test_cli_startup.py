@@ -18,7 +18,7 @@ MISTAKES = [
     (["generate", "--checkpoint", "x"], "error: pass either --prompt TEXT or --prompts FILE.jsonl"),
     (["generate", "--checkpoint", "/nonexistent", "--prompt", "hi"], "error: --checkpoint /nonexistent: no such"),
     (["chat", "--checkpoint", "/nonexistent"], "error: --checkpoint /nonexistent: no such folder"),
-    (["eval", "--bogus"], "error: `fasttune eval` needs --checkpoint (see"),  # --data: a run scores its own split
+    (["eval", "--bogus"], "error: unknown option --bogus; see `fasttune eval --help`"),  # before --checkpoint
     (["bench", "generate", "--bogus"], "error: unknown option --bogus; did you mean --out?"),
     (["doctor", "--bogus"], "error: unknown option --bogus"),
     (["frobnicate"], "error: unknown command 'frobnicate'"),
