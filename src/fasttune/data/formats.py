@@ -32,6 +32,7 @@ from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_
 from fasttune.data.folders import data_files
 from fasttune.data.readers import (
     JsonField,
+    Place,
     Table,
     check_data_path,
     check_size,
@@ -100,14 +101,14 @@ def load_paths(
     split: str | None = "train",
     field: str | None = None,
     flag: str = "--data",
-    sizes: list[int] | None = None,
+    places: list[Place] | None = None,
 ) -> tuple[list[dict], str]:
     """The records of the data sets at `paths` (--data a.jsonl b.parquet) as one list, in their order, and their
     format: each path read by load_records, its format detected (or checked against `fmt`) on its own, and all must
     train as one (ShareGPT beside role/content messages: chat; Alpaca beside chat is refused, naming both). `field`
     names the key of .json files' objects: given several paths, it is not passed to another type of file among them
-    (it names a key of the .json ones). A string is one path (never its characters). `sizes`, when given, gets each
-    path's number of records (record_names names a record of the list by them)."""
+    (it names a key of the .json ones). A string is one path (never its characters). `places`, when given, gets where
+    the records came from, file by file (record_names names a record of the list by them)."""
     paths = (paths,) if isinstance(paths, str) else paths
     _refuse_overlap(paths, flag)
     keyed = [len(paths) == 1 or Path(p).is_dir() or Path(p).suffix.lower() == ".json" for p in paths]
@@ -118,7 +119,7 @@ def load_paths(
     records: list[dict] = []
     first: dict[str, str] = {}  # format -> the first path of it
     for path, own in zip(paths, keyed, strict=True):
-        got, fmt_got = load_records(path, fmt, option, split, field if own else None, flag)
+        got, fmt_got = load_records(path, fmt, option, split, field if own else None, flag, places)
         if first and fmt_got not in first:
             fmt_was, was = next(iter(first.items()))
             raise DataError(f"{path}: its records are {fmt_got}, and those of {was} (given with it as {flag}) are "
@@ -126,24 +127,31 @@ def load_paths(
                             "ShareGPT and TRL's conversational records) or train on them apart")  # fmt: skip
         first.setdefault(fmt_got, path)
         records += got
-        if sizes is not None:
-            sizes.append(len(got))
     return records, next(iter(first))
 
 
-def record_names(paths: Sequence[str], sizes: Sequence[int]) -> Callable[[int], str]:
-    """How errors name record i of the list load_paths joined of `paths` (`sizes`: its counts): "{path} record {j}",
-    j its index among the records of its path, as one path's records are named (there: i, nothing looked up)."""
-    paths = (paths,) if isinstance(paths, str) else paths
-    if len(paths) == 1:
-        return lambda i: f"{paths[0]} record {i}"
-    starts = list(itertools.accumulate(sizes[:-1], initial=0))
+def record_names(places: Sequence[Place]) -> Callable[[int], str]:
+    """How errors name record i of the list load_paths joined (`places`: where its records came from, file by file),
+    as the files were named when read: "a.jsonl line 7" (JSON lines, CSV), "b.parquet record 3" (by its index in its
+    file; a folder's record by the file in it)."""
+    at = record_places(places)
 
     def name(i: int) -> str:
-        k = bisect_right(starts, i) - 1
-        return f"{paths[k]} record {i - starts[k]}"
+        place, j = at(i)
+        return place.where(j)
 
     return name
+
+
+def record_places(places: Sequence[Place]) -> Callable[[int], tuple[Place, int]]:
+    """The file record i of the list load_paths joined came from (`places`: load_paths'), and its index there."""
+    starts = list(itertools.accumulate((p.size for p in places[:-1]), initial=0))
+
+    def at(i: int) -> tuple[Place, int]:
+        k = bisect_right(starts, i) - 1
+        return places[k], i - starts[k]
+
+    return at
 
 
 def _refuse_overlap(paths: Sequence[str], flag: str) -> None:
@@ -172,13 +180,15 @@ def load_records(
     split: str | None = "train",
     field: str | None = None,
     flag: str = "--data",
+    places: list[Place] | None = None,
 ) -> tuple[list[dict], str]:
     """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
     when "auto") and return (records, format). Raises DataError on any problem with the input; `option` is the
     format option the messages name (`fasttune eval` calls it --format, and --field the option of `field`). `split`:
     the split of a save_to_disk DatasetDict read when it has several (None: refused, naming the split folders: eval
     must not guess). `field`: the key of a .json file's top-level object that holds the records. `flag`: the option
-    that names `path` in messages (--data.val-path for a validation file)."""
+    that names `path` in messages (--data.val-path for a validation file). `places`, when given, gets where the records
+    came from, file by file (record_names)."""
     if fmt != "auto" and fmt not in FORMAT_NAMES:
         raise DataError(unknown_format(option, fmt))
     fmt = FORMAT_NAMES.get(fmt, fmt)
@@ -208,6 +218,8 @@ def load_records(
                 record, shared = converted, shared + 1
             validate_record(record, "chat" if conversational else fmt, table.where(i), option)
             records.append(record)
+    if places is not None:
+        places.extend(t.place() for t in tables)
     if shared:
         log.info("%s: %d records read as ShareGPT chat (conversations -> messages; from -> role: human -> user, gpt -> "
                  "assistant; value -> content)", path, shared)  # fmt: skip

@@ -335,9 +335,9 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
     from fasttune.data.formats import PROMPT_TURNS, load_paths, record_names, say_unrendered
     from fasttune.data.sft import tokenize_records
 
-    d, source, sizes = cfg.data, shown(cfg.data.path), []
-    records, fmt = load_paths(d.path, d.format, field=d.field, sizes=sizes)
-    named = record_names(d.path, sizes)
+    d, source, places = cfg.data, shown(cfg.data.path), []
+    records, fmt = load_paths(d.path, d.format, field=d.field, places=places)
+    named = record_names(places)
     records = records[: d.max_documents]
     say_unrendered(records, fmt, source)
     by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction) and d.val_path is None
@@ -376,17 +376,17 @@ def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> tuple[list[di
     and a DatasetDict of several splits is refused (which one validates is the user's to say)."""
     from fasttune.data.formats import load_paths, record_names, say_unrendered
 
-    val_path, sizes = shown(d.val_path), []
+    val_path, places = shown(d.val_path), []
     json_file = any(Path(p).suffix.lower() == ".json" for p in d.val_path)  # a .jsonl one has no key to name
     records, val_fmt = load_paths(d.val_path, d.format, split=None, field=d.field if json_file else None,
-                                  flag="--data.val-path", sizes=sizes)  # fmt: skip
+                                  flag="--data.val-path", places=places)  # fmt: skip
     if val_fmt != fmt:
         raise DataError(f"--data.val-path {val_path}: its records are {val_fmt} but --data {shown(d.path)}'s are "
                         f"{fmt}; give a validation file of the training data's format")  # fmt: skip
     say_unrendered(records, fmt, val_path)
     summary.notes.append(f"  validation: the {count(len(records), 'record')} of --data.val-path {val_path} (nothing "
                          "held out of --data; data.val_fraction is not used)")  # fmt: skip
-    return records, record_names(d.val_path, sizes)
+    return records, record_names(places)
 
 
 def overlong_policy(overlong: str, fmt: str, max_length: int) -> str:

@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import sys
+from array import array
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +61,41 @@ class Table:
     """The key of the JSON object the records were read from ({"data": [...]}); None: the file's own records."""
 
     def where(self, i: int) -> str:
-        if self.lines is not None:
-            return f"{self.file} line {self.lines[i]}"
-        return f"{self.file} record {i}" + (f" of {self.key!r}" if self.key is not None else "")
+        return _where(self.file, i, self.key, None if self.lines is None else self.lines[i])
+
+    def place(self) -> Place:
+        """Where the records came from, kept past the table at a few numbers per file."""
+        if self.lines is None:
+            return Place(self.file, len(self.records), self.key)
+        at = [i for i in range(len(self.lines)) if i == 0 or self.lines[i] != self.lines[i - 1] + 1]
+        return Place(self.file, len(self.records), self.key, (array("q", at), array("q", [self.lines[i] for i in at])))
+
+
+@dataclass(frozen=True)
+class Place:
+    """A table's file, record count and how its records are named (Table.where's names), without its records: a
+    record's line is found from the runs of records on consecutive lines (one run for a file of JSON lines without
+    blank lines)."""
+
+    file: Path
+    size: int
+    key: str | None = None
+    runs: tuple[array, array] | None = None
+    """(the index of each run's first record, its line); None: records are named by their index."""
+
+    def where(self, i: int) -> str:
+        if self.runs is None:
+            return _where(self.file, i, self.key, None)
+        at, line = self.runs
+        k = bisect_right(at, i) - 1
+        return _where(self.file, i, self.key, line[k] + i - at[k])
+
+
+def _where(file: Path, i: int, key: str | None, line: int | None) -> str:
+    """How errors name record i of `file`: by its line when it has one, else its index (and the key it sits under)."""
+    if line is not None:
+        return f"{file} line {line}"
+    return f"{file} record {i}" + (f" of {key!r}" if key is not None else "")
 
 
 def check_data_path(path: str, flag: str = "--data") -> None:

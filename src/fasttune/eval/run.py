@@ -155,11 +155,11 @@ def _read(a: EvalArgs) -> Read:
     from fasttune.data.formats import load_paths, record_names, say_unrendered
 
     # split=None: never a DatasetDict's train split
-    sizes: list[int] = []
-    records, fmt = load_paths(a.data, a.format, option="--format", split=None, field=a.field, sizes=sizes)
+    places: list = []
+    records, fmt = load_paths(a.data, a.format, option="--format", split=None, field=a.field, places=places)
     records = records[: a.limit]
     say_unrendered(records, fmt, shown(a.data), ("scored", "evaluate"))  # a misspelt 'input' is left out, as training
-    return records, fmt, record_names(a.data, sizes)
+    return records, fmt, record_names(places)
 
 
 def _samples(
