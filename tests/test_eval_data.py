@@ -2,6 +2,7 @@
 for every record (the samples scored, and those --max-length or the context left out)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import GSM8K, save_base_model
@@ -108,3 +109,25 @@ def test_an_older_completions_file_does_not_stop_an_eval_that_writes_none(model,
     (out / "summary.json").unlink()
     assert main([*run, "--generate"]) == 2
     assert f"--output-dir {out} already holds completions.jsonl;" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_completions_name_the_file_each_record_came_from(model, tmp_path):
+    """--data a.jsonl parts/: completions.jsonl's index is the record's position in the paths' records joined, which
+    no file holds (index 3 is b.jsonl's record 1); each line names its file (a folder's: the file in it) and its
+    index there, and keeps index. Reference: each file read on its own."""
+    answers = [{"instruction": f"Add {i} and 3.", "output": f"{i + 3}"} for i in range(5)]
+    files = {tmp_path / "a.jsonl": answers[:2], tmp_path / "parts" / "b.jsonl": answers[2:4],
+             tmp_path / "parts" / "c.jsonl": answers[4:]}  # fmt: skip
+    for path, records in files.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(model), "--data", str(tmp_path / "a.jsonl"), str(tmp_path / "parts"),
+                 "--generate", "--max-new-tokens", "1", "--output-dir", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5))
+    assert [(r["file"], r["file_index"]) for r in rows] == [
+        (str(p), i) for p, rs in files.items() for i in range(len(rs))
+    ]
+    assert all(r["reference"] == files[Path(r["file"])][r["file_index"]]["output"] for r in rows)
+    assert list(rows[0])[:3] == ["index", "file", "file_index"]

@@ -145,21 +145,22 @@ def _tokenized(a: EvalArgs, records: list[dict], fmt: str, tokenizer, prompts: b
     return samples
 
 
-Read = tuple[list[dict], str, Callable[[int], str]]
-"""_read's: --data's records, their format, and how errors name a record (formats.record_names)."""
+Read = tuple[list[dict], str, list]
+"""_read's: --data's records, their format, and where they came from, file by file (formats.load_paths' places:
+how errors name a record, formats.record_names, and completions.jsonl's file and file_index)."""
 
 
 def _read(a: EvalArgs) -> Read:
-    """(--data's records, up to --limit; their format; their names), read before the model loads: a data error (a
+    """(--data's records, up to --limit; their format; their places), read before the model loads: a data error (a
     missing field, an empty file, a folder of several splits) is said before minutes of loading, not after."""
-    from fasttune.data.formats import load_paths, record_names, say_unrendered
+    from fasttune.data.formats import load_paths, say_unrendered
 
     # split=None: never a DatasetDict's train split
     places: list = []
     records, fmt = load_paths(a.data, a.format, option="--format", split=None, field=a.field, places=places)
     records = records[: a.limit]
     say_unrendered(records, fmt, shown(a.data), ("scored", "evaluate"))  # a misspelt 'input' is left out, as training
-    return records, fmt, record_names(places)
+    return records, fmt, places
 
 
 def _samples(
@@ -173,7 +174,10 @@ def _samples(
     trained on their responses alone (their tokens differ where the prompt ends inside a token, and a chat template
     may split a conversation by turn), whole, within the context; each side counts what it leaves out. `read`: the
     records as _read gave them (None: read them now)."""
-    records, fmt, names = read or _read(a)
+    from fasttune.data.formats import record_names
+
+    records, fmt, places = read or _read(a)
+    names = record_names(places)
     if a.overlong not in (None, "auto") and fmt != "text" and not a.max_length:
         raise ConfigError(f"--overlong {a.overlong}: supervised samples are cut at --max-length only, and none is "
                           "given (they are scored whole); pass --max-length N (the run's data.max_length)")  # fmt: skip
@@ -267,6 +271,7 @@ def run_eval(a: EvalArgs) -> int:
     from fasttune.model.resolve import resolve
 
     src = resolve(a.checkpoint, option="--checkpoint")  # once: a run still training may add a checkpoint meanwhile
+    read = None
     if a.data is None:
         model, tok, summary, samples, left_out = _run_split(a, src, run, cfg, said)
     else:
@@ -276,8 +281,22 @@ def run_eval(a: EvalArgs) -> int:
         model, tok = load_checkpoint(a, src)
         summary, samples, left_out = _loss(a, src, model, tok, read)
     rows = _answers(a, model, tok, samples, summary, left_out) if a.generate else []
+    if read is not None:
+        rows = _with_files(rows, read[2])
     report(files, rows, summary, a.overwrite)
     return 0
+
+
+def _with_files(rows: list[dict], places: list) -> list[dict]:
+    """completions.jsonl's rows with the file each record came from and its index among that file's records (a
+    folder's: the file in it), beside `index`, its position in --data's records joined."""
+    from fasttune.data.formats import record_places
+
+    at, named = record_places(places), []
+    for row in rows:
+        place, j = at(row["index"])
+        named.append({"index": row["index"], "file": str(place.file), "file_index": j, **row})
+    return named
 
 
 def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
