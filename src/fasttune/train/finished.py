@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from fasttune.config import BaseConfig, TrainingConfig
+from fasttune.errors import FasttuneError
 from fasttune.model.resolve import merged_step
 from fasttune.train.length import length_option
 from fasttune.train.run import RunResult
@@ -22,6 +23,17 @@ def nothing_to_train(cfg: BaseConfig, folder: RunFolder, latest: Path | None, sa
     checkpoint alone: said in one line, and its result; None: the run goes on (train/loop.py). --epochs other than
     the run's come to steps counted from the batched data: left to the loop, which counts them. A LoRA run whose
     adapter/ (and merged/) are not of that step goes on too: its end writes them."""
+    if (left := _no_step_left(cfg, folder, latest, saved)) is None:
+        return None
+    t, step = left
+    say_nothing_to_train(dataclasses.replace(cfg, training=t), folder, step, latest)
+    merged = cfg.lora.enabled and cfg.lora.merge_on_save
+    return RunResult(run_dir=folder.path, steps=step, checkpoint=latest, model_dir=folder.merged if merged else latest)
+
+
+def _no_step_left(cfg: BaseConfig, folder: RunFolder, latest: Path | None,
+                  saved: dict | None) -> tuple[TrainingConfig, int] | None:  # fmt: skip
+    """(the run's length, its checkpoint's step) when nothing_to_train ends it; None: the run goes on."""
     if latest is None:
         return None
     t, step, was = cfg.training, int(saved["state"]["step"]), folder.saved_config().get("training", {})
@@ -32,9 +44,19 @@ def nothing_to_train(cfg: BaseConfig, folder: RunFolder, latest: Path | None, sa
     written = [folder.adapter, *([folder.merged] if cfg.lora.merge_on_save else [])] if cfg.lora.enabled else []
     if step < t.max_steps or any(merged_step(f) != step for f in written):  # adapter/ records its step as merged/
         return None
-    say_nothing_to_train(dataclasses.replace(cfg, training=t), folder, step, latest)
-    merged = cfg.lora.enabled and cfg.lora.merge_on_save
-    return RunResult(run_dir=folder.path, steps=step, checkpoint=latest, model_dir=folder.merged if merged else latest)
+    return t, step
+
+
+def is_finished(cfg: BaseConfig) -> bool:
+    """--resume of `cfg` ends as nothing_to_train ends it (nothing said here): the run reads no data, so the command
+    line lets its data paths be gone. False where its newest checkpoint cannot be used (the resume says why)."""
+    from fasttune.train.checkpoint import newest_usable
+
+    folder = RunFolder(cfg.run_dir)
+    try:
+        return _no_step_left(cfg, folder, *newest_usable(folder)) is not None
+    except FasttuneError:
+        return False
 
 
 def say_nothing_to_train(cfg: BaseConfig, folder: RunFolder, step: int, latest: Path | None) -> None:

@@ -54,7 +54,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
     d = check_launch(cfg)
     if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-    if data is None:
+    if data is None and not cfg.resume:
         check_paths(cfg.data)  # as --model just was: before the run folder, tokenizer or model is touched
     if d.fsdp and d.on and d.main and cfg.training.eval_generate_every:
         log.warning("--training.eval-generate-every: skipped under FSDP2 (the weights are sharded; generation needs "
@@ -74,6 +74,8 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         if d.main and (done := nothing_to_train(*start[:4])) is not None:  # before the data is read, the model built
             gate.open(done=done)
             return done
+        if data is None and cfg.resume:  # once it has steps to train: a finished run reads no data
+            check_paths(cfg.data)
         run = _open(start, data, d, device_name, gate, attn_origin)
         if run.state.step >= run.cfg.training.max_steps:  # run.cfg: with --epochs, their steps (changed on resume)
             say_nothing_to_train(run.cfg, run.folder, run.state.step, run.result.checkpoint)
