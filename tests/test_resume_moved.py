@@ -258,3 +258,37 @@ def test_a_finished_run_whose_data_is_gone_is_complete_and_one_with_steps_left_i
     cfg = from_dict(json.loads((run / "config.json").read_text()))
     with pytest.raises(DataError, match=f"^{data}: no such file or folder"):  # the loop alone refuses it as well
         loop.train(_resumed(cfg))
+
+
+def test_resume_given_chat_data_the_runs_prompt_format_drops_says_the_data_is_not_the_runs(tmp_path, capsys):
+    """--resume of a run trained on prompt/completion records, given chat records with a system message: refused by
+    the role check with a fix that cannot help (remove the messages, or start from the base model: the resume
+    refuses changed data anyway). It says the data is not what the run trained on; a new run from the checkpoint
+    keeps the fix that does help there."""
+    from fasttune.cli import main
+
+    save_micro_model(tmp_path / "base")
+    pairs, chat = tmp_path / "pc.jsonl", tmp_path / "chat.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"prompt": f"Add {i} and 3.", "completion": f"{i + 3}"}) + "\n" for i in range(8))
+    )
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+             {"role": "assistant", "content": "4"}]  # fmt: skip
+    chat.write_text(json.dumps({"messages": turns}) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--experiment", "sft", "--model", str(tmp_path / "base"), "--data", str(pairs),
+                 "--training.eval-every", "0", "--output-dir", str(run), "--max-steps", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(run), "--resume", "--data", str(chat), "--max-steps", "3"]) == 2
+    said = f"error: {chat} line 1 has a 'system' message, which the tokenizer's chat template drops: it is the "
+    said += "prompt_completion prompt format a fasttune run trained this model on (user and assistant turns only); "
+    assert capsys.readouterr().err.strip() == said + (
+        "the data is not what that run trained on (records added or edited since, or other data): restore it, or "
+        "train on these records in a new run (another --output-dir) from the base model that run began with"
+    )
+    step = run / "checkpoints" / "step-000002"
+    assert main(["train", "--experiment", "sft", "--model", str(step), "--data", str(chat), "--output-dir",
+                 str(tmp_path / "new"), "--max-steps", "1"]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said + (
+        "remove them from the data, or start from the base model that run began with (its own chat template)"
+    )

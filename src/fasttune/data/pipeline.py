@@ -208,9 +208,10 @@ def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]
 
 
 def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None, digest: bool = True) -> DataBundle:
-    """Tokenized train/validation samples; `tokenizer` (e.g. a resumed checkpoint's) replaces the usual one. `digest`:
-    take the input files' digest (summary.inputs: every file read once more), which only checkpoints record: under
-    torchrun rank 0 alone writes them."""
+    """Tokenized train/validation samples; `tokenizer` (a run's checkpoint's: its resume, eval of its split) replaces
+    the usual one, the records then taken as that run's data (a chat record its prompt format drops is said not to be
+    the run's: tokenize_records' run_data). `digest`: take the input files' digest (summary.inputs: every file read
+    once more), which only checkpoints record: under torchrun rank 0 alone writes them."""
     d = cfg.data
     inputs = input_digest(d) if digest else ""  # before the files are read: one edited meanwhile fails it, never passes
     read = _read_corpus if d.path is None else _read_records
@@ -335,7 +336,7 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
     from fasttune.data.formats import PROMPT_TURNS, load_paths, record_names, say_unrendered
     from fasttune.data.sft import tokenize_records
 
-    d, source, places = cfg.data, shown(cfg.data.path), []
+    d, source, places, run_data = cfg.data, shown(cfg.data.path), [], tokenizer is not None  # build_data's
     records, fmt = load_paths(d.path, d.format, field=d.field, places=places)
     named = record_names(places)
     records = records[: d.max_documents]
@@ -357,9 +358,11 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
         summary.notes.append("  read as chat: TRL's conversational prompt/completion (messages = prompt + "
                              "completion; the completion's assistant turns are trained)")  # fmt: skip
     train = [] if val_only else tokenize_records(train_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt,
-                                                 source=source, notes=summary.notes, names=train_names)  # fmt: skip
+                                                 source=source, notes=summary.notes, names=train_names,
+                                                 run_data=run_data)  # fmt: skip
     val = tokenize_records(val_recs, fmt, tokenizer, train_on_prompt=d.train_on_prompt,
-                           source=shown(d.val_path or d.path), notes=[], names=val_names)  # fmt: skip
+                           source=shown(d.val_path or d.path), notes=[], names=val_names,
+                           run_data=run_data)  # fmt: skip
     if by_piece:
         train, val = _hold_out_pieces(train, d.val_fraction, d.max_length, summary)
     return train, val, tokenizer, summary

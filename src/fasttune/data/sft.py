@@ -96,12 +96,14 @@ def tokenize_records(
     notes: list[str] | None = None,
     origins: list[int] | None = None,
     names: Callable[[int], str] | None = None,
+    run_data: bool = False,
 ) -> list[Sample]:
     """Tokenize `records` of format `fmt` into Samples (token ids and the spans trained: labels -100 elsewhere); a
     chat record whose template rewrites earlier turns gives one sample per assistant turn. `source` names the
     dataset in error messages, `names(i)` records[i] (default "{source} record {i}"; a split's records are named by
     their place in the data read); `notes` (else the log) gets a line on how many records were so split; `origins`,
-    when given, gets each sample's record: its position in `records`."""
+    when given, gets each sample's record: its position in `records`. `run_data`: the records are the data of the run
+    whose checkpoint's tokenizer this is (a resume; eval of the run's split)."""
     if fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     without_length_warning(tokenizer)
@@ -109,6 +111,7 @@ def tokenize_records(
     for i, record in enumerate(records):
         validate_record(record, fmt, names(i))
     if fmt == "chat":
+        _check_roles(records, tokenizer, names, run_data)
         return _tokenize_chat(records, tokenizer, train_on_prompt, source, notes, origins, names)
     if origins is not None:
         origins.extend(range(len(records)))  # a sample per record
@@ -180,7 +183,6 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
             f"folder, save a template in it (tokenizer.chat_template = TEMPLATE; tokenizer.save_pretrained({model}) "
             "writes chat_template.jinja), or convert the data to prompt/completion"
         )
-    _check_roles(records, tokenizer, names)
     tagged = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
     rendered: list[tuple[str, list[Span]]] = []
     by_turn, specials = 0, special_tokens(tokenizer)
@@ -211,15 +213,22 @@ def _tokenize_chat_records(records: Sequence[dict], tokenizer, train_on_prompt: 
     return _encode(tokenizer, rendered, prompt_apart=True)
 
 
-def _check_roles(records: Sequence[dict], tokenizer, names: Callable[[int], str]) -> None:
+def _check_roles(records: Sequence[dict], tokenizer, names: Callable[[int], str], run_data: bool) -> None:
     """A checkpoint of a fasttune run on Alpaca or prompt/completion data carries that format as its chat template
-    (generate/template.py), which renders user and assistant turns only: refuse a message it would drop."""
+    (generate/template.py), which renders user and assistant turns only: refuse a message it would drop. `run_data`:
+    the records are that run's own data, which passed this check when it trained on them (or were not chat), so one
+    that fails it is not the run's data (its resume refuses changed data anyway): said so, not a fix that cannot
+    help."""
     from fasttune.generate.template import check_roles, prompt_format
 
     fmt = prompt_format(tokenizer)
+    fix = "remove them from the data, or start from the base model that run began with (its own chat template)"
+    if run_data:
+        fix = ("the data is not what that run trained on (records added or edited since, or other data): restore it, "
+               "or train on these records in a new run (another --output-dir) from the base model that run began "
+               "with")  # fmt: skip
     for i, record in enumerate(records):
-        check_roles(record["messages"], fmt, names(i), "remove them from the data, or start from the "
-                    "base model that run began with (its own chat template)")  # fmt: skip
+        check_roles(record["messages"], fmt, names(i), fix)
 
 
 # ---- tokenizing ----------------------------------------------------------------------------------------------------
