@@ -89,3 +89,20 @@ def two_checkpoints(_two_checkpoints_trained, tmp_path):
     from helpers import copy_of_run
 
     return copy_of_run(_two_checkpoints_trained, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def _finished_trained(tmp_path_factory, _no_gpu_unless_marked):
+    """The run `finished` copies, trained once a session (test_run_dir.py and test_resume_checks.py use it)."""
+    from helpers import train_once
+
+    return train_once(tmp_path_factory, "finished", max_steps=3, save_every=3, eval_every=0)
+
+
+@pytest.fixture
+def finished(_finished_trained, tmp_path):
+    """(config, result) of a finished 3-step run (a checkpoint at step 3) in tmp_path / "run": each test's own copy
+    of the run trained once a session."""
+    from helpers import copy_of_run
+
+    return copy_of_run(_finished_trained, tmp_path)
