@@ -106,3 +106,23 @@ def finished(_finished_trained, tmp_path):
     from helpers import copy_of_run
 
     return copy_of_run(_finished_trained, tmp_path)
+
+
+@pytest.fixture
+def fixtures_unchanged():
+    """The test leaves the files of tests/fixtures byte-for-byte and mtime-for-mtime as they were (the data-error
+    tests ask for it, pytestmark: none may change the user's files)."""
+    import hashlib
+
+    from helpers import FIXTURES
+
+    def snapshot():
+        return {
+            p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in FIXTURES.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+
+    before = snapshot()
+    yield
+    assert snapshot() == before

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from fasttune.config import BaseConfig, get_experiment
 
-GSM8K = Path(__file__).parent / "fixtures" / "gsm8k_alpaca_20.json"
+FIXTURES = Path(__file__).parent / "fixtures"
+GSM8K = FIXTURES / "gsm8k_alpaca_20.json"
 
 TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   intermediate_size=96, max_position_embeddings=512)  # fmt: skip
@@ -252,6 +253,20 @@ def deny(monkeypatch, denied: Path) -> None:
 
     monkeypatch.setattr(os, "scandir", fake_scandir)
     monkeypatch.setattr(Path, "stat", fake_stat)
+
+
+def error_for(path: Path | str, fmt: str = "auto") -> str:
+    """The one-line DataError load_records raises for the data at `path`."""
+    import pytest
+
+    from fasttune.data.formats import load_records
+    from fasttune.errors import DataError
+
+    with pytest.raises(DataError) as info:
+        load_records(str(path), fmt)
+    message = str(info.value)
+    assert "\n" not in message, "error messages are one line"
+    return message
 
 
 def deny_file(monkeypatch, method: str, denied: Path) -> None:
