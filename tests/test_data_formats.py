@@ -8,13 +8,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fasttune.data.formats import load_records
 from fasttune.errors import DataError
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize(

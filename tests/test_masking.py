@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.tiny_tokenizer import build_tiny_tokenizer
+from helpers import FIXTURES
 
 from fasttune.data.formats import load_records
 from fasttune.data.packing import IGNORE
@@ -18,7 +19,6 @@ from fasttune.data.sft import (
 )
 from fasttune.errors import DataError
 
-FIXTURES = Path(__file__).parent / "fixtures"
 EOS = "<|endoftext|>"
 
 
