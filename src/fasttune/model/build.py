@@ -138,10 +138,11 @@ def _damaged_files() -> tuple[type[BaseException], ...]:
 def load_weights_error(path, e: BaseException, option: str = "--model") -> ConfigError:
     """One line for a model folder that cannot be loaded: a damaged file (an interrupted copy or download), weights
     that do not match config.json, or a model transformers cannot build as a causal LM."""
+    from fasttune.model.resolve import denied_file, unreadable_in
+
     first = str(e).splitlines()[0] if str(e) else ""
-    if isinstance(e, _damaged_files()) and (denied := _unreadable_file(path)):  # safetensors says "No such file"
-        return ConfigError(f"{option} {path}: {denied.name} cannot be read (permission denied); make it readable "
-                           f"(chmod u+r {denied}) or pass another folder")  # fmt: skip
+    if isinstance(e, _damaged_files()) and (denied := unreadable_in(Path(path))) not in (None, Path(path)):
+        return ConfigError(denied_file(option, path, denied))  # safetensors says "No such file or directory"
     if isinstance(e, _damaged_files()):
         fix = ("a file there is incomplete or damaged (e.g. an interrupted copy): copy the folder again or save it "
                "with save_pretrained")  # fmt: skip
@@ -150,22 +151,6 @@ def load_weights_error(path, e: BaseException, option: str = "--model") -> Confi
     else:
         fix = "fasttune trains and runs models that AutoModelForCausalLM loads"
     return ConfigError(f"{option} {path}: the model cannot be loaded ({type(e).__name__}: {first}); {fix}")
-
-
-def _unreadable_file(folder) -> Path | None:
-    """A file in `folder` the user may not read, or None."""
-    try:
-        files = [f for f in sorted(Path(folder).iterdir()) if f.is_file()]  # never a FIFO: opening one blocks
-    except OSError:
-        return None
-    for f in files:
-        try:
-            f.open("rb").close()
-        except PermissionError:
-            return f
-        except OSError:
-            continue
-    return None
 
 
 def read_config(path: str | Path, trust_remote_code: bool = False, option: str = "--model") -> PretrainedConfig:

@@ -299,8 +299,15 @@ def refuse_unreadable(folder: Path, option: str, fix: str = "or pass another fol
     if denied == folder:
         raise _denied(option, folder, fix)
     if denied is not None:
-        raise FasttuneError(f"{option} {folder}: {denied.name} cannot be read (permission denied); make it readable "
-                            f"(chmod u+r {denied}) {fix}")  # fmt: skip
+        raise FasttuneError(denied_file(option, folder, denied, fix))
+
+
+def denied_file(option: str, folder: Path | str, denied: Path, fix: str = "or pass another folder") -> str:
+    """The one line for a file `denied` of `folder` that the user may not read (unreadable_in found it)."""
+    return (
+        f"{option} {folder}: {denied.name} cannot be read (permission denied); make it readable (chmod u+r {denied}) "
+        f"{fix}"
+    )
 
 
 def _denied(option: str, folder: Path, fix: str = "or pass another folder") -> FasttuneError:
