@@ -16,7 +16,7 @@ from fasttune.config.base_config import shown
 from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load_stdlib_corpus, too_few_to_hold_out
 from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample, Samples
-from fasttune.data.tokenizer import cached_tokenizer, without_length_warning
+from fasttune.data.tokenizer import cached_tokenizer, pad_with_eos, without_length_warning
 from fasttune.errors import ConfigError, DataError
 from fasttune.words import count
 
@@ -186,10 +186,10 @@ def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]
     """--model's tokenizer, else one trained on `corpus()` (texts, fingerprint): only then are the texts gathered and
     hashed, which for a data set of GBs takes its time and memory."""
     if cfg.model.path:
-        from fasttune.model.resolve import TOKENIZER_FILES
+        from fasttune.model.resolve import TOKENIZER_FILES, has_tokenizer
 
         folder = Path(cfg.model.path)
-        if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        if folder.is_dir() and not has_tokenizer(folder):
             raise DataError(f"--model {folder}: no tokenizer files there ({', '.join(TOKENIZER_FILES)}); save the "
                             "model's tokenizer into that folder with tokenizer.save_pretrained")  # fmt: skip
         try:
@@ -200,9 +200,7 @@ def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]
                 f"--model {cfg.model.path}: no usable tokenizer there ({why}); save one with "
                 "tokenizer.save_pretrained into that folder"
             ) from None
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return pad_with_eos(tok)
     texts, fingerprint = corpus()
     return cached_tokenizer(texts, cfg.data.tokenizer_vocab_size, cfg.data.cache_dir, fingerprint)
 

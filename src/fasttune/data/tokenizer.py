@@ -131,6 +131,14 @@ def fit_model_max_length(tokenizer, model_config) -> None:
         tokenizer.model_max_length = int(context)
 
 
+def pad_with_eos(tokenizer):
+    """A model's tokenizer without a pad token (GPT-2's, Llama 3's) pads with its EOS, in training and in inference
+    alike; returns it."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def without_length_warning(tokenizer) -> None:
     """transformers warns once per tokenizer that a text longer than model_max_length "will result in indexing
     errors"; fasttune cuts samples to data.max_length itself (data.overlong), so here that warning is noise (it

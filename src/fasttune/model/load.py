@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fasttune.data.tokenizer import without_length_warning
+from fasttune.data.tokenizer import pad_with_eos, without_length_warning
 from fasttune.errors import FasttuneError
 from fasttune.model.build import (
     _quiet_transformers,
@@ -62,9 +62,7 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
             f"{src.tokenizer_dir}: the tokenizer there cannot be loaded ({str(e).splitlines()[0]}); save a working one "
             "with tokenizer.save_pretrained into that folder"
         ) from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return pad_with_eos(tok)
 
 
 def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool = False, option: str = "--checkpoint"):

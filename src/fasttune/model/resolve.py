@@ -43,7 +43,8 @@ class ModelSource:
         return f"{self.model_dir} + adapter {self.adapter_dir}" if self.adapter_dir else str(self.model_dir)
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
+    """Whether `path` holds a tokenizer's files (TOKENIZER_FILES)."""
     return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
@@ -178,7 +179,7 @@ def _adapter(adapter: Path, option: str, adapters: bool, why: str | None = None)
     base = next((c for c in candidates if (c / "config.json").is_file()), None)
     if base is None:
         raise FasttuneError(_no_base(adapter, base_name))
-    tokenizer = adapter if _has_tokenizer(adapter) else base
+    tokenizer = adapter if has_tokenizer(adapter) else base
     src = _checked(ModelSource(base, tokenizer, adapter_dir=adapter), option)
     src.note = (why + "; " if why else "") + f"LoRA adapter {adapter} on base model {base}"
     return src
@@ -203,7 +204,7 @@ def _no_base(adapter: Path, base_name: str) -> str:
 def _checked(src: ModelSource, option: str) -> ModelSource:
     for folder in dict.fromkeys(f for f in (src.model_dir, src.adapter_dir, src.tokenizer_dir) if f is not None):
         refuse_unreadable(folder, option)
-    if not _has_tokenizer(src.tokenizer_dir):
+    if not has_tokenizer(src.tokenizer_dir):
         raise FasttuneError(
             f"{option} {src.tokenizer_dir}: no tokenizer in this folder; save one there with "
             f"tokenizer.save_pretrained('{src.tokenizer_dir}') (e.g. the base model's)"
