@@ -81,18 +81,100 @@ def test_the_prompts_cut_short_by_the_context_are_counted_in_the_warning(caplog)
         assert said in caplog.text
 
 
-def test_an_empty_prompt_in_a_file_is_refused_naming_its_line(tmp_path, capsys):
-    """--raw on a tokenizer that adds no BOS: an empty line's prompt has no token. It stopped with "a prompt is empty
-    after tokenization" (which one?) after the batches before it were generated; now one line names it, before any."""
+LONG = "Natalia sold clips " * 40  # ~200 tokens: longer than the 128-token context
+
+
+def _out(prompts: Path) -> Path:
+    return prompts.with_suffix(".out.jsonl")
+
+
+def _generate(model: Path, prompts: Path, *extra: str) -> int:
+    return main(["generate", "--checkpoint", str(model), "--prompts", str(prompts), "--output", str(_out(prompts)),
+                 "--batch-size", "8", *extra])  # fmt: skip
+
+
+def _rows(prompts: Path) -> list[dict]:
+    return [json.loads(x) for x in _out(prompts).read_text().splitlines()]
+
+
+def test_prompts_longer_than_the_context_or_empty_are_skipped_and_the_rest_answered_as_alone(short_model, tmp_path,
+                                                                                          capsys):  # fmt: skip
+    """One prompt longer than the context stopped the whole file (none answered). Now it is skipped, as eval leaves
+    such a record out, and so is an empty one: every other prompt gets what HF gives it alone, the output keeps a
+    line per prompt in the input order (a skipped one's "completion" is null, "skipped" says why), one line counts
+    them."""
+    fitting = [r["prompt"] for r in _records()]
+    lines = [fitting[0], fitting[1], LONG, fitting[2], "", fitting[3], LONG + "?", "   ", *fitting[4:]]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines[:4]) + "\n"  # a blank line: no prompt (line 5)
+                       + "".join(json.dumps(x) + "\n" for x in lines[4:]))  # fmt: skip
+    assert _generate(short_model, prompts, "--max-new-tokens", str(MAX_NEW)) == 0
+    rows = _rows(prompts)
+    assert [r["prompt"] for r in rows] == lines
+    tok = AutoTokenizer.from_pretrained(short_model)
+    answered = [r["completion"] for r in rows if r["prompt"] in fitting]
+    assert answered == _hf_one_at_a_time(short_model, [tok(p)["input_ids"] for p in fitting])
+    long = len(tok(LONG)["input_ids"])
+    assert [r.get("skipped") for r in rows if r["prompt"] not in fitting] == [
+        f"longer than the model's context of 128 tokens: {long} tokens", "empty: no text",
+        f"longer than the model's context of 128 tokens: {long + 1} tokens", "empty: no text"]  # fmt: skip
+    assert all(r["completion"] is None and r["new_tokens"] == 0 for r in rows if r["prompt"] not in fitting)
+    said, out = [x for x in capsys.readouterr().err.splitlines() if x.startswith("skipped")], _out(prompts)
+    assert said == [f"skipped 4 of {len(lines)} prompts: 2 longer than the model's context of 128 tokens (the first: "
+                    f"{prompts} line 3, {long} tokens): shorten them (or use a model with a longer context); 2 empty "
+                    f"(the first: {prompts} line 6, no text): give them some text or remove them; their lines in "
+                    f'{out} have "completion": null and "skipped" saying why']  # fmt: skip
+
+
+def test_a_skipped_prompt_leaves_the_others_sampled_answers_as_they_were(short_model, tmp_path):
+    """Each prompt samples from its place in the input: the answers around a skipped prompt are those the file gives
+    once that prompt is shortened (not those of the prompts renumbered without it)."""
+    fitting = [r["prompt"] for r in _records()]
+    for name, third in (("skips", LONG), ("fits", "Natalia sold clips")):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(x) + "\n" for x in [*fitting[:2], third, *fitting[2:]])
+        )
+        assert _generate(short_model, tmp_path / f"{name}.jsonl", "--max-new-tokens", "6", "--temperature", "1") == 0
+    skips, fits = _rows(tmp_path / "skips.jsonl"), _rows(tmp_path / "fits.jsonl")
+    assert skips[2]["completion"] is None and fits[2]["completion"]
+    assert [r["completion"] for r in skips[:2] + skips[3:]] == [r["completion"] for r in fits[:2] + fits[3:]]
+
+
+@pytest.mark.parametrize(
+    ("lines", "said"),
+    [([LONG, LONG + "?"], "every prompt is longer than the model's context of 128 tokens, so none is generated (the "
+      "first: line 1, {n} tokens); shorten them (or use a model with a longer context)"),
+     (["", " "], "every prompt is empty, so none is generated (the first: line 1, no text); give them some text or "
+      "remove them"),
+     ([LONG, ""], "every prompt is empty or longer than the model's context, so none is generated (the first: line 1, "
+      "{n} tokens); shorten them (or use a model with a longer context), and give the empty ones text")],
+)  # fmt: skip
+def test_every_prompt_skipped_is_one_line_and_no_output(short_model, tmp_path, capsys, lines, said):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert _generate(short_model, prompts) == 2
+    n = len(AutoTokenizer.from_pretrained(short_model)(LONG)["input_ids"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --prompts {prompts}: " + said.format(n=n)
+    assert not _out(prompts).exists()
+
+
+def test_an_empty_prompt_with_raw_or_a_chat_template_is_skipped_naming_its_line(tmp_path, capsys):
+    """--raw on a tokenizer that adds no BOS: an empty prompt has no token. It stopped with "a prompt is empty
+    after tokenization" (which one?) after the batches before it were generated, and through a chat template an
+    empty user message was answered; both skip it now, as eval leaves out a record without a prompt."""
     from helpers import save_micro_model
 
     model = save_micro_model(tmp_path / "m")  # ChatML, no BOS
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('"Natalia sold clips"\n{"prompt": ""}\n')
-    rc = main(["generate", "--checkpoint", str(model), "--prompts", str(prompts), "--raw", "--max-new-tokens", "2"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith(f"error: {prompts} line 2: the prompt is empty"), err
-    assert not (tmp_path / "p.completions.jsonl").exists()
+    for raw in (["--raw"], []):
+        assert _generate(model, prompts, "--max-new-tokens", "2", "--overwrite", *raw) == 0
+        rows = _rows(prompts)
+        assert rows[0]["new_tokens"] > 0 and rows[1] == {"prompt": "", "completion": None, "new_tokens": 0,
+                                                         "finished": None, "stop": None,
+                                                         "skipped": "empty: no text"}  # fmt: skip
+        said = f"1 empty (the first: {prompts} line 2, no text): give it some text or remove it;"
+        assert said in capsys.readouterr().err
 
 
 def test_output_to_a_named_pipe_or_dev_stdout_is_written_into_not_replaced(short_model, tmp_path):

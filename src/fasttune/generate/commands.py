@@ -72,7 +72,8 @@ class GenerateArgs(SamplingArgs):
     """JSONL file, one prompt per line (a JSON string, or an object with "prompt" (a string or a list of messages),
     "instruction" (+"input"), "messages" or "text"), or a JSON array of them, a .parquet or .csv file of such records
     (a row each), or a .txt file of plain prompts, one per line (`-`: read from standard input): completions go to
-    --output, generated in batches."""
+    --output, generated in batches; a prompt longer than the model's context, or empty, is skipped (its output line
+    says why, and one line at the end counts them)."""
     output: str | None = None
     """JSONL file for the completions of --prompts (default: the prompts file with .completions.jsonl for its
     extension: q.jsonl -> q.completions.jsonl; standard output for prompts piped in)."""
@@ -195,33 +196,24 @@ def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list
 def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) -> int:
     from tqdm.auto import tqdm
 
-    from fasttune.generate.generate import fast_engine, fit_context, generate_ids, length_batches
-    from fasttune.generate.prompts import WHERE, write_jsonl
-    from fasttune.generate.template import prompt_ids
+    from fasttune.generate.generate import fast_engine, generate_ids, length_batches
+    from fasttune.generate.prompts import write_jsonl
 
-    conversations = _check_records(tok, a, records)  # checked before the model loaded; their messages
-    ids = []
-    for r, (messages, tools, kwargs) in zip(records, conversations, strict=True):
-        ids.append(prompt_ids(tok, messages, raw=a.raw, tools=tools, kwargs=kwargs))
-        if not ids[-1]:  # --raw (or no template) and no BOS: nothing for the model to continue
-            raise DataError(f"{a.prompts} {r[WHERE]}: the prompt is empty (no tokens to continue); give it some text "
-                            "or remove the line")  # fmt: skip
-        fit_context(model, len(ids[-1]), 1, f"{a.prompts} {r[WHERE]}: the prompt")
+    ids, skipped = _prompt_ids(model, tok, a, records)
+    kept = [i for i in range(len(ids)) if i not in skipped]
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
     engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
     # no bar when stderr is redirected (as in training): its redraws would fill the file
-    bar = tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = tqdm(total=len(kept), desc="generate", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
     try:
-        for _, rows, budget in length_batches(model, ids, a.batch_size, a.max_new_tokens):
+        for _, at, budget in length_batches(model, [ids[i] for i in kept], a.batch_size, a.max_new_tokens):
+            rows = [kept[j] for j in at]  # positions in the input: each prompt samples from (seed, its own)
             gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
                                 top_p=a.top_p, seed=a.seed, indices=rows, stop=a.stop, engine=engine)  # fmt: skip
             for i, g in zip(rows, gens, strict=True):
-                record = {k: v for k, v in records[i].items() if k != WHERE}
-                if "completion" in record and "reference" not in record:  # prompt/completion data's own answer
-                    record["reference"] = record.pop("completion")
-                done[i] = {**record, "completion": g.text, "new_tokens": g.new_tokens, "finished": g.finished,
-                           "stop": g.stop}  # fmt: skip
+                done[i] = _row(records[i], completion=g.text, new_tokens=g.new_tokens, finished=g.finished,
+                               stop=g.stop)  # fmt: skip
             new_tokens += sum(g.new_tokens for g in gens)
             seconds += gens[0].seconds
             bar.update(len(rows))
@@ -229,15 +221,80 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) 
     except KeyboardInterrupt:  # the answers made so far are kept, not lost with the batch being made
         if done:
             write_jsonl(out, [done[i] for i in sorted(done)])
-            print(f"interrupted: the {len(done)} of {len(ids)} completions made so far -> {out} (in the order of "
+            print(f"interrupted: the {len(done)} of {len(kept)} completions made so far -> {out} (in the order of "
                   "their prompts; the others are left out)", file=sys.stderr)  # fmt: skip
         raise
     finally:
         bar.close()
-    write_jsonl(out, [done[i] for i in range(len(ids))])
-    print(f"{len(ids)} completions -> {out} ({new_tokens:,} tokens in {seconds:.1f} s: "
+    skip_rows = {i: _row(records[i], completion=None, new_tokens=0, finished=None, stop=None,
+                         skipped=f"{why}: {detail}") for i, (_, why, detail) in skipped.items()}  # fmt: skip
+    write_jsonl(out, [done.get(i) or skip_rows[i] for i in range(len(ids))])
+    print(f"{len(kept)} completions -> {out} ({new_tokens:,} tokens in {seconds:.1f} s: "
           f"{new_tokens / max(seconds, 1e-9):,.0f} tok/s)", file=sys.stderr)  # fmt: skip
+    if skipped:
+        log.warning(_skipped_line(a, records, skipped, out))
     return 0
+
+
+def _row(record: dict, **fields) -> dict:
+    """A line of the output: the input record's fields (its place in the file aside) and `fields`."""
+    from fasttune.generate.prompts import WHERE
+
+    row = {k: v for k, v in record.items() if k != WHERE}
+    if "completion" in row and "reference" not in row:  # prompt/completion data's own answer
+        row["reference"] = row.pop("completion")
+    return {**row, **fields}
+
+
+FIX = {"long": ("shorten it (or use a model with a longer context)",
+                "shorten them (or use a model with a longer context)"),
+       "empty": ("give it some text or remove it", "give them some text or remove them")}  # fmt: skip
+"""What to do about the prompts of a --prompts file skipped (_prompt_ids), by kind: (one, several)."""
+
+
+def _prompt_ids(model, tok, a: GenerateArgs, records: list[dict]) -> tuple[list[list[int]], dict[int, tuple]]:
+    """(each record's prompt tokens, the prompts skipped: {index: (kind, why, detail)}): an empty prompt (blank text,
+    or no token to continue: --raw on a tokenizer that adds no BOS) and one that leaves the context no room for a
+    token are skipped, as `eval --generate` leaves out a record with no prompt or longer than the context; when every
+    prompt is, one line says why."""
+    from fasttune.data.chat_render import blank_message
+    from fasttune.generate.prompts import WHERE
+    from fasttune.generate.template import prompt_ids
+    from fasttune.model.context import context_length
+
+    conversations = _check_records(tok, a, records)  # checked before the model loaded; their messages
+    context = context_length(model.config)
+    ids, skipped = [], {}
+    for i, (messages, tools, kwargs) in enumerate(conversations):  # Alpaca's blank "input" is no text either
+        blank = all(blank_message({k: v for k, v in m.items() if k != "input" or str(v).strip()}) for m in messages)
+        ids.append([] if blank else prompt_ids(tok, messages, raw=a.raw, tools=tools, kwargs=kwargs))
+        if not ids[-1]:
+            skipped[i] = ("empty", "empty", "no text" if blank else "no token to continue")
+        elif context and len(ids[-1]) >= context:
+            skipped[i] = ("long", f"longer than the model's context of {context} tokens", f"{len(ids[-1])} tokens")
+    if len(skipped) == len(records):
+        kind, why, detail = skipped[0]
+        if len({k for k, *_ in skipped.values()}) > 1:
+            why, fix = "empty or longer than the model's context", f"{FIX['long'][1]}, and give the empty ones text"
+        else:
+            fix = FIX[kind][1]
+        raise DataError(f"--prompts {a.prompts}: every prompt is {why}, so none is generated (the first: "
+                        f"{records[0][WHERE]}, {detail}); {fix}")  # fmt: skip
+    return ids, skipped
+
+
+def _skipped_line(a: GenerateArgs, records: list[dict], skipped: dict[int, tuple], out: Path) -> str:
+    """The one line that says which prompts were skipped: how many of each kind, the first one's place, the fix."""
+    from fasttune.generate.prompts import WHERE
+
+    parts = []
+    for kind in FIX:
+        if at := [i for i, (k, *_) in skipped.items() if k == kind]:
+            _, why, detail = skipped[at[0]]
+            parts.append(f"{len(at)} {why} (the first: {a.prompts} {records[at[0]][WHERE]}, {detail}): "
+                         f"{FIX[kind][len(at) > 1]}")  # fmt: skip
+    return (f"skipped {len(skipped)} of {len(records)} prompts: {'; '.join(parts)}; their lines in {out} have "
+            '"completion": null and "skipped" saying why')  # fmt: skip
 
 
 def run_chat(a: ChatArgs) -> int:
