@@ -108,6 +108,29 @@ def finished(_finished_trained, tmp_path):
     return copy_of_run(_finished_trained, tmp_path)
 
 
+@pytest.fixture(scope="session")
+def _finished_sft_trained(tmp_path_factory, _no_gpu_unless_marked):
+    """The project finished_sft copies (base/ a micro model, d.json a copy of GSM8K, run/), trained once a session."""
+    import shutil
+
+    from helpers import GSM8K, save_micro_model, sft_config, train_fresh
+
+    root = tmp_path_factory.mktemp("finished-sft")
+    shutil.copy(GSM8K, root / "d.json")
+    train_fresh(sft_config(root, save_micro_model(root / "base"), root / "d.json", max_steps=2, save_every=2,
+                           eval_every=0))  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def finished_sft(_finished_sft_trained, tmp_path):
+    """A finished 2-step sft run (a checkpoint at step 2) of the micro model tmp_path / "base" on tmp_path / "d.json"
+    in tmp_path / "run": each test's own copy (its model and data may be removed) of the run trained once a session."""
+    from helpers import copy_of_project
+
+    return copy_of_project(_finished_sft_trained, tmp_path)
+
+
 @pytest.fixture
 def fixtures_unchanged():
     """The test leaves the files of tests/fixtures byte-for-byte and mtime-for-mtime as they were (the data-error

@@ -109,6 +109,15 @@ def copy_of_run(trained, tmp_path):
     return dataclasses.replace(cfg, output_dir=str(run_dir)), copied
 
 
+def copy_of_project(root: Path, tmp_path: Path) -> Path:
+    """A copy in `tmp_path` of the folder `root` holding a run (run/) and the model and data it read, its config.json
+    naming the copies (as a run trained there records them): `tmp_path`."""
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    config = tmp_path / "run" / "config.json"
+    config.write_text(config.read_text().replace(str(root), str(tmp_path)))
+    return tmp_path
+
+
 def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
 

@@ -231,25 +231,25 @@ def test_a_gone_file_of_several_data_paths_asks_for_all_of_them_again(tmp_path, 
     )
 
 
-def test_a_finished_run_whose_data_is_gone_is_complete_and_one_with_steps_left_is_refused(tmp_path, capsys):
+def _complete(run) -> list[str]:
+    """The one line of the resume of finished_sft's run, with nothing to train."""
+    return [
+        f"the run in {run} is already complete (step 2 of --max-steps 2); its final checkpoint is "
+        f"{run / 'checkpoints' / 'step-000002'}; to train further, resume with a larger --max-steps (or --epochs)"
+    ]
+
+
+def test_a_finished_run_whose_data_is_gone_is_complete_and_one_with_steps_left_is_refused(finished_sft, capsys):
     """--resume of a finished run (a scheduler's retry) whose data file was removed since: refused for the missing
     data, which a finished run never reads; it says it is complete (exit 0) as with the data there. A resume with
     steps to train still refuses the missing data."""
     from fasttune.cli import main
 
-    save_micro_model(tmp_path / "base")
-    data = tmp_path / "d.json"
-    shutil.copy(GSM8K, data)
-    run = tmp_path / "run"
-    assert main(["train", "--experiment", "sft", "--model", str(tmp_path / "base"), "--data", str(data),
-                 "--training.eval-every", "0", "--output-dir", str(run), "--max-steps", "2"]) == 0  # fmt: skip
+    run, data = finished_sft / "run", finished_sft / "d.json"
     data.unlink()
     capsys.readouterr()
     assert main(["train", "--output-dir", str(run), "--resume"]) == 0
-    assert capsys.readouterr().err.splitlines() == [
-        f"the run in {run} is already complete (step 2 of --max-steps 2); its final checkpoint is "
-        f"{run / 'checkpoints' / 'step-000002'}; to train further, resume with a larger --max-steps (or --epochs)"
-    ]
+    assert capsys.readouterr().err.splitlines() == _complete(run)
     assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "3"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: --resume: the run's data.path {data} (in {run / 'config.json'}) is gone: moved or renamed? pass "
