@@ -11,8 +11,8 @@ import torch
 from helpers import GSM8K, losses, save_micro_model, sft_config
 
 from fasttune.config import from_dict
-from fasttune.errors import ConfigError, DataError
-from fasttune.train import loop
+from fasttune.errors import ConfigError, DataError, FasttuneError
+from fasttune.train import checkpoint, loop
 
 
 def _resumed(cfg, model=None, max_steps: int = 3):
@@ -258,6 +258,37 @@ def test_a_finished_run_whose_data_is_gone_is_complete_and_one_with_steps_left_i
     cfg = from_dict(json.loads((run / "config.json").read_text()))
     with pytest.raises(DataError, match=f"^{data}: no such file or folder"):  # the loop alone refuses it as well
         loop.train(_resumed(cfg))
+
+
+def test_a_finished_run_whose_model_is_gone_is_complete_and_one_with_steps_left_is_refused(finished_sft, capsys,
+                                                                                           monkeypatch):  # fmt: skip
+    """--resume of a finished run whose base model folder was removed since (the run's own checkpoints hold its
+    weights): refused for the missing model, which a finished run never loads; it says it is complete (exit 0), its
+    data gone too or not, from the command line and from train(). A resume with steps to train still refuses the
+    missing model, in the line it had."""
+    from fasttune.cli import main
+
+    run, base, data = finished_sft / "run", finished_sft / "base", finished_sft / "d.json"
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
+    shutil.rmtree(base)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 0
+    assert capsys.readouterr().err.splitlines() == _complete(run)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "prepare_model", lambda *_a, **_k: pytest.fail("a finished run built its model"))
+        done = loop.train(_resumed(cfg, max_steps=2))
+    assert (done.steps, done.checkpoint) == (2, run / "checkpoints" / "step-000002")
+    with pytest.raises(FasttuneError, match=f"^--model {base}: "):  # the loop alone refuses it with steps left
+        loop.train(_resumed(cfg))
+    data.unlink()  # the project folder is gone: model and data
+    assert main(["train", "--output-dir", str(run), "--resume"]) == 0
+    assert capsys.readouterr().err.splitlines() == _complete(run)
+    assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --resume: the run's model.path {base} and data.path {data} (in {run / 'config.json'}) are gone: "
+        "moved or renamed? pass --model and --data with where they are now (the run goes on from its checkpoint)"
+    )
+    assert checkpoint.list_checkpoints(run)[-1].name == "step-000002"
 
 
 def test_resume_given_chat_data_the_runs_prompt_format_drops_says_the_data_is_not_the_runs(tmp_path, capsys):

@@ -113,30 +113,29 @@ class TrainArgs(Command):
     def _refuse_gone_inputs(self, cfg) -> None:
         """--resume taking the model or data path from the run's config.json (recorded absolute) when it is gone (the
         project folder moved), or from a --config FILE that repeats it (a copy of that file): one line naming the file
-        and the fix, not a --model or --data the user never typed. A finished run reads no data: its data may be gone
-        (the resume says it is complete)."""
+        and the fix, not a --model or --data the user never typed. A finished run reads no data and loads no model:
+        they may be gone (the resume says it is complete)."""
         from fasttune.config.naming import value_of
-        from fasttune.train.run_dir import INPUTS, MOVABLE, RunFolder, input_paths
+        from fasttune.train.run_dir import INPUTS, RunFolder, input_paths
 
         own = self._own_config(cfg)
         recorded = RunFolder(cfg.run_dir).recorded_inputs() if self.config_file and not own else {}
-        gone, files, options, keys = [], [], [], set()  # every one at once: a moved folder takes model and data along
+        gone, files, options = [], [], []  # every one at once: a moved folder takes model and data along
         notes = ["the run goes on from its checkpoint"]
         for key, option in INPUTS.items():
             paths = input_paths(value_of(cfg, key))
             runs = key in self.from_file and (own or recorded.get(key) == paths)
             file = self.run_config if key in self.from_run else self.config_file if runs else None
             if file and (missing := [p for p in paths if not Path(p).exists()]):
-                gone, options, keys = [*gone, f"{key} {' '.join(missing)}"], [*options, option], keys | {key}
+                gone, options = [*gone, f"{key} {' '.join(missing)}"], [*options, option]
                 files += [file] if file not in files else []
                 if len(paths) > 1:  # given again, it replaces them all
                     notes.insert(-1, f"{option} takes all {len(paths)} of its paths again")
-        if gone and keys <= MOVABLE.keys():
-            from fasttune.train.finished import is_finished  # torch: only when data is gone
+        if gone:
+            from fasttune.train.finished import is_finished  # torch: only when an input is gone
 
             if is_finished(cfg):
                 return
-        if gone:
             are, them = ("is", "it is") if len(gone) == 1 else ("are", "they are")
             raise ConfigError(f"--resume: the run's {' and '.join(gone)} (in {', '.join(files)}) {are} gone: moved "
                               f"or renamed? pass {' and '.join(options)} with where {them} now "

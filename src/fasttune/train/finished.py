@@ -1,11 +1,13 @@
 """A resumed run with no step left to train: decided from its config.json and its newest checkpoint alone, before the
 data is read and the model built (the same command run again after the run finished, e.g. a scheduler's retry), and
-said in one line: complete (at which step, where its model is, how to train further), or past the length given."""
+said in one line: complete (at which step, where its model is, how to train further), or past the length given. Such
+a run reads no data and loads no model: either may be gone since."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 from fasttune.config import BaseConfig, TrainingConfig
@@ -47,9 +49,21 @@ def _no_step_left(cfg: BaseConfig, folder: RunFolder, latest: Path | None,
     return t, step
 
 
+def own_model_gone(cfg: BaseConfig) -> bool:
+    """--resume with the model folder the run recorded in its config.json, gone since (removed, or the project moved):
+    a finished run loads no model, so train/loop.py resolves it only once the run has steps to train (refused there in
+    resolve's one line). A --model given anew is not the run's: resolved at once (a typo refused)."""
+    path = cfg.model.path
+    if not (cfg.resume and path) or os.path.exists(path):
+        return False
+    recorded = RunFolder(cfg.run_dir).recorded_inputs().get("model.path", ())
+    return any(Path(p).resolve() == Path(path).resolve() for p in recorded)
+
+
 def is_finished(cfg: BaseConfig) -> bool:
-    """--resume of `cfg` ends as nothing_to_train ends it (nothing said here): the run reads no data, so the command
-    line lets its data paths be gone. False where its newest checkpoint cannot be used (the resume says why)."""
+    """--resume of `cfg` ends as nothing_to_train ends it (nothing said here): the run reads no data and loads no
+    model, so the command line lets its data and model paths be gone. False where its newest checkpoint cannot be
+    used (the resume says why)."""
     from fasttune.train.checkpoint import newest_usable
 
     folder = RunFolder(cfg.run_dir)

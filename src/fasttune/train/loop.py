@@ -30,7 +30,7 @@ from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import refuse_gpu_scale, refuse_offload_on_cpu, resolve_device
 from fasttune.train.distributed import Dist
-from fasttune.train.finished import nothing_to_train, say_nothing_to_train
+from fasttune.train.finished import nothing_to_train, own_model_gone, say_nothing_to_train
 from fasttune.train.footprint import planned_saves
 from fasttune.train.length import length_option, run_length
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save_plots, summarize
@@ -52,7 +52,8 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
     file, the preset). Under torchrun every rank calls this; see fasttune.train.distributed."""
     cfg.validate()
     d = check_launch(cfg)
-    if (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run folder: its latest checkpoint
+    gone = own_model_gone(cfg)  # a finished run loads no model: resolved once the run has steps left
+    if not gone and (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run: its checkpoint
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     if data is None and not cfg.resume:
         check_paths(cfg.data)  # as --model just was: before the run folder, tokenizer or model is touched
@@ -76,6 +77,8 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
             return done
         if data is None and cfg.resume:  # once it has steps to train: a finished run reads no data
             check_paths(cfg.data)
+        if gone:  # nor its model: refused now in resolve's one line
+            resolve_for_training(cfg.model.path)
         run = _open(start, data, d, device_name, gate, attn_origin)
         if run.state.step >= run.cfg.training.max_steps:  # run.cfg: with --epochs, their steps (changed on resume)
             say_nothing_to_train(run.cfg, run.folder, run.state.step, run.result.checkpoint)
