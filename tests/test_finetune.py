@@ -208,7 +208,7 @@ def test_resume_takes_moved_data_when_its_content_is_the_same(tmp_path, base_mod
     new path is refused as changed data, and a checkpoint without a fingerprint as a changed path."""
     import json
 
-    from fasttune.train.run_dir import check_moved_data
+    from fasttune.train.resume import check_moved_data
 
     records = json.loads(GSM8K.read_text())
     data = tmp_path / "data.json"

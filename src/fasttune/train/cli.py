@@ -116,7 +116,8 @@ class TrainArgs(Command):
         and the fix, not a --model or --data the user never typed. A finished run reads no data and loads no model:
         they may be gone (the resume says it is complete)."""
         from fasttune.config.naming import value_of
-        from fasttune.train.run_dir import INPUTS, RunFolder, input_paths
+        from fasttune.train.resume import INPUTS, input_paths
+        from fasttune.train.run_dir import RunFolder
 
         own = self._own_config(cfg)
         recorded = RunFolder(cfg.run_dir).recorded_inputs() if self.config_file and not own else {}

@@ -36,8 +36,9 @@ from fasttune.train.length import length_option, run_length
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save_plots, summarize
 from fasttune.train.model_prep import batcher_for, choose_batching, prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
+from fasttune.train.resume import check_moved_data, check_same_data
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
-from fasttune.train.run_dir import RunFolder, check_moved_data, check_same_data
+from fasttune.train.run_dir import RunFolder
 from fasttune.train.signals import Interrupted, StopSignals, Terminated, sigterm_raises
 from fasttune.words import count
 

@@ -1,5 +1,5 @@
 """The run folder: the one place that knows its file names, its marker, and when a folder may be used, resumed or
-cleared. Layout:
+cleared (what a --resume must keep of the run: resume.py, whose checks are RunFolder's methods). Layout:
 
     .fasttune-run        marker: only folders with it are ever resumed or cleared by --overwrite
     .fasttune-lock       held (flock) by the run using the folder, with its PID; the kernel releases it when that
@@ -24,17 +24,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fasttune.config import BaseConfig, to_dict
-from fasttune.config.base_config import as_paths, may_change_on_resume, shown
-from fasttune.data.formats import FORMAT_NAMES
 from fasttune.errors import ConfigError, FasttuneError
-
-if TYPE_CHECKING:
-    from fasttune.data.pipeline import DataBundle
+from fasttune.train.resume import INPUTS, ResumeChecks, flat, input_paths
 
 log = logging.getLogger("fasttune")
 
@@ -108,7 +102,7 @@ class RunLock:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunFolder:
+class RunFolder(ResumeChecks):
     path: Path
 
     marker = property(lambda self: self.path / MARKER)
@@ -186,7 +180,7 @@ class RunFolder:
 
     def _refuse_clearing_inputs(self, cfg: BaseConfig) -> None:
         """--overwrite deletes the run's checkpoints and merged model: never the model or data this run reads."""
-        given = _flat(to_dict(cfg))
+        given = flat(to_dict(cfg))
         for key, option in INPUTS.items():
             for value in filter(None, input_paths(given[key])):
                 where = Path(value).resolve()
@@ -245,80 +239,6 @@ class RunFolder:
             else:
                 shutil.rmtree(p, ignore_errors=True)
                 log.info("removed %s (left by a run that was killed)", p)
-
-    def check_resume(self, cfg: BaseConfig, origin: dict[str, str] | None = None) -> None:
-        """--resume continues the run as it was configured: options that change the data, tokenizer, model or
-        schedule must match the run's config.json (fields marked `may_change_on_resume` may differ). `origin`: the
-        file a key's value was read from (--config), named in the refusal. A data or validation file at another path
-        is left to the content check after tokenizing (moved_data)."""
-        saved = {**BEFORE_KEY, **_flat(self.saved_config())}
-        free, moved = may_change_on_resume(), _moved_from(saved, cfg)
-        for key, value in _flat(to_dict(cfg)).items():
-            if key in free or key not in saved or key in moved or _model_moved(key, saved[key], value):
-                continue
-            old = saved[key]
-            old = as_paths(old) if key in MOVABLE else tuple(old) if isinstance(old, list) else old
-            if old != value and not _same_value(key, old, value):
-                source = f" (set by {origin[key]})" if origin and key in origin else ""
-                value, old = (shown(v) if key in MOVABLE and v else v for v in (value, old))
-                raise ConfigError(
-                    f"--resume: {key} is {value!r}{source} but the run was started with {old!r}; resume with the "
-                    "same value (or start a new run with another --output-dir)"
-                )
-
-    def moved_data(self, cfg: BaseConfig) -> dict[str, str]:
-        """{data.path and/or data.val_path: the file the run was started with} for each that --resume names another
-        file for (moved or renamed): the run goes on only if the tokenized data is the same (the checkpoint's
-        fingerprint; train/loop.py). Empty: the same files."""
-        return _moved_from(_flat(self.saved_config()), cfg)
-
-    def resumed(self, cfg: BaseConfig) -> BaseConfig:
-        """The config a resumed run goes on with (after check_resume): a data.overlong the run recorded before `auto`
-        was the default (split, truncate) rather than what `auto` gives its data now (a text file that `sft`
-        truncated would be split: other samples)."""
-        old = _flat(self.saved_config()).get("data.overlong")
-        if cfg.data.overlong == "auto" and old in SAME_DATA[("data.overlong", "auto")]:
-            return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, overlong=old))
-        return cfg
-
-    def check_moved_model(self, cfg: BaseConfig, latest: Path | None) -> None:
-        """A --model given for the run's gone one (check_resume took it) is the run's model, as far as its config (and
-        for LoRA its weights) against `latest`'s config or the run's base-model.json tell (model/identity.py)."""
-        if not _model_moved("model.path", was := self.saved_config().get("model", {}).get("path"), cfg.model.path):
-            return
-        from fasttune.model.identity import check_moved_model, read_record
-
-        check_moved_model(cfg.model, was, cfg.lora.enabled, read_record(self.base_model), self.base_model, latest)
-
-    def recorded_inputs(self) -> dict[str, tuple[str, ...]]:
-        """{key of INPUTS: the paths config.json records (input_paths)} of a run folder; empty where there is none or
-        it cannot be read (resume says why)."""
-        try:
-            saved = _flat(json.loads(self.config.read_text())) if self.is_run else {}
-        except (OSError, ValueError, AttributeError):
-            return {}
-        return {key: input_paths(saved[key]) for key in INPUTS if input_paths(saved.get(key))}
-
-    def saved_config(self) -> dict:
-        """The config.json of the run as it was last started (--resume reads it before writing its own)."""
-        try:
-            return json.loads(self.config.read_text())
-        except PermissionError:  # not damage: --overwrite would throw the run away for a permission
-            raise ConfigError(f"--resume: {self.config} cannot be read (permission denied); make it readable "
-                              f"(chmod u+r {self.config}) and resume again") from None  # fmt: skip
-        except (OSError, ValueError) as e:
-            from fasttune.train.checkpoint import list_checkpoints  # torch: on this error alone
-
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-            done = list_checkpoints(self)  # intact: --overwrite alone would throw the training done away
-            way_on = ""
-            if done:
-                way_on = f"to train on from its newest checkpoint, start a new run with --model {done[-1]} and another "
-                way_on += "--output-dir, or "
-            raise ConfigError(
-                f"--resume: cannot read {self.config} ({reason}), which holds the run's options; {way_on}start over "
-                "with --overwrite (which deletes its checkpoints)"
-            ) from None
 
     def start(self, cfg: BaseConfig) -> None:
         """Called once everything is checked: clear an old run for --overwrite (only fasttune's files), mark the
@@ -387,112 +307,3 @@ def refuse_writing_into_run(path: Path, option: str, fix: str) -> None:
             f"{option} {path} lies in {inside.name}/ of the fasttune run {run}, which that run deletes or rewrites "
             f"(keep-last pruning, --resume, --overwrite) with what is in it; {fix}"
         )
-
-
-BEFORE_KEY = {"training.adam_beta1": 0.9, "training.adam_beta2": 0.95, "training.adam_epsilon": 1e-8}
-"""What a run whose config.json predates an option ran with (fasttune's fixed AdamW betas and eps before
---training.adam-*): such a run resumes with them, and another value is refused like any change (the optimizer state
-would bring the run's own back, leaving the new value unused)."""
-SAME_DATA = {("data.overlong", "auto"): ("split", "truncate")}
-"""Values an older run may have recorded where the default is now `auto`: it resumes with the value it recorded
-(RunFolder.resumed)."""
-
-
-INPUTS = {"model.path": "--model", "data.path": "--data", "data.val_path": "--data.val-path"}
-"""The files and folders a run reads, by key, with their options."""
-
-MOVABLE = {key: option for key, option in INPUTS.items() if key != "model.path"}
-"""The files a resumed run may find at another path, their content deciding (the checkpoint's fingerprint)."""
-
-
-def input_paths(value: object) -> tuple[str, ...]:
-    """The paths a key of INPUTS holds, as a config or its config.json gives it: model.path one string, data.path and
-    data.val_path a list (an older run's config.json: a string); () for none."""
-    paths = as_paths(value) if isinstance(value, str | list | tuple) else None
-    return tuple(p for p in paths or () if isinstance(p, str))
-
-
-def _moved_from(saved: dict, cfg: BaseConfig) -> dict[str, str]:
-    """{key: the saved (flattened) path} for each of MOVABLE that cfg names another file for, not the same one
-    spelled another way (a path given where the run had none, or none where it had one, is a change, not a move)."""
-    given = _flat(to_dict(cfg))
-    moved = {}
-    for key in MOVABLE:
-        old, new = input_paths(saved.get(key)), input_paths(given[key])
-        if old and new and not _same_path(key, old, new):
-            moved[key] = shown(old)
-    return moved
-
-
-def _model_moved(key: str, old, new) -> bool:
-    """model.path given anew for one the run recorded that is gone (the project folder moved or was renamed: its
-    config.json records the path absolute): taken if it is the run's model (RunFolder.check_moved_model)."""
-    if key != "model.path" or not (isinstance(old, str) and isinstance(new, str)) or Path(old).exists():
-        return False
-    return Path(new).exists()
-
-
-def _same_path(key: str, old, new) -> bool:
-    """model.path / data.path / data.val_path spelled another way (./m/, an absolute path) but naming the same files
-    and folders, in the same order."""
-    if key not in INPUTS:
-        return False
-    old, new = input_paths(old), input_paths(new)
-    if not old or len(old) != len(new):
-        return False
-    return all(Path(a).resolve() == Path(b).resolve() for a, b in zip(old, new, strict=True))
-
-
-def _same_value(key: str, old, new) -> bool:
-    """A value the run recorded and one given on --resume that differ as written, not as the run reads them: the
-    same paths spelled another way (_same_path), another name of the data format read (formats.FORMAT_NAMES:
-    sharegpt, conversational and chat_template read what chat reads; auto names none), or the value an older run
-    recorded where the default is now auto (SAME_DATA)."""
-    if key == "data.format":
-        return old in FORMAT_NAMES and FORMAT_NAMES[old] == FORMAT_NAMES.get(new)
-    return _same_path(key, old, new) or old in SAME_DATA.get((key, new), ())
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_moved_data(cfg: BaseConfig, moved: dict[str, str], saved: dict | None, data: DataBundle) -> None:
-    """A resumed run given its data or validation file at another path (`moved`: {key: the path it was started
-    with}) goes on when the tokenized data is the one it trained on (the fingerprint check after this); a checkpoint
-    without a fingerprint has nothing to compare: refused as before."""
-    for key, old in moved.items():
-        new = shown(getattr(cfg.data, key.removeprefix("data.")))
-        if not (saved and saved.get("data") and data.summary.fingerprint):
-            raise ConfigError(
-                f"--resume: {key} is {new!r} but the run was started with {old!r}, and its checkpoint holds no "
-                "fingerprint of the data to check it against; resume with the same path (or start a new run with "
-                "another --output-dir)"
-            )
-        if saved["data"] == data.summary.fingerprint:
-            log.info("--resume: %s moved (%s -> %s); its content is the one this run trained on", MOVABLE[key], old,
-                     new)  # fmt: skip
-
-
-def check_same_data(saved: dict | None, data: DataBundle, latest, val_path: Sequence[str] | None = None) -> None:
-    """A resumed run's data must be what it trained on (its checkpoint's fingerprint, where it has one: the training
-    and validation samples, so an edited --data.val-path is refused as an edited --data is)."""
-    if not (saved and saved.get("data") and data.summary.fingerprint) or saved["data"] == data.summary.fingerprint:
-        return
-    from fasttune.data.sft import MASKING_RULES, masking_changes_since  # transformers: not at this module's import
-
-    if (rules := saved.get("masking_rules", 1)) != MASKING_RULES:
-        raise ConfigError(
-            f"--resume: this run was started by an earlier fasttune that trained other tokens of the same data "
-            f"(since then: {masking_changes_since(rules)}); finish it with that version, or start a new run from "
-            f"its checkpoint with --model {latest} and another --output-dir"
-        )
-    raise ConfigError(
-        f"--resume: the data is not what this run trained on ({data.summary.source}"
-        f"{f' or --data.val-path {shown(val_path)}' if val_path else ''}: records added, removed or "
-        "edited since, or read differently); restore it, or start a new run from the checkpoint with --model "
-        f"{latest} and another --output-dir"
-    )
