@@ -271,3 +271,22 @@ def test_a_run_recorded_before_the_adam_options_resumes_with_its_betas_only(fini
     with pytest.raises(ConfigError, match="training.adam_beta2 is 0.999 but the run was started with 0.95"):
         loop.train(hf)
     assert sorted(losses(loop.train(more).records))[-1] == 4
+
+
+@pytest.mark.parametrize("given", [["typo.json"], ["d.json", "typo.json"]])
+def test_a_resume_given_data_that_does_not_exist_is_refused_finished_or_not(finished_sft, capsys, given):
+    """--resume --data NEW where NEW does not exist (a typo; or one of several paths): the resume of a finished run
+    said it was complete (exit 0), hiding the typo. Refused in the one line a new run gets, naming the path, before
+    the run folder is touched, finished or with steps left."""
+    from fasttune.cli import main
+
+    run = finished_sft / "run"
+    config = (run / "config.json").read_bytes()
+    data = [str(finished_sft / name) for name in given]
+    capsys.readouterr()
+    for more in ([], ["--max-steps", "3"]):
+        assert main(["train", "--output-dir", str(run), "--resume", "--data", *data, *more]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {finished_sft / 'typo.json'}: no such file or "
+                                                        "folder; check --data"]  # fmt: skip
+    assert (run / "config.json").read_bytes() == config
+    assert checkpoint.list_checkpoints(run)[-1].name == "step-000002"

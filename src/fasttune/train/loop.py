@@ -36,7 +36,7 @@ from fasttune.train.length import length_option, run_length
 from fasttune.train.metrics import MetricsLog, peak_memory_gib, perplexity, save_plots, summarize
 from fasttune.train.model_prep import batcher_for, choose_batching, prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
-from fasttune.train.resume import check_moved_data, check_same_data
+from fasttune.train.resume import check_given_data, check_moved_data, check_same_data
 from fasttune.train.run import DataStream, Run, RunResult, TrainState
 from fasttune.train.run_dir import RunFolder
 from fasttune.train.signals import Interrupted, StopSignals, Terminated, sigterm_raises
@@ -152,7 +152,7 @@ def _to_resume(cfg: BaseConfig, folder: RunFolder) -> tuple[BaseConfig, RunFolde
     moved: dict[str, str] = {}
     if cfg.resume:
         folder.check_resume(cfg)
-        moved = folder.moved_data(cfg)
+        check_given_data(cfg, moved := folder.moved_data(cfg))  # a typo: refused, finished run or not
         cfg = folder.resumed(cfg)
         latest, saved = ckpt.newest_usable(folder)
         folder.check_moved_model(cfg, latest)

@@ -173,6 +173,16 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_given_data(cfg: BaseConfig, moved: dict[str, str]) -> None:
+    """The data and validation files a --resume names anew (`moved`: RunFolder.moved_data's keys) can be read, else
+    refused in the readers' one line (a typo): before a finished run, which reads no data, says it is complete."""
+    from fasttune.data.formats import check_readable
+
+    for key in moved:
+        for path in input_paths(getattr(cfg.data, key.removeprefix("data."))):
+            check_readable(path, MOVABLE[key])
+
+
 def check_moved_data(cfg: BaseConfig, moved: dict[str, str], saved: dict | None, data: DataBundle) -> None:
     """A resumed run given its data or validation file at another path (`moved`: {key: the path it was started
     with}) goes on when the tokenized data is the one it trained on (the fingerprint check after this); a checkpoint
