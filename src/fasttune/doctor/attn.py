@@ -25,8 +25,9 @@ PACKAGES = ("triton", "liger_kernel", "peft", "torchao")  # optional packages be
 
 
 def gather(m: Machine, run: bool = True, debug: bool = False) -> Machine:
-    """Add the probe results to `m` (run=False, --quick: static checks only, no tiny kernel launches). A probe that
-    crashes leaves its fact empty and its error in m.failed; the checks that read it fail with it, in their rows."""
+    """Add the probe results to `m` (run=False, --quick: the backends checked statically, not probed; the SDPA kernel
+    rows and auto's choice still launch tiny calls). A probe that crashes leaves its fact empty and its error in
+    m.failed; the checks that read it fail with it, in their rows."""
     modules = (*(b.module for b in BACKENDS.values() if b.module), *PACKAGES)
     facts = (
         ("imports", lambda: {mod: import_status(mod) for mod in modules}),

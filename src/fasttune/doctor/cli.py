@@ -16,7 +16,8 @@ class DoctorArgs(Command):
     json: bool = False
     """Print the report as JSON (every check: status, reason, fix)."""
     quick: bool = False
-    """Static checks only: no tiny kernel runs on the device."""
+    """Check each attention backend statically (installed, supported GPU, dtype, head dim) instead of by a tiny
+    forward+backward on the device; torch's SDPA kernels and the backend `auto` picks still run one tiny call."""
 
     def run(self) -> int:
         from fasttune.doctor.checks import main
