@@ -303,7 +303,9 @@ class TrainingConfig:
     save_final: bool = True
     """Save a checkpoint after the last step (benchmarks turn it off: a 1B checkpoint is ~7 GB of writes)."""
     max_bad_steps: int = field(default=3, metadata=RESUMABLE)
-    """Non-finite loss/gradient steps skipped (with a warning) before training stops."""
+    """Unhealthy steps allowed (each with a warning) before training stops naming the last healthy checkpoint: a
+    non-finite loss or gradient (its update skipped) or an exploding loss (over 3x and 2 nats above the recent
+    median)."""
     oom_retry: bool = field(default=False, metadata=RESUMABLE)
     """On CUDA out-of-memory, halve the micro-batch and double grad_accum (same global batch) and retry."""
     tensorboard: bool = field(default=False, metadata=RESUMABLE)
