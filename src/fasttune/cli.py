@@ -95,9 +95,12 @@ def _selected(argv: Sequence[str]) -> tuple[list[str], dict | str | None]:
 def parse(argv: Sequence[str]) -> Command:
     """The subcommand's options parsed from `argv`; ConfigError (one line) when they are wrong."""
     from fasttune.config.argcheck import option_table, parse
+    from fasttune.config.repeated import refuse_repeated
 
     argv = list(argv)
     path, target = _selected(argv)
+    if isinstance(target, str):  # before a --config file or a run folder is read
+        refuse_repeated(argv[len(path) :], _load(target))
     table = option_table(_load(target)) if isinstance(target, str) else {}
     commands = list(target) if isinstance(target, dict) else []
     out = parse(_union(COMMANDS, argv), argv, prog="fasttune", table=table, commands=commands,
