@@ -168,3 +168,34 @@ def test_a_switch_is_named_as_typed_without_its_value(typed, named):
     names = OptionNames([typed, "--training.lr", "0.5"], flags)
     message = f"model.gradient_checkpointing={value} and training.lr=0.5 disagree"
     assert names.rewrite(message) == f"{named} and --training.lr=0.5 disagree"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fsdp"),
+    [(["--config", "{fsdp}"], "training.fsdp: true in {fsdp}"), (["--training.fsdp"], "--training.fsdp")],
+)
+def test_a_warning_names_the_option_as_the_user_gave_it(argv, fsdp, tmp_path, capsys):
+    """A warning about a value set in --config named the flag (`--training.fsdp shards ...`) the user never typed."""
+    (tmp_path / "fsdp.yaml").write_text("training:\n  fsdp: true\n")
+    files = {"fsdp": str(tmp_path / "fsdp.yaml")}
+    (theirs := tmp_path / "theirs").mkdir()
+    (theirs / "notes.txt").write_text("mine")  # a folder fasttune did not make: refused after the warning
+    argv = [a.format_map(files) for a in argv]
+    assert cli.main(["train", *argv, "--output-dir", str(theirs)]) == 2
+    err = capsys.readouterr().err
+    assert f"\n{fsdp.format_map(files)} shards the model over the processes of a torchrun launch" in f"\n{err}", err
+
+
+def test_a_training_warning_names_the_file_and_key_that_set_the_value(tmp_path, capsys):
+    """The warmup and no-validation warnings of a run: the --config file's keys, the flags typed."""
+    from helpers import save_micro_model
+
+    (f := tmp_path / "run.yaml").write_text("training:\n  warmup_steps: 5\ndata:\n  val_fraction: 0.0\n")
+    argv = ["train", "--experiment", "sft", "--model", str(save_micro_model(tmp_path / "m")), "--data", str(GSM8K),
+            "--config", str(f), "--training.eval-every", "1", "--max-steps", "2", "--output-dir", str(tmp_path / "r"),
+            "--generation.sample-prompt", ""]  # fmt: skip
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"\ntraining.warmup_steps: 5 in {f} is not below --max-steps 2: the learning rate never" in err, err
+    assert "set it below 2 (e.g. 1)" in err
+    assert f"no validation: data.val_fraction: 0.0 in {f}, so --training.eval-every=1 computes no val_loss" in err

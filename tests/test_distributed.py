@@ -173,7 +173,7 @@ def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path, caplog, monkeypa
     cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=0)
     with caplog.at_level("WARNING", logger="fasttune"):
         loop.train(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fsdp=True)))
-    assert "--training.fsdp shards the model over the processes of a torchrun launch; this run is one process" in (
+    assert "training.fsdp shards the model over the processes of a torchrun launch; this run is one process" in (
         caplog.text
     )
 

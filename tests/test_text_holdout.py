@@ -84,4 +84,4 @@ def test_no_validation_with_eval_every_is_said_once(tmp_path, caplog):
 
     loop.train(cfg)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no validation")]
-    assert len(said) == 1 and "data.val_fraction is 0" in said[0] and "--training.eval-every 1" in said[0]
+    assert len(said) == 1 and "data.val_fraction=0," in said[0] and "training.eval_every=1 computes" in said[0]

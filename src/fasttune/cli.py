@@ -201,18 +201,46 @@ def _message(e: Exception) -> str:
             f"folder) or use another path (--debug shows where)")  # fmt: skip
 
 
+def _option_names(argv: Sequence[str], command: Command | None):
+    """How the user gave each option of `argv` (config/naming.py's OptionNames); None for a group, or when a file or
+    preset cannot be read (the message as its check wrote it). `command`: the options, once parsed."""
+    path, target = _selected(argv)
+    if not isinstance(target, str):
+        return None
+    try:
+        return _load(target).option_names(argv[len(path) :], command)
+    except Exception:  # noqa: BLE001 - a file or preset that cannot be read
+        return None
+
+
 def _name_options(e: Exception, argv: Sequence[str], command: Command | None) -> None:
     """A FasttuneError's message with each config key in it (`training.compile`) named as the user gave that option:
     the flag as typed, the --config file's key, the preset (config/naming.py); the same error, so that --debug
     shows where it came from. `command`: the options, once parsed."""
-    path, target = _selected(argv)
-    if not isinstance(e, FasttuneError) or not e.args or not isinstance(target, str):
-        return
+    if isinstance(e, FasttuneError) and e.args and (names := _option_names(argv, command)) is not None:
+        e.args = (names.rewrite(str(e.args[0])), *e.args[1:])
+
+
+@contextlib.contextmanager
+def _naming_warnings(argv: Sequence[str], command: Command):
+    """While the command checks and runs, its warnings name each config key in them as its errors do
+    (`training.fsdp: true in run.yaml`, not a flag the user never typed): a filter on fasttune's logger."""
+    names: list = []
+
+    def rename(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            if not names:
+                names.append(_option_names(argv, command))
+            if names[0] is not None:
+                with contextlib.suppress(Exception):  # a record that does not format: logging reports it as ever
+                    record.msg, record.args = names[0].rewrite(record.getMessage()), ()
+        return True
+
+    log.addFilter(rename)
     try:
-        names = _load(target).option_names(argv[len(path) :], command)
-    except Exception:  # noqa: BLE001 - a file or preset that cannot be read: the message as the check wrote it
-        return
-    e.args = (names.rewrite(str(e.args[0])), *e.args[1:])
+        yield
+    finally:
+        log.removeFilter(rename)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +261,8 @@ def _main(argv: list[str]) -> int:
     try:
         with _quiet_parsing(rank):
             command = parse(argv or ["--help"])
-            command.check()
+            with _naming_warnings(argv, command):
+                command.check()
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except BrokenPipeError:  # --help piped into `head`
@@ -253,7 +282,7 @@ def _main(argv: list[str]) -> int:
         _quiet_transformers()
         from fasttune.generate.prompts import removing_made_folders
 
-        with removing_made_folders():
+        with removing_made_folders(), _naming_warnings(argv, command):
             return command.run()
     except Stopped as e:
         if str(e):  # torchrun: rank 0 says it

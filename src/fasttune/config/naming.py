@@ -1,7 +1,7 @@
 """Errors name every config option the way the user gave it. A check anywhere (a section's `__post_init__`, a
 cross-field check, training's device or memory checks) names an option by its dotted key (`model.memory=offload does
 not run under training.compile`); `OptionNames.rewrite`, called where the CLI turns an error into its one line
-(cli.py), names each key as the user set it:
+(cli.py), and on every warning the command logs, names each key as the user set it:
 
 - typed on the command line: the flag typed, an alias as such (`--epochs=0.0`, not `--training.epochs=0.0`), with
   dashes as every error writes flags (`--model.gradient-checkpointing` for `--model.gradient_checkpointing`), a

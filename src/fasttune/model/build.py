@@ -316,7 +316,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, attn_implementation: str, dty
         model = build_preset(cfg.preset, vocab_size, attn_implementation, dtype, device)
     elif cfg.random_init:
         log.warning(
-            "--model.random-init: RANDOMLY INITIALISED %s in the shape of %s/config.json (its weight files, if any, "
+            "model.random_init: RANDOMLY INITIALISED %s in the shape of %s/config.json (its weight files, if any, "
             "are not loaded)", type(load_model_config(cfg, vocab_size)).__name__.removesuffix("Config"), cfg.path,
         )  # fmt: skip
         model = _from_config(cfg, vocab_size, attn_implementation, dtype, device)

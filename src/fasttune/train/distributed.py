@@ -259,7 +259,7 @@ def from_env(fsdp: bool = False) -> Dist:
     if world <= 1:
         if fsdp:
             log.warning(
-                "--training.fsdp shards the model over the processes of a torchrun launch; this run is one "
+                "training.fsdp shards the model over the processes of a torchrun launch; this run is one "
                 "process, so it trains unsharded (start it with torchrun --nproc_per_node N)"
             )
         return SINGLE

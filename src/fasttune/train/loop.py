@@ -58,7 +58,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
     if data is None and not cfg.resume:
         check_paths(cfg.data)  # as --model just was: before the run folder, tokenizer or model is touched
     if d.fsdp and d.on and d.main and cfg.training.eval_generate_every:
-        log.warning("--training.eval-generate-every: skipped under FSDP2 (the weights are sharded; generation needs "
+        log.warning("training.eval_generate_every: skipped under FSDP2 (the weights are sharded; generation needs "
                     "them whole): score a checkpoint with `fasttune eval --generate` instead")  # fmt: skip
     device_name = distributed.init(d, cfg.training.device)
     logger, level = logging.getLogger("fasttune"), logging.getLogger("fasttune").level
@@ -225,7 +225,7 @@ def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
     if data.val or not every:
         return
     left_out = data.summary.val_left_out
-    why, fix = "data.val_fraction is 0", "set --data.val-fraction (e.g. 0.05) to hold some data out"
+    why, fix = f"data.val_fraction={fraction:g}", "set --data.val-fraction (e.g. 0.05) to hold some data out"
     if cfg.data.val_path is not None:  # read, and not empty: every sample of it was left out
         why = (f"every sample of --data.val-path {shown(cfg.data.val_path)} was left out (too long for "
                f"--data.max-length {cfg.data.max_length}, or no trained token left: see the data summary)")  # fmt: skip
@@ -237,7 +237,7 @@ def _say_no_validation(cfg: BaseConfig, data: DataBundle) -> None:
         fix = "raise --data.max-length or --data.val-fraction"
     elif fraction:
         why = "no sample is held out (the data is too small to hold one out)"
-    log.warning("no validation: %s, so --training.eval-every %d computes no val_loss; %s, or --training.eval-every 0 "
+    log.warning("no validation: %s, so training.eval_every=%d computes no val_loss; %s, or --training.eval-every 0 "
                 "to drop evaluation", why, every, fix)  # fmt: skip
 
 

@@ -76,8 +76,8 @@ def build_optimizer(cfg: BaseConfig, model: torch.nn.Module, device: torch.devic
     warmup = t.warmup_steps
     if warmup >= t.max_steps:
         log.warning(
-            "--training.warmup-steps %d is not below %s: the learning rate never reaches --training.lr %g in this "
-            "run; set --training.warmup-steps below %d (e.g. %d)", warmup, length_option(t), t.lr, t.max_steps,
+            "training.warmup_steps=%d is not below %s: the learning rate never reaches its peak, %g, in this run; "
+            "set it below %d (e.g. %d)", warmup, length_option(t), t.lr, t.max_steps,
             min(max(1, t.max_steps // 10), t.max_steps - 1),  # below the run's steps: 0 for a 1-step run
         )  # fmt: skip
 
