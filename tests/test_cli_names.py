@@ -199,3 +199,25 @@ def test_a_training_warning_names_the_file_and_key_that_set_the_value(tmp_path, 
     assert f"\ntraining.warmup_steps: 5 in {f} is not below --max-steps 2: the learning rate never" in err, err
     assert "set it below 2 (e.g. 1)" in err
     assert f"no validation: data.val_fraction: 0.0 in {f}, so --training.eval-every=1 computes no val_loss" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "argv", "expected"),
+    [
+        ("experiment: sft\nmodel:\n  path: {tmp}/nowhere\ndata:\n  path: {tmp}/d.jsonl\n", [],
+         "{file}: model.path {tmp}/nowhere: no such folder; pass a checkpoint, run or model folder"),
+        ("experiment: sft\nmodel:\n  path: {tmp}/elsewhere\ndata:\n  path: {tmp}/d.jsonl\n",
+         ["--model", "{tmp}/nowhere"], "--model {tmp}/nowhere: no such folder"),  # typed: the flag, as typed
+        ("output_dir: {tmp}/theirs\n", [], "{file}: output_dir {tmp}/theirs is not empty (notes.txt)"),
+    ],
+)  # fmt: skip
+def test_an_error_that_opens_with_an_option_set_in_a_config_file_names_the_file_and_key(text, argv, expected, tmp_path,
+                                                                                         capsys):  # fmt: skip
+    """`--model nowhere: no such folder` for a model.path set in run.yaml: a flag the user never typed."""
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    names = {"tmp": str(tmp_path), "file": str(tmp_path / "run.yaml")}
+    (tmp_path / "run.yaml").write_text(text.format_map(names))
+    assert cli.main(["train", "--config", str(tmp_path / "run.yaml"), *(a.format_map(names) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + expected.format_map(names)) and len(err.strip().splitlines()) == 1, err

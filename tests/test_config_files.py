@@ -56,7 +56,7 @@ def test_a_runs_config_json_read_from_elsewhere_names_its_own_folder(trained, tm
     (elsewhere := tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(elsewhere)
     assert cli.main(["train", "--config", str(run / "config.json")]) == 2
-    assert f"--output-dir {run} already holds a run" in capsys.readouterr().err
+    assert f"error: {run / 'config.json'}: output_dir {run} already holds a run" in capsys.readouterr().err
     assert list(elsewhere.iterdir()) == []
     assert _config(["--config", str(run / "config.json"), "--resume"]).output_dir == str(run)
     assert _config(["--config", str(run / "config.json"), "--output-dir", "b"]).output_dir == "b"

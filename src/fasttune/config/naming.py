@@ -11,8 +11,10 @@ not run under training.compile`); `OptionNames.rewrite`, called where the CLI tu
 - set by the experiment preset: `the sft preset's data.max_length=1024`;
 - a default no one set: the key as written.
 
-A message that starts with a flag (`--resume: ...`, `--variant 'x': ...`) already names what the user gave, and a key
-of a file the message already names (`run.yaml: training.max_steps and training.epochs ...`) is left as it is."""
+A message that starts with a flag (`--resume: ...`, `--variant 'x': ...`) already names what the user gave, unless
+the option is one the --config file set (`--model nowhere: no such folder` becomes `run.yaml: model.path nowhere: no
+such folder`); a key of a file the message already names (`run.yaml: training.max_steps and training.epochs ...`) is
+left as it is."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ _KEY = re.compile(
 """A dotted key (`section.field`), with its `=value` when the message gives one, or a top-level key with its value
 (`attn_implementation='nope'`: a bare `seed` or `force` is a word); not part of a flag, a path or a file name
 (`--model.memory`, `runs/model.bin`, `model.safetensors.index`)."""
+
+_FLAG = re.compile(r"--[\w-]+(?:\.[\w-]+)*")
 
 
 def shown(value: object) -> str:
@@ -104,7 +108,7 @@ class OptionNames:
     def rewrite(self, message: str) -> str:
         """`message` with every dotted key of an option named as the user gave it (see the module's docstring)."""
         if message.startswith("--"):
-            return message
+            return self._opening_flag(message)
 
         def name(m: re.Match) -> str:
             key, value = (m["key"], m["value"]) if m["key"] else (m["top"], m["topvalue"])
@@ -114,3 +118,16 @@ class OptionNames:
             return self.named(key, value) or m[0]
 
         return _KEY.sub(name, message)
+
+    def _opening_flag(self, message: str) -> str:
+        """A message that opens with a flag (`--model nowhere: no such folder`) names the option as typed; for an
+        option the user set in the --config file (or a --resume's run config.json) instead, as the file's key
+        (`run.yaml: model.path nowhere: ...`), the rest as written."""
+        flag = _FLAG.match(message)[0]
+        key = next((k for k, flags in self.flags.items() if flag in (f.replace("_", "-") for f in flags)), None)
+        if key is None or typed_flag(self.args, self.flags[key]) is not None:
+            return message
+        for keys, file in ((self.from_file, self.file), (self.from_run, self.run_file)):
+            if key in keys:
+                return f"{file}: {key}{message[len(flag) :]}"
+        return message
