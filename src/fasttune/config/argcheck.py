@@ -116,7 +116,7 @@ NO_SUCH_OPTION = {
     "assistant-only-loss": "fasttune has no such option: chat data trains the assistant turns only, as "
     "supervised formats train their responses (--data.train-on-prompt trains every token)",
     "eval-strategy": "fasttune has no such option: val_loss is computed every --training.eval-every N steps (0: "
-    "never) on the --data.val-fraction of --data held out",
+    "only at the end) on the --data.val-fraction of --data held out",
     "dataset-test-split": "fasttune has no such option: it reads no Hub splits by name; pass the test split's own "
     "file or folder (a save_to_disk DatasetDict's DATA/test) as --data.val-path",
     "lr-scheduler-type": _NO_SCHEDULER,
