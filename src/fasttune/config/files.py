@@ -52,22 +52,27 @@ def _sections(cls: type = BaseConfig) -> dict[str, type]:
 
 
 def _yaml_loader():
-    """PyYAML's safe loader, with YAML 1.2 floats: YAML 1.1 reads `lr: 1e-4` (no dot) as the string '1e-4'."""
+    """PyYAML's safe loader, with YAML 1.2 floats (YAML 1.1 reads `lr: 1e-4`, no dot, as the string '1e-4') and a key
+    set twice in one mapping refused (PyYAML keeps the last: a second `training:` drops the first's options)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.keys: dict = {}  # a mapping node -> the dotted key it is the value of ("training.")
+
         def construct_mapping(self, node, deep=False):
-            """A key given twice is an error: PyYAML keeps the last one (a second `training:` drops the first)."""
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                if not isinstance(key, typing.Hashable):
-                    continue  # PyYAML names it as unhashable
-                if key in seen:
-                    mark = key_node.start_mark
-                    raise yaml.MarkedYAMLError(problem=f"{key!r} is given twice in one mapping; keep one",
-                                               problem_mark=mark)  # fmt: skip
-                seen.add(key)
+            """Runs for a mapping before the mappings in it: their keys are named from its own."""
+            prefix = self.keys.get(node, "")
+            pairs = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]  # `<<:` overrides: YAML's
+            keys = [self.construct_object(k, deep=True) for k, _ in pairs]
+            if (twice := _repeated(keys)) is not None:
+                (again, _), (first, _) = (pairs[i] for i in twice)
+                raise _Twice(f"line {again.start_mark.line + 1}: {_again(prefix, *(keys[i] for i in twice))} (first "
+                             f"on line {first.start_mark.line + 1}): keep one")  # fmt: skip
+            for key, (_, value) in zip(keys, pairs, strict=True):
+                if isinstance(value, yaml.MappingNode):
+                    self.keys.setdefault(value, f"{prefix}{key}.")  # an alias's mapping: named where it is first
             return super().construct_mapping(node, deep=deep)
 
     exponent = r"[eE][-+]?[0-9]+"
@@ -76,14 +81,37 @@ def _yaml_loader():
     return Loader
 
 
+def _repeated(keys: list) -> tuple[int, int] | None:
+    """(index of the first key of `keys` that one before it already set, index of that one), else None: a key with -
+    sets the one with _ (`max-steps` and `max_steps`), as on the command line."""
+    seen: dict = {}
+    for i, key in enumerate(keys):
+        if not isinstance(key, typing.Hashable):
+            continue  # PyYAML names it as unhashable
+        field = str(key).replace("-", "_")
+        if field in seen:
+            return i, seen[field]
+        seen[field] = i
+    return None
+
+
+def _again(prefix: str, key, first) -> str:
+    same = str(key) == str(first)
+    return f"{prefix}{key} is set again" if same else f"{prefix}{key} sets {prefix}{first} again"
+
+
+class _Twice(ValueError):
+    """A file sets one key twice in one mapping (its message without the file's name)."""
+
+
 def _parse(text: str, kind: str, name: str):
     if kind == "JSON":
         try:
-            return json.loads(text, object_pairs_hook=_unique)
+            return _twice_in(json.loads(text, object_pairs_hook=_Object.of))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{name}: line {e.lineno}, column {e.colno}: JSON syntax error: {e.msg}") from None
         except _Twice as e:
-            raise ConfigError(f"{name}: key {e.args[0]!r} is given twice in one object; keep one") from None
+            raise ConfigError(f"{name}: {e}") from None
     if kind == "TOML":
         import tomllib
 
@@ -95,6 +123,8 @@ def _parse(text: str, kind: str, name: str):
 
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except _Twice as e:
+        raise ConfigError(f"{name}: {e}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -104,16 +134,25 @@ def _parse(text: str, kind: str, name: str):
         raise ConfigError(f"{name}: YAML syntax error: {' '.join(str(e).split())}") from None
 
 
-def _unique(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    twice = next((k for k in keys if keys.count(k) > 1), None)
-    if twice is not None:  # json keeps the last one
-        raise _Twice(twice)
-    return dict(pairs)
+class _Object(dict):
+    """A JSON object, with the keys its text gave (json keeps the last value of a key given twice)."""
+
+    given: list
+
+    @classmethod
+    def of(cls, pairs: list) -> _Object:
+        obj = cls(pairs)
+        obj.given = [k for k, _ in pairs]
+        return obj
 
 
-class _Twice(ValueError):
-    """A JSON object gives a key twice."""
+def _twice_in(value, prefix: str = ""):
+    """`value` (json's), or _Twice naming the first key an object in it sets twice, by its dotted key."""
+    if isinstance(value, _Object) and (twice := _repeated(value.given)) is not None:
+        raise _Twice(f"{_again(prefix, *(value.given[i] for i in twice))}: keep one")
+    for key, item in value.items() if isinstance(value, dict) else ():
+        _twice_in(item, f"{prefix}{key}.")
+    return value
 
 
 def read(path: str) -> dict:
@@ -243,6 +282,8 @@ def _path_hint(key: str, value: object) -> str:
 def _fields(cls: type, data: dict, prefix: str, name: str, overridden: frozenset[str] = frozenset()) -> dict:
     """{field: value} of one section of the file, checked (keys with - are read as _, as on the command line). The
     `overridden` keys (set on the command line, which wins) are left out unchecked: their value is never used."""
+    if (twice := _repeated(list(data))) is not None:  # TOML's `max-steps` beside `max_steps` (YAML, JSON: as read)
+        raise ConfigError(f"{name}: {_again(prefix, *(list(data)[i] for i in twice))}: keep one")
     if not prefix and (unknown := _unknown_keys(cls, data)):
         raise _unknown(unknown, name)
     table = leaves()
