@@ -44,6 +44,28 @@ def test_a_bad_list_in_a_variant_is_one_line_naming_it(variant, message, capsys,
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("x:training.lr=1e-3,lora.rank=8,training.lr=1e-4", "--variant 'x': training.lr is given twice (1e-3, then "
+         "1e-4): keep one"),
+        ("y:data.micro_batch_size=2,data.micro-batch-size=4", "--variant 'y': data.micro_batch_size is given twice "
+         "(data.micro_batch_size=2, then data.micro-batch-size=4): keep one"),
+        ("z:model.liger=true,model.no-liger=true", "--variant 'z': model.liger is given twice (model.liger=true, "
+         "then model.no-liger=true): keep one"),
+    ],
+)  # fmt: skip
+def test_an_option_set_twice_in_a_variant_is_one_line_naming_it(variant, message, capsys, tmp_path, monkeypatch):
+    """`--variant 'x:training.lr=1,training.lr=2'` measured the last value under a name that showed both, as argparse
+    keeps the last of an option typed twice (which `fasttune train` refuses): refused the same way."""
+    from fasttune.bench import train as bench_train
+
+    monkeypatch.setattr(bench_train, "run_all", lambda *a, **k: pytest.fail("a configuration ran"))
+    argv = ["bench", "train", "--device", "cpu", "--lora", "--variant", variant, "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_a_variant_that_offloads_on_the_cpu_is_refused_as_train_refuses_it(capsys, tmp_path, monkeypatch):
     """`fasttune train --model.memory offload` on the CPU is one line, exit 2; the same plan in a variant ran. The fix
     is named as a variant spells it (model.memory=full in that variant), not train's flag."""

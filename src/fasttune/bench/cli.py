@@ -140,9 +140,28 @@ def _variant(text: str) -> tuple[str, list[str]]:
     if not name.strip() or not rest:
         raise ConfigError(f"--variant {text!r}: write NAME:section.field=value[,section.field=value]")
     try:
-        return name, split_assignments(rest)
+        assignments = split_assignments(rest)
     except ConfigError as e:
         raise ConfigError(f"--variant {name!r}: {e}") from None
+    _refuse_repeated(name, assignments)
+    return name, assignments
+
+
+def _refuse_repeated(name: str, assignments: list[str]) -> None:
+    """An option set twice in one variant (its spellings one option, as on the command line: `a_b` and `a-b`, a
+    switch's `no-`): refused, as `fasttune train` refuses one typed twice, where tyro would keep the last."""
+    from fasttune.config.argcheck import options
+
+    keys = {flag: key for key, _, flags in options() for flag in flags}
+    seen: dict[str, tuple[str, str]] = {}
+    for assignment in assignments:
+        path, _, value = (part.strip() for part in assignment.partition("="))
+        key = keys.get("--" + path.replace("_", "-"), path)
+        if key in seen:
+            first = seen[key]
+            shown = f"{first[1]}, then {value}" if first[0] == path else f"{'='.join(first)}, then {path}={value}"
+            raise ConfigError(f"--variant {name!r}: {key} is given twice ({shown}): keep one")
+        seen[key] = (path, value)
 
 
 BENCH_KEYS = {"data.max_length": ("--max-length",), "data.micro_batch_size": ("--micro-batch",),
