@@ -173,9 +173,22 @@ def test_fsdp_in_one_process_says_it_trains_unsharded(tmp_path, caplog, monkeypa
     cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=0)
     with caplog.at_level("WARNING", logger="fasttune"):
         loop.train(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, fsdp=True)))
-    assert "training.fsdp shards the model over the processes of a torchrun launch; this run is one process" in (
-        caplog.text
-    )
+    said = "training.fsdp shards the model over the processes of a torchrun launch; this run is one process"
+    assert caplog.text.count(said) == 1, caplog.text
+
+
+def test_fsdp_in_one_process_is_said_once_by_the_command(tmp_path, capsys, monkeypatch):
+    """`fasttune train --training.fsdp` said it twice: once as the command checked its options, once as train()
+    checked the launch again. (A folder of the user's stops the run after the warning, before anything is built.)"""
+    from fasttune import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (theirs := tmp_path / "theirs").mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    assert cli.main(["train", "--training.fsdp", "--output-dir", str(theirs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--training.fsdp shards the model over the processes of a torchrun launch") == 1, err
+    assert "is not a fasttune run folder" in err and (theirs / "notes.txt").read_text() == "mine"
 
 
 def test_a_start_that_fails_because_the_peers_are_gone_keeps_rank_0s_own_error(monkeypatch):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import logging
 import os
 from dataclasses import dataclass
 
@@ -30,8 +29,6 @@ import torch
 import torch.distributed as dist
 
 from fasttune.errors import ConfigError, PeerFailed
-
-log = logging.getLogger("fasttune")
 
 
 @dataclass(frozen=True)
@@ -257,12 +254,7 @@ def from_env(fsdp: bool = False) -> Dist:
     """The process's place in a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK), or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        if fsdp:
-            log.warning(
-                "training.fsdp shards the model over the processes of a torchrun launch; this run is one "
-                "process, so it trains unsharded (start it with torchrun --nproc_per_node N)"
-            )
-        return SINGLE
+        return SINGLE  # --training.fsdp in one process: train() says it trains unsharded
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), fsdp)
 
 

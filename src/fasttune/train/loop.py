@@ -57,6 +57,9 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
     if data is None and not cfg.resume:
         check_paths(cfg.data)  # as --model just was: before the run folder, tokenizer or model is touched
+    if cfg.training.fsdp and not d.on:  # here, not in check_launch, which the CLI runs too: said once
+        log.warning("training.fsdp shards the model over the processes of a torchrun launch; this run is one process, "
+                    "so it trains unsharded (start it with torchrun --nproc_per_node N)")  # fmt: skip
     if d.fsdp and d.on and d.main and cfg.training.eval_generate_every:
         log.warning("training.eval_generate_every: skipped under FSDP2 (the weights are sharded; generation needs "
                     "them whole): score a checkpoint with `fasttune eval --generate` instead")  # fmt: skip
