@@ -71,6 +71,29 @@ def test_several_paths_are_read_in_order_each_in_its_own_format(tmp_path):
                                    "twice; give each file once")  # fmt: skip
 
 
+def test_a_folder_reads_each_file_in_its_own_format_as_several_paths_do(tmp_path):
+    """The files of a --data folder train as they do named one after the other: role/content messages beside TRL's
+    conversational prompt/completion were refused (the first file's kind held for all), and a folder of Alpaca and
+    chat files was 'missing field messages ... pass the right --data.format', which no format fixes: it names both."""
+    messages = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    trl = {"prompt": [{"role": "user", "content": "c"}], "completion": [{"role": "assistant", "content": "d"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "e"}, {"from": "gpt", "value": "f"}]}
+    for name, records in (("m", [messages, trl, sharegpt]), ("t", [trl, messages])):
+        (folder := tmp_path / name).mkdir()
+        files = [_jsonl(folder / f"{i}.jsonl", [r]) for i, r in enumerate(records)]
+        assert load_records(str(folder)) == load_paths(files)
+        assert load_records(str(folder))[1] == "chat" and len(load_records(str(folder))[0]) == len(records)
+    (mixed := tmp_path / "mixed").mkdir()
+    a, b = _jsonl(mixed / "a.jsonl", ALPACA[:2]), _jsonl(mixed / "b.jsonl", [messages])
+    with pytest.raises(DataError) as info:
+        load_records(str(mixed))
+    assert str(info.value) == (f"{b}: its records are chat, and those of {a} (in the folder {mixed}) are alpaca; one "
+                               "run trains one format: convert the files to one (chat also reads ShareGPT and TRL's "
+                               "conversational records) or train on them apart")  # fmt: skip
+    with pytest.raises(DataError, match=rf"^{b} line 1: missing field 'instruction' for format alpaca"):
+        load_records(str(mixed), "alpaca")  # a format named checks every file's records by it
+
+
 def test_a_json_key_given_for_several_paths_is_read_from_their_json_files(tmp_path):
     """--data.field names the key of a .json file's object: beside a .jsonl file it is that .json file's, while a
     lone .jsonl file given it is still refused (the option would do nothing)."""

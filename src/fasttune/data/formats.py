@@ -122,9 +122,7 @@ def load_paths(
         got, fmt_got = load_records(path, fmt, option, split, field if own else None, flag, places)
         if first and fmt_got not in first:
             fmt_was, was = next(iter(first.items()))
-            raise DataError(f"{path}: its records are {fmt_got}, and those of {was} (given with it as {flag}) are "
-                            f"{fmt_was}; one run trains one format: convert the files to one (chat also reads "
-                            "ShareGPT and TRL's conversational records) or train on them apart")  # fmt: skip
+            raise DataError(mixed_formats(path, fmt_got, f"{was} (given with it as {flag})", fmt_was))
         first.setdefault(fmt_got, path)
         records += got
     return records, next(iter(first))
@@ -182,13 +180,13 @@ def load_records(
     flag: str = "--data",
     places: list[Place] | None = None,
 ) -> tuple[list[dict], str]:
-    """Read every record of the dataset at `path`, check them against `fmt` (detected from the first record
-    when "auto") and return (records, format). Raises DataError on any problem with the input; `option` is the
-    format option the messages name (`fasttune eval` calls it --format, and --field the option of `field`). `split`:
-    the split of a save_to_disk DatasetDict read when it has several (None: refused, naming the split folders: eval
-    must not guess). `field`: the key of a .json file's top-level object that holds the records. `flag`: the option
-    that names `path` in messages (--data.val-path for a validation file). `places`, when given, gets where the records
-    came from, file by file (record_names)."""
+    """Read every record of the dataset at `path`, check them against `fmt` (when "auto", each file's detected from
+    its first record: a folder's files must train as one, as load_paths' paths must) and return (records, format).
+    Raises DataError on any problem with the input; `option` is the format option the messages name (`fasttune eval`
+    calls it --format, and --field the option of `field`). `split`: the split of a save_to_disk DatasetDict read when
+    it has several (None: refused, naming the split folders: eval must not guess). `field`: the key of a .json file's
+    top-level object that holds the records. `flag`: the option that names `path` in messages (--data.val-path for a
+    validation file). `places`, when given, gets where the records came from, file by file (record_names)."""
     if fmt != "auto" and fmt not in FORMAT_NAMES:
         raise DataError(unknown_format(option, fmt))
     fmt = FORMAT_NAMES.get(fmt, fmt)
@@ -198,32 +196,53 @@ def load_records(
     tables = [t for t in tables if t.records]
     if not tables:
         raise DataError(f"{path}: no records found (empty file or folder); add data or point {flag} elsewhere")
-    if tables[0].is_text_file:
-        if fmt not in ("auto", "text"):
-            raise DataError(f"{path}: plain text files are read as format 'text', not {fmt!r}; drop {option}")
-        fmt = "text"
-    if fmt == "auto":
-        fmt = detect_format(tables[0].records[0], tables[0].where(0), option)
-    first = tables[0].records[0]
-    conversational = fmt in ("prompt_completion", "chat") and "messages" not in first and is_conversational(first)
-    records: list[dict] = []
-    shared = 0
-    for table in tables:
-        for i, record in enumerate(table.records):
-            if not table.is_text_file:
-                check_size(text_size(record), table.where(i))
-            if conversational:
-                record = _conversation_to_chat(record, table.where(i), tables[0].where(0))
-            elif fmt == "chat" and (converted := _sharegpt_to_chat(record, table.where(i))) is not record:
-                record, shared = converted, shared + 1
-            validate_record(record, "chat" if conversational else fmt, table.where(i), option)
-            records.append(record)
+    records, first, shared = [], {}, 0  # first: format -> the first file of it
+    for table in tables:  # a folder's files each in its own format, as load_paths reads several paths
+        got, fmt_got, shared_got = _table_records(table, fmt, option)
+        if first and fmt_got not in first:
+            fmt_was, was = next(iter(first.items()))
+            raise DataError(mixed_formats(table.file, fmt_got, f"{was.file} (in the folder {path})", fmt_was))
+        first.setdefault(fmt_got, table)
+        records += got
+        shared += shared_got
     if places is not None:
         places.extend(t.place() for t in tables)
     if shared:
         log.info("%s: %d records read as ShareGPT chat (conversations -> messages; from -> role: human -> user, gpt -> "
                  "assistant; value -> content)", path, shared)  # fmt: skip
-    return records, "chat" if conversational else fmt
+    return records, next(iter(first))
+
+
+def _table_records(table: Table, fmt: str, option: str) -> tuple[list[dict], str, int]:
+    """(records, format, how many were ShareGPT) of one file: its format `fmt` (a name of FORMAT_NAMES' values) or,
+    "auto", detected from its first record; TRL's conversational prompt/completion and ShareGPT read as chat."""
+    if table.is_text_file:
+        if fmt not in ("auto", "text"):
+            raise DataError(f"{table.file}: plain text files are read as format 'text', not {fmt!r}; drop {option}")
+        fmt = "text"
+    if fmt == "auto":
+        fmt = detect_format(table.records[0], table.where(0), option)
+    first = table.records[0]
+    conversational = fmt in ("prompt_completion", "chat") and "messages" not in first and is_conversational(first)
+    records, shared = [], 0
+    for i, record in enumerate(table.records):
+        if not table.is_text_file:
+            check_size(text_size(record), table.where(i))
+        if conversational:
+            record = _conversation_to_chat(record, table.where(i), table.where(0))
+        elif fmt == "chat" and (converted := _sharegpt_to_chat(record, table.where(i))) is not record:
+            record, shared = converted, shared + 1
+        validate_record(record, "chat" if conversational else fmt, table.where(i), option)
+        records.append(record)
+    return records, "chat" if conversational else fmt, shared
+
+
+def mixed_formats(path: object, fmt: str, was: str, fmt_was: str) -> str:
+    """The line refusing data `path` of format `fmt` beside `was` (how that file is named) of format `fmt_was`."""
+    return (
+        f"{path}: its records are {fmt}, and those of {was} are {fmt_was}; one run trains one format: convert the "
+        "files to one (chat also reads ShareGPT and TRL's conversational records) or train on them apart"
+    )
 
 
 def unknown_format(option: str, name: str) -> str:
