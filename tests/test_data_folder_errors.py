@@ -5,6 +5,7 @@ path and the fix; a Hugging Face dataset folder is read. The user's files are ne
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,21 @@ def test_mixed_folder(tmp_path):
     (tmp_path / "a.txt").write_text("text")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
     assert "folder mixes data files (b.jsonl) and text files (a.txt)" in error_for(tmp_path)
+
+
+def test_an_empty_file_of_a_data_folder_is_named_in_the_log(tmp_path, caplog):
+    """An empty file named as --data is refused; one in a folder beside others (a shard an export left empty) was
+    left out without a word. It still is (the others train), and the log names it."""
+    caplog.set_level(logging.INFO, logger="fasttune")
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "b.jsonl").write_text("")
+    (tmp_path / "c.jsonl").write_text("\n")
+    assert load_records(str(tmp_path)) == ([{"text": "x"}], "text")
+    assert (f"{tmp_path}: 2 of its 3 files hold no records and are left out: {tmp_path / 'b.jsonl'}, "
+            f"{tmp_path / 'c.jsonl'}") in caplog.text  # fmt: skip
+    caplog.clear()
+    load_records(str(tmp_path / "a.jsonl"))
+    assert "no records" not in caplog.text
 
 
 def test_a_hugging_face_dataset_folder_is_read_without_its_dataset_card(tmp_path):

@@ -37,6 +37,7 @@ from fasttune.data.readers import (
     check_data_path,
     check_size,
     read_tables,
+    say_read,
     text_size,
     type_name,
     unreadable,
@@ -192,7 +193,7 @@ def load_records(
     fmt = FORMAT_NAMES.get(fmt, fmt)
     root = _existing(path, flag)
     tables = read_tables(root, split, JsonField(field, option.removesuffix("format") + "field"), flag)
-    _say_keys(path, tables)
+    say_read(path, tables)
     tables = [t for t in tables if t.records]
     if not tables:
         raise DataError(f"{path}: no records found (empty file or folder); add data or point {flag} elsewhere")
@@ -291,16 +292,6 @@ def _several(path: str, flag: str = "--data") -> str:
         return (f"; {flag} takes paths, not patterns: leave the pattern unquoted for the shell to expand ({flag} "
                 f"{path}), or pass the folder")  # fmt: skip
     return ""
-
-
-def _say_keys(path: str, tables: list[Table]) -> None:
-    """One line naming the JSON key the records were read from ({"data": [...]}), and for how many files."""
-    keyed = [t for t in tables if t.key is not None]
-    if keyed:
-        keys = ", ".join(repr(k) for k in dict.fromkeys(t.key for t in keyed))
-        files = f" of {len(keyed)} files" if len(keyed) > 1 else ""
-        log.info("%s: read the records under the top-level JSON key %s%s (%d records)", path, keys, files,
-                 sum(len(t.records) for t in keyed))  # fmt: skip
 
 
 def is_conversational(record: dict) -> bool:

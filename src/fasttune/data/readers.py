@@ -389,3 +389,19 @@ def type_name(value: object) -> str:
         return "null (missing value)"
     text = repr(value)
     return f"{type(value).__name__} ({text[:40]}{'...' if len(text) > 40 else ''})"
+
+
+def say_read(path: str, tables: list[Table]) -> None:
+    """One line naming the JSON key the records were read from ({"data": [...]}), and for how many files; one naming
+    a folder's files that hold no records (left out) beside others that do."""
+    empty = [str(t.file) for t in tables if not t.records]
+    if empty and len(empty) < len(tables):
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        log.info("%s: %d of its %d files %s no records and %s left out: %s%s", path, len(empty), len(tables),
+                 *(("holds", "is") if len(empty) == 1 else ("hold", "are")), ", ".join(empty[:3]), more)  # fmt: skip
+    keyed = [t for t in tables if t.key is not None]
+    if keyed:
+        keys = ", ".join(repr(k) for k in dict.fromkeys(t.key for t in keyed))
+        files = f" of {len(keyed)} files" if len(keyed) > 1 else ""
+        log.info("%s: read the records under the top-level JSON key %s%s (%d records)", path, keys, files,
+                 sum(len(t.records) for t in keyed))  # fmt: skip
