@@ -58,9 +58,9 @@ def test_a_start_up_error_on_rank_0_is_one_line_and_the_other_ranks_stop_quietly
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and out.count("error: --output-dir") == 1, out[-3000:]
     assert "[rank1]" not in out and "Connection closed" not in out, out[-3000:]
-    proc = _torchrun(cfg, "--training.max-steps", "many", check=False)  # a bad option: every rank parses it,
+    proc = _torchrun(cfg, "--training.weight-decay", "much", check=False)  # a bad option: every rank parses it,
     out = proc.stdout + proc.stderr  # rank 0 alone says so
-    assert proc.returncode != 0 and out.count("error: --training.max-steps") == 1, out[-3000:]
+    assert proc.returncode != 0 and out.count("error: --training.weight-decay") == 1, out[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
