@@ -1,10 +1,11 @@
-"""Log filters for third-party lines fasttune's users can do nothing about. Imports nothing heavy: the command line
-installs them with its logging setup, before it parses (and before `--help`, which imports neither torch nor
-transformers)."""
+"""Log and warning filters for third-party lines fasttune's users can do nothing about; --debug shows them all.
+Imports nothing heavy: the command line installs the log filters with its logging setup, before it parses (and before
+`--help`, which imports neither torch nor transformers)."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 log = logging.getLogger("fasttune")
 
@@ -41,3 +42,21 @@ def quiet_torchao() -> None:
     stays. Process-wide (the command line calls it with its logging setup); calling it again changes nothing."""
     for name, f in _QUIET.items():
         logging.getLogger(name).addFilter(f)  # a no-op when already added
+
+
+def debugging() -> bool:
+    """Whether fasttune's debug log is shown (--debug): then no third-party line is hidden."""
+    return log.isEnabledFor(logging.DEBUG)
+
+
+def ignore_warning(message: str, category: type[Warning]) -> None:
+    """Ignore the Python warnings of `category` whose message starts with the regex `message` (as
+    warnings.filterwarnings matches it), process-wide or inside a `warnings.catch_warnings()` block; with --debug
+    (fasttune's log at DEBUG) nothing is ignored: they are shown as Python shows them."""
+    if not debugging():
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+# peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model (get_peft_model,
+# PeftModel.from_pretrained): a FutureWarning with a site-packages path about code the user cannot change
+PEFT_READS_DEPRECATED = ("`is_gradient_checkpointing` is deprecated", FutureWarning)

@@ -30,6 +30,7 @@ from fasttune.model.text_part import (
     not_language,
     text_config,
 )
+from fasttune.quiet import debugging
 
 log = logging.getLogger("fasttune")
 
@@ -75,8 +76,12 @@ REAL_SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
 
 @contextlib.contextmanager
 def _quiet_transformers():
+    """transformers' own lines at ERROR only (fasttune says what they say in its words); all of them with --debug."""
     from transformers.utils import logging as hf_logging
 
+    if debugging():
+        yield
+        return
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -23,6 +23,7 @@ from fasttune.model.build import (
     unreadable_files,
 )
 from fasttune.model.resolve import ModelSource, refuse_remote_code, resolve
+from fasttune.quiet import PEFT_READS_DEPRECATED, ignore_warning
 
 log = logging.getLogger("fasttune")
 
@@ -87,8 +88,8 @@ def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool =
         if (rows := _adapter_vocab(model, src.adapter_dir)) and rows > model.get_input_embeddings().num_embeddings:
             with _quiet_transformers():  # training resized them to its tokenizer; the adapter holds them so
                 model.resize_token_embeddings(rows)
-        with warnings.catch_warnings():  # peft asks the model for a deprecated attribute (a FutureWarning per load)
-            warnings.simplefilter("ignore", FutureWarning)
+        with warnings.catch_warnings():
+            ignore_warning(*PEFT_READS_DEPRECATED)  # that one FutureWarning per load, no other
             model = peft.PeftModel.from_pretrained(model, src.adapter_dir).merge_and_unload()
     return model.to(device).eval()
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from fasttune.config.base_config import LoraConfig
 from fasttune.errors import FasttuneError
+from fasttune.quiet import PEFT_READS_DEPRECATED, ignore_warning
 
 log = logging.getLogger(__name__)
 _ADAPTER = "default"  # peft's name for the single adapter get_peft_model creates
@@ -80,9 +81,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
-        # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing`, whose FutureWarning (a
-        # site-packages path and a message about code the user cannot change) would be printed on every LoRA run
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        ignore_warning(*PEFT_READS_DEPRECATED)  # printed on every LoRA run otherwise
         model = peft.get_peft_model(model, peft_cfg)
     _resolve_base_path(model)
     fast = set_fast_forward(model)
@@ -195,7 +194,7 @@ def resized_embeddings_quiet():
     """Around a peft model's save_pretrained: peft warns, with its own file path, on every save that it saves the
     embeddings a resize changed; the run said so once before training (warn_new_tokens_frozen)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning)
+        ignore_warning("Setting `save_embedding_layers` to `True`", UserWarning)
         yield
 
 

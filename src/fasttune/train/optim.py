@@ -7,13 +7,12 @@ import logging
 import math
 import os
 import re
-import warnings
 
 import torch
 
 from fasttune.config import BaseConfig
 from fasttune.errors import ConfigError
-from fasttune.quiet import quiet_torchao
+from fasttune.quiet import ignore_warning, quiet_torchao
 from fasttune.train.length import length_option
 
 log = logging.getLogger("fasttune")
@@ -163,5 +162,5 @@ def adamw_8bit_class() -> type[torch.optim.Optimizer]:
         ) from None
     # torch >= 2.13 asks tensor subclasses for a cache hash when the 8-bit step compiles; torchao's has none (the
     # compile works, it is only not cached across processes): one UserWarning per run the user can do nothing about
-    warnings.filterwarnings("ignore", message="OptimState8bit does not implement _stable_hash_for_caching")
+    ignore_warning("OptimState8bit does not implement _stable_hash_for_caching", UserWarning)
     return AdamW8bit
