@@ -149,9 +149,10 @@ def _command_logging(debug: bool):
 
 
 def _quiet_transformers() -> None:
-    """No "Loading weights" bars (on every model load they drown the output). Set in huggingface_hub, which
-    transformers reads when it is imported: a command that stops before it loads a model (a --checkpoint that is
-    not there) does not import transformers (seconds) for this; set in transformers itself where it is imported."""
+    """No "Loading weights" / "Writing model shards" bars (on every model load and save they drown the output). Set
+    in huggingface_hub, which transformers reads when it is imported: a command that stops before it loads a model (a
+    --checkpoint that is not there) does not import transformers (seconds) for this; set in transformers itself where
+    it is imported."""
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()
@@ -279,7 +280,8 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:  # while torch and transformers are imported (seconds): no traceback either
         return _interrupted(rank)
     try:
-        _quiet_transformers()
+        if not debug:  # --debug shows every third-party line (quiet.py), these bars too
+            _quiet_transformers()
         from fasttune.generate.prompts import removing_made_folders
 
         with removing_made_folders(), _naming_warnings(argv, command):

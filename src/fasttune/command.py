@@ -17,7 +17,8 @@ class Command:
     """Base of every subcommand's options: a dataclass that tyro fills from the command line, then `run()`."""
 
     debug: Annotated[bool, tyro.conf.FlagCreatePairsOff] = dataclasses.field(default=False, kw_only=True)
-    """Show the full Python traceback of an error instead of one line saying what is wrong and how to fix it."""
+    """Show the full Python traceback of an error instead of one line saying what is wrong and how to fix it, the
+    debug log, and the other packages' lines fasttune hides otherwise (torchao's, transformers' progress bars)."""
 
     def check(self) -> None:
         """Checks of the command line alone, the same on every torchrun rank: run with parsing, so that cli.py
