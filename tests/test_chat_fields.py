@@ -76,7 +76,7 @@ def test_training_flags_through_a_template_that_rewrites_earlier_turns():
     tok = build_tiny_tokenizer(chat_template=COUNTING_TEMPLATE)
     (sample,) = tokenize_records([{"messages": [Q1, {**A1, "training": False}, Q2, A2]}], "chat", tok)
     assert trained_runs(tok, sample) == ["Paris.<|im_end|>"]
-    tags = ("record 0: the chat template renders the conversation differently from its own beginning, and its "
+    tags = ("record 1: the chat template renders the conversation differently from its own beginning, and its "
             "{% generation %} tags cannot mark the turns trained: they mark assistant turns, and user message 2 is "
             "marked trained; drop its training/weight key")  # fmt: skip
     with pytest.raises(DataError, match=tags):
@@ -176,10 +176,10 @@ def test_generate_sends_a_prompt_records_chat_template_kwargs(tmp_path, capsys, 
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ([1], "record 0: field 'chat_template_kwargs' must be an object of template variables with string names"),
+        ([1], "record 1: field 'chat_template_kwargs' must be an object of template variables with string names"),
         ({1: True}, "field 'chat_template_kwargs' must be an object of template variables"),
-        ({"tools": []}, "record 0: chat_template_kwargs sets tools, which the chat template is given by fasttune"),
-        ({"enable_thinking": False, "foo": 1}, "record 0: chat_template_kwargs sets foo, which the chat template does"),
+        ({"tools": []}, "record 1: chat_template_kwargs sets tools, which the chat template is given by fasttune"),
+        ({"enable_thinking": False, "foo": 1}, "record 1: chat_template_kwargs sets foo, which the chat template does"),
     ],
 )
 def test_bad_chat_template_kwargs_are_refused_naming_the_record(kwargs, error):
@@ -189,7 +189,7 @@ def test_bad_chat_template_kwargs_are_refused_naming_the_record(kwargs, error):
 
 
 def test_chat_template_kwargs_on_data_no_chat_template_renders_are_refused():
-    with pytest.raises(DataError, match="record 0: chat_template_kwargs are for chat data, and prompt_completion"):
+    with pytest.raises(DataError, match="record 1: chat_template_kwargs are for chat data, and prompt_completion"):
         tokenize_records([{"prompt": "a", "completion": "b", "chat_template_kwargs": {"x": 1}}], "prompt_completion",
                          build_tiny_tokenizer())  # fmt: skip
 
@@ -208,7 +208,7 @@ def test_a_turn_the_generation_tags_mark_empty_is_refused():
     turns = [Q1, {"role": "assistant", "content": "", "tool_calls": [call]}, Q2, A2]
     for template in (COUNTING_TEMPLATE, CONTENT_TAGGED):
         tok = build_tiny_tokenizer(chat_template=template)
-        with pytest.raises(DataError, match="d.jsonl record 0: the chat template renders assistant message 1 as an "
+        with pytest.raises(DataError, match="d.jsonl record 1: the chat template renders assistant message 1 as an "
                            "empty turn, dropping its tool_calls"):  # fmt: skip
             tokenize_records([{"messages": turns}], "chat", tok, source="d.jsonl")
         (sample,) = tokenize_records([{"messages": [Q1, {"role": "assistant", "content": " "}, Q2, A2]}], "chat", tok)

@@ -41,7 +41,7 @@ def test_a_records_tools_are_rendered_into_the_sample():
 
 @pytest.mark.parametrize(
     ("tools", "error"),
-    [("[oops", "record 0: field 'tools' is a string but not JSON"), (5, "field 'tools' must be a list of function")],
+    [("[oops", "record 1: field 'tools' is a string but not JSON"), (5, "field 'tools' must be a list of function")],
 )
 def test_tools_that_are_not_a_list_of_schemas_name_the_record(tools, error):
     tok = build_tiny_tokenizer(chat_template=CHATML_TOOLS)
@@ -51,7 +51,7 @@ def test_tools_that_are_not_a_list_of_schemas_name_the_record(tools, error):
 
 def test_tools_a_template_does_not_render_are_refused():
     tok = build_tiny_tokenizer(chat_template=CHATML)
-    with pytest.raises(DataError, match="record 0 has 'tools', but the chat template does not render them"):
+    with pytest.raises(DataError, match="record 1 has 'tools', but the chat template does not render them"):
         tokenize_records([{"messages": TURNS[-2:], "tools": TOOLS}], "chat", tok)
 
 
@@ -59,7 +59,7 @@ def test_a_turn_the_template_renders_empty_is_refused():
     """A template that knows no tool calls (Llama 3.0's, this ChatML) rendered an assistant tool call as an empty turn,
     trained as an instant end of turn."""
     tok = build_tiny_tokenizer(chat_template=CHATML)
-    with pytest.raises(DataError, match="record 0: the chat template renders assistant message 1 as an empty turn, "
+    with pytest.raises(DataError, match="record 1: the chat template renders assistant message 1 as an empty turn, "
                        "dropping its tool_calls; use a chat template that renders them"):  # fmt: skip
         tokenize_records([{"messages": TURNS}], "chat", tok)
 
@@ -74,7 +74,7 @@ def test_a_tool_call_without_content_trains_as_the_template_renders_it(call):
     (sample,) = tokenize_records([{"messages": turns, "tools": TOOLS}], "chat", tok)
     assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(turns, tools=TOOLS, tokenize=False)
     assert trained_runs(tok, sample) == [f"<call>{json.dumps(CALL['function'])}</call><|im_end|>", "It is 4.<|im_end|>"]
-    with pytest.raises(DataError, match=r"record 0: messages\[1\].content must be a string, got null"):
+    with pytest.raises(DataError, match=r"record 1: messages\[1\].content must be a string, got null"):
         tokenize_records([{"messages": [TURNS[0], {"role": "assistant", "content": None}]}], "chat", tok)
 
 

@@ -59,7 +59,7 @@ def test_content_as_a_list_of_parts_is_refused_with_how_to_fix_it(tmp_path):
 def test_record_index_for_json_arrays(tmp_path):
     path = tmp_path / "arr.json"
     path.write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ["d"]}]))
-    assert f"{path} record 1: field 'completion' must be a string, got list" in error_for(path)
+    assert f"{path} record 2: field 'completion' must be a string, got list" in error_for(path)
 
 
 def test_empty_dataset():
@@ -140,11 +140,11 @@ def test_chat_template_that_raises_names_the_record(reason, said):
     records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
     with pytest.raises(DataError) as caught:
         tokenize_records(records, fmt, tokenizer, source="data")
-    assert str(caught.value) == f"data record 0: the chat template rejected this conversation ({said})"
+    assert str(caught.value) == f"data record 1: the chat template rejected this conversation ({said})"
 
 
 def test_tokenize_validates_records_too():
-    with pytest.raises(DataError, match=r"ds record 1: missing field 'completion'"):
+    with pytest.raises(DataError, match=r"ds record 2: missing field 'completion'"):
         tokenize_records([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "prompt_completion", None, source="ds")
 
 
@@ -250,7 +250,7 @@ def test_a_huge_record_is_refused_before_parsing_with_the_limit(tmp_path, monkey
     assert message.startswith(f"{tmp_path / 'big.jsonl'} line 2: a record of 1.2 MB of text; the limit is 1 MB")
     assert "split the text into several records" in message
     (tmp_path / "big.json").write_text(json.dumps([{"instruction": "q", "output": big}]))
-    assert "record 0: a record of 1.2 MB of text; the limit is 1 MB" in error_for(tmp_path / "big.json")
+    assert "record 1: a record of 1.2 MB of text; the limit is 1 MB" in error_for(tmp_path / "big.json")
     (tmp_path / "ok.jsonl").write_text(json.dumps({"text": "y" * 900_000}) + "\n")
     assert load_records(str(tmp_path / "ok.jsonl"))[0][0]["text"] == "y" * 900_000  # under the limit: read
 

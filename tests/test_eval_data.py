@@ -113,8 +113,8 @@ def test_an_older_completions_file_does_not_stop_an_eval_that_writes_none(model,
 
 def test_completions_name_the_file_each_record_came_from(model, tmp_path):
     """--data a.jsonl parts/: completions.jsonl's index is the record's position in the paths' records joined, which
-    no file holds (index 3 is b.jsonl's record 1); each line names its file (a folder's: the file in it) and its
-    index there, and keeps index. Reference: each file read on its own."""
+    no file holds (index 3 is b.jsonl's file_index 1, its second record); each line names its file (a folder's: the
+    file in it) and its index there, and keeps index. Reference: each file read on its own."""
     answers = [{"instruction": f"Add {i} and 3.", "output": f"{i + 3}"} for i in range(5)]
     files = {tmp_path / "a.jsonl": answers[:2], tmp_path / "parts" / "b.jsonl": answers[2:4],
              tmp_path / "parts" / "c.jsonl": answers[4:]}  # fmt: skip

@@ -71,7 +71,7 @@ def test_eval_output_dir_holding_the_data_is_refused_before_any_work(model, tmp_
 
 def test_a_run_folder_in_the_data_folder_is_not_read_as_data(model, tmp_path, caplog):
     """`--data d --output-dir d/run` (or `--data .` beside the default runs/): the run's config.json, metrics.jsonl
-    and checkpoint files were read as data from then on, so its --resume stopped ('config.json record 0: missing
+    and checkpoint files were read as data from then on, so its --resume stopped ('config.json record 1: missing
     field instruction') and so did every later run on d. A run folder in the data folder is skipped, said in the log
     (once a start): the resume reads the records the run started on and continues it."""
     import dataclasses

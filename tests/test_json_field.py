@@ -83,7 +83,7 @@ def test_several_keys_holding_records_are_refused_naming_them_and_the_option(tmp
          "records"),
         (RECORDS, "data", "--data.field data names a key of a top-level JSON object, and the file holds a JSON "
          "array; drop --data.field"),
-        ({"data": [RECORDS[0], 3]}, None, "record 1 of 'data': expected a JSON object, got int (3); each record is "
+        ({"data": [RECORDS[0], 3]}, None, "record 2 of 'data': expected a JSON object, got int (3); each record is "
          'an object of its format\'s fields (e.g. {"text": ...}); for plain text, one document per file, use .txt '
          "files"),
     ],

@@ -179,7 +179,7 @@ def test_unstable_template_without_generation_tags_is_a_data_error():
         chat_template=COUNTING_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     )
     records, fmt = load_records(str(FIXTURES / "chat.jsonl"))
-    with pytest.raises(DataError, match=r"chat.jsonl record 0: the chat template renders the conversation before "
+    with pytest.raises(DataError, match=r"chat.jsonl record 1: the chat template renders the conversation before "
                        "assistant message 2 differently from the conversation through it"):  # fmt: skip
         tokenize_records(records, fmt, tok, source="chat.jsonl")
     assert tokenize_records(records, fmt, tok, train_on_prompt=True)  # needs no spans
@@ -266,13 +266,13 @@ def test_chat_data_through_a_recorded_alpaca_format_refuses_a_message_it_would_d
     turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     (sample,) = tokenize_records([{"messages": turns}], "chat", tokenizer)
     assert trained_runs(tokenizer, sample) == ["4" + EOS]
-    with pytest.raises(DataError, match="record 1 has a 'system' message.*alpaca prompt format"):
+    with pytest.raises(DataError, match="record 2 has a 'system' message.*alpaca prompt format"):
         tokenize_records([{"messages": turns}, {"messages": [{"role": "system", "content": "Be brief."}, *turns]}],
                          "chat", tokenizer)  # fmt: skip
     blank = [{"role": "system", "content": " "}, *turns]  # a blank system message drops nothing: trained as without
     assert tokenize_records([{"messages": blank}], "chat", tokenizer) == [sample]
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
-    with pytest.raises(DataError, match="record 0 has an assistant message with tool_calls"):
+    with pytest.raises(DataError, match="record 1 has an assistant message with tool_calls"):
         tokenize_records([{"messages": [turns[0], {"role": "assistant", "content": "", "tool_calls": [call]}]}],
                          "chat", tokenizer)  # fmt: skip
 

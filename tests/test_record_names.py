@@ -1,6 +1,6 @@
 """A record refused while it is tokenized (its tools, its template, its roles) is named as the files name it when they
-are read: the file it was read from (a folder's: the file in it) and its line there (JSON lines, CSV) or its index among
-the file's records, whatever split it is in and whatever paths came before."""
+are read: the file it was read from (a folder's: the file in it) and its line there (JSON lines, CSV) or its number
+among the file's records (from 1), whatever split it is in and whatever paths came before."""
 
 from __future__ import annotations
 
@@ -83,11 +83,11 @@ def test_a_record_is_named_at_tokenize_time_as_reading_names_it(tmp_path):
     texts.mkdir()
     for name in ("x.txt", "y.txt"):
         (texts / name).write_text("some text")
-    by_key = [f"{keyed} record {i} of 'data'" for i in range(3)]
+    by_key = [f"{keyed} record {i} of 'data'" for i in (1, 2, 3)]
     said = {
         (lines, keyed): [f"{lines} line {n}" for n in (2, 5, 6, 8)] + by_key,
         (rows,): [f"{rows / 'c.csv'} line {n}" for n in (2, 4, 5)],
-        (texts,): [f"{texts / 'x.txt'} record 0", f"{texts / 'y.txt'} record 0"],
+        (texts,): [f"{texts / 'x.txt'} record 1", f"{texts / 'y.txt'} record 1"],
     }
     for paths, names in said.items():
         places: list = []
@@ -99,3 +99,29 @@ def test_a_record_is_named_at_tokenize_time_as_reading_names_it(tmp_path):
     _jsonl(folder / "a.jsonl", CHAT[:2])
     _jsonl(folder / "b.jsonl", [CHAT[0], BAD])
     assert _error(tmp_path, (str(folder),), val_fraction=0.0).startswith(f"{folder / 'b.jsonl'} line 2: field 'tools'")
+
+
+def test_records_are_numbered_from_one_as_an_editor_counts_them(tmp_path):
+    """A JSON array's, a keyed JSON object's or a Parquet file's record was named by its 0-based index ("arr.json
+    record 7" for the 8th record) while JSON lines and CSV rows are named by their 1-based line: a user counting by hand
+    landed on the record after the one meant. Reference: the 8th record, counted from 1 as editors count lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fasttune.data.formats import load_paths
+    from fasttune.data.sft import tokenize_records
+
+    records = [{"prompt": f"q{i}", "completion": "a"} for i in range(10)]
+    records[7] = {"prompt": "q7", "completion": ["a"]}  # the 8th
+    arr, keyed, table = tmp_path / "arr.json", tmp_path / "k.json", tmp_path / "t.parquet"
+    arr.write_text(json.dumps(records))
+    keyed.write_text(json.dumps({"data": records}))
+    pq.write_table(pa.Table.from_pylist([{**r, "completion": None} if i == 7 else r for i, r in enumerate(records)]),
+                   table)  # fmt: skip
+    said = {arr: f"{arr} record 8:", keyed: f"{keyed} record 8 of 'data':", table: f"{table} record 8:"}
+    for path, name in said.items():
+        with pytest.raises(DataError) as e:
+            load_paths([str(path)])
+        assert str(e.value).startswith(name), e.value
+    with pytest.raises(DataError, match=r"^ds record 2: missing field 'completion'"):  # tokenize_records' own names
+        tokenize_records([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "prompt_completion", None, source="ds")

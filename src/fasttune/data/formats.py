@@ -131,8 +131,8 @@ def load_paths(
 
 def record_names(places: Sequence[Place]) -> Callable[[int], str]:
     """How errors name record i of the list load_paths joined (`places`: where its records came from, file by file),
-    as the files were named when read: "a.jsonl line 7" (JSON lines, CSV), "b.parquet record 3" (by its index in its
-    file; a folder's record by the file in it)."""
+    as the files were named when read: "a.jsonl line 7" (JSON lines, CSV), "b.parquet record 3" (its third record,
+    counted from 1; a folder's record by the file in it)."""
     at = record_places(places)
 
     def name(i: int) -> str:
@@ -350,7 +350,7 @@ def _sharegpt_turn(turn: object, where: str) -> object:
     return {"role": role, "content": value, **rest}
 
 
-def detect_format(record: dict, where: str = "record 0", option: str = "--data.format") -> str:
+def detect_format(record: dict, where: str = "record 1", option: str = "--data.format") -> str:
     """The format a record's keys say it is in; chat > alpaca > prompt_completion > text when several fit."""
     keys = set(record)
     if "messages" in keys:

@@ -1,5 +1,6 @@
 """Read the files of a user's dataset into tables of records (plain dicts), each record named by the file and line
-(or index) it came from, for data/formats.py to check.
+it came from (JSON lines, CSV) or its number there, counted from 1 as editors count lines, for data/formats.py to
+check.
 
 Inputs: a text file or a folder of them (one {"text"} record per file), .jsonl/.json (array, one object per line, or
 the records under one key of an object: {"data": [...]}), .parquet, .csv, a folder of such data files, or a
@@ -54,7 +55,7 @@ class Table:
     file: Path
     records: list[dict]
     lines: list[int] | None = None
-    """1-based line of each record (JSON lines, CSV); None: records are named by their 0-based index."""
+    """1-based line of each record (JSON lines, CSV); None: records are named by their number, counted from 1."""
     is_text_file: bool = False
     """A plain text file read as one {"text"} record."""
     key: str | None = None
@@ -81,7 +82,7 @@ class Place:
     size: int
     key: str | None = None
     runs: tuple[array, array] | None = None
-    """(the index of each run's first record, its line); None: records are named by their index."""
+    """(the index of each run's first record, its line); None: records are named by their number (index + 1)."""
 
     def where(self, i: int) -> str:
         if self.runs is None:
@@ -92,10 +93,11 @@ class Place:
 
 
 def _where(file: Path, i: int, key: str | None, line: int | None) -> str:
-    """How errors name record i of `file`: by its line when it has one, else its index (and the key it sits under)."""
+    """How errors name record i (its 0-based index) of `file`: by its line when it has one, else its number counted
+    from 1, as the line of a JSON lines file is ("record 8" is the 8th record), and the key it sits under."""
     if line is not None:
         return f"{file} line {line}"
-    return f"{file} record {i}" + (f" of {key!r}" if key is not None else "")
+    return f"{file} record {i + 1}" + (f" of {key!r}" if key is not None else "")
 
 
 def check_data_path(path: str, flag: str = "--data") -> None:

@@ -100,14 +100,15 @@ def tokenize_records(
 ) -> list[Sample]:
     """Tokenize `records` of format `fmt` into Samples (token ids and the spans trained: labels -100 elsewhere); a
     chat record whose template rewrites earlier turns gives one sample per assistant turn. `source` names the
-    dataset in error messages, `names(i)` records[i] (default "{source} record {i}"; a split's records are named by
-    their place in the data read); `notes` (else the log) gets a line on how many records were so split; `origins`,
-    when given, gets each sample's record: its position in `records`. `run_data`: the records are the data of the run
-    whose checkpoint's tokenizer this is (a resume; eval of the run's split)."""
+    dataset in error messages, `names(i)` records[i] (default "{source} record {i + 1}", counted from 1 as a file's
+    records are; a split's records are named by their place in the data read); `notes` (else the log) gets a line on
+    how many records were so split; `origins`, when given, gets each sample's record: its position in `records`.
+    `run_data`: the records are the data of the run whose checkpoint's tokenizer this is (a resume; eval of the run's
+    split)."""
     if fmt not in FORMATS:
         raise DataError(f"data format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     without_length_warning(tokenizer)
-    names = names or (lambda i: f"{source} record {i}")
+    names = names or (lambda i: f"{source} record {i + 1}")
     for i, record in enumerate(records):
         validate_record(record, fmt, names(i))
     if fmt == "chat":

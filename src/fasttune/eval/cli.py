@@ -54,7 +54,8 @@ class EvalArgs(SamplingArgs):
     """Also generate an answer per sample (greedy unless --temperature) and score it against the reference."""
     output_dir: str | None = None
     """Folder for summary.json and, with --generate, completions.jsonl (created; a file there that this eval would
-    write stops it unless --overwrite)."""
+    write stops it unless --overwrite). completions.jsonl's index (in --data's records joined) and file_index (in
+    its file) count from 0, for programs; errors count a file's records from 1 (file_index 7: "record 8")."""
     overwrite: bool = False
     """Replace the results in --output-dir: summary.json and completions.jsonl together (an older completions.jsonl
     is removed when this eval writes none, without --generate)."""
