@@ -231,8 +231,11 @@ def test_records_with_an_empty_response_are_left_out_and_counted(tok):
             {"role": "user", "content": "b"}, {"role": "assistant", "content": "Paris."}]  # fmt: skip
     (sample,) = tokenize_records([{"messages": chat}], "chat", tok)
     assert trained_runs(tok, sample) == ["Paris.<|im_end|>"]  # the blank reply is not trained
-    # with --data.train-on-prompt the prompt is training text: kept
-    assert all(s["labels"] == s["input_ids"] for s in tokenize_records(records, "alpaca", tok, train_on_prompt=True))
+    # with --data.train-on-prompt the prompt is training text: kept, but for a record with neither instruction nor
+    # input, whose prompt is the template alone (left out since masking rules 8: tests/test_empty_prompts.py)
+    trained = tokenize_records(records, "alpaca", tok, train_on_prompt=True)
+    assert [s["labels"] == s["input_ids"] for s in trained] == [True, False, True]
+    assert set(trained[1]["labels"]) == {-100}
 
 
 def test_texts_longer_than_the_tokenizers_limit_raise_no_indexing_warning(tok):

@@ -72,8 +72,9 @@ class DataSummary:
             out.append(f"  left out: {count(self.no_response, 'overlong sample')} whose prompt alone filled max_length "
                        "(no response token left to train)")  # fmt: skip
         if self.untrained:
+            alpaca = ", or no instruction or input" if self.format == "alpaca" else ""
             why = ("a split text's last piece of one token, or an empty text" if self.format == "text" else
-                   "e.g. an empty response")  # fmt: skip
+                   f"e.g. an empty response{alpaca}")  # fmt: skip
             out.append(f"  left out: {count(self.untrained, 'sample')} with no trained token ({why})")
         if self.val_left_out:
             out.append(f"  left out of validation: {count(self.val_left_out, 'held-out sample')}, by the same rules "
@@ -332,13 +333,14 @@ def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, va
     """--data's records, held out by record, else (text with too few documents) by the last pieces of the text;
     `val_only`: the training records are not tokenized (build_validation), None where the pieces need them."""
     from fasttune.data.formats import PROMPT_TURNS, load_paths, record_names, say_unrendered
-    from fasttune.data.sft import tokenize_records
+    from fasttune.data.sft import say_empty_prompts, tokenize_records
 
     d, source, places, run_data = cfg.data, shown(cfg.data.path), [], tokenizer is not None  # build_data's
     records, fmt = load_paths(d.path, d.format, field=d.field, places=places)
     named = record_names(places)
     records = records[: d.max_documents]
     say_unrendered(records, fmt, source)
+    say_empty_prompts(records, fmt, source, named)
     by_piece = fmt == "text" and too_few_to_hold_out(len(records), d.val_fraction) and d.val_path is None
     if by_piece and val_only:
         return None
@@ -376,6 +378,7 @@ def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> tuple[list[di
     and how errors name them (formats.record_names): the validation set; --data.max-documents applies to --data only,
     and a DatasetDict of several splits is refused (which one validates is the user's to say)."""
     from fasttune.data.formats import load_paths, record_names, say_unrendered
+    from fasttune.data.sft import say_empty_prompts
 
     val_path, places = shown(d.val_path), []
     json_file = any(Path(p).suffix.lower() == ".json" for p in d.val_path)  # a .jsonl one has no key to name
@@ -385,6 +388,7 @@ def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> tuple[list[di
         raise DataError(f"--data.val-path {val_path}: its records are {val_fmt} but --data {shown(d.path)}'s are "
                         f"{fmt}; give a validation file of the training data's format")  # fmt: skip
     say_unrendered(records, fmt, val_path)
+    say_empty_prompts(records, fmt, val_path, record_names(places))
     summary.notes.append(f"  validation: the {count(len(records), 'record')} of --data.val-path {val_path} (nothing "
                          "held out of --data; data.val_fraction is not used)")  # fmt: skip
     return records, record_names(places)

@@ -63,6 +63,7 @@ MASKING_CHANGES = {
     6: "chat templates that write today's date (Llama 3.2/3.3, Granite, Mistral Small) write a fixed one",
     7: "a chat message's training/weight key decides whether it is trained, a record's chat_template_kwargs reach the "
     "template, and {% generation %} spans train the tokens that start in them (as other chat turns)",
+    8: "an Alpaca record whose instruction and input are both empty (a prompt of the template alone) is not trained",
 }
 """What each version of the masking rules changed (see MASKING_RULES), for --resume of a run started before."""
 MASKING_RULES = max(MASKING_CHANGES)
@@ -126,9 +127,32 @@ def tokenize_records(
         samples = _encode(tokenizer, [_render_plain(record, fmt, train_on_prompt) for record in records], True)
     bos = bos_prefix(tokenizer)
     for i, record in enumerate(records):
-        # nothing to learn but an instant EOS: left out (fit_length counts it as a sample with no trained token)
-        samples[i] = _framed(samples[i], bos, eos, train_on_prompt or bool(_response(record, fmt).strip()))
+        # nothing to learn but an instant EOS, or a prompt of the template alone: left out (fit_length counts it as a
+        # sample with no trained token; say_empty_prompts said the second)
+        trained = train_on_prompt or bool(_response(record, fmt).strip())
+        samples[i] = _framed(samples[i], bos, eos, trained and not empty_prompt(record, fmt))
     return samples
+
+
+def empty_prompt(record: dict, fmt: str) -> bool:
+    """An Alpaca record whose instruction and input are both empty or blank: its prompt is the template alone."""
+    return fmt == "alpaca" and not record["instruction"].strip() and not (record.get("input") or "").strip()
+
+
+def say_empty_prompts(records: Sequence[dict], fmt: str, source: str, names: Callable[[int], str]) -> None:
+    """Warn once of the Alpaca records whose prompt is the template alone (left out by tokenize_records, as records
+    with an empty response are), naming the first (`names(i)`: how errors name records[i]); refuse data of nothing
+    else, which has no prompt to train a response to."""
+    empty = [i for i, record in enumerate(records) if empty_prompt(record, fmt)]
+    if not empty:
+        return
+    first = f"(the first: {names(empty[0])})"
+    if len(empty) == len(records):
+        raise DataError(f"{source}: every Alpaca record has an empty instruction and input {first}, so no record has a "
+                        "prompt to train a response to; fill in their instructions")  # fmt: skip
+    log.warning("%s: %d of %d Alpaca records have an empty instruction and input %s, so their prompt is the template "
+                "alone: they are left out, as records with an empty response are; fill in their instruction", source,
+                len(empty), len(records), first)  # fmt: skip
 
 
 def _framed(sample: Sample, bos: list[int], eos: int, trained: bool) -> Sample:

@@ -153,13 +153,15 @@ how errors name a record, formats.record_names, and completions.jsonl's file and
 def _read(a: EvalArgs) -> Read:
     """(--data's records, up to --limit; their format; their places), read before the model loads: a data error (a
     missing field, an empty file, a folder of several splits) is said before minutes of loading, not after."""
-    from fasttune.data.formats import load_paths, say_unrendered
+    from fasttune.data.formats import load_paths, record_names, say_unrendered
+    from fasttune.data.sft import say_empty_prompts
 
     # split=None: never a DatasetDict's train split
     places: list = []
     records, fmt = load_paths(a.data, a.format, option="--format", split=None, field=a.field, places=places)
     records = records[: a.limit]
     say_unrendered(records, fmt, shown(a.data), ("scored", "evaluate"))  # a misspelt 'input' is left out, as training
+    say_empty_prompts(records, fmt, shown(a.data), record_names(places))  # a prompt of the template alone: as well
     return records, fmt, places
 
 
