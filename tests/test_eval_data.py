@@ -131,3 +131,22 @@ def test_completions_name_the_file_each_record_came_from(model, tmp_path):
     ]
     assert all(r["reference"] == files[Path(r["file"])][r["file_index"]]["output"] for r in rows)
     assert list(rows[0])[:3] == ["index", "file", "file_index"]
+
+
+def test_eval_generate_counts_and_says_the_samples_it_has_nothing_to_answer_or_score(model, tmp_path, capsys):
+    """--generate left a record with "prompt": "" out in silence (not in summary.json, not in the log) and answered
+    "prompt": "   ", a prompt of nothing but spaces; a record with an empty completion was left out in silence too.
+    Both are left out, counted in summary.json and said in one line each, as samples too long for the context are.
+    Reference: the one record with a prompt and a response is the one answered."""
+    records = [{"prompt": "", "completion": " 4"}, {"prompt": "   ", "completion": " 5"},
+               {"prompt": "What is 2+2?", "completion": " 4"}, {"prompt": "Q", "completion": ""}]  # fmt: skip
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = _summary(model, tmp_path, data, "--generate", "--max-new-tokens", "2")
+    err = capsys.readouterr().err
+    assert summary["generated_samples"] == 1
+    assert (summary["generate_skipped_empty_prompt"], summary["generate_skipped_no_response"]) == (2, 1)
+    assert "eval: --generate leaves out 2 of 4 samples: their prompt is empty, so there is nothing to answer" in err
+    assert "eval: --generate leaves out 1 of 4 samples: their response is empty, so there is nothing to score" in err
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "completions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reference"]) for r in rows] == [(2, "4")]

@@ -357,7 +357,7 @@ def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left
     from fasttune.generate.generate import fast_engine
     from fasttune.generate.sampling import sampling_top_k
 
-    examples = [ex for s in samples if s.last_turn and (ex := split_sample(s, tok)) is not None]
+    examples, unanswered = _examples(samples, tok)
     if not examples and left_out.get("generate_skipped_cut_at_max_length") and summary["format"] != "text":
         raise DataError(f"{summary['data']}: every sample was cut at data.max_length {summary['max_length']}, so no "
                         "answer is whole to score; pass --data with the held-out records (--generate answers them "
@@ -372,11 +372,39 @@ def _answers(a: EvalArgs, model, tok, samples: list[Sample], summary: dict, left
     rows, scores = generate_answers(model, tok, examples, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                                     temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=stop,
                                     engine=fast_engine(model))  # fmt: skip
-    summary.update(scores, **left_out)  # and what reproduces them
+    _say_unanswered(unanswered, len(examples) + sum(unanswered.values()), summary["format"])
+    summary.update(scores, **left_out, **unanswered)  # and what reproduces them
     summary.update(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                    top_k=sampling_top_k(model) if a.temperature > 0 else None, seed=a.seed,
                    stop=list(stop))  # fmt: skip
     return rows
+
+
+def _examples(samples: list[Sample], tok) -> tuple[list[Example], dict]:
+    """What --generate answers: the prompt and reference of each sample ending with its record's last answer; and
+    summary.json's counts of those it leaves out, having nothing to answer (an empty or blank prompt) or to score (no
+    trained token: an empty response)."""
+    examples, empty, untrained = [], 0, 0
+    for s in samples:
+        if not s.last_turn:
+            continue
+        if (ex := split_sample(s, tok)) is not None:
+            examples.append(ex)
+        elif len(s.spans):
+            empty += 1
+        else:
+            untrained += 1
+    return examples, {"generate_skipped_empty_prompt": empty, "generate_skipped_no_response": untrained}
+
+
+def _say_unanswered(unanswered: dict, of: int, fmt: str) -> None:
+    """One line for each kind of sample _examples left out (`of`: the samples with an answer to give)."""
+    alpaca = " (or an Alpaca record's instruction and input are)" if fmt == "alpaca" else ""
+    for key, why in (("generate_skipped_empty_prompt", "their prompt is empty, so there is nothing to answer"),
+                     ("generate_skipped_no_response", f"their response is empty{alpaca}, so there is nothing to "
+                                                      "score")):  # fmt: skip
+        if n := unanswered[key]:
+            log.warning("eval: --generate leaves out %d of %d %s: %s", n, of, "sample" if of == 1 else "samples", why)
 
 
 def _say_left_out(context: int | None, loss: int, answers: int | None) -> None:

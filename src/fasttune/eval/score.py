@@ -28,16 +28,24 @@ class Example:
 
 def split_sample(sample: Sample, tokenizer) -> Example | None:
     """The prompt (tokens before the last trained span) and the reference answer (that span as text); None when the
-    sample trains no token."""
+    sample trains no token or has no prompt (see empty_prompt)."""
     if not len(sample.spans):
         return None
     start, end = sample.pairs()[-1]  # the last run of trained tokens
     prompt = sample.ids[:start].tolist()
-    special = set(tokenizer.all_special_ids)
-    if all(t in special for t in prompt):
-        return None  # trained from the first token (plain text after a BOS, train_on_prompt): no prompt to answer
+    if empty_prompt(prompt, tokenizer):
+        return None
     reference = tokenizer.decode(sample.ids[start:end].tolist(), skip_special_tokens=True).strip()
     return Example(prompt, reference, sample.record)
+
+
+def empty_prompt(prompt: list[int], tokenizer) -> bool:
+    """Whether prompt ids hold nothing to answer: special tokens alone (plain text after a BOS, train_on_prompt, a
+    prompt/completion record's "prompt": "") or blank text ("prompt": "   ")."""
+    special = set(tokenizer.all_special_ids)
+    if all(t in special for t in prompt):
+        return True
+    return not tokenizer.decode(prompt, skip_special_tokens=True).strip()
 
 
 def answer_number(text: str) -> float | None:
