@@ -107,7 +107,8 @@ def test_epochs_count_the_micro_batches_of_every_rank(tmp_path):
 def test_rank_0_alone_digests_the_inputs_and_a_finished_runs_resume_ends_on_every_rank_before_the_data(tmp_path):
     """The digest of the input files (every data file read once more) is recorded by rank 0 alone, in its checkpoints:
     the other ranks do not compute it. The resume of the finished run is one line (rank 0's) on every rank, before
-    any reads the data or builds the model: rank 0 tells the others at its start-up gate."""
+    any reads the data or builds the model: rank 0 tells the others at its start-up gate. Its resume with a
+    --max-steps below its step is refused by rank 0 (one error) and every rank stops with its exit code."""
     script = Path(__file__).parent / "fixtures" / "rank_inputs.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
@@ -117,8 +118,10 @@ def test_rank_0_alone_digests_the_inputs_and_a_finished_runs_resume_ends_on_ever
     assert "rank 0: training digested the inputs 1x, recorded: True" in out, out[-3000:]
     assert "rank 1: training digested the inputs 0x, recorded: -" in out, out[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank}: the resume read the data 0x, built 0 models, ended at step 1" in out, out[-3000:]
-    assert out.count("already complete (step 1 of --max-steps 1)") == 1, out[-3000:]
+        assert f"rank {rank}: the resume read the data 0x, built 0 models, ended at step 2" in out, out[-3000:]
+    assert out.count("already complete (step 2 of --max-steps 2)") == 1, out[-3000:]
+    assert "rank 0: the resume with --max-steps 1 refused: ConfigError, exit 2" in out, out[-3000:]
+    assert "rank 1: the resume with --max-steps 1 refused: PeerFailed, exit 2" in out, out[-3000:]
 
 
 def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):

@@ -19,6 +19,7 @@ from fasttune import cli
 from fasttune.cli import parse_train_args
 from fasttune.errors import ConfigError
 from fasttune.train import loop, run
+from fasttune.train.checkpoint import list_checkpoints
 from fasttune.train.length import epochs_to_steps
 
 
@@ -215,12 +216,13 @@ def test_the_schedule_warning_of_a_resume_names_the_length_option_changed(tmp_pa
     assert two.steps > one.steps
     loop.train(more)  # finished: says so in the option that set its length
     assert f"already complete (step {two.steps} of --epochs 2 ({two.steps} steps))" in caplog.text
-    fewer = loop.train(dataclasses.replace(more, training=dataclasses.replace(more.training, epochs=1)))
-    assert fewer.steps == two.steps  # nothing trained, and said in the option typed, not a --max-steps never given
-    assert (
+    with pytest.raises(ConfigError) as e:  # nothing trained: refused in the option typed, not a --max-steps
+        loop.train(dataclasses.replace(more, training=dataclasses.replace(more.training, epochs=1)))
+    assert str(e.value).endswith(
         f"already past --epochs 1 ({one.steps} steps) (stopped at step {two.steps}); to continue it, resume with "
         f"a larger --epochs (e.g. its original one) or --max-steps above {two.steps}"
-    ) in caplog.text
+    )
+    assert [p.name for p in list_checkpoints(cfg.run_dir)][-1] == f"step-{two.steps:06d}"
     said = [r.getMessage() for r in caplog.records if "is not the checkpoint's run's" in r.getMessage()]
     assert said == [
         f"--epochs 2 ({two.steps} steps) is not the checkpoint's run's: the learning-rate schedule now "

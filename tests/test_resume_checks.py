@@ -75,6 +75,31 @@ def test_resume_of_a_finished_run_says_it_is_complete(finished, monkeypatch, cap
     )
 
 
+def test_resume_below_the_step_reached_is_refused_and_with_its_own_max_steps_is_complete(finished, monkeypatch,
+                                                                                          capsys):  # fmt: skip
+    """--max-steps 2 of a run at step 3 cannot be honoured: refused in one error line (exit 2) with the fix, before
+    the data is read or the model built; its own --max-steps 3 again (a scheduler's retry) is complete, exit 0."""
+    from fasttune.cli import main
+
+    _, result = finished
+
+    def never(*_a, **_k):
+        raise AssertionError("the resume of a finished run read its data or built its model")
+
+    monkeypatch.setattr(loop, "build_data", never)
+    monkeypatch.setattr(loop, "prepare_model", never)
+    run = result.run_dir
+    assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [
+        f"error: the run in {run} is already past step 2 (stopped at step 3); to continue it, resume with "
+        "--max-steps above 3 (e.g. its original --max-steps)"
+    ]
+    assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "3"]) == 0
+    assert "is already complete (step 3 of --max-steps 3)" in capsys.readouterr().err
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000003"]
+
+
 def test_resuming_with_another_thread_count_warns_that_bits_may_differ(finished, caplog):
     """CPU reductions split their work by thread (a sum over 2 threads differs from 1 in the last bits), so a resume
     is bit-exact only with the thread count of the run: say so when it changed."""

@@ -302,18 +302,16 @@ def test_a_real_write_failure_is_one_line_and_leaves_the_previous_checkpoint(ref
     assert all(checkpoint.verify(p)[1] is None for p in root.iterdir())
 
 
-def test_resume_with_max_steps_below_the_step_reached_is_not_called_complete(reference, tmp_path, caplog):
+def test_resume_with_max_steps_below_the_step_reached_is_refused_not_called_complete(reference, tmp_path):
     import shutil
 
     cfg, result = reference
     shutil.copytree(result.run_dir, tmp_path / "run")  # the shared reference run stays as it is
     cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "run"), resume=True)
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=3))
-    with caplog.at_level("INFO", logger="fasttune"):
-        loop.train(cfg)
-    text = caplog.text
-    assert "already complete" not in text
-    assert "already past step 3 (stopped at step 6)" in text and "--max-steps above 6" in text
+    with pytest.raises(ConfigError, match=r"already past step 3 \(stopped at step 6\).*--max-steps above 6") as e:
+        loop.train(cfg)  # nothing trained and the length given cannot be honoured: refused (exit 2)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())  # a plain --resume reads it: keep the run's 6
     assert saved["training"]["max_steps"] == 6
 

@@ -1,7 +1,8 @@
 """A resumed run with no step left to train: decided from its config.json and its newest checkpoint alone, before the
 data is read and the model built (the same command run again after the run finished, e.g. a scheduler's retry), and
-said in one line: complete (at which step, where its model is, how to train further), or past the length given. Such
-a run reads no data and loads no model: either may be gone since."""
+said in one line: complete (at which step, where its model is, how to train further; exit 0), or refused when the length
+given ends before the step it reached (nothing could be trained as asked; exit 2). Such a run reads no data and loads
+no model: either may be gone since."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 from fasttune.config import BaseConfig, TrainingConfig
-from fasttune.errors import FasttuneError
+from fasttune.errors import ConfigError, FasttuneError, PeerFailed
 from fasttune.model.resolve import merged_step
 from fasttune.train.length import length_option
 from fasttune.train.run import RunResult
@@ -73,13 +74,16 @@ def is_finished(cfg: BaseConfig) -> bool:
         return False
 
 
-def say_nothing_to_train(cfg: BaseConfig, folder: RunFolder, step: int, latest: Path | None) -> None:
+def say_nothing_to_train(cfg: BaseConfig, folder: RunFolder, step: int, latest: Path | None,
+                         main: bool = True) -> None:  # fmt: skip
     """The one line of a resumed run with no step left: complete (where its model is, how to train further), or past
-    the length given."""
+    the length given: refused (ConfigError; on a torchrun rank but the first, `main` False, PeerFailed with its exit
+    code: rank 0 says it)."""
     t = cfg.training
     if step > t.max_steps:  # e.g. a 3000-step run stopped at 106, resumed with --max-steps 30: not "complete"
-        _already_past(folder, t, step)
-        return
+        if not main:
+            raise PeerFailed("rank 0 refused the resume (its error above)", exit_code=ConfigError.exit_code)
+        raise ConfigError(_already_past(folder, t, step))
     final = f"its final checkpoint is {latest}"
     if cfg.lora.enabled:
         final += f", its adapter {folder.adapter}"
@@ -93,11 +97,11 @@ def say_nothing_to_train(cfg: BaseConfig, folder: RunFolder, step: int, latest: 
              length_option(t), final, further)  # fmt: skip
 
 
-def _already_past(folder, t: TrainingConfig, step: int) -> None:
-    """A resume whose length (`t`, as typed) ends before the step the run reached: said in the option typed."""
+def _already_past(folder, t: TrainingConfig, step: int) -> str:
+    """A resume whose length (`t`, as typed) ends before the step the run reached: why it is refused, in the option
+    typed."""
     if t.epochs is None:
         past, fix = f"step {t.max_steps}", f"--max-steps above {step} (e.g. its original --max-steps)"
     else:
         past, fix = length_option(t), f"a larger --epochs (e.g. its original one) or --max-steps above {step}"
-    log.info("the run in %s is already past %s (stopped at step %d); to continue it, resume with %s", folder, past,
-             step, fix)  # fmt: skip
+    return f"the run in {folder} is already past {past} (stopped at step {step}); to continue it, resume with {fix}"

@@ -84,7 +84,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
             resolve_for_training(cfg.model.path)
         run = _open(start, data, d, device_name, gate, attn_origin)
         if run.state.step >= run.cfg.training.max_steps:  # run.cfg: with --epochs, their steps (changed on resume)
-            say_nothing_to_train(run.cfg, run.folder, run.state.step, run.result.checkpoint)
+            say_nothing_to_train(run.cfg, run.folder, run.state.step, run.result.checkpoint, main=d.main)
         _fit(run)
         result = finish(run)
         d.barrier()  # the ranks tear the process group down together (not while rank 0 still saves and reports)
