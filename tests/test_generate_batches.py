@@ -149,7 +149,15 @@ def test_a_skipped_prompt_leaves_the_others_sampled_answers_as_they_were(short_m
      ([LONG, ""], "every prompt is empty or longer than the model's context, so none is generated (the first: line 1, "
       "{n} tokens); shorten them (or use a model with a longer context), and give the empty ones text")],
 )  # fmt: skip
-def test_every_prompt_skipped_is_one_line_and_no_output(short_model, tmp_path, capsys, lines, said):
+def test_every_prompt_skipped_is_one_line_and_no_output(short_model, tmp_path, capsys, monkeypatch, lines, said):
+    """Said before the model loads (seconds to minutes for a large one): blank prompts are known from the file, long
+    ones from the tokenizer and the model's config.json."""
+    from fasttune.model import load
+
+    def never(*_a, **_k):
+        raise AssertionError("the model was loaded for a file whose every prompt is skipped")
+
+    monkeypatch.setattr(load, "load_model", never)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert _generate(short_model, prompts) == 2

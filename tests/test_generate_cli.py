@@ -141,6 +141,21 @@ def test_a_conversational_prompt_completion_record_is_answered_with_its_completi
         ("\n\n", "no prompts"),
         ('"ok"\n{"prompt": "x\n', "line 2: invalid JSON"),
         ('{"answer": 1}\n', "line 1: no prompt"),
+        (
+            '"ok"\n{"prompt": 3}\n',
+            'line 2: "prompt" must be text \\(a JSON string\\) or a list of messages, not a number: 3',
+        ),
+        (
+            '{"prompt": ["a"]}\n',
+            'line 1: "prompt" must be text \\(a JSON string\\) or a list of messages, not a list of text: \\["a"\\]',
+        ),
+        ('{"instruction": null}\n', 'line 1: "instruction" must be text \\(a JSON string\\), not null'),
+        ('{"text": true, "id": 1}\n', 'line 1: "text" must be text \\(a JSON string\\), not a boolean: true'),
+        (
+            '{"messages": [{"role": "user", "content": 5}]}\n',
+            'line 1: "messages" must be a list of messages with '
+            'text content, not a list of messages without text: \\[\\{"role": "user", "content": 5\\}\\]',
+        ),
     ],  # fmt: skip
 )
 def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
@@ -462,7 +477,7 @@ def test_one_prompt_record_in_a_json_file_is_that_record_not_a_container_of_its_
     assert read_prompts(path) == [{**chat, "_where": "record 0"}]
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]}
     path.write_text(json.dumps(parts) + "\n")
-    with pytest.raises(DataError, match=r"one.json line 1: no prompt"):
+    with pytest.raises(DataError, match=r'one.json line 1: "messages" must be a list of messages with text content'):
         read_prompts(path)
 
 

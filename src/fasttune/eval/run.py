@@ -315,7 +315,7 @@ def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
                           "held-out records")  # fmt: skip
     held = {}
     split = of_run.validation_split
-    model, tok = load_checkpoint(a, src, check=lambda t: held.update(split=split(a, run, cfg, src, t)))
+    model, tok = load_checkpoint(a, src, check=lambda t, _config: held.update(split=split(a, run, cfg, src, t)))
     samples, used, fmt, what, layout = held["split"]
     if said:
         log.info(said)

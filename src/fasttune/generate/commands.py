@@ -118,7 +118,7 @@ class ChatArgs(SamplingArgs):
 
 def load_checkpoint(a: SamplingArgs, src=None, check=None):
     """(model, tokenizer) of --checkpoint, or of `src` when the caller resolved it already (a ModelSource); `check`
-    (tokenizer) runs before the model loads."""
+    (tokenizer, the model's config) runs before the model loads."""
     from fasttune.model.resolve import resolve
 
     src = src or resolve(a.checkpoint, option="--checkpoint")  # a path that is not there: said before torch loads
@@ -137,8 +137,9 @@ def run_generate(a: GenerateArgs) -> int:
                else source.with_suffix(".completions.jsonl"))  # fmt: skip
         refuse_writing_over(out, a.prompts, "--output", "--prompts file")
         check_output(out, a.overwrite)
-        model, tok = load_checkpoint(a, check=lambda tok: _check_records(tok, a, records))  # before the model
-        return _generate_file(model, tok, a, records, out)
+        held = {}  # every prompt checked and tokenized before the model loads: a file of none to answer refused then
+        model, tok = load_checkpoint(a, check=lambda tok, config: held.update(ids=_prompt_ids(tok, config, a, records)))
+        return _generate_file(model, tok, a, records, out, *held["ids"])
     if a.output is not None:
         raise ConfigError("--output goes with --prompts FILE; with --prompt the text is printed")
     model, tok = load_checkpoint(a)
@@ -193,13 +194,15 @@ def _check_records(tok, a: GenerateArgs, records: list[dict]) -> list[tuple[list
     return conversations
 
 
-def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path) -> int:
+def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path, ids: list[list[int]],
+                   skipped: dict[int, tuple]) -> int:  # fmt: skip
+    """Generate the answers to `records` (their prompt tokens `ids`, those `skipped` left out: _prompt_ids) into
+    `out`."""
     from tqdm.auto import tqdm
 
     from fasttune.generate.generate import fast_engine, generate_ids, length_batches
     from fasttune.generate.prompts import write_jsonl
 
-    ids, skipped = _prompt_ids(model, tok, a, records)
     kept = [i for i in range(len(ids)) if i not in skipped]
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
@@ -252,18 +255,18 @@ FIX = {"long": ("shorten it (or use a model with a longer context)",
 """What to do about the prompts of a --prompts file skipped (_prompt_ids), by kind: (one, several)."""
 
 
-def _prompt_ids(model, tok, a: GenerateArgs, records: list[dict]) -> tuple[list[list[int]], dict[int, tuple]]:
-    """(each record's prompt tokens, the prompts skipped: {index: (kind, why, detail)}): an empty prompt (blank text,
-    or no token to continue: --raw on a tokenizer that adds no BOS) and one that leaves the context no room for a
-    token are skipped, as `eval --generate` leaves out a record with no prompt or longer than the context; when every
-    prompt is, one line says why."""
+def _prompt_ids(tok, config, a: GenerateArgs, records: list[dict]) -> tuple[list[list[int]], dict[int, tuple]]:
+    """(each record's prompt tokens, the prompts skipped: {index: (kind, why, detail)}), from the tokenizer and the
+    model's config alone (before the model loads): an empty prompt (blank text, or no token to continue: --raw on a
+    tokenizer that adds no BOS) and one that leaves the context no room for a token are skipped, as `eval --generate`
+    leaves out a record with no prompt or longer than the context; when every prompt is, one line says why."""
     from fasttune.data.chat_render import blank_message
     from fasttune.generate.prompts import WHERE
     from fasttune.generate.template import prompt_ids
     from fasttune.model.context import context_length
 
-    conversations = _check_records(tok, a, records)  # checked before the model loaded; their messages
-    context = context_length(model.config)
+    conversations = _check_records(tok, a, records)  # each checked against the prompt format; their messages
+    context = context_length(config)
     ids, skipped = [], {}
     for i, (messages, tools, kwargs) in enumerate(conversations):  # Alpaca's blank "input" is no text either
         blank = all(blank_message({k: v for k, v in m.items() if k != "input" or str(v).strip()}) for m in messages)
@@ -303,6 +306,6 @@ def run_chat(a: ChatArgs) -> int:
     src = resolve(a.checkpoint, option="--checkpoint")  # a path that is not there: said before torch loads
     from fasttune.generate.chat import chat_loop, check_system
 
-    model, tok = load_checkpoint(a, src, check=lambda tok: check_system(tok, a.system, a.raw))  # before the model
+    model, tok = load_checkpoint(a, src, check=lambda tok, _config: check_system(tok, a.system, a.raw))  # first
     return chat_loop(model, tok, raw=a.raw, system=a.system, max_new_tokens=a.max_new_tokens,
                      temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)  # fmt: skip

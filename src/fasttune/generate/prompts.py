@@ -41,7 +41,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     for where, value in _table_values(file) if file.suffix.lower() in TABLES else _values(file, _read_text(file)):
         record = {"prompt": value} if isinstance(value, str) else value
         if not isinstance(record, dict) or not _has_prompt(record):
-            raise DataError(f"{file} {where}: no prompt; give a JSON string or an object with {PROMPT_KEYS}")
+            raise DataError(f"{file} {where}: {_no_prompt(record)}")
         record[WHERE] = where
         records.append(record)
     if not records:
@@ -136,6 +136,46 @@ def _has_prompt(record: dict) -> bool:
         if isinstance(record.get(key), list):
             return any(isinstance(m, dict) and isinstance(m.get("content"), str) for m in record[key])
     return any(isinstance(record.get(k), str) for k in ("prompt", "instruction", "text"))
+
+
+def _no_prompt(value: object) -> str:
+    """Why a value read from a prompt file holds no prompt, and the fix: a prompt field of another type than text
+    names that field and the type found (a number was "no prompt", as if the field were missing)."""
+    if not isinstance(value, dict):
+        return f"a prompt must be a JSON string or an object with {PROMPT_KEYS}, not {json_type(value)}"
+    text, fix = "text (a JSON string)", "write the prompt as a JSON string"
+    wanted = {"prompt": (f"{text} or a list of messages", f'{fix} ("prompt": "...")'),
+              "instruction": (text, f'{fix} ("instruction": "...")'), "text": (text, f'{fix} ("text": "...")'),
+              "messages": ("a list of messages with text content",
+                           'give each message a "role" and a "content" string')}  # fmt: skip
+    for key, (want, how) in wanted.items():
+        if key in value:
+            return f'"{key}" must be {want}, not {json_type(value[key])}; {how}'
+    return f"no prompt; give a JSON string or an object with {PROMPT_KEYS}"
+
+
+def json_type(value: object, shown: int = 60) -> str:
+    """What a JSON value is, in words, and the value itself (cut at `shown` characters): "a number: 3"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        kind = "a boolean"
+    elif isinstance(value, int | float):
+        kind = "a number"
+    elif isinstance(value, str):
+        kind = "text"
+    elif isinstance(value, list) and not value:
+        return "an empty list"
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        kind = "a list of text"
+    elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        kind = "a list of messages without text"
+    elif isinstance(value, dict):
+        kind = "an object"
+    else:
+        kind = "a list"
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return f"{kind}: {text if len(text) <= shown else text[: shown - 3] + '...'}"
 
 
 def record_messages(record: dict, prompt_format: str) -> list[dict]:

@@ -112,18 +112,19 @@ def _adapter_vocab(model, adapter_dir: Path) -> int | None:
 def load_for_inference(path: str | Path | ModelSource, device: str = "auto", trust_remote_code: bool = False,
                        option: str = "--checkpoint", check=None):  # fmt: skip
     """(model, tokenizer) for any folder `resolve` accepts (or what it already resolved to); logs what a run folder
-    or adapter resolved to. `check(tokenizer)` runs before the model loads (what the inputs need of the tokenizer)."""
+    or adapter resolved to. `check(tokenizer, config)` runs before the model loads (what the inputs need of the
+    tokenizer and of the model's config: its context)."""
     src = path if isinstance(path, ModelSource) else resolve(path, option=option)
     if src.note:
         log.info("%s", src.note)
     refuse_remote_code(src.model_dir, trust_remote_code, TRUST_FLAG)  # before any transformers call could ask
-    read_config(src.model_dir, trust_remote_code, option)  # a damaged config.json named as such, not as the tokenizer
+    config = read_config(src.model_dir, trust_remote_code, option)  # a damaged one named as such, not as the tokenizer
     tokenizer = load_tokenizer(src, trust_remote_code)
     # generate and chat fit prompts to the context themselves (fit_context, chat's trimming): transformers' "longer
     # than the specified maximum sequence length" warning came before fasttune's own message
     without_length_warning(tokenizer)
     if check is not None:
-        check(tokenizer)
+        check(tokenizer, config)
     model = load_model(src, inference_device(device), trust_remote_code=trust_remote_code, option=option)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise FasttuneError(
