@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fasttune.bench.attention import make_case, max_error, reference
-from fasttune.bench.harness import markdown_table, time_ms
+from fasttune.bench.harness import markdown_table, noise, time_ms, timing
 from fasttune.bench.train import MD_COLUMNS, add_ratios, from_records, gib_per_1k, merge_rounds
 from fasttune.bench.workload import sft_lengths, synthetic_bundle
 from fasttune.model.build import preset_config
@@ -72,6 +72,28 @@ def test_time_ms_cpu_median():
     calls = []
     ms = time_ms(lambda: calls.append(1), torch.device("cpu"), rep_ms=5)
     assert ms >= 0 and len(calls) >= 4  # one warm-up call plus at least three timed
+
+
+def test_cpu_timings_spread_apart_are_called_noisy():
+    """A loaded CPU gave one kernel 12, 24 and 48 ms calls beside 0.03 ms ones, and the median of them was read as
+    the kernel's time: calls whose quartiles lie far apart, or whose median is far above the fastest call, are
+    noisy; steady ones are not."""
+    assert noise([1.0, 1.02, 0.98, 1.01, 0.99, 1.0]) is None
+    said = noise([0.03, 0.03, 0.03, 12.0, 24.0, 48.0])
+    assert said is not None and "quartiles" in said and "around a median of" in said
+    said = noise([0.4] + [1.0] * 9)  # steady quartiles, but the median is 2.5 times the fastest call
+    assert said is not None and "2.5x its fastest call (0.4 ms)" in said
+    import time
+
+    calls = []
+
+    def uneven():  # every other call 5 ms: what other work on the same cores does to a kernel
+        calls.append(1)
+        if len(calls) % 2:
+            time.sleep(0.005)
+
+    t = timing(uneven, torch.device("cpu"), warmup_ms=0, rep_ms=60)
+    assert t.noise is not None and 0 <= t.ms < 6 and time_ms(lambda: None, torch.device("cpu"), rep_ms=5) >= 0
 
 
 def test_sft_lengths_mix():

@@ -9,6 +9,8 @@ max error against an fp32 reference, over sequence lengths, head dims and two la
 
 The backends are called through transformers' attention registry exactly as a model calls them, so the numbers
 are those of the training path. `auto` is fasttune's registered auto function, which routes each call (auto_plan).
+On a CPU a row whose calls were noisy (harness.noise: other work on the same cores) says so, and no ratio to the
+best kernel, nor the summary's verdict, is drawn from a shape with one; the load average is printed beside them.
 
 Shape legend: B rows, H heads, S sequence (keys per row), D head dim, T tokens.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fasttune.bench.harness import Results, line_plot, reset_peak_memory, sync, time_ms
+from fasttune.bench.harness import Results, cpu_load, line_plot, reset_peak_memory, sync, timing
 from fasttune.model.flops import attention_flops
 
 log = logging.getLogger("fasttune")
@@ -113,21 +115,23 @@ def measure(backend: str, hf_name: str, case: Case, ref, device, head_dim: int) 
 
     with torch.no_grad():
         err = max_error(fwd(), case, ref)
-        fwd_ms = time_ms(fwd, device)
+        fwd_t = timing(fwd, device)
     dout_BSHD = torch.randn_like(q.transpose(1, 2))
 
     def fwd_bwd():
         fwd().backward(dout_BSHD)
 
-    fwd_bwd_ms = time_ms(fwd_bwd, device, grad_to_none=[q, k, v])
+    fwd_bwd_t = timing(fwd_bwd, device, grad_to_none=[q, k, v])
     n_heads = q.shape[1]
-    return {
-        "fwd_ms": fwd_ms,
-        "fwd_bwd_ms": fwd_bwd_ms,
-        "fwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, backward=False) / fwd_ms / 1e9,
-        "fwd_bwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, backward=True) / fwd_bwd_ms / 1e9,
+    row = {
+        "fwd_ms": fwd_t.ms,
+        "fwd_bwd_ms": fwd_bwd_t.ms,
+        "fwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, backward=False) / fwd_t.ms / 1e9,
+        "fwd_bwd_tflops": attention_flops(case.doc_lens, n_heads, head_dim, backward=True) / fwd_bwd_t.ms / 1e9,
         "max_err": err,
     }
+    noisy = [f"{what}: {t.noise}" for what, t in (("fwd", fwd_t), ("fwd+bwd", fwd_bwd_t)) if t.noise]
+    return {**row, "noisy": "; ".join(noisy)} if noisy else row
 
 
 def _skip_reason(backend: str, case: Case, seq: int, layout: str) -> str | None:
@@ -215,11 +219,13 @@ def _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, backends
         auto_row["status"] = _error_status(e)
     if best and "fwd_bwd_tflops" in auto_row:
         auto_row["best"] = best["backend"]
-        auto_row["auto_vs_best"] = auto_row["fwd_bwd_tflops"] / best["fwd_bwd_tflops"]
-        # the kernel auto routes to, from the same measurements as `best`: separates a wrong route from timing noise
-        # (auto and its route run the same kernel, so their own two timings differ only by noise)
-        if auto in measured:
-            auto_row["route_vs_best"] = measured[auto]["fwd_bwd_tflops"] / best["fwd_bwd_tflops"]
+        # no verdict from a noisy row: its median is not its kernel's time, and a noisy kernel may be the best one
+        if not any(r.get("noisy") for r in (auto_row, *measured.values())):
+            auto_row["auto_vs_best"] = auto_row["fwd_bwd_tflops"] / best["fwd_bwd_tflops"]
+            # the kernel auto routes to, from the same measurements as `best`: separates a wrong route from timing
+            # noise (auto and its route run the same kernel, so their own two timings differ only by noise)
+            if auto in measured:
+                auto_row["route_vs_best"] = measured[auto]["fwd_bwd_tflops"] / best["fwd_bwd_tflops"]
     results.add(auto_row)
     del case, ref
     sync(device)
@@ -238,6 +244,7 @@ MD_COLUMNS = (
     ("auto_vs_best", "auto / best"),
     ("route_vs_best", "route / best"),
     ("status", "status"),
+    ("noisy", "noisy timing"),
 )
 
 
@@ -265,20 +272,29 @@ def plot(results: Results, path: Path) -> None:
 
 
 def summary_lines(results: Results) -> list[str]:
-    """One line per layout/head dim: the worst ratio of auto to the best kernel over all sequence lengths."""
+    """One line per layout/head dim: the worst ratio of auto to the best kernel over the sequence lengths whose
+    timings were steady (those left out as noisy named); on a CPU, the load average at the end."""
     lines = []
-    autos = [r for r in results.rows if r["backend"].startswith("auto") and "auto_vs_best" in r]
+    autos = [r for r in results.rows if r["backend"].startswith("auto") and "best" in r]
     for key in dict.fromkeys((r["layout"], r["head_dim"]) for r in autos):
-        rows = [r for r in autos if (r["layout"], r["head_dim"]) == key]
-        worst = min(rows, key=lambda r: r["auto_vs_best"])
-        routes = ", ".join(dict.fromkeys(r["backend"].removeprefix("auto -> ") for r in rows))
-        line = (
-            f"- auto ({key[0]}, D{key[1]}): runs {routes}; worst {100 * worst['auto_vs_best']:.0f}% of the "
-            f"best kernel ({worst['best']}) at seq {worst['seq']}"
-        )
-        routed = [r for r in rows if "route_vs_best" in r]
-        if routed:
-            bad = min(routed, key=lambda r: r["route_vs_best"])
-            line += f"; its routed kernel: worst {100 * bad['route_vs_best']:.0f}% (seq {bad['seq']})"
+        shapes = [r for r in autos if (r["layout"], r["head_dim"]) == key]
+        rows = [r for r in shapes if "auto_vs_best" in r]
+        routes = ", ".join(dict.fromkeys(r["backend"].removeprefix("auto -> ") for r in shapes))
+        line = f"- auto ({key[0]}, D{key[1]}): runs {routes}; "
+        if not rows:
+            line += "no verdict: the timings of every sequence length were noisy; run it again on an idle machine"
+        else:
+            worst = min(rows, key=lambda r: r["auto_vs_best"])
+            line += (
+                f"worst {100 * worst['auto_vs_best']:.0f}% of the best kernel ({worst['best']}) at seq {worst['seq']}"
+            )
+            routed = [r for r in rows if "route_vs_best" in r]
+            if routed:
+                bad = min(routed, key=lambda r: r["route_vs_best"])
+                line += f"; its routed kernel: worst {100 * bad['route_vs_best']:.0f}% (seq {bad['seq']})"
+            if noisy := [str(r["seq"]) for r in shapes if "auto_vs_best" not in r]:
+                line += f"; seq {', '.join(noisy)} left out: noisy timings"
         lines.append(line)
+    if "load average" in results.env:  # a CPU run: its timings are only as good as the machine was idle
+        lines.append(f"- load average {cpu_load()} at the end, {results.env['load average']}")
     return lines

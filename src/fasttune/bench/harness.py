@@ -1,7 +1,8 @@
 """The one timing/memory harness every benchmark shares, and the writers for its results.
 
 Timing: `triton.testing.do_bench` (CUDA events, median, L2 flushed between calls) on a GPU when triton is there,
-plain CUDA events otherwise; `time.perf_counter` medians on the CPU. Results: one list of flat dicts (rows) written
+plain CUDA events otherwise; `time.perf_counter` medians on the CPU, where calls spread far apart (other work on the
+same cores) are called noisy, and no verdict is drawn from them. Results: one list of flat dicts (rows) written
 as CSV, JSON (rows + environment), a Markdown table and a PNG plot, all with the same stem.
 """
 
@@ -11,6 +12,7 @@ import csv
 import datetime as dt
 import importlib.metadata
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -30,6 +32,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+NOISY_SPREAD = 0.5
+"""CPU calls are noisy when their quartiles lie more than this fraction of the median apart..."""
+NOISY_MIN = 2.0
+"""...or their median is more than this many times the fastest call (a loaded CPU only ever slows a call down)."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The median milliseconds of one call, and why its calls' times were too spread to trust it (None: steady, or
+    not judged: on a GPU, whose timing is do_bench's / CUDA events' as it was)."""
+
+    ms: float
+    noise: str | None = None
+
+
 def time_ms(
     fn: Callable[[], object],
     device: torch.device,
@@ -39,14 +56,25 @@ def time_ms(
     grad_to_none: Sequence[torch.Tensor] | None = None,
 ) -> float:
     """Median milliseconds of one `fn()` call, after warm-up (first call: compile, plan building, autotune)."""
+    return timing(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms, grad_to_none=grad_to_none).ms
+
+
+def timing(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup_ms: float = 100.0,
+    rep_ms: float = 100.0,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+) -> Timing:
+    """time_ms's median, and on the CPU whether its calls were noisy (`noise`)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
         except ImportError:
-            return _cuda_events_ms(fn, device, rep_ms, grad_to_none)
-        return float(
-            do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []), return_mode="median")
-        )
+            return Timing(_cuda_events_ms(fn, device, rep_ms, grad_to_none))
+        ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(grad_to_none or []), return_mode="median")
+        return Timing(float(ms))
     fn()  # warm-up
     times: list[float] = []
     budget_end = time.perf_counter() + rep_ms / 1e3
@@ -56,7 +84,29 @@ def time_ms(
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return Timing(statistics.median(times), noise(times))
+
+
+def noise(times_ms: Sequence[float]) -> str | None:
+    """Why the times of one function's calls are too spread for their median to be its time (for the table), or
+    None when they are steady."""
+    median, fastest = statistics.median(times_ms), min(times_ms)
+    q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    if median > 0 and (q3 - q1) / median > NOISY_SPREAD:
+        return f"quartiles {q1:.3g}-{q3:.3g} ms around a median of {median:.3g} ms"
+    if fastest > 0 and median / fastest > NOISY_MIN:
+        return f"median {median:.3g} ms, {median / fastest:.2g}x its fastest call ({fastest:.3g} ms)"
+    return None
+
+
+def cpu_load() -> str:
+    """The CPU's 1-minute load average beside its core count ("3.1 (2 CPUs)"): other work on the same cores slows
+    the timings of a CPU benchmark down and spreads them."""
+    try:
+        load = f"{os.getloadavg()[0]:.2f}"
+    except OSError:  # not on this platform
+        load = "unknown"
+    return f"{load} ({os.cpu_count()} CPUs)"
 
 
 def _cuda_events_ms(fn, device, rep_ms: float, grad_to_none) -> float:
@@ -101,6 +151,8 @@ def environment(device: torch.device, argv: Sequence[str] | None = None) -> dict
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["cudnn"] = str(torch.backends.cudnn.version())
+    else:
+        env["load average"] = cpu_load() + " at the start"
     for dist in ("transformers", "triton", "flash-attn-4", "liger-kernel", "peft", "fasttune"):
         env[dist] = _version(dist)
     return env
