@@ -184,7 +184,7 @@ def test_a_json_array_of_prompts_is_read_as_its_records(sft_run, tmp_path):
     with pytest.raises(DataError, match="p.json line 4: invalid JSON"):
         read_prompts(array)
     array.write_text(json.dumps([{"answer": 1}]))
-    with pytest.raises(DataError, match="p.json record 0: no prompt"):
+    with pytest.raises(DataError, match="p.json record 1: no prompt"):
         read_prompts(array)
 
 
@@ -454,13 +454,13 @@ def test_prompts_under_one_key_of_a_json_object_are_read_as_its_records(tmp_path
     for indent in (None, 2):
         wrapped.write_text(json.dumps({"version": "1", "data": records}, indent=indent))
         got = read_prompts(wrapped)
-        assert [r.pop("_where") for r in got] == ["record 0 of 'data'", "record 1 of 'data'"]
+        assert [r.pop("_where") for r in got] == ["record 1 of 'data'", "record 2 of 'data'"]
         assert got == [{k: v for k, v in r.items() if k != "_where"} for r in read_prompts(lines)]
     wrapped.write_text(json.dumps({"train": records, "test": records}))
     with pytest.raises(DataError, match="several keys holding lists \\('train', 'test'\\)"):
         read_prompts(wrapped)
     wrapped.write_text(json.dumps({"data": [{"answer": 1}]}))
-    with pytest.raises(DataError, match="p.json record 0 of 'data': no prompt"):
+    with pytest.raises(DataError, match="p.json record 1 of 'data': no prompt"):
         read_prompts(wrapped)
     wrapped.write_text(json.dumps({"question": "2 + 3?", "choices": ["4", "5"]}))  # one record, not a container
     with pytest.raises(DataError, match="p.json line 1: no prompt"):
@@ -474,7 +474,7 @@ def test_one_prompt_record_in_a_json_file_is_that_record_not_a_container_of_its_
     chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
     path = tmp_path / "one.json"
     path.write_text(json.dumps(chat, indent=2))
-    assert read_prompts(path) == [{**chat, "_where": "record 0"}]
+    assert read_prompts(path) == [{**chat, "_where": "record 1"}]
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]}
     path.write_text(json.dumps(parts) + "\n")
     with pytest.raises(DataError, match=r'one.json line 1: "messages" must be a list of messages with text content'):

@@ -36,7 +36,7 @@ def test_parquet_and_csv_rows_are_answered_as_the_same_json_lines(tmp_path):
                                                                     for r in RECORDS))  # fmt: skip
     _jsonl(tmp_path / "q.jsonl", RECORDS)
     assert [r["_where"] for r in read_prompts(tmp_path / "q.csv")] == ["line 2", "line 3", "line 4"]
-    assert [r["_where"] for r in read_prompts(tmp_path / "q.parquet")] == ["record 0", "record 1", "record 2"]
+    assert [r["_where"] for r in read_prompts(tmp_path / "q.parquet")] == ["record 1", "record 2", "record 3"]
     rows = {}
     for name in ("q.jsonl", "q.parquet", "q.csv"):
         assert main(["generate", "--checkpoint", str(model), "--prompts", str(tmp_path / name),

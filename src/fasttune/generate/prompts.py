@@ -31,7 +31,8 @@ WHERE = "_where"
 
 def read_prompts(path: str | Path) -> list[dict]:
     """Records of a JSONL prompt file (or a JSON array of them, as a .json data file holds), each as a dict (a bare
-    string becomes {"prompt": ...}) with WHERE, its place in the file ("line 3", "record 2")."""
+    string becomes {"prompt": ...}) with WHERE, its place in the file ("line 3", "record 2": counted from 1, as data
+    errors count)."""
     file = prompts_path(path)
     if not file.exists():
         raise DataError(f"--prompts {file}: no such file; pass a JSONL file with one prompt per line")
@@ -67,7 +68,7 @@ def _table_values(file: Path) -> list[tuple[str, object]]:
     from fasttune.data.readers import read_tables
 
     [table] = read_tables(file, None, flag="--prompts")  # one file: one table; its errors name it and the fix
-    return [(f"line {table.lines[i]}" if table.lines else f"record {i}", r) for i, r in enumerate(table.records)]
+    return [(f"line {table.lines[i]}" if table.lines else f"record {i + 1}", r) for i, r in enumerate(table.records)]
 
 
 def prompts_path(path: str | Path) -> Path:
@@ -92,7 +93,7 @@ def _values(file: Path, text: str) -> list[tuple[str, object]]:
                 raise DataError(f"{file} line {e.lineno}: invalid JSON ({json_error(e)}); fix the file") from None
             values = None
         if isinstance(values, list) and all(isinstance(v, (dict, str)) for v in values):
-            return [(f"record {i}", v) for i, v in enumerate(values)]
+            return [(f"record {i + 1}", v) for i, v in enumerate(values)]
     values = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -121,14 +122,14 @@ def _under_one_key(file: Path, text: str) -> list[tuple[str, object]] | None:
     if not isinstance(data, dict):
         return None
     if _has_prompt(data) or data.keys() & RECORD_KEYS:
-        return [("record 0", data)] if "\n" in text.strip() else None
+        return [("record 1", data)] if "\n" in text.strip() else None
     lists = record_lists(data)
     if len(lists) > 1:
         raise DataError(
             f"--prompts {file}: the top-level JSON object has several keys holding lists "
             f"({', '.join(map(repr, lists))}); keep the prompts' list alone, or write one prompt per line"
         )
-    return [(f"record {i} of {lists[0]!r}", v) for i, v in enumerate(data[lists[0]])] if lists else None
+    return [(f"record {i + 1} of {lists[0]!r}", v) for i, v in enumerate(data[lists[0]])] if lists else None
 
 
 def _has_prompt(record: dict) -> bool:
