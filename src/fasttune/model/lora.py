@@ -221,14 +221,8 @@ def merged_state_dict(model: nn.Module, state: dict | None = None) -> dict[str, 
     Computed out of place in fp32 and kept on CPU, instead of peft's in-place merge_and_unload, so the training
     model keeps its adapters and exact base weights, and no second copy of the weights lands on the GPU; and from
     `state` (see save_lora) where the modules hold only shards."""
-    from peft.tuners.lora import LoraLayer
-
     base = model.get_base_model()
-    layers = {
-        name: module
-        for name, module in base.named_modules()
-        if isinstance(module, LoraLayer) and _ADAPTER in module.lora_A
-    }
+    adapted = _adapted_weights(base)
     if state is None:
         state = base.state_dict()
     else:  # PeftModel names -> the base model's
@@ -240,19 +234,50 @@ def merged_state_dict(model: nn.Module, state: dict | None = None) -> dict[str, 
     for key, value in state.items():
         if ".lora_" in key or key in tied:
             continue
-        owner, _, leaf = key.rpartition(".")
-        name = owner.removesuffix(".base_layer")
-        if leaf == "weight" and owner != name and name in layers:
+        if key in adapted:
+            name, layer = adapted[key]
             a, b = state[f"{name}.lora_A.{_ADAPTER}.weight"], state[f"{name}.lora_B.{_ADAPTER}.weight"]
-            value = _merge(layers[name], value, a, b)
-        merged[key.replace(".base_layer.", ".")] = value.detach().to("cpu").contiguous()
+            value = _merge(layer, value, a, b)
+        merged[_unwrapped(key)] = value.detach().to("cpu").contiguous()
     return merged
 
 
+def _adapted_weights(base: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """{state dict key of an adapted weight: (its LoRA layer's name, the layer)}. A linear layer's weight is
+    `NAME.base_layer.weight`; an MoE experts parameter that peft adapts in place (`lora.ParamWrapper`, nested one
+    per parameter: `experts` adapts down_proj, `experts.base_layer` gate_up_proj) lies under every wrapper's
+    base_layer: `experts.base_layer.base_layer.gate_up_proj`."""
+    from peft.tuners.lora import LoraLayer
+
+    adapted = {}
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or _ADAPTER not in module.lora_A:
+            continue
+        owner, inner = f"{name}.base_layer", module.base_layer
+        while isinstance(inner, LoraLayer):
+            owner, inner = f"{owner}.base_layer", inner.base_layer
+        adapted[f"{owner}.{getattr(module, 'parameter_name', 'weight')}"] = name, module
+    return adapted
+
+
+def _unwrapped(key: str) -> str:
+    """The base model's own name of a key of the peft-wrapped model: every peft `base_layer` level dropped."""
+    return ".".join(part for part in key.split(".") if part != "base_layer")
+
+
 def _merge(layer, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """weight + scaling * B @ A in fp32, back in the weight's dtype: peft's `get_delta_weight` for a plain LoRA
-    linear layer (what apply_lora creates: no DoRA), on tensors rather than on the (possibly sharded) module."""
-    delta = b.float() @ a.float()
-    if layer.fan_in_fan_out:  # GPT-2 style Conv1D stores its weight transposed
-        delta = delta.T
+    """weight + scaling * delta in fp32, back in the weight's dtype: peft's `get_delta_weight` for what apply_lora
+    creates (a plain LoRA linear layer, no DoRA; an experts parameter peft adapts in place), on tensors rather than
+    on the (possibly sharded) module."""
+    experts = getattr(layer, "num_experts", 1) if hasattr(layer, "parameter_name") else 1
+    if weight.dim() == 3 and experts > 1:  # peft's ParamWrapper: A [experts * r, in], B [out, r * experts]
+        a = a.float().reshape(experts, -1, a.shape[-1])  # [experts, r, in]
+        b = b.float().reshape(b.shape[0], -1, experts)  # [out, r, experts]
+        # transformers stores most experts as [experts, out, in]: peft swapped its in and out features for them
+        swapped = getattr(layer, "_did_swap_in_out_features", weight.shape[1:] == (b.shape[0], a.shape[-1]))
+        delta = torch.einsum("ore,eri->eoi" if swapped else "ore,eri->eio", b, a)
+    else:
+        delta = b.float() @ a.float()
+        if layer.fan_in_fan_out:  # GPT-2 style Conv1D stores its weight transposed
+            delta = delta.T
     return (weight.float() + layer.scaling[_ADAPTER] * delta.to(weight.device)).to(weight.dtype)

@@ -1,0 +1,94 @@
+"""LoRA on MoE models whose experts transformers 5 fuses into 3-D parameters (`mlp.experts.gate_up_proj`, `down_proj`).
+
+peft converts Llama-style targets (gate_proj, up_proj, down_proj) on some of them (Qwen3-Next, DeepSeek-V3) into
+adapters on the fused parameters themselves (`target_parameters`: nested `lora.ParamWrapper`s on the experts module).
+merged/ must hold every tensor of the base, those adapters merged in, and load with plain `from_pretrained` to the
+logits of the trained peft model; adapter/ must load with plain peft to the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY_MODELS, save_tiny_model, sft_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fasttune.config.base_config import LoraConfig
+from fasttune.model.lora import apply_lora, merged_state_dict, save_lora
+
+peft = pytest.importorskip("peft")
+
+MOE = [t for t in TINY_MODELS if t != "gpt_neox"]
+RANK, ALPHA = 4, 8
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _trained(base_dir):
+    """A peft model of the base at `base_dir` (fasttune's LoRA, default targets) after 3 AdamW steps, in eval mode."""
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(enabled=True, rank=RANK, alpha=ALPHA))
+    torch.manual_seed(1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        ids = torch.randint(0, model.config.vocab_size, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("model_type", MOE)
+def test_merged_and_adapter_of_an_moe_model_load_in_plain_transformers_and_peft_to_the_trained_logits(
+    tmp_path, model_type
+):
+    """Before, Qwen3-Next's merged/ had no expert tensors (the fused experts' adapters were neither merged nor named
+    as the base names them) and did not load; now every family's merged/ holds the base's tensors under the base
+    files' names, and both folders give the trained model's logits."""
+    base_dir = save_tiny_model(tmp_path / "base", model_type)
+    model = _trained(base_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    adapted = _logits(model, ids)
+    assert not torch.allclose(adapted, _logits(AutoModelForCausalLM.from_pretrained(base_dir).eval(), ids))
+    save_lora(model, tmp_path / "adapter", tmp_path / "merged")
+
+    assert (
+        load_file(tmp_path / "merged" / "model.safetensors").keys() == load_file(base_dir / "model.safetensors").keys()
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    want = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    assert merged.state_dict().keys() == want.keys()
+    torch.testing.assert_close(_logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
+
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    torch.testing.assert_close(_logits(reloaded.eval(), ids), adapted, rtol=1e-5, atol=1e-5)
+
+    # FSDP2 hands the merge the model's full state dict (PeftModel names) instead of the modules' own tensors
+    ours, gathered = merged_state_dict(model), merged_state_dict(model, dict(model.state_dict()))
+    assert ours.keys() == gathered.keys() and all(torch.equal(ours[k], gathered[k]) for k in ours)
+
+
+def test_a_lora_run_of_qwen3_next_writes_a_merged_model_and_an_adapter_that_generate(tmp_path):
+    """The run's own end: merged/ (gathered by wrap_up) loads for inference, as its sample and `fasttune generate
+    --checkpoint RUN` load it (before, that load failed on the 4 expert tensors merged/ lacked), and adapter/ loads
+    through peft's own merge (`--checkpoint RUN/adapter`) to the same logits."""
+    from fasttune.generate.generate import generate
+    from fasttune.model.load import load_for_inference
+    from fasttune.train import loop
+
+    base = save_tiny_model(tmp_path / "base", "qwen3_next")
+    cfg = sft_config(tmp_path, base, lora=dict(enabled=True, rank=RANK, alpha=ALPHA), max_steps=2, save_every=2,
+                     eval_every=0, warmup_steps=1)  # fmt: skip
+    result = loop.train(cfg)
+    assert result.model_dir == result.run_dir / "merged"
+    model, tok = load_for_inference(result.run_dir, "cpu")
+    assert generate(model, tok, "Hello", max_new_tokens=4, temperature=0.0).text is not None
+    adapter, _ = load_for_inference(result.run_dir / "adapter", "cpu")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    trained = _logits(model, ids)
+    assert not torch.allclose(trained, _logits(AutoModelForCausalLM.from_pretrained(base).eval(), ids))
+    torch.testing.assert_close(_logits(adapter, ids), trained, rtol=1e-5, atol=1e-5)
