@@ -7,6 +7,8 @@ logits of the trained peft model; adapter/ must load with plain peft to the same
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import TINY_MODELS, save_tiny_model, sft_config
@@ -14,9 +16,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fasttune.config.base_config import LoraConfig
-from fasttune.model.lora import apply_lora, merged_state_dict, save_lora
+from fasttune.model.lora import _check_fused_ranks, apply_lora, merged_state_dict, save_lora
 
 peft = pytest.importorskip("peft")
+from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
 
 MOE = [t for t in TINY_MODELS if t != "gpt_neox"]
 RANK, ALPHA = 4, 8
@@ -72,10 +75,33 @@ def test_merged_and_adapter_of_an_moe_model_load_in_plain_transformers_and_peft_
     assert ours.keys() == gathered.keys() and all(torch.equal(ours[k], gathered[k]) for k in ours)
 
 
-def test_a_lora_run_of_qwen3_next_writes_a_merged_model_and_an_adapter_that_generate(tmp_path):
+@pytest.mark.parametrize("model_type", [t for t in MOE if t in ("qwen3_next", "deepseek_v3")])
+def test_fused_experts_get_adapters_of_the_intended_rank_without_a_warning(model_type, tmp_path, caplog):
+    """peft fuses the gate and up adapters as it fuses their weights: one adapter of twice the rank and twice the
+    alpha (the same scaling) on gate_up_proj, rank r on down_proj, through rank_pattern / alpha_pattern keys that its
+    own check says matched nothing (it reads the module's name, not the parameter's): applied all the same, as the
+    adapter shapes show, so that warning is not shown."""
+    base = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "base", model_type))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(base, LoraConfig(enabled=True, rank=RANK, alpha=ALPHA))
+    assert not [w for w in caught if "pattern keys did not match" in str(w.message)]
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    assert {m.parameter_name for m in wrappers} == {"gate_up_proj", "down_proj"}
+    for m in wrappers:
+        experts, r = m.num_experts, RANK * (2 if m.parameter_name == "gate_up_proj" else 1)
+        assert m.r["default"] == r and m.scaling["default"] == ALPHA / RANK
+        assert m.lora_A["default"].weight.shape[0] == r * experts == m.lora_B["default"].weight.shape[1]
+    assert "rank" not in caplog.text
+    model.peft_config["default"].rank_pattern[r".*\.gate_up_proj"] = 3  # what a peft that ignored it would hold
+    _check_fused_ranks(model)
+    assert "rank 8 and alpha 16, not the 3 and 16 of its own MoE conversion" in caplog.text
+
+
+def test_a_lora_run_of_qwen3_next_writes_a_merged_model_and_an_adapter_that_generate(tmp_path, recwarn):
     """The run's own end: merged/ (gathered by wrap_up) loads for inference, as its sample and `fasttune generate
     --checkpoint RUN` load it (before, that load failed on the 4 expert tensors merged/ lacked), and adapter/ loads
-    through peft's own merge (`--checkpoint RUN/adapter`) to the same logits."""
+    through peft's own merge (`--checkpoint RUN/adapter`) to the same logits, without peft's warnings."""
     from fasttune.generate.generate import generate
     from fasttune.model.load import load_for_inference
     from fasttune.train import loop
@@ -87,7 +113,9 @@ def test_a_lora_run_of_qwen3_next_writes_a_merged_model_and_an_adapter_that_gene
     assert result.model_dir == result.run_dir / "merged"
     model, tok = load_for_inference(result.run_dir, "cpu")
     assert generate(model, tok, "Hello", max_new_tokens=4, temperature=0.0).text is not None
+    recwarn.clear()
     adapter, _ = load_for_inference(result.run_dir / "adapter", "cpu")
+    assert not [str(w.message) for w in recwarn if "peft" in w.filename]
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     trained = _logits(model, ids)
     assert not torch.allclose(trained, _logits(AutoModelForCausalLM.from_pretrained(base).eval(), ids))

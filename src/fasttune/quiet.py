@@ -60,3 +60,10 @@ def ignore_warning(message: str, category: type[Warning]) -> None:
 # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model (get_peft_model,
 # PeftModel.from_pretrained): a FutureWarning with a site-packages path about code the user cannot change
 PEFT_READS_DEPRECATED = ("`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+# peft (0.21) fuses the gate and up adapters it makes of Llama-style targets on MoE experts that transformers 5 fuses
+# (gate_up_proj: twice the rank and alpha, in rank_pattern / alpha_pattern), then warns that those keys matched no
+# targeted module: its check reads the experts module's name, not the parameter's; the ranks apply all the same
+# (model/lora.py checks them, tests/test_lora_moe.py reads the adapter shapes)
+PEFT_FUSED_PATTERNS = (r"The following (rank|alpha)_pattern keys did not match any targeted module and were ignored: "
+                       r"\['\.\*\\\\\.gate_up_proj'\]\.$", RuntimeWarning)  # fmt: skip

@@ -23,7 +23,7 @@ from fasttune.model.build import (
     unreadable_files,
 )
 from fasttune.model.resolve import ModelSource, refuse_remote_code, resolve
-from fasttune.quiet import PEFT_READS_DEPRECATED, ignore_warning
+from fasttune.quiet import PEFT_FUSED_PATTERNS, PEFT_READS_DEPRECATED, ignore_warning
 
 log = logging.getLogger("fasttune")
 
@@ -89,7 +89,8 @@ def load_model(src: ModelSource, device: torch.device, trust_remote_code: bool =
             with _quiet_transformers():  # training resized them to its tokenizer; the adapter holds them so
                 model.resize_token_embeddings(rows)
         with warnings.catch_warnings():
-            ignore_warning(*PEFT_READS_DEPRECATED)  # that one FutureWarning per load, no other
+            ignore_warning(*PEFT_READS_DEPRECATED)  # that one FutureWarning per load
+            ignore_warning(*PEFT_FUSED_PATTERNS)  # and its MoE conversion's (model/lora.py _check_fused_ranks)
             model = peft.PeftModel.from_pretrained(model, src.adapter_dir).merge_and_unload()
     return model.to(device).eval()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import re
 import types
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 
 from fasttune.config.base_config import LoraConfig
 from fasttune.errors import FasttuneError
-from fasttune.quiet import PEFT_READS_DEPRECATED, ignore_warning
+from fasttune.quiet import PEFT_FUSED_PATTERNS, PEFT_READS_DEPRECATED, ignore_warning
 
 log = logging.getLogger(__name__)
 _ADAPTER = "default"  # peft's name for the single adapter get_peft_model creates
@@ -82,7 +83,9 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     )
     with warnings.catch_warnings():
         ignore_warning(*PEFT_READS_DEPRECATED)  # printed on every LoRA run otherwise
+        ignore_warning(*PEFT_FUSED_PATTERNS)  # peft's own keys, applied: _check_fused_ranks
         model = peft.get_peft_model(model, peft_cfg)
+    _check_fused_ranks(model)
     _resolve_base_path(model)
     fast = set_fast_forward(model)
     log.debug("fast LoRA forward on %d of the adapted linear layers", fast)
@@ -95,6 +98,25 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         # With frozen embeddings, reentrant checkpointing sees no input that needs grad and drops the adapters' grads.
         model.enable_input_require_grads()
     return model
+
+
+def _check_fused_ranks(model) -> None:
+    """peft adapts the experts that transformers 5 fuses (Qwen3-Next, DeepSeek-V3: gate_proj and up_proj into
+    gate_up_proj) in place, with the rank and alpha its MoE conversion puts in rank_pattern / alpha_pattern (twice
+    the rank and alpha: the same scaling), and warns, wrongly, that those patterns matched nothing (hidden:
+    PEFT_FUSED_PATTERNS). Should a peft version really leave them unapplied, say so."""
+    config = model.peft_config[_ADAPTER]
+    for name, module in model.named_modules():
+        fused = getattr(module, "parameter_name", None)  # peft's ParamWrapper: the parameter it adapts
+        key = rf".*\.{re.escape(fused)}" if isinstance(fused, str) else None
+        if key not in (config.rank_pattern or {}) or _ADAPTER not in module.r:
+            continue
+        want = config.rank_pattern[key], (config.alpha_pattern or {}).get(key, config.lora_alpha)
+        got = module.r[_ADAPTER], module.lora_alpha[_ADAPTER]
+        if got != want:
+            log.warning("lora: peft gave the fused experts %s rank %s and alpha %s, not the %s and %s of its own MoE "
+                        "conversion: their scaling differs from the other adapters'", name, *got, *want)  # fmt: skip
+            return
 
 
 def warn_new_tokens_frozen(tokenizer, rows: int, path: str | None) -> None:
