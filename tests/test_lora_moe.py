@@ -76,12 +76,16 @@ def test_merged_and_adapter_of_an_moe_model_load_in_plain_transformers_and_peft_
 
 
 @pytest.mark.parametrize("model_type", [t for t in MOE if t in ("qwen3_next", "deepseek_v3")])
-def test_fused_experts_get_adapters_of_the_intended_rank_without_a_warning(model_type, tmp_path, caplog):
+def test_fused_experts_get_adapters_of_the_intended_rank_without_a_warning_and_the_layers_left_frozen_are_named(
+    model_type, tmp_path, caplog
+):
     """peft fuses the gate and up adapters as it fuses their weights: one adapter of twice the rank and twice the
     alpha (the same scaling) on gate_up_proj, rank r on down_proj, through rank_pattern / alpha_pattern keys that its
     own check says matched nothing (it reads the module's name, not the parameter's): applied all the same, as the
-    adapter shapes show, so that warning is not shown."""
+    adapter shapes show, so that warning is not shown. The log says that the linear layers named gate/up/down_proj
+    (shared experts, DeepSeek's dense MLP) stay frozen: peft moves those targets to the fused experts."""
     base = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "base", model_type))
+    caplog.set_level("INFO", logger="fasttune")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = apply_lora(base, LoraConfig(enabled=True, rank=RANK, alpha=ALPHA))
@@ -93,6 +97,10 @@ def test_fused_experts_get_adapters_of_the_intended_rank_without_a_warning(model
         assert m.r["default"] == r and m.scaling["default"] == ALPHA / RANK
         assert m.lora_A["default"].weight.shape[0] == r * experts == m.lora_B["default"].weight.shape[1]
     assert "rank" not in caplog.text
+    frozen = {n for n, m in model.named_modules() if "shared_expert" in n and isinstance(m, torch.nn.Linear)}
+    assert frozen and not any("shared_expert" in n for n, _ in model.named_parameters() if "lora_" in n)
+    assert "fused down_proj, gate_up_proj in place" in caplog.text
+    assert "named down_proj, gate_proj, up_proj (shared experts, dense MLPs) stay frozen" in caplog.text
     model.peft_config["default"].rank_pattern[r".*\.gate_up_proj"] = 3  # what a peft that ignored it would hold
     _check_fused_ranks(model)
     assert "rank 8 and alpha 16, not the 3 and 16 of its own MoE conversion" in caplog.text

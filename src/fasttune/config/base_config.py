@@ -232,7 +232,9 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Module names that get adapters (the last part of the name, e.g. q_proj; several: `q_proj v_proj` or
     `q_proj,v_proj`), or all-linear: every linear layer but the output head. Names the model lacks are skipped, and
-    the log names its linear layers left frozen."""
+    the log names its linear layers left frozen. On MoE models whose experts transformers fuses and peft converts
+    (Qwen3-Next, DeepSeek-V3), gate_proj/up_proj/down_proj adapt the fused experts (gate_up_proj at twice the rank
+    and alpha), not the shared experts' or dense MLPs' linear layers of those names."""
     merge_on_save: bool = field(default=True, metadata=RESUMABLE)
     """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder); may
     change on resume: `--resume --lora.merge-on-save` of a complete run writes merged/."""

@@ -86,6 +86,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         ignore_warning(*PEFT_FUSED_PATTERNS)  # peft's own keys, applied: _check_fused_ranks
         model = peft.get_peft_model(model, peft_cfg)
     _check_fused_ranks(model)
+    _say_fused_experts(model, targets)
     _resolve_base_path(model)
     fast = set_fast_forward(model)
     log.debug("fast LoRA forward on %d of the adapted linear layers", fast)
@@ -98,6 +99,23 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         # With frozen embeddings, reentrant checkpointing sees no input that needs grad and drops the adapters' grads.
         model.enable_input_require_grads()
     return model
+
+
+def _say_fused_experts(model, targets: list[str]) -> None:
+    """peft (transformers 5, Qwen3-Next, DeepSeek-V3) turns the targets gate_proj, up_proj and down_proj into
+    adapters on the fused experts' parameters, and then adapts no linear layer of those names (shared experts, dense
+    MLPs): say which, as the log names every other layer left frozen."""
+    fused = sorted(model.peft_config[_ADAPTER].target_parameters or ())
+    if not fused:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    adapted = {n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    frozen = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_base_model().named_modules()
+                     if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and n not in adapted})  # fmt: skip
+    log.info("LoRA: peft adapts the MoE experts' fused %s in place (its conversion of the gate_proj/up_proj/down_proj "
+             "targets)%s", ", ".join(fused), f"; the other linear layers named {', '.join(frozen)} (shared experts, "
+             "dense MLPs) stay frozen" if frozen else "")  # fmt: skip
 
 
 def _check_fused_ranks(model) -> None:
