@@ -355,22 +355,26 @@ def test_eval_without_data_of_unchanged_files_tokenizes_the_held_out_records_alo
     ]
 
 
-@pytest.mark.parametrize("recorded", ["no digest (an older fasttune)", "other validation samples"])
+@pytest.mark.parametrize("recorded", ["no digest (an older fasttune)", "other validation samples",
+                                      "older masking rules"])  # fmt: skip
 def test_eval_without_data_checks_every_sample_when_the_digest_cannot_tell(drop_run, tmp_path, monkeypatch, recorded):
-    """A checkpoint without the digest (saved by an older fasttune), or whose validation samples are not those the
-    unchanged files give now (another tokenizer, other rules): every record is tokenized and checked against the data
-    fingerprint, as before."""
+    """A checkpoint without the digest (saved by an older fasttune), whose validation samples are not those the
+    unchanged files give now (another tokenizer, other rules), or of older masking rules that give its data the same
+    samples (the run's data has nothing a later rule changed): every record is tokenized and checked against the data
+    fingerprint, as before (a checkpoint of older rules was refused even when its fingerprint matched)."""
+    from fasttune.data.sft import MASKING_RULES
     from fasttune.train import checkpoint
 
     load = checkpoint.load_trainer_state
     edit = {"no digest (an older fasttune)": lambda s: s.pop("inputs"), "other validation samples":
-            lambda s: s.update(val_data="0" * 16)}[recorded]  # fmt: skip
+            lambda s: s.update(val_data="0" * 16), "older masking rules":
+            lambda s: s.update(masking_rules=MASKING_RULES - 1)}[recorded]  # fmt: skip
     monkeypatch.setattr(checkpoint, "load_trainer_state", lambda ckpt: (s := load(ckpt), edit(s))[0])
     result, _ = drop_run
     calls = _tokenized_records(monkeypatch)
     summary = _eval(tmp_path, "--checkpoint", str(result.run_dir))
     assert summary["loss"] == pytest.approx(_val_losses(result.run_dir)[4], rel=1e-6)
-    assert calls == ([14, 6] if recorded.startswith("no digest") else [6, 14, 6])
+    assert calls == ([6, 14, 6] if recorded == "other validation samples" else [14, 6])
 
 
 def test_the_input_digest_changes_with_every_file_the_data_is_read_from(tmp_path):

@@ -163,16 +163,17 @@ def _recorded(run: Path, src, cfg: BaseConfig) -> dict | None:
 
 
 def _check_fingerprint(run: Path, cfg: BaseConfig, state: dict, fingerprint: str) -> None:
-    """The rebuilt data's `fingerprint` is the one the checkpoint's `state` records; else eval stops in one line."""
+    """The rebuilt data's `fingerprint` is the one the checkpoint's `state` records; else eval stops in one line (a
+    checkpoint of older masking rules whose data has nothing a later rule changed has the same fingerprint: scored)."""
     from fasttune.data.sft import MASKING_RULES
 
+    if state["data"] == fingerprint:
+        return
     files = " or ".join(shown(p) for p in (cfg.data.path or ["the embedded corpus"], cfg.data.val_path) if p)
     if state.get("masking_rules", 1) != MASKING_RULES:
         why = "the run was trained by an earlier fasttune that trained other tokens of the same data"
-    elif state["data"] != fingerprint:
-        why = f"its data ({files}) is not what it trained on: records added, removed or edited since"
     else:
-        return
+        why = f"its data ({files}) is not what it trained on: records added, removed or edited since"
     raise DataError(f"--checkpoint {run}: {why}, so its validation split cannot be rebuilt; pass --data with the "
                     "records to score")  # fmt: skip
 
