@@ -260,6 +260,22 @@ def test_resume_of_a_run_tokenized_under_older_masking_rules_says_so(finished, r
     assert ("an empty response are not trained" in str(e.value)) == (rules is None)
 
 
+def test_resume_of_a_run_of_older_masking_rules_whose_samples_are_the_same_goes_on(finished):
+    """A run started by the previous fasttune (an older `masking_rules`) whose data no later rule tokenizes otherwise
+    (the same data fingerprint) resumes: the rules are named only when the samples differ."""
+    import torch
+
+    from fasttune.data.sft import MASKING_RULES
+
+    cfg, result = finished
+    state_file = result.checkpoint / checkpoint.STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    state["masking_rules"] = MASKING_RULES - 1
+    torch.save(state, state_file)
+    more = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, max_steps=4))
+    assert sorted(losses(loop.train(more).records)) == [1, 2, 3, 4]
+
+
 def test_resume_with_another_grad_accum_warns_also_for_checkpoints_that_did_not_record_it(finished, caplog):
     """--training.grad-accum may change on --resume (with the number of ranks); in one process it changes the
     global batch, said in a warning, also for a checkpoint written before grad_accum was recorded (the run's
