@@ -92,3 +92,21 @@ def test_what_it_trains_loads_as_the_causal_lm_in_plain_hf(vlm, tmp_path, lora):
     changed = [k for k in weights if not torch.equal(weights[k], start[k])]
     assert changed and all(("proj" in k) for k in changed) if lora else changed
     assert not any("vision" in k for k in weights)
+
+
+def test_generate_skips_a_prompt_longer_than_its_language_models_context(vlm, tmp_path, capsys):
+    """A vision-language checkpoint's context is its text_config's (512 here; the whole config names none): a prompt
+    of a --prompts file longer than it is skipped as for a text model, the others answered (it stopped the file in a
+    line naming no prompt, the model's config read as having no context)."""
+    import json
+
+    from fasttune.cli import main
+
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello there"}) + "\n" + json.dumps({"prompt": "word " * 700}) + "\n")
+    assert main(["generate", "--checkpoint", str(vlm), "--prompts", str(prompts), "--output", str(out),
+                 "--max-new-tokens", "2"]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["completion"] is not None and rows[1]["completion"] is None
+    assert rows[1]["skipped"].startswith("longer than the model's context of 512 tokens")
+    assert f"(the first: {prompts} line 2, " in capsys.readouterr().err

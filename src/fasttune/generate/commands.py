@@ -264,9 +264,10 @@ def _prompt_ids(tok, config, a: GenerateArgs, records: list[dict]) -> tuple[list
     from fasttune.generate.prompts import WHERE
     from fasttune.generate.template import prompt_ids
     from fasttune.model.context import context_length
+    from fasttune.model.text_part import text_config
 
     conversations = _check_records(tok, a, records)  # each checked against the prompt format; their messages
-    context = context_length(config)
+    context = context_length(text_config(config) or config)  # a vision-language checkpoint: its language model's
     ids, skipped = [], {}
     for i, (messages, tools, kwargs) in enumerate(conversations):  # Alpaca's blank "input" is no text either
         blank = all(blank_message({k: v for k, v in m.items() if k != "input" or str(v).strip()}) for m in messages)
