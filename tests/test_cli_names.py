@@ -221,3 +221,12 @@ def test_an_error_that_opens_with_an_option_set_in_a_config_file_names_the_file_
     assert cli.main(["train", "--config", str(tmp_path / "run.yaml"), *(a.format_map(names) for a in argv)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: " + expected.format_map(names)) and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_error_that_opens_with_dashes_but_no_flag_is_said_as_written(tmp_path, monkeypatch, capsys):
+    """A data path the user named `--.jsonl` (given as --data=--.jsonl) opens the error with two dashes and no flag:
+    the line as the check wrote it, exit 2 (the naming crashed with a TypeError traceback, exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--data=--.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --.jsonl: no such file") and len(err.strip().splitlines()) == 1, err

@@ -123,7 +123,9 @@ class OptionNames:
         """A message that opens with a flag (`--model nowhere: no such folder`) names the option as typed; for an
         option the user set in the --config file (or a --resume's run config.json) instead, as the file's key
         (`run.yaml: model.path nowhere: ...`), the rest as written."""
-        flag = _FLAG.match(message)[0]
+        if (opening := _FLAG.match(message)) is None:  # dashes, no flag: a path the user named so (--.jsonl)
+            return message
+        flag = opening[0]
         key = next((k for k, flags in self.flags.items() if flag in (f.replace("_", "-") for f in flags)), None)
         if key is None or typed_flag(self.args, self.flags[key]) is not None:
             return message
