@@ -4,10 +4,20 @@ import re
 from pathlib import Path
 
 
-def one_line(error: BaseException, limit: int | None = None) -> str:
+def one_line(error: BaseException, limit: int | None = None, *, line: int | None = None, typed: bool = False) -> str:
     """An exception's message for a one-line error: its whitespace runs one space each, cut at `limit` characters
-    (when given), and the exception's type name when the message is empty."""
-    return " ".join(str(error).split())[:limit] or type(error).__name__
+    (when given), and the exception's type name when the message is empty. `line`: that line of it alone, counting
+    the lines that are not blank (0: the first, where transformers puts the cause above its advice; -1: the last,
+    where torch's load_state_dict names the size mismatch); `typed`: after its type name ("OSError: message", the
+    type name alone when the message is empty), the whole cut at `limit`."""
+    text = str(error)
+    if line is not None:
+        lines = [each for each in text.splitlines() if each.strip()]
+        text = lines[line] if -len(lines) <= line < len(lines) else ""
+    text = " ".join(text.split())
+    if typed and text:
+        text = f"{type(error).__name__}: {text}"
+    return text[:limit] or type(error).__name__
 
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".yaml", ".yml", ".toml", ".safetensors")

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from fasttune.config import ModelConfig
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, one_line
 from fasttune.model.text_part import (
     architecture,
     forget_renaming,
@@ -145,7 +145,6 @@ def load_weights_error(path, e: BaseException, option: str = "--model") -> Confi
     that do not match config.json, or a model transformers cannot build as a causal LM."""
     from fasttune.model.resolve import denied_file, unreadable_in
 
-    first = str(e).splitlines()[0] if str(e) else ""
     if isinstance(e, _damaged_files()) and (denied := unreadable_in(Path(path))) not in (None, Path(path)):
         return ConfigError(denied_file(option, path, denied))  # safetensors says "No such file or directory"
     if isinstance(e, _damaged_files()):
@@ -155,7 +154,7 @@ def load_weights_error(path, e: BaseException, option: str = "--model") -> Confi
         fix = "the weights do not match its config.json: save model and config together with save_pretrained"
     else:
         fix = "fasttune trains and runs models that AutoModelForCausalLM loads"
-    return ConfigError(f"{option} {path}: the model cannot be loaded ({type(e).__name__}: {first}); {fix}")
+    return ConfigError(f"{option} {path}: the model cannot be loaded ({one_line(e, line=0, typed=True)}); {fix}")
 
 
 def read_config(path: str | Path, trust_remote_code: bool = False, option: str = "--model") -> PretrainedConfig:
@@ -165,19 +164,19 @@ def read_config(path: str | Path, trust_remote_code: bool = False, option: str =
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except StrictDataclassError as e:  # a field of the wrong type ("max_position_embeddings": null): no ValueError
-        why = " ".join(str(e).split())  # "Validation error for field 'x':\n    TypeError: ..." on several lines
+        why = one_line(e)  # all of it: "Validation error for field 'x':\n    TypeError: ..." names the cause below
         raise ConfigError(f"{option} {path}: config.json cannot be used ({why}); fix that field (or remove it to get "
                           "the architecture's default)") from None  # fmt: skip
     except ValueError as e:
         if "trust_remote_code" not in str(e):
-            raise ConfigError(f"{option} {path}: config.json cannot be used ({str(e).splitlines()[0]})") from e
+            raise ConfigError(f"{option} {path}: config.json cannot be used ({one_line(e, line=0)})") from e
         raise ConfigError(
-            f"{option} {path}: {str(e).splitlines()[0]} (model code from the folder runs only "
+            f"{option} {path}: {one_line(e, line=0)} (model code from the folder runs only "
             "with --model.trust-remote-code)"
         ) from None
     except OSError as e:
         raise ConfigError(
-            f"{option} {path}: config.json cannot be read ({str(e).splitlines()[0]}); fix or replace it (save the "
+            f"{option} {path}: config.json cannot be read ({one_line(e, line=0)}); fix or replace it (save the "
             "model with save_pretrained)"
         ) from e
 
@@ -236,8 +235,9 @@ def from_pretrained(path, option: str = "--model", **kwargs) -> PreTrainedModel:
             model, info = AutoModelForCausalLM.from_pretrained(path, ignore_mismatched_sizes=True,
                                                                output_loading_info=True, **text, **kwargs)  # fmt: skip
     except ImportError as e:  # e.g. quantized weights without bitsandbytes/optimum installed
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{option} {path}: loading it needs a package that is not installed: {first}") from e
+        raise ConfigError(
+            f"{option} {path}: loading it needs a package that is not installed: {one_line(e, line=0)}"
+        ) from e
     if text:
         forget_renaming(model)
     fix = "config.json does not match the weight files; fix it, or copy the model folder again"

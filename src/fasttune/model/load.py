@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fasttune.data.tokenizer import pad_with_eos, without_length_warning
-from fasttune.errors import FasttuneError
+from fasttune.errors import FasttuneError, one_line
 from fasttune.model.build import (
     _quiet_transformers,
     from_pretrained,
@@ -60,8 +60,8 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     except (OSError, ValueError) as e:
         err = _remote_code_error(e, src.tokenizer_dir)
         raise err or FasttuneError(
-            f"{src.tokenizer_dir}: the tokenizer there cannot be loaded ({str(e).splitlines()[0]}); save a working one "
-            "with tokenizer.save_pretrained into that folder"
+            f"{src.tokenizer_dir}: the tokenizer there cannot be loaded ({one_line(e, line=0)}); save a working "
+            "one with tokenizer.save_pretrained into that folder"
         ) from None
     return pad_with_eos(tok)
 
