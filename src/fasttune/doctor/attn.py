@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fasttune.attention import BACKENDS, available, import_status, kernel_report, resolve
 from fasttune.doctor.machine import Machine, major_minor, wheel_tag
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
+from fasttune.errors import one_line
 
 HEAD_DIM = 128  # the head dim of the measured kernel tables in docs/BENCHMARKS.md and of Llama-3-8B-class models
 SDPA_KERNELS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
@@ -44,7 +45,7 @@ def gather(m: Machine, run: bool = True, debug: bool = False) -> Machine:
         except Exception as exc:  # noqa: BLE001 - a crashing probe is a finding, reported by the rows that need it
             if debug:
                 traceback.print_exc()
-            m.failed[name] = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            m.failed[name] = one_line(exc, 300, typed=True)
     return m
 
 
@@ -77,7 +78,7 @@ def sdpa_kernel_runs(device: torch.device, dtype: torch.dtype, head_dim: int) ->
             except Exception as exc:  # noqa: BLE001 - a kernel that does not run is a finding
                 said = [" ".join(str(w.message).split()) for w in caught if "not used because" in str(w.message)]
                 said = said or [" ".join(str(w.message).split()) for w in caught]
-                result[name] = "; ".join(said[:2])[:300] or " ".join(str(exc).split())[:300]
+                result[name] = "; ".join(said[:2])[:300] or one_line(exc, 300)
     return result
 
 

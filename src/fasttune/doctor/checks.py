@@ -16,6 +16,7 @@ from fasttune.doctor import attn, packages, system, tools
 from fasttune.doctor.cli import DoctorArgs
 from fasttune.doctor.machine import Machine, detect
 from fasttune.doctor.report import FAIL, Report, Row, render, run_check, to_json
+from fasttune.errors import one_line
 
 # (section, check) in table order.
 CHECKS = (
@@ -73,14 +74,14 @@ def _finish(report: Report, machine, debug: bool) -> None:
     except Exception as exc:  # noqa: BLE001
         if debug:
             traceback.print_exc()
-        report.advice = [f"(advice unavailable: {type(exc).__name__}: {exc})"]
+        report.advice = [f"(advice unavailable: {one_line(exc, 300, typed=True)})"]
     try:
         report.closing = attn.closing_line(machine)
         report.auto = machine.auto
     except Exception as exc:  # noqa: BLE001
         if debug:
             traceback.print_exc()
-        reason = f"the auto resolver failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        reason = f"the auto resolver failed: {one_line(exc, 300, typed=True)}"
         report.rows.append(Row("auto", "Attention", "auto resolver", FAIL, reason, "rerun with --debug and report it"))
         report.closing = "attn_implementation='auto' could not be resolved here (see the 'auto resolver' row)."
 

@@ -23,6 +23,8 @@ import torch
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from fasttune.errors import one_line
+
 
 @dataclass
 class Gpu:
@@ -115,7 +117,7 @@ def detect() -> Machine:
         if m.distributed and torch.distributed.is_nccl_available() and m.torch_cuda:
             m.nccl = ".".join(map(str, torch.cuda.nccl.version()))
     except Exception as exc:  # noqa: BLE001 - a broken driver is a finding, not a crash
-        m.cuda_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        m.cuda_error = one_line(exc, 300, typed=True)
     m.smi = nvidia_smi()
     m.cuda_home = cuda_home()
     m.nvcc = nvcc_version(m.cuda_home)

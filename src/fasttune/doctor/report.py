@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fasttune.errors import one_line
+
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"  # skip: does not apply to this machine, never a failure
 STYLES = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
 
@@ -61,7 +63,7 @@ def run_check(check: Check, machine, *, section: str, debug: bool = False) -> li
         if debug:
             traceback.print_exc()
         name = check.__name__.removeprefix("check_")
-        reason = f"the check itself crashed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        reason = f"the check itself crashed: {one_line(exc, 300, typed=True)}"
         fix = "rerun with --debug for the traceback and report it at the fasttune issue tracker"
         return [Row(name, section, name.replace("_", " "), FAIL, reason, fix)]
 
