@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fasttune.durable import fsync_dir, fsync_tree, usual_permissions
-from fasttune.errors import FasttuneError
+from fasttune.errors import FasttuneError, one_line
 from fasttune.train.run_dir import RunFolder
 
 log = logging.getLogger("fasttune")
@@ -80,11 +80,11 @@ def _reason(e: BaseException) -> str:
     """The cause of a failed write in a few words: 'No space left on device', not a traceback."""
     if isinstance(e, OSError):
         return e.strerror or str(e)
-    text = " ".join(str(e).split())
+    text = one_line(e)
     for known in ("No space left on device", "Disk quota exceeded", "File too large", "unexpected pos"):
         if known.lower() in text.lower():
             return known if known != "unexpected pos" else "the file could not be written completely"
-    return f"{type(e).__name__}: {text[:160]}"
+    return one_line(e, 160, typed=True)
 
 
 def save_checkpoint(
@@ -189,7 +189,7 @@ def weights_problem(ckpt: Path) -> str | None:
             with safe_open(f, "pt") as opened:
                 opened.keys()
         except Exception as e:
-            return f"{f} is truncated or damaged ({' '.join(str(e).split())[:120]})"
+            return f"{f} is truncated or damaged ({one_line(e, 120)})"
     for f in sorted(ckpt.glob("*.json")):
         try:
             data = json.loads(f.read_text())
@@ -298,9 +298,8 @@ def load_weights(model, ckpt: Path, lora: bool) -> None:
     try:
         missing, unexpected = model.load_state_dict(in_model_layout(model, tensors), strict=False)
     except Exception as e:  # another model shape than the one that wrote the checkpoint (a size, an expert count)
-        first = str(e).strip().splitlines()[-1].strip()
         raise FasttuneError(
-            f"{ckpt}: weights do not fit the model ({first}); resume with the same --model / "
+            f"{ckpt}: weights do not fit the model ({one_line(e, line=-1)}); resume with the same --model / "
             "model.preset as the original run"
         ) from None
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}

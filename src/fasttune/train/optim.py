@@ -11,7 +11,7 @@ import re
 import torch
 
 from fasttune.config import BaseConfig
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, one_line
 from fasttune.quiet import ignore_warning, quiet_torchao
 from fasttune.train.length import length_option
 
@@ -157,7 +157,7 @@ def adamw_8bit_class() -> type[torch.optim.Optimizer]:
             raise ConfigError("training.optimizer=adamw_8bit needs torchao: pip install 'fasttune[adam8bit]'") from None
         # installed but broken (built for another torch, a dependency missing): its own reason, in one line
         raise ConfigError(
-            f"training.optimizer=adamw_8bit: torchao is installed but does not import ({' '.join(str(e).split())[:160]}"
+            f"training.optimizer=adamw_8bit: torchao is installed but does not import ({one_line(e, 160)}"
             "); reinstall it: pip install --force-reinstall 'fasttune[adam8bit]', or use --training.optimizer adamw"
         ) from None
     # torch >= 2.13 asks tensor subclasses for a cache hash when the 8-bit step compiles; torchao's has none (the
