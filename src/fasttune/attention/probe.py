@@ -17,11 +17,12 @@ from fasttune.attention import state
 from fasttune.attention.backends import BACKENDS, Backend
 from fasttune.attention.dispatch import attention_forward
 from fasttune.attention.state import STATE
+from fasttune.errors import one_line
 
 
 def explain_import_error(exc: BaseException) -> str:
     """One line saying why an import failed, naming ABI mismatches as such."""
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     if "undefined symbol" in text:
         return (
             f"ABI mismatch between torch {torch.__version__} and the compiled extension ({text}); "
@@ -29,7 +30,7 @@ def explain_import_error(exc: BaseException) -> str:
         )
     if isinstance(exc, ModuleNotFoundError):
         return f"package not installed (no module '{exc.name}')"
-    return f"import failed: {type(exc).__name__}: {text}"
+    return f"import failed: {one_line(exc, typed=True)}"
 
 
 @state.cache
@@ -145,10 +146,8 @@ def _smoke_test(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a failing kernel is a reason, never a crash
-        return (
-            f"fails a forward+backward ({shape}) on {device} {str(dtype).removeprefix('torch.')}: "
-            + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        )
+        where = f"{device} {str(dtype).removeprefix('torch.')}"
+        return f"fails a forward+backward ({shape}) on {where}: {one_line(exc, 300, typed=True)}"
     grads = (q_BHSD.grad, k_BKLD.grad, v_BKLD.grad)
     if any(not torch.isfinite(o).all() for o in outs) or any(g is None or not torch.isfinite(g).all() for g in grads):
         return f"gives non-finite output or gradients on {device} {dtype}"

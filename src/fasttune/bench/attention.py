@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.bench.harness import Results, cpu_load, line_plot, reset_peak_memory, sync, timing
+from fasttune.errors import one_line
 from fasttune.model.flops import attention_flops
 
 log = logging.getLogger("fasttune")
@@ -179,7 +180,7 @@ def run(
 
 
 def _error_status(e: Exception) -> str:
-    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return f"error: {one_line(e, 120, line=0, typed=True)}"
 
 
 def _run_shape(results, device, dtype, layout, d, seq, tokens, n_heads, backends, hf_names) -> None:

@@ -27,7 +27,7 @@ from fasttune.config import get_experiment
 from fasttune.config.argcheck import assignments_to_args, parse_overrides
 from fasttune.config.base_config import refuse_unused_lora
 from fasttune.data.packing import Batcher
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, one_line
 from fasttune.model import liger
 from fasttune.train.cli import EPOCHS_FLAGS, STEPS_FLAGS
 from fasttune.train.metrics import peak_flops, peak_memory_gib
@@ -291,7 +291,7 @@ def _run_one(bench: TrainBench, spec: dict, data, tmp: Path) -> dict:
         row["status"] = "ok"
         row["gib_per_1k"] = gib_per_1k(row)
     except Exception as e:  # noqa: BLE001
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        text = one_line(e, line=0)
         row["status"] = "OOM" if "out of memory" in text.lower() else f"error: {text[:160]}"
         log.warning("bench train %s: %s", spec["name"], row["status"])
     return row

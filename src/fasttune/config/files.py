@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fasttune.config.argcheck import NO_SUCH_OPTION, OTHER_NAMES, closest, options, shortened
 from fasttune.config.base_config import BaseConfig
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, one_line
 from fasttune.train.run_dir import MARKER
 
 log = logging.getLogger("fasttune")
@@ -131,7 +131,7 @@ def _parse(text: str, kind: str, name: str):
         problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
         raise ConfigError(f"{name}: {where}YAML syntax error: {problem}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}: YAML syntax error: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{name}: YAML syntax error: {one_line(e)}") from None
 
 
 class _Object(dict):

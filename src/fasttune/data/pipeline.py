@@ -17,7 +17,7 @@ from fasttune.data.corpus import corpus_fingerprint, holdout, holdout_tail, load
 from fasttune.data.packing import Batcher
 from fasttune.data.sample import Sample, Samples
 from fasttune.data.tokenizer import cached_tokenizer, pad_with_eos, without_length_warning
-from fasttune.errors import ConfigError, DataError
+from fasttune.errors import ConfigError, DataError, one_line
 from fasttune.words import count
 
 log = logging.getLogger("fasttune")
@@ -196,7 +196,7 @@ def _load_tokenizer(cfg: BaseConfig, corpus: Callable[[], tuple[list[str], str]]
         try:
             tok = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         except (OSError, ValueError) as e:
-            why = " ".join(str(e).split())  # transformers' messages run over several lines
+            why = one_line(e)  # transformers' messages run over several lines
             raise DataError(
                 f"--model {cfg.model.path}: no usable tokenizer there ({why}); save one with "
                 "tokenizer.save_pretrained into that folder"

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from fasttune.durable import fsync_dir, fsync_tree, umask
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, one_line
 from fasttune.model.context import context_length
 
 log = logging.getLogger("fasttune")
@@ -102,12 +102,9 @@ def _load_cached(path: Path, quiet: bool = False) -> PreTrainedTokenizerFast | N
                           "(chmod -R u+rX) or pass another --data.cache-dir") from None  # fmt: skip
     except Exception as e:  # transformers raises many types for a damaged file; all mean the same here
         if not quiet:
-            log.warning("the cached tokenizer %s does not load (%s); training it again", path, _why(e))
+            why = one_line(e, 120, typed=True)
+            log.warning("the cached tokenizer %s does not load (%s); training it again", path, why)
         return None
-
-
-def _why(e: Exception) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
 
 
 STALE_AFTER_S = 3600

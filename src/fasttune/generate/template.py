@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 
-from fasttune.errors import DataError, FasttuneError
+from fasttune.errors import DataError, FasttuneError, one_line
 
 log = logging.getLogger("fasttune")
 
@@ -154,8 +154,7 @@ def prompt_ids(
                                              add_generation_prompt=True, **(kwargs or {}))  # fmt: skip
     except Exception as e:  # jinja's TemplateError / UndefinedError / the template's own raise_exception
         raise FasttuneError(
-            f"the model's chat template rejected the prompt ({' '.join(str(e).split())}); pass --raw to send the "
-            "text as is"
+            f"the model's chat template rejected the prompt ({one_line(e)}); pass --raw to send the text as is"
         ) from None
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if fmt in TEMPLATES and "bos_token" not in tokenizer.chat_template:  # recorded before the template rendered BOS
