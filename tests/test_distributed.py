@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import losses, save_micro_model, save_tiny_model, tiny_config
+from helpers import FIXTURES, losses, save_micro_model, save_tiny_model, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -109,7 +109,7 @@ def test_rank_0_alone_digests_the_inputs_and_a_finished_runs_resume_ends_on_ever
     the other ranks do not compute it. The resume of the finished run is one line (rank 0's) on every rank, before
     any reads the data or builds the model: rank 0 tells the others at its start-up gate. Its resume with a
     --max-steps below its step is refused by rank 0 (one error) and every rank stops with its exit code."""
-    script = Path(__file__).parent / "fixtures" / "rank_inputs.py"
+    script = FIXTURES / "rank_inputs.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
@@ -380,7 +380,7 @@ def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_pa
 def test_lora_fsdp_bf16_mixed_precision_matches_one_process_under_autocast(tmp_path):
     """The precision LoRA trains in on a GPU, on CPU: a bf16 frozen base, fp32 adapters, FSDP2 gathering in bf16 and
     reducing in fp32 (its mixed precision policy) gives the adapters of one process under torch's bf16 autocast."""
-    script = Path(__file__).parent / "fixtures" / "fsdp_bf16_lora.py"
+    script = FIXTURES / "fsdp_bf16_lora.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run([*cmd, str(tmp_path / "fsdp.pt")], capture_output=True, text=True, env=env, timeout=300)
@@ -396,7 +396,7 @@ def test_lora_fsdp_bf16_mixed_precision_matches_one_process_under_autocast(tmp_p
 def test_ddp_is_gone_before_its_process_group_is_destroyed(tmp_path):
     """A DDP reducer that outlives its gloo group destroys the group from its own deallocation with the GIL held, while
     gloo's threads may need the GIL: the ranks hung at exit now and then (a CI run of the two-rank test above did)."""
-    script = Path(__file__).parent / "fixtures" / "ddp_teardown.py"
+    script = FIXTURES / "ddp_teardown.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
@@ -407,7 +407,7 @@ def test_ddp_is_gone_before_its_process_group_is_destroyed(tmp_path):
 
 def test_reductions_over_ranks_give_every_rank_the_sum_and_the_largest_value():
     """Dist.sum_ (the step's loss) and Dist.max_ (the summary's peak memory: the fullest GPU, not rank 0's)."""
-    script = Path(__file__).parent / "fixtures" / "dist_reduce.py"
+    script = FIXTURES / "dist_reduce.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -434,7 +434,7 @@ def test_fsdp_ranks_but_the_first_build_on_the_meta_device_and_get_rank_0s_weigh
         apart.save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": head == "apart"}))
-    script = Path(__file__).parent / "fixtures" / "fsdp_meta_ranks.py"
+    script = FIXTURES / "fsdp_meta_ranks.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     mode = ["tie-on-rank-0"] if head == "tied-on-rank-0" else []
