@@ -247,7 +247,7 @@ def test_the_warmup_warning_of_an_epochs_run_names_epochs(tmp_path, caplog):
                         torch.device("cpu"))  # fmt: skip
     (said,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "is not below --epochs 0.5 (6 steps)" in said and "--max-steps" not in said
-    assert "set --training.warmup-steps below 6 (e.g. 1)" in said
+    assert "training.warmup_steps=20 is not below" in said and "set it below 6 (e.g. 1)" in said
 
 
 def test_counts_of_one_are_singular(tmp_path, caplog, monkeypatch):

@@ -26,9 +26,15 @@ TINY = ["--model.preset", "micro", "--data.max-documents", "40", "--data.tokeniz
         "--generation.sample-prompt", "", "--max-steps", "12", "--save-every", "2"]  # fmt: skip
 
 
+def _tiny(*extra: str) -> list[str]:
+    """TINY less the options `extra` gives again (an option given twice is refused)."""
+    again = {x for x in extra if x.startswith("--")}
+    return [x for f, v in zip(TINY[::2], TINY[1::2], strict=True) if f not in again for x in (f, v)]
+
+
 def _train(out: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "main.py"), "--experiment", "quick", *TINY, "--data.cache-dir", str(cache),
-           "--output-dir", str(out), *extra]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "main.py"), "--experiment", "quick", *_tiny(*extra), "--data.cache-dir",
+           str(cache), "--output-dir", str(out), *extra]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -114,8 +120,8 @@ def test_a_reader_that_goes_away_loses_no_work(tmp_path):
     to its final checkpoint and exits 0 (a BrokenPipeError at the next write ended it with exit 1 and no
     checkpoint); generate and eval writing to a closed stdout end quietly too."""
     run = tmp_path / "run"
-    proc = _module_cli("train", "--experiment", "quick", *TINY, "--save-every", "5", "--data.cache-dir",
-                       str(tmp_path / "cache"), "--output-dir", str(run))  # fmt: skip
+    proc = _module_cli("train", "--experiment", "quick", *_tiny("--save-every"), "--save-every", "5",
+                       "--data.cache-dir", str(tmp_path / "cache"), "--output-dir", str(run))  # fmt: skip
     assert proc.stdout.readline()
     proc.stdout.close()
     assert proc.wait(timeout=300) == 0
@@ -136,8 +142,8 @@ def test_ctrl_c_after_the_reader_went_away_saves_and_exits_130(tmp_path):
     """`fasttune train ... | tee log`, then Ctrl-C (tee dies with it): the checkpoint is saved and the exit code is
     130; the final notice met the closed pipe and exited 1."""
     run = tmp_path / "run"
-    proc = _module_cli("train", "--experiment", "quick", *TINY, "--max-steps", "100000", "--data.cache-dir",
-                       str(tmp_path / "cache"), "--output-dir", str(run))  # fmt: skip
+    proc = _module_cli("train", "--experiment", "quick", *_tiny("--max-steps"), "--max-steps", "100000",
+                       "--data.cache-dir", str(tmp_path / "cache"), "--output-dir", str(run))  # fmt: skip
     _wait_for(lambda: (run / "metrics.jsonl").exists() and _losses(run, live=True), proc)
     proc.stdout.close()
     proc.send_signal(signal.SIGINT)

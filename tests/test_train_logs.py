@@ -94,13 +94,13 @@ def test_the_attention_line_says_where_its_backend_came_from(tmp_path, capsys):
     the preset, the flag, the config file (or a --resume's own config.json) it came from."""
     tiny = ["--model.preset", "micro", "--data.max-documents", "40", "--data.tokenizer-vocab-size", "384",
             "--data.max-length", "64", "--training.eval-every", "0", "--generation.sample-prompt", "",
-            "--data.cache-dir", str(tmp_path / "cache"), "--max-steps", "1"]  # fmt: skip
+            "--data.cache-dir", str(tmp_path / "cache")]  # fmt: skip
     (tmp_path / "a.yaml").write_text("attn_implementation: eager\n")
     for argv, line in [
-        (["--output-dir", str(tmp_path / "a")], "attention: sdpa (the quick preset's default)"),
-        (["--output-dir", str(tmp_path / "b"), "--attn_implementation=eager"],
+        (["--output-dir", str(tmp_path / "a"), "--max-steps", "1"], "attention: sdpa (the quick preset's default)"),
+        (["--output-dir", str(tmp_path / "b"), "--max-steps", "1", "--attn_implementation=eager"],
          "attention: eager (--attn-implementation)"),
-        (["--output-dir", str(tmp_path / "c"), "--config", str(tmp_path / "a.yaml")],
+        (["--output-dir", str(tmp_path / "c"), "--max-steps", "1", "--config", str(tmp_path / "a.yaml")],
          f"attention: eager (set in {tmp_path / 'a.yaml'})"),
         (["--output-dir", str(tmp_path / "a"), "--resume", "--max-steps", "2"],
          f"attention: sdpa (set in {tmp_path / 'a' / 'config.json'})"),
