@@ -47,6 +47,16 @@ def test_resume_may_extend_max_steps_and_survives_a_torn_metrics_line(finished, 
 # -- a finished run (#13 item 5) ----------------------------------------------------------------------------------
 
 
+def _never_build(monkeypatch) -> None:
+    """The resume of a finished run must end before its data is read or its model built."""
+
+    def never(*_a, **_k):
+        raise AssertionError("the resume of a finished run read its data or built its model")
+
+    monkeypatch.setattr(loop, "build_data", never)
+    monkeypatch.setattr(loop, "prepare_model", never)
+
+
 def test_resume_of_a_finished_run_says_it_is_complete(finished, monkeypatch, capsys):
     """The same command again once the run is finished (a scheduler's retry): one line says it is complete, at which
     step, where its final checkpoint is and how to train further, and it ends with exit 0 before the data is read or
@@ -56,11 +66,7 @@ def test_resume_of_a_finished_run_says_it_is_complete(finished, monkeypatch, cap
 
     cfg, result = finished
 
-    def never(*_a, **_k):
-        raise AssertionError("the resume of a finished run read its data or built its model")
-
-    monkeypatch.setattr(loop, "build_data", never)
-    monkeypatch.setattr(loop, "prepare_model", never)
+    _never_build(monkeypatch)
     run = result.run_dir
     assert main(["train", "--output-dir", str(run), "--resume"]) == 0
     out, err = capsys.readouterr()
@@ -83,11 +89,7 @@ def test_resume_below_the_step_reached_is_refused_and_with_its_own_max_steps_is_
 
     _, result = finished
 
-    def never(*_a, **_k):
-        raise AssertionError("the resume of a finished run read its data or built its model")
-
-    monkeypatch.setattr(loop, "build_data", never)
-    monkeypatch.setattr(loop, "prepare_model", never)
+    _never_build(monkeypatch)
     run = result.run_dir
     assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "2"]) == 2
     out, err = capsys.readouterr()
