@@ -308,6 +308,26 @@ def test_lora_ddp_matches_one_process_accumulating(tmp_path):
                          load_file(ref.run_dir / "adapter" / "adapter_model.safetensors"))  # fmt: skip
 
 
+def test_lora_fsdp_of_an_moe_model_trains_its_fused_experts_as_one_process_does(tmp_path):
+    """LoRA on a sharded Qwen3-MoE, whose experts are fused 3-D parameters adapted in place (peft's ParamWrapper):
+    two ranks give one process's losses and adapters, the experts' among them, and merged/ holds trained experts."""
+    base = save_tiny_model(tmp_path / "base", "qwen3_moe")
+    ref = loop.train(_lora(tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, grad_accum=2), base))
+    cfg = tiny_config(tmp_path / "fsdp", max_steps=2, eval_every=0, save_every=2)
+    _torchrun(cfg, "--training.fsdp", *_lora_args(str(base)))
+    got, want = (losses([json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]),
+                 losses(ref.records))  # fmt: skip
+    assert got.keys() == want.keys() == {1, 2}
+    assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
+    adapter = load_file(cfg.run_dir / "adapter" / "adapter_model.safetensors")
+    assert any(".experts.lora_B" in k and w.abs().max() > 0 for k, w in adapter.items())  # the experts trained
+    _assert_same_tensors(adapter, load_file(ref.run_dir / "adapter" / "adapter_model.safetensors"))
+    merged, plain = load_file(cfg.run_dir / "merged" / "model.safetensors"), load_file(base / "model.safetensors")
+    _assert_same_tensors(merged, load_file(ref.run_dir / "merged" / "model.safetensors"))
+    experts = [k for k in plain if ".experts." in k]
+    assert experts and not [k for k in experts if torch.equal(merged[k], plain[k])]
+
+
 @pytest.mark.filterwarnings(PEFT_READS_DEPRECATED)  # the test's own peft loading, not fasttune's
 def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_path):
     """LoRA on an FSDP2-sharded frozen base: two ranks train, checkpoint (plain peft adapter folders whose base path

@@ -232,9 +232,11 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Module names that get adapters (the last part of the name, e.g. q_proj; several: `q_proj v_proj` or
     `q_proj,v_proj`), or all-linear: every linear layer but the output head. Names the model lacks are skipped, and
-    the log names its linear layers left frozen. On MoE models whose experts transformers fuses and peft converts
-    (Qwen3-Next, DeepSeek-V3), gate_proj/up_proj/down_proj adapt the fused experts (gate_up_proj at twice the rank
-    and alpha), not the shared experts' or dense MLPs' linear layers of those names."""
+    the log names its linear layers left frozen. On MoE models whose experts transformers fuses into 3-D parameters
+    (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, gpt-oss, Qwen3-Next, DeepSeek-V3), gate_proj/up_proj/down_proj (and
+    all-linear) also adapt the fused experts, one adapter per expert (gate_up_proj at twice the rank and alpha; no
+    lora.dropout); on Qwen3-Next and DeepSeek-V3 peft then adapts no shared expert's or dense MLP's linear layer of
+    those names (the log names them)."""
     merge_on_save: bool = field(default=True, metadata=RESUMABLE)
     """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder); may
     change on resume: `--resume --lora.merge-on-save` of a complete run writes merged/."""

@@ -54,25 +54,32 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     peft = _peft()
     available = linear_module_names(model)
     wanted = available if ALL_LINEAR in lora_cfg.targets else lora_cfg.targets  # peft's keyword: all but the head
+    experts = _fused_expert_targets(model, _EXPERT_LINEARS if ALL_LINEAR in lora_cfg.targets else wanted, peft)
     targets = [t for t in wanted if t in available]
-    if not targets and available and lora_cfg.targets == LoraConfig.targets:
+    if not targets and not experts and available and lora_cfg.targets == LoraConfig.targets:
         # the default names are Llama's; a model that names none of its layers so (GPT-NeoX, Falcon, GPT-2) gets
         # adapters on all of them, as all-linear would, instead of an error for options the user never gave
         log.info("LoRA targets: the default names (Llama's) match no layer of this model; adapting all its linear "
                  "layers: %s (--lora.targets chooses)", ", ".join(available))  # fmt: skip
         wanted = targets = available
-    if not targets:
+    if not targets and not experts:
         raise FasttuneError(
             f"lora.targets ({', '.join(lora_cfg.targets)}) match no linear layer of this model; "
             f"its linear layers are named: {', '.join(available) or 'none'}; pass some of them, or all-linear"
         )
-    missing, frozen = [t for t in wanted if t not in available], [t for t in available if t not in targets]
+    if experts and lora_cfg.dropout:
+        raise FasttuneError(f"lora.dropout={lora_cfg.dropout}: peft's adapters on the MoE experts' fused parameters "
+                            f"({', '.join(sorted(experts))}) take no dropout; pass --lora.dropout 0, or leave "
+                            "gate_proj, up_proj and down_proj out of --lora.targets")  # fmt: skip
+    missing = [t for t in wanted if t not in available and not any(t in _FUSED[e] for e in experts)]
+    frozen = [t for t in available if t not in targets]
     if missing and frozen:  # names of another model family (Phi-3 fuses q/k/v into qkv_proj): say what stays frozen
         log.warning("LoRA targets %s; not in this model: %s; its other linear layers stay frozen: %s (add them with "
                     "--lora.targets, or pass --lora.targets %s)", ", ".join(targets), ", ".join(missing),
                     ", ".join(frozen), ALL_LINEAR)  # fmt: skip
     elif missing:
         log.info("LoRA targets %s; not in this model, skipped: %s", ", ".join(targets), ", ".join(missing))
+    fused = {f".*\\.{re.escape(name)}": n for name, n in experts.items() if n > 1}  # gate_up_proj: gate + up
     peft_cfg = peft.LoraConfig(
         r=lora_cfg.rank,
         lora_alpha=lora_cfg.alpha,
@@ -80,6 +87,15 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
+        **(
+            dict(
+                target_parameters=sorted(experts),
+                rank_pattern={k: lora_cfg.rank * n for k, n in fused.items()},
+                alpha_pattern={k: lora_cfg.alpha * n for k, n in fused.items()},
+            )
+            if experts
+            else {}
+        ),
     )
     with warnings.catch_warnings():
         ignore_warning(*PEFT_READS_DEPRECATED)  # printed on every LoRA run otherwise
@@ -101,21 +117,48 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     return model
 
 
+_FUSED = {"gate_up_proj": ("gate_proj", "up_proj"), "gate_proj": ("gate_proj",), "up_proj": ("up_proj",),
+          "down_proj": ("down_proj",)}  # fmt: skip
+"""A 3-D MoE experts parameter (transformers 5 fuses each expert's linear layers into one) -> the linear layers
+(LoRA targets) it holds."""
+_EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _fused_expert_targets(model: nn.Module, wanted, peft) -> dict[str, int]:
+    """{name of a fused experts parameter the targets `wanted` name: how many of them it holds}, for peft's
+    `target_parameters` (one adapter per expert, rank r per linear layer held). transformers 4 kept MoE experts as
+    linear layers named gate_proj/up_proj/down_proj, which the targets adapted; peft converts them onto the fused
+    parameters for some families only (Qwen3-Next, DeepSeek-V3): this does it for every family. A parameter of which
+    only some layers are named (gate_proj without up_proj) stays frozen. {} when peft has no target_parameters."""
+    held = {}
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if param.dim() == 3 and leaf in _FUSED and all(t in wanted for t in _FUSED[leaf]):
+            held[leaf] = len(_FUSED[leaf])
+    if held and "target_parameters" not in getattr(peft.LoraConfig, "__dataclass_fields__", {}):
+        log.warning("LoRA: peft %s cannot adapt parameters (target_parameters, peft >= 0.17): the MoE experts' "
+                    "fused %s stay frozen", peft.__version__, ", ".join(sorted(held)))  # fmt: skip
+        return {}
+    return held
+
+
 def _say_fused_experts(model, targets: list[str]) -> None:
-    """peft (transformers 5, Qwen3-Next, DeepSeek-V3) turns the targets gate_proj, up_proj and down_proj into
-    adapters on the fused experts' parameters, and then adapts no linear layer of those names (shared experts, dense
-    MLPs): say which, as the log names every other layer left frozen."""
+    """Say which fused MoE experts parameters get adapters (`_fused_expert_targets`) and which linear layers named
+    like their targets stay frozen: peft moves gate_proj/up_proj/down_proj onto the fused experts of Qwen3-Next and
+    DeepSeek-V3, and then adapts no linear layer of those names (shared experts, dense MLPs)."""
     fused = sorted(model.peft_config[_ADAPTER].target_parameters or ())
     if not fused:
         return
     from peft.tuners.lora import LoraLayer
 
     adapted = {n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    tensors = sum(hasattr(m, "parameter_name") for m in model.get_base_model().modules())  # a ParamWrapper each
     frozen = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_base_model().named_modules()
                      if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and n not in adapted})  # fmt: skip
-    log.info("LoRA: peft adapts the MoE experts' fused %s in place (its conversion of the gate_proj/up_proj/down_proj "
-             "targets)%s", ", ".join(fused), f"; the other linear layers named {', '.join(frozen)} (shared experts, "
-             "dense MLPs) stay frozen" if frozen else "")  # fmt: skip
+    log.info("LoRA: adapting the MoE experts' fused %s in place (%d tensors: the gate_proj/up_proj/down_proj targets; "
+             "gate_up_proj at twice the rank and alpha)%s", ", ".join(fused), tensors,
+             f"; the other linear layers named {', '.join(frozen)} (shared experts, dense MLPs) stay frozen" if frozen
+             else "")  # fmt: skip
 
 
 def _check_fused_ranks(model) -> None:
