@@ -155,8 +155,9 @@ def _say_fused_experts(model, targets: list[str]) -> None:
     tensors = sum(hasattr(m, "parameter_name") for m in model.get_base_model().modules())  # a ParamWrapper each
     frozen = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_base_model().named_modules()
                      if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and n not in adapted})  # fmt: skip
-    log.info("LoRA: adapting the MoE experts' fused %s in place (%d tensors: the gate_proj/up_proj/down_proj targets; "
-             "gate_up_proj at twice the rank and alpha)%s", ", ".join(fused), tensors,
+    doubled = "; gate_up_proj at twice the rank and alpha" if "gate_up_proj" in fused else ""
+    log.info("LoRA: adapting the MoE experts' fused %s in place (%d tensors: the gate_proj/up_proj/down_proj "
+             "targets%s)%s", ", ".join(fused), tensors, doubled,
              f"; the other linear layers named {', '.join(frozen)} (shared experts, dense MLPs) stay frozen" if frozen
              else "")  # fmt: skip
 
