@@ -54,7 +54,9 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     peft = _peft()
     available = linear_module_names(model)
     wanted = available if ALL_LINEAR in lora_cfg.targets else lora_cfg.targets  # peft's keyword: all but the head
-    experts = _fused_expert_targets(model, _EXPERT_LINEARS if ALL_LINEAR in lora_cfg.targets else wanted, peft)
+    named = _EXPERT_LINEARS if ALL_LINEAR in lora_cfg.targets else wanted  # the experts' layers the targets name
+    fused = _fused_params(model, peft, named)
+    experts = _fused_expert_targets(fused, named)
     targets = [t for t in wanted if t in available]
     if not targets and not experts and available and lora_cfg.targets == LoraConfig.targets:
         # the default names are Llama's; a model that names none of its layers so (GPT-NeoX, Falcon, GPT-2) gets
@@ -62,38 +64,39 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         log.info("LoRA targets: the default names (Llama's) match no layer of this model; adapting all its linear "
                  "layers: %s (--lora.targets chooses)", ", ".join(available))  # fmt: skip
         wanted = targets = available
+    partly = _partly_named(fused, experts, wanted)
     if not targets and not experts:
+        both = [f"its MoE experts' fused {p} holds {' and '.join(_FUSED[p])}: name both to adapt it" for p in partly]
         raise FasttuneError(
             f"lora.targets ({', '.join(lora_cfg.targets)}) match no linear layer of this model; "
             f"its linear layers are named: {', '.join(available) or 'none'}; pass some of them, or all-linear"
+            + "".join(f"; {hint}" for hint in both)
         )
-    if experts and lora_cfg.dropout:
-        raise FasttuneError(f"lora.dropout={lora_cfg.dropout}: peft's adapters on the MoE experts' fused parameters "
-                            f"({', '.join(sorted(experts))}) take no dropout; pass --lora.dropout 0, or leave "
-                            "gate_proj, up_proj and down_proj out of --lora.targets")  # fmt: skip
-    missing = [t for t in wanted if t not in available and not any(t in _FUSED[e] for e in experts)]
-    frozen = [t for t in available if t not in targets]
-    if missing and frozen:  # names of another model family (Phi-3 fuses q/k/v into qkv_proj): say what stays frozen
-        log.warning("LoRA targets %s; not in this model: %s; its other linear layers stay frozen: %s (add them with "
-                    "--lora.targets, or pass --lora.targets %s)", ", ".join(targets), ", ".join(missing),
-                    ", ".join(frozen), ALL_LINEAR)  # fmt: skip
-    elif missing:
-        log.info("LoRA targets %s; not in this model, skipped: %s", ", ".join(targets), ", ".join(missing))
-    fused = {f".*\\.{re.escape(name)}": n for name, n in experts.items() if n > 1}  # gate_up_proj: gate + up
+    # beside fused experts, the linear layers named like them (shared experts, dense MLPs) are adapted through their
+    # weights: named in target_modules, peft (0.21) moves them onto the fused experts (see _say_moe_targets)
+    by_weight = [t for t in targets if t in _EXPERT_LINEARS] if fused else []
+    if (experts or by_weight) and lora_cfg.dropout:
+        adapted = [f"the MoE experts' fused {', '.join(sorted(experts))}"] if experts else []
+        adapted += [f"the weights of the linear layers named {', '.join(by_weight)}"] if by_weight else []
+        raise FasttuneError(f"lora.dropout={lora_cfg.dropout}: peft's adapters on parameters ({'; '.join(adapted)}) "
+                            "take no dropout; pass --lora.dropout 0, or leave gate_proj, up_proj and down_proj out of "
+                            "--lora.targets")  # fmt: skip
+    _say_missing(wanted, targets, available, fused)
+    patterns = {f".*\\.{re.escape(name)}": n for name, n in experts.items() if n > 1}  # gate_up_proj: gate + up
     peft_cfg = peft.LoraConfig(
         r=lora_cfg.rank,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=targets,
+        target_modules=[t for t in targets if t not in by_weight],
         bias="none",
         task_type="CAUSAL_LM",
         **(
             dict(
-                target_parameters=sorted(experts),
-                rank_pattern={k: lora_cfg.rank * n for k, n in fused.items()},
-                alpha_pattern={k: lora_cfg.alpha * n for k, n in fused.items()},
+                target_parameters=sorted(experts) + [f"{t}.weight" for t in by_weight],
+                rank_pattern={k: lora_cfg.rank * n for k, n in patterns.items()},
+                alpha_pattern={k: lora_cfg.alpha * n for k, n in patterns.items()},
             )
-            if experts
+            if experts or by_weight
             else {}
         ),
     )
@@ -102,7 +105,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
         ignore_warning(*PEFT_FUSED_PATTERNS)  # peft's own keys, applied: _check_fused_ranks
         model = peft.get_peft_model(model, peft_cfg)
     _check_fused_ranks(model)
-    _say_fused_experts(model, targets)
+    _say_moe_targets(model, targets, by_weight, partly)
     _resolve_base_path(model)
     fast = set_fast_forward(model)
     log.debug("fast LoRA forward on %d of the adapted linear layers", fast)
@@ -117,6 +120,19 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     return model
 
 
+def _say_missing(wanted, targets: list[str], available: list[str], fused: dict) -> None:
+    """Name the targets the model lacks (a fused experts parameter's names are not lacking: it holds them) and, when
+    some are, the linear layers left frozen."""
+    missing = [t for t in wanted if t not in available and not any(t in held for held in fused.values())]
+    frozen = [t for t in available if t not in targets]
+    if missing and frozen:  # names of another model family (Phi-3 fuses q/k/v into qkv_proj): say what stays frozen
+        log.warning("LoRA targets %s; not in this model: %s; its other linear layers stay frozen: %s (add them with "
+                    "--lora.targets, or pass --lora.targets %s)", ", ".join(targets), ", ".join(missing),
+                    ", ".join(frozen), ALL_LINEAR)  # fmt: skip
+    elif missing:
+        log.info("LoRA targets %s; not in this model, skipped: %s", ", ".join(targets), ", ".join(missing))
+
+
 _FUSED = {"gate_up_proj": ("gate_proj", "up_proj"), "gate_proj": ("gate_proj",), "up_proj": ("up_proj",),
           "down_proj": ("down_proj",)}  # fmt: skip
 """A 3-D MoE experts parameter (transformers 5 fuses each expert's linear layers into one) -> the linear layers
@@ -124,42 +140,66 @@ _FUSED = {"gate_up_proj": ("gate_proj", "up_proj"), "gate_proj": ("gate_proj",),
 _EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _fused_expert_targets(model: nn.Module, wanted, peft) -> dict[str, int]:
-    """{name of a fused experts parameter the targets `wanted` name: how many of them it holds}, for peft's
-    `target_parameters` (one adapter per expert, rank r per linear layer held). transformers 4 kept MoE experts as
-    linear layers named gate_proj/up_proj/down_proj, which the targets adapted; peft converts them onto the fused
-    parameters for some families only (Qwen3-Next, DeepSeek-V3): this does it for every family. A parameter of which
-    only some layers are named (gate_proj without up_proj) stays frozen. {} when peft has no target_parameters."""
-    held = {}
+def _fused_params(model: nn.Module, peft, named) -> dict[str, tuple[str, ...]]:
+    """{name of a fused MoE experts parameter of `model`: the linear layers (LoRA targets) it holds}; {} when peft
+    cannot adapt parameters (`target_parameters`, peft >= 0.17): said when the targets `named` name their layers."""
+    fused = {}
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if param.dim() == 3 and leaf in _FUSED and all(t in wanted for t in _FUSED[leaf]):
-            held[leaf] = len(_FUSED[leaf])
-    if held and "target_parameters" not in getattr(peft.LoraConfig, "__dataclass_fields__", {}):
-        log.warning("LoRA: peft %s cannot adapt parameters (target_parameters, peft >= 0.17): the MoE experts' "
-                    "fused %s stay frozen", peft.__version__, ", ".join(sorted(held)))  # fmt: skip
+        if param.dim() == 3 and leaf in _FUSED:
+            fused[leaf] = _FUSED[leaf]
+    if fused and "target_parameters" not in getattr(peft.LoraConfig, "__dataclass_fields__", {}):
+        if held := _fused_expert_targets(fused, named):
+            log.warning("LoRA: peft %s cannot adapt parameters (target_parameters, peft >= 0.17): the MoE experts' "
+                        "fused %s stay frozen", peft.__version__, ", ".join(sorted(held)))  # fmt: skip
         return {}
-    return held
+    return fused
 
 
-def _say_fused_experts(model, targets: list[str]) -> None:
-    """Say which fused MoE experts parameters get adapters (`_fused_expert_targets`) and which linear layers named
-    like their targets stay frozen: peft moves gate_proj/up_proj/down_proj onto the fused experts of Qwen3-Next and
-    DeepSeek-V3, and then adapts no linear layer of those names (shared experts, dense MLPs)."""
-    fused = sorted(model.peft_config[_ADAPTER].target_parameters or ())
-    if not fused:
-        return
+def _fused_expert_targets(fused: dict[str, tuple[str, ...]], wanted) -> dict[str, int]:
+    """{name of a fused experts parameter (`_fused_params`) the targets `wanted` name: how many of them it holds},
+    for peft's `target_parameters` (one adapter per expert, rank r per linear layer held). transformers 4 kept MoE
+    experts as linear layers named gate_proj/up_proj/down_proj, which the targets adapted; peft converts them onto
+    the fused parameters for some families only (Qwen3-Next, DeepSeek-V3): this does it for every family. A
+    parameter of which only some layers are named (gate_proj without up_proj) stays frozen (`_partly_named`)."""
+    return {p: len(held) for p, held in fused.items() if all(t in wanted for t in held)}
+
+
+def _partly_named(fused: dict[str, tuple[str, ...]], experts: dict[str, int], wanted) -> dict[str, list[str]]:
+    """{fused experts parameter of which `wanted` names some linear layers but not all (gate_proj alone of
+    gate_up_proj): the ones named}."""
+    return {p: named for p, held in fused.items() if p not in experts and (named := [t for t in held if t in wanted])}
+
+
+def _say_moe_targets(model, targets: list[str], by_weight: list[str], partly: dict) -> None:
+    """Say which fused MoE experts parameters get adapters (`_fused_expert_targets`), which stay frozen because the
+    targets name only some of their layers (`_partly_named`), and that the linear layers named like their targets
+    (shared experts, dense MLPs) are adapted through their weights. Why through their weights: peft (0.21) moves
+    target_modules named gate_proj, up_proj or down_proj onto the fused experts of Qwen3-Next and DeepSeek-V3 (one
+    of gate_proj, up_proj alone: a ValueError) and then adapts no linear layer of those names, also when loading the
+    adapter; a weight named in target_parameters it leaves alone. Should a linear layer that `targets` names still be
+    left without an adapter, say so."""
     from peft.tuners.lora import LoraLayer
 
-    adapted = {n for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
-    tensors = sum(hasattr(m, "parameter_name") for m in model.get_base_model().modules())  # a ParamWrapper each
-    frozen = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_base_model().named_modules()
+    base = model.get_base_model()
+    fused = sorted(p for p in model.peft_config[_ADAPTER].target_parameters or () if p in _FUSED)
+    layers = f"the linear layers named {', '.join(by_weight)} (shared experts, dense MLPs) through their weights"
+    if fused:
+        tensors = sum(getattr(m, "parameter_name", None) in _FUSED for m in base.modules())  # a ParamWrapper each
+        doubled = "; gate_up_proj at twice the rank and alpha" if "gate_up_proj" in fused else ""
+        also = f"; and {layers}" if by_weight else ""
+        log.info("LoRA: adapting the MoE experts' fused %s in place (%d tensors: the gate_proj/up_proj/down_proj "
+                 "targets%s)%s", ", ".join(fused), tensors, doubled, also)  # fmt: skip
+    for param, named in partly.items():
+        log.info("LoRA: the MoE experts' fused %s holds %s; --lora.targets names %s alone, so it stays frozen (name "
+                 "both to adapt it)%s", param, " and ".join(_FUSED[param]), ", ".join(named),
+                 f"; adapting {layers}" if by_weight and not fused else "")  # fmt: skip
+    adapted = {n for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    frozen = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
                      if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and n not in adapted})  # fmt: skip
-    doubled = "; gate_up_proj at twice the rank and alpha" if "gate_up_proj" in fused else ""
-    log.info("LoRA: adapting the MoE experts' fused %s in place (%d tensors: the gate_proj/up_proj/down_proj "
-             "targets%s)%s", ", ".join(fused), tensors, doubled,
-             f"; the other linear layers named {', '.join(frozen)} (shared experts, dense MLPs) stay frozen" if frozen
-             else "")  # fmt: skip
+    if frozen:
+        log.warning("LoRA: peft %s gave no adapter to some linear layers named %s: they stay frozen",
+                    _peft().__version__, ", ".join(frozen))  # fmt: skip
 
 
 def _check_fused_ranks(model) -> None:
@@ -208,16 +248,20 @@ def warn_new_tokens_frozen(tokenizer, rows: int, path: str | None) -> None:
 # [T, out] elementwise pass. peft's `disable_input_dtype_casting` + autocast was not chosen: without autocast it
 # fails on the dtype mismatch, and under autocast it still multiplies and adds a [T, out] tensor per module.
 # Patched per instance (not peft's class): a plain peft model in the same process (the bench's HF + peft
-# baseline) keeps peft's forward.
+# baseline) keeps peft's forward. A linear layer adapted through its weight (`lora.ParamWrapper`: MoE shared experts
+# and dense MLPs, see _say_moe_targets) computes the same sum by the same forward: peft's would build the whole
+# weight plus its delta in every forward and its full weight gradient in backward, as for the fused experts.
 def set_fast_forward(model: nn.Module, enabled: bool = True) -> int:
-    """Install (or with enabled=False remove) the fast forward on each plain peft `lora.Linear` of `model`; returns
-    how many layers have it. Each call still checks the layer's state and falls back to peft's forward."""
-    from peft.tuners.lora.layer import Linear
+    """Install (or with enabled=False remove) the fast forward on each plain peft `lora.Linear` of `model`, and on
+    each `lora.ParamWrapper` of a plain linear layer's weight; returns how many layers have it. Each call still
+    checks the layer's state and falls back to peft's forward."""
+    from peft.tuners.lora.layer import Linear, ParamWrapper
 
     count = 0
     for module in model.modules():
-        if type(module) is not Linear:  # subclasses (bitsandbytes, ...) keep their own forward
-            continue
+        by_weight = type(module) is ParamWrapper and module.parameter_name == "weight"
+        if type(module) is not Linear and not (by_weight and type(module.base_layer) is nn.Linear):
+            continue  # subclasses (bitsandbytes, ...) keep their own forward; so do the fused experts
         module.__dict__.pop("forward", None)  # peft's class forward again
         if enabled:
             module.forward = types.MethodType(_fast_forward, module)
