@@ -235,8 +235,8 @@ class LoraConfig:
     the log names its linear layers left frozen. On MoE models whose experts transformers fuses into 3-D parameters
     (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, gpt-oss, Qwen3-Next, DeepSeek-V3), gate_proj/up_proj/down_proj (and
     all-linear) also adapt the fused experts, one adapter per expert (gate_up_proj at twice the rank and alpha; no
-    lora.dropout); on Qwen3-Next and DeepSeek-V3 peft then adapts no shared expert's or dense MLP's linear layer of
-    those names (the log names them)."""
+    lora.dropout), and the linear layers so named beside them (shared experts, dense MLPs) through their weights;
+    gate_proj or up_proj alone leaves gate_up_proj frozen (the log says so)."""
     merge_on_save: bool = field(default=True, metadata=RESUMABLE)
     """At the end of training, also save the adapters merged into the base weights (the run's merged/ folder); may
     change on resume: `--resume --lora.merge-on-save` of a complete run writes merged/."""
