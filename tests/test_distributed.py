@@ -309,9 +309,10 @@ def test_lora_ddp_matches_one_process_accumulating(tmp_path):
 
 
 def test_lora_fsdp_of_an_moe_model_trains_its_fused_experts_as_one_process_does(tmp_path):
-    """LoRA on a sharded Qwen3-MoE, whose experts are fused 3-D parameters adapted in place (peft's ParamWrapper):
-    two ranks give one process's losses and adapters, the experts' among them, and merged/ holds trained experts."""
-    base = save_tiny_model(tmp_path / "base", "qwen3_moe")
+    """LoRA on a sharded DeepSeek-V3, whose experts are fused 3-D parameters adapted in place (peft's ParamWrapper)
+    beside a shared expert and a dense MLP adapted through their weights: two ranks give one process's losses and
+    adapters, the experts' and the shared expert's among them, and merged/ holds trained experts."""
+    base = save_tiny_model(tmp_path / "base", "deepseek_v3")
     ref = loop.train(_lora(tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, grad_accum=2), base))
     cfg = tiny_config(tmp_path / "fsdp", max_steps=2, eval_every=0, save_every=2)
     _torchrun(cfg, "--training.fsdp", *_lora_args(str(base)))
@@ -321,6 +322,7 @@ def test_lora_fsdp_of_an_moe_model_trains_its_fused_experts_as_one_process_does(
     assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
     adapter = load_file(cfg.run_dir / "adapter" / "adapter_model.safetensors")
     assert any(".experts.lora_B" in k and w.abs().max() > 0 for k, w in adapter.items())  # the experts trained
+    assert any(".shared_experts." in k and "lora_B" in k and w.abs().max() > 0 for k, w in adapter.items())
     _assert_same_tensors(adapter, load_file(ref.run_dir / "adapter" / "adapter_model.safetensors"))
     merged, plain = load_file(cfg.run_dir / "merged" / "model.safetensors"), load_file(base / "model.safetensors")
     _assert_same_tensors(merged, load_file(ref.run_dir / "merged" / "model.safetensors"))
