@@ -53,3 +53,8 @@ def apply(model: nn.Module) -> int:
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count
+
+
+def runs_autocast(module: nn.Module) -> bool:
+    """Whether `module` has the autocast-aware forward `apply` installs."""
+    return getattr(vars(module).get("forward"), "__func__", None) is _forward

@@ -253,11 +253,14 @@ def warn_new_tokens_frozen(tokenizer, rows: int, path: str | None) -> None:
 # weight plus its delta in every forward and its full weight gradient in backward, as for the fused experts.
 def set_fast_forward(model: nn.Module, enabled: bool = True) -> int:
     """Install (or with enabled=False remove) the fast forward on each plain peft `lora.Linear` of `model`, and on
-    each `lora.ParamWrapper` of a plain linear layer's weight; returns how many layers have it. Each call still
+    each `lora.ParamWrapper` of a plain linear layer's weight, and on each adapted MoE experts module
+    (model/expert_lora.py: no adapted weight kept for backward); returns how many layers have it. Each call still
     checks the layer's state and falls back to peft's forward."""
     from peft.tuners.lora.layer import Linear, ParamWrapper
 
-    count = 0
+    from fasttune.model import expert_lora
+
+    count = expert_lora.set_forward(model, enabled)
     for module in model.modules():
         by_weight = type(module) is ParamWrapper and module.parameter_name == "weight"
         if type(module) is not Linear and not (by_weight and type(module.base_layer) is nn.Linear):

@@ -195,7 +195,7 @@ class _Recipe:
 
     def remake(self) -> torch.Tensor:
         if self.out is None:  # once for all its users (q, k and v keep the same output)
-            _check_version(self.x, self.x_version)
+            check_version(self.x, self.x_version, _NORM_FIX)
             with torch.no_grad():
                 m = self.module
                 lean = vars(m)["forward"].__func__ is _lean_forward
@@ -203,12 +203,17 @@ class _Recipe:
         return self.out
 
 
-def _check_version(t: torch.Tensor, version: int) -> None:
+_NORM_FIX = "fasttune's lean RMSNorm recomputes from it: --model.no-lean-norm runs HF's norm"
+
+
+def check_version(t: torch.Tensor, version: int, fix: str = "") -> None:
+    """Autograd's check that a saved tensor was not written in place since it was saved (saved-tensor hooks switch
+    it off: hooks that keep a tensor as it is call this when they unpack it); `fix`: what the user can do."""
     if t._version != version:
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an inplace operation: "
-            f"{type(t).__name__} {list(t.shape)} is at version {t._version}; expected version {version} instead "
-            "(fasttune's lean RMSNorm recomputes from it: --model.no-lean-norm runs HF's norm)"
+            f"{type(t).__name__} {list(t.shape)} is at version {t._version}; expected version {version} instead"
+            + (f" ({fix})" if fix else "")
         )
 
 
@@ -247,7 +252,7 @@ def _unpack(saved):
     kept, meta = saved
     if isinstance(kept, _Recipe):
         return kept.remake().view(meta)
-    _check_version(kept, meta)
+    check_version(kept, meta, _NORM_FIX)
     return kept
 
 

@@ -30,6 +30,7 @@ import torch
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
 from fasttune.model.build import base_model, decoder_blocks
+from fasttune.model.expert_lora import fold_bytes
 from fasttune.model.layout import attention_layout, kept_scores, mlp_layout, parallel
 from fasttune.model.mlp import fused as fused_mlp
 from fasttune.model.norm import lean as lean_norm
@@ -97,6 +98,9 @@ class Estimate:
     fixed: float = 0.6 * GiB  # cuBLAS and attention workspaces, allocator slack
     pinned: float = 0.0
     """Host memory the plan pins (`offload`: the layers' inputs), not part of the GPU's total."""
+    remade: float = 0.0
+    """LoRA on fused MoE experts: one layer's adapted expert weights, remade in backward, and their gradient
+    (model/expert_lora.py), beside the activations or, at the end of backward, the gradients; none is kept."""
 
     @property
     def total(self) -> float:
@@ -107,14 +111,15 @@ class Estimate:
         # A plan that recomputes whole layers has the first layers' recompute live beside nearly every gradient.
         acts = self.activations + self.loss
         live = self.grads + acts if self.accumulating else max(self.grads + self.end_of_backward, acts)
-        return self.weights + self.optimizer + self.buckets + live + self.workspace + self.fixed
+        return self.weights + self.optimizer + self.buckets + live + self.remade + self.workspace + self.fixed
 
     def parts(self) -> str:
         """The total's parts by name; the terms most plans do not have only where they count."""
         parts = (("weights", self.weights), ("grads", self.grads), ("optimizer", self.optimizer),
                  ("activations", self.activations), ("loss", self.loss))  # fmt: skip
         extra = (("beside the grads at the end of backward", 0.0 if self.accumulating else self.end_of_backward),
-                 ("attention backward workspace", self.workspace), ("DDP buckets", self.buckets))  # fmt: skip
+                 ("attention backward workspace", self.workspace), ("DDP buckets", self.buckets),
+                 ("MoE experts' adapted weights remade in backward", self.remade))  # fmt: skip
         return ", ".join(f"{n} {v / GiB:.1f}" for n, v in (*parts, *((n, v) for n, v in extra if v)))
 
     def describe(self) -> str:
@@ -167,6 +172,8 @@ class Setup:
     norm) from the forward to its backward, and two decoder blocks (the running one and the prefetched one)."""
     host: bool = False
     """The run trains on the CPU: what it may use is the machine's RAM (host_free), not a GPU's memory."""
+    experts_fold: float = 0.0
+    """LoRA on fused MoE experts: bytes of the largest layer's adapted expert weights (expert_lora.fold_bytes)."""
     ram: float | None = None
     """RAM this rank may take on the host (MemAvailable over the ranks on this machine), for `offload`'s pinned
     memory; None: unknown, and `auto` does not offer `offload`."""
@@ -192,6 +199,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
         workspace=0.0 if st.host else attention_workspace_bytes(s, st.tokens),
         fixed=0.0 if st.host else Estimate.fixed,  # no GPU workspaces; the process's own RAM is out of MemAvailable
         pinned=offloaded_bytes(s, st.tokens, st.autocast) if plan == "offload" else 0.0,
+        remade=2.0 * st.experts_fold,  # the weights and their gradient
     )  # fmt: skip
 
 
@@ -361,7 +369,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
         autocast=param_bytes == 4 and cfg.model.dtype == "auto" and _device_type(model, device) == "cuda",
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
-        scores=scores, host=_device_type(model, device) == "cpu", ram=rank_ram(),
+        scores=scores, host=_device_type(model, device) == "cpu", ram=rank_ram(), experts_fold=fold_bytes(model),
     )  # fmt: skip
 
 

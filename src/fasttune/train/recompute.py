@@ -21,6 +21,10 @@ def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     """`ops`: keep matmul and attention outputs (costly to recompute), recompute everything else (elementwise)."""
     name = str(func)  # "aten.mm.default", "aten._flash_attention_forward.default", ...
     parts = name.split(".")
+    if len(parts) > 1 and parts[1] == "baddbmm" and args and isinstance(args[0], torch.nn.Parameter):
+        # LoRA's fold onto a 3-D experts weight (W + scaling * lhs @ rhs: model/expert_lora.py, peft's): its output
+        # is a whole weight a layer to keep, remade in one cheap baddbmm
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if (len(parts) > 1 and parts[1] in _SAVE) or "attention" in name or "attn" in name:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE

@@ -1,0 +1,182 @@
+"""LoRA on fused MoE experts without a weight-sized tensor kept per layer (model/expert_lora.py): the same loss and
+gradients as plain peft's ParamWrapper under the activation plans, what a layer keeps no longer growing with the
+experts' weights, and what backward remakes counted by the memory estimate."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+from helpers import TINY_MODELS, TINY_SHAPE
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fasttune.config.base_config import LoraConfig
+from fasttune.model import expert_lora, experts
+from fasttune.model.expert_lora import fold_bytes
+from fasttune.model.lora import apply_lora, set_fast_forward
+from fasttune.train.recompute import apply_plan
+from tests.test_memory import VOCAB
+from tests.test_memory_layers import _kept_bytes
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads is_gradient_checkpointing
+KINDS = ("qwen3_moe", "mixtral")
+
+
+def _model(kind: str, layers: int = 2, experts_n: int = 4, width: int | None = None):
+    """A tiny model of TINY_MODELS' shape (`experts_n` experts of `width`), on fasttune's sdpa."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fasttune.attention.select import register
+
+    count = "num_experts" if kind == "qwen3_moe" else "num_local_experts"
+    size = {"moe_intermediate_size" if kind == "qwen3_moe" else "intermediate_size": width} if width else {}
+    config = AutoConfig.for_model(kind, vocab_size=VOCAB, attn_implementation=register()["sdpa"], **{
+        **TINY_SHAPE, **TINY_MODELS[kind], "num_hidden_layers": layers, count: experts_n, **size})  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _lora(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = apply_lora(model, LoraConfig(enabled=True, rank=4, alpha=8))
+    torch.manual_seed(1)
+    for p in model.parameters():  # B is zero at the start: every adapter nonzero, so the gradients of A count too
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _step(model, ids):
+    """(loss, the input embeddings' gradient, {adapter: gradient}) of one forward and backward."""
+    model.train()
+    model.zero_grad()
+    x = model.get_input_embeddings()(ids).detach().requires_grad_()
+    loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss, x.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapted_experts_train_as_plain_peft_under_every_plan(kind, dtype):
+    """Loss, the input's gradient and every adapter's gradient equal those of plain peft's experts (its
+    ParamWrapper forward, no plan) under plans none, ops and full, with an fp32 base and with a bf16 one under fp32
+    adapters (fasttune's LoRA on a GPU), within torch's fp32 tolerance: the same fold of the adapters into the
+    weights, remade in backward from the same inputs."""
+    torch.manual_seed(0)
+    ref = _lora(_model(kind).to(dtype))
+    ours = copy.deepcopy(ref)
+    assert expert_lora.set_forward(ref, enabled=False) == 0  # peft's ParamWrapper (tests/test_lora.py: the rest)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    want = _step(ref, ids)
+    assert any(g.abs().max() > 0 for n, g in want[2].items() if ".experts." in n)
+    for plan in ("none", "ops", "full"):
+        model = copy.deepcopy(ours)
+        assert set_fast_forward(model) == 2 * 4 + 2  # q, k, v, o of each layer; its experts
+        apply_plan(model, plan)
+        loss, grad, grads = _step(model, ids)
+        close = torch.testing.assert_close
+        close(loss, want[0], msg=plan)
+        close(grad, want[1], msg=plan)
+        assert grads.keys() == want[2].keys()
+        for name, g in grads.items():
+            close(g, want[2][name], msg=f"{plan} {name}")
+
+
+def _per_layer(kind: str, experts_n: int, plan: str, lora: str, autocast: bool = False) -> int:
+    """Bytes a decoder layer keeps for backward (two layers minus one, 64 tokens; the weights not counted)."""
+    make = functools.partial(_model, kind, experts_n=experts_n, width=256)
+    return (_kept_bytes(2, 64, plan, lora, make=make, autocast=autocast)
+            - _kept_bytes(1, 64, plan, lora, make=make, autocast=autocast))  # fmt: skip
+
+
+@pytest.mark.usefixtures("frozen_gc")
+@pytest.mark.parametrize("kind", KINDS)
+def test_what_a_layer_keeps_does_not_grow_with_the_experts_weights(kind):
+    """Four times the experts (the same tokens and routing): with peft's forward a layer keeps their whole adapted
+    weight more (and the factors' bf16 copies) under `none`, with fasttune's only what the model without LoRA keeps
+    more in bf16 (the router's [tokens, experts] probabilities), under plans none and ops, in bf16 and with fp32
+    weights under autocast (the experts' matmuls in bf16, model/experts.py, which peft's forward cannot run: its
+    parametrized weights are no parameters of the module)."""
+    weight = 3 * 12 * TINY_SHAPE["hidden_size"] * 256 * 2  # 12 more experts' gate, up and down, bf16
+    assert _per_layer(kind, 16, "none", "peft") - _per_layer(kind, 4, "none", "peft") >= weight
+    for plan in ("none", "ops"):
+        routing = _per_layer(kind, 16, plan, "") - _per_layer(kind, 4, plan, "")
+        for autocast in (False, True):
+            grown = _per_layer(kind, 16, plan, "fast", autocast) - _per_layer(kind, 4, plan, "fast", autocast)
+            assert grown < 0.01 * weight and (autocast or grown == routing), (plan, autocast, grown, routing)
+
+
+class _Peak(TorchDispatchMode):
+    """The most bytes of storages that ops made while it runs were alive at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _gone(self, ptr: int) -> None:
+        self.now -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            ptr = t.untyped_storage().data_ptr() if torch.is_tensor(t) else 0
+            if ptr and ptr not in self.live:
+                self.live[ptr] = t.untyped_storage().nbytes()
+                self.now += self.live[ptr]
+                weakref.finalize(t, self._gone, ptr)
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+@pytest.mark.usefixtures("frozen_gc")
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_remakes_one_layers_weights_at_a_time_as_the_estimate_counts(kind):
+    """fold_bytes is one layer's adapted expert weights; what backward makes at its peak grows, with four times
+    the experts, by between one and two times what fold_bytes grows (measured: 5/3, gate_up's weight remade and
+    the gradients of both), the two times the estimate adds (Estimate.remade); with two layers, no more than one."""
+    from fasttune.config import get_experiment
+    from fasttune.train.memory import Setup, estimate, setup_of
+
+    peaks, folds = {}, {}
+    for layers, n in ((1, 4), (1, 16), (2, 16)):
+        torch.manual_seed(0)
+        model = _lora(_model(kind, layers, n, width=256).to(torch.bfloat16))
+        layer = model.base_model.model.model.layers[0].mlp.experts
+        assert fold_bytes(model) == sum(p.numel() * 2 for p in layer.base_layer.base_layer.parameters())
+        ids = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(2))
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        gc.collect()
+        with _Peak() as peak:
+            loss.backward()
+        peaks[layers, n], folds[layers, n] = peak.peak, fold_bytes(model)
+    grown, fold = peaks[1, 16] - peaks[1, 4], folds[1, 16] - folds[1, 4]
+    assert fold <= grown <= 2 * fold, (grown, fold)
+    assert peaks[2, 16] - peaks[1, 16] < fold, peaks
+    st = setup_of(get_experiment("lora"), model, liger=False, chunked=True)
+    assert st.experts_fold == folds[2, 16]
+    without = Setup(**{**st.__dict__, "experts_fold": 0.0})
+    for plan in ("none", "ops", "full"):
+        assert estimate(st, plan).total - estimate(without, plan).total == 2 * folds[2, 16]
+
+
+def test_experts_under_autocast_run_their_adapted_weights_in_bf16():
+    """fp32 weights under bf16 autocast with model/experts.py: the adapted weights are made in bf16 (no fp32 copy
+    for the grouped matmuls to keep), within bf16's tolerance of peft's fp32 experts."""
+    torch.manual_seed(0)
+    ref = _lora(_model("qwen3_moe"))
+    ours = copy.deepcopy(ref)
+    set_fast_forward(ref, enabled=False)
+    assert experts.apply(ours) == 2
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", torch.bfloat16):
+        want, got = _step(ref, ids), _step(ours, ids)
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+    for name, g in got[2].items():
+        torch.testing.assert_close(g, want[2][name], rtol=0.1, atol=2e-3, msg=name)
