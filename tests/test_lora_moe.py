@@ -157,7 +157,8 @@ def test_the_fast_forward_of_a_linear_layer_adapted_through_its_weight_equals_pe
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     runs = []
     for fast in (True, False):
-        assert set_fast_forward(model, enabled=fast) == (2 * (2 + 3) if fast else 0)  # 2 layers x q, o, gate, up, down
+        # 2 layers x q, o, gate, up, down (dense MLP, then the shared expert), and the MoE layer's fused experts
+        assert set_fast_forward(model, enabled=fast) == (2 * (2 + 3) + 1 if fast else 0)
         model.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
