@@ -329,6 +329,36 @@ def test_a_bad_file_is_one_line_naming_the_file_and_key(tmp_path, monkeypatch, c
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
 
 
+_RECORDS = [{"instruction": f"Question {i}: " + "words " * 40, "input": "", "output": "an answer"} for i in range(500)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        # the data file meant for --data: the error line printed the whole file (4 MB for GSM8K's train split)
+        ("train.json", _RECORDS, "train.json holds a list of 500 records, not a mapping of options: a data file? pass "
+         "it as --data train.json"),
+        ("run.json", {"data": _RECORDS}, "run.json: data: expected a section (a mapping of its options), got "
+         "[{'instruction': 'Question 0: words"),
+        # a model folder's config.json: its keys were answered as fasttune's (model_type -> model.dtype)
+        ("my-llama/config.json", {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64},
+         "my-llama/config.json is a model's config.json (model_type, architectures), not fasttune options: pass its "
+         "folder as --model my-llama"),
+    ],
+)  # fmt: skip
+def test_a_file_that_is_no_config_is_named_for_what_it_is_in_a_short_line(
+    tmp_path, monkeypatch, capsys, name, content, expected
+):
+    monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("the file was accepted"))
+    monkeypatch.chdir(tmp_path)
+    Path(name).parent.mkdir(exist_ok=True)
+    Path(name).write_text(json.dumps(content))
+    assert cli.main(["train", "--config", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert len(err) < 300, err
+
+
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
     [

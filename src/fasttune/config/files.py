@@ -26,6 +26,10 @@ SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}
 PATHS = ("output_dir", "model.path", "data.path", "data.val_path", "data.cache_dir")
 """Keys that name a file or folder: a leading ~ is the home folder, as the shell makes it of a flag's value (left as
 is, `output_dir: ~/runs/a` made a folder named ~ in the working directory)."""
+MODEL_KEYS = frozenset({"model_type", "architectures"})
+"""Keys of a Hugging Face model's config.json, which is no --config file (it names no section of fasttune's)."""
+WHAT_CHARS = 80
+"""The most characters of a wrong value an error shows (a data file given as --config held megabytes)."""
 COMMAND_LINE_ONLY = ("resume", "overwrite")
 """Keys that act on the run folder rather than describe the run: taken from the command line only (a run's saved
 config.json records them; read back, they would resume or clear a folder nobody asked to)."""
@@ -176,9 +180,17 @@ def read(path: str) -> dict:
     if data is None or data == {}:  # an empty YAML or TOML file (or only comments), or {}: an unsaved file?
         raise ConfigError(f"--config {path} sets no option (it is empty); write the run's options in it (e.g. "
                           "experiment: sft, training: {lr: 1e-4}), or drop --config")  # fmt: skip
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        raise ConfigError(
+            f"{path} holds a list of {len(data):,} records, not a mapping of options: a data file? "
+            f"pass it as --data {path} (a --config file sets options: training: {{lr: 1e-4}})"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of options and sections at the top (e.g. training: {{lr: "
                           f"1e-4}}), not {_what(data)}")  # fmt: skip
+    if MODEL_KEYS & set(data) and not set(data) & set(_sections()):
+        raise ConfigError(f"{path} is a model's config.json (model_type, architectures), not fasttune options: pass "
+                          f"its folder as --model {Path(path).parent}")  # fmt: skip
     return data
 
 
@@ -186,11 +198,14 @@ def read(path: str) -> dict:
 
 
 def _what(value) -> str:
+    """`value` as the message shows it, with its type; a long one (a list of records) cut to its start."""
     if value is None:
         return "null"
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
              dict: "a mapping"}  # fmt: skip
-    return f"{value!r} ({names.get(type(value), type(value).__name__)})"
+    shown = repr(value)
+    shown = shown if len(shown) <= WHAT_CHARS else shown[: WHAT_CHARS - 3] + "..."
+    return f"{shown} ({names.get(type(value), type(value).__name__)})"
 
 
 def _expected(kind) -> str:
