@@ -112,6 +112,27 @@ def test_only_a_cpu_run_that_could_take_an_hour_times_the_cpu(tmp_path, monkeypa
     assert probes == [(1024, 1024)]
 
 
+def test_a_fine_tune_too_long_for_the_cpu_is_told_fewer_steps_not_another_preset(tmp_path):
+    """`--experiment sft --model M` with many steps on a CPU was told to "use --experiment quick (or a smaller
+    --model.preset ...)": neither fine-tunes M. A preset's run still gets those."""
+    import torch
+    from helpers import save_micro_model, sft_config, tiny_config
+
+    from fasttune.train import device
+
+    cfg = sft_config(tmp_path, save_micro_model(tmp_path / "m"))
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=10**9))
+    with pytest.raises(ConfigError) as info:
+        device.refuse_gpu_scale(cfg, torch.device("cpu"))
+    message = str(info.value)
+    assert message.startswith("this sft run is GPU-scale and no GPU is available: 1,000,000,000 steps")
+    assert "use fewer --max-steps, or pass --force" in message and "--experiment quick" not in message, message
+    preset = tiny_config(tmp_path)
+    preset = dataclasses.replace(preset, training=dataclasses.replace(preset.training, max_steps=10**9))
+    with pytest.raises(ConfigError, match=r"use --experiment quick \(or a smaller --model.preset, fewer --max-steps\)"):
+        device.refuse_gpu_scale(preset, torch.device("cpu"))
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

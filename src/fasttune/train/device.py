@@ -54,10 +54,12 @@ def refuse_gpu_scale(cfg: BaseConfig, device: torch.device) -> None:
     steps, fewer = count(t.max_steps, "step", shown=f"{t.max_steps:,}"), "--max-steps"
     if t.epochs is not None:
         steps, fewer = f"{steps} ({count(t.epochs, 'epoch', shown=f'{t.epochs:g}')})", "--epochs"
+    # a preset's model can be swapped for a smaller one; the user's own --model is what they came to fine-tune
+    smaller = f"fewer {fewer}" if cfg.model.path else f"--experiment quick (or a smaller --model.preset, fewer {fewer})"
     raise ConfigError(
-        f"experiment {cfg.experiment!r} is GPU-scale and no GPU is available: {steps} of up to {tokens:,} tokens "
+        f"this {cfg.experiment} run is GPU-scale and no GPU is available: {steps} of up to {tokens:,} tokens "
         f"on {model} take about {span} at this CPU's measured {gflops:.0f} GFLOP/s. Run it on a CUDA machine, use "
-        f"--experiment quick (or a smaller --model.preset, fewer {fewer}), or pass --force to run here anyway"
+        f"{smaller}, or pass --force to run here anyway"
     )
 
 
