@@ -87,6 +87,34 @@ def test_a_typod_required_field_is_named_with_the_field_it_looks_like(tmp_path, 
     assert "looks like" not in error_for(FIXTURES / "unknown_format.jsonl")
 
 
+@pytest.mark.parametrize(
+    ("record", "said"),
+    [
+        ({"question": "q", "answer": "a"},  # GSM8K on the Hub
+         "; as prompt_completion records: rename answer to completion, question to prompt (datasets: "
+         "ds.rename_columns({'answer': 'completion', 'question': 'prompt'}))"),
+        ({"query": "q", "response": "a"}, "rename query to prompt, response to completion"),  # MetaMathQA
+        ({"instruction": "i", "context": "c", "response": "r"},  # Dolly
+         "; as alpaca records: rename context to input, response to output"),
+        ({"input": "q", "output": "a"}, "rename input to prompt, output to completion"),
+        ({"question": "q", "query": "q2", "answer": "a"}, None),  # two fields for prompt: no one renaming
+        ({"question": "q", "label": 1}, None),  # no completion: no format
+        ({"prompt": "q", "chosen": "a", "rejected": "b"}, None),  # preference data: not a format of fasttune's
+    ],
+)  # fmt: skip
+def test_other_data_sets_field_names_are_answered_with_the_renaming(tmp_path, record, said):
+    """GSM8K's question/answer (and other sets' names) got 'rename the fields or pass --data.format', though no
+    --data.format reads them: the renaming that makes the records a format's is named, with the call that does it."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    message = error_for(path)
+    assert "cannot tell the data format from its keys" in message
+    if said is None:
+        assert "rename_columns" not in message, message
+    else:
+        assert said in message, message
+
+
 @pytest.mark.parametrize("typo", ["content ", "Content", "contnet"])
 def test_a_typod_message_key_is_named(tmp_path, typo):
     """A message whose `content` key is misspelt was 'messages[1].content must be a string, got null (missing

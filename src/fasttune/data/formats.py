@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fasttune.data.chat_fields import KWARGS, check_message_flags, check_prompt_flags, record_kwargs
+from fasttune.data.field_hints import rename_hint, typo_hint
 from fasttune.data.folders import data_files
 from fasttune.data.readers import (
     JsonField,
@@ -75,6 +76,7 @@ _REQUIRED = {
     "chat": ("messages",),
 }
 _OPTIONAL = {"alpaca": ("input",)}
+_FIELDS = sorted({f for names in (*_REQUIRED.values(), *_OPTIONAL.values()) for f in names})
 _UNRENDERED = {"alpaca": ("system", "history")}
 """Fields of other tools' Alpaca variants (LLaMA-Factory's system and history, Axolotl's alpaca_w_system) that the
 Alpaca prompt has no place for."""
@@ -365,17 +367,9 @@ def detect_format(record: dict, where: str = "record 1", option: str = "--data.f
         return "chat"
     seen = ", ".join(sorted(map(str, keys))[:12]) or "none"
     raise DataError(
-        f"{where}: cannot tell the data format from its keys ({seen}){_looks_like(keys)}; expected {_FORMAT_HINT}; "
-        f"rename the fields or pass {option}"
+        f"{where}: cannot tell the data format from its keys ({seen}){typo_hint(keys, _FIELDS)}"
+        f"{rename_hint(keys, _REQUIRED)}; expected {_FORMAT_HINT}; rename the fields or pass {option}"
     )
-
-
-def _looks_like(keys: set) -> str:
-    """'; ouput looks like output' for keys a letter or two off a format's field (a typo'd required field), else ""."""
-    fields = sorted({f for names in (*_REQUIRED.values(), *_OPTIONAL.values()) for f in names})
-    pairs = [(k, close[0]) for k in sorted(map(str, keys)) if k not in fields
-             and (close := difflib.get_close_matches(k.strip().lower(), fields, n=1, cutoff=0.8))]  # fmt: skip
-    return "".join(f"; {k!r} looks like {f!r}" for k, f in pairs)
 
 
 def validate_record(record: dict, fmt: str, where: str, option: str = "--data.format") -> None:
