@@ -21,8 +21,10 @@ from fasttune import cli
         ("--max_seq_length", "did you mean --data.max-length?"),
         ("--lora_r", "did you mean --lora.rank?"),
         ("--rank", "did you mean --lora.rank?"),  # one option of that name, in another section
-        ("--bf16", "did you mean --model.dtype?"),  # HF Trainer's precision switches: no hint before
-        ("--fp16", "did you mean --model.dtype?"),
+        # HF Trainer's precision switches: no hint before, then --model.dtype, which has no fp16 and whose bf16 is
+        # pure bf16, not HF's --bf16 (autocast over fp32 weights: fasttune's default on a GPU)
+        *((f, "fasttune has no such option: on a GPU it trains in bf16 by default, never fp16 (--model.dtype auto: "
+              "bf16 autocast over fp32 weights, as HF's --bf16;") for f in ("--bf16", "--fp16")),
         ("--warmup_ratio", "fasttune has no such option: warmup is counted in steps, --training.warmup-steps N"),
         # TRL's and peft's LoRA options: --use_peft was answered with --seed, --lora_modules_to_save with
         # --lora.merge-on-save (another thing), DoRA and QLoRA's with the closest spelling or nothing

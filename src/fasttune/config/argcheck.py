@@ -50,8 +50,6 @@ OTHER_NAMES = {
     "resume-from-checkpoint": "--resume",
     "gradient-checkpointing": "--model.gradient-checkpointing",
     "completion-only-loss": "--data.no-train-on-prompt",
-    "bf16": "--model.dtype",
-    "fp16": "--model.dtype",
     "torch-dtype": "--model.dtype",
     # Axolotl, peft, LLaMA-Factory
     "lr": "--training.lr",
@@ -102,6 +100,10 @@ _NO_CHAT_TEMPLATE = (
     "in the model folder (tokenizer.chat_template = TEMPLATE; tokenizer.save_pretrained(MODEL) writes "
     "chat_template.jinja)"
 )
+_PRECISION = (
+    "fasttune has no such option: on a GPU it trains in bf16 by default, never fp16 (--model.dtype auto: bf16 "
+    "autocast over fp32 weights, as HF's --bf16; --model.dtype bf16: pure bf16 weights and optimizer state)"
+)
 NO_SUCH_OPTION = {
     "dataset-text-field": "fasttune has no such option: text data is read from each record's `text` field (TRL's "
     "default; a .txt file is read whole); rename your field to text, e.g. jq -c '{text: .content}' in.jsonl > "
@@ -121,6 +123,9 @@ NO_SUCH_OPTION = {
     "file or folder (a save_to_disk DatasetDict's DATA/test) as --data.val-path",
     "lr-scheduler-type": _NO_SCHEDULER,
     "lr-scheduler": _NO_SCHEDULER,  # Axolotl's
+    # HF's precision switches: --model.dtype has no fp16, and its bf16 is pure bf16, not HF's --bf16 (autocast)
+    "bf16": _PRECISION,
+    "fp16": _PRECISION,
     "warmup-ratio": "fasttune has no such option: warmup is counted in steps, --training.warmup-steps N (HF's "
     "warmup_ratio R is N = ceil(R x the run's steps))",
     "evals-per-epoch": "fasttune has no such option: val_loss is computed every --training.eval-every N steps (the "
