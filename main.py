@@ -1,7 +1,7 @@
 """Train with an experiment preset: `python main.py --experiment quick [--option value ...]` = `fasttune train ...`.
 
 `python main.py generate|chat|eval|doctor|bench|experiments ...` runs that `fasttune` command, and
-`python main.py --doctor` runs `fasttune doctor`."""
+`python main.py --doctor` runs `fasttune doctor`, `python main.py --version` is `fasttune --version`."""
 
 import difflib
 import sys
@@ -21,6 +21,8 @@ def main() -> int:
     argv = sys.argv[1:]
     if "--doctor" in argv:
         return cli_main(["doctor", *[a for a in argv if a != "--doctor"]])
+    if argv[:1] in (["--version"], ["-V"]):
+        return cli_main(argv)
     word = argv[0] if argv[:1] and not argv[0].startswith("-") else None
     if word and (word in COMMANDS or difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.7)):
         return cli_main(argv)  # a command, or one mistyped (genrate): named as such, not as an option of train

@@ -25,6 +25,22 @@ def test_every_subcommand_help_is_for_users_and_offers_debug(command, capsys):
         assert dev not in out
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_names_fasttune_torch_transformers_and_python(flag, capsys):
+    """`fasttune --version` was 'unknown option --version': a bug report had no way to say which fasttune it ran."""
+    import platform
+
+    import torch
+    import transformers
+
+    from fasttune import __version__
+
+    assert cli.main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"fasttune {__version__} (torch {torch.__version__}, transformers {transformers.__version__}, "
+                   f"Python {platform.python_version()})\n")  # fmt: skip
+
+
 def test_top_level_help_lists_every_command(capsys):
     assert cli.main([]) == 0
     out = capsys.readouterr().out
@@ -178,6 +194,8 @@ def test_main_py_runs_the_other_commands_too():
     ran = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert ran.returncode == 2 and ran.stderr == ("error: unknown command 'genrate'; choose one of: train, generate, "
                                                   "chat, eval, doctor, bench, experiments\n")  # fmt: skip
+    ran = subprocess.run([sys.executable, main_py, "--version"], capture_output=True, text=True, env=env)
+    assert ran.returncode == 0 and ran.stdout == cli.version() + "\n"  # it was "unknown option --version" of train
 
 
 def test_main_py_in_a_python_without_fasttune_says_how_to_get_one():

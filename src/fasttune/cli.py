@@ -254,8 +254,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
+def version() -> str:
+    """`fasttune --version`: fasttune's version and those of the packages a bug report needs, read from the installed
+    packages' metadata (importing torch takes seconds)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from fasttune import __version__
+
+    def of(name: str) -> str:
+        try:
+            return f"{name} {installed(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    return f"fasttune {__version__} ({of('torch')}, {of('transformers')}, Python {platform.python_version()})"
+
+
 def _main(argv: list[str]) -> int:
     set_environment()
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version())
+        return 0
     debug = "--debug" in argv
     rank = _later_rank(argv)
     command = None
