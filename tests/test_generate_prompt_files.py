@@ -1,5 +1,6 @@
-"""`fasttune generate --prompts` on the table files `--data` reads (Parquet, CSV): their rows are the prompt records,
-answered as the same records in JSON lines (JSON, .txt and the line-by-line errors: test_generate_cli.py)."""
+"""How `fasttune generate --prompts` reads its file: the table files `--data` reads (Parquet, CSV), whose rows are the
+prompt records answered as the same records in JSON lines; a JSON object's records; the errors that name a record's
+line and the fix (JSON arrays and .txt files answered through a fine-tuned run: test_generate_cli.py)."""
 
 import datetime
 import gzip
@@ -8,7 +9,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import save_base_model
+from helpers import deny_file, save_base_model
 
 from fasttune.cli import main
 from fasttune.errors import DataError
@@ -64,3 +65,79 @@ def test_a_binary_file_of_another_type_is_told_what_prompts_reads_not_to_save_it
     latin.write_bytes('"Qu\u00e9 hora es?"\n'.encode("latin-1"))
     with pytest.raises(DataError, match=r"not UTF-8 text .*; save it as UTF-8$"):
         read_prompts(latin)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "no prompts \\(the file is empty\\)"),
+        ("\n\n", "no prompts"),
+        ('"ok"\n{"prompt": "x\n', "line 2: invalid JSON"),
+        ('{"answer": 1}\n', "line 1: no prompt"),
+        (
+            '"ok"\n{"prompt": 3}\n',
+            'line 2: "prompt" must be text \\(a JSON string\\) or a list of messages, not a number: 3',
+        ),
+        (
+            '{"prompt": ["a"]}\n',
+            'line 1: "prompt" must be text \\(a JSON string\\) or a list of messages, not a list of text: \\["a"\\]',
+        ),
+        ('{"instruction": null}\n', 'line 1: "instruction" must be text \\(a JSON string\\), not null'),
+        ('{"text": true, "id": 1}\n', 'line 1: "text" must be text \\(a JSON string\\), not a boolean: true'),
+        (
+            '{"messages": [{"role": "user", "content": 5}]}\n',
+            'line 1: "messages" must be a list of messages with '
+            'text content, not a list of messages without text: \\[\\{"role": "user", "content": 5\\}\\]',
+        ),
+    ],  # fmt: skip
+)
+def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_prompts(path)
+
+
+def test_an_unreadable_prompt_file_is_one_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('"q"\n')
+    deny_file(monkeypatch, "read_text", path)
+    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --prompts {path}: permission denied; make it readable (chmod u+r {path})\n"
+
+
+def test_prompts_under_one_key_of_a_json_object_are_read_as_its_records(tmp_path):
+    """{"version": .., "data": [...]} (SQuAD-style, as training and `eval --data` read it) stopped with "line 1: no
+    prompt" or "invalid JSON": its records are the prompts, named by their key; several such keys are refused."""
+    records = [{"instruction": "Natalia sold clips", "input": "", "output": "72"}, {"prompt": "How many clips?"}]
+    lines, wrapped = tmp_path / "p.jsonl", tmp_path / "p.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for indent in (None, 2):
+        wrapped.write_text(json.dumps({"version": "1", "data": records}, indent=indent))
+        got = read_prompts(wrapped)
+        assert [r.pop("_where") for r in got] == ["record 1 of 'data'", "record 2 of 'data'"]
+        assert got == [{k: v for k, v in r.items() if k != "_where"} for r in read_prompts(lines)]
+    wrapped.write_text(json.dumps({"train": records, "test": records}))
+    with pytest.raises(DataError, match="several keys holding lists \\('train', 'test'\\)"):
+        read_prompts(wrapped)
+    wrapped.write_text(json.dumps({"data": [{"answer": 1}]}))
+    with pytest.raises(DataError, match="p.json record 1 of 'data': no prompt"):
+        read_prompts(wrapped)
+    wrapped.write_text(json.dumps({"question": "2 + 3?", "choices": ["4", "5"]}))  # one record, not a container
+    with pytest.raises(DataError, match="p.json line 1: no prompt"):
+        read_prompts(wrapped)
+
+
+def test_one_prompt_record_in_a_json_file_is_that_record_not_a_container_of_its_messages(tmp_path):
+    """A record's own list of messages is not a list of prompts: a chat record with content parts (OpenAI's layout)
+    was refused as "record 0 of 'messages': no prompt", naming a key as if the file held records under it; and one
+    record pretty-printed over several lines (a .json file as training reads it) was "line 1: invalid JSON"."""
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(chat, indent=2))
+    assert read_prompts(path) == [{**chat, "_where": "record 1"}]
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]}
+    path.write_text(json.dumps(parts) + "\n")
+    with pytest.raises(DataError, match=r'one.json line 1: "messages" must be a list of messages with text content'):
+        read_prompts(path)

@@ -332,7 +332,8 @@ def _read_corpus(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val
 def _read_records(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None, val_only: bool = False) -> _Read | None:
     """--data's records, held out by record, else (text with too few documents) by the last pieces of the text;
     `val_only`: the training records are not tokenized (build_validation), None where the pieces need them."""
-    from fasttune.data.formats import PROMPT_TURNS, load_paths, record_names, say_unrendered
+    from fasttune.data.formats import load_paths, record_names
+    from fasttune.data.records import PROMPT_TURNS, say_unrendered
     from fasttune.data.sft import say_empty_prompts, tokenize_records
 
     d, source, places, run_data = cfg.data, shown(cfg.data.path), [], tokenizer is not None  # build_data's
@@ -377,7 +378,8 @@ def _val_records(d: DataConfig, fmt: str, summary: DataSummary) -> tuple[list[di
     """--data.val-path's records, read as --data's (`fmt`, its format; --data.field names the key of the .json ones),
     and how errors name them (formats.record_names): the validation set; --data.max-documents applies to --data only,
     and a DatasetDict of several splits is refused (which one validates is the user's to say)."""
-    from fasttune.data.formats import load_paths, record_names, say_unrendered
+    from fasttune.data.formats import load_paths, record_names
+    from fasttune.data.records import say_unrendered
     from fasttune.data.sft import say_empty_prompts
 
     val_path, places = shown(d.val_path), []

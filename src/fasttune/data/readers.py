@@ -34,7 +34,7 @@ MAX_RECORD_MB = 8
 line peaked at 6.7 GB of RAM on its way to tokens, and 8 MB (~2M tokens) is far beyond any context a sample is
 trained at. Longer texts: split them into several records, or use a text file."""
 RECORD_KEYS = frozenset({"text", "messages", "instruction", "output", "prompt", "completion", "conversations"})
-"""Keys data/formats.py tells a record's format by: a top-level JSON object holding one is a record, not a
+"""Keys data/records.py tells a record's format by: a top-level JSON object holding one is a record, not a
 container of records (a chat record's one key, messages, holds a list of objects too)."""
 
 
@@ -250,7 +250,7 @@ def _records_key(path: Path, data: object, field: JsonField) -> str | None:
         return field.name
     lists = record_lists(data)
     if data.keys() & RECORD_KEYS or not lists:
-        return None  # one record (or none of its values is a list of records: formats.py names its keys)
+        return None  # one record (or none of its values is a list of records: records.py names its keys)
     if len(lists) > 1:
         keys = ", ".join(map(repr, lists))
         raise DataError(f"{path}: the top-level JSON object has several keys holding lists of records ({keys}); "

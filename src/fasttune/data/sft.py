@@ -19,7 +19,7 @@ Rendering per format:
                        turns' reasoning) trains it turn by turn: one sample per trained turn, the conversation through
                        it, as generation renders that turn's prompt (a template with {% generation %} tags: the whole
                        conversation, its tagged spans trained). A conversational prompt/completion record (read as
-                       chat, data/formats.py) trains its completion's assistant turns only: those of its prompt are
+                       chat, data/records.py) trains its completion's assistant turns only: those of its prompt are
                        context. The chat rendering and its trained spans: data/chat_render.py.
 Alpaca and prompt_completion never use the chat template, so the same data trains the same way on every model;
 convert to chat format to train through a model's template. Supervised formats train the response (and EOS) only
@@ -41,8 +41,9 @@ import numpy as np
 
 from fasttune.data.chat_fields import check_kwargs, record_kwargs
 from fasttune.data.chat_render import Chat, Span, chat_texts, fixed_date, record_tools, special_tokens
-from fasttune.data.formats import FORMATS, PROMPT_TURNS, validate_record
+from fasttune.data.formats import FORMATS
 from fasttune.data.longtext import encode_texts
+from fasttune.data.records import PROMPT_TURNS, validate_record
 from fasttune.data.sample import Sample
 from fasttune.data.tokenizer import without_length_warning
 from fasttune.errors import DataError

@@ -153,7 +153,8 @@ how errors name a record, formats.record_names, and completions.jsonl's file and
 def _read(a: EvalArgs) -> Read:
     """(--data's records, up to --limit; their format; their places), read before the model loads: a data error (a
     missing field, an empty file, a folder of several splits) is said before minutes of loading, not after."""
-    from fasttune.data.formats import load_paths, record_names, say_unrendered
+    from fasttune.data.formats import load_paths, record_names
+    from fasttune.data.records import say_unrendered
     from fasttune.data.sft import say_empty_prompts
 
     # split=None: never a DatasetDict's train split
