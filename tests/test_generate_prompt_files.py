@@ -89,6 +89,24 @@ def test_a_binary_file_of_another_type_is_told_what_prompts_reads_not_to_save_it
             'line 1: "messages" must be a list of messages with '
             'text content, not a list of messages without text: \\[\\{"role": "user", "content": 5\\}\\]',
         ),
+        # the fields read beside the prompt: Alpaca's input was sent as the digits of a number, the JSON of a list
+        (
+            '"ok"\n{"instruction": "Add.", "input": 3}\n',
+            'line 2: "input" must be text \\(a JSON string\\) or null, '
+            "not a number: 3; write the input as a JSON string",
+        ),
+        ('{"instruction": "Add.", "input": ["2", "3"]}\n', '"input" must be .*, not a list of text: \\["2", "3"\\]'),
+        # every message of the list sent, as training checks it: one that was not an object was dropped, a number
+        # as content sent as its digits, a role no template knows rendered as it is
+        ('{"messages": [{"role": "user", "content": "Hi"}, "oops"]}\n', "line 1: messages\\[1\\] must be an object"),
+        (
+            '{"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": 5}]}\n',
+            "line 1: messages\\[1\\].content must be a string, got int \\(5\\)",
+        ),
+        (
+            '{"prompt": [{"role": "human", "content": "Hi"}]}\n',
+            "line 1: prompt\\[0\\].role is 'human', not a chat role",
+        ),
     ],  # fmt: skip
 )
 def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
@@ -96,6 +114,20 @@ def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         read_prompts(path)
+
+
+def test_the_fields_read_beside_the_prompt_take_what_training_takes(tmp_path):
+    """An empty or null "input" (no input, as training reads it), an "input" beside no instruction (not read), and a
+    conversation ending in its reference answer are prompts, kept as they are."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    records = [
+        {"instruction": "Add.", "input": ""},
+        {"instruction": "Add.", "input": None},
+        {"text": "Hi", "input": 3},
+        chat,
+    ]
+    got = read_prompts(_jsonl(tmp_path / "p.jsonl", records))
+    assert [{k: v for k, v in r.items() if k != "_where"} for r in got] == records
 
 
 def test_an_unreadable_prompt_file_is_one_line(tmp_path, monkeypatch, capsys):

@@ -75,8 +75,8 @@ def conversation_to_chat(record: dict, where: str, first: str) -> dict:
             "prompt/completion); make every record one kind"
         )
     prompt, completion = record["prompt"], record["completion"]
-    _validate_messages(prompt, where, "prompt", need_reply=False)
-    _validate_messages(completion, where, "completion")
+    validate_messages(prompt, where, "prompt", need_reply=False)
+    validate_messages(completion, where, "completion")
     check_prompt_flags(prompt, where)
     rest = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
     return {**rest, "messages": [*prompt, *completion], PROMPT_TURNS: len(prompt)}
@@ -155,7 +155,7 @@ def validate_record(record: dict, fmt: str, where: str, option: str = "--data.fo
         if name in _OPTIONAL.get(fmt, ()) and value is None:
             continue
         if fmt == "chat":
-            _validate_messages(value, where)
+            validate_messages(value, where)
         elif fmt == "prompt_completion" and is_conversational(record):
             raise DataError(
                 f"{where}: prompt and completion are lists of messages (TRL's conversational prompt/completion) but "
@@ -165,7 +165,7 @@ def validate_record(record: dict, fmt: str, where: str, option: str = "--data.fo
             raise DataError(f"{where}: field {name!r} must be a string, got {type_name(value)}; fix the record")
 
 
-def _validate_messages(messages: object, where: str, field: str = "messages", need_reply: bool = True) -> None:
+def validate_messages(messages: object, where: str, field: str = "messages", need_reply: bool = True) -> None:
     """A non-empty list of {role, content} messages (`field` names it in errors); `need_reply`: with an assistant
     turn, the trained part."""
     if isinstance(messages, str):

@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from fasttune.data.readers import RECORD_KEYS, json_error, record_lists
+from fasttune.data.records import validate_messages
 from fasttune.errors import DataError, FasttuneError
 
 PROMPT_KEYS = '"prompt", "instruction" (+ "input"), "messages" or "text"'
@@ -43,6 +44,7 @@ def read_prompts(path: str | Path) -> list[dict]:
         record = {"prompt": value} if isinstance(value, str) else value
         if not isinstance(record, dict) or not _has_prompt(record):
             raise DataError(f"{file} {where}: {_no_prompt(record)}")
+        _check_fields(record, f"{file} {where}")
         record[WHERE] = where
         records.append(record)
     if not records:
@@ -137,6 +139,20 @@ def _has_prompt(record: dict) -> bool:
         if isinstance(record.get(key), list):
             return any(isinstance(m, dict) and isinstance(m.get("content"), str) for m in record[key])
     return any(isinstance(record.get(k), str) for k in ("prompt", "instruction", "text"))
+
+
+def _check_fields(record: dict, where: str) -> None:
+    """The fields record_messages reads beside the prompt itself, checked as training checks them: each message of the
+    list it sends (one that was not an object was dropped, a number as content sent as its digits), or Alpaca's "input"
+    beside an instruction (text, or null for none: a number or a list was sent as its JSON)."""
+    for key in ("messages", "prompt"):  # the list record_messages sends, in its order
+        if isinstance(record.get(key), list):
+            return validate_messages(record[key], where, key, need_reply=False)
+    extra = record.get("input")
+    if isinstance(record.get("instruction"), str) and extra is not None and not isinstance(extra, str):
+        raise DataError(f'{where}: "input" must be text (a JSON string) or null, not {json_type(extra)}; write the '
+                        'input as a JSON string ("input": "...")')  # fmt: skip
+    return None
 
 
 def _no_prompt(value: object) -> str:
