@@ -229,11 +229,14 @@ def test_prompts_piped_on_stdin_give_completions_on_stdout(short_model, tmp_path
 
 
 def test_ctrl_c_keeps_the_completions_made_so_far(short_model, tmp_path, monkeypatch, capsys):
-    """Ctrl-C during `generate --prompts` lost every completion made: the file was written at the end only."""
+    """Ctrl-C during `generate --prompts` lost every completion made: the file was written at the end only. The lines
+    of the prompts skipped (empty, longer than the context) are kept too, in their places: they were left out."""
     from fasttune.generate import generate
 
     prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in _records()[:3]))
+    records = _records()[:3]
+    records[1:1] = [{"prompt": " "}, {"prompt": "Natalia sold clips " * 60}]  # skipped: empty, over the context
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     args = ["generate", "--checkpoint", str(short_model), "--prompts", str(prompts), "--max-new-tokens", "3",
             "--batch-size", "1"]  # fmt: skip
     assert main([*args, "--output", str(tmp_path / "ref.jsonl")]) == 0
@@ -249,6 +252,8 @@ def test_ctrl_c_keeps_the_completions_made_so_far(short_model, tmp_path, monkeyp
     monkeypatch.setattr(generate, "generate_ids", interrupted_at_the_third_batch)
     assert main([*args, "--output", str(out)]) == 130
     kept = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(kept) == 2 and all(row in whole for row in kept)
+    assert len(kept) == 4 and all(row in whole for row in kept) and whole[1] in kept and whole[2] in kept
+    assert whole[1]["completion"] is whole[2]["completion"] is None  # the two skipped prompts' lines
     assert [whole.index(row) for row in kept] == sorted(whole.index(row) for row in kept)  # in the prompts' order
-    assert "interrupted: the 2 of 3 completions made so far -> " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted: the 2 of 3 completions made so far -> " in err and "with the 2 skipped prompts' lines" in err

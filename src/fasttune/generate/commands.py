@@ -204,6 +204,8 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path, 
     from fasttune.generate.prompts import write_jsonl
 
     kept = [i for i in range(len(ids)) if i not in skipped]
+    skip_rows = {i: _row(records[i], completion=None, new_tokens=0, finished=None, stop=None,
+                         skipped=f"{why}: {detail}") for i, (_, why, detail) in skipped.items()}  # fmt: skip
     done: dict[int, dict] = {}
     new_tokens, seconds = 0, 0.0
     engine = fast_engine(model)  # one for the whole file: its graphs serve every batch
@@ -222,15 +224,15 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path, 
             bar.update(len(rows))
             bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
     except KeyboardInterrupt:  # the answers made so far are kept, not lost with the batch being made
-        if done:
-            write_jsonl(out, [done[i] for i in sorted(done)])
+        if done:  # with the skipped prompts' lines: each line the whole file would have, in the prompts' order
+            rows = {**skip_rows, **done}
+            write_jsonl(out, [rows[i] for i in sorted(rows)])
+            also = f", with the {len(skipped)} skipped prompts' lines" if skipped else ""
             print(f"interrupted: the {len(done)} of {len(kept)} completions made so far -> {out} (in the order of "
-                  "their prompts; the others are left out)", file=sys.stderr)  # fmt: skip
+                  f"their prompts{also}; the others are left out)", file=sys.stderr)  # fmt: skip
         raise
     finally:
         bar.close()
-    skip_rows = {i: _row(records[i], completion=None, new_tokens=0, finished=None, stop=None,
-                         skipped=f"{why}: {detail}") for i, (_, why, detail) in skipped.items()}  # fmt: skip
     write_jsonl(out, [done.get(i) or skip_rows[i] for i in range(len(ids))])
     print(f"{len(kept)} completions -> {out} ({new_tokens:,} tokens in {seconds:.1f} s: "
           f"{new_tokens / max(seconds, 1e-9):,.0f} tok/s)", file=sys.stderr)  # fmt: skip
