@@ -378,13 +378,22 @@ def test_a_file_that_is_no_config_is_named_for_what_it_is_in_a_short_line(
          "run.json: training.max_steps sets training.max-steps again: keep one"),
         ("run.toml", "[training]\nmax_steps = 3\nmax-steps = 4\n",
          "run.toml: training.max-steps sets training.max_steps again: keep one"),
+        ("run.toml", 'experiment = "sft"\n[training]\nlr = 1e-4\nmax_steps = 3\nlr = 2e-4\n',  # tomllib's words were
+         "run.toml: line 5: training.lr is set again (first on line 3): keep one"),  # "Cannot overwrite a value"
+        ("run.toml", "[training]\nlr = 1e-4\n[data]\npacking = false\n[training]\nmax_steps = 3\n",
+         "run.toml: line 5: training is set again (first on line 1): keep one"),
+        ("run.toml", "training.lr = 1e-4\n[training]\nmax_steps = 3\n",
+         "run.toml: line 2: training is set again (first on line 1): keep one"),
+        ("run.toml", '[data]\npath = [\n  "a.jsonl",\n]\npath = "b.jsonl"\n',  # a value over several lines: its first
+         "run.toml: line 5: data.path is set again (first on line 2): keep one"),
     ],
 )  # fmt: skip
 def test_a_key_set_twice_is_one_line_naming_the_file_its_lines_and_key(tmp_path, monkeypatch, capsys, name, text,
                                                                        expected):  # fmt: skip
     """yaml.safe_load and json keep a key's last value and drop the first without a word (two `lr:` under training:,
     or a second `training:` that drops the first's options); `max-steps` beside `max_steps` (read as one key) did
-    the same in every format. Refused in one line: the dotted key, and in YAML both lines."""
+    the same in every format; TOML's refusal was tomllib's ("Cannot overwrite a value (at line 5, column 1)"). Refused
+    in one line: the dotted key, and in YAML and TOML both lines."""
     monkeypatch.setattr(loop, "train", lambda cfg: pytest.fail("the file was accepted"))
     monkeypatch.chdir(tmp_path)
     Path(name).write_text(text)

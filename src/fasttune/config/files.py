@@ -122,7 +122,7 @@ def _parse(text: str, kind: str, name: str):
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{name}: TOML syntax error: {e}") from None
+            raise ConfigError(f"{name}: {_toml_twice(text, str(e)) or f'TOML syntax error: {e}'}") from None
     import yaml
 
     try:
@@ -136,6 +136,76 @@ def _parse(text: str, kind: str, name: str):
         raise ConfigError(f"{name}: {where}YAML syntax error: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: YAML syntax error: {one_line(e)}") from None
+
+
+_TOML_TWICE = re.compile(r"(?:Cannot overwrite a value|Cannot declare (\(.*\)) twice) \(at line (\d+), column \d+\)")
+"""tomllib's words for a key (or [table]) set twice; 'declare' names the table's key path, 'overwrite' nothing."""
+_TOML_PART = r"""(?:[\w-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_TOML_KEY = re.compile(rf"\s*({_TOML_PART}(?:\s*\.\s*{_TOML_PART})*)\s*=")
+"""The key of a TOML `key = value` line (bare, quoted or dotted)."""
+
+
+def _toml_twice(text: str, error: str) -> str | None:
+    """tomllib's error for a key set twice ("Cannot overwrite a value (at line 5, column 4)") as YAML's reads: its
+    line, its dotted key, the line that set it first and the fix; None for another error, or one whose key and first
+    line this cannot place (tomllib's own words are kept then)."""
+    import ast
+
+    m = _TOML_TWICE.fullmatch(error)
+    if not m:
+        return None
+    lines, at = text.splitlines(), int(m[2])
+    path = ast.literal_eval(m[1]) if m[1] else _toml_path(lines[:at])
+    held = next((n for n in range(1, at) if _toml_holds(lines[:n], path)), None) if path else None
+    if held is None:
+        return None
+    first = next(n for n in range(held, 0, -1) if _toml_holds(lines[: n - 1], ()))  # where that value begins
+    return f"line {at}: {'.'.join(path)} is set again (first on line {first}): keep one"
+
+
+def _toml_path(lines: list[str]) -> tuple[str, ...] | None:
+    """The key path the last of `lines` sets: its own [table] header's, or its key's under the header above it."""
+    table: tuple[str, ...] | None = ()
+    for line in lines[:-1]:
+        if line.lstrip().startswith("["):
+            table = _toml_keys(line)
+    if lines[-1].lstrip().startswith("["):
+        return _toml_keys(lines[-1])
+    key = _TOML_KEY.match(lines[-1])
+    return table + own if key and table is not None and (own := _toml_keys(f"{key[1]} = 0")) else None
+
+
+def _toml_keys(source: str) -> tuple[str, ...] | None:
+    """The key path of one TOML line (a `[a."b"]` header, an `a.b = 0` key), read by tomllib itself."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(source)
+    except tomllib.TOMLDecodeError:
+        return None
+    path = []
+    while isinstance(value, list | dict) and len(value) == 1:  # an [[array of tables]]: its one table
+        if isinstance(value, dict):
+            path.append(next(iter(value)))
+        value = next(iter(value.values())) if isinstance(value, dict) else value[0]
+    return tuple(path)
+
+
+def _toml_holds(lines: list[str], path: tuple[str, ...]) -> bool:
+    """Whether `lines`, read as TOML, set the key `path` (in an array of tables, its last table); () whether they
+    are TOML at all."""
+    import tomllib
+
+    try:
+        value = tomllib.loads("\n".join(lines))
+    except tomllib.TOMLDecodeError:
+        return False  # a value that goes on past these lines
+    for key in path:
+        value = value[-1] if isinstance(value, list) and value else value
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
 
 
 class _Object(dict):
