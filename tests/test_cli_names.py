@@ -196,7 +196,7 @@ def test_a_training_warning_names_the_file_and_key_that_set_the_value(tmp_path, 
             "--generation.sample-prompt", ""]  # fmt: skip
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
-    assert f"\ntraining.warmup_steps: 5 in {f} is not below --max-steps 2: the learning rate never" in err, err
+    assert f"\ntraining.warmup_steps: 5 in {f} is not below --max-steps=2: the learning rate never" in err, err
     assert "set it below 2 (e.g. 1)" in err
     assert f"no validation: data.val_fraction: 0.0 in {f}, so --training.eval-every=1 computes no val_loss" in err
 

@@ -119,7 +119,7 @@ def test_rank_0_alone_digests_the_inputs_and_a_finished_runs_resume_ends_on_ever
     assert "rank 1: training digested the inputs 0x, recorded: -" in out, out[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: the resume read the data 0x, built 0 models, ended at step 2" in out, out[-3000:]
-    assert out.count("already complete (step 2 of --max-steps 2)") == 1, out[-3000:]
+    assert out.count("already complete (step 2 of training.max_steps=2)") == 1, out[-3000:]
     assert "rank 0: the resume with --max-steps 1 refused: ConfigError, exit 2" in out, out[-3000:]
     assert "rank 1: the resume with --max-steps 1 refused: PeerFailed, exit 2" in out, out[-3000:]
 

@@ -215,24 +215,26 @@ def test_the_schedule_warning_of_a_resume_names_the_length_option_changed(tmp_pa
     two = loop.train(more)
     assert two.steps > one.steps
     loop.train(more)  # finished: says so in the option that set its length
-    assert f"already complete (step {two.steps} of --epochs 2 ({two.steps} steps))" in caplog.text
+    assert f"already complete (step {two.steps} of training.epochs=2 ({two.steps} steps))" in caplog.text
     with pytest.raises(ConfigError) as e:  # nothing trained: refused in the option typed, not a --max-steps
         loop.train(dataclasses.replace(more, training=dataclasses.replace(more.training, epochs=1)))
     assert str(e.value).endswith(
-        f"already past --epochs 1 ({one.steps} steps) (stopped at step {two.steps}); to continue it, resume with "
-        f"a larger --epochs (e.g. its original one) or --max-steps above {two.steps}"
+        f"already past training.epochs=1 ({one.steps} steps) (stopped at step {two.steps}); to continue it, resume "
+        f"with a larger --epochs (e.g. its original one) or --max-steps above {two.steps}"
     )
     assert [p.name for p in list_checkpoints(cfg.run_dir)][-1] == f"step-{two.steps:06d}"
     said = [r.getMessage() for r in caplog.records if "is not the checkpoint's run's" in r.getMessage()]
     assert said == [
-        f"--epochs 2 ({two.steps} steps) is not the checkpoint's run's: the learning-rate schedule now "
+        f"training.epochs=2 ({two.steps} steps) is not the checkpoint's run's: the learning-rate schedule now "
         f"spans {two.steps} steps, and step {one.steps + 1} trains at lr " + said[0].split(" at lr ")[1]
     ]
     caplog.clear()
     steps = dataclasses.replace(cfg, resume=True, training=dataclasses.replace(cfg.training, epochs=None,
                                                                                 max_steps=two.steps + 2))  # fmt: skip
     loop.train(steps)
-    assert f"--max-steps {two.steps + 2} is not the checkpoint's run's: the learning-rate schedule" in caplog.text
+    assert (
+        f"training.max_steps={two.steps + 2} is not the checkpoint's run's: the learning-rate schedule" in caplog.text
+    )
 
 
 def test_the_warmup_warning_of_an_epochs_run_names_epochs(tmp_path, caplog):
@@ -246,7 +248,7 @@ def test_the_warmup_warning_of_an_epochs_run_names_epochs(tmp_path, caplog):
         build_optimizer(tiny_config(tmp_path, epochs=0.5, max_steps=6, warmup_steps=20), torch.nn.Linear(2, 2),
                         torch.device("cpu"))  # fmt: skip
     (said,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert "is not below --epochs 0.5 (6 steps)" in said and "--max-steps" not in said
+    assert "is not below training.epochs=0.5 (6 steps)" in said and "max_steps" not in said
     assert "training.warmup_steps=20 is not below" in said and "set it below 6 (e.g. 1)" in said
 
 
@@ -261,7 +263,7 @@ def test_counts_of_one_are_singular(tmp_path, caplog, monkeypatch):
     assert loop.train(cfg).steps == 1
     assert "1 epoch = 1 step (" in caplog.text
     loop.train(dataclasses.replace(cfg, resume=True))
-    assert "already complete (step 1 of --epochs 1 (1 step))" in caplog.text
+    assert "already complete (step 1 of training.epochs=1 (1 step))" in caplog.text
     monkeypatch.setattr(device, "cpu_hours", lambda cfg: (1.4, 10.0))
     one = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=1))
     with pytest.raises(ConfigError, match=r"no GPU is available: 1 step \(1 epoch\) of up to .* take about 1 hour at"):

@@ -90,7 +90,7 @@ def test_resume_of_a_finished_lora_run_ends_at_once_unless_its_adapter_is_of_an_
     monkeypatch.setattr(loop, "prepare_model", never)
     result = loop.train(dataclasses.replace(cfg, resume=True))
     assert (result.steps, result.checkpoint, result.model_dir) == (4, step, run / "merged")
-    assert (f"already complete (step 4 of --max-steps 4); its final checkpoint is {step}, its adapter "
+    assert (f"already complete (step 4 of training.max_steps=4); its final checkpoint is {step}, its adapter "
             f"{run / 'adapter'}, its merged model {run / 'merged'}; to train further") in caplog.text  # fmt: skip
     monkeypatch.undo()
     (run / "adapter" / MERGED_STEP).write_text('{"step": 2}')

@@ -57,11 +57,12 @@ def _never_build(monkeypatch) -> None:
     monkeypatch.setattr(loop, "prepare_model", never)
 
 
-def test_resume_of_a_finished_run_says_it_is_complete(finished, monkeypatch, capsys):
+def test_resume_of_a_finished_run_says_it_is_complete(finished, monkeypatch, capsys, tmp_path):
     """The same command again once the run is finished (a scheduler's retry): one line says it is complete, at which
     step, where its final checkpoint is and how to train further, and it ends with exit 0 before the data is read or
     the model built (they took their time, then the summary and a sample were shown again); a larger --max-steps
-    trains on."""
+    trains on. The length is named where it was set (the run's config.json, a --config file: not a --max-steps the
+    user never typed)."""
     from fasttune.cli import main
 
     cfg, result = finished
@@ -71,9 +72,13 @@ def test_resume_of_a_finished_run_says_it_is_complete(finished, monkeypatch, cap
     assert main(["train", "--output-dir", str(run), "--resume"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines() == [
-        f"the run in {run} is already complete (step 3 of --max-steps 3); its final checkpoint is "
-        f"{run / 'checkpoints' / 'step-000003'}; to train further, resume with a larger --max-steps (or --epochs)"
+        f"the run in {run} is already complete (step 3 of training.max_steps: 3 in {run / 'config.json'}); its final "
+        f"checkpoint is {run / 'checkpoints' / 'step-000003'}; to train further, resume with a larger "
+        "--max-steps (or --epochs)"
     ]
+    (again := tmp_path / "again.yaml").write_text("training:\n  max_steps: 3\n")
+    assert main(["train", "--output-dir", str(run), "--resume", "--config", str(again)]) == 0
+    assert f"already complete (step 3 of training.max_steps: 3 in {again});" in capsys.readouterr().err
     monkeypatch.undo()
     assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "4"]) == 0
     assert (
@@ -98,7 +103,7 @@ def test_resume_below_the_step_reached_is_refused_and_with_its_own_max_steps_is_
         "--max-steps above 3 (e.g. its original --max-steps)"
     ]
     assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "3"]) == 0
-    assert "is already complete (step 3 of --max-steps 3)" in capsys.readouterr().err
+    assert "is already complete (step 3 of --max-steps=3)" in capsys.readouterr().err
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000003"]
 
 

@@ -234,8 +234,9 @@ def test_a_gone_file_of_several_data_paths_asks_for_all_of_them_again(tmp_path, 
 def _complete(run) -> list[str]:
     """The one line of the resume of finished_sft's run, with nothing to train."""
     return [
-        f"the run in {run} is already complete (step 2 of --max-steps 2); its final checkpoint is "
-        f"{run / 'checkpoints' / 'step-000002'}; to train further, resume with a larger --max-steps (or --epochs)"
+        f"the run in {run} is already complete (step 2 of training.max_steps: 2 in {run / 'config.json'}); its final "
+        f"checkpoint is {run / 'checkpoints' / 'step-000002'}; to train further, resume with a larger "
+        "--max-steps (or --epochs)"
     ]
 
 

@@ -53,7 +53,7 @@ def test_warmup_not_below_max_steps_warns_once_and_keeps_the_schedule(tmp_path, 
     # the schedule is the configured one (resume with a larger --max-steps must train the same steps): still warming up
     assert lrs == pytest.approx([1e-3 * (s + 1) / 31 for s in range(20)])
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "training.warmup_steps=30" in warnings[0] and "--max-steps 20" in warnings[0]
+    assert len(warnings) == 1 and "training.warmup_steps=30" in warnings[0] and "training.max_steps=20" in warnings[0]
     assert "never reaches its peak, 0.001," in warnings[0]
 
 

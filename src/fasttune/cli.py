@@ -224,12 +224,13 @@ def _name_options(e: Exception, argv: Sequence[str], command: Command | None) ->
 
 @contextlib.contextmanager
 def _naming_warnings(argv: Sequence[str], command: Command):
-    """While the command checks and runs, its warnings name each config key in them as its errors do
-    (`training.fsdp: true in run.yaml`, not a flag the user never typed): a filter on fasttune's logger."""
+    """While the command checks and runs, its warnings (and info lines logged with naming.NAMES_OPTIONS) name each
+    config key in them as its errors do (`training.fsdp: true in run.yaml`, not a flag the user never typed): a filter
+    on fasttune's logger."""
     names: list = []
 
     def rename(record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING or getattr(record, "names_options", False):  # naming.NAMES_OPTIONS
             if not names:
                 names.append(_option_names(argv, command))
             if names[0] is not None:

@@ -34,6 +34,9 @@ _KEY = re.compile(
 (`--model.memory`, `runs/model.bin`, `model.safetensors.index`)."""
 
 _FLAG = re.compile(r"--[\w-]+(?:\.[\w-]+)*")
+NAMES_OPTIONS = {"names_options": True}
+"""`extra=` for a log line below WARNING whose option keys the CLI names as the user gave them, as it names every
+warning's (`log.info("... %s", length_option(t), extra=NAMES_OPTIONS)`); other info lines are left as written."""
 
 
 def shown(value: object) -> str:

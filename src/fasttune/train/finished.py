@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from fasttune.config import BaseConfig, TrainingConfig
+from fasttune.config.naming import NAMES_OPTIONS
 from fasttune.errors import ConfigError, FasttuneError, PeerFailed
 from fasttune.model.resolve import merged_step
 from fasttune.train.length import length_option
@@ -94,7 +95,7 @@ def say_nothing_to_train(cfg: BaseConfig, folder: RunFolder, step: int, latest: 
     else:
         further = f"a larger --epochs (or --max-steps above {step})"
     log.info("the run in %s is already complete (step %d of %s); %s; to train further, resume with %s", folder, step,
-             length_option(t), final, further)  # fmt: skip
+             length_option(t), final, further, extra=NAMES_OPTIONS)  # fmt: skip
 
 
 def _already_past(folder, t: TrainingConfig, step: int) -> str:

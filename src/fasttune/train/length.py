@@ -47,10 +47,12 @@ def epochs(n: Fraction | float) -> str:
 
 
 def length_option(t: TrainingConfig) -> str:
-    """The option that set the run's length, as the user would type it: "--max-steps 40", "--epochs 2 (26 steps)"."""
+    """The option that set the run's length, by its key: "training.max_steps=40", "training.epochs=2 (26 steps)"; the
+    CLI names it as the user gave it (`--max-steps=40`, `training.epochs: 2 in run.yaml`: config/naming.py), in an
+    error, a warning, or an info line logged with `extra=NAMES_OPTIONS`."""
     if t.epochs is None:
-        return f"--max-steps {t.max_steps}"
-    return f"--epochs {_number(t.epochs)} ({count(t.max_steps, 'step')})"
+        return f"training.max_steps={t.max_steps}"
+    return f"training.epochs={_number(t.epochs)} ({count(t.max_steps, 'step')})"
 
 
 def run_length(cfg: BaseConfig, samples: Sequence[Sample], batcher: Batcher, world: int,
