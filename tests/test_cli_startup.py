@@ -88,7 +88,7 @@ def test_transformers_loads_models_without_progress_bars_whether_imported_before
     """The CLI turns transformers' "Loading weights" bars off before a command runs without importing transformers
     (huggingface_hub's switch, read by transformers at import); where transformers is imported already, its own."""
     code = (
-        "import sys; from fasttune import cli; {first}; cli._quiet_transformers(); {then}; "
+        "import sys; from fasttune import quiet; {first}; quiet.progress_bars_off(); {then}; "
         "from transformers.utils import logging; sys.exit(logging.is_progress_bar_enabled())"
     )
     for first, then in (("pass", "import transformers"), ("import transformers", "pass")):

@@ -33,7 +33,7 @@ import tyro
 
 from fasttune.command import Command
 from fasttune.errors import FasttuneError, PeerFailed, Stopped
-from fasttune.quiet import quiet_torchao
+from fasttune.quiet import progress_bars_off, quiet_torchao
 from fasttune.streams import surviving_closed_output
 
 log = logging.getLogger("fasttune")
@@ -146,20 +146,6 @@ def _command_logging(debug: bool):
         root.setLevel(saved[1])
         for name, level in saved[2].items():
             logging.getLogger(name).setLevel(level)
-
-
-def _quiet_transformers() -> None:
-    """No "Loading weights" / "Writing model shards" bars (on every model load and save they drown the output). Set
-    in huggingface_hub, which transformers reads when it is imported: a command that stops before it loads a model (a
-    --checkpoint that is not there) does not import transformers (seconds) for this; set in transformers itself where
-    it is imported."""
-    from huggingface_hub.utils import disable_progress_bars
-
-    disable_progress_bars()
-    if "transformers.utils.logging" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def set_environment() -> None:
@@ -303,7 +289,7 @@ def _main(argv: list[str]) -> int:
         return _interrupted(rank)
     try:
         if not debug:  # --debug shows every third-party line (quiet.py), these bars too
-            _quiet_transformers()
+            progress_bars_off()  # for the whole command: its process ends with it
         from fasttune.generate.prompts import removing_made_folders
 
         with removing_made_folders(), _naming_warnings(argv, command):

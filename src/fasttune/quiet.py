@@ -1,11 +1,17 @@
 """Log and warning filters for third-party lines fasttune's users can do nothing about; --debug shows them all.
 Imports nothing heavy: the command line installs the log filters with its logging setup, before it parses (and before
-`--help`, which imports neither torch nor transformers)."""
+`--help`, which imports neither torch nor transformers); the training package installs them when it is imported
+(fasttune/train/__init__.py: before torch and transformers, whose import prints torchao's lines), and `train()` runs
+under `quiet_output`, so that a script calling it gets the command line's output. A script sees the hidden lines as
+--debug does: with fasttune's logger at DEBUG."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import warnings
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("fasttune")
 
@@ -42,6 +48,42 @@ def quiet_torchao() -> None:
     stays. Process-wide (the command line calls it with its logging setup); calling it again changes nothing."""
     for name, f in _QUIET.items():
         logging.getLogger(name).addFilter(f)  # a no-op when already added
+
+
+def progress_bars_off() -> Callable[[], None]:
+    """transformers' "Loading weights" / "Writing model shards" bars off (on every model load and save they drown the
+    output); returns what puts them back as they were. Set in huggingface_hub, which transformers reads when it is
+    imported: a command that stops before it loads a model (a --checkpoint that is not there) does not import
+    transformers (seconds) for this; set in transformers itself where it is imported."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_off = are_progress_bars_disabled()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    hf_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        if hf_on:
+            hf_logging.enable_progress_bar()
+        disable_progress_bars() if hub_off else enable_progress_bars()
+
+    return restore
+
+
+@contextlib.contextmanager
+def quiet_output() -> Iterator[None]:
+    """The command line's quiet output around a call from a script (`train(cfg)`): torchao's lines hidden
+    (quiet_torchao) and transformers' progress bars off while it runs, back as they were after; with fasttune's debug
+    log shown (the command line's --debug), the bars stay, as --debug shows them."""
+    quiet_torchao()
+    restore = None if debugging() else progress_bars_off()
+    try:
+        yield
+    finally:
+        if restore is not None:
+            restore()
 
 
 def debugging() -> bool:

@@ -24,6 +24,7 @@ from fasttune.errors import ConfigError
 from fasttune.generate.template import record_prompt_format
 from fasttune.model.build import check_weights, has_weights, random_init
 from fasttune.model.resolve import resolve_for_training
+from fasttune.quiet import quiet_output
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import refuse_gpu_scale, refuse_offload_on_cpu, resolve_device
@@ -44,6 +45,7 @@ from fasttune.words import count
 log = logging.getLogger("fasttune")
 
 
+@quiet_output()  # a script's call prints what the command line prints: no third-party noise, no progress bars
 def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "requested") -> RunResult:
     """Run (or resume) one training run as configured; returns where things went and the first/last losses.
 
