@@ -253,6 +253,26 @@ def test_the_planner_counts_the_lora_forward_that_runs(tmp_path):
     assert (st.lora_rank, st.lora_upcast) == (0, False)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lora_counts_each_parameter_at_its_own_dtype(tmp_path):
+    """Under LoRA the first parameter is the bf16 frozen base, the adapters fp32: their weights, gradients and AdamW
+    moments are counted at 4 bytes, the frozen weights at 2 (Qwen3-30B-A3B's ~1B expert adapters were counted 2 GB
+    low per copy). The estimate's parts against the model's own tensors, on the CPU (no autocast copies)."""
+    from fasttune.config import LoraConfig
+    from fasttune.model.lora import apply_lora
+    from fasttune.train.memory import setup_of
+
+    cfg = tiny_config(tmp_path)
+    lora = LoraConfig(enabled=True, rank=8, alpha=16)
+    model = apply_lora(build_preset("micro", VOCAB, "sdpa", torch.bfloat16), lora)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trained} == {torch.float32} and next(model.parameters()).dtype == torch.bfloat16
+    est = estimate(setup_of(dataclasses.replace(cfg, lora=lora), model, liger=False, chunked=True), "none")
+    assert est.grads == sum(p.numel() * p.element_size() for p in trained)
+    assert est.optimizer == 2 * est.grads  # AdamW: two fp32 moments
+    assert est.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def test_the_run_says_its_precision_optimizer_and_plan(tmp_path):
     from fasttune.train.loop import describe_training
 

@@ -38,7 +38,8 @@ def step_estimate(preset: str, vocab: int, device: torch.device, *, param_bytes:
     trainable = n // LORA_SHARE if lora else n
     st = Setup(shape=Shape.of(config), params=n, trainable=trainable, param_bytes=param_bytes,
                optimizer_bytes=optimizer_bytes if not lora else 8.0, tokens=tokens, loss=loss, autocast=autocast,
-               lora_rank=16 if lora else 0, head_trainable=not lora, host=device.type == "cpu")  # fmt: skip
+               lora_rank=16 if lora else 0, head_trainable=not lora, host=device.type == "cpu",
+               trainable_bytes=4.0 if lora else None)  # fp32 adapters  # fmt: skip
     return estimate(st, plan)
 
 

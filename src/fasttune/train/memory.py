@@ -135,10 +135,13 @@ class Setup:
     params: int
     trainable: int
     param_bytes: int
+    """Bytes per parameter: the first one's dtype (under LoRA the frozen base's)."""
     optimizer_bytes: float
     """Optimizer state bytes per trainable parameter (AdamW: 2 moments in the parameter dtype; 8-bit AdamW ~2)."""
     tokens: int
     """Tokens per micro-batch (the packing budget, or samples x max_length padded)."""
+    trainable_bytes: float | None = None
+    """Bytes per trainable parameter and per gradient, in its own dtype (LoRA adapters: fp32); None: param_bytes."""
     liger: bool = False
     loss: str = "chunked"
     """chunked (fasttune's), liger (fused), or hf (the full logits)."""
@@ -188,8 +191,10 @@ def estimate(st: Setup, plan: str) -> Estimate:
     else:  # one chunk of fp32 logits and its gradient, the fp32 gradient accumulator of a trainable head
         loss = min(chunk_tokens(s.vocab), st.tokens) * s.vocab * (6.0 + (SOFTCAP_BYTES if s.softcap else 0.0))
         loss += s.vocab * s.hidden * 4.0 if st.head_trainable else 0.0
-    weights = (st.params * st.param_bytes + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
-    grads, optimizer = st.trainable * st.param_bytes / st.shards, st.trainable * st.optimizer_bytes / st.shards
+    trained = st.trainable * (st.param_bytes if st.trainable_bytes is None else st.trainable_bytes)
+    frozen = (st.params - st.trainable) * st.param_bytes
+    weights = (frozen + trained + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
+    grads, optimizer = trained / st.shards, st.trainable * st.optimizer_bytes / st.shards
     args = (st.liger, st.autocast, st.lora_rank, st.lora_upcast, st.fused_mlp, st.lean_norm, st.scores)
     activations = activation_bytes(s, plan, st.tokens, *args)
     return Estimate(
@@ -309,17 +314,20 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
 def state_changes(st: Setup) -> list[tuple[str, dict]]:
     """(advice, the Setup fields it changes) for what shrinks the weights, gradients and optimizer state."""
     changes = []
-    if st.param_bytes == 4:
+    if st.param_bytes == 4 and st.trainable < st.params:  # LoRA: the adapters stay fp32 (model/lora.py)
+        changes.append(("--model.dtype bf16 (halves the frozen weights)", {"param_bytes": 2, "autocast": False}))
+    elif st.param_bytes == 4:
         moments = st.optimizer_bytes / 2 if st.optimizer == "adamw" else st.optimizer_bytes  # 8-bit ones stay
         what = "weights, gradients and AdamW moments" if st.optimizer == "adamw" else "weights and gradients"
-        changes.append((f"--model.dtype bf16 (halves {what})",
-                        {"param_bytes": 2, "optimizer_bytes": moments, "autocast": False}))  # fmt: skip
+        bf16 = {"param_bytes": 2, "trainable_bytes": None, "optimizer_bytes": moments, "autocast": False}
+        changes.append((f"--model.dtype bf16 (halves {what})", bf16))
     if st.optimizer == "adamw":
         changes.append((f"--training.optimizer adamw_8bit (8-bit moments: 2 bytes per parameter instead of "
                         f"{st.optimizer_bytes:.0f}; needs torchao)", {"optimizer_bytes": 2.0}))  # fmt: skip
-    if st.trainable == st.params:  # a bf16 base, adapters of ~0.5% of its size
-        lora = {"trainable": st.params // 200, "lora_rank": 16, "param_bytes": 2, "autocast": False,
-                "head_trainable": False}  # fmt: skip
+    if st.trainable == st.params:  # a bf16 base, fp32 adapters of ~0.5% of its size
+        moments = 8.0 if st.optimizer == "adamw" else st.optimizer_bytes
+        lora = {"trainable": st.params // 200, "lora_rank": 16, "param_bytes": 2, "trainable_bytes": 4.0,
+                "optimizer_bytes": moments, "autocast": False, "head_trainable": False}  # fmt: skip
         changes.append(("--lora.enabled (no gradients or optimizer state for the frozen weights)", lora))
     return changes
 
@@ -352,8 +360,9 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
 
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    moments = state_bytes(cfg.training.optimizer, [p for p in params if p.requires_grad])
+    trained = [p for p in params if p.requires_grad]
+    trainable = sum(p.numel() for p in trained)
+    moments = state_bytes(cfg.training.optimizer, trained)
     param_bytes = params[0].element_size() if params else 2
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the model is not wrapped yet
     shards, autocast = world if cfg.training.fsdp else 1, runs_autocast(cfg, model, device)
@@ -363,6 +372,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
         gathered=gathered(model, 2 if autocast else param_bytes) if shards > 1 else 0.0,
         shards=shards, ddp=world > 1 and not cfg.training.fsdp, shape=model_shape(model, autocast, device),
         params=n, trainable=trainable, param_bytes=param_bytes,
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trained) / max(1, trainable),
         optimizer_bytes=moments / max(1, trainable), tokens=tokens or cfg.data.micro_batch_size * cfg.data.max_length,
         liger=liger, optimizer=cfg.training.optimizer,
         loss="liger" if liger else ("chunked" if chunked else "hf"),
