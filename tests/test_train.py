@@ -77,6 +77,25 @@ def test_resume_without_run_is_clear(tmp_path):
     assert not cfg.run_dir.exists()  # a mistyped --resume path creates nothing
 
 
+def test_resume_without_output_dir_names_the_runs_beside_the_folder_it_looked_in(tmp_path, monkeypatch, capsys):
+    """`fasttune train --resume` looks in the preset's runs/quick; the user's run is runs/sft: the error names it (and
+    no folder that is not a run) and says to pass --output-dir."""
+    from fasttune.train.run_dir import MARKER
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("sft", "lora", "notes"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    for name in ("sft", "lora"):
+        (tmp_path / "runs" / name / MARKER).write_text("fasttune run directory; see config.json\n")
+    assert main(["train", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs/quick holds no run to resume" in err, err
+    assert "the runs beside it: runs/lora, runs/sft; pass --output-dir RUN to resume one" in err, err
+    assert "notes" not in err and not (tmp_path / "runs" / "quick").exists()
+    assert main(["train", "--resume", "--output-dir", str(tmp_path / "elsewhere" / "run")]) == 2
+    assert "beside" not in capsys.readouterr().err  # no run beside it: said as before
+
+
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch, caplog):
     cfg = tiny_config(tmp_path, max_bad_steps=1)
     calls = {"n": 0}

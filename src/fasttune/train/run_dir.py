@@ -193,8 +193,13 @@ class RunFolder(ResumeChecks):
                         )
 
     def _refuse_resume_without_run(self, cfg: BaseConfig) -> None:
+        """Names the runs beside the folder: without --output-dir, --resume looks in the preset's (runs/quick) while
+        the user's run may be runs/sft."""
         if cfg.resume and not self.is_run:
-            raise ConfigError(f"--resume: {self.path} holds no run to resume; run without --resume")
+            runs = runs_beside(self.path)
+            shown = ", ".join(map(str, runs[:5])) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+            other = f"the runs beside it: {shown}; pass --output-dir RUN to resume one, or " if runs else ""
+            raise ConfigError(f"--resume: {self.path} holds no run to resume; {other}run without --resume")
 
     def _refuse_inside_run(self) -> None:
         """A folder in (or one of) another run's checkpoints/, adapter/ or merged/ (a checkpoint given as HF Trainer's
@@ -284,6 +289,16 @@ class RunFolder(ResumeChecks):
                     for p in input_paths(given)]  # fmt: skip
             config[section][name] = made[0] if key == "model.path" else made
         self.config.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def runs_beside(path: Path) -> list[Path]:
+    """The run folders (with the marker) in `path`'s parent folder, but `path`, by name."""
+    parent = path.parent
+    try:
+        folders = sorted(p for p in parent.iterdir() if p.name != path.name and p.is_dir())
+    except OSError:  # no such folder, or not readable: nothing to name
+        return []
+    return [p for p in folders if RunFolder(p).is_run]
 
 
 def run_owning(path: Path) -> tuple[Path, Path] | None:
