@@ -108,7 +108,6 @@ def test_bench_train_names_its_own_option_not_a_variant(tmp_path, capsys):
 @pytest.mark.parametrize(
     "message",
     [
-        "--resume: training.lr is 0.5 but the run was started with 0.001",  # names what was given already
         "runs/training.lr/x, model.safetensors and --training.lr stay",  # a path, a file, a flag: no keys
         "data.path is not an option of the message",  # a key the user did not set: as written
     ],
@@ -117,6 +116,30 @@ def test_what_is_not_an_option_the_user_set_is_left_as_written(message):
     names = OptionNames(["--training.lr", "0.5"], {"training.lr": ("--training.lr",), "data.path": ("--data",)})
     assert names.rewrite(message) == message
     assert names.rewrite("training.lr=0.5 is too large") == "--training.lr=0.5 is too large"
+
+
+@pytest.mark.parametrize(
+    ("message", "named"),
+    [
+        ("--resume: training.lr is 0.5 but the run was started with 0.001",
+         "--resume: --training.lr is 0.5 but the run was started with 0.001"),  # the flag typed, as elsewhere
+        ("--resume: data.path is 'new.jsonl' but the run was started with 'd.jsonl'",
+         "--resume: --data is 'new.jsonl' but the run was started with 'd.jsonl'"),  # an alias, as typed
+        ("--resume: data.max_length is 512 (set by run.yaml) but the run was started with 1024",
+         None),  # set in the --config file, which the message names already
+        ("--resume: --training.lr 0.5 exceeds ..., and a resumed run keeps the training.lr it trained with, 0.001 "
+         "(in run.yaml)", None),  # the run's record, named as its file has it
+        ("--variant 'x': training.lr=0.5 is too large", None),  # a variant's keys are the variant's, not typed
+    ],
+)  # fmt: skip
+def test_a_resume_error_names_the_keys_as_the_user_gave_them(message, named):
+    """--resume's refusals named a changed option by its key (`training.lr is 0.5`), as no other error does: every
+    message opening with a flag was left as written, for --variant's keys (a variant's, not the command line's)."""
+    args = ["--training.lr", "0.5", "--data", "new.jsonl", "--config", "run.yaml", "--resume"]
+    flags = {"training.lr": ("--training.lr",), "data.path": ("--data", "--data.path"),
+             "data.max_length": ("--data.max-length",)}  # fmt: skip
+    names = OptionNames(args, flags, "run.yaml", frozenset({"data.max_length"}), {"data.max_length": 512})
+    assert names.rewrite(message) == (named or message)
 
 
 def test_resume_with_config_names_what_the_runs_own_config_json_set(tmp_path, monkeypatch, capsys):

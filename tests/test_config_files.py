@@ -252,7 +252,7 @@ def test_resume_with_config_keeps_the_run_and_refuses_a_file_that_changes_it(tra
     assert err.startswith(f"error: --resume: training.lr is 0.5 (set by {f}) but the run was started with 0.001")
     own = ["--config", str(run / "config.json"), "--output-dir", str(run), "--resume"]  # the copy's names trained
     assert cli.main(["train", *own, "--training.lr", "0.5"]) == 2  # a flag: named as before
-    assert capsys.readouterr().err.startswith("error: --resume: training.lr is 0.5 but the run was started")
+    assert capsys.readouterr().err.startswith("error: --resume: --training.lr is 0.5 but the run was started")
     assert cli.main(["train", *own, "--max-steps", "3"]) == 0  # max_steps may change on resume
     assert sorted(losses(_metrics(run))) == [1, 2, 3]
     assert json.loads((run / "config.json").read_text())["training"]["max_steps"] == 3
@@ -452,7 +452,7 @@ def test_resume_without_config_takes_the_options_not_given_from_the_run(trained,
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     assert cli.main(["train", "--output-dir", str(run), "--resume", "--training.lr", "0.5"]) == 2  # typed: refused
-    assert capsys.readouterr().err.startswith("error: --resume: training.lr is 0.5 but the run was started")
+    assert capsys.readouterr().err.startswith("error: --resume: --training.lr is 0.5 but the run was started")
     assert cli.main(["train", "--output-dir", str(run), "--resume", "--max-steps", "3"]) == 0
     assert sorted(losses(_metrics(run))) == [1, 2, 3]
     assert " sets resume: true" not in (err := capsys.readouterr().err) and " sets overwrite: true" not in err

@@ -11,10 +11,13 @@ not run under training.compile`); `OptionNames.rewrite`, called where the CLI tu
 - set by the experiment preset: `the sft preset's data.max_length=1024`;
 - a default no one set: the key as written.
 
-A message that starts with a flag (`--resume: ...`, `--variant 'x': ...`) already names what the user gave, unless
-the option is one the --config file set (`--model nowhere: no such folder` becomes `run.yaml: model.path nowhere: no
-such folder`); a key of a file the message already names (`run.yaml: training.max_steps and training.epochs ...`) is
-left as it is."""
+A message that starts with a flag (`--variant 'x': ...`) already names what the user gave (a variant's keys are the
+variant's, not the command line's), unless the option is one the --config file set (`--model nowhere: no such folder`
+becomes `run.yaml: model.path nowhere: no such folder`); a key of a file the message already names (`run.yaml:
+training.max_steps and training.epochs ...`) is left as it is. `--resume: ...` compares the options given with the
+run's: its keys are named like any message's (`--resume: --training.lr is 0.5 but the run was started with 0.001`),
+but where it names the --config file or the run's config.json it quotes that record (`the run trained with
+data.max_length 4096 (in runs/a/config.json)`) and names the option it refuses itself: left as written."""
 
 from __future__ import annotations
 
@@ -110,13 +113,15 @@ class OptionNames:
 
     def rewrite(self, message: str) -> str:
         """`message` with every dotted key of an option named as the user gave it (see the module's docstring)."""
-        if message.startswith("--"):
+        resume = message.startswith("--resume: ")  # the options given against the run's: named like any other
+        if message.startswith("--") and not resume:
             return self._opening_flag(message)
+        sources = ((self.from_file, self.file), (self.from_run, self.run_file))
+        record = resume and any(file and file in message for _, file in sources)
 
         def name(m: re.Match) -> str:
             key, value = (m["key"], m["value"]) if m["key"] else (m["top"], m["topvalue"])
-            if any(key in keys and file and file in message
-                   for keys, file in ((self.from_file, self.file), (self.from_run, self.run_file))):  # fmt: skip
+            if record or any(key in keys and file and file in message for keys, file in sources):
                 return m[0]
             return self.named(key, value) or m[0]
 
