@@ -257,3 +257,28 @@ def test_ctrl_c_keeps_the_completions_made_so_far(short_model, tmp_path, monkeyp
     assert [whole.index(row) for row in kept] == sorted(whole.index(row) for row in kept)  # in the prompts' order
     err = capsys.readouterr().err
     assert "interrupted: the 2 of 3 completions made so far -> " in err and "with the 2 skipped prompts' lines" in err
+
+
+def test_limit_generates_the_first_n_prompts_as_the_whole_file_does(short_model, tmp_path, capsys):
+    """`generate --prompts FILE --limit N`, as `eval --limit N`: the first N prompts of the file, a skipped one among
+    them counted (its line kept); each answers as it does in the whole file (sampling included: a prompt's random
+    numbers follow its place). A --limit beyond the file is the whole file; without --prompts, or not above 0, one
+    line."""
+    fitting = [r["prompt"] for r in _records()]
+    lines = [fitting[0], LONG, *fitting[1:]]
+    (whole := tmp_path / "whole.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (first := tmp_path / "first.jsonl").write_text(whole.read_text())
+    sampled = ("--max-new-tokens", "6", "--temperature", "1")
+    assert _generate(short_model, whole, *sampled) == 0
+    capsys.readouterr()
+    assert _generate(short_model, first, *sampled, "--limit", "4") == 0
+    assert _rows(first) == _rows(whole)[:4] and _rows(first)[1]["completion"] is None
+    assert "3 completions" in (err := capsys.readouterr().err) and "skipped 1 of 4 prompts" in err, err
+    assert _generate(short_model, first, *sampled, "--limit", "100", "--overwrite") == 0
+    assert _rows(first) == _rows(whole)
+    capsys.readouterr()
+    for argv, said in ((["--prompts", str(first), "--limit", "0"], "--limit=0 is not valid; it must be > 0"),
+                       (["--prompt", "Hi", "--limit", "2"], "--limit goes with --prompts FILE")):  # fmt: skip
+        assert main(["generate", "--checkpoint", str(short_model), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {said}") and err.count("\n") == 1, err

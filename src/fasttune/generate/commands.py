@@ -81,11 +81,18 @@ class GenerateArgs(SamplingArgs):
     """Replace an existing --output file."""
     batch_size: int = 32
     """Prompts generated together with --prompts."""
+    limit: int | None = None
+    """Generate only the first N prompts of --prompts (as `eval --limit` scores its first N samples): --output holds
+    their N lines, a skipped prompt among them counted as one; the whole file is still read and checked."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.prompt is None) == (self.prompts is None):
             raise ConfigError("pass either --prompt TEXT or --prompts FILE.jsonl (one of them)")
+        if self.limit is not None and self.prompts is None:
+            raise ConfigError("--limit goes with --prompts FILE (its first N prompts); --prompt is one prompt")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"--limit={self.limit} is not valid; it must be > 0")
         if self.prompt is not None and not self.prompt.strip():
             raise ConfigError("--prompt is empty; pass the text to answer (or --prompts FILE.jsonl)")
         if self.batch_size <= 0:
@@ -131,7 +138,7 @@ def run_generate(a: GenerateArgs) -> int:
     if a.prompts is not None:  # check the files before minutes of model loading
         from fasttune.generate.prompts import check_output, is_stream, prompts_path, read_prompts, refuse_writing_over
 
-        records = read_prompts(a.prompts)
+        records = read_prompts(a.prompts)[: a.limit]
         source = prompts_path(a.prompts)  # piped prompts (`-`, a pipe): completions to stdout unless --output
         out = (Path(a.output) if a.output else Path("/dev/stdout") if is_stream(source)
                else source.with_suffix(".completions.jsonl"))  # fmt: skip
