@@ -64,11 +64,16 @@ def _step(model, ids):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adapted_experts_train_as_plain_peft_under_every_plan(kind, dtype):
+def test_adapted_experts_train_as_plain_peft_under_every_plan(kind, dtype, monkeypatch):
     """Loss, the input's gradient and every adapter's gradient equal those of plain peft's experts (its
-    ParamWrapper forward, no plan) under plans none, ops and full, with an fp32 base and with a bf16 one under fp32
-    adapters (fasttune's LoRA on a GPU), within torch's fp32 tolerance: the same fold of the adapters into the
-    weights, remade in backward from the same inputs."""
+    ParamWrapper forward, no plan) under every plan (every:2: one layer under ops, the other whole; attention: the
+    experts outside the checkpoint; offload: the layers' inputs in host memory, all of them here), with an fp32 base
+    and with a bf16 one under fp32 adapters (fasttune's LoRA on a GPU), within torch's fp32 tolerance: the same fold
+    of the adapters into the weights, remade in backward from the same inputs."""
+    from fasttune.train import offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny layers' inputs are offloaded too
+    offload.stats.reset()
     torch.manual_seed(0)
     ref = _lora(_model(kind).to(dtype))
     ours = copy.deepcopy(ref)
@@ -76,7 +81,7 @@ def test_adapted_experts_train_as_plain_peft_under_every_plan(kind, dtype):
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
     want = _step(ref, ids)
     assert any(g.abs().max() > 0 for n, g in want[2].items() if ".experts." in n)
-    for plan in ("none", "ops", "full"):
+    for plan in ("none", "ops", "every:2", "full", "attention", "mlp", "offload"):
         model = copy.deepcopy(ours)
         assert set_fast_forward(model) == 2 * 4 + 2  # q, k, v, o of each layer; its experts
         apply_plan(model, plan)
@@ -87,6 +92,49 @@ def test_adapted_experts_train_as_plain_peft_under_every_plan(kind, dtype):
         assert grads.keys() == want[2].keys()
         for name, g in grads.items():
             close(g, want[2][name], msg=f"{plan} {name}")
+    assert offload.stats.tensors  # offload ran (last)
+
+
+@pytest.mark.usefixtures("frozen_gc")
+def test_adapted_experts_without_grad_accumulating_twice_through_a_graph_and_with_a_graph_dropped(monkeypatch):
+    """As plain peft's experts: the loss under torch.no_grad, torch.inference_mode and in eval mode, and the
+    gradients of two micro-batches accumulated, each backward run twice through its graph (retain_graph: the weights
+    remade once, read again). A forward whose graph is dropped without a backward leaves no recipe (and no weight it
+    remade) alive, nor does a backward."""
+    torch.manual_seed(0)
+    ref = _lora(_model("qwen3_moe"))
+    ours = copy.deepcopy(ref)
+    set_fast_forward(ref, enabled=False)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        losses = []
+        for model in (ref, ours):
+            model.eval()
+            with mode():
+                losses.append(model(input_ids=ids, labels=ids, use_cache=False).loss)
+        torch.testing.assert_close(losses[1], losses[0], msg=str(mode))
+    grads = []
+    for model in (ref, ours):
+        model.train()
+        model.zero_grad()
+        for half in (ids[:1], ids[1:]):
+            loss = model(input_ids=half, labels=half, use_cache=False).loss
+            loss.backward(retain_graph=True)
+            loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+
+    made, init = [], expert_lora._Recipe.__init__
+    monkeypatch.setattr(expert_lora._Recipe, "__init__", lambda self, *a: init(self, *a) or made.append(weakref.ref(
+        self)))  # fmt: skip
+    for backward in (False, True):
+        loss = ours(input_ids=ids, labels=ids, use_cache=False).loss
+        if backward:
+            loss.backward()
+        del loss
+        gc.collect()
+        assert len(made) == 4 * (1 + backward) and not [r for r in made if r() is not None], backward
 
 
 def _per_layer(kind: str, experts_n: int, plan: str, lora: str, autocast: bool = False) -> int:
