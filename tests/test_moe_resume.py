@@ -1,7 +1,8 @@
 """--resume of a full fine-tune of models whose weights transformers converts as it loads them: transformers 5 holds
 an MoE layer's experts fused (`mlp.experts.gate_up_proj`, 3-D) and `save_pretrained` writes them back one per expert
 (`mlp.experts.0.gate_proj.weight`, ...), as the Hub's files hold them; GPT-NeoX's head is `embed_out` in its files.
-A checkpoint is loaded on resume as `from_pretrained` loads it, and the resumed run equals the uninterrupted one."""
+A checkpoint is loaded on resume as `from_pretrained` loads it, and the resumed run equals the uninterrupted one, also
+for LoRA on the fused experts."""
 
 import dataclasses
 
@@ -74,3 +75,37 @@ def test_a_checkpoint_of_another_moe_shape_is_one_line(tmp_path, shape):
                        ) as e:  # fmt: skip
         load_weights(model, ckpt, lora=False)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads transformers' is_gradient_checkpointing
+def test_a_resumed_lora_run_of_an_moe_model_equals_the_uninterrupted_one_and_merges_as_plain_peft(tmp_path):
+    """LoRA on Qwen3-MoE's fused experts (model/expert_lora.py: the adapted weights remade in backward) and on a
+    dense layer's MLP (mlp_only_layers: adapted through its weights), under `ops` with two micro-batches a step:
+    crashed at step 3 and resumed, the losses and adapter of the run that never stopped, bit for bit; plain peft's
+    merge_and_unload of adapter/ gives merged/'s weights, the experts' among them trained."""
+    import peft
+
+    base = save_tiny_model(tmp_path / "base", "qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1])
+
+    def config(tmp):
+        cfg = sft_config(tmp, base, lora=dict(enabled=True, rank=4, alpha=8), max_length=128, val_fraction=0.1,
+                         max_steps=4, save_every=2, eval_every=0, grad_accum=2)  # fmt: skip
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, memory="ops"))
+
+    ref = loop.train(config(tmp_path / "ref"))
+    cfg = config(tmp_path / "cut")
+    crash_at(cfg, 3)
+    resumed = loop.train(dataclasses.replace(cfg, resume=True))
+    assert losses(resumed.records) == losses(ref.records) and len(losses(ref.records)) == 4
+    got, want = (load_file(r.run_dir / "adapter" / "adapter_model.safetensors") for r in (resumed, ref))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    merged = AutoModelForCausalLM.from_pretrained(ref.run_dir / "merged").state_dict()
+    by_peft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ref.run_dir / "adapter")
+    plain, before = by_peft.merge_and_unload().state_dict(), AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert merged.keys() == plain.keys()
+    for name, weight in plain.items():
+        torch.testing.assert_close(merged[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+    trained = {k.split(".")[-2] if ".experts." not in k else k.rsplit(".", 1)[-1] for k in merged
+               if not torch.equal(merged[k], before[k])}  # fmt: skip
+    assert {"gate_up_proj", "gate_proj", "up_proj", "down_proj", "q_proj", "o_proj"} <= trained, trained
