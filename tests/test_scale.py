@@ -137,6 +137,28 @@ def test_disk_estimate_counts_what_the_run_writes():
     assert disk_needed(model, keep_last=2, saves=10) == int(1.02 * one * 3 + 50e6)  # keep_last + 1 at once
 
 
+def test_the_disk_check_of_a_lora_run_counts_the_merged_base_only_when_it_merges(tmp_path, monkeypatch):
+    """The merged model is the frozen base (adapters folded in), written only under --lora.merge-on-save: a 30B MoE
+    LoRA run with --lora.no-merge-on-save was refused for the 62 GB merged model it would never write."""
+    import shutil
+
+    from fasttune.errors import FasttuneError
+    from fasttune.train.checkpoint import check_disk
+    from fasttune.train.run_dir import RunFolder
+
+    model = torch.nn.Linear(1000, 1000, bias=False).to(torch.bfloat16).requires_grad_(False)  # 2 MB frozen base
+    model.adapter = torch.nn.Parameter(torch.zeros(1000, 2))  # 8 kB trainable in fp32
+    ckpt = int(1.02 * 3 * 8000 + 50e6)  # adapter + two fp32 moments, once; plus tokenizer/filesystem slack
+    run = RunFolder(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": ckpt + 1_000_000})())
+    check_disk(run, model, keep_last=2, saves=1, merge=False)
+    with pytest.raises(FasttuneError, match=r"GB more \(1 x 0.00 GB \+ the merged model, 0.00 GB\); .*pass "
+                                            r"--lora.no-merge-on-save \(keep the adapter only\), or choose"):  # fmt: skip
+        check_disk(run, model, keep_last=2, saves=1, merge=True)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": ckpt + 2_000_000})())
+    check_disk(run, model, keep_last=2, saves=1, merge=True)  # the base's 2 MB, not base + adapter
+
+
 def test_weights_that_miss_layers_the_config_describes_are_refused(tmp_path):
     """A config.json asking for more layers than the weight files hold would fine-tune the extra layers from random
     values (transformers only logs a report): one error naming the missing tensors and the fix."""

@@ -250,6 +250,7 @@ def check_disk(
     overwrite: bool = False,
     optimizer: str = "adamw",
     max_bad_steps: int = 0,
+    merge: bool = True,
 ) -> None:
     """Refuse to start when the checkpoints this run will write (`saves` of them) could not fit: better now than
     after an hour of training. At the fullest moment max(on disk, held) complete checkpoints plus the one being
@@ -257,11 +258,13 @@ def check_disk(
     keep_last, and one more when the run may save keep_last times after unhealthy steps (max_bad_steps allows it):
     pruning then keeps the last healthy checkpoint besides the keep_last newest. Checkpoints on disk count as already
     written (as freed, for --overwrite), and their measured size replaces the estimate of
-    train/footprint.checkpoint_bytes (weights in the dtype they are held in, and the optimizer state)."""
+    train/footprint.checkpoint_bytes (weights in the dtype they are held in, and the optimizer state). A LoRA run
+    that `merge`s at the end writes the merged model beside them."""
     from fasttune.train.footprint import bytes_needed, checkpoint_bytes
 
     on_disk = [] if overwrite else list_checkpoints(run)
     per_ckpt, merged = checkpoint_bytes(model, optimizer)
+    merged *= merge
     per_ckpt = max((_bytes(p) for p in on_disk), default=per_ckpt)
     healthy = int(max_bad_steps >= keep_last)  # the last healthy one, kept behind keep_last unhealthy saves
     new = min(max(len(on_disk), keep_last + healthy) + 1 - len(on_disk), saves)
@@ -270,10 +273,12 @@ def check_disk(
     if free < need:
         why = f", with the last healthy one kept past --training.keep-last {keep_last}" if healthy else ""
         fix = f", --training.max-bad-steps below {keep_last}" if healthy else ""
+        merged_note = f" + the merged model, {merged / 1e9:.2f} GB" if merged else ""
+        merge_fix = "pass --lora.no-merge-on-save (keep the adapter only), " if merged else ""
         raise FasttuneError(
             f"--output-dir {run.path}: {free / 1e9:.2f} GB free, the checkpoints of this run need about "
-            f"{need / 1e9:.2f} GB more ({new} x {per_ckpt / 1e9:.2f} GB{why}); free some space, lower "
-            f"--training.keep-last{fix}, or choose another --output-dir"
+            f"{need / 1e9:.2f} GB more ({new} x {per_ckpt / 1e9:.2f} GB{why}{merged_note}); free some space, lower "
+            f"--training.keep-last{fix}, {merge_fix}or choose another --output-dir"
         )
 
 

@@ -71,14 +71,16 @@ def planned_saves(max_steps: int, save_every: int, save_final: bool, start_step:
 def checkpoint_bytes(model: torch.nn.Module, optimizer: str = "adamw") -> tuple[int, int]:
     """(bytes of one checkpoint, bytes of a merged LoRA model): weights in the dtype they are held in (or only the
     trainable adapters) plus the optimizer state (AdamW's two moments in the same dtype, or 8-bit ones: see
-    optim.state_bytes); safetensors and torch.save add ~nothing."""
+    optim.state_bytes); the merged model holds the frozen base's weights in their dtype, the adapters folded in.
+    safetensors and torch.save add ~nothing."""
     from fasttune.train.optim import state_bytes
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     lora = trainable_bytes < weights
-    return int((trainable_bytes if lora else weights) + state_bytes(optimizer, trainable)), weights if lora else 0
+    ckpt = int((trainable_bytes if lora else weights) + state_bytes(optimizer, trainable))
+    return ckpt, weights - trainable_bytes if lora else 0
 
 
 def disk_needed(model: torch.nn.Module, keep_last: int, saves: int, optimizer: str = "adamw") -> int:
