@@ -201,8 +201,8 @@ def _start(cfg: BaseConfig, folder: RunFolder, model, latest, saved: dict | None
     started (which clears an --overwrite'd run: after the check)."""
     t = cfg.training
     saves = planned_saves(t.max_steps, t.save_every, t.save_final, saved["state"]["step"] if saved else 0)
-    ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer, t.max_bad_steps,
-                    merge=cfg.lora.enabled and cfg.lora.merge_on_save)
+    merge = cfg.lora.enabled and cfg.lora.merge_on_save
+    ckpt.check_disk(folder, model, t.keep_last, saves, cfg.overwrite, t.optimizer, t.max_bad_steps, merge)
     if latest is None:
         folder.start(cfg)
 
