@@ -28,7 +28,7 @@ from fasttune.config import LoraConfig  # noqa: E402
 from fasttune.data.packing import collate_packed  # noqa: E402
 from fasttune.model.layout import kept_scores  # noqa: E402
 from fasttune.train.activations import layer_bytes  # noqa: E402
-from fasttune.train.memory import model_shape  # noqa: E402
+from fasttune.train.estimate import model_shape  # noqa: E402
 from fasttune.train.recompute import decoder_layers  # noqa: E402
 
 SAMPLE = 256

@@ -8,8 +8,8 @@ import torch
 
 from fasttune import cli
 from fasttune.bench import fit
+from fasttune.train.estimate import GiB
 from fasttune.train.footprint import param_count
-from fasttune.train.memory import GiB
 
 
 def _never(what):

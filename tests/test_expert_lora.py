@@ -190,7 +190,7 @@ def test_backward_remakes_one_layers_weights_at_a_time_as_the_estimate_counts(ki
     the experts, by between one and two times what fold_bytes grows (measured: 5/3, gate_up's weight remade and
     the gradients of both), the two times the estimate adds (Estimate.remade); with two layers, no more than one."""
     from fasttune.config import get_experiment
-    from fasttune.train.memory import Setup, estimate, setup_of
+    from fasttune.train.estimate import Setup, estimate, setup_of
 
     peaks, folds = {}, {}
     for layers, n in ((1, 4), (1, 16), (2, 16)):

@@ -14,15 +14,9 @@ from fasttune.data.packing import collate
 from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import build_preset, preset_config
 from fasttune.train.activations import Shape, lora_bytes
+from fasttune.train.estimate import GiB, Setup, estimate
 from fasttune.train.loop import train
-from fasttune.train.memory import (
-    HEADROOM,
-    GiB,
-    Setup,
-    auto_order,
-    choose_plan,
-    estimate,
-)
+from fasttune.train.memory import HEADROOM, auto_order, choose_plan
 from tests.helpers import tiny_config
 
 VOCAB = 300
@@ -200,18 +194,18 @@ def test_a_cpu_run_that_would_not_fit_the_machines_ram_stops_before_its_first_st
         train(cfg)
     assert "memory plan: none (auto, " in caplog.text and " GiB of RAM); predicted peak" in caplog.text
     st = seen[0]
-    assert st.host and memory.estimate(st, "none").fixed == 0.0
-    none, full = (memory.estimate(st, p).total for p in ("none", "full"))
+    assert st.host and estimate(st, "none").fixed == 0.0
+    none, full = (estimate(st, p).total for p in ("none", "full"))
     assert full < 0.9 * none
     ram = [0.0]
     monkeypatch.setattr(free, "available_ram", lambda: ram[0])
     held = st.params * st.param_bytes  # host_free adds the weights the process holds
-    ram[0] = 0.95 * none / memory.HEADROOM - held  # `none` does not fit, `full` does
+    ram[0] = 0.95 * none / HEADROOM - held  # `none` does not fit, `full` does
     caplog.clear()
     with caplog.at_level("INFO", logger="fasttune"):
         assert train(dataclasses.replace(cfg, output_dir=str(tmp_path / "b"))).last_loss is not None
     assert "memory plan: full (auto, 0.0 GiB of RAM)" in caplog.text  # the least recomputation that fits
-    ram[0] = 0.5 * full / memory.HEADROOM - held
+    ram[0] = 0.5 * full / HEADROOM - held
     with pytest.raises(FasttuneError, match="of RAM this machine can give .*; try .*a GPU"):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path / "c")))
     assert not (tmp_path / "c" / "checkpoints").exists()
@@ -234,7 +228,7 @@ def test_the_planner_counts_the_lora_forward_that_runs(tmp_path):
 
     from fasttune.config import LoraConfig
     from fasttune.model.lora import apply_lora
-    from fasttune.train.memory import setup_of
+    from fasttune.train.estimate import setup_of
 
     cfg = tiny_config(tmp_path)
     for dtype, dropout, upcast in (
@@ -260,7 +254,7 @@ def test_lora_counts_each_parameter_at_its_own_dtype(tmp_path):
     low per copy). The estimate's parts against the model's own tensors, on the CPU (no autocast copies)."""
     from fasttune.config import LoraConfig
     from fasttune.model.lora import apply_lora
-    from fasttune.train.memory import setup_of
+    from fasttune.train.estimate import setup_of
 
     cfg = tiny_config(tmp_path)
     lora = LoraConfig(enabled=True, rank=8, alpha=16)
@@ -295,7 +289,7 @@ def test_the_estimate_counts_fsdp2s_gathered_weights_and_no_head_gradient_under_
     from fasttune.config import get_experiment
     from fasttune.model import norm
     from fasttune.model.lora import apply_lora
-    from fasttune.train.memory import setup_of
+    from fasttune.train.estimate import setup_of
 
     cfg = get_experiment("lora")
     cfg.training.fsdp = True
@@ -337,7 +331,7 @@ def test_fsdp2s_gathered_weights_count_its_largest_block():
     from transformers import AutoModelForCausalLM, DeepseekV3Config
 
     from fasttune.model.build import decoder_blocks
-    from fasttune.train.memory import gathered
+    from fasttune.train.estimate import gathered
 
     config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=256, moe_intermediate_size=64,
                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,

@@ -56,7 +56,7 @@ def test_layers_of_other_architectures_keep_what_the_planner_counts(kind, monkey
     from transformers.models.falcon import modeling_falcon
 
     from fasttune.attention.select import native_attention
-    from fasttune.train.memory import model_shape
+    from fasttune.train.estimate import model_shape
 
     if kind == "gptj" and native_attention(AutoConfig.for_model(kind)) == "eager":  # 5.17; 5.24 has AttentionInterface
         pytest.skip("this transformers runs GPT-J's attention in its own eager code, which keeps the scores "
@@ -91,7 +91,7 @@ def test_lora_on_a_plain_mlp_keeps_what_the_planner_counts(kind):
     input as before. Counted as Llama's, `ops` was 41% (StarCoder2) and 36% (GPT-NeoX) high, `none` -1.3 KB (a frozen
     norm's normalized input, which a LayerNorm never kept) where 0.2 KB are kept."""
     from fasttune.train.activations import lora_bytes
-    from fasttune.train.memory import model_shape
+    from fasttune.train.estimate import model_shape
 
     shape = model_shape(_model(kind, 1))
     for plan in ("none", "ops", "mlp"):
@@ -125,7 +125,7 @@ def test_the_config_alone_counts_the_layers_as_built(kind):
     config names measured). Built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fasttune.train.memory import model_shape
+    from fasttune.train.estimate import model_shape
 
     fields = ("norms", "norm_elem", "parallel", "mlp", "act_elem", "fused_qkv", "qkv_views", "q_copy")
     names = {"n_embd": 64, "n_head": 4, "n_layer": 1} if kind in ("gptj", "gpt2", "codegen", "gpt_bigcode") else {
@@ -205,7 +205,7 @@ def test_attention_in_a_models_own_code_keeps_what_the_planner_counts(kind):
 
     from fasttune.attention.select import native_attention
     from fasttune.model.layout import _math_sdpa, kept_scores
-    from fasttune.train.memory import model_shape
+    from fasttune.train.estimate import model_shape
     from fasttune.train.recompute import plans_for
     from tests.test_memory_layers import _kept_bytes
 
@@ -256,7 +256,8 @@ def test_padded_rows_are_estimated_at_the_longest_sample_and_grouped_rows_at_the
     from fasttune.config import get_experiment
     from fasttune.data.packing import Batcher
     from fasttune.train.activations import activation_bytes
-    from fasttune.train.memory import model_shape, plan_memory
+    from fasttune.train.estimate import model_shape
+    from fasttune.train.memory import plan_memory
 
     config = AutoConfig.for_model("bloom", vocab_size=VOCAB, hidden_size=384, n_layer=2, n_head=6)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -306,7 +307,7 @@ def test_the_activation_is_measured_under_the_runs_autocast_on_its_gpu():
         pytest.skip("needs a CUDA GPU")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fasttune.train.memory import model_shape
+    from fasttune.train.estimate import model_shape
 
     config = AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=1)
     model = AutoModelForCausalLM.from_config(config).cuda()

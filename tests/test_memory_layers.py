@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttune.train.activations import Shape, layer_bytes, lora_bytes
-from fasttune.train.memory import SOFTCAP_BYTES, Setup, estimate
+from fasttune.train.estimate import SOFTCAP_BYTES, Setup, estimate
 from fasttune.train.recompute import apply_plan
 from tests.helpers import assert_same_step
 from tests.test_memory import VOCAB, _batch, _setup
@@ -318,7 +318,7 @@ def test_a_fused_qkv_projection_keeps_what_the_planner_counts():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.attention.select import register
-    from fasttune.train.memory import model_shape
+    from fasttune.train.estimate import model_shape
 
     def make(layers: int):
         config = AutoConfig.for_model("phi3", hidden_size=384, intermediate_size=1024, num_attention_heads=6,

@@ -12,7 +12,8 @@ import torch
 
 from fasttune.errors import FasttuneError
 from fasttune.model.build import build_preset
-from fasttune.train.memory import Setup, auto_order, choose_plan
+from fasttune.train.estimate import Setup
+from fasttune.train.memory import auto_order, choose_plan
 from fasttune.train.recompute import apply_plan
 from tests.helpers import assert_same_step
 from tests.test_memory import VOCAB, _batch, _setup

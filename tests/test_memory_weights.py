@@ -14,8 +14,9 @@ from fasttune.data.pipeline import DataBundle
 from fasttune.errors import FasttuneError
 from fasttune.model.build import preset_config
 from fasttune.train import footprint
+from fasttune.train.estimate import GiB
 from fasttune.train.footprint import check_weights_fit, param_count
-from fasttune.train.memory import HEADROOM, GiB
+from fasttune.train.memory import HEADROOM
 from fasttune.train.model_prep import prepare_model
 
 

@@ -288,7 +288,8 @@ def test_liger_norms_are_recomputed_only_when_the_run_needs_that_memory(tmp_path
     with less recomputation, or an explicit plan fit at all; never when the run fits without, or with
     --model.no-lean-norm."""
     from fasttune.errors import FasttuneError
-    from fasttune.train.memory import HEADROOM, Setup, estimate, plan_memory, setup_of
+    from fasttune.train.estimate import Setup, estimate, setup_of
+    from fasttune.train.memory import HEADROOM, plan_memory
 
     cfg = tiny_config(tmp_path)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size=64))  # activations dominate

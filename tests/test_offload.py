@@ -16,7 +16,8 @@ from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import build_preset, preset_config
 from fasttune.train import offload
 from fasttune.train.activations import Shape
-from fasttune.train.memory import HOST_HEADROOM, GiB, Setup, choose_plan, estimate
+from fasttune.train.estimate import GiB, Setup, estimate
+from fasttune.train.memory import HOST_HEADROOM, choose_plan
 from fasttune.train.recompute import apply_plan
 from fasttune.train.run import forward_backward
 from tests.helpers import assert_same_step

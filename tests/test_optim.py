@@ -19,8 +19,9 @@ from fasttune.errors import ConfigError, FasttuneError
 from fasttune.model.build import preset_config
 from fasttune.train import loop
 from fasttune.train.checkpoint import list_checkpoints, load_trainer_state
+from fasttune.train.estimate import GiB, Setup, setup_of
 from fasttune.train.footprint import checkpoint_bytes, fp32_master_fits
-from fasttune.train.memory import GiB, Setup, choose_plan, setup_of
+from fasttune.train.memory import choose_plan
 from fasttune.train.optim import build_optimizer, state_bytes
 
 needs_torchao = pytest.mark.skipif(

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 from fasttune.errors import ConfigError
 from fasttune.model.build import preset_config
 from fasttune.train import loop
+from fasttune.train.estimate import GiB
 from fasttune.train.footprint import disk_needed, fp32_master_fits, param_count, planned_saves
-from fasttune.train.memory import GiB
 
 
 @pytest.mark.parametrize(

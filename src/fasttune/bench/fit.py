@@ -1,5 +1,5 @@
 """Whether a benchmark's model fits this machine, before it is built: `bench train` and `bench generate` estimate
-their peak with the training memory model (train/memory.py: the same parts `fasttune train` plans with) and stop with
+their peak with the training memory model (train/estimate.py: the same parts `fasttune train` plans with) and stop with
 one line, naming a preset that fits, where it cannot (on a CPU the system kills such a run with no word)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from fasttune.config.base_config import MODEL_PRESETS
 from fasttune.errors import ConfigError
 from fasttune.model.build import preset_config
 from fasttune.train.activations import Shape
+from fasttune.train.estimate import Estimate, GiB, Setup, estimate
 from fasttune.train.footprint import param_count
 from fasttune.train.free import available_ram, free_memory
-from fasttune.train.memory import HEADROOM, Estimate, GiB, Setup, estimate
+from fasttune.train.memory import HEADROOM
 
 LORA_SHARE = 200
 """A LoRA run trains about 1/200 of the weights (r 16 on every linear layer of a Llama; as memory.state_changes)."""

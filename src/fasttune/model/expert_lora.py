@@ -235,7 +235,7 @@ class _Hooks(torch.autograd.graph.saved_tensors_hooks):
 
 def fold_bytes(model: nn.Module) -> int:
     """Bytes of the adapted weights of the largest experts module that `_forward` runs (0: none): what backward
-    remakes at once, beside their gradient of the same size (train/memory.py counts both)."""
+    remakes at once, beside their gradient of the same size (train/estimate.py counts both)."""
     largest = 0
     for module in model.modules():
         if getattr(vars(module).get("forward"), "__func__", None) is not _forward:

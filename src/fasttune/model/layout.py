@@ -1,5 +1,5 @@
 """What a decoder layer's MLP and attention are made of, as the memory estimate counts them (train/activations.py
-`Shape`): read from the built layer (train/memory.py), or for a config alone from its model type.
+`Shape`): read from the built layer (train/estimate.py), or for a config alone from its model type.
 
 - The MLP: gated (SwiGLU/GeGLU: gate and up projections, or one fused gate_up_proj) or plain (fc1, activation, fc2:
   GPT-2, GPT-NeoX, Phi, Falcon, StarCoder2, ...), and what its activation keeps an element, measured by running it

@@ -1,4 +1,4 @@
-"""What a decoder layer keeps for backward, per token: the byte counts behind the memory plan (train/memory.py).
+"""What a decoder layer keeps for backward, per token: the byte counts behind the memory estimate (train/estimate.py).
 
 Byte counts per token and decoder layer (bf16 compute, 2 bytes; h hidden, q = heads x head_dim, kv = kv heads x
 head_dim, i intermediate), counted from what autograd saves in HF's Llama layer: each unfused RMSNorm keeps its fp32
@@ -26,7 +26,7 @@ NORMS = {"gemma": (2, 8, False), "gemma2": (4, 8, False), "gemma3_text": (4, 8, 
          "gptj": (1, 2, False), "codegen": (1, 2, False), "falcon": (2, 2, False)}  # fmt: skip
 """model_type: (norms over the hidden size in a decoder layer, bytes they keep an element, q/k norms of that kind)
 where not Llama's (2, 6, False), for a config alone (train/footprint.py); a built model's layer is read instead
-(model/norm.py `norm_layout`, train/memory.py). Left out, a Qwen3 layer's q/k norms (6(q + kv) bytes per token,
+(model/norm.py `norm_layout`, train/estimate.py). Left out, a Qwen3 layer's q/k norms (6(q + kv) bytes per token,
 2(q + kv) with the lean RMSNorm) made the estimate 19% low at the test's shape, OLMo2's norms 35% (measured on
 CPU). torch's LayerNorm keeps its input (2); Falcon's parallel_attn layers have one (`_norms`)."""
 
@@ -54,11 +54,11 @@ class Shape:
     qk_norms: bool = False
     """Per-head RMSNorms of q and k (Gemma 3, Qwen3), of the layer's norm kind."""
     softcap: bool = False
-    """The logits are softcapped before the loss (Gemma 2's final_logit_softcapping; counted by train/memory.py)."""
+    """The logits are softcapped before the loss (Gemma 2's final_logit_softcapping; counted by train/estimate.py)."""
     fused_qkv: bool = False
     """One projection for q, k and v (Phi-3's qkv_proj, GPT-NeoX's and Falcon's query_key_value, GPT-2's c_attn):
     under autocast it keeps one bf16 copy of the norm's output, not three. (This and the fields below are read from
-    the built layer by train/memory.py, model/layout.py.)"""
+    the built layer by train/estimate.py, model/layout.py.)"""
     qkv_views: bool = False
     """v is a view of the fused output, which stays alive whole beside RoPE's rotated copies of q and k: 2(q + kv)
     more where attention is kept (Phi-3, GPT-NeoX, Falcon; not GPT-2's, without RoPE, nor CodeGen's)."""

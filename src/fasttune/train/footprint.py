@@ -11,8 +11,9 @@ import torch
 from fasttune.errors import FasttuneError
 from fasttune.model.flops import experts, mlp_matrices
 from fasttune.train.activations import Shape
+from fasttune.train.estimate import GiB
 from fasttune.train.free import available_ram, free_memory
-from fasttune.train.memory import HEADROOM, GiB
+from fasttune.train.memory import HEADROOM
 
 log = logging.getLogger("fasttune")
 
