@@ -31,57 +31,90 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
     fmt = "raw" if raw else prompt_format(tokenizer)
     _check_system(system, fmt, raw)
     multi = multi_turn(fmt)
+    _say_how(fmt, multi)
+    sampling = dict(temperature=temperature, top_p=top_p, seed=seed, stop=stop, engine=fast_engine(model))
+    prompt = ">>> " if read is not None or sys.stdin.isatty() else ""  # piped: no prompts among the replies
+    read = read or input
+    start: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
+    history, replies = list(start), 0
+    while (line := _read_line(read, prompt)) is not None:
+        if not line.strip():
+            continue
+        if (command := _command(line)) is not None:  # not sent to the model as a message
+            if command in EXIT:
+                return 0
+            if command == "/reset":
+                history = list(start)
+            _answer_command(command, multi)
+            continue
+        messages = (history if multi else start) + [{"role": "user", "content": line}]
+        messages, ids = _within_context(model, tokenizer, messages, start if multi else None, raw)
+        budget = _reply_budget(model, len(ids), max_new_tokens)
+        if budget is None:
+            continue
+        text = _reply(model, tokenizer, ids, budget, replies, sampling)
+        replies += 1
+        if multi and text is not None:
+            history = messages + [{"role": "assistant", "content": text}]
+    return 0
+
+
+def _say_how(fmt: str, multi: bool) -> None:
+    """The session's opening line on stderr: how messages are rendered, and how to quit or start over."""
     how = {"raw": "no template: each message is continued as plain text", "chat": "the model's chat template"}
     how_fmt = how.get(fmt, f"the {fmt} prompt format the run trained with; each message is answered on its own")
     print(f"chat ({how_fmt}{', multi-turn' if multi else ''}). Ctrl-D, Ctrl-C or /exit to quit, /reset to start "
           "over.", file=sys.stderr)  # fmt: skip
-    engine = fast_engine(model)
-    prompt = ">>> " if read is not None or sys.stdin.isatty() else ""  # piped: no prompts among the replies
-    read = read or input
-    history: list[dict] = [{"role": "system", "content": system}] if system and fmt == "chat" else []
-    start = list(history)
-    replies = 0
-    while True:
-        try:
-            line = read(prompt)
-        except (EOFError, KeyboardInterrupt):
-            _say("\n" if prompt else "")  # the line after ^D
-            return 0
-        if not line.strip():
-            continue
-        command = _command(line)
-        if command in EXIT:
-            return 0
-        if command == "/reset":
-            history = list(start)
-            print("(history cleared)" if multi else "(nothing to clear: each message is answered on its own)",
-                  file=sys.stderr)  # fmt: skip
-            continue
-        if command is not None:  # /help, or a command that does not exist: not sent to the model as a message
-            print(("" if command == "/help" else f"unknown command {command}; ") + COMMANDS, file=sys.stderr)
-            continue
-        messages = (history if multi else start) + [{"role": "user", "content": line}]
+
+
+def _read_line(read: Callable[[str], str], prompt: str) -> str | None:
+    """The next message, or None at the end of input or on Ctrl-C at the prompt."""
+    try:
+        return read(prompt)
+    except (EOFError, KeyboardInterrupt):
+        _say("\n" if prompt else "")  # the line after ^D
+        return None
+
+
+def _answer_command(command: str, multi: bool) -> None:
+    """Say what /reset did, or (/help, or a command that does not exist) list the commands."""
+    if command == "/reset":
+        print("(history cleared)" if multi else "(nothing to clear: each message is answered on its own)",
+              file=sys.stderr)  # fmt: skip
+    else:
+        print(("" if command == "/help" else f"unknown command {command}; ") + COMMANDS, file=sys.stderr)
+
+
+def _within_context(model, tokenizer, messages: list[dict], start: list[dict] | None, raw: bool):
+    """`messages` and their prompt ids, the oldest exchange after `start` (the system message, if any) forgotten while
+    the prompt fills the model's context (start None: a single exchange, nothing to forget)."""
+    ids = prompt_ids(tokenizer, messages, raw=raw)
+    while start is not None and len(messages) > len(start) + 1 and _too_long(model, len(ids)):
+        messages = start + messages[len(start) + 2 :]  # forget the oldest exchange to stay within the context
         ids = prompt_ids(tokenizer, messages, raw=raw)
-        while multi and len(messages) > len(start) + 1 and _too_long(model, len(ids)):
-            messages = start + messages[len(start) + 2 :]  # forget the oldest exchange to stay within the context
-            ids = prompt_ids(tokenizer, messages, raw=raw)
-        try:
-            budget = fit_context(model, len(ids), max_new_tokens, "the message")
-        except FasttuneError as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        try:
-            reply = generate_ids(model, tokenizer, [ids], max_new_tokens=budget, temperature=temperature,
-                                 top_p=top_p, seed=seed, indices=[replies], stop=stop, on_text=_say,
-                                 engine=engine)[0]  # fmt: skip
-        except KeyboardInterrupt:
-            _say("\n[stopped]\n")
-            continue
-        finally:
-            replies += 1
-        _say("\n")
-        if multi:
-            history = messages + [{"role": "assistant", "content": reply.text}]
+    return messages, ids
+
+
+def _reply_budget(model, prompt_len: int, max_new_tokens: int) -> int | None:
+    """New tokens the context leaves the reply; None (said on stderr) when the message leaves no room."""
+    try:
+        return fit_context(model, prompt_len, max_new_tokens, "the message")
+    except FasttuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _reply(model, tokenizer, ids: list, budget: int, index: int, sampling: dict) -> str | None:
+    """Generate the reply to `ids`, streamed to stdout, as the `index`-th prompt of a batch draws; None when Ctrl-C
+    stopped it."""
+    try:
+        reply = generate_ids(model, tokenizer, [ids], max_new_tokens=budget, indices=[index], on_text=_say,
+                             **sampling)[0]  # fmt: skip
+    except KeyboardInterrupt:
+        _say("\n[stopped]\n")
+        return None
+    _say("\n")
+    return reply.text
 
 
 EXIT = ("/exit", "/quit", "/bye")
