@@ -14,6 +14,7 @@ import re
 import types
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,9 +50,44 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+class _Targets(NamedTuple):
+    """What `apply_lora` adapts: `targets` (linear layers by name) of the model's `available` ones, the fused MoE
+    experts parameters `experts` (how many linear layers each holds), the `by_weight` targets adapted through their
+    weights beside fused experts, and what the user's `wanted` names miss (`fused`, `partly`: for the messages)."""
+
+    wanted: list[str] | tuple[str, ...]
+    available: list[str]
+    targets: list[str]
+    fused: dict[str, tuple[str, ...]]
+    experts: dict[str, int]
+    partly: dict[str, list[str]]
+    by_weight: list[str]
+
+
 def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with LoRA adapters on the `lora_cfg.targets` it has; everything else is frozen."""
     peft = _peft()
+    t = _choose_targets(model, peft, lora_cfg)
+    _check_dropout(lora_cfg, t)
+    _say_missing(t.wanted, t.targets, t.available, t.fused)
+    with warnings.catch_warnings():
+        ignore_warning(*PEFT_READS_DEPRECATED)  # printed on every LoRA run otherwise
+        ignore_warning(*PEFT_FUSED_PATTERNS)  # peft's own keys, applied: _check_fused_ranks
+        model = peft.get_peft_model(model, _peft_config(peft, lora_cfg, t))
+    _check_fused_ranks(model)
+    _say_moe_targets(model, t.targets, t.by_weight, t.partly)
+    _resolve_base_path(model)
+    fast = set_fast_forward(model)
+    log.debug("fast LoRA forward on %d of the adapted linear layers", fast)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    _keep_adapter_grads(model)
+    return model
+
+
+def _choose_targets(model: nn.Module, peft, lora_cfg: LoraConfig) -> _Targets:
+    """The linear layers and fused MoE experts parameters `lora_cfg.targets` name in `model` (the default names,
+    Llama's, matching none: all its linear layers); FasttuneError when they name nothing it has."""
     available = linear_module_names(model)
     wanted = available if ALL_LINEAR in lora_cfg.targets else lora_cfg.targets  # peft's keyword: all but the head
     named = _EXPERT_LINEARS if ALL_LINEAR in lora_cfg.targets else wanted  # the experts' layers the targets name
@@ -75,49 +111,52 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig) -> nn.Module:
     # beside fused experts, the linear layers named like them (shared experts, dense MLPs) are adapted through their
     # weights: named in target_modules, peft (0.21) moves them onto the fused experts (see _say_moe_targets)
     by_weight = [t for t in targets if t in _EXPERT_LINEARS] if fused else []
-    if (experts or by_weight) and lora_cfg.dropout:
-        adapted = [f"the MoE experts' fused {', '.join(sorted(experts))}"] if experts else []
-        adapted += [f"the weights of the linear layers named {', '.join(by_weight)}"] if by_weight else []
-        raise FasttuneError(f"lora.dropout={lora_cfg.dropout}: peft's adapters on parameters ({'; '.join(adapted)}) "
-                            "take no dropout; pass --lora.dropout 0, or leave gate_proj, up_proj and down_proj out of "
-                            "--lora.targets")  # fmt: skip
-    _say_missing(wanted, targets, available, fused)
-    patterns = {f".*\\.{re.escape(name)}": n for name, n in experts.items() if n > 1}  # gate_up_proj: gate + up
-    peft_cfg = peft.LoraConfig(
+    return _Targets(wanted, available, targets, fused, experts, partly, by_weight)
+
+
+def _check_dropout(lora_cfg: LoraConfig, t: _Targets) -> None:
+    """peft's adapters on parameters (fused experts, weights adapted beside them) take no dropout: refuse one."""
+    if not ((t.experts or t.by_weight) and lora_cfg.dropout):
+        return
+    adapted = [f"the MoE experts' fused {', '.join(sorted(t.experts))}"] if t.experts else []
+    adapted += [f"the weights of the linear layers named {', '.join(t.by_weight)}"] if t.by_weight else []
+    raise FasttuneError(f"lora.dropout={lora_cfg.dropout}: peft's adapters on parameters ({'; '.join(adapted)}) "
+                        "take no dropout; pass --lora.dropout 0, or leave gate_proj, up_proj and down_proj out of "
+                        "--lora.targets")  # fmt: skip
+
+
+def _peft_config(peft, lora_cfg: LoraConfig, t: _Targets):
+    """peft's LoraConfig for the chosen targets: fused experts and weights as target_parameters, a fused parameter
+    holding n linear layers (gate_up_proj: gate + up) at n times the rank and alpha (the same scaling)."""
+    patterns = {f".*\\.{re.escape(name)}": n for name, n in t.experts.items() if n > 1}
+    on_params = (
+        dict(
+            target_parameters=sorted(t.experts) + [f"{name}.weight" for name in t.by_weight],
+            rank_pattern={k: lora_cfg.rank * n for k, n in patterns.items()},
+            alpha_pattern={k: lora_cfg.alpha * n for k, n in patterns.items()},
+        )
+        if t.experts or t.by_weight
+        else {}
+    )
+    return peft.LoraConfig(
         r=lora_cfg.rank,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=[t for t in targets if t not in by_weight],
+        target_modules=[name for name in t.targets if name not in t.by_weight],
         bias="none",
         task_type="CAUSAL_LM",
-        **(
-            dict(
-                target_parameters=sorted(experts) + [f"{t}.weight" for t in by_weight],
-                rank_pattern={k: lora_cfg.rank * n for k, n in patterns.items()},
-                alpha_pattern={k: lora_cfg.alpha * n for k, n in patterns.items()},
-            )
-            if experts or by_weight
-            else {}
-        ),
+        **on_params,
     )
-    with warnings.catch_warnings():
-        ignore_warning(*PEFT_READS_DEPRECATED)  # printed on every LoRA run otherwise
-        ignore_warning(*PEFT_FUSED_PATTERNS)  # peft's own keys, applied: _check_fused_ranks
-        model = peft.get_peft_model(model, peft_cfg)
-    _check_fused_ranks(model)
-    _say_moe_targets(model, targets, by_weight, partly)
-    _resolve_base_path(model)
-    fast = set_fast_forward(model)
-    log.debug("fast LoRA forward on %d of the adapted linear layers", fast)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+
+def _keep_adapter_grads(model) -> None:
+    """With frozen embeddings, reentrant checkpointing sees no input that needs grad and drops the adapters' grads:
+    make the inputs require grad where the model checkpoints."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x name
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if checkpointing:
-        # With frozen embeddings, reentrant checkpointing sees no input that needs grad and drops the adapters' grads.
         model.enable_input_require_grads()
-    return model
 
 
 def _say_missing(wanted, targets: list[str], available: list[str], fused: dict) -> None:
