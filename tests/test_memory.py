@@ -144,12 +144,41 @@ def test_the_no_fit_advice_names_the_usable_memory_and_only_changes_that_fit():
     assert "--model.dtype bf16" in msg and "adamw_8bit" in msg and "--lora.enabled" in msg
 
 
-def test_every_k_needs_k_layers():
-    st = Setup(**{**_setup(8192).__dict__, "shape": dataclasses.replace(_setup(8192).shape, layers=3)})
-    with pytest.raises(FasttuneError, match="has 3 decoder layers"):
-        choose_plan("every:4", st, None)
-    assert choose_plan("every:3", st, None).plan == "every:3"
-    assert all(e.plan != "every:4" for e in auto_order(st))  # auto never picks a plan that recomputes no layer
+@pytest.mark.parametrize(("layers", "instead"), [(1, "full"), (2, "every:2, full"), (3, "every:2 to every:3, full")])
+def test_every_k_needs_k_layers(layers, instead):
+    """every:K with fewer than K layers recomputes no layer whole: refused, saying what the model can take. On a
+    1-layer model it said "pick K from 2 to 1, or ops"."""
+    st = Setup(**{**_setup(8192).__dict__, "shape": dataclasses.replace(_setup(8192).shape, layers=layers)})
+    for k in range(layers + 1, 6):
+        with pytest.raises(FasttuneError) as e:
+            choose_plan(f"every:{k}", st, None)
+        assert str(e.value) == (
+            f"model.memory=every:{k}: every:{k} recomputes one decoder layer in {k} whole, so it needs at least {k} "
+            f"layers, and this model has {layers}; pass --model.memory {instead} (every layer recomputed whole) or ops "
+            "(none recomputed whole)"
+        )
+    for plan in [f"every:{k}" for k in range(2, layers + 1)] + ["full", "ops"]:  # what the message offers fits
+        assert choose_plan(plan, st, None).plan == plan
+    plans = [e.plan for e in auto_order(st)]  # auto never considers a plan that recomputes no layer
+    assert plans and all(int(p.split(":")[1]) <= layers for p in plans if p.startswith("every:"))
+    assert choose_plan("auto", st, 80 * GiB).plan in plans
+
+
+def test_every_k_beyond_the_layers_stops_before_the_data_is_read(monkeypatch, capsys, tmp_path):
+    """The micro preset has 2 decoder layers: every:4 stops in one line, naming the flag, before any data is read or
+    model built (it read the data and built the model first)."""
+    from fasttune import cli
+    from fasttune.train import loop
+
+    def tokenized(*a, **k):
+        raise AssertionError("the data was read before the refusal")
+
+    monkeypatch.setattr(loop, "_data", tokenized)
+    out = ["--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--training.device", "cpu"]
+    assert cli.main(["train", "--model.preset", "micro", "--model.memory", "every:4", *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: --model.memory=every:4: every:4 recomputes one decoder layer")
+    assert "this model has 2; pass --model.memory every:2, full " in err
 
 
 def test_the_loss_chunk_is_at_most_the_micro_batch():

@@ -32,6 +32,7 @@ from fasttune.train.distributed import Dist
 from fasttune.train.finished import nothing_to_train, own_model_gone, say_nothing_to_train
 from fasttune.train.footprint import planned_saves
 from fasttune.train.length import length_option, run_length
+from fasttune.train.memory import refuse_every_beyond_layers
 from fasttune.train.metrics import MetricsLog, perplexity
 from fasttune.train.model_prep import batcher_for, choose_batching, prepare_model
 from fasttune.train.optim import DECAY_RULE, build_optimizer, require_optimizer, sync_lr
@@ -121,6 +122,7 @@ def _open(start: tuple, data: DataBundle | None, d: Dist, device_name: str, gate
     built), model, optimizer and schedule, and on resume their saved state restored."""
     cfg, folder, latest, saved, moved = start
     check_weights(cfg.model, lora=cfg.lora.enabled)  # before the data is tokenized
+    refuse_every_beyond_layers(cfg)
     torch.manual_seed(cfg.seed)
     device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
     data = _data(cfg, data, d, latest, saved, moved)

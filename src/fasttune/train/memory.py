@@ -27,7 +27,7 @@ import torch
 
 from fasttune.config.base_config import memory_plan
 from fasttune.errors import FasttuneError
-from fasttune.model.build import base_model
+from fasttune.model.build import base_model, load_model_config
 from fasttune.model.layout import kept_scores
 from fasttune.train.activations import recompute_flops
 from fasttune.train.estimate import Estimate, GiB, Setup, estimate, runs_autocast, setup_of
@@ -64,14 +64,10 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
     GPU to measure, plan `none`), else `offload` where it fits and the host can pin its memory. Raises
     FasttuneError, before anything runs, when the chosen plan cannot fit."""
     plan = memory_plan(requested)
-    if _layers_per_recompute(plan) > st.shape.layers:
-        raise FasttuneError(
-            f"model.memory={plan}: the model has {st.shape.layers} decoder layers, so no layer would be recomputed "
-            f"whole; pick K from 2 to {st.shape.layers}, or ops"
-        )
     if plan != "auto" and st.plans is not None and _kind(plan) not in st.plans:
         raise FasttuneError(f"model.memory={plan}: this model's decoder layers cannot take it (no layer stack, or no "
                             f"such block); choose one of: {', '.join(sorted(st.plans))}")  # fmt: skip
+    _check_every(plan, st.shape.layers)
     if plan == "offload" and st.host:
         raise FasttuneError("model.memory=offload: this run trains on the CPU, whose activations are in host memory "
                             "already; use --model.memory full")  # fmt: skip
@@ -92,6 +88,28 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
         _check_host(st, offload)  # full does not fit, offload would: say what the host lacks
         return offload
     raise FasttuneError(_no_fit(st, estimate(st, "full"), free_bytes))
+
+
+def refuse_every_beyond_layers(cfg) -> None:
+    """_check_every before the data is read and the model built: the layer count from the config (a preset's, or
+    --model's config.json). choose_plan checks again on the built model."""
+    plan = memory_plan(cfg.model.memory)
+    if plan.startswith("every:"):
+        _check_every(plan, load_model_config(cfg.model, cfg.data.tokenizer_vocab_size).num_hidden_layers)
+
+
+def _check_every(plan: str, layers: int) -> None:
+    """every:K recomputes every K-th decoder layer whole: with fewer than K layers none would be, which is `ops` run
+    under another name. Say so, with what this model can take instead (auto never offers such a plan: auto_order)."""
+    k = _layers_per_recompute(plan)
+    if k <= layers:
+        return
+    every = "" if layers < 2 else "every:2, " if layers == 2 else f"every:2 to every:{layers}, "
+    raise FasttuneError(
+        f"model.memory={plan}: every:{k} recomputes one decoder layer in {k} whole, so it needs at least {k} layers, "
+        f"and this model has {layers}; pass --model.memory {every}full (every layer recomputed whole) or ops (none "
+        "recomputed whole)"
+    )
 
 
 def _check_host(st: Setup, est: Estimate) -> None:
