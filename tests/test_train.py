@@ -119,8 +119,16 @@ def test_oom_is_explained_or_retried_with_same_global_batch(tmp_path, monkeypatc
     _, ref = reference
     cfg = tiny_config(tmp_path / "a")
     fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
-    with pytest.raises(FasttuneError, match="out of memory at step 2: micro-batch 4 samples / 256 tokens"):
+    with pytest.raises(FasttuneError, match="out of memory at step 2: micro-batch 4 samples / 256 tokens") as e:
         loop.train(cfg)
+    assert "recompute more activations (--model.memory every:2 or full, now none)" in str(e.value)
+    # a run that recomputes every layer already is offered the host, not recomputation it has
+    full = dataclasses.replace(cfg, output_dir=str(tmp_path / "c"), model=dataclasses.replace(cfg.model, memory="full"))
+    monkeypatch.undo()
+    fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with pytest.raises(FasttuneError, match="out of memory at step 2") as e:
+        loop.train(full)
+    assert "(--model.memory offload)" in str(e.value) and "recompute more" not in str(e.value)
     monkeypatch.undo()
     fail_at(monkeypatch, 2, lambda: torch.OutOfMemoryError("CUDA out of memory (simulated)"))
     cfg = tiny_config(tmp_path / "b", oom_retry=True)

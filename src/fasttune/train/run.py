@@ -364,9 +364,19 @@ class Run:
             f"CUDA out of memory at step {self.state.step + 1}: micro-batch {d.micro_batch_size} samples / "
             f"{d.micro_batch_size * d.max_length} tokens, split {self.state.micro_split}x; peak "
             f"{peak_memory_gib(device) or 0:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB. Lower "
-            "--data.micro-batch-size (raise --training.grad-accum to keep the batch), recompute more activations "
-            "(--model.memory every:2 or full), or pass --training.oom-retry"
+            f"--data.micro-batch-size (raise --training.grad-accum to keep the batch), {self._more_recompute()}or pass "
+            "--training.oom-retry"
         )
+
+    def _more_recompute(self) -> str:
+        """The OOM message's plans that recompute more than the one in force ('' when it recomputes every layer)."""
+        if self.memory_plan == "full":
+            return "keep the layers' inputs in host memory (--model.memory offload), "
+        if self.memory_plan == "offload":
+            return ""
+        layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", 0) or 0
+        every = "every:2 or " if layers >= 2 and self.memory_plan != "every:2" else ""
+        return f"recompute more activations (--model.memory {every}full, now {self.memory_plan}), "
 
     def exploding(self, loss: float) -> bool:
         """Far above the run's recent losses: more than 3x their median and more than 2 nats above it (a spike
