@@ -317,8 +317,9 @@ class TrainingConfig:
     device: str = field(default="auto", metadata=RESUMABLE)
     """Device: auto (cuda if available), cpu, cuda, cuda:N."""
     compile: bool = field(default=False, metadata=RESUMABLE)
-    """torch.compile each decoder layer (needs a working compiler toolchain; about a minute at the start). Without
-    flash-attn-4 and Liger it fuses the elementwise work (`full` on an H200: 1.27x); with them it gains nothing."""
+    """torch.compile each decoder layer (about a minute at the start; needs a C++ compiler, g++, on a CPU and a C
+    compiler for Triton on a GPU). Without flash-attn-4 and Liger it fuses the elementwise work (`full` on an H200:
+    1.27x); with them it gains nothing."""
     fsdp: bool = field(default=False, metadata=RESUMABLE)
     """Under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) instead of replicating
     them (DDP): for models whose training state does not fit one GPU. Ignored in a single process. Checkpoints are

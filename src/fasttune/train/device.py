@@ -1,5 +1,5 @@
-"""Where and in which dtypes a run trains: the device (refusing a missing GPU, GPU-scale work on a CPU, or the
-`offload` memory plan on a CPU), the autocast dtype and the parameter dtype."""
+"""Where and in which dtypes a run trains: the device (refusing a missing GPU, GPU-scale work on a CPU, the `offload`
+memory plan on a CPU, or torch.compile on a CPU without a C++ compiler), the autocast dtype and the parameter dtype."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from fasttune.compiler import INSTALL, cpp_compiler, searched
 from fasttune.config import BaseConfig
 from fasttune.device import pick_device
 from fasttune.errors import ConfigError
@@ -94,3 +95,21 @@ def refuse_offload_on_cpu(memory: str, device: str, why: str | None = None, fix:
     why = why or ("training.device=cpu" if device == "cpu" else "no CUDA GPU is visible to torch")
     raise ConfigError(f"model.memory=offload: this run trains on the CPU ({why}), whose activations are in host memory "
                       f"already, so there is nothing to offload; use {fix}")  # fmt: skip
+
+
+def refuse_cpu_compile_without_compiler(cfg: BaseConfig, device: str) -> None:
+    """Stop a run that would torch.compile on the CPU with no C++ compiler, before its data is read: inductor builds
+    CPU kernels in C++, and without a compiler the first compiled call fails mid-run in a long traceback. Compiled on
+    a CPU: the decoder layers (training.compile) and torchao's 8-bit AdamW step."""
+    users = []
+    if cfg.training.compile:
+        users.append(("training.compile", "drop --training.compile"))
+    if cfg.training.optimizer == "adamw_8bit":
+        users.append(("training.optimizer=adamw_8bit (torchao compiles its step)", "use --training.optimizer adamw"))
+    if not users or pick_device(device).type != "cpu" or cpp_compiler() is not None:
+        return
+    raise ConfigError(
+        f"{' and '.join(u for u, _ in users)}: torch.compile on the CPU needs a C++ compiler (inductor builds its "
+        f"kernels with it) and no working one was found (looked for {searched()} on PATH); install one: {INSTALL}; or "
+        f"{' and '.join(f for _, f in users)}"
+    )

@@ -27,7 +27,12 @@ from fasttune.model.resolve import resolve_for_training
 from fasttune.quiet import quiet_output
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
-from fasttune.train.device import refuse_gpu_scale, refuse_offload_on_cpu, resolve_device
+from fasttune.train.device import (
+    refuse_cpu_compile_without_compiler,
+    refuse_gpu_scale,
+    refuse_offload_on_cpu,
+    resolve_device,
+)
 from fasttune.train.distributed import Dist
 from fasttune.train.finished import nothing_to_train, own_model_gone, say_nothing_to_train
 from fasttune.train.footprint import planned_saves
@@ -112,6 +117,7 @@ def check_launch(cfg: BaseConfig) -> Dist:
         raise ConfigError("--training.oom-retry is single-process only (ranks would split differently); drop it")
     distributed.check_device(d, cfg.training.device)
     refuse_offload_on_cpu(cfg.model.memory, cfg.training.device)  # the CLI's check names the option as typed first
+    refuse_cpu_compile_without_compiler(cfg, cfg.training.device)
     return d
 
 
