@@ -14,13 +14,15 @@ from rich.console import Console
 from fasttune import cli
 from fasttune.attention import BACKENDS
 from fasttune.attention.probe import explain_import_error
+from fasttune.compiler import cpp_compiler
 from fasttune.doctor import attn, checks, packages, system, tools
 from fasttune.doctor.machine import Gpu, Machine
+from fasttune.doctor.machine import cxx_compiler as detect_cxx
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Report, Row, render, run_check
 
 STATUSES = {OK, WARN, FAIL, SKIP}
 EXPECTED_IDS = {
-    "python", "torch", "transformers", "pip_check", "cuda", "gpu", "driver", "nvcc", "gcc", "ninja",
+    "python", "torch", "transformers", "pip_check", "cuda", "gpu", "driver", "nvcc", "gcc", "cxx", "ninja",
     "sdpa.FLASH_ATTENTION", "sdpa.EFFICIENT_ATTENTION", "sdpa.CUDNN_ATTENTION", "sdpa.MATH", "sdpa.default",
     "flex_attention", "varlen", "flash_attention_2", "flash_attention_3", "flash_attention_4", "backends",
     "triton", "liger", "peft", "alloc_conf", "disk", "disk_hf", "ram", "distributed",
@@ -159,6 +161,24 @@ def test_nvcc_major_mismatch():
     assert "export CUDA_HOME=/usr/local/cuda-13.0" in row.fix and "fasttune[fa4]" in row.fix
     (same,) = tools.check_nvcc(machine(torch_cuda="12.6", **nvcc))
     assert same.status == OK and "torch only warns" in same.reason
+
+
+def test_cxx_row_says_what_needs_a_cpp_compiler(tmp_path, monkeypatch):
+    """Found: its path and version. Missing on a CPU machine: a warning naming the options that stop without one (as
+    train.device.refuse_cpu_compile_without_compiler stops them) and the install; on a GPU machine it is not needed."""
+    (found,) = tools.check_cxx(machine(gpu=None, torch_cuda=None, cxx=("/usr/bin/g++", "g++ (Debian 12.2.0) 12.2.0")))
+    assert found.status == OK and found.reason.startswith("/usr/bin/g++: g++ (Debian 12.2.0) 12.2.0;")
+    (cpu,) = tools.check_cxx(machine(gpu=None, torch_cuda=None, env={"CXX": "clang++"}))
+    assert cpu.status == WARN and "looked for clang++ on PATH" in cpu.reason and "apt-get install g++" in cpu.fix
+    assert "--training.compile and --training.optimizer adamw_8bit" in cpu.reason
+    (gpu,) = tools.check_cxx(machine())
+    assert gpu.status == SKIP and "only torch.compile on a CPU needs one" in gpu.reason
+    (broken,) = tools.check_cxx(machine(gpu=None, torch_cuda=None, failed={"cxx": "ImportError: no inductor"}))
+    assert broken.status == WARN and "ImportError: no inductor" in broken.reason
+    real = detect_cxx()  # this machine: the compiler the training check finds, with its version
+    assert real is None or (real[0] == cpp_compiler() and real[1] != "version unknown")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH: none found, as training finds none
+    assert detect_cxx() is None and cpp_compiler() is None
 
 
 def test_cpu_torch_on_a_gpu_machine():

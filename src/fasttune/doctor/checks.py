@@ -30,6 +30,7 @@ CHECKS = (
     ("CUDA", system.check_distributed),
     ("Build tools", tools.check_nvcc),
     ("Build tools", tools.check_gcc),
+    ("Build tools", tools.check_cxx),
     ("Build tools", tools.check_ninja),
     ("Attention", attn.check_sdpa_kernels),
     ("Attention", attn.check_sdpa_default),

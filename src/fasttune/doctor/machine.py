@@ -23,6 +23,7 @@ import torch
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from fasttune.compiler import cpp_compiler
 from fasttune.errors import one_line
 
 
@@ -51,6 +52,7 @@ class Machine:
     nccl: str | None = None  # NCCL version torch ships, None without NCCL
     cuda_home: str | None = None  # the toolkit torch.utils.cpp_extension would build with
     nvcc: tuple[str, str] | None = None  # (path, "X.Y") of that toolkit's nvcc
+    cxx: tuple[str, str] | None = None  # (path, its --version line) of the C++ compiler torch.compile uses on a CPU
     env: dict[str, str] = field(default_factory=dict)  # the environment this process started with
     versions: dict[str, str] = field(default_factory=dict)  # installed pip distribution -> version
     # from doctor.attn.gather (the probes training uses); absent keys read as "not installed" / "not probed"
@@ -121,6 +123,10 @@ def detect() -> Machine:
     m.smi = nvidia_smi()
     m.cuda_home = cuda_home()
     m.nvcc = nvcc_version(m.cuda_home)
+    try:
+        m.cxx = cxx_compiler()
+    except Exception as exc:  # noqa: BLE001 - a torch without inductor is a finding, not a crash
+        m.failed["cxx"] = one_line(exc, 300, typed=True)
     m.env = initial_env()
     m.versions = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
                   if d.metadata["Name"]}  # fmt: skip
@@ -180,6 +186,15 @@ def nvcc_version(home: str | None) -> tuple[str, str] | None:
     res = run([nvcc, "--version"])
     found = re.search(r"release (\d+\.\d+)", res[1]) if res else None
     return (nvcc, found.group(1)) if found else (nvcc, "unknown")
+
+
+def cxx_compiler() -> tuple[str, str] | None:
+    """(path, first line of its --version) of the C++ compiler inductor builds CPU kernels with, or None."""
+    path = cpp_compiler()
+    if path is None:
+        return None
+    res = run([path, "--version"])
+    return path, res[1].splitlines()[0] if res and res[0] == 0 and res[1] else "version unknown"
 
 
 def major_minor(version: str | None) -> tuple[int, int] | None:

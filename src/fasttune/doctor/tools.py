@@ -1,7 +1,8 @@
-"""Checks of build tools (nvcc, gcc, ninja), the allocator setting, disk and RAM.
+"""Checks of build tools (nvcc, gcc, g++, ninja), the allocator setting, disk and RAM.
 
 fasttune itself compiles nothing; the build tools only matter for building flash-attn 2/3 from source, and the C
-compiler also for triton, which builds a small launcher in C the first time it runs a kernel.
+compiler also for triton, which builds a small launcher in C the first time it runs a kernel. torch.compile on a CPU
+(--training.compile, 8-bit AdamW's step) needs a C++ compiler.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+from fasttune.compiler import CPU_COMPILE_USERS, INSTALL
 from fasttune.doctor.machine import Machine, major_minor, run
 from fasttune.doctor.report import FAIL, OK, SKIP, WARN, Row
 
@@ -56,6 +58,25 @@ def check_gcc(m: Machine) -> list[Row]:
     res = run([cc, "--version"])
     version = res[1].splitlines()[0] if res and res[1] else "version unknown"
     return [Row("gcc", "Build tools", "C compiler", OK, f"{cc}: {version}")]
+
+
+def check_cxx(m: Machine) -> list[Row]:
+    """torch.compile on a CPU (--training.compile, adamw_8bit's step) builds C++ kernels: without a C++ compiler such
+    a run stops before training (train.device.refuse_cpu_compile_without_compiler). On a GPU it writes Triton kernels,
+    which need the C compiler of the row above instead."""
+    label = "C++ compiler"
+    if m.cxx is not None:
+        path, version = m.cxx
+        return [Row("cxx", "Build tools", label, OK, f"{path}: {version}; torch.compile on the CPU builds with it")]
+    if "cxx" in m.failed:
+        reason, fix = f"cannot look for one: {m.failed['cxx']}", "pip install --force-reinstall torch"
+        return [Row("cxx", "Build tools", label, WARN, reason, fix)]
+    looked = f"looked for {m.env.get('CXX') or 'g++'} on PATH"
+    if m.gpus:
+        reason = f"none found ({looked}); only torch.compile on a CPU needs one (on a GPU it writes Triton kernels)"
+        return [Row("cxx", "Build tools", label, SKIP, reason)]
+    reason = f"none found ({looked}): torch.compile on the CPU needs one, so {CPU_COMPILE_USERS} stop before training"
+    return [Row("cxx", "Build tools", label, WARN, reason, INSTALL)]
 
 
 def check_ninja(m: Machine) -> list[Row]:
