@@ -87,6 +87,10 @@ def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
         torch.testing.assert_close(w_ddp[name], w, atol=1e-5, rtol=1e-4)
     assert proc.stdout.count("fasttune run summary") == 1  # one rank reports
     assert "peak memory  " in proc.stdout and "GPUs" not in proc.stdout  # CPU ranks: "fullest of 2 GPUs" said before
+    # what ran, said before step 1 and in the summary: the strategy, the ranks and the process group's backend
+    said = f"training: {'FSDP2' if mode == 'fsdp' else 'DDP'} over 2 ranks (gloo); pure fp32 weights"
+    assert (proc.stdout + proc.stderr).count(said) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{'FSDP2' if mode == 'fsdp' else 'DDP'} over 2 ranks (gloo); pure" in proc.stdout.split("run summary")[1]
 
 
 def test_epochs_count_the_micro_batches_of_every_rank(tmp_path):

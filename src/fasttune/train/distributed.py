@@ -46,6 +46,14 @@ class Dist:
     def on(self) -> bool:
         return self.world > 1
 
+    def strategy(self) -> str:
+        """What trains under torchrun, for the log: 'DDP over 2 ranks (gloo)', 'FSDP2 over 8 ranks (nccl)' (the
+        process group's backend); '' in one process."""
+        if not self.on:
+            return ""
+        backend = dist.get_backend() if dist.is_initialized() else "no process group"
+        return f"{'FSDP2' if self.fsdp else 'DDP'} over {self.world} ranks ({backend})"
+
     def barrier(self) -> None:
         if self.on:
             dist.barrier()

@@ -148,7 +148,7 @@ def _open(start: tuple, data: DataBundle | None, d: Dist, device_name: str, gate
         gate.open()  # the other ranks start now; from here on every collective is reached by all ranks
     trained = d.wrap(model, device, amp_dtype)  # DDP around the model, or the model sharded in place (FSDP2)
     optimizer, scheduler, state, metrics = _training_state(cfg, d, folder, model, device, latest, saved, batcher)
-    log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan))
+    log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan, d.strategy()))
     result = RunResult(run_dir=folder.path, steps=max(state.step, cfg.training.max_steps), checkpoint=latest)
     return Run(cfg=cfg, data=data, batcher=batcher, folder=folder, dist=d, device=device, amp_dtype=amp_dtype,
                model=model, trained=trained, attn=attn, optimizer=optimizer, scheduler=scheduler, state=state,

@@ -42,7 +42,7 @@ def finish(run: Run) -> RunResult:
         result.model_dir = _save_lora(run, weights) or result.model_dir
     save_plots(run.metrics.records, run.folder)
     result.records = run.metrics.records
-    training = describe_training(cfg, run.model, run.amp_dtype, run.optimizer, run.memory_plan)
+    training = describe_training(cfg, run.model, run.amp_dtype, run.optimizer, run.memory_plan, run.dist.strategy())
     summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher)
     return result
 
@@ -102,9 +102,11 @@ def sample_prompt(cfg: BaseConfig, data: DataBundle) -> str:
     return data.tokenizer.decode(ids[:start]) if start > 0 else cfg.generation.sample_prompt
 
 
-def describe_training(cfg: BaseConfig, model: torch.nn.Module, amp_dtype, optimizer, plan: str) -> str:
+def describe_training(
+    cfg: BaseConfig, model: torch.nn.Module, amp_dtype, optimizer, plan: str, strategy: str = ""
+) -> str:
     """Precision, optimizer and memory plan in one line, e.g. 'pure bf16 weights and optimizer state; adamw (fused);
-    memory plan none'."""
+    memory plan none', after the `strategy` under torchrun (Dist.strategy: 'DDP over 2 ranks (gloo); ...')."""
     short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     trained = {short.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.requires_grad}
     frozen = {short.get(p.dtype, str(p.dtype)) for p in model.parameters() if not p.requires_grad}
@@ -117,4 +119,5 @@ def describe_training(cfg: BaseConfig, model: torch.nn.Module, amp_dtype, optimi
         state = " and optimizer state" if cfg.training.optimizer == "adamw" else ""  # 8-bit moments: their own
         precision = f"pure {'/'.join(sorted(trained))} weights{state}"
     fused = all(g.get("fused") for g in optimizer.param_groups)
-    return f"{precision}; {cfg.training.optimizer}{' (fused)' if fused else ''}; memory plan {plan}"
+    said = f"{precision}; {cfg.training.optimizer}{' (fused)' if fused else ''}; memory plan {plan}"
+    return f"{strategy}; {said}" if strategy else said
