@@ -456,3 +456,13 @@ def test_a_preset_trained_beyond_its_context_saves_a_context_that_covers_it(tmp_
     saved = AutoModelForCausalLM.from_pretrained(result.checkpoint).config
     assert context_length(saved) == 4160
     assert AutoTokenizer.from_pretrained(result.checkpoint).model_max_length == 4160
+
+
+@pytest.mark.parametrize(("every", "steps", "validated"), [(0, 3, [0, 3]), (2, 5, [0, 2, 4, 5])])
+def test_eval_every_validates_as_its_help_says(tmp_path, capsys, every, steps, validated):
+    """--training.eval-every N: step 0, every N-th step and the last; 0: step 0 and the last only."""
+    assert main(["train", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "The untrained model (step 0; not again on --resume) and the last step are always validated: 0" in shown
+    result = loop.train(tiny_config(tmp_path, max_steps=steps, eval_every=every, save_every=0))
+    assert [r["step"] for r in result.records if r.get("val_loss") is not None] == validated

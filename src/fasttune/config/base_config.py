@@ -290,7 +290,9 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     eval_every: int = field(default=50, metadata=RESUMABLE)
-    """Validate every N steps (0: only at the end)."""
+    """Compute val_loss on the held-out data every N steps. The untrained model (step 0; not again on --resume) and
+    the last step are always validated: 0 validates at those two only. Each preset sets its own N; the default shown
+    is that of the --experiment given (quick's without one)."""
     eval_batches: int = field(default=8, metadata=RESUMABLE)
     """Micro-batches per validation."""
     eval_generate_every: int = field(default=0, metadata=RESUMABLE)
