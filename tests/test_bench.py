@@ -146,7 +146,7 @@ def test_ratios_never_use_a_leaky_baseline():
 
 def test_best_leak_free_hf_is_the_fastest_of_every_leak_free_hf_row_and_the_legend_names_it():
     """A padded HF row leaks nothing either: it was left out, so a faster padded row never was the reference."""
-    from fasttune.bench.train import TrainBench, target_lines
+    from fasttune.bench.train import TrainBench, target_lines, verdict_lines
 
     rows = [
         {"config": "HF pad", "stack": "HF", "attn": "sdpa", "packing": False, "tokens_per_s": 30.0, "status": "ok"},
@@ -163,6 +163,10 @@ def test_best_leak_free_hf_is_the_fastest_of_every_leak_free_hf_row_and_the_lege
     assert lines[0] == ("- x best leak-free HF: tokens/s against HF pad, the fastest Hugging Face row (packed or "
                         "padded) whose batches let no document attend to another")  # fmt: skip
     assert "- target >= 1.4x best leak-free HF stack (HF pad): fasttune auto packed 2.00x" in lines
+    gpu = TrainBench(device=torch.device("cuda"), lengths=[8])  # the results' closing lines: judged on a GPU only
+    assert verdict_lines(gpu, rows) == target_lines(gpu, rows)
+    cpu = verdict_lines(TrainBench(device=torch.device("cpu"), lengths=[8]), rows)
+    assert cpu[0] == lines[0] and len(cpu) == 2 and "smoke test" in cpu[1] and "target >=" not in cpu[1]
 
 
 def test_memory_per_1k_tokens_is_per_micro_batch_held_at_once():

@@ -83,7 +83,7 @@ def test_attention_bench_left_padding_cpu(tmp_path):
     assert [r["layout"] for r in rows] == ["padded-left"] * 3 and all(r["max_err"] < 1e-5 for r in rows)
 
 
-def test_train_bench_cpu(tmp_path, caplog):
+def test_train_bench_cpu(tmp_path, caplog, capsys):
     caplog.set_level("INFO", logger="fasttune")  # as under the CLI: the bench reads the logged memory plan
     argv = ["train", "--device", "cpu", "--attn", "auto", "--packing", "on", "--samples", "6", "--median", "12"]
     argv += ["--mean", "16", "--min-length", "4", "--max-length", "32", "--micro-batch", "2", "--epochs", "1"]
@@ -102,6 +102,13 @@ def test_train_bench_cpu(tmp_path, caplog):
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
     assert rows[1]["leak_err"] < 1e-4  # the packed HF baseline really is leak-free (fp32 on CPU)
     assert rows[2]["x_hf_sdpa_padded"] == pytest.approx(rows[2]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    # no GPU: said before the first configuration trains, and instead of the targets' verdicts at the end
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "smoke test" in line or line.startswith("training: ")]
+    assert said[0].startswith("bench train without a GPU (device cpu): its targets and ratios are meant for a GPU;")
+    assert len(said) > 1, err[-2000:]  # then the configurations trained
+    md = (tmp_path / "train.md").read_text()
+    assert "the CPU numbers are only a smoke test" in md and "- target >=" not in md
 
 
 def _adapter_count(config, r: int) -> int:
@@ -134,7 +141,11 @@ def test_train_bench_lora_cpu(tmp_path, caplog):
     assert [r.get("grad_accum") for r in rows] == [None, None, 1, 2]  # what the memory per 1k tokens divides by
     assert rows[2]["x_best_hf"] == pytest.approx(rows[2]["tokens_per_s"] / max(r["tokens_per_s"] for r in rows[:2]))
     md = (tmp_path / "train.md").read_text()
-    assert "MFU with LoRA" in md and "target >= 1.8x best leak-free HF + peft stack" in md
+    assert "MFU with LoRA" in md and "only a smoke test" in md and "target >=" not in md  # CPU: targets not judged
+    from fasttune.bench.train import TrainBench, target_lines  # on a GPU the same rows are judged against LoRA's
+
+    judged = target_lines(TrainBench(device=torch.device("cuda"), lengths=[8], lora=True), rows)
+    assert any(line.startswith("- target >= 1.8x best leak-free HF + peft stack") for line in judged), judged
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads transformers' is_gradient_checkpointing

@@ -264,6 +264,8 @@ class TrainBench(Command):
         self._check_lora()
         self._check()
         device = inference_device(self.device)  # one line when not valid or not here
+        if device.type != "cuda":
+            log.warning(bench.CPU_SMOKE_TEST)  # up front: the run takes minutes, its closing lines say it again
         cfg = self._bench_config(device, variants)
         results = Results("train", environment(device, command_line(self, "train")))
         results.notes.append(
@@ -274,7 +276,7 @@ class TrainBench(Command):
         check_out(self.out, "train", self.overwrite)
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
-        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.target_lines(cfg, results.rows))
+        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.verdict_lines(cfg, results.rows))
 
     def _bench_config(self, device, variants: list[tuple[str, list[str]]]):
         """The benchmark's settings: the options given, else their defaults on `device` (a GPU or a CPU)."""

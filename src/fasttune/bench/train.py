@@ -340,6 +340,20 @@ def target_lines(bench: TrainBench, rows: list[dict]) -> list[str]:
     return [*best_hf_legend(rows), *lines]
 
 
+CPU_SMOKE_TEST = (
+    "bench train without a GPU (device cpu): its targets and ratios are meant for a GPU; the CPU numbers are only a "
+    "smoke test (every configuration runs), and the targets are not judged"
+)
+
+
+def verdict_lines(bench: TrainBench, rows: list[dict]) -> list[str]:
+    """The results' closing lines: on a GPU, the targets judged (target_lines); on a CPU, which measures nothing the
+    targets are about (a micro model, fp32 or bf16 CPU kernels), the legend and a line saying they are not judged."""
+    if bench.device.type == "cuda":
+        return target_lines(bench, rows)
+    return [*best_hf_legend(rows), f"- {CPU_SMOKE_TEST}"]
+
+
 def best_hf_legend(rows: list[dict]) -> list[str]:
     """The table's legend for its `x best leak-free HF` column: which row that is."""
     best = next((r["best_hf"] for r in rows if r.get("best_hf")), None)
