@@ -44,6 +44,19 @@ def test_default_max_length_adapts_to_the_models_context(short_context_model, mo
     assert rc == 0 and cfg.data.max_length == 64  # within the context: as given
 
 
+def test_max_length_help_states_every_presets_default(capsys):
+    """`fasttune train --help` (quick's defaults) says what sft and lora use, as the presets and the test above do."""
+    from fasttune.config.experiments import EXPERIMENTS
+
+    n = {name: make().data.max_length for name, make in EXPERIMENTS.items()}
+    assert n["lora"] == n["sft"] and set(n) == {"quick", "full", "sft", "lora"}
+    for experiment in ([], ["--experiment", "sft"]):
+        assert cli.main(["train", *experiment, "--help"]) == 0
+        shown = " ".join(capsys.readouterr().out.split())
+        assert f"(quick {n['quick']}, full {n['full']}, sft and lora {n['sft']};" in shown
+        assert f"sft and lora train at the smaller of {n['sft']} and the model's context" in shown
+
+
 def test_explicit_max_length_beyond_the_context_is_an_error(short_context_model, monkeypatch, capsys):
     argv = ["train", "--experiment", "sft", "--model", short_context_model, "--data", "tests/fixtures/alpaca.jsonl",
             "--data.max_length", "1024"]  # fmt: skip

@@ -166,7 +166,9 @@ class DataConfig:
     train_on_prompt: bool = False
     """Supervised formats: also train on prompt tokens (default: loss on the response only)."""
     max_length: int = 256
-    """Longest sample in tokens; longer ones are handled per `overlong`."""
+    """Longest sample in tokens; longer ones are handled per `overlong`. Default: the preset's (quick 256, full 2048,
+    sft and lora 1024; the value shown is the --experiment given's, quick's without one), lowered to the context of a
+    --model that has less: sft and lora train at the smaller of 1024 and the model's context."""
     overlong: str = "auto"
     """What to do with samples longer than max_length: truncate, split (into max_length pieces), drop; auto: split
     plain text (nothing of it is lost), truncate supervised samples (a split would cut answers from their prompts)."""
