@@ -299,11 +299,18 @@ def test_a_prompt_that_fills_max_length_is_left_out_and_counted_once():
     assert (summary.truncated, summary.no_response, summary.untrained, summary.dropped) == (1, 1, 1, 0)
     assert len(kept) + summary.no_response + summary.untrained + summary.dropped == 4
     text = "\n".join(summary.lines())
-    assert "overlong samples: 1 truncated, 0 split, 0 dropped" in text  # the cut one that trains
+    # the cut one that trains: 12 tokens cut to 8, its trained tokens 8-11 lost
+    assert "overlong samples: 1 truncated (4 tokens cut, 4 of them trained), 0 split, 0 dropped" in text
     assert "left out: 1 overlong sample whose prompt alone filled max_length (no response token left to train)" in text
     assert "left out: 1 sample with no trained token" in text
+    two_turns = Sample(range(20), [(2, 5), (15, 18)])  # its first reply kept, the second of its 12 cut tokens lost
+    both = DataSummary("d.jsonl", "chat")
+    assert fit_length([long_answer, two_turns, fine], 8, "truncate", both) == [long_answer.cut(0, 8),
+                                                                               two_turns.cut(0, 8), fine]  # fmt: skip
+    assert "overlong samples: 2 truncated (16 tokens cut, 7 of them trained), 0 split" in "\n".join(both.lines())
     lone = DataSummary("d.jsonl", "alpaca")
     assert fit_length([long_prompt], 8, "truncate", lone) == []
+    assert "0 truncated, 0 split" in "\n".join(lone.lines())  # left out whole: nothing said cut
     message = no_samples_left("d.jsonl", lone)
     assert "dropped" not in message and "1 truncated to data.max_length with no response token left" in message
     assert message.endswith("; raise --data.max-length or shorten the prompts")

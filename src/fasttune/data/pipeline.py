@@ -33,6 +33,10 @@ class DataSummary:
     longest: int = 0
     truncated: int = 0
     """Overlong samples cut to max_length and kept (one whose prompt alone fills it is in `no_response` only)."""
+    truncated_tokens: int = 0
+    """Tokens cut off the truncated samples."""
+    truncated_trained: int = 0
+    """Of those, the trained ones (response tokens a supervised sample lost)."""
     split: int = 0
     dropped: int = 0
     no_response: int = 0
@@ -66,7 +70,7 @@ class DataSummary:
             f"  samples: {self.train_samples:,} train, {self.val_samples:,} validation; "
             f"{self.train_tokens:,} train tokens, longest {self.longest:,}",
             *(packing if self.padded_tokens else []),
-            f"  overlong samples: {self.truncated} truncated, {self.split} split, {self.dropped} dropped",
+            f"  overlong samples: {self.truncated} truncated{self._cut()}, {self.split} split, {self.dropped} dropped",
         ]
         if self.no_response:
             out.append(f"  left out: {count(self.no_response, 'overlong sample')} whose prompt alone filled max_length "
@@ -80,6 +84,12 @@ class DataSummary:
             out.append(f"  left out of validation: {count(self.val_left_out, 'held-out sample')}, by the same rules "
                        "(too long to keep, or no trained token left)")  # fmt: skip
         return out + self.notes
+
+    def _cut(self) -> str:
+        """What truncation cut, after its count: ' (1,234 tokens cut, 1,000 of them trained)', '' when nothing was."""
+        if not self.truncated:
+            return ""
+        return f" ({self.truncated_tokens:,} tokens cut, {self.truncated_trained:,} of them trained)"
 
 
 @dataclass
@@ -104,6 +114,8 @@ def fit_length(samples: list[Sample], max_length: int, mode: str, summary: DataS
             cut = s.cut(0, max_length)
             if cut.trained(1):
                 summary.truncated += 1
+                summary.truncated_tokens += n - max_length
+                summary.truncated_trained += s.trained(max_length)
                 out.append(cut)
             else:
                 summary.no_response += 1
