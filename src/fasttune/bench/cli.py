@@ -264,8 +264,6 @@ class TrainBench(Command):
         self._check_lora()
         self._check()
         device = inference_device(self.device)  # one line when not valid or not here
-        if device.type != "cuda":
-            log.warning(bench.CPU_SMOKE_TEST)  # up front: the run takes minutes, its closing lines say it again
         cfg = self._bench_config(device, variants)
         results = Results("train", environment(device, command_line(self, "train")))
         results.notes.append(
@@ -274,6 +272,8 @@ class TrainBench(Command):
         )
         runs = _plan(cfg, self.device)
         check_out(self.out, "train", self.overwrite)
+        if device.type != "cuda":  # once the options are checked, before the first row: its closing lines repeat it
+            log.warning(bench.CPU_SMOKE_TEST)
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.verdict_lines(cfg, results.rows))
