@@ -37,6 +37,7 @@ class Varlen:
     idx_k: torch.Tensor | None = None  # same for keys in B*L
 
 
+@torch._disable_dynamo  # under torch.compile: one graph break, not a recompile per forward (a new id(t))
 def memo(t: torch.Tensor, tag: str, build):
     """build(), computed once per (tensor object, version, tag): every decoder layer of one forward gets the same
     position_ids / mask object, so the host syncs behind max lengths happen once per forward, not once per layer.

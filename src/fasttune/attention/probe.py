@@ -80,6 +80,9 @@ def _cc_range(needs: Backend) -> str:
     return f">= {low}" if needs.max_cc == (99, 99) else f"{low}..{needs.max_cc[0]}.x"
 
 
+# Under torch.compile a probe first runs inside a compiled layer (auto's lazy plan, sdpa's varlen route on CUDA): it
+# runs eagerly there (dynamo met its .item() and lru_cache); _disable_dynamo imports dynamo on the first call only
+@torch._disable_dynamo
 def probe(
     name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, softcap: bool = False
 ) -> str | None:

@@ -295,8 +295,11 @@ def auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
     """The per-call routing of `auto` on this device, dtype and head dim (probes once, then cached). Called for every
     attention call of an `auto` model: the device as given is looked up first, before any normalisation."""
     plan = STATE.plans.get((device, dtype, head_dim))
-    if plan is not None:
-        return plan
+    return plan if plan is not None else _new_auto_plan(device, dtype, head_dim)
+
+
+@torch._disable_dynamo  # a compiled layer's first call probes: eagerly (dynamo met the probes' lru_caches, .item())
+def _new_auto_plan(device: torch.device, dtype: torch.dtype, head_dim: int) -> Plan:
     raw = (device, dtype, head_dim)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
