@@ -28,15 +28,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.2
 KINDS = ("qwen3_moe", "mixtral")
 
 
-def _model(kind: str, layers: int = 2, experts_n: int = 4, width: int | None = None):
-    """A tiny model of TINY_MODELS' shape (`experts_n` experts of `width`), on fasttune's sdpa."""
+def _model(kind: str, layers: int = 2, experts_n: int = 4, width: int | None = None, attn: str = "sdpa"):
+    """A tiny model of TINY_MODELS' shape (`experts_n` experts of `width`), on fasttune's `attn` backend."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fasttune.attention.select import register
 
     count = "num_experts" if kind == "qwen3_moe" else "num_local_experts"
     size = {"moe_intermediate_size" if kind == "qwen3_moe" else "intermediate_size": width} if width else {}
-    config = AutoConfig.for_model(kind, vocab_size=VOCAB, attn_implementation=register()["sdpa"], **{
+    config = AutoConfig.for_model(kind, vocab_size=VOCAB, attn_implementation=register()[attn], **{
         **TINY_SHAPE, **TINY_MODELS[kind], "num_hidden_layers": layers, count: experts_n, **size})  # fmt: skip
     return AutoModelForCausalLM.from_config(config)
 
@@ -135,6 +135,107 @@ def test_adapted_experts_without_grad_accumulating_twice_through_a_graph_and_wit
         del loss
         gc.collect()
         assert len(made) == 4 * (1 + backward) and not [r for r in made if r() is not None], backward
+
+
+def _tracked(monkeypatch) -> tuple[list[weakref.ref], list[weakref.ref]]:
+    """Weak references to every recipe made from now on, and to every weight a recipe remakes in backward."""
+    recipes, remade = [], []
+    init, remake = expert_lora._Recipe.__init__, expert_lora._Recipe.remake
+
+    def tracked_init(self, *args):
+        init(self, *args)
+        recipes.append(weakref.ref(self))
+
+    def tracked_remake(self):
+        fresh = self.out is None
+        out = remake(self)
+        if fresh:
+            remade.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(expert_lora._Recipe, "__init__", tracked_init)
+    monkeypatch.setattr(expert_lora._Recipe, "remake", tracked_remake)
+    return recipes, remade
+
+
+@pytest.fixture
+def no_cyclic_gc():
+    """The cyclic garbage collector off: what a test frees, reference counting alone frees."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("no_cyclic_gc", "fresh_dynamo")
+@pytest.mark.parametrize("plan", ["none", "ops", "offload", "compile"])
+def test_recipes_and_remade_weights_die_with_backward_without_the_cyclic_gc(plan, monkeypatch):
+    """Step after step with the cyclic garbage collector off, no recipe and no weight it remade outlives its backward
+    (no reference cycle holds them: a layer's adapted weights would otherwise stay alive until a collection), under
+    the plans whose hooks surround the experts' and with the decoder layers compiled (dynamo traced the hooks, and
+    each step's recipes stayed in a cycle of its tracing state)."""
+    from fasttune.train import offload
+    from fasttune.train.recompute import decoder_layers
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    recipes, remade = _tracked(monkeypatch)
+    model = _lora(_model("qwen3_moe"))
+    set_fast_forward(model)
+    apply_plan(model, "none" if plan == "compile" else plan)
+    if plan == "compile":
+        for layer in decoder_layers(model):
+            layer.compile(backend="aot_eager")
+    for step in range(3):
+        made = len(recipes)
+        ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(step))
+        _step(model, ids)
+        assert len(recipes) > made and remade, (plan, step)
+        alive = [r for r in recipes + remade if r() is not None]
+        assert not alive, (plan, step, len(alive))
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_layers_train_as_plain_peft_and_compile_once():
+    """--training.compile on LoRA experts (each decoder layer compiled by inductor; `auto` attention, probed inside
+    the first compiled forward): loss and gradients equal plain peft's uncompiled ones step after step, and after the
+    first step nothing compiles again. The experts' call with its hooks, a probe and the attention's per-forward memo
+    run eagerly (torch.compiler.disable): dynamo met the hooks' torch._C calls and recompiled their setup every step
+    on the new weights' storage pointers (up to its limit, 8, on an H200), and a probe's .item() and lru_cache."""
+    from torch._dynamo.utils import counters
+
+    from fasttune.attention.state import STATE
+    from fasttune.train.recompute import decoder_layers
+
+    ref = _lora(_model("qwen3_moe", attn="auto"))
+    ours = copy.deepcopy(ref)
+    set_fast_forward(ref, enabled=False)
+    for layer in decoder_layers(ours):
+        layer.compile()
+    compiled = None
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for step in range(4):
+            ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(step))
+            got, want = _step(ours, ids), _step(ref, ids)  # ours first: auto probes in the compiled forward
+            assert STATE.plans, "auto's plan was probed"
+            torch.testing.assert_close(got[0], want[0], msg=str(step))
+            torch.testing.assert_close(got[1], want[1], msg=str(step))
+            for name, g in got[2].items():
+                torch.testing.assert_close(g, want[2][name], msg=f"{step} {name}")
+            now = dict(counters["frames"]), sum(counters["graph_break"].values())
+            assert compiled is None or now == compiled, (step, now, compiled)
+            compiled = now
+    breaks = " ".join(counters["graph_break"])
+    for traced in ("saved_tensors", "item()", "is_inference", "lru_cache"):
+        assert traced not in breaks and not [w for w in said if traced in str(w.message)], traced
+    assert all("skip" in why.lower() for why in counters["graph_break"]), breaks  # calls of disabled functions only
 
 
 def _per_layer(kind: str, experts_n: int, plan: str, lora: str, autocast: bool = False) -> int:

@@ -18,8 +18,10 @@ backward computes for it (`fold_bytes`). The experts' forward stays transformers
 Every other saved tensor goes to the hooks around the call (a checkpoint of the layer, the lean RMSNorm's,
 offload's), or is kept with autograd's check for in-place writes, which installed hooks switch off. peft's own
 forward runs where a wrapper is not plain (merged, disabled, several adapters, a base of a dtype peft upcasts) and
-where saved-tensor hooks are disabled (torch.func). Under torch.compile (a decoder layer compiled) the layer keeps no
-W' either (measured on CPU: what it saves does not grow with the experts).
+where saved-tensor hooks are disabled (torch.func). Under torch.compile (each decoder layer compiled) `_forward` runs
+eagerly (torch.compiler.disable: one graph break in the layer): traced, dynamo broke at the hooks' torch._C calls,
+recompiled their setup every step (guards on the step's weights' storage pointers) up to its limit, and its tracing
+state held each step's recipes in reference cycles that only the cyclic garbage collector freed.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def _of_experts(wrapper: nn.Module) -> bool:
     return param is not None and param.dim() == 3
 
 
+@torch.compiler.disable  # dynamo cannot trace the hooks (see the module's docstring): one clean graph break
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The experts module's forward on the adapted weights, each saved as a recipe (see the module's docstring)."""
     chain = None if kwargs.get("adapter_names") is not None else _chain(self)
