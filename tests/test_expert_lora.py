@@ -238,6 +238,42 @@ def test_compiled_layers_train_as_plain_peft_and_compile_once():
     assert all("skip" in why.lower() for why in counters["graph_break"]), breaks  # calls of disabled functions only
 
 
+def _penalty_grads(model, ids) -> dict[str, torch.Tensor]:
+    """The adapters' gradients of a gradient penalty: the squared norm of the loss's gradients (create_graph=True)."""
+    model.train()
+    model.zero_grad()
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(input_ids=ids, labels=ids, use_cache=False).loss, adapters, create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("plan", ["none", "full"])
+def test_double_backward_through_the_remade_weights_equals_plain_peft(plan, monkeypatch):
+    """A gradient penalty (torch.autograd.grad with create_graph=True, then backward through those gradients):
+    backward remakes each adapted weight on the adapters' graph, so every adapter's gradient equals plain peft's,
+    whose forward built it there (remade without a graph, the experts' second-order terms were silently lost);
+    a backward that builds no graph still remakes none there. Eager attention: sdpa's CPU kernel has no double
+    backward."""
+    torch.manual_seed(0)
+    ref = _lora(_model("qwen3_moe", attn="eager"))
+    ours = copy.deepcopy(ref)
+    set_fast_forward(ref, enabled=False)
+    assert set_fast_forward(ours) == 2 * 4 + 2
+    apply_plan(ours, plan)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    graphs, remake = [], expert_lora._Recipe.remake  # whether each remake builds a graph
+    monkeypatch.setattr(expert_lora._Recipe, "remake", lambda self: graphs.append(torch.is_grad_enabled()) or remake(
+        self))  # fmt: skip
+    want, got = _penalty_grads(ref, ids), _penalty_grads(ours, ids)
+    assert got.keys() == want.keys() and True in graphs
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], msg=name)
+    graphs.clear()
+    _step(ours, ids)
+    assert graphs and not any(graphs)
+
+
 def _per_layer(kind: str, experts_n: int, plan: str, lora: str, autocast: bool = False) -> int:
     """Bytes a decoder layer keeps for backward (two layers minus one, 64 tokens; the weights not counted)."""
     make = functools.partial(_model, kind, experts_n=experts_n, width=256)

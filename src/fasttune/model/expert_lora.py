@@ -13,7 +13,9 @@ their copies in the weight's dtype), and handed to the experts module in place o
 model/experts.py hands it bf16 copies; a saved-tensor hook stores a recipe in place of every saved view of a W' (the
 frozen weight, A, B, the view's geometry). Backward remakes W' when the first matmul that saved it unpacks it, and
 frees it with the last: one W' of one layer at a time, beside the weight-sized gradient the grouped matmul's
-backward computes for it (`fold_bytes`). The experts' forward stays transformers' own.
+backward computes for it (`fold_bytes`). A backward that builds a graph (create_graph=True: double backward, a
+gradient penalty) remakes W' on the adapters' graph, as peft's forward kept it. The experts' forward stays
+transformers' own.
 
 Every other saved tensor goes to the hooks around the call (a checkpoint of the layer, the lean RMSNorm's,
 offload's), or is kept with autograd's check for in-place writes, which installed hooks switch off. peft's own
@@ -174,6 +176,9 @@ class _Fold(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
         fold = ctx.fold
+        grad_weight = grad.to(fold.weight_dtype) if ctx.needs_input_grad[0] else None
+        if torch.is_grad_enabled():  # backward(create_graph=True): gradients that are differentiable again
+            return grad_weight, *_graph_grads(fold, a, b, grad, ctx.needs_input_grad[1:3]), None
         with torch.enable_grad():  # the factors' reshapes and casts carry the gradients back to A and B
             a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
             lhs, rhs = fold.factors(a_, b_)
@@ -181,21 +186,38 @@ class _Fold(torch.autograd.Function):
             grads = (g.bmm(rhs.detach().transpose(-2, -1)) * fold.scaling,
                      lhs.detach().transpose(-2, -1).bmm(g) * fold.scaling)  # fmt: skip
             grad_a, grad_b = torch.autograd.grad((lhs, rhs), (a_, b_), grads)
-        grad_weight = grad.to(fold.weight_dtype) if ctx.needs_input_grad[0] else None
         return grad_weight, grad_a, grad_b, None
+
+
+def _graph_grads(fold: _Factors, a: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, bool]):
+    """The gradients of A and B (None where not needed) of peft's fold, on a graph of A, B and `grad`."""
+    wanted = [t for t, need in zip((a, b), needs, strict=True) if need]
+    if not wanted:
+        return None, None
+    lhs, rhs = fold.factors(a, b)
+    with torch.autocast(grad.device.type, enabled=False):  # as fold.fold: W + scaling * lhs @ rhs, the W-free part
+        delta = (lhs.bmm(rhs) * fold.scaling).to(fold.dtype)
+    got = iter(torch.autograd.grad(delta, wanted, grad, create_graph=True))
+    return tuple(next(got) if need else None for need in needs)
 
 
 class _Recipe:
     """How to remake one adapted weight W' in backward: its fold, the weight, the adapters; `out`, the W' remade,
-    lives as long as the saved views that hold the recipe."""
+    lives as long as the saved views that hold the recipe. A backward that builds a graph (create_graph=True) gets a
+    W' on the adapters' graph instead (`graph_out`), as peft's forward would have kept it: its gradients then are
+    differentiable again (double backward, gradient penalties)."""
 
-    __slots__ = ("fold", "weight", "a", "b", "dtype", "out", "__weakref__")
+    __slots__ = ("fold", "weight", "a", "b", "dtype", "out", "graph_out", "__weakref__")
 
     def __init__(self, fold: _Factors, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-        self.fold, self.weight, self.a, self.b, self.dtype = fold, weight.detach(), a.detach(), b.detach(), fold.dtype
-        self.out = None
+        self.fold, self.weight, self.a, self.b, self.dtype = fold, weight.detach(), a, b, fold.dtype
+        self.out = self.graph_out = None
 
     def remake(self) -> torch.Tensor:
+        if torch.is_grad_enabled():  # unpacked by a backward with create_graph=True
+            if self.graph_out is None:
+                self.graph_out = _Fold.apply(self.weight, self.a, self.b, self.fold)
+            return self.graph_out
         if self.out is None:  # once for all the views saved of it (the eager experts loop saves one per expert)
             with torch.no_grad():
                 self.out = self.fold.fold(self.weight, self.a, self.b)
