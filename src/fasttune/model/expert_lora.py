@@ -20,10 +20,12 @@ transformers' own.
 Every other saved tensor goes to the hooks around the call (a checkpoint of the layer, the lean RMSNorm's,
 offload's), or is kept with autograd's check for in-place writes, which installed hooks switch off. peft's own
 forward runs where a wrapper is not plain (merged, disabled, several adapters, a base of a dtype peft upcasts) and
-where saved-tensor hooks are disabled (torch.func). Under torch.compile (each decoder layer compiled) `_forward` runs
-eagerly (torch.compiler.disable: one graph break in the layer): traced, dynamo broke at the hooks' torch._C calls,
+where saved-tensor hooks are disabled (torch.func). Under torch.compile (each decoder layer compiled) `_forward`'s
+own frame and the setup of its hooks run eagerly (torch.compiler.disable: one graph break in the layer), and the
+experts' forward it calls compiles as a graph of its own: traced, dynamo broke at the hooks' torch._C calls,
 recompiled their setup every step (guards on the step's weights' storage pointers) up to its limit, and its tracing
-state held each step's recipes in reference cycles that only the cyclic garbage collector freed.
+state held each step's recipes in reference cycles that only the cyclic garbage collector freed; with the whole call
+eager, the experts' elementwise work lost compile's fusion.
 """
 
 from __future__ import annotations
@@ -64,12 +66,28 @@ def _of_experts(wrapper: nn.Module) -> bool:
     return param is not None and param.dim() == 3
 
 
-@torch.compiler.disable  # dynamo cannot trace the hooks (see the module's docstring): one clean graph break
+@torch.compiler.disable(recursive=False)  # this frame runs eagerly; the experts' forward it calls still compiles
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The experts module's forward on the adapted weights, each saved as a recipe (see the module's docstring)."""
+    prepared = _prepare(self, kwargs)
+    if prepared is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    module, own, adapted, hooks, recipes = prepared  # recipes: alive through the call (the hooks hold them weakly)
+    module._parameters.update(adapted)  # what nn.Module.__getattr__ returns during the call
+    try:
+        with hooks:
+            return module(x, *args, **kwargs)
+    finally:
+        module._parameters.update(own)
+
+
+@torch.compiler.disable  # dynamo cannot trace the hooks' state (see the module's docstring)
+def _prepare(self, kwargs: dict) -> tuple[nn.Module, dict, dict, _Hooks, list] | None:
+    """(the experts module, its own weights, their adapted W', the hooks that save each W' as a recipe, the
+    recipes), or None where peft's own forward must run."""
     chain = None if kwargs.get("adapter_names") is not None else _chain(self)
     if chain is None or not _hooks_enabled():
-        return type(self).forward(self, x, *args, **kwargs)
+        return None
     wrappers, module = chain
     own = {w.parameter_name: module._parameters[w.parameter_name] for w, _ in wrappers}
     recipes, adapted = [], {}
@@ -80,12 +98,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapted[wrapper.parameter_name] = _Fold.apply(weight, a, b, fold)
         recipes.append(_Recipe(fold, weight, a, b))
     made = {w.untyped_storage().data_ptr(): weakref.ref(r) for w, r in zip(adapted.values(), recipes, strict=True)}
-    module._parameters.update(adapted)  # what nn.Module.__getattr__ returns during the call
-    try:
-        with _Hooks(made):
-            return module(x, *args, **kwargs)
-    finally:
-        module._parameters.update(own)
+    return module, own, adapted, _Hooks(made), recipes
 
 
 _forward.__name__ = "forward"  # pickle (torch.save of the model) stores the bound method by this name
@@ -256,6 +269,14 @@ class _Hooks(torch.autograd.graph.saved_tensors_hooks):
             return kept[0]
 
         super().__init__(pack, unpack)
+
+    @torch.compiler.disable
+    def __enter__(self):
+        return super().__enter__()
+
+    @torch.compiler.disable
+    def __exit__(self, *exc):
+        return super().__exit__(*exc)
 
 
 def fold_bytes(model: nn.Module) -> int:
