@@ -49,8 +49,8 @@ def _torchrun(cfg, *extra: str, cwd=None, check: bool = True) -> subprocess.Comp
 
 
 def test_a_start_up_error_on_rank_0_is_one_line_and_the_other_ranks_stop_quietly(tmp_path):
-    """Rank 0 checks the run folder (and data) while the others wait: when it fails, they stop with its exit code
-    and print nothing, instead of a traceback each for the lost peer."""
+    """Rank 0 checks the run folder, --model and --data while the others wait: when it fails, they stop with its exit
+    code and print nothing, instead of a traceback each for the lost peer or a copy of its error line."""
     cfg = tiny_config(tmp_path, max_steps=1)
     cfg.run_dir.mkdir(parents=True)
     (cfg.run_dir / "mine.txt").write_text("not a run")
@@ -61,6 +61,11 @@ def test_a_start_up_error_on_rank_0_is_one_line_and_the_other_ranks_stop_quietly
     proc = _torchrun(cfg, "--training.weight-decay", "much", check=False)  # a bad option: every rank parses it,
     out = proc.stdout + proc.stderr  # rank 0 alone says so
     assert proc.returncode != 0 and out.count("error: --training.weight-decay") == 1, out[-3000:]
+    missing = tmp_path / "missing.jsonl"  # a bad input: every rank would find it missing, rank 0 alone says so
+    proc = _torchrun(cfg, "--data", str(missing), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count(f"error: {missing}: no such file") == 1, out[-3000:]
+    assert "[rank 1]" not in out and "Connection closed" not in out, out[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -61,10 +61,6 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
     cfg.validate()
     d = check_launch(cfg)
     gone = own_model_gone(cfg)  # a finished run loads no model: resolved once the run has steps left
-    if not gone and (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run: its checkpoint
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
-    if data is None and not cfg.resume:
-        check_paths(cfg.data)  # as --model just was: before the run folder, tokenizer or model is touched
     if cfg.training.fsdp and not d.on:  # here, not in check_launch, which the CLI runs too: said once
         log.warning("training.fsdp shards the model over the processes of a torchrun launch; this run is one process, "
                     "so it trains unsharded (start it with torchrun --nproc_per_node N)")  # fmt: skip
@@ -80,7 +76,8 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
             # rank 0 checks and locks the run folder (and tokenizes, caching the tokenizer) first
             if (done := gate.wait()) is not None:  # a resumed run with nothing to train: rank 0's result
                 return done
-        else:
+        cfg = _checked_inputs(cfg, data, gone)  # rank 0 first: a missing --data is its one line, the others quiet
+        if d.main:
             lock = RunFolder(cfg.run_dir).prepare(cfg)  # held until this run ends, however it ends
         start = _to_resume(cfg, RunFolder(cfg.run_dir))
         if d.main and (done := nothing_to_train(*start[:4])) is not None:  # before the data is read, the model built
@@ -106,6 +103,18 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         logger.setLevel(level)  # the process (a test, a notebook) gets its logger back as it was
         run = None  # its DDP model goes before the process group (distributed.close)
         distributed.close(d)
+
+
+def _checked_inputs(cfg: BaseConfig, data: DataBundle | None, gone: bool) -> BaseConfig:
+    """--model resolved (a run folder: its checkpoint) and --data checked readable, before the run folder, tokenizer
+    or model is touched. Under torchrun rank 0 checks them before the other ranks start (StartGate): its error is the
+    launch's one line; a rank that checks them after it passed and fails (a file missing on its node alone) says so
+    itself, as `[rank N] error: ...`."""
+    if not gone and (model_path := resolve_for_training(cfg.model.path)) != cfg.model.path:  # a run: its checkpoint
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
+    if data is None and not cfg.resume:
+        check_paths(cfg.data)  # on --resume once the run has steps left (a finished run reads no data)
+    return cfg
 
 
 def check_launch(cfg: BaseConfig) -> Dist:
