@@ -120,32 +120,63 @@ def run_fasttune(bench: TrainBench, attn: str, packing: bool, overrides: list[st
 
     name = f"{attn}-{'packed' if packing else 'padded'}-{len(list(root.iterdir()))}"
     cfg, warm = fasttune_config(bench, attn, packing, overrides, root / name)
-    plans = _PlanLog()
-    log.addHandler(plans)
-    try:
-        with liger.globals_restored(LLAMA):
-            result = train(cfg, data=data)
-    finally:
-        log.removeHandler(plans)
+    with _PlanLog() as plans, liger.globals_restored(LLAMA):  # quiet: the table is bench's output, not each run's
+        result = train(cfg, data=data, report=False)
     return {**from_records(result.records, warm, peak_flops(bench.device)), **plans.found,
             "grad_accum": cfg.training.grad_accum}  # fmt: skip
 
 
 class _PlanLog(logging.Handler):
     """Keeps the memory plan the run logged (train/memory.plan_memory) and its predicted peak, and with LoRA the
-    trainable parameter count (model/lora.apply_lora: what the optimizer holds), for the table."""
+    trainable parameter count (model/lora.apply_lora: what the optimizer holds), for the table. While it reads, the
+    run's info lines (its data, model and step lines) stop here and only its warnings reach the command's output:
+    one progress line per configuration, then the table, not a screenful of each run's own report (--debug: all)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.found: dict = {}
+        self._propagate = log.propagate
+
+    def __enter__(self) -> _PlanLog:
+        self._propagate = log.propagate
+        log.propagate = self._propagate and log.getEffectiveLevel() <= logging.DEBUG
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self)
+        log.propagate = self._propagate
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING and self._propagate and not log.propagate and log.parent is not None:
+            log.parent.handle(record)  # where it would have gone
         if not isinstance(record.msg, str) or not record.args:
             return
         if record.msg.startswith("memory plan:"):
             self.found.update(plan=record.args[0], predicted=record.args[3].split(" GiB")[0])
         elif record.msg.startswith("trainable parameters:"):
             self.found["trained_params"] = int(record.args[0].replace(",", ""))
+
+
+class _WarnedOnce(logging.Filter):
+    """A warning every configuration's run gives alike (no Liger on a CPU) said once, not once per row."""
+
+    def __init__(self):
+        super().__init__()
+        self.said: set[str] = set()
+
+    def __enter__(self) -> _WarnedOnce:
+        log.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log.removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        said, self.said = record.getMessage() in self.said, self.said | {record.getMessage()}
+        return not said
 
 
 def from_records(records: list[dict], warm: int, peak: float | None) -> dict:
@@ -217,7 +248,7 @@ def run_all(bench: TrainBench, results: Results, progress=None, after_row=None) 
     runs, notes = plan_runs(bench)
     results.notes += [precision_note(bench), *notes, *lora_notes(bench)]
     measured: list[list[dict]] = [[] for _ in runs]
-    with tempfile.TemporaryDirectory(prefix="fasttune-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fasttune-bench-") as tmp, _WarnedOnce():
         for _ in range(bench.rounds):
             for spec, rounds in zip(runs, measured, strict=True):
                 if progress is not None:

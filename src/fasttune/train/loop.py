@@ -52,12 +52,15 @@ log = logging.getLogger("fasttune")
 
 
 @quiet_output()  # a script's call prints what the command line prints: no third-party noise, no progress bars
-def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "requested") -> RunResult:
+def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "requested",
+          report: bool = True) -> RunResult:  # fmt: skip
     """Run (or resume) one training run as configured; returns where things went and the first/last losses.
 
     `data` replaces the configured dataset (benchmarks pass synthetic samples through the very same loop);
     `attn_origin` says where cfg.attn_implementation came from, for the log (the command line knows: a flag, a
-    file, the preset). Under torchrun every rank calls this; see fasttune.train.distributed."""
+    file, the preset); `report` False: the caller reports the run (bench train's table), so it prints no progress
+    bar, validation line or summary table (its log lines still go to the logger). Under torchrun every rank calls
+    this; see fasttune.train.distributed."""
     cfg.validate()
     d = check_launch(cfg)
     gone = own_model_gone(cfg)  # a finished run loads no model: resolved once the run has steps left
@@ -88,6 +91,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         if gone:  # nor its model: refused now in resolve's one line
             resolve_for_training(cfg.model.path)
         run = _open(start, data, d, device_name, gate, attn_origin)
+        run.report = report
         if run.state.step >= run.cfg.training.max_steps:  # run.cfg: with --epochs, their steps (changed on resume)
             say_nothing_to_train(run.cfg, run.folder, run.state.step, run.result.checkpoint, main=d.main)
         _fit(run)
@@ -347,7 +351,7 @@ def _steps(run: Run, stop: StopSignals) -> None:
     # In a terminal a live bar; in logs (CI, nohup) one line every log_every steps instead of a redraw per step.
     live = sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-               disable=not (live and d.main))  # fmt: skip
+               disable=not (live and d.main and run.report))  # fmt: skip
     queued = None  # a step whose numbers are read after the next one is queued (nothing else was due after it)
     while state.step < t.max_steps or queued is not None:
         if queued is not None and (stop.signum is not None or state.step >= t.max_steps):

@@ -214,6 +214,8 @@ class Run:
     result: RunResult
     memory_plan: str = "none"
     """The activation plan in force (model.memory, with auto resolved)."""
+    report: bool = True
+    """False: the caller reports the run (train()'s `report`): no progress bar, validation line or summary table."""
     saved_step: int = -1
     clock: float | torch.cuda.Event | None = None
     """Where the last settled step ended, or the current stretch of steps started, on the device's timeline (a CUDA
@@ -487,7 +489,7 @@ class Run:
 
     def log(self, rec: dict, evaluated: bool) -> None:
         """Record the step in metrics.jsonl when due, and always after an evaluation."""
-        if rec.get("val_loss") is not None and self.dist.main:
+        if rec.get("val_loss") is not None and self.dist.main and self.report:
             tqdm.write(f"step {rec['step']}: val_loss {rec['val_loss']:.4f}  ppl {rec['val_ppl']:.2f}", file=sys.stderr)
         if evaluated or self.log_due(rec["step"]):
             self.metrics.append(rec)

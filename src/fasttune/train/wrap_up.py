@@ -43,7 +43,8 @@ def finish(run: Run) -> RunResult:
     save_plots(run.metrics.records, run.folder)
     result.records = run.metrics.records
     training = describe_training(cfg, run.model, run.amp_dtype, run.optimizer, run.memory_plan, run.dist.strategy())
-    summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher)
+    if run.report:
+        summarize(cfg, result, run.attn, peak, run.folder, run.dist.world, training, run.batcher)
     return result
 
 
