@@ -197,3 +197,21 @@ def test_a_val_folder_whose_name_holds_the_flag_is_named_as_it_is(tmp_path):
         load_records(str(folder), flag="--data.val-path")
     assert str(e.value) == (f"{folder}: folder mixes data files (a.jsonl) and text files (b.txt); point "
                             "--data.val-path at one file or keep one kind per folder")  # fmt: skip
+
+
+def test_the_data_summary_counts_the_overlong_validation_samples_on_a_line_of_their_own(base, tmp_path):
+    """The overlong line counts the training split's samples; the validation split's (held out of --data, or
+    --data.val-path) get their own line, with the counts its records give read as training data (the reference)."""
+    train, val = _split(tmp_path)
+    kw = dict(val_fraction=0.0, max_length=240)
+
+    def overlong(cfg) -> list[str]:
+        return [line for line in build_data(cfg).summary.lines() if line.startswith("  overlong")]
+
+    (as_train,) = overlong(sft_config(tmp_path / "t", base, train, **kw))
+    (as_val,) = overlong(sft_config(tmp_path / "v", base, val, **kw))
+    assert "1 truncated (" in as_val  # some validation sample is cut
+    as_val = as_val.replace("overlong samples", "overlong validation samples").replace("trained)", "scored)")
+    expected = [as_train.replace("overlong samples", "overlong training samples"), as_val]
+    assert overlong(_with_val(sft_config(tmp_path / "f", base, train, **kw), val)) == expected
+    assert overlong(sft_config(tmp_path / "h", base, GSM8K, **{**kw, "val_fraction": 0.3})) == expected  # held out

@@ -46,6 +46,8 @@ class DataSummary:
     """Samples left out because they have no trained token at all (e.g. an empty response)."""
     val_left_out: int = 0
     """Held-out samples left out by the same rules (dropped as too long, or no trained token left): not validated."""
+    held: DataSummary | None = None
+    """The validation split's counts by the same rules (build_data): its overlong samples get a line of their own."""
     padded_tokens: int = 0
     """Tokens the same samples would occupy as padded micro-batches (padding included)."""
     target_tokens: int = 0
@@ -70,8 +72,11 @@ class DataSummary:
             f"  samples: {self.train_samples:,} train, {self.val_samples:,} validation; "
             f"{self.train_tokens:,} train tokens, longest {self.longest:,}",
             *(packing if self.padded_tokens else []),
-            f"  overlong samples: {self.truncated} truncated{self._cut()}, {self.split} split, {self.dropped} dropped",
         ]
+        held = self.held is not None and self.held.truncated + self.held.split + self.held.dropped
+        out.append(self._overlong("training samples" if held else "samples", "trained"))  # alone: every one
+        if held:
+            out.append(self.held._overlong("validation samples", "scored"))
         if self.no_response:
             out.append(f"  left out: {count(self.no_response, 'overlong sample')} whose prompt alone filled max_length "
                        "(no response token left to train)")  # fmt: skip
@@ -85,11 +90,12 @@ class DataSummary:
                        "(too long to keep, or no trained token left)")  # fmt: skip
         return out + self.notes
 
-    def _cut(self) -> str:
-        """What truncation cut, after its count: ' (1,234 tokens cut, 1,000 of them trained)', '' when nothing was."""
-        if not self.truncated:
-            return ""
-        return f" ({self.truncated_tokens:,} tokens cut, {self.truncated_trained:,} of them trained)"
+    def _overlong(self, what: str, labelled: str) -> str:
+        """'  overlong samples: 2 truncated (1,234 tokens cut, 1,000 of them trained), 0 split, 0 dropped', the cut
+        tokens said where a sample was truncated; `labelled`: what a cut token with a label would have been."""
+        cut = f" ({self.truncated_tokens:,} tokens cut, {self.truncated_trained:,} of them {labelled})"
+        return f"  overlong {what}: {self.truncated} truncated{cut if self.truncated else ''}, {self.split} split, " \
+               f"{self.dropped} dropped"  # fmt: skip
 
 
 @dataclass
@@ -232,7 +238,7 @@ def build_data(cfg: BaseConfig, tokenizer: PreTrainedTokenizerBase | None = None
     train = fit_length(train, d.max_length, overlong, summary)
     held = DataSummary("", summary.format)
     val = fit_length(val, d.max_length, overlong, held)
-    summary.val_left_out = held.dropped + held.no_response + held.untrained
+    summary.val_left_out, summary.held = held.dropped + held.no_response + held.untrained, held
     if not train:  # a separate validation file's samples are not the training data's
         held_out = held if d.val_path is None else None
         source = shown(d.path) if d.path else "embedded corpus"
