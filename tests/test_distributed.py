@@ -48,6 +48,7 @@ def _torchrun(cfg, *extra: str, cwd=None, check: bool = True) -> subprocess.Comp
     return proc
 
 
+@pytest.mark.slow
 def test_a_start_up_error_on_rank_0_is_one_line_and_the_other_ranks_stop_quietly(tmp_path):
     """Rank 0 checks the run folder, --model and --data while the others wait: when it fails, they stop with its exit
     code and print nothing, instead of a traceback each for the lost peer or a copy of its error line."""
@@ -98,6 +99,7 @@ def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
     assert f"{'FSDP2' if mode == 'fsdp' else 'DDP'} over 2 ranks (gloo); pure" in proc.stdout.split("run summary")[1]
 
 
+@pytest.mark.slow
 def test_epochs_count_the_micro_batches_of_every_rank(tmp_path):
     """--epochs on two ranks: each step trains one micro-batch per rank, so an epoch is half the steps of one
     process (grad_accum 1); the run is that of one process accumulating the ranks' micro-batches, step for step."""
@@ -133,6 +135,7 @@ def test_rank_0_alone_digests_the_inputs_and_a_finished_runs_resume_ends_on_ever
     assert "rank 1: the resume with --max-steps 1 refused: PeerFailed, exit 2" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):
     """FSDP2 checkpoints gather the shards into ordinary files (weights + optimizer state); resuming from one on
     two ranks continues exactly like a single process that never stopped."""
@@ -147,6 +150,7 @@ def test_fsdp_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(math.isclose(got[k], want[k], rel_tol=1e-5) for k in want), (got, want)
 
 
+@pytest.mark.slow
 def test_fsdp_resume_of_an_moe_model_matches_an_uninterrupted_run(tmp_path):
     """An MoE model (Qwen3-MoE: its experts fused in the model, one per expert in its files and in the checkpoints
     FSDP2 gathers) resumes on two ranks like one process that never stopped."""
@@ -165,6 +169,7 @@ def test_fsdp_resume_of_an_moe_model_matches_an_uninterrupted_run(tmp_path):
                          load_file(ref.checkpoint / "model.safetensors"))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_single_process_checkpoint_resumes_under_fsdp(tmp_path):
     """A checkpoint of one process (positional optimizer state) resumes on two FSDP2 ranks (which load it by
     parameter name), with a warning that the global batch changes."""
@@ -239,6 +244,7 @@ def _rank_pid(agent_pid: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker through /proc (Linux)")
 @pytest.mark.parametrize("target", ["rank 1", "torchrun"])
 def test_sigterm_on_one_rank_stops_all_with_a_checkpoint(tmp_path, target):
@@ -304,6 +310,7 @@ def _assert_same_tensors(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[name], w, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_lora_ddp_matches_one_process_accumulating(tmp_path):
     base = _lora_base(tmp_path)
     ref = loop.train(_lora(tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, grad_accum=2), base))
@@ -317,6 +324,7 @@ def test_lora_ddp_matches_one_process_accumulating(tmp_path):
                          load_file(ref.run_dir / "adapter" / "adapter_model.safetensors"))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_lora_fsdp_of_an_moe_model_trains_its_fused_experts_as_one_process_does(tmp_path):
     """LoRA on a sharded DeepSeek-V3, whose experts are fused 3-D parameters adapted in place (peft's ParamWrapper)
     beside a shared expert and a dense MLP adapted through their weights: two ranks give one process's losses and
@@ -341,6 +349,7 @@ def test_lora_fsdp_of_an_moe_model_trains_its_fused_experts_as_one_process_does(
     assert experts and not [k for k in experts if torch.equal(merged[k], plain[k])]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings(PEFT_READS_DEPRECATED)  # the test's own peft loading, not fasttune's
 def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_path):
     """LoRA on an FSDP2-sharded frozen base: two ranks train, checkpoint (plain peft adapter folders whose base path
@@ -410,6 +419,7 @@ def test_lora_fsdp_matches_one_process_and_resumes_on_any_number_of_ranks(tmp_pa
     assert math.isclose(losses(resumed.records)[3], losses(ref.records)[3], rel_tol=1e-5)  # the same global batch
 
 
+@pytest.mark.slow
 def test_lora_fsdp_bf16_mixed_precision_matches_one_process_under_autocast(tmp_path):
     """The precision LoRA trains in on a GPU, on CPU: a bf16 frozen base, fp32 adapters, FSDP2 gathering in bf16 and
     reducing in fp32 (its mixed precision policy) gives the adapters of one process under torch's bf16 autocast."""

@@ -201,6 +201,7 @@ def test_recipes_and_remade_weights_die_with_backward_without_the_cyclic_gc(plan
         assert not alive, (plan, step, len(alive))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_layers_train_as_plain_peft_and_compile_once():
     """--training.compile on LoRA experts (each decoder layer compiled by inductor; `auto` attention, probed inside

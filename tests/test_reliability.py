@@ -124,6 +124,7 @@ def _module_cli(*argv: str, stderr=subprocess.STDOUT) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": path})  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_loses_no_work(tmp_path):
     """`fasttune train ... | head -1`: stdout and stderr into a pipe closed after the first line. The run carries on
     to its final checkpoint and exits 0 (a BrokenPipeError at the next write ended it with exit 1 and no
