@@ -135,7 +135,7 @@ class _PlanLog(logging.Handler):
     def __init__(self):
         super().__init__(logging.INFO)
         self.found: dict = {}
-        self._propagate = log.propagate
+        self._propagate = True  # log.propagate before __enter__
 
     def __enter__(self) -> _PlanLog:
         self._propagate = log.propagate
@@ -175,8 +175,11 @@ class _WarnedOnce(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        said, self.said = record.getMessage() in self.said, self.said | {record.getMessage()}
-        return not said
+        message = record.getMessage()
+        if message in self.said:
+            return False
+        self.said.add(message)
+        return True
 
 
 def from_records(records: list[dict], warm: int, peak: float | None) -> dict:
