@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fasttune.cli import parse_train_args
@@ -173,6 +173,7 @@ _token = st.one_of(
 
 @settings(max_examples=150, deadline=None, database=None)
 @given(st.lists(_token, max_size=6))
+@example(["--attn-implementation", "--attn-implementation", "\n"])  # a line break as a repeated option's value
 def test_random_command_lines_give_a_clear_error_or_a_valid_config(argv):
     if any(a in ("-h", "--help") for a in argv):
         return

@@ -69,9 +69,15 @@ def refuse_repeated(args: Sequence[str], cls: type) -> None:
         times = "twice" if len(typed) == 2 else f"{len(typed)} times"
         what = (f"{names[0]} was given {times}" if len(names) == 1 or kind is bool
                 else f"{' and '.join(names)} are the same option, given {times}")  # fmt: skip
-        values = [value for _, value in typed]
+        values = [_as_typed(value) for _, value in typed]
         shown = ", ".join(values[:-1]) + ", then " + values[-1]
         fix = "keep one"
         if _several(kind):
             fix += f", with all its values after one flag ({names[0]} {' '.join(values)})"
         raise ConfigError(f"{what} ({shown}): {fix}")
+
+
+def _as_typed(value: str) -> str:
+    """A typed value for the one-line error: as typed, or quoted (repr) where it is empty or holds a line break, a tab
+    or other whitespace that the line would hide."""
+    return value if value and value.isprintable() and value.strip() == value else repr(value)
