@@ -16,7 +16,7 @@ from helpers import TINY_MODELS, TINY_SHAPE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttune.config.base_config import LoraConfig
-from fasttune.model import expert_lora, experts
+from fasttune.model import expert_lora, expert_lora_act, experts
 from fasttune.model.expert_lora import fold_bytes
 from fasttune.model.lora import apply_lora, set_fast_forward
 from fasttune.train.recompute import apply_plan
@@ -26,6 +26,13 @@ from tests.test_memory_layers import _kept_bytes
 pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads is_gradient_checkpointing
 KINDS = ("qwen3_moe", "mixtral")
+
+
+@pytest.fixture(autouse=True)
+def recipes(monkeypatch):
+    """The recipes path for every test here: the experts' grouped matmul would otherwise run the adapters on the
+    activations (model/expert_lora_act.py: tests/test_expert_lora_act.py)."""
+    monkeypatch.setattr(expert_lora_act, "enabled", False)
 
 
 def _model(kind: str, layers: int = 2, experts_n: int = 4, width: int | None = None, attn: str = "sdpa"):

@@ -36,6 +36,7 @@ import weakref
 import torch
 from torch import nn
 
+from fasttune.model import expert_lora_act
 from fasttune.model import experts as experts_autocast
 from fasttune.model.norm import check_version
 
@@ -66,8 +67,22 @@ def _of_experts(wrapper: nn.Module) -> bool:
     return param is not None and param.dim() == 3
 
 
-@torch.compiler.disable(recursive=False)  # this frame runs eagerly; the experts' forward it calls still compiles
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The experts module's forward with its adapters: on the activations (model/expert_lora_act.py) where the experts
+    run transformers' grouped matmul, else on the adapted weights, each saved as a recipe (`_recipes`)."""
+    chain = None if kwargs or len(args) != 2 else _chain(self)  # (x, top-k index, top-k weights) only
+    if chain is not None and expert_lora_act.runs(chain[1], [w.parameter_name for w, _ in chain[0]]):
+        wrappers, module = chain
+        own = {n: p for n, p in module._parameters.items() if p is not None and p.is_floating_point()}
+        dtype = _compute_dtype(module, own[wrappers[0][0].parameter_name])
+        weights = {n: p.to(dtype) for n, p in own.items()}  # autocast's copies (model/experts.py), else p itself
+        adapters = {w.parameter_name: expert_lora_act.factors(w, adapter, dtype) for w, adapter in wrappers}
+        return expert_lora_act.forward(module, adapters, weights, x, *args)
+    return _recipes(self, x, *args, **kwargs)
+
+
+@torch.compiler.disable(recursive=False)  # this frame runs eagerly; the experts' forward it calls still compiles
+def _recipes(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The experts module's forward on the adapted weights, each saved as a recipe (see the module's docstring)."""
     prepared = _prepare(self, kwargs)
     if prepared is None:
@@ -279,12 +294,22 @@ class _Hooks(torch.autograd.graph.saved_tensors_hooks):
         return super().__exit__(*exc)
 
 
-def fold_bytes(model: nn.Module) -> int:
-    """Bytes of the adapted weights of the largest experts module that `_forward` runs (0: none): what backward
-    remakes at once, beside their gradient of the same size (train/estimate.py counts both)."""
-    largest = 0
+def _installed(model: nn.Module):
+    """(the outermost wrapper, its chain or None) of each experts module `_forward` runs, and whether it runs on the
+    activations (model/expert_lora_act.py)."""
     for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) is not _forward:
+        if getattr(vars(module).get("forward"), "__func__", None) is _forward:
+            chain = _chain(module)
+            yield module, chain, chain is not None and expert_lora_act.runs(chain[1], [w.parameter_name for w, _ in
+                                                                                      chain[0]])  # fmt: skip
+
+
+def fold_bytes(model: nn.Module) -> int:
+    """Bytes of the adapted weights of the largest experts module that `_forward` runs on recipes (0: none): what
+    backward remakes at once, beside their gradient of the same size (train/estimate.py counts both)."""
+    largest = 0
+    for module, _, act in _installed(model):
+        if act:
             continue
         total, layer = 0, module
         while hasattr(layer, "parameter_name"):  # the nested ParamWrappers
@@ -293,3 +318,15 @@ def fold_bytes(model: nn.Module) -> int:
             layer = layer.base_layer
         largest = max(largest, total)
     return largest
+
+
+def act_bytes(model: nn.Module, autocast: bool = False) -> int:
+    """Bytes of the stacked adapter factors that the experts modules `_forward` runs on the activations keep for
+    backward, all layers together: in bf16 under `autocast` (model/experts.py), else in the experts' weights' dtype."""
+    total = 0
+    for _, chain, act in _installed(model):
+        if act:
+            for wrapper, _ in chain[0]:
+                dtype = torch.bfloat16 if autocast else wrapper.get_param().dtype
+                total += expert_lora_act.copy_bytes(wrapper, dtype)
+    return total
