@@ -64,20 +64,52 @@ def factors(wrapper: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[torch
     a, b, experts = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, wrapper.num_experts
     r = a.shape[0] // experts
     a_EIR = a.to(dtype).reshape(experts, r, a.shape[-1]).transpose(1, 2)
-    b_ERO = b.to(dtype).reshape(b.shape[0], r, experts).permute(2, 1, 0)
+    b_ERO = _Stack.apply(b.to(dtype), experts)
     pad = padded_rank(r, dtype) - r
     if pad:
         a_EIR, b_ERO = F.pad(a_EIR, (0, pad)), F.pad(b_ERO, (0, 0, 0, pad))
     if not torch.compiler.is_compiling():
         RANKS.add(r + pad)
-    return a_EIR, b_ERO.contiguous(), wrapper.scaling[adapter]
+    return a_EIR, b_ERO, wrapper.scaling[adapter]
+
+
+class _Stack(torch.autograd.Function):
+    """lora_B [out, r x E] as a contiguous [E, r, out]. A permuted view's .contiguous() would do in a first backward;
+    a second one (create_graph=True) hands the grouped matmul the permuted view of its gradient, which torch's CPU
+    kernel refuses (neither of its last two dims of stride 1). Each direction's backward is the other Function,
+    contiguous at every order."""
+
+    @staticmethod
+    def forward(ctx, b: torch.Tensor, experts: int) -> torch.Tensor:
+        ctx.experts = experts
+        return b.reshape(b.shape[0], -1, experts).permute(2, 1, 0).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _Unstack.apply(grad), None
+
+
+class _Unstack(torch.autograd.Function):
+    """[E, r, out] back to lora_B's [out, r x E], contiguous (`_Stack`'s backward)."""
+
+    @staticmethod
+    def forward(ctx, stacked: torch.Tensor) -> torch.Tensor:
+        ctx.experts = stacked.shape[0]
+        return stacked.permute(2, 1, 0).reshape(stacked.shape[-1], -1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _Stack.apply(grad, ctx.experts)
 
 
 def _linear(x, weight, offsets, bias, transposed: bool, lora) -> torch.Tensor:
-    """transformers' grouped linear on the base weight, plus the adapter's two thin grouped matmuls."""
-    from transformers.integrations.moe import _grouped_linear, _grouped_mm
+    """transformers' grouped matmul on the base weight (its bias added out of place: `ops` keeps the matmul's output,
+    which transformers' in-place add would change), plus the adapter's two thin grouped matmuls."""
+    from transformers.integrations.moe import _grouped_mm
 
-    out = _grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
+    out = _grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offs=offsets)
+    if bias is not None:
+        out = out + bias
     if lora is None:
         return out
     a, b, scaling = lora

@@ -1,0 +1,204 @@
+"""LoRA on fused MoE experts computed on the activations (model/expert_lora_act.py): peft's factors mapped per expert,
+the same loss and gradients as plain peft's ParamWrapper on every MoE family fasttune adapts, under every plan, in
+double backward, under autocast and compiled; `ops` recomputing the rank-r matmuls' wide outputs; and what the
+experts keep counted by the memory estimate."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import TINY_MODELS, TINY_SHAPE
+
+from fasttune.config.base_config import LoraConfig
+from fasttune.model import expert_lora, expert_lora_act, experts
+from fasttune.model.lora import apply_lora, set_fast_forward
+from fasttune.train.recompute import apply_plan, plans_for
+from tests.test_memory import VOCAB
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # peft (<= 0.21) reads is_gradient_checkpointing
+KINDS = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "qwen2_moe")
+
+
+def _model(kind: str, experts_n: int = 4, width: int | None = None, impl: str = "grouped_mm", layers: int = 2):
+    """A tiny `kind` (TINY_MODELS) with eager attention (double backward; gpt-oss's sinks), `experts_n` experts of
+    `width`, its experts run by transformers' `impl`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    count = "num_local_experts" if "num_local_experts" in TINY_MODELS[kind] else "num_experts"
+    size = "moe_intermediate_size" if "moe_intermediate_size" in TINY_MODELS[kind] else "intermediate_size"
+    extra = {count: experts_n, **({size: width} if width else {})}
+    shape = {**TINY_SHAPE, **TINY_MODELS[kind], "num_hidden_layers": layers, **extra}
+    config = AutoConfig.for_model(kind, vocab_size=VOCAB, attn_implementation="eager", experts_implementation=impl,
+                                  **shape)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _lora(model, rank: int = 4):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = apply_lora(model, LoraConfig(enabled=True, rank=rank, alpha=2 * rank))
+    torch.manual_seed(1)
+    for p in model.parameters():  # B is zero at the start: every adapter nonzero, so the gradients of A count too
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def _pair(kind: str, dtype=torch.float32, **kw):
+    """(plain peft's model, a copy with fasttune's forwards)."""
+    torch.manual_seed(0)
+    ref = _lora(_model(kind, **kw).to(dtype))
+    ours = copy.deepcopy(ref)
+    set_fast_forward(ref, enabled=False)
+    assert set_fast_forward(ours) > 0
+    return ref, ours
+
+
+def _ids(seed: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _step(model, ids):
+    """(loss, {adapter: gradient}) of one forward and backward."""
+    model.train()
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(got, want, rtol=None, atol=None, msg=""):
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol, msg=msg)
+    assert got[1].keys() == want[1].keys()
+    for name, g in got[1].items():
+        torch.testing.assert_close(g, want[1][name], rtol=rtol, atol=atol, msg=f"{msg} {name}")
+
+
+@pytest.fixture
+def counted(monkeypatch) -> dict[str, int]:
+    """How many times each path ran: the activations' forward, and a recipe made (model/expert_lora.py)."""
+    runs = {"act": 0, "recipes": 0}
+    forward, init = expert_lora_act.forward, expert_lora._Recipe.__init__
+
+    def act(*args):
+        runs["act"] += 1
+        return forward(*args)
+
+    def recipe(self, *args):
+        runs["recipes"] += 1
+        init(self, *args)
+
+    monkeypatch.setattr(expert_lora_act, "forward", act)
+    monkeypatch.setattr(expert_lora._Recipe, "__init__", recipe)
+    return runs
+
+
+def _wrappers(model):
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return [m for m in model.modules() if type(m) is ParamWrapper and expert_lora._of_experts(m)]
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])  # experts stored [E, out, in]; gpt-oss's [E, in, out]
+def test_factors_per_expert_are_pefts_rows_and_columns_and_its_delta(kind):
+    """A_e is rows e*r .. e*r+r-1 of lora_A.weight, B_e columns j*E+e of lora_B.weight, padded with zeros to 16 bytes
+    (rank 4 in bf16: 8), and scaling * A_e^T B_e^T is peft's delta of expert e (get_delta_weight, get_delta_factors)
+    in the orientation x is multiplied by."""
+    model = _lora(_model(kind))
+    wrappers = _wrappers(model)
+    assert {w.parameter_name for w in wrappers} == {"gate_up_proj", "down_proj"}
+    for wrapper in wrappers:
+        a, b = wrapper.lora_A["default"].weight.detach(), wrapper.lora_B["default"].weight.detach()
+        n, r = wrapper.num_experts, a.shape[0] // wrapper.num_experts
+        transposed = wrapper.get_base_layer().is_transposed
+        with torch.no_grad():
+            a_EIR, b_ERO, scaling = expert_lora_act.factors(wrapper, "default", torch.bfloat16)
+            delta = wrapper.get_delta_weight("default")
+            lhs, rhs, _ = wrapper.get_delta_factors("default")
+        torch.testing.assert_close(scaling * lhs @ rhs, delta)
+        assert a_EIR.shape[-1] == b_ERO.shape[1] == 8 and not a_EIR[..., r:].any() and not b_ERO[:, r:].any()
+        for e in range(n):
+            torch.testing.assert_close(a_EIR[e, :, :r], a[e * r : (e + 1) * r].T.bfloat16(), rtol=0, atol=0)
+            torch.testing.assert_close(b_ERO[e, :r], b[:, [j * n + e for j in range(r)]].T.bfloat16(), rtol=0, atol=0)
+            a_e, b_e = a[e * r : (e + 1) * r], b[:, [j * n + e for j in range(r)]]
+            torch.testing.assert_close(scaling * a_e.T @ b_e.T, delta[e] if transposed else delta[e].T)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_and_adapter_gradients_equal_plain_peft_under_every_plan(kind, counted, monkeypatch):
+    """fp32: the loss and every adapter's gradient equal plain peft's (no plan) under every plan the model takes and
+    offload, with the experts on the activations each time (no recipe made)."""
+    from fasttune.train import offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    ref, ours = _pair(kind)
+    want = _step(ref, _ids())
+    assert any(g.abs().max() > 0 for n, g in want[1].items() if ".experts." in n)
+    plans = sorted({"every:2" if p == "every:K" else p for p in plans_for(ours)} | {"offload"})
+    assert {"none", "ops", "full", "mlp"} <= set(plans)
+    for plan in plans:
+        model = copy.deepcopy(ours)
+        apply_plan(model, plan)
+        counted["act"] = 0
+        _assert_same(_step(model, _ids()), want, msg=plan)
+        assert counted["act"] >= 2 and not counted["recipes"], (plan, counted)
+
+
+def test_bf16_and_autocast_are_within_their_tolerance_of_peft(counted):
+    """A bf16 base (fp32 adapters, as on a GPU), and fp32 weights under bf16 autocast with model/experts.py: within
+    bf16's tolerance of peft (which folds the delta into the bf16 weight, rounding it; here it is added to the
+    output)."""
+    ref, ours = _pair("qwen3_moe", torch.bfloat16)
+    for p in ours.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    ref32 = _pair("qwen3_moe")[0]
+    _assert_same(_step(ours, _ids()), _step(ref32, _ids()), rtol=5e-2, atol=5e-3, msg="bf16")
+    ref, ours = _pair("qwen3_moe")
+    assert experts.apply(ours) == 2
+    with torch.autocast("cpu", torch.bfloat16):
+        got = _step(ours, _ids())
+    _assert_same(got, _step(ref, _ids()), rtol=5e-2, atol=5e-3, msg="autocast")
+    assert counted["act"] and not counted["recipes"]
+
+
+@pytest.mark.parametrize("plan", ["none", "full"])
+def test_double_backward_equals_plain_peft(plan):
+    """A gradient penalty (torch.autograd.grad with create_graph=True, then backward through those gradients): every
+    adapter's gradient equals plain peft's; the thin grouped matmuls are differentiable twice as its fold is."""
+    ref, ours = _pair("qwen3_moe")
+    apply_plan(ours, plan)
+
+    def penalty(model):
+        model.train()
+        model.zero_grad()
+        adapters = [p for p in model.parameters() if p.requires_grad]
+        loss = model(input_ids=_ids(), labels=_ids(), use_cache=False).loss
+        grads = torch.autograd.grad(loss, adapters, create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    _assert_same(penalty(ours), penalty(ref), msg=plan)
+
+
+def test_other_experts_implementations_and_adapters_off_fall_back(counted):
+    """The recipes where transformers runs another experts implementation (eager, batched_mm), or the switch is
+    off; peft's own forward with the adapters disabled: each the same loss as plain peft."""
+    for impl in ("eager", "batched_mm"):
+        ref, ours = _pair("mixtral", impl=impl)
+        _assert_same(_step(ours, _ids()), _step(ref, _ids()), msg=impl)
+        assert not counted["act"] and counted["recipes"], impl
+    ref, ours = _pair("mixtral")
+    counted["recipes"] = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(expert_lora_act, "enabled", False)
+        _assert_same(_step(ours, _ids()), _step(ref, _ids()), msg="switched off")
+    assert not counted["act"] and counted["recipes"]
+    with ours.disable_adapter(), ref.disable_adapter(), torch.no_grad():
+        got, want = (m(input_ids=_ids(), labels=_ids(), use_cache=False).loss for m in (ours, ref))
+    torch.testing.assert_close(got, want)
+    assert not counted["act"]
