@@ -202,3 +202,63 @@ def test_other_experts_implementations_and_adapters_off_fall_back(counted):
         got, want = (m(input_ids=_ids(), labels=_ids(), use_cache=False).loss for m in (ours, ref))
     torch.testing.assert_close(got, want)
     assert not counted["act"]
+
+
+def _per_layer(n: int, plan: str, lora: str) -> int:
+    """Bytes a bf16 qwen3_moe decoder layer (`n` experts of width 256, LoRA rank 16) keeps for backward: two layers
+    minus one, 64 tokens; the weights not counted."""
+    from tests.test_memory_layers import _kept_bytes
+
+    def make(layers):
+        return _model("qwen3_moe", experts_n=n, width=256, layers=layers)
+
+    return _kept_bytes(2, 64, plan, lora, make=make) - _kept_bytes(1, 64, plan, lora, make=make)
+
+
+@pytest.mark.usefixtures("frozen_gc")
+def test_ops_recomputes_the_rank_r_matmuls_wide_outputs(monkeypatch):
+    """`ops` keeps the [tokens x top-k, r] intermediates and recomputes the grouped matmuls from rank r back to the
+    experts' width: kept, they were exactly those outputs more (gate_up's 2 x 256 and down's 64 wide, bf16)."""
+    from fasttune.train import recompute
+
+    recomputed = _per_layer(4, "ops", "fast")
+    monkeypatch.setattr(recompute, "_widens_rank", lambda args: False)
+    assert _per_layer(4, "ops", "fast") - recomputed == 64 * 2 * (2 * 256 + TINY_SHAPE["hidden_size"]) * 2
+
+
+@pytest.mark.usefixtures("frozen_gc")
+def test_what_a_layer_keeps_grows_by_the_adapter_copies_the_estimate_counts():
+    """Four times the experts: a layer keeps no adapted weight, only the adapters' stacked bf16 copies more (and
+    the router's probabilities, as without LoRA) where the experts' activations are kept (plans none, attention), and
+    nothing of them where they are recomputed: Setup.experts_lora (expert_lora.act_bytes) is those copies, counted
+    under those plans; no weight is remade (experts_fold 0)."""
+    from fasttune.config import get_experiment
+    from fasttune.train.estimate import KEEPS_EXPERTS, Setup, estimate, setup_of
+
+    copies = {}
+    for n in (4, 16):
+        model = _lora(_model("qwen3_moe", experts_n=n, width=256).to(torch.bfloat16), rank=16)
+        copies[n] = expert_lora.act_bytes(model) / 2  # a layer's
+    for plan in ("none", "attention", "ops", "mlp"):
+        routing = _per_layer(16, plan, "") - _per_layer(4, plan, "")
+        grown = _per_layer(16, plan, "fast") - _per_layer(4, plan, "fast") - routing
+        assert grown == (copies[16] - copies[4] if plan in KEEPS_EXPERTS else 0), plan
+    st = setup_of(get_experiment("lora"), model, liger=False, chunked=True)
+    assert st.experts_fold == 0 and st.experts_lora == 2 * copies[16] > 0
+    without = Setup(**{**st.__dict__, "experts_lora": 0.0})
+    for plan in ("none", "attention", "ops", "mlp", "full"):
+        added = estimate(st, plan).total - estimate(without, plan).total
+        assert added == (st.experts_lora if plan in KEEPS_EXPERTS else 0), plan
+
+
+def test_adapter_copies_at_the_qwen3_30b_a3b_shape():
+    """The docstrings' figure: 41 MB a layer of bf16 copies at rank 16 (128 experts, hidden 2048, width 768; gate_up
+    holds gate and up, rank 32: model/lora.py), the meta device holding the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=2048, moe_intermediate_size=768, num_experts=128,
+                                  num_experts_per_tok=8, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, vocab_size=VOCAB)  # fmt: skip
+    with torch.device("meta"):
+        model = _lora(AutoModelForCausalLM.from_config(config).to(torch.bfloat16), rank=16)
+    assert expert_lora.act_bytes(model) == 128 * (32 * (2048 + 2 * 768) + 16 * (768 + 2048)) * 2  # 40.9 MB

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fasttune.model.build import base_model, decoder_blocks
-from fasttune.model.expert_lora import fold_bytes
+from fasttune.model.expert_lora import act_bytes, fold_bytes
 from fasttune.model.layout import attention_layout, mlp_layout, parallel
 from fasttune.model.mlp import fused as fused_mlp
 from fasttune.model.norm import lean as lean_norm
@@ -34,6 +34,9 @@ SOFTCAP_BYTES = 6.0
 """Bytes per logit of a chunk that a logit softcap (Gemma 2) adds to the chunked loss: its fp32 tanh lives beside the
 logits through the chunk, its fp32 argument while tanh runs (measured on CPU, 256-token chunks of a 4096 vocabulary
 under autocast: 5.5 more at the loss's peak; tests/test_memory_layers.py)."""
+
+KEEPS_EXPERTS = ("none", "attention")
+"""The plans under which a MoE layer's experts keep what they save for backward (the others recompute it)."""
 
 
 @dataclass
@@ -137,6 +140,11 @@ class Setup:
     """The run trains on the CPU: what it may use is the machine's RAM (host_free), not a GPU's memory."""
     experts_fold: float = 0.0
     """LoRA on fused MoE experts: bytes of the largest layer's adapted expert weights (expert_lora.fold_bytes)."""
+    experts_lora: float = 0.0
+    """LoRA on fused MoE experts computed on the activations (model/expert_lora_act.py): bytes of the adapters' stacked
+    copies in the compute dtype, all layers together (expert_lora.act_bytes), kept for backward where the experts'
+    activations are (plans `none`, `attention`; the others recompute them): 41 MB a layer at the Qwen3-30B-A3B shape,
+    rank 16, in bf16."""
     ram: float | None = None
     """RAM this rank may take on the host (MemAvailable over the ranks on this machine), for `offload`'s pinned
     memory; None: unknown, and `auto` does not offer `offload`."""
@@ -156,7 +164,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
     weights = (frozen + trained + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
     grads, optimizer = trained / st.shards, st.trainable * st.optimizer_bytes / st.shards
     args = (st.liger, st.autocast, st.lora_rank, st.lora_upcast, st.fused_mlp, st.lean_norm, st.scores)
-    activations = activation_bytes(s, plan, st.tokens, *args)
+    activations = activation_bytes(s, plan, st.tokens, *args) + (st.experts_lora if plan in KEEPS_EXPERTS else 0.0)
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
@@ -196,6 +204,7 @@ def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tu
         lora_rank=_lora_rank(model), lora_upcast=_lora_upcast(cfg, model, param_bytes), fused_mlp=fused_mlp(model),
         lean_norm=lean_norm(model), plans=plans_for(model), accumulating=cfg.training.grad_accum > 1,
         scores=scores, host=_device_type(model, device) == "cpu", ram=rank_ram(), experts_fold=fold_bytes(model),
+        experts_lora=act_bytes(model, autocast),
     )  # fmt: skip
 
 

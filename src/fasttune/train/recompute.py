@@ -25,9 +25,24 @@ def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
         # LoRA's fold onto a 3-D experts weight (W + scaling * lhs @ rhs: model/expert_lora.py, peft's): its output
         # is a whole weight a layer to keep, remade in one cheap baddbmm
         return CheckpointPolicy.PREFER_RECOMPUTE
+    if len(parts) > 1 and parts[1] == "_grouped_mm" and _widens_rank(args):
+        # LoRA's rank-r intermediate back to an expert's full width (model/expert_lora_act.py): an output as large as
+        # the base grouped matmul's, remade from the saved [tokens, r] one at 1/in of that matmul's cost
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if (len(parts) > 1 and parts[1] in _SAVE) or "attention" in name or "attn" in name:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _widens_rank(args) -> bool:
+    """Whether a grouped matmul's operands are a LoRA [tokens, r] intermediate and the stacked B [E, r, out] factors
+    (r a padded rank expert_lora_act made; out wider). A base matmul whose inner size is such a rank (far below the
+    experts' widths in practice) would be recomputed too: slower, not wrong."""
+    from fasttune.model.expert_lora_act import RANKS
+
+    if len(args) < 2 or not all(isinstance(t, torch.Tensor) for t in args[:2]) or args[1].dim() != 3:
+        return False
+    return args[0].shape[-1] in RANKS and args[1].shape[-1] > args[1].shape[-2] == args[0].shape[-1]
 
 
 def _ops_context():
