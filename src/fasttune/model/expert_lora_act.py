@@ -14,8 +14,9 @@ The rank is padded with zeros to a multiple of 16 bytes: CUDA's grouped matmul w
 the [tokens, r] intermediate is one. Autograd keeps, per adapted projection, the factors' stacks in the compute dtype
 (bf16 copies of fp32 adapters on a GPU: Setup.experts_lora in train/estimate.py counts them under the plans that keep
 the experts' activations) and the [tokens x top-k, r] intermediate; no weight-sized tensor. Biases (gpt-oss) are
-transformers' own, added out of place to its output. The factors' reshapes are plain torch ops that dynamo traces, so
-this forward compiles with the decoder layer, with no graph break of its own.
+transformers' own, added out of place to its output. The factors' reshaping is one custom op
+(`fasttune::expert_lora_factors`, contiguous outputs whatever inductor would choose; see `_stack`), so this forward
+compiles with the decoder layer, with no graph break of its own.
 
 The forward mirrors transformers' `grouped_mm_experts_forward` (integrations/moe.py) without its expert-parallel
 sentinels: a module sharded by expert parallelism, or whose wrappers are not plain (expert_lora._chain), runs the
@@ -62,44 +63,76 @@ def factors(wrapper: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[torch
     """(A stacked [E, in, r'], B stacked [E, r', out], scaling) of one ParamWrapper in `dtype`, r' the padded rank:
     x @ A_e^T @ B_e^T is x's product with the expert's adapter delta, as peft folds it (see the module's docstring)."""
     a, b, experts = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, wrapper.num_experts
-    r = a.shape[0] // experts
-    a_EIR = a.to(dtype).reshape(experts, r, a.shape[-1]).transpose(1, 2)
-    b_ERO = _Stack.apply(b.to(dtype), experts)
-    pad = padded_rank(r, dtype) - r
-    if pad:
-        a_EIR, b_ERO = F.pad(a_EIR, (0, pad)), F.pad(b_ERO, (0, 0, 0, pad))
+    rank = padded_rank(a.shape[0] // experts, dtype)
     if not torch.compiler.is_compiling():
-        RANKS.add(r + pad)
+        RANKS.add(rank)
+    a_EIR, b_ERO = torch.ops.fasttune.expert_lora_factors(a, b, experts, rank, dtype)
     return a_EIR, b_ERO, wrapper.scaling[adapter]
 
 
-class _Stack(torch.autograd.Function):
-    """lora_B [out, r x E] as a contiguous [E, r, out]. A permuted view's .contiguous() would do in a first backward;
-    a second one (create_graph=True) hands the grouped matmul the permuted view of its gradient, which torch's CPU
-    kernel refuses (neither of its last two dims of stride 1). Each direction's backward is the other Function,
-    contiguous at every order."""
-
-    @staticmethod
-    def forward(ctx, b: torch.Tensor, experts: int) -> torch.Tensor:
-        ctx.experts = experts
-        return b.reshape(b.shape[0], -1, experts).permute(2, 1, 0).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _Unstack.apply(grad), None
+@torch.library.custom_op("fasttune::expert_lora_factors", mutates_args=())
+def _stack(a: torch.Tensor, b: torch.Tensor, experts: int, rank: int, dtype: torch.dtype) -> tuple[
+        torch.Tensor, torch.Tensor]:  # fmt: skip
+    """lora_A [E x r, in] and lora_B [out, r x E] as contiguous stacks [E, in, rank] and [E, rank, out] in `dtype`,
+    zero-padded from r to `rank`. An op of its own, with fixed contiguous outputs: inductor otherwise laid the stacks
+    out as the permuted views they are made from (its grouped matmul asks for no strides), and a second backward
+    (create_graph) handed the grouped matmul such a view of a gradient; torch's kernel refuses both (neither of the
+    last two dims of stride 1). Its backward is `_unstack`, whose backward is this op: contiguous at every order."""
+    r = a.shape[0] // experts
+    a_EIR = a.to(dtype).reshape(experts, r, a.shape[-1]).transpose(1, 2)
+    b_ERO = b.to(dtype).reshape(b.shape[0], r, experts).permute(2, 1, 0)
+    return _fresh(F.pad(a_EIR, (0, rank - r))), _fresh(F.pad(b_ERO, (0, 0, 0, rank - r)))
 
 
-class _Unstack(torch.autograd.Function):
-    """[E, r, out] back to lora_B's [out, r x E], contiguous (`_Stack`'s backward)."""
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: a custom op's outputs may not alias its inputs (pad by 0, a cast to the same dtype)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
-    @staticmethod
-    def forward(ctx, stacked: torch.Tensor) -> torch.Tensor:
-        ctx.experts = stacked.shape[0]
-        return stacked.permute(2, 1, 0).reshape(stacked.shape[-1], -1).contiguous()
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _Stack.apply(grad, ctx.experts)
+@_stack.register_fake
+def _(a, b, experts, rank, dtype):
+    return a.new_empty(experts, a.shape[-1], rank, dtype=dtype), b.new_empty(experts, rank, b.shape[0], dtype=dtype)
+
+
+@torch.library.custom_op("fasttune::expert_lora_factors_grad", mutates_args=())
+def _unstack(a_EIR: torch.Tensor, b_ERO: torch.Tensor, r: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[
+        torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`_stack`'s adjoint: the stacks (their gradients) back to lora_A's and lora_B's layout and dtypes, unpadded."""
+    experts = a_EIR.shape[0]
+    a = a_EIR[..., :r].transpose(1, 2).reshape(experts * r, a_EIR.shape[1]).to(a_dtype)
+    b = b_ERO[:, :r].permute(2, 1, 0).reshape(b_ERO.shape[-1], r * experts).to(b_dtype)
+    return _fresh(a), _fresh(b)
+
+
+@_unstack.register_fake
+def _(a_EIR, b_ERO, r, a_dtype, b_dtype):
+    experts = a_EIR.shape[0]
+    return a_EIR.new_empty(experts * r, a_EIR.shape[1], dtype=a_dtype), b_ERO.new_empty(b_ERO.shape[-1], r * experts,
+                                                                                        dtype=b_dtype)  # fmt: skip
+
+
+def _stack_context(ctx, inputs, output):
+    a, b, experts, rank, dtype = inputs
+    ctx.r, ctx.dtypes = a.shape[0] // experts, (a.dtype, b.dtype)
+
+
+def _stack_backward(ctx, grad_a, grad_b):
+    grads = torch.ops.fasttune.expert_lora_factors_grad(grad_a, grad_b, ctx.r, *ctx.dtypes)
+    return *grads, None, None, None
+
+
+def _unstack_context(ctx, inputs, output):
+    a_EIR, b_ERO, r, a_dtype, b_dtype = inputs
+    ctx.experts, ctx.rank, ctx.dtype = a_EIR.shape[0], a_EIR.shape[-1], a_EIR.dtype
+
+
+def _unstack_backward(ctx, grad_a, grad_b):
+    grads = torch.ops.fasttune.expert_lora_factors(grad_a, grad_b, ctx.experts, ctx.rank, ctx.dtype)
+    return *grads, None, None, None
+
+
+_stack.register_autograd(_stack_backward, setup_context=_stack_context)
+_unstack.register_autograd(_unstack_backward, setup_context=_unstack_context)
 
 
 def _linear(x, weight, offsets, bias, transposed: bool, lora) -> torch.Tensor:
