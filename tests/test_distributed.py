@@ -329,8 +329,9 @@ def test_lora_fsdp_of_an_moe_model_trains_its_fused_experts_as_one_process_does(
     """LoRA on a sharded DeepSeek-V3, whose experts are fused 3-D parameters adapted in place (peft's ParamWrapper)
     beside a shared expert and a dense MLP adapted through their weights: two ranks give one process's losses and
     adapters, the experts' and the shared expert's among them, and merged/ holds trained experts. Three layers: the
-    MoE layer between the dense one and the last is resharded after its forward, so backward remakes its adapted
-    expert weights (model/expert_lora.py) from weights gathered again (the last layer stays gathered)."""
+    MoE layer between the dense one and the last is resharded after its forward, so backward runs its experts' grouped
+    matmuls, and their adapters' thin ones (model/expert_lora_act.py), on weights and adapters gathered again (the last
+    layer stays gathered)."""
     base = save_tiny_model(tmp_path / "base", "deepseek_v3", num_hidden_layers=3)
     ref = loop.train(_lora(tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, grad_accum=2), base))
     cfg = tiny_config(tmp_path / "fsdp", max_steps=2, eval_every=0, save_every=2)

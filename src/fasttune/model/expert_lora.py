@@ -8,19 +8,22 @@ holds a weight-sized tensor per layer until backward: 1.2 GB a layer at the Qwen
 its 48 layers.
 
 Here the wrappers over one experts module run as one forward (`_forward`, installed on the outermost wrapper by
-`lora.set_fast_forward`): each W' is made as peft makes it, by a function whose backward keeps A and B alone (not
-their copies in the weight's dtype), and handed to the experts module in place of its parameter for the call, as
-model/experts.py hands it bf16 copies; a saved-tensor hook stores a recipe in place of every saved view of a W' (the
-frozen weight, A, B, the view's geometry). Backward remakes W' when the first matmul that saved it unpacks it, and
-frees it with the last: one W' of one layer at a time, beside the weight-sized gradient the grouped matmul's
-backward computes for it (`fold_bytes`). A backward that builds a graph (create_graph=True: double backward, a
-gradient penalty) remakes W' on the adapters' graph, as peft's forward kept it. The experts' forward stays
-transformers' own.
+`lora.set_fast_forward`). Where transformers runs the experts with its grouped matmul (its default experts
+implementation) and the wrappers are plain, no W' is made at all: the adapters act on the activations, two thin
+grouped matmuls per projection (model/expert_lora_act.py; traced whole by dynamo). Elsewhere (eager or batched_mm
+experts, expert parallelism, `expert_lora_act.enabled` off) the recipes run (`_recipes`): each W' is made as peft
+makes it, by a function whose backward keeps A and B alone (not their copies in the weight's dtype), and handed to
+the experts module in place of its parameter for the call, as model/experts.py hands it bf16 copies; a saved-tensor
+hook stores a recipe in place of every saved view of a W' (the frozen weight, A, B, the view's geometry). Backward
+remakes W' when the first matmul that saved it unpacks it, and frees it with the last: one W' of one layer at a
+time, beside the weight-sized gradient the grouped matmul's backward computes for it (`fold_bytes`). A backward that
+builds a graph (create_graph=True: double backward, a gradient penalty) remakes W' on the adapters' graph, as peft's
+forward kept it. The experts' forward stays transformers' own.
 
 Every other saved tensor goes to the hooks around the call (a checkpoint of the layer, the lean RMSNorm's,
 offload's), or is kept with autograd's check for in-place writes, which installed hooks switch off. peft's own
 forward runs where a wrapper is not plain (merged, disabled, several adapters, a base of a dtype peft upcasts) and
-where saved-tensor hooks are disabled (torch.func). Under torch.compile (each decoder layer compiled) `_forward`'s
+where saved-tensor hooks are disabled (torch.func). Under torch.compile (each decoder layer compiled) `_recipes`'s
 own frame and the setup of its hooks run eagerly (torch.compiler.disable: one graph break in the layer), and the
 experts' forward it calls compiles as a graph of its own: traced, dynamo broke at the hooks' torch._C calls,
 recompiled their setup every step (guards on the step's weights' storage pointers) up to its limit, and its tracing
