@@ -131,11 +131,15 @@ def test_factors_per_expert_are_pefts_rows_and_columns_and_its_delta(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_loss_and_adapter_gradients_equal_plain_peft_under_every_plan(kind, counted, monkeypatch):
     """fp32: the loss and every adapter's gradient equal plain peft's (no plan) under every plan the model takes and
-    offload, with the experts on the activations each time (no recipe made)."""
+    offload, with the experts on the activations each time (no recipe made); the loss too under torch.inference_mode
+    in eval mode."""
     from fasttune.train import offload
 
     monkeypatch.setattr(offload, "MIN_BYTES", 0)
     ref, ours = _pair(kind)
+    with torch.inference_mode():
+        got, want = (m.eval()(input_ids=_ids(), labels=_ids(), use_cache=False).loss for m in (ours, ref))
+    torch.testing.assert_close(got, want)
     want = _step(ref, _ids())
     assert any(g.abs().max() > 0 for n, g in want[1].items() if ".experts." in n)
     plans = sorted({"every:2" if p == "every:K" else p for p in plans_for(ours)} | {"offload"})
