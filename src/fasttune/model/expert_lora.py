@@ -54,6 +54,8 @@ def set_forward(model: nn.Module, enabled: bool = True) -> int:
     count = 0
     for module in wrappers:
         module.__dict__.pop("forward", None)  # peft's class forward again
+        if enabled:
+            expert_lora_act.register(module)
         if enabled and id(module) not in inner:
             module.forward = types.MethodType(_forward, module)
             count += 1

@@ -33,8 +33,9 @@ enabled = True
 """False: every experts module runs model/expert_lora.py's recipes (tests/test_expert_lora.py keeps testing them)."""
 
 RANKS: set[int] = set()
-"""The padded ranks of the factors made so far: train/recompute.py's `ops` recomputes a grouped matmul from rank r to
-an expert's full width (its output is as wide as the base one's) instead of keeping it."""
+"""The padded ranks of the adapters given the fast forward (`register`): train/recompute.py's `ops` recomputes a
+grouped matmul from rank r to an expert's full width (its output is as wide as the base one's) instead of keeping
+it."""
 
 _PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -59,13 +60,19 @@ def padded_rank(r: int, dtype: torch.dtype) -> int:
     return -(-r // step) * step
 
 
+def register(wrapper: nn.Module) -> None:
+    """Add a ParamWrapper's ranks, padded for each dtype it may run in, to RANKS: as its forward is installed, not as
+    it runs (compiled, the recompute policy reads RANKS while compiling, before the traced forward ever ran)."""
+    for adapter in wrapper.lora_A:
+        r = wrapper.lora_A[adapter].weight.shape[0] // wrapper.num_experts
+        RANKS.update(padded_rank(r, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
 def factors(wrapper: nn.Module, adapter: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A stacked [E, in, r'], B stacked [E, r', out], scaling) of one ParamWrapper in `dtype`, r' the padded rank:
     x @ A_e^T @ B_e^T is x's product with the expert's adapter delta, as peft folds it (see the module's docstring)."""
     a, b, experts = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, wrapper.num_experts
     rank = padded_rank(a.shape[0] // experts, dtype)
-    if not torch.compiler.is_compiling():
-        RANKS.add(rank)
     a_EIR, b_ERO = torch.ops.fasttune.expert_lora_factors(a, b, experts, rank, dtype)
     return a_EIR, b_ERO, wrapper.scaling[adapter]
 
