@@ -175,7 +175,7 @@ def forward(module: nn.Module, adapters: dict[str, tuple], weights: dict[str, to
     out = module._apply_gate(out) if module.has_gate else module.act_fn(out)
     bias = weights["down_proj_bias"][expert_ids_g] if module.has_bias else None
     out = _linear(out, weights["down_proj"], offsets, bias, module.is_transposed, adapters.get("down_proj"))
-    if module.has_post_expert_norm:
+    if getattr(module, "has_post_expert_norm", False):  # transformers 5.17 has no such attribute
         out = module.post_expert_norm(out)
 
     weighted = out * sample_weights_g.unsqueeze(-1)
