@@ -107,6 +107,7 @@ class AttentionBench(Command):
         from fasttune.bench import attention as bench
         from fasttune.bench.harness import Results, check_out, environment
         from fasttune.model.load import inference_device
+        from fasttune.streams import printed_above
 
         backends = _strs(self.backends) if self.backends else list(BACKENDS)
         layouts = _strs(self.layouts)
@@ -124,7 +125,7 @@ class AttentionBench(Command):
         check_out(self.out, "attention", self.overwrite)  # last: --overwrite removes the earlier run's files
         results = Results("attention", environment(device, command_line(self, "attention")))
         total = len(layouts) * len(head_dims) * len(seq_lens)
-        with tqdm(total=total, desc="attention shapes", dynamic_ncols=True) as bar:
+        with tqdm(total=total, desc="attention shapes", dynamic_ncols=True) as bar, printed_above(bar):
             bench.run(device, dtype, backends=backends, seq_lens=seq_lens, head_dims=head_dims, layouts=layouts,
                       tokens=self.tokens or (16384 if gpu else 64), n_heads=self.heads or (16 if gpu else 2),
                       results=results, progress=bar,

@@ -25,6 +25,7 @@ from fasttune.generate.template import record_prompt_format
 from fasttune.model.build import check_weights, has_weights, random_init
 from fasttune.model.resolve import resolve_for_training
 from fasttune.quiet import quiet_output
+from fasttune.streams import printed_above
 from fasttune.train import checkpoint as ckpt
 from fasttune.train import distributed
 from fasttune.train.device import (
@@ -352,26 +353,27 @@ def _steps(run: Run, stop: StopSignals) -> None:
     live = sys.stderr.isatty()
     bar = tqdm(total=t.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not (live and d.main and run.report))  # fmt: skip
-    queued = None  # a step whose numbers are read after the next one is queued (nothing else was due after it)
-    while state.step < t.max_steps or queued is not None:
-        if queued is not None and (stop.signum is not None or state.step >= t.max_steps):
-            _after_step(run, run.settle(queued), bar, stop, live)  # stops here, checkpoint at this step
-            queued = None
-            continue
-        # one process only: under DDP/FSDP2 every step already meets the other ranks
-        defer = not d.on and stop.signum is None and not run.due(state.step + 1)
-        try:
-            rec = run.step()
-        except BaseException:  # the queued step still gets its record (and its health read) first
+    with printed_above(bar):  # a warning or log line meanwhile goes above the bar, not into it
+        queued = None  # a step whose numbers are read after the next one is queued (nothing else was due after it)
+        while state.step < t.max_steps or queued is not None:
+            if queued is not None and (stop.signum is not None or state.step >= t.max_steps):
+                _after_step(run, run.settle(queued), bar, stop, live)  # stops here, checkpoint at this step
+                queued = None
+                continue
+            # one process only: under DDP/FSDP2 every step already meets the other ranks
+            defer = not d.on and stop.signum is None and not run.due(state.step + 1)
+            try:
+                rec = run.step()
+            except BaseException:  # the queued step still gets its record (and its health read) first
+                if queued is not None:
+                    with contextlib.suppress(Exception):
+                        _show(run, run.settle(queued), bar, live, evaluated=False)
+                raise
             if queued is not None:
-                with contextlib.suppress(Exception):
-                    _show(run, run.settle(queued), bar, live, evaluated=False)
-            raise
-        if queued is not None:
-            _show(run, run.settle(queued), bar, live, evaluated=False)
-        queued = rec if defer else None
-        if not defer:
-            _after_step(run, run.settle(rec), bar, stop, live)
+                _show(run, run.settle(queued), bar, live, evaluated=False)
+            queued = rec if defer else None
+            if not defer:
+                _after_step(run, run.settle(rec), bar, stop, live)
     bar.close()
 
 
