@@ -85,10 +85,21 @@ class DataSummary:
             why = ("a split text's last piece of one token, or an empty text" if self.format == "text" else
                    f"e.g. an empty response{alpaca}")  # fmt: skip
             out.append(f"  left out: {count(self.untrained, 'sample')} with no trained token ({why})")
-        if self.val_left_out:
-            out.append(f"  left out of validation: {count(self.val_left_out, 'held-out sample')}, by the same rules "
-                       "(too long to keep, or no trained token left)")  # fmt: skip
-        return out + self.notes
+        return out + self._val_left_out() + self.notes
+
+    def _val_left_out(self) -> list[str]:
+        """The held-out samples left out that no other line counts: the overlong validation line has those dropped
+        (it said them, and this line counted them again); without the split's counts (`held`), all of them."""
+        if self.held is None:
+            n, why = self.val_left_out, "too long to keep, or no trained token left"
+        else:
+            h = self.held
+            n = h.no_response + h.untrained
+            why = ", or ".join(w for w, k in (("the prompt alone filled max_length", h.no_response),
+                                              ("no trained token left", h.untrained)) if k)  # fmt: skip
+        if not n:
+            return []
+        return [f"  left out of validation: {count(n, 'held-out sample')}, by the same rules ({why})"]
 
     def _overlong(self, what: str, labelled: str) -> str:
         """'  overlong samples: 2 truncated (1,234 tokens cut, 1,000 of them trained), 0 split, 0 dropped', the cut
