@@ -69,6 +69,55 @@ def test_a_start_up_error_on_rank_0_is_one_line_and_the_other_ranks_stop_quietly
     assert "[rank 1]" not in out and "Connection closed" not in out, out[-3000:]
 
 
+@pytest.mark.slow
+def test_a_start_up_error_on_a_later_rank_stops_every_rank_instead_of_a_hang(tmp_path):
+    """Rank 1 fails to read its data after rank 0's checks passed and the gate opened: rank 0 had gone on to the
+    model's first collective (DDP's broadcast) and met the lost peer there: gloo's 'Connection closed by peer'
+    traceback once rank 1's process ended, a wait for good while it lived on (a script that catches the error).
+    Now every rank agrees at the end of start-up: rank 1 says its own error, rank 0 one line naming it, both exit 2."""
+    loop.train(tiny_config(tmp_path / "cache", max_steps=1, eval_every=0, save_every=0))  # the tokenizer, cached
+    cfg = tiny_config(tmp_path, max_steps=1, eval_every=0, save_every=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(FIXTURES / "rank_start_fails.py"), "train", *_cli_overrides(cfg)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "rank 0: exit 2" in out and "rank 1: exit 2" in out, out[-3000:]
+    assert out.count("[rank 1] error: data.jsonl: unreadable on this node") == 1, out[-3000:]
+    assert out.count("stopping every rank: rank 1 failed to start (its own error says why)") == 1, out[-3000:]
+    assert "fasttune/train/" not in out and "Connection closed" not in out, out[-3000:]  # no rank's traceback
+
+
+def test_the_start_up_agreement_stops_the_ranks_that_started_well(monkeypatch, caplog):
+    """StartGate.agree without processes: a peer's failed flag arrives through the all-reduce."""
+    from fasttune.errors import PeerFailed
+    from fasttune.train import distributed
+
+    def peer_failed(flags, *_a, **_k):
+        flags[1] = 1.0
+
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *_a: "gloo")
+    monkeypatch.setattr(distributed.dist, "all_reduce", peer_failed)
+    gate = distributed.StartGate(distributed.Dist(0, 2, 0, False))
+    gate.agree()  # the gate never opened (rank 0's checks failed, or nothing to train): no collective
+    gate.started = True
+    with pytest.raises(PeerFailed, match="rank 1 failed to start") as e:
+        gate.agree()
+    assert e.value.exit_code == 2 and caplog.text.count("stopping every rank: rank 1 failed to start") == 1
+    gate.agree()  # once only: the failure's handler calls it again
+    failing = distributed.StartGate(distributed.Dist(1, 2, 0, False))
+    failing.started = True
+    failing.agree(OSError("no such model"))  # the failing rank goes on with its own error
+
+    def lost(*_a, **_k):
+        raise RuntimeError("gloo: Connection closed by peer")
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lost)
+    gone = distributed.StartGate(distributed.Dist(1, 2, 0, False))
+    gone.started = True
+    gone.agree(KeyboardInterrupt())  # the peers are gone: its own error stands
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_accumulating(tmp_path, mode):
     # 3 validation batches over 2 ranks: under FSDP2 the rank with one runs a second forward it leaves out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import logging
 import os
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from fasttune.errors import ConfigError, PeerFailed
+
+log = logging.getLogger("fasttune")
 
 
 @dataclass(frozen=True)
@@ -309,10 +312,12 @@ def close(d: Dist) -> None:
 class StartGate:
     """Rank 0 runs the start-up checks (run folder, data, model) before the other ranks, which wait at the gate and
     then start with it, or stop quietly when its checks failed: one error line (rank 0's), not a traceback from
-    every rank that lost its peer; or end with it, when a resumed run has no step left to train."""
+    every rank that lost its peer; or end with it, when a resumed run has no step left to train. Once started, every
+    rank meets the others at `agree` before the first collective of training: a rank whose own start-up failed after
+    the gate opened (a file missing on its node, a model it could not load) left the others waiting there for good."""
 
     def __init__(self, d: Dist):
-        self.d, self.opened = d, False
+        self.d, self.opened, self.started, self.agreed = d, False, False, False
 
     def open(self, error: BaseException | None = None, done: object = None) -> None:
         """Rank 0: the checks passed (error None) or failed with `error`, or the run has nothing to train (`done`:
@@ -322,6 +327,7 @@ class StartGate:
         self.opened = True
         if not self.d.on:
             return
+        self.started = error is None and done is None
         try:
             dist.broadcast_object_list([done if error is None else getattr(error, "exit_code", 1)], src=0)
         except Exception:  # noqa: BLE001 - the peers are gone (Ctrl-C reaches every rank): rank 0's error stands
@@ -337,4 +343,35 @@ class StartGate:
         dist.broadcast_object_list(box, src=0)
         if isinstance(box[0], int):
             raise PeerFailed("rank 0 stopped before the run started (its error above)", exit_code=box[0])
+        self.started = box[0] is None
         return box[0]
+
+    def agree(self, error: BaseException | None = None) -> None:
+        """Every started rank: its start-up is done (error None, at the end of it) or failed (`error`, from the
+        failure's handler). One all-reduce of each rank's failed flag: when any failed, the failing ranks go on with
+        their own error and the others raise PeerFailed (exit 2), rank 0 saying once which ranks failed. Called
+        once (again, or where the gate never opened, or in one process: nothing)."""
+        if self.agreed or not self.started or not self.d.on:
+            return
+        self.agreed = True
+        flags = torch.zeros(self.d.world, dtype=torch.float32, device=_flag_device())
+        flags[self.d.rank] = float(error is not None)
+        try:
+            dist.all_reduce(flags)
+        except Exception:  # noqa: BLE001 - the peers are gone: this rank's own error stands
+            if error is None:
+                raise
+            return
+        failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+        if failed and error is None:
+            ranks = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
+            if self.d.main:  # the one line of the ranks that started well (the others' loggers are quiet)
+                log.error("stopping every rank: %s failed to start (its own error says why)", ranks)
+            raise PeerFailed(f"{ranks} failed to start", exit_code=2)
+
+
+def _flag_device() -> torch.device:
+    """Where a collective's tensor lives: NCCL reduces GPU tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

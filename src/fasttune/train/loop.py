@@ -101,6 +101,7 @@ def train(cfg: BaseConfig, data: DataBundle | None = None, attn_origin: str = "r
         return result
     except BaseException as e:
         gate.open(e)  # rank 0 failed before the others started: they stop quietly
+        gate.agree(e)  # a rank failed after the gate opened, before training: every rank stops, none waits
         raise
     finally:
         if lock is not None:
@@ -159,7 +160,8 @@ def _open(start: tuple, data: DataBundle | None, d: Dist, device_name: str, gate
         ckpt.load_weights(model, latest, lora=cfg.lora.enabled)  # full weights, before sharding (FSDP2: rank 0's)
     if d.main:
         _start(cfg, folder, model, latest, saved)
-        gate.open()  # the other ranks start now; from here on every collective is reached by all ranks
+        gate.open()  # the other ranks start now
+    gate.agree()  # every rank's start-up done; from here on every collective is reached by all ranks
     trained = d.wrap(model, device, amp_dtype)  # DDP around the model, or the model sharded in place (FSDP2)
     optimizer, scheduler, state, metrics = _training_state(cfg, d, folder, model, device, latest, saved, batcher)
     log.info("training: %s", describe_training(cfg, model, amp_dtype, optimizer, plan, d.strategy()))
