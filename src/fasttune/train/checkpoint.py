@@ -39,7 +39,19 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 
 
+def seed_rng(seed: int) -> None:
+    """Seed every generator a run may draw from: Python's `random`, numpy's global one and torch's (CPU and every
+    GPU). torch's alone was seeded: a draw from the other two (a tokenizer's or a collator's shuffle, a user's
+    transform) differed from run to run, though a resume restores all three (rng_state). numpy takes seeds below
+    2**32 only: a larger or negative --seed is folded into that range, the same way every run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
+    """Every generator's state (seed_rng's three, each GPU's), for a checkpoint: a resume goes on drawing where the
+    run it continues stopped."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # numpy's key array as a tensor: torch.load(weights_only=True) refuses numpy objects
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
@@ -50,6 +62,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """A checkpoint's rng_state back in every generator (a GPU's only where there is one)."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

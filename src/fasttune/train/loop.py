@@ -144,7 +144,7 @@ def _open(start: tuple, data: DataBundle | None, d: Dist, device_name: str, gate
     cfg, folder, latest, saved, moved = start
     check_weights(cfg.model, lora=cfg.lora.enabled)  # before the data is tokenized
     refuse_every_beyond_layers(cfg)
-    torch.manual_seed(cfg.seed)
+    ckpt.seed_rng(cfg.seed)  # random, numpy and torch; a resume restores the checkpoint's states (_restore)
     device, amp_dtype, param_dtype = resolve_device(cfg, device_name)
     data = _data(cfg, data, d, latest, saved, moved)
     attn, batcher = choose_batching(cfg, data, device, param_dtype, attn_origin)
