@@ -143,7 +143,7 @@ def assert_same_step(ref, ours, batch: dict, atol: float = 1e-7, loss_rtol: floa
     import torch
 
     from fasttune.data.packing import count_targets
-    from fasttune.train.run import forward_backward
+    from fasttune.train.step import forward_backward
 
     n = count_targets(batch)
     a, b = forward_backward(ref, [batch], n, None), forward_backward(ours, [batch], n, None)

@@ -12,7 +12,7 @@ from fasttune.data.packing import collate, count_targets
 from fasttune.model.build import build_preset
 from fasttune.model.liger import apply as apply_liger
 from fasttune.model.loss import apply_chunked_loss, chunk_tokens, linear_cross_entropy
-from fasttune.train.run import forward_backward
+from fasttune.train.step import forward_backward
 
 VOCAB = 300
 
@@ -410,7 +410,7 @@ def test_an_moe_router_loss_counts_once_per_step_whatever_the_micro_batches():
     loss is the cross-entropy plus the micro-batches' mean router loss, and validation reads the cross-entropy."""
     import transformers as tf
 
-    from fasttune.train.run import router_loss
+    from fasttune.train.step import router_loss
 
     torch.manual_seed(0)
     model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**SMALL, output_router_logits=True, router_aux_loss_coef=0.5))
@@ -429,10 +429,10 @@ def test_an_moe_router_loss_counts_once_per_step_whatever_the_micro_batches():
 
 
 def test_the_training_loops_labels_carry_their_count_so_the_head_selects_rows_without_asking_the_device(monkeypatch):
-    """run.to_device counts the targets on the host; with that count the row selection reads no device value (on a
+    """step.to_device counts the targets on the host; with that count the row selection reads no device value (on a
     GPU, a host sync per micro-batch), and gives the rows the counted path gives."""
     from fasttune.model.loss import trained_rows
-    from fasttune.train.run import to_device
+    from fasttune.train.step import to_device
 
     batch = to_device(collate(_samples(6), packing=True, pad_id=0), torch.device("cpu"))
     assert batch["labels"].fasttune_targets == count_targets(batch)

@@ -23,7 +23,7 @@ from fasttune.model.build import build_preset
 from fasttune.model.liger import apply as apply_liger
 from fasttune.train.activations import Shape, layer_bytes, lora_bytes
 from fasttune.train.recompute import apply_plan
-from fasttune.train.run import forward_backward
+from fasttune.train.step import forward_backward
 from tests.helpers import assert_same_losses_without, assert_same_step, rel_diff, run_module, tiny_config, twin
 from tests.test_memory import VOCAB, _batch
 from tests.test_memory_layers import _per_token_and_layer

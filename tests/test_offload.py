@@ -19,7 +19,7 @@ from fasttune.train.activations import Shape
 from fasttune.train.estimate import GiB, Setup, estimate
 from fasttune.train.memory import HOST_HEADROOM, choose_plan
 from fasttune.train.recompute import apply_plan
-from fasttune.train.run import forward_backward
+from fasttune.train.step import forward_backward
 from tests.helpers import assert_same_step
 from tests.test_memory import VOCAB, _batch
 

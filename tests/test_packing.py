@@ -64,7 +64,7 @@ def test_packs_of_split_documents_and_chat_cut_mid_response_train_as_each_sample
     from fasttune.config import get_experiment
     from fasttune.data.pipeline import build_data
     from fasttune.train.model_prep import prepare_model
-    from fasttune.train.run import forward_backward
+    from fasttune.train.step import forward_backward
 
     model = save_base_model(tmp_path / "m", chat_template=CHATML, context=256, bos=None)
     words = "Natalia sold clips to her friends in April and half as many in May".split()

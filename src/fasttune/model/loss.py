@@ -123,7 +123,7 @@ def trained_rows(hidden_BSH: torch.Tensor, labels_BS: torch.Tensor | None, shift
     """(hidden_TH, targets_T) of the tokens that have a target (labels shifted left by one here, or `shift_labels`
     already shifted): every token when all have one, or none does and not `none_ok` (Liger's kernel takes no empty
     input); the gradient of the dropped rows is zero either way. The count sets the shapes: the training loop's
-    labels carry it from the host (`fasttune_targets`, run.to_device), other labels cost a host sync."""
+    labels carry it from the host (`fasttune_targets`, step.to_device), other labels cost a host sync."""
     known = getattr(labels_BS, "fasttune_targets", None) if shift_labels is None else None
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels_BS, (0, 1), value=IGNORE)[..., 1:]

@@ -1,15 +1,15 @@
 """The state of one run and its four phases: `Run.step` (one optimizer step, queued; `Run.settle` completes its
 record), `Run.evaluate`, `Run.save`, `Run.log`. The loop in fasttune.train.loop builds a Run and calls them; nothing
-else threads state through by hand."""
+else threads state through by hand. What one step computes (the forward and backward passes, its timing marks) is in
+fasttune.train.step, called through this module's names: a test that replaces run.forward_backward replaces the
+loop's."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import statistics
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +17,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fasttune.attention.layout import packed_without_sync
 from fasttune.config import BaseConfig
 from fasttune.data.packing import Batcher, count_targets, real_tokens
 from fasttune.data.pipeline import DataBundle
 from fasttune.data.sample import Sample
 from fasttune.data.sft import MASKING_RULES
 from fasttune.errors import FasttuneError
-from fasttune.model.build import base_model
 from fasttune.model.flops import step_flops
 from fasttune.train import checkpoint as ckpt
 from fasttune.train.distributed import Dist
@@ -32,6 +30,7 @@ from fasttune.train.length import micro_batches_per_step
 from fasttune.train.metrics import MetricsLog, peak_flops, peak_memory_gib
 from fasttune.train.model_prep import AttentionChoice
 from fasttune.train.run_dir import RunFolder
+from fasttune.train.step import Reading, forward_backward, mark, router_loss, split_samples, step_end, to_device
 from fasttune.words import count
 
 log = logging.getLogger("fasttune")
@@ -103,91 +102,6 @@ class DataStream:
         idx = self.plan(s.epoch)[s.cursor]
         s.cursor += 1
         return [self.samples[i] for i in idx]
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on `device`. To a GPU through pinned memory: a copy from pageable memory first waits for
-    everything queued on the stream (the previous step's optimizer), a pinned one does not, so the host goes on
-    queuing the forward pass while the update finishes."""
-    pin = device.type == "cuda"
-    out = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-           for k, v in batch.items()}  # fmt: skip
-    if isinstance(batch.get("labels"), torch.Tensor):  # counted here, the loss selects its rows without a host sync
-        out["labels"].fasttune_targets = count_targets(batch)
-    return out
-
-
-def _split_samples(samples: list[Sample], parts: int) -> list[list[Sample]]:
-    parts = min(parts, len(samples))
-    return [samples[i::parts] for i in range(parts)]
-
-
-def forward_backward(
-    model, batches: list[dict], n_targets: int, amp_dtype: torch.dtype | None, world: int = 1
-) -> torch.Tensor:
-    """Sum of the micro-batches' token-mean losses, each normalised by the targets of the whole step (all ranks), so
-    the sum over ranks is the exact per-token mean whatever the split into micro-batches, ranks or padding. Under DDP
-    (which averages gradients over `world` ranks) the backward pass scales by world, and gradients are synchronised
-    once, on the last micro-batch. An MoE router's auxiliary loss counts as its mean over the micro-batches and
-    ranks (HF adds it whole to every forward's loss: its weight grew with --training.grad-accum)."""
-    total = torch.zeros((), device=next(model.parameters()).device)
-    for i, b in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()  # DDP
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last micro-batch
-            model.set_requires_gradient_sync(last)
-        with sync:
-            with torch.autocast(b["input_ids"].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                with packed_without_sync(b):  # no host sync in transformers' mask preparation
-                    out = model(**b, use_cache=False, num_items_in_batch=n_targets)
-            loss = out.loss
-            if (router := router_loss(model, out)) is not None:  # HF adds it per forward: average it over the step
-                loss = loss - router * (1 - 1 / (len(batches) * world))
-            (loss * world if world > 1 else loss).backward()
-        total += loss.detach().float()
-    return total
-
-
-def router_loss(model, out) -> torch.Tensor | None:
-    """The router's auxiliary loss an MoE model adds to `out.loss` with output_router_logits (its
-    router_aux_loss_coef x out.aux_loss), or None."""
-    aux = getattr(out, "aux_loss", None)
-    coef = getattr(base_model(getattr(model, "module", model)), "router_aux_loss_coef", None)
-    return None if aux is None or coef is None or out.loss is None else coef * aux.to(out.loss.device)
-
-
-def mark(device: torch.device) -> float | torch.cuda.Event:
-    """Now on the device's timeline: on CUDA an event behind everything queued so far on `device` (not the current
-    device: a single process may train on cuda:N), else the host's clock."""
-    if device.type != "cuda":
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-def step_end(end, backward_done, wait: bool):
-    """Where a step ends on the device's timeline: after its update (`end`) when that has run or `wait` (evaluation,
-    a checkpoint or the end follow: the host waits anyway), else where its backward pass ended (`backward_done`):
-    a step read at once (DDP, FSDP2) need not wait for its own update, which then counts in the next step's time."""
-    if isinstance(end, float) or wait or backward_done is None or end.query():
-        return end
-    return backward_done
-
-
-@dataclass
-class Reading:
-    """A step's loss and gradient norm (float64, on the host or being copied there). `backward_done` (CUDA): an event
-    behind the step's backward pass and that copy, ahead of its optimizer update."""
-
-    host: torch.Tensor
-    backward_done: torch.cuda.Event | None = None
-
-    def values(self) -> tuple[float, float]:
-        if self.backward_done is not None:
-            self.backward_done.synchronize()  # the copy was queued before the update: this does not wait for it
-        loss_f, gn = self.host.tolist()
-        return loss_f, gn
 
 
 @dataclass
@@ -295,7 +209,7 @@ class Run:
         --training.oom-retry is on (the global batch and the loss normalisation stay the same)."""
         t, state, d, device = self.cfg.training, self.state, self.dist, self.device
         while True:
-            pieces = [p for mb in micro for p in _split_samples(mb, state.micro_split)]
+            pieces = [p for mb in micro for p in split_samples(mb, state.micro_split)]
             cpu_batches = [self.batcher.collate(p) for p in pieces]
             n_targets = sum(count_targets(b) for b in cpu_batches)  # counted before the copy: no device sync
             tokens = sum(real_tokens(b) for b in cpu_batches)
