@@ -11,7 +11,8 @@ import torch
 
 from fasttune.bench.attention import make_case, max_error, reference
 from fasttune.bench.harness import markdown_table, noise, time_ms, timing
-from fasttune.bench.train import MD_COLUMNS, add_ratios, from_records, gib_per_1k, merge_rounds
+from fasttune.bench.train import MD_COLUMNS, from_records, gib_per_1k, merge_rounds
+from fasttune.bench.train_verdict import add_ratios
 from fasttune.bench.workload import sft_lengths, synthetic_bundle
 from fasttune.model.build import preset_config
 from fasttune.model.flops import attention_flops, dense_flops_per_token, step_flops
@@ -146,7 +147,8 @@ def test_ratios_never_use_a_leaky_baseline():
 
 def test_best_leak_free_hf_is_the_fastest_of_every_leak_free_hf_row_and_the_legend_names_it():
     """A padded HF row leaks nothing either: it was left out, so a faster padded row never was the reference."""
-    from fasttune.bench.train import TrainBench, target_lines, verdict_lines
+    from fasttune.bench.train import TrainBench
+    from fasttune.bench.train_verdict import target_lines, verdict_lines
 
     rows = [
         {"config": "HF pad", "stack": "HF", "attn": "sdpa", "packing": False, "tokens_per_s": 30.0, "status": "ok"},
@@ -273,7 +275,7 @@ def test_a_dataset_workload_keeps_its_prompt_masks(tmp_path):
 
 
 def test_the_memory_target_takes_the_fastest_fasttune_row_that_fits_the_leanest_hf_memory():
-    from fasttune.bench.train import memory_target_line
+    from fasttune.bench.train_verdict import memory_target_line
 
     def row(config, stack, tps, gib, **kw):
         return {"config": config, "stack": stack, "status": "ok", "tokens_per_s": tps, "peak_gib": gib, **kw}
@@ -328,7 +330,7 @@ def test_rounds_interleave_every_configuration_and_report_medians(tmp_path):
 
 
 def test_the_memory_target_is_also_judged_round_by_round():
-    from fasttune.bench.train import memory_target_line
+    from fasttune.bench.train_verdict import memory_target_line
 
     def row(config, stack, rates, gib, **kw):
         tps = sorted(rates)[1]

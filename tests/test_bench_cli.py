@@ -146,7 +146,8 @@ def test_train_bench_lora_cpu(tmp_path, caplog):
     assert rows[2]["x_best_hf"] == pytest.approx(rows[2]["tokens_per_s"] / max(r["tokens_per_s"] for r in rows[:2]))
     md = (tmp_path / "train.md").read_text()
     assert "MFU with LoRA" in md and "only a smoke test" in md and "target >=" not in md  # CPU: targets not judged
-    from fasttune.bench.train import TrainBench, target_lines  # on a GPU the same rows are judged against LoRA's
+    from fasttune.bench.train import TrainBench
+    from fasttune.bench.train_verdict import target_lines  # on a GPU the same rows are judged against LoRA's
 
     judged = target_lines(TrainBench(device=torch.device("cuda"), lengths=[8], lora=True), rows)
     assert any(line.startswith("- target >= 1.8x best leak-free HF + peft stack") for line in judged), judged

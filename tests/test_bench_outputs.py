@@ -91,6 +91,7 @@ def test_a_baseline_that_fails_in_a_later_round_is_no_ratios_reference(tmp_path)
     that it was the reference (the targets printed a ratio against the failed row, or crashed on its missing one)."""
     from fasttune.bench import train as bench
     from fasttune.bench.harness import Results
+    from fasttune.bench.train_verdict import target_lines
 
     cfg = bench.TrainBench(torch.device("cpu"), [12, 20], preset="micro", attns=["auto"], packings=[True], vocab=64,
                            micro_batch=2, max_length=32, epochs=1, rounds=2)  # fmt: skip
@@ -111,6 +112,6 @@ def test_a_baseline_that_fails_in_a_later_round_is_no_ratios_reference(tmp_path)
     assert main["status"] == "ok" and main["best_hf"] == "HF sdpa padded"  # the leak-free row that ran, not the OOM
     assert main["x_hf_sdpa_padded"] == pytest.approx(main["tokens_per_s"] / rows["HF sdpa padded"]["tokens_per_s"])
     assert main["x_best_hf"] == main["x_hf_sdpa_padded"]
-    lines = bench.target_lines(cfg, list(rows.values()))
+    lines = target_lines(cfg, list(rows.values()))
     assert lines[0].startswith("- x best leak-free HF: tokens/s against HF sdpa padded, ")
     assert lines[1].startswith("- target >= 3.2x HF sdpa padded: ") and not any("(4D mask)" in x for x in lines)

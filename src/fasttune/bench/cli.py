@@ -257,6 +257,7 @@ class TrainBench(Command):
         from tqdm.auto import tqdm
 
         from fasttune.bench import train as bench
+        from fasttune.bench import train_verdict as verdict
         from fasttune.bench.harness import Results, check_out, environment
         from fasttune.bench.workload import LengthStats
         from fasttune.model.load import inference_device
@@ -274,10 +275,10 @@ class TrainBench(Command):
         runs = _plan(cfg, self.device)
         check_out(self.out, "train", self.overwrite)
         if device.type != "cuda":  # once the options are checked, before the first row: its closing lines repeat it
-            log.warning(bench.CPU_SMOKE_TEST)
+            log.warning(verdict.CPU_SMOKE_TEST)
         with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
-        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, bench.verdict_lines(cfg, results.rows))
+        return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, verdict.verdict_lines(cfg, results.rows))
 
     def _bench_config(self, device, variants: list[tuple[str, list[str]]]):
         """The benchmark's settings: the options given, else their defaults on `device` (a GPU or a CPU)."""
