@@ -261,6 +261,7 @@ class TrainBench(Command):
         from fasttune.bench.harness import Results, check_out, environment
         from fasttune.bench.workload import LengthStats
         from fasttune.model.load import inference_device
+        from fasttune.streams import printed_above
 
         variants = [_variant(v) for v in self.variant]
         self._check_lora()
@@ -276,7 +277,8 @@ class TrainBench(Command):
         check_out(self.out, "train", self.overwrite)
         if device.type != "cuda":  # once the options are checked, before the first row: its closing lines repeat it
             log.warning(verdict.CPU_SMOKE_TEST)
-        with tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True) as bar:
+        bar = tqdm(total=len(runs) * self.rounds, desc="configurations", dynamic_ncols=True)
+        with bar, printed_above(bar):  # a row's warning (out of memory, a failed run) goes above the bar
             bench.run_all(cfg, results, progress=bar, after_row=lambda: results.write(self.out, bench.MD_COLUMNS, None))
         return _finish(results, self.out, bench.MD_COLUMNS, bench.plot, verdict.verdict_lines(cfg, results.rows))
 
