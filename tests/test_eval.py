@@ -298,7 +298,7 @@ def test_training_scores_generation_on_held_out_samples(tmp_path):
 def test_training_scores_leave_out_held_out_answers_cut_by_max_length(tmp_path, monkeypatch):
     """Held-out samples are cut to data.max_length like training ones: a cut answer ("...the monster ate") scored
     as the reference would make gen_numeric_match wrong. Only whole answers are scored."""
-    from fasttune.eval import run as eval_run
+    from fasttune.eval import in_training
     from fasttune.train import loop
 
     seen = []
@@ -307,7 +307,7 @@ def test_training_scores_leave_out_held_out_answers_cut_by_max_length(tmp_path, 
         seen.extend(examples)
         return [], {"exact_match": 0.0, "generate_tokens_per_s": 1.0}
 
-    monkeypatch.setattr(eval_run, "generate_answers", spy)
+    monkeypatch.setattr(in_training, "generate_answers", spy)
     cfg = sft_config(tmp_path, save_base_model(tmp_path / "base"), max_length=400, val_fraction=0.5, max_steps=1,
                      save_every=0, eval_every=0, eval_generate_every=1, eval_generate_samples=20)  # fmt: skip
     loop.train(cfg)

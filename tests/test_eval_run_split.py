@@ -424,7 +424,7 @@ def test_the_training_hook_says_every_held_out_sample_was_cut_not_that_none_has_
 
     from fasttune.data.pipeline import DataSummary
     from fasttune.data.sample import Sample, Samples
-    from fasttune.eval.run import say_nothing_to_answer
+    from fasttune.eval.in_training import say_nothing_to_answer
 
     cfg = sft_config(tmp_path, tmp_path, max_length=8, eval_generate_every=1)
     cut = Sample(range(8), [(3, 8)], whole=False)
@@ -443,7 +443,7 @@ def test_the_training_hook_splits_only_the_held_out_samples_it_answers(tmp_path,
 
     from fasttune.data.sample import Samples
     from fasttune.data.sft import tokenize_records
-    from fasttune.eval import run
+    from fasttune.eval import in_training as run
 
     tok = build_tiny_tokenizer(bos="<s>")
     samples = tokenize_records(json.loads(GSM8K.read_text()), "alpaca", tok)

@@ -8,12 +8,11 @@ The data is read and tokenized exactly as training reads it (any format; the los
 training would train: responses, prompts too with --train-on-prompt (by default when the run named trained on them),
 or every token of plain text). Written to --output-dir: completions.jsonl (one line
 per sample: prompt, reference, completion, scores) and summary.json; the summary is also printed as a table.
-`training_scores` is the same generation scoring, run on a held-out slice during training.
+The same generation scoring run on a held-out slice during training is fasttune.eval.in_training.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import sys
@@ -432,54 +431,3 @@ def whole_samples(samples: Sequence[Sample]) -> tuple[list[Sample], int]:
     it as the reference it would make exact and numeric match wrong."""
     whole = [s for s in samples if s.whole]
     return whole, len(samples) - len(whole)
-
-
-def held_out_examples(cfg, data) -> list[Example]:
-    """What `training_scores` answers: the first eval_generate_samples held-out samples with a prompt to answer,
-    those cut to data.max_length left out (as whole_samples does)."""
-    examples = (ex for s in data.val if s.whole and (ex := split_sample(s, data.tokenizer)))
-    return list(itertools.islice(examples, cfg.training.eval_generate_samples))  # not the whole of a large split
-
-
-def say_nothing_to_answer(cfg, data, fsdp: bool) -> None:
-    """Once, before training: --training.eval-generate-every asks for answers that no held-out sample can give (FSDP2
-    says why it skips them itself)."""
-    if not cfg.training.eval_generate_every or fsdp or held_out_examples(cfg, data):
-        return
-    why = f"no held-out sample with a prompt to answer ({data.summary.format} data)"
-    if whole_samples(data.val)[1] and data.summary.format != "text":  # as eval --generate says it (_answers)
-        why = (f"every held-out sample was cut at data.max_length {cfg.data.max_length}, so no answer is whole to "
-               "score (raise --data.max-length)")  # fmt: skip
-    log.warning("training.eval_generate_every: %s; skipped", why)
-
-
-def training_scores(run) -> dict:
-    """Training hook (`--training.eval-generate-every N`): generate answers for the first eval_generate_samples
-    held-out samples with the model as it is now and score them; the `gen_*` fields of that step's metrics record.
-    Rank 0 generates on its full copy of the weights (DDP); FSDP2 shards them, so there it is skipped."""
-    cfg, data = run.cfg, run.data
-    if run.dist.fsdp or not run.dist.main:
-        return {}
-    examples = held_out_examples(cfg, data)
-    if not examples:  # said once, before training (say_nothing_to_answer)
-        return {}
-    model = run.model
-    # HF generate on the training model itself, under the training autocast (as the validation loss is computed): the
-    # fast path would build a fused copy of the weights next to the optimizer state (+2 bytes/parameter at bf16) and
-    # decodes in the weights' dtype, fp32 for master weights.
-    model.eval()
-    try:
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            _, scores = generate_answers(model, data.tokenizer, examples, batch_size=len(examples),
-                                         max_new_tokens=cfg.generation.max_new_tokens,
-                                         stop=default_stop(examples, data.tokenizer), progress=False)  # fmt: skip
-    finally:
-        model.train()
-    out = {"gen_exact_match": scores["exact_match"], "gen_samples": len(examples),
-           "gen_tokens_per_s": scores["generate_tokens_per_s"]}  # fmt: skip
-    if "numeric_match" in scores:
-        out["gen_numeric_match"] = scores["numeric_match"]
-    numeric = f", numeric match {out['gen_numeric_match']:.1%}" if "gen_numeric_match" in out else ""
-    tqdm.write(f"step {run.state.step}: generated {len(examples)} held-out answers: exact match "
-               f"{out['gen_exact_match']:.1%}{numeric}", file=sys.stderr)  # fmt: skip
-    return out

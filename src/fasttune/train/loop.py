@@ -201,7 +201,7 @@ def _data(cfg: BaseConfig, data: DataBundle | None, d: Dist, latest, saved: dict
         log.info(line)
     _say_no_validation(cfg, data)
     if cfg.training.eval_generate_every:
-        from fasttune.eval.run import say_nothing_to_answer
+        from fasttune.eval.in_training import say_nothing_to_answer
 
         say_nothing_to_answer(cfg, data, d.fsdp)
     check_moved_data(cfg, moved, saved, data)
@@ -397,7 +397,7 @@ def _after_step(run: Run, rec: dict, bar, stop: StopSignals, live: bool) -> None
     if evaluated and (val := run.evaluate()) is not None:
         rec.update(val_loss=val, val_ppl=perplexity(val))
     if (every := t.eval_generate_every) and state.step % every == 0:  # generated answers, scored
-        from fasttune.eval.run import training_scores
+        from fasttune.eval.in_training import training_scores
 
         rec.update(scores := training_scores(run))
         evaluated = evaluated or bool(scores)
