@@ -100,7 +100,8 @@ def test_trls_text_field_option_says_which_field_is_read_and_how_to_rename(flag,
 
 
 def test_every_other_tools_name_maps_to_a_real_option():
-    from fasttune.config.argcheck import OTHER_NAMES, _suggestion, option_table
+    from fasttune.config.argcheck import _suggestion, option_table
+    from fasttune.config.other_tools import OTHER_NAMES
 
     table = option_table()
     assert {"learning-rate", "num-train-epochs", "per-device-train-batch-size", "gradient-accumulation-steps",
@@ -117,7 +118,8 @@ def test_the_report_to_answer_names_the_files_a_run_writes():
     `wandb sync --sync-tensorboard` uploads."""
     from pathlib import Path
 
-    from fasttune.config.argcheck import NO_SUCH_OPTION, option_table
+    from fasttune.config.argcheck import option_table
+    from fasttune.config.other_tools import NO_SUCH_OPTION
     from fasttune.train.run_dir import RunFolder
 
     folder = RunFolder(Path("OUTPUT_DIR"))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fasttune import cli
-from fasttune.config.argcheck import GENERATION_NAMES, NO_SUCH_OPTION, OTHER_NAMES, option_table
+from fasttune.config.argcheck import option_table
+from fasttune.config.other_tools import GENERATION_NAMES, NO_SUCH_OPTION, OTHER_NAMES
 
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *(p for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "BENCHMARKS.md")]

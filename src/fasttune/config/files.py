@@ -15,8 +15,9 @@ import types
 import typing
 from pathlib import Path
 
-from fasttune.config.argcheck import NO_SUCH_OPTION, OTHER_NAMES, closest, options, shortened
+from fasttune.config.argcheck import closest, options, shortened
 from fasttune.config.base_config import BaseConfig
+from fasttune.config.other_tools import NO_SUCH_OPTION, OTHER_NAMES
 from fasttune.errors import ConfigError, one_line
 from fasttune.train.run_dir import MARKER
 
