@@ -8,6 +8,7 @@ import logging
 import sys
 import warnings
 
+import pytest
 from tqdm import tqdm
 
 from fasttune.streams import printed_above
@@ -63,8 +64,11 @@ def test_log_lines_and_prints_go_above_and_handlers_get_their_streams_back(monke
     assert out.getvalue() == "a printed line\nhalf a line"  # stdout stays stdout; the partial line is not lost
 
 
-def test_a_disabled_bar_changes_nothing(monkeypatch):
+def test_a_disabled_bar_changes_nothing_and_another_kind_of_bar_is_refused():
     shown, out = warnings.showwarning, sys.stdout
     bar = tqdm(total=1, disable=True)
     with printed_above(bar):
         assert warnings.showwarning is shown and sys.stdout is out
+    with pytest.raises(TypeError, match="^printed_above takes a tqdm progress bar, not object$"):
+        with printed_above(object()):
+            pass

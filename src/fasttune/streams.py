@@ -132,7 +132,9 @@ def printed_above(bar):
 
     sys.stderr itself is left as it is: a bar made inside (the evaluation's) writes its frames there, partial lines
     the line buffering here would hold back."""
-    if getattr(bar, "disable", True) or getattr(bar, "fp", None) is None:
+    if not hasattr(bar, "external_write_mode"):
+        raise TypeError(f"printed_above takes a tqdm progress bar, not {type(bar).__name__}")
+    if bar.disable or getattr(bar, "fp", None) is None:
         yield
         return
     out, err = sys.stdout, sys.stderr
