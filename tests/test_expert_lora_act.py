@@ -232,29 +232,41 @@ def test_ops_recomputes_the_rank_r_matmuls_wide_outputs(monkeypatch):
     assert _per_layer(4, "ops", "fast") - recomputed == 64 * 2 * (2 * 256 + TINY_SHAPE["hidden_size"]) * 2
 
 
+def _copies(n: int) -> tuple[torch.nn.Module, float]:
+    """(a bf16 qwen3_moe of `n` experts of width 256 under LoRA rank 16, its adapters' stacked copies per layer)."""
+    model = _lora(_model("qwen3_moe", experts_n=n, width=256).to(torch.bfloat16), rank=16)
+    set_fast_forward(model)
+    return model, expert_lora.act_bytes(model) / 2
+
+
+@pytest.mark.slow  # 16 models built and run: 8-12 s
 @pytest.mark.usefixtures("frozen_gc")
 def test_what_a_layer_keeps_grows_by_the_adapter_copies_the_estimate_counts():
-    """Four times the experts: a layer keeps no adapted weight, only the adapters' stacked bf16 copies more (and
-    the router's probabilities, as without LoRA) where the experts' activations are kept (plans none, attention), and
-    nothing of them where they are recomputed: Setup.experts_lora (expert_lora.act_bytes) is those copies, counted
-    under those plans; no weight is remade (experts_fold 0)."""
-    from fasttune.config import get_experiment
-    from fasttune.train.estimate import KEEPS_EXPERTS, Setup, estimate, setup_of
+    """Four times the experts: a layer keeps no adapted weight, only the adapters' stacked bf16 copies more (and the
+    router's probabilities, as without LoRA) where the experts' activations are kept (`none`), and nothing of them
+    where they are recomputed (`ops`): expert_lora.act_bytes, what Setup.experts_lora holds."""
+    from fasttune.train.estimate import KEEPS_EXPERTS
 
-    copies = {}
-    for n in (4, 16):
-        model = _lora(_model("qwen3_moe", experts_n=n, width=256).to(torch.bfloat16), rank=16)
-        copies[n] = expert_lora.act_bytes(model) / 2  # a layer's
-    for plan in ("none", "attention", "ops", "mlp"):
+    grown = _copies(16)[1] - _copies(4)[1]
+    for plan in ("none", "ops"):
         routing = _per_layer(16, plan, "") - _per_layer(4, plan, "")
-        grown = _per_layer(16, plan, "fast") - _per_layer(4, plan, "fast") - routing
-        assert grown == (copies[16] - copies[4] if plan in KEEPS_EXPERTS else 0), plan
+        kept = _per_layer(16, plan, "fast") - _per_layer(4, plan, "fast") - routing
+        assert kept == (grown if plan in KEEPS_EXPERTS else 0), plan
+
+
+def test_the_estimate_counts_the_adapter_copies_under_the_plans_that_keep_them():
+    """Setup.experts_lora is the adapters' stacked copies of every layer (expert_lora.act_bytes), added under plans
+    none and attention only; no weight is remade (experts_fold 0)."""
+    from fasttune.config import get_experiment
+    from fasttune.train.estimate import Setup, estimate, setup_of
+
+    model, per_layer = _copies(16)
     st = setup_of(get_experiment("lora"), model, liger=False, chunked=True)
-    assert st.experts_fold == 0 and st.experts_lora == 2 * copies[16] > 0
+    assert st.experts_fold == 0 and st.experts_lora == 2 * per_layer > 0
     without = Setup(**{**st.__dict__, "experts_lora": 0.0})
-    for plan in ("none", "attention", "ops", "mlp", "full"):
+    for plan in ("none", "attention", "ops", "mlp", "full", "every:2"):
         added = estimate(st, plan).total - estimate(without, plan).total
-        assert added == (st.experts_lora if plan in KEEPS_EXPERTS else 0), plan
+        assert added == (st.experts_lora if plan in ("none", "attention") else 0), plan
 
 
 def test_adapter_copies_at_the_qwen3_30b_a3b_shape():
@@ -272,7 +284,11 @@ def test_adapter_copies_at_the_qwen3_30b_a3b_shape():
 
 @pytest.fixture
 def fresh_dynamo():
+    """dynamo reset, and its counters (graph breaks, graphs) cleared: earlier tests' stay in them."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
 

@@ -88,11 +88,14 @@ def _stack(a: torch.Tensor, b: torch.Tensor, experts: int, rank: int, dtype: tor
     r = a.shape[0] // experts
     a_EIR = a.to(dtype).reshape(experts, r, a.shape[-1]).transpose(1, 2)
     b_ERO = b.to(dtype).reshape(b.shape[0], r, experts).permute(2, 1, 0)
-    return _fresh(F.pad(a_EIR, (0, rank - r))), _fresh(F.pad(b_ERO, (0, 0, 0, rank - r)))
+    return _fresh(F.pad(a_EIR, (0, rank - r)), a), _fresh(F.pad(b_ERO, (0, 0, 0, rank - r)), b)
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy: a custom op's outputs may not alias its inputs (pad by 0, a cast to the same dtype)."""
+def _fresh(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous and not sharing `source`'s storage (a custom op's outputs may not alias its inputs: a cast to the
+    same dtype, a pad by 0), copied only where it is not already."""
+    if t.is_contiguous() and t.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+        return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
@@ -108,7 +111,7 @@ def _unstack(a_EIR: torch.Tensor, b_ERO: torch.Tensor, r: int, a_dtype: torch.dt
     experts = a_EIR.shape[0]
     a = a_EIR[..., :r].transpose(1, 2).reshape(experts * r, a_EIR.shape[1]).to(a_dtype)
     b = b_ERO[:, :r].permute(2, 1, 0).reshape(b_ERO.shape[-1], r * experts).to(b_dtype)
-    return _fresh(a), _fresh(b)
+    return _fresh(a, a_EIR), _fresh(b, b_ERO)
 
 
 @_unstack.register_fake
