@@ -170,6 +170,30 @@ def test_bf16_and_autocast_are_within_their_tolerance_of_peft(counted):
     assert counted["act"] and not counted["recipes"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize(("kind", "rank"), [("qwen3_moe", 4), ("gpt_oss", 16)])
+def test_on_a_gpu_within_bf16_tolerance_of_fp32_peft(kind, rank, counted):
+    """CUDA's grouped matmul (not the CPU's fallback), the rank padded to 16 bytes (4 -> 8 in bf16): a bf16 base with
+    fp32 adapters under bf16 autocast, as fasttune trains on a GPU, against plain peft in fp32 on the same GPU."""
+    torch.manual_seed(0)
+    ref = _lora(_model(kind), rank)
+    ours = _lora(_model(kind), rank)
+    ours.load_state_dict(ref.state_dict())
+    set_fast_forward(ref, enabled=False)
+    assert set_fast_forward(ours) > 0
+    ref, ours = ref.cuda(), ours.cuda()
+    for p in ours.parameters():
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
+    assert experts.apply(ours) == 2
+    ids = _ids().cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        got = _step(ours, ids)
+    _assert_same(got, _step(ref, ids), rtol=5e-2, atol=5e-3, msg=kind)
+    assert counted["act"] and not counted["recipes"]
+
+
 @pytest.mark.parametrize("plan", ["none", "full"])
 def test_double_backward_equals_plain_peft(plan):
     """A gradient penalty (torch.autograd.grad with create_graph=True, then backward through those gradients): every
