@@ -172,10 +172,12 @@ def test_bf16_and_autocast_are_within_their_tolerance_of_peft(counted):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-@pytest.mark.parametrize(("kind", "rank"), [("qwen3_moe", 4), ("gpt_oss", 16)])
+@pytest.mark.parametrize(("kind", "rank"), [("qwen3_moe", 4), ("qwen3_moe", 16), ("mixtral", 8)])
 def test_on_a_gpu_within_bf16_tolerance_of_fp32_peft(kind, rank, counted):
     """CUDA's grouped matmul (not the CPU's fallback), the rank padded to 16 bytes (4 -> 8 in bf16): a bf16 base with
-    fp32 adapters under bf16 autocast, as fasttune trains on a GPU, against plain peft in fp32 on the same GPU."""
+    fp32 adapters under bf16 autocast, as fasttune trains on a GPU, against plain peft in fp32 on the same GPU. Not
+    gpt-oss: its tiny model's gradients move 10-30% between bf16 and fp32 in every layer, attention included (its
+    transposed, biased experts are checked against peft in fp32 on the CPU)."""
     torch.manual_seed(0)
     ref = _lora(_model(kind), rank)
     ours = _lora(_model(kind), rank)
