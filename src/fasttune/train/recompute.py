@@ -36,8 +36,8 @@ def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
 
 def _widens_rank(args) -> bool:
     """Whether a grouped matmul's operands are a LoRA [tokens, r] intermediate and the stacked B [E, r, out] factors
-    (r a padded rank expert_lora_act made; out wider). A base matmul whose inner size is such a rank (far below the
-    experts' widths in practice) would be recomputed too: slower, not wrong."""
+    (r a padded rank expert_lora_act registered; out wider). A base matmul whose inner size is such a rank (far below
+    the experts' widths in practice) would be recomputed too: slower, not wrong."""
     from fasttune.model.expert_lora_act import RANKS
 
     if len(args) < 2 or not all(isinstance(t, torch.Tensor) for t in args[:2]) or args[1].dim() != 3:
