@@ -206,6 +206,19 @@ def test_hf_peft_baseline_trains_only_adapters(ckpt):
     assert all(g is None for n, g in grads.items() if ".lora_" not in n)
 
 
+def test_hf_peft_baseline_prints_no_peft_deprecation_warning(recwarn):
+    """`bench train --lora` wraps the HF baseline with peft, which reads transformers' deprecated
+    `is_gradient_checkpointing`: its FutureWarning (a site-packages path) is hidden as in fasttune's own LoRA."""
+    import warnings
+
+    from fasttune.bench import baselines as hf
+
+    warnings.simplefilter("always")
+    b = hf.Baseline("HF + peft sdpa padded", "sdpa", False, lora=True)
+    hf._build("micro", 64, b, torch.device("cpu"), torch.float32)
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_train_bench_rows_survive_a_run_cut_short(tmp_path):
     """Each row is written as soon as it is measured: a run killed by a time limit keeps the rows it finished."""
     from fasttune.bench import train as bench

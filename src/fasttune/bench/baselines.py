@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from fasttune.data.pipeline import DataBundle
 from fasttune.data.sample import Sample
 from fasttune.model.build import build_preset
 from fasttune.model.flops import step_flops
+from fasttune.quiet import PEFT_READS_DEPRECATED, ignore_warning
 from fasttune.train.metrics import peak_flops
 
 LORA = LoraConfig(enabled=True, rank=16, alpha=32, dropout=0.0)
@@ -103,7 +105,9 @@ def _peft_wrap(model):
 
     config = LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
                         target_modules=list(LORA.targets), bias="none", task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        ignore_warning(*PEFT_READS_DEPRECATED)  # peft's own FutureWarning, as in model/lora.py (--debug shows it)
+        return get_peft_model(model, config)
 
 
 def _collate(samples: list[Sample | dict], b: Baseline, device: torch.device) -> dict:
