@@ -23,7 +23,8 @@ def main() -> int:
         return cli_main(["doctor", *[a for a in argv if a != "--doctor"]])
     if argv[:1] in (["--version"], ["-V"]):
         return cli_main(argv)
-    word = argv[0] if argv[:1] and not argv[0].startswith("-") else None
+    lead = argv[1:] if argv[:1] == ["--debug"] else argv  # `main.py --debug generate ...`: as fasttune takes it
+    word = lead[0] if lead[:1] and not lead[0].startswith("-") else None
     if word and (word in COMMANDS or difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.7)):
         return cli_main(argv)  # a command, or one mistyped (genrate): named as such, not as an option of train
     return cli_main(["train", *argv])

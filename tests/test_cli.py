@@ -384,3 +384,22 @@ def test_a_model_without_a_preset_is_refused_not_trained_at_quicks_learning_rate
         assert cli.parse(["train", *argv]).unnamed_preset is None  # a preset named, or no model to fine-tune
     (tmp_path / "run.yaml").write_text("experiment: lora\nmodel: {path: m}\n")
     assert cli.parse(["train", "--config", "run.yaml"]).unnamed_preset is None
+
+
+@pytest.mark.parametrize("before", [["--debug", "experiments"], ["--debug", "bench", "attention", "--bogus"]])
+def test_debug_before_the_command_is_taken_as_after_it(before, capsys):
+    """`fasttune --debug experiments` was 'unknown option --debug' (with a traceback): --debug is every command's."""
+    if before[-1] == "--bogus":
+        with pytest.raises(ConfigError, match="unknown option --bogus;"):
+            cli.main(before)
+    else:
+        assert cli.main(before) == 0
+        assert "quick" in capsys.readouterr().out
+
+
+def test_main_py_takes_debug_before_a_command():
+    main_py = str(Path(__file__).parents[1] / "main.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[1]), *sys.path])}
+    out = subprocess.run([sys.executable, main_py, "--debug", "experiments"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "quick" in out.stdout

@@ -259,8 +259,19 @@ def version() -> str:
     return f"fasttune {__version__} ({of('torch')}, {of('transformers')}, Python {platform.python_version()})"
 
 
+def _debug_after_command(argv: list[str]) -> list[str]:
+    """`fasttune --debug train ...` (the flag before the command, as `git` and `pip` take global flags): the same as
+    `fasttune train --debug ...`; it was 'unknown option --debug', with the traceback it asked for."""
+    if argv[:1] != ["--debug"] or len(argv) < 2 or argv[1] not in COMMANDS:
+        return argv
+    rest = argv[1:]
+    n = 2 if isinstance(COMMANDS[rest[0]], dict) and rest[1:2] and rest[1] in COMMANDS[rest[0]] else 1
+    return [*rest[:n], "--debug", *rest[n:]]
+
+
 def _main(argv: list[str]) -> int:
     set_environment()
+    argv = _debug_after_command(argv)
     if argv[:1] in (["--version"], ["-V"]):
         print(version())
         return 0
