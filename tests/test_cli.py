@@ -52,6 +52,8 @@ def test_top_level_help_lists_every_command(capsys):
     [
         (["nope"], "error: unknown command 'nope'; choose one of: train, generate, chat, eval, doctor, bench, "
                    "experiments"),
+        (["bench", "atention"], "error: unknown command 'atention' for `fasttune bench` (did you mean attention?); "
+                                "choose one of: attention, train, generate"),
         (["train", "--stpes", "3"], "error: unknown option --stpes; did you mean --max-steps?"),
         (["train", "--max-steps", "abc"], "error: --max-steps: 'abc' is not a valid integer"),
         (["train", "--max-steps"], "error: --max-steps needs a value"),
@@ -192,8 +194,9 @@ def test_main_py_runs_the_other_commands_too():
     # a mistyped command was read as train's: "unexpected argument 'genrate'; options look like --name VALUE"
     argv = [sys.executable, main_py, "genrate", "--prompt", "hi"]
     ran = subprocess.run(argv, capture_output=True, text=True, env=env)
-    assert ran.returncode == 2 and ran.stderr == ("error: unknown command 'genrate'; choose one of: train, generate, "
-                                                  "chat, eval, doctor, bench, experiments\n")  # fmt: skip
+    assert ran.returncode == 2 and ran.stderr == ("error: unknown command 'genrate' (did you mean generate?); "
+                                                  "choose one of: train, generate, chat, eval, doctor, bench, "
+                                                  "experiments\n")  # fmt: skip
     ran = subprocess.run([sys.executable, main_py, "--version"], capture_output=True, text=True, env=env)
     assert ran.returncode == 0 and ran.stdout == cli.version() + "\n"  # it was "unknown option --version" of train
 

@@ -119,7 +119,9 @@ def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], comma
         return f"unexpected argument {token!r}: name the experiment with --experiment {token}"
     if commands and token in args and args.index(token) == command.count(" "):
         where = f" for `{command}`" if " " in command else ""
-        return f"unknown command {token!r}{where}; choose one of: {', '.join(commands)}"
+        close = difflib.get_close_matches(token, list(commands), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown command {token!r}{where}{hint}; choose one of: {', '.join(commands)}"
     return f"unexpected argument {token!r}; options look like --name VALUE (see `{command} --help`)"
 
 
