@@ -84,6 +84,10 @@ def test_top_level_help_lists_every_command(capsys):
         # other tools' generation names: --max-steps on eval was answered with --max-length
         (["eval", "--checkpoint", "c", "--data", "d", "--max-steps", "3"],
          "error: unknown option --max-steps; did you mean --limit?"),
+        # inf is > 0: "--epochs=inf ... it must be > 0" contradicted itself
+        (["train", "--epochs", "inf"], "error: --epochs=inf is not valid; it must be a finite number > 0"),
+        (["train", "--training.lr", "nan"], "error: --training.lr=nan is not valid; it must be a finite number > 0"),
+        (["train", "--epochs", "0"], "error: --epochs=0.0 is not valid; it must be > 0"),
         *((["generate", "--checkpoint", "c", "--prompt", "p", "--temperature", t], f"error: --temperature={t} is not "
            "valid; it must be a number >= 0 (0: greedy)") for t in ("-1.0", "inf", "nan")),
         (["generate", "--checkpoint", "c", "--do_sample"],

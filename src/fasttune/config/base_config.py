@@ -66,7 +66,8 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 def _positive(option: str, value: float, allow_zero: bool = False, most: int | None = None) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{option}={value!r} is not valid; it must be {bound}")
+        finite = "" if math.isfinite(value) else "a finite number "  # "inf ... must be > 0" read as a contradiction
+        raise ConfigError(f"{option}={value!r} is not valid; it must be {finite}{bound}")
     if most is not None and value > most:
         raise ConfigError(f"{option}={value!r} is too large; it must be <= {most:,}")
 
