@@ -138,6 +138,8 @@ GENERATION_NAMES = {
     "min-p": None,
     "num-beams": None,
     "num-return-sequences": None,
+    "dtype": None,  # vLLM, lm-evaluation-harness: it suggested --stop
+    "torch-dtype": None,
 }
 """Other tools' names for what generate, chat and eval do (the options without --max-steps) -> fasttune's; None: no
 such option (GENERATION_MISSING says what happens instead, where something does)."""
@@ -151,6 +153,8 @@ GENERATION_MISSING = {
     "num-beams": "fasttune has no such option: it decodes greedily (--temperature 0) or samples, no beam search",
     "num-return-sequences": "fasttune has no such option: one answer per prompt; to sample several, repeat the "
     "prompt in --prompts FILE (each line draws its own)",
+    "dtype": "fasttune has no such option: the model runs in bf16 on a GPU, fp32 on a CPU",
+    "torch-dtype": "fasttune has no such option: the model runs in bf16 on a GPU, fp32 on a CPU",
 }
 GENERATION_NOTES = {
     "do-sample": "(sampling is on when it is above 0) ",
