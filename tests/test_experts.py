@@ -74,3 +74,34 @@ def test_only_transformers_experts_modules_are_touched():
     moe = _moe("mixtral", 2)
     moe.model.layers[0].mlp.experts.forward = lambda *a: None  # someone else's patch
     assert experts.apply(moe) == 1
+
+
+def test_gpt_oss_experts_under_ops_equal_no_plan():
+    """gpt-oss's experts (biases, transformers' grouped matmul) under `ops`: transformers adds the bias in place onto
+    the grouped matmul's output that `ops` keeps (torch refused it in backward); with the bias added out of place a
+    full fine-tuning step has the loss and gradients of no plan."""
+    from helpers import TINY_MODELS, TINY_SHAPE
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fasttune.train.recompute import apply_plan
+
+    shape = {**TINY_SHAPE, **TINY_MODELS["gpt_oss"]}
+    config = AutoConfig.for_model("gpt_oss", vocab_size=VOCAB, experts_implementation="grouped_mm", **shape)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).train()
+    for module in ref.modules():  # biases nonzero: their gradients and placement count
+        for name in ("gate_up_proj_bias", "down_proj_bias"):
+            if isinstance(getattr(module, name, None), torch.nn.Parameter):
+                torch.nn.init.normal_(getattr(module, name), std=0.1)
+    ids = torch.randint(2, VOCAB, (2, 32))
+    ours = copy.deepcopy(ref)
+    apply_plan(ours, "ops")
+    assert sum(experts.runs_autocast(m) for m in ours.modules()) == config.num_hidden_layers
+    losses = []
+    for model in (ref, ours):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        assert p.grad is not None and torch.allclose(q.grad, p.grad, rtol=1e-5, atol=1e-6), n

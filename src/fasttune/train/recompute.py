@@ -105,6 +105,10 @@ def apply_plan(model: torch.nn.Module, plan: str) -> None:
         return
     layers = decoder_layers(model)
     k = int(plan.split(":")[1]) if plan.startswith("every:") else 1
+    if plan == "ops" or plan.startswith("every:"):  # selective layers keep grouped matmul outputs: bias out of place
+        from fasttune.model import experts
+
+        experts.bias_out_of_place(model)
     for n, layer in enumerate(layers):
         if plan in BLOCKS:
             _checkpoint_forward(_block(layer, plan), selective=False)
