@@ -52,6 +52,22 @@ def test_overwrite_replaces_run_but_keeps_user_files(finished):
     ]
 
 
+def test_overwrite_keeps_user_files_in_tensorboard(tmp_path):
+    """--overwrite removes the old run's TensorBoard event files alone: tensorboard/ was removed whole, with a file
+    of the user's in it (the README: --overwrite removes only fasttune's own files)."""
+    cfg = dataclasses.replace(tiny_config(tmp_path), overwrite=True)
+    folder = RunFolder(Path(cfg.output_dir))
+    folder.tensorboard.mkdir(parents=True)
+    (folder.tensorboard / "events.out.tfevents.1764680000.host.1.0").write_bytes(b"old run")
+    (folder.tensorboard / "notes.md").write_text("mine")
+    folder.start(cfg)
+    assert [p.name for p in folder.tensorboard.iterdir()] == ["notes.md"]
+    (folder.tensorboard / "notes.md").unlink()
+    (folder.tensorboard / "events.out.tfevents.1764680001.host.1.0").write_bytes(b"old run")
+    folder.start(cfg)
+    assert not folder.tensorboard.exists()  # nothing of the user's: the folder goes, as before
+
+
 def test_folder_of_someone_elses_files_is_never_used(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

@@ -41,6 +41,8 @@ _STALE = re.compile(r"^\.(tmp|old|pruned)-(step-\d+|adapter|merged)-\d+$")
 that a killed run can leave behind: in checkpoints/ and in the run folder."""
 _CHECKPOINT = re.compile(r"^(step-\d+|\.(tmp|old|pruned)-step-\d+-\d+)$")
 """What fasttune writes in checkpoints/ (--overwrite removes these alone: a copy of yours there stays)."""
+_TENSORBOARD = re.compile(r"^events\.out\.tfevents\..+$")
+"""What fasttune writes in tensorboard/ (torch's SummaryWriter's event files; --overwrite removes these alone)."""
 
 
 class RunLock:
@@ -252,6 +254,8 @@ class RunFolder(ResumeChecks):
             for p in self.artifacts:
                 if p == self.checkpoints and p.is_dir():
                     self._clear_checkpoints()
+                elif p == self.tensorboard and p.is_dir():
+                    self._clear_ours(p, _TENSORBOARD)
                 else:
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         self.marker.write_text("fasttune run directory; see config.json\n")
@@ -264,16 +268,21 @@ class RunFolder(ResumeChecks):
     def _clear_checkpoints(self) -> None:
         """--overwrite: the step-N folders and their temporaries go; anything else in checkpoints/ is the user's (a
         copy of a best checkpoint, notes) and stays, said once."""
+        self._clear_ours(self.checkpoints, _CHECKPOINT, folders=True)
+
+    def _clear_ours(self, root: Path, ours: re.Pattern, folders: bool = False) -> None:
+        """--overwrite in `root`: what fasttune wrote there (names matching `ours`: folders, or files) goes; anything
+        else is the user's and stays, said once (tensorboard/ was removed whole, a file of the user's in it too)."""
         kept = []
-        for p in sorted(self.checkpoints.iterdir()):
-            if _CHECKPOINT.match(p.name) and p.is_dir():
-                shutil.rmtree(p)
+        for p in sorted(root.iterdir()):
+            if ours.match(p.name) and p.is_dir() == folders:
+                shutil.rmtree(p) if folders else p.unlink()
             else:
                 kept.append(p.name)
         if kept:
-            log.info("--overwrite: kept what fasttune did not write in %s: %s", self.checkpoints, ", ".join(kept))
+            log.info("--overwrite: kept what fasttune did not write in %s: %s", root, ", ".join(kept))
         else:
-            self.checkpoints.rmdir()
+            root.rmdir()
 
     def write_config(self, cfg: BaseConfig) -> None:
         """config.json, with the model, data and validation paths made absolute (as typed they were relative to the
