@@ -92,6 +92,9 @@ def test_top_level_help_lists_every_command(capsys):
            "valid; it must be a number >= 0 (0: greedy)") for t in ("-1.0", "inf", "nan")),
         *(([command, "--checkpoint", "c", "--dtype", "bf16"], "error: unknown option --dtype; fasttune has no such "
            "option: the model runs in bf16 on a GPU, fp32 on a CPU;") for command in ("generate", "chat", "eval")),
+        *((["chat", "--checkpoint", "c", flag, "x"], f"error: unknown option {flag}; chat reads your messages as you "
+           "type them (or piped into it); for answers to given prompts: fasttune generate --checkpoint PATH "
+           f"{flag} ...") for flag in ("--prompt", "--prompts")),
         (["generate", "--checkpoint", "c", "--do_sample"],
          "error: unknown option --do_sample; did you mean --temperature? (sampling is on when it is above 0)"),
         (["generate", "--checkpoint", "c", "--max_tokens", "9"], "error: unknown option --max_tokens; did you mean "

@@ -106,6 +106,9 @@ def _switch_hint(switch: str, token: str) -> str:
 
 def _unrecognized(token: str, args: Sequence[str], table: dict[str, type], command: str, commands) -> str:
     flag = token.partition("=")[0]
+    if flag in ("--prompt", "--prompts") and command == "fasttune chat":  # it said only "unknown option"
+        return (f"unknown option {flag}; chat reads your messages as you type them (or piped into it); for answers "
+                f"to given prompts: fasttune generate --checkpoint PATH {flag} ...")  # fmt: skip
     if token.startswith("-"):
         return f"unknown option {flag}; {_suggestion(flag, table)}see `{command} --help` for the list"
     for i, a in enumerate(args):
