@@ -268,3 +268,17 @@ def test_bench_options_are_checked_before_anything_runs(argv, message, capsys, t
     assert cli.main(["bench", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_bench_generate_says_it_trains_the_model_before_the_first_row(monkeypatch, caplog):
+    """`bench generate` trains its model first (30 steps: over a minute on a 2-core CPU) and printed nothing then."""
+    import logging
+
+    from fasttune.bench import generate as bench
+
+    monkeypatch.setattr(bench, "build_model", lambda shape, device: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(bench, "train_briefly", lambda model, steps, **kw: [1.0, 0.5])
+    monkeypatch.setattr(bench, "_batch_rows", lambda *a: [])
+    with caplog.at_level(logging.INFO, logger="fasttune"):
+        bench.run("tiny", (1,), 8, 4, "cpu", torch.float32, train_steps=30)
+    assert "training the tiny model for 30 steps" in caplog.text

@@ -195,6 +195,9 @@ def run(model_shape: str = "1b", batch_sizes: Sequence[int] = (1, 32), prompt_le
     model = build_model(model_shape, device)
     start = time.perf_counter()
     on_cuda = dev.type == "cuda"
+    # a minute and more on a CPU before the first row: said, not silent
+    log.info("training the %s model for %d steps on a synthetic language first (--train-steps), so that greedy "
+             "answers are compared on a model that predicts something", model_shape, train_steps)  # fmt: skip
     losses = train_briefly(model, train_steps, batch=8 if on_cuda else 4, seq_len=256 if on_cuda else 32,
                            lr=3e-4 if on_cuda else 3e-3, symbols=SYMBOLS if on_cuda else 64)  # fmt: skip
     facts = {"train_steps": train_steps, "train_s": round(time.perf_counter() - start, 1), "losses": losses}
