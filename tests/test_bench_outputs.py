@@ -4,6 +4,7 @@ cut short), the ratios across rounds, and the header's versions."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -72,6 +73,20 @@ def test_generate_bench_keeps_the_batches_measured_before_one_fails(failure, tmp
     assert code == 0 and rows[2:] == [{**rows[2], "impl": "hf_generate, fasttune", "batch": 2, "status": "OOM"}]
     assert "tok_s" not in rows[2] and "speedup" not in rows[2]
     assert "| hf_generate, fasttune | float32 | 2 | - | - | - |" in (tmp_path / "generate.md").read_text()
+
+
+def test_generate_bench_logs_each_row_as_a_line_and_its_losses_rounded(tmp_path, capsys):
+    """While it runs, each row is a line a person reads (batch, implementation, tok/s, x HF, greedy agreement), not a
+    Python dict; the note gives the training losses first and last, rounded."""
+    argv = ["bench", "generate", "--device", "cpu", "--shape", "micro", "--batch-sizes", "1", "--prompt-len", "4"]
+    assert cli.main([*argv, "--new-tokens", "2", "--train-steps", "2", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batch 1 ")]
+    assert len(lines) == 2 and not any("{" in line for line in lines), lines
+    assert re.fullmatch(r"batch 1 hf_generate float32: [\d,]+ tok/s", lines[0]), lines
+    assert re.fullmatch(r"batch 1 fasttune float32: [\d,]+ tok/s \(\d+\.\d\dx HF generate\), greedy (= HF|differs .*)",
+                        lines[1]), lines  # fmt: skip
+    note = json.loads((tmp_path / "generate.json").read_text())["notes"][0]
+    assert re.fullmatch(r"trained 2 steps in [\d.]+ s, loss \d+\.\d{4} -> \d+\.\d{4}", note), note
 
 
 def test_the_header_names_the_versions_the_rows_ran_on():

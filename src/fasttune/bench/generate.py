@@ -211,10 +211,23 @@ def run(model_shape: str = "1b", batch_sizes: Sequence[int] = (1, 32), prompt_le
         for batch in sizes:
             for row in _batch_rows(bench_model, batch, prompt_len, new_tokens, eager, sdpa):
                 rows.append({**row, **common})
-                log.info("%s", row)
+                log.info("%s", row_line(row))
             if after_batch is not None:
                 after_batch(rows)
     return rows, facts
+
+
+def row_line(row: dict) -> str:
+    """One row as the line logged while the bench runs (the table at the end has every column)."""
+    head = f"batch {row['batch']} {row['impl']} {row.get('dtype', '')}".rstrip()
+    if row.get("status", "ok") != "ok":
+        return f"{head}: {row['status']}"
+    text = f"{head}: {row['tok_s']:,.0f} tok/s"
+    if row.get("speedup") is not None and row["impl"] != "hf_generate":
+        text += f" ({row['speedup']:.2f}x HF generate)"
+    if row.get("agree") is not None:
+        text += ", greedy = HF" if row["agree"] else f", greedy differs from HF ({row.get('rows_agree')} rows agree)"
+    return text
 
 
 def _batch_rows(model, batch: int, prompt_len: int, new_tokens: int, eager: bool, sdpa: str) -> list[dict]:
@@ -315,7 +328,8 @@ def run_bench(args: GenerateBench) -> int:
                       args.prompt_len, args.new_tokens, device, dtype, train_steps, args.eager,
                       on_cuda and args.check_fp32, args.sdpa, after_batch)  # fmt: skip
     res.rows = rows
-    res.notes.append(f"trained {facts['train_steps']} steps in {facts['train_s']} s, loss {facts['losses']}")
+    losses = " -> ".join(f"{x:.4f}" for x in facts["losses"][:1] + facts["losses"][-1:])
+    res.notes.append(f"trained {facts['train_steps']} steps in {facts['train_s']} s, loss {losses or '-'}")
     print(res.markdown(MD_COLUMNS))
     if args.out is not None:
         paths = res.write(args.out, MD_COLUMNS, _plot(rows))
