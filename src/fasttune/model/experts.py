@@ -66,22 +66,21 @@ _forward.__name__ = "forward"  # pickle (torch.save of the model) stores the bou
 def apply(model: nn.Module) -> int:
     """Give every transformers experts module (3-D weights, one slice per expert) the autocast-aware forward; returns
     how many got it. A module whose forward was already replaced (another patch) keeps it."""
-    count = 0
-    for module in model.modules():
-        theirs = type(module).__module__.startswith("transformers.") and "forward" not in vars(module)
-        if theirs and _per_expert(module):
-            module.forward = types.MethodType(_forward, module)
-            count += 1
-    return count
+    return _install(model, lambda module: bool(_per_expert(module)))
 
 
 def bias_out_of_place(model: nn.Module) -> int:
     """Give every experts module with biases run by transformers' grouped matmul this module's forward (its bias
     added out of place, see the docstring): `ops` keeps the matmul's output. Returns how many got it."""
+    return _install(model, _has_bias_grouped)
+
+
+def _install(model: nn.Module, wanted) -> int:
+    """`_forward` on each transformers module of `model` that is `wanted` and whose forward no patch replaced yet."""
     count = 0
     for module in model.modules():
         theirs = type(module).__module__.startswith("transformers.") and "forward" not in vars(module)
-        if theirs and _has_bias_grouped(module):
+        if theirs and wanted(module):
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count
