@@ -47,7 +47,8 @@ def test_log_lines_and_prints_go_above_and_handlers_get_their_streams_back(monke
     handler = logging.StreamHandler(err)
     log = logging.getLogger("fasttune")
     log.addHandler(handler)
-    monkeypatch.setattr(log, "level", logging.INFO)
+    level = log.level
+    log.setLevel(logging.INFO)  # not the attribute alone: isEnabledFor caches what an earlier test's level gave
     try:
         bar = tqdm(total=2, desc="bench", file=err, mininterval=0)
         with printed_above(bar):
@@ -59,6 +60,7 @@ def test_log_lines_and_prints_go_above_and_handlers_get_their_streams_back(monke
         assert handler.stream is err
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     assert sys.stdout is out
     assert "a log line" in _lines(err.getvalue())
     assert out.getvalue() == "a printed line\nhalf a line"  # stdout stays stdout; the partial line is not lost
@@ -72,3 +74,42 @@ def test_a_disabled_bar_changes_nothing_and_another_kind_of_bar_is_refused():
     with pytest.raises(TypeError, match="^printed_above takes a tqdm progress bar, not object$"):
         with printed_above(object()):
             pass
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal: the commands draw their bars only there."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_warning_while_generate_or_eval_draws_its_bar_gets_its_own_line(command, tmp_path, monkeypatch):
+    """`generate --prompts FILE` and `eval --generate`: a warning during a batch lands on a line of its own above the
+    bar, and the bar is drawn again below it."""
+    from helpers import save_base_model
+
+    from fasttune.cli import main
+    from fasttune.generate import generate
+
+    model = save_base_model(tmp_path / "base")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hello", "completion": " 1"}\n{"prompt": "Hi there", "completion": " 2"}\n')
+    real = generate.generate_ids
+
+    def warned(*args, **kwargs):
+        warnings.warn("careful now", UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_ids", warned)
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        where = ["--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")] if command == "generate" else [
+            "--data", str(prompts), "--generate", "--output-dir", str(tmp_path / "ev")]  # fmt: skip
+        assert main([command, "--checkpoint", str(model), *where, "--batch-size", "1", "--max-new-tokens", "2"]) == 0
+    lines = _lines(err.getvalue())
+    said = [line for line in lines if "UserWarning: careful now" in line]
+    assert len(said) == 2 and all(line.startswith(__file__) for line in said), lines
+    assert "generate:" in err.getvalue().split("careful now")[-1]  # the bar drawn again below

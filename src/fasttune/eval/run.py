@@ -33,6 +33,7 @@ from fasttune.eval.cli import EvalArgs
 from fasttune.eval.report import output_files, report
 from fasttune.eval.score import Example, score, split_sample, summarize_scores
 from fasttune.model.context import context_length
+from fasttune.streams import printed_above
 
 log = logging.getLogger("fasttune")
 
@@ -49,19 +50,20 @@ def response_loss(model, samples: list[Sample], pad_id: int, batch_size: int) ->
     t0 = time.perf_counter()
     live = sys.stderr.isatty()  # no bar when stderr is redirected (as in training): its redraws would fill the file
     bar = tqdm(total=len(samples), desc="loss", unit="sample", file=sys.stderr, leave=False, disable=not live)
-    for lo in range(0, len(order), batch_size):
-        batch = [samples[i] for i in order[lo : lo + batch_size]]
-        b = {k: v.to(device) for k, v in collate_padded(batch, pad_id).items()}  # right-padded, as training's
-        ids_BL, labels_BL, mask_BL = b["input_ids"], b["labels"], b["attention_mask"]
-        logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).logits
-        target_BL = labels_BL[:, 1:]
-        for r in range(len(batch)):  # row by row: a float32 copy of (B, L, V) logits is GBs at a 128k vocabulary
-            loss_sum += float(F.cross_entropy(logits_BLV[r, :-1].float(), target_BL[r], ignore_index=IGNORE,
-                                              reduction="sum"))  # fmt: skip
-        targets += int((target_BL != IGNORE).sum())
-        tokens += int(mask_BL.sum())
-        bar.update(len(batch))
-        bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s")
+    with printed_above(bar):  # a warning meanwhile goes above the bar, not into it
+        for lo in range(0, len(order), batch_size):
+            batch = [samples[i] for i in order[lo : lo + batch_size]]
+            b = {k: v.to(device) for k, v in collate_padded(batch, pad_id).items()}  # right-padded, as training's
+            ids_BL, labels_BL, mask_BL = b["input_ids"], b["labels"], b["attention_mask"]
+            logits_BLV = model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).logits
+            target_BL = labels_BL[:, 1:]
+            for r in range(len(batch)):  # row by row: a float32 copy of (B, L, V) logits is GBs at a 128k vocabulary
+                loss_sum += float(F.cross_entropy(logits_BLV[r, :-1].float(), target_BL[r], ignore_index=IGNORE,
+                                                  reduction="sum"))  # fmt: skip
+            targets += int((target_BL != IGNORE).sum())
+            tokens += int(mask_BL.sum())
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s")
     bar.close()
     seconds = time.perf_counter() - t0
     loss = loss_sum / targets if targets else None
@@ -82,20 +84,21 @@ def generate_answers(model, tokenizer, examples: list[Example], *, batch_size: i
     live = progress and sys.stderr.isatty()  # no bar in a redirected stderr (as in training)
     bar = tqdm(total=len(examples), desc="generate", unit="sample", file=sys.stderr, disable=not live)
     prompts = [ex.prompt_ids for ex in examples]
-    for _, idx, budget in length_batches(model, prompts, batch_size, max_new_tokens):
-        gens = generate_ids(model, tokenizer, [examples[i].prompt_ids for i in idx], max_new_tokens=budget,
-                            temperature=temperature, top_p=top_p, seed=seed, indices=idx, stop=stop,
-                            engine=engine)  # fmt: skip
-        for i, g in zip(idx, gens, strict=True):
-            ex = examples[i]
-            rows[i] = {"index": i if ex.record is None else ex.record,  # the record's position in the data
-                       "prompt": tokenizer.decode(ex.prompt_ids),  # as the model saw it: chat markers kept
-                       "reference": ex.reference, "completion": g.text.strip(), "new_tokens": g.new_tokens,
-                       "finished": g.finished, "stop": g.stop, **score(g.text.strip(), ex.reference)}  # fmt: skip
-        new_tokens += sum(g.new_tokens for g in gens)
-        seconds += gens[0].seconds
-        bar.update(len(idx))
-        bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
+    with printed_above(bar):  # a warning meanwhile goes above the bar, not into it
+        for _, idx, budget in length_batches(model, prompts, batch_size, max_new_tokens):
+            gens = generate_ids(model, tokenizer, [examples[i].prompt_ids for i in idx], max_new_tokens=budget,
+                                temperature=temperature, top_p=top_p, seed=seed, indices=idx, stop=stop,
+                                engine=engine)  # fmt: skip
+            for i, g in zip(idx, gens, strict=True):
+                ex = examples[i]
+                rows[i] = {"index": i if ex.record is None else ex.record,  # the record's position in the data
+                           "prompt": tokenizer.decode(ex.prompt_ids),  # as the model saw it: chat markers kept
+                           "reference": ex.reference, "completion": g.text.strip(), "new_tokens": g.new_tokens,
+                           "finished": g.finished, "stop": g.stop, **score(g.text.strip(), ex.reference)}  # fmt: skip
+            new_tokens += sum(g.new_tokens for g in gens)
+            seconds += gens[0].seconds
+            bar.update(len(idx))
+            bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
     bar.close()
     ordered = [rows[i] for i in range(len(examples))]
     summary = {**summarize_scores(ordered), "generated_samples": len(ordered),

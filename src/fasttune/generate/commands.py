@@ -209,6 +209,7 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path, 
 
     from fasttune.generate.generate import fast_engine, generate_ids, length_batches
     from fasttune.generate.prompts import write_jsonl
+    from fasttune.streams import printed_above
 
     kept = [i for i in range(len(ids)) if i not in skipped]
     skip_rows = {i: _row(records[i], completion=None, new_tokens=0, finished=None, stop=None,
@@ -219,17 +220,19 @@ def _generate_file(model, tok, a: GenerateArgs, records: list[dict], out: Path, 
     # no bar when stderr is redirected (as in training): its redraws would fill the file
     bar = tqdm(total=len(kept), desc="generate", unit="prompt", file=sys.stderr, disable=not sys.stderr.isatty())
     try:
-        for _, at, budget in length_batches(model, [ids[i] for i in kept], a.batch_size, a.max_new_tokens):
-            rows = [kept[j] for j in at]  # positions in the input: each prompt samples from (seed, its own)
-            gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget, temperature=a.temperature,
-                                top_p=a.top_p, seed=a.seed, indices=rows, stop=a.stop, engine=engine)  # fmt: skip
-            for i, g in zip(rows, gens, strict=True):
-                done[i] = _row(records[i], completion=g.text, new_tokens=g.new_tokens, finished=g.finished,
-                               stop=g.stop)  # fmt: skip
-            new_tokens += sum(g.new_tokens for g in gens)
-            seconds += gens[0].seconds
-            bar.update(len(rows))
-            bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
+        with printed_above(bar):  # a warning meanwhile (HF's, fasttune's) goes above the bar, not into it
+            for _, at, budget in length_batches(model, [ids[i] for i in kept], a.batch_size, a.max_new_tokens):
+                rows = [kept[j] for j in at]  # positions in the input: each prompt samples from (seed, its own)
+                gens = generate_ids(model, tok, [ids[i] for i in rows], max_new_tokens=budget,
+                                    temperature=a.temperature, top_p=a.top_p, seed=a.seed, indices=rows, stop=a.stop,
+                                    engine=engine)  # fmt: skip
+                for i, g in zip(rows, gens, strict=True):
+                    done[i] = _row(records[i], completion=g.text, new_tokens=g.new_tokens, finished=g.finished,
+                                   stop=g.stop)  # fmt: skip
+                new_tokens += sum(g.new_tokens for g in gens)
+                seconds += gens[0].seconds
+                bar.update(len(rows))
+                bar.set_postfix_str(f"{new_tokens / seconds:,.0f} tok/s" if seconds else "")
     except KeyboardInterrupt:  # the answers made so far are kept, not lost with the batch being made
         if done:  # with the skipped prompts' lines: each line the whole file would have, in the prompts' order
             rows = {**skip_rows, **done}
