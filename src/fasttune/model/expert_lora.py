@@ -76,7 +76,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The experts module's forward with its adapters: on the activations (model/expert_lora_act.py) where the experts
     run transformers' grouped matmul, else on the adapted weights, each saved as a recipe (`_recipes`)."""
     chain = None if kwargs or len(args) != 2 else _chain(self)  # (x, top-k index, top-k weights) only
-    if chain is not None and expert_lora_act.runs(chain[1], [w.parameter_name for w, _ in chain[0]]):
+    if _on_activations(chain):
         wrappers, module = chain
         own = {n: p for n, p in module._parameters.items() if p is not None and p.is_floating_point()}
         dtype = _compute_dtype(module, own[wrappers[0][0].parameter_name])
@@ -305,8 +305,12 @@ def _installed(model: nn.Module):
     for module in model.modules():
         if getattr(vars(module).get("forward"), "__func__", None) is _forward:
             chain = _chain(module)
-            yield module, chain, chain is not None and expert_lora_act.runs(chain[1], [w.parameter_name for w, _ in
-                                                                                      chain[0]])  # fmt: skip
+            yield module, chain, _on_activations(chain)
+
+
+def _on_activations(chain) -> bool:
+    """Whether the experts module of a wrapper `chain` (_chain's, or None) runs its adapters on the activations."""
+    return chain is not None and expert_lora_act.runs(chain[1], [w.parameter_name for w, _ in chain[0]])
 
 
 def fold_bytes(model: nn.Module) -> int:

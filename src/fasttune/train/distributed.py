@@ -354,15 +354,14 @@ class StartGate:
         if self.agreed or not self.started or not self.d.on:
             return
         self.agreed = True
-        flags = torch.zeros(self.d.world, dtype=torch.float32, device=_flag_device())
-        flags[self.d.rank] = float(error is not None)
+        own = [float(rank == self.d.rank and error is not None) for rank in range(self.d.world)]
         try:
-            dist.all_reduce(flags)
+            flags = self.d.sum_(own, _flag_device())
         except Exception:  # noqa: BLE001 - the peers are gone: this rank's own error stands
             if error is None:
                 raise
             return
-        failed = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+        failed = [rank for rank, flag in enumerate(flags) if flag]
         if failed and error is None:
             ranks = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}"
             if self.d.main:  # the one line of the ranks that started well (the others' loggers are quiet)

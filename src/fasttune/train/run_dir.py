@@ -252,8 +252,8 @@ class RunFolder(ResumeChecks):
         folder as a fasttune run and write the resolved config."""
         if cfg.overwrite:
             for p in self.artifacts:
-                if p == self.checkpoints and p.is_dir():
-                    self._clear_checkpoints()
+                if p == self.checkpoints and p.is_dir():  # the step-N folders and their temporaries
+                    self._clear_ours(p, _CHECKPOINT, folders=True)
                 elif p == self.tensorboard and p.is_dir():
                     self._clear_ours(p, _TENSORBOARD)
                 else:
@@ -265,14 +265,10 @@ class RunFolder(ResumeChecks):
 
             self.base_model.write_text(json.dumps(identify(cfg.model), indent=2) + "\n")
 
-    def _clear_checkpoints(self) -> None:
-        """--overwrite: the step-N folders and their temporaries go; anything else in checkpoints/ is the user's (a
-        copy of a best checkpoint, notes) and stays, said once."""
-        self._clear_ours(self.checkpoints, _CHECKPOINT, folders=True)
-
     def _clear_ours(self, root: Path, ours: re.Pattern, folders: bool = False) -> None:
-        """--overwrite in `root`: what fasttune wrote there (names matching `ours`: folders, or files) goes; anything
-        else is the user's and stays, said once (tensorboard/ was removed whole, a file of the user's in it too)."""
+        """--overwrite in `root` (checkpoints/, tensorboard/): what fasttune wrote there (names matching `ours`:
+        folders, or files) goes; anything else is the user's (a copy of a best checkpoint, notes) and stays, said
+        once."""
         kept = []
         for p in sorted(root.iterdir()):
             if ours.match(p.name) and p.is_dir() == folders:
