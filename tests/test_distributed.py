@@ -39,9 +39,12 @@ def _cli_overrides(cfg) -> list[str]:
     ]  # fmt: skip
 
 
-def _torchrun(cfg, *extra: str, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
+def _torchrun(cfg, *extra: str, cwd=None, check: bool = True, script: Path | None = None):
+    """`fasttune train` over 2 ranks with `cfg`'s options and `extra`, through `script` where given (a file of
+    tests/fixtures that changes what it tests, then calls cli.main); returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fasttune",
+    entry = ["-m", "fasttune"] if script is None else [str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry,
            "train", *_cli_overrides(cfg), *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
     assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -397,6 +400,43 @@ def test_lora_fsdp_of_an_moe_model_trains_its_fused_experts_as_one_process_does(
     _assert_same_tensors(merged, load_file(ref.run_dir / "merged" / "model.safetensors"))
     experts = [k for k in plain if ".experts." in k]
     assert experts and not [k for k in experts if torch.equal(merged[k], plain[k])]
+
+
+@pytest.mark.slow
+def test_lora_fsdp_of_moe_experts_on_recipes_trains_as_one_process_does(tmp_path, monkeypatch):
+    """The experts' adapters on model/expert_lora.py's recipes (the path of eager and batched_mm experts and of expert
+    parallelism; forced as tests/test_expert_lora.py forces it, on every rank through a fixture script): W' folded
+    from the weights FSDP2 gathered for the forward, and remade in backward from those it gathers again (layer 0 is
+    resharded after its forward), gives the losses and adapters of one process on the recipes; and those of one
+    process whose adapters act on the activations (model/expert_lora_act.py), the same sums in another order.
+    Tolerances: those of the other equivalence tests here (1e-5 relative on the losses; _assert_same_tensors). fp32
+    throughout: the ranks differ from one process accumulating only in the order the two micro-batches' gradients
+    and losses are summed (the adapters come out bit for bit equal, the losses within 1e-7), the two paths only in
+    the order of their matmuls' sums (1e-6 on an A of 0.1). Adam's first steps move each adapter by about lr (1e-3)
+    whatever its gradient's size, so a wrong W' moves the adapters far outside them (checked: a scale dropped on
+    every rank, or on rank 1 alone, or rank 1's backward remaking W for W', each moved an A by about 4e-4), though
+    not always the losses (the dropped scale: 6e-6 at step 2)."""
+    from fasttune.model import expert_lora, expert_lora_act
+
+    base = save_tiny_model(tmp_path / "base", "qwen3_moe")
+    one = tiny_config(tmp_path / "one", max_steps=2, eval_every=0, save_every=2, grad_accum=2)
+    act = loop.train(_lora(dataclasses.replace(one, output_dir=str(tmp_path / "act" / "run")), base))
+    ran, real = [], expert_lora._recipes
+    monkeypatch.setattr(expert_lora_act, "enabled", False)
+    monkeypatch.setattr(expert_lora, "_recipes", lambda *a, **k: ran.append(1) or real(*a, **k))
+    ref = loop.train(_lora(one, base))
+    assert ran  # the reference ran the recipes, the other run did not (tests/test_expert_lora_act.py)
+    cfg = tiny_config(tmp_path / "fsdp", max_steps=2, eval_every=0, save_every=2)
+    proc = _torchrun(cfg, "--training.fsdp", *_lora_args(str(base)), script=FIXTURES / "expert_lora_recipes.py")
+    for rank in (0, 1):
+        assert f"rank {rank}: experts on recipes True, on the activations 0" in proc.stdout, proc.stdout[-3000:]
+    got = losses([json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()])
+    adapter = load_file(cfg.run_dir / "adapter" / "adapter_model.safetensors")
+    assert any(".experts.lora_B" in k and w.abs().max() > 0 for k, w in adapter.items())  # the experts trained
+    for want in (ref, act):
+        assert got.keys() == losses(want.records).keys() == {1, 2}
+        assert all(math.isclose(got[k], v, rel_tol=1e-5) for k, v in losses(want.records).items()), (got, want.records)
+        _assert_same_tensors(adapter, load_file(want.run_dir / "adapter" / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
