@@ -189,7 +189,7 @@ def test_the_loss_chunk_is_at_most_the_micro_batch():
 
 def test_memory_option_validates():
     assert ModelConfig(memory="every:1").memory == "full"
-    for bad in ("sometimes", "every:0", "every:x"):
+    for bad in ("sometimes", "every:0", "every:x", "EVERY:2", "ops,full", "every:²", "every:٣", "every: 2"):
         with pytest.raises(ConfigError, match="model.memory"):
             ModelConfig(memory=bad)
     assert ModelConfig(gradient_checkpointing=True, memory="full").memory == "full"

@@ -82,7 +82,8 @@ def memory_plan(value: str, option: str = "model.memory") -> str:
     """A model.memory value, validated and normalised (every:1 is full)."""
     if value.startswith("every:"):
         k = value.split(":", 1)[1]
-        if not k.isdigit() or int(k) < 1:
+        # ASCII digits only: str.isdigit also takes '²' (which int() then refuses: a traceback) and other scripts'
+        if not (k.isascii() and k.isdigit()) or int(k) < 1:
             raise ConfigError(f"{option}={value!r} is not valid; every:K needs an integer K >= 1 (e.g. every:2)")
         return "full" if int(k) == 1 else f"every:{int(k)}"
     if value not in MEMORY_PLANS or value == "every:K":
