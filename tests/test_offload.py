@@ -156,6 +156,22 @@ def test_auto_offloads_only_when_full_does_not_fit_and_the_host_can_pin_it():
         choose_plan("full", st, between)
 
 
+@pytest.mark.parametrize("tokens", [262144, 524288])
+def test_the_no_fit_advice_for_offload_fits_the_host_too(tokens):
+    """An explicit `offload` too large for the GPU: the tokens per micro-batch it advises fit the GPU and what the
+    host may pin. With 96 GiB free and 20 GiB of RAM it advised 131072 tokens with offload (they fit the GPU), which
+    then stopped on the 32 GiB they pin."""
+    from tests.test_memory import _apply_advice
+
+    st, free = _eight_b(tokens, ram=20 * GiB), 96 * GiB
+    with pytest.raises(FasttuneError) as e:
+        choose_plan("offload", st, free)
+    advice = _apply_advice(st, str(e.value))
+    assert any(plan == "offload" for _, _, plan in advice), str(e.value)
+    for _, changed, plan in advice:
+        choose_plan(plan, changed, free)  # raises if the advice were false
+
+
 def test_offload_is_refused_where_the_run_trains_on_the_cpu():
     with pytest.raises(FasttuneError, match="trains on the CPU.*--model.memory full"):
         choose_plan("offload", dataclasses.replace(_eight_b(1024), host=True), 512 * GiB)

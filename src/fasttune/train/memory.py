@@ -126,8 +126,13 @@ def _check_host(st: Setup, est: Estimate) -> None:
 
 def _offload_fits(st: Setup, budget: float) -> bool:
     """Whether `offload` fits the GPU's budget and the host's RAM (known)."""
-    est = estimate(st, "offload")
-    return st.ram is not None and not st.host and est.total <= budget and est.pinned <= st.ram * HOST_HEADROOM
+    return st.ram is not None and not st.host and _fits(st, estimate(st, "offload"), budget)
+
+
+def _fits(st: Setup, est: Estimate, budget: float) -> bool:
+    """Whether `est` fits the GPU's budget and its pinned host memory what this rank may pin (_check_host): advice
+    that fits the GPU alone would stop again on the host."""
+    return est.total <= budget and (not est.pinned or st.ram is None or est.pinned <= st.ram * HOST_HEADROOM)
 
 
 def selective(plan: str) -> bool:
@@ -214,11 +219,16 @@ def _with_change(st: Setup, acc: Setup, text: str, change: dict, budget: float) 
 
 
 def _fitting_tokens(st: Setup, budget: float, plan: str) -> int:
-    """The most tokens per micro-batch (st.tokens halved, down to 256) with which `plan` fits; 0 if none."""
+    """The most tokens per micro-batch (st.tokens halved, down to 256) with which `plan` fits (_fits); 0 if none."""
+
+    def fits(tokens: int) -> bool:
+        changed = Setup(**{**st.__dict__, "tokens": tokens})
+        return _fits(changed, estimate(changed, plan), budget)
+
     tokens = st.tokens
-    while tokens > 256 and estimate(Setup(**{**st.__dict__, "tokens": tokens}), plan).total > budget:
+    while tokens > 256 and not fits(tokens):
         tokens //= 2
-    return tokens if estimate(Setup(**{**st.__dict__, "tokens": tokens}), plan).total <= budget else 0
+    return tokens if fits(tokens) else 0
 
 
 def _choose_with_liger_norms(cfg, model: torch.nn.Module, requested: str, st: Setup, free: float | None) -> Estimate:
