@@ -257,7 +257,7 @@ def test_the_planner_counts_the_lora_forward_that_runs(tmp_path):
 
     from fasttune.config import LoraConfig
     from fasttune.model.lora import apply_lora
-    from fasttune.train.estimate import setup_of
+    from fasttune.train.estimate import fp32_layers, setup_of
 
     cfg = tiny_config(tmp_path)
     for dtype, dropout, upcast in (
@@ -270,7 +270,8 @@ def test_the_planner_counts_the_lora_forward_that_runs(tmp_path):
         st = setup_of(dataclasses.replace(cfg, lora=lora), model, liger=False, chunked=True)
         assert (st.lora_rank, st.lora_upcast) == (8, upcast)
         plain = Setup(**{**st.__dict__, "lora_rank": 0, "lora_upcast": False})
-        extra = lora_bytes(st.shape, "none", 8, upcast=upcast) * st.tokens * st.shape.layers
+        wide, shape = (2, fp32_layers(st.shape)) if dtype == torch.float32 else (1, st.shape)  # fp32 activations
+        extra = wide * lora_bytes(shape, "none", 8, upcast=upcast) * st.tokens * st.shape.layers
         assert estimate(st, "none").total == pytest.approx(estimate(plain, "none").total + extra)
     st = setup_of(cfg, build_preset("micro", VOCAB, "sdpa", torch.bfloat16), liger=False, chunked=True)
     assert (st.lora_rank, st.lora_upcast) == (0, False)

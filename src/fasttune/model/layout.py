@@ -173,19 +173,23 @@ def kept_scores(model: nn.Module, attention: str | None, row: int, autocast: boo
     fasttune's own backends keep none of it) keeps for backward over rows of `row` tokens, where the attention is
     kept whole and under `ops` (OWN_ATTENTION_BYTES), with what it keeps per token beside the layer's usual: GPT-Neo
     in bf16 its fp32 q and k (2(q + kv) more), Falcon's math kernel under `ops` its output (2q, a matmul's). `device`:
-    where it trains (default: where its weights are), for the kernel torch picks for Falcon's call."""
+    where it trains (default: where its weights are), for the kernel torch picks for Falcon's call. In the bytes of
+    the run's compute dtype: fp32 weights without `autocast` keep FP32_SCORE_BYTES a score."""
     from fasttune.model.build import base_model  # transformers, imported when a model exists
 
     if not attention or not attention.startswith("transformers "):
         return 0.0, 0.0
     config = base_model(model).config
     kind = config.model_type if config.model_type == "gpt_neo" else "eager"
+    fp32 = not autocast and next(model.parameters()).dtype == torch.float32
     if attention != "transformers eager":
         if config.model_type != "falcon" or not config.multi_query or config.new_decoder_architecture:
             return 0.0, 0.0
         if not _math_sdpa(model, config, autocast, device):
-            return 2.0 * row, 0.0  # a fused kernel: its bf16 copy of the mask (tokens x tokens), not under ops
+            return (4.0 if fp32 else 2.0) * row, 0.0  # a fused kernel: its copy of the mask (tokens x tokens), not ops
         kind = "falcon multi-query"
+    if fp32:
+        return _fp32_scores(config, kind, row)
     whole, ops = OWN_ATTENTION_BYTES[kind]
     if kind == "gpt_neo" and autocast:
         ops = 2.0
@@ -196,6 +200,19 @@ def kept_scores(model: nn.Module, attention: str | None, row: int, autocast: boo
     if kind == "falcon multi-query":
         ops += 2 * h
     return whole, ops
+
+
+FP32_SCORE_BYTES = 4.0
+"""Bytes a score keeps in fp32 without autocast, whole and under `ops`: its fp32 softmax output (no copy in another
+dtype) or the score matmul's output; measured on CPU for Bloom, MPT, GPT-Neo and Falcon's multi-query math kernel
+(tests/test_memory_archs.py)."""
+
+
+def _fp32_scores(config, kind: str, row: int) -> tuple[float, float]:
+    """kept_scores in fp32: FP32_SCORE_BYTES a score, and Falcon's math kernel output under `ops` (a matmul's, 4q)."""
+    heads, h = config.num_attention_heads, config.hidden_size
+    score = row * heads * FP32_SCORE_BYTES
+    return score, score + (4 * h if kind == "falcon multi-query" else 0)
 
 
 def _math_sdpa(model: nn.Module, config, autocast: bool, device: torch.device | None) -> bool:

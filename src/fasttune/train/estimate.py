@@ -149,6 +149,12 @@ class Setup:
     """RAM this rank may take on the host (MemAvailable over the ranks on this machine), for `offload`'s pinned
     memory; None: unknown, and `auto` does not offer `offload`."""
 
+    @property
+    def fp32_compute(self) -> bool:
+        """fp32 weights without autocast (--model.dtype fp32 on a GPU, every run on the CPU): the activations are fp32
+        (fp32_layers)."""
+        return self.param_bytes == 4 and not self.autocast
+
 
 def estimate(st: Setup, plan: str) -> Estimate:
     s = st.shape
@@ -163,17 +169,31 @@ def estimate(st: Setup, plan: str) -> Estimate:
     frozen = (st.params - st.trainable) * st.param_bytes
     weights = (frozen + trained + (st.params * 2 if st.autocast else 0)) / st.shards + st.gathered
     grads, optimizer = trained / st.shards, st.trainable * st.optimizer_bytes / st.shards
-    args = (st.liger, st.autocast, st.lora_rank, st.lora_upcast, st.fused_mlp, st.lean_norm, st.scores)
-    activations = activation_bytes(s, plan, st.tokens, *args) + (st.experts_lora if plan in KEEPS_EXPERTS else 0.0)
+    wide = 2.0 if st.fp32_compute else 1.0  # counted in bf16 they were half what an fp32 run keeps: an OOM, not a stop
+    scores = tuple(b / wide for b in st.scores)  # in the run's dtype already (kept_scores)
+    args = (st.liger, st.autocast, st.lora_rank, st.lora_upcast, st.fused_mlp, st.lean_norm, scores)
+    s = fp32_layers(s) if st.fp32_compute else s
+    experts_lora = st.experts_lora if plan in KEEPS_EXPERTS else 0.0
+    activations = wide * activation_bytes(s, plan, st.tokens, *args) + experts_lora
     return Estimate(
         plan=plan, tokens=st.tokens, weights=weights, grads=grads, optimizer=optimizer, activations=activations,
         loss=loss, buckets=grads if st.ddp else 0.0, accumulating=st.accumulating,
-        end_of_backward=end_of_backward_bytes(s, plan, st.tokens, *args),
+        end_of_backward=wide * end_of_backward_bytes(s, plan, st.tokens, *args),
         workspace=0.0 if st.host else attention_workspace_bytes(s, st.tokens),
         fixed=0.0 if st.host else Estimate.fixed,  # no GPU workspaces; the process's own RAM is out of MemAvailable
-        pinned=offloaded_bytes(s, st.tokens, st.autocast) if plan == "offload" else 0.0,
+        pinned=offloaded_bytes(s, st.tokens, st.autocast or st.fp32_compute) if plan == "offload" else 0.0,
         remade=2.0 * st.experts_fold,  # the weights and their gradient
     )  # fmt: skip
+
+
+def fp32_layers(s: Shape) -> Shape:
+    """The shape whose bf16 activation bytes (train/activations.py), doubled, are what its layers keep in fp32 without
+    autocast: every kept tensor twice its bytes, but a norm's fp32 upcast is then no copy (HF's Llama RMSNorm keeps
+    its input and its normalized input, 8 bytes an element, not 2 x 6; Gemma's, OLMo2's 8 and Cohere's LayerNorm 12
+    are fp32 already). Within 0.3% of what Llama, Gemma 1-3, Qwen3, OLMo2 and Cohere layers keep on CPU in fp32, under
+    every plan (tests/test_memory_layers.py); high by the frozen norms' normalized inputs under LoRA (8h a token and
+    layer on Llama), which lora_bytes takes off at bf16's 2 bytes an element, 0 here."""
+    return dataclasses.replace(s, norm_elem=2 * -(-s.norm_elem // 4))
 
 
 def setup_of(cfg, model: torch.nn.Module, liger: bool, chunked: bool, scores: tuple[float, float] = (0.0, 0.0),
