@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -150,6 +151,10 @@ def test_auto_offloads_only_when_full_does_not_fit_and_the_host_can_pin_it():
     msg = str(e.value)
     assert "\n" not in msg and "memory plan offload needs about 32.0 GiB of pinned host memory" in msg
     assert f"it may pin 31.0 GiB ({HOST_HEADROOM:.0%} of the" in msg
+    # the tokens it names fit the host and the GPU (it said "lower the tokens per micro-batch" alone)
+    tokens = int(re.search(r"try about (\d+) tokens per micro-batch", msg)[1])
+    assert tokens < st.tokens and msg.endswith("with --model.memory offload")
+    choose_plan("offload", dataclasses.replace(short, tokens=tokens, accumulating=True), between)
     with pytest.raises(FasttuneError, match="pinned host memory"):  # asked for, the same check
         choose_plan("offload", short, 139 * GiB)
     with pytest.raises(FasttuneError, match="--model.memory offload"):  # full asked for: offload is the advice

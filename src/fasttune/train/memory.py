@@ -78,14 +78,14 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
         est = estimate(st, plan)
         if est.total > budget:
             raise FasttuneError(_no_fit(st, est, free_bytes))
-        _check_host(st, est)
+        _check_host(st, est, budget)
         return est
     for est in auto_order(st):
         if est.total <= budget:
             return est
     offload = estimate(st, "offload")
     if st.ram is not None and not st.host and offload.total <= budget:
-        _check_host(st, offload)  # full does not fit, offload would: say what the host lacks
+        _check_host(st, offload, budget)  # full does not fit, offload would: say what the host lacks
         return offload
     raise FasttuneError(_no_fit(st, estimate(st, "full"), free_bytes))
 
@@ -112,15 +112,19 @@ def _check_every(plan: str, layers: int) -> None:
     )
 
 
-def _check_host(st: Setup, est: Estimate) -> None:
-    """Stop when the plan's pinned host memory exceeds what this rank may pin (st.ram unknown: not checked)."""
+def _check_host(st: Setup, est: Estimate, budget: float) -> None:
+    """Stop when the plan's pinned host memory exceeds what this rank may pin (st.ram unknown: not checked), naming
+    the tokens per micro-batch with which it fits the host and the GPU's `budget`."""
     if not est.pinned or st.ram is None or est.pinned <= st.ram * HOST_HEADROOM:
         return
+    tokens = _fitting_tokens(Setup(**{**st.__dict__, "accumulating": True}), budget, est.plan)
+    fewer = f"about {tokens} tokens" if tokens else "fewer tokens"  # "lower the tokens" alone left the user guessing
     raise FasttuneError(
         f"memory plan {est.plan} needs about {est.pinned / GiB:.1f} GiB of pinned host memory for {st.tokens} tokens "
         f"per micro-batch, but it may pin {st.ram * HOST_HEADROOM / GiB:.1f} GiB ({HOST_HEADROOM:.0%} of the "
         f"{st.ram / GiB:.1f} GiB of RAM this rank can take: MemAvailable over the ranks on this machine); free host "
-        f"memory, or lower the tokens per micro-batch (--data.micro-batch-size, --data.max-length)"
+        f"memory, or try {fewer} per micro-batch (lower --data.micro-batch-size or --data.max-length, raise "
+        f"--training.grad-accum to keep the batch) with --model.memory {est.plan}"
     )
 
 
