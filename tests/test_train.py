@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+import types
 
 import pytest
 import torch
@@ -136,6 +137,28 @@ def test_oom_is_explained_or_retried_with_same_global_batch(tmp_path, monkeypatc
     got, want = losses(result.records), losses(ref.records)
     assert got.keys() == want.keys()
     assert all(abs(got[k] - want[k]) < 1e-4 for k in got)  # split micro-batches: same loss up to fp32 rounding
+
+
+def test_an_oom_the_retry_cannot_fix_does_not_advise_the_retry(tmp_path, monkeypatch):
+    """--training.oom-retry on, every micro-batch split down to one sample and still out of memory: the message named
+    --training.oom-retry as a fix (it named it under torchrun too, which refuses it); and one sample per micro-batch
+    has its length to lower, not --data.micro-batch-size."""
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(run, "forward_backward", oom)
+    with pytest.raises(FasttuneError, match="out of memory at step 1: ") as e:
+        loop.train(tiny_config(tmp_path / "a", oom_retry=True))
+    assert "oom-retry" not in str(e.value) and str(e.value).endswith("or full, now none)")
+    cfg = tiny_config(tmp_path / "b")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size=1))
+    state, dist = types.SimpleNamespace(step=0, micro_split=1), types.SimpleNamespace(on=True)  # under torchrun
+    ranks = types.SimpleNamespace(cfg=cfg, device=torch.device("cpu"), memory_plan="full", state=state, dist=dist)
+    ranks._more_recompute = lambda: run.Run._more_recompute(ranks)
+    msg = run.Run._oom_message(ranks)
+    assert "oom-retry" not in msg and "micro-batch-size" not in msg and "Lower --data.max-length" in msg
+    assert msg.endswith(" or keep the layers' inputs in host memory (--model.memory offload)")
 
 
 def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):

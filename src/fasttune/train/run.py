@@ -276,23 +276,28 @@ class Run:
     def _oom_message(self) -> str:
         d, device = self.cfg.data, self.device
         free, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 0)
+        fewer = "--data.micro-batch-size" if d.micro_batch_size > 1 else "--data.max-length"  # 1 sample: its length
+        fixes = [f"Lower {fewer} (raise --training.grad-accum to keep the batch)", self._more_recompute()]
+        # not offered where it cannot help: on (it split the micro-batches as far as they go) or refused (torchrun)
+        if not (self.cfg.training.oom_retry or self.dist.on):
+            fixes.append("pass --training.oom-retry")
+        *most, last = [f for f in fixes if f]
         return (
             f"CUDA out of memory at step {self.state.step + 1}: micro-batch {d.micro_batch_size} samples / "
             f"{d.micro_batch_size * d.max_length} tokens, split {self.state.micro_split}x; peak "
-            f"{peak_memory_gib(device) or 0:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB. Lower "
-            f"--data.micro-batch-size (raise --training.grad-accum to keep the batch), {self._more_recompute()}or pass "
-            "--training.oom-retry"
+            f"{peak_memory_gib(device) or 0:.1f} GiB, free {free / 2**30:.1f} of {total / 2**30:.1f} GiB. "
+            f"{', '.join(most)}{' or ' if most else ''}{last}"
         )
 
     def _more_recompute(self) -> str:
         """The OOM message's plans that recompute more than the one in force ('' when it recomputes every layer)."""
         if self.memory_plan == "full":
-            return "keep the layers' inputs in host memory (--model.memory offload), "
+            return "keep the layers' inputs in host memory (--model.memory offload)"
         if self.memory_plan == "offload":
             return ""
         layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", 0) or 0
         every = "every:2 or " if layers >= 2 and self.memory_plan != "every:2" else ""
-        return f"recompute more activations (--model.memory {every}full, now {self.memory_plan}), "
+        return f"recompute more activations (--model.memory {every}full, now {self.memory_plan})"
 
     def exploding(self, loss: float) -> bool:
         """Far above the run's recent losses: more than 3x their median and more than 2 nats above it (a spike
