@@ -148,6 +148,35 @@ def test_a_missing_or_unreadable_path_is_refused_before_anything_is_loaded(base,
     assert errors == ["error: " + said.format(v=val, t=train)], errors
 
 
+@pytest.mark.parametrize("case", ["same file", "file of the data folder", "other spelling"])
+def test_a_val_file_that_data_trains_on_is_refused(base, tmp_path, capsys, case):
+    """--data.val-path naming a file --data reads (a TRL eval_dataset copied from the train one) scored val_loss on
+    the records the run trained on, with no word: refused in one line naming the file, before the run folder."""
+    train, _ = _split(tmp_path)
+    data, val = {"same file": (train, train), "file of the data folder": (tmp_path, train),
+                 "other spelling": (train, tmp_path / "." / train.name)}[case]  # fmt: skip
+    assert main([*_train(tmp_path / "out", base, "--data", str(data)), "--data.val-path", str(val)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --data.val-path {val}: {train} is also read by --data, so val_loss would score "
+                      "records the run trains on; give validation records of their own, or drop --data.val-path to "
+                      "hold out --data.val-fraction of --data"], errors  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_datasets_test_split_validates_its_train_split(base, tmp_path):
+    """The documented pairing: --data DIR (a save_to_disk DatasetDict: its train split trains) and --data.val-path
+    DIR/test is no overlap; it validates as the same records in a file of their own do."""
+    import datasets
+
+    train, val = _split(tmp_path)
+    splits = {"train": json.loads(train.read_text()), "test": json.loads(val.read_text())}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(tmp_path / "dd")
+    cfg = _with_val(sft_config(tmp_path / "a", base, tmp_path / "dd"), tmp_path / "dd" / "test")
+    loop.check_paths(cfg.data)  # no overlap: training's own check passes
+    ours, ref = build_data(cfg), build_data(_with_val(sft_config(tmp_path / "b", base, train), val))
+    assert (ours.train, ours.val) == (ref.train, ref.val) and len(ours.val) > 0
+
+
 def test_a_val_file_without_data_is_refused(tmp_path, capsys):
     _, val = _split(tmp_path)
     argv = ["train", "--experiment", "quick", "--max-steps", "1", "--output-dir", str(tmp_path / "run"),

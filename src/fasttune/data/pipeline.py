@@ -325,6 +325,25 @@ def check_paths(d: DataConfig) -> None:
     for flag, paths in (("--data", d.path), ("--data.val-path", d.val_path or ())):
         for path in paths:
             check_readable(path, flag)
+    _refuse_val_in_data(d)
+
+
+def _refuse_val_in_data(d: DataConfig) -> None:
+    """A --data.val-path file that is also read by --data (the same file, or one in its folder): val_loss would score
+    records the run trains on, and look as good as the training loss; refused, naming the file."""
+    from fasttune.data.folders import data_files
+
+    trained = {f for path in d.path for f in data_files(_read_split(Path(path).resolve()))}
+    for path in d.val_path or ():
+        if shared := next((f for f in data_files(Path(path).resolve()) if f in trained), None):
+            raise ConfigError(f"--data.val-path {shown(d.val_path)}: {shared} is also read by --data, so val_loss "
+                              "would score records the run trains on; give validation records of their own, or drop "
+                              "--data.val-path to hold out --data.val-fraction of --data")  # fmt: skip
+
+
+def _read_split(path: Path) -> Path:
+    """The folder --data reads at `path`: a save_to_disk DatasetDict's train split (its test split may validate)."""
+    return path / "train" if (path / "dataset_dict.json").is_file() and (path / "train").is_dir() else path
 
 
 def _refuse_val_without_data(d: DataConfig) -> None:
