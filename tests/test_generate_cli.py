@@ -242,6 +242,35 @@ def _eof():
     raise EOFError  # what Ctrl-D gives input()
 
 
+def test_chat_forgets_the_oldest_exchange_before_it_cuts_a_reply_short(tmp_path, monkeypatch):
+    """A conversation near the end of the context kept its old turns and cut each later reply to the few tokens left
+    (a warning every turn). Reference: a fresh session's reply to the same message alone, at full --max-new-tokens:
+    the second turn is generated as that one, its history forgotten."""
+    from fixtures.tiny_tokenizer import CHATML
+
+    import fasttune.generate.chat as chat_mod
+    from fasttune.model.load import load_for_inference
+
+    model, tok = load_for_inference(save_base_model(tmp_path / "m", chat_template=CHATML, context=52))
+    calls, real = [], chat_mod.generate_ids
+
+    def seen(m, t, ids, **k):
+        calls.append((ids, k["max_new_tokens"]))
+        return real(m, t, ids, **k)
+
+    monkeypatch.setattr(chat_mod, "generate_ids", seen)
+
+    def session(*lines: str) -> None:
+        it = iter(lines)
+        assert chat_loop(model, tok, max_new_tokens=6, read=lambda prompt: next(it, None) or _eof()) == 0
+
+    session("a b c d", "e f")
+    first = [{"role": "user", "content": "a b c d"}, {"role": "assistant", "content": "\n" * 6}]
+    assert 52 - 6 < len(chat_mod.prompt_ids(tok, [*first, {"role": "user", "content": "e f"}])) < 52  # fits, no room
+    session("e f")
+    assert calls[0][1] == 6 and calls[1] == calls[2], calls
+
+
 def test_chat_is_multi_turn_with_a_chat_template_and_exits_on_eof(tmp_path, capsys, monkeypatch):
     from fixtures.tiny_tokenizer import CHATML
 

@@ -48,7 +48,7 @@ def chat_loop(model, tokenizer, *, raw: bool = False, system: str | None = None,
             _answer_command(command, multi)
             continue
         messages = (history if multi else start) + [{"role": "user", "content": line}]
-        messages, ids = _within_context(model, tokenizer, messages, start if multi else None, raw)
+        messages, ids = _within_context(model, tokenizer, messages, start if multi else None, raw, max_new_tokens)
         budget = _reply_budget(model, len(ids), max_new_tokens)
         if budget is None:
             continue
@@ -85,11 +85,13 @@ def _answer_command(command: str, multi: bool) -> None:
         print(("" if command == "/help" else f"unknown command {command}; ") + COMMANDS, file=sys.stderr)
 
 
-def _within_context(model, tokenizer, messages: list[dict], start: list[dict] | None, raw: bool):
+def _within_context(model, tokenizer, messages: list[dict], start: list[dict] | None, raw: bool,
+                    max_new_tokens: int) -> tuple[list[dict], list]:  # fmt: skip
     """`messages` and their prompt ids, the oldest exchange after `start` (the system message, if any) forgotten while
-    the prompt fills the model's context (start None: a single exchange, nothing to forget)."""
+    the prompt leaves the reply less than max_new_tokens of the model's context (start None: a single exchange,
+    nothing to forget): kept, old turns cut every later reply to the few tokens the context had left."""
     ids = prompt_ids(tokenizer, messages, raw=raw)
-    while start is not None and len(messages) > len(start) + 1 and _too_long(model, len(ids)):
+    while start is not None and len(messages) > len(start) + 1 and _too_long(model, len(ids) + max_new_tokens):
         messages = start + messages[len(start) + 2 :]  # forget the oldest exchange to stay within the context
         ids = prompt_ids(tokenizer, messages, raw=raw)
     return messages, ids
@@ -144,6 +146,6 @@ def _check_system(system: str | None, fmt: str, raw: bool) -> None:
                 "drop --system (write what it says into your message if it matters)")  # fmt: skip
 
 
-def _too_long(model, prompt_len: int) -> bool:
+def _too_long(model, tokens: int) -> bool:
     context = context_length(model.config)
-    return bool(context) and prompt_len >= context
+    return bool(context) and tokens > context
