@@ -116,6 +116,27 @@ def test_bad_prompt_files_name_the_line_and_fix(tmp_path, content, message):
         read_prompts(path)
 
 
+def test_plain_text_piped_as_prompts_is_told_to_send_json_strings_not_to_use_a_txt_file(tmp_path):
+    """`echo 'What is 2+2?' | fasttune generate --prompts -` was told to put its prompts "in a .txt file": a pipe has
+    no file name to give. Reference: the same text in a .jsonl file, whose fix names the .txt file."""
+    import os
+    import threading
+
+    text = "What is 2+2?\n"
+    (file := tmp_path / "p.jsonl").write_text(text)
+    with pytest.raises(DataError) as in_file:
+        read_prompts(file)
+    os.mkfifo(pipe := tmp_path / "pipe")
+    threading.Thread(target=pipe.write_text, args=(text,)).start()  # the writer a pipe's reader waits for
+    with pytest.raises(DataError) as piped:
+        read_prompts(pipe)
+    said = "invalid JSON (Expecting value at column 1); "
+    assert str(in_file.value).endswith(said + "write one JSON value per line (or plain prompts, one per line, in a "
+                                       ".txt file)")  # fmt: skip
+    assert str(piped.value) == (f'{pipe} line 1: {said}pipe one JSON value per line: a plain prompt as a JSON string '
+                                '("What is 2 + 3?")')  # fmt: skip
+
+
 def test_the_fields_read_beside_the_prompt_take_what_training_takes(tmp_path):
     """An empty or null "input" (no input, as training reads it), an "input" beside no instruction (not read), and a
     conversation ending in its reference answer are prompts, kept as they are."""

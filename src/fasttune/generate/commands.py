@@ -69,9 +69,9 @@ class GenerateArgs(SamplingArgs):
     prompt: str | None = None
     """Text to answer, rendered with the model's prompt format unless --raw (then continued as is)."""
     prompts: str | None = None
-    """JSONL file, one prompt per line (a JSON string, or an object with "prompt" (a string or a list of messages),
-    "instruction" (+"input"), "messages" or "text"), or a JSON array of them, a .parquet or .csv file of such records
-    (a row each), or a .txt file of plain prompts, one per line (`-`: read from standard input): completions go to
+    """JSONL file (`-`: JSON lines from standard input), one prompt per line (a JSON string, or an object with "prompt"
+    (a string or a list of messages), "instruction" (+"input"), "messages" or "text"), or a JSON array of them, a
+    .parquet or .csv file of such records (a row each), or a .txt file of plain prompts, one per line: completions go to
     --output, generated in batches; a prompt longer than the model's context, or empty, is skipped (its output line
     says why, and one line at the end counts them)."""
     output: str | None = None

@@ -103,11 +103,15 @@ def _values(file: Path, text: str) -> list[tuple[str, object]]:
         try:
             values.append((f"line {n}", json.loads(line)))
         except ValueError as e:
-            raise DataError(
-                f"{file} line {n}: invalid JSON ({json_error(e)}); write one JSON value per line (or "
-                "plain prompts, one per line, in a .txt file)"
-            ) from None
+            raise DataError(f"{file} line {n}: invalid JSON ({json_error(e)}); {_json_lines_fix(file)}") from None
     return values
+
+
+def _json_lines_fix(file: Path) -> str:
+    """How to write prompts that are not JSON: in a .txt file; piped ones (no file name to say .txt) as JSON strings."""
+    if is_stream(file):
+        return 'pipe one JSON value per line: a plain prompt as a JSON string ("What is 2 + 3?")'
+    return "write one JSON value per line (or plain prompts, one per line, in a .txt file)"
 
 
 def _under_one_key(file: Path, text: str) -> list[tuple[str, object]] | None:
