@@ -84,6 +84,23 @@ def test_eval_with_the_held_out_records_takes_the_runs_max_length_and_overlong(d
     assert whole["overlong"] == "truncate" and whole["samples"] > summary["samples"]  # the flag overrides the run's
 
 
+def test_eval_without_data_refuses_a_max_length_past_the_context_as_eval_of_the_records_does(drop_run, tmp_path,
+                                                                                              capsys):  # fmt: skip
+    """--max-length over the model's context (1024) scored the run's split past the positions the model knows, where
+    eval of the same records (--data) and training refuse it. Reference: eval --data's line."""
+    result, data = drop_run
+    records = json.loads(data.read_text())
+    (path := tmp_path / "held.json").write_text(json.dumps(holdout(records, [str(i) for i in range(len(records))],
+                                                                   0.3)[1]))  # fmt: skip
+    args = ["eval", "--checkpoint", str(result.run_dir), "--max-length", "2048"]
+    assert main([*args, "--data", str(path)]) == 2
+    reference = capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(args) == 2
+    ours = capsys.readouterr().err.strip().splitlines()[-1]
+    said = "error: --max-length 2048 is longer than the model's context (1024 tokens); pass at most 1024"
+    assert ours == reference == said, (ours, reference)
+
+
 def test_eval_without_data_refuses_a_data_file_gone_or_edited(drop_run, tmp_path, capsys):
     result, data = drop_run
     original = data.read_text()

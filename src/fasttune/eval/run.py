@@ -191,9 +191,7 @@ def _samples(
         what = "text" if fmt == "text" else "response"
         raise DataError(f"{shown(a.data)}: no sample has a token to score (every {what} is empty), so there is no "
                         f"loss to report; fill in the {what}s")  # fmt: skip
-    if a.max_length and context and a.max_length > context:
-        raise ConfigError(f"--max-length {a.max_length} is longer than the model's context ({context} tokens); pass "
-                          f"at most {context}")  # fmt: skip
+    _check_max_length(a, context)
     applied = {}  # summary.json's overlong: the policy a sample longer than the length met, if any
     if fmt == "text":
         samples, applied["overlong"] = _text_pieces(samples, a.max_length, context, a.overlong)
@@ -213,6 +211,14 @@ def _samples(
                         "their first N tokens as training does, or shorten the records or split them into "
                         "several")  # fmt: skip
     return kept, answered, fmt, too_long, applied
+
+
+def _check_max_length(a: EvalArgs, context: int | None) -> None:
+    """--max-length over the model's context is refused, as training refuses such a data.max_length: positions past
+    it were scored as if the model knew them."""
+    if a.max_length and context and a.max_length > context:
+        raise ConfigError(f"--max-length {a.max_length} is longer than the model's context ({context} tokens); pass "
+                          f"at most {context}")  # fmt: skip
 
 
 def _truncated(a: EvalArgs, samples: list[Sample], fmt: str) -> tuple[list[Sample], dict]:
@@ -317,8 +323,12 @@ def _run_split(a: EvalArgs, src, run: Path, cfg, said: str | None) -> tuple:
                           "its validation samples have no prompt apart from the answer; pass --data with the "
                           "held-out records")  # fmt: skip
     held = {}
-    split = of_run.validation_split
-    model, tok = load_checkpoint(a, src, check=lambda t, _config: held.update(split=split(a, run, cfg, src, t)))
+
+    def check(t, config) -> None:  # before the model loads
+        _check_max_length(a, context_length(config))
+        held.update(split=of_run.validation_split(a, run, cfg, src, t))
+
+    model, tok = load_checkpoint(a, src, check=check)
     samples, used, fmt, what, layout = held["split"]
     if said:
         log.info(said)
