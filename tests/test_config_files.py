@@ -458,6 +458,16 @@ def test_resume_without_config_takes_the_options_not_given_from_the_run(trained,
     assert " sets resume: true" not in (err := capsys.readouterr().err) and " sets overwrite: true" not in err
 
 
+def test_resume_with_another_experiment_says_the_run_keeps_its_preset(trained, tmp_path, capsys):
+    """`--resume --experiment lora` on a quick run told the user to change the file's experiment: the run's own
+    config.json, which no --config named."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert cli.main(["train", "--output-dir", str(run), "--resume", "--experiment", "sft"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("(experiment: quick); drop --experiment: a run keeps the preset it was started with")
+
+
 @pytest.mark.parametrize(
     ("typed", "message"),
     [

@@ -445,9 +445,12 @@ class ConfigFile:
     def base(self, typed: str | None) -> str:
         """The preset the file changes: its `experiment`; a --experiment typed on the command line must agree."""
         if typed and self.experiment and typed != self.experiment:
+            path = Path(self.path)
+            run = path.name == "config.json" and (path.parent / MARKER).is_file()  # --resume reads it, or --config
+            fix = "a run keeps the preset it was started with" if run else "or change the file's experiment"
             raise ConfigError(
                 f"--experiment {typed} disagrees with {self.path}, which changes the {self.experiment} preset "
-                f"(experiment: {self.experiment}); drop --experiment or change the file's experiment"
+                f"(experiment: {self.experiment}); drop --experiment{':' if run else ''} {fix}"
             )
         return typed or self.experiment or "quick"
 

@@ -33,7 +33,7 @@ class SamplingArgs(Command):
     """auto (cuda if available), cpu, cuda, cuda:N."""
     seed: int = 0
     """Random seed for sampling: each prompt draws from its own random numbers (the seed and the prompt's index in
-    the input), so its answer is the same whatever --batch-size."""
+    the input), so its answer does not depend on the other prompts of its batch (generate and eval --batch-size)."""
     stop: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """Stop string (repeatable): an answer ends before the first one it writes, which is not part of it. A newline
     in bash: --stop $'\\n\\n'."""
