@@ -6,6 +6,7 @@ experts keep counted by the memory estimate."""
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -242,15 +243,16 @@ def test_other_experts_implementations_and_adapters_off_fall_back(counted):
     assert not counted["act"]
 
 
-def _per_layer(n: int, plan: str, lora: str) -> int:
-    """Bytes a bf16 qwen3_moe decoder layer (`n` experts of width 256, LoRA rank 16) keeps for backward: two layers
-    minus one, 64 tokens; the weights not counted."""
+def _per_layer(n: int, plan: str, lora: str, fp32: bool = False) -> int:
+    """Bytes a bf16 (`fp32`: fp32, no autocast) qwen3_moe decoder layer (`n` experts of width 256, LoRA rank 16)
+    keeps for backward: two layers minus one, 64 tokens; the weights not counted."""
     from tests.test_memory_layers import _kept_bytes
 
     def make(layers):
         return _model("qwen3_moe", experts_n=n, width=256, layers=layers)
 
-    return _kept_bytes(2, 64, plan, lora, make=make) - _kept_bytes(1, 64, plan, lora, make=make)
+    kept = functools.partial(_kept_bytes, tokens=64, plan=plan, lora=lora, make=make, fp32=fp32)
+    return kept(2) - kept(1)
 
 
 @pytest.mark.usefixtures("frozen_gc")
@@ -266,26 +268,30 @@ def test_ops_recomputes_the_rank_r_matmuls_wide_outputs(monkeypatch):
     assert _per_layer(4, "ops", "fast") - recomputed == 64 * 2 * (2 * 256 + TINY_SHAPE["hidden_size"]) * 2
 
 
-def _copies(n: int) -> tuple[torch.nn.Module, float]:
-    """(a bf16 qwen3_moe of `n` experts of width 256 under LoRA rank 16, its adapters' stacked copies per layer)."""
-    model = _lora(_model("qwen3_moe", experts_n=n, width=256).to(torch.bfloat16), rank=16)
+def _copies(n: int, fp32: bool = False) -> tuple[torch.nn.Module, float]:
+    """(a bf16 (`fp32`: fp32) qwen3_moe of `n` experts of width 256 under LoRA rank 16, its adapters' stacked copies
+    per layer)."""
+    model = _lora(_model("qwen3_moe", experts_n=n, width=256).to(torch.float32 if fp32 else torch.bfloat16), rank=16)
     set_fast_forward(model)
     return model, expert_lora.act_bytes(model) / 2
 
 
-@pytest.mark.slow  # 16 models built and run: 8-12 s
+@pytest.mark.slow  # 32 models built and run: 13 s
 @pytest.mark.usefixtures("frozen_gc")
 def test_what_a_layer_keeps_grows_by_the_adapter_copies_the_estimate_counts():
     """Four times the experts: a layer keeps no adapted weight, only the adapters' stacked bf16 copies more (and the
     router's probabilities, as without LoRA) where the experts' activations are kept (`none`), and nothing of them
-    where they are recomputed (`ops`): expert_lora.act_bytes, what Setup.experts_lora holds."""
+    where they are recomputed (`ops`): expert_lora.act_bytes, what Setup.experts_lora holds. In fp32 without
+    autocast (--model.dtype fp32, the CPU) the copies are fp32, twice bf16's (rank padded to 4, not 8): act_bytes
+    reads the weights' dtype (1130496 bytes kept, 1130496 counted; 565248 each in bf16)."""
     from fasttune.train.estimate import KEEPS_EXPERTS
 
-    grown = _copies(16)[1] - _copies(4)[1]
-    for plan in ("none", "ops"):
-        routing = _per_layer(16, plan, "") - _per_layer(4, plan, "")
-        kept = _per_layer(16, plan, "fast") - _per_layer(4, plan, "fast") - routing
-        assert kept == (grown if plan in KEEPS_EXPERTS else 0), plan
+    for fp32 in (False, True):
+        grown = _copies(16, fp32)[1] - _copies(4, fp32)[1]
+        for plan in ("none", "ops"):
+            routing = _per_layer(16, plan, "", fp32) - _per_layer(4, plan, "", fp32)
+            kept = _per_layer(16, plan, "fast", fp32) - _per_layer(4, plan, "fast", fp32) - routing
+            assert kept == (grown if plan in KEEPS_EXPERTS else 0), (plan, fp32)
 
 
 def test_the_estimate_counts_the_adapter_copies_under_the_plans_that_keep_them():

@@ -301,7 +301,14 @@ def end_of_backward_bytes(s: Shape, plan: str, tokens: int, liger: bool = False,
 def attention_workspace_bytes(s: Shape, tokens: int) -> float:
     """What a flash attention backward allocates beside its inputs and outputs for one layer: an fp32 accumulator of
     dq ([tokens, q]) and, with grouped kv heads, dk and dv expanded to the query heads in bf16 (torch's varlen kernel,
-    FlashAttention 2's mha_varlen_bwd). 2 GiB at the Llama-3.1-8B shape and 64k tokens."""
+    FlashAttention 2's mha_varlen_bwd). 2 GiB at the Llama-3.1-8B shape and 64k tokens.
+
+    Counted the same in fp32 without autocast (--model.dtype fp32 on a GPU; a CPU run counts no workspace), where no
+    flash kernel runs (half precision only: attention/backends.py FLASH; torch's varlen probe fails too), and sdpa
+    runs the documents on its memory-efficient kernel (kernels._SDPA_LADDER: cuDNN and flash take no fp32): its
+    backward writes dq straight into its fp32 output (no accumulator), and with grouped kv heads dk and dv expanded
+    in fp32, 8q bytes a token: what is counted here with grouped heads, 4q above it without. Reasoned from the
+    kernels, not measured: the CPU has none of these workspaces, and the kernels are CUDA's."""
     return tokens * s.q * (4.0 + (4.0 if s.kv < s.q else 0.0))
 
 
