@@ -397,13 +397,14 @@ def test_an_activation_with_parameters_is_measured_where_the_run_is():
 
 
 def _apply_advice(st: Setup, msg: str) -> list[tuple[str, Setup, str]]:
-    """(advice, the Setup it makes, the plan it names) for each alternative after "try" in a no-fit message."""
+    """(advice, the Setup it makes, the plan it names) for each alternative after "try" in a no-fit message (or a
+    host's: "free host memory, or try ...")."""
     import re
 
     from fasttune.train.memory import state_changes
 
     out = []
-    alts, depth, start, text = [], 0, 0, msg.split("; try ", 1)[1]
+    alts, depth, start, text = [], 0, 0, re.split(r"(?:;|, or) try ", msg, maxsplit=1)[1]
     for i, ch in enumerate(text):  # " or " between alternatives, not inside their parentheses
         depth += (ch == "(") - (ch == ")")
         if depth == 0 and text.startswith(" or ", i):

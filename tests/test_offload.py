@@ -149,11 +149,12 @@ def test_auto_offloads_only_when_full_does_not_fit_and_the_host_can_pin_it():
     with pytest.raises(FasttuneError) as e:
         choose_plan("auto", short, between)
     msg = str(e.value)
-    assert "\n" not in msg and "memory plan offload needs about 32.0 GiB of pinned host memory" in msg
+    assert "\n" not in msg and msg.startswith("memory plan full needs about 96.3 GiB, but a plan may use 87.1 GiB")
+    assert "memory plan offload needs about 32.0 GiB of pinned host memory" in msg
     assert f"it may pin 31.0 GiB ({HOST_HEADROOM:.0%} of the" in msg
     # the tokens it names fit the host and the GPU (it said "lower the tokens per micro-batch" alone)
     tokens = int(re.search(r"try about (\d+) tokens per micro-batch", msg)[1])
-    assert tokens < st.tokens and msg.endswith("with --model.memory offload")
+    assert tokens < st.tokens and "with --model.memory offload or " in msg
     choose_plan("offload", dataclasses.replace(short, tokens=tokens, accumulating=True), between)
     with pytest.raises(FasttuneError, match="pinned host memory"):  # asked for, the same check
         choose_plan("offload", short, 139 * GiB)
@@ -175,6 +176,26 @@ def test_the_no_fit_advice_for_offload_fits_the_host_too(tokens):
     assert any(plan == "offload" for _, _, plan in advice), str(e.value)
     for _, changed, plan in advice:
         choose_plan(plan, changed, free)  # raises if the advice were false
+
+
+@pytest.mark.parametrize("ram", [31, 8])
+def test_auto_names_what_else_fits_when_the_host_cannot_pin_offload(ram):
+    """auto, `full` too large for the GPU, `offload` too large for the host: the message named only what the host
+    lacks (free host memory, fewer tokens with offload); now also, as a GPU no-fit does, `full` with fewer tokens,
+    8-bit moments, LoRA. Each alternative, applied as written and nothing else, fits the GPU and the host."""
+    from tests.test_memory import _apply_advice
+
+    st = _eight_b(131072, ram=ram * GiB / HOST_HEADROOM)
+    free = (estimate(st, "full").total + estimate(st, "offload").total) / 2 / 0.92  # offload fits the GPU, full not
+    with pytest.raises(FasttuneError, match="pinned host memory") as e:
+        choose_plan("auto", st, free)
+    msg = str(e.value)
+    advice = _apply_advice(st, msg)
+    for needed in ("--model.memory offload", "--model.memory full", "adamw_8bit", "--lora.enabled"):
+        assert any(needed in alt for alt, _, _ in advice), (needed, msg)
+    for alt, changed, plan in advice:
+        est = choose_plan(plan, changed, free)  # raises if the advice were false, on the GPU or the host
+        assert est.total <= free * 0.92 and (not est.pinned or est.pinned <= changed.ram * HOST_HEADROOM), alt
 
 
 def test_offload_is_refused_where_the_run_trains_on_the_cpu():

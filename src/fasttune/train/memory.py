@@ -85,7 +85,12 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
             return est
     offload = estimate(st, "offload")
     if st.ram is not None and not st.host and offload.total <= budget:
-        _check_host(st, offload, budget)  # full does not fit, offload would: say what the host lacks
+        # full does not fit, offload would: say what the host lacks, and what else would fit (the host's lack alone
+        # left 8-bit moments, LoRA, full with fewer tokens unsaid, as if freeing host memory were the only way)
+        full = estimate(st, "full")
+        lead = (f"memory plan full needs about {full.total / GiB:.1f} GiB, but a plan may use {budget / GiB:.1f} GiB "
+                f"({HEADROOM:.0%} of the {free_bytes / GiB:.1f} GiB free on the GPU); ")  # fmt: skip
+        _check_host(st, offload, budget, _fixes(st, full, budget), lead)
         return offload
     raise FasttuneError(_no_fit(st, estimate(st, "full"), free_bytes))
 
@@ -112,19 +117,21 @@ def _check_every(plan: str, layers: int) -> None:
     )
 
 
-def _check_host(st: Setup, est: Estimate, budget: float) -> None:
+def _check_host(st: Setup, est: Estimate, budget: float, others: list[str] | None = None, lead: str = "") -> None:
     """Stop when the plan's pinned host memory exceeds what this rank may pin (st.ram unknown: not checked), naming
-    the tokens per micro-batch with which it fits the host and the GPU's `budget`."""
+    the tokens per micro-batch with which it fits the host and the GPU's `budget`, then `others` (_fixes); `lead`
+    opens the message."""
     if not est.pinned or st.ram is None or est.pinned <= st.ram * HOST_HEADROOM:
         return
     tokens = _fitting_tokens(Setup(**{**st.__dict__, "accumulating": True}), budget, est.plan)
     fewer = f"about {tokens} tokens" if tokens else "fewer tokens"  # "lower the tokens" alone left the user guessing
+    also = "".join(f" or {fix}" for fix in others or ())
     raise FasttuneError(
-        f"memory plan {est.plan} needs about {est.pinned / GiB:.1f} GiB of pinned host memory for {st.tokens} tokens "
-        f"per micro-batch, but it may pin {st.ram * HOST_HEADROOM / GiB:.1f} GiB ({HOST_HEADROOM:.0%} of the "
+        f"{lead}memory plan {est.plan} needs about {est.pinned / GiB:.1f} GiB of pinned host memory for {st.tokens} "
+        f"tokens per micro-batch, but it may pin {st.ram * HOST_HEADROOM / GiB:.1f} GiB ({HOST_HEADROOM:.0%} of the "
         f"{st.ram / GiB:.1f} GiB of RAM this rank can take: MemAvailable over the ranks on this machine); free host "
         f"memory, or try {fewer} per micro-batch (lower --data.micro-batch-size or --data.max-length, raise "
-        f"--training.grad-accum to keep the batch) with --model.memory {est.plan}"
+        f"--training.grad-accum to keep the batch) with --model.memory {est.plan}{also}"
     )
 
 
@@ -164,9 +171,21 @@ def _layers_per_recompute(plan: str) -> int:
 
 
 def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
-    """What would fit instead: a plan with more recomputation, fewer tokens per micro-batch, and, only when no plan
-    fits these tokens, bf16 weights, 8-bit moments or LoRA where that change makes the run fit."""
+    """The estimate, what a plan may use, and what would fit instead (_fixes)."""
     budget = free_bytes * HEADROOM
+    fixes = _fixes(st, est, budget)
+    if st.host:
+        fixes.append("a GPU")
+    where = "of RAM this machine can give (MemAvailable, and the weights it holds)" if st.host else "free on the GPU"
+    return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
+            f"{st.tokens} tokens per micro-batch, but a plan may use {budget / GiB:.1f} GiB ({HEADROOM:.0%} of the "
+            f"{free_bytes / GiB:.1f} GiB {where}); try {' or '.join(fixes)}")  # fmt: skip
+
+
+def _fixes(st: Setup, est: Estimate, budget: float) -> list[str]:
+    """What would fit `budget` instead of `est`: a plan with more recomputation, fewer tokens per micro-batch, and,
+    only when no plan fits these tokens, bf16 weights, 8-bit moments or LoRA where that change makes the run fit;
+    else a smaller model or sharding."""
     fixes = []
     fits = [e.plan for e in auto_order(st) if e.total <= budget] or (["offload"] if _offload_fits(st, budget) else [])
     if fits:
@@ -181,12 +200,7 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
         fixes += [fix for text, change in state_changes(st) if (fix := _with_change(st, acc, text, change, budget))]
     if not fixes:
         fixes.append("a smaller model, or several GPUs sharding the weights (torchrun ... --training.fsdp)")
-    if st.host:
-        fixes.append("a GPU")
-    where = "of RAM this machine can give (MemAvailable, and the weights it holds)" if st.host else "free on the GPU"
-    return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
-            f"{st.tokens} tokens per micro-batch, but a plan may use {budget / GiB:.1f} GiB ({HEADROOM:.0%} of the "
-            f"{free_bytes / GiB:.1f} GiB {where}); try {' or '.join(fixes)}")  # fmt: skip
+    return fixes
 
 
 def state_changes(st: Setup) -> list[tuple[str, dict]]:
