@@ -230,9 +230,11 @@ def lora_bytes(s: Shape, plan: str, rank: int, liger: bool = False, upcast: bool
         }
         return extra[plan] + lean
     a = 2.0 * rank  # one bf16 lora_A output
-    # a frozen norm keeps no normalized input for its weight's gradient: 2 bytes an element of Llama's kind, the
-    # fp32 4 of the others (Liger's and the lean norm keep their input either way)
-    per = 0 if liger or lean_norm else min(max(s.norm_elem - 4, 0), 4)
+    # a frozen norm keeps no normalized input for its weight's gradient: 2 bytes an element of Llama's kind (6), the
+    # fp32 4 of the others (8, 12); in fp32 without autocast (estimate.fp32_layers' norm_elem 4 and 6, bytes the
+    # estimate doubles) 2, its fp32 4 (counted 0 at norm_elem 4, a Llama layer was 8h high, Gemma 2's 16h: measured
+    # on CPU). torch's LayerNorm (2), Liger's and the lean norm keep their input either way
+    per = 0 if liger or lean_norm or s.norm_elem <= 2 else 2 if s.norm_elem <= 6 else 4
     norms, qk = -per * s.norms * h, -per * (q + kv) * s.qk_norms
     extra = {
         "none": norms + qk + (n_attn + n_mlp) * a,

@@ -213,8 +213,8 @@ def fp32_layers(s: Shape) -> Shape:
     autocast: every kept tensor twice its bytes, but a norm's fp32 upcast is then no copy (HF's Llama RMSNorm keeps
     its input and its normalized input, 8 bytes an element, not 2 x 6; Gemma's, OLMo2's 8 and Cohere's LayerNorm 12
     are fp32 already). Within 0.3% of what Llama, Gemma 1-3, Qwen3, OLMo2 and Cohere layers keep on CPU in fp32, under
-    every plan (tests/test_memory_layers.py); high by the frozen norms' normalized inputs under LoRA (8h a token and
-    layer on Llama), which lora_bytes takes off at bf16's 2 bytes an element, 0 here."""
+    every plan, and under LoRA, whose frozen norms keep no fp32 normalized input (lora_bytes: norm_elem 4 here is
+    fp32's; tests/test_memory_layers.py)."""
     return dataclasses.replace(s, norm_elem=2 * -(-s.norm_elem // 4))
 
 
