@@ -144,7 +144,7 @@ class Setup:
     """LoRA on fused MoE experts computed on the activations (model/expert_lora_act.py): bytes of the adapters' stacked
     copies in the compute dtype, all layers together (expert_lora.act_bytes), kept for backward where the experts'
     activations are (plans `none`, `attention`; the others recompute them): 41 MB a layer at the Qwen3-30B-A3B shape,
-    rank 16, in bf16."""
+    rank 16, in bf16; fp32 copies, twice that, in fp32 without autocast (measured: tests/test_expert_lora_act.py)."""
     ram: float | None = None
     """RAM this rank may take on the host (MemAvailable over the ranks on this machine), for `offload`'s pinned
     memory; None: unknown, and `auto` does not offer `offload`."""
@@ -186,7 +186,7 @@ def estimate(st: Setup, plan: str) -> Estimate:
         workspace=0.0 if st.host else attention_workspace_bytes(s, st.tokens),
         fixed=0.0 if st.host else Estimate.fixed,  # no GPU workspaces; the process's own RAM is out of MemAvailable
         pinned=offloaded_bytes(s, st.tokens, st.autocast or st.fp32_compute) if plan == "offload" else 0.0,
-        remade=2.0 * st.experts_fold,  # the weights and their gradient
+        remade=2.0 * st.experts_fold,  # the weights and their gradient, in the weights' dtype (fp32 in fp32 runs)
     )  # fmt: skip
 
 
