@@ -137,6 +137,17 @@ def test_plain_text_piped_as_prompts_is_told_to_send_json_strings_not_to_use_a_t
                                 '("What is 2 + 3?")')  # fmt: skip
 
 
+def test_errors_about_prompts_piped_to_dash_name_standard_input_not_dev_stdin():
+    """`echo hi | fasttune generate --prompts -`: its errors named /dev/stdin, a path the user never typed."""
+    import subprocess
+    import sys
+
+    code = "from fasttune.generate.prompts import read_prompts; read_prompts('-')"
+    for text, said in (("What is 2+2?\n", "standard input line 1: invalid JSON"), ("", "--prompts -: no prompts")):
+        out = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True)
+        assert out.returncode != 0 and f"DataError: {said}" in out.stderr and "/dev/stdin" not in out.stderr
+
+
 def test_the_fields_read_beside_the_prompt_take_what_training_takes(tmp_path):
     """An empty or null "input" (no input, as training reads it), an "input" beside no instruction (not read), and a
     conversation ending in its reference answer are prompts, kept as they are."""

@@ -33,8 +33,17 @@ WHERE = "_where"
 def read_prompts(path: str | Path) -> list[dict]:
     """Records of a JSONL prompt file (or a JSON array of them, as a .json data file holds), each as a dict (a bare
     string becomes {"prompt": ...}) with WHERE, its place in the file ("line 3", "record 2": counted from 1, as data
-    errors count)."""
-    file = prompts_path(path)
+    errors count). Errors about `-` name it as typed and standard input, not the /dev/stdin it is read through."""
+    try:
+        return _read_prompts(prompts_path(path))
+    except DataError as e:
+        if str(path) != "-":
+            raise
+        said = str(e).replace("--prompts /dev/stdin", "--prompts -").replace("/dev/stdin", "standard input")
+        raise DataError(said) from None
+
+
+def _read_prompts(file: Path) -> list[dict]:
     if not file.exists():
         raise DataError(f"--prompts {file}: no such file; pass a JSONL file with one prompt per line")
     if not file.is_file() and not is_stream(file):  # a pipe, /dev/stdin (`--prompts -`) is read as it is
