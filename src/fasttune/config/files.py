@@ -430,7 +430,7 @@ class ConfigFile:
         if experiment is not None and experiment not in EXPERIMENTS:
             raise ConfigError(f"{path}: experiment: {unknown_experiment(experiment)}")
         ignored = [k for k in COMMAND_LINE_ONLY if values.pop(k, False)]
-        if "output_dir" not in over and Path(path).name == "config.json" and (Path(path).parent / MARKER).is_file():
+        if "output_dir" not in over and _is_runs_config(path):
             values["output_dir"] = str(Path(path).parent)  # a run's own: its folder, not a cwd-relative output_dir
         if not quiet and os.environ.get("RANK", "0") == "0":  # torchrun: said once
             for key in ignored:
@@ -445,8 +445,7 @@ class ConfigFile:
     def base(self, typed: str | None) -> str:
         """The preset the file changes: its `experiment`; a --experiment typed on the command line must agree."""
         if typed and self.experiment and typed != self.experiment:
-            path = Path(self.path)
-            run = path.name == "config.json" and (path.parent / MARKER).is_file()  # --resume reads it, or --config
+            run = _is_runs_config(self.path)  # --resume reads it, or --config names it
             fix = "a run keeps the preset it was started with" if run else "or change the file's experiment"
             raise ConfigError(
                 f"--experiment {typed} disagrees with {self.path}, which changes the {self.experiment} preset "
@@ -465,6 +464,11 @@ class ConfigFile:
 def _replace(obj, values: dict):
     changes = {k: _replace(getattr(obj, k), v) if isinstance(v, dict) else v for k, v in values.items()}
     return dataclasses.replace(obj, **changes)
+
+
+def _is_runs_config(path: str | Path) -> bool:
+    """Whether `path` is a fasttune run's own config.json (its folder holds the run marker)."""
+    return Path(path).name == "config.json" and (Path(path).parent / MARKER).is_file()
 
 
 def _keys(d: dict, prefix: str = "") -> list[str]:

@@ -57,6 +57,8 @@ swapped, and the process still grows (a checkpoint's state is gathered on the CP
 HEADROOM = 0.92
 """Share of free memory a plan may fill: the allocator's fragmentation and kernel workspaces take the rest (the
 1B runs of docs/BENCHMARKS.md reserved 4-7% above their peak allocation)."""
+GPU_FREE = "free on the GPU"
+"""Where the no-fit messages say a GPU run's budget comes from (_may_use)."""
 
 
 def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate:
@@ -88,8 +90,7 @@ def choose_plan(requested: str, st: Setup, free_bytes: float | None) -> Estimate
         # full does not fit, offload would: say what the host lacks, and what else would fit (the host's lack alone
         # left 8-bit moments, LoRA, full with fewer tokens unsaid, as if freeing host memory were the only way)
         full = estimate(st, "full")
-        lead = (f"memory plan full needs about {full.total / GiB:.1f} GiB, but a plan may use {budget / GiB:.1f} GiB "
-                f"({HEADROOM:.0%} of the {free_bytes / GiB:.1f} GiB free on the GPU); ")  # fmt: skip
+        lead = f"memory plan full needs about {full.total / GiB:.1f} GiB, but {_may_use(free_bytes, GPU_FREE)}; "
         _check_host(st, offload, budget, _fixes(st, full, budget), lead)
         return offload
     raise FasttuneError(_no_fit(st, estimate(st, "full"), free_bytes))
@@ -176,10 +177,16 @@ def _no_fit(st: Setup, est: Estimate, free_bytes: float) -> str:
     fixes = _fixes(st, est, budget)
     if st.host:
         fixes.append("a GPU")
-    where = "of RAM this machine can give (MemAvailable, and the weights it holds)" if st.host else "free on the GPU"
+    where = "of RAM this machine can give (MemAvailable, and the weights it holds)" if st.host else GPU_FREE
     return (f"this run needs about {est.total / GiB:.1f} GiB with memory plan {est.plan} ({est.parts()}) for "
-            f"{st.tokens} tokens per micro-batch, but a plan may use {budget / GiB:.1f} GiB ({HEADROOM:.0%} of the "
-            f"{free_bytes / GiB:.1f} GiB {where}); try {' or '.join(fixes)}")  # fmt: skip
+            f"{st.tokens} tokens per micro-batch, but {_may_use(free_bytes, where)}; "
+            f"try {' or '.join(fixes)}")  # fmt: skip
+
+
+def _may_use(free_bytes: float, where: str) -> str:
+    """What a plan may use of `free_bytes` (HEADROOM of it), for the no-fit messages."""
+    use, free = free_bytes * HEADROOM / GiB, free_bytes / GiB
+    return f"a plan may use {use:.1f} GiB ({HEADROOM:.0%} of the {free:.1f} GiB {where})"
 
 
 def _fixes(st: Setup, est: Estimate, budget: float) -> list[str]:
