@@ -136,10 +136,12 @@ def test_a_hub_id_as_model_or_data_says_fasttune_reads_local_folders_and_how_to_
 ):
     """TRL takes Hub ids (--model_name_or_path Qwen/Qwen2.5-0.5B, --dataset_name trl-lib/Capybara); fasttune said
     only "no such folder". The folder the hint names, once downloaded there, is what --model reads."""
+    import huggingface_hub.constants
     from helpers import save_micro_model
 
     from fasttune.model.resolve import resolve
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # not the user's
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     assert cli.main(["train", "--experiment", "lora", "--model", "Qwen/Qwen2.5-0.5B", "--data", "d.jsonl"]) == 2

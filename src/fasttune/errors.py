@@ -23,22 +23,46 @@ def one_line(error: BaseException, limit: int | None = None, *, line: int | None
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".yaml", ".yml", ".toml", ".safetensors")
 
 
+def looks_like_hub_id(given: str) -> bool:
+    """Whether a path that does not exist reads as a Hugging Face Hub id (`Qwen/Qwen2.5-0.5B`, `trl-lib/Capybara`):
+    owner/name, no file suffix, and no folder of that owner's name here (runs/nope is a folder of yours)."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", given) or given.lower().endswith(FILE_SUFFIXES):
+        return False
+    return not Path(given).parent.is_dir()
+
+
 def hub_id_hint(given: str, option: str) -> str:
     """For a path that does not exist and reads as a Hugging Face Hub id (`Qwen/Qwen2.5-0.5B`, `trl-lib/Capybara`,
     as TRL's --model_name_or_path and --dataset_name take them): how to fetch it, as "; ..." ("" otherwise).
     `option`: --data or --data.val-path (a dataset repository) or the model option."""
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", given) or given.lower().endswith(FILE_SUFFIXES):
-        return ""
-    if Path(given).parent.is_dir():  # runs/nope: a folder of yours, not a Hub owner
+    if not looks_like_hub_id(given):
         return ""
     folder = given.rpartition("/")[2]
     dataset = option in ("--data", "--data.val-path")
+    if dataset and (cached := hub_cache_folder(given, dataset=True)) is not None:  # a repo of splits: never all read
+        return (f"; fasttune reads local files only: the Hugging Face cache holds {given} in {cached}: point {option} "
+                "at one split's file or folder there")  # fmt: skip
     then = f"point {option} at one split's file or folder in {folder}" if dataset else f"pass {option} {folder}"
     return (
         f"; fasttune reads local files only (it downloads nothing): if {given} is a Hugging Face Hub id, fetch "
         f"it with `hf download {given}{' --repo-type dataset' if dataset else ''} --local-dir {folder}`, then "
         f"{then}"
     )
+
+
+def hub_cache_folder(given: str, dataset: bool = False) -> Path | None:
+    """The snapshot folder of Hub id `given` in the local Hugging Face cache (left there by an earlier
+    `from_pretrained`, `load_dataset` or `hf download`), read as it is: nothing is fetched. None when the cache holds
+    none, or huggingface_hub cannot say."""
+    if not looks_like_hub_id(given):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(given, repo_type="dataset" if dataset else None, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache (LocalEntryNotFoundError), or an id the Hub would refuse
+        return None
+    return Path(folder)
 
 
 class FasttuneError(Exception):

@@ -97,7 +97,8 @@ class ModelConfig:
     """Model shape built from a config when --model is not given (random init): micro (tests), tiny (~4M), small,
     125m, 350m, 1b, llama-3.1-8b, qwen2.5-7b, gemma-3-1b, phi-3-mini (the published shapes, their own vocabularies)."""
     path: Annotated[str | None, tyro.conf.arg(aliases=("--model",), metavar="PATH")] = None
-    """Local Hugging Face model folder to fine-tune (config.json + safetensors); overrides preset."""
+    """Local Hugging Face model folder to fine-tune (config.json + safetensors), or a Hub id your Hugging Face cache
+    holds (read there, never downloaded); overrides preset."""
     random_init: bool = field(default=False, metadata=RESUMABLE)
     """Train --model's architecture from random weights: its config.json only, its weight files (if any) not loaded
     (pre-training that shape, benchmarks). Without it, a folder with no weight files is refused. Not with LoRA. A

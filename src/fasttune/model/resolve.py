@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttune.errors import FasttuneError, hub_id_hint
+from fasttune.errors import FasttuneError, hub_cache_folder, hub_id_hint, looks_like_hub_id
 
 log = logging.getLogger("fasttune")
 
@@ -95,6 +95,8 @@ def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = Tru
     given = Path(path)
     if not str(path):
         raise FasttuneError(f"{option} is empty; pass a checkpoint, run or model folder")
+    if not given.exists() and (cached := _hub_cached(str(path), option)) is not None:
+        given = cached
     if not given.exists():
         raise FasttuneError(f"{option} {given}: no such folder; pass a checkpoint, run or model folder"
                             + hub_id_hint(str(path), option))  # fmt: skip
@@ -113,6 +115,24 @@ def resolve(path: str | Path, option: str = "--checkpoint", adapters: bool = Tru
         f"{option} {given}: not a model folder (no config.json), a LoRA adapter (no {ADAPTER_CONFIG}) or a fasttune "
         "run folder; pass e.g. runs/quick or runs/quick/checkpoints/step-000300"
     )
+
+
+def _hub_cached(given: str, option: str) -> Path | None:
+    """A Hub id (`Qwen/Qwen2.5-0.5B`, as TRL and peft take models) whose model or adapter the local Hugging Face cache
+    holds whole (config and weights, from an earlier `from_pretrained` or `hf download`): that snapshot folder, read
+    where it is (nothing is downloaded; logged). None otherwise: the caller says how to fetch it."""
+    folder = hub_cache_folder(given)
+    if folder is None or not any((folder / f).is_file() for f in ("config.json", ADAPTER_CONFIG)):
+        return None
+    if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir()):
+        return None  # a config fetched alone (AutoConfig.from_pretrained): not a model to load
+    if folder not in _SAID:  # once, though the CLI and training both resolve --model
+        _SAID.add(folder)
+        log.info("%s %s: the copy in the Hugging Face cache, %s (nothing is downloaded)", option, given, folder)
+    return folder
+
+
+_SAID: set[Path] = set()
 
 
 def _run_folder(run: Path, option: str, adapters: bool) -> ModelSource:
@@ -177,6 +197,7 @@ def _adapter(adapter: Path, option: str, adapters: bool, why: str | None = None)
     # run (older fasttune runs stored the path relative to where training was started).
     candidates = [Path(base_name)] + [p / base_name for p in (adapter.parent, *adapter.parents) if p != Path(".")]
     base = next((c for c in candidates if (c / "config.json").is_file()), None)
+    base = base or _hub_cached(base_name, f"{where}: base model")  # peft records a Hub model by its id
     if base is None:
         raise FasttuneError(_no_base(adapter, base_name))
     tokenizer = adapter if has_tokenizer(adapter) else base
@@ -192,6 +213,10 @@ def _no_base(adapter: Path, base_name: str) -> str:
     if Path(base_name).is_absolute():
         message = (f"{where}: base model {base_name} is gone (moved or deleted); put it back, or set "
                    "base_model_name_or_path in that file to where it is now")  # fmt: skip
+    elif looks_like_hub_id(base_name):  # an adapter trained with peft on a Hub model, not in the cache here
+        message = (f"{where}: base model {base_name!r} is neither a folder here nor in the Hugging Face cache; "
+                   f"fasttune downloads nothing: fetch it (`hf download {base_name}`), or set base_model_name_or_path "
+                   "in that file to the base model folder")  # fmt: skip
     else:
         message = (f"{where}: base model {base_name!r} not found from here; set base_model_name_or_path in that file "
                    "to the base model folder (an absolute path), or run from the folder training ran in")  # fmt: skip

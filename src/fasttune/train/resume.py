@@ -153,7 +153,15 @@ def _same_path(key: str, old, new) -> bool:
     old, new = input_paths(old), input_paths(new)
     if not old or len(old) != len(new):
         return False
-    return all(Path(a).resolve() == Path(b).resolve() for a, b in zip(old, new, strict=True))
+    return all(_local(a).resolve() == _local(b).resolve() for a, b in zip(old, new, strict=True))
+
+
+def _local(path: str) -> Path:
+    """The folder a path reads: a Hub id given as --model, its copy in the Hugging Face cache (what the run recorded,
+    model/resolve.py), else the path itself."""
+    from fasttune.errors import hub_cache_folder
+
+    return Path(path) if Path(path).exists() else hub_cache_folder(path) or Path(path)
 
 
 def _same_value(key: str, old, new) -> bool:
